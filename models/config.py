@@ -1,0 +1,156 @@
+"""Model configuration: the shape and options of a Llama-family model.
+
+Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3) into a
+frozen, hashable ``ModelConfig`` that jitted functions take as a static argument.
+Knows nothing of weights, requests or devices. Anything we cannot run is refused
+here with an ``UnsupportedModelError`` that names the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint asks for an architecture or option this engine does not implement."""
+
+
+class ModelConfigError(ValueError):
+    """The config is missing, unreadable or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos) or
+    # ("linear", factor) or None; a tuple so the config stays hashable.
+    rope_scaling: Optional[tuple] = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # qwen2 (and llama with attention_bias=True)
+    qk_norm: bool = False  # qwen3: RMSNorm over each head of q and k before RoPE
+    sliding_window: Optional[int] = None
+    max_position_embeddings: int = 4096
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple = ()
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_layers
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + embed + h
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from the dict of a Hugging Face ``config.json``."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            arch = d.get("architectures") or []
+            raise UnsupportedModelError(
+                f"unsupported model_type {model_type!r} (architectures {arch}); "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        try:
+            hidden = int(d["hidden_size"])
+            num_heads = int(d["num_attention_heads"])
+            fields = dict(
+                model_type=model_type,
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
+                head_dim=int(d.get("head_dim") or hidden // num_heads),
+            )
+        except KeyError as e:
+            raise ModelConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"unsupported hidden_act {act!r}; only 'silu' is implemented")
+        if d.get("mlp_bias"):
+            raise UnsupportedModelError("unsupported option mlp_bias=True")
+        if fields["num_heads"] % fields["num_kv_heads"]:
+            raise ModelConfigError(
+                f"num_attention_heads={num_heads} is not a multiple of "
+                f"num_key_value_heads={fields['num_kv_heads']}"
+            )
+        # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_theta = float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        sliding = None
+        if model_type == "mistral" or d.get("use_sliding_window"):
+            sliding = d.get("sliding_window")
+        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+            raise UnsupportedModelError(f"unsupported option use_sliding_window=True for {model_type}")
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        return cls(
+            **fields,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=_parse_rope_scaling(rope),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            sliding_window=int(sliding) if sliding else None,
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ModelConfig":
+        """Read ``config.json`` from a checkpoint folder (or the file itself)."""
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.exists(file):
+            raise ModelConfigError(f"no config.json in {path!r}")
+        try:
+            with open(file) as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelConfigError(f"{file} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ModelConfigError(f"{file} does not hold a JSON object")
+        return cls.from_hf_dict(d)
+
+
+def _parse_rope_scaling(rope: dict) -> Optional[tuple]:
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "llama3":
+        return (
+            "llama3",
+            float(rope["factor"]),
+            float(rope.get("low_freq_factor", 1.0)),
+            float(rope.get("high_freq_factor", 4.0)),
+            int(rope.get("original_max_position_embeddings", 8192)),
+        )
+    if rope_type == "linear":
+        return ("linear", float(rope["factor"]))
+    return None

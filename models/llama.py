@@ -1,0 +1,145 @@
+"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2).
+
+Pure functions over a params pytree; no classes, no state, so the whole step is one
+``jax.jit`` and tensor parallelism is applied from outside (shardings on the
+params). Layer weights are stacked on a leading axis and the layers run under
+``lax.scan``, so compile time does not grow with depth.
+
+Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
+
+    embed        [V, H]
+    layers/      input_norm [L, H]      wq [L, H, Hq*D]   wk, wv [L, H, Hkv*D]
+                 bq [L, Hq*D], bk, bv [L, Hkv*D]          (qkv_bias only)
+                 q_norm, k_norm [L, D]                     (qk_norm only)
+                 wo [L, Hq*D, H]        post_norm [L, H]
+                 w_gate, w_up [L, H, I] w_down [L, I, H]
+    final_norm   [H]
+    lm_head      [H, V]                                    (absent when tied)
+
+Knows nothing of requests; takes a ``ModelInput`` and a ``KVCache``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.batch import KVCache, ModelInput
+from models.config import ModelConfig
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """Shape of every parameter, as a pytree of tuples matching the params pytree."""
+    L, H, I, V, D = (config.num_layers, config.hidden_size, config.intermediate_size,
+                     config.vocab_size, config.head_dim)
+    layers = {
+        "input_norm": (L, H),
+        "wq": (L, H, config.q_size),
+        "wk": (L, H, config.kv_size),
+        "wv": (L, H, config.kv_size),
+        "wo": (L, config.q_size, H),
+        "post_norm": (L, H),
+        "w_gate": (L, H, I),
+        "w_up": (L, H, I),
+        "w_down": (L, I, H),
+    }
+    if config.qkv_bias:
+        layers.update(bq=(L, config.q_size), bk=(L, config.kv_size), bv=(L, config.kv_size))
+    if config.qk_norm:
+        layers.update(q_norm=(L, D), k_norm=(L, D))
+    shapes = {"embed": (V, H), "layers": layers, "final_norm": (H,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (H, V)
+    return shapes
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies of rotary embedding, with llama3 / linear scaling applied."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, D, 2, dtype=np.float64) / D))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    if scaling[0] == "linear":
+        return (inv_freq / scaling[1]).astype(np.float32)
+    _, factor, low_freq_factor, high_freq_factor, old_context = scaling
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x[T, heads, D]`` (half-split convention of Hugging Face checkpoints)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+AttentionFn = Callable[..., jax.Array]
+WriteKVFn = Callable[..., tuple]
+
+
+def forward(
+    params: dict,
+    kv_cache: KVCache,
+    batch: ModelInput,
+    *,
+    config: ModelConfig,
+    attention_fn: AttentionFn = ragged_paged_attention_reference,
+    write_kv_fn: WriteKVFn = write_kv_reference,
+) -> tuple[jax.Array, KVCache]:
+    """Run the new tokens of ``batch`` through the model.
+
+    Writes their K/V into ``kv_cache`` and returns float32 logits ``[S, V]`` at
+    ``batch.logits_indices`` together with the updated cache.
+    """
+    T = batch.token_ids.shape[0]
+    eps = config.rms_norm_eps
+    x = params["embed"][batch.token_ids]
+    freqs = batch.positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(config))[None, :]
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    attend = functools.partial(attention_fn, sliding_window=config.sliding_window)
+
+    def layer_step(carry, layer_and_weights):
+        x, k_cache, v_cache = carry
+        layer, w = layer_and_weights
+        h = rms_norm(x, w["input_norm"], eps)
+        q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
+        if config.qkv_bias:
+            q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+        q = q.reshape(T, config.num_heads, config.head_dim)
+        k = k.reshape(T, config.num_kv_heads, config.head_dim)
+        v = v.reshape(T, config.num_kv_heads, config.head_dim)
+        if config.qk_norm:
+            q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, k, v, batch.slot_mapping)
+        attn = attend(q, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables,
+                      batch.cu_q_lens, batch.num_seqs)
+        x = x + attn.reshape(T, config.q_size) @ w["wo"]
+        h = rms_norm(x, w["post_norm"], eps)
+        x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
+        return (x, k_cache, v_cache), None
+
+    layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"])
+    (x, k_cache, v_cache), _ = jax.lax.scan(layer_step, (x, kv_cache.k, kv_cache.v), layers)
+    x = rms_norm(x[batch.logits_indices], params["final_norm"], eps)
+    lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+    return logits, KVCache(k=k_cache, v=v_cache)
