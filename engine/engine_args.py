@@ -1,0 +1,97 @@
+"""Engine options with vLLM's names, their defaults and validation; KV-cache sizing.
+
+Owns turning user options plus the loaded model into concrete numbers (blocks,
+batch limits). Knows nothing of requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import jax
+
+from models.batch import kv_cache_bytes_per_block
+from models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 1 << 30  # the "sane default" KV pool on CPU: 1 GiB
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    model: Optional[str] = None
+    dtype: str = "auto"
+    block_size: int = 16
+    max_num_batched_tokens: Optional[int] = None
+    max_num_seqs: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    max_model_len: Optional[int] = None
+    seed: int = 0
+    load_format: str = "auto"
+    tensor_parallel_size: int = 1
+    quantization: Optional[str] = None
+    kv_cache_dtype: str = "auto"
+    num_gpu_blocks_override: Optional[int] = None
+    scheduling_policy: str = "fifo"
+    attention_backend: str = "auto"
+
+    def validate(self) -> None:
+        if self.block_size not in (8, 16, 32, 64):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "num_gpu_blocks_override"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.scheduling_policy not in ("fifo", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fifo' or 'priority', got {self.scheduling_policy!r}")
+        if self.tensor_parallel_size != 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not implemented yet (tracked in the TP issue)")
+        if self.quantization is not None:
+            raise NotImplementedError(f"quantization={self.quantization!r} is not implemented yet")
+        if self.kv_cache_dtype != "auto":
+            raise NotImplementedError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet")
+
+    def resolved_limits(self, config: ModelConfig) -> tuple[int, int, int]:
+        """``(max_model_len, max_num_batched_tokens, max_num_seqs)`` with defaults filled in."""
+        on_cpu = jax.default_backend() == "cpu"
+        max_model_len = self.max_model_len or config.max_position_embeddings
+        if max_model_len > config.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                             f"max_position_embeddings={config.max_position_embeddings}")
+        max_num_seqs = self.max_num_seqs or (64 if on_cpu else 256)
+        max_tokens = self.max_num_batched_tokens or (1024 if on_cpu else 8192)
+        return max_model_len, max(max_tokens, 1), max_num_seqs
+
+
+def device_memory_budget(utilization: float) -> Optional[int]:
+    """Bytes the engine may hold on device 0 (None where the backend reports no limit, e.g. CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return int(limit * utilization) if limit else None
+
+
+def num_kv_blocks(args: EngineArgs, config: ModelConfig, kv_dtype, max_model_len: int, max_num_seqs: int,
+                  activation_bytes: int = 0) -> int:
+    """How many KV blocks to allocate (including the reserved sink block 0)."""
+    if args.num_gpu_blocks_override:
+        return args.num_gpu_blocks_override
+    per_block = kv_cache_bytes_per_block(config, args.block_size, kv_dtype)
+    budget = device_memory_budget(args.gpu_memory_utilization)
+    if budget is None:
+        # CPU: enough for every sequence at full length, capped at CPU_KV_CACHE_BYTES.
+        wanted = max_num_seqs * -(-max_model_len // args.block_size) + 1
+        return max(2, min(wanted, CPU_KV_CACHE_BYTES // per_block))
+    in_use = int((jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0))
+    free = budget - in_use - activation_bytes
+    if free < 2 * per_block:
+        raise ValueError(
+            f"no memory left for the KV cache: budget {budget / 2**30:.2f} GiB "
+            f"(gpu_memory_utilization={args.gpu_memory_utilization}), weights and buffers "
+            f"{in_use / 2**30:.2f} GiB, activations {activation_bytes / 2**30:.2f} GiB"
+        )
+    return int(free // per_block)

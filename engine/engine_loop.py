@@ -1,0 +1,90 @@
+"""The one background thread that drives an ``LLMEngine``, shared by every caller.
+
+Callers from any thread add requests (validated at once, in the caller's thread,
+under the loop's lock) and get their outputs through callbacks; the loop steps
+the engine while any request is unfinished, so requests from concurrent callers
+run in the same steps. Knows nothing of HTTP or asyncio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from typing import Callable, Optional
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedjax")
+
+OnOutput = Callable[[RequestOutput], None]
+OnError = Callable[[BaseException], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._error_callbacks: dict[str, OnError] = {}
+        self._ids = itertools.count()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
+        self._thread.start()
+
+    def new_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def add_request(self, request_id: str, prompt, params: Optional[SamplingParams], *, priority: int = 0,
+                    on_output: OnOutput, on_error: OnError) -> None:
+        """Queue a request; raises (ValueError etc.) in the caller's thread when it is invalid."""
+        with self._cond:
+            if not self._running:
+                raise RuntimeError("the engine loop has been shut down")
+            self.engine.add_request(request_id, prompt, params, priority=priority,
+                                    on_output=self._wrap(request_id, on_output))
+            self._error_callbacks[request_id] = on_error
+            self._cond.notify()
+
+    def _wrap(self, request_id: str, on_output: OnOutput) -> OnOutput:
+        def deliver(output: RequestOutput) -> None:
+            if output.finished:
+                self._error_callbacks.pop(request_id, None)
+            on_output(output)
+
+        return deliver
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self.engine.abort_request(request_id)
+
+    def call(self, fn: Callable):
+        """Run ``fn(engine)`` between steps (for stats and inspection)."""
+        with self._cond:
+            return fn(self.engine)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._running and not self.engine.has_unfinished_requests():
+                    self._cond.wait()
+                if not self._running:
+                    return
+                try:
+                    self.engine.step()
+                except Exception as exc:  # a failed step must not leave callers waiting forever
+                    logger.exception("engine step failed; failing the requests in flight")
+                    self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        callbacks, self._error_callbacks = self._error_callbacks, {}
+        for request_id, on_error in callbacks.items():
+            on_error(exc)
+            self.engine.abort_request(request_id)
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        self._thread.join(timeout=30)

@@ -1,0 +1,176 @@
+"""``LLM``: vLLM's offline Python API (``generate``, ``chat``) over one shared engine loop.
+
+Safe to call from many threads at once: every call feeds the same background
+loop, so concurrent callers are batched into the same steps.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Optional, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from engine.engine_args import EngineArgs
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+PromptType = Union[str, list[int], dict]
+
+
+class LLM:
+    """An LLM for offline generation; arguments mean what they mean in vLLM.
+
+    ``model`` is a Hugging Face checkpoint folder, a ``.gguf`` file, or None for the
+    embedded default model (SmolLM2-135M-Instruct).
+    """
+
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        *,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        quantization: Optional[str] = None,
+        block_size: int = 16,
+        max_num_batched_tokens: Optional[int] = None,
+        max_num_seqs: Optional[int] = None,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: Optional[int] = None,
+        seed: int = 0,
+        load_format: str = "auto",
+        kv_cache_dtype: str = "auto",
+        num_gpu_blocks_override: Optional[int] = None,
+        scheduling_policy: str = "fifo",
+        attention_backend: str = "auto",
+        skip_tokenizer_init: bool = False,
+    ):
+        args = EngineArgs(
+            model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len, seed=seed, load_format=load_format,
+            tensor_parallel_size=tensor_parallel_size, quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype, num_gpu_blocks_override=num_gpu_blocks_override,
+            scheduling_policy=scheduling_policy, attention_backend=attention_backend,
+        )
+        self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
+        self._loop = EngineLoop(self.llm_engine)
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+        priority: Optional[Sequence[int]] = None,
+    ) -> list[RequestOutput]:
+        """Generate for one or many prompts (text, token ids, or ``{"prompt_token_ids": [...]}``).
+
+        Returns one ``RequestOutput`` per prompt, in input order. All prompts are
+        validated before any is queued, so a bad one raises and queues nothing.
+        """
+        prompts = _as_prompt_list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        self._check_prompts(prompts)
+        futures = []
+        request_ids = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+                future: concurrent.futures.Future = concurrent.futures.Future()
+                request_id = self._loop.new_request_id()
+                self._loop.add_request(request_id, prompt, params, priority=priority[i] if priority else 0,
+                                       on_output=_resolve_when_finished(future), on_error=_fail(future))
+                futures.append(future)
+                request_ids.append(request_id)
+        except BaseException:
+            for request_id in request_ids:
+                self._loop.abort(request_id)
+            raise
+        with tqdm(total=len(futures), desc="Generating", disable=not use_tqdm, unit="req") as bar:
+            for _ in concurrent.futures.as_completed(futures):
+                bar.update(1)
+        return [f.result() for f in futures]
+
+    def _check_prompts(self, prompts: list) -> None:
+        engine = self.llm_engine
+        for i, prompt in enumerate(prompts):
+            ids = engine.tokenize(prompt) if isinstance(prompt, str) else prompt
+            if not ids:
+                raise ValueError(f"prompt {i} is empty: at least one token is required")
+            if len(ids) >= engine.max_model_len:
+                raise ValueError(f"prompt {i} is {len(ids)} tokens long, but max_model_len is "
+                                 f"{engine.max_model_len}; at least one token must be left to generate")
+
+    def chat(
+        self,
+        messages: Union[list[dict], list[list[dict]]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        from engine.tokenizer import apply_chat_template
+
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [apply_chat_template(self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt)
+                   for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def stats(self) -> dict:
+        """Engine counters (steps, largest batch, tokens, preemptions), read between steps."""
+        return self._loop.call(lambda e: {**e.stats, "num_preemptions": e.scheduler.num_preemptions})
+
+    def shutdown(self) -> None:
+        self._loop.shutdown()
+
+    def __del__(self):
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.shutdown()
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str) or isinstance(prompts, dict):
+        prompts = [prompts]
+    elif prompts and isinstance(prompts[0], int):
+        prompts = [prompts]
+    out = []
+    for p in prompts:
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                p = list(p["prompt_token_ids"])
+            elif "prompt" in p:
+                p = p["prompt"]
+            else:
+                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        elif not isinstance(p, str):
+            p = [int(t) for t in p]
+        out.append(p)
+    return out
+
+
+def _resolve_when_finished(future: concurrent.futures.Future):
+    def on_output(output: RequestOutput) -> None:
+        if output.finished and not future.done():
+            future.set_result(output)
+
+    return on_output
+
+
+def _fail(future: concurrent.futures.Future):
+    def on_error(exc: BaseException) -> None:
+        if not future.done():
+            future.set_exception(exc)
+
+    return on_error

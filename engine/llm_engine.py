@@ -1,0 +1,275 @@
+"""The synchronous engine core: requests in, one scheduled step at a time, outputs out.
+
+Owns the request groups (a request with ``n`` samples is ``n`` scheduler
+sequences that share the prompt's blocks), the per-step glue between scheduler,
+runner, sampler and detokenizer, and the stop conditions. Not thread-safe: the
+``LLM`` front and the async server drive it from one loop thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from engine.block_manager import BlockManager
+from engine.detokenizer import IncrementalDetokenizer, check_stop
+from engine.engine_args import EngineArgs, num_kv_blocks
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.runner import ModelRunner, SequenceWork
+from engine.sampler import build_sampling_metadata
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from models.batch import kv_cache_bytes_per_block
+from models.loader import load_model
+
+logger = logging.getLogger("pagedjax")
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclasses.dataclass
+class _Sample:
+    """Host state of one of a request's ``n`` output sequences."""
+
+    request: Request
+    seed: int
+    detokenizer: Optional[IncrementalDetokenizer]
+    logprobs: Optional[list] = None
+    cumulative_logprob: float = 0.0
+    finish_reason: Optional[str] = None
+    stop_reason: object = None
+    text: str = ""
+
+
+@dataclasses.dataclass
+class _RequestGroup:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    on_output: Optional[Callable[[RequestOutput], None]]
+    arrival_time: float
+    first_token_time: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.samples) == self.params.n and all(s.finish_reason for s in self.samples)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, skip_tokenizer_init: bool = False):
+        args.validate()
+        self.args = args
+        start = time.perf_counter()
+        loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed)
+        self.model_config = config = loaded.config
+        self.tokenizer = None
+        if not skip_tokenizer_init:
+            from engine.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(loaded.path)
+        self.eos_token_ids = set(config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
+        num_blocks = num_kv_blocks(args, config, loaded.dtype, self.max_model_len, max_seqs)
+        self.block_manager = BlockManager(num_blocks, args.block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_tokens,
+                                   max_num_seqs=max_seqs, max_model_len=self.max_model_len,
+                                   policy=args.scheduling_policy)
+        self.runner = ModelRunner(config, loaded.params, num_blocks=num_blocks, block_size=args.block_size,
+                                  max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
+                                  max_model_len=self.max_model_len, kv_dtype=loaded.dtype,
+                                  attention_backend=args.attention_backend)
+        self.model_path = loaded.path
+        kv_gib = num_blocks * kv_cache_bytes_per_block(config, args.block_size, loaded.dtype) / 2**30
+        logger.info(
+            "loaded %s (%s, %s) on %s in %.1fs; KV cache: %d blocks of %d tokens (%.2f GiB), "
+            "max %d concurrent tokens; max_model_len=%d, max_num_seqs=%d, max_num_batched_tokens=%d",
+            loaded.path, loaded.load_format, np.dtype(loaded.dtype).name, jax.devices()[0].device_kind,
+            time.perf_counter() - start, num_blocks - 1, args.block_size, kv_gib,
+            (num_blocks - 1) * args.block_size, self.max_model_len, max_seqs, max_tokens)
+        self._groups: dict[str, _RequestGroup] = {}
+        self._seed_rng = np.random.default_rng(args.seed)
+        self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0}
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine was started without a tokenizer: pass prompt token ids")
+        return list(self.tokenizer.encode(prompt))
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: Optional[SamplingParams] = None,
+        *,
+        priority: int = 0,
+        on_output: Optional[Callable[[RequestOutput], None]] = None,
+    ) -> None:
+        """Validate and queue a request; errors are raised here, before anything is queued."""
+        params = params if params is not None else SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: at least one token is required")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt is {len(prompt_ids)} tokens long, but the model's context "
+                             f"length (max_model_len) is {self.max_model_len}; at least one token must be left "
+                             "to generate")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        now = time.monotonic()
+        base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
+        group = _RequestGroup(request_id, text, prompt_ids, params, [], on_output, now)
+        group.samples.append(self._new_sample(group, request_id, base_seed, now, priority))
+        self.scheduler.add_request(group.samples[0].request)
+        self._groups[request_id] = group
+        self.stats["prompt_tokens"] += len(prompt_ids)
+
+    def _new_sample(self, group: _RequestGroup, seq_id: str, seed: int, now: float, priority: int) -> _Sample:
+        request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids),
+                          sampling_params=group.params, priority=priority, arrival_time=now)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
+                                           skip_special_tokens=group.params.skip_special_tokens)
+        return _Sample(request=request, seed=seed, detokenizer=detok,
+                       logprobs=[] if group.params.logprobs is not None else None)
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for s in group.samples:
+            if s.finish_reason is None:
+                self.scheduler.abort_request(s.request.request_id)
+                s.finish_reason = "abort"
+        self._emit(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one model step, process sampled tokens; returns outputs of touched requests."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        self.runner.copy_blocks(out.block_copies)
+        samples = [self._sample_of(s.request.request_id) for s in out.scheduled]
+        work = [SequenceWork(token_ids=s.request.all_token_ids[s.start : s.start + s.num_tokens], start=s.start,
+                             block_table=self.block_manager.block_table(s.request.request_id), sample=s.samples)
+                for s in out.scheduled]
+        params = [smp.request.sampling_params for smp in samples]
+        metadata = build_sampling_metadata(
+            params,
+            [smp.request.output_token_ids for smp in samples],
+            [smp.request.prompt_token_ids for smp in samples],
+            [smp.seed for smp in samples],
+            [len(smp.request.output_token_ids) for smp in samples],
+            self.runner.padded_num_seqs(len(work)),
+        )
+        num_logprobs = max((p.logprobs or 0) for p in params)
+        needs_penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+                              for p in params)
+        result = self.runner.execute(work, metadata, num_logprobs=num_logprobs, needs_penalties=needs_penalties)
+        self.stats["steps"] += 1
+        self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(work))
+        sampled = {s.request.request_id: int(result.token_ids[i]) for i, s in enumerate(out.scheduled) if s.samples}
+        self.scheduler.update_after_step(out, sampled)
+        touched: dict[str, _RequestGroup] = {}
+        now = time.monotonic()
+        for i, s in enumerate(out.scheduled):
+            if not s.samples:
+                continue
+            sample, group = samples[i], self._groups[self._group_id(s.request.request_id)]
+            group.first_token_time = group.first_token_time or now
+            self._record_token(group, sample, sampled[s.request.request_id], result, i)
+            if sample is group.samples[0] and len(group.samples) < group.params.n:
+                self._fork_samples(group, now)
+            touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            outputs.append(self._emit(group))
+            if group.finished:
+                del self._groups[group.request_id]
+        return outputs
+
+    def _group_id(self, seq_id: str) -> str:
+        return seq_id.split("#", 1)[0]
+
+    def _sample_of(self, seq_id: str) -> _Sample:
+        group = self._groups[self._group_id(seq_id)]
+        index = int(seq_id.split("#", 1)[1]) if "#" in seq_id else 0
+        return group.samples[index]
+
+    def _fork_samples(self, group: _RequestGroup, now: float) -> None:
+        """``n > 1``: the other samples share the prompt's blocks and re-run its last token."""
+        parent = group.samples[0].request
+        for index in range(1, group.params.n):
+            seq_id = f"{group.request_id}#{index}"
+            child = self._new_sample(group, seq_id, (group.samples[0].seed + index * 7919) % (2**31 - 1),
+                                     now, parent.priority)
+            self.scheduler.fork_request(parent, child.request)
+            child.request.output_token_ids.clear()
+            child.request.num_computed_tokens = len(group.prompt_token_ids) - 1
+            group.samples.append(child)
+
+    def _record_token(self, group: _RequestGroup, sample: _Sample, token: int, result, row: int) -> None:
+        self.stats["generation_tokens"] += 1
+        if sample.logprobs is not None:
+            entry = {token: Logprob(float(result.logprobs[row]))}
+            for rank, (tid, lp) in enumerate(zip(result.top_ids[row][: group.params.logprobs],
+                                                 result.top_logprobs[row][: group.params.logprobs]), 1):
+                entry.setdefault(int(tid), Logprob(float(lp)))
+                entry[int(tid)].rank = rank
+            if self.tokenizer is not None:
+                for tid, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([tid])
+            sample.logprobs.append(entry)
+        if result.logprobs is not None:
+            sample.cumulative_logprob += float(result.logprobs[row])
+        if sample.detokenizer is not None:
+            sample.detokenizer.append(token)
+            sample.text = sample.detokenizer.text
+        request = sample.request
+        if request.is_finished:  # the scheduler ended it (max_model_len reached)
+            sample.finish_reason = FINISH_REASONS.get(request.status, "length")
+            return
+        decision = check_stop(group.params, self.eos_token_ids, token, len(request.output_token_ids), sample.text)
+        if decision is not None:
+            sample.finish_reason, sample.stop_reason, sample.text = decision
+            status = RequestStatus.FINISHED_LENGTH if sample.finish_reason == "length" else RequestStatus.FINISHED_STOPPED
+            self.scheduler.finish_request(request.request_id, status)
+
+    def _emit(self, group: _RequestGroup) -> RequestOutput:
+        completions = [
+            CompletionOutput(index=i, text=s.text, token_ids=list(s.request.output_token_ids),
+                             cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                             logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+            for i, s in enumerate(group.samples)
+        ]
+        output = RequestOutput(request_id=group.request_id, prompt=group.prompt,
+                               prompt_token_ids=group.prompt_token_ids, outputs=completions,
+                               finished=group.finished or any(s.finish_reason == "abort" for s in group.samples))
+        if group.on_output is not None:
+            group.on_output(output)
+        return output

@@ -1,0 +1,100 @@
+"""One entry point for loading a model: resolve where it is, read its config, load weights.
+
+Dispatches to the format-specific loaders (Hugging Face safetensors folders, GGUF
+files, random "dummy" weights) and picks the dtype. Knows nothing of requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig, ModelConfigError
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
+          "bf16": jnp.bfloat16, "fp16": jnp.float16, "half": jnp.float16, "float": jnp.float32}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: Any
+    path: str  # checkpoint folder or .gguf file (what the tokenizer is read from)
+    load_format: str
+    dtype: Any
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """``"auto"``: bfloat16 on accelerators, float32 on CPU (XLA's CPU bf16 matmuls are slow)."""
+    if dtype is None or dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def resolve_model_path(model: Optional[str]) -> str:
+    """The embedded default model when ``model`` is None; a folder holding one .gguf resolves to it."""
+    if model is None:
+        from models.default_model import default_model_path
+
+        return default_model_path()
+    if not os.path.exists(model):
+        raise FileNotFoundError(
+            f"model path {model!r} does not exist (pagedjax never downloads weights: "
+            "pass a local Hugging Face checkpoint folder or a .gguf file)"
+        )
+    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
+        ggufs = [f for f in os.listdir(model) if f.endswith(".gguf")]
+        if len(ggufs) == 1:
+            return os.path.join(model, ggufs[0])
+    return model
+
+
+def detect_format(path: str, load_format: str) -> str:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unsupported load_format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
+    if load_format != "auto":
+        return load_format
+    return "gguf" if path.endswith(".gguf") else "safetensors"
+
+
+def load_model(
+    model: Optional[str] = None,
+    *,
+    dtype: Any = "auto",
+    load_format: str = "auto",
+    seed: int = 0,
+    shardings: Optional[Callable[[ModelConfig], Any]] = None,
+) -> LoadedModel:
+    """Load config and weights. ``shardings(config)`` may give a pytree of shardings for the params."""
+    path = resolve_model_path(model)
+    fmt = detect_format(path, load_format)
+    jdtype = resolve_dtype(dtype)
+    if fmt == "gguf":
+        from models.gguf_loader import load_gguf_params, read_gguf_config
+
+        config = read_gguf_config(path)
+    else:
+        config = ModelConfig.from_pretrained(path)
+    sh = shardings(config) if shardings is not None else None
+    if fmt == "gguf":
+        params = load_gguf_params(path, config, jdtype, shardings=sh)
+    elif fmt == "dummy":
+        from models.dummy import load_dummy_params
+
+        params = load_dummy_params(config, jdtype, seed=seed, shardings=sh)
+    elif fmt == "safetensors":
+        from models.safetensors_loader import load_safetensors_params
+
+        params = load_safetensors_params(path, config, jdtype, shardings=sh)
+    else:  # pragma: no cover - detect_format guards this
+        raise ModelConfigError(f"unknown format {fmt}")
+    return LoadedModel(config=config, params=params, path=path, load_format=fmt, dtype=jdtype)

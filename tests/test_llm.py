@@ -1,0 +1,154 @@
+"""End-to-end behaviour of the engine through ``LLM`` on the embedded default model.
+
+Continuous batching, chunked prefill and preemption must not change what a request
+produces; seeded sampling must not depend on the batch; many threads share steps;
+bad input is refused without disturbing other requests.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 4,",
+    "The quick brown fox",
+    "def fibonacci(n):",
+    "Water boils at",
+    "My favourite colour is",
+    "In the beginning",
+    "The largest planet in the solar system is",
+    "Hello! My name is",
+    "A haiku about autumn:\n",
+    "The best way to learn a language is to practise speaking it every day with native speakers, and",
+    "Q: What is two plus two?\nA:",
+    "Roses are red,",
+    "import numpy as np\n",
+    "Paris",
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    engine = LLM(max_model_len=256, max_num_batched_tokens=128, max_num_seqs=16, seed=0)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def alone(llm):
+    """Greedy outputs of each prompt generated on its own."""
+    return [llm.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+
+
+def test_batched_equals_alone(llm, alone):
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.prompt for o in outs] == PROMPTS
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+
+
+def test_default_model_answers_coherently(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_preemption_keeps_outputs(alone):
+    # 12 blocks of 16 tokens (one is the sink): far too few for 16 sequences of ~30 tokens at once.
+    small = LLM(max_model_len=256, max_num_batched_tokens=64, max_num_seqs=16, num_gpu_blocks_override=12)
+    try:
+        outs = small.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == alone
+        stats = small.stats()
+        assert stats["num_preemptions"] > 0
+        assert small.llm_engine.block_manager.num_used_blocks == 0
+    finally:
+        small.shutdown()
+
+
+def test_seeded_sampling_independent_of_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
+    alone = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.7, max_tokens=10, ignore_eos=True)
+    batch = llm.generate(PROMPTS[3:9] + [PROMPTS[0]], [others] * 6 + [params], use_tqdm=False)
+    assert batch[-1].outputs[0].token_ids == alone
+
+
+def test_concurrent_threads_share_steps(llm, alone):
+    results: dict[int, list[int]] = {}
+    errors = []
+    before = llm.stats()["steps"]
+    llm.llm_engine.stats["max_batch_seqs"] = 0
+
+    def worker(i: int) -> None:
+        try:
+            results[i] = llm.generate(PROMPTS[i], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [results[i] for i in range(10)] == alone[:10]
+    stats = llm.stats()
+    assert stats["max_batch_seqs"] > 1
+    assert stats["steps"] - before < 10 * 12  # fewer steps than running them one by one
+
+
+def test_parallel_sampling_n(llm):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True)
+    out = llm.generate(PROMPTS[1], params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    greedy = llm.generate(PROMPTS[1], SamplingParams(n=2, temperature=0, max_tokens=8, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    assert llm.llm_engine.block_manager.num_used_blocks == 0
+
+
+def test_stop_strings_and_logprobs(llm, alone):
+    text = llm.generate(PROMPTS[2], GREEDY, use_tqdm=False)[0].outputs[0].text
+    stop = text.strip()[:3]
+    out = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=12, stop=[stop]), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "stop"
+    assert stop not in out.outputs[0].text
+    lp = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3), use_tqdm=False)[0]
+    entries = lp.outputs[0].logprobs
+    assert len(entries) == 4
+    for token, entry in zip(lp.outputs[0].token_ids, entries):
+        assert token in entry and entry[token].rank == 1  # greedy picks the top token
+        assert len(entry) == 3
+        assert all(v.logprob <= 0 for v in entry.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"max_tokens": -1}, "max_tokens"), ({"temperature": -0.5}, "temperature"),
+     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")],
+)
+def test_invalid_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_rejected_others_unaffected(llm, alone):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate("", GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([1] * 300, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):  # a bad prompt in a list queues nothing
+        llm.generate([PROMPTS[0], [1] * 300], GREEDY, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
