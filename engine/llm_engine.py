@@ -23,7 +23,7 @@ from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner, SequenceWork
 from engine.sampler import build_sampling_metadata
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import Scheduler
 from models.batch import kv_cache_bytes_per_block
 from models.loader import load_model
@@ -186,11 +186,12 @@ class LLMEngine:
             [smp.seed for smp in samples],
             [len(smp.request.output_token_ids) for smp in samples],
             self.runner.padded_num_seqs(len(work)),
+            eos_token_ids=sorted(self.eos_token_ids),
         )
-        num_logprobs = max((p.logprobs or 0) for p in params)
-        needs_penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-                              for p in params)
-        result = self.runner.execute(work, metadata, num_logprobs=num_logprobs, needs_penalties=needs_penalties)
+        wanted = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        # Round the static top-k width up (5 or the maximum) so few variants compile.
+        num_logprobs = None if wanted is None else (5 if wanted <= 5 else MAX_LOGPROBS)
+        result = self.runner.execute(work, metadata, num_logprobs=num_logprobs)
         self.stats["steps"] += 1
         self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(work))
         sampled = {s.request.request_id: int(result.token_ids[i]) for i, s in enumerate(out.scheduled) if s.samples}
@@ -236,27 +237,31 @@ class LLMEngine:
     def _record_token(self, group: _RequestGroup, sample: _Sample, token: int, result, row: int) -> None:
         self.stats["generation_tokens"] += 1
         if sample.logprobs is not None:
-            entry = {token: Logprob(float(result.logprobs[row]))}
-            for rank, (tid, lp) in enumerate(zip(result.top_ids[row][: group.params.logprobs],
-                                                 result.top_logprobs[row][: group.params.logprobs]), 1):
-                entry.setdefault(int(tid), Logprob(float(lp)))
-                entry[int(tid)].rank = rank
+            entry = {token: Logprob(float(result.logprobs[row]), rank=int(result.ranks[row]))}
+            k = group.params.logprobs
+            for rank, (tid, lp) in enumerate(zip(result.top_token_ids[row][:k], result.top_logprobs[row][:k]), 1):
+                entry.setdefault(int(tid), Logprob(float(lp), rank=rank))
             if self.tokenizer is not None:
                 for tid, lp in entry.items():
                     lp.decoded_token = self.tokenizer.decode([tid])
             sample.logprobs.append(entry)
         if result.logprobs is not None:
             sample.cumulative_logprob += float(result.logprobs[row])
+        delta = ""
         if sample.detokenizer is not None:
-            sample.detokenizer.append(token)
+            delta = sample.detokenizer.append(token)
             sample.text = sample.detokenizer.text
         request = sample.request
         if request.is_finished:  # the scheduler ended it (max_model_len reached)
             sample.finish_reason = FINISH_REASONS.get(request.status, "length")
             return
-        decision = check_stop(group.params, self.eos_token_ids, token, len(request.output_token_ids), sample.text)
+        decision = check_stop(
+            group.params, token_id=token, num_output_tokens=len(request.output_token_ids), text=sample.text,
+            new_text_len=len(delta), eos_token_ids=self.eos_token_ids,
+            max_output_tokens=group.params.max_output_tokens(len(group.prompt_token_ids), self.max_model_len))
         if decision is not None:
-            sample.finish_reason, sample.stop_reason, sample.text = decision
+            sample.finish_reason, sample.stop_reason, sample.text = (
+                decision.finish_reason, decision.stop_reason, decision.text)
             status = RequestStatus.FINISHED_LENGTH if sample.finish_reason == "length" else RequestStatus.FINISHED_STOPPED
             self.scheduler.finish_request(request.request_id, status)
 

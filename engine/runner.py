@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.sampler import SamplingMetadata, sample
+from engine.sampler import SamplerOutput, SamplingMetadata, sample
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward
@@ -42,14 +42,6 @@ class SequenceWork:
     start: int  # absolute position of the first of them
     block_table: Sequence[int]
     sample: bool  # whether the step's token for this sequence is wanted
-
-
-@dataclasses.dataclass
-class StepResult:
-    token_ids: np.ndarray  # [num_seqs]
-    logprobs: Optional[np.ndarray] = None  # [num_seqs] logprob of the sampled token
-    top_ids: Optional[np.ndarray] = None  # [num_seqs, k]
-    top_logprobs: Optional[np.ndarray] = None
 
 
 class ModelRunner:
@@ -77,15 +69,12 @@ class ModelRunner:
         attention_fn, write_kv_fn = get_attention_fns(attention_backend)
         self._forward = functools.partial(forward, config=config, attention_fn=attention_fn,
                                           write_kv_fn=write_kv_fn)
-        self._step = jax.jit(self._step_impl, static_argnames=("num_logprobs", "needs_penalties"),
-                             donate_argnums=(1,))
+        self._step = jax.jit(self._step_impl, static_argnames=("num_logprobs",), donate_argnums=(1,))
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,))
-        self.compiled_shapes: set = set()
 
-    def _step_impl(self, params, kv_cache, model_input, sampling, *, num_logprobs, needs_penalties):
+    def _step_impl(self, params, kv_cache, model_input, sampling, *, num_logprobs):
         logits, kv_cache = self._forward(params, kv_cache, model_input)
-        result = sample(logits, sampling, num_logprobs=num_logprobs, needs_penalties=needs_penalties)
-        return result, kv_cache
+        return sample(logits, sampling, num_logprobs=num_logprobs), kv_cache
 
     # -- host side -------------------------------------------------------------------------
 
@@ -137,23 +126,13 @@ class ModelRunner:
         )
 
     def execute(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
-                num_logprobs: int = 0, needs_penalties: bool = False) -> StepResult:
+                num_logprobs: Optional[int] = None) -> SamplerOutput:
+        """Run one step; returns the sampler's output on the host, cut to the real sequences."""
         model_input = self.build_model_input(work)
-        key = (model_input.token_ids.shape[0], model_input.cu_q_lens.shape[0] - 1,
-               model_input.block_tables.shape[1], num_logprobs, needs_penalties)
-        if key not in self.compiled_shapes:
-            logger.debug("compiling step for T=%d S=%d B=%d logprobs=%d penalties=%s", *key)
-            self.compiled_shapes.add(key)
         result, self.kv_cache = self._step(self.params, self.kv_cache, model_input, sampling,
-                                           num_logprobs=num_logprobs, needs_penalties=needs_penalties)
-        tokens, logprobs, top_ids, top_lps = jax.device_get(result)
+                                           num_logprobs=num_logprobs)
         n = len(work)
-        return StepResult(
-            token_ids=np.asarray(tokens)[:n],
-            logprobs=np.asarray(logprobs)[:n] if logprobs is not None else None,
-            top_ids=np.asarray(top_ids)[:n] if num_logprobs else None,
-            top_logprobs=np.asarray(top_lps)[:n] if num_logprobs else None,
-        )
+        return jax.tree.map(lambda a: np.asarray(a)[:n], jax.device_get(result))
 
 
 def _copy_blocks(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:

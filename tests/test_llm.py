@@ -63,7 +63,7 @@ def test_default_model_answers_coherently(llm):
 
 def test_preemption_keeps_outputs(alone):
     # 12 blocks of 16 tokens (one is the sink): far too few for 16 sequences of ~30 tokens at once.
-    small = LLM(max_model_len=256, max_num_batched_tokens=64, max_num_seqs=16, num_gpu_blocks_override=12)
+    small = LLM(max_model_len=128, max_num_batched_tokens=64, max_num_seqs=16, num_gpu_blocks_override=12)
     try:
         outs = small.generate(PROMPTS, GREEDY, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == alone
@@ -112,9 +112,8 @@ def test_parallel_sampling_n(llm):
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 8 for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
-    greedy = llm.generate(PROMPTS[1], SamplingParams(n=2, temperature=0, max_tokens=8, ignore_eos=True),
-                          use_tqdm=False)[0]
-    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    again = llm.generate(PROMPTS[1], params, use_tqdm=False)[0]  # seeded: reproducible
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
 

@@ -1,0 +1,211 @@
+"""Per-request sampling parameters, with vLLM's names, defaults and meanings.
+
+Owns validation and normalisation of what a caller asks for (``SamplingParams``).
+Knows nothing of JAX, tokenizers or the engine loop: the sampler reads these values
+through ``engine.sampler.build_sampling_metadata``, the stop logic through
+``engine.detokenizer.check_stop``.
+
+Deliberate differences from vLLM (``vllm/sampling_params.py``):
+- ``top_k=-1`` is accepted (as vLLM does) and normalised to ``0``: one "off" value
+  downstream.
+- ``temperature`` has no upper bound (vLLM recently added ``<= 2``; OpenAI's API caps
+  at 2, but nothing numerical requires it).
+- ``logprobs`` is capped at ``MAX_LOGPROBS`` (20, OpenAI's and vLLM's default
+  ``max_logprobs``); vLLM's ``-1`` (whole vocabulary) is not supported.
+- Only the fields listed below exist (no ``logit_bias``, ``bad_words``,
+  ``prompt_logprobs``, structured outputs, beam search).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from numbers import Integral, Real
+
+logger = logging.getLogger(__name__)
+
+GREEDY_TEMPERATURE_EPS = 1e-5
+"""Temperatures below this mean greedy decoding (vLLM's ``_SAMPLING_EPS``)."""
+
+MIN_SAMPLING_TEMPERATURE = 1e-2
+"""Non-greedy temperatures below this are raised to it (vLLM's ``_MAX_TEMP``): dividing
+logits by a tiny temperature overflows float32. (vLLM also raises those below
+``GREEDY_TEMPERATURE_EPS``; here they stay greedy.)"""
+
+MAX_LOGPROBS = 20
+"""Largest ``logprobs`` a request may ask for (OpenAI's limit, vLLM's default)."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop, for one request.
+
+    n: number of independent completions for the prompt.
+    presence_penalty: subtracted once from the logit of every token already in the
+        output (not the prompt). In [-2, 2]; > 0 discourages repetition.
+    frequency_penalty: subtracted from a token's logit once per occurrence in the
+        output (not the prompt). In [-2, 2].
+    repetition_penalty: for tokens seen in the prompt or the output, positive logits
+        are divided by it and negative ones multiplied by it (> 1 discourages
+        repetition). > 0; 1 = off.
+    temperature: logits are divided by it; below ``GREEDY_TEMPERATURE_EPS`` the
+        token is the argmax (greedy) and top_p/top_k/min_p are reset to off.
+    top_p: keep the smallest set of most likely tokens whose probability reaches
+        top_p. In (0, 1]; 1 = off.
+    top_k: keep the top_k most likely tokens; 0 (or -1, normalised to 0) = off.
+    min_p: drop tokens whose probability is below min_p times the top token's.
+        In [0, 1]; 0 = off.
+    seed: makes this request's samples reproducible, whatever else is batched with
+        it. ``-1`` is normalised to ``None`` (as vLLM does).
+    stop: strings that end generation; the output is cut before the first one
+        (after it if ``include_stop_str_in_output``). Normalised to a list.
+    stop_token_ids: token ids that end generation. Normalised to a de-duplicated
+        list.
+    ignore_eos: keep generating after the model's end-of-sequence token.
+    max_tokens: most output tokens per completion; ``None`` = until the model's
+        context length (``max_model_len``) is full.
+    min_tokens: no stop of any kind except length before this many output tokens
+        (the end-of-sequence and stop tokens are masked out until then).
+    logprobs: if not ``None``, return the log-probability of each sampled token and
+        of the ``logprobs`` most likely tokens at that step (0 = the sampled token
+        only). At most ``MAX_LOGPROBS``.
+    skip_special_tokens: leave special tokens out of the output text.
+    include_stop_str_in_output: keep the matched stop string (or stop token's text)
+        at the end of the output text.
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self._normalize()
+        self._validate()
+        if self.is_greedy:
+            # As vLLM: truncation is meaningless for argmax, so switch it off (the
+            # sampler then need not sort for this row).
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    # -- derived values --------------------------------------------------
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def output_text_buffer_length(self) -> int:
+        """Characters a streaming caller must hold back until the request finishes.
+
+        A stop string may arrive split over several tokens and must then vanish
+        from the output, so its first ``len(stop) - 1`` characters cannot be sent
+        early. 0 when there are no stop strings or they are kept in the output.
+        """
+        if not self.stop or self.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in self.stop) - 1
+
+    def max_output_tokens(self, prompt_len: int, max_model_len: int) -> int:
+        """The output-length cap for a prompt: ``max_tokens``, never past ``max_model_len``."""
+        room = max_model_len - prompt_len
+        return room if self.max_tokens is None else min(self.max_tokens, room)
+
+    # -- checks ----------------------------------------------------------
+
+    def _normalize(self) -> None:
+        if self.seed == -1:
+            self.seed = None
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
+        if _is_real(self.temperature) and GREEDY_TEMPERATURE_EPS <= self.temperature < MIN_SAMPLING_TEMPERATURE:
+            logger.warning(
+                "temperature %s is below %s, which overflows float32 logits; using %s",
+                self.temperature, MIN_SAMPLING_TEMPERATURE, MIN_SAMPLING_TEMPERATURE,
+            )
+            self.temperature = MIN_SAMPLING_TEMPERATURE
+
+    def _validate(self) -> None:
+        _require(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1", self.n)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(_is_real(value) and -2.0 <= value <= 2.0, name, "must be in [-2, 2]", value)
+        _require(
+            _is_real(self.repetition_penalty) and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty", "must be a finite number > 0", self.repetition_penalty,
+        )
+        _require(
+            _is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
+            "temperature", "must be >= 0", self.temperature,
+        )
+        _require(_is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
+        _require(
+            _is_int(self.top_k) and self.top_k >= 0,
+            "top_k", "must be an integer: 0 or -1 (off), or >= 1", self.top_k,
+        )
+        _require(_is_real(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]", self.min_p)
+        _require(self.seed is None or _is_int(self.seed), "seed", "must be an integer or None", self.seed)
+        _require(
+            isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+            "stop", "must be a non-empty string or a list of them", self.stop,
+        )
+        _require(
+            isinstance(self.stop_token_ids, list) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids", "must be a list of non-negative integers", self.stop_token_ids,
+        )
+        _require(
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            "max_tokens", "must be an integer >= 1 or None", self.max_tokens,
+        )
+        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0", self.min_tokens)
+        if self.max_tokens is not None:
+            _require(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens", f"must be <= max_tokens ({self.max_tokens})", self.min_tokens,
+            )
+        _require(
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs,
+        )
+        if self.is_greedy:
+            _require(self.n == 1, "n", "must be 1 with greedy sampling (temperature 0)", self.n)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _require(ok: bool, field: str, rule: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{field} {rule}, got {value!r}")

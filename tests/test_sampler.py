@@ -1,0 +1,277 @@
+"""The on-device sampler and its host-side metadata builder, against numpy references."""
+
+
+import jax
+import numpy as np
+import pytest
+
+from engine.sampler import apply_penalties, build_sampling_metadata, sample
+from engine.sampling_params import SamplingParams
+
+sample_jit = jax.jit(sample, static_argnames="num_logprobs")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()
+
+
+def _metadata(params, *, outputs=None, prompts=None, seeds=None, steps=None, num_padded=None, eos=()):
+    n = len(params)
+    return build_sampling_metadata(
+        params,
+        outputs if outputs is not None else [[] for _ in range(n)],
+        prompts if prompts is not None else [[] for _ in range(n)],
+        seeds if seeds is not None else list(range(n)),
+        steps if steps is not None else [0] * n,
+        num_padded if num_padded is not None else n,
+        eos_token_ids=eos,
+    )
+
+
+def _logits(rng, rows, vocab, scale=3.0):
+    return (rng.standard_normal((rows, vocab)) * scale).astype(np.float32)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _draw_many(row_logits, params, num_draws):
+    """``num_draws`` independent samples of one distribution: one row per seed."""
+    logits = np.repeat(row_logits[None], num_draws, axis=0)
+    metadata = _metadata([params] * num_draws, seeds=list(range(1000, 1000 + num_draws)))
+    return np.asarray(sample_jit(logits, metadata).token_ids)
+
+
+# -- greedy ---------------------------------------------------------------
+
+
+def test_greedy_is_argmax(rng):
+    logits = _logits(rng, 8, 64)
+    out = sample_jit(logits, _metadata([SamplingParams(temperature=0.0)] * 8))
+    np.testing.assert_array_equal(np.asarray(out.token_ids), logits.argmax(-1))
+
+
+def test_greedy_rows_in_a_mixed_batch_are_argmax(rng):
+    logits = _logits(rng, 8, 64, scale=0.1)  # flat: random rows would rarely hit the argmax
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.5, top_p=0.9) for i in range(8)]
+    out = np.asarray(sample_jit(logits, _metadata(params)).token_ids)
+    np.testing.assert_array_equal(out[1::2], logits.argmax(-1)[1::2])
+    assert (out[0::2] != logits.argmax(-1)[0::2]).any()
+
+
+def test_top_k_one_is_argmax(rng):
+    logits = _logits(rng, 8, 64, scale=0.1)
+    out = sample_jit(logits, _metadata([SamplingParams(temperature=2.0, top_k=1)] * 8))
+    np.testing.assert_array_equal(np.asarray(out.token_ids), logits.argmax(-1))
+
+
+# -- distribution and truncation ------------------------------------------
+
+
+def test_temperature_sampling_matches_softmax(rng):
+    vocab, draws, temperature = 6, 8192, 0.7
+    row = _logits(rng, 1, vocab, scale=1.0)[0]
+    tokens = _draw_many(row, SamplingParams(temperature=temperature), draws)
+    freq = np.bincount(tokens, minlength=vocab) / draws
+    expected = _softmax(row / temperature)
+    tolerance = 5 * np.sqrt(expected * (1 - expected) / draws) + 1e-3
+    assert np.all(np.abs(freq - expected) < tolerance), (freq, expected)
+
+
+def _allowed_top_k_top_p(row, top_k, top_p):
+    """numpy reference: indices kept by top_k then top_p (on the renormalised top_k set)."""
+    order = np.argsort(-row)
+    kept = order[: top_k or len(row)]
+    probs = _softmax(row[kept])
+    mass_before = np.cumsum(probs) - probs
+    return set(kept[mass_before < top_p].tolist())
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p, min_p",
+    [(5, 1.0, 0.0), (0, 0.6, 0.0), (8, 0.7, 0.0), (0, 1.0, 0.3), (10, 0.9, 0.1)],
+)
+def test_truncation_never_picks_excluded_tokens(rng, top_k, top_p, min_p):
+    vocab, temperature = 32, 1.3
+    row = _logits(rng, 1, vocab, scale=1.0)[0]
+    scaled = row / temperature
+    probs = _softmax(scaled)
+    allowed = set(np.flatnonzero(probs >= min_p * probs.max()).tolist())
+    masked = np.where(np.isin(np.arange(vocab), list(allowed)), scaled, -np.inf)
+    allowed &= _allowed_top_k_top_p(masked, top_k, top_p)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    drawn = set(_draw_many(row, params, 1024).tolist())
+    assert drawn <= allowed, (sorted(drawn - allowed), sorted(allowed))
+    assert len(drawn) >= min(len(allowed), 3)  # the kept set is really sampled from
+
+
+# -- penalties ------------------------------------------------------------
+
+
+def _numpy_penalties(logits, prompts, outputs, presence, frequency, repetition):
+    """vLLM's apply_penalties, written out."""
+    logits = logits.copy()
+    for i in range(logits.shape[0]):
+        counts = np.bincount(np.asarray(outputs[i], np.int64), minlength=logits.shape[1])
+        seen = counts > 0
+        seen[np.asarray(prompts[i], np.int64)] = True
+        row = logits[i]
+        row[seen] = np.where(row[seen] > 0, row[seen] / repetition[i], row[seen] * repetition[i])
+        row -= frequency[i] * counts + presence[i] * (counts > 0)
+    return logits
+
+
+def test_penalties_match_vllm_formula(rng):
+    rows, vocab = 5, 40
+    logits = _logits(rng, rows, vocab)
+    prompts = [rng.integers(0, vocab, rng.integers(1, 20)).tolist() for _ in range(rows)]
+    outputs = [rng.integers(0, vocab, rng.integers(0, 30)).tolist() for _ in range(rows)]
+    presence = rng.uniform(-2, 2, rows)
+    frequency = rng.uniform(-2, 2, rows)
+    repetition = rng.uniform(0.5, 2.0, rows)
+    params = [
+        SamplingParams(presence_penalty=presence[i], frequency_penalty=frequency[i], repetition_penalty=repetition[i])
+        for i in range(rows)
+    ]
+    metadata = _metadata(params, outputs=outputs, prompts=prompts, num_padded=8)
+    padded_logits = np.concatenate([logits, _logits(rng, 3, vocab)])
+    got = np.asarray(jax.jit(apply_penalties)(padded_logits, metadata))
+    want = _numpy_penalties(logits, prompts, outputs, presence, frequency, repetition)
+    np.testing.assert_allclose(got[:rows], want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(got[rows:], padded_logits[rows:])  # padding rows untouched
+
+
+def test_greedy_applies_penalties(rng):
+    logits = _logits(rng, 1, 16)
+    top = int(logits.argmax())
+    params = SamplingParams(temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0)
+    out = sample_jit(logits, _metadata([params], outputs=[[top] * 10]))
+    assert int(out.token_ids[0]) != top
+
+
+# -- seeds ----------------------------------------------------------------
+
+
+def test_seeded_row_is_independent_of_batch(rng):
+    vocab = 64
+    target_row = _logits(rng, 1, vocab, scale=0.5)[0]
+    target = SamplingParams(temperature=1.0, seed=1234)
+    others = [
+        SamplingParams(temperature=0.8, top_p=0.5, min_p=0.1, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.2, top_k=3, presence_penalty=1.0),
+        SamplingParams(temperature=0.5, min_tokens=5),
+    ]
+
+    def run(position, other_params, num_padded):
+        params = list(other_params)
+        params.insert(position, target)
+        logits = _logits(rng, len(params), vocab)
+        logits[position] = target_row
+        outputs = [rng.integers(0, vocab, 5).tolist() for _ in params]
+        outputs[position] = []
+        metadata = _metadata(
+            params,
+            outputs=outputs,
+            prompts=[rng.integers(0, vocab, 7).tolist() for _ in params],
+            seeds=[p.seed if p.seed is not None else int(rng.integers(2**31)) for p in params],
+            steps=[3] * len(params),
+            num_padded=num_padded,
+            eos=[0],
+        )
+        padded = np.concatenate([logits, _logits(rng, num_padded - len(params), vocab)])
+        return int(sample_jit(padded, metadata).token_ids[position])
+
+    alone = run(0, [], 1)
+    assert run(0, others, 8) == alone
+    assert run(3, others, 8) == alone
+    assert run(2, others[:2], 4) == alone
+
+    # ...and the seed and step really drive the draw.
+    draws = set()
+    for seed in range(8):
+        metadata = _metadata([SamplingParams(seed=seed)], seeds=[seed], steps=[3])
+        draws.add(int(sample_jit(target_row[None], metadata).token_ids[0]))
+    assert len(draws) > 1
+
+
+# -- logprobs -------------------------------------------------------------
+
+
+def test_logprobs_are_raw_log_softmax(rng):
+    rows, vocab, k = 6, 50, 4
+    logits = _logits(rng, rows, vocab)
+    params = [SamplingParams(temperature=0.9, top_k=10, repetition_penalty=1.5, logprobs=k)] * rows
+    metadata = _metadata(params, outputs=[rng.integers(0, vocab, 5).tolist() for _ in range(rows)])
+    out = sample_jit(logits, metadata, num_logprobs=k)
+    log_softmax = np.log(_softmax(logits.astype(np.float64)))
+    tokens = np.asarray(out.token_ids)
+    np.testing.assert_allclose(np.asarray(out.logprobs), log_softmax[np.arange(rows), tokens], atol=1e-5)
+    expected_ranks = 1 + (log_softmax > log_softmax[np.arange(rows), tokens][:, None]).sum(-1)
+    np.testing.assert_array_equal(np.asarray(out.ranks), expected_ranks)
+    expected_top = np.argsort(-logits, axis=-1)[:, :k]
+    np.testing.assert_array_equal(np.asarray(out.top_token_ids), expected_top)
+    np.testing.assert_allclose(
+        np.asarray(out.top_logprobs), np.take_along_axis(log_softmax, expected_top, -1), atol=1e-5
+    )
+
+
+def test_no_logprobs_unless_asked(rng):
+    out = sample_jit(_logits(rng, 2, 16), _metadata([SamplingParams()] * 2))
+    assert out.logprobs is None and out.top_token_ids is None
+    out = sample_jit(_logits(rng, 2, 16), _metadata([SamplingParams(logprobs=0)] * 2), num_logprobs=0)
+    assert out.logprobs.shape == (2,) and out.top_token_ids.shape == (2, 0)
+
+
+# -- min_tokens bans and the builder --------------------------------------
+
+
+def test_min_tokens_bans_eos_and_stop_tokens(rng):
+    vocab, eos, stop_id = 32, 2, 9
+    logits = _logits(rng, 2, vocab)
+    logits[:, eos] = 50.0
+    logits[:, stop_id] = 40.0
+    params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[stop_id])
+    out = sample_jit(logits, _metadata([params] * 2, outputs=[[5, 6], [5, 6, 7]], eos=[eos]))
+    tokens = np.asarray(out.token_ids)
+    assert tokens[0] not in (eos, stop_id)  # 2 outputs < min_tokens: banned
+    assert tokens[1] == eos  # min_tokens reached: allowed
+
+
+def test_builder_pads_flags_and_buckets():
+    params = [SamplingParams(temperature=0.0), SamplingParams(top_p=0.9, repetition_penalty=1.2, seed=7)]
+    md = build_sampling_metadata(params, [[1, 2], list(range(20))], [[3], [4, 5]], [11, 2**33 + 5], [2, 20], 4)
+    assert md.temperature.tolist() == [0.0, 1.0, 0.0, 0.0]  # padding rows greedy
+    assert md.top_p.tolist() == pytest.approx([1.0, 0.9, 1.0, 1.0])
+    assert md.repetition_penalty.tolist() == pytest.approx([1.0, 1.2, 1.0, 1.0])
+    assert md.seeds.tolist() == [11, 5, 0, 0] and md.step_indices.tolist() == [2, 20, 0, 0]
+    assert (md.all_greedy, md.needs_penalties, md.needs_top_k_top_p, md.needs_min_p) == (False, True, True, False)
+    assert not md.needs_token_bans and md.banned_token_ids.shape == (4, 0)
+    # Only the penalised row's tokens are sent, padded to a power of two.
+    assert md.output_token_ids.shape == (4, 32) and md.prompt_token_ids.shape == (4, 16)
+    assert md.output_token_ids[0].tolist() == [-1] * 32
+    assert md.output_token_ids[1, :21].tolist() == list(range(20)) + [-1]
+
+
+def test_builder_rejects_inconsistent_inputs():
+    with pytest.raises(ValueError, match="seeds has 1 entries, expected 2"):
+        build_sampling_metadata([SamplingParams()] * 2, [[], []], [[], []], [0], [0, 0], 2)
+    with pytest.raises(ValueError, match="num_padded_seqs must be >= the number of sequences \\(2\\), got 1"):
+        build_sampling_metadata([SamplingParams()] * 2, [[], []], [[], []], [0, 0], [0, 0], 1)
+
+
+def test_penalty_free_batch_sends_no_tokens():
+    md = build_sampling_metadata([SamplingParams()], [[1, 2, 3]], [[4, 5]], [0], [3], 2)
+    assert not md.needs_penalties
+    assert md.output_token_ids.shape == (2, 0) and md.prompt_token_ids.shape == (2, 0)
+
+
+def test_sort_descending_orders_like_floats(rng):
+    from engine.sampler import _sort_descending
+
+    x = _logits(rng, 3, 257, scale=1e3)
+    x[0, :6] = [-np.inf, np.inf, -0.0, 0.0, -3.4e38, 3.4e38]
+    np.testing.assert_array_equal(np.asarray(_sort_descending(x)), -np.sort(-x, axis=-1))
