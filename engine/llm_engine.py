@@ -75,13 +75,12 @@ class LLMEngine:
         loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed)
         self.model_config = config = loaded.config
         self.tokenizer = None
+        self.eos_token_ids = set(config.eos_token_ids)
         if not skip_tokenizer_init:
-            from engine.tokenizer import load_tokenizer
+            from engine.tokenizer import eos_token_ids, load_tokenizer
 
             self.tokenizer = load_tokenizer(loaded.path)
-        self.eos_token_ids = set(config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+            self.eos_token_ids.update(eos_token_ids(self.tokenizer, loaded.path))
         self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
         num_blocks = num_kv_blocks(args, config, loaded.dtype, self.max_model_len, max_seqs)
         self.block_manager = BlockManager(num_blocks, args.block_size)

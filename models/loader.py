@@ -79,14 +79,15 @@ def load_model(
     fmt = detect_format(path, load_format)
     jdtype = resolve_dtype(dtype)
     if fmt == "gguf":
-        from models.gguf_loader import load_gguf_params, read_gguf_config
+        from models.gguf_loader import load_gguf_params, open_gguf, read_gguf_config
 
-        config = read_gguf_config(path)
+        source = open_gguf(path)  # parse the metadata once for config and weights
+        config = read_gguf_config(source)
     else:
         config = ModelConfig.from_pretrained(path)
     sh = shardings(config) if shardings is not None else None
     if fmt == "gguf":
-        params = load_gguf_params(path, config, jdtype, shardings=sh)
+        params = load_gguf_params(source, config, jdtype, shardings=sh)
     elif fmt == "dummy":
         from models.dummy import load_dummy_params
 

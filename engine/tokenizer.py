@@ -1,0 +1,89 @@
+"""Tokenizers and chat templates, from a Hugging Face checkpoint folder or a GGUF file.
+
+Owns turning a model path into a Hugging Face fast tokenizer (``transformers``
+rebuilds one from GGUF metadata), rendering chat messages to prompt token ids with
+the model's own chat template, and the end-of-sequence ids the tokenizer knows.
+Knows nothing of weights, devices or scheduling. Caches nothing: callers keep the
+tokenizer they load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+# Any one of these makes a folder loadable by ``AutoTokenizer`` without a network.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class TokenizerError(RuntimeError):
+    """The tokenizer could not be loaded or cannot do what was asked (e.g. no chat template)."""
+
+
+def load_tokenizer(model_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """Fast tokenizer of a checkpoint folder or of a ``.gguf`` file (never downloads)."""
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(f"tokenizer path {model_path!r} does not exist")
+    if os.path.isfile(model_path):
+        if not model_path.endswith(".gguf"):
+            raise TokenizerError(f"{model_path!r} is a file but not a .gguf; pass a checkpoint folder or a .gguf file")
+        folder, name = os.path.split(os.path.abspath(model_path))
+        source, extra = folder, {"gguf_file": name}
+    elif not any(os.path.exists(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
+        raise TokenizerError(f"no tokenizer in folder {model_path!r} (none of {', '.join(TOKENIZER_FILES)})")
+    else:
+        source, extra = model_path, {}
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, **extra, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise TokenizerError(f"cannot load a tokenizer from {model_path!r}: {e}") from e
+
+
+def apply_chat_template(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict],
+    add_generation_prompt: bool = True,
+    **template_kwargs: Any,
+) -> list[int]:
+    """Token ids of ``messages`` rendered with the model's chat template.
+
+    The template is rendered to text and then encoded without adding special
+    tokens, since the template already writes the ones the model expects.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizerError(
+            f"the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
+            "use a plain text prompt, or a model whose tokenizer_config.json / GGUF carries one"
+        )
+    text = tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
+    )
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model_path: Optional[str] = None) -> tuple[int, ...]:
+    """End-of-sequence ids: the tokenizer's eos plus, for a checkpoint folder,
+    those of its ``generation_config.json`` (Llama 3 lists several there)."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if model_path is not None and os.path.isdir(model_path):
+        ids.extend(_generation_config_eos(os.path.join(model_path, "generation_config.json")))
+    return tuple(dict.fromkeys(ids))
+
+
+def _generation_config_eos(file: str) -> Iterable[int]:
+    if not os.path.isfile(file):
+        return ()
+    try:
+        with open(file) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise TokenizerError(f"{file} is not a valid generation config: {e}") from None
+    if eos is None:
+        return ()
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos])]

