@@ -1,0 +1,324 @@
+"""Load a Hugging Face safetensors checkpoint folder into the params pytree of ``models.llama``.
+
+Owns the name mapping from Hugging Face tensor names to our params, the layout change
+(``[out, in]`` Linear weights become ``[in, out]``, per-layer tensors are stacked on a
+leading layer axis), the cast to the requested dtype and the placement on devices.
+Knows nothing of the forward pass beyond ``param_shapes``, and nothing of requests.
+
+Reading: safetensors files are memory-mapped and each tensor is a zero-copy numpy view
+of the map. We parse the (tiny, fully specified) safetensors header ourselves instead of
+using ``safetensors.safe_open``: its ``numpy`` framework cannot represent bfloat16
+(``TypeError: data type 'bfloat16' not understood``, and most real checkpoints are
+bf16), and its ``flax`` framework materializes every tensor whole on the default device,
+which defeats loading shard by shard for tensor parallelism. With the header we can view
+bf16 bytes through ``ml_dtypes.bfloat16`` (numpy's bf16, as used by JAX) and read only
+the slice each device needs.
+
+Placement: the bytes go to the device(s) in the checkpoint's own layout (stacked per
+layer), and a jitted transpose + cast on the device(s) makes our layout: numpy's strided
+transpose of a large matrix runs at ~0.1 GB/s, the device's at memory speed. With
+shardings, the HF-layout tensor is built by ``jax.make_array_from_callback`` under the
+target sharding with its last two axes swapped, so every device reads only its own
+slice from the memory map and the transpose needs no communication; a tensor-parallel
+load never builds a whole stacked tensor on the host. Without shardings each stacked
+tensor is built on the host once and ``jax.device_put`` on the default device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from models.config import ModelConfig
+from models.llama import param_shapes
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# safetensors dtype tags -> numpy dtypes (little-endian by the format's definition).
+_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+
+# Our per-layer param name -> (Hugging Face name inside ``model.layers.{i}.``, is a Linear weight).
+_LAYER_NAMES = {
+    "input_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "wo": ("self_attn.o_proj.weight", True),
+    "bq": ("self_attn.q_proj.bias", False),
+    "bk": ("self_attn.k_proj.bias", False),
+    "bv": ("self_attn.v_proj.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+    "post_norm": ("post_attention_layernorm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True),
+    "w_down": ("mlp.down_proj.weight", True),
+}
+# Our top-level param name -> (Hugging Face name, is a Linear weight).
+_TOP_NAMES = {
+    "embed": ("model.embed_tokens.weight", False),  # an Embedding: already [V, H]
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's weight files are missing, unreadable, or disagree with its config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorSource:
+    """Where one of our params comes from: one HF tensor per layer (or one for top-level params)."""
+
+    hf_names: tuple[str, ...]
+    transpose: bool  # HF Linear [out, in] -> ours [in, out]
+    stacked: bool  # ours has a leading layer axis
+
+
+def find_safetensors_files(path: str) -> list[str]:
+    """The weight files of a checkpoint folder: the index's files, ``model.safetensors``, or ``model-*``."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder {path!r} is not a folder or does not exist")
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{INDEX_FILE} in {path!r} names weight files that are missing: {missing}")
+        return [os.path.join(path, f) for f in files]
+    if os.path.exists(os.path.join(path, SINGLE_FILE)):
+        return [os.path.join(path, SINGLE_FILE)]
+    # Only model*.safetensors: some repos also ship e.g. consolidated.safetensors (same weights, other names).
+    shards = sorted(f for f in os.listdir(path) if f.startswith("model") and f.endswith(".safetensors"))
+    if not shards:
+        present = sorted(os.listdir(path))
+        raise CheckpointError(
+            f"no safetensors weights in {path!r} (expected {SINGLE_FILE} or {INDEX_FILE} with "
+            f"model-*.safetensors shards); the folder holds: {present}"
+        )
+    return [os.path.join(path, f) for f in shards]
+
+
+def _read_header(file: str) -> dict[str, dict]:
+    """Parse a safetensors header: ``{name: {"dtype", "shape", "data_offsets"}}``, checked against the file size."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{file} is truncated or not a safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if 8 + header_len > size:
+            raise CheckpointError(
+                f"{file} is truncated or not a safetensors file: header of {header_len} bytes "
+                f"does not fit in {size} bytes"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file} is corrupt: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} is corrupt: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - header_len
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            dtype = _DTYPES[entry["dtype"]]
+            expected = int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{file} is corrupt: bad header entry for tensor {name!r} ({e!r})") from None
+        if end > data_size:
+            raise CheckpointError(
+                f"{file} is truncated: tensor {name!r} ends at byte {end} of the data section "
+                f"but the file holds only {data_size} data bytes"
+            )
+        if end - begin != expected:
+            raise CheckpointError(
+                f"{file} is corrupt: tensor {name!r} has {end - begin} bytes, "
+                f"expected {expected} for {entry['dtype']}{entry['shape']}"
+            )
+        entry["data_start"] = 8 + header_len + begin
+    return header
+
+
+class _Checkpoint:
+    """All tensors of a checkpoint folder, as lazily mapped numpy views in the HF layout."""
+
+    def __init__(self, files: list[str]):
+        self._entries: dict[str, tuple[str, dict]] = {}
+        for file in files:
+            for name, entry in _read_header(file).items():
+                self._entries[name] = (file, entry)
+        self._maps: dict[str, np.memmap] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name][1]["shape"])
+
+    def array(self, name: str) -> np.ndarray:
+        """A read-only zero-copy view of one tensor (nothing is read until it is touched)."""
+        file, entry = self._entries[name]
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+        dtype = _DTYPES[entry["dtype"]]
+        start = entry["data_start"]
+        nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
+        return self._maps[file][start:start + nbytes].view(dtype).reshape(entry["shape"])
+
+
+def _sources(config: ModelConfig) -> dict:
+    """A pytree shaped like ``param_shapes(config)`` of the HF tensors each param is made of."""
+    shapes = param_shapes(config)
+    layers = {
+        name: _TensorSource(
+            tuple(f"model.layers.{i}.{_LAYER_NAMES[name][0]}" for i in range(config.num_layers)),
+            transpose=_LAYER_NAMES[name][1], stacked=True)
+        for name in shapes["layers"]
+    }
+    top = {name: _TensorSource((_TOP_NAMES[name][0],), transpose=_TOP_NAMES[name][1], stacked=False)
+           for name in shapes if name != "layers"}
+    return {**top, "layers": layers}
+
+
+def _hf_shape(shape: tuple[int, ...], source: _TensorSource) -> tuple[int, ...]:
+    """The shape one HF tensor must have for our param of ``shape``."""
+    per_tensor = shape[1:] if source.stacked else shape
+    return tuple(reversed(per_tensor)) if source.transpose else tuple(per_tensor)
+
+
+def _check_tensors(ckpt: _Checkpoint, sources: dict, shapes: dict, path: str) -> None:
+    """Fail before reading any data if a tensor is missing or its shape disagrees with the config."""
+    for key, source in _leaves(sources):
+        expected = _hf_shape(_get(shapes, key), source)
+        for name in source.hf_names:
+            if name not in ckpt:
+                raise CheckpointError(f"checkpoint {path!r} lacks tensor {name!r} (needed for params {'/'.join(key)})")
+            if ckpt.shape(name) != expected:
+                raise CheckpointError(
+                    f"tensor {name!r} in {path!r} has shape {list(ckpt.shape(name))} but the config "
+                    f"implies {list(expected)}"
+                )
+
+
+# Small dict-tree helpers instead of jax.tree_util: in param_shapes the leaves are tuples
+# (pytree nodes to JAX), and a None sharding leaf is an empty subtree to JAX, not a leaf.
+def _leaves(tree: dict, prefix: tuple = ()) -> list[tuple[tuple[str, ...], Any]]:
+    out = []
+    for k, v in tree.items():
+        out.extend(_leaves(v, prefix + (k,)) if isinstance(v, dict) else [(prefix + (k,), v)])
+    return out
+
+
+def _get(tree: Optional[dict], key: tuple[str, ...]) -> Any:
+    for k in key:
+        if tree is None:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict, key: tuple[str, ...], value: Any) -> None:
+    for k in key[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[key[-1]] = value
+
+
+def _hf_layout_sharding(sharding: Optional[jax.sharding.Sharding], source: _TensorSource, ndim: int):
+    """The sharding of the HF-layout tensor whose on-device transpose has ``sharding``."""
+    if sharding is None or not source.transpose or sharding.is_fully_replicated:
+        return sharding
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        return NamedSharding(sharding.mesh, PartitionSpec(*spec[:-2], spec[-1], spec[-2]),
+                             memory_kind=sharding.memory_kind)
+    raise TypeError(f"cannot load a transposed weight onto {type(sharding).__name__}; "
+                    "pass NamedSharding (or replicated / single-device) shardings")
+
+
+def _read_hf_layout(ckpt: _Checkpoint, source: _TensorSource, index: tuple = ()) -> np.ndarray:
+    """``[index]`` of the HF tensor (stacked on a leading layer axis), as stored: no transpose, no cast.
+
+    Copies only contiguous runs out of the memory map (a strided host transpose of a
+    large matrix runs at ~0.1 GB/s; the device does it at memory speed instead).
+    """
+    if not source.stacked:
+        # A copy, never a view: on CPU, JAX may alias a host buffer, and params must not
+        # hang on the file's memory map (a rewritten checkpoint would crash the process).
+        return np.array(ckpt.array(source.hf_names[0])[tuple(index)])
+    index = tuple(index) or (slice(None),)
+    names = source.hf_names[index[0]]
+    first = ckpt.array(names[0])[index[1:]]
+    out = np.empty((len(names),) + first.shape, first.dtype)
+    for row, name in enumerate(names):
+        out[row] = ckpt.array(name)[index[1:]]
+    return out
+
+
+def _to_our_layout(x: jax.Array, transpose: bool, dtype) -> jax.Array:
+    return (jnp.swapaxes(x, -1, -2) if transpose else x).astype(dtype)
+
+
+def _load_param(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...], dtype,
+                sharding: Optional[jax.sharding.Sharding]) -> jax.Array:
+    """One param on its device(s): HF-layout bytes go to the device(s), which transpose and cast."""
+    hf_shape = ((shape[0],) if source.stacked else ()) + _hf_shape(shape, source)
+    hf_sharding = _hf_layout_sharding(sharding, source, len(shape))
+    if hf_sharding is None:
+        hf_array = jax.device_put(_read_hf_layout(ckpt, source))
+    else:  # each device reads only its own slice
+        hf_array = jax.make_array_from_callback(hf_shape, hf_sharding,
+                                                lambda index: _read_hf_layout(ckpt, source, index))
+    if not source.transpose and hf_array.dtype == dtype:
+        return hf_array
+    finish = jax.jit(_to_our_layout, static_argnums=(1, 2), out_shardings=sharding)
+    return finish(hf_array, source.transpose, dtype)
+
+
+def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Optional[dict] = None,
+                            progress: bool = True) -> dict:
+    """Load the safetensors checkpoint folder ``path`` as params for ``config``, cast to ``dtype``.
+
+    ``shardings``: optional pytree shaped like ``param_shapes(config)`` of
+    ``jax.sharding.Sharding`` (a leaf may be None = default device); weights that are
+    transposed need a ``NamedSharding`` (or a replicated / single-device one). Each
+    device reads only its own slice. Raises ``CheckpointError`` for missing or corrupt
+    files, missing tensors and shapes that disagree with ``config``. ``lm_head.weight``
+    is ignored when the config ties embeddings.
+    """
+    dtype = jnp.dtype(dtype)
+    ckpt = _Checkpoint(find_safetensors_files(path))
+    shapes = param_shapes(config)
+    sources = _sources(config)
+    _check_tensors(ckpt, sources, shapes, path)
+    params: dict = {}
+    leaves = _leaves(sources)
+    total = sum(len(s.hf_names) for _, s in leaves)
+    with tqdm(total=total, unit="tensor", desc="Loading safetensors", disable=not progress) as bar:
+        for key, source in leaves:
+            _set(params, key, _load_param(ckpt, source, _get(shapes, key), dtype, _get(shardings, key)))
+            bar.update(len(source.hf_names))
+    return params

@@ -1,0 +1,165 @@
+"""``ModelConfig`` parsing of what ``transformers`` really writes, for llama, mistral, qwen2, qwen3.
+
+Configs come from real ``transformers`` config objects (``to_dict()`` and
+``save_pretrained``'s config.json, which in transformers 5 folds ``rope_theta`` and
+``rope_scaling`` into ``rope_parameters``) and from a transformers-4 style config.json
+(Llama-3.1-8B's), and unsupported options must be refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+
+from models.config import ModelConfig, ModelConfigError, UnsupportedModelError
+from tests.tiny_checkpoints import LLAMA3_ROPE, VARIANTS, tiny_hf_config
+
+# Llama-3.1-8B's config.json as transformers 4.x wrote it (rope_theta and rope_scaling top-level).
+LLAMA_3_1_8B_V4 = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256,
+}
+
+
+def hf_head_dim(hf_config) -> int:
+    """The head_dim transformers' own attention uses for this config."""
+    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    return model.model.layers[0].self_attn.head_dim
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_parses_transformers_config_object_and_saved_json_alike(variant, tmp_path):
+    hf = tiny_hf_config(variant, vocab_size=300 + len(variant), intermediate_size=80 + 8 * len(variant))
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in saved or "rope_theta" in saved  # whichever this transformers writes
+    from_dict = ModelConfig.from_hf_dict(hf.to_dict())
+    from_file = ModelConfig.from_pretrained(str(tmp_path))
+    assert from_dict == from_file and hash(from_dict) == hash(from_file)  # static jit argument
+    c = from_file
+    assert c.model_type == VARIANTS[variant][0]
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size) == (hf.vocab_size, hf.hidden_size, hf.intermediate_size)
+    assert (c.num_layers, c.num_heads, c.num_kv_heads) == (
+        hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads)
+    assert c.head_dim == hf_head_dim(hf)
+    assert c.rms_norm_eps == hf.rms_norm_eps
+    assert c.rope_theta == hf.rope_parameters["rope_theta"]
+    assert c.tie_word_embeddings == hf.tie_word_embeddings
+    assert c.qkv_bias == (c.model_type == "qwen2")
+    assert c.qk_norm == (c.model_type == "qwen3")
+    assert c.sliding_window == (hf.sliding_window if c.model_type == "mistral" else None)
+
+
+def test_explicit_head_dim_differs_from_hidden_over_heads():
+    c = ModelConfig.from_hf_dict(tiny_hf_config("qwen3", head_dim=48).to_dict())
+    assert c.head_dim == 48 and c.hidden_size // c.num_heads == 16
+    assert (c.q_size, c.kv_size) == (4 * 48, 2 * 48)
+    implicit = ModelConfig.from_hf_dict(tiny_hf_config("llama3_tied").to_dict())
+    assert implicit.head_dim == implicit.hidden_size // implicit.num_heads
+
+
+def test_llama3_rope_scaling_from_transformers5_rope_parameters():
+    c = ModelConfig.from_hf_dict(tiny_hf_config("llama3_tied").to_dict())
+    assert c.rope_theta == LLAMA3_ROPE["rope_theta"]
+    assert c.rope_scaling == ("llama3", LLAMA3_ROPE["factor"], LLAMA3_ROPE["low_freq_factor"],
+                              LLAMA3_ROPE["high_freq_factor"], LLAMA3_ROPE["original_max_position_embeddings"])
+    assert ModelConfig.from_hf_dict(tiny_hf_config("llama").to_dict()).rope_scaling is None
+
+
+def test_transformers4_style_llama_3_1_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_1_8B_V4))
+    c = ModelConfig.from_pretrained(str(tmp_path))
+    assert c.rope_theta == 500000.0
+    assert c.rope_scaling == ("llama3", 8.0, 1.0, 4.0, 8192)
+    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (32, 32, 8, 128)
+    assert c.eos_token_ids == (128001, 128008, 128009) and c.bos_token_id == 128000
+    assert not c.tie_word_embeddings and not c.qkv_bias and not c.qk_norm
+    assert c.num_params() == 8_030_261_248  # Llama-3.1-8B's published parameter count
+    # transformers 5 reads the same file into the same model shape.
+    assert ModelConfig.from_hf_dict(transformers.LlamaConfig(**LLAMA_3_1_8B_V4).to_dict()) == c
+
+
+def test_linear_rope_scaling_and_legacy_type_key():
+    d = tiny_hf_config("llama").to_dict()
+    d["rope_parameters"] = {"rope_type": "linear", "factor": 2.5, "rope_theta": 20000.0}
+    c = ModelConfig.from_hf_dict(d)
+    assert c.rope_scaling == ("linear", 2.5) and c.rope_theta == 20000.0
+    legacy = {k: v for k, v in d.items() if k != "rope_parameters"}
+    legacy.update(rope_theta=20000.0, rope_scaling={"type": "linear", "factor": 2.5})
+    assert ModelConfig.from_hf_dict(legacy) == c
+
+
+def test_tied_and_untied_embeddings():
+    tied = ModelConfig.from_hf_dict(tiny_hf_config("llama", tie_word_embeddings=True).to_dict())
+    untied = ModelConfig.from_hf_dict(tiny_hf_config("llama", tie_word_embeddings=False).to_dict())
+    assert tied.tie_word_embeddings and not untied.tie_word_embeddings
+    assert untied.num_params() - tied.num_params() == tied.vocab_size * tied.hidden_size
+
+
+def test_qkv_bias_for_qwen2_and_llama_attention_bias():
+    assert ModelConfig.from_hf_dict(tiny_hf_config("qwen2").to_dict()).qkv_bias
+    assert ModelConfig.from_hf_dict(tiny_hf_config("llama", attention_bias=True).to_dict()).qkv_bias
+    assert not ModelConfig.from_hf_dict(tiny_hf_config("qwen3").to_dict()).qkv_bias
+
+
+def test_qk_norm_only_for_qwen3():
+    assert ModelConfig.from_hf_dict(tiny_hf_config("qwen3").to_dict()).qk_norm
+    for variant in ("llama", "mistral", "qwen2"):
+        assert not ModelConfig.from_hf_dict(tiny_hf_config(variant).to_dict()).qk_norm
+
+
+def test_sliding_window_only_where_used():
+    assert ModelConfig.from_hf_dict(tiny_hf_config("mistral", sliding_window=37).to_dict()).sliding_window == 37
+    assert ModelConfig.from_hf_dict(tiny_hf_config("mistral", sliding_window=None).to_dict()).sliding_window is None
+    # Qwen2 configs carry a sliding_window but use_sliding_window=False switches it off.
+    d = tiny_hf_config("qwen2").to_dict()
+    d["sliding_window"] = 4096
+    assert ModelConfig.from_hf_dict(d).sliding_window is None
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("model_type", "gemma2", "'gemma2'"),
+    ("hidden_act", "gelu_pytorch_tanh", "'gelu_pytorch_tanh'"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "'yarn'"),
+    ("mlp_bias", True, "mlp_bias"),
+])
+def test_unsupported_options_are_refused_by_name(field, value, named):
+    d = tiny_hf_config("llama").to_dict()
+    d[field] = value
+    with pytest.raises(UnsupportedModelError, match=named):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_unsupported_architecture_from_real_transformers_config():
+    d = transformers.AutoConfig.for_model("gpt2", n_layer=2, n_embd=64, n_head=4).to_dict()
+    with pytest.raises(UnsupportedModelError, match="'gpt2'") as e:
+        ModelConfig.from_hf_dict(d)
+    assert "llama" in str(e.value)  # lists what is supported
+
+
+def test_qwen_sliding_window_is_refused():
+    d = tiny_hf_config("qwen2").to_dict()
+    d.update(use_sliding_window=True, sliding_window=64)
+    with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_missing_field_and_inconsistent_heads():
+    d = tiny_hf_config("llama").to_dict()
+    del d["num_hidden_layers"]
+    with pytest.raises(ModelConfigError, match="num_hidden_layers"):
+        ModelConfig.from_hf_dict(d)
+    d = tiny_hf_config("llama").to_dict()
+    d["num_key_value_heads"] = 3
+    with pytest.raises(ModelConfigError, match="num_key_value_heads=3"):
+        ModelConfig.from_hf_dict(d)

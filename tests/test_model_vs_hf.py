@@ -1,0 +1,249 @@
+"""Our forward pass, on weights from our safetensors loader, against Hugging Face ``transformers``.
+
+For every architecture variant in ``tiny_checkpoints.VARIANTS`` (llama untied with an
+explicit head_dim and default rope; llama tied with llama3 rope scaling; mistral with a
+sliding window shorter than the prompts, from a sharded checkpoint; qwen2 with qkv bias;
+qwen3 with qk norm): a random tiny checkpoint
+is written with ``save_pretrained``, loaded with ``load_safetensors_params`` and
+(a) a ragged batch of three prompts gives, in one step of ``forward``, the logits HF
+gives each prompt alone, at every position; (b) 16 greedy tokens equal HF's.
+Also: loading a bf16 checkpoint, loading onto a tensor-parallel mesh of fake CPU
+devices, and dummy params.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from models.batch import ModelInput, make_kv_cache
+from models.config import ModelConfig
+from models.dummy import load_dummy_params
+from models.llama import forward, param_shapes
+from models.safetensors_loader import load_safetensors_params
+from tests.tiny_checkpoints import VARIANTS, write_tiny_checkpoint
+
+BLOCK_SIZE = 8
+# 5 tokens: inside one page; 16: ends exactly on a page boundary; 33: one past a boundary.
+PROMPT_LENGTHS = (5, 16, 33)
+NEW_TOKENS = 16
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def checkpoint(request, tmp_path_factory):
+    """(variant, HF model, our config, our params) of a freshly written tiny checkpoint."""
+    variant = request.param
+    path = tmp_path_factory.mktemp(variant)
+    seed = list(VARIANTS).index(variant)
+    # mistral also exercises the sharded layout (model-*.safetensors + index).
+    shard = "64KB" if variant == "mistral" else None
+    model = write_tiny_checkpoint(path, variant, seed=seed, max_shard_size=shard)
+    config = ModelConfig.from_pretrained(str(path))
+    params = load_safetensors_params(str(path), config, jnp.float32, progress=False)
+    return variant, model, config, params
+
+
+def random_prompts(vocab_size: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def scattered_ragged_batch(prompts: list[list[int]], block_size: int, rng: np.random.Generator):
+    """One prefill step for all prompts, with pages in random order and padded T and S.
+
+    Returns the step input and the number of pages the KV cache needs. Real tokens are
+    followed by padding tokens that write into page 0; one padding sequence follows
+    the real ones.
+    """
+    lengths = np.array([len(p) for p in prompts])
+    pages_per_seq = -(-lengths // block_size)
+    max_pages = int(pages_per_seq.max())
+    num_pages = 1 + int(pages_per_seq.sum()) + 3  # page 0 is the padding sink; a few spare
+    free_pages = rng.permutation(np.arange(1, num_pages))
+    num_seqs, padded_seqs = len(prompts), len(prompts) + 1
+    block_tables = np.zeros((padded_seqs, max_pages), np.int32)
+    taken = 0
+    for s, n in enumerate(pages_per_seq):
+        block_tables[s, :n] = free_pages[taken:taken + n]
+        taken += n
+    real = int(lengths.sum())
+    padded_tokens = real + 7
+    token_ids = np.zeros(padded_tokens, np.int32)
+    token_ids[:real] = np.concatenate(prompts)
+    positions = np.zeros(padded_tokens, np.int32)
+    positions[:real] = np.concatenate([np.arange(n) for n in lengths])
+    seq_of_token = np.repeat(np.arange(num_seqs), lengths)
+    slot_mapping = np.arange(padded_tokens, dtype=np.int32) % block_size  # padding -> page 0
+    slot_mapping[:real] = (block_tables[seq_of_token, positions[:real] // block_size] * block_size
+                           + positions[:real] % block_size)
+    cu_q_lens = np.concatenate([[0], np.cumsum(lengths), [real]]).astype(np.int32)
+    kv_lens = np.concatenate([lengths, [0]]).astype(np.int32)
+    batch = ModelInput(
+        token_ids=jnp.asarray(token_ids), positions=jnp.asarray(positions),
+        slot_mapping=jnp.asarray(slot_mapping), cu_q_lens=jnp.asarray(cu_q_lens),
+        kv_lens=jnp.asarray(kv_lens), block_tables=jnp.asarray(block_tables),
+        num_seqs=jnp.asarray([num_seqs], jnp.int32),
+        logits_indices=jnp.arange(real, dtype=jnp.int32),  # every real token's logits
+    )
+    return batch, num_pages
+
+
+def hf_logits(model, prompt: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0].float().numpy()
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation by HF's own ``generate`` (the tiny configs have no eos)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_ragged_prefill_logits_match_hf(checkpoint):
+    variant, model, config, params = checkpoint
+    prompts = random_prompts(config.vocab_size, seed=len(variant))
+    batch, num_pages = scattered_ragged_batch(prompts, BLOCK_SIZE, np.random.default_rng(1))
+    cache = make_kv_cache(config, num_pages, BLOCK_SIZE, jnp.float32)
+    logits, _ = jax.jit(forward, static_argnames=("config",))(params, cache, batch, config=config)
+    ours = np.split(np.asarray(logits), np.cumsum(PROMPT_LENGTHS)[:-1])
+    assert np.ptp(ours[0]) > 1.0, "random model gives near-constant logits: the comparison would be weak"
+    for prompt, got in zip(prompts, ours):
+        np.testing.assert_allclose(got, hf_logits(model, prompt), atol=1e-4, rtol=1e-4,
+                                   err_msg=f"{variant}: logits of a {len(prompt)}-token prompt differ from HF")
+
+
+def test_greedy_tokens_match_hf(checkpoint):
+    from models.generate import greedy_generate
+
+    variant, model, config, params = checkpoint
+    prompts = random_prompts(config.vocab_size, seed=100 + len(variant))
+    ours = greedy_generate(params, config, prompts, NEW_TOKENS, block_size=BLOCK_SIZE)
+    wanted = [hf_greedy(model, prompt, NEW_TOKENS) for prompt in prompts]
+    assert len(set(sum(wanted, []))) > 8, "near-constant continuations would make the comparison weak"
+    for prompt, got, want in zip(prompts, ours, wanted):
+        assert got == want, f"{variant}: greedy tokens after a {len(prompt)}-token prompt differ from HF"
+
+
+def test_loaded_params_follow_param_shapes_and_hf_values(checkpoint):
+    variant, model, config, params = checkpoint
+    assert jax.tree_util.tree_map(lambda x: x.shape, params) == param_shapes(config)
+    sd = model.state_dict()
+    last = config.num_layers - 1
+    np.testing.assert_array_equal(params["layers"]["w_down"][last],
+                                  sd[f"model.layers.{last}.mlp.down_proj.weight"].numpy().T)
+    np.testing.assert_array_equal(params["layers"]["post_norm"][0],
+                                  sd["model.layers.0.post_attention_layernorm.weight"].numpy())
+    assert ("lm_head" in params) == (not config.tie_word_embeddings)
+
+
+def test_bf16_checkpoint_is_cast_exactly(tmp_path):
+    """A bf16 checkpoint (the common case) reads through the memmap path; values survive casts exactly."""
+    model = write_tiny_checkpoint(tmp_path, "qwen3", seed=7, dtype=torch.bfloat16)
+    config = ModelConfig.from_pretrained(str(tmp_path))
+    as_f32 = load_safetensors_params(str(tmp_path), config, jnp.float32, progress=False)
+    as_bf16 = load_safetensors_params(str(tmp_path), config, jnp.bfloat16, progress=False)
+    want = model.state_dict()["model.layers.1.self_attn.k_proj.weight"].numpy().T  # bf16 values, as f32
+    assert as_bf16["layers"]["wk"].dtype == jnp.bfloat16 and as_f32["layers"]["wk"].dtype == jnp.float32
+    np.testing.assert_array_equal(as_f32["layers"]["wk"][1], want)
+    np.testing.assert_array_equal(np.asarray(as_bf16["layers"]["wk"][1]).astype(np.float32), want)
+    np.testing.assert_array_equal(as_f32["layers"]["k_norm"], np.asarray(as_bf16["layers"]["k_norm"], np.float32))
+
+
+_SHARDED_LOAD = textwrap.dedent("""
+    import sys, jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from models.config import ModelConfig
+    from models.dummy import load_dummy_params
+    from models.llama import param_shapes
+    from models.safetensors_loader import load_safetensors_params
+    path = sys.argv[1]
+    config = ModelConfig.from_pretrained(path)
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    # Column-parallel on the last axis of 3-D weights, row-parallel wo/w_down, the rest replicated.
+    def spec(path, shape):
+        name = path[-1].key
+        if name in ("wo", "w_down"):
+            return NamedSharding(mesh, P(None, "tp", None))
+        if len(shape) == 3:
+            return NamedSharding(mesh, P(None, None, "tp"))
+        return NamedSharding(mesh, P())
+    shardings = jax.tree_util.tree_map_with_path(spec, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    sharded = load_safetensors_params(path, config, jnp.float32, shardings=shardings, progress=False)
+    plain = load_safetensors_params(path, config, jnp.float32, progress=False)
+    for (p, a), b, s in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree_util.tree_leaves(plain),
+                            jax.tree_util.tree_leaves(shardings)):
+        assert a.sharding == s, (p, a.sharding, s)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(p))
+    wq = sharded["layers"]["wq"]
+    assert {sh.data.shape for sh in wq.addressable_shards} == {(wq.shape[0], wq.shape[1], wq.shape[2] // 4)}
+    dummy = load_dummy_params(config, jnp.bfloat16, seed=3, shardings=shardings)
+    assert all(a.sharding == s for a, s in zip(jax.tree_util.tree_leaves(dummy), jax.tree_util.tree_leaves(shardings)))
+    print("OK", len(jax.devices()))
+""")
+
+
+def test_load_onto_tensor_parallel_mesh(tmp_path):
+    """On 4 fake CPU devices each device gets its slice under the requested sharding, values unchanged."""
+    write_tiny_checkpoint(tmp_path, "llama", seed=5)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", _SHARDED_LOAD, str(tmp_path)], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK 4" in result.stdout
+
+
+def test_dummy_params_shapes_scale_and_seed():
+    from tests.tiny_checkpoints import tiny_hf_config
+
+    config = ModelConfig.from_hf_dict(tiny_hf_config("qwen2").to_dict())
+    params = load_dummy_params(config, jnp.bfloat16, seed=1)
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, params)
+    assert shapes == param_shapes(config)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))
+    wq = np.asarray(params["layers"]["wq"], np.float32)
+    assert 0.015 < wq.std() < 0.025 and abs(wq.mean()) < 0.002
+    assert np.all(np.asarray(params["final_norm"], np.float32) == 1.0)
+    assert np.asarray(params["layers"]["bq"], np.float32).std() > 0.01
+    # Different tensors are not copies of one another; seeds are reproducible and distinct.
+    assert not np.array_equal(np.asarray(params["layers"]["w_gate"]), np.asarray(params["layers"]["w_up"]))
+    again = load_dummy_params(config, jnp.bfloat16, seed=1)
+    other = load_dummy_params(config, jnp.bfloat16, seed=2)
+    np.testing.assert_array_equal(np.asarray(again["embed"]), np.asarray(params["embed"]))
+    assert not np.array_equal(np.asarray(other["embed"]), np.asarray(params["embed"]))
+
+
+LLAMA_3_1_8B = dict(
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+    rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
+)
+
+
+@pytest.mark.gpu
+def test_dummy_params_llama_3_1_8b_fit_on_one_gpu():
+    config = ModelConfig.from_hf_dict(LLAMA_3_1_8B)
+    params = load_dummy_params(config, jnp.bfloat16, seed=0)
+    leaves = jax.tree_util.tree_leaves(params)
+    assert sum(x.size for x in leaves) == config.num_params()
+    assert all(x.dtype == jnp.bfloat16 and x.devices() == {jax.devices()[0]} for x in leaves)
+    std = float(jnp.std(params["layers"]["w_gate"][0].astype(jnp.float32)))
+    assert 0.019 < std < 0.021
+    from models.generate import prompt_logits
+
+    logits = prompt_logits(params, config, [[1, 2, 3, 4, 5], list(range(100, 140))])
+    # normal * 0.02 keeps 32 layers' activations sane: logits neither blow up nor vanish.
+    assert all(np.isfinite(x).all() and 0.3 < x.std() < 5.0 for x in logits)

@@ -1,0 +1,96 @@
+"""Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3) for tests.
+
+Owns building a small ``transformers`` model of a named variant with every weight
+randomized (norm weights near 1 but not 1, biases non-zero, so a mixed-up mapping
+shows) and writing it with ``save_pretrained`` (safetensors). Knows nothing of our
+model code; tests compare our loader and forward against what it returns.
+
+Usage::
+
+    model = write_tiny_checkpoint(tmp_path, "qwen3")      # returns the torch model (eval, f32)
+    config = ModelConfig.from_pretrained(str(tmp_path))
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import transformers
+
+# Tiny models run fastest on one thread; more threads spin-wait for one another on a busy
+# 2-core machine (16 greedy steps of a tiny model: 1 s with 2 threads, 0.05 s with 1).
+torch.set_num_threads(1)
+
+# Shared small shape: 4 query heads over 2 KV heads (GQA), vocab 256.
+BASE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    # No eos: greedy decoding of a random model must run its full length in HF and in ours.
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64, rope_theta=500000.0)
+
+# With head_dim 16 and theta 5e5 the rotary wavelengths are 6.3, 33, 168, ... tokens: with an
+# original context of 64 the llama3 rule keeps the first, smooths the second, scales the rest.
+# name -> (model_type, overrides of BASE). head_dim is explicit (not hidden/heads) where it
+# differs from the default, so a wrong head_dim cannot pass.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", dict(head_dim=32, tie_word_embeddings=False)),
+    # Like Llama 3.2 1B: tied embeddings and llama3 rope scaling (head_dim implicit: 16).
+    "llama3_tied": ("llama", dict(tie_word_embeddings=True, num_hidden_layers=3, rope_parameters=LLAMA3_ROPE)),
+    # A window shorter than the test prompts, so the sliding-window mask matters.
+    "mistral": ("mistral", dict(head_dim=32, sliding_window=12)),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),  # qkv bias; head_dim implicit (16)
+    "qwen3": ("qwen3", dict(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+}
+
+
+def tiny_hf_config(variant: str, **overrides: Any) -> transformers.PretrainedConfig:
+    """The ``transformers`` config object of a tiny model of ``variant`` (see ``VARIANTS``)."""
+    model_type, variant_overrides = VARIANTS[variant]
+    kwargs = {**BASE, **variant_overrides, **overrides}
+    return transformers.AutoConfig.for_model(model_type, **kwargs)
+
+
+def randomize_(model: torch.nn.Module, seed: int, weight_std: float = 0.15) -> None:
+    """Overwrite every parameter in place: norms ~ 1 +- 0.2, everything else normal * ``weight_std``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied weights are listed once
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(weight_std * noise)
+
+
+def write_tiny_checkpoint(path: str | os.PathLike, variant: str, *, seed: int = 0,
+                          dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
+                          **config_overrides: Any) -> torch.nn.Module:
+    """Write a random tiny checkpoint of ``variant`` to folder ``path``; return the model (eval mode).
+
+    ``max_shard_size`` (e.g. ``"40KB"``) splits the weights into ``model-*.safetensors``
+    shards with an index. The returned model is float32 whatever ``dtype`` is saved, with
+    the exact values on disk (rounded through ``dtype``).
+    """
+    config = tiny_hf_config(variant, **config_overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                          attn_implementation="eager")
+    randomize_(model, seed)
+    model.to(dtype)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(path), safe_serialization=True, **kwargs)
+    return model.float().eval()
