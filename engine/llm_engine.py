@@ -174,7 +174,7 @@ class LLMEngine:
             return []
         self.runner.copy_blocks(out.block_copies)
         samples = [self._sample_of(s.request.request_id) for s in out.scheduled]
-        work = [SequenceWork(token_ids=s.request.all_token_ids[s.start : s.start + s.num_tokens], start=s.start,
+        work = [SequenceWork(token_ids=s.token_ids, start=s.start,
                              block_table=self.block_manager.block_table(s.request.request_id), sample=s.samples)
                 for s in out.scheduled]
         params = [smp.request.sampling_params for smp in samples]
@@ -228,9 +228,8 @@ class LLMEngine:
             seq_id = f"{group.request_id}#{index}"
             child = self._new_sample(group, seq_id, (group.samples[0].seed + index * 7919) % (2**31 - 1),
                                      now, parent.priority)
-            self.scheduler.fork_request(parent, child.request)
-            child.request.output_token_ids.clear()
             child.request.num_computed_tokens = len(group.prompt_token_ids) - 1
+            self.scheduler.fork_request(parent, child.request)
             group.samples.append(child)
 
     def _record_token(self, group: _RequestGroup, sample: _Sample, token: int, result, row: int) -> None:

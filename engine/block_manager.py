@@ -1,0 +1,217 @@
+"""PagedAttention memory management: which KV-cache blocks each sequence owns.
+
+Owns the free list, per-block reference counts and per-sequence block tables
+(logical block i of a sequence -> physical block id), and turns a token position
+into a physical slot ``block * block_size + offset``. Blocks are shared by
+reference count (``fork`` for parallel sampling) and copied on write. Block 0 is
+reserved as the write sink for padding tokens and is never handed out.
+
+Knows nothing of requests, scheduling policy or devices: sequences are opaque
+ids, and copy-on-write is returned as ``(src, dst)`` block pairs for the caller
+to apply to the device pages before the step that writes them.
+
+Hand-written: it is a few dozen lines of bookkeeping on Python lists, with no
+library that matches these semantics (vLLM's own block pool is not a dependency).
+"""
+
+from __future__ import annotations
+
+RESERVED_BLOCK = 0  # padding tokens write here; never in a block table
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block {RESERVED_BLOCK} is reserved), got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # A stack: the most recently freed block is handed out next; initially 1, 2, 3, ...
+        self._free: list[int] = list(range(num_blocks - 1, RESERVED_BLOCK, -1))
+        self._refcount: list[int] = [0] * num_blocks
+        self._tables: dict[str, list[int]] = {}
+        self._num_tokens: dict[str, int] = {}  # tokens each table covers (written or about to be)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_usable_blocks - len(self._free)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._tables)
+
+    def __contains__(self, seq_id: str) -> bool:
+        return seq_id in self._tables
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self._free)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return list(self._table(seq_id))
+
+    def num_tokens(self, seq_id: str) -> int:
+        """Tokens the sequence's blocks cover (the last ``allocate_slots`` total)."""
+        self._table(seq_id)
+        return self._num_tokens[seq_id]
+
+    def refcount(self, block: int) -> int:
+        return self._refcount[block]
+
+    def slots(self, seq_id: str, start: int, stop: int) -> list[int]:
+        """Physical KV slots of positions ``start .. stop-1`` of a sequence."""
+        table, bs = self._table(seq_id), self.block_size
+        if not 0 <= start <= stop <= self._num_tokens[seq_id]:
+            raise IndexError(f"positions [{start}, {stop}) of sequence {seq_id!r} are outside "
+                             f"its {self._num_tokens[seq_id]} allocated tokens")
+        return [table[p // bs] * bs + p % bs for p in range(start, stop)]
+
+    def slot(self, seq_id: str, position: int) -> int:
+        return self.slots(seq_id, position, position + 1)[0]
+
+    def num_blocks_needed(self, seq_id: str, num_tokens_total: int) -> int:
+        """Free blocks ``allocate_slots(seq_id, num_tokens_total)`` would take (copy-on-write included)."""
+        table = self._tables.get(seq_id, [])
+        return max(0, _cdiv(num_tokens_total, self.block_size) - len(table)) + int(
+            self._needs_copy_on_write(seq_id, num_tokens_total))
+
+    # -- stats -----------------------------------------------------------------------------
+
+    def sequence_waste(self, seq_id: str) -> int:
+        """Allocated but unwritten slots of a sequence (all in its last block)."""
+        return len(self._table(seq_id)) * self.block_size - self._num_tokens[seq_id]
+
+    @property
+    def num_allocated_slots(self) -> int:
+        return self.num_used_blocks * self.block_size
+
+    @property
+    def num_used_slots(self) -> int:
+        """Slots of used blocks that hold (or are about to hold) a token; a shared slot counts once."""
+        filled: dict[int, int] = {}
+        for seq_id, table in self._tables.items():
+            n = self._num_tokens[seq_id]
+            for i, block in enumerate(table):
+                filled[block] = max(filled.get(block, 0), min(self.block_size, n - i * self.block_size))
+        return sum(filled.values())
+
+    @property
+    def num_wasted_slots(self) -> int:
+        """Internal fragmentation: allocated slots no sequence has written."""
+        return self.num_allocated_slots - self.num_used_slots
+
+    # -- mutations -------------------------------------------------------------------------
+
+    def allocate_slots(self, seq_id: str, num_tokens_total: int) -> list[tuple[int, int]] | None:
+        """Grow ``seq_id``'s table (created if new) to cover ``num_tokens_total`` tokens.
+
+        Returns the ``(src, dst)`` block copies the caller must apply before writing
+        (copy-on-write of a shared, partly filled last block), or ``None`` -- with
+        nothing changed -- when there are not enough free blocks.
+        """
+        current = self._num_tokens.get(seq_id, 0)
+        if num_tokens_total < current:
+            raise ValueError(f"sequence {seq_id!r} covers {current} tokens; cannot shrink to {num_tokens_total}")
+        if not self.can_allocate(self.num_blocks_needed(seq_id, num_tokens_total)):
+            return None
+        copies = []
+        table = self._tables.setdefault(seq_id, [])
+        if self._needs_copy_on_write(seq_id, num_tokens_total):
+            src = table[-1]
+            self._refcount[src] -= 1
+            table[-1] = self._take_free_block()
+            copies.append((src, table[-1]))
+        while len(table) < _cdiv(num_tokens_total, self.block_size):
+            table.append(self._take_free_block())
+        self._num_tokens[seq_id] = num_tokens_total
+        return copies
+
+    def fork(self, parent_id: str, child_id: str, num_tokens: int | None = None) -> None:
+        """Make ``child_id`` share the blocks holding ``parent_id``'s first ``num_tokens`` tokens (default: all).
+
+        Reference counts go up; a later write into a shared block copies it first.
+        """
+        table = self._table(parent_id)
+        parent_tokens = self._num_tokens[parent_id]
+        num_tokens = parent_tokens if num_tokens is None else num_tokens
+        if not 0 <= num_tokens <= parent_tokens:
+            raise ValueError(f"cannot fork {num_tokens} tokens of sequence {parent_id!r}, which covers {parent_tokens}")
+        if child_id in self._tables:
+            raise ValueError(f"sequence {child_id!r} already has blocks")
+        shared = table[: _cdiv(num_tokens, self.block_size)]
+        for block in shared:
+            self._refcount[block] += 1
+        self._tables[child_id] = list(shared)
+        self._num_tokens[child_id] = num_tokens
+
+    def free(self, seq_id: str) -> None:
+        """Drop a sequence; blocks nobody else references go back to the free list at once."""
+        table = self._table(seq_id)
+        for block in reversed(table):
+            self._refcount[block] -= 1
+            if self._refcount[block] == 0:
+                self._free.append(block)
+        del self._tables[seq_id], self._num_tokens[seq_id]
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` naming the first broken invariant of the pool."""
+
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise AssertionError(message)
+
+        usable = range(RESERVED_BLOCK + 1, self.num_blocks)
+        owners = [0] * self.num_blocks
+        for seq_id, table in self._tables.items():
+            require(len(set(table)) == len(table), f"sequence {seq_id!r} lists a block twice: {table}")
+            require(all(b in usable for b in table), f"sequence {seq_id!r} holds a block outside {usable}: {table}")
+            n = self._num_tokens[seq_id]
+            require(len(table) == _cdiv(n, self.block_size),
+                    f"sequence {seq_id!r} covers {n} tokens with {len(table)} blocks of {self.block_size}")
+            for block in table:
+                owners[block] += 1
+        free = set(self._free)
+        require(len(free) == len(self._free), "the free list has duplicates")
+        require(all(b in usable for b in free), f"the free list holds a block outside {usable}")
+        require(self._refcount[RESERVED_BLOCK] == 0, f"reserved block {RESERVED_BLOCK} has a reference")
+        for block in usable:
+            require(owners[block] == self._refcount[block],
+                    f"block {block}: refcount {self._refcount[block]} but {owners[block]} owners")
+            require((block in free) == (owners[block] == 0),
+                    f"block {block} is {'free' if block in free else 'not free'} with {owners[block]} owners")
+        require(self.num_free_blocks + self.num_used_blocks == self.num_usable_blocks, "blocks lost")
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _table(self, seq_id: str) -> list[int]:
+        try:
+            return self._tables[seq_id]
+        except KeyError:
+            raise KeyError(f"unknown sequence {seq_id!r}") from None
+
+    def _needs_copy_on_write(self, seq_id: str, num_tokens_total: int) -> bool:
+        """Whether growing would write into a partly filled last block that others share."""
+        current = self._num_tokens.get(seq_id, 0)
+        return (num_tokens_total > current and current % self.block_size != 0
+                and self._refcount[self._tables[seq_id][-1]] > 1)
+
+    def _take_free_block(self) -> int:
+        block = self._free.pop()
+        self._refcount[block] = 1
+        return block

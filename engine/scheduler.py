@@ -1,0 +1,358 @@
+"""Continuous-batching scheduler: which requests run in the next step, and how many tokens each.
+
+Owns the waiting and running queues, the per-step token budget and sequence
+cap, chunked prefill, admission, preemption (recompute mode) and forking for
+parallel sampling. Allocates KV blocks through the ``BlockManager``.
+
+Knows nothing of JAX, devices, sampling or text: stop conditions (eos, stop
+strings, max_tokens) are decided by the engine, which calls ``finish_request``;
+the scheduler itself only finishes a request that reaches ``max_model_len``.
+
+Policy (DESIGN.md step 1), each ``schedule()``:
+  1. running requests in decode (one uncomputed token) get one token each, in
+     queue order;
+  2. the remaining budget goes to prefill chunks, first of running (partly
+     prefilled or recomputing) requests, then of waiting requests, admitted in
+     queue order while there are free blocks and sequence slots. A chunk is
+     ``min(uncomputed tokens, remaining budget)``. The head waiting request that
+     does not fit blocks those behind it (no overtaking), and nothing is admitted
+     in a step that had to preempt.
+When a running request's blocks cannot be allocated, the last request in queue
+order (lowest priority, latest arrival; possibly the request itself) is
+preempted: its blocks are freed, its computed tokens forgotten (its output
+tokens kept) and it goes back to the waiting queue at its place in queue order
+(under "fifo": ahead of every request that arrived after it). Queue order is ``(arrival_time, add order)`` for
+"fifo" and ``(priority, arrival_time, add order)`` for "priority".
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+
+from engine.block_manager import BlockManager
+from engine.request import Request, RequestStatus
+
+POLICIES = ("fifo", "priority")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledSequence:
+    """One request's share of a step: tokens ``start .. start+num_tokens-1`` are computed."""
+
+    request: Request
+    start: int  # == request.num_computed_tokens before the step
+    num_tokens: int
+    samples: bool  # the chunk ends at the last known token: the step's sampled token is kept
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens this step feeds the model for the request."""
+        return self.request.token_ids(self.start, self.start + self.num_tokens)
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """The plan of one step.
+
+    ``block_copies``: ``(src, dst)`` page copies (copy-on-write) to apply before the
+    step's KV writes; every ``src`` must be read as it was before the step (a gather
+    of all sources, then a scatter to all destinations, is right).
+    """
+
+    scheduled: list[ScheduledSequence]
+    block_copies: list[tuple[int, int]]
+    preempted_request_ids: list[str]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class _StepPlan:
+    """What one ``schedule()`` call has decided so far; preemption can undo a request's share."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.scheduled: dict[str, ScheduledSequence] = {}
+        self.copies: dict[str, list[tuple[int, int]]] = {}
+        self.preempted: list[str] = []
+
+    def add(self, seq: ScheduledSequence, copies: list[tuple[int, int]]) -> None:
+        self.scheduled[seq.request_id] = seq
+        self.copies[seq.request_id] = copies
+        self.budget -= seq.num_tokens
+
+    def drop(self, request_id: str) -> None:
+        seq = self.scheduled.pop(request_id, None)
+        if seq is not None:
+            self.budget += seq.num_tokens
+            del self.copies[request_id]
+
+    def output(self) -> SchedulerOutput:
+        return SchedulerOutput(
+            scheduled=list(self.scheduled.values()),
+            block_copies=[c for rid in self.scheduled for c in self.copies[rid]],
+            preempted_request_ids=self.preempted,
+        )
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 max_model_len: int, policy: str = "fifo"):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        for name, value in (("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        blocks_per_longest = -(-max_model_len // block_manager.block_size)
+        if blocks_per_longest > block_manager.num_usable_blocks:
+            # Otherwise a lone long request could preempt itself forever.
+            raise ValueError(
+                f"max_model_len {max_model_len} needs {blocks_per_longest} blocks of "
+                f"{block_manager.block_size} tokens but the pool has only {block_manager.num_usable_blocks}")
+        self.block_manager = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.policy = policy
+        self._requests: dict[str, Request] = {}  # unfinished ones
+        self._order_keys: dict[str, tuple] = {}
+        self._add_counter = itertools.count()
+        self._waiting: list[Request] = []  # both queues kept sorted by _order_key
+        self._running: list[Request] = []
+        self.num_preemptions = 0
+        self.num_steps = 0
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self._requests.get(request_id)
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self.block_manager.block_table(request_id)
+
+    def slot_mapping(self, seq: ScheduledSequence) -> list[int]:
+        """Physical KV slots the scheduled tokens write to (valid until the next ``schedule``)."""
+        return self.block_manager.slots(seq.request_id, seq.start, seq.start + seq.num_tokens)
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` if queues, statuses and block ownership disagree (call between steps)."""
+
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise AssertionError(message)
+
+        self.block_manager.check_invariants()
+        for name, queue, status in (("waiting", self._waiting, RequestStatus.WAITING),
+                                    ("running", self._running, RequestStatus.RUNNING)):
+            keys = [self._order_key(r) for r in queue]
+            require(keys == sorted(keys), f"the {name} queue is out of order")
+            for r in queue:
+                require(r.status is status, f"{r.request_id!r} is {r.status.name} in the {name} queue")
+                require(self._requests.get(r.request_id) is r, f"{r.request_id!r} is queued but not registered")
+        require(len(self._waiting) + len(self._running) == len(self._requests), "a request is lost or queued twice")
+        for r in self._waiting:
+            require(r.request_id not in self.block_manager and r.num_computed_tokens == 0,
+                    f"waiting request {r.request_id!r} holds blocks or computed tokens")
+        for r in self._running:
+            require(r.request_id in self.block_manager
+                    and self.block_manager.num_tokens(r.request_id) == r.num_computed_tokens,
+                    f"running request {r.request_id!r}: blocks do not cover exactly its computed tokens")
+            require(1 <= r.num_uncomputed_tokens and r.num_tokens <= self.max_model_len,
+                    f"running request {r.request_id!r} has nothing left to compute or is past max_model_len")
+        require(self.block_manager.num_sequences == len(self._running), "a sequence holds blocks but is not running")
+
+    # -- requests in and out ---------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.num_tokens > self.max_model_len:
+            raise ValueError(f"request {request.request_id!r} has {request.num_tokens} tokens, more than "
+                             f"max_model_len {self.max_model_len}")
+        if request.num_computed_tokens != 0 or request.status is not RequestStatus.WAITING:
+            raise ValueError(f"request {request.request_id!r} is not fresh: status {request.status.name}, "
+                             f"{request.num_computed_tokens} computed tokens")
+        self._register(request)
+        self._insert(self._waiting, request)
+
+    def fork_request(self, parent: Request, child: Request) -> None:
+        """Start ``child`` running on ``parent``'s cached tokens, sharing its blocks (n > 1 sampling).
+
+        Call between steps. The child reuses the parent's KV for its first
+        ``child.num_computed_tokens`` tokens, which must not exceed the parent's and
+        must be the parent's tokens. Two common uses: the child has the parent's
+        outputs but its own last (uncomputed) token; or the child has only the
+        prompt with ``num_computed_tokens = len(prompt) - 1``, so it re-runs the
+        prompt's last token and samples its own first token.
+        """
+        if self._requests.get(parent.request_id) is not parent or parent.status is not RequestStatus.RUNNING:
+            raise ValueError(f"parent {parent.request_id!r} is not a running request of this scheduler")
+        if child.request_id in self._requests:
+            raise ValueError(f"request id {child.request_id!r} is already in use")
+        if self.block_manager.num_tokens(parent.request_id) != parent.num_computed_tokens:
+            raise RuntimeError(f"fork of {parent.request_id!r} in the middle of a step: call it between steps")
+        n = child.num_computed_tokens
+        if n == 0:
+            raise ValueError(f"child {child.request_id!r} has no computed tokens to share: set its "
+                             f"num_computed_tokens before forking, or add it with add_request")
+        if not 0 < n <= parent.num_computed_tokens or child.all_token_ids[:n] != parent.all_token_ids[:n]:
+            raise ValueError(f"child {child.request_id!r} has {n} computed tokens; they must be among the parent's "
+                             f"{parent.num_computed_tokens} computed tokens and equal to them")
+        if child.num_uncomputed_tokens < 1 or child.num_tokens > self.max_model_len:
+            raise ValueError(f"child {child.request_id!r} has {child.num_tokens} tokens; it needs between "
+                             f"{n + 1} and max_model_len {self.max_model_len}")
+        if child.status is not RequestStatus.WAITING:
+            raise ValueError(f"child {child.request_id!r} is not fresh: status {child.status.name}")
+        self.block_manager.fork(parent.request_id, child.request_id, n)
+        self._register(child)
+        child.status = RequestStatus.RUNNING
+        self._insert(self._running, child)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request:
+        """Finish an unfinished request (waiting or running) with ``status`` and free its blocks."""
+        if not status.is_finished:
+            raise ValueError(f"{status.name} is not a finished status")
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            raise KeyError(f"no unfinished request {request_id!r}")
+        del self._order_keys[request_id]
+        queue = self._running if request.status is RequestStatus.RUNNING else self._waiting
+        queue.remove(request)
+        if request_id in self.block_manager:
+            self.block_manager.free(request_id)
+        request.status = status
+        return request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Abort a waiting or running request; returns it, or None if it is unknown or already finished."""
+        if request_id not in self._requests:
+            return None
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        self.num_steps += 1
+        plan = _StepPlan(self.max_num_batched_tokens)
+        decodes = [r for r in self._running if r.num_uncomputed_tokens == 1]
+        prefills = [r for r in self._running if r.num_uncomputed_tokens > 1]
+        for request in decodes + prefills:
+            if not self._has_room(plan):
+                break
+            if request.status is RequestStatus.RUNNING:  # not preempted earlier in this step
+                self._schedule_running(request, plan)
+        while self._waiting and not plan.preempted and self._has_room(plan) \
+                and len(self._running) < self.max_num_seqs:
+            if not self._admit(self._waiting[0], plan):
+                break
+        return plan.output()
+
+    def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Record a step's results; returns the requests this finished at ``max_model_len``.
+
+        ``sampled`` maps request id to the step's sampled token; it is read only for
+        sequences whose ``samples`` is True. Requests finished or aborted since
+        ``schedule()`` are skipped.
+        """
+        finished = []
+        for seq in output.scheduled:
+            request = seq.request
+            if self._requests.get(request.request_id) is not request:
+                continue
+            if request.num_computed_tokens != seq.start:
+                raise RuntimeError(f"stale output for {request.request_id!r}: it has "
+                                   f"{request.num_computed_tokens} computed tokens, the step started at {seq.start}")
+            request.num_computed_tokens += seq.num_tokens
+            if not seq.samples:
+                continue
+            if request.request_id not in sampled:
+                raise KeyError(f"no sampled token for {request.request_id!r}, which samples this step")
+            request.output_token_ids.append(sampled[request.request_id])
+            if request.num_tokens >= self.max_model_len:
+                finished.append(self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH))
+        return finished
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _order_key(self, request: Request) -> tuple:
+        return self._order_keys[request.request_id]
+
+    def _register(self, request: Request) -> None:
+        time_key = (request.arrival_time, next(self._add_counter))
+        self._order_keys[request.request_id] = (request.priority, *time_key) if self.policy == "priority" else time_key
+        self._requests[request.request_id] = request
+
+    def _insert(self, queue: list[Request], request: Request) -> None:
+        bisect.insort(queue, request, key=self._order_key)
+
+    def _has_room(self, plan: _StepPlan) -> bool:
+        return plan.budget > 0 and len(plan.scheduled) < self.max_num_seqs
+
+    def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
+        """Give a running request its chunk, preempting from the back of the queue until it fits."""
+        while True:  # a preempted request may give back budget: size the chunk again each time
+            num_tokens = min(request.num_uncomputed_tokens, plan.budget)
+            copies = self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + num_tokens)
+            if copies is not None:
+                break
+            victim = self._running[-1]
+            self._preempt(victim, plan)
+            if victim is request:
+                return
+        plan.add(self._chunk(request, num_tokens), copies)
+
+    def _admit(self, request: Request, plan: _StepPlan) -> bool:
+        """Start the head waiting request if its first chunk's blocks are free (never preempts)."""
+        num_tokens = min(request.num_uncomputed_tokens, plan.budget)
+        copies = self.block_manager.allocate_slots(request.request_id, num_tokens)
+        if copies is None:
+            return False
+        self._waiting.pop(0)
+        request.status = RequestStatus.RUNNING
+        self._insert(self._running, request)
+        plan.add(self._chunk(request, num_tokens), copies)
+        return True
+
+    @staticmethod
+    def _chunk(request: Request, num_tokens: int) -> ScheduledSequence:
+        start = request.num_computed_tokens
+        return ScheduledSequence(request, start, num_tokens, samples=start + num_tokens == request.num_tokens)
+
+    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+        plan.drop(request.request_id)
+        plan.preempted.append(request.request_id)
+        self._running.remove(request)
+        self.block_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._insert(self._waiting, request)

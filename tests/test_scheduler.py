@@ -1,0 +1,424 @@
+"""Scheduler: chunked prefill, decode-first batching, limits, preemption, priorities, abort and fork.
+
+``FakeEngine`` plays the engine and the runner without JAX: it applies block
+copies and writes each scheduled token into a simulated paged store at the slots
+the block manager gives, samples random tokens, stops requests at max_tokens, and
+checks after every step that each running request reads back its own tokens.
+"""
+
+import os
+import random
+import types
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from engine.block_manager import RESERVED_BLOCK, BlockManager
+from engine.request import Request, RequestStatus
+from engine.scheduler import Scheduler
+from tests.test_block_manager import PagedStore
+
+VOCAB = 50_000
+
+
+class FakeEngine:
+    def __init__(self, scheduler: Scheduler, rng: random.Random):
+        self.scheduler = scheduler
+        self.bm = scheduler.block_manager
+        self.store = PagedStore(self.bm.block_size)
+        self.rng = rng
+        self.requests: dict[str, Request] = {}
+        self.add_order: dict[str, int] = {}
+        self.outputs = []
+
+    def add(self, request_id, prompt_len=None, *, prompt=None, max_tokens=4, priority=0, arrival_time=None):
+        prompt = prompt or [self.rng.randrange(1, VOCAB) for _ in range(prompt_len)]
+        request = Request(request_id, prompt, types.SimpleNamespace(max_tokens=max_tokens), priority=priority,
+                          **({} if arrival_time is None else {"arrival_time": arrival_time}))
+        self.scheduler.add_request(request)
+        self._track(request)
+        return request
+
+    def fork(self, parent: Request, child_id: str, resample_first: bool = False) -> Request:
+        """A sibling of ``parent`` with its own last token, or (``resample_first``) re-running the prompt's last."""
+        if resample_first:
+            computed, outputs = min(parent.num_prompt_tokens - 1, parent.num_computed_tokens), []
+        else:
+            computed = parent.num_computed_tokens
+            outputs = parent.output_token_ids[:-1] + [self.rng.randrange(1, VOCAB)]
+        child = Request(child_id, parent.prompt_token_ids, parent.sampling_params, priority=parent.priority,
+                        arrival_time=parent.arrival_time, output_token_ids=outputs, num_computed_tokens=computed)
+        self.scheduler.fork_request(parent, child)
+        self._track(child)
+        return child
+
+    def _track(self, request):
+        self.requests[request.request_id] = request
+        self.add_order[request.request_id] = len(self.add_order)
+
+    def with_status(self, status):
+        return [r for r in self.requests.values() if r.status is status]
+
+    def step(self):
+        s, bm = self.scheduler, self.bm
+        decodes_before = {r.request_id for r in self.with_status(RequestStatus.RUNNING) if r.num_uncomputed_tokens == 1}
+        out = s.schedule()
+        ids = [seq.request_id for seq in out.scheduled]
+
+        # Limits.
+        assert len(ids) == len(set(ids)) <= s.max_num_seqs
+        assert out.num_batched_tokens <= s.max_num_batched_tokens
+        for seq in out.scheduled:
+            r = seq.request
+            assert r.status is RequestStatus.RUNNING and seq.num_tokens >= 1
+            assert seq.start == r.num_computed_tokens and seq.samples == (seq.start + seq.num_tokens == r.num_tokens)
+            assert bm.num_tokens(r.request_id) == seq.start + seq.num_tokens
+        # Decodes first, and a decode is left out only when the step is full or it was preempted.
+        decode_places = [i for i, rid in enumerate(ids) if rid in decodes_before]
+        assert decode_places == list(range(len(decode_places))), f"decodes not first: {ids} {decodes_before}"
+        if decodes_before - set(ids) - set(out.preempted_request_ids):
+            assert len(ids) == s.max_num_seqs or out.num_batched_tokens == s.max_num_batched_tokens
+        # Work-conserving admission: a waiting head is left waiting only if it cannot get blocks.
+        waiting = self.with_status(RequestStatus.WAITING)
+        budget_left = s.max_num_batched_tokens - out.num_batched_tokens
+        if (waiting and not out.preempted_request_ids and budget_left and len(ids) < s.max_num_seqs
+                and len(self.with_status(RequestStatus.RUNNING)) < s.max_num_seqs):
+            head = min(waiting, key=self.order_key)
+            need = bm.num_blocks_needed(head.request_id, min(head.num_uncomputed_tokens, budget_left))
+            assert need > bm.num_free_blocks, f"{head.request_id} could have been admitted"
+        for rid in out.preempted_request_ids:
+            assert self.requests[rid].status is RequestStatus.WAITING and rid not in bm
+
+        # The runner: copies first, then each token's KV into its slot; never into block 0 or a shared block.
+        self.store.copy_blocks(out.block_copies)
+        written = []
+        for seq in out.scheduled:
+            slots = s.slot_mapping(seq)
+            assert all(slot // bm.block_size != RESERVED_BLOCK for slot in slots)
+            assert all(bm.refcount(slot // bm.block_size) == 1 for slot in slots), "write into a shared block"
+            self.store.write(slots, seq.token_ids)
+            written += slots
+        assert len(written) == len(set(written)) == out.num_batched_tokens
+
+        sampled = {seq.request_id: self.rng.randrange(1, VOCAB) for seq in out.scheduled if seq.samples}
+        s.update_after_step(out, sampled)
+        for rid in sampled:  # the engine's stop check
+            r = self.requests[rid]
+            if not r.is_finished and len(r.output_token_ids) >= r.sampling_params.max_tokens:
+                s.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+        self.check()
+        self.outputs.append(out)
+        return out
+
+    def order_key(self, r):
+        time_key = (r.arrival_time, self.add_order[r.request_id])
+        return (r.priority, *time_key) if self.scheduler.policy == "priority" else time_key
+
+    def check(self):
+        self.scheduler.check_invariants()
+        for r in self.with_status(RequestStatus.RUNNING):
+            n = r.num_computed_tokens
+            assert self.store.read(self.bm, r.request_id, n) == r.all_token_ids[:n], f"{r.request_id}: KV mixed up"
+            assert 0 <= self.bm.sequence_waste(r.request_id) < self.bm.block_size
+        unfinished = [r for r in self.requests.values() if not r.is_finished]
+        assert self.scheduler.has_unfinished_requests() == bool(unfinished)
+        if not unfinished:
+            assert self.bm.num_free_blocks == self.bm.num_usable_blocks, "blocks leaked"
+
+    def run_to_completion(self, max_steps=10_000):
+        for _ in range(max_steps):
+            if not self.scheduler.has_unfinished_requests():
+                return
+            self.step()
+        raise AssertionError(f"requests still unfinished after {max_steps} steps")
+
+
+@pytest.fixture
+def rng():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    return random.Random(seed)
+
+
+def make(num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=64,
+         policy="fifo", rng=None):
+    bm = BlockManager(num_blocks, block_size)
+    scheduler = Scheduler(bm, max_num_batched_tokens, max_num_seqs, max_model_len, policy)
+    return FakeEngine(scheduler, rng or random.Random(0))
+
+
+def test_bad_configuration_and_requests_are_refused_with_clear_messages(rng):
+    bm = BlockManager(5, 4)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        Scheduler(bm, 16, 4, 16, policy="lifo")
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1"):
+        Scheduler(bm, 16, 0, 16)
+    with pytest.raises(ValueError, match="max_model_len 17 needs 5 blocks of 4 tokens but the pool has only 4"):
+        Scheduler(bm, 16, 4, 17)
+    engine = make(max_model_len=16, rng=rng)
+    with pytest.raises(ValueError, match="has 17 tokens, more than max_model_len 16"):
+        engine.add("long", 17)
+    engine.add("a", 16)
+    with pytest.raises(ValueError, match="'a' is already in use"):
+        engine.add("a", 3)
+    with pytest.raises(ValueError, match="empty prompt"):
+        Request("e", [])
+    with pytest.raises(ValueError, match="not a finished status"):
+        engine.scheduler.finish_request("a", RequestStatus.RUNNING)
+    with pytest.raises(KeyError, match="no unfinished request 'zz'"):
+        engine.scheduler.finish_request("zz", RequestStatus.FINISHED_STOPPED)
+
+
+def test_chunked_prefill_spans_several_steps_then_decodes(rng):
+    engine = make(max_num_batched_tokens=16, rng=rng)
+    r = engine.add("a", 50, max_tokens=3)
+    chunks = []
+    while r.status is not RequestStatus.FINISHED_STOPPED:
+        (seq,) = engine.step().scheduled
+        chunks.append((seq.start, seq.num_tokens, seq.samples))
+    assert chunks == [(0, 16, False), (16, 16, False), (32, 16, False), (48, 2, True), (50, 1, True), (51, 1, True)]
+    assert len(r.output_token_ids) == 3
+    assert engine.scheduler.num_steps == 6
+
+
+def test_decodes_come_first_and_prefill_chunks_fill_the_rest_of_the_budget(rng):
+    engine = make(max_num_batched_tokens=16, rng=rng)
+    engine.add("a", 5, max_tokens=10)
+    engine.add("b", 7, max_tokens=10)
+    engine.step()  # both prompts prefilled in one step
+    engine.add("c", 40)
+    out = engine.step()
+    assert [(s.request_id, s.num_tokens) for s in out.scheduled] == [("a", 1), ("b", 1), ("c", 14)]
+    out = engine.step()
+    assert [(s.request_id, s.num_tokens) for s in out.scheduled] == [("a", 1), ("b", 1), ("c", 14)]
+    assert [s.samples for s in out.scheduled] == [True, True, False]
+
+
+@pytest.mark.parametrize("policy", ["fifo", "priority"])
+def test_limits_hold_and_everything_completes_under_a_random_load(rng, policy):
+    engine = make(num_blocks=14, block_size=4, max_num_batched_tokens=12, max_num_seqs=3, max_model_len=48,
+                  policy=policy, rng=rng)
+    for i in range(30):  # requests arrive while others run; FakeEngine.step checks the limits every step
+        engine.add(f"r{i}", rng.randrange(1, 40), max_tokens=rng.randrange(1, 9), priority=rng.randrange(3))
+        for _ in range(rng.randrange(3)):
+            engine.step()
+    engine.run_to_completion()
+    assert max(o.num_seqs for o in engine.outputs) == 3
+    assert max(o.num_batched_tokens for o in engine.outputs) == 12
+    assert engine.scheduler.num_preemptions > 0
+    assert all(r.status is RequestStatus.FINISHED_STOPPED for r in engine.requests.values())
+    assert all(len(r.output_token_ids) == r.sampling_params.max_tokens for r in engine.requests.values())
+
+
+def test_a_tiny_pool_preempts_the_latest_request_which_later_completes(rng):
+    # 4 usable blocks of 4 = 16 slots; each request grows to 6 + 8 = 14 tokens.
+    engine = make(num_blocks=5, block_size=4, max_num_batched_tokens=16, max_model_len=16, rng=rng)
+    a = engine.add("a", 6, max_tokens=8)
+    b = engine.add("b", 6, max_tokens=8)
+    while not engine.outputs or not engine.outputs[-1].preempted_request_ids:
+        engine.step()
+    assert engine.outputs[-1].preempted_request_ids == ["b"]
+    assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and b.output_token_ids
+    kept_output = list(b.output_token_ids)
+    engine.run_to_completion()
+    assert engine.scheduler.num_preemptions >= 1 and b.num_preemptions >= 1 and a.num_preemptions == 0
+    assert b.output_token_ids[: len(kept_output)] == kept_output
+    assert [len(r.output_token_ids) for r in (a, b)] == [8, 8]
+    assert a.status is b.status is RequestStatus.FINISHED_STOPPED
+
+
+def test_priority_policy_preempts_the_lowest_priority_even_if_it_arrived_first(rng):
+    engine = make(num_blocks=5, block_size=4, max_model_len=16, policy="priority", rng=rng)
+    low = engine.add("low", 6, max_tokens=8, priority=1, arrival_time=0.0)
+    high = engine.add("high", 6, max_tokens=8, priority=0, arrival_time=1.0)
+    engine.run_to_completion()
+    assert high.num_preemptions == 0 and low.num_preemptions >= 1
+    assert {len(r.output_token_ids) for r in (low, high)} == {8}
+
+
+def admission_order(engine):
+    order = []
+    while engine.scheduler.has_unfinished_requests():
+        order += [s.request_id for s in engine.step().scheduled if s.start == 0 and s.request_id not in order]
+    return order
+
+
+@pytest.mark.parametrize("policy, expected", [("priority", ["b", "c", "a"]), ("fifo", ["a", "b", "c"])])
+def test_priority_policy_serves_lower_priority_values_first(rng, policy, expected):
+    engine = make(max_num_seqs=1, policy=policy, rng=rng)
+    for rid, priority, arrival in (("a", 5, 0.0), ("b", 1, 1.0), ("c", 3, 2.0)):
+        engine.add(rid, rng.randrange(2, 9), priority=priority, arrival_time=arrival)
+    assert admission_order(engine) == expected
+
+
+def test_equal_priority_falls_back_to_arrival_time(rng):
+    engine = make(max_num_seqs=1, policy="priority", rng=rng)
+    engine.add("late", 4, priority=2, arrival_time=5.0)
+    engine.add("early", 4, priority=2, arrival_time=3.0)
+    assert admission_order(engine) == ["early", "late"]
+
+
+def test_abort_frees_the_blocks_of_running_and_waiting_requests(rng):
+    engine = make(max_num_seqs=1, rng=rng)
+    s, bm = engine.scheduler, engine.bm
+    run = engine.add("run", 9)
+    wait = engine.add("wait", 5)
+    out = engine.step()
+    assert run.status is RequestStatus.RUNNING and wait.status is RequestStatus.WAITING
+    assert bm.num_used_blocks == 3 and (s.num_running, s.num_waiting) == (1, 1)
+    assert s.abort_request("run") is run and run.status is RequestStatus.FINISHED_ABORTED
+    assert bm.num_used_blocks == 0 and "run" not in bm
+    assert s.update_after_step(out, {}) == []  # a step result for an aborted request is ignored
+    assert s.abort_request("wait") is wait and wait.status is RequestStatus.FINISHED_ABORTED
+    assert s.abort_request("wait") is None and s.abort_request("never") is None
+    assert not s.has_unfinished_requests() and (s.num_running, s.num_waiting) == (0, 0)
+    s.check_invariants()
+
+
+def test_reaching_max_model_len_finishes_with_length(rng):
+    engine = make(max_model_len=12, rng=rng)
+    r = engine.add("a", 9, max_tokens=100)
+    finished = []
+    while not r.is_finished:
+        out = engine.scheduler.schedule()
+        finished += engine.scheduler.update_after_step(
+            out, {s.request_id: rng.randrange(1, VOCAB) for s in out.scheduled if s.samples})
+    assert finished == [r] and r.status is RequestStatus.FINISHED_LENGTH
+    assert r.num_tokens == 12 and r.num_computed_tokens == 11
+    assert engine.bm.num_used_blocks == 0
+
+
+def test_a_sampling_sequence_needs_its_token(rng):
+    engine = make(rng=rng)
+    engine.add("a", 3)
+    out = engine.scheduler.schedule()
+    with pytest.raises(KeyError, match="no sampled token for 'a'"):
+        engine.scheduler.update_after_step(out, {})
+
+
+def test_fork_shares_the_prompt_blocks_and_copies_the_partly_filled_last_block(rng):
+    engine = make(block_size=4, rng=rng)
+    parent = engine.add("p", 10, max_tokens=6)
+    engine.step()  # prefill: 10 tokens in 3 blocks, one token sampled
+    children = [engine.fork(parent, f"p.{i}") for i in (1, 2)]
+    assert engine.bm.num_used_blocks == 3
+    assert all(engine.bm.block_table(c.request_id) == engine.bm.block_table("p") for c in children)
+    with pytest.raises(ValueError, match="must be among the parent's 10 computed tokens and equal to them"):
+        engine.scheduler.fork_request(parent, Request("bad", [1, 2, 3] * 4, num_computed_tokens=10))
+    with pytest.raises(ValueError, match="must be among the parent's 10 computed tokens"):
+        engine.scheduler.fork_request(parent, Request("bad", parent.all_token_ids + [7], num_computed_tokens=11))
+    with pytest.raises(ValueError, match="'bad' has no computed tokens to share: set its num_computed_tokens"):
+        engine.scheduler.fork_request(parent, Request("bad", parent.prompt_token_ids))
+    out = engine.step()
+    # Three sequences wrote position 10 of the shared, half-full block: two took copies, the last kept it.
+    assert len(out.block_copies) == 2 and engine.bm.num_used_blocks == 5
+    assert len({tuple(engine.bm.block_table(r)) for r in ("p", "p.1", "p.2")}) == 3
+    engine.run_to_completion()
+    outputs = [r.output_token_ids for r in (parent, *children)]
+    assert all(len(o) == 6 for o in outputs)
+
+
+def test_fork_in_the_middle_of_a_step_is_refused(rng):
+    engine = make(rng=rng)
+    parent = engine.add("p", 5)
+    engine.step()
+    engine.scheduler.schedule()  # blocks now cover the token being decoded
+    with pytest.raises(RuntimeError, match="call it between steps"):
+        engine.fork(parent, "c")
+
+
+@pytest.mark.parametrize("prompt_len", [9, 10])  # the re-run token starts a new block / sits in a shared one
+def test_fork_children_that_resample_the_first_token_rerun_the_prompt_last_token(rng, prompt_len):
+    engine = make(block_size=4, rng=rng)
+    parent = engine.add("p", prompt_len, max_tokens=5)
+    engine.step()
+    children = [engine.fork(parent, f"p.{i}", resample_first=True) for i in (1, 2)]
+    assert all(c.num_computed_tokens == prompt_len - 1 and not c.output_token_ids for c in children)
+    out = engine.step()
+    assert [(s.request_id, s.start, s.num_tokens, s.samples) for s in out.scheduled] == [
+        ("p", prompt_len + 0, 1, True), ("p.1", prompt_len - 1, 1, True), ("p.2", prompt_len - 1, 1, True)]
+    # 10 tokens: position 9 sits in the shared third block, so both children copy it (the parent
+    # still holds it). 9 tokens: position 8 starts a block of its own, nothing to copy.
+    assert len(out.block_copies) == (2 if (prompt_len - 1) % 4 else 0)
+    engine.run_to_completion()
+    assert [len(r.output_token_ids) for r in (parent, *children)] == [5, 5, 5]
+
+
+def test_preempting_a_request_already_scheduled_in_this_step_takes_back_its_share(rng):
+    # "b" (priority 1) is decoding; "a" (priority 0) is mid-prefill and needs the blocks "b" holds.
+    engine = make(num_blocks=5, block_size=4, max_num_batched_tokens=8, max_model_len=16, policy="priority", rng=rng)
+    b = engine.add("b", 4, priority=1, max_tokens=10)
+    engine.step()
+    a = engine.add("a", 15, priority=0, max_tokens=1)
+    out = engine.step()
+    assert [(s.request_id, s.num_tokens) for s in out.scheduled] == [("b", 1), ("a", 7)]
+    out = engine.step()  # "b" is scheduled first (a decode), then preempted for "a"'s next chunk
+    assert [s.request_id for s in out.scheduled] == ["a"] and out.preempted_request_ids == ["b"]
+    assert out.num_batched_tokens == 8 and out.block_copies == []
+    engine.run_to_completion()
+    assert a.is_finished and len(a.output_token_ids) == 1
+    assert b.status is RequestStatus.FINISHED_STOPPED and len(b.output_token_ids) == 10
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random add / step / finish / abort / fork over small pools; FakeEngine checks every step."""
+
+    @initialize(block_size=st.sampled_from([1, 2, 4]), max_model_len=st.integers(4, 24), spare_blocks=st.integers(0, 6),
+                budget=st.integers(1, 20), max_num_seqs=st.integers(1, 5), policy=st.sampled_from(["fifo", "priority"]),
+                seed=st.integers(0, 2**32 - 1))
+    def setup(self, block_size, max_model_len, spare_blocks, budget, max_num_seqs, policy, seed):
+        num_blocks = 1 + -(-max_model_len // block_size) + spare_blocks
+        self.engine = make(num_blocks, block_size, budget, max_num_seqs, max_model_len, policy, random.Random(seed))
+        self.next_id = 0
+
+    def _new_id(self):
+        self.next_id += 1
+        return f"r{self.next_id}"
+
+    def _unfinished(self, status=None):
+        return [r for r in self.engine.requests.values() if not r.is_finished and status in (None, r.status)]
+
+    @rule(data=st.data(), priority=st.integers(0, 2), max_tokens=st.integers(1, 6))
+    def add(self, data, priority, max_tokens):
+        prompt_len = data.draw(st.integers(1, self.engine.scheduler.max_model_len))
+        self.engine.add(self._new_id(), prompt_len, max_tokens=max_tokens, priority=priority)
+
+    @rule()
+    def step(self):
+        self.engine.step()
+
+    @precondition(lambda self: self._unfinished(RequestStatus.RUNNING))
+    @rule(data=st.data())
+    def finish(self, data):
+        r = data.draw(st.sampled_from(self._unfinished(RequestStatus.RUNNING)))
+        self.engine.scheduler.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED)
+
+    @precondition(lambda self: self._unfinished())
+    @rule(data=st.data())
+    def abort(self, data):
+        r = data.draw(st.sampled_from(self._unfinished()))
+        assert self.engine.scheduler.abort_request(r.request_id) is r
+        assert r.status is RequestStatus.FINISHED_ABORTED and r.request_id not in self.engine.bm
+
+    @precondition(lambda self: any(r.output_token_ids for r in self._unfinished(RequestStatus.RUNNING)))
+    @rule(data=st.data(), resample_first=st.booleans())
+    def fork(self, data, resample_first):
+        parent = data.draw(st.sampled_from([r for r in self._unfinished(RequestStatus.RUNNING) if r.output_token_ids]))
+        used = self.engine.bm.num_used_blocks
+        self.engine.fork(parent, self._new_id(), resample_first and parent.num_prompt_tokens > 1)
+        assert self.engine.bm.num_used_blocks == used
+
+    @invariant()
+    def consistent(self):
+        self.engine.check()
+
+    def teardown(self):
+        self.engine.run_to_completion(max_steps=2_000)  # every request, preempted or not, completes
+        assert all(r.is_finished for r in self.engine.requests.values())
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
+TestSchedulerMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
