@@ -1,7 +1,9 @@
 """Ragged paged attention: one call for a flat batch mixing decodes and prefill chunks.
 
-This module holds the pure-jnp reference of the function; the Pallas GPU kernel
-that replaces it lives beside it (same signature, so it is a drop-in).
+This module holds the pure-jnp reference of the function and the Pallas GPU kernel
+(Triton lowering; interpret mode on CPU) that replaces it: ``ragged_paged_attention``
+has the reference's signature, so it is a drop-in. It knows nothing of models or
+requests: only the arrays below.
 
 Layout and conventions (shared by the reference and every kernel):
 
@@ -22,10 +24,16 @@ Query token ``i`` of sequence ``s`` sits at absolute position
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 
 def token_sequence_ids(cu_q_lens: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
@@ -119,3 +127,424 @@ def write_kv_reference(
     k_cache = k_cache.at[layer, :, page, off].set(k.astype(k_cache.dtype))
     v_cache = v_cache.at[layer, :, page, off].set(v.astype(v_cache.dtype))
     return k_cache, v_cache
+
+
+# --------------------------------------------------------------------------------------
+# Pallas kernel (Triton lowering) and its jitted wrapper.
+#
+# Two launches share one kernel body:
+#   * the decode launch: grid (Hkv, S[, k_splits]); one program per (kv head, sequence)
+#     for sequences with at most ``max_decode_tokens`` new tokens. Its query tile packs
+#     those tokens x the GQA group's heads into >= 16 rows, so a KV page is read once
+#     per KV head. With ``k_splits > 1`` each program covers a slice of the context
+#     (split-K) and a third launch, grid (Hkv, S), merges the partial softmaxes.
+#   * the prefill launch: grid (Hkv, items); items are query tiles of the longer
+#     sequences, found inside the kernel from ``cu_q_lens`` (a cumsum over sequences),
+#     then tiles that zero the padding rows past ``cu_q_lens[num_seqs]``.
+# Both grids depend only on the static shapes T, S, B: the prefill/decode mix never
+# recompiles. Every KV block is fetched by gathering rows ``(layer, head, page, offset)``
+# straight out of the full ``[L, Hkv, P, bs, D]`` cache: no layer slice is copied.
+# --------------------------------------------------------------------------------------
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LOG2E = math.log2(math.e)
+_DEFAULT_CORE_COUNT = 132  # H100 SXM; used when no GPU is visible (interpret mode)
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Tile sizes and Triton launch parameters of the two launches (all powers of two).
+
+    ``decode_kv_tokens``/``prefill_kv_tokens``: KV positions per inner-loop step
+    (any multiple or fraction of the page size). ``prefill_q_rows``: (token, head)
+    rows per prefill query tile. ``k_splits``: context splits of the decode launch;
+    ``None`` picks them from the static shapes (more when few programs would run).
+    Defaults: the best of the sweep in ``benchmarks/NOTES.md`` (H200 and H100).
+    """
+
+    decode_kv_tokens: int = 128
+    decode_warps: int = 4
+    decode_stages: int = 2
+    prefill_q_rows: int = 128
+    prefill_kv_tokens: int = 64
+    prefill_warps: int = 8
+    prefill_stages: int = 3
+    k_splits: Optional[int] = None
+
+
+def _next_power_of_2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _is_power_of_2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _tile_rows(h, start, end, *, rows, group, group_pad, num_tokens, head_dim):
+    """Rows of a query tile: row ``r`` is token ``start + r // group_pad`` x query head
+    ``h * group + r % group_pad``. Returns (token in tile, token, head, valid, store index)."""
+    r = jnp.arange(rows, dtype=jnp.int32)
+    tok_in_tile = r // group_pad
+    g = r % group_pad
+    head = h * group + jnp.minimum(g, group - 1)
+    tok = start + tok_in_tile
+    valid = (g < group) & (tok < end)
+    d = jnp.arange(head_dim, dtype=jnp.int32)
+    store_tok = jnp.where(valid, tok, num_tokens)  # out of bounds: never written
+    return tok_in_tile, tok, head, valid, (store_tok[:, None], head[:, None], d[None, :])
+
+
+def _store_rows(o_ref, idx, valid, value):
+    rows, head_dim = value.shape
+    mask = jnp.broadcast_to(valid[:, None], (rows, head_dim))
+    pltriton.store(o_ref.at[idx], value.astype(o_ref.dtype), mask=mask)
+
+
+def _attention_kernel(
+    layer_ref, num_seqs_ref, kv_lens_ref, cu_ref, block_tables_ref, q_ref, k_ref, v_ref,
+    *out_refs,
+    group: int,
+    group_pad: int,
+    rows: int,
+    kv_tokens: int,
+    k_splits: int,
+    decode_launch: bool,
+    max_decode_tokens: int,
+    sm_scale: float,
+    soft_cap: Optional[float],
+    sliding_window: Optional[int],
+):
+    """One program: one KV head x one query tile (x one context split)."""
+    T, _, D = q_ref.shape
+    S, B = block_tables_ref.shape
+    bs = k_ref.shape[3]
+    tokens_per_tile = rows // group_pad
+    h = pl.program_id(0)
+    item = pl.program_id(1)
+    split = pl.program_id(2) if k_splits > 1 else 0
+    layer = layer_ref[0]
+    cu_end = cu_ref[num_seqs_ref[0]]  # rows from here on belong to no sequence
+
+    d = jnp.arange(D, dtype=jnp.int32)
+
+    if decode_launch:
+        seq = item
+        seq_start = jnp.minimum(cu_ref[seq], cu_end)
+        seq_end = jnp.minimum(cu_ref[seq + 1], cu_end)
+        q_len = seq_end - seq_start
+        start, end = seq_start, seq_end
+        attend_here = (q_len > 0) & (q_len <= max_decode_tokens)
+        zero_here = None
+    else:
+        # Map this item to (sequence, query tile) with a cumsum over the sequences'
+        # tile counts; items past the last tile zero the padding rows.
+        idx = jnp.arange(_next_power_of_2(S), dtype=jnp.int32)
+        lo_vec = jnp.minimum(cu_ref[jnp.minimum(idx, S)], cu_end)
+        hi_vec = jnp.minimum(cu_ref[jnp.minimum(idx + 1, S)], cu_end)
+        q_len_vec = hi_vec - lo_vec
+        n_tiles = jnp.where(q_len_vec > max_decode_tokens,
+                            (q_len_vec + tokens_per_tile - 1) // tokens_per_tile, 0)
+        tiles_through = jnp.cumsum(n_tiles)
+        total_tiles = jnp.sum(n_tiles)
+        seq = jnp.sum((tiles_through <= item).astype(jnp.int32))
+        here = idx == seq
+        tiles_before = jnp.sum(jnp.where(here, tiles_through - n_tiles, 0))
+        seq_start = jnp.sum(jnp.where(here, lo_vec, 0))
+        seq_end = jnp.sum(jnp.where(here, hi_vec, 0))
+        seq = jnp.minimum(seq, S - 1)
+        attend_here = item < total_tiles
+        start = jnp.where(attend_here,
+                          seq_start + (item - tiles_before) * tokens_per_tile,
+                          cu_end + (item - total_tiles) * tokens_per_tile)
+        end = jnp.minimum(start + tokens_per_tile, jnp.where(attend_here, seq_end, T))
+        zero_here = jnp.logical_not(attend_here) & (start < T)
+
+    tok_in_tile, tok, head, row_valid, out_idx = _tile_rows(
+        h, start, end, rows=rows, group=group, group_pad=group_pad, num_tokens=T, head_dim=D)
+
+    @pl.when(attend_here)
+    def _attend():
+        kv_len = kv_lens_ref[seq]
+        first_pos = kv_len - (seq_end - seq_start) + (start - seq_start)
+        last_pos = first_pos + (end - start) - 1
+        pos = first_pos + tok_in_tile  # absolute position of each row's token
+        hi = last_pos + 1  # KV positions [lo, hi) are needed by some row
+        if sliding_window is None:
+            lo = 0
+            full_lo_pos = 0
+        else:
+            lo = jnp.maximum(first_pos - sliding_window + 1, 0)
+            full_lo_pos = jnp.maximum(last_pos - sliding_window + 1, 0)
+        blk_lo = lo // kv_tokens
+        blk_hi = (hi + kv_tokens - 1) // kv_tokens
+        if k_splits > 1:
+            per_split = (blk_hi - blk_lo + k_splits - 1) // k_splits
+            blk_lo = jnp.minimum(blk_lo + split * per_split, blk_hi)
+            blk_hi = jnp.minimum(blk_lo + per_split, blk_hi)
+
+        def clamp(b):
+            return jnp.minimum(jnp.maximum(b, blk_lo), blk_hi)
+
+        # Blocks in [unmasked_lo, unmasked_hi) are visible to every row of the tile.
+        unmasked_lo = clamp((full_lo_pos + kv_tokens - 1) // kv_tokens)
+        unmasked_hi = jnp.maximum(unmasked_lo, clamp((first_pos + 1) // kv_tokens))
+
+        q = pltriton.load(q_ref.at[jnp.minimum(tok, T - 1)[:, None], head[:, None], d[None, :]],
+                          mask=jnp.broadcast_to(row_valid[:, None], (rows, D)), other=0)
+        precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+        def block(j, carry, masked):
+            m, l, acc = carry
+            c = j * kv_tokens + jnp.arange(kv_tokens, dtype=jnp.int32)
+            if masked:
+                in_kv = c < hi
+                page = pltriton.load(block_tables_ref.at[seq, jnp.minimum(c // bs, B - 1)],
+                                     mask=in_kv, other=0)
+                kv_idx = (layer, h, page[:, None], (c % bs)[:, None], d[None, :])
+                kv_mask = jnp.broadcast_to(in_kv[:, None], (kv_tokens, D))
+                k = pltriton.load(k_ref.at[kv_idx], mask=kv_mask, other=0)
+                v = pltriton.load(v_ref.at[kv_idx], mask=kv_mask, other=0)
+            else:
+                page = block_tables_ref[seq, c // bs]
+                kv_idx = (layer, h, page[:, None], (c % bs)[:, None], d[None, :])
+                k, v = k_ref[kv_idx], v_ref[kv_idx]
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32, precision=precision)
+            if soft_cap is not None:
+                s = jnp.tanh(s * (sm_scale / soft_cap)) * (soft_cap * _LOG2E)
+            else:
+                s = s * (sm_scale * _LOG2E)
+            if masked:
+                visible = c[None, :] <= pos[:, None]
+                if sliding_window is not None:
+                    visible &= c[None, :] > pos[:, None] - sliding_window
+                s = jnp.where(visible, s, _MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            l = l * alpha + p.sum(axis=1)
+            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32, precision=precision)
+            return m_new, l, acc * alpha[:, None] + pv
+
+        carry = (
+            jnp.full((rows,), _MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, D), jnp.float32),
+        )
+        masked_block = functools.partial(block, masked=True)
+        unmasked_block = functools.partial(block, masked=False)
+        carry = lax.fori_loop(blk_lo, unmasked_lo, masked_block, carry)
+        carry = lax.fori_loop(unmasked_lo, unmasked_hi, unmasked_block, carry)
+        m, l, acc = lax.fori_loop(unmasked_hi, blk_hi, masked_block, carry)
+
+        if k_splits > 1:
+            acc_ref, m_ref, l_ref = out_refs
+            acc_ref[split, item, h] = acc
+            m_ref[split, item, h] = m
+            l_ref[split, item, h] = l
+        else:
+            _store_rows(out_refs[-1], out_idx, row_valid, acc / jnp.where(l > 0, l, 1.0)[:, None])
+
+    if zero_here is not None:
+
+        @pl.when(zero_here)
+        def _zero_padding_rows():
+            _store_rows(out_refs[-1], out_idx, row_valid, jnp.zeros((rows, D), jnp.float32))
+
+
+def _merge_splits_kernel(num_seqs_ref, cu_ref, acc_ref, m_ref, l_ref, _, o_ref, *,
+                         group: int, group_pad: int, max_decode_tokens: int):
+    """Combine the decode launch's per-split softmax partials of one (kv head, sequence)
+    and write its rows of the output (which the launch before filled elsewhere)."""
+    k_splits, _, _, rows, D = acc_ref.shape
+    T = o_ref.shape[0]
+    h, seq = pl.program_id(0), pl.program_id(1)
+    cu_end = cu_ref[num_seqs_ref[0]]
+    start = jnp.minimum(cu_ref[seq], cu_end)
+    end = jnp.minimum(cu_ref[seq + 1], cu_end)
+    _, _, _, row_valid, out_idx = _tile_rows(
+        h, start, end, rows=rows, group=group, group_pad=group_pad, num_tokens=T, head_dim=D)
+
+    @pl.when((end - start > 0) & (end - start <= max_decode_tokens))
+    def _merge():
+        m = jnp.full((rows,), _MASK_VALUE, jnp.float32)
+        l = jnp.zeros((rows,), jnp.float32)
+        acc = jnp.zeros((rows, D), jnp.float32)
+        for k in range(k_splits):
+            m_k, l_k, acc_k = m_ref[k, seq, h], l_ref[k, seq, h], acc_ref[k, seq, h]
+            m_new = jnp.maximum(m, m_k)
+            a, b = jnp.exp2(m - m_new), jnp.exp2(m_k - m_new)
+            l = l * a + l_k * b
+            acc = acc * a[:, None] + acc_k * b[:, None]
+            m = m_new
+        _store_rows(o_ref, out_idx, row_valid, acc / jnp.where(l > 0, l, 1.0)[:, None])
+
+
+def _check_inputs(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, sliding_window):
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, Hq, D], got shape {q.shape}")
+    if k_cache.ndim != 5:
+        raise ValueError(f"k_cache must be [L, Hkv, P, block_size, D], got shape {k_cache.shape}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must have the same shape")
+    _, Hq, D = q.shape
+    _, Hkv, _, _, Dk = k_cache.shape
+    if Dk != D:
+        raise ValueError(f"head_dim of q ({D}) and of the cache ({Dk}) differ")
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if not _is_power_of_2(D) or D < 16:
+        raise ValueError(f"the Pallas kernel needs a power-of-two head_dim >= 16, got {D}; "
+                         "use the reference backend for this model")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype must be bfloat16, float16 or float32, got {x.dtype}")
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be [S, B], got shape {block_tables.shape}")
+    S = block_tables.shape[0]
+    if kv_lens.shape != (S,):
+        raise ValueError(f"kv_lens must be [S={S}], got shape {kv_lens.shape}")
+    if cu_q_lens.shape != (S + 1,):
+        raise ValueError(f"cu_q_lens must be [S+1={S + 1}], got shape {cu_q_lens.shape}")
+    if jnp.size(num_seqs) != 1:
+        raise ValueError(f"num_seqs must hold one value, got shape {jnp.shape(num_seqs)}")
+    for name, x in (("kv_lens", kv_lens), ("block_tables", block_tables), ("cu_q_lens", cu_q_lens),
+                    ("num_seqs", num_seqs)):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise ValueError(f"{name} must be an integer array, got {jnp.result_type(x)}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+
+
+def _check_tiling(tiling: Tiling):
+    for name in ("decode_kv_tokens", "prefill_q_rows", "prefill_kv_tokens"):
+        value = getattr(tiling, name)
+        if not _is_power_of_2(value) or value < 16:
+            raise ValueError(f"Tiling.{name} must be a power of two >= 16, got {value}")
+    if tiling.k_splits is not None and tiling.k_splits < 1:
+        raise ValueError(f"Tiling.k_splits must be >= 1 or None, got {tiling.k_splits}")
+
+
+def _core_count() -> int:
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) or _DEFAULT_CORE_COUNT
+
+
+def auto_k_splits(num_programs: int, max_kv_blocks: int) -> int:
+    """Context splits for the decode launch: enough programs to fill the GPU (about
+    four per multiprocessor), each split keeping at least four KV blocks."""
+    target = 4 * _core_count()
+    k = 1
+    while k < 16 and 2 * k * num_programs <= target and max_kv_blocks >= 8 * k:
+        k *= 2
+    return k
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "tiling", "interpret"))
+def ragged_paged_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array | int,
+    kv_lens: jax.Array,
+    block_tables: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: Optional[float] = None,
+    soft_cap: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+    tiling: Tiling = Tiling(),
+    interpret: Optional[bool] = None,
+) -> jax.Array:
+    """Pallas (Triton) ragged paged attention; same contract as the reference.
+
+    ``interpret=None`` compiles on GPU and interprets elsewhere. Raises ``ValueError``
+    for inconsistent shapes or unsupported head dims / dtypes.
+    """
+    _check_inputs(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, sliding_window)
+    _check_tiling(tiling)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    T, Hq, D = q.shape
+    _, Hkv, _, bs, _ = k_cache.shape
+    S, B = block_tables.shape
+    group = Hq // Hkv
+    group_pad = _next_power_of_2(group)
+    decode_rows = max(16, group_pad)
+    max_decode_tokens = decode_rows // group_pad
+    prefill_rows = max(tiling.prefill_q_rows, group_pad)
+    prefill_tokens = prefill_rows // group_pad
+    scale = float(sm_scale) if sm_scale is not None else D**-0.5
+
+    metadata = (
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        jnp.asarray(num_seqs, jnp.int32).reshape(1),
+        kv_lens.astype(jnp.int32),
+        cu_q_lens.astype(jnp.int32),
+        block_tables.astype(jnp.int32),
+    )
+    kernel = functools.partial(
+        _attention_kernel, group=group, group_pad=group_pad, max_decode_tokens=max_decode_tokens,
+        sm_scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+    out_shape = jax.ShapeDtypeStruct((T, Hq, D), q.dtype)
+
+    # Prefill launch: query tiles of sequences with more than max_decode_tokens new
+    # tokens, then the tiles that zero padding rows. Upper bound on the item count:
+    # sum over (long sequences + padding) of ceil(len / tile) < T / tile + n_long + 1.
+    max_long_seqs = min(S, T // (max_decode_tokens + 1))
+    num_items = pl.cdiv(T, prefill_tokens) + max_long_seqs
+    out = pl.pallas_call(
+        functools.partial(kernel, rows=prefill_rows, kv_tokens=tiling.prefill_kv_tokens,
+                          k_splits=1, decode_launch=False),
+        grid=(Hkv, num_items),
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=tiling.prefill_warps,
+                                                num_stages=tiling.prefill_stages),
+        interpret=interpret,
+        name="ragged_paged_attention_prefill",
+    )(*metadata, q, k_cache, v_cache)
+
+    # Decode launch: one program per (kv head, sequence[, context split]).
+    max_kv_blocks = pl.cdiv(B * bs, tiling.decode_kv_tokens)
+    k_splits = tiling.k_splits or auto_k_splits(Hkv * S, max_kv_blocks)
+    decode_kernel = functools.partial(kernel, rows=decode_rows, kv_tokens=tiling.decode_kv_tokens,
+                                      k_splits=k_splits, decode_launch=True)
+    params = pltriton.CompilerParams(num_warps=tiling.decode_warps, num_stages=tiling.decode_stages)
+    if k_splits == 1:
+        return pl.pallas_call(
+            decode_kernel,
+            grid=(Hkv, S),
+            out_shape=out_shape,
+            input_output_aliases={len(metadata) + 3: 0},
+            compiler_params=params,
+            interpret=interpret,
+            name="ragged_paged_attention_decode",
+        )(*metadata, q, k_cache, v_cache, out)
+    partial_shape = (k_splits, S, Hkv, decode_rows)
+    acc, m, l = pl.pallas_call(
+        decode_kernel,
+        grid=(Hkv, S, k_splits),
+        out_shape=(
+            jax.ShapeDtypeStruct(partial_shape + (D,), jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+        ),
+        compiler_params=params,
+        interpret=interpret,
+        name="ragged_paged_attention_decode_split",
+    )(*metadata, q, k_cache, v_cache)
+    return pl.pallas_call(
+        functools.partial(_merge_splits_kernel, group=group, group_pad=group_pad,
+                          max_decode_tokens=max_decode_tokens),
+        grid=(Hkv, S),
+        out_shape=out_shape,
+        input_output_aliases={5: 0},
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="ragged_paged_attention_merge_splits",
+    )(metadata[1], metadata[3], acc, m, l, out)

@@ -1,0 +1,295 @@
+"""Ragged paged attention: the Pallas kernel against the pure-jnp reference, and the KV write.
+
+On CPU the kernel runs in interpret mode (one compile per configuration, reused by
+every scenario of the same padded shapes, as the engine's buckets do); with
+``-m gpu`` it is compiled by Triton. Every cache slot that no sequence owns (other
+layers, unreferenced pages, page 0, the tail of each last page) is NaN in the
+kernel's cache, so reading a wrong slot shows up as NaN or as a mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import get_attention_fns
+from pallas_kernels.ragged_paged_attention import (
+    Tiling,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    write_kv_reference,
+)
+
+FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0}  # interpret-mode programs are big
+ATOL = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}
+SMALL_TILES = Tiling(decode_kv_tokens=16, prefill_q_rows=16, prefill_kv_tokens=16, k_splits=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: type
+    num_tokens: int = 48
+    max_seqs: int = 6
+    pages_per_seq: int = 6
+    num_pages: int = 48
+    num_layers: int = 2
+
+
+def make_batch(rng, shapes: Shapes, q_lens, kv_lens, layer=1):
+    """Random step inputs: sequence i has ``q_lens[i]`` new tokens ending at ``kv_lens[i]``.
+
+    Returns ``(kernel_args, reference_args, num_tokens_used)``; the two argument
+    tuples are equal except that the kernel's caches are NaN wherever no sequence
+    owns the slot. Padded block-table entries and the kv_lens of padded sequences
+    are garbage pointing at such slots; pages are handed out in random order.
+    """
+    S, T, B, P = shapes.max_seqs, shapes.num_tokens, shapes.pages_per_seq, shapes.num_pages
+    L, Hkv, bs, D = shapes.num_layers, shapes.num_kv_heads, shapes.block_size, shapes.head_dim
+    n = len(q_lens)
+    assert n <= S and sum(q_lens) <= T and all(q <= k <= B * bs for q, k in zip(q_lens, kv_lens))
+    pages = rng.permutation(np.arange(1, P))
+    need = sum(-(-k // bs) for k in kv_lens)
+    assert need < len(pages)
+    unowned = np.concatenate([[0], pages[need:]])
+    block_tables = rng.choice(unowned, size=(S, B)).astype(np.int32)
+    owned = np.zeros((P, bs), bool)
+    used = 0
+    for s, kv_len in enumerate(kv_lens):
+        npg = -(-kv_len // bs)
+        block_tables[s, :npg] = pages[used:used + npg]
+        used += npg
+        for i in range(kv_len):
+            owned[block_tables[s, i // bs], i % bs] = True
+    kv_lens_arr = rng.integers(1, B * bs, S).astype(np.int32)  # garbage for padded sequences
+    kv_lens_arr[:n] = kv_lens
+    cu = np.full(S + 1, sum(q_lens), np.int32)
+    cu[: n + 1] = np.concatenate([[0], np.cumsum(q_lens)])
+
+    k = rng.standard_normal((L, Hkv, P, bs, D), np.float32)
+    v = rng.standard_normal((L, Hkv, P, bs, D), np.float32)
+    poison = ~owned[None, None, :, :, None] | (np.arange(L) != layer)[:, None, None, None, None]
+    q = jnp.asarray(rng.standard_normal((T, shapes.num_heads, D), np.float32), shapes.dtype)
+    meta = (jnp.int32(layer), jnp.asarray(kv_lens_arr), jnp.asarray(block_tables), jnp.asarray(cu),
+            jnp.asarray([n], jnp.int32))
+
+    def args(k, v):
+        return (q, jnp.asarray(k, shapes.dtype), jnp.asarray(v, shapes.dtype)) + meta
+
+    return args(np.where(poison, np.nan, k), np.where(poison, np.nan, v)), args(k, v), int(cu[-1])
+
+
+def scenarios(shapes: Shapes, rng):
+    """(name, q_lens, kv_lens) covering decode, prefill, mixed and random batches."""
+    bs = shapes.block_size
+    yield "decode", [1] * 5, [1, bs, bs + 1, 2 * bs - 1, 3 * bs + 5]
+    yield "prefill", [bs + 1, bs, 1, 9], [bs + 1, bs, 1, 9]
+    yield "mixed", [1, 3, bs + 2, 1, 5, 1], [2 * bs, 3 * bs + 1, 2 * bs + 3, 1, 5, bs]
+    n = int(rng.integers(1, shapes.max_seqs + 1))
+    q_lens = rng.multinomial(shapes.num_tokens - int(rng.integers(0, 8)), np.ones(n) / n).clip(1)
+    q_lens = [int(x) for x in q_lens]
+    while sum(q_lens) > shapes.num_tokens:
+        q_lens[int(np.argmax(q_lens))] -= 1
+    kv_lens = [int(rng.integers(q, shapes.pages_per_seq * bs + 1)) for q in q_lens]
+    yield "random", q_lens, kv_lens
+
+
+def assert_matches(out, ref, num_tokens_used, dtype, atol=None):
+    out = np.asarray(out.astype(jnp.float32))
+    ref = np.asarray(ref.astype(jnp.float32))
+    assert np.isfinite(out).all(), "kernel read a slot it does not own (NaN in the output)"
+    assert (out[num_tokens_used:] == 0).all(), "padding rows must be zero"
+    np.testing.assert_allclose(out, ref, atol=atol or ATOL[dtype], rtol=0)
+
+
+def compile_for_cpu(fn, args):
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_CPU_COMPILE)
+
+
+CPU_CASES = [
+    # (shapes, kernel keyword arguments)
+    pytest.param(Shapes(4, 4, 64, 16, jnp.float32), dict(tiling=SMALL_TILES), id="ratio1-d64-bs16-f32"),
+    pytest.param(Shapes(8, 2, 128, 32, jnp.bfloat16, num_tokens=96),
+                 dict(tiling=Tiling(decode_kv_tokens=32, prefill_q_rows=32, prefill_kv_tokens=32, k_splits=1)),
+                 id="ratio4-d128-bs32-bf16"),
+    pytest.param(Shapes(8, 1, 64, 16, jnp.float16), dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=2)),
+                 id="ratio8-d64-bs16-f16-split2"),
+    pytest.param(Shapes(6, 2, 64, 32, jnp.float32, num_tokens=96),
+                 dict(tiling=SMALL_TILES), id="ratio3-d64-bs32-f32-tiles-smaller-than-pages"),
+    pytest.param(Shapes(4, 2, 64, 16, jnp.float32),
+                 dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=3), sliding_window=20, soft_cap=5.0,
+                      sm_scale=0.3), id="window-softcap-scale-split3"),
+    pytest.param(Shapes(8, 2, 128, 16, jnp.bfloat16), dict(), id="default-tiling-bf16"),
+]
+
+
+@pytest.mark.parametrize("shapes,kwargs", CPU_CASES)
+def test_kernel_matches_reference_interpret(shapes, kwargs):
+    seed = np.random.SeedSequence().entropy  # fresh inputs every run; the seed is in failures
+    rng = np.random.default_rng(seed)
+    kernel_fn = functools.partial(ragged_paged_attention, interpret=True, **kwargs)
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "tiling"}
+    ref_fn = functools.partial(ragged_paged_attention_reference, **ref_kwargs)
+    kernel = reference = None
+    for name, q_lens, kv_lens in scenarios(shapes, rng):
+        kernel_args, ref_args, used = make_batch(rng, shapes, q_lens, kv_lens)
+        kernel = kernel or compile_for_cpu(kernel_fn, kernel_args)
+        reference = reference or compile_for_cpu(ref_fn, ref_args)
+        try:
+            assert_matches(kernel(*kernel_args), reference(*ref_args), used, shapes.dtype)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
+
+
+def test_changing_the_batch_mix_does_not_recompile():
+    shapes = Shapes(4, 2, 64, 16, jnp.float32)
+    rng = np.random.default_rng(0)
+    fn = jax.jit(functools.partial(ragged_paged_attention, interpret=True, tiling=SMALL_TILES))
+    traces = []
+    for _, q_lens, kv_lens in scenarios(shapes, rng):
+        args, _, _ = make_batch(rng, shapes, q_lens, kv_lens)
+        traces.append(fn.trace(*args).jaxpr)  # tracing only: cheap, no compile
+    assert all(str(t) == str(traces[0]) for t in traces[1:])
+
+
+@pytest.mark.parametrize("kwargs,launches", [
+    (dict(tiling=Tiling(k_splits=1)), 2),  # prefill + decode
+    (dict(tiling=Tiling(k_splits=4), soft_cap=20.0, sliding_window=64), 3),  # + merge of the splits
+])
+def test_kernel_lowers_to_triton_for_cuda(kwargs, launches):
+    """The Triton lowering (not only the interpreter) accepts the kernel: cross-platform lowering on CPU."""
+    shapes = Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=64, max_seqs=8, pages_per_seq=8)
+    rng = np.random.default_rng(1)
+    args, _, _ = make_batch(rng, shapes, [1] * 4 + [20], [17, 5, 33, 100, 40])
+    fn = jax.jit(functools.partial(ragged_paged_attention, interpret=False, **kwargs))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == launches
+
+
+def test_kernel_reads_layer_in_place_without_slicing_it():
+    """The caches reach the Pallas calls whole: no per-layer slice is materialised."""
+    shapes = Shapes(4, 2, 64, 16, jnp.float32)
+    args, _, _ = make_batch(np.random.default_rng(2), shapes, [1, 3], [9, 20])
+    jaxpr = jax.make_jaxpr(functools.partial(ragged_paged_attention, interpret=False,
+                                             tiling=Tiling(k_splits=2)))(*args)
+    cache_shape = args[1].shape
+    calls = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call"]
+    attention_calls = [c for c in calls if cache_shape in [v.aval.shape for v in c.invars]]
+    assert len(attention_calls) == 2  # the prefill and decode launches; the merge reads no cache
+    for call in attention_calls:
+        assert [v.aval.shape for v in call.invars].count(cache_shape) == 2
+    assert not any(e.primitive.name in ("slice", "dynamic_slice", "gather")
+                   for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns
+                   if any(v.aval.shape == cache_shape for v in e.invars))
+
+
+def _good_args():
+    shapes = Shapes(4, 2, 64, 16, jnp.float32)
+    args, _, _ = make_batch(np.random.default_rng(3), shapes, [1, 2], [5, 7])
+    return list(args)
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        ({0: lambda q: q[:, :3]}, "multiple of KV heads"),
+        ({2: lambda v: v[:, :1]}, "same shape"),
+        ({0: lambda q: q[..., :48], 1: lambda k: k[..., :48], 2: lambda v: v[..., :48]}, "power-of-two head_dim"),
+        ({0: lambda q: q[..., :32]}, "head_dim of q"),
+        ({6: lambda cu: cu[:-1]}, "cu_q_lens must be"),
+        ({4: lambda kv_lens: kv_lens[:-1]}, "kv_lens must be"),
+        ({5: lambda block_tables: block_tables[0]}, "block_tables must be"),
+        ({0: lambda q: q.astype(jnp.int8)}, "dtype must be"),
+        ({4: lambda kv_lens: kv_lens.astype(jnp.float32)}, "integer array"),
+    ],
+)
+def test_wrapper_rejects_bad_shapes_with_clear_errors(mutate, message):
+    args = _good_args()
+    for i, change in mutate.items():
+        args[i] = change(args[i])
+    with pytest.raises(ValueError, match=message):
+        ragged_paged_attention(*args, interpret=True)
+
+
+def test_wrapper_rejects_bad_tiling_and_window():
+    args = _good_args()
+    with pytest.raises(ValueError, match="prefill_q_rows"):
+        ragged_paged_attention(*args, tiling=Tiling(prefill_q_rows=24), interpret=True)
+    with pytest.raises(ValueError, match="sliding_window"):
+        ragged_paged_attention(*args, sliding_window=0, interpret=True)
+
+
+def test_write_kv_writes_exactly_the_slots():
+    rng = np.random.default_rng(4)
+    L, Hkv, P, bs, D, T = 3, 2, 10, 16, 32, 12
+    k_cache = jnp.asarray(rng.standard_normal((L, Hkv, P, bs, D)), jnp.bfloat16)
+    v_cache = jnp.asarray(rng.standard_normal((L, Hkv, P, bs, D)), jnp.bfloat16)
+    slots = rng.choice(np.arange(bs, P * bs), T, replace=False).astype(np.int32)
+    k = jnp.asarray(rng.standard_normal((T, Hkv, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((T, Hkv, D)), jnp.float32)
+    new_k, new_v = jax.jit(write_kv_reference)(k_cache, v_cache, jnp.int32(1), k, v, jnp.asarray(slots))
+    expect_k, expect_v = np.asarray(k_cache).copy(), np.asarray(v_cache).copy()
+    for t, slot in enumerate(slots):
+        expect_k[1, :, slot // bs, slot % bs] = np.asarray(k[t].astype(jnp.bfloat16))
+        expect_v[1, :, slot // bs, slot % bs] = np.asarray(v[t].astype(jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(new_k), expect_k)
+    np.testing.assert_array_equal(np.asarray(new_v), expect_v)
+
+
+def test_get_attention_fns_picks_backends():
+    assert get_attention_fns("reference")[0] is ragged_paged_attention_reference
+    assert get_attention_fns("pallas")[0] is ragged_paged_attention
+    expected = ragged_paged_attention if jax.default_backend() == "gpu" else ragged_paged_attention_reference
+    assert get_attention_fns("auto")[0] is expected
+    assert get_attention_fns("auto")[1] is write_kv_reference
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        get_attention_fns("cuda")
+
+
+# ------------------------------------------------------------------------------------
+# Compiled on a CUDA GPU (python -m pytest tests/test_ragged_paged_attention.py -m gpu)
+# ------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    pytest.param(Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
+                        num_pages=700, num_layers=3), dict(), id="llama8b-heads-bf16-default"),
+    pytest.param(Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
+                        num_pages=700, num_layers=3), dict(tiling=Tiling(k_splits=4)), id="split4-bf16"),
+    pytest.param(Shapes(16, 16, 64, 32, jnp.float16, num_tokens=128, max_seqs=8, pages_per_seq=12,
+                        num_pages=120), dict(), id="ratio1-d64-bs32-f16"),
+    pytest.param(Shapes(32, 4, 64, 16, jnp.float32, num_tokens=128, max_seqs=8, pages_per_seq=20, num_pages=200),
+                 dict(sliding_window=50, soft_cap=30.0), id="ratio8-f32-window-softcap"),
+    pytest.param(Shapes(24, 8, 128, 32, jnp.bfloat16, num_tokens=128, max_seqs=8, pages_per_seq=12,
+                        num_pages=120), dict(tiling=Tiling(decode_kv_tokens=64, k_splits=2)), id="ratio3-bs32-bf16"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shapes,kwargs", GPU_CASES)
+def test_kernel_matches_reference_on_gpu(shapes, kwargs):
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    kernel = jax.jit(functools.partial(ragged_paged_attention, interpret=False, **kwargs))
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "tiling"}
+    reference = jax.jit(functools.partial(ragged_paged_attention_reference, **ref_kwargs))
+    cases = list(scenarios(shapes, rng))
+    bs, B = shapes.block_size, shapes.pages_per_seq
+    cases.append(("long-decode", [1] * shapes.max_seqs, [int(x) for x in rng.integers(1, B * bs + 1, shapes.max_seqs)]))
+    cases.append(("long-chunks", [40, 1, 64, 1], [B * bs - 3, B * bs, 64, 2 * bs]))
+    for name, q_lens, kv_lens in cases:
+        kernel_args, ref_args, used = make_batch(rng, shapes, q_lens, kv_lens, layer=shapes.num_layers - 1)
+        with jax.default_matmul_precision("highest"):
+            ref = reference(*ref_args)
+        atol = 1e-4 if shapes.dtype == jnp.float32 else None
+        try:
+            assert_matches(kernel(*kernel_args), ref, used, shapes.dtype, atol=atol)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
