@@ -3,18 +3,24 @@
 Owns turning a model path into a Hugging Face fast tokenizer (``transformers``
 rebuilds one from GGUF metadata), rendering chat messages to prompt token ids with
 the model's own chat template, and the end-of-sequence ids the tokenizer knows.
-Knows nothing of weights, devices or scheduling. Caches nothing: callers keep the
-tokenizer they load.
+Knows nothing of weights, devices or scheduling. Rebuilding a tokenizer from
+GGUF metadata takes seconds, so the rebuilt one is saved once to a cache folder
+(``$PAGEDJAX_CACHE_DIR``, default ``~/.cache/pagedjax``) keyed by the file's
+path, size and modification time, and read from there afterwards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from typing import Any, Iterable, Optional, Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+
+logger = logging.getLogger(__name__)
 
 # Any one of these makes a folder loadable by ``AutoTokenizer`` without a network.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -31,16 +37,36 @@ def load_tokenizer(model_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     if os.path.isfile(model_path):
         if not model_path.endswith(".gguf"):
             raise TokenizerError(f"{model_path!r} is a file but not a .gguf; pass a checkpoint folder or a .gguf file")
-        folder, name = os.path.split(os.path.abspath(model_path))
-        source, extra = folder, {"gguf_file": name}
+        cached = _gguf_tokenizer_cache_dir(model_path)
+        if os.path.exists(os.path.join(cached, "tokenizer.json")):
+            source, extra = cached, {}
+        else:
+            tokenizer = _load(model_path, *os.path.split(os.path.abspath(model_path)), **kwargs)
+            try:
+                tokenizer.save_pretrained(cached)
+            except OSError as e:  # a read-only home only costs the rebuild next time
+                logger.warning("could not cache the GGUF tokenizer in %s: %s", cached, e)
+            return tokenizer
     elif not any(os.path.exists(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
         raise TokenizerError(f"no tokenizer in folder {model_path!r} (none of {', '.join(TOKENIZER_FILES)})")
     else:
         source, extra = model_path, {}
+    return _load(model_path, source, **extra, **kwargs)
+
+
+def _load(model_path: str, source: str, gguf_file: Optional[str] = None, **kwargs: Any) -> PreTrainedTokenizerBase:
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True, **extra, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise TokenizerError(f"cannot load a tokenizer from {model_path!r}: {e}") from e
+
+
+def _gguf_tokenizer_cache_dir(path: str) -> str:
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = os.environ.get("PAGEDJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pagedjax")
+    return os.path.join(root, "tokenizers", key)
 
 
 def apply_chat_template(

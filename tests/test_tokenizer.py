@@ -131,3 +131,16 @@ def test_gguf_without_tokenizer_is_a_clear_error(tmp_path):
     writer.close()
     with pytest.raises(TokenizerError, match="bare.gguf"):
         load_tokenizer(str(tmp_path / "bare.gguf"))
+
+
+def test_gguf_tokenizer_cache_gives_the_same_tokenizer(gguf_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDJAX_CACHE_DIR", str(tmp_path))
+    built = load_tokenizer(default_model_path())  # rebuilt from GGUF metadata, then saved
+    assert list((tmp_path / "tokenizers").iterdir()), "the rebuilt tokenizer was not cached"
+    cached = load_tokenizer(default_model_path())  # read back from the cache folder
+    text = random_text(random.Random(3))
+    messages = [{"role": "user", "content": text}]
+    for tok in (built, cached):
+        assert tok.encode(text) == gguf_tokenizer.encode(text)
+        assert apply_chat_template(tok, messages) == apply_chat_template(gguf_tokenizer, messages)
+        assert tok.eos_token_id == gguf_tokenizer.eos_token_id
