@@ -25,8 +25,10 @@ from engine.runner import ModelRunner, SequenceWork
 from engine.sampler import build_sampling_metadata
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import Scheduler
+from engine.trace import StepTracer
 from models.batch import kv_cache_bytes_per_block
 from models.loader import load_model
+from sharding import make_mesh, param_shardings_for
 
 logger = logging.getLogger("pagedjax")
 
@@ -72,7 +74,9 @@ class LLMEngine:
         args.validate()
         self.args = args
         start = time.perf_counter()
-        loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed)
+        mesh = make_mesh(args.tensor_parallel_size) if args.tensor_parallel_size > 1 else None
+        loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+                            shardings=param_shardings_for(mesh))
         self.model_config = config = loaded.config
         self.tokenizer = None
         self.eos_token_ids = set(config.eos_token_ids)
@@ -86,22 +90,28 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_tokens,
                                    max_num_seqs=max_seqs, max_model_len=self.max_model_len,
-                                   policy=args.scheduling_policy)
+                                   policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode)
         self.runner = ModelRunner(config, loaded.params, num_blocks=num_blocks, block_size=args.block_size,
                                   max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                   max_model_len=self.max_model_len, kv_dtype=loaded.dtype,
-                                  attention_backend=args.attention_backend)
+                                  attention_backend=args.attention_backend, mesh=mesh)
         self.model_path = loaded.path
         kv_gib = num_blocks * kv_cache_bytes_per_block(config, args.block_size, loaded.dtype) / 2**30
         logger.info(
             "loaded %s (%s, %s) on %s in %.1fs; KV cache: %d blocks of %d tokens (%.2f GiB), "
             "max %d concurrent tokens; max_model_len=%d, max_num_seqs=%d, max_num_batched_tokens=%d",
-            loaded.path, loaded.load_format, np.dtype(loaded.dtype).name, jax.devices()[0].device_kind,
+            loaded.path, loaded.load_format, np.dtype(loaded.dtype).name,
+            f"{args.tensor_parallel_size} x {jax.devices()[0].device_kind}",
             time.perf_counter() - start, num_blocks - 1, args.block_size, kv_gib,
             (num_blocks - 1) * args.block_size, self.max_model_len, max_seqs, max_tokens)
         self._groups: dict[str, _RequestGroup] = {}
         self._seed_rng = np.random.default_rng(args.seed)
         self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self.tracer: Optional[StepTracer] = None
+        if args.trace:
+            self.tracer = StepTracer(block_size=args.block_size, num_blocks=num_blocks,
+                                     max_model_len=self.max_model_len, max_num_seqs=max_seqs,
+                                     scheduling_mode=args.scheduling_mode)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -169,8 +179,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one model step, process sampled tokens; returns outputs of touched requests."""
+        step_start = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.scheduled:
+            if self._groups:  # nothing runnable yet requests pending: never spin silently
+                raise RuntimeError(f"the scheduler made no progress with {len(self._groups)} unfinished "
+                                   f"requests ({self.scheduler.num_waiting} waiting, "
+                                   f"{self.scheduler.num_running} running)")
             return []
         self.runner.copy_blocks(out.block_copies)
         samples = [self._sample_of(s.request.request_id) for s in out.scheduled]
@@ -191,6 +206,8 @@ class LLMEngine:
         # Round the static top-k width up (5 or the maximum) so few variants compile.
         num_logprobs = None if wanted is None else (5 if wanted <= 5 else MAX_LOGPROBS)
         result = self.runner.execute(work, metadata, num_logprobs=num_logprobs)
+        if self.tracer is not None:  # after the KV writes, before finished requests free their blocks
+            self.tracer.record(out, self.scheduler, self.block_manager, step_start, time.perf_counter())
         self.stats["steps"] += 1
         self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(work))
         sampled = {s.request.request_id: int(result.token_ids[i]) for i, s in enumerate(out.scheduled) if s.samples}
