@@ -12,6 +12,7 @@ _EXPORTS = {
     "CompletionOutput": "engine.outputs",
     "EngineArgs": "engine.engine_args",
     "LLMEngine": "engine.llm_engine",
+    "AsyncLLM": "engine.async_llm",
 }
 
 __all__ = list(_EXPORTS)

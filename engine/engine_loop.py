@@ -8,6 +8,7 @@ run in the same steps. Knows nothing of HTTP or asyncio.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -26,12 +27,29 @@ OnError = Callable[[BaseException], None]
 class EngineLoop:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.RLock())
+        # Callers waiting for the lock; the loop yields to them between steps. Without this the
+        # loop re-takes the lock right after each step and a caller can wait many seconds.
+        self._pending = 0
+        self._pending_lock = threading.Lock()
         self._error_callbacks: dict[str, OnError] = {}
         self._ids = itertools.count()
         self._running = True
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
         self._thread.start()
+
+    @contextlib.contextmanager
+    def _between_steps(self):
+        """Hold the engine between two steps; the loop lets waiting callers in first."""
+        with self._pending_lock:
+            self._pending += 1
+        with self._cond:
+            with self._pending_lock:
+                self._pending -= 1
+            try:
+                yield
+            finally:
+                self._cond.notify_all()  # the loop re-checks: more work, or no callers left waiting
 
     def new_request_id(self) -> str:
         return str(next(self._ids))
@@ -39,13 +57,12 @@ class EngineLoop:
     def add_request(self, request_id: str, prompt, params: Optional[SamplingParams], *, priority: int = 0,
                     on_output: OnOutput, on_error: OnError) -> None:
         """Queue a request; raises (ValueError etc.) in the caller's thread when it is invalid."""
-        with self._cond:
+        with self._between_steps():
             if not self._running:
                 raise RuntimeError("the engine loop has been shut down")
             self.engine.add_request(request_id, prompt, params, priority=priority,
                                     on_output=self._wrap(request_id, on_output))
             self._error_callbacks[request_id] = on_error
-            self._cond.notify()
 
     def _wrap(self, request_id: str, on_output: OnOutput) -> OnOutput:
         def deliver(output: RequestOutput) -> None:
@@ -56,19 +73,19 @@ class EngineLoop:
         return deliver
 
     def abort(self, request_id: str) -> None:
-        with self._cond:
+        with self._between_steps():
             self.engine.abort_request(request_id)
 
     def call(self, fn: Callable):
-        """Run ``fn(engine)`` between steps (for stats and inspection)."""
-        with self._cond:
+        """Run ``fn(engine)`` between steps (for stats, inspection, or several adds at once)."""
+        with self._between_steps():
             return fn(self.engine)
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._running and not self.engine.has_unfinished_requests():
-                    self._cond.wait()
+                self._cond.wait_for(lambda: not self._running
+                                    or (self._pending == 0 and self.engine.has_unfinished_requests()))
                 if not self._running:
                     return
                 try:

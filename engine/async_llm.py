@@ -1,0 +1,288 @@
+"""``AsyncLLM``: the asyncio front of the one ``EngineLoop``, for servers.
+
+Owns turning the loop thread's callbacks into per-request async streams of
+cumulative ``RequestOutput`` snapshots, aborting a request whose consumer goes away
+(client disconnect, task cancelled, stream closed) so its KV blocks are freed, and
+per-request latency accounting (time to first token, inter-token latency,
+end-to-end latency) handed to stat loggers.
+
+Knows nothing of HTTP, OpenAI's formats or Prometheus. Calls that take the engine
+loop's lock (adding, aborting, reading stats) run in a worker thread, never on the
+event loop, because the loop holds that lock for a whole engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Callable, Optional, Protocol, Sequence, Union
+
+from engine.engine_args import EngineArgs
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedjax")
+
+PromptType = Union[str, list[int]]
+
+
+class StatLogger(Protocol):
+    """Receives per-request latencies, called from the engine loop's thread."""
+
+    def on_first_token(self, seconds: float) -> None: ...
+
+    def on_inter_token(self, seconds: float) -> None: ...
+
+    def on_finished(self, seconds: float, finish_reasons: Sequence[str]) -> None: ...
+
+
+class RequestStream:
+    """Async iterator over one request's cumulative outputs; the last one has ``finished``.
+
+    A consumer that falls behind gets the newest snapshot (outputs are cumulative,
+    so nothing is lost). Closing the stream, or cancelling the task that waits on
+    it, before the request finishes aborts the request.
+    """
+
+    def __init__(self, request_id: str, queue: asyncio.Queue, abort: Callable[[str], None]):
+        self.request_id = request_id
+        self._queue = queue
+        self._abort = abort
+        self._done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled: the consumer is gone
+            self.close()
+            raise
+        while not isinstance(item, BaseException) and not self._queue.empty():
+            item = self._queue.get_nowait()  # skip to the newest snapshot
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        """Abort the request unless it already finished (idempotent)."""
+        if not self._done:
+            self._done = True
+            self._abort(self.request_id)
+
+
+class AsyncLLM:
+    """Async generation over one shared ``EngineLoop`` (requests from every caller batch together)."""
+
+    def __init__(self, loop: EngineLoop, stat_loggers: Sequence[StatLogger] = ()):
+        self._loop = loop
+        self._stat_loggers = list(stat_loggers)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, stat_loggers: Sequence[StatLogger] = ()) -> "AsyncLLM":
+        return cls(EngineLoop(LLMEngine(args)), stat_loggers)
+
+    # -- what the server reads ------------------------------------------------------------
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The engine; only read attributes fixed at start-up (tokenizer, limits) without ``stats``."""
+        return self._loop.engine
+
+    @property
+    def tokenizer(self):
+        return self._loop.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._loop.engine.max_model_len
+
+    def add_stat_logger(self, stat_logger: StatLogger) -> None:
+        self._stat_loggers.append(stat_logger)
+
+    def stats(self) -> dict:
+        """Engine counters and queue/KV-cache state, read between steps (blocks up to one step)."""
+        return self._loop.call(_engine_stats)
+
+    async def check_health(self) -> None:
+        """Returns once the engine loop answers between steps."""
+        await asyncio.get_running_loop().run_in_executor(None, self._loop.call, lambda engine: None)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return self._loop.new_request_id()
+
+    async def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
+                          *, priority: int = 0) -> RequestStream:
+        """Queue a request and return its stream; raises ValueError (before queueing) for bad input."""
+        (stream,) = await self.add_requests([(request_id, prompt, params)], priority=priority)
+        return stream
+
+    async def add_requests(self, requests: Sequence[tuple[str, PromptType, Optional[SamplingParams]]],
+                           *, priority: int = 0) -> list[RequestStream]:
+        """Queue ``(request_id, prompt, params)`` requests all between the same two engine steps, so
+        they start together; all or none (if one is refused, none stays queued and the error is raised)."""
+        loop = asyncio.get_running_loop()
+        arrival = time.monotonic()
+        queues = [asyncio.Queue() for _ in requests]
+        request_ids = [request_id for request_id, _, _ in requests]
+
+        def add_all(_engine) -> None:  # worker thread, holding the engine loop's lock
+            added = []
+            try:
+                for (request_id, prompt, params), queue in zip(requests, queues):
+                    on_output, on_error = self._callbacks(loop, queue, _RequestTimer(arrival, self._stat_loggers))
+                    self._loop.add_request(request_id, prompt, params, priority=priority,
+                                           on_output=on_output, on_error=on_error)
+                    added.append(request_id)
+            except BaseException:
+                for request_id in added:
+                    self._loop.abort(request_id)
+                raise
+
+        add = loop.run_in_executor(None, self._loop.call, add_all)
+        try:
+            await asyncio.shield(add)
+        except asyncio.CancelledError:  # the caller left while the requests were being queued
+            def abort_added(future) -> None:
+                if not future.cancelled() and future.exception() is None:
+                    for request_id in request_ids:
+                        self._abort_soon(request_id)
+
+            add.add_done_callback(abort_added)
+            raise
+        return [RequestStream(request_id, queue, self._abort_soon) for request_id, queue in zip(request_ids, queues)]
+
+    def _callbacks(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, timer: "_RequestTimer"):
+        """The engine-thread callbacks of one request: record latencies, hand outputs to the event loop."""
+
+        def on_output(output: RequestOutput) -> None:
+            try:
+                timer.record(output)
+            except Exception:  # a stat logger must never fail an engine step
+                logger.exception("stat logger failed")
+            _put_threadsafe(loop, queue, output)
+
+        def on_error(exc: BaseException) -> None:
+            _put_threadsafe(loop, queue, exc)
+
+        return on_output, on_error
+
+    async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                       request_id: Optional[str] = None, *, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request as they arrive; leaving early aborts it."""
+        stream = await self.add_request(request_id or self.new_request_id(), prompt, params, priority=priority)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.close()
+
+    async def abort(self, request_id: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._loop.abort, request_id)
+
+    def _abort_soon(self, request_id: str) -> None:
+        """Abort without blocking the caller (the abort waits for the current step to end)."""
+        try:
+            asyncio.get_running_loop().run_in_executor(None, self._loop.abort, request_id)
+        except RuntimeError:  # no running event loop (closed, or called from a plain thread)
+            self._loop.abort(request_id)
+
+    def shutdown(self) -> None:
+        self._loop.shutdown()
+
+
+async def merge_streams(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as ``(stream index, output)`` in arrival order.
+
+    Leaving early, or an error in one stream, closes them all (aborting unfinished requests).
+    """
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    finished = object()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+            queue.put_nowait((index, finished))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is finished:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+
+
+class _RequestTimer:
+    """Latencies of one request, measured when its outputs leave the engine step."""
+
+    def __init__(self, arrival: float, stat_loggers: Sequence[StatLogger]):
+        self.arrival = arrival
+        self.stat_loggers = stat_loggers
+        self.last_token_time: Optional[float] = None
+        self.num_tokens = 0
+
+    def record(self, output: RequestOutput) -> None:
+        if not self.stat_loggers:
+            return
+        now = time.monotonic()
+        num_tokens = sum(len(c.token_ids) for c in output.outputs)
+        if num_tokens > self.num_tokens:
+            for stat_logger in self.stat_loggers:
+                if self.last_token_time is None:
+                    stat_logger.on_first_token(now - self.arrival)
+                else:
+                    stat_logger.on_inter_token(now - self.last_token_time)
+            self.num_tokens, self.last_token_time = num_tokens, now
+        if output.finished:
+            reasons = [c.finish_reason or "abort" for c in output.outputs]
+            for stat_logger in self.stat_loggers:
+                stat_logger.on_finished(now - self.arrival, reasons)
+
+
+def _put_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+        pass
+
+
+def _engine_stats(engine: LLMEngine) -> dict:
+    scheduler, blocks = engine.scheduler, engine.block_manager
+    return {
+        **engine.stats,
+        "num_preemptions": scheduler.num_preemptions,
+        "num_running": scheduler.num_running,
+        "num_waiting": scheduler.num_waiting,
+        "num_used_blocks": blocks.num_used_blocks,
+        "num_usable_blocks": blocks.num_usable_blocks,
+    }

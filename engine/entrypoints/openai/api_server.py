@@ -1,0 +1,684 @@
+"""The OpenAI-compatible HTTP server: command line, FastAPI app, endpoints, error mapping.
+
+    python -m engine.entrypoints.openai.api_server [--model PATH] [--port 8000] ...
+    python scripts/serve.py ...                      (the same)
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
+with SSE streaming), GET /health, GET /version, GET /metrics (Prometheus).
+
+Owns the translation between OpenAI's wire format (``protocol``) and the engine's
+``SamplingParams`` / ``RequestOutput``: prompt tokenization and length checks,
+streamed deltas (holding back ``output_text_buffer_length`` characters so a stop
+string is never sent), logprobs in the completions and chat formats, usage, and
+OpenAI-style error bodies. Generation itself is ``AsyncLLM``'s; metrics are
+``ServingMetrics``'. Every request, good or bad, is answered; none stops the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import re
+import secrets
+import socket
+import time
+from typing import Any, AsyncIterator, Optional, Sequence
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.async_llm import AsyncLLM, RequestStream, merge_streams
+from engine.engine_args import EngineArgs
+from engine.entrypoints.openai.protocol import (
+    ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
+    ModelCard, ModelList, UsageInfo, random_id,
+)
+from engine.metrics import ServingMetrics
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedjax.server")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+# =========================================================================================
+# errors
+# =========================================================================================
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _error_response(status_code: int, info: ErrorInfo, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status_code, headers=headers)
+
+
+def _validation_error_info(exc: RequestValidationError) -> ErrorInfo:
+    """Pydantic's errors as one message; ``param`` is the top-level field (None for the body itself)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request body", "type": ""}
+    loc = [str(part) for part in first.get("loc", ())[1:]]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return ErrorInfo(message=f"malformed JSON in the request body: {detail}".rstrip(": "),
+                         type="invalid_request_error")
+    if not loc:
+        message = ("the request body is required (a JSON object)" if first.get("type") == "missing"
+                   else f"the request body must be a JSON object: {first.get('msg')}")
+        return ErrorInfo(message=message, type="invalid_request_error")
+    message = f"{'.'.join(loc)}: {first.get('msg')}"
+    others = sorted({str(e["loc"][1]) for e in errors if len(e.get("loc", ())) > 1} - {loc[0]})
+    if others:
+        message += f" (also invalid: {', '.join(others)})"
+    return ErrorInfo(message=message, type="invalid_request_error", param=loc[0])
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError):
+        return _error_response(exc.status_code, exc.info)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError):
+        return _error_response(400, _validation_error_info(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(exc.status_code, ErrorInfo(message=str(exc.detail), type=kind),
+                               headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception):
+        logger.exception("request failed")
+        return _error_response(500, ErrorInfo(message=f"internal server error: {type(exc).__name__}: {exc}",
+                                              type="server_error"))
+
+
+class _APIKeyMiddleware:
+    """Plain ASGI middleware: /v1/* needs ``Authorization: Bearer <api key>`` (checked before the body)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self._expected):
+                reason = "missing" if not given else "incorrect"
+                info = ErrorInfo(message=f"{reason} API key: send the header 'Authorization: Bearer <key>' with "
+                                 "the key the server was started with (--api-key)",
+                                 type="invalid_request_error", code="invalid_api_key")
+                await _error_response(401, info, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# =========================================================================================
+# the app
+# =========================================================================================
+
+
+def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key: Optional[str] = None,
+              metrics: Optional[ServingMetrics] = None) -> FastAPI:
+    """The FastAPI app over ``async_llm``. Several apps may share one ``AsyncLLM`` (pass the
+    same ``metrics`` to share it too; by default a new one is made and registered)."""
+    if metrics is None:
+        metrics = ServingMetrics(served_model_names[0], async_llm.stats)
+        async_llm.add_stat_logger(metrics)
+    serving = OpenAIServing(async_llm, list(served_model_names))
+    app = FastAPI(title="pagedjax OpenAI-compatible server", version=server_version())
+    app.state.serving, app.state.metrics = serving, metrics
+    _install_error_handlers(app)
+    if api_key:
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        await async_llm.check_health()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": server_version()}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(await run_in_threadpool(metrics.render), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return serving.model_list()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        return await _cancel_on_disconnect(raw, serving.create_completion(body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        return await _cancel_on_disconnect(raw, serving.create_chat_completion(body))
+
+    return app
+
+
+async def _cancel_on_disconnect(request: Request, work):
+    """Await ``work`` (the response, or a streaming response that was made at once), but cancel
+    it, aborting its engine requests, if the client disconnects first. (Streaming bodies are
+    watched by Starlette itself, which cancels the body iterator on disconnect.)"""
+    task = asyncio.ensure_future(work)
+
+    async def wait_for_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_for_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        logger.info("client disconnected; request cancelled")
+        return Response(status_code=499)
+    return task.result()
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("pagedjax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (pagedjax is not installed; running from a source tree)"
+
+
+# =========================================================================================
+# requests -> engine -> responses
+# =========================================================================================
+
+
+@dataclasses.dataclass
+class _Prompt:
+    text: Optional[str]  # None when the caller sent token ids
+    token_ids: list[int]
+
+
+@dataclasses.dataclass
+class _ChoiceState:
+    """What a stream has already sent for one choice."""
+
+    text_sent: int = 0
+    tokens_sent: int = 0
+    text_offset: int = 0  # completions logprobs: offset of the next token in the choice's text
+    started: bool = False
+    finished: bool = False
+
+
+class OpenAIServing:
+    """The two generation endpoints and the model list, over one ``AsyncLLM``."""
+
+    def __init__(self, async_llm: AsyncLLM, served_model_names: list[str]):
+        self.async_llm = async_llm
+        self.served_model_names = served_model_names
+        self.created = int(time.time())
+
+    def model_list(self) -> ModelList:
+        engine = self.async_llm.engine
+        return ModelList(data=[ModelCard(id=name, created=self.created, root=engine.model_path,
+                                         max_model_len=engine.max_model_len)
+                               for name in self.served_model_names])
+
+    # -- /v1/completions -------------------------------------------------------------------
+
+    async def create_completion(self, req: CompletionRequest):
+        model = self._check_model(req)
+        _refuse_unsupported(req)
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo together with logprobs needs the prompt's logprobs, which this server does "
+                              "not compute; drop one of them", param="echo")
+        params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, renames={})
+        prompts = await run_in_threadpool(self._completion_prompts, req.prompt)
+        for prompt in prompts:
+            self._check_length(len(prompt.token_ids), req.max_tokens if "max_tokens" in req.model_fields_set
+                               else None, "prompt", "max_tokens")
+        request_id = random_id("cmpl")
+        streams = await self._add_requests(request_id, prompts, params, req.priority, "prompt")
+        if req.stream:
+            body = self._stream_completion(request_id, model, prompts, streams, params, req)
+            return _sse_response(body, streams)
+        finals = await _final_outputs(streams)
+        choices = []
+        for p, output in enumerate(finals):
+            for completion in output.outputs:
+                echo = prompts[p].text if req.echo else None
+                text = (echo or "") + completion.text
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = CompletionLogprobs()
+                    _extend_completion_logprobs(logprobs, completion, 0, len(echo or ""))
+                choices.append(CompletionChoice(index=p * params.n + completion.index, text=text, logprobs=logprobs,
+                                                finish_reason=completion.finish_reason,
+                                                stop_reason=completion.stop_reason))
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=_usage(finals))
+
+    def _completion_prompts(self, prompt) -> list[_Prompt]:
+        """Runs in a worker thread (tokenizing may be slow)."""
+        engine, tokenizer = self.async_llm.engine, self.async_llm.tokenizer
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            prompt = [prompt]
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append(_Prompt(p, engine.tokenize(p)))
+            else:
+                ids = list(p)
+                vocab = engine.model_config.vocab_size
+                bad = [t for t in ids if t >= vocab]
+                if bad:
+                    raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                                      param="prompt")
+                out.append(_Prompt(tokenizer.decode(ids) if tokenizer is not None else None, ids))
+        for i, p in enumerate(out):
+            if not p.token_ids:
+                raise bad_request(f"prompt {i} is empty: at least one token is required", param="prompt")
+        return out
+
+    async def _stream_completion(self, request_id: str, model: str, prompts: list[_Prompt],
+                                 streams: list[RequestStream], params: SamplingParams,
+                                 req: CompletionRequest) -> AsyncIterator[str]:
+        created = int(time.time())
+        states: dict[int, _ChoiceState] = {}
+        finals: dict[int, RequestOutput] = {}
+        holdback = params.output_text_buffer_length
+        async for p, output in merge_streams(streams):
+            finals[p] = output
+            choices = []
+            for completion in output.outputs:
+                index = p * params.n + completion.index
+                state = states.setdefault(index, _ChoiceState())
+                if state.finished:
+                    continue
+                prefix = ""
+                if not state.started:
+                    state.started = True
+                    if req.echo:
+                        prefix = prompts[p].text or ""
+                        state.text_offset = len(prefix)
+                delta = _text_delta(completion, state, holdback)
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = CompletionLogprobs()
+                    state.text_offset = _extend_completion_logprobs(
+                        logprobs, completion, state.tokens_sent, state.text_offset)
+                state.tokens_sent = len(completion.token_ids)
+                state.finished = completion.finish_reason is not None
+                if prefix or delta or state.finished or (logprobs and logprobs.tokens):
+                    choices.append(CompletionChoice(index=index, text=prefix + delta, logprobs=logprobs,
+                                                    finish_reason=completion.finish_reason,
+                                                    stop_reason=completion.stop_reason))
+            if choices:
+                yield _sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices))
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield _sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
+                                          usage=_usage([finals[p] for p in sorted(finals)])))
+
+    # -- /v1/chat/completions --------------------------------------------------------------
+
+    async def create_chat_completion(self, req: ChatCompletionRequest):
+        model = self._check_model(req)
+        _refuse_unsupported(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+        max_tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = _sampling_params(req, max_tokens=max_tokens,
+                                  logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                  renames={"max_tokens": max_tokens_field, "logprobs": "top_logprobs"})
+        prompt = await run_in_threadpool(self._chat_prompt, req)
+        self._check_length(len(prompt.token_ids), max_tokens, "messages", max_tokens_field)
+        request_id = random_id("chatcmpl")
+        streams = await self._add_requests(request_id, [prompt], params, req.priority, "messages")
+        if req.stream:
+            return _sse_response(self._stream_chat(request_id, model, streams[0], params, req), streams)
+        (final,) = await _final_outputs(streams)
+        choices = [ChatCompletionChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                                        logprobs=_chat_logprobs(c, 0, params.logprobs) if req.logprobs else None,
+                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                   for c in final.outputs]
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=_usage([final]))
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
+        """Runs in a worker thread: renders the messages with the model's chat template."""
+        from jinja2 import TemplateError
+
+        from engine.tokenizer import TokenizerError, apply_chat_template
+
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in req.messages]
+        try:
+            ids = apply_chat_template(self.async_llm.tokenizer, messages,
+                                      add_generation_prompt=req.add_generation_prompt)
+        except (TokenizerError, TemplateError, ValueError) as e:
+            raise bad_request(f"cannot apply the chat template to these messages: {e}", param="messages") from e
+        return _Prompt(None, list(ids))
+
+    async def _stream_chat(self, request_id: str, model: str, stream: RequestStream, params: SamplingParams,
+                           req: ChatCompletionRequest) -> AsyncIterator[str]:
+        created = int(time.time())
+        states: dict[int, _ChoiceState] = {}
+        holdback = params.output_text_buffer_length
+        final: Optional[RequestOutput] = None
+
+        def chunk(choices: list[ChatCompletionChunkChoice], usage: Optional[UsageInfo] = None) -> str:
+            return _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
+                                            usage=usage))
+
+        async for output in stream:
+            final = output
+            choices = []
+            for completion in output.outputs:
+                state = states.setdefault(completion.index, _ChoiceState())
+                if state.finished:
+                    continue
+                if not state.started:  # OpenAI's first chunk of a choice carries the role
+                    state.started = True
+                    yield chunk([ChatCompletionChunkChoice(index=completion.index,
+                                                           delta=ChatDelta(role="assistant", content=""))])
+                delta = _text_delta(completion, state, holdback)
+                logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
+                state.tokens_sent = len(completion.token_ids)
+                state.finished = completion.finish_reason is not None
+                if delta or state.finished or (logprobs and logprobs.content):
+                    choices.append(ChatCompletionChunkChoice(
+                        index=completion.index, delta=ChatDelta(content=delta or None), logprobs=logprobs,
+                        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+            if choices:
+                yield chunk(choices)
+        if req.stream_options is not None and req.stream_options.include_usage and final is not None:
+            yield chunk([], usage=_usage([final]))
+
+    # -- shared checks ---------------------------------------------------------------------
+
+    def _check_model(self, req) -> str:
+        if req.model is None:
+            return self.served_model_names[0]
+        if req.model not in self.served_model_names:
+            raise APIError(404, f"The model `{req.model}` does not exist. This server serves: "
+                           f"{', '.join(self.served_model_names)}", param="model", code="model_not_found")
+        return req.model
+
+    def _check_length(self, num_prompt_tokens: int, max_tokens: Optional[int], prompt_param: str,
+                      max_tokens_param: str) -> None:
+        limit = self.async_llm.max_model_len
+        if num_prompt_tokens >= limit:
+            what = "the prompt has" if prompt_param == "prompt" else f"the {prompt_param} (after the chat template) have"
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens, but {what} {num_prompt_tokens} tokens; "
+                "at least one token must be left to generate", param=prompt_param, code="context_length_exceeded")
+        if max_tokens is not None and isinstance(max_tokens, int) and num_prompt_tokens + max_tokens > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens, but {num_prompt_tokens} prompt tokens "
+                f"plus {max_tokens_param}={max_tokens} is {num_prompt_tokens + max_tokens}; lower "
+                f"{max_tokens_param} to at most {limit - num_prompt_tokens}", param=max_tokens_param,
+                code="context_length_exceeded")
+
+    async def _add_requests(self, request_id: str, prompts: list[_Prompt], params: SamplingParams, priority: int,
+                            prompt_param: str) -> list[RequestStream]:
+        """Queue every prompt (together: one engine step sees them all); a refusal is a 400, none queued."""
+        try:
+            return await self.async_llm.add_requests(
+                [(f"{request_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)],
+                priority=priority)
+        except ValueError as e:
+            raise bad_request(str(e), param=prompt_param) from e
+
+
+# -- conversions shared by both endpoints -------------------------------------------------
+
+
+def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
+                     renames: dict[str, str]) -> SamplingParams:
+    """``SamplingParams`` from a request; its validation errors become 400s naming the request field."""
+    kwargs: dict[str, Any] = dict(
+        n=req.n, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
+        stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
+        min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output)
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):  # None: the engine's default
+        if getattr(req, name) is not None:
+            kwargs[name] = getattr(req, name)
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        field = re.match(r"\w+", str(e))
+        param = field.group(0) if field and field.group(0) in kwargs else None
+        param = renames.get(param, param)
+        message = str(e)
+        if param and field and param != field.group(0):
+            message = param + message[len(field.group(0)):]
+        raise bad_request(message, param=param) from e
+
+
+def _refuse_unsupported(req) -> None:
+    unsupported = req.unsupported_fields()
+    if unsupported:
+        raise bad_request(f"{unsupported[0]} is not supported by this server", param=unsupported[0])
+
+
+def _text_delta(completion: CompletionOutput, state: _ChoiceState, holdback: int) -> str:
+    """New text since the last chunk; while running, the last ``holdback`` characters wait
+    (they may be the start of a stop string that will be cut)."""
+    text = completion.text
+    end = len(text) if completion.finish_reason is not None else max(state.text_sent, len(text) - holdback)
+    delta = text[state.text_sent:end]
+    state.text_sent = end
+    return delta
+
+
+def _token_logprobs(completion: CompletionOutput, start: int):
+    """``(token id, its entry)`` for output tokens ``start..`` (snapshot lists may have grown since)."""
+    entries = (completion.logprobs or [])[: len(completion.token_ids)]
+    return list(zip(completion.token_ids[start:], entries[start:]))
+
+
+def _extend_completion_logprobs(out: CompletionLogprobs, completion: CompletionOutput, start: int,
+                                text_offset: int) -> int:
+    """Append the completions-format logprobs of tokens ``start..``; returns the next text offset."""
+    for token_id, entry in _token_logprobs(completion, start):
+        chosen = entry[token_id]
+        token = chosen.decoded_token or ""
+        out.tokens.append(token)
+        out.token_logprobs.append(chosen.logprob)
+        out.top_logprobs.append({(lp.decoded_token or ""): lp.logprob for lp in entry.values()})
+        out.text_offset.append(text_offset)
+        text_offset += len(token)
+    return text_offset
+
+
+def _chat_logprobs(completion: CompletionOutput, start: int, top_k: Optional[int]) -> ChatLogprobs:
+    content = []
+    for token_id, entry in _token_logprobs(completion, start):
+        chosen = entry[token_id]
+        top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= (top_k or 0)),
+                     key=lambda lp: lp.rank)
+        content.append(ChatTokenLogprob(
+            token=chosen.decoded_token or "", logprob=chosen.logprob, bytes=_utf8(chosen.decoded_token),
+            top_logprobs=[ChatTopLogprob(token=lp.decoded_token or "", logprob=lp.logprob,
+                                         bytes=_utf8(lp.decoded_token)) for lp in top]))
+    return ChatLogprobs(content=content)
+
+
+def _utf8(text: Optional[str]) -> list[int]:
+    return list((text or "").encode("utf-8"))
+
+
+def _usage(outputs: Sequence[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _final_outputs(streams: Sequence[RequestStream]) -> list[RequestOutput]:
+    finals: list[Optional[RequestOutput]] = [None] * len(streams)
+    async for index, output in merge_streams(streams):
+        finals[index] = output
+    return finals  # type: ignore[return-value]
+
+
+def _sse(payload) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def _sse_response(body: AsyncIterator[str], streams: Sequence[RequestStream]) -> StreamingResponse:
+    """SSE over ``body``, ending with ``data: [DONE]``; an error mid-stream becomes an error event.
+    The body is closed however it ends (disconnect, error), which aborts unfinished requests."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for event in body:
+                yield event
+        except Exception as e:  # headers are sent: report the error in the stream
+            logger.exception("streaming request failed")
+            info = ErrorInfo(message=f"{type(e).__name__}: {e}", type="server_error")
+            yield f"data: {json.dumps(ErrorResponse(error=info).model_dump())}\n\n"
+        finally:
+            await body.aclose()
+            for stream in streams:
+                stream.close()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# =========================================================================================
+# command line
+# =========================================================================================
+
+
+def make_arg_parser() -> argparse.ArgumentParser:
+    from models.loader import LOAD_FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog="pagedjax serve",
+        description="OpenAI-compatible HTTP server for pagedjax (flags named as vLLM's). "
+                    "With no arguments it serves the embedded SmolLM2-135M-Instruct on http://127.0.0.1:8000.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face checkpoint folder or .gguf file (default: the embedded "
+                             "SmolLM2-135M-Instruct GGUF)")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on. Unlike vLLM (0.0.0.0) the default is 127.0.0.1 (this machine "
+                             "only) for safety; pass --host 0.0.0.0 to accept connections from other machines")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="model name(s) clients use in the 'model' field (default: --model, or "
+                             "SmolLM2-135M-Instruct); the first is reported in metrics")
+    parser.add_argument("--api-key", default=None,
+                        help="if set, /v1/* requests need the header 'Authorization: Bearer <key>'")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--dtype", default="auto", help="weights and KV-cache dtype: auto (bfloat16 on GPU, "
+                        "float32 on CPU), bfloat16, float16, float32")
+    engine.add_argument("--max-model-len", type=int, default=None,
+                        help="context length (prompt + output); default: the model's")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to shard the model over")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of device memory for weights, activations and the KV cache")
+    engine.add_argument("--max-num-seqs", type=int, default=None,
+                        help="most sequences in one step (default: 256 on GPU, 64 on CPU)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of one step (default: 8192 on GPU, 1024 on CPU)")
+    engine.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64],
+                        help="tokens per KV-cache block")
+    engine.add_argument("--quantization", default=None, help="weight quantization method")
+    engine.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS),
+                        help="checkpoint format ('dummy': random weights)")
+    engine.add_argument("--seed", type=int, default=0, help="seed of requests that set none")
+    engine.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                        help="use this many KV-cache blocks instead of sizing from memory")
+    engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
+                        help="'priority': requests' priority field orders the queue (lower first)")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    return parser
+
+
+def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
+    """``EngineArgs`` from the parsed flags (every flag named as an ``EngineArgs`` field)."""
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    return EngineArgs(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def served_model_names(args: argparse.Namespace) -> list[str]:
+    from models.default_model import DEFAULT_MODEL_NAME
+
+    return list(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
+
+
+def startup_line(async_llm: AsyncLLM, names: Sequence[str], url: str) -> str:
+    import jax
+
+    devices = jax.devices()
+    stats = async_llm.stats()
+    engine = async_llm.engine
+    return (f"pagedjax serving {', '.join(names)} ({engine.model_path}) on {len(devices)}x "
+            f"{devices[0].device_kind}; KV cache {stats['num_usable_blocks']} blocks of {engine.args.block_size} "
+            f"tokens; max_model_len {engine.max_model_len}; OpenAI API at {url}/v1")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before loading the model, so a taken port fails at once, not after the load."""
+    try:
+        return socket.create_server((host, port), reuse_port=False)
+    except OSError as e:
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = make_arg_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = bind_socket(args.host, args.port)
+    try:
+        async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args))
+    except (ValueError, NotImplementedError, FileNotFoundError) as e:
+        sock.close()
+        parser.exit(2, f"error: cannot start the engine: {e}\n")
+    names = served_model_names(args)
+    app = build_app(async_llm, names, api_key=args.api_key)
+    host, port = sock.getsockname()[:2]
+    logger.info(startup_line(async_llm, names, f"http://{_url_host(host)}:{port}"))
+    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        async_llm.shutdown()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Prometheus metrics of a serving engine, with vLLM's metric names under the ``vllm:`` prefix.
+
+The prefix is vLLM's own, so dashboards, alerts and autoscalers written for vLLM
+read this server unchanged; the few metrics vLLM lacks (KV blocks used and
+total, largest batch) use the same prefix. Every metric carries a ``model_name``
+label, as vLLM's do.
+
+Owns one ``CollectorRegistry`` per ``ServingMetrics`` (never the global default,
+so several servers or tests in one process do not collide): latency histograms
+fed through the ``StatLogger`` calls of ``engine.async_llm``, and engine state
+(queues, KV cache, token and preemption counters) read from a stats snapshot at
+scrape time. Knows nothing of HTTP or of how the engine works inside.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+METRIC_PREFIX = "vllm:"
+
+# vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), in seconds.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+INTER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                       20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
+
+
+class ServingMetrics:
+    """The server's metrics; pass it to ``AsyncLLM.add_stat_logger`` and serve ``render()``.
+
+    ``read_stats`` returns the dict of ``AsyncLLM.stats()``; it is called on every
+    scrape, from the thread that calls ``render()``.
+    """
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model_name: str, read_stats: Callable[[], dict]):
+        self.registry = CollectorRegistry()
+        label = {"model_name": model_name}
+        self._ttft = Histogram(f"{METRIC_PREFIX}time_to_first_token_seconds", "Time to first token in seconds.",
+                               list(label), buckets=TTFT_BUCKETS, registry=self.registry).labels(**label)
+        self._inter_token = Histogram(f"{METRIC_PREFIX}inter_token_latency_seconds",
+                                      "Time between consecutive output tokens of a request, in seconds.",
+                                      list(label), buckets=INTER_TOKEN_BUCKETS, registry=self.registry).labels(**label)
+        self._e2e = Histogram(f"{METRIC_PREFIX}e2e_request_latency_seconds",
+                              "End-to-end request latency (arrival to last output) in seconds.",
+                              list(label), buckets=E2E_BUCKETS, registry=self.registry).labels(**label)
+        self._success = Counter(f"{METRIC_PREFIX}request_success", "Finished requests, by finish reason.",
+                                ["model_name", "finished_reason"], registry=self.registry)
+        self._model_name = model_name
+        self.registry.register(_EngineStateCollector(model_name, read_stats))
+
+    # -- StatLogger ----------------------------------------------------------------------
+
+    def on_first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def on_inter_token(self, seconds: float) -> None:
+        self._inter_token.observe(seconds)
+
+    def on_finished(self, seconds: float, finish_reasons: Sequence[str]) -> None:
+        self._e2e.observe(seconds)
+        for reason in finish_reasons:
+            self._success.labels(model_name=self._model_name, finished_reason=reason).inc()
+
+    # -- exposition -----------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text format of every metric (reads engine stats: may wait one step)."""
+        return generate_latest(self.registry)
+
+
+class _EngineStateCollector(Collector):
+    """Gauges and counters read from one engine stats snapshot per scrape."""
+
+    def __init__(self, model_name: str, read_stats: Callable[[], dict]):
+        self._model_name = model_name
+        self._read_stats = read_stats
+
+    def describe(self):
+        return []  # values are read at scrape time; nothing to describe up front
+
+    def collect(self):
+        stats = self._read_stats()
+        labels = [self._model_name]
+        used, usable = stats["num_used_blocks"], stats["num_usable_blocks"]
+        gauges = [
+            ("num_requests_running", "Sequences in the running batch.", stats["num_running"]),
+            ("num_requests_waiting", "Sequences waiting to be scheduled.", stats["num_waiting"]),
+            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", used / usable if usable else 0.0),
+            ("kv_cache_used_blocks", "KV-cache blocks in use.", used),
+            ("kv_cache_total_blocks", "KV-cache blocks that can be handed out.", usable),
+            ("max_batch_seqs", "Largest number of sequences run in one engine step so far.", stats["max_batch_seqs"]),
+        ]
+        for name, doc, value in gauges:
+            family = GaugeMetricFamily(f"{METRIC_PREFIX}{name}", doc, labels=["model_name"])
+            family.add_metric(labels, value)
+            yield family
+        counters = [
+            ("prompt_tokens", "Prompt tokens admitted.", stats["prompt_tokens"]),
+            ("generation_tokens", "Tokens generated.", stats["generation_tokens"]),
+            ("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).", stats["num_preemptions"]),
+            ("engine_steps", "Engine steps run.", stats["steps"]),
+        ]
+        for name, doc, value in counters:
+            family = CounterMetricFamily(f"{METRIC_PREFIX}{name}", doc, labels=["model_name"])
+            family.add_metric(labels, value)
+            yield family

@@ -1,0 +1,493 @@
+"""The OpenAI-compatible server end to end: the real app under uvicorn on a free localhost
+port, the embedded default model, the official ``openai`` client (httpx for raw bodies).
+
+One engine for the whole module (loading takes ~30 s on CPU). It serves two apps: the
+open one, and one started with ``--api-key`` sharing the same ``AsyncLLM``.
+Shows: completions and chat answers (Paris), streamed deltas equal the non-streamed
+text, n, stop strings never streamed, logprobs in both formats, seeds reproduce,
+usage counts the tokenizer's tokens, 32 concurrent streams are correct and batched,
+a client that disconnects frees its KV blocks while other streams go on, /metrics,
+and bad input answered with the right status and an OpenAI-style error body while the
+server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+
+import pytest
+
+for _module in ("fastapi", "uvicorn", "prometheus_client", "openai", "httpx"):  # absent on the GPU machine
+    pytest.importorskip(_module)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import uvicorn  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from engine.async_llm import AsyncLLM  # noqa: E402
+from engine.entrypoints.openai.api_server import (  # noqa: E402
+    bind_socket, build_app, engine_args_from_cli, make_arg_parser, served_model_names,
+)
+from engine.tokenizer import apply_chat_template  # noqa: E402
+
+API_KEY = "test-secret-key"
+MAX_MODEL_LEN = 512
+MAX_NUM_SEQS = 16
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "1, 2, 3, 4,",
+           "The quick brown fox"]
+GREEDY = dict(temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@dataclasses.dataclass
+class Served:
+    url: str
+    secured_url: str
+    async_llm: AsyncLLM
+    model: str
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120, **kwargs)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(f"{self.url}/metrics", timeout=60).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                assert sample.labels.get("model_name") == self.model
+                extra = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k != "model_name")
+                out[sample.name + (f"{{{extra}}}" if extra else "")] = sample.value
+        return out
+
+
+def _serve_in_thread(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    host, port = sock.getsockname()[:2]
+    return server, thread, f"http://{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+def served():
+    args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS)])
+    async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args))
+    names = served_model_names(args)
+    app = build_app(async_llm, names)
+    secured = build_app(async_llm, names, api_key=API_KEY, metrics=app.state.metrics)
+    running = [_serve_in_thread(app), _serve_in_thread(secured)]
+    yield Served(running[0][2], running[1][2], async_llm, names[0])
+    for server, thread, _ in running:
+        server.should_exit = True
+        thread.join(timeout=10)
+    async_llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    """Greedy non-streamed completions of PROMPTS (one request with a list of prompts)."""
+    out = served.client().completions.create(model=served.model, prompt=PROMPTS, **GREEDY)
+    assert [c.index for c in out.choices] == list(range(len(PROMPTS)))
+    return [c.text for c in out.choices]
+
+
+# -- what works --------------------------------------------------------------------------
+
+
+def test_models_health_version(served):
+    models = served.client().models.list().data
+    assert [m.id for m in models] == [served.model] == ["SmolLM2-135M-Instruct"]
+    assert httpx.get(f"{served.url}/health").status_code == 200
+    assert isinstance(httpx.get(f"{served.url}/version").json()["version"], str)
+
+
+def test_completion_text_and_usage(served, reference):
+    tokenizer = served.async_llm.tokenizer
+    out = served.client().completions.create(model=served.model, prompt=PROMPTS[0], **GREEDY)
+    assert out.object == "text_completion" and out.id.startswith("cmpl-")
+    (choice,) = out.choices
+    assert choice.text == reference[0] and "Paris" in choice.text
+    assert choice.finish_reason == "length"
+    assert out.usage.prompt_tokens == len(tokenizer.encode(PROMPTS[0]))
+    assert out.usage.completion_tokens == 8
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 8
+    # The same prompt as token ids gives the same text; echo puts the prompt in front.
+    ids = tokenizer.encode(PROMPTS[0])
+    by_ids = served.client().completions.create(model=served.model, prompt=ids, echo=True, **GREEDY)
+    assert by_ids.choices[0].text == PROMPTS[0] + reference[0]
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_chat_answers_paris(served):
+    tokenizer = served.async_llm.tokenizer
+    out = served.client().chat.completions.create(model=served.model, messages=CHAT, temperature=0,
+                                                  max_completion_tokens=20)
+    assert out.object == "chat.completion"
+    message = out.choices[0].message
+    assert message.role == "assistant" and "Paris" in message.content
+    assert out.usage.prompt_tokens == len(apply_chat_template(tokenizer, CHAT))
+    assert 0 < out.usage.completion_tokens <= 20
+
+
+def test_streaming_equals_non_streamed(served, reference):
+    client = served.client()
+    chunks = list(client.completions.create(model=served.model, prompt=PROMPTS[1], stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == reference[1]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+    chat = client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=12)
+    stream = list(client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=12,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
+    assert stream[-1].usage.model_dump() == chat.usage.model_dump()
+
+
+def test_raw_sse_format(served):
+    with httpx.stream("POST", f"{served.url}/v1/completions", timeout=60,
+                      json={"prompt": PROMPTS[2], "max_tokens": 3, "temperature": 0, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        body = r.read().decode()
+    events = body.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(e.startswith("data: {") for e in events[:-2])
+
+
+def test_n2_and_prompt_list(served):
+    out = served.client().completions.create(model=served.model, prompt=PROMPTS[:2], n=2, temperature=1.0,
+                                             seed=11, max_tokens=5, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert out.usage.completion_tokens == 4 * 5
+    tokenizer = served.async_llm.tokenizer
+    assert out.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in PROMPTS[:2])
+    chat = served.client().chat.completions.create(model=served.model, messages=CHAT, n=2, temperature=1.0,
+                                                   seed=3, max_tokens=6)
+    assert sorted(c.index for c in chat.choices) == [0, 1]
+
+
+def test_seed_reproduces(served):
+    def sample(seed: int) -> str:
+        return served.client().completions.create(model=served.model, prompt=PROMPTS[3], temperature=1.0, seed=seed,
+                                                  max_tokens=8, extra_body={"ignore_eos": True}).choices[0].text
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert any(sample(seed) != first for seed in (1, 2))
+
+
+def test_stop_string_never_sent(served, reference):
+    text = reference[1]
+    stop = text[len(text) // 2: len(text) // 2 + 4]
+    assert len(stop) == 4 and stop in text
+    expected = text[: text.index(stop)]
+    client = served.client()
+    out = client.completions.create(model=served.model, prompt=PROMPTS[1], stop=[stop], **GREEDY)
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
+    deltas = [c.choices[0].text for c in client.completions.create(model=served.model, prompt=PROMPTS[1],
+                                                                    stop=stop, stream=True, **GREEDY)]
+    assert "".join(deltas) == expected
+    sent = ""
+    for delta in deltas:  # no prefix of the stream ever contained the stop string
+        sent += delta
+        assert stop not in sent
+
+
+def test_logprobs_both_formats(served, reference):
+    client = served.client()
+    out = client.completions.create(model=served.model, prompt=PROMPTS[0], logprobs=2, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert "".join(lp.tokens) == out.choices[0].text == reference[0]
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and len(top) == 2 and top[token] == max(top.values())  # greedy: the top token
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=served.model, prompt=PROMPTS[0], logprobs=2, stream=True, **GREEDY)]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+
+    chat = client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=6,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token
+        assert [t.logprob for t in c.top_logprobs] == sorted((t.logprob for t in c.top_logprobs), reverse=True)
+        assert bytes(c.bytes).decode() == c.token
+
+
+def test_32_concurrent_streams_batched_and_queued(served, reference):
+    """32 streams against max_num_seqs=16: 16 run batched, the rest wait in the engine queue, all finish right."""
+    peak = {"vllm:num_requests_waiting": 0.0, "vllm:num_requests_running": 0.0}
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> str:
+        stream = await client.completions.create(model=served.model, prompt=PROMPTS[i % 4], stream=True, **GREEDY)
+        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    async def watch_metrics(done: asyncio.Event) -> None:
+        while not done.is_set():
+            metrics = await asyncio.to_thread(served.metrics)
+            for name in peak:
+                peak[name] = max(peak[name], metrics[name])
+            await asyncio.sleep(0.2)
+
+    async def run_all() -> list[str]:
+        done = asyncio.Event()
+        watcher = asyncio.create_task(watch_metrics(done))
+        async with served.async_client() as client:
+            texts = await asyncio.gather(*(one(client, i) for i in range(32)))
+        done.set()
+        await watcher
+        return texts
+
+    texts = asyncio.run(run_all())
+    assert texts == [reference[i % 4] for i in range(32)]
+    assert served.async_llm.stats()["max_batch_seqs"] == MAX_NUM_SEQS  # earlier tests ran at most 4 at once
+    assert served.metrics()["vllm:max_batch_seqs"] == MAX_NUM_SEQS
+    assert peak["vllm:num_requests_running"] > 1 and peak["vllm:num_requests_waiting"] > 0, peak
+
+
+def test_disconnect_frees_blocks_others_continue(served, reference):
+    before = served.metrics()
+
+    async def abandon_stream() -> int:
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+            async with client.stream("POST", f"{served.url}/v1/completions", json=body) as r:
+                received = 0
+                async for line in r.aiter_lines():
+                    received += line.startswith("data: {")
+                    if received == 3:
+                        break  # leaving the block closes the connection mid-stream
+        return received
+
+    async def abandon_blocking_request() -> None:
+        body = {"prompt": PROMPTS[3], "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            async with httpx.AsyncClient(timeout=4) as client:
+                await client.post(f"{served.url}/v1/completions", json=body)
+
+    async def finish_stream() -> str:
+        await asyncio.sleep(0.5)
+        async with served.async_client() as client:
+            stream = await client.completions.create(model=served.model, prompt=PROMPTS[0], stream=True, **GREEDY)
+            return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    async def run() -> tuple:
+        return await asyncio.gather(abandon_stream(), abandon_blocking_request(), finish_stream())
+
+    received, _, text = asyncio.run(run())
+    assert received == 3 and text == reference[0]
+    aborted = 'vllm:request_success_total{finished_reason="abort"}'
+
+    def settled(m: dict) -> bool:  # both abandoned requests aborted, nothing left running
+        return (m.get(aborted, 0) - before.get(aborted, 0) == 2 and m["vllm:kv_cache_used_blocks"] == 0
+                and m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0)
+
+    deadline = time.monotonic() + 60
+    while not settled(now := served.metrics()):
+        assert time.monotonic() < deadline, f"abandoned requests not aborted / KV blocks not freed: {now}"
+        time.sleep(0.5)
+    assert now["vllm:kv_cache_usage_perc"] == 0
+    assert now["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 400  # both were cut short
+
+
+def test_async_llm_generate_and_leaving_early(served, reference):
+    """The ``AsyncLLM`` front itself: cumulative outputs end with ``finished``; breaking out aborts."""
+    from engine import SamplingParams
+
+    llm = served.async_llm
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def run() -> tuple[list, int]:
+        outputs = [out async for out in llm.generate(PROMPTS[0], params, request_id="direct-1")]
+        seen = 0
+        long = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+        async for out in llm.generate(PROMPTS[1], long, request_id="direct-2"):
+            seen = len(out.outputs[0].token_ids)
+            if seen >= 2:
+                break
+        return outputs, seen
+
+    outputs, seen = asyncio.run(run())
+    assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+    assert outputs[-1].outputs[0].text == reference[0]
+    lengths = [len(o.outputs[0].token_ids) for o in outputs]
+    assert lengths == sorted(lengths) and lengths[-1] == 8
+    assert seen >= 2
+    deadline = time.monotonic() + 60
+    while (stats := llm.stats())["num_used_blocks"] or stats["num_running"]:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+    with pytest.raises(ValueError, match="max_model_len"):  # refused at once, in the caller
+        asyncio.run(llm.add_request("direct-3", [1] * MAX_MODEL_LEN))
+
+
+def test_metrics(served):
+    metrics = served.metrics()
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
+                 "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total"):
+        assert metrics[name] > 0, name
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:num_preemptions_total"):
+        assert name in metrics
+    assert metrics["vllm:kv_cache_total_blocks"] == served.async_llm.stats()["num_usable_blocks"]
+    assert metrics['vllm:request_success_total{finished_reason="length"}'] > 0
+    assert metrics['vllm:time_to_first_token_seconds_bucket{le="+Inf"}'] == metrics[
+        "vllm:time_to_first_token_seconds_count"]
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('{"prompt": "hi", "max_tokens": ', "malformed JSON"),
+    ("[1, 2]", "JSON object"),
+    ("", "required"),
+])
+def test_malformed_bodies(served, body, fragment):
+    r = httpx.post(f"{served.url}/v1/completions", content=body, headers={"content-type": "application/json"})
+    error = _error(r, 400)
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("endpoint, body, param", [
+    ("completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": 5}, "prompt"),
+    ("completions", {"prompt": [1, -2]}, "prompt"),
+    ("completions", {"prompt": [[]]}, "prompt"),
+    ("completions", {"prompt": "hi", "max_tokens": 1.5}, "max_tokens"),
+    ("completions", {"prompt": "hi", "stream": "maybe"}, "stream"),
+    ("chat/completions", {"messages": "hello"}, "messages"),
+    ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+    ("chat/completions", {}, "messages"),
+])
+def test_wrong_types(served, endpoint, body, param):
+    error = _error(httpx.post(f"{served.url}/v1/{endpoint}", json=body), 400)
+    assert error["param"] == param, error
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 0}, "n"),
+    ({"logprobs": 50}, "logprobs"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"extra_body": {"top_k": -5}}, "top_k"),
+    ({"extra_body": {"min_tokens": 9, "max_tokens": 4}}, "min_tokens"),
+    ({"extra_body": {"logit_bias": {"1": 5}}}, "logit_bias"),
+    ({"echo": True, "logprobs": 1}, "echo"),
+])
+def test_out_of_range_completions(served, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        served.client().completions.create(model=served.model, prompt="hi", **kwargs)
+    assert info.value.param == param and param in info.value.message
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"top_logprobs": 5}, "top_logprobs"),  # without logprobs=True
+    ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+    ({"max_completion_tokens": -3}, "max_completion_tokens"),
+    ({"frequency_penalty": -7}, "frequency_penalty"),
+])
+def test_out_of_range_chat(served, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        served.client().chat.completions.create(model=served.model, messages=CHAT, **kwargs)
+    assert info.value.param == param
+
+
+def test_unknown_model_and_route(served):
+    with pytest.raises(openai.NotFoundError) as info:
+        served.client().completions.create(model="gpt-5", prompt="hi", max_tokens=1)
+    assert info.value.code == "model_not_found" and "gpt-5" in info.value.message
+    assert info.value.param == "model"
+    _error(httpx.get(f"{served.url}/v1/nothing-here"), 404)
+
+
+def test_api_key(served):
+    url = served.secured_url
+    body = {"prompt": "hi", "max_tokens": 1}
+    assert _error(httpx.post(f"{url}/v1/completions", json=body), 401)["code"] == "invalid_api_key"
+    wrong = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+    assert "incorrect API key" in _error(wrong, 401)["message"]
+    malformed = httpx.post(f"{url}/v1/completions", content="{", headers={"content-type": "application/json"})
+    _error(malformed, 401)  # the key is checked before the body is read
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    assert good.completions.create(model=served.model, prompt="hi", max_tokens=1).usage.completion_tokens == 1
+    assert httpx.get(f"{url}/health").status_code == 200  # health, metrics and version stay open
+
+
+def test_context_length(served):
+    tokenizer = served.async_llm.tokenizer
+    long_prompt = "hello world " * 300
+    n = len(tokenizer.encode(long_prompt))
+    with pytest.raises(openai.BadRequestError) as info:
+        served.client().completions.create(model=served.model, prompt=long_prompt, max_tokens=1)
+    assert str(MAX_MODEL_LEN) in info.value.message and str(n) in info.value.message
+    assert info.value.code == "context_length_exceeded" and info.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as info:
+        served.client().chat.completions.create(model=served.model, messages=[{"role": "user", "content": long_prompt}])
+    assert info.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as info:  # prompt fits, prompt + max_tokens does not
+        served.client().completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=MAX_MODEL_LEN)
+    assert info.value.param == "max_tokens" and str(MAX_MODEL_LEN) in info.value.message
+    vocab = served.async_llm.engine.model_config.vocab_size
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        served.client().completions.create(model=served.model, prompt=[1, vocab + 5], max_tokens=1)
+
+
+def test_still_serving_after_errors(served, reference):
+    """Bad requests sent while a good stream runs do not disturb it, and nothing is left queued."""
+    async def run() -> str:
+        async with served.async_client() as client, httpx.AsyncClient(timeout=60) as raw:
+            stream = await client.completions.create(model=served.model, prompt=PROMPTS[1], stream=True, **GREEDY)
+            bad = await asyncio.gather(
+                raw.post(f"{served.url}/v1/completions", content="{oops"),
+                raw.post(f"{served.url}/v1/completions", json={"prompt": "hi", "top_p": 7}),
+                raw.post(f"{served.url}/v1/chat/completions", json={"model": "nope", "messages": CHAT}))
+            assert [r.status_code for r in bad] == [400, 400, 404]
+            return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    assert asyncio.run(run()) == reference[1]
+    stats = served.async_llm.stats()
+    assert stats["num_running"] == stats["num_waiting"] == stats["num_used_blocks"] == 0
+    assert httpx.get(f"{served.url}/health").status_code == 200
+
+
+def test_help_names_safe_default_host():
+    help_text = make_arg_parser().format_help()
+    assert "127.0.0.1" in help_text and "0.0.0.0" in help_text
+    for flag in ("--model", "--host", "--port", "--served-model-name", "--dtype", "--max-model-len",
+                 "--tensor-parallel-size", "--gpu-memory-utilization", "--max-num-seqs", "--max-num-batched-tokens",
+                 "--block-size", "--quantization", "--load-format", "--seed", "--api-key"):
+        assert flag in help_text, flag
+    args = make_arg_parser().parse_args([])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
+    assert json.dumps(served_model_names(args)) == '["SmolLM2-135M-Instruct"]'
