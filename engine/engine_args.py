@@ -12,8 +12,9 @@ from typing import Optional
 
 import jax
 
-from models.batch import kv_cache_bytes_per_block
 from models.config import ModelConfig
+from sharding import kv_cache_bytes_per_block_per_device
+from sharding.distributed import agree_on_min
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ class EngineArgs:
     num_gpu_blocks_override: Optional[int] = None
     scheduling_policy: str = "fifo"
     attention_backend: str = "auto"
+    # "continuous" batching, or "static" (the baseline: a fixed batch, nothing admitted until all of it finished).
+    scheduling_mode: str = "continuous"
+    trace: bool = False  # record a per-step trace (engine.trace), read with LLM.get_trace()
 
     def validate(self) -> None:
         if self.block_size not in (8, 16, 32, 64):
@@ -49,12 +53,26 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.scheduling_policy not in ("fifo", "priority"):
             raise ValueError(f"scheduling_policy must be 'fifo' or 'priority', got {self.scheduling_policy!r}")
-        if self.tensor_parallel_size != 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not implemented yet (tracked in the TP issue)")
+        if self.scheduling_mode not in ("continuous", "static"):
+            raise ValueError(f"scheduling_mode must be 'continuous' or 'static', got {self.scheduling_mode!r}")
+        self._validate_tensor_parallel_size()
         if self.quantization is not None:
             raise NotImplementedError(f"quantization={self.quantization!r} is not implemented yet")
         if self.kv_cache_dtype != "auto":
             raise NotImplementedError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet")
+
+    def _validate_tensor_parallel_size(self) -> None:
+        """Sizes the devices allow; whether the model's heads divide is checked once its config is read."""
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        devices = jax.devices()
+        if tp > len(devices):
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices, but only {len(devices)} "
+                             f"{devices[0].platform.upper()} device(s) are visible to JAX")
+        if jax.process_count() > 1 and tp != len(devices):
+            raise ValueError(f"with {jax.process_count()} processes, tensor_parallel_size must span every "
+                             f"device of the cluster ({len(devices)}), got {tp}")
 
     def resolved_limits(self, config: ModelConfig) -> tuple[int, int, int]:
         """``(max_model_len, max_num_batched_tokens, max_num_seqs)`` with defaults filled in."""
@@ -69,24 +87,30 @@ class EngineArgs:
 
 
 def device_memory_budget(utilization: float) -> Optional[int]:
-    """Bytes the engine may hold on device 0 (None where the backend reports no limit, e.g. CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Bytes the engine may hold on this process's first device (None where the backend reports
+    no limit, e.g. CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
     return int(limit * utilization) if limit else None
 
 
 def num_kv_blocks(args: EngineArgs, config: ModelConfig, kv_dtype, max_model_len: int, max_num_seqs: int,
                   activation_bytes: int = 0) -> int:
-    """How many KV blocks to allocate (including the reserved sink block 0)."""
+    """How many KV blocks to allocate (including the reserved sink block 0).
+
+    With tensor parallelism each device holds its share of every block: the budget
+    of one device is divided by the bytes a block costs per device. With several
+    processes every one takes the smallest count any of them can hold.
+    """
     if args.num_gpu_blocks_override:
         return args.num_gpu_blocks_override
-    per_block = kv_cache_bytes_per_block(config, args.block_size, kv_dtype)
+    per_block = kv_cache_bytes_per_block_per_device(config, args.block_size, kv_dtype, args.tensor_parallel_size)
     budget = device_memory_budget(args.gpu_memory_utilization)
     if budget is None:
         # CPU: enough for every sequence at full length, capped at CPU_KV_CACHE_BYTES.
         wanted = max_num_seqs * -(-max_model_len // args.block_size) + 1
         return max(2, min(wanted, CPU_KV_CACHE_BYTES // per_block))
-    in_use = int((jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0))
+    in_use = int((jax.local_devices()[0].memory_stats() or {}).get("bytes_in_use", 0))
     free = budget - in_use - activation_bytes
     if free < 2 * per_block:
         raise ValueError(
@@ -94,4 +118,4 @@ def num_kv_blocks(args: EngineArgs, config: ModelConfig, kv_dtype, max_model_len
             f"(gpu_memory_utilization={args.gpu_memory_utilization}), weights and buffers "
             f"{in_use / 2**30:.2f} GiB, activations {activation_bytes / 2**30:.2f} GiB"
         )
-    return int(free // per_block)
+    return agree_on_min(int(free // per_block))

@@ -4,6 +4,13 @@ Owns the device state (params, paged KV cache) and the one jitted function
 ``step(params, kv_cache, model_input, sampling) -> (tokens, logprobs, kv_cache)``
 with the cache donated. Shapes are padded to power-of-two buckets so the step
 compiles a bounded number of times. Knows nothing of stop conditions or text.
+
+Tensor parallelism: given a ``mesh``, the runner lays the params and cache out by
+``sharding.rules`` (kv heads repeated where ``tp > num_kv_heads``), runs attention and
+KV writes per device under ``shard_map`` (``sharding.attention``), and lets GSPMD
+partition the rest of the step from those shardings. Step inputs are replicated.
+With several processes (multi-host), process 0 broadcasts every step's inputs and
+the others run ``follow()`` (see ``sharding.distributed``).
 """
 
 from __future__ import annotations
@@ -11,17 +18,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from engine.sampler import SamplerOutput, SamplingMetadata, sample
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward
 from pallas_kernels import get_attention_fns
+from sharding import TensorParallelPlan, replicated, shard_attention_fns
+from sharding.distributed import broadcast_from_leader, is_leader
 
 logger = logging.getLogger(__name__)
 
@@ -57,20 +67,36 @@ class ModelRunner:
         max_model_len: int,
         kv_dtype,
         attention_backend: str = "auto",
-        kv_sharding=None,
+        mesh: Optional[Mesh] = None,
     ):
-        self.config = config
-        self.params = params
+        """``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
+        ``TensorParallelPlan.load_shardings``); None runs on the default device."""
+        self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
+        self.mesh = mesh
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.kv_cache = make_kv_cache(config, num_blocks, block_size, kv_dtype, sharding=kv_sharding)
         attention_fn, write_kv_fn = get_attention_fns(attention_backend)
-        self._forward = functools.partial(forward, config=config, attention_fn=attention_fn,
+        step_config, kv_sharding, self._input_sharding = config, None, None
+        step_placement, copy_placement = {}, {}  # jit's out_shardings, only when sharded
+        if mesh is not None:
+            plan = TensorParallelPlan(config, mesh)
+            params, step_config = plan.shard_params(params), plan.config
+            kv_sharding = plan.kv_cache_sharding()
+            attention_fn, write_kv_fn = shard_attention_fns(attention_fn, write_kv_fn, mesh)
+            self._input_sharding = replicated(mesh)
+            kv_placement = KVCache(k=kv_sharding, v=kv_sharding)
+            step_placement = {"out_shardings": (self._input_sharding, kv_placement)}
+            copy_placement = {"out_shardings": kv_placement}
+        self.params = params
+        self.kv_cache = make_kv_cache(step_config, num_blocks, block_size, kv_dtype, sharding=kv_sharding)
+        self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
                                           write_kv_fn=write_kv_fn)
-        self._step = jax.jit(self._step_impl, static_argnames=("num_logprobs",), donate_argnums=(1,))
-        self._copy = jax.jit(_copy_blocks, donate_argnums=(0,))
+        self._step = jax.jit(self._step_impl, static_argnames=("num_logprobs",), donate_argnums=(1,),
+                             **step_placement)
+        self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)
+        self._multi_process = jax.process_count() > 1
 
     def _step_impl(self, params, kv_cache, model_input, sampling, *, num_logprobs):
         logits, kv_cache = self._forward(params, kv_cache, model_input)
@@ -82,10 +108,13 @@ class ModelRunner:
         """Copy-on-write: duplicate pages ``src -> dst`` in every layer (before the step)."""
         if not copies:
             return
+        self._lead("copy_blocks", list(copies))
         n = bucket(len(copies), 4)
         src = np.zeros(n, np.int32)
         dst = np.zeros(n, np.int32)  # padding copies page 0 onto itself
         src[: len(copies)], dst[: len(copies)] = zip(*copies)
+        if self._input_sharding is not None:
+            src, dst = jax.device_put((src, dst), self._input_sharding)
         self.kv_cache = self._copy(self.kv_cache, jnp.asarray(src), jnp.asarray(dst))
 
     def padded_num_seqs(self, num_seqs: int) -> int:
@@ -128,11 +157,35 @@ class ModelRunner:
     def execute(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
                 num_logprobs: Optional[int] = None) -> SamplerOutput:
         """Run one step; returns the sampler's output on the host, cut to the real sequences."""
+        self._lead("execute", list(work), sampling, num_logprobs=num_logprobs)
         model_input = self.build_model_input(work)
+        if self._input_sharding is not None:
+            model_input, sampling = jax.device_put((model_input, sampling), self._input_sharding)
         result, self.kv_cache = self._step(self.params, self.kv_cache, model_input, sampling,
                                            num_logprobs=num_logprobs)
         n = len(work)
         return jax.tree.map(lambda a: np.asarray(a)[:n], jax.device_get(result))
+
+    # -- multi-host: process 0 leads, the others repeat its calls ----------------------------
+
+    def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """On the leader of a multi-process run, send this call to the followers (else nothing)."""
+        if self._multi_process and is_leader():
+            broadcast_from_leader((method, args, kwargs))
+
+    def follow(self) -> None:
+        """On processes other than 0: run the leader's steps until ``release_followers``."""
+        if is_leader():
+            raise RuntimeError("follow() runs on processes other than 0; process 0 schedules")
+        while True:
+            method, args, kwargs = broadcast_from_leader()
+            if method == "release":
+                return
+            getattr(self, method)(*args, **kwargs)
+
+    def release_followers(self) -> None:
+        """On process 0 of a multi-process run: end the other processes' ``follow()`` loops."""
+        self._lead("release")
 
 
 def _copy_blocks(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:

@@ -1,0 +1,363 @@
+"""Tensor parallelism (sharding/, engine/runner.py) on fake CPU devices, and multi-process runs.
+
+JAX fixes its device count when it starts, and this pytest process already runs on one
+CPU device, so the sharded runs happen in subprocesses started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (this file is also their script,
+see ``__main__``). On 4 devices, through ``LLM``: greedy and seeded-sampling (``n=2``, so
+copy-on-write too) outputs at ``tensor_parallel_size`` 2 and 4 equal those at 1, for a
+tiny random llama safetensors checkpoint, qwen2 (qkv bias, tied embeddings) dummy
+weights and a llama GGUF: every loader places its weights on the mesh. All have 2 kv
+heads, so tp=4 replicates kv heads. The compiled step communicates only activations. Params and KV cache carry the
+partition specs of the scheme, every device holds its slice, and with replication
+each device holds the copy of the kv head its query heads read. Two processes of two
+CPU devices each (``jax.distributed`` over gloo) give the same outputs at tp=4, process
+1 following process 0's steps. Bad sizes get clear errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_DEVICES = 4
+ENGINE_KWARGS = dict(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64, skip_tokenizer_init=True)
+# Prompt lengths: inside one page, across two pages (block 16), and in between.
+PROMPT_LENGTHS = (5, 19, 11)
+NEW_TOKENS = 8
+EXPECTED_SPECS = {  # param path -> mesh axis of each array axis
+    "embed": ["tp", None], "lm_head": [None, "tp"], "final_norm": [None],
+    "layers/input_norm": [None, None], "layers/post_norm": [None, None],
+    "layers/wq": [None, None, "tp"], "layers/wk": [None, None, "tp"], "layers/wv": [None, None, "tp"],
+    "layers/bq": [None, "tp"], "layers/bk": [None, "tp"], "layers/bv": [None, "tp"],
+    "layers/q_norm": [None, None], "layers/k_norm": [None, None],
+    "layers/wo": [None, "tp", None],
+    "layers/w_gate": [None, None, "tp"], "layers/w_up": [None, None, "tp"], "layers/w_down": [None, "tp", None],
+}
+KV_CACHE_SPEC = [None, "tp", None, None, None]
+
+
+# ------------------------------------------------------------------ subprocess side
+
+
+def _spec(sharding, ndim: int) -> list:
+    spec = list(getattr(sharding, "spec", ()))
+    return spec + [None] * (ndim - len(spec))
+
+
+def _layout(runner) -> dict:
+    """Specs, devices and per-device shard shapes of a runner's params and KV cache."""
+    import jax
+
+    out = {}
+    leaves = jax.tree_util.tree_flatten_with_path(runner.params)[0]
+    for path, a in leaves + [(("kv_cache",), runner.kv_cache.k)]:
+        key = "/".join(getattr(p, "key", str(p)) for p in path)
+        out[key] = dict(shape=list(a.shape), spec=_spec(a.sharding, a.ndim), devices=len(a.sharding.device_set),
+                        shard_shapes=sorted({tuple(s.data.shape) for s in a.addressable_shards}))
+    return out
+
+
+def _kv_copies_match(runner, reference_runner, tp: int) -> bool:
+    """Device d's slice of wk/wv/bk/bv equals checkpoint kv head d * Hkv // tp (replication)."""
+    config = reference_runner.config
+    D, ok = config.head_dim, True
+    for name in ("wk", "wv", "bk", "bv"):
+        if name not in runner.params["layers"]:
+            continue
+        full = np.asarray(reference_runner.params["layers"][name])
+        for shard in runner.params["layers"][name].addressable_shards:
+            d = shard.index[-1].start // D  # which (replicated) kv head this device holds
+            head = d * config.num_kv_heads // tp
+            ok &= np.array_equal(np.asarray(shard.data), full[..., head * D:(head + 1) * D])
+    return bool(ok)
+
+
+def _collectives(runner) -> list:
+    """``[shape, op]`` of every collective in the compiled greedy step of 3 tokens (T=16, S=8)."""
+    import re
+
+    from engine import SamplingParams
+    from engine.runner import SequenceWork
+    from engine.sampler import build_sampling_metadata
+
+    work = [SequenceWork(token_ids=[1, 2, 3], start=0, block_table=[1], sample=True)]
+    sampling = build_sampling_metadata([SamplingParams(temperature=0.0)], [[]], [[1, 2, 3]], [0], [0],
+                                       runner.padded_num_seqs(1))
+    compiled = runner._step.lower(runner.params, runner.kv_cache, runner.build_model_input(work), sampling,
+                                  num_logprobs=None).compile()
+    ops = "all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"
+    return [list(m) for m in re.findall(rf"= (\w+\[[\d,]*\])\S* ({ops})\(", compiled.as_text())]
+
+
+def _generate(llm, prompts: list) -> list:
+    from engine import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, n=2, seed=7, max_tokens=NEW_TOKENS,
+                             ignore_eos=True)
+    outs = llm.generate(prompts + prompts[:1], [greedy] * len(prompts) + [sampled], use_tqdm=False)
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def _single_host(args: dict) -> dict:
+    """Every scenario that needs 4 devices in one process (one JAX start-up, one set of compiles)."""
+    import jax
+
+    from engine import LLM
+
+    results: dict = {"num_devices": len(jax.devices())}
+    for name, source, load_format, sizes in args["runs"]:
+        reference = None
+        for tp in sizes:
+            llm = LLM(source, tensor_parallel_size=tp, load_format=load_format, **ENGINE_KWARGS)
+            runner = llm.llm_engine.runner
+            entry = {"outputs": _generate(llm, args["prompts"]), "layout": _layout(runner)}
+            if name == "llama" and tp > 1:
+                entry["collectives"] = _collectives(runner)
+            if tp == 1:
+                reference = runner
+            elif reference is not None and tp > runner.config.num_kv_heads:
+                entry["kv_copies_match"] = _kv_copies_match(runner, reference, tp)
+            results[f"{name}/tp{tp}"] = entry
+            llm.shutdown()
+    errors = {}
+    for tp in (3, 8):
+        try:
+            LLM(args["runs"][0][1], tensor_parallel_size=tp, **ENGINE_KWARGS)
+            errors[tp] = None
+        except ValueError as e:
+            errors[tp] = str(e)
+    results["errors"] = errors
+    return results
+
+
+def _multi_host(args: dict) -> dict:
+    """One of 2 processes of a tp=4 cluster: process 0 generates, process 1 follows its steps."""
+    from sharding.distributed import initialize, is_leader
+
+    initialize(f"127.0.0.1:{args['port']}", 2, args["process_id"])
+    import jax
+
+    from engine import LLM
+
+    llm = LLM(args["checkpoint"], tensor_parallel_size=NUM_DEVICES, **ENGINE_KWARGS)
+    runner = llm.llm_engine.runner
+    result = {"process_count": jax.process_count(), "local_devices": jax.local_device_count(),
+              "layout": {k: v["shard_shapes"] for k, v in _layout(runner).items()}}
+    if is_leader():
+        result["outputs"] = _generate(llm, args["prompts"])
+        runner.release_followers()
+    else:
+        runner.follow()
+    llm.shutdown()
+    return result
+
+
+# ------------------------------------------------------------------ pytest side
+
+
+def _run_worker(mode: str, args: dict, devices: int) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, json.dumps(args)], env=env,
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen, timeout: int = 240) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err[-4000:]
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    from tests.test_gguf import random_hf_weights, write_gguf
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tp")
+    seed = int(np.random.default_rng().integers(1 << 30))
+    paths = {}
+    for i, variant in enumerate(("llama", "qwen2")):
+        paths[variant] = str(root / variant)
+        write_tiny_checkpoint(paths[variant], variant, seed=seed + i)
+    paths["gguf"] = str(root / "tiny.gguf")
+    write_gguf(paths["gguf"], random_hf_weights(np.random.default_rng(seed), qkv_bias=False))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list:
+    rng = np.random.default_rng()
+    return [rng.integers(0, 160, n).tolist() for n in PROMPT_LENGTHS]  # 160: the smallest vocab here
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workers(checkpoints, prompts) -> dict:
+    """Results of the 4-device worker and of the 2 processes of the cluster, started together
+    (compiling is mostly single-threaded, so they share the cores)."""
+    runs = [
+        ("llama", checkpoints["llama"], "auto", [1, 2, 4]),
+        ("qwen2", checkpoints["qwen2"], "dummy", [1, 4]),
+        ("gguf", checkpoints["gguf"], "auto", [1, 4]),
+    ]
+    cluster = {"checkpoint": checkpoints["llama"], "prompts": prompts, "port": _free_port()}
+    procs = [_run_worker("single", {"runs": runs, "prompts": prompts}, NUM_DEVICES)]
+    procs += [_run_worker("multi", {**cluster, "process_id": i}, NUM_DEVICES // 2) for i in range(2)]
+    try:
+        single, *multi = [_result(p) for p in procs]
+    finally:  # a failed worker must not leave the others (e.g. a follower waiting) behind
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return {"single": single, "multi": multi}
+
+
+@pytest.fixture(scope="module")
+def single_host(workers) -> dict:
+    return workers["single"]
+
+
+@pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4"])
+def test_outputs_equal_single_device(single_host, run):
+    """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
+    name = run.split("/")[0]
+    want, got = single_host[f"{name}/tp1"]["outputs"], single_host[run]["outputs"]
+    assert all(len(c) == NEW_TOKENS for o in want for c in o)
+    assert len({tuple(c) for o in want for c in o}) > 1  # outputs differ per prompt: the check has teeth
+    assert got == want
+
+
+@pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4"])
+def test_params_and_kv_cache_sharded_as_specified(single_host, run):
+    tp = int(run.split("tp")[1])
+    layout = single_host[run]["layout"]
+    single = single_host[run.split("/")[0] + "/tp1"]["layout"]
+    assert layout["kv_cache"]["spec"] == KV_CACHE_SPEC
+    for key, entry in layout.items():
+        spec = KV_CACHE_SPEC if key == "kv_cache" else EXPECTED_SPECS[key]
+        assert entry["spec"] == spec, key
+        assert entry["devices"] == tp, key
+        local = [n // tp if axis == "tp" else n for n, axis in zip(entry["shape"], spec)]
+        assert entry["shard_shapes"] == [local], key
+        if key not in ("layers/wk", "layers/wv", "layers/bk", "layers/bv", "kv_cache"):
+            assert entry["shape"] == single[key]["shape"], key
+    # 2 kv heads: up to tp=2 each device holds its own, at tp=4 every head is stored twice.
+    # (Each device then holds one kv head: checked above through the shard shapes.)
+    heads = max(2, tp)
+    assert layout["kv_cache"]["shape"][1] == heads
+    assert layout["layers/wk"]["shape"][-1] == heads * single["layers/wk"]["shape"][-1] // 2
+    if tp > 2:
+        assert single_host[run]["kv_copies_match"] is True
+
+
+@pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4"])
+def test_step_communicates_only_activations(single_host, run):
+    """Per step: one all-reduce of [T, H] for the vocab-parallel embedding and two per layer
+    (attention and MLP outputs; the layer loop's body appears once in the program), and
+    greedy sampling gathers only each device's best (value, index) per sequence, [S, tp]:
+    no weight, cache or [S, V] logits is gathered."""
+    tp = int(run.split("tp")[1])
+    T, H, S = 16, single_host[run]["layout"]["final_norm"]["shape"][0], 8
+    collectives = sorted(map(tuple, single_host[run]["collectives"]))
+    assert collectives == sorted([(f"f32[{T},{H}]", "all-reduce")] * 3 + [
+        (f"f32[{S},{tp}]", "all-gather"), (f"s32[{S},{tp}]", "all-gather")])
+
+
+def test_bad_sizes_are_refused_with_clear_errors(single_host):
+    assert single_host["num_devices"] == NUM_DEVICES
+    errors = single_host["errors"]
+    assert "tensor_parallel_size=3" in errors["3"] and "4 attention heads" in errors["3"]
+    assert "valid sizes: [1, 2, 4]" in errors["3"]
+    assert "needs 8 devices" in errors["8"] and "only 4 CPU device(s)" in errors["8"]
+
+
+def test_two_processes_form_one_mesh(workers, single_host):
+    """2 processes x 2 CPU devices, tp=4: process 1 follows process 0; outputs equal tp=1."""
+    leader, follower = workers["multi"]
+    assert leader["process_count"] == follower["process_count"] == 2
+    assert leader["local_devices"] == follower["local_devices"] == 2
+    assert leader["outputs"] == single_host["llama/tp1"]["outputs"]
+    # Each process holds only its own devices' slices (a quarter of wq's columns each).
+    wq = single_host["llama/tp4"]["layout"]["layers/wq"]["shard_shapes"]
+    assert leader["layout"]["layers/wq"] == follower["layout"]["layers/wq"] == wq
+
+
+# ------------------------------------------------------------------ in this process (1 device)
+
+
+def test_size_checks_name_the_problem():
+    from models.config import ModelConfig
+    from sharding import check_tensor_parallel_size
+
+    config = ModelConfig(model_type="llama", vocab_size=1000, hidden_size=96, intermediate_size=192,
+                         num_layers=1, num_heads=12, num_kv_heads=4, head_dim=8)
+    for ok in (1, 2, 4, 12):
+        check_tensor_parallel_size(config, ok)
+    with pytest.raises(ValueError, match=r"does not divide the model's 12 attention heads.*valid sizes: \[1, 2, 4, 12\]"):
+        check_tensor_parallel_size(config, 5)
+    with pytest.raises(ValueError, match="does not divide the model's 4 kv heads"):
+        check_tensor_parallel_size(config, 3)
+    with pytest.raises(ValueError, match="exceeds the model's 4 kv heads without being a multiple"):
+        check_tensor_parallel_size(config, 6)
+    with pytest.raises(ValueError, match="positive integer"):
+        check_tensor_parallel_size(config, 0)
+
+
+def test_more_devices_than_present_is_refused_before_loading():
+    from engine import LLM
+    from engine.engine_args import EngineArgs
+    from sharding import make_mesh
+
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs 2 devices, but only 1 CPU device"):
+        LLM("/nonexistent/checkpoint", tensor_parallel_size=2)  # refused before the path is even read
+    with pytest.raises(ValueError, match="positive integer"):
+        EngineArgs(tensor_parallel_size=0).validate()
+    with pytest.raises(ValueError, match="needs 3 devices"):
+        make_mesh(3)
+
+
+def test_per_device_kv_block_bytes():
+    from models.batch import kv_cache_bytes_per_block
+    from models.config import ModelConfig
+    from sharding import kv_cache_bytes_per_block_per_device
+
+    config = ModelConfig(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=64,
+                         num_layers=3, num_heads=8, num_kv_heads=2, head_dim=16)
+    whole = kv_cache_bytes_per_block(config, 16, np.float32)
+    assert kv_cache_bytes_per_block_per_device(config, 16, np.float32, 1) == whole
+    assert kv_cache_bytes_per_block_per_device(config, 16, np.float32, 2) == whole // 2
+    assert kv_cache_bytes_per_block_per_device(config, 16, np.float32, 8) == whole // 2  # one (copied) head
+
+
+def test_distributed_arguments_are_checked():
+    from sharding.distributed import initialize
+
+    with pytest.raises(ValueError, match="need --coordinator-address"):
+        initialize(num_processes=2, process_id=1)
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
+        initialize("127.0.0.1:1", 2, 2)
+
+
+if __name__ == "__main__":
+    mode, payload = sys.argv[1], json.loads(sys.argv[2])
+    result = _single_host(payload) if mode == "single" else _multi_host(payload)
+    print("RESULT " + json.dumps(result), flush=True)
