@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from engine.cache_dir import cache_dir
 from engine.sampler import SamplerOutput, SamplingMetadata, sample
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
@@ -34,6 +35,15 @@ from sharding import TensorParallelPlan, replicated, shard_attention_fns
 from sharding.distributed import broadcast_from_leader, is_leader
 
 logger = logging.getLogger(__name__)
+
+
+def enable_compilation_cache() -> None:
+    """Turn on JAX's persistent compilation cache (``$PAGEDJAX_CACHE_DIR/jax``, default
+    ``~/.cache/pagedjax/jax``) so a restart reuses compiled steps; a cache the user set wins."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", cache_dir("jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def bucket(n: int, minimum: int, maximum: Optional[int] = None) -> int:
@@ -71,6 +81,7 @@ class ModelRunner:
     ):
         """``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
         ``TensorParallelPlan.load_shardings``); None runs on the default device."""
+        enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
         self.mesh = mesh
         self.block_size = block_size

@@ -17,6 +17,7 @@ import logging
 import os
 from typing import Any, Iterable, Optional, Sequence
 
+from engine.cache_dir import cache_dir
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
@@ -65,8 +66,7 @@ def _load(model_path: str, source: str, gguf_file: Optional[str] = None, **kwarg
 def _gguf_tokenizer_cache_dir(path: str) -> str:
     st = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = os.environ.get("PAGEDJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pagedjax")
-    return os.path.join(root, "tokenizers", key)
+    return cache_dir("tokenizers", key)
 
 
 def apply_chat_template(
