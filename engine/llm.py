@@ -46,6 +46,8 @@ class LLM:
         scheduling_policy: str = "fifo",
         attention_backend: str = "auto",
         skip_tokenizer_init: bool = False,
+        scheduling_mode: str = "continuous",
+        trace: bool = False,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -54,6 +56,7 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size, quantization=quantization,
             kv_cache_dtype=kv_cache_dtype, num_gpu_blocks_override=num_gpu_blocks_override,
             scheduling_policy=scheduling_policy, attention_backend=attention_backend,
+            scheduling_mode=scheduling_mode, trace=trace,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)
@@ -85,7 +88,8 @@ class LLM:
         self._check_prompts(prompts)
         futures = []
         request_ids = []
-        try:
+
+        def add_all(_engine) -> None:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 future: concurrent.futures.Future = concurrent.futures.Future()
                 request_id = self._loop.new_request_id()
@@ -93,6 +97,10 @@ class LLM:
                                        on_output=_resolve_when_finished(future), on_error=_fail(future))
                 futures.append(future)
                 request_ids.append(request_id)
+
+        try:
+            # Between two steps, so the first step sees every prompt of this call (as in vLLM).
+            self._loop.call(add_all)
         except BaseException:
             for request_id in request_ids:
                 self._loop.abort(request_id)
@@ -130,6 +138,14 @@ class LLM:
     def stats(self) -> dict:
         """Engine counters (steps, largest batch, tokens, preemptions), read between steps."""
         return self._loop.call(lambda e: {**e.stats, "num_preemptions": e.scheduler.num_preemptions})
+
+    def get_trace(self, reset: bool = False):
+        """The per-step trace (``engine.trace.StepTrace``) of an engine built with ``trace=True``;
+        ``reset`` drops the records returned (e.g. after a warm-up)."""
+        tracer = self.llm_engine.tracer
+        if tracer is None:
+            raise ValueError("tracing is off: construct LLM(..., trace=True)")
+        return tracer.snapshot(reset=reset)
 
     def shutdown(self) -> None:
         self._loop.shutdown()

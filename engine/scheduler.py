@@ -23,6 +23,15 @@ preempted: its blocks are freed, its computed tokens forgotten (its output
 tokens kept) and it goes back to the waiting queue at its place in queue order
 (under "fifo": ahead of every request that arrived after it). Queue order is ``(arrival_time, add order)`` for
 "fifo" and ``(priority, arrival_time, add order)`` for "priority".
+
+Scheduling modes: "continuous" (above: a waiting request is admitted as soon as
+a sequence slot and blocks are free) and "static", the baseline that continuous
+batching is measured against: when nothing runs, the first ``max_num_seqs``
+waiting requests in queue order become the batch, and no other request is
+admitted until every request of that batch has finished (a finished request's
+slot sits idle). Members of the batch are still prefilled in chunks under the
+token budget and may be preempted and re-admitted; they are the only ones
+admitted while the batch lasts.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from engine.block_manager import BlockManager
 from engine.request import Request, RequestStatus
 
 POLICIES = ("fifo", "priority")
+SCHEDULING_MODES = ("continuous", "static")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +122,11 @@ class _StepPlan:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int, policy: str = "fifo"):
+                 max_model_len: int, policy: str = "fifo", scheduling_mode: str = "continuous"):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if scheduling_mode not in SCHEDULING_MODES:
+            raise ValueError(f"scheduling_mode must be one of {SCHEDULING_MODES}, got {scheduling_mode!r}")
         for name, value in (("max_num_batched_tokens", max_num_batched_tokens),
                             ("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len)):
             if value < 1:
@@ -130,6 +142,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.policy = policy
+        self.scheduling_mode = scheduling_mode
+        self._static_batch: set[str] = set()  # "static": ids of the unfinished requests of the batch in flight
         self._requests: dict[str, Request] = {}  # unfinished ones
         self._order_keys: dict[str, tuple] = {}
         self._add_counter = itertools.count()
@@ -150,6 +164,11 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
+
+    @property
+    def running_requests(self) -> tuple[Request, ...]:
+        """The running requests (those holding blocks), in queue order."""
+        return tuple(self._running)
 
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
@@ -188,6 +207,11 @@ class Scheduler:
             require(1 <= r.num_uncomputed_tokens and r.num_tokens <= self.max_model_len,
                     f"running request {r.request_id!r} has nothing left to compute or is past max_model_len")
         require(self.block_manager.num_sequences == len(self._running), "a sequence holds blocks but is not running")
+        if self.scheduling_mode == "static":
+            require(all(r.request_id in self._static_batch for r in self._running),
+                    "static mode: a running request is not in the batch in flight")
+            require(self._static_batch <= self._requests.keys(),
+                    "static mode: a finished request is still in the batch")
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -232,6 +256,8 @@ class Scheduler:
         if child.status is not RequestStatus.WAITING:
             raise ValueError(f"child {child.request_id!r} is not fresh: status {child.status.name}")
         self.block_manager.fork(parent.request_id, child.request_id, n)
+        if parent.request_id in self._static_batch:
+            self._static_batch.add(child.request_id)
         self._register(child)
         child.status = RequestStatus.RUNNING
         self._insert(self._running, child)
@@ -244,6 +270,7 @@ class Scheduler:
         if request is None:
             raise KeyError(f"no unfinished request {request_id!r}")
         del self._order_keys[request_id]
+        self._static_batch.discard(request_id)
         queue = self._running if request.status is RequestStatus.RUNNING else self._waiting
         queue.remove(request)
         if request_id in self.block_manager:
@@ -269,9 +296,9 @@ class Scheduler:
                 break
             if request.status is RequestStatus.RUNNING:  # not preempted earlier in this step
                 self._schedule_running(request, plan)
-        while self._waiting and not plan.preempted and self._has_room(plan) \
-                and len(self._running) < self.max_num_seqs:
-            if not self._admit(self._waiting[0], plan):
+        while not plan.preempted and self._has_room(plan) and len(self._running) < self.max_num_seqs:
+            request = self._next_admissible()
+            if request is None or not self._admit(request, plan):
                 break
         return plan.output()
 
@@ -329,13 +356,22 @@ class Scheduler:
                 return
         plan.add(self._chunk(request, num_tokens), copies)
 
+    def _next_admissible(self) -> Request | None:
+        """The waiting request admission would start next: the head of the queue ("continuous"), or
+        the first waiting member of the batch in flight ("static"; a new batch opens when none is)."""
+        if self.scheduling_mode == "continuous":
+            return self._waiting[0] if self._waiting else None
+        if not self._static_batch:
+            self._static_batch = {r.request_id for r in self._waiting[: self.max_num_seqs]}
+        return next((r for r in self._waiting if r.request_id in self._static_batch), None)
+
     def _admit(self, request: Request, plan: _StepPlan) -> bool:
-        """Start the head waiting request if its first chunk's blocks are free (never preempts)."""
+        """Start a waiting request if its first chunk's blocks are free (never preempts)."""
         num_tokens = min(request.num_uncomputed_tokens, plan.budget)
         copies = self.block_manager.allocate_slots(request.request_id, num_tokens)
         if copies is None:
             return False
-        self._waiting.pop(0)
+        self._waiting.remove(request)
         request.status = RequestStatus.RUNNING
         self._insert(self._running, request)
         plan.add(self._chunk(request, num_tokens), copies)

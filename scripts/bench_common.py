@@ -1,0 +1,394 @@
+"""Shared pieces of the engine benchmarks (``bench_latency``, ``bench_throughput``,
+``bench_static_vs_continuous``, ``bench_hf_peer``): the PROTOCOL workloads, engine flags,
+random prompts from a fixed seed, the result header every JSON carries, device
+measurements (copy bandwidth, matmul rate), compile time excluded from timings,
+FLOP counting, peer ratios, the results path and a printed table.
+
+Knows nothing of any one workload's timing loop. JAX is imported inside the
+functions that need it, so the Hugging Face peer can import this module without
+touching the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Iterable, Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+DEFAULT_MODEL = os.path.join(REPO_ROOT, "benchmarks", "models", "llama-3.1-8b")
+RESULTS_DIR = os.path.join("benchmarks", "results")
+PROMPT_SEED = 0
+
+# PROTOCOL.md workloads: name -> (requests, input tokens, output tokens).
+WORKLOADS = {
+    "latency": (1, 128, 256),
+    "tput-short": (1024, 128, 128),
+    "tput-long": (512, 1000, 1000),
+    "tput-prefill": (512, 2048, 128),
+}
+# The batch Hugging Face ``generate()`` runs each workload at (it holds the whole batch's
+# cache and pads nothing: all prompts have the same length). Chosen so the peer finishes
+# in about a minute per workload on one H100; DESIGN.md has its measured rates.
+PEER_BATCH = {"latency": 1, "tput-short": 256, "tput-long": 64, "tput-prefill": 32}
+
+# Fields where lower is better: their ratio is peer over ours, so a ratio above 1 means we win.
+LOWER_IS_BETTER = frozenset({"ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"})
+
+
+# --------------------------------------------------------------------------------------
+# Flags and engine construction
+# --------------------------------------------------------------------------------------
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional[str] = DEFAULT_MODEL,
+                     default_load_format: str = "dummy") -> None:
+    """Flags that pick the model and size the engine, with vLLM's names."""
+    shown = os.path.relpath(default_model, REPO_ROOT) if default_model else "the embedded default model"
+    parser.add_argument("--model", default=default_model,
+                        help=f"checkpoint folder, .gguf, or a folder with a config.json for --load-format dummy "
+                             f"(default {shown})")
+    parser.add_argument("--load-format", default=default_load_format, choices=("auto", "safetensors", "gguf", "dummy"))
+    parser.add_argument("--dtype", default="auto", help="auto = bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the workload's input + output length (keeps block tables short)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=PROMPT_SEED, help="seed of the random prompts and weights")
+    parser.add_argument("--output-json", default=None,
+                        help="result file (default <results-dir>/<workload>-<device>-<date>.json)")
+    parser.add_argument("--results-dir", default=RESULTS_DIR, help=f"folder of default-named results ({RESULTS_DIR})")
+
+
+def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **overrides):
+    """An ``LLM`` from the engine flags; ``overrides`` win (e.g. ``scheduling_mode``, ``trace``)."""
+    from engine import LLM
+
+    options = dict(
+        load_format=args.load_format, dtype=args.dtype, block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=max_num_seqs if max_num_seqs is not None else args.max_num_seqs,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len or max_model_len,
+        num_gpu_blocks_override=args.num_gpu_blocks_override, seed=args.seed, skip_tokenizer_init=True,
+    )
+    options.update(overrides)
+    return LLM(args.model, **options)
+
+
+def model_name(model: Optional[str]) -> str:
+    """The name results use: the checkpoint folder's name (``llama-3.1-8b``), or the default model's."""
+    if model is None:
+        return "smollm2-135m"
+    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+
+
+def random_prompts(num_requests: int, input_len: int, vocab_size: int, seed: int = PROMPT_SEED) -> list[list[int]]:
+    """Prompt token ids drawn uniformly from the vocabulary with a fixed seed (the same for us and peers)."""
+    import numpy as np
+
+    if num_requests < 1 or input_len < 1:
+        raise ValueError(f"need at least one request of at least one token, got {num_requests} x {input_len}")
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab_size, size=(num_requests, input_len)).tolist()
+
+
+def read_vocab_size(model: Optional[str]) -> int:
+    from models.loader import resolve_model_path
+
+    path = resolve_model_path(model)
+    if path.endswith(".gguf"):
+        from models.gguf_loader import open_gguf, read_gguf_config
+
+        return read_gguf_config(open_gguf(path)).vocab_size
+    with open(os.path.join(path, "config.json")) as f:
+        return int(json.load(f)["vocab_size"])
+
+
+# --------------------------------------------------------------------------------------
+# Result JSON
+# --------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    """HEAD of the repository (``BENCH_COMMIT`` overrides it where the copy has no .git), "+dirty" if
+    tracked files differ from it."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        head = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, cwd=REPO_ROOT,
+                                       stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO_ROOT,
+                               stderr=subprocess.DEVNULL).returncode != 0
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    """The accelerator as it names itself (``NVIDIA H100 80GB HBM3``), or ``cpu``."""
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
+def result_header(workload: str, model: Optional[str], dtype: str, *, tensor_parallel_size: int = 1,
+                  quantization: Optional[str] = None) -> dict:
+    """The fields every result carries (PROTOCOL.md, "JSON fields")."""
+    import jax
+    import numpy as np
+
+    from models.loader import resolve_dtype
+
+    return dict(
+        workload=workload, model=model_name(model), device=device_name(), jax_version=jax.__version__,
+        commit=git_commit(), command=" ".join(["python"] + sys.argv), dtype=np.dtype(resolve_dtype(dtype)).name,
+        quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+        date=datetime.date.today().isoformat(), backend=jax.default_backend(),
+    )
+
+
+def result_path(workload: str, device: str, date: str, out_dir: str = RESULTS_DIR) -> str:
+    return os.path.join(out_dir, f"{workload}-{device.replace(' ', '-')}-{date}.json")
+
+
+def write_results(results: dict | list[dict], path: Optional[str] = None, results_dir: str = RESULTS_DIR) -> str:
+    """Write one result (or a list) as JSON; the default path comes from the (first) result."""
+    first = results[0] if isinstance(results, list) else results
+    path = path or result_path(first["workload"], first["device"], first["date"], results_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=float)
+        f.write("\n")
+    return path
+
+
+def peer_ratios(ours: dict, peer: dict, fields: Iterable[str]) -> dict:
+    """field -> how many times better we are (ours / peer; peer / ours where lower is better)."""
+    ratios = {}
+    for field in fields:
+        a, b = ours.get(field), peer.get(field)
+        if a and b:
+            ratios[field] = (b / a) if field in LOWER_IS_BETTER else (a / b)
+    return ratios
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str], title: str = "") -> None:
+    """A plain fixed-width table on stdout (floats to 3 significant figures)."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        return "-" if value is None else str(value)
+
+    table = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(columns)]
+    if title:
+        print(title)
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------
+# Device measurements and timing
+# --------------------------------------------------------------------------------------
+
+
+def _median_seconds(fn, *args, repeats: int) -> float:
+    import statistics
+
+    import jax
+
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def measure_copy_bandwidth(num_bytes: int, repeats: int = 10) -> float:
+    """Device memory bandwidth in bytes/s from an elementwise pass over ``num_bytes`` of bf16
+    (``x * 2``: read once, written once, both counted). The buffers are freed on return."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
+    seconds = _median_seconds(jax.jit(lambda a: a * 2), x, repeats=repeats)
+    del x
+    return 2 * num_bytes / seconds
+
+
+def measure_matmul_flops(n: int, dtype: str = "bfloat16", repeats: int = 10) -> float:
+    """FLOP/s of an ``n x n @ n x n`` matmul in ``dtype`` (the practical peak for MFU)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(2), (n, n), dtype)
+    seconds = _median_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
+    return 2 * n**3 / seconds
+
+
+class CompileTimer:
+    """Seconds JAX spent tracing, lowering and compiling while active (any thread).
+
+    Benchmarks subtract it from wall time: the engine compiles a step shape the first
+    time it meets it, synchronously in its loop thread, and PROTOCOL timings exclude
+    compilation. Uses ``jax.monitoring``'s duration events under ``/jax/core/compile/``;
+    each is kept with the time it ended, so a traced step's compile time can be
+    subtracted from that step alone (``seconds_within``).
+    """
+
+    _lock = threading.Lock()
+    _active: list["CompileTimer"] = []
+    _registered = False
+
+    def __init__(self):
+        self.events: list[tuple[float, float]] = []  # (perf_counter at the end, seconds)
+
+    @property
+    def seconds(self) -> float:
+        return sum(d for _, d in self.events)
+
+    def seconds_within(self, start: float, end: float) -> float:
+        return sum(d for t, d in self.events if start <= t <= end)
+
+    @classmethod
+    def _listener(cls, event: str, duration: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            now = time.perf_counter()
+            with cls._lock:
+                for timer in cls._active:
+                    timer.events.append((now, duration))
+
+    def __enter__(self) -> "CompileTimer":
+        import jax
+
+        with CompileTimer._lock:
+            if not CompileTimer._registered:
+                jax.monitoring.register_event_duration_secs_listener(CompileTimer._listener)
+                CompileTimer._registered = True
+            CompileTimer._active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with CompileTimer._lock:
+            CompileTimer._active.remove(self)
+
+
+@dataclasses.dataclass
+class OfflineRun:
+    """One ``LLM.generate`` of a whole workload, timed with compilation taken out."""
+
+    outputs: list
+    submit_s: float  # perf_counter just before generate()
+    wall_s: float
+    compile_s: float
+    trace: object  # engine.trace.StepTrace, or None when the engine does not trace
+    compiles: CompileTimer
+
+    @property
+    def seconds(self) -> float:
+        seconds = self.wall_s - self.compile_s
+        if seconds <= 0:
+            raise RuntimeError(f"the run took {self.wall_s:.3f} s of which {self.compile_s:.3f} s were compilation: "
+                               "too short to time; give it more work")
+        return seconds
+
+    def step_seconds(self, record) -> float:
+        """A traced step's duration without the compilation it triggered."""
+        return record.duration_s - self.compiles.seconds_within(record.start_s, record.end_s)
+
+
+def run_offline(llm, prompts: list[list[int]], params) -> OfflineRun:
+    """Submit every prompt at once and wait for all; checks each request made exactly its max_tokens."""
+    traced = llm.llm_engine.tracer is not None
+    if traced:
+        llm.get_trace(reset=True)
+    with CompileTimer() as compiles:
+        start = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        wall = time.perf_counter() - start
+    params_list = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    for out, p in zip(outputs, params_list):
+        if len(out.outputs[0].token_ids) != p.max_tokens:
+            raise RuntimeError(f"request {out.request_id} made {len(out.outputs[0].token_ids)} tokens, "
+                               f"expected {p.max_tokens} (ignore_eos should guarantee it)")
+    return OfflineRun(outputs=outputs, submit_s=start, wall_s=wall, compile_s=compiles.seconds,
+                      trace=llm.get_trace(reset=True) if traced else None, compiles=compiles)
+
+
+# --------------------------------------------------------------------------------------
+# Model size and FLOPs
+# --------------------------------------------------------------------------------------
+
+
+def weight_bytes(params, config) -> tuple[int, int]:
+    """``(all weight bytes, bytes a decode step reads)``: a step gathers one row of an untied
+    embedding table rather than reading it, so that table is left out of the second."""
+    import jax
+
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    read = total if config.tie_word_embeddings else total - params["embed"].nbytes
+    return int(total), int(read)
+
+
+def step_flops(config, params, scheduled) -> int:
+    """Useful FLOPs of a step's chunks (``engine.trace.ScheduledTokens``): 2 per layer weight per
+    token, the LM head on the sequences that sample, and causal attention (QK^T and PV)."""
+    import jax
+
+    layer_params = sum(x.size for x in jax.tree.leaves(params["layers"]))
+    head_params = config.hidden_size * config.vocab_size
+    tokens = sum(s.num_tokens for s in scheduled)
+    sampled = sum(1 for s in scheduled if s.samples)
+    pairs = sum(s.num_tokens * s.start + s.num_tokens * (s.num_tokens + 1) // 2 for s in scheduled)
+    attention = 4 * config.head_dim * config.num_heads * config.num_layers * pairs
+    return 2 * layer_params * tokens + 2 * head_params * sampled + attention
+
+
+# --------------------------------------------------------------------------------------
+# The Hugging Face peer, in a child process
+# --------------------------------------------------------------------------------------
+
+
+def run_hf_peer(model: str, workloads: Sequence[str], *, dtype: str, seed: int, sizes: dict[str, tuple],
+                timeout_s: Optional[float] = None) -> dict[str, dict]:
+    """Time ``transformers`` ``generate()`` on the same device, in a child process.
+
+    Run it before this process touches the GPU: JAX reserves most of the device's
+    memory at start-up, and the child frees all of its own when it exits.
+    ``sizes``: workload -> (requests, input, output, batch). Returns workload -> figures
+    (an ``error`` entry where the peer failed).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "peer.json")
+        command = [sys.executable, os.path.join(REPO_ROOT, "scripts", "bench_hf_peer.py"), "--model", model,
+                   "--dtype", dtype, "--seed", str(seed), "--json-out", out]
+        for workload in workloads:
+            n, i, o, b = sizes[workload]
+            command += ["--run", f"{workload}:{n}:{i}:{o}:{b}"]
+        print("peer:", " ".join(command[1:]), flush=True)
+        proc = subprocess.run(command, timeout=timeout_s)
+        if proc.returncode != 0 or not os.path.exists(out):
+            return {w: {"error": f"peer exited with status {proc.returncode}"} for w in workloads}
+        with open(out) as f:
+            return json.load(f)

@@ -1,0 +1,117 @@
+"""PROTOCOL workload ``latency``: one request at a time (128 tokens in, 256 out) through ``LLM``.
+
+Reports time to first token (submit to the first sampled token on the host), time
+per output token (median of the decode steps' token-to-token intervals, read from
+the engine's per-step trace), output tok/s (output tokens over the request's wall
+time) and the roofline TPOT: the bytes of weights a decode step must read over the
+device bandwidth measured in the same run (an elementwise pass over a large
+buffer, read + write counted). ``--peer hf`` also times Hugging Face
+``generate()`` on the same device with random weights of the same config.
+
+    python scripts/bench_latency.py --peer hf                        # GPU: llama-3.1-8b shape, bf16
+    python scripts/bench_latency.py --model /tmp/tiny --input-len 16 --output-len 8   # CPU smoke
+
+Writes ``benchmarks/results/latency-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common  # noqa: E402
+
+WORKLOAD = "latency"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_common.add_engine_flags(parser)
+    _, input_len, output_len = bench_common.WORKLOADS[WORKLOAD]
+    parser.add_argument("--workload", default=WORKLOAD, choices=(WORKLOAD,))
+    parser.add_argument("--input-len", type=int, default=input_len)
+    parser.add_argument("--output-len", type=int, default=output_len)
+    parser.add_argument("--num-requests", type=int, default=3,
+                        help="timed requests, one after another after a warm-up one (medians reported)")
+    parser.add_argument("--bandwidth-mib", type=int, default=None,
+                        help="buffer for the bandwidth measurement (default 2048 on GPU, 64 on CPU)")
+    parser.add_argument("--peer", choices=("none", "hf"), default="none")
+    args = parser.parse_args(argv)
+    if args.output_len < 2:
+        parser.error("--output-len must be >= 2 (TPOT needs a decode step)")
+    return args
+
+
+def time_one_request(llm, prompt: list[int], output_len: int) -> dict:
+    """TTFT, token-to-token intervals and wall time of one request, from the engine trace."""
+    from engine import SamplingParams
+
+    run = bench_common.run_offline(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=output_len,
+                                                                ignore_eos=True))
+    token_times = [r.end_s for r in run.trace.records if any(s.samples for s in r.scheduled)]
+    if len(token_times) != output_len:
+        raise RuntimeError(f"the trace shows {len(token_times)} sampling steps for {output_len} tokens")
+    intervals = [(b - a) * 1e3 for a, b in zip(token_times, token_times[1:])]
+    return dict(ttft_ms=(token_times[0] - run.submit_s) * 1e3, itl_ms=intervals, e2e_ms=run.wall_s * 1e3,
+                compile_s=run.compile_s)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    vocab = bench_common.read_vocab_size(args.model)
+    peer = None
+    if args.peer == "hf":  # before JAX takes the device's memory
+        sizes = {WORKLOAD: (1, args.input_len, args.output_len, 1)}
+        peer = bench_common.run_hf_peer(args.model, [WORKLOAD], dtype=args.dtype, seed=args.seed, sizes=sizes)[WORKLOAD]
+    result = bench_common.result_header(WORKLOAD, args.model, args.dtype)
+    on_cpu = result["backend"] == "cpu"
+    bandwidth = bench_common.measure_copy_bandwidth((args.bandwidth_mib or (64 if on_cpu else 2048)) << 20)
+    llm = bench_common.make_llm(args, max_model_len=args.input_len + args.output_len,
+                                max_num_seqs=args.max_num_seqs or 1, trace=True)
+    try:
+        engine = llm.llm_engine
+        total_bytes, read_bytes = bench_common.weight_bytes(engine.runner.params, engine.model_config)
+        prompts = bench_common.random_prompts(args.num_requests + 1, args.input_len, vocab, args.seed)
+        time_one_request(llm, prompts[0], args.output_len)  # warm-up: compiles every step shape
+        runs = [time_one_request(llm, p, args.output_len) for p in prompts[1:]]
+    finally:
+        llm.shutdown()
+    itl = [x for r in runs for x in r["itl_ms"]]
+    e2e_ms = statistics.median(r["e2e_ms"] for r in runs)
+    roofline_ms = read_bytes / bandwidth * 1e3
+    ours = dict(
+        ttft_ms=statistics.median(r["ttft_ms"] for r in runs), tpot_ms=statistics.median(itl),
+        output_tok_s=args.output_len / (e2e_ms / 1e3), e2e_ms=e2e_ms, roofline_tpot_ms=roofline_ms,
+    )
+    result.update(ours)
+    result.update(
+        input_len=args.input_len, output_len=args.output_len, num_requests=args.num_requests,
+        tpot_over_roofline=ours["tpot_ms"] / roofline_ms, decode_tok_s=1e3 / ours["tpot_ms"],
+        weight_bytes=total_bytes, weight_bytes_read_per_step=read_bytes, copy_bandwidth_tb_s=bandwidth / 1e12,
+        itl_p90_ms=statistics.quantiles(itl, n=10)[-1] if len(itl) > 1 else itl[0],
+        compile_s_in_timed=sum(r["compile_s"] for r in runs),
+        itl_ms_samples=[round(x, 4) for x in runs[-1]["itl_ms"]],
+        notes="TTFT: submit to the first sampled token on the host; TPOT: median token-to-token interval "
+              "of the timed requests' decode steps; roofline: weight bytes a decode step reads (untied embedding "
+              "table excluded, KV ignored) over the copy bandwidth measured in this run (read + write counted).",
+    )
+    if peer is not None:
+        result["peer"] = peer
+        result["ratios"] = bench_common.peer_ratios(ours, peer, ("ttft_ms", "tpot_ms", "output_tok_s"))
+        result["ratio"] = result["ratios"].get("output_tok_s")
+    path = bench_common.write_results(result, args.output_json, args.results_dir)
+    rows = [dict(name="pagedjax", **ours)]
+    if peer is not None:
+        rows.append({**peer, "name": "hf generate"})
+    bench_common.print_table(rows, ["name", "ttft_ms", "tpot_ms", "output_tok_s", "roofline_tpot_ms", "error"],
+                             title=f"{WORKLOAD} on {result['device']}: {args.input_len} in / {args.output_len} out")
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

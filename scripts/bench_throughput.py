@@ -1,0 +1,147 @@
+"""PROTOCOL offline workloads ``tput-short`` (1024 x 128/128), ``tput-long`` (512 x 1000/1000) and
+``tput-prefill`` (512 x 2048/128) through ``LLM``: every request submitted at once.
+
+Reports output tok/s, total tok/s and req/s over the run's wall time minus the
+compilation it triggered (the engine compiles a step shape the first time it
+meets it; a short warm-up compiles the common ones first), and for tput-prefill
+the prefill MFU: useful FLOPs of the steps that ran prompt chunks (2 per weight
+per token, the LM head on sampling rows, causal attention) over those steps' time
+(from the engine's per-step trace), against the bf16 matmul rate measured in the
+same run (or ``--peak-tflops``). Several workloads in one run share one engine.
+``--peer hf`` also times Hugging Face ``generate()`` on the same device with
+random weights of the same config, at the batch it can hold (``PEER_BATCH``).
+
+    python scripts/bench_throughput.py --workload tput-short,tput-long,tput-prefill --peer hf   # GPU
+    python scripts/bench_throughput.py --model /tmp/tiny --workload tput-short \\
+        --num-requests 8 --input-len 16 --output-len 8                                       # CPU smoke
+
+Writes ``benchmarks/results/<workload>-<device>-<date>.json`` per workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common  # noqa: E402
+
+THROUGHPUT_WORKLOADS = ("tput-short", "tput-long", "tput-prefill")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_common.add_engine_flags(parser)
+    parser.add_argument("--workload", default="tput-short",
+                        help=f"one or more (comma-separated) of {', '.join(THROUGHPUT_WORKLOADS)}")
+    parser.add_argument("--num-requests", type=int, default=None, help="override the workload's request count")
+    parser.add_argument("--input-len", type=int, default=None, help="override the workload's input length")
+    parser.add_argument("--output-len", type=int, default=None, help="override the workload's output length")
+    parser.add_argument("--warmup-requests", type=int, default=32,
+                        help="requests in the warm-up (full prompts, up to 8 output tokens each); shapes it does "
+                             "not compile are compiled in the timed run and their compile time subtracted")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak for MFU (default: measured bf16 matmul rate in this run; DESIGN.md: ~790 on H100)")
+    parser.add_argument("--peer", choices=("none", "hf"), default="none")
+    parser.add_argument("--peer-num-requests", type=int, default=None,
+                        help="requests (one batch) the peer runs per workload (default PEER_BATCH)")
+    parser.add_argument("--trace", action="store_true",
+                        help="trace every workload's steps (always on for tput-prefill, which needs it for MFU)")
+    args = parser.parse_args(argv)
+    args.workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
+    unknown = [w for w in args.workloads if w not in THROUGHPUT_WORKLOADS]
+    if unknown or not args.workloads:
+        parser.error(f"--workload: unknown {unknown}; choose from {', '.join(THROUGHPUT_WORKLOADS)}")
+    if args.output_json and len(args.workloads) > 1:
+        parser.error("--output-json takes one workload (several write one default-named file each)")
+    return args
+
+
+def workload_sizes(args, workload: str) -> tuple[int, int, int]:
+    n, i, o = bench_common.WORKLOADS[workload]
+    return args.num_requests or n, args.input_len or i, args.output_len or o
+
+
+def prefill_figures(run: bench_common.OfflineRun, engine, peak_flops: float) -> dict:
+    steps = [r for r in run.trace.records if r.has_prefill]
+    flops = sum(bench_common.step_flops(engine.model_config, engine.runner.params, r.scheduled) for r in steps)
+    seconds = sum(run.step_seconds(r) for r in steps)
+    return dict(prefill_mfu=flops / seconds / peak_flops, prefill_tflop_s=flops / seconds / 1e12,
+                prefill_steps=len(steps), prefill_seconds=seconds, peak_tflop_s=peak_flops / 1e12)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    vocab = bench_common.read_vocab_size(args.model)
+    peers = {}
+    if args.peer == "hf":  # before JAX takes the device's memory
+        sizes = {}
+        for w in args.workloads:
+            _, i, o = workload_sizes(args, w)
+            batch = args.peer_num_requests or bench_common.PEER_BATCH[w]
+            sizes[w] = (batch, i, o, batch)
+        peers = bench_common.run_hf_peer(args.model, args.workloads, dtype=args.dtype, seed=args.seed, sizes=sizes)
+    peak_flops = None
+    if "tput-prefill" in args.workloads:
+        on_cpu = bench_common.device_name() == "cpu"
+        peak_flops = (args.peak_tflops * 1e12 if args.peak_tflops else
+                      bench_common.measure_matmul_flops(1024 if on_cpu else 8192, "float32" if on_cpu else "bfloat16"))
+    max_model_len = max(sum(workload_sizes(args, w)[1:]) for w in args.workloads)
+    llm = bench_common.make_llm(args, max_model_len=max_model_len,
+                                trace=args.trace or "tput-prefill" in args.workloads)
+    from engine import SamplingParams
+
+    results = []
+    try:
+        engine = llm.llm_engine
+        max_num_seqs = engine.scheduler.max_num_seqs
+        for workload in args.workloads:
+            n, input_len, output_len = workload_sizes(args, workload)
+            prompts = bench_common.random_prompts(n, input_len, vocab, args.seed)
+            warmup = min(n, args.warmup_requests)
+            started = time.perf_counter()
+            bench_common.run_offline(llm, prompts[:warmup], SamplingParams(temperature=0.0, ignore_eos=True,
+                                                                           max_tokens=min(8, output_len)))
+            print(f"{workload}: warm-up of {warmup} requests took {time.perf_counter() - started:.1f} s", flush=True)
+            run = bench_common.run_offline(llm, prompts, SamplingParams(temperature=0.0, max_tokens=output_len,
+                                                                        ignore_eos=True))
+            result = bench_common.result_header(workload, args.model, args.dtype)
+            ours = dict(output_tok_s=n * output_len / run.seconds,
+                        total_tok_s=n * (input_len + output_len) / run.seconds, req_s=n / run.seconds)
+            result.update(ours, num_requests=n, input_len=input_len, output_len=output_len,
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
+                          num_kv_blocks=engine.block_manager.num_usable_blocks, seconds=run.seconds,
+                          wall_s=run.wall_s, compile_s_excluded=run.compile_s, traced=run.trace is not None)
+            if run.trace is not None and run.trace.records:
+                records = run.trace.records
+                result.update(steps=len(records), mean_batch_seqs=sum(len(r.scheduled) for r in records) / len(records),
+                              num_preemptions=sum(len(r.preempted) for r in records))
+            if workload == "tput-prefill":
+                prefill = prefill_figures(run, engine, peak_flops)
+                ours["prefill_mfu"] = prefill["prefill_mfu"]
+                result.update(prefill, peak_source=("--peak-tflops" if args.peak_tflops else "measured matmul"))
+            if workload in peers:
+                peer = peers[workload]
+                result["peer"] = peer
+                result["ratios"] = bench_common.peer_ratios(ours, peer, ("output_tok_s", "total_tok_s", "req_s"))
+                result["ratio"] = result["ratios"].get("output_tok_s")
+            path = bench_common.write_results(result, args.output_json, args.results_dir)
+            rows = [dict(name="pagedjax", batch=max_num_seqs, num_requests=n, **ours)]
+            if workload in peers:
+                rows.append({**peers[workload], "name": "hf generate", "batch": peers[workload].get("batch_size")})
+            bench_common.print_table(
+                rows, ["name", "num_requests", "batch", "output_tok_s", "total_tok_s", "req_s", "prefill_mfu", "error"],
+                title=f"{workload} on {result['device']}: {n} x {input_len} in / {output_len} out "
+                      f"({run.seconds:.1f} s, {run.compile_s:.1f} s of compilation excluded)")
+            print(f"wrote {path}", flush=True)
+            results.append(result)
+    finally:
+        llm.shutdown()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""The engine's per-step trace, static batching, and the benchmark and picture scripts.
+
+The trace must record every executed step with the tokens each request ran and a
+KV pool state that agrees with the block-manager rules (only a sequence's last
+block is partly empty); static batching must never admit a request while its
+batch is unfinished and must not change what greedy decoding produces; the
+benchmark scripts must run end to end on a tiny random model and write the
+PROTOCOL fields; ``visualize.py`` must draw PNGs from what they wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+
+import numpy as np
+import pytest
+
+from engine import LLM, EngineArgs, SamplingParams
+from engine.block_manager import BlockManager
+from engine.request import Request, RequestStatus
+from engine.scheduler import Scheduler
+from engine.trace import StepTrace
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+
+import bench_common  # noqa: E402
+
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 384,
+    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "hidden_act": "silu", "torch_dtype": "float32",
+}
+BLOCK = 8
+BATCH = 3
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ALWAYS = ("workload", "model", "device", "jax_version", "commit", "command", "dtype", "quantization",
+          "tensor_parallel_size", "date")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    with open(folder / "config.json", "w") as f:
+        json.dump(TINY_CONFIG, f)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    """Fresh random prompts and output lengths (the seed is printed on failure)."""
+    seed = secrets.randbelow(2**31)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, TINY_CONFIG["vocab_size"], size=int(rng.integers(3, 21))).tolist() for _ in range(7)]
+    lengths = [int(n) for n in rng.integers(2, 19, size=len(prompts))]
+    return seed, prompts, lengths
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, workload):
+    """mode -> (greedy token ids per request, trace, steps the engine counted) for the same requests."""
+    _, prompts, lengths = workload
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    out = {}
+    for mode in ("continuous", "static"):
+        # A budget that admits a whole batch's prompts in one step, so admission steps are batch starts.
+        llm = LLM(tiny_model, load_format="dummy", skip_tokenizer_init=True, block_size=BLOCK, max_num_seqs=BATCH,
+                  max_num_batched_tokens=128, max_model_len=64, scheduling_mode=mode, trace=True)
+        try:
+            outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            out[mode] = ([o.outputs[0].token_ids for o in outputs], llm.get_trace(), llm.stats()["steps"])
+        finally:
+            llm.shutdown()
+    return out
+
+
+# -- trace -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["continuous", "static"])
+def test_trace_records_every_step_with_token_counts(runs, workload, mode):
+    seed, prompts, lengths = workload
+    _, trace, steps = runs[mode]
+    assert [r.step for r in trace.records] == list(range(steps)), f"seed {seed}"
+    assert trace.scheduling_mode == mode and trace.block_size == BLOCK and trace.max_num_seqs == BATCH
+    spans = trace.request_spans()
+    assert len(spans) == len(prompts)
+    for rid, runs_of_request in spans.items():
+        i = int(rid)
+        # Every token but the last sampled one is fed to the model once; each output token is sampled once.
+        assert sum(s.num_tokens for _, s in runs_of_request) == len(prompts[i]) + lengths[i] - 1, f"seed {seed}"
+        assert sum(s.samples for _, s in runs_of_request) == lengths[i], f"seed {seed}"
+        assert all(s.num_prompt_tokens == len(prompts[i]) for _, s in runs_of_request)
+        starts = [s.start for _, s in runs_of_request]
+        assert starts == sorted(starts) and starts[0] == 0
+    for r in trace.records:
+        assert r.start_s <= r.end_s
+        held = {s.request_id: s for s in r.sequences}
+        assert {s.request_id for s in r.scheduled} <= held.keys()
+        for s in r.scheduled:  # after the step, each scheduled sequence's blocks hold exactly what it computed
+            assert held[s.request_id].num_tokens == s.start + s.num_tokens
+        assert r.num_used_blocks == len({b for s in r.sequences for b in s.block_table})
+        assert r.num_used_slots == sum(s.num_tokens for s in r.sequences)  # nothing shared here
+        assert r.num_allocated_slots == r.num_used_blocks * BLOCK
+        for s in r.sequences:
+            assert s.reserved_tokens == len(prompts[int(s.request_id)]) + lengths[int(s.request_id)]
+
+
+@pytest.mark.parametrize("mode", ["continuous", "static"])
+def test_waste_never_exceeds_one_block_per_sequence(runs, mode):
+    _, trace, _ = runs[mode]
+    for r in trace.records:
+        for s in r.sequences:
+            assert len(s.block_table) == -(-s.num_tokens // BLOCK)
+            assert 0 <= len(s.block_table) * BLOCK - s.num_tokens < BLOCK
+            assert 0 not in s.block_table  # the padding sink is never handed out
+        assert 0 <= r.num_wasted_slots <= len(r.sequences) * (BLOCK - 1)
+    rows = trace.kv_waste()
+    assert all(row["paged_allocated"] - row["written"] < BLOCK * max(1, row["num_seqs"]) for row in rows)
+    assert all(row["contiguous_max_model_len_allocated"] >= row["contiguous_reserved_allocated"] >= row["written"]
+               for row in rows)
+
+
+def test_static_mode_never_admits_mid_batch(runs, workload):
+    seed = workload[0]
+    _, trace, _ = runs["static"]
+    first_last = trace.first_and_last_steps()
+    admissions = trace.admission_steps()
+    assert [len(ids) for ids in admissions.values()] == [3, 3, 1], f"seed {seed}: {admissions}"
+    for step, ids in admissions.items():
+        earlier = [rid for rid, (first, _) in first_last.items() if first < step]
+        assert all(first_last[rid][1] < step for rid in earlier), f"seed {seed}: admitted at {step} mid-batch"
+    # Continuous batching does admit while others run: the contrast the static mode exists to show.
+    _, cont, _ = runs["continuous"]
+    cont_first_last = cont.first_and_last_steps()
+    assert any(any(first < step <= last for first, last in cont_first_last.values())
+               for step in cont.admission_steps()), f"seed {seed}"
+    assert len(trace.records) >= len(cont.records)
+
+
+def test_continuous_and_static_give_the_same_greedy_tokens(runs, workload):
+    seed, _, lengths = workload
+    assert [len(t) for t in runs["continuous"][0]] == lengths
+    assert runs["continuous"][0] == runs["static"][0], f"seed {seed}"
+
+
+def test_trace_json_round_trip_is_compact(runs, tmp_path):
+    _, trace, _ = runs["continuous"]
+    path = str(tmp_path / "t.trace.json.gz")
+    trace.save(path)
+    assert StepTrace.load(path) == trace
+    encoded = trace.to_json()
+    tables_written = sum(seq[3] is not None for r in encoded["records"] for seq in r["sequences"])
+    tables_held = sum(len(r.sequences) for r in trace.records)
+    assert tables_written < tables_held  # an unchanged block table is not written again
+    with pytest.raises(ValueError, match="unsupported trace format"):
+        StepTrace.from_json({**encoded, "format": 99})
+
+
+def test_trace_is_off_unless_asked(tiny_model):
+    llm = LLM(tiny_model, load_format="dummy", skip_tokenizer_init=True, max_model_len=32)
+    try:
+        assert llm.llm_engine.tracer is None
+        with pytest.raises(ValueError, match="trace=True"):
+            llm.get_trace()
+    finally:
+        llm.shutdown()
+
+
+def test_scheduling_mode_is_validated():
+    with pytest.raises(ValueError, match="scheduling_mode must be 'continuous' or 'static'"):
+        EngineArgs(scheduling_mode="batchwise").validate()
+    with pytest.raises(ValueError, match="scheduling_mode must be one of"):
+        Scheduler(BlockManager(8, 4), max_num_batched_tokens=16, max_num_seqs=2, max_model_len=8,
+                  scheduling_mode="batchwise")
+
+
+# -- static batching in the scheduler alone (no JAX) -------------------------------------
+
+
+def test_static_scheduler_holds_late_arrivals_until_the_batch_ends():
+    rng = np.random.default_rng(secrets.randbelow(2**31))
+    scheduler = Scheduler(BlockManager(64, 4), max_num_batched_tokens=64, max_num_seqs=2, max_model_len=32,
+                          scheduling_mode="static")
+    lengths = {}
+
+    def add(rid: str, out_len: int) -> None:
+        scheduler.add_request(Request(rid, rng.integers(1, 100, size=int(rng.integers(2, 9))).tolist()))
+        lengths[rid] = out_len
+
+    add("a", 2)
+    add("b", 6)
+    add("c", 1)
+    admitted = []
+    for step in range(40):
+        if step == 1:
+            add("d", 1)  # arrives while the first batch runs: waits for it, though a slot frees at once
+        out = scheduler.schedule()
+        admitted += [(step, s.request_id) for s in out.scheduled if s.start == 0]
+        scheduler.update_after_step(out, {s.request_id: int(rng.integers(1, 100)) for s in out.scheduled})
+        for s in out.scheduled:
+            r = s.request
+            if not r.is_finished and len(r.output_token_ids) >= lengths[r.request_id]:
+                scheduler.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED)
+        scheduler.check_invariants()
+        if not scheduler.has_unfinished_requests():
+            break
+    first = dict((rid, step) for step, rid in admitted)
+    assert first["a"] == first["b"] == 0
+    # "b" needs 6 steps; "c" and "d" (the next batch) start only after it finished, together.
+    assert first["c"] == first["d"] == 6
+    assert not scheduler.has_unfinished_requests()
+
+
+# -- benchmark scripts and pictures ------------------------------------------------------
+
+
+def _check_protocol_fields(result: dict, workload: str, fields) -> None:
+    assert result["workload"] == workload
+    for name in ALWAYS:
+        assert name in result, f"{workload}: missing {name}"
+    assert result["tensor_parallel_size"] == 1 and result["dtype"] == "float32"
+    for name in fields:
+        assert isinstance(result[name], (int, float)) and result[name] > 0, f"{workload}: {name}={result.get(name)}"
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tiny_model, tmp_path_factory):
+    """Every benchmark script run once on the tiny model, its JSON in one folder."""
+    import bench_latency
+    import bench_static_vs_continuous
+    import bench_throughput
+
+    out = tmp_path_factory.mktemp("results")
+    common = ["--model", tiny_model, "--load-format", "dummy", "--block-size", "8"]
+    bench_latency.main(common + ["--input-len", "12", "--output-len", "6", "--num-requests", "2", "--peer", "hf",
+                                 "--output-json", str(out / "latency-cpu.json")])
+    for workload in ("tput-short", "tput-prefill"):
+        bench_throughput.main(common + ["--workload", workload, "--num-requests", "6", "--input-len", "20",
+                                        "--output-len", "4", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+                                        "--output-json", str(out / f"{workload}-cpu.json")])
+    bench_static_vs_continuous.main(common + ["--num-requests", "7", "--input-len", "6", "--min-output-len", "2",
+                                              "--max-output-len", "20", "--max-num-seqs", "3",
+                                              "--output-json", str(out / "static-vs-continuous-cpu.json")])
+    return out
+
+
+def test_latency_json(bench_dir):
+    with open(bench_dir / "latency-cpu.json") as f:
+        result = json.load(f)
+    _check_protocol_fields(result, "latency", ("ttft_ms", "tpot_ms", "output_tok_s", "roofline_tpot_ms"))
+    assert len(result["itl_ms_samples"]) == 5  # 6 tokens: 5 token-to-token intervals
+    assert result["tpot_ms"] <= result["e2e_ms"]
+    peer = result["peer"]
+    assert "error" not in peer, peer
+    assert {"ttft_ms", "tpot_ms", "output_tok_s"} <= peer.keys() and peer["output_len"] == 6
+    assert result["ratio"] == pytest.approx(result["output_tok_s"] / peer["output_tok_s"])
+    assert result["ratios"]["tpot_ms"] == pytest.approx(peer["tpot_ms"] / result["tpot_ms"])
+
+
+def test_throughput_json(bench_dir):
+    for workload in ("tput-short", "tput-prefill"):
+        with open(bench_dir / f"{workload}-cpu.json") as f:
+            result = json.load(f)
+        fields = ["output_tok_s", "total_tok_s", "req_s", "num_requests"]
+        _check_protocol_fields(result, workload, fields + (["prefill_mfu"] if workload == "tput-prefill" else []))
+        assert result["num_requests"] == 6 and result["max_num_seqs"] == 4
+        assert result["total_tok_s"] == pytest.approx(result["output_tok_s"] * 24 / 4)
+    assert 0 < result["prefill_mfu"] < 1.5  # against a matmul rate measured on the same machine
+
+
+def test_static_vs_continuous_json(bench_dir):
+    with open(bench_dir / "static-vs-continuous-cpu.json") as f:
+        result = json.load(f)
+    _check_protocol_fields(result, "static-vs-continuous", ("ratio",))
+    assert result["same_tokens"] is True
+    for mode in ("continuous", "static"):
+        figures = result[mode]
+        assert figures["output_tok_s"] > 0 and figures["max_num_seqs"] == 3
+        waste = figures["waste"]
+        assert 0 <= waste["paged"] <= waste["contiguous_reserved"] <= waste["contiguous_max_model_len"] < 1
+        assert figures["max_wasted_slots_per_seq"] < figures["block_size"]
+        seqs = figures["max_concurrent_seqs"]
+        assert seqs["paged"] >= seqs["contiguous_reserved"] >= seqs["contiguous_max_model_len"] >= 1
+        assert os.path.exists(bench_dir / result["traces"][mode])
+    assert result["static"]["steps"] >= result["continuous"]["steps"]
+
+
+def test_visualize_writes_pngs(bench_dir, tmp_path):
+    import visualize
+
+    written = visualize.main(["static-vs-continuous", str(bench_dir / "static-vs-continuous-cpu.json"),
+                              "--out-dir", str(tmp_path)])
+    written += visualize.main(["results", "--results-dir", str(bench_dir), "--out-dir", str(tmp_path)])
+    trace = str(bench_dir / "static-vs-continuous-cpu.continuous.trace.json.gz")
+    written += visualize.main(["blockmap", "--trace", trace, "--step", "2", "--out", str(tmp_path / "b.png")])
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == sorted(["static-vs-continuous-cpu-timeline.png", "static-vs-continuous-cpu-blockmap.png",
+                            "static-vs-continuous-cpu-kv-waste.png", "throughput-vs-batch.png", "latency-cdf.png",
+                            "b.png"])
+    for path in written:
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+        assert 2_000 < os.path.getsize(path) < 400_000
+    with pytest.raises(ValueError, match="outside the trace"):
+        visualize.main(["blockmap", "--trace", trace, "--step", "100000", "--out", str(tmp_path / "x.png")])
+
+
+def test_bench_helpers_reject_bad_input():
+    with pytest.raises(ValueError, match="at least one request"):
+        bench_common.random_prompts(0, 8, 100)
+    a = bench_common.random_prompts(3, 5, 1000, seed=7)
+    assert a == bench_common.random_prompts(3, 5, 1000, seed=7) and len({tuple(p) for p in a}) == 3
+    assert bench_common.peer_ratios({"tpot_ms": 5.0, "output_tok_s": 300.0}, {"tpot_ms": 10.0, "output_tok_s": 100.0},
+                                    ("tpot_ms", "output_tok_s")) == {"tpot_ms": 2.0, "output_tok_s": 3.0}
