@@ -37,6 +37,10 @@ from sharding.distributed import broadcast_from_leader, is_leader
 logger = logging.getLogger(__name__)
 
 
+# Smallest bucket of each padded dimension: tokens T, sequences S, block-table width B.
+MIN_TOKEN_BUCKET, MIN_SEQ_BUCKET, MIN_BLOCK_BUCKET = 16, 8, 4
+
+
 def enable_compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache (``$PAGEDJAX_CACHE_DIR/jax``, default
     ``~/.cache/pagedjax/jax``) so a restart reuses compiled steps; a cache the user set wins."""
@@ -62,6 +66,42 @@ class SequenceWork:
     start: int  # absolute position of the first of them
     block_table: Sequence[int]
     sample: bool  # whether the step's token for this sequence is wanted
+
+
+def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_tokens: int, max_num_seqs: int,
+                      max_blocks_per_seq: int) -> ModelInput:
+    """Flat step input (DESIGN.md step 2) as numpy arrays, padded to the buckets."""
+    bs = block_size
+    num_tokens = sum(len(w.token_ids) for w in work)
+    T = bucket(num_tokens, MIN_TOKEN_BUCKET, max_num_tokens)
+    S = bucket(len(work), MIN_SEQ_BUCKET, max_num_seqs)
+    B = bucket(max(len(w.block_table) for w in work), MIN_BLOCK_BUCKET, max_blocks_per_seq)
+    token_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slots = np.zeros(T, np.int32)  # padding writes into page 0, the sink
+    cu = np.zeros(S + 1, np.int32)
+    kv_lens = np.zeros(S, np.int32)
+    tables = np.zeros((S, B), np.int32)
+    logits_indices = np.zeros(S, np.int32)
+    t = 0
+    for i, w in enumerate(work):
+        n = len(w.token_ids)
+        table = np.asarray(w.block_table, np.int32)
+        pos = np.arange(w.start, w.start + n, dtype=np.int32)
+        token_ids[t : t + n] = w.token_ids
+        positions[t : t + n] = pos
+        slots[t : t + n] = table[pos // bs] * bs + pos % bs
+        tables[i, : len(table)] = table
+        kv_lens[i] = w.start + n
+        logits_indices[i] = t + n - 1
+        t += n
+        cu[i + 1] = t
+    cu[len(work) + 1 :] = t
+    return ModelInput(
+        token_ids=token_ids, positions=positions, slot_mapping=slots, cu_q_lens=cu,
+        kv_lens=kv_lens, block_tables=tables, num_seqs=np.asarray([len(work)], np.int32),
+        logits_indices=logits_indices,
+    )
 
 
 class ModelRunner:
@@ -129,41 +169,11 @@ class ModelRunner:
         self.kv_cache = self._copy(self.kv_cache, jnp.asarray(src), jnp.asarray(dst))
 
     def padded_num_seqs(self, num_seqs: int) -> int:
-        return bucket(num_seqs, 8, self.max_num_seqs)
+        return bucket(num_seqs, MIN_SEQ_BUCKET, self.max_num_seqs)
 
     def build_model_input(self, work: Sequence[SequenceWork]) -> ModelInput:
-        """Flat, padded step input (DESIGN.md step 2)."""
-        bs = self.block_size
-        num_tokens = sum(len(w.token_ids) for w in work)
-        T = bucket(num_tokens, 16, self.max_num_batched_tokens)
-        S = self.padded_num_seqs(len(work))
-        B = bucket(max(len(w.block_table) for w in work), 4, self.max_blocks_per_seq)
-        token_ids = np.zeros(T, np.int32)
-        positions = np.zeros(T, np.int32)
-        slots = np.zeros(T, np.int32)  # padding writes into page 0, the sink
-        cu = np.zeros(S + 1, np.int32)
-        kv_lens = np.zeros(S, np.int32)
-        tables = np.zeros((S, B), np.int32)
-        logits_indices = np.zeros(S, np.int32)
-        t = 0
-        for i, w in enumerate(work):
-            n = len(w.token_ids)
-            table = np.asarray(w.block_table, np.int32)
-            pos = np.arange(w.start, w.start + n, dtype=np.int32)
-            token_ids[t : t + n] = w.token_ids
-            positions[t : t + n] = pos
-            slots[t : t + n] = table[pos // bs] * bs + pos % bs
-            tables[i, : len(table)] = table
-            kv_lens[i] = w.start + n
-            logits_indices[i] = t + n - 1
-            t += n
-            cu[i + 1] = t
-        cu[len(work) + 1 :] = t
-        return ModelInput(
-            token_ids=token_ids, positions=positions, slot_mapping=slots, cu_q_lens=cu,
-            kv_lens=kv_lens, block_tables=tables, num_seqs=np.asarray([len(work)], np.int32),
-            logits_indices=logits_indices,
-        )
+        return build_model_input(work, block_size=self.block_size, max_num_tokens=self.max_num_batched_tokens,
+                                 max_num_seqs=self.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq)
 
     def execute(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
                 num_logprobs: Optional[int] = None) -> SamplerOutput:

@@ -5,6 +5,10 @@ Pure functions over a params pytree; no classes, no state, so the whole step is 
 params). Layer weights are stacked on a leading axis and the layers run under
 ``lax.scan``, so compile time does not grow with depth.
 
+``params["layers"]`` may instead be a list of per-layer dicts (same names, no leading
+axis): the layers are then unrolled, which costs compile time but lets XLA read each
+weight in place (see benchmarks/NOTES.md for the measured difference).
+
 Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
 
     embed        [V, H]
@@ -137,8 +141,14 @@ def forward(
         x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
         return (x, k_cache, v_cache), None
 
-    layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"])
-    (x, k_cache, v_cache), _ = jax.lax.scan(layer_step, (x, kv_cache.k, kv_cache.v), layers)
+    carry = (x, kv_cache.k, kv_cache.v)
+    if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
+        for i, w in enumerate(params["layers"]):
+            carry, _ = layer_step(carry, (jnp.int32(i), w))
+    else:
+        layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"])
+        carry, _ = jax.lax.scan(layer_step, carry, layers)
+    x, k_cache, v_cache = carry
     x = rms_norm(x[batch.logits_indices], params["final_norm"], eps)
     lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
