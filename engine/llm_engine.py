@@ -94,7 +94,8 @@ class LLMEngine:
         self.runner = ModelRunner(config, loaded.params, num_blocks=num_blocks, block_size=args.block_size,
                                   max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                   max_model_len=self.max_model_len, kv_dtype=loaded.dtype,
-                                  attention_backend=args.attention_backend, mesh=mesh)
+                                  attention_backend=args.attention_backend, mesh=mesh,
+                                  unroll_layers=args.unroll_layers)
         self.model_path = loaded.path
         kv_gib = num_blocks * kv_cache_bytes_per_block(config, args.block_size, loaded.dtype) / 2**30
         logger.info(

@@ -29,7 +29,7 @@ from engine.cache_dir import cache_dir
 from engine.sampler import SamplerOutput, SamplingMetadata, sample
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
-from models.llama import forward
+from models.llama import forward, unstack_layers
 from pallas_kernels import get_attention_fns
 from sharding import TensorParallelPlan, replicated, shard_attention_fns
 from sharding.distributed import broadcast_from_leader, is_leader
@@ -118,8 +118,10 @@ class ModelRunner:
         kv_dtype,
         attention_backend: str = "auto",
         mesh: Optional[Mesh] = None,
+        unroll_layers: Optional[bool] = None,
     ):
-        """``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
+        """``unroll_layers``: unstack the layer weights and unroll the layer loop (None: on GPU only).
+        ``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
         ``TensorParallelPlan.load_shardings``); None runs on the default device."""
         enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
@@ -140,7 +142,9 @@ class ModelRunner:
             kv_placement = KVCache(k=kv_sharding, v=kv_sharding)
             step_placement = {"out_shardings": (self._input_sharding, kv_placement)}
             copy_placement = {"out_shardings": kv_placement}
-        self.params = params
+        if unroll_layers is None:  # see EngineArgs.unroll_layers
+            unroll_layers = jax.default_backend() == "gpu"
+        self.params = unstack_layers(params) if unroll_layers else params
         self.kv_cache = make_kv_cache(step_config, num_blocks, block_size, kv_dtype, sharding=kv_sharding)
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
                                           write_kv_fn=write_kv_fn)

@@ -62,6 +62,23 @@ def param_shapes(config: ModelConfig) -> dict:
     return shapes
 
 
+def unstack_layers(params: dict) -> dict:
+    """The same params with ``layers`` as a list of per-layer dicts (unrolled forward).
+
+    Slices one stacked weight at a time and drops it, so the extra memory at any
+    moment is one stacked tensor, not the model.
+    """
+    stacked = dict(params["layers"])
+    num_layers = next(iter(stacked.values())).shape[0]
+    per_layer: list[dict] = [{} for _ in range(num_layers)]
+    for name in list(stacked):
+        weight = stacked.pop(name)
+        for i in range(num_layers):
+            per_layer[i][name] = weight[i]
+        del weight
+    return {**params, "layers": per_layer}
+
+
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies of rotary embedding, with llama3 / linear scaling applied."""
     D = config.head_dim
