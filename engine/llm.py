@@ -45,6 +45,7 @@ class LLM:
         num_gpu_blocks_override: Optional[int] = None,
         scheduling_policy: str = "fifo",
         attention_backend: str = "auto",
+        linear_backend: str = "auto",
         unroll_layers: Optional[bool] = None,
         skip_tokenizer_init: bool = False,
         scheduling_mode: str = "continuous",
@@ -56,7 +57,8 @@ class LLM:
             max_model_len=max_model_len, seed=seed, load_format=load_format,
             tensor_parallel_size=tensor_parallel_size, quantization=quantization,
             kv_cache_dtype=kv_cache_dtype, num_gpu_blocks_override=num_gpu_blocks_override,
-            scheduling_policy=scheduling_policy, attention_backend=attention_backend, unroll_layers=unroll_layers,
+            scheduling_policy=scheduling_policy, attention_backend=attention_backend, linear_backend=linear_backend,
+            unroll_layers=unroll_layers,
             scheduling_mode=scheduling_mode, trace=trace,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)

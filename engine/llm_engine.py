@@ -18,7 +18,7 @@ import numpy as np
 
 from engine.block_manager import BlockManager
 from engine.detokenizer import IncrementalDetokenizer, check_stop
-from engine.engine_args import EngineArgs, num_kv_blocks
+from engine.engine_args import EngineArgs, num_kv_blocks, resolve_kv_cache_dtype
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner, SequenceWork
@@ -76,7 +76,9 @@ class LLMEngine:
         start = time.perf_counter()
         mesh = make_mesh(args.tensor_parallel_size) if args.tensor_parallel_size > 1 else None
         loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-                            shardings=param_shardings_for(mesh))
+                            shardings=param_shardings_for(mesh), quantization=args.quantization)
+        self.quantization = loaded.quantization
+        kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, loaded.dtype)
         self.model_config = config = loaded.config
         self.tokenizer = None
         self.eos_token_ids = set(config.eos_token_ids)
@@ -86,25 +88,26 @@ class LLMEngine:
             self.tokenizer = load_tokenizer(loaded.path)
             self.eos_token_ids.update(eos_token_ids(self.tokenizer, loaded.path))
         self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
-        num_blocks = num_kv_blocks(args, config, loaded.dtype, self.max_model_len, max_seqs)
+        num_blocks = num_kv_blocks(args, config, kv_dtype, self.max_model_len, max_seqs)
         self.block_manager = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_tokens,
                                    max_num_seqs=max_seqs, max_model_len=self.max_model_len,
                                    policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode)
         self.runner = ModelRunner(config, loaded.params, num_blocks=num_blocks, block_size=args.block_size,
                                   max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
-                                  max_model_len=self.max_model_len, kv_dtype=loaded.dtype,
+                                  max_model_len=self.max_model_len, kv_dtype=kv_dtype,
                                   attention_backend=args.attention_backend, mesh=mesh,
-                                  unroll_layers=args.unroll_layers)
+                                  unroll_layers=args.unroll_layers, linear_backend=args.linear_backend)
         self.model_path = loaded.path
-        kv_gib = num_blocks * kv_cache_bytes_per_block(config, args.block_size, loaded.dtype) / 2**30
+        kv_gib = num_blocks * kv_cache_bytes_per_block(config, args.block_size, kv_dtype) / 2**30
+        self.max_concurrent_tokens = (num_blocks - 1) * args.block_size
         logger.info(
-            "loaded %s (%s, %s) on %s in %.1fs; KV cache: %d blocks of %d tokens (%.2f GiB), "
+            "loaded %s (%s, %s, quantization %s) on %s in %.1fs; KV cache (%s): %d blocks of %d tokens (%.2f GiB), "
             "max %d concurrent tokens; max_model_len=%d, max_num_seqs=%d, max_num_batched_tokens=%d",
-            loaded.path, loaded.load_format, np.dtype(loaded.dtype).name,
+            loaded.path, loaded.load_format, np.dtype(loaded.dtype).name, loaded.quantization,
             f"{args.tensor_parallel_size} x {jax.devices()[0].device_kind}",
-            time.perf_counter() - start, num_blocks - 1, args.block_size, kv_gib,
-            (num_blocks - 1) * args.block_size, self.max_model_len, max_seqs, max_tokens)
+            time.perf_counter() - start, np.dtype(kv_dtype).name, num_blocks - 1, args.block_size, kv_gib,
+            self.max_concurrent_tokens, self.max_model_len, max_seqs, max_tokens)
         self._groups: dict[str, _RequestGroup] = {}
         self._seed_rng = np.random.default_rng(args.seed)
         self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0}

@@ -30,6 +30,7 @@ from engine.sampler import SamplerOutput, SamplingMetadata, sample
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward, unstack_layers
+from models.quantization import LinearBackend
 from pallas_kernels import get_attention_fns
 from sharding import TensorParallelPlan, replicated, shard_attention_fns
 from sharding.distributed import broadcast_from_leader, is_leader
@@ -119,10 +120,13 @@ class ModelRunner:
         attention_backend: str = "auto",
         mesh: Optional[Mesh] = None,
         unroll_layers: Optional[bool] = None,
+        linear_backend: str = "auto",
     ):
         """``unroll_layers``: unstack the layer weights and unroll the layer loop (None: on GPU only).
         ``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
-        ``TensorParallelPlan.load_shardings``); None runs on the default device."""
+        ``TensorParallelPlan.load_shardings``); None runs on the default device.
+        ``linear_backend``: see ``EngineArgs.linear_backend`` (a mesh always uses XLA's matmuls,
+        which GSPMD partitions; a Pallas call it cannot)."""
         enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
         self.mesh = mesh
@@ -146,8 +150,9 @@ class ModelRunner:
             unroll_layers = jax.default_backend() == "gpu"
         self.params = unstack_layers(params) if unroll_layers else params
         self.kv_cache = make_kv_cache(step_config, num_blocks, block_size, kv_dtype, sharding=kv_sharding)
+        linear = LinearBackend(kernel="xla" if mesh is not None else linear_backend)
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
-                                          write_kv_fn=write_kv_fn)
+                                          write_kv_fn=write_kv_fn, linear_backend=linear)
         self._step = jax.jit(self._step_impl, static_argnames=("num_logprobs",), donate_argnums=(1,),
                              **step_placement)
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)

@@ -34,6 +34,7 @@ import numpy as np
 
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
+from models.quantization import LinearBackend, linear
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
 
@@ -69,12 +70,12 @@ def unstack_layers(params: dict) -> dict:
     moment is one stacked tensor, not the model.
     """
     stacked = dict(params["layers"])
-    num_layers = next(iter(stacked.values())).shape[0]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
     per_layer: list[dict] = [{} for _ in range(num_layers)]
     for name in list(stacked):
-        weight = stacked.pop(name)
+        weight = stacked.pop(name)  # an array, or a quantized weight (a pytree of stacked arrays)
         for i in range(num_layers):
-            per_layer[i][name] = weight[i]
+            per_layer[i][name] = jax.tree.map(lambda a: a[i], weight)
         del weight
     return {**params, "layers": per_layer}
 
@@ -124,11 +125,14 @@ def forward(
     config: ModelConfig,
     attention_fn: AttentionFn = ragged_paged_attention_reference,
     write_kv_fn: WriteKVFn = write_kv_reference,
+    linear_backend: LinearBackend = LinearBackend(),
 ) -> tuple[jax.Array, KVCache]:
     """Run the new tokens of ``batch`` through the model.
 
     Writes their K/V into ``kv_cache`` and returns float32 logits ``[S, V]`` at
-    ``batch.logits_indices`` together with the updated cache.
+    ``batch.logits_indices`` together with the updated cache. Layer weights may be
+    dense arrays or quantized weights (``models.quantization``); ``linear_backend`` says
+    how those are multiplied.
     """
     T = batch.token_ids.shape[0]
     eps = config.rms_norm_eps
@@ -136,12 +140,13 @@ def forward(
     freqs = batch.positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(config))[None, :]
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
     attend = functools.partial(attention_fn, sliding_window=config.sliding_window)
+    mm = functools.partial(linear, backend=linear_backend)
 
     def layer_step(carry, layer_and_weights):
         x, k_cache, v_cache = carry
         layer, w = layer_and_weights
         h = rms_norm(x, w["input_norm"], eps)
-        q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
+        q, k, v = mm(h, w["wq"]), mm(h, w["wk"]), mm(h, w["wv"])
         if config.qkv_bias:
             q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
         q = q.reshape(T, config.num_heads, config.head_dim)
@@ -153,9 +158,9 @@ def forward(
         k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, k, v, batch.slot_mapping)
         attn = attend(q, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables,
                       batch.cu_q_lens, batch.num_seqs)
-        x = x + attn.reshape(T, config.q_size) @ w["wo"]
+        x = x + mm(attn.reshape(T, config.q_size), w["wo"])
         h = rms_norm(x, w["post_norm"], eps)
-        x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
+        x = x + mm(jax.nn.silu(mm(h, w["w_gate"])) * mm(h, w["w_up"]), w["w_down"])
         return (x, k_cache, v_cache), None
 
     carry = (x, kv_cache.k, kv_cache.v)

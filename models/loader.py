@@ -1,7 +1,9 @@
 """One entry point for loading a model: resolve where it is, read its config, load weights.
 
 Dispatches to the format-specific loaders (Hugging Face safetensors folders, GGUF
-files, random "dummy" weights) and picks the dtype. Knows nothing of requests.
+files, random "dummy" weights), picks the dtype and the quantization method (the
+checkpoint's own AWQ / GPTQ / FP8 layout, or int8 / int4 / fp8 made after loading,
+see ``models.quantization``). Knows nothing of requests.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class LoadedModel:
     path: str  # checkpoint folder or .gguf file (what the tokenizer is read from)
     load_format: str
     dtype: Any
+    quantization: Optional[str] = None  # the method the layer matrices are stored in, or None
 
 
 def resolve_dtype(dtype: Any) -> Any:
@@ -73,11 +76,17 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     shardings: Optional[Callable[[ModelConfig], Any]] = None,
+    quantization: Optional[str] = None,
 ) -> LoadedModel:
-    """Load config and weights. ``shardings(config)`` may give a pytree of shardings for the params."""
+    """Load config and weights. ``shardings(config)`` may give a pytree of shardings for the
+    (dense) params; quantized weights are placed to match."""
+    from models.quantization import CheckpointQuantization, quantize_params, resolve_method
+
     path = resolve_model_path(model)
     fmt = detect_format(path, load_format)
     jdtype = resolve_dtype(dtype)
+    stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
+    method = resolve_method(quantization, stored, fmt)
     if fmt == "gguf":
         from models.gguf_loader import load_gguf_params, open_gguf, read_gguf_config
 
@@ -95,7 +104,9 @@ def load_model(
     elif fmt == "safetensors":
         from models.safetensors_loader import load_safetensors_params
 
-        params = load_safetensors_params(path, config, jdtype, shardings=sh)
+        params = load_safetensors_params(path, config, jdtype, shardings=sh, quantization=stored)
     else:  # pragma: no cover - detect_format guards this
         raise ModelConfigError(f"unknown format {fmt}")
-    return LoadedModel(config=config, params=params, path=path, load_format=fmt, dtype=jdtype)
+    if method is not None and stored is None:
+        params = quantize_params(params, method, sh)
+    return LoadedModel(config=config, params=params, path=path, load_format=fmt, dtype=jdtype, quantization=method)

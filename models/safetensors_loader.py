@@ -41,6 +41,16 @@ from tqdm.auto import tqdm
 
 from models.config import ModelConfig
 from models.llama import param_shapes
+from models.quantization import (
+    QUANTIZED_LAYER_WEIGHTS,
+    CheckpointQuantization,
+    Fp8Weight,
+    Int4Weight,
+    awq_to_int4,
+    field_shardings,
+    fp8_from_checkpoint,
+    gptq_to_int4,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -298,8 +308,49 @@ def _load_param(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...]
     return finish(hf_array, source.transpose, dtype)
 
 
+def _quantized_layer_weight(ckpt: _Checkpoint, config: ModelConfig, name: str, quant: CheckpointQuantization,
+                            dtype, path: str):
+    """One stacked layer matrix of an AWQ / GPTQ / FP8 checkpoint as an ``Int4Weight`` / ``Fp8Weight``
+    on the host, converted layer by layer from the published layout (exactly)."""
+    base = _LAYER_NAMES[name][0].removesuffix(".weight")
+    _, K, N = param_shapes(config)["layers"][name]
+
+    def tensor(i: int, suffix: str, required: bool = True) -> Optional[np.ndarray]:
+        full = f"model.layers.{i}.{base}.{suffix}"
+        if full not in ckpt:
+            if not required:
+                return None
+            raise CheckpointError(f"{quant.method} checkpoint {path!r} lacks tensor {full!r}")
+        return np.array(ckpt.array(full))
+
+    scale_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == jnp.bfloat16 else np.dtype(dtype)
+    per_layer = []
+    for i in range(config.num_layers):
+        if quant.method == "awq":
+            fields = awq_to_int4(tensor(i, "qweight"), tensor(i, "qzeros"), tensor(i, "scales"), quant.group_size,
+                                 dtype=scale_dtype)
+        elif quant.method == "gptq":
+            fields = gptq_to_int4(tensor(i, "qweight"), tensor(i, "qzeros"), tensor(i, "scales"),
+                                  tensor(i, "g_idx", required=False), quant.group_size,
+                                  zero_offset=quant.zero_offset, dtype=scale_dtype)
+        else:
+            fields = fp8_from_checkpoint(tensor(i, "weight"), tensor(i, "weight_scale"))
+        per_layer.append(fields)
+    stacked = {k: np.stack([f[k] for f in per_layer]) for k in per_layer[0] if k != "pack"}
+    if quant.method == "fp8":
+        weight, stored, expected = Fp8Weight(**stacked), stacked["q"].shape[1:], (N, K)
+    else:
+        weight = Int4Weight(**stacked, group_size=quant.group_size if quant.group_size > 0 else K,
+                            pack=per_layer[0]["pack"])
+        stored, expected = stacked["packed"].shape[1:], (K // 2, N)
+    if stored != expected:
+        raise CheckpointError(f"{quant.method} tensors of model.layers.*.{base} in {path!r} unpack to "
+                              f"{list(stored)} but the config implies {list(expected)}")
+    return weight
+
+
 def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Optional[dict] = None,
-                            progress: bool = True) -> dict:
+                            progress: bool = True, quantization: Optional[CheckpointQuantization] = None) -> dict:
     """Load the safetensors checkpoint folder ``path`` as params for ``config``, cast to ``dtype``.
 
     ``shardings``: optional pytree shaped like ``param_shapes(config)`` of
@@ -307,18 +358,28 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
     transposed need a ``NamedSharding`` (or a replicated / single-device one). Each
     device reads only its own slice. Raises ``CheckpointError`` for missing or corrupt
     files, missing tensors and shapes that disagree with ``config``. ``lm_head.weight``
-    is ignored when the config ties embeddings.
+    is ignored when the config ties embeddings. ``quantization``: the checkpoint's own
+    (AWQ / GPTQ / FP8) layout of the layer matrices, which load as quantized weights.
     """
     dtype = jnp.dtype(dtype)
     ckpt = _Checkpoint(find_safetensors_files(path))
     shapes = param_shapes(config)
     sources = _sources(config)
+    quantized = QUANTIZED_LAYER_WEIGHTS if quantization is not None else ()
+    for name in quantized:
+        del sources["layers"][name]
     _check_tensors(ckpt, sources, shapes, path)
     params: dict = {}
     leaves = _leaves(sources)
-    total = sum(len(s.hf_names) for _, s in leaves)
+    total = sum(len(s.hf_names) for _, s in leaves) + len(quantized) * config.num_layers
     with tqdm(total=total, unit="tensor", desc="Loading safetensors", disable=not progress) as bar:
         for key, source in leaves:
             _set(params, key, _load_param(ckpt, source, _get(shapes, key), dtype, _get(shardings, key)))
             bar.update(len(source.hf_names))
+        for name in quantized:
+            weight = _quantized_layer_weight(ckpt, config, name, quantization, dtype, path)
+            sharding = _get(shardings, ("layers", name))
+            params["layers"][name] = (jax.device_put(weight) if sharding is None
+                                      else jax.device_put(weight, field_shardings(weight, sharding)))
+            bar.update(config.num_layers)
     return params

@@ -124,9 +124,18 @@ def write_kv_reference(
     bs = k_cache.shape[3]
     page, off = slot_mapping // bs, slot_mapping % bs
     layer = jnp.asarray(layer, jnp.int32)  # all-array indices: updates are [T, Hkv, D]
-    k_cache = k_cache.at[layer, :, page, off].set(k.astype(k_cache.dtype))
-    v_cache = v_cache.at[layer, :, page, off].set(v.astype(v_cache.dtype))
+    k_cache = k_cache.at[layer, :, page, off].set(to_cache_dtype(k, k_cache.dtype))
+    v_cache = v_cache.at[layer, :, page, off].set(to_cache_dtype(v, v_cache.dtype))
     return k_cache, v_cache
+
+
+def to_cache_dtype(x: jax.Array, dtype) -> jax.Array:
+    """Cast new K/V to the cache's dtype; float8 pages saturate at their largest finite value
+    instead of overflowing to NaN (scale 1, vLLM's default for a checkpoint without KV scales)."""
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -limit, limit)
+    return x.astype(dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -150,6 +159,8 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 _DEFAULT_CORE_COUNT = 132  # H100 SXM; used when no GPU is visible (interpret mode)
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# KV pages may also be float8 (kv_cache_dtype="fp8"): the kernel widens each tile to q's dtype.
+_SUPPORTED_CACHE_DTYPES = _SUPPORTED_DTYPES + (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +204,14 @@ def _tile_rows(h, start, end, *, rows, group, group_pad, num_tokens, head_dim):
     d = jnp.arange(head_dim, dtype=jnp.int32)
     store_tok = jnp.where(valid, tok, num_tokens)  # out of bounds: never written
     return tok_in_tile, tok, head, valid, (store_tok[:, None], head[:, None], d[None, :])
+
+
+def _masked_load_as(ref, mask, dtype):
+    """Masked load (zeros where masked), widened to ``dtype``. Triton cannot make a float8 fill
+    value, so 8-bit pages are loaded unfilled and zeroed after the widening."""
+    if jnp.dtype(ref.dtype).itemsize == 1:
+        return jnp.where(mask, pltriton.load(ref, mask=mask).astype(dtype), 0)
+    return pltriton.load(ref, mask=mask, other=0).astype(dtype)
 
 
 def _store_rows(o_ref, idx, valid, value):
@@ -303,8 +322,8 @@ def _attention_kernel(
                                      mask=in_kv, other=0)
                 kv_idx = (layer, h, page[:, None], (c % bs)[:, None], d[None, :])
                 kv_mask = jnp.broadcast_to(in_kv[:, None], (kv_tokens, D))
-                k = pltriton.load(k_ref.at[kv_idx], mask=kv_mask, other=0)
-                v = pltriton.load(v_ref.at[kv_idx], mask=kv_mask, other=0)
+                k = _masked_load_as(k_ref.at[kv_idx], kv_mask, q.dtype)
+                v = _masked_load_as(v_ref.at[kv_idx], kv_mask, q.dtype)
             else:
                 page = block_tables_ref[seq, c // bs]
                 kv_idx = (layer, h, page[:, None], (c % bs)[:, None], d[None, :])
@@ -399,9 +418,12 @@ def _check_inputs(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seq
     if not _is_power_of_2(D) or D < 16:
         raise ValueError(f"the Pallas kernel needs a power-of-two head_dim >= 16, got {D}; "
                          "use the reference backend for this model")
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype must be bfloat16, float16 or float32, got {x.dtype}")
+    if jnp.dtype(q.dtype) not in _SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype must be bfloat16, float16 or float32, got {q.dtype}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if jnp.dtype(x.dtype) not in _SUPPORTED_CACHE_DTYPES:
+            raise ValueError(f"{name} dtype must be bfloat16, float16, float32, float8_e4m3fn or float8_e5m2, "
+                             f"got {x.dtype}")
     if block_tables.ndim != 2:
         raise ValueError(f"block_tables must be [S, B], got shape {block_tables.shape}")
     S = block_tables.shape[0]

@@ -1,11 +1,13 @@
-"""Benchmark the ragged paged attention kernel (workloads kernel-decode, kernel-mixed).
+"""Benchmark the ragged paged attention kernel (workloads kernel-decode, kernel-mixed, kernel-prefill).
 
 Thin CLI over ``pallas_kernels``: builds the PROTOCOL workloads (Llama-3.1-8B attention
 shape: 32 query / 8 KV heads, head_dim 128, block 16, bf16, pages in random order),
 checks the kernel against the reference, sweeps tilings, times the kernel and its
 peers measured in the same run (the jnp reference through XLA, JAX's deprecated
-Pallas ``paged_attention``), measures the device copy rate, and checks that the KV
-write updates the donated cache in place. Writes one JSON file per workload.
+Pallas ``paged_attention``; for whole-prompt prefill, ``jax.nn.dot_product_attention``
+with cuDNN's flash attention and with XLA on contiguous q/k/v), measures the device
+copy rate, and checks that the KV write updates the donated cache in place. Writes
+one JSON file per workload.
 
     python scripts/bench_kernels.py --out benchmarks/results          # on a GPU
     python scripts/bench_kernels.py --smoke --out /tmp/bench          # tiny shapes, CPU
@@ -322,6 +324,85 @@ def run_mixed(cfg, common, decode_tiling, log):
     return [result]
 
 
+def dense_qkv(w, num_seqs, seq_len):
+    """Contiguous ``[B, S, H, D]`` q, k, v of a whole-prompt workload (every sequence
+    ``seq_len`` new tokens, ``kv_len == seq_len``): the new tokens' q, and the read
+    layer's pages gathered in block-table order (k/v keep the KV head count: GQA)."""
+    _, Hq, D = w["q"].shape
+    layer = int(w["layer"])
+    block_tables = w["block_tables"]
+
+    @jax.jit
+    def gather(cache):
+        pages = cache[layer][:, block_tables]  # [Hkv, B, pages, bs, D]
+        return pages.reshape(pages.shape[0], num_seqs, -1, D)[:, :, :seq_len].transpose(1, 2, 0, 3)
+
+    return w["q"].reshape(num_seqs, seq_len, Hq, D), gather(w["k_cache"]), gather(w["v_cache"])
+
+
+def dense_attention_peer(implementation, qkv, ours, ref, flops, repeats, inner):
+    """``jax.nn.dot_product_attention`` (causal) on contiguous q/k/v; errors against our
+    output and the reference (both ``[T, Hq, D]``; T = B * S, sequences in order)."""
+    fn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=implementation))
+    us, samples = time_us(fn, qkv, repeats, inner)
+    out = fn(*qkv).reshape(ours.shape)
+    return dict(us=us, samples_us=samples, tflop_s=flops / (us * 1e-6) / 1e12,
+                rel_err_vs_ours=relative_error(out, ours), rel_err_vs_reference=relative_error(out, ref))
+
+
+def run_prefill(cfg, common, log):
+    """Whole causal prompts (the open issue's target: within 1.3x of cuDNN's flash
+    attention on the same shapes), our paged kernel against dense peers on contiguous q/k/v."""
+    shape = cfg.shape
+    num_seqs, seq_len = cfg.prefill_case
+    name = f"{num_seqs}x{seq_len}"
+    log(f"\n== kernel-prefill {name} (whole causal prompts, kv_len {seq_len})")
+    w = build_workload(6, shape, [seq_len] * num_seqs, [seq_len] * num_seqs, cfg.min_cache_bytes)
+    flops = attention_flops(w)
+    kv_bytes = kv_bytes_read(w)
+    # Decode fields stay the defaults (the engine's): the decode launch only runs empty programs here.
+    rows = sweep(w, prefill_tilings(Tiling(), cfg.smoke), cfg.interpret, cfg.repeats, cfg.inner, log)
+    best = best_row(rows)
+    if best is None:
+        raise RuntimeError("kernel-prefill: every tiling failed")
+    best_tiling = Tiling(**best["tiling"])
+    ours = kernel_fn(best_tiling, cfg.interpret)(*args_of(w))
+    with jax.default_matmul_precision("highest"):
+        ref = jax.jit(ragged_paged_attention_reference)(*args_of(w))
+    err = relative_error(ours, ref)
+    qkv = jax.block_until_ready(dense_qkv(w, num_seqs, seq_len))
+    peers = {}
+    for label, implementation in (("cudnn_flash_attention", "cudnn"), ("xla_dot_product_attention", "xla")):
+        peer_name = f"jax.nn.dot_product_attention(is_causal=True, implementation='{implementation}')"
+        try:
+            peers[label] = dict(name=peer_name, **dense_attention_peer(implementation, qkv, ours, ref, flops,
+                                                                       cfg.repeats, cfg.inner))
+            p = peers[label]
+            log(f"  {label}: {p['us']:.1f} us = {p['tflop_s']:.1f} TFLOP/s (rel err vs ours {p['rel_err_vs_ours']:.1e},"
+                f" vs reference {p['rel_err_vs_reference']:.1e})")
+        except Exception as e:  # noqa: BLE001 - on CPU, or without cuDNN, the peer is missing, not the run
+            peers[label] = dict(name=peer_name, error=f"{type(e).__name__}: {e}"[:500])
+            log(f"  {label}: failed: {peers[label]['error'][:200]}")
+    tflop_s = flops / (best["us"] * 1e-6) / 1e12
+    peer = peers["cudnn_flash_attention"]
+    ratio = (peer["us"] / best["us"]) if "us" in peer else None
+    target = 1 / 1.3
+    result = dict(
+        common, workload="kernel-prefill", name=name,
+        shape=dict(dataclasses.asdict(shape), num_seqs=num_seqs, q_len=seq_len, kv_len=seq_len,
+                   q_tokens=int(w["q"].shape[0]), causal=True, cache_layers=int(w["k_cache"].shape[0]),
+                   k_cache_bytes=int(w["k_cache"].size * w["k_cache"].dtype.itemsize)),
+        us=best["us"], tflop_s=tflop_s, flops=flops, kv_read_tb_s=kv_bytes / (best["us"] * 1e-6) / 1e12,
+        kv_bytes_read=kv_bytes, pct_of_copy_bw=None, rel_err_vs_reference=err, tiling=best["tiling"], sweep=rows,
+        peer=peer, ratio=ratio, target_ratio_vs_cudnn=target,
+        meets_target=(ratio >= target) if ratio is not None else None, peers=peers,
+    )
+    log(f"  ours {best['us']:.1f} us = {tflop_s:.1f} TFLOP/s (err {err:.1e}); cuDNN / ours "
+        + (f"{ratio:.2f}" if ratio is not None else "n/a") + f" (target >= {target:.2f})")
+    del w, qkv
+    return [result]
+
+
 def run_kv_write(cfg, common, tiling, log):
     """Is the reference KV write an in-place update of the donated cache, inside a layer scan?"""
     shape = cfg.shape
@@ -433,16 +514,17 @@ class Config:
     min_cache_bytes: int
     keep_best: int = 4
     quick: bool = False
+    prefill_case: tuple = (4, 2048)  # (sequences, tokens): whole causal prompts, kv_len = tokens
 
 
 def make_config(args):
     if args.smoke:
         return Config(True, jax.default_backend() != "gpu", 3, 1, Shape(4, 2, 64, 16), [(4, 64, [2]), (2, 128, [4])],
-                      (2, 16, 4, 64), (4, 64), 2, 0, keep_best=1)
+                      (2, 16, 4, 64), (4, 64), 2, 0, keep_best=1, prefill_case=(2, 64))
     return Config(False, False, args.repeats, args.inner, Shape(),
                   [(64, 2048, [] if args.quick else [2]), (256, 2048, []), (8, 8192, [4, 8, 16])],
                   (8, 512, 128, 4096), (64, 2048), 8, args.min_cache_gib << 30,
-                  keep_best=3 if args.quick else 4, quick=args.quick)
+                  keep_best=3 if args.quick else 4, quick=args.quick, prefill_case=(4, 2048))
 
 
 def git_commit():
@@ -458,7 +540,7 @@ def git_commit():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON files")
-    parser.add_argument("--sections", default="decode,mixed,kvwrite")
+    parser.add_argument("--sections", default="decode,mixed,kvwrite,prefill")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (interpret mode on CPU)")
     parser.add_argument("--quick", action="store_true", help="only the best decode tilings of earlier sweeps")
     parser.add_argument("--repeats", type=int, default=7)
@@ -504,6 +586,11 @@ def main(argv=None):
     if "kvwrite" in sections:
         try:
             save(run_kv_write(cfg, common, decode_tiling, log), "kv-write")
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+    if "prefill" in sections:
+        try:
+            save(run_prefill(cfg, common, log), "kernel-prefill")
         except Exception:  # noqa: BLE001
             traceback.print_exc()
 

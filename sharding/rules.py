@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding
 from models.batch import kv_cache_bytes_per_block
 from models.config import ModelConfig
 from models.llama import param_shapes
+from models.quantization import field_shardings, map_output_axis
 from sharding.mesh import TP_AXIS
 
 logger = logging.getLogger(__name__)
@@ -147,10 +148,22 @@ def _logical_axes(path: tuple) -> tuple:
     return names
 
 
-def _repeat_heads(w: jax.Array, replicas: int, head_dim: int) -> jax.Array:
-    """``[..., Hkv*D] -> [..., Hkv*replicas*D]``, each head repeated ``replicas`` times in place."""
-    heads = w.reshape(*w.shape[:-1], -1, head_dim)
-    return jnp.repeat(heads, replicas, axis=-2).reshape(*w.shape[:-1], -1)
+def _repeat_heads(w, replicas: int, head_dim: int):
+    """Output axis ``Hkv*D -> Hkv*replicas*D``, each head repeated ``replicas`` times in place
+    (every field of a quantized weight along its own output axis)."""
+
+    def repeat(a: jax.Array, axis: int) -> jax.Array:
+        a = jnp.moveaxis(a, axis, -1)
+        heads = a.reshape(*a.shape[:-1], -1, head_dim)
+        return jnp.moveaxis(jnp.repeat(heads, replicas, axis=-2).reshape(*a.shape[:-1], -1), -1, axis)
+
+    return map_output_axis(w, repeat)
+
+
+def _shardings_like(params: dict, shardings: dict) -> dict:
+    """``shardings`` (for dense params) expanded to the fields of the quantized weights in ``params``."""
+    return {k: _shardings_like(v, shardings[k]) if isinstance(v, dict) else field_shardings(v, shardings[k])
+            for k, v in params.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,11 +228,12 @@ class TensorParallelPlan:
             names = [n for n in _KV_WEIGHTS if n in layers]
             repeat = functools.partial(_repeat_heads, replicas=self.kv_replicas,
                                        head_dim=self.checkpoint_config.head_dim)
+            kv_weights = {n: layers[n] for n in names}
             expand = jax.jit(lambda ws: {n: repeat(w) for n, w in ws.items()},
-                             out_shardings={n: target["layers"][n] for n in names})
-            layers.update(expand({n: layers[n] for n in names}))
+                             out_shardings=_shardings_like(kv_weights, {n: target["layers"][n] for n in names}))
+            layers.update(expand(kv_weights))
             params = {**params, "layers": layers}
-        return jax.device_put(params, target)
+        return jax.device_put(params, _shardings_like(params, target))
 
 
 def param_shardings_for(mesh: Optional[Mesh]) -> Optional[Callable[[ModelConfig], dict]]:

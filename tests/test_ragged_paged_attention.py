@@ -42,6 +42,7 @@ class Shapes:
     pages_per_seq: int = 6
     num_pages: int = 48
     num_layers: int = 2
+    cache_dtype: type = None  # KV pages' dtype when it differs from q's (float8 KV cache)
 
 
 def make_batch(rng, shapes: Shapes, q_lens, kv_lens, layer=1):
@@ -81,8 +82,10 @@ def make_batch(rng, shapes: Shapes, q_lens, kv_lens, layer=1):
     meta = (jnp.int32(layer), jnp.asarray(kv_lens_arr), jnp.asarray(block_tables), jnp.asarray(cu),
             jnp.asarray([n], jnp.int32))
 
+    cache_dtype = shapes.cache_dtype or shapes.dtype
+
     def args(k, v):
-        return (q, jnp.asarray(k, shapes.dtype), jnp.asarray(v, shapes.dtype)) + meta
+        return (q, jnp.asarray(k, cache_dtype), jnp.asarray(v, cache_dtype)) + meta
 
     return args(np.where(poison, np.nan, k), np.where(poison, np.nan, v)), args(k, v), int(cu[-1])
 
@@ -128,6 +131,10 @@ CPU_CASES = [
                  dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=3), sliding_window=20, soft_cap=5.0,
                       sm_scale=0.3), id="window-softcap-scale-split3"),
     pytest.param(Shapes(8, 2, 128, 16, jnp.bfloat16), dict(), id="default-tiling-bf16"),
+    pytest.param(Shapes(8, 2, 64, 16, jnp.bfloat16, cache_dtype=jnp.float8_e4m3fn),
+                 dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=2)), id="fp8-e4m3-pages-bf16-split2"),
+    pytest.param(Shapes(4, 4, 64, 16, jnp.float32, cache_dtype=jnp.float8_e5m2), dict(tiling=SMALL_TILES),
+                 id="fp8-e5m2-pages-f32"),
 ]
 
 
@@ -160,13 +167,15 @@ def test_changing_the_batch_mix_does_not_recompile():
     assert all(str(t) == str(traces[0]) for t in traces[1:])
 
 
-@pytest.mark.parametrize("kwargs,launches", [
-    (dict(tiling=Tiling(k_splits=1)), 2),  # prefill + decode
-    (dict(tiling=Tiling(k_splits=4), soft_cap=20.0, sliding_window=64), 3),  # + merge of the splits
+@pytest.mark.parametrize("kwargs,launches,cache_dtype", [
+    (dict(tiling=Tiling(k_splits=1)), 2, None),  # prefill + decode
+    (dict(tiling=Tiling(k_splits=4), soft_cap=20.0, sliding_window=64), 3, None),  # + merge of the splits
+    (dict(tiling=Tiling(k_splits=2)), 3, jnp.float8_e4m3fn),  # float8 pages
 ])
-def test_kernel_lowers_to_triton_for_cuda(kwargs, launches):
+def test_kernel_lowers_to_triton_for_cuda(kwargs, launches, cache_dtype):
     """The Triton lowering (not only the interpreter) accepts the kernel: cross-platform lowering on CPU."""
-    shapes = Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=64, max_seqs=8, pages_per_seq=8)
+    shapes = Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=64, max_seqs=8, pages_per_seq=8,
+                    cache_dtype=cache_dtype)
     rng = np.random.default_rng(1)
     args, _, _ = make_batch(rng, shapes, [1] * 4 + [20], [17, 5, 33, 100, 40])
     fn = jax.jit(functools.partial(ragged_paged_attention, interpret=False, **kwargs))
@@ -269,6 +278,8 @@ GPU_CASES = [
                  dict(sliding_window=50, soft_cap=30.0), id="ratio8-f32-window-softcap"),
     pytest.param(Shapes(24, 8, 128, 32, jnp.bfloat16, num_tokens=128, max_seqs=8, pages_per_seq=12,
                         num_pages=120), dict(tiling=Tiling(decode_kv_tokens=64, k_splits=2)), id="ratio3-bs32-bf16"),
+    pytest.param(Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
+                        num_pages=700, num_layers=3, cache_dtype=jnp.float8_e4m3fn), dict(), id="fp8-pages-bf16"),
 ]
 
 

@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM, RequestStream, merge_streams
-from engine.engine_args import EngineArgs
+from engine.engine_args import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
 from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
@@ -611,7 +611,11 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="token budget of one step (default: 8192 on GPU, 1024 on CPU)")
     engine.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64],
                         help="tokens per KV-cache block")
-    engine.add_argument("--quantization", default=None, help="weight quantization method")
+    engine.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
+                        help="weight quantization: int8/int4/fp8 made at load time, or awq/gptq/fp8 "
+                             "checkpoints (default: the checkpoint's own, else none)")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                        help="KV-cache pages: auto (the model dtype) or fp8 (e4m3; fp8_e5m2)")
     engine.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS),
                         help="checkpoint format ('dummy': random weights)")
     engine.add_argument("--seed", type=int, default=0, help="seed of requests that set none")

@@ -1,0 +1,437 @@
+"""Weight quantization: the quantized weight types, making them, reading AWQ/GPTQ/FP8 layouts, ``linear``.
+
+Owns what a quantized weight is on the device, how a dense weight becomes one
+(``quantize_weight``, on device, at load time), how the published 4-bit and FP8
+checkpoint layouts convert to it (``awq_to_int4``, ``gptq_to_int4``, ``fp8_from_checkpoint``:
+numpy, per tensor, exact), and the one function the model multiplies by
+(``linear``). Knows nothing of requests, file formats or meshes.
+
+Methods (``quantization=`` on ``LLM``, vLLM's names where vLLM has them):
+
+- ``int8``: weight-only, symmetric, one scale per output channel, made at load time.
+- ``int4``: weight-only, asymmetric 4-bit with groups of 128 (round-to-nearest), made at
+  load time; the same device format as AWQ/GPTQ.
+- ``awq`` / ``gptq``: 4-bit checkpoints in those layouts (packed int32 ``qweight``/``qzeros``,
+  group ``scales``, GPTQ ``g_idx``, act-order included), kept 4-bit on the device.
+- ``fp8``: float8 e4m3 weights with a scale per output channel (made at load time, or read
+  from an FP8 checkpoint's ``weight_scale``); activations are quantized per token at run
+  time and the matmul runs on fp8 tensor cores (Hopper).
+
+Only the seven matrices of each layer are quantized; the embedding and the LM head stay
+in the model dtype (as in vLLM). Every weight keeps the ``[..., K, N]`` contract of the
+dense model (``x @ W``); a leading layer axis is allowed on every field.
+
+Speed: at small batches a step reads every weight once, so ``linear`` runs the Pallas
+weight-streaming kernel (``pallas_kernels.quantized_matmul``) that reads the stored bytes
+and dequantizes in registers; at large batches it dequantizes and calls XLA's matmul,
+which is then bound by arithmetic, not bytes. Under a tensor-parallel mesh the kernel is
+not used (GSPMD cannot partition a Pallas call; the XLA path is partitioned as usual).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pallas_kernels import quantized_matmul as qmm
+
+METHODS = ("int8", "int4", "awq", "gptq", "fp8")
+QUANTIZED_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+INT4_GROUP_SIZE = 128  # group size of the load-time int4 method (and of dummy AWQ/GPTQ weights)
+FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column AWQ_ORDER[i] of its 8
+
+
+class QuantizationError(ValueError):
+    """A quantization method or checkpoint layout that cannot be used as asked."""
+
+
+# --------------------------------------------------------------------------------------
+# Weight types (pytrees: arrays are leaves, layout facts are static)
+# --------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Int8Weight:
+    """``W[K, N] = q * scale``: ``q`` int8 ``[..., K, N]``, ``scale`` float32 ``[..., N]``."""
+
+    q: jax.Array
+    scale: jax.Array
+
+    # Axis of each field that runs over K (input) and N (output), counted from the end.
+    in_axes = {"q": -2, "scale": None}
+    out_axes = {"q": -1, "scale": -1}
+
+
+@struct.dataclass
+class Int4Weight:
+    """4-bit weight in the kernel's block-packed layout (``pallas_kernels.quantized_matmul``).
+
+    ``packed`` uint8 ``[..., K/2, N]``; ``scales``, ``zeros`` ``[..., K/g, N]`` (zeros may be
+    fractional); ``perm`` int32 ``[..., K]`` or None: GPTQ act-order, the rows are stored
+    sorted by group and ``x @ W == x[:, perm] @ W_stored``.
+    """
+
+    packed: jax.Array
+    scales: jax.Array
+    zeros: jax.Array
+    perm: Optional[jax.Array] = None
+    group_size: int = struct.field(pytree_node=False, default=INT4_GROUP_SIZE)
+    pack: int = struct.field(pytree_node=False, default=128)
+
+    in_axes = {"packed": -2, "scales": -2, "zeros": -2, "perm": -1}
+    out_axes = {"packed": -1, "scales": -1, "zeros": -1, "perm": None}
+
+
+@struct.dataclass
+class Fp8Weight:
+    """``W[K, N] = (q * scale[:, None]).T``: ``q`` float8 e4m3 ``[..., N, K]`` (K-major, as
+    the fp8 tensor cores need), ``scale`` float32 ``[..., N]``."""
+
+    q: jax.Array
+    scale: jax.Array
+
+    in_axes = {"q": -1, "scale": None}
+    out_axes = {"q": -2, "scale": -1}
+
+
+QuantizedWeight = (Int8Weight, Int4Weight, Fp8Weight)
+
+
+def is_quantized(w: Any) -> bool:
+    return isinstance(w, QuantizedWeight)
+
+
+def weight_fields(w) -> dict[str, jax.Array]:
+    """The array fields of a quantized weight (None fields left out)."""
+    return {f.name: getattr(w, f.name) for f in dataclasses.fields(w)
+            if f.metadata.get("pytree_node", True) and getattr(w, f.name) is not None}
+
+
+def map_output_axis(w, fn):
+    """Apply ``fn(array, axis)`` to every field of ``w`` along its output axis (N); fields
+    without one are kept. For dense arrays the output axis is the last."""
+    if not is_quantized(w):
+        return fn(w, -1)
+    changes = {name: fn(a, w.out_axes[name]) for name, a in weight_fields(w).items()
+               if w.out_axes[name] is not None}
+    return w.replace(**changes)
+
+
+# --------------------------------------------------------------------------------------
+# Making quantized weights from dense ones (on device; stacked layers allowed)
+# --------------------------------------------------------------------------------------
+
+
+def quantize_int8(w: jax.Array) -> Int8Weight:
+    w32 = w.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(w32), axis=-2) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(w32 / scale[..., None, :]), -127, 127).astype(jnp.int8)
+    return Int8Weight(q=q, scale=scale)
+
+
+def quantize_fp8(w: jax.Array) -> Fp8Weight:
+    w32 = w.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(w32), axis=-2) / FP8_MAX
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = (w32 / scale[..., None, :]).astype(jnp.float8_e4m3fn)
+    return Fp8Weight(q=jnp.swapaxes(q, -1, -2), scale=scale)
+
+
+def quantize_int4(w: jax.Array, group_size: int = INT4_GROUP_SIZE, dtype=None) -> Int4Weight:
+    """Asymmetric round-to-nearest 4-bit with groups of ``group_size`` rows (min/max per group)."""
+    *lead, K, N = w.shape
+    dtype = dtype or w.dtype
+    g = min(group_size, K)
+    pack = qmm.int4_pack_block(K, g)
+    w32 = w.astype(jnp.float32).reshape(*lead, K // g, g, N)
+    lo, hi = w32.min(axis=-2), w32.max(axis=-2)
+    scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
+    zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
+    q = jnp.clip(jnp.round(w32 / scale[..., None, :]) + zero[..., None, :], 0, 15).reshape(*lead, K, N)
+    return Int4Weight(packed=qmm.pack_int4(q, pack), scales=scale.astype(dtype), zeros=zero.astype(dtype),
+                      group_size=g, pack=pack)
+
+
+def quantize_weight(w: jax.Array, method: str):
+    """The load-time quantization of one dense ``[..., K, N]`` weight by ``method``."""
+    if method == "int8":
+        return quantize_int8(w)
+    if method == "fp8":
+        return quantize_fp8(w)
+    if method in ("int4", "awq", "gptq"):  # awq/gptq here only for random (dummy) weights
+        return quantize_int4(w)
+    raise QuantizationError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def dequantize(w, dtype=jnp.float32) -> jax.Array:
+    """The dense ``[..., K, N]`` weight ``w`` stands for (exact for the stored values)."""
+    if isinstance(w, Int8Weight):
+        return (w.q.astype(jnp.float32) * w.scale[..., None, :]).astype(dtype)
+    if isinstance(w, Fp8Weight):
+        return jnp.swapaxes(w.q.astype(jnp.float32) * w.scale[..., :, None], -1, -2).astype(dtype)
+    if isinstance(w, Int4Weight):
+        stored = qmm.dequantize_int4(w.packed, w.scales, w.zeros, group_size=w.group_size, pack=w.pack)
+        if w.perm is not None:  # stored rows are W[perm]: put them back
+            inverse = jnp.argsort(w.perm, axis=-1)
+            stored = jnp.take_along_axis(stored, inverse[..., :, None], axis=-2)
+        return stored.astype(dtype)
+    return w.astype(dtype)
+
+
+def field_shardings(w, sharding):
+    """Shardings for the fields of quantized weight ``w`` (or its ``jax.eval_shape``) from the
+    sharding of the dense ``[..., K, N]`` weight it replaces: each field is split the way its
+    K and N axes were (scales of a row-parallel weight follow K, a column-parallel one N)."""
+    if not is_quantized(w):
+        return sharding
+    if not isinstance(sharding, NamedSharding):
+        return w.replace(**{name: sharding for name in weight_fields(w)})
+    fields = weight_fields(w)
+    lead_ndim = (w.packed if isinstance(w, Int4Weight) else w.q).ndim - 2  # the [K, N]-like field
+    spec = tuple(sharding.spec) + (None,) * (lead_ndim + 2 - len(sharding.spec))
+    lead, k_axis, n_axis = spec[:-2], spec[-2], spec[-1]
+    changes = {}
+    for name, a in fields.items():
+        parts = [None] * (a.ndim - len(lead))
+        for axis, mesh_axis in ((w.in_axes[name], k_axis), (w.out_axes[name], n_axis)):
+            if axis is not None:
+                parts[axis] = mesh_axis
+        changes[name] = NamedSharding(sharding.mesh, PartitionSpec(*lead, *parts), memory_kind=sharding.memory_kind)
+    return w.replace(**changes)
+
+
+def quantize_params(params: dict, method: str, shardings: Optional[dict] = None) -> dict:
+    """Quantize the layer matrices of a dense params pytree one at a time (each dense tensor is
+    dropped once its quantized form exists, so the peak is the dense model plus one tensor).
+    ``shardings``: the dense params' shardings (a pytree like ``params``) or None."""
+    layers = dict(params["layers"])
+    for name in QUANTIZED_LAYER_WEIGHTS:
+        dense = layers.pop(name)
+        make = functools.partial(quantize_weight, method=method)
+        sharding = None if shardings is None else shardings["layers"][name]
+        out = None if sharding is None else field_shardings(jax.eval_shape(make, dense), sharding)
+        layers[name] = jax.jit(make, out_shardings=out)(dense)
+        del dense
+    return {**params, "layers": layers}
+
+
+# --------------------------------------------------------------------------------------
+# Which method a checkpoint was quantized with, and which one to run
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointQuantization:
+    """How a checkpoint's layer matrices are stored (from ``config.json``'s ``quantization_config``,
+    or AutoGPTQ's ``quantize_config.json``)."""
+
+    method: str  # "awq" | "gptq" | "fp8"
+    group_size: int = -1  # 4-bit methods; -1: one group over all of K
+    zero_offset: int = 0  # gptq v1 checkpoints store zero - 1
+
+    @classmethod
+    def from_hf_dict(cls, q: dict) -> "CheckpointQuantization":
+        method = str(q.get("quant_method", "")).lower()
+        bits = q.get("bits", q.get("w_bit", 4))
+        if method in ("awq", "gptq"):
+            if bits != 4:
+                raise QuantizationError(f"{method} checkpoints with bits={bits} are not supported (only 4-bit)")
+            if method == "awq" and str(q.get("version", "gemm")).lower() != "gemm":
+                raise QuantizationError(f"awq version {q.get('version')!r} is not supported (only the 'gemm' layout)")
+            if method == "awq" and not q.get("zero_point", True):
+                raise QuantizationError("awq checkpoints without zero points are not supported")
+            group = int(q.get("group_size", q.get("q_group_size", -1)))
+            offset = 1 if method == "gptq" and q.get("checkpoint_format", "gptq") != "gptq_v2" else 0
+            return cls(method, group, offset)
+        if method == "fp8":
+            if q.get("weight_block_size"):
+                raise QuantizationError(f"block-wise fp8 (weight_block_size={q['weight_block_size']}) is not supported")
+            return cls("fp8")
+        if method == "compressed-tensors":
+            groups = list((q.get("config_groups") or {}).values())
+            weights = [g.get("weights") or {} for g in groups]
+            if weights and all(w.get("type") == "float" and w.get("num_bits") == 8
+                               and w.get("strategy") in ("tensor", "channel") for w in weights):
+                return cls("fp8")
+            raise QuantizationError("compressed-tensors checkpoints are supported only for fp8 weights with "
+                                    f"per-tensor or per-channel scales; this one has {weights}")
+        raise QuantizationError(f"unsupported checkpoint quantization {method or q!r}; "
+                                "supported checkpoint formats: awq, gptq, fp8")
+
+    @classmethod
+    def from_checkpoint(cls, path: str) -> Optional["CheckpointQuantization"]:
+        """None for an unquantized checkpoint folder (or a file path)."""
+        import json
+        import os
+
+        if not os.path.isdir(path):
+            return None
+        config = os.path.join(path, "config.json")
+        q = None
+        if os.path.exists(config):
+            with open(config) as f:
+                q = json.load(f).get("quantization_config")
+        legacy = os.path.join(path, "quantize_config.json")  # AutoGPTQ before transformers integration
+        if q is None and os.path.exists(legacy):
+            with open(legacy) as f:
+                q = {"quant_method": "gptq", **json.load(f)}
+        return None if q is None else cls.from_hf_dict(q)
+
+
+def resolve_method(requested: Optional[str], checkpoint: Optional[CheckpointQuantization],
+                   load_format: str) -> Optional[str]:
+    """The method to run: the checkpoint's if it has one (``requested`` must agree), else
+    ``requested`` made at load time. Raises ``QuantizationError`` on a mismatch."""
+    if requested is not None and requested not in METHODS:
+        raise QuantizationError(f"unknown quantization {requested!r}; choose one of {', '.join(METHODS)}")
+    if checkpoint is not None:
+        if requested not in (None, checkpoint.method):
+            raise QuantizationError(f"the checkpoint is quantized with {checkpoint.method}, but quantization="
+                                    f"{requested!r} was asked for; pass quantization={checkpoint.method!r} or None")
+        return checkpoint.method
+    if requested in ("awq", "gptq") and load_format != "dummy":
+        raise QuantizationError(f"quantization={requested!r} needs a checkpoint quantized with {requested} "
+                                "(config.json quantization_config); this checkpoint has none. To quantize a "
+                                "dense checkpoint at load time use 'int8', 'int4' or 'fp8'")
+    return requested
+
+
+# --------------------------------------------------------------------------------------
+# Published checkpoint layouts -> ours (numpy, one layer's tensor at a time)
+# --------------------------------------------------------------------------------------
+
+
+def _unpack_int32_nibbles(x: np.ndarray, axis: int) -> np.ndarray:
+    """int32 ``x`` -> uint8 nibbles, ``axis`` 8 times longer: nibble j of element i lands at ``8*i + j``."""
+    u = np.ascontiguousarray(x).view(np.uint32)
+    axis %= u.ndim
+    nibbles = np.stack([(u >> (4 * j)) & 0xF for j in range(8)], axis=axis + 1)
+    shape = list(u.shape)
+    shape[axis] *= 8
+    return nibbles.astype(np.uint8).reshape(shape)
+
+
+def _int4_from_values(values: np.ndarray, zeros: np.ndarray, scales: np.ndarray, group_size: int,
+                      perm: Optional[np.ndarray], dtype) -> dict[str, np.ndarray]:
+    K = values.shape[0]
+    pack = qmm.int4_pack_block(K, group_size)
+    packed = qmm.pack_int4(values, pack)  # numpy in, numpy out
+    out = dict(packed=packed, scales=scales.astype(dtype), zeros=zeros.astype(dtype), pack=pack)
+    if perm is not None:
+        out["perm"] = perm.astype(np.int32)
+    return out
+
+
+def awq_to_int4(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group_size: int,
+                dtype=np.float32) -> dict[str, np.ndarray]:
+    """AutoAWQ GEMM layout (``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32 ``[K/g, N/8]``, both
+    packed along N in ``AWQ_ORDER``; ``scales`` ``[K/g, N]``) -> the fields of an ``Int4Weight``."""
+    order = np.argsort(AWQ_ORDER)  # position of column c's nibble within its int32
+
+    def columns(x):
+        nib = _unpack_int32_nibbles(x, axis=-1)  # [rows, N], nibble-major per int32
+        n = nib.shape[-1]
+        index = (np.arange(n) // 8) * 8 + order[np.arange(n) % 8]
+        return nib[:, index]
+
+    g = group_size if group_size > 0 else qweight.shape[0]
+    return _int4_from_values(columns(qweight), columns(qzeros), scales, g, None, dtype)
+
+
+def gptq_to_int4(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: Optional[np.ndarray],
+                 group_size: int, *, zero_offset: int = 1, dtype=np.float32) -> dict[str, np.ndarray]:
+    """GPTQ layout (``qweight`` int32 ``[K/8, N]`` packed along K, ``qzeros`` int32 ``[K/g, N/8]``
+    packed along N, ``scales`` ``[K/g, N]``, ``g_idx`` ``[K]``) -> the fields of an ``Int4Weight``.
+
+    ``zero_offset``: GPTQ's v1 checkpoints store ``zero - 1`` (1); ``gptq_v2`` stores the zero (0).
+    A ``g_idx`` that is not ``k // g`` (act-order) sorts the rows by group and records ``perm``.
+    """
+    values = _unpack_int32_nibbles(qweight, axis=0)  # [K, N]
+    zeros = _unpack_int32_nibbles(qzeros, axis=-1).astype(np.int32) + zero_offset  # [K/g, N]
+    K = values.shape[0]
+    g = group_size if group_size > 0 else K
+    perm = None
+    if g_idx is not None and not np.array_equal(g_idx, np.arange(K) // g):
+        perm = np.argsort(g_idx, kind="stable")
+        values = values[perm]
+        if not np.array_equal(np.asarray(g_idx)[perm], np.arange(K) // g):
+            raise QuantizationError("GPTQ g_idx does not assign exactly group_size rows to each group")
+    return _int4_from_values(values, zeros.astype(np.float32), scales, g, perm, dtype)
+
+
+def fp8_from_checkpoint(weight: np.ndarray, weight_scale: np.ndarray) -> dict[str, np.ndarray]:
+    """An FP8 checkpoint's ``weight`` (e4m3 ``[N, K]``) and ``weight_scale`` (per tensor ``[]``/
+    ``[1]`` or per channel ``[N]``/``[N, 1]``) -> the fields of an ``Fp8Weight``."""
+    N = weight.shape[0]
+    scale = np.asarray(weight_scale, np.float32).reshape(-1)
+    if scale.size == 1:
+        scale = np.full((N,), scale[0], np.float32)
+    elif scale.size != N:
+        raise QuantizationError(f"fp8 weight_scale of {scale.size} values fits neither per-tensor nor "
+                                f"per-channel scaling of a weight with {N} rows (block-wise fp8 is not supported)")
+    return dict(q=weight, scale=scale)
+
+
+# --------------------------------------------------------------------------------------
+# The matmul the model calls
+# --------------------------------------------------------------------------------------
+
+# The kernel pays off while a step reads more weight bytes than it does arithmetic.
+MAX_KERNEL_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearBackend:
+    """How ``linear`` multiplies. ``kernel``: "auto" (the Pallas kernel for quantized weights at
+    up to ``max_kernel_rows`` rows on GPU), "pallas" (also for dense weights), or "xla" (never).
+    ``interpret``: run the kernel in interpret mode (CPU tests)."""
+
+    kernel: str = "auto"
+    max_kernel_rows: int = MAX_KERNEL_ROWS
+    interpret: Optional[bool] = None
+
+    def use_kernel(self, w, rows: int) -> bool:
+        if self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight):
+            return False
+        if self.kernel == "auto" and (not is_quantized(w) or jax.default_backend() != "gpu"):
+            return False
+        return self.kernel in ("auto", "pallas")
+
+
+def _fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
+    """Per-token dynamic activation scales, fp8 x fp8 matmul with both operands K-major."""
+    x32 = x.astype(jnp.float32)
+    x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), 1e-12) / FP8_MAX
+    xq = (x32 / x_scale).astype(jnp.float8_e4m3fn)
+    acc = jax.lax.dot_general(xq, w.q, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (acc * x_scale * w.scale).astype(x.dtype)
+
+
+def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend()) -> jax.Array:
+    """``x[M, K] @ W`` for a dense or quantized ``W`` (one layer's, no leading axis)."""
+    if isinstance(w, Fp8Weight):
+        return _fp8_linear(x, w)
+    kernel = backend.use_kernel(w, x.shape[0])
+    if isinstance(w, Int8Weight):
+        if kernel:
+            return qmm.int8_matmul(x, w.q, w.scale, interpret=backend.interpret)
+        return qmm.int8_matmul_reference(x, w.q, w.scale)
+    if isinstance(w, Int4Weight):
+        if w.perm is not None:
+            x = jnp.take(x, w.perm, axis=-1)
+        args = (x, w.packed, w.scales, w.zeros)
+        if kernel:
+            return qmm.int4_matmul(*args, group_size=w.group_size, pack=w.pack, interpret=backend.interpret)
+        return qmm.int4_matmul_reference(*args, group_size=w.group_size, pack=w.pack)
+    if kernel:
+        return qmm.dense_matmul(x, w, interpret=backend.interpret)
+    return x @ w

@@ -1,0 +1,253 @@
+"""Weight-streaming matmul for small batches: ``x[M, K] @ W[K, N]`` with W dense, int8 or int4.
+
+At decode a step multiplies a few rows of activations by every weight matrix once, so
+its time is the time to read the weights. XLA reads a bf16 weight at about 2.5 TB/s
+(DESIGN.md), and when the weight is quantized it first writes a dequantized copy
+(``x @ q.astype(bf16) * s`` measured 0.92-0.96x of bf16 at M=1): the memory saving never
+becomes speed. This kernel reads the stored (quantized) bytes once and dequantizes each
+tile in registers just before the tensor-core dot.
+
+Formats of ``W`` (the caller's weight types live in ``models.quantization``):
+
+- ``dense``: ``w[K, N]`` bf16/f16/f32.
+- ``int8``: ``q[K, N]`` int8 with one scale per output column, ``W = q * scale[N]``.
+- ``int4``: two 4-bit values per byte, ``packed[K/2, N]`` uint8, grouped scales and zeros
+  ``scales[K/g, N]``, ``zeros[K/g, N]``, ``W[k] = (nibble(k) - zeros[k//g]) * scales[k//g]``.
+  Packing works in blocks of ``pack`` rows (``pack`` divides ``g``): in block ``b``,
+  packed row ``b*pack/2 + j`` holds row ``b*pack + j`` in its low nibble and row
+  ``b*pack + pack/2 + j`` in its high nibble. So a tile's low and high halves multiply
+  two contiguous slices of ``x``, and a K-shard on ``pack`` boundaries (tensor
+  parallelism, row-parallel layers) holds whole blocks. ``pack_int4`` / ``unpack_int4``
+  convert to and from plain ``[K, N]`` nibble values.
+
+Grid: ``(N / block_n, k_splits)``. Each program streams ``K / k_splits`` rows of its
+``block_n`` columns in ``block_k``-row steps; with ``k_splits > 1`` the partial sums
+(float32 ``[k_splits, M, N]``, small) are added by XLA. Split-K keeps enough programs
+in flight to saturate memory when ``N`` is small. ``M`` is padded to at least 16
+rows (the smallest tensor-core tile).
+
+Each format has a pure-jnp reference (``*_matmul_reference``: dequantize, then ``jnp.dot``
+in float32) that is also the path for large ``M``, where the matmul is bound by
+arithmetic and a dequantized copy costs little beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+FORMATS = ("dense", "int8", "int4")
+_DEFAULT_CORE_COUNT = 132  # H100 SXM; used when no GPU is visible (interpret mode)
+MIN_ROWS = 16  # tensor-core tile height
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+    """Tile sizes and Triton launch parameters. ``block_n``/``block_k`` are upper bounds: the
+    largest power of two up to them that divides N / K is used. ``k_splits=None`` picks the
+    split from the shapes (enough programs for ``programs_per_core`` per multiprocessor)."""
+
+    block_n: int = 64
+    block_k: int = 128
+    k_splits: Optional[int] = None
+    num_warps: int = 4
+    num_stages: int = 4
+    programs_per_core: int = 2
+
+
+# --------------------------------------------------------------------------------------
+# int4 packing and the references
+# --------------------------------------------------------------------------------------
+
+
+def int4_pack_block(num_rows: int, group_size: int) -> int:
+    """Rows per packing block: the largest of 128, 64, 32 dividing both ``K`` and ``g``."""
+    for pack in (128, 64, 32):
+        if num_rows % pack == 0 and group_size % pack == 0:
+            return pack
+    raise ValueError(f"int4 weights need K ({num_rows}) and the group size ({group_size}) to be "
+                     "multiples of 32")
+
+
+def pack_int4(values: jax.Array, pack: int) -> jax.Array:
+    """``[..., K, N]`` integers in [0, 16) -> ``[..., K/2, N]`` uint8 in the block layout above."""
+    *lead, K, N = values.shape
+    v = values.astype(jnp.uint8).reshape(*lead, K // pack, 2, pack // 2, N)
+    return (v[..., 0, :, :] | (v[..., 1, :, :] << 4)).reshape(*lead, K // 2, N)
+
+
+def unpack_int4(packed: jax.Array, pack: int) -> jax.Array:
+    """Inverse of ``pack_int4``: ``[..., K/2, N]`` uint8 -> ``[..., K, N]`` uint8 nibbles."""
+    *lead, half_k, N = packed.shape
+    p = packed.reshape(*lead, half_k // (pack // 2), 1, pack // 2, N)
+    both = jnp.concatenate([p & 0xF, p >> 4], axis=-3)
+    return both.reshape(*lead, 2 * half_k, N)
+
+
+def dequantize_int4(packed, scales, zeros, *, group_size: int, pack: int, dtype=jnp.float32) -> jax.Array:
+    """The ``[K, N]`` weight an int4 tensor stands for."""
+    q = unpack_int4(packed, pack).astype(jnp.float32)
+    s = jnp.repeat(scales.astype(jnp.float32), group_size, axis=-2)
+    z = jnp.repeat(zeros.astype(jnp.float32), group_size, axis=-2)
+    return ((q - z) * s).astype(dtype)
+
+
+def dense_matmul_reference(x, w):
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def int8_matmul_reference(x, q, scale):
+    acc = jnp.dot(x, q.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (acc * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def int4_matmul_reference(x, packed, scales, zeros, *, group_size: int, pack: int):
+    w = dequantize_int4(packed, scales, zeros, group_size=group_size, pack=pack, dtype=x.dtype)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Pallas kernel (Triton lowering) and its jitted wrappers
+# --------------------------------------------------------------------------------------
+
+
+def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int):
+    """One program: ``block_n`` output columns over ``steps * block_k`` rows of K."""
+    o_ref = refs[-1]
+    n, split = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    first_k = split * (steps * block_k)
+    dtype = x_ref.dtype
+
+    def step(i, acc):
+        k0 = pl.multiple_of(first_k + i * block_k, block_k)
+        if fmt == "int4":
+            half = block_k // 2
+            scale_ref, zero_ref = refs[0], refs[1]
+            group = pl.ds(k0 // group_size, 1)  # block_k divides group_size: one group per step
+            s = scale_ref[group, cols].astype(jnp.float32)
+            z = zero_ref[group, cols].astype(jnp.float32)
+            packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
+                                   eviction_policy="evict_first")
+            w_lo = (((packed & 0xF).astype(jnp.float32) - z) * s).astype(dtype)
+            w_hi = (((packed >> 4).astype(jnp.float32) - z) * s).astype(dtype)
+            acc += jnp.dot(x_ref[:, pl.ds(k0, half)], w_lo, preferred_element_type=jnp.float32)
+            acc += jnp.dot(x_ref[:, pl.ds(k0 + half, half)], w_hi, preferred_element_type=jnp.float32)
+            return acc
+        w = pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first").astype(dtype)
+        return acc + jnp.dot(x_ref[:, pl.ds(k0, block_k)], w, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
+    if fmt == "int8":
+        acc = acc * refs[0][cols].astype(jnp.float32)[None, :]
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optional[int]:
+    size = upper
+    while size >= lower:
+        if n % size == 0:
+            return size
+        size //= 2
+    return None
+
+
+def _core_count() -> int:
+    return getattr(jax.devices()[0], "core_count", None) or _DEFAULT_CORE_COUNT
+
+
+def auto_k_splits(num_col_blocks: int, num_k_steps: int, programs_per_core: int = 2) -> int:
+    """The fewest K splits (a divisor of the step count) that give ``programs_per_core``
+    programs per multiprocessor; each split keeps at least 4 steps."""
+    target = programs_per_core * _core_count()
+    best = 1
+    for splits in range(1, num_k_steps + 1):
+        if num_k_steps % splits or num_k_steps // splits < 4:
+            continue
+        best = splits
+        if num_col_blocks * splits >= target:
+            break
+    return best
+
+
+def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
+    if x.ndim != 2 or x.shape[1] != K:
+        raise ValueError(f"x must be [M, K={K}], got shape {x.shape}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    block_n = _largest_power_of_2_dividing(N, config.block_n)
+    if block_n is None:
+        raise ValueError(f"N={N} must be a multiple of 16 for the Pallas matmul")
+    if fmt == "int4":
+        block_k = pack
+    else:
+        block_k = _largest_power_of_2_dividing(K, config.block_k)
+        if block_k is None:
+            raise ValueError(f"K={K} must be a multiple of 16 for the Pallas matmul")
+    M = x.shape[0]
+    rows = max(MIN_ROWS, 1 << max(0, M - 1).bit_length())
+    if rows != M:
+        x = jnp.pad(x, ((0, rows - M), (0, 0)))
+    num_steps = K // block_k
+    splits = config.k_splits or auto_k_splits(N // block_n, num_steps, config.programs_per_core)
+    if num_steps % splits:
+        raise ValueError(f"k_splits={splits} must divide the {num_steps} K steps of {block_k} rows")
+    kernel = functools.partial(_matmul_kernel, fmt=fmt, block_n=block_n, block_k=block_k,
+                               steps=num_steps // splits, group_size=group_size)
+    out_dtype = x.dtype if splits == 1 else jnp.float32
+    out = pl.pallas_call(
+        kernel,
+        grid=(N // block_n, splits),
+        in_specs=[pl.no_block_spec] * (2 + len(extras)),
+        out_specs=pl.BlockSpec((None, rows, block_n), lambda n, s: (s, 0, n)),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, N), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name=f"{fmt}_weight_streaming_matmul",
+    )(x, w, *extras)
+    out = out[0] if splits == 1 else out.sum(axis=0).astype(x.dtype)
+    return out[:M]
+
+
+_STATIC = ("config", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def dense_matmul(x, w, *, config: MatmulConfig = MatmulConfig(), interpret: Optional[bool] = None):
+    """``x[M, K] @ w[K, N]`` streaming a dense weight (bf16/f16/f32); float32 accumulation."""
+    K, N = w.shape
+    return _weight_streaming_matmul(x, w, (), fmt="dense", K=K, N=N, group_size=0, pack=0, config=config,
+                                    interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def int8_matmul(x, q, scale, *, config: MatmulConfig = MatmulConfig(), interpret: Optional[bool] = None):
+    """``x[M, K] @ (q[K, N] * scale[N])`` with ``q`` int8, dequantized in registers."""
+    K, N = q.shape
+    if q.dtype != jnp.int8 or scale.shape != (N,):
+        raise ValueError(f"int8 weights need q int8 [K, N] and scale [N]; got {q.dtype}{q.shape}, {scale.shape}")
+    return _weight_streaming_matmul(x, q, (scale,), fmt="int8", K=K, N=N, group_size=0, pack=0, config=config,
+                                    interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
+def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: MatmulConfig = MatmulConfig(),
+                interpret: Optional[bool] = None):
+    """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
+    half_k, N = packed.shape
+    K = 2 * half_k
+    groups = K // group_size
+    if packed.dtype != jnp.uint8 or K % group_size or group_size % pack or K % pack:
+        raise ValueError(f"int4 weights need packed uint8 [K/2, N] with pack ({pack}) dividing the group "
+                         f"size ({group_size}) and K ({K}); got {packed.dtype}{packed.shape}")
+    if scales.shape != (groups, N) or zeros.shape != (groups, N):
+        raise ValueError(f"int4 scales and zeros must be [K/g={groups}, N={N}], got {scales.shape}, {zeros.shape}")
+    return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
+                                    pack=pack, config=config, interpret=interpret)

@@ -1,0 +1,350 @@
+"""Quantization (``models.quantization``): load-time int8 / int4 / fp8, AWQ / GPTQ / FP8 checkpoints,
+the engine's ``quantization=`` and ``kv_cache_dtype=`` options, and their errors.
+
+AWQ and GPTQ checkpoints are packed here, by code written from the published layouts
+(independent of the loader's unpacking), from known integer weights; loading them must
+give exactly the weights they encode. Logits of quantized models are compared with the
+dense model they came from, within tolerances stated per method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from engine import LLM, SamplingParams
+from engine.engine_args import EngineArgs, num_kv_blocks
+from models.batch import ModelInput, make_kv_cache
+from models.config import ModelConfig
+from models.llama import forward
+from models.loader import load_model
+from models.quantization import (
+    AWQ_ORDER,
+    QUANTIZED_LAYER_WEIGHTS,
+    CheckpointQuantization,
+    Fp8Weight,
+    Int4Weight,
+    Int8Weight,
+    LinearBackend,
+    QuantizationError,
+    awq_to_int4,
+    dequantize,
+    fp8_from_checkpoint,
+    gptq_to_int4,
+    quantize_weight,
+)
+from models.safetensors_loader import CheckpointError
+from pallas_kernels.ragged_paged_attention import to_cache_dtype
+from tests.tiny_checkpoints import write_tiny_checkpoint
+
+HF_LINEAR = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+             "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+GROUP = 32  # divides every K of the tiny models (64, 96, 128)
+# Relative error ||ours - dense|| / ||dense|| of the logits against the dense model, on the tiny
+# random models (weights far from any grid, std 0.15): measured over 8 seeds int8 0.018-0.026,
+# fp8 (weights and activations) 0.11-0.13, int4 (groups of 64 = all of K here) 0.27-0.35, fp8 KV
+# pages 0.05-0.07. A wrong layout gives about 1.4 (uncorrelated logits).
+LOGIT_TOLERANCE = {"int8": 0.05, "fp8": 0.2, "int4": 0.5}
+FP8_KV_TOLERANCE = 0.12
+
+
+# ------------------------------------------------------------------ packing, from the published layouts
+
+
+def pack_int32_nibbles(values: np.ndarray, axis: int, order=tuple(range(8))) -> np.ndarray:
+    """Pack 4-bit ``values`` 8 to an int32 along ``axis``: nibble ``i`` holds element ``order[i]`` of its 8."""
+    v = np.moveaxis(np.asarray(values, np.uint32), axis, -1)
+    v = v.reshape(*v.shape[:-1], -1, 8)
+    packed = np.zeros(v.shape[:-1], np.uint32)
+    for i, j in enumerate(order):
+        packed |= v[..., j] << np.uint32(4 * i)
+    return np.ascontiguousarray(np.moveaxis(packed.view(np.int32), -1, axis))  # save_file needs C order
+
+
+def awq_tensors(values, zeros, scales):
+    """AutoAWQ GEMM: qweight [K, N/8] and qzeros [K/g, N/8] packed along N in AWQ_ORDER."""
+    return dict(qweight=pack_int32_nibbles(values, -1, AWQ_ORDER), qzeros=pack_int32_nibbles(zeros, -1, AWQ_ORDER),
+                scales=scales.astype(np.float16))
+
+
+def gptq_tensors(values, zeros, scales, g_idx, v1=True):
+    """GPTQ: qweight [K/8, N] packed along K, qzeros [K/g, N/8] along N (v1 stores zero - 1)."""
+    stored_zeros = zeros - 1 if v1 else zeros
+    return dict(qweight=pack_int32_nibbles(values, 0), qzeros=pack_int32_nibbles(stored_zeros, -1),
+                scales=scales.astype(np.float16), g_idx=g_idx.astype(np.int32))
+
+
+def random_int4(rng, K, N, group=GROUP, zero_low=0):
+    values = rng.integers(0, 16, (K, N))
+    zeros = rng.integers(zero_low, 16, (K // group, N))
+    scales = rng.uniform(0.005, 0.05, (K // group, N)).astype(np.float16).astype(np.float32)
+    return values, zeros, scales
+
+
+def test_awq_layout_unpacks_to_exactly_the_packed_weights():
+    rng = np.random.default_rng()
+    K, N = 128, 64
+    values, zeros, scales = random_int4(rng, K, N)
+    fields = awq_to_int4(**awq_tensors(values, zeros, scales), group_size=GROUP)
+    w = Int4Weight(**{k: jnp.asarray(v) for k, v in fields.items() if k != "pack"}, group_size=GROUP,
+                   pack=fields["pack"])
+    expected = (values - np.repeat(zeros, GROUP, 0)) * np.repeat(scales, GROUP, 0)
+    np.testing.assert_array_equal(np.asarray(dequantize(w)), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("v1", [True, False])
+def test_gptq_layout_unpacks_to_exactly_the_packed_weights(act_order, v1):
+    rng = np.random.default_rng()
+    K, N = 128, 64
+    values, zeros, scales = random_int4(rng, K, N, zero_low=1)  # v1 stores zero - 1 in 4 bits
+    g_idx = np.arange(K) // GROUP
+    if act_order:  # desc_act: rows are assigned to groups in the order of their Hessian diagonal
+        g_idx = rng.permutation(g_idx)
+    fields = gptq_to_int4(**gptq_tensors(values, zeros, scales, g_idx, v1=v1), group_size=GROUP,
+                          zero_offset=1 if v1 else 0)
+    assert ("perm" in fields) == act_order
+    w = Int4Weight(**{k: jnp.asarray(v) for k, v in fields.items() if k != "pack"}, group_size=GROUP,
+                   pack=fields["pack"])
+    expected = (values - zeros[g_idx]) * scales[g_idx]
+    np.testing.assert_array_equal(np.asarray(dequantize(w)), expected.astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((3, K)), jnp.float32)
+    from models.quantization import linear
+
+    np.testing.assert_allclose(np.asarray(linear(x, w)), np.asarray(x) @ expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_checkpoint_scales_per_tensor_and_per_channel():
+    rng = np.random.default_rng()
+    q = jnp.asarray(rng.standard_normal((16, 32)), jnp.float8_e4m3fn)
+    for scale, expected in ((np.float32(0.5), np.full(16, 0.5)), (np.arange(16, dtype=np.float32)[:, None],
+                                                                  np.arange(16))):
+        fields = fp8_from_checkpoint(np.asarray(q), scale)
+        np.testing.assert_array_equal(fields["scale"], expected)
+        w = Fp8Weight(q=jnp.asarray(fields["q"]), scale=jnp.asarray(fields["scale"]))
+        np.testing.assert_allclose(np.asarray(dequantize(w)), (np.asarray(q, np.float32) * expected[:, None]).T)
+    with pytest.raises(QuantizationError, match="block-wise"):
+        fp8_from_checkpoint(np.asarray(q), np.ones((4, 2), np.float32))
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+def test_load_time_quantization_error_is_bounded(method):
+    rng = np.random.default_rng()
+    w = jnp.asarray(rng.standard_normal((2, 256, 96)) * 0.02, jnp.float32)  # stacked: 2 layers
+    qw = quantize_weight(w, method)
+    err = np.abs(np.asarray(dequantize(qw)) - np.asarray(w))
+    if method == "int8":  # half a step of the channel's scale
+        bound = np.asarray(qw.scale)[:, None, :] / 2
+    elif method == "int4":
+        bound = np.repeat(np.asarray(qw.scales, np.float32), qw.group_size, axis=-2) / 2
+    else:  # e4m3: 3 mantissa bits, relative half-step 2^-4 (subnormals: the smallest step, 2^-9 * scale)
+        bound = np.maximum(np.abs(np.asarray(w)) * 2.0**-4, 2.0**-10 * np.asarray(qw.scale)[:, None, :])
+    assert (err <= bound * (1 + 1e-5) + 1e-9).all(), f"largest error over bound {np.max(err / bound):.3f}"
+    assert {Int8Weight: "int8", Int4Weight: "int4", Fp8Weight: "fp8"}[type(qw)] == method
+
+
+# ------------------------------------------------------------------ whole models
+
+
+def ragged_batch(config: ModelConfig, rng, lengths=(5, 17, 9), block_size=8):
+    """One prefill step of several prompts, every position's logits."""
+    tokens, positions, slots, cu, tables = [], [], [], [0], []
+    page = 1
+    for n in lengths:
+        tokens += rng.integers(0, config.vocab_size, n).tolist()
+        positions += list(range(n))
+        pages = list(range(page, page + -(-n // block_size)))
+        page += len(pages)
+        slots += [pages[i // block_size] * block_size + i % block_size for i in range(n)]
+        tables.append(pages + [0] * (8 - len(pages)))
+        cu.append(cu[-1] + n)
+    T = cu[-1]
+    batch = ModelInput(
+        token_ids=jnp.asarray(tokens, jnp.int32), positions=jnp.asarray(positions, jnp.int32),
+        slot_mapping=jnp.asarray(slots, jnp.int32), cu_q_lens=jnp.asarray(cu, jnp.int32),
+        kv_lens=jnp.asarray(lengths, jnp.int32), block_tables=jnp.asarray(tables, jnp.int32),
+        num_seqs=jnp.asarray([len(lengths)], jnp.int32), logits_indices=jnp.arange(T, dtype=jnp.int32))
+    return batch, page
+
+
+def logits_of(loaded, batch, num_pages, **kwargs):
+    cache = make_kv_cache(loaded.config, num_pages, 8, kwargs.pop("kv_dtype", jnp.float32))
+    logits, _ = forward(loaded.params, cache, batch, config=loaded.config, **kwargs)
+    return np.asarray(logits)
+
+
+def relative_error(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense")
+    write_tiny_checkpoint(path, "llama", seed=int(np.random.default_rng().integers(1 << 20)))
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+def test_quantized_logits_close_to_dense_and_kernel_matches_xla(tiny, method):
+    rng = np.random.default_rng()
+    dense = load_model(tiny, dtype="float32")
+    quant = load_model(tiny, dtype="float32", quantization=method)
+    assert quant.quantization == method
+    assert all(not isinstance(quant.params["layers"][n], jax.Array) for n in QUANTIZED_LAYER_WEIGHTS)
+    batch, pages = ragged_batch(dense.config, rng)
+    reference = logits_of(dense, batch, pages + 1)
+    xla = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="xla"))
+    err = relative_error(xla, reference)
+    assert err < LOGIT_TOLERANCE[method], f"{method}: logits differ from the dense model by {err:.3f}"
+    if method != "fp8":  # fp8 always runs through XLA's fp8 dot
+        kernel = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
+        assert relative_error(kernel, xla) < 1e-5
+
+
+# ------------------------------------------------------------------ AWQ / GPTQ / FP8 checkpoints on disk
+
+
+def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_order=False):
+    """The dense checkpoint's layer matrices replaced by ``method``'s tensors of random grid values.
+    Returns the dense ``{our name: [L, K, N]}`` weights the new checkpoint encodes."""
+    shutil.copytree(dense_path, out)
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    config = json.load(open(os.path.join(out, "config.json")))
+    encoded: dict[str, list] = {n: [] for n in HF_LINEAR}
+    for i in range(config["num_hidden_layers"]):
+        for name, hf in HF_LINEAR.items():
+            prefix = f"model.layers.{i}.{hf}."
+            N, K = tensors.pop(prefix + "weight").shape
+            if method == "fp8":
+                q = np.asarray(jnp.asarray(rng.standard_normal((N, K)), jnp.float8_e4m3fn))
+                scale = rng.uniform(0.01, 0.03, (N, 1)).astype(np.float32)
+                tensors[prefix + "weight"], tensors[prefix + "weight_scale"] = q, scale
+                encoded[name].append((q.astype(np.float32) * scale).T)
+                continue
+            values, zeros, scales = random_int4(rng, K, N, zero_low=1)
+            g_idx = np.arange(K) // GROUP
+            if method == "awq":
+                packed = awq_tensors(values, zeros, scales)
+            else:
+                g_idx = rng.permutation(g_idx) if act_order else g_idx
+                packed = gptq_tensors(values, zeros, scales, g_idx)
+            tensors.update({prefix + k: v for k, v in packed.items()})
+            encoded[name].append((values - zeros[g_idx]) * scales[g_idx])
+    save_file(tensors, os.path.join(out, "model.safetensors"))
+    config["quantization_config"] = {
+        "awq": dict(quant_method="awq", bits=4, group_size=GROUP, zero_point=True, version="gemm"),
+        "gptq": dict(quant_method="gptq", bits=4, group_size=GROUP, desc_act=act_order, sym=False),
+        "fp8": dict(quant_method="fp8", activation_scheme="dynamic"),
+    }[method]
+    json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    return {n: jnp.asarray(np.stack(ws), jnp.float32) for n, ws in encoded.items()}
+
+
+@pytest.mark.parametrize("method,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False)])
+def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, method, act_order):
+    rng = np.random.default_rng()
+    path = str(tmp_path / method)
+    encoded = write_quantized_checkpoint(tiny, path, method, rng, act_order=act_order)
+    assert CheckpointQuantization.from_checkpoint(path).method == method
+    quant = load_model(path, dtype="float32")  # the method comes from config.json
+    assert quant.quantization == method
+    for name, dense in encoded.items():
+        np.testing.assert_allclose(np.asarray(dequantize(quant.params["layers"][name])), np.asarray(dense),
+                                   rtol=1e-6, atol=1e-7, err_msg=name)
+    # The model runs on them: same logits as a dense model holding the decoded weights.
+    decoded = load_model(tiny, dtype="float32")
+    decoded.params["layers"].update(encoded)
+    batch, pages = ragged_batch(decoded.config, rng)
+    tolerance = LOGIT_TOLERANCE["fp8"] if method == "fp8" else 1e-5  # fp8 also quantizes the activations
+    assert relative_error(logits_of(quant, batch, pages + 1), logits_of(decoded, batch, pages + 1)) < tolerance
+    # And the engine serves it.
+    llm = LLM(path, dtype="float32", quantization=method, skip_tokenizer_init=True, max_model_len=64)
+    out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                       use_tqdm=False)
+    llm.shutdown()
+    assert len(out[0].outputs[0].token_ids) == 6
+
+
+def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
+    rng = np.random.default_rng()
+    with pytest.raises(QuantizationError, match="needs a checkpoint quantized with awq"):
+        load_model(tiny, quantization="awq")
+    awq = str(tmp_path / "awq")
+    write_quantized_checkpoint(tiny, awq, "awq", rng)
+    with pytest.raises(QuantizationError, match="quantized with awq, but quantization='gptq'"):
+        load_model(awq, quantization="gptq")
+    tensors = load_file(os.path.join(awq, "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.qzeros"]
+    save_file(tensors, os.path.join(awq, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lacks tensor 'model.layers.1.mlp.up_proj.qzeros'"):
+        load_model(awq)
+    for config, message in (
+        (dict(quant_method="gptq", bits=8, group_size=128), "bits=8"),
+        (dict(quant_method="fp8", weight_block_size=[128, 128]), "block-wise"),
+        (dict(quant_method="bitsandbytes"), "unsupported checkpoint quantization 'bitsandbytes'"),
+        (dict(quant_method="awq", bits=4, version="gemv"), "only the 'gemm' layout"),
+    ):
+        with pytest.raises(QuantizationError, match=message):
+            CheckpointQuantization.from_hf_dict(config)
+    with pytest.raises(ValueError, match="quantization must be None or one of"):
+        EngineArgs(quantization="int3").validate()
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        EngineArgs(kv_cache_dtype="int2").validate()
+
+
+# ------------------------------------------------------------------ fp8 KV cache
+
+
+def test_fp8_kv_pages_saturate_instead_of_overflowing():
+    x = jnp.asarray([1.0, -3.5, 1000.0, -1e6, 0.0], jnp.bfloat16)
+    out = np.asarray(to_cache_dtype(x, jnp.float8_e4m3fn).astype(jnp.float32))
+    np.testing.assert_array_equal(out, [1.0, -3.5, 448.0, -448.0, 0.0])
+
+
+def test_fp8_kv_cache_halves_block_bytes_and_keeps_logits_close(tiny):
+    config = ModelConfig.from_pretrained(tiny)
+    args = EngineArgs(max_num_seqs=1 << 16, max_model_len=256)
+    # On CPU the pool is capped in bytes (CPU_KV_CACHE_BYTES): fp8 pages fit twice the tokens.
+    blocks = {dt: num_kv_blocks(args, config, dt, 256, 1 << 16) for dt in (jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn)}
+    assert blocks[jnp.float8_e4m3fn] == 2 * blocks[jnp.bfloat16] == 4 * blocks[jnp.float32]
+    rng = np.random.default_rng()
+    loaded = load_model(tiny, dtype="float32")
+    batch, pages = ragged_batch(loaded.config, rng)
+    reference = logits_of(loaded, batch, pages + 1)
+    fp8 = logits_of(loaded, batch, pages + 1, kv_dtype=jnp.float8_e4m3fn)
+    assert relative_error(fp8, reference) < FP8_KV_TOLERANCE
+    llm = LLM(tiny, dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True, max_model_len=64)
+    assert llm.llm_engine.runner.kv_cache.k.dtype == jnp.float8_e4m3fn
+    out = llm.generate([[3, 1, 4, 1, 5, 9]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)
+    llm.shutdown()
+    assert len(out[0].outputs[0].token_ids) == 5
+
+
+# ------------------------------------------------------------------ the embedded default model
+
+
+def test_default_model_int8_greedy_text_agrees_with_unquantized():
+    """The default model (float32 on CPU) against its int8 version: greedy chat completions of
+    a set of prompts. Reports the agreement rate; most prompts must give identical text."""
+    prompts = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?",
+               "Write a haiku about the sea.", "Who wrote Hamlet?", "Give me a synonym for happy.",
+               "What is the boiling point of water?", "Translate 'thank you' into Spanish."]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    texts = {}
+    for method in (None, "int8"):
+        llm = LLM(quantization=method, max_model_len=256, max_num_seqs=8)
+        texts[method] = [o.outputs[0].text for o in llm.chat([[{"role": "user", "content": p}] for p in prompts],
+                                                              params, use_tqdm=False)]
+        llm.shutdown()
+    same = [a == b for a, b in zip(texts[None], texts["int8"])]
+    rate = sum(same) / len(same)
+    print(f"int8 vs float32 greedy agreement: {sum(same)}/{len(same)} prompts identical ({rate:.0%})")
+    assert rate >= 0.5, list(zip(texts[None], texts["int8"]))

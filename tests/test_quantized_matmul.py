@@ -1,0 +1,148 @@
+"""The weight-streaming matmul kernel (dense, int8, int4) against its references.
+
+The same cases run in interpret mode on CPU and compiled by Triton with ``-m gpu``. Every
+run draws fresh random inputs (the seed is in failures); the references themselves are
+checked against a float64 numpy product of the dense weight the quantized one stands for.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.quantized_matmul import (
+    MatmulConfig,
+    auto_k_splits,
+    dense_matmul,
+    dense_matmul_reference,
+    int4_matmul,
+    int4_matmul_reference,
+    int4_pack_block,
+    int8_matmul,
+    int8_matmul_reference,
+    pack_int4,
+    unpack_int4,
+)
+
+RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
+
+
+def random_weight(rng, fmt: str, K: int, N: int, group: int = 0, dtype=jnp.float32):
+    """``(kernel args after x, reference kwargs, dense float64 [K, N] they stand for)``."""
+    if fmt == "dense":
+        w = rng.standard_normal((K, N)).astype(np.float32)
+        return (jnp.asarray(w, dtype),), {}, np.asarray(jnp.asarray(w, dtype), np.float64)
+    if fmt == "int8":
+        q = rng.integers(-127, 128, (K, N)).astype(np.int8)
+        scale = rng.uniform(0.001, 0.02, N).astype(np.float32)
+        return (jnp.asarray(q), jnp.asarray(scale)), {}, q * scale.astype(np.float64)
+    pack = int4_pack_block(K, group)
+    values = rng.integers(0, 16, (K, N))
+    scales = rng.uniform(0.001, 0.05, (K // group, N)).astype(np.float32)
+    zeros = rng.uniform(0, 15, (K // group, N)).round(1).astype(np.float32)  # fractional zeros are allowed
+    scales_d, zeros_d = np.asarray(jnp.asarray(scales, dtype), np.float64), np.asarray(jnp.asarray(zeros, dtype), np.float64)
+    dense = (values - np.repeat(zeros_d, group, 0)) * np.repeat(scales_d, group, 0)
+    args = (jnp.asarray(pack_int4(values, pack)), jnp.asarray(scales, dtype), jnp.asarray(zeros, dtype))
+    return args, dict(group_size=group, pack=pack), dense
+
+
+KERNELS = {"dense": (dense_matmul, dense_matmul_reference), "int8": (int8_matmul, int8_matmul_reference),
+           "int4": (int4_matmul, int4_matmul_reference)}
+
+# (format, rows M, K, N, int4 group size, dtype, config)
+CPU_CASES = [
+    ("dense", 1, 256, 192, 0, jnp.float32, MatmulConfig()),
+    ("dense", 20, 384, 96, 0, jnp.bfloat16, MatmulConfig(block_k=64, k_splits=3)),
+    ("int8", 1, 512, 320, 0, jnp.bfloat16, MatmulConfig()),
+    ("int8", 33, 256, 64, 0, jnp.float32, MatmulConfig(block_n=32, k_splits=2)),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig()),
+    ("int4", 9, 192, 64, 64, jnp.float32, MatmulConfig(k_splits=3)),
+    ("int4", 16, 96, 96, 32, jnp.float32, MatmulConfig()),  # pack block of 32 rows, N not a power of 2
+]
+
+
+def run_case(fmt, M, K, N, group, dtype, config, *, interpret, seed=None):
+    seed = np.random.SeedSequence().entropy if seed is None else seed
+    rng = np.random.default_rng(seed)
+    kernel, reference = KERNELS[fmt]
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    args, static, dense = random_weight(rng, fmt, K, N, group, dtype)
+    out = jax.jit(functools.partial(kernel, config=config, interpret=interpret, **static))(x, *args)
+    ref = reference(x, *args, **static)
+    exact = np.asarray(x, np.float64) @ dense
+    assert out.shape == (M, N) and out.dtype == x.dtype
+    scale = np.abs(exact).max()
+    for name, got in (("kernel", out), ("reference", ref)):
+        err = np.abs(np.asarray(got, np.float64) - exact).max() / scale
+        assert err < RTOL[dtype], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
+
+
+@pytest.mark.parametrize("fmt,M,K,N,group,dtype,config", CPU_CASES)
+def test_kernel_matches_reference_interpret(fmt, M, K, N, group, dtype, config):
+    run_case(fmt, M, K, N, group, dtype, config, interpret=True)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
+def test_kernel_lowers_to_triton_for_cuda(fmt):
+    """The Triton lowering (not only the interpreter) accepts every format: cross-platform lowering on CPU."""
+    rng = np.random.default_rng(0)
+    kernel, _ = KERNELS[fmt]
+    args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
+    x = jnp.ones((3, 1024), jnp.bfloat16)
+    fn = jax.jit(functools.partial(kernel, interpret=False, config=MatmulConfig(k_splits=2), **static))
+    text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
+    rng = np.random.default_rng()
+    values = rng.integers(0, 16, (256, 48))
+    for pack in (32, 64, 128):
+        packed = np.asarray(pack_int4(values, pack))
+        assert packed.shape == (128, 48) and packed.dtype == np.uint8
+        np.testing.assert_array_equal(np.asarray(unpack_int4(packed, pack)), values)
+        # A K-shard on a block boundary holds exactly its own rows (tensor parallelism).
+        np.testing.assert_array_equal(np.asarray(unpack_int4(packed[64:], pack)), values[128:])
+    assert int4_pack_block(4096, 128) == 128 and int4_pack_block(576, 64) == 64 and int4_pack_block(96, 32) == 32
+    with pytest.raises(ValueError, match="multiples of 32"):
+        int4_pack_block(100, 100)
+
+
+def test_auto_split_fills_the_gpu_and_divides_the_steps():
+    assert auto_k_splits(num_col_blocks=2004, num_k_steps=32) == 1  # lm_head: plenty of columns
+    s = auto_k_splits(num_col_blocks=16, num_k_steps=32)  # a small N: split K
+    assert 32 % s == 0 and 32 // s >= 4 and s > 1
+    s = auto_k_splits(num_col_blocks=64, num_k_steps=112)  # w_down of Llama-3.1-8B: K = 14336
+    assert 112 % s == 0 and s > 1
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: int8_matmul(jnp.ones((2, 64)), jnp.ones((64, 32), jnp.int8), jnp.ones(16)), "scale"),
+    (lambda: int8_matmul(jnp.ones((2, 48)), jnp.ones((64, 32), jnp.int8), jnp.ones(32)), "x must be"),
+    (lambda: dense_matmul(jnp.ones((2, 64)), jnp.ones((64, 40))), "multiple of 16"),
+    (lambda: int4_matmul(jnp.ones((2, 64)), jnp.ones((32, 32), jnp.uint8), jnp.ones((1, 32)), jnp.ones((2, 32)),
+                         group_size=64, pack=64), "scales and zeros"),
+    (lambda: dense_matmul(jnp.ones((2, 64)), jnp.ones((64, 32)), config=MatmulConfig(block_k=16, k_splits=3)),
+     "must divide"),
+])
+def test_wrapper_rejects_bad_shapes_with_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# Shapes of Llama-3.1-8B's matrices (K, N) at decode batch sizes, and a small-N / split-K case.
+GPU_CASES = [
+    (fmt, M, K, N, 128, jnp.bfloat16, MatmulConfig())
+    for fmt in ("dense", "int8", "int4")
+    for M, K, N in ((1, 4096, 6144), (16, 14336, 4096), (64, 4096, 1024))
+] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,M,K,N,group,dtype,config", GPU_CASES)
+def test_kernel_matches_reference_on_gpu(fmt, M, K, N, group, dtype, config):
+    run_case(fmt, M, K, N, group, dtype, config, interpret=False)
