@@ -199,14 +199,22 @@ def field_shardings(w, sharding):
     lead_ndim = (w.packed if isinstance(w, Int4Weight) else w.q).ndim - 2  # the [K, N]-like field
     spec = tuple(sharding.spec) + (None,) * (lead_ndim + 2 - len(sharding.spec))
     lead, k_axis, n_axis = spec[:-2], spec[-2], spec[-1]
+    if k_axis is not None and getattr(w, "perm", None) is not None:
+        raise QuantizationError("act-order GPTQ weights (desc_act=True) cannot be split over their input "
+                                "dimension (row-parallel layers under tensor parallelism); use tensor_parallel_size=1")
     changes = {}
     for name, a in fields.items():
         parts = [None] * (a.ndim - len(lead))
         for axis, mesh_axis in ((w.in_axes[name], k_axis), (w.out_axes[name], n_axis)):
-            if axis is not None:
-                parts[axis] = mesh_axis
+            if axis is not None and a.shape[axis] % _mesh_size(sharding.mesh, mesh_axis) == 0:
+                parts[axis] = mesh_axis  # else replicated: e.g. fewer groups of K than devices
         changes[name] = NamedSharding(sharding.mesh, PartitionSpec(*lead, *parts), memory_kind=sharding.memory_kind)
     return w.replace(**changes)
+
+
+def _mesh_size(mesh, axis) -> int:
+    names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    return int(np.prod([mesh.shape[n] for n in names], dtype=np.int64))
 
 
 def quantize_params(params: dict, method: str, shardings: Optional[dict] = None) -> dict:

@@ -58,7 +58,7 @@ def _layout(runner) -> dict:
     out = {}
     leaves = jax.tree_util.tree_flatten_with_path(runner.params)[0]
     for path, a in leaves + [(("kv_cache",), runner.kv_cache.k)]:
-        key = "/".join(getattr(p, "key", str(p)) for p in path)
+        key = "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)  # dict keys, dataclass fields
         out[key] = dict(shape=list(a.shape), spec=_spec(a.sharding, a.ndim), devices=len(a.sharding.device_set),
                         shard_shapes=sorted({tuple(s.data.shape) for s in a.addressable_shards}))
     return out
@@ -113,17 +113,17 @@ def _single_host(args: dict) -> dict:
     from engine import LLM
 
     results: dict = {"num_devices": len(jax.devices())}
-    for name, source, load_format, sizes in args["runs"]:
+    for name, source, load_format, sizes, *options in args["runs"]:
         reference = None
         for tp in sizes:
-            llm = LLM(source, tensor_parallel_size=tp, load_format=load_format, **ENGINE_KWARGS)
+            llm = LLM(source, tensor_parallel_size=tp, load_format=load_format, **ENGINE_KWARGS, **(options or [{}])[0])
             runner = llm.llm_engine.runner
             entry = {"outputs": _generate(llm, args["prompts"]), "layout": _layout(runner)}
             if name == "llama" and tp > 1:
                 entry["collectives"] = _collectives(runner)
             if tp == 1:
                 reference = runner
-            elif reference is not None and tp > runner.config.num_kv_heads:
+            elif reference is not None and tp > runner.config.num_kv_heads and not options:  # dense weights
                 entry["kv_copies_match"] = _kv_copies_match(runner, reference, tp)
             results[f"{name}/tp{tp}"] = entry
             llm.shutdown()
@@ -217,6 +217,10 @@ def workers(checkpoints, prompts) -> dict:
         ("llama", checkpoints["llama"], "auto", [1, 2, 4]),
         ("qwen2", checkpoints["qwen2"], "dummy", [1, 4]),
         ("gguf", checkpoints["gguf"], "auto", [1, 4]),
+        # Quantized weights: their fields (scales too) are split with the matrix they belong to.
+        ("int8", checkpoints["llama"], "auto", [1, 4], {"quantization": "int8"}),
+        ("int4", checkpoints["llama"], "auto", [1, 2], {"quantization": "int4"}),
+        ("fp8", checkpoints["qwen2"], "dummy", [1, 4], {"quantization": "fp8"}),
     ]
     cluster = {"checkpoint": checkpoints["llama"], "prompts": prompts, "port": _free_port()}
     procs = [_run_worker("single", {"runs": runs, "prompts": prompts}, NUM_DEVICES)]
@@ -236,7 +240,8 @@ def single_host(workers) -> dict:
     return workers["single"]
 
 
-@pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4"])
+@pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int4/tp2",
+                                 "fp8/tp4"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
     name = run.split("/")[0]
@@ -267,6 +272,28 @@ def test_params_and_kv_cache_sharded_as_specified(single_host, run):
     assert layout["layers/wk"]["shape"][-1] == heads * single["layers/wk"]["shape"][-1] // 2
     if tp > 2:
         assert single_host[run]["kv_copies_match"] is True
+
+
+# Which axis of the dense [L, K, N] matrix each field of a quantized weight runs over.
+QUANTIZED_FIELD_AXES = {"int8": {"q": "kn", "scale": "n"}, "fp8": {"q": "nk", "scale": "n"},
+                        "int4": {"packed": "kn", "scales": "kn", "zeros": "kn"}}
+
+
+@pytest.mark.parametrize("run", ["int8/tp4", "int4/tp2", "fp8/tp4"])
+def test_quantized_fields_split_with_their_matrix(single_host, run):
+    """A column-parallel matrix's scales are split over N, a row-parallel one's over K (its
+    groups, where there are at least as many groups as devices; else they are replicated)."""
+    method, tp = run.split("/")[0], int(run.split("tp")[1])
+    layout = single_host[run]["layout"]
+    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+        _, k_axis, n_axis = EXPECTED_SPECS[f"layers/{name}"]
+        for field, axes in QUANTIZED_FIELD_AXES[method].items():
+            entry = layout[f"layers/{name}/{field}"]
+            want = [None] + [k_axis if a == "k" else n_axis for a in axes]
+            want = [ax if ax is None or n % tp == 0 else None for ax, n in zip(want, entry["shape"])]
+            assert entry["spec"] == want, (name, field)
+            assert entry["devices"] == tp
+    assert layout["kv_cache"]["spec"] == KV_CACHE_SPEC
 
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4"])
