@@ -67,6 +67,11 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--quantization", default=None, help="int8, int4, awq, gptq, fp8 (dummy weights: random "
+                        "weights of that method's layout)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
+    parser.add_argument("--linear-backend", default="auto", choices=("auto", "pallas", "xla"),
+                        help="matmuls: auto = Pallas kernel for quantized weights at small batch on GPU")
     parser.add_argument("--seed", type=int, default=PROMPT_SEED, help="seed of the random prompts and weights")
     parser.add_argument("--output-json", default=None,
                         help="result file (default <results-dir>/<workload>-<device>-<date>.json)")
@@ -83,6 +88,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         max_num_seqs=max_num_seqs if max_num_seqs is not None else args.max_num_seqs,
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len or max_model_len,
         num_gpu_blocks_override=args.num_gpu_blocks_override, seed=args.seed, skip_tokenizer_init=True,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend,
     )
     options.update(overrides)
     return LLM(args.model, **options)
@@ -145,7 +151,8 @@ def device_name() -> str:
 
 
 def result_header(workload: str, model: Optional[str], dtype: str, *, tensor_parallel_size: int = 1,
-                  quantization: Optional[str] = None) -> dict:
+                  quantization: Optional[str] = None, kv_cache_dtype: str = "auto",
+                  linear_backend: str = "auto") -> dict:
     """The fields every result carries (PROTOCOL.md, "JSON fields")."""
     import jax
     import numpy as np
@@ -155,19 +162,36 @@ def result_header(workload: str, model: Optional[str], dtype: str, *, tensor_par
     return dict(
         workload=workload, model=model_name(model), device=device_name(), jax_version=jax.__version__,
         commit=git_commit(), command=" ".join(["python"] + sys.argv), dtype=np.dtype(resolve_dtype(dtype)).name,
-        quantization=quantization, tensor_parallel_size=tensor_parallel_size,
-        date=datetime.date.today().isoformat(), backend=jax.default_backend(),
+        quantization=quantization, kv_cache_dtype=kv_cache_dtype, linear_backend=linear_backend,
+        tensor_parallel_size=tensor_parallel_size, date=datetime.date.today().isoformat(),
+        backend=jax.default_backend(),
     )
 
 
-def result_path(workload: str, device: str, date: str, out_dir: str = RESULTS_DIR) -> str:
-    return os.path.join(out_dir, f"{workload}-{device.replace(' ', '-')}-{date}.json")
+def engine_result_header(workload: str, args) -> dict:
+    """``result_header`` from the engine flags of ``add_engine_flags``."""
+    return result_header(workload, args.model, args.dtype, quantization=args.quantization,
+                         kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend)
+
+
+def variant_tag(result: dict) -> str:
+    """File-name tag of a non-default engine variant (``-int8``, ``-kvfp8``), so variants keep their files."""
+    tag = f"-{result['quantization']}" if result.get("quantization") else ""
+    if result.get("kv_cache_dtype", "auto") != "auto":
+        tag += f"-kv{result['kv_cache_dtype']}"
+    if result.get("linear_backend", "auto") != "auto":
+        tag += f"-{result['linear_backend']}"
+    return tag
+
+
+def result_path(workload: str, device: str, date: str, out_dir: str = RESULTS_DIR, tag: str = "") -> str:
+    return os.path.join(out_dir, f"{workload}{tag}-{device.replace(' ', '-')}-{date}.json")
 
 
 def write_results(results: dict | list[dict], path: Optional[str] = None, results_dir: str = RESULTS_DIR) -> str:
     """Write one result (or a list) as JSON; the default path comes from the (first) result."""
     first = results[0] if isinstance(results, list) else results
-    path = path or result_path(first["workload"], first["device"], first["date"], results_dir)
+    path = path or result_path(first["workload"], first["device"], first["date"], results_dir, variant_tag(first))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=1, default=float)
@@ -349,12 +373,15 @@ def weight_bytes(params, config) -> tuple[int, int]:
     return int(total), int(read)
 
 
-def step_flops(config, params, scheduled) -> int:
+def step_flops(config, scheduled) -> int:
     """Useful FLOPs of a step's chunks (``engine.trace.ScheduledTokens``): 2 per layer weight per
     token, the LM head on the sequences that sample, and causal attention (QK^T and PV)."""
-    import jax
+    import numpy as np
 
-    layer_params = sum(x.size for x in jax.tree.leaves(params["layers"]))
+    from models.llama import param_shapes
+
+    # From the config's shapes, not the arrays: a quantized weight's arrays hold packed values and scales.
+    layer_params = sum(int(np.prod(shape)) for shape in param_shapes(config)["layers"].values())
     head_params = config.hidden_size * config.vocab_size
     tokens = sum(s.num_tokens for s in scheduled)
     sampled = sum(1 for s in scheduled if s.samples)

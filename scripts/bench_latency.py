@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     if args.peer == "hf":  # before JAX takes the device's memory
         sizes = {WORKLOAD: (1, args.input_len, args.output_len, 1)}
         peer = bench_common.run_hf_peer(args.model, [WORKLOAD], dtype=args.dtype, seed=args.seed, sizes=sizes)[WORKLOAD]
-    result = bench_common.result_header(WORKLOAD, args.model, args.dtype)
+    result = bench_common.engine_result_header(WORKLOAD, args)
     on_cpu = result["backend"] == "cpu"
     bandwidth = bench_common.measure_copy_bandwidth((args.bandwidth_mib or (64 if on_cpu else 2048)) << 20)
     llm = bench_common.make_llm(args, max_model_len=args.input_len + args.output_len,
@@ -76,7 +76,8 @@ def main(argv=None) -> dict:
         engine = llm.llm_engine
         total_bytes, read_bytes = bench_common.weight_bytes(engine.runner.params, engine.model_config)
         prompts = bench_common.random_prompts(args.num_requests + 1, args.input_len, vocab, args.seed)
-        time_one_request(llm, prompts[0], args.output_len)  # warm-up: compiles every step shape
+        warmup = time_one_request(llm, prompts[0], args.output_len)  # warm-up: compiles every step shape
+        max_concurrent_tokens = engine.max_concurrent_tokens
         runs = [time_one_request(llm, p, args.output_len) for p in prompts[1:]]
     finally:
         llm.shutdown()
@@ -92,6 +93,7 @@ def main(argv=None) -> dict:
         input_len=args.input_len, output_len=args.output_len, num_requests=args.num_requests,
         tpot_over_roofline=ours["tpot_ms"] / roofline_ms, decode_tok_s=1e3 / ours["tpot_ms"],
         weight_bytes=total_bytes, weight_bytes_read_per_step=read_bytes, copy_bandwidth_tb_s=bandwidth / 1e12,
+        max_concurrent_tokens=max_concurrent_tokens, warmup_compile_s=warmup["compile_s"],
         itl_p90_ms=statistics.quantiles(itl, n=10)[-1] if len(itl) > 1 else itl[0],
         compile_s_in_timed=sum(r["compile_s"] for r in runs),
         itl_ms_samples=[round(x, 4) for x in runs[-1]["itl_ms"]],

@@ -67,7 +67,7 @@ def workload_sizes(args, workload: str) -> tuple[int, int, int]:
 
 def prefill_figures(run: bench_common.OfflineRun, engine, peak_flops: float) -> dict:
     steps = [r for r in run.trace.records if r.has_prefill]
-    flops = sum(bench_common.step_flops(engine.model_config, engine.runner.params, r.scheduled) for r in steps)
+    flops = sum(bench_common.step_flops(engine.model_config, r.scheduled) for r in steps)
     seconds = sum(run.step_seconds(r) for r in steps)
     return dict(prefill_mfu=flops / seconds / peak_flops, prefill_tflop_s=flops / seconds / 1e12,
                 prefill_steps=len(steps), prefill_seconds=seconds, peak_tflop_s=peak_flops / 1e12)
@@ -108,12 +108,13 @@ def main(argv=None) -> list[dict]:
             print(f"{workload}: warm-up of {warmup} requests took {time.perf_counter() - started:.1f} s", flush=True)
             run = bench_common.run_offline(llm, prompts, SamplingParams(temperature=0.0, max_tokens=output_len,
                                                                         ignore_eos=True))
-            result = bench_common.result_header(workload, args.model, args.dtype)
+            result = bench_common.engine_result_header(workload, args)
             ours = dict(output_tok_s=n * output_len / run.seconds,
                         total_tok_s=n * (input_len + output_len) / run.seconds, req_s=n / run.seconds)
             result.update(ours, num_requests=n, input_len=input_len, output_len=output_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
-                          num_kv_blocks=engine.block_manager.num_usable_blocks, seconds=run.seconds,
+                          num_kv_blocks=engine.block_manager.num_usable_blocks,
+                          max_concurrent_tokens=engine.max_concurrent_tokens, seconds=run.seconds,
                           wall_s=run.wall_s, compile_s_excluded=run.compile_s, traced=run.trace is not None)
             if run.trace is not None and run.trace.records:
                 records = run.trace.records

@@ -55,3 +55,26 @@ def test_prefill_smoke_writes_record(tmp_path):
         assert math.isclose(r["ratio"], r["peer"]["us"] / r["us"])
 
     assert "kernel-prefill" in proc.stdout.split("workload        case")[-1]  # a row in the summary table
+
+
+def test_matmul_bench_smoke_times_every_variant_and_estimates_a_step(tmp_path):
+    """``scripts/bench_matmul.py --smoke``: every variant timed (no error rows), and the decode-step
+    estimate sums the layer matrices with the bf16 LM head."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", BENCH_COMMIT="test")
+    variants = "xla-bf16,pallas-int8,pallas-int4,xla-fp8"
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "bench_matmul.py"), "--smoke",
+                           "--rows", "1", "--variants", variants, "--output-json", str(tmp_path / "m.json")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "m.json") as f:
+        r = json.load(f)
+    assert r["workload"] == "kernel-matmul" and r["commit"] == "test"
+    assert all("error" not in row and row["us"] > 0 for row in r["rows"]), r["rows"]
+    assert {row["variant"] for row in r["rows"]} == set(variants.split(","))
+    estimates = {e["variant"]: e for e in r["decode_step_estimates"]}
+    assert set(estimates) == set(variants.split(","))
+    by = {(row["variant"], row["name"]): row for row in r["rows"]}
+    int8 = sum(by[("pallas-int8", n)]["us"] * c for n, c in (("wq", 2), ("w_gate_w_up", 4), ("w_down", 2)))
+    assert math.isclose(estimates["pallas-int8"]["step_us"], int8 + by[("xla-bf16", "lm_head")]["us"])
+    # int8 weights are about half the bytes of bf16 ones (scales add a little).
+    assert 0.45 < estimates["pallas-int8"]["weight_bytes"] / estimates["xla-bf16"]["weight_bytes"] < 0.6

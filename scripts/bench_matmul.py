@@ -1,0 +1,171 @@
+"""Weight-streaming matmuls at decode batch sizes: XLA against the Pallas kernel, per weight format.
+
+For each matrix shape of Llama-3.1-8B (``wq``, ``wk``/``wv``, ``wo``, ``w_gate``/``w_up``,
+``w_down``, ``lm_head``) and rows M (tokens in the step), times ``x[M, K] @ W`` with W in
+bf16 (XLA's dot, the Pallas kernel), int8 and int4 (XLA's dequantize-then-dot, the
+Pallas kernel) and fp8 (XLA's fp8 dot with per-token activation scales). Reports µs,
+weight bytes read per second, and a decode-step estimate: the layer matrices times
+their count in the model plus the bf16 LM head, against the step's weight bytes over
+the measured read rate.
+
+Timing: one jitted function runs the matmul over enough distinct copies of the weight
+that they outgrow the L2 cache, so the figure is a stream from device memory, and
+launch overhead is what the engine sees inside its own compiled step. Medians of
+``--repeats``; compilation excluded.
+
+    python scripts/bench_matmul.py                       # GPU, writes benchmarks/results/kernel-matmul-*.json
+    python scripts/bench_matmul.py --smoke               # CPU: tiny shapes, interpret mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common  # noqa: E402
+
+# name -> (K, N, matrices of this shape per decode step of Llama-3.1-8B)
+SHAPES_8B = {"wq": (4096, 4096, 32), "wk_wv": (4096, 1024, 64), "wo": (4096, 4096, 32),
+             "w_gate_w_up": (4096, 14336, 64), "w_down": (14336, 4096, 32), "lm_head": (4096, 128256, 1)}
+SHAPES_SMOKE = {"wq": (256, 128, 2), "w_gate_w_up": (256, 384, 4), "w_down": (384, 256, 2), "lm_head": (128, 512, 1)}
+VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")
+STREAM_BYTES = 256 << 20  # copies of a weight per timed call: at least this many bytes (L2 is 50-60 MB)
+
+
+def make_variant(variant: str, K: int, N: int, key, interpret: bool, config=None):
+    """``(matmul(x, w), weight maker(key), bytes of one weight)`` for a variant."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.quantization import LinearBackend, linear, quantize_weight
+    from pallas_kernels.quantized_matmul import MatmulConfig, dense_matmul, int4_matmul, int8_matmul
+
+    backend, fmt = variant.split("-")
+    config = config or MatmulConfig()
+
+    def make(key):
+        w = (jax.random.normal(key, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        return w if fmt == "bf16" else quantize_weight(w, fmt)
+
+    if backend == "xla":
+        fn = functools.partial(linear, backend=LinearBackend(kernel="xla"))
+    elif fmt == "bf16":
+        fn = lambda x, w: dense_matmul(x, w, config=config, interpret=interpret)  # noqa: E731
+    elif fmt == "int8":
+        fn = lambda x, w: int8_matmul(x, w.q, w.scale, config=config, interpret=interpret)  # noqa: E731
+    else:
+        fn = lambda x, w: int4_matmul(x, w.packed, w.scales, w.zeros, group_size=w.group_size,  # noqa: E731
+                                      pack=w.pack, config=config, interpret=interpret)
+    sample = jax.eval_shape(make, key)
+    nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(sample))
+    return fn, make, nbytes
+
+
+def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_bytes=STREAM_BYTES):
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.key(K * 7 + N)
+    fn, make, nbytes = make_variant(variant, K, N, key, interpret, config)
+    copies = max(2, -(-stream_bytes // nbytes))
+    weights = [jax.jit(make)(jax.random.fold_in(key, i)) for i in range(copies)]
+    x = jax.random.normal(jax.random.fold_in(key, 1 << 20), (M, K), jnp.float32).astype(jnp.bfloat16)
+    run = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
+    jax.block_until_ready(run(x, weights))  # compile, warm up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(x, weights))
+        samples.append((time.perf_counter() - start) / copies)
+    seconds = statistics.median(samples)
+    return dict(variant=variant, K=K, N=N, M=M, us=seconds * 1e6, weight_bytes=nbytes,
+                weight_tb_s=nbytes / seconds / 1e12, copies=copies)
+
+
+def step_estimates(rows: list[dict], shapes: dict, read_tb_s: float) -> list[dict]:
+    """Per (variant, M): layer matrices x their count + the bf16 LM head (XLA), against bytes / read rate."""
+    by = {(r["variant"], r["M"], r["name"]): r for r in rows if "us" in r}
+    out = []
+    for variant in VARIANTS:
+        for M in sorted({r["M"] for r in rows}):
+            parts = [(by.get((variant, M, name)), count) for name, (_, _, count) in shapes.items() if name != "lm_head"]
+            head = by.get(("xla-bf16", M, "lm_head"))
+            if head is None or any(p is None for p, _ in parts):
+                continue
+            us = sum(p["us"] * c for p, c in parts) + head["us"]
+            nbytes = sum(p["weight_bytes"] * c for p, c in parts) + head["weight_bytes"]
+            out.append(dict(variant=variant, M=M, step_us=us, weight_bytes=nbytes,
+                            floor_us=nbytes / (read_tb_s * 1e12) * 1e6))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1,16,64", help="comma-separated M values")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's tiles on w_gate_w_up at M=1")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    parser.add_argument("--output-json", default=None)
+    parser.add_argument("--results-dir", default=bench_common.RESULTS_DIR)
+    args = parser.parse_args(argv)
+    import jax
+
+    from pallas_kernels.quantized_matmul import MatmulConfig
+
+    interpret = jax.default_backend() != "gpu"
+    shapes = SHAPES_SMOKE if args.smoke else SHAPES_8B
+    stream = (1 << 20) if args.smoke else STREAM_BYTES
+    repeats = 2 if args.smoke else args.repeats
+    result = bench_common.result_header("kernel-matmul", None if args.smoke else bench_common.DEFAULT_MODEL,
+                                        "bfloat16")
+    read_tb_s = bench_common.measure_copy_bandwidth((64 if args.smoke else 2048) << 20) / 1e12
+    rows = []
+    for M in [int(m) for m in args.rows.split(",")]:
+        for name, (K, N, _) in shapes.items():
+            variants = ["xla-bf16"] if name == "lm_head" else args.variants.split(",")
+            for variant in variants:
+                try:
+                    row = time_variant(variant, K, N, M, interpret=interpret, repeats=repeats, stream_bytes=stream)
+                except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
+                    traceback.print_exc()
+                    row = dict(variant=variant, K=K, N=N, M=M, error=f"{type(e).__name__}: {e}"[:500])
+                rows.append(dict(name=name, **row))
+                print(f"M={M:3d} {name:12s} {variant:12s} " + (f"{row['us']:9.1f} us {row['weight_tb_s']:6.2f} TB/s"
+                                                               if "us" in row else row["error"][:120]), flush=True)
+    sweep = []
+    if args.sweep:
+        K, N, _ = shapes["w_gate_w_up"]
+        for variant in ("pallas-bf16", "pallas-int8", "pallas-int4"):
+            for block_n in (32, 64, 128):
+                for stages in (3, 5):
+                    config = MatmulConfig(block_n=block_n, num_stages=stages)
+                    try:
+                        row = time_variant(variant, K, N, 1, interpret=interpret, repeats=repeats, config=config,
+                                           stream_bytes=stream)
+                        sweep.append(dict(config=vars(config), **row))
+                        print(f"sweep {variant} block_n={block_n} stages={stages}: {row['us']:.1f} us "
+                              f"{row['weight_tb_s']:.2f} TB/s", flush=True)
+                    except Exception as e:  # noqa: BLE001
+                        sweep.append(dict(config=vars(config), variant=variant, error=f"{type(e).__name__}: {e}"[:300]))
+    estimates = step_estimates(rows, shapes, read_tb_s)
+    result.update(read_tb_s=read_tb_s, rows=rows, sweep=sweep, decode_step_estimates=estimates,
+                  notes="read_tb_s: elementwise x*2 over 2 GiB, read + write counted; floor_us: the step's "
+                        "weight bytes over it. step_us: layer matrices x count + bf16 lm_head (XLA).")
+    path = bench_common.write_results(result, args.output_json, args.results_dir)
+    bench_common.print_table(estimates, ["variant", "M", "step_us", "floor_us", "weight_bytes"],
+                             title=f"decode-step matmuls of llama-3.1-8b on {result['device']} "
+                                   f"(read rate {read_tb_s:.2f} TB/s)")
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""One lease of a GPU machine: the GPU tests and the benchmarks, in priority order, inside a deadline.
+
+The device tool gives a few minutes per session, so this runs everything one call can
+fit: each step is a subprocess with its own timeout, a step starts only if the deadline
+leaves it room, and after every step the logs and result JSONs are packed into
+``<out>/bundle.tar.gz`` (the machine returns a handful of files; a killed run still
+returns what finished). ``<out>/summary.txt`` has one line per step and the tail of
+each log.
+
+    python scripts/run_gpu_suite.py --out "$OUT" --deadline-s 560 --commit <sha>
+    python scripts/run_gpu_suite.py --out /tmp/x --steps latency-bf16 --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+PY = sys.executable
+MODEL = "benchmarks/models/llama-3.1-8b"
+
+
+def steps(results: str) -> list[tuple[str, list[str], int]]:
+    """(name, argv, timeout seconds), most important first."""
+    bench = lambda script, *a: [PY, f"scripts/{script}", "--results-dir", results, *a]  # noqa: E731
+    latency = lambda q, *a: bench("bench_latency.py", "--num-requests", "2", *(["--quantization", q] if q else []),  # noqa: E731
+                                   *a)
+    tput = lambda w, *a: bench("bench_throughput.py", "--workload", w, *a)  # noqa: E731
+    return [
+        ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_quantized_matmul.py",
+                       "tests/test_ragged_paged_attention.py"], 100),
+        ("kv-capacity", bench("bench_kv_capacity.py"), 45),
+        ("matmul", bench("bench_matmul.py", "--rows", "1,16", "--sweep", "--repeats", "5"), 100),
+        ("latency-bf16", latency(None), 80),
+        ("latency-int8", latency("int8"), 70),
+        ("latency-awq", latency("awq"), 70),
+        ("tput-short-bf16", tput("tput-short"), 120),
+        ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 110),
+        ("latency-fp8", latency("fp8"), 70),
+        ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
+        ("latency-bf16-pallas", latency(None, "--linear-backend", "pallas"), 70),
+        ("latency-hf-peer", latency(None, "--peer", "hf", "--output-json", f"{results}/latency-hf-peer.json"), 90),
+        ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_engine_gpu.py"], 90),
+        ("tput-short-bf16-kvfp8", tput("tput-short", "--kv-cache-dtype", "fp8"), 110),
+    ]
+
+
+def bundle(out: str) -> None:
+    with tarfile.open(os.path.join(out, "bundle.tar.gz.tmp"), "w:gz") as tar:
+        for folder in ("results", "logs"):
+            if os.path.isdir(os.path.join(out, folder)):
+                tar.add(os.path.join(out, folder), arcname=folder)
+    os.replace(os.path.join(out, "bundle.tar.gz.tmp"), os.path.join(out, "bundle.tar.gz"))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--deadline-s", type=float, default=560)
+    parser.add_argument("--commit", default=None, help="recorded in every result (the device copy has no .git)")
+    parser.add_argument("--steps", default=None, help="comma-separated subset, in this order")
+    parser.add_argument("--min-start-s", type=float, default=25, help="do not start a step with less time left")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    results, logs = os.path.join(args.out, "results"), os.path.join(args.out, "logs")
+    os.makedirs(results, exist_ok=True)
+    os.makedirs(logs, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.getcwd()}
+    if args.commit:
+        env["BENCH_COMMIT"] = args.commit
+    chosen = steps(results)
+    if args.steps:
+        wanted = args.steps.split(",")
+        chosen = [s for s in chosen if s[0] in wanted]
+    summary = open(os.path.join(args.out, "summary.txt"), "a")
+    for name, argv_, timeout in chosen:
+        left = args.deadline_s - (time.monotonic() - start)
+        if left < args.min_start_s:
+            summary.write(f"{name}: skipped ({left:.0f} s left)\n")
+            continue
+        if args.dry_run:
+            print(name, " ".join(argv_))
+            continue
+        limit = min(timeout, left - 5)
+        began = time.monotonic()
+        with open(os.path.join(logs, f"{name}.log"), "w") as log:
+            try:
+                rc = subprocess.run(argv_, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=limit).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        took = time.monotonic() - began
+        with open(os.path.join(logs, f"{name}.log")) as log:
+            tail = log.read()[-1500:]
+        summary.write(f"== {name}: rc={rc} in {took:.0f} s (limit {limit:.0f} s)\n{tail}\n")
+        summary.flush()
+        print(f"{name}: rc={rc} in {took:.0f} s", flush=True)
+        bundle(args.out)
+    summary.close()
+    bundle(args.out)
+
+
+if __name__ == "__main__":
+    main()
