@@ -136,20 +136,23 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         attention_fn, write_kv_fn = get_attention_fns(attention_backend)
         step_config, kv_sharding, self._input_sharding = config, None, None
-        step_placement, copy_placement = {}, {}  # jit's out_shardings, only when sharded
         if mesh is not None:
             plan = TensorParallelPlan(config, mesh)
             params, step_config = plan.shard_params(params), plan.config
             kv_sharding = plan.kv_cache_sharding()
             attention_fn, write_kv_fn = shard_attention_fns(attention_fn, write_kv_fn, mesh)
             self._input_sharding = replicated(mesh)
-            kv_placement = KVCache(k=kv_sharding, v=kv_sharding)
-            step_placement = {"out_shardings": (self._input_sharding, kv_placement)}
-            copy_placement = {"out_shardings": kv_placement}
         if unroll_layers is None:  # see EngineArgs.unroll_layers
             unroll_layers = jax.default_backend() == "gpu"
         self.params = unstack_layers(params) if unroll_layers else params
-        self.kv_cache = make_kv_cache(step_config, num_blocks, block_size, kv_dtype, sharding=kv_sharding)
+        # Unrolled layers get one KV buffer per layer (models.batch.KVCache says why).
+        self.kv_cache = make_kv_cache(step_config, num_blocks, block_size, kv_dtype, sharding=kv_sharding,
+                                      per_layer=unroll_layers)
+        step_placement, copy_placement = {}, {}  # jit's out_shardings, only when sharded
+        if mesh is not None:
+            kv_placement = jax.tree.map(lambda a: a.sharding, self.kv_cache)
+            step_placement = {"out_shardings": (self._input_sharding, kv_placement)}
+            copy_placement = {"out_shardings": kv_placement}
         linear = LinearBackend(kernel="xla" if mesh is not None else linear_backend)
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
                                           write_kv_fn=write_kv_fn, linear_backend=linear)
@@ -219,5 +222,10 @@ class ModelRunner:
 
 
 def _copy_blocks(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
-    return KVCache(k=kv_cache.k.at[:, :, dst].set(kv_cache.k[:, :, src]),
-                   v=kv_cache.v.at[:, :, dst].set(kv_cache.v[:, :, src]))
+    """Pages ``src`` -> ``dst`` in every array of the cache (the page axis is third from the end)."""
+
+    def copy(pages: jax.Array) -> jax.Array:
+        index = (slice(None),) * (pages.ndim - 3)
+        return pages.at[index + (dst,)].set(pages[index + (src,)])
+
+    return jax.tree.map(copy, kv_cache)

@@ -163,14 +163,23 @@ def forward(
         x = x + mm(jax.nn.silu(mm(h, w["w_gate"])) * mm(h, w["w_up"]), w["w_down"])
         return (x, k_cache, v_cache), None
 
-    carry = (x, kv_cache.k, kv_cache.v)
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
+        k_cache, v_cache = kv_cache.k, kv_cache.v
+        new_k, new_v = [], []
         for i, w in enumerate(params["layers"]):
-            carry, _ = layer_step(carry, (jnp.int32(i), w))
+            if kv_cache.per_layer:  # layer i's own pages, as a one-layer 5-D cache
+                (x, k, v), _ = layer_step((x, k_cache[i][None], v_cache[i][None]), (jnp.int32(0), w))
+                new_k.append(k[0])
+                new_v.append(v[0])
+            else:
+                (x, k_cache, v_cache), _ = layer_step((x, k_cache, v_cache), (jnp.int32(i), w))
+        if kv_cache.per_layer:
+            k_cache, v_cache = tuple(new_k), tuple(new_v)
     else:
+        if kv_cache.per_layer:
+            raise ValueError("a per-layer KV cache needs per-layer (unstacked) weights; see unstack_layers")
         layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"])
-        carry, _ = jax.lax.scan(layer_step, carry, layers)
-    x, k_cache, v_cache = carry
+        (x, k_cache, v_cache), _ = jax.lax.scan(layer_step, (x, kv_cache.k, kv_cache.v), layers)
     x = rms_norm(x[batch.logits_indices], params["final_norm"], eps)
     lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)

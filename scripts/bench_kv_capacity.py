@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
         engine = llm.llm_engine
         rows.append(dict(kv_cache_dtype=kv_dtype, num_kv_blocks=engine.block_manager.num_usable_blocks,
                          max_concurrent_tokens=engine.max_concurrent_tokens,
-                         page_dtype=str(engine.runner.kv_cache.k.dtype)))
+                         page_dtype=str(engine.runner.kv_cache.dtype)))
         llm.shutdown()
         del llm, engine
         gc.collect()  # the next engine sizes its pool from the memory this one held

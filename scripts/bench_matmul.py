@@ -8,10 +8,12 @@ weight bytes read per second, and a decode-step estimate: the layer matrices tim
 their count in the model plus the bf16 LM head, against the step's weight bytes over
 the measured read rate.
 
-Timing: one jitted function runs the matmul over enough distinct copies of the weight
-that they outgrow the L2 cache, so the figure is a stream from device memory, and
-launch overhead is what the engine sees inside its own compiled step. Medians of
-``--repeats``; compilation excluded.
+Timing: one jitted function runs at least ``MIN_CALLS`` matmuls, each on its own
+activations, cycling over enough distinct copies of the weight that they outgrow the
+L2 cache: the figure is a stream from device memory, the host's dispatch of the one
+call is spread over many matmuls (a first version timed only a few per call and
+measured mostly dispatch: benchmarks/NOTES.md), and launch overhead is what the engine
+sees inside its own compiled step. Medians of ``--repeats``; compilation excluded.
 
     python scripts/bench_matmul.py                       # GPU, writes benchmarks/results/kernel-matmul-*.json
     python scripts/bench_matmul.py --smoke               # CPU: tiny shapes, interpret mode
@@ -36,7 +38,8 @@ SHAPES_8B = {"wq": (4096, 4096, 32), "wk_wv": (4096, 1024, 64), "wo": (4096, 409
              "w_gate_w_up": (4096, 14336, 64), "w_down": (14336, 4096, 32), "lm_head": (4096, 128256, 1)}
 SHAPES_SMOKE = {"wq": (256, 128, 2), "w_gate_w_up": (256, 384, 4), "w_down": (384, 256, 2), "lm_head": (128, 512, 1)}
 VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")
-STREAM_BYTES = 256 << 20  # copies of a weight per timed call: at least this many bytes (L2 is 50-60 MB)
+STREAM_BYTES = 128 << 20  # distinct copies of a weight: at least this many bytes (L2 is 50-60 MB)
+MIN_CALLS = 64  # matmuls per timed call
 
 
 def make_variant(variant: str, K: int, N: int, key, interpret: bool, config=None):
@@ -68,25 +71,27 @@ def make_variant(variant: str, K: int, N: int, key, interpret: bool, config=None
     return fn, make, nbytes
 
 
-def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_bytes=STREAM_BYTES):
+def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_bytes=STREAM_BYTES,
+                 min_calls=MIN_CALLS):
     import jax
     import jax.numpy as jnp
 
     key = jax.random.key(K * 7 + N)
     fn, make, nbytes = make_variant(variant, K, N, key, interpret, config)
     copies = max(2, -(-stream_bytes // nbytes))
+    calls = max(min_calls, copies)
     weights = [jax.jit(make)(jax.random.fold_in(key, i)) for i in range(copies)]
-    x = jax.random.normal(jax.random.fold_in(key, 1 << 20), (M, K), jnp.float32).astype(jnp.bfloat16)
-    run = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
-    jax.block_until_ready(run(x, weights))  # compile, warm up
+    xs = jax.random.normal(jax.random.fold_in(key, 1 << 20), (calls, M, K), jnp.float32).astype(jnp.bfloat16)
+    run = jax.jit(lambda xs, ws: [fn(xs[i], ws[i % copies]) for i in range(calls)])
+    jax.block_until_ready(run(xs, weights))  # compile, warm up
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(run(x, weights))
-        samples.append((time.perf_counter() - start) / copies)
+        jax.block_until_ready(run(xs, weights))
+        samples.append((time.perf_counter() - start) / calls)
     seconds = statistics.median(samples)
     return dict(variant=variant, K=K, N=N, M=M, us=seconds * 1e6, weight_bytes=nbytes,
-                weight_tb_s=nbytes / seconds / 1e12, copies=copies)
+                weight_tb_s=nbytes / seconds / 1e12, copies=copies, calls=calls)
 
 
 def step_estimates(rows: list[dict], shapes: dict, read_tb_s: float) -> list[dict]:
@@ -122,7 +127,7 @@ def main(argv=None):
 
     interpret = jax.default_backend() != "gpu"
     shapes = SHAPES_SMOKE if args.smoke else SHAPES_8B
-    stream = (1 << 20) if args.smoke else STREAM_BYTES
+    stream, calls = ((1 << 20), 2) if args.smoke else (STREAM_BYTES, MIN_CALLS)
     repeats = 2 if args.smoke else args.repeats
     result = bench_common.result_header("kernel-matmul", None if args.smoke else bench_common.DEFAULT_MODEL,
                                         "bfloat16")
@@ -133,7 +138,8 @@ def main(argv=None):
             variants = ["xla-bf16"] if name == "lm_head" else args.variants.split(",")
             for variant in variants:
                 try:
-                    row = time_variant(variant, K, N, M, interpret=interpret, repeats=repeats, stream_bytes=stream)
+                    row = time_variant(variant, K, N, M, interpret=interpret, repeats=repeats, stream_bytes=stream,
+                                       min_calls=calls)
                 except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
                     traceback.print_exc()
                     row = dict(variant=variant, K=K, N=N, M=M, error=f"{type(e).__name__}: {e}"[:500])
@@ -149,7 +155,7 @@ def main(argv=None):
                     config = MatmulConfig(block_n=block_n, num_stages=stages)
                     try:
                         row = time_variant(variant, K, N, 1, interpret=interpret, repeats=repeats, config=config,
-                                           stream_bytes=stream)
+                                           stream_bytes=stream, min_calls=calls)
                         sweep.append(dict(config=vars(config), **row))
                         print(f"sweep {variant} block_n={block_n} stages={stages}: {row['us']:.1f} us "
                               f"{row['weight_tb_s']:.2f} TB/s", flush=True)

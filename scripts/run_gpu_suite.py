@@ -30,22 +30,25 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
     latency = lambda q, *a: bench("bench_latency.py", "--num-requests", "2", *(["--quantization", q] if q else []),  # noqa: E731
                                    *a)
     tput = lambda w, *a: bench("bench_throughput.py", "--workload", w, *a)  # noqa: E731
+    # Order: the engine on GPU first (per-layer KV buffers, never run at full size yet), then the
+    # figures the open issues ask for; the kernel tests passed on an H200 at 8f617b9.
     return [
-        ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_quantized_matmul.py",
-                       "tests/test_ragged_paged_attention.py"], 100),
-        ("kv-capacity", bench("bench_kv_capacity.py"), 45),
-        ("matmul", bench("bench_matmul.py", "--rows", "1,16", "--sweep", "--repeats", "5"), 100),
+        ("kv-in-place", [PY, "scripts/check_kv_in_place.py", "--out", f"{results}/kv-in-place.json"], 90),
+        ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 90),
         ("latency-bf16", latency(None), 80),
         ("latency-int8", latency("int8"), 70),
         ("latency-awq", latency("awq"), 70),
-        ("tput-short-bf16", tput("tput-short"), 120),
-        ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 110),
         ("latency-fp8", latency("fp8"), 70),
-        ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
+        ("tput-short-bf16", tput("tput-short"), 150),
+        ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 130),
+        ("matmul", bench("bench_matmul.py", "--rows", "1,16", "--repeats", "5"), 120),
         ("latency-bf16-pallas", latency(None, "--linear-backend", "pallas"), 70),
         ("latency-hf-peer", latency(None, "--peer", "hf", "--output-json", f"{results}/latency-hf-peer.json"), 90),
-        ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_engine_gpu.py"], 90),
-        ("tput-short-bf16-kvfp8", tput("tput-short", "--kv-cache-dtype", "fp8"), 110),
+        ("tput-short-bf16-kvfp8", tput("tput-short", "--kv-cache-dtype", "fp8"), 130),
+        ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_quantized_matmul.py",
+                       "tests/test_ragged_paged_attention.py"], 100),
+        ("kv-capacity", bench("bench_kv_capacity.py"), 45),
+        ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
     ]
 
 

@@ -78,3 +78,21 @@ def test_matmul_bench_smoke_times_every_variant_and_estimates_a_step(tmp_path):
     assert math.isclose(estimates["pallas-int8"]["step_us"], int8 + by[("xla-bf16", "lm_head")]["us"])
     # int8 weights are about half the bytes of bf16 ones (scales add a little).
     assert 0.45 < estimates["pallas-int8"]["weight_bytes"] / estimates["xla-bf16"]["weight_bytes"] < 0.6
+
+
+def test_kv_cache_updated_in_place_in_every_layout(tmp_path):
+    """``scripts/check_kv_in_place.py`` on CPU: every layer-loop layout compiles to a step whose
+    temporaries are a small fraction of the cache, with no cache-shaped copy."""
+    config = dict(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "check_kv_in_place.py"), "--model",
+                           str(tmp_path), "--layers", "3", "--cache-gib", "0.1", "--out", str(tmp_path / "r.json")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert set(r["layouts"]) == {"scan", "unrolled-stacked", "unrolled-per-layer"}
+    for layout, entry in r["layouts"].items():
+        assert entry["cache_copies"] == 0, layout
+        assert 0 <= entry["temp_over_cache"] < 0.1, (layout, entry)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 import pytest
 
 from engine import LLM, SamplingParams
@@ -151,3 +153,24 @@ def test_bad_prompts_rejected_others_unaffected(llm, alone):
         llm.generate([PROMPTS[0], [1] * 300], GREEDY, use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
+
+
+def test_unrolled_layers_with_per_layer_kv_buffers_match_the_scan(tmp_path):
+    """The GPU default (unrolled layers, one KV buffer per layer) gives the scan's tokens, also
+    through preemption (a pool too small for the batch) and n=2 (copy-on-write of shared pages)."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=11)
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(3, 40, 10)]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 9 + [
+        SamplingParams(temperature=0.9, top_k=20, n=2, seed=3, max_tokens=12, ignore_eos=True)]
+    outputs = {}
+    for unroll in (False, True):
+        llm = LLM(str(tmp_path), dtype="float32", unroll_layers=unroll, skip_tokenizer_init=True, max_model_len=64,
+                  max_num_seqs=8, max_num_batched_tokens=64, num_gpu_blocks_override=14)
+        assert llm.llm_engine.runner.kv_cache.per_layer == unroll
+        outputs[unroll] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.stats()["num_preemptions"] > 0
+        llm.shutdown()
+    assert outputs[True] == outputs[False]

@@ -321,7 +321,7 @@ def test_fp8_kv_cache_halves_block_bytes_and_keeps_logits_close(tiny):
     fp8 = logits_of(loaded, batch, pages + 1, kv_dtype=jnp.float8_e4m3fn)
     assert relative_error(fp8, reference) < FP8_KV_TOLERANCE
     llm = LLM(tiny, dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True, max_model_len=64)
-    assert llm.llm_engine.runner.kv_cache.k.dtype == jnp.float8_e4m3fn
+    assert llm.llm_engine.runner.kv_cache.dtype == jnp.float8_e4m3fn
     out = llm.generate([[3, 1, 4, 1, 5, 9]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
                        use_tqdm=False)
     llm.shutdown()

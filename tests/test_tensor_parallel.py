@@ -57,7 +57,8 @@ def _layout(runner) -> dict:
 
     out = {}
     leaves = jax.tree_util.tree_flatten_with_path(runner.params)[0]
-    for path, a in leaves + [(("kv_cache",), runner.kv_cache.k)]:
+    first_layer_k = runner.kv_cache.k[0] if runner.kv_cache.per_layer else runner.kv_cache.k
+    for path, a in leaves + [(("kv_cache",), first_layer_k)]:
         key = "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)  # dict keys, dataclass fields
         out[key] = dict(shape=list(a.shape), spec=_spec(a.sharding, a.ndim), devices=len(a.sharding.device_set),
                         shard_shapes=sorted({tuple(s.data.shape) for s in a.addressable_shards}))
@@ -221,6 +222,8 @@ def workers(checkpoints, prompts) -> dict:
         ("int8", checkpoints["llama"], "auto", [1, 4], {"quantization": "int8"}),
         ("int4", checkpoints["llama"], "auto", [1, 2], {"quantization": "int4"}),
         ("fp8", checkpoints["qwen2"], "dummy", [1, 4], {"quantization": "fp8"}),
+        # The GPU default: unrolled layers over one KV buffer per layer.
+        ("unrolled", checkpoints["llama"], "auto", [1, 4], {"unroll_layers": True}),
     ]
     cluster = {"checkpoint": checkpoints["llama"], "prompts": prompts, "port": _free_port()}
     procs = [_run_worker("single", {"runs": runs, "prompts": prompts}, NUM_DEVICES)]
@@ -241,7 +244,7 @@ def single_host(workers) -> dict:
 
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int4/tp2",
-                                 "fp8/tp4"])
+                                 "fp8/tp4", "unrolled/tp4"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
     name = run.split("/")[0]
@@ -294,6 +297,13 @@ def test_quantized_fields_split_with_their_matrix(single_host, run):
             assert entry["spec"] == want, (name, field)
             assert entry["devices"] == tp
     assert layout["kv_cache"]["spec"] == KV_CACHE_SPEC
+
+
+def test_per_layer_kv_buffers_split_on_kv_heads(single_host):
+    layout = single_host["unrolled/tp4"]["layout"]
+    assert layout["kv_cache"]["spec"] == KV_CACHE_SPEC[1:]  # [Hkv, P, bs, D] per layer
+    assert layout["kv_cache"]["devices"] == 4 and layout["kv_cache"]["shard_shapes"][0][0] == 1
+    assert single_host["unrolled/tp4"]["outputs"] == single_host["llama/tp1"]["outputs"]
 
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4"])
