@@ -85,15 +85,15 @@ def load_model(
     path = resolve_model_path(model)
     fmt = detect_format(path, load_format)
     jdtype = resolve_dtype(dtype)
-    stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
-    method = resolve_method(quantization, stored, fmt)
     if fmt == "gguf":
         from models.gguf_loader import load_gguf_params, open_gguf, read_gguf_config
 
         source = open_gguf(path)  # parse the metadata once for config and weights
         config = read_gguf_config(source)
     else:
-        config = ModelConfig.from_pretrained(path)
+        config = ModelConfig.from_pretrained(path)  # first: it reports a missing or broken config.json
+    stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
+    method = resolve_method(quantization, stored, fmt)
     sh = shardings(config) if shardings is not None else None
     if fmt == "gguf":
         params = load_gguf_params(source, config, jdtype, shardings=sh)
