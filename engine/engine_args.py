@@ -117,6 +117,11 @@ def device_memory_budget(utilization: float) -> Optional[int]:
     return int(limit * utilization) if limit else None
 
 
+def sizes_kv_from_memory(args: EngineArgs) -> bool:
+    """Whether the KV pool is sized from device memory (an accelerator, no block-count override)."""
+    return not args.num_gpu_blocks_override and device_memory_budget(args.gpu_memory_utilization) is not None
+
+
 def num_kv_blocks(args: EngineArgs, config: ModelConfig, kv_dtype, max_model_len: int, max_num_seqs: int,
                   activation_bytes: int = 0) -> int:
     """How many KV blocks to allocate (including the reserved sink block 0).

@@ -18,7 +18,7 @@ import numpy as np
 
 from engine.block_manager import BlockManager
 from engine.detokenizer import IncrementalDetokenizer, check_stop
-from engine.engine_args import EngineArgs, num_kv_blocks, resolve_kv_cache_dtype
+from engine.engine_args import EngineArgs, num_kv_blocks, resolve_kv_cache_dtype, sizes_kv_from_memory
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.runner import ModelRunner, SequenceWork
@@ -88,26 +88,32 @@ class LLMEngine:
             self.tokenizer = load_tokenizer(loaded.path)
             self.eos_token_ids.update(eos_token_ids(self.tokenizer, loaded.path))
         self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
-        num_blocks = num_kv_blocks(args, config, kv_dtype, self.max_model_len, max_seqs)
-        self.block_manager = BlockManager(num_blocks, args.block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_tokens,
-                                   max_num_seqs=max_seqs, max_model_len=self.max_model_len,
-                                   policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode)
-        self.runner = ModelRunner(config, loaded.params, num_blocks=num_blocks, block_size=args.block_size,
+        self.runner = ModelRunner(config, loaded.params, block_size=args.block_size,
                                   max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                   max_model_len=self.max_model_len, kv_dtype=kv_dtype,
                                   attention_backend=args.attention_backend, mesh=mesh,
                                   unroll_layers=args.unroll_layers, linear_backend=args.linear_backend)
+        loaded.params = None  # the runner holds them, laid out for the step: free the loader's copy before sizing
+        # The KV pool gets what the weights and the largest step's activations leave.
+        self.activation_bytes = self.runner.activation_bytes() if sizes_kv_from_memory(args) else 0
+        num_blocks = num_kv_blocks(args, config, kv_dtype, self.max_model_len, max_seqs,
+                                   activation_bytes=self.activation_bytes)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, args.block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_tokens,
+                                   max_num_seqs=max_seqs, max_model_len=self.max_model_len,
+                                   policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode)
         self.model_path = loaded.path
         kv_gib = num_blocks * kv_cache_bytes_per_block(config, args.block_size, kv_dtype) / 2**30
         self.max_concurrent_tokens = (num_blocks - 1) * args.block_size
         logger.info(
             "loaded %s (%s, %s, quantization %s) on %s in %.1fs; KV cache (%s): %d blocks of %d tokens (%.2f GiB), "
-            "max %d concurrent tokens; max_model_len=%d, max_num_seqs=%d, max_num_batched_tokens=%d",
+            "max %d concurrent tokens; largest step's activations %.2f GiB; max_model_len=%d, max_num_seqs=%d, "
+            "max_num_batched_tokens=%d",
             loaded.path, loaded.load_format, np.dtype(loaded.dtype).name, loaded.quantization,
             f"{args.tensor_parallel_size} x {jax.devices()[0].device_kind}",
             time.perf_counter() - start, np.dtype(kv_dtype).name, num_blocks - 1, args.block_size, kv_gib,
-            self.max_concurrent_tokens, self.max_model_len, max_seqs, max_tokens)
+            self.max_concurrent_tokens, self.activation_bytes / 2**30, self.max_model_len, max_seqs, max_tokens)
         self._groups: dict[str, _RequestGroup] = {}
         self._seed_rng = np.random.default_rng(args.seed)
         self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0}

@@ -26,7 +26,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from engine.cache_dir import cache_dir
-from engine.sampler import SamplerOutput, SamplingMetadata, sample
+from engine.sampler import SamplerOutput, SamplingMetadata, build_sampling_metadata, sample
+from engine.sampling_params import SamplingParams
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward, unstack_layers
@@ -111,7 +112,7 @@ class ModelRunner:
         config: ModelConfig,
         params,
         *,
-        num_blocks: int,
+        num_blocks: Optional[int] = None,
         block_size: int,
         max_num_batched_tokens: int,
         max_num_seqs: int,
@@ -126,7 +127,8 @@ class ModelRunner:
         ``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
         ``TensorParallelPlan.load_shardings``); None runs on the default device.
         ``linear_backend``: see ``EngineArgs.linear_backend`` (a mesh always uses XLA's matmuls,
-        which GSPMD partitions; a Pallas call it cannot)."""
+        which GSPMD partitions; a Pallas call it cannot). ``num_blocks``: the KV pool; without it,
+        call ``allocate_kv_cache`` (after ``activation_bytes``, to size the pool from what is left)."""
         enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
         self.mesh = mesh
@@ -146,20 +148,50 @@ class ModelRunner:
             unroll_layers = jax.default_backend() == "gpu"
         self.params = unstack_layers(params) if unroll_layers else params
         # Unrolled layers get one KV buffer per layer (models.batch.KVCache says why).
-        self.kv_cache = make_kv_cache(step_config, num_blocks, block_size, kv_dtype, sharding=kv_sharding,
-                                      per_layer=unroll_layers)
-        step_placement, copy_placement = {}, {}  # jit's out_shardings, only when sharded
-        if mesh is not None:
-            kv_placement = jax.tree.map(lambda a: a.sharding, self.kv_cache)
-            step_placement = {"out_shardings": (self._input_sharding, kv_placement)}
-            copy_placement = {"out_shardings": kv_placement}
+        self._make_kv_cache = functools.partial(make_kv_cache, step_config, block_size=block_size, dtype=kv_dtype,
+                                                sharding=kv_sharding, per_layer=unroll_layers)
         linear = LinearBackend(kernel="xla" if mesh is not None else linear_backend)
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
                                           write_kv_fn=write_kv_fn, linear_backend=linear)
+        self._multi_process = jax.process_count() > 1
+        self.kv_cache = None
+        if num_blocks is not None:
+            self.allocate_kv_cache(num_blocks)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Create the KV pool (zeroed pages) and the jitted step and page copy that update it in place."""
+        self.kv_cache = self._make_kv_cache(num_blocks)
+        step_placement, copy_placement = {}, {}  # jit's out_shardings, only when sharded
+        if self.mesh is not None:
+            kv_placement = jax.tree.map(lambda a: a.sharding, self.kv_cache)
+            step_placement = {"out_shardings": (self._input_sharding, kv_placement)}
+            copy_placement = {"out_shardings": kv_placement}
         self._step = jax.jit(self._step_impl, static_argnames=("num_logprobs",), donate_argnums=(1,),
                              **step_placement)
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)
-        self._multi_process = jax.process_count() > 1
+
+    def activation_bytes(self) -> int:
+        """Device memory a step of the largest bucket (every token and sequence slot used) needs
+        beyond the params and the cache: XLA's temporary bytes for that step, compiled (not run)
+        against a two-block cache (the pages are updated in place, so the pool's size does not
+        change the temporaries)."""
+        T, S, B = self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq
+        sharding = self._input_sharding
+
+        def abstract(shape, dtype=jnp.int32):
+            return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+        model_input = ModelInput(token_ids=abstract([T]), positions=abstract([T]), slot_mapping=abstract([T]),
+                                 cu_q_lens=abstract([S + 1]), kv_lens=abstract([S]), block_tables=abstract([S, B]),
+                                 num_seqs=abstract([1]), logits_indices=abstract([S]))
+        sampling = build_sampling_metadata([SamplingParams()], [[]], [[0]], [0], [0], S)
+        sampling = jax.tree.map(lambda a: abstract(np.shape(a), np.asarray(a).dtype), sampling)
+        cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                             self._make_kv_cache(2))
+        compiled = jax.jit(self._step_impl, static_argnames=("num_logprobs",)).lower(
+            self.params, cache, model_input, sampling, num_logprobs=None).compile()
+        memory = compiled.memory_analysis()
+        return int(getattr(memory, "temp_size_in_bytes", 0) or 0) if memory is not None else 0
 
     def _step_impl(self, params, kv_cache, model_input, sampling, *, num_logprobs):
         logits, kv_cache = self._forward(params, kv_cache, model_input)

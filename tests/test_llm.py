@@ -174,3 +174,27 @@ def test_unrolled_layers_with_per_layer_kv_buffers_match_the_scan(tmp_path):
         assert llm.stats()["num_preemptions"] > 0
         llm.shutdown()
     assert outputs[True] == outputs[False]
+
+
+def test_kv_pool_leaves_room_for_the_largest_step(tmp_path, monkeypatch):
+    """With a device memory budget (as on a GPU), the pool gets the budget minus weights minus the
+    largest step's activations, which XLA reports for that step compiled at start-up."""
+    import engine.engine_args as engine_args
+    from models.batch import kv_cache_bytes_per_block
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=2)
+    budget = 64 << 20
+    monkeypatch.setattr(engine_args, "device_memory_budget", lambda utilization: budget)
+    activations = {}
+    for tokens in (64, 1024):
+        llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=128, max_num_seqs=8,
+                  max_num_batched_tokens=tokens)
+        engine = llm.llm_engine
+        per_block = kv_cache_bytes_per_block(engine.model_config, 16, np.float32)
+        assert engine.block_manager.num_blocks == (budget - engine.activation_bytes) // per_block
+        activations[tokens] = engine.activation_bytes
+        out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
+        llm.shutdown()
+    assert 0 < activations[64] < activations[1024]  # 16x the tokens: more activation memory
