@@ -20,7 +20,12 @@ Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
     final_norm   [H]
     lm_head      [H, V]                                    (absent when tied)
 
-Knows nothing of requests; takes a ``ModelInput`` and a ``KVCache``.
+The seven layer matrices may instead be quantized weights (``models.quantization``:
+int8, int4, fp8 pytrees with the same ``[in, out]`` meaning); every matmul goes through
+``models.quantization.linear``.
+
+Knows nothing of requests; takes a ``ModelInput`` and a ``KVCache`` (stacked, or one
+buffer per layer with unrolled layers).
 """
 
 from __future__ import annotations
