@@ -102,11 +102,11 @@ class Fp8Weight:
     out_axes = {"q": -2, "scale": -1}
 
 
-QuantizedWeight = (Int8Weight, Int4Weight, Fp8Weight)
+QUANTIZED_WEIGHT_TYPES = (Int8Weight, Int4Weight, Fp8Weight)
 
 
 def is_quantized(w: Any) -> bool:
-    return isinstance(w, QuantizedWeight)
+    return isinstance(w, QUANTIZED_WEIGHT_TYPES)
 
 
 def weight_fields(w) -> dict[str, jax.Array]:
