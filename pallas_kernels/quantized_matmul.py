@@ -20,11 +20,11 @@ Formats of ``W`` (the caller's weight types live in ``models.quantization``):
   parallelism, row-parallel layers) holds whole blocks. ``pack_int4`` / ``unpack_int4``
   convert to and from plain ``[K, N]`` nibble values.
 
-Grid: ``(N / block_n, k_splits)``. Each program streams ``K / k_splits`` rows of its
-``block_n`` columns in ``block_k``-row steps; with ``k_splits > 1`` the partial sums
-(float32 ``[k_splits, M, N]``, small) are added by XLA. Split-K keeps enough programs
-in flight to saturate memory when ``N`` is small. ``M`` is padded to at least 16
-rows (the smallest tensor-core tile).
+Grid: ``(M / block_m, N / block_n, k_splits)``. Each program streams ``K / k_splits`` rows
+of its ``block_n`` columns in ``block_k``-row steps, for one tile of ``block_m`` rows of x;
+with ``k_splits > 1`` the partial sums (float32 ``[k_splits, M, N]``, small) are added by
+XLA. Split-K keeps enough programs in flight to saturate memory when ``N`` is small. ``M``
+is padded to at least 16 rows (the smallest tensor-core tile) and to whole row tiles.
 
 Each format has a pure-jnp reference (``*_matmul_reference``: dequantize, then ``jnp.dot``
 in float32) that is also the path for large ``M``, where the matmul is bound by
@@ -51,9 +51,11 @@ MIN_ROWS = 16  # tensor-core tile height
 @dataclasses.dataclass(frozen=True)
 class MatmulConfig:
     """Tile sizes and Triton launch parameters. ``block_n``/``block_k`` are upper bounds: the
-    largest power of two up to them that divides N / K is used. ``k_splits=None`` picks the
+    largest power of two up to them that divides N / K is used; ``block_m`` rows per program
+    (fewer rows use one tile of the next power of two, at least 16). ``k_splits=None`` picks the
     split from the shapes (enough programs for ``programs_per_core`` per multiprocessor)."""
 
+    block_m: int = 64
     block_n: int = 64
     block_k: int = 128
     k_splits: Optional[int] = None
@@ -118,10 +120,12 @@ def int4_matmul_reference(x, packed, scales, zeros, *, group_size: int, pack: in
 # --------------------------------------------------------------------------------------
 
 
-def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int):
-    """One program: ``block_n`` output columns over ``steps * block_k`` rows of K."""
+def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, block_k: int, steps: int,
+                   group_size: int):
+    """One program: ``block_m`` rows x ``block_n`` output columns over ``steps * block_k`` rows of K."""
     o_ref = refs[-1]
-    n, split = pl.program_id(0), pl.program_id(1)
+    m, n, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pl.ds(pl.multiple_of(m * block_m, block_m), block_m)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
     dtype = x_ref.dtype
@@ -138,13 +142,13 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, st
                                    eviction_policy="evict_first")
             w_lo = (((packed & 0xF).astype(jnp.float32) - z) * s).astype(dtype)
             w_hi = (((packed >> 4).astype(jnp.float32) - z) * s).astype(dtype)
-            acc += jnp.dot(x_ref[:, pl.ds(k0, half)], w_lo, preferred_element_type=jnp.float32)
-            acc += jnp.dot(x_ref[:, pl.ds(k0 + half, half)], w_hi, preferred_element_type=jnp.float32)
+            acc += jnp.dot(x_ref[rows, pl.ds(k0, half)], w_lo, preferred_element_type=jnp.float32)
+            acc += jnp.dot(x_ref[rows, pl.ds(k0 + half, half)], w_hi, preferred_element_type=jnp.float32)
             return acc
         w = pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first").astype(dtype)
-        return acc + jnp.dot(x_ref[:, pl.ds(k0, block_k)], w, preferred_element_type=jnp.float32)
+        return acc + jnp.dot(x_ref[rows, pl.ds(k0, block_k)], w, preferred_element_type=jnp.float32)
 
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
     if fmt == "int8":
         acc = acc * refs[0][cols].astype(jnp.float32)[None, :]
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -192,21 +196,24 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
         if block_k is None:
             raise ValueError(f"K={K} must be a multiple of 16 for the Pallas matmul")
     M = x.shape[0]
-    rows = max(MIN_ROWS, 1 << max(0, M - 1).bit_length())
+    block_m = min(config.block_m, max(MIN_ROWS, 1 << max(0, M - 1).bit_length()))
+    rows = -(-M // block_m) * block_m  # row tiles of block_m (one tile up to config.block_m rows)
     if rows != M:
         x = jnp.pad(x, ((0, rows - M), (0, 0)))
     num_steps = K // block_k
-    splits = config.k_splits or auto_k_splits(N // block_n, num_steps, config.programs_per_core)
+    col_blocks = (rows // block_m) * (N // block_n)
+    splits = config.k_splits or auto_k_splits(col_blocks, num_steps, config.programs_per_core)
     if num_steps % splits:
         raise ValueError(f"k_splits={splits} must divide the {num_steps} K steps of {block_k} rows")
-    kernel = functools.partial(_matmul_kernel, fmt=fmt, block_n=block_n, block_k=block_k,
+    kernel = functools.partial(_matmul_kernel, fmt=fmt, block_m=block_m, block_n=block_n, block_k=block_k,
                                steps=num_steps // splits, group_size=group_size)
     out_dtype = x.dtype if splits == 1 else jnp.float32
     out = pl.pallas_call(
         kernel,
-        grid=(N // block_n, splits),
+        # Row tiles first: the programs that read the same weight tile run side by side (L2 reuse).
+        grid=(rows // block_m, N // block_n, splits),
         in_specs=[pl.no_block_spec] * (2 + len(extras)),
-        out_specs=pl.BlockSpec((None, rows, block_n), lambda n, s: (s, 0, n)),
+        out_specs=pl.BlockSpec((None, block_m, block_n), lambda m, n, s: (s, m, n)),
         out_shape=jax.ShapeDtypeStruct((splits, rows, N), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,

@@ -41,7 +41,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-fp8", latency("fp8"), 70),
         ("tput-short-bf16", tput("tput-short"), 150),
         ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 130),
-        ("matmul", bench("bench_matmul.py", "--rows", "1,16", "--repeats", "5"), 120),
+        ("matmul", bench("bench_matmul.py", "--rows", "1,16,256", "--repeats", "5"), 150),
         ("latency-bf16-pallas", latency(None, "--linear-backend", "pallas"), 70),
         ("latency-hf-peer", latency(None, "--peer", "hf", "--output-json", f"{results}/latency-hf-peer.json"), 90),
         ("tput-short-bf16-kvfp8", tput("tput-short", "--kv-cache-dtype", "fp8"), 130),

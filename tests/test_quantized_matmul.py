@@ -62,6 +62,8 @@ CPU_CASES = [
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig()),
     ("int4", 9, 192, 64, 64, jnp.float32, MatmulConfig(k_splits=3)),
     ("int4", 16, 96, 96, 32, jnp.float32, MatmulConfig()),  # pack block of 32 rows, N not a power of 2
+    ("int8", 150, 256, 64, 0, jnp.float32, MatmulConfig()),  # 3 row tiles of 64, the last one padded
+    ("int4", 100, 128, 64, 64, jnp.bfloat16, MatmulConfig(block_m=32, k_splits=2)),
 ]
 
 
@@ -92,7 +94,7 @@ def test_kernel_lowers_to_triton_for_cuda(fmt):
     rng = np.random.default_rng(0)
     kernel, _ = KERNELS[fmt]
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
-    x = jnp.ones((3, 1024), jnp.bfloat16)
+    x = jnp.ones((100, 1024), jnp.bfloat16)  # two row tiles
     fn = jax.jit(functools.partial(kernel, interpret=False, config=MatmulConfig(k_splits=2), **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -139,7 +141,9 @@ GPU_CASES = [
     (fmt, M, K, N, 128, jnp.bfloat16, MatmulConfig())
     for fmt in ("dense", "int8", "int4")
     for M, K, N in ((1, 4096, 6144), (16, 14336, 4096), (64, 4096, 1024))
-] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2))]
+] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
+      ("int8", 256, 4096, 4096, 128, jnp.bfloat16, MatmulConfig()), ("int4", 200, 14336, 4096, 128, jnp.bfloat16,
+                                                                     MatmulConfig())]
 
 
 @pytest.mark.gpu
