@@ -96,3 +96,19 @@ def test_kv_cache_updated_in_place_in_every_layout(tmp_path):
     for layout, entry in r["layouts"].items():
         assert entry["cache_copies"] == 0, layout
         assert 0 <= entry["temp_over_cache"] < 0.1, (layout, entry)
+
+
+def test_bucket_padding_simulation_accounts_for_every_step():
+    """``scripts/bench_padding.py`` drives the real scheduler: every request finishes, the step shapes
+    cover every step, and padding is the padded rows the buckets add."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    from bench_padding import simulate
+
+    r = simulate(40, 30, 7, max_num_seqs=16, max_num_batched_tokens=128, num_blocks=64, block_size=16)
+    assert sum(s["steps"] for s in r["shapes"]) == r["steps"] and r["distinct_step_shapes"] == len(r["shapes"])
+    assert r["token_rows"] == 40 * (30 + 7 - 1)  # every prompt token and every fed-back sampled token, once
+    assert r["padded_token_rows"] == sum(s["T"] * s["steps"] for s in r["shapes"])
+    assert 0 <= r["token_padding"] < 1 and 0 <= r["seq_padding"] < 1 and r["preemptions"] == 0
+    small = simulate(40, 30, 7, max_num_seqs=16, max_num_batched_tokens=128, num_blocks=24, block_size=16)
+    assert small["preemptions"] > 0  # 23 usable blocks for 16 sequences of 3 blocks each
+    assert small["token_rows"] > r["token_rows"]  # preempted requests recompute their tokens
