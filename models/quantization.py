@@ -218,10 +218,11 @@ def _mesh_size(mesh, axis) -> int:
 
 
 def quantize_params(params: dict, method: str, shardings: Optional[dict] = None) -> dict:
-    """Quantize the layer matrices of a dense params pytree one at a time (each dense tensor is
-    dropped once its quantized form exists, so the peak is the dense model plus one tensor).
+    """Quantize the layer matrices of a dense params pytree one at a time, in place: ``params``
+    is taken over (its ``layers`` dict is updated), so each dense tensor is dropped as soon as
+    its quantized form exists and the peak is the dense model plus one quantized tensor.
     ``shardings``: the dense params' shardings (a pytree like ``params``) or None."""
-    layers = dict(params["layers"])
+    layers = params["layers"]
     for name in QUANTIZED_LAYER_WEIGHTS:
         dense = layers.pop(name)
         make = functools.partial(quantize_weight, method=method)
@@ -229,7 +230,7 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
         out = None if sharding is None else field_shardings(jax.eval_shape(make, dense), sharding)
         layers[name] = jax.jit(make, out_shardings=out)(dense)
         del dense
-    return {**params, "layers": layers}
+    return params
 
 
 # --------------------------------------------------------------------------------------

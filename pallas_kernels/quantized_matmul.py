@@ -43,8 +43,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.gpu_info import core_count
+
 FORMATS = ("dense", "int8", "int4")
-_DEFAULT_CORE_COUNT = 132  # H100 SXM; used when no GPU is visible (interpret mode)
 MIN_ROWS = 16  # tensor-core tile height
 
 
@@ -163,14 +164,10 @@ def _largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optiona
     return None
 
 
-def _core_count() -> int:
-    return getattr(jax.devices()[0], "core_count", None) or _DEFAULT_CORE_COUNT
-
-
 def auto_k_splits(num_col_blocks: int, num_k_steps: int, programs_per_core: int = 2) -> int:
     """The fewest K splits (a divisor of the step count) that give ``programs_per_core``
     programs per multiprocessor; each split keeps at least 4 steps."""
-    target = programs_per_core * _core_count()
+    target = programs_per_core * core_count()
     best = 1
     for splits in range(1, num_k_steps + 1):
         if num_k_steps % splits or num_k_steps // splits < 4:

@@ -35,6 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.gpu_info import core_count
+
 
 def token_sequence_ids(cu_q_lens: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array]:
     """Sequence index of each of ``num_tokens`` rows, and a mask of rows that are real."""
@@ -157,7 +159,6 @@ def to_cache_dtype(x: jax.Array, dtype) -> jax.Array:
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
-_DEFAULT_CORE_COUNT = 132  # H100 SXM; used when no GPU is visible (interpret mode)
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 # KV pages may also be float8 (kv_cache_dtype="fp8"): the kernel widens each tile to q's dtype.
 _SUPPORTED_CACHE_DTYPES = _SUPPORTED_DTYPES + (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
@@ -450,15 +451,10 @@ def _check_tiling(tiling: Tiling):
         raise ValueError(f"Tiling.k_splits must be >= 1 or None, got {tiling.k_splits}")
 
 
-def _core_count() -> int:
-    device = jax.devices()[0]
-    return getattr(device, "core_count", None) or _DEFAULT_CORE_COUNT
-
-
 def auto_k_splits(num_programs: int, max_kv_blocks: int) -> int:
     """Context splits for the decode launch: enough programs to fill the GPU (about
     four per multiprocessor), each split keeping at least four KV blocks."""
-    target = 4 * _core_count()
+    target = 4 * core_count()
     k = 1
     while k < 16 and 2 * k * num_programs <= target and max_kv_blocks >= 8 * k:
         k *= 2
