@@ -34,12 +34,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
     # figures the open issues ask for; the kernel tests passed on an H200 at 8f617b9.
     return [
         ("kv-in-place", [PY, "scripts/check_kv_in_place.py", "--out", f"{results}/kv-in-place.json"], 90),
+        ("latency-bf16", latency(None), 150),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 90),
-        ("latency-bf16", latency(None), 80),
-        ("latency-int8", latency("int8"), 70),
+        ("latency-int8", latency("int8"), 100),
         ("latency-awq", latency("awq"), 70),
         ("latency-fp8", latency("fp8"), 70),
-        ("tput-short-bf16", tput("tput-short"), 150),
+        ("tput-short-bf16", tput("tput-short"), 200),
         ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 130),
         ("matmul", bench("bench_matmul.py", "--rows", "1,16,256", "--repeats", "5"), 150),
         ("latency-bf16-pallas", latency(None, "--linear-backend", "pallas"), 70),
