@@ -16,6 +16,8 @@ library that matches these semantics (vLLM's own block pool is not a dependency)
 
 from __future__ import annotations
 
+import numpy as np
+
 RESERVED_BLOCK = 0  # padding tokens write here; never in a block table
 
 
@@ -36,6 +38,9 @@ class BlockManager:
         self._refcount: list[int] = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
         self._num_tokens: dict[str, int] = {}  # tokens each table covers (written or about to be)
+        # Read-only int32 copies of the tables for the runner's step input, rebuilt only when a
+        # table changes (a decode step appends a block once every block_size tokens).
+        self._table_arrays: dict[str, np.ndarray] = {}
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -63,6 +68,15 @@ class BlockManager:
 
     def block_table(self, seq_id: str) -> list[int]:
         return list(self._table(seq_id))
+
+    def block_table_array(self, seq_id: str) -> np.ndarray:
+        """The block table as a read-only int32 array, valid until the table next changes."""
+        array = self._table_arrays.get(seq_id)
+        if array is None:
+            array = np.array(self._table(seq_id), np.int32)
+            array.flags.writeable = False
+            self._table_arrays[seq_id] = array
+        return array
 
     def num_tokens(self, seq_id: str) -> int:
         """Tokens the sequence's blocks cover (the last ``allocate_slots`` total)."""
@@ -126,17 +140,25 @@ class BlockManager:
         current = self._num_tokens.get(seq_id, 0)
         if num_tokens_total < current:
             raise ValueError(f"sequence {seq_id!r} covers {current} tokens; cannot shrink to {num_tokens_total}")
-        if not self.can_allocate(self.num_blocks_needed(seq_id, num_tokens_total)):
+        table = self._tables.get(seq_id)
+        num_owned = 0 if table is None else len(table)
+        # Computed once each (this runs for every running sequence every step).
+        copy_on_write = self._needs_copy_on_write(seq_id, num_tokens_total)
+        num_new = max(0, _cdiv(num_tokens_total, self.block_size) - num_owned)
+        if not self.can_allocate(num_new + int(copy_on_write)):
             return None
+        if table is None:
+            table = self._tables[seq_id] = []
         copies = []
-        table = self._tables.setdefault(seq_id, [])
-        if self._needs_copy_on_write(seq_id, num_tokens_total):
+        if copy_on_write:
             src = table[-1]
             self._refcount[src] -= 1
             table[-1] = self._take_free_block()
             copies.append((src, table[-1]))
-        while len(table) < _cdiv(num_tokens_total, self.block_size):
+        for _ in range(num_new):
             table.append(self._take_free_block())
+        if copy_on_write or num_new:
+            self._table_arrays.pop(seq_id, None)
         self._num_tokens[seq_id] = num_tokens_total
         return copies
 
@@ -166,6 +188,7 @@ class BlockManager:
             if self._refcount[block] == 0:
                 self._free.append(block)
         del self._tables[seq_id], self._num_tokens[seq_id]
+        self._table_arrays.pop(seq_id, None)
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -186,6 +209,10 @@ class BlockManager:
                     f"sequence {seq_id!r} covers {n} tokens with {len(table)} blocks of {self.block_size}")
             for block in table:
                 owners[block] += 1
+            cached = self._table_arrays.get(seq_id)
+            require(cached is None or cached.tolist() == table,
+                    f"sequence {seq_id!r}: its cached table array {cached} is stale (table {table})")
+        require(self._table_arrays.keys() <= self._tables.keys(), "a freed sequence has a cached table array")
         free = set(self._free)
         require(len(free) == len(self._free), "the free list has duplicates")
         require(all(b in usable for b in free), f"the free list holds a block outside {usable}")

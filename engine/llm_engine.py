@@ -62,11 +62,18 @@ class _RequestGroup:
     samples: list[_Sample]
     on_output: Optional[Callable[[RequestOutput], None]]
     arrival_time: float
+    max_output_tokens: int  # params.max_output_tokens for this prompt, computed once (checked every step)
     first_token_time: Optional[float] = None
+    aborted: bool = False  # some sample's finish_reason is "abort"
 
     @property
     def finished(self) -> bool:
-        return len(self.samples) == self.params.n and all(s.finish_reason for s in self.samples)
+        if len(self.samples) != self.params.n:
+            return False
+        for sample in self.samples:  # a plain loop: this runs for every request every step
+            if not sample.finish_reason:
+                return False
+        return True
 
 
 class LLMEngine:
@@ -115,6 +122,8 @@ class LLMEngine:
             time.perf_counter() - start, np.dtype(kv_dtype).name, num_blocks - 1, args.block_size, kv_gib,
             self.max_concurrent_tokens, self.activation_bytes / 2**30, self.max_model_len, max_seqs, max_tokens)
         self._groups: dict[str, _RequestGroup] = {}
+        # Scheduler sequence id ("id" or "id#k") -> its sample and group; read for every sequence every step.
+        self._samples: dict[str, tuple[_Sample, _RequestGroup]] = {}
         self._seed_rng = np.random.default_rng(args.seed)
         self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0}
         self.tracer: Optional[StepTracer] = None
@@ -156,10 +165,13 @@ class LLMEngine:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
         now = time.monotonic()
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
-        group = _RequestGroup(request_id, text, prompt_ids, params, [], on_output, now)
-        group.samples.append(self._new_sample(group, request_id, base_seed, now, priority))
-        self.scheduler.add_request(group.samples[0].request)
+        group = _RequestGroup(request_id, text, prompt_ids, params, [], on_output, now,
+                              max_output_tokens=params.max_output_tokens(len(prompt_ids), self.max_model_len))
+        sample = self._new_sample(group, request_id, base_seed, now, priority)
+        group.samples.append(sample)
+        self.scheduler.add_request(sample.request)
         self._groups[request_id] = group
+        self._samples[request_id] = (sample, group)
         self.stats["prompt_tokens"] += len(prompt_ids)
 
     def _new_sample(self, group: _RequestGroup, seq_id: str, seed: int, now: float, priority: int) -> _Sample:
@@ -176,10 +188,12 @@ class LLMEngine:
         group = self._groups.pop(request_id, None)
         if group is None:
             return
+        self._forget_samples(group)
         for s in group.samples:
             if s.finish_reason is None:
                 self.scheduler.abort_request(s.request.request_id)
                 s.finish_reason = "abort"
+                group.aborted = True
         self._emit(group)
 
     def has_unfinished_requests(self) -> bool:
@@ -198,17 +212,18 @@ class LLMEngine:
                                    f"{self.scheduler.num_running} running)")
             return []
         self.runner.copy_blocks(out.block_copies)
-        samples = [self._sample_of(s.request.request_id) for s in out.scheduled]
+        scheduled = out.scheduled
+        entries = [self._samples[s.request.request_id] for s in scheduled]  # (sample, group) of each
         work = [SequenceWork(token_ids=s.token_ids, start=s.start,
-                             block_table=self.block_manager.block_table(s.request.request_id), sample=s.samples)
-                for s in out.scheduled]
-        params = [smp.request.sampling_params for smp in samples]
+                             block_table=self.block_manager.block_table_array(s.request.request_id), sample=s.samples)
+                for s in scheduled]
+        params = [group.params for _, group in entries]
         metadata = build_sampling_metadata(
             params,
-            [smp.request.output_token_ids for smp in samples],
-            [smp.request.prompt_token_ids for smp in samples],
-            [smp.seed for smp in samples],
-            [len(smp.request.output_token_ids) for smp in samples],
+            [s.request.output_token_ids for s in scheduled],
+            [s.request.prompt_token_ids for s in scheduled],
+            [sample.seed for sample, _ in entries],
+            [len(s.request.output_token_ids) for s in scheduled],
             self.runner.padded_num_seqs(len(work)),
             eos_token_ids=sorted(self.eos_token_ids),
         )
@@ -220,33 +235,32 @@ class LLMEngine:
             self.tracer.record(out, self.scheduler, self.block_manager, step_start, time.perf_counter())
         self.stats["steps"] += 1
         self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(work))
-        sampled = {s.request.request_id: int(result.token_ids[i]) for i, s in enumerate(out.scheduled) if s.samples}
+        tokens = result.token_ids.tolist()  # Python ints, converted once for the whole batch
+        sampled = {s.request.request_id: tokens[i] for i, s in enumerate(scheduled) if s.samples}
         self.scheduler.update_after_step(out, sampled)
         touched: dict[str, _RequestGroup] = {}
         now = time.monotonic()
-        for i, s in enumerate(out.scheduled):
+        for i, s in enumerate(scheduled):
             if not s.samples:
                 continue
-            sample, group = samples[i], self._groups[self._group_id(s.request.request_id)]
+            sample, group = entries[i]
             group.first_token_time = group.first_token_time or now
-            self._record_token(group, sample, sampled[s.request.request_id], result, i)
+            self._record_token(group, sample, tokens[i], result, i)
             if sample is group.samples[0] and len(group.samples) < group.params.n:
                 self._fork_samples(group, now)
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():
-            outputs.append(self._emit(group))
-            if group.finished:
+            finished = group.finished
+            outputs.append(self._emit(group, finished))
+            if finished:
                 del self._groups[group.request_id]
+                self._forget_samples(group)
         return outputs
 
-    def _group_id(self, seq_id: str) -> str:
-        return seq_id.split("#", 1)[0]
-
-    def _sample_of(self, seq_id: str) -> _Sample:
-        group = self._groups[self._group_id(seq_id)]
-        index = int(seq_id.split("#", 1)[1]) if "#" in seq_id else 0
-        return group.samples[index]
+    def _forget_samples(self, group: _RequestGroup) -> None:
+        for sample in group.samples:
+            self._samples.pop(sample.request.request_id, None)
 
     def _fork_samples(self, group: _RequestGroup, now: float) -> None:
         """``n > 1``: the other samples share the prompt's blocks and re-run its last token."""
@@ -258,6 +272,7 @@ class LLMEngine:
             child.request.num_computed_tokens = len(group.prompt_token_ids) - 1
             self.scheduler.fork_request(parent, child.request)
             group.samples.append(child)
+            self._samples[seq_id] = (child, group)
 
     def _record_token(self, group: _RequestGroup, sample: _Sample, token: int, result, row: int) -> None:
         self.stats["generation_tokens"] += 1
@@ -279,18 +294,22 @@ class LLMEngine:
         request = sample.request
         if request.is_finished:  # the scheduler ended it (max_model_len reached)
             sample.finish_reason = FINISH_REASONS.get(request.status, "length")
+            group.aborted = group.aborted or sample.finish_reason == "abort"
             return
         decision = check_stop(
             group.params, token_id=token, num_output_tokens=len(request.output_token_ids), text=sample.text,
             new_text_len=len(delta), eos_token_ids=self.eos_token_ids,
-            max_output_tokens=group.params.max_output_tokens(len(group.prompt_token_ids), self.max_model_len))
+            max_output_tokens=group.max_output_tokens)
         if decision is not None:
             sample.finish_reason, sample.stop_reason, sample.text = (
                 decision.finish_reason, decision.stop_reason, decision.text)
             status = RequestStatus.FINISHED_LENGTH if sample.finish_reason == "length" else RequestStatus.FINISHED_STOPPED
             self.scheduler.finish_request(request.request_id, status)
 
-    def _emit(self, group: _RequestGroup) -> RequestOutput:
+    def _emit(self, group: _RequestGroup, finished: Optional[bool] = None) -> RequestOutput:
+        """Build the group's cumulative output and hand it to ``on_output``; ``finished``: ``group.finished``
+        when the caller has it already."""
+        finished = group.finished if finished is None else finished
         completions = [
             CompletionOutput(index=i, text=s.text, token_ids=list(s.request.output_token_ids),
                              cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
@@ -299,7 +318,7 @@ class LLMEngine:
         ]
         output = RequestOutput(request_id=group.request_id, prompt=group.prompt,
                                prompt_token_ids=group.prompt_token_ids, outputs=completions,
-                               finished=group.finished or any(s.finish_reason == "abort" for s in group.samples))
+                               finished=finished or group.aborted)
         if group.on_output is not None:
             group.on_output(output)
         return output

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 from typing import Any, Optional, Sequence
 
@@ -72,36 +73,46 @@ class SequenceWork:
 
 def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_tokens: int, max_num_seqs: int,
                       max_blocks_per_seq: int) -> ModelInput:
-    """Flat step input (DESIGN.md step 2) as numpy arrays, padded to the buckets."""
+    """Flat step input (DESIGN.md step 2) as numpy arrays, padded to the buckets.
+
+    Vectorized over the sequences (whole-array numpy ops, no per-sequence slicing): the
+    engine calls this on the host every step, for up to ``max_num_seqs`` sequences.
+    ``block_table``s may be lists or int32 arrays (``BlockManager.block_table_array``).
+    """
     bs = block_size
-    num_tokens = sum(len(w.token_ids) for w in work)
+    n = len(work)
+    query_lens = np.fromiter((len(w.token_ids) for w in work), np.int32, n)
+    starts = np.fromiter((w.start for w in work), np.int32, n)
+    table_lens = np.fromiter((len(w.block_table) for w in work), np.int32, n)
+    num_tokens = int(query_lens.sum())
     T = bucket(num_tokens, MIN_TOKEN_BUCKET, max_num_tokens)
-    S = bucket(len(work), MIN_SEQ_BUCKET, max_num_seqs)
-    B = bucket(max(len(w.block_table) for w in work), MIN_BLOCK_BUCKET, max_blocks_per_seq)
+    S = bucket(n, MIN_SEQ_BUCKET, max_num_seqs)
+    B = bucket(int(table_lens.max()), MIN_BLOCK_BUCKET, max_blocks_per_seq)
+
+    tables = np.zeros((S, B), np.int32)
+    # Row i gets its table's entries in its first table_lens[i] columns (a boolean mask fills row-major).
+    tables[:n][np.arange(B) < table_lens[:, None]] = np.concatenate(
+        [np.asarray(w.block_table, np.int32) for w in work])
+    cu = np.zeros(S + 1, np.int32)
+    np.cumsum(query_lens, out=cu[1 : n + 1])
+    cu[n + 1 :] = num_tokens
+    kv_lens = np.zeros(S, np.int32)
+    kv_lens[:n] = starts + query_lens
+    logits_indices = np.zeros(S, np.int32)
+    logits_indices[:n] = cu[1 : n + 1] - 1
+
     token_ids = np.zeros(T, np.int32)
     positions = np.zeros(T, np.int32)
     slots = np.zeros(T, np.int32)  # padding writes into page 0, the sink
-    cu = np.zeros(S + 1, np.int32)
-    kv_lens = np.zeros(S, np.int32)
-    tables = np.zeros((S, B), np.int32)
-    logits_indices = np.zeros(S, np.int32)
-    t = 0
-    for i, w in enumerate(work):
-        n = len(w.token_ids)
-        table = np.asarray(w.block_table, np.int32)
-        pos = np.arange(w.start, w.start + n, dtype=np.int32)
-        token_ids[t : t + n] = w.token_ids
-        positions[t : t + n] = pos
-        slots[t : t + n] = table[pos // bs] * bs + pos % bs
-        tables[i, : len(table)] = table
-        kv_lens[i] = w.start + n
-        logits_indices[i] = t + n - 1
-        t += n
-        cu[i + 1] = t
-    cu[len(work) + 1 :] = t
+    token_ids[:num_tokens] = np.fromiter(itertools.chain.from_iterable(w.token_ids for w in work), np.int32,
+                                         num_tokens)
+    seq_of_token = np.repeat(np.arange(n), query_lens)
+    pos = starts[seq_of_token] + (np.arange(num_tokens, dtype=np.int32) - cu[seq_of_token])
+    positions[:num_tokens] = pos
+    slots[:num_tokens] = tables[seq_of_token, pos // bs] * bs + pos % bs
     return ModelInput(
         token_ids=token_ids, positions=positions, slot_mapping=slots, cu_q_lens=cu,
-        kv_lens=kv_lens, block_tables=tables, num_seqs=np.asarray([len(work)], np.int32),
+        kv_lens=kv_lens, block_tables=tables, num_seqs=np.asarray([n], np.int32),
         logits_indices=logits_indices,
     )
 

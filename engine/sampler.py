@@ -129,7 +129,10 @@ def build_sampling_metadata(
     if num_padded_seqs < num_seqs:
         raise ValueError(f"num_padded_seqs must be >= the number of sequences ({num_seqs}), got {num_padded_seqs}")
 
-    S = num_padded_seqs
+    S, n = num_padded_seqs, num_seqs
+    distinct, index = _distinct_params(params_list)
+    # Per-sequence values: one row per distinct params object (a batch usually shares a few), then gathered.
+    values = np.array([_param_values(p) for p in distinct], np.float64).reshape(len(distinct), 7)[index]
     temperature = np.zeros(S, np.float32)
     top_p = np.ones(S, np.float32)
     top_k = np.zeros(S, np.int32)
@@ -137,21 +140,30 @@ def build_sampling_metadata(
     presence = np.zeros(S, np.float32)
     frequency = np.zeros(S, np.float32)
     repetition = np.ones(S, np.float32)
+    for column, array in enumerate((temperature, top_p, top_k, min_p, presence, frequency, repetition)):
+        array[:n] = values[:, column]
     seed_arr = np.zeros(S, np.uint32)
+    seed_arr[:n] = [seed % 2**32 for seed in seeds]
     step_arr = np.zeros(S, np.int32)
-    for i, p in enumerate(params_list):
-        temperature[i] = 0.0 if p.is_greedy else p.temperature
-        top_p[i], top_k[i], min_p[i] = p.top_p, p.top_k, p.min_p
-        presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
-        seed_arr[i] = seeds[i] % 2**32
-        step_arr[i] = step_indices[i]
+    step_arr[:n] = step_indices
 
-    banned = [
-        [*eos_token_ids, *p.stop_token_ids] if len(out) < p.min_tokens else []
-        for p, out in zip(params_list, output_token_ids_lists)
-    ]
-    output_rows = [out if p.has_penalties else () for p, out in zip(params_list, output_token_ids_lists)]
-    prompt_rows = [pr if p.repetition_penalty != 1.0 else () for p, pr in zip(params_list, prompt_token_ids_lists)]
+    # The token-id matrices are built only when some sequence needs them: they are the costly
+    # part (rows of prompt + output tokens), and empty rows give the same [S, 0] matrix.
+    if any(p.min_tokens > 0 for p in distinct):
+        banned = [
+            [*eos_token_ids, *p.stop_token_ids] if len(out) < p.min_tokens else []
+            for p, out in zip(params_list, output_token_ids_lists)
+        ]
+    else:
+        banned = []
+    if any(p.has_penalties for p in distinct):
+        output_rows = [out if p.has_penalties else () for p, out in zip(params_list, output_token_ids_lists)]
+    else:
+        output_rows = []
+    if any(p.repetition_penalty != 1.0 for p in distinct):
+        prompt_rows = [pr if p.repetition_penalty != 1.0 else () for p, pr in zip(params_list, prompt_token_ids_lists)]
+    else:
+        prompt_rows = []
     return SamplingMetadata(
         temperature=temperature,
         top_p=top_p,
@@ -165,12 +177,32 @@ def build_sampling_metadata(
         prompt_token_ids=_padded_token_matrix(prompt_rows, S),
         output_token_ids=_padded_token_matrix(output_rows, S),
         banned_token_ids=_padded_token_matrix(banned, S),
-        all_greedy=all(p.is_greedy for p in params_list),
-        needs_penalties=any(p.has_penalties for p in params_list),
-        needs_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params_list),
-        needs_min_p=any(p.min_p > 0.0 for p in params_list),
+        all_greedy=all(p.is_greedy for p in distinct),
+        needs_penalties=any(p.has_penalties for p in distinct),
+        needs_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in distinct),
+        needs_min_p=any(p.min_p > 0.0 for p in distinct),
         needs_token_bans=any(banned),
     )
+
+
+def _distinct_params(params_list: Sequence[SamplingParams]) -> tuple[list[SamplingParams], list[int]]:
+    """The distinct params objects (by identity, in first-seen order) and each sequence's index into them."""
+    position: dict[int, int] = {}
+    distinct: list[SamplingParams] = []
+    index: list[int] = []
+    for p in params_list:
+        i = position.get(id(p))
+        if i is None:
+            i = position[id(p)] = len(distinct)
+            distinct.append(p)
+        index.append(i)
+    return distinct, index
+
+
+def _param_values(p: SamplingParams) -> tuple:
+    """The per-sequence sampling values of ``p``, in the column order of ``build_sampling_metadata``."""
+    return (0.0 if p.is_greedy else p.temperature, p.top_p, p.top_k, p.min_p,
+            p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
 
 
 def _padded_token_matrix(rows: Sequence[Sequence[int]], num_rows: int) -> np.ndarray:
@@ -179,7 +211,8 @@ def _padded_token_matrix(rows: Sequence[Sequence[int]], num_rows: int) -> np.nda
     width = 0 if longest == 0 else max(_MIN_TOKEN_WIDTH, 1 << (longest - 1).bit_length())
     matrix = np.full((num_rows, width), -1, np.int32)
     for i, row in enumerate(rows):
-        matrix[i, : len(row)] = row
+        if len(row):
+            matrix[i, : len(row)] = row
     return matrix
 
 

@@ -289,8 +289,16 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.num_steps += 1
         plan = _StepPlan(self.max_num_batched_tokens)
-        decodes = [r for r in self._running if r.num_uncomputed_tokens == 1]
-        prefills = [r for r in self._running if r.num_uncomputed_tokens > 1]
+        decodes, prefills = [], []
+        for r in self._running:  # one pass: this runs over every running request every step
+            uncomputed = r.num_uncomputed_tokens
+            if uncomputed == 1:
+                decodes.append(r)
+            elif uncomputed > 1:
+                prefills.append(r)
+        if self._decodes_always_fit(decodes, plan):
+            self._schedule_decodes(decodes, plan)
+            decodes = []
         for request in decodes + prefills:
             if not self._has_room(plan):
                 break
@@ -342,6 +350,26 @@ class Scheduler:
 
     def _has_room(self, plan: _StepPlan) -> bool:
         return plan.budget > 0 and len(plan.scheduled) < self.max_num_seqs
+
+    def _decodes_always_fit(self, decodes: list[Request], plan: _StepPlan) -> bool:
+        """Whether every decode gets its token without running out of budget, sequence slots or blocks.
+
+        A decode needs at most one free block (a new last block, or a copy of a shared one), so with
+        at least as many free blocks as decodes no allocation fails and nothing is preempted: the
+        general one-at-a-time loop would schedule them all, as ``_schedule_decodes`` does.
+        """
+        n = len(decodes)
+        return (n <= plan.budget and len(plan.scheduled) + n <= self.max_num_seqs
+                and n <= self.block_manager.num_free_blocks)
+
+    def _schedule_decodes(self, decodes: list[Request], plan: _StepPlan) -> None:
+        """One token for each decode, in order; only when ``_decodes_always_fit`` (the usual case), which
+        spares the per-request room, preemption and chunk-size checks of ``_schedule_running``."""
+        allocate = self.block_manager.allocate_slots
+        for request in decodes:
+            start = request.num_computed_tokens
+            copies = allocate(request.request_id, start + 1)
+            plan.add(ScheduledSequence(request, start, 1, samples=True), copies)
 
     def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
         """Give a running request its chunk, preempting from the back of the queue until it fits."""

@@ -1,0 +1,134 @@
+"""Host time per engine step: ``LLMEngine.step`` wall time minus the time spent on the device.
+
+The engine loop is synchronous, so every millisecond of host Python per step (scheduling,
+building the step's arrays, sampling metadata, recording tokens, outputs) is lost device time.
+This script measures it on a tiny dummy Llama (the shape of the work on the host does not depend
+on the model's size) at a full decode batch:
+
+    python scripts/profile_host.py                        # 256 sequences, 128- and 1000-token prompts
+    python scripts/profile_host.py --prompt-len 1000 --cprofile 20   # top 20 functions by own time
+
+"Device" time is the jitted step (and any copy-on-write page copy) up to its result being ready,
+compiles included: the script wraps the runner's jitted functions with ``block_until_ready``.
+Host time = step wall time - device time. Steps are timed after a warm-up batch (which compiles),
+and only while all sequences are in decode (the prefill steps are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from engine.engine_args import EngineArgs  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=1024, bos_token_id=1, eos_token_id=2)
+
+
+def write_dummy_model(folder: str) -> str:
+    """Llama-3.1-8B's config.json shrunk to a toy size (random weights via load_format='dummy')."""
+    with open(os.path.join(ROOT, "benchmarks", "models", "llama-3.1-8b", "config.json")) as f:
+        config = json.load(f)
+    config.update(TINY)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+class DeviceTimer:
+    """Wraps the runner's jitted callables so their time until the result is ready is counted apart."""
+
+    def __init__(self, runner):
+        self.seconds = 0.0
+        runner._step = self._timed(runner._step)
+        runner._copy = self._timed(runner._copy)
+
+    def _timed(self, fn):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn(*args, **kwargs))
+            self.seconds += time.perf_counter() - start
+            return out
+
+        return call
+
+
+def add_batch(engine: LLMEngine, rng: np.random.Generator, prefix: str, num_seqs: int, prompt_len: int,
+              params: SamplingParams) -> None:
+    vocab = engine.model_config.vocab_size
+    for i in range(num_seqs):
+        prompt = rng.integers(3, vocab, prompt_len).tolist()  # no bos/eos ids
+        engine.add_request(f"{prefix}{i}", prompt, params)
+
+
+def run(engine: LLMEngine, timer: DeviceTimer, *, num_seqs: int, prompt_len: int, max_tokens: int,
+        params: SamplingParams, prefix: str, profiler: cProfile.Profile | None = None) -> dict:
+    """Add ``num_seqs`` requests, step to the end; time the steps where every sequence decodes."""
+    add_batch(engine, np.random.default_rng(0), prefix, num_seqs, prompt_len, params)
+    host, device = [], []
+    while engine.has_unfinished_requests():
+        all_decode = (engine.scheduler.num_running == num_seqs
+                      and all(r.num_uncomputed_tokens == 1 for r in engine.scheduler.running_requests))
+        timer.seconds = 0.0
+        if all_decode and profiler is not None:
+            profiler.enable()
+        start = time.perf_counter()
+        engine.step()
+        wall = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disable()
+        if all_decode:
+            host.append(wall - timer.seconds)
+            device.append(timer.seconds)
+    return {"prompt_len": prompt_len, "num_seqs": num_seqs, "decode_steps": len(host),
+            "host_ms_median": 1e3 * float(np.median(host)), "host_ms_mean": 1e3 * float(np.mean(host)),
+            "device_ms_median": 1e3 * float(np.median(device))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, nargs="+", default=[128, 1000])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--penalties", action="store_true", help="repetition/presence/frequency penalties on")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also print the N functions with the most own time over the decode steps")
+    args = parser.parse_args()
+
+    extra = dict(repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.1) if args.penalties else {}
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, **extra)
+    with tempfile.TemporaryDirectory() as folder:
+        engine = LLMEngine(EngineArgs(model=write_dummy_model(folder), load_format="dummy",
+                                      max_num_seqs=args.num_seqs, max_num_batched_tokens=8192,
+                                      num_gpu_blocks_override=20000, block_size=16), skip_tokenizer_init=True)
+    timer = DeviceTimer(engine.runner)
+    for prompt_len in args.prompt_len:
+        # Warm-up: compiles the prefill and decode buckets of this prompt length.
+        run(engine, timer, num_seqs=args.num_seqs, prompt_len=prompt_len, max_tokens=args.max_tokens,
+            params=params, prefix=f"warm{prompt_len}-")
+        profiler = cProfile.Profile() if args.cprofile else None
+        result = run(engine, timer, num_seqs=args.num_seqs, prompt_len=prompt_len, max_tokens=args.max_tokens,
+                     params=params, prefix=f"run{prompt_len}-", profiler=profiler)
+        print(f"prompt {prompt_len:5d}, {result['num_seqs']} seqs, {result['decode_steps']} decode steps: "
+              f"host {result['host_ms_median']:.2f} ms/step (mean {result['host_ms_mean']:.2f}), "
+              f"device {result['device_ms_median']:.2f} ms/step", flush=True)
+        if profiler is not None:
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
+
+
+if __name__ == "__main__":
+    main()
