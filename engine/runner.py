@@ -32,6 +32,7 @@ from engine.sampling_params import SamplingParams
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward, unstack_layers
+from models.llama import fuse_projections as fuse_layer_projections
 from models.quantization import LinearBackend
 from pallas_kernels import get_attention_fns
 from sharding import TensorParallelPlan, replicated, shard_attention_fns
@@ -133,12 +134,14 @@ class ModelRunner:
         mesh: Optional[Mesh] = None,
         unroll_layers: Optional[bool] = None,
         linear_backend: str = "auto",
+        fuse_projections: Optional[bool] = None,
     ):
         """``unroll_layers``: unstack the layer weights and unroll the layer loop (None: on GPU only).
         ``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
         ``TensorParallelPlan.load_shardings``); None runs on the default device.
         ``linear_backend``: see ``EngineArgs.linear_backend`` (a mesh always uses XLA's matmuls,
-        which GSPMD partitions; a Pallas call it cannot). ``num_blocks``: the KV pool; without it,
+        which GSPMD partitions; a Pallas call it cannot). ``fuse_projections``: join q/k/v and gate/up
+        into one matmul each (``models.llama.fuse_projections``; None: on one device, never over a mesh). ``num_blocks``: the KV pool; without it,
         call ``allocate_kv_cache`` (after ``activation_bytes``, to size the pool from what is left)."""
         enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
@@ -158,6 +161,12 @@ class ModelRunner:
         if unroll_layers is None:  # see EngineArgs.unroll_layers
             unroll_layers = jax.default_backend() == "gpu"
         self.params = unstack_layers(params) if unroll_layers else params
+        if fuse_projections is None:
+            fuse_projections = mesh is None
+        elif fuse_projections and mesh is not None:
+            raise ValueError("fused projections run on one device; a mesh splits q/k/v and gate/up apart")
+        if fuse_projections:
+            self.params = fuse_layer_projections(self.params)
         # Unrolled layers get one KV buffer per layer (models.batch.KVCache says why).
         self._make_kv_cache = functools.partial(make_kv_cache, step_config, block_size=block_size, dtype=kv_dtype,
                                                 sharding=kv_sharding, per_layer=unroll_layers)

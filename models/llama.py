@@ -20,6 +20,9 @@ Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
     final_norm   [H]
     lm_head      [H, V]                                    (absent when tied)
 
+On one device q/k/v and gate/up are usually joined (``fuse_projections``): ``wqkv
+[L, H, (Hq+2Hkv)*D]``, ``bqkv``, ``w_gate_up [L, H, 2I]``; the forward takes either form.
+
 The seven layer matrices may instead be quantized weights (``models.quantization``:
 int8, int4, fp8 pytrees with the same ``[in, out]`` meaning); every matmul goes through
 ``models.quantization.linear``.
@@ -39,7 +42,7 @@ import numpy as np
 
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
-from models.quantization import LinearBackend, linear
+from models.quantization import LinearBackend, concat_outputs, linear
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
 
@@ -85,6 +88,34 @@ def unstack_layers(params: dict) -> dict:
     return {**params, "layers": per_layer}
 
 
+# Fused projections: matrices that multiply the same input, joined along their outputs so a
+# decode step reads them in one matmul (at one row XLA reads a narrow wk/wv at a fraction of
+# the rate of a wide one; benchmarks/NOTES.md). name -> the weights it joins, in order.
+FUSED_PROJECTIONS = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def fuse_projections(params: dict) -> dict:
+    """The same params with q/k/v (and their biases) and gate/up joined (``FUSED_PROJECTIONS``),
+    stacked or per-layer layers alike; a group that cannot be joined (``concat_outputs``) stays
+    apart. The parts are dropped as each fused weight is made. For one device: a column split
+    of a fused weight over a mesh would not give each device its own q, k and v heads."""
+    layer_dicts = params["layers"] if isinstance(params["layers"], (list, tuple)) else [params["layers"]]
+    fused_layers = []
+    for layer in layer_dicts:
+        layer = dict(layer)
+        for fused, parts in FUSED_PROJECTIONS.items():
+            if not all(p in layer for p in parts):
+                continue
+            joined = concat_outputs([layer[p] for p in parts])
+            if joined is not None:
+                for p in parts:
+                    del layer[p]
+                layer[fused] = joined
+        fused_layers.append(layer)
+    layers = fused_layers if isinstance(params["layers"], (list, tuple)) else fused_layers[0]
+    return {**params, "layers": layers}
+
+
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies of rotary embedding, with llama3 / linear scaling applied."""
     D = config.head_dim
@@ -118,6 +149,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def split_columns(x: jax.Array, widths: tuple) -> tuple:
+    """``x[..., sum(widths)]`` -> the parts ``x[..., w_i]`` (the outputs of a fused projection)."""
+    return tuple(jnp.split(x, np.cumsum(widths)[:-1].tolist(), axis=-1))
+
+
 AttentionFn = Callable[..., jax.Array]
 WriteKVFn = Callable[..., tuple]
 
@@ -147,13 +183,23 @@ def forward(
     attend = functools.partial(attention_fn, sliding_window=config.sliding_window)
     mm = functools.partial(linear, backend=linear_backend)
 
+    def project(h, w, fused: str, parts: tuple, widths: tuple) -> tuple:
+        """``h @ w[part]`` for each part: one matmul of the fused weight when the layer has it."""
+        if fused in w:
+            return split_columns(mm(h, w[fused]), widths)
+        return tuple(mm(h, w[p]) for p in parts)
+
+    def biases(w, fused: str, parts: tuple, widths: tuple) -> tuple:
+        return split_columns(w[fused], widths) if fused in w else tuple(w[p] for p in parts)
+
     def layer_step(carry, layer_and_weights):
         x, k_cache, v_cache = carry
         layer, w = layer_and_weights
         h = rms_norm(x, w["input_norm"], eps)
-        q, k, v = mm(h, w["wq"]), mm(h, w["wk"]), mm(h, w["wv"])
+        q, k, v = project(h, w, "wqkv", ("wq", "wk", "wv"), (config.q_size, config.kv_size, config.kv_size))
         if config.qkv_bias:
-            q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+            bq, bk, bv = biases(w, "bqkv", ("bq", "bk", "bv"), (config.q_size, config.kv_size, config.kv_size))
+            q, k, v = q + bq, k + bk, v + bv
         q = q.reshape(T, config.num_heads, config.head_dim)
         k = k.reshape(T, config.num_kv_heads, config.head_dim)
         v = v.reshape(T, config.num_kv_heads, config.head_dim)
@@ -165,7 +211,8 @@ def forward(
                       batch.cu_q_lens, batch.num_seqs)
         x = x + mm(attn.reshape(T, config.q_size), w["wo"])
         h = rms_norm(x, w["post_norm"], eps)
-        x = x + mm(jax.nn.silu(mm(h, w["w_gate"])) * mm(h, w["w_up"]), w["w_down"])
+        gate, up = project(h, w, "w_gate_up", ("w_gate", "w_up"), (config.intermediate_size,) * 2)
+        x = x + mm(jax.nn.silu(gate) * up, w["w_down"])
         return (x, k_cache, v_cache), None
 
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled

@@ -125,6 +125,23 @@ def map_output_axis(w, fn):
     return w.replace(**changes)
 
 
+def concat_outputs(weights: list) -> Optional[Any]:
+    """One weight whose output columns are those of ``weights`` side by side (``x @ W`` is the
+    outputs of each ``x @ w`` concatenated), or None where they cannot be joined: mixed types or
+    layouts, or act-order int4 weights (each multiplies its own permutation of ``x``)."""
+    first = weights[0]
+    if any(type(w) is not type(first) for w in weights):
+        return None
+    if not is_quantized(first):
+        return jnp.concatenate(weights, axis=-1)
+    if isinstance(first, Int4Weight) and (any(w.perm is not None for w in weights)
+                                          or any((w.group_size, w.pack) != (first.group_size, first.pack)
+                                                 for w in weights)):
+        return None
+    return first.replace(**{name: jnp.concatenate([getattr(w, name) for w in weights], axis=first.out_axes[name])
+                            for name in weight_fields(first)})
+
+
 # --------------------------------------------------------------------------------------
 # Making quantized weights from dense ones (on device; stacked layers allowed)
 # --------------------------------------------------------------------------------------

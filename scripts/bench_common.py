@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -91,7 +92,12 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend,
     )
     options.update(overrides)
-    return LLM(args.model, **options)
+    # The engine's start-up line (weights, KV pool, activations) goes to the run's log.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    llm = LLM(args.model, **options)
+    print(f"LLM(...) ready in {time.perf_counter() - start:.1f} s", flush=True)
+    return llm
 
 
 def model_name(model: Optional[str]) -> str:

@@ -22,6 +22,7 @@ sees inside its own compiled step. Medians of ``--repeats``; compilation exclude
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import statistics
@@ -34,9 +35,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 
 # name -> (K, N, matrices of this shape per decode step of Llama-3.1-8B)
-SHAPES_8B = {"wq": (4096, 4096, 32), "wk_wv": (4096, 1024, 64), "wo": (4096, 4096, 32),
-             "w_gate_w_up": (4096, 14336, 64), "w_down": (14336, 4096, 32), "lm_head": (4096, 128256, 1)}
-SHAPES_SMOKE = {"wq": (256, 128, 2), "w_gate_w_up": (256, 384, 4), "w_down": (384, 256, 2), "lm_head": (128, 512, 1)}
+# On one device the engine joins q/k/v and gate/up (models.llama.fuse_projections).
+SHAPES_8B = {"wqkv": (4096, 6144, 32), "wo": (4096, 4096, 32), "w_gate_up": (4096, 28672, 32),
+             "w_down": (14336, 4096, 32), "lm_head": (4096, 128256, 1)}
+SHAPES_SMOKE = {"wqkv": (256, 128, 2), "w_gate_up": (256, 384, 2), "w_down": (384, 256, 2), "lm_head": (128, 512, 1)}
+# Kernel tilings tried by --sweep: (block_n, block_k, programs_per_core, num_warps, num_stages).
+# int4 tiles K by its packing block whatever block_k says.
+SWEEP = ((64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 256, 2, 4, 4), (256, 128, 1, 4, 4), (128, 256, 1, 8, 3),
+         (256, 256, 1, 8, 3), (128, 512, 1, 4, 3), (64, 256, 2, 4, 4), (128, 128, 4, 4, 4), (256, 64, 2, 4, 6))
 VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")
 STREAM_BYTES = 128 << 20  # distinct copies of a weight: at least this many bytes (L2 is 50-60 MB)
 MIN_CALLS = 64  # matmuls per timed call
@@ -116,7 +122,9 @@ def main(argv=None):
     parser.add_argument("--rows", default="1,16,64", help="comma-separated M values")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's tiles on w_gate_w_up at M=1")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's tiles (SWEEP) at M=1")
+    parser.add_argument("--sweep-shapes", default="w_gate_up,wqkv")
+    parser.add_argument("--sweep-variants", default="pallas-int8,pallas-int4")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--results-dir", default=bench_common.RESULTS_DIR)
@@ -148,19 +156,21 @@ def main(argv=None):
                                                                if "us" in row else row["error"][:120]), flush=True)
     sweep = []
     if args.sweep:
-        K, N, _ = shapes["w_gate_w_up"]
-        for variant in ("pallas-bf16", "pallas-int8", "pallas-int4"):
-            for block_n in (32, 64, 128):
-                for stages in (3, 5):
-                    config = MatmulConfig(block_n=block_n, num_stages=stages)
+        for name in args.sweep_shapes.split(","):
+            K, N, _ = shapes[name]
+            for variant in args.sweep_variants.split(","):
+                for block_n, block_k, per_core, warps, stages in SWEEP:
+                    config = MatmulConfig(block_n=block_n, block_k=block_k, programs_per_core=per_core,
+                                          num_warps=warps, num_stages=stages)
                     try:
                         row = time_variant(variant, K, N, 1, interpret=interpret, repeats=repeats, config=config,
                                            stream_bytes=stream, min_calls=calls)
-                        sweep.append(dict(config=vars(config), **row))
-                        print(f"sweep {variant} block_n={block_n} stages={stages}: {row['us']:.1f} us "
+                        sweep.append(dict(name=name, config=dataclasses.asdict(config), **row))
+                        print(f"sweep {name} {variant} {dataclasses.asdict(config)}: {row['us']:.1f} us "
                               f"{row['weight_tb_s']:.2f} TB/s", flush=True)
                     except Exception as e:  # noqa: BLE001
-                        sweep.append(dict(config=vars(config), variant=variant, error=f"{type(e).__name__}: {e}"[:300]))
+                        sweep.append(dict(name=name, config=dataclasses.asdict(config), variant=variant,
+                                          error=f"{type(e).__name__}: {e}"[:300]))
     estimates = step_estimates(rows, shapes, read_tb_s)
     result.update(read_tb_s=read_tb_s, rows=rows, sweep=sweep, decode_step_estimates=estimates,
                   notes="read_tb_s: elementwise x*2 over 2 GiB, read + write counted; floor_us: the step's "

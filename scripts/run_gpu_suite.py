@@ -37,11 +37,14 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-bf16", latency(None), 150),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 90),
         ("latency-int8", latency("int8"), 100),
+        ("latency-int8-xla", latency("int8", "--linear-backend", "xla"), 80),
         ("latency-awq", latency("awq"), 70),
-        ("latency-fp8", latency("fp8"), 70),
+        ("latency-fp8", latency("fp8"), 100),
         ("tput-short-bf16", tput("tput-short"), 200),
         ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 130),
         ("matmul", bench("bench_matmul.py", "--rows", "1,16,256", "--repeats", "5"), 150),
+        ("matmul-sweep", bench("bench_matmul.py", "--rows", "1", "--repeats", "5", "--sweep",
+                               "--sweep-shapes", "w_gate_up"), 150),
         ("latency-bf16-pallas", latency(None, "--linear-backend", "pallas"), 70),
         ("latency-hf-peer", latency(None, "--peer", "hf", "--output-json", f"{results}/latency-hf-peer.json"), 90),
         ("tput-short-bf16-kvfp8", tput("tput-short", "--kv-cache-dtype", "fp8"), 130),
@@ -65,7 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--deadline-s", type=float, default=560)
     parser.add_argument("--commit", default=None, help="recorded in every result (the device copy has no .git)")
-    parser.add_argument("--steps", default=None, help="comma-separated subset, in this order")
+    parser.add_argument("--steps", default=None, help="comma-separated subset, run in the order given")
     parser.add_argument("--min-start-s", type=float, default=25, help="do not start a step with less time left")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
@@ -78,8 +81,11 @@ def main(argv=None) -> None:
         env["BENCH_COMMIT"] = args.commit
     chosen = steps(results)
     if args.steps:
-        wanted = args.steps.split(",")
-        chosen = [s for s in chosen if s[0] in wanted]
+        by_name = {s[0]: s for s in chosen}
+        unknown = [name for name in args.steps.split(",") if name not in by_name]
+        if unknown:
+            parser.error(f"unknown steps {unknown}; known: {', '.join(by_name)}")
+        chosen = [by_name[name] for name in args.steps.split(",")]
     summary = open(os.path.join(args.out, "summary.txt"), "a")
     for name, argv_, timeout in chosen:
         left = args.deadline_s - (time.monotonic() - start)

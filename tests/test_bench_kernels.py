@@ -74,7 +74,7 @@ def test_matmul_bench_smoke_times_every_variant_and_estimates_a_step(tmp_path):
     estimates = {e["variant"]: e for e in r["decode_step_estimates"]}
     assert set(estimates) == set(variants.split(","))
     by = {(row["variant"], row["name"]): row for row in r["rows"]}
-    int8 = sum(by[("pallas-int8", n)]["us"] * c for n, c in (("wq", 2), ("w_gate_w_up", 4), ("w_down", 2)))
+    int8 = sum(by[("pallas-int8", n)]["us"] * c for n, c in (("wqkv", 2), ("w_gate_up", 2), ("w_down", 2)))
     assert math.isclose(estimates["pallas-int8"]["step_us"], int8 + by[("xla-bf16", "lm_head")]["us"])
     # int8 weights are about half the bytes of bf16 ones (scales add a little).
     assert 0.45 < estimates["pallas-int8"]["weight_bytes"] / estimates["xla-bf16"]["weight_bytes"] < 0.6

@@ -44,3 +44,44 @@ def test_per_layer_cache_needs_unstacked_weights():
                               max_num_tokens=16, max_num_seqs=8, max_blocks_per_seq=4)
     with pytest.raises(ValueError, match="per-layer KV cache needs per-layer"):
         forward(params, make_kv_cache(config, 4, 4, jnp.float32, per_layer=True), batch, config=config)
+
+
+@pytest.mark.parametrize("method", [None, "int8", "int4", "fp8", "gptq-act-order"])
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_fused_projections_equal_separate_ones(method, unrolled):
+    """q/k/v (with biases) and gate/up joined into one matmul each give the logits and KV of the
+    separate matrices, dense and quantized; act-order int4 weights stay apart."""
+    from models.llama import fuse_projections
+    from models.quantization import Int4Weight, quantize_params
+
+    config = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True)
+    params = jax.tree.map(lambda a: a * 8.0, load_dummy_params(config, jnp.float32, seed=3))
+    if method == "gptq-act-order":
+        params = quantize_params(params, "int4")
+        layers = params["layers"]
+        for name in ("wq", "wk", "wv", "w_gate", "w_up"):  # a permutation of the rows (the kernel's act-order)
+            w = layers[name]
+            layers[name] = w.replace(perm=jnp.broadcast_to(jnp.arange(w.packed.shape[-2] * 2)[::-1],
+                                                            w.packed.shape[:-2] + (w.packed.shape[-2] * 2,)))
+    elif method is not None:
+        params = quantize_params(params, method)
+    if unrolled:
+        params = unstack_layers(params)
+    fused = fuse_projections(params)
+    layer = fused["layers"][0] if unrolled else fused["layers"]
+    if method == "gptq-act-order":
+        assert "wqkv" not in layer and "w_gate_up" not in layer and isinstance(layer["wq"], Int4Weight)
+    else:
+        assert {"wqkv", "bqkv", "w_gate_up"} <= set(layer) and not {"wq", "wk", "wv", "bq", "w_gate"} & set(layer)
+    rng = np.random.default_rng(1)
+    work = [SequenceWork(token_ids=rng.integers(0, 128, n).tolist(), start=0,
+                         block_table=list(range(1 + 4 * i, 5 + 4 * i)), sample=True) for i, n in enumerate((6, 1))]
+    batch = build_model_input(work, block_size=4, max_num_tokens=64, max_num_seqs=8, max_blocks_per_seq=4)
+    step = jax.jit(forward, static_argnames=("config",))
+    cache = lambda: make_kv_cache(config, 16, 4, jnp.float32, per_layer=unrolled)  # noqa: E731
+    separate, cache_a = step(params, cache(), batch, config=config)
+    joined, cache_b = step(fused, cache(), batch, config=config)
+    np.testing.assert_allclose(np.asarray(joined), np.asarray(separate), rtol=1e-4, atol=1e-4)  # f32 sum order
+    np.testing.assert_allclose(np.asarray(jax.tree.leaves(cache_b)[0]), np.asarray(jax.tree.leaves(cache_a)[0]),
+                               rtol=1e-4, atol=1e-4)

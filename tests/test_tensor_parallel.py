@@ -65,6 +65,17 @@ def _layout(runner) -> dict:
     return out
 
 
+def _unfused(layers: dict, name: str, config):
+    """Weight ``name`` of a one-device runner, whose q/k/v may be joined (models.llama.fuse_projections)."""
+    from models.llama import FUSED_PROJECTIONS, split_columns
+
+    for fused, parts in FUSED_PROJECTIONS.items():
+        if name in parts and fused in layers:
+            widths = (config.q_size, config.kv_size, config.kv_size)
+            return np.asarray(split_columns(np.asarray(layers[fused]), widths)[parts.index(name)])
+    return np.asarray(layers[name])
+
+
 def _kv_copies_match(runner, reference_runner, tp: int) -> bool:
     """Device d's slice of wk/wv/bk/bv equals checkpoint kv head d * Hkv // tp (replication)."""
     config = reference_runner.config
@@ -72,7 +83,7 @@ def _kv_copies_match(runner, reference_runner, tp: int) -> bool:
     for name in ("wk", "wv", "bk", "bv"):
         if name not in runner.params["layers"]:
             continue
-        full = np.asarray(reference_runner.params["layers"][name])
+        full = _unfused(reference_runner.params["layers"], name, config)
         for shard in runner.params["layers"][name].addressable_shards:
             d = shard.index[-1].start // D  # which (replicated) kv head this device holds
             head = d * config.num_kv_heads // tp
@@ -266,13 +277,14 @@ def test_params_and_kv_cache_sharded_as_specified(single_host, run):
         assert entry["devices"] == tp, key
         local = [n // tp if axis == "tp" else n for n, axis in zip(entry["shape"], spec)]
         assert entry["shard_shapes"] == [local], key
-        if key not in ("layers/wk", "layers/wv", "layers/bk", "layers/bv", "kv_cache"):
+        # (one device joins q/k/v and gate/up: those have no single-device counterpart)
+        if key in single and key not in ("layers/wk", "layers/wv", "layers/bk", "layers/bv", "kv_cache"):
             assert entry["shape"] == single[key]["shape"], key
     # 2 kv heads: up to tp=2 each device holds its own, at tp=4 every head is stored twice.
     # (Each device then holds one kv head: checked above through the shard shapes.)
     heads = max(2, tp)
     assert layout["kv_cache"]["shape"][1] == heads
-    assert layout["layers/wk"]["shape"][-1] == heads * single["layers/wk"]["shape"][-1] // 2
+    assert layout["layers/wk"]["shape"][-1] == heads * layout["kv_cache"]["shape"][-1]  # heads x head_dim
     if tp > 2:
         assert single_host[run]["kv_copies_match"] is True
 
