@@ -73,6 +73,21 @@ def prefill_figures(run: bench_common.OfflineRun, engine, peak_flops: float) -> 
                 prefill_steps=len(steps), prefill_seconds=seconds, peak_tflop_s=peak_flops / 1e12)
 
 
+def step_breakdown(run: bench_common.OfflineRun) -> dict:
+    """Where a traced run's time went: steps with prompt chunks, decode-only steps (their median
+    step time and batch), and the time outside any step (the engine loop between steps)."""
+    import statistics
+
+    records = run.trace.records
+    decode = [r for r in records if not r.has_prefill]
+    prefill_s = sum(run.step_seconds(r) for r in records if r.has_prefill)
+    decode_s = sum(run.step_seconds(r) for r in decode)
+    return dict(prefill_steps_s=prefill_s, decode_steps_s=decode_s, outside_steps_s=run.seconds - prefill_s - decode_s,
+                decode_steps=len(decode),
+                decode_step_ms_median=statistics.median(run.step_seconds(r) for r in decode) * 1e3 if decode else None,
+                decode_batch_median=statistics.median(len(r.scheduled) for r in decode) if decode else None)
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     vocab = bench_common.read_vocab_size(args.model)
@@ -119,7 +134,7 @@ def main(argv=None) -> list[dict]:
             if run.trace is not None and run.trace.records:
                 records = run.trace.records
                 result.update(steps=len(records), mean_batch_seqs=sum(len(r.scheduled) for r in records) / len(records),
-                              num_preemptions=sum(len(r.preempted) for r in records))
+                              num_preemptions=sum(len(r.preempted) for r in records), **step_breakdown(run))
             if workload == "tput-prefill":
                 prefill = prefill_figures(run, engine, peak_flops)
                 ours["prefill_mfu"] = prefill["prefill_mfu"]

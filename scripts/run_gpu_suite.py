@@ -41,6 +41,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-awq", latency("awq"), 70),
         ("latency-fp8", latency("fp8"), 100),
         ("tput-short-bf16", tput("tput-short"), 200),
+        ("tput-short-traced", tput("tput-short", "--trace", "--output-json", f"{results}/tput-short-traced.json"), 200),
         ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 130),
         ("matmul", bench("bench_matmul.py", "--rows", "1,16,256", "--repeats", "5"), 150),
         ("matmul-sweep", bench("bench_matmul.py", "--rows", "1", "--repeats", "5", "--sweep",
