@@ -138,9 +138,14 @@ class BlockManager:
         nothing changed -- when there are not enough free blocks.
         """
         current = self._num_tokens.get(seq_id, 0)
+        table = self._tables.get(seq_id)
+        if (table is not None and current < num_tokens_total <= len(table) * self.block_size
+                and self._refcount[table[-1]] == 1):
+            # Growing inside its own last block (most decode steps): nothing to take or copy.
+            self._num_tokens[seq_id] = num_tokens_total
+            return []
         if num_tokens_total < current:
             raise ValueError(f"sequence {seq_id!r} covers {current} tokens; cannot shrink to {num_tokens_total}")
-        table = self._tables.get(seq_id)
         num_owned = 0 if table is None else len(table)
         # Computed once each (this runs for every running sequence every step).
         copy_on_write = self._needs_copy_on_write(seq_id, num_tokens_total)

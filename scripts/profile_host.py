@@ -10,7 +10,8 @@ on the model's size) at a full decode batch:
 
 "Device" time is the jitted step (and any copy-on-write page copy) up to its result being ready,
 compiles included: the script wraps the runner's jitted functions with ``block_until_ready``.
-Host time = step wall time - device time. Steps are timed after a warm-up batch (which compiles),
+Host time = step wall time - device time; also printed as the engine thread's CPU time outside
+the device part (``time.thread_time``), which other processes on a busy machine do not inflate. Steps are timed after a warm-up batch (which compiles),
 and only while all sequences are in decode (the prefill steps are skipped).
 """
 
@@ -50,18 +51,28 @@ def write_dummy_model(folder: str) -> str:
 
 
 class DeviceTimer:
-    """Wraps the runner's jitted callables so their time until the result is ready is counted apart."""
+    """Wraps the runner's jitted callables so the device's part of a step is counted apart: the call
+    (dispatch, compiles, input transfers), the wait for its result and the result's transfer to the host.
+    ``dispatch_seconds`` is the call's own part of that (host work inside JAX, reported for information)."""
 
     def __init__(self, runner):
-        self.seconds = 0.0
-        runner._step = self._timed(runner._step)
-        runner._copy = self._timed(runner._copy)
+        self.seconds = self.dispatch_seconds = self.thread_seconds = 0.0
+        runner._step = self._timed(runner._step, fetch_first=True)  # returns (sampler output, kv cache)
+        runner._copy = self._timed(runner._copy, fetch_first=False)
 
-    def _timed(self, fn):
+    def reset(self) -> None:
+        self.seconds = self.dispatch_seconds = self.thread_seconds = 0.0
+
+    def _timed(self, fn, *, fetch_first: bool):
         def call(*args, **kwargs):
-            start = time.perf_counter()
-            out = jax.block_until_ready(fn(*args, **kwargs))
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            out = fn(*args, **kwargs)
+            self.dispatch_seconds += time.perf_counter() - start
+            out = jax.block_until_ready(out)
+            if fetch_first:  # the runner's device_get of the result is then a no-op on numpy arrays
+                out = (jax.device_get(out[0]), *out[1:])
             self.seconds += time.perf_counter() - start
+            self.thread_seconds += time.thread_time() - start_cpu
             return out
 
         return call
@@ -79,24 +90,28 @@ def run(engine: LLMEngine, timer: DeviceTimer, *, num_seqs: int, prompt_len: int
         params: SamplingParams, prefix: str, profiler: cProfile.Profile | None = None) -> dict:
     """Add ``num_seqs`` requests, step to the end; time the steps where every sequence decodes."""
     add_batch(engine, np.random.default_rng(0), prefix, num_seqs, prompt_len, params)
-    host, device = [], []
+    host, device, dispatch, host_cpu = [], [], [], []
     while engine.has_unfinished_requests():
         all_decode = (engine.scheduler.num_running == num_seqs
                       and all(r.num_uncomputed_tokens == 1 for r in engine.scheduler.running_requests))
-        timer.seconds = 0.0
+        timer.reset()
         if all_decode and profiler is not None:
             profiler.enable()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         engine.step()
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
         if profiler is not None:
             profiler.disable()
         if all_decode:
             host.append(wall - timer.seconds)
             device.append(timer.seconds)
+            dispatch.append(timer.dispatch_seconds)
+            host_cpu.append(cpu - timer.thread_seconds)
     return {"prompt_len": prompt_len, "num_seqs": num_seqs, "decode_steps": len(host),
-            "host_ms_median": 1e3 * float(np.median(host)), "host_ms_mean": 1e3 * float(np.mean(host)),
-            "device_ms_median": 1e3 * float(np.median(device))}
+            "host_ms_median": 1e3 * float(np.median(host)),
+            "host_cpu_ms_median": 1e3 * float(np.median(host_cpu)), "host_ms_mean": 1e3 * float(np.mean(host)),
+            "device_ms_median": 1e3 * float(np.median(device)),
+            "dispatch_ms_median": 1e3 * float(np.median(dispatch))}
 
 
 def main() -> None:
@@ -124,8 +139,10 @@ def main() -> None:
         result = run(engine, timer, num_seqs=args.num_seqs, prompt_len=prompt_len, max_tokens=args.max_tokens,
                      params=params, prefix=f"run{prompt_len}-", profiler=profiler)
         print(f"prompt {prompt_len:5d}, {result['num_seqs']} seqs, {result['decode_steps']} decode steps: "
-              f"host {result['host_ms_median']:.2f} ms/step (mean {result['host_ms_mean']:.2f}), "
-              f"device {result['device_ms_median']:.2f} ms/step", flush=True)
+              f"host {result['host_ms_median']:.2f} ms/step (mean {result['host_ms_mean']:.2f}; "
+              f"CPU time of the engine thread {result['host_cpu_ms_median']:.2f}), "
+              f"device {result['device_ms_median']:.2f} ms/step (of which the jitted call's dispatch "
+              f"{result['dispatch_ms_median']:.2f} ms)", flush=True)
         if profiler is not None:
             pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
 

@@ -3,6 +3,7 @@
 import os
 import random
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -304,3 +305,31 @@ class BlockManagerMachine(RuleBasedStateMachine):
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                             suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_block_table_array_follows_every_change_of_the_table(rng):
+    """The cached int32 table (the runner's step input) is rebuilt whenever the table changes:
+    growth into a new block, copy-on-write of a shared last block, fork, free."""
+    bm = BlockManager(64, 4)
+    live: list[str] = []
+    for step in range(300):
+        op = rng.random()
+        if op < 0.15 or not live:
+            seq_id = f"s{step}"
+            if bm.allocate_slots(seq_id, rng.randrange(1, 9)) is not None:
+                live.append(seq_id)
+        elif op < 0.3:
+            parent = rng.choice(live)
+            child = f"{parent}/{step}"
+            bm.fork(parent, child, rng.randrange(1, bm.num_tokens(parent) + 1))
+            live.append(child)
+        elif op < 0.4:
+            bm.free(live.pop(rng.randrange(len(live))))
+        else:
+            seq_id = rng.choice(live)
+            bm.allocate_slots(seq_id, bm.num_tokens(seq_id) + rng.randrange(0, 3))  # None when full: unchanged
+        for seq_id in rng.sample(live, min(3, len(live))):
+            array = bm.block_table_array(seq_id)
+            assert array.dtype == np.int32 and not array.flags.writeable
+            assert array.tolist() == bm.block_table(seq_id)
+        bm.check_invariants()  # also: no cached array is stale or outlives its sequence

@@ -275,3 +275,33 @@ def test_sort_descending_orders_like_floats(rng):
     x = _logits(rng, 3, 257, scale=1e3)
     x[0, :6] = [-np.inf, np.inf, -0.0, 0.0, -3.4e38, 3.4e38]
     np.testing.assert_array_equal(np.asarray(_sort_descending(x)), -np.sort(-x, axis=-1))
+
+
+def test_builder_rows_do_not_depend_on_the_batch_or_on_shared_params(rng):
+    """The builder computes values once per distinct params object and builds the token matrices only
+    when some row needs them: each row must still be what it is alone, shared object or equal copy."""
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=5, seed=3),
+             SamplingParams(temperature=0.7, min_p=0.1, presence_penalty=0.5),
+             SamplingParams(temperature=0.0, repetition_penalty=1.3), SamplingParams(min_tokens=3, stop_token_ids=[9])]
+    picks = rng.integers(0, len(kinds), 12)
+    shared = [kinds[k] for k in picks]
+    copies = [SamplingParams(**{f: getattr(kinds[k], f) for f in ("temperature", "top_k", "top_p", "min_p", "seed",
+                                                                   "presence_penalty", "repetition_penalty",
+                                                                   "min_tokens", "stop_token_ids")})
+              for k in picks]
+    outputs = [rng.integers(0, 50, rng.integers(0, 6)).tolist() for _ in picks]
+    prompts = [rng.integers(0, 50, rng.integers(1, 30)).tolist() for _ in picks]
+    seeds, steps = rng.integers(0, 2**40, len(picks)).tolist(), [len(o) for o in outputs]
+    batch = build_sampling_metadata(shared, outputs, prompts, seeds, steps, 16, eos_token_ids=[2])
+    same = build_sampling_metadata(copies, outputs, prompts, seeds, steps, 16, eos_token_ids=[2])
+    for a, b in zip(jax.tree.leaves(batch), jax.tree.leaves(same)):
+        np.testing.assert_array_equal(a, b)
+    for i in range(len(picks)):
+        alone = build_sampling_metadata([shared[i]], [outputs[i]], [prompts[i]], [seeds[i]], [steps[i]], 1,
+                                        eos_token_ids=[2])
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "seeds", "step_indices"):
+            assert getattr(batch, name)[i] == getattr(alone, name)[0], name
+        for name in ("prompt_token_ids", "output_token_ids", "banned_token_ids"):
+            row, alone_row = getattr(batch, name)[i], getattr(alone, name)[0]
+            assert row[row >= 0].tolist() == alone_row[alone_row >= 0].tolist(), name

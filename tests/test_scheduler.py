@@ -422,3 +422,42 @@ class SchedulerMachine(RuleBasedStateMachine):
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])
+
+
+
+def test_decode_fast_path_makes_the_same_decisions_as_the_general_loop(rng):
+    """``_schedule_decodes`` (taken when no decode can run out of room) plans what the one-at-a-time
+    loop plans: same sequences, chunks, copies and preemptions, under a random load with forks
+    (copy-on-write) and a pool small enough that both paths run."""
+    seed = rng.randrange(2**32)
+
+    def run(fast_path: bool):
+        engine = make(num_blocks=16, block_size=4, max_num_batched_tokens=16, max_num_seqs=6, max_model_len=48,
+                      rng=random.Random(seed))
+        scheduler, calls = engine.scheduler, []
+        if fast_path:
+            schedule_decodes = scheduler._schedule_decodes
+            scheduler._schedule_decodes = lambda decodes, plan: calls.append(1) or schedule_decodes(decodes, plan)
+        else:
+            scheduler._decodes_always_fit = lambda decodes, plan: False
+        load = random.Random(seed + 1)
+        for i in range(40):
+            engine.add(f"r{i}", load.randrange(1, 20), max_tokens=load.randrange(1, 12))
+            for _ in range(load.randrange(3)):
+                if not scheduler.has_unfinished_requests():
+                    break
+                engine.step()
+                decoding = [r for r in scheduler.running_requests
+                            if r.num_uncomputed_tokens == 1 and "#" not in r.request_id]
+                if decoding and load.random() < 0.3:
+                    parent = load.choice(decoding)
+                    engine.fork(parent, f"{parent.request_id}#{len(engine.outputs)}")
+        engine.run_to_completion()
+        plans = [([(s.request_id, s.start, s.num_tokens, s.samples) for s in out.scheduled],
+                  out.block_copies, out.preempted_request_ids) for out in engine.outputs]
+        return plans, len(calls)
+
+    fast, fast_steps = run(fast_path=True)
+    general, _ = run(fast_path=False)
+    assert fast == general
+    assert 0 < fast_steps < len(fast)
