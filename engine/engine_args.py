@@ -50,8 +50,9 @@ class EngineArgs:
     num_gpu_blocks_override: Optional[int] = None
     scheduling_policy: str = "fifo"
     attention_backend: str = "auto"
-    # Matmuls: "auto" = the Pallas weight-streaming kernel for quantized weights at small
-    # batches on GPU, XLA otherwise; "pallas" also for dense weights; "xla" never the kernel.
+    # Matmuls: "auto" = the Pallas weight-streaming kernel for int4 weights at small batches on
+    # GPU, XLA otherwise (models.quantization.LinearBackend); "pallas" also for int8 and dense
+    # weights; "xla" never the kernel.
     linear_backend: str = "auto"
     # Unroll the layer loop over per-layer weights instead of lax.scan over stacked ones.
     # None = on GPU only: there XLA copies each layer's weight slice inside the scan, which

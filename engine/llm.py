@@ -7,6 +7,7 @@ loop, so concurrent callers are batched into the same steps.
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 from typing import Optional, Sequence, Union
 
 from tqdm.auto import tqdm
@@ -155,7 +156,7 @@ class LLM:
 
     def __del__(self):
         loop = getattr(self, "_loop", None)
-        if loop is not None:
+        if loop is not None and not sys.is_finalizing():  # at interpreter exit the (daemon) loop just stops
             loop.shutdown()
 
 

@@ -21,11 +21,13 @@ Only the seven matrices of each layer are quantized; the embedding and the LM he
 in the model dtype (as in vLLM). Every weight keeps the ``[..., K, N]`` contract of the
 dense model (``x @ W``); a leading layer axis is allowed on every field.
 
-Speed: at small batches a step reads every weight once, so ``linear`` runs the Pallas
-weight-streaming kernel (``pallas_kernels.quantized_matmul``) that reads the stored bytes
-and dequantizes in registers; at large batches it dequantizes and calls XLA's matmul,
-which is then bound by arithmetic, not bytes. Under a tensor-parallel mesh the kernel is
-not used (GSPMD cannot partition a Pallas call; the XLA path is partitioned as usual).
+Speed: at small batches a step reads every weight once. For int4 weights ``linear`` then
+runs the Pallas weight-streaming kernel (``pallas_kernels.quantized_matmul``), which reads the
+packed bytes and dequantizes in registers, where XLA would first write a dequantized copy;
+int8 and fp8 go to XLA, which fuses the int8 convert into its dot and has fp8 tensor-core
+dots (``LinearBackend`` says what was measured). At large batches every format dequantizes
+and calls XLA's matmul, then bound by arithmetic, not bytes. Under a tensor-parallel mesh the
+kernel is not used (GSPMD cannot partition a Pallas call; the XLA path is partitioned as usual).
 """
 
 from __future__ import annotations
@@ -417,9 +419,13 @@ MAX_KERNEL_ROWS = 64
 
 @dataclasses.dataclass(frozen=True)
 class LinearBackend:
-    """How ``linear`` multiplies. ``kernel``: "auto" (the Pallas kernel for quantized weights at
-    up to ``max_kernel_rows`` rows on GPU), "pallas" (also for dense weights), or "xla" (never).
-    ``interpret``: run the kernel in interpret mode (CPU tests)."""
+    """How ``linear`` multiplies. ``kernel``: "auto" (the Pallas kernel for int4 weights at up to
+    ``max_kernel_rows`` rows on GPU), "pallas" (for int8 and dense weights too), or "xla" (never).
+    ``interpret``: run the kernel in interpret mode (CPU tests).
+
+    Why "auto" leaves int8 to XLA: on the H200 (benchmarks/NOTES.md, run 6) the 8B decode step
+    with int8 weights took 7.89 ms through the kernel and 6.15 ms through XLA, which fuses the
+    int8 -> bf16 convert into its dot; for int4 XLA first writes a dequantized copy."""
 
     kernel: str = "auto"
     max_kernel_rows: int = MAX_KERNEL_ROWS
@@ -428,7 +434,7 @@ class LinearBackend:
     def use_kernel(self, w, rows: int) -> bool:
         if self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight):
             return False
-        if self.kernel == "auto" and (not is_quantized(w) or jax.default_backend() != "gpu"):
+        if self.kernel == "auto" and (not isinstance(w, Int4Weight) or jax.default_backend() != "gpu"):
             return False
         return self.kernel in ("auto", "pallas")
 

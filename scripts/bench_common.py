@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import faulthandler
 import logging
 import os
 import subprocess
@@ -22,6 +23,9 @@ import sys
 import threading
 import time
 from typing import Iterable, Optional, Sequence
+
+if os.environ.get("BENCH_STACK_DUMP_S"):  # a run that may be killed at a limit says where it was
+    faulthandler.dump_traceback_later(float(os.environ["BENCH_STACK_DUMP_S"]), exit=False)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:

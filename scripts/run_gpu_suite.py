@@ -97,6 +97,7 @@ def main(argv=None) -> None:
             print(name, " ".join(argv_))
             continue
         limit = min(timeout, left - 5)
+        env["BENCH_STACK_DUMP_S"] = str(max(1.0, limit - 8))  # stacks into the log before a kill
         began = time.monotonic()
         with open(os.path.join(logs, f"{name}.log"), "w") as log:
             try:
