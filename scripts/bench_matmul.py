@@ -8,12 +8,14 @@ weight bytes read per second, and a decode-step estimate: the layer matrices tim
 their count in the model plus the bf16 LM head, against the step's weight bytes over
 the measured read rate.
 
-Timing: one jitted function runs at least ``MIN_CALLS`` matmuls, each on its own
-activations, cycling over enough distinct copies of the weight that they outgrow the
-L2 cache: the figure is a stream from device memory, the host's dispatch of the one
-call is spread over many matmuls (a first version timed only a few per call and
-measured mostly dispatch: benchmarks/NOTES.md), and launch overhead is what the engine
-sees inside its own compiled step. Medians of ``--repeats``; compilation excluded.
+Timing: one jitted function runs at least ``MIN_CALLS`` matmuls in a chain (each one's
+input depends on the previous output, as in a model: XLA merged independent dots that
+share a weight into one matmul, which made a second version report 19 TB/s), cycling
+over enough distinct copies of the weight that they outgrow the L2 cache: the figure is
+a stream from device memory, the host's dispatch of the one call is spread over many
+matmuls (a first version timed only a few per call and measured mostly dispatch:
+benchmarks/NOTES.md), and launch overhead is what the engine sees inside its own
+compiled step. Medians of ``--repeats``; compilation excluded.
 
     python scripts/bench_matmul.py                       # GPU, writes benchmarks/results/kernel-matmul-*.json
     python scripts/bench_matmul.py --smoke               # CPU: tiny shapes, interpret mode
@@ -88,7 +90,14 @@ def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_by
     calls = max(min_calls, copies)
     weights = [jax.jit(make)(jax.random.fold_in(key, i)) for i in range(copies)]
     xs = jax.random.normal(jax.random.fold_in(key, 1 << 20), (calls, M, K), jnp.float32).astype(jnp.bfloat16)
-    run = jax.jit(lambda xs, ws: [fn(xs[i], ws[i % copies]) for i in range(calls)])
+    def run(xs, ws):  # each matmul's input depends on the last one's output: none can merge or overlap
+        carry = jnp.zeros((M, 1), xs.dtype)
+        for i in range(calls):
+            out = fn(xs[i] + carry, ws[i % copies])
+            carry = jnp.sum(out, axis=-1, keepdims=True, dtype=jnp.float32).astype(xs.dtype) * 1e-3
+        return carry
+
+    run = jax.jit(run)
     jax.block_until_ready(run(xs, weights))  # compile, warm up
     samples = []
     for _ in range(repeats):
