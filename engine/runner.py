@@ -45,6 +45,13 @@ logger = logging.getLogger(__name__)
 MIN_TOKEN_BUCKET, MIN_SEQ_BUCKET, MIN_BLOCK_BUCKET = 16, 8, 4
 
 
+def token_bucket(num_tokens: int, max_num_tokens: int) -> int:
+    """Padded token rows T of a step: one token runs unpadded (a decode at batch 1, where every
+    matmul is then a matrix-vector product: XLA's GEMV, the int4 kernel's GEMV form), more are
+    padded to a power of two of at least ``MIN_TOKEN_BUCKET``."""
+    return 1 if num_tokens == 1 else bucket(num_tokens, MIN_TOKEN_BUCKET, max_num_tokens)
+
+
 def enable_compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache (``$PAGEDJAX_CACHE_DIR/jax``, default
     ``~/.cache/pagedjax/jax``) so a restart reuses compiled steps; a cache the user set wins."""
@@ -86,7 +93,7 @@ def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_
     starts = np.fromiter((w.start for w in work), np.int32, n)
     table_lens = np.fromiter((len(w.block_table) for w in work), np.int32, n)
     num_tokens = int(query_lens.sum())
-    T = bucket(num_tokens, MIN_TOKEN_BUCKET, max_num_tokens)
+    T = token_bucket(num_tokens, max_num_tokens)
     S = bucket(n, MIN_SEQ_BUCKET, max_num_seqs)
     B = bucket(int(table_lens.max()), MIN_BLOCK_BUCKET, max_blocks_per_seq)
 

@@ -54,7 +54,9 @@ class MatmulConfig:
     """Tile sizes and Triton launch parameters. ``block_n``/``block_k`` are upper bounds: the
     largest power of two up to them that divides N / K is used; ``block_m`` rows per program
     (fewer rows use one tile of the next power of two, at least 16). ``k_splits=None`` picks the
-    split from the shapes (enough programs for ``programs_per_core`` per multiprocessor)."""
+    split from the shapes (enough programs for ``programs_per_core`` per multiprocessor).
+    ``gemv``: a single row runs the GEMV form (``gemv_block_*`` tiles; int4 tiles K by its
+    packing block) instead of padding it to a 16-row tensor-core tile."""
 
     block_m: int = 64
     block_n: int = 64
@@ -63,6 +65,10 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 4
     programs_per_core: int = 2
+    # One row (decode at batch 1): the GEMV form, tiles of gemv_block_k x gemv_block_n.
+    gemv: bool = True
+    gemv_block_n: int = 256
+    gemv_block_k: int = 64
 
 
 # --------------------------------------------------------------------------------------
@@ -155,6 +161,45 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, bl
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int):
+    """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
+
+    No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
+    and summed over K on the CUDA cores. At one row the dot's 16-row tile did 16x the
+    arithmetic for nothing and its small tiles kept too few bytes in flight (benchmarks/NOTES.md,
+    run 6); here a program streams wide tiles and only reads and adds.
+    """
+    o_ref = refs[-1]
+    n, split = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    first_k = split * (steps * block_k)
+
+    def step(i, acc):
+        k0 = pl.multiple_of(first_k + i * block_k, block_k)
+        if fmt == "int4":
+            half = block_k // 2
+            scale_ref, zero_ref = refs[0], refs[1]
+            group = k0 // group_size
+            s = scale_ref[group, cols].astype(jnp.float32)
+            z = zero_ref[group, cols].astype(jnp.float32)
+            packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
+                                   eviction_policy="evict_first")
+            x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
+            x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
+            # sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero leaves the tile.
+            q_lo, q_hi = (packed & 0xF).astype(jnp.float32), (packed >> 4).astype(jnp.float32)
+            dot = jnp.sum(x_lo[:, None] * q_lo + x_hi[:, None] * q_hi, axis=0)
+            return acc + s * (dot - z * (jnp.sum(x_lo) + jnp.sum(x_hi)))
+        w = pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first").astype(jnp.float32)
+        x = x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32)
+        return acc + jnp.sum(x[:, None] * w, axis=0)
+
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((block_n,), jnp.float32))
+    if fmt == "int8":
+        acc = acc * refs[0][cols].astype(jnp.float32)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
 def _largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optional[int]:
     size = upper
     while size >= lower:
@@ -193,6 +238,9 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
         if block_k is None:
             raise ValueError(f"K={K} must be a multiple of 16 for the Pallas matmul")
     M = x.shape[0]
+    if M == 1 and config.gemv:
+        return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
+                     interpret=interpret)
     block_m = min(config.block_m, max(MIN_ROWS, 1 << max(0, M - 1).bit_length()))
     rows = -(-M // block_m) * block_m  # row tiles of block_m (one tile up to config.block_m rows)
     if rows != M:
@@ -218,6 +266,31 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
     )(x, w, *extras)
     out = out[0] if splits == 1 else out.sum(axis=0).astype(x.dtype)
     return out[:M]
+
+
+def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
+    """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
+    block_n = _largest_power_of_2_dividing(N, config.gemv_block_n)
+    block_k = pack if fmt == "int4" else _largest_power_of_2_dividing(K, config.gemv_block_k)
+    num_steps = K // block_k
+    splits = config.k_splits or auto_k_splits(N // block_n, num_steps, config.programs_per_core)
+    if num_steps % splits:
+        raise ValueError(f"k_splits={splits} must divide the {num_steps} K steps of {block_k} rows")
+    kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
+                               group_size=group_size)
+    out_dtype = x.dtype if splits == 1 else jnp.float32
+    out = pl.pallas_call(
+        kernel,
+        grid=(N // block_n, splits),
+        in_specs=[pl.no_block_spec] * (2 + len(extras)),
+        out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
+        out_shape=jax.ShapeDtypeStruct((splits, N), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name=f"{fmt}_weight_streaming_gemv",
+    )(x, w, *extras)
+    out = out[0] if splits == 1 else out.sum(axis=0).astype(x.dtype)
+    return out[None, :]
 
 
 _STATIC = ("config", "interpret")

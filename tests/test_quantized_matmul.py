@@ -64,6 +64,11 @@ CPU_CASES = [
     ("int4", 16, 96, 96, 32, jnp.float32, MatmulConfig()),  # pack block of 32 rows, N not a power of 2
     ("int8", 150, 256, 64, 0, jnp.float32, MatmulConfig()),  # 3 row tiles of 64, the last one padded
     ("int4", 100, 128, 64, 64, jnp.bfloat16, MatmulConfig(block_m=32, k_splits=2)),
+    # One row: the GEMV form (the M=1 cases above), split over K, and the dot form at one row.
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=4, gemv_block_n=64)),
+    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32)),
+    ("int4", 1, 256, 128, 128, jnp.bfloat16, MatmulConfig(gemv=False)),
+    ("dense", 1, 128, 64, 0, jnp.float32, MatmulConfig(gemv=False)),
 ]
 
 
@@ -88,13 +93,15 @@ def test_kernel_matches_reference_interpret(fmt, M, K, N, group, dtype, config):
     run_case(fmt, M, K, N, group, dtype, config, interpret=True)
 
 
+@pytest.mark.parametrize("rows", [100, 1])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
-def test_kernel_lowers_to_triton_for_cuda(fmt):
-    """The Triton lowering (not only the interpreter) accepts every format: cross-platform lowering on CPU."""
+def test_kernel_lowers_to_triton_for_cuda(fmt, rows):
+    """The Triton lowering (not only the interpreter) accepts every format, in the dot form (two
+    row tiles) and the one-row GEMV form: cross-platform lowering on CPU."""
     rng = np.random.default_rng(0)
     kernel, _ = KERNELS[fmt]
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
-    x = jnp.ones((100, 1024), jnp.bfloat16)  # two row tiles
+    x = jnp.ones((rows, 1024), jnp.bfloat16)
     fn = jax.jit(functools.partial(kernel, interpret=False, config=MatmulConfig(k_splits=2), **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1

@@ -156,6 +156,18 @@ def test_kernel_matches_reference_interpret(shapes, kwargs):
             raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
 
 
+@pytest.mark.parametrize("kv_len", [1, 16, 17, 90])
+def test_one_token_step_matches_reference_interpret(kv_len):
+    """T = 1 (the engine runs a decode at batch 1 unpadded): one query row, padded sequence slots."""
+    shapes = Shapes(8, 2, 64, 16, jnp.bfloat16, num_tokens=1)
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    kernel_args, ref_args, used = make_batch(rng, shapes, [1], [kv_len])
+    out = ragged_paged_attention(*kernel_args, interpret=True, tiling=dataclasses.replace(SMALL_TILES, k_splits=2))
+    assert out.shape == (1, 8, 64)
+    assert_matches(out, ragged_paged_attention_reference(*ref_args), used, shapes.dtype)
+
+
 def test_changing_the_batch_mix_does_not_recompile():
     shapes = Shapes(4, 2, 64, 16, jnp.float32)
     rng = np.random.default_rng(0)
