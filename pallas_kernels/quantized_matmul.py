@@ -67,8 +67,9 @@ class MatmulConfig:
     programs_per_core: int = 2
     # One row (decode at batch 1): the GEMV form, tiles of gemv_block_k x gemv_block_n.
     gemv: bool = True
-    gemv_block_n: int = 256
-    gemv_block_k: int = 64
+    gemv_block_n: int = 128
+    gemv_block_k: int = 128
+    gemv_num_warps: int = 8  # a float32 tile of 128 x 128 is 64 registers per thread at 8 warps
 
 
 # --------------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
         in_specs=[pl.no_block_spec] * (2 + len(extras)),
         out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
         out_shape=jax.ShapeDtypeStruct((splits, N), out_dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=config.gemv_num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=f"{fmt}_weight_streaming_gemv",
     )(x, w, *extras)

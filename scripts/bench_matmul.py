@@ -43,6 +43,9 @@ SHAPES_8B = {"wqkv": (4096, 6144, 32), "wo": (4096, 4096, 32), "w_gate_up": (409
 SHAPES_SMOKE = {"wqkv": (256, 128, 2), "w_gate_up": (256, 384, 2), "w_down": (384, 256, 2), "lm_head": (128, 512, 1)}
 # Kernel tilings tried by --sweep: (block_n, block_k, programs_per_core, num_warps, num_stages).
 # int4 tiles K by its packing block whatever block_k says.
+# One-row GEMV form (--sweep-form gemv): (gemv_block_n, gemv_block_k, programs_per_core, gemv_num_warps, stages).
+GEMV_SWEEP = ((128, 128, 2, 8, 4), (256, 64, 2, 8, 4), (64, 128, 2, 4, 4), (128, 256, 1, 8, 3), (256, 128, 1, 8, 3),
+              (128, 64, 4, 4, 6))
 SWEEP = ((64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 256, 2, 4, 4), (256, 128, 1, 4, 4), (128, 256, 1, 8, 3),
          (256, 256, 1, 8, 3), (128, 512, 1, 4, 3), (64, 256, 2, 4, 4), (128, 128, 4, 4, 4), (256, 64, 2, 4, 6))
 VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")
@@ -134,6 +137,8 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's tiles (SWEEP) at M=1")
     parser.add_argument("--sweep-shapes", default="w_gate_up,wqkv")
     parser.add_argument("--sweep-variants", default="pallas-int8,pallas-int4")
+    parser.add_argument("--sweep-form", choices=("dot", "gemv"), default="dot",
+                        help="which form's tiles to sweep: the row-tiled dot (SWEEP) or the one-row GEMV (GEMV_SWEEP)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--results-dir", default=bench_common.RESULTS_DIR)
@@ -168,9 +173,13 @@ def main(argv=None):
         for name in args.sweep_shapes.split(","):
             K, N, _ = shapes[name]
             for variant in args.sweep_variants.split(","):
-                for block_n, block_k, per_core, warps, stages in SWEEP:
-                    config = MatmulConfig(block_n=block_n, block_k=block_k, programs_per_core=per_core,
-                                          num_warps=warps, num_stages=stages)
+                for block_n, block_k, per_core, warps, stages in (SWEEP if args.sweep_form == "dot" else GEMV_SWEEP):
+                    if args.sweep_form == "dot":
+                        config = MatmulConfig(block_n=block_n, block_k=block_k, programs_per_core=per_core,
+                                              num_warps=warps, num_stages=stages, gemv=False)
+                    else:
+                        config = MatmulConfig(gemv_block_n=block_n, gemv_block_k=block_k, programs_per_core=per_core,
+                                              gemv_num_warps=warps, num_stages=stages)
                     try:
                         row = time_variant(variant, K, N, 1, interpret=interpret, repeats=repeats, config=config,
                                            stream_bytes=stream, min_calls=calls)
