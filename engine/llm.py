@@ -51,6 +51,7 @@ class LLM:
         skip_tokenizer_init: bool = False,
         scheduling_mode: str = "continuous",
         trace: bool = False,
+        async_scheduling: Optional[bool] = None,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -60,7 +61,7 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype, num_gpu_blocks_override=num_gpu_blocks_override,
             scheduling_policy=scheduling_policy, attention_backend=attention_backend, linear_backend=linear_backend,
             unroll_layers=unroll_layers,
-            scheduling_mode=scheduling_mode, trace=trace,
+            scheduling_mode=scheduling_mode, trace=trace, async_scheduling=async_scheduling,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)

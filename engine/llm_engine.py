@@ -21,10 +21,10 @@ from engine.detokenizer import IncrementalDetokenizer, check_stop
 from engine.engine_args import EngineArgs, num_kv_blocks, resolve_kv_cache_dtype, sizes_kv_from_memory
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.request import Request, RequestStatus
-from engine.runner import ModelRunner, SequenceWork
+from engine.runner import PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork
 from engine.sampler import build_sampling_metadata
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, ScheduledSequence, SchedulerOutput
 from engine.trace import StepTracer
 from models.batch import kv_cache_bytes_per_block
 from models.loader import load_model
@@ -51,6 +51,17 @@ class _Sample:
     finish_reason: Optional[str] = None
     stop_reason: object = None
     text: str = ""
+
+
+@dataclasses.dataclass
+class _LaunchedStep:
+    """A step on the device: its plan, the (sample, group) of each scheduled sequence, its result."""
+
+    plan: SchedulerOutput
+    entries: list
+    pending: PendingStep
+    start_s: float
+    provisional: bool  # the scheduler already counted its tokens, as PENDING_TOKEN (asynchronous scheduling)
 
 
 @dataclasses.dataclass
@@ -125,7 +136,12 @@ class LLMEngine:
         # Scheduler sequence id ("id" or "id#k") -> its sample and group; read for every sequence every step.
         self._samples: dict[str, tuple[_Sample, _RequestGroup]] = {}
         self._seed_rng = np.random.default_rng(args.seed)
-        self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0,
+                      "steps_planned_ahead": 0}  # planned while the previous step ran (async scheduling)
+        # Asynchronous scheduling (see step()); None: wherever it is allowed.
+        self.async_scheduling = (args.async_scheduling if args.async_scheduling is not None
+                                 else not args.trace and jax.process_count() == 1)
+        self._in_flight: Optional[_LaunchedStep] = None
         self.tracer: Optional[StepTracer] = None
         if args.trace:
             self.tracer = StepTracer(block_size=args.block_size, num_blocks=num_blocks,
@@ -197,26 +213,77 @@ class LLMEngine:
         self._emit(group)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups) or self._in_flight is not None
 
     # -- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one model step, process sampled tokens; returns outputs of touched requests."""
-        step_start = time.perf_counter()
-        out = self.scheduler.schedule()
+        """Schedule and run one model step; returns the outputs of the requests a finished step touched.
+
+        Synchronously, the step is planned, run and read back in this call. With asynchronous
+        scheduling (``EngineArgs.async_scheduling``) the step planned here is put on the device
+        before the previous step's tokens are read back: the scheduler counts each in-flight token
+        as ``PENDING_TOKEN``, a decode's pending token is fed to it on the device, and the host's
+        bookkeeping of step N (tokens, stop checks, outputs) runs while the device runs step N+1.
+        A request that step N finishes has computed one token too many in step N+1, which is
+        dropped (as in vLLM). A step whose sampled tokens the next plan must see on the host
+        (penalties need the output history; an ``n > 1`` request forks after its first token) is
+        read back before planning.
+        """
+        if not self.async_scheduling:
+            launched = self._launch(self.scheduler.schedule(), previous=None)
+            if launched is None:
+                self._check_progress()
+                return []
+            return self._complete(launched)
+        outputs: list[RequestOutput] = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and not self._can_plan_ahead(previous):
+            outputs, previous = self._complete(previous), None
+        launched = self._launch(self.scheduler.schedule(), previous=previous)
+        if previous is not None:
+            self.stats["steps_planned_ahead"] += launched is not None
+            outputs = self._complete(previous)
+        elif launched is None and not outputs:
+            self._check_progress()
+        self._in_flight = launched
+        return outputs
+
+    def _check_progress(self) -> None:
+        if self._groups:  # nothing runnable yet requests pending: never spin silently
+            raise RuntimeError(f"the scheduler made no progress with {len(self._groups)} unfinished "
+                               f"requests ({self.scheduler.num_waiting} waiting, "
+                               f"{self.scheduler.num_running} running)")
+
+    @staticmethod
+    def _can_plan_ahead(step: _LaunchedStep) -> bool:
+        """Whether the next step can be planned before ``step``'s tokens are on the host."""
+        for s, (_, group) in zip(step.plan.scheduled, step.entries):
+            if s.samples and (group.params.has_penalties or len(group.samples) < group.params.n):
+                return False
+        return True
+
+    def _launch(self, out: SchedulerOutput, previous: Optional[_LaunchedStep]) -> Optional[_LaunchedStep]:
+        """Put a planned step on the device (None for an empty plan). ``previous``: the step still in
+        flight, whose sampled tokens feed this step's pending decode tokens; the plan's tokens are then
+        counted by the scheduler at once, as pending."""
         if not out.scheduled:
-            if self._groups:  # nothing runnable yet requests pending: never spin silently
-                raise RuntimeError(f"the scheduler made no progress with {len(self._groups)} unfinished "
-                                   f"requests ({self.scheduler.num_waiting} waiting, "
-                                   f"{self.scheduler.num_running} running)")
-            return []
+            return None
+        step_start = time.perf_counter()
         self.runner.copy_blocks(out.block_copies)
         scheduled = out.scheduled
         entries = [self._samples[s.request.request_id] for s in scheduled]  # (sample, group) of each
-        work = [SequenceWork(token_ids=s.token_ids, start=s.start,
-                             block_table=self.block_manager.block_table_array(s.request.request_id), sample=s.samples)
-                for s in scheduled]
+        feed_rows = None  # request id -> row of `previous` that samples its pending token
+        work = []
+        for s in scheduled:
+            token_ids, feed_row = s.token_ids, -1
+            if token_ids[-1] == PENDING_TOKEN:
+                if feed_rows is None:
+                    feed_rows = {} if previous is None else {
+                        p.request.request_id: i for i, p in enumerate(previous.plan.scheduled) if p.samples}
+                feed_row = self._feed_row(s, feed_rows)
+            work.append(SequenceWork(token_ids=token_ids, start=s.start, sample=s.samples, feed_row=feed_row,
+                                     block_table=self.block_manager.block_table_array(s.request.request_id)))
         params = [group.params for _, group in entries]
         metadata = build_sampling_metadata(
             params,
@@ -230,22 +297,46 @@ class LLMEngine:
         wanted = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         # Round the static top-k width up (5 or the maximum) so few variants compile.
         num_logprobs = None if wanted is None else (5 if wanted <= 5 else MAX_LOGPROBS)
-        result = self.runner.execute(work, metadata, num_logprobs=num_logprobs)
+        pending = self.runner.dispatch(work, metadata, num_logprobs=num_logprobs)
+        provisional = self.async_scheduling
+        if provisional:
+            self.scheduler.update_after_step(out, {s.request.request_id: PENDING_TOKEN for s in scheduled if s.samples})
+        return _LaunchedStep(out, entries, pending, step_start, provisional)
+
+    @staticmethod
+    def _feed_row(s: ScheduledSequence, feed_rows: dict) -> int:
+        row = feed_rows.get(s.request.request_id)
+        if row is None or s.num_tokens != 1:
+            raise RuntimeError(f"{s.request.request_id!r}: a pending token that the step in flight does not "
+                               f"sample ({s.num_tokens} tokens scheduled)")
+        return row
+
+    def _complete(self, launched: _LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step and process its sampled tokens; the outputs of the requests touched."""
+        out, entries = launched.plan, launched.entries
+        result = self.runner.fetch(launched.pending)
         if self.tracer is not None:  # after the KV writes, before finished requests free their blocks
-            self.tracer.record(out, self.scheduler, self.block_manager, step_start, time.perf_counter())
+            self.tracer.record(out, self.scheduler, self.block_manager, launched.start_s, time.perf_counter())
+        scheduled = out.scheduled
         self.stats["steps"] += 1
-        self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(work))
+        self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(scheduled))
         tokens = result.token_ids.tolist()  # Python ints, converted once for the whole batch
-        sampled = {s.request.request_id: tokens[i] for i, s in enumerate(scheduled) if s.samples}
-        self.scheduler.update_after_step(out, sampled)
+        if not launched.provisional:
+            self.scheduler.update_after_step(out, {s.request.request_id: tokens[i]
+                                                   for i, s in enumerate(scheduled) if s.samples})
         touched: dict[str, _RequestGroup] = {}
         now = time.monotonic()
         for i, s in enumerate(scheduled):
             if not s.samples:
                 continue
             sample, group = entries[i]
+            if sample.finish_reason is not None:  # finished (stopped, aborted) while this step was in flight
+                continue
+            index = s.start + s.num_tokens - s.request.num_prompt_tokens  # this token's place in the outputs
+            if launched.provisional:
+                s.request.output_token_ids[index] = tokens[i]
             group.first_token_time = group.first_token_time or now
-            self._record_token(group, sample, tokens[i], result, i)
+            self._record_token(group, sample, tokens[i], result, i, num_output_tokens=index + 1)
             if sample is group.samples[0] and len(group.samples) < group.params.n:
                 self._fork_samples(group, now)
             touched[group.request_id] = group
@@ -274,7 +365,10 @@ class LLMEngine:
             group.samples.append(child)
             self._samples[seq_id] = (child, group)
 
-    def _record_token(self, group: _RequestGroup, sample: _Sample, token: int, result, row: int) -> None:
+    def _record_token(self, group: _RequestGroup, sample: _Sample, token: int, result, row: int,
+                      num_output_tokens: int) -> None:
+        """Token ``num_output_tokens`` of ``sample`` (already in its request's outputs): logprobs, text,
+        stop checks. Outputs after it are tokens of a step still in flight."""
         self.stats["generation_tokens"] += 1
         if sample.logprobs is not None:
             entry = {token: Logprob(float(result.logprobs[row]), rank=int(result.ranks[row]))}
@@ -292,26 +386,30 @@ class LLMEngine:
             delta = sample.detokenizer.append(token)
             sample.text = sample.detokenizer.text
         request = sample.request
-        if request.is_finished:  # the scheduler ended it (max_model_len reached)
+        if request.is_finished and num_output_tokens == len(request.output_token_ids):
+            # The scheduler ended it (max_model_len reached) and no later token is in flight.
             sample.finish_reason = FINISH_REASONS.get(request.status, "length")
             group.aborted = group.aborted or sample.finish_reason == "abort"
             return
         decision = check_stop(
-            group.params, token_id=token, num_output_tokens=len(request.output_token_ids), text=sample.text,
+            group.params, token_id=token, num_output_tokens=num_output_tokens, text=sample.text,
             new_text_len=len(delta), eos_token_ids=self.eos_token_ids,
             max_output_tokens=group.max_output_tokens)
         if decision is not None:
             sample.finish_reason, sample.stop_reason, sample.text = (
                 decision.finish_reason, decision.stop_reason, decision.text)
-            status = RequestStatus.FINISHED_LENGTH if sample.finish_reason == "length" else RequestStatus.FINISHED_STOPPED
-            self.scheduler.finish_request(request.request_id, status)
+            del request.output_token_ids[num_output_tokens:]  # a token in flight after the stop is dropped
+            if not request.is_finished:
+                status = (RequestStatus.FINISHED_LENGTH if sample.finish_reason == "length"
+                          else RequestStatus.FINISHED_STOPPED)
+                self.scheduler.finish_request(request.request_id, status)
 
     def _emit(self, group: _RequestGroup, finished: Optional[bool] = None) -> RequestOutput:
         """Build the group's cumulative output and hand it to ``on_output``; ``finished``: ``group.finished``
         when the caller has it already."""
         finished = group.finished if finished is None else finished
         completions = [
-            CompletionOutput(index=i, text=s.text, token_ids=list(s.request.output_token_ids),
+            CompletionOutput(index=i, text=s.text, token_ids=_known_tokens(s.request.output_token_ids),
                              cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                              logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
             for i, s in enumerate(group.samples)
@@ -322,3 +420,10 @@ class LLMEngine:
         if group.on_output is not None:
             group.on_output(output)
         return output
+
+
+def _known_tokens(output_token_ids: list[int]) -> list[int]:
+    """A copy of the outputs without the token of a step still in flight (always the last, if any)."""
+    if output_token_ids and output_token_ids[-1] == PENDING_TOKEN:
+        return output_token_ids[:-1]
+    return list(output_token_ids)

@@ -69,6 +69,10 @@ def bucket(n: int, minimum: int, maximum: Optional[int] = None) -> int:
     return size
 
 
+# A sampled token not yet on the host: the previous step, still on the device, samples it.
+PENDING_TOKEN = -1
+
+
 @dataclasses.dataclass
 class SequenceWork:
     """One sequence's share of a step, as the runner needs it."""
@@ -77,6 +81,17 @@ class SequenceWork:
     start: int  # absolute position of the first of them
     block_table: Sequence[int]
     sample: bool  # whether the step's token for this sequence is wanted
+    # Asynchronous scheduling: the one token of this decode is PENDING_TOKEN, to be taken on the
+    # device from row ``feed_row`` of the previous step's sampled tokens (-1: the token is known).
+    feed_row: int = -1
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """A dispatched step whose sampled tokens are still on the device (``ModelRunner.fetch``)."""
+
+    result: SamplerOutput
+    num_seqs: int
 
 
 def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_tokens: int, max_num_seqs: int,
@@ -189,10 +204,12 @@ class ModelRunner:
         """Create the KV pool (zeroed pages) and the jitted step and page copy that update it in place."""
         self.kv_cache = self._make_kv_cache(num_blocks)
         step_placement, copy_placement = {}, {}  # jit's out_shardings, only when sharded
+        self._sampled = jnp.zeros(self.max_num_seqs, jnp.int32)  # the last step's tokens, fed to the next
         if self.mesh is not None:
             kv_placement = jax.tree.map(lambda a: a.sharding, self.kv_cache)
-            step_placement = {"out_shardings": (self._input_sharding, kv_placement)}
+            step_placement = {"out_shardings": (self._input_sharding, kv_placement, self._input_sharding)}
             copy_placement = {"out_shardings": kv_placement}
+            self._sampled = jax.device_put(self._sampled, self._input_sharding)
         self._step = jax.jit(self._step_impl, static_argnames=("num_logprobs",), donate_argnums=(1,),
                              **step_placement)
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)
@@ -216,13 +233,20 @@ class ModelRunner:
         cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                              self._make_kv_cache(2))
         compiled = jax.jit(self._step_impl, static_argnames=("num_logprobs",)).lower(
-            self.params, cache, model_input, sampling, num_logprobs=None).compile()
+            self.params, cache, model_input, sampling, abstract([S]), abstract([T]), num_logprobs=None).compile()
         memory = compiled.memory_analysis()
         return int(getattr(memory, "temp_size_in_bytes", 0) or 0) if memory is not None else 0
 
-    def _step_impl(self, params, kv_cache, model_input, sampling, *, num_logprobs):
+    def _step_impl(self, params, kv_cache, model_input, sampling, last_sampled, feed_index, *, num_logprobs):
+        """One step. ``feed_index[T]``: for each token row, the row of ``last_sampled`` (the previous
+        step's tokens, ``[max_num_seqs]``) that is its token, or -1 to keep ``model_input``'s. Returns
+        the sampler's output, the cache, and this step's tokens for the next step."""
+        fed = last_sampled[jnp.maximum(feed_index, 0)]
+        model_input = model_input.replace(token_ids=jnp.where(feed_index >= 0, fed, model_input.token_ids))
         logits, kv_cache = self._forward(params, kv_cache, model_input)
-        return sample(logits, sampling, num_logprobs=num_logprobs), kv_cache
+        result = sample(logits, sampling, num_logprobs=num_logprobs)
+        sampled = jnp.zeros_like(last_sampled).at[: result.token_ids.shape[0]].set(result.token_ids)
+        return result, kv_cache, sampled
 
     # -- host side -------------------------------------------------------------------------
 
@@ -246,17 +270,33 @@ class ModelRunner:
         return build_model_input(work, block_size=self.block_size, max_num_tokens=self.max_num_batched_tokens,
                                  max_num_seqs=self.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq)
 
+    def dispatch(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
+                 num_logprobs: Optional[int] = None) -> PendingStep:
+        """Start one step on the device and return at once (JAX dispatches asynchronously); the
+        tokens of works with a ``feed_row`` come from the step dispatched before this one."""
+        self._lead("dispatch", list(work), sampling, num_logprobs=num_logprobs)
+        model_input = self.build_model_input(work)
+        feed = np.full(model_input.token_ids.shape, -1, np.int32)
+        fed = [(i, w.feed_row) for i, w in enumerate(work) if w.feed_row >= 0]
+        if fed:
+            seqs, rows = zip(*fed)
+            feed[model_input.cu_q_lens[list(seqs)]] = rows  # a fed work is a single-token decode
+        if self._input_sharding is not None:
+            model_input, sampling, feed = jax.device_put((model_input, sampling, feed), self._input_sharding)
+        result, self.kv_cache, self._sampled = self._step(self.params, self.kv_cache, model_input, sampling,
+                                                          self._sampled, feed, num_logprobs=num_logprobs)
+        return PendingStep(result, len(work))
+
+    @staticmethod
+    def fetch(pending: PendingStep) -> SamplerOutput:
+        """Wait for a dispatched step; its sampler output on the host, cut to the real sequences."""
+        n = pending.num_seqs
+        return jax.tree.map(lambda a: np.asarray(a)[:n], jax.device_get(pending.result))
+
     def execute(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
                 num_logprobs: Optional[int] = None) -> SamplerOutput:
-        """Run one step; returns the sampler's output on the host, cut to the real sequences."""
-        self._lead("execute", list(work), sampling, num_logprobs=num_logprobs)
-        model_input = self.build_model_input(work)
-        if self._input_sharding is not None:
-            model_input, sampling = jax.device_put((model_input, sampling), self._input_sharding)
-        result, self.kv_cache = self._step(self.params, self.kv_cache, model_input, sampling,
-                                           num_logprobs=num_logprobs)
-        n = len(work)
-        return jax.tree.map(lambda a: np.asarray(a)[:n], jax.device_get(result))
+        """Run one step and wait for it; the sampler's output on the host, cut to the real sequences."""
+        return self.fetch(self.dispatch(work, sampling, num_logprobs=num_logprobs))
 
     # -- multi-host: process 0 leads, the others repeat its calls ----------------------------
 

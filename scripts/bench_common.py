@@ -77,6 +77,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     parser.add_argument("--linear-backend", default="auto", choices=("auto", "pallas", "xla"),
                         help="matmuls: auto = Pallas kernel for quantized weights at small batch on GPU")
+    parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                        help="plan step N+1 while step N runs (auto: on unless the run is traced)")
     parser.add_argument("--seed", type=int, default=PROMPT_SEED, help="seed of the random prompts and weights")
     parser.add_argument("--output-json", default=None,
                         help="result file (default <results-dir>/<workload>-<device>-<date>.json)")
@@ -94,6 +96,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len or max_model_len,
         num_gpu_blocks_override=args.num_gpu_blocks_override, seed=args.seed, skip_tokenizer_init=True,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )
     options.update(overrides)
     # The engine's start-up line (weights, KV pool, activations) goes to the run's log.
@@ -162,7 +165,7 @@ def device_name() -> str:
 
 def result_header(workload: str, model: Optional[str], dtype: str, *, tensor_parallel_size: int = 1,
                   quantization: Optional[str] = None, kv_cache_dtype: str = "auto",
-                  linear_backend: str = "auto") -> dict:
+                  linear_backend: str = "auto", async_scheduling: str = "auto") -> dict:
     """The fields every result carries (PROTOCOL.md, "JSON fields")."""
     import jax
     import numpy as np
@@ -173,6 +176,7 @@ def result_header(workload: str, model: Optional[str], dtype: str, *, tensor_par
         workload=workload, model=model_name(model), device=device_name(), jax_version=jax.__version__,
         commit=git_commit(), command=" ".join(["python"] + sys.argv), dtype=np.dtype(resolve_dtype(dtype)).name,
         quantization=quantization, kv_cache_dtype=kv_cache_dtype, linear_backend=linear_backend,
+        async_scheduling=async_scheduling,
         tensor_parallel_size=tensor_parallel_size, date=datetime.date.today().isoformat(),
         backend=jax.default_backend(),
     )
@@ -181,7 +185,8 @@ def result_header(workload: str, model: Optional[str], dtype: str, *, tensor_par
 def engine_result_header(workload: str, args) -> dict:
     """``result_header`` from the engine flags of ``add_engine_flags``."""
     return result_header(workload, args.model, args.dtype, quantization=args.quantization,
-                         kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend)
+                         kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend,
+                         async_scheduling=args.async_scheduling)
 
 
 def variant_tag(result: dict) -> str:
@@ -191,6 +196,8 @@ def variant_tag(result: dict) -> str:
         tag += f"-kv{result['kv_cache_dtype']}"
     if result.get("linear_backend", "auto") != "auto":
         tag += f"-{result['linear_backend']}"
+    if result.get("async_scheduling", "auto") != "auto":
+        tag += f"-async-{result['async_scheduling']}"
     return tag
 
 

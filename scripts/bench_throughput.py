@@ -130,7 +130,8 @@ def main(argv=None) -> list[dict]:
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
                           num_kv_blocks=engine.block_manager.num_usable_blocks,
                           max_concurrent_tokens=engine.max_concurrent_tokens, seconds=run.seconds,
-                          wall_s=run.wall_s, compile_s_excluded=run.compile_s, traced=run.trace is not None)
+                          wall_s=run.wall_s, compile_s_excluded=run.compile_s, traced=run.trace is not None,
+                          async_scheduling_on=engine.async_scheduling)
             if run.trace is not None and run.trace.records:
                 records = run.trace.records
                 result.update(steps=len(records), mean_batch_seqs=sum(len(r.scheduled) for r in records) / len(records),

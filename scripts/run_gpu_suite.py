@@ -35,12 +35,16 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
     return [
         ("kv-in-place", [PY, "scripts/check_kv_in_place.py", "--out", f"{results}/kv-in-place.json"], 90),
         ("latency-bf16", latency(None), 150),
+        ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 90),
         ("latency-int8", latency("int8"), 100),
         ("latency-int8-xla", latency("int8", "--linear-backend", "xla"), 80),
         ("latency-awq", latency("awq"), 70),
         ("latency-fp8", latency("fp8"), 100),
         ("tput-short-bf16", tput("tput-short"), 200),
+        ("tput-short-long", tput("tput-short,tput-long"), 240),
+        ("tput-short-long-sync", tput("tput-short,tput-long", "--async-scheduling", "off"), 240),
+        ("tput-prefill", tput("tput-prefill"), 120),
         ("tput-short-traced", tput("tput-short", "--trace", "--output-json", f"{results}/tput-short-traced.json"), 200),
         ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 130),
         ("matmul", bench("bench_matmul.py", "--rows", "1,16,256", "--repeats", "5"), 150),
@@ -54,6 +58,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("kv-capacity", bench("bench_kv_capacity.py"), 45),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
     ]
+
+
+# A step that fails is followed by its fallback, if it has one (same figures, the safer path).
+FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 
 
 def bundle(out: str) -> None:
@@ -88,7 +96,10 @@ def main(argv=None) -> None:
             parser.error(f"unknown steps {unknown}; known: {', '.join(by_name)}")
         chosen = [by_name[name] for name in args.steps.split(",")]
     summary = open(os.path.join(args.out, "summary.txt"), "a")
-    for name, argv_, timeout in chosen:
+    all_steps = {s[0]: s for s in steps(results)}
+    queue = list(chosen)
+    while queue:
+        name, argv_, timeout = queue.pop(0)
         left = args.deadline_s - (time.monotonic() - start)
         if left < args.min_start_s:
             summary.write(f"{name}: skipped ({left:.0f} s left)\n")
@@ -111,6 +122,9 @@ def main(argv=None) -> None:
         summary.flush()
         print(f"{name}: rc={rc} in {took:.0f} s", flush=True)
         bundle(args.out)
+        fallback = FALLBACKS.get(name)
+        if rc != 0 and fallback:  # next, wherever it was queued
+            queue = [all_steps[fallback]] + [q for q in queue if q[0] != fallback]
     summary.close()
     bundle(args.out)
 

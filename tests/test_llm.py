@@ -198,3 +198,39 @@ def test_kv_pool_leaves_room_for_the_largest_step(tmp_path, monkeypatch):
         assert len(out[0].outputs[0].token_ids) == 4
         llm.shutdown()
     assert 0 < activations[64] < activations[1024]  # 16x the tokens: more activation memory
+
+
+def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tmp_path):
+    """Planning step N+1 while step N runs (pending tokens fed on the device) changes nothing a
+    request sees: tokens, finish reasons and logprobs equal the synchronous engine's, through
+    preemption, stops in the middle of a step in flight (stop tokens, max_tokens, max_model_len),
+    seeded sampling, n=2 and penalties (read back before planning); every block is freed."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=5)
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, 256, int(n)).tolist() for n in rng.integers(2, 40, 14)]
+    params = (
+        [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in (1, 2, 5, 9, 30, 60)]
+        + [SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[int(t) for t in rng.integers(3, 256, 12)]),
+           SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=25, ignore_eos=True),
+           SamplingParams(temperature=0.8, seed=4, n=2, max_tokens=10, ignore_eos=True),
+           SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.5, max_tokens=12, ignore_eos=True),
+           SamplingParams(temperature=0, logprobs=2, max_tokens=6, ignore_eos=True),
+           SamplingParams(temperature=0, min_tokens=4, max_tokens=9),
+           SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),  # stopped by max_model_len
+           SamplingParams(temperature=0.7, seed=9, max_tokens=40, stop_token_ids=[7, 8, 9, 10, 11, 12])])
+    results = {}
+    for mode in (False, True):
+        llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=72, max_num_seqs=8,
+                  max_num_batched_tokens=48, num_gpu_blocks_override=16, async_scheduling=mode)
+        assert llm.llm_engine.async_scheduling == mode
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results[mode] = [[(c.token_ids, c.finish_reason, c.logprobs) for c in o.outputs] for o in outs]
+        stats = llm.stats()
+        assert stats["num_preemptions"] > 0
+        assert (stats["steps_planned_ahead"] > stats["steps"] // 2) == mode
+        assert llm.llm_engine.block_manager.num_used_blocks == 0 and not llm.llm_engine.has_unfinished_requests()
+        llm.shutdown()
+    assert results[True] == results[False]
+    assert {reason for r in results[True] for _, reason, _ in r} == {"length", "stop"}

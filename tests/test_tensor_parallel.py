@@ -102,7 +102,9 @@ def _collectives(runner) -> list:
     work = [SequenceWork(token_ids=[1, 2, 3], start=0, block_table=[1], sample=True)]
     sampling = build_sampling_metadata([SamplingParams(temperature=0.0)], [[]], [[1, 2, 3]], [0], [0],
                                        runner.padded_num_seqs(1))
-    compiled = runner._step.lower(runner.params, runner.kv_cache, runner.build_model_input(work), sampling,
+    model_input = runner.build_model_input(work)
+    feed = np.full(model_input.token_ids.shape, -1, np.int32)  # no token fed from a previous step
+    compiled = runner._step.lower(runner.params, runner.kv_cache, model_input, sampling, runner._sampled, feed,
                                   num_logprobs=None).compile()
     ops = "all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"
     return [list(m) for m in re.findall(rf"= (\w+\[[\d,]*\])\S* ({ops})\(", compiled.as_text())]
