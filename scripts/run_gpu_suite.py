@@ -41,6 +41,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-int8-xla", latency("int8", "--linear-backend", "xla"), 80),
         ("latency-awq", latency("awq"), 70),
         ("latency-fp8", latency("fp8"), 100),
+        # Is the fp8 start-up stuck in XLA's GEMM autotuning (runs 5, 6)? The same with autotuning off.
+        ("latency-fp8-noautotune", ["env", "XLA_FLAGS=--xla_gpu_autotune_level=0"] + latency("fp8"), 90),
         ("tput-short-bf16", tput("tput-short"), 200),
         ("tput-short-long", tput("tput-short,tput-long"), 240),
         ("tput-short-long-sync", tput("tput-short,tput-long", "--async-scheduling", "off"), 240),
