@@ -277,7 +277,7 @@ class LLMEngine:
         work = []
         for s in scheduled:
             token_ids, feed_row = s.token_ids, -1
-            if token_ids[-1] == PENDING_TOKEN:
+            if PENDING_TOKEN in token_ids:  # only ever the one token of a decode (else _feed_row raises)
                 if feed_rows is None:
                     feed_rows = {} if previous is None else {
                         p.request.request_id: i for i, p in enumerate(previous.plan.scheduled) if p.samples}
