@@ -1,7 +1,9 @@
 """Host time per engine step: ``LLMEngine.step`` wall time minus the time spent on the device.
 
-The engine loop is synchronous, so every millisecond of host Python per step (scheduling,
-building the step's arrays, sampling metadata, recording tokens, outputs) is lost device time.
+Host Python per step (scheduling, building the step's arrays, sampling metadata, recording
+tokens, outputs) is lost device time in a synchronous engine; with asynchronous scheduling (the
+default) it overlaps the device only while it is shorter than the device's step, so it still
+bounds throughput at small models or large batches.
 This script measures it on a tiny dummy Llama (the shape of the work on the host does not depend
 on the model's size) at a full decode batch:
 
