@@ -162,9 +162,10 @@ class ModelRunner:
         ``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
         ``TensorParallelPlan.load_shardings``); None runs on the default device.
         ``linear_backend``: see ``EngineArgs.linear_backend`` (a mesh always uses XLA's matmuls,
-        which GSPMD partitions; a Pallas call it cannot). ``fuse_projections``: join q/k/v and gate/up
-        into one matmul each (``models.llama.fuse_projections``; None: on one device, never over a mesh). ``num_blocks``: the KV pool; without it,
-        call ``allocate_kv_cache`` (after ``activation_bytes``, to size the pool from what is left)."""
+        which GSPMD partitions; a Pallas call it cannot). ``fuse_projections``: join q/k/v and
+        gate/up into one matmul each (``models.llama.fuse_projections``; None: on one device, never
+        over a mesh). ``num_blocks``: the KV pool; without it, call ``allocate_kv_cache`` (after
+        ``activation_bytes``, to size the pool from what is left)."""
         enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
         self.mesh = mesh

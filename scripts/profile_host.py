@@ -13,8 +13,9 @@ on the model's size) at a full decode batch:
 "Device" time is the jitted step (and any copy-on-write page copy) up to its result being ready,
 compiles included: the script wraps the runner's jitted functions with ``block_until_ready``.
 Host time = step wall time - device time; also printed as the engine thread's CPU time outside
-the device part (``time.thread_time``), which other processes on a busy machine do not inflate. Steps are timed after a warm-up batch (which compiles),
-and only while all sequences are in decode (the prefill steps are skipped).
+the device part (``time.thread_time``), which other processes on a busy machine do not inflate.
+Steps are timed after a warm-up batch (which compiles), and only while all sequences are in
+decode (the prefill steps are skipped).
 """
 
 from __future__ import annotations
