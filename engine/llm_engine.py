@@ -61,7 +61,6 @@ class _LaunchedStep:
     entries: list
     pending: PendingStep
     start_s: float
-    provisional: bool  # the scheduler already counted its tokens, as PENDING_TOKEN (asynchronous scheduling)
 
 
 @dataclasses.dataclass
@@ -298,10 +297,9 @@ class LLMEngine:
         # Round the static top-k width up (5 or the maximum) so few variants compile.
         num_logprobs = None if wanted is None else (5 if wanted <= 5 else MAX_LOGPROBS)
         pending = self.runner.dispatch(work, metadata, num_logprobs=num_logprobs)
-        provisional = self.async_scheduling
-        if provisional:
+        if self.async_scheduling:  # the scheduler counts the step's tokens now, as pending
             self.scheduler.update_after_step(out, {s.request.request_id: PENDING_TOKEN for s in scheduled if s.samples})
-        return _LaunchedStep(out, entries, pending, step_start, provisional)
+        return _LaunchedStep(out, entries, pending, step_start)
 
     @staticmethod
     def _feed_row(s: ScheduledSequence, feed_rows: dict) -> int:
@@ -321,7 +319,7 @@ class LLMEngine:
         self.stats["steps"] += 1
         self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(scheduled))
         tokens = result.token_ids.tolist()  # Python ints, converted once for the whole batch
-        if not launched.provisional:
+        if not self.async_scheduling:
             self.scheduler.update_after_step(out, {s.request.request_id: tokens[i]
                                                    for i, s in enumerate(scheduled) if s.samples})
         touched: dict[str, _RequestGroup] = {}
@@ -333,7 +331,7 @@ class LLMEngine:
             if sample.finish_reason is not None:  # finished (stopped, aborted) while this step was in flight
                 continue
             index = s.start + s.num_tokens - s.request.num_prompt_tokens  # this token's place in the outputs
-            if launched.provisional:
+            if self.async_scheduling:  # fill in the pending token
                 s.request.output_token_ids[index] = tokens[i]
             group.first_token_time = group.first_token_time or now
             self._record_token(group, sample, tokens[i], result, i, num_output_tokens=index + 1)

@@ -294,11 +294,6 @@ class ModelRunner:
         n = pending.num_seqs
         return jax.tree.map(lambda a: np.asarray(a)[:n], jax.device_get(pending.result))
 
-    def execute(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
-                num_logprobs: Optional[int] = None) -> SamplerOutput:
-        """Run one step and wait for it; the sampler's output on the host, cut to the real sequences."""
-        return self.fetch(self.dispatch(work, sampling, num_logprobs=num_logprobs))
-
     # -- multi-host: process 0 leads, the others repeat its calls ----------------------------
 
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
