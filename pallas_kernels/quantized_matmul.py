@@ -224,74 +224,82 @@ def auto_k_splits(num_col_blocks: int, num_k_steps: int, programs_per_core: int 
     return best
 
 
+def _tile_sizes(fmt: str, K: int, N: int, pack: int, max_n: int, max_k: int) -> tuple[int, int]:
+    """``(block_n, block_k)``: the largest powers of two up to ``max_n`` / ``max_k`` dividing N / K
+    (int4 steps through K by its packing block)."""
+    block_n = _largest_power_of_2_dividing(N, max_n)
+    if block_n is None:
+        raise ValueError(f"N={N} must be a multiple of 16 for the Pallas matmul")
+    if fmt == "int4":
+        return block_n, pack
+    block_k = _largest_power_of_2_dividing(K, max_k)
+    if block_k is None:
+        raise ValueError(f"K={K} must be a multiple of 16 for the Pallas matmul")
+    return block_n, block_k
+
+
+def _k_splits(config: MatmulConfig, col_blocks: int, num_steps: int, block_k: int) -> int:
+    splits = config.k_splits or auto_k_splits(col_blocks, num_steps, config.programs_per_core)
+    if num_steps % splits:
+        raise ValueError(f"k_splits={splits} must divide the {num_steps} K steps of {block_k} rows")
+    return splits
+
+
+def _add_splits(partials: jax.Array, dtype) -> jax.Array:
+    """``[k_splits, ...]`` partial sums (float32 when split) -> the result in ``dtype``."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(axis=0).astype(dtype)
+
+
 def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     if x.ndim != 2 or x.shape[1] != K:
         raise ValueError(f"x must be [M, K={K}], got shape {x.shape}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    block_n = _largest_power_of_2_dividing(N, config.block_n)
-    if block_n is None:
-        raise ValueError(f"N={N} must be a multiple of 16 for the Pallas matmul")
-    if fmt == "int4":
-        block_k = pack
-    else:
-        block_k = _largest_power_of_2_dividing(K, config.block_k)
-        if block_k is None:
-            raise ValueError(f"K={K} must be a multiple of 16 for the Pallas matmul")
     M = x.shape[0]
     if M == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
                      interpret=interpret)
+    block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
     block_m = min(config.block_m, max(MIN_ROWS, 1 << max(0, M - 1).bit_length()))
     rows = -(-M // block_m) * block_m  # row tiles of block_m (one tile up to config.block_m rows)
     if rows != M:
         x = jnp.pad(x, ((0, rows - M), (0, 0)))
     num_steps = K // block_k
-    col_blocks = (rows // block_m) * (N // block_n)
-    splits = config.k_splits or auto_k_splits(col_blocks, num_steps, config.programs_per_core)
-    if num_steps % splits:
-        raise ValueError(f"k_splits={splits} must divide the {num_steps} K steps of {block_k} rows")
+    splits = _k_splits(config, (rows // block_m) * (N // block_n), num_steps, block_k)
     kernel = functools.partial(_matmul_kernel, fmt=fmt, block_m=block_m, block_n=block_n, block_k=block_k,
                                steps=num_steps // splits, group_size=group_size)
-    out_dtype = x.dtype if splits == 1 else jnp.float32
     out = pl.pallas_call(
         kernel,
         # Row tiles first: the programs that read the same weight tile run side by side (L2 reuse).
         grid=(rows // block_m, N // block_n, splits),
         in_specs=[pl.no_block_spec] * (2 + len(extras)),
         out_specs=pl.BlockSpec((None, block_m, block_n), lambda m, n, s: (s, m, n)),
-        out_shape=jax.ShapeDtypeStruct((splits, rows, N), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, N), x.dtype if splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=f"{fmt}_weight_streaming_matmul",
     )(x, w, *extras)
-    out = out[0] if splits == 1 else out.sum(axis=0).astype(x.dtype)
-    return out[:M]
+    return _add_splits(out, x.dtype)[:M]
 
 
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
-    block_n = _largest_power_of_2_dividing(N, config.gemv_block_n)
-    block_k = pack if fmt == "int4" else _largest_power_of_2_dividing(K, config.gemv_block_k)
+    block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
     num_steps = K // block_k
-    splits = config.k_splits or auto_k_splits(N // block_n, num_steps, config.programs_per_core)
-    if num_steps % splits:
-        raise ValueError(f"k_splits={splits} must divide the {num_steps} K steps of {block_k} rows")
+    splits = _k_splits(config, N // block_n, num_steps, block_k)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size)
-    out_dtype = x.dtype if splits == 1 else jnp.float32
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),
         in_specs=[pl.no_block_spec] * (2 + len(extras)),
         out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
-        out_shape=jax.ShapeDtypeStruct((splits, N), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((splits, N), x.dtype if splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=config.gemv_num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=f"{fmt}_weight_streaming_gemv",
     )(x, w, *extras)
-    out = out[0] if splits == 1 else out.sum(axis=0).astype(x.dtype)
-    return out[None, :]
+    return _add_splits(out, x.dtype)[None, :]
 
 
 _STATIC = ("config", "interpret")
