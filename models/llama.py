@@ -154,6 +154,12 @@ def split_columns(x: jax.Array, widths: tuple) -> tuple:
     return tuple(jnp.split(x, np.cumsum(widths)[:-1].tolist(), axis=-1))
 
 
+def fused_widths(config: ModelConfig) -> dict[str, tuple]:
+    """Output width of each part of every ``FUSED_PROJECTIONS`` entry, in its order."""
+    qkv = (config.q_size, config.kv_size, config.kv_size)
+    return {"wqkv": qkv, "bqkv": qkv, "w_gate_up": (config.intermediate_size,) * 2}
+
+
 AttentionFn = Callable[..., jax.Array]
 WriteKVFn = Callable[..., tuple]
 
@@ -183,22 +189,24 @@ def forward(
     attend = functools.partial(attention_fn, sliding_window=config.sliding_window)
     mm = functools.partial(linear, backend=linear_backend)
 
-    def project(h, w, fused: str, parts: tuple, widths: tuple) -> tuple:
-        """``h @ w[part]`` for each part: one matmul of the fused weight when the layer has it."""
-        if fused in w:
-            return split_columns(mm(h, w[fused]), widths)
-        return tuple(mm(h, w[p]) for p in parts)
+    widths = fused_widths(config)
 
-    def biases(w, fused: str, parts: tuple, widths: tuple) -> tuple:
-        return split_columns(w[fused], widths) if fused in w else tuple(w[p] for p in parts)
+    def project(h, w, fused: str) -> tuple:
+        """``h @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has it."""
+        if fused in w:
+            return split_columns(mm(h, w[fused]), widths[fused])
+        return tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
+
+    def biases(w, fused: str) -> tuple:
+        return split_columns(w[fused], widths[fused]) if fused in w else tuple(w[p] for p in FUSED_PROJECTIONS[fused])
 
     def layer_step(carry, layer_and_weights):
         x, k_cache, v_cache = carry
         layer, w = layer_and_weights
         h = rms_norm(x, w["input_norm"], eps)
-        q, k, v = project(h, w, "wqkv", ("wq", "wk", "wv"), (config.q_size, config.kv_size, config.kv_size))
+        q, k, v = project(h, w, "wqkv")
         if config.qkv_bias:
-            bq, bk, bv = biases(w, "bqkv", ("bq", "bk", "bv"), (config.q_size, config.kv_size, config.kv_size))
+            bq, bk, bv = biases(w, "bqkv")
             q, k, v = q + bq, k + bk, v + bv
         q = q.reshape(T, config.num_heads, config.head_dim)
         k = k.reshape(T, config.num_kv_heads, config.head_dim)
@@ -211,7 +219,7 @@ def forward(
                       batch.cu_q_lens, batch.num_seqs)
         x = x + mm(attn.reshape(T, config.q_size), w["wo"])
         h = rms_norm(x, w["post_norm"], eps)
-        gate, up = project(h, w, "w_gate_up", ("w_gate", "w_up"), (config.intermediate_size,) * 2)
+        gate, up = project(h, w, "w_gate_up")
         x = x + mm(jax.nn.silu(gate) * up, w["w_down"])
         return (x, k_cache, v_cache), None
 

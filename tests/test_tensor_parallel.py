@@ -67,12 +67,12 @@ def _layout(runner) -> dict:
 
 def _unfused(layers: dict, name: str, config):
     """Weight ``name`` of a one-device runner, whose q/k/v may be joined (models.llama.fuse_projections)."""
-    from models.llama import FUSED_PROJECTIONS, split_columns
+    from models.llama import FUSED_PROJECTIONS, fused_widths, split_columns
 
     for fused, parts in FUSED_PROJECTIONS.items():
         if name in parts and fused in layers:
-            widths = (config.q_size, config.kv_size, config.kv_size)
-            return np.asarray(split_columns(np.asarray(layers[fused]), widths)[parts.index(name)])
+            parts_of_fused = split_columns(np.asarray(layers[fused]), fused_widths(config)[fused])
+            return np.asarray(parts_of_fused[parts.index(name)])
     return np.asarray(layers[name])
 
 
