@@ -149,20 +149,23 @@ def concat_outputs(weights: list) -> Optional[Any]:
 # --------------------------------------------------------------------------------------
 
 
-def quantize_int8(w: jax.Array) -> Int8Weight:
+def _per_channel_scaled(w: jax.Array, largest: float) -> tuple[jax.Array, jax.Array]:
+    """``(w / scale, scale)`` in float32, ``scale[..., N]`` mapping each output column's largest
+    magnitude to ``largest`` (1 for an all-zero column)."""
     w32 = w.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w32), axis=-2) / 127.0
+    scale = jnp.max(jnp.abs(w32), axis=-2) / largest
     scale = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.round(w32 / scale[..., None, :]), -127, 127).astype(jnp.int8)
-    return Int8Weight(q=q, scale=scale)
+    return w32 / scale[..., None, :], scale
+
+
+def quantize_int8(w: jax.Array) -> Int8Weight:
+    scaled, scale = _per_channel_scaled(w, 127.0)
+    return Int8Weight(q=jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8), scale=scale)
 
 
 def quantize_fp8(w: jax.Array) -> Fp8Weight:
-    w32 = w.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w32), axis=-2) / FP8_MAX
-    scale = jnp.where(scale > 0, scale, 1.0)
-    q = (w32 / scale[..., None, :]).astype(jnp.float8_e4m3fn)
-    return Fp8Weight(q=jnp.swapaxes(q, -1, -2), scale=scale)
+    scaled, scale = _per_channel_scaled(w, FP8_MAX)
+    return Fp8Weight(q=jnp.swapaxes(scaled.astype(jnp.float8_e4m3fn), -1, -2), scale=scale)
 
 
 def quantize_int4(w: jax.Array, group_size: int = INT4_GROUP_SIZE, dtype=None) -> Int4Weight:
