@@ -212,7 +212,9 @@ class LLMEngine:
         self._emit(group)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups) or self._in_flight is not None
+        # A step still in flight whose requests all finished needs no further step: the next step()
+        # completes it (and drops its tokens) whenever one comes.
+        return bool(self._groups)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -341,10 +343,10 @@ class LLMEngine:
         outputs = []
         for group in touched.values():
             finished = group.finished
-            outputs.append(self._emit(group, finished))
-            if finished:
+            if finished:  # before the output goes out: a caller woken by it sees the engine without it
                 del self._groups[group.request_id]
                 self._forget_samples(group)
+            outputs.append(self._emit(group, finished))
         return outputs
 
     def _forget_samples(self, group: _RequestGroup) -> None:
