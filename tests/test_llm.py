@@ -210,21 +210,30 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tmp_path):
     write_tiny_checkpoint(tmp_path, "llama", seed=5)
     rng = np.random.default_rng()
     prompts = [rng.integers(3, 256, int(n)).tolist() for n in rng.integers(2, 40, 14)]
-    params = (
-        [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in (1, 2, 5, 9, 30, 60)]
-        + [SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[int(t) for t in rng.integers(3, 256, 12)]),
-           SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=25, ignore_eos=True),
-           SamplingParams(temperature=0.8, seed=4, n=2, max_tokens=10, ignore_eos=True),
-           SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.5, max_tokens=12, ignore_eos=True),
-           SamplingParams(temperature=0, logprobs=2, max_tokens=6, ignore_eos=True),
-           SamplingParams(temperature=0, min_tokens=4, max_tokens=9),
-           SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),  # stopped by max_model_len
-           SamplingParams(temperature=0.7, seed=9, max_tokens=40, stop_token_ids=[7, 8, 9, 10, 11, 12])])
-    results = {}
+
+    def make_params(stop_token: int) -> list:
+        return (
+            [SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True) for m in (1, 2, 5, 9, 30, 60)]
+            + [SamplingParams(temperature=0, max_tokens=30,
+                              stop_token_ids=[stop_token, *(int(t) for t in rng.integers(3, 256, 4))]),
+               SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=25, ignore_eos=True),
+               SamplingParams(temperature=0.8, seed=4, n=2, max_tokens=10, ignore_eos=True),
+               SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.5, max_tokens=12,
+                              ignore_eos=True),
+               SamplingParams(temperature=0, logprobs=2, max_tokens=6, ignore_eos=True),
+               SamplingParams(temperature=0, min_tokens=4, max_tokens=9),
+               SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),  # stopped by max_model_len
+               SamplingParams(temperature=0.7, seed=9, max_tokens=40, stop_token_ids=[7, 8, 9, 10, 11, 12])])
+
+    params, results = None, {}
     for mode in (False, True):
         llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=72, max_num_seqs=8,
                   max_num_batched_tokens=48, num_gpu_blocks_override=16, async_scheduling=mode)
         assert llm.llm_engine.async_scheduling == mode
+        if params is None:  # a stop token the greedy stop request surely meets mid-way: its own 4th token
+            probe = llm.generate([prompts[6]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                                 use_tqdm=False)
+            params = make_params(probe[0].outputs[0].token_ids[3])
         outs = llm.generate(prompts, params, use_tqdm=False)
         results[mode] = [[(c.token_ids, c.finish_reason, c.logprobs) for c in o.outputs] for o in outs]
         stats = llm.stats()
