@@ -49,6 +49,11 @@ GEMV_SWEEP = ((128, 128, 2, 8, 4), (256, 64, 2, 8, 4), (64, 128, 2, 4, 4), (128,
 SWEEP = ((64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 256, 2, 4, 4), (256, 128, 1, 4, 4), (128, 256, 1, 8, 3),
          (256, 256, 1, 8, 3), (128, 512, 1, 4, 3), (64, 256, 2, 4, 4), (128, 128, 4, 4, 4), (256, 64, 2, 4, 6))
 VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")
+# Other ways to multiply by an fp8 weight, timed against the model's (xla-fp8: per-token activation
+# scales, a raw fp8 x fp8 dot): a per-tensor activation scale written as XLA's scaled-fp8 pattern
+# (convert -> scalar multiply -> dot, which its GEMM rewriter maps to one cuBLASLt fp8 matmul), and
+# weight-only (the fp8 weight converted inside a bf16 dot, as int8 is).
+FP8_FORMS = ("xla-fp8-tensor", "xla-fp8-wonly")
 STREAM_BYTES = 128 << 20  # distinct copies of a weight: at least this many bytes (L2 is 50-60 MB)
 MIN_CALLS = 64  # matmuls per timed call
 
@@ -61,14 +66,16 @@ def make_variant(variant: str, K: int, N: int, key, interpret: bool, config=None
     from models.quantization import LinearBackend, linear, quantize_weight
     from pallas_kernels.quantized_matmul import MatmulConfig, dense_matmul, int4_matmul, int8_matmul
 
-    backend, fmt = variant.split("-")
+    backend, fmt, *form = variant.split("-")
     config = config or MatmulConfig()
 
     def make(key):
         w = (jax.random.normal(key, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
         return w if fmt == "bf16" else quantize_weight(w, fmt)
 
-    if backend == "xla":
+    if form:
+        fn = functools.partial(_fp8_tensor_scaled if form == ["tensor"] else _fp8_weight_only)
+    elif backend == "xla":
         fn = functools.partial(linear, backend=LinearBackend(kernel="xla"))
     elif fmt == "bf16":
         fn = lambda x, w: dense_matmul(x, w, config=config, interpret=interpret)  # noqa: E731
@@ -80,6 +87,27 @@ def make_variant(variant: str, K: int, N: int, key, interpret: bool, config=None
     sample = jax.eval_shape(make, key)
     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(sample))
     return fn, make, nbytes
+
+
+def _fp8_tensor_scaled(x, w):
+    import jax
+    import jax.numpy as jnp
+
+    from models.quantization import FP8_MAX
+
+    scale = jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-12) / FP8_MAX
+    xq = (x.astype(jnp.float32) / scale).astype(jnp.float8_e4m3fn)
+    acc = jax.lax.dot_general(xq.astype(jnp.bfloat16) * scale.astype(jnp.bfloat16), w.q.astype(jnp.bfloat16),
+                              (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (acc * w.scale).astype(x.dtype)
+
+
+def _fp8_weight_only(x, w):
+    import jax
+    import jax.numpy as jnp
+
+    acc = jax.lax.dot_general(x, w.q.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (acc * w.scale).astype(x.dtype)
 
 
 def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_bytes=STREAM_BYTES,
@@ -101,7 +129,9 @@ def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_by
         return carry
 
     run = jax.jit(run)
+    start = time.perf_counter()
     jax.block_until_ready(run(xs, weights))  # compile, warm up
+    compile_s = time.perf_counter() - start
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -109,14 +139,15 @@ def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_by
         samples.append((time.perf_counter() - start) / calls)
     seconds = statistics.median(samples)
     return dict(variant=variant, K=K, N=N, M=M, us=seconds * 1e6, weight_bytes=nbytes,
-                weight_tb_s=nbytes / seconds / 1e12, copies=copies, calls=calls)
+                weight_tb_s=nbytes / seconds / 1e12, tflop_s=2 * M * K * N / seconds / 1e12, copies=copies, calls=calls,
+                compile_s=compile_s)
 
 
 def step_estimates(rows: list[dict], shapes: dict, read_tb_s: float) -> list[dict]:
     """Per (variant, M): layer matrices x their count + the bf16 LM head (XLA), against bytes / read rate."""
     by = {(r["variant"], r["M"], r["name"]): r for r in rows if "us" in r}
     out = []
-    for variant in VARIANTS:
+    for variant in VARIANTS + FP8_FORMS:
         for M in sorted({r["M"] for r in rows}):
             parts = [(by.get((variant, M, name)), count) for name, (_, _, count) in shapes.items() if name != "lm_head"]
             head = by.get(("xla-bf16", M, "lm_head"))
@@ -132,7 +163,7 @@ def step_estimates(rows: list[dict], shapes: dict, read_tb_s: float) -> list[dic
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,16,64", help="comma-separated M values")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"also: {', '.join(FP8_FORMS)}")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's tiles (SWEEP) at M=1")
     parser.add_argument("--sweep-shapes", default="w_gate_up,wqkv")
@@ -166,7 +197,8 @@ def main(argv=None):
                     traceback.print_exc()
                     row = dict(variant=variant, K=K, N=N, M=M, error=f"{type(e).__name__}: {e}"[:500])
                 rows.append(dict(name=name, **row))
-                print(f"M={M:3d} {name:12s} {variant:12s} " + (f"{row['us']:9.1f} us {row['weight_tb_s']:6.2f} TB/s"
+                print(f"M={M:3d} {name:12s} {variant:14s} " + (f"{row['us']:9.1f} us {row['weight_tb_s']:6.2f} TB/s {row['tflop_s']:6.1f} TFLOP/s "
+                                                               f"(compile + first call {row['compile_s']:.1f} s)"
                                                                if "us" in row else row["error"][:120]), flush=True)
     sweep = []
     if args.sweep:

@@ -32,7 +32,21 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
     tput = lambda w, *a: bench("bench_throughput.py", "--workload", w, *a)  # noqa: E731
     # Order: the engine on GPU first (per-layer KV buffers, never run at full size yet), then the
     # figures the open issues ask for; the kernel tests passed on an H200 at 8f617b9.
+    profile = lambda name, *a: [PY, "scripts/profile_step.py", "--out", f"{results}/{name}.json", *a]  # noqa: E731
     return [
+        # Where a batch-256 decode step's device time goes (tput-short's decode steps: 13.7 ms, run 6).
+        ("profile-decode", profile("profile-decode", "--step", "decode", "--batch", "256", "--ctx", "192"), 120),
+        ("profile-prefill", profile("profile-prefill", "--step", "prefill", "--batch", "4", "--ctx", "2048"), 120),
+        # The GPU's idle share of a decode-heavy run (issue 9: < 5%).
+        ("profile-idle", profile("profile-idle", "--run", "--batch", "256", "--input-len", "32", "--output-len", "64"),
+         150),
+        # fp8 ways to multiply, with their compile times (the fp8 engine never started in runs 5, 6).
+        ("matmul-fp8", bench("bench_matmul.py", "--rows", "1,256,4096", "--repeats", "5", "--variants",
+                             "xla-bf16,xla-int8,xla-fp8,xla-fp8-tensor,xla-fp8-wonly"), 150),
+        ("matmul-sweep-gemv", bench("bench_matmul.py", "--rows", "1", "--repeats", "5", "--variants", "pallas-int4",
+                                    "--sweep", "--sweep-form", "gemv", "--sweep-shapes", "w_gate_up,wqkv"), 150),
+        # vLLM's defaults on >= 70 GiB GPUs for the LLM class: 1024 sequences, 16384 tokens a step.
+        ("tput-short-1024", tput("tput-short", "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384"), 200),
         ("kv-in-place", [PY, "scripts/check_kv_in_place.py", "--out", f"{results}/kv-in-place.json"], 90),
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),

@@ -1,0 +1,215 @@
+"""Where the device time goes: a per-kernel profile of engine steps, and the GPU's idle share of a run.
+
+Two measurements from JAX's own profiler (``jax.profiler.trace`` with a Perfetto trace,
+read back as JSON; no TensorBoard needed):
+
+- ``--step decode|prefill``: the engine's jitted step (its runner: unrolled layers, fused
+  projections, per-layer KV) on a synthetic batch, e.g. 256 decodes at context 192, run
+  ``--repeats`` times under the profiler; device kernels summed by name and by kind
+  (matmul, attention, other), per step.
+- ``--run``: a decode-heavy offline run through ``LLM.generate`` (its step shapes compiled
+  by a first, untraced run); the GPU's busy time (the union of kernel intervals) over the
+  span from the first kernel to the last: issue 9's "GPU idle < 5%".
+
+    python scripts/profile_step.py --step decode --batch 256 --ctx 192 --out /tmp/p.json
+    python scripts/profile_step.py --run --batch 256 --input-len 32 --output-len 128
+    python scripts/profile_step.py --model <tiny> --load-format dummy --step decode --batch 4   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common  # noqa: E402
+
+KINDS = (("matmul", re.compile(r"gemm|xmma|cutlass|cublas|matmul|dot|gemv|wgmma", re.I)),
+         ("attention", re.compile(r"ragged|paged|attention|flash|mha", re.I)))
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
+
+
+def read_trace(log_dir: str) -> dict:
+    paths = glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True) + \
+        glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no Perfetto/Chrome trace under {log_dir}: {os.listdir(log_dir)}")
+    with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
+        return json.load(f)
+
+
+def device_events(trace: dict) -> tuple[list[dict], dict]:
+    """Complete events on a device's kernel lines (``/device:GPU:*`` processes, their stream
+    threads; on CPU, for the smoke run, the executable's thread), and the lines they came from."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    process, thread = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            process[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread[(e["pid"], e["tid"])] = e["args"]["name"]
+    gpu_pids = {pid for pid, name in process.items() if "GPU" in name}
+    def line(e) -> str:
+        return thread.get((e["pid"], e.get("tid")), "")
+    if gpu_pids:  # CUDA kernels sit on "Stream #N" lines; "XLA Ops" repeats them under HLO names
+        streams = any("Stream" in line(e) for e in events if e.get("pid") in gpu_pids and e.get("ph") == "X")
+        def on_kernel_line(e) -> bool:
+            return e["pid"] in gpu_pids and (("Stream" in line(e) and "Memcpy" not in line(e)) if streams
+                                             else "XLA Ops" in line(e))
+    else:  # CPU smoke: the executable's own thread
+        def on_kernel_line(e) -> bool:
+            return "XLAPjRtCpuClient" in line(e) and not e["name"].startswith(("ThreadpoolListener", "end:", "Thunk"))
+    kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and on_kernel_line(e)]
+    seen = kernels or [e for e in events if e.get("ph") == "X"]  # nothing matched: say what the trace holds
+    lines = collections.Counter(f"{process.get(e['pid'], e['pid'])} / {line(e)}" for e in seen)
+    return kernels, dict(lines.most_common(40))
+
+
+def busy_us(kernels: list[dict]) -> float:
+    """Length of the union of the kernels' [ts, ts + dur) intervals (streams may overlap)."""
+    total, end = 0.0, None
+    for start, stop in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels):
+        if end is None or start > end:
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total
+
+
+def summarize(kernels: list[dict], steps: int, top: int = 25) -> dict:
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        by_name[e["name"]][0] += float(e["dur"])
+        by_name[e["name"]][1] += 1
+    by_kind = collections.Counter()
+    for name, (us, _) in by_name.items():
+        by_kind[kind_of(name)] += us / steps
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    return {"per_step_us": sum(v[0] for v in by_name.values()) / steps,
+            "per_step_us_by_kind": dict(by_kind),
+            "top": [dict(name=name[:160], kind=kind_of(name), per_step_us=us / steps, calls_per_step=n / steps)
+                    for name, (us, n) in rows[:top]]}
+
+
+def profiled(fn, log_dir: str) -> float:
+    import jax
+
+    start = time.perf_counter()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        fn()
+    return time.perf_counter() - start
+
+
+def profile_step(llm, args) -> dict:
+    """The runner's step on ``--batch`` decodes at ``--ctx`` (or prompt chunks of ``--ctx`` tokens)."""
+    from engine import SamplingParams
+    from engine.runner import SequenceWork
+    from engine.sampler import build_sampling_metadata
+
+    runner = llm.llm_engine.runner
+    bs = runner.block_size
+    blocks = -(-(args.ctx + 1) // bs)
+    pool = llm.llm_engine.block_manager.num_blocks
+    if 1 + args.batch * blocks > pool:
+        raise SystemExit(f"{args.batch} x {blocks} blocks do not fit the pool of {pool}")
+    def table(i):
+        return list(range(1 + i * blocks, 1 + (i + 1) * blocks))
+    if args.step == "decode":
+        work = [SequenceWork(token_ids=[7], start=args.ctx, block_table=table(i), sample=True)
+                for i in range(args.batch)]
+    else:
+        work = [SequenceWork(token_ids=[7] * args.ctx, start=0, block_table=table(i), sample=True)
+                for i in range(args.batch)]
+    n = len(work)
+    sampling = build_sampling_metadata([SamplingParams(temperature=0.0)] * n, [[]] * n, [[0]] * n, [0] * n, [0] * n,
+                                       runner.padded_num_seqs(n))
+    def run(repeats):
+        for _ in range(repeats):
+            runner.fetch(runner.dispatch(work, sampling))
+    run(2)  # compile, warm up
+    start = time.perf_counter()
+    run(args.repeats)
+    wall_ms = (time.perf_counter() - start) / args.repeats * 1e3
+    with tempfile.TemporaryDirectory() as log_dir:
+        profiled(lambda: run(args.repeats), log_dir)
+        kernels, lines = device_events(read_trace(log_dir))
+    model_input = runner.build_model_input(work)
+    result = dict(step=args.step, batch=args.batch, ctx=args.ctx, T=int(model_input.token_ids.shape[0]),
+                  S=int(model_input.kv_lens.shape[0]), wall_ms_per_step=wall_ms, kernel_lines=lines,
+                  **summarize(kernels, args.repeats))
+    return result
+
+
+def profile_run(llm, args) -> dict:
+    """GPU busy share of a decode-heavy offline run (compiled first by an identical untraced run)."""
+    from engine import SamplingParams
+
+    prompts = bench_common.random_prompts(args.batch, args.input_len, bench_common.read_vocab_size(args.model))
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(inputs, params, use_tqdm=False)  # compiles every step shape of the run
+    with tempfile.TemporaryDirectory() as log_dir:
+        wall_s = profiled(lambda: llm.generate(inputs, params, use_tqdm=False), log_dir)
+        kernels, lines = device_events(read_trace(log_dir))
+    if not kernels:
+        raise SystemExit(f"no device kernels in the trace (lines: {lines})")
+    first = min(float(e["ts"]) for e in kernels)
+    last = max(float(e["ts"]) + float(e["dur"]) for e in kernels)
+    busy = busy_us(kernels)
+    return dict(run="decode-heavy", batch=args.batch, input_len=args.input_len, output_len=args.output_len,
+                wall_s=wall_s, kernel_span_s=(last - first) / 1e6, busy_s=busy / 1e6,
+                gpu_idle_fraction=1.0 - busy / (last - first), kernel_lines=lines,
+                async_scheduling=llm.llm_engine.async_scheduling)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_common.add_engine_flags(parser)
+    parser.add_argument("--step", choices=("decode", "prefill"), default=None)
+    parser.add_argument("--run", action="store_true", help="GPU idle share of a decode-heavy LLM.generate run")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--ctx", type=int, default=192, help="decode: context length; prefill: chunk length")
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    args = parser.parse_args(argv)
+    if not (args.step or args.run):
+        parser.error("give --step decode|prefill and/or --run")
+    max_len = max(args.ctx + 1, args.input_len + args.output_len)
+    llm = bench_common.make_llm(args, max_model_len=max_len, max_num_seqs=args.max_num_seqs or args.batch)
+    result = bench_common.result_header("profile", bench_common.model_name(args.model), str(args.dtype))
+    if args.step:
+        result["step_profile"] = step = profile_step(llm, args)
+        print(f"{args.step} step T={step['T']} S={step['S']}: wall {step['wall_ms_per_step']:.2f} ms, "
+              f"kernels {step['per_step_us'] / 1e3:.2f} ms: " +
+              ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in step["per_step_us_by_kind"].items()), flush=True)
+        for row in step["top"]:
+            print(f"  {row['per_step_us']:9.1f} us  x{row['calls_per_step']:5.1f}  {row['kind']:9s} {row['name'][:110]}")
+    if args.run:
+        result["run_profile"] = run = profile_run(llm, args)
+        print(f"decode-heavy run ({args.batch} x {args.input_len}/{args.output_len}): wall {run['wall_s']:.2f} s, "
+              f"kernels span {run['kernel_span_s']:.2f} s, busy {run['busy_s']:.2f} s, "
+              f"GPU idle {100 * run['gpu_idle_fraction']:.1f}%", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
