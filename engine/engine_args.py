@@ -65,6 +65,9 @@ class EngineArgs:
     # Plan step N+1 while step N runs on the device (LLMEngine.step). None = on, except with a
     # trace (which records each step as it ends) or several processes (followers replay steps in order).
     async_scheduling: Optional[bool] = None
+    # XLA options for compiling the step (jax.jit's compiler_options, e.g. {"xla_gpu_autotune_level": 0}).
+    # None = the engine's choice (engine.runner.default_compiler_options: fp8 weights skip GEMM autotuning).
+    compiler_options: Optional[dict] = None
 
     def validate(self) -> None:
         if self.block_size not in (8, 16, 32, 64):

@@ -52,6 +52,7 @@ class LLM:
         scheduling_mode: str = "continuous",
         trace: bool = False,
         async_scheduling: Optional[bool] = None,
+        compiler_options: Optional[dict] = None,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -62,6 +63,7 @@ class LLM:
             scheduling_policy=scheduling_policy, attention_backend=attention_backend, linear_backend=linear_backend,
             unroll_layers=unroll_layers,
             scheduling_mode=scheduling_mode, trace=trace, async_scheduling=async_scheduling,
+            compiler_options=compiler_options,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)

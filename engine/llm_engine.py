@@ -109,7 +109,8 @@ class LLMEngine:
                                   max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                   max_model_len=self.max_model_len, kv_dtype=kv_dtype,
                                   attention_backend=args.attention_backend, mesh=mesh,
-                                  unroll_layers=args.unroll_layers, linear_backend=args.linear_backend)
+                                  unroll_layers=args.unroll_layers, linear_backend=args.linear_backend,
+                                  compiler_options=args.compiler_options)
         loaded.params = None  # the runner holds them, laid out for the step: free the loader's copy before sizing
         # The KV pool gets what the weights and the largest step's activations leave.
         self.activation_bytes = self.runner.activation_bytes() if sizes_kv_from_memory(args) else 0

@@ -33,7 +33,7 @@ from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward, unstack_layers
 from models.llama import fuse_projections as fuse_layer_projections
-from models.quantization import LinearBackend
+from models.quantization import Fp8Weight, LinearBackend
 from pallas_kernels import get_attention_fns
 from sharding import TensorParallelPlan, replicated, shard_attention_fns
 from sharding.distributed import broadcast_from_leader, is_leader
@@ -50,6 +50,17 @@ def token_bucket(num_tokens: int, max_num_tokens: int) -> int:
     matmul is then a matrix-vector product: XLA's GEMV, the int4 kernel's GEMV form), more are
     padded to a power of two of at least ``MIN_TOKEN_BUCKET``."""
     return 1 if num_tokens == 1 else bucket(num_tokens, MIN_TOKEN_BUCKET, max_num_tokens)
+
+
+def default_compiler_options(params) -> dict:
+    """XLA options for the step when the user gives none. fp8 weights: no GEMM autotuning. On the
+    H200 (benchmarks/NOTES.md, run 8) XLA spent 2-20 s autotuning each fp8 matmul shape (more
+    the more rows), so the 8B fp8 engine never finished starting in 100 s; cuBLAS's own
+    choice of algorithm is kept instead."""
+    if jax.default_backend() == "gpu" and any(isinstance(leaf, Fp8Weight) for leaf in jax.tree.leaves(
+            params, is_leaf=lambda x: isinstance(x, Fp8Weight))):
+        return {"xla_gpu_autotune_level": 0}
+    return {}
 
 
 def enable_compilation_cache() -> None:
@@ -157,6 +168,7 @@ class ModelRunner:
         unroll_layers: Optional[bool] = None,
         linear_backend: str = "auto",
         fuse_projections: Optional[bool] = None,
+        compiler_options: Optional[dict] = None,
     ):
         """``unroll_layers``: unstack the layer weights and unroll the layer loop (None: on GPU only).
         ``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
@@ -165,7 +177,8 @@ class ModelRunner:
         which GSPMD partitions; a Pallas call it cannot). ``fuse_projections``: join q/k/v and
         gate/up into one matmul each (``models.llama.fuse_projections``; None: on one device, never
         over a mesh). ``num_blocks``: the KV pool; without it, call ``allocate_kv_cache`` (after
-        ``activation_bytes``, to size the pool from what is left)."""
+        ``activation_bytes``, to size the pool from what is left). ``compiler_options``: XLA options
+        for the step (None: ``default_compiler_options``)."""
         enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
         self.mesh = mesh
@@ -197,6 +210,8 @@ class ModelRunner:
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
                                           write_kv_fn=write_kv_fn, linear_backend=linear)
         self._multi_process = jax.process_count() > 1
+        self.compiler_options = (default_compiler_options(params) if compiler_options is None
+                                 else dict(compiler_options))
         self.kv_cache = None
         if num_blocks is not None:
             self.allocate_kv_cache(num_blocks)
@@ -212,7 +227,7 @@ class ModelRunner:
             copy_placement = {"out_shardings": kv_placement}
             self._sampled = jax.device_put(self._sampled, self._input_sharding)
         self._step = jax.jit(self._step_impl, static_argnames=("num_logprobs",), donate_argnums=(1,),
-                             **step_placement)
+                             compiler_options=self.compiler_options or None, **step_placement)
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)
 
     def activation_bytes(self) -> int:
@@ -234,7 +249,8 @@ class ModelRunner:
         cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                              self._make_kv_cache(2))
         compiled = jax.jit(self._step_impl, static_argnames=("num_logprobs",)).lower(
-            self.params, cache, model_input, sampling, abstract([S]), abstract([T]), num_logprobs=None).compile()
+            self.params, cache, model_input, sampling, abstract([S]), abstract([T]), num_logprobs=None).compile(
+            compiler_options=self.compiler_options or None)
         memory = compiled.memory_analysis()
         return int(getattr(memory, "temp_size_in_bytes", 0) or 0) if memory is not None else 0
 

@@ -65,11 +65,15 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 4
     programs_per_core: int = 2
-    # One row (decode at batch 1): the GEMV form, tiles of gemv_block_k x gemv_block_n.
+    # One row (decode at batch 1): the GEMV form, tiles of gemv_block_k x gemv_block_n. The
+    # defaults were the fastest of bench_matmul's GEMV sweep on the H200 for int8 and int4
+    # (benchmarks/NOTES.md, run 8: w_gate_up int8 59 us vs 75 us with 128 x 128 tiles at 8 warps).
     gemv: bool = True
     gemv_block_n: int = 128
-    gemv_block_k: int = 128
-    gemv_num_warps: int = 8  # a float32 tile of 128 x 128 is 64 registers per thread at 8 warps
+    gemv_block_k: int = 64
+    gemv_num_warps: int = 4
+    gemv_num_stages: int = 6
+    gemv_programs_per_core: int = 4
 
 
 # --------------------------------------------------------------------------------------
@@ -238,8 +242,8 @@ def _tile_sizes(fmt: str, K: int, N: int, pack: int, max_n: int, max_k: int) -> 
     return block_n, block_k
 
 
-def _k_splits(config: MatmulConfig, col_blocks: int, num_steps: int, block_k: int) -> int:
-    splits = config.k_splits or auto_k_splits(col_blocks, num_steps, config.programs_per_core)
+def _k_splits(config: MatmulConfig, col_blocks: int, num_steps: int, block_k: int, programs_per_core: int) -> int:
+    splits = config.k_splits or auto_k_splits(col_blocks, num_steps, programs_per_core)
     if num_steps % splits:
         raise ValueError(f"k_splits={splits} must divide the {num_steps} K steps of {block_k} rows")
     return splits
@@ -265,7 +269,7 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
     if rows != M:
         x = jnp.pad(x, ((0, rows - M), (0, 0)))
     num_steps = K // block_k
-    splits = _k_splits(config, (rows // block_m) * (N // block_n), num_steps, block_k)
+    splits = _k_splits(config, (rows // block_m) * (N // block_n), num_steps, block_k, config.programs_per_core)
     kernel = functools.partial(_matmul_kernel, fmt=fmt, block_m=block_m, block_n=block_n, block_k=block_k,
                                steps=num_steps // splits, group_size=group_size)
     out = pl.pallas_call(
@@ -286,7 +290,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
     num_steps = K // block_k
-    splits = _k_splits(config, N // block_n, num_steps, block_k)
+    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size)
     out = pl.pallas_call(
@@ -295,7 +299,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
         in_specs=[pl.no_block_spec] * (2 + len(extras)),
         out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
         out_shape=jax.ShapeDtypeStruct((splits, N), x.dtype if splits == 1 else jnp.float32),
-        compiler_params=pltriton.CompilerParams(num_warps=config.gemv_num_warps, num_stages=config.num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=config.gemv_num_warps, num_stages=config.gemv_num_stages),
         interpret=interpret,
         name=f"{fmt}_weight_streaming_gemv",
     )(x, w, *extras)

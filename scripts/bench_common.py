@@ -79,6 +79,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
                         help="matmuls: auto = Pallas kernel for quantized weights at small batch on GPU")
     parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
                         help="plan step N+1 while step N runs (auto: on unless the run is traced)")
+    parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an XLA option for the step's compilation (repeatable; default: the engine's choice)")
     parser.add_argument("--seed", type=int, default=PROMPT_SEED, help="seed of the random prompts and weights")
     parser.add_argument("--output-json", default=None,
                         help="result file (default <results-dir>/<workload>-<device>-<date>.json)")
@@ -97,6 +99,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         num_gpu_blocks_override=args.num_gpu_blocks_override, seed=args.seed, skip_tokenizer_init=True,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        compiler_options=compiler_options(args.compiler_option) if args.compiler_option else None,
     )
     options.update(overrides)
     # The engine's start-up line (weights, KV pool, activations) goes to the run's log.
@@ -105,6 +108,19 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
     llm = LLM(args.model, **options)
     print(f"LLM(...) ready in {time.perf_counter() - start:.1f} s", flush=True)
     return llm
+
+
+def compiler_options(pairs: Sequence[str]) -> dict:
+    """``["xla_gpu_autotune_level=0", ...]`` -> ``{"xla_gpu_autotune_level": 0}`` (ints, bools, else strings)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--compiler-option wants KEY=VALUE, got {pair!r}")
+        lowered = value.lower()
+        options[key] = (lowered == "true" if lowered in ("true", "false")
+                        else int(value) if value.lstrip("-").isdigit() else value)
+    return options
 
 
 def model_name(model: Optional[str]) -> str:
@@ -184,9 +200,12 @@ def result_header(workload: str, model: Optional[str], dtype: str, *, tensor_par
 
 def engine_result_header(workload: str, args) -> dict:
     """``result_header`` from the engine flags of ``add_engine_flags``."""
-    return result_header(workload, args.model, args.dtype, quantization=args.quantization,
-                         kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend,
-                         async_scheduling=args.async_scheduling)
+    header = result_header(workload, args.model, args.dtype, quantization=args.quantization,
+                           kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend,
+                           async_scheduling=args.async_scheduling)
+    if args.compiler_option:
+        header["compiler_options"] = compiler_options(args.compiler_option)
+    return header
 
 
 def variant_tag(result: dict) -> str:
@@ -198,6 +217,8 @@ def variant_tag(result: dict) -> str:
         tag += f"-{result['linear_backend']}"
     if result.get("async_scheduling", "auto") != "auto":
         tag += f"-async-{result['async_scheduling']}"
+    if result.get("compiler_options"):
+        tag += "-xla-" + "-".join(f"{k.removeprefix('xla_gpu_')}{v}" for k, v in result["compiler_options"].items())
     return tag
 
 

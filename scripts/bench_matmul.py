@@ -44,8 +44,8 @@ SHAPES_SMOKE = {"wqkv": (256, 128, 2), "w_gate_up": (256, 384, 2), "w_down": (38
 # Kernel tilings tried by --sweep: (block_n, block_k, programs_per_core, num_warps, num_stages).
 # int4 tiles K by its packing block whatever block_k says.
 # One-row GEMV form (--sweep-form gemv): (gemv_block_n, gemv_block_k, programs_per_core, gemv_num_warps, stages).
-GEMV_SWEEP = ((128, 128, 2, 8, 4), (256, 64, 2, 8, 4), (64, 128, 2, 4, 4), (128, 256, 1, 8, 3), (256, 128, 1, 8, 3),
-              (128, 64, 4, 4, 6))
+GEMV_SWEEP = ((128, 64, 4, 4, 6), (128, 64, 8, 4, 6), (256, 64, 4, 4, 6), (64, 64, 4, 4, 6), (128, 32, 4, 4, 8),
+              (128, 64, 4, 2, 6), (64, 128, 8, 4, 4), (256, 32, 4, 8, 8))
 SWEEP = ((64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 256, 2, 4, 4), (256, 128, 1, 4, 4), (128, 256, 1, 8, 3),
          (256, 256, 1, 8, 3), (128, 512, 1, 4, 3), (64, 256, 2, 4, 4), (128, 128, 4, 4, 4), (256, 64, 2, 4, 6))
 VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")
@@ -111,7 +111,7 @@ def _fp8_weight_only(x, w):
 
 
 def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_bytes=STREAM_BYTES,
-                 min_calls=MIN_CALLS):
+                 min_calls=MIN_CALLS, compiler_options=None):
     import jax
     import jax.numpy as jnp
 
@@ -128,7 +128,7 @@ def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_by
             carry = jnp.sum(out, axis=-1, keepdims=True, dtype=jnp.float32).astype(xs.dtype) * 1e-3
         return carry
 
-    run = jax.jit(run)
+    run = jax.jit(run, compiler_options=compiler_options or None)
     start = time.perf_counter()
     jax.block_until_ready(run(xs, weights))  # compile, warm up
     compile_s = time.perf_counter() - start
@@ -170,6 +170,8 @@ def main(argv=None):
     parser.add_argument("--sweep-variants", default="pallas-int8,pallas-int4")
     parser.add_argument("--sweep-form", choices=("dot", "gemv"), default="dot",
                         help="which form's tiles to sweep: the row-tiled dot (SWEEP) or the one-row GEMV (GEMV_SWEEP)")
+    parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an XLA option for the timed functions' compilation (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--results-dir", default=bench_common.RESULTS_DIR)
@@ -185,6 +187,8 @@ def main(argv=None):
     result = bench_common.result_header("kernel-matmul", None if args.smoke else bench_common.DEFAULT_MODEL,
                                         "bfloat16")
     read_tb_s = bench_common.measure_copy_bandwidth((64 if args.smoke else 2048) << 20) / 1e12
+    options = bench_common.compiler_options(args.compiler_option)
+    result["compiler_options"] = options
     rows = []
     for M in [int(m) for m in args.rows.split(",")]:
         for name, (K, N, _) in shapes.items():
@@ -192,7 +196,7 @@ def main(argv=None):
             for variant in variants:
                 try:
                     row = time_variant(variant, K, N, M, interpret=interpret, repeats=repeats, stream_bytes=stream,
-                                       min_calls=calls)
+                                       min_calls=calls, compiler_options=options)
                 except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
                     traceback.print_exc()
                     row = dict(variant=variant, K=K, N=N, M=M, error=f"{type(e).__name__}: {e}"[:500])
@@ -210,8 +214,9 @@ def main(argv=None):
                         config = MatmulConfig(block_n=block_n, block_k=block_k, programs_per_core=per_core,
                                               num_warps=warps, num_stages=stages, gemv=False)
                     else:
-                        config = MatmulConfig(gemv_block_n=block_n, gemv_block_k=block_k, programs_per_core=per_core,
-                                              gemv_num_warps=warps, num_stages=stages)
+                        config = MatmulConfig(gemv_block_n=block_n, gemv_block_k=block_k,
+                                              gemv_programs_per_core=per_core, gemv_num_warps=warps,
+                                              gemv_num_stages=stages)
                     try:
                         row = time_variant(variant, K, N, 1, interpret=interpret, repeats=repeats, config=config,
                                            stream_bytes=stream, min_calls=calls)

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_common  # noqa: E402
 
-KINDS = (("matmul", re.compile(r"gemm|xmma|cutlass|cublas|matmul|dot|gemv|wgmma", re.I)),
+KINDS = (("matmul", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|matmul|dot|gemv|wgmma", re.I)),
          ("attention", re.compile(r"ragged|paged|attention|flash|mha", re.I)))
 
 
@@ -63,11 +63,13 @@ def device_events(trace: dict) -> tuple[list[dict], dict]:
     gpu_pids = {pid for pid, name in process.items() if "GPU" in name}
     def line(e) -> str:
         return thread.get((e["pid"], e.get("tid")), "")
-    if gpu_pids:  # CUDA kernels sit on "Stream #N" lines; "XLA Ops" repeats them under HLO names
-        streams = any("Stream" in line(e) for e in events if e.get("pid") in gpu_pids and e.get("ph") == "X")
+    if gpu_pids:  # kernels sit on "Stream #N(Compute,...)" lines; "XLA Ops" repeats them under HLO names
+        def compute_stream(e) -> bool:
+            name = line(e)
+            return name.startswith("Stream") and ("Compute" in name or "(" not in name)
+        streams = any(compute_stream(e) for e in events if e.get("pid") in gpu_pids and e.get("ph") == "X")
         def on_kernel_line(e) -> bool:
-            return e["pid"] in gpu_pids and (("Stream" in line(e) and "Memcpy" not in line(e)) if streams
-                                             else "XLA Ops" in line(e))
+            return e["pid"] in gpu_pids and (compute_stream(e) if streams else "XLA Ops" in line(e))
     else:  # CPU smoke: the executable's own thread
         def on_kernel_line(e) -> bool:
             return "XLAPjRtCpuClient" in line(e) and not e["name"].startswith(("ThreadpoolListener", "end:", "Thunk"))
@@ -108,8 +110,10 @@ def summarize(kernels: list[dict], steps: int, top: int = 25) -> dict:
 def profiled(fn, log_dir: str) -> float:
     import jax
 
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # the Python tracer alone wrote a million events for a 64-step run
     start = time.perf_counter()
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True, profiler_options=options):
         fn()
     return time.perf_counter() - start
 

@@ -32,6 +32,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
     tput = lambda w, *a: bench("bench_throughput.py", "--workload", w, *a)  # noqa: E731
     # Order: the engine on GPU first (per-layer KV buffers, never run at full size yet), then the
     # figures the open issues ask for; the kernel tests passed on an H200 at 8f617b9.
+    matmul = lambda name, *a: bench("bench_matmul.py", "--repeats", "5", "--output-json",  # noqa: E731
+                                     f"{results}/{name}.json", *a)
     profile = lambda name, *a: [PY, "scripts/profile_step.py", "--out", f"{results}/{name}.json", *a]  # noqa: E731
     return [
         # Where a batch-256 decode step's device time goes (tput-short's decode steps: 13.7 ms, run 6).
@@ -41,10 +43,15 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("profile-idle", profile("profile-idle", "--run", "--batch", "256", "--input-len", "32", "--output-len", "64"),
          150),
         # fp8 ways to multiply, with their compile times (the fp8 engine never started in runs 5, 6).
-        ("matmul-fp8", bench("bench_matmul.py", "--rows", "1,256,4096", "--repeats", "5", "--variants",
-                             "xla-bf16,xla-int8,xla-fp8,xla-fp8-tensor,xla-fp8-wonly"), 150),
-        ("matmul-sweep-gemv", bench("bench_matmul.py", "--rows", "1", "--repeats", "5", "--variants", "pallas-int4",
-                                    "--sweep", "--sweep-form", "gemv", "--sweep-shapes", "w_gate_up,wqkv"), 150),
+        ("matmul-fp8", matmul("matmul-fp8", "--rows", "1,256,4096", "--variants",
+                              "xla-bf16,xla-int8,xla-fp8,xla-fp8-tensor,xla-fp8-wonly"), 150),
+        # Run 8: XLA's autotuning took 2-20 s per fp8 matmul shape; the same without it.
+        ("matmul-fp8-noautotune", matmul("matmul-fp8-noautotune", "--rows", "1,256,4096", "--variants",
+                                         "xla-bf16,xla-fp8", "--compiler-option", "xla_gpu_autotune_level=0"), 120),
+        ("matmul-sweep-gemv", matmul("matmul-sweep-gemv", "--rows", "1", "--variants", "pallas-int8,pallas-int4",
+                                     "--sweep", "--sweep-form", "gemv", "--sweep-shapes", "w_gate_up,wqkv"), 150),
+        # Where a batch-1 decode step's time goes (latency's TPOT).
+        ("profile-decode1", profile("profile-decode1", "--step", "decode", "--batch", "1", "--ctx", "192"), 90),
         # vLLM's defaults on >= 70 GiB GPUs for the LLM class: 1024 sequences, 16384 tokens a step.
         ("tput-short-1024", tput("tput-short", "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384"), 200),
         ("kv-in-place", [PY, "scripts/check_kv_in_place.py", "--out", f"{results}/kv-in-place.json"], 90),
@@ -55,17 +62,14 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-int8-xla", latency("int8", "--linear-backend", "xla"), 80),
         ("latency-awq", latency("awq"), 70),
         ("latency-fp8", latency("fp8"), 100),
-        # Is the fp8 start-up stuck in XLA's GEMM autotuning (runs 5, 6)? The same with autotuning off.
-        ("latency-fp8-noautotune", ["env", "XLA_FLAGS=--xla_gpu_autotune_level=0"] + latency("fp8"), 90),
         ("tput-short-bf16", tput("tput-short"), 200),
         ("tput-short-long", tput("tput-short,tput-long"), 240),
         ("tput-short-long-sync", tput("tput-short,tput-long", "--async-scheduling", "off"), 240),
         ("tput-prefill", tput("tput-prefill"), 120),
         ("tput-short-traced", tput("tput-short", "--trace", "--output-json", f"{results}/tput-short-traced.json"), 200),
         ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 130),
-        ("matmul", bench("bench_matmul.py", "--rows", "1,16,256", "--repeats", "5"), 150),
-        ("matmul-sweep", bench("bench_matmul.py", "--rows", "1", "--repeats", "5", "--sweep",
-                               "--sweep-shapes", "w_gate_up"), 150),
+        ("matmul", matmul("matmul", "--rows", "1,16,256"), 150),
+        ("matmul-sweep", matmul("matmul-sweep", "--rows", "1", "--sweep", "--sweep-shapes", "w_gate_up"), 150),
         ("latency-bf16-pallas", latency(None, "--linear-backend", "pallas"), 70),
         ("latency-hf-peer", latency(None, "--peer", "hf", "--output-json", f"{results}/latency-hf-peer.json"), 90),
         ("tput-short-bf16-kvfp8", tput("tput-short", "--kv-cache-dtype", "fp8"), 130),
