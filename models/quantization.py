@@ -24,8 +24,8 @@ dense model (``x @ W``); a leading layer axis is allowed on every field.
 Speed: at small batches a step reads every weight once. For int4 weights ``linear`` then
 runs the Pallas weight-streaming kernel (``pallas_kernels.quantized_matmul``), which reads the
 packed bytes and dequantizes in registers, where XLA would first write a dequantized copy;
-int8 runs the kernel's one-row (GEMV) form at one row and XLA's dot (which fuses the int8
-convert) at more; fp8 goes to XLA's fp8 tensor-core dots (``LinearBackend`` says what was measured). At large batches every format dequantizes
+int8 and fp8 go to XLA, which fuses the int8 convert into its dot and has fp8 tensor-core
+dots (``LinearBackend`` says what was measured). At large batches every format dequantizes
 and calls XLA's matmul, then bound by arithmetic, not bytes. Under a tensor-parallel mesh the
 kernel is not used (GSPMD cannot partition a Pallas call; the XLA path is partitioned as usual).
 """
@@ -422,16 +422,14 @@ MAX_KERNEL_ROWS = 64
 
 @dataclasses.dataclass(frozen=True)
 class LinearBackend:
-    """How ``linear`` multiplies. ``kernel``: "auto" (on GPU, the Pallas kernel for int4 weights at
-    up to ``max_kernel_rows`` rows and for int8 weights at one row), "pallas" (for int8 and dense
-    weights at up to ``max_kernel_rows`` rows), or "xla" (never). ``interpret``: run the kernel in
-    interpret mode (CPU tests).
+    """How ``linear`` multiplies. ``kernel``: "auto" (the Pallas kernel for int4 weights at up to
+    ``max_kernel_rows`` rows on GPU), "pallas" (for int8 and dense weights too), or "xla" (never).
+    ``interpret``: run the kernel in interpret mode (CPU tests).
 
-    Why "auto" gives int8 to the kernel only at one row (the GEMV form): on the H200
-    (benchmarks/NOTES.md) the 8B decode step with int8 weights padded to 16 rows took 7.89 ms
-    through the kernel and 6.15 ms through XLA, which fuses the int8 -> bf16 convert into its dot
-    (run 6); at one row XLA streams int8 at only 0.8-1.4 TB/s, the kernel's GEMV form at 1.1-2.0
-    (run 8). For int4 XLA first writes a dequantized copy."""
+    Why "auto" leaves int8 to XLA: on the H200 (benchmarks/NOTES.md) the 8B decode step with int8
+    weights took 7.89 ms through the kernel and 6.15 ms through XLA at 16 rows (run 6), 5.32 ms
+    through the kernel's GEMV form and 5.19 ms through XLA at one row (runs 8, 9); XLA fuses the
+    int8 -> bf16 convert into its dot. For int4 XLA first writes a dequantized copy."""
 
     kernel: str = "auto"
     max_kernel_rows: int = MAX_KERNEL_ROWS
@@ -440,8 +438,7 @@ class LinearBackend:
     def use_kernel(self, w, rows: int) -> bool:
         if self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight):
             return False
-        if self.kernel == "auto" and (jax.default_backend() != "gpu" or not (
-                isinstance(w, Int4Weight) or (isinstance(w, Int8Weight) and rows == 1))):
+        if self.kernel == "auto" and (not isinstance(w, Int4Weight) or jax.default_backend() != "gpu"):
             return False
         return self.kernel in ("auto", "pallas")
 

@@ -65,15 +65,16 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 4
     programs_per_core: int = 2
-    # One row (decode at batch 1): the GEMV form, tiles of gemv_block_k x gemv_block_n. The
-    # defaults were the fastest of bench_matmul's GEMV sweep on the H200 for int8 and int4
-    # (benchmarks/NOTES.md, run 8: w_gate_up int8 59 us vs 75 us with 128 x 128 tiles at 8 warps).
+    # One row (decode at batch 1): the GEMV form, tiles of gemv_block_k x gemv_block_n. Measured
+    # in the 8B decode step on the H200 (benchmarks/NOTES.md, runs 7-9): AWQ TPOT 6.60 ms with
+    # these; 7.58 ms with 128 x 64 tiles, 4 warps, 6 stages, 4 programs per core, which the
+    # chained-matmul sweep of bench_matmul had found fastest in isolation.
     gemv: bool = True
     gemv_block_n: int = 128
-    gemv_block_k: int = 64
-    gemv_num_warps: int = 4
-    gemv_num_stages: int = 6
-    gemv_programs_per_core: int = 4
+    gemv_block_k: int = 128
+    gemv_num_warps: int = 8  # a float32 tile of 128 x 128 is 64 registers per thread at 8 warps
+    gemv_num_stages: int = 4
+    gemv_programs_per_core: int = 2
 
 
 # --------------------------------------------------------------------------------------

@@ -50,10 +50,22 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                          "xla-bf16,xla-fp8", "--compiler-option", "xla_gpu_autotune_level=0"), 120),
         ("matmul-sweep-gemv", matmul("matmul-sweep-gemv", "--rows", "1", "--variants", "pallas-int8,pallas-int4",
                                      "--sweep", "--sweep-form", "gemv", "--sweep-shapes", "w_gate_up,wqkv"), 150),
-        # Where a batch-1 decode step's time goes (latency's TPOT).
-        ("profile-decode1", profile("profile-decode1", "--step", "decode", "--batch", "1", "--ctx", "192"), 90),
+        # Where a batch-1 decode step's time goes (latency's TPOT), bf16 and AWQ int4.
+        ("profile-decode1", profile("profile-decode1", "--step", "decode", "--batch", "1", "--ctx", "192"), 60),
+        ("profile-decode1-awq", profile("profile-decode1-awq", "--step", "decode", "--batch", "1", "--ctx", "192",
+                                        "--quantization", "awq"), 60),
+        # fp8 without autotuning ran every matmul on an untuned kernel (run 9); autotuning level 1
+        # (no correctness checks), and Triton GEMMs off (cuBLAS only), with compile times.
+        ("matmul-fp8-level1", matmul("matmul-fp8-level1", "--rows", "1,256,4096", "--variants", "xla-bf16,xla-fp8",
+                                     "--compiler-option", "xla_gpu_autotune_level=1"), 70),
+        ("matmul-fp8-notriton", matmul("matmul-fp8-notriton", "--rows", "1,256,4096", "--variants",
+                                       "xla-bf16,xla-fp8", "--compiler-option", "xla_gpu_enable_triton_gemm=false"), 70),
+        ("latency-fp8-notriton", latency("fp8", "--compiler-option", "xla_gpu_enable_triton_gemm=false"), 100),
+        ("tput-short-fp8-notriton", tput("tput-short", "--quantization", "fp8", "--compiler-option",
+                                         "xla_gpu_enable_triton_gemm=false"), 130),
         # vLLM's defaults on >= 70 GiB GPUs for the LLM class: 1024 sequences, 16384 tokens a step.
-        ("tput-short-1024", tput("tput-short", "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384"), 200),
+        ("tput-short-1024", tput("tput-short", "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384",
+                                 "--output-json", f"{results}/tput-short-1024.json"), 200),
         ("kv-in-place", [PY, "scripts/check_kv_in_place.py", "--out", f"{results}/kv-in-place.json"], 90),
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
@@ -82,6 +94,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
+# A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
+REQUIRES = {"tput-short-fp8-notriton": "latency-fp8-notriton"}
 
 
 def bundle(out: str) -> None:
@@ -118,11 +132,16 @@ def main(argv=None) -> None:
     summary = open(os.path.join(args.out, "summary.txt"), "a")
     all_steps = {s[0]: s for s in steps(results)}
     queue = list(chosen)
+    outcomes = {}
     while queue:
         name, argv_, timeout = queue.pop(0)
         left = args.deadline_s - (time.monotonic() - start)
         if left < args.min_start_s:
             summary.write(f"{name}: skipped ({left:.0f} s left)\n")
+            continue
+        needed = REQUIRES.get(name)
+        if needed in outcomes and outcomes[needed] != 0:
+            summary.write(f"{name}: skipped ({needed} failed)\n")
             continue
         if args.dry_run:
             print(name, " ".join(argv_))
@@ -136,6 +155,7 @@ def main(argv=None) -> None:
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         took = time.monotonic() - began
+        outcomes[name] = rc
         with open(os.path.join(logs, f"{name}.log")) as log:
             tail = log.read()[-1500:]
         summary.write(f"== {name}: rc={rc} in {took:.0f} s (limit {limit:.0f} s)\n{tail}\n")
