@@ -316,3 +316,61 @@ def test_bench_helpers_reject_bad_input():
     assert a == bench_common.random_prompts(3, 5, 1000, seed=7) and len({tuple(p) for p in a}) == 3
     assert bench_common.peer_ratios({"tpot_ms": 5.0, "output_tok_s": 300.0}, {"tpot_ms": 10.0, "output_tok_s": 100.0},
                                     ("tpot_ms", "output_tok_s")) == {"tpot_ms": 2.0, "output_tok_s": 3.0}
+
+
+# -- profile_step and compiler options -----------------------------------------------------
+
+
+def _kernel(name, ts, dur, pid=1, tid=7):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid}
+
+
+def test_profile_reads_compute_streams_and_unions_busy_time():
+    import profile_step
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #14(MemcpyD2D,Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "Stream #15(MemcpyH2D)"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 9, "args": {"name": "XLA Ops"}}]
+    events = meta + [_kernel("nvjet_sm90_gemm", 0, 10), _kernel("ragged_paged_attention_decode", 5, 10),
+                     _kernel("loop_add_fusion", 30, 5), _kernel("copy", 0, 50, tid=8),
+                     _kernel("fusion.1", 0, 50, tid=9), _kernel("python", 0, 99, pid=2)]
+    kernels, lines = profile_step.device_events({"traceEvents": events})
+    assert sorted(e["name"] for e in kernels) == ["loop_add_fusion", "nvjet_sm90_gemm", "ragged_paged_attention_decode"]
+    assert lines == {"/device:GPU:0 / Stream #14(MemcpyD2D,Compute)": 3}
+    assert profile_step.busy_us(kernels) == 20.0  # [0, 15) and [30, 35): overlaps count once
+    summary = profile_step.summarize(kernels, steps=1)
+    assert summary["per_step_us_by_kind"] == {"matmul": 10.0, "attention": 10.0, "other": 5.0}
+    assert summary["top"][0]["per_step_us"] == 10.0
+
+
+def test_profile_step_smoke(tiny_model, tmp_path):
+    import profile_step
+
+    result = profile_step.main(["--model", tiny_model, "--load-format", "dummy", "--block-size", "8", "--step",
+                                "decode", "--batch", "3", "--ctx", "20", "--repeats", "2", "--out",
+                                str(tmp_path / "p.json")])
+    step = result["step_profile"]
+    assert (step["T"], step["S"]) == (16, 3) and step["wall_ms_per_step"] > 0  # S capped at max_num_seqs = batch
+    with open(tmp_path / "p.json") as f:
+        assert json.load(f)["step_profile"]["batch"] == 3
+
+
+def test_compiler_options_reach_the_step_and_change_no_token(tiny_model):
+    assert bench_common.compiler_options(["xla_gpu_autotune_level=1", "xla_gpu_enable_triton_gemm=false", "a=b"]) == {
+        "xla_gpu_autotune_level": 1, "xla_gpu_enable_triton_gemm": False, "a": "b"}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench_common.compiler_options(["xla_gpu_autotune_level"])
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    tokens = {}
+    for options in (None, {"xla_cpu_enable_fast_math": False}):
+        llm = LLM(tiny_model, load_format="dummy", skip_tokenizer_init=True, block_size=BLOCK, max_model_len=64,
+                  compiler_options=options)
+        try:
+            assert llm.llm_engine.runner.compiler_options == (options or {})
+            tokens[str(options)] = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], params,
+                                                use_tqdm=False)[0].outputs[0].token_ids
+        finally:
+            llm.shutdown()
+    assert len(set(map(tuple, tokens.values()))) == 1 and len(next(iter(tokens.values()))) == 6
