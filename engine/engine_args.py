@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Optional
 
 import jax
@@ -118,12 +119,29 @@ class EngineArgs:
         return max_model_len, max(max_tokens, 1), max_num_seqs
 
 
+JAX_DEFAULT_MEM_FRACTION = 0.75  # of device memory, for JAX's GPU allocator pool
+POOL_HEADROOM = 0.97  # of the allocator's pool, left to transient buffers the sizing does not see
+
+
 def device_memory_budget(utilization: float) -> Optional[int]:
-    """Bytes the engine may hold on this process's first device (None where the backend reports
-    no limit, e.g. CPU)."""
+    """Bytes the engine may hold on this process's first device: ``utilization`` of the device's
+    memory (what vLLM's ``gpu_memory_utilization`` means), within the pool JAX's allocator owns
+    (``bytes_limit``, ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of the device; engine/__init__ asks for
+    0.95). None where the backend reports no limit (CPU).
+
+    The device's memory is read back as ``bytes_limit`` over the fraction in the environment. If
+    JAX started its backend before that fraction was set, the real pool is the default 75% and
+    the estimate of the device is too small, so the budget errs low, never past the pool."""
     stats = jax.local_devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
-    return int(limit * utilization) if limit else None
+    if not limit:
+        return None
+    try:
+        fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_DEFAULT_MEM_FRACTION))
+    except ValueError:
+        fraction = JAX_DEFAULT_MEM_FRACTION
+    device_bytes = limit / min(max(fraction, 1e-3), 1.0)
+    return int(min(utilization * device_bytes, POOL_HEADROOM * limit))
 
 
 def sizes_kv_from_memory(args: EngineArgs) -> bool:

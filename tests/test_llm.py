@@ -7,6 +7,7 @@ bad input is refused without disturbing other requests.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -243,3 +244,35 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tmp_path):
         llm.shutdown()
     assert results[True] == results[False]
     assert {reason for r in results[True] for _, reason, _ in r} == {"length", "stop"}
+
+
+@pytest.mark.parametrize("fraction,utilization,expected_gib", [
+    (None, 0.9, 58.2),     # JAX's default 75% pool of an 80 GiB device is 60 GiB: 97% of it
+    ("0.95", 0.9, 72.0),   # a 76 GiB pool: 90% of the device fits
+    ("0.95", 0.99, 73.72),  # more than the pool holds: 97% of the pool
+    ("0.5", 0.9, 38.8),    # a small pool the user chose: 97% of it
+])
+def test_memory_budget_is_utilization_of_the_device_within_the_pool(monkeypatch, fraction, utilization, expected_gib):
+    import engine.engine_args as engine_args
+
+    device = 80 << 30
+    pool = device * (float(fraction) if fraction else 0.75)
+
+    class FakeDevice:
+        def memory_stats(self):
+            return {"bytes_limit": int(pool), "bytes_in_use": 0}
+
+    monkeypatch.setattr(engine_args.jax, "local_devices", lambda: [FakeDevice()])
+    if fraction is None:
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    else:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", fraction)
+    budget = engine_args.device_memory_budget(utilization)
+    assert budget <= 0.97 * pool + 1
+    assert budget / 2**30 == pytest.approx(expected_gib, rel=1e-3)
+
+
+def test_engine_asks_jax_for_a_larger_gpu_pool():
+    import engine  # noqa: F401  (setting the fraction is a side effect of importing the package)
+
+    assert float(os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]) >= 0.9
