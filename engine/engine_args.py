@@ -67,7 +67,7 @@ class EngineArgs:
     # trace (which records each step as it ends) or several processes (followers replay steps in order).
     async_scheduling: Optional[bool] = None
     # XLA options for compiling the step (jax.jit's compiler_options, e.g. {"xla_gpu_autotune_level": 0}).
-    # None = the engine's choice (engine.runner.default_compiler_options).
+    # None = the engine's choice (engine.runner.default_compiler_options: fp8 autotunes without checks).
     compiler_options: Optional[dict] = None
 
     def validate(self) -> None:

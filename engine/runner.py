@@ -33,7 +33,7 @@ from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward, unstack_layers
 from models.llama import fuse_projections as fuse_layer_projections
-from models.quantization import LinearBackend
+from models.quantization import Fp8Weight, LinearBackend
 from pallas_kernels import get_attention_fns
 from sharding import TensorParallelPlan, replicated, shard_attention_fns
 from sharding.distributed import broadcast_from_leader, is_leader
@@ -53,11 +53,15 @@ def token_bucket(num_tokens: int, max_num_tokens: int) -> int:
 
 
 def default_compiler_options(params) -> dict:
-    """XLA options for the step when the user gives none: XLA's defaults. Not
-    ``xla_gpu_autotune_level=0`` for fp8, which starts fast but leaves every matmul on an
-    untuned kernel: 14-21 TFLOP/s at 256 rows on the H200, bf16 and fp8 alike (benchmarks/NOTES.md,
-    run 9)."""
-    del params
+    """XLA options for the step when the user gives none. fp8 weights: GEMM autotuning without
+    its correctness checks (``xla_gpu_autotune_level=1``). On the H200 (benchmarks/NOTES.md) XLA's
+    default level 4 spent 13-20 s on each fp8 matmul shape at 4096 rows (runs 8-10; the fp8 engine
+    never finished starting in 100 s), level 1 spent 2-3.6 s and picked kernels as fast (fp8 at
+    835-1114 TFLOP/s); level 0 (no autotuning) left every matmul, bf16 too, on an untuned kernel
+    at 14-21 TFLOP/s (run 9). The engine start-up at level 1 is not measured yet."""
+    if jax.default_backend() == "gpu" and any(isinstance(leaf, Fp8Weight) for leaf in jax.tree.leaves(
+            params, is_leaf=lambda x: isinstance(x, Fp8Weight))):
+        return {"xla_gpu_autotune_level": 1}
     return {}
 
 

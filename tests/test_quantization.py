@@ -348,3 +348,17 @@ def test_default_model_int8_greedy_text_agrees_with_unquantized():
     rate = sum(same) / len(same)
     print(f"int8 vs float32 greedy agreement: {sum(same)}/{len(same)} prompts identical ({rate:.0%})")
     assert rate >= 0.5, list(zip(texts[None], texts["int8"]))
+
+
+def test_fp8_weights_autotune_without_checks_on_gpu(monkeypatch):
+    """engine.runner.default_compiler_options: XLA's autotuning level 1 for fp8 weights on GPU
+    (level 4 took 13-20 s per fp8 matmul shape on the H200), XLA's defaults otherwise."""
+    import engine.runner as runner
+
+    w = (jax.random.normal(jax.random.key(0), (64, 32)) * 0.1).astype(jnp.bfloat16)
+    fp8 = {"layers": [{"wq": quantize_weight(w, "fp8"), "norm": jnp.ones(64)}]}
+    int8 = {"layers": [{"wq": quantize_weight(w, "int8")}]}
+    assert runner.default_compiler_options(fp8) == {}  # CPU
+    monkeypatch.setattr(runner.jax, "default_backend", lambda: "gpu")
+    assert runner.default_compiler_options(fp8) == {"xla_gpu_autotune_level": 1}
+    assert runner.default_compiler_options(int8) == {} and runner.default_compiler_options({"w": w}) == {}
