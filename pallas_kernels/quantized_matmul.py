@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Optional
 
 import jax
@@ -75,6 +77,11 @@ class MatmulConfig:
     gemv_num_warps: int = 8  # a float32 tile of 128 x 128 is 64 registers per thread at 8 warps
     gemv_num_stages: int = 4
     gemv_programs_per_core: int = 2
+    # GEMV: keep a [block_k, block_n] float32 partial sum and reduce over K once at the end,
+    # instead of a cross-thread reduction of every tile (int4 then dequantizes each weight). The
+    # in-model profile found the int4 GEMV bound by arithmetic, not bytes (NOTES.md, run 10);
+    # whether this is faster is not measured yet (bench_matmul.py --sweep-form gemv sweeps it).
+    gemv_defer_reduction: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -167,18 +174,45 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, bl
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int):
+def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
+                 defer_reduction: bool):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
     and summed over K on the CUDA cores. At one row the dot's 16-row tile did 16x the
     arithmetic for nothing and its small tiles kept too few bytes in flight (benchmarks/NOTES.md,
-    run 6); here a program streams wide tiles and only reads and adds.
+    run 6); here a program streams wide tiles and only reads and adds. ``defer_reduction``:
+    the tile products accumulate elementwise and are summed over K once, after the loop.
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
+
+    def deferred_step(i, acc):  # acc: [block_k (int4: block_k / 2), block_n]
+        k0 = pl.multiple_of(first_k + i * block_k, block_k)
+        if fmt == "int4":
+            half = block_k // 2
+            group = k0 // group_size
+            s = refs[0][group, cols].astype(jnp.float32)
+            zs = refs[1][group, cols].astype(jnp.float32) * s
+            packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
+                                   eviction_policy="evict_first")
+            x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
+            x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
+            w_lo = (packed & 0xF).astype(jnp.float32) * s[None, :] - zs[None, :]
+            w_hi = (packed >> 4).astype(jnp.float32) * s[None, :] - zs[None, :]
+            return acc + x_lo[:, None] * w_lo + x_hi[:, None] * w_hi
+        w = pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first").astype(jnp.float32)
+        return acc + x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32)[:, None] * w
+
+    if defer_reduction:
+        rows = block_k // 2 if fmt == "int4" else block_k
+        acc = jnp.sum(lax.fori_loop(0, steps, deferred_step, jnp.zeros((rows, block_n), jnp.float32)), axis=0)
+        if fmt == "int8":
+            acc = acc * refs[0][cols].astype(jnp.float32)
+        o_ref[...] = acc.astype(o_ref.dtype)
+        return
 
     def step(i, acc):
         k0 = pl.multiple_of(first_k + i * block_k, block_k)
@@ -255,7 +289,24 @@ def _add_splits(partials: jax.Array, dtype) -> jax.Array:
     return partials[0] if partials.shape[0] == 1 else partials.sum(axis=0).astype(dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def default_config() -> MatmulConfig:
+    """``MatmulConfig()`` with the fields of the JSON object in ``$PAGEDJAX_MATMUL_CONFIG`` (read
+    once), e.g. ``'{"gemv_defer_reduction": true}'``: a knob for timing a tiling inside the whole
+    model (the matmul benchmark in isolation did not predict it: benchmarks/NOTES.md, run 9)."""
+    text = os.environ.get("PAGEDJAX_MATMUL_CONFIG")
+    if not text:
+        return MatmulConfig()
+    fields = json.loads(text)
+    known = {f.name for f in dataclasses.fields(MatmulConfig)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        raise ValueError(f"PAGEDJAX_MATMUL_CONFIG must be a JSON object of MatmulConfig fields ({sorted(known)}), "
+                         f"got {text!r}")
+    return MatmulConfig(**fields)
+
+
 def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
+    config = config or default_config()
     if x.ndim != 2 or x.shape[1] != K:
         raise ValueError(f"x must be [M, K={K}], got shape {x.shape}")
     if interpret is None:
@@ -293,7 +344,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
-                               group_size=group_size)
+                               group_size=group_size, defer_reduction=config.gemv_defer_reduction)
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),
@@ -311,7 +362,7 @@ _STATIC = ("config", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def dense_matmul(x, w, *, config: MatmulConfig = MatmulConfig(), interpret: Optional[bool] = None):
+def dense_matmul(x, w, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
     """``x[M, K] @ w[K, N]`` streaming a dense weight (bf16/f16/f32); float32 accumulation."""
     K, N = w.shape
     return _weight_streaming_matmul(x, w, (), fmt="dense", K=K, N=N, group_size=0, pack=0, config=config,
@@ -319,7 +370,7 @@ def dense_matmul(x, w, *, config: MatmulConfig = MatmulConfig(), interpret: Opti
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def int8_matmul(x, q, scale, *, config: MatmulConfig = MatmulConfig(), interpret: Optional[bool] = None):
+def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
     """``x[M, K] @ (q[K, N] * scale[N])`` with ``q`` int8, dequantized in registers."""
     K, N = q.shape
     if q.dtype != jnp.int8 or scale.shape != (N,):
@@ -329,7 +380,7 @@ def int8_matmul(x, q, scale, *, config: MatmulConfig = MatmulConfig(), interpret
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
-def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: MatmulConfig = MatmulConfig(),
+def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
                 interpret: Optional[bool] = None):
     """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
     half_k, N = packed.shape

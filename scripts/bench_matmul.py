@@ -43,9 +43,10 @@ SHAPES_8B = {"wqkv": (4096, 6144, 32), "wo": (4096, 4096, 32), "w_gate_up": (409
 SHAPES_SMOKE = {"wqkv": (256, 128, 2), "w_gate_up": (256, 384, 2), "w_down": (384, 256, 2), "lm_head": (128, 512, 1)}
 # Kernel tilings tried by --sweep: (block_n, block_k, programs_per_core, num_warps, num_stages).
 # int4 tiles K by its packing block whatever block_k says.
-# One-row GEMV form (--sweep-form gemv): (gemv_block_n, gemv_block_k, programs_per_core, gemv_num_warps, stages).
-GEMV_SWEEP = ((128, 64, 4, 4, 6), (128, 64, 8, 4, 6), (256, 64, 4, 4, 6), (64, 64, 4, 4, 6), (128, 32, 4, 4, 8),
-              (128, 64, 4, 2, 6), (64, 128, 8, 4, 4), (256, 32, 4, 8, 8))
+# One-row GEMV form (--sweep-form gemv): (gemv_block_n, gemv_block_k, programs_per_core, gemv_num_warps, stages,
+# gemv_defer_reduction). The first is the default.
+GEMV_SWEEP = ((128, 128, 2, 8, 4, False), (128, 128, 2, 8, 4, True), (128, 64, 2, 8, 4, True), (64, 128, 2, 4, 4, True),
+              (128, 64, 4, 4, 6, True), (256, 64, 2, 8, 4, True), (128, 32, 2, 8, 4, True), (128, 64, 4, 4, 6, False))
 SWEEP = ((64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 256, 2, 4, 4), (256, 128, 1, 4, 4), (128, 256, 1, 8, 3),
          (256, 256, 1, 8, 3), (128, 512, 1, 4, 3), (64, 256, 2, 4, 4), (128, 128, 4, 4, 4), (256, 64, 2, 4, 6))
 VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")
@@ -64,10 +65,10 @@ def make_variant(variant: str, K: int, N: int, key, interpret: bool, config=None
     import jax.numpy as jnp
 
     from models.quantization import LinearBackend, linear, quantize_weight
-    from pallas_kernels.quantized_matmul import MatmulConfig, dense_matmul, int4_matmul, int8_matmul
+    from pallas_kernels.quantized_matmul import default_config, dense_matmul, int4_matmul, int8_matmul
 
     backend, fmt, *form = variant.split("-")
-    config = config or MatmulConfig()
+    config = config or default_config()
 
     def make(key):
         w = (jax.random.normal(key, (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
@@ -209,14 +210,15 @@ def main(argv=None):
         for name in args.sweep_shapes.split(","):
             K, N, _ = shapes[name]
             for variant in args.sweep_variants.split(","):
-                for block_n, block_k, per_core, warps, stages in (SWEEP if args.sweep_form == "dot" else GEMV_SWEEP):
+                for block_n, block_k, per_core, warps, stages, *defer in (SWEEP if args.sweep_form == "dot"
+                                                                           else GEMV_SWEEP):
                     if args.sweep_form == "dot":
                         config = MatmulConfig(block_n=block_n, block_k=block_k, programs_per_core=per_core,
                                               num_warps=warps, num_stages=stages, gemv=False)
                     else:
                         config = MatmulConfig(gemv_block_n=block_n, gemv_block_k=block_k,
                                               gemv_programs_per_core=per_core, gemv_num_warps=warps,
-                                              gemv_num_stages=stages)
+                                              gemv_num_stages=stages, gemv_defer_reduction=defer[0])
                     try:
                         row = time_variant(variant, K, N, 1, interpret=interpret, repeats=repeats, config=config,
                                            stream_bytes=stream, min_calls=calls)

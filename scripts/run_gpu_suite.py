@@ -66,6 +66,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # vLLM's defaults on >= 70 GiB GPUs for the LLM class: 1024 sequences, 16384 tokens a step.
         ("tput-short-1024", tput("tput-short", "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384",
                                  "--output-json", f"{results}/tput-short-1024.json"), 200),
+        ("tput-long-1024", tput("tput-long", "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384",
+                                "--output-json", f"{results}/tput-long-1024.json"), 240),
         ("kv-in-place", [PY, "scripts/check_kv_in_place.py", "--out", f"{results}/kv-in-place.json"], 90),
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
@@ -73,11 +75,15 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-int8", latency("int8"), 100),
         ("latency-int8-xla", latency("int8", "--linear-backend", "xla"), 80),
         ("latency-awq", latency("awq"), 70),
+        # The int4 GEMV summing over K after its loop, timed in the whole model (not in isolation).
+        ("latency-awq-defer", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_defer_reduction": true}'] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-defer.json"), 70),
         ("latency-fp8", latency("fp8"), 100),
         ("tput-short-bf16", tput("tput-short"), 200),
         ("tput-short-long", tput("tput-short,tput-long"), 240),
         ("tput-short-long-sync", tput("tput-short,tput-long", "--async-scheduling", "off"), 240),
-        ("tput-prefill", tput("tput-prefill"), 120),
+        # ~15 step shapes at ~5 s of compiling each, then ~35 s of work: 120 s was too short (run 7).
+        ("tput-prefill", tput("tput-prefill"), 300),
         ("tput-short-traced", tput("tput-short", "--trace", "--output-json", f"{results}/tput-short-traced.json"), 200),
         ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 130),
         ("matmul", matmul("matmul", "--rows", "1,16,256"), 150),

@@ -69,6 +69,11 @@ CPU_CASES = [
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32)),
     ("int4", 1, 256, 128, 128, jnp.bfloat16, MatmulConfig(gemv=False)),
     ("dense", 1, 128, 64, 0, jnp.float32, MatmulConfig(gemv=False)),
+    # The GEMV form summing over K after its loop (gemv_defer_reduction), each format, split too.
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_defer_reduction=True)),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=True)),
+    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_defer_reduction=True)),
+    ("dense", 1, 256, 192, 0, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=True)),
 ]
 
 
@@ -93,16 +98,17 @@ def test_kernel_matches_reference_interpret(fmt, M, K, N, group, dtype, config):
     run_case(fmt, M, K, N, group, dtype, config, interpret=True)
 
 
-@pytest.mark.parametrize("rows", [100, 1])
+@pytest.mark.parametrize("rows,defer", [(100, False), (1, False), (1, True)])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
-def test_kernel_lowers_to_triton_for_cuda(fmt, rows):
+def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer):
     """The Triton lowering (not only the interpreter) accepts every format, in the dot form (two
-    row tiles) and the one-row GEMV form: cross-platform lowering on CPU."""
+    row tiles) and the one-row GEMV form (both reductions): cross-platform lowering on CPU."""
     rng = np.random.default_rng(0)
     kernel, _ = KERNELS[fmt]
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
     x = jnp.ones((rows, 1024), jnp.bfloat16)
-    fn = jax.jit(functools.partial(kernel, interpret=False, config=MatmulConfig(k_splits=2), **static))
+    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer)
+    fn = jax.jit(functools.partial(kernel, interpret=False, config=config, **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
 
@@ -157,3 +163,19 @@ GPU_CASES = [
 @pytest.mark.parametrize("fmt,M,K,N,group,dtype,config", GPU_CASES)
 def test_kernel_matches_reference_on_gpu(fmt, M, K, N, group, dtype, config):
     run_case(fmt, M, K, N, group, dtype, config, interpret=False)
+
+
+def test_matmul_config_from_the_environment(monkeypatch):
+    from pallas_kernels import quantized_matmul as qmm
+
+    qmm.default_config.cache_clear()
+    monkeypatch.setenv("PAGEDJAX_MATMUL_CONFIG", '{"gemv_defer_reduction": true, "gemv_block_n": 64}')
+    try:
+        assert qmm.default_config() == MatmulConfig(gemv_defer_reduction=True, gemv_block_n=64)
+        run_case("int8", 1, 256, 128, 0, jnp.float32, None, interpret=True)  # the kernel takes it
+        qmm.default_config.cache_clear()
+        monkeypatch.setenv("PAGEDJAX_MATMUL_CONFIG", '{"gemv_block": 64}')
+        with pytest.raises(ValueError, match="MatmulConfig fields"):
+            qmm.default_config()
+    finally:
+        qmm.default_config.cache_clear()
