@@ -52,6 +52,16 @@ def token_bucket(num_tokens: int, max_num_tokens: int) -> int:
     return 1 if num_tokens == 1 else bucket(num_tokens, MIN_TOKEN_BUCKET, max_num_tokens)
 
 
+def seq_bucket(num_tokens: int, max_num_tokens: int, max_num_seqs: int) -> int:
+    """Padded sequence slots S of a step of ``num_tokens`` tokens: its padded token rows T (at
+    least ``MIN_SEQ_BUCKET``, at most ``max_num_seqs``). A step has no more sequences than tokens,
+    so S follows T and a step's shape is set by its token count and block-table width alone:
+    chunked prefill mixes prompt chunks with ever other numbers of decodes, and bucketing S on its
+    own gave those steps a shape each (throughput workloads: 8-16 shapes -> 6-10, see
+    scripts/bench_padding.py). Padded slots cost an LM-head row each (0.2% of a prompt step)."""
+    return min(max(token_bucket(num_tokens, max_num_tokens), MIN_SEQ_BUCKET), max_num_seqs)
+
+
 def default_compiler_options(params) -> dict:
     """XLA options for the step when the user gives none. fp8 weights: GEMM autotuning without
     its correctness checks (``xla_gpu_autotune_level=1``). On the H200 (benchmarks/NOTES.md) XLA's
@@ -122,7 +132,7 @@ def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_
     table_lens = np.fromiter((len(w.block_table) for w in work), np.int32, n)
     num_tokens = int(query_lens.sum())
     T = token_bucket(num_tokens, max_num_tokens)
-    S = bucket(n, MIN_SEQ_BUCKET, max_num_seqs)
+    S = seq_bucket(num_tokens, max_num_tokens, max_num_seqs)
     B = bucket(int(table_lens.max()), MIN_BLOCK_BUCKET, max_blocks_per_seq)
 
     tables = np.zeros((S, B), np.int32)
@@ -282,8 +292,9 @@ class ModelRunner:
             src, dst = jax.device_put((src, dst), self._input_sharding)
         self.kv_cache = self._copy(self.kv_cache, jnp.asarray(src), jnp.asarray(dst))
 
-    def padded_num_seqs(self, num_seqs: int) -> int:
-        return bucket(num_seqs, MIN_SEQ_BUCKET, self.max_num_seqs)
+    def padded_num_seqs(self, num_tokens: int) -> int:
+        """Sequence slots of a step of ``num_tokens`` tokens (``seq_bucket``): the sampler's rows."""
+        return seq_bucket(num_tokens, self.max_num_batched_tokens, self.max_num_seqs)
 
     def build_model_input(self, work: Sequence[SequenceWork]) -> ModelInput:
         return build_model_input(work, block_size=self.block_size, max_num_tokens=self.max_num_batched_tokens,

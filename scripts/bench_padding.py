@@ -31,7 +31,7 @@ def simulate(num_requests: int, input_len: int, output_len: int, *, max_num_seqs
              num_blocks: int, block_size: int) -> dict:
     from engine.block_manager import BlockManager
     from engine.request import Request, RequestStatus
-    from engine.runner import MIN_BLOCK_BUCKET, MIN_SEQ_BUCKET, bucket, token_bucket
+    from engine.runner import MIN_BLOCK_BUCKET, bucket, seq_bucket, token_bucket
     from engine.scheduler import Scheduler
 
     max_model_len = input_len + output_len
@@ -50,7 +50,7 @@ def simulate(num_requests: int, input_len: int, output_len: int, *, max_num_seqs
         T = out.num_batched_tokens
         S = out.num_seqs
         width = max(len(manager.block_table(s.request_id)) for s in out.scheduled)
-        shape = (token_bucket(T, max_num_batched_tokens), bucket(S, MIN_SEQ_BUCKET, max_num_seqs),
+        shape = (token_bucket(T, max_num_batched_tokens), seq_bucket(T, max_num_batched_tokens, max_num_seqs),
                  bucket(width, MIN_BLOCK_BUCKET, max_blocks))
         shapes[shape] = shapes.get(shape, 0) + 1
         tokens, padded_tokens = tokens + T, padded_tokens + shape[0]

@@ -142,7 +142,7 @@ def profile_step(llm, args) -> dict:
                 for i in range(args.batch)]
     n = len(work)
     sampling = build_sampling_metadata([SamplingParams(temperature=0.0)] * n, [[]] * n, [[0]] * n, [0] * n, [0] * n,
-                                       runner.padded_num_seqs(n))
+                                       runner.padded_num_seqs(sum(len(w.token_ids) for w in work)))
     def run(repeats):
         for _ in range(repeats):
             runner.fetch(runner.dispatch(work, sampling))

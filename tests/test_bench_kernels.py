@@ -112,3 +112,28 @@ def test_bucket_padding_simulation_accounts_for_every_step():
     small = simulate(40, 30, 7, max_num_seqs=16, max_num_batched_tokens=128, num_blocks=24, block_size=16)
     assert small["preemptions"] > 0  # 23 usable blocks for 16 sequences of 3 blocks each
     assert small["token_rows"] > r["token_rows"]  # preempted requests recompute their tokens
+
+
+def test_sequence_slots_follow_token_rows():
+    """``engine.runner.seq_bucket``: a step's sequence slots S are its padded token rows T (at least
+    8, at most max_num_seqs), so every step of one token count has one shape whatever its mix of
+    prompt chunks and decodes, and S always holds the step's sequences."""
+    from engine.runner import SequenceWork, build_model_input, seq_bucket, token_bucket
+
+    import numpy as np
+
+    rng = np.random.default_rng()
+    shapes = set()
+    for _ in range(50):
+        n = int(rng.integers(1, 17))
+        prompts = int(rng.integers(0, n + 1))  # the first ones are prompt chunks, the rest decodes
+        lens = [int(q) for q in rng.integers(1, 40, prompts)] + [1] * (n - prompts)
+        while sum(lens) > 128:
+            lens[int(np.argmax(lens))] -= 1
+        work = [SequenceWork(token_ids=[3] * q, start=5, block_table=[1, 2], sample=True) for q in lens]
+        batch = build_model_input(work, block_size=16, max_num_tokens=128, max_num_seqs=16, max_blocks_per_seq=8)
+        T, S = batch.token_ids.shape[0], batch.kv_lens.shape[0]
+        assert T == token_bucket(sum(lens), 128) and S == seq_bucket(sum(lens), 128, 16) >= n
+        assert S == min(max(T, 8), 16)
+        shapes.add((T, S))
+    assert len(shapes) == len({t for t, _ in shapes})  # one S per T

@@ -92,7 +92,7 @@ def _kv_copies_match(runner, reference_runner, tp: int) -> bool:
 
 
 def _collectives(runner) -> list:
-    """``[shape, op]`` of every collective in the compiled greedy step of 3 tokens (T=16, S=8)."""
+    """``[shape, op]`` of every collective in the compiled greedy step of 3 tokens (T=16, S=16)."""
     import re
 
     from engine import SamplingParams
@@ -101,7 +101,7 @@ def _collectives(runner) -> list:
 
     work = [SequenceWork(token_ids=[1, 2, 3], start=0, block_table=[1], sample=True)]
     sampling = build_sampling_metadata([SamplingParams(temperature=0.0)], [[]], [[1, 2, 3]], [0], [0],
-                                       runner.padded_num_seqs(1))
+                                       runner.padded_num_seqs(3))
     model_input = runner.build_model_input(work)
     feed = np.full(model_input.token_ids.shape, -1, np.int32)  # no token fed from a previous step
     compiled = runner._step.lower(runner.params, runner.kv_cache, model_input, sampling, runner._sampled, feed,
