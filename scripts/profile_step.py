@@ -92,6 +92,22 @@ def busy_us(kernels: list[dict]) -> float:
     return total
 
 
+def idle_gaps(kernels: list[dict], top: int = 10) -> dict:
+    """Where the device waited: gaps between the union of kernel intervals, by size, and the
+    largest ones (µs from the first kernel), so an idle share can be traced to its steps."""
+    gaps, end, first = [], None, None
+    for start, stop in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels):
+        first = start if first is None else first
+        if end is not None and start > end:
+            gaps.append((start - end, end - first))
+        end = stop if end is None else max(end, stop)
+    sizes = [g for g, _ in gaps]
+    bins = {"under_10us": (0, 10), "10_100us": (10, 100), "100us_1ms": (100, 1000), "over_1ms": (1000, float("inf"))}
+    return {"count": len(gaps),
+            "total_us_by_size": {name: sum(g for g in sizes if lo <= g < hi) for name, (lo, hi) in bins.items()},
+            "largest": [dict(us=g, at_us=at) for g, at in sorted(gaps, reverse=True)[:top]]}
+
+
 def summarize(kernels: list[dict], steps: int, top: int = 25) -> dict:
     by_name = collections.defaultdict(lambda: [0.0, 0])
     for e in kernels:
@@ -178,7 +194,7 @@ def profile_run(llm, args) -> dict:
     busy = busy_us(kernels)
     return dict(run="decode-heavy", batch=args.batch, input_len=args.input_len, output_len=args.output_len,
                 wall_s=wall_s, kernel_span_s=(last - first) / 1e6, busy_s=busy / 1e6,
-                gpu_idle_fraction=1.0 - busy / (last - first), kernel_lines=lines,
+                gpu_idle_fraction=1.0 - busy / (last - first), idle_gaps=idle_gaps(kernels), kernel_lines=lines,
                 async_scheduling=llm.llm_engine.async_scheduling)
 
 
@@ -212,8 +228,7 @@ def main(argv=None) -> dict:
               f"kernels span {run['kernel_span_s']:.2f} s, busy {run['busy_s']:.2f} s, "
               f"GPU idle {100 * run['gpu_idle_fraction']:.1f}%", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        bench_common.write_results(result, args.out)
     return result
 
 

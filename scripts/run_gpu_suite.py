@@ -89,6 +89,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("matmul", matmul("matmul", "--rows", "1,16,256"), 150),
         ("matmul-sweep", matmul("matmul-sweep", "--rows", "1", "--sweep", "--sweep-shapes", "w_gate_up"), 150),
         ("latency-bf16-pallas", latency(None, "--linear-backend", "pallas"), 70),
+        # Issue 6: the HF peer for the offline workloads, and continuous vs static batching on the GPU.
+        ("tput-short-hf-peer", tput("tput-short", "--peer", "hf", "--output-json",
+                                    f"{results}/tput-short-hf-peer.json"), 240),
+        ("static-vs-continuous", [PY, "scripts/bench_static_vs_continuous.py", "--model", MODEL, "--load-format",
+                                  "dummy", "--num-requests", "256", "--input-len", "128", "--min-output-len", "16",
+                                  "--max-output-len", "512", "--max-num-seqs", "64", "--results-dir", results], 240),
         ("latency-hf-peer", latency(None, "--peer", "hf", "--output-json", f"{results}/latency-hf-peer.json"), 90),
         ("tput-short-bf16-kvfp8", tput("tput-short", "--kv-cache-dtype", "fp8"), 130),
         ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_quantized_matmul.py",

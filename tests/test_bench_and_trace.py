@@ -340,6 +340,9 @@ def test_profile_reads_compute_streams_and_unions_busy_time():
     assert sorted(e["name"] for e in kernels) == ["loop_add_fusion", "nvjet_sm90_gemm", "ragged_paged_attention_decode"]
     assert lines == {"/device:GPU:0 / Stream #14(MemcpyD2D,Compute)": 3}
     assert profile_step.busy_us(kernels) == 20.0  # [0, 15) and [30, 35): overlaps count once
+    gaps = profile_step.idle_gaps(kernels)
+    assert gaps["count"] == 1 and gaps["largest"] == [{"us": 15.0, "at_us": 15.0}]
+    assert gaps["total_us_by_size"]["10_100us"] == 15.0
     summary = profile_step.summarize(kernels, steps=1)
     assert summary["per_step_us_by_kind"] == {"matmul": 10.0, "attention": 10.0, "other": 5.0}
     assert summary["top"][0]["per_step_us"] == 10.0
