@@ -274,7 +274,16 @@ def test_memory_budget_is_utilization_of_the_device_within_the_pool(monkeypatch,
     assert budget / 2**30 == pytest.approx(expected_gib, rel=1e-3)
 
 
-def test_engine_asks_jax_for_a_larger_gpu_pool():
-    import engine  # noqa: F401  (setting the fraction is a side effect of importing the package)
+@pytest.mark.parametrize("user_value,expected", [(None, "0.95"), ("0.5", "0.5")])
+def test_engine_asks_jax_for_a_larger_gpu_pool(user_value, expected):
+    """Importing ``engine`` sets JAX's allocator fraction unless the user set one."""
+    import subprocess
+    import sys
 
-    assert float(os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]) >= 0.9
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+    if user_value:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = user_value
+    out = subprocess.run([sys.executable, "-c", "import engine, os; print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])"],
+                         env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == expected
