@@ -119,7 +119,10 @@ def test_default_model_logits_match_transformers(greedy_run, hf_logits):
 TINY = dict(vocab_size=160, hidden_size=256, intermediate_size=384, num_layers=2,
             num_heads=4, num_kv_heads=2, head_dim=64)
 # Per-type tolerance, as a fraction of the tensor's largest magnitude.
-TOLERANCE = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 1e-2, Q.Q4_0: 0.1, Q.Q4_1: 0.1}
+# Of the tensor's largest magnitude. Q4_0's scale is a block's signed extreme / -8 and codes run -8..7,
+# so the opposite extreme clamps at 7 steps: an error of one full step, 1/8 of the block's largest
+# magnitude (0.1 failed now and then on random weights: seen in a CI run).
+TOLERANCE = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 1e-2, Q.Q4_0: 0.13, Q.Q4_1: 0.1}
 # GGUF tensor type of each weight in the synthetic model: layer 0 exact, layer 1 quantized.
 TENSOR_TYPES = {
     "token_embd.weight": Q.Q8_0, "output.weight": Q.F16, "output_norm.weight": Q.F32,
