@@ -97,6 +97,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                   "--max-output-len", "512", "--max-num-seqs", "64", "--results-dir", results], 240),
         ("latency-hf-peer", latency(None, "--peer", "hf", "--output-json", f"{results}/latency-hf-peer.json"), 90),
         ("tput-short-bf16-kvfp8", tput("tput-short", "--kv-cache-dtype", "fp8"), 130),
+        # Issue 8: fp8 KV pages on the workload whose KV pool fills; issue 9: batch 64 against gpt-fast.
+        ("tput-long-kvfp8", tput("tput-long", "--kv-cache-dtype", "fp8"), 240),
+        ("batch64", tput("tput-short", "--num-requests", "64", "--input-len", "128", "--output-len", "256",
+                         "--max-num-seqs", "64", "--output-json", f"{results}/batch64.json"), 150),
         ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_quantized_matmul.py",
                        "tests/test_ragged_paged_attention.py"], 100),
         ("kv-capacity", bench("bench_kv_capacity.py"), 45),
