@@ -79,32 +79,29 @@ def device_events(trace: dict) -> tuple[list[dict], dict]:
     return kernels, dict(lines.most_common(40))
 
 
-def busy_us(kernels: list[dict]) -> float:
-    """Length of the union of the kernels' [ts, ts + dur) intervals (streams may overlap)."""
-    total, end = 0.0, None
+def busy_intervals(kernels: list[dict]) -> list[tuple[float, float]]:
+    """The union of the kernels' [ts, ts + dur) intervals (streams may overlap), in order."""
+    merged: list[list[float]] = []
     for start, stop in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels):
-        if end is None or start > end:
-            total += stop - start
-            end = stop
-        elif stop > end:
-            total += stop - end
-            end = stop
-    return total
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return [(a, b) for a, b in merged]
+
+
+def busy_us(kernels: list[dict]) -> float:
+    return sum(b - a for a, b in busy_intervals(kernels))
 
 
 def idle_gaps(kernels: list[dict], top: int = 10) -> dict:
-    """Where the device waited: gaps between the union of kernel intervals, by size, and the
-    largest ones (µs from the first kernel), so an idle share can be traced to its steps."""
-    gaps, end, first = [], None, None
-    for start, stop in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels):
-        first = start if first is None else first
-        if end is not None and start > end:
-            gaps.append((start - end, end - first))
-        end = stop if end is None else max(end, stop)
-    sizes = [g for g, _ in gaps]
+    """Where the device waited: gaps between the busy intervals, by size, and the largest ones
+    (µs from the first kernel), so an idle share can be traced to its steps."""
+    busy = busy_intervals(kernels)
+    gaps = [(b[0] - a[1], a[1] - busy[0][0]) for a, b in zip(busy, busy[1:])]
     bins = {"under_10us": (0, 10), "10_100us": (10, 100), "100us_1ms": (100, 1000), "over_1ms": (1000, float("inf"))}
     return {"count": len(gaps),
-            "total_us_by_size": {name: sum(g for g in sizes if lo <= g < hi) for name, (lo, hi) in bins.items()},
+            "total_us_by_size": {name: sum(g for g, _ in gaps if lo <= g < hi) for name, (lo, hi) in bins.items()},
             "largest": [dict(us=g, at_us=at) for g, at in sorted(gaps, reverse=True)[:top]]}
 
 
