@@ -55,13 +55,14 @@ class EngineLoop:
         return str(next(self._ids))
 
     def add_request(self, request_id: str, prompt, params: Optional[SamplingParams], *, priority: int = 0,
-                    on_output: OnOutput, on_error: OnError) -> None:
-        """Queue a request; raises (ValueError etc.) in the caller's thread when it is invalid."""
+                    on_output: OnOutput, on_error: OnError, final_only: bool = False) -> None:
+        """Queue a request; raises (ValueError etc.) in the caller's thread when it is invalid.
+        ``final_only``: ``on_output`` is called once, when the request finished."""
         with self._between_steps():
             if not self._running:
                 raise RuntimeError("the engine loop has been shut down")
             self.engine.add_request(request_id, prompt, params, priority=priority,
-                                    on_output=self._wrap(request_id, on_output))
+                                    on_output=self._wrap(request_id, on_output), final_only=final_only)
             self._error_callbacks[request_id] = on_error
 
     def _wrap(self, request_id: str, on_output: OnOutput) -> OnOutput:

@@ -101,7 +101,8 @@ class LLM:
                 future: concurrent.futures.Future = concurrent.futures.Future()
                 request_id = self._loop.new_request_id()
                 self._loop.add_request(request_id, prompt, params, priority=priority[i] if priority else 0,
-                                       on_output=_resolve_when_finished(future), on_error=_fail(future))
+                                       on_output=_resolve_when_finished(future), on_error=_fail(future),
+                                       final_only=True)
                 futures.append(future)
                 request_ids.append(request_id)
 

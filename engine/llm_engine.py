@@ -75,6 +75,7 @@ class _RequestGroup:
     max_output_tokens: int  # params.max_output_tokens for this prompt, computed once (checked every step)
     first_token_time: Optional[float] = None
     aborted: bool = False  # some sample's finish_reason is "abort"
+    final_only: bool = False  # hand out only the finished output (vLLM's RequestOutputKind.FINAL_ONLY)
 
     @property
     def finished(self) -> bool:
@@ -163,8 +164,11 @@ class LLMEngine:
         *,
         priority: int = 0,
         on_output: Optional[Callable[[RequestOutput], None]] = None,
+        final_only: bool = False,
     ) -> None:
-        """Validate and queue a request; errors are raised here, before anything is queued."""
+        """Validate and queue a request; errors are raised here, before anything is queued.
+        ``final_only``: no output (callback or ``step()`` result) until the request finishes, as
+        ``LLM.generate`` wants: building every running request's output every step is host time."""
         params = params if params is not None else SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -182,7 +186,8 @@ class LLMEngine:
         now = time.monotonic()
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         group = _RequestGroup(request_id, text, prompt_ids, params, [], on_output, now,
-                              max_output_tokens=params.max_output_tokens(len(prompt_ids), self.max_model_len))
+                              max_output_tokens=params.max_output_tokens(len(prompt_ids), self.max_model_len),
+                              final_only=final_only)
         sample = self._new_sample(group, request_id, base_seed, now, priority)
         group.samples.append(sample)
         self.scheduler.add_request(sample.request)
@@ -347,6 +352,8 @@ class LLMEngine:
             if finished:  # before the output goes out: a caller woken by it sees the engine without it
                 del self._groups[group.request_id]
                 self._forget_samples(group)
+            elif group.final_only and not group.aborted:
+                continue
             outputs.append(self._emit(group, finished))
         return outputs
 

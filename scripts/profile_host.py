@@ -82,17 +82,17 @@ class DeviceTimer:
 
 
 def add_batch(engine: LLMEngine, rng: np.random.Generator, prefix: str, num_seqs: int, prompt_len: int,
-              params: SamplingParams) -> None:
+              params: SamplingParams, final_only: bool = False) -> None:
     vocab = engine.model_config.vocab_size
     for i in range(num_seqs):
         prompt = rng.integers(3, vocab, prompt_len).tolist()  # no bos/eos ids
-        engine.add_request(f"{prefix}{i}", prompt, params)
+        engine.add_request(f"{prefix}{i}", prompt, params, final_only=final_only)
 
 
 def run(engine: LLMEngine, timer: DeviceTimer, *, num_seqs: int, prompt_len: int, max_tokens: int,
-        params: SamplingParams, prefix: str, profiler: cProfile.Profile | None = None) -> dict:
+        params: SamplingParams, prefix: str, profiler: cProfile.Profile | None = None, final_only: bool = False) -> dict:
     """Add ``num_seqs`` requests, step to the end; time the steps where every sequence decodes."""
-    add_batch(engine, np.random.default_rng(0), prefix, num_seqs, prompt_len, params)
+    add_batch(engine, np.random.default_rng(0), prefix, num_seqs, prompt_len, params, final_only)
     host, device, dispatch, host_cpu = [], [], [], []
     while engine.has_unfinished_requests():
         all_decode = (engine.scheduler.num_running == num_seqs
@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, nargs="+", default=[128, 1000])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--penalties", action="store_true", help="repetition/presence/frequency penalties on")
+    parser.add_argument("--final-only", action="store_true",
+                        help="requests hand out only their finished output (as LLM.generate's do)")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="also print the N functions with the most own time over the decode steps")
     args = parser.parse_args()
@@ -140,7 +142,7 @@ def main() -> None:
             params=params, prefix=f"warm{prompt_len}-")
         profiler = cProfile.Profile() if args.cprofile else None
         result = run(engine, timer, num_seqs=args.num_seqs, prompt_len=prompt_len, max_tokens=args.max_tokens,
-                     params=params, prefix=f"run{prompt_len}-", profiler=profiler)
+                     params=params, prefix=f"run{prompt_len}-", profiler=profiler, final_only=args.final_only)
         print(f"prompt {prompt_len:5d}, {result['num_seqs']} seqs, {result['decode_steps']} decode steps: "
               f"host {result['host_ms_median']:.2f} ms/step (mean {result['host_ms_mean']:.2f}; "
               f"CPU time of the engine thread {result['host_cpu_ms_median']:.2f}), "

@@ -287,3 +287,35 @@ def test_engine_asks_jax_for_a_larger_gpu_pool(user_value, expected):
                          env=env, capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_final_only_requests_hand_out_one_output_equal_to_the_last_streamed(tmp_path, async_scheduling):
+    """``add_request(final_only=True)`` (what ``LLM.generate`` asks for): one output, when finished, the
+    same as the last of a streamed request's outputs; nothing from it in ``step()`` before that; an
+    abort still hands its output out."""
+    from engine import EngineArgs, LLMEngine
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=3)
+    engine = LLMEngine(EngineArgs(model=str(tmp_path), dtype="float32", max_model_len=64,
+                                  async_scheduling=async_scheduling), skip_tokenizer_init=True)
+    seen = {"streamed": [], "final": [], "aborted": []}
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    engine.add_request("streamed", [5, 6, 7, 8], params, on_output=seen["streamed"].append)
+    engine.add_request("final", [5, 6, 7, 8], params, on_output=seen["final"].append, final_only=True)
+    engine.add_request("aborted", [9, 10], SamplingParams(max_tokens=30), on_output=seen["aborted"].append,
+                       final_only=True)
+    stepped = []
+    for i in range(100):
+        if i == 3:
+            engine.abort_request("aborted")
+        stepped += engine.step()
+        if not engine.has_unfinished_requests():
+            break
+    assert len(seen["streamed"]) > 1 and len(seen["final"]) == 1 and len(seen["aborted"]) == 1
+    final, last = seen["final"][0], seen["streamed"][-1]
+    assert final.finished and final.outputs[0].token_ids == last.outputs[0].token_ids
+    assert len(final.outputs[0].token_ids) == 7 and final.outputs[0].finish_reason == "length"
+    assert seen["aborted"][0].finished and seen["aborted"][0].outputs[0].finish_reason == "abort"
+    assert [o.finished for o in stepped if o.request_id == "final"] == [True]
