@@ -96,7 +96,7 @@ def bucket(n: int, minimum: int, maximum: Optional[int] = None) -> int:
 PENDING_TOKEN = -1
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class SequenceWork:
     """One sequence's share of a step, as the runner needs it."""
 
