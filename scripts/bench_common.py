@@ -31,6 +31,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+import engine  # noqa: E402,F401  (sets JAX's GPU allocator pool before a benchmark touches the device)
+
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "benchmarks", "models", "llama-3.1-8b")
 RESULTS_DIR = os.path.join("benchmarks", "results")
 PROMPT_SEED = 0
