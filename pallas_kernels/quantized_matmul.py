@@ -189,52 +189,46 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
 
-    def deferred_step(i, acc):  # acc: [block_k (int4: block_k / 2), block_n]
+    def tile(i):
+        """Step ``i``'s float32 slices: int4 ``(scale, zero, x_lo, q_lo, x_hi, q_hi)`` (the low and
+        high nibbles of a packed block and their halves of ``x``), else ``(x, w)``."""
         k0 = pl.multiple_of(first_k + i * block_k, block_k)
         if fmt == "int4":
             half = block_k // 2
             group = k0 // group_size
             s = refs[0][group, cols].astype(jnp.float32)
-            zs = refs[1][group, cols].astype(jnp.float32) * s
+            z = refs[1][group, cols].astype(jnp.float32)
             packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
                                    eviction_policy="evict_first")
             x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
             x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
-            w_lo = (packed & 0xF).astype(jnp.float32) * s[None, :] - zs[None, :]
-            w_hi = (packed >> 4).astype(jnp.float32) * s[None, :] - zs[None, :]
-            return acc + x_lo[:, None] * w_lo + x_hi[:, None] * w_hi
+            return s, z, x_lo, (packed & 0xF).astype(jnp.float32), x_hi, (packed >> 4).astype(jnp.float32)
         w = pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first").astype(jnp.float32)
-        return acc + x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32)[:, None] * w
+        return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w
+
+    def step(i, acc):  # acc: [block_n]; each tile summed over K at once
+        if fmt == "int4":
+            s, z, x_lo, q_lo, x_hi, q_hi = tile(i)
+            # sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero leaves the tile.
+            dot = jnp.sum(x_lo[:, None] * q_lo + x_hi[:, None] * q_hi, axis=0)
+            return acc + s * (dot - z * (jnp.sum(x_lo) + jnp.sum(x_hi)))
+        x, w = tile(i)
+        return acc + jnp.sum(x[:, None] * w, axis=0)
+
+    def deferred_step(i, acc):  # acc: [block_k (int4: block_k / 2), block_n]; summed over K after the loop
+        if fmt == "int4":
+            s, z, x_lo, q_lo, x_hi, q_hi = tile(i)
+            zs = z * s
+            return acc + x_lo[:, None] * (q_lo * s[None, :] - zs[None, :]) + x_hi[:, None] * (
+                q_hi * s[None, :] - zs[None, :])
+        x, w = tile(i)
+        return acc + x[:, None] * w
 
     if defer_reduction:
         rows = block_k // 2 if fmt == "int4" else block_k
         acc = jnp.sum(lax.fori_loop(0, steps, deferred_step, jnp.zeros((rows, block_n), jnp.float32)), axis=0)
-        if fmt == "int8":
-            acc = acc * refs[0][cols].astype(jnp.float32)
-        o_ref[...] = acc.astype(o_ref.dtype)
-        return
-
-    def step(i, acc):
-        k0 = pl.multiple_of(first_k + i * block_k, block_k)
-        if fmt == "int4":
-            half = block_k // 2
-            scale_ref, zero_ref = refs[0], refs[1]
-            group = k0 // group_size
-            s = scale_ref[group, cols].astype(jnp.float32)
-            z = zero_ref[group, cols].astype(jnp.float32)
-            packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
-                                   eviction_policy="evict_first")
-            x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
-            x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
-            # sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero leaves the tile.
-            q_lo, q_hi = (packed & 0xF).astype(jnp.float32), (packed >> 4).astype(jnp.float32)
-            dot = jnp.sum(x_lo[:, None] * q_lo + x_hi[:, None] * q_hi, axis=0)
-            return acc + s * (dot - z * (jnp.sum(x_lo) + jnp.sum(x_hi)))
-        w = pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first").astype(jnp.float32)
-        x = x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32)
-        return acc + jnp.sum(x[:, None] * w, axis=0)
-
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((block_n,), jnp.float32))
+    else:
+        acc = lax.fori_loop(0, steps, step, jnp.zeros((block_n,), jnp.float32))
     if fmt == "int8":
         acc = acc * refs[0][cols].astype(jnp.float32)
     o_ref[...] = acc.astype(o_ref.dtype)
