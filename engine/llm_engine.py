@@ -298,7 +298,7 @@ class LLMEngine:
             [s.request.prompt_token_ids for s in scheduled],
             [sample.seed for sample, _ in entries],
             [len(s.request.output_token_ids) for s in scheduled],
-            self.runner.padded_num_seqs(sum(len(w.token_ids) for w in work)),
+            self.runner.padded_num_seqs(out.num_batched_tokens),
             eos_token_ids=sorted(self.eos_token_ids),
         )
         wanted = max((p.logprobs for p in params if p.logprobs is not None), default=None)

@@ -57,7 +57,7 @@ def seq_bucket(num_tokens: int, max_num_tokens: int, max_num_seqs: int) -> int:
     least ``MIN_SEQ_BUCKET``, at most ``max_num_seqs``). A step has no more sequences than tokens,
     so S follows T and a step's shape is set by its token count and block-table width alone:
     chunked prefill mixes prompt chunks with ever other numbers of decodes, and bucketing S on its
-    own gave those steps a shape each (throughput workloads: 8-16 shapes -> 6-10, see
+    own gave those steps a shape each (throughput workloads: 8-16 shapes -> 7-10, see
     scripts/bench_padding.py). Padded slots cost an LM-head row each (0.2% of a prompt step)."""
     return min(max(token_bucket(num_tokens, max_num_tokens), MIN_SEQ_BUCKET), max_num_seqs)
 

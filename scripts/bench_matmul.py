@@ -75,7 +75,7 @@ def make_variant(variant: str, K: int, N: int, key, interpret: bool, config=None
         return w if fmt == "bf16" else quantize_weight(w, fmt)
 
     if form:
-        fn = functools.partial(_fp8_tensor_scaled if form == ["tensor"] else _fp8_weight_only)
+        fn = _fp8_tensor_scaled if form == ["tensor"] else _fp8_weight_only
     elif backend == "xla":
         fn = functools.partial(linear, backend=LinearBackend(kernel="xla"))
     elif fmt == "bf16":
