@@ -9,6 +9,7 @@ runner, sampler and detokenizer, and the stop conditions. Not thread-safe: the
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from typing import Callable, Optional
@@ -113,6 +114,11 @@ class LLMEngine:
                                   unroll_layers=args.unroll_layers, linear_backend=args.linear_backend,
                                   compiler_options=args.compiler_options)
         loaded.params = None  # the runner holds them, laid out for the step: free the loader's copy before sizing
+        # Size the pool from memory really held: an earlier engine of this process freed (its objects sit in
+        # reference cycles until collected) and this one's weights materialised (dispatch is asynchronous:
+        # run 11's second engine of bench_static_vs_continuous counted 3.5 of 15 GiB and overfilled the pool).
+        gc.collect()
+        jax.block_until_ready(self.runner.params)
         # The KV pool gets what the weights and the largest step's activations leave.
         self.activation_bytes = self.runner.activation_bytes() if sizes_kv_from_memory(args) else 0
         num_blocks = num_kv_blocks(args, config, kv_dtype, self.max_model_len, max_seqs,
