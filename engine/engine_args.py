@@ -69,12 +69,17 @@ class EngineArgs:
     # XLA options for compiling the step (jax.jit's compiler_options, e.g. {"xla_gpu_autotune_level": 0}).
     # None = the engine's choice (engine.runner.default_compiler_options: fp8 autotunes without checks).
     compiler_options: Optional[dict] = None
+    # Who drives the engine: "llm" (offline LLM.generate) or "server" (the HTTP server). It picks the
+    # default batch limits on large GPUs (``default_batch_limits``), as vLLM's usage context does.
+    usage_context: str = "llm"
 
     def validate(self) -> None:
         if self.block_size not in (8, 16, 32, 64):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.usage_context not in ("llm", "server"):
+            raise ValueError(f"usage_context must be 'llm' or 'server', got {self.usage_context!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "num_gpu_blocks_override"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -109,14 +114,34 @@ class EngineArgs:
 
     def resolved_limits(self, config: ModelConfig) -> tuple[int, int, int]:
         """``(max_model_len, max_num_batched_tokens, max_num_seqs)`` with defaults filled in."""
-        on_cpu = jax.default_backend() == "cpu"
         max_model_len = self.max_model_len or config.max_position_embeddings
         if max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
                              f"max_position_embeddings={config.max_position_embeddings}")
-        max_num_seqs = self.max_num_seqs or (64 if on_cpu else 256)
-        max_tokens = self.max_num_batched_tokens or (1024 if on_cpu else 8192)
+        default_tokens, default_seqs = default_batch_limits(self.usage_context)
+        max_num_seqs = self.max_num_seqs or default_seqs
+        max_tokens = self.max_num_batched_tokens or default_tokens
         return max_model_len, max(max_tokens, 1), max_num_seqs
+
+
+LARGE_GPU_BYTES = 70 * 2**30  # vLLM's threshold for its larger batch defaults (H100, H200)
+
+
+def default_batch_limits(usage_context: str = "llm") -> tuple[int, int]:
+    """``(max_num_batched_tokens, max_num_seqs)`` when the user names neither; vLLM's choices.
+    GPUs of >= 70 GiB: 16384 tokens a step for offline use (8192 for the server, whose requests
+    arrive over time and whose time to first token a long prompt step would hold up) and 1024
+    sequences. On the H200 (benchmarks/NOTES.md, runs 10-11) tput-short ran 19,646 output tok/s at
+    these limits against 15,526-16,434 at 8192/256, tput-long 9,620 against 9,682. Smaller GPUs:
+    8192/256 (vLLM: 2048 tokens for the server); CPU: 1024/64."""
+    if usage_context not in ("llm", "server"):
+        raise ValueError(f"usage_context must be 'llm' or 'server', got {usage_context!r}")
+    if jax.default_backend() == "cpu":
+        return 1024, 64
+    device = device_memory_bytes()
+    if device is not None and device >= LARGE_GPU_BYTES:
+        return (16384 if usage_context == "llm" else 8192), 1024
+    return 8192, 256
 
 
 JAX_DEFAULT_MEM_FRACTION = 0.75  # of device memory, for JAX's GPU allocator pool
@@ -132,16 +157,23 @@ def device_memory_budget(utilization: float) -> Optional[int]:
     The device's memory is read back as ``bytes_limit`` over the fraction in the environment. If
     JAX started its backend before that fraction was set, the real pool is the default 75% and
     the estimate of the device is too small, so the budget errs low, never past the pool."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    limit = stats.get("bytes_limit")
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return None
+    return int(min(utilization * device_memory_bytes(), POOL_HEADROOM * limit))
+
+
+def device_memory_bytes() -> Optional[int]:
+    """Memory of this process's first device, read back as JAX's pool (``bytes_limit``) over the
+    fraction in the environment; None where the backend reports no limit (CPU)."""
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if not limit:
         return None
     try:
         fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_DEFAULT_MEM_FRACTION))
     except ValueError:
         fraction = JAX_DEFAULT_MEM_FRACTION
-    device_bytes = limit / min(max(fraction, 1e-3), 1.0)
-    return int(min(utilization * device_bytes, POOL_HEADROOM * limit))
+    return int(limit / min(max(fraction, 1e-3), 1.0))
 
 
 def sizes_kv_from_memory(args: EngineArgs) -> bool:

@@ -631,7 +631,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
 def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
     """``EngineArgs`` from the parsed flags (every flag named as an ``EngineArgs`` field)."""
     names = {f.name for f in dataclasses.fields(EngineArgs)}
-    return EngineArgs(**{k: v for k, v in vars(args).items() if k in names})
+    return EngineArgs(**{k: v for k, v in vars(args).items() if k in names}, usage_context="server")
 
 
 def served_model_names(args: argparse.Namespace) -> list[str]:
