@@ -22,6 +22,7 @@ import time
 
 PY = sys.executable
 MODEL = "benchmarks/models/llama-3.1-8b"
+FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0", "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
 
 def steps(results: str) -> list[tuple[str, list[str], int]]:
@@ -103,6 +104,25 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                          "--max-num-seqs", "64", "--output-json", f"{results}/batch64.json"), 150),
         ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_quantized_matmul.py",
                        "tests/test_ragged_paged_attention.py"], 100),
+        # Run 12. fp8 on cuBLAS's own heuristic choice: no autotuning and no Triton GEMMs (level 0 with
+        # Triton left the matmuls on an untuned Triton kernel in run 9; cuBLAS alone has a heuristic).
+        ("matmul-fp8-heuristic", matmul("matmul-fp8-heuristic", "--rows", "1,16,256,4096", "--variants",
+                                        "xla-bf16,xla-fp8,xla-fp8-wonly", *FP8_HEURISTIC), 90),
+        ("latency-fp8-heuristic", latency("fp8", *FP8_HEURISTIC, "--output-json",
+                                          f"{results}/latency-fp8-heuristic.json"), 110),
+        ("tput-short-fp8-heuristic", tput("tput-short", "--quantization", "fp8", *FP8_HEURISTIC, "--output-json",
+                                          f"{results}/tput-short-fp8-heuristic.json"), 150),
+        # Where tput-short's decode step goes at the 1024-sequence default, and a 16384-token prompt step.
+        ("profile-decode-1024", profile("profile-decode-1024", "--step", "decode", "--batch", "1024", "--ctx", "192"),
+         100),
+        ("profile-prefill-16k", profile("profile-prefill-16k", "--step", "prefill", "--batch", "8", "--ctx", "2048"),
+         100),
+        # Issue 6: the HF peer for tput-long and tput-prefill (separate runs: tput-prefill traces, which
+        # turns asynchronous scheduling off).
+        ("tput-long-hf-peer", tput("tput-long", "--peer", "hf", "--output-json", f"{results}/tput-long-hf-peer.json"),
+         330),
+        ("tput-prefill-hf-peer", tput("tput-prefill", "--peer", "hf", "--output-json",
+                                      f"{results}/tput-prefill-hf-peer.json"), 330),
         ("kv-capacity", bench("bench_kv_capacity.py"), 45),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
     ]
@@ -111,7 +131,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
-REQUIRES = {"tput-short-fp8-notriton": "latency-fp8-notriton"}
+REQUIRES = {"tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic"}
 
 
 def bundle(out: str) -> None:
