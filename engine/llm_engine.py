@@ -119,8 +119,10 @@ class LLMEngine:
         # run 11's second engine of bench_static_vs_continuous counted 3.5 of 15 GiB and overfilled the pool).
         gc.collect()
         jax.block_until_ready(self.runner.params)
+        weights_s = time.perf_counter() - start
         # The KV pool gets what the weights and the largest step's activations leave.
         self.activation_bytes = self.runner.activation_bytes() if sizes_kv_from_memory(args) else 0
+        self.startup_seconds = {"weights": weights_s, "sizing_compile": time.perf_counter() - start - weights_s}
         num_blocks = num_kv_blocks(args, config, kv_dtype, self.max_model_len, max_seqs,
                                    activation_bytes=self.activation_bytes)
         self.runner.allocate_kv_cache(num_blocks)
@@ -132,12 +134,13 @@ class LLMEngine:
         kv_gib = num_blocks * kv_cache_bytes_per_block(config, args.block_size, kv_dtype) / 2**30
         self.max_concurrent_tokens = (num_blocks - 1) * args.block_size
         logger.info(
-            "loaded %s (%s, %s, quantization %s) on %s in %.1fs; KV cache (%s): %d blocks of %d tokens (%.2f GiB), "
+            "loaded %s (%s, %s, quantization %s) on %s in %.1fs (weights %.1f s, compiling the largest step to size "
+            "the KV pool %.1f s); KV cache (%s): %d blocks of %d tokens (%.2f GiB), "
             "max %d concurrent tokens; largest step's activations %.2f GiB; max_model_len=%d, max_num_seqs=%d, "
             "max_num_batched_tokens=%d",
             loaded.path, loaded.load_format, np.dtype(loaded.dtype).name, loaded.quantization,
             f"{args.tensor_parallel_size} x {jax.devices()[0].device_kind}",
-            time.perf_counter() - start, np.dtype(kv_dtype).name, num_blocks - 1, args.block_size, kv_gib,
+            time.perf_counter() - start, weights_s, self.startup_seconds["sizing_compile"], np.dtype(kv_dtype).name, num_blocks - 1, args.block_size, kv_gib,
             self.max_concurrent_tokens, self.activation_bytes / 2**30, self.max_model_len, max_seqs, max_tokens)
         self._groups: dict[str, _RequestGroup] = {}
         # Scheduler sequence id ("id" or "id#k") -> its sample and group; read for every sequence every step.

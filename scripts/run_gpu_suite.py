@@ -117,6 +117,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          100),
         ("profile-prefill-16k", profile("profile-prefill-16k", "--step", "prefill", "--batch", "8", "--ctx", "2048"),
          100),
+        # fp8 start-up by layer count, unrolled and scanned, against bf16 (run 11: 66-69 s, > 30 s a step shape).
+        ("compile-probe", [PY, "scripts/profile_compile.py", "--model", MODEL, "--quantization", "none,fp8",
+                           "--layers", "2,8", "--unroll", "on,off", "--out", f"{results}/compile-probe.json"], 150),
         # Issue 6: the HF peer for tput-long and tput-prefill (separate runs: tput-prefill traces, which
         # turns asynchronous scheduling off).
         ("tput-long-hf-peer", tput("tput-long", "--peer", "hf", "--output-json", f"{results}/tput-long-hf-peer.json"),

@@ -377,3 +377,14 @@ def test_compiler_options_reach_the_step_and_change_no_token(tiny_model):
         finally:
             llm.shutdown()
     assert len(set(map(tuple, tokens.values()))) == 1 and len(next(iter(tokens.values()))) == 6
+
+
+def test_profile_compile_smoke(tiny_model, tmp_path):
+    import profile_compile
+
+    rows = profile_compile.main(["--model", tiny_model, "--quantization", "none,int8", "--layers", "1,2",
+                                 "--unroll", "off", "--out", str(tmp_path / "c.json")])
+    assert [(r["quantization"], r["layers"]) for r in rows] == [("none", 1), ("none", 2), ("int8", 1), ("int8", 2)]
+    assert all(r["weights"] > 0 and r["sizing_compile"] >= 0 and r["first_request_s"] > 0 for r in rows)
+    with open(tmp_path / "c.json") as f:
+        assert len(json.load(f)["probes"]) == 4

@@ -19,6 +19,7 @@ import pytest
 
 from pallas_kernels import get_attention_fns
 from pallas_kernels.ragged_paged_attention import (
+    prefill_work_items,
     Tiling,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -166,6 +167,34 @@ def test_one_token_step_matches_reference_interpret(kv_len):
     out = ragged_paged_attention(*kernel_args, interpret=True, tiling=dataclasses.replace(SMALL_TILES, k_splits=2))
     assert out.shape == (1, 8, 64)
     assert_matches(out, ragged_paged_attention_reference(*ref_args), used, shapes.dtype)
+
+
+def test_prefill_work_list_matches_a_plain_enumeration():
+    """Items: each long sequence's query tiles in order, then tiles zeroing the padding rows."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    q_lens = rng.choice([1, 2, 3, 4, 5, 9, 33, 70], size=7)
+    num_seqs, T, S, tile, max_decode, num_items = 5, 256, 8, 16, 4, 40
+    cu = np.zeros(S + 1, np.int32)
+    cu[1 : num_seqs + 1] = np.cumsum(q_lens[:num_seqs])
+    cu[num_seqs + 1 :] = cu[num_seqs]
+    expected = []
+    for s in range(num_seqs):
+        lo, hi = cu[s], cu[s + 1]
+        if hi - lo > max_decode:
+            expected += [(s, lo, hi, t, min(t + tile, hi), 1) for t in range(lo, hi, tile)]
+    pad = cu[num_seqs]
+    while len(expected) < num_items:
+        expected.append((None, None, None, pad, min(pad + tile, T), 0))
+        pad += tile
+    items = np.asarray(prefill_work_items(jnp.asarray(cu), jnp.asarray([num_seqs]), num_items=num_items,
+                                          tokens_per_tile=tile, max_decode_tokens=max_decode, num_tokens=T))
+    for i, want in enumerate(expected):
+        got = tuple(int(v) for v in items[:, i])
+        if want[5]:
+            assert got == want, (seed, i)
+        else:
+            assert got[3:] == want[3:], (seed, i)
 
 
 def test_changing_the_batch_mix_does_not_recompile():

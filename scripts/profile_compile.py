@@ -1,0 +1,98 @@
+"""Where start-up goes, by layer count: the engine's start-up phases and its first steps' compiles.
+
+For each quantization x layer count x layer layout (unrolled or scanned), a copy of the
+model's config.json with ``num_hidden_layers`` set, dummy weights, a small engine (16
+sequences, 256 tokens a step); records the engine's start-up phases (weights, the compile
+of the largest step that sizes the KV pool) and the wall time of a first request (one
+prompt of 16 tokens, 3 new tokens: a prompt step and decode steps, compiled). If the
+compile time grows with the layer count, the unrolled step is what costs (run 11: the 8B
+fp8 engine took 66-69 s to start and > 30 s per step shape, bf16 12-14 s).
+
+    python scripts/profile_compile.py --quantization none,fp8 --layers 2,8 --out /tmp/c.json
+    python scripts/profile_compile.py --model <tiny> --quantization none --layers 1,2 --unroll off   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common  # noqa: E402
+
+
+def config_with_layers(model_dir: str, num_layers: int, folder: str) -> str:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    config["num_hidden_layers"] = num_layers
+    path = os.path.join(folder, f"layers{num_layers}")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def probe(model_dir: str, quantization, unroll, options) -> dict:
+    from engine import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model_dir, load_format="dummy", quantization=quantization, unroll_layers=unroll, max_num_seqs=16,
+              max_num_batched_tokens=256, max_model_len=256, skip_tokenizer_init=True, compiler_options=options)
+    ready_s = time.perf_counter() - start
+    try:
+        started = time.perf_counter()
+        llm.generate([{"prompt_token_ids": list(range(1, 17))}],
+                     SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+        first_request_s = time.perf_counter() - started
+        started = time.perf_counter()
+        llm.generate([{"prompt_token_ids": list(range(1, 17))}],
+                     SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+        second_request_s = time.perf_counter() - started
+        phases = dict(llm.llm_engine.startup_seconds)
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+    return dict(ready_s=ready_s, first_request_s=first_request_s, second_request_s=second_request_s, **phases)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=bench_common.DEFAULT_MODEL, help="a folder with a config.json")
+    parser.add_argument("--quantization", default="none,fp8", help="comma-separated; none = the checkpoint dtype")
+    parser.add_argument("--layers", default="2,8")
+    parser.add_argument("--unroll", default="on", help="comma-separated on/off/auto (auto: unrolled on GPU)")
+    parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    options = bench_common.compiler_options(args.compiler_option) if args.compiler_option else None
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for quantization in args.quantization.split(","):
+            for unroll in args.unroll.split(","):
+                for num_layers in (int(n) for n in args.layers.split(",")):
+                    model_dir = config_with_layers(args.model, num_layers, folder)
+                    q = None if quantization == "none" else quantization
+                    row = dict(quantization=quantization, unroll=unroll, layers=num_layers,
+                               **probe(model_dir, q, {"on": True, "off": False, "auto": None}[unroll], options))
+                    rows.append(row)
+                    print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                          flush=True)
+    if args.out:
+        result = bench_common.result_header("profile-compile", bench_common.model_name(args.model), "auto")
+        result.update(compiler_options=options, probes=rows)
+        bench_common.write_results(result, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
