@@ -126,6 +126,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          330),
         ("tput-prefill-hf-peer", tput("tput-prefill", "--peer", "hf", "--output-json",
                                       f"{results}/tput-prefill-hf-peer.json"), 330),
+        ("gpu-tests-attention", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_ragged_paged_attention.py"],
+         90),
         ("kv-capacity", bench("bench_kv_capacity.py"), 45),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
     ]
