@@ -62,17 +62,30 @@ def seq_bucket(num_tokens: int, max_num_tokens: int, max_num_seqs: int) -> int:
     return min(max(token_bucket(num_tokens, max_num_tokens), MIN_SEQ_BUCKET), max_num_seqs)
 
 
-def default_compiler_options(params) -> dict:
-    """XLA options for the step when the user gives none. fp8 weights: GEMM autotuning without
-    its correctness checks (``xla_gpu_autotune_level=1``). On the H200 (benchmarks/NOTES.md) XLA's
-    default level 4 spent 13-20 s on each fp8 matmul shape at 4096 rows (runs 8-10; the fp8 engine
-    never finished starting in 100 s), level 1 spent 2-3.6 s and picked kernels as fast (fp8 at
-    835-1114 TFLOP/s); level 0 (no autotuning) left every matmul, bf16 too, on an untuned kernel
-    at 14-21 TFLOP/s (run 9). The engine start-up at level 1 is not measured yet."""
-    if jax.default_backend() == "gpu" and any(isinstance(leaf, Fp8Weight) for leaf in jax.tree.leaves(
-            params, is_leaf=lambda x: isinstance(x, Fp8Weight))):
-        return {"xla_gpu_autotune_level": 1}
-    return {}
+# XLA options of the fp8 step on GPU, by step size (default_compiler_options).
+FP8_SMALL_STEP_OPTIONS = {"xla_gpu_autotune_level": 1}
+FP8_LARGE_STEP_OPTIONS = {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}
+
+
+def has_fp8_weights(params) -> bool:
+    return any(isinstance(leaf, Fp8Weight)
+               for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight)))
+
+
+def default_compiler_options(params, num_tokens: int, *, fp8: Optional[bool] = None) -> dict:
+    """XLA options for a step of ``num_tokens`` token rows when the user gives none: XLA's
+    defaults, except for fp8 weights on GPU (benchmarks/NOTES.md, H200). There XLA's default
+    autotuning (level 4) spent 13-20 s on each fp8 matmul shape at 4096 rows and the engine never
+    started; level 1 (no correctness checks) 2-3.6 s a shape, still > 30 s a step shape (run 11);
+    no autotuning with Triton's GEMMs left every matmul on an untuned kernel (run 9). Steps of
+    more than ``MIN_TOKEN_BUCKET`` rows: no autotuning and no Triton GEMMs, i.e. cuBLASLt's own
+    heuristic choice (run 12: fp8 at 1,048-1,055 TFLOP/s at 4096 rows, 1.1-1.4 s to compile;
+    tput-short 1.28x bf16). Smaller steps: level 1, whose Triton fp8 GEMV streams at 1 row
+    (45 us for w_gate_up) where cuBLAS's heuristic kernel takes twice bf16's time.
+    ``fp8``: whether the params hold fp8 weights (computed from ``params`` when None)."""
+    if jax.default_backend() != "gpu" or not (has_fp8_weights(params) if fp8 is None else fp8):
+        return {}
+    return dict(FP8_SMALL_STEP_OPTIONS if num_tokens <= MIN_TOKEN_BUCKET else FP8_LARGE_STEP_OPTIONS)
 
 
 def enable_compilation_cache() -> None:
@@ -222,8 +235,11 @@ class ModelRunner:
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
                                           write_kv_fn=write_kv_fn, linear_backend=linear)
         self._multi_process = jax.process_count() > 1
-        self.compiler_options = (default_compiler_options(params) if compiler_options is None
-                                 else dict(compiler_options))
+        # The user's options hold for every step; the defaults depend on the step's size.
+        self._options_given = compiler_options is not None
+        self._has_fp8 = has_fp8_weights(params)
+        self.compiler_options = (dict(compiler_options) if self._options_given
+                                 else self.step_compiler_options(max_num_batched_tokens))
         self.kv_cache = None
         if num_blocks is not None:
             self.allocate_kv_cache(num_blocks)
@@ -238,8 +254,9 @@ class ModelRunner:
             step_placement = {"out_shardings": (self._input_sharding, kv_placement, self._input_sharding)}
             copy_placement = {"out_shardings": kv_placement}
             self._sampled = jax.device_put(self._sampled, self._input_sharding)
-        self._step = jax.jit(self._step_impl, static_argnames=("num_logprobs",), donate_argnums=(1,),
-                             compiler_options=self.compiler_options or None, **step_placement)
+        self._step_fns = {}  # XLA options -> the jitted step compiled with them (step_compiler_options)
+        self._make_step = functools.partial(jax.jit, self._step_impl, static_argnames=("num_logprobs",),
+                                            donate_argnums=(1,), **step_placement)
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)
 
     def activation_bytes(self) -> int:
@@ -277,6 +294,19 @@ class ModelRunner:
         sampled = jnp.zeros_like(last_sampled).at[: result.token_ids.shape[0]].set(result.token_ids)
         return result, kv_cache, sampled
 
+    def step_compiler_options(self, num_tokens: int) -> dict:
+        """XLA options of a step of ``num_tokens`` (padded) token rows: the user's, or the defaults."""
+        if self._options_given:
+            return self.compiler_options
+        return default_compiler_options(None, num_tokens, fp8=self._has_fp8)
+
+    def _step_fn(self, num_tokens: int):
+        options = self.step_compiler_options(num_tokens)
+        key = tuple(sorted(options.items()))
+        if key not in self._step_fns:
+            self._step_fns[key] = self._make_step(compiler_options=options or None)
+        return self._step_fns[key]
+
     # -- host side -------------------------------------------------------------------------
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
@@ -313,7 +343,8 @@ class ModelRunner:
             feed[model_input.cu_q_lens[list(seqs)]] = rows  # a fed work is a single-token decode
         if self._input_sharding is not None:
             model_input, sampling, feed = jax.device_put((model_input, sampling, feed), self._input_sharding)
-        result, self.kv_cache, self._sampled = self._step(self.params, self.kv_cache, model_input, sampling,
+        step = self._step_fn(model_input.token_ids.shape[0])
+        result, self.kv_cache, self._sampled = step(self.params, self.kv_cache, model_input, sampling,
                                                           self._sampled, feed, num_logprobs=num_logprobs)
         return PendingStep(result, len(work))
 

@@ -350,15 +350,32 @@ def test_default_model_int8_greedy_text_agrees_with_unquantized():
     assert rate >= 0.5, list(zip(texts[None], texts["int8"]))
 
 
-def test_fp8_weights_autotune_without_checks_on_gpu(monkeypatch):
-    """engine.runner.default_compiler_options: XLA's autotuning level 1 for fp8 weights on GPU
-    (level 4 took 13-20 s per fp8 matmul shape on the H200), XLA's defaults otherwise."""
+def test_fp8_step_options_on_gpu_follow_the_step_size(monkeypatch):
+    """engine.runner.default_compiler_options: for fp8 weights on GPU, autotuning level 1 for
+    steps of up to 16 rows and cuBLAS's heuristic (no autotuning, no Triton GEMMs) above; XLA's
+    defaults otherwise (benchmarks/NOTES.md, runs 8-12)."""
     import engine.runner as runner
 
     w = (jax.random.normal(jax.random.key(0), (64, 32)) * 0.1).astype(jnp.bfloat16)
     fp8 = {"layers": [{"wq": quantize_weight(w, "fp8"), "norm": jnp.ones(64)}]}
     int8 = {"layers": [{"wq": quantize_weight(w, "int8")}]}
-    assert runner.default_compiler_options(fp8) == {}  # CPU
+    assert runner.default_compiler_options(fp8, 1) == {}  # CPU
     monkeypatch.setattr(runner.jax, "default_backend", lambda: "gpu")
-    assert runner.default_compiler_options(fp8) == {"xla_gpu_autotune_level": 1}
-    assert runner.default_compiler_options(int8) == {} and runner.default_compiler_options({"w": w}) == {}
+    assert runner.default_compiler_options(fp8, 1) == runner.default_compiler_options(fp8, 16) == {
+        "xla_gpu_autotune_level": 1}
+    assert runner.default_compiler_options(fp8, 32) == {"xla_gpu_autotune_level": 0,
+                                                        "xla_gpu_enable_triton_gemm": False}
+    assert runner.default_compiler_options(int8, 1) == {} and runner.default_compiler_options({"w": w}, 4096) == {}
+
+
+def test_unstacking_fp8_layers_keeps_every_byte():
+    from models.llama import unstack_layers
+
+    stacked = quantize_weight((jax.random.normal(jax.random.key(1), (3, 64, 32)) * 0.1).astype(jnp.bfloat16), "fp8")
+    layers = unstack_layers({"layers": {"wq": stacked}})["layers"]
+    assert len(layers) == 3
+    for i, layer in enumerate(layers):
+        assert layer["wq"].q.dtype == jnp.float8_e4m3fn
+        np.testing.assert_array_equal(np.asarray(layer["wq"].q.astype(jnp.float32)),
+                                      np.asarray(stacked.q[i].astype(jnp.float32)))
+        np.testing.assert_array_equal(np.asarray(layer["wq"].scale), np.asarray(stacked.scale[i]))
