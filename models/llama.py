@@ -77,8 +77,7 @@ def unstack_layers(params: dict) -> dict:
     Slices one stacked weight at a time and drops it, so the extra memory at any
     moment is one stacked tensor, not the model. Each array is cut by one compiled
     program (``_unstack``): indexing it layer by layer compiled a slice per layer and
-    per shape, ~1.3 s a layer for fp8 weights on the H200 (run 12; the 8B fp8 engine
-    spent ~45 s of its 66-69 s start-up there).
+    shape (run 12, H200: the 8B bf16 engine's weights phase 7.0 -> 2.9 s).
     """
     stacked = dict(params["layers"])
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
@@ -86,7 +85,7 @@ def unstack_layers(params: dict) -> dict:
     for name in list(stacked):
         weight = stacked.pop(name)  # an array, or a quantized weight (a pytree of stacked arrays)
         leaves, treedef = jax.tree.flatten(weight)
-        slices = [_unstack_array(leaf) for leaf in leaves]
+        slices = [_unstack(leaf) for leaf in leaves]
         del weight, leaves
         for i in range(num_layers):
             per_layer[i][name] = jax.tree.unflatten(treedef, [s[i] for s in slices])
@@ -98,16 +97,6 @@ def unstack_layers(params: dict) -> dict:
 def _unstack(a: jax.Array) -> tuple[jax.Array, ...]:
     """``a[0], a[1], ...`` of a stacked array, in one program."""
     return tuple(a[i] for i in range(a.shape[0]))
-
-
-def _unstack_array(a: jax.Array) -> list[jax.Array]:
-    """``_unstack``; float8 arrays are cut as their bytes (uint8) and cast back slice by slice.
-    Run 12 (H200): cutting the 8B's fp8 weights in one program per array still took ~45 s,
-    where bf16 took under 3 s; the bit casts keep XLA on its byte-copy path."""
-    if jnp.dtype(a.dtype).itemsize == 1 and jnp.issubdtype(a.dtype, jnp.floating):
-        return [jax.lax.bitcast_convert_type(part, a.dtype) for part in _unstack(
-            jax.lax.bitcast_convert_type(a, jnp.uint8))]
-    return list(_unstack(a))
 
 
 # Fused projections: matrices that multiply the same input, joined along their outputs so a
