@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import sys
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
@@ -142,6 +142,22 @@ class LLM:
         prompts = [apply_chat_template(self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt)
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def submit(self, prompt: Union[str, list[int]], sampling_params: Optional[SamplingParams] = None, *,
+               on_output: Callable[[RequestOutput], None], on_error: Callable[[BaseException], None],
+               priority: int = 0) -> str:
+        """Start one request without waiting: ``on_output`` gets its cumulative output after every
+        step that adds a token (on the engine's thread: keep it short), ``on_error`` the exception
+        that ends it. Returns the request id (for ``abort``). ``generate`` is built on the same loop."""
+        self._check_prompts([prompt])
+        request_id = self._loop.new_request_id()
+        self._loop.add_request(request_id, prompt, sampling_params or SamplingParams(), priority=priority,
+                               on_output=on_output, on_error=on_error)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request started by ``submit`` (its blocks are freed at the next step)."""
+        self._loop.abort(request_id)
 
     def stats(self) -> dict:
         """Engine counters (steps, largest batch, tokens, preemptions), read between steps."""

@@ -68,11 +68,9 @@ def time_one_request(llm, prompt: list[int], output_len: int) -> dict:
         errors.append(exc)
         done.set()
 
-    loop = llm._loop  # the engine loop LLM.generate submits to; its callbacks stream each token
     with bench_common.CompileTimer() as compiles:
         submit = time.perf_counter()
-        loop.add_request(loop.new_request_id(), list(prompt), params, on_output=on_output,
-                         on_error=on_error)
+        llm.submit(list(prompt), params, on_output=on_output, on_error=on_error)  # streams each token
         done.wait()
     if errors:
         raise errors[0]

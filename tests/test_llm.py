@@ -156,6 +156,25 @@ def test_bad_prompts_rejected_others_unaffected(llm, alone):
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
 
 
+def test_submit_streams_each_token_and_ends_with_generates_output(llm, alone):
+    import threading
+
+    seen, errors, done = [], [], threading.Event()
+
+    def on_output(output):
+        seen.append(list(output.outputs[0].token_ids))
+        if output.finished:
+            done.set()
+
+    llm.submit(PROMPTS[3], GREEDY, on_output=on_output, on_error=lambda exc: (errors.append(exc), done.set()))
+    assert done.wait(120) and not errors
+    assert seen[-1] == alone[3]
+    assert [len(tokens) for tokens in seen] == list(range(1, 13))  # one output per token, cumulative
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.submit([1] * 300, GREEDY, on_output=on_output, on_error=errors.append)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
 def test_unrolled_layers_with_per_layer_kv_buffers_match_the_scan(tmp_path):
     """The GPU default (unrolled layers, one KV buffer per layer) gives the scan's tokens, also
     through preemption (a pool too small for the batch) and n=2 (copy-on-write of shared pages)."""
