@@ -298,15 +298,30 @@ def measure_copy_bandwidth(num_bytes: int, repeats: int = 10) -> float:
     return 2 * num_bytes / seconds
 
 
-def measure_matmul_flops(n: int, dtype: str = "bfloat16", repeats: int = 10) -> float:
-    """FLOP/s of an ``n x n @ n x n`` matmul in ``dtype`` (the practical peak for MFU)."""
+def measure_read_bandwidth(num_bytes: int, repeats: int = 10) -> float:
+    """Device memory read bandwidth in bytes/s: a sum over ``num_bytes`` of bf16 (read once, a
+    scalar written), the access pattern of streaming weights or K/V pages."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(2), (n, n), dtype)
+    x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
+    seconds = _median_seconds(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x, repeats=repeats)
+    del x
+    return num_bytes / seconds
+
+
+def measure_matmul_flops(m: int, dtype: str = "bfloat16", repeats: int = 10, *, k: Optional[int] = None,
+                         n: Optional[int] = None) -> float:
+    """FLOP/s of an ``m x k @ k x n`` matmul in ``dtype`` (square ``m`` by default: the practical
+    peak for MFU)."""
+    import jax
+    import jax.numpy as jnp
+
+    k, n = k or m, n or m
+    a = jax.random.normal(jax.random.key(1), (m, k), dtype)
+    b = jax.random.normal(jax.random.key(2), (k, n), dtype)
     seconds = _median_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
-    return 2 * n**3 / seconds
+    return 2 * m * k * n / seconds
 
 
 class CompileTimer:
@@ -416,6 +431,15 @@ def weight_bytes(params, config) -> tuple[int, int]:
 def step_flops(config, scheduled) -> int:
     """Useful FLOPs of a step's chunks (``engine.trace.ScheduledTokens``): 2 per layer weight per
     token, the LM head on the sequences that sample, and causal attention (QK^T and PV)."""
+    tokens = sum(s.num_tokens for s in scheduled)
+    sampled = sum(1 for s in scheduled if s.samples)
+    pairs = sum(s.num_tokens * s.start + s.num_tokens * (s.num_tokens + 1) // 2 for s in scheduled)
+    return model_flops(config, tokens=tokens, sampled=sampled, attention_pairs=pairs)
+
+
+def model_flops(config, *, tokens: int, sampled: int, attention_pairs: int) -> int:
+    """2 FLOPs per layer weight per token, the LM head per sampled token, causal attention over
+    ``attention_pairs`` (query, key) pairs (QK^T and PV)."""
     import numpy as np
 
     from models.llama import param_shapes
@@ -423,11 +447,24 @@ def step_flops(config, scheduled) -> int:
     # From the config's shapes, not the arrays: a quantized weight's arrays hold packed values and scales.
     layer_params = sum(int(np.prod(shape)) for shape in param_shapes(config)["layers"].values())
     head_params = config.hidden_size * config.vocab_size
-    tokens = sum(s.num_tokens for s in scheduled)
-    sampled = sum(1 for s in scheduled if s.samples)
-    pairs = sum(s.num_tokens * s.start + s.num_tokens * (s.num_tokens + 1) // 2 for s in scheduled)
-    attention = 4 * config.head_dim * config.num_heads * config.num_layers * pairs
+    attention = 4 * config.head_dim * config.num_heads * config.num_layers * attention_pairs
     return 2 * layer_params * tokens + 2 * head_params * sampled + attention
+
+
+def workload_decode_kv_bytes(config, num_requests: int, input_len: int, output_len: int, kv_itemsize: int) -> int:
+    """K/V bytes the workload's decode steps read: each fed output token attends over its whole
+    context, every layer's K and V (prompt steps, compute-bound, are counted in FLOPs only)."""
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * kv_itemsize
+    contexts = sum(input_len + j for j in range(1, output_len))
+    return num_requests * per_token * contexts
+
+
+def workload_flops(config, num_requests: int, input_len: int, output_len: int) -> int:
+    """Useful FLOPs of a whole offline workload: every request's prompt and all but its last output
+    token run through the model once (the last is sampled, never fed back), ``output_len`` samples."""
+    tokens = input_len + output_len - 1
+    return num_requests * model_flops(config, tokens=tokens, sampled=output_len,
+                                      attention_pairs=tokens * (tokens + 1) // 2)
 
 
 # --------------------------------------------------------------------------------------

@@ -100,8 +100,8 @@ def main(argv=None) -> list[dict]:
             sizes[w] = (batch, i, o, batch)
         peers = bench_common.run_hf_peer(args.model, args.workloads, dtype=args.dtype, seed=args.seed, sizes=sizes)
     peak_flops = None
+    on_cpu = bench_common.device_name() == "cpu"
     if "tput-prefill" in args.workloads:
-        on_cpu = bench_common.device_name() == "cpu"
         peak_flops = (args.peak_tflops * 1e12 if args.peak_tflops else
                       bench_common.measure_matmul_flops(1024 if on_cpu else 8192, "float32" if on_cpu else "bfloat16"))
     max_model_len = max(sum(workload_sizes(args, w)[1:]) for w in args.workloads)
@@ -113,6 +113,16 @@ def main(argv=None) -> list[dict]:
     try:
         engine = llm.llm_engine
         max_num_seqs = engine.scheduler.max_num_seqs
+        # Limits of the tput figures, from rates measured here: the workload's FLOPs at the bf16 matmul rate
+        # of the model's widest layer (gate/up, 8192 rows), everything else free ("flop_ceiling"); and
+        # those plus the decode steps' K/V reads at the read bandwidth, run one after the other ("limit").
+        config = engine.model_config
+        matmul_flops = bench_common.measure_matmul_flops(256 if on_cpu else 8192, "float32" if on_cpu else "bfloat16",
+                                                         k=config.hidden_size, n=2 * config.intermediate_size)
+        bandwidth = bench_common.measure_read_bandwidth((64 if on_cpu else 2048) << 20)
+        import jax
+
+        kv_itemsize = jax.tree.leaves(engine.runner.kv_cache)[0].dtype.itemsize
         for workload in args.workloads:
             n, input_len, output_len = workload_sizes(args, workload)
             prompts = bench_common.random_prompts(n, input_len, vocab, args.seed)
@@ -132,6 +142,12 @@ def main(argv=None) -> list[dict]:
                           max_concurrent_tokens=engine.max_concurrent_tokens, seconds=run.seconds,
                           wall_s=run.wall_s, compile_s_excluded=run.compile_s, traced=run.trace is not None,
                           async_scheduling_on=engine.async_scheduling)
+            matmul_s = bench_common.workload_flops(config, n, input_len, output_len) / matmul_flops
+            kv_s = bench_common.workload_decode_kv_bytes(config, n, input_len, output_len, kv_itemsize) / bandwidth
+            result.update(matmul_tflop_s=matmul_flops / 1e12, read_bandwidth_tb_s=bandwidth / 1e12,
+                          flop_ceiling_output_tok_s=n * output_len / matmul_s,
+                          limit_output_tok_s=n * output_len / (matmul_s + kv_s),
+                          of_limit=ours["output_tok_s"] * (matmul_s + kv_s) / (n * output_len))
             if run.trace is not None and run.trace.records:
                 records = run.trace.records
                 result.update(steps=len(records), mean_batch_seqs=sum(len(r.scheduled) for r in records) / len(records),

@@ -270,6 +270,26 @@ def test_throughput_json(bench_dir):
         assert result["num_requests"] == 6 and result["max_num_seqs"] == 4
         assert result["total_tok_s"] == pytest.approx(result["output_tok_s"] * 24 / 4)
     assert 0 < result["prefill_mfu"] < 1.5  # against a matmul rate measured on the same machine
+    assert result["matmul_tflop_s"] > 0 and result["read_bandwidth_tb_s"] > 0
+    assert 0 < result["limit_output_tok_s"] < result["flop_ceiling_output_tok_s"]  # K/V reads cost on top
+    assert result["of_limit"] == pytest.approx(result["output_tok_s"] / result["limit_output_tok_s"])
+
+
+def test_workload_flops_is_the_sum_of_its_steps_flops():
+    """A request's chunks, however split, add up to the workload's FLOPs (no preemption)."""
+    from engine.trace import ScheduledTokens
+    from models.config import ModelConfig
+
+    config = ModelConfig.from_hf_dict(TINY_CONFIG)
+    prompt, output = 37, 9
+    chunks = [(0, 16, False), (16, 16, False), (32, 5, True)] + [(37 + i, 1, True) for i in range(output - 1)]
+    steps = [[ScheduledTokens("r", start, n, samples, prompt)] for start, n, samples in chunks]
+    total = sum(bench_common.step_flops(config, scheduled) for scheduled in steps)
+    assert total == bench_common.workload_flops(config, 1, prompt, output)
+    assert bench_common.workload_flops(config, 3, prompt, output) == 3 * total
+    # Decode K/V reads: the 8 fed output tokens see contexts 38..45, 2 (K, V) x layers x kv heads x dim each.
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
+    assert bench_common.workload_decode_kv_bytes(config, 1, prompt, output, 2) == per_token * sum(range(38, 46))
 
 
 def test_static_vs_continuous_json(bench_dir):
