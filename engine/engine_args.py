@@ -63,8 +63,8 @@ class EngineArgs:
     # "continuous" batching, or "static" (the baseline: a fixed batch, nothing admitted until all of it finished).
     scheduling_mode: str = "continuous"
     trace: bool = False  # record a per-step trace (engine.trace), read with LLM.get_trace()
-    # Plan step N+1 while step N runs on the device (LLMEngine.step). None = on, except with a
-    # trace (which records each step as it ends) or several processes (followers replay steps in order).
+    # Plan step N+1 while step N runs on the device (LLMEngine.step). None = on, except over several
+    # processes (followers replay steps in order).
     async_scheduling: Optional[bool] = None
     # XLA options for compiling the step (jax.jit's compiler_options, e.g. {"xla_gpu_autotune_level": 0}).
     # None = the engine's choice (engine.runner.default_compiler_options: fp8 autotunes without checks).
@@ -94,8 +94,8 @@ class EngineArgs:
                              f"got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.async_scheduling and (self.trace or jax.process_count() > 1):
-            raise ValueError("async_scheduling=True cannot be combined with trace=True or several processes")
+        if self.async_scheduling and jax.process_count() > 1:
+            raise ValueError("async_scheduling=True cannot be combined with several processes")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
 

@@ -26,7 +26,7 @@ from engine.runner import PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork
 from engine.sampler import build_sampling_metadata
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import Scheduler, ScheduledSequence, SchedulerOutput
-from engine.trace import StepTracer
+from engine.trace import StepRecord, StepTracer
 from models.batch import kv_cache_bytes_per_block
 from models.loader import load_model
 from sharding import make_mesh, param_shardings_for
@@ -62,6 +62,7 @@ class _LaunchedStep:
     entries: list
     pending: PendingStep
     start_s: float
+    trace: Optional[StepRecord] = None  # the tracer's capture at launch (EngineArgs.trace)
 
 
 @dataclasses.dataclass
@@ -150,7 +151,7 @@ class LLMEngine:
                       "steps_planned_ahead": 0}  # planned while the previous step ran (async scheduling)
         # Asynchronous scheduling (see step()); None: wherever it is allowed.
         self.async_scheduling = (args.async_scheduling if args.async_scheduling is not None
-                                 else not args.trace and jax.process_count() == 1)
+                                 else jax.process_count() == 1)
         self._in_flight: Optional[_LaunchedStep] = None
         self.tracer: Optional[StepTracer] = None
         if args.trace:
@@ -314,9 +315,12 @@ class LLMEngine:
         # Round the static top-k width up (5 or the maximum) so few variants compile.
         num_logprobs = None if wanted is None else (5 if wanted <= 5 else MAX_LOGPROBS)
         pending = self.runner.dispatch(work, metadata, num_logprobs=num_logprobs)
+        # The pool as the step leaves it (its KV slots allocated), before the scheduler counts its tokens.
+        trace = (None if self.tracer is None else
+                 self.tracer.capture(out, self.scheduler, self.block_manager, step_start))
         if self.async_scheduling:  # the scheduler counts the step's tokens now, as pending
             self.scheduler.update_after_step(out, {s.request.request_id: PENDING_TOKEN for s in scheduled if s.samples})
-        return _LaunchedStep(out, entries, pending, step_start)
+        return _LaunchedStep(out, entries, pending, step_start, trace)
 
     @staticmethod
     def _feed_row(s: ScheduledSequence, feed_rows: dict) -> int:
@@ -330,8 +334,8 @@ class LLMEngine:
         """Wait for a launched step and process its sampled tokens; the outputs of the requests touched."""
         out, entries = launched.plan, launched.entries
         result = self.runner.fetch(launched.pending)
-        if self.tracer is not None:  # after the KV writes, before finished requests free their blocks
-            self.tracer.record(out, self.scheduler, self.block_manager, launched.start_s, time.perf_counter())
+        if launched.trace is not None:  # after the KV writes, before finished requests free their blocks
+            self.tracer.finish(launched.trace, time.perf_counter())
         scheduled = out.scheduled
         self.stats["steps"] += 1
         self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(scheduled))

@@ -203,8 +203,13 @@ class StepTrace:
 
 
 class StepTracer:
-    """Collects a ``StepRecord`` per executed step; the engine calls ``record`` between its
-    KV writes and its stop checks. ``snapshot`` and ``clear`` may be called from other threads."""
+    """Collects a ``StepRecord`` per executed step. The engine calls ``capture`` when it has put a
+    step on the device (its plan made, before the scheduler counts the step's tokens) and
+    ``finish`` when the step's tokens are on the host, before finished requests free their
+    blocks. With asynchronous scheduling the next step is planned between the two, so the state
+    is read at ``capture``; a step's ``start_s`` is the later of its launch and the previous
+    step's end, so records tile the timeline. ``snapshot`` and ``clear`` may be called from
+    other threads."""
 
     def __init__(self, *, block_size: int, num_blocks: int, max_model_len: int, max_num_seqs: int,
                  scheduling_mode: str):
@@ -213,10 +218,15 @@ class StepTracer:
         self._records: list[StepRecord] = []
         self._tables: dict[str, tuple[int, ...]] = {}  # last stored table of each sequence, to share tuples
         self._num_steps = 0
+        self._last_end_s = float("-inf")
         self._lock = threading.Lock()
 
     def record(self, plan, scheduler, block_manager, start_s: float, end_s: float) -> None:
-        """Record one executed step: ``plan`` is its ``SchedulerOutput``."""
+        """Record one executed step (``capture`` and ``finish`` at once): ``plan`` is its ``SchedulerOutput``."""
+        self.finish(self.capture(plan, scheduler, block_manager, start_s), end_s)
+
+    def capture(self, plan, scheduler, block_manager, start_s: float) -> StepRecord:
+        """The record of a step just launched, its end not known yet (``finish`` sets it)."""
         max_model_len = self._header["max_model_len"]
         sequences = []
         tables = {}
@@ -227,16 +237,21 @@ class StepTracer:
             tables[rid] = table = previous if previous == table else table
             sequences.append(SequenceState(rid, block_manager.num_tokens(rid), table,
                                            _reserved_tokens(request, max_model_len)))
-        record = StepRecord(
-            step=self._num_steps, start_s=start_s, end_s=end_s,
+        self._tables = tables  # only the engine's loop thread captures
+        return StepRecord(
+            step=-1, start_s=start_s, end_s=start_s,
             scheduled=tuple(ScheduledTokens(s.request_id, s.start, s.num_tokens, s.samples, s.request.num_prompt_tokens)
                             for s in plan.scheduled),
             sequences=tuple(sequences), num_used_blocks=block_manager.num_used_blocks,
             num_allocated_slots=block_manager.num_allocated_slots, num_used_slots=block_manager.num_used_slots,
             num_waiting=scheduler.num_waiting, preempted=tuple(plan.preempted_request_ids))
+
+    def finish(self, captured: StepRecord, end_s: float) -> None:
+        """Store a captured step that ended at ``end_s`` (steps finish in launch order)."""
+        start_s = max(captured.start_s, self._last_end_s)
+        self._last_end_s = end_s
         with self._lock:
-            self._tables = tables
-            self._records.append(record)
+            self._records.append(dataclasses.replace(captured, step=self._num_steps, start_s=start_s, end_s=end_s))
             self._num_steps += 1
 
     def snapshot(self, reset: bool = False) -> StepTrace:

@@ -80,7 +80,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--linear-backend", default="auto", choices=("auto", "pallas", "xla"),
                         help="matmuls: auto = Pallas kernel for quantized weights at small batch on GPU")
     parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
-                        help="plan step N+1 while step N runs (auto: on unless the run is traced)")
+                        help="plan step N+1 while step N runs (auto: on in one process)")
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an XLA option for the step's compilation (repeatable; default: the engine's choice)")
     parser.add_argument("--seed", type=int, default=PROMPT_SEED, help="seed of the random prompts and weights")

@@ -45,7 +45,10 @@ def parse_args(argv=None):
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--min-output-len", type=int, default=16)
     parser.add_argument("--max-output-len", type=int, default=512)
-    parser.set_defaults(max_num_seqs=8)
+    # Synchronous steps by default: the KV accounting (waste, sequences that fit) then counts exactly
+    # what each request computes; an asynchronous step runs a finishing request one dropped token
+    # further (runs 11-12 were synchronous too, being traced).
+    parser.set_defaults(max_num_seqs=8, async_scheduling="off")
     args = parser.parse_args(argv)
     if not 1 <= args.min_output_len <= args.max_output_len:
         parser.error(f"need 1 <= --min-output-len <= --max-output-len, got {args.min_output_len}, "
