@@ -300,7 +300,8 @@ class ModelRunner:
             return self.compiler_options
         return default_compiler_options(None, num_tokens, fp8=self._has_fp8)
 
-    def _step_fn(self, num_tokens: int):
+    def step_fn(self, num_tokens: int):
+        """The jitted step for ``num_tokens`` (padded) token rows, compiled with its XLA options."""
         options = self.step_compiler_options(num_tokens)
         key = tuple(sorted(options.items()))
         if key not in self._step_fns:
@@ -343,7 +344,7 @@ class ModelRunner:
             feed[model_input.cu_q_lens[list(seqs)]] = rows  # a fed work is a single-token decode
         if self._input_sharding is not None:
             model_input, sampling, feed = jax.device_put((model_input, sampling, feed), self._input_sharding)
-        step = self._step_fn(model_input.token_ids.shape[0])
+        step = self.step_fn(model_input.token_ids.shape[0])
         result, self.kv_cache, self._sampled = step(self.params, self.kv_cache, model_input, sampling,
                                                           self._sampled, feed, num_logprobs=num_logprobs)
         return PendingStep(result, len(work))

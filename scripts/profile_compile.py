@@ -8,7 +8,7 @@ prompt of 16 tokens, 3 new tokens: a prompt step and decode steps, compiled). If
 compile time grows with the layer count, the unrolled step is what costs (run 11: the 8B
 fp8 engine took 66-69 s to start and > 30 s per step shape, bf16 12-14 s).
 
-    python scripts/profile_compile.py --quantization none,fp8 --layers 2,8 --out /tmp/c.json
+    python scripts/profile_compile.py --quantization none,fp8 --layers 2,8 --weight-phases --out /tmp/c.json
     python scripts/profile_compile.py --model <tiny> --quantization none --layers 1,2 --unroll off   # CPU smoke
 """
 
@@ -62,6 +62,32 @@ def probe(model_dir: str, quantization, unroll, options) -> dict:
     return dict(ready_s=ready_s, first_request_s=first_request_s, second_request_s=second_request_s, **phases)
 
 
+def weight_phases(model_dir: str, quantization) -> dict:
+    """Seconds of each step that lays the weights out for the unrolled step, in the runner's order
+    (cut the stacked layers apart, then join q/k/v and gate/up per layer) and in the other order
+    (join on the stack, then cut): which one costs per layer."""
+    import jax
+
+    from models.llama import fuse_projections, unstack_layers
+    from models.loader import load_model
+
+    def timed(fn, *args):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        return out, time.perf_counter() - start
+
+    load = lambda: load_model(model_dir, load_format="dummy", quantization=quantization).params  # noqa: E731
+    params, load_s = timed(load)
+    cut, unstack_s = timed(unstack_layers, params)
+    del params
+    _, fuse_s = timed(fuse_projections, cut)
+    del cut, _
+    joined, fuse_stacked_s = timed(fuse_projections, load())
+    _, unstack_fused_s = timed(unstack_layers, joined)
+    return dict(load_s=load_s, unstack_s=unstack_s, fuse_per_layer_s=fuse_s, fuse_stacked_s=fuse_stacked_s,
+                unstack_fused_s=unstack_fused_s)
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=bench_common.DEFAULT_MODEL, help="a folder with a config.json")
@@ -69,6 +95,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--layers", default="2,8")
     parser.add_argument("--unroll", default="on", help="comma-separated on/off/auto (auto: unrolled on GPU)")
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--weight-phases", action="store_true",
+                        help="also time loading, cutting and joining the layers' weights, in both orders")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     import logging
@@ -84,6 +112,8 @@ def main(argv=None) -> list[dict]:
                     q = None if quantization == "none" else quantization
                     row = dict(quantization=quantization, unroll=unroll, layers=num_layers,
                                **probe(model_dir, q, {"on": True, "off": False, "auto": None}[unroll], options))
+                    if args.weight_phases and unroll != "off":
+                        row.update(weight_phases(model_dir, q))
                     rows.append(row)
                     print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                           flush=True)

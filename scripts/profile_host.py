@@ -60,7 +60,8 @@ class DeviceTimer:
 
     def __init__(self, runner):
         self.seconds = self.dispatch_seconds = self.thread_seconds = 0.0
-        runner._step = self._timed(runner._step, fetch_first=True)  # returns (sampler output, kv cache)
+        step_fn = runner.step_fn  # each step's jitted callable returns (sampler output, kv cache, tokens)
+        runner.step_fn = lambda num_tokens: self._timed(step_fn(num_tokens), fetch_first=True)
         runner._copy = self._timed(runner._copy, fetch_first=False)
 
     def reset(self) -> None:

@@ -428,5 +428,7 @@ def test_profile_compile_smoke(tiny_model, tmp_path):
                                  "--unroll", "off", "--out", str(tmp_path / "c.json")])
     assert [(r["quantization"], r["layers"]) for r in rows] == [("none", 1), ("none", 2), ("int8", 1), ("int8", 2)]
     assert all(r["weights"] > 0 and r["sizing_compile"] >= 0 and r["first_request_s"] > 0 for r in rows)
+    phases = profile_compile.weight_phases(profile_compile.config_with_layers(tiny_model, 2, str(tmp_path)), "fp8")
+    assert all(seconds > 0 for seconds in phases.values())
     with open(tmp_path / "c.json") as f:
         assert len(json.load(f)["probes"]) == 4

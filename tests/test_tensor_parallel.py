@@ -104,7 +104,7 @@ def _collectives(runner) -> list:
                                        runner.padded_num_seqs(3))
     model_input = runner.build_model_input(work)
     feed = np.full(model_input.token_ids.shape, -1, np.int32)  # no token fed from a previous step
-    compiled = runner._step.lower(runner.params, runner.kv_cache, model_input, sampling, runner._sampled, feed,
+    compiled = runner.step_fn(model_input.token_ids.shape[0]).lower(runner.params, runner.kv_cache, model_input, sampling, runner._sampled, feed,
                                   num_logprobs=None).compile()
     ops = "all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"
     return [list(m) for m in re.findall(rf"= (\w+\[[\d,]*\])\S* ({ops})\(", compiled.as_text())]
