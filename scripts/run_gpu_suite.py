@@ -119,7 +119,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          100),
         # fp8 start-up by layer count, unrolled and scanned, against bf16 (run 11: 66-69 s, > 30 s a step shape).
         ("compile-probe", [PY, "scripts/profile_compile.py", "--model", MODEL, "--quantization", "none,fp8",
-                           "--layers", "2,8", "--unroll", "on,off", "--out", f"{results}/compile-probe.json"], 150),
+                           "--layers", "2,8", "--unroll", "on,off", "--weight-phases", "--out",
+                           f"{results}/compile-probe.json"], 180),
         # Issue 6: the HF peer for tput-long and tput-prefill (separate runs: tput-prefill traces, which
         # turns asynchronous scheduling off).
         ("tput-long-hf-peer", tput("tput-long", "--peer", "hf", "--output-json", f"{results}/tput-long-hf-peer.json"),
