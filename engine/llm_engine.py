@@ -141,8 +141,9 @@ class LLMEngine:
             "max_num_batched_tokens=%d",
             loaded.path, loaded.load_format, np.dtype(loaded.dtype).name, loaded.quantization,
             f"{args.tensor_parallel_size} x {jax.devices()[0].device_kind}",
-            time.perf_counter() - start, weights_s, self.startup_seconds["sizing_compile"], np.dtype(kv_dtype).name, num_blocks - 1, args.block_size, kv_gib,
-            self.max_concurrent_tokens, self.activation_bytes / 2**30, self.max_model_len, max_seqs, max_tokens)
+            time.perf_counter() - start, weights_s, self.startup_seconds["sizing_compile"], np.dtype(kv_dtype).name,
+            num_blocks - 1, args.block_size, kv_gib, self.max_concurrent_tokens, self.activation_bytes / 2**30,
+            self.max_model_len, max_seqs, max_tokens)
         self._groups: dict[str, _RequestGroup] = {}
         # Scheduler sequence id ("id" or "id#k") -> its sample and group; read for every sequence every step.
         self._samples: dict[str, tuple[_Sample, _RequestGroup]] = {}

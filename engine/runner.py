@@ -346,7 +346,7 @@ class ModelRunner:
             model_input, sampling, feed = jax.device_put((model_input, sampling, feed), self._input_sharding)
         step = self.step_fn(model_input.token_ids.shape[0])
         result, self.kv_cache, self._sampled = step(self.params, self.kv_cache, model_input, sampling,
-                                                          self._sampled, feed, num_logprobs=num_logprobs)
+                                                    self._sampled, feed, num_logprobs=num_logprobs)
         return PendingStep(result, len(work))
 
     @staticmethod

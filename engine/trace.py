@@ -221,10 +221,6 @@ class StepTracer:
         self._last_end_s = float("-inf")
         self._lock = threading.Lock()
 
-    def record(self, plan, scheduler, block_manager, start_s: float, end_s: float) -> None:
-        """Record one executed step (``capture`` and ``finish`` at once): ``plan`` is its ``SchedulerOutput``."""
-        self.finish(self.capture(plan, scheduler, block_manager, start_s), end_s)
-
     def capture(self, plan, scheduler, block_manager, start_s: float) -> StepRecord:
         """The record of a step just launched, its end not known yet (``finish`` sets it)."""
         max_model_len = self._header["max_model_len"]

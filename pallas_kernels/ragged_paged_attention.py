@@ -214,8 +214,8 @@ def prefill_work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, *, num_items: 
     the query tiles of the sequences with more than ``max_decode_tokens`` new tokens, in order,
     then tiles that zero the padding rows past ``cu_q_lens[num_seqs]``. Built once per step in
     plain jnp (a cumsum and a search over the sequences) instead of in each of the launch's
-    programs: a decode-only step's prefill launch then costs its empty programs only (run 12:
-    the in-kernel search cost 19 us a layer at 1024 decodes, 2% of the step)."""
+    programs: a decode-only step's prefill launch then costs its empty programs only (run 12,
+    H200, 8B at 1024 decodes: the in-kernel search cost 19 us a layer; kernels 28.48 -> 28.18 ms)."""
     S = cu_q_lens.shape[0] - 1
     cu = cu_q_lens.astype(jnp.int32)
     cu_end = cu[jnp.asarray(num_seqs, jnp.int32).reshape(-1)[0]]

@@ -22,7 +22,8 @@ import time
 
 PY = sys.executable
 MODEL = "benchmarks/models/llama-3.1-8b"
-FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0", "--compiler-option", "xla_gpu_enable_triton_gemm=false")
+FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
+                 "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
 
 def steps(results: str) -> list[tuple[str, list[str], int]]:
