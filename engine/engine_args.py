@@ -67,7 +67,7 @@ class EngineArgs:
     # processes (followers replay steps in order).
     async_scheduling: Optional[bool] = None
     # XLA options for compiling the step (jax.jit's compiler_options, e.g. {"xla_gpu_autotune_level": 0}).
-    # None = the engine's choice (engine.runner.default_compiler_options: fp8 autotunes without checks).
+    # None = the engine's choice (engine.runner.default_compiler_options: for fp8 weights, by step size).
     compiler_options: Optional[dict] = None
     # Who drives the engine: "llm" (offline LLM.generate) or "server" (the HTTP server). It picks the
     # default batch limits on large GPUs (``default_batch_limits``), as vLLM's usage context does.
