@@ -51,6 +51,8 @@ class EngineArgs:
     num_gpu_blocks_override: Optional[int] = None
     scheduling_policy: str = "fifo"
     attention_backend: str = "auto"
+    # The KV write: "reference" (XLA's scatter, in place) or "pallas" (one kernel for K and V; unmeasured).
+    kv_write_backend: str = "reference"
     # Matmuls: "auto" = the Pallas weight-streaming kernel for int4 weights at small batches on
     # GPU, XLA otherwise (models.quantization.LinearBackend); "pallas" also for int8 and dense
     # weights; "xla" never the kernel.
@@ -96,6 +98,8 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.async_scheduling and jax.process_count() > 1:
             raise ValueError("async_scheduling=True cannot be combined with several processes")
+        if self.kv_write_backend not in ("reference", "pallas"):
+            raise ValueError(f"kv_write_backend must be 'reference' or 'pallas', got {self.kv_write_backend!r}")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
 

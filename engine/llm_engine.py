@@ -111,7 +111,8 @@ class LLMEngine:
         self.runner = ModelRunner(config, loaded.params, block_size=args.block_size,
                                   max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                   max_model_len=self.max_model_len, kv_dtype=kv_dtype,
-                                  attention_backend=args.attention_backend, mesh=mesh,
+                                  attention_backend=args.attention_backend, kv_write_backend=args.kv_write_backend,
+                                  mesh=mesh,
                                   unroll_layers=args.unroll_layers, linear_backend=args.linear_backend,
                                   compiler_options=args.compiler_options)
         loaded.params = None  # the runner holds them, laid out for the step: free the loader's copy before sizing

@@ -189,6 +189,7 @@ class ModelRunner:
         max_model_len: int,
         kv_dtype,
         attention_backend: str = "auto",
+        kv_write_backend: str = "reference",
         mesh: Optional[Mesh] = None,
         unroll_layers: Optional[bool] = None,
         linear_backend: str = "auto",
@@ -211,7 +212,7 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        attention_fn, write_kv_fn = get_attention_fns(attention_backend)
+        attention_fn, write_kv_fn = get_attention_fns(attention_backend, kv_write_backend)
         step_config, kv_sharding, self._input_sharding = config, None, None
         if mesh is not None:
             plan = TensorParallelPlan(config, mesh)

@@ -77,6 +77,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--quantization", default=None, help="int8, int4, awq, gptq, fp8 (dummy weights: random "
                         "weights of that method's layout)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
+    parser.add_argument("--kv-write-backend", default="reference", choices=("reference", "pallas"),
+                        help="the KV write: XLA's scatter or the Pallas kernel")
     parser.add_argument("--linear-backend", default="auto", choices=("auto", "pallas", "xla"),
                         help="matmuls: auto = Pallas kernel for quantized weights at small batch on GPU")
     parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
@@ -100,6 +102,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len or max_model_len,
         num_gpu_blocks_override=args.num_gpu_blocks_override, seed=args.seed, skip_tokenizer_init=True,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend,
+        kv_write_backend=args.kv_write_backend,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         compiler_options=compiler_options(args.compiler_option) if args.compiler_option else None,
     )

@@ -118,6 +118,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          100),
         ("profile-prefill-16k", profile("profile-prefill-16k", "--step", "prefill", "--batch", "8", "--ctx", "2048"),
          100),
+        # The Pallas KV write (one launch for K and V) against XLA's two scatters (4.2 ms each per 16k step, run 12).
+        ("profile-decode-1024-kvwrite", profile("profile-decode-1024-kvwrite", "--step", "decode", "--batch", "1024",
+                                                "--ctx", "192", "--kv-write-backend", "pallas"), 100),
+        ("profile-prefill-16k-kvwrite", profile("profile-prefill-16k-kvwrite", "--step", "prefill", "--batch", "8",
+                                                "--ctx", "2048", "--kv-write-backend", "pallas"), 100),
         # fp8 start-up by layer count, unrolled and scanned, against bf16 (run 11: 66-69 s, > 30 s a step shape).
         ("compile-probe", [PY, "scripts/profile_compile.py", "--model", MODEL, "--quantization", "none,fp8",
                            "--layers", "2,8", "--unroll", "on,off", "--weight-phases", "--out",

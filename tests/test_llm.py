@@ -196,6 +196,26 @@ def test_unrolled_layers_with_per_layer_kv_buffers_match_the_scan(tmp_path):
     assert outputs[True] == outputs[False]
 
 
+def test_pallas_kv_write_gives_the_reference_scatters_tokens(tmp_path):
+    """kv_write_backend="pallas" (interpreted on CPU), unrolled per-layer buffers, preemption."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=12)
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(3, 40, 6)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outputs = {}
+    for backend in ("reference", "pallas"):
+        llm = LLM(str(tmp_path), dtype="float32", unroll_layers=True, kv_write_backend=backend,
+                  skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64,
+                  num_gpu_blocks_override=10)
+        outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.shutdown()
+    assert outputs["pallas"] == outputs["reference"]
+    with pytest.raises(ValueError, match="kv_write_backend"):
+        LLM(str(tmp_path), kv_write_backend="triton")
+
+
 def test_kv_pool_leaves_room_for_the_largest_step(tmp_path, monkeypatch):
     """With a device memory budget (as on a GPU), the pool gets the budget minus weights minus the
     largest step's activations, which XLA reports for that step compiled at start-up."""

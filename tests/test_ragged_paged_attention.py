@@ -20,6 +20,7 @@ import pytest
 from pallas_kernels import get_attention_fns
 from pallas_kernels.ragged_paged_attention import (
     prefill_work_items,
+    write_kv,
     Tiling,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -294,6 +295,38 @@ def test_write_kv_writes_exactly_the_slots():
     np.testing.assert_array_equal(np.asarray(new_v), expect_v)
 
 
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_kv_write_kernel_matches_the_reference_scatter_interpret(cache_dtype):
+    """Fresh random slots (one tile partly past T, padding rows aimed at the sink page 0); every
+    other page must come back bit for bit."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    L, Hkv, P, bs, D, T, pad = 3, 2, 12, 16, 32, 75, 6
+    k_cache, v_cache = (jnp.asarray(rng.standard_normal((L, Hkv, P, bs, D)), jnp.float32).astype(cache_dtype)
+                        for _ in range(2))
+    slots = np.concatenate([rng.choice(np.arange(bs, P * bs), T - pad, replace=False), np.zeros(pad)]).astype(np.int32)
+    k, v = (jnp.asarray(rng.standard_normal((T, Hkv, D)) * 200, jnp.bfloat16) for _ in range(2))  # fp8 saturates
+    got = write_kv(k_cache, v_cache, 2, k, v, jnp.asarray(slots), tokens_per_program=16)
+    want = write_kv_reference(k_cache, v_cache, 2, k, v, jnp.asarray(slots))
+    for g, w in zip(got, want):
+        g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
+        np.testing.assert_array_equal(g[:, :, 1:], w[:, :, 1:], err_msg=f"seed {seed}")
+
+
+def test_kv_write_kernel_lowers_to_triton_and_rejects_bad_shapes():
+    k_cache = jnp.zeros((2, 8, 16, 16, 128), jnp.bfloat16)
+    k = jnp.zeros((40, 8, 128), jnp.bfloat16)
+    fn = jax.jit(functools.partial(write_kv, interpret=False))
+    text = fn.trace(k_cache, k_cache, 1, k, k, jnp.zeros(40, jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1  # K and V in one launch
+    with pytest.raises(ValueError, match="Hkv=8"):
+        write_kv(k_cache, k_cache, 0, k[:, :4], k[:, :4], jnp.zeros(40, jnp.int32))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv(k_cache, k_cache, 0, k, k, jnp.zeros(39, jnp.int32))
+    with pytest.raises(ValueError, match="KV write backend"):
+        get_attention_fns("reference", kv_write="triton")
+
+
 def test_get_attention_fns_picks_backends():
     assert get_attention_fns("reference")[0] is ragged_paged_attention_reference
     assert get_attention_fns("pallas")[0] is ragged_paged_attention
@@ -345,3 +378,19 @@ def test_kernel_matches_reference_on_gpu(shapes, kwargs):
             assert_matches(kernel(*kernel_args), ref, used, shapes.dtype, atol=atol)
         except AssertionError as e:
             raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_kv_write_kernel_matches_the_reference_on_gpu(cache_dtype):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    L, Hkv, P, bs, D, T = 2, 8, 300, 16, 128, 1000
+    k_cache, v_cache = (jnp.asarray(rng.standard_normal((L, Hkv, P, bs, D)), jnp.float32).astype(cache_dtype)
+                        for _ in range(2))
+    slots = jnp.asarray(rng.choice(np.arange(bs, P * bs), T, replace=False).astype(np.int32))
+    k, v = (jnp.asarray(rng.standard_normal((T, Hkv, D)), jnp.bfloat16) for _ in range(2))
+    want = [np.asarray(a.astype(jnp.float32)) for a in jax.jit(write_kv_reference)(k_cache, v_cache, 1, k, v, slots)]
+    got = jax.jit(write_kv, donate_argnums=(0, 1))(k_cache, v_cache, 1, k, v, slots)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), w, err_msg=f"seed {seed}")
