@@ -605,14 +605,7 @@ def _write_kv_kernel(layer_ref, slots_ref, k_ref, v_ref, _k_in, _v_in, k_out, v_
     dst = (layer_ref[0], h, (slot // bs)[:, None], (slot % bs)[:, None], d[None, :])
     for src_ref, out_ref in ((k_ref, k_out), (v_ref, v_out)):
         rows = pltriton.load(src_ref.at[t[:, None], h, d[None, :]], mask=mask, other=0)
-        pltriton.store(out_ref.at[dst], _to_cache_dtype_in_kernel(rows, out_ref.dtype), mask=mask)
-
-
-def _to_cache_dtype_in_kernel(x: jax.Array, dtype) -> jax.Array:
-    if jnp.dtype(dtype).itemsize == 1:  # float8 pages saturate, as to_cache_dtype
-        limit = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x.astype(jnp.float32), -limit, limit)
-    return x.astype(dtype)
+        pltriton.store(out_ref.at[dst], to_cache_dtype(rows, out_ref.dtype), mask=mask)
 
 
 def write_kv(
