@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from models.quantization import METHODS
+from pallas_kernels import KV_WRITE_BACKENDS
 from sharding import kv_cache_bytes_per_block_per_device
 from sharding.distributed import agree_on_min
 
@@ -98,8 +99,9 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.async_scheduling and jax.process_count() > 1:
             raise ValueError("async_scheduling=True cannot be combined with several processes")
-        if self.kv_write_backend not in ("reference", "pallas"):
-            raise ValueError(f"kv_write_backend must be 'reference' or 'pallas', got {self.kv_write_backend!r}")
+        if self.kv_write_backend not in KV_WRITE_BACKENDS:
+            raise ValueError(f"kv_write_backend must be one of {', '.join(KV_WRITE_BACKENDS)}, "
+                             f"got {self.kv_write_backend!r}")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
 

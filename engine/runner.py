@@ -72,7 +72,7 @@ def has_fp8_weights(params) -> bool:
                for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight)))
 
 
-def default_compiler_options(params, num_tokens: int, *, fp8: Optional[bool] = None) -> dict:
+def default_compiler_options(num_tokens: int, *, fp8: bool) -> dict:
     """XLA options for a step of ``num_tokens`` token rows when the user gives none: XLA's
     defaults, except for fp8 weights on GPU (benchmarks/NOTES.md, H200). There XLA's default
     autotuning (level 4) spent 13-20 s on each fp8 matmul shape at 4096 rows and the engine never
@@ -82,8 +82,8 @@ def default_compiler_options(params, num_tokens: int, *, fp8: Optional[bool] = N
     heuristic choice (run 12: fp8 at 1,048-1,055 TFLOP/s at 4096 rows, 1.1-1.4 s to compile;
     tput-short 1.28x bf16). Smaller steps: level 1, whose Triton fp8 GEMV streams at 1 row
     (45 us for w_gate_up) where cuBLAS's heuristic kernel takes twice bf16's time.
-    ``fp8``: whether the params hold fp8 weights (computed from ``params`` when None)."""
-    if jax.default_backend() != "gpu" or not (has_fp8_weights(params) if fp8 is None else fp8):
+    ``fp8``: whether the step's params hold fp8 weights (``has_fp8_weights``)."""
+    if jax.default_backend() != "gpu" or not fp8:
         return {}
     return dict(FP8_SMALL_STEP_OPTIONS if num_tokens <= MIN_TOKEN_BUCKET else FP8_LARGE_STEP_OPTIONS)
 
@@ -299,7 +299,7 @@ class ModelRunner:
         """XLA options of a step of ``num_tokens`` (padded) token rows: the user's, or the defaults."""
         if self._options_given:
             return self.compiler_options
-        return default_compiler_options(None, num_tokens, fp8=self._has_fp8)
+        return default_compiler_options(num_tokens, fp8=self._has_fp8)
 
     def step_fn(self, num_tokens: int):
         """The jitted step for ``num_tokens`` (padded) token rows, compiled with its XLA options."""

@@ -30,7 +30,7 @@ def get_attention_fns(backend: Backend = "auto", kv_write: str = "reference") ->
     Pallas KV-write kernel (``write_kv``: one launch for K and V, not measured yet).
     """
     if kv_write not in KV_WRITE_BACKENDS:
-        raise ValueError(f"unknown KV write backend {kv_write!r}; expected 'reference' or 'pallas'")
+        raise ValueError(f"unknown KV write backend {kv_write!r}; expected one of {', '.join(KV_WRITE_BACKENDS)}")
     write_kv_fn = write_kv if kv_write == "pallas" else write_kv_reference
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "reference"

@@ -77,7 +77,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--quantization", default=None, help="int8, int4, awq, gptq, fp8 (dummy weights: random "
                         "weights of that method's layout)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
-    parser.add_argument("--kv-write-backend", default="reference", choices=("reference", "pallas"),
+    from pallas_kernels import KV_WRITE_BACKENDS
+
+    parser.add_argument("--kv-write-backend", default="reference", choices=KV_WRITE_BACKENDS,
                         help="the KV write: XLA's scatter or the Pallas kernel")
     parser.add_argument("--linear-backend", default="auto", choices=("auto", "pallas", "xla"),
                         help="matmuls: auto = Pallas kernel for quantized weights at small batch on GPU")
@@ -454,10 +456,12 @@ def model_flops(config, *, tokens: int, sampled: int, attention_pairs: int) -> i
     return 2 * layer_params * tokens + 2 * head_params * sampled + attention
 
 
-def workload_decode_kv_bytes(config, num_requests: int, input_len: int, output_len: int, kv_itemsize: int) -> int:
+def workload_decode_kv_bytes(config, num_requests: int, input_len: int, output_len: int, kv_dtype) -> int:
     """K/V bytes the workload's decode steps read: each fed output token attends over its whole
     context, every layer's K and V (prompt steps, compute-bound, are counted in FLOPs only)."""
-    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * kv_itemsize
+    from models.batch import kv_cache_bytes_per_block
+
+    per_token = kv_cache_bytes_per_block(config, 1, kv_dtype)
     contexts = sum(input_len + j for j in range(1, output_len))
     return num_requests * per_token * contexts
 

@@ -122,7 +122,7 @@ def main(argv=None) -> list[dict]:
         bandwidth = bench_common.measure_read_bandwidth((64 if on_cpu else 2048) << 20)
         import jax
 
-        kv_itemsize = jax.tree.leaves(engine.runner.kv_cache)[0].dtype.itemsize
+        kv_dtype = jax.tree.leaves(engine.runner.kv_cache)[0].dtype
         for workload in args.workloads:
             n, input_len, output_len = workload_sizes(args, workload)
             prompts = bench_common.random_prompts(n, input_len, vocab, args.seed)
@@ -143,7 +143,7 @@ def main(argv=None) -> list[dict]:
                           wall_s=run.wall_s, compile_s_excluded=run.compile_s, traced=run.trace is not None,
                           async_scheduling_on=engine.async_scheduling)
             matmul_s = bench_common.workload_flops(config, n, input_len, output_len) / matmul_flops
-            kv_s = bench_common.workload_decode_kv_bytes(config, n, input_len, output_len, kv_itemsize) / bandwidth
+            kv_s = bench_common.workload_decode_kv_bytes(config, n, input_len, output_len, kv_dtype) / bandwidth
             result.update(matmul_tflop_s=matmul_flops / 1e12, read_bandwidth_tb_s=bandwidth / 1e12,
                           flop_ceiling_output_tok_s=n * output_len / matmul_s,
                           limit_output_tok_s=n * output_len / (matmul_s + kv_s),

@@ -127,8 +127,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("compile-probe", [PY, "scripts/profile_compile.py", "--model", MODEL, "--quantization", "none,fp8",
                            "--layers", "2,8", "--unroll", "on,off", "--weight-phases", "--out",
                            f"{results}/compile-probe.json"], 180),
-        # Issue 6: the HF peer for tput-long and tput-prefill (separate runs: tput-prefill traces, which
-        # turns asynchronous scheduling off).
+        # Issue 6: the HF peer for tput-long and tput-prefill, one workload per run.
         ("tput-long-hf-peer", tput("tput-long", "--peer", "hf", "--output-json", f"{results}/tput-long-hf-peer.json"),
          330),
         ("tput-prefill-hf-peer", tput("tput-prefill", "--peer", "hf", "--output-json",

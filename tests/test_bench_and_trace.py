@@ -311,7 +311,7 @@ def test_workload_flops_is_the_sum_of_its_steps_flops():
     assert bench_common.workload_flops(config, 3, prompt, output) == 3 * total
     # Decode K/V reads: the 8 fed output tokens see contexts 38..45, 2 (K, V) x layers x kv heads x dim each.
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
-    assert bench_common.workload_decode_kv_bytes(config, 1, prompt, output, 2) == per_token * sum(range(38, 46))
+    assert bench_common.workload_decode_kv_bytes(config, 1, prompt, output, "bfloat16") == per_token * sum(range(38, 46))
 
 
 def test_static_vs_continuous_json(bench_dir):

@@ -359,13 +359,14 @@ def test_fp8_step_options_on_gpu_follow_the_step_size(monkeypatch):
     w = (jax.random.normal(jax.random.key(0), (64, 32)) * 0.1).astype(jnp.bfloat16)
     fp8 = {"layers": [{"wq": quantize_weight(w, "fp8"), "norm": jnp.ones(64)}]}
     int8 = {"layers": [{"wq": quantize_weight(w, "int8")}]}
-    assert runner.default_compiler_options(fp8, 1) == {}  # CPU
+    def options(params, num_tokens):
+        return runner.default_compiler_options(num_tokens, fp8=runner.has_fp8_weights(params))
+
+    assert options(fp8, 1) == {}  # CPU
     monkeypatch.setattr(runner.jax, "default_backend", lambda: "gpu")
-    assert runner.default_compiler_options(fp8, 1) == runner.default_compiler_options(fp8, 16) == {
-        "xla_gpu_autotune_level": 1}
-    assert runner.default_compiler_options(fp8, 32) == {"xla_gpu_autotune_level": 0,
-                                                        "xla_gpu_enable_triton_gemm": False}
-    assert runner.default_compiler_options(int8, 1) == {} and runner.default_compiler_options({"w": w}, 4096) == {}
+    assert options(fp8, 1) == options(fp8, 16) == {"xla_gpu_autotune_level": 1}
+    assert options(fp8, 32) == {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}
+    assert options(int8, 1) == {} and options({"w": w}, 4096) == {}
 
 
 def test_unstacking_fp8_layers_keeps_every_byte():
