@@ -31,8 +31,7 @@ from engine.sampler import SamplerOutput, SamplingMetadata, build_sampling_metad
 from engine.sampling_params import SamplingParams
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
-from models.llama import forward, unstack_layers
-from models.llama import fuse_projections as fuse_layer_projections
+from models.llama import forward, layout_layers
 from models.quantization import Fp8Weight, LinearBackend
 from pallas_kernels import get_attention_fns
 from sharding import TensorParallelPlan, replicated, shard_attention_fns
@@ -222,13 +221,11 @@ class ModelRunner:
             self._input_sharding = replicated(mesh)
         if unroll_layers is None:  # see EngineArgs.unroll_layers
             unroll_layers = jax.default_backend() == "gpu"
-        self.params = unstack_layers(params) if unroll_layers else params
         if fuse_projections is None:
             fuse_projections = mesh is None
         elif fuse_projections and mesh is not None:
             raise ValueError("fused projections run on one device; a mesh splits q/k/v and gate/up apart")
-        if fuse_projections:
-            self.params = fuse_layer_projections(self.params)
+        self.params = layout_layers(params, unroll=unroll_layers, fuse=fuse_projections)
         # Unrolled layers get one KV buffer per layer (models.batch.KVCache says why).
         self._make_kv_cache = functools.partial(make_kv_cache, step_config, block_size=block_size, dtype=kv_dtype,
                                                 sharding=kv_sharding, per_layer=unroll_layers)

@@ -85,3 +85,25 @@ def test_fused_projections_equal_separate_ones(method, unrolled):
     np.testing.assert_allclose(np.asarray(joined), np.asarray(separate), rtol=1e-4, atol=1e-4)  # f32 sum order
     np.testing.assert_allclose(np.asarray(jax.tree.leaves(cache_b)[0]), np.asarray(jax.tree.leaves(cache_a)[0]),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", [None, "int8", "int4", "fp8"])
+def test_layout_joined_on_the_stack_equals_joined_per_layer(method):
+    """The runner's layout (``layout_layers``: join q/k/v and gate/up on the stacked weights, then cut
+    the layers apart) holds the same bits as cutting first and joining each layer."""
+    from models.llama import fuse_projections, layout_layers
+    from models.quantization import quantize_params
+
+    config = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=3,
+                         num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True)
+    params = load_dummy_params(config, jnp.float32, seed=11)
+    if method is not None:
+        params = quantize_params(params, method)
+    per_layer = fuse_projections(unstack_layers(params))
+    laid_out = layout_layers(params, unroll=True, fuse=True)
+    assert len(laid_out["layers"]) == 3 and {"wqkv", "bqkv", "w_gate_up"} <= set(laid_out["layers"][0])
+    assert jax.tree.structure(laid_out) == jax.tree.structure(per_layer)
+    for a, b in zip(jax.tree.leaves(laid_out), jax.tree.leaves(per_layer)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    assert layout_layers(params, unroll=False, fuse=False) is params
