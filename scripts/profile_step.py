@@ -224,6 +224,10 @@ def main(argv=None) -> dict:
         print(f"decode-heavy run ({args.batch} x {args.input_len}/{args.output_len}): wall {run['wall_s']:.2f} s, "
               f"kernels span {run['kernel_span_s']:.2f} s, busy {run['busy_s']:.2f} s, "
               f"GPU idle {100 * run['gpu_idle_fraction']:.1f}%", flush=True)
+        gaps = run["idle_gaps"]
+        print(f"  {gaps['count']} gaps, us by size: " +
+              ", ".join(f"{k} {v:.0f}" for k, v in gaps["total_us_by_size"].items()) + "; largest (us at us): " +
+              ", ".join(f"{g['us']:.0f}@{g['at_us']:.0f}" for g in gaps["largest"]), flush=True)
     if args.out:
         bench_common.write_results(result, args.out)
     return result

@@ -135,6 +135,16 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("gpu-tests-attention", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_ragged_paged_attention.py"],
          90),
         ("kv-capacity", bench("bench_kv_capacity.py"), 45),
+        # Run 13. The fp8 weights laid out joined on the stack, then cut (layout_layers): the weights phase
+        # by layer count against the old per-layer join (run 12: ~1.35 s a layer, 47-50 s for the 8B).
+        ("compile-probe-fp8", [PY, "scripts/profile_compile.py", "--model", MODEL, "--quantization", "fp8",
+                               "--layers", "2,8", "--unroll", "on", "--weight-phases", "--out",
+                               f"{results}/compile-probe-fp8.json"], 150),
+        # tput-long's decode steps: ~450 sequences (its KV pool's) at contexts of 1000-2000 tokens.
+        ("profile-decode-long", profile("profile-decode-long", "--step", "decode", "--batch", "448", "--ctx", "1536"),
+         100),
+        ("profile-decode-long-kvwrite", profile("profile-decode-long-kvwrite", "--step", "decode", "--batch", "448",
+                                                "--ctx", "1536", "--kv-write-backend", "pallas"), 100),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
     ]
 
