@@ -212,13 +212,15 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         attention_fn, write_kv_fn = get_attention_fns(attention_backend, kv_write_backend)
-        step_config, kv_sharding, self._input_sharding = config, None, None
+        step_config, kv_sharding, self._input_sharding, self._logits_sharding = config, None, None, None
+        self._vocab_size = config.vocab_size
         if mesh is not None:
             plan = TensorParallelPlan(config, mesh)
             params, step_config = plan.shard_params(params), plan.config
             kv_sharding = plan.kv_cache_sharding()
             attention_fn, write_kv_fn = shard_attention_fns(attention_fn, write_kv_fn, mesh)
             self._input_sharding = replicated(mesh)
+            self._logits_sharding = plan.logits_sharding()
         if unroll_layers is None:  # see EngineArgs.unroll_layers
             unroll_layers = jax.default_backend() == "gpu"
         if fuse_projections is None:
@@ -243,54 +245,78 @@ class ModelRunner:
             self.allocate_kv_cache(num_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """Create the KV pool (zeroed pages) and the jitted step and page copy that update it in place."""
+        """Create the KV pool (zeroed pages) and the jitted model step and page copy that update it in
+        place, and the jitted sampler."""
         self.kv_cache = self._make_kv_cache(num_blocks)
-        step_placement, copy_placement = {}, {}  # jit's out_shardings, only when sharded
+        step_placement, sample_placement, copy_placement = {}, {}, {}  # jit's out_shardings, only when sharded
         self._sampled = jnp.zeros(self.max_num_seqs, jnp.int32)  # the last step's tokens, fed to the next
         if self.mesh is not None:
             kv_placement = jax.tree.map(lambda a: a.sharding, self.kv_cache)
-            step_placement = {"out_shardings": (self._input_sharding, kv_placement, self._input_sharding)}
+            step_placement = {"out_shardings": (self._logits_sharding, kv_placement)}
+            sample_placement = {"out_shardings": (self._input_sharding, self._input_sharding)}
             copy_placement = {"out_shardings": kv_placement}
             self._sampled = jax.device_put(self._sampled, self._input_sharding)
-        self._step_fns = {}  # XLA options -> the jitted step compiled with them (step_compiler_options)
-        self._make_step = functools.partial(jax.jit, self._step_impl, static_argnames=("num_logprobs",),
-                                            donate_argnums=(1,), **step_placement)
+        self._step_fns = {}  # XLA options -> the jitted model step compiled with them (step_compiler_options)
+        self._make_step = functools.partial(jax.jit, self._model_step, donate_argnums=(1,), **step_placement)
+        self._sample = jax.jit(self._sample_step, static_argnames=("num_logprobs",), **sample_placement)
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)
+
+    def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
+        """A step input's shape, placed as the runner places that input (replicated over a mesh)."""
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding or self._input_sharding)
+
+    def _abstract_step_inputs(self, num_tokens: int, table_width: int) -> tuple[ModelInput, jax.ShapeDtypeStruct]:
+        """Shapes of a step of ``num_tokens`` padded token rows: its ``ModelInput`` and feed index."""
+        T, S, B = num_tokens, self.padded_num_seqs(num_tokens), table_width
+        a = self._abstract
+        model_input = ModelInput(token_ids=a([T]), positions=a([T]), slot_mapping=a([T]), cu_q_lens=a([S + 1]),
+                                 kv_lens=a([S]), block_tables=a([S, B]), num_seqs=a([1]), logits_indices=a([S]))
+        return model_input, a([T])
+
+    def _abstract_sampling(self, params: SamplingParams, num_seqs: int) -> SamplingMetadata:
+        sampling = build_sampling_metadata([params], [[]], [[0]], [0], [0], num_seqs)
+        return jax.tree.map(lambda x: self._abstract(np.shape(x), np.asarray(x).dtype), sampling)
+
+    def _abstract_logits(self, num_seqs: int) -> jax.ShapeDtypeStruct:
+        return self._abstract([num_seqs, self._vocab_size], jnp.float32, self._logits_sharding)
 
     def activation_bytes(self) -> int:
         """Device memory a step of the largest bucket (every token and sequence slot used) needs
-        beyond the params and the cache: XLA's temporary bytes for that step, compiled (not run)
-        against a two-block cache (the pages are updated in place, so the pool's size does not
-        change the temporaries)."""
-        T, S, B = self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq
-        sharding = self._input_sharding
-
-        def abstract(shape, dtype=jnp.int32):
-            return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
-
-        model_input = ModelInput(token_ids=abstract([T]), positions=abstract([T]), slot_mapping=abstract([T]),
-                                 cu_q_lens=abstract([S + 1]), kv_lens=abstract([S]), block_tables=abstract([S, B]),
-                                 num_seqs=abstract([1]), logits_indices=abstract([S]))
-        sampling = build_sampling_metadata([SamplingParams()], [[]], [[0]], [0], [0], S)
-        sampling = jax.tree.map(lambda a: abstract(np.shape(a), np.asarray(a).dtype), sampling)
+        beyond the params and the cache: XLA's temporary bytes for the model step, compiled (not
+        run) against a two-block cache (the pages are updated in place, so the pool's size does not
+        change the temporaries), plus the logits it hands the sampler and the sampler's temporaries."""
+        T, S = self.max_num_batched_tokens, self.max_num_seqs
+        model_input, feed = self._abstract_step_inputs(T, self.max_blocks_per_seq)
         cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                              self._make_kv_cache(2))
-        compiled = jax.jit(self._step_impl, static_argnames=("num_logprobs",)).lower(
-            self.params, cache, model_input, sampling, abstract([S]), abstract([T]), num_logprobs=None).compile(
+        step = jax.jit(self._model_step).lower(
+            self.params, cache, model_input, self._abstract([self.max_num_seqs]), feed).compile(
             compiler_options=self.compiler_options or None)
-        memory = compiled.memory_analysis()
-        return int(getattr(memory, "temp_size_in_bytes", 0) or 0) if memory is not None else 0
+        sampler = jax.jit(self._sample_step, static_argnames=("num_logprobs",)).lower(
+            self._abstract_logits(S), self._abstract_sampling(SamplingParams(), S), num_logprobs=None).compile()
 
-    def _step_impl(self, params, kv_cache, model_input, sampling, last_sampled, feed_index, *, num_logprobs):
-        """One step. ``feed_index[T]``: for each token row, the row of ``last_sampled`` (the previous
-        step's tokens, ``[max_num_seqs]``) that is its token, or -1 to keep ``model_input``'s. Returns
-        the sampler's output, the cache, and this step's tokens for the next step."""
+        def nbytes(compiled, field: str) -> int:
+            memory = compiled.memory_analysis()
+            return int(getattr(memory, field, 0) or 0) if memory is not None else 0
+
+        return (nbytes(step, "temp_size_in_bytes") + nbytes(sampler, "temp_size_in_bytes")
+                + nbytes(sampler, "argument_size_in_bytes"))
+
+    def _model_step(self, params, kv_cache, model_input, last_sampled, feed_index):
+        """The model's part of a step: logits ``[S, V]`` at ``logits_indices`` and the cache.
+        ``feed_index[T]``: for each token row, the row of ``last_sampled`` (the previous step's
+        tokens, ``[max_num_seqs]``) that is its token, or -1 to keep ``model_input``'s. The sampler
+        is a program of its own (``_sample_step``): its variants (greedy, top-k/top-p, penalties,
+        logprobs) then compile in a fraction of a second each, not as new model steps."""
         fed = last_sampled[jnp.maximum(feed_index, 0)]
         model_input = model_input.replace(token_ids=jnp.where(feed_index >= 0, fed, model_input.token_ids))
-        logits, kv_cache = self._forward(params, kv_cache, model_input)
+        return self._forward(params, kv_cache, model_input)
+
+    def _sample_step(self, logits, sampling, *, num_logprobs):
+        """The sampler's output and this step's tokens as the next step's ``last_sampled``."""
         result = sample(logits, sampling, num_logprobs=num_logprobs)
-        sampled = jnp.zeros_like(last_sampled).at[: result.token_ids.shape[0]].set(result.token_ids)
-        return result, kv_cache, sampled
+        sampled = jnp.zeros(self.max_num_seqs, jnp.int32).at[: result.token_ids.shape[0]].set(result.token_ids)
+        return result, sampled
 
     def step_compiler_options(self, num_tokens: int) -> dict:
         """XLA options of a step of ``num_tokens`` (padded) token rows: the user's, or the defaults."""
@@ -299,7 +325,7 @@ class ModelRunner:
         return default_compiler_options(num_tokens, fp8=self._has_fp8)
 
     def step_fn(self, num_tokens: int):
-        """The jitted step for ``num_tokens`` (padded) token rows, compiled with its XLA options."""
+        """The jitted model step for ``num_tokens`` (padded) token rows, compiled with its XLA options."""
         options = self.step_compiler_options(num_tokens)
         key = tuple(sorted(options.items()))
         if key not in self._step_fns:
@@ -343,8 +369,8 @@ class ModelRunner:
         if self._input_sharding is not None:
             model_input, sampling, feed = jax.device_put((model_input, sampling, feed), self._input_sharding)
         step = self.step_fn(model_input.token_ids.shape[0])
-        result, self.kv_cache, self._sampled = step(self.params, self.kv_cache, model_input, sampling,
-                                                    self._sampled, feed, num_logprobs=num_logprobs)
+        logits, self.kv_cache = step(self.params, self.kv_cache, model_input, self._sampled, feed)
+        result, self._sampled = self._sample(logits, sampling, num_logprobs=num_logprobs)
         return PendingStep(result, len(work))
 
     @staticmethod

@@ -60,8 +60,9 @@ class DeviceTimer:
 
     def __init__(self, runner):
         self.seconds = self.dispatch_seconds = self.thread_seconds = 0.0
-        step_fn = runner.step_fn  # each step's jitted callable returns (sampler output, kv cache, tokens)
-        runner.step_fn = lambda num_tokens: self._timed(step_fn(num_tokens), fetch_first=True)
+        step_fn = runner.step_fn  # each step's jitted model step returns (logits, kv cache)
+        runner.step_fn = lambda num_tokens: self._timed(step_fn(num_tokens), fetch_first=False)
+        runner._sample = self._timed(runner._sample, fetch_first=True)  # (sampler output, tokens)
         runner._copy = self._timed(runner._copy, fetch_first=False)
 
     def reset(self) -> None:

@@ -217,6 +217,10 @@ class TensorParallelPlan:
     def kv_cache_sharding(self) -> NamedSharding:
         return self._named(KV_CACHE_LOGICAL_AXES)
 
+    def logits_sharding(self) -> NamedSharding:
+        """Logits ``[S, V]`` as the vocab-parallel LM head leaves them (the sampler takes them so)."""
+        return self._named((None, "vocab"))
+
     def shard_params(self, params: dict) -> dict:
         """Checkpoint params (loaded with ``load_shardings``, or anywhere) -> params of ``config``, sharded.
 

@@ -92,7 +92,7 @@ def _kv_copies_match(runner, reference_runner, tp: int) -> bool:
 
 
 def _collectives(runner) -> list:
-    """``[shape, op]`` of every collective in the compiled greedy step of 3 tokens (T=16, S=16)."""
+    """``[shape, op]`` of every collective in the compiled model step and greedy sampler of 3 tokens (T=16, S=16)."""
     import re
 
     from engine import SamplingParams
@@ -104,10 +104,12 @@ def _collectives(runner) -> list:
                                        runner.padded_num_seqs(3))
     model_input = runner.build_model_input(work)
     feed = np.full(model_input.token_ids.shape, -1, np.int32)  # no token fed from a previous step
-    compiled = runner.step_fn(model_input.token_ids.shape[0]).lower(runner.params, runner.kv_cache, model_input, sampling, runner._sampled, feed,
-                                  num_logprobs=None).compile()
+    step = runner.step_fn(model_input.token_ids.shape[0]).lower(
+        runner.params, runner.kv_cache, model_input, runner._sampled, feed).compile()
+    sampler = runner._sample.lower(runner._abstract_logits(len(sampling.temperature)), sampling,
+                                   num_logprobs=None).compile()
     ops = "all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"
-    return [list(m) for m in re.findall(rf"= (\w+\[[\d,]*\])\S* ({ops})\(", compiled.as_text())]
+    return [list(m) for m in re.findall(rf"= (\w+\[[\d,]*\])\S* ({ops})\(", step.as_text() + sampler.as_text())]
 
 
 def _generate(llm, prompts: list) -> list:
