@@ -52,8 +52,9 @@ class EngineArgs:
     num_gpu_blocks_override: Optional[int] = None
     scheduling_policy: str = "fifo"
     attention_backend: str = "auto"
-    # The KV write: "reference" (XLA's scatter, in place) or "pallas" (one kernel for K and V; unmeasured).
-    kv_write_backend: str = "reference"
+    # The KV write: "reference" (XLA's scatter, in place), "pallas" (one kernel for K and V) or "auto"
+    # (the kernel on GPU: 2% of a step faster on an H200, run 13; the scatter on CPU).
+    kv_write_backend: str = "auto"
     # Matmuls: "auto" = the Pallas weight-streaming kernel for int4 weights at small batches on
     # GPU, XLA otherwise (models.quantization.LinearBackend); "pallas" also for int8 and dense
     # weights; "xla" never the kernel.

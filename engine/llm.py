@@ -46,7 +46,7 @@ class LLM:
         num_gpu_blocks_override: Optional[int] = None,
         scheduling_policy: str = "fifo",
         attention_backend: str = "auto",
-        kv_write_backend: str = "reference",
+        kv_write_backend: str = "auto",
         linear_backend: str = "auto",
         unroll_layers: Optional[bool] = None,
         skip_tokenizer_init: bool = False,

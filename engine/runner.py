@@ -188,7 +188,7 @@ class ModelRunner:
         max_model_len: int,
         kv_dtype,
         attention_backend: str = "auto",
-        kv_write_backend: str = "reference",
+        kv_write_backend: str = "auto",
         mesh: Optional[Mesh] = None,
         unroll_layers: Optional[bool] = None,
         linear_backend: str = "auto",

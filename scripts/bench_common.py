@@ -79,8 +79,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     from pallas_kernels import KV_WRITE_BACKENDS
 
-    parser.add_argument("--kv-write-backend", default="reference", choices=KV_WRITE_BACKENDS,
-                        help="the KV write: XLA's scatter or the Pallas kernel")
+    parser.add_argument("--kv-write-backend", default="auto", choices=KV_WRITE_BACKENDS,
+                        help="the KV write: XLA's scatter, the Pallas kernel, or auto (the kernel on GPU)")
     parser.add_argument("--linear-backend", default="auto", choices=("auto", "pallas", "xla"),
                         help="matmuls: auto = Pallas kernel for quantized weights at small batch on GPU")
     parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",

@@ -330,9 +330,11 @@ def test_kv_write_kernel_lowers_to_triton_and_rejects_bad_shapes():
 def test_get_attention_fns_picks_backends():
     assert get_attention_fns("reference")[0] is ragged_paged_attention_reference
     assert get_attention_fns("pallas")[0] is ragged_paged_attention
-    expected = ragged_paged_attention if jax.default_backend() == "gpu" else ragged_paged_attention_reference
-    assert get_attention_fns("auto")[0] is expected
-    assert get_attention_fns("auto")[1] is write_kv_reference
+    on_gpu = jax.default_backend() == "gpu"
+    assert get_attention_fns("auto")[0] is (ragged_paged_attention if on_gpu else ragged_paged_attention_reference)
+    assert get_attention_fns("auto")[1] is (write_kv if on_gpu else write_kv_reference)  # kv_write="auto"
+    assert get_attention_fns("auto", kv_write="reference")[1] is write_kv_reference
+    assert get_attention_fns("reference", kv_write="pallas")[1] is write_kv
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_attention_fns("cuda")
 
