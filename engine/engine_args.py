@@ -73,6 +73,9 @@ class EngineArgs:
     # XLA options for compiling the step (jax.jit's compiler_options, e.g. {"xla_gpu_autotune_level": 0}).
     # None = the engine's choice (engine.runner.default_compiler_options: for fp8 weights, by step size).
     compiler_options: Optional[dict] = None
+    # Compile every step shape at start-up under a progress bar (ModelRunner.precompile), so no request
+    # waits for a compile; None = on GPU (on CPU the steps compile at first use, as tests want).
+    precompile_steps: Optional[bool] = None
     # Who drives the engine: "llm" (offline LLM.generate) or "server" (the HTTP server). It picks the
     # default batch limits on large GPUs (``default_batch_limits``), as vLLM's usage context does.
     usage_context: str = "llm"

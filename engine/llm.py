@@ -54,6 +54,7 @@ class LLM:
         trace: bool = False,
         async_scheduling: Optional[bool] = None,
         compiler_options: Optional[dict] = None,
+        precompile_steps: Optional[bool] = None,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -65,7 +66,7 @@ class LLM:
             kv_write_backend=kv_write_backend,
             unroll_layers=unroll_layers,
             scheduling_mode=scheduling_mode, trace=trace, async_scheduling=async_scheduling,
-            compiler_options=compiler_options,
+            compiler_options=compiler_options, precompile_steps=precompile_steps,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)

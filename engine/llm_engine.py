@@ -108,13 +108,14 @@ class LLMEngine:
             self.tokenizer = load_tokenizer(loaded.path)
             self.eos_token_ids.update(eos_token_ids(self.tokenizer, loaded.path))
         self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
+        precompile = args.precompile_steps if args.precompile_steps is not None else jax.default_backend() == "gpu"
         self.runner = ModelRunner(config, loaded.params, block_size=args.block_size,
                                   max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                   max_model_len=self.max_model_len, kv_dtype=kv_dtype,
                                   attention_backend=args.attention_backend, kv_write_backend=args.kv_write_backend,
                                   mesh=mesh,
                                   unroll_layers=args.unroll_layers, linear_backend=args.linear_backend,
-                                  compiler_options=args.compiler_options)
+                                  compiler_options=args.compiler_options, fixed_table_width=precompile)
         loaded.params = None  # the runner holds them, laid out for the step: free the loader's copy before sizing
         # Size the pool from memory really held: an earlier engine of this process freed (its objects sit in
         # reference cycles until collected) and this one's weights materialised (dispatch is asynchronous:
@@ -128,6 +129,14 @@ class LLMEngine:
         num_blocks = num_kv_blocks(args, config, kv_dtype, self.max_model_len, max_seqs,
                                    activation_bytes=self.activation_bytes)
         self.runner.allocate_kv_cache(num_blocks)
+        compiled = 0
+        if precompile and self.runner.table_width is not None:
+            started = time.perf_counter()
+            compiled = self.runner.precompile()
+            self.startup_seconds["precompile"] = time.perf_counter() - started
+        elif precompile:
+            logger.info("step shapes compile at first use: max_num_seqs x max_model_len / block_size is too large "
+                        "for a fixed block-table width (engine.runner.MAX_FIXED_TABLE_ENTRIES)")
         self.block_manager = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_tokens,
                                    max_num_seqs=max_seqs, max_model_len=self.max_model_len,
@@ -137,12 +146,13 @@ class LLMEngine:
         self.max_concurrent_tokens = (num_blocks - 1) * args.block_size
         logger.info(
             "loaded %s (%s, %s, quantization %s) on %s in %.1fs (weights %.1f s, compiling the largest step to size "
-            "the KV pool %.1f s); KV cache (%s): %d blocks of %d tokens (%.2f GiB), "
+            "the KV pool %.1f s, precompiling %d programs %.1f s); KV cache (%s): %d blocks of %d tokens (%.2f GiB), "
             "max %d concurrent tokens; largest step's activations %.2f GiB; max_model_len=%d, max_num_seqs=%d, "
             "max_num_batched_tokens=%d",
             loaded.path, loaded.load_format, np.dtype(loaded.dtype).name, loaded.quantization,
             f"{args.tensor_parallel_size} x {jax.devices()[0].device_kind}",
-            time.perf_counter() - start, weights_s, self.startup_seconds["sizing_compile"], np.dtype(kv_dtype).name,
+            time.perf_counter() - start, weights_s, self.startup_seconds["sizing_compile"], compiled,
+            self.startup_seconds.get("precompile", 0.0), np.dtype(kv_dtype).name,
             num_blocks - 1, args.block_size, kv_gib, self.max_concurrent_tokens, self.activation_bytes / 2**30,
             self.max_model_len, max_seqs, max_tokens)
         self._groups: dict[str, _RequestGroup] = {}
@@ -160,6 +170,11 @@ class LLMEngine:
             self.tracer = StepTracer(block_size=args.block_size, num_blocks=num_blocks,
                                      max_model_len=self.max_model_len, max_num_seqs=max_seqs,
                                      scheduling_mode=args.scheduling_mode)
+        # What start-up made (traced and compiled steps, the tokenizer, the weights' pytrees) lives as long as
+        # the engine: move it out of the cyclic collector's reach, so a full collection between steps walks
+        # only newer objects (vLLM freezes its heap after start-up too).
+        gc.collect()
+        gc.freeze()
 
     # -- requests ---------------------------------------------------------------------------
 

@@ -51,6 +51,24 @@ def token_bucket(num_tokens: int, max_num_tokens: int) -> int:
     return 1 if num_tokens == 1 else bucket(num_tokens, MIN_TOKEN_BUCKET, max_num_tokens)
 
 
+def token_buckets(max_num_tokens: int) -> list[int]:
+    """Every padded token-row count a step can have (``token_bucket``), smallest first."""
+    sizes, n = {1}, MIN_TOKEN_BUCKET
+    while n < max_num_tokens:
+        sizes.add(token_bucket(n, max_num_tokens))
+        n *= 2
+    sizes.add(token_bucket(max_num_tokens, max_num_tokens))
+    return sorted(sizes)
+
+
+# With a fixed block-table width every step of a token bucket is one program, so all of them can
+# be compiled at start-up (ModelRunner.precompile). Used while the largest step's table stays
+# small to build and send every step: at most this many int32 entries (8 MiB), e.g. 1024
+# sequences of up to 32k tokens in blocks of 16; longer contexts keep a power-of-two width.
+MAX_FIXED_TABLE_ENTRIES = 1 << 21
+PRECOMPILE_THREADS = 4  # programs XLA compiles at once in ModelRunner.precompile
+
+
 def seq_bucket(num_tokens: int, max_num_tokens: int, max_num_seqs: int) -> int:
     """Padded sequence slots S of a step of ``num_tokens`` tokens: its padded token rows T (at
     least ``MIN_SEQ_BUCKET``, at most ``max_num_seqs``). A step has no more sequences than tokens,
@@ -130,12 +148,13 @@ class PendingStep:
 
 
 def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_tokens: int, max_num_seqs: int,
-                      max_blocks_per_seq: int) -> ModelInput:
+                      max_blocks_per_seq: int, table_width: Optional[int] = None) -> ModelInput:
     """Flat step input (DESIGN.md step 2) as numpy arrays, padded to the buckets.
 
     Vectorized over the sequences (whole-array numpy ops, no per-sequence slicing): the
     engine calls this on the host every step, for up to ``max_num_seqs`` sequences.
     ``block_table``s may be lists or int32 arrays (``BlockManager.block_table_array``).
+    ``table_width``: the block tables' width B (None: the longest table's, bucketed).
     """
     bs = block_size
     n = len(work)
@@ -145,7 +164,7 @@ def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_
     num_tokens = int(query_lens.sum())
     T = token_bucket(num_tokens, max_num_tokens)
     S = seq_bucket(num_tokens, max_num_tokens, max_num_seqs)
-    B = bucket(int(table_lens.max()), MIN_BLOCK_BUCKET, max_blocks_per_seq)
+    B = table_width or bucket(int(table_lens.max()), MIN_BLOCK_BUCKET, max_blocks_per_seq)
 
     tables = np.zeros((S, B), np.int32)
     # Row i gets its table's entries in its first table_lens[i] columns (a boolean mask fills row-major).
@@ -194,6 +213,7 @@ class ModelRunner:
         linear_backend: str = "auto",
         fuse_projections: Optional[bool] = None,
         compiler_options: Optional[dict] = None,
+        fixed_table_width: bool = False,
     ):
         """``unroll_layers``: unstack the layer weights and unroll the layer loop (None: on GPU only).
         ``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
@@ -203,7 +223,9 @@ class ModelRunner:
         gate/up into one matmul each (``models.llama.fuse_projections``; None: on one device, never
         over a mesh). ``num_blocks``: the KV pool; without it, call ``allocate_kv_cache`` (after
         ``activation_bytes``, to size the pool from what is left). ``compiler_options``: XLA options
-        for the step (None: ``default_compiler_options``)."""
+        for the step (None: ``default_compiler_options``). ``fixed_table_width``: every step's block
+        tables as wide as ``max_model_len`` needs, where that is cheap (``MAX_FIXED_TABLE_ENTRIES``;
+        ``table_width`` says whether it is), so ``precompile`` can compile every step shape."""
         enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
         self.mesh = mesh
@@ -211,6 +233,8 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-max_model_len // block_size)
+        fits = max_num_seqs * self.max_blocks_per_seq <= MAX_FIXED_TABLE_ENTRIES
+        self.table_width = self.max_blocks_per_seq if fixed_table_width and fits else None
         attention_fn, write_kv_fn = get_attention_fns(attention_backend, kv_write_backend)
         step_config, kv_sharding, self._input_sharding, self._logits_sharding = config, None, None, None
         self._vocab_size = config.vocab_size
@@ -332,6 +356,38 @@ class ModelRunner:
             self._step_fns[key] = self._make_step(compiler_options=options or None)
         return self._step_fns[key]
 
+    def precompile(self, *, threads: int = PRECOMPILE_THREADS, progress: bool = True) -> int:
+        """Compile, before the first request and under a progress bar, what steps will run: the
+        model step of every token bucket (``token_buckets``) at the fixed table width, and the greedy
+        and the plain random sampler (no top-k/top-p, penalties or logprobs) of each one's sequence
+        slots; other sampler variants compile at first use, in a fraction of a second. Lowering
+        runs in turn (it holds Python's lock), XLA compiles ``threads`` programs at once; the jitted
+        functions keep the executables, so the steps themselves compile nothing. Returns how many
+        programs compiled. Needs the fixed table width (``table_width``) and the KV pool."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+
+        if self.table_width is None:
+            raise RuntimeError("precompile needs a fixed block-table width (ModelRunner(fixed_table_width=True) "
+                               "with max_num_seqs x max_model_len / block_size <= MAX_FIXED_TABLE_ENTRIES)")
+        lowered, sampler_slots = [], set()
+        for T in token_buckets(self.max_num_batched_tokens):
+            model_input, feed = self._abstract_step_inputs(T, self.table_width)
+            lowered.append(self.step_fn(T).lower(self.params, self.kv_cache, model_input, self._sampled, feed))
+            S = self.padded_num_seqs(T)
+            if S in sampler_slots:
+                continue
+            sampler_slots.add(S)
+            for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
+                lowered.append(self._sample.lower(self._abstract_logits(S), self._abstract_sampling(params, S),
+                                                  num_logprobs=None))
+        with ThreadPoolExecutor(max(1, threads)) as pool, tqdm(
+                total=len(lowered), desc="Compiling steps", unit="program", disable=not progress) as bar:
+            for _ in pool.map(lambda program: program.compile(), lowered):
+                bar.update()
+        return len(lowered)
+
     # -- host side -------------------------------------------------------------------------
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
@@ -353,7 +409,8 @@ class ModelRunner:
 
     def build_model_input(self, work: Sequence[SequenceWork]) -> ModelInput:
         return build_model_input(work, block_size=self.block_size, max_num_tokens=self.max_num_batched_tokens,
-                                 max_num_seqs=self.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq)
+                                 max_num_seqs=self.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
+                                 table_width=self.table_width)
 
     def dispatch(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
                  num_logprobs: Optional[int] = None) -> PendingStep:

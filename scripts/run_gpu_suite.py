@@ -140,6 +140,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("compile-probe-fp8", [PY, "scripts/profile_compile.py", "--model", MODEL, "--quantization", "fp8",
                                "--layers", "2,8", "--unroll", "on", "--weight-phases", "--out",
                                f"{results}/compile-probe-fp8.json"], 150),
+        # Run 13b: start-up with every step shape precompiled, cold and with the persistent cache warm.
+        ("latency-bf16-warm", latency(None, "--output-json", f"{results}/latency-bf16-warm.json"), 120),
+        ("tput-long", tput("tput-long"), 300),
         # tput-long's decode steps: ~450 sequences (its KV pool's) at contexts of 1000-2000 tokens.
         ("profile-decode-long", profile("profile-decode-long", "--step", "decode", "--batch", "448", "--ctx", "1536"),
          100),

@@ -7,6 +7,7 @@ bad input is refused without disturbing other requests.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 
@@ -358,3 +359,37 @@ def test_final_only_requests_hand_out_one_output_equal_to_the_last_streamed(tmp_
     assert len(final.outputs[0].token_ids) == 7 and final.outputs[0].finish_reason == "length"
     assert seen["aborted"][0].finished and seen["aborted"][0].outputs[0].finish_reason == "abort"
     assert [o.finished for o in stepped if o.request_id == "final"] == [True]
+
+
+def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys):
+    """precompile_steps=True: LLM(...) compiles the model step of every token bucket at the fixed
+    block-table width, and the greedy and random samplers, under a progress bar; then prompts of
+    many lengths, batch sizes and both kinds of sampling compile nothing more."""
+    import jax
+
+    from engine.runner import token_buckets
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=4)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=96, max_num_seqs=8,
+              max_num_batched_tokens=64, precompile_steps=True)
+    runner = llm.llm_engine.runner
+    assert runner.table_width == 6 and token_buckets(64) == [1, 16, 32, 64]
+    assert "Compiling steps" in capsys.readouterr().err
+    assert gc.get_freeze_count() > 0  # start-up's objects are out of the collector's way
+    assert len(compiles) >= 4 + 2  # a model step per token bucket; greedy and random samplers of 8 slots
+    compiles.clear()
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in (1, 5, 17, 40, 60, 3, 9, 2)]
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    random = SamplingParams(temperature=0.8, max_tokens=20, ignore_eos=True, seed=3)
+    outputs = llm.generate(prompts, [greedy, random] * 4, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [20] * 8
+    single = llm.generate([prompts[0]], greedy, use_tqdm=False)  # one token a step: T=1
+    assert single[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    assert compiles == []
+    llm.shutdown()
+    assert token_buckets(1000) == [1, 16, 32, 64, 128, 256, 512, 1000] and token_buckets(8) == [1, 8]

@@ -621,6 +621,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
     engine.add_argument("--seed", type=int, default=0, help="seed of requests that set none")
     engine.add_argument("--num-gpu-blocks-override", type=int, default=None,
                         help="use this many KV-cache blocks instead of sizing from memory")
+    engine.add_argument("--precompile-steps", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile every step shape at start-up under a progress bar (default: on GPU)")
     engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
                         help="'priority': requests' priority field orders the queue (lower first)")
     parser.add_argument("--uvicorn-log-level", default="info",
