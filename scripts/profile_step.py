@@ -205,12 +205,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gc-unfreeze", action="store_true",
+                        help="undo the engine's gc.freeze() after start-up (to measure what the freeze does)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
     if not (args.step or args.run):
         parser.error("give --step decode|prefill and/or --run")
     max_len = max(args.ctx + 1, args.input_len + args.output_len)
     llm = bench_common.make_llm(args, max_model_len=max_len, max_num_seqs=args.max_num_seqs or args.batch)
+    if args.gc_unfreeze:
+        import gc
+
+        gc.unfreeze()
     result = bench_common.result_header("profile", bench_common.model_name(args.model), str(args.dtype))
     if args.step:
         result["step_profile"] = step = profile_step(llm, args)

@@ -143,6 +143,15 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Run 13b: start-up with every step shape precompiled, cold and with the persistent cache warm.
         ("latency-bf16-warm", latency(None, "--output-json", f"{results}/latency-bf16-warm.json"), 120),
         ("tput-long", tput("tput-long"), 300),
+        # Run 13b's GPU idle rose to 17.4% (5.4% in 13a): each suspect undone on its own.
+        ("profile-idle-noprecompile", profile("profile-idle-noprecompile", "--run", "--batch", "256", "--input-len",
+                                              "32", "--output-len", "64", "--precompile-steps", "off"), 90),
+        ("profile-idle-kvref", profile("profile-idle-kvref", "--run", "--batch", "256", "--input-len", "32",
+                                       "--output-len", "64", "--kv-write-backend", "reference"), 90),
+        ("profile-idle-unfrozen", profile("profile-idle-unfrozen", "--run", "--batch", "256", "--input-len", "32",
+                                          "--output-len", "64", "--gc-unfreeze"), 90),
+        ("latency-fp8-noprecompile", latency("fp8", "--precompile-steps", "off", "--output-json",
+                                             f"{results}/latency-fp8-noprecompile.json"), 110),
         # tput-long's decode steps: ~450 sequences (its KV pool's) at contexts of 1000-2000 tokens.
         ("profile-decode-long", profile("profile-decode-long", "--step", "decode", "--batch", "448", "--ctx", "1536"),
          100),
