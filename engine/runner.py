@@ -66,7 +66,6 @@ def token_buckets(max_num_tokens: int) -> list[int]:
 # small to build and send every step: at most this many int32 entries (8 MiB), e.g. 1024
 # sequences of up to 32k tokens in blocks of 16; longer contexts keep a power-of-two width.
 MAX_FIXED_TABLE_ENTRIES = 1 << 21
-PRECOMPILE_THREADS = 4  # programs XLA compiles at once in ModelRunner.precompile
 
 
 def seq_bucket(num_tokens: int, max_num_tokens: int, max_num_seqs: int) -> int:
@@ -356,37 +355,43 @@ class ModelRunner:
             self._step_fns[key] = self._make_step(compiler_options=options or None)
         return self._step_fns[key]
 
-    def precompile(self, *, threads: int = PRECOMPILE_THREADS, progress: bool = True) -> int:
+    def precompile(self, *, progress: bool = True) -> int:
         """Compile, before the first request and under a progress bar, what steps will run: the
         model step of every token bucket (``token_buckets``) at the fixed table width, and the greedy
         and the plain random sampler (no top-k/top-p, penalties or logprobs) of each one's sequence
-        slots; other sampler variants compile at first use, in a fraction of a second. Lowering
-        runs in turn (it holds Python's lock), XLA compiles ``threads`` programs at once; the jitted
-        functions keep the executables, so the steps themselves compile nothing. Returns how many
-        programs compiled. Needs the fixed table width (``table_width``) and the KV pool."""
-        from concurrent.futures import ThreadPoolExecutor
-
+        slots; other sampler variants compile at first use, in a fraction of a second. Each program
+        compiles the way a step does, by running it once, on an empty batch (every token padding:
+        its K/V go to the sink page, no sequence attends), so steps find it in jit's own cache.
+        Returns how many programs ran. Needs the fixed table width (``table_width``) and the KV pool."""
         from tqdm import tqdm
 
         if self.table_width is None:
             raise RuntimeError("precompile needs a fixed block-table width (ModelRunner(fixed_table_width=True) "
                                "with max_num_seqs x max_model_len / block_size <= MAX_FIXED_TABLE_ENTRIES)")
-        lowered, sampler_slots = [], set()
-        for T in token_buckets(self.max_num_batched_tokens):
-            model_input, feed = self._abstract_step_inputs(T, self.table_width)
-            lowered.append(self.step_fn(T).lower(self.params, self.kv_cache, model_input, self._sampled, feed))
-            S = self.padded_num_seqs(T)
-            if S in sampler_slots:
-                continue
-            sampler_slots.add(S)
-            for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
-                lowered.append(self._sample.lower(self._abstract_logits(S), self._abstract_sampling(params, S),
-                                                  num_logprobs=None))
-        with ThreadPoolExecutor(max(1, threads)) as pool, tqdm(
-                total=len(lowered), desc="Compiling steps", unit="program", disable=not progress) as bar:
-            for _ in pool.map(lambda program: program.compile(), lowered):
+        buckets = token_buckets(self.max_num_batched_tokens)
+        slots = sorted({self.padded_num_seqs(T) for T in buckets})
+        samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
+        with tqdm(total=len(buckets) + len(slots) * len(samplers), desc="Compiling steps", unit="program",
+                  disable=not progress) as bar:
+            logits_of = {}  # sequence slots -> logits of a step with that many
+            for T in buckets:
+                model_input, feed = self._placed((self._empty_step_input(T), np.full(T, -1, np.int32)))
+                logits_of[self.padded_num_seqs(T)], self.kv_cache = self.step_fn(T)(
+                    self.params, self.kv_cache, model_input, self._sampled, feed)
                 bar.update()
-        return len(lowered)
+            for S in slots:
+                for params in samplers:
+                    sampling = self._placed(build_sampling_metadata([params], [[]], [[0]], [0], [0], S))
+                    jax.block_until_ready(self._sample(logits_of[S], sampling, num_logprobs=None))
+                    bar.update()
+        return bar.n
+
+    def _empty_step_input(self, num_tokens: int) -> ModelInput:
+        """A step of ``num_tokens`` padding rows and no sequence (what ``precompile`` runs)."""
+        T, S, B = num_tokens, self.padded_num_seqs(num_tokens), self.table_width
+        zeros = functools.partial(np.zeros, dtype=np.int32)
+        return ModelInput(token_ids=zeros(T), positions=zeros(T), slot_mapping=zeros(T), cu_q_lens=zeros(S + 1),
+                          kv_lens=zeros(S), block_tables=zeros((S, B)), num_seqs=zeros(1), logits_indices=zeros(S))
 
     # -- host side -------------------------------------------------------------------------
 
@@ -423,12 +428,15 @@ class ModelRunner:
         if fed:
             seqs, rows = zip(*fed)
             feed[model_input.cu_q_lens[list(seqs)]] = rows  # a fed work is a single-token decode
-        if self._input_sharding is not None:
-            model_input, sampling, feed = jax.device_put((model_input, sampling, feed), self._input_sharding)
+        model_input, sampling, feed = self._placed((model_input, sampling, feed))
         step = self.step_fn(model_input.token_ids.shape[0])
         logits, self.kv_cache = step(self.params, self.kv_cache, model_input, self._sampled, feed)
         result, self._sampled = self._sample(logits, sampling, num_logprobs=num_logprobs)
         return PendingStep(result, len(work))
+
+    def _placed(self, inputs):
+        """Host step inputs as the step takes them: replicated over the mesh, else left to jit."""
+        return inputs if self._input_sharding is None else jax.device_put(inputs, self._input_sharding)
 
     @staticmethod
     def fetch(pending: PendingStep) -> SamplerOutput:
