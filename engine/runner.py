@@ -288,14 +288,6 @@ class ModelRunner:
         """A step input's shape, placed as the runner places that input (replicated over a mesh)."""
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding or self._input_sharding)
 
-    def _abstract_step_inputs(self, num_tokens: int, table_width: int) -> tuple[ModelInput, jax.ShapeDtypeStruct]:
-        """Shapes of a step of ``num_tokens`` padded token rows: its ``ModelInput`` and feed index."""
-        T, S, B = num_tokens, self.padded_num_seqs(num_tokens), table_width
-        a = self._abstract
-        model_input = ModelInput(token_ids=a([T]), positions=a([T]), slot_mapping=a([T]), cu_q_lens=a([S + 1]),
-                                 kv_lens=a([S]), block_tables=a([S, B]), num_seqs=a([1]), logits_indices=a([S]))
-        return model_input, a([T])
-
     def _abstract_sampling(self, params: SamplingParams, num_seqs: int) -> SamplingMetadata:
         sampling = build_sampling_metadata([params], [[]], [[0]], [0], [0], num_seqs)
         return jax.tree.map(lambda x: self._abstract(np.shape(x), np.asarray(x).dtype), sampling)
@@ -309,7 +301,8 @@ class ModelRunner:
         run) against a two-block cache (the pages are updated in place, so the pool's size does not
         change the temporaries), plus the logits it hands the sampler and the sampler's temporaries."""
         T, S = self.max_num_batched_tokens, self.max_num_seqs
-        model_input, feed = self._abstract_step_inputs(T, self.max_blocks_per_seq)
+        model_input, feed = jax.tree.map(lambda x: self._abstract(x.shape, x.dtype),
+                                         self._empty_step_input(T, self.max_blocks_per_seq))
         cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                              self._make_kv_cache(2))
         step = jax.jit(self._model_step).lower(
@@ -375,7 +368,7 @@ class ModelRunner:
                   disable=not progress) as bar:
             logits_of = {}  # sequence slots -> logits of a step with that many
             for T in buckets:
-                model_input, feed = self._placed((self._empty_step_input(T), np.full(T, -1, np.int32)))
+                model_input, feed = self._placed(self._empty_step_input(T, self.table_width))
                 logits_of[self.padded_num_seqs(T)], self.kv_cache = self.step_fn(T)(
                     self.params, self.kv_cache, model_input, self._sampled, feed)
                 bar.update()
@@ -386,12 +379,15 @@ class ModelRunner:
                     bar.update()
         return bar.n
 
-    def _empty_step_input(self, num_tokens: int) -> ModelInput:
-        """A step of ``num_tokens`` padding rows and no sequence (what ``precompile`` runs)."""
-        T, S, B = num_tokens, self.padded_num_seqs(num_tokens), self.table_width
+    def _empty_step_input(self, num_tokens: int, table_width: int) -> tuple[ModelInput, np.ndarray]:
+        """A step of ``num_tokens`` padding rows and no sequence, and its feed index (none fed): what
+        ``precompile`` runs, and the shapes ``activation_bytes`` compiles."""
+        T, S, B = num_tokens, self.padded_num_seqs(num_tokens), table_width
         zeros = functools.partial(np.zeros, dtype=np.int32)
-        return ModelInput(token_ids=zeros(T), positions=zeros(T), slot_mapping=zeros(T), cu_q_lens=zeros(S + 1),
-                          kv_lens=zeros(S), block_tables=zeros((S, B)), num_seqs=zeros(1), logits_indices=zeros(S))
+        model_input = ModelInput(token_ids=zeros(T), positions=zeros(T), slot_mapping=zeros(T),
+                                 cu_q_lens=zeros(S + 1), kv_lens=zeros(S), block_tables=zeros((S, B)),
+                                 num_seqs=zeros(1), logits_indices=zeros(S))
+        return model_input, np.full(T, -1, np.int32)
 
     # -- host side -------------------------------------------------------------------------
 
