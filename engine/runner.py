@@ -1,9 +1,10 @@
 """Model runner: turns a scheduled step into padded device arrays and runs the jitted step.
 
-Owns the device state (params, paged KV cache) and the one jitted function
-``step(params, kv_cache, model_input, sampling) -> (tokens, logprobs, kv_cache)``
-with the cache donated. Shapes are padded to power-of-two buckets so the step
-compiles a bounded number of times. Knows nothing of stop conditions or text.
+Owns the device state (params, paged KV cache) and a step's two jitted programs: the
+model step ``(params, kv_cache, model_input, ...) -> (logits, kv_cache)`` with the cache
+donated, then the sampler ``(logits, sampling) -> (tokens, logprobs, ...)``. Shapes are
+padded to power-of-two buckets so the step compiles a bounded number of times (all of
+them at start-up with ``precompile``). Knows nothing of stop conditions or text.
 
 Tensor parallelism: given a ``mesh``, the runner lays the params and cache out by
 ``sharding.rules`` (kv heads repeated where ``tp > num_kv_heads``), runs attention and
@@ -236,7 +237,6 @@ class ModelRunner:
         self.table_width = self.max_blocks_per_seq if fixed_table_width and fits else None
         attention_fn, write_kv_fn = get_attention_fns(attention_backend, kv_write_backend)
         step_config, kv_sharding, self._input_sharding, self._logits_sharding = config, None, None, None
-        self._vocab_size = config.vocab_size
         if mesh is not None:
             plan = TensorParallelPlan(config, mesh)
             params, step_config = plan.shard_params(params), plan.config
@@ -293,7 +293,7 @@ class ModelRunner:
         return jax.tree.map(lambda x: self._abstract(np.shape(x), np.asarray(x).dtype), sampling)
 
     def _abstract_logits(self, num_seqs: int) -> jax.ShapeDtypeStruct:
-        return self._abstract([num_seqs, self._vocab_size], jnp.float32, self._logits_sharding)
+        return self._abstract([num_seqs, self.config.vocab_size], jnp.float32, self._logits_sharding)
 
     def activation_bytes(self) -> int:
         """Device memory a step of the largest bucket (every token and sequence slot used) needs
