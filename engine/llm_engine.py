@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from engine.block_manager import BlockManager
+from engine.compile_timer import CompileTimer
 from engine.detokenizer import IncrementalDetokenizer, check_stop
 from engine.engine_args import EngineArgs, num_kv_blocks, resolve_kv_cache_dtype, sizes_kv_from_memory
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -95,46 +96,50 @@ class LLMEngine:
         self.args = args
         start = time.perf_counter()
         mesh = make_mesh(args.tensor_parallel_size) if args.tensor_parallel_size > 1 else None
-        loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-                            shardings=param_shardings_for(mesh), quantization=args.quantization)
-        self.quantization = loaded.quantization
-        kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, loaded.dtype)
-        self.model_config = config = loaded.config
-        self.tokenizer = None
-        self.eos_token_ids = set(config.eos_token_ids)
-        if not skip_tokenizer_init:
-            from engine.tokenizer import eos_token_ids, load_tokenizer
+        with CompileTimer() as weight_compiles:  # programs that load, quantize and lay out the weights
+            loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+                                shardings=param_shardings_for(mesh), quantization=args.quantization)
+            self.quantization = loaded.quantization
+            kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, loaded.dtype)
+            self.model_config = config = loaded.config
+            self.tokenizer = None
+            self.eos_token_ids = set(config.eos_token_ids)
+            if not skip_tokenizer_init:
+                from engine.tokenizer import eos_token_ids, load_tokenizer
 
-            self.tokenizer = load_tokenizer(loaded.path)
-            self.eos_token_ids.update(eos_token_ids(self.tokenizer, loaded.path))
-        self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
-        precompile = args.precompile_steps if args.precompile_steps is not None else jax.default_backend() == "gpu"
-        self.runner = ModelRunner(config, loaded.params, block_size=args.block_size,
-                                  max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
-                                  max_model_len=self.max_model_len, kv_dtype=kv_dtype,
-                                  attention_backend=args.attention_backend, kv_write_backend=args.kv_write_backend,
-                                  mesh=mesh,
-                                  unroll_layers=args.unroll_layers, linear_backend=args.linear_backend,
-                                  compiler_options=args.compiler_options, fixed_table_width=precompile)
-        loaded.params = None  # the runner holds them, laid out for the step: free the loader's copy before sizing
-        # Size the pool from memory really held: an earlier engine of this process freed (its objects sit in
-        # reference cycles until collected) and this one's weights materialised (dispatch is asynchronous:
-        # run 11's second engine of bench_static_vs_continuous counted 3.5 of 15 GiB and overfilled the pool).
-        gc.collect()
-        jax.block_until_ready(self.runner.params)
+                self.tokenizer = load_tokenizer(loaded.path)
+                self.eos_token_ids.update(eos_token_ids(self.tokenizer, loaded.path))
+            self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
+            precompile = args.precompile_steps if args.precompile_steps is not None else jax.default_backend() == "gpu"
+            self.runner = ModelRunner(config, loaded.params, block_size=args.block_size,
+                                      max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
+                                      max_model_len=self.max_model_len, kv_dtype=kv_dtype,
+                                      attention_backend=args.attention_backend, kv_write_backend=args.kv_write_backend,
+                                      mesh=mesh,
+                                      unroll_layers=args.unroll_layers, linear_backend=args.linear_backend,
+                                      compiler_options=args.compiler_options, fixed_table_width=precompile)
+            loaded.params = None  # the runner holds them, laid out for the step: free the loader's copy before sizing
+            # Size the pool from memory really held: an earlier engine of this process freed (its objects sit in
+            # reference cycles until collected) and this one's weights materialised (dispatch is asynchronous:
+            # run 11's second engine of bench_static_vs_continuous counted 3.5 of 15 GiB and overfilled the pool).
+            gc.collect()
+            jax.block_until_ready(self.runner.params)
         weights_s = time.perf_counter() - start
-        # The KV pool gets what the weights and the largest step's activations leave.
-        self.activation_bytes = self.runner.activation_bytes() if sizes_kv_from_memory(args) else 0
-        self.startup_seconds = {"weights": weights_s, "sizing_compile": time.perf_counter() - start - weights_s}
-        num_blocks = num_kv_blocks(args, config, kv_dtype, self.max_model_len, max_seqs,
-                                   activation_bytes=self.activation_bytes)
-        self.runner.allocate_kv_cache(num_blocks)
-        compiled = 0
-        if precompile and self.runner.table_width is not None:
-            started = time.perf_counter()
-            compiled = self.runner.precompile()
-            self.startup_seconds["precompile"] = time.perf_counter() - started
-        elif precompile:
+        with CompileTimer() as compiles:  # where the compiling phases went: trace, lower, compile, cache loads
+            # The KV pool gets what the weights and the largest step's activations leave.
+            self.activation_bytes = self.runner.activation_bytes() if sizes_kv_from_memory(args) else 0
+            self.startup_seconds = {"weights": weights_s, "sizing_compile": time.perf_counter() - start - weights_s}
+            num_blocks = num_kv_blocks(args, config, kv_dtype, self.max_model_len, max_seqs,
+                                       activation_bytes=self.activation_bytes)
+            self.runner.allocate_kv_cache(num_blocks)
+            compiled = 0
+            if precompile and self.runner.table_width is not None:
+                started = time.perf_counter()
+                compiled = self.runner.precompile()
+                self.startup_seconds["precompile"] = time.perf_counter() - started
+        self.startup_seconds["weights_compile"] = weight_compiles.seconds
+        self.startup_seconds.update({f"{phase}_total": s for phase, s in compiles.seconds_by_phase().items()})
+        if precompile and self.runner.table_width is None:
             logger.info("step shapes compile at first use: max_num_seqs x max_model_len / block_size is too large "
                         "for a fixed block-table width (engine.runner.MAX_FIXED_TABLE_ENTRIES)")
         self.block_manager = BlockManager(num_blocks, args.block_size)
@@ -145,16 +150,20 @@ class LLMEngine:
         kv_gib = num_blocks * kv_cache_bytes_per_block(config, args.block_size, kv_dtype) / 2**30
         self.max_concurrent_tokens = (num_blocks - 1) * args.block_size
         logger.info(
-            "loaded %s (%s, %s, quantization %s) on %s in %.1fs (weights %.1f s, compiling the largest step to size "
-            "the KV pool %.1f s, precompiling %d programs %.1f s); KV cache (%s): %d blocks of %d tokens (%.2f GiB), "
+            "loaded %s (%s, %s, quantization %s) on %s in %.1fs (weights %.1f s, of which making programs %.1f s; "
+            "compiling the largest step to size the KV pool %.1f s, precompiling %d programs %.1f s); "
+            "KV cache (%s): %d blocks of %d tokens (%.2f GiB), "
             "max %d concurrent tokens; largest step's activations %.2f GiB; max_model_len=%d, max_num_seqs=%d, "
-            "max_num_batched_tokens=%d",
+            "max_num_batched_tokens=%d; making programs: trace %.1f s, lower %.1f s, compile or load %.1f s "
+            "(of which loads from the persistent cache %.1f s)",
             loaded.path, loaded.load_format, np.dtype(loaded.dtype).name, loaded.quantization,
             f"{args.tensor_parallel_size} x {jax.devices()[0].device_kind}",
-            time.perf_counter() - start, weights_s, self.startup_seconds["sizing_compile"], compiled,
+            time.perf_counter() - start, weights_s, weight_compiles.seconds, self.startup_seconds["sizing_compile"],
+            compiled,
             self.startup_seconds.get("precompile", 0.0), np.dtype(kv_dtype).name,
             num_blocks - 1, args.block_size, kv_gib, self.max_concurrent_tokens, self.activation_bytes / 2**30,
-            self.max_model_len, max_seqs, max_tokens)
+            self.max_model_len, max_seqs, max_tokens, *(self.startup_seconds[f"{phase}_total"]
+                                                         for phase in ("trace", "lower", "compile", "cache_load")))
         self._groups: dict[str, _RequestGroup] = {}
         # Scheduler sequence id ("id" or "id#k") -> its sample and group; read for every sequence every step.
         self._samples: dict[str, tuple[_Sample, _RequestGroup]] = {}

@@ -583,8 +583,10 @@ def ragged_paged_attention(
 # Grid (Hkv, token tiles): each program copies a tile of one KV head's new K and V rows
 # into their pages, in place (the caches are aliased to the outputs). XLA's scatter of
 # the reference wrote K and V in two launches at ~0.26 TB/s on the H200 (run 12: 4.2 ms
-# each per 16384-token prompt step of the 8B, ~2.5% of the step); this kernel is not
-# measured yet and is off by default (``get_attention_fns(kv_write="pallas")``).
+# each per 16384-token prompt step of the 8B); this kernel took 1.1 ms (run 13a) and is the
+# GPU default. Like the attention wrapper it is jitted: the unrolled step's layers then share
+# one traced kernel and one lowering (un-jitted, each of the 8B's 32 layers traced and lowered
+# its own copy: on the CPU machine 34 kernel lowerings of ~0.25 s for a step, now 3).
 # --------------------------------------------------------------------------------------
 
 KV_WRITE_TOKENS = 64  # token rows per program
@@ -608,6 +610,7 @@ def _write_kv_kernel(layer_ref, slots_ref, k_ref, v_ref, _k_in, _v_in, k_out, v_
         pltriton.store(out_ref.at[dst], to_cache_dtype(rows, out_ref.dtype), mask=mask)
 
 
+@functools.partial(jax.jit, static_argnames=("tokens_per_program", "interpret"))
 def write_kv(
     k_cache: jax.Array,
     v_cache: jax.Array,

@@ -32,6 +32,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import engine  # noqa: E402,F401  (sets JAX's GPU allocator pool before a benchmark touches the device)
+from engine.compile_timer import CompileTimer  # noqa: E402,F401 (timed runs subtract compiles)
 
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "benchmarks", "models", "llama-3.1-8b")
 RESULTS_DIR = os.path.join("benchmarks", "results")
@@ -330,53 +331,6 @@ def measure_matmul_flops(m: int, dtype: str = "bfloat16", repeats: int = 10, *, 
     b = jax.random.normal(jax.random.key(2), (k, n), dtype)
     seconds = _median_seconds(jax.jit(jnp.dot), a, b, repeats=repeats)
     return 2 * m * k * n / seconds
-
-
-class CompileTimer:
-    """Seconds JAX spent tracing, lowering and compiling while active (any thread).
-
-    Benchmarks subtract it from wall time: the engine compiles a step shape the first
-    time it meets it, synchronously in its loop thread, and PROTOCOL timings exclude
-    compilation. Uses ``jax.monitoring``'s duration events under ``/jax/core/compile/``;
-    each is kept with the time it ended, so a traced step's compile time can be
-    subtracted from that step alone (``seconds_within``).
-    """
-
-    _lock = threading.Lock()
-    _active: list["CompileTimer"] = []
-    _registered = False
-
-    def __init__(self):
-        self.events: list[tuple[float, float]] = []  # (perf_counter at the end, seconds)
-
-    @property
-    def seconds(self) -> float:
-        return sum(d for _, d in self.events)
-
-    def seconds_within(self, start: float, end: float) -> float:
-        return sum(d for t, d in self.events if start <= t <= end)
-
-    @classmethod
-    def _listener(cls, event: str, duration: float, **_) -> None:
-        if event.startswith("/jax/core/compile/"):
-            now = time.perf_counter()
-            with cls._lock:
-                for timer in cls._active:
-                    timer.events.append((now, duration))
-
-    def __enter__(self) -> "CompileTimer":
-        import jax
-
-        with CompileTimer._lock:
-            if not CompileTimer._registered:
-                jax.monitoring.register_event_duration_secs_listener(CompileTimer._listener)
-                CompileTimer._registered = True
-            CompileTimer._active.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with CompileTimer._lock:
-            CompileTimer._active.remove(self)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,75 @@
+"""Seconds JAX spends making programs (tracing, lowering, compiling or loading from the
+persistent cache), read from ``jax.monitoring``'s duration events.
+
+The engine reports its start-up by phase with it, and the benchmarks subtract the
+compiles that happen inside a timed run. Knows nothing of models or requests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+
+# jax.monitoring event -> phase name. The backend event spans XLA's compile, or the load of the
+# executable when the persistent compilation cache has it (counted apart as "cache_load" too).
+PHASES = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "compile",
+    "/jax/compilation_cache/cache_retrieval_time_sec": "cache_load",
+}
+_TOTAL_PREFIX = "/jax/core/compile/"  # trace + lower + compile: the time JAX took making programs
+
+
+class CompileTimer:
+    """While active (a context manager, any thread): every compile event with the time it ended.
+
+    ``seconds``: trace + lower + compile; ``seconds_within(a, b)``: those that ended in
+    ``[a, b]`` (a traced step's own compiles); ``seconds_by_phase()``: the sum per phase.
+    """
+
+    _lock = threading.Lock()
+    _active: list["CompileTimer"] = []
+    _registered = False
+
+    def __init__(self):
+        self.events: list[tuple[str, float, float]] = []  # (phase, perf_counter at the end, seconds)
+
+    @property
+    def seconds(self) -> float:
+        return sum(d for phase, _, d in self.events if phase != "cache_load")
+
+    def seconds_within(self, start: float, end: float) -> float:
+        return sum(d for phase, t, d in self.events if start <= t <= end and phase != "cache_load")
+
+    def seconds_by_phase(self) -> dict[str, float]:
+        totals = dict.fromkeys(PHASES.values(), 0.0)
+        for phase, _, d in self.events:
+            totals[phase] += d
+        return totals
+
+    @classmethod
+    def _listener(cls, event: str, duration: float, **_) -> None:
+        phase = PHASES.get(event)
+        if phase is None and event.startswith(_TOTAL_PREFIX):
+            phase = "compile"  # an event newer JAX versions may add under the same prefix
+        if phase is None:
+            return
+        now = time.perf_counter()
+        with cls._lock:
+            for timer in cls._active:
+                timer.events.append((phase, now, duration))
+
+    def __enter__(self) -> "CompileTimer":
+        with CompileTimer._lock:
+            if not CompileTimer._registered:
+                jax.monitoring.register_event_duration_secs_listener(CompileTimer._listener)
+                CompileTimer._registered = True
+            CompileTimer._active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with CompileTimer._lock:
+            CompileTimer._active.remove(self)
