@@ -151,7 +151,10 @@ def main(argv=None) -> list[dict]:
             if run.trace is not None and run.trace.records:
                 records = run.trace.records
                 result.update(steps=len(records), mean_batch_seqs=sum(len(r.scheduled) for r in records) / len(records),
-                              num_preemptions=sum(len(r.preempted) for r in records), **step_breakdown(run))
+                              num_preemptions=sum(len(r.preempted) for r in records), **step_breakdown(run),
+                              step_timeline=[[r.num_batched_tokens, len(r.scheduled), int(r.has_prefill),
+                                              round(run.step_seconds(r) * 1e3, 3)] for r in records],
+                              step_timeline_fields=["tokens", "seqs", "has_prefill", "ms"])
             if workload == "tput-prefill":
                 prefill = prefill_figures(run, engine, peak_flops)
                 ours["prefill_mfu"] = prefill["prefill_mfu"]

@@ -80,7 +80,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # The int4 GEMV summing over K after its loop, timed in the whole model (not in isolation).
         ("latency-awq-defer", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_defer_reduction": true}'] + latency(
             "awq", "--output-json", f"{results}/latency-awq-defer.json"), 70),
-        ("latency-fp8", latency("fp8"), 100),
+        ("latency-fp8", latency("fp8"), 220),
         ("tput-short-bf16", tput("tput-short"), 200),
         ("tput-short-long", tput("tput-short,tput-long"), 240),
         ("tput-short-long-sync", tput("tput-short,tput-long", "--async-scheduling", "off"), 240),
@@ -88,6 +88,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("tput-prefill", tput("tput-prefill"), 300),
         ("tput-short-traced", tput("tput-short", "--trace", "--output-json", f"{results}/tput-short-traced.json"), 200),
         ("tput-short-fp8", tput("tput-short", "--quantization", "fp8"), 130),
+        ("tput-short-fp8-kvfp8", tput("tput-short", "--quantization", "fp8", "--kv-cache-dtype", "fp8"), 150),
         ("matmul", matmul("matmul", "--rows", "1,16,256"), 150),
         ("matmul-sweep", matmul("matmul-sweep", "--rows", "1", "--sweep", "--sweep-shapes", "w_gate_up"), 150),
         ("latency-bf16-pallas", latency(None, "--linear-backend", "pallas"), 70),

@@ -292,6 +292,11 @@ def test_throughput_json(bench_dir):
         assert result["num_requests"] == 6 and result["max_num_seqs"] == 4
         assert result["total_tok_s"] == pytest.approx(result["output_tok_s"] * 24 / 4)
     assert 0 < result["prefill_mfu"] < 1.5  # against a matmul rate measured on the same machine
+    timeline = result["step_timeline"]  # traced (tput-prefill always is): one row per step
+    assert len(timeline) == result["steps"] and result["step_timeline_fields"][0] == "tokens"
+    # Prompts, then decodes (the first token comes from the prompt step; an asynchronous step may run one
+    # decode more for a request that finishes, whose token is dropped).
+    assert 6 * 20 + 6 * 3 <= sum(row[0] for row in timeline) <= 6 * 20 + 6 * 4
     assert result["matmul_tflop_s"] > 0 and result["read_bandwidth_tb_s"] > 0
     assert 0 < result["limit_output_tok_s"] < result["flop_ceiling_output_tok_s"]  # K/V reads cost on top
     assert result["of_limit"] == pytest.approx(result["output_tok_s"] / result["limit_output_tok_s"])
