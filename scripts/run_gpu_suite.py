@@ -158,6 +158,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          100),
         ("profile-decode-long-kvwrite", profile("profile-decode-long-kvwrite", "--step", "decode", "--batch", "448",
                                                 "--ctx", "1536", "--kv-write-backend", "pallas"), 100),
+        # Why fp8 pages gain only 3-7% on tput-long (runs 11, 14a): the decode kernel over fp8 pages.
+        ("profile-decode-long-kvfp8", profile("profile-decode-long-kvfp8", "--step", "decode", "--batch", "448",
+                                              "--ctx", "1536", "--kv-cache-dtype", "fp8"), 100),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
     ]
 
