@@ -161,6 +161,14 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Why fp8 pages gain only 3-7% on tput-long (runs 11, 14a): the decode kernel over fp8 pages.
         ("profile-decode-long-kvfp8", profile("profile-decode-long-kvfp8", "--step", "decode", "--batch", "448",
                                               "--ctx", "1536", "--kv-cache-dtype", "fp8"), 100),
+        # tput-short's decode steps ran at 32 ms in the engine (run 14b) against 28 ms of kernels: the host's
+        # share at 1024 sequences (tiny model: host time alone), and the GPU's idle share at that batch.
+        ("host-1024", [PY, "scripts/profile_host.py", "--num-seqs", "1024", "--prompt-len", "128", "--final-only"], 90),
+        ("profile-idle-1024", profile("profile-idle-1024", "--run", "--batch", "1024", "--input-len", "128",
+                                      "--output-len", "64"), 180),
+        # tput-short's prompt steps: 128 prompts of 128 tokens (347-378 ms in run 14b against 332 ms for 8 x 2048).
+        ("profile-prefill-short", profile("profile-prefill-short", "--step", "prefill", "--batch", "128", "--ctx", "128"),
+         120),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
     ]
 
