@@ -234,6 +234,17 @@ def prefill_work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, *, num_items: 
     return jnp.stack([seq, seq_start, seq_end, start, end, attend.astype(jnp.int32)])
 
 
+def _compute_dtype(q_dtype, cache_dtype):
+    """The dtype of the kernel's dots: q's, except over 8-bit pages with 16-bit q, where it is float16.
+    An e4m3/e5m2 pair widens to float16 in one instruction (sm89+); to bfloat16 it goes through
+    float32, which made the decode over fp8 pages slower than over bf16 ones although it reads half
+    the bytes (run 14b, H200: 448 sequences at context 1536, 22.2 ms against 20.6 ms a step).
+    float16 holds every fp8 value exactly and keeps more of q's mantissa than bfloat16."""
+    if jnp.dtype(cache_dtype).itemsize == 1 and jnp.dtype(q_dtype).itemsize == 2:
+        return jnp.dtype(jnp.float16)
+    return jnp.dtype(q_dtype)
+
+
 def _masked_load_as(ref, mask, dtype):
     """Masked load (zeros where masked), widened to ``dtype``. Triton cannot make a float8 fill
     value, so 8-bit pages are loaded unfilled and zeroed after the widening."""
@@ -319,6 +330,7 @@ def _attention_kernel(
 
         q = pltriton.load(q_ref.at[jnp.minimum(tok, T - 1)[:, None], head[:, None], d[None, :]],
                           mask=jnp.broadcast_to(row_valid[:, None], (rows, D)), other=0)
+        q = q.astype(_compute_dtype(q.dtype, k_ref.dtype))
         precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
         def block(j, carry, masked):
