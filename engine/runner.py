@@ -371,6 +371,10 @@ class ModelRunner:
                 model_input, feed = self._placed(self._empty_step_input(T, self.table_width))
                 logits_of[self.padded_num_seqs(T)], self.kv_cache = self.step_fn(T)(
                     self.params, self.kv_cache, model_input, self._sampled, feed)
+                # Wait for it: the next program's compile times candidate GEMMs on the GPU (XLA's
+                # autotuning), and a step still running there skews those timings (run 14c: the same
+                # 16384-row matmuls compiled with the device busy ran at 753 TFLOP/s, 874 otherwise).
+                jax.block_until_ready(logits_of[self.padded_num_seqs(T)])
                 bar.update()
             for S in slots:
                 for params in samplers:
