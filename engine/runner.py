@@ -372,8 +372,9 @@ class ModelRunner:
                 logits_of[self.padded_num_seqs(T)], self.kv_cache = self.step_fn(T)(
                     self.params, self.kv_cache, model_input, self._sampled, feed)
                 # Wait for it: the next program's compile times candidate GEMMs on the GPU (XLA's
-                # autotuning), and a step still running there skews those timings (run 14c: the same
-                # 16384-row matmuls compiled with the device busy ran at 753 TFLOP/s, 874 otherwise).
+                # autotuning), which a step still running there would skew. (Two compiles of the same
+                # 16384-row matmuls chose kernels of 753 and 874 TFLOP/s, run 14c; waiting left tput-short
+                # as it was, run 14d, so that spread has another cause.)
                 jax.block_until_ready(logits_of[self.padded_num_seqs(T)])
                 bar.update()
             for S in slots:
