@@ -27,7 +27,8 @@ class CompileTimer:
     """While active (a context manager, any thread): every compile event with the time it ended.
 
     ``seconds``: trace + lower + compile; ``seconds_within(a, b)``: those that ended in
-    ``[a, b]`` (a traced step's own compiles); ``seconds_by_phase()``: the sum per phase.
+    ``[a, b]`` (a traced step's own compiles); ``seconds_by_phase()``: the sum per phase;
+    ``slowest(n)``: the ``n`` programs (jitted functions, by name) that took longest to make.
     """
 
     _lock = threading.Lock()
@@ -35,32 +36,44 @@ class CompileTimer:
     _registered = False
 
     def __init__(self):
-        self.events: list[tuple[str, float, float]] = []  # (phase, perf_counter at the end, seconds)
+        self.events: list[tuple[str, float, float, str]] = []  # (phase, perf_counter at the end, seconds, program)
 
     @property
     def seconds(self) -> float:
-        return sum(d for phase, _, d in self.events if phase != "cache_load")
+        return sum(d for phase, _, d, _ in self.events if phase != "cache_load")
 
     def seconds_within(self, start: float, end: float) -> float:
-        return sum(d for phase, t, d in self.events if start <= t <= end and phase != "cache_load")
+        return sum(d for phase, t, d, _ in self.events if start <= t <= end and phase != "cache_load")
 
     def seconds_by_phase(self) -> dict[str, float]:
         totals = dict.fromkeys(PHASES.values(), 0.0)
-        for phase, _, d in self.events:
+        for phase, _, d, _ in self.events:
             totals[phase] += d
         return totals
 
+    def slowest(self, n: int = 3) -> list[tuple[str, float]]:
+        """``(program name, seconds to trace, lower and compile it)`` of the ``n`` slowest, slowest first
+        (a name made several times, e.g. at several shapes, sums them)."""
+        totals: dict[str, float] = {}
+        for phase, _, d, name in self.events:
+            if phase != "cache_load":
+                totals[name] = totals.get(name, 0.0) + d
+        return sorted(totals.items(), key=lambda item: -item[1])[:n]
+
     @classmethod
-    def _listener(cls, event: str, duration: float, **_) -> None:
+    def _listener(cls, event: str, duration: float, fun_name: str = "?", **_) -> None:
         phase = PHASES.get(event)
         if phase is None and event.startswith(_TOTAL_PREFIX):
             phase = "compile"  # an event newer JAX versions may add under the same prefix
         if phase is None:
             return
         now = time.perf_counter()
+        name = str(fun_name)
+        if name.startswith("jit(") and name.endswith(")"):  # lowering and compiling name it jit(f); tracing, f
+            name = name[4:-1]
         with cls._lock:
             for timer in cls._active:
-                timer.events.append((phase, now, duration))
+                timer.events.append((phase, now, duration, name))
 
     def __enter__(self) -> "CompileTimer":
         with CompileTimer._lock:

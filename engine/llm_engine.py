@@ -138,6 +138,7 @@ class LLMEngine:
                 compiled = self.runner.precompile()
                 self.startup_seconds["precompile"] = time.perf_counter() - started
         self.startup_seconds["weights_compile"] = weight_compiles.seconds
+        slowest = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in (weight_compiles.slowest() + compiles.slowest()))
         self.startup_seconds.update({f"{phase}_total": s for phase, s in compiles.seconds_by_phase().items()})
         if precompile and self.runner.table_width is None:
             logger.info("step shapes compile at first use: max_num_seqs x max_model_len / block_size is too large "
@@ -155,7 +156,7 @@ class LLMEngine:
             "KV cache (%s): %d blocks of %d tokens (%.2f GiB), "
             "max %d concurrent tokens; largest step's activations %.2f GiB; max_model_len=%d, max_num_seqs=%d, "
             "max_num_batched_tokens=%d; making programs: trace %.1f s, lower %.1f s, compile or load %.1f s "
-            "(of which loads from the persistent cache %.1f s)",
+            "(of which loads from the persistent cache %.1f s); slowest to make: %s",
             loaded.path, loaded.load_format, np.dtype(loaded.dtype).name, loaded.quantization,
             f"{args.tensor_parallel_size} x {jax.devices()[0].device_kind}",
             time.perf_counter() - start, weights_s, weight_compiles.seconds, self.startup_seconds["sizing_compile"],
@@ -163,7 +164,8 @@ class LLMEngine:
             self.startup_seconds.get("precompile", 0.0), np.dtype(kv_dtype).name,
             num_blocks - 1, args.block_size, kv_gib, self.max_concurrent_tokens, self.activation_bytes / 2**30,
             self.max_model_len, max_seqs, max_tokens, *(self.startup_seconds[f"{phase}_total"]
-                                                         for phase in ("trace", "lower", "compile", "cache_load")))
+                                                         for phase in ("trace", "lower", "compile", "cache_load")),
+            slowest or "none")
         self._groups: dict[str, _RequestGroup] = {}
         # Scheduler sequence id ("id" or "id#k") -> its sample and group; read for every sequence every step.
         self._samples: dict[str, tuple[_Sample, _RequestGroup]] = {}

@@ -437,3 +437,22 @@ def test_profile_compile_smoke(tiny_model, tmp_path):
     assert all(seconds > 0 for seconds in phases.values())
     with open(tmp_path / "c.json") as f:
         assert len(json.load(f)["probes"]) == 4
+
+
+def test_compile_timer_names_the_slowest_programs():
+    import jax
+    import jax.numpy as jnp
+
+    from engine.compile_timer import CompileTimer
+
+    def make_twice(x):
+        return jnp.sin(x) * 2
+
+    small, large = jnp.ones(3), jnp.ones(5)
+    with CompileTimer() as timer:
+        jax.jit(make_twice)(small).block_until_ready()
+        jax.jit(make_twice)(large).block_until_ready()  # a second shape: same name, times summed
+    phases = timer.seconds_by_phase()
+    assert phases["trace"] > 0 and phases["lower"] > 0 and phases["compile"] > 0
+    (name, seconds), *_ = timer.slowest(1)
+    assert name == "make_twice" and seconds == pytest.approx(timer.seconds)
