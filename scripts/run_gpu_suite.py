@@ -169,6 +169,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # tput-short's prompt steps: 128 prompts of 128 tokens (347-378 ms in run 14b against 332 ms for 8 x 2048).
         ("profile-prefill-short", profile("profile-prefill-short", "--step", "prefill", "--batch", "128", "--ctx", "128"),
          120),
+        # The decode step of tput-short's own engine (its limits, so its compiled programs: persistent-cache
+        # hits after a tput-short run) against profile-decode-1024's engine: tput-short's decode steps took
+        # 32 ms where profile-decode-1024's kernels took 27.9 (runs 14b, 14d); run 14c saw the same GEMM
+        # shapes compiled twice at 753 and 874 TFLOP/s.
+        ("profile-decode-1024-tputshape", profile("profile-decode-1024-tputshape", "--step", "decode", "--batch",
+                                                  "1024", "--ctx", "192", "--max-model-len", "256",
+                                                  "--max-num-batched-tokens", "16384"), 120),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
     ]
 
