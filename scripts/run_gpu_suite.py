@@ -176,6 +176,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("profile-decode-1024-tputshape", profile("profile-decode-1024-tputshape", "--step", "decode", "--batch",
                                                   "1024", "--ctx", "192", "--max-model-len", "256",
                                                   "--max-num-batched-tokens", "16384"), 120),
+        # bf16 GEMMs all on cuBLAS (no Triton GEMM fusions; cuBLAS's algorithms still autotuned): whether pinning
+        # the GEMM kind steadies and speeds the steps that run 13-15% under their best compile (run 14c).
+        ("tput-short-notriton", tput("tput-short", "--compiler-option", "xla_gpu_enable_triton_gemm=false",
+                                     "--output-json", f"{results}/tput-short-notriton.json"), 200),
+        ("profile-prefill-short-notriton", profile("profile-prefill-short-notriton", "--step", "prefill", "--batch",
+                                                   "128", "--ctx", "128", "--compiler-option",
+                                                   "xla_gpu_enable_triton_gemm=false"), 120),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
     ]
 
