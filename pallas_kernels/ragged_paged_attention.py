@@ -159,6 +159,7 @@ def to_cache_dtype(x: jax.Array, dtype) -> jax.Array:
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
+_F16_MAX = float(jnp.finfo(jnp.float16).max)
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 # KV pages may also be float8 (kv_cache_dtype="fp8"): the kernel widens each tile to q's dtype.
 _SUPPORTED_CACHE_DTYPES = _SUPPORTED_DTYPES + (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
@@ -330,7 +331,10 @@ def _attention_kernel(
 
         q = pltriton.load(q_ref.at[jnp.minimum(tok, T - 1)[:, None], head[:, None], d[None, :]],
                           mask=jnp.broadcast_to(row_valid[:, None], (rows, D)), other=0)
-        q = q.astype(_compute_dtype(q.dtype, k_ref.dtype))
+        compute_dtype = _compute_dtype(q.dtype, k_ref.dtype)
+        if compute_dtype != q.dtype and compute_dtype == jnp.float16:  # a bf16 q past float16's range saturates
+            q = jnp.clip(q.astype(jnp.float32), -_F16_MAX, _F16_MAX)
+        q = q.astype(compute_dtype)
         precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
         def block(j, carry, masked):

@@ -170,6 +170,23 @@ def test_one_token_step_matches_reference_interpret(kv_len):
     assert_matches(out, ragged_paged_attention_reference(*ref_args), used, shapes.dtype)
 
 
+def test_fp8_pages_compute_in_float16_and_saturate_a_huge_query():
+    """Over 8-bit pages the kernel's dots run in float16 (one conversion from e4m3); a bfloat16 q past
+    float16's range saturates there instead of overflowing to inf (the reference sees the same clipped q)."""
+    shapes = Shapes(8, 2, 64, 16, jnp.bfloat16, cache_dtype=jnp.float8_e4m3fn)
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    kernel_args, ref_args, used = make_batch(rng, shapes, [1, 5, 1], [20, 5, 33])
+    q = kernel_args[0].at[:, 0, 0].set(1e6)  # past float16's 65504
+    clipped = jnp.clip(q.astype(jnp.float32), -65504, 65504).astype(jnp.bfloat16)
+    out = ragged_paged_attention(q, *kernel_args[1:], interpret=True, tiling=SMALL_TILES)
+    ref = ragged_paged_attention_reference(clipped, *ref_args[1:])
+    try:
+        assert_matches(out, ref, used, shapes.dtype)
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed}\n{e}") from None
+
+
 def test_prefill_work_list_matches_a_plain_enumeration():
     """Items: each long sequence's query tiles in order, then tiles zeroing the padding rows."""
     seed = int(np.random.SeedSequence().entropy % 2**31)
