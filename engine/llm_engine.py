@@ -138,7 +138,8 @@ class LLMEngine:
                 compiled = self.runner.precompile()
                 self.startup_seconds["precompile"] = time.perf_counter() - started
         self.startup_seconds["weights_compile"] = weight_compiles.seconds
-        slowest = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in (weight_compiles.slowest() + compiles.slowest()))
+        slowest = ", ".join(f"{name} {seconds:.1f} s"
+                            for name, seconds in weight_compiles.slowest() + compiles.slowest())
         self.startup_seconds.update({f"{phase}_total": s for phase, s in compiles.seconds_by_phase().items()})
         if precompile and self.runner.table_width is None:
             logger.info("step shapes compile at first use: max_num_seqs x max_model_len / block_size is too large "

@@ -288,9 +288,15 @@ class ModelRunner:
         """A step input's shape, placed as the runner places that input (replicated over a mesh)."""
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding or self._input_sharding)
 
+    @staticmethod
+    def _uniform_sampling(params: SamplingParams, num_seqs: int) -> SamplingMetadata:
+        """Host sampling metadata of ``num_seqs`` slots under one ``params`` (one real sequence, no
+        history): the shapes and dtypes of that sampler variant."""
+        return build_sampling_metadata([params], [[]], [[0]], [0], [0], num_seqs)
+
     def _abstract_sampling(self, params: SamplingParams, num_seqs: int) -> SamplingMetadata:
-        sampling = build_sampling_metadata([params], [[]], [[0]], [0], [0], num_seqs)
-        return jax.tree.map(lambda x: self._abstract(np.shape(x), np.asarray(x).dtype), sampling)
+        return jax.tree.map(lambda x: self._abstract(np.shape(x), np.asarray(x).dtype),
+                            self._uniform_sampling(params, num_seqs))
 
     def _abstract_logits(self, num_seqs: int) -> jax.ShapeDtypeStruct:
         return self._abstract([num_seqs, self.config.vocab_size], jnp.float32, self._logits_sharding)
@@ -369,17 +375,17 @@ class ModelRunner:
             logits_of = {}  # sequence slots -> logits of a step with that many
             for T in buckets:
                 model_input, feed = self._placed(self._empty_step_input(T, self.table_width))
-                logits_of[self.padded_num_seqs(T)], self.kv_cache = self.step_fn(T)(
-                    self.params, self.kv_cache, model_input, self._sampled, feed)
+                logits, self.kv_cache = self.step_fn(T)(self.params, self.kv_cache, model_input, self._sampled, feed)
+                logits_of[self.padded_num_seqs(T)] = logits
                 # Wait for it: the next program's compile times candidate GEMMs on the GPU (XLA's
                 # autotuning), which a step still running there would skew. (Two compiles of the same
                 # 16384-row matmuls chose kernels of 753 and 874 TFLOP/s, run 14c; waiting left tput-short
                 # as it was, run 14d, so that spread has another cause.)
-                jax.block_until_ready(logits_of[self.padded_num_seqs(T)])
+                jax.block_until_ready(logits)
                 bar.update()
             for S in slots:
                 for params in samplers:
-                    sampling = self._placed(build_sampling_metadata([params], [[]], [[0]], [0], [0], S))
+                    sampling = self._placed(self._uniform_sampling(params, S))
                     jax.block_until_ready(self._sample(logits_of[S], sampling, num_logprobs=None))
                     bar.update()
         return bar.n

@@ -332,7 +332,7 @@ def _attention_kernel(
         q = pltriton.load(q_ref.at[jnp.minimum(tok, T - 1)[:, None], head[:, None], d[None, :]],
                           mask=jnp.broadcast_to(row_valid[:, None], (rows, D)), other=0)
         compute_dtype = _compute_dtype(q.dtype, k_ref.dtype)
-        if compute_dtype != q.dtype and compute_dtype == jnp.float16:  # a bf16 q past float16's range saturates
+        if compute_dtype != q.dtype:  # bfloat16 q onto float16 dots: past float16's range it saturates
             q = jnp.clip(q.astype(jnp.float32), -_F16_MAX, _F16_MAX)
         q = q.astype(compute_dtype)
         precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
