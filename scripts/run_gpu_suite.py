@@ -183,6 +183,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("profile-prefill-short-notriton", profile("profile-prefill-short-notriton", "--step", "prefill", "--batch",
                                                    "128", "--ctx", "128", "--compiler-option",
                                                    "xla_gpu_enable_triton_gemm=false"), 120),
+        # Run 15: the tput-prefill workload (prefill MFU, issue 9's 60%) with every bf16 GEMM on cuBLAS.
+        ("tput-prefill-notriton", tput("tput-prefill", "--compiler-option", "xla_gpu_enable_triton_gemm=false",
+                                       "--output-json", f"{results}/tput-prefill-notriton.json"), 300),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
     ]
 
