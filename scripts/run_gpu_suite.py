@@ -204,6 +204,46 @@ def bundle(out: str) -> None:
     os.replace(os.path.join(out, "bundle.tar.gz.tmp"), os.path.join(out, "bundle.tar.gz"))
 
 
+GPU_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "utilization.gpu",
+              "clocks_throttle_reasons.active")
+
+
+def start_gpu_monitor(path: str):
+    """``nvidia-smi`` sampling the SM clock, power, temperature and throttle reasons every 200 ms into a
+    CSV beside the step's log (a sustained run may be clocked down where a short profile is not);
+    None where there is no nvidia-smi."""
+    import shutil
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    return subprocess.Popen(["nvidia-smi", f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader,nounits",
+                             "-lms", "200", "-f", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def gpu_monitor_summary(path: str) -> str:
+    """One line: the SM clock's and power's spread over the busy samples, the hottest reading and the
+    throttle reasons seen (nvidia-smi's bit mask, with how many samples had each)."""
+    import collections
+    import statistics
+
+    rows = []
+    if os.path.exists(path):
+        for line in open(path):
+            cells = [c.strip() for c in line.split(",")]
+            if len(cells) == len(GPU_FIELDS):
+                rows.append(cells)
+    busy = [r for r in rows if r[4].isdigit() and int(r[4]) >= 50]
+    if not busy:
+        return f"gpu monitor: {len(rows)} samples, none busy"
+    sm = sorted(float(r[0]) for r in busy)
+    power = sorted(float(r[2]) for r in busy)
+    reasons = collections.Counter(r[5] for r in busy)
+    return (f"gpu monitor: {len(busy)} busy samples of {len(rows)}; SM clock min {sm[0]:.0f} median "
+            f"{statistics.median(sm):.0f} max {sm[-1]:.0f} MHz; power median {statistics.median(power):.0f} max "
+            f"{power[-1]:.0f} W; max {max(float(r[3]) for r in busy):.0f} C; throttle reasons "
+            + ", ".join(f"{k} x{v}" for k, v in reasons.most_common()))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -247,12 +287,19 @@ def main(argv=None) -> None:
         limit = min(timeout, left - 5)
         env["BENCH_STACK_DUMP_S"] = str(max(1.0, limit - 8))  # stacks into the log before a kill
         began = time.monotonic()
+        monitor_csv = os.path.join(logs, f"{name}.gpu.csv")
+        monitor = start_gpu_monitor(monitor_csv)
         with open(os.path.join(logs, f"{name}.log"), "w") as log:
             try:
                 rc = subprocess.run(argv_, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=limit).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         took = time.monotonic() - began
+        if monitor is not None:
+            monitor.terminate()
+            monitor.wait()
+            with open(os.path.join(logs, f"{name}.log"), "a") as log:
+                log.write(gpu_monitor_summary(monitor_csv) + "\n")
         outcomes[name] = rc
         with open(os.path.join(logs, f"{name}.log")) as log:
             tail = log.read()[-1500:]
