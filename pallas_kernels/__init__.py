@@ -6,11 +6,14 @@ functions themselves live in ``ragged_paged_attention``. Knows nothing of models
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Literal
 
 import jax
 
 from pallas_kernels.ragged_paged_attention import (
+    Tiling,
+    default_tiling,
     ragged_paged_attention,
     ragged_paged_attention_reference,
     write_kv,
@@ -40,7 +43,10 @@ def get_attention_fns(backend: Backend = "auto", kv_write: str = "auto") -> tupl
     if backend == "auto":
         backend = "pallas" if on_gpu else "reference"
     if backend == "pallas":
-        return ragged_paged_attention, write_kv_fn
+        tiling = default_tiling()  # Tiling() unless $PAGEDJAX_ATTENTION_TILING says otherwise
+        if tiling == Tiling():
+            return ragged_paged_attention, write_kv_fn
+        return functools.partial(ragged_paged_attention, tiling=tiling), write_kv_fn
     if backend == "reference":
         return ragged_paged_attention_reference, write_kv_fn
     raise ValueError(f"unknown attention backend {backend!r}; expected 'reference', 'pallas' or 'auto'")

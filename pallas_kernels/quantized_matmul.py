@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Optional
 
 import jax
@@ -45,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.env_config import dataclass_from_env
 from pallas_kernels.gpu_info import core_count
 
 FORMATS = ("dense", "int8", "int4")
@@ -288,15 +287,7 @@ def default_config() -> MatmulConfig:
     """``MatmulConfig()`` with the fields of the JSON object in ``$PAGEDJAX_MATMUL_CONFIG`` (read
     once), e.g. ``'{"gemv_defer_reduction": true}'``: a knob for timing a tiling inside the whole
     model (the matmul benchmark in isolation did not predict it: benchmarks/NOTES.md, run 9)."""
-    text = os.environ.get("PAGEDJAX_MATMUL_CONFIG")
-    if not text:
-        return MatmulConfig()
-    fields = json.loads(text)
-    known = {f.name for f in dataclasses.fields(MatmulConfig)}
-    if not isinstance(fields, dict) or set(fields) - known:
-        raise ValueError(f"PAGEDJAX_MATMUL_CONFIG must be a JSON object of MatmulConfig fields ({sorted(known)}), "
-                         f"got {text!r}")
-    return MatmulConfig(**fields)
+    return dataclass_from_env(MatmulConfig, "PAGEDJAX_MATMUL_CONFIG")
 
 
 def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):

@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.env_config import dataclass_from_env
 from pallas_kernels.gpu_info import core_count
 
 
@@ -173,6 +174,9 @@ class Tiling:
     (any multiple or fraction of the page size). ``prefill_q_rows``: (token, head)
     rows per prefill query tile. ``k_splits``: context splits of the decode launch;
     ``None`` picks them from the static shapes (more when few programs would run).
+    ``prefetch_pages``: each KV step loads the next step's page numbers (software-pipelined
+    block-table reads). ``longest_first``: the prefill launch runs its work list backwards,
+    so a sequence's longest (last) query tiles start first and the last wave is short.
     Defaults: the best of the sweep in ``benchmarks/NOTES.md`` (H200 and H100).
     """
 
@@ -184,6 +188,15 @@ class Tiling:
     prefill_warps: int = 8
     prefill_stages: int = 3
     k_splits: Optional[int] = None
+    prefetch_pages: bool = False
+    longest_first: bool = False
+
+
+@functools.lru_cache(maxsize=None)
+def default_tiling() -> Tiling:
+    """``Tiling()`` with the fields of the JSON object in ``$PAGEDJAX_ATTENTION_TILING`` (read once),
+    e.g. ``'{"prefetch_pages": true}'``: the engine's tiling, for timing one inside the whole model."""
+    return dataclass_from_env(Tiling, "PAGEDJAX_ATTENTION_TILING")
 
 
 def _next_power_of_2(x: int) -> int:
@@ -270,6 +283,8 @@ def _attention_kernel(
     k_splits: int,
     decode_launch: bool,
     max_decode_tokens: int,
+    prefetch_pages: bool,
+    longest_first: bool,
     sm_scale: float,
     soft_cap: Optional[float],
     sliding_window: Optional[int],
@@ -280,6 +295,8 @@ def _attention_kernel(
     bs = k_ref.shape[3]
     h = pl.program_id(0)
     item = pl.program_id(1)
+    if longest_first and not decode_launch:
+        item = pl.num_programs(1) - 1 - item
     split = pl.program_id(2) if k_splits > 1 else 0
     layer = layer_ref[0]
     d = jnp.arange(D, dtype=jnp.int32)
@@ -337,19 +354,28 @@ def _attention_kernel(
         q = q.astype(compute_dtype)
         precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
+        def pages_of(j):
+            c = j * kv_tokens + jnp.arange(kv_tokens, dtype=jnp.int32)
+            return pltriton.load(block_tables_ref.at[seq, jnp.minimum(c // bs, B - 1)], mask=c < hi, other=0)
+
         def block(j, carry, masked):
-            m, l, acc = carry
+            if prefetch_pages:  # this step's pages came with the carry; the next step's load now
+                m, l, acc, page = carry
+                next_page = pages_of(j + 1)
+            else:
+                m, l, acc = carry
             c = j * kv_tokens + jnp.arange(kv_tokens, dtype=jnp.int32)
             if masked:
                 in_kv = c < hi
-                page = pltriton.load(block_tables_ref.at[seq, jnp.minimum(c // bs, B - 1)],
-                                     mask=in_kv, other=0)
+                if not prefetch_pages:
+                    page = pages_of(j)
                 kv_idx = (layer, h, page[:, None], (c % bs)[:, None], d[None, :])
                 kv_mask = jnp.broadcast_to(in_kv[:, None], (kv_tokens, D))
                 k = _masked_load_as(k_ref.at[kv_idx], kv_mask, q.dtype)
                 v = _masked_load_as(v_ref.at[kv_idx], kv_mask, q.dtype)
             else:
-                page = block_tables_ref[seq, c // bs]
+                if not prefetch_pages:
+                    page = block_tables_ref[seq, c // bs]
                 kv_idx = (layer, h, page[:, None], (c % bs)[:, None], d[None, :])
                 k, v = k_ref[kv_idx], v_ref[kv_idx]
             k, v = k.astype(q.dtype), v.astype(q.dtype)
@@ -370,6 +396,8 @@ def _attention_kernel(
             l = l * alpha + p.sum(axis=1)
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32, precision=precision)
+            if prefetch_pages:
+                return m_new, l, acc * alpha[:, None] + pv, next_page
             return m_new, l, acc * alpha[:, None] + pv
 
         carry = (
@@ -377,11 +405,13 @@ def _attention_kernel(
             jnp.zeros((rows,), jnp.float32),
             jnp.zeros((rows, D), jnp.float32),
         )
+        if prefetch_pages:
+            carry += (pages_of(blk_lo),)
         masked_block = functools.partial(block, masked=True)
         unmasked_block = functools.partial(block, masked=False)
         carry = lax.fori_loop(blk_lo, unmasked_lo, masked_block, carry)
         carry = lax.fori_loop(unmasked_lo, unmasked_hi, unmasked_block, carry)
-        m, l, acc = lax.fori_loop(unmasked_hi, blk_hi, masked_block, carry)
+        m, l, acc = lax.fori_loop(unmasked_hi, blk_hi, masked_block, carry)[:3]
 
         if k_splits > 1:
             acc_ref, m_ref, l_ref = out_refs
@@ -531,7 +561,8 @@ def ragged_paged_attention(
     )
     kernel = functools.partial(
         _attention_kernel, group=group, group_pad=group_pad, max_decode_tokens=max_decode_tokens,
-        sm_scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+        prefetch_pages=tiling.prefetch_pages, longest_first=tiling.longest_first, sm_scale=scale,
+        soft_cap=soft_cap, sliding_window=sliding_window)
     out_shape = jax.ShapeDtypeStruct((T, Hq, D), q.dtype)
 
     # Prefill launch: query tiles of sequences with more than max_decode_tokens new
