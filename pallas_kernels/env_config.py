@@ -9,7 +9,7 @@ import os
 
 
 def dataclass_from_env(cls, variable: str):
-    """``cls()`` with the fields of the JSON object in ``$variable``, e.g. ``'{"prefetch_pages": true}'``;
+    """``cls()`` with the fields of the JSON object in ``$variable``, e.g. ``'{"prefill_kv_tokens": 128}'``;
     a clear error for anything but an object of ``cls``'s fields."""
     text = os.environ.get(variable)
     if not text:

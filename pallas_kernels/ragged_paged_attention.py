@@ -174,9 +174,11 @@ class Tiling:
     (any multiple or fraction of the page size). ``prefill_q_rows``: (token, head)
     rows per prefill query tile. ``k_splits``: context splits of the decode launch;
     ``None`` picks them from the static shapes (more when few programs would run).
-    ``prefetch_pages``: each KV step loads the next step's page numbers (software-pipelined
-    block-table reads). ``longest_first``: the prefill launch runs its work list backwards,
-    so a sequence's longest (last) query tiles start first and the last wave is short.
+    ``prefill_prefetch_pages``: each KV step of the prefill launch loads the next step's page
+    numbers (a hand-pipelined block-table read; run 15c, H200: 8 x 2048 prompt step's attention
+    40.5 -> 38.3 ms, kernel-prefill 653 -> 601-609 us; in the decode launch it cost 3%, so it is
+    the prefill launch's only). ``prefill_longest_first``: the prefill launch runs its work list
+    backwards, so a sequence's longest (last) query tiles start first and the last wave is short.
     Defaults: the best of the sweep in ``benchmarks/NOTES.md`` (H200 and H100).
     """
 
@@ -188,14 +190,14 @@ class Tiling:
     prefill_warps: int = 8
     prefill_stages: int = 3
     k_splits: Optional[int] = None
-    prefetch_pages: bool = False
-    longest_first: bool = False
+    prefill_prefetch_pages: bool = True
+    prefill_longest_first: bool = True
 
 
 @functools.lru_cache(maxsize=None)
 def default_tiling() -> Tiling:
     """``Tiling()`` with the fields of the JSON object in ``$PAGEDJAX_ATTENTION_TILING`` (read once),
-    e.g. ``'{"prefetch_pages": true}'``: the engine's tiling, for timing one inside the whole model."""
+    e.g. ``'{"prefill_kv_tokens": 128}'``: the engine's tiling, for timing one inside the whole model."""
     return dataclass_from_env(Tiling, "PAGEDJAX_ATTENTION_TILING")
 
 
@@ -295,7 +297,7 @@ def _attention_kernel(
     bs = k_ref.shape[3]
     h = pl.program_id(0)
     item = pl.program_id(1)
-    if longest_first and not decode_launch:
+    if longest_first:
         item = pl.num_programs(1) - 1 - item
     split = pl.program_id(2) if k_splits > 1 else 0
     layer = layer_ref[0]
@@ -561,8 +563,7 @@ def ragged_paged_attention(
     )
     kernel = functools.partial(
         _attention_kernel, group=group, group_pad=group_pad, max_decode_tokens=max_decode_tokens,
-        prefetch_pages=tiling.prefetch_pages, longest_first=tiling.longest_first, sm_scale=scale,
-        soft_cap=soft_cap, sliding_window=sliding_window)
+        sm_scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
     out_shape = jax.ShapeDtypeStruct((T, Hq, D), q.dtype)
 
     # Prefill launch: query tiles of sequences with more than max_decode_tokens new
@@ -573,8 +574,9 @@ def ragged_paged_attention(
     metadata += (prefill_work_items(cu_q_lens, num_seqs, num_items=num_items, tokens_per_tile=prefill_tokens,
                                     max_decode_tokens=max_decode_tokens, num_tokens=T),)
     out = pl.pallas_call(
-        functools.partial(kernel, rows=prefill_rows, kv_tokens=tiling.prefill_kv_tokens,
-                          k_splits=1, decode_launch=False),
+        functools.partial(kernel, rows=prefill_rows, kv_tokens=tiling.prefill_kv_tokens, k_splits=1,
+                          decode_launch=False, prefetch_pages=tiling.prefill_prefetch_pages,
+                          longest_first=tiling.prefill_longest_first),
         grid=(Hkv, num_items),
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=tiling.prefill_warps,
@@ -587,7 +589,8 @@ def ragged_paged_attention(
     max_kv_blocks = pl.cdiv(B * bs, tiling.decode_kv_tokens)
     k_splits = tiling.k_splits or auto_k_splits(Hkv * S, max_kv_blocks)
     decode_kernel = functools.partial(kernel, rows=decode_rows, kv_tokens=tiling.decode_kv_tokens,
-                                      k_splits=k_splits, decode_launch=True)
+                                      k_splits=k_splits, decode_launch=True, prefetch_pages=False,
+                                      longest_first=False)
     params = pltriton.CompilerParams(num_warps=tiling.decode_warps, num_stages=tiling.decode_stages)
     if k_splits == 1:
         return pl.pallas_call(

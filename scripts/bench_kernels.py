@@ -223,11 +223,11 @@ def prefill_tilings(decode: Tiling, smoke):
               (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 3)]
     tilings = [dataclasses.replace(decode, prefill_q_rows=r, prefill_kv_tokens=k, prefill_warps=nw, prefill_stages=ns)
                for r, k, nw, ns in combos]
-    # Block-table reads pipelined by hand, and the work list run longest tile first (run 15).
+    # Without the prefill launch's hand-pipelined block-table reads and longest-first order (run 15c).
     for base in (Tiling(), Tiling(prefill_kv_tokens=128)):
         tilings += [dataclasses.replace(decode, prefill_q_rows=base.prefill_q_rows, prefill_kv_tokens=base.prefill_kv_tokens,
-                                        prefetch_pages=pf, longest_first=lf)
-                    for pf, lf in ((True, False), (False, True), (True, True))]
+                                        prefill_prefetch_pages=pf, prefill_longest_first=lf)
+                    for pf, lf in ((False, True), (True, False), (False, False))]
     return tilings
 
 

@@ -22,7 +22,8 @@ import time
 
 PY = sys.executable
 MODEL = "benchmarks/models/llama-3.1-8b"
-PREFETCH = '{"prefetch_pages": true, "longest_first": true}'  # attention tiling variants (run 15c)
+# The prefill launch's block-table prefetch and longest-first order off (both the default since run 15c).
+NO_PREFETCH = '{"prefill_prefetch_pages": false, "prefill_longest_first": false}'
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -187,15 +188,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Run 15: the tput-prefill workload (prefill MFU, issue 9's 60%) with every bf16 GEMM on cuBLAS.
         ("tput-prefill-notriton", tput("tput-prefill", "--compiler-option", "xla_gpu_enable_triton_gemm=false",
                                        "--output-json", f"{results}/tput-prefill-notriton.json"), 300),
-        # Run 15c: the attention tiling of run 15's kernel-prefill sweep inside the model's steps (prompt step
-        # 8 x 2048; tput-long's decode step) and on the prefill-MFU workload.
-        ("profile-prefill-16k-prefetch", ["env", f"PAGEDJAX_ATTENTION_TILING={PREFETCH}"] + profile(
-            "profile-prefill-16k-prefetch", "--step", "prefill", "--batch", "8", "--ctx", "2048"), 100),
-        ("profile-decode-long-prefetch", ["env", f"PAGEDJAX_ATTENTION_TILING={PREFETCH}"] + profile(
-            "profile-decode-long-prefetch", "--step", "decode", "--batch", "448", "--ctx", "1536"), 100),
-        ("tput-prefill-prefetch", ["env", f"PAGEDJAX_ATTENTION_TILING={PREFETCH}"] + tput(
-            "tput-prefill", "--output-json", f"{results}/tput-prefill-prefetch.json"), 300),
-        ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 45),
+        # Run 15c measured the prefill launch's block-table prefetch and longest-first order inside the model's
+        # steps (then off by default); these are the same steps with both off, now that they are the default.
+        ("profile-prefill-16k-noprefetch", ["env", f"PAGEDJAX_ATTENTION_TILING={NO_PREFETCH}"] + profile(
+            "profile-prefill-16k-noprefetch", "--step", "prefill", "--batch", "8", "--ctx", "2048"), 100),
+        ("tput-prefill-noprefetch", ["env", f"PAGEDJAX_ATTENTION_TILING={NO_PREFETCH}"] + tput(
+            "tput-prefill", "--output-json", f"{results}/tput-prefill-noprefetch.json"), 300),
+        ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 90),
     ]
 
 

@@ -138,8 +138,9 @@ CPU_CASES = [
     pytest.param(Shapes(4, 4, 64, 16, jnp.float32, cache_dtype=jnp.float8_e5m2), dict(tiling=SMALL_TILES),
                  id="fp8-e5m2-pages-f32"),
     pytest.param(Shapes(4, 2, 64, 16, jnp.float32),
-                 dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=2, prefetch_pages=True, longest_first=True),
-                      sliding_window=20), id="prefetched-pages-longest-first-window-split2"),
+                 dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=2, prefill_prefetch_pages=False,
+                                                 prefill_longest_first=False),
+                      sliding_window=20), id="pages-read-in-step-work-list-in-order-window-split2"),
 ]
 
 
@@ -233,7 +234,7 @@ def test_changing_the_batch_mix_does_not_recompile():
     (dict(tiling=Tiling(k_splits=1)), 2, None),  # prefill + decode
     (dict(tiling=Tiling(k_splits=4), soft_cap=20.0, sliding_window=64), 3, None),  # + merge of the splits
     (dict(tiling=Tiling(k_splits=2)), 3, jnp.float8_e4m3fn),  # float8 pages
-    (dict(tiling=Tiling(k_splits=1, prefetch_pages=True, longest_first=True)), 2, None),
+    (dict(tiling=Tiling(k_splits=1, prefill_prefetch_pages=False, prefill_longest_first=False)), 2, None),
 ])
 def test_kernel_lowers_to_triton_for_cuda(kwargs, launches, cache_dtype):
     """The Triton lowering (not only the interpreter) accepts the kernel: cross-platform lowering on CPU."""
@@ -364,10 +365,10 @@ def test_attention_tiling_from_the_environment(monkeypatch):
     from pallas_kernels import default_tiling
 
     default_tiling.cache_clear()
-    monkeypatch.setenv("PAGEDJAX_ATTENTION_TILING", '{"prefetch_pages": true, "prefill_kv_tokens": 128}')
+    monkeypatch.setenv("PAGEDJAX_ATTENTION_TILING", '{"prefill_prefetch_pages": false, "prefill_kv_tokens": 128}')
     try:
         fn = get_attention_fns("pallas")[0]
-        assert fn.keywords["tiling"] == Tiling(prefetch_pages=True, prefill_kv_tokens=128)
+        assert fn.keywords["tiling"] == Tiling(prefill_prefetch_pages=False, prefill_kv_tokens=128)
         default_tiling.cache_clear()
         monkeypatch.setenv("PAGEDJAX_ATTENTION_TILING", '{"prefill_rows": 64}')
         with pytest.raises(ValueError, match="PAGEDJAX_ATTENTION_TILING must be a JSON object of Tiling fields"):
@@ -394,9 +395,9 @@ GPU_CASES = [
     pytest.param(Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
                         num_pages=700, num_layers=3, cache_dtype=jnp.float8_e4m3fn), dict(), id="fp8-pages-bf16"),
     pytest.param(Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
-                        num_pages=700, num_layers=3), dict(tiling=Tiling(k_splits=2, prefetch_pages=True,
-                                                                         longest_first=True), sliding_window=100),
-                 id="prefetched-pages-longest-first-window-bf16"),
+                        num_pages=700, num_layers=3),
+                 dict(tiling=Tiling(k_splits=2, prefill_prefetch_pages=False, prefill_longest_first=False),
+                      sliding_window=100), id="pages-read-in-step-work-list-in-order-window-bf16"),
 ]
 
 
