@@ -247,12 +247,21 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
     layers = params["layers"]
     for name in QUANTIZED_LAYER_WEIGHTS:
         dense = layers.pop(name)
-        make = functools.partial(quantize_weight, method=method)
         sharding = None if shardings is None else shardings["layers"][name]
-        out = None if sharding is None else field_shardings(jax.eval_shape(make, dense), sharding)
-        layers[name] = jax.jit(make, out_shardings=out)(dense)
+        out = None
+        if sharding is not None:
+            out = field_shardings(jax.eval_shape(functools.partial(quantize_weight, method=method), dense), sharding)
+        layers[name] = _quantizer(method, out)(dense)
         del dense
     return params
+
+
+@functools.lru_cache(maxsize=None)
+def _quantizer(method: str, out_shardings=None):
+    """One jitted ``quantize_weight`` per method and output sharding, so weights of one shape (k and v
+    projections, gate and up) share a compile: each of the 8B's fp8 quantize programs took ~4 s to
+    compile on an H200 (28.2 s for seven, run 15b)."""
+    return jax.jit(functools.partial(quantize_weight, method=method), out_shardings=out_shardings)
 
 
 # --------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from models.quantization import (
     dequantize,
     fp8_from_checkpoint,
     gptq_to_int4,
+    quantize_params,
     quantize_weight,
 )
 from models.safetensors_loader import CheckpointError
@@ -380,3 +381,19 @@ def test_unstacking_fp8_layers_keeps_every_byte():
         np.testing.assert_array_equal(np.asarray(layer["wq"].q.astype(jnp.float32)),
                                       np.asarray(stacked.q[i].astype(jnp.float32)))
         np.testing.assert_array_equal(np.asarray(layer["wq"].scale), np.asarray(stacked.scale[i]))
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_load_time_quantization_compiles_once_per_weight_shape(method):
+    """Weights of one shape (q and o projections, k and v, gate and up) share one compiled quantizer."""
+    from engine.compile_timer import CompileTimer
+
+    L, H, I, kv = 2, 64, 128, 32
+    shapes = dict(wq=(L, H, H), wk=(L, H, kv), wv=(L, H, kv), wo=(L, H, H), w_gate=(L, H, I), w_up=(L, H, I),
+                  w_down=(L, I, H))
+    params = {"layers": {name: jnp.full(shape, 0.5, jnp.bfloat16) for name, shape in shapes.items()}}
+    with CompileTimer() as timer:
+        quantized = quantize_params(params, method)
+    assert sum(1 for phase, *_ in timer.events if phase == "compile") == len(set(shapes.values()))
+    for name, shape in shapes.items():
+        np.testing.assert_allclose(np.asarray(dequantize(quantized["layers"][name])), 0.5, rtol=1e-2)
