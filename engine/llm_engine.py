@@ -100,6 +100,7 @@ class LLMEngine:
             loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
                                 shardings=param_shardings_for(mesh), quantization=args.quantization)
             self.quantization = loaded.quantization
+            self.dtype = np.dtype(loaded.dtype).name  # the weights' (and activations') dtype
             kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, loaded.dtype)
             self.model_config = config = loaded.config
             self.tokenizer = None

@@ -111,7 +111,11 @@ def test_models_health_version(served):
     models = served.client().models.list().data
     assert [m.id for m in models] == [served.model] == ["SmolLM2-135M-Instruct"]
     assert httpx.get(f"{served.url}/health").status_code == 200
-    assert isinstance(httpx.get(f"{served.url}/version").json()["version"], str)
+    version = httpx.get(f"{served.url}/version").json()
+    assert isinstance(version["version"], str)
+    # What a benchmark records about the engine behind the API (scripts/bench_serving.py)
+    assert (version["device"], version["backend"], version["dtype"]) == ("cpu", "cpu", "float32")
+    assert version["max_model_len"] == MAX_MODEL_LEN and version["tensor_parallel_size"] == 1
 
 
 def test_completion_text_and_usage(served, reference):

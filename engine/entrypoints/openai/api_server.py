@@ -163,7 +163,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
 
     @app.get("/version")
     async def version() -> dict:
-        return {"version": server_version()}
+        return {"version": server_version(), **engine_facts(async_llm)}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -640,6 +640,18 @@ def served_model_names(args: argparse.Namespace) -> list[str]:
     from models.default_model import DEFAULT_MODEL_NAME
 
     return list(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
+
+
+def engine_facts(async_llm: AsyncLLM) -> dict:
+    """What a benchmark records about the engine behind the API (``/version``): device, JAX version,
+    dtype, quantization, KV cache dtype, tensor parallelism, max_model_len."""
+    import jax
+
+    engine = async_llm.engine
+    return dict(device=jax.devices()[0].device_kind, num_devices=jax.device_count(), jax_version=jax.__version__,
+                backend=jax.default_backend(), dtype=engine.dtype, quantization=engine.quantization,
+                kv_cache_dtype=engine.args.kv_cache_dtype, tensor_parallel_size=engine.args.tensor_parallel_size,
+                max_model_len=engine.max_model_len)
 
 
 def startup_line(async_llm: AsyncLLM, names: Sequence[str], url: str) -> str:

@@ -1,0 +1,354 @@
+"""The ``serving`` workload (PROTOCOL.md): the OpenAI-compatible server under Poisson arrivals, streamed.
+
+Starts ``scripts/serve.py`` on a free local port (or uses a running server, ``--base-url``), sends
+``--num-requests`` completions of random token-id prompts whose input and output lengths are drawn
+uniformly within ``--range-ratio`` of ``--input-len`` / ``--output-len`` (fixed seed, ``ignore_eos``),
+arriving as a Poisson process at ``--request-rate`` requests/s (``inf``: all at once), each streamed
+through the official ``openai`` client. Per request it records the time to the first text
+(TTFT), the gaps between streamed chunks (ITL) and the end-to-end latency; failed requests are
+counted with their messages. Writes the PROTOCOL JSON and prints a table.
+
+A model folder with only a ``config.json`` (``--load-format dummy``, e.g. the 8B shapes in
+``benchmarks/models``) gets a word-level tokenizer of its vocabulary (token ``i`` is the word
+``t<i>``) in a temporary copy, so the server can stream text for random token ids.
+
+    python scripts/bench_serving.py --request-rate 8                       # 8B dummy, 512 x 512/256
+    python scripts/bench_serving.py --model <hf-folder> --load-format auto --request-rate inf
+    python scripts/bench_serving.py --base-url http://127.0.0.1:8000 --model <its folder> --request-rate 4
+
+The client never touches the accelerator: the device, JAX version and dtype in the JSON come from
+the server's ``/version``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common  # noqa: E402
+
+WORKLOAD = "serving"
+DEFAULTS = dict(num_requests=512, input_len=512, output_len=256, range_ratio=0.5)  # PROTOCOL.md
+
+
+@dataclasses.dataclass
+class RequestResult:
+    prompt_len: int
+    max_tokens: int
+    ok: bool = False
+    error: Optional[str] = None
+    ttft_s: Optional[float] = None
+    itl_s: list[float] = dataclasses.field(default_factory=list)
+    e2e_s: Optional[float] = None
+    output_tokens: int = 0
+    finished_at: Optional[float] = None
+
+
+def sample_lengths(num: int, mean: int, range_ratio: float, rng) -> list[int]:
+    """Lengths drawn uniformly from ``[mean * (1 - r), mean * (1 + r)]`` (at least 1)."""
+    low, high = max(1, int(mean * (1 - range_ratio))), max(1, int(mean * (1 + range_ratio)))
+    return rng.integers(low, high + 1, size=num).tolist()
+
+
+def make_requests(num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
+                  seed: int) -> list[tuple[list[int], int]]:
+    """``(prompt token ids, max_tokens)`` per request, from a fixed seed."""
+    import numpy as np
+
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"--range-ratio must be in [0, 1), got {range_ratio}")
+    rng = np.random.default_rng(seed)
+    inputs = sample_lengths(num, input_len, range_ratio, rng)
+    outputs = sample_lengths(num, output_len, range_ratio, rng)
+    return [(rng.integers(0, vocab_size, size=n).tolist(), m) for n, m in zip(inputs, outputs)]
+
+
+def arrival_offsets(num: int, rate: float, seed: int) -> list[float]:
+    """Send times (s after the start) of a Poisson process of ``rate`` requests/s; all 0 for ``inf``."""
+    import numpy as np
+
+    if rate <= 0:
+        raise ValueError(f"--request-rate must be > 0 (or inf), got {rate}")
+    if math.isinf(rate):
+        return [0.0] * num
+    gaps = np.random.default_rng(seed + 1).exponential(1.0 / rate, size=num)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])]).tolist()
+
+
+async def send_one(client, model: str, prompt: list[int], max_tokens: int, start: float, offset: float,
+                   semaphore: Optional[asyncio.Semaphore]) -> RequestResult:
+    """One streamed completion sent at ``start + offset``; never raises (errors are recorded)."""
+    result = RequestResult(prompt_len=len(prompt), max_tokens=max_tokens)
+    await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+    async with semaphore if semaphore is not None else _no_limit():
+        sent = last = time.perf_counter()
+        try:
+            stream = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            chunks = 0
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    result.output_tokens = chunk.usage.completion_tokens
+                if not any(c.text for c in chunk.choices):
+                    continue
+                now = time.perf_counter()
+                if result.ttft_s is None:
+                    result.ttft_s = now - sent
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+                chunks += 1
+            result.output_tokens = result.output_tokens or chunks
+            result.e2e_s = time.perf_counter() - sent
+            result.ok = result.ttft_s is not None
+            if not result.ok:
+                result.error = "the stream carried no text"
+        except Exception as e:  # noqa: BLE001 - a failed request is a data point (counted in `errors`)
+            result.error = f"{type(e).__name__}: {e}"[:300]
+        result.finished_at = time.perf_counter()
+    return result
+
+
+class _no_limit:
+    async def __aenter__(self):
+        return None
+
+    async def __aexit__(self, *exc):
+        return False
+
+
+async def run_load(base_url: str, model: str, requests: list[tuple[list[int], int]], offsets: list[float],
+                   max_concurrency: Optional[int], timeout_s: float) -> tuple[list[RequestResult], float]:
+    """All requests at their offsets; returns the results and the wall time from the first send
+    to the last completion."""
+    import httpx
+    import openai
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=timeout_s,
+                                  http_client=httpx.AsyncClient(limits=limits, timeout=timeout_s)) as client:
+        semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        start = time.perf_counter()
+        results = await asyncio.gather(*(send_one(client, model, prompt, max_tokens, start, offset, semaphore)
+                                         for (prompt, max_tokens), offset in zip(requests, offsets)))
+    ends = [r.finished_at for r in results if r.finished_at is not None]
+    return list(results), (max(ends) - start) if ends else 0.0
+
+
+def summarize(results: list[RequestResult], wall_s: float) -> dict:
+    """PROTOCOL's serving fields (ms, tok/s) plus means, end-to-end percentiles and error samples."""
+    import numpy as np
+
+    ok = [r for r in results if r.ok]
+    ttft = np.array([r.ttft_s for r in ok]) * 1e3
+    itl = np.array([gap for r in ok for gap in r.itl_s]) * 1e3
+    e2e = np.array([r.e2e_s for r in ok]) * 1e3
+
+    def pct(a, q):
+        return float(np.percentile(a, q)) if a.size else None
+
+    output_tokens = sum(r.output_tokens for r in ok)
+    input_tokens = sum(r.prompt_len for r in ok)
+    errors = [r.error for r in results if not r.ok]
+    return dict(
+        completed=len(ok), errors=len(errors), error_samples=sorted(set(errors))[:5], duration_s=wall_s,
+        output_tok_s=output_tokens / wall_s if wall_s > 0 else None,
+        total_tok_s=(output_tokens + input_tokens) / wall_s if wall_s > 0 else None,
+        req_s=len(ok) / wall_s if wall_s > 0 else None, output_tokens=output_tokens, input_tokens=input_tokens,
+        ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), ttft_mean_ms=float(ttft.mean()) if ttft.size else None,
+        itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99), itl_mean_ms=float(itl.mean()) if itl.size else None,
+        e2e_p50_ms=pct(e2e, 50), e2e_p99_ms=pct(e2e, 99),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The server under test
+# --------------------------------------------------------------------------------------
+
+
+def with_tokenizer(model: str, folder: str) -> str:
+    """``model`` if it has a tokenizer; else a copy of its ``config.json`` in ``folder`` beside a
+    word-level tokenizer of its vocabulary (token ``i`` is the word ``t<i>``)."""
+    from engine.tokenizer import TOKENIZER_FILES
+
+    if not os.path.isdir(model) or any(os.path.exists(os.path.join(model, f)) for f in TOKENIZER_FILES):
+        return model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab_size = bench_common.read_vocab_size(model)
+    copy = os.path.join(folder, os.path.basename(os.path.normpath(model)))
+    os.makedirs(copy, exist_ok=True)
+    shutil.copy(os.path.join(model, "config.json"), copy)
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(os.path.join(copy, "tokenizer.json"))
+    with open(os.path.join(copy, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0"}, f)
+    return copy
+
+
+def free_port(host: str) -> int:
+    with socket.create_server((host, 0)) as sock:
+        return sock.getsockname()[1]
+
+
+def start_server(args, model: str, max_model_len: int, log_path: str) -> tuple[subprocess.Popen, str]:
+    """``scripts/serve.py`` in a child process, its output in ``log_path``; returns once ``/health``
+    answers 200 (raises with the log's tail if the server exits or the start-up timeout passes)."""
+    import httpx
+
+    port = free_port(args.host)
+    argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"), "--model", model,
+            "--host", args.host, "--port", str(port), "--load-format", args.load_format, "--dtype", args.dtype,
+            "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            "--seed", str(args.seed), "--uvicorn-log-level", "warning"]
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens),
+                        ("--quantization", args.quantization), ("--kv-cache-dtype", args.kv_cache_dtype)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += args.serve_arg
+    log = open(log_path, "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://{args.host}:{port}"
+    deadline = time.monotonic() + args.startup_timeout_s
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            with open(log_path) as f:
+                tail = f.read()[-3000:]
+            why = f"exited with {proc.returncode}" if proc.returncode is not None else "did not answer in time"
+            raise RuntimeError(f"the server {why}; its log ({log_path}) ends:\n{tail}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def server_facts(url: str) -> dict:
+    """The served model's name and the engine facts of ``/version`` (device, JAX version, dtype, ...)."""
+    import httpx
+
+    facts = httpx.get(f"{url}/version", timeout=30).json()
+    facts["served_model"] = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+    return facts
+
+
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=bench_common.DEFAULT_MODEL,
+                        help="the model folder (served, or the one --base-url serves: its vocabulary sizes the prompts)")
+    parser.add_argument("--base-url", default=None, help="a running server (default: start scripts/serve.py)")
+    parser.add_argument("--num-requests", type=int, default=DEFAULTS["num_requests"])
+    parser.add_argument("--input-len", type=int, default=DEFAULTS["input_len"])
+    parser.add_argument("--output-len", type=int, default=DEFAULTS["output_len"])
+    parser.add_argument("--range-ratio", type=float, default=DEFAULTS["range_ratio"],
+                        help="lengths uniform within this fraction of --input-len / --output-len")
+    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    parser.add_argument("--num-warmup", type=int, default=2, help="requests sent one by one before the timed run")
+    parser.add_argument("--request-timeout-s", type=float, default=3600.0)
+    parser.add_argument("--seed", type=int, default=bench_common.PROMPT_SEED, help="seed of prompts, lengths, arrivals")
+    server = parser.add_argument_group("the server this script starts (ignored with --base-url)")
+    server.add_argument("--load-format", default="dummy", choices=("auto", "safetensors", "gguf", "dummy"))
+    server.add_argument("--dtype", default="auto")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the longest prompt plus the longest output of the run")
+    server.add_argument("--max-num-seqs", type=int, default=None)
+    server.add_argument("--max-num-batched-tokens", type=int, default=None)
+    server.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    server.add_argument("--quantization", default=None)
+    server.add_argument("--kv-cache-dtype", default=None)
+    server.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for scripts/serve.py (repeatable, e.g. --serve-arg=--no-precompile-steps)")
+    server.add_argument("--startup-timeout-s", type=float, default=900.0)
+    parser.add_argument("--output-json", default=None,
+                        help="result file (default <results-dir>/serving-<device>-<date>.json)")
+    parser.add_argument("--results-dir", default=bench_common.RESULTS_DIR)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    vocab_size = bench_common.read_vocab_size(args.model)
+    requests = make_requests(args.num_requests, args.input_len, args.output_len, args.range_ratio, vocab_size,
+                             args.seed)
+    warmup = make_requests(args.num_warmup, args.input_len, args.output_len, 0.0, vocab_size, args.seed + 7)
+    offsets = arrival_offsets(args.num_requests, args.request_rate, args.seed)
+    max_model_len = args.max_model_len or max(len(p) + m for p, m in requests + warmup)
+    with tempfile.TemporaryDirectory() as folder:
+        proc = None
+        if args.base_url:
+            url = args.base_url.rstrip("/")
+        else:
+            log_path = os.path.join(args.results_dir, "serving-server.log")
+            os.makedirs(args.results_dir, exist_ok=True)
+            started = time.perf_counter()
+            proc, url = start_server(args, with_tokenizer(args.model, folder), max_model_len, log_path)
+            print(f"server ready at {url} in {time.perf_counter() - started:.1f} s (log {log_path})", flush=True)
+        try:
+            facts = server_facts(url)
+            for prompt, max_tokens in warmup:  # compiles at first use off a GPU; excluded from the figures
+                asyncio.run(run_load(url, facts["served_model"], [(prompt, max_tokens)], [0.0], None,
+                                     args.request_timeout_s))
+            results, wall_s = asyncio.run(run_load(url, facts["served_model"], requests, offsets,
+                                                   args.max_concurrency, args.request_timeout_s))
+        finally:
+            if proc is not None:
+                stop_server(proc)
+    summary = summarize(results, wall_s)
+    result = dict(
+        workload=WORKLOAD, model=bench_common.model_name(args.model), device=facts.get("device", "unknown"),
+        jax_version=facts.get("jax_version"), commit=bench_common.git_commit(),
+        command=" ".join(["python"] + sys.argv), dtype=facts.get("dtype"), quantization=facts.get("quantization"),
+        kv_cache_dtype=facts.get("kv_cache_dtype", "auto"), tensor_parallel_size=facts.get("tensor_parallel_size", 1),
+        date=time.strftime("%Y-%m-%d"), backend=facts.get("backend"), server_version=facts.get("version"),
+        request_rate="inf" if math.isinf(args.request_rate) else args.request_rate,
+        max_concurrency=args.max_concurrency, num_requests=args.num_requests, input_len=args.input_len,
+        output_len=args.output_len, range_ratio=args.range_ratio, max_model_len=facts.get("max_model_len"),
+        **summary,
+    )
+    path = bench_common.write_results(result, args.output_json, args.results_dir)
+    bench_common.print_table(
+        [dict(result, name="pagedjax")],
+        ["name", "request_rate", "completed", "errors", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+         "itl_p99_ms"],
+        title=f"serving on {result['device']}: {args.num_requests} x {args.input_len}/{args.output_len} "
+              f"(+-{args.range_ratio:.0%}), {wall_s:.1f} s")
+    if result["error_samples"]:
+        print("errors:", *result["error_samples"], sep="\n  ")
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
