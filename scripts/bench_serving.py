@@ -180,12 +180,12 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def with_tokenizer(model: str, folder: str) -> str:
+def with_tokenizer(model: Optional[str], folder: str) -> Optional[str]:
     """``model`` if it has a tokenizer; else a copy of its ``config.json`` in ``folder`` beside a
     word-level tokenizer of its vocabulary (token ``i`` is the word ``t<i>``)."""
     from engine.tokenizer import TOKENIZER_FILES
 
-    if not os.path.isdir(model) or any(os.path.exists(os.path.join(model, f)) for f in TOKENIZER_FILES):
+    if model is None or not os.path.isdir(model) or any(os.path.exists(os.path.join(model, f)) for f in TOKENIZER_FILES):
         return model
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -206,14 +206,14 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args, model: str, max_model_len: int, log_path: str) -> tuple[subprocess.Popen, str]:
+def start_server(args, model: Optional[str], max_model_len: int, log_path: str) -> tuple[subprocess.Popen, str]:
     """``scripts/serve.py`` in a child process, its output in ``log_path``; returns once ``/health``
     answers 200 (raises with the log's tail if the server exits or the start-up timeout passes)."""
     import httpx
 
     port = free_port(args.host)
-    argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"), "--model", model,
-            "--host", args.host, "--port", str(port), "--load-format", args.load_format, "--dtype", args.dtype,
+    argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"),
+            *(["--model", model] if model is not None else []), "--host", args.host, "--port", str(port), "--load-format", args.load_format, "--dtype", args.dtype,
             "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
             "--seed", str(args.seed), "--uvicorn-log-level", "warning"]
     for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens),
@@ -265,7 +265,8 @@ def server_facts(url: str) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=bench_common.DEFAULT_MODEL,
-                        help="the model folder (served, or the one --base-url serves: its vocabulary sizes the prompts)")
+                        help="the model folder (served, or the one --base-url serves: its vocabulary sizes the prompts); "
+                             "'default': the embedded SmolLM2-135M-Instruct (with --load-format auto)")
     parser.add_argument("--base-url", default=None, help="a running server (default: start scripts/serve.py)")
     parser.add_argument("--num-requests", type=int, default=DEFAULTS["num_requests"])
     parser.add_argument("--input-len", type=int, default=DEFAULTS["input_len"])
@@ -294,7 +295,10 @@ def parse_args(argv=None):
     parser.add_argument("--output-json", default=None,
                         help="result file (default <results-dir>/serving-<device>-<date>.json)")
     parser.add_argument("--results-dir", default=bench_common.RESULTS_DIR)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.model == "default":
+        args.model = None
+    return args
 
 
 def main(argv=None) -> dict:
