@@ -177,9 +177,9 @@ class LLM:
     def shutdown(self) -> None:
         self._loop.shutdown()
 
-    def __del__(self):
+    def __del__(self, _is_finalizing=sys.is_finalizing):  # bound now: at interpreter exit `sys` may be None
         loop = getattr(self, "_loop", None)
-        if loop is not None and not sys.is_finalizing():  # at interpreter exit the (daemon) loop just stops
+        if loop is not None and not _is_finalizing():  # at interpreter exit the (daemon) loop just stops
             loop.shutdown()
 
 
