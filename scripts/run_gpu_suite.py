@@ -195,8 +195,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("tput-prefill-noprefetch", ["env", f"PAGEDJAX_ATTENTION_TILING={NO_PREFETCH}"] + tput(
             "tput-prefill", "--output-json", f"{results}/tput-prefill-noprefetch.json"), 300),
         # PROTOCOL's serving workload (8B dummy through scripts/serve.py). The GPU image lacks the server's and the
-        # client's packages: carry wheels of fastapi, starlette, uvicorn, pydantic, pydantic-core, annotated-types,
-        # typing-inspection, openai, distro, jiter (the device README's recipe) and start the call with their install.
+        # client's packages: carry their wheels (the list in benchmarks/NOTES.md, run 15) and install them first.
         ("serving", bench("bench_serving.py", "--request-rate", "8"), 300),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 90),
     ]
