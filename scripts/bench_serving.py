@@ -42,6 +42,7 @@ import bench_common  # noqa: E402
 
 WORKLOAD = "serving"
 DEFAULTS = dict(num_requests=512, input_len=512, output_len=256, range_ratio=0.5)  # PROTOCOL.md
+MAX_ITL_SAMPLES = 2000
 
 
 @dataclasses.dataclass
@@ -172,7 +173,20 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
         ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), ttft_mean_ms=float(ttft.mean()) if ttft.size else None,
         itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99), itl_mean_ms=float(itl.mean()) if itl.size else None,
         e2e_p50_ms=pct(e2e, 50), e2e_p99_ms=pct(e2e, 99),
+        # For the latency CDF of scripts/visualize.py: per request, and the ITL's quantiles (one per token is too many).
+        ttft_ms_samples=_rounded(ttft), e2e_ms_samples=_rounded(e2e), itl_ms_samples=_rounded(_quantiles(itl)),
     )
+
+
+def _quantiles(values, count: int = MAX_ITL_SAMPLES):
+    """``values`` itself if short, else ``count`` evenly spaced quantiles of it (the same CDF, smaller)."""
+    import numpy as np
+
+    return values if values.size <= count else np.quantile(values, np.linspace(0, 1, count))
+
+
+def _rounded(values) -> list[float]:
+    return [round(float(v), 3) for v in values]
 
 
 # --------------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ def test_summary_percentiles_and_errors():
     assert math.isclose(s["ttft_p50_ms"], 200.0) and s["ttft_p99_ms"] <= 300.0
     assert math.isclose(s["itl_p50_ms"], 20.0) and math.isclose(s["output_tok_s"], 6.0)
     assert math.isclose(s["total_tok_s"], 21.0)
+    assert s["ttft_ms_samples"] == [100.0, 200.0, 300.0] and len(s["itl_ms_samples"]) == 6  # the latency CDF's data
+    many = bench_serving._quantiles(np.arange(10_000.0))
+    assert len(many) == bench_serving.MAX_ITL_SAMPLES and many[0] == 0 and many[-1] == 9999
 
 
 def test_serving_run_against_a_started_server(tmp_path):
