@@ -81,6 +81,10 @@ class MatmulConfig:
     # in-model profile found the int4 GEMV bound by arithmetic, not bytes (NOTES.md, run 10);
     # whether this is faster is not measured yet (bench_matmul.py --sweep-form gemv sweeps it).
     gemv_defer_reduction: bool = False
+    # GEMV: int4 nibbles and int8 values become float32 by the exponent trick (OR the integer into
+    # the mantissa of 2^23 and subtract 2^23: a logic op and an add, both full rate) instead of an
+    # integer-to-float conversion, which runs at a quarter of the FMA rate. Not measured yet.
+    gemv_magic_convert: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -173,8 +177,18 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, bl
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+_TWO_23 = 8388608.0  # 2^23: float32 0x4B000000; OR-ing an integer 0 <= i < 2^23 into its mantissa gives 2^23 + i
+
+
+def _small_ints_as_f32(v: jax.Array, offset: int = 0) -> jax.Array:
+    """int32 ``v`` with ``0 <= v + offset < 2^23`` as float32, exactly, without an integer-to-float
+    conversion: the bits of ``2^23 + v + offset`` reinterpreted, minus ``2^23 + offset``."""
+    bits = (v + offset) | 0x4B000000
+    return lax.bitcast_convert_type(bits, jnp.float32) - (_TWO_23 + offset)
+
+
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
-                 defer_reduction: bool):
+                 defer_reduction: bool, magic_convert: bool):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -182,6 +196,7 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     arithmetic for nothing and its small tiles kept too few bytes in flight (benchmarks/NOTES.md,
     run 6); here a program streams wide tiles and only reads and adds. ``defer_reduction``:
     the tile products accumulate elementwise and are summed over K once, after the loop.
+    ``magic_convert``: integer weights become float32 through ``_small_ints_as_f32``.
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -201,9 +216,14 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
                                    eviction_policy="evict_first")
             x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
             x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
+            if magic_convert:
+                packed = packed.astype(jnp.int32)
+                return s, z, x_lo, _small_ints_as_f32(packed & 0xF), x_hi, _small_ints_as_f32(packed >> 4)
             return s, z, x_lo, (packed & 0xF).astype(jnp.float32), x_hi, (packed >> 4).astype(jnp.float32)
-        w = pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first").astype(jnp.float32)
-        return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w
+        w = pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first")
+        if magic_convert and fmt == "int8":
+            w = _small_ints_as_f32(w.astype(jnp.int32), offset=128)
+        return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w.astype(jnp.float32)
 
     def step(i, acc):  # acc: [block_n]; each tile summed over K at once
         if fmt == "int4":
@@ -329,7 +349,8 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
-                               group_size=group_size, defer_reduction=config.gemv_defer_reduction)
+                               group_size=group_size, defer_reduction=config.gemv_defer_reduction,
+                               magic_convert=config.gemv_magic_convert)
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),

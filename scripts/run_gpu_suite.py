@@ -24,6 +24,7 @@ PY = sys.executable
 MODEL = "benchmarks/models/llama-3.1-8b"
 # The prefill launch's block-table prefetch and longest-first order off (both the default since run 15c).
 NO_PREFETCH = '{"prefill_prefetch_pages": false, "prefill_longest_first": false}'
+MAGIC = '{"gemv_magic_convert": true}'  # the GEMV's integer-to-float by the exponent trick (run 15, unmeasured)
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -194,6 +195,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "profile-prefill-16k-noprefetch", "--step", "prefill", "--batch", "8", "--ctx", "2048"), 100),
         ("tput-prefill-noprefetch", ["env", f"PAGEDJAX_ATTENTION_TILING={NO_PREFETCH}"] + tput(
             "tput-prefill", "--output-json", f"{results}/tput-prefill-noprefetch.json"), 300),
+        # Issue 8, batch 1: integer weights to float32 by the exponent trick in the GEMV (gemv_magic_convert) against
+        # the conversion instruction, AWQ int4 and int8 through the kernel (int8's default at one row is XLA's dot).
+        ("latency-awq-magic", ["env", f"PAGEDJAX_MATMUL_CONFIG={MAGIC}"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-magic.json"), 80),
+        ("latency-int8-pallas", latency("int8", "--linear-backend", "pallas"), 80),
+        ("latency-int8-pallas-magic", ["env", f"PAGEDJAX_MATMUL_CONFIG={MAGIC}"] + latency(
+            "int8", "--linear-backend", "pallas", "--output-json", f"{results}/latency-int8-pallas-magic.json"), 80),
         # PROTOCOL's serving workload (8B dummy through scripts/serve.py). The GPU image lacks the server's and the
         # client's packages: carry their wheels (the list in benchmarks/NOTES.md, run 15) and install them first.
         ("serving", bench("bench_serving.py", "--request-rate", "8"), 300),

@@ -74,6 +74,10 @@ CPU_CASES = [
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=True)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_defer_reduction=True)),
     ("dense", 1, 256, 192, 0, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=True)),
+    # Integer weights to float32 by the exponent trick (gemv_magic_convert), both reductions.
+    ("int4", 1, 512, 192, 64, jnp.bfloat16, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_magic_convert=True)),
+    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_magic_convert=True,
+                                                      gemv_defer_reduction=True)),
 ]
 
 
@@ -98,6 +102,15 @@ def test_kernel_matches_reference_interpret(fmt, M, K, N, group, dtype, config):
     run_case(fmt, M, K, N, group, dtype, config, interpret=True)
 
 
+def test_small_ints_become_float32_exactly_without_a_conversion():
+    from pallas_kernels.quantized_matmul import _small_ints_as_f32
+
+    nibbles = jnp.arange(16, dtype=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(_small_ints_as_f32(nibbles)), np.arange(16, dtype=np.float32))
+    int8 = jnp.arange(-128, 128, dtype=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(_small_ints_as_f32(int8, offset=128)), np.arange(-128, 128))
+
+
 @pytest.mark.parametrize("rows,defer", [(100, False), (1, False), (1, True)])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
 def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer):
@@ -107,7 +120,7 @@ def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer):
     kernel, _ = KERNELS[fmt]
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
     x = jnp.ones((rows, 1024), jnp.bfloat16)
-    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer)
+    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_magic_convert=defer)
     fn = jax.jit(functools.partial(kernel, interpret=False, config=config, **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
