@@ -44,9 +44,11 @@ SHAPES_SMOKE = {"wqkv": (256, 128, 2), "w_gate_up": (256, 384, 2), "w_down": (38
 # Kernel tilings tried by --sweep: (block_n, block_k, programs_per_core, num_warps, num_stages).
 # int4 tiles K by its packing block whatever block_k says.
 # One-row GEMV form (--sweep-form gemv): (gemv_block_n, gemv_block_k, programs_per_core, gemv_num_warps, stages,
-# gemv_defer_reduction). The first is the default.
-GEMV_SWEEP = ((128, 128, 2, 8, 4, False), (128, 128, 2, 8, 4, True), (128, 64, 2, 8, 4, True), (64, 128, 2, 4, 4, True),
-              (128, 64, 4, 4, 6, True), (256, 64, 2, 8, 4, True), (128, 32, 2, 8, 4, True), (128, 64, 4, 4, 6, False))
+# gemv_defer_reduction, gemv_magic_convert). The first is the default.
+GEMV_SWEEP = ((128, 128, 2, 8, 4, False, False), (128, 128, 2, 8, 4, True, False), (128, 64, 2, 8, 4, True, False),
+              (64, 128, 2, 4, 4, True, False), (128, 64, 4, 4, 6, True, False), (256, 64, 2, 8, 4, True, False),
+              (128, 32, 2, 8, 4, True, False), (128, 64, 4, 4, 6, False, False),
+              (128, 128, 2, 8, 4, False, True), (128, 128, 2, 8, 4, True, True))
 SWEEP = ((64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 256, 2, 4, 4), (256, 128, 1, 4, 4), (128, 256, 1, 8, 3),
          (256, 256, 1, 8, 3), (128, 512, 1, 4, 3), (64, 256, 2, 4, 4), (128, 128, 4, 4, 4), (256, 64, 2, 4, 6))
 VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")
@@ -210,15 +212,16 @@ def main(argv=None):
         for name in args.sweep_shapes.split(","):
             K, N, _ = shapes[name]
             for variant in args.sweep_variants.split(","):
-                for block_n, block_k, per_core, warps, stages, *defer in (SWEEP if args.sweep_form == "dot"
-                                                                           else GEMV_SWEEP):
+                for block_n, block_k, per_core, warps, stages, *gemv_flags in (SWEEP if args.sweep_form == "dot"
+                                                                                else GEMV_SWEEP):
                     if args.sweep_form == "dot":
                         config = MatmulConfig(block_n=block_n, block_k=block_k, programs_per_core=per_core,
                                               num_warps=warps, num_stages=stages, gemv=False)
                     else:
                         config = MatmulConfig(gemv_block_n=block_n, gemv_block_k=block_k,
                                               gemv_programs_per_core=per_core, gemv_num_warps=warps,
-                                              gemv_num_stages=stages, gemv_defer_reduction=defer[0])
+                                              gemv_num_stages=stages, gemv_defer_reduction=gemv_flags[0],
+                                              gemv_magic_convert=gemv_flags[1])
                     try:
                         row = time_variant(variant, K, N, 1, interpret=interpret, repeats=repeats, config=config,
                                            stream_bytes=stream, min_calls=calls)
