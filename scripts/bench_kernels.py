@@ -392,6 +392,18 @@ def mosaic_gpu_attention_peer(qkv, ours, ref, flops, repeats, inner, *, block_kv
                 rel_err_vs_ours=relative_error(out, ours), rel_err_vs_reference=relative_error(out, ref))
 
 
+def record_peer(peers: dict, label: str, name: str, measure, log) -> None:
+    """``peers[label]``: ``name`` and the timing dict ``measure()`` returns, or ``name`` and the error where
+    the peer fails (absent on this device, e.g. cuDNN on CPU, or rejected by its compiler): recorded, not fatal."""
+    try:
+        peers[label] = p = dict(name=name, **measure())
+        log(f"  {label}: {p['us']:.1f} us = {p['tflop_s']:.1f} TFLOP/s (rel err vs ours {p['rel_err_vs_ours']:.1e},"
+            f" vs reference {p['rel_err_vs_reference']:.1e})")
+    except Exception as e:  # noqa: BLE001 - a missing peer is a data point, not the run's end
+        peers[label] = dict(name=name, error=f"{type(e).__name__}: {e}"[:500])
+        log(f"  {label}: failed: {peers[label]['error'][:200]}")
+
+
 def run_prefill(cfg, common, log):
     """Whole causal prompts (the open issue's target: within 1.3x of cuDNN's flash
     attention on the same shapes), our paged kernel against dense peers on contiguous q/k/v."""
@@ -415,41 +427,18 @@ def run_prefill(cfg, common, log):
     qkv = jax.block_until_ready(dense_qkv(w, num_seqs, seq_len))
     peers = {}
     for label, implementation in (("cudnn_flash_attention", "cudnn"), ("xla_dot_product_attention", "xla")):
-        peer_name = f"jax.nn.dot_product_attention(is_causal=True, implementation='{implementation}')"
-        try:
-            peers[label] = dict(name=peer_name, **dense_attention_peer(implementation, qkv, ours, ref, flops,
-                                                                       cfg.repeats, cfg.inner))
-            p = peers[label]
-            log(f"  {label}: {p['us']:.1f} us = {p['tflop_s']:.1f} TFLOP/s (rel err vs ours {p['rel_err_vs_ours']:.1e},"
-                f" vs reference {p['rel_err_vs_reference']:.1e})")
-        except Exception as e:  # noqa: BLE001 - on CPU, or without cuDNN, the peer is missing, not the run
-            peers[label] = dict(name=peer_name, error=f"{type(e).__name__}: {e}"[:500])
-            log(f"  {label}: failed: {peers[label]['error'][:200]}")
+        record_peer(peers, label, f"jax.nn.dot_product_attention(is_causal=True, implementation='{implementation}')",
+                    functools.partial(dense_attention_peer, implementation, qkv, ours, ref, flops, cfg.repeats,
+                                      cfg.inner), log)
     for bq, bk, nw, ns in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)] if not cfg.smoke else [(16, 16, 4, 1)]:
-        label = f"pallas_mha_{bq}x{bk}_w{nw}_s{ns}"
-        try:
-            peers[label] = dict(name="jax.experimental.pallas.ops.gpu.attention.mha", **pallas_mha_peer(
-                qkv, ours, ref, flops, cfg.repeats, cfg.inner, block_q=bq, block_k=bk, num_warps=nw, num_stages=ns,
-                interpret=cfg.interpret))
-            log(f"  {label}: {peers[label]['us']:.1f} us = {peers[label]['tflop_s']:.1f} TFLOP/s "
-                f"(rel err vs ours {peers[label]['rel_err_vs_ours']:.1e})")
-        except Exception as e:  # noqa: BLE001 - a peer that fails to build is recorded, not fatal
-            peers[label] = dict(name="jax.experimental.pallas.ops.gpu.attention.mha",
-                                error=f"{type(e).__name__}: {e}"[:500])
-            log(f"  {label}: failed: {peers[label]['error'][:200]}")
-    for block_kv in (128, 64, 256):
-        label = f"mosaic_gpu_attention_64x{block_kv}"
-        name = "jax.experimental.pallas.ops.gpu.attention_mgpu.attention"
-        try:
-            peers[label] = dict(name=name, **mosaic_gpu_attention_peer(qkv, ours, ref, flops, cfg.repeats, cfg.inner,
-                                                                      block_kv=block_kv))
-            log(f"  {label}: {peers[label]['us']:.1f} us = {peers[label]['tflop_s']:.1f} TFLOP/s "
-                f"(rel err vs ours {peers[label]['rel_err_vs_ours']:.1e})")
-        except Exception as e:  # noqa: BLE001 - off a Hopper GPU, or out of shared memory: recorded
-            peers[label] = dict(name=name, error=f"{type(e).__name__}: {e}"[:500])
-            log(f"  {label}: failed: {peers[label]['error'][:200]}")
-        if cfg.smoke:
-            break
+        record_peer(peers, f"pallas_mha_{bq}x{bk}_w{nw}_s{ns}", "jax.experimental.pallas.ops.gpu.attention.mha",
+                    functools.partial(pallas_mha_peer, qkv, ours, ref, flops, cfg.repeats, cfg.inner, block_q=bq,
+                                      block_k=bk, num_warps=nw, num_stages=ns, interpret=cfg.interpret), log)
+    for block_kv in (128, 64, 256) if not cfg.smoke else (128,):
+        record_peer(peers, f"mosaic_gpu_attention_64x{block_kv}",
+                    "jax.experimental.pallas.ops.gpu.attention_mgpu.attention",
+                    functools.partial(mosaic_gpu_attention_peer, qkv, ours, ref, flops, cfg.repeats, cfg.inner,
+                                      block_kv=block_kv), log)
     tflop_s = flops / (best["us"] * 1e-6) / 1e12
     peer = peers["cudnn_flash_attention"]
     ratio = (peer["us"] / best["us"]) if "us" in peer else None

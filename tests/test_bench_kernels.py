@@ -31,6 +31,7 @@ def test_prefill_smoke_writes_record(tmp_path):
         (r,) = json.load(f)
 
     assert r["workload"] == "kernel-prefill"
+    assert r["name"] == f"{r['shape']['num_seqs']}x{r['shape']['q_len']}"  # the case, not a peer's name
     assert r["shape"]["q_len"] == r["shape"]["kv_len"]
     assert _is_number(r["us"]) and r["us"] > 0
     assert _is_number(r["tflop_s"]) and r["tflop_s"] > 0
