@@ -159,7 +159,7 @@ class LLMEngine:
             "max %d concurrent tokens; largest step's activations %.2f GiB; max_model_len=%d, max_num_seqs=%d, "
             "max_num_batched_tokens=%d; making programs: trace %.1f s, lower %.1f s, compile or load %.1f s "
             "(of which loads from the persistent cache %.1f s); slowest to make: %s",
-            loaded.path, loaded.load_format, np.dtype(loaded.dtype).name, loaded.quantization,
+            loaded.path, loaded.load_format, self.dtype, loaded.quantization,
             f"{args.tensor_parallel_size} x {jax.devices()[0].device_kind}",
             time.perf_counter() - start, weights_s, weight_compiles.seconds, self.startup_seconds["sizing_compile"],
             compiled,

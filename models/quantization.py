@@ -248,9 +248,7 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
     for name in QUANTIZED_LAYER_WEIGHTS:
         dense = layers.pop(name)
         sharding = None if shardings is None else shardings["layers"][name]
-        out = None
-        if sharding is not None:
-            out = field_shardings(jax.eval_shape(functools.partial(quantize_weight, method=method), dense), sharding)
+        out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method), dense), sharding)
         layers[name] = _quantizer(method, out)(dense)
         del dense
     return params

@@ -20,7 +20,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from typing import Iterable, Optional, Sequence
 

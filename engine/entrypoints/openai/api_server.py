@@ -655,14 +655,10 @@ def engine_facts(async_llm: AsyncLLM) -> dict:
 
 
 def startup_line(async_llm: AsyncLLM, names: Sequence[str], url: str) -> str:
-    import jax
-
-    devices = jax.devices()
-    stats = async_llm.stats()
-    engine = async_llm.engine
-    return (f"pagedjax serving {', '.join(names)} ({engine.model_path}) on {len(devices)}x "
-            f"{devices[0].device_kind}; KV cache {stats['num_usable_blocks']} blocks of {engine.args.block_size} "
-            f"tokens; max_model_len {engine.max_model_len}; OpenAI API at {url}/v1")
+    facts, stats, engine = engine_facts(async_llm), async_llm.stats(), async_llm.engine
+    return (f"pagedjax serving {', '.join(names)} ({engine.model_path}) on {facts['num_devices']}x "
+            f"{facts['device']}; KV cache {stats['num_usable_blocks']} blocks of {engine.args.block_size} "
+            f"tokens; max_model_len {facts['max_model_len']}; OpenAI API at {url}/v1")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
