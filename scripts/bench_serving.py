@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -94,7 +95,7 @@ async def send_one(client, model: str, prompt: list[int], max_tokens: int, start
     """One streamed completion sent at ``start + offset``; never raises (errors are recorded)."""
     result = RequestResult(prompt_len=len(prompt), max_tokens=max_tokens)
     await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-    async with semaphore if semaphore is not None else _no_limit():
+    async with semaphore if semaphore is not None else contextlib.nullcontext():
         sent = last = time.perf_counter()
         try:
             stream = await client.completions.create(
@@ -122,14 +123,6 @@ async def send_one(client, model: str, prompt: list[int], max_tokens: int, start
             result.error = f"{type(e).__name__}: {e}"[:300]
         result.finished_at = time.perf_counter()
     return result
-
-
-class _no_limit:
-    async def __aenter__(self):
-        return None
-
-    async def __aexit__(self, *exc):
-        return False
 
 
 async def run_load(base_url: str, model: str, requests: list[tuple[list[int], int]], offsets: list[float],
