@@ -48,7 +48,8 @@ SHAPES_SMOKE = {"wqkv": (256, 128, 2), "w_gate_up": (256, 384, 2), "w_down": (38
 GEMV_SWEEP = ((128, 128, 2, 8, 4, False, False), (128, 128, 2, 8, 4, True, False), (128, 64, 2, 8, 4, True, False),
               (64, 128, 2, 4, 4, True, False), (128, 64, 4, 4, 6, True, False), (256, 64, 2, 8, 4, True, False),
               (128, 32, 2, 8, 4, True, False), (128, 64, 4, 4, 6, False, False),
-              (128, 128, 2, 8, 4, False, True), (128, 128, 2, 8, 4, True, True))
+              (128, 128, 2, 8, 4, False, True), (128, 128, 2, 8, 4, True, True), (128, 64, 2, 8, 4, True, True),
+              (64, 128, 2, 4, 4, True, True), (256, 64, 2, 8, 4, True, True), (128, 64, 4, 4, 6, True, True))
 SWEEP = ((64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 256, 2, 4, 4), (256, 128, 1, 4, 4), (128, 256, 1, 8, 3),
          (256, 256, 1, 8, 3), (128, 512, 1, 4, 3), (64, 256, 2, 4, 4), (128, 128, 4, 4, 4), (256, 64, 2, 4, 6))
 VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")

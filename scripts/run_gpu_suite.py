@@ -25,6 +25,7 @@ MODEL = "benchmarks/models/llama-3.1-8b"
 # The prefill launch's block-table prefetch and longest-first order off (both the default since run 15c).
 NO_PREFETCH = '{"prefill_prefetch_pages": false, "prefill_longest_first": false}'
 MAGIC = '{"gemv_magic_convert": true}'  # the GEMV's integer-to-float by the exponent trick (run 15, unmeasured)
+DEFER_MAGIC = '{"gemv_magic_convert": true, "gemv_defer_reduction": true}'  # and the sum over K after the loop
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -54,7 +55,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("matmul-fp8-noautotune", matmul("matmul-fp8-noautotune", "--rows", "1,256,4096", "--variants",
                                          "xla-bf16,xla-fp8", "--compiler-option", "xla_gpu_autotune_level=0"), 120),
         ("matmul-sweep-gemv", matmul("matmul-sweep-gemv", "--rows", "1", "--variants", "pallas-int8,pallas-int4",
-                                     "--sweep", "--sweep-form", "gemv", "--sweep-shapes", "w_gate_up,wqkv"), 150),
+                                     "--sweep", "--sweep-form", "gemv", "--sweep-shapes", "w_gate_up"), 120),
         # Where a batch-1 decode step's time goes (latency's TPOT), bf16 and AWQ int4.
         ("profile-decode1", profile("profile-decode1", "--step", "decode", "--batch", "1", "--ctx", "192"), 60),
         ("profile-decode1-awq", profile("profile-decode1-awq", "--step", "decode", "--batch", "1", "--ctx", "192",
@@ -202,6 +203,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-int8-pallas", latency("int8", "--linear-backend", "pallas"), 80),
         ("latency-int8-pallas-magic", ["env", f"PAGEDJAX_MATMUL_CONFIG={MAGIC}"] + latency(
             "int8", "--linear-backend", "pallas", "--output-json", f"{results}/latency-int8-pallas-magic.json"), 80),
+        # Run 16: both GEMV changes together (the sum over K after the loop removes a cross-thread reduction per
+        # tile; the exponent trick removes the quarter-rate conversions), AWQ int4 and int8 through the kernel.
+        ("latency-awq-defer-magic", ["env", f"PAGEDJAX_MATMUL_CONFIG={DEFER_MAGIC}"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-defer-magic.json"), 80),
+        ("latency-int8-pallas-defer-magic", ["env", f"PAGEDJAX_MATMUL_CONFIG={DEFER_MAGIC}"] + latency(
+            "int8", "--linear-backend", "pallas", "--output-json", f"{results}/latency-int8-pallas-defer-magic.json"),
+         80),
         # PROTOCOL's serving workload (8B dummy through scripts/serve.py). The GPU image lacks the server's and the
         # client's packages: carry their wheels (the list in benchmarks/NOTES.md, run 15) and install them first.
         ("serving", bench("bench_serving.py", "--request-rate", "8"), 300),

@@ -78,6 +78,7 @@ CPU_CASES = [
     ("int4", 1, 512, 192, 64, jnp.bfloat16, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_magic_convert=True)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_magic_convert=True,
                                                       gemv_defer_reduction=True)),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_magic_convert=True, gemv_defer_reduction=True)),
 ]
 
 
