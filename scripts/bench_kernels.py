@@ -379,15 +379,16 @@ def mosaic_gpu_attention_peer(qkv, ours, ref, flops, repeats, inner, *, block_kv
     """JAX's Hopper flash attention in Pallas Mosaic GPU (``pallas.ops.gpu.attention_mgpu``: TMA loads,
     wgmma, warp-specialised, GQA) on contiguous q/k/v: how far a Mosaic GPU kernel gets toward cuDNN
     where the Triton path stops (run 15: Pallas ``mha`` 0.71 of cuDNN). It applies no softmax scale, so q
-    comes pre-scaled; GPU only (it raises elsewhere, recorded as the peer's error)."""
+    comes pre-scaled, and in float16: its softmax tile is float16 (bfloat16 inputs fail to lower, run 16a);
+    GPU only (it raises elsewhere, recorded as the peer's error)."""
     from jax.experimental.pallas.ops.gpu import attention_mgpu
 
-    q, k, v = qkv
+    q, k, v = (a.astype(jnp.float16) for a in qkv)
     q = (q * q.shape[-1] ** -0.5).astype(q.dtype)
     config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
     fn = jax.jit(functools.partial(attention_mgpu.attention, config=config))
     us, samples = time_us(fn, (q, k, v), repeats, inner)
-    out = fn(q, k, v).reshape(ours.shape)
+    out = fn(q, k, v).reshape(ours.shape).astype(ours.dtype)
     return dict(us=us, samples_us=samples, tflop_s=flops / (us * 1e-6) / 1e12, block_q=64, block_kv=block_kv,
                 rel_err_vs_ours=relative_error(out, ours), rel_err_vs_reference=relative_error(out, ref))
 

@@ -121,6 +121,18 @@ def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_by
 
     key = jax.random.key(K * 7 + N)
     fn, make, nbytes = make_variant(variant, K, N, key, interpret, config)
+    return dict(variant=variant, **time_chain(fn, make, nbytes, K, N, M, key=key, repeats=repeats,
+                                              stream_bytes=stream_bytes, min_calls=min_calls,
+                                              compiler_options=compiler_options))
+
+
+def time_chain(fn, make, nbytes, K, N, M, *, key, repeats, stream_bytes=STREAM_BYTES, min_calls=MIN_CALLS,
+               compiler_options=None) -> dict:
+    """Times ``fn(x[M, K], w)`` in a dependent chain over enough copies ``make(key)`` of the weight to outgrow
+    the L2 (module docstring); ``nbytes``: one weight's bytes."""
+    import jax
+    import jax.numpy as jnp
+
     copies = max(2, -(-stream_bytes // nbytes))
     calls = max(min_calls, copies)
     weights = [jax.jit(make)(jax.random.fold_in(key, i)) for i in range(copies)]
@@ -142,7 +154,7 @@ def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_by
         jax.block_until_ready(run(xs, weights))
         samples.append((time.perf_counter() - start) / calls)
     seconds = statistics.median(samples)
-    return dict(variant=variant, K=K, N=N, M=M, us=seconds * 1e6, weight_bytes=nbytes,
+    return dict(K=K, N=N, M=M, us=seconds * 1e6, weight_bytes=nbytes,
                 weight_tb_s=nbytes / seconds / 1e12, tflop_s=2 * M * K * N / seconds / 1e12, copies=copies, calls=calls,
                 compile_s=compile_s)
 

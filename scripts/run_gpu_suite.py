@@ -210,6 +210,16 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-int8-pallas-defer-magic", ["env", f"PAGEDJAX_MATMUL_CONFIG={DEFER_MAGIC}"] + latency(
             "int8", "--linear-backend", "pallas", "--output-json", f"{results}/latency-int8-pallas-defer-magic.json"),
          80),
+        # Run 16b: the GEMV over int32 words (scripts/probe_gemv_words.py) beside the current kernel, then one launch
+        # of each under Nsight Compute (stall reasons, instruction mix, SASS) with XLA's dump of their PTX.
+        ("probe-gemv-words", [PY, "scripts/probe_gemv_words.py", "--out", f"{results}/probe-gemv-words.json"], 150),
+        ("ncu-gemv", ["bash", "-c", f"XLA_FLAGS='--xla_dump_to={results}/xla-dump "
+                      "--xla_dump_hlo_module_re=.*(gemv|matmul).*' "
+                      "ncu --clock-control none --target-processes all -k regex:gemv --set full -f "
+                      f"-o {results}/gemv {PY} scripts/probe_gemv_words.py --ncu && "
+                      f"ncu -i {results}/gemv.ncu-rep --page details > {results}/ncu-gemv-details.txt; "
+                      f"ncu -i {results}/gemv.ncu-rep --page source --csv --print-source sass "
+                      f"> {results}/ncu-gemv-sass.csv"], 150),
         # PROTOCOL's serving workload (8B dummy through scripts/serve.py). The GPU image lacks the server's and the
         # client's packages: carry their wheels (the list in benchmarks/NOTES.md, run 15) and install them first.
         ("serving", bench("bench_serving.py", "--request-rate", "8"), 300),

@@ -1,0 +1,238 @@
+"""Probe: the one-row quantized GEMV over weights packed in 32-bit words along K.
+
+Run 16a found the GEMV of ``pallas_kernels/quantized_matmul.py`` at ~2 T weights/s for int4
+and int8 alike (w_gate_up: 59 / 57 us at its best tiles), three times under its arithmetic
+(~5 operations a weight) and far under memory (14 / 27 us at 4.3 TB/s). Its tiles are bytes
+(``uint8`` / ``int8``), which Triton lays out 16 to a thread, while the float32 products and
+sums it feeds get another layout: the suspect is a layout conversion through shared memory
+each step. Here the weight is stored in ``int32`` words instead, so the loaded tile, the
+products and the accumulator share one 32-bit layout:
+
+- int4: 8 nibbles a word. In a block of ``P`` rows of K (``R = P/8`` word rows), nibble ``j``
+  of word row ``r`` is row ``j*R + r``: nibble ``j`` of a tile multiplies the contiguous slice
+  ``x[j*R:(j+1)*R]``.
+- int8: 4 bytes a word, ``q + 128`` (offset binary), the same block arrangement (``R = P/4``).
+
+Each nibble or byte becomes float32 by the exponent trick (OR into 2^23's mantissa, subtract),
+a shift, a logic op and an add a weight, then one multiply-add. This script checks the kernel
+against the dequantize-then-dot reference and, on a GPU, times it beside the current kernel
+at the w_gate_up shape of Llama-3.1-8B (``bench_matmul.time_chain``).
+
+    python scripts/probe_gemv_words.py --check             # CPU: interpret mode, small shapes
+    python scripts/probe_gemv_words.py --out results.json  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as pltriton  # noqa: E402
+
+from pallas_kernels import quantized_matmul as qmm  # noqa: E402
+
+BITS = {"int4": 4, "int8": 8}
+OFFSET = {"int4": 0, "int8": 128}  # stored value = q + offset
+_MAGIC = 0x4B000000  # float32 2^23
+
+
+def pack_words(values: jax.Array, fmt: str, block_rows: int) -> jax.Array:
+    """``[K, N]`` stored values (int4: 0..15, int8: q + 128) -> ``[K / per_word, N]`` int32 (module docstring);
+    ``block_rows``: rows of K per block (``P``)."""
+    bits = BITS[fmt]
+    per_word = 32 // bits
+    K, N = values.shape
+    R = block_rows // per_word
+    v = values.astype(jnp.uint32).reshape(K // block_rows, per_word, R, N)
+    words = v[:, 0]
+    for j in range(1, per_word):
+        words = words | (v[:, j] << (bits * j))
+    return lax.bitcast_convert_type(words.reshape(K // per_word, N), jnp.int32)
+
+
+def _kernel(x_ref, w_ref, *refs, fmt, block_n, R, steps, group_size):
+    o_ref = refs[-1]
+    bits = BITS[fmt]
+    per_word = 32 // bits
+    P = R * per_word
+    n, split = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+
+    def step(i, acc):
+        b = split * steps + i
+        words = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(b * R, R), R), cols], eviction_policy="evict_first")
+        part = jnp.zeros((R, block_n), jnp.float32)
+        xsum = jnp.zeros((R,), jnp.float32)
+        for j in range(per_word):
+            x_j = x_ref[0, pl.ds(pl.multiple_of(b * P + j * R, R), R)].astype(jnp.float32)
+            v = lax.shift_right_logical(words, jnp.int32(bits * j)) if j else words
+            if j < per_word - 1:
+                v = v & ((1 << bits) - 1)
+            q = lax.bitcast_convert_type(v | _MAGIC, jnp.float32) - (8388608.0 + OFFSET[fmt])
+            part = part + x_j[:, None] * q
+            xsum = xsum + x_j
+        if fmt == "int4":  # sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k), one group a step
+            group = (b * P) // group_size
+            s = refs[0][group, cols].astype(jnp.float32)
+            z = refs[1][group, cols].astype(jnp.float32)
+            return acc + s[None, :] * (part - z[None, :] * xsum[:, None])
+        return acc + part
+
+    acc = jnp.sum(lax.fori_loop(0, steps, step, jnp.zeros((R, block_n), jnp.float32)), axis=0)
+    if fmt == "int8":
+        acc = acc * refs[0][cols].astype(jnp.float32)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "R", "group_size", "block_n", "num_warps", "num_stages",
+                                             "programs_per_core", "interpret"))
+def words_gemv(x, words, extras, *, fmt, R, group_size=0, block_n=128, num_warps=4, num_stages=4,
+               programs_per_core=4, interpret=False):
+    """``x[1, K] @ W`` for ``W`` in words (``extras``: int4 ``(scales, zeros)``, int8 ``(scale,)``)."""
+    per_word = 32 // BITS[fmt]
+    rows, N = words.shape
+    K = rows * per_word
+    P = R * per_word
+    if N % block_n or K % P:
+        raise ValueError(f"block_n={block_n} must divide N={N} and the {P} rows of a step K={K}")
+    if group_size and group_size % P:
+        raise ValueError(f"a step's {P} rows must lie in one group of {group_size}")
+    num_steps = K // P
+    splits = qmm.auto_k_splits(N // block_n, num_steps, programs_per_core)
+    kernel = functools.partial(_kernel, fmt=fmt, block_n=block_n, R=R, steps=num_steps // splits,
+                               group_size=group_size)
+    out = pl.pallas_call(
+        kernel, grid=(N // block_n, splits), in_specs=[pl.no_block_spec] * (2 + len(extras)),
+        out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
+        out_shape=jax.ShapeDtypeStruct((splits, N), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name=f"{fmt}_words_gemv")(x, words, *extras)
+    return out.sum(axis=0).astype(x.dtype)[None, :]
+
+
+def to_words(w, fmt: str, block_rows: int):
+    """A ``models.quantization`` weight -> ``(words, extras, group_size)``."""
+    if fmt == "int4":
+        return pack_words(qmm.unpack_int4(w.packed, w.pack), fmt, block_rows), (w.scales, w.zeros), w.group_size
+    return pack_words(w.q.astype(jnp.int32) + 128, fmt, block_rows), (w.scale,), 0
+
+
+def reference(x, w, fmt):
+    if fmt == "int4":
+        return qmm.int4_matmul_reference(x, w.packed, w.scales, w.zeros, group_size=w.group_size, pack=w.pack)
+    return qmm.int8_matmul_reference(x, w.q, w.scale)
+
+
+def check(interpret: bool, K: int = 512, N: int = 256) -> list[str]:
+    from models.quantization import quantize_weight
+
+    lines = []
+    for fmt, block_rows in (("int4", 128), ("int8", 128), ("int8", 64)):
+        key = jax.random.key(block_rows + len(fmt))
+        w = quantize_weight((jax.random.normal(key, (K, N)) * 0.02).astype(jnp.bfloat16), fmt)
+        x = jax.random.normal(jax.random.fold_in(key, 1), (1, K), jnp.float32).astype(jnp.bfloat16)
+        words, extras, g = to_words(w, fmt, block_rows)
+        per_word = 32 // BITS[fmt]
+        got = words_gemv(x, words, extras, fmt=fmt, R=block_rows // per_word, group_size=g, block_n=64,
+                         interpret=interpret)
+        want = reference(x, w, fmt)
+        err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))) /
+                    jnp.max(jnp.abs(want.astype(jnp.float32))))
+        lines.append(f"check {fmt} P={block_rows}: max error / max |ref| = {err:.2e}")
+        if err > 2e-2:
+            raise AssertionError(lines[-1])
+    return lines
+
+
+BEST_16A = qmm.MatmulConfig(gemv_block_n=128, gemv_block_k=64, gemv_programs_per_core=4, gemv_num_warps=4,
+                            gemv_num_stages=6, gemv_defer_reduction=True, gemv_magic_convert=True)
+
+
+def launch_once(K: int, N: int, interpret: bool) -> None:
+    from models.quantization import quantize_weight
+
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (1, K), jnp.float32).astype(jnp.bfloat16)
+    for fmt in ("int4", "int8"):
+        w = quantize_weight((jax.random.normal(key, (K, N)) * 0.02).astype(jnp.bfloat16), fmt)
+        if fmt == "int4":
+            current = qmm.int4_matmul(x, w.packed, w.scales, w.zeros, group_size=w.group_size, pack=w.pack,
+                                      config=BEST_16A, interpret=interpret)
+        else:
+            current = qmm.int8_matmul(x, w.q, w.scale, config=BEST_16A, interpret=interpret)
+        words, extras, g = to_words(w, fmt, 128)
+        new = words_gemv(x, words, extras, fmt=fmt, R=128 // (32 // BITS[fmt]), group_size=g,
+                         interpret=interpret)
+        print(fmt, "max |current - words|", float(jnp.max(jnp.abs(current.astype(jnp.float32) -
+                                                                      new.astype(jnp.float32)))), flush=True)
+
+
+def main(argv=None):
+    import bench_matmul
+    from models.quantization import quantize_weight
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare with the reference")
+    parser.add_argument("--shape", default="w_gate_up")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--smoke", action="store_true", help="CPU: the small shapes, interpret mode, few calls")
+    parser.add_argument("--ncu", action="store_true",
+                        help="one launch of each kernel at the shape (int4, int8; current and words), for Nsight Compute")
+    args = parser.parse_args(argv)
+    interpret = jax.default_backend() != "gpu"
+    K, N, _ = (bench_matmul.SHAPES_SMOKE if args.smoke else bench_matmul.SHAPES_8B)[args.shape]
+    timing = dict(repeats=1, stream_bytes=1 << 20, min_calls=2) if args.smoke else dict(repeats=5)
+    if args.ncu:
+        return launch_once(K, N, interpret)
+    for line in check(interpret):
+        print(line, flush=True)
+    if args.check:
+        return
+    rows = []
+    for fmt in ("int4", "int8"):
+        key = jax.random.key(K * 7 + N)
+        make_q = lambda k: quantize_weight((jax.random.normal(k, (K, N)) * 0.02).astype(jnp.bfloat16), fmt)  # noqa: B023,E731
+        for label, config in (("current-default", qmm.MatmulConfig()),
+                              ("current-best16a", BEST_16A)):
+            fn, make, nbytes = bench_matmul.make_variant(f"pallas-{fmt}", K, N, key, interpret, config)
+            row = bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing)
+            rows.append(dict(fmt=fmt, kernel=label, **row))
+            print(f"{fmt} {label:40s} {row['us']:7.1f} us {row['weight_tb_s']:.2f} TB/s", flush=True)
+        per_word = 32 // BITS[fmt]
+        for block_rows in ((128,) if fmt == "int4" else (64, 128, 256)):
+            for block_n, warps, stages, per_core in ((128, 4, 4, 4), (128, 4, 6, 4), (128, 8, 4, 2), (256, 8, 4, 2),
+                                                      (64, 4, 4, 4), (128, 4, 3, 8), (256, 4, 4, 4)):
+                def make(k, block_rows=block_rows):
+                    words, extras, _ = to_words(make_q(k), fmt, block_rows)
+                    return words, extras
+                g = 128 if fmt == "int4" else 0
+                fn = functools.partial(lambda x, w, **kw: words_gemv(x, w[0], w[1], **kw), fmt=fmt,
+                                       R=block_rows // per_word, group_size=g, block_n=block_n, num_warps=warps,
+                                       num_stages=stages, programs_per_core=per_core, interpret=interpret)
+                label = f"words P={block_rows} n={block_n} w={warps} s={stages} ppc={per_core}"
+                try:
+                    sample = jax.eval_shape(lambda k: make_q(k), key)
+                    nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(sample))
+                    row = bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing)
+                except Exception as e:  # noqa: BLE001 - one failing tiling must not lose the others
+                    row = dict(error=f"{type(e).__name__}: {e}"[:300])
+                rows.append(dict(fmt=fmt, kernel=label, **row))
+                print(f"{fmt} {label:40s} " + (f"{row['us']:7.1f} us {row['weight_tb_s']:.2f} TB/s" if "us" in row
+                                               else row["error"]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shape=args.shape, rows=rows), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
