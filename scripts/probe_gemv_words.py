@@ -59,17 +59,28 @@ def pack_words(values: jax.Array, fmt: str, block_rows: int) -> jax.Array:
     return lax.bitcast_convert_type(words.reshape(K // per_word, N), jnp.int32)
 
 
-def _kernel(x_ref, w_ref, *refs, fmt, block_n, R, steps, group_size):
+def _kernel(x_ref, w_ref, *refs, fmt, block_n, R, steps, group_size, prefetch):
+    """``prefetch``: the loads of that many steps ahead are issued before a step's arithmetic (carried in
+    registers through the loop), so a program keeps loads in flight without Triton's pipeliner."""
     o_ref = refs[-1]
     bits = BITS[fmt]
     per_word = 32 // bits
     P = R * per_word
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    first, last = split * steps, split * steps + steps - 1
 
-    def step(i, acc):
-        b = split * steps + i
+    def fetch(b):
+        """Block ``b``'s words (and int4's scale and zero row); past the program's end, its last block again."""
+        b = jnp.minimum(b, last)
         words = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(b * R, R), R), cols], eviction_policy="evict_first")
+        if fmt == "int4":
+            group = (b * P) // group_size
+            return words, refs[0][group, cols], refs[1][group, cols]
+        return (words,)
+
+    def compute(b, acc, fetched):
+        words = fetched[0]
         part = jnp.zeros((R, block_n), jnp.float32)
         xsum = jnp.zeros((R,), jnp.float32)
         for j in range(per_word):
@@ -81,22 +92,29 @@ def _kernel(x_ref, w_ref, *refs, fmt, block_n, R, steps, group_size):
             part = part + x_j[:, None] * q
             xsum = xsum + x_j
         if fmt == "int4":  # sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k), one group a step
-            group = (b * P) // group_size
-            s = refs[0][group, cols].astype(jnp.float32)
-            z = refs[1][group, cols].astype(jnp.float32)
+            s, z = fetched[1].astype(jnp.float32), fetched[2].astype(jnp.float32)
             return acc + s[None, :] * (part - z[None, :] * xsum[:, None])
         return acc + part
 
-    acc = jnp.sum(lax.fori_loop(0, steps, step, jnp.zeros((R, block_n), jnp.float32)), axis=0)
+    def step(i, carry):
+        acc, ahead = carry
+        b = first + i
+        if not prefetch:
+            return compute(b, acc, fetch(b)), ahead
+        ahead = ahead[1:] + (fetch(b + prefetch),)  # issued before this step's arithmetic
+        return compute(b, acc, carry[1][0]), ahead
+
+    init = (jnp.zeros((R, block_n), jnp.float32), tuple(fetch(first + d) for d in range(prefetch)))
+    acc = jnp.sum(lax.fori_loop(0, steps, step, init)[0], axis=0)
     if fmt == "int8":
         acc = acc * refs[0][cols].astype(jnp.float32)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "R", "group_size", "block_n", "num_warps", "num_stages",
-                                             "programs_per_core", "interpret"))
+                                             "programs_per_core", "prefetch", "interpret"))
 def words_gemv(x, words, extras, *, fmt, R, group_size=0, block_n=128, num_warps=4, num_stages=4,
-               programs_per_core=4, interpret=False):
+               programs_per_core=4, prefetch=0, interpret=False):
     """``x[1, K] @ W`` for ``W`` in words (``extras``: int4 ``(scales, zeros)``, int8 ``(scale,)``)."""
     per_word = 32 // BITS[fmt]
     rows, N = words.shape
@@ -109,7 +127,7 @@ def words_gemv(x, words, extras, *, fmt, R, group_size=0, block_n=128, num_warps
     num_steps = K // P
     splits = qmm.auto_k_splits(N // block_n, num_steps, programs_per_core)
     kernel = functools.partial(_kernel, fmt=fmt, block_n=block_n, R=R, steps=num_steps // splits,
-                               group_size=group_size)
+                               group_size=group_size, prefetch=prefetch)
     out = pl.pallas_call(
         kernel, grid=(N // block_n, splits), in_specs=[pl.no_block_spec] * (2 + len(extras)),
         out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
@@ -142,17 +160,22 @@ def check(interpret: bool, K: int = 512, N: int = 256) -> list[str]:
         x = jax.random.normal(jax.random.fold_in(key, 1), (1, K), jnp.float32).astype(jnp.bfloat16)
         words, extras, g = to_words(w, fmt, block_rows)
         per_word = 32 // BITS[fmt]
-        got = words_gemv(x, words, extras, fmt=fmt, R=block_rows // per_word, group_size=g, block_n=64,
-                         interpret=interpret)
         want = reference(x, w, fmt)
-        err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))) /
-                    jnp.max(jnp.abs(want.astype(jnp.float32))))
-        lines.append(f"check {fmt} P={block_rows}: max error / max |ref| = {err:.2e}")
-        if err > 2e-2:
-            raise AssertionError(lines[-1])
+        for prefetch in (0, 2):
+            got = words_gemv(x, words, extras, fmt=fmt, R=block_rows // per_word, group_size=g, block_n=64,
+                             prefetch=prefetch, interpret=interpret)
+            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))) /
+                        jnp.max(jnp.abs(want.astype(jnp.float32))))
+            lines.append(f"check {fmt} P={block_rows} prefetch={prefetch}: max error / max |ref| = {err:.2e}")
+            if err > 2e-2:
+                raise AssertionError(lines[-1])
     return lines
 
 
+# (block_n, num_warps, num_stages, programs_per_core, prefetch): run 16b's best (128, 4, 3, 8, 0), then loads issued
+# 1-3 steps ahead by hand, with Triton's pipeliner off (1 stage) and on.
+TILINGS = ((128, 4, 4, 4, 0), (128, 4, 3, 8, 0), (128, 4, 1, 4, 1), (128, 4, 1, 4, 2), (128, 4, 1, 4, 3),
+           (128, 4, 4, 4, 2), (128, 4, 1, 8, 2), (128, 8, 1, 2, 2), (256, 8, 1, 2, 2), (64, 4, 1, 8, 2))
 BEST_16A = qmm.MatmulConfig(gemv_block_n=128, gemv_block_k=64, gemv_programs_per_core=4, gemv_num_warps=4,
                             gemv_num_stages=6, gemv_defer_reduction=True, gemv_magic_convert=True)
 
@@ -170,10 +193,11 @@ def launch_once(K: int, N: int, interpret: bool) -> None:
         else:
             current = qmm.int8_matmul(x, w.q, w.scale, config=BEST_16A, interpret=interpret)
         words, extras, g = to_words(w, fmt, 128)
-        new = words_gemv(x, words, extras, fmt=fmt, R=128 // (32 // BITS[fmt]), group_size=g,
-                         interpret=interpret)
-        print(fmt, "max |current - words|", float(jnp.max(jnp.abs(current.astype(jnp.float32) -
-                                                                      new.astype(jnp.float32)))), flush=True)
+        for prefetch, stages in ((0, 3), (2, 1)):
+            new = words_gemv(x, words, extras, fmt=fmt, R=128 // (32 // BITS[fmt]), group_size=g, num_stages=stages,
+                             prefetch=prefetch, interpret=interpret)
+            print(fmt, f"prefetch {prefetch}: max |current - words|",
+                  float(jnp.max(jnp.abs(current.astype(jnp.float32) - new.astype(jnp.float32)))), flush=True)
 
 
 def main(argv=None):
@@ -208,17 +232,17 @@ def main(argv=None):
             rows.append(dict(fmt=fmt, kernel=label, **row))
             print(f"{fmt} {label:40s} {row['us']:7.1f} us {row['weight_tb_s']:.2f} TB/s", flush=True)
         per_word = 32 // BITS[fmt]
-        for block_rows in ((128,) if fmt == "int4" else (64, 128, 256)):
-            for block_n, warps, stages, per_core in ((128, 4, 4, 4), (128, 4, 6, 4), (128, 8, 4, 2), (256, 8, 4, 2),
-                                                      (64, 4, 4, 4), (128, 4, 3, 8), (256, 4, 4, 4)):
+        for block_rows in ((128,) if fmt == "int4" else (64, 128)):
+            for block_n, warps, stages, per_core, prefetch in TILINGS:
                 def make(k, block_rows=block_rows):
                     words, extras, _ = to_words(make_q(k), fmt, block_rows)
                     return words, extras
                 g = 128 if fmt == "int4" else 0
                 fn = functools.partial(lambda x, w, **kw: words_gemv(x, w[0], w[1], **kw), fmt=fmt,
                                        R=block_rows // per_word, group_size=g, block_n=block_n, num_warps=warps,
-                                       num_stages=stages, programs_per_core=per_core, interpret=interpret)
-                label = f"words P={block_rows} n={block_n} w={warps} s={stages} ppc={per_core}"
+                                       num_stages=stages, programs_per_core=per_core, prefetch=prefetch,
+                                       interpret=interpret)
+                label = f"words P={block_rows} n={block_n} w={warps} s={stages} ppc={per_core} ahead={prefetch}"
                 try:
                     sample = jax.eval_shape(lambda k: make_q(k), key)
                     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(sample))

@@ -213,13 +213,15 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Run 16b: the GEMV over int32 words (scripts/probe_gemv_words.py) beside the current kernel, then one launch
         # of each under Nsight Compute (stall reasons, instruction mix, SASS) with XLA's dump of their PTX.
         ("probe-gemv-words", [PY, "scripts/probe_gemv_words.py", "--out", f"{results}/probe-gemv-words.json"], 150),
-        ("ncu-gemv", ["bash", "-c", f"XLA_FLAGS='--xla_dump_to={results}/xla-dump "
-                      "--xla_dump_hlo_module_re=.*(gemv|matmul).*' "
-                      "ncu --clock-control none --target-processes all -k regex:gemv --set full -f "
+        # ncu under JAX's default 95% memory pool failed to profile the first kernel (run 16b): no preallocation, and
+        # only the sections that say what binds (fewer replay passes).
+        ("ncu-gemv", ["bash", "-c", "XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --target-processes all "
+                      "-k regex:gemv -c 4 --section SpeedOfLight --section WarpStateStats --section InstructionStats "
+                      "--section Occupancy --section LaunchStats --section SourceCounters -f "
                       f"-o {results}/gemv {PY} scripts/probe_gemv_words.py --ncu && "
                       f"ncu -i {results}/gemv.ncu-rep --page details > {results}/ncu-gemv-details.txt; "
                       f"ncu -i {results}/gemv.ncu-rep --page source --csv --print-source sass "
-                      f"> {results}/ncu-gemv-sass.csv"], 150),
+                      f"> {results}/ncu-gemv-sass.csv"], 90),
         # PROTOCOL's serving workload (8B dummy through scripts/serve.py). The GPU image lacks the server's and the
         # client's packages: carry their wheels (the list in benchmarks/NOTES.md, run 15) and install them first.
         ("serving", bench("bench_serving.py", "--request-rate", "8"), 300),
