@@ -77,13 +77,13 @@ class MatmulConfig:
     gemv_num_stages: int = 4
     gemv_programs_per_core: int = 2
     # GEMV: keep a [block_k, block_n] float32 partial sum and reduce over K once at the end,
-    # instead of a cross-thread reduction of every tile (int4 then dequantizes each weight). The
-    # in-model profile found the int4 GEMV bound by arithmetic, not bytes (NOTES.md, run 10);
-    # whether this is faster is not measured yet (bench_matmul.py --sweep-form gemv sweeps it).
-    gemv_defer_reduction: bool = False
+    # instead of a cross-thread reduction of every tile (int4 then dequantizes each weight).
+    # Measured in the 8B model on the H200 (NOTES.md, run 16a): AWQ TPOT 6.60 -> 4.74 ms.
+    gemv_defer_reduction: bool = True
     # GEMV: int4 nibbles and int8 values become float32 by the exponent trick (OR the integer into
     # the mantissa of 2^23 and subtract 2^23: a logic op and an add, both full rate) instead of an
-    # integer-to-float conversion, which runs at a quarter of the FMA rate. Not measured yet.
+    # integer-to-float conversion, which runs at a quarter of the FMA rate. Run 16a: no gain in the
+    # model (AWQ TPOT 4.75 ms with it, 4.74 without), 1-2% in isolation; off.
     gemv_magic_convert: bool = False
 
 

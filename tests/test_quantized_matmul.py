@@ -69,13 +69,14 @@ CPU_CASES = [
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32)),
     ("int4", 1, 256, 128, 128, jnp.bfloat16, MatmulConfig(gemv=False)),
     ("dense", 1, 128, 64, 0, jnp.float32, MatmulConfig(gemv=False)),
-    # The GEMV form summing over K after its loop (gemv_defer_reduction), each format, split too.
-    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_defer_reduction=True)),
-    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=True)),
-    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_defer_reduction=True)),
-    ("dense", 1, 256, 192, 0, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=True)),
+    # The GEMV form with a cross-thread sum over K each step (gemv_defer_reduction off), each format, split too.
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_defer_reduction=False)),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=False)),
+    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_defer_reduction=False)),
+    ("dense", 1, 256, 192, 0, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=False)),
     # Integer weights to float32 by the exponent trick (gemv_magic_convert), both reductions.
-    ("int4", 1, 512, 192, 64, jnp.bfloat16, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_magic_convert=True)),
+    ("int4", 1, 512, 192, 64, jnp.bfloat16, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_magic_convert=True,
+                                                         gemv_defer_reduction=False)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_magic_convert=True,
                                                       gemv_defer_reduction=True)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_magic_convert=True, gemv_defer_reduction=True)),
