@@ -85,6 +85,10 @@ class MatmulConfig:
     # integer-to-float conversion, which runs at a quarter of the FMA rate. Run 16a: no gain in the
     # model (AWQ TPOT 4.75 ms with it, 4.74 without), 1-2% in isolation; off.
     gemv_magic_convert: bool = False
+    # GEMV: issue the weight loads this many steps ahead of their use (carried in registers through the
+    # loop). Triton's pipeliner leaves loads that feed no dot alone (NOTES.md, after run 16b), so at 0
+    # each step waits a memory latency for its own tile. Not measured yet.
+    gemv_prefetch: int = 0
 
 
 # --------------------------------------------------------------------------------------
@@ -188,7 +192,7 @@ def _small_ints_as_f32(v: jax.Array, offset: int = 0) -> jax.Array:
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
-                 defer_reduction: bool, magic_convert: bool):
+                 defer_reduction: bool, magic_convert: bool, prefetch: int):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -197,57 +201,80 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     run 6); here a program streams wide tiles and only reads and adds. ``defer_reduction``:
     the tile products accumulate elementwise and are summed over K once, after the loop.
     ``magic_convert``: integer weights become float32 through ``_small_ints_as_f32``.
+    ``prefetch``: the weight loads of that many steps ahead are issued before a step's arithmetic
+    and carried through the loop (Triton pipelines only loads that feed a dot, so otherwise each
+    step waits for its own tile).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
 
-    def tile(i):
-        """Step ``i``'s float32 slices: int4 ``(scale, zero, x_lo, q_lo, x_hi, q_hi)`` (the low and
-        high nibbles of a packed block and their halves of ``x``), else ``(x, w)``."""
-        k0 = pl.multiple_of(first_k + i * block_k, block_k)
+    def k_start(i):
+        return pl.multiple_of(first_k + i * block_k, block_k)
+
+    def load(i):
+        """Step ``i``'s weight loads (int4: packed bytes, scale and zero rows); past the last step, the last."""
+        k0 = k_start(jnp.minimum(i, steps - 1))
         if fmt == "int4":
             half = block_k // 2
             group = k0 // group_size
-            s = refs[0][group, cols].astype(jnp.float32)
-            z = refs[1][group, cols].astype(jnp.float32)
             packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
                                    eviction_policy="evict_first")
+            return packed, refs[0][group, cols], refs[1][group, cols]
+        return (pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first"),)
+
+    def tile(i, loaded):
+        """Step ``i``'s float32 slices: int4 ``(scale, zero, x_lo, q_lo, x_hi, q_hi)`` (the low and
+        high nibbles of a packed block and their halves of ``x``), else ``(x, w)``."""
+        k0 = k_start(i)
+        if fmt == "int4":
+            half = block_k // 2
+            packed, s, z = loaded
+            s, z = s.astype(jnp.float32), z.astype(jnp.float32)
             x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
             x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
             if magic_convert:
                 packed = packed.astype(jnp.int32)
                 return s, z, x_lo, _small_ints_as_f32(packed & 0xF), x_hi, _small_ints_as_f32(packed >> 4)
             return s, z, x_lo, (packed & 0xF).astype(jnp.float32), x_hi, (packed >> 4).astype(jnp.float32)
-        w = pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first")
+        (w,) = loaded
         if magic_convert and fmt == "int8":
             w = _small_ints_as_f32(w.astype(jnp.int32), offset=128)
         return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w.astype(jnp.float32)
 
-    def step(i, acc):  # acc: [block_n]; each tile summed over K at once
+    def step(i, acc, loaded):  # acc: [block_n]; each tile summed over K at once
         if fmt == "int4":
-            s, z, x_lo, q_lo, x_hi, q_hi = tile(i)
+            s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded)
             # sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero leaves the tile.
             dot = jnp.sum(x_lo[:, None] * q_lo + x_hi[:, None] * q_hi, axis=0)
             return acc + s * (dot - z * (jnp.sum(x_lo) + jnp.sum(x_hi)))
-        x, w = tile(i)
+        x, w = tile(i, loaded)
         return acc + jnp.sum(x[:, None] * w, axis=0)
 
-    def deferred_step(i, acc):  # acc: [block_k (int4: block_k / 2), block_n]; summed over K after the loop
+    def deferred_step(i, acc, loaded):  # acc: [block_k (int4: block_k / 2), block_n]; summed over K after the loop
         if fmt == "int4":
-            s, z, x_lo, q_lo, x_hi, q_hi = tile(i)
+            s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded)
             zs = z * s
             return acc + x_lo[:, None] * (q_lo * s[None, :] - zs[None, :]) + x_hi[:, None] * (
                 q_hi * s[None, :] - zs[None, :])
-        x, w = tile(i)
+        x, w = tile(i, loaded)
         return acc + x[:, None] * w
 
+    body = deferred_step if defer_reduction else step
+
+    def loop(i, carry):
+        acc, ahead = carry
+        if not prefetch:
+            return body(i, acc, load(i)), ahead
+        later = load(i + prefetch)  # issued before this step's arithmetic
+        return body(i, acc, ahead[0]), ahead[1:] + (later,)
+
+    rows = (block_k // 2 if fmt == "int4" else block_k) if defer_reduction else None
+    acc = jnp.zeros((rows, block_n) if rows else (block_n,), jnp.float32)
+    acc, _ = lax.fori_loop(0, steps, loop, (acc, tuple(load(d) for d in range(prefetch))))
     if defer_reduction:
-        rows = block_k // 2 if fmt == "int4" else block_k
-        acc = jnp.sum(lax.fori_loop(0, steps, deferred_step, jnp.zeros((rows, block_n), jnp.float32)), axis=0)
-    else:
-        acc = lax.fori_loop(0, steps, step, jnp.zeros((block_n,), jnp.float32))
+        acc = jnp.sum(acc, axis=0)
     if fmt == "int8":
         acc = acc * refs[0][cols].astype(jnp.float32)
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -350,7 +377,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
-                               magic_convert=config.gemv_magic_convert)
+                               magic_convert=config.gemv_magic_convert, prefetch=config.gemv_prefetch)
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),

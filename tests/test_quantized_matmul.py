@@ -80,6 +80,11 @@ CPU_CASES = [
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_magic_convert=True,
                                                       gemv_defer_reduction=True)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_magic_convert=True, gemv_defer_reduction=True)),
+    # Weight loads issued steps ahead (gemv_prefetch), past the end of a split too, both reductions.
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=2, gemv_defer_reduction=False)),
+    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_prefetch=2)),
+    ("dense", 1, 256, 192, 0, jnp.bfloat16, MatmulConfig(gemv_prefetch=1)),
 ]
 
 
@@ -122,7 +127,7 @@ def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer):
     kernel, _ = KERNELS[fmt]
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
     x = jnp.ones((rows, 1024), jnp.bfloat16)
-    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_magic_convert=defer)
+    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_magic_convert=defer, gemv_prefetch=int(defer))
     fn = jax.jit(functools.partial(kernel, interpret=False, config=config, **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
