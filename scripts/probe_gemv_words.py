@@ -25,6 +25,7 @@ at the w_gate_up shape of Llama-3.1-8B (``bench_matmul.time_chain``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -217,6 +218,20 @@ def launch_once(K: int, N: int, interpret: bool) -> None:
                   float(jnp.max(jnp.abs(current.astype(jnp.float32) - new.astype(jnp.float32)))), flush=True)
 
 
+def changed_fields(config: qmm.MatmulConfig) -> dict:
+    """The fields of ``config`` that differ from the defaults."""
+    default = qmm.MatmulConfig()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(default, f.name)}
+
+
+def best_config(path: str, fmt: str) -> str:
+    """The fastest current-kernel row of ``fmt`` in a results file, as ``$PAGEDJAX_MATMUL_CONFIG`` JSON."""
+    with open(path) as f:
+        rows = [r for r in json.load(f)["rows"] if r["fmt"] == fmt and "config" in r and "us" in r]
+    return json.dumps(min(rows, key=lambda r: r["us"])["config"])
+
+
 def main(argv=None):
     import bench_matmul
     from models.quantization import quantize_weight
@@ -226,9 +241,15 @@ def main(argv=None):
     parser.add_argument("--shape", default="w_gate_up")
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true", help="CPU: the small shapes, interpret mode, few calls")
+    parser.add_argument("--best-config", metavar="JSON", default=None,
+                        help="print, as JSON for $PAGEDJAX_MATMUL_CONFIG, the fastest current-kernel config for --fmt in "
+                             "a results file this script wrote")
+    parser.add_argument("--fmt", choices=tuple(BITS), default="int4")
     parser.add_argument("--ncu", action="store_true",
                         help="one launch of each kernel at the shape (int4, int8; current and words), for Nsight Compute")
     args = parser.parse_args(argv)
+    if args.best_config:
+        return print(best_config(args.best_config, args.fmt))
     interpret = jax.default_backend() != "gpu"
     K, N, _ = (bench_matmul.SHAPES_SMOKE if args.smoke else bench_matmul.SHAPES_8B)[args.shape]
     timing = dict(repeats=1, stream_bytes=1 << 20, min_calls=2) if args.smoke else dict(repeats=5)
@@ -245,7 +266,7 @@ def main(argv=None):
         for label, config in CURRENT:
             fn, make, nbytes = bench_matmul.make_variant(f"pallas-{fmt}", K, N, key, interpret, config)
             row = bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing)
-            rows.append(dict(fmt=fmt, kernel=label, **row))
+            rows.append(dict(fmt=fmt, kernel=label, config=changed_fields(config), **row))
             print(f"{fmt} {label:40s} {row['us']:7.1f} us {row['weight_tb_s']:.2f} TB/s", flush=True)
         per_word = 32 // BITS[fmt]
         for block_rows in (64, 128):

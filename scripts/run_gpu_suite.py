@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -41,6 +42,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
     matmul = lambda name, *a: bench("bench_matmul.py", "--repeats", "5", "--output-json",  # noqa: E731
                                      f"{results}/{name}.json", *a)
     profile = lambda name, *a: [PY, "scripts/profile_step.py", "--out", f"{results}/{name}.json", *a]  # noqa: E731
+
+    def probe_best(fmt: str, argv: list[str]) -> list[str]:
+        """``argv`` with ``$PAGEDJAX_MATMUL_CONFIG`` set to probe-gemv-words' fastest current-kernel config for ``fmt``."""
+        pick = f"{PY} scripts/probe_gemv_words.py --best-config {results}/probe-gemv-words.json --fmt {fmt}"
+        return ["bash", "-c", f'export PAGEDJAX_MATMUL_CONFIG="$({pick})" && echo "config: $PAGEDJAX_MATMUL_CONFIG" && '
+                              + " ".join(shlex.quote(a) for a in argv)]
+
     return [
         # Where a batch-256 decode step's device time goes (tput-short's decode steps: 13.7 ms, run 6).
         ("profile-decode", profile("profile-decode", "--step", "decode", "--batch", "256", "--ctx", "192"), 120),
@@ -213,6 +221,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Run 16b: the GEMV over int32 words (scripts/probe_gemv_words.py) beside the current kernel, then one launch
         # of each under Nsight Compute (stall reasons, instruction mix, SASS) with XLA's dump of their PTX.
         ("probe-gemv-words", [PY, "scripts/probe_gemv_words.py", "--out", f"{results}/probe-gemv-words.json"], 150),
+        # Run 16c: the model at batch 1 with the current kernel's fastest config from probe-gemv-words (same call).
+        ("latency-awq-probebest", probe_best("int4", latency("awq", "--output-json",
+                                                             f"{results}/latency-awq-probebest.json")), 130),
+        ("latency-int8-probebest", probe_best("int8", latency("int8", "--linear-backend", "pallas", "--output-json",
+                                                              f"{results}/latency-int8-probebest.json")), 130),
         # ncu under JAX's default 95% memory pool failed to profile the first kernel (run 16b): no preallocation, and
         # only the sections that say what binds (fewer replay passes).
         ("ncu-gemv", ["bash", "-c", "XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --target-processes all "
