@@ -189,8 +189,10 @@ BEST_16A = qmm.MatmulConfig(gemv_block_n=128, gemv_block_k=64, gemv_programs_per
 # blocks) 64 columns 96 / 128, 128 columns 163 / 250.
 _G = dict(gemv_num_warps=4, gemv_num_stages=1)
 CURRENT = (("current-default", qmm.MatmulConfig()), ("current-best16a", BEST_16A),
-           ("current 32x128 ppc8 ahead1", qmm.MatmulConfig(gemv_block_k=32, gemv_programs_per_core=8, gemv_prefetch=1, **_G)),
-           ("current 32x128 ppc8 ahead2", qmm.MatmulConfig(gemv_block_k=32, gemv_programs_per_core=8, gemv_prefetch=2, **_G)),
+           ("current 32x128 ppc8 ahead1", qmm.MatmulConfig(gemv_block_k=32, gemv_programs_per_core=8, gemv_prefetch=1,
+                                                           **_G)),
+           ("current 32x128 ppc8 ahead2", qmm.MatmulConfig(gemv_block_k=32, gemv_programs_per_core=8, gemv_prefetch=2,
+                                                           **_G)),
            ("current 64x64 ppc8 ahead1", qmm.MatmulConfig(gemv_block_k=64, gemv_block_n=64, gemv_programs_per_core=8,
                                                           gemv_prefetch=1, **_G)),
            ("current 64x64 ppc4 ahead1", qmm.MatmulConfig(gemv_block_k=64, gemv_block_n=64, gemv_programs_per_core=4,
@@ -242,11 +244,12 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true", help="CPU: the small shapes, interpret mode, few calls")
     parser.add_argument("--best-config", metavar="JSON", default=None,
-                        help="print, as JSON for $PAGEDJAX_MATMUL_CONFIG, the fastest current-kernel config for --fmt in "
-                             "a results file this script wrote")
+                        help="print, as JSON for $PAGEDJAX_MATMUL_CONFIG, the fastest current-kernel config for "
+                             "--fmt in a results file this script wrote")
     parser.add_argument("--fmt", choices=tuple(BITS), default="int4")
     parser.add_argument("--ncu", action="store_true",
-                        help="one launch of each kernel at the shape (int4, int8; current and words), for Nsight Compute")
+                        help="one launch of each kernel at the shape (int4, int8; current and words), for "
+                             "Nsight Compute")
     args = parser.parse_args(argv)
     if args.best_config:
         return print(best_config(args.best_config, args.fmt))
@@ -262,7 +265,8 @@ def main(argv=None):
     rows = []
     for fmt in ("int4", "int8"):
         key = jax.random.key(K * 7 + N)
-        make_q = lambda k: quantize_weight((jax.random.normal(k, (K, N)) * 0.02).astype(jnp.bfloat16), fmt)  # noqa: B023,E731
+        def make_q(k, fmt=fmt):
+            return quantize_weight((jax.random.normal(k, (K, N)) * 0.02).astype(jnp.bfloat16), fmt)
         for label, config in CURRENT:
             fn, make, nbytes = bench_matmul.make_variant(f"pallas-{fmt}", K, N, key, interpret, config)
             row = bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing)

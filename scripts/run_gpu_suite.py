@@ -228,7 +228,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                                               f"{results}/latency-int8-probebest.json")), 130),
         # ncu under JAX's default 95% memory pool failed to profile the first kernel (run 16b): no preallocation, and
         # only the sections that say what binds (fewer replay passes).
-        ("ncu-gemv", ["bash", "-c", "XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --target-processes all "
+        ("ncu-gemv", ["bash", "-c", "XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none "
+                      "--target-processes all "
                       "-k regex:gemv -c 4 --section SpeedOfLight --section WarpStateStats --section InstructionStats "
                       "--section Occupancy --section LaunchStats --section SourceCounters -f "
                       f"-o {results}/gemv {PY} scripts/probe_gemv_words.py --ncu && "
