@@ -85,9 +85,9 @@ class MatmulConfig:
     # integer-to-float conversion, which runs at a quarter of the FMA rate. Run 16a: no gain in the
     # model (AWQ TPOT 4.75 ms with it, 4.74 without), 1-2% in isolation; off.
     gemv_magic_convert: bool = False
-    # GEMV: issue the weight loads this many steps ahead of their use (carried in registers through the
-    # loop). Triton's pipeliner leaves loads that feed no dot alone (NOTES.md, after run 16b), so at 0
-    # each step waits a memory latency for its own tile. Not measured yet.
+    # GEMV: 1 issues each step's weight loads a step ahead of its arithmetic (``double_buffered_loop``).
+    # Triton's pipeliner leaves loads that feed no dot alone (NOTES.md, after run 16b), so at 0 each
+    # step waits a memory latency for its own tile. Not measured yet.
     gemv_prefetch: int = 0
 
 
@@ -201,9 +201,8 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     run 6); here a program streams wide tiles and only reads and adds. ``defer_reduction``:
     the tile products accumulate elementwise and are summed over K once, after the loop.
     ``magic_convert``: integer weights become float32 through ``_small_ints_as_f32``.
-    ``prefetch``: the weight loads of that many steps ahead are issued before a step's arithmetic
-    and carried through the loop (Triton pipelines only loads that feed a dot, so otherwise each
-    step waits for its own tile).
+    ``prefetch``: each step's weight loads are issued a step ahead (``double_buffered_loop``; Triton
+    pipelines only loads that feed a dot, so otherwise each step waits for its own tile).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -262,22 +261,37 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
         return acc + x[:, None] * w
 
     body = deferred_step if defer_reduction else step
-
-    def loop(i, carry):
-        acc, ahead = carry
-        if not prefetch:
-            return body(i, acc, load(i)), ahead
-        later = load(i + prefetch)  # issued before this step's arithmetic
-        return body(i, acc, ahead[0]), ahead[1:] + (later,)
-
     rows = (block_k // 2 if fmt == "int4" else block_k) if defer_reduction else None
     acc = jnp.zeros((rows, block_n) if rows else (block_n,), jnp.float32)
-    acc, _ = lax.fori_loop(0, steps, loop, (acc, tuple(load(d) for d in range(prefetch))))
+    if prefetch:
+        acc = double_buffered_loop(steps, load, body, acc)
+    else:
+        acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
     if defer_reduction:
         acc = jnp.sum(acc, axis=0)
     if fmt == "int8":
         acc = acc * refs[0][cols].astype(jnp.float32)
     o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def double_buffered_loop(steps: int, load, body, acc):
+    """``acc = body(i, acc, load(i))`` for ``i < steps``, each step's loads issued a step before its arithmetic.
+
+    The loop runs over pairs of steps with two tiles that swap roles (load the odd tile, use the even one, load the
+    next even tile into the registers just freed, use the odd one), so the tile carried round the loop keeps its
+    registers. A carried queue of loaded tiles made the compiler copy each new tile into the carried registers at
+    the loop's end, and the copy waits for the load (the SASS of Triton 3.9 for sm_90a, NOTES.md after run 16b).
+    ``load(i)`` must accept ``i == steps`` (the pair loop's last look-ahead; clamp it)."""
+    def pair(p, carry):
+        acc, even = carry
+        i = 2 * p
+        odd = load(i + 1)
+        acc = body(i, acc, even)
+        even = load(i + 2)
+        return body(i + 1, acc, odd), even
+
+    acc, last = lax.fori_loop(0, steps // 2, pair, (acc, load(0)))
+    return body(steps - 1, acc, last) if steps % 2 else acc
 
 
 def _largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optional[int]:

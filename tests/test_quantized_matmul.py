@@ -80,10 +80,11 @@ CPU_CASES = [
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_magic_convert=True,
                                                       gemv_defer_reduction=True)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_magic_convert=True, gemv_defer_reduction=True)),
-    # Weight loads issued steps ahead (gemv_prefetch), past the end of a split too, both reductions.
+    # Weight loads issued a step ahead (gemv_prefetch), even and odd step counts, split, both reductions.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
-    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=2, gemv_defer_reduction=False)),
-    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_prefetch=2)),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=1, gemv_defer_reduction=False)),
+    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_prefetch=1)),
+    ("int8", 1, 224, 96, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_prefetch=1)),  # 7 steps
     ("dense", 1, 256, 192, 0, jnp.bfloat16, MatmulConfig(gemv_prefetch=1)),
 ]
 
