@@ -386,6 +386,8 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
 
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
+    if config.gemv_prefetch not in (0, 1):
+        raise ValueError(f"gemv_prefetch must be 0 or 1 (loads a step ahead), got {config.gemv_prefetch}")
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
