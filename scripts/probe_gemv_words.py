@@ -4,8 +4,8 @@ Run 16a found the GEMV of ``pallas_kernels/quantized_matmul.py`` at ~2 T weights
 and int8 alike (w_gate_up: 59 / 57 us at its best tiles), three times under its arithmetic
 (~5 operations a weight) and far under memory (14 / 27 us at 4.3 TB/s). Its tiles are bytes
 (``uint8`` / ``int8``), which Triton lays out 16 to a thread, while the float32 products and
-sums it feeds get another layout: the suspect is a layout conversion through shared memory
-each step. Here the weight is stored in ``int32`` words instead, so the loaded tile, the
+sums it feeds get another layout: the suspect was a layout conversion through shared memory
+each step (run 16b: words are 1.17-1.36x faster, not 3x; NOTES.md has what binds). Here the weight is stored in ``int32`` words instead, so the loaded tile, the
 products and the accumulator share one 32-bit layout:
 
 - int4: 8 nibbles a word. In a block of ``P`` rows of K (``R = P/8`` word rows), nibble ``j``
@@ -43,7 +43,6 @@ from pallas_kernels import quantized_matmul as qmm  # noqa: E402
 
 BITS = {"int4": 4, "int8": 8}
 OFFSET = {"int4": 0, "int8": 128}  # stored value = q + offset
-_MAGIC = 0x4B000000  # float32 2^23
 
 
 def pack_words(values: jax.Array, fmt: str, block_rows: int) -> jax.Array:
@@ -90,7 +89,7 @@ def _kernel(x_ref, w_ref, *refs, fmt, block_n, R, steps, group_size, prefetch):
             v = lax.shift_right_logical(words, jnp.int32(bits * j)) if j else words
             if j < per_word - 1:
                 v = v & ((1 << bits) - 1)
-            q = lax.bitcast_convert_type(v | _MAGIC, jnp.float32) - (8388608.0 + OFFSET[fmt])
+            q = qmm._small_ints_as_f32(v - OFFSET[fmt], offset=OFFSET[fmt])  # v is the stored q + offset
             part = part + x_j[:, None] * q
             xsum = xsum + x_j
         if fmt == "int4":  # sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k), one group a step
@@ -171,18 +170,18 @@ def check(interpret: bool, K: int = 512, N: int = 256) -> list[str]:
 
 
 # (block_n, num_warps, num_stages, programs_per_core, prefetch): run 16b's best (128, 4, 3, 8, 0), then loads issued
-# 1-2 steps ahead by hand (Triton's pipeliner does not pipeline loads that feed no dot: the SASS of run 16b's kernels,
-# compiled on the CPU, loads each tile in the step that uses it). Registers (CPU compile, Triton 3.9, 4 warps): int8
-# P=128 n=128 80 at 0-1 ahead, 143 at 2; n=64 40-48; P=64 n=128 40-48.
+# a step ahead (Triton's pipeliner does not pipeline loads that feed no dot: the SASS of run 16b's kernels, compiled
+# on the CPU, loads each tile in the step that uses it). Registers (CPU compile, Triton 3.9, 4 warps, without / with
+# loads ahead): int8 P=64 n=128 40 / 56; int4 P=128 n=128 90 / 96, P=64 n=128 56 / 56.
 TILINGS = ((128, 4, 3, 8, 0), (128, 4, 1, 8, 1), (128, 4, 1, 4, 1), (64, 4, 1, 8, 1), (64, 4, 1, 16, 1),
            (64, 2, 1, 16, 1), (256, 8, 1, 4, 1), (64, 4, 1, 8, 0))
 BEST_16A = qmm.MatmulConfig(gemv_block_n=128, gemv_block_k=64, gemv_programs_per_core=4, gemv_num_warps=4,
                             gemv_num_stages=6, gemv_defer_reduction=True, gemv_magic_convert=True)
 
 
-# The current (byte-tile) kernel: its default, run 16a's best, and its loads issued ahead (gemv_prefetch). Registers
-# (CPU compile, 4 warps): int8 32 x 128 tiles 56 / 70 / 85 at 0 / 1 / 2 ahead, 64 x 64 56 / 72; int4 (128-row packing
-# blocks) 64 columns 96 / 128, 128 columns 163 / 250.
+# The current (byte-tile) kernel: its default, run 16a's best, and its loads issued a step ahead (gemv_prefetch).
+# Registers (CPU compile, 4 warps, without / with loads ahead): int8 32 x 128 tiles 56 / 67, 64 x 64 56 / 72; int4
+# (128-row packing blocks) 64 columns 96 / 162.
 _G = dict(gemv_num_warps=4, gemv_num_stages=1)
 CURRENT = (("current-default", qmm.MatmulConfig()), ("current-best16a", BEST_16A),
            ("current 32x128 ppc8 ahead1", qmm.MatmulConfig(gemv_block_k=32, gemv_programs_per_core=8, gemv_prefetch=1,
@@ -267,6 +266,7 @@ def main(argv=None):
             rows.append(dict(fmt=fmt, kernel=label, config=changed_fields(config), **row))
             print(f"{fmt} {label:40s} {row['us']:7.1f} us {row['weight_tb_s']:.2f} TB/s", flush=True)
         per_word = 32 // BITS[fmt]
+        nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(make_q, key)))
         for block_rows in (64, 128):
             for block_n, warps, stages, per_core, prefetch in TILINGS:
                 def make(k, block_rows=block_rows):
@@ -279,8 +279,6 @@ def main(argv=None):
                                        interpret=interpret)
                 label = f"words P={block_rows} n={block_n} w={warps} s={stages} ppc={per_core} ahead={prefetch}"
                 try:
-                    sample = jax.eval_shape(lambda k: make_q(k), key)
-                    nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(sample))
                     row = bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing)
                 except Exception as e:  # noqa: BLE001 - one failing tiling must not lose the others
                     row = dict(error=f"{type(e).__name__}: {e}"[:300])

@@ -218,8 +218,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-int8-pallas-defer-magic", ["env", f"PAGEDJAX_MATMUL_CONFIG={DEFER_MAGIC}"] + latency(
             "int8", "--linear-backend", "pallas", "--output-json", f"{results}/latency-int8-pallas-defer-magic.json"),
          80),
-        # Run 16b: the GEMV over int32 words (scripts/probe_gemv_words.py) beside the current kernel, then one launch
-        # of each under Nsight Compute (stall reasons, instruction mix, SASS) with XLA's dump of their PTX.
+        # Run 16b: the GEMV over int32 words (scripts/probe_gemv_words.py) beside the current kernel; ncu-gemv below
+        # profiles one launch of each (stall reasons, instruction mix, SASS).
         ("probe-gemv-words", [PY, "scripts/probe_gemv_words.py", "--out", f"{results}/probe-gemv-words.json"], 150),
         # Run 16c: the model at batch 1 with the current kernel's fastest config from probe-gemv-words (same call).
         ("latency-awq-probebest", probe_best("int4", latency("awq", "--output-json",

@@ -142,7 +142,7 @@ def test_sequence_slots_follow_token_rows():
 
 
 def test_words_gemv_probe_matches_the_reference_and_picks_its_fastest_config(tmp_path):
-    """``scripts/probe_gemv_words.py``: the int32-word GEMV (each format, loads 0 and 2 steps ahead) equals the
+    """``scripts/probe_gemv_words.py``: the int32-word GEMV (each format, loads issued in their step and a step ahead) equals the
     dequantize-then-dot reference in interpret mode, and ``best_config`` hands the suite the fastest current-kernel
     row's changed fields as ``$PAGEDJAX_MATMUL_CONFIG`` JSON."""
     sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
@@ -150,8 +150,8 @@ def test_words_gemv_probe_matches_the_reference_and_picks_its_fastest_config(tmp
 
     assert len(check(interpret=True)) == 6
     rows = [dict(fmt="int4", kernel="a", config={"gemv_prefetch": 1}, us=50.0),
-            dict(fmt="int4", kernel="b", config={"gemv_prefetch": 2}, us=40.0),
+            dict(fmt="int4", kernel="b", config={"gemv_prefetch": 1, "gemv_block_n": 64}, us=40.0),
             dict(fmt="int8", kernel="c", config={"gemv_block_k": 32}, us=10.0),
             dict(fmt="int4", kernel="words", us=1.0)]  # words rows carry no config: not for the current kernel
     (tmp_path / "p.json").write_text(json.dumps(dict(rows=rows)))
-    assert json.loads(best_config(str(tmp_path / "p.json"), "int4")) == {"gemv_prefetch": 2}
+    assert json.loads(best_config(str(tmp_path / "p.json"), "int4")) == {"gemv_prefetch": 1, "gemv_block_n": 64}
