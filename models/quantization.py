@@ -429,14 +429,15 @@ MAX_KERNEL_ROWS = 64
 
 @dataclasses.dataclass(frozen=True)
 class LinearBackend:
-    """How ``linear`` multiplies. ``kernel``: "auto" (the Pallas kernel for int4 weights at up to
-    ``max_kernel_rows`` rows on GPU), "pallas" (for int8 and dense weights too), or "xla" (never).
-    ``interpret``: run the kernel in interpret mode (CPU tests).
+    """How ``linear`` multiplies. ``kernel``: "auto" (on GPU the Pallas kernel for int4 weights at up
+    to ``max_kernel_rows`` rows and for int8 weights at one row), "pallas" (for int8 and dense weights
+    at any row count too), or "xla" (never). ``interpret``: run the kernel in interpret mode (CPU tests).
 
-    Why "auto" leaves int8 to XLA: on the H200 (benchmarks/NOTES.md) the 8B decode step with int8
-    weights took 7.89 ms through the kernel and 6.15 ms through XLA at 16 rows (run 6), 5.32 ms
-    through the kernel's GEMV form and 5.19 ms through XLA at one row (runs 8, 9); XLA fuses the
-    int8 -> bf16 convert into its dot. For int4 XLA first writes a dequantized copy."""
+    Why "auto" leaves int8 at more than one row to XLA: on the H200 (benchmarks/NOTES.md) the 8B
+    decode step with int8 weights took 7.89 ms through the kernel and 6.15 ms through XLA at 16
+    rows (run 6); XLA fuses the int8 -> bf16 convert into its dot. At one row the kernel's GEMV form
+    wins since run 17a (TPOT 4.27 ms against XLA's 5.19 in runs 8-9). For int4 XLA first writes a
+    dequantized copy."""
 
     kernel: str = "auto"
     max_kernel_rows: int = MAX_KERNEL_ROWS
@@ -445,9 +446,10 @@ class LinearBackend:
     def use_kernel(self, w, rows: int) -> bool:
         if self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight):
             return False
-        if self.kernel == "auto" and (not isinstance(w, Int4Weight) or jax.default_backend() != "gpu"):
-            return False
-        return self.kernel in ("auto", "pallas")
+        if self.kernel == "auto":
+            on_gpu = jax.default_backend() == "gpu"
+            return on_gpu and (isinstance(w, Int4Weight) or (isinstance(w, Int8Weight) and rows == 1))
+        return self.kernel == "pallas"
 
 
 def _fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:

@@ -66,16 +66,17 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 4
     programs_per_core: int = 2
-    # One row (decode at batch 1): the GEMV form, tiles of gemv_block_k x gemv_block_n. Measured
-    # in the 8B decode step on the H200 (benchmarks/NOTES.md, runs 7-9): AWQ TPOT 6.60 ms with
-    # these; 7.58 ms with 128 x 64 tiles, 4 warps, 6 stages, 4 programs per core, which the
-    # chained-matmul sweep of bench_matmul had found fastest in isolation.
+    # One row (decode at batch 1): the GEMV form, tiles of gemv_block_k x gemv_block_n (int4 steps
+    # through K by its packing block). Measured on the H200 (benchmarks/NOTES.md, run 17a): these
+    # tiles were the fastest of the current kernel's in isolation (w_gate_up: int4 56.6 us, int8 47.6
+    # with loads a step ahead) and in the 8B model at batch 1 AWQ TPOT 4.74 -> 4.56 ms, int8 4.27 ms
+    # (against 128 x 128 tiles at 8 warps, 4 stages, 2 programs per core).
     gemv: bool = True
     gemv_block_n: int = 128
-    gemv_block_k: int = 128
-    gemv_num_warps: int = 8  # a float32 tile of 128 x 128 is 64 registers per thread at 8 warps
-    gemv_num_stages: int = 4
-    gemv_programs_per_core: int = 2
+    gemv_block_k: int = 32
+    gemv_num_warps: int = 4
+    gemv_num_stages: int = 1  # Triton pipelines only loads that feed a dot: stages do nothing here
+    gemv_programs_per_core: int = 8
     # GEMV: keep a [block_k, block_n] float32 partial sum and reduce over K once at the end,
     # instead of a cross-thread reduction of every tile (int4 then dequantizes each weight).
     # Measured in the 8B model on the H200 (NOTES.md, run 16a): AWQ TPOT 6.60 -> 4.74 ms.
@@ -87,8 +88,9 @@ class MatmulConfig:
     gemv_magic_convert: bool = False
     # GEMV: 1 issues each step's weight loads a step ahead of its arithmetic (``double_buffered_loop``).
     # Triton's pipeliner leaves loads that feed no dot alone (NOTES.md, after run 16b), so at 0 each
-    # step waits a memory latency for its own tile. Not measured yet.
-    gemv_prefetch: int = 0
+    # step waits a memory latency for its own tile. None: 1 for int8, 0 otherwise (run 17a, w_gate_up
+    # at one row: int8 56.3 -> 47.6 us; int4 56.6 -> 60.6 us).
+    gemv_prefetch: Optional[int] = None
 
 
 # --------------------------------------------------------------------------------------
@@ -386,14 +388,15 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
 
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
-    if config.gemv_prefetch not in (0, 1):
+    prefetch = (1 if fmt == "int8" else 0) if config.gemv_prefetch is None else config.gemv_prefetch
+    if prefetch not in (0, 1):
         raise ValueError(f"gemv_prefetch must be 0 or 1 (loads a step ahead), got {config.gemv_prefetch}")
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
-                               magic_convert=config.gemv_magic_convert, prefetch=config.gemv_prefetch)
+                               magic_convert=config.gemv_magic_convert, prefetch=prefetch)
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),

@@ -190,7 +190,8 @@ CURRENT = (("current-default", qmm.MatmulConfig()), ("current-best16a", BEST_16A
                                                           gemv_prefetch=1, **_G)),
            ("current 64x64 ppc4 ahead1", qmm.MatmulConfig(gemv_block_k=64, gemv_block_n=64, gemv_programs_per_core=4,
                                                           gemv_prefetch=1, **_G)),
-           ("current 32x128 ppc8 ahead0", qmm.MatmulConfig(gemv_block_k=32, gemv_programs_per_core=8, **_G)))
+           ("current 32x128 ppc8 ahead0", qmm.MatmulConfig(gemv_block_k=32, gemv_programs_per_core=8, gemv_prefetch=0,
+                                                           **_G)))
 
 
 def launch_once(K: int, N: int, interpret: bool) -> None:
