@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import ragged_prefill_mgpu
 from pallas_kernels.env_config import dataclass_from_env
 from pallas_kernels.gpu_info import core_count
 
@@ -192,6 +193,10 @@ class Tiling:
     k_splits: Optional[int] = None
     prefill_prefetch_pages: bool = True
     prefill_longest_first: bool = True
+    # "mosaic": the prefill launch by the Mosaic GPU kernel (``ragged_prefill_mgpu``: TMA page copies,
+    # wgmma, warp-specialised) where it applies (sm_90, 16-bit q and pages alike, head_dim 64/128, no
+    # soft cap or window); the Triton launch elsewhere. "triton": always the Triton launch.
+    prefill_kernel: str = "triton"
 
 
 @functools.lru_cache(maxsize=None)
@@ -504,6 +509,25 @@ def _check_tiling(tiling: Tiling):
             raise ValueError(f"Tiling.{name} must be a power of two >= 16, got {value}")
     if tiling.k_splits is not None and tiling.k_splits < 1:
         raise ValueError(f"Tiling.k_splits must be >= 1 or None, got {tiling.k_splits}")
+    if tiling.prefill_kernel not in PREFILL_KERNELS:
+        raise ValueError(f"Tiling.prefill_kernel must be one of {', '.join(PREFILL_KERNELS)}, got {tiling.prefill_kernel!r}")
+
+
+PREFILL_KERNELS = ("triton", "mosaic")
+
+
+def mosaic_work_list(cu_q_lens, kv_lens, num_seqs, *, num_items: int, tokens_per_tile: int, block_kv: int,
+                     max_decode_tokens: int, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """The Mosaic GPU prefill launch's work list: ``prefill_work_items`` sorted by cost, most K/V blocks
+    first (its persistent programs take items in turn, so the longest go first and the last round is
+    short), the padding items after them, then the empty ones; and the count of non-empty items, int32 [1]."""
+    items = prefill_work_items(cu_q_lens, num_seqs, num_items=num_items, tokens_per_tile=tokens_per_tile,
+                               max_decode_tokens=max_decode_tokens, num_tokens=num_tokens)
+    seq, seq_start, seq_end, start, end, attend = items
+    last_pos = kv_lens.astype(jnp.int32)[seq] - (seq_end - seq_start) + (end - 1 - seq_start)
+    cost = jnp.where(attend > 0, last_pos // block_kv + 1, jnp.where(start < num_tokens, 0, -1))
+    order = jnp.argsort(-cost, stable=True)
+    return items[:, order], jnp.sum(cost >= 0, dtype=jnp.int32).reshape(1)
 
 
 def auto_k_splits(num_programs: int, max_kv_blocks: int) -> int:
@@ -570,20 +594,32 @@ def ragged_paged_attention(
     # tokens, then the tiles that zero padding rows. Upper bound on the item count:
     # sum over (long sequences + padding) of ceil(len / tile) < T / tile + n_long + 1.
     max_long_seqs = min(S, T // (max_decode_tokens + 1))
-    num_items = pl.cdiv(T, prefill_tokens) + max_long_seqs
-    metadata += (prefill_work_items(cu_q_lens, num_seqs, num_items=num_items, tokens_per_tile=prefill_tokens,
-                                    max_decode_tokens=max_decode_tokens, num_tokens=T),)
-    out = pl.pallas_call(
-        functools.partial(kernel, rows=prefill_rows, kv_tokens=tiling.prefill_kv_tokens, k_splits=1,
-                          decode_launch=False, prefetch_pages=tiling.prefill_prefetch_pages,
-                          longest_first=tiling.prefill_longest_first),
-        grid=(Hkv, num_items),
-        out_shape=out_shape,
-        compiler_params=pltriton.CompilerParams(num_warps=tiling.prefill_warps,
-                                                num_stages=tiling.prefill_stages),
-        interpret=interpret,
-        name="ragged_paged_attention_prefill",
-    )(*metadata, q, k_cache, v_cache)
+    use_mosaic = tiling.prefill_kernel == "mosaic" and not interpret and ragged_prefill_mgpu.supported(
+        q.dtype, k_cache.dtype, D, bs, soft_cap=soft_cap, sliding_window=sliding_window)
+    if use_mosaic:
+        tokens = 2 * ragged_prefill_mgpu.BLOCK_Q
+        items, count = mosaic_work_list(cu_q_lens, kv_lens, num_seqs, num_items=pl.cdiv(T, tokens) + max_long_seqs,
+                                        tokens_per_tile=tokens, block_kv=ragged_prefill_mgpu.BLOCK_KV,
+                                        max_decode_tokens=max_decode_tokens, num_tokens=T)
+        metadata += (items,)  # the decode launch reads no work list
+        out = ragged_prefill_mgpu.ragged_prefill_mgpu(
+            q, k_cache, v_cache, metadata[0], metadata[2], metadata[4], items, count, sm_scale=scale,
+            workers_per_head=max(1, core_count() // Hq))
+    else:
+        num_items = pl.cdiv(T, prefill_tokens) + max_long_seqs
+        metadata += (prefill_work_items(cu_q_lens, num_seqs, num_items=num_items, tokens_per_tile=prefill_tokens,
+                                        max_decode_tokens=max_decode_tokens, num_tokens=T),)
+        out = pl.pallas_call(
+            functools.partial(kernel, rows=prefill_rows, kv_tokens=tiling.prefill_kv_tokens, k_splits=1,
+                              decode_launch=False, prefetch_pages=tiling.prefill_prefetch_pages,
+                              longest_first=tiling.prefill_longest_first),
+            grid=(Hkv, num_items),
+            out_shape=out_shape,
+            compiler_params=pltriton.CompilerParams(num_warps=tiling.prefill_warps,
+                                                    num_stages=tiling.prefill_stages),
+            interpret=interpret,
+            name="ragged_paged_attention_prefill",
+        )(*metadata, q, k_cache, v_cache)
 
     # Decode launch: one program per (kv head, sequence[, context split]).
     max_kv_blocks = pl.cdiv(B * bs, tiling.decode_kv_tokens)

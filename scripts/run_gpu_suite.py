@@ -240,6 +240,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # client's packages: carry their wheels (the list in benchmarks/NOTES.md, run 15) and install them first.
         ("serving", bench("bench_serving.py", "--request-rate", "8"), 300),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 90),
+        # Run 17b: the Mosaic GPU prefill launch (pallas_kernels/ragged_prefill_mgpu.py) against the reference, then
+        # in the kernel benchmark (its sweep tries it first) and in the prefill-heavy workload.
+        ("gpu-tests-mosaic", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "mosaic",
+                              "tests/test_ragged_paged_attention.py"], 120),
+        ("tput-prefill-mosaic", ["env", 'PAGEDJAX_ATTENTION_TILING={"prefill_kernel": "mosaic"}'] + tput(
+            "tput-prefill", "--output-json", f"{results}/tput-prefill-mosaic.json"), 300),
+        ("kernel-mixed", [PY, "scripts/bench_kernels.py", "--sections", "mixed", "--out", results], 120),
     ]
 
 

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import get_attention_fns
+from pallas_kernels import get_attention_fns, ragged_prefill_mgpu
 from pallas_kernels.ragged_paged_attention import (
+    mosaic_work_list,
     prefill_work_items,
     write_kv,
     Tiling,
@@ -47,12 +48,14 @@ class Shapes:
     cache_dtype: type = None  # KV pages' dtype when it differs from q's (float8 KV cache)
 
 
-def make_batch(rng, shapes: Shapes, q_lens, kv_lens, layer=1):
+def make_batch(rng, shapes: Shapes, q_lens, kv_lens, layer=1, poison_value=np.nan):
     """Random step inputs: sequence i has ``q_lens[i]`` new tokens ending at ``kv_lens[i]``.
 
     Returns ``(kernel_args, reference_args, num_tokens_used)``; the two argument
     tuples are equal except that the kernel's caches are NaN wherever no sequence
-    owns the slot. Padded block-table entries and the kv_lens of padded sequences
+    owns the slot (``poison_value``: the Mosaic GPU prefill kernel copies whole pages and needs finite
+    values there, so its cases poison with a large finite value that shows as a mismatch instead).
+    Padded block-table entries and the kv_lens of padded sequences
     are garbage pointing at such slots; pages are handed out in random order.
     """
     S, T, B, P = shapes.max_seqs, shapes.num_tokens, shapes.pages_per_seq, shapes.num_pages
@@ -89,7 +92,8 @@ def make_batch(rng, shapes: Shapes, q_lens, kv_lens, layer=1):
     def args(k, v):
         return (q, jnp.asarray(k, cache_dtype), jnp.asarray(v, cache_dtype)) + meta
 
-    return args(np.where(poison, np.nan, k), np.where(poison, np.nan, v)), args(k, v), int(cu[-1])
+    return (args(np.where(poison, poison_value, k), np.where(poison, poison_value, v)), args(k, v),
+            int(cu[-1]))
 
 
 def scenarios(shapes: Shapes, rng):
@@ -217,6 +221,41 @@ def test_prefill_work_list_matches_a_plain_enumeration():
             assert got == want, (seed, i)
         else:
             assert got[3:] == want[3:], (seed, i)
+
+
+def test_mosaic_work_list_sorts_the_items_by_cost_longest_first():
+    """The Mosaic GPU launch's work list: the same items as the Triton launch's, most K/V blocks first,
+    then the padding items, then the empty ones, and the count of the non-empty."""
+    T, tile, block_kv = 700, 128, 128
+    q_lens, kv_lens = [3, 300, 1, 129, 0, 40], [900, 300, 5, 1000, 7, 40]
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    kw = dict(num_items=12, tokens_per_tile=tile, max_decode_tokens=4, num_tokens=T)
+    plain = np.asarray(prefill_work_items(cu, jnp.int32([6]), **kw))
+    items, count = mosaic_work_list(cu, jnp.asarray(kv_lens, jnp.int32), jnp.int32([6]), block_kv=block_kv, **kw)
+    items = np.asarray(items)
+    assert sorted(map(tuple, items.T)) == sorted(map(tuple, plain.T))
+    seq, seq_start, seq_end, start, end, attend = items
+    last_pos = np.asarray(kv_lens)[seq] - (seq_end - seq_start) + (end - 1 - seq_start)
+    cost = np.where(attend > 0, last_pos // block_kv + 1, np.where(start < T, 0, -1))
+    assert (np.diff(cost) <= 0).all(), cost
+    # 300 tokens: 3 items; 129: 2; 40: 1; the padding rows 473..700: 2 items.
+    assert int(count[0]) == (cost >= 0).sum() == 8
+    assert list(cost[:8]) == [8, 8, 3, 2, 1, 1, 0, 0]
+
+
+def test_mosaic_prefill_lowers_for_cuda(monkeypatch):
+    """On the CPU the Mosaic GPU prefill launch cannot run, but it lowers (JAX 0.10's Mosaic GPU
+    lowering; the device runs 0.11): beside the Triton decode launch, for both head dims."""
+    monkeypatch.setattr(ragged_prefill_mgpu, "supported", lambda *a, **k: True)
+    for Hq, Hkv, D, bs, dtype in ((8, 2, 128, 16, jnp.bfloat16), (16, 2, 64, 32, jnp.float16)):
+        T, L, P, S, B = 512, 2, 64, 4, 16
+        sd = jax.ShapeDtypeStruct
+        cache = sd((L, Hkv, P, bs, D), dtype)
+        args = (sd((T, Hq, D), dtype), cache, cache, sd((), jnp.int32), sd((S,), jnp.int32), sd((S, B), jnp.int32),
+                sd((S + 1,), jnp.int32), sd((1,), jnp.int32))
+        fn = functools.partial(ragged_paged_attention, tiling=Tiling(prefill_kernel="mosaic"), interpret=False)
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text and "ragged_paged_attention_decode" in text
 
 
 def test_changing_the_batch_mix_does_not_recompile():
@@ -420,6 +459,43 @@ def test_kernel_matches_reference_on_gpu(shapes, kwargs):
         atol = 1e-4 if shapes.dtype == jnp.float32 else None
         try:
             assert_matches(kernel(*kernel_args), ref, used, shapes.dtype, atol=atol)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
+
+
+MOSAIC_GPU_CASES = [
+    pytest.param(Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=1024, max_seqs=16, pages_per_seq=48,
+                        num_pages=900, num_layers=3), id="llama8b-heads-bs16-bf16"),
+    pytest.param(Shapes(16, 2, 64, 32, jnp.float16, num_tokens=512, max_seqs=8, pages_per_seq=24, num_pages=200),
+                 id="ratio8-d64-bs32-f16"),
+    pytest.param(Shapes(8, 8, 128, 16, jnp.bfloat16, num_tokens=384, max_seqs=8, pages_per_seq=32, num_pages=300),
+                 id="ratio1-bs16-bf16"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shapes", MOSAIC_GPU_CASES)
+def test_mosaic_prefill_matches_reference_on_gpu(shapes):
+    """The Mosaic GPU prefill launch (with the Triton decode launch) against the reference: the
+    scenarios above plus prompts of several work items each and chunks after a long context."""
+    if not ragged_prefill_mgpu.supported(shapes.dtype, shapes.dtype, shapes.head_dim, shapes.block_size,
+                                         soft_cap=None, sliding_window=None):
+        pytest.skip("the Mosaic GPU prefill kernel needs an sm_90 GPU")
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    kernel = jax.jit(functools.partial(ragged_paged_attention, interpret=False, tiling=Tiling(prefill_kernel="mosaic")))
+    reference = jax.jit(ragged_paged_attention_reference)
+    T, bs = shapes.num_tokens, shapes.block_size
+    cases = list(scenarios(shapes, rng))
+    cases.append(("long-prompts", [T // 3, 1, T // 2 - 5, 7], [T // 3, 60, T // 2 + 95, 7]))
+    cases.append(("chunks-after-context", [128, 64, 65, 2], [shapes.pages_per_seq * bs, 64 + 3 * bs, 65, 40]))
+    for name, q_lens, kv_lens in cases:
+        kernel_args, ref_args, used = make_batch(rng, shapes, q_lens, kv_lens, layer=shapes.num_layers - 1,
+                                                 poison_value=1e4)
+        with jax.default_matmul_precision("highest"):
+            ref = reference(*ref_args)
+        try:
+            assert_matches(kernel(*kernel_args), ref, used, shapes.dtype)
         except AssertionError as e:
             raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
 
