@@ -247,6 +247,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("tput-prefill-mosaic", ["env", 'PAGEDJAX_ATTENTION_TILING={"prefill_kernel": "mosaic"}'] + tput(
             "tput-prefill", "--output-json", f"{results}/tput-prefill-mosaic.json"), 300),
         ("kernel-mixed", [PY, "scripts/bench_kernels.py", "--sections", "mixed", "--out", results], 120),
+        # Issue 8: JAX's Hopper mixed-type matmul (int8 weights converted in registers, then wgmma) at 16 rows.
+        ("probe-mixed-mgpu", [PY, "scripts/probe_mixed_mgpu.py", "--out", f"{results}/probe-mixed-mgpu.json"], 100),
     ]
 
 
