@@ -244,6 +244,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # in the kernel benchmark (its sweep tries it first) and in the prefill-heavy workload.
         ("gpu-tests-mosaic", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "mosaic",
                               "tests/test_ragged_paged_attention.py"], 120),
+        ("engine-gpu-test-mosaic", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "mosaic",
+                                    "tests/test_engine_gpu.py"], 90),
         ("tput-prefill-mosaic", ["env", 'PAGEDJAX_ATTENTION_TILING={"prefill_kernel": "mosaic"}'] + tput(
             "tput-prefill", "--output-json", f"{results}/tput-prefill-mosaic.json"), 300),
         ("kernel-mixed", [PY, "scripts/bench_kernels.py", "--sections", "mixed", "--out", results], 120),
