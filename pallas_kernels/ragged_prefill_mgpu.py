@@ -132,8 +132,13 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
 
                 @pl.when(attend)
                 def _attend():
-                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, block_q), h], q_smem, q_ready.at[wg])
+                    # A tile's first row is any row of q: a TMA copy into the tiled, swizzled layout wgmma reads
+                    # needs a row index that is a multiple of the tile height, so q lands in the untiled output
+                    # tile first (free until this item's end) and moves to q_smem through registers.
+                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, block_q), h], o_smem, q_ready.at[wg])
                     plgpu.barrier_wait(q_ready.at[wg])
+                    q_smem[...] = o_smem[...]
+                    plgpu.commit_smem()  # the registers' stores before wgmma's reads
                     m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
                                             plgpu.Layout.WGMMA.reduce(1))
                     l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -260,6 +265,6 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
         grid_names=("heads", "workers"),
         num_threads=compute_wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(jnp.asarray(layer, jnp.int32).reshape(1), num_items, items, kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
       q, k_cache, v_cache)
