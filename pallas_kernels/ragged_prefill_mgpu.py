@@ -69,7 +69,7 @@ def supported(q_dtype, cache_dtype, head_dim: int, block_size: int, *, soft_cap,
 
 def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items, num_items, *, sm_scale: float,
                         workers_per_head: int, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV,
-                        max_concurrent_steps: int = 2):
+                        max_concurrent_steps: int = 2, interpret=None):
     """The prefill launch: ``[T, Hq, D]`` with the rows of the work list written: attended rows, and
     zeros for the padding items. ``items``: ``prefill_work_items`` with ``tokens_per_tile = 2 *
     block_q``; ``num_items`` (int32 ``[1]``): how many of them are not empty. The rows of short
@@ -77,7 +77,10 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
 
     Persistent: ``workers_per_head`` programs per query head take the items in turn (the list is
     sorted by cost, longest first: ``mosaic_work_list``), so a step without prompts launches no
-    empty programs. Shapes are checked by ``ragged_paged_attention``, the caller."""
+    empty programs. Shapes are checked by ``ragged_paged_attention``, the caller. ``interpret``: JAX's
+    Mosaic GPU interpreter (``InterpretGPUParams``, JAX >= 0.11: threads, barriers and TMA simulated on
+    the CPU), for tests; it has no ``run_state`` and takes wgmma's left operand from memory only, so
+    there the PV product goes through a shared-memory tile and a fresh accumulator."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     T, Hq, D = q.shape
@@ -90,8 +93,20 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
     compute_wgs = 2
     ring = lambda j: lax.rem(j, jnp.int32(max_concurrent_steps))  # noqa: E731 - K/V slot of step j
 
+    # Register layouts for the compiler; the interpreter keeps values in their logical layout (0.10's has no
+    # layout casts at all).
+    def full(shape, value, dtype, layout):
+        x = jnp.full(shape, value, dtype)
+        return x if interpret else plgpu.layout_cast(x, layout)
+
+    def iota(shape, axis):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, axis)
+        return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+
     def kernel(layer_ref, count_ref, items_ref, kv_lens_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, scoped):
-        (q_smem2, k_smem, v_smem, o_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+        (q_smem2, k_smem, v_smem, o_smem2, *scratch_p), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+        scratch_p = scratch_p[0] if scratch_p else None
         h = lax.axis_index("heads")
         worker = lax.axis_index("workers")
         wg = lax.axis_index("wg")
@@ -139,10 +154,9 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
                     plgpu.barrier_wait(q_ready.at[wg])
                     q_smem[...] = o_smem[...]
                     plgpu.commit_smem()  # the registers' stores before wgmma's reads
-                    m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
-                                            plgpu.Layout.WGMMA.reduce(1))
-                    l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                    acc = plgpu.layout_cast(jnp.full((block_q, D), 0, jnp.float32), plgpu.Layout.WGMMA)
+                    m_i = full((block_q,), -jnp.inf, jnp.float32, plgpu.Layout.WGMMA.reduce(1))
+                    l_i = full((block_q,), 0, jnp.float32, plgpu.Layout.WGMMA.reduce(1))
+                    acc = full((block_q, D), 0, jnp.float32, plgpu.Layout.WGMMA)
 
                     @pl.when(steps > 0)
                     def _():
@@ -162,8 +176,7 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
                         s = pl.run_scoped(qk_scope, plgpu.ACC((block_q, block_kv), jnp.float32))
                         plgpu.barrier_arrive(k_free.at[slot])
                         if masked:
-                            r = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                            c = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                            r, c = (iota((block_q, block_kv), axis) for axis in (0, 1))
                             s = jnp.where(c + j * block_kv <= r + first_pos, s, -jnp.inf)
                         m_new = jnp.maximum(m_i, s.max(axis=1) * scale2)
                         alpha = jnp.exp2(m_i - m_new)
@@ -177,14 +190,24 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
                         plgpu.barrier_wait(v_ready.at[slot])
                         plgpu.barrier_wait(turn)
 
-                        def pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        def pv(acc_ref, p=p16):
+                            plgpu.wgmma(acc_ref, p, v_smem.at[slot])
 
                             @pl.when(j + 1 < steps)
                             def _():
                                 plgpu.barrier_wait(k_ready.at[ring(j + 1)])
 
-                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                        if interpret:
+                            p_smem = scratch_p.at[wg]
+                            p_smem[...] = p16
+
+                            def fresh(acc_ref):
+                                pv(acc_ref, p_smem)
+                                return acc_ref[...]
+
+                            acc = acc + pl.run_scoped(fresh, plgpu.ACC((block_q, D), jnp.float32))
+                        else:
+                            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                         plgpu.barrier_arrive(v_free.at[slot])
                         return acc, m_new, l_i
 
@@ -209,7 +232,7 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
 
                 @pl.when(jnp.logical_not(attend))  # a padding item: zeros
                 def _zeros():
-                    o_smem[...] = plgpu.layout_cast(jnp.full((block_q, D), 0, dtype), plgpu.Layout.WGMMA)
+                    o_smem[...] = full((block_q, D), 0, dtype, plgpu.Layout.WGMMA)
 
                 plgpu.commit_smem()
                 # TMA stores of 2^k rows (as JAX's ragged_dot_mgpu): exactly `rows` rows leave.
@@ -244,6 +267,12 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
                             plgpu.copy_gmem_to_smem(cache_ref.at[lay, kv_head, page], smem.at[slot, pl.ds(p * bs, bs)],
                                                     ready.at[slot])
 
+            # Each slot's last release (the compute warpgroups released every slot once ahead): observed, so no
+            # barrier phase is left unobserved at exit (the interpreter checks that).
+            for slot in range(max_concurrent_steps):
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+
     def entry(*refs):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = (
@@ -251,7 +280,7 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
             plgpu.SMEM((max_concurrent_steps, block_kv, D), dtype, transforms=tiled),
             plgpu.SMEM((max_concurrent_steps, block_kv, D), dtype, transforms=tiled),
             plgpu.SMEM((compute_wgs, block_q, D), dtype),  # unswizzled: row slices of any length
-        )
+        ) + ((plgpu.SMEM((compute_wgs, block_q, block_kv), dtype, transforms=tiled),) if interpret else ())
         ready = (plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=max_concurrent_steps),) * 2 + (
             plgpu.Barrier(num_barriers=compute_wgs),)
         free = (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_concurrent_steps),) * 2
@@ -266,5 +295,6 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
         num_threads=compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **({"interpret": interpret} if interpret else {}),
     )(jnp.asarray(layer, jnp.int32).reshape(1), num_items, items, kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
       q, k_cache, v_cache)
