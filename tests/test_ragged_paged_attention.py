@@ -258,6 +258,33 @@ def test_mosaic_prefill_lowers_for_cuda(monkeypatch):
         assert "mosaic_gpu" in text and "ragged_paged_attention_decode" in text
 
 
+@pytest.mark.skipif(tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
+                    reason="JAX's Mosaic GPU interpreter runs this kernel from 0.11 on (0.10's hangs on its barriers)")
+def test_mosaic_prefill_matches_reference_in_the_interpreter():
+    """The Mosaic GPU prefill launch in JAX's Mosaic GPU interpreter (threads, barriers and TMA copies simulated
+    on the CPU): prompts of several work items, chunks after context, a decode and padding rows, with 2 workers
+    per head so each program walks several items. Needs JAX >= 0.11 (Python 3.12): the GPU machine's version."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    shapes = Shapes(4, 2, 64, 16, jnp.bfloat16, num_tokens=384, max_seqs=5, pages_per_seq=20, num_pages=80)
+    q_lens, kv_lens = [1, 150, 3, 70, 130], [9, 150, 40, 100, 300]
+    kernel_args, ref_args, used = make_batch(rng, shapes, q_lens, kv_lens, poison_value=1e4)
+    q, k_cache, v_cache, layer, kv_lens_arr, tables, cu, num_seqs = kernel_args
+    items, count = mosaic_work_list(cu, kv_lens_arr, num_seqs, num_items=3 + 5, tokens_per_tile=128, block_kv=128,
+                                    max_decode_tokens=2, num_tokens=shapes.num_tokens)
+    out = ragged_prefill_mgpu.ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens_arr, tables, items, count,
+                                                  sm_scale=0.125, workers_per_head=2, interpret=InterpretGPUParams())
+    ref = ragged_paged_attention_reference(*ref_args)
+    rows = np.zeros(shapes.num_tokens, bool)  # the launch's rows: long sequences' and padding (zeros)
+    for s, n in enumerate(q_lens):
+        rows[sum(q_lens[:s]):sum(q_lens[:s + 1])] = n > 2
+    rows[used:] = True
+    got, want = (np.asarray(a.astype(jnp.float32))[rows] for a in (out, ref))
+    np.testing.assert_allclose(got, want, atol=ATOL[jnp.bfloat16], rtol=0, err_msg=f"seed {seed}")
+
+
 def test_changing_the_batch_mix_does_not_recompile():
     shapes = Shapes(4, 2, 64, 16, jnp.float32)
     rng = np.random.default_rng(0)
