@@ -2,7 +2,8 @@
 
 This module holds the pure-jnp reference of the function and the Pallas GPU kernel
 (Triton lowering; interpret mode on CPU) that replaces it: ``ragged_paged_attention``
-has the reference's signature, so it is a drop-in. It knows nothing of models or
+has the reference's signature, so it is a drop-in. On Hopper its prefill launch can be
+the Mosaic GPU kernel of ``ragged_prefill_mgpu`` (``Tiling.prefill_kernel``). It knows nothing of models or
 requests: only the arrays below.
 
 Layout and conventions (shared by the reference and every kernel):
@@ -602,8 +603,9 @@ def ragged_paged_attention(
                                         tokens_per_tile=tokens, block_kv=ragged_prefill_mgpu.BLOCK_KV,
                                         max_decode_tokens=max_decode_tokens, num_tokens=T)
         metadata += (items,)  # the decode launch reads no work list
+        layer_i32, _, kv_lens_i32, _, tables_i32 = metadata[:5]
         out = ragged_prefill_mgpu.ragged_prefill_mgpu(
-            q, k_cache, v_cache, metadata[0], metadata[2], metadata[4], items, count, sm_scale=scale,
+            q, k_cache, v_cache, layer_i32, kv_lens_i32, tables_i32, items, count, sm_scale=scale,
             workers_per_head=max(1, core_count() // Hq))
     else:
         num_items = pl.cdiv(T, prefill_tokens) + max_long_seqs
