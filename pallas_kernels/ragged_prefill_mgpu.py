@@ -39,6 +39,9 @@ _LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (64, 128)
 BLOCK_Q = 64  # query rows per compute warpgroup; a work item is 2 x BLOCK_Q rows
 BLOCK_KV = 128  # K/V tokens per pipeline step
+# JAX 0.11 (the GPU machine's) spells some Mosaic GPU calls differently from 0.10 (the CPU CI's), and only its
+# Mosaic GPU interpreter runs this kernel.
+JAX_0_11 = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
 def _transposed(ref):
@@ -46,7 +49,7 @@ def _transposed(ref):
     ``ref.transpose``; 0.10's Mosaic GPU lowering wants ``plgpu.transpose_ref``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11):
+    if JAX_0_11:
         return ref.transpose((1, 0))
     return plgpu.transpose_ref(ref, (1, 0))
 
@@ -85,7 +88,7 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
 
     T, Hq, D = q.shape
     _, Hkv, _, bs, _ = k_cache.shape
-    S, B = block_tables.shape
+    B = block_tables.shape[1]
     group = Hq // Hkv
     pages_per_block = block_kv // bs
     dtype = q.dtype

@@ -27,6 +27,7 @@ MODEL = "benchmarks/models/llama-3.1-8b"
 NO_PREFETCH = '{"prefill_prefetch_pages": false, "prefill_longest_first": false}'
 MAGIC = '{"gemv_magic_convert": true}'  # the GEMV's integer-to-float by the exponent trick (run 15, unmeasured)
 DEFER_MAGIC = '{"gemv_magic_convert": true, "gemv_defer_reduction": true}'  # and the sum over K after the loop
+MOSAIC = '{"prefill_kernel": "mosaic"}'  # the Mosaic GPU prefill launch (run 17)
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -246,9 +247,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                               "tests/test_ragged_paged_attention.py"], 120),
         ("engine-gpu-test-mosaic", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "mosaic",
                                     "tests/test_engine_gpu.py"], 90),
-        ("tput-prefill-mosaic", ["env", 'PAGEDJAX_ATTENTION_TILING={"prefill_kernel": "mosaic"}'] + tput(
+        ("tput-prefill-mosaic", ["env", f"PAGEDJAX_ATTENTION_TILING={MOSAIC}"] + tput(
             "tput-prefill", "--output-json", f"{results}/tput-prefill-mosaic.json"), 300),
-        ("profile-prefill-16k-mosaic", ["env", 'PAGEDJAX_ATTENTION_TILING={"prefill_kernel": "mosaic"}'] + profile(
+        ("profile-prefill-16k-mosaic", ["env", f"PAGEDJAX_ATTENTION_TILING={MOSAIC}"] + profile(
             "profile-prefill-16k-mosaic", "--step", "prefill", "--batch", "8", "--ctx", "2048"), 100),
         ("kernel-mixed", [PY, "scripts/bench_kernels.py", "--sections", "mixed", "--out", results], 120),
         # Issue 8: JAX's Hopper mixed-type matmul (int8 weights converted in registers, then wgmma) at 16 rows.

@@ -258,7 +258,7 @@ def test_mosaic_prefill_lowers_for_cuda(monkeypatch):
         assert "mosaic_gpu" in text and "ragged_paged_attention_decode" in text
 
 
-@pytest.mark.skipif(tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
+@pytest.mark.skipif(not ragged_prefill_mgpu.JAX_0_11,
                     reason="JAX's Mosaic GPU interpreter runs this kernel from 0.11 on (0.10's hangs on its barriers)")
 def test_mosaic_prefill_matches_reference_in_the_interpreter():
     """The Mosaic GPU prefill launch in JAX's Mosaic GPU interpreter (threads, barriers and TMA copies simulated
