@@ -249,11 +249,16 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                     "tests/test_engine_gpu.py"], 90),
         ("tput-prefill-mosaic", ["env", f"PAGEDJAX_ATTENTION_TILING={MOSAIC}"] + tput(
             "tput-prefill", "--output-json", f"{results}/tput-prefill-mosaic.json"), 300),
+        # Only the profiled step's programs: all 14 of the engine's at ~9 s each outran 100 s (run 17c).
         ("profile-prefill-16k-mosaic", ["env", f"PAGEDJAX_ATTENTION_TILING={MOSAIC}"] + profile(
-            "profile-prefill-16k-mosaic", "--step", "prefill", "--batch", "8", "--ctx", "2048"), 100),
+            "profile-prefill-16k-mosaic", "--step", "prefill", "--batch", "8", "--ctx", "2048", "--precompile-steps",
+            "off"), 150),
         ("kernel-mixed", [PY, "scripts/bench_kernels.py", "--sections", "mixed", "--out", results], 120),
         # Issue 8: JAX's Hopper mixed-type matmul (int8 weights converted in registers, then wgmma) at 16 rows.
         ("probe-mixed-mgpu", [PY, "scripts/probe_mixed_mgpu.py", "--out", f"{results}/probe-mixed-mgpu.json"], 100),
+        # Run 18: what bounds the int8 GEMV: its loads alone, its arithmetic, on the [K, N] rows and on tile-contiguous
+        # copies, and the chain's cost per call (scripts/probe_gemv_bound.py).
+        ("probe-gemv-bound", [PY, "scripts/probe_gemv_bound.py", "--out", f"{results}/probe-gemv-bound.json"], 120),
     ]
 
 
@@ -261,8 +266,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
 REQUIRES = {"tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
-            "engine-gpu-test-mosaic": "gpu-tests-mosaic", "tput-prefill-mosaic": "gpu-tests-mosaic",
-            "profile-prefill-16k-mosaic": "gpu-tests-mosaic"}
+            "engine-gpu-test-mosaic": "gpu-tests-mosaic"}
 
 
 def bundle(out: str) -> None:

@@ -1,0 +1,200 @@
+"""Probe: what bounds the one-row int8 GEMV at ~2.5 T weights/s (issue 8, batch 1).
+
+Every batch-1 kernel tried (the byte-tile GEMV, the int32-word GEMV, JAX's mixed-type wgmma
+matmul) lands at ~2.5 T weights/s on w_gate_up (benchmarks/NOTES.md, runs 16-17), where XLA's
+bf16 GEMV reads 3.7 TB/s. This times, in the same chain as ``bench_matmul.time_chain``:
+
+- ``read``: the GEMV's loads alone (the int8 weight as int32 words, XOR-ed into a register
+  tile): how fast this tiling can read at all. ``layout=rows`` reads ``[K, N]`` as the
+  kernel does (a tile is ``block_k`` rows of 128 bytes, ``N`` bytes apart); ``layout=tiles``
+  reads a copy laid out ``[N / block_n, K, block_n]`` (a program's tile is contiguous).
+- ``gemv``: the int8 GEMV's arithmetic (exponent-trick conversion, multiply-add into a
+  ``[block_k, block_n]`` float32 tile, summed after the loop) on each layout.
+- ``null``: a kernel that writes its output and reads nothing: the chain's cost per call.
+
+If ``read rows`` runs near 3.7-4.3 TB/s the arithmetic's structure binds the GEMV; if it also
+stalls at ~2.5 TB/s, the access pattern (or the launch) does, and ``tiles`` says whether a
+stored tile order would mend it.
+
+    python scripts/probe_gemv_bound.py --check          # CPU: interpret mode, small shapes
+    python scripts/probe_gemv_bound.py --out probe.json  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as pltriton  # noqa: E402
+
+from pallas_kernels import quantized_matmul as qmm  # noqa: E402
+
+LAYOUTS = ("rows", "tiles")
+KINDS = ("read", "gemv", "null")
+
+
+def as_tiles(q: jax.Array, block_n: int) -> jax.Array:
+    """``[K, N]`` -> ``[N / block_n, K, block_n]``: each column block's rows contiguous."""
+    K, N = q.shape
+    return q.reshape(K, N // block_n, block_n).transpose(1, 0, 2)
+
+
+def _kernel(x_ref, w_ref, scale_ref, o_ref, *, kind, layout, block_k, block_n, steps, prefetch):
+    n, split = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    first_k = split * (steps * block_k)
+    if kind == "null":
+        o_ref[...] = jnp.zeros((block_n,), jnp.float32)
+        return
+
+    def k_start(i):
+        return pl.multiple_of(first_k + i * block_k, block_k)
+
+    def load(i):
+        rows = pl.ds(k_start(jnp.minimum(i, steps - 1)), block_k)
+        tile = w_ref.at[rows, cols] if layout == "rows" else w_ref.at[n, rows, :]
+        return pltriton.load(tile, eviction_policy="evict_first")
+
+    if kind == "read":  # w: int32 words, block_n words a row
+        def body(i, acc, w):
+            return acc ^ w
+        acc = jnp.zeros((block_k, block_n), jnp.int32)
+    else:
+        def body(i, acc, w):
+            x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)
+            return acc + x[:, None] * qmm._small_ints_as_f32(w.astype(jnp.int32), offset=128)
+        acc = jnp.zeros((block_k, block_n), jnp.float32)
+    if prefetch:
+        acc = qmm.double_buffered_loop(steps, load, body, acc)
+    else:
+        acc = lax.fori_loop(0, steps, lambda i, a: body(i, a, load(i)), acc)
+    total = jnp.sum(acc.astype(jnp.float32) if kind == "read" else acc, axis=0)
+    if kind == "gemv":
+        total = total * scale_ref[cols].astype(jnp.float32)
+    o_ref[...] = total
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "layout", "block_k", "block_n", "num_warps",
+                                             "programs_per_core", "prefetch", "interpret"))
+def probe_gemv(x, w, scale, *, kind, layout, block_k=32, block_n=128, num_warps=4, programs_per_core=8, prefetch=1,
+               interpret=False):
+    """``x[1, K]`` times the int8 weight ``w`` (``[K, N]``, or ``as_tiles``; for ``read``, int32 words of it:
+    ``block_n`` then counts words) -> ``[1, N]`` float32 (``read``: a checksum, ``null``: zeros)."""
+    K = x.shape[1]
+    N = w.shape[1] if layout == "rows" else w.shape[0] * w.shape[2]
+    num_steps = K // block_k
+    splits = qmm.auto_k_splits(N // block_n, num_steps, programs_per_core)
+    kernel = functools.partial(_kernel, kind=kind, layout=layout, block_k=block_k, block_n=block_n,
+                               steps=num_steps // splits, prefetch=prefetch)
+    out = pl.pallas_call(
+        kernel, grid=(N // block_n, splits), in_specs=[pl.no_block_spec] * 3,
+        out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
+        out_shape=jax.ShapeDtypeStruct((splits, N), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name=f"probe_{kind}_{layout}")(x, w, scale)
+    return out.sum(axis=0)[None, :]
+
+
+def as_words(q: jax.Array) -> jax.Array:
+    """int8 ``[..., N]`` -> int32 ``[..., N / 4]`` (four bytes a word)."""
+    return lax.bitcast_convert_type(q.reshape(*q.shape[:-1], q.shape[-1] // 4, 4), jnp.int32)
+
+
+def weight_for(kind: str, layout: str, q: jax.Array, block_n: int) -> jax.Array:
+    w = as_words(q) if kind == "read" else q
+    return as_tiles(w, block_n // 4 if kind == "read" else block_n) if layout == "tiles" else w
+
+
+def check(interpret: bool, K: int = 256, N: int = 512) -> list[str]:
+    from models.quantization import quantize_weight
+
+    key = jax.random.key(0)
+    w = quantize_weight((jax.random.normal(key, (K, N)) * 0.02).astype(jnp.bfloat16), "int8")
+    x = jax.random.normal(jax.random.fold_in(key, 1), (1, K), jnp.float32).astype(jnp.bfloat16)
+    want_gemv = qmm.int8_matmul_reference(x, w.q, w.scale).astype(jnp.float32)
+    words = as_words(w.q)
+    lines = []
+    for layout in LAYOUTS:
+        for prefetch in (0, 1):
+            kw = dict(layout=layout, block_k=32, block_n=128, prefetch=prefetch, interpret=interpret)
+            got = probe_gemv(x, weight_for("gemv", layout, w.q, 128), w.scale, kind="gemv", **kw)
+            err = float(jnp.max(jnp.abs(got - want_gemv)) / jnp.max(jnp.abs(want_gemv)))
+            # read: column c's checksum is the XOR, down each program's K range, of word column c // 4; summed over
+            # the K splits, then over the word's 4 columns, it is compared in total.
+            got_read = probe_gemv(x, weight_for("read", layout, w.q, 128), w.scale, kind="read",
+                                  **dict(kw, block_n=32))
+            lines.append(f"check {layout} prefetch={prefetch}: gemv max error / max |ref| = {err:.2e}, "
+                         f"read checksum {float(got_read.sum()):.0f}")
+            if err > 2e-2:
+                raise AssertionError(lines[-1])
+    return lines
+
+
+# (block_k, block_n bytes, warps, programs per core, loads ahead): the current default first.
+TILINGS = ((32, 128, 4, 8, 1), (32, 128, 4, 8, 0), (64, 128, 4, 8, 1), (32, 256, 4, 8, 1), (16, 512, 4, 8, 1),
+           (32, 128, 4, 16, 1), (64, 256, 8, 4, 1))
+
+
+def main(argv=None):
+    import bench_matmul
+    from models.quantization import quantize_weight
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare with the reference")
+    parser.add_argument("--shape", default="w_gate_up")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--smoke", action="store_true", help="CPU: the small shapes, interpret mode, few calls")
+    args = parser.parse_args(argv)
+    interpret = jax.default_backend() != "gpu"
+    for line in check(interpret):
+        print(line, flush=True)
+    if args.check:
+        return
+    K, N, _ = (bench_matmul.SHAPES_SMOKE if args.smoke else bench_matmul.SHAPES_8B)[args.shape]
+    timing = dict(repeats=1, stream_bytes=1 << 20, min_calls=2) if args.smoke else dict(repeats=5)
+    tilings = TILINGS[:1] if args.smoke else TILINGS
+    key = jax.random.key(K * 7 + N)
+    rows = []
+
+    def record(label, row):
+        rows.append(dict(kernel=label, **row))
+        print(f"{label:48s} " + (f"{row['us']:7.1f} us {row['weight_tb_s']:.2f} TB/s" if "us" in row
+                                 else row["error"]), flush=True)
+
+    for variant in ("xla-bf16", "pallas-int8"):
+        fn, make, nbytes = bench_matmul.make_variant(variant, K, N, key, interpret)
+        record(variant, bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing))
+    nbytes = K * N  # the int8 weight's bytes (the scale's 4N left out)
+    for kind in KINDS:
+        for layout in LAYOUTS if kind != "null" else ("rows",):
+            for block_k, block_n, warps, per_core, prefetch in tilings if kind != "null" else tilings[:1]:
+                def make(k, block_n=block_n, kind=kind, layout=layout):
+                    w = quantize_weight((jax.random.normal(k, (K, N)) * 0.02).astype(jnp.bfloat16), "int8")
+                    return weight_for(kind, layout, w.q, block_n), w.scale
+                fn = functools.partial(
+                    lambda x, w, **kw: probe_gemv(x, w[0], w[1], **kw).astype(x.dtype), kind=kind, layout=layout,
+                    block_k=block_k, block_n=block_n // 4 if kind == "read" else block_n, num_warps=warps,
+                    programs_per_core=per_core, prefetch=prefetch, interpret=interpret)
+                label = f"{kind} {layout} {block_k}x{block_n} w={warps} ppc={per_core} ahead={prefetch}"
+                try:
+                    row = bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing)
+                except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
+                    row = dict(error=f"{type(e).__name__}: {e}"[:300])
+                record(label, row)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shape=args.shape, rows=rows), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
