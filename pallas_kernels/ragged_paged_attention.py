@@ -196,8 +196,13 @@ class Tiling:
     prefill_longest_first: bool = True
     # "mosaic": the prefill launch by the Mosaic GPU kernel (``ragged_prefill_mgpu``: TMA page copies,
     # wgmma, warp-specialised) where it applies (sm_90, 16-bit q and pages alike, head_dim 64/128, no
-    # soft cap or window); the Triton launch elsewhere. "triton": always the Triton launch.
-    prefill_kernel: str = "triton"
+    # soft cap or window, steps of at least ``prefill_mosaic_min_tokens`` token rows); the Triton launch
+    # elsewhere. "triton": always the Triton launch. Run 18a (H200): tput-prefill's prompt steps 574 ->
+    # 589 TFLOP/s (the 8 x 2048 step's attention 38.3 -> 23.6 ms), but each step program it enters costs
+    # ~3.6 s more to make (0.7 s of it Python lowering, paid again on a warm start): so only the largest
+    # step shapes, where prompt tokens come in bulk, take it.
+    prefill_kernel: str = "mosaic"
+    prefill_mosaic_min_tokens: int = 8192
 
 
 @functools.lru_cache(maxsize=None)
@@ -512,6 +517,8 @@ def _check_tiling(tiling: Tiling):
         raise ValueError(f"Tiling.k_splits must be >= 1 or None, got {tiling.k_splits}")
     if tiling.prefill_kernel not in PREFILL_KERNELS:
         raise ValueError(f"Tiling.prefill_kernel must be one of {', '.join(PREFILL_KERNELS)}, got {tiling.prefill_kernel!r}")
+    if tiling.prefill_mosaic_min_tokens < 0:
+        raise ValueError(f"Tiling.prefill_mosaic_min_tokens must be >= 0, got {tiling.prefill_mosaic_min_tokens}")
 
 
 PREFILL_KERNELS = ("triton", "mosaic")
@@ -595,8 +602,9 @@ def ragged_paged_attention(
     # tokens, then the tiles that zero padding rows. Upper bound on the item count:
     # sum over (long sequences + padding) of ceil(len / tile) < T / tile + n_long + 1.
     max_long_seqs = min(S, T // (max_decode_tokens + 1))
-    use_mosaic = tiling.prefill_kernel == "mosaic" and not interpret and ragged_prefill_mgpu.supported(
-        q.dtype, k_cache.dtype, D, bs, soft_cap=soft_cap, sliding_window=sliding_window)
+    use_mosaic = (tiling.prefill_kernel == "mosaic" and T >= tiling.prefill_mosaic_min_tokens and not interpret
+                  and ragged_prefill_mgpu.supported(q.dtype, k_cache.dtype, D, bs, soft_cap=soft_cap,
+                                                    sliding_window=sliding_window))
     if use_mosaic:
         tokens = 2 * ragged_prefill_mgpu.BLOCK_Q
         items, count = mosaic_work_list(cu_q_lens, kv_lens, num_seqs, num_items=pl.cdiv(T, tokens) + max_long_seqs,

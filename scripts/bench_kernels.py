@@ -222,12 +222,13 @@ def prefill_tilings(decode: Tiling, smoke):
     combos = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
               (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 3)]
     # The Mosaic GPU prefill launch first (sm_90 only: elsewhere it is the Triton launch with default tiles).
-    tilings = [dataclasses.replace(decode, prefill_kernel="mosaic")]
-    tilings += [dataclasses.replace(decode, prefill_q_rows=r, prefill_kv_tokens=k, prefill_warps=nw, prefill_stages=ns)
+    tilings = [dataclasses.replace(decode, prefill_kernel="mosaic", prefill_mosaic_min_tokens=0)]
+    triton = dataclasses.replace(decode, prefill_kernel="triton")
+    tilings += [dataclasses.replace(triton, prefill_q_rows=r, prefill_kv_tokens=k, prefill_warps=nw, prefill_stages=ns)
                 for r, k, nw, ns in combos]
     # Without the prefill launch's hand-pipelined block-table reads and longest-first order (run 15c).
     for base in (Tiling(), Tiling(prefill_kv_tokens=128)):
-        tilings += [dataclasses.replace(decode, prefill_q_rows=base.prefill_q_rows, prefill_kv_tokens=base.prefill_kv_tokens,
+        tilings += [dataclasses.replace(triton, prefill_q_rows=base.prefill_q_rows, prefill_kv_tokens=base.prefill_kv_tokens,
                                         prefill_prefetch_pages=pf, prefill_longest_first=lf)
                     for pf, lf in ((False, True), (True, False), (False, False))]
     return tilings

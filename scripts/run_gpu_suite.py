@@ -67,6 +67,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                      "--sweep", "--sweep-form", "gemv", "--sweep-shapes", "w_gate_up"), 120),
         # Where a batch-1 decode step's time goes (latency's TPOT), bf16 and AWQ int4.
         ("profile-decode1", profile("profile-decode1", "--step", "decode", "--batch", "1", "--ctx", "192"), 60),
+        ("profile-decode1-int8", profile("profile-decode1-int8", "--step", "decode", "--batch", "1", "--ctx", "192",
+                                         "--quantization", "int8"), 90),
         ("profile-decode1-awq", profile("profile-decode1-awq", "--step", "decode", "--batch", "1", "--ctx", "192",
                                         "--quantization", "awq"), 60),
         # fp8 without autotuning ran every matmul on an untuned kernel (run 9); autotuning level 1

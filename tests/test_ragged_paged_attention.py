@@ -245,7 +245,8 @@ def test_mosaic_work_list_sorts_the_items_by_cost_longest_first():
 
 def test_mosaic_prefill_lowers_for_cuda(monkeypatch):
     """On the CPU the Mosaic GPU prefill launch cannot run, but it lowers (JAX 0.10's Mosaic GPU
-    lowering; the device runs 0.11): beside the Triton decode launch, for both head dims."""
+    lowering; the device runs 0.11): beside the Triton decode launch, for both head dims; smaller steps than
+    ``prefill_mosaic_min_tokens`` take the Triton prefill launch."""
     monkeypatch.setattr(ragged_prefill_mgpu, "supported", lambda *a, **k: True)
     for Hq, Hkv, D, bs, dtype in ((8, 2, 128, 16, jnp.bfloat16), (16, 2, 64, 32, jnp.float16)):
         T, L, P, S, B = 512, 2, 64, 4, 16
@@ -253,9 +254,13 @@ def test_mosaic_prefill_lowers_for_cuda(monkeypatch):
         cache = sd((L, Hkv, P, bs, D), dtype)
         args = (sd((T, Hq, D), dtype), cache, cache, sd((), jnp.int32), sd((S,), jnp.int32), sd((S, B), jnp.int32),
                 sd((S + 1,), jnp.int32), sd((1,), jnp.int32))
-        fn = functools.partial(ragged_paged_attention, tiling=Tiling(prefill_kernel="mosaic"), interpret=False)
+        fn = functools.partial(ragged_paged_attention, tiling=Tiling(prefill_kernel="mosaic", prefill_mosaic_min_tokens=0), interpret=False)
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text and "ragged_paged_attention_decode" in text
+    # The default tiling takes the Mosaic launch only in steps of at least prefill_mosaic_min_tokens rows.
+    fn = functools.partial(ragged_paged_attention, tiling=Tiling(prefill_mosaic_min_tokens=T + 1), interpret=False)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" not in text and "ragged_paged_attention_prefill" in text
 
 
 @pytest.mark.skipif(not ragged_prefill_mgpu.JAX_0_11,
@@ -510,7 +515,7 @@ def test_mosaic_prefill_matches_reference_on_gpu(shapes):
         pytest.skip("the Mosaic GPU prefill kernel needs an sm_90 GPU")
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
-    kernel = jax.jit(functools.partial(ragged_paged_attention, interpret=False, tiling=Tiling(prefill_kernel="mosaic")))
+    kernel = jax.jit(functools.partial(ragged_paged_attention, interpret=False, tiling=Tiling(prefill_kernel="mosaic", prefill_mosaic_min_tokens=0)))
     reference = jax.jit(ragged_paged_attention_reference)
     T, bs = shapes.num_tokens, shapes.block_size
     cases = list(scenarios(shapes, rng))
