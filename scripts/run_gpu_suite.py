@@ -27,7 +27,8 @@ MODEL = "benchmarks/models/llama-3.1-8b"
 NO_PREFETCH = '{"prefill_prefetch_pages": false, "prefill_longest_first": false}'
 MAGIC = '{"gemv_magic_convert": true}'  # the GEMV's integer-to-float by the exponent trick (run 15, unmeasured)
 DEFER_MAGIC = '{"gemv_magic_convert": true, "gemv_defer_reduction": true}'  # and the sum over K after the loop
-MOSAIC = '{"prefill_kernel": "mosaic"}'  # the Mosaic GPU prefill launch (run 17)
+MOSAIC = '{"prefill_kernel": "mosaic"}'  # the Mosaic GPU prefill launch (run 17; the default from run 18a)
+TRITON = '{"prefill_kernel": "triton"}'  # the Triton prefill launch in every step (the default before run 18a)
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -68,7 +69,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Where a batch-1 decode step's time goes (latency's TPOT), bf16 and AWQ int4.
         ("profile-decode1", profile("profile-decode1", "--step", "decode", "--batch", "1", "--ctx", "192"), 60),
         ("profile-decode1-int8", profile("profile-decode1-int8", "--step", "decode", "--batch", "1", "--ctx", "192",
-                                         "--quantization", "int8"), 90),
+                                         "--quantization", "int8", "--precompile-steps", "off"), 90),
         ("profile-decode1-awq", profile("profile-decode1-awq", "--step", "decode", "--batch", "1", "--ctx", "192",
                                         "--quantization", "awq"), 60),
         # fp8 without autotuning ran every matmul on an untuned kernel (run 9); autotuning level 1
@@ -158,6 +159,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                f"{results}/compile-probe-fp8.json"], 150),
         # Run 13b: start-up with every step shape precompiled, cold and with the persistent cache warm.
         ("latency-bf16-warm", latency(None, "--output-json", f"{results}/latency-bf16-warm.json"), 120),
+        # Run 18c: start-up with the Triton prefill launch everywhere, cold (a cache of its own) and warm, beside
+        # latency-bf16 / latency-bf16-warm at the default (the Mosaic launch in the 8192- and 16384-row steps).
+        ("latency-bf16-triton", ["env", f"PAGEDJAX_ATTENTION_TILING={TRITON}", "PAGEDJAX_CACHE_DIR=/tmp/cache-triton"]
+         + latency(None, "--output-json", f"{results}/latency-bf16-triton.json"), 150),
+        ("latency-bf16-triton-warm", ["env", f"PAGEDJAX_ATTENTION_TILING={TRITON}",
+                                      "PAGEDJAX_CACHE_DIR=/tmp/cache-triton"]
+         + latency(None, "--output-json", f"{results}/latency-bf16-triton-warm.json"), 120),
         ("tput-long", tput("tput-long"), 300),
         # Run 13b's GPU idle rose to 17.4% (5.4% in 13a): each suspect undone on its own.
         ("profile-idle-noprecompile", profile("profile-idle-noprecompile", "--run", "--batch", "256", "--input-len",
@@ -319,6 +327,16 @@ def gpu_monitor_summary(path: str) -> str:
             + ", ".join(f"{k} x{v}" for k, v in reasons.most_common()))
 
 
+def host_cpu() -> str:
+    """The host's CPU model and core count (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        models = []
+    return f"{models[0] if models else '?'} x {os.cpu_count()} cores"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -343,6 +361,7 @@ def main(argv=None) -> None:
             parser.error(f"unknown steps {unknown}; known: {', '.join(by_name)}")
         chosen = [by_name[name] for name in args.steps.split(",")]
     summary = open(os.path.join(args.out, "summary.txt"), "a")
+    summary.write(f"host: {host_cpu()}\n")  # compile times follow the host's CPU, which differs between leases
     all_steps = {s[0]: s for s in steps(results)}
     queue = list(chosen)
     outcomes = {}
