@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -103,6 +104,18 @@ def default_compiler_options(num_tokens: int, *, fp8: bool) -> dict:
     if jax.default_backend() != "gpu" or not fp8:
         return {}
     return dict(FP8_SMALL_STEP_OPTIONS if num_tokens <= MIN_TOKEN_BUCKET else FP8_LARGE_STEP_OPTIONS)
+
+
+def precompile_workers() -> int:
+    """Model-step programs ``ModelRunner.precompile`` compiles at once: ``$PAGEDJAX_PRECOMPILE_WORKERS``, else 4
+    (at most the CPU count). XLA compiles on the host's CPU; on the GPU machine one program took ~5-6 s (run 18c,
+    14 programs 63-70 s one after another)."""
+    value = os.environ.get("PAGEDJAX_PRECOMPILE_WORKERS")
+    if value is not None:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"$PAGEDJAX_PRECOMPILE_WORKERS must be a positive integer, got {value!r}")
+        return int(value)
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def enable_compilation_cache() -> None:
@@ -354,15 +367,33 @@ class ModelRunner:
             self._step_fns[key] = self._make_step(compiler_options=options or None)
         return self._step_fns[key]
 
-    def precompile(self, *, progress: bool = True) -> int:
+    def _compile_steps(self, inputs: dict, workers: int, on_done) -> None:
+        """Compile the model step of each token bucket in ``inputs`` (``T -> (model_input, feed)``) ahead of its
+        first run: lowered here one after another (Python), compiled by ``workers`` threads at once (XLA's
+        compile releases the GIL). jit keeps each compiled program for the call that runs it."""
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile-step") as pool:
+            futures = [pool.submit(self.step_fn(T).lower(self.params, self.kv_cache, model_input, self._sampled,
+                                                         feed).compile)
+                       for T, (model_input, feed) in inputs.items()]
+            for future in as_completed(futures):
+                future.result()
+                on_done()
+
+    def precompile(self, *, progress: bool = True, workers: Optional[int] = None) -> int:
         """Compile, before the first request and under a progress bar, what steps will run: the
         model step of every token bucket (``token_buckets``) at the fixed table width, and the greedy
         and the plain random sampler (no top-k/top-p, penalties or logprobs) of each one's sequence
         slots; other sampler variants compile at first use, in a fraction of a second. Each program
         compiles the way a step does, by running it once, on an empty batch (every token padding:
         its K/V go to the sink page, no sequence attends), so steps find it in jit's own cache.
-        Returns how many programs ran. Needs the fixed table width (``table_width``) and the KV pool."""
+        Returns how many programs ran. Needs the fixed table width (``table_width``) and the KV pool.
+        ``workers``: model steps compiled at once (``_compile_steps``; default ``precompile_workers()``), 1: each
+        compiled by its first run, one after another."""
         from tqdm import tqdm
+
+        workers = precompile_workers() if workers is None else workers
 
         if self.table_width is None:
             raise RuntimeError("precompile needs a fixed block-table width (ModelRunner(fixed_table_width=True) "
@@ -370,11 +401,13 @@ class ModelRunner:
         buckets = token_buckets(self.max_num_batched_tokens)
         slots = sorted({self.padded_num_seqs(T) for T in buckets})
         samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
+        inputs = {T: self._placed(self._empty_step_input(T, self.table_width)) for T in buckets}
         with tqdm(total=len(buckets) + len(slots) * len(samplers), desc="Compiling steps", unit="program",
                   disable=not progress) as bar:
+            if workers > 1:
+                self._compile_steps(inputs, workers, on_done=bar.update)
             logits_of = {}  # sequence slots -> logits of a step with that many
-            for T in buckets:
-                model_input, feed = self._placed(self._empty_step_input(T, self.table_width))
+            for T, (model_input, feed) in inputs.items():
                 logits, self.kv_cache = self.step_fn(T)(self.params, self.kv_cache, model_input, self._sampled, feed)
                 logits_of[self.padded_num_seqs(T)] = logits
                 # Wait for it: the next program's compile times candidate GEMMs on the GPU (XLA's
@@ -382,7 +415,8 @@ class ModelRunner:
                 # 16384-row matmuls chose kernels of 753 and 874 TFLOP/s, run 14c; waiting left tput-short
                 # as it was, run 14d, so that spread has another cause.)
                 jax.block_until_ready(logits)
-                bar.update()
+                if workers <= 1:
+                    bar.update()
             for S in slots:
                 for params in samplers:
                     sampling = self._placed(self._uniform_sampling(params, S))

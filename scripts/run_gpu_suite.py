@@ -163,6 +163,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # latency-bf16 / latency-bf16-warm at the default (the Mosaic launch in the 8192- and 16384-row steps).
         ("latency-bf16-triton", ["env", f"PAGEDJAX_ATTENTION_TILING={TRITON}", "PAGEDJAX_CACHE_DIR=/tmp/cache-triton"]
          + latency(None, "--output-json", f"{results}/latency-bf16-triton.json"), 150),
+        # Run 18d: the steps compiled one after another (before run 18d's threads), cold, with a cache of its own.
+        ("latency-bf16-seq", ["env", "PAGEDJAX_PRECOMPILE_WORKERS=1", "PAGEDJAX_CACHE_DIR=/tmp/cache-seq"]
+         + latency(None, "--output-json", f"{results}/latency-bf16-seq.json"), 150),
         ("latency-bf16-triton-warm", ["env", f"PAGEDJAX_ATTENTION_TILING={TRITON}",
                                       "PAGEDJAX_CACHE_DIR=/tmp/cache-triton"]
          + latency(None, "--output-json", f"{results}/latency-bf16-triton-warm.json"), 120),

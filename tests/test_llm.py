@@ -365,12 +365,15 @@ def test_final_only_requests_hand_out_one_output_equal_to_the_last_streamed(tmp_
     assert [o.finished for o in stepped if o.request_id == "final"] == [True]
 
 
-def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys, monkeypatch, workers):
     """precompile_steps=True: LLM(...) compiles the model step of every token bucket at the fixed
-    block-table width, and the greedy and random samplers, under a progress bar; then prompts of
-    many lengths, batch sizes and both kinds of sampling compile nothing more."""
+    block-table width (one after another, or by threads at once), and the greedy and random samplers,
+    under a progress bar; then prompts of many lengths, batch sizes and both kinds of sampling compile
+    nothing more."""
     import jax
 
+    monkeypatch.setenv("PAGEDJAX_PRECOMPILE_WORKERS", workers)
     from engine.runner import token_buckets
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
