@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 import traceback
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,7 +118,6 @@ def _fp8_weight_only(x, w):
 def time_variant(variant, K, N, M, *, interpret, repeats, config=None, stream_bytes=STREAM_BYTES,
                  min_calls=MIN_CALLS, compiler_options=None):
     import jax
-    import jax.numpy as jnp
 
     key = jax.random.key(K * 7 + N)
     fn, make, nbytes = make_variant(variant, K, N, key, interpret, config)
@@ -157,6 +157,34 @@ def time_chain(fn, make, nbytes, K, N, M, *, key, repeats, stream_bytes=STREAM_B
     return dict(K=K, N=N, M=M, us=seconds * 1e6, weight_bytes=nbytes,
                 weight_tb_s=nbytes / seconds / 1e12, tflop_s=2 * M * K * N / seconds / 1e12, copies=copies, calls=calls,
                 compile_s=compile_s)
+
+
+def probe_parser(description: str) -> argparse.ArgumentParser:
+    """The command line the one-shape GEMV probes share (``scripts/probe_gemv_*.py``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare with the reference")
+    parser.add_argument("--shape", default="w_gate_up")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--smoke", action="store_true", help="CPU: the small shapes, interpret mode, few calls")
+    return parser
+
+
+def probe_shape(args) -> tuple[int, int, dict]:
+    """``(K, N, time_chain keywords)`` of a probe's ``--shape`` (``--smoke``: the small shapes, few calls)."""
+    K, N, _ = (SHAPES_SMOKE if args.smoke else SHAPES_8B)[args.shape]
+    return K, N, dict(repeats=1, stream_bytes=1 << 20, min_calls=2) if args.smoke else dict(repeats=5)
+
+
+def write_probe(path: Optional[str], shape: str, rows: list[dict]) -> None:
+    """A probe's rows with the device and JAX version, as JSON at ``path`` (nothing without one)."""
+    import json
+
+    import jax
+
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shape=shape, rows=rows), f,
+                      indent=1)
 
 
 def step_estimates(rows: list[dict], shapes: dict, read_tb_s: float) -> list[dict]:

@@ -24,7 +24,6 @@ at the w_gate_up shape of Llama-3.1-8B (``bench_matmul.time_chain``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -232,11 +231,7 @@ def main(argv=None):
     import bench_matmul
     from models.quantization import quantize_weight
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only compare with the reference")
-    parser.add_argument("--shape", default="w_gate_up")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--smoke", action="store_true", help="CPU: the small shapes, interpret mode, few calls")
+    parser = bench_matmul.probe_parser(__doc__)
     parser.add_argument("--best-config", metavar="JSON", default=None,
                         help="print, as JSON for $PAGEDJAX_MATMUL_CONFIG, the fastest current-kernel config for "
                              "--fmt in a results file this script wrote")
@@ -248,8 +243,7 @@ def main(argv=None):
     if args.best_config:
         return print(best_config(args.best_config, args.fmt))
     interpret = jax.default_backend() != "gpu"
-    K, N, _ = (bench_matmul.SHAPES_SMOKE if args.smoke else bench_matmul.SHAPES_8B)[args.shape]
-    timing = dict(repeats=1, stream_bytes=1 << 20, min_calls=2) if args.smoke else dict(repeats=5)
+    K, N, timing = bench_matmul.probe_shape(args)
     if args.ncu:
         return launch_once(K, N, interpret)
     for line in check(interpret):
@@ -286,10 +280,7 @@ def main(argv=None):
                 rows.append(dict(fmt=fmt, kernel=label, **row))
                 print(f"{fmt} {label:40s} " + (f"{row['us']:7.1f} us {row['weight_tb_s']:.2f} TB/s" if "us" in row
                                                else row["error"]), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shape=args.shape, rows=rows), f,
-                      indent=1)
+    bench_matmul.write_probe(args.out, args.shape, rows)
 
 
 if __name__ == "__main__":

@@ -155,3 +155,17 @@ def test_words_gemv_probe_matches_the_reference_and_picks_its_fastest_config(tmp
             dict(fmt="int4", kernel="words", us=1.0)]  # words rows carry no config: not for the current kernel
     (tmp_path / "p.json").write_text(json.dumps(dict(rows=rows)))
     assert json.loads(best_config(str(tmp_path / "p.json"), "int4")) == {"gemv_prefetch": 1, "gemv_block_n": 64}
+
+
+def test_gemv_bound_probe_matches_the_reference(tmp_path):
+    """``scripts/probe_gemv_bound.py``: its int8 GEMV (on ``[K, N]`` rows and on tile-contiguous copies, loads in
+    their step and a step ahead) equals the dequantize-then-dot reference, and its loads-alone kernel returns the
+    XOR checksum of the tiles it read, in interpret mode; ``--smoke`` times each kind and writes the rows."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    from probe_gemv_bound import check, main
+
+    assert len(check(interpret=True)) == 4
+    main(["--smoke", "--out", str(tmp_path / "bound.json")])
+    rows = json.loads((tmp_path / "bound.json").read_text())["rows"]
+    kinds = {r["kernel"].split()[0] for r in rows}
+    assert {"read", "gemv", "null", "xla-bf16", "pallas-int8"} <= kinds and all("us" in r for r in rows), rows
