@@ -57,14 +57,15 @@ def _transposed(ref):
 def supported(q_dtype, cache_dtype, head_dim: int, block_size: int, *, soft_cap, sliding_window,
               block_kv: int = BLOCK_KV) -> bool:
     """Whether this kernel serves the call (else the Triton prefill launch does): 16-bit q and pages of the
-    same dtype, head_dim 64 or 128, pages that tile a K/V block, no soft cap or sliding window, sm_90."""
+    same dtype, head_dim 64 or 128, pages that tile a K/V block, no soft cap or sliding window, sm_90, and
+    JAX >= 0.11 (the version it was checked and timed under on the GPU; 0.10 only lowers it)."""
     if soft_cap is not None or sliding_window is not None or head_dim not in SUPPORTED_HEAD_DIMS:
         return False
     if jnp.dtype(q_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False
     if jnp.dtype(cache_dtype) != jnp.dtype(q_dtype) or block_kv % block_size or block_size % 8:
         return False
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu" or not JAX_0_11:
         return False
     capability = getattr(jax.devices()[0], "compute_capability", "0")
     return str(capability).split(".")[0] == "9"
