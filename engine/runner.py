@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import itertools
 import logging
-import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -32,6 +31,7 @@ from engine.cache_dir import cache_dir
 from engine.sampler import SamplerOutput, SamplingMetadata, build_sampling_metadata, sample
 from engine.sampling_params import SamplingParams
 from models.batch import KVCache, ModelInput, make_kv_cache
+from models.compile_ahead import compile_ahead, compile_workers
 from models.config import ModelConfig
 from models.llama import forward, layout_layers
 from models.quantization import Fp8Weight, LinearBackend
@@ -104,18 +104,6 @@ def default_compiler_options(num_tokens: int, *, fp8: bool) -> dict:
     if jax.default_backend() != "gpu" or not fp8:
         return {}
     return dict(FP8_SMALL_STEP_OPTIONS if num_tokens <= MIN_TOKEN_BUCKET else FP8_LARGE_STEP_OPTIONS)
-
-
-def precompile_workers() -> int:
-    """Model-step programs ``ModelRunner.precompile`` compiles at once: ``$PAGEDJAX_PRECOMPILE_WORKERS``, else 4
-    (at most the CPU count). XLA compiles on the host's CPU; on the GPU machine one program took ~5-6 s (run 18c,
-    14 programs 63-70 s one after another)."""
-    value = os.environ.get("PAGEDJAX_PRECOMPILE_WORKERS")
-    if value is not None:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"$PAGEDJAX_PRECOMPILE_WORKERS must be a positive integer, got {value!r}")
-        return int(value)
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 def enable_compilation_cache() -> None:
@@ -367,34 +355,19 @@ class ModelRunner:
             self._step_fns[key] = self._make_step(compiler_options=options or None)
         return self._step_fns[key]
 
-    def _compile_steps(self, inputs: dict, workers: int, on_done) -> None:
-        """Compile the model step of each token bucket in ``inputs`` (``T -> (model_input, feed)``) ahead of its
-        first run: lowered here one after another (Python), compiled by ``workers`` threads at once (XLA's
-        compile releases the GIL). jit keeps each compiled program for the call that runs it."""
-        from concurrent.futures import ThreadPoolExecutor, as_completed
-
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile-step") as pool:
-            futures = [pool.submit(self.step_fn(T).lower(self.params, self.kv_cache, model_input, self._sampled,
-                                                         feed).compile)
-                       for T, (model_input, feed) in inputs.items()]
-            for future in as_completed(futures):
-                future.result()
-                on_done()
-
     def precompile(self, *, progress: bool = True, workers: Optional[int] = None) -> int:
         """Compile, before the first request and under a progress bar, what steps will run: the
         model step of every token bucket (``token_buckets``) at the fixed table width, and the greedy
         and the plain random sampler (no top-k/top-p, penalties or logprobs) of each one's sequence
         slots; other sampler variants compile at first use, in a fraction of a second. Each program
-        compiles the way a step does, by running it once, on an empty batch (every token padding:
-        its K/V go to the sink page, no sequence attends), so steps find it in jit's own cache.
-        Returns how many programs ran. Needs the fixed table width (``table_width``) and the KV pool.
-        ``workers``: model steps compiled at once (``_compile_steps``; default ``precompile_workers()``), 1: each
-        compiled by its first run, one after another."""
+        runs once, on an empty batch (every token padding: its K/V go to the sink page, no sequence
+        attends), so steps find it in jit's own cache. ``workers``: model steps compiled before that,
+        several at once (``models.compile_ahead``; default ``compile_workers()``); 1: each compiled by
+        its run, one after another. Returns how many programs ran. Needs the fixed table width
+        (``table_width``) and the KV pool."""
         from tqdm import tqdm
 
-        workers = precompile_workers() if workers is None else workers
-
+        workers = compile_workers() if workers is None else workers
         if self.table_width is None:
             raise RuntimeError("precompile needs a fixed block-table width (ModelRunner(fixed_table_width=True) "
                                "with max_num_seqs x max_model_len / block_size <= MAX_FIXED_TABLE_ENTRIES)")
@@ -404,8 +377,10 @@ class ModelRunner:
         inputs = {T: self._placed(self._empty_step_input(T, self.table_width)) for T in buckets}
         with tqdm(total=len(buckets) + len(slots) * len(samplers), desc="Compiling steps", unit="program",
                   disable=not progress) as bar:
-            if workers > 1:
-                self._compile_steps(inputs, workers, on_done=bar.update)
+            if workers > 1:  # compiled here, several at once; else by each one's run below
+                compile_ahead([functools.partial(self.step_fn(T).lower, self.params, self.kv_cache, model_input,
+                                                 self._sampled, feed) for T, (model_input, feed) in inputs.items()],
+                              workers, on_done=bar.update)
             logits_of = {}  # sequence slots -> logits of a step with that many
             for T, (model_input, feed) in inputs.items():
                 logits, self.kv_cache = self.step_fn(T)(self.params, self.kv_cache, model_input, self._sampled, feed)
