@@ -12,7 +12,6 @@ probe makes it so; the batch (padded to 16 rows) is the wgmma's N. JAX 0.11+ on 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
