@@ -241,6 +241,34 @@ def test_kv_pool_leaves_room_for_the_largest_step(tmp_path, monkeypatch):
     assert 0 < activations[64] < activations[1024]  # 16x the tokens: more activation memory
 
 
+def test_activation_bytes_are_kept_on_disk_by_program(tmp_path, monkeypatch):
+    """The largest step's activation bytes are compiled for once and kept under a digest of the traced
+    programs (``sizing_key``): a restart reads the figure (here a planted one), other limits get their own."""
+    import json
+
+    import engine.engine_args as engine_args
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path / "model", "llama", seed=2)
+    monkeypatch.setattr(engine_args, "device_memory_budget", lambda utilization: 64 << 20)
+    monkeypatch.setenv("PAGEDJAX_CACHE_DIR", str(tmp_path / "cache"))
+
+    def start(tokens: int) -> int:
+        llm = LLM(str(tmp_path / "model"), dtype="float32", skip_tokenizer_init=True, max_model_len=128,
+                  max_num_seqs=8, max_num_batched_tokens=tokens)
+        figure = llm.llm_engine.activation_bytes
+        llm.shutdown()
+        return figure
+
+    first = start(64)
+    (kept,) = (tmp_path / "cache" / "activation-bytes").glob("*.json")
+    assert json.loads(kept.read_text()) == {"activation_bytes": first} and first > 0
+    kept.write_text(json.dumps({"activation_bytes": first + 4096}))
+    assert start(64) == first + 4096  # read, not compiled again
+    start(128)
+    assert len(list((tmp_path / "cache" / "activation-bytes").glob("*.json"))) == 2
+
+
 def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tmp_path):
     """Planning step N+1 while step N runs (pending tokens fed on the device) changes nothing a
     request sees: tokens, finish reasons and logprobs equal the synchronous engine's, through
