@@ -151,7 +151,33 @@ def _single_host(args: dict) -> dict:
         except ValueError as e:
             errors[tp] = str(e)
     results["errors"] = errors
+    results["mosaic_lowers_sharded"] = _mosaic_prefill_lowers_sharded()
     return results
+
+
+def _mosaic_prefill_lowers_sharded() -> bool:
+    """Whether attention with the Mosaic GPU prefill launch (taken at tp > 1 too, in the large steps) lowers for
+    cuda per device under ``shard_map`` on 2 devices (its kernel cannot run on a CPU; it lowers there)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    from pallas_kernels import ragged_prefill_mgpu
+    from pallas_kernels.ragged_paged_attention import Tiling, ragged_paged_attention, write_kv
+    from sharding.attention import shard_attention_fns
+
+    ragged_prefill_mgpu.supported = lambda *a, **k: True  # this subprocess's last use of the kernels
+    attention = functools.partial(ragged_paged_attention, interpret=False, tiling=Tiling(prefill_mosaic_min_tokens=0))
+    sharded, _ = shard_attention_fns(attention, write_kv, Mesh(np.array(jax.devices()[:2]), ("tp",)))
+    T, Hq, Hkv, D, bs, L, P, S, B = 512, 8, 2, 128, 16, 2, 64, 4, 16
+    sd = jax.ShapeDtypeStruct
+    cache = sd((L, Hkv, P, bs, D), jnp.bfloat16)
+    args = (sd((T, Hq, D), jnp.bfloat16), cache, cache, sd((), jnp.int32), sd((S,), jnp.int32),
+            sd((S, B), jnp.int32), sd((S + 1,), jnp.int32), sd((1,), jnp.int32))
+    text = jax.jit(sharded).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return "mosaic_gpu" in text and "ragged_paged_attention_decode" in text
 
 
 def _multi_host(args: dict) -> dict:
@@ -333,6 +359,12 @@ def test_step_communicates_only_activations(single_host, run):
     collectives = sorted(map(tuple, single_host[run]["collectives"]))
     assert collectives == sorted([(f"f32[{T},{H}]", "all-reduce")] * 3 + [
         (f"f32[{S},{tp}]", "all-gather"), (f"s32[{S},{tp}]", "all-gather")])
+
+
+def test_mosaic_prefill_launch_lowers_per_device(single_host):
+    """The Mosaic GPU prefill launch (the default in steps of >= 8192 rows on Hopper) lowers for cuda inside
+    the attention's ``shard_map``, beside the Triton decode launch."""
+    assert single_host["mosaic_lowers_sharded"] is True
 
 
 def test_bad_sizes_are_refused_with_clear_errors(single_host):
