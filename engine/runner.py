@@ -396,7 +396,7 @@ class ModelRunner:
         and the plain random sampler (no top-k/top-p, penalties or logprobs) of each one's sequence
         slots; other sampler variants compile at first use, in a fraction of a second. Each program
         runs once, on an empty batch (every token padding: its K/V go to the sink page, no sequence
-        attends), so steps find it in jit's own cache. ``workers``: model steps compiled before that,
+        attends), so steps find it in jit's own cache. ``workers``: programs compiled before that,
         several at once (``models.compile_ahead``; default ``compile_workers()``); 1: each compiled by
         its run, one after another. Returns how many programs ran. Needs the fixed table width
         (``table_width``) and the KV pool."""
@@ -427,10 +427,14 @@ class ModelRunner:
                 jax.block_until_ready(logits)
                 if workers <= 1:
                     bar.update()
-            for S in slots:
-                for params in samplers:
-                    sampling = self._placed(self._uniform_sampling(params, S))
-                    jax.block_until_ready(self._sample(logits_of[S], sampling, num_logprobs=None))
+            sampler_inputs = [(logits_of[S], self._placed(self._uniform_sampling(params, S)))
+                              for S in slots for params in samplers]
+            if workers > 1:
+                compile_ahead([functools.partial(self._sample.lower, logits, sampling, num_logprobs=None)
+                               for logits, sampling in sampler_inputs], workers, on_done=bar.update)
+            for logits, sampling in sampler_inputs:
+                jax.block_until_ready(self._sample(logits, sampling, num_logprobs=None))
+                if workers <= 1:
                     bar.update()
         return bar.n
 
