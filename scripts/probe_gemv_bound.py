@@ -10,11 +10,14 @@ bf16 GEMV reads 3.7 TB/s. This times, in the same chain as ``bench_matmul.time_c
   reads a copy laid out ``[N / block_n, K, block_n]`` (a program's tile is contiguous).
 - ``gemv``: the int8 GEMV's arithmetic (exponent-trick conversion, multiply-add into a
   ``[block_k, block_n]`` float32 tile, summed after the loop) on each layout.
-- ``null``: a kernel that writes its output and reads nothing: the chain's cost per call.
+- ``gemv-x``: the same with each step's slice of ``x`` loaded with its weights (a step ahead with
+  ``prefetch``), not in the step that uses it.
+- ``null``: a kernel that writes its output and reads nothing: the chain's cost per call;
+  ``null-1``: the same from one K split (no partial sums for XLA to add).
 
-If ``read rows`` runs near 3.7-4.3 TB/s the arithmetic's structure binds the GEMV; if it also
-stalls at ~2.5 TB/s, the access pattern (or the launch) does, and ``tiles`` says whether a
-stored tile order would mend it.
+Run 18a (H200): the loads alone ~30 us net of the chain (3.9 TB/s), the GEMV ~40.5 us, tile-contiguous
+copies < 8% faster, the chain 9.6 us a call: the arithmetic's structure binds, not the access pattern.
+``gemv-x`` and ``null-1`` (added after it) ask whether x's loads and the split sums are part of that.
 
     python scripts/probe_gemv_bound.py --check          # CPU: interpret mode, small shapes
     python scripts/probe_gemv_bound.py --out probe.json  # GPU
@@ -37,7 +40,7 @@ from jax.experimental.pallas import triton as pltriton  # noqa: E402
 from pallas_kernels import quantized_matmul as qmm  # noqa: E402
 
 LAYOUTS = ("rows", "tiles")
-KINDS = ("read", "gemv", "null")
+KINDS = ("read", "gemv", "gemv-x", "null", "null-1")
 
 
 def as_tiles(q: jax.Array, block_n: int) -> jax.Array:
@@ -50,7 +53,7 @@ def _kernel(x_ref, w_ref, scale_ref, o_ref, *, kind, layout, block_k, block_n, s
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
-    if kind == "null":
+    if kind.startswith("null"):
         o_ref[...] = jnp.zeros((block_n,), jnp.float32)
         return
 
@@ -60,23 +63,24 @@ def _kernel(x_ref, w_ref, scale_ref, o_ref, *, kind, layout, block_k, block_n, s
     def load(i):
         rows = pl.ds(k_start(jnp.minimum(i, steps - 1)), block_k)
         tile = w_ref.at[rows, cols] if layout == "rows" else w_ref.at[n, rows, :]
-        return pltriton.load(tile, eviction_policy="evict_first")
+        w = pltriton.load(tile, eviction_policy="evict_first")
+        return (w, x_ref[0, rows]) if kind == "gemv-x" else w  # gemv-x: x's slice issued with the weights
 
     if kind == "read":  # w: int32 words, block_n words a row
         def body(i, acc, w):
             return acc ^ w
         acc = jnp.zeros((block_k, block_n), jnp.int32)
     else:
-        def body(i, acc, w):
-            x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)
-            return acc + x[:, None] * qmm._small_ints_as_f32(w.astype(jnp.int32), offset=128)
+        def body(i, acc, loaded):
+            w, x = loaded if kind == "gemv-x" else (loaded, x_ref[0, pl.ds(k_start(i), block_k)])
+            return acc + x.astype(jnp.float32)[:, None] * qmm._small_ints_as_f32(w.astype(jnp.int32), offset=128)
         acc = jnp.zeros((block_k, block_n), jnp.float32)
     if prefetch:
         acc = qmm.double_buffered_loop(steps, load, body, acc)
     else:
         acc = lax.fori_loop(0, steps, lambda i, a: body(i, a, load(i)), acc)
     total = jnp.sum(acc.astype(jnp.float32) if kind == "read" else acc, axis=0)
-    if kind == "gemv":
+    if kind.startswith("gemv"):
         total = total * scale_ref[cols].astype(jnp.float32)
     o_ref[...] = total
 
@@ -86,11 +90,12 @@ def _kernel(x_ref, w_ref, scale_ref, o_ref, *, kind, layout, block_k, block_n, s
 def probe_gemv(x, w, scale, *, kind, layout, block_k=32, block_n=128, num_warps=4, programs_per_core=8, prefetch=1,
                interpret=False):
     """``x[1, K]`` times the int8 weight ``w`` (``[K, N]``, or ``as_tiles``; for ``read``, int32 words of it:
-    ``block_n`` then counts words) -> ``[1, N]`` float32 (``read``: a checksum, ``null``: zeros)."""
+    ``block_n`` then counts words) -> ``[1, N]`` float32 (``read``: a checksum, ``null``: zeros; ``null-1``: zeros
+    from one K split, so no partial sums to add)."""
     K = x.shape[1]
     N = w.shape[1] if layout == "rows" else w.shape[0] * w.shape[2]
     num_steps = K // block_k
-    splits = qmm.auto_k_splits(N // block_n, num_steps, programs_per_core)
+    splits = 1 if kind == "null-1" else qmm.auto_k_splits(N // block_n, num_steps, programs_per_core)
     kernel = functools.partial(_kernel, kind=kind, layout=layout, block_k=block_k, block_n=block_n,
                                steps=num_steps // splits, prefetch=prefetch)
     out = pl.pallas_call(
@@ -135,8 +140,8 @@ def check(interpret: bool, K: int = 256, N: int = 512) -> list[str]:
     for layout in LAYOUTS:
         for prefetch in (0, 1):
             kw = dict(layout=layout, block_k=32, block_n=128, prefetch=prefetch, interpret=interpret)
-            got = probe_gemv(x, weight_for("gemv", layout, w.q, 128), w.scale, kind="gemv", **kw)
-            err = float(jnp.max(jnp.abs(got - want_gemv)) / jnp.max(jnp.abs(want_gemv)))
+            err = max(float(jnp.max(jnp.abs(probe_gemv(x, weight_for(kind, layout, w.q, 128), w.scale, kind=kind, **kw)
+                                            - want_gemv)) / jnp.max(jnp.abs(want_gemv))) for kind in ("gemv", "gemv-x"))
             got_read = probe_gemv(x, weight_for("read", layout, w.q, 128), w.scale, kind="read",
                                   **dict(kw, block_n=32))
             read_err = float(jnp.max(jnp.abs(got_read - want_read)) / jnp.max(jnp.abs(want_read)))
@@ -177,8 +182,9 @@ def main(argv=None):
         record(variant, bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing))
     nbytes = K * N  # the int8 weight's bytes (the scale's 4N left out)
     for kind in KINDS:
-        for layout in LAYOUTS if kind != "null" else ("rows",):
-            for block_k, block_n, warps, per_core, prefetch in tilings if kind != "null" else tilings[:1]:
+        for layout in LAYOUTS if kind.startswith(("read", "gemv")) else ("rows",):
+            # The x slices issued with the weights (gemv-x) and the kernels that read nothing: the default tiles only.
+            for block_k, block_n, warps, per_core, prefetch in tilings if kind in ("read", "gemv") else tilings[:1]:
                 def make(k, block_n=block_n, kind=kind, layout=layout):
                     w = quantize_weight((jax.random.normal(k, (K, N)) * 0.02).astype(jnp.bfloat16), "int8")
                     return weight_for(kind, layout, w.q, block_n), w.scale

@@ -168,4 +168,4 @@ def test_gemv_bound_probe_matches_the_reference(tmp_path):
     main(["--smoke", "--out", str(tmp_path / "bound.json")])
     rows = json.loads((tmp_path / "bound.json").read_text())["rows"]
     kinds = {r["kernel"].split()[0] for r in rows}
-    assert {"read", "gemv", "null", "xla-bf16", "pallas-int8"} <= kinds and all("us" in r for r in rows), rows
+    assert {"read", "gemv", "gemv-x", "null", "null-1", "xla-bf16", "pallas-int8"} <= kinds and all("us" in r for r in rows), rows
