@@ -420,10 +420,10 @@ class ModelRunner:
             for T, (model_input, feed) in inputs.items():
                 logits, self.kv_cache = self.step_fn(T)(self.params, self.kv_cache, model_input, self._sampled, feed)
                 logits_of[self.padded_num_seqs(T)] = logits
-                # Wait for it: the next program's compile times candidate GEMMs on the GPU (XLA's
-                # autotuning), which a step still running there would skew. (Two compiles of the same
-                # 16384-row matmuls chose kernels of 753 and 874 TFLOP/s, run 14c; waiting left tput-short
-                # as it was, run 14d, so that spread has another cause.)
+                # Wait for it: compiled one after another, the next program's compile times candidate GEMMs
+                # on the GPU (XLA's autotuning), which a step still running there would skew. (Two compiles of
+                # the same 16384-row matmuls chose kernels of 753 and 874 TFLOP/s, run 14c; waiting left
+                # tput-short as it was, run 14d, and so did compiles autotuning side by side, run 18d.)
                 jax.block_until_ready(logits)
                 if workers <= 1:
                     bar.update()
