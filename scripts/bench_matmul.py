@@ -182,6 +182,7 @@ def write_probe(path: Optional[str], shape: str, rows: list[dict]) -> None:
     import jax
 
     if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shape=shape, rows=rows), f,
                       indent=1)

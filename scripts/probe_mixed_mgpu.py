@@ -12,7 +12,6 @@ probe makes it so; the batch (padded to 16 rows) is the wgmma's N. JAX 0.11+ on 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -63,9 +62,7 @@ def main() -> None:
                 row = dict(error=f"{type(e).__name__}: {e}"[:300])
                 print(f"{label:36s} failed: {row['error'][:160]}", flush=True)
             rows.append(dict(shape=name, config={k: str(v) for k, v in fields.items()}, **row))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, rows=rows), f, indent=1)
+    bench_matmul.write_probe(args.out, ",".join(SHAPES), rows)
 
 
 if __name__ == "__main__":

@@ -331,7 +331,7 @@ def gpu_monitor_summary(path: str) -> str:
 
 
 def host_cpu() -> str:
-    """The host's CPU model and core count (from /proc/cpuinfo; empty where it cannot be read)."""
+    """The host's CPU model and core count (from /proc/cpuinfo; "?" for a model it cannot read)."""
     try:
         with open("/proc/cpuinfo") as f:
             models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]

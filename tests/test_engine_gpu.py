@@ -56,7 +56,8 @@ def test_mosaic_prefill_engine_agrees_with_the_triton_one(tmp_path, monkeypatch)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     outputs = {}
     for kernel in ("triton", "mosaic"):
-        monkeypatch.setenv("PAGEDJAX_ATTENTION_TILING", f'{{"prefill_kernel": "{kernel}", "prefill_mosaic_min_tokens": 0}}')
+        monkeypatch.setenv("PAGEDJAX_ATTENTION_TILING",
+                           f'{{"prefill_kernel": "{kernel}", "prefill_mosaic_min_tokens": 0}}')
         default_tiling.cache_clear()
         llm = LLM(model=str(tmp_path), dtype="bfloat16", attention_backend="pallas", skip_tokenizer_init=True,
                   max_model_len=256, max_num_batched_tokens=64, max_num_seqs=8, num_gpu_blocks_override=128)

@@ -243,18 +243,28 @@ def test_mosaic_work_list_sorts_the_items_by_cost_longest_first():
     assert list(cost[:8]) == [8, 8, 3, 2, 1, 1, 0, 0]
 
 
+# The Mosaic GPU prefill launch in every step that has prompt rows, however few (the default takes it from 8192).
+MOSAIC_EVERY_STEP = Tiling(prefill_kernel="mosaic", prefill_mosaic_min_tokens=0)
+
+
+def abstract_attention_args(T, Hq, Hkv, D, bs, dtype, *, L=2, P=64, S=4, B=16) -> tuple:
+    """``ragged_paged_attention``'s arguments as shapes: ``T`` token rows, ``L`` layers of ``P`` pages, ``S``
+    sequence slots with ``B``-entry block tables (for lowering without arrays)."""
+    sd = jax.ShapeDtypeStruct
+    cache = sd((L, Hkv, P, bs, D), dtype)
+    return (sd((T, Hq, D), dtype), cache, cache, sd((), jnp.int32), sd((S,), jnp.int32), sd((S, B), jnp.int32),
+            sd((S + 1,), jnp.int32), sd((1,), jnp.int32))
+
+
 def test_mosaic_prefill_lowers_for_cuda(monkeypatch):
     """On the CPU the Mosaic GPU prefill launch cannot run, but it lowers (JAX 0.10's Mosaic GPU
     lowering; the device runs 0.11): beside the Triton decode launch, for both head dims; smaller steps than
     ``prefill_mosaic_min_tokens`` take the Triton prefill launch."""
     monkeypatch.setattr(ragged_prefill_mgpu, "supported", lambda *a, **k: True)
+    T = 512
     for Hq, Hkv, D, bs, dtype in ((8, 2, 128, 16, jnp.bfloat16), (16, 2, 64, 32, jnp.float16)):
-        T, L, P, S, B = 512, 2, 64, 4, 16
-        sd = jax.ShapeDtypeStruct
-        cache = sd((L, Hkv, P, bs, D), dtype)
-        args = (sd((T, Hq, D), dtype), cache, cache, sd((), jnp.int32), sd((S,), jnp.int32), sd((S, B), jnp.int32),
-                sd((S + 1,), jnp.int32), sd((1,), jnp.int32))
-        fn = functools.partial(ragged_paged_attention, tiling=Tiling(prefill_kernel="mosaic", prefill_mosaic_min_tokens=0), interpret=False)
+        args = abstract_attention_args(T, Hq, Hkv, D, bs, dtype)
+        fn = functools.partial(ragged_paged_attention, tiling=MOSAIC_EVERY_STEP, interpret=False)
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text and "ragged_paged_attention_decode" in text
     # The default tiling takes the Mosaic launch only in steps of at least prefill_mosaic_min_tokens rows.
@@ -515,7 +525,7 @@ def test_mosaic_prefill_matches_reference_on_gpu(shapes):
         pytest.skip("the Mosaic GPU prefill kernel needs an sm_90 GPU")
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
-    kernel = jax.jit(functools.partial(ragged_paged_attention, interpret=False, tiling=Tiling(prefill_kernel="mosaic", prefill_mosaic_min_tokens=0)))
+    kernel = jax.jit(functools.partial(ragged_paged_attention, interpret=False, tiling=MOSAIC_EVERY_STEP))
     reference = jax.jit(ragged_paged_attention_reference)
     T, bs = shapes.num_tokens, shapes.block_size
     cases = list(scenarios(shapes, rng))

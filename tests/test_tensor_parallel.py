@@ -165,17 +165,14 @@ def _mosaic_prefill_lowers_sharded() -> bool:
     from jax.sharding import Mesh
 
     from pallas_kernels import ragged_prefill_mgpu
-    from pallas_kernels.ragged_paged_attention import Tiling, ragged_paged_attention, write_kv
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
     from sharding.attention import shard_attention_fns
+    from tests.test_ragged_paged_attention import MOSAIC_EVERY_STEP, abstract_attention_args
 
     ragged_prefill_mgpu.supported = lambda *a, **k: True  # this subprocess's last use of the kernels
-    attention = functools.partial(ragged_paged_attention, interpret=False, tiling=Tiling(prefill_mosaic_min_tokens=0))
+    attention = functools.partial(ragged_paged_attention, interpret=False, tiling=MOSAIC_EVERY_STEP)
     sharded, _ = shard_attention_fns(attention, write_kv, Mesh(np.array(jax.devices()[:2]), ("tp",)))
-    T, Hq, Hkv, D, bs, L, P, S, B = 512, 8, 2, 128, 16, 2, 64, 4, 16
-    sd = jax.ShapeDtypeStruct
-    cache = sd((L, Hkv, P, bs, D), jnp.bfloat16)
-    args = (sd((T, Hq, D), jnp.bfloat16), cache, cache, sd((), jnp.int32), sd((S,), jnp.int32),
-            sd((S, B), jnp.int32), sd((S + 1,), jnp.int32), sd((1,), jnp.int32))
+    args = abstract_attention_args(512, 8, 2, 128, 16, jnp.bfloat16)
     text = jax.jit(sharded).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     return "mosaic_gpu" in text and "ragged_paged_attention_decode" in text
 
