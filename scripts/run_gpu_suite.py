@@ -29,6 +29,9 @@ MAGIC = '{"gemv_magic_convert": true}'  # the GEMV's integer-to-float by the exp
 DEFER_MAGIC = '{"gemv_magic_convert": true, "gemv_defer_reduction": true}'  # and the sum over K after the loop
 MOSAIC = '{"prefill_kernel": "mosaic"}'  # the Mosaic GPU prefill launch (run 17; the default from run 18a)
 TRITON = '{"prefill_kernel": "triton"}'  # the Triton prefill launch in every step (the default before run 18a)
+# XLA's command buffers (CUDA graphs): Pallas's Triton custom calls captured like XLA's own kernels, and none at all.
+TRITON_IN_GRAPHS = "--legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton"
+NO_GRAPHS = "--xla_gpu_enable_command_buffer="
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -44,6 +47,17 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
     matmul = lambda name, *a: bench("bench_matmul.py", "--repeats", "5", "--output-json",  # noqa: E731
                                      f"{results}/{name}.json", *a)
     profile = lambda name, *a: [PY, "scripts/profile_step.py", "--out", f"{results}/{name}.json", *a]  # noqa: E731
+
+    def graph_probe(name: str, quantization, xla_flags: str) -> list[str]:
+        """``latency`` at batch 1 compiling only its own programs under ``$XLA_FLAGS`` (plus an HLO dump; a cache of
+        its own, as JAX's cache key leaves the dump flags out, so a hit would dump nothing), then
+        ``scripts/command_buffer_census.py`` over the dump: which kernels ran inside command buffers."""
+        dump = f"/tmp/hlo-{name}"
+        argv = latency(quantization, "--precompile-steps", "off", "--output-json", f"{results}/{name}.json")
+        return ["bash", "-c", f"XLA_FLAGS={shlex.quote(f'{xla_flags} --xla_dump_to={dump}'.strip())} "
+                              f"PAGEDJAX_CACHE_DIR=/tmp/cache-{name} "
+                              + " ".join(shlex.quote(a) for a in argv)
+                              + f" && {PY} scripts/command_buffer_census.py {dump} --out {results}/census-{name}.json"]
 
     def probe_best(fmt: str, argv: list[str]) -> list[str]:
         """``argv`` with ``$PAGEDJAX_MATMUL_CONFIG`` set to probe-gemv-words' fastest current-kernel config for ``fmt``."""
@@ -272,6 +286,16 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Run 18: what bounds the int8 GEMV: its loads alone, its arithmetic, on the [K, N] rows and on tile-contiguous
         # copies, and the chain's cost per call (scripts/probe_gemv_bound.py).
         ("probe-gemv-bound", [PY, "scripts/probe_gemv_bound.py", "--out", f"{results}/probe-gemv-bound.json"], 120),
+        # Run 19: the int8 batch-1 step's launch gaps (~0.6 ms of its 4.27 ms TPOT, run 18c) against XLA's command
+        # buffers (CUDA graphs): its Pallas GEMVs are custom calls, which may split the graphs into short runs. Each
+        # with only its own programs; the HLO census says which kernels run inside graphs.
+        ("latency-int8-np", graph_probe("latency-int8-np", "int8", ""), 100),
+        ("latency-int8-graph1", graph_probe("latency-int8-graph1", "int8", "--xla_gpu_graph_min_graph_size=1"), 100),
+        ("latency-int8-tritongraph", graph_probe("latency-int8-tritongraph", "int8", TRITON_IN_GRAPHS), 100),
+        ("latency-int8-nograph", graph_probe("latency-int8-nograph", "int8", NO_GRAPHS), 100),
+        ("latency-bf16-np", graph_probe("latency-bf16-np", None, ""), 100),
+        ("latency-bf16-nograph", graph_probe("latency-bf16-nograph", None, NO_GRAPHS), 100),
+        ("latency-bf16-tritongraph", graph_probe("latency-bf16-tritongraph", None, TRITON_IN_GRAPHS), 100),
     ]
 
 

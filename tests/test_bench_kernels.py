@@ -169,3 +169,36 @@ def test_gemv_bound_probe_matches_the_reference(tmp_path):
     rows = json.loads((tmp_path / "bound.json").read_text())["rows"]
     kinds = {r["kernel"].split()[0] for r in rows}
     assert {"read", "gemv", "gemv-x", "null", "null-1", "xla-bf16", "pallas-int8"} <= kinds and all("us" in r for r in rows), rows
+
+
+def test_command_buffer_census_counts_kernels_in_and_out_of_graphs(tmp_path):
+    """``scripts/command_buffer_census.py`` on an after-optimizations HLO text of XLA's GPU form: fusions inside a
+    command-buffer computation count as captured; a Pallas (Triton) custom call and the fusion beside it in the
+    entry as launched one by one; a fusion's body is not a kernel of its own."""
+    hlo = """HloModule jit_step, entry_computation_layout={(bf16[4]{0})->bf16[4]{0}}
+
+%fused_add (p0: bf16[4]) -> bf16[4] {
+  %p0 = bf16[4]{0} parameter(0)
+  ROOT %add.1 = bf16[4]{0} add(%p0, %p0)
+}
+
+%command_buffer (p: bf16[4]) -> bf16[4] {
+  %p = bf16[4]{0} parameter(0)
+  %fusion.1 = bf16[4]{0} fusion(%p), kind=kLoop, calls=%fused_add
+  ROOT %fusion.2 = bf16[4]{0} fusion(%fusion.1), kind=kLoop, calls=%fused_add
+}
+
+ENTRY %main.9 (x: bf16[4]) -> bf16[4] {
+  %x = bf16[4]{0} parameter(0)
+  %call = bf16[4]{0} call(%x), to_apply=%command_buffer
+  %custom-call.3 = bf16[4]{0} custom-call(%call), custom_call_target="__gpu$xla.gpu.triton"
+  ROOT %fusion.3 = bf16[4]{0} fusion(%custom-call.3), kind=kLoop, calls=%fused_add
+}
+"""
+    (tmp_path / "module_0001.jit_step.sm_9.0_gpu_after_optimizations.txt").write_text(hlo)
+    out = tmp_path / "census.json"
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "command_buffer_census.py"), str(tmp_path),
+                    "--min-kernels", "1", "--out", str(out)], check=True, capture_output=True)
+    (counts,) = json.loads(out.read_text()).values()
+    assert counts == {"kernels_in_command_buffers": 2, "kernels_outside": 2, "command_buffers": 1,
+                      "outside_by_kind": {"__gpu$xla.gpu.triton": 1, "fusion": 1}}, counts
