@@ -21,6 +21,11 @@ PHASES = {
     "/jax/compilation_cache/cache_retrieval_time_sec": "cache_load",
 }
 _TOTAL_PREFIX = "/jax/core/compile/"  # trace + lower + compile: the time JAX took making programs
+# jax.monitoring counter events -> their names here: programs looked up in the persistent cache, and found.
+COUNTS = {
+    "/jax/compilation_cache/compile_requests_use_cache": "cache_lookups",
+    "/jax/compilation_cache/cache_hits": "cache_hits",
+}
 
 
 class CompileTimer:
@@ -28,7 +33,8 @@ class CompileTimer:
 
     ``seconds``: trace + lower + compile; ``seconds_within(a, b)``: those that ended in
     ``[a, b]`` (a traced step's own compiles); ``seconds_by_phase()``: the sum per phase;
-    ``slowest(n)``: the ``n`` programs (jitted functions, by name) that took longest to make.
+    ``slowest(n)``: the ``n`` programs (jitted functions, by name) that took longest to make;
+    ``counts``: persistent-cache lookups and hits (``COUNTS``; a warm start should hit every lookup).
     """
 
     _lock = threading.Lock()
@@ -37,6 +43,7 @@ class CompileTimer:
 
     def __init__(self):
         self.events: list[tuple[str, float, float, str]] = []  # (phase, perf_counter at the end, seconds, program)
+        self.counts = dict.fromkeys(COUNTS.values(), 0)
 
     @property
     def seconds(self) -> float:
@@ -75,10 +82,19 @@ class CompileTimer:
             for timer in cls._active:
                 timer.events.append((phase, now, duration, name))
 
+    @classmethod
+    def _counter(cls, event: str, **_) -> None:
+        name = COUNTS.get(event)
+        if name is not None:
+            with cls._lock:
+                for timer in cls._active:
+                    timer.counts[name] += 1
+
     def __enter__(self) -> "CompileTimer":
         with CompileTimer._lock:
             if not CompileTimer._registered:
                 jax.monitoring.register_event_duration_secs_listener(CompileTimer._listener)
+                jax.monitoring.register_event_listener(CompileTimer._counter)
                 CompileTimer._registered = True
             CompileTimer._active.append(self)
         return self

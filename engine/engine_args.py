@@ -64,6 +64,9 @@ class EngineArgs:
     # measured 17.3 ms vs 7.6 ms per batch-1 decode step of Llama-3.1-8B on an H100
     # (benchmarks/NOTES.md); on CPU the scan compiles faster and runs as fast.
     unroll_layers: Optional[bool] = None
+    # Join q/k/v and gate/up into one matmul each (models.llama.fuse_projections). None = on one device (a
+    # mesh splits them apart); False keeps seven matmuls a layer (for measuring what joining costs large steps).
+    fuse_projections: Optional[bool] = None
     # "continuous" batching, or "static" (the baseline: a fixed batch, nothing admitted until all of it finished).
     scheduling_mode: str = "continuous"
     trace: bool = False  # record a per-step trace (engine.trace), read with LLM.get_trace()

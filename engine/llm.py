@@ -49,6 +49,7 @@ class LLM:
         kv_write_backend: str = "auto",
         linear_backend: str = "auto",
         unroll_layers: Optional[bool] = None,
+        fuse_projections: Optional[bool] = None,
         skip_tokenizer_init: bool = False,
         scheduling_mode: str = "continuous",
         trace: bool = False,
@@ -64,7 +65,7 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype, num_gpu_blocks_override=num_gpu_blocks_override,
             scheduling_policy=scheduling_policy, attention_backend=attention_backend, linear_backend=linear_backend,
             kv_write_backend=kv_write_backend,
-            unroll_layers=unroll_layers,
+            unroll_layers=unroll_layers, fuse_projections=fuse_projections,
             scheduling_mode=scheduling_mode, trace=trace, async_scheduling=async_scheduling,
             compiler_options=compiler_options, precompile_steps=precompile_steps,
         )

@@ -117,7 +117,8 @@ class LLMEngine:
                                       max_model_len=self.max_model_len, kv_dtype=kv_dtype,
                                       attention_backend=args.attention_backend, kv_write_backend=args.kv_write_backend,
                                       mesh=mesh,
-                                      unroll_layers=args.unroll_layers, linear_backend=args.linear_backend,
+                                      unroll_layers=args.unroll_layers, fuse_projections=args.fuse_projections,
+                                      linear_backend=args.linear_backend,
                                       compiler_options=args.compiler_options, fixed_table_width=precompile)
             loaded.params = None  # the runner holds them, laid out for the step: free the loader's copy before sizing
             # Size the pool from memory really held: an earlier engine of this process freed (its objects sit in
@@ -158,7 +159,7 @@ class LLMEngine:
             "KV cache (%s): %d blocks of %d tokens (%.2f GiB), "
             "max %d concurrent tokens; largest step's activations %.2f GiB; max_model_len=%d, max_num_seqs=%d, "
             "max_num_batched_tokens=%d; making programs: trace %.1f s, lower %.1f s, compile or load %.1f s "
-            "(of which loads from the persistent cache %.1f s); slowest to make: %s",
+            "(of which loads from the persistent cache %.1f s: %d of %d programs found there); slowest to make: %s",
             loaded.path, loaded.load_format, self.dtype, loaded.quantization,
             f"{args.tensor_parallel_size} x {jax.devices()[0].device_kind}",
             time.perf_counter() - start, weights_s, weight_compiles.seconds, self.startup_seconds["sizing_compile"],
@@ -167,7 +168,7 @@ class LLMEngine:
             num_blocks - 1, args.block_size, kv_gib, self.max_concurrent_tokens, self.activation_bytes / 2**30,
             self.max_model_len, max_seqs, max_tokens, *(self.startup_seconds[f"{phase}_total"]
                                                          for phase in ("trace", "lower", "compile", "cache_load")),
-            slowest or "none")
+            *(weight_compiles.counts[k] + compiles.counts[k] for k in ("cache_hits", "cache_lookups")), slowest or "none")
         self._groups: dict[str, _RequestGroup] = {}
         # Scheduler sequence id ("id" or "id#k") -> its sample and group; read for every sequence every step.
         self._samples: dict[str, tuple[_Sample, _RequestGroup]] = {}

@@ -54,6 +54,37 @@ def _transposed(ref):
     return plgpu.transpose_ref(ref, (1, 0))
 
 
+_DUMP_NAME = "mosaic_gpu.dump_basename"
+
+
+def stable_kernel_modules() -> None:
+    """Make a Mosaic GPU kernel's serialized module depend on the kernel only, not on the process's history.
+
+    JAX 0.11's Mosaic GPU lowering names each kernel module ``<name>_<n>`` (the attribute ``_DUMP_NAME``, for the
+    names of its dump files), ``n`` counting the kernels lowered so far in the process, and serializes that
+    name into the custom call. So the same step program gets another persistent-cache key whenever the process
+    lowered a different number of Mosaic kernels before it: a warm start that skips the KV pool's sizing
+    compile (its figure kept on disk) recompiled the two programs with this kernel, 11.8 s (run 19a).
+    This drops the name just before Mosaic serializes the module (a wrapper around its private
+    ``_run_serde_pass``; a JAX without that function or that attribute is left as it is). Dumps, when asked
+    for, then get a fresh name at compile time. Idempotent."""
+    from jax.experimental.mosaic.gpu import core
+
+    serde = getattr(core, "_run_serde_pass", None)
+    if serde is None or getattr(serde, "drops_dump_name", False):
+        return
+
+    @functools.wraps(serde)
+    def run_serde_pass(module, *args, **kwargs):
+        attributes = module.operation.attributes
+        if _DUMP_NAME in attributes:
+            del attributes[_DUMP_NAME]
+        return serde(module, *args, **kwargs)
+
+    run_serde_pass.drops_dump_name = True
+    core._run_serde_pass = run_serde_pass
+
+
 def supported(q_dtype, cache_dtype, head_dim: int, block_size: int, *, soft_cap, sliding_window,
               block_kv: int = BLOCK_KV) -> bool:
     """Whether this kernel serves the call (else the Triton prefill launch does): 16-bit q and pages of the
@@ -87,6 +118,7 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
     there the PV product goes through a shared-memory tile and a fresh accumulator."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    stable_kernel_modules()
     T, Hq, D = q.shape
     _, Hkv, _, bs, _ = k_cache.shape
     B = block_tables.shape[1]

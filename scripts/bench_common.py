@@ -85,6 +85,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
                         help="matmuls: auto = Pallas kernel for quantized weights at small batch on GPU")
     parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
                         help="plan step N+1 while step N runs (auto: on in one process)")
+    parser.add_argument("--fuse-projections", choices=("auto", "on", "off"), default="auto",
+                        help="q/k/v and gate/up as one matmul each (auto: on one device)")
     parser.add_argument("--precompile-steps", choices=("auto", "on", "off"), default="auto",
                         help="compile every step shape at start-up (auto: on GPU)")
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
@@ -109,6 +111,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         kv_write_backend=args.kv_write_backend,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         precompile_steps={"auto": None, "on": True, "off": False}[args.precompile_steps],
+        fuse_projections={"auto": None, "on": True, "off": False}[args.fuse_projections],
         compiler_options=compiler_options(args.compiler_option) if args.compiler_option else None,
     )
     options.update(overrides)

@@ -296,6 +296,19 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-bf16-np", graph_probe("latency-bf16-np", None, ""), 100),
         ("latency-bf16-nograph", graph_probe("latency-bf16-nograph", None, NO_GRAPHS), 100),
         ("latency-bf16-tritongraph", graph_probe("latency-bf16-tritongraph", None, TRITON_IN_GRAPHS), 100),
+        # Run 19b. fp8's TPOT 3.76 (15b) -> 4.54 ms and its weights phase 31.5 -> 46.1 s in 19a, whose quantizer and
+        # step programs compiled 4 at once: the same one after another (run 15b's way), and with only its own steps.
+        ("latency-fp8-seq", ["env", "PAGEDJAX_PRECOMPILE_WORKERS=1", "PAGEDJAX_CACHE_DIR=/tmp/cache-fp8-seq"]
+         + latency("fp8", "--output-json", f"{results}/latency-fp8-seq.json"), 220),
+        ("latency-fp8-np", ["env", "PAGEDJAX_CACHE_DIR=/tmp/cache-fp8-np"] + latency(
+            "fp8", "--precompile-steps", "off", "--output-json", f"{results}/latency-fp8-np.json"), 150),
+        # The 8 x 2048 prompt step with only its own programs, with gate/up and q/k/v as separate matmuls: whether
+        # XLA then fuses the SwiGLU product (11.7 ms of the step, run 18a) into the down projection's GEMM.
+        ("profile-prefill-16k-np", profile("profile-prefill-16k-np", "--step", "prefill", "--batch", "8", "--ctx",
+                                           "2048", "--precompile-steps", "off"), 120),
+        ("profile-prefill-16k-unfused", profile("profile-prefill-16k-unfused", "--step", "prefill", "--batch", "8",
+                                                "--ctx", "2048", "--precompile-steps", "off", "--fuse-projections",
+                                                "off"), 120),
     ]
 
 

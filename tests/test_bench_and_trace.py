@@ -456,3 +456,32 @@ def test_compile_timer_names_the_slowest_programs():
     assert phases["trace"] > 0 and phases["lower"] > 0 and phases["compile"] > 0
     (name, seconds), *_ = timer.slowest(1)
     assert name == "make_twice" and seconds == pytest.approx(timer.seconds)
+
+
+def test_compile_timer_counts_persistent_cache_lookups_and_hits(tmp_path):
+    """A program compiled, then made again from JAX's persistent cache (jit's in-memory caches cleared, as in a
+    new process): two lookups, one hit (what the engine's start-up line reports for a warm start)."""
+    import jax
+    import jax.numpy as jnp
+
+    from engine.compile_timer import CompileTimer
+
+    def cached_twice(x):
+        return jnp.cos(x) + 3
+
+    saved = {name: getattr(jax.config, name) for name in
+             ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+              "jax_persistent_cache_min_entry_size_bytes")}
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        x = np.ones(7, np.float32)  # a host array: no program of its own
+        with CompileTimer() as timer:
+            jax.jit(cached_twice)(x).block_until_ready()
+            jax.clear_caches()
+            jax.jit(cached_twice)(x).block_until_ready()
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+    assert timer.counts == {"cache_lookups": 2, "cache_hits": 1}, timer.counts

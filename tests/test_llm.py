@@ -178,7 +178,8 @@ def test_submit_streams_each_token_and_ends_with_generates_output(llm, alone):
 
 def test_unrolled_layers_with_per_layer_kv_buffers_match_the_scan(tmp_path):
     """The GPU default (unrolled layers, one KV buffer per layer) gives the scan's tokens, also
-    through preemption (a pool too small for the batch) and n=2 (copy-on-write of shared pages)."""
+    through preemption (a pool too small for the batch) and n=2 (copy-on-write of shared pages); so do
+    separate q/k/v and gate/up matmuls (``fuse_projections=False``)."""
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     write_tiny_checkpoint(tmp_path, "llama", seed=11)
@@ -187,14 +188,18 @@ def test_unrolled_layers_with_per_layer_kv_buffers_match_the_scan(tmp_path):
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 9 + [
         SamplingParams(temperature=0.9, top_k=20, n=2, seed=3, max_tokens=12, ignore_eos=True)]
     outputs = {}
-    for unroll in (False, True):
-        llm = LLM(str(tmp_path), dtype="float32", unroll_layers=unroll, skip_tokenizer_init=True, max_model_len=64,
-                  max_num_seqs=8, max_num_batched_tokens=64, num_gpu_blocks_override=14)
-        assert llm.llm_engine.runner.kv_cache.per_layer == unroll
-        outputs[unroll] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+    for unroll, fuse in ((False, None), (True, None), (True, False)):
+        llm = LLM(str(tmp_path), dtype="float32", unroll_layers=unroll, fuse_projections=fuse,
+                  skip_tokenizer_init=True, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64,
+                  num_gpu_blocks_override=14)
+        runner = llm.llm_engine.runner
+        layer = runner.params["layers"][0] if unroll else runner.params["layers"]
+        assert runner.kv_cache.per_layer == unroll and ("w_gate_up" in layer) == (fuse is None), sorted(layer)
+        outputs[unroll, fuse] = [[c.token_ids for c in o.outputs]
+                                 for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.stats()["num_preemptions"] > 0
         llm.shutdown()
-    assert outputs[True] == outputs[False]
+    assert outputs[True, None] == outputs[False, None] == outputs[True, False]
 
 
 def test_pallas_kv_write_gives_the_reference_scatters_tokens(tmp_path):

@@ -273,6 +273,24 @@ def test_mosaic_prefill_lowers_for_cuda(monkeypatch):
     assert "mosaic_gpu" not in text and "ragged_paged_attention_prefill" in text
 
 
+def test_mosaic_kernel_module_is_the_same_in_every_lowering():
+    """The Mosaic GPU kernel lowers to the same text however many Mosaic kernels the process lowered before: JAX
+    0.11 numbered each kernel module (``stable_kernel_modules`` drops the number), which gave a step program
+    another persistent-cache key, and a recompile, whenever the lowering order changed (run 19a's warm start)."""
+    sd = jax.ShapeDtypeStruct
+
+    def lowered(T, Hq):
+        cache = sd((2, 2, 64, 16, 128), jnp.bfloat16)
+        args = (sd((T, Hq, 128), jnp.bfloat16), cache, cache, sd((), jnp.int32), sd((4,), jnp.int32),
+                sd((4, 16), jnp.int32), sd((7, 64), jnp.int32), sd((1,), jnp.int32))
+        fn = functools.partial(ragged_prefill_mgpu.ragged_prefill_mgpu, sm_scale=0.1, workers_per_head=4)
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    first = lowered(512, 8)
+    lowered(256, 16)  # another kernel in between
+    assert "mosaic_gpu" in first and lowered(512, 8) == first
+
+
 @pytest.mark.skipif(not ragged_prefill_mgpu.JAX_0_11,
                     reason="JAX's Mosaic GPU interpreter runs this kernel from 0.11 on (0.10's hangs on its barriers)")
 def test_mosaic_prefill_matches_reference_in_the_interpreter():
