@@ -265,12 +265,19 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
     return params
 
 
+# XLA options of the load-time quantize programs: no autotuning. Each runs once per weight, so the kernel XLA's
+# heuristic picks costs at most a fraction of a second, where autotuning candidates on the stacked [32, K, N]
+# weights made each fp8 quantizer take 4-7 s to compile on an H200 (28.2 s for four, run 15b; 48.1 s in 19b).
+QUANTIZER_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
+
+
 @functools.lru_cache(maxsize=None)
 def _quantizer(method: str, out_shardings=None):
     """One jitted ``quantize_weight`` per method and output sharding, so weights of one shape (k and v
-    projections, gate and up) share a compile: each of the 8B's fp8 quantize programs took ~4 s to
-    compile on an H200 (28.2 s for seven, run 15b); ``quantize_params`` compiles the distinct ones at once."""
-    return jax.jit(functools.partial(quantize_weight, method=method), out_shardings=out_shardings)
+    projections, gate and up) share a compile (``QUANTIZER_COMPILER_OPTIONS``); ``quantize_params``
+    compiles the distinct ones at once."""
+    return jax.jit(functools.partial(quantize_weight, method=method), out_shardings=out_shardings,
+                   compiler_options=QUANTIZER_COMPILER_OPTIONS)
 
 
 # --------------------------------------------------------------------------------------

@@ -309,6 +309,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("profile-prefill-16k-unfused", profile("profile-prefill-16k-unfused", "--step", "prefill", "--batch", "8",
                                                 "--ctx", "2048", "--precompile-steps", "off", "--fuse-projections",
                                                 "off"), 120),
+        # Run 19c. The GPU's idle share at batch 1 (latency's shape): TPOT moved 3.75 -> 4.94 ms for the same int8
+        # program between two leases whose hosts differed 1.6x in speed, so the host may bind at one sequence.
+        ("profile-idle-1-int8", profile("profile-idle-1-int8", "--run", "--batch", "1", "--input-len", "128",
+                                        "--output-len", "256", "--quantization", "int8", "--precompile-steps",
+                                        "off"), 90),
+        ("profile-idle-1", profile("profile-idle-1", "--run", "--batch", "1", "--input-len", "128", "--output-len",
+                                   "256", "--precompile-steps", "off"), 90),
     ]
 
 
