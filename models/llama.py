@@ -222,9 +222,8 @@ def forward(
     def biases(w, fused: str) -> tuple:
         return split_columns(w[fused], widths[fused]) if fused in w else tuple(w[p] for p in FUSED_PROJECTIONS[fused])
 
-    def layer_step(carry, layer_and_weights):
-        x, k_cache, v_cache = carry
-        layer, w = layer_and_weights
+    def layer_call(x, k_cache, v_cache, layer, w, batch, cos, sin):
+        """One decoder layer, everything it reads an argument (so one trace serves every layer)."""
         h = rms_norm(x, w["input_norm"], eps)
         q, k, v = project(h, w, "wqkv")
         if config.qkv_bias:
@@ -243,18 +242,25 @@ def forward(
         h = rms_norm(x, w["post_norm"], eps)
         gate, up = project(h, w, "w_gate_up")
         x = x + mm(jax.nn.silu(gate) * up, w["w_down"])
-        return (x, k_cache, v_cache), None
+        return x, k_cache, v_cache
+
+    def layer_step(carry, layer_and_weights):
+        layer, w = layer_and_weights
+        return layer_call(*carry, layer, w, batch, cos, sin), None
 
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
+        # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes
+        # (XLA inlines the calls, so the compiled step is the same as one written out layer by layer).
+        unrolled_layer = jax.jit(layer_call)
         k_cache, v_cache = kv_cache.k, kv_cache.v
         new_k, new_v = [], []
         for i, w in enumerate(params["layers"]):
             if kv_cache.per_layer:  # layer i's own pages, as a one-layer 5-D cache
-                (x, k, v), _ = layer_step((x, k_cache[i][None], v_cache[i][None]), (jnp.int32(0), w))
+                x, k, v = unrolled_layer(x, k_cache[i][None], v_cache[i][None], jnp.int32(0), w, batch, cos, sin)
                 new_k.append(k[0])
                 new_v.append(v[0])
             else:
-                (x, k_cache, v_cache), _ = layer_step((x, k_cache, v_cache), (jnp.int32(i), w))
+                x, k_cache, v_cache = unrolled_layer(x, k_cache, v_cache, jnp.int32(i), w, batch, cos, sin)
         if kv_cache.per_layer:
             k_cache, v_cache = tuple(new_k), tuple(new_v)
     else:

@@ -36,6 +36,23 @@ def test_unrolled_layers_equal_scanned_layers():
                                        rtol=1e-6, atol=1e-6)
 
 
+def test_unrolled_layers_are_one_traced_function_called_per_layer():
+    """The unrolled loop calls one jitted layer function: its body is traced and lowered once whatever the depth
+    (the 8B's step program: trace 0.67 -> 0.29 s, lower 1.11 -> 0.63 s, StableHLO 402 -> 164 kB on the CPU for cuda),
+    which is most of a warm start's Python time per step program."""
+    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+                         num_heads=2, num_kv_heads=1, head_dim=16)
+    params = unstack_layers(load_dummy_params(config, jnp.float32))
+    batch = build_model_input([SequenceWork(token_ids=[1, 2, 3], start=0, block_table=[1], sample=True)],
+                              block_size=4, max_num_tokens=16, max_num_seqs=8, max_blocks_per_seq=4)
+    cache = make_kv_cache(config, 4, 4, jnp.float32, per_layer=True)
+    jaxpr = jax.make_jaxpr(lambda p, c, b: forward(p, c, b, config=config))(params, cache, batch)
+    calls = [e for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
+    assert len(calls) == config.num_layers and len({id(e.params["jaxpr"]) for e in calls}) == 1
+    text = jax.jit(lambda p, c, b: forward(p, c, b, config=config)).lower(params, cache, batch).as_text()
+    assert text.count("func.func private @layer_call(") == 1 and text.count("call @layer_call(") == 4
+
+
 def test_per_layer_cache_needs_unstacked_weights():
     config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=2, num_kv_heads=1, head_dim=16)
