@@ -9,7 +9,9 @@ read back as JSON; no TensorBoard needed):
   (matmul, attention, other), per step.
 - ``--run``: a decode-heavy offline run through ``LLM.generate`` (its step shapes compiled
   by a first, untraced run); the GPU's busy time (the union of kernel intervals) over the
-  span from the first kernel to the last: issue 9's "GPU idle < 5%".
+  span from the first kernel to the last: issue 9's "GPU idle < 5%". ``--host-events``
+  also traces the host's threads (off by default: it slows the loop being measured) and lists
+  their events by name, per decode step: where the host's time per step goes when it binds.
 
     python scripts/profile_step.py --step decode --batch 256 --ctx 192 --out /tmp/p.json
     python scripts/profile_step.py --run --batch 256 --input-len 32 --output-len 128
@@ -120,12 +122,27 @@ def summarize(kernels: list[dict], steps: int, top: int = 25) -> dict:
                     for name, (us, n) in rows[:top]]}
 
 
-def profiled(fn, log_dir: str) -> float:
+def host_events(trace: dict, per: int, top: int = 25) -> list[dict]:
+    """Complete events off the device lines (the host's threads: JAX's dispatch, PjRt's execute, XLA's thunks,
+    CUDA API calls), summed by name and divided by ``per`` (the steps); nested events each count."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events
+                if e.get("ph") == "M" and e.get("name") == "process_name" and "GPU" in e["args"]["name"]}
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and e.get("pid") not in gpu_pids:
+            by_name[e["name"]][0] += float(e["dur"])
+            by_name[e["name"]][1] += 1
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return [dict(name=name[:160], us_per_step=us / per, calls_per_step=n / per) for name, (us, n) in rows]
+
+
+def profiled(fn, log_dir: str, *, host: bool = False) -> float:
     import jax
 
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0  # the Python tracer alone wrote a million events for a 64-step run
-    if jax.default_backend() == "gpu":  # host events slow the host loop being measured; kernels stay
+    if jax.default_backend() == "gpu" and not host:  # host events slow the host loop being measured; kernels stay
         options.host_tracer_level = 0
     start = time.perf_counter()
     with jax.profiler.trace(log_dir, create_perfetto_trace=True, profiler_options=options):
@@ -182,8 +199,10 @@ def profile_run(llm, args) -> dict:
     inputs = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(inputs, params, use_tqdm=False)  # compiles every step shape of the run
     with tempfile.TemporaryDirectory() as log_dir:
-        wall_s = profiled(lambda: llm.generate(inputs, params, use_tqdm=False), log_dir)
-        kernels, lines = device_events(read_trace(log_dir))
+        wall_s = profiled(lambda: llm.generate(inputs, params, use_tqdm=False), log_dir, host=args.host_events)
+        trace = read_trace(log_dir)
+        kernels, lines = device_events(trace)
+    host = host_events(trace, per=args.output_len) if args.host_events else None
     if not kernels:
         raise SystemExit(f"no device kernels in the trace (lines: {lines})")
     first = min(float(e["ts"]) for e in kernels)
@@ -192,7 +211,7 @@ def profile_run(llm, args) -> dict:
     return dict(run="decode-heavy", batch=args.batch, input_len=args.input_len, output_len=args.output_len,
                 wall_s=wall_s, kernel_span_s=(last - first) / 1e6, busy_s=busy / 1e6,
                 gpu_idle_fraction=1.0 - busy / (last - first), idle_gaps=idle_gaps(kernels), kernel_lines=lines,
-                async_scheduling=llm.llm_engine.async_scheduling)
+                async_scheduling=llm.llm_engine.async_scheduling, host_events_per_step=host)
 
 
 def main(argv=None) -> dict:
@@ -205,6 +224,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--host-events", action="store_true",
+                        help="--run: trace the host's threads too and list their events per decode step")
     parser.add_argument("--gc-unfreeze", action="store_true",
                         help="undo the engine's gc.freeze() after start-up (to measure what the freeze does)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
@@ -234,6 +255,8 @@ def main(argv=None) -> dict:
         print(f"  {gaps['count']} gaps, us by size: " +
               ", ".join(f"{k} {v:.0f}" for k, v in gaps["total_us_by_size"].items()) + "; largest (us at us): " +
               ", ".join(f"{g['us']:.0f}@{g['at_us']:.0f}" for g in gaps["largest"]), flush=True)
+        for row in run["host_events_per_step"] or []:
+            print(f"  host {row['us_per_step']:9.1f} us  x{row['calls_per_step']:6.1f}  {row['name'][:110]}")
     if args.out:
         bench_common.write_results(result, args.out)
     return result

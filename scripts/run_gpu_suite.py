@@ -316,6 +316,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                         "off"), 90),
         ("profile-idle-1", profile("profile-idle-1", "--run", "--batch", "1", "--input-len", "128", "--output-len",
                                    "256", "--precompile-steps", "off"), 90),
+        # For the next lease: where the host's ~4.5 ms per batch-1 step goes (its threads traced: JAX's dispatch,
+        # PjRt's execute, XLA's command-buffer thunk, CUDA API calls), int8 (host-bound) and bf16.
+        ("profile-idle-1-int8-host", profile("profile-idle-1-int8-host", "--run", "--batch", "1", "--input-len",
+                                             "128", "--output-len", "256", "--quantization", "int8",
+                                             "--precompile-steps", "off", "--host-events"), 90),
+        ("profile-idle-1-host", profile("profile-idle-1-host", "--run", "--batch", "1", "--input-len", "128",
+                                        "--output-len", "256", "--precompile-steps", "off", "--host-events"), 90),
     ]
 
 
