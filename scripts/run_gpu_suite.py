@@ -32,6 +32,7 @@ TRITON = '{"prefill_kernel": "triton"}'  # the Triton prefill launch in every st
 # XLA's command buffers (CUDA graphs): Pallas's Triton custom calls captured like XLA's own kernels, and none at all.
 TRITON_IN_GRAPHS = "--legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton"
 NO_GRAPHS = "--xla_gpu_enable_command_buffer="
+GRAPHS_WHILE_PROFILING = "--xla_enable_command_buffers_during_profiling=true"
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -316,13 +317,16 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                         "off"), 90),
         ("profile-idle-1", profile("profile-idle-1", "--run", "--batch", "1", "--input-len", "128", "--output-len",
                                    "256", "--precompile-steps", "off"), 90),
-        # For the next lease: where the host's ~4.5 ms per batch-1 step goes (its threads traced: JAX's dispatch,
-        # PjRt's execute, XLA's command-buffer thunk, CUDA API calls), int8 (host-bound) and bf16.
-        ("profile-idle-1-int8-host", profile("profile-idle-1-int8-host", "--run", "--batch", "1", "--input-len",
-                                             "128", "--output-len", "256", "--quantization", "int8",
-                                             "--precompile-steps", "off", "--host-events"), 90),
-        ("profile-idle-1-host", profile("profile-idle-1-host", "--run", "--batch", "1", "--input-len", "128",
-                                        "--output-len", "256", "--precompile-steps", "off", "--host-events"), 90),
+        # For the next lease: where the host's time per batch-1 step goes (its threads traced: JAX's dispatch,
+        # PjRt's execute, XLA's command-buffer thunk and its "command_buffer::update" re-recordings, CUDA API
+        # calls), int8 and bf16. XLA runs its command buffers op by op while a profiler is active unless told
+        # otherwise (so run 19c's idle shares are of op-by-op launches); these keep them on.
+        ("profile-idle-1-int8-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
+            "profile-idle-1-int8-host", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",
+            "--quantization", "int8", "--precompile-steps", "off", "--host-events"), 90),
+        ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
+            "profile-idle-1-host", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",
+            "--precompile-steps", "off", "--host-events"), 90),
     ]
 
 
