@@ -274,6 +274,35 @@ def test_activation_bytes_are_kept_on_disk_by_program(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "activation-bytes").glob("*.json"))) == 2
 
 
+def test_persistent_compilation_cache_is_on_before_the_weights_load(tmp_path, monkeypatch):
+    """The weights' programs (random weights, quantizers, the layer layout) go through JAX's persistent cache
+    too: it is turned on before they are made (it was turned on after them, so a warm start remade them)."""
+    import jax
+
+    import engine.llm_engine as llm_engine
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path / "model", "llama", seed=4)
+    monkeypatch.setenv("PAGEDJAX_CACHE_DIR", str(tmp_path / "cache"))
+    seen = []
+    load_model = llm_engine.load_model
+
+    def recording_load_model(*args, **kwargs):
+        seen.append(jax.config.jax_compilation_cache_dir)
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(llm_engine, "load_model", recording_load_model)
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        llm = LLM(str(tmp_path / "model"), dtype="float32", skip_tokenizer_init=True, max_model_len=64,
+                  max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=8)
+        llm.shutdown()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    assert seen == [str(tmp_path / "cache" / "jax")], seen
+
+
 def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tmp_path):
     """Planning step N+1 while step N runs (pending tokens fed on the device) changes nothing a
     request sees: tokens, finish reasons and logprobs equal the synchronous engine's, through
