@@ -60,6 +60,20 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                               + " ".join(shlex.quote(a) for a in argv)
                               + f" && {PY} scripts/command_buffer_census.py {dump} --out {results}/census-{name}.json"]
 
+    def graph_updates(name: str, quantization) -> list[str]:
+        """``latency`` at batch 1 (only its own programs) with XLA's command-buffer thunk logging (VLOG 3), then how
+        often each command buffer was re-recorded ("Updated command buffer in N us; num_commands=M": every step
+        means the host re-records the whole graph each step) and how long that took."""
+        log = f"/tmp/{name}.vlog"
+        argv = latency(quantization, "--precompile-steps", "off", "--output-json", f"{results}/{name}.json")
+        return ["bash", "-c", f"TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_thunk=3 "
+                              + " ".join(shlex.quote(a) for a in argv) + f" 2> {log}; rc=$?; "
+                              f"echo updates: $(grep -c 'Updated command buffer' {log}) executes: "
+                              f"$(grep -c 'Execute command buffer' {log}); "
+                              f"grep -o 'Updated command buffer in [0-9]* [^;]*; num_commands=[0-9]*' {log} "
+                              "| sed 's/ in [0-9]* [^;]*;/ in N us;/' | sort | uniq -c | sort -rn | head; "
+                              f"grep -o 'Updated command buffer in [0-9]*' {log} | tail -5; exit $rc"]
+
     def probe_best(fmt: str, argv: list[str]) -> list[str]:
         """``argv`` with ``$PAGEDJAX_MATMUL_CONFIG`` set to probe-gemv-words' fastest current-kernel config for ``fmt``."""
         pick = f"{PY} scripts/probe_gemv_words.py --best-config {results}/probe-gemv-words.json --fmt {fmt}"
@@ -324,6 +338,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("profile-idle-1-int8-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
             "profile-idle-1-int8-host", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",
             "--quantization", "int8", "--precompile-steps", "off", "--host-events"), 90),
+        ("graph-updates-int8", graph_updates("graph-updates-int8", "int8"), 100),
+        ("graph-updates-bf16", graph_updates("graph-updates-bf16", None), 100),
         ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
             "profile-idle-1-host", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",
             "--precompile-steps", "off", "--host-events"), 90),
