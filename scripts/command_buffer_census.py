@@ -9,6 +9,11 @@ the custom-call targets outside (what breaks the runs).
 
     XLA_FLAGS=--xla_dump_to=/tmp/hlo python scripts/bench_latency.py ...
     python scripts/command_buffer_census.py /tmp/hlo --out census.json
+
+XLA versions that form command buffers after the HLO, from the thunks (JAX 0.11.2's: run 19a in
+benchmarks/NOTES.md found none in the HLO while turning them off cost 1-2.6 ms a step), show every kernel
+"outside"; there the thunk's log says what the graphs do (``TF_CPP_VMODULE=command_buffer_thunk=3``, the
+suite's ``graph-updates-*`` steps).
 """
 
 from __future__ import annotations
