@@ -30,10 +30,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from engine.cache_dir import cache_dir
+from engine.compile_ahead import compile_ahead, compile_workers
 from engine.sampler import SamplerOutput, SamplingMetadata, build_sampling_metadata, sample
 from engine.sampling_params import SamplingParams
 from models.batch import KVCache, ModelInput, make_kv_cache
-from models.compile_ahead import compile_ahead, compile_workers
 from models.config import ModelConfig
 from models.llama import forward, layout_layers
 from models.quantization import Fp8Weight, LinearBackend
@@ -402,7 +402,7 @@ class ModelRunner:
         slots; other sampler variants compile at first use, in a fraction of a second. Each program
         runs once, on an empty batch (every token padding: its K/V go to the sink page, no sequence
         attends), so steps find it in jit's own cache. ``workers``: programs compiled before that,
-        several at once (``models.compile_ahead``; default ``compile_workers()``); 1: each compiled by
+        several at once (``engine.compile_ahead``; default ``compile_workers()``); 1: each compiled by
         its run, one after another. Returns how many programs ran. Needs the fixed table width
         (``table_width``) and the KV pool."""
         from tqdm import tqdm

@@ -42,7 +42,6 @@ import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models.compile_ahead import compile_ahead, compile_workers
 from pallas_kernels import quantized_matmul as qmm
 
 METHODS = ("int8", "int4", "awq", "gptq", "fp8")
@@ -246,21 +245,11 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
     its quantized form exists and the peak is the dense model plus one quantized tensor.
     ``shardings``: the dense params' shardings (a pytree like ``params``) or None."""
     layers = params["layers"]
-    quantizers = {}
-    for name in QUANTIZED_LAYER_WEIGHTS:
-        sharding = None if shardings is None else shardings["layers"][name]
-        dense = layers[name]
-        out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method), dense), sharding)
-        quantizers[name] = _quantizer(method, out)
-    # The distinct programs (k and v, gate and up share theirs) compiled several at once, before the first runs.
-    distinct = {(q, layers[name].shape, layers[name].dtype, getattr(layers[name], "sharding", None)): name
-                for name, q in quantizers.items()}
-    workers = compile_workers()
-    if workers > 1 and len(distinct) > 1:
-        compile_ahead([functools.partial(quantizers[name].lower, layers[name]) for name in distinct.values()], workers)
     for name in QUANTIZED_LAYER_WEIGHTS:
         dense = layers.pop(name)
-        layers[name] = quantizers[name](dense)
+        sharding = None if shardings is None else shardings["layers"][name]
+        out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method), dense), sharding)
+        layers[name] = _quantizer(method, out)(dense)
         del dense
     return params
 
@@ -274,8 +263,8 @@ QUANTIZER_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
 @functools.lru_cache(maxsize=None)
 def _quantizer(method: str, out_shardings=None):
     """One jitted ``quantize_weight`` per method and output sharding, so weights of one shape (k and v
-    projections, gate and up) share a compile (``QUANTIZER_COMPILER_OPTIONS``); ``quantize_params``
-    compiles the distinct ones at once."""
+    projections, gate and up) share a compile (``QUANTIZER_COMPILER_OPTIONS``: without autotuning each
+    compiles in a fraction of a second, so compiling them several at once gained nothing, run 19b)."""
     return jax.jit(functools.partial(quantize_weight, method=method), out_shardings=out_shardings,
                    compiler_options=QUANTIZER_COMPILER_OPTIONS)
 

@@ -383,15 +383,13 @@ def test_unstacking_fp8_layers_keeps_every_byte():
         np.testing.assert_array_equal(np.asarray(layer["wq"].scale), np.asarray(stacked.scale[i]))
 
 
-@pytest.mark.parametrize("method,workers", [("fp8", "1"), ("fp8", "3"), ("int8", "3")])
-def test_load_time_quantization_compiles_once_per_weight_shape(method, workers, monkeypatch):
-    """Weights of one shape (q and o projections, k and v, gate and up) share one compiled quantizer; the
-    distinct quantizers compile several at once (``$PAGEDJAX_PRECOMPILE_WORKERS`` > 1), each once."""
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_load_time_quantization_compiles_once_per_weight_shape(method):
+    """Weights of one shape (q and o projections, k and v, gate and up) share one compiled quantizer."""
     from engine.compile_timer import CompileTimer
 
     from models import quantization
 
-    monkeypatch.setenv("PAGEDJAX_PRECOMPILE_WORKERS", workers)
     quantization._quantizer.cache_clear()  # new jitted quantizers: nothing compiled by an earlier case
     L, H, I, kv = 2, 64, 128, 32
     shapes = dict(wq=(L, H, H), wk=(L, H, kv), wv=(L, H, kv), wo=(L, H, H), w_gate=(L, H, I), w_up=(L, H, I),
