@@ -52,6 +52,12 @@ def read_trace(log_dir: str) -> dict:
         return json.load(f)
 
 
+def gpu_processes(events: list[dict]) -> set:
+    """The pids of the trace's device processes (``/device:GPU:*``)."""
+    return {e["pid"] for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name" and "GPU" in e["args"]["name"]}
+
+
 def device_events(trace: dict) -> tuple[list[dict], dict]:
     """Complete events on a device's kernel lines (``/device:GPU:*`` processes, their stream
     threads; on CPU, for the smoke run, the executable's thread), and the lines they came from."""
@@ -62,7 +68,7 @@ def device_events(trace: dict) -> tuple[list[dict], dict]:
             process[e["pid"]] = e["args"]["name"]
         elif e.get("ph") == "M" and e.get("name") == "thread_name":
             thread[(e["pid"], e["tid"])] = e["args"]["name"]
-    gpu_pids = {pid for pid, name in process.items() if "GPU" in name}
+    gpu_pids = gpu_processes(events)
     def line(e) -> str:
         return thread.get((e["pid"], e.get("tid")), "")
     if gpu_pids:  # kernels sit on "Stream #N(Compute,...)" lines; "XLA Ops" repeats them under HLO names
@@ -126,8 +132,7 @@ def host_events(trace: dict, per: int, top: int = 25) -> list[dict]:
     """Complete events off the device lines (the host's threads: JAX's dispatch, PjRt's execute, XLA's thunks,
     CUDA API calls), summed by name and divided by ``per`` (the steps); nested events each count."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    gpu_pids = {e["pid"] for e in events
-                if e.get("ph") == "M" and e.get("name") == "process_name" and "GPU" in e["args"]["name"]}
+    gpu_pids = gpu_processes(events)
     by_name = collections.defaultdict(lambda: [0.0, 0])
     for e in events:
         if e.get("ph") == "X" and "dur" in e and e.get("pid") not in gpu_pids:

@@ -57,7 +57,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         argv = latency(quantization, "--precompile-steps", "off", "--output-json", f"{results}/{name}.json")
         return ["bash", "-c", f"XLA_FLAGS={shlex.quote(f'{xla_flags} --xla_dump_to={dump}'.strip())} "
                               f"PAGEDJAX_CACHE_DIR=/tmp/cache-{name} "
-                              + " ".join(shlex.quote(a) for a in argv)
+                              + shlex.join(argv)
                               + f" && {PY} scripts/command_buffer_census.py {dump} --out {results}/census-{name}.json"]
 
     def graph_updates(name: str, quantization) -> list[str]:
@@ -66,8 +66,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         means the host re-records the whole graph each step) and how long that took."""
         log = f"/tmp/{name}.vlog"
         argv = latency(quantization, "--precompile-steps", "off", "--output-json", f"{results}/{name}.json")
-        return ["bash", "-c", f"TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_thunk=3 "
-                              + " ".join(shlex.quote(a) for a in argv) + f" 2> {log}; rc=$?; "
+        return ["bash", "-c", "TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_thunk=3 "
+                              + shlex.join(argv) + f" 2> {log}; rc=$?; "
                               f"echo updates: $(grep -c 'Updated command buffer' {log}) executes: "
                               f"$(grep -c 'Execute command buffer' {log}); "
                               f"grep -o 'Updated command buffer in [0-9]* [^;]*; num_commands=[0-9]*' {log} "
@@ -78,7 +78,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         """``argv`` with ``$PAGEDJAX_MATMUL_CONFIG`` set to probe-gemv-words' fastest current-kernel config for ``fmt``."""
         pick = f"{PY} scripts/probe_gemv_words.py --best-config {results}/probe-gemv-words.json --fmt {fmt}"
         return ["bash", "-c", f'export PAGEDJAX_MATMUL_CONFIG="$({pick})" && echo "config: $PAGEDJAX_MATMUL_CONFIG" && '
-                              + " ".join(shlex.quote(a) for a in argv)]
+                              + shlex.join(argv)]
 
     return [
         # Where a batch-256 decode step's device time goes (tput-short's decode steps: 13.7 ms, run 6).
