@@ -63,13 +63,16 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
     def graph_updates(name: str, quantization) -> list[str]:
         """``latency`` at batch 1 (only its own programs) with XLA's command-buffer thunk logging (VLOG 3), then how
         often each command buffer was re-recorded ("Updated command buffer in N us; num_commands=M": every step
-        means the host re-records the whole graph each step) and how long that took."""
+        means the host re-records the whole graph each step) and how long that took. A cache of its own, so that
+        the cold ``latency`` runs after it stay cold; the log's command-buffer lines are kept (the first 400)."""
         log = f"/tmp/{name}.vlog"
         argv = latency(quantization, "--precompile-steps", "off", "--output-json", f"{results}/{name}.json")
-        return ["bash", "-c", "TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_thunk=3 "
+        return ["bash", "-c", f"PAGEDJAX_CACHE_DIR=/tmp/cache-{name} TF_CPP_MIN_LOG_LEVEL=0 "
+                              "TF_CPP_VMODULE=command_buffer_thunk=3,command_buffer_cmd=2 "
                               + shlex.join(argv) + f" 2> {log}; rc=$?; "
-                              f"echo updates: $(grep -c 'Updated command buffer' {log}) executes: "
-                              f"$(grep -c 'Execute command buffer' {log}); "
+                              f"grep -i -m 400 'command.buffer' {log} > {results}/{name}.vlog-head; "
+                              f"echo updates: $(grep -ci 'Updated command buffer' {log}) executes: "
+                              f"$(grep -ci 'Execute command buffer' {log}); "
                               f"grep -o 'Updated command buffer in [0-9]* [^;]*; num_commands=[0-9]*' {log} "
                               "| sed 's/ in [0-9]* [^;]*;/ in N us;/' | sort | uniq -c | sort -rn | head; "
                               f"grep -o 'Updated command buffer in [0-9]*' {log} | tail -5; exit $rc"]
