@@ -300,16 +300,20 @@ class ModelRunner:
         """Create the KV pool (zeroed pages) and the jitted model step and page copy that update it in
         place, and the jitted sampler."""
         self.kv_cache = self._make_kv_cache(num_blocks)
-        step_placement, sample_placement, copy_placement = {}, {}, {}  # jit's out_shardings, only when sharded
+        # jit's out_shardings, only when sharded
+        step_placement, sample_placement, copy_placement, stage_placement = {}, {}, {}, {}
         self._sampled = jnp.zeros(self.max_num_seqs, jnp.int32)  # the last step's tokens, fed to the next
         if self.mesh is not None:
             kv_placement = jax.tree.map(lambda a: a.sharding, self.kv_cache)
             step_placement = {"out_shardings": (self._logits_sharding, kv_placement)}
             sample_placement = {"out_shardings": (self._input_sharding, self._input_sharding)}
             copy_placement = {"out_shardings": kv_placement}
+            stage_placement = {"out_shardings": self._input_sharding}
             self._sampled = jax.device_put(self._sampled, self._input_sharding)
         self._step_fns = {}  # XLA options -> the jitted model step compiled with them (step_compiler_options)
         self._make_step = functools.partial(jax.jit, self._model_step, donate_argnums=(1,), **step_placement)
+        self._stage = jax.jit(_stage_step_input, donate_argnums=(0,), keep_unused=True, **stage_placement)
+        self._staged = {}  # the step inputs' shapes -> their device buffers (``_step_input_on_device``)
         self._sample = jax.jit(self._sample_step, static_argnames=("num_logprobs",), **sample_placement)
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)
 
@@ -397,9 +401,10 @@ class ModelRunner:
 
     def precompile(self, *, progress: bool = True, workers: Optional[int] = None) -> int:
         """Compile, before the first request and under a progress bar, what steps will run: the
-        model step of every token bucket (``token_buckets``) at the fixed table width, and the greedy
-        and the plain random sampler (no top-k/top-p, penalties or logprobs) of each one's sequence
-        slots; other sampler variants compile at first use, in a fraction of a second. Each program
+        model step of every token bucket (``token_buckets``) at the fixed table width and the program
+        staging its inputs (``_step_input_on_device``), and the greedy and the plain random sampler (no
+        top-k/top-p, penalties or logprobs) of each one's sequence slots; other sampler variants
+        compile at first use, in a fraction of a second. Each program
         runs once, on an empty batch (every token padding: its K/V go to the sink page, no sequence
         attends), so steps find it in jit's own cache. ``workers``: programs compiled before that,
         several at once (``engine.compile_ahead``; default ``compile_workers()``); 1: each compiled by
@@ -414,13 +419,20 @@ class ModelRunner:
         buckets = token_buckets(self.max_num_batched_tokens)
         slots = sorted({self.padded_num_seqs(T) for T in buckets})
         samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
-        inputs = {T: self._placed(self._empty_step_input(T, self.table_width)) for T in buckets}
-        with tqdm(total=len(buckets) + len(slots) * len(samplers), desc="Compiling steps", unit="program",
+        host_inputs = {T: self._empty_step_input(T, self.table_width) for T in buckets}
+        # A shape's first inputs go to the device as they are; its later ones through its stage program.
+        inputs = {T: self._step_input_on_device(*host) for T, host in host_inputs.items()}
+        with tqdm(total=2 * len(buckets) + len(slots) * len(samplers), desc="Compiling steps", unit="program",
                   disable=not progress) as bar:
             if workers > 1:  # compiled here, several at once; else by each one's run below
                 compile_ahead([functools.partial(self.step_fn(T).lower, self.params, self.kv_cache, model_input,
-                                                 self._sampled, feed) for T, (model_input, feed) in inputs.items()],
-                              workers, on_done=bar.update)
+                                                 self._sampled, feed) for T, (model_input, feed) in inputs.items()]
+                              + [functools.partial(self._stage.lower, inputs[T], self._packed(*host))
+                                 for T, host in host_inputs.items()], workers, on_done=bar.update)
+            for T, host in host_inputs.items():
+                inputs[T] = self._step_input_on_device(*host)
+                if workers <= 1:
+                    bar.update()
             logits_of = {}  # sequence slots -> logits of a step with that many
             for T, (model_input, feed) in inputs.items():
                 logits, self.kv_cache = self.step_fn(T)(self.params, self.kv_cache, model_input, self._sampled, feed)
@@ -488,7 +500,8 @@ class ModelRunner:
         if fed:
             seqs, rows = zip(*fed)
             feed[model_input.cu_q_lens[list(seqs)]] = rows  # a fed work is a single-token decode
-        model_input, sampling, feed = self._placed((model_input, sampling, feed))
+        model_input, feed = self._step_input_on_device(model_input, feed)
+        sampling = self._placed(sampling)
         step = self.step_fn(model_input.token_ids.shape[0])
         logits, self.kv_cache = step(self.params, self.kv_cache, model_input, self._sampled, feed)
         result, self._sampled = self._sample(logits, sampling, num_logprobs=num_logprobs)
@@ -497,6 +510,25 @@ class ModelRunner:
     def _placed(self, inputs):
         """Host step inputs as the step takes them: replicated over the mesh, else left to jit."""
         return inputs if self._input_sharding is None else jax.device_put(inputs, self._input_sharding)
+
+    def _packed(self, model_input: ModelInput, feed: np.ndarray):
+        """A step's int32 host inputs as one flat array, placed: one host-to-device copy a step, not nine."""
+        return self._placed(np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves((model_input, feed))]))
+
+    def _step_input_on_device(self, model_input: ModelInput, feed: np.ndarray) -> tuple[ModelInput, jax.Array]:
+        """The step's inputs in device buffers that stay where they are from step to step: a shape's first
+        inputs are copied to the device as they are, later ones are packed (``_packed``) and staged into the
+        same buffers, donated (``_stage_step_input``). XLA records the step's kernels into CUDA graphs and
+        re-records a graph whenever a buffer it reads has moved: with new input buffers every step, the 8B's
+        decode step re-recorded its ~580 kernels every step, ~0.9 ms of host time (benchmarks/NOTES.md, run 20a)."""
+        key = tuple(np.shape(leaf) for leaf in jax.tree.leaves((model_input, feed)))
+        staged = self._staged.pop(key, None)
+        if staged is None:
+            staged = jax.device_put((model_input, feed), self._input_sharding)
+        else:
+            staged = self._stage(staged, self._packed(model_input, feed))
+        self._staged[key] = staged
+        return staged
 
     @staticmethod
     def fetch(pending: PendingStep) -> SamplerOutput:
@@ -524,6 +556,16 @@ class ModelRunner:
     def release_followers(self) -> None:
         """On process 0 of a multi-process run: end the other processes' ``follow()`` loops."""
         self._lead("release")
+
+
+def _stage_step_input(staged, flat: jax.Array):
+    """``staged``'s arrays (donated) overwritten by consecutive pieces of ``flat``: each output takes its donated
+    input's buffer, so the step's inputs keep their device addresses. Only the arrays' shapes are read, so the
+    jit needs ``keep_unused=True``, or it drops them and their donation with them."""
+    leaves, treedef = jax.tree.flatten(staged)
+    offsets = np.cumsum([0] + [leaf.size for leaf in leaves])
+    return jax.tree.unflatten(treedef, [flat[start:stop].reshape(leaf.shape)
+                                        for leaf, start, stop in zip(leaves, offsets[:-1], offsets[1:])])
 
 
 def _copy_blocks(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:

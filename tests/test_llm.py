@@ -121,6 +121,31 @@ def test_parallel_sampling_n(llm):
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
 
+def test_step_inputs_keep_their_device_buffers_from_step_to_step(llm, alone, monkeypatch):
+    """Every step of a shape reads its inputs from the same device buffers (staged into them, donated), so XLA
+    can replay the step's CUDA graphs instead of re-recording them each step (benchmarks/NOTES.md, run 20a);
+    outputs are those of each prompt alone."""
+    import jax
+
+    runner = llm.llm_engine.runner
+    stage = runner._step_input_on_device
+    addresses = {}  # input shapes -> the buffers' addresses of each step
+
+    def spy(model_input, feed):
+        staged = stage(model_input, feed)
+        leaves = jax.tree.leaves(staged)
+        key = tuple(leaf.shape for leaf in leaves)
+        addresses.setdefault(key, []).append(tuple(leaf.unsafe_buffer_pointer() for leaf in leaves))
+        return staged
+
+    monkeypatch.setattr(runner, "_step_input_on_device", spy)
+    outs = llm.generate(PROMPTS[:6], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone[:6]
+    assert sum(len(steps) for steps in addresses.values()) >= GREEDY.max_tokens
+    for steps in addresses.values():
+        assert len(set(steps[1:])) <= 1  # a shape's first inputs may be copied as they are, then staged in place
+
+
 def test_stop_strings_and_logprobs(llm, alone):
     text = llm.generate(PROMPTS[2], GREEDY, use_tqdm=False)[0].outputs[0].text
     stop = text.strip()[:3]
