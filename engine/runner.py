@@ -154,6 +154,11 @@ def bucket(n: int, minimum: int, maximum: Optional[int] = None) -> int:
 # A sampled token not yet on the host: the previous step, still on the device, samples it.
 PENDING_TOKEN = -1
 
+# Steps of at most this many sequence slots write their logits into the buffer the last such step's logits took
+# (donated), so that every buffer the step's CUDA graphs touch stays where it is (``ModelRunner._run_step``):
+# small batches are where the host binds. Larger steps take new logits buffers and keep the memory free.
+FIXED_LOGITS_MAX_SEQS = 64
+
 
 @dataclasses.dataclass(slots=True)
 class SequenceWork:
@@ -306,15 +311,20 @@ class ModelRunner:
         if self.mesh is not None:
             kv_placement = jax.tree.map(lambda a: a.sharding, self.kv_cache)
             step_placement = {"out_shardings": (self._logits_sharding, kv_placement)}
-            sample_placement = {"out_shardings": (self._input_sharding, self._input_sharding)}
+            sample_placement = {"out_shardings": (self._input_sharding, self._input_sharding)}  # tokens, output
             copy_placement = {"out_shardings": kv_placement}
             stage_placement = {"out_shardings": self._input_sharding}
             self._sampled = jax.device_put(self._sampled, self._input_sharding)
         self._step_fns = {}  # XLA options -> the jitted model step compiled with them (step_compiler_options)
-        self._make_step = functools.partial(jax.jit, self._model_step, donate_argnums=(1,), **step_placement)
+        # The step's logits buffer (when given) and the sampler's previous tokens are donated and only their
+        # shapes read: ``keep_unused`` keeps them (and their donation), as in ``_stage_step_input``.
+        self._make_step = functools.partial(jax.jit, self._model_step, donate_argnums=(1, 5), keep_unused=True,
+                                            **step_placement)
         self._stage = jax.jit(_stage_step_input, donate_argnums=(0,), keep_unused=True, **stage_placement)
         self._staged = {}  # the step inputs' shapes -> their device buffers (``_step_input_on_device``)
-        self._sample = jax.jit(self._sample_step, static_argnames=("num_logprobs",), **sample_placement)
+        self._logits_buffers = {}  # sequence slots -> the last step's logits, the next one's output buffer
+        self._sample = jax.jit(self._sample_step, static_argnames=("num_logprobs",), donate_argnums=(2,),
+                               **sample_placement)
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)
 
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
@@ -338,7 +348,8 @@ class ModelRunner:
         """Device memory a step of the largest bucket (every token and sequence slot used) needs
         beyond the params and the cache: XLA's temporary bytes for the model step, compiled (not
         run) against a two-block cache (the pages are updated in place, so the pool's size does not
-        change the temporaries), plus the logits it hands the sampler and the sampler's temporaries.
+        change the temporaries), plus the logits it hands the sampler and the sampler's temporaries, and
+        the small steps' logits buffers kept from step to step (``FIXED_LOGITS_MAX_SEQS``).
         The figure is kept on disk under ``sizing_key`` of the two traced programs, so a restart traces
         them but neither lowers nor compiles them (2.3 s of the 8B's 16.2 s warm start, run 18d)."""
         T, S = self.max_num_batched_tokens, self.max_num_seqs
@@ -346,10 +357,10 @@ class ModelRunner:
                                          self._empty_step_input(T, self.max_blocks_per_seq))
         cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                              self._make_kv_cache(2))
-        step = jax.jit(self._model_step).trace(self.params, cache, model_input, self._abstract([self.max_num_seqs]),
-                                               feed)
+        sampled = self._abstract([self.max_num_seqs])
+        step = jax.jit(self._model_step).trace(self.params, cache, model_input, sampled, feed, None)
         sampler = jax.jit(self._sample_step, static_argnames=("num_logprobs",)).trace(
-            self._abstract_logits(S), self._abstract_sampling(SamplingParams(), S), num_logprobs=None)
+            self._abstract_logits(S), self._abstract_sampling(SamplingParams(), S), sampled, num_logprobs=None)
         options = self.compiler_options or None
         path = cache_dir("activation-bytes", sizing_key(step, sampler, options, self.params, cache) + ".json")
         if os.path.exists(path):
@@ -361,16 +372,18 @@ class ModelRunner:
             memory = compiled.memory_analysis()
             return int(getattr(memory, field, 0) or 0) if memory is not None else 0
 
+        kept_logits = sum(S * self.config.vocab_size * 4 for S in self._slot_buckets() if S <= FIXED_LOGITS_MAX_SEQS)
         total = (nbytes(step, "temp_size_in_bytes") + nbytes(sampler, "temp_size_in_bytes")
-                 + nbytes(sampler, "argument_size_in_bytes"))
+                 + nbytes(sampler, "argument_size_in_bytes") + kept_logits)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump({"activation_bytes": total}, f)
         os.replace(path + ".tmp", path)
         return total
 
-    def _model_step(self, params, kv_cache, model_input, last_sampled, feed_index):
-        """The model's part of a step: logits ``[S, V]`` at ``logits_indices`` and the cache.
+    def _model_step(self, params, kv_cache, model_input, last_sampled, feed_index, logits_out):
+        """The model's part of a step: logits ``[S, V]`` at ``logits_indices`` and the cache. ``logits_out``:
+        a donated ``[S, V]`` buffer the logits take (None: a new one).
         ``feed_index[T]``: for each token row, the row of ``last_sampled`` (the previous step's
         tokens, ``[max_num_seqs]``) that is its token, or -1 to keep ``model_input``'s. The sampler
         is a program of its own (``_sample_step``): its variants (greedy, top-k/top-p, penalties,
@@ -379,11 +392,14 @@ class ModelRunner:
         model_input = model_input.replace(token_ids=jnp.where(feed_index >= 0, fed, model_input.token_ids))
         return self._forward(params, kv_cache, model_input)
 
-    def _sample_step(self, logits, sampling, *, num_logprobs):
-        """The sampler's output and this step's tokens as the next step's ``last_sampled``."""
+    def _sample_step(self, logits, sampling, previous_sampled, *, num_logprobs):
+        """This step's tokens as the next step's ``last_sampled``, written over ``previous_sampled`` (donated:
+        it keeps its buffer), and the sampler's output. The tokens come first: jit hands a donated buffer to
+        the first output of its shape, and the output's ``token_ids`` have that shape when ``S`` is
+        ``max_num_seqs``."""
         result = sample(logits, sampling, num_logprobs=num_logprobs)
-        sampled = jnp.zeros(self.max_num_seqs, jnp.int32).at[: result.token_ids.shape[0]].set(result.token_ids)
-        return result, sampled
+        n = result.token_ids.shape[0]
+        return previous_sampled.at[:n].set(result.token_ids).at[n:].set(0), result
 
     def step_compiler_options(self, num_tokens: int) -> dict:
         """XLA options of a step of ``num_tokens`` (padded) token rows: the user's, or the defaults."""
@@ -417,26 +433,26 @@ class ModelRunner:
             raise RuntimeError("precompile needs a fixed block-table width (ModelRunner(fixed_table_width=True) "
                                "with max_num_seqs x max_model_len / block_size <= MAX_FIXED_TABLE_ENTRIES)")
         buckets = token_buckets(self.max_num_batched_tokens)
-        slots = sorted({self.padded_num_seqs(T) for T in buckets})
+        slots = self._slot_buckets()
         samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
         host_inputs = {T: self._empty_step_input(T, self.table_width) for T in buckets}
-        # A shape's first inputs go to the device as they are; its later ones through its stage program.
-        inputs = {T: self._step_input_on_device(*host) for T, host in host_inputs.items()}
         with tqdm(total=2 * len(buckets) + len(slots) * len(samplers), desc="Compiling steps", unit="program",
                   disable=not progress) as bar:
             if workers > 1:  # compiled here, several at once; else by each one's run below
+                staging = {T: self._staging_buffers(*host) for T, host in host_inputs.items()}
                 compile_ahead([functools.partial(self.step_fn(T).lower, self.params, self.kv_cache, model_input,
-                                                 self._sampled, feed) for T, (model_input, feed) in inputs.items()]
-                              + [functools.partial(self._stage.lower, inputs[T], self._packed(*host))
+                                                 self._sampled, feed, self._logits_buffer(T, take=False))
+                               for T, (model_input, feed) in staging.items()]
+                              + [functools.partial(self._stage.lower, staging[T], self._packed(*host))
                                  for T, host in host_inputs.items()], workers, on_done=bar.update)
+            inputs = {}
             for T, host in host_inputs.items():
                 inputs[T] = self._step_input_on_device(*host)
                 if workers <= 1:
                     bar.update()
             logits_of = {}  # sequence slots -> logits of a step with that many
             for T, (model_input, feed) in inputs.items():
-                logits, self.kv_cache = self.step_fn(T)(self.params, self.kv_cache, model_input, self._sampled, feed)
-                logits_of[self.padded_num_seqs(T)] = logits
+                logits_of[self.padded_num_seqs(T)] = logits = self._run_step(T, model_input, feed)
                 # Wait for it: compiled one after another, the next program's compile times candidate GEMMs
                 # on the GPU (XLA's autotuning), which a step still running there would skew. (Two compiles of
                 # the same 16384-row matmuls chose kernels of 753 and 874 TFLOP/s, run 14c; waiting left
@@ -447,10 +463,12 @@ class ModelRunner:
             sampler_inputs = [(logits_of[S], self._placed(self._uniform_sampling(params, S)))
                               for S in slots for params in samplers]
             if workers > 1:
-                compile_ahead([functools.partial(self._sample.lower, logits, sampling, num_logprobs=None)
+                compile_ahead([functools.partial(self._sample.lower, logits, sampling, self._sampled,
+                                                 num_logprobs=None)
                                for logits, sampling in sampler_inputs], workers, on_done=bar.update)
             for logits, sampling in sampler_inputs:
-                jax.block_until_ready(self._sample(logits, sampling, num_logprobs=None))
+                self._sampled, _ = self._sample(logits, sampling, self._sampled, num_logprobs=None)
+                jax.block_until_ready(self._sampled)
                 if workers <= 1:
                     bar.update()
         return bar.n
@@ -501,10 +519,9 @@ class ModelRunner:
             seqs, rows = zip(*fed)
             feed[model_input.cu_q_lens[list(seqs)]] = rows  # a fed work is a single-token decode
         model_input, feed = self._step_input_on_device(model_input, feed)
-        sampling = self._placed(sampling)
-        step = self.step_fn(model_input.token_ids.shape[0])
-        logits, self.kv_cache = step(self.params, self.kv_cache, model_input, self._sampled, feed)
-        result, self._sampled = self._sample(logits, sampling, num_logprobs=num_logprobs)
+        logits = self._run_step(model_input.token_ids.shape[0], model_input, feed)
+        self._sampled, result = self._sample(logits, self._placed(sampling), self._sampled,
+                                             num_logprobs=num_logprobs)
         return PendingStep(result, len(work))
 
     def _placed(self, inputs):
@@ -516,19 +533,53 @@ class ModelRunner:
         return self._placed(np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves((model_input, feed))]))
 
     def _step_input_on_device(self, model_input: ModelInput, feed: np.ndarray) -> tuple[ModelInput, jax.Array]:
-        """The step's inputs in device buffers that stay where they are from step to step: a shape's first
-        inputs are copied to the device as they are, later ones are packed (``_packed``) and staged into the
-        same buffers, donated (``_stage_step_input``). XLA records the step's kernels into CUDA graphs and
-        re-records a graph whenever a buffer it reads has moved: with new input buffers every step, the 8B's
-        decode step re-recorded its ~580 kernels every step, ~0.9 ms of host time (benchmarks/NOTES.md, run 20a)."""
-        key = tuple(np.shape(leaf) for leaf in jax.tree.leaves((model_input, feed)))
-        staged = self._staged.pop(key, None)
-        if staged is None:
-            staged = jax.device_put((model_input, feed), self._input_sharding)
-        else:
-            staged = self._stage(staged, self._packed(model_input, feed))
-        self._staged[key] = staged
+        """The step's inputs in device buffers that stay where they are from step to step: packed
+        (``_packed``) and staged into the buffers the last step of that shape read, donated
+        (``_stage_step_input``). XLA records the step's kernels into CUDA graphs and re-records a graph
+        whenever a buffer it touches has moved: with new input buffers every step, the 8B's decode step
+        re-recorded its ~580 kernels every step, ~1 ms of host time (benchmarks/NOTES.md, runs 20a-b)."""
+        staged = self._staging_buffers(model_input, feed)
+        self._staged[self._staging_key(model_input, feed)] = staged = self._stage(staged,
+                                                                                 self._packed(model_input, feed))
         return staged
+
+    @staticmethod
+    def _staging_key(model_input: ModelInput, feed: np.ndarray) -> tuple:
+        return tuple(np.shape(leaf) for leaf in jax.tree.leaves((model_input, feed)))
+
+    def _staging_buffers(self, model_input: ModelInput, feed: np.ndarray) -> tuple[ModelInput, jax.Array]:
+        """The device buffers steps of these inputs' shapes read (zeros until a step's inputs are staged)."""
+        key = self._staging_key(model_input, feed)
+        if key not in self._staged:
+            self._staged[key] = jax.device_put(jax.tree.map(np.zeros_like, (model_input, feed)), self._input_sharding)
+        return self._staged[key]
+
+    def _run_step(self, num_tokens: int, model_input: ModelInput, feed: jax.Array) -> jax.Array:
+        """Run the model step of ``num_tokens`` (padded) rows on staged inputs; its logits, which a small
+        step keeps as the next such step's output buffer (``FIXED_LOGITS_MAX_SEQS``)."""
+        logits, self.kv_cache = self.step_fn(num_tokens)(self.params, self.kv_cache, model_input, self._sampled,
+                                                         feed, self._logits_buffer(num_tokens))
+        if self.padded_num_seqs(num_tokens) <= FIXED_LOGITS_MAX_SEQS:
+            self._logits_buffers[self.padded_num_seqs(num_tokens)] = logits
+        return logits
+
+    def _logits_buffer(self, num_tokens: int, *, take: bool = True) -> Optional[jax.Array]:
+        """The output buffer of a step's logits (None for steps of more than ``FIXED_LOGITS_MAX_SEQS`` slots):
+        the last such step's, or zeros placed as the step places its logits. ``take``: hand it over (it is
+        donated), else leave it for the step (for a lowering)."""
+        S = self.padded_num_seqs(num_tokens)
+        if S > FIXED_LOGITS_MAX_SEQS:
+            return None
+        buffer = self._logits_buffers.pop(S, None) if take else self._logits_buffers.get(S)
+        if buffer is None:
+            buffer = jax.device_put(np.zeros((S, self.config.vocab_size), np.float32), self._logits_sharding)
+            if not take:
+                self._logits_buffers[S] = buffer
+        return buffer
+
+    def _slot_buckets(self) -> list[int]:
+        """The sequence slots of the steps' token buckets, ascending."""
+        return sorted({self.padded_num_seqs(T) for T in token_buckets(self.max_num_batched_tokens)})
 
     @staticmethod
     def fetch(pending: PendingStep) -> SamplerOutput:

@@ -28,6 +28,7 @@ import pstats
 import sys
 import tempfile
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,21 +62,21 @@ class DeviceTimer:
     def __init__(self, runner):
         self.seconds = self.dispatch_seconds = self.thread_seconds = 0.0
         step_fn = runner.step_fn  # each step's jitted model step returns (logits, kv cache)
-        runner.step_fn = lambda num_tokens: self._timed(step_fn(num_tokens), fetch_first=False)
-        runner._sample = self._timed(runner._sample, fetch_first=True)  # (sampler output, tokens)
-        runner._copy = self._timed(runner._copy, fetch_first=False)
+        runner.step_fn = lambda num_tokens: self._timed(step_fn(num_tokens))
+        runner._sample = self._timed(runner._sample, fetch=1)  # (tokens, sampler output)
+        runner._copy = self._timed(runner._copy)
 
     def reset(self) -> None:
         self.seconds = self.dispatch_seconds = self.thread_seconds = 0.0
 
-    def _timed(self, fn, *, fetch_first: bool):
+    def _timed(self, fn, *, fetch: Optional[int] = None):
         def call(*args, **kwargs):
             start, start_cpu = time.perf_counter(), time.thread_time()
             out = fn(*args, **kwargs)
             self.dispatch_seconds += time.perf_counter() - start
             out = jax.block_until_ready(out)
-            if fetch_first:  # the runner's device_get of the result is then a no-op on numpy arrays
-                out = (jax.device_get(out[0]), *out[1:])
+            if fetch is not None:  # the runner's device_get of that output is then a no-op on numpy arrays
+                out = (*out[:fetch], jax.device_get(out[fetch]), *out[fetch + 1:])
             self.seconds += time.perf_counter() - start
             self.thread_seconds += time.thread_time() - start_cpu
             return out

@@ -121,29 +121,32 @@ def test_parallel_sampling_n(llm):
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
 
-def test_step_inputs_keep_their_device_buffers_from_step_to_step(llm, alone, monkeypatch):
-    """Every step of a shape reads its inputs from the same device buffers (staged into them, donated), so XLA
-    can replay the step's CUDA graphs instead of re-recording them each step (benchmarks/NOTES.md, run 20a);
-    outputs are those of each prompt alone."""
+def test_every_buffer_a_small_step_touches_stays_where_it_is(llm, alone, monkeypatch):
+    """A small step's inputs (staged into donated buffers), its logits and the sampled tokens it feeds the
+    next step (both written over the previous step's, donated) keep their device addresses from step to step,
+    so XLA can replay the step's CUDA graphs instead of re-recording them each step (benchmarks/NOTES.md, runs
+    20a-b); outputs are those of each prompt alone."""
     import jax
 
     runner = llm.llm_engine.runner
-    stage = runner._step_input_on_device
-    addresses = {}  # input shapes -> the buffers' addresses of each step
+    run_step = runner._run_step
+    addresses = {}  # the step's shapes -> the addresses of its buffers, a tuple per step
 
-    def spy(model_input, feed):
-        staged = stage(model_input, feed)
-        leaves = jax.tree.leaves(staged)
+    def spy(num_tokens, model_input, feed):
+        sampled = runner._sampled.unsafe_buffer_pointer()
+        logits = run_step(num_tokens, model_input, feed)
+        leaves = jax.tree.leaves((model_input, feed))
         key = tuple(leaf.shape for leaf in leaves)
-        addresses.setdefault(key, []).append(tuple(leaf.unsafe_buffer_pointer() for leaf in leaves))
-        return staged
+        addresses.setdefault(key, []).append(
+            (sampled, logits.unsafe_buffer_pointer(), *(leaf.unsafe_buffer_pointer() for leaf in leaves)))
+        return logits
 
-    monkeypatch.setattr(runner, "_step_input_on_device", spy)
+    monkeypatch.setattr(runner, "_run_step", spy)
     outs = llm.generate(PROMPTS[:6], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == alone[:6]
     assert sum(len(steps) for steps in addresses.values()) >= GREEDY.max_tokens
     for steps in addresses.values():
-        assert len(set(steps[1:])) <= 1  # a shape's first inputs may be copied as they are, then staged in place
+        assert len(set(steps[1:])) <= 1  # a shape's first logits may land in a new buffer, then stay
 
 
 def test_stop_strings_and_logprobs(llm, alone):

@@ -105,8 +105,9 @@ def _collectives(runner) -> list:
     model_input = runner.build_model_input(work)
     feed = np.full(model_input.token_ids.shape, -1, np.int32)  # no token fed from a previous step
     step = runner.step_fn(model_input.token_ids.shape[0]).lower(
-        runner.params, runner.kv_cache, model_input, runner._sampled, feed).compile()
-    sampler = runner._sample.lower(runner._abstract_logits(len(sampling.temperature)), sampling,
+        runner.params, runner.kv_cache, model_input, runner._sampled, feed,
+        runner._logits_buffer(model_input.token_ids.shape[0], take=False)).compile()
+    sampler = runner._sample.lower(runner._abstract_logits(len(sampling.temperature)), sampling, runner._sampled,
                                    num_logprobs=None).compile()
     ops = "all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"
     return [list(m) for m in re.findall(rf"= (\w+\[[\d,]*\])\S* ({ops})\(", step.as_text() + sampler.as_text())]
