@@ -80,6 +80,20 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                               "| sed 's/ in [0-9]* [^;]*;/ in N us;/' | sort | uniq -c | sort -rn | head; "
                               f"grep -o 'Updated command buffer in [0-9]*' {log} | tail -5; exit $rc"]
 
+    def buffers_probe(name: str, quantization, env: str = "") -> list[str]:
+        """``scripts/probe_step_buffers.py`` (which of the step's buffers move between steps) with XLA's
+        command-buffer thunk logging, as ``graph_updates``: whether the step's graph is re-recorded all the same."""
+        log = f"/tmp/{name}.vlog"
+        argv = [PY, "scripts/probe_step_buffers.py", *(["--quantization", quantization] if quantization else []),
+                "--precompile-steps", "off", "--out", f"{results}/{name}.json"]
+        return ["bash", "-c", f"{env} PAGEDJAX_CACHE_DIR=/tmp/cache-{name} TF_CPP_MIN_LOG_LEVEL=0 "
+                              "TF_CPP_VMODULE=command_buffer_thunk=3 " + shlex.join(argv) + f" 2> {log}; rc=$?; "
+                              f"grep -i -m 400 'command.buffer' {log} > {results}/{name}.vlog-head; "
+                              f"echo updates: $(grep -ci 'Updated command buffer' {log}); "
+                              f"grep -o 'num_commands=[0-9]*; updated_allocs=[0-9]*' {log} | sort | uniq -c; "
+                              f"grep -m 1 -o 'KV cache[^;]*' {log}; "
+                              "exit $rc"]
+
     def probe_best(fmt: str, argv: list[str]) -> list[str]:
         """``argv`` with ``$PAGEDJAX_MATMUL_CONFIG`` set to probe-gemv-words' fastest current-kernel config for ``fmt``."""
         pick = f"{PY} scripts/probe_gemv_words.py --best-config {results}/probe-gemv-words.json --fmt {fmt}"
@@ -349,6 +363,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Run 20b: XLA's temporaries at a fixed virtual address (VMM allocator): with the step's inputs staged in
         # place (run 20a: updates of 2 allocations still took ~1.4 ms, so the temporaries moved too).
         ("graph-updates-int8-skiptemp", graph_updates("graph-updates-int8-skiptemp", "int8", SKIP_TEMP), 100),
+        # Run 20d: with the inputs staged and the logits and sampled tokens donated, one allocation still moved a
+        # step (20c): which of the step's buffers, and whether the temporaries at a fixed address end it.
+        ("probe-buffers-int8", buffers_probe("probe-buffers-int8", "int8"), 90),
+        ("probe-buffers-int8-skiptemp", buffers_probe("probe-buffers-int8-skiptemp", "int8", SKIP_TEMP), 90),
         ("graph-updates-bf16-skiptemp", graph_updates("graph-updates-bf16-skiptemp", None, SKIP_TEMP), 100),
         ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
             "profile-idle-1-host", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",

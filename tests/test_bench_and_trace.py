@@ -410,6 +410,16 @@ def test_profile_step_smoke(tiny_model, tmp_path):
         assert json.load(f)["step_profile"]["batch"] == 3
 
 
+def test_probe_step_buffers_smoke(tiny_model, tmp_path):
+    import probe_step_buffers
+
+    result = probe_step_buffers.main(["--model", tiny_model, "--load-format", "dummy", "--input-len", "20",
+                                      "--output-len", "5", "--out", str(tmp_path / "b.json")])
+    assert result["steps"] == {"T=32": 1, "T=1": 4}  # the prompt (20 rows, bucketed), then one decode per token
+    assert all(n <= 1 for buffers in result["distinct_addresses_after_the_first_step"].values()
+               for n in buffers.values())  # every buffer stays where it is
+
+
 def test_compiler_options_reach_the_step_and_change_no_token(tiny_model):
     assert bench_common.compiler_options(["xla_gpu_autotune_level=1", "xla_gpu_enable_triton_gemm=false", "a=b"]) == {
         "xla_gpu_autotune_level": 1, "xla_gpu_enable_triton_gemm": False, "a": "b"}
