@@ -366,6 +366,19 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Run 20d: with the inputs staged and the logits and sampled tokens donated, one allocation still moved a
         # step (20c): which of the step's buffers, and whether the temporaries at a fixed address end it.
         ("probe-buffers-int8", buffers_probe("probe-buffers-int8", "int8"), 90),
+        # Run 20e: what the VMM allocator reports (the KV pool is sized from ``bytes_limit``), and batch-1 TPOT with
+        # the step's temporaries at a fixed address against without, in one lease (the hosts differ 1.6x).
+        ("memory-stats", ["bash", "-c", f"for env in '' '{SKIP_TEMP}'; do echo \"== $env\"; env $env {PY} -c "
+                          "'import jax, jax.numpy as jnp; x = jnp.ones(1 << 28); "
+                          "print(jax.local_devices()[0].memory_stats())'; done"], 60),
+        ("latency-int8-np-vmm", ["bash", "-c", f"{SKIP_TEMP} PAGEDJAX_CACHE_DIR=/tmp/cache-vmm " + shlex.join(latency(
+            "int8", "--precompile-steps", "off", "--output-json", f"{results}/latency-int8-np-vmm.json"))], 100),
+        ("latency-bf16-np-vmm", ["bash", "-c", f"{SKIP_TEMP} PAGEDJAX_CACHE_DIR=/tmp/cache-vmm " + shlex.join(latency(
+            None, "--precompile-steps", "off", "--output-json", f"{results}/latency-bf16-np-vmm.json"))], 100),
+        ("latency-awq-np-vmm", ["bash", "-c", f"{SKIP_TEMP} PAGEDJAX_CACHE_DIR=/tmp/cache-vmm " + shlex.join(latency(
+            "awq", "--precompile-steps", "off", "--output-json", f"{results}/latency-awq-np-vmm.json"))], 100),
+        ("latency-awq-np", latency("awq", "--precompile-steps", "off", "--output-json",
+                                   f"{results}/latency-awq-np.json"), 100),
         ("probe-buffers-int8-skiptemp", buffers_probe("probe-buffers-int8-skiptemp", "int8", SKIP_TEMP), 90),
         ("graph-updates-bf16-skiptemp", graph_updates("graph-updates-bf16-skiptemp", None, SKIP_TEMP), 100),
         ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
