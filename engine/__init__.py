@@ -14,6 +14,41 @@ import os
 # engine.engine_args.device_memory_budget sizes from the fraction in effect.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
+# XLA runs a step's kernels as CUDA graphs and re-records a graph (~1-2 ms of host time for the 8B's ~580
+# kernels) whenever a buffer it touches moved. The runner keeps its buffers in place; XLA's temporaries, allocated
+# per run, still moved every step (benchmarks/NOTES.md, run 20d). On CUDA with JAX >= 0.11.2 the engine asks for
+# JAX's VMM allocator and XLA's temporaries at a reserved virtual address, so a decode step replays its graph:
+# int8 batch-1 TPOT 4.98 -> 3.61 ms, AWQ 4.90 -> 3.87 (run 20e). An allocator the user chose wins, and so does an
+# update mode in their XLA_FLAGS; the KV pool is then sized from the CUDA driver (engine.engine_args).
+VMM_ALLOCATOR = "vmm"
+FIXED_TEMPORARIES_FLAG = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+
+
+def _on_cuda_with_fixed_temporaries() -> bool:
+    """Whether JAX's CUDA plugin is installed with a jaxlib whose XLA knows ``FIXED_TEMPORARIES_FLAG`` (0.11.2
+    does; 0.10.2 rejects the flag)."""
+    from importlib import metadata
+
+    try:
+        version = tuple(int(part) for part in metadata.version("jaxlib").split(".")[:3])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    has_plugin = False
+    for name in ("jax-cuda13-pjrt", "jax-cuda12-pjrt"):
+        try:
+            metadata.version(name)
+            has_plugin = True
+        except metadata.PackageNotFoundError:
+            pass
+    return has_plugin and version >= (0, 11, 2)
+
+
+if _on_cuda_with_fixed_temporaries():
+    os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", VMM_ALLOCATOR)
+    if (os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] == VMM_ALLOCATOR
+            and "xla_gpu_command_buffer_update_mode" not in os.environ.get("XLA_FLAGS", "")):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FIXED_TEMPORARIES_FLAG}".strip()
+
 _EXPORTS = {
     "LLM": "engine.llm",
     "SamplingParams": "engine.sampling_params",

@@ -165,23 +165,46 @@ def device_memory_budget(utilization: float) -> Optional[int]:
     """Bytes the engine may hold on this process's first device: ``utilization`` of the device's
     memory (what vLLM's ``gpu_memory_utilization`` means), within the pool JAX's allocator owns
     (``bytes_limit``, ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of the device; engine/__init__ asks for
-    0.95). None where the backend reports no limit (CPU).
+    0.95). An allocator without a pool (JAX's VMM allocator: no stats) is bounded by the device
+    alone, as the CUDA driver reports it. None where neither reports a limit (CPU).
 
     The device's memory is read back as ``bytes_limit`` over the fraction in the environment. If
     JAX started its backend before that fraction was set, the real pool is the default 75% and
     the estimate of the device is too small, so the budget errs low, never past the pool."""
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if not limit:
-        return None
+        device = driver_memory()
+        return None if device is None else int(utilization * device[1])
     return int(min(utilization * device_memory_bytes(), POOL_HEADROOM * limit))
+
+
+def driver_memory() -> Optional[tuple[int, int]]:
+    """``(free, total)`` bytes of this process's first device from the CUDA driver; None off CUDA."""
+    if jax.default_backend() != "gpu":
+        return None
+    from engine.cuda_driver import memory_info
+
+    return memory_info(getattr(jax.local_devices()[0], "local_hardware_id", 0) or 0)
+
+
+def device_memory_in_use() -> int:
+    """Bytes in use on this process's first device: the allocator's count, else what the driver does not
+    report free (this process's buffers and context, and other processes' buffers)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_in_use" in stats:
+        return int(stats["bytes_in_use"])
+    device = driver_memory()
+    return 0 if device is None else device[1] - device[0]
 
 
 def device_memory_bytes() -> Optional[int]:
     """Memory of this process's first device, read back as JAX's pool (``bytes_limit``) over the
-    fraction in the environment; None where the backend reports no limit (CPU)."""
+    fraction in the environment, or from the CUDA driver under an allocator without a pool; None
+    where neither reports it (CPU)."""
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     if not limit:
-        return None
+        device = driver_memory()
+        return None if device is None else device[1]
     try:
         fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_DEFAULT_MEM_FRACTION))
     except ValueError:
@@ -210,7 +233,7 @@ def num_kv_blocks(args: EngineArgs, config: ModelConfig, kv_dtype, max_model_len
         # CPU: enough for every sequence at full length, capped at CPU_KV_CACHE_BYTES.
         wanted = max_num_seqs * -(-max_model_len // args.block_size) + 1
         return max(2, min(wanted, CPU_KV_CACHE_BYTES // per_block))
-    in_use = int((jax.local_devices()[0].memory_stats() or {}).get("bytes_in_use", 0))
+    in_use = device_memory_in_use()
     free = budget - in_use - activation_bytes
     if free < 2 * per_block:
         raise ValueError(

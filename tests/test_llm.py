@@ -423,6 +423,59 @@ def test_engine_asks_jax_for_a_larger_gpu_pool(user_value, expected):
     assert out.stdout.strip() == expected
 
 
+def test_memory_budget_under_an_allocator_without_a_pool_comes_from_the_driver(monkeypatch):
+    """JAX's VMM allocator reports no stats (run 20e): the budget is ``utilization`` of the device as the CUDA
+    driver reports it, and what is in use is what the driver does not report free."""
+    import engine.engine_args as engine_args
+
+    class FakeDevice:
+        def memory_stats(self):
+            return None
+
+    monkeypatch.setattr(engine_args.jax, "local_devices", lambda: [FakeDevice()])
+    monkeypatch.setattr(engine_args, "driver_memory", lambda: (100 << 30, 140 << 30))  # (free, total)
+    assert engine_args.device_memory_budget(0.9) == int(0.9 * (140 << 30))
+    assert engine_args.device_memory_in_use() == 40 << 30
+    assert engine_args.device_memory_bytes() == 140 << 30
+    monkeypatch.setattr(engine_args, "driver_memory", lambda: None)  # no CUDA: a CPU
+    assert engine_args.device_memory_budget(0.9) is None and engine_args.device_memory_in_use() == 0
+
+
+@pytest.mark.parametrize("installed,environ,allocator,flags", [
+    ({}, {}, None, ""),  # no CUDA plugin (this machine): nothing changes
+    ({"jaxlib": "0.11.2", "jax-cuda13-pjrt": "0.11.2"}, {}, "vmm", "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
+    ({"jaxlib": "0.11.2", "jax-cuda12-pjrt": "0.11.2"}, {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}, "vmm",
+     "--xla_dump_to=/tmp/d --xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
+    ({"jaxlib": "0.10.2", "jax-cuda12-pjrt": "0.10.2"}, {}, None, ""),  # its XLA rejects the flag
+    ({"jaxlib": "0.11.2", "jax-cuda13-pjrt": "0.11.2"}, {"XLA_PYTHON_CLIENT_ALLOCATOR": "bfc"}, "bfc", ""),
+    ({"jaxlib": "0.11.2", "jax-cuda13-pjrt": "0.11.2"},
+     {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}, "vmm",
+     "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"),
+])
+def test_engine_asks_for_fixed_address_temporaries_on_cuda(installed, environ, allocator, flags):
+    """Importing ``engine`` with JAX's CUDA plugin (jaxlib >= 0.11.2) asks for the VMM allocator and XLA's
+    temporaries at a fixed address, so decode steps replay their CUDA graphs (run 20e); the user's allocator or
+    update mode wins. The installed packages are faked in a subprocess."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_PYTHON_CLIENT_ALLOCATOR", "XLA_FLAGS")}
+    env.update(environ)
+    code = ("import importlib.metadata as m\n"
+            f"installed = {installed!r}\n"
+            "def version(name):\n"
+            "    if name in installed: return installed[name]\n"
+            "    raise m.PackageNotFoundError(name)\n"
+            "m.version = version\n"
+            "import engine, os\n"
+            "print(repr(os.environ.get('XLA_PYTHON_CLIENT_ALLOCATOR')))\n"
+            "print(os.environ.get('XLA_FLAGS', ''))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    printed_allocator, printed_flags = (out.stdout.splitlines() + [""])[:2]
+    assert printed_allocator == repr(allocator) and printed_flags == flags
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_final_only_requests_hand_out_one_output_equal_to_the_last_streamed(tmp_path, async_scheduling):
     """``add_request(final_only=True)`` (what ``LLM.generate`` asks for): one output, when finished, the
