@@ -16,10 +16,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 # XLA runs a step's kernels as CUDA graphs and re-records a graph (~1-2 ms of host time for the 8B's ~580
 # kernels) whenever a buffer it touches moved. The runner keeps its buffers in place; XLA's temporaries, allocated
-# per run, still moved every step (benchmarks/NOTES.md, run 20d). On CUDA with JAX >= 0.11.2 the engine asks for
-# JAX's VMM allocator and XLA's temporaries at a reserved virtual address, so a decode step replays its graph:
-# int8 batch-1 TPOT 4.98 -> 3.61 ms, AWQ 4.90 -> 3.87 (run 20e). An allocator the user chose wins, and so does an
-# update mode in their XLA_FLAGS; the KV pool is then sized from the CUDA driver (engine.engine_args).
+# per run, still move every step (benchmarks/NOTES.md, run 20d). With JAX's VMM allocator
+# (XLA_PYTHON_CLIENT_ALLOCATOR=vmm, the user's choice for now) on CUDA with jaxlib >= 0.11.2, the engine also asks
+# XLA for its temporaries at a reserved virtual address, so a decode step replays its graph: batch-1 TPOT int8
+# 4.98 -> 3.61 ms, AWQ 4.90 -> 3.87 (run 20e); the KV pool is then sized from the CUDA driver
+# (engine.engine_args), as that allocator reports no stats. Not the default until a GPU run has shown that sizing
+# and the throughput workloads under it. An update mode in the user's XLA_FLAGS wins.
 VMM_ALLOCATOR = "vmm"
 FIXED_TEMPORARIES_FLAG = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
 
@@ -43,11 +45,10 @@ def _on_cuda_with_fixed_temporaries() -> bool:
     return has_plugin and version >= (0, 11, 2)
 
 
-if _on_cuda_with_fixed_temporaries():
-    os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", VMM_ALLOCATOR)
-    if (os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] == VMM_ALLOCATOR
-            and "xla_gpu_command_buffer_update_mode" not in os.environ.get("XLA_FLAGS", "")):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FIXED_TEMPORARIES_FLAG}".strip()
+if (os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == VMM_ALLOCATOR
+        and "xla_gpu_command_buffer_update_mode" not in os.environ.get("XLA_FLAGS", "")
+        and _on_cuda_with_fixed_temporaries()):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FIXED_TEMPORARIES_FLAG}".strip()
 
 _EXPORTS = {
     "LLM": "engine.llm",

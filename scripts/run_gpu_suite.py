@@ -379,6 +379,14 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "awq", "--precompile-steps", "off", "--output-json", f"{results}/latency-awq-np-vmm.json"))], 100),
         ("latency-awq-np", latency("awq", "--precompile-steps", "off", "--output-json",
                                    f"{results}/latency-awq-np.json"), 100),
+        # For the next lease: the opt-in VMM allocator through the engine's own defaults (it adds the update mode and
+        # sizes the KV pool from the CUDA driver, untimed so far): sizing, batch-1 TPOT, and the throughput run.
+        ("latency-int8-vmm", ["env", "XLA_PYTHON_CLIENT_ALLOCATOR=vmm", "PAGEDJAX_CACHE_DIR=/tmp/cache-vmm"]
+         + latency("int8", "--output-json", f"{results}/latency-int8-vmm.json"), 100),
+        ("latency-bf16-vmm", ["env", "XLA_PYTHON_CLIENT_ALLOCATOR=vmm", "PAGEDJAX_CACHE_DIR=/tmp/cache-vmm"]
+         + latency(None, "--output-json", f"{results}/latency-bf16-vmm.json"), 100),
+        ("tput-short-bf16-vmm", ["env", "XLA_PYTHON_CLIENT_ALLOCATOR=vmm", "PAGEDJAX_CACHE_DIR=/tmp/cache-vmm"]
+         + tput("tput-short", "--output-json", f"{results}/tput-short-bf16-vmm.json"), 200),
         ("probe-buffers-int8-skiptemp", buffers_probe("probe-buffers-int8-skiptemp", "int8", SKIP_TEMP), 90),
         ("graph-updates-bf16-skiptemp", graph_updates("graph-updates-bf16-skiptemp", None, SKIP_TEMP), 100),
         ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(

@@ -441,21 +441,24 @@ def test_memory_budget_under_an_allocator_without_a_pool_comes_from_the_driver(m
     assert engine_args.device_memory_budget(0.9) is None and engine_args.device_memory_in_use() == 0
 
 
+VMM = {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"}
+CUDA_0112 = {"jaxlib": "0.11.2", "jax-cuda13-pjrt": "0.11.2"}
+
+
 @pytest.mark.parametrize("installed,environ,allocator,flags", [
-    ({}, {}, None, ""),  # no CUDA plugin (this machine): nothing changes
-    ({"jaxlib": "0.11.2", "jax-cuda13-pjrt": "0.11.2"}, {}, "vmm", "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
-    ({"jaxlib": "0.11.2", "jax-cuda12-pjrt": "0.11.2"}, {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}, "vmm",
+    ({}, VMM, "vmm", ""),  # no CUDA plugin (this machine): nothing changes
+    (CUDA_0112, {}, None, ""),  # JAX's default allocator: the temporaries move anyway, nothing to ask
+    (CUDA_0112, VMM, "vmm", "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
+    ({"jaxlib": "0.11.2", "jax-cuda12-pjrt": "0.11.2"}, {**VMM, "XLA_FLAGS": "--xla_dump_to=/tmp/d"}, "vmm",
      "--xla_dump_to=/tmp/d --xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
-    ({"jaxlib": "0.10.2", "jax-cuda12-pjrt": "0.10.2"}, {}, None, ""),  # its XLA rejects the flag
-    ({"jaxlib": "0.11.2", "jax-cuda13-pjrt": "0.11.2"}, {"XLA_PYTHON_CLIENT_ALLOCATOR": "bfc"}, "bfc", ""),
-    ({"jaxlib": "0.11.2", "jax-cuda13-pjrt": "0.11.2"},
-     {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}, "vmm",
+    ({"jaxlib": "0.10.2", "jax-cuda12-pjrt": "0.10.2"}, VMM, "vmm", ""),  # its XLA rejects the flag
+    (CUDA_0112, {**VMM, "XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}, "vmm",
      "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"),
 ])
 def test_engine_asks_for_fixed_address_temporaries_on_cuda(installed, environ, allocator, flags):
-    """Importing ``engine`` with JAX's CUDA plugin (jaxlib >= 0.11.2) asks for the VMM allocator and XLA's
-    temporaries at a fixed address, so decode steps replay their CUDA graphs (run 20e); the user's allocator or
-    update mode wins. The installed packages are faked in a subprocess."""
+    """Importing ``engine`` under JAX's VMM allocator with its CUDA plugin (jaxlib >= 0.11.2) asks XLA for its
+    temporaries at a fixed address, so decode steps replay their CUDA graphs (run 20e); an update mode the user
+    set wins. The installed packages are faked in a subprocess."""
     import subprocess
     import sys
 
