@@ -316,8 +316,8 @@ class ModelRunner:
             stage_placement = {"out_shardings": self._input_sharding}
             self._sampled = jax.device_put(self._sampled, self._input_sharding)
         self._step_fns = {}  # XLA options -> the jitted model step compiled with them (step_compiler_options)
-        # The step's logits buffer (when given) and the sampler's previous tokens are donated and only their
-        # shapes read: ``keep_unused`` keeps them (and their donation), as in ``_stage_step_input``.
+        # The step's logits buffer (when given) is donated and only its shape read: ``keep_unused`` keeps it (and
+        # its donation), as in ``_stage_step_input``. The sampler writes its tokens over the donated previous ones.
         self._make_step = functools.partial(jax.jit, self._model_step, donate_argnums=(1, 5), keep_unused=True,
                                             **step_placement)
         self._stage = jax.jit(_stage_step_input, donate_argnums=(0,), keep_unused=True, **stage_placement)
@@ -537,10 +537,10 @@ class ModelRunner:
         (``_packed``) and staged into the buffers the last step of that shape read, donated
         (``_stage_step_input``). XLA records the step's kernels into CUDA graphs and re-records a graph
         whenever a buffer it touches has moved: with new input buffers every step, the 8B's decode step
-        re-recorded its ~580 kernels every step, ~1 ms of host time (benchmarks/NOTES.md, runs 20a-b)."""
-        staged = self._staging_buffers(model_input, feed)
-        self._staged[self._staging_key(model_input, feed)] = staged = self._stage(staged,
-                                                                                 self._packed(model_input, feed))
+        re-recorded its ~580 kernels every step, ~1 ms of host time (benchmarks/NOTES.md, runs 20a-b). (XLA's
+        own temporaries still move under JAX's default allocator: see ``engine/__init__``.)"""
+        staged = self._stage(self._staging_buffers(model_input, feed), self._packed(model_input, feed))
+        self._staged[self._staging_key(model_input, feed)] = staged
         return staged
 
     @staticmethod
@@ -559,8 +559,9 @@ class ModelRunner:
         step keeps as the next such step's output buffer (``FIXED_LOGITS_MAX_SEQS``)."""
         logits, self.kv_cache = self.step_fn(num_tokens)(self.params, self.kv_cache, model_input, self._sampled,
                                                          feed, self._logits_buffer(num_tokens))
-        if self.padded_num_seqs(num_tokens) <= FIXED_LOGITS_MAX_SEQS:
-            self._logits_buffers[self.padded_num_seqs(num_tokens)] = logits
+        num_seqs = self.padded_num_seqs(num_tokens)
+        if num_seqs <= FIXED_LOGITS_MAX_SEQS:
+            self._logits_buffers[num_seqs] = logits
         return logits
 
     def _logits_buffer(self, num_tokens: int, *, take: bool = True) -> Optional[jax.Array]:
