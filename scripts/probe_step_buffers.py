@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -68,8 +67,7 @@ def main(argv=None) -> dict:
         print(f"{shape}: {steps[shape]} steps; buffers that moved after the first: {moved or 'none'}")
     result = {"steps": steps, "distinct_addresses_after_the_first_step": counts}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        bench_common.write_results(result, args.out)
     return result
 
 
