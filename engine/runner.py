@@ -1,10 +1,13 @@
 """Model runner: turns a scheduled step into padded device arrays and runs the jitted step.
 
-Owns the device state (params, paged KV cache) and a step's two jitted programs: the
-model step ``(params, kv_cache, model_input, ...) -> (logits, kv_cache)`` with the cache
-donated, then the sampler ``(logits, sampling) -> (tokens, logprobs, ...)``. Shapes are
-padded to power-of-two buckets so the step compiles a bounded number of times (all of
-them at start-up with ``precompile``). Knows nothing of stop conditions or text.
+Owns the device state (params, paged KV cache) and a step's jitted programs: a tiny one staging
+the step's host inputs (packed into one array, one copy) into the device buffers the last step of
+that shape read, the model step ``(params, kv_cache, model_input, ...) -> (logits, kv_cache)``
+with the cache donated, then the sampler ``(logits, sampling, previous tokens) -> (tokens,
+logprobs, ...)``. Every buffer a small step touches keeps its address from step to step, so XLA
+replays the step's CUDA graphs instead of re-recording them. Shapes are padded to power-of-two
+buckets so the step compiles a bounded number of times (all of them at start-up with
+``precompile``). Knows nothing of stop conditions or text.
 
 Tensor parallelism: given a ``mesh``, the runner lays the params and cache out by
 ``sharding.rules`` (kv heads repeated where ``tp > num_kv_heads``), runs attention and
