@@ -526,16 +526,19 @@ PREFILL_KERNELS = ("triton", "mosaic")
 
 def mosaic_work_list(cu_q_lens, kv_lens, num_seqs, *, num_items: int, tokens_per_tile: int, block_kv: int,
                      max_decode_tokens: int, num_tokens: int) -> tuple[jax.Array, jax.Array]:
-    """The Mosaic GPU prefill launch's work list: ``prefill_work_items`` sorted by cost, most K/V blocks
-    first (its persistent programs take items in turn, so the longest go first and the last round is
-    short), the padding items after them, then the empty ones; and the count of non-empty items, int32 [1]."""
+    """The Mosaic GPU prefill launch's work list: ``prefill_work_items``' six rows and a seventh, the
+    K/V blocks of ``block_kv`` tokens an item reads (up to its last row's position; 0 where it attends to
+    nothing), sorted by that cost, most first (its persistent programs take items in turn, so the longest
+    go first and the last round is short), the padding items after them, then the empty ones; and the
+    count of non-empty items, int32 [1]."""
     items = prefill_work_items(cu_q_lens, num_seqs, num_items=num_items, tokens_per_tile=tokens_per_tile,
                                max_decode_tokens=max_decode_tokens, num_tokens=num_tokens)
     seq, seq_start, seq_end, start, end, attend = items
     last_pos = kv_lens.astype(jnp.int32)[seq] - (seq_end - seq_start) + (end - 1 - seq_start)
-    cost = jnp.where(attend > 0, last_pos // block_kv + 1, jnp.where(start < num_tokens, 0, -1))
+    blocks = jnp.where(attend > 0, last_pos // block_kv + 1, 0)
+    cost = jnp.where(attend > 0, blocks, jnp.where(start < num_tokens, 0, -1))
     order = jnp.argsort(-cost, stable=True)
-    return items[:, order], jnp.sum(cost >= 0, dtype=jnp.int32).reshape(1)
+    return jnp.concatenate([items, blocks[None]])[:, order], jnp.sum(cost >= 0, dtype=jnp.int32).reshape(1)
 
 
 def auto_k_splits(num_programs: int, max_kv_blocks: int) -> int:

@@ -106,8 +106,9 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
                         workers_per_head: int, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV,
                         max_concurrent_steps: int = 2, interpret=None):
     """The prefill launch: ``[T, Hq, D]`` with the rows of the work list written: attended rows, and
-    zeros for the padding items. ``items``: ``prefill_work_items`` with ``tokens_per_tile = 2 *
-    block_q``; ``num_items`` (int32 ``[1]``): how many of them are not empty. The rows of short
+    zeros for the padding items. ``items``: ``mosaic_work_list`` with ``tokens_per_tile = 2 * block_q``
+    and this ``block_kv`` (its seventh row: each item's K/V blocks); ``num_items`` (int32 ``[1]``): how
+    many of them are not empty. The rows of short
     (decode) sequences are left unwritten for the decode launch, which aliases this array.
 
     Persistent: ``workers_per_head`` programs per query head take the items in turn (the list is
@@ -156,8 +157,7 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
             start, end = items_ref[3, item], items_ref[4, item]
             attend = items_ref[5, item] > 0
             ctx_before = kv_lens_ref[seq] - (seq_end - seq_start)  # cached tokens before this step's first
-            # K/V blocks up to the position of the item's last row.
-            item_steps = jnp.where(attend, pl.cdiv(ctx_before + (end - seq_start), jnp.int32(block_kv)), 0)
+            item_steps = items_ref[6, item]  # K/V blocks up to the item's last row (mosaic_work_list)
             return seq, seq_start, start, end, attend, ctx_before, item_steps
 
         def take_turn():  # the two compute warpgroups alternate on the tensor cores
