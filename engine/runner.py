@@ -442,12 +442,13 @@ class ModelRunner:
         with tqdm(total=2 * len(buckets) + len(slots) * len(samplers), desc="Compiling steps", unit="program",
                   disable=not progress) as bar:
             if workers > 1:  # compiled here, several at once; else by each one's run below
-                staging = {T: self._staging_buffers(*host) for T, host in host_inputs.items()}
+                leaves = {T: jax.tree.leaves(host) for T, host in host_inputs.items()}
+                staging = {T: self._staging_buffers(leaves[T], host) for T, host in host_inputs.items()}
                 compile_ahead([functools.partial(self.step_fn(T).lower, self.params, self.kv_cache, model_input,
                                                  self._sampled, feed, self._logits_buffer(T, take=False))
                                for T, (model_input, feed) in staging.items()]
-                              + [functools.partial(self._stage.lower, staging[T], self._packed(*host))
-                                 for T, host in host_inputs.items()], workers, on_done=bar.update)
+                              + [functools.partial(self._stage.lower, staging[T], self._packed(leaves[T]))
+                                 for T in host_inputs], workers, on_done=bar.update)
             inputs = {}
             for T, host in host_inputs.items():
                 inputs[T] = self._step_input_on_device(*host)
@@ -531,9 +532,10 @@ class ModelRunner:
         """Host step inputs as the step takes them: replicated over the mesh, else left to jit."""
         return inputs if self._input_sharding is None else jax.device_put(inputs, self._input_sharding)
 
-    def _packed(self, model_input: ModelInput, feed: np.ndarray):
-        """A step's int32 host inputs as one flat array, placed: one host-to-device copy a step, not nine."""
-        return self._placed(np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves((model_input, feed))]))
+    def _packed(self, leaves: list[np.ndarray]):
+        """A step's int32 host inputs (the leaves of ``(model_input, feed)``) as one flat array, placed: one
+        host-to-device copy a step, not nine."""
+        return self._placed(np.concatenate([np.ravel(leaf) for leaf in leaves]))
 
     def _step_input_on_device(self, model_input: ModelInput, feed: np.ndarray) -> tuple[ModelInput, jax.Array]:
         """The step's inputs in device buffers that stay where they are from step to step: packed
@@ -542,19 +544,17 @@ class ModelRunner:
         whenever a buffer it touches has moved: with new input buffers every step, the 8B's decode step
         re-recorded its ~580 kernels every step, ~1 ms of host time (benchmarks/NOTES.md, runs 20a-b). (XLA's
         own temporaries still move under JAX's default allocator: see ``engine/__init__``.)"""
-        staged = self._stage(self._staging_buffers(model_input, feed), self._packed(model_input, feed))
-        self._staged[self._staging_key(model_input, feed)] = staged
+        leaves = jax.tree.leaves((model_input, feed))
+        staged = self._stage(self._staging_buffers(leaves, (model_input, feed)), self._packed(leaves))
+        self._staged[tuple(leaf.shape for leaf in leaves)] = staged
         return staged
 
-    @staticmethod
-    def _staging_key(model_input: ModelInput, feed: np.ndarray) -> tuple:
-        return tuple(np.shape(leaf) for leaf in jax.tree.leaves((model_input, feed)))
-
-    def _staging_buffers(self, model_input: ModelInput, feed: np.ndarray) -> tuple[ModelInput, jax.Array]:
-        """The device buffers steps of these inputs' shapes read (zeros until a step's inputs are staged)."""
-        key = self._staging_key(model_input, feed)
+    def _staging_buffers(self, leaves: list[np.ndarray], host: tuple) -> tuple[ModelInput, jax.Array]:
+        """The device buffers steps of ``host``'s shapes (``(model_input, feed)``, flattened to ``leaves``) read:
+        zeros until a step's inputs are staged."""
+        key = tuple(leaf.shape for leaf in leaves)
         if key not in self._staged:
-            self._staged[key] = jax.device_put(jax.tree.map(np.zeros_like, (model_input, feed)), self._input_sharding)
+            self._staged[key] = jax.device_put(jax.tree.map(np.zeros_like, host), self._input_sharding)
         return self._staged[key]
 
     def _run_step(self, num_tokens: int, model_input: ModelInput, feed: jax.Array) -> jax.Array:
