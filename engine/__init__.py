@@ -31,18 +31,17 @@ def _on_cuda_with_fixed_temporaries() -> bool:
     does; 0.10.2 rejects the flag)."""
     from importlib import metadata
 
-    try:
-        version = tuple(int(part) for part in metadata.version("jaxlib").split(".")[:3])
-    except (metadata.PackageNotFoundError, ValueError):
-        return False
-    has_plugin = False
-    for name in ("jax-cuda13-pjrt", "jax-cuda12-pjrt"):
+    def installed(name: str):
         try:
-            metadata.version(name)
-            has_plugin = True
+            return metadata.version(name)
         except metadata.PackageNotFoundError:
-            pass
-    return has_plugin and version >= (0, 11, 2)
+            return None
+
+    try:
+        version = tuple(int(part) for part in (installed("jaxlib") or "0").split(".")[:3])
+    except ValueError:
+        return False
+    return version >= (0, 11, 2) and any(installed(name) for name in ("jax-cuda13-pjrt", "jax-cuda12-pjrt"))
 
 
 if (os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == VMM_ALLOCATOR

@@ -1,6 +1,6 @@
 """Device memory as the CUDA driver reports it, for JAX allocators that keep no pool and report no stats.
 
-JAX's VMM allocator (the engine's default on CUDA, see ``engine/__init__``) maps memory as buffers ask for it, so
+JAX's VMM allocator (``XLA_PYTHON_CLIENT_ALLOCATOR=vmm``, see ``engine/__init__``) maps memory as buffers ask for it, so
 ``Device.memory_stats()`` is None and the KV pool cannot be sized from ``bytes_limit``; the driver's free and total
 bytes (what ``torch.cuda.mem_get_info`` reads for vLLM) size it instead. Called through ``ctypes`` on
 ``libcuda.so.1``: JAX exposes no such query, and the driver is on every CUDA machine.

@@ -172,14 +172,14 @@ def device_memory_budget(utilization: float) -> Optional[int]:
     JAX started its backend before that fraction was set, the real pool is the default 75% and
     the estimate of the device is too small, so the budget errs low, never past the pool."""
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    device = device_memory_bytes()
+    if device is None and jax.default_backend() == "gpu":
+        raise RuntimeError("neither JAX's allocator nor the CUDA driver reports the GPU's memory, so the KV pool "
+                           "cannot be sized: set num_gpu_blocks_override, or leave XLA_PYTHON_CLIENT_ALLOCATOR "
+                           "at JAX's default")
     if not limit:
-        device = driver_memory()
-        if device is None and jax.default_backend() == "gpu":
-            raise RuntimeError("neither JAX's allocator nor the CUDA driver reports the GPU's memory, so the KV pool "
-                               "cannot be sized: set num_gpu_blocks_override, or leave XLA_PYTHON_CLIENT_ALLOCATOR "
-                               "at JAX's default")
-        return None if device is None else int(utilization * device[1])
-    return int(min(utilization * device_memory_bytes(), POOL_HEADROOM * limit))
+        return None if device is None else int(utilization * device)
+    return int(min(utilization * device, POOL_HEADROOM * limit))
 
 
 def driver_memory() -> Optional[tuple[int, int]]:
