@@ -35,6 +35,7 @@ NO_GRAPHS = "--xla_gpu_enable_command_buffer="
 GRAPHS_WHILE_PROFILING = "--xla_enable_command_buffers_during_profiling=true"
 # The VMM allocator and XLA's command-buffer temporaries at a reserved virtual address (run 20b).
 SKIP_TEMP = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itself (engine/__init__)
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -62,37 +63,41 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                               + shlex.join(argv)
                               + f" && {PY} scripts/command_buffer_census.py {dump} --out {results}/census-{name}.json"]
 
-    def graph_updates(name: str, quantization, env: str = "") -> list[str]:
-        """``latency`` at batch 1 (only its own programs) with XLA's command-buffer thunk logging (VLOG 3), then how
-        often each command buffer was re-recorded ("Updated command buffer in N us; num_commands=M": every step
-        means the host re-records the whole graph each step) and how long that took. A cache of its own, so that
-        the cold ``latency`` runs after it stay cold; the log's command-buffer lines are kept (the first 400).
-        ``env``: more ``NAME=value`` words for the run's environment."""
-        log = f"/tmp/{name}.vlog"
-        argv = latency(quantization, "--precompile-steps", "off", "--output-json", f"{results}/{name}.json")
-        return ["bash", "-c", f"{env} PAGEDJAX_CACHE_DIR=/tmp/cache-{name} TF_CPP_MIN_LOG_LEVEL=0 "
-                              "TF_CPP_VMODULE=command_buffer_thunk=3,command_buffer_cmd=2 "
-                              + shlex.join(argv) + f" 2> {log}; rc=$?; "
-                              f"grep -i -m 400 'command.buffer' {log} > {results}/{name}.vlog-head; "
-                              f"echo updates: $(grep -ci 'Updated command buffer' {log}) executes: "
-                              f"$(grep -ci 'Execute command buffer' {log}); "
-                              f"grep -o 'Updated command buffer in [0-9]* [^;]*; num_commands=[0-9]*' {log} "
-                              "| sed 's/ in [0-9]* [^;]*;/ in N us;/' | sort | uniq -c | sort -rn | head; "
-                              f"grep -o 'Updated command buffer in [0-9]*' {log} | tail -5; exit $rc"]
+    def vmm(env: str, argv: list[str]) -> list[str]:
+        """``argv`` with ``env`` (``NAME=value`` words: ``VMM`` or ``SKIP_TEMP``) and a cache of the VMM runs."""
+        return ["env", *env.split(), "PAGEDJAX_CACHE_DIR=/tmp/cache-vmm", *argv]
 
-    def buffers_probe(name: str, quantization, env: str = "") -> list[str]:
-        """``scripts/probe_step_buffers.py`` (which of the step's buffers move between steps) with XLA's
-        command-buffer thunk logging, as ``graph_updates``: whether the step's graph is re-recorded all the same."""
+    def thunk_logged(name: str, argv: list[str], env: str, summary: str) -> list[str]:
+        """``argv`` with XLA's command-buffer thunk logging (VLOG 3) to ``/tmp/<name>.vlog`` and a cache of its own
+        (so the cold runs after it stay cold), ``env`` (``NAME=value`` words) in its environment; then the log's
+        first 400 command-buffer lines are kept, the re-recordings counted ("Updated command buffer in N us;
+        num_commands=M": every step means the host re-records the whole graph each step), and the shell
+        commands ``summary`` (``{log}`` in them: the log) run."""
         log = f"/tmp/{name}.vlog"
-        argv = [PY, "scripts/probe_step_buffers.py", *(["--quantization", quantization] if quantization else []),
-                "--precompile-steps", "off", "--out", f"{results}/{name}.json"]
         return ["bash", "-c", f"{env} PAGEDJAX_CACHE_DIR=/tmp/cache-{name} TF_CPP_MIN_LOG_LEVEL=0 "
                               "TF_CPP_VMODULE=command_buffer_thunk=3 " + shlex.join(argv) + f" 2> {log}; rc=$?; "
                               f"grep -i -m 400 'command.buffer' {log} > {results}/{name}.vlog-head; "
-                              f"echo updates: $(grep -ci 'Updated command buffer' {log}); "
-                              f"grep -o 'num_commands=[0-9]*; updated_allocs=[0-9]*' {log} | sort | uniq -c; "
-                              f"grep -m 1 -o 'KV cache[^;]*' {log}; "
-                              "exit $rc"]
+                              f"echo updates: $(grep -ci 'Updated command buffer' {log}) executes: "
+                              f"$(grep -ci 'Execute command buffer' {log}); "
+                              + summary.format(log=log) + "; exit $rc"]
+
+    def graph_updates(name: str, quantization, env: str = "") -> list[str]:
+        """``latency`` at batch 1 (only its own programs) under ``thunk_logged``: how often each command buffer was
+        re-recorded and how long that took."""
+        argv = latency(quantization, "--precompile-steps", "off", "--output-json", f"{results}/{name}.json")
+        return thunk_logged(name, argv, env,
+                            "grep -o 'Updated command buffer in [0-9]* [^;]*; num_commands=[0-9]*' {log} "
+                            "| sed 's/ in [0-9]* [^;]*;/ in N us;/' | sort | uniq -c | sort -rn | head; "
+                            "grep -o 'Updated command buffer in [0-9]*' {log} | tail -5")
+
+    def buffers_probe(name: str, quantization, env: str = "") -> list[str]:
+        """``scripts/probe_step_buffers.py`` (which of the step's buffers move between steps) under
+        ``thunk_logged``: whether the step's graph is re-recorded all the same, and how many allocations moved."""
+        argv = [PY, "scripts/probe_step_buffers.py", *(["--quantization", quantization] if quantization else []),
+                "--precompile-steps", "off", "--out", f"{results}/{name}.json"]
+        return thunk_logged(name, argv, env,
+                            "grep -o 'num_commands=[0-9]*; updated_allocs=[0-9]*' {log} | sort | uniq -c; "
+                            "grep -m 1 -o 'KV cache[^;]*' {log}")
 
     def probe_best(fmt: str, argv: list[str]) -> list[str]:
         """``argv`` with ``$PAGEDJAX_MATMUL_CONFIG`` set to probe-gemv-words' fastest current-kernel config for ``fmt``."""
@@ -371,22 +376,17 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("memory-stats", ["bash", "-c", f"for env in '' '{SKIP_TEMP}'; do echo \"== $env\"; env $env {PY} -c "
                           "'import jax, jax.numpy as jnp; x = jnp.ones(1 << 28); "
                           "print(jax.local_devices()[0].memory_stats())'; done"], 60),
-        ("latency-int8-np-vmm", ["bash", "-c", f"{SKIP_TEMP} PAGEDJAX_CACHE_DIR=/tmp/cache-vmm " + shlex.join(latency(
-            "int8", "--precompile-steps", "off", "--output-json", f"{results}/latency-int8-np-vmm.json"))], 100),
-        ("latency-bf16-np-vmm", ["bash", "-c", f"{SKIP_TEMP} PAGEDJAX_CACHE_DIR=/tmp/cache-vmm " + shlex.join(latency(
-            None, "--precompile-steps", "off", "--output-json", f"{results}/latency-bf16-np-vmm.json"))], 100),
-        ("latency-awq-np-vmm", ["bash", "-c", f"{SKIP_TEMP} PAGEDJAX_CACHE_DIR=/tmp/cache-vmm " + shlex.join(latency(
-            "awq", "--precompile-steps", "off", "--output-json", f"{results}/latency-awq-np-vmm.json"))], 100),
+        *((f"latency-{name}-np-vmm", vmm(SKIP_TEMP, latency(q, "--precompile-steps", "off", "--output-json",
+                                                          f"{results}/latency-{name}-np-vmm.json")), 100)
+          for name, q in (("int8", "int8"), ("bf16", None), ("awq", "awq"))),
         ("latency-awq-np", latency("awq", "--precompile-steps", "off", "--output-json",
                                    f"{results}/latency-awq-np.json"), 100),
         # For the next lease: the opt-in VMM allocator through the engine's own defaults (it adds the update mode and
         # sizes the KV pool from the CUDA driver, untimed so far): sizing, batch-1 TPOT, and the throughput run.
-        ("latency-int8-vmm", ["env", "XLA_PYTHON_CLIENT_ALLOCATOR=vmm", "PAGEDJAX_CACHE_DIR=/tmp/cache-vmm"]
-         + latency("int8", "--output-json", f"{results}/latency-int8-vmm.json"), 100),
-        ("latency-bf16-vmm", ["env", "XLA_PYTHON_CLIENT_ALLOCATOR=vmm", "PAGEDJAX_CACHE_DIR=/tmp/cache-vmm"]
-         + latency(None, "--output-json", f"{results}/latency-bf16-vmm.json"), 100),
-        ("tput-short-bf16-vmm", ["env", "XLA_PYTHON_CLIENT_ALLOCATOR=vmm", "PAGEDJAX_CACHE_DIR=/tmp/cache-vmm"]
-         + tput("tput-short", "--output-json", f"{results}/tput-short-bf16-vmm.json"), 200),
+        ("latency-int8-vmm", vmm(VMM, latency("int8", "--output-json", f"{results}/latency-int8-vmm.json")), 100),
+        ("latency-bf16-vmm", vmm(VMM, latency(None, "--output-json", f"{results}/latency-bf16-vmm.json")), 100),
+        ("tput-short-bf16-vmm", vmm(VMM, tput("tput-short", "--output-json", f"{results}/tput-short-bf16-vmm.json")),
+         200),
         ("probe-buffers-int8-skiptemp", buffers_probe("probe-buffers-int8-skiptemp", "int8", SKIP_TEMP), 90),
         ("graph-updates-bf16-skiptemp", graph_updates("graph-updates-bf16-skiptemp", None, SKIP_TEMP), 100),
         ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
