@@ -191,12 +191,33 @@ def driver_memory() -> Optional[tuple[int, int]]:
     return memory_info(getattr(jax.local_devices()[0], "local_hardware_id", 0) or 0)
 
 
-def device_memory_in_use() -> int:
-    """Bytes in use on this process's first device: the allocator's count, else what the driver does not
-    report free (this process's buffers and context, and other processes' buffers)."""
+def live_array_bytes() -> int:
+    """Bytes of this process's live JAX arrays on its first device."""
+    device = jax.local_devices()[0]
+    return sum(shard.data.nbytes for array in jax.live_arrays() for shard in array.addressable_shards
+               if shard.device == device)
+
+
+def memory_outside_arrays() -> Optional[int]:
+    """Under an allocator without stats (JAX's VMM allocator): what the CUDA driver counts in use beyond this
+    process's live arrays (the CUDA context, other processes, memory the allocator holds), read before the
+    engine's weights load; None under an allocator with stats, or off CUDA."""
+    if "bytes_in_use" in (jax.local_devices()[0].memory_stats() or {}):
+        return None
+    device = driver_memory()
+    return None if device is None else max(0, device[1] - device[0] - live_array_bytes())
+
+
+def device_memory_in_use(outside_arrays: Optional[int] = None) -> int:
+    """Bytes in use on this process's first device: the allocator's count; without one, ``outside_arrays``
+    (``memory_outside_arrays`` before the weights) plus the live arrays, else what the driver does not report
+    free. The driver alone over-counts after loading: the VMM allocator keeps memory it freed (run 21a: the
+    8B engine's pool came out 31-39 GiB smaller than under JAX's default allocator)."""
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_in_use" in stats:
         return int(stats["bytes_in_use"])
+    if outside_arrays is not None:
+        return outside_arrays + live_array_bytes()
     device = driver_memory()
     return 0 if device is None else device[1] - device[0]
 
@@ -222,7 +243,7 @@ def sizes_kv_from_memory(args: EngineArgs) -> bool:
 
 
 def num_kv_blocks(args: EngineArgs, config: ModelConfig, kv_dtype, max_model_len: int, max_num_seqs: int,
-                  activation_bytes: int = 0) -> int:
+                  activation_bytes: int = 0, outside_arrays: Optional[int] = None) -> int:
     """How many KV blocks to allocate (including the reserved sink block 0).
 
     With tensor parallelism each device holds its share of every block: the budget
@@ -237,7 +258,7 @@ def num_kv_blocks(args: EngineArgs, config: ModelConfig, kv_dtype, max_model_len
         # CPU: enough for every sequence at full length, capped at CPU_KV_CACHE_BYTES.
         wanted = max_num_seqs * -(-max_model_len // args.block_size) + 1
         return max(2, min(wanted, CPU_KV_CACHE_BYTES // per_block))
-    in_use = device_memory_in_use()
+    in_use = device_memory_in_use(outside_arrays)
     free = budget - in_use - activation_bytes
     if free < 2 * per_block:
         raise ValueError(

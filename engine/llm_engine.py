@@ -20,7 +20,8 @@ import numpy as np
 from engine.block_manager import BlockManager
 from engine.compile_timer import CompileTimer
 from engine.detokenizer import IncrementalDetokenizer, check_stop
-from engine.engine_args import EngineArgs, num_kv_blocks, resolve_kv_cache_dtype, sizes_kv_from_memory
+from engine.engine_args import (EngineArgs, memory_outside_arrays, num_kv_blocks, resolve_kv_cache_dtype,
+                                sizes_kv_from_memory)
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.runner import PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork, enable_compilation_cache
@@ -99,6 +100,9 @@ class LLMEngine:
         # Before the weights: their programs (random weights, quantizers, the layer layout) are cached too (run 19c's
         # warm start remade them, 3.4 s, when the cache was first turned on by the runner, after them).
         enable_compilation_cache()
+        # Under an allocator without stats the pool is sized from the driver; what it counted in use before the
+        # weights, beyond live arrays, is read now (after loading it also counts memory the allocator freed).
+        outside_arrays = memory_outside_arrays()
         with CompileTimer() as weight_compiles:  # programs that load, quantize and lay out the weights
             loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
                                 shardings=param_shardings_for(mesh), quantization=args.quantization)
@@ -135,7 +139,7 @@ class LLMEngine:
             self.activation_bytes = self.runner.activation_bytes() if sizes_kv_from_memory(args) else 0
             self.startup_seconds = {"weights": weights_s, "sizing_compile": time.perf_counter() - start - weights_s}
             num_blocks = num_kv_blocks(args, config, kv_dtype, self.max_model_len, max_seqs,
-                                       activation_bytes=self.activation_bytes)
+                                       activation_bytes=self.activation_bytes, outside_arrays=outside_arrays)
             self.runner.allocate_kv_cache(num_blocks)
             compiled = 0
             if precompile and self.runner.table_width is not None:

@@ -437,8 +437,28 @@ def test_memory_budget_under_an_allocator_without_a_pool_comes_from_the_driver(m
     assert engine_args.device_memory_budget(0.9) == int(0.9 * (140 << 30))
     assert engine_args.device_memory_in_use() == 40 << 30
     assert engine_args.device_memory_bytes() == 140 << 30
+    # Read before the weights: 40 GiB not free, 1 GiB of it live arrays. After loading, the driver also counts
+    # memory the allocator freed (run 21a): in use is then what was outside arrays plus the arrays live now.
+    monkeypatch.setattr(engine_args, "live_array_bytes", lambda: 1 << 30)
+    outside = engine_args.memory_outside_arrays()
+    assert outside == 39 << 30
+    monkeypatch.setattr(engine_args, "driver_memory", lambda: (50 << 30, 140 << 30))
+    monkeypatch.setattr(engine_args, "live_array_bytes", lambda: 16 << 30)
+    assert engine_args.device_memory_in_use(outside) == 55 << 30
     monkeypatch.setattr(engine_args, "driver_memory", lambda: None)  # no CUDA: a CPU
     assert engine_args.device_memory_budget(0.9) is None and engine_args.device_memory_in_use() == 0
+    assert engine_args.memory_outside_arrays() is None
+
+
+def test_live_array_bytes_counts_this_devices_arrays():
+    import jax.numpy as jnp
+
+    import engine.engine_args as engine_args
+
+    before = engine_args.live_array_bytes()
+    x = jnp.ones((1000, 250), jnp.float32)
+    assert engine_args.live_array_bytes() - before == 1_000_000
+    del x
 
 
 VMM = {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"}
