@@ -44,6 +44,7 @@ from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
 from models.quantization import LinearBackend, concat_outputs, linear
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
+from pallas_kernels.swiglu_matmul import swiglu_matmul
 
 
 def param_shapes(config: ModelConfig) -> dict:
@@ -219,6 +220,13 @@ def forward(
             return split_columns(mm(h, w[fused]), widths[fused])
         return tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
 
+    def mlp_hidden(h, w):
+        """``silu(h @ w_gate) * (h @ w_up)``; the product in the GEMM's epilogue where the backend says so."""
+        if "w_gate_up" in w and linear_backend.use_swiglu_kernel(w["w_gate_up"], T):
+            return swiglu_matmul(h, w["w_gate_up"], interpret=linear_backend.interpret)
+        gate, up = project(h, w, "w_gate_up")
+        return jax.nn.silu(gate) * up
+
     def biases(w, fused: str) -> tuple:
         return split_columns(w[fused], widths[fused]) if fused in w else tuple(w[p] for p in FUSED_PROJECTIONS[fused])
 
@@ -240,8 +248,7 @@ def forward(
                       batch.cu_q_lens, batch.num_seqs)
         x = x + mm(attn.reshape(T, config.q_size), w["wo"])
         h = rms_norm(x, w["post_norm"], eps)
-        gate, up = project(h, w, "w_gate_up")
-        x = x + mm(jax.nn.silu(gate) * up, w["w_down"])
+        x = x + mm(mlp_hidden(h, w), w["w_down"])
         return x, k_cache, v_cache
 
     def layer_step(carry, layer_and_weights):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Optional
 
 import jax
@@ -43,6 +44,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pallas_kernels import quantized_matmul as qmm
+from pallas_kernels import swiglu_matmul as swiglu
 
 METHODS = ("int8", "int4", "awq", "gptq", "fp8")
 QUANTIZED_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -432,6 +434,8 @@ def fp8_from_checkpoint(weight: np.ndarray, weight_scale: np.ndarray) -> dict[st
 
 # The kernel pays off while a step reads more weight bytes than it does arithmetic.
 MAX_KERNEL_ROWS = 64
+# The fused gate/up + SwiGLU kernel: not used until timed against XLA in the model.
+SWIGLU_MIN_ROWS: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,6 +453,15 @@ class LinearBackend:
     kernel: str = "auto"
     max_kernel_rows: int = MAX_KERNEL_ROWS
     interpret: Optional[bool] = None
+    # A dense joined gate/up projection of at least this many rows runs ``pallas_kernels.swiglu_matmul`` (the
+    # SwiGLU product in the GEMM's epilogue) on GPU; None: never (XLA's GEMM, then its own product pass).
+    swiglu_min_rows: Optional[int] = dataclasses.field(default_factory=lambda: _swiglu_min_rows_from_env())
+
+    def use_swiglu_kernel(self, w_gate_up, rows: int) -> bool:
+        if (self.swiglu_min_rows is None or rows < self.swiglu_min_rows or self.kernel == "xla"
+                or is_quantized(w_gate_up) or not swiglu.supported(*w_gate_up.shape)):
+            return False
+        return bool(self.interpret) or jax.default_backend() == "gpu"
 
     def use_kernel(self, w, rows: int) -> bool:
         if self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight):
@@ -457,6 +470,19 @@ class LinearBackend:
             on_gpu = jax.default_backend() == "gpu"
             return on_gpu and (isinstance(w, Int4Weight) or (isinstance(w, Int8Weight) and rows == 1))
         return self.kernel == "pallas"
+
+
+def _swiglu_min_rows_from_env() -> Optional[int]:
+    """``$PAGEDJAX_SWIGLU_MIN_ROWS`` (a row count, or "off"; for timing the fused gate/up kernel in the model),
+    else ``SWIGLU_MIN_ROWS``."""
+    text = os.environ.get("PAGEDJAX_SWIGLU_MIN_ROWS", "").strip().lower()
+    if not text:
+        return SWIGLU_MIN_ROWS
+    if text == "off":
+        return None
+    if not text.isdigit():
+        raise ValueError(f"PAGEDJAX_SWIGLU_MIN_ROWS must be a row count or 'off', got {text!r}")
+    return int(text)
 
 
 def _fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:

@@ -105,6 +105,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         return ["bash", "-c", f'export PAGEDJAX_MATMUL_CONFIG="$({pick})" && echo "config: $PAGEDJAX_MATMUL_CONFIG" && '
                               + shlex.join(argv)]
 
+    def swiglu_best(rows: int, min_rows: int, argv: list[str]) -> list[str]:
+        """``argv`` with the fused gate/up kernel on at ``min_rows`` rows and up, at bench-swiglu's fastest tiling
+        for ``rows``; fails (so it is not run) if no tiling beat XLA there."""
+        pick = f"{PY} scripts/bench_swiglu.py --best-config {results}/swiglu.json --rows {rows}"
+        return ["bash", "-c", f'cfg="$({pick})" && export PAGEDJAX_SWIGLU_CONFIG="$cfg" && echo "config: $cfg" '
+                              f'&& PAGEDJAX_SWIGLU_MIN_ROWS={min_rows} ' + shlex.join(argv)]
+
     return [
         # Where a batch-256 decode step's device time goes (tput-short's decode steps: 13.7 ms, run 6).
         ("profile-decode", profile("profile-decode", "--step", "decode", "--batch", "256", "--ctx", "192"), 120),
@@ -389,6 +396,14 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          200),
         ("probe-buffers-int8-skiptemp", buffers_probe("probe-buffers-int8-skiptemp", "int8", SKIP_TEMP), 90),
         ("graph-updates-bf16-skiptemp", graph_updates("graph-updates-bf16-skiptemp", None, SKIP_TEMP), 100),
+        # The gate/up projection with the SwiGLU product in its epilogue (pallas_kernels.swiglu_matmul): correct
+        # when compiled, its time against XLA's GEMM and product pass, then in the model where it won.
+        ("gpu-tests-swiglu", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_swiglu_matmul.py"], 90),
+        ("bench-swiglu", [PY, "scripts/bench_swiglu.py", "--output-json", f"{results}/swiglu.json"], 200),
+        ("tput-prefill-swiglu", swiglu_best(16384, 1024, tput("tput-prefill", "--output-json",
+                                                               f"{results}/tput-prefill-swiglu.json")), 300),
+        ("tput-short-bf16-swiglu", swiglu_best(1024, 256, tput("tput-short", "--output-json",
+                                                               f"{results}/tput-short-bf16-swiglu.json")), 200),
         ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
             "profile-idle-1-host", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",
             "--precompile-steps", "off", "--host-events"), 90),
