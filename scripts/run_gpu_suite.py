@@ -399,7 +399,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # The gate/up projection with the SwiGLU product in its epilogue (pallas_kernels.swiglu_matmul): correct
         # when compiled, its time against XLA's GEMM and product pass, then in the model where it won.
         ("gpu-tests-swiglu", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_swiglu_matmul.py"], 90),
-        ("bench-swiglu", [PY, "scripts/bench_swiglu.py", "--output-json", f"{results}/swiglu.json"], 200),
+        ("bench-swiglu", [PY, "scripts/bench_swiglu.py", "--rows", "16384,1024", "--output-json",
+                          f"{results}/swiglu.json"], 200),
         ("tput-prefill-swiglu", swiglu_best(16384, 1024, tput("tput-prefill", "--output-json",
                                                                f"{results}/tput-prefill-swiglu.json")), 300),
         ("tput-short-bf16-swiglu", swiglu_best(1024, 256, tput("tput-short", "--output-json",
