@@ -16,12 +16,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 # XLA runs a step's kernels as CUDA graphs and re-records a graph (~1-2 ms of host time for the 8B's ~580
 # kernels) whenever a buffer it touches moved. The runner keeps its buffers in place; XLA's temporaries, allocated
-# per run, still move every step (benchmarks/NOTES.md, run 20d). With JAX's VMM allocator
-# (XLA_PYTHON_CLIENT_ALLOCATOR=vmm, the user's choice for now) on CUDA with jaxlib >= 0.11.2, the engine also asks
-# XLA for its temporaries at a reserved virtual address, so a decode step replays its graph: batch-1 TPOT int8
-# 4.98 -> 3.61 ms, AWQ 4.90 -> 3.87 (run 20e); the KV pool is then sized from the CUDA driver
-# (engine.engine_args), as that allocator reports no stats. Not the default until a GPU run has shown that sizing
-# and the throughput workloads under it. An update mode in the user's XLA_FLAGS wins.
+# per run, still move every step under JAX's default allocator (benchmarks/NOTES.md, run 20d). So on CUDA with
+# jaxlib >= 0.11.2 the engine uses JAX's VMM allocator and asks XLA for its temporaries at a reserved virtual
+# address: a decode step replays its graph. Batch-1 TPOT int8 4.98 -> 3.61 ms, AWQ 4.90 -> 3.87 on a slow host
+# (run 20e), int8 3.69 -> 3.57 on a fast one, tput-short unchanged (runs 21a-b). That allocator reports no stats, so
+# the KV pool is sized from the CUDA driver (engine.engine_args). Only where one GPU is visible: tensor parallelism
+# under it has not run yet. The user's allocator or update mode wins (XLA_PYTHON_CLIENT_ALLOCATOR=bfc: JAX's pool).
 VMM_ALLOCATOR = "vmm"
 FIXED_TEMPORARIES_FLAG = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
 
@@ -44,6 +44,14 @@ def _on_cuda_with_fixed_temporaries() -> bool:
     return version >= (0, 11, 2) and any(installed(name) for name in ("jax-cuda13-pjrt", "jax-cuda12-pjrt"))
 
 
+def _one_visible_gpu() -> bool:
+    from engine.cuda_driver import device_count
+
+    return device_count() == 1
+
+
+if "XLA_PYTHON_CLIENT_ALLOCATOR" not in os.environ and _on_cuda_with_fixed_temporaries() and _one_visible_gpu():
+    os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] = VMM_ALLOCATOR
 if (os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == VMM_ALLOCATOR
         and "xla_gpu_command_buffer_update_mode" not in os.environ.get("XLA_FLAGS", "")
         and _on_cuda_with_fixed_temporaries()):

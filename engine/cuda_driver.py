@@ -1,4 +1,4 @@
-"""Device memory as the CUDA driver reports it, for JAX allocators that keep no pool and report no stats.
+"""Device memory and count as the CUDA driver reports them, for JAX allocators that keep no pool and report no stats.
 
 JAX's VMM allocator (``XLA_PYTHON_CLIENT_ALLOCATOR=vmm``, see ``engine/__init__``) maps memory as buffers ask for it, so
 ``Device.memory_stats()`` is None and the KV pool cannot be sized from ``bytes_limit``; the driver's free and total
@@ -10,6 +10,19 @@ from __future__ import annotations
 
 import ctypes
 from typing import Optional
+
+
+def device_count() -> Optional[int]:
+    """CUDA devices this process sees (``CUDA_VISIBLE_DEVICES`` applies), or None where there is no driver or it
+    fails."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    count = ctypes.c_int()
+    if cuda.cuInit(0) or cuda.cuDeviceGetCount(ctypes.byref(count)):
+        return None
+    return count.value
 
 
 def memory_info(ordinal: int) -> Optional[tuple[int, int]]:

@@ -175,8 +175,8 @@ def device_memory_budget(utilization: float) -> Optional[int]:
     device = device_memory_bytes()
     if device is None and jax.default_backend() == "gpu":
         raise RuntimeError("neither JAX's allocator nor the CUDA driver reports the GPU's memory, so the KV pool "
-                           "cannot be sized: set num_gpu_blocks_override, or leave XLA_PYTHON_CLIENT_ALLOCATOR "
-                           "at JAX's default")
+                           "cannot be sized: set num_gpu_blocks_override, or XLA_PYTHON_CLIENT_ALLOCATOR=bfc "
+                           "(JAX's pool)")
     if not limit:
         return None if device is None else int(utilization * device)
     return int(min(utilization * device, POOL_HEADROOM * limit))

@@ -434,7 +434,8 @@ def fp8_from_checkpoint(weight: np.ndarray, weight_scale: np.ndarray) -> dict[st
 
 # The kernel pays off while a step reads more weight bytes than it does arithmetic.
 MAX_KERNEL_ROWS = 64
-# The fused gate/up + SwiGLU kernel: not used until timed against XLA in the model.
+# The fused gate/up + SwiGLU kernel: never by default; its Triton GEMM runs ~15% under cuBLAS's (run 21b: 6.44
+# against XLA's 5.77 ms with the product pass at 16384 rows, 384 against 355 us at 1024).
 SWIGLU_MIN_ROWS: Optional[int] = None
 
 

@@ -150,10 +150,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("kv-in-place", [PY, "scripts/check_kv_in_place.py", "--out", f"{results}/kv-in-place.json"], 90),
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
-        ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 90),
+        ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 180),
         ("latency-int8", latency("int8"), 100),
         ("latency-int8-xla", latency("int8", "--linear-backend", "xla"), 80),
-        ("latency-awq", latency("awq"), 70),
+        ("latency-awq", latency("awq"), 100),
         # The int4 GEMV summing over K after its loop, timed in the whole model (not in isolation).
         ("latency-awq-defer", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_defer_reduction": true}'] + latency(
             "awq", "--output-json", f"{results}/latency-awq-defer.json"), 70),

@@ -67,3 +67,46 @@ def test_mosaic_prefill_engine_agrees_with_the_triton_one(tmp_path, monkeypatch)
     agree = [sum(a == b for a, b in zip(m, t)) for m, t in zip(outputs["mosaic"], outputs["triton"])]
     assert all(m[0] == t[0] for m, t in zip(outputs["mosaic"], outputs["triton"])), agree
     assert sum(agree) >= 0.8 * 16 * len(prompts), f"tokens agreeing per prompt (of 16): {agree}"
+
+
+GENERATE_UNDER_ALLOCATOR = """
+import json, os, sys
+from engine import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", skip_tokenizer_init=True, max_model_len=256,
+          max_num_batched_tokens=64, max_num_seqs=8)
+params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+batched = [o.outputs[0].token_ids for o in llm.generate(json.loads(sys.argv[2]), params, use_tqdm=False)]
+alone = llm.generate([json.loads(sys.argv[2])[0]], params, use_tqdm=False)[0].outputs[0].token_ids  # batch-1 steps
+print(json.dumps({"allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR"), "tokens": batched + [alone],
+                  "max_concurrent_tokens": llm.llm_engine.max_concurrent_tokens}))
+"""
+
+
+def test_vmm_allocator_gives_the_default_allocators_tokens_and_pool(tmp_path):
+    """The engine's default on one GPU (JAX's VMM allocator, XLA's temporaries at a fixed address, so decode steps
+    replay their CUDA graphs without updating them) gives the greedy tokens of JAX's pool allocator (``bfc``), in
+    a batch and at batch 1, and a KV pool sized from the driver within 5% of the one sized from the pool."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=7)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (9, 1, 40, 70, 3)]
+    runs = {}
+    for allocator in ("bfc", None):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_ALLOCATOR"}
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+        if allocator:
+            env["XLA_PYTHON_CLIENT_ALLOCATOR"] = allocator
+        out = subprocess.run([sys.executable, "-c", GENERATE_UNDER_ALLOCATOR, str(tmp_path), json.dumps(prompts)],
+                             env=env, capture_output=True, text=True, timeout=600,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[allocator] = json.loads(out.stdout.strip().splitlines()[-1])
+    if runs[None]["allocator"] != "vmm":
+        pytest.skip(f"the engine's default here is {runs[None]['allocator']!r}, not the VMM allocator")
+    assert runs[None]["tokens"] == runs["bfc"]["tokens"]
+    pools = [runs[a]["max_concurrent_tokens"] for a in ("bfc", None)]
+    assert abs(pools[1] - pools[0]) <= 0.05 * pools[0], pools

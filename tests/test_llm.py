@@ -462,33 +462,42 @@ def test_live_array_bytes_counts_this_devices_arrays(monkeypatch):
 
 VMM = {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"}
 CUDA_0112 = {"jaxlib": "0.11.2", "jax-cuda13-pjrt": "0.11.2"}
+SKIP_TEMP = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
 
 
-@pytest.mark.parametrize("installed,environ,allocator,flags", [
-    ({}, VMM, "vmm", ""),  # no CUDA plugin (this machine): nothing changes
-    (CUDA_0112, {}, None, ""),  # JAX's default allocator: the temporaries move anyway, nothing to ask
-    (CUDA_0112, VMM, "vmm", "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
-    ({"jaxlib": "0.11.2", "jax-cuda12-pjrt": "0.11.2"}, {**VMM, "XLA_FLAGS": "--xla_dump_to=/tmp/d"}, "vmm",
-     "--xla_dump_to=/tmp/d --xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
-    ({"jaxlib": "0.10.2", "jax-cuda12-pjrt": "0.10.2"}, VMM, "vmm", ""),  # its XLA rejects the flag
-    (CUDA_0112, {**VMM, "XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}, "vmm",
+@pytest.mark.parametrize("installed,gpus,environ,allocator,flags", [
+    ({}, None, {}, None, ""),  # no CUDA plugin (this machine): nothing changes
+    ({}, None, VMM, "vmm", ""),
+    (CUDA_0112, 1, {}, "vmm", SKIP_TEMP),  # one GPU: the VMM allocator with fixed-address temporaries
+    (CUDA_0112, 2, {}, None, ""),  # several: JAX's default (tensor parallelism under VMM not run yet)
+    (CUDA_0112, 1, {"XLA_PYTHON_CLIENT_ALLOCATOR": "bfc"}, "bfc", ""),  # the user's allocator wins
+    (CUDA_0112, 2, VMM, "vmm", SKIP_TEMP),
+    ({"jaxlib": "0.11.2", "jax-cuda12-pjrt": "0.11.2"}, 1, {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}, "vmm",
+     "--xla_dump_to=/tmp/d " + SKIP_TEMP),
+    ({"jaxlib": "0.10.2", "jax-cuda12-pjrt": "0.10.2"}, 1, {}, None, ""),  # its XLA rejects the flag
+    ({"jaxlib": "0.10.2", "jax-cuda12-pjrt": "0.10.2"}, 1, VMM, "vmm", ""),
+    (CUDA_0112, 1, {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}, "vmm",
      "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"),
 ])
-def test_engine_asks_for_fixed_address_temporaries_on_cuda(installed, environ, allocator, flags):
-    """Importing ``engine`` under JAX's VMM allocator with its CUDA plugin (jaxlib >= 0.11.2) asks XLA for its
-    temporaries at a fixed address, so decode steps replay their CUDA graphs (run 20e); an update mode the user
-    set wins. The installed packages are faked in a subprocess."""
+def test_engine_asks_for_fixed_address_temporaries_on_cuda(installed, gpus, environ, allocator, flags):
+    """Importing ``engine`` on CUDA (JAX's CUDA plugin, jaxlib >= 0.11.2) with one visible GPU picks JAX's VMM
+    allocator and asks XLA for its temporaries at a fixed address, so decode steps replay their CUDA graphs (run
+    20e); an allocator or update mode the user set wins. The installed packages and the driver's device count are
+    faked in a subprocess."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_PYTHON_CLIENT_ALLOCATOR", "XLA_FLAGS")}
     env.update(environ)
-    code = ("import importlib.metadata as m\n"
+    code = ("import importlib.metadata as m, sys, types\n"
             f"installed = {installed!r}\n"
             "def version(name):\n"
             "    if name in installed: return installed[name]\n"
             "    raise m.PackageNotFoundError(name)\n"
             "m.version = version\n"
+            "driver = types.ModuleType('engine.cuda_driver')\n"
+            f"driver.device_count = lambda: {gpus!r}\n"
+            "sys.modules['engine.cuda_driver'] = driver\n"
             "import engine, os\n"
             "print(repr(os.environ.get('XLA_PYTHON_CLIENT_ALLOCATOR')))\n"
             "print(os.environ.get('XLA_FLAGS', ''))\n")

@@ -16,7 +16,7 @@ import pytest
 from pallas_kernels.swiglu_matmul import SwigluConfig, swiglu_matmul, swiglu_matmul_reference
 
 SMALL = SwigluConfig(block_m=32, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2)
-RTOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+RTOL = {jnp.float32: 2e-3, jnp.bfloat16: 2e-2}  # float32 dots run as TF32 on the GPU (run 21b: 4.9e-4)
 # (M, K, I, dtype, config): one row; rows not a whole tile; 5 row tiles in groups of 2 (a short last group)
 CASES = [(1, 64, 96, jnp.float32, SMALL), (37, 64, 96, jnp.bfloat16, SMALL), (130, 128, 64, jnp.bfloat16, SMALL)]
 GPU_CASES = CASES + [(300, 512, 384, jnp.bfloat16, None), (2048, 1024, 1024, jnp.bfloat16, None)]
