@@ -36,6 +36,27 @@ from pallas_kernels.swiglu_matmul import SwigluConfig, swiglu_matmul, swiglu_mat
 CONFIGS = ((128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 128, 32, 8, 8, 4), (128, 128, 64, 16, 8, 3),
            (256, 64, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 4, 3))
 SMOKE_CONFIGS = ((32, 32, 32, 2, 4, 2),)
+# JAX's Hopper Mosaic GPU matmul (``jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu``, a plain GEMM: TMA, wgmma,
+# a producer warpgroup) at these TuningConfigs, beside cuBLAS's GEMM: whether a Mosaic GPU GEMM keeps cuBLAS's pace,
+# i.e. whether a SwiGLU epilogue built on that pattern can pay. (tile_m, tile_n, tile_k, max_concurrent_steps,
+# grid_minor_dim, grid_tile_width, wg_dimension).
+MGPU_CONFIGS = ((128, 128, 64, 4, "N", 8, "N"), (128, 128, 64, 4, "M", 16, "N"), (128, 128, 64, 4, "N", 8, "M"),
+                (256, 64, 64, 4, "N", 8, "N"))
+
+
+def mgpu_gemm(config):
+    """JAX's Hopper Mosaic GPU matmul ``x @ w`` at ``config`` (a ``MGPU_CONFIGS`` tuple); None where that module
+    or Mosaic GPU is missing."""
+    try:
+        from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+    except Exception as e:  # noqa: BLE001 (an older JAX, no Mosaic GPU, no absl for its test_util import)
+        print(f"hopper_matmul_mgpu unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    tile_m, tile_n, tile_k, steps, minor, width, wg = config
+    tuning = hm.TuningConfig(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, max_concurrent_steps=steps,
+                             grid_minor_dim=hm.MatmulDimension[minor], grid_tile_width=width,
+                             wg_dimension=hm.MatmulDimension[wg])
+    return lambda x, w: hm.matmul(x, w, None, tuning)
 
 
 def xla_swiglu(x, w):
@@ -67,6 +88,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--mgpu", action="store_true", help="also time JAX's Hopper Mosaic GPU GEMM (MGPU_CONFIGS)")
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--best-config", default=None, metavar="JSON",
                         help="print the fastest kernel tiling at --rows (one count) in this result as "
@@ -91,12 +113,14 @@ def main(argv=None):
         variants = [("xla", None, jax.jit(xla_swiglu)), ("xla-gemm", None, jax.jit(lambda x, w: x @ w))]
         variants += [("pallas", c, jax.jit(functools.partial(
             swiglu_matmul, config=SwigluConfig(*c), interpret=interpret))) for c in configs]
+        if args.mgpu and not interpret:
+            variants += [("mgpu-gemm", c, jax.jit(mgpu_gemm(c))) for c in MGPU_CONFIGS if mgpu_gemm(c) is not None]
         for name, config, fn in variants:
             row = {"rows": M, "variant": name, "config": config}
             try:
                 us, _ = time_us(fn, (x, w), args.repeats, args.inner)
                 row.update(us=round(us, 1), tflop_s=round(flops / us / 1e6, 1))
-                if name != "xla-gemm":
+                if not name.endswith("-gemm"):
                     row["max_rel_err"] = float(np.abs(np.asarray(fn(x, w).astype(jnp.float32)) - ref).max() / scale)
             except Exception as e:  # a tiling Triton rejects (shared memory, registers): say so, go on
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -401,6 +401,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("gpu-tests-swiglu", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_swiglu_matmul.py"], 90),
         ("bench-swiglu", [PY, "scripts/bench_swiglu.py", "--rows", "16384,1024", "--output-json",
                           f"{results}/swiglu.json"], 200),
+        # Whether a Mosaic GPU GEMM (JAX's hopper_matmul_mgpu) keeps cuBLAS's pace on the gate/up shape: the base a
+        # SwiGLU epilogue would need (run 21b: the Triton kernel's GEMM runs 15% under cuBLAS).
+        ("bench-swiglu-mgpu", [PY, "scripts/bench_swiglu.py", "--rows", "16384", "--mgpu", "--configs",
+                               "128,128,64,16,8,3", "--output-json", f"{results}/swiglu-mgpu.json"], 150),
         ("tput-prefill-swiglu", swiglu_best(16384, 1024, tput("tput-prefill", "--output-json",
                                                                f"{results}/tput-prefill-swiglu.json")), 300),
         ("tput-short-bf16-swiglu", swiglu_best(1024, 256, tput("tput-short", "--output-json",
