@@ -59,19 +59,26 @@ def test_prefill_smoke_writes_record(tmp_path):
     assert "kernel-prefill" in proc.stdout.split("workload        case")[-1]  # a row in the summary table
 
 
+def smoke_bench(script: str, out, workload: str, *args) -> dict:
+    """``scripts/<script> --smoke --output-json <out> <args>`` on the CPU: its result, checked to name ``workload``
+    and to have timed every row."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", BENCH_COMMIT="test")
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", script), "--smoke", *args,
+                           "--output-json", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(out) as f:
+        r = json.load(f)
+    assert r["workload"] == workload and r["commit"] == "test"
+    assert all("error" not in row and row["us"] > 0 for row in r["rows"]), r["rows"]
+    return r
+
+
 def test_matmul_bench_smoke_times_every_variant_and_estimates_a_step(tmp_path):
     """``scripts/bench_matmul.py --smoke``: every variant timed (no error rows), and the decode-step
     estimate sums the layer matrices with the bf16 LM head."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", BENCH_COMMIT="test")
     variants = "xla-bf16,pallas-int8,pallas-int4,xla-fp8"
-    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "bench_matmul.py"), "--smoke",
-                           "--rows", "1", "--variants", variants, "--output-json", str(tmp_path / "m.json")],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    with open(tmp_path / "m.json") as f:
-        r = json.load(f)
-    assert r["workload"] == "kernel-matmul" and r["commit"] == "test"
-    assert all("error" not in row and row["us"] > 0 for row in r["rows"]), r["rows"]
+    r = smoke_bench("bench_matmul.py", tmp_path / "m.json", "kernel-matmul", "--rows", "1", "--variants", variants)
     assert {row["variant"] for row in r["rows"]} == set(variants.split(","))
     estimates = {e["variant"]: e for e in r["decode_step_estimates"]}
     assert set(estimates) == set(variants.split(","))
@@ -207,20 +214,14 @@ ENTRY %main.9 (x: bf16[4]) -> bf16[4] {
 def test_swiglu_bench_smoke_times_both_ways_and_picks_a_tiling(tmp_path):
     """``scripts/bench_swiglu.py --smoke``: XLA and the kernel timed and checked; ``--best-config`` prints the
     fastest tiling as $PAGEDJAX_SWIGLU_CONFIG's JSON only where it beat XLA."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", BENCH_COMMIT="test")
-    script = os.path.join(REPO_ROOT, "scripts", "bench_swiglu.py")
-    proc = subprocess.run([sys.executable, script, "--smoke", "--output-json", str(tmp_path / "s.json")],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    with open(tmp_path / "s.json") as f:
-        r = json.load(f)
-    assert r["workload"] == "swiglu" and r["commit"] == "test"
-    assert all("error" not in row and row["us"] > 0 for row in r["rows"]), r["rows"]
+    r = smoke_bench("bench_swiglu.py", tmp_path / "s.json", "swiglu")
     assert all(row["max_rel_err"] < 1e-2 for row in r["rows"] if row["variant"] != "xla-gemm")
     for row in r["rows"]:  # make the kernel the winner at 40 rows, XLA at 8
         row["us"] = {("pallas", 40): 1.0, ("xla", 8): 1.0}.get((row["variant"], row["rows"]), 9.0)
     with open(tmp_path / "s.json", "w") as f:
         json.dump(r, f)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    script = os.path.join(REPO_ROOT, "scripts", "bench_swiglu.py")
     best = lambda rows: subprocess.run([sys.executable, script, "--best-config", str(tmp_path / "s.json"),  # noqa: E731
                                         "--rows", str(rows)], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     won, lost = best(40), best(8)
