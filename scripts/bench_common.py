@@ -72,6 +72,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="default: the workload's input + output length (keeps block tables short)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--quantization", default=None, help="int8, int4, awq, gptq, fp8 (dummy weights: random "
@@ -106,6 +107,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=max_num_seqs if max_num_seqs is not None else args.max_num_seqs,
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len or max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size,
         num_gpu_blocks_override=args.num_gpu_blocks_override, seed=args.seed, skip_tokenizer_init=True,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend,
         kv_write_backend=args.kv_write_backend,
@@ -213,9 +215,9 @@ def result_header(workload: str, model: Optional[str], dtype: str, *, tensor_par
 
 def engine_result_header(workload: str, args) -> dict:
     """``result_header`` from the engine flags of ``add_engine_flags``."""
-    header = result_header(workload, args.model, args.dtype, quantization=args.quantization,
-                           kv_cache_dtype=args.kv_cache_dtype, linear_backend=args.linear_backend,
-                           async_scheduling=args.async_scheduling)
+    header = result_header(workload, args.model, args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                           linear_backend=args.linear_backend, async_scheduling=args.async_scheduling)
     if args.compiler_option:
         header["compiler_options"] = compiler_options(args.compiler_option)
     return header

@@ -102,7 +102,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
     def probe_best(fmt: str, argv: list[str]) -> list[str]:
         """``argv`` with ``$PAGEDJAX_MATMUL_CONFIG`` set to probe-gemv-words' fastest current-kernel config for ``fmt``."""
         pick = f"{PY} scripts/probe_gemv_words.py --best-config {results}/probe-gemv-words.json --fmt {fmt}"
-        return ["bash", "-c", f'export PAGEDJAX_MATMUL_CONFIG="$({pick})" && echo "config: $PAGEDJAX_MATMUL_CONFIG" && '
+        return ["bash", "-c", f'cfg="$({pick})" && export PAGEDJAX_MATMUL_CONFIG="$cfg" && echo "config: $cfg" && '
                               + shlex.join(argv)]
 
     def swiglu_best(rows: int, min_rows: int, argv: list[str]) -> list[str]:
@@ -409,6 +409,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                                                f"{results}/tput-prefill-swiglu.json")), 300),
         ("tput-short-bf16-swiglu", swiglu_best(1024, 256, tput("tput-short", "--output-json",
                                                                f"{results}/tput-short-bf16-swiglu.json")), 200),
+        # For a lease of two GPUs (nvidia-h200-x2): tensor parallelism under JAX's VMM allocator (the one-GPU default
+        # since run 21b; several GPUs keep JAX's pool allocator until this has run) against that pool allocator.
+        ("latency-bf16-tp2", latency(None, "--tensor-parallel-size", "2", "--output-json",
+                                     f"{results}/latency-bf16-tp2.json"), 150),
+        ("latency-bf16-tp2-vmm", vmm(VMM, latency(None, "--tensor-parallel-size", "2", "--output-json",
+                                                  f"{results}/latency-bf16-tp2-vmm.json")), 150),
         ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
             "profile-idle-1-host", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",
             "--precompile-steps", "off", "--host-events"), 90),
