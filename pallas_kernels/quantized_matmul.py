@@ -353,6 +353,15 @@ def default_config() -> MatmulConfig:
     return dataclass_from_env(MatmulConfig, "PAGEDJAX_MATMUL_CONFIG")
 
 
+def pad_rows(x: jax.Array, max_block_m: int) -> tuple[jax.Array, int]:
+    """``x[M, K]`` padded to whole row tiles, and the tile height: ``max_block_m``, or for fewer rows the next
+    power of two of M (at least ``MIN_ROWS``, the tensor-core tile), so a few rows make one small tile."""
+    M = x.shape[0]
+    block_m = min(max_block_m, max(MIN_ROWS, 1 << max(0, M - 1).bit_length()))
+    rows = -(-M // block_m) * block_m
+    return (x if rows == M else jnp.pad(x, ((0, rows - M), (0, 0)))), block_m
+
+
 def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     config = config or default_config()
     if x.ndim != 2 or x.shape[1] != K:
@@ -364,10 +373,8 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
                      interpret=interpret)
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
-    block_m = min(config.block_m, max(MIN_ROWS, 1 << max(0, M - 1).bit_length()))
-    rows = -(-M // block_m) * block_m  # row tiles of block_m (one tile up to config.block_m rows)
-    if rows != M:
-        x = jnp.pad(x, ((0, rows - M), (0, 0)))
+    x, block_m = pad_rows(x, config.block_m)
+    rows = x.shape[0]
     num_steps = K // block_k
     splits = _k_splits(config, (rows // block_m) * (N // block_n), num_steps, block_k, config.programs_per_core)
     kernel = functools.partial(_matmul_kernel, fmt=fmt, block_m=block_m, block_n=block_n, block_k=block_k,

@@ -34,12 +34,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.env_config import dataclass_from_env
+from pallas_kernels.quantized_matmul import pad_rows
 
 
 @dataclasses.dataclass(frozen=True)
 class SwigluConfig:
-    """Tile sizes and Triton launch parameters; ``block_m`` shrinks to the next power of two (>= 16) of
-    fewer rows. ``block_n`` must divide I and ``block_k`` K."""
+    """Tile sizes and Triton launch parameters; ``block_m`` shrinks to fit fewer rows
+    (``quantized_matmul.pad_rows``). ``block_n`` must divide I and ``block_k`` K."""
 
     block_m: int = 128
     block_n: int = 128
@@ -54,11 +55,17 @@ def default_config() -> SwigluConfig:
     return dataclass_from_env(SwigluConfig, "PAGEDJAX_SWIGLU_CONFIG")
 
 
+def _column_tiles(K: int, two_i: int, config: SwigluConfig) -> Optional[tuple[int, int]]:
+    """``(block_n, block_k)`` of ``config`` for a ``[K, 2I]`` weight (capped at I and K), or None where they do not
+    divide it."""
+    half = two_i // 2
+    block_n, block_k = min(config.block_n, half), min(config.block_k, K)
+    return (block_n, block_k) if two_i % 2 == 0 and half % block_n == 0 and K % block_k == 0 else None
+
+
 def supported(K: int, two_i: int, config: Optional[SwigluConfig] = None) -> bool:
     """Whether the tiles of ``config`` (default: ``default_config()``) divide a ``[K, 2I]`` weight."""
-    config = config or default_config()
-    half = two_i // 2
-    return two_i % 2 == 0 and half % min(config.block_n, half) == 0 and K % min(config.block_k, K) == 0
+    return _column_tiles(K, two_i, config or default_config()) is not None
 
 
 def swiglu_matmul_reference(x: jax.Array, w_gate_up: jax.Array) -> jax.Array:
@@ -107,13 +114,13 @@ def swiglu_matmul(x: jax.Array, w_gate_up: jax.Array, *, config: Optional[Swiglu
     if w_gate_up.ndim != 2 or w_gate_up.shape[0] != K or w_gate_up.shape[1] % 2:
         raise ValueError(f"w_gate_up must be [K={K}, 2I], got shape {w_gate_up.shape}")
     half = w_gate_up.shape[1] // 2
-    block_n, block_k = min(config.block_n, half), min(config.block_k, K)
-    if not supported(K, 2 * half, config):
-        raise ValueError(f"block_n={block_n} must divide I={half} and block_k={block_k} must divide K={K}")
-    block_m = min(config.block_m, max(16, 1 << max(0, M - 1).bit_length()))
-    num_m = -(-M // block_m)
-    if num_m * block_m != M:
-        x = jnp.pad(x, ((0, num_m * block_m - M), (0, 0)))
+    tiles = _column_tiles(K, 2 * half, config)
+    if tiles is None:
+        raise ValueError(f"block_n={min(config.block_n, half)} must divide I={half} and "
+                         f"block_k={min(config.block_k, K)} must divide K={K}")
+    block_n, block_k = tiles
+    x, block_m = pad_rows(x, config.block_m)
+    num_m = x.shape[0] // block_m
     kernel = functools.partial(_swiglu_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
                                steps=K // block_k, half=half, num_m=num_m, group_m=config.group_m)
     out = pl.pallas_call(
