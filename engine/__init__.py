@@ -50,12 +50,12 @@ def _one_visible_gpu() -> bool:
     return device_count() == 1
 
 
-if "XLA_PYTHON_CLIENT_ALLOCATOR" not in os.environ and _on_cuda_with_fixed_temporaries() and _one_visible_gpu():
-    os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] = VMM_ALLOCATOR
-if (os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == VMM_ALLOCATOR
-        and "xla_gpu_command_buffer_update_mode" not in os.environ.get("XLA_FLAGS", "")
-        and _on_cuda_with_fixed_temporaries()):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FIXED_TEMPORARIES_FLAG}".strip()
+if _on_cuda_with_fixed_temporaries():
+    if "XLA_PYTHON_CLIENT_ALLOCATOR" not in os.environ and _one_visible_gpu():
+        os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] = VMM_ALLOCATOR
+    if (os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == VMM_ALLOCATOR
+            and "xla_gpu_command_buffer_update_mode" not in os.environ.get("XLA_FLAGS", "")):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FIXED_TEMPORARIES_FLAG}".strip()
 
 _EXPORTS = {
     "LLM": "engine.llm",

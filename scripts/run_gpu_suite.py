@@ -99,18 +99,22 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                             "grep -o 'num_commands=[0-9]*; updated_allocs=[0-9]*' {log} | sort | uniq -c; "
                             "grep -m 1 -o 'KV cache[^;]*' {log}")
 
+    def with_picked_config(variable: str, pick: str, argv: list[str], env: str = "") -> list[str]:
+        """``argv`` with ``$variable`` set to what the shell command ``pick`` prints (and ``env``, ``NAME=value``
+        words); fails, so ``argv`` does not run, if ``pick`` fails."""
+        return ["bash", "-c", f'cfg="$({pick})" && export {variable}="$cfg" && echo "config: $cfg" && {env} '
+                              + shlex.join(argv)]
+
     def probe_best(fmt: str, argv: list[str]) -> list[str]:
         """``argv`` with ``$PAGEDJAX_MATMUL_CONFIG`` set to probe-gemv-words' fastest current-kernel config for ``fmt``."""
         pick = f"{PY} scripts/probe_gemv_words.py --best-config {results}/probe-gemv-words.json --fmt {fmt}"
-        return ["bash", "-c", f'cfg="$({pick})" && export PAGEDJAX_MATMUL_CONFIG="$cfg" && echo "config: $cfg" && '
-                              + shlex.join(argv)]
+        return with_picked_config("PAGEDJAX_MATMUL_CONFIG", pick, argv)
 
     def swiglu_best(rows: int, min_rows: int, argv: list[str]) -> list[str]:
         """``argv`` with the fused gate/up kernel on at ``min_rows`` rows and up, at bench-swiglu's fastest tiling
         for ``rows``; fails (so it is not run) if no tiling beat XLA there."""
         pick = f"{PY} scripts/bench_swiglu.py --best-config {results}/swiglu.json --rows {rows}"
-        return ["bash", "-c", f'cfg="$({pick})" && export PAGEDJAX_SWIGLU_CONFIG="$cfg" && echo "config: $cfg" '
-                              f'&& PAGEDJAX_SWIGLU_MIN_ROWS={min_rows} ' + shlex.join(argv)]
+        return with_picked_config("PAGEDJAX_SWIGLU_CONFIG", pick, argv, f"PAGEDJAX_SWIGLU_MIN_ROWS={min_rows}")
 
     return [
         # Where a batch-256 decode step's device time goes (tput-short's decode steps: 13.7 ms, run 6).
