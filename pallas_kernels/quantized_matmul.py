@@ -47,6 +47,7 @@ from pallas_kernels.env_config import dataclass_from_env
 from pallas_kernels.gpu_info import core_count
 
 FORMATS = ("dense", "int8", "int4")
+GEMV_CONVERSIONS = ("cvt", "exponent", "permute")
 MIN_ROWS = 16  # tensor-core tile height
 
 
@@ -81,11 +82,15 @@ class MatmulConfig:
     # instead of a cross-thread reduction of every tile (int4 then dequantizes each weight).
     # Measured in the 8B model on the H200 (NOTES.md, run 16a): AWQ TPOT 6.60 -> 4.74 ms.
     gemv_defer_reduction: bool = True
-    # GEMV: int4 nibbles and int8 values become float32 by the exponent trick (OR the integer into
-    # the mantissa of 2^23 and subtract 2^23: a logic op and an add, both full rate) instead of an
-    # integer-to-float conversion, which runs at a quarter of the FMA rate. Run 16a: no gain in the
-    # model (AWQ TPOT 4.75 ms with it, 4.74 without), 1-2% in isolation; off.
-    gemv_magic_convert: bool = False
+    # GEMV: how int4 nibbles and int8 values become float32 (``GEMV_CONVERSIONS``):
+    # "cvt": an integer-to-float conversion each (a quarter of the FMA rate).
+    # "exponent": OR the integer into the mantissa of 2^23 and subtract 2^23, written in jnp (Triton
+    #   emits ~5 instructions a weight: widen, add, OR, subtract). Run 16a: no gain in the model (AWQ
+    #   TPOT 4.75 ms with it, 4.74 without), 1-2% in isolation.
+    # "permute": the same exponent trick in inline PTX on whole 32-bit words: one byte permute (PRMT)
+    #   a weight places it in the mantissa, one subtract, the nibble masks shared by 4 bytes (~2
+    #   instructions a weight). Compiled on GPUs only; the interpreter runs "exponent" (same values).
+    gemv_convert: str = "cvt"
     # GEMV: 1 issues each step's weight loads a step ahead of its arithmetic (``double_buffered_loop``).
     # Triton's pipeliner leaves loads that feed no dot alone (NOTES.md, after run 16b), so at 0 each
     # step waits a memory latency for its own tile. None: 1 for int8, 0 otherwise (run 17a, w_gate_up
@@ -193,8 +198,34 @@ def _small_ints_as_f32(v: jax.Array, offset: int = 0) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32) - (_TWO_23 + offset)
 
 
+# Inline PTX for the "permute" conversion: ``prmt.b32 d, a, e, sel`` builds d from the bytes of a (indices 0-3) and of
+# e = 0x4B000000 (indices 4-7); selector 0x744j gives the bytes (a.byte_j, 0, 0, 0x4B), the bits of 2^23 + byte_j.
+def _bytes_ptx(*prologue: str) -> str:
+    """PTX of one ``elementwise_inline_asm`` instance: ``prologue`` turns the input word ``$4`` into ``u``, four
+    unsigned bytes, whose float32 bits ``2^23 + byte`` are the outputs ``$0``-``$3``."""
+    permutes = [f"prmt.b32 ${j}, u, e, {0x7440 + j:#x};" for j in range(4)]
+    return "\n".join(["{", ".reg .b32 u, e;", "mov.b32 e, 0x4B000000;", *prologue, *permutes, "}"])
+
+
+_PERMUTES = {  # name -> (PTX, the value to subtract from 2^23 + byte)
+    "int8": (_bytes_ptx("xor.b32 u, $4, 0x80808080;"), _TWO_23 + 128),  # signed + 128 (each sign bit flipped)
+    "low_nibbles": (_bytes_ptx("and.b32 u, $4, 0x0F0F0F0F;"), _TWO_23),
+    "high_nibbles": (_bytes_ptx("shr.u32 u, $4, 4;", "and.b32 u, u, 0x0F0F0F0F;"), _TWO_23),
+}
+
+
+def _permute_to_f32(kind: str, w: jax.Array) -> jax.Array:
+    """8-bit integers ``w`` -> float32 exactly (``_PERMUTES[kind]``: int8 values, or the nibbles of bytes), four bytes
+    (one 32-bit register) an asm instance, then one subtract each. One result a call: JAX's lowering of the
+    primitive returns only the first of several."""
+    ptx, offset = _PERMUTES[kind]
+    (bits,) = pltriton.elementwise_inline_asm(ptx, args=[w], constraints="=r,=r,=r,=r,r", pack=4,
+                                              result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)])
+    return lax.bitcast_convert_type(bits, jnp.float32) - offset
+
+
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
-                 defer_reduction: bool, magic_convert: bool, prefetch: int):
+                 defer_reduction: bool, convert: str, prefetch: int):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -202,7 +233,7 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     arithmetic for nothing and its small tiles kept too few bytes in flight (benchmarks/NOTES.md,
     run 6); here a program streams wide tiles and only reads and adds. ``defer_reduction``:
     the tile products accumulate elementwise and are summed over K once, after the loop.
-    ``magic_convert``: integer weights become float32 through ``_small_ints_as_f32``.
+    ``convert``: how integer weights become float32 (``MatmulConfig.gemv_convert``).
     ``prefetch``: each step's weight loads are issued a step ahead (``double_buffered_loop``; Triton
     pipelines only loads that feed a dot, so otherwise each step waits for its own tile).
     """
@@ -235,12 +266,19 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
             s, z = s.astype(jnp.float32), z.astype(jnp.float32)
             x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
             x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
-            if magic_convert:
+            if convert == "permute":
+                q_lo = _permute_to_f32("low_nibbles", packed)
+                q_hi = _permute_to_f32("high_nibbles", packed)
+            elif convert == "exponent":
                 packed = packed.astype(jnp.int32)
-                return s, z, x_lo, _small_ints_as_f32(packed & 0xF), x_hi, _small_ints_as_f32(packed >> 4)
-            return s, z, x_lo, (packed & 0xF).astype(jnp.float32), x_hi, (packed >> 4).astype(jnp.float32)
+                q_lo, q_hi = _small_ints_as_f32(packed & 0xF), _small_ints_as_f32(packed >> 4)
+            else:
+                q_lo, q_hi = (packed & 0xF).astype(jnp.float32), (packed >> 4).astype(jnp.float32)
+            return s, z, x_lo, q_lo, x_hi, q_hi
         (w,) = loaded
-        if magic_convert and fmt == "int8":
+        if fmt == "int8" and convert == "permute":
+            w = _permute_to_f32("int8", w)
+        elif fmt == "int8" and convert == "exponent":
             w = _small_ints_as_f32(w.astype(jnp.int32), offset=128)
         return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w.astype(jnp.float32)
 
@@ -398,12 +436,16 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     prefetch = (1 if fmt == "int8" else 0) if config.gemv_prefetch is None else config.gemv_prefetch
     if prefetch not in (0, 1):
         raise ValueError(f"gemv_prefetch must be 0 or 1 (loads a step ahead), got {config.gemv_prefetch}")
+    if config.gemv_convert not in GEMV_CONVERSIONS:
+        raise ValueError(f"gemv_convert must be one of {GEMV_CONVERSIONS}, got {config.gemv_convert!r}")
+    # Inline PTX runs only compiled; the interpreter takes the same exponent trick written in jnp (equal values).
+    convert = "exponent" if interpret and config.gemv_convert == "permute" else config.gemv_convert
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
-                               magic_convert=config.gemv_magic_convert, prefetch=prefetch)
+                               convert=convert, prefetch=prefetch)
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),

@@ -45,12 +45,9 @@ SHAPES_SMOKE = {"wqkv": (256, 128, 2), "w_gate_up": (256, 384, 2), "w_down": (38
 # Kernel tilings tried by --sweep: (block_n, block_k, programs_per_core, num_warps, num_stages).
 # int4 tiles K by its packing block whatever block_k says.
 # One-row GEMV form (--sweep-form gemv): (gemv_block_n, gemv_block_k, programs_per_core, gemv_num_warps, stages,
-# gemv_defer_reduction, gemv_magic_convert). The first is the default.
-GEMV_SWEEP = ((128, 128, 2, 8, 4, False, False), (128, 128, 2, 8, 4, True, False), (128, 64, 2, 8, 4, True, False),
-              (64, 128, 2, 4, 4, True, False), (128, 64, 4, 4, 6, True, False), (256, 64, 2, 8, 4, True, False),
-              (128, 32, 2, 8, 4, True, False), (128, 64, 4, 4, 6, False, False),
-              (128, 128, 2, 8, 4, False, True), (128, 128, 2, 8, 4, True, True), (128, 64, 2, 8, 4, True, True),
-              (64, 128, 2, 4, 4, True, True), (256, 64, 2, 8, 4, True, True), (128, 64, 4, 4, 6, True, True))
+# gemv_defer_reduction, gemv_convert). The first is the default; the rest the byte-permute conversion around it.
+GEMV_SWEEP = ((128, 32, 8, 4, 1, True, "cvt"), (128, 32, 8, 4, 1, True, "permute"), (128, 64, 8, 4, 1, True, "permute"),
+              (256, 32, 8, 4, 1, True, "permute"), (64, 64, 8, 4, 1, True, "permute"), (128, 32, 16, 4, 1, True, "permute"))
 SWEEP = ((64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 256, 2, 4, 4), (256, 128, 1, 4, 4), (128, 256, 1, 8, 3),
          (256, 256, 1, 8, 3), (128, 512, 1, 4, 3), (64, 256, 2, 4, 4), (128, 128, 4, 4, 4), (256, 64, 2, 4, 6))
 VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")
@@ -263,7 +260,7 @@ def main(argv=None):
                         config = MatmulConfig(gemv_block_n=block_n, gemv_block_k=block_k,
                                               gemv_programs_per_core=per_core, gemv_num_warps=warps,
                                               gemv_num_stages=stages, gemv_defer_reduction=gemv_flags[0],
-                                              gemv_magic_convert=gemv_flags[1])
+                                              gemv_convert=gemv_flags[1])
                     try:
                         row = time_variant(variant, K, N, 1, interpret=interpret, repeats=repeats, config=config,
                                            stream_bytes=stream, min_calls=calls)

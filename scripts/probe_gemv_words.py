@@ -175,7 +175,7 @@ def check(interpret: bool, K: int = 512, N: int = 256) -> list[str]:
 TILINGS = ((128, 4, 3, 8, 0), (128, 4, 1, 8, 1), (128, 4, 1, 4, 1), (64, 4, 1, 8, 1), (64, 4, 1, 16, 1),
            (64, 2, 1, 16, 1), (256, 8, 1, 4, 1), (64, 4, 1, 8, 0))
 BEST_16A = qmm.MatmulConfig(gemv_block_n=128, gemv_block_k=64, gemv_programs_per_core=4, gemv_num_warps=4,
-                            gemv_num_stages=6, gemv_defer_reduction=True, gemv_magic_convert=True)
+                            gemv_num_stages=6, gemv_defer_reduction=True, gemv_convert="exponent")
 
 
 # The current (byte-tile) kernel: its default, run 16a's best, and its loads issued a step ahead (gemv_prefetch).

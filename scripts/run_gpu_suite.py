@@ -25,8 +25,9 @@ PY = sys.executable
 MODEL = "benchmarks/models/llama-3.1-8b"
 # The prefill launch's block-table prefetch and longest-first order off (both the default since run 15c).
 NO_PREFETCH = '{"prefill_prefetch_pages": false, "prefill_longest_first": false}'
-MAGIC = '{"gemv_magic_convert": true}'  # the GEMV's integer-to-float by the exponent trick (run 15, unmeasured)
-DEFER_MAGIC = '{"gemv_magic_convert": true, "gemv_defer_reduction": true}'  # and the sum over K after the loop
+MAGIC = '{"gemv_convert": "exponent"}'  # the GEMV's integer-to-float by the exponent trick (run 15)
+PERMUTE = '{"gemv_convert": "permute"}'  # the same trick in inline PTX, a byte permute a weight (run 22)
+DEFER_MAGIC = '{"gemv_convert": "exponent", "gemv_defer_reduction": true}'  # and the sum over K after the loop
 MOSAIC = '{"prefill_kernel": "mosaic"}'  # the Mosaic GPU prefill launch (run 17; the default from run 18a)
 TRITON = '{"prefill_kernel": "triton"}'  # the Triton prefill launch in every step (the default before run 18a)
 # XLA's command buffers (CUDA graphs): Pallas's Triton custom calls captured like XLA's own kernels, and none at all.
@@ -419,6 +420,18 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                      f"{results}/latency-bf16-tp2.json"), 150),
         ("latency-bf16-tp2-vmm", vmm(VMM, latency(None, "--tensor-parallel-size", "2", "--output-json",
                                                   f"{results}/latency-bf16-tp2-vmm.json")), 150),
+        # Issue 8, batch 1: the GEMV's integer-to-float conversion by byte permutes in inline PTX (gemv_convert
+        # "permute"): compiled correctness, then the model at batch 1 against the defaults in the same lease, then
+        # the four layer shapes in isolation around the default tiles.
+        ("gpu-tests-permute", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "permute", "tests/test_quantized_matmul.py"],
+         120),
+        ("latency-int8-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
+            "int8", "--output-json", f"{results}/latency-int8-permute.json"), 100),
+        ("latency-awq-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-permute.json"), 100),
+        ("matmul-sweep-permute", matmul("matmul-sweep-permute", "--rows", "1", "--variants", "pallas-int8",
+                                        "--sweep", "--sweep-form", "gemv", "--sweep-shapes", "w_gate_up,wqkv,w_down,wo",
+                                        "--sweep-variants", "pallas-int8,pallas-int4"), 240),
         ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
             "profile-idle-1-host", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",
             "--precompile-steps", "off", "--host-events"), 90),
@@ -428,7 +441,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
-REQUIRES = {"tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
+REQUIRES = {"latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
+            "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}
 
 

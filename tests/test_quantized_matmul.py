@@ -74,12 +74,17 @@ CPU_CASES = [
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=False)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_defer_reduction=False)),
     ("dense", 1, 256, 192, 0, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=False)),
-    # Integer weights to float32 by the exponent trick (gemv_magic_convert), both reductions.
-    ("int4", 1, 512, 192, 64, jnp.bfloat16, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_magic_convert=True,
+    # Integer weights to float32 by the exponent trick (gemv_convert), both reductions; "permute" is the same trick
+    # in inline PTX (compiled on GPUs; the interpreter runs the jnp form).
+    ("int4", 1, 512, 192, 64, jnp.bfloat16, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_convert="exponent",
                                                          gemv_defer_reduction=False)),
-    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_magic_convert=True,
+    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_convert="exponent",
                                                       gemv_defer_reduction=True)),
-    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_magic_convert=True, gemv_defer_reduction=True)),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_convert="exponent", gemv_defer_reduction=True)),
+    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_convert="permute")),
+    ("int8", 1, 224, 96, 0, jnp.bfloat16, MatmulConfig(gemv_convert="permute", gemv_defer_reduction=False)),
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_convert="permute")),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_convert="permute", gemv_defer_reduction=False)),
     # Weight loads issued a step ahead (gemv_prefetch), even and odd step counts, split, both reductions.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=1, gemv_defer_reduction=False)),
@@ -119,16 +124,17 @@ def test_small_ints_become_float32_exactly_without_a_conversion():
     np.testing.assert_array_equal(np.asarray(_small_ints_as_f32(int8, offset=128)), np.arange(-128, 128))
 
 
-@pytest.mark.parametrize("rows,defer", [(100, False), (1, False), (1, True)])
+@pytest.mark.parametrize("rows,defer,convert", [(100, False, "cvt"), (1, False, "cvt"), (1, True, "exponent"),
+                                                (1, True, "permute")])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
-def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer):
+def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert):
     """The Triton lowering (not only the interpreter) accepts every format, in the dot form (two
     row tiles) and the one-row GEMV form (both reductions): cross-platform lowering on CPU."""
     rng = np.random.default_rng(0)
     kernel, _ = KERNELS[fmt]
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
     x = jnp.ones((rows, 1024), jnp.bfloat16)
-    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_magic_convert=defer, gemv_prefetch=int(defer))
+    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_convert=convert, gemv_prefetch=int(defer))
     fn = jax.jit(functools.partial(kernel, interpret=False, config=config, **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -175,6 +181,8 @@ GPU_CASES = [
     (fmt, M, K, N, 128, jnp.bfloat16, MatmulConfig())
     for fmt in ("dense", "int8", "int4")
     for M, K, N in ((1, 4096, 6144), (16, 14336, 4096), (64, 4096, 1024))
+] + [(fmt, 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="permute"))  # inline PTX: only compiled here
+       for fmt in ("int8", "int4") for K, N in ((4096, 6144), (14336, 4096))
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
       ("int8", 256, 4096, 4096, 128, jnp.bfloat16, MatmulConfig()), ("int4", 200, 14336, 4096, 128, jnp.bfloat16,
                                                                      MatmulConfig())]
