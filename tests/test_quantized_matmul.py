@@ -188,8 +188,13 @@ GPU_CASES = [
                                                                      MatmulConfig())]
 
 
+def case_id(value):
+    """Test ids name a config's conversion, so ``-k permute`` picks the inline-PTX cases."""
+    return f"convert-{value.gemv_convert}" if isinstance(value, MatmulConfig) else None
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,M,K,N,group,dtype,config", GPU_CASES)
+@pytest.mark.parametrize("fmt,M,K,N,group,dtype,config", GPU_CASES, ids=case_id)
 def test_kernel_matches_reference_on_gpu(fmt, M, K, N, group, dtype, config):
     run_case(fmt, M, K, N, group, dtype, config, interpret=False)
 
