@@ -90,7 +90,9 @@ class MatmulConfig:
     # "permute": the same exponent trick in inline PTX on whole 32-bit words: one byte permute (PRMT)
     #   a weight places it in the mantissa, one subtract, the nibble masks shared by 4 bytes (~2
     #   instructions a weight). Compiled on GPUs only; the interpreter runs "exponent" (same values).
-    gemv_convert: str = "cvt"
+    #   Run 22a (H200, 8B at batch 1, same lease): AWQ TPOT 3.85 -> 3.41 ms, int8 3.59 -> 3.57 (the int8 GEMV is not
+    #   bound by its conversions); in isolation int4 wqkv / wo / w_gate_up -26% / -28% / -12%.
+    gemv_convert: str = "permute"
     # GEMV: 1 issues each step's weight loads a step ahead of its arithmetic (``double_buffered_loop``).
     # Triton's pipeliner leaves loads that feed no dot alone (NOTES.md, after run 16b), so at 0 each
     # step waits a memory latency for its own tile. None: 1 for int8, 0 otherwise (run 17a, w_gate_up

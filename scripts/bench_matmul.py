@@ -45,7 +45,8 @@ SHAPES_SMOKE = {"wqkv": (256, 128, 2), "w_gate_up": (256, 384, 2), "w_down": (38
 # Kernel tilings tried by --sweep: (block_n, block_k, programs_per_core, num_warps, num_stages).
 # int4 tiles K by its packing block whatever block_k says.
 # One-row GEMV form (--sweep-form gemv): (gemv_block_n, gemv_block_k, programs_per_core, gemv_num_warps, stages,
-# gemv_defer_reduction, gemv_convert). The first is the default; the rest the byte-permute conversion around it.
+# gemv_defer_reduction, gemv_convert): the default tiles with the conversion before run 22a (cvt) and the default
+# (permute), then tilings around it.
 GEMV_SWEEP = ((128, 32, 8, 4, 1, True, "cvt"), (128, 32, 8, 4, 1, True, "permute"), (128, 64, 8, 4, 1, True, "permute"),
               (256, 32, 8, 4, 1, True, "permute"), (64, 64, 8, 4, 1, True, "permute"), (128, 32, 16, 4, 1, True, "permute"))
 SWEEP = ((64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 256, 2, 4, 4), (256, 128, 1, 4, 4), (128, 256, 1, 8, 3),

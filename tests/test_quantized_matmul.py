@@ -74,16 +74,16 @@ CPU_CASES = [
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=False)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_defer_reduction=False)),
     ("dense", 1, 256, 192, 0, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=False)),
-    # Integer weights to float32 by the exponent trick (gemv_convert), both reductions; "permute" is the same trick
-    # in inline PTX (compiled on GPUs; the interpreter runs the jnp form).
+    # Integer weights to float32 (gemv_convert): the exponent trick, both reductions; "permute" (the default) is the
+    # same trick in inline PTX, compiled on GPUs only (the interpreter runs the jnp form); "cvt" converts each.
     ("int4", 1, 512, 192, 64, jnp.bfloat16, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_convert="exponent",
                                                          gemv_defer_reduction=False)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_convert="exponent",
                                                       gemv_defer_reduction=True)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_convert="exponent", gemv_defer_reduction=True)),
-    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_convert="permute")),
+    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_convert="cvt")),
     ("int8", 1, 224, 96, 0, jnp.bfloat16, MatmulConfig(gemv_convert="permute", gemv_defer_reduction=False)),
-    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_convert="permute")),
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_convert="cvt")),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_convert="permute", gemv_defer_reduction=False)),
     # Weight loads issued a step ahead (gemv_prefetch), even and odd step counts, split, both reductions.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
@@ -181,7 +181,7 @@ GPU_CASES = [
     (fmt, M, K, N, 128, jnp.bfloat16, MatmulConfig())
     for fmt in ("dense", "int8", "int4")
     for M, K, N in ((1, 4096, 6144), (16, 14336, 4096), (64, 4096, 1024))
-] + [(fmt, 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="permute"))  # inline PTX: only compiled here
+] + [(fmt, 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="cvt"))  # the default before run 22a
        for fmt in ("int8", "int4") for K, N in ((4096, 6144), (14336, 4096))
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
       ("int8", 256, 4096, 4096, 128, jnp.bfloat16, MatmulConfig()), ("int4", 200, 14336, 4096, 128, jnp.bfloat16,
