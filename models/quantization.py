@@ -486,13 +486,27 @@ def _swiglu_min_rows_from_env() -> Optional[int]:
     return int(text)
 
 
+FP8_DOT_OUTPUTS = ("float32", "activation")
+
+
+def _fp8_dot_output_from_env() -> str:
+    """``$PAGEDJAX_FP8_DOT_OUTPUT``: the fp8 dot's result type before the scales are applied (``FP8_DOT_OUTPUTS``):
+    float32, or the activations' type (bf16), which halves the bytes the GEMM writes and the scaling pass reads
+    back in large steps, at the cost of one more rounding at the activations' precision. Default float32."""
+    value = os.environ.get("PAGEDJAX_FP8_DOT_OUTPUT", "").strip().lower() or "float32"
+    if value not in FP8_DOT_OUTPUTS:
+        raise ValueError(f"PAGEDJAX_FP8_DOT_OUTPUT must be one of {FP8_DOT_OUTPUTS}, got {value!r}")
+    return value
+
+
 def _fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
     """Per-token dynamic activation scales, fp8 x fp8 matmul with both operands K-major."""
     x32 = x.astype(jnp.float32)
     x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), 1e-12) / FP8_MAX
     xq = (x32 / x_scale).astype(jnp.float8_e4m3fn)
-    acc = jax.lax.dot_general(xq, w.q, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return (acc * x_scale * w.scale).astype(x.dtype)
+    dot_type = jnp.float32 if _fp8_dot_output_from_env() == "float32" else x.dtype
+    acc = jax.lax.dot_general(xq, w.q, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=dot_type)
+    return (acc.astype(jnp.float32) * x_scale * w.scale).astype(x.dtype)
 
 
 def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend()) -> jax.Array:

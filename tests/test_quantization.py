@@ -209,6 +209,20 @@ def test_quantized_logits_close_to_dense_and_kernel_matches_xla(tiny, method):
         assert relative_error(kernel, xla) < 1e-5
 
 
+def test_fp8_dot_in_the_activation_type_keeps_logits_close(tiny, monkeypatch):
+    """``$PAGEDJAX_FP8_DOT_OUTPUT=activation``: the fp8 dot returns bf16 before the scales (one more rounding)."""
+    rng = np.random.default_rng()
+    quant = load_model(tiny, dtype="bfloat16", quantization="fp8")
+    batch, pages = ragged_batch(quant.config, rng)
+    float32_dot = logits_of(quant, batch, pages + 1)
+    monkeypatch.setenv("PAGEDJAX_FP8_DOT_OUTPUT", "activation")
+    err = relative_error(logits_of(quant, batch, pages + 1), float32_dot)
+    assert err < 0.05, f"bf16 fp8-dot output moved the logits by {err:.3f}"
+    monkeypatch.setenv("PAGEDJAX_FP8_DOT_OUTPUT", "float16x")
+    with pytest.raises(ValueError, match="PAGEDJAX_FP8_DOT_OUTPUT"):
+        logits_of(quant, batch, pages + 1)
+
+
 # ------------------------------------------------------------------ AWQ / GPTQ / FP8 checkpoints on disk
 
 
