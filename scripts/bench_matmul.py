@@ -44,11 +44,12 @@ SHAPES_8B = {"wqkv": (4096, 6144, 32), "wo": (4096, 4096, 32), "w_gate_up": (409
 SHAPES_SMOKE = {"wqkv": (256, 128, 2), "w_gate_up": (256, 384, 2), "w_down": (384, 256, 2), "lm_head": (128, 512, 1)}
 # Kernel tilings tried by --sweep: (block_n, block_k, programs_per_core, num_warps, num_stages).
 # int4 tiles K by its packing block whatever block_k says.
-# One-row GEMV form (--sweep-form gemv): (gemv_block_n, gemv_block_k, programs_per_core, gemv_num_warps, stages,
-# gemv_defer_reduction, gemv_convert): the default tiles with the conversion before run 22a (cvt) and the default
-# (permute), then tilings around it.
-GEMV_SWEEP = ((128, 32, 8, 4, 1, True, "cvt"), (128, 32, 8, 4, 1, True, "permute"), (128, 64, 8, 4, 1, True, "permute"),
-              (256, 32, 8, 4, 1, True, "permute"), (64, 64, 8, 4, 1, True, "permute"), (128, 32, 16, 4, 1, True, "permute"))
+# One-row GEMV form (--sweep-form gemv): MatmulConfig fields changed from the defaults; the first, the defaults
+# themselves, then the conversion before run 22a (cvt), tilings around the defaults, and loads a step ahead or not
+# (the default: ahead for int8 only).
+GEMV_SWEEP = ({}, dict(gemv_convert="cvt"), dict(gemv_block_k=64), dict(gemv_block_n=256),
+              dict(gemv_block_n=64, gemv_block_k=64), dict(gemv_programs_per_core=16), dict(gemv_prefetch=0),
+              dict(gemv_prefetch=1))
 SWEEP = ((64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 256, 2, 4, 4), (256, 128, 1, 4, 4), (128, 256, 1, 8, 3),
          (256, 256, 1, 8, 3), (128, 512, 1, 4, 3), (64, 256, 2, 4, 4), (128, 128, 4, 4, 4), (256, 64, 2, 4, 6))
 VARIANTS = ("xla-bf16", "pallas-bf16", "xla-int8", "pallas-int8", "xla-int4", "pallas-int4", "xla-fp8")
@@ -252,16 +253,13 @@ def main(argv=None):
         for name in args.sweep_shapes.split(","):
             K, N, _ = shapes[name]
             for variant in args.sweep_variants.split(","):
-                for block_n, block_k, per_core, warps, stages, *gemv_flags in (SWEEP if args.sweep_form == "dot"
-                                                                                else GEMV_SWEEP):
+                for tiling in (SWEEP if args.sweep_form == "dot" else GEMV_SWEEP):
                     if args.sweep_form == "dot":
+                        block_n, block_k, per_core, warps, stages = tiling
                         config = MatmulConfig(block_n=block_n, block_k=block_k, programs_per_core=per_core,
                                               num_warps=warps, num_stages=stages, gemv=False)
                     else:
-                        config = MatmulConfig(gemv_block_n=block_n, gemv_block_k=block_k,
-                                              gemv_programs_per_core=per_core, gemv_num_warps=warps,
-                                              gemv_num_stages=stages, gemv_defer_reduction=gemv_flags[0],
-                                              gemv_convert=gemv_flags[1])
+                        config = MatmulConfig(**tiling)
                     try:
                         row = time_variant(variant, K, N, 1, interpret=interpret, repeats=repeats, config=config,
                                            stream_bytes=stream, min_calls=calls)

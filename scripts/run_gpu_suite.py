@@ -433,9 +433,14 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "int8", "--output-json", f"{results}/latency-int8-permute.json"), 100),
         ("latency-awq-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-permute.json"), 100),
-        ("matmul-sweep-permute", matmul("matmul-sweep-permute", "--rows", "1", "--variants", "pallas-int8",
-                                        "--sweep", "--sweep-form", "gemv", "--sweep-shapes", "w_gate_up,wqkv,w_down,wo",
-                                        "--sweep-variants", "pallas-int8,pallas-int4"), 240),
+        # (run 22a as matmul-sweep-permute, with the sweep list of then)
+        ("matmul-sweep-gemv-shapes", matmul("matmul-sweep-gemv-shapes", "--rows", "1", "--variants", "pallas-int8",
+                                            "--sweep", "--sweep-form", "gemv", "--sweep-shapes",
+                                            "w_gate_up,wqkv,w_down,wo", "--sweep-variants", "pallas-int8,pallas-int4"),
+         240),
+        # int4 with its weight loads a step ahead (off for int4 since run 17a, when its conversions bound it).
+        ("latency-awq-prefetch", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_prefetch": 1}'] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-prefetch.json"), 100),
         ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
             "profile-idle-1-host", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",
             "--precompile-steps", "off", "--host-events"), 90),
