@@ -175,6 +175,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # pass reads (~176 MB a layer).
         ("tput-short-fp8-bf16dot", ["env", "PAGEDJAX_FP8_DOT_OUTPUT=activation"] + tput(
             "tput-short", "--quantization", "fp8", "--output-json", f"{results}/tput-short-fp8-bf16dot.json"), 200),
+        # tput-long under JAX's pool allocator against the VMM default in the same lease (run 22a: 9,690 under VMM, 3%
+        # under run 14a's 10,024 with the pool allocator, another lease).
+        ("tput-long-bfc", ["env", "XLA_PYTHON_CLIENT_ALLOCATOR=bfc", "PAGEDJAX_CACHE_DIR=/tmp/cache-bfc"] + tput(
+            "tput-long", "--output-json", f"{results}/tput-long-bfc.json"), 300),
         ("tput-short-fp8-f32dot", ["env", "PAGEDJAX_FP8_DOT_OUTPUT=float32"] + tput(
             "tput-short", "--quantization", "fp8", "--output-json", f"{results}/tput-short-fp8-f32dot.json"), 200),
         ("tput-short-fp8-kvfp8", tput("tput-short", "--quantization", "fp8", "--kv-cache-dtype", "fp8"), 150),
