@@ -179,6 +179,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # under run 14a's 10,024 with the pool allocator, another lease).
         ("tput-long-bfc", ["env", "XLA_PYTHON_CLIENT_ALLOCATOR=bfc", "PAGEDJAX_CACHE_DIR=/tmp/cache-bfc"] + tput(
             "tput-long", "--output-json", f"{results}/tput-long-bfc.json"), 300),
+        # tput-short's decode steps read short contexts (128-256 tokens, 2 KV tiles of 128 a program: 3.5 TB/s in run
+        # 12b's 1024 x 192 profile, against 4.36 at 1536): 64-token KV steps there (the sweep of run 2 was at 2048).
+        ("tput-short-bf16-kv64", ["env", 'PAGEDJAX_ATTENTION_TILING={"decode_kv_tokens": 64}'] + tput(
+            "tput-short", "--output-json", f"{results}/tput-short-bf16-kv64.json"), 200),
         ("tput-short-fp8-f32dot", ["env", "PAGEDJAX_FP8_DOT_OUTPUT=float32"] + tput(
             "tput-short", "--quantization", "fp8", "--output-json", f"{results}/tput-short-fp8-f32dot.json"), 200),
         ("tput-short-fp8-kvfp8", tput("tput-short", "--quantization", "fp8", "--kv-cache-dtype", "fp8"), 150),
