@@ -440,6 +440,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # the four layer shapes in isolation around the default tiles.
         ("gpu-tests-permute", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "permute", "tests/test_quantized_matmul.py"],
          120),
+        # The new defaults (byte permutes in the GEMV) on the GPU: every compiled matmul case, and the engine's
+        # quantized kernels against XLA's dequantize-then-dot (greedy tokens), with the VMM test beside them.
+        ("gpu-tests-quantized", ["bash", "-c", f"{PY} -m pytest -q -m gpu tests/test_quantized_matmul.py && "
+                                              f"{PY} -m pytest -q -m gpu -k 'quantized or vmm' tests/test_engine_gpu.py"],
+         200),
         ("latency-int8-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
             "int8", "--output-json", f"{results}/latency-int8-permute.json"), 100),
         ("latency-awq-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
