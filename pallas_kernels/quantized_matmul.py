@@ -226,6 +226,17 @@ def _permute_to_f32(kind: str, w: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32) - offset
 
 
+def _integers_as_f32(v: jax.Array, kind: str, convert: str) -> jax.Array:
+    """The integers a weight tile ``v`` holds as float32, by ``convert`` (``MatmulConfig.gemv_convert``): ``kind``
+    "int8" (int8 values) or "low_nibbles" / "high_nibbles" (of uint8 bytes)."""
+    if convert == "permute":
+        return _permute_to_f32(kind, v)
+    ints = {"int8": v, "low_nibbles": v & 0xF, "high_nibbles": v >> 4}[kind]
+    if convert == "exponent":
+        return _small_ints_as_f32(ints.astype(jnp.int32), offset=128 if kind == "int8" else 0)
+    return ints.astype(jnp.float32)
+
+
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
                  defer_reduction: bool, convert: str, prefetch: int):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
@@ -268,21 +279,12 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
             s, z = s.astype(jnp.float32), z.astype(jnp.float32)
             x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
             x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
-            if convert == "permute":
-                q_lo = _permute_to_f32("low_nibbles", packed)
-                q_hi = _permute_to_f32("high_nibbles", packed)
-            elif convert == "exponent":
-                packed = packed.astype(jnp.int32)
-                q_lo, q_hi = _small_ints_as_f32(packed & 0xF), _small_ints_as_f32(packed >> 4)
-            else:
-                q_lo, q_hi = (packed & 0xF).astype(jnp.float32), (packed >> 4).astype(jnp.float32)
+            q_lo = _integers_as_f32(packed, "low_nibbles", convert)
+            q_hi = _integers_as_f32(packed, "high_nibbles", convert)
             return s, z, x_lo, q_lo, x_hi, q_hi
         (w,) = loaded
-        if fmt == "int8" and convert == "permute":
-            w = _permute_to_f32("int8", w)
-        elif fmt == "int8" and convert == "exponent":
-            w = _small_ints_as_f32(w.astype(jnp.int32), offset=128)
-        return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w.astype(jnp.float32)
+        w = _integers_as_f32(w, "int8", convert) if fmt == "int8" else w.astype(jnp.float32)
+        return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w
 
     def step(i, acc, loaded):  # acc: [block_n]; each tile summed over K at once
         if fmt == "int4":
