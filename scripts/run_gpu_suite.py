@@ -183,6 +183,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # 12b's 1024 x 192 profile, against 4.36 at 1536): 64-token KV steps there (the sweep of run 2 was at 2048).
         ("tput-short-bf16-kv64", ["env", 'PAGEDJAX_ATTENTION_TILING={"decode_kv_tokens": 64}'] + tput(
             "tput-short", "--output-json", f"{results}/tput-short-bf16-kv64.json"), 200),
+        # Before adopting 64-token decode KV steps (+0.5-1.0% tput-short in runs 22c-d): tput-long's long contexts.
+        ("tput-long-kv64", ["env", 'PAGEDJAX_ATTENTION_TILING={"decode_kv_tokens": 64}'] + tput(
+            "tput-long", "--output-json", f"{results}/tput-long-kv64.json"), 300),
         ("tput-short-fp8-f32dot", ["env", "PAGEDJAX_FP8_DOT_OUTPUT=float32"] + tput(
             "tput-short", "--quantization", "fp8", "--output-json", f"{results}/tput-short-fp8-f32dot.json"), 200),
         ("tput-short-fp8-kvfp8", tput("tput-short", "--quantization", "fp8", "--kv-cache-dtype", "fp8"), 150),
