@@ -231,6 +231,11 @@ def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_
     )
 
 
+def _shapes_of(leaves: list[np.ndarray]) -> tuple:
+    """The key of a step's staged input buffers: its host inputs' shapes."""
+    return tuple(leaf.shape for leaf in leaves)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -443,7 +448,7 @@ class ModelRunner:
                   disable=not progress) as bar:
             if workers > 1:  # compiled here, several at once; else by each one's run below
                 leaves = {T: jax.tree.leaves(host) for T, host in host_inputs.items()}
-                staging = {T: self._staging_buffers(leaves[T], host) for T, host in host_inputs.items()}
+                staging = {T: self._staging_buffers(_shapes_of(leaves[T]), host) for T, host in host_inputs.items()}
                 compile_ahead([functools.partial(self.step_fn(T).lower, self.params, self.kv_cache, model_input,
                                                  self._sampled, feed, self._logits_buffer(T, take=False))
                                for T, (model_input, feed) in staging.items()]
@@ -545,14 +550,14 @@ class ModelRunner:
         re-recorded its ~580 kernels every step, ~1 ms of host time (benchmarks/NOTES.md, runs 20a-b). (XLA's
         own temporaries still move under JAX's default allocator: see ``engine/__init__``.)"""
         leaves = jax.tree.leaves((model_input, feed))
-        staged = self._stage(self._staging_buffers(leaves, (model_input, feed)), self._packed(leaves))
-        self._staged[tuple(leaf.shape for leaf in leaves)] = staged
+        key = _shapes_of(leaves)
+        staged = self._stage(self._staging_buffers(key, (model_input, feed)), self._packed(leaves))
+        self._staged[key] = staged
         return staged
 
-    def _staging_buffers(self, leaves: list[np.ndarray], host: tuple) -> tuple[ModelInput, jax.Array]:
-        """The device buffers steps of ``host``'s shapes (``(model_input, feed)``, flattened to ``leaves``) read:
-        zeros until a step's inputs are staged."""
-        key = tuple(leaf.shape for leaf in leaves)
+    def _staging_buffers(self, key: tuple, host: tuple) -> tuple[ModelInput, jax.Array]:
+        """The device buffers steps of ``host``'s shapes (``(model_input, feed)``; ``key``: ``_shapes_of`` its
+        leaves) read: zeros until a step's inputs are staged."""
         if key not in self._staged:
             self._staged[key] = jax.device_put(jax.tree.map(np.zeros_like, host), self._input_sharding)
         return self._staged[key]
