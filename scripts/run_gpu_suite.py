@@ -355,7 +355,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("probe-mixed-mgpu", [PY, "scripts/probe_mixed_mgpu.py", "--out", f"{results}/probe-mixed-mgpu.json"], 100),
         # Run 18: what bounds the int8 GEMV: its loads alone, its arithmetic, on the [K, N] rows and on tile-contiguous
         # copies, and the chain's cost per call (scripts/probe_gemv_bound.py).
-        ("probe-gemv-bound", [PY, "scripts/probe_gemv_bound.py", "--out", f"{results}/probe-gemv-bound.json"], 120),
+        ("probe-gemv-bound", [PY, "scripts/probe_gemv_bound.py", "--out", f"{results}/probe-gemv-bound.json"], 180),
         # Run 19: the int8 batch-1 step's launch gaps (~0.6 ms of its 4.27 ms TPOT, run 18c) against XLA's command
         # buffers (CUDA graphs): its Pallas GEMVs are custom calls, which may split the graphs into short runs. Each
         # with only its own programs; the HLO census says which kernels run inside graphs.
