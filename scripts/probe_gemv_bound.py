@@ -8,7 +8,7 @@ bf16 GEMV reads 3.7 TB/s. This times, in the same chain as ``bench_matmul.time_c
   tile): how fast this tiling can read at all. ``layout=rows`` reads ``[K, N]`` as the
   kernel does (a tile is ``block_k`` rows of 128 bytes, ``N`` bytes apart); ``layout=tiles``
   reads a copy laid out ``[N / block_n, K, block_n]`` (a program's tile is contiguous).
-- ``gemv``: the int8 GEMV's arithmetic (exponent-trick conversion, multiply-add into a
+- ``gemv``: the int8 GEMV's arithmetic (the engine's conversion; run 18a: the exponent trick; multiply-add into a
   ``[block_k, block_n]`` float32 tile, summed after the loop) on each layout.
 - ``gemv-x``: the same with each step's slice of ``x`` loaded with its weights (a step ahead with
   ``prefetch``), not in the step that uses it.
