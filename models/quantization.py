@@ -75,6 +75,19 @@ class Int8Weight:
 
 
 @struct.dataclass
+class Int8KMajorWeight:
+    """``W[K, N] = (q * scale[:, None]).T``: ``q`` int8 ``[..., N, K]`` (K-major), ``scale`` float32 ``[..., N]``.
+    The layout the K-major one-row GEMV reads (``pallas_kernels.quantized_matmul.int8_kmajor_matmul``); made by
+    ``quantization="int8"`` under ``$PAGEDJAX_INT8_LAYOUT=nk`` (experimental: unmeasured in the model)."""
+
+    q: jax.Array
+    scale: jax.Array
+
+    in_axes = {"q": -1, "scale": None}
+    out_axes = {"q": -2, "scale": -1}
+
+
+@struct.dataclass
 class Int4Weight:
     """4-bit weight in the kernel's block-packed layout (``pallas_kernels.quantized_matmul``).
 
@@ -106,7 +119,7 @@ class Fp8Weight:
     out_axes = {"q": -2, "scale": -1}
 
 
-QUANTIZED_WEIGHT_TYPES = (Int8Weight, Int4Weight, Fp8Weight)
+QUANTIZED_WEIGHT_TYPES = (Int8Weight, Int8KMajorWeight, Int4Weight, Fp8Weight)
 
 
 def is_quantized(w: Any) -> bool:
@@ -160,9 +173,23 @@ def _per_channel_scaled(w: jax.Array, largest: float) -> tuple[jax.Array, jax.Ar
     return w32 / scale[..., None, :], scale
 
 
-def quantize_int8(w: jax.Array) -> Int8Weight:
+INT8_LAYOUTS = ("kn", "nk")  # q stored [K, N] (Int8Weight), or [N, K] (Int8KMajorWeight)
+
+
+def int8_layout_from_env() -> str:
+    """``$PAGEDJAX_INT8_LAYOUT`` (``INT8_LAYOUTS``; default "kn"): how load-time int8 weights are stored."""
+    value = os.environ.get("PAGEDJAX_INT8_LAYOUT", "").strip().lower() or "kn"
+    if value not in INT8_LAYOUTS:
+        raise ValueError(f"PAGEDJAX_INT8_LAYOUT must be one of {INT8_LAYOUTS}, got {value!r}")
+    return value
+
+
+def quantize_int8(w: jax.Array, layout: str = "kn"):
     scaled, scale = _per_channel_scaled(w, 127.0)
-    return Int8Weight(q=jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8), scale=scale)
+    q = jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8)
+    if layout == "nk":
+        return Int8KMajorWeight(q=jnp.swapaxes(q, -1, -2), scale=scale)
+    return Int8Weight(q=q, scale=scale)
 
 
 def quantize_fp8(w: jax.Array) -> Fp8Weight:
@@ -185,10 +212,11 @@ def quantize_int4(w: jax.Array, group_size: int = INT4_GROUP_SIZE, dtype=None) -
                       group_size=g, pack=pack)
 
 
-def quantize_weight(w: jax.Array, method: str):
-    """The load-time quantization of one dense ``[..., K, N]`` weight by ``method``."""
+def quantize_weight(w: jax.Array, method: str, int8_layout: str = "kn"):
+    """The load-time quantization of one dense ``[..., K, N]`` weight by ``method`` (int8 stored by ``int8_layout``,
+    ``INT8_LAYOUTS``)."""
     if method == "int8":
-        return quantize_int8(w)
+        return quantize_int8(w, int8_layout)
     if method == "fp8":
         return quantize_fp8(w)
     if method in ("int4", "awq", "gptq"):  # awq/gptq here only for random (dummy) weights
@@ -200,7 +228,7 @@ def dequantize(w, dtype=jnp.float32) -> jax.Array:
     """The dense ``[..., K, N]`` weight ``w`` stands for (exact for the stored values)."""
     if isinstance(w, Int8Weight):
         return (w.q.astype(jnp.float32) * w.scale[..., None, :]).astype(dtype)
-    if isinstance(w, Fp8Weight):
+    if isinstance(w, (Fp8Weight, Int8KMajorWeight)):
         return jnp.swapaxes(w.q.astype(jnp.float32) * w.scale[..., :, None], -1, -2).astype(dtype)
     if isinstance(w, Int4Weight):
         stored = qmm.dequantize_int4(w.packed, w.scales, w.zeros, group_size=w.group_size, pack=w.pack)
@@ -247,11 +275,13 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
     its quantized form exists and the peak is the dense model plus one quantized tensor.
     ``shardings``: the dense params' shardings (a pytree like ``params``) or None."""
     layers = params["layers"]
+    layout = int8_layout_from_env()
     for name in QUANTIZED_LAYER_WEIGHTS:
         dense = layers.pop(name)
         sharding = None if shardings is None else shardings["layers"][name]
-        out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method), dense), sharding)
-        layers[name] = _quantizer(method, out)(dense)
+        out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method, None, layout), dense),
+                                                            sharding)
+        layers[name] = _quantizer(method, out, layout)(dense)
         del dense
     return params
 
@@ -263,12 +293,12 @@ QUANTIZER_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
 
 
 @functools.lru_cache(maxsize=None)
-def _quantizer(method: str, out_shardings=None):
-    """One jitted ``quantize_weight`` per method and output sharding, so weights of one shape (k and v
+def _quantizer(method: str, out_shardings=None, int8_layout: str = "kn"):
+    """One jitted ``quantize_weight`` per method, output sharding and int8 layout, so weights of one shape (k and v
     projections, gate and up) share a compile (``QUANTIZER_COMPILER_OPTIONS``: without autotuning each
     compiles in a fraction of a second, so compiling them several at once gained nothing, run 19b)."""
-    return jax.jit(functools.partial(quantize_weight, method=method), out_shardings=out_shardings,
-                   compiler_options=QUANTIZER_COMPILER_OPTIONS)
+    return jax.jit(functools.partial(quantize_weight, method=method, int8_layout=int8_layout),
+                   out_shardings=out_shardings, compiler_options=QUANTIZER_COMPILER_OPTIONS)
 
 
 # --------------------------------------------------------------------------------------
@@ -469,7 +499,8 @@ class LinearBackend:
             return False
         if self.kernel == "auto":
             on_gpu = jax.default_backend() == "gpu"
-            return on_gpu and (isinstance(w, Int4Weight) or (isinstance(w, Int8Weight) and rows == 1))
+            return on_gpu and (isinstance(w, Int4Weight)
+                               or (isinstance(w, (Int8Weight, Int8KMajorWeight)) and rows == 1))
         return self.kernel == "pallas"
 
 
@@ -519,6 +550,10 @@ def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend()) -> jax.Arr
         if kernel:
             return qmm.int8_matmul(x, w.q, w.scale, interpret=backend.interpret)
         return qmm.int8_matmul_reference(x, w.q, w.scale)
+    if isinstance(w, Int8KMajorWeight):  # the kernel's one-row GEMV; more rows are XLA's dot inside it too
+        if kernel:
+            return qmm.int8_kmajor_matmul(x, w.q, w.scale, interpret=backend.interpret)
+        return qmm.int8_kmajor_matmul_reference(x, w.q, w.scale)
     if isinstance(w, Int4Weight):
         if w.perm is not None:
             x = jnp.take(x, w.perm, axis=-1)

@@ -11,6 +11,10 @@ Formats of ``W`` (the caller's weight types live in ``models.quantization``):
 
 - ``dense``: ``w[K, N]`` bf16/f16/f32.
 - ``int8``: ``q[K, N]`` int8 with one scale per output column, ``W = q * scale[N]``.
+- int8 K-major (``int8_kmajor_matmul``; experimental, unmeasured in the model): ``qt[N, K]``, ``W = (qt * scale[:,
+  None]).T``. One row runs a GEMV whose tile is ``block_n`` columns of ``block_k`` contiguous K bytes, so each step's
+  sum over K stays in a thread's registers and a program carries a ``[block_n]`` accumulator (the ``[K, N]`` GEMV
+  carries ``[block_k, block_n]``: 32 registers a thread at its default tiles); more rows go to XLA's dot.
 - ``int4``: two 4-bit values per byte, ``packed[K/2, N]`` uint8, grouped scales and zeros
   ``scales[K/g, N]``, ``zeros[K/g, N]``, ``W[k] = (nibble(k) - zeros[k//g]) * scales[k//g]``.
   Packing works in blocks of ``pack`` rows (``pack`` divides ``g``): in block ``b``,
@@ -98,6 +102,10 @@ class MatmulConfig:
     # step waits a memory latency for its own tile. None: 1 for int8, 0 otherwise (run 17a, w_gate_up
     # at one row: int8 56.3 -> 47.6 us; int4 56.6 -> 60.6 us).
     gemv_prefetch: Optional[int] = None
+    # The K-major int8 GEMV (``int8_kmajor_matmul``): tile of kmajor_block_n columns x kmajor_block_k K bytes
+    # (upper bounds, as block_n / block_k); warps, programs per core, conversion and loads ahead as the GEMV's.
+    kmajor_block_n: int = 64
+    kmajor_block_k: int = 64
 
 
 # --------------------------------------------------------------------------------------
@@ -143,6 +151,11 @@ def dense_matmul_reference(x, w):
 
 def int8_matmul_reference(x, q, scale):
     acc = jnp.dot(x, q.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (acc * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def int8_kmajor_matmul_reference(x, qt, scale):
+    acc = lax.dot_general(x, qt.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return (acc * scale.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -318,6 +331,34 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k: int, steps: int, convert: str,
+                        prefetch: int):
+    """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over ``steps * block_k``
+    of K; each step's products summed over K at once (inside each thread for the most part: a tile row is
+    contiguous K), so the accumulator is one float32 a column."""
+    n, split = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    first_k = split * (steps * block_k)
+
+    def k_start(i):
+        return pl.multiple_of(first_k + i * block_k, block_k)
+
+    def load(i):  # past the last step, the last (the pair loop's look-ahead)
+        return pltriton.load(w_ref.at[cols, pl.ds(k_start(jnp.minimum(i, steps - 1)), block_k)],
+                             eviction_policy="evict_first")
+
+    def body(i, acc, w):
+        x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)
+        return acc + jnp.sum(x[None, :] * _integers_as_f32(w, "int8", convert), axis=1)
+
+    acc = jnp.zeros((block_n,), jnp.float32)
+    if prefetch:
+        acc = double_buffered_loop(steps, load, body, acc)
+    else:
+        acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
+    o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
+
+
 def double_buffered_loop(steps: int, load, body, acc):
     """``acc = body(i, acc, load(i))`` for ``i < steps``, each step's loads issued a step before its arithmetic.
 
@@ -435,21 +476,21 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
     return _add_splits(out, x.dtype)[:M]
 
 
-def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
-    """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
+def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool) -> tuple[int, str]:
+    """``(prefetch, convert)`` of a one-row kernel: loads a step ahead or not (``gemv_prefetch``; None: int8 only),
+    and the integer-to-float conversion (``gemv_convert``; inline PTX runs only compiled, so the interpreter takes
+    the same exponent trick written in jnp, equal values)."""
     prefetch = (1 if fmt == "int8" else 0) if config.gemv_prefetch is None else config.gemv_prefetch
     if prefetch not in (0, 1):
         raise ValueError(f"gemv_prefetch must be 0 or 1 (loads a step ahead), got {config.gemv_prefetch}")
     if config.gemv_convert not in GEMV_CONVERSIONS:
         raise ValueError(f"gemv_convert must be one of {GEMV_CONVERSIONS}, got {config.gemv_convert!r}")
-    # Inline PTX runs only compiled; the interpreter takes the same exponent trick written in jnp (equal values).
-    convert = "exponent" if interpret and config.gemv_convert == "permute" else config.gemv_convert
-    block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
-    num_steps = K // block_k
-    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
-    kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
-                               group_size=group_size, defer_reduction=config.gemv_defer_reduction,
-                               convert=convert, prefetch=prefetch)
+    return prefetch, "exponent" if interpret and config.gemv_convert == "permute" else config.gemv_convert
+
+
+def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name):
+    """``kernel`` over the grid ``(N / block_n, splits)`` of one-row programs, each writing ``block_n`` columns of
+    its split's partial sums; the splits added (``_add_splits``): ``[1, N]``."""
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),
@@ -458,9 +499,22 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
         out_shape=jax.ShapeDtypeStruct((splits, N), x.dtype if splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=config.gemv_num_warps, num_stages=config.gemv_num_stages),
         interpret=interpret,
-        name=f"{fmt}_weight_streaming_gemv",
+        name=name,
     )(x, w, *extras)
     return _add_splits(out, x.dtype)[None, :]
+
+
+def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
+    """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
+    prefetch, convert = _gemv_loop_settings(fmt, config, interpret)
+    block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
+    num_steps = K // block_k
+    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
+    kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
+                               group_size=group_size, defer_reduction=config.gemv_defer_reduction,
+                               convert=convert, prefetch=prefetch)
+    return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
+                         interpret=interpret, name=f"{fmt}_weight_streaming_gemv")
 
 
 _STATIC = ("config", "interpret")
@@ -482,6 +536,31 @@ def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret
         raise ValueError(f"int8 weights need q int8 [K, N] and scale [N]; got {q.dtype}{q.shape}, {scale.shape}")
     return _weight_streaming_matmul(x, q, (scale,), fmt="int8", K=K, N=N, group_size=0, pack=0, config=config,
                                     interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
+    """``x[M, K] @ (qt[N, K] * scale[N, None]).T`` with ``qt`` int8 stored K-major: one row by the K-major GEMV
+    (``_kmajor_gemv_kernel``), more rows by XLA's dot (which fuses the int8 convert into it)."""
+    N, K = qt.shape
+    if qt.dtype != jnp.int8 or scale.shape != (N,):
+        raise ValueError(f"K-major int8 weights need qt int8 [N, K] and scale [N]; got {qt.dtype}{qt.shape}, "
+                         f"{scale.shape}")
+    if x.ndim != 2 or x.shape[1] != K:
+        raise ValueError(f"x must be [M, K={K}], got shape {x.shape}")
+    if x.shape[0] != 1:
+        return int8_kmajor_matmul_reference(x, qt, scale)
+    config = config or default_config()
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    prefetch, convert = _gemv_loop_settings("int8", config, interpret)
+    block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
+    num_steps = K // block_k
+    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
+    kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
+                               convert=convert, prefetch=prefetch)
+    return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
+                         interpret=interpret, name="int8_kmajor_gemv")
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)

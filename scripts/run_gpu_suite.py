@@ -448,6 +448,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("gpu-tests-quantized", ["bash", "-c", f"{PY} -m pytest -q -m gpu tests/test_quantized_matmul.py && "
                                               f"{PY} -m pytest -q -m gpu -k 'quantized or vmm' tests/test_engine_gpu.py"],
          200),
+        # Issue 8, int8 at batch 1 (after probe-gemv-bound's kmajor rows): int8 weights stored [N, K] and the K-major
+        # GEMV (PAGEDJAX_INT8_LAYOUT=nk): compiled correctness, then batch-1 TPOT against latency-int8 in one lease.
+        ("gpu-tests-kmajor", ["bash", "-c", f"{PY} -m pytest -q -m gpu -k kmajor tests/test_quantized_matmul.py && "
+                                           f"{PY} -m pytest -q -m gpu -k 'quantized and nk' tests/test_engine_gpu.py"],
+         150),
+        ("latency-int8-nk", ["env", "PAGEDJAX_INT8_LAYOUT=nk"] + latency(
+            "int8", "--output-json", f"{results}/latency-int8-nk.json"), 100),
         ("latency-int8-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
             "int8", "--output-json", f"{results}/latency-int8-permute.json"), 100),
         ("latency-awq-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
@@ -469,7 +476,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
-REQUIRES = {"latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
+REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}
 

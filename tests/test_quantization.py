@@ -31,6 +31,7 @@ from models.quantization import (
     CheckpointQuantization,
     Fp8Weight,
     Int4Weight,
+    Int8KMajorWeight,
     Int8Weight,
     LinearBackend,
     QuantizationError,
@@ -207,6 +208,35 @@ def test_quantized_logits_close_to_dense_and_kernel_matches_xla(tiny, method):
     if method != "fp8":  # fp8 always runs through XLA's fp8 dot
         kernel = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
         assert relative_error(kernel, xla) < 1e-5
+
+
+def test_int8_stored_k_major_is_the_same_weight_and_model(tiny, monkeypatch):
+    """``$PAGEDJAX_INT8_LAYOUT=nk``: load-time int8 weights stored ``[N, K]`` dequantize to exactly the ``[K, N]``
+    layout's weights, the model's logits equal that layout's (XLA's dot and the K-major kernel, interpreted,
+    one decode row), q/k/v and gate/up still join, and a bad value is refused."""
+    rng = np.random.default_rng()
+    w = jnp.asarray(rng.standard_normal((2, 64, 96)) * 0.02, jnp.float32)
+    kn, nk = quantize_weight(w, "int8"), quantize_weight(w, "int8", int8_layout="nk")
+    assert isinstance(nk, Int8KMajorWeight) and nk.q.shape == (2, 96, 64)
+    np.testing.assert_array_equal(np.asarray(dequantize(nk)), np.asarray(dequantize(kn)))
+    row_major = load_model(tiny, dtype="float32", quantization="int8")
+    monkeypatch.setenv("PAGEDJAX_INT8_LAYOUT", "nk")
+    k_major = load_model(tiny, dtype="float32", quantization="int8")
+    assert all(isinstance(k_major.params["layers"][n], Int8KMajorWeight) for n in QUANTIZED_LAYER_WEIGHTS)
+    config = row_major.config
+    for lengths in ((5, 17, 9), (1,)):  # a prompt step, and one decode row (the GEMV)
+        batch, pages = ragged_batch(config, rng, lengths=lengths)
+        want = logits_of(row_major, batch, pages + 1)
+        assert relative_error(logits_of(k_major, batch, pages + 1), want) < 1e-5
+        kernel = logits_of(k_major, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
+        assert relative_error(kernel, want) < 1e-5
+    from models.llama import fuse_projections
+    fused = fuse_projections({"layers": dict(k_major.params["layers"])})["layers"]
+    assert isinstance(fused["w_gate_up"], Int8KMajorWeight)
+    assert fused["w_gate_up"].q.shape[-2] == 2 * config.intermediate_size
+    monkeypatch.setenv("PAGEDJAX_INT8_LAYOUT", "kmajor")
+    with pytest.raises(ValueError, match="PAGEDJAX_INT8_LAYOUT"):
+        load_model(tiny, dtype="float32", quantization="int8")
 
 
 def test_fp8_dot_in_the_activation_type_keeps_logits_close(tiny, monkeypatch):

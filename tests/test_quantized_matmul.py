@@ -140,6 +140,54 @@ def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert):
     assert text.count("__gpu$xla.gpu.triton") == 1
 
 
+KMAJOR_CASES = [  # (M, K, N, dtype, config): the K-major int8 GEMV at one row (split, loads ahead or not), XLA's dot
+    (1, 512, 256, jnp.bfloat16, MatmulConfig()),
+    (1, 384, 96, jnp.float32, MatmulConfig(k_splits=3, kmajor_block_k=32, kmajor_block_n=32)),
+    (1, 224, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=0)),  # 7 steps
+    (1, 256, 128, jnp.float32, MatmulConfig(gemv_convert="cvt")),
+    (5, 256, 128, jnp.float32, MatmulConfig()),
+]
+
+
+def run_kmajor_case(M, K, N, dtype, config, *, interpret):
+    from pallas_kernels.quantized_matmul import int8_kmajor_matmul, int8_kmajor_matmul_reference
+
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    qt = jnp.asarray(rng.integers(-127, 128, (N, K)), jnp.int8)
+    scale = jnp.asarray(rng.uniform(0.005, 0.02, N), jnp.float32)
+    out = int8_kmajor_matmul(x, qt, scale, config=config, interpret=interpret)
+    exact = np.asarray(x, np.float64) @ (np.asarray(qt, np.float64) * np.asarray(scale, np.float64)[:, None]).T
+    assert out.shape == (M, N) and out.dtype == x.dtype
+    for name, got in (("kernel", out), ("reference", int8_kmajor_matmul_reference(x, qt, scale))):
+        err = np.abs(np.asarray(got, np.float64) - exact).max() / np.abs(exact).max()
+        assert err < RTOL[dtype], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
+
+
+@pytest.mark.parametrize("M,K,N,dtype,config", KMAJOR_CASES)
+def test_kmajor_int8_matches_reference_interpret(M, K, N, dtype, config):
+    run_kmajor_case(M, K, N, dtype, config, interpret=True)
+
+
+def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
+    from pallas_kernels.quantized_matmul import int8_kmajor_matmul
+
+    x, qt, scale = jnp.ones((1, 1024), jnp.bfloat16), jnp.ones((512, 1024), jnp.int8), jnp.ones((512,), jnp.float32)
+    fn = jax.jit(functools.partial(int8_kmajor_matmul, interpret=False))
+    assert fn.trace(x, qt, scale).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
+    with pytest.raises(ValueError, match="scale"):
+        int8_kmajor_matmul(x, qt, jnp.ones((1024,)))
+    with pytest.raises(ValueError, match="x must be"):
+        int8_kmajor_matmul(jnp.ones((1, 512)), qt, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
+def test_kmajor_int8_matches_reference_on_gpu(K, N):
+    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(), interpret=False)
+
+
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
     rng = np.random.default_rng()
     values = rng.integers(0, 16, (256, 48))
