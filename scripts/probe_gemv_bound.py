@@ -14,12 +14,14 @@ bf16 GEMV reads 3.7 TB/s. This times, in the same chain as ``bench_matmul.time_c
   ``prefetch``), not in the step that uses it.
 - ``null``: a kernel that writes its output and reads nothing: the chain's cost per call;
   ``null-1``: the same from one K split (no partial sums for XLA to add).
-- ``layout=kmajor`` (``gemv``, ``gemv-x``): the weight transposed, ``[N, K]``: a tile is ``block_n`` columns of
-  ``block_k`` contiguous K bytes, so each step's sum over K stays inside a thread's registers and the program keeps
-  a ``[block_n]`` accumulator instead of the ``[block_k, block_n]`` one the other layouts carry to the loop's end
-  (32 registers a thread at the default tiles). Hypothesis after run 22a (the byte-permute conversion left the int8
-  GEMV where it was): the accumulator's registers cap the programs a multiprocessor holds, and so the bytes in
-  flight. Weights are converted as the engine's default does (``gemv_convert``: byte permutes when compiled).
+- ``kmajor-gemv``: the engine's K-major int8 GEMV (``quantized_matmul.int8_kmajor_matmul``) on the weight
+  transposed, ``[N, K]``: a tile is ``block_n`` columns of ``block_k`` contiguous K bytes, so each step's sum over K
+  stays inside a thread's registers and the program keeps a ``[block_n]`` accumulator instead of the
+  ``[block_k, block_n]`` one the layouts above carry to the loop's end (32 registers a thread at the default
+  tiles). Hypothesis after run 22a (the byte-permute conversion left the int8 GEMV where it was): the accumulator's
+  registers cap the programs a multiprocessor holds, and so the bytes in flight.
+
+Weights are converted as the engine's default does (``gemv_convert``: byte permutes when compiled).
 
 Run 18a (H200): the loads alone ~30 us net of the chain (3.9 TB/s), the GEMV ~40.5 us, tile-contiguous
 copies < 8% faster, the chain 9.6 us a call: the arithmetic's structure binds, not the access pattern.
@@ -45,8 +47,7 @@ from jax.experimental.pallas import triton as pltriton  # noqa: E402
 
 from pallas_kernels import quantized_matmul as qmm  # noqa: E402
 
-LAYOUTS = ("rows", "tiles", "kmajor")
-READ_LAYOUTS = ("rows", "tiles")
+LAYOUTS = ("rows", "tiles")
 KINDS = ("read", "gemv", "gemv-x", "null", "null-1")
 
 
@@ -69,10 +70,7 @@ def _kernel(x_ref, w_ref, scale_ref, o_ref, *, kind, layout, block_k, block_n, s
 
     def load(i):
         rows = pl.ds(k_start(jnp.minimum(i, steps - 1)), block_k)
-        if layout == "rows":
-            tile = w_ref.at[rows, cols]
-        else:
-            tile = w_ref.at[n, rows, :] if layout == "tiles" else w_ref.at[cols, rows]
+        tile = w_ref.at[rows, cols] if layout == "rows" else w_ref.at[n, rows, :]
         w = pltriton.load(tile, eviction_policy="evict_first")
         return (w, x_ref[0, rows]) if kind == "gemv-x" else w  # gemv-x: x's slice issued with the weights
 
@@ -80,11 +78,6 @@ def _kernel(x_ref, w_ref, scale_ref, o_ref, *, kind, layout, block_k, block_n, s
         def body(i, acc, w):
             return acc ^ w
         acc = jnp.zeros((block_k, block_n), jnp.int32)
-    elif layout == "kmajor":  # w: [block_n, block_k]; each step's sum over K inside the thread
-        def body(i, acc, loaded):
-            w, x = loaded if kind == "gemv-x" else (loaded, x_ref[0, pl.ds(k_start(i), block_k)])
-            return acc + jnp.sum(x.astype(jnp.float32)[None, :] * qmm._integers_as_f32(w, "int8", convert), axis=1)
-        acc = jnp.zeros((block_n,), jnp.float32)
     else:
         def body(i, acc, loaded):
             w, x = loaded if kind == "gemv-x" else (loaded, x_ref[0, pl.ds(k_start(i), block_k)])
@@ -94,7 +87,7 @@ def _kernel(x_ref, w_ref, scale_ref, o_ref, *, kind, layout, block_k, block_n, s
         acc = qmm.double_buffered_loop(steps, load, body, acc)
     else:
         acc = lax.fori_loop(0, steps, lambda i, a: body(i, a, load(i)), acc)
-    total = acc if acc.ndim == 1 else jnp.sum(acc.astype(jnp.float32) if kind == "read" else acc, axis=0)
+    total = jnp.sum(acc.astype(jnp.float32) if kind == "read" else acc, axis=0)
     if kind.startswith("gemv"):
         total = total * scale_ref[cols].astype(jnp.float32)
     o_ref[...] = total
@@ -104,11 +97,11 @@ def _kernel(x_ref, w_ref, scale_ref, o_ref, *, kind, layout, block_k, block_n, s
                                              "programs_per_core", "prefetch", "interpret"))
 def probe_gemv(x, w, scale, *, kind, layout, block_k=32, block_n=128, num_warps=4, programs_per_core=8, prefetch=1,
                interpret=False):
-    """``x[1, K]`` times the int8 weight ``w`` (``[K, N]``, ``as_tiles`` or ``[N, K]``; for ``read``, int32 words of
-    it: ``block_n`` then counts words) -> ``[1, N]`` float32 (``read``: a checksum, ``null``: zeros; ``null-1``: zeros
+    """``x[1, K]`` times the int8 weight ``w`` (``[K, N]``, or ``as_tiles``; for ``read``, int32 words of it:
+    ``block_n`` then counts words) -> ``[1, N]`` float32 (``read``: a checksum, ``null``: zeros; ``null-1``: zeros
     from one K split, so no partial sums to add)."""
     K = x.shape[1]
-    N = {"rows": lambda: w.shape[1], "tiles": lambda: w.shape[0] * w.shape[2], "kmajor": lambda: w.shape[0]}[layout]()
+    N = w.shape[1] if layout == "rows" else w.shape[0] * w.shape[2]
     # The engine's conversion (byte permutes, compiled only); the interpreter's equal jnp form.
     convert = "exponent" if interpret else qmm.MatmulConfig().gemv_convert
     num_steps = K // block_k
@@ -130,8 +123,6 @@ def as_words(q: jax.Array) -> jax.Array:
 
 
 def weight_for(kind: str, layout: str, q: jax.Array, block_n: int) -> jax.Array:
-    if layout == "kmajor":
-        return q.T
     w = as_words(q) if kind == "read" else q
     return as_tiles(w, block_n // 4 if kind == "read" else block_n) if layout == "tiles" else w
 
@@ -161,11 +152,9 @@ def check(interpret: bool, K: int = 256, N: int = 512) -> list[str]:
             kw = dict(layout=layout, block_k=32, block_n=128, prefetch=prefetch, interpret=interpret)
             err = max(float(jnp.max(jnp.abs(probe_gemv(x, weight_for(kind, layout, w.q, 128), w.scale, kind=kind, **kw)
                                             - want_gemv)) / jnp.max(jnp.abs(want_gemv))) for kind in ("gemv", "gemv-x"))
-            read_err = 0.0
-            if layout in READ_LAYOUTS:
-                got_read = probe_gemv(x, weight_for("read", layout, w.q, 128), w.scale, kind="read",
-                                      **dict(kw, block_n=32))
-                read_err = float(jnp.max(jnp.abs(got_read - want_read)) / jnp.max(jnp.abs(want_read)))
+            got_read = probe_gemv(x, weight_for("read", layout, w.q, 128), w.scale, kind="read",
+                                  **dict(kw, block_n=32))
+            read_err = float(jnp.max(jnp.abs(got_read - want_read)) / jnp.max(jnp.abs(want_read)))
             lines.append(f"check {layout} prefetch={prefetch}: gemv max error / max |ref| = {err:.2e}, "
                          f"read checksum {read_err:.1e}")
             if err > 2e-2 or read_err > 1e-6:
@@ -176,9 +165,11 @@ def check(interpret: bool, K: int = 256, N: int = 512) -> list[str]:
 # (block_k, block_n bytes, warps, programs per core, loads ahead): the current default first.
 TILINGS = ((32, 128, 4, 8, 1), (32, 128, 4, 8, 0), (64, 128, 4, 8, 1), (32, 256, 4, 8, 1), (16, 512, 4, 8, 1),
            (32, 128, 4, 16, 1), (64, 256, 8, 4, 1))
-# The K-major layout's own: longer runs of K a column (each a thread's in-register sum), more programs a core.
-KMAJOR_TILINGS = ((32, 128, 4, 8, 1), (64, 64, 4, 8, 1), (128, 32, 4, 8, 1), (128, 64, 4, 16, 1), (256, 16, 4, 16, 1),
+# kmajor-gemv's, (kmajor_block_k, kmajor_block_n, warps, programs per core, loads ahead): the engine's default
+# first, then longer runs of K a column (each a thread's in-register sum) and more programs a core.
+KMAJOR_TILINGS = ((64, 64, 4, 8, 1), (32, 128, 4, 8, 1), (128, 32, 4, 8, 1), (128, 64, 4, 16, 1), (256, 16, 4, 16, 1),
                   (128, 32, 2, 16, 1), (64, 64, 4, 16, 0))
+
 
 
 def main(argv=None):
@@ -201,16 +192,21 @@ def main(argv=None):
         print(f"{label:48s} " + (f"{row['us']:7.1f} us {row['weight_tb_s']:.2f} TB/s" if "us" in row
                                  else row["error"]), flush=True)
 
+    def timed(label, fn, make):
+        try:
+            row = bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
+            row = dict(error=f"{type(e).__name__}: {e}"[:300])
+        record(label, row)
+
     for variant in ("xla-bf16", "pallas-int8"):
         fn, make, nbytes = bench_matmul.make_variant(variant, K, N, key, interpret)
         record(variant, bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing))
     nbytes = K * N  # the int8 weight's bytes (the scale's 4N left out)
     for kind in KINDS:
-        layouts = READ_LAYOUTS if kind == "read" else LAYOUTS if kind.startswith("gemv") else ("rows",)
-        for layout in layouts:
+        for layout in LAYOUTS if kind.startswith(("read", "gemv")) else ("rows",):
             # The x slices issued with the weights (gemv-x) and the kernels that read nothing: the default tiles only.
-            own = (KMAJOR_TILINGS[:1] if args.smoke else KMAJOR_TILINGS) if layout == "kmajor" else tilings
-            for block_k, block_n, warps, per_core, prefetch in own if kind in ("read", "gemv") else own[:1]:
+            for block_k, block_n, warps, per_core, prefetch in tilings if kind in ("read", "gemv") else tilings[:1]:
                 def make(k, block_n=block_n, kind=kind, layout=layout):
                     w = quantize_weight((jax.random.normal(k, (K, N)) * 0.02).astype(jnp.bfloat16), "int8")
                     return weight_for(kind, layout, w.q, block_n), w.scale
@@ -218,12 +214,17 @@ def main(argv=None):
                     lambda x, w, **kw: probe_gemv(x, w[0], w[1], **kw).astype(x.dtype), kind=kind, layout=layout,
                     block_k=block_k, block_n=block_n // 4 if kind == "read" else block_n, num_warps=warps,
                     programs_per_core=per_core, prefetch=prefetch, interpret=interpret)
-                label = f"{kind} {layout} {block_k}x{block_n} w={warps} ppc={per_core} ahead={prefetch}"
-                try:
-                    row = bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=key, **timing)
-                except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
-                    row = dict(error=f"{type(e).__name__}: {e}"[:300])
-                record(label, row)
+                timed(f"{kind} {layout} {block_k}x{block_n} w={warps} ppc={per_core} ahead={prefetch}", fn, make)
+
+    def make_kmajor(k):
+        w = quantize_weight((jax.random.normal(k, (K, N)) * 0.02).astype(jnp.bfloat16), "int8", int8_layout="nk")
+        return w.q, w.scale
+    for block_k, block_n, warps, per_core, prefetch in KMAJOR_TILINGS[:1] if args.smoke else KMAJOR_TILINGS:
+        config = qmm.MatmulConfig(kmajor_block_k=block_k, kmajor_block_n=block_n, gemv_num_warps=warps,
+                                  gemv_programs_per_core=per_core, gemv_prefetch=prefetch)
+        fn = functools.partial(lambda x, w, **kw: qmm.int8_kmajor_matmul(x, w[0], w[1], **kw), config=config,
+                               interpret=interpret)
+        timed(f"kmajor-gemv {block_k}x{block_n} w={warps} ppc={per_core} ahead={prefetch}", fn, make_kmajor)
     bench_matmul.write_probe(args.out, args.shape, rows)
 
 

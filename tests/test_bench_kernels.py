@@ -11,8 +11,6 @@ import os
 import subprocess
 import sys
 
-import jax.numpy as jnp
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_kernels.py")
 
@@ -167,23 +165,19 @@ def test_words_gemv_probe_matches_the_reference_and_picks_its_fastest_config(tmp
 
 
 def test_gemv_bound_probe_matches_the_reference(tmp_path):
-    """``scripts/probe_gemv_bound.py``: its int8 GEMV (on ``[K, N]`` rows, on tile-contiguous copies and on the
-    K-major transpose, loads in their step and a step ahead) equals the dequantize-then-dot reference, and its
-    loads-alone kernel returns the XOR checksum of the tiles it read, in interpret mode; ``--smoke`` times each kind
-    and writes the rows; the K-major GEMV lowers to Triton for CUDA."""
+    """``scripts/probe_gemv_bound.py``: its int8 GEMV (on ``[K, N]`` rows and on tile-contiguous copies, loads in
+    their step and a step ahead) equals the dequantize-then-dot reference, and its loads-alone kernel returns the
+    XOR checksum of the tiles it read, in interpret mode; ``--smoke`` times each kind (the engine's K-major GEMV
+    too) and writes the rows."""
     sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-    from probe_gemv_bound import check, main, probe_gemv
+    from probe_gemv_bound import check, main
 
-    assert len(check(interpret=True)) == 6
-    x, w, scale = jnp.ones((1, 512), jnp.bfloat16), jnp.ones((256, 512), jnp.int8), jnp.ones((256,), jnp.float32)
-    for kind in ("gemv", "gemv-x"):
-        text = probe_gemv.trace(x, w, scale, kind=kind, layout="kmajor", block_k=64, block_n=64).lower(
-            lowering_platforms=("cuda",)).as_text()
-        assert text.count("__gpu$xla.gpu.triton") == 1
+    assert len(check(interpret=True)) == 4
     main(["--smoke", "--out", str(tmp_path / "bound.json")])
     rows = json.loads((tmp_path / "bound.json").read_text())["rows"]
     kinds = {r["kernel"].split()[0] for r in rows}
-    assert {"read", "gemv", "gemv-x", "null", "null-1", "xla-bf16", "pallas-int8"} <= kinds and all("us" in r for r in rows), rows
+    assert {"read", "gemv", "gemv-x", "null", "null-1", "kmajor-gemv", "xla-bf16", "pallas-int8"} <= kinds and all(
+        "us" in r for r in rows), rows
 
 
 def test_command_buffer_census_counts_kernels_in_and_out_of_graphs(tmp_path):
