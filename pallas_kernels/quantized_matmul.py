@@ -445,12 +445,16 @@ def pad_rows(x: jax.Array, max_block_m: int) -> tuple[jax.Array, int]:
     return (x if rows == M else jnp.pad(x, ((0, rows - M), (0, 0)))), block_m
 
 
-def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
-    config = config or default_config()
+def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optional[bool]) -> tuple[MatmulConfig, bool]:
+    """A wrapper's ``(config, interpret)``: the defaults filled in (``default_config()``; compiled on GPU,
+    interpreted elsewhere), after checking that ``x`` is ``[M, K]``."""
     if x.ndim != 2 or x.shape[1] != K:
         raise ValueError(f"x must be [M, K={K}], got shape {x.shape}")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    return config or default_config(), jax.default_backend() != "gpu" if interpret is None else interpret
+
+
+def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
+    config, interpret = _call_settings(x, K, config, interpret)
     M = x.shape[0]
     if M == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
@@ -546,13 +550,9 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     if qt.dtype != jnp.int8 or scale.shape != (N,):
         raise ValueError(f"K-major int8 weights need qt int8 [N, K] and scale [N]; got {qt.dtype}{qt.shape}, "
                          f"{scale.shape}")
-    if x.ndim != 2 or x.shape[1] != K:
-        raise ValueError(f"x must be [M, K={K}], got shape {x.shape}")
+    config, interpret = _call_settings(x, K, config, interpret)
     if x.shape[0] != 1:
         return int8_kmajor_matmul_reference(x, qt, scale)
-    config = config or default_config()
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     prefetch, convert = _gemv_loop_settings("int8", config, interpret)
     block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
     num_steps = K // block_k
