@@ -212,7 +212,9 @@ def decode_tilings(smoke, quick=False):
     if smoke:
         return [Tiling(decode_kv_tokens=16, k_splits=None), Tiling(decode_kv_tokens=32, decode_warps=8)]
     grid = [(32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 2), (64, 8, 3),
-            (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 2), (128, 8, 3), (256, 4, 2)]
+            (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 2), (128, 8, 3), (256, 4, 2),
+            # two warps and one-page steps: for short contexts (tput-short's decodes read 129-256 tokens)
+            (16, 4, 2), (32, 2, 2), (64, 2, 2), (64, 2, 3), (128, 2, 2)]
     return [Tiling(decode_kv_tokens=kv, decode_warps=w, decode_stages=st) for kv, w, st in grid]
 
 
@@ -577,12 +579,39 @@ class Config:
     prefill_case: tuple = (4, 2048)  # (sequences, tokens): whole causal prompts, kv_len = tokens
 
 
+def parse_decode_cases(text: str) -> list:
+    """``"1024x192,448x1536"`` -> decode cases ``(sequences, context, [])`` (no extra split variants)."""
+    cases = []
+    for item in text.split(","):
+        seqs, _, ctx = item.partition("x")
+        if not (seqs.isdigit() and ctx.isdigit()):
+            raise ValueError(f"--decode-cases wants SEQSxCTX items like 1024x192, got {item!r}")
+        cases.append((int(seqs), int(ctx), []))
+    return cases
+
+
+def print_best_decode_tiling(path: str, case: str, min_gain: float = 0.03) -> int:
+    """``--best-decode-tiling``: 0, and the decode fields of ``case``'s fastest tiling printed as
+    ``$PAGEDJAX_ATTENTION_TILING``'s JSON, if it beats the default tiling there by ``min_gain``; else 1."""
+    with open(path) as f:
+        (result,) = [r for r in json.load(f) if r.get("name") == case]
+    default_us = result["default_tiling"].get("us")
+    if default_us is None or result["us"] > (1 - min_gain) * default_us:
+        print(f"{case}: the best tiling ({result['us']:.1f} us) is not {min_gain:.0%} under the default "
+              f"({default_us} us)", file=sys.stderr)
+        return 1
+    fields = ("decode_kv_tokens", "decode_warps", "decode_stages", "k_splits")
+    print(json.dumps({k: result["tiling"][k] for k in fields if result["tiling"][k] is not None}))
+    return 0
+
+
 def make_config(args):
     if args.smoke:
         return Config(True, jax.default_backend() != "gpu", 3, 1, Shape(4, 2, 64, 16), [(4, 64, [2]), (2, 128, [4])],
                       (2, 16, 4, 64), (4, 64), 2, 0, keep_best=1, prefill_case=(2, 64))
-    return Config(False, False, args.repeats, args.inner, Shape(),
-                  [(64, 2048, [] if args.quick else [2]), (256, 2048, []), (8, 8192, [4, 8, 16])],
+    cases = (parse_decode_cases(args.decode_cases) if args.decode_cases else
+             [(64, 2048, [] if args.quick else [2]), (256, 2048, []), (8, 8192, [4, 8, 16])])
+    return Config(False, False, args.repeats, args.inner, Shape(), cases,
                   (8, 512, 128, 4096), (64, 2048), 8, args.min_cache_gib << 30,
                   keep_best=3 if args.quick else 4, quick=args.quick, prefill_case=(4, 2048))
 
@@ -603,10 +632,19 @@ def main(argv=None):
     parser.add_argument("--sections", default="decode,mixed,kvwrite,prefill")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (interpret mode on CPU)")
     parser.add_argument("--quick", action="store_true", help="only the best decode tilings of earlier sweeps")
+    parser.add_argument("--decode-cases", default="",
+                        help="decode shapes instead of the protocol's, e.g. 1024x192,448x1536 (sequences x context); "
+                             "the first sweeps every tiling, later ones its best few and the default")
+    parser.add_argument("--best-decode-tiling", default=None, metavar="JSON",
+                        help="print the decode fields of --case's fastest tiling in this kernel-decode result as "
+                             "$PAGEDJAX_ATTENTION_TILING's JSON and exit 0 if it beats the default by 3%%, else 1")
+    parser.add_argument("--case", default="1024x192", help="the kernel-decode case --best-decode-tiling reads")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--min-cache-gib", type=int, default=5, help="grow the cache's layer count to this size")
     args = parser.parse_args(argv)
+    if args.best_decode_tiling:
+        sys.exit(print_best_decode_tiling(args.best_decode_tiling, args.case))
     cfg = make_config(args)
     os.makedirs(args.out, exist_ok=True)
     device = jax.devices()[0]

@@ -117,6 +117,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         pick = f"{PY} scripts/bench_swiglu.py --best-config {results}/swiglu.json --rows {rows}"
         return with_picked_config("PAGEDJAX_SWIGLU_CONFIG", pick, argv, f"PAGEDJAX_SWIGLU_MIN_ROWS={min_rows}")
 
+    def short_decode_best(argv: list[str]) -> list[str]:
+        """``argv`` with ``$PAGEDJAX_ATTENTION_TILING`` set to kernel-decode-short's fastest decode tiling at
+        1024 x 192; fails (so it is not run) unless that beat the default there by 3%."""
+        pick = (f'{PY} scripts/bench_kernels.py --case 1024x192 --best-decode-tiling '
+                f'"$(ls {results}/kernel-decode-*.json | head -1)"')
+        return with_picked_config("PAGEDJAX_ATTENTION_TILING", pick, argv)
+
     return [
         # Where a batch-256 decode step's device time goes (tput-short's decode steps: 13.7 ms, run 6).
         ("profile-decode", profile("profile-decode", "--step", "decode", "--batch", "256", "--ctx", "192"), 120),
@@ -455,6 +462,22 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          150),
         ("latency-int8-nk", ["env", "PAGEDJAX_INT8_LAYOUT=nk"] + latency(
             "int8", "--output-json", f"{results}/latency-int8-nk.json"), 100),
+        # Run 23a: the K-major GEMV at its default 64 x 64 tiles cost int8 0.98 ms a step (4.52 vs 3.54); the probe's
+        # fastest tiles (block_k x block_n 128 x 32 and 256 x 16, 45.6-46.2 us on w_gate_up against the GEMV's 52.5).
+        ("latency-int8-nk-128x32", ["env", "PAGEDJAX_INT8_LAYOUT=nk",
+                                    'PAGEDJAX_MATMUL_CONFIG={"kmajor_block_k": 128, "kmajor_block_n": 32}'] + latency(
+            "int8", "--output-json", f"{results}/latency-int8-nk-128x32.json"), 100),
+        ("latency-int8-nk-256x16", ["env", "PAGEDJAX_INT8_LAYOUT=nk",
+                                    'PAGEDJAX_MATMUL_CONFIG={"kmajor_block_k": 256, "kmajor_block_n": 16}'] + latency(
+            "int8", "--output-json", f"{results}/latency-int8-nk-256x16.json"), 100),
+        # Issue 9, tput-short: its decodes read 129-256 tokens a sequence, where the decode launch reads at 3.5 TB/s
+        # (run 12b) against 4.36 at tput-long's 448 x 1536; the tilings were swept at 64 x 2048 (run 2).
+        ("kernel-decode-short", [PY, "scripts/bench_kernels.py", "--sections", "decode", "--decode-cases",
+                                 "1024x192,448x1536", "--out", results], 200),
+        ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
+                                                             f"{results}/tput-short-bf16-shortbest.json")), 200),
+        ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
+                                                       f"{results}/tput-long-shortbest.json")), 300),
         ("latency-int8-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
             "int8", "--output-json", f"{results}/latency-int8-permute.json"), 100),
         ("latency-awq-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bench_kernels.py")
 
@@ -230,3 +232,27 @@ def test_swiglu_bench_smoke_times_both_ways_and_picks_a_tiling(tmp_path):
     assert won.returncode == 0 and json.loads(won.stdout) == {"block_m": 32, "block_n": 32, "block_k": 32,
                                                               "group_m": 2, "num_warps": 4, "num_stages": 2}
     assert lost.returncode == 1 and "no kernel tiling beats XLA" in lost.stderr
+
+
+def test_decode_cases_option_parses_shapes_and_rejects_bad_ones():
+    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    import bench_kernels
+
+    assert bench_kernels.parse_decode_cases("1024x192,448x1536") == [(1024, 192, []), (448, 1536, [])]
+    with pytest.raises(ValueError, match="SEQSxCTX"):
+        bench_kernels.parse_decode_cases("1024-192")
+
+
+def test_best_decode_tiling_is_printed_only_when_it_beats_the_default(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    import bench_kernels
+
+    best = dict(decode_kv_tokens=64, decode_warps=2, decode_stages=2, k_splits=None, prefill_q_rows=128)
+    record = [dict(name="1024x192", us=90.0, tiling=best, default_tiling=dict(tiling={}, us=100.0))]
+    path = tmp_path / "kernel-decode.json"
+    path.write_text(json.dumps(record))
+    assert bench_kernels.print_best_decode_tiling(str(path), "1024x192") == 0
+    assert json.loads(capsys.readouterr().out) == dict(decode_kv_tokens=64, decode_warps=2, decode_stages=2)
+    record[0]["us"] = 98.0  # 2% under the default: not worth a change
+    path.write_text(json.dumps(record))
+    assert bench_kernels.print_best_decode_tiling(str(path), "1024x192") == 1
