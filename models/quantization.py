@@ -78,7 +78,9 @@ class Int8Weight:
 class Int8KMajorWeight:
     """``W[K, N] = (q * scale[:, None]).T``: ``q`` int8 ``[..., N, K]`` (K-major), ``scale`` float32 ``[..., N]``.
     The layout the K-major one-row GEMV reads (``pallas_kernels.quantized_matmul.int8_kmajor_matmul``); made by
-    ``quantization="int8"`` under ``$PAGEDJAX_INT8_LAYOUT=nk`` (experimental: unmeasured in the model)."""
+    ``quantization="int8"`` by default (``$PAGEDJAX_INT8_LAYOUT``). Run 23b (H200, 8B at batch 1, same lease): TPOT
+    3.54 ms with ``Int8Weight`` and its GEMV -> 3.11 with this layout's GEMV (``kmajor_block_k`` 256 x
+    ``kmajor_block_n`` 16; 3.14 at 128 x 32, 4.52 at 64 x 64)."""
 
     q: jax.Array
     scale: jax.Array
@@ -181,11 +183,11 @@ def _choice_from_env(variable: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-INT8_LAYOUTS = ("kn", "nk")  # q stored [K, N] (Int8Weight; the default), or [N, K] (Int8KMajorWeight)
+INT8_LAYOUTS = ("nk", "kn")  # q stored [N, K] (Int8KMajorWeight; the default since run 23b), or [K, N] (Int8Weight)
 
 
 def int8_layout_from_env() -> str:
-    """``$PAGEDJAX_INT8_LAYOUT`` (``INT8_LAYOUTS``; default "kn"): how load-time int8 weights are stored."""
+    """``$PAGEDJAX_INT8_LAYOUT`` (``INT8_LAYOUTS``; default "nk"): how load-time int8 weights are stored."""
     return _choice_from_env("PAGEDJAX_INT8_LAYOUT", INT8_LAYOUTS)
 
 

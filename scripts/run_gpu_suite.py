@@ -474,6 +474,18 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # (run 12b) against 4.36 at tput-long's 448 x 1536; the tilings were swept at 64 x 2048 (run 2).
         ("kernel-decode-short", [PY, "scripts/bench_kernels.py", "--sections", "decode", "--decode-cases",
                                  "1024x192,448x1536", "--out", results], 200),
+        # Run 23b: 32-token decode KV steps read 1024 x 192 17% faster than the default's 128 (343.9 vs 411-431 us),
+        # level at 448 x 1536 (770.7 vs 777.4); in the model, tput-short +0.9% (one run each). A/B in one lease.
+        ("tput-short-bf16-kv32", ["env", 'PAGEDJAX_ATTENTION_TILING={"decode_kv_tokens": 32}'] + tput(
+            "tput-short", "--output-json", f"{results}/tput-short-bf16-kv32.json"), 200),
+        ("tput-long-kv32", ["env", 'PAGEDJAX_ATTENTION_TILING={"decode_kv_tokens": 32}'] + tput(
+            "tput-long", "--output-json", f"{results}/tput-long-kv32.json"), 300),
+        # int8 stored K-major (the default since run 23b) against [K, N] where steps have more than one row (XLA's dot
+        # on either layout, the int8 convert fused into it).
+        ("tput-short-int8", tput("tput-short", "--quantization", "int8", "--output-json",
+                                 f"{results}/tput-short-int8.json"), 200),
+        ("tput-short-int8-kn", ["env", "PAGEDJAX_INT8_LAYOUT=kn"] + tput(
+            "tput-short", "--quantization", "int8", "--output-json", f"{results}/tput-short-int8-kn.json"), 200),
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",

@@ -318,7 +318,8 @@ def test_params_and_kv_cache_sharded_as_specified(single_host, run):
 
 
 # Which axis of the dense [L, K, N] matrix each field of a quantized weight runs over.
-QUANTIZED_FIELD_AXES = {"int8": {"q": "kn", "scale": "n"}, "fp8": {"q": "nk", "scale": "n"},
+# (int8: the default K-major layout, Int8KMajorWeight.)
+QUANTIZED_FIELD_AXES = {"int8": {"q": "nk", "scale": "n"}, "fp8": {"q": "nk", "scale": "n"},
                         "int4": {"packed": "kn", "scales": "kn", "zeros": "kn"}}
 
 
