@@ -16,6 +16,9 @@ Formats of ``W`` (the caller's weight types live in ``models.quantization``):
   sum over K stays in a thread's registers and a program carries a ``[block_n]`` accumulator (the ``[K, N]`` GEMV
   carries ``[block_k, block_n]``); more rows go to XLA's dot. At 256 K bytes x 16 columns a program it took the 8B
   int8 batch-1 step from 3.54 to 3.11 ms (H200, run 23b).
+- int4 K-major (``int4_kmajor_matmul``; experimental, unmeasured on a GPU): every field of the ``int4`` form below
+  transposed (``packed_t[N, K/2]``, the same block packing along K; ``scales_t``, ``zeros_t`` ``[N, K/g]``). One row
+  runs the K-major GEMV on whole packing blocks a step; more rows go to the reference.
 - ``int4``: two 4-bit values per byte, ``packed[K/2, N]`` uint8, grouped scales and zeros
   ``scales[K/g, N]``, ``zeros[K/g, N]``, ``W[k] = (nibble(k) - zeros[k//g]) * scales[k//g]``.
   Packing works in blocks of ``pack`` rows (``pack`` divides ``g``): in block ``b``,
@@ -160,6 +163,12 @@ def int8_matmul_reference(x, q, scale):
 def int8_kmajor_matmul_reference(x, qt, scale):
     acc = lax.dot_general(x, qt.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return (acc * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def int4_kmajor_matmul_reference(x, packed_t, scales_t, zeros_t, *, group_size: int, pack: int):
+    """The K-major int4 form: every field of the ``[K, N]`` form with its last two axes swapped."""
+    t = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
+    return int4_matmul_reference(x, t(packed_t), t(scales_t), t(zeros_t), group_size=group_size, pack=pack)
 
 
 def int4_matmul_reference(x, packed, scales, zeros, *, group_size: int, pack: int):
@@ -360,6 +369,51 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
     else:
         acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
     o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
+
+
+def _int4_kmajor_gemv_kernel(x_ref, w_ref, scales_ref, zeros_ref, o_ref, *, block_n: int, step_bytes: int,
+                             steps: int, group_size: int, pack: int, convert: str, prefetch: int):
+    """One program of the K-major int4 GEMV: ``block_n`` output columns (rows of ``packed_t[N, K/2]``) over ``steps``
+    steps of ``step_bytes`` packed bytes (``2 * step_bytes`` of K). A step is whole packing blocks: block ``b``'s
+    ``pack / 2`` bytes a column hold K ``b*pack + j`` in their low nibbles and ``b*pack + pack/2 + j`` in their high
+    ones, so each multiplies a contiguous half of the block's slice of ``x``. Each block's sums over K stay in the
+    thread's registers, its group's scale and zero are applied per column (``s * (sum x q - z * sum x)``), and the
+    accumulator is one float32 a column."""
+    n, split = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    half = pack // 2
+    blocks = step_bytes // half
+    first_byte = split * (steps * step_bytes)
+
+    def byte_start(i):
+        return pl.multiple_of(first_byte + i * step_bytes, step_bytes)
+
+    def load(i):  # each packing block's bytes, scales and zeros; past the last step, the last
+        b0 = byte_start(jnp.minimum(i, steps - 1))
+        tiles = []
+        for b in range(blocks):
+            group = (b0 + b * half) * 2 // group_size
+            tiles.append((pltriton.load(w_ref.at[cols, pl.ds(b0 + b * half, half)], eviction_policy="evict_first"),
+                          scales_ref[cols, group], zeros_ref[cols, group]))
+        return tuple(tiles)
+
+    def body(i, acc, tiles):
+        b0 = byte_start(i)
+        for b, (packed, s, z) in enumerate(tiles):
+            k0 = 2 * (b0 + b * half)
+            x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
+            x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
+            dot = jnp.sum(x_lo[None, :] * _integers_as_f32(packed, "low_nibbles", convert)
+                          + x_hi[None, :] * _integers_as_f32(packed, "high_nibbles", convert), axis=1)
+            acc = acc + s.astype(jnp.float32) * (dot - z.astype(jnp.float32) * (jnp.sum(x_lo) + jnp.sum(x_hi)))
+        return acc
+
+    acc = jnp.zeros((block_n,), jnp.float32)
+    if prefetch:
+        acc = double_buffered_loop(steps, load, body, acc)
+    else:
+        acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
+    o_ref[...] = acc.astype(o_ref.dtype)
 
 
 def double_buffered_loop(steps: int, load, body, acc):
@@ -580,3 +634,39 @@ def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config:
         raise ValueError(f"int4 scales and zeros must be [K/g={groups}, N={N}], got {scales.shape}, {zeros.shape}")
     return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
                                     pack=pack, config=config, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
+def int4_kmajor_matmul(x, packed_t, scales_t, zeros_t, *, group_size: int, pack: int,
+                       config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
+    """``x[M, K] @ W`` for an int4 ``W`` stored K-major: ``packed_t[N, K/2]``, ``scales_t`` / ``zeros_t``
+    ``[N, K/g]`` (the ``[K, N]`` form's fields transposed, same block packing along K). One row by the K-major int4
+    GEMV (``_int4_kmajor_gemv_kernel``: ``kmajor_block_k`` bytes of K a step, i.e. whole packing blocks, for
+    ``kmajor_block_n`` columns); more rows by the reference (XLA writes a dequantized copy, then its dot: slower
+    than ``int4_matmul``'s tensor-core form of the ``[K, N]`` layout, so this layout is for batch-1 decoding)."""
+    N, half_k = packed_t.shape
+    K = 2 * half_k
+    if packed_t.dtype != jnp.uint8 or K % group_size or group_size % pack or K % pack:
+        raise ValueError(f"K-major int4 weights need packed uint8 [N, K/2] with pack ({pack}) dividing the group "
+                         f"size ({group_size}) and K ({K}); got {packed_t.dtype}{packed_t.shape}")
+    if scales_t.shape != (N, K // group_size) or zeros_t.shape != (N, K // group_size):
+        raise ValueError(f"K-major int4 scales and zeros must be [N={N}, K/g={K // group_size}], got "
+                         f"{scales_t.shape}, {zeros_t.shape}")
+    config, interpret = _call_settings(x, K, config, interpret)
+    if x.shape[0] != 1:
+        return int4_kmajor_matmul_reference(x, packed_t, scales_t, zeros_t, group_size=group_size, pack=pack)
+    prefetch, convert = _gemv_loop_settings("int4", config, interpret)
+    block_n = _largest_power_of_2_dividing(N, config.kmajor_block_n)
+    if block_n is None:
+        raise ValueError(f"N={N} must be a multiple of 16 for the Pallas matmul")
+    # Whole packing blocks a step: the largest power-of-two multiple of pack/2 bytes up to kmajor_block_k.
+    step_bytes = pack // 2
+    while step_bytes * 2 <= config.kmajor_block_k and half_k % (step_bytes * 2) == 0:
+        step_bytes *= 2
+    num_steps = half_k // step_bytes
+    splits = _k_splits(config, N // block_n, num_steps, step_bytes, config.gemv_programs_per_core)
+    kernel = functools.partial(_int4_kmajor_gemv_kernel, block_n=block_n, step_bytes=step_bytes,
+                               steps=num_steps // splits, group_size=group_size, pack=pack, convert=convert,
+                               prefetch=prefetch)
+    return _one_row_call(kernel, x, packed_t, (scales_t, zeros_t), N=N, block_n=block_n, splits=splits,
+                         config=config, interpret=interpret, name="int4_kmajor_gemv")

@@ -490,6 +490,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
                                                        f"{results}/tput-long-shortbest.json")), 300),
+        # int4 stored K-major (PAGEDJAX_INT4_LAYOUT=nk; int4_kmajor_matmul, built after run 23c): the structure that took
+        # int8 from 3.54 to 3.11 ms, against latency-awq (3.40) in the same lease. gpu-tests-kmajor checks it first.
+        ("latency-awq-nk", ["env", "PAGEDJAX_INT4_LAYOUT=nk"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-nk.json"), 100),
+        ("latency-awq-nk-128x32", ["env", "PAGEDJAX_INT4_LAYOUT=nk",
+                                   'PAGEDJAX_MATMUL_CONFIG={"kmajor_block_k": 128, "kmajor_block_n": 32}'] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-nk-128x32.json"), 100),
         ("latency-int8-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
             "int8", "--output-json", f"{results}/latency-int8-permute.json"), 100),
         ("latency-awq-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
