@@ -371,14 +371,16 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
     o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
 
 
-def _int4_kmajor_gemv_kernel(x_ref, w_ref, scales_ref, zeros_ref, o_ref, *, block_n: int, step_bytes: int,
-                             steps: int, group_size: int, pack: int, convert: str, prefetch: int):
+def _int4_kmajor_gemv_kernel(x_ref, w_ref, scales_ref, zeros_ref, x_sums_ref, o_ref, *, block_n: int, step_bytes: int,
+                             steps: int, group_size: int, pack: int, defer_reduction: bool, convert: str,
+                             prefetch: int):
     """One program of the K-major int4 GEMV: ``block_n`` output columns (rows of ``packed_t[N, K/2]``) over ``steps``
     steps of ``step_bytes`` packed bytes (``2 * step_bytes`` of K). A step is whole packing blocks: block ``b``'s
     ``pack / 2`` bytes a column hold K ``b*pack + j`` in their low nibbles and ``b*pack + pack/2 + j`` in their high
-    ones, so each multiplies a contiguous half of the block's slice of ``x``. Each block's sums over K stay in the
-    thread's registers, its group's scale and zero are applied per column (``s * (sum x q - z * sum x)``), and the
-    accumulator is one float32 a column."""
+    ones, so each multiplies a contiguous half of the block's slice of ``x``. A block adds
+    ``s * (sum x q) - s * z * sum x`` a column (its group's scale and zero; ``x_sums_ref``: ``sum x`` of every
+    block, summed outside). ``defer_reduction``: the products ``s * x * q`` accumulate in a ``[block_n, pack / 2]``
+    tile summed over K after the loop; else each block's are summed at once into a ``[block_n]`` accumulator."""
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     half = pack // 2
@@ -388,7 +390,7 @@ def _int4_kmajor_gemv_kernel(x_ref, w_ref, scales_ref, zeros_ref, o_ref, *, bloc
     def byte_start(i):
         return pl.multiple_of(first_byte + i * step_bytes, step_bytes)
 
-    def load(i):  # each packing block's bytes, scales and zeros; past the last step, the last
+    def load(i):  # each packing block's bytes, scale and zero; past the last step, the last
         b0 = byte_start(jnp.minimum(i, steps - 1))
         tiles = []
         for b in range(blocks):
@@ -397,23 +399,30 @@ def _int4_kmajor_gemv_kernel(x_ref, w_ref, scales_ref, zeros_ref, o_ref, *, bloc
                           scales_ref[cols, group], zeros_ref[cols, group]))
         return tuple(tiles)
 
-    def body(i, acc, tiles):
+    def body(i, carry, tiles):
+        products, offsets = carry  # products: [block_n, half] (deferred) or [block_n]; offsets: [block_n]
         b0 = byte_start(i)
         for b, (packed, s, z) in enumerate(tiles):
             k0 = 2 * (b0 + b * half)
+            s = s.astype(jnp.float32)
             x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
             x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
-            dot = jnp.sum(x_lo[None, :] * _integers_as_f32(packed, "low_nibbles", convert)
-                          + x_hi[None, :] * _integers_as_f32(packed, "high_nibbles", convert), axis=1)
-            acc = acc + s.astype(jnp.float32) * (dot - z.astype(jnp.float32) * (jnp.sum(x_lo) + jnp.sum(x_hi)))
-        return acc
+            xq = (x_lo[None, :] * _integers_as_f32(packed, "low_nibbles", convert)
+                  + x_hi[None, :] * _integers_as_f32(packed, "high_nibbles", convert))
+            products = products + (s[:, None] * xq if defer_reduction else s * jnp.sum(xq, axis=1))
+            offsets = offsets + s * z.astype(jnp.float32) * x_sums_ref[k0 // pack]
+        return products, offsets
 
-    acc = jnp.zeros((block_n,), jnp.float32)
+    carry = (jnp.zeros((block_n, half) if defer_reduction else (block_n,), jnp.float32),
+             jnp.zeros((block_n,), jnp.float32))
     if prefetch:
-        acc = double_buffered_loop(steps, load, body, acc)
+        carry = double_buffered_loop(steps, load, body, carry)
     else:
-        acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
-    o_ref[...] = acc.astype(o_ref.dtype)
+        carry = lax.fori_loop(0, steps, lambda i, c: body(i, c, load(i)), carry)
+    products, offsets = carry
+    if defer_reduction:
+        products = jnp.sum(products, axis=1)
+    o_ref[...] = (products - offsets).astype(o_ref.dtype)
 
 
 def double_buffered_loop(steps: int, load, body, acc):
@@ -666,7 +675,8 @@ def int4_kmajor_matmul(x, packed_t, scales_t, zeros_t, *, group_size: int, pack:
     num_steps = half_k // step_bytes
     splits = _k_splits(config, N // block_n, num_steps, step_bytes, config.gemv_programs_per_core)
     kernel = functools.partial(_int4_kmajor_gemv_kernel, block_n=block_n, step_bytes=step_bytes,
-                               steps=num_steps // splits, group_size=group_size, pack=pack, convert=convert,
-                               prefetch=prefetch)
-    return _one_row_call(kernel, x, packed_t, (scales_t, zeros_t), N=N, block_n=block_n, splits=splits,
+                               steps=num_steps // splits, group_size=group_size, pack=pack,
+                               defer_reduction=config.gemv_defer_reduction, convert=convert, prefetch=prefetch)
+    x_sums = x[0].astype(jnp.float32).reshape(K // pack, pack).sum(axis=1)  # each packing block's sum of x
+    return _one_row_call(kernel, x, packed_t, (scales_t, zeros_t, x_sums), N=N, block_n=block_n, splits=splits,
                          config=config, interpret=interpret, name="int4_kmajor_gemv")

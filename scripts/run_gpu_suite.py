@@ -494,6 +494,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # int8 from 3.54 to 3.11 ms, against latency-awq (3.40) in the same lease. gpu-tests-kmajor checks it first.
         ("latency-awq-nk", ["env", "PAGEDJAX_INT4_LAYOUT=nk"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-nk.json"), 100),
+        ("latency-awq-nk-eager", ["env", "PAGEDJAX_INT4_LAYOUT=nk", 'PAGEDJAX_MATMUL_CONFIG={"gemv_defer_reduction": false}']
+         + latency("awq", "--output-json", f"{results}/latency-awq-nk-eager.json"), 100),
         ("latency-awq-nk-128x32", ["env", "PAGEDJAX_INT4_LAYOUT=nk",
                                    'PAGEDJAX_MATMUL_CONFIG={"kmajor_block_k": 128, "kmajor_block_n": 32}'] + latency(
             "awq", "--output-json", f"{results}/latency-awq-nk-128x32.json"), 100),

@@ -194,6 +194,7 @@ INT4_KMAJOR_CASES = [  # (M, K, N, group, dtype, config): the K-major int4 GEMV 
     (1, 768, 96, 64, jnp.float32, MatmulConfig(k_splits=3, kmajor_block_k=64, kmajor_block_n=32)),  # pack 64
     (1, 448, 64, 32, jnp.float32, MatmulConfig(kmajor_block_k=16, gemv_prefetch=0)),  # pack 32, 14 steps
     (1, 512, 128, 128, jnp.float32, MatmulConfig(gemv_convert="cvt", gemv_prefetch=1)),
+    (1, 1024, 64, 128, jnp.float32, MatmulConfig(gemv_defer_reduction=False, k_splits=2)),  # each block summed at once
     (3, 512, 128, 128, jnp.float32, MatmulConfig()),
 ]
 
@@ -225,11 +226,11 @@ def test_kmajor_int4_lowers_to_triton_for_cuda_and_checks_its_inputs():
 
     x = jnp.ones((1, 1024), jnp.bfloat16)
     packed_t, scales_t = jnp.ones((512, 512), jnp.uint8), jnp.ones((512, 8), jnp.bfloat16)
-    for convert in GEMV_CONVERSIONS:
+    for convert, defer in [(c, True) for c in GEMV_CONVERSIONS] + [("permute", False)]:
         fn = jax.jit(functools.partial(int4_kmajor_matmul, group_size=128, pack=128, interpret=False,
-                                       config=MatmulConfig(gemv_convert=convert)))
+                                       config=MatmulConfig(gemv_convert=convert, gemv_defer_reduction=defer)))
         text = fn.trace(x, packed_t, scales_t, scales_t).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("__gpu$xla.gpu.triton") == 1, convert
+        assert text.count("__gpu$xla.gpu.triton") == 1, (convert, defer)
     with pytest.raises(ValueError, match="scales and zeros"):
         int4_kmajor_matmul(x, packed_t, scales_t[:, :4], scales_t, group_size=128, pack=128)
     with pytest.raises(ValueError, match="x must be"):
@@ -237,9 +238,10 @@ def test_kmajor_int4_lowers_to_triton_for_cuda_and_checks_its_inputs():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("defer", [True, False])
 @pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
-def test_kmajor_int4_matches_reference_on_gpu(K, N):
-    run_int4_kmajor_case(1, K, N, 128, jnp.bfloat16, MatmulConfig(), interpret=False)
+def test_kmajor_int4_matches_reference_on_gpu(K, N, defer):
+    run_int4_kmajor_case(1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=defer), interpret=False)
 
 
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
