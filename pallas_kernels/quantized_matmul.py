@@ -106,8 +106,9 @@ class MatmulConfig:
     # step waits a memory latency for its own tile. None: 1 for int8, 0 otherwise (run 17a, w_gate_up
     # at one row: int8 56.3 -> 47.6 us; int4 56.6 -> 60.6 us).
     gemv_prefetch: Optional[int] = None
-    # The K-major int8 GEMV (``int8_kmajor_matmul``): tile of kmajor_block_n columns x kmajor_block_k K bytes
-    # (upper bounds, as block_n / block_k); warps, programs per core, conversion and loads ahead as the GEMV's.
+    # The K-major GEMVs (``int8_kmajor_matmul``, ``int4_kmajor_matmul``): tile of kmajor_block_n columns x
+    # kmajor_block_k bytes of K (upper bounds, as block_n / block_k; int4: whole packing blocks); warps, programs per
+    # core, conversion, loads ahead (and for int4 the deferred sum) as the GEMV's.
     # Run 23a-b (H200, 8B int8 at batch 1): 64 x 64 TPOT 4.52 ms, block_k 128 x block_n 32 3.14, 256 x 16 3.11
     # (the [K, N] GEMV 3.54): long rows of K bytes a program, few columns.
     kmajor_block_n: int = 16
@@ -665,9 +666,7 @@ def int4_kmajor_matmul(x, packed_t, scales_t, zeros_t, *, group_size: int, pack:
     if x.shape[0] != 1:
         return int4_kmajor_matmul_reference(x, packed_t, scales_t, zeros_t, group_size=group_size, pack=pack)
     prefetch, convert = _gemv_loop_settings("int4", config, interpret)
-    block_n = _largest_power_of_2_dividing(N, config.kmajor_block_n)
-    if block_n is None:
-        raise ValueError(f"N={N} must be a multiple of 16 for the Pallas matmul")
+    block_n, _ = _tile_sizes("int4", K, N, pack, config.kmajor_block_n, pack)
     # Whole packing blocks a step: the largest power-of-two multiple of pack/2 bytes up to kmajor_block_k.
     step_bytes = pack // 2
     while step_bytes * 2 <= config.kmajor_block_k and half_k % (step_bytes * 2) == 0:

@@ -496,6 +496,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "awq", "--output-json", f"{results}/latency-awq-nk.json"), 100),
         ("latency-awq-nk-eager", ["env", "PAGEDJAX_INT4_LAYOUT=nk", 'PAGEDJAX_MATMUL_CONFIG={"gemv_defer_reduction": false}']
          + latency("awq", "--output-json", f"{results}/latency-awq-nk-eager.json"), 100),
+        ("latency-awq-nk-prefetch", ["env", "PAGEDJAX_INT4_LAYOUT=nk", 'PAGEDJAX_MATMUL_CONFIG={"gemv_prefetch": 1}']
+         + latency("awq", "--output-json", f"{results}/latency-awq-nk-prefetch.json"), 100),
         ("latency-awq-nk-128x32", ["env", "PAGEDJAX_INT4_LAYOUT=nk",
                                    'PAGEDJAX_MATMUL_CONFIG={"kmajor_block_k": 128, "kmajor_block_n": 32}'] + latency(
             "awq", "--output-json", f"{results}/latency-awq-nk-128x32.json"), 100),
