@@ -18,7 +18,7 @@ Formats of ``W`` (the caller's weight types live in ``models.quantization``):
   int8 batch-1 step from 3.54 to 3.11 ms (H200, run 23b).
 - int4 K-major (``int4_kmajor_matmul``; experimental, unmeasured on a GPU): every field of the ``int4`` form below
   transposed (``packed_t[N, K/2]``, the same block packing along K; ``scales_t``, ``zeros_t`` ``[N, K/g]``). One row
-  runs the K-major GEMV on whole packing blocks a step; more rows go to the reference.
+  runs the K-major GEMV on whole packing blocks a step; more rows the tensor-core form on transposed tiles.
 - ``int4``: two 4-bit values per byte, ``packed[K/2, N]`` uint8, grouped scales and zeros
   ``scales[K/g, N]``, ``zeros[K/g, N]``, ``W[k] = (nibble(k) - zeros[k//g]) * scales[k//g]``.
   Packing works in blocks of ``pack`` rows (``pack`` divides ``g``): in block ``b``,
@@ -194,16 +194,21 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, bl
 
     def step(i, acc):
         k0 = pl.multiple_of(first_k + i * block_k, block_k)
-        if fmt == "int4":
+        if fmt in ("int4", "int4_kmajor"):
             half = block_k // 2
             scale_ref, zero_ref = refs[0], refs[1]
             group = pl.ds(k0 // group_size, 1)  # block_k divides group_size: one group per step
-            s = scale_ref[group, cols].astype(jnp.float32)
-            z = zero_ref[group, cols].astype(jnp.float32)
-            packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
-                                   eviction_policy="evict_first")
+            bytes_ = pl.ds(pl.multiple_of(k0 // 2, half), half)
+            if fmt == "int4":  # [half, block_n] tiles, scales a row
+                s, z = scale_ref[group, cols].astype(jnp.float32), zero_ref[group, cols].astype(jnp.float32)
+                packed = pltriton.load(w_ref.at[bytes_, cols], eviction_policy="evict_first")
+            else:  # K-major: [block_n, half] tiles (transposed for the dot), scales a column
+                s, z = scale_ref[cols, group].astype(jnp.float32), zero_ref[cols, group].astype(jnp.float32)
+                packed = pltriton.load(w_ref.at[cols, bytes_], eviction_policy="evict_first")
             w_lo = (((packed & 0xF).astype(jnp.float32) - z) * s).astype(dtype)
             w_hi = (((packed >> 4).astype(jnp.float32) - z) * s).astype(dtype)
+            if fmt == "int4_kmajor":
+                w_lo, w_hi = w_lo.T, w_hi.T
             acc += jnp.dot(x_ref[rows, pl.ds(k0, half)], w_lo, preferred_element_type=jnp.float32)
             acc += jnp.dot(x_ref[rows, pl.ds(k0 + half, half)], w_hi, preferred_element_type=jnp.float32)
             return acc
@@ -475,7 +480,7 @@ def _tile_sizes(fmt: str, K: int, N: int, pack: int, max_n: int, max_k: int) -> 
     block_n = _largest_power_of_2_dividing(N, max_n)
     if block_n is None:
         raise ValueError(f"N={N} must be a multiple of 16 for the Pallas matmul")
-    if fmt == "int4":
+    if fmt in ("int4", "int4_kmajor"):
         return block_n, pack
     block_k = _largest_power_of_2_dividing(K, max_k)
     if block_k is None:
@@ -522,10 +527,16 @@ def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optiona
 
 def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     config, interpret = _call_settings(x, K, config, interpret)
-    M = x.shape[0]
-    if M == 1 and config.gemv:
+    if x.shape[0] == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
                      interpret=interpret)
+    return _tiled_matmul(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
+                         interpret=interpret)
+
+
+def _tiled_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
+    """The tensor-core form (``_matmul_kernel``): grid ``(M / block_m, N / block_n, k_splits)``."""
+    M = x.shape[0]
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
     x, block_m = pad_rows(x, config.block_m)
     rows = x.shape[0]
@@ -652,8 +663,8 @@ def int4_kmajor_matmul(x, packed_t, scales_t, zeros_t, *, group_size: int, pack:
     """``x[M, K] @ W`` for an int4 ``W`` stored K-major: ``packed_t[N, K/2]``, ``scales_t`` / ``zeros_t``
     ``[N, K/g]`` (the ``[K, N]`` form's fields transposed, same block packing along K). One row by the K-major int4
     GEMV (``_int4_kmajor_gemv_kernel``: ``kmajor_block_k`` bytes of K a step, i.e. whole packing blocks, for
-    ``kmajor_block_n`` columns); more rows by the reference (XLA writes a dequantized copy, then its dot: slower
-    than ``int4_matmul``'s tensor-core form of the ``[K, N]`` layout, so this layout is for batch-1 decoding)."""
+    ``kmajor_block_n`` columns); more rows by the tensor-core form of ``int4_matmul`` reading the tiles transposed
+    (``_matmul_kernel``, fmt "int4_kmajor")."""
     N, half_k = packed_t.shape
     K = 2 * half_k
     if packed_t.dtype != jnp.uint8 or K % group_size or group_size % pack or K % pack:
@@ -663,8 +674,9 @@ def int4_kmajor_matmul(x, packed_t, scales_t, zeros_t, *, group_size: int, pack:
         raise ValueError(f"K-major int4 scales and zeros must be [N={N}, K/g={K // group_size}], got "
                          f"{scales_t.shape}, {zeros_t.shape}")
     config, interpret = _call_settings(x, K, config, interpret)
-    if x.shape[0] != 1:
-        return int4_kmajor_matmul_reference(x, packed_t, scales_t, zeros_t, group_size=group_size, pack=pack)
+    if x.shape[0] != 1 or not config.gemv:
+        return _tiled_matmul(x, packed_t, (scales_t, zeros_t), fmt="int4_kmajor", K=K, N=N, group_size=group_size,
+                             pack=pack, config=config, interpret=interpret)
     prefetch, convert = _gemv_loop_settings("int4", config, interpret)
     block_n, _ = _tile_sizes("int4", K, N, pack, config.kmajor_block_n, pack)
     # Whole packing blocks a step: the largest power-of-two multiple of pack/2 bytes up to kmajor_block_k.

@@ -195,7 +195,9 @@ INT4_KMAJOR_CASES = [  # (M, K, N, group, dtype, config): the K-major int4 GEMV 
     (1, 448, 64, 32, jnp.float32, MatmulConfig(kmajor_block_k=16, gemv_prefetch=0)),  # pack 32, 14 steps
     (1, 512, 128, 128, jnp.float32, MatmulConfig(gemv_convert="cvt", gemv_prefetch=1)),
     (1, 1024, 64, 128, jnp.float32, MatmulConfig(gemv_defer_reduction=False, k_splits=2)),  # each block summed at once
-    (3, 512, 128, 128, jnp.float32, MatmulConfig()),
+    (3, 512, 128, 128, jnp.float32, MatmulConfig()),  # the tensor-core form on transposed tiles
+    (40, 384, 96, 64, jnp.bfloat16, MatmulConfig(block_m=32, k_splits=3)),  # 2 row tiles, split over K
+    (1, 256, 64, 128, jnp.float32, MatmulConfig(gemv=False)),  # the tensor-core form at one row
 ]
 
 
@@ -231,6 +233,10 @@ def test_kmajor_int4_lowers_to_triton_for_cuda_and_checks_its_inputs():
                                        config=MatmulConfig(gemv_convert=convert, gemv_defer_reduction=defer)))
         text = fn.trace(x, packed_t, scales_t, scales_t).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1, (convert, defer)
+    tiled = jax.jit(functools.partial(int4_kmajor_matmul, group_size=128, pack=128, interpret=False))
+    text = tiled.trace(jnp.ones((16, 1024), jnp.bfloat16), packed_t, scales_t, scales_t).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1  # 16 rows: the tensor-core form
     with pytest.raises(ValueError, match="scales and zeros"):
         int4_kmajor_matmul(x, packed_t, scales_t[:, :4], scales_t, group_size=128, pack=128)
     with pytest.raises(ValueError, match="x must be"):
@@ -242,6 +248,8 @@ def test_kmajor_int4_lowers_to_triton_for_cuda_and_checks_its_inputs():
 @pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
 def test_kmajor_int4_matches_reference_on_gpu(K, N, defer):
     run_int4_kmajor_case(1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=defer), interpret=False)
+    if defer:  # and the tensor-core form at a decode batch
+        run_int4_kmajor_case(16, K, N, 128, jnp.bfloat16, MatmulConfig(), interpret=False)
 
 
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
