@@ -498,6 +498,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          + latency("awq", "--output-json", f"{results}/latency-awq-nk-eager.json"), 100),
         ("latency-awq-nk-prefetch", ["env", "PAGEDJAX_INT4_LAYOUT=nk", 'PAGEDJAX_MATMUL_CONFIG={"gemv_prefetch": 1}']
          + latency("awq", "--output-json", f"{results}/latency-awq-nk-prefetch.json"), 100),
+        ("tput-short-awq", tput("tput-short", "--quantization", "awq", "--output-json",
+                                f"{results}/tput-short-awq.json"), 200),
+        ("tput-short-awq-nk", ["env", "PAGEDJAX_INT4_LAYOUT=nk"] + tput(
+            "tput-short", "--quantization", "awq", "--output-json", f"{results}/tput-short-awq-nk.json"), 200),
         ("latency-awq-nk-128x32", ["env", "PAGEDJAX_INT4_LAYOUT=nk",
                                    'PAGEDJAX_MATMUL_CONFIG={"kmajor_block_k": 128, "kmajor_block_n": 32}'] + latency(
             "awq", "--output-json", f"{results}/latency-awq-nk-128x32.json"), 100),
