@@ -641,18 +641,29 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
                          interpret=interpret, name="int8_kmajor_gemv")
 
 
+def _int4_shape(packed, scales, zeros, *, group_size: int, pack: int, k_major: bool) -> tuple[int, int]:
+    """``(K, N)`` of an int4 weight's fields, ``[K/2, N]`` packed bytes and ``[K/g, N]`` scales and zeros, or
+    (``k_major``) those transposed, after checking their types and shapes."""
+    half_k, N = packed.shape[::-1] if k_major else packed.shape
+    K = 2 * half_k
+    groups = K // group_size
+    name = "K-major int4" if k_major else "int4"
+    packed_dims, field_dims = (("[N, K/2]", f"[N={N}, K/g={groups}]") if k_major
+                               else ("[K/2, N]", f"[K/g={groups}, N={N}]"))
+    field_shape = (N, groups) if k_major else (groups, N)
+    if packed.dtype != jnp.uint8 or K % group_size or group_size % pack or K % pack:
+        raise ValueError(f"{name} weights need packed uint8 {packed_dims} with pack ({pack}) dividing the group "
+                         f"size ({group_size}) and K ({K}); got {packed.dtype}{packed.shape}")
+    if scales.shape != field_shape or zeros.shape != field_shape:
+        raise ValueError(f"{name} scales and zeros must be {field_dims}, got {scales.shape}, {zeros.shape}")
+    return K, N
+
+
 @functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
 def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
                 interpret: Optional[bool] = None):
     """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
-    half_k, N = packed.shape
-    K = 2 * half_k
-    groups = K // group_size
-    if packed.dtype != jnp.uint8 or K % group_size or group_size % pack or K % pack:
-        raise ValueError(f"int4 weights need packed uint8 [K/2, N] with pack ({pack}) dividing the group "
-                         f"size ({group_size}) and K ({K}); got {packed.dtype}{packed.shape}")
-    if scales.shape != (groups, N) or zeros.shape != (groups, N):
-        raise ValueError(f"int4 scales and zeros must be [K/g={groups}, N={N}], got {scales.shape}, {zeros.shape}")
+    K, N = _int4_shape(packed, scales, zeros, group_size=group_size, pack=pack, k_major=False)
     return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
                                     pack=pack, config=config, interpret=interpret)
 
@@ -665,24 +676,16 @@ def int4_kmajor_matmul(x, packed_t, scales_t, zeros_t, *, group_size: int, pack:
     GEMV (``_int4_kmajor_gemv_kernel``: ``kmajor_block_k`` bytes of K a step, i.e. whole packing blocks, for
     ``kmajor_block_n`` columns); more rows by the tensor-core form of ``int4_matmul`` reading the tiles transposed
     (``_matmul_kernel``, fmt "int4_kmajor")."""
-    N, half_k = packed_t.shape
-    K = 2 * half_k
-    if packed_t.dtype != jnp.uint8 or K % group_size or group_size % pack or K % pack:
-        raise ValueError(f"K-major int4 weights need packed uint8 [N, K/2] with pack ({pack}) dividing the group "
-                         f"size ({group_size}) and K ({K}); got {packed_t.dtype}{packed_t.shape}")
-    if scales_t.shape != (N, K // group_size) or zeros_t.shape != (N, K // group_size):
-        raise ValueError(f"K-major int4 scales and zeros must be [N={N}, K/g={K // group_size}], got "
-                         f"{scales_t.shape}, {zeros_t.shape}")
+    K, N = _int4_shape(packed_t, scales_t, zeros_t, group_size=group_size, pack=pack, k_major=True)
+    half_k = K // 2
     config, interpret = _call_settings(x, K, config, interpret)
     if x.shape[0] != 1 or not config.gemv:
         return _tiled_matmul(x, packed_t, (scales_t, zeros_t), fmt="int4_kmajor", K=K, N=N, group_size=group_size,
                              pack=pack, config=config, interpret=interpret)
     prefetch, convert = _gemv_loop_settings("int4", config, interpret)
     block_n, _ = _tile_sizes("int4", K, N, pack, config.kmajor_block_n, pack)
-    # Whole packing blocks a step: the largest power-of-two multiple of pack/2 bytes up to kmajor_block_k.
-    step_bytes = pack // 2
-    while step_bytes * 2 <= config.kmajor_block_k and half_k % (step_bytes * 2) == 0:
-        step_bytes *= 2
+    # Whole packing blocks a step: the largest power of two from pack/2 bytes up to kmajor_block_k dividing K/2.
+    step_bytes = _largest_power_of_2_dividing(half_k, max(config.kmajor_block_k, pack // 2), lower=pack // 2)
     num_steps = half_k // step_bytes
     splits = _k_splits(config, N // block_n, num_steps, step_bytes, config.gemv_programs_per_core)
     kernel = functools.partial(_int4_kmajor_gemv_kernel, block_n=block_n, step_bytes=step_bytes,

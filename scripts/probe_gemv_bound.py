@@ -102,8 +102,8 @@ def probe_gemv(x, w, scale, *, kind, layout, block_k=32, block_n=128, num_warps=
     from one K split, so no partial sums to add)."""
     K = x.shape[1]
     N = w.shape[1] if layout == "rows" else w.shape[0] * w.shape[2]
-    # The engine's conversion (byte permutes, compiled only); the interpreter's equal jnp form.
-    convert = "exponent" if interpret else qmm.MatmulConfig().gemv_convert
+    # The engine's conversion (byte permutes, compiled only; the interpreter's equal jnp form).
+    _, convert = qmm._gemv_loop_settings("int8", qmm.MatmulConfig(), interpret)
     num_steps = K // block_k
     splits = 1 if kind == "null-1" else qmm.auto_k_splits(N // block_n, num_steps, programs_per_core)
     kernel = functools.partial(_kernel, kind=kind, layout=layout, block_k=block_k, block_n=block_n,
@@ -165,8 +165,9 @@ def check(interpret: bool, K: int = 256, N: int = 512) -> list[str]:
 # (block_k, block_n bytes, warps, programs per core, loads ahead): the current default first.
 TILINGS = ((32, 128, 4, 8, 1), (32, 128, 4, 8, 0), (64, 128, 4, 8, 1), (32, 256, 4, 8, 1), (16, 512, 4, 8, 1),
            (32, 128, 4, 16, 1), (64, 256, 8, 4, 1))
-# kmajor-gemv's, (kmajor_block_k, kmajor_block_n, warps, programs per core, loads ahead): the engine's default
-# first, then longer runs of K a column (each a thread's in-register sum) and more programs a core.
+# kmajor-gemv's, (kmajor_block_k, kmajor_block_n, warps, programs per core, loads ahead): the first default (64 x 64)
+# first, then longer runs of K a column (each a thread's in-register sum) and more programs a core (the engine's
+# default since run 23b: 256 x 16, 4 warps, 8 programs a core, loads ahead).
 KMAJOR_TILINGS = ((64, 64, 4, 8, 1), (32, 128, 4, 8, 1), (128, 32, 4, 8, 1), (128, 64, 4, 16, 1), (256, 16, 4, 16, 1),
                   (128, 32, 2, 16, 1), (64, 64, 4, 16, 0))
 
