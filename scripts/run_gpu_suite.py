@@ -526,7 +526,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
-REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
+REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-awq-nk": "gpu-tests-kmajor",
+            "latency-awq-nk-eager": "gpu-tests-kmajor", "latency-awq-nk-prefetch": "gpu-tests-kmajor",
+            "latency-awq-nk-128x32": "gpu-tests-kmajor", "tput-short-awq-nk": "gpu-tests-kmajor", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}
 
