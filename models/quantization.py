@@ -110,28 +110,6 @@ class Int4Weight:
 
 
 @struct.dataclass
-class Int4KMajorWeight:
-    """4-bit weight stored K-major: every field of ``Int4Weight`` with its last two axes swapped, ``packed`` uint8
-    ``[..., N, K/2]`` (the same block packing, along K), ``scales``, ``zeros`` ``[..., N, K/g]``, ``perm`` as there.
-    Read at one row by the K-major int4 GEMV (``pallas_kernels.quantized_matmul.int4_kmajor_matmul``, the structure
-    that took int8 from 3.54 to 3.11 ms in run 23b); made under ``$PAGEDJAX_INT4_LAYOUT=nk`` (experimental:
-    unmeasured on a GPU)."""
-
-    packed: jax.Array
-    scales: jax.Array
-    zeros: jax.Array
-    perm: Optional[jax.Array] = None
-    group_size: int = struct.field(pytree_node=False, default=INT4_GROUP_SIZE)
-    pack: int = struct.field(pytree_node=False, default=128)
-
-    in_axes = {"packed": -1, "scales": -1, "zeros": -1, "perm": -1}
-    out_axes = {"packed": -2, "scales": -2, "zeros": -2, "perm": None}
-
-
-INT4_TYPES = (Int4Weight, Int4KMajorWeight)
-
-
-@struct.dataclass
 class Fp8Weight:
     """``W[K, N] = (q * scale[:, None]).T``: ``q`` float8 e4m3 ``[..., N, K]`` (K-major, as
     the fp8 tensor cores need), ``scale`` float32 ``[..., N]``."""
@@ -143,7 +121,7 @@ class Fp8Weight:
     out_axes = {"q": -2, "scale": -1}
 
 
-QUANTIZED_WEIGHT_TYPES = (Int8Weight, Int8KMajorWeight, Int4Weight, Int4KMajorWeight, Fp8Weight)
+QUANTIZED_WEIGHT_TYPES = (Int8Weight, Int8KMajorWeight, Int4Weight, Fp8Weight)
 
 
 def is_quantized(w: Any) -> bool:
@@ -175,7 +153,7 @@ def concat_outputs(weights: list) -> Optional[Any]:
         return None
     if not is_quantized(first):
         return jnp.concatenate(weights, axis=-1)
-    if isinstance(first, INT4_TYPES) and (any(w.perm is not None for w in weights)
+    if isinstance(first, Int4Weight) and (any(w.perm is not None for w in weights)
                                           or any((w.group_size, w.pack) != (first.group_size, first.pack)
                                                  for w in weights)):
         return None
@@ -213,26 +191,6 @@ def int8_layout_from_env() -> str:
     return _choice_from_env("PAGEDJAX_INT8_LAYOUT", INT8_LAYOUTS)
 
 
-INT4_LAYOUTS = ("kn", "nk")  # packed [K/2, N] (Int4Weight; the default), or [N, K/2] (Int4KMajorWeight)
-
-
-def int4_layout_from_env() -> str:
-    """``$PAGEDJAX_INT4_LAYOUT`` (``INT4_LAYOUTS``; default "kn"): how int4 weights (load-time, AWQ, GPTQ) are
-    stored."""
-    return _choice_from_env("PAGEDJAX_INT4_LAYOUT", INT4_LAYOUTS)
-
-
-def _swap_int4_fields(w, to_type):
-    """``w``'s int4 fields with their last two axes swapped, as ``to_type`` (numpy or jax arrays alike)."""
-    return to_type(packed=w.packed.swapaxes(-1, -2), scales=w.scales.swapaxes(-1, -2),
-                   zeros=w.zeros.swapaxes(-1, -2), perm=w.perm, group_size=w.group_size, pack=w.pack)
-
-
-def int4_in_layout(w: Int4Weight, layout: str):
-    """``w`` stored by ``layout`` (``INT4_LAYOUTS``): itself for "kn", an ``Int4KMajorWeight`` for "nk"."""
-    return _swap_int4_fields(w, Int4KMajorWeight) if layout == "nk" else w
-
-
 def quantize_int8(w: jax.Array, layout: str = "kn"):
     scaled, scale = _per_channel_scaled(w, 127.0)
     q = jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8)
@@ -261,15 +219,15 @@ def quantize_int4(w: jax.Array, group_size: int = INT4_GROUP_SIZE, dtype=None) -
                       group_size=g, pack=pack)
 
 
-def quantize_weight(w: jax.Array, method: str, int8_layout: str = "kn", int4_layout: str = "kn"):
+def quantize_weight(w: jax.Array, method: str, int8_layout: str = "kn"):
     """The load-time quantization of one dense ``[..., K, N]`` weight by ``method`` (int8 stored by ``int8_layout``,
-    ``INT8_LAYOUTS``; int4 by ``int4_layout``, ``INT4_LAYOUTS``)."""
+    ``INT8_LAYOUTS``)."""
     if method == "int8":
         return quantize_int8(w, int8_layout)
     if method == "fp8":
         return quantize_fp8(w)
     if method in ("int4", "awq", "gptq"):  # awq/gptq here only for random (dummy) weights
-        return int4_in_layout(quantize_int4(w), int4_layout)
+        return quantize_int4(w)
     raise QuantizationError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -279,8 +237,6 @@ def dequantize(w, dtype=jnp.float32) -> jax.Array:
         return (w.q.astype(jnp.float32) * w.scale[..., None, :]).astype(dtype)
     if isinstance(w, (Fp8Weight, Int8KMajorWeight)):
         return jnp.swapaxes(w.q.astype(jnp.float32) * w.scale[..., :, None], -1, -2).astype(dtype)
-    if isinstance(w, Int4KMajorWeight):
-        return dequantize(_swap_int4_fields(w, Int4Weight), dtype)
     if isinstance(w, Int4Weight):
         stored = qmm.dequantize_int4(w.packed, w.scales, w.zeros, group_size=w.group_size, pack=w.pack)
         if w.perm is not None:  # stored rows are W[perm]: put them back
@@ -299,7 +255,7 @@ def field_shardings(w, sharding):
     if not isinstance(sharding, NamedSharding):
         return w.replace(**{name: sharding for name in weight_fields(w)})
     fields = weight_fields(w)
-    lead_ndim = (w.packed if isinstance(w, INT4_TYPES) else w.q).ndim - 2  # the [K, N]-like field
+    lead_ndim = (w.packed if isinstance(w, Int4Weight) else w.q).ndim - 2  # the [K, N]-like field
     spec = tuple(sharding.spec) + (None,) * (lead_ndim + 2 - len(sharding.spec))
     lead, k_axis, n_axis = spec[:-2], spec[-2], spec[-1]
     if k_axis is not None and getattr(w, "perm", None) is not None:
@@ -326,13 +282,13 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
     its quantized form exists and the peak is the dense model plus one quantized tensor.
     ``shardings``: the dense params' shardings (a pytree like ``params``) or None."""
     layers = params["layers"]
-    layouts = (int8_layout_from_env(), int4_layout_from_env())
+    layout = int8_layout_from_env()
     for name in QUANTIZED_LAYER_WEIGHTS:
         dense = layers.pop(name)
         sharding = None if shardings is None else shardings["layers"][name]
-        out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method, None, *layouts), dense),
+        out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method, None, layout), dense),
                                                             sharding)
-        layers[name] = _quantizer(method, out, *layouts)(dense)
+        layers[name] = _quantizer(method, out, layout)(dense)
         del dense
     return params
 
@@ -344,12 +300,11 @@ QUANTIZER_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
 
 
 @functools.lru_cache(maxsize=None)
-def _quantizer(method: str, out_shardings=None, int8_layout: str = "kn", int4_layout: str = "kn"):
-    """One jitted ``quantize_weight`` per method, output sharding and layouts, so weights of one shape (k and v
+def _quantizer(method: str, out_shardings=None, int8_layout: str = "kn"):
+    """One jitted ``quantize_weight`` per method, output sharding and int8 layout, so weights of one shape (k and v
     projections, gate and up) share a compile (``QUANTIZER_COMPILER_OPTIONS``: without autotuning each
     compiles in a fraction of a second, so compiling them several at once gained nothing, run 19b)."""
-    return jax.jit(functools.partial(quantize_weight, method=method, int8_layout=int8_layout,
-                                     int4_layout=int4_layout),
+    return jax.jit(functools.partial(quantize_weight, method=method, int8_layout=int8_layout),
                    out_shardings=out_shardings, compiler_options=QUANTIZER_COMPILER_OPTIONS)
 
 
@@ -551,7 +506,7 @@ class LinearBackend:
             return False
         if self.kernel == "auto":
             on_gpu = jax.default_backend() == "gpu"
-            return on_gpu and (isinstance(w, INT4_TYPES)
+            return on_gpu and (isinstance(w, Int4Weight)
                                or (isinstance(w, (Int8Weight, Int8KMajorWeight)) and rows == 1))
         return self.kernel == "pallas"
 
@@ -603,16 +558,13 @@ def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend()) -> jax.Arr
         if kernel:
             return qmm.int8_kmajor_matmul(x, w.q, w.scale, interpret=backend.interpret)
         return qmm.int8_kmajor_matmul_reference(x, w.q, w.scale)
-    if isinstance(w, INT4_TYPES):
+    if isinstance(w, Int4Weight):
         if w.perm is not None:
             x = jnp.take(x, w.perm, axis=-1)
         args = (x, w.packed, w.scales, w.zeros)
-        k_major = isinstance(w, Int4KMajorWeight)
         if kernel:
-            matmul = qmm.int4_kmajor_matmul if k_major else qmm.int4_matmul
-            return matmul(*args, group_size=w.group_size, pack=w.pack, interpret=backend.interpret)
-        reference = qmm.int4_kmajor_matmul_reference if k_major else qmm.int4_matmul_reference
-        return reference(*args, group_size=w.group_size, pack=w.pack)
+            return qmm.int4_matmul(*args, group_size=w.group_size, pack=w.pack, interpret=backend.interpret)
+        return qmm.int4_matmul_reference(*args, group_size=w.group_size, pack=w.pack)
     if kernel:
         return qmm.dense_matmul(x, w, interpret=backend.interpret)
     return x @ w

@@ -50,8 +50,6 @@ from models.quantization import (
     field_shardings,
     fp8_from_checkpoint,
     gptq_to_int4,
-    int4_in_layout,
-    int4_layout_from_env,
 )
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -348,7 +346,7 @@ def _quantized_layer_weight(ckpt: _Checkpoint, config: ModelConfig, name: str, q
     if stored != expected:
         raise CheckpointError(f"{quant.method} tensors of model.layers.*.{base} in {path!r} unpack to "
                               f"{list(stored)} but the config implies {list(expected)}")
-    return int4_in_layout(weight, int4_layout_from_env()) if isinstance(weight, Int4Weight) else weight
+    return weight
 
 
 def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Optional[dict] = None,

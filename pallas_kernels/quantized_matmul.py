@@ -16,9 +16,6 @@ Formats of ``W`` (the caller's weight types live in ``models.quantization``):
   sum over K stays in a thread's registers and a program carries a ``[block_n]`` accumulator (the ``[K, N]`` GEMV
   carries ``[block_k, block_n]``); more rows go to XLA's dot. At 256 K bytes x 16 columns a program it took the 8B
   int8 batch-1 step from 3.54 to 3.11 ms (H200, run 23b).
-- int4 K-major (``int4_kmajor_matmul``; experimental, unmeasured on a GPU): every field of the ``int4`` form below
-  transposed (``packed_t[N, K/2]``, the same block packing along K; ``scales_t``, ``zeros_t`` ``[N, K/g]``). One row
-  runs the K-major GEMV on whole packing blocks a step; more rows the tensor-core form on transposed tiles.
 - ``int4``: two 4-bit values per byte, ``packed[K/2, N]`` uint8, grouped scales and zeros
   ``scales[K/g, N]``, ``zeros[K/g, N]``, ``W[k] = (nibble(k) - zeros[k//g]) * scales[k//g]``.
   Packing works in blocks of ``pack`` rows (``pack`` divides ``g``): in block ``b``,
@@ -106,9 +103,8 @@ class MatmulConfig:
     # step waits a memory latency for its own tile. None: 1 for int8, 0 otherwise (run 17a, w_gate_up
     # at one row: int8 56.3 -> 47.6 us; int4 56.6 -> 60.6 us).
     gemv_prefetch: Optional[int] = None
-    # The K-major GEMVs (``int8_kmajor_matmul``, ``int4_kmajor_matmul``): tile of kmajor_block_n columns x
-    # kmajor_block_k bytes of K (upper bounds, as block_n / block_k; int4: whole packing blocks); warps, programs per
-    # core, conversion, loads ahead (and for int4 the deferred sum) as the GEMV's.
+    # The K-major int8 GEMV (``int8_kmajor_matmul``): tile of kmajor_block_n columns x kmajor_block_k K bytes
+    # (upper bounds, as block_n / block_k); warps, programs per core, conversion and loads ahead as the GEMV's.
     # Run 23a-b (H200, 8B int8 at batch 1): 64 x 64 TPOT 4.52 ms, block_k 128 x block_n 32 3.14, 256 x 16 3.11
     # (the [K, N] GEMV 3.54): long rows of K bytes a program, few columns.
     kmajor_block_n: int = 16
@@ -166,12 +162,6 @@ def int8_kmajor_matmul_reference(x, qt, scale):
     return (acc * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def int4_kmajor_matmul_reference(x, packed_t, scales_t, zeros_t, *, group_size: int, pack: int):
-    """The K-major int4 form: every field of the ``[K, N]`` form with its last two axes swapped."""
-    t = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
-    return int4_matmul_reference(x, t(packed_t), t(scales_t), t(zeros_t), group_size=group_size, pack=pack)
-
-
 def int4_matmul_reference(x, packed, scales, zeros, *, group_size: int, pack: int):
     w = dequantize_int4(packed, scales, zeros, group_size=group_size, pack=pack, dtype=x.dtype)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -194,21 +184,16 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, bl
 
     def step(i, acc):
         k0 = pl.multiple_of(first_k + i * block_k, block_k)
-        if fmt in ("int4", "int4_kmajor"):
+        if fmt == "int4":
             half = block_k // 2
             scale_ref, zero_ref = refs[0], refs[1]
             group = pl.ds(k0 // group_size, 1)  # block_k divides group_size: one group per step
-            bytes_ = pl.ds(pl.multiple_of(k0 // 2, half), half)
-            if fmt == "int4":  # [half, block_n] tiles, scales a row
-                s, z = scale_ref[group, cols].astype(jnp.float32), zero_ref[group, cols].astype(jnp.float32)
-                packed = pltriton.load(w_ref.at[bytes_, cols], eviction_policy="evict_first")
-            else:  # K-major: [block_n, half] tiles (transposed for the dot), scales a column
-                s, z = scale_ref[cols, group].astype(jnp.float32), zero_ref[cols, group].astype(jnp.float32)
-                packed = pltriton.load(w_ref.at[cols, bytes_], eviction_policy="evict_first")
+            s = scale_ref[group, cols].astype(jnp.float32)
+            z = zero_ref[group, cols].astype(jnp.float32)
+            packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
+                                   eviction_policy="evict_first")
             w_lo = (((packed & 0xF).astype(jnp.float32) - z) * s).astype(dtype)
             w_hi = (((packed >> 4).astype(jnp.float32) - z) * s).astype(dtype)
-            if fmt == "int4_kmajor":
-                w_lo, w_hi = w_lo.T, w_hi.T
             acc += jnp.dot(x_ref[rows, pl.ds(k0, half)], w_lo, preferred_element_type=jnp.float32)
             acc += jnp.dot(x_ref[rows, pl.ds(k0 + half, half)], w_hi, preferred_element_type=jnp.float32)
             return acc
@@ -377,60 +362,6 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
     o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
 
 
-def _int4_kmajor_gemv_kernel(x_ref, w_ref, scales_ref, zeros_ref, x_sums_ref, o_ref, *, block_n: int, step_bytes: int,
-                             steps: int, group_size: int, pack: int, defer_reduction: bool, convert: str,
-                             prefetch: int):
-    """One program of the K-major int4 GEMV: ``block_n`` output columns (rows of ``packed_t[N, K/2]``) over ``steps``
-    steps of ``step_bytes`` packed bytes (``2 * step_bytes`` of K). A step is whole packing blocks: block ``b``'s
-    ``pack / 2`` bytes a column hold K ``b*pack + j`` in their low nibbles and ``b*pack + pack/2 + j`` in their high
-    ones, so each multiplies a contiguous half of the block's slice of ``x``. A block adds
-    ``s * (sum x q) - s * z * sum x`` a column (its group's scale and zero; ``x_sums_ref``: ``sum x`` of every
-    block, summed outside). ``defer_reduction``: the products ``s * x * q`` accumulate in a ``[block_n, pack / 2]``
-    tile summed over K after the loop; else each block's are summed at once into a ``[block_n]`` accumulator."""
-    n, split = pl.program_id(0), pl.program_id(1)
-    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
-    half = pack // 2
-    blocks = step_bytes // half
-    first_byte = split * (steps * step_bytes)
-
-    def byte_start(i):
-        return pl.multiple_of(first_byte + i * step_bytes, step_bytes)
-
-    def load(i):  # each packing block's bytes, scale and zero; past the last step, the last
-        b0 = byte_start(jnp.minimum(i, steps - 1))
-        tiles = []
-        for b in range(blocks):
-            group = (b0 + b * half) * 2 // group_size
-            tiles.append((pltriton.load(w_ref.at[cols, pl.ds(b0 + b * half, half)], eviction_policy="evict_first"),
-                          scales_ref[cols, group], zeros_ref[cols, group]))
-        return tuple(tiles)
-
-    def body(i, carry, tiles):
-        products, offsets = carry  # products: [block_n, half] (deferred) or [block_n]; offsets: [block_n]
-        b0 = byte_start(i)
-        for b, (packed, s, z) in enumerate(tiles):
-            k0 = 2 * (b0 + b * half)
-            s = s.astype(jnp.float32)
-            x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
-            x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
-            xq = (x_lo[None, :] * _integers_as_f32(packed, "low_nibbles", convert)
-                  + x_hi[None, :] * _integers_as_f32(packed, "high_nibbles", convert))
-            products = products + (s[:, None] * xq if defer_reduction else s * jnp.sum(xq, axis=1))
-            offsets = offsets + s * z.astype(jnp.float32) * x_sums_ref[k0 // pack]
-        return products, offsets
-
-    carry = (jnp.zeros((block_n, half) if defer_reduction else (block_n,), jnp.float32),
-             jnp.zeros((block_n,), jnp.float32))
-    if prefetch:
-        carry = double_buffered_loop(steps, load, body, carry)
-    else:
-        carry = lax.fori_loop(0, steps, lambda i, c: body(i, c, load(i)), carry)
-    products, offsets = carry
-    if defer_reduction:
-        products = jnp.sum(products, axis=1)
-    o_ref[...] = (products - offsets).astype(o_ref.dtype)
-
-
 def double_buffered_loop(steps: int, load, body, acc):
     """``acc = body(i, acc, load(i))`` for ``i < steps``, each step's loads issued a step before its arithmetic.
 
@@ -480,7 +411,7 @@ def _tile_sizes(fmt: str, K: int, N: int, pack: int, max_n: int, max_k: int) -> 
     block_n = _largest_power_of_2_dividing(N, max_n)
     if block_n is None:
         raise ValueError(f"N={N} must be a multiple of 16 for the Pallas matmul")
-    if fmt in ("int4", "int4_kmajor"):
+    if fmt == "int4":
         return block_n, pack
     block_k = _largest_power_of_2_dividing(K, max_k)
     if block_k is None:
@@ -527,16 +458,10 @@ def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optiona
 
 def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     config, interpret = _call_settings(x, K, config, interpret)
-    if x.shape[0] == 1 and config.gemv:
+    M = x.shape[0]
+    if M == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
                      interpret=interpret)
-    return _tiled_matmul(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
-                         interpret=interpret)
-
-
-def _tiled_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
-    """The tensor-core form (``_matmul_kernel``): grid ``(M / block_m, N / block_n, k_splits)``."""
-    M = x.shape[0]
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
     x, block_m = pad_rows(x, config.block_m)
     rows = x.shape[0]
@@ -641,56 +566,17 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
                          interpret=interpret, name="int8_kmajor_gemv")
 
 
-def _int4_shape(packed, scales, zeros, *, group_size: int, pack: int, k_major: bool) -> tuple[int, int]:
-    """``(K, N)`` of an int4 weight's fields, ``[K/2, N]`` packed bytes and ``[K/g, N]`` scales and zeros, or
-    (``k_major``) those transposed, after checking their types and shapes."""
-    half_k, N = packed.shape[::-1] if k_major else packed.shape
-    K = 2 * half_k
-    groups = K // group_size
-    name = "K-major int4" if k_major else "int4"
-    packed_dims, field_dims = (("[N, K/2]", f"[N={N}, K/g={groups}]") if k_major
-                               else ("[K/2, N]", f"[K/g={groups}, N={N}]"))
-    field_shape = (N, groups) if k_major else (groups, N)
-    if packed.dtype != jnp.uint8 or K % group_size or group_size % pack or K % pack:
-        raise ValueError(f"{name} weights need packed uint8 {packed_dims} with pack ({pack}) dividing the group "
-                         f"size ({group_size}) and K ({K}); got {packed.dtype}{packed.shape}")
-    if scales.shape != field_shape or zeros.shape != field_shape:
-        raise ValueError(f"{name} scales and zeros must be {field_dims}, got {scales.shape}, {zeros.shape}")
-    return K, N
-
-
 @functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
 def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
                 interpret: Optional[bool] = None):
     """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
-    K, N = _int4_shape(packed, scales, zeros, group_size=group_size, pack=pack, k_major=False)
+    half_k, N = packed.shape
+    K = 2 * half_k
+    groups = K // group_size
+    if packed.dtype != jnp.uint8 or K % group_size or group_size % pack or K % pack:
+        raise ValueError(f"int4 weights need packed uint8 [K/2, N] with pack ({pack}) dividing the group "
+                         f"size ({group_size}) and K ({K}); got {packed.dtype}{packed.shape}")
+    if scales.shape != (groups, N) or zeros.shape != (groups, N):
+        raise ValueError(f"int4 scales and zeros must be [K/g={groups}, N={N}], got {scales.shape}, {zeros.shape}")
     return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
                                     pack=pack, config=config, interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
-def int4_kmajor_matmul(x, packed_t, scales_t, zeros_t, *, group_size: int, pack: int,
-                       config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
-    """``x[M, K] @ W`` for an int4 ``W`` stored K-major: ``packed_t[N, K/2]``, ``scales_t`` / ``zeros_t``
-    ``[N, K/g]`` (the ``[K, N]`` form's fields transposed, same block packing along K). One row by the K-major int4
-    GEMV (``_int4_kmajor_gemv_kernel``: ``kmajor_block_k`` bytes of K a step, i.e. whole packing blocks, for
-    ``kmajor_block_n`` columns); more rows by the tensor-core form of ``int4_matmul`` reading the tiles transposed
-    (``_matmul_kernel``, fmt "int4_kmajor")."""
-    K, N = _int4_shape(packed_t, scales_t, zeros_t, group_size=group_size, pack=pack, k_major=True)
-    half_k = K // 2
-    config, interpret = _call_settings(x, K, config, interpret)
-    if x.shape[0] != 1 or not config.gemv:
-        return _tiled_matmul(x, packed_t, (scales_t, zeros_t), fmt="int4_kmajor", K=K, N=N, group_size=group_size,
-                             pack=pack, config=config, interpret=interpret)
-    prefetch, convert = _gemv_loop_settings("int4", config, interpret)
-    block_n, _ = _tile_sizes("int4", K, N, pack, config.kmajor_block_n, pack)
-    # Whole packing blocks a step: the largest power of two from pack/2 bytes up to kmajor_block_k dividing K/2.
-    step_bytes = _largest_power_of_2_dividing(half_k, max(config.kmajor_block_k, pack // 2), lower=pack // 2)
-    num_steps = half_k // step_bytes
-    splits = _k_splits(config, N // block_n, num_steps, step_bytes, config.gemv_programs_per_core)
-    kernel = functools.partial(_int4_kmajor_gemv_kernel, block_n=block_n, step_bytes=step_bytes,
-                               steps=num_steps // splits, group_size=group_size, pack=pack,
-                               defer_reduction=config.gemv_defer_reduction, convert=convert, prefetch=prefetch)
-    x_sums = x[0].astype(jnp.float32).reshape(K // pack, pack).sum(axis=1)  # each packing block's sum of x
-    return _one_row_call(kernel, x, packed_t, (scales_t, zeros_t, x_sums), N=N, block_n=block_n, splits=splits,
-                         config=config, interpret=interpret, name="int4_kmajor_gemv")

@@ -486,25 +486,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                  f"{results}/tput-short-int8.json"), 200),
         ("tput-short-int8-kn", ["env", "PAGEDJAX_INT8_LAYOUT=kn"] + tput(
             "tput-short", "--quantization", "int8", "--output-json", f"{results}/tput-short-int8-kn.json"), 200),
+        ("tput-short-awq", tput("tput-short", "--quantization", "awq", "--output-json",
+                                f"{results}/tput-short-awq.json"), 200),
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
                                                        f"{results}/tput-long-shortbest.json")), 300),
-        # int4 stored K-major (PAGEDJAX_INT4_LAYOUT=nk; int4_kmajor_matmul, built after run 23c): the structure that took
-        # int8 from 3.54 to 3.11 ms, against latency-awq (3.40) in the same lease. gpu-tests-kmajor checks it first.
-        ("latency-awq-nk", ["env", "PAGEDJAX_INT4_LAYOUT=nk"] + latency(
-            "awq", "--output-json", f"{results}/latency-awq-nk.json"), 100),
-        ("latency-awq-nk-eager", ["env", "PAGEDJAX_INT4_LAYOUT=nk", 'PAGEDJAX_MATMUL_CONFIG={"gemv_defer_reduction": false}']
-         + latency("awq", "--output-json", f"{results}/latency-awq-nk-eager.json"), 100),
-        ("latency-awq-nk-prefetch", ["env", "PAGEDJAX_INT4_LAYOUT=nk", 'PAGEDJAX_MATMUL_CONFIG={"gemv_prefetch": 1}']
-         + latency("awq", "--output-json", f"{results}/latency-awq-nk-prefetch.json"), 100),
-        ("tput-short-awq", tput("tput-short", "--quantization", "awq", "--output-json",
-                                f"{results}/tput-short-awq.json"), 200),
-        ("tput-short-awq-nk", ["env", "PAGEDJAX_INT4_LAYOUT=nk"] + tput(
-            "tput-short", "--quantization", "awq", "--output-json", f"{results}/tput-short-awq-nk.json"), 200),
-        ("latency-awq-nk-128x32", ["env", "PAGEDJAX_INT4_LAYOUT=nk",
-                                   'PAGEDJAX_MATMUL_CONFIG={"kmajor_block_k": 128, "kmajor_block_n": 32}'] + latency(
-            "awq", "--output-json", f"{results}/latency-awq-nk-128x32.json"), 100),
         ("latency-int8-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
             "int8", "--output-json", f"{results}/latency-int8-permute.json"), 100),
         ("latency-awq-permute", ["env", f"PAGEDJAX_MATMUL_CONFIG={PERMUTE}"] + latency(
@@ -526,9 +513,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
-REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-awq-nk": "gpu-tests-kmajor",
-            "latency-awq-nk-eager": "gpu-tests-kmajor", "latency-awq-nk-prefetch": "gpu-tests-kmajor",
-            "latency-awq-nk-128x32": "gpu-tests-kmajor", "tput-short-awq-nk": "gpu-tests-kmajor", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
+REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}
 

@@ -112,13 +112,12 @@ def test_vmm_allocator_gives_the_default_allocators_tokens_and_pool(tmp_path):
     assert abs(pools[1] - pools[0]) <= 0.05 * pools[0], pools
 
 
-@pytest.mark.parametrize("method,layout", [("int8", "kn"), ("int8", "nk"), ("int4", "kn"), ("int4", "nk")])
-def test_quantized_weight_kernels_give_xlas_tokens(tmp_path, monkeypatch, method, layout):
+@pytest.mark.parametrize("method,int8_layout", [("int8", "kn"), ("int8", "nk"), ("int4", "kn")])
+def test_quantized_weight_kernels_give_xlas_tokens(tmp_path, monkeypatch, method, int8_layout):
     """float32, one sequence at a time (so every decode step is the one-row GEMV, with the default byte-permute
-    conversion compiled; weights stored [K, N] and K-major, ``$PAGEDJAX_INT8_LAYOUT`` / ``$PAGEDJAX_INT4_LAYOUT``):
-    the engine's Pallas weight-streaming matmuls give the greedy tokens of XLA's dequantize-then-dot on the same
-    quantized weights."""
-    monkeypatch.setenv(f"PAGEDJAX_{method.upper()}_LAYOUT", layout)
+    conversion compiled; int8 stored [K, N] and, ``$PAGEDJAX_INT8_LAYOUT=nk``, [N, K]): the engine's Pallas
+    weight-streaming matmuls give the greedy tokens of XLA's dequantize-then-dot on the same quantized weights."""
+    monkeypatch.setenv("PAGEDJAX_INT8_LAYOUT", int8_layout)
     write_tiny_checkpoint(tmp_path, "llama", seed=5)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 256, size=n).tolist() for n in (3, 17, 40)]

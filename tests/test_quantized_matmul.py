@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from pallas_kernels.quantized_matmul import (
-    GEMV_CONVERSIONS,
     MatmulConfig,
     auto_k_splits,
     dense_matmul,
@@ -187,69 +186,6 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
 @pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
 def test_kmajor_int8_matches_reference_on_gpu(K, N):
     run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(), interpret=False)
-
-
-INT4_KMAJOR_CASES = [  # (M, K, N, group, dtype, config): the K-major int4 GEMV at one row, and the reference above
-    (1, 1024, 256, 128, jnp.bfloat16, MatmulConfig()),  # 2 steps of 4 packing blocks
-    (1, 768, 96, 64, jnp.float32, MatmulConfig(k_splits=3, kmajor_block_k=64, kmajor_block_n=32)),  # pack 64
-    (1, 448, 64, 32, jnp.float32, MatmulConfig(kmajor_block_k=16, gemv_prefetch=0)),  # pack 32, 14 steps
-    (1, 512, 128, 128, jnp.float32, MatmulConfig(gemv_convert="cvt", gemv_prefetch=1)),
-    (1, 1024, 64, 128, jnp.float32, MatmulConfig(gemv_defer_reduction=False, k_splits=2)),  # each block summed at once
-    (3, 512, 128, 128, jnp.float32, MatmulConfig()),  # the tensor-core form on transposed tiles
-    (40, 384, 96, 64, jnp.bfloat16, MatmulConfig(block_m=32, k_splits=3)),  # 2 row tiles, split over K
-    (1, 256, 64, 128, jnp.float32, MatmulConfig(gemv=False)),  # the tensor-core form at one row
-]
-
-
-def run_int4_kmajor_case(M, K, N, group, dtype, config, *, interpret):
-    from pallas_kernels.quantized_matmul import int4_kmajor_matmul, int4_kmajor_matmul_reference
-
-    seed = np.random.SeedSequence().entropy
-    rng = np.random.default_rng(seed)
-    (packed, scales, zeros), static, w = random_weight(rng, "int4", K, N, group, jnp.float32)
-    t = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
-    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
-    out = int4_kmajor_matmul(x, t(packed), t(scales), t(zeros), config=config, interpret=interpret, **static)
-    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-    assert out.shape == (M, N) and out.dtype == x.dtype
-    ref = int4_kmajor_matmul_reference(x, t(packed), t(scales), t(zeros), **static)
-    for name, got in (("kernel", out), ("reference", ref)):
-        err = np.abs(np.asarray(got, np.float64) - exact).max() / np.abs(exact).max()
-        assert err < RTOL[dtype], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
-
-
-@pytest.mark.parametrize("M,K,N,group,dtype,config", INT4_KMAJOR_CASES)
-def test_kmajor_int4_matches_reference_interpret(M, K, N, group, dtype, config):
-    run_int4_kmajor_case(M, K, N, group, dtype, config, interpret=True)
-
-
-def test_kmajor_int4_lowers_to_triton_for_cuda_and_checks_its_inputs():
-    from pallas_kernels.quantized_matmul import int4_kmajor_matmul
-
-    x = jnp.ones((1, 1024), jnp.bfloat16)
-    packed_t, scales_t = jnp.ones((512, 512), jnp.uint8), jnp.ones((512, 8), jnp.bfloat16)
-    for convert, defer in [(c, True) for c in GEMV_CONVERSIONS] + [("permute", False)]:
-        fn = jax.jit(functools.partial(int4_kmajor_matmul, group_size=128, pack=128, interpret=False,
-                                       config=MatmulConfig(gemv_convert=convert, gemv_defer_reduction=defer)))
-        text = fn.trace(x, packed_t, scales_t, scales_t).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("__gpu$xla.gpu.triton") == 1, (convert, defer)
-    tiled = jax.jit(functools.partial(int4_kmajor_matmul, group_size=128, pack=128, interpret=False))
-    text = tiled.trace(jnp.ones((16, 1024), jnp.bfloat16), packed_t, scales_t, scales_t).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1  # 16 rows: the tensor-core form
-    with pytest.raises(ValueError, match="scales and zeros"):
-        int4_kmajor_matmul(x, packed_t, scales_t[:, :4], scales_t, group_size=128, pack=128)
-    with pytest.raises(ValueError, match="x must be"):
-        int4_kmajor_matmul(jnp.ones((1, 512)), packed_t, scales_t, scales_t, group_size=128, pack=128)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("defer", [True, False])
-@pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
-def test_kmajor_int4_matches_reference_on_gpu(K, N, defer):
-    run_int4_kmajor_case(1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=defer), interpret=False)
-    if defer:  # and the tensor-core form at a decode batch
-        run_int4_kmajor_case(16, K, N, 128, jnp.bfloat16, MatmulConfig(), interpret=False)
 
 
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
