@@ -52,7 +52,7 @@ from pallas_kernels.env_config import dataclass_from_env
 from pallas_kernels.gpu_info import core_count
 
 FORMATS = ("dense", "int8", "int4")
-GEMV_CONVERSIONS = ("cvt", "exponent", "permute")
+GEMV_CONVERSIONS = ("cvt", "exponent", "permute", "affine")
 MIN_ROWS = 16  # tensor-core tile height
 
 
@@ -97,6 +97,9 @@ class MatmulConfig:
     #   instructions a weight). Compiled on GPUs only; the interpreter runs "exponent" (same values).
     #   Run 22a (H200, 8B at batch 1, same lease): AWQ TPOT 3.85 -> 3.41 ms, int8 3.59 -> 3.57 (the int8 GEMV is not
     #   bound by its conversions); in isolation int4 wqkv / wo / w_gate_up -26% / -28% / -12%.
+    # "affine" (int4; int8 values as "permute"): one byte permute a nibble places it in mantissa bits 16-19 of 0.5,
+    #   so it arrives as 0.5 + q / 256 with no subtract; the group's scale and zero absorb that map once a column
+    #   ((q - z) s = (f - (z + 128) / 256) * 256 s), one instruction a weight fewer than "permute".
     gemv_convert: str = "permute"
     # GEMV: 1 issues each step's weight loads a step ahead of its arithmetic (``double_buffered_loop``).
     # Triton's pipeliner leaves loads that feed no dot alone (NOTES.md, after run 16b), so at 0 each
@@ -216,30 +219,48 @@ def _small_ints_as_f32(v: jax.Array, offset: int = 0) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32) - (_TWO_23 + offset)
 
 
-# Inline PTX for the "permute" conversion: ``prmt.b32 d, a, e, sel`` builds d from the bytes of a (indices 0-3) and of
-# e = 0x4B000000 (indices 4-7); selector 0x744j gives the bytes (a.byte_j, 0, 0, 0x4B), the bits of 2^23 + byte_j.
-def _bytes_ptx(*prologue: str) -> str:
+_HALF_BITS = 0x3F000000  # float32 0.5: a byte b < 128 in its bits 16-23 (mantissa bits 16-22) gives 0.5 + b / 256
+
+
+def _half_plus_over_256(b: jax.Array) -> jax.Array:
+    """Integers ``0 <= b < 128`` as the float32 ``0.5 + b / 256``, exactly: ``b`` shifted into the mantissa of 0.5."""
+    return lax.bitcast_convert_type((b.astype(jnp.int32) << 16) | _HALF_BITS, jnp.float32)
+
+
+# Inline PTX for the "permute" and "affine" conversions: ``prmt.b32 d, a, e, sel`` builds d from the bytes of a (indices
+# 0-3) and of e (indices 4-7), byte i of d from the byte numbered by hex digit i of sel. With e = 0x4B000000 and byte_j
+# of a in byte 0 of d, d is the bits of 2^23 + byte_j; with e = 0.5's bits and byte_j in byte 2, of 0.5 + byte_j / 256.
+def _bytes_ptx(*prologue: str, base: int = 0x4B000000, position: int = 0) -> str:
     """PTX of one ``elementwise_inline_asm`` instance: ``prologue`` turns the input word ``$4`` into ``u``, four
-    unsigned bytes, whose float32 bits ``2^23 + byte`` are the outputs ``$0``-``$3``."""
-    permutes = [f"prmt.b32 ${j}, u, e, {0x7440 + j:#x};" for j in range(4)]
-    return "\n".join(["{", ".reg .b32 u, e;", "mov.b32 e, 0x4B000000;", *prologue, *permutes, "}"])
+    unsigned bytes; output ``$j`` is the bits of ``base`` with byte ``position`` replaced by byte ``j`` of ``u``."""
+    def selector(j):
+        return sum((j if i == position else 4 + i) << (4 * i) for i in range(4))
+
+    permutes = [f"prmt.b32 ${j}, u, e, {selector(j):#x};" for j in range(4)]
+    return "\n".join(["{", ".reg .b32 u, e;", f"mov.b32 e, {base:#x};", *prologue, *permutes, "}"])
 
 
-_PERMUTES = {  # name -> (PTX, the value to subtract from 2^23 + byte)
+_LOW_NIBBLES = ("and.b32 u, $4, 0x0F0F0F0F;",)
+_HIGH_NIBBLES = ("shr.u32 u, $4, 4;", "and.b32 u, u, 0x0F0F0F0F;")
+_PERMUTES = {  # name -> (PTX, the value to subtract from the permuted word's float32)
     "int8": (_bytes_ptx("xor.b32 u, $4, 0x80808080;"), _TWO_23 + 128),  # signed + 128 (each sign bit flipped)
-    "low_nibbles": (_bytes_ptx("and.b32 u, $4, 0x0F0F0F0F;"), _TWO_23),
-    "high_nibbles": (_bytes_ptx("shr.u32 u, $4, 4;", "and.b32 u, u, 0x0F0F0F0F;"), _TWO_23),
+    "low_nibbles": (_bytes_ptx(*_LOW_NIBBLES), _TWO_23),
+    "high_nibbles": (_bytes_ptx(*_HIGH_NIBBLES), _TWO_23),
+    # 0.5 + nibble / 256, nothing subtracted ("affine")
+    "low_nibbles_affine": (_bytes_ptx(*_LOW_NIBBLES, base=_HALF_BITS, position=2), 0.0),
+    "high_nibbles_affine": (_bytes_ptx(*_HIGH_NIBBLES, base=_HALF_BITS, position=2), 0.0),
 }
 
 
 def _permute_to_f32(kind: str, w: jax.Array) -> jax.Array:
-    """8-bit integers ``w`` -> float32 exactly (``_PERMUTES[kind]``: int8 values, or the nibbles of bytes), four bytes
-    (one 32-bit register) an asm instance, then one subtract each. One result a call: JAX's lowering of the
-    primitive returns only the first of several."""
+    """8-bit integers ``w`` -> float32 (``_PERMUTES[kind]``: int8 values or the nibbles of bytes exactly, or nibbles
+    as ``0.5 + q / 256``), four bytes (one 32-bit register) an asm instance, then one subtract each where the kind
+    has one. One result a call: JAX's lowering of the primitive returns only the first of several."""
     ptx, offset = _PERMUTES[kind]
     (bits,) = pltriton.elementwise_inline_asm(ptx, args=[w], constraints="=r,=r,=r,=r,r", pack=4,
                                               result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)])
-    return lax.bitcast_convert_type(bits, jnp.float32) - offset
+    f = lax.bitcast_convert_type(bits, jnp.float32)
+    return f - offset if offset else f
 
 
 def _integers_as_f32(v: jax.Array, kind: str, convert: str) -> jax.Array:
@@ -251,6 +272,20 @@ def _integers_as_f32(v: jax.Array, kind: str, convert: str) -> jax.Array:
     if convert == "exponent":
         return _small_ints_as_f32(ints.astype(jnp.int32), offset=128 if kind == "int8" else 0)
     return ints.astype(jnp.float32)
+
+
+def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str):
+    """A packed int4 tile's low and high nibbles as float32 with the float32 scale and zero that make ``(q - z) * s``
+    its weights: ``(q_lo, q_hi, s, z)``, the integers themselves with ``s`` and ``z`` as given, or for "affine"
+    (inline PTX; "affine_jnp" the interpreter's equal form) ``0.5 + q / 256`` with ``256 s`` and ``(z + 128) / 256``."""
+    if convert == "affine":
+        q_lo, q_hi = (_permute_to_f32(f"{kind}_affine", packed) for kind in ("low_nibbles", "high_nibbles"))
+    elif convert == "affine_jnp":
+        q_lo, q_hi = _half_plus_over_256(packed & 0xF), _half_plus_over_256(packed >> 4)
+    else:
+        return (_integers_as_f32(packed, "low_nibbles", convert), _integers_as_f32(packed, "high_nibbles", convert),
+                s, z)
+    return q_lo, q_hi, s * 256.0, (z + 128.0) * (1 / 256)
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
@@ -295,8 +330,7 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
             s, z = s.astype(jnp.float32), z.astype(jnp.float32)
             x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
             x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
-            q_lo = _integers_as_f32(packed, "low_nibbles", convert)
-            q_hi = _integers_as_f32(packed, "high_nibbles", convert)
+            q_lo, q_hi, s, z = _nibbles_as_f32(packed, s, z, convert)
             return s, z, x_lo, q_lo, x_hi, q_hi
         (w,) = loaded
         w = _integers_as_f32(w, "int8", convert) if fmt == "int8" else w.astype(jnp.float32)
@@ -485,14 +519,15 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
 
 def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool) -> tuple[int, str]:
     """``(prefetch, convert)`` of a one-row kernel: loads a step ahead or not (``gemv_prefetch``; None: int8 only),
-    and the integer-to-float conversion (``gemv_convert``; inline PTX runs only compiled, so the interpreter takes
-    the same exponent trick written in jnp, equal values)."""
+    and the integer-to-float conversion (``gemv_convert``; "affine" is for nibbles, int8 values go as "permute";
+    inline PTX runs only compiled, so the interpreter takes the same trick written in jnp, equal values)."""
     prefetch = (1 if fmt == "int8" else 0) if config.gemv_prefetch is None else config.gemv_prefetch
     if prefetch not in (0, 1):
         raise ValueError(f"gemv_prefetch must be 0 or 1 (loads a step ahead), got {config.gemv_prefetch}")
     if config.gemv_convert not in GEMV_CONVERSIONS:
         raise ValueError(f"gemv_convert must be one of {GEMV_CONVERSIONS}, got {config.gemv_convert!r}")
-    return prefetch, "exponent" if interpret and config.gemv_convert == "permute" else config.gemv_convert
+    convert = "permute" if config.gemv_convert == "affine" and fmt != "int4" else config.gemv_convert
+    return prefetch, {"permute": "exponent", "affine": "affine_jnp"}.get(convert, convert) if interpret else convert
 
 
 def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name):

@@ -27,6 +27,7 @@ MODEL = "benchmarks/models/llama-3.1-8b"
 NO_PREFETCH = '{"prefill_prefetch_pages": false, "prefill_longest_first": false}'
 MAGIC = '{"gemv_convert": "exponent"}'  # the GEMV's integer-to-float by the exponent trick (run 15)
 PERMUTE = '{"gemv_convert": "permute"}'  # the same trick in inline PTX, a byte permute a weight (run 22)
+AFFINE = '{"gemv_convert": "affine"}'  # int4 nibbles as 0.5 + q / 256, no subtract a weight (after run 24a)
 DEFER_MAGIC = '{"gemv_convert": "exponent", "gemv_defer_reduction": true}'  # and the sum over K after the loop
 MOSAIC = '{"prefill_kernel": "mosaic"}'  # the Mosaic GPU prefill launch (run 17; the default from run 18a)
 TRITON = '{"prefill_kernel": "triton"}'  # the Triton prefill launch in every step (the default before run 18a)
@@ -488,6 +489,18 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "tput-short", "--quantization", "int8", "--output-json", f"{results}/tput-short-int8-kn.json"), 200),
         ("tput-short-awq", tput("tput-short", "--quantization", "awq", "--output-json",
                                 f"{results}/tput-short-awq.json"), 200),
+        # Issue 8, int4 at batch 1 (after run 24a): the GEMV's nibbles as 0.5 + q / 256 by one byte permute each, the
+        # map folded into the group's scale and zero (gemv_convert "affine"): the compiled kernel against its
+        # reference and the engine's greedy tokens against XLA's, then batch-1 TPOT against latency-awq in one lease.
+        ("gpu-tests-affine", ["bash", "-c", f"{PY} -m pytest -q -m gpu -k affine tests/test_quantized_matmul.py && "
+                                           f"PAGEDJAX_MATMUL_CONFIG='{AFFINE}' {PY} -m pytest -q -m gpu "
+                                           "-k 'quantized and int4' tests/test_engine_gpu.py"], 150),
+        ("latency-awq-affine", ["env", f"PAGEDJAX_MATMUL_CONFIG={AFFINE}"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-affine.json"), 100),
+        ("latency-awq-affine-prefetch", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_convert": "affine", "gemv_prefetch": 1}']
+         + latency("awq", "--output-json", f"{results}/latency-awq-affine-prefetch.json"), 100),
+        ("latency-awq-affine-n256", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_convert": "affine", "gemv_block_n": 256}']
+         + latency("awq", "--output-json", f"{results}/latency-awq-affine-n256.json"), 100),
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
@@ -513,7 +526,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
-REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
+REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-awq-affine": "gpu-tests-affine",
+            "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}
 

@@ -85,6 +85,13 @@ CPU_CASES = [
     ("int8", 1, 224, 96, 0, jnp.bfloat16, MatmulConfig(gemv_convert="permute", gemv_defer_reduction=False)),
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_convert="cvt")),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_convert="permute", gemv_defer_reduction=False)),
+    # "affine": nibbles as 0.5 + q / 256, the map folded into the group's scale and zero (the interpreter's jnp form),
+    # both reductions, split, pack blocks of 64 and 32; int8 values then go as "permute".
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_convert="affine")),
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_convert="affine",
+                                                        gemv_defer_reduction=False)),
+    ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_convert="affine", gemv_prefetch=1)),
+    ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_convert="affine")),
     # Weight loads issued a step ahead (gemv_prefetch), even and odd step counts, split, both reductions.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=1, gemv_defer_reduction=False)),
@@ -124,8 +131,21 @@ def test_small_ints_become_float32_exactly_without_a_conversion():
     np.testing.assert_array_equal(np.asarray(_small_ints_as_f32(int8, offset=128)), np.arange(-128, 128))
 
 
+def test_affine_nibbles_and_their_permute_selectors():
+    """Nibbles become 0.5 + q / 256 exactly (the jnp form), and the PTX places each byte of the word in byte 2 of
+    0.5's bits (selector digit j at position 2, 0.5's own bytes 4-7 elsewhere); "permute" keeps its byte 0."""
+    from pallas_kernels.quantized_matmul import _PERMUTES, _half_plus_over_256
+
+    q = jnp.arange(16, dtype=jnp.uint8)
+    np.testing.assert_array_equal(np.asarray(_half_plus_over_256(q)), 0.5 + np.arange(16) / 256)
+    ptx, offset = _PERMUTES["high_nibbles_affine"]
+    assert offset == 0.0 and "mov.b32 e, 0x3f000000;" in ptx and "shr.u32 u, $4, 4;" in ptx
+    assert [f"prmt.b32 ${j}, u, e, {0x7054 + (j << 8):#x};" in ptx for j in range(4)] == [True] * 4
+    assert "prmt.b32 $3, u, e, 0x7653;" in _PERMUTES["low_nibbles"][0]
+
+
 @pytest.mark.parametrize("rows,defer,convert", [(100, False, "cvt"), (1, False, "cvt"), (1, True, "exponent"),
-                                                (1, True, "permute")])
+                                                (1, True, "permute"), (1, True, "affine"), (1, False, "affine")])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
 def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert):
     """The Triton lowering (not only the interpreter) accepts every format, in the dot form (two
@@ -231,6 +251,8 @@ GPU_CASES = [
     for M, K, N in ((1, 4096, 6144), (16, 14336, 4096), (64, 4096, 1024))
 ] + [(fmt, 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="cvt"))  # the default before run 22a
        for fmt in ("int8", "int4") for K, N in ((4096, 6144), (14336, 4096))
+] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="affine", gemv_defer_reduction=defer))
+     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for defer in (True, False)
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
       ("int8", 256, 4096, 4096, 128, jnp.bfloat16, MatmulConfig()), ("int4", 200, 14336, 4096, 128, jnp.bfloat16,
                                                                      MatmulConfig())]
