@@ -100,7 +100,8 @@ class MatmulConfig:
     # "affine" (int4; int8 values as "permute"): one byte permute a nibble places it in mantissa bits 16-19 of 0.5,
     #   so it arrives as 0.5 + q / 256 with no subtract; the group's scale and zero absorb that map once a column
     #   ((q - z) s = (f - (z + 128) / 256) * 256 s), one instruction a weight fewer than "permute".
-    gemv_convert: str = "permute"
+    #   Run 25a (H200, 8B AWQ at batch 1, same lease): TPOT 3.49 -> 3.34 ms against "permute".
+    gemv_convert: str = "affine"
     # GEMV: 1 issues each step's weight loads a step ahead of its arithmetic (``double_buffered_loop``).
     # Triton's pipeliner leaves loads that feed no dot alone (NOTES.md, after run 16b), so at 0 each
     # step waits a memory latency for its own tile. None: 1 for int8, 0 otherwise (run 17a, w_gate_up

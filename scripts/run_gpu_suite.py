@@ -145,7 +145,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("profile-decode1-int8", profile("profile-decode1-int8", "--step", "decode", "--batch", "1", "--ctx", "192",
                                          "--quantization", "int8", "--precompile-steps", "off"), 90),
         ("profile-decode1-awq", profile("profile-decode1-awq", "--step", "decode", "--batch", "1", "--ctx", "192",
-                                        "--quantization", "awq"), 60),
+                                        "--quantization", "awq", "--precompile-steps", "off"), 90),
         # fp8 without autotuning ran every matmul on an untuned kernel (run 9); autotuning level 1
         # (no correctness checks), and Triton GEMMs off (cuBLAS only), with compile times.
         ("matmul-fp8-level1", matmul("matmul-fp8-level1", "--rows", "1,256,4096", "--variants", "xla-bf16,xla-fp8",

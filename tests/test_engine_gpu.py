@@ -115,8 +115,8 @@ def test_vmm_allocator_gives_the_default_allocators_tokens_and_pool(tmp_path):
 @pytest.mark.parametrize("method,int8_layout", [("int8", "kn"), ("int8", "nk"), ("int4", "kn")])
 def test_quantized_weight_kernels_give_xlas_tokens(tmp_path, monkeypatch, method, int8_layout):
     """float32, one sequence at a time (so every decode step is the one-row GEMV, with the default byte-permute
-    conversion compiled; int8 stored [K, N] and, ``$PAGEDJAX_INT8_LAYOUT=nk``, [N, K]): the engine's Pallas
-    weight-streaming matmuls give the greedy tokens of XLA's dequantize-then-dot on the same quantized weights."""
+    conversions compiled: int8 values as themselves, int4 nibbles as 0.5 + q / 256; int8 stored [K, N] and,
+    ``$PAGEDJAX_INT8_LAYOUT=nk``, [N, K]): the engine's Pallas weight-streaming matmuls give the greedy tokens of XLA's dequantize-then-dot on the same quantized weights."""
     monkeypatch.setenv("PAGEDJAX_INT8_LAYOUT", int8_layout)
     write_tiny_checkpoint(tmp_path, "llama", seed=5)
     rng = np.random.default_rng(1)

@@ -74,7 +74,7 @@ CPU_CASES = [
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=False)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_defer_reduction=False)),
     ("dense", 1, 256, 192, 0, jnp.bfloat16, MatmulConfig(gemv_defer_reduction=False)),
-    # Integer weights to float32 (gemv_convert): the exponent trick, both reductions; "permute" (the default) is the
+    # Integer weights to float32 (gemv_convert): the exponent trick, both reductions; "permute" (int8's default) is the
     # same trick in inline PTX, compiled on GPUs only (the interpreter runs the jnp form); "cvt" converts each.
     ("int4", 1, 512, 192, 64, jnp.bfloat16, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_convert="exponent",
                                                          gemv_defer_reduction=False)),
@@ -85,8 +85,8 @@ CPU_CASES = [
     ("int8", 1, 224, 96, 0, jnp.bfloat16, MatmulConfig(gemv_convert="permute", gemv_defer_reduction=False)),
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_convert="cvt")),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_convert="permute", gemv_defer_reduction=False)),
-    # "affine": nibbles as 0.5 + q / 256, the map folded into the group's scale and zero (the interpreter's jnp form),
-    # both reductions, split, pack blocks of 64 and 32; int8 values then go as "permute".
+    # "affine" (the default): nibbles as 0.5 + q / 256, the map folded into the group's scale and zero (the
+    # interpreter's jnp form), both reductions, split, pack blocks of 64 and 32; int8 values then go as "permute".
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_convert="affine")),
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_convert="affine",
                                                         gemv_defer_reduction=False)),
