@@ -495,6 +495,17 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("gpu-tests-affine", ["bash", "-c", f"{PY} -m pytest -q -m gpu -k affine tests/test_quantized_matmul.py && "
                                            f"PAGEDJAX_MATMUL_CONFIG='{AFFINE}' {PY} -m pytest -q -m gpu "
                                            "-k 'quantized and int4' tests/test_engine_gpu.py"], 150),
+        # Issue 9 at batch 1 (after run 25b's profile: 11 small XLA kernels a layer, ~0.5 ms a step): each residual add
+        # and the RMSNorm after it as one kernel that also adds the GEMV's K-split partials (pallas_kernels.residual_norm;
+        # the default at one row), against XLA's three passes (PAGEDJAX_RESIDUAL_NORM_MAX_ROWS=off) in one lease.
+        ("gpu-tests-residual", ["bash", "-c", f"{PY} -m pytest -q -m gpu tests/test_residual_norm.py && "
+                                             f"{PY} -m pytest -q -m gpu -k quantized tests/test_engine_gpu.py"], 150),
+        ("latency-awq-unfused-norm", ["env", "PAGEDJAX_RESIDUAL_NORM_MAX_ROWS=off"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-unfused-norm.json"), 100),
+        ("latency-int8-unfused-norm", ["env", "PAGEDJAX_RESIDUAL_NORM_MAX_ROWS=off"] + latency(
+            "int8", "--output-json", f"{results}/latency-int8-unfused-norm.json"), 100),
+        ("latency-bf16-unfused-norm", ["env", "PAGEDJAX_RESIDUAL_NORM_MAX_ROWS=off"] + latency(
+            None, "--output-json", f"{results}/latency-bf16-unfused-norm.json"), 150),
         ("latency-awq-affine", ["env", f"PAGEDJAX_MATMUL_CONFIG={AFFINE}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-affine.json"), 100),
         ("latency-awq-affine-prefetch", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_convert": "affine", "gemv_prefetch": 1}']
