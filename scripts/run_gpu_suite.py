@@ -495,23 +495,20 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("gpu-tests-affine", ["bash", "-c", f"{PY} -m pytest -q -m gpu -k affine tests/test_quantized_matmul.py && "
                                            f"PAGEDJAX_MATMUL_CONFIG='{AFFINE}' {PY} -m pytest -q -m gpu "
                                            "-k 'quantized and int4' tests/test_engine_gpu.py"], 150),
-        # Issue 9 at batch 1 (after run 25b's profile: 11 small XLA kernels a layer, ~0.5 ms a step): each residual add
-        # and the RMSNorm after it as one kernel that also adds the GEMV's K-split partials (pallas_kernels.residual_norm;
-        # the default at one row), against XLA's three passes (PAGEDJAX_RESIDUAL_NORM_MAX_ROWS=off) in one lease.
-        ("gpu-tests-residual", ["bash", "-c", f"{PY} -m pytest -q -m gpu tests/test_residual_norm.py && "
-                                             f"{PY} -m pytest -q -m gpu -k quantized tests/test_engine_gpu.py"], 150),
-        ("latency-awq-unfused-norm", ["env", "PAGEDJAX_RESIDUAL_NORM_MAX_ROWS=off"] + latency(
-            "awq", "--output-json", f"{results}/latency-awq-unfused-norm.json"), 100),
-        ("latency-int8-unfused-norm", ["env", "PAGEDJAX_RESIDUAL_NORM_MAX_ROWS=off"] + latency(
-            "int8", "--output-json", f"{results}/latency-int8-unfused-norm.json"), 100),
-        ("latency-bf16-unfused-norm", ["env", "PAGEDJAX_RESIDUAL_NORM_MAX_ROWS=off"] + latency(
-            None, "--output-json", f"{results}/latency-bf16-unfused-norm.json"), 150),
         ("latency-awq-affine", ["env", f"PAGEDJAX_MATMUL_CONFIG={AFFINE}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-affine.json"), 100),
         ("latency-awq-affine-prefetch", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_convert": "affine", "gemv_prefetch": 1}']
          + latency("awq", "--output-json", f"{results}/latency-awq-affine-prefetch.json"), 100),
         ("latency-awq-affine-n256", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_convert": "affine", "gemv_block_n": 256}']
          + latency("awq", "--output-json", f"{results}/latency-awq-affine-n256.json"), 100),
+        # After run 25c: the int4 GEMV's launch shape re-timed at the "affine" default (its tiles date from run 17a's
+        # conversion): 64-column tiles, 8 or 2 warps, 4 or 16 programs a multiprocessor (the K-split count follows).
+        *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
+          for name, fields in (("n64", '{"gemv_block_n": 64}'), ("w8", '{"gemv_num_warps": 8}'),
+                               ("w2", '{"gemv_num_warps": 2}'), ("ppc4", '{"gemv_programs_per_core": 4}'),
+                               ("ppc16", '{"gemv_programs_per_core": 16}'))],
+        ("latency-awq-again", latency("awq", "--output-json", f"{results}/latency-awq-again.json"), 100),
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
