@@ -42,10 +42,8 @@ import numpy as np
 
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
-from models.quantization import LinearBackend, concat_outputs, linear, linear_parts
-from pallas_kernels.quantized_matmul import sum_parts
+from models.quantization import LinearBackend, concat_outputs, linear
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
-from pallas_kernels.residual_norm import add_rms_norm, add_rms_norm_reference, rms_norm
 from pallas_kernels.swiglu_matmul import swiglu_matmul
 
 
@@ -161,6 +159,12 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate ``x[T, heads, D]`` (half-split convention of Hugging Face checkpoints)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -209,21 +213,6 @@ def forward(
     mm = functools.partial(linear, backend=linear_backend)
 
     widths = fused_widths(config)
-    fused_residual_norm = linear_backend.use_residual_norm_kernel(T, config.hidden_size)
-
-    def residual_parts(h, w) -> jax.Array:
-        """A projection that the residual stream adds, as ``[P, T, D]`` parts (a K-split kernel's partial sums
-        stay unsummed when the residual-norm kernel adds them)."""
-        return linear_parts(h, w, linear_backend) if fused_residual_norm else mm(h, w)[None]
-
-    def add_norm(x, parts, weight) -> tuple:
-        """``x + sum(parts)`` and its RMSNorm (``parts`` None: ``x`` and its norm), one kernel where the backend
-        says so."""
-        if parts is None:
-            return x, rms_norm(x, weight, eps)
-        if fused_residual_norm:
-            return add_rms_norm(x, parts, weight, eps=eps, interpret=linear_backend.interpret)
-        return add_rms_norm_reference(x, parts, weight, eps=eps)
 
     def project(h, w, fused: str) -> tuple:
         """``h @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has it."""
@@ -241,11 +230,9 @@ def forward(
     def biases(w, fused: str) -> tuple:
         return split_columns(w[fused], widths[fused]) if fused in w else tuple(w[p] for p in FUSED_PROJECTIONS[fused])
 
-    def layer_call(x, pending, k_cache, v_cache, layer, w, batch, cos, sin):
-        """One decoder layer, everything it reads an argument (so one trace serves every layer). ``pending``: the
-        previous layer's MLP output as parts, added to the residual here with this layer's input norm (one kernel
-        for both where the backend fuses them); None for the first layer. Returns this layer's."""
-        x, h = add_norm(x, pending, w["input_norm"])
+    def layer_call(x, k_cache, v_cache, layer, w, batch, cos, sin):
+        """One decoder layer, everything it reads an argument (so one trace serves every layer)."""
+        h = rms_norm(x, w["input_norm"], eps)
         q, k, v = project(h, w, "wqkv")
         if config.qkv_bias:
             bq, bk, bv = biases(w, "bqkv")
@@ -259,41 +246,35 @@ def forward(
         k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, k, v, batch.slot_mapping)
         attn = attend(q, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables,
                       batch.cu_q_lens, batch.num_seqs)
-        x, h = add_norm(x, residual_parts(attn.reshape(T, config.q_size), w["wo"]), w["post_norm"])
-        return x, residual_parts(mlp_hidden(h, w), w["w_down"]), k_cache, v_cache
+        x = x + mm(attn.reshape(T, config.q_size), w["wo"])
+        h = rms_norm(x, w["post_norm"], eps)
+        x = x + mm(mlp_hidden(h, w), w["w_down"])
+        return x, k_cache, v_cache
 
     def layer_step(carry, layer_and_weights):
-        """The scanned layer: the pending MLP output carried summed (``[1, T, D]``, one shape for every layer)."""
         layer, w = layer_and_weights
-        x, pending, k_cache, v_cache = layer_call(*carry, layer, w, batch, cos, sin)
-        return (x, sum_parts(pending, x.dtype)[None], k_cache, v_cache), None
+        return layer_call(*carry, layer, w, batch, cos, sin), None
 
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
         # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes
         # (XLA inlines the calls, so the compiled step is the same as one written out layer by layer).
-        # (The first layer, with nothing pending, is a second trace.)
         unrolled_layer = jax.jit(layer_call)
         k_cache, v_cache = kv_cache.k, kv_cache.v
         new_k, new_v = [], []
-        pending = None
         for i, w in enumerate(params["layers"]):
             if kv_cache.per_layer:  # layer i's own pages, as a one-layer 5-D cache
-                x, pending, k, v = unrolled_layer(x, pending, k_cache[i][None], v_cache[i][None], jnp.int32(0), w,
-                                                  batch, cos, sin)
+                x, k, v = unrolled_layer(x, k_cache[i][None], v_cache[i][None], jnp.int32(0), w, batch, cos, sin)
                 new_k.append(k[0])
                 new_v.append(v[0])
             else:
-                x, pending, k_cache, v_cache = unrolled_layer(x, pending, k_cache, v_cache, jnp.int32(i), w, batch,
-                                                              cos, sin)
+                x, k_cache, v_cache = unrolled_layer(x, k_cache, v_cache, jnp.int32(i), w, batch, cos, sin)
         if kv_cache.per_layer:
             k_cache, v_cache = tuple(new_k), tuple(new_v)
     else:
         if kv_cache.per_layer:
             raise ValueError("a per-layer KV cache needs per-layer (unstacked) weights; see unstack_layers")
         layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"])
-        carry = (x, jnp.zeros((1,) + x.shape, x.dtype), kv_cache.k, kv_cache.v)
-        (x, pending, k_cache, v_cache), _ = jax.lax.scan(layer_step, carry, layers)
-    x = x + sum_parts(pending, x.dtype)
+        (x, k_cache, v_cache), _ = jax.lax.scan(layer_step, (x, kv_cache.k, kv_cache.v), layers)
     x = rms_norm(x[batch.logits_indices], params["final_norm"], eps)
     lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)

@@ -44,7 +44,6 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pallas_kernels import quantized_matmul as qmm
-from pallas_kernels import residual_norm
 from pallas_kernels import swiglu_matmul as swiglu
 
 METHODS = ("int8", "int4", "awq", "gptq", "fp8")
@@ -475,10 +474,6 @@ MAX_KERNEL_ROWS = 64
 # The fused gate/up + SwiGLU kernel: never by default; its Triton GEMM runs ~15% under cuBLAS's (run 21b: 6.44
 # against XLA's 5.77 ms with the product pass at 16384 rows, 384 against 355 us at 1024).
 SWIGLU_MIN_ROWS: Optional[int] = None
-# The residual add and RMSNorm as one kernel (``pallas_kernels.residual_norm``, the projection's K-split partials
-# added inside it) at steps of at most this many rows; None: never (XLA's add, sum-of-squares and scaling passes).
-# One row only: where it was measured (batch-1 decode).
-RESIDUAL_NORM_MAX_ROWS: Optional[int] = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,22 +493,11 @@ class LinearBackend:
     interpret: Optional[bool] = None
     # A dense joined gate/up projection of at least this many rows runs ``pallas_kernels.swiglu_matmul`` (the
     # SwiGLU product in the GEMM's epilogue) on GPU; None: never (XLA's GEMM, then its own product pass).
-    swiglu_min_rows: Optional[int] = dataclasses.field(
-        default_factory=lambda: _rows_from_env("PAGEDJAX_SWIGLU_MIN_ROWS", SWIGLU_MIN_ROWS))
-    # Steps of at most this many rows add each projection to the residual and normalize in one kernel
-    # (``pallas_kernels.residual_norm``) on GPU; None: never.
-    residual_norm_max_rows: Optional[int] = dataclasses.field(
-        default_factory=lambda: _rows_from_env("PAGEDJAX_RESIDUAL_NORM_MAX_ROWS", RESIDUAL_NORM_MAX_ROWS))
+    swiglu_min_rows: Optional[int] = dataclasses.field(default_factory=lambda: _swiglu_min_rows_from_env())
 
     def use_swiglu_kernel(self, w_gate_up, rows: int) -> bool:
         if (self.swiglu_min_rows is None or rows < self.swiglu_min_rows or self.kernel == "xla"
                 or is_quantized(w_gate_up) or not swiglu.supported(*w_gate_up.shape)):
-            return False
-        return bool(self.interpret) or jax.default_backend() == "gpu"
-
-    def use_residual_norm_kernel(self, rows: int, hidden_size: int) -> bool:
-        if (self.residual_norm_max_rows is None or rows > self.residual_norm_max_rows or self.kernel == "xla"
-                or not residual_norm.supported(hidden_size)):
             return False
         return bool(self.interpret) or jax.default_backend() == "gpu"
 
@@ -527,15 +511,16 @@ class LinearBackend:
         return self.kernel == "pallas"
 
 
-def _rows_from_env(name: str, default: Optional[int]) -> Optional[int]:
-    """``$name`` (a row count, or "off"; for timing a fused kernel in the model), else ``default``."""
-    text = os.environ.get(name, "").strip().lower()
+def _swiglu_min_rows_from_env() -> Optional[int]:
+    """``$PAGEDJAX_SWIGLU_MIN_ROWS`` (a row count, or "off"; for timing the fused gate/up kernel in the model),
+    else ``SWIGLU_MIN_ROWS``."""
+    text = os.environ.get("PAGEDJAX_SWIGLU_MIN_ROWS", "").strip().lower()
     if not text:
-        return default
+        return SWIGLU_MIN_ROWS
     if text == "off":
         return None
     if not text.isdigit():
-        raise ValueError(f"{name} must be a row count or 'off', got {text!r}")
+        raise ValueError(f"PAGEDJAX_SWIGLU_MIN_ROWS must be a row count or 'off', got {text!r}")
     return int(text)
 
 
@@ -562,39 +547,24 @@ def _fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
 
 def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend()) -> jax.Array:
     """``x[M, K] @ W`` for a dense or quantized ``W`` (one layer's, no leading axis)."""
-    return _product(x, w, backend, sum_splits=True)
-
-
-def linear_parts(x: jax.Array, w, backend: LinearBackend = LinearBackend()) -> jax.Array:
-    """``linear``'s product as ``[P, M, N]`` parts whose sum (``qmm.sum_parts``) is it: a Pallas kernel's K-split
-    partial sums left for ``pallas_kernels.residual_norm`` to add, else the product as one part."""
-    return _product(x, w, backend, sum_splits=False)
-
-
-def _product(x: jax.Array, w, backend: LinearBackend, *, sum_splits: bool) -> jax.Array:
-    def one_part(out):
-        return out if sum_splits else out[None]
-
     if isinstance(w, Fp8Weight):
-        return one_part(_fp8_linear(x, w))
+        return _fp8_linear(x, w)
     kernel = backend.use_kernel(w, x.shape[0])
-    interpret = backend.interpret
     if isinstance(w, Int8Weight):
         if kernel:
-            return qmm.int8_matmul(x, w.q, w.scale, interpret=interpret, sum_splits=sum_splits)
-        return one_part(qmm.int8_matmul_reference(x, w.q, w.scale))
+            return qmm.int8_matmul(x, w.q, w.scale, interpret=backend.interpret)
+        return qmm.int8_matmul_reference(x, w.q, w.scale)
     if isinstance(w, Int8KMajorWeight):  # the kernel's one-row GEMV; more rows are XLA's dot inside it too
         if kernel:
-            return qmm.int8_kmajor_matmul(x, w.q, w.scale, interpret=interpret, sum_splits=sum_splits)
-        return one_part(qmm.int8_kmajor_matmul_reference(x, w.q, w.scale))
+            return qmm.int8_kmajor_matmul(x, w.q, w.scale, interpret=backend.interpret)
+        return qmm.int8_kmajor_matmul_reference(x, w.q, w.scale)
     if isinstance(w, Int4Weight):
         if w.perm is not None:
             x = jnp.take(x, w.perm, axis=-1)
         args = (x, w.packed, w.scales, w.zeros)
         if kernel:
-            return qmm.int4_matmul(*args, group_size=w.group_size, pack=w.pack, interpret=interpret,
-                                   sum_splits=sum_splits)
-        return one_part(qmm.int4_matmul_reference(*args, group_size=w.group_size, pack=w.pack))
+            return qmm.int4_matmul(*args, group_size=w.group_size, pack=w.pack, interpret=backend.interpret)
+        return qmm.int4_matmul_reference(*args, group_size=w.group_size, pack=w.pack)
     if kernel:
-        return qmm.dense_matmul(x, w, interpret=interpret, sum_splits=sum_splits)
-    return one_part(x @ w)
+        return qmm.dense_matmul(x, w, interpret=backend.interpret)
+    return x @ w

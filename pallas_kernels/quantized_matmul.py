@@ -461,10 +461,9 @@ def _k_splits(config: MatmulConfig, col_blocks: int, num_steps: int, block_k: in
     return splits
 
 
-def sum_parts(parts: jax.Array, dtype) -> jax.Array:
-    """``[P, ...]`` parts (a wrapper's ``sum_splits=False`` result: float32 partial sums when P > 1, else the value
-    itself) -> their sum in ``dtype``."""
-    return parts[0] if parts.shape[0] == 1 else parts.sum(axis=0).astype(dtype)
+def _add_splits(partials: jax.Array, dtype) -> jax.Array:
+    """``[k_splits, ...]`` partial sums (float32 when split) -> the result in ``dtype``."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(axis=0).astype(dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -492,12 +491,12 @@ def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optiona
     return config or default_config(), jax.default_backend() != "gpu" if interpret is None else interpret
 
 
-def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, sum_splits):
+def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     config, interpret = _call_settings(x, K, config, interpret)
     M = x.shape[0]
     if M == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
-                     interpret=interpret, sum_splits=sum_splits)
+                     interpret=interpret)
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
     x, block_m = pad_rows(x, config.block_m)
     rows = x.shape[0]
@@ -516,7 +515,7 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
         interpret=interpret,
         name=f"{fmt}_weight_streaming_matmul",
     )(x, w, *extras)
-    return sum_parts(out, x.dtype)[:M] if sum_splits else out[:, :M]
+    return _add_splits(out, x.dtype)[:M]
 
 
 def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool) -> tuple[int, str]:
@@ -532,10 +531,9 @@ def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool) -> tupl
     return prefetch, {"permute": "exponent", "affine": "affine_jnp"}.get(convert, convert) if interpret else convert
 
 
-def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, sum_splits):
+def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name):
     """``kernel`` over the grid ``(N / block_n, splits)`` of one-row programs, each writing ``block_n`` columns of
-    its split's partial sums; the splits added (``sum_parts``): ``[1, N]``, or ``sum_splits=False``: the partial
-    sums ``[splits, 1, N]``."""
+    its split's partial sums; the splits added (``_add_splits``): ``[1, N]``."""
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),
@@ -546,10 +544,10 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
         interpret=interpret,
         name=name,
     )(x, w, *extras)
-    return sum_parts(out, x.dtype)[None, :] if sum_splits else out[:, None, :]
+    return _add_splits(out, x.dtype)[None, :]
 
 
-def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, sum_splits):
+def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
     prefetch, convert = _gemv_loop_settings(fmt, config, interpret)
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
@@ -559,37 +557,32 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, sum_s
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
                                convert=convert, prefetch=prefetch)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
-                         interpret=interpret, name=f"{fmt}_weight_streaming_gemv", sum_splits=sum_splits)
+                         interpret=interpret, name=f"{fmt}_weight_streaming_gemv")
 
 
-# Every wrapper's static arguments. ``sum_splits=False``: the result as ``[P, M, N]`` parts whose sum over P is it
-# (the K splits' float32 partial sums when P > 1; ``pallas_kernels.residual_norm`` adds them with the residual).
-_STATIC = ("config", "interpret", "sum_splits")
+_STATIC = ("config", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def dense_matmul(x, w, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                 sum_splits: bool = True):
+def dense_matmul(x, w, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
     """``x[M, K] @ w[K, N]`` streaming a dense weight (bf16/f16/f32); float32 accumulation."""
     K, N = w.shape
     return _weight_streaming_matmul(x, w, (), fmt="dense", K=K, N=N, group_size=0, pack=0, config=config,
-                                    interpret=interpret, sum_splits=sum_splits)
+                                    interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                sum_splits: bool = True):
+def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
     """``x[M, K] @ (q[K, N] * scale[N])`` with ``q`` int8, dequantized in registers."""
     K, N = q.shape
     if q.dtype != jnp.int8 or scale.shape != (N,):
         raise ValueError(f"int8 weights need q int8 [K, N] and scale [N]; got {q.dtype}{q.shape}, {scale.shape}")
     return _weight_streaming_matmul(x, q, (scale,), fmt="int8", K=K, N=N, group_size=0, pack=0, config=config,
-                                    interpret=interpret, sum_splits=sum_splits)
+                                    interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                       sum_splits: bool = True):
+def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
     """``x[M, K] @ (qt[N, K] * scale[N, None]).T`` with ``qt`` int8 stored K-major: one row by the K-major GEMV
     (``_kmajor_gemv_kernel``), more rows by XLA's dot (which fuses the int8 convert into it)."""
     N, K = qt.shape
@@ -598,8 +591,7 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
                          f"{scale.shape}")
     config, interpret = _call_settings(x, K, config, interpret)
     if x.shape[0] != 1:
-        out = int8_kmajor_matmul_reference(x, qt, scale)
-        return out if sum_splits else out[None]
+        return int8_kmajor_matmul_reference(x, qt, scale)
     prefetch, convert = _gemv_loop_settings("int8", config, interpret)
     block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
     num_steps = K // block_k
@@ -607,12 +599,12 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                convert=convert, prefetch=prefetch)
     return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
-                         interpret=interpret, name="int8_kmajor_gemv", sum_splits=sum_splits)
+                         interpret=interpret, name="int8_kmajor_gemv")
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
 def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
-                interpret: Optional[bool] = None, sum_splits: bool = True):
+                interpret: Optional[bool] = None):
     """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
     half_k, N = packed.shape
     K = 2 * half_k
@@ -623,4 +615,4 @@ def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config:
     if scales.shape != (groups, N) or zeros.shape != (groups, N):
         raise ValueError(f"int4 scales and zeros must be [K/g={groups}, N={N}], got {scales.shape}, {zeros.shape}")
     return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
-                                    pack=pack, config=config, interpret=interpret, sum_splits=sum_splits)
+                                    pack=pack, config=config, interpret=interpret)

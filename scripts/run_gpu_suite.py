@@ -495,15 +495,6 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("gpu-tests-affine", ["bash", "-c", f"{PY} -m pytest -q -m gpu -k affine tests/test_quantized_matmul.py && "
                                            f"PAGEDJAX_MATMUL_CONFIG='{AFFINE}' {PY} -m pytest -q -m gpu "
                                            "-k 'quantized and int4' tests/test_engine_gpu.py"], 150),
-        # Issue 9 at batch 1 (after run 25b's profile: 11 small XLA kernels a layer, ~0.5 ms a step): each residual add
-        # and the RMSNorm after it as two launches (pallas_kernels.residual_norm: the GEMV's K-split partials and the
-        # residual added with chunked sums of squares, then the scaling; the default at one row) against XLA's three
-        # passes (PAGEDJAX_RESIDUAL_NORM_MAX_ROWS=off) in one lease. Run 25c timed a one-program-a-row form.
-        ("gpu-tests-residual", ["bash", "-c", f"{PY} -m pytest -q -m gpu tests/test_residual_norm.py && "
-                                             f"{PY} -m pytest -q -m gpu -k quantized tests/test_engine_gpu.py"], 150),
-        *[(f"latency-{name}-unfused-norm", ["env", "PAGEDJAX_RESIDUAL_NORM_MAX_ROWS=off"] + latency(
-            method, "--output-json", f"{results}/latency-{name}-unfused-norm.json"), 150)
-          for name, method in (("awq", "awq"), ("int8", "int8"), ("bf16", None))],
         ("latency-awq-affine", ["env", f"PAGEDJAX_MATMUL_CONFIG={AFFINE}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-affine.json"), 100),
         ("latency-awq-affine-prefetch", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_convert": "affine", "gemv_prefetch": 1}']

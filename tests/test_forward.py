@@ -39,10 +39,9 @@ def test_unrolled_layers_equal_scanned_layers():
 
 
 def test_unrolled_layers_are_one_traced_function_called_per_layer():
-    """The unrolled loop calls one jitted layer function: its body is traced and lowered twice whatever the depth
-    (the first layer, with no MLP output pending, and every other; the 8B's step program: trace 0.67 -> 0.29 s, lower
-    1.11 -> 0.63 s, StableHLO 402 -> 164 kB on the CPU for cuda when it was once), which is most of a warm start's
-    Python time per step program."""
+    """The unrolled loop calls one jitted layer function: its body is traced and lowered once whatever the depth
+    (the 8B's step program: trace 0.67 -> 0.29 s, lower 1.11 -> 0.63 s, StableHLO 402 -> 164 kB on the CPU for cuda),
+    which is most of a warm start's Python time per step program."""
     config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
                          num_heads=2, num_kv_heads=1, head_dim=16)
     params = unstack_layers(load_dummy_params(config, jnp.float32))
@@ -51,10 +50,9 @@ def test_unrolled_layers_are_one_traced_function_called_per_layer():
     cache = make_kv_cache(config, 4, 4, jnp.float32, per_layer=True)
     jaxpr = jax.make_jaxpr(lambda p, c, b: forward(p, c, b, config=config))(params, cache, batch)
     calls = [e for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
-    assert len(calls) == config.num_layers and len({id(e.params["jaxpr"]) for e in calls[1:]}) == 1
-    assert calls[0].params["jaxpr"] is not calls[1].params["jaxpr"]
+    assert len(calls) == config.num_layers and len({id(e.params["jaxpr"]) for e in calls}) == 1
     text = jax.jit(lambda p, c, b: forward(p, c, b, config=config)).lower(params, cache, batch).as_text()
-    assert text.count("func.func private @layer_call") == 2 and text.count("call @layer_call") == 4
+    assert text.count("func.func private @layer_call(") == 1 and text.count("call @layer_call(") == 4
 
 
 def test_per_layer_cache_needs_unstacked_weights():
@@ -152,31 +150,3 @@ def test_swiglu_kernel_in_the_mlp_equals_xla_gemm_and_product():
         logits[name], _ = jax.jit(step)(params, cache, batch)
     np.testing.assert_allclose(np.asarray(logits["kernel"]), np.asarray(logits["xla"]), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(logits["too few rows"]), np.asarray(logits["xla"]))
-
-
-@pytest.mark.parametrize("method", [None, "int8", "int4"])
-@pytest.mark.parametrize("unrolled", [False, True])
-def test_residual_norm_kernel_equals_xlas_add_and_norm(method, unrolled):
-    """At steps of up to ``residual_norm_max_rows`` rows each projection's residual add and the next RMSNorm run as
-    one kernel (interpreted here) that also adds the Pallas matmuls' K-split partial sums: the logits equal those of
-    the same matmuls with XLA's add and norm; above the row limit XLA's path runs."""
-    from models.llama import fuse_projections
-    from models.quantization import LinearBackend, quantize_params
-
-    config = ModelConfig(model_type="llama", vocab_size=128, hidden_size=256, intermediate_size=512, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=64)
-    params = load_dummy_params(config, jnp.float32, seed=6)
-    if method:
-        params = quantize_params(params, method)
-    params = fuse_projections(unstack_layers(params) if unrolled else params)
-    batch = build_model_input([SequenceWork(token_ids=[5], start=0, block_table=[1], sample=True)], block_size=4,
-                              max_num_tokens=1, max_num_seqs=1, max_blocks_per_seq=4)
-    logits = {}
-    for name, max_rows in (("xla norm", None), ("kernel", 1)):
-        backend = LinearBackend(kernel="pallas", interpret=True, residual_norm_max_rows=max_rows)
-        step = functools.partial(forward, config=config, linear_backend=backend)
-        cache = make_kv_cache(config, 8, 4, jnp.float32, per_layer=unrolled)
-        text = str(jax.make_jaxpr(step)(params, cache, batch))
-        assert ("add_rms_norm" in text) == (name == "kernel")
-        logits[name], _ = jax.jit(step)(params, cache, batch)
-    np.testing.assert_allclose(np.asarray(logits["kernel"]), np.asarray(logits["xla norm"]), rtol=1e-5, atol=1e-5)
