@@ -107,12 +107,24 @@ class MatmulConfig:
     # step waits a memory latency for its own tile. None: 1 for int8, 0 otherwise (run 17a, w_gate_up
     # at one row: int8 56.3 -> 47.6 us; int4 56.6 -> 60.6 us).
     gemv_prefetch: Optional[int] = None
+    # int4 GEMV with the deferred sum: load each step's scale and zero rows as whole [block_k / 2, block_n] tiles of
+    # one repeated row (the weight tile's shape, so its register layout) instead of [block_n] rows, which Triton
+    # lays out apart from the tile and converts through shared memory a step (two conversions, four barriers a
+    # step). Offline compile for sm_90 (Triton 3.9, NOTES.md after run 25e; unmeasured on a GPU): 168 -> 128
+    # registers a thread (3 -> 4 programs a multiprocessor), no barrier in the loop, 501 -> 598 instructions a step.
+    gemv_scale_tiles: bool = False
     # The K-major int8 GEMV (``int8_kmajor_matmul``): tile of kmajor_block_n columns x kmajor_block_k K bytes
     # (upper bounds, as block_n / block_k); warps, programs per core, conversion and loads ahead as the GEMV's.
     # Run 23a-b (H200, 8B int8 at batch 1): 64 x 64 TPOT 4.52 ms, block_k 128 x block_n 32 3.14, 256 x 16 3.11
     # (the [K, N] GEMV 3.54): long rows of K bytes a program, few columns.
     kmajor_block_n: int = 16
     kmajor_block_k: int = 256
+    # The K-major int8 GEMV: keep a [block_n, block_k] float32 partial sum and reduce over K once after the loop (as
+    # gemv_defer_reduction does for the [K, N] GEMV) instead of each step's sum across a row's threads, and read x's
+    # slice as a tile of the weight tile's shape (one repeated row: its register layout, no conversion). Offline
+    # compile for sm_90 (Triton 3.9, NOTES.md after run 25e; unmeasured on a GPU): the per-step sum costs 8 barriers,
+    # 16 shuffles and ~110 adds a step, 423 instructions for 32 weights a thread.
+    kmajor_defer_reduction: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -290,7 +302,7 @@ def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str)
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
-                 defer_reduction: bool, convert: str, prefetch: int):
+                 defer_reduction: bool, convert: str, prefetch: int, scale_tiles: bool = False):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -301,6 +313,8 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``convert``: how integer weights become float32 (``MatmulConfig.gemv_convert``).
     ``prefetch``: each step's weight loads are issued a step ahead (``double_buffered_loop``; Triton
     pipelines only loads that feed a dot, so otherwise each step waits for its own tile).
+    ``scale_tiles`` (int4, deferred sum): scale and zero rows loaded as tiles of the weight tile's shape
+    (``MatmulConfig.gemv_scale_tiles``).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -318,6 +332,10 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
             group = k0 // group_size
             packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
                                    eviction_policy="evict_first")
+            if scale_tiles:  # the group's row repeated down the tile: [half, block_n]
+                rows = jnp.full((half, 1), group, jnp.int32)
+                columns = (n * block_n + jnp.arange(block_n, dtype=jnp.int32))[None, :]
+                return packed, pltriton.load(refs[0].at[rows, columns]), pltriton.load(refs[1].at[rows, columns])
             return packed, refs[0][group, cols], refs[1][group, cols]
         return (pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first"),)
 
@@ -349,9 +367,10 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     def deferred_step(i, acc, loaded):  # acc: [block_k (int4: block_k / 2), block_n]; summed over K after the loop
         if fmt == "int4":
             s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded)
+            if s.ndim == 1:  # rows (else tiles already of q's shape)
+                s, z = s[None, :], z[None, :]
             zs = z * s
-            return acc + x_lo[:, None] * (q_lo * s[None, :] - zs[None, :]) + x_hi[:, None] * (
-                q_hi * s[None, :] - zs[None, :])
+            return acc + x_lo[:, None] * (q_lo * s - zs) + x_hi[:, None] * (q_hi * s - zs)
         x, w = tile(i, loaded)
         return acc + x[:, None] * w
 
@@ -370,10 +389,11 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
 
 
 def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k: int, steps: int, convert: str,
-                        prefetch: int):
+                        prefetch: int, defer_reduction: bool = False):
     """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over ``steps * block_k``
     of K; each step's products summed over K at once (inside each thread for the most part: a tile row is
-    contiguous K), so the accumulator is one float32 a column."""
+    contiguous K), so the accumulator is one float32 a column. ``defer_reduction``: the products accumulate in a
+    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape."""
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
@@ -386,14 +406,21 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
                              eviction_policy="evict_first")
 
     def body(i, acc, w):
-        x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)
-        return acc + jnp.sum(x[None, :] * _integers_as_f32(w, "int8", convert), axis=1)
+        if defer_reduction:  # x's slice repeated down a tile of w's shape (w's register layout: no conversion)
+            ks = (k_start(i) + jnp.arange(block_k, dtype=jnp.int32))[None, :]
+            x = pltriton.load(x_ref.at[jnp.zeros((block_n, 1), jnp.int32), ks]).astype(jnp.float32)
+        else:
+            x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)[None, :]
+        products = x * _integers_as_f32(w, "int8", convert)
+        return acc + (products if defer_reduction else jnp.sum(products, axis=1))
 
-    acc = jnp.zeros((block_n,), jnp.float32)
+    acc = jnp.zeros((block_n, block_k) if defer_reduction else (block_n,), jnp.float32)
     if prefetch:
         acc = double_buffered_loop(steps, load, body, acc)
     else:
         acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
+    if defer_reduction:
+        acc = jnp.sum(acc, axis=1)
     o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
 
 
@@ -555,7 +582,8 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
-                               convert=convert, prefetch=prefetch)
+                               convert=convert, prefetch=prefetch,
+                               scale_tiles=config.gemv_scale_tiles and config.gemv_defer_reduction)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv")
 
@@ -597,7 +625,7 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
-                               convert=convert, prefetch=prefetch)
+                               convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction)
     return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name="int8_kmajor_gemv")
 

@@ -509,6 +509,19 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                ("w2", '{"gemv_num_warps": 2}'), ("ppc4", '{"gemv_programs_per_core": 4}'),
                                ("ppc16", '{"gemv_programs_per_core": 16}'))],
         ("latency-awq-again", latency("awq", "--output-json", f"{results}/latency-awq-again.json"), 100),
+        # After run 25e, from the offline SASS (scripts/inspect_kernel_sass.py, NOTES.md): the int4 GEMV's scale and
+        # zero rows read as tiles of the weight tile's shape (168 -> 128 registers, no barrier a step), and the K-major
+        # int8 GEMV's sum over K deferred to after its loop with x read as tiles (no barrier, no shuffle a step).
+        # Compiled correctness first, then batch-1 TPOT against the defaults in the same lease.
+        ("gpu-tests-gemv-layouts", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "kmajor_defer or scale_tiles",
+                                    "tests/test_quantized_matmul.py"], 120),
+        ("latency-awq-scale-tiles", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_scale_tiles": true}'] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-scale-tiles.json"), 100),
+        ("latency-int8-kdefer", ["env", 'PAGEDJAX_MATMUL_CONFIG={"kmajor_defer_reduction": true}'] + latency(
+            "int8", "--output-json", f"{results}/latency-int8-kdefer.json"), 100),
+        ("latency-int8-kdefer-noprefetch", ["env", 'PAGEDJAX_MATMUL_CONFIG={"kmajor_defer_reduction": true, '
+                                                   '"gemv_prefetch": 0}'] + latency(
+            "int8", "--output-json", f"{results}/latency-int8-kdefer-noprefetch.json"), 100),
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
@@ -534,7 +547,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
-REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-awq-affine": "gpu-tests-affine",
+REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-awq-scale-tiles": "gpu-tests-gemv-layouts",
+            "latency-int8-kdefer": "gpu-tests-gemv-layouts", "latency-int8-kdefer-noprefetch": "gpu-tests-gemv-layouts", "latency-awq-affine": "gpu-tests-affine",
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}

@@ -256,3 +256,17 @@ def test_best_decode_tiling_is_printed_only_when_it_beats_the_default(tmp_path, 
     record[0]["us"] = 98.0  # 2% under the default: not worth a change
     path.write_text(json.dumps(record))
     assert bench_kernels.print_best_decode_tiling(str(path), "1024x192") == 1
+
+
+@pytest.mark.parametrize("kernel,config", [("int4", {}), ("int4", {"gemv_scale_tiles": True}),
+                                           ("int8-kmajor", {"kmajor_defer_reduction": True})])
+def test_sass_inspection_cuts_a_parseable_triton_module(kernel, config):
+    """``scripts/inspect_kernel_sass.py``'s first phase (no GPU, no triton package): the one-row GEMV lowered for
+    CUDA gives one Triton module with its location notes stripped, the syntax ``triton.compile`` parses."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    from inspect_kernel_sass import lowered_module
+
+    text, num_warps = lowered_module(kernel, 1024, 512, config)
+    assert text.startswith("module @") and "tt.func public" in text and num_warps == 4
+    assert text.count("{") == text.count("}") and "loc(" not in text and "#loc" not in text
+    assert "[unknown]" not in text and "evictionPolicy" not in text

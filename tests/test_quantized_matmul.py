@@ -92,6 +92,13 @@ CPU_CASES = [
                                                         gemv_defer_reduction=False)),
     ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_convert="affine", gemv_prefetch=1)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_convert="affine")),
+    # int4 scale and zero rows loaded as tiles of the weight tile's shape (gemv_scale_tiles), each conversion, split,
+    # loads ahead; without the deferred sum the flag is ignored.
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_scale_tiles=True)),
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_scale_tiles=True,
+                                                        gemv_convert="cvt", gemv_prefetch=1)),
+    ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_scale_tiles=True, gemv_convert="exponent")),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_scale_tiles=True, gemv_defer_reduction=False)),
     # Weight loads issued a step ahead (gemv_prefetch), even and odd step counts, split, both reductions.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=1, gemv_defer_reduction=False)),
@@ -146,15 +153,17 @@ def test_affine_nibbles_and_their_permute_selectors():
 
 @pytest.mark.parametrize("rows,defer,convert", [(100, False, "cvt"), (1, False, "cvt"), (1, True, "exponent"),
                                                 (1, True, "permute"), (1, True, "affine"), (1, False, "affine")])
+@pytest.mark.parametrize("scale_tiles", [False, True])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
-def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert):
+def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert, scale_tiles):
     """The Triton lowering (not only the interpreter) accepts every format, in the dot form (two
     row tiles) and the one-row GEMV form (both reductions): cross-platform lowering on CPU."""
     rng = np.random.default_rng(0)
     kernel, _ = KERNELS[fmt]
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
     x = jnp.ones((rows, 1024), jnp.bfloat16)
-    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_convert=convert, gemv_prefetch=int(defer))
+    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_convert=convert, gemv_prefetch=int(defer),
+                          gemv_scale_tiles=scale_tiles)
     fn = jax.jit(functools.partial(kernel, interpret=False, config=config, **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -166,6 +175,10 @@ KMAJOR_CASES = [  # (M, K, N, dtype, config): the K-major int8 GEMV at one row (
     (1, 224, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=0)),  # 7 steps
     (1, 256, 128, jnp.float32, MatmulConfig(gemv_convert="cvt")),
     (5, 256, 128, jnp.float32, MatmulConfig()),
+    # The sum over K deferred to after the loop (x read as tiles of w's shape): split, loads ahead or not, 7 steps.
+    (1, 512, 256, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=True)),
+    (1, 384, 96, jnp.float32, MatmulConfig(k_splits=3, kmajor_block_k=32, kmajor_block_n=32, kmajor_defer_reduction=True)),
+    (1, 224, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=0, kmajor_defer_reduction=True)),
 ]
 
 
@@ -194,8 +207,10 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
     from pallas_kernels.quantized_matmul import int8_kmajor_matmul
 
     x, qt, scale = jnp.ones((1, 1024), jnp.bfloat16), jnp.ones((512, 1024), jnp.int8), jnp.ones((512,), jnp.float32)
-    fn = jax.jit(functools.partial(int8_kmajor_matmul, interpret=False))
-    assert fn.trace(x, qt, scale).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
+    for defer in (False, True):
+        fn = jax.jit(functools.partial(int8_kmajor_matmul, interpret=False,
+                                       config=MatmulConfig(kmajor_defer_reduction=defer)))
+        assert fn.trace(x, qt, scale).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
     with pytest.raises(ValueError, match="scale"):
         int8_kmajor_matmul(x, qt, jnp.ones((1024,)))
     with pytest.raises(ValueError, match="x must be"):
@@ -204,8 +219,9 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
-def test_kmajor_int8_matches_reference_on_gpu(K, N):
-    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(), interpret=False)
+@pytest.mark.parametrize("defer", [False, True], ids=["summed-each-step", "kmajor_defer"])
+def test_kmajor_int8_matches_reference_on_gpu(K, N, defer):
+    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer), interpret=False)
 
 
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
@@ -253,14 +269,18 @@ GPU_CASES = [
        for fmt in ("int8", "int4") for K, N in ((4096, 6144), (14336, 4096))
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="affine", gemv_defer_reduction=defer))
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for defer in (True, False)
+] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_scale_tiles=True))
+     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672))
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
       ("int8", 256, 4096, 4096, 128, jnp.bfloat16, MatmulConfig()), ("int4", 200, 14336, 4096, 128, jnp.bfloat16,
                                                                      MatmulConfig())]
 
 
 def case_id(value):
-    """Test ids name a config's conversion, so ``-k permute`` picks the inline-PTX cases."""
-    return f"convert-{value.gemv_convert}" if isinstance(value, MatmulConfig) else None
+    """Test ids name a config's conversion (and scale tiles), so ``-k permute`` picks the inline-PTX cases."""
+    if not isinstance(value, MatmulConfig):
+        return None
+    return f"convert-{value.gemv_convert}" + ("-scale_tiles" if value.gemv_scale_tiles else "")
 
 
 @pytest.mark.gpu

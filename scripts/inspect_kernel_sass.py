@@ -1,0 +1,138 @@
+"""What a Pallas (Triton) one-row GEMV compiles to for a Hopper GPU, without a GPU: registers a thread, shared memory,
+and the instruction mix of its K loop (barriers, loads, arithmetic).
+
+Timings need the device; this answers "why" questions on the CPU machine: how many programs fit on a multiprocessor
+(registers), whether a step synchronizes its warps (``BAR.SYNC`` from layout conversions through shared memory),
+how many instructions a weight costs. Two phases:
+
+1. here (JAX, CPU): the kernel is lowered for CUDA with ``pallas_call(debug=True)``, which prints the Triton module
+   JAX hands to XLA; the module is cut out and its location notes stripped (``triton_module_text``);
+2. in a Python that has the ``triton`` package (``--triton-python``; keep it in its own virtual environment:
+   ``python -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install triton``): ``triton.compile`` for ``--arch`` (90:
+   H100/H200) and its bundled ``cuobjdump`` give the SASS.
+
+The Triton in ``pip`` is not the one inside jaxlib, so the counts are a close guide, not the device's exact code
+(NOTES.md after run 25e: the int4 GEMV at 168 registers, 4 barriers a K step).
+
+    python scripts/inspect_kernel_sass.py --kernel int4 --k 4096 --n 28672 --triton-python /tmp/tvenv/bin/python
+    python scripts/inspect_kernel_sass.py --kernel int4 --config '{"gemv_scale_tiles": true}' --triton-python ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# Phase 2, run by the Triton Python: compile the module, then report registers, shared memory and the K loop's mix.
+_COMPILE = r"""
+import collections, json, re, subprocess, sys, os, triton
+from triton.backends.compiler import GPUTarget
+ttir, arch, num_warps, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+k = triton.compile(ttir, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
+open(out + ".cubin", "wb").write(k.asm["cubin"])
+open(out + ".ttgir", "w").write(k.asm["ttgir"])
+tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", out + ".cubin"], capture_output=True, text=True).stdout
+usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", out + ".cubin"], capture_output=True,
+                       text=True).stdout
+open(out + ".sass", "w").write(sass)
+lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][^;]*);",
+                                                                sass)]
+loops = [(int(b.group(1), 16), at) for at, text in lines if (b := re.search(r"BRA\s+(?:`\()?0x([0-9a-f]+)", text))
+         and int(b.group(1), 16) < at]
+report = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "shared_bytes": int(re.search(r"SHARED:(\d+)", usage).group(1)),
+          "layout_conversions": k.asm["ttgir"].count("ttg.convert_layout"), "barriers": sass.count("BAR.SYNC")}
+if loops:
+    start, end = max(loops, key=lambda se: se[1] - se[0])
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                              for at, text in lines if start <= at <= end)
+    report["loop_instructions"] = sum(ops.values())
+    report["loop_mix"] = dict(ops.most_common(16))
+print(json.dumps(report))
+"""
+
+
+def triton_module_text(debug_output: str) -> str:
+    """The first Triton module in ``pallas_call(debug=True)``'s printout, in the syntax ``triton``'s parser takes:
+    location notes (``loc(...)``, ``"name"(#locN)``, `` [unknown]``) and eviction hints dropped."""
+    start = debug_output.index("module @")
+    end = debug_output.find("\n#loc", start)
+    text = debug_output[start:] if end < 0 else debug_output[start:end]
+    text = text.replace(" [unknown]", "").replace(" evictionPolicy = evict_first", "")
+    text = re.sub(r'\s*"[^"\n]*"\(#loc\d+\)', "", text)
+    text = re.sub(r"\s*loc\([^()\n]*(\([^()\n]*\))?[^()\n]*\)", "", text)
+    text = re.sub(r"\s*\(#loc\d+\)", "", text)
+    text = text.rstrip()
+    # The printout ends with the function's closing brace; the module's may be missing before the location table.
+    if text.count("{") > text.count("}"):
+        text += "\n}"
+    return text + "\n"
+
+
+def lowered_module(kernel: str, K: int, N: int, config: dict) -> tuple[str, int]:
+    """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]``, and its warp count."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    from pallas_kernels import quantized_matmul as qmm
+
+    cfg = qmm.MatmulConfig(**config)
+    x = jnp.ones((1, K), jnp.bfloat16)
+    if kernel == "int4":
+        args = (x, jnp.zeros((K // 2, N), jnp.uint8), jnp.ones((K // 128, N), jnp.bfloat16),
+                jnp.ones((K // 128, N), jnp.bfloat16))
+        fn = functools.partial(qmm.int4_matmul, group_size=128, pack=128, config=cfg, interpret=False)
+    elif kernel == "int8-kmajor":
+        args = (x, jnp.zeros((N, K), jnp.int8), jnp.ones((N,), jnp.float32))
+        fn = functools.partial(qmm.int8_kmajor_matmul, config=cfg, interpret=False)
+    else:
+        raise ValueError(f"--kernel must be int4 or int8-kmajor, got {kernel!r}")
+    pallas_call = pl.pallas_call
+    printed = io.StringIO()
+    try:
+        pl.pallas_call = functools.partial(pallas_call, debug=True)
+        with contextlib.redirect_stdout(printed):
+            jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        pl.pallas_call = pallas_call
+    return triton_module_text(printed.getvalue()), cfg.gemv_num_warps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", default="int4", choices=["int4", "int8-kmajor"])
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--n", type=int, default=28672)
+    parser.add_argument("--config", default="{}", help="MatmulConfig fields as JSON")
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
+    parser.add_argument("--triton-python", required=True, help="a Python with the triton package")
+    parser.add_argument("--out", default=None, help="keep the .ttir/.ttgir/.sass here (default: a temporary folder)")
+    args = parser.parse_args()
+    module, num_warps = lowered_module(args.kernel, args.k, args.n, json.loads(args.config))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(args.out or tmp, f"{args.kernel}_gemv")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".ttir", "w") as f:
+            f.write(module)
+        done = subprocess.run([args.triton_python, "-c", _COMPILE, out + ".ttir", str(args.arch), str(num_warps), out],
+                              capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"triton.compile failed:\n{done.stderr[-3000:]}")
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps({"kernel": args.kernel, "K": args.k, "N": args.n, "config": json.loads(args.config), **report},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
