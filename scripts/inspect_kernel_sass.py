@@ -100,6 +100,7 @@ def lowered_module(kernel: str, K: int, N: int, config: dict) -> tuple[str, int]
         raise ValueError(f"--kernel must be int4 or int8-kmajor, got {kernel!r}")
     pallas_call = pl.pallas_call
     printed = io.StringIO()
+    jax.clear_caches()  # a wrapper traced before in this process would not call pallas_call (and print) again
     try:
         pl.pallas_call = functools.partial(pallas_call, debug=True)
         with contextlib.redirect_stdout(printed):
