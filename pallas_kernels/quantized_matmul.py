@@ -104,15 +104,10 @@ class MatmulConfig:
     gemv_convert: str = "affine"
     # GEMV: 1 issues each step's weight loads a step ahead of its arithmetic (``double_buffered_loop``).
     # Triton's pipeliner leaves loads that feed no dot alone (NOTES.md, after run 16b), so at 0 each
-    # step waits a memory latency for its own tile. None: 1 for int8, 0 otherwise (run 17a, w_gate_up
-    # at one row: int8 56.3 -> 47.6 us; int4 56.6 -> 60.6 us).
+    # step waits a memory latency for its own tile. None: 1 for the [K, N] int8 GEMV, 0 otherwise (run 17a,
+    # w_gate_up at one row: int8 56.3 -> 47.6 us; int4 56.6 -> 60.6 us; the K-major int8 GEMV with its deferred
+    # sum: run 26a, below).
     gemv_prefetch: Optional[int] = None
-    # int4 GEMV with the deferred sum: load each step's scale and zero rows as whole [block_k / 2, block_n] tiles of
-    # one repeated row (the weight tile's shape, so its register layout) instead of [block_n] rows, which Triton
-    # lays out apart from the tile and converts through shared memory a step (two conversions, four barriers a
-    # step). Offline compile for sm_90 (Triton 3.9, NOTES.md after run 25e; unmeasured on a GPU): 168 -> 128
-    # registers a thread (3 -> 4 programs a multiprocessor), no barrier in the loop, 501 -> 598 instructions a step.
-    gemv_scale_tiles: bool = False
     # The K-major int8 GEMV (``int8_kmajor_matmul``): tile of kmajor_block_n columns x kmajor_block_k K bytes
     # (upper bounds, as block_n / block_k); warps, programs per core, conversion and loads ahead as the GEMV's.
     # Run 23a-b (H200, 8B int8 at batch 1): 64 x 64 TPOT 4.52 ms, block_k 128 x block_n 32 3.14, 256 x 16 3.11
@@ -122,9 +117,11 @@ class MatmulConfig:
     # The K-major int8 GEMV: keep a [block_n, block_k] float32 partial sum and reduce over K once after the loop (as
     # gemv_defer_reduction does for the [K, N] GEMV) instead of each step's sum across a row's threads, and read x's
     # slice as a tile of the weight tile's shape (one repeated row: its register layout, no conversion). Offline
-    # compile for sm_90 (Triton 3.9, NOTES.md after run 25e; unmeasured on a GPU): the per-step sum costs 8 barriers,
-    # 16 shuffles and ~110 adds a step, 423 instructions for 32 weights a thread.
-    kmajor_defer_reduction: bool = False
+    # compile for sm_90 (Triton 3.9, NOTES.md after run 25e): the per-step sum costs 8 barriers, 16 shuffles and
+    # ~110 adds a step, 423 instructions for 32 weights a thread; deferred, no barrier and 64 registers.
+    # Run 26a (H200, 8B int8 at batch 1, same lease): TPOT 3.16 ms summed each step (loads ahead) -> 3.06 deferred
+    # without loads ahead (3.23 deferred with them).
+    kmajor_defer_reduction: bool = True
 
 
 # --------------------------------------------------------------------------------------
@@ -132,10 +129,11 @@ class MatmulConfig:
 # --------------------------------------------------------------------------------------
 
 
-def int4_pack_block(num_rows: int, group_size: int) -> int:
-    """Rows per packing block: the largest of 128, 64, 32 dividing both ``K`` and ``g``."""
+def int4_pack_block(num_rows: int, group_size: int, largest: int = 128) -> int:
+    """Rows per packing block: the largest of 128, 64, 32 (up to ``largest``) dividing both ``K`` and ``g``. The
+    block is also the int4 kernels' K step: the one-row GEMV's tile is ``pack / 2`` bytes x ``block_n`` columns."""
     for pack in (128, 64, 32):
-        if num_rows % pack == 0 and group_size % pack == 0:
+        if pack <= largest and num_rows % pack == 0 and group_size % pack == 0:
             return pack
     raise ValueError(f"int4 weights need K ({num_rows}) and the group size ({group_size}) to be "
                      "multiples of 32")
@@ -302,7 +300,7 @@ def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str)
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
-                 defer_reduction: bool, convert: str, prefetch: int, scale_tiles: bool = False):
+                 defer_reduction: bool, convert: str, prefetch: int):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -313,8 +311,6 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``convert``: how integer weights become float32 (``MatmulConfig.gemv_convert``).
     ``prefetch``: each step's weight loads are issued a step ahead (``double_buffered_loop``; Triton
     pipelines only loads that feed a dot, so otherwise each step waits for its own tile).
-    ``scale_tiles`` (int4, deferred sum): scale and zero rows loaded as tiles of the weight tile's shape
-    (``MatmulConfig.gemv_scale_tiles``).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -332,10 +328,6 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
             group = k0 // group_size
             packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
                                    eviction_policy="evict_first")
-            if scale_tiles:  # the group's row repeated down the tile: [half, block_n]
-                rows = jnp.full((half, 1), group, jnp.int32)
-                columns = (n * block_n + jnp.arange(block_n, dtype=jnp.int32))[None, :]
-                return packed, pltriton.load(refs[0].at[rows, columns]), pltriton.load(refs[1].at[rows, columns])
             return packed, refs[0][group, cols], refs[1][group, cols]
         return (pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first"),)
 
@@ -367,8 +359,7 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     def deferred_step(i, acc, loaded):  # acc: [block_k (int4: block_k / 2), block_n]; summed over K after the loop
         if fmt == "int4":
             s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded)
-            if s.ndim == 1:  # rows (else tiles already of q's shape)
-                s, z = s[None, :], z[None, :]
+            s, z = s[None, :], z[None, :]
             zs = z * s
             return acc + x_lo[:, None] * (q_lo * s - zs) + x_hi[:, None] * (q_hi * s - zs)
         x, w = tile(i, loaded)
@@ -545,11 +536,12 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
     return _add_splits(out, x.dtype)[:M]
 
 
-def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool) -> tuple[int, str]:
-    """``(prefetch, convert)`` of a one-row kernel: loads a step ahead or not (``gemv_prefetch``; None: int8 only),
+def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_prefetch: int) -> tuple[int, str]:
+    """``(prefetch, convert)`` of a one-row kernel: loads a step ahead or not (``gemv_prefetch``; None: the kernel's
+    ``default_prefetch``),
     and the integer-to-float conversion (``gemv_convert``; "affine" is for nibbles, int8 values go as "permute";
     inline PTX runs only compiled, so the interpreter takes the same trick written in jnp, equal values)."""
-    prefetch = (1 if fmt == "int8" else 0) if config.gemv_prefetch is None else config.gemv_prefetch
+    prefetch = default_prefetch if config.gemv_prefetch is None else config.gemv_prefetch
     if prefetch not in (0, 1):
         raise ValueError(f"gemv_prefetch must be 0 or 1 (loads a step ahead), got {config.gemv_prefetch}")
     if config.gemv_convert not in GEMV_CONVERSIONS:
@@ -576,14 +568,13 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
 
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
-    prefetch, convert = _gemv_loop_settings(fmt, config, interpret)
+    prefetch, convert = _gemv_loop_settings(fmt, config, interpret, default_prefetch=int(fmt == "int8"))
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
-                               convert=convert, prefetch=prefetch,
-                               scale_tiles=config.gemv_scale_tiles and config.gemv_defer_reduction)
+                               convert=convert, prefetch=prefetch)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv")
 
@@ -620,7 +611,8 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     config, interpret = _call_settings(x, K, config, interpret)
     if x.shape[0] != 1:
         return int8_kmajor_matmul_reference(x, qt, scale)
-    prefetch, convert = _gemv_loop_settings("int8", config, interpret)
+    prefetch, convert = _gemv_loop_settings("int8", config, interpret,
+                                            default_prefetch=int(not config.kmajor_defer_reduction))
     block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)

@@ -15,7 +15,7 @@ The Triton in ``pip`` is not the one inside jaxlib, so the counts are a close gu
 (NOTES.md after run 25e: the int4 GEMV at 168 registers, 4 barriers a K step).
 
     python scripts/inspect_kernel_sass.py --kernel int4 --k 4096 --n 28672 --triton-python /tmp/tvenv/bin/python
-    python scripts/inspect_kernel_sass.py --kernel int4 --config '{"gemv_scale_tiles": true}' --triton-python ...
+    python scripts/inspect_kernel_sass.py --kernel int8-kmajor --config '{"kmajor_defer_reduction": false}' ...
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def triton_module_text(debug_output: str) -> str:
     return text + "\n"
 
 
-def lowered_module(kernel: str, K: int, N: int, config: dict) -> tuple[str, int]:
-    """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]``, and its warp count."""
+def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -> tuple[str, int]:
+    """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]`` (int4: packed in blocks of ``pack``
+    rows of K, the K step of its GEMV), and its warp count."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
@@ -92,7 +93,7 @@ def lowered_module(kernel: str, K: int, N: int, config: dict) -> tuple[str, int]
     if kernel == "int4":
         args = (x, jnp.zeros((K // 2, N), jnp.uint8), jnp.ones((K // 128, N), jnp.bfloat16),
                 jnp.ones((K // 128, N), jnp.bfloat16))
-        fn = functools.partial(qmm.int4_matmul, group_size=128, pack=128, config=cfg, interpret=False)
+        fn = functools.partial(qmm.int4_matmul, group_size=128, pack=pack, config=cfg, interpret=False)
     elif kernel == "int8-kmajor":
         args = (x, jnp.zeros((N, K), jnp.int8), jnp.ones((N,), jnp.float32))
         fn = functools.partial(qmm.int8_kmajor_matmul, config=cfg, interpret=False)
@@ -116,11 +117,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--n", type=int, default=28672)
     parser.add_argument("--config", default="{}", help="MatmulConfig fields as JSON")
+    parser.add_argument("--pack", type=int, default=128, choices=[32, 64, 128],
+                        help="int4: rows of K a packing block (the GEMV's K step)")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
     parser.add_argument("--triton-python", required=True, help="a Python with the triton package")
     parser.add_argument("--out", default=None, help="keep the .ttir/.ttgir/.sass here (default: a temporary folder)")
     args = parser.parse_args()
-    module, num_warps = lowered_module(args.kernel, args.k, args.n, json.loads(args.config))
+    module, num_warps = lowered_module(args.kernel, args.k, args.n, json.loads(args.config), args.pack)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(args.out or tmp, f"{args.kernel}_gemv")
         os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -131,7 +134,7 @@ def main() -> None:
         if done.returncode:
             sys.exit(f"triton.compile failed:\n{done.stderr[-3000:]}")
         report = json.loads(done.stdout.strip().splitlines()[-1])
-    print(json.dumps({"kernel": args.kernel, "K": args.k, "N": args.n, "config": json.loads(args.config), **report},
+    print(json.dumps({"kernel": args.kernel, "K": args.k, "N": args.n, "pack": args.pack, "config": json.loads(args.config), **report},
                      indent=1))
 
 

@@ -103,7 +103,7 @@ def probe_gemv(x, w, scale, *, kind, layout, block_k=32, block_n=128, num_warps=
     K = x.shape[1]
     N = w.shape[1] if layout == "rows" else w.shape[0] * w.shape[2]
     # The engine's conversion (byte permutes, compiled only; the interpreter's equal jnp form).
-    _, convert = qmm._gemv_loop_settings("int8", qmm.MatmulConfig(), interpret)
+    _, convert = qmm._gemv_loop_settings("int8", qmm.MatmulConfig(), interpret, default_prefetch=0)
     num_steps = K // block_k
     splits = 1 if kind == "null-1" else qmm.auto_k_splits(N // block_n, num_steps, programs_per_core)
     kernel = functools.partial(_kernel, kind=kind, layout=layout, block_k=block_k, block_n=block_n,

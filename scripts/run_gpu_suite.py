@@ -509,19 +509,30 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                ("w2", '{"gemv_num_warps": 2}'), ("ppc4", '{"gemv_programs_per_core": 4}'),
                                ("ppc16", '{"gemv_programs_per_core": 16}'))],
         ("latency-awq-again", latency("awq", "--output-json", f"{results}/latency-awq-again.json"), 100),
-        # After run 25e, from the offline SASS (scripts/inspect_kernel_sass.py, NOTES.md): the int4 GEMV's scale and
-        # zero rows read as tiles of the weight tile's shape (168 -> 128 registers, no barrier a step), and the K-major
-        # int8 GEMV's sum over K deferred to after its loop with x read as tiles (no barrier, no shuffle a step).
-        # Compiled correctness first, then batch-1 TPOT against the defaults in the same lease.
-        ("gpu-tests-gemv-layouts", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "kmajor_defer or scale_tiles",
+        # Run 26a, from the offline SASS (scripts/inspect_kernel_sass.py, NOTES.md): the K-major int8 GEMV's sum over
+        # K deferred to after its loop with x read as tiles (no barrier, no shuffle a step; the default since), and
+        # the K-major GEMV as it was before (summed each step, loads ahead): compiled correctness, then batch-1 TPOT.
+        # Run 26b: int4 packed in blocks of 64 or 32 rows ($PAGEDJAX_INT4_PACK; the one-row GEMV's K step: 168 -> 127
+        # / 72 registers a thread offline), compiled correctness with the K-major int8 cases.
+        ("gpu-tests-gemv-layouts", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "kmajor or small_pack",
                                     "tests/test_quantized_matmul.py"], 120),
-        ("latency-awq-scale-tiles", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_scale_tiles": true}'] + latency(
-            "awq", "--output-json", f"{results}/latency-awq-scale-tiles.json"), 100),
-        ("latency-int8-kdefer", ["env", 'PAGEDJAX_MATMUL_CONFIG={"kmajor_defer_reduction": true}'] + latency(
-            "int8", "--output-json", f"{results}/latency-int8-kdefer.json"), 100),
-        ("latency-int8-kdefer-noprefetch", ["env", 'PAGEDJAX_MATMUL_CONFIG={"kmajor_defer_reduction": true, '
-                                                   '"gemv_prefetch": 0}'] + latency(
-            "int8", "--output-json", f"{results}/latency-int8-kdefer-noprefetch.json"), 100),
+        ("latency-int8-ksum", ["env", 'PAGEDJAX_MATMUL_CONFIG={"kmajor_defer_reduction": false}'] + latency(
+            "int8", "--output-json", f"{results}/latency-int8-ksum.json"), 100),
+        *[(f"latency-awq-pack{pack}", ["env", f"PAGEDJAX_INT4_PACK={pack}"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-pack{pack}.json"), 100) for pack in (64, 32)],
+        *[(f"profile-decode1-awq-pack{pack}", ["env", f"PAGEDJAX_INT4_PACK={pack}"] + profile(
+            f"profile-decode1-awq-pack{pack}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization",
+            "awq", "--precompile-steps", "off"), 90) for pack in (64, 32)],
+        # Nsight Compute over one launch of each GEMV at w_gate_up's shape (scripts/launch_gemvs.py: int4 packed in
+        # 128/64/32-row blocks, int8 K-major, XLA's bf16 dot): occupancy, stall reasons, memory throughput. No memory
+        # preallocated (run 16b's profile failed under JAX's 95% pool).
+        ("ncu-gemvs", ["bash", "-c", "XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform "
+                       "ncu --clock-control none --target-processes all -k 'regex:gemv|gemm|Gemv|dot' -c 24 "
+                       "--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy "
+                       "--section LaunchStats --section SchedulerStats --section WarpStateStats "
+                       f"-f -o {results}/gemvs {PY} scripts/launch_gemvs.py && "
+                       f"ncu -i {results}/gemvs.ncu-rep --page details > {results}/ncu-gemvs-details.txt; "
+                       f"ncu -i {results}/gemvs.ncu-rep --page raw --csv > {results}/ncu-gemvs-raw.csv"], 150),
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
@@ -547,8 +558,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
-REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-awq-scale-tiles": "gpu-tests-gemv-layouts",
-            "latency-int8-kdefer": "gpu-tests-gemv-layouts", "latency-int8-kdefer-noprefetch": "gpu-tests-gemv-layouts", "latency-awq-affine": "gpu-tests-affine",
+REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tests-gemv-layouts",
+            "latency-awq-pack64": "gpu-tests-gemv-layouts", "latency-awq-pack32": "gpu-tests-gemv-layouts", "latency-awq-affine": "gpu-tests-affine",
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}

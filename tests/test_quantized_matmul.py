@@ -31,8 +31,9 @@ from pallas_kernels.quantized_matmul import (
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
 
 
-def random_weight(rng, fmt: str, K: int, N: int, group: int = 0, dtype=jnp.float32):
-    """``(kernel args after x, reference kwargs, dense float64 [K, N] they stand for)``."""
+def random_weight(rng, fmt: str, K: int, N: int, group: int = 0, dtype=jnp.float32, pack: int = 128):
+    """``(kernel args after x, reference kwargs, dense float64 [K, N] they stand for)``; int4 packed in blocks of
+    up to ``pack`` rows."""
     if fmt == "dense":
         w = rng.standard_normal((K, N)).astype(np.float32)
         return (jnp.asarray(w, dtype),), {}, np.asarray(jnp.asarray(w, dtype), np.float64)
@@ -40,7 +41,7 @@ def random_weight(rng, fmt: str, K: int, N: int, group: int = 0, dtype=jnp.float
         q = rng.integers(-127, 128, (K, N)).astype(np.int8)
         scale = rng.uniform(0.001, 0.02, N).astype(np.float32)
         return (jnp.asarray(q), jnp.asarray(scale)), {}, q * scale.astype(np.float64)
-    pack = int4_pack_block(K, group)
+    pack = int4_pack_block(K, group, pack)
     values = rng.integers(0, 16, (K, N))
     scales = rng.uniform(0.001, 0.05, (K // group, N)).astype(np.float32)
     zeros = rng.uniform(0, 15, (K // group, N)).round(1).astype(np.float32)  # fractional zeros are allowed
@@ -92,13 +93,6 @@ CPU_CASES = [
                                                         gemv_defer_reduction=False)),
     ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_convert="affine", gemv_prefetch=1)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_convert="affine")),
-    # int4 scale and zero rows loaded as tiles of the weight tile's shape (gemv_scale_tiles), each conversion, split,
-    # loads ahead; without the deferred sum the flag is ignored.
-    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_scale_tiles=True)),
-    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_scale_tiles=True,
-                                                        gemv_convert="cvt", gemv_prefetch=1)),
-    ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_scale_tiles=True, gemv_convert="exponent")),
-    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_scale_tiles=True, gemv_defer_reduction=False)),
     # Weight loads issued a step ahead (gemv_prefetch), even and odd step counts, split, both reductions.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=1, gemv_defer_reduction=False)),
@@ -108,12 +102,12 @@ CPU_CASES = [
 ]
 
 
-def run_case(fmt, M, K, N, group, dtype, config, *, interpret, seed=None):
+def run_case(fmt, M, K, N, group, dtype, config, *, interpret, seed=None, pack=128):
     seed = np.random.SeedSequence().entropy if seed is None else seed
     rng = np.random.default_rng(seed)
     kernel, reference = KERNELS[fmt]
     x = jnp.asarray(rng.standard_normal((M, K)), dtype)
-    args, static, dense = random_weight(rng, fmt, K, N, group, dtype)
+    args, static, dense = random_weight(rng, fmt, K, N, group, dtype, pack)
     out = jax.jit(functools.partial(kernel, config=config, interpret=interpret, **static))(x, *args)
     ref = reference(x, *args, **static)
     exact = np.asarray(x, np.float64) @ dense
@@ -127,6 +121,14 @@ def run_case(fmt, M, K, N, group, dtype, config, *, interpret, seed=None):
 @pytest.mark.parametrize("fmt,M,K,N,group,dtype,config", CPU_CASES)
 def test_kernel_matches_reference_interpret(fmt, M, K, N, group, dtype, config):
     run_case(fmt, M, K, N, group, dtype, config, interpret=True)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("pack", [32, 64])
+def test_int4_packed_in_blocks_smaller_than_its_groups_interpret(M, pack):
+    """Groups of 128 rows packed in blocks of 32 or 64 ($PAGEDJAX_INT4_PACK): the GEMV steps through K a block at a
+    time, so a group's scale and zero serve several steps; the dot form too."""
+    run_case("int4", M, 512, 256, 128, jnp.bfloat16, MatmulConfig(), interpret=True, pack=pack)
 
 
 def test_small_ints_become_float32_exactly_without_a_conversion():
@@ -153,32 +155,32 @@ def test_affine_nibbles_and_their_permute_selectors():
 
 @pytest.mark.parametrize("rows,defer,convert", [(100, False, "cvt"), (1, False, "cvt"), (1, True, "exponent"),
                                                 (1, True, "permute"), (1, True, "affine"), (1, False, "affine")])
-@pytest.mark.parametrize("scale_tiles", [False, True])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
-def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert, scale_tiles):
+def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert):
     """The Triton lowering (not only the interpreter) accepts every format, in the dot form (two
     row tiles) and the one-row GEMV form (both reductions): cross-platform lowering on CPU."""
     rng = np.random.default_rng(0)
     kernel, _ = KERNELS[fmt]
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
     x = jnp.ones((rows, 1024), jnp.bfloat16)
-    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_convert=convert, gemv_prefetch=int(defer),
-                          gemv_scale_tiles=scale_tiles)
+    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_convert=convert, gemv_prefetch=int(defer))
     fn = jax.jit(functools.partial(kernel, interpret=False, config=config, **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 KMAJOR_CASES = [  # (M, K, N, dtype, config): the K-major int8 GEMV at one row (split, loads ahead or not), XLA's dot
+    # The default: the sum over K deferred to after the loop (x read as tiles of w's shape), no loads ahead.
     (1, 512, 256, jnp.bfloat16, MatmulConfig()),
     (1, 384, 96, jnp.float32, MatmulConfig(k_splits=3, kmajor_block_k=32, kmajor_block_n=32)),
-    (1, 224, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=0)),  # 7 steps
+    (1, 224, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=1)),  # 7 steps
     (1, 256, 128, jnp.float32, MatmulConfig(gemv_convert="cvt")),
     (5, 256, 128, jnp.float32, MatmulConfig()),
-    # The sum over K deferred to after the loop (x read as tiles of w's shape): split, loads ahead or not, 7 steps.
-    (1, 512, 256, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=True)),
-    (1, 384, 96, jnp.float32, MatmulConfig(k_splits=3, kmajor_block_k=32, kmajor_block_n=32, kmajor_defer_reduction=True)),
-    (1, 224, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=0, kmajor_defer_reduction=True)),
+    # Each step's products summed over K at once (the default before run 26a): split, loads ahead or not, 7 steps.
+    (1, 512, 256, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=False)),
+    (1, 384, 96, jnp.float32, MatmulConfig(k_splits=3, kmajor_block_k=32, kmajor_block_n=32,
+                                           kmajor_defer_reduction=False)),
+    (1, 224, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=0, kmajor_defer_reduction=False)),
 ]
 
 
@@ -269,18 +271,23 @@ GPU_CASES = [
        for fmt in ("int8", "int4") for K, N in ((4096, 6144), (14336, 4096))
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="affine", gemv_defer_reduction=defer))
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for defer in (True, False)
-] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_scale_tiles=True))
-     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672))
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
       ("int8", 256, 4096, 4096, 128, jnp.bfloat16, MatmulConfig()), ("int4", 200, 14336, 4096, 128, jnp.bfloat16,
                                                                      MatmulConfig())]
 
 
 def case_id(value):
-    """Test ids name a config's conversion (and scale tiles), so ``-k permute`` picks the inline-PTX cases."""
+    """Test ids name a config's conversion, so ``-k permute`` picks the inline-PTX cases."""
     if not isinstance(value, MatmulConfig):
         return None
-    return f"convert-{value.gemv_convert}" + ("-scale_tiles" if value.gemv_scale_tiles else "")
+    return f"convert-{value.gemv_convert}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
+@pytest.mark.parametrize("pack", [32, 64])
+def test_int4_small_pack_matches_reference_on_gpu(K, N, pack):
+    run_case("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(), interpret=False, pack=pack)
 
 
 @pytest.mark.gpu
