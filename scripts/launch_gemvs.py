@@ -1,12 +1,12 @@
 """Launch each one-row GEMV of the engine a few times at one matrix shape, for Nsight Compute (``ncu``) to profile.
 
-The kernels at their defaults: int4 (packed in blocks of 128, 64 and 32 rows: ``$PAGEDJAX_INT4_PACK``'s choices),
-int8 stored K-major, and XLA's bf16 dot for comparison. Each is compiled and run once before the launches ncu
+The kernels at their defaults: int4 (``int4_weight_streaming_gemv``), int8 stored K-major (``int8_kmajor_gemv``),
+and XLA's bf16 dot for comparison. Each is compiled and run once before the launches ncu
 should look at (``--launch-skip`` / ``-c`` pick them), and the outputs are checked against the dequantized weights
 so a profile never describes a wrong kernel. Run it under ``ncu`` with no memory preallocated, e.g. (the suite's
 ``ncu-gemvs`` step):
 
-    XLA_PYTHON_CLIENT_PREALLOCATE=false ncu -k regex:gemv --section WarpStateStats ... \\
+    XLA_PYTHON_CLIENT_PREALLOCATE=false ncu -k regex:weight_streaming_gemv --section WarpStateStats ... \\
         python scripts/launch_gemvs.py --k 4096 --n 28672
 """
 
@@ -29,14 +29,9 @@ from pallas_kernels import quantized_matmul as qmm  # noqa: E402
 def kernels(K: int, N: int, interpret: bool):
     """``(name, fn of x, dense float32 weight)`` for each GEMV at ``[K, N]``."""
     w = (jax.random.normal(jax.random.key(K + N), (K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
-    out = []
-    for pack in (128, 64, 32):
-        os.environ["PAGEDJAX_INT4_PACK"] = str(pack)
-        q = quantize_int4(w)
-        out.append((f"int4-pack{pack}", lambda x, q=q: qmm.int4_matmul(
-            x, q.packed, q.scales, q.zeros, group_size=q.group_size, pack=q.pack, interpret=interpret), dequantize(q)))
-    os.environ.pop("PAGEDJAX_INT4_PACK")
-    q8 = quantize_int8(w, layout="nk")
+    q4, q8 = quantize_int4(w), quantize_int8(w, layout="nk")
+    out = [("int4", lambda x: qmm.int4_matmul(x, q4.packed, q4.scales, q4.zeros, group_size=q4.group_size,
+                                              pack=q4.pack, interpret=interpret), dequantize(q4))]
     out.append(("int8-kmajor", lambda x: qmm.int8_kmajor_matmul(x, q8.q, q8.scale, interpret=interpret),
                 dequantize(q8)))
     out.append(("bf16-xla", jax.jit(lambda x: jnp.dot(x, w)), w))

@@ -512,27 +512,33 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Run 26a, from the offline SASS (scripts/inspect_kernel_sass.py, NOTES.md): the K-major int8 GEMV's sum over
         # K deferred to after its loop with x read as tiles (no barrier, no shuffle a step; the default since), and
         # the K-major GEMV as it was before (summed each step, loads ahead): compiled correctness, then batch-1 TPOT.
-        # Run 26b: int4 packed in blocks of 64 or 32 rows ($PAGEDJAX_INT4_PACK; the one-row GEMV's K step: 168 -> 127
-        # / 72 registers a thread offline), compiled correctness with the K-major int8 cases.
-        ("gpu-tests-gemv-layouts", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "kmajor or small_pack",
+        # Run 26a-b: the K-major int8 GEMV's sum over K deferred to after its loop with x read as tiles (no barrier,
+        # no shuffle a step; the default since) against the form before (summed each step, loads ahead).
+        ("gpu-tests-gemv-layouts", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "kmajor",
                                     "tests/test_quantized_matmul.py"], 120),
         ("latency-int8-ksum", ["env", 'PAGEDJAX_MATMUL_CONFIG={"kmajor_defer_reduction": false}'] + latency(
             "int8", "--output-json", f"{results}/latency-int8-ksum.json"), 100),
-        *[(f"latency-awq-pack{pack}", ["env", f"PAGEDJAX_INT4_PACK={pack}"] + latency(
-            "awq", "--output-json", f"{results}/latency-awq-pack{pack}.json"), 100) for pack in (64, 32)],
-        *[(f"profile-decode1-awq-pack{pack}", ["env", f"PAGEDJAX_INT4_PACK={pack}"] + profile(
-            f"profile-decode1-awq-pack{pack}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization",
-            "awq", "--precompile-steps", "off"), 90) for pack in (64, 32)],
-        # Nsight Compute over one launch of each GEMV at w_gate_up's shape (scripts/launch_gemvs.py: int4 packed in
-        # 128/64/32-row blocks, int8 K-major, XLA's bf16 dot): occupancy, stall reasons, memory throughput. No memory
-        # preallocated (run 16b's profile failed under JAX's 95% pool).
+        # Nsight Compute over the GEMVs at w_gate_up's shape (scripts/launch_gemvs.py: int4, int8 K-major; each run
+        # and checked, then launched twice): occupancy, stall reasons, memory throughput, and each SASS instruction's
+        # executed count (the source page). No memory preallocated (run 16b's profile failed under JAX's 95% pool).
         ("ncu-gemvs", ["bash", "-c", "XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform "
-                       "ncu --clock-control none --target-processes all -k 'regex:gemv|gemm|Gemv|dot' -c 24 "
+                       "ncu --clock-control none --target-processes all "
+                       "-k 'regex:weight_streaming_gemv|kmajor_gemv' -c 6 "
                        "--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy "
                        "--section LaunchStats --section SchedulerStats --section WarpStateStats "
-                       f"-f -o {results}/gemvs {PY} scripts/launch_gemvs.py && "
+                       "--section InstructionStats --section SourceCounters "
+                       f"-f -o {results}/gemvs {PY} scripts/launch_gemvs.py; "
                        f"ncu -i {results}/gemvs.ncu-rep --page details > {results}/ncu-gemvs-details.txt; "
-                       f"ncu -i {results}/gemvs.ncu-rep --page raw --csv > {results}/ncu-gemvs-raw.csv"], 150),
+                       f"ncu -i {results}/gemvs.ncu-rep --page raw --csv > {results}/ncu-gemvs-raw.csv; "
+                       + "; ".join(f"ncu -i {results}/gemvs.ncu-rep -k {name} -c 1 --page source --csv "
+                                   f"--print-source sass > {results}/ncu-sass-{name}.csv"
+                                   for name in ("int4_weight_streaming_gemv", "int8_kmajor_gemv"))
+                       + f"; ls -la {results}/gemvs.ncu-rep"], 150),
+        # The PTX jaxlib's Triton emits for the same GEMVs (XLA's dump; only the modules holding them kept), for
+        # ptxas / cuobjdump on the CPU (scripts/inspect_kernel_sass.py compiles with pip's Triton, which differs).
+        ("ptx-gemvs", ["bash", "-c", f"XLA_FLAGS=--xla_dump_to=/tmp/ptx-dump {PY} scripts/launch_gemvs.py && "
+                                     f"mkdir -p {results}/ptx && grep -l -E 'weight_streaming_gemv|kmajor_gemv' "
+                                     f"/tmp/ptx-dump/*.ptx | xargs -r cp -t {results}/ptx && ls {results}/ptx"], 60),
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
@@ -558,8 +564,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
-REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tests-gemv-layouts",
-            "latency-awq-pack64": "gpu-tests-gemv-layouts", "latency-awq-pack32": "gpu-tests-gemv-layouts", "latency-awq-affine": "gpu-tests-affine",
+REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tests-gemv-layouts", "latency-awq-affine": "gpu-tests-affine",
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}
