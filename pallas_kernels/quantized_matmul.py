@@ -108,6 +108,10 @@ class MatmulConfig:
     # w_gate_up at one row: int8 56.3 -> 47.6 us; int4 56.6 -> 60.6 us; the K-major int8 GEMV with its deferred
     # sum: run 26a, below).
     gemv_prefetch: Optional[int] = None
+    # GEMVs: each multiply-add as one fused instruction (``fma.rn.f32`` in inline PTX; compiled only). jaxlib's Triton
+    # pipeline does not contract a multiply and an add: the int4 GEMV's loop ran 259 FMUL + 257 FADD for 128 weights a
+    # thread (Nsight Compute's SASS, run 26c), 6.5 instructions a weight with the issue slots 69% busy.
+    gemv_fma: bool = True
     # The K-major int8 GEMV (``int8_kmajor_matmul``): tile of kmajor_block_n columns x kmajor_block_k K bytes
     # (upper bounds, as block_n / block_k); warps, programs per core, conversion and loads ahead as the GEMV's.
     # Run 23a-b (H200, 8B int8 at batch 1): 64 x 64 TPOT 4.52 ms, block_k 128 x block_n 32 3.14, 256 x 16 3.11
@@ -275,6 +279,18 @@ def _permute_to_f32(kind: str, w: jax.Array) -> jax.Array:
     return f - offset if offset else f
 
 
+def multiply_add(a: jax.Array, b: jax.Array, c: jax.Array, fused: bool) -> jax.Array:
+    """``a * b + c`` in float32 (broadcast), with ``fused`` one ``fma.rn.f32`` an element (inline PTX, compiled
+    kernels only: ``MatmulConfig.gemv_fma``), else the plain expression."""
+    if not fused:
+        return a * b + c
+    shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
+    args = [jnp.broadcast_to(v.astype(jnp.float32), shape) for v in (a, b, c)]
+    (out,) = pltriton.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=f,f,f,f", pack=1,
+                                             result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+    return out
+
+
 def _integers_as_f32(v: jax.Array, kind: str, convert: str) -> jax.Array:
     """The integers a weight tile ``v`` holds as float32, by ``convert`` (``MatmulConfig.gemv_convert``): ``kind``
     "int8" (int8 values) or "low_nibbles" / "high_nibbles" (of uint8 bytes)."""
@@ -301,7 +317,7 @@ def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str)
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
-                 defer_reduction: bool, convert: str, prefetch: int):
+                 defer_reduction: bool, convert: str, prefetch: int, fma: bool = False):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -312,6 +328,7 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``convert``: how integer weights become float32 (``MatmulConfig.gemv_convert``).
     ``prefetch``: each step's weight loads are issued a step ahead (``double_buffered_loop``; Triton
     pipelines only loads that feed a dot, so otherwise each step waits for its own tile).
+    ``fma``: the deferred sum's multiply-adds as fused instructions (``multiply_add``).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -361,10 +378,11 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
         if fmt == "int4":
             s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded)
             s, z = s[None, :], z[None, :]
-            zs = z * s
-            return acc + x_lo[:, None] * (q_lo * s - zs) + x_hi[:, None] * (q_hi * s - zs)
+            zs = -z * s
+            acc = multiply_add(x_lo[:, None], multiply_add(q_lo, s, zs, fma), acc, fma)
+            return multiply_add(x_hi[:, None], multiply_add(q_hi, s, zs, fma), acc, fma)
         x, w = tile(i, loaded)
-        return acc + x[:, None] * w
+        return multiply_add(x[:, None], w, acc, fma)
 
     body = deferred_step if defer_reduction else step
     rows = (block_k // 2 if fmt == "int4" else block_k) if defer_reduction else None
@@ -381,7 +399,7 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
 
 
 def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k: int, steps: int, convert: str,
-                        prefetch: int, defer_reduction: bool = False):
+                        prefetch: int, defer_reduction: bool = False, fma: bool = False):
     """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over ``steps * block_k``
     of K; each step's products summed over K at once (inside each thread for the most part: a tile row is
     contiguous K), so the accumulator is one float32 a column. ``defer_reduction``: the products accumulate in a
@@ -403,8 +421,10 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
             x = pltriton.load(x_ref.at[jnp.zeros((block_n, 1), jnp.int32), ks]).astype(jnp.float32)
         else:
             x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)[None, :]
-        products = x * _integers_as_f32(w, "int8", convert)
-        return acc + (products if defer_reduction else jnp.sum(products, axis=1))
+        w = _integers_as_f32(w, "int8", convert)
+        if defer_reduction:
+            return multiply_add(x, w, acc, fma)
+        return acc + jnp.sum(x * w, axis=1)
 
     acc = jnp.zeros((block_n, block_k) if defer_reduction else (block_n,), jnp.float32)
     if prefetch:
@@ -575,7 +595,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
-                               convert=convert, prefetch=prefetch)
+                               convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv")
 
@@ -618,7 +638,8 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
-                               convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction)
+                               convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
+                               fma=config.gemv_fma and not interpret)
     return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name="int8_kmajor_gemv")
 

@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 _COMPILE = r"""
 import collections, json, re, subprocess, sys, os, triton
 from triton.backends.compiler import GPUTarget
-ttir, arch, num_warps, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-k = triton.compile(ttir, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
+ttir, arch, num_warps, out, fp_fusion = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
+k = triton.compile(ttir, target=GPUTarget("cuda", arch, 32),
+                   options={"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": fp_fusion})
 open(out + ".cubin", "wb").write(k.asm["cubin"])
 open(out + ".ttgir", "w").write(k.asm["ttgir"])
 tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -121,6 +122,9 @@ def main() -> None:
                         help="int4: rows of K a packing block (the GEMV's K step)")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
     parser.add_argument("--triton-python", required=True, help="a Python with the triton package")
+    parser.add_argument("--fp-fusion", choices=["on", "off"], default="off",
+                        help="Triton's multiply-add contraction (off: as jaxlib's pipeline, whose SASS has FMUL + FADD "
+                             "where pip's Triton fuses them, NOTES.md run 26c)")
     parser.add_argument("--out", default=None, help="keep the .ttir/.ttgir/.sass here (default: a temporary folder)")
     args = parser.parse_args()
     module, num_warps = lowered_module(args.kernel, args.k, args.n, json.loads(args.config), args.pack)
@@ -129,7 +133,8 @@ def main() -> None:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out + ".ttir", "w") as f:
             f.write(module)
-        done = subprocess.run([args.triton_python, "-c", _COMPILE, out + ".ttir", str(args.arch), str(num_warps), out],
+        done = subprocess.run([args.triton_python, "-c", _COMPILE, out + ".ttir", str(args.arch), str(num_warps), out,
+                               str(int(args.fp_fusion == "on"))],
                               capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"triton.compile failed:\n{done.stderr[-3000:]}")

@@ -534,6 +534,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                    f"--print-source sass > {results}/ncu-sass-{name}.csv"
                                    for name in ("int4_weight_streaming_gemv", "int8_kmajor_gemv"))
                        + f"; ls -la {results}/gemvs.ncu-rep"], 150),
+        # Run 26d: the GEMVs' multiply-adds fused by inline PTX (gemv_fma, the default since; jaxlib's Triton emitted
+        # FMUL + FADD, run 26c) against the unfused form: every compiled kernel case, the engine's quantized greedy
+        # tokens, then batch-1 TPOT both ways in one lease.
+        ("gpu-tests-fma", ["bash", "-c", f"{PY} -m pytest -q -m gpu tests/test_quantized_matmul.py && "
+                                         f"{PY} -m pytest -q -m gpu -k quantized tests/test_engine_gpu.py"], 200),
+        *[(f"latency-{q}-unfused", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_fma": false}'] + latency(
+            q, "--output-json", f"{results}/latency-{q}-unfused.json"), 100) for q in ("awq", "int8")],
         # The PTX jaxlib's Triton emits for the same GEMVs (XLA's dump; only the modules holding them kept), for
         # ptxas / cuobjdump on the CPU (scripts/inspect_kernel_sass.py compiles with pip's Triton, which differs).
         ("ptx-gemvs", ["bash", "-c", f"XLA_FLAGS=--xla_dump_to=/tmp/ptx-dump {PY} scripts/launch_gemvs.py && "
@@ -564,7 +571,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 # A step that fails is followed by its fallback, if it has one (same figures, the safer path).
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
-REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tests-gemv-layouts", "latency-awq-affine": "gpu-tests-affine",
+REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tests-gemv-layouts",
+            "latency-awq-unfused": "gpu-tests-fma", "latency-int8-unfused": "gpu-tests-fma", "latency-awq-affine": "gpu-tests-affine",
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}

@@ -154,7 +154,8 @@ def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert):
     kernel, _ = KERNELS[fmt]
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
     x = jnp.ones((rows, 1024), jnp.bfloat16)
-    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_convert=convert, gemv_prefetch=int(defer))
+    config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_convert=convert, gemv_prefetch=int(defer),
+                          gemv_fma=convert != "cvt")
     fn = jax.jit(functools.partial(kernel, interpret=False, config=config, **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -212,9 +213,10 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
-@pytest.mark.parametrize("defer", [False, True], ids=["summed-each-step", "kmajor_defer"])
-def test_kmajor_int8_matches_reference_on_gpu(K, N, defer):
-    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer), interpret=False)
+@pytest.mark.parametrize("defer,fma", [(False, True), (True, True), (True, False)],
+                         ids=["summed-each-step", "kmajor_defer", "kmajor_defer-unfused"])
+def test_kmajor_int8_matches_reference_on_gpu(K, N, defer, fma):
+    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer, gemv_fma=fma), interpret=False)
 
 
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
@@ -262,16 +264,18 @@ GPU_CASES = [
        for fmt in ("int8", "int4") for K, N in ((4096, 6144), (14336, 4096))
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="affine", gemv_defer_reduction=defer))
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for defer in (True, False)
+] + [(fmt, 1, 4096, 6144, 128, jnp.bfloat16, MatmulConfig(gemv_fma=False))  # multiply and add apart (before 26d)
+     for fmt in ("int8", "int4")
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
       ("int8", 256, 4096, 4096, 128, jnp.bfloat16, MatmulConfig()), ("int4", 200, 14336, 4096, 128, jnp.bfloat16,
                                                                      MatmulConfig())]
 
 
 def case_id(value):
-    """Test ids name a config's conversion, so ``-k permute`` picks the inline-PTX cases."""
+    """Test ids name a config's conversion (and unfused multiply-adds), so ``-k permute`` picks the inline-PTX cases."""
     if not isinstance(value, MatmulConfig):
         return None
-    return f"convert-{value.gemv_convert}"
+    return f"convert-{value.gemv_convert}" + ("" if value.gemv_fma else "-unfused")
 
 
 @pytest.mark.gpu
