@@ -191,16 +191,6 @@ def int8_layout_from_env() -> str:
     return _choice_from_env("PAGEDJAX_INT8_LAYOUT", INT8_LAYOUTS)
 
 
-INT4_PACKS = ("128", "64", "32")
-
-
-def int4_pack(num_rows: int, group_size: int) -> int:
-    """Rows of K a packing block of int4 weights made or repacked here (``pallas_kernels.quantized_matmul``'s layout,
-    and its one-row GEMV's K step): the largest dividing K and the group, up to ``$PAGEDJAX_INT4_PACK`` (``INT4_PACKS``;
-    default 128)."""
-    return qmm.int4_pack_block(num_rows, group_size, int(_choice_from_env("PAGEDJAX_INT4_PACK", INT4_PACKS)))
-
-
 def quantize_int8(w: jax.Array, layout: str = "kn"):
     scaled, scale = _per_channel_scaled(w, 127.0)
     q = jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8)
@@ -219,7 +209,7 @@ def quantize_int4(w: jax.Array, group_size: int = INT4_GROUP_SIZE, dtype=None) -
     *lead, K, N = w.shape
     dtype = dtype or w.dtype
     g = min(group_size, K)
-    pack = int4_pack(K, g)
+    pack = qmm.int4_pack_block(K, g)
     w32 = w.astype(jnp.float32).reshape(*lead, K // g, g, N)
     lo, hi = w32.min(axis=-2), w32.max(axis=-2)
     scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
@@ -417,7 +407,7 @@ def _unpack_int32_nibbles(x: np.ndarray, axis: int) -> np.ndarray:
 def _int4_from_values(values: np.ndarray, zeros: np.ndarray, scales: np.ndarray, group_size: int,
                       perm: Optional[np.ndarray], dtype) -> dict[str, np.ndarray]:
     K = values.shape[0]
-    pack = int4_pack(K, group_size)
+    pack = qmm.int4_pack_block(K, group_size)
     packed = qmm.pack_int4(values, pack)  # numpy in, numpy out
     out = dict(packed=packed, scales=scales.astype(dtype), zeros=zeros.astype(dtype), pack=pack)
     if perm is not None:

@@ -133,11 +133,13 @@ class MatmulConfig:
 # --------------------------------------------------------------------------------------
 
 
-def int4_pack_block(num_rows: int, group_size: int, largest: int = 128) -> int:
-    """Rows per packing block: the largest of 128, 64, 32 (up to ``largest``) dividing both ``K`` and ``g``. The
-    block is also the int4 kernels' K step: the one-row GEMV's tile is ``pack / 2`` bytes x ``block_n`` columns."""
+def int4_pack_block(num_rows: int, group_size: int) -> int:
+    """Rows per packing block: the largest of 128, 64, 32 dividing both ``K`` and ``g``. The block is also the int4
+    kernels' K step: the one-row GEMV's tile is ``pack / 2`` bytes x ``block_n`` columns. Blocks of 64 or 32 rows at
+    groups of 128 (fewer registers, more warps, more instructions a weight) were slower at batch 1 (AWQ TPOT, H200):
+    3.43 / 3.57 ms against 3.30 (run 26b, unfused multiply-adds), 3.22 / 3.30 against 3.12 (run 26e, fused)."""
     for pack in (128, 64, 32):
-        if pack <= largest and num_rows % pack == 0 and group_size % pack == 0:
+        if num_rows % pack == 0 and group_size % pack == 0:
             return pack
     raise ValueError(f"int4 weights need K ({num_rows}) and the group size ({group_size}) to be "
                      "multiples of 32")

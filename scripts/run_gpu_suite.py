@@ -541,15 +541,6 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                          f"{PY} -m pytest -q -m gpu -k quantized tests/test_engine_gpu.py"], 200),
         *[(f"latency-{q}-unfused", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_fma": false}'] + latency(
             q, "--output-json", f"{results}/latency-{q}-unfused.json"), 100) for q in ("awq", "int8")],
-        # Run 26e: with fused multiply-adds the int4 GEMV waits on memory more than on issue (ncu, run 26d): packing
-        # blocks of 64 / 32 rows (fewer registers, more warps; $PAGEDJAX_INT4_PACK) and loads a step ahead, each
-        # against latency-awq in the same lease.
-        ("gpu-tests-int4-pack", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "small_pack",
-                                 "tests/test_quantized_matmul.py"], 90),
-        *[(f"latency-awq-pack{pack}{'-prefetch' if prefetch else ''}",
-           ["env", f"PAGEDJAX_INT4_PACK={pack}", f'PAGEDJAX_MATMUL_CONFIG={{"gemv_prefetch": {prefetch}}}']
-           + latency("awq", "--output-json", f"{results}/latency-awq-pack{pack}{'-prefetch' if prefetch else ''}.json"),
-           100) for pack in (64, 32) for prefetch in (0, 1)],
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
@@ -576,8 +567,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
 REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tests-gemv-layouts",
-            "latency-awq-unfused": "gpu-tests-fma", "latency-int8-unfused": "gpu-tests-fma",
-            **{f"latency-awq-pack{p}{s}": "gpu-tests-int4-pack" for p in (64, 32) for s in ("", "-prefetch")}, "latency-awq-affine": "gpu-tests-affine",
+            "latency-awq-unfused": "gpu-tests-fma", "latency-int8-unfused": "gpu-tests-fma", "latency-awq-affine": "gpu-tests-affine",
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}

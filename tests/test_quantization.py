@@ -210,22 +210,6 @@ def test_quantized_logits_close_to_dense_and_kernel_matches_xla(tiny, method):
         assert relative_error(kernel, xla) < 1e-5
 
 
-def test_int4_pack_block_follows_the_environment(monkeypatch):
-    """``$PAGEDJAX_INT4_PACK`` caps the packing block of int4 weights made here (the GEMV's K step); the weight it
-    stands for is unchanged, and a bad value is refused."""
-    w = jnp.asarray(np.random.default_rng().standard_normal((256, 64)) * 0.02, jnp.float32)
-    default = quantize_weight(w, "int4")
-    assert default.pack == 128
-    for pack in ("64", "32"):
-        monkeypatch.setenv("PAGEDJAX_INT4_PACK", pack)
-        small = quantize_weight(w, "int4")
-        assert small.pack == int(pack) and small.packed.shape == default.packed.shape
-        np.testing.assert_array_equal(np.asarray(dequantize(small)), np.asarray(dequantize(default)))
-    monkeypatch.setenv("PAGEDJAX_INT4_PACK", "16")
-    with pytest.raises(ValueError, match="PAGEDJAX_INT4_PACK"):
-        quantize_weight(w, "int4")
-
-
 def test_int8_stored_k_major_is_the_same_weight_and_model(tiny, monkeypatch):
     """``$PAGEDJAX_INT8_LAYOUT=nk``: load-time int8 weights stored ``[N, K]`` dequantize to exactly the ``[K, N]``
     layout's weights, the model's logits equal that layout's (XLA's dot and the K-major kernel, interpreted,

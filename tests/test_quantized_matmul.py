@@ -31,9 +31,8 @@ from pallas_kernels.quantized_matmul import (
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
 
 
-def random_weight(rng, fmt: str, K: int, N: int, group: int = 0, dtype=jnp.float32, pack: int = 128):
-    """``(kernel args after x, reference kwargs, dense float64 [K, N] they stand for)``; int4 packed in blocks of
-    up to ``pack`` rows."""
+def random_weight(rng, fmt: str, K: int, N: int, group: int = 0, dtype=jnp.float32):
+    """``(kernel args after x, reference kwargs, dense float64 [K, N] they stand for)``."""
     if fmt == "dense":
         w = rng.standard_normal((K, N)).astype(np.float32)
         return (jnp.asarray(w, dtype),), {}, np.asarray(jnp.asarray(w, dtype), np.float64)
@@ -41,7 +40,7 @@ def random_weight(rng, fmt: str, K: int, N: int, group: int = 0, dtype=jnp.float
         q = rng.integers(-127, 128, (K, N)).astype(np.int8)
         scale = rng.uniform(0.001, 0.02, N).astype(np.float32)
         return (jnp.asarray(q), jnp.asarray(scale)), {}, q * scale.astype(np.float64)
-    pack = int4_pack_block(K, group, pack)
+    pack = int4_pack_block(K, group)
     values = rng.integers(0, 16, (K, N))
     scales = rng.uniform(0.001, 0.05, (K // group, N)).astype(np.float32)
     zeros = rng.uniform(0, 15, (K // group, N)).round(1).astype(np.float32)  # fractional zeros are allowed
@@ -102,12 +101,12 @@ CPU_CASES = [
 ]
 
 
-def run_case(fmt, M, K, N, group, dtype, config, *, interpret, seed=None, pack=128):
+def run_case(fmt, M, K, N, group, dtype, config, *, interpret, seed=None):
     seed = np.random.SeedSequence().entropy if seed is None else seed
     rng = np.random.default_rng(seed)
     kernel, reference = KERNELS[fmt]
     x = jnp.asarray(rng.standard_normal((M, K)), dtype)
-    args, static, dense = random_weight(rng, fmt, K, N, group, dtype, pack)
+    args, static, dense = random_weight(rng, fmt, K, N, group, dtype)
     out = jax.jit(functools.partial(kernel, config=config, interpret=interpret, **static))(x, *args)
     ref = reference(x, *args, **static)
     exact = np.asarray(x, np.float64) @ dense
@@ -121,14 +120,6 @@ def run_case(fmt, M, K, N, group, dtype, config, *, interpret, seed=None, pack=1
 @pytest.mark.parametrize("fmt,M,K,N,group,dtype,config", CPU_CASES)
 def test_kernel_matches_reference_interpret(fmt, M, K, N, group, dtype, config):
     run_case(fmt, M, K, N, group, dtype, config, interpret=True)
-
-
-@pytest.mark.parametrize("M", [1, 3])
-@pytest.mark.parametrize("pack", [32, 64])
-def test_int4_packed_in_blocks_smaller_than_its_groups_interpret(M, pack):
-    """Groups of 128 rows packed in blocks of 32 or 64 ($PAGEDJAX_INT4_PACK): the GEMV steps through K a block at a
-    time, so a group's scale and zero serve several steps; the dot form too."""
-    run_case("int4", M, 512, 256, 128, jnp.bfloat16, MatmulConfig(), interpret=True, pack=pack)
 
 
 def test_small_ints_become_float32_exactly_without_a_conversion():
@@ -285,13 +276,6 @@ def case_id(value):
     if not isinstance(value, MatmulConfig):
         return None
     return f"convert-{value.gemv_convert}" + ("" if value.gemv_fma else "-unfused")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
-@pytest.mark.parametrize("pack", [32, 64])
-def test_int4_small_pack_matches_reference_on_gpu(K, N, pack):
-    run_case("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(), interpret=False, pack=pack)
 
 
 @pytest.mark.gpu
