@@ -12,10 +12,13 @@ Formats of ``W`` (the caller's weight types live in ``models.quantization``):
 - ``dense``: ``w[K, N]`` bf16/f16/f32.
 - ``int8``: ``q[K, N]`` int8 with one scale per output column, ``W = q * scale[N]``.
 - int8 K-major (``int8_kmajor_matmul``; the engine's int8 layout since run 23b): ``qt[N, K]``, ``W = (qt * scale[:,
-  None]).T``. One row runs a GEMV whose tile is ``block_n`` columns of ``block_k`` contiguous K bytes, so each step's
-  sum over K stays in a thread's registers and a program carries a ``[block_n]`` accumulator (the ``[K, N]`` GEMV
-  carries ``[block_k, block_n]``); more rows go to XLA's dot. At 256 K bytes x 16 columns a program it took the 8B
-  int8 batch-1 step from 3.54 to 3.11 ms (H200, run 23b).
+  None]).T``. One row runs a GEMV whose tile is ``block_n`` columns of ``block_k`` contiguous K bytes, its products
+  kept in a ``[block_n, block_k]`` accumulator summed over K once after the loop; more rows go to XLA's dot. At 256
+  K bytes x 16 columns a program it took the 8B int8 batch-1 step from 3.54 to 3.11 ms (H200, run 23b), the sum
+  after the loop to 3.06 (run 26a-b).
+
+The one-row GEMVs write each multiply-add as one ``fma.rn.f32`` (``multiply_add``): jaxlib's Triton does not fuse a
+multiply and an add by itself (run 26c's SASS), and the int4 GEMV's loop was two thirds FMUL + FADD.
 - ``int4``: two 4-bit values per byte, ``packed[K/2, N]`` uint8, grouped scales and zeros
   ``scales[K/g, N]``, ``zeros[K/g, N]``, ``W[k] = (nibble(k) - zeros[k//g]) * scales[k//g]``.
   Packing works in blocks of ``pack`` rows (``pack`` divides ``g``): in block ``b``,
