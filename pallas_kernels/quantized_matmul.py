@@ -115,6 +115,12 @@ class MatmulConfig:
     # pipeline does not contract a multiply and an add: the int4 GEMV's loop ran 259 FMUL + 257 FADD for 128 weights a
     # thread (Nsight Compute's SASS, run 26c), 6.5 instructions a weight with the issue slots 69% busy.
     gemv_fma: bool = True
+    # int4 GEMV with the deferred sum: each step's [block_k / 2, block_n] packed tile loaded as this many blocks of
+    # rows, each multiplied into one accumulator of a block's shape, so a thread holds 1/subtiles of the float32
+    # accumulator. Offline (inspect_kernel_sass.py, as jaxlib compiles; unmeasured on a GPU): 168 registers a thread
+    # at 1 (3 programs a multiprocessor), 128 at 2, 96 at 4 (5 programs), 64 at 8; loop instructions 502 / 503 / 506
+    # / 546. Run 26d's ncu had the kernel waiting on memory with 12 warps a multiprocessor.
+    gemv_subtiles: int = 1
     # The K-major int8 GEMV (``int8_kmajor_matmul``): tile of kmajor_block_n columns x kmajor_block_k K bytes
     # (upper bounds, as block_n / block_k); warps, programs per core, conversion and loads ahead as the GEMV's.
     # Run 23a-b (H200, 8B int8 at batch 1): 64 x 64 TPOT 4.52 ms, block_k 128 x block_n 32 3.14, 256 x 16 3.11
@@ -321,7 +327,7 @@ def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str)
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
-                 defer_reduction: bool, convert: str, prefetch: int, fma: bool = False):
+                 defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -333,6 +339,8 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``prefetch``: each step's weight loads are issued a step ahead (``double_buffered_loop``; Triton
     pipelines only loads that feed a dot, so otherwise each step waits for its own tile).
     ``fma``: the deferred sum's multiply-adds as fused instructions (``multiply_add``).
+    ``subtiles`` (int4, deferred sum): each step's packed tile loaded as that many blocks of rows, each multiplied
+    into one accumulator of a block's shape (``MatmulConfig.gemv_subtiles``).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -342,28 +350,32 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     def k_start(i):
         return pl.multiple_of(first_k + i * block_k, block_k)
 
+    parts = subtiles if fmt == "int4" and defer_reduction else 1
+    part_rows = block_k // 2 // parts  # int4: packed rows a part of a step's tile
+
     def load(i):
-        """Step ``i``'s weight loads (int4: packed bytes, scale and zero rows); past the last step, the last."""
+        """Step ``i``'s weight loads (int4: the packed tile's ``parts`` blocks of rows, the scale and zero rows);
+        past the last step, the last."""
         k0 = k_start(jnp.minimum(i, steps - 1))
         if fmt == "int4":
-            half = block_k // 2
             group = k0 // group_size
-            packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
-                                   eviction_policy="evict_first")
+            packed = tuple(pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2 + j * part_rows, part_rows),
+                                                        part_rows), cols], eviction_policy="evict_first")
+                           for j in range(parts))
             return packed, refs[0][group, cols], refs[1][group, cols]
         return (pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first"),)
 
-    def tile(i, loaded):
-        """Step ``i``'s float32 slices: int4 ``(scale, zero, x_lo, q_lo, x_hi, q_hi)`` (the low and
-        high nibbles of a packed block and their halves of ``x``), else ``(x, w)``."""
+    def tile(i, loaded, part=0):
+        """Step ``i``'s float32 slices: int4 ``(scale, zero, x_lo, q_lo, x_hi, q_hi)`` (the low and high nibbles
+        of the packed tile's block of rows ``part`` and their slices of ``x``), else ``(x, w)``."""
         k0 = k_start(i)
         if fmt == "int4":
-            half = block_k // 2
             packed, s, z = loaded
             s, z = s.astype(jnp.float32), z.astype(jnp.float32)
-            x_lo = x_ref[0, pl.ds(k0, half)].astype(jnp.float32)
-            x_hi = x_ref[0, pl.ds(k0 + half, half)].astype(jnp.float32)
-            q_lo, q_hi, s, z = _nibbles_as_f32(packed, s, z, convert)
+            q_lo, q_hi, s, z = _nibbles_as_f32(packed[part], s, z, convert)
+            lo = k0 + part * part_rows  # the block's low nibbles are K rows lo.., its high ones lo + block_k / 2..
+            x_lo = x_ref[0, pl.ds(lo, part_rows)].astype(jnp.float32)
+            x_hi = x_ref[0, pl.ds(lo + block_k // 2, part_rows)].astype(jnp.float32)
             return s, z, x_lo, q_lo, x_hi, q_hi
         (w,) = loaded
         w = _integers_as_f32(w, "int8", convert) if fmt == "int8" else w.astype(jnp.float32)
@@ -378,18 +390,19 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
         x, w = tile(i, loaded)
         return acc + jnp.sum(x[:, None] * w, axis=0)
 
-    def deferred_step(i, acc, loaded):  # acc: [block_k (int4: block_k / 2), block_n]; summed over K after the loop
+    def deferred_step(i, acc, loaded):  # acc: [block_k (int4: a part's rows), block_n]; summed over K after the loop
         if fmt == "int4":
-            s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded)
-            s, z = s[None, :], z[None, :]
-            zs = -z * s
-            acc = multiply_add(x_lo[:, None], multiply_add(q_lo, s, zs, fma), acc, fma)
-            return multiply_add(x_hi[:, None], multiply_add(q_hi, s, zs, fma), acc, fma)
+            for part in range(parts):
+                s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded, part)
+                s, zs = s[None, :], (-z * s)[None, :]
+                acc = multiply_add(x_lo[:, None], multiply_add(q_lo, s, zs, fma), acc, fma)
+                acc = multiply_add(x_hi[:, None], multiply_add(q_hi, s, zs, fma), acc, fma)
+            return acc
         x, w = tile(i, loaded)
         return multiply_add(x[:, None], w, acc, fma)
 
     body = deferred_step if defer_reduction else step
-    rows = (block_k // 2 if fmt == "int4" else block_k) if defer_reduction else None
+    rows = (part_rows if fmt == "int4" else block_k) if defer_reduction else None
     acc = jnp.zeros((rows, block_n) if rows else (block_n,), jnp.float32)
     if prefetch:
         acc = double_buffered_loop(steps, load, body, acc)
@@ -595,11 +608,15 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
     prefetch, convert = _gemv_loop_settings(fmt, config, interpret, default_prefetch=int(fmt == "int8"))
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
+    if fmt == "int4" and (config.gemv_subtiles < 1 or (block_k // 2) % config.gemv_subtiles):
+        raise ValueError(f"gemv_subtiles must divide the {block_k // 2} packed rows of a step, "
+                         f"got {config.gemv_subtiles}")
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
-                               convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret)
+                               convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
+                               subtiles=config.gemv_subtiles)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv")
 

@@ -101,6 +101,25 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                             "grep -o 'num_commands=[0-9]*; updated_allocs=[0-9]*' {log} | sort | uniq -c; "
                             "grep -m 1 -o 'KV cache[^;]*' {log}")
 
+    def ncu_gemvs(tag: str, matmul_config: str = "") -> list[str]:
+        """Nsight Compute over ``scripts/launch_gemvs.py`` (under ``$PAGEDJAX_MATMUL_CONFIG=matmul_config``): the
+        report, its details and raw metrics, and each GEMV's SASS with executed counts, named by ``tag``."""
+        env = f"PAGEDJAX_MATMUL_CONFIG={shlex.quote(matmul_config)} " if matmul_config else ""
+        report = f"{results}/{tag}.ncu-rep"
+        return ["bash", "-c", f"{env}XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform "
+                              "ncu --clock-control none --target-processes all "
+                              "-k 'regex:weight_streaming_gemv|kmajor_gemv' -c 6 "
+                              "--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy "
+                              "--section LaunchStats --section SchedulerStats --section WarpStateStats "
+                              "--section InstructionStats --section SourceCounters "
+                              f"-f -o {report[:-len('.ncu-rep')]} {PY} scripts/launch_gemvs.py; "
+                              f"ncu -i {report} --page details > {results}/ncu-{tag}-details.txt; "
+                              f"ncu -i {report} --page raw --csv > {results}/ncu-{tag}-raw.csv; "
+                              + "; ".join(f"ncu -i {report} -k {name} -c 1 --page source --csv "
+                                          f"--print-source sass > {results}/ncu-{tag}-sass-{name}.csv"
+                                          for name in ("int4_weight_streaming_gemv", "int8_kmajor_gemv"))
+                              + f"; ls -la {report}"]
+
     def with_picked_config(variable: str, pick: str, argv: list[str], env: str = "") -> list[str]:
         """``argv`` with ``$variable`` set to what the shell command ``pick`` prints (and ``env``, ``NAME=value``
         words); fails, so ``argv`` does not run, if ``pick`` fails."""
@@ -521,19 +540,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Nsight Compute over the GEMVs at w_gate_up's shape (scripts/launch_gemvs.py: int4, int8 K-major; each run
         # and checked, then launched twice): occupancy, stall reasons, memory throughput, and each SASS instruction's
         # executed count (the source page). No memory preallocated (run 16b's profile failed under JAX's 95% pool).
-        ("ncu-gemvs", ["bash", "-c", "XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform "
-                       "ncu --clock-control none --target-processes all "
-                       "-k 'regex:weight_streaming_gemv|kmajor_gemv' -c 6 "
-                       "--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy "
-                       "--section LaunchStats --section SchedulerStats --section WarpStateStats "
-                       "--section InstructionStats --section SourceCounters "
-                       f"-f -o {results}/gemvs {PY} scripts/launch_gemvs.py; "
-                       f"ncu -i {results}/gemvs.ncu-rep --page details > {results}/ncu-gemvs-details.txt; "
-                       f"ncu -i {results}/gemvs.ncu-rep --page raw --csv > {results}/ncu-gemvs-raw.csv; "
-                       + "; ".join(f"ncu -i {results}/gemvs.ncu-rep -k {name} -c 1 --page source --csv "
-                                   f"--print-source sass > {results}/ncu-sass-{name}.csv"
-                                   for name in ("int4_weight_streaming_gemv", "int8_kmajor_gemv"))
-                       + f"; ls -la {results}/gemvs.ncu-rep"], 150),
+        ("ncu-gemvs", ncu_gemvs("gemvs"), 150),
+        ("ncu-gemvs-sub4", ncu_gemvs("gemvs-sub4", '{"gemv_subtiles": 4}'), 150),
         # Run 26d: the GEMVs' multiply-adds fused by inline PTX (gemv_fma, the default since; jaxlib's Triton emitted
         # FMUL + FADD, run 26c) against the unfused form: every compiled kernel case, the engine's quantized greedy
         # tokens, then batch-1 TPOT both ways in one lease.
@@ -541,6 +549,17 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                          f"{PY} -m pytest -q -m gpu -k quantized tests/test_engine_gpu.py"], 200),
         *[(f"latency-{q}-unfused", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_fma": false}'] + latency(
             q, "--output-json", f"{results}/latency-{q}-unfused.json"), 100) for q in ("awq", "int8")],
+        # Next lease (built after run 26e, offline only): the int4 GEMV's packed tile in 2 / 4 / 8 blocks of rows with
+        # an accumulator of a block's shape (gemv_subtiles: 168 -> 128 / 96 / 72 registers, loop 502 -> 503 / 506 /
+        # 547 instructions), and 4 blocks at 256 columns (128 registers, 988 for twice the weights), against the
+        # default in one lease; ncu-gemvs-sub4 beside ncu-gemvs.
+        ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles",
+                                "tests/test_quantized_matmul.py"], 90),
+        *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
+          for name, fields in (("sub2", '{"gemv_subtiles": 2}'), ("sub4", '{"gemv_subtiles": 4}'),
+                               ("sub8", '{"gemv_subtiles": 8}'),
+                               ("sub4-n256", '{"gemv_subtiles": 4, "gemv_block_n": 256}'))],
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
@@ -567,7 +586,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
 REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tests-gemv-layouts",
-            "latency-awq-unfused": "gpu-tests-fma", "latency-int8-unfused": "gpu-tests-fma", "latency-awq-affine": "gpu-tests-affine",
+            "latency-awq-unfused": "gpu-tests-fma", "latency-int8-unfused": "gpu-tests-fma",
+            **{f"latency-awq-{name}": "gpu-tests-subtiles" for name in ("sub2", "sub4", "sub8", "sub4-n256")}, "latency-awq-affine": "gpu-tests-affine",
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}

@@ -92,6 +92,14 @@ CPU_CASES = [
                                                         gemv_defer_reduction=False)),
     ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_convert="affine", gemv_prefetch=1)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_convert="affine")),
+    # The int4 step's packed tile in blocks of rows, each into an accumulator of its shape (gemv_subtiles): split,
+    # loads ahead, pack blocks of 64 and 32, each conversion; without the deferred sum the setting is ignored.
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=4)),
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_subtiles=2,
+                                                        gemv_prefetch=1)),
+    ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_subtiles=8, gemv_convert="exponent")),
+    ("int4", 1, 512, 256, 128, jnp.float32, MatmulConfig(gemv_subtiles=8, gemv_convert="cvt")),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=4, gemv_defer_reduction=False)),
     # Weight loads issued a step ahead (gemv_prefetch), even and odd step counts, split, both reductions.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=1, gemv_defer_reduction=False)),
@@ -144,6 +152,13 @@ def test_affine_nibbles_and_their_permute_selectors():
     assert "prmt.b32 $3, u, e, 0x7653;" in _PERMUTES["low_nibbles"][0]
 
 
+def test_int4_subtiles_must_divide_a_step():
+    x = jnp.ones((1, 256), jnp.float32)
+    args, static, _ = random_weight(np.random.default_rng(0), "int4", 256, 128, 128)
+    with pytest.raises(ValueError, match="gemv_subtiles"):
+        int4_matmul(x, *args, config=MatmulConfig(gemv_subtiles=3), interpret=True, **static)
+
+
 @pytest.mark.parametrize("rows,defer,convert", [(100, False, "cvt"), (1, False, "cvt"), (1, True, "exponent"),
                                                 (1, True, "permute"), (1, True, "affine"), (1, False, "affine")])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
@@ -155,7 +170,7 @@ def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert):
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
     x = jnp.ones((rows, 1024), jnp.bfloat16)
     config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_convert=convert, gemv_prefetch=int(defer),
-                          gemv_fma=convert != "cvt")
+                          gemv_fma=convert != "cvt", gemv_subtiles=4 if convert == "affine" else 1)
     fn = jax.jit(functools.partial(kernel, interpret=False, config=config, **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -264,6 +279,8 @@ GPU_CASES = [
        for fmt in ("int8", "int4") for K, N in ((4096, 6144), (14336, 4096))
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="affine", gemv_defer_reduction=defer))
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for defer in (True, False)
+] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=subtiles))
+     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for subtiles in (4, 8)
 ] + [(fmt, 1, 4096, 6144, 128, jnp.bfloat16, MatmulConfig(gemv_fma=False))  # multiply and add apart (before 26d)
      for fmt in ("int8", "int4")
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
@@ -272,10 +289,12 @@ GPU_CASES = [
 
 
 def case_id(value):
-    """Test ids name a config's conversion (and unfused multiply-adds), so ``-k permute`` picks the inline-PTX cases."""
+    """Test ids name a config's conversion (and unfused multiply-adds, row blocks), so ``-k permute`` picks the
+    inline-PTX cases."""
     if not isinstance(value, MatmulConfig):
         return None
-    return f"convert-{value.gemv_convert}" + ("" if value.gemv_fma else "-unfused")
+    return (f"convert-{value.gemv_convert}" + ("" if value.gemv_fma else "-unfused")
+            + (f"-subtiles{value.gemv_subtiles}" if value.gemv_subtiles > 1 else ""))
 
 
 @pytest.mark.gpu
