@@ -489,7 +489,7 @@ class LinearBackend:
     dequantized copy."""
 
     kernel: str = "auto"
-    max_kernel_rows: int = MAX_KERNEL_ROWS
+    max_kernel_rows: int = dataclasses.field(default_factory=lambda: _max_kernel_rows_from_env())
     interpret: Optional[bool] = None
     # A dense joined gate/up projection of at least this many rows runs ``pallas_kernels.swiglu_matmul`` (the
     # SwiGLU product in the GEMM's epilogue) on GPU; None: never (XLA's GEMM, then its own product pass).
@@ -509,6 +509,17 @@ class LinearBackend:
             return on_gpu and (isinstance(w, Int4Weight)
                                or (isinstance(w, (Int8Weight, Int8KMajorWeight)) and rows == 1))
         return self.kernel == "pallas"
+
+
+def _max_kernel_rows_from_env() -> int:
+    """``$PAGEDJAX_MAX_KERNEL_ROWS`` (a row count; for timing the int4 kernel against XLA's dot of the dequantized
+    weight at prompt and batch sizes), else ``MAX_KERNEL_ROWS``."""
+    text = os.environ.get("PAGEDJAX_MAX_KERNEL_ROWS", "").strip()
+    if not text:
+        return MAX_KERNEL_ROWS
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"PAGEDJAX_MAX_KERNEL_ROWS must be a positive row count, got {text!r}")
+    return int(text)
 
 
 def _swiglu_min_rows_from_env() -> Optional[int]:

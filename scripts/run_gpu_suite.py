@@ -560,6 +560,14 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
           for name, fields in (("sub2", '{"gemv_subtiles": 2}'), ("sub4", '{"gemv_subtiles": 4}'),
                                ("sub8", '{"gemv_subtiles": 8}'),
                                ("sub4-n256", '{"gemv_subtiles": 4, "gemv_block_n": 256}'))],
+        # Next lease: AWQ prompts (TTFT 25-26 ms against bf16's 8-9) and tput-short's batches through the int4
+        # kernel's tensor-core form above its 64-row default ($PAGEDJAX_MAX_KERNEL_ROWS), against XLA's dot of the
+        # dequantized weight (the default above 64 rows).
+        ("latency-awq-maxrows256", ["env", "PAGEDJAX_MAX_KERNEL_ROWS=256"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-maxrows256.json"), 100),
+        *[(f"tput-short-awq-maxrows{rows}", ["env", f"PAGEDJAX_MAX_KERNEL_ROWS={rows}"] + tput(
+            "tput-short", "--quantization", "awq", "--output-json", f"{results}/tput-short-awq-maxrows{rows}.json"),
+           200) for rows in (1024,)],
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",

@@ -210,6 +210,20 @@ def test_quantized_logits_close_to_dense_and_kernel_matches_xla(tiny, method):
         assert relative_error(kernel, xla) < 1e-5
 
 
+def test_kernel_row_limit_follows_the_environment(monkeypatch):
+    """``$PAGEDJAX_MAX_KERNEL_ROWS`` moves the row count up to which int4 weights go through the Pallas kernel (the
+    dequantized weight and XLA's dot above it); a bad value is refused."""
+    w = quantize_weight(jnp.zeros((64, 32), jnp.float32), "int4")
+    assert LinearBackend(kernel="pallas").max_kernel_rows == 64
+    monkeypatch.setenv("PAGEDJAX_MAX_KERNEL_ROWS", "256")
+    backend = LinearBackend(kernel="pallas")
+    assert backend.use_kernel(w, 256) and not backend.use_kernel(w, 257)
+    for bad in ("0", "many"):
+        monkeypatch.setenv("PAGEDJAX_MAX_KERNEL_ROWS", bad)
+        with pytest.raises(ValueError, match="PAGEDJAX_MAX_KERNEL_ROWS"):
+            LinearBackend()
+
+
 def test_int8_stored_k_major_is_the_same_weight_and_model(tiny, monkeypatch):
     """``$PAGEDJAX_INT8_LAYOUT=nk``: load-time int8 weights stored ``[N, K]`` dequantize to exactly the ``[K, N]``
     layout's weights, the model's logits equal that layout's (XLA's dot and the K-major kernel, interpreted,
