@@ -38,6 +38,11 @@ GRAPHS_WHILE_PROFILING = "--xla_enable_command_buffers_during_profiling=true"
 # The VMM allocator and XLA's command-buffer temporaries at a reserved virtual address (run 20b).
 SKIP_TEMP = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
 VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itself (engine/__init__)
+# int4 GEMV variants built after run 26e, offline only (NOTES.md): (suite name suffix, $PAGEDJAX_MATMUL_CONFIG).
+GEMV_INT4_VARIANTS = (("sub2", '{"gemv_subtiles": 2}'), ("sub4", '{"gemv_subtiles": 4}'),
+                      ("sub8", '{"gemv_subtiles": 8}'), ("sub4-n256", '{"gemv_subtiles": 4, "gemv_block_n": 256}'),
+                      ("scalesahead", '{"gemv_scales_ahead": true}'),
+                      ("sub4-scalesahead", '{"gemv_subtiles": 4, "gemv_scales_ahead": true}'))
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -553,13 +558,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # an accumulator of a block's shape (gemv_subtiles: 168 -> 128 / 96 / 72 registers, loop 502 -> 503 / 506 /
         # 547 instructions), and 4 blocks at 256 columns (128 registers, 988 for twice the weights), against the
         # default in one lease; ncu-gemvs-sub4 beside ncu-gemvs.
-        ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles",
+        # And the scale and zero rows a step ahead (gemv_scales_ahead: run 26d's largest stall, the barrier of their
+        # conversion waiting on their loads), alone and with 4 blocks.
+        ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles or scales_ahead",
                                 "tests/test_quantized_matmul.py"], 90),
         *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
-          for name, fields in (("sub2", '{"gemv_subtiles": 2}'), ("sub4", '{"gemv_subtiles": 4}'),
-                               ("sub8", '{"gemv_subtiles": 8}'),
-                               ("sub4-n256", '{"gemv_subtiles": 4, "gemv_block_n": 256}'))],
+          for name, fields in GEMV_INT4_VARIANTS],
         # Next lease: AWQ prompts (TTFT 25-26 ms against bf16's 8-9) and tput-short's batches through the int4
         # kernel's tensor-core form above its 64-row default ($PAGEDJAX_MAX_KERNEL_ROWS), against XLA's dot of the
         # dequantized weight (the default above 64 rows).
@@ -595,7 +600,7 @@ FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
 REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tests-gemv-layouts",
             "latency-awq-unfused": "gpu-tests-fma", "latency-int8-unfused": "gpu-tests-fma",
-            **{f"latency-awq-{name}": "gpu-tests-subtiles" for name in ("sub2", "sub4", "sub8", "sub4-n256")}, "latency-awq-affine": "gpu-tests-affine",
+            **{f"latency-awq-{name}": "gpu-tests-subtiles" for name, _ in GEMV_INT4_VARIANTS}, "latency-awq-affine": "gpu-tests-affine",
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}

@@ -100,6 +100,12 @@ CPU_CASES = [
     ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_subtiles=8, gemv_convert="exponent")),
     ("int4", 1, 512, 256, 128, jnp.float32, MatmulConfig(gemv_subtiles=8, gemv_convert="cvt")),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=4, gemv_defer_reduction=False)),
+    # The scale and zero rows loaded a step ahead (gemv_scales_ahead): groups of one step and of two, split, with
+    # row blocks, both reductions.
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_scales_ahead=True)),
+    ("int4", 1, 512, 192, 128, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_scales_ahead=True,
+                                                         gemv_subtiles=4)),
+    ("int4", 1, 256, 128, 64, jnp.float32, MatmulConfig(gemv_scales_ahead=True, gemv_defer_reduction=False)),
     # Weight loads issued a step ahead (gemv_prefetch), even and odd step counts, split, both reductions.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=1, gemv_defer_reduction=False)),
@@ -170,7 +176,8 @@ def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert):
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
     x = jnp.ones((rows, 1024), jnp.bfloat16)
     config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_convert=convert, gemv_prefetch=int(defer),
-                          gemv_fma=convert != "cvt", gemv_subtiles=4 if convert == "affine" else 1)
+                          gemv_fma=convert != "cvt", gemv_subtiles=4 if convert == "affine" else 1,
+                          gemv_scales_ahead=convert == "affine" and not defer)
     fn = jax.jit(functools.partial(kernel, interpret=False, config=config, **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -279,8 +286,9 @@ GPU_CASES = [
        for fmt in ("int8", "int4") for K, N in ((4096, 6144), (14336, 4096))
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="affine", gemv_defer_reduction=defer))
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for defer in (True, False)
-] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=subtiles))
-     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for subtiles in (4, 8)
+] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=subtiles, gemv_scales_ahead=ahead))
+     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for subtiles, ahead in ((4, False), (8, False),
+                                                                                     (1, True), (4, True))
 ] + [(fmt, 1, 4096, 6144, 128, jnp.bfloat16, MatmulConfig(gemv_fma=False))  # multiply and add apart (before 26d)
      for fmt in ("int8", "int4")
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
@@ -294,7 +302,8 @@ def case_id(value):
     if not isinstance(value, MatmulConfig):
         return None
     return (f"convert-{value.gemv_convert}" + ("" if value.gemv_fma else "-unfused")
-            + (f"-subtiles{value.gemv_subtiles}" if value.gemv_subtiles > 1 else ""))
+            + (f"-subtiles{value.gemv_subtiles}" if value.gemv_subtiles > 1 else "")
+            + ("-scales_ahead" if value.gemv_scales_ahead else ""))
 
 
 @pytest.mark.gpu
