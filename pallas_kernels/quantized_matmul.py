@@ -16,9 +16,6 @@ Formats of ``W`` (the caller's weight types live in ``models.quantization``):
   kept in a ``[block_n, block_k]`` accumulator summed over K once after the loop; more rows go to XLA's dot. At 256
   K bytes x 16 columns a program it took the 8B int8 batch-1 step from 3.54 to 3.11 ms (H200, run 23b), the sum
   after the loop to 3.06 (run 26a-b).
-
-The one-row GEMVs write each multiply-add as one ``fma.rn.f32`` (``multiply_add``): jaxlib's Triton does not fuse a
-multiply and an add by itself (run 26c's SASS), and the int4 GEMV's loop was two thirds FMUL + FADD.
 - ``int4``: two 4-bit values per byte, ``packed[K/2, N]`` uint8, grouped scales and zeros
   ``scales[K/g, N]``, ``zeros[K/g, N]``, ``W[k] = (nibble(k) - zeros[k//g]) * scales[k//g]``.
   Packing works in blocks of ``pack`` rows (``pack`` divides ``g``): in block ``b``,
@@ -27,6 +24,9 @@ multiply and an add by itself (run 26c's SASS), and the int4 GEMV's loop was two
   two contiguous slices of ``x``, and a K-shard on ``pack`` boundaries (tensor
   parallelism, row-parallel layers) holds whole blocks. ``pack_int4`` / ``unpack_int4``
   convert to and from plain ``[K, N]`` nibble values.
+
+The one-row GEMVs write each multiply-add as one ``fma.rn.f32`` (``multiply_add``): jaxlib's Triton does not fuse a
+multiply and an add by itself (run 26c's SASS), and the int4 GEMV's loop was two thirds FMUL + FADD.
 
 Grid: ``(M / block_m, N / block_n, k_splits)``. Each program streams ``K / k_splits`` rows
 of its ``block_n`` columns in ``block_k``-row steps, for one tile of ``block_m`` rows of x;
@@ -118,8 +118,8 @@ class MatmulConfig:
     # int4 GEMV with the deferred sum: each step's [block_k / 2, block_n] packed tile loaded as this many blocks of
     # rows, each multiplied into one accumulator of a block's shape, so a thread holds 1/subtiles of the float32
     # accumulator. Offline (inspect_kernel_sass.py, as jaxlib compiles; unmeasured on a GPU): 168 registers a thread
-    # at 1 (3 programs a multiprocessor), 128 at 2, 96 at 4 (5 programs), 64 at 8; loop instructions 502 / 503 / 506
-    # / 546. Run 26d's ncu had the kernel waiting on memory with 12 warps a multiprocessor.
+    # at 1 (3 programs a multiprocessor), 128 at 2, 96 at 4 (5 programs), 72 at 8; loop instructions 502 / 503 / 506
+    # / 547. Run 26d's ncu had the kernel waiting on memory with 12 warps a multiprocessor.
     gemv_subtiles: int = 1
     # int4 GEMV without loads ahead: each step's scale and zero rows loaded a step ahead (carried round the loop, a
     # register each), so the barrier of their conversion to the tile's layout no longer waits on memory (run 26d's
