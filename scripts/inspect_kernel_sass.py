@@ -1,5 +1,6 @@
-"""What a Pallas (Triton) one-row GEMV compiles to for a Hopper GPU, without a GPU: registers a thread, shared memory,
-and the instruction mix of its K loop (barriers, loads, arithmetic).
+"""What a Pallas (Triton) one-row GEMV (or a ragged paged attention launch, ``--kernel attention-decode`` /
+``attention-prefill``) compiles to for a Hopper GPU, without a GPU: registers a thread, shared memory, and the
+instruction mix of its longest loop (barriers, loads, arithmetic).
 
 Timings need the device; this answers "why" questions on the CPU machine: how many programs fit on a multiprocessor
 (registers), whether a step synchronizes its warps (``BAR.SYNC`` from layout conversions through shared memory),
@@ -80,6 +81,9 @@ def triton_module_text(debug_output: str) -> str:
     return text + "\n"
 
 
+KERNELS = ("int4", "int8-kmajor", "attention-decode", "attention-prefill")
+
+
 def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -> tuple[str, int]:
     """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]`` (int4: packed in blocks of ``pack``
     rows of K, the K step of its GEMV), and its warp count."""
@@ -89,6 +93,8 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -
 
     from pallas_kernels import quantized_matmul as qmm
 
+    if kernel.startswith("attention-"):
+        return _attention_module(kernel.removeprefix("attention-"), config)
     cfg = qmm.MatmulConfig(**config)
     x = jnp.ones((1, K), jnp.bfloat16)
     if kernel == "int4":
@@ -99,7 +105,15 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -
         args = (x, jnp.zeros((N, K), jnp.int8), jnp.ones((N,), jnp.float32))
         fn = functools.partial(qmm.int8_kmajor_matmul, config=cfg, interpret=False)
     else:
-        raise ValueError(f"--kernel must be int4 or int8-kmajor, got {kernel!r}")
+        raise ValueError(f"--kernel must be one of {KERNELS}, got {kernel!r}")
+    return triton_module_text(_printed_modules(fn, args)), cfg.gemv_num_warps
+
+
+def _printed_modules(fn, args) -> str:
+    """What ``pallas_call(debug=True)`` prints while ``fn(*args)`` is lowered for CUDA: each launch's Triton module."""
+    import jax
+    from jax.experimental import pallas as pl
+
     pallas_call = pl.pallas_call
     printed = io.StringIO()
     jax.clear_caches()  # a wrapper traced before in this process would not call pallas_call (and print) again
@@ -109,15 +123,36 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -
             jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         pl.pallas_call = pallas_call
-    return triton_module_text(printed.getvalue()), cfg.gemv_num_warps
+    return printed.getvalue()
+
+
+def _attention_module(launch: str, tiling: dict) -> tuple[str, int]:
+    """The Triton module of the ragged paged attention's ``launch`` ("decode" or "prefill") for the 8B's heads
+    (32 query, 8 KV, head_dim 128) at 64 one-token sequences of 192 positions, under ``Tiling(**tiling)``."""
+    import importlib
+
+    import jax.numpy as jnp
+
+    rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")
+    seqs, ctx, page = 64, 192, 16
+    q = jnp.ones((seqs, 32, 128), jnp.bfloat16)
+    pages = jnp.ones((1, 8, seqs * ctx // page, page, 128), jnp.bfloat16)
+    args = (q, pages, pages, 0, jnp.full((seqs,), ctx, jnp.int32), jnp.zeros((seqs, ctx // page), jnp.int32),
+            jnp.arange(seqs + 1, dtype=jnp.int32), jnp.array([seqs], jnp.int32))
+    config = rpa.Tiling(**tiling)
+    fn = functools.partial(rpa.ragged_paged_attention, interpret=False, tiling=config)
+    printed = _printed_modules(fn, args)
+    return (triton_module_text(printed[printed.index(f"module @ragged_paged_attention_{launch}"):]),
+            config.decode_warps if launch == "decode" else config.prefill_warps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", default="int4", choices=["int4", "int8-kmajor"])
+    parser.add_argument("--kernel", default="int4", choices=KERNELS)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--n", type=int, default=28672)
-    parser.add_argument("--config", default="{}", help="MatmulConfig fields as JSON")
+    parser.add_argument("--config", default="{}",
+                        help="MatmulConfig fields as JSON (the attention kernels: Tiling fields)")
     parser.add_argument("--pack", type=int, default=128, choices=[32, 64, 128],
                         help="int4: rows of K a packing block (the GEMV's K step)")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")

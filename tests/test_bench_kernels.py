@@ -259,7 +259,8 @@ def test_best_decode_tiling_is_printed_only_when_it_beats_the_default(tmp_path, 
 
 
 @pytest.mark.parametrize("kernel,config", [("int4", {}), ("int8-kmajor", {}),
-                                           ("int8-kmajor", {"kmajor_defer_reduction": False})])
+                                           ("int8-kmajor", {"kmajor_defer_reduction": False}),
+                                           ("attention-decode", {"decode_kv_tokens": 64})])
 def test_sass_inspection_cuts_a_parseable_triton_module(kernel, config):
     """``scripts/inspect_kernel_sass.py``'s first phase (no GPU, no triton package): the one-row GEMV lowered for
     CUDA gives one Triton module with its location notes stripped, the syntax ``triton.compile`` parses."""
