@@ -359,16 +359,20 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     parts = subtiles if fmt == "int4" and defer_reduction else 1
     part_rows = block_k // 2 // parts  # int4: packed rows a part of a step's tile
 
-    def load(i):
-        """Step ``i``'s weight loads (int4: the packed tile's ``parts`` blocks of rows, the scale and zero rows);
-        past the last step, the last."""
+    def scales_of(i):
+        """int4: step ``i``'s group's scale and zero rows; past the last step, the last."""
+        group = k_start(jnp.minimum(i, steps - 1)) // group_size
+        return refs[0][group, cols], refs[1][group, cols]
+
+    def load(i, scales=True):
+        """Step ``i``'s weight loads (int4: the packed tile's ``parts`` blocks of rows, then with ``scales`` the
+        scale and zero rows); past the last step, the last."""
         k0 = k_start(jnp.minimum(i, steps - 1))
         if fmt == "int4":
-            group = k0 // group_size
             packed = tuple(pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2 + j * part_rows, part_rows),
                                                         part_rows), cols], eviction_policy="evict_first")
                            for j in range(parts))
-            return packed, refs[0][group, cols], refs[1][group, cols]
+            return (packed, *scales_of(i)) if scales else (packed,)
         return (pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first"),)
 
     def tile(i, loaded, part=0):
@@ -413,13 +417,9 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     if prefetch:
         acc = double_buffered_loop(steps, load, body, acc)
     elif scales_ahead and fmt == "int4":  # carry the next step's scale and zero rows; the tile loads in its step
-        def scales_of(i):
-            group = k_start(jnp.minimum(i, steps - 1)) // group_size
-            return refs[0][group, cols], refs[1][group, cols]
-
         def ahead(i, carry):
             acc, s, z = carry
-            packed = load(i)[0]
+            (packed,) = load(i, scales=False)
             s_next, z_next = scales_of(i + 1)
             return body(i, acc, (packed, s, z)), s_next, z_next
 
@@ -594,9 +594,9 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
 
 def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_prefetch: int) -> tuple[int, str]:
     """``(prefetch, convert)`` of a one-row kernel: loads a step ahead or not (``gemv_prefetch``; None: the kernel's
-    ``default_prefetch``),
-    and the integer-to-float conversion (``gemv_convert``; "affine" is for nibbles, int8 values go as "permute";
-    inline PTX runs only compiled, so the interpreter takes the same trick written in jnp, equal values)."""
+    ``default_prefetch``), and the integer-to-float conversion (``gemv_convert``; "affine" is for nibbles, int8
+    values go as "permute"; inline PTX runs only compiled, so the interpreter takes the same trick written in jnp,
+    equal values)."""
     prefetch = default_prefetch if config.gemv_prefetch is None else config.gemv_prefetch
     if prefetch not in (0, 1):
         raise ValueError(f"gemv_prefetch must be 0 or 1 (loads a step ahead), got {config.gemv_prefetch}")

@@ -86,7 +86,8 @@ KERNELS = ("int4", "int8-kmajor", "attention-decode", "attention-prefill")
 
 def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -> tuple[str, int]:
     """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]`` (int4: packed in blocks of ``pack``
-    rows of K, the K step of its GEMV), and its warp count."""
+    rows of K, the K step of its GEMV), or of an attention launch (``config``: ``Tiling`` fields; shapes fixed), and
+    its warp count."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import pallas as pl

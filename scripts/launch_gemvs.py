@@ -1,9 +1,8 @@
 """Launch each one-row GEMV of the engine a few times at one matrix shape, for Nsight Compute (``ncu``) to profile.
 
 The kernels at their defaults: int4 (``int4_weight_streaming_gemv``), int8 stored K-major (``int8_kmajor_gemv``),
-and XLA's bf16 dot for comparison. Each is compiled and run once before the launches ncu
-should look at (``--launch-skip`` / ``-c`` pick them), and the outputs are checked against the dequantized weights
-so a profile never describes a wrong kernel. Run it under ``ncu`` with no memory preallocated, e.g. (the suite's
+and XLA's bf16 dot for comparison. Each is compiled, run and checked against its dequantized weight (so a profile
+never describes a wrong kernel), then launched ``--launches`` more times. Run it under ``ncu`` with no memory preallocated, e.g. (the suite's
 ``ncu-gemvs`` step):
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false ncu -k regex:weight_streaming_gemv --section WarpStateStats ... \\

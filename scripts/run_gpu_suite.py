@@ -533,9 +533,6 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                ("w2", '{"gemv_num_warps": 2}'), ("ppc4", '{"gemv_programs_per_core": 4}'),
                                ("ppc16", '{"gemv_programs_per_core": 16}'))],
         ("latency-awq-again", latency("awq", "--output-json", f"{results}/latency-awq-again.json"), 100),
-        # Run 26a, from the offline SASS (scripts/inspect_kernel_sass.py, NOTES.md): the K-major int8 GEMV's sum over
-        # K deferred to after its loop with x read as tiles (no barrier, no shuffle a step; the default since), and
-        # the K-major GEMV as it was before (summed each step, loads ahead): compiled correctness, then batch-1 TPOT.
         # Run 26a-b: the K-major int8 GEMV's sum over K deferred to after its loop with x read as tiles (no barrier,
         # no shuffle a step; the default since) against the form before (summed each step, loads ahead).
         ("gpu-tests-gemv-layouts", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "kmajor",
