@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from typing import Optional
 
 PY = sys.executable
 MODEL = "benchmarks/models/llama-3.1-8b"
@@ -42,7 +43,11 @@ VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itsel
 GEMV_INT4_VARIANTS = (("sub2", '{"gemv_subtiles": 2}'), ("sub4", '{"gemv_subtiles": 4}'),
                       ("sub8", '{"gemv_subtiles": 8}'), ("sub4-n256", '{"gemv_subtiles": 4, "gemv_block_n": 256}'),
                       ("scalesahead", '{"gemv_scales_ahead": true}'),
-                      ("sub4-scalesahead", '{"gemv_subtiles": 4, "gemv_scales_ahead": true}'))
+                      ("sub4-scalesahead", '{"gemv_subtiles": 4, "gemv_scales_ahead": true}'),
+                      ("sub8-scalesahead", '{"gemv_subtiles": 8, "gemv_scales_ahead": true}'),
+                      ("sub16", '{"gemv_subtiles": 16}'),
+                      ("sub16-scalesahead", '{"gemv_subtiles": 16, "gemv_scales_ahead": true}'),
+                      ("sub8-ppc16", '{"gemv_subtiles": 8, "gemv_programs_per_core": 16}'))
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -543,7 +548,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # and checked, then launched twice): occupancy, stall reasons, memory throughput, and each SASS instruction's
         # executed count (the source page). No memory preallocated (run 16b's profile failed under JAX's 95% pool).
         ("ncu-gemvs", ncu_gemvs("gemvs"), 150),
-        ("ncu-gemvs-sub4", ncu_gemvs("gemvs-sub4", '{"gemv_subtiles": 4}'), 150),
+        *[(f"ncu-gemvs-sub{n}", ncu_gemvs(f"gemvs-sub{n}", f'{{"gemv_subtiles": {n}}}'), 150) for n in (4, 8, 16)],
         # Run 26d: the GEMVs' multiply-adds fused by inline PTX (gemv_fma, the default since; jaxlib's Triton emitted
         # FMUL + FADD, run 26c) against the unfused form: every compiled kernel case, the engine's quantized greedy
         # tokens, then batch-1 TPOT both ways in one lease.
@@ -569,7 +574,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "awq", "--output-json", f"{results}/latency-awq-maxrows256.json"), 100),
         *[(f"tput-short-awq-maxrows{rows}", ["env", f"PAGEDJAX_MAX_KERNEL_ROWS={rows}"] + tput(
             "tput-short", "--quantization", "awq", "--output-json", f"{results}/tput-short-awq-maxrows{rows}.json"),
-           200) for rows in (1024,)],
+           200) for rows in (128, 256, 1024)],
         ("tput-short-bf16-shortbest", short_decode_best(tput("tput-short", "--output-json",
                                                              f"{results}/tput-short-bf16-shortbest.json")), 200),
         ("tput-long-shortbest", short_decode_best(tput("tput-long", "--output-json",
@@ -601,6 +606,19 @@ REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tes
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}
+
+
+def repeat_of(name: str, results: str, by_name: dict) -> Optional[tuple[str, list[str], int]]:
+    """A step by name, or ``<step>-r<N>``: that step again in the same lease (an A/B's noise), its log and its
+    ``--output-json`` file named ``<step>-r<N>``. None for an unknown name."""
+    if name in by_name:
+        return by_name[name]
+    base, _, count = name.rpartition("-r")
+    if base not in by_name or not count.isdigit():
+        return None
+    _, argv_, timeout = by_name[base]
+    rename = lambda arg: arg.replace(f"{results}/{base}.", f"{results}/{name}.")  # noqa: E731
+    return name, [rename(arg) for arg in argv_], timeout
 
 
 def bundle(out: str) -> None:
@@ -680,10 +698,11 @@ def main(argv=None) -> None:
     chosen = steps(results)
     if args.steps:
         by_name = {s[0]: s for s in chosen}
-        unknown = [name for name in args.steps.split(",") if name not in by_name]
+        names = args.steps.split(",")
+        unknown = [name for name in names if repeat_of(name, results, by_name) is None]
         if unknown:
-            parser.error(f"unknown steps {unknown}; known: {', '.join(by_name)}")
-        chosen = [by_name[name] for name in args.steps.split(",")]
+            parser.error(f"unknown steps {unknown}; known: {', '.join(by_name)} (each may end in -r2, -r3, ...)")
+        chosen = [repeat_of(name, results, by_name) for name in names]
     summary = open(os.path.join(args.out, "summary.txt"), "a")
     summary.write(f"host: {host_cpu()}\n")  # compile times follow the host's CPU, which differs between leases
     all_steps = {s[0]: s for s in steps(results)}

@@ -99,6 +99,9 @@ CPU_CASES = [
                                                         gemv_prefetch=1)),
     ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_subtiles=8, gemv_convert="exponent")),
     ("int4", 1, 512, 256, 128, jnp.float32, MatmulConfig(gemv_subtiles=8, gemv_convert="cvt")),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=8)),
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=16, gemv_scales_ahead=True)),
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_subtiles=16)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=4, gemv_defer_reduction=False)),
     # The scale and zero rows loaded a step ahead (gemv_scales_ahead): groups of one step and of two, split, with
     # row blocks, both reductions.
@@ -287,8 +290,8 @@ GPU_CASES = [
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="affine", gemv_defer_reduction=defer))
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for defer in (True, False)
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=subtiles, gemv_scales_ahead=ahead))
-     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for subtiles, ahead in ((4, False), (8, False),
-                                                                                     (1, True), (4, True))
+     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672))
+     for subtiles, ahead in ((4, False), (8, False), (16, False), (1, True), (4, True), (8, True), (16, True))
 ] + [(fmt, 1, 4096, 6144, 128, jnp.bfloat16, MatmulConfig(gemv_fma=False))  # multiply and add apart (before 26d)
      for fmt in ("int8", "int4")
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
