@@ -469,8 +469,11 @@ def fp8_from_checkpoint(weight: np.ndarray, weight_scale: np.ndarray) -> dict[st
 # The matmul the model calls
 # --------------------------------------------------------------------------------------
 
-# The kernel pays off while a step reads more weight bytes than it does arithmetic.
-MAX_KERNEL_ROWS = 64
+# The kernel pays off while a step reads more weight bytes than it does arithmetic. int4 above this row count is
+# dequantized to a bf16 copy for XLA's dot. Run 27a-b (H200, 8B AWQ, same lease): 256 rows against 64 took a
+# 128-token prompt's TTFT from 25.3 to 14.6 ms at the same TPOT; tput-short 13,610 against 13,581 tok/s (128 rows
+# 13,564); at 1024 rows 9,363 (the Triton dot at 64-row tiles against cuBLAS on the dequantized copy).
+MAX_KERNEL_ROWS = 256
 # The fused gate/up + SwiGLU kernel: never by default; its Triton GEMM runs ~15% under cuBLAS's (run 21b: 6.44
 # against XLA's 5.77 ms with the product pass at 16384 rows, 384 against 355 us at 1024).
 SWIGLU_MIN_ROWS: Optional[int] = None

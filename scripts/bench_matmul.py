@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import statistics
 import sys
@@ -212,6 +213,10 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's tiles (SWEEP) at M=1")
     parser.add_argument("--sweep-shapes", default="w_gate_up,wqkv")
     parser.add_argument("--sweep-variants", default="pallas-int8,pallas-int4")
+    parser.add_argument("--sweep-configs", type=json.loads, default=None,
+                        help="the GEMV form's list of MatmulConfig field objects instead of GEMV_SWEEP, e.g. "
+                             "'[{}, {\"gemv_subtiles\": 8}]' (each timed in this one process: an A/B without "
+                             "the model's run-to-run spread)")
     parser.add_argument("--sweep-form", choices=("dot", "gemv"), default="dot",
                         help="which form's tiles to sweep: the row-tiled dot (SWEEP) or the one-row GEMV (GEMV_SWEEP)")
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
@@ -253,7 +258,7 @@ def main(argv=None):
         for name in args.sweep_shapes.split(","):
             K, N, _ = shapes[name]
             for variant in args.sweep_variants.split(","):
-                for tiling in (SWEEP if args.sweep_form == "dot" else GEMV_SWEEP):
+                for tiling in (SWEEP if args.sweep_form == "dot" else args.sweep_configs or GEMV_SWEEP):
                     if args.sweep_form == "dot":
                         block_n, block_k, per_core, warps, stages = tiling
                         config = MatmulConfig(block_n=block_n, block_k=block_k, programs_per_core=per_core,

@@ -14,6 +14,7 @@ each log.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -532,6 +533,21 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          + latency("awq", "--output-json", f"{results}/latency-awq-affine-n256.json"), 100),
         # After run 25c: the int4 GEMV's launch shape re-timed at the "affine" default (its tiles date from run 17a's
         # conversion): 64-column tiles, 8 or 2 warps, 4 or 16 programs a multiprocessor (the K-split count follows).
+        # Run 27b: batch-1 AWQ TPOT spread +-8% between runs of one config in one lease (default 3.04 / 2.90, 8 blocks
+        # 3.31 / 2.85), more than the variants differ. So: the int4 GEMV variants timed in one process at the 8B's
+        # four layer shapes (the first config again last, for drift), the decode step's kernels in a profile, and
+        # the engine's quantized greedy tokens with 8 blocks.
+        ("matmul-gemv-int4-variants", matmul(
+            "matmul-gemv-int4-variants", "--rows", "1", "--variants", "pallas-int4", "--sweep", "--sweep-form", "gemv",
+            "--sweep-shapes", "wqkv,wo,w_gate_up,w_down", "--sweep-variants", "pallas-int4", "--sweep-configs",
+            json.dumps([{}, *(json.loads(fields) for _, fields in GEMV_INT4_VARIANTS[:3]),
+                        *(json.loads(fields) for name, fields in GEMV_INT4_VARIANTS if name in (
+                            "scalesahead", "sub8-scalesahead", "sub16")), {}])), 300),
+        ("profile-decode1-awq-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}'] + profile(
+            "profile-decode1-awq-sub8", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
+            "--precompile-steps", "off"), 90),
+        ("gpu-tests-quantized-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}', PY, "-m", "pytest", "-q",
+                                      "-m", "gpu", "-k", "quantized", "tests/test_engine_gpu.py"], 120),
         *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
           for name, fields in (("n64", '{"gemv_block_n": 64}'), ("w8", '{"gemv_num_warps": 8}'),
@@ -564,6 +580,21 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # conversion waiting on their loads), alone and with 4 blocks.
         ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles or scales_ahead",
                                 "tests/test_quantized_matmul.py"], 90),
+        # Run 27b: batch-1 AWQ TPOT spread +-8% between runs of one config in one lease (default 3.04 / 2.90, 8 blocks
+        # 3.31 / 2.85), more than the variants differ. So: the int4 GEMV variants timed in one process at the 8B's
+        # four layer shapes (the first config again last, for drift), the decode step's kernels in a profile, and
+        # the engine's quantized greedy tokens with 8 blocks.
+        ("matmul-gemv-int4-variants", matmul(
+            "matmul-gemv-int4-variants", "--rows", "1", "--variants", "pallas-int4", "--sweep", "--sweep-form", "gemv",
+            "--sweep-shapes", "wqkv,wo,w_gate_up,w_down", "--sweep-variants", "pallas-int4", "--sweep-configs",
+            json.dumps([{}, *(json.loads(fields) for _, fields in GEMV_INT4_VARIANTS[:3]),
+                        *(json.loads(fields) for name, fields in GEMV_INT4_VARIANTS if name in (
+                            "scalesahead", "sub8-scalesahead", "sub16")), {}])), 300),
+        ("profile-decode1-awq-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}'] + profile(
+            "profile-decode1-awq-sub8", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
+            "--precompile-steps", "off"), 90),
+        ("gpu-tests-quantized-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}', PY, "-m", "pytest", "-q",
+                                      "-m", "gpu", "-k", "quantized", "tests/test_engine_gpu.py"], 120),
         *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
           for name, fields in GEMV_INT4_VARIANTS],

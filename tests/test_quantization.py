@@ -214,10 +214,10 @@ def test_kernel_row_limit_follows_the_environment(monkeypatch):
     """``$PAGEDJAX_MAX_KERNEL_ROWS`` moves the row count up to which int4 weights go through the Pallas kernel (the
     dequantized weight and XLA's dot above it); a bad value is refused."""
     w = quantize_weight(jnp.zeros((64, 32), jnp.float32), "int4")
-    assert LinearBackend(kernel="pallas").max_kernel_rows == 64
-    monkeypatch.setenv("PAGEDJAX_MAX_KERNEL_ROWS", "256")
+    assert LinearBackend(kernel="pallas").max_kernel_rows == 256
+    monkeypatch.setenv("PAGEDJAX_MAX_KERNEL_ROWS", "64")
     backend = LinearBackend(kernel="pallas")
-    assert backend.use_kernel(w, 256) and not backend.use_kernel(w, 257)
+    assert backend.use_kernel(w, 64) and not backend.use_kernel(w, 65)
     for bad in ("0", "many"):
         monkeypatch.setenv("PAGEDJAX_MAX_KERNEL_ROWS", bad)
         with pytest.raises(ValueError, match="PAGEDJAX_MAX_KERNEL_ROWS"):
