@@ -117,14 +117,11 @@ class MatmulConfig:
     gemv_fma: bool = True
     # int4 GEMV with the deferred sum: each step's [block_k / 2, block_n] packed tile loaded as this many blocks of
     # rows, each multiplied into one accumulator of a block's shape, so a thread holds 1/subtiles of the float32
-    # accumulator. Offline (inspect_kernel_sass.py, as jaxlib compiles; unmeasured on a GPU): 168 registers a thread
-    # at 1 (3 programs a multiprocessor), 128 at 2, 96 at 4 (5 programs), 72 at 8; loop instructions 502 / 503 / 506
-    # / 547. Run 26d's ncu had the kernel waiting on memory with 12 warps a multiprocessor.
-    gemv_subtiles: int = 1
-    # int4 GEMV without loads ahead: each step's scale and zero rows loaded a step ahead (carried round the loop, a
-    # register each), so the barrier of their conversion to the tile's layout no longer waits on memory (run 26d's
-    # SASS: the step's largest stall is there).
-    gemv_scales_ahead: bool = False
+    # accumulator: 168 registers a thread at 1 (12 warps a multiprocessor, waiting on memory: ncu, run 26d), 72 at 8
+    # (loop 502 -> 547 instructions). Runs 27a-c (H200, 8B AWQ at batch 1): w_gate_up 33.0 -> 28.3 us (ncu, 23 warps,
+    # 2.30 TB/s; 4 blocks 29.0, 16 blocks 29.5); the decode step's int4 GEMVs 2.06 -> 1.82 ms (profile, same
+    # lease); TPOT 2.93-2.98 -> 2.72-2.81 ms (same lease; single runs spread +-8%, NOTES.md).
+    gemv_subtiles: int = 8
     # The K-major int8 GEMV (``int8_kmajor_matmul``): tile of kmajor_block_n columns x kmajor_block_k K bytes
     # (upper bounds, as block_n / block_k); warps, programs per core, conversion and loads ahead as the GEMV's.
     # Run 23a-b (H200, 8B int8 at batch 1): 64 x 64 TPOT 4.52 ms, block_k 128 x block_n 32 3.14, 256 x 16 3.11
@@ -331,8 +328,7 @@ def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str)
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
-                 defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1,
-                 scales_ahead: bool = False):
+                 defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -346,7 +342,6 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``fma``: the deferred sum's multiply-adds as fused instructions (``multiply_add``).
     ``subtiles`` (int4, deferred sum): each step's packed tile loaded as that many blocks of rows, each multiplied
     into one accumulator of a block's shape (``MatmulConfig.gemv_subtiles``).
-    ``scales_ahead`` (int4, no loads ahead): the scale and zero rows loaded a step ahead (``gemv_scales_ahead``).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -359,20 +354,16 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     parts = subtiles if fmt == "int4" and defer_reduction else 1
     part_rows = block_k // 2 // parts  # int4: packed rows a part of a step's tile
 
-    def scales_of(i):
-        """int4: step ``i``'s group's scale and zero rows; past the last step, the last."""
-        group = k_start(jnp.minimum(i, steps - 1)) // group_size
-        return refs[0][group, cols], refs[1][group, cols]
-
-    def load(i, scales=True):
-        """Step ``i``'s weight loads (int4: the packed tile's ``parts`` blocks of rows, then with ``scales`` the
-        scale and zero rows); past the last step, the last."""
+    def load(i):
+        """Step ``i``'s weight loads (int4: the packed tile's ``parts`` blocks of rows, then its group's scale and
+        zero rows); past the last step, the last."""
         k0 = k_start(jnp.minimum(i, steps - 1))
         if fmt == "int4":
             packed = tuple(pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2 + j * part_rows, part_rows),
                                                         part_rows), cols], eviction_policy="evict_first")
                            for j in range(parts))
-            return (packed, *scales_of(i)) if scales else (packed,)
+            group = k0 // group_size
+            return packed, refs[0][group, cols], refs[1][group, cols]
         return (pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first"),)
 
     def tile(i, loaded, part=0):
@@ -416,14 +407,6 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     acc = jnp.zeros((rows, block_n) if rows else (block_n,), jnp.float32)
     if prefetch:
         acc = double_buffered_loop(steps, load, body, acc)
-    elif scales_ahead and fmt == "int4":  # carry the next step's scale and zero rows; the tile loads in its step
-        def ahead(i, carry):
-            acc, s, z = carry
-            (packed,) = load(i, scales=False)
-            s_next, z_next = scales_of(i + 1)
-            return body(i, acc, (packed, s, z)), s_next, z_next
-
-        acc = lax.fori_loop(0, steps, ahead, (acc, *scales_of(0)))[0]
     else:
         acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
     if defer_reduction:
@@ -634,7 +617,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
-                               subtiles=config.gemv_subtiles, scales_ahead=config.gemv_scales_ahead)
+                               subtiles=config.gemv_subtiles)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv")
 

@@ -41,14 +41,10 @@ GRAPHS_WHILE_PROFILING = "--xla_enable_command_buffers_during_profiling=true"
 SKIP_TEMP = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
 VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itself (engine/__init__)
 # int4 GEMV variants built after run 26e, offline only (NOTES.md): (suite name suffix, $PAGEDJAX_MATMUL_CONFIG).
-GEMV_INT4_VARIANTS = (("sub2", '{"gemv_subtiles": 2}'), ("sub4", '{"gemv_subtiles": 4}'),
-                      ("sub8", '{"gemv_subtiles": 8}'), ("sub4-n256", '{"gemv_subtiles": 4, "gemv_block_n": 256}'),
-                      ("scalesahead", '{"gemv_scales_ahead": true}'),
-                      ("sub4-scalesahead", '{"gemv_subtiles": 4, "gemv_scales_ahead": true}'),
-                      ("sub8-scalesahead", '{"gemv_subtiles": 8, "gemv_scales_ahead": true}'),
-                      ("sub16", '{"gemv_subtiles": 16}'),
-                      ("sub16-scalesahead", '{"gemv_subtiles": 16, "gemv_scales_ahead": true}'),
-                      ("sub8-ppc16", '{"gemv_subtiles": 8, "gemv_programs_per_core": 16}'))
+# The int4 GEMV's packed tile in other numbers of row blocks than the default 8 (MatmulConfig.gemv_subtiles; runs
+# 27a-c: 1 was the default before, 2 / 4 / 16 slower than 8 at the kernel).
+GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtiles": 2}'),
+                      ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'))
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -533,21 +529,6 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          + latency("awq", "--output-json", f"{results}/latency-awq-affine-n256.json"), 100),
         # After run 25c: the int4 GEMV's launch shape re-timed at the "affine" default (its tiles date from run 17a's
         # conversion): 64-column tiles, 8 or 2 warps, 4 or 16 programs a multiprocessor (the K-split count follows).
-        # Run 27b: batch-1 AWQ TPOT spread +-8% between runs of one config in one lease (default 3.04 / 2.90, 8 blocks
-        # 3.31 / 2.85), more than the variants differ. So: the int4 GEMV variants timed in one process at the 8B's
-        # four layer shapes (the first config again last, for drift), the decode step's kernels in a profile, and
-        # the engine's quantized greedy tokens with 8 blocks.
-        ("matmul-gemv-int4-variants", matmul(
-            "matmul-gemv-int4-variants", "--rows", "1", "--variants", "pallas-int4", "--sweep", "--sweep-form", "gemv",
-            "--sweep-shapes", "wqkv,wo,w_gate_up,w_down", "--sweep-variants", "pallas-int4", "--sweep-configs",
-            json.dumps([{}, *(json.loads(fields) for _, fields in GEMV_INT4_VARIANTS[:3]),
-                        *(json.loads(fields) for name, fields in GEMV_INT4_VARIANTS if name in (
-                            "scalesahead", "sub8-scalesahead", "sub16")), {}])), 300),
-        ("profile-decode1-awq-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}'] + profile(
-            "profile-decode1-awq-sub8", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
-            "--precompile-steps", "off"), 90),
-        ("gpu-tests-quantized-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}', PY, "-m", "pytest", "-q",
-                                      "-m", "gpu", "-k", "quantized", "tests/test_engine_gpu.py"], 120),
         *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
           for name, fields in (("n64", '{"gemv_block_n": 64}'), ("w8", '{"gemv_num_warps": 8}'),
@@ -564,7 +545,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # and checked, then launched twice): occupancy, stall reasons, memory throughput, and each SASS instruction's
         # executed count (the source page). No memory preallocated (run 16b's profile failed under JAX's 95% pool).
         ("ncu-gemvs", ncu_gemvs("gemvs"), 150),
-        *[(f"ncu-gemvs-sub{n}", ncu_gemvs(f"gemvs-sub{n}", f'{{"gemv_subtiles": {n}}}'), 150) for n in (4, 8, 16)],
+        *[(f"ncu-gemvs-sub{n}", ncu_gemvs(f"gemvs-sub{n}", f'{{"gemv_subtiles": {n}}}'), 150) for n in (1, 4, 16)],
         # Run 26d: the GEMVs' multiply-adds fused by inline PTX (gemv_fma, the default since; jaxlib's Triton emitted
         # FMUL + FADD, run 26c) against the unfused form: every compiled kernel case, the engine's quantized greedy
         # tokens, then batch-1 TPOT both ways in one lease.
@@ -572,24 +553,18 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                          f"{PY} -m pytest -q -m gpu -k quantized tests/test_engine_gpu.py"], 200),
         *[(f"latency-{q}-unfused", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_fma": false}'] + latency(
             q, "--output-json", f"{results}/latency-{q}-unfused.json"), 100) for q in ("awq", "int8")],
-        # Next lease (built after run 26e, offline only): the int4 GEMV's packed tile in 2 / 4 / 8 blocks of rows with
-        # an accumulator of a block's shape (gemv_subtiles: 168 -> 128 / 96 / 72 registers, loop 502 -> 503 / 506 /
-        # 547 instructions), and 4 blocks at 256 columns (128 registers, 988 for twice the weights), against the
-        # default in one lease; ncu-gemvs-sub4 beside ncu-gemvs.
-        # And the scale and zero rows a step ahead (gemv_scales_ahead: run 26d's largest stall, the barrier of their
-        # conversion waiting on their loads), alone and with 4 blocks.
-        ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles or scales_ahead",
+        # Runs 27a-b: the int4 GEMV's packed tile in blocks of rows (gemv_subtiles, 168 registers at 1 block, 72 at 8)
+        # against the default of then (1 block) in one lease.
+        ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles",
                                 "tests/test_quantized_matmul.py"], 90),
-        # Run 27b: batch-1 AWQ TPOT spread +-8% between runs of one config in one lease (default 3.04 / 2.90, 8 blocks
-        # 3.31 / 2.85), more than the variants differ. So: the int4 GEMV variants timed in one process at the 8B's
-        # four layer shapes (the first config again last, for drift), the decode step's kernels in a profile, and
-        # the engine's quantized greedy tokens with 8 blocks.
+        # Run 27b: batch-1 AWQ TPOT spread +-8% between runs of one config in one lease, more than the GEMV variants
+        # differ. So (run 27c): the int4 GEMV's variants timed in one process at the 8B's four layer shapes (the
+        # default again last, for drift), the decode step's kernels in a profile, and the engine's quantized greedy
+        # tokens at 8 blocks (the default since).
         ("matmul-gemv-int4-variants", matmul(
             "matmul-gemv-int4-variants", "--rows", "1", "--variants", "pallas-int4", "--sweep", "--sweep-form", "gemv",
             "--sweep-shapes", "wqkv,wo,w_gate_up,w_down", "--sweep-variants", "pallas-int4", "--sweep-configs",
-            json.dumps([{}, *(json.loads(fields) for _, fields in GEMV_INT4_VARIANTS[:3]),
-                        *(json.loads(fields) for name, fields in GEMV_INT4_VARIANTS if name in (
-                            "scalesahead", "sub8-scalesahead", "sub16")), {}])), 300),
+            json.dumps([{}, *(json.loads(fields) for _, fields in GEMV_INT4_VARIANTS), {}])), 300),
         ("profile-decode1-awq-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}'] + profile(
             "profile-decode1-awq-sub8", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
             "--precompile-steps", "off"), 90),
@@ -598,9 +573,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
           for name, fields in GEMV_INT4_VARIANTS],
-        # Next lease: AWQ prompts (TTFT 25-26 ms against bf16's 8-9) and tput-short's batches through the int4
-        # kernel's tensor-core form above its 64-row default ($PAGEDJAX_MAX_KERNEL_ROWS), against XLA's dot of the
-        # dequantized weight (the default above 64 rows).
+        # Runs 27a-b: AWQ prompts and tput-short's batches through the int4 kernel's tensor-core form up to more rows
+        # than its limit of then, 64 ($PAGEDJAX_MAX_KERNEL_ROWS), against XLA's dot of the dequantized weight; 256
+        # since (TTFT 25.3 -> 14.6 ms, tput-short level).
         ("latency-awq-maxrows256", ["env", "PAGEDJAX_MAX_KERNEL_ROWS=256"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-maxrows256.json"), 100),
         *[(f"tput-short-awq-maxrows{rows}", ["env", f"PAGEDJAX_MAX_KERNEL_ROWS={rows}"] + tput(

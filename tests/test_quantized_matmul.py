@@ -92,23 +92,17 @@ CPU_CASES = [
                                                         gemv_defer_reduction=False)),
     ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_convert="affine", gemv_prefetch=1)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32, gemv_convert="affine")),
-    # The int4 step's packed tile in blocks of rows, each into an accumulator of its shape (gemv_subtiles): split,
-    # loads ahead, pack blocks of 64 and 32, each conversion; without the deferred sum the setting is ignored.
+    # The int4 step's packed tile in blocks of rows, each into an accumulator of its shape (gemv_subtiles, 8 by
+    # default): one block (the layout before run 27c), 2 / 4 / 16, split, loads ahead, pack blocks of 64 and 32, each
+    # conversion; without the deferred sum the setting is ignored.
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=1)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=4)),
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_subtiles=2,
                                                         gemv_prefetch=1)),
-    ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_subtiles=8, gemv_convert="exponent")),
-    ("int4", 1, 512, 256, 128, jnp.float32, MatmulConfig(gemv_subtiles=8, gemv_convert="cvt")),
-    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=8)),
-    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=16, gemv_scales_ahead=True)),
+    ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_convert="exponent")),
+    ("int4", 1, 512, 256, 128, jnp.float32, MatmulConfig(gemv_convert="cvt")),
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_subtiles=16)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=4, gemv_defer_reduction=False)),
-    # The scale and zero rows loaded a step ahead (gemv_scales_ahead): groups of one step and of two, split, with
-    # row blocks, both reductions.
-    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_scales_ahead=True)),
-    ("int4", 1, 512, 192, 128, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_scales_ahead=True,
-                                                         gemv_subtiles=4)),
-    ("int4", 1, 256, 128, 64, jnp.float32, MatmulConfig(gemv_scales_ahead=True, gemv_defer_reduction=False)),
     # Weight loads issued a step ahead (gemv_prefetch), even and odd step counts, split, both reductions.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=1, gemv_defer_reduction=False)),
@@ -179,8 +173,7 @@ def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert):
     args, static, _ = random_weight(rng, fmt, 1024, 512, 128, jnp.bfloat16)
     x = jnp.ones((rows, 1024), jnp.bfloat16)
     config = MatmulConfig(k_splits=2, gemv_defer_reduction=defer, gemv_convert=convert, gemv_prefetch=int(defer),
-                          gemv_fma=convert != "cvt", gemv_subtiles=4 if convert == "affine" else 1,
-                          gemv_scales_ahead=convert == "affine" and not defer)
+                          gemv_fma=convert != "cvt", gemv_subtiles=4 if convert == "affine" else 1)
     fn = jax.jit(functools.partial(kernel, interpret=False, config=config, **static))
     text = fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -289,9 +282,8 @@ GPU_CASES = [
        for fmt in ("int8", "int4") for K, N in ((4096, 6144), (14336, 4096))
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_convert="affine", gemv_defer_reduction=defer))
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for defer in (True, False)
-] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=subtiles, gemv_scales_ahead=ahead))
-     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672))
-     for subtiles, ahead in ((4, False), (8, False), (16, False), (1, True), (4, True), (8, True), (16, True))
+] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=subtiles))
+     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for subtiles in (1, 4, 16)
 ] + [(fmt, 1, 4096, 6144, 128, jnp.bfloat16, MatmulConfig(gemv_fma=False))  # multiply and add apart (before 26d)
      for fmt in ("int8", "int4")
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
@@ -300,13 +292,12 @@ GPU_CASES = [
 
 
 def case_id(value):
-    """Test ids name a config's conversion (and unfused multiply-adds, row blocks), so ``-k permute`` picks the
-    inline-PTX cases."""
+    """Test ids name a config's conversion (and unfused multiply-adds, row blocks other than the default), so
+    ``-k permute`` picks the inline-PTX cases."""
     if not isinstance(value, MatmulConfig):
         return None
     return (f"convert-{value.gemv_convert}" + ("" if value.gemv_fma else "-unfused")
-            + (f"-subtiles{value.gemv_subtiles}" if value.gemv_subtiles > 1 else "")
-            + ("-scales_ahead" if value.gemv_scales_ahead else ""))
+            + (f"-subtiles{value.gemv_subtiles}" if value.gemv_subtiles != MatmulConfig.gemv_subtiles else ""))
 
 
 @pytest.mark.gpu
