@@ -86,6 +86,11 @@ class MatmulConfig:
     gemv_num_warps: int = 4
     gemv_num_stages: int = 1  # Triton pipelines only loads that feed a dot: stages do nothing here
     gemv_programs_per_core: int = 8
+    # GEMV: the K splits stop at this many steps a program, whatever ``gemv_programs_per_core`` asks. At 4 the 8B's int4
+    # wqkv and wo launch 384 and 256 programs (a third of the 924 that 72 registers a thread let run at once; run 27b's
+    # ncu) and read 1.54 / 1.20 TB/s (run 27c's profile) against w_gate_up's 2.2 at 1,792; at 2: 768 / 512, at 1:
+    # 1,536 / 1,024. Unmeasured below 4.
+    gemv_min_steps: int = 4
     # GEMV: keep a [block_k, block_n] float32 partial sum and reduce over K once at the end,
     # instead of a cross-thread reduction of every tile (int4 then dequantizes each weight).
     # Measured in the 8B model on the H200 (NOTES.md, run 16a): AWQ TPOT 6.60 -> 4.74 ms.
@@ -483,13 +488,13 @@ def _largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optiona
     return None
 
 
-def auto_k_splits(num_col_blocks: int, num_k_steps: int, programs_per_core: int = 2) -> int:
+def auto_k_splits(num_col_blocks: int, num_k_steps: int, programs_per_core: int = 2, min_steps: int = 4) -> int:
     """The fewest K splits (a divisor of the step count) that give ``programs_per_core``
-    programs per multiprocessor; each split keeps at least 4 steps."""
+    programs per multiprocessor; each split keeps at least ``min_steps`` steps."""
     target = programs_per_core * core_count()
     best = 1
     for splits in range(1, num_k_steps + 1):
-        if num_k_steps % splits or num_k_steps // splits < 4:
+        if num_k_steps % splits or num_k_steps // splits < min_steps:
             continue
         best = splits
         if num_col_blocks * splits >= target:
@@ -511,8 +516,9 @@ def _tile_sizes(fmt: str, K: int, N: int, pack: int, max_n: int, max_k: int) -> 
     return block_n, block_k
 
 
-def _k_splits(config: MatmulConfig, col_blocks: int, num_steps: int, block_k: int, programs_per_core: int) -> int:
-    splits = config.k_splits or auto_k_splits(col_blocks, num_steps, programs_per_core)
+def _k_splits(config: MatmulConfig, col_blocks: int, num_steps: int, block_k: int, programs_per_core: int,
+              min_steps: int = 4) -> int:
+    splits = config.k_splits or auto_k_splits(col_blocks, num_steps, programs_per_core, min_steps)
     if num_steps % splits:
         raise ValueError(f"k_splits={splits} must divide the {num_steps} K steps of {block_k} rows")
     return splits
@@ -613,7 +619,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
         raise ValueError(f"gemv_subtiles must divide the {block_k // 2} packed rows of a step, "
                          f"got {config.gemv_subtiles}")
     num_steps = K // block_k
-    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
+    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core, config.gemv_min_steps)
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
@@ -658,7 +664,7 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
                                             default_prefetch=int(not config.kmajor_defer_reduction))
     block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
     num_steps = K // block_k
-    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core)
+    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core, config.gemv_min_steps)
     kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
                                fma=config.gemv_fma and not interpret)

@@ -42,9 +42,12 @@ SKIP_TEMP = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm XLA_FLAGS=--xla_gpu_command_buffer_
 VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itself (engine/__init__)
 # int4 GEMV variants built after run 26e, offline only (NOTES.md): (suite name suffix, $PAGEDJAX_MATMUL_CONFIG).
 # The int4 GEMV's packed tile in other numbers of row blocks than the default 8 (MatmulConfig.gemv_subtiles; runs
-# 27a-c: 1 was the default before, 2 / 4 / 16 slower than 8 at the kernel).
+# 27a-c: 1 was the default before, 2 / 4 / 16 slower than 8 at the kernel); and more programs for the small weights
+# (wqkv, wo: 384 / 256 programs at 4 steps each, a third of what fits): programs of 2 or 1 steps, or 64 columns.
 GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtiles": 2}'),
-                      ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'))
+                      ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'),
+                      ("minsteps2", '{"gemv_min_steps": 2}'), ("minsteps1", '{"gemv_min_steps": 1}'),
+                      ("n64", '{"gemv_block_n": 64}'))
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -555,7 +558,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             q, "--output-json", f"{results}/latency-{q}-unfused.json"), 100) for q in ("awq", "int8")],
         # Runs 27a-b: the int4 GEMV's packed tile in blocks of rows (gemv_subtiles, 168 registers at 1 block, 72 at 8)
         # against the default of then (1 block) in one lease.
-        ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles",
+        ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles or min_steps",
                                 "tests/test_quantized_matmul.py"], 90),
         # Run 27b: batch-1 AWQ TPOT spread +-8% between runs of one config in one lease, more than the GEMV variants
         # differ. So (run 27c): the int4 GEMV's variants timed in one process at the 8B's four layer shapes (the
@@ -568,6 +571,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("profile-decode1-awq-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}'] + profile(
             "profile-decode1-awq-sub8", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
             "--precompile-steps", "off"), 90),
+        # The decode step's kernel times (a trace: steady where batch-1 TPOT spreads +-8%) for each int4 GEMV variant.
+        *[(f"profile-decode1-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + profile(
+            f"profile-decode1-awq-{name}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
+            "--precompile-steps", "off"), 90) for name, fields in GEMV_INT4_VARIANTS],
         ("gpu-tests-quantized-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}', PY, "-m", "pytest", "-q",
                                       "-m", "gpu", "-k", "quantized", "tests/test_engine_gpu.py"], 120),
         *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(

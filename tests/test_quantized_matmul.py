@@ -257,6 +257,19 @@ def test_auto_split_fills_the_gpu_and_divides_the_steps():
     assert 32 % s == 0 and 32 // s >= 4 and s > 1
     s = auto_k_splits(num_col_blocks=64, num_k_steps=112)  # w_down of Llama-3.1-8B: K = 14336
     assert 112 % s == 0 and s > 1
+    # The 8B's int4 wqkv (48 column blocks, 32 steps) cannot fill the GPU at 4 steps a program: fewer steps allowed.
+    assert [auto_k_splits(48, 32, programs_per_core=8, min_steps=m) for m in (4, 2, 1)] == [8, 16, 32]
+
+
+def test_gemv_min_steps_sets_the_split_of_a_small_weight():
+    """``MatmulConfig.gemv_min_steps`` lets a small int4 weight split K into programs of fewer steps; the result is
+    the same."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
+    args, static, _ = random_weight(rng, "int4", 512, 128, 128, jnp.float32)
+    outs = [int4_matmul(x, *args, config=MatmulConfig(gemv_min_steps=m, gemv_programs_per_core=64), interpret=True,
+                        **static) for m in (4, 1)]
+    np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("call,message", [
@@ -284,6 +297,8 @@ GPU_CASES = [
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for defer in (True, False)
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=subtiles))
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for subtiles in (1, 4, 16)
+] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_min_steps=1))  # 32 splits of one step
+     for K, N in ((4096, 6144), (4096, 4096))
 ] + [(fmt, 1, 4096, 6144, 128, jnp.bfloat16, MatmulConfig(gemv_fma=False))  # multiply and add apart (before 26d)
      for fmt in ("int8", "int4")
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
@@ -297,7 +312,8 @@ def case_id(value):
     if not isinstance(value, MatmulConfig):
         return None
     return (f"convert-{value.gemv_convert}" + ("" if value.gemv_fma else "-unfused")
-            + (f"-subtiles{value.gemv_subtiles}" if value.gemv_subtiles != MatmulConfig.gemv_subtiles else ""))
+            + (f"-subtiles{value.gemv_subtiles}" if value.gemv_subtiles != MatmulConfig.gemv_subtiles else "")
+            + (f"-min_steps{value.gemv_min_steps}" if value.gemv_min_steps != MatmulConfig.gemv_min_steps else ""))
 
 
 @pytest.mark.gpu
