@@ -42,7 +42,8 @@ import numpy as np
 
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
-from models.quantization import LinearBackend, concat_outputs, linear
+from models.norm import rms_norm
+from models.quantization import LinearBackend, concat_outputs, linear, norm_linear
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 from pallas_kernels.swiglu_matmul import swiglu_matmul
 
@@ -159,12 +160,6 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
-
-
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate ``x[T, heads, D]`` (half-split convention of Hugging Face checkpoints)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -214,17 +209,20 @@ def forward(
 
     widths = fused_widths(config)
 
-    def project(h, w, fused: str) -> tuple:
-        """``h @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has it."""
+    def project(x, norm_weight, w, fused: str) -> tuple:
+        """``rms_norm(x) @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has
+        it (the norm inside that matmul where the backend does so: ``norm_linear``)."""
         if fused in w:
-            return split_columns(mm(h, w[fused]), widths[fused])
+            return split_columns(norm_linear(x, norm_weight, eps, w[fused], linear_backend), widths[fused])
+        h = rms_norm(x, norm_weight, eps)
         return tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
 
-    def mlp_hidden(h, w):
-        """``silu(h @ w_gate) * (h @ w_up)``; the product in the GEMM's epilogue where the backend says so."""
+    def mlp_hidden(x, norm_weight, w):
+        """``silu(h @ w_gate) * (h @ w_up)`` of ``h = rms_norm(x)``; the product in the GEMM's epilogue where the
+        backend says so."""
         if "w_gate_up" in w and linear_backend.use_swiglu_kernel(w["w_gate_up"], T):
-            return swiglu_matmul(h, w["w_gate_up"], interpret=linear_backend.interpret)
-        gate, up = project(h, w, "w_gate_up")
+            return swiglu_matmul(rms_norm(x, norm_weight, eps), w["w_gate_up"], interpret=linear_backend.interpret)
+        gate, up = project(x, norm_weight, w, "w_gate_up")
         return jax.nn.silu(gate) * up
 
     def biases(w, fused: str) -> tuple:
@@ -232,8 +230,7 @@ def forward(
 
     def layer_call(x, k_cache, v_cache, layer, w, batch, cos, sin):
         """One decoder layer, everything it reads an argument (so one trace serves every layer)."""
-        h = rms_norm(x, w["input_norm"], eps)
-        q, k, v = project(h, w, "wqkv")
+        q, k, v = project(x, w["input_norm"], w, "wqkv")
         if config.qkv_bias:
             bq, bk, bv = biases(w, "bqkv")
             q, k, v = q + bq, k + bk, v + bv
@@ -247,8 +244,7 @@ def forward(
         attn = attend(q, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables,
                       batch.cu_q_lens, batch.num_seqs)
         x = x + mm(attn.reshape(T, config.q_size), w["wo"])
-        h = rms_norm(x, w["post_norm"], eps)
-        x = x + mm(mlp_hidden(h, w), w["w_down"])
+        x = x + mm(mlp_hidden(x, w["post_norm"], w), w["w_down"])
         return x, k_cache, v_cache
 
     def layer_step(carry, layer_and_weights):

@@ -580,6 +580,16 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
           for name, fields in GEMV_INT4_VARIANTS],
+        # After run 27d: the RMSNorms before wqkv and w_gate_up inside the int4 GEMV at one row ($PAGEDJAX_NORM_IN_GEMV,
+        # opt-in; 4 of a layer's ~11 small launches gone, the GEMV's loop 547 -> 607 instructions offline). The
+        # kernel on the GPU first, then the decode step's profile and TPOT against profile-decode1-awq / latency-awq.
+        ("gpu-tests-norm", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "rms_norm", "tests/test_quantized_matmul.py"],
+         90),
+        ("profile-decode1-awq-norm", ["env", "PAGEDJAX_NORM_IN_GEMV=1"] + profile(
+            "profile-decode1-awq-norm", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
+            "--precompile-steps", "off"), 90),
+        ("latency-awq-norm", ["env", "PAGEDJAX_NORM_IN_GEMV=1"] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-norm.json"), 100),
         # Runs 27a-b: AWQ prompts and tput-short's batches through the int4 kernel's tensor-core form up to more rows
         # than its limit of then, 64 ($PAGEDJAX_MAX_KERNEL_ROWS), against XLA's dot of the dequantized weight; 256
         # since (TTFT 25.3 -> 14.6 ms, tput-short level).
@@ -614,7 +624,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
 REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tests-gemv-layouts",
-            "latency-awq-unfused": "gpu-tests-fma", "latency-int8-unfused": "gpu-tests-fma",
+            "latency-awq-unfused": "gpu-tests-fma", "profile-decode1-awq-norm": "gpu-tests-norm",
+            "latency-awq-norm": "gpu-tests-norm", "latency-int8-unfused": "gpu-tests-fma",
             **{f"latency-awq-{name}": "gpu-tests-subtiles" for name, _ in GEMV_INT4_VARIANTS}, "latency-awq-affine": "gpu-tests-affine",
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",

@@ -23,7 +23,7 @@ from engine import LLM, SamplingParams
 from engine.engine_args import EngineArgs, num_kv_blocks
 from models.batch import ModelInput, make_kv_cache
 from models.config import ModelConfig
-from models.llama import forward
+from models.llama import forward, fuse_projections
 from models.loader import load_model
 from models.quantization import (
     AWQ_ORDER,
@@ -39,10 +39,12 @@ from models.quantization import (
     dequantize,
     fp8_from_checkpoint,
     gptq_to_int4,
+    norm_linear,
     quantize_params,
     quantize_weight,
 )
 from models.safetensors_loader import CheckpointError
+from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.ragged_paged_attention import to_cache_dtype
 from tests.tiny_checkpoints import write_tiny_checkpoint
 
@@ -305,6 +307,34 @@ def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_
     }[method]
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
     return {n: jnp.asarray(np.stack(ws), jnp.float32) for n, ws in encoded.items()}
+
+
+@pytest.mark.parametrize("method,act_order", [("awq", False), ("gptq", False), ("gptq", True)])
+def test_norm_inside_the_int4_gemv_gives_the_unfused_logits(tiny, tmp_path, monkeypatch, method, act_order):
+    """One token (batch-1 decode's shape) with ``LinearBackend(norm_in_gemv=True)``: the RMSNorms before the fused
+    wqkv and w_gate_up run inside the int4 GEMV, logits as unfused. Act-order weights are not fused (each part
+    has its own permutation of x), so their norms stay apart; ``norm_linear`` on one of them permutes the norm's
+    weight with x."""
+    rng = np.random.default_rng()
+    path = str(tmp_path / method)
+    write_quantized_checkpoint(tiny, path, method, rng, act_order=act_order)
+    quant = load_model(path, dtype="float32")
+    quant.params = fuse_projections(quant.params)  # as the runner does on one device
+    batch, pages = ragged_batch(quant.config, rng, lengths=(1,))
+    unfused = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
+    calls = []
+    fused_gemv = qmm.int4_rms_norm_matmul
+    monkeypatch.setattr(qmm, "int4_rms_norm_matmul", lambda *a, **k: calls.append(1) or fused_gemv(*a, **k))
+    fused = logits_of(quant, batch, pages + 1,
+                      linear_backend=LinearBackend(kernel="pallas", interpret=True, norm_in_gemv=True))
+    assert len(calls) == (0 if act_order else 2)  # wqkv and w_gate_up, traced once for all layers
+    assert relative_error(fused, unfused) < 1e-5
+    wq = jax.tree.map(lambda a: a[0], quant.params["layers"]["wq" if act_order else "wqkv"])  # layer 0
+    K = 2 * wq.packed.shape[0]
+    x, norm_weight = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((1, K), (K,)))
+    backends = [LinearBackend(kernel="pallas", interpret=True, norm_in_gemv=fold) for fold in (False, True)]
+    plain, folded = (np.asarray(norm_linear(x, norm_weight, 1e-5, wq, b)) for b in backends)
+    np.testing.assert_allclose(folded, plain, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False)])
