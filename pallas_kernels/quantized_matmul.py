@@ -635,7 +635,7 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
         return _add_splits(out, x.dtype)[None, :]
     partials, squares = out
     inv_rms = lax.rsqrt(jnp.sum(squares[:, 0]) / x.shape[1] + norm_eps)
-    return (jnp.sum(partials, axis=0) * inv_rms).astype(x.dtype)[None, :]
+    return (_add_splits(partials, jnp.float32) * inv_rms).astype(x.dtype)[None, :]
 
 
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, norm_eps=None):

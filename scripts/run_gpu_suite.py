@@ -40,14 +40,21 @@ GRAPHS_WHILE_PROFILING = "--xla_enable_command_buffers_during_profiling=true"
 # The VMM allocator and XLA's command-buffer temporaries at a reserved virtual address (run 20b).
 SKIP_TEMP = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
 VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itself (engine/__init__)
-# int4 GEMV variants built after run 26e, offline only (NOTES.md): (suite name suffix, $PAGEDJAX_MATMUL_CONFIG).
-# The int4 GEMV's packed tile in other numbers of row blocks than the default 8 (MatmulConfig.gemv_subtiles; runs
-# 27a-c: 1 was the default before, 2 / 4 / 16 slower than 8 at the kernel); and more programs for the small weights
-# (wqkv, wo: 384 / 256 programs at 4 steps each, a third of what fits): programs of 2 or 1 steps, or 64 columns.
+# int4 GEMV variants (suite name suffix, $PAGEDJAX_MATMUL_CONFIG): the packed tile in other numbers of row blocks
+# than the default 8 (MatmulConfig.gemv_subtiles; runs 27a-c: 1 was the default before, 2 / 4 / 16 slower than 8 at
+# the kernel); and more programs for the small weights (wqkv, wo: 384 / 256 programs at 4 steps each, a third of what
+# fits): programs of 2 or 1 steps, or 64 columns.
 GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtiles": 2}'),
                       ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'),
                       ("minsteps2", '{"gemv_min_steps": 2}'), ("minsteps1", '{"gemv_min_steps": 1}'),
                       ("n64", '{"gemv_block_n": 64}'))
+# Batch-1 AWQ variants with profile-decode1-awq-<name> and latency-awq-<name> steps: (name, environment assignment,
+# the GPU test step that checks their kernels first). The GEMV variants above, and the RMSNorms before wqkv and
+# w_gate_up inside the int4 GEMV ($PAGEDJAX_NORM_IN_GEMV, after run 27d: 4 of a layer's ~11 small launches gone, the
+# GEMV's loop 547 -> 607 instructions offline).
+AWQ_BATCH1_VARIANTS = (*((name, f"PAGEDJAX_MATMUL_CONFIG={fields}", "gpu-tests-subtiles")
+                         for name, fields in GEMV_INT4_VARIANTS),
+                       ("norm", "PAGEDJAX_NORM_IN_GEMV=1", "gpu-tests-norm"))
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -531,12 +538,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-awq-affine-n256", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_convert": "affine", "gemv_block_n": 256}']
          + latency("awq", "--output-json", f"{results}/latency-awq-affine-n256.json"), 100),
         # After run 25c: the int4 GEMV's launch shape re-timed at the "affine" default (its tiles date from run 17a's
-        # conversion): 64-column tiles, 8 or 2 warps, 4 or 16 programs a multiprocessor (the K-split count follows).
+        # conversion): 8 or 2 warps, 4 or 16 programs a multiprocessor (the K-split count follows); 64-column tiles
+        # (latency-awq-n64) are in AWQ_BATCH1_VARIANTS now.
         *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
             "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
-          for name, fields in (("n64", '{"gemv_block_n": 64}'), ("w8", '{"gemv_num_warps": 8}'),
-                               ("w2", '{"gemv_num_warps": 2}'), ("ppc4", '{"gemv_programs_per_core": 4}'),
-                               ("ppc16", '{"gemv_programs_per_core": 16}'))],
+          for name, fields in (("w8", '{"gemv_num_warps": 8}'), ("w2", '{"gemv_num_warps": 2}'),
+                               ("ppc4", '{"gemv_programs_per_core": 4}'), ("ppc16", '{"gemv_programs_per_core": 16}'))],
         ("latency-awq-again", latency("awq", "--output-json", f"{results}/latency-awq-again.json"), 100),
         # Run 26a-b: the K-major int8 GEMV's sum over K deferred to after its loop with x read as tiles (no barrier,
         # no shuffle a step; the default since) against the form before (summed each step, loads ahead).
@@ -562,34 +569,20 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                 "tests/test_quantized_matmul.py"], 90),
         # Run 27b: batch-1 AWQ TPOT spread +-8% between runs of one config in one lease, more than the GEMV variants
         # differ. So (run 27c): the int4 GEMV's variants timed in one process at the 8B's four layer shapes (the
-        # default again last, for drift), the decode step's kernels in a profile, and the engine's quantized greedy
-        # tokens at 8 blocks (the default since).
+        # default again last, for drift), and the decode step's kernel times from a trace (steady where TPOT is not)
+        # for each batch-1 AWQ variant, against profile-decode1-awq; TPOT only confirms.
         ("matmul-gemv-int4-variants", matmul(
             "matmul-gemv-int4-variants", "--rows", "1", "--variants", "pallas-int4", "--sweep", "--sweep-form", "gemv",
             "--sweep-shapes", "wqkv,wo,w_gate_up,w_down", "--sweep-variants", "pallas-int4", "--sweep-configs",
             json.dumps([{}, *(json.loads(fields) for _, fields in GEMV_INT4_VARIANTS), {}])), 300),
-        ("profile-decode1-awq-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}'] + profile(
-            "profile-decode1-awq-sub8", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
-            "--precompile-steps", "off"), 90),
-        # The decode step's kernel times (a trace: steady where batch-1 TPOT spreads +-8%) for each int4 GEMV variant.
-        *[(f"profile-decode1-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + profile(
-            f"profile-decode1-awq-{name}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
-            "--precompile-steps", "off"), 90) for name, fields in GEMV_INT4_VARIANTS],
-        ("gpu-tests-quantized-sub8", ["env", 'PAGEDJAX_MATMUL_CONFIG={"gemv_subtiles": 8}', PY, "-m", "pytest", "-q",
-                                      "-m", "gpu", "-k", "quantized", "tests/test_engine_gpu.py"], 120),
-        *[(f"latency-awq-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
-            "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
-          for name, fields in GEMV_INT4_VARIANTS],
-        # After run 27d: the RMSNorms before wqkv and w_gate_up inside the int4 GEMV at one row ($PAGEDJAX_NORM_IN_GEMV,
-        # opt-in; 4 of a layer's ~11 small launches gone, the GEMV's loop 547 -> 607 instructions offline). The
-        # kernel on the GPU first, then the decode step's profile and TPOT against profile-decode1-awq / latency-awq.
         ("gpu-tests-norm", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "rms_norm", "tests/test_quantized_matmul.py"],
          90),
-        ("profile-decode1-awq-norm", ["env", "PAGEDJAX_NORM_IN_GEMV=1"] + profile(
-            "profile-decode1-awq-norm", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
-            "--precompile-steps", "off"), 90),
-        ("latency-awq-norm", ["env", "PAGEDJAX_NORM_IN_GEMV=1"] + latency(
-            "awq", "--output-json", f"{results}/latency-awq-norm.json"), 100),
+        *[(f"profile-decode1-awq-{name}", ["env", assignment] + profile(
+            f"profile-decode1-awq-{name}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
+            "--precompile-steps", "off"), 90) for name, assignment, _ in AWQ_BATCH1_VARIANTS],
+        *[(f"latency-awq-{name}", ["env", assignment] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
+          for name, assignment, _ in AWQ_BATCH1_VARIANTS],
         # Runs 27a-b: AWQ prompts and tput-short's batches through the int4 kernel's tensor-core form up to more rows
         # than its limit of then, 64 ($PAGEDJAX_MAX_KERNEL_ROWS), against XLA's dot of the dequantized weight; 256
         # since (TTFT 25.3 -> 14.6 ms, tput-short level).
@@ -624,9 +617,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
 FALLBACKS = {"latency-bf16": "latency-bf16-sync", "tput-short-long": "tput-short-long-sync"}
 # A step that runs only if another step of this call succeeded (no point in the long run if the short one failed).
 REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tests-gemv-layouts",
-            "latency-awq-unfused": "gpu-tests-fma", "profile-decode1-awq-norm": "gpu-tests-norm",
-            "latency-awq-norm": "gpu-tests-norm", "latency-int8-unfused": "gpu-tests-fma",
-            **{f"latency-awq-{name}": "gpu-tests-subtiles" for name, _ in GEMV_INT4_VARIANTS}, "latency-awq-affine": "gpu-tests-affine",
+            "latency-awq-unfused": "gpu-tests-fma", "latency-int8-unfused": "gpu-tests-fma",
+            **{f"{kind}-{name}": tests for name, _, tests in AWQ_BATCH1_VARIANTS
+               for kind in ("latency-awq", "profile-decode1-awq")}, "latency-awq-affine": "gpu-tests-affine",
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic"}
