@@ -48,13 +48,15 @@ GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtile
                       ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'),
                       ("minsteps2", '{"gemv_min_steps": 2}'), ("minsteps1", '{"gemv_min_steps": 1}'),
                       ("n64", '{"gemv_block_n": 64}'))
-# Batch-1 AWQ variants with profile-decode1-awq-<name> and latency-awq-<name> steps: (name, environment assignment,
-# the GPU test step that checks their kernels first). The GEMV variants above, and the RMSNorms before wqkv and
+# Batch-1 AWQ variants with profile-decode1-awq-<name> and latency-awq-<name> steps: (name, environment assignments
+# as tuple, the GPU test step that checks their kernels first). The GEMV variants above, and the RMSNorms before wqkv and
 # w_gate_up inside the int4 GEMV ($PAGEDJAX_NORM_IN_GEMV, after run 27d: 4 of a layer's ~11 small launches gone, the
 # GEMV's loop 547 -> 607 instructions offline).
-AWQ_BATCH1_VARIANTS = (*((name, f"PAGEDJAX_MATMUL_CONFIG={fields}", "gpu-tests-subtiles")
+AWQ_BATCH1_VARIANTS = (*((name, (f"PAGEDJAX_MATMUL_CONFIG={fields}",), "gpu-tests-subtiles")
                          for name, fields in GEMV_INT4_VARIANTS),
-                       ("norm", "PAGEDJAX_NORM_IN_GEMV=1", "gpu-tests-norm"))
+                       ("norm", ("PAGEDJAX_NORM_IN_GEMV=1",), "gpu-tests-norm"),
+                       ("norm-minsteps1", ("PAGEDJAX_NORM_IN_GEMV=1", 'PAGEDJAX_MATMUL_CONFIG={"gemv_min_steps": 1}'),
+                        "gpu-tests-norm"))
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -577,12 +579,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             json.dumps([{}, *(json.loads(fields) for _, fields in GEMV_INT4_VARIANTS), {}])), 300),
         ("gpu-tests-norm", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "rms_norm", "tests/test_quantized_matmul.py"],
          90),
-        *[(f"profile-decode1-awq-{name}", ["env", assignment] + profile(
+        *[(f"profile-decode1-awq-{name}", ["env", *assignments] + profile(
             f"profile-decode1-awq-{name}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
-            "--precompile-steps", "off"), 90) for name, assignment, _ in AWQ_BATCH1_VARIANTS],
-        *[(f"latency-awq-{name}", ["env", assignment] + latency(
+            "--precompile-steps", "off"), 90) for name, assignments, _ in AWQ_BATCH1_VARIANTS],
+        *[(f"latency-awq-{name}", ["env", *assignments] + latency(
             "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
-          for name, assignment, _ in AWQ_BATCH1_VARIANTS],
+          for name, assignments, _ in AWQ_BATCH1_VARIANTS],
         # Runs 27a-b: AWQ prompts and tput-short's batches through the int4 kernel's tensor-core form up to more rows
         # than its limit of then, 64 ($PAGEDJAX_MAX_KERNEL_ROWS), against XLA's dot of the dequantized weight; 256
         # since (TTFT 25.3 -> 14.6 ms, tput-short level).
