@@ -181,7 +181,11 @@ class LLMEngine:
         self._samples: dict[str, tuple[_Sample, _RequestGroup]] = {}
         self._seed_rng = np.random.default_rng(args.seed)
         self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0,
-                      "steps_planned_ahead": 0}  # planned while the previous step ran (async scheduling)
+                      "steps_planned_ahead": 0,  # planned while the previous step ran (async scheduling)
+                      # Seconds in step(): on the host's own work, of which putting steps on the device
+                      # (runner.dispatch), and waiting for a step's tokens. A device-bound engine waits on
+                      # every step; one whose host work per step exceeds the device's step never waits.
+                      "host_s": 0.0, "dispatch_s": 0.0, "wait_s": 0.0}
         # Asynchronous scheduling (see step()); None: wherever it is allowed.
         self.async_scheduling = (args.async_scheduling if args.async_scheduling is not None
                                  else jax.process_count() == 1)
@@ -285,6 +289,13 @@ class LLMEngine:
         (penalties need the output history; an ``n > 1`` request forks after its first token) is
         read back before planning.
         """
+        entered, waited = time.perf_counter(), self.stats["wait_s"]
+        try:
+            return self._step()
+        finally:
+            self.stats["host_s"] += time.perf_counter() - entered - (self.stats["wait_s"] - waited)
+
+    def _step(self) -> list[RequestOutput]:
         if not self.async_scheduling:
             launched = self._launch(self.scheduler.schedule(), previous=None)
             if launched is None:
@@ -352,7 +363,9 @@ class LLMEngine:
         wanted = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         # Round the static top-k width up (5 or the maximum) so few variants compile.
         num_logprobs = None if wanted is None else (5 if wanted <= 5 else MAX_LOGPROBS)
+        dispatched = time.perf_counter()
         pending = self.runner.dispatch(work, metadata, num_logprobs=num_logprobs)
+        self.stats["dispatch_s"] += time.perf_counter() - dispatched
         # The pool as the step leaves it (its KV slots allocated), before the scheduler counts its tokens.
         trace = (None if self.tracer is None else
                  self.tracer.capture(out, self.scheduler, self.block_manager, step_start))
@@ -371,7 +384,9 @@ class LLMEngine:
     def _complete(self, launched: _LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step and process its sampled tokens; the outputs of the requests touched."""
         out, entries = launched.plan, launched.entries
+        fetched = time.perf_counter()
         result = self.runner.fetch(launched.pending)
+        self.stats["wait_s"] += time.perf_counter() - fetched
         if launched.trace is not None:  # after the KV writes, before finished requests free their blocks
             self.tracer.finish(launched.trace, time.perf_counter())
         scheduled = out.scheduled

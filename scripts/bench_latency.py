@@ -81,6 +81,15 @@ def time_one_request(llm, prompt: list[int], output_len: int) -> dict:
                 compile_s=compiles.seconds)
 
 
+def host_split(before: dict, after: dict) -> dict:
+    """Per engine step of the timed requests (``LLMEngine.stats``): ms of the host's own work, of which putting the
+    step on the device, and ms waiting for a step's tokens. Waiting on every step: the device binds; a host
+    step as long as TPOT with no wait: the host does."""
+    steps = max(1, after["steps"] - before["steps"])
+    return {f"{name}_ms_per_step": 1e3 * (after[f"{name}_s"] - before[f"{name}_s"]) / steps
+            for name in ("host", "dispatch", "wait")}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     vocab = bench_common.read_vocab_size(args.model)
@@ -101,7 +110,9 @@ def main(argv=None) -> dict:
         prompts = bench_common.random_prompts(args.num_requests + 1, args.input_len, vocab, args.seed)
         warmup = time_one_request(llm, prompts[0], args.output_len)  # warm-up: compiles every step shape
         max_concurrent_tokens, async_on = engine.max_concurrent_tokens, engine.async_scheduling
+        before = llm.stats()
         runs = [time_one_request(llm, p, args.output_len) for p in prompts[1:]]
+        host = host_split(before, llm.stats())
     finally:
         llm.shutdown()
     itl = [x for r in runs for x in r["itl_ms"]]
@@ -122,7 +133,7 @@ def main(argv=None) -> dict:
         llm_ready_s=ready_s, startup_to_first_token_s=ready_s + warmup["ttft_ms"] / 1e3,
         async_scheduling_on=async_on,
         itl_p90_ms=statistics.quantiles(itl, n=10)[-1] if len(itl) > 1 else itl[0],
-        compile_s_in_timed=sum(r["compile_s"] for r in runs),
+        compile_s_in_timed=sum(r["compile_s"] for r in runs), **host,
         itl_ms_samples=[round(x, 4) for x in runs[-1]["itl_ms"]],
         notes="TTFT: submit to the first token's arrival on the host (the engine's output callback); TPOT: "
               "median interval between the timed requests' token arrivals; roofline: weight bytes a decode step "
@@ -139,6 +150,8 @@ def main(argv=None) -> dict:
         rows.append({**peer, "name": "hf generate"})
     bench_common.print_table(rows, ["name", "ttft_ms", "tpot_ms", "output_tok_s", "roofline_tpot_ms", "error"],
                              title=f"{WORKLOAD} on {result['device']}: {args.input_len} in / {args.output_len} out")
+    print("engine, per step of the timed requests: host {host_ms_per_step:.2f} ms (dispatch {dispatch_ms_per_step:.2f}), "
+          "waiting for the device {wait_ms_per_step:.2f} ms".format(**result))
     print(f"wrote {path}")
     return result
 

@@ -612,6 +612,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("profile-idle-1-host", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
             "profile-idle-1-host", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",
             "--precompile-steps", "off", "--host-events"), 90),
+        # Run 28a: batch-1 AWQ TPOT 3.1-3.8 ms over 2.77 ms of kernels a step. The GPU's idle share and gaps of a
+        # batch-1 AWQ run with the step's CUDA graphs kept under the profiler, then with the host's events as well.
+        *[(f"profile-idle-1-awq{suffix}", ["env", f"XLA_FLAGS={GRAPHS_WHILE_PROFILING}"] + profile(
+            f"profile-idle-1-awq{suffix}", "--run", "--batch", "1", "--input-len", "128", "--output-len", "256",
+            "--quantization", "awq", *flags), 120) for suffix, flags in (("", ()), ("-host", ("--host-events",)))],
     ]
 
 

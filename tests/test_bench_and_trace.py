@@ -276,6 +276,8 @@ def test_latency_json(bench_dir):
     _check_protocol_fields(result, "latency", ("ttft_ms", "tpot_ms", "output_tok_s", "roofline_tpot_ms"))
     assert len(result["itl_ms_samples"]) == 5  # 6 tokens: 5 token-to-token intervals
     assert result["tpot_ms"] <= result["e2e_ms"]
+    # The engine's host / device split of the timed steps: each step either waits for the device or not.
+    assert result["host_ms_per_step"] > result["dispatch_ms_per_step"] > 0 and result["wait_ms_per_step"] >= 0
     peer = result["peer"]
     assert "error" not in peer, peer
     assert {"ttft_ms", "tpot_ms", "output_tok_s"} <= peer.keys() and peer["output_len"] == 6
