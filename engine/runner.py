@@ -279,11 +279,13 @@ class ModelRunner:
         self.table_width = self.max_blocks_per_seq if fixed_table_width and fits else None
         attention_fn, write_kv_fn = get_attention_fns(attention_backend, kv_write_backend)
         step_config, kv_sharding, self._input_sharding, self._logits_sharding = config, None, None, None
+        qkv_shards = 1
         if mesh is not None:
             plan = TensorParallelPlan(config, mesh)
             params, step_config = plan.shard_params(params), plan.config
             kv_sharding = plan.kv_cache_sharding()
             attention_fn, write_kv_fn = shard_attention_fns(attention_fn, write_kv_fn, mesh)
+            qkv_shards = plan.tp  # each device's slice of the qkv buffer its own [q | k | v] heads
             self._input_sharding = replicated(mesh)
             self._logits_sharding = plan.logits_sharding()
         if unroll_layers is None:  # see EngineArgs.unroll_layers
@@ -298,7 +300,7 @@ class ModelRunner:
                                                 sharding=kv_sharding, per_layer=unroll_layers)
         linear = LinearBackend(kernel="xla" if mesh is not None else linear_backend)
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
-                                          write_kv_fn=write_kv_fn, linear_backend=linear)
+                                          write_kv_fn=write_kv_fn, linear_backend=linear, qkv_shards=qkv_shards)
         self._multi_process = jax.process_count() > 1
         # The user's options hold for every step; the defaults depend on the step's size.
         self._options_given = compiler_options is not None

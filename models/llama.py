@@ -160,11 +160,41 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x[T, heads, D]`` (half-split convention of Hugging Face checkpoints)."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotate: np.ndarray | None = None) -> jax.Array:
+    """Rotate ``x[T, heads, D]`` (half-split convention of Hugging Face checkpoints). ``rotate`` (bool
+    ``[heads]``): only those heads, the others come back unchanged (the value heads of a ``qkv`` buffer)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return rotated if rotate is None else jnp.where(np.asarray(rotate)[None, :, None], rotated, x)
+
+
+# The attention and KV-write functions take one ``qkv[T, Hq + 2*Hkv, D]`` buffer (query, key, value heads in
+# that order; pallas_kernels.ragged_paged_attention) rather than q, k and v apart. Given three arrays XLA makes
+# each in a launch of its own: at batch-1 decode three ~1.3 us kernels a layer between the qkv projection and
+# the KV write (rope on q, rope on k, the v slice), each summing the projection GEMV's K-split partials again.
+# The one buffer is one elementwise fusion of the projection's output (bias, qk-norm, rope on the q and k heads);
+# the kernels read q, k and v out of it by head offset (an 8B-shaped decode step compiled on an H200: one
+# kernel a layer there instead of three, logits bit for bit the same).
+QUERY, KEY, VALUE = 0, 1, 2
+
+
+def qkv_head_kinds(num_heads: int, num_kv_heads: int, shards: int = 1) -> np.ndarray:
+    """What each head of the ``qkv`` buffer is (``QUERY``, ``KEY``, ``VALUE``), int8 ``[Hq + 2*Hkv]``: ``shards``
+    blocks of ``[q | k | v]`` heads, one per device of a tensor-parallel mesh (``sharding.attention``)."""
+    if num_heads % shards or num_kv_heads % shards:
+        raise ValueError(f"qkv_shards={shards} must divide the {num_heads} query and {num_kv_heads} kv heads")
+    block = [QUERY] * (num_heads // shards) + [KEY] * (num_kv_heads // shards) + [VALUE] * (num_kv_heads // shards)
+    return np.tile(np.asarray(block, np.int8), shards)
+
+
+def join_qkv_heads(q: jax.Array, k: jax.Array, v: jax.Array, shards: int = 1) -> jax.Array:
+    """``q[T, Hq, D]``, ``k``, ``v[T, Hkv, D]`` -> ``qkv[T, Hq + 2*Hkv, D]`` laid out as ``qkv_head_kinds``
+    says: ``shards`` blocks, block ``d`` holding the ``d``-th slice of q's, k's and v's heads. Over a mesh of
+    ``shards`` devices splitting every head axis evenly, each device's slice of the result is made of its own
+    q, k and v heads, so the join moves nothing between devices."""
+    T, D = q.shape[0], q.shape[-1]
+    return jnp.concatenate([a.reshape(T, shards, -1, D) for a in (q, k, v)], axis=2).reshape(T, -1, D)
 
 
 def split_columns(x: jax.Array, widths: tuple) -> tuple:
@@ -191,16 +221,22 @@ def forward(
     attention_fn: AttentionFn = ragged_paged_attention_reference,
     write_kv_fn: WriteKVFn = write_kv_reference,
     linear_backend: LinearBackend = LinearBackend(),
+    qkv_shards: int = 1,
 ) -> tuple[jax.Array, KVCache]:
     """Run the new tokens of ``batch`` through the model.
 
     Writes their K/V into ``kv_cache`` and returns float32 logits ``[S, V]`` at
     ``batch.logits_indices`` together with the updated cache. Layer weights may be
     dense arrays or quantized weights (``models.quantization``); ``linear_backend`` says
-    how those are multiplied.
+    how those are multiplied. ``attention_fn`` and ``write_kv_fn`` take each layer's
+    ``qkv`` buffer (``QUERY`` above says why); ``qkv_shards``: its heads in that many blocks
+    of ``[q | k | v]`` (``qkv_head_kinds``), the tensor-parallel size under
+    ``sharding.shard_attention_fns`` (a fused ``wqkv`` is one block).
     """
     T = batch.token_ids.shape[0]
+    D = config.head_dim
     eps = config.rms_norm_eps
+    head_kinds = qkv_head_kinds(config.num_heads, config.num_kv_heads, qkv_shards)
     x = params["embed"][batch.token_ids]
     freqs = batch.positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(config))[None, :]
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
@@ -228,20 +264,31 @@ def forward(
     def biases(w, fused: str) -> tuple:
         return split_columns(w[fused], widths[fused]) if fused in w else tuple(w[p] for p in FUSED_PROJECTIONS[fused])
 
-    def layer_call(x, k_cache, v_cache, layer, w, batch, cos, sin):
-        """One decoder layer, everything it reads an argument (so one trace serves every layer)."""
+    def qkv_heads(x, w):
+        """The layer's ``qkv[T, Hq + 2*Hkv, D]`` (biases added; not normed or roped yet): a fused ``wqkv``'s output,
+        whose columns are ``[q | k | v]`` already, is only reshaped; separate projections are joined."""
+        if "wqkv" in w:
+            if qkv_shards != 1:
+                raise ValueError(f"a fused wqkv's columns are one [q | k | v] block, not qkv_shards={qkv_shards}")
+            qkv = norm_linear(x, w["input_norm"], eps, w["wqkv"], linear_backend)
+            if config.qkv_bias:
+                qkv = qkv + (w["bqkv"] if "bqkv" in w else jnp.concatenate(biases(w, "bqkv")))
+            return qkv.reshape(T, -1, D)
         q, k, v = project(x, w["input_norm"], w, "wqkv")
         if config.qkv_bias:
             bq, bk, bv = biases(w, "bqkv")
             q, k, v = q + bq, k + bk, v + bv
-        q = q.reshape(T, config.num_heads, config.head_dim)
-        k = k.reshape(T, config.num_kv_heads, config.head_dim)
-        v = v.reshape(T, config.num_kv_heads, config.head_dim)
-        if config.qk_norm:
-            q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, k, v, batch.slot_mapping)
-        attn = attend(q, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables,
+        return join_qkv_heads(*(a.reshape(T, -1, D) for a in (q, k, v)), shards=qkv_shards)
+
+    def layer_call(x, k_cache, v_cache, layer, w, batch, cos, sin):
+        """One decoder layer, everything it reads an argument (so one trace serves every layer)."""
+        qkv = qkv_heads(x, w)
+        if config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
+            norm_weight = jnp.where((head_kinds == QUERY)[:, None], w["q_norm"], w["k_norm"])
+            qkv = jnp.where((head_kinds != VALUE)[None, :, None], rms_norm(qkv, norm_weight, eps), qkv)
+        qkv = apply_rope(qkv, cos, sin, rotate=head_kinds != VALUE)
+        k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
+        attn = attend(qkv, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables,
                       batch.cu_q_lens, batch.num_seqs)
         x = x + mm(attn.reshape(T, config.q_size), w["wo"])
         x = x + mm(mlp_hidden(x, w["post_norm"], w), w["w_down"])

@@ -8,8 +8,16 @@ requests: only the arrays below.
 
 Layout and conventions (shared by the reference and every kernel):
 
-- ``q``: ``[T, Hq, D]`` — the new tokens of all sequences, concatenated; sequence
-  ``s`` owns rows ``cu_q_lens[s]:cu_q_lens[s+1]``.
+- ``qkv``: ``[T, Hq + 2*Hkv, D]`` — the new tokens' query, key and value heads in one
+  buffer (the layer's fused projection, roped): query heads ``0..Hq-1``, key heads
+  ``Hq..Hq+Hkv-1``, value heads ``Hq+Hkv..Hq+2*Hkv-1``; ``Hkv`` is the cache's, so ``Hq``
+  follows from the shapes. The tokens of all sequences are concatenated; sequence ``s``
+  owns rows ``cu_q_lens[s]:cu_q_lens[s+1]``. Attention reads the query heads only (the
+  step's K/V must already be in the pages: ``write_kv`` reads the key and value heads).
+  One buffer rather than three arrays: given q, k and v apart, XLA materialises each (at
+  batch-1 decode three small launches a layer between the qkv projection and attention,
+  each also summing the projection GEMV's K-split partials again); the model writes them
+  in one elementwise fusion and the kernels read them by head offset.
 - ``k_cache``/``v_cache``: ``[L, Hkv, P, bs, D]`` — every layer's pages
   (head-major so one KV head's pages are contiguous); ``layer`` picks the layer.
   The new tokens' K/V must already be written into the pages.
@@ -50,8 +58,20 @@ def token_sequence_ids(cu_q_lens: jax.Array, num_tokens: int) -> tuple[jax.Array
     return jnp.minimum(seq, num_seqs - 1), valid
 
 
+def query_heads(qkv_shape: tuple, num_kv_heads: int) -> int:
+    """``Hq`` of a ``qkv`` buffer ``[T, Hq + 2*Hkv, D]`` (module docstring) over a cache of ``num_kv_heads``
+    heads; ``ValueError`` unless ``Hq`` is a positive multiple of ``Hkv``."""
+    if len(qkv_shape) != 3:
+        raise ValueError(f"qkv must be [T, Hq + 2*Hkv, D], got shape {tuple(qkv_shape)}")
+    num_q_heads = qkv_shape[1] - 2 * num_kv_heads
+    if num_q_heads <= 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"qkv must be [T, Hq + 2*Hkv, D] with query heads Hq a positive multiple of KV heads "
+                         f"(Hkv={num_kv_heads}, the cache's), got {qkv_shape[1]} heads: shape {tuple(qkv_shape)}")
+    return num_q_heads
+
+
 def ragged_paged_attention_reference(
-    q: jax.Array,
+    qkv: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     layer: jax.Array | int,
@@ -64,13 +84,15 @@ def ragged_paged_attention_reference(
     soft_cap: Optional[float] = None,
     sliding_window: Optional[int] = None,
 ) -> jax.Array:
-    """Reference ragged paged attention (see module docstring for the layout).
+    """Reference ragged paged attention (see module docstring for the layout): ``[T, Hq, D]``.
 
     Walks the block tables one page column at a time with an online softmax, so
     memory stays ``O(T * block_size)`` whatever the context length.
     """
-    T, Hq, D = q.shape
     _, Hkv, _, bs, _ = k_cache.shape
+    Hq = query_heads(qkv.shape, Hkv)
+    q = qkv[:, :Hq]
+    T, _, D = q.shape
     group = Hq // Hkv
     scale = sm_scale if sm_scale is not None else D**-0.5
     num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
@@ -117,16 +139,18 @@ def write_kv_reference(
     k_cache: jax.Array,
     v_cache: jax.Array,
     layer: jax.Array | int,
-    k: jax.Array,
-    v: jax.Array,
+    qkv: jax.Array,
     slot_mapping: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """Write new ``k``/``v`` ``[T, Hkv, D]`` into ``layer``'s pages at ``slot_mapping[T]``.
+    """Write the key and value heads of ``qkv`` ``[T, Hq + 2*Hkv, D]`` (module docstring) into
+    ``layer``'s pages at ``slot_mapping[T]``.
 
     Slot ``p * block_size + o`` is offset ``o`` of page ``p``. Padding tokens point
     at page 0, which the block manager never hands out (a write sink).
     """
-    bs = k_cache.shape[3]
+    Hkv, bs = k_cache.shape[1], k_cache.shape[3]
+    Hq = query_heads(qkv.shape, Hkv)
+    k, v = qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
     page, off = slot_mapping // bs, slot_mapping % bs
     layer = jnp.asarray(layer, jnp.int32)  # all-array indices: updates are [T, Hkv, D]
     k_cache = k_cache.at[layer, :, page, off].set(to_cache_dtype(k, k_cache.dtype))
@@ -302,7 +326,8 @@ def _attention_kernel(
     soft_cap: Optional[float],
     sliding_window: Optional[int],
 ):
-    """One program: one KV head x one query tile (x one context split)."""
+    """One program: one KV head x one query tile (x one context split). ``q_ref`` is the ``qkv`` buffer: query
+    head ``i`` is its head ``i`` (the key and value heads after them are not read)."""
     T, _, D = q_ref.shape
     S, B = block_tables_ref.shape
     bs = k_ref.shape[3]
@@ -469,24 +494,21 @@ def _merge_splits_kernel(num_seqs_ref, cu_ref, acc_ref, m_ref, l_ref, _, o_ref, 
         _store_rows(o_ref, out_idx, row_valid, acc / jnp.where(l > 0, l, 1.0)[:, None])
 
 
-def _check_inputs(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, sliding_window):
-    if q.ndim != 3:
-        raise ValueError(f"q must be [T, Hq, D], got shape {q.shape}")
+def _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, sliding_window):
     if k_cache.ndim != 5:
         raise ValueError(f"k_cache must be [L, Hkv, P, block_size, D], got shape {k_cache.shape}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must have the same shape")
-    _, Hq, D = q.shape
     _, Hkv, _, _, Dk = k_cache.shape
+    query_heads(qkv.shape, Hkv)
+    D = qkv.shape[2]
     if Dk != D:
-        raise ValueError(f"head_dim of q ({D}) and of the cache ({Dk}) differ")
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+        raise ValueError(f"head_dim of qkv ({D}) and of the cache ({Dk}) differ")
     if not _is_power_of_2(D) or D < 16:
         raise ValueError(f"the Pallas kernel needs a power-of-two head_dim >= 16, got {D}; "
                          "use the reference backend for this model")
-    if jnp.dtype(q.dtype) not in _SUPPORTED_DTYPES:
-        raise ValueError(f"q dtype must be bfloat16, float16 or float32, got {q.dtype}")
+    if jnp.dtype(qkv.dtype) not in _SUPPORTED_DTYPES:
+        raise ValueError(f"qkv dtype must be bfloat16, float16 or float32, got {qkv.dtype}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if jnp.dtype(x.dtype) not in _SUPPORTED_CACHE_DTYPES:
             raise ValueError(f"{name} dtype must be bfloat16, float16, float32, float8_e4m3fn or float8_e5m2, "
@@ -554,7 +576,7 @@ def auto_k_splits(num_programs: int, max_kv_blocks: int) -> int:
 @functools.partial(
     jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "tiling", "interpret"))
 def ragged_paged_attention(
-    q: jax.Array,
+    qkv: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     layer: jax.Array | int,
@@ -569,17 +591,20 @@ def ragged_paged_attention(
     tiling: Tiling = Tiling(),
     interpret: Optional[bool] = None,
 ) -> jax.Array:
-    """Pallas (Triton) ragged paged attention; same contract as the reference.
+    """Pallas (Triton) ragged paged attention; same contract as the reference: ``[T, Hq, D]``.
 
+    The Triton launches read the query heads straight out of ``qkv`` (query head ``i`` is head ``i``
+    of the buffer: no slice is made); the Mosaic GPU prefill launch gets them sliced out.
     ``interpret=None`` compiles on GPU and interprets elsewhere. Raises ``ValueError``
     for inconsistent shapes or unsupported head dims / dtypes.
     """
-    _check_inputs(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, sliding_window)
+    _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, sliding_window)
     _check_tiling(tiling)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    T, Hq, D = q.shape
     _, Hkv, _, bs, _ = k_cache.shape
+    Hq = query_heads(qkv.shape, Hkv)
+    T, _, D = qkv.shape
     S, B = block_tables.shape
     group = Hq // Hkv
     group_pad = _next_power_of_2(group)
@@ -599,14 +624,14 @@ def ragged_paged_attention(
     kernel = functools.partial(
         _attention_kernel, group=group, group_pad=group_pad, max_decode_tokens=max_decode_tokens,
         sm_scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
-    out_shape = jax.ShapeDtypeStruct((T, Hq, D), q.dtype)
+    out_shape = jax.ShapeDtypeStruct((T, Hq, D), qkv.dtype)
 
     # Prefill launch: query tiles of sequences with more than max_decode_tokens new
     # tokens, then the tiles that zero padding rows. Upper bound on the item count:
     # sum over (long sequences + padding) of ceil(len / tile) < T / tile + n_long + 1.
     max_long_seqs = min(S, T // (max_decode_tokens + 1))
     use_mosaic = (tiling.prefill_kernel == "mosaic" and T >= tiling.prefill_mosaic_min_tokens and not interpret
-                  and ragged_prefill_mgpu.supported(q.dtype, k_cache.dtype, D, bs, soft_cap=soft_cap,
+                  and ragged_prefill_mgpu.supported(qkv.dtype, k_cache.dtype, D, bs, soft_cap=soft_cap,
                                                     sliding_window=sliding_window))
     if use_mosaic:
         tokens = 2 * ragged_prefill_mgpu.BLOCK_Q
@@ -615,8 +640,10 @@ def ragged_paged_attention(
                                         max_decode_tokens=max_decode_tokens, num_tokens=T)
         metadata += (items,)  # the decode launch reads no work list
         layer_i32, _, kv_lens_i32, _, tables_i32 = metadata[:5]
+        # Its TMA copies take q as [T, Hq, D]: an XLA slice of the query heads (in steps of >= 8192 rows, small
+        # beside the attention itself).
         out = ragged_prefill_mgpu.ragged_prefill_mgpu(
-            q, k_cache, v_cache, layer_i32, kv_lens_i32, tables_i32, items, count, sm_scale=scale,
+            qkv[:, :Hq], k_cache, v_cache, layer_i32, kv_lens_i32, tables_i32, items, count, sm_scale=scale,
             workers_per_head=max(1, core_count() // Hq))
     elif max_long_seqs == 0:
         # No sequence can have more than max_decode_tokens new tokens (T <= max_decode_tokens: batch-1 decode):
@@ -638,7 +665,7 @@ def ragged_paged_attention(
                                                     num_stages=tiling.prefill_stages),
             interpret=interpret,
             name="ragged_paged_attention_prefill",
-        )(*metadata, q, k_cache, v_cache)
+        )(*metadata, qkv, k_cache, v_cache)
 
     # Decode launch: one program per (kv head, sequence[, context split]).
     max_kv_blocks = pl.cdiv(B * bs, tiling.decode_kv_tokens)
@@ -656,7 +683,7 @@ def ragged_paged_attention(
             compiler_params=params,
             interpret=interpret,
             name="ragged_paged_attention_decode",
-        )(*metadata, q, k_cache, v_cache, out)
+        )(*metadata, qkv, k_cache, v_cache, out)
     partial_shape = (k_splits, S, Hkv, decode_rows)
     acc, m, l = pl.pallas_call(
         decode_kernel,
@@ -669,7 +696,7 @@ def ragged_paged_attention(
         compiler_params=params,
         interpret=interpret,
         name="ragged_paged_attention_decode_split",
-    )(*metadata, q, k_cache, v_cache)
+    )(*metadata, qkv, k_cache, v_cache)
     return pl.pallas_call(
         functools.partial(_merge_splits_kernel, group=group, group_pad=group_pad,
                           max_decode_tokens=max_decode_tokens),
@@ -686,7 +713,8 @@ def ragged_paged_attention(
 # KV write: a Pallas kernel with the reference's contract (write_kv_reference).
 #
 # Grid (Hkv, token tiles): each program copies a tile of one KV head's new K and V rows
-# into their pages, in place (the caches are aliased to the outputs). XLA's scatter of
+# (read out of the qkv buffer by head offset) into their pages, in place (the caches are
+# aliased to the outputs). XLA's scatter of
 # the reference wrote K and V in two launches at ~0.26 TB/s on the H200 (run 12: 4.2 ms
 # each per 16384-token prompt step of the 8B); this kernel took 1.1 ms (run 13a) and is the
 # GPU default. Like the attention wrapper it is jitted: the unrolled step's layers then share
@@ -697,9 +725,10 @@ def ragged_paged_attention(
 KV_WRITE_TOKENS = 64  # token rows per program
 
 
-def _write_kv_kernel(layer_ref, slots_ref, k_ref, v_ref, _k_in, _v_in, k_out, v_out, *, tokens: int):
-    T, _, D = k_ref.shape
-    bs = k_out.shape[3]
+def _write_kv_kernel(layer_ref, slots_ref, qkv_ref, _k_in, _v_in, k_out, v_out, *, tokens: int, k_head: int):
+    """Key head ``h`` is head ``k_head + h`` of the ``qkv`` buffer, value head ``h`` head ``k_head + Hkv + h``."""
+    T, _, D = qkv_ref.shape
+    Hkv, bs = k_out.shape[1], k_out.shape[3]
     h = pl.program_id(0)
     t = pl.program_id(1) * tokens + jnp.arange(tokens, dtype=jnp.int32)
     valid = t < T
@@ -710,8 +739,8 @@ def _write_kv_kernel(layer_ref, slots_ref, k_ref, v_ref, _k_in, _v_in, k_out, v_
     d = jnp.arange(D, dtype=jnp.int32)
     mask = jnp.broadcast_to(valid[:, None], (tokens, D))
     dst = (layer_ref[0], h, (slot // bs)[:, None], (slot % bs)[:, None], d[None, :])
-    for src_ref, out_ref in ((k_ref, k_out), (v_ref, v_out)):
-        rows = pltriton.load(src_ref.at[t[:, None], h, d[None, :]], mask=mask, other=0)
+    for src_head, out_ref in ((k_head + h, k_out), (k_head + Hkv + h, v_out)):
+        rows = pltriton.load(qkv_ref.at[t[:, None], src_head, d[None, :]], mask=mask, other=0)
         pltriton.store(out_ref.at[dst], to_cache_dtype(rows, out_ref.dtype), mask=mask)
 
 
@@ -720,35 +749,36 @@ def write_kv(
     k_cache: jax.Array,
     v_cache: jax.Array,
     layer: jax.Array | int,
-    k: jax.Array,
-    v: jax.Array,
+    qkv: jax.Array,
     slot_mapping: jax.Array,
     *,
     tokens_per_program: int = KV_WRITE_TOKENS,
     interpret: Optional[bool] = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Pallas KV write, in place; same contract as ``write_kv_reference`` (padding tokens write
-    into page 0, the sink). Raises ``ValueError`` for inconsistent shapes."""
+    """Pallas KV write, in place; same contract as ``write_kv_reference``: the key and value heads
+    of ``qkv`` ``[T, Hq + 2*Hkv, D]``, read by head offset (padding tokens write into page 0, the
+    sink). Raises ``ValueError`` for inconsistent shapes."""
     if k_cache.ndim != 5 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must be [L, Hkv, P, block_size, D] alike, got {k_cache.shape} "
                          f"and {v_cache.shape}")
     _, Hkv, _, _, D = k_cache.shape
-    if k.ndim != 3 or k.shape != v.shape or k.shape[1:] != (Hkv, D):
-        raise ValueError(f"k and v must be [T, Hkv={Hkv}, D={D}], got {k.shape} and {v.shape}")
-    if slot_mapping.shape != (k.shape[0],):
-        raise ValueError(f"slot_mapping must be [T={k.shape[0]}], got shape {slot_mapping.shape}")
+    Hq = query_heads(qkv.shape, Hkv)
+    if qkv.shape[2] != D:
+        raise ValueError(f"qkv must be [T, Hq + 2*Hkv, D={D}] (the cache's head_dim), got shape {qkv.shape}")
+    T = qkv.shape[0]
+    if slot_mapping.shape != (T,):
+        raise ValueError(f"slot_mapping must be [T={T}], got shape {slot_mapping.shape}")
     if not _is_power_of_2(tokens_per_program):
         raise ValueError(f"tokens_per_program must be a power of two, got {tokens_per_program}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    T = k.shape[0]
     return pl.pallas_call(
-        functools.partial(_write_kv_kernel, tokens=tokens_per_program),
+        functools.partial(_write_kv_kernel, tokens=tokens_per_program, k_head=Hq),
         grid=(Hkv, pl.cdiv(T, tokens_per_program)),
         out_shape=(jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-        input_output_aliases={4: 0, 5: 1},
+        input_output_aliases={3: 0, 4: 1},  # operands: layer, slots, qkv, k_cache, v_cache
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="write_kv",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), slot_mapping.astype(jnp.int32), k, v, k_cache, v_cache)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), slot_mapping.astype(jnp.int32), qkv, k_cache, v_cache)

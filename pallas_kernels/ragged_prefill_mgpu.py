@@ -3,8 +3,9 @@
 ``ragged_paged_attention`` (Triton lowering) serves every GPU; on sm_90 this kernel can take its
 prefill launch: the query tiles of the sequences with more than ``max_decode_tokens`` new tokens,
 the rows past ``cu_q_lens[num_seqs]`` (zeroed) and nothing else, so the decode launch still fills
-the rows of short sequences. Same contract and reference (``ragged_paged_attention_reference``);
-the kernel is built after JAX's ``pallas/ops/gpu/attention_mgpu.py`` (FlashAttention-3's
+the rows of short sequences. Same contract and reference (``ragged_paged_attention_reference``),
+except that it takes the query heads alone, ``q [T, Hq, D]`` (its caller slices them out of the
+``qkv`` buffer); the kernel is built after JAX's ``pallas/ops/gpu/attention_mgpu.py`` (FlashAttention-3's
 structure), with the paging and the raggedness of our layout:
 
 - grid (query head, worker): persistent programs, each taking every ``workers``-th item of the work

@@ -83,6 +83,8 @@ def build_workload(seed, shape: Shape, q_lens, kv_lens, min_cache_bytes=0):
     q = jax.random.normal(key_q, (int(cu[-1]), shape.num_heads, D), jnp.float32).astype(dtype)
     return dict(
         q=q,
+        # The attention's argument: q and this step's key and value heads (already in the pages; not read) in one buffer.
+        qkv=jnp.concatenate([q, jnp.zeros((q.shape[0], 2 * Hkv, D), dtype)], axis=1),
         k_cache=random_cache(num_layers, key_k),
         v_cache=random_cache(num_layers, key_v),
         layer=jnp.int32(num_layers - 1),
@@ -93,7 +95,7 @@ def build_workload(seed, shape: Shape, q_lens, kv_lens, min_cache_bytes=0):
     )
 
 
-ARG_ORDER = ("q", "k_cache", "v_cache", "layer", "kv_lens", "block_tables", "cu_q_lens", "num_seqs")
+ARG_ORDER = ("qkv", "k_cache", "v_cache", "layer", "kv_lens", "block_tables", "cu_q_lens", "num_seqs")
 
 
 def args_of(w):
@@ -479,7 +481,7 @@ def run_kv_write(cfg, common, tiling, log):
     last_page = np.asarray(w["block_tables"])[np.arange(num_seqs), (ctx - 1) // bs]
     slots = jnp.asarray(last_page * bs + (ctx - 1) % bs, jnp.int32)
     k_new = jax.random.normal(jax.random.PRNGKey(5), (T, Hkv, D), jnp.float32).astype(k_cache.dtype)
-    v_new = -k_new
+    qkv_new = jnp.concatenate([jnp.zeros((T, shape.num_heads, D), k_new.dtype), k_new, -k_new], axis=1)
     cache_bytes = k_cache.size * k_cache.dtype.itemsize
     hlo_dtype = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}[shape.dtype]
     layer_shape = f"{hlo_dtype}[{','.join(map(str, k_cache.shape[1:]))}]"
@@ -492,15 +494,15 @@ def run_kv_write(cfg, common, tiling, log):
                                             or cache_shape + " " in line or layer_shape + " " in line))
 
     write = jax.jit(write_kv_reference, donate_argnums=(0, 1))
-    compiled = write.lower(k_cache, v_cache, jnp.int32(1), k_new, v_new, slots).compile()
+    compiled = write.lower(k_cache, v_cache, jnp.int32(1), qkv_new, slots).compile()
     hlo_copies = cache_copies(compiled.as_text())
-    k_cache, v_cache = write(k_cache, v_cache, jnp.int32(1), k_new, v_new, slots)
+    k_cache, v_cache = write(k_cache, v_cache, jnp.int32(1), qkv_new, slots)
     jax.block_until_ready(k_cache)
     samples = []
     for _ in range(cfg.repeats):
         t0 = time.perf_counter()
         for i in range(cfg.inner):
-            k_cache, v_cache = write(k_cache, v_cache, jnp.int32(i % L), k_new, v_new, slots)
+            k_cache, v_cache = write(k_cache, v_cache, jnp.int32(i % L), qkv_new, slots)
         jax.block_until_ready(k_cache)
         samples.append((time.perf_counter() - t0) / cfg.inner * 1e6)
     write_us = statistics.median(samples)
@@ -512,13 +514,13 @@ def run_kv_write(cfg, common, tiling, log):
         """The model's pattern: scan over layers carrying the donated caches."""
 
         @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def run(k_cache, v_cache, q):
+        def run(k_cache, v_cache, qkv):
             def body(carry, layer):
                 kc, vc, acc = carry
                 if do_write:
-                    kc, vc = write_kv_reference(kc, vc, layer, k_new, v_new, slots)
+                    kc, vc = write_kv_reference(kc, vc, layer, qkv_new, slots)
                 if do_attend:
-                    acc = acc + attend(q, kc, vc, layer, *meta)[0, 0, 0].astype(jnp.float32)
+                    acc = acc + attend(qkv, kc, vc, layer, *meta)[0, 0, 0].astype(jnp.float32)
                 return (kc, vc, acc), None
 
             (kc, vc, acc), _ = jax.lax.scan(body, (k_cache, v_cache, jnp.float32(0)),
@@ -530,13 +532,13 @@ def run_kv_write(cfg, common, tiling, log):
     scans = {}
     for label, do_write, do_attend in (("write", True, False), ("attention", False, True), ("both", True, True)):
         run = layer_scan(do_write, do_attend)
-        copies = cache_copies(run.lower(k_cache, v_cache, w["q"]).compile().as_text())
-        k_cache, v_cache, acc = run(k_cache, v_cache, w["q"])
+        copies = cache_copies(run.lower(k_cache, v_cache, w["qkv"]).compile().as_text())
+        k_cache, v_cache, acc = run(k_cache, v_cache, w["qkv"])
         jax.block_until_ready(acc)
         samples = []
         for _ in range(cfg.repeats):
             t0 = time.perf_counter()
-            k_cache, v_cache, acc = run(k_cache, v_cache, w["q"])
+            k_cache, v_cache, acc = run(k_cache, v_cache, w["qkv"])
             jax.block_until_ready(acc)
             samples.append((time.perf_counter() - t0) / L * 1e6)
         scans[label] = dict(us_per_layer=statistics.median(samples), hlo_cache_copies=copies)

@@ -141,9 +141,9 @@ def _attention_module(launch: str, tiling: dict) -> tuple[str, int]:
 
     rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")
     seqs, ctx, page = 64, 192, 16
-    q = jnp.ones((seqs, 32, 128), jnp.bfloat16)
+    qkv = jnp.ones((seqs, 32 + 2 * 8, 128), jnp.bfloat16)  # 32 query heads, then 8 key and 8 value heads
     pages = jnp.ones((1, 8, seqs * ctx // page, page, 128), jnp.bfloat16)
-    args = (q, pages, pages, 0, jnp.full((seqs,), ctx, jnp.int32), jnp.zeros((seqs, ctx // page), jnp.int32),
+    args = (qkv, pages, pages, 0, jnp.full((seqs,), ctx, jnp.int32), jnp.zeros((seqs, ctx // page), jnp.int32),
             jnp.arange(seqs + 1, dtype=jnp.int32), jnp.array([seqs], jnp.int32))
     config = rpa.Tiling(**tiling)
     fn = functools.partial(rpa.ragged_paged_attention, interpret=False, tiling=config)

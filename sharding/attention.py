@@ -2,12 +2,18 @@
 
 Owns wrapping an ``(attention_fn, write_kv_fn)`` pair (the reference or a Pallas
 kernel, signatures of ``pallas_kernels.ragged_paged_attention``) in ``shard_map``
-over the ``tp`` mesh axis: q/k/v ``[T, H, D]`` and the cache ``[L, Hkv, P, bs, D]`` are
-split on their head axis, the step's metadata (lengths, block tables, slots) is
-replicated. Each device then runs the unmodified function on ``Hq/tp`` query heads
-and their ``Hkv/tp`` kv heads (one replicated kv head when ``tp > Hkv``, see
-``sharding.rules``): no communication, and a kernel that is correct for one device
-is correct for the mesh. Knows nothing of models or of how weights are sharded.
+over the ``tp`` mesh axis: the ``qkv`` buffer ``[T, Hq + 2*Hkv, D]``, the attention output
+``[T, Hq, D]`` and the cache ``[L, Hkv, P, bs, D]`` are split evenly on their head axis,
+the step's metadata (lengths, block tables, slots) is replicated. Each device then runs
+the unmodified function on ``Hq/tp`` query heads and their ``Hkv/tp`` kv heads (one
+replicated kv head when ``tp > Hkv``, see ``sharding.rules``): no communication, and a
+kernel that is correct for one device is correct for the mesh.
+
+An even split of the head axis gives each device its own ``[q | k | v]`` heads only if the
+buffer is laid out in ``tp`` blocks, block ``d`` holding device ``d``'s query, key and value
+heads in that order (``models.llama.join_qkv_heads`` with ``shards=tp``; for one block that
+is the plain ``[q | k | v]`` order of the contract). Knows nothing of models or of how
+weights are sharded.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from sharding.mesh import TP_AXIS
 
-HEADS = PartitionSpec(None, TP_AXIS, None)  # q, k, v, attention output: [T, H, D]
+HEADS = PartitionSpec(None, TP_AXIS, None)  # qkv (in tp blocks), attention output: [T, H, D]
 CACHE = PartitionSpec(None, TP_AXIS)  # [L, Hkv, P, bs, D]
 REPLICATED = PartitionSpec()
 
@@ -40,18 +46,19 @@ def shard_map_compat(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
 
 
 def shard_attention_fns(attention_fn: Callable, write_kv_fn: Callable, mesh: Mesh) -> tuple[Callable, Callable]:
-    """``(attention_fn, write_kv_fn)`` with the same signatures, run per device on local heads."""
+    """``(attention_fn, write_kv_fn)`` with the same signatures, run per device on local heads; their
+    ``qkv`` must come in ``tp`` blocks of ``[q | k | v]`` heads (module docstring)."""
 
-    def attention(q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_seqs, **static):
+    def attention(qkv, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_seqs, **static):
         local = functools.partial(attention_fn, **static)
         specs = (HEADS, CACHE, CACHE) + (REPLICATED,) * 5
         return shard_map_compat(local, mesh, specs, HEADS)(
-            q, k_cache, v_cache, jnp.asarray(layer, jnp.int32), kv_lens, block_tables,
+            qkv, k_cache, v_cache, jnp.asarray(layer, jnp.int32), kv_lens, block_tables,
             cu_q_lens, num_seqs)
 
-    def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
-        specs = (CACHE, CACHE, REPLICATED, HEADS, HEADS, REPLICATED)
+    def write_kv(k_cache, v_cache, layer, qkv, slot_mapping):
+        specs = (CACHE, CACHE, REPLICATED, HEADS, REPLICATED)
         return shard_map_compat(write_kv_fn, mesh, specs, (CACHE, CACHE))(
-            k_cache, v_cache, jnp.asarray(layer, jnp.int32), k, v, slot_mapping)
+            k_cache, v_cache, jnp.asarray(layer, jnp.int32), qkv, slot_mapping)
 
     return attention, write_kv

@@ -32,10 +32,13 @@ def test_unrolled_layers_equal_scanned_layers():
         cache = make_kv_cache(config, 16, 4, jnp.float32, per_layer=per_layer)
         unrolled, cache_b = step(unstack_layers(params), cache, batch, config=config)
         assert cache_b.per_layer == per_layer
-        np.testing.assert_allclose(np.asarray(unrolled), np.asarray(scanned), rtol=1e-5, atol=1e-5)
+        # Float32 rounding only: XLA's CPU fusions of the qkv buffer's per-head norm and rope differ between the scan
+        # body and the unrolled calls by an ulp here and there, which three layers of these weights grow to ~4e-5
+        # (values up to ~40).
+        np.testing.assert_allclose(np.asarray(unrolled), np.asarray(scanned), rtol=1e-5, atol=1e-4)
         for new, old in ((cache_b.k, cache_a.k), (cache_b.v, cache_a.v)):
             np.testing.assert_allclose(np.stack(new) if per_layer else np.asarray(new), np.asarray(old),
-                                       rtol=1e-6, atol=1e-6)
+                                       rtol=1e-5, atol=1e-4)
 
 
 def test_unrolled_layers_are_one_traced_function_called_per_layer():
@@ -150,3 +153,90 @@ def test_swiglu_kernel_in_the_mlp_equals_xla_gemm_and_product():
         logits[name], _ = jax.jit(step)(params, cache, batch)
     np.testing.assert_allclose(np.asarray(logits["kernel"]), np.asarray(logits["xla"]), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(logits["too few rows"]), np.asarray(logits["xla"]))
+
+
+def _qkv_test_model(**overrides):
+    """A tiny model with every per-head step of the qkv buffer (bias, qk-norm, rope), peaky weights, a batch of a
+    prompt and a decode."""
+    config = ModelConfig(**{**dict(model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96,
+                                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True,
+                                   qk_norm=True), **overrides})
+    params = jax.tree.map(lambda a: a * 8.0, load_dummy_params(config, jnp.float32, seed=7))
+    layers = params["layers"]
+    layers["q_norm"], layers["k_norm"] = layers["q_norm"] + 1.0, layers["k_norm"] - 1.0  # not 0.02-ish
+    rng = np.random.default_rng(3)
+    work = [SequenceWork(token_ids=rng.integers(0, 128, n).tolist(), start=0,
+                         block_table=list(range(1 + 4 * i, 5 + 4 * i)), sample=True) for i, n in enumerate((7, 1))]
+    batch = build_model_input(work, block_size=4, max_num_tokens=16, max_num_seqs=8, max_blocks_per_seq=4)
+    return config, params, batch
+
+
+def test_qkv_buffer_in_shard_blocks():
+    """``join_qkv_heads`` lays the heads out in ``shards`` blocks of [q | k | v], as ``qkv_head_kinds`` says."""
+    from models.llama import KEY, QUERY, VALUE, join_qkv_heads, qkv_head_kinds
+
+    T, Hq, Hkv, D = 3, 4, 2, 8
+    q, k, v = (jnp.arange(T * h * D, dtype=jnp.float32).reshape(T, h, D) + 1000 * i
+               for i, h in enumerate((Hq, Hkv, Hkv)))
+    np.testing.assert_array_equal(join_qkv_heads(q, k, v), jnp.concatenate([q, k, v], axis=1))
+    blocks = np.asarray(join_qkv_heads(q, k, v, shards=2)).reshape(T, 2, -1, D)
+    for d in range(2):
+        np.testing.assert_array_equal(blocks[:, d], np.concatenate([q[:, 2 * d:2 * d + 2], k[:, d:d + 1],
+                                                                    v[:, d:d + 1]], axis=1))
+    assert qkv_head_kinds(Hq, Hkv, 2).tolist() == [QUERY, QUERY, KEY, VALUE] * 2
+    with pytest.raises(ValueError, match="qkv_shards=4 must divide"):
+        qkv_head_kinds(Hq, Hkv, 4)
+
+
+def test_pallas_kernels_on_the_qkv_buffer_equal_the_reference():
+    """The model's one roped qkv buffer through the Pallas KV write and attention (interpreted), which read q, k
+    and v out of it by head offset, gives the reference's logits and cache; fused and separate projections."""
+    from models.llama import fuse_projections
+    from pallas_kernels.ragged_paged_attention import Tiling, ragged_paged_attention, write_kv
+
+    config, params, batch = _qkv_test_model()
+    tiles = Tiling(decode_kv_tokens=16, prefill_q_rows=16, prefill_kv_tokens=16, k_splits=2)
+    pallas = dict(attention_fn=functools.partial(ragged_paged_attention, interpret=True, tiling=tiles),
+                  write_kv_fn=functools.partial(write_kv, interpret=True, tokens_per_program=16))
+    want, want_cache = jax.jit(functools.partial(forward, config=config))(
+        params, make_kv_cache(config, 16, 4, jnp.float32), batch)
+    for weights in (params, fuse_projections(params)):
+        got, got_cache = jax.jit(functools.partial(forward, config=config, **pallas))(
+            weights, make_kv_cache(config, 16, 4, jnp.float32), batch)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+        for new, old in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+            np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_shards_give_each_block_its_own_heads():
+    """``qkv_shards=2`` with attention and KV-write functions run per block of heads (as ``shard_attention_fns``
+    runs them per device, here without a mesh) gives the logits and cache of one block; a fused wqkv (one
+    [q | k | v] block over all heads) is refused."""
+    from models.llama import fuse_projections
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
+
+    config, params, batch = _qkv_test_model(num_kv_heads=2)
+    blocks = 2
+
+    def per_block(fn, qkv, caches):
+        return [fn(b, *c) for b, c in zip(jnp.split(qkv, blocks, axis=1), zip(*[jnp.split(c, blocks, axis=1)
+                                                                               for c in caches]))]
+
+    def attention(qkv, k_cache, v_cache, *args, **kw):
+        fn = lambda b, k, v: ragged_paged_attention_reference(b, k, v, *args, **kw)  # noqa: E731
+        return jnp.concatenate(per_block(fn, qkv, (k_cache, v_cache)), axis=1)
+
+    def write(k_cache, v_cache, layer, qkv, slots):
+        fn = lambda b, k, v: write_kv_reference(k, v, layer, b, slots)  # noqa: E731
+        ks, vs = zip(*per_block(fn, qkv, (k_cache, v_cache)))
+        return jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1)
+
+    step = functools.partial(forward, config=config)
+    want, want_cache = jax.jit(step)(params, make_kv_cache(config, 16, 4, jnp.float32), batch)
+    got, got_cache = jax.jit(functools.partial(step, attention_fn=attention, write_kv_fn=write, qkv_shards=blocks))(
+        params, make_kv_cache(config, 16, 4, jnp.float32), batch)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(got_cache.k), np.asarray(want_cache.k))
+    np.testing.assert_array_equal(np.asarray(got_cache.v), np.asarray(want_cache.v))
+    with pytest.raises(ValueError, match="fused wqkv"):
+        step(fuse_projections(params), make_kv_cache(config, 16, 4, jnp.float32), batch, qkv_shards=blocks)

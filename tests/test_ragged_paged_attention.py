@@ -54,7 +54,8 @@ def make_batch(rng, shapes: Shapes, q_lens, kv_lens, layer=1, poison_value=np.na
     Returns ``(kernel_args, reference_args, num_tokens_used)``; the two argument
     tuples are equal except that the kernel's caches are NaN wherever no sequence
     owns the slot (``poison_value``: the Mosaic GPU prefill kernel copies whole pages and needs finite
-    values there, so its cases poison with a large finite value that shows as a mismatch instead).
+    values there, so its cases poison with a large finite value that shows as a mismatch instead), and
+    so are the key and value heads of its ``qkv`` buffer (attention reads the query heads only).
     Padded block-table entries and the kv_lens of padded sequences
     are garbage pointing at such slots; pages are handed out in random order.
     """
@@ -83,17 +84,19 @@ def make_batch(rng, shapes: Shapes, q_lens, kv_lens, layer=1, poison_value=np.na
     k = rng.standard_normal((L, Hkv, P, bs, D), np.float32)
     v = rng.standard_normal((L, Hkv, P, bs, D), np.float32)
     poison = ~owned[None, None, :, :, None] | (np.arange(L) != layer)[:, None, None, None, None]
-    q = jnp.asarray(rng.standard_normal((T, shapes.num_heads, D), np.float32), shapes.dtype)
+    q = rng.standard_normal((T, shapes.num_heads, D), np.float32)
+    new_kv = rng.standard_normal((T, 2 * Hkv, D), np.float32)  # this step's K/V: already in the pages
     meta = (jnp.int32(layer), jnp.asarray(kv_lens_arr), jnp.asarray(block_tables), jnp.asarray(cu),
             jnp.asarray([n], jnp.int32))
 
     cache_dtype = shapes.cache_dtype or shapes.dtype
 
-    def args(k, v):
-        return (q, jnp.asarray(k, cache_dtype), jnp.asarray(v, cache_dtype)) + meta
+    def args(k, v, new_kv):
+        qkv = jnp.asarray(np.concatenate([q, new_kv], axis=1), shapes.dtype)
+        return (qkv, jnp.asarray(k, cache_dtype), jnp.asarray(v, cache_dtype)) + meta
 
-    return (args(np.where(poison, poison_value, k), np.where(poison, poison_value, v)), args(k, v),
-            int(cu[-1]))
+    return (args(np.where(poison, poison_value, k), np.where(poison, poison_value, v),
+                 np.full_like(new_kv, poison_value)), args(k, v, new_kv), int(cu[-1]))
 
 
 def scenarios(shapes: Shapes, rng):
@@ -249,11 +252,11 @@ MOSAIC_EVERY_STEP = Tiling(prefill_kernel="mosaic", prefill_mosaic_min_tokens=0)
 
 
 def abstract_attention_args(T, Hq, Hkv, D, bs, dtype, *, L=2, P=64, S=4, B=16) -> tuple:
-    """``ragged_paged_attention``'s arguments as shapes: ``T`` token rows, ``L`` layers of ``P`` pages, ``S``
-    sequence slots with ``B``-entry block tables (for lowering without arrays)."""
+    """``ragged_paged_attention``'s arguments as shapes: ``T`` token rows of ``Hq`` query heads (in a ``qkv`` buffer),
+    ``L`` layers of ``P`` pages, ``S`` sequence slots with ``B``-entry block tables (for lowering without arrays)."""
     sd = jax.ShapeDtypeStruct
     cache = sd((L, Hkv, P, bs, D), dtype)
-    return (sd((T, Hq, D), dtype), cache, cache, sd((), jnp.int32), sd((S,), jnp.int32), sd((S, B), jnp.int32),
+    return (sd((T, Hq + 2 * Hkv, D), dtype), cache, cache, sd((), jnp.int32), sd((S,), jnp.int32), sd((S, B), jnp.int32),
             sd((S + 1,), jnp.int32), sd((1,), jnp.int32))
 
 
@@ -305,7 +308,8 @@ def test_mosaic_prefill_matches_reference_in_the_interpreter():
     shapes = Shapes(4, 2, 64, 16, jnp.bfloat16, num_tokens=384, max_seqs=5, pages_per_seq=20, num_pages=80)
     q_lens, kv_lens = [1, 150, 3, 70, 130], [9, 150, 40, 100, 300]
     kernel_args, ref_args, used = make_batch(rng, shapes, q_lens, kv_lens, poison_value=1e4)
-    q, k_cache, v_cache, layer, kv_lens_arr, tables, cu, num_seqs = kernel_args
+    qkv, k_cache, v_cache, layer, kv_lens_arr, tables, cu, num_seqs = kernel_args
+    q = qkv[:, :shapes.num_heads]  # the launch takes the query heads alone (ragged_paged_attention slices them)
     items, count = mosaic_work_list(cu, kv_lens_arr, num_seqs, num_items=3 + 5, tokens_per_tile=128, block_kv=128,
                                     max_decode_tokens=2, num_tokens=shapes.num_tokens)
     out = ragged_prefill_mgpu.ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens_arr, tables, items, count,
@@ -348,20 +352,22 @@ def test_kernel_lowers_to_triton_for_cuda(kwargs, launches, cache_dtype):
 
 
 def test_kernel_reads_layer_in_place_without_slicing_it():
-    """The caches reach the Pallas calls whole: no per-layer slice is materialised."""
+    """The caches reach the Pallas calls whole: no per-layer slice is materialised; nor is the qkv buffer sliced
+    (the launches read its query heads in place)."""
     shapes = Shapes(4, 2, 64, 16, jnp.float32)
     args, _, _ = make_batch(np.random.default_rng(2), shapes, [1, 3], [9, 20])
     jaxpr = jax.make_jaxpr(functools.partial(ragged_paged_attention, interpret=False,
                                              tiling=Tiling(k_splits=2)))(*args)
-    cache_shape = args[1].shape
+    qkv_shape, cache_shape = args[0].shape, args[1].shape
     calls = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call"]
     attention_calls = [c for c in calls if cache_shape in [v.aval.shape for v in c.invars]]
     assert len(attention_calls) == 2  # the prefill and decode launches; the merge reads no cache
     for call in attention_calls:
         assert [v.aval.shape for v in call.invars].count(cache_shape) == 2
+        assert [v.aval.shape for v in call.invars].count(qkv_shape) == 1
     assert not any(e.primitive.name in ("slice", "dynamic_slice", "gather")
                    for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns
-                   if any(v.aval.shape == cache_shape for v in e.invars))
+                   if any(v.aval.shape in (cache_shape, qkv_shape) for v in e.invars))
 
 
 def _good_args():
@@ -373,10 +379,12 @@ def _good_args():
 @pytest.mark.parametrize(
     "mutate,message",
     [
-        ({0: lambda q: q[:, :3]}, "multiple of KV heads"),
+        ({0: lambda qkv: qkv[:, :3]}, "multiple of KV heads"),  # fewer heads than 2 * Hkv + Hkv
+        ({0: lambda qkv: qkv[:, :7]}, "multiple of KV heads"),  # 3 query heads over 2 KV heads
+        ({0: lambda qkv: qkv[0]}, r"qkv must be \[T, Hq \+ 2\*Hkv, D\]"),
         ({2: lambda v: v[:, :1]}, "same shape"),
         ({0: lambda q: q[..., :48], 1: lambda k: k[..., :48], 2: lambda v: v[..., :48]}, "power-of-two head_dim"),
-        ({0: lambda q: q[..., :32]}, "head_dim of q"),
+        ({0: lambda qkv: qkv[..., :32]}, "head_dim of qkv"),
         ({6: lambda cu: cu[:-1]}, "cu_q_lens must be"),
         ({4: lambda kv_lens: kv_lens[:-1]}, "kv_lens must be"),
         ({5: lambda block_tables: block_tables[0]}, "block_tables must be"),
@@ -400,15 +408,21 @@ def test_wrapper_rejects_bad_tiling_and_window():
         ragged_paged_attention(*args, sliding_window=0, interpret=True)
 
 
+def new_qkv(rng, T, Hq, Hkv, D, dtype, scale=1.0):
+    """A random ``qkv`` buffer ``[T, Hq + 2*Hkv, D]`` and its key and value heads."""
+    qkv = jnp.asarray(rng.standard_normal((T, Hq + 2 * Hkv, D)) * scale, dtype)
+    return qkv, qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
+
+
 def test_write_kv_writes_exactly_the_slots():
+    """The key and value heads of the qkv buffer (after its query heads) land in their slots."""
     rng = np.random.default_rng(4)
-    L, Hkv, P, bs, D, T = 3, 2, 10, 16, 32, 12
+    L, Hq, Hkv, P, bs, D, T = 3, 6, 2, 10, 16, 32, 12
     k_cache = jnp.asarray(rng.standard_normal((L, Hkv, P, bs, D)), jnp.bfloat16)
     v_cache = jnp.asarray(rng.standard_normal((L, Hkv, P, bs, D)), jnp.bfloat16)
     slots = rng.choice(np.arange(bs, P * bs), T, replace=False).astype(np.int32)
-    k = jnp.asarray(rng.standard_normal((T, Hkv, D)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((T, Hkv, D)), jnp.float32)
-    new_k, new_v = jax.jit(write_kv_reference)(k_cache, v_cache, jnp.int32(1), k, v, jnp.asarray(slots))
+    qkv, k, v = new_qkv(rng, T, Hq, Hkv, D, jnp.float32)
+    new_k, new_v = jax.jit(write_kv_reference)(k_cache, v_cache, jnp.int32(1), qkv, jnp.asarray(slots))
     expect_k, expect_v = np.asarray(k_cache).copy(), np.asarray(v_cache).copy()
     for t, slot in enumerate(slots):
         expect_k[1, :, slot // bs, slot % bs] = np.asarray(k[t].astype(jnp.bfloat16))
@@ -419,17 +433,17 @@ def test_write_kv_writes_exactly_the_slots():
 
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
 def test_kv_write_kernel_matches_the_reference_scatter_interpret(cache_dtype):
-    """Fresh random slots (one tile partly past T, padding rows aimed at the sink page 0); every
+    """Fresh random qkv buffers and slots (one tile partly past T, padding rows aimed at the sink page 0); every
     other page must come back bit for bit."""
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = np.random.default_rng(seed)
-    L, Hkv, P, bs, D, T, pad = 3, 2, 12, 16, 32, 75, 6
+    L, Hq, Hkv, P, bs, D, T, pad = 3, 4, 2, 12, 16, 32, 75, 6
     k_cache, v_cache = (jnp.asarray(rng.standard_normal((L, Hkv, P, bs, D)), jnp.float32).astype(cache_dtype)
                         for _ in range(2))
     slots = np.concatenate([rng.choice(np.arange(bs, P * bs), T - pad, replace=False), np.zeros(pad)]).astype(np.int32)
-    k, v = (jnp.asarray(rng.standard_normal((T, Hkv, D)) * 200, jnp.bfloat16) for _ in range(2))  # fp8 saturates
-    got = write_kv(k_cache, v_cache, 2, k, v, jnp.asarray(slots), tokens_per_program=16)
-    want = write_kv_reference(k_cache, v_cache, 2, k, v, jnp.asarray(slots))
+    qkv, _, _ = new_qkv(rng, T, Hq, Hkv, D, jnp.bfloat16, scale=200)  # fp8 saturates
+    got = write_kv(k_cache, v_cache, 2, qkv, jnp.asarray(slots), tokens_per_program=16)
+    want = write_kv_reference(k_cache, v_cache, 2, qkv, jnp.asarray(slots))
     for g, w in zip(got, want):
         g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
         np.testing.assert_array_equal(g[:, :, 1:], w[:, :, 1:], err_msg=f"seed {seed}")
@@ -437,14 +451,19 @@ def test_kv_write_kernel_matches_the_reference_scatter_interpret(cache_dtype):
 
 def test_kv_write_kernel_lowers_to_triton_and_rejects_bad_shapes():
     k_cache = jnp.zeros((2, 8, 16, 16, 128), jnp.bfloat16)
-    k = jnp.zeros((40, 8, 128), jnp.bfloat16)
+    qkv = jnp.zeros((40, 32 + 2 * 8, 128), jnp.bfloat16)
     fn = jax.jit(functools.partial(write_kv, interpret=False))
-    text = fn.trace(k_cache, k_cache, 1, k, k, jnp.zeros(40, jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    text = fn.trace(k_cache, k_cache, 1, qkv, jnp.zeros(40, jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1  # K and V in one launch
+    assert "slice" not in text  # both read out of the qkv buffer by head offset
     with pytest.raises(ValueError, match="Hkv=8"):
-        write_kv(k_cache, k_cache, 0, k[:, :4], k[:, :4], jnp.zeros(40, jnp.int32))
+        write_kv(k_cache, k_cache, 0, qkv[:, :20], jnp.zeros(40, jnp.int32))
+    with pytest.raises(ValueError, match=r"qkv must be \[T, Hq \+ 2\*Hkv, D\]"):
+        write_kv(k_cache, k_cache, 0, qkv[0], jnp.zeros(40, jnp.int32))
+    with pytest.raises(ValueError, match="D=128"):
+        write_kv(k_cache, k_cache, 0, qkv[..., :64], jnp.zeros(40, jnp.int32))
     with pytest.raises(ValueError, match="slot_mapping"):
-        write_kv(k_cache, k_cache, 0, k, k, jnp.zeros(39, jnp.int32))
+        write_kv(k_cache, k_cache, 0, qkv, jnp.zeros(39, jnp.int32))
     with pytest.raises(ValueError, match="KV write backend"):
         get_attention_fns("reference", kv_write="triton")
 
@@ -571,8 +590,8 @@ def test_kv_write_kernel_matches_the_reference_on_gpu(cache_dtype):
     k_cache, v_cache = (jnp.asarray(rng.standard_normal((L, Hkv, P, bs, D)), jnp.float32).astype(cache_dtype)
                         for _ in range(2))
     slots = jnp.asarray(rng.choice(np.arange(bs, P * bs), T, replace=False).astype(np.int32))
-    k, v = (jnp.asarray(rng.standard_normal((T, Hkv, D)), jnp.bfloat16) for _ in range(2))
-    want = [np.asarray(a.astype(jnp.float32)) for a in jax.jit(write_kv_reference)(k_cache, v_cache, 1, k, v, slots)]
-    got = jax.jit(write_kv, donate_argnums=(0, 1))(k_cache, v_cache, 1, k, v, slots)
+    qkv, _, _ = new_qkv(rng, T, 32, Hkv, D, jnp.bfloat16)
+    want = [np.asarray(a.astype(jnp.float32)) for a in jax.jit(write_kv_reference)(k_cache, v_cache, 1, qkv, slots)]
+    got = jax.jit(write_kv, donate_argnums=(0, 1))(k_cache, v_cache, 1, qkv, slots)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), w, err_msg=f"seed {seed}")
