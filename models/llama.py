@@ -43,7 +43,8 @@ import numpy as np
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
 from models.norm import rms_norm
-from models.quantization import LinearBackend, concat_outputs, linear, norm_linear
+from models.quantization import LinearBackend, concat_outputs, linear
+from pallas_kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 from pallas_kernels.swiglu_matmul import swiglu_matmul
 
@@ -242,47 +243,55 @@ def forward(
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
     attend = functools.partial(attention_fn, sliding_window=config.sliding_window)
     mm = functools.partial(linear, backend=linear_backend)
+    mm_parts = functools.partial(linear, backend=linear_backend, keep_splits=True)
 
     widths = fused_widths(config)
 
-    def project(x, norm_weight, w, fused: str) -> tuple:
-        """``rms_norm(x) @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has
-        it (the norm inside that matmul where the backend does so: ``norm_linear``)."""
+    def add_norm(x, parts, norm_weight) -> tuple:
+        """``x + sum(parts)`` (a matmul's partial sums) and its RMSNorm: one launch where the backend says so
+        (``pallas_kernels.add_rms_norm``), else XLA's add, reduction and scaling."""
+        if linear_backend.use_add_norm_kernel(T, x.shape[-1]):
+            return add_rms_norm(x, parts, norm_weight, eps=eps, interpret=linear_backend.interpret)
+        return add_rms_norm_reference(x, parts, norm_weight, eps)
+
+    def project(h, w, fused: str) -> tuple:
+        """``h @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has it."""
         if fused in w:
-            return split_columns(norm_linear(x, norm_weight, eps, w[fused], linear_backend), widths[fused])
-        h = rms_norm(x, norm_weight, eps)
+            return split_columns(mm(h, w[fused]), widths[fused])
         return tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
 
-    def mlp_hidden(x, norm_weight, w):
-        """``silu(h @ w_gate) * (h @ w_up)`` of ``h = rms_norm(x)``; the product in the GEMM's epilogue where the
-        backend says so."""
+    def mlp_hidden(h, w):
+        """``silu(h @ w_gate) * (h @ w_up)``; the product in the GEMM's epilogue where the backend says so."""
         if "w_gate_up" in w and linear_backend.use_swiglu_kernel(w["w_gate_up"], T):
-            return swiglu_matmul(rms_norm(x, norm_weight, eps), w["w_gate_up"], interpret=linear_backend.interpret)
-        gate, up = project(x, norm_weight, w, "w_gate_up")
+            return swiglu_matmul(h, w["w_gate_up"], interpret=linear_backend.interpret)
+        gate, up = project(h, w, "w_gate_up")
         return jax.nn.silu(gate) * up
 
     def biases(w, fused: str) -> tuple:
         return split_columns(w[fused], widths[fused]) if fused in w else tuple(w[p] for p in FUSED_PROJECTIONS[fused])
 
-    def qkv_heads(x, w):
+    def qkv_heads(h, w):
         """The layer's ``qkv[T, Hq + 2*Hkv, D]`` (biases added; not normed or roped yet): a fused ``wqkv``'s output,
         whose columns are ``[q | k | v]`` already, is only reshaped; separate projections are joined."""
         if "wqkv" in w:
             if qkv_shards != 1:
                 raise ValueError(f"a fused wqkv's columns are one [q | k | v] block, not qkv_shards={qkv_shards}")
-            qkv = norm_linear(x, w["input_norm"], eps, w["wqkv"], linear_backend)
+            qkv = mm(h, w["wqkv"])
             if config.qkv_bias:
                 qkv = qkv + (w["bqkv"] if "bqkv" in w else jnp.concatenate(biases(w, "bqkv")))
             return qkv.reshape(T, -1, D)
-        q, k, v = project(x, w["input_norm"], w, "wqkv")
+        q, k, v = project(h, w, "wqkv")
         if config.qkv_bias:
             bq, bk, bv = biases(w, "bqkv")
             q, k, v = q + bq, k + bk, v + bv
         return join_qkv_heads(*(a.reshape(T, -1, D) for a in (q, k, v)), shards=qkv_shards)
 
-    def layer_call(x, k_cache, v_cache, layer, w, batch, cos, sin):
-        """One decoder layer, everything it reads an argument (so one trace serves every layer)."""
-        qkv = qkv_heads(x, w)
+    def layer_call(x, h, k_cache, v_cache, layer, w, next_norm, batch, cos, sin):
+        """One decoder layer on the residual stream ``x`` and its norm ``h`` (by the layer's ``input_norm``),
+        everything it reads an argument (so one trace serves every layer). Returns the next residual stream
+        and its norm by ``next_norm`` (the next layer's ``input_norm``, or the final norm after the last layer):
+        each residual add and the norm after it are one ``add_norm``."""
+        qkv = qkv_heads(h, w)
         if config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
             norm_weight = jnp.where((head_kinds == QUERY)[:, None], w["q_norm"], w["k_norm"])
             qkv = jnp.where((head_kinds != VALUE)[None, :, None], rms_norm(qkv, norm_weight, eps), qkv)
@@ -290,35 +299,45 @@ def forward(
         k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
         attn = attend(qkv, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables,
                       batch.cu_q_lens, batch.num_seqs)
-        x = x + mm(attn.reshape(T, config.q_size), w["wo"])
-        x = x + mm(mlp_hidden(x, w["post_norm"], w), w["w_down"])
-        return x, k_cache, v_cache
+        x, h = add_norm(x, mm_parts(attn.reshape(T, config.q_size), w["wo"]), w["post_norm"])
+        x, h = add_norm(x, mm_parts(mlp_hidden(h, w), w["w_down"]), next_norm)
+        return x, h, k_cache, v_cache
 
-    def layer_step(carry, layer_and_weights):
-        layer, w = layer_and_weights
-        return layer_call(*carry, layer, w, batch, cos, sin), None
+    def layer_step(carry, layer_weights_and_next_norm):
+        layer, w, next_norm = layer_weights_and_next_norm
+        return layer_call(*carry, layer, w, next_norm, batch, cos, sin), None
 
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
         # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes
         # (XLA inlines the calls, so the compiled step is the same as one written out layer by layer).
         unrolled_layer = jax.jit(layer_call)
+        norms = [w["input_norm"] for w in params["layers"]] + [params["final_norm"]]
+        h = rms_norm(x, norms[0], eps)
         k_cache, v_cache = kv_cache.k, kv_cache.v
         new_k, new_v = [], []
         for i, w in enumerate(params["layers"]):
             if kv_cache.per_layer:  # layer i's own pages, as a one-layer 5-D cache
-                x, k, v = unrolled_layer(x, k_cache[i][None], v_cache[i][None], jnp.int32(0), w, batch, cos, sin)
+                x, h, k, v = unrolled_layer(x, h, k_cache[i][None], v_cache[i][None], jnp.int32(0), w, norms[i + 1],
+                                            batch, cos, sin)
                 new_k.append(k[0])
                 new_v.append(v[0])
             else:
-                x, k_cache, v_cache = unrolled_layer(x, k_cache, v_cache, jnp.int32(i), w, batch, cos, sin)
+                x, h, k_cache, v_cache = unrolled_layer(x, h, k_cache, v_cache, jnp.int32(i), w, norms[i + 1], batch,
+                                                        cos, sin)
         if kv_cache.per_layer:
             k_cache, v_cache = tuple(new_k), tuple(new_v)
+        # The last layer's residual stream is read no further; left unused, JAX would drop it from that call and
+        # lower the layer a second time for it (the add_norm kernel writes it anyway).
+        h, _ = jax.lax.optimization_barrier((h, x))
     else:
         if kv_cache.per_layer:
             raise ValueError("a per-layer KV cache needs per-layer (unstacked) weights; see unstack_layers")
-        layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"])
-        (x, k_cache, v_cache), _ = jax.lax.scan(layer_step, (x, kv_cache.k, kv_cache.v), layers)
-    x = rms_norm(x[batch.logits_indices], params["final_norm"], eps)
+        input_norms = params["layers"]["input_norm"]
+        next_norms = jnp.concatenate([input_norms[1:], params["final_norm"][None].astype(input_norms.dtype)])
+        layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"], next_norms)
+        carry = (x, rms_norm(x, input_norms[0], eps), kv_cache.k, kv_cache.v)
+        (x, h, k_cache, v_cache), _ = jax.lax.scan(layer_step, carry, layers)
+    x = h[batch.logits_indices]  # the last layer's output by the final norm
     lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
     return logits, KVCache(k=k_cache, v=v_cache)

@@ -44,6 +44,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from models.norm import rms_norm
+from pallas_kernels import add_rms_norm as add_norm
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels import swiglu_matmul as swiglu
 
@@ -478,6 +479,9 @@ MAX_KERNEL_ROWS = 256
 # The fused gate/up + SwiGLU kernel: never by default; its Triton GEMM runs ~15% under cuBLAS's (run 21b: 6.44
 # against XLA's 5.77 ms with the product pass at 16384 rows, 384 against 355 us at 1024).
 SWIGLU_MIN_ROWS: Optional[int] = None
+# The residual add and RMSNorm in one launch (``pallas_kernels.add_rms_norm``) up to this many rows: at decode batch
+# sizes XLA's add, reduction and scaling are each a launch-bound ~1.3 us kernel (two such sites a layer).
+ADD_NORM_MAX_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,14 +502,18 @@ class LinearBackend:
     # A dense joined gate/up projection of at least this many rows runs ``pallas_kernels.swiglu_matmul`` (the
     # SwiGLU product in the GEMM's epilogue) on GPU; None: never (XLA's GEMM, then its own product pass).
     swiglu_min_rows: Optional[int] = dataclasses.field(default_factory=lambda: _swiglu_min_rows_from_env())
-    # One row through the int4 kernel: the RMSNorm before the layer's first projections runs inside the GEMV
-    # (``norm_linear``), so at batch 1 it launches none of its own two small kernels. Off unless
-    # ``$PAGEDJAX_NORM_IN_GEMV=1``: unmeasured on a GPU (offline: loop 547 -> 607 instructions, 72 -> 80 registers).
-    norm_in_gemv: bool = dataclasses.field(default_factory=lambda: os.environ.get("PAGEDJAX_NORM_IN_GEMV") == "1")
+    # Steps of at most this many rows add each matmul's result to the residual stream and normalize the sum in one
+    # launch (``pallas_kernels.add_rms_norm``, on GPU) instead of XLA's three; 0: never.
+    add_norm_max_rows: int = dataclasses.field(default_factory=lambda: _add_norm_max_rows_from_env())
 
     def use_swiglu_kernel(self, w_gate_up, rows: int) -> bool:
         if (self.swiglu_min_rows is None or rows < self.swiglu_min_rows or self.kernel == "xla"
                 or is_quantized(w_gate_up) or not swiglu.supported(*w_gate_up.shape)):
+            return False
+        return bool(self.interpret) or jax.default_backend() == "gpu"
+
+    def use_add_norm_kernel(self, rows: int, width: int) -> bool:
+        if rows > self.add_norm_max_rows or self.kernel == "xla" or not add_norm.supported(width):
             return False
         return bool(self.interpret) or jax.default_backend() == "gpu"
 
@@ -527,6 +535,17 @@ def _max_kernel_rows_from_env() -> int:
         return MAX_KERNEL_ROWS
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"PAGEDJAX_MAX_KERNEL_ROWS must be a positive row count, got {text!r}")
+    return int(text)
+
+
+def _add_norm_max_rows_from_env() -> int:
+    """``$PAGEDJAX_ADD_NORM_MAX_ROWS`` (a row count, 0 for never; for timing the fused add and norm against XLA's),
+    else ``ADD_NORM_MAX_ROWS``."""
+    text = os.environ.get("PAGEDJAX_ADD_NORM_MAX_ROWS", "").strip()
+    if not text:
+        return ADD_NORM_MAX_ROWS
+    if not text.isdigit():
+        raise ValueError(f"PAGEDJAX_ADD_NORM_MAX_ROWS must be a row count (0: never), got {text!r}")
     return int(text)
 
 
@@ -564,40 +583,30 @@ def _fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
     return (acc.astype(jnp.float32) * x_scale * w.scale).astype(x.dtype)
 
 
-def norm_linear(x: jax.Array, norm_weight: jax.Array, eps: float, w, backend: LinearBackend = LinearBackend()
-                ) -> jax.Array:
-    """``linear(rms_norm(x, norm_weight, eps), w)``; with ``backend.norm_in_gemv``, one row and an int4 ``w`` through
-    the kernel, the norm inside the GEMV (``qmm.int4_rms_norm_matmul``: the normalized row is not rounded to x's
-    dtype first)."""
-    if (backend.norm_in_gemv and isinstance(w, Int4Weight) and x.shape[0] == 1 and backend.use_kernel(w, 1)
-            and qmm.default_config().gemv):
-        if w.perm is not None:  # act-order: x's columns and the norm's weight in the checkpoint's order of K
-            x, norm_weight = jnp.take(x, w.perm, axis=-1), jnp.take(norm_weight, w.perm)
-        return qmm.int4_rms_norm_matmul(x, norm_weight, w.packed, w.scales, w.zeros, eps=eps, group_size=w.group_size,
-                                        pack=w.pack, interpret=backend.interpret)
-    return linear(rms_norm(x, norm_weight, eps), w, backend)
-
-
-def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend()) -> jax.Array:
-    """``x[M, K] @ W`` for a dense or quantized ``W`` (one layer's, no leading axis)."""
+def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:
+    """``x[M, K] @ W`` for a dense or quantized ``W`` (one layer's, no leading axis). ``keep_splits``: the result as
+    ``[P, M, N]`` partial sums (a kernel's K splits, float32 when ``P > 1``; else ``P = 1``), which
+    ``pallas_kernels.add_rms_norm`` adds itself, so the sum launches no kernel of its own."""
+    whole = (lambda y: y[None]) if keep_splits else (lambda y: y)
     if isinstance(w, Fp8Weight):
-        return _fp8_linear(x, w)
+        return whole(_fp8_linear(x, w))
     kernel = backend.use_kernel(w, x.shape[0])
+    options = dict(interpret=backend.interpret, keep_splits=keep_splits)
     if isinstance(w, Int8Weight):
         if kernel:
-            return qmm.int8_matmul(x, w.q, w.scale, interpret=backend.interpret)
-        return qmm.int8_matmul_reference(x, w.q, w.scale)
+            return qmm.int8_matmul(x, w.q, w.scale, **options)
+        return whole(qmm.int8_matmul_reference(x, w.q, w.scale))
     if isinstance(w, Int8KMajorWeight):  # the kernel's one-row GEMV; more rows are XLA's dot inside it too
         if kernel:
-            return qmm.int8_kmajor_matmul(x, w.q, w.scale, interpret=backend.interpret)
-        return qmm.int8_kmajor_matmul_reference(x, w.q, w.scale)
+            return qmm.int8_kmajor_matmul(x, w.q, w.scale, **options)
+        return whole(qmm.int8_kmajor_matmul_reference(x, w.q, w.scale))
     if isinstance(w, Int4Weight):
         if w.perm is not None:
             x = jnp.take(x, w.perm, axis=-1)
         args = (x, w.packed, w.scales, w.zeros)
         if kernel:
-            return qmm.int4_matmul(*args, group_size=w.group_size, pack=w.pack, interpret=backend.interpret)
-        return qmm.int4_matmul_reference(*args, group_size=w.group_size, pack=w.pack)
+            return qmm.int4_matmul(*args, group_size=w.group_size, pack=w.pack, **options)
+        return whole(qmm.int4_matmul_reference(*args, group_size=w.group_size, pack=w.pack))
     if kernel:
-        return qmm.dense_matmul(x, w, interpret=backend.interpret)
-    return x @ w
+        return qmm.dense_matmul(x, w, **options)
+    return whole(x @ w)

@@ -540,8 +540,11 @@ def _k_splits(config: MatmulConfig, col_blocks: int, num_steps: int, block_k: in
     return splits
 
 
-def _add_splits(partials: jax.Array, dtype) -> jax.Array:
-    """``[k_splits, ...]`` partial sums (float32 when split) -> the result in ``dtype``."""
+def _add_splits(partials: jax.Array, dtype, keep: bool = False) -> jax.Array:
+    """``[k_splits, ...]`` partial sums (float32 when split) -> the result in ``dtype``; ``keep``: the partials as
+    they are, for a consumer that adds them itself (``pallas_kernels.add_rms_norm``: no launch of their own)."""
+    if keep:
+        return partials
     return partials[0] if partials.shape[0] == 1 else partials.sum(axis=0).astype(dtype)
 
 
@@ -570,12 +573,12 @@ def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optiona
     return config or default_config(), jax.default_backend() != "gpu" if interpret is None else interpret
 
 
-def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret):
+def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False):
     config, interpret = _call_settings(x, K, config, interpret)
     M = x.shape[0]
     if M == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
-                     interpret=interpret)
+                     interpret=interpret, keep_splits=keep_splits)
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
     x, block_m = pad_rows(x, config.block_m)
     rows = x.shape[0]
@@ -594,7 +597,7 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
         interpret=interpret,
         name=f"{fmt}_weight_streaming_matmul",
     )(x, w, *extras)
-    return _add_splits(out, x.dtype)[:M]
+    return _add_splits(out[:, :M], x.dtype, keep_splits)
 
 
 def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_prefetch: int) -> tuple[int, str]:
@@ -611,7 +614,8 @@ def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default
     return prefetch, {"permute": "exponent", "affine": "affine_jnp"}.get(convert, convert) if interpret else convert
 
 
-def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, norm_eps=None):
+def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, norm_eps=None,
+                  keep_splits=False):
     """``kernel`` over the grid ``(N / block_n, splits)`` of one-row programs, each writing ``block_n`` columns of
     its split's partial sums; the splits added (``_add_splits``): ``[1, N]``. With ``norm_eps`` each program also
     writes the sum of squares of its slice of x (``[splits, N / block_n]``), and the sum is scaled by the RMSNorm's
@@ -632,13 +636,13 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
         name=name,
     )(x, w, *extras)
     if norm_eps is None:
-        return _add_splits(out, x.dtype)[None, :]
+        return _add_splits(out[:, None, :], x.dtype, keep_splits)
     partials, squares = out
     inv_rms = lax.rsqrt(jnp.sum(squares[:, 0]) / x.shape[1] + norm_eps)
     return (_add_splits(partials, jnp.float32) * inv_rms).astype(x.dtype)[None, :]
 
 
-def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, norm_eps=None):
+def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, norm_eps=None, keep_splits=False):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``. ``norm_eps``: int4 only, the last of
     ``extras`` an RMSNorm's weight ``[1, K]`` (``int4_rms_norm_matmul``)."""
     prefetch, convert = _gemv_loop_settings(fmt, config, interpret, default_prefetch=int(fmt == "int8"))
@@ -653,32 +657,37 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, norm_
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
                                subtiles=config.gemv_subtiles, norm=norm_eps is not None)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
-                         interpret=interpret, name=f"{fmt}_weight_streaming_gemv", norm_eps=norm_eps)
+                         interpret=interpret, name=f"{fmt}_weight_streaming_gemv", norm_eps=norm_eps,
+                         keep_splits=keep_splits)
 
 
-_STATIC = ("config", "interpret")
+# keep_splits: the result as ``[k_splits, M, N]`` partial sums (float32 when split), not added (``_add_splits``).
+_STATIC = ("config", "interpret", "keep_splits")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def dense_matmul(x, w, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
+def dense_matmul(x, w, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
+                 keep_splits: bool = False):
     """``x[M, K] @ w[K, N]`` streaming a dense weight (bf16/f16/f32); float32 accumulation."""
     K, N = w.shape
     return _weight_streaming_matmul(x, w, (), fmt="dense", K=K, N=N, group_size=0, pack=0, config=config,
-                                    interpret=interpret)
+                                    interpret=interpret, keep_splits=keep_splits)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
+def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
+                keep_splits: bool = False):
     """``x[M, K] @ (q[K, N] * scale[N])`` with ``q`` int8, dequantized in registers."""
     K, N = q.shape
     if q.dtype != jnp.int8 or scale.shape != (N,):
         raise ValueError(f"int8 weights need q int8 [K, N] and scale [N]; got {q.dtype}{q.shape}, {scale.shape}")
     return _weight_streaming_matmul(x, q, (scale,), fmt="int8", K=K, N=N, group_size=0, pack=0, config=config,
-                                    interpret=interpret)
+                                    interpret=interpret, keep_splits=keep_splits)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
+def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
+                       keep_splits: bool = False):
     """``x[M, K] @ (qt[N, K] * scale[N, None]).T`` with ``qt`` int8 stored K-major: one row by the K-major GEMV
     (``_kmajor_gemv_kernel``), more rows by XLA's dot (which fuses the int8 convert into it)."""
     N, K = qt.shape
@@ -687,7 +696,8 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
                          f"{scale.shape}")
     config, interpret = _call_settings(x, K, config, interpret)
     if x.shape[0] != 1:
-        return int8_kmajor_matmul_reference(x, qt, scale)
+        out = int8_kmajor_matmul_reference(x, qt, scale)
+        return out[None] if keep_splits else out
     prefetch, convert = _gemv_loop_settings("int8", config, interpret,
                                             default_prefetch=int(not config.kmajor_defer_reduction))
     block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
@@ -697,7 +707,7 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
                                convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
                                fma=config.gemv_fma and not interpret)
     return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
-                         interpret=interpret, name="int8_kmajor_gemv")
+                         interpret=interpret, name="int8_kmajor_gemv", keep_splits=keep_splits)
 
 
 def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int, int]:
@@ -715,14 +725,14 @@ def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int,
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
 def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
-                interpret: Optional[bool] = None):
+                interpret: Optional[bool] = None, keep_splits: bool = False):
     """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
     K, N = _int4_shape(packed, scales, zeros, group_size, pack)
     return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
-                                    pack=pack, config=config, interpret=interpret)
+                                    pack=pack, config=config, interpret=interpret, keep_splits=keep_splits)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "group_size", "pack") + _STATIC)
+@functools.partial(jax.jit, static_argnames=("eps", "group_size", "pack", "config", "interpret"))
 def int4_rms_norm_matmul(x, norm_weight, packed, scales, zeros, *, eps: float, group_size: int, pack: int,
                          config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
     """``rms_norm(x, norm_weight, eps) @ W`` for one row ``x[1, K]`` and an int4 ``W``, the norm inside the GEMV:

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from engine import LLM, SamplingParams
 from engine.engine_args import EngineArgs, num_kv_blocks
+from models import llama
 from models.batch import ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward, fuse_projections
@@ -39,11 +40,11 @@ from models.quantization import (
     dequantize,
     fp8_from_checkpoint,
     gptq_to_int4,
-    norm_linear,
     quantize_params,
     quantize_weight,
 )
 from models.safetensors_loader import CheckpointError
+from pallas_kernels import add_rms_norm as add_norm_kernel
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.ragged_paged_attention import to_cache_dtype
 from tests.tiny_checkpoints import write_tiny_checkpoint
@@ -309,32 +310,29 @@ def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_
     return {n: jnp.asarray(np.stack(ws), jnp.float32) for n, ws in encoded.items()}
 
 
-@pytest.mark.parametrize("method,act_order", [("awq", False), ("gptq", False), ("gptq", True)])
-def test_norm_inside_the_int4_gemv_gives_the_unfused_logits(tiny, tmp_path, monkeypatch, method, act_order):
-    """One token (batch-1 decode's shape) with ``LinearBackend(norm_in_gemv=True)``: the RMSNorms before the fused
-    wqkv and w_gate_up run inside the int4 GEMV, logits as unfused. Act-order weights are not fused (each part
-    has its own permutation of x), so their norms stay apart; ``norm_linear`` on one of them permutes the norm's
-    weight with x."""
+@pytest.mark.parametrize("method,act_order", [(None, False), ("awq", False), ("gptq", True), ("int8", False)])
+def test_residual_add_and_norm_in_one_kernel_give_the_unfused_logits(tiny, tmp_path, monkeypatch, method, act_order):
+    """Decode-sized steps with ``LinearBackend.add_norm_max_rows`` (the default): each residual add and the RMSNorm
+    after it run as one ``add_rms_norm`` launch, fed the matmul kernels' K-split partials unadded; logits as
+    XLA's add and norm give them (``add_norm_max_rows=0``)."""
     rng = np.random.default_rng()
-    path = str(tmp_path / method)
-    write_quantized_checkpoint(tiny, path, method, rng, act_order=act_order)
-    quant = load_model(path, dtype="float32")
-    quant.params = fuse_projections(quant.params)  # as the runner does on one device
-    batch, pages = ragged_batch(quant.config, rng, lengths=(1,))
-    unfused = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
+    if method in ("awq", "gptq"):
+        path = str(tmp_path / method)
+        write_quantized_checkpoint(tiny, path, method, rng, act_order=act_order)
+        model = load_model(path, dtype="float32")
+    else:
+        model = load_model(tiny, dtype="float32", quantization=method)
+    model.params = fuse_projections(model.params)  # as the runner does on one device
+    batch, pages = ragged_batch(model.config, rng, lengths=(1, 3))
     calls = []
-    fused_gemv = qmm.int4_rms_norm_matmul
-    monkeypatch.setattr(qmm, "int4_rms_norm_matmul", lambda *a, **k: calls.append(1) or fused_gemv(*a, **k))
-    fused = logits_of(quant, batch, pages + 1,
-                      linear_backend=LinearBackend(kernel="pallas", interpret=True, norm_in_gemv=True))
-    assert len(calls) == (0 if act_order else 2)  # wqkv and w_gate_up, traced once for all layers
+    kernel = add_norm_kernel.add_rms_norm
+    monkeypatch.setattr(llama, "add_rms_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    fused = logits_of(model, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
+    assert calls, "the add and norm kernel never ran"
+    unfused = logits_of(model, batch, pages + 1,
+                        linear_backend=LinearBackend(kernel="pallas", interpret=True, add_norm_max_rows=0))
+    assert len(calls) == 2  # the two sites of the layer, traced once for all layers (the unfused run adds none)
     assert relative_error(fused, unfused) < 1e-5
-    wq = jax.tree.map(lambda a: a[0], quant.params["layers"]["wq" if act_order else "wqkv"])  # layer 0
-    K = 2 * wq.packed.shape[0]
-    x, norm_weight = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((1, K), (K,)))
-    backends = [LinearBackend(kernel="pallas", interpret=True, norm_in_gemv=fold) for fold in (False, True)]
-    plain, folded = (np.asarray(norm_linear(x, norm_weight, 1e-5, wq, b)) for b in backends)
-    np.testing.assert_allclose(folded, plain, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False)])
