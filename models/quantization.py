@@ -479,9 +479,12 @@ MAX_KERNEL_ROWS = 256
 # The fused gate/up + SwiGLU kernel: never by default; its Triton GEMM runs ~15% under cuBLAS's (run 21b: 6.44
 # against XLA's 5.77 ms with the product pass at 16384 rows, 384 against 355 us at 1024).
 SWIGLU_MIN_ROWS: Optional[int] = None
-# The residual add and RMSNorm in one launch (``pallas_kernels.add_rms_norm``) up to this many rows: at decode batch
-# sizes XLA's add, reduction and scaling are each a launch-bound ~1.3 us kernel (two such sites a layer).
-ADD_NORM_MAX_ROWS = 64
+# The residual add and RMSNorm in one launch (``pallas_kernels.add_rms_norm``) up to this many rows; 0: never, the
+# default. XLA's add, reduction and scaling are each a launch-bound ~1.3 us kernel at decode sizes, but the kernel's
+# one program a row is slower than the three (run 28c, H200, batch 1: 5.5 us after wo and 12.8 us after w_down's
+# K-split partials for AWQ, whose step went 2,690 -> 3,030 us; 3.0 us plus an unfused split-K sum for bf16: level).
+# Opt-in for timing (``$PAGEDJAX_ADD_NORM_MAX_ROWS``) until a row's work is spread over programs.
+ADD_NORM_MAX_ROWS = 0
 
 
 @dataclasses.dataclass(frozen=True)

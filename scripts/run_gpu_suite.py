@@ -50,11 +50,11 @@ GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtile
                       ("n64", '{"gemv_block_n": 64}'))
 # Batch-1 AWQ variants with profile-decode1-awq-<name> and latency-awq-<name> steps: (name, environment assignments
 # as tuple, the GPU test step that checks their kernels first). The GEMV variants above (none beat the default in
-# run 28a, nor did the RMSNorm inside the GEMV, since removed from the model), and XLA's residual add and norm in
-# place of the one-launch kernel (after run 28b).
+# run 28a, nor did the RMSNorm inside the GEMV, since removed from the model), and the residual add and norm in one
+# launch (pallas_kernels.add_rms_norm, opt-in: slower than XLA's three in run 28c).
 AWQ_BATCH1_VARIANTS = (*((name, (f"PAGEDJAX_MATMUL_CONFIG={fields}",), "gpu-tests-subtiles")
                          for name, fields in GEMV_INT4_VARIANTS),
-                       ("addnorm0", ("PAGEDJAX_ADD_NORM_MAX_ROWS=0",), "gpu-tests-add-norm"))
+                       ("addnorm64", ("PAGEDJAX_ADD_NORM_MAX_ROWS=64",), "gpu-tests-add-norm"))
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -581,10 +581,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # reference, then the engine's tokens with it (kernels against the reference engine, quantized against XLA).
         ("gpu-tests-add-norm", ["bash", "-c", f"{PY} -m pytest -q -m gpu tests/test_add_rms_norm.py && "
                                               f"{PY} -m pytest -q -m gpu -x tests/test_engine_gpu.py"], 200),
-        *[(f"{name}-addnorm0", ["env", "PAGEDJAX_ADD_NORM_MAX_ROWS=0"] + command, 100) for name, command in (
-            ("profile-decode1", profile("profile-decode1-addnorm0", "--step", "decode", "--batch", "1", "--ctx", "192",
+        *[(f"{name}-addnorm64", ["env", "PAGEDJAX_ADD_NORM_MAX_ROWS=64"] + command, 100) for name, command in (
+            ("profile-decode1", profile("profile-decode1-addnorm64", "--step", "decode", "--batch", "1", "--ctx", "192",
                                         "--precompile-steps", "off")),
-            ("latency-bf16", latency(None, "--output-json", f"{results}/latency-bf16-addnorm0.json")))],
+            ("latency-bf16", latency(None, "--output-json", f"{results}/latency-bf16-addnorm64.json")))],
         *[(f"profile-decode1-awq-{name}", ["env", *assignments] + profile(
             f"profile-decode1-awq-{name}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
             "--precompile-steps", "off"), 90) for name, assignments, _ in AWQ_BATCH1_VARIANTS],

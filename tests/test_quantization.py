@@ -312,9 +312,9 @@ def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_
 
 @pytest.mark.parametrize("method,act_order", [(None, False), ("awq", False), ("gptq", True), ("int8", False)])
 def test_residual_add_and_norm_in_one_kernel_give_the_unfused_logits(tiny, tmp_path, monkeypatch, method, act_order):
-    """Decode-sized steps with ``LinearBackend.add_norm_max_rows`` (the default): each residual add and the RMSNorm
-    after it run as one ``add_rms_norm`` launch, fed the matmul kernels' K-split partials unadded; logits as
-    XLA's add and norm give them (``add_norm_max_rows=0``)."""
+    """Decode-sized steps with ``LinearBackend.add_norm_max_rows`` (opt-in): each residual add and the RMSNorm after
+    it run as one ``add_rms_norm`` launch, fed the matmul kernels' K-split partials unadded; logits as XLA's add
+    and norm give them (``add_norm_max_rows=0``, the default)."""
     rng = np.random.default_rng()
     if method in ("awq", "gptq"):
         path = str(tmp_path / method)
@@ -327,7 +327,8 @@ def test_residual_add_and_norm_in_one_kernel_give_the_unfused_logits(tiny, tmp_p
     calls = []
     kernel = add_norm_kernel.add_rms_norm
     monkeypatch.setattr(llama, "add_rms_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    fused = logits_of(model, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
+    fused = logits_of(model, batch, pages + 1,
+                      linear_backend=LinearBackend(kernel="pallas", interpret=True, add_norm_max_rows=64))
     assert calls, "the add and norm kernel never ran"
     unfused = logits_of(model, batch, pages + 1,
                         linear_backend=LinearBackend(kernel="pallas", interpret=True, add_norm_max_rows=0))
