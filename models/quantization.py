@@ -513,11 +513,15 @@ class LinearBackend:
         if (self.swiglu_min_rows is None or rows < self.swiglu_min_rows or self.kernel == "xla"
                 or is_quantized(w_gate_up) or not swiglu.supported(*w_gate_up.shape)):
             return False
-        return bool(self.interpret) or jax.default_backend() == "gpu"
+        return self._kernels_run()
 
     def use_add_norm_kernel(self, rows: int, width: int) -> bool:
         if rows > self.add_norm_max_rows or self.kernel == "xla" or not add_norm.supported(width):
             return False
+        return self._kernels_run()
+
+    def _kernels_run(self) -> bool:
+        """Whether an opt-in kernel runs here: interpreted when asked to, else compiled on GPU only."""
         return bool(self.interpret) or jax.default_backend() == "gpu"
 
     def use_kernel(self, w, rows: int) -> bool:
@@ -530,26 +534,27 @@ class LinearBackend:
         return self.kernel == "pallas"
 
 
+def _row_count_from_env(variable: str, default: int, minimum: int, meaning: str) -> int:
+    """``$variable`` as a row count of at least ``minimum`` (``meaning``: what it says, for the error), else
+    ``default``."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < minimum:
+        raise ValueError(f"{variable} must be {meaning}, got {text!r}")
+    return int(text)
+
+
 def _max_kernel_rows_from_env() -> int:
     """``$PAGEDJAX_MAX_KERNEL_ROWS`` (a row count; for timing the int4 kernel against XLA's dot of the dequantized
     weight at prompt and batch sizes), else ``MAX_KERNEL_ROWS``."""
-    text = os.environ.get("PAGEDJAX_MAX_KERNEL_ROWS", "").strip()
-    if not text:
-        return MAX_KERNEL_ROWS
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"PAGEDJAX_MAX_KERNEL_ROWS must be a positive row count, got {text!r}")
-    return int(text)
+    return _row_count_from_env("PAGEDJAX_MAX_KERNEL_ROWS", MAX_KERNEL_ROWS, 1, "a positive row count")
 
 
 def _add_norm_max_rows_from_env() -> int:
     """``$PAGEDJAX_ADD_NORM_MAX_ROWS`` (a row count, 0 for never; for timing the fused add and norm against XLA's),
     else ``ADD_NORM_MAX_ROWS``."""
-    text = os.environ.get("PAGEDJAX_ADD_NORM_MAX_ROWS", "").strip()
-    if not text:
-        return ADD_NORM_MAX_ROWS
-    if not text.isdigit():
-        raise ValueError(f"PAGEDJAX_ADD_NORM_MAX_ROWS must be a row count (0: never), got {text!r}")
-    return int(text)
+    return _row_count_from_env("PAGEDJAX_ADD_NORM_MAX_ROWS", ADD_NORM_MAX_ROWS, 0, "a row count (0: never)")
 
 
 def _swiglu_min_rows_from_env() -> Optional[int]:

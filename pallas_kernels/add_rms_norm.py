@@ -8,8 +8,8 @@ a layer). Here one program per row reads the residual row and the partials, writ
 row and its normalized form, so a site is one launch.
 
 ``parts[P, T, N]``: the matmul's result as ``P`` partial sums (a GEMV's K splits, float32; ``P = 1``
-for a plain result, in x's dtype), summed and rounded to x's dtype as ``quantized_matmul._add_splits``
-does, then added to ``x`` in x's dtype: the same roundings as the unfused ``x + y`` then ``rms_norm``.
+for a plain result, in x's dtype), summed and rounded to x's dtype (``quantized_matmul.add_splits``),
+then added to ``x`` in x's dtype: the same roundings as the unfused ``x + y`` then ``rms_norm``.
 ``add_rms_norm_reference`` is that unfused form. Rows are whole programs, so the kernel is for few
 rows (decode batches); ``supported`` says for which widths (a power of two: Triton's block shapes).
 
@@ -30,17 +30,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-
-def sum_parts(parts: jax.Array, dtype) -> jax.Array:
-    """``[P, ...]`` partial sums -> their sum in ``dtype`` (float32 sums when ``P > 1``)."""
-    return parts[0].astype(dtype) if parts.shape[0] == 1 else parts.astype(jnp.float32).sum(axis=0).astype(dtype)
+from pallas_kernels.quantized_matmul import add_splits
 
 
 def add_rms_norm_reference(x: jax.Array, parts: jax.Array, weight: jax.Array, eps: float
                            ) -> tuple[jax.Array, jax.Array]:
     """``(x + sum(parts), rms_norm(x + sum(parts), weight, eps))``, both in x's dtype (the norm as
     ``models.norm.rms_norm``: float32, scaled by ``1 / sqrt(mean(x^2) + eps)``, then by the weight)."""
-    x = x + sum_parts(parts, x.dtype)
+    x = x + add_splits(parts, x.dtype)
     x32 = x.astype(jnp.float32)
     x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return x, (x32 * weight.astype(jnp.float32)).astype(x.dtype)

@@ -540,7 +540,7 @@ def _k_splits(config: MatmulConfig, col_blocks: int, num_steps: int, block_k: in
     return splits
 
 
-def _add_splits(partials: jax.Array, dtype, keep: bool = False) -> jax.Array:
+def add_splits(partials: jax.Array, dtype, keep: bool = False) -> jax.Array:
     """``[k_splits, ...]`` partial sums (float32 when split) -> the result in ``dtype``; ``keep``: the partials as
     they are, for a consumer that adds them itself (``pallas_kernels.add_rms_norm``: no launch of their own)."""
     if keep:
@@ -597,7 +597,7 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
         interpret=interpret,
         name=f"{fmt}_weight_streaming_matmul",
     )(x, w, *extras)
-    return _add_splits(out[:, :M], x.dtype, keep_splits)
+    return add_splits(out[:, :M], x.dtype, keep_splits)
 
 
 def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_prefetch: int) -> tuple[int, str]:
@@ -617,7 +617,7 @@ def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default
 def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, norm_eps=None,
                   keep_splits=False):
     """``kernel`` over the grid ``(N / block_n, splits)`` of one-row programs, each writing ``block_n`` columns of
-    its split's partial sums; the splits added (``_add_splits``): ``[1, N]``. With ``norm_eps`` each program also
+    its split's partial sums; the splits added (``add_splits``): ``[1, N]``. With ``norm_eps`` each program also
     writes the sum of squares of its slice of x (``[splits, N / block_n]``), and the sum is scaled by the RMSNorm's
     ``1 / sqrt(mean(x^2) + eps)`` (XLA fuses it into the consumer of the result, as it does the splits' sum)."""
     out_specs = pl.BlockSpec((None, block_n), lambda n, s: (s, n))
@@ -636,10 +636,10 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
         name=name,
     )(x, w, *extras)
     if norm_eps is None:
-        return _add_splits(out[:, None, :], x.dtype, keep_splits)
+        return add_splits(out[:, None, :], x.dtype, keep_splits)
     partials, squares = out
     inv_rms = lax.rsqrt(jnp.sum(squares[:, 0]) / x.shape[1] + norm_eps)
-    return (_add_splits(partials, jnp.float32) * inv_rms).astype(x.dtype)[None, :]
+    return (add_splits(partials, jnp.float32) * inv_rms).astype(x.dtype)[None, :]
 
 
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, norm_eps=None, keep_splits=False):
@@ -661,7 +661,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, norm_
                          keep_splits=keep_splits)
 
 
-# keep_splits: the result as ``[k_splits, M, N]`` partial sums (float32 when split), not added (``_add_splits``).
+# keep_splits: the result as ``[k_splits, M, N]`` partial sums (float32 when split), not added (``add_splits``).
 _STATIC = ("config", "interpret", "keep_splits")
 
 
