@@ -127,6 +127,11 @@ class MatmulConfig:
     # 2.30 TB/s; 4 blocks 29.0, 16 blocks 29.5); the decode step's int4 GEMVs 2.06 -> 1.82 ms (profile, same
     # lease); TPOT 2.93-2.98 -> 2.72-2.81 ms (same lease; single runs spread +-8%, NOTES.md).
     gemv_subtiles: int = 8
+    # int4 GEMV with the deferred sum: a step's products x * q summed without the group's scale and zero (one
+    # multiply-add a weight), which each step's sum then takes once per accumulator element: ``s (sum x q - z sum x)``,
+    # as the per-step reduction does. The plain form dequantizes each weight first (``(q - z) s``: two multiply-adds
+    # a weight). A step is one group (the packing block divides the group), so s and z hold over it.
+    gemv_factor_scales: bool = False
     # The K-major int8 GEMV (``int8_kmajor_matmul``): tile of kmajor_block_n columns x kmajor_block_k K bytes
     # (upper bounds, as block_n / block_k); warps, programs per core, conversion and loads ahead as the GEMV's.
     # Run 23a-b (H200, 8B int8 at batch 1): 64 x 64 TPOT 4.52 ms, block_k 128 x block_n 32 3.14, 256 x 16 3.11
@@ -334,7 +339,7 @@ def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str)
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
                  defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1,
-                 norm: bool = False):
+                 norm: bool = False, factor_scales: bool = False):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -348,6 +353,7 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``fma``: the deferred sum's multiply-adds as fused instructions (``multiply_add``).
     ``subtiles`` (int4, deferred sum): each step's packed tile loaded as that many blocks of rows, each multiplied
     into one accumulator of a block's shape (``MatmulConfig.gemv_subtiles``).
+    ``factor_scales`` (int4, deferred sum): the group's scale and zero leave the products (``gemv_factor_scales``).
     ``norm`` (int4): x is an RMSNorm's input; its weight (``refs[2]``) multiplies each slice of x, and the program
     also writes the sum of squares of its slice of x (``refs[-1][split, column block]``) for the caller's scale.
     """
@@ -402,6 +408,15 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
         return acc + jnp.sum(x[:, None] * w, axis=0)
 
     def deferred_step(i, acc, loaded):  # acc: [block_k (int4: a part's rows), block_n]; summed over K after the loop
+        if fmt == "int4" and factor_scales:  # the step's x * q and x summed bare, then scaled once: s (xq - z x)
+            products = x_sums = None
+            for part in range(parts):
+                s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded, part)
+                for x, q in ((x_lo, q_lo), (x_hi, q_hi)):
+                    products = x[:, None] * q if products is None else multiply_add(x[:, None], q, products, fma)
+                x_sums = x_lo + x_hi if x_sums is None else x_sums + x_lo + x_hi
+            acc = multiply_add(products, s[None, :], acc, fma)
+            return multiply_add(x_sums[:, None], (-z * s)[None, :], acc, fma)
         if fmt == "int4":
             for part in range(parts):
                 s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded, part)
@@ -655,7 +670,8 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, norm_
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
-                               subtiles=config.gemv_subtiles, norm=norm_eps is not None)
+                               subtiles=config.gemv_subtiles, norm=norm_eps is not None,
+                               factor_scales=config.gemv_factor_scales)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv", norm_eps=norm_eps,
                          keep_splits=keep_splits)

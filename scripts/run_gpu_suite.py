@@ -47,7 +47,12 @@ VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itsel
 GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtiles": 2}'),
                       ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'),
                       ("minsteps2", '{"gemv_min_steps": 2}'), ("minsteps1", '{"gemv_min_steps": 1}'),
-                      ("n64", '{"gemv_block_n": 64}'))
+                      ("n64", '{"gemv_block_n": 64}'),
+                      # After run 28c: the group's scale and zero out of the products (gemv_factor_scales; offline SASS
+                      # at w_gate_up: 547 -> 449 loop instructions and 72 -> 48 registers at 8 blocks, 418 / 72 at 4).
+                      *((f"factored{suffix}", json.dumps({"gemv_factor_scales": True, **fields})) for suffix, fields in (
+                          ("", {}), ("-sub4", {"gemv_subtiles": 4}), ("-sub16", {"gemv_subtiles": 16}),
+                          ("-minsteps2", {"gemv_min_steps": 2}))))
 # Batch-1 AWQ variants with profile-decode1-awq-<name> and latency-awq-<name> steps: (name, environment assignments
 # as tuple, the GPU test step that checks their kernels first). The GEMV variants above (none beat the default in
 # run 28a, nor did the RMSNorm inside the GEMV, since removed from the model), and the residual add and norm in one
@@ -556,6 +561,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # executed count (the source page). No memory preallocated (run 16b's profile failed under JAX's 95% pool).
         ("ncu-gemvs", ncu_gemvs("gemvs"), 150),
         *[(f"ncu-gemvs-sub{n}", ncu_gemvs(f"gemvs-sub{n}", f'{{"gemv_subtiles": {n}}}'), 150) for n in (1, 4, 16)],
+        ("ncu-gemvs-factored", ncu_gemvs("gemvs-factored", '{"gemv_factor_scales": true}'), 150),
         # Run 26d: the GEMVs' multiply-adds fused by inline PTX (gemv_fma, the default since; jaxlib's Triton emitted
         # FMUL + FADD, run 26c) against the unfused form: every compiled kernel case, the engine's quantized greedy
         # tokens, then batch-1 TPOT both ways in one lease.
@@ -565,7 +571,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             q, "--output-json", f"{results}/latency-{q}-unfused.json"), 100) for q in ("awq", "int8")],
         # Runs 27a-b: the int4 GEMV's packed tile in blocks of rows (gemv_subtiles, 168 registers at 1 block, 72 at 8)
         # against the default of then (1 block) in one lease.
-        ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles or min_steps",
+        ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles or min_steps or factored",
                                 "tests/test_quantized_matmul.py"], 90),
         # Run 27b: batch-1 AWQ TPOT spread +-8% between runs of one config in one lease, more than the GEMV variants
         # differ. So (run 27c): the int4 GEMV's variants timed in one process at the 8B's four layer shapes (the
@@ -575,6 +581,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "matmul-gemv-int4-variants", "--rows", "1", "--variants", "pallas-int4", "--sweep", "--sweep-form", "gemv",
             "--sweep-shapes", "wqkv,wo,w_gate_up,w_down", "--sweep-variants", "pallas-int4", "--sweep-configs",
             json.dumps([{}, *(json.loads(fields) for _, fields in GEMV_INT4_VARIANTS), {}])), 300),
+        ("matmul-gemv-int4-factored", matmul(
+            "matmul-gemv-int4-factored", "--rows", "1", "--variants", "pallas-int4", "--sweep", "--sweep-form", "gemv",
+            "--sweep-shapes", "wqkv,wo,w_gate_up,w_down", "--sweep-variants", "pallas-int4", "--sweep-configs",
+            json.dumps([{}, *(json.loads(fields) for name, fields in GEMV_INT4_VARIANTS if name.startswith("factored")),
+                        {}])), 200),
         ("gpu-tests-norm", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "rms_norm", "tests/test_quantized_matmul.py"],
          90),
         # After run 28b: the residual add and RMSNorm in one launch (pallas_kernels.add_rms_norm) compiled against its

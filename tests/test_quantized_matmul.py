@@ -104,6 +104,14 @@ CPU_CASES = [
     ("int4", 1, 512, 256, 128, jnp.float32, MatmulConfig(gemv_convert="cvt")),
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_subtiles=16)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=4, gemv_defer_reduction=False)),
+    # The group's scale and zero out of the products (gemv_factor_scales): each conversion, blocks of rows, split,
+    # loads ahead, pack blocks of 128 / 64 / 32.
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_factor_scales=True)),
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_subtiles=2,
+                                                        gemv_prefetch=1, gemv_factor_scales=True)),
+    ("int4", 1, 96, 96, 32, jnp.float32, MatmulConfig(gemv_convert="exponent", gemv_factor_scales=True)),
+    ("int4", 1, 512, 256, 128, jnp.float32, MatmulConfig(gemv_convert="cvt", gemv_subtiles=1,
+                                                         gemv_factor_scales=True)),
     # Weight loads issued a step ahead (gemv_prefetch), even and odd step counts, split, both reductions.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_prefetch=1)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_prefetch=1, gemv_defer_reduction=False)),
@@ -345,6 +353,8 @@ GPU_CASES = [
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for subtiles in (1, 4, 16)
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_min_steps=1))  # 32 splits of one step
      for K, N in ((4096, 6144), (4096, 4096))
+] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_factor_scales=True, gemv_prefetch=prefetch))
+     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672), (4096, 4096)) for prefetch in (0, 1)
 ] + [(fmt, 1, 4096, 6144, 128, jnp.bfloat16, MatmulConfig(gemv_fma=False))  # multiply and add apart (before 26d)
      for fmt in ("int8", "int4")
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
@@ -359,7 +369,8 @@ def case_id(value):
         return None
     return (f"convert-{value.gemv_convert}" + ("" if value.gemv_fma else "-unfused")
             + (f"-subtiles{value.gemv_subtiles}" if value.gemv_subtiles != MatmulConfig.gemv_subtiles else "")
-            + (f"-min_steps{value.gemv_min_steps}" if value.gemv_min_steps != MatmulConfig.gemv_min_steps else ""))
+            + (f"-min_steps{value.gemv_min_steps}" if value.gemv_min_steps != MatmulConfig.gemv_min_steps else "")
+            + ("-factored" if value.gemv_factor_scales else "") + ("-prefetch" if value.gemv_prefetch else ""))
 
 
 @pytest.mark.gpu
