@@ -410,8 +410,8 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     def deferred_step(i, acc, loaded):  # acc: [block_k (int4: a part's rows), block_n]; summed over K after the loop
         if fmt == "int4" and factor_scales:  # the step's x * q and x summed bare, then scaled once: s (xq - z x)
             products = x_sums = None
-            for part in range(parts):
-                s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded, part)
+            tiles = [tile(i, loaded, part) for part in range(parts)]  # every slice of x read before any arithmetic
+            for s, z, x_lo, q_lo, x_hi, q_hi in tiles:
                 for x, q in ((x_lo, q_lo), (x_hi, q_hi)):
                     products = x[:, None] * q if products is None else multiply_add(x[:, None], q, products, fma)
                 x_sums = x_lo + x_hi if x_sums is None else x_sums + x_lo + x_hi
