@@ -240,6 +240,12 @@ KMAJOR_CASES = [  # (M, K, N, dtype, config): the K-major int8 GEMV at one row (
     (1, 224, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=1)),  # 7 steps
     (1, 256, 128, jnp.float32, MatmulConfig(gemv_convert="cvt")),
     (5, 256, 128, jnp.float32, MatmulConfig()),
+    # The conversion's offset out of the products (gemv_factor_scales): split, loads ahead, 7 steps, a large K.
+    (1, 512, 256, jnp.bfloat16, MatmulConfig(gemv_factor_scales=True)),
+    (1, 384, 96, jnp.float16, MatmulConfig(k_splits=3, kmajor_block_k=32, kmajor_block_n=32, gemv_factor_scales=True)),
+    (1, 224, 96, jnp.bfloat16, MatmulConfig(kmajor_block_k=32, gemv_prefetch=1, gemv_factor_scales=True)),
+    (1, 14336, 64, jnp.bfloat16, MatmulConfig(gemv_factor_scales=True)),
+    (1, 256, 128, jnp.float32, MatmulConfig(gemv_factor_scales=True)),  # float32 x: not factored
     # Each step's products summed over K at once (the default before run 26a): split, loads ahead or not, 7 steps.
     (1, 512, 256, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=False)),
     (1, 384, 96, jnp.float32, MatmulConfig(k_splits=3, kmajor_block_k=32, kmajor_block_n=32,
@@ -273,9 +279,9 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
     from pallas_kernels.quantized_matmul import int8_kmajor_matmul
 
     x, qt, scale = jnp.ones((1, 1024), jnp.bfloat16), jnp.ones((512, 1024), jnp.int8), jnp.ones((512,), jnp.float32)
-    for defer in (False, True):
+    for defer, factored in ((False, False), (True, False), (True, True)):
         fn = jax.jit(functools.partial(int8_kmajor_matmul, interpret=False,
-                                       config=MatmulConfig(kmajor_defer_reduction=defer)))
+                                       config=MatmulConfig(kmajor_defer_reduction=defer, gemv_factor_scales=factored)))
         assert fn.trace(x, qt, scale).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
     with pytest.raises(ValueError, match="scale"):
         int8_kmajor_matmul(x, qt, jnp.ones((1024,)))
@@ -285,10 +291,12 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
-@pytest.mark.parametrize("defer,fma", [(False, True), (True, True), (True, False)],
-                         ids=["summed-each-step", "kmajor_defer", "kmajor_defer-unfused"])
-def test_kmajor_int8_matches_reference_on_gpu(K, N, defer, fma):
-    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer, gemv_fma=fma), interpret=False)
+@pytest.mark.parametrize("defer,fma,factored", [(False, True, False), (True, True, False), (True, False, False),
+                                                (True, True, True)],
+                         ids=["summed-each-step", "kmajor_defer", "kmajor_defer-unfused", "kmajor_defer-factored"])
+def test_kmajor_int8_matches_reference_on_gpu(K, N, defer, fma, factored):
+    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer, gemv_fma=fma,
+                                                        gemv_factor_scales=factored), interpret=False)
 
 
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
