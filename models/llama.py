@@ -18,14 +18,15 @@ Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
                  wo [L, Hq*D, H]        post_norm [L, H]
                  w_gate, w_up [L, H, I] w_down [L, I, H]
     final_norm   [H]
-    lm_head      [H, V]                                    (absent when tied)
+    lm_head      [H, V]                                    (absent when tied, unless quantized)
 
 On one device q/k/v and gate/up are usually joined (``fuse_projections``): ``wqkv
 [L, H, (Hq+2Hkv)*D]``, ``bqkv``, ``w_gate_up [L, H, 2I]``; the forward takes either form.
 
 The seven layer matrices may instead be quantized weights (``models.quantization``:
 int8, int4, fp8 pytrees with the same ``[in, out]`` meaning); every matmul goes through
-``models.quantization.linear``.
+``models.quantization.linear``. So does an int8 ``lm_head`` (``quantize_lm_head``; a tied model then has
+one too, beside its ``embed``, which the token lookup still reads).
 
 Knows nothing of requests; takes a ``ModelInput`` and a ``KVCache`` (stacked, or one
 buffer per layer with unrolled layers).
@@ -43,7 +44,7 @@ import numpy as np
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
 from models.norm import rms_norm
-from models.quantization import LinearBackend, concat_outputs, linear
+from models.quantization import LinearBackend, concat_outputs, is_quantized, linear
 from pallas_kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 from pallas_kernels.swiglu_matmul import swiglu_matmul
@@ -338,6 +339,10 @@ def forward(
         carry = (x, rms_norm(x, input_norms[0], eps), kv_cache.k, kv_cache.v)
         (x, h, k_cache, v_cache), _ = jax.lax.scan(layer_step, carry, layers)
     x = h[batch.logits_indices]  # the last layer's output by the final norm
-    lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+    if is_quantized(params.get("lm_head")):  # tied or not: the layers' matmul path (one row: the int8 GEMV)
+        # ``linear`` returns x's dtype: with bf16 activations the logits are rounded to bf16 before this cast.
+        logits = mm(x, params["lm_head"]).astype(jnp.float32)
+    else:
+        lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+        logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
     return logits, KVCache(k=k_cache, v=v_cache)

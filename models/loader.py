@@ -3,7 +3,7 @@
 Dispatches to the format-specific loaders (Hugging Face safetensors folders, GGUF
 files, random "dummy" weights), picks the dtype and the quantization method (the
 checkpoint's own AWQ / GPTQ / FP8 layout, or int8 / int4 / fp8 made after loading,
-see ``models.quantization``). Knows nothing of requests.
+see ``models.quantization``; int8 makes the LM head int8 too). Knows nothing of requests.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def load_model(
 ) -> LoadedModel:
     """Load config and weights. ``shardings(config)`` may give a pytree of shardings for the
     (dense) params; quantized weights are placed to match."""
-    from models.quantization import CheckpointQuantization, quantize_params, resolve_method
+    from models.quantization import (CheckpointQuantization, int8_lm_head, quantize_lm_head, quantize_params,
+                                     resolve_method)
 
     path = resolve_model_path(model)
     fmt = detect_format(path, load_format)
@@ -108,5 +109,7 @@ def load_model(
     else:  # pragma: no cover - detect_format guards this
         raise ModelConfigError(f"unknown format {fmt}")
     if method is not None and stored is None:
-        params = quantize_params(params, method, sh)
+        params = quantize_params(params, method, sh)  # the layers, and the LM head where int8_lm_head says so
+    elif int8_lm_head(method):  # a quantized checkpoint's layers are read as stored; its head is made int8 here
+        params = quantize_lm_head(params, sh)
     return LoadedModel(config=config, params=params, path=path, load_format=fmt, dtype=jdtype, quantization=method)

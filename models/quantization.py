@@ -17,9 +17,9 @@ Methods (``quantization=`` on ``LLM``, vLLM's names where vLLM has them):
   from an FP8 checkpoint's ``weight_scale``); activations are quantized per token at run
   time and the matmul runs on fp8 tensor cores (Hopper).
 
-Only the seven matrices of each layer are quantized; the embedding and the LM head stay
-in the model dtype (as in vLLM). Every weight keeps the ``[..., K, N]`` contract of the
-dense model (``x @ W``); a leading layer axis is allowed on every field.
+The seven matrices of each layer are quantized, and with int8 the LM head too (``int8_lm_head``: an int8
+copy ``[V, H]`` beside a tied embedding, which stays in the model dtype for the token lookup). Every weight
+keeps the ``[..., K, N]`` contract of the dense model (``x @ W``); a leading layer axis is allowed on every field.
 
 Speed: at small batches a step reads every weight once. For int4 weights ``linear`` then
 runs the Pallas weight-streaming kernel (``pallas_kernels.quantized_matmul``), which reads the
@@ -281,18 +281,74 @@ def _mesh_size(mesh, axis) -> int:
 def quantize_params(params: dict, method: str, shardings: Optional[dict] = None) -> dict:
     """Quantize the layer matrices of a dense params pytree one at a time, in place: ``params``
     is taken over (its ``layers`` dict is updated), so each dense tensor is dropped as soon as
-    its quantized form exists and the peak is the dense model plus one quantized tensor.
+    its quantized form exists and the peak is the dense model plus one quantized tensor. Then the
+    LM head where ``int8_lm_head(method)`` says so (``quantize_lm_head``).
     ``shardings``: the dense params' shardings (a pytree like ``params``) or None."""
     layers = params["layers"]
-    layout = int8_layout_from_env()
     for name in QUANTIZED_LAYER_WEIGHTS:
         dense = layers.pop(name)
-        sharding = None if shardings is None else shardings["layers"][name]
-        out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method, None, layout), dense),
-                                                            sharding)
-        layers[name] = _quantizer(method, out, layout)(dense)
+        layers[name] = _quantize_placed(dense, method, None if shardings is None else shardings["layers"][name])
         del dense
+    if int8_lm_head(method):
+        quantize_lm_head(params, shardings)
     return params
+
+
+def _quantize_placed(dense: jax.Array, method: str, sharding=None):
+    """``quantize_weight(dense, method)`` (int8 laid out by ``$PAGEDJAX_INT8_LAYOUT``), its fields placed as the
+    dense weight's ``sharding`` says (``field_shardings``; None: where the computation puts them)."""
+    layout = int8_layout_from_env()
+    out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method, None, layout), dense),
+                                                        sharding)
+    return _quantizer(method, out, layout)(dense)
+
+
+INT8_LM_HEAD_CHOICES = ("1", "0")
+
+
+def int8_lm_head(method: Optional[str]) -> bool:
+    """Whether a model whose layers are quantized by ``method`` gets an int8 LM head at load time
+    (``quantize_lm_head``): ``$PAGEDJAX_INT8_LM_HEAD`` "1" or "0"; unset, "1" for int8 and "0" for the other
+    methods (int4, awq, gptq, fp8 may opt in: the head is made the same way whatever the layers are); never
+    for an unquantized model.
+
+    Why: a decode step reads the whole head, and at batch 1 the 8B model's bf16 head (128256 x 4096, 1.05 GB)
+    was ~8% of the int8 step; int8 halves its bytes. Weight-only 8-bit with one scale per vocab row (per
+    output channel, as the layers' int8) is the precision llama.cpp's Q8_0 files keep the output matrix in
+    (there a scale per 32 values)."""
+    if method is None:
+        return False
+    choices = INT8_LM_HEAD_CHOICES if method == "int8" else INT8_LM_HEAD_CHOICES[::-1]  # the first: the default
+    return _choice_from_env("PAGEDJAX_INT8_LM_HEAD", choices) == "1"
+
+
+def quantize_lm_head(params: dict, shardings: Optional[dict] = None) -> dict:
+    """The LM head of a dense-headed params pytree made int8, in place, as ``quantize_params`` makes the layers'
+    int8 weights (K-major ``[V, H]`` with a scale per vocab row by default): an untied ``lm_head [H, V]`` is
+    replaced; a tied model keeps ``embed`` for the token lookup and gets its int8 transpose as ``lm_head``
+    (the forward reads ``lm_head`` whenever it is present). Placed like the dense head under ``shardings``:
+    the tied head like the embedding with its axes swapped (vocab-parallel stays vocab-parallel). No-op for
+    params without a head or with one quantized already."""
+    if "lm_head" in params:
+        if is_quantized(params["lm_head"]):
+            return params
+        dense = params.pop("lm_head")
+        sharding = None if shardings is None else shardings["lm_head"]
+    elif "embed" in params:
+        dense = params["embed"].T
+        sharding = None if shardings is None else _transposed(shardings["embed"])
+    else:
+        return params
+    params["lm_head"] = _quantize_placed(dense, "int8", sharding)
+    return params
+
+
+def _transposed(sharding):
+    """The sharding of a 2-D array's transpose."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec[::-1]), memory_kind=sharding.memory_kind)
 
 
 # XLA options of the load-time quantize programs: no autotuning. Each runs once per weight, so the kernel XLA's
@@ -525,13 +581,27 @@ class LinearBackend:
         return bool(self.interpret) or jax.default_backend() == "gpu"
 
     def use_kernel(self, w, rows: int) -> bool:
-        if self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight):
+        if (self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight)
+                or _output_size(w) % KERNEL_MIN_BLOCK_N):
             return False
         if self.kernel == "auto":
             on_gpu = jax.default_backend() == "gpu"
             return on_gpu and (isinstance(w, Int4Weight)
                                or (isinstance(w, (Int8Weight, Int8KMajorWeight)) and rows == 1))
         return self.kernel == "pallas"
+
+
+# The kernels tile a weight's output columns by a power of two of at least 16 (``quantized_matmul._tile_sizes``); a
+# weight they cannot tile, e.g. an int8 LM head over a vocabulary of 32001, goes to XLA's dot.
+KERNEL_MIN_BLOCK_N = 16
+
+
+def _output_size(w) -> int:
+    """N of a dense or quantized ``[..., K, N]`` weight."""
+    if not is_quantized(w):
+        return w.shape[-1]
+    name = "packed" if isinstance(w, Int4Weight) else "q"
+    return getattr(w, name).shape[w.out_axes[name]]
 
 
 def _row_count_from_env(variable: str, default: int, minimum: int, meaning: str) -> int:

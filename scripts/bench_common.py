@@ -385,12 +385,13 @@ def run_offline(llm, prompts: list[list[int]], params) -> OfflineRun:
 
 
 def weight_bytes(params, config) -> tuple[int, int]:
-    """``(all weight bytes, bytes a decode step reads)``: a step gathers one row of an untied
-    embedding table rather than reading it, so that table is left out of the second."""
+    """``(all weight bytes, bytes a decode step reads)``: a step gathers one row of the embedding
+    table rather than reading it, so that table is left out of the second unless it is the LM head
+    (tied, with no head of its own: an int8 head is one, ``models.quantization.quantize_lm_head``)."""
     import jax
 
     total = sum(x.nbytes for x in jax.tree.leaves(params))
-    read = total if config.tie_word_embeddings else total - params["embed"].nbytes
+    read = total - params["embed"].nbytes if "lm_head" in params else total
     return int(total), int(read)
 
 

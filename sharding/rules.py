@@ -9,8 +9,10 @@ formats, requests or the engine.
 The scheme (Megatron-style, as in vLLM), ``[in, out]`` weights, ``tp`` devices:
 
 - ``embed [V, H]``: vocab-parallel (V over ``tp``); ``lm_head [H, V]``: vocab-parallel,
-  so logits come out vocab-sharded. A vocabulary that ``tp`` does not divide is
-  replicated instead (with a warning): JAX shardings must divide evenly.
+  so logits come out vocab-sharded. An int8 head (``models.quantization.quantize_lm_head``;
+  a tied model has one too) is split the same way, its scales with its vocab rows. A
+  vocabulary that ``tp`` does not divide is replicated instead (with a warning): JAX
+  shardings must divide evenly.
 - ``wq``/``wk``/``wv [L, H, heads*D]`` and ``bq``/``bk``/``bv``: column-parallel, the
   output (head) axis over ``tp``: each device computes its own heads' q/k/v.
 - ``wo [L, Hq*D, H]``: row-parallel, the input (head) axis over ``tp``: each device
@@ -227,6 +229,8 @@ class TensorParallelPlan:
         Repeats the kv heads when ``kv_replicas > 1``; arrays already in place are not copied.
         """
         target = self.param_shardings()
+        if "lm_head" not in target and "lm_head" in params:  # a tied model's int8 head
+            target["lm_head"] = self._named(PARAM_LOGICAL_AXES["lm_head"])
         if self.kv_replicas > 1:
             layers = dict(params["layers"])
             names = [n for n in _KV_WEIGHTS if n in layers]

@@ -28,6 +28,7 @@ from models.llama import forward, fuse_projections
 from models.loader import load_model
 from models.quantization import (
     AWQ_ORDER,
+    METHODS,
     QUANTIZED_LAYER_WEIGHTS,
     CheckpointQuantization,
     Fp8Weight,
@@ -40,6 +41,8 @@ from models.quantization import (
     dequantize,
     fp8_from_checkpoint,
     gptq_to_int4,
+    int8_lm_head,
+    quantize_lm_head,
     quantize_params,
     quantize_weight,
 )
@@ -57,6 +60,10 @@ GROUP = 32  # divides every K of the tiny models (64, 96, 128)
 # fp8 (weights and activations) 0.11-0.13, int4 (groups of 64 = all of K here) 0.27-0.35, fp8 KV
 # pages 0.05-0.07. A wrong layout gives about 1.4 (uncorrelated logits).
 LOGIT_TOLERANCE = {"int8": 0.05, "fp8": 0.2, "int4": 0.5}
+# The int8 LM head (on by default with int8) in those: over 6 seeds int8 layers alone 0.018-0.026 (untied) and
+# 0.023-0.031 (tied), with the int8 head 0.019-0.027 and 0.024-0.032; the int8 head alone (dense layers)
+# 0.0058-0.0062 over 8 seeds, tied or not.
+INT8_HEAD_TOLERANCE = 0.015
 FP8_KV_TOLERANCE = 0.12
 
 
@@ -211,6 +218,87 @@ def test_quantized_logits_close_to_dense_and_kernel_matches_xla(tiny, method):
     if method != "fp8":  # fp8 always runs through XLA's fp8 dot
         kernel = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
         assert relative_error(kernel, xla) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_tied(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense_tied")
+    write_tiny_checkpoint(path, "llama3_tied", seed=int(np.random.default_rng().integers(1 << 20)))
+    return str(path)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_lm_head_is_int8_and_keeps_logits_close(tiny, tiny_tied, tied, monkeypatch):
+    """``quantization="int8"`` makes the LM head int8 K-major ``[V, H]`` with a scale per vocab row (a tied model
+    keeps its embedding for the lookup and gets an int8 copy as ``lm_head``): the logits stay within the int8
+    tolerance, the head alone within ``INT8_HEAD_TOLERANCE``, float32 under bf16 weights too; one decode row runs
+    the head through the K-major GEMV (interpreted) with XLA's logits. ``$PAGEDJAX_INT8_LM_HEAD=0`` keeps the
+    dense head."""
+    path = tiny_tied if tied else tiny
+    rng = np.random.default_rng()
+    dense = load_model(path, dtype="float32")
+    config = dense.config
+    assert config.tie_word_embeddings == tied
+    V, H = config.vocab_size, config.hidden_size
+    quant = load_model(path, dtype="float32", quantization="int8")
+    head = quant.params["lm_head"]
+    assert isinstance(head, Int8KMajorWeight) and head.q.dtype == jnp.int8
+    assert head.q.shape == (V, H) and head.scale.shape == (V,)
+    assert quant.params["embed"].dtype == jnp.float32 and quant.params["embed"].shape == (V, H)
+    dense_head = dense.params["embed"].T if tied else dense.params["lm_head"]
+    np.testing.assert_array_equal(np.asarray(dequantize(head)),
+                                  np.asarray(dequantize(quantize_weight(dense_head, "int8", int8_layout="nk"))))
+
+    batch, pages = ragged_batch(config, rng)
+    reference = logits_of(dense, batch, pages + 1)
+    err = relative_error(logits_of(quant, batch, pages + 1), reference)
+    assert err < LOGIT_TOLERANCE["int8"], f"int8 layers and head: logits differ from the dense model by {err:.3f}"
+    head_only = load_model(path, dtype="float32")
+    quantize_lm_head(head_only.params)
+    err = relative_error(logits_of(head_only, batch, pages + 1), reference)
+    assert err < INT8_HEAD_TOLERANCE, f"the int8 head alone moved the logits by {err:.4f}"
+
+    one_row, pages = ragged_batch(config, rng, lengths=(1,))
+    gemv_shapes = []
+    gemv = qmm.int8_kmajor_matmul
+    monkeypatch.setattr(qmm, "int8_kmajor_matmul", lambda x, qt, *a, **k: gemv_shapes.append(qt.shape) or gemv(
+        x, qt, *a, **k))
+    kernel = logits_of(quant, one_row, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
+    assert (V, H) in gemv_shapes
+    xla = logits_of(quant, one_row, pages + 1, linear_backend=LinearBackend(kernel="xla"))
+    assert relative_error(kernel, xla) < 1e-5
+    bf16 = load_model(path, dtype="bfloat16", quantization="int8")
+    logits, _ = forward(bf16.params, make_kv_cache(config, pages + 1, 8, jnp.bfloat16), one_row, config=config)
+    assert logits.dtype == jnp.float32 and isinstance(bf16.params["lm_head"], Int8KMajorWeight)
+
+    monkeypatch.setenv("PAGEDJAX_INT8_LM_HEAD", "0")
+    kept = load_model(path, dtype="float32", quantization="int8")
+    assert ("lm_head" not in kept.params) if tied else kept.params["lm_head"].dtype == jnp.float32
+    assert all(isinstance(kept.params["layers"][n], Int8KMajorWeight) for n in QUANTIZED_LAYER_WEIGHTS)
+
+
+def test_int8_lm_head_switch_follows_the_environment(tiny, tmp_path, monkeypatch):
+    """``$PAGEDJAX_INT8_LM_HEAD``: unset, on for int8 only; "1" turns it on for every method (a load-time int4
+    model, an AWQ checkpoint), "0" off; never for an unquantized model; a bad value is refused."""
+    assert int8_lm_head("int8") and not any(int8_lm_head(m) for m in (None, "int4", "awq", "gptq", "fp8"))
+    assert isinstance(load_model(tiny, dtype="float32", quantization="int4").params["lm_head"], jax.Array)
+    monkeypatch.setenv("PAGEDJAX_INT8_LM_HEAD", "1")
+    assert all(int8_lm_head(m) for m in METHODS) and not int8_lm_head(None)
+    assert isinstance(load_model(tiny, dtype="float32", quantization="int4").params["lm_head"], Int8KMajorWeight)
+    awq = str(tmp_path / "awq")
+    write_quantized_checkpoint(tiny, awq, "awq", np.random.default_rng())
+    loaded = load_model(awq, dtype="float32")
+    assert isinstance(loaded.params["lm_head"], Int8KMajorWeight) and isinstance(loaded.params["layers"]["wq"],
+                                                                                 Int4Weight)
+    assert isinstance(load_model(tiny, dtype="float32").params["lm_head"], jax.Array)
+    monkeypatch.setenv("PAGEDJAX_INT8_LM_HEAD", "0")
+    assert not int8_lm_head("int8")
+    pallas = LinearBackend(kernel="pallas")  # a vocabulary the kernels cannot tile (N % 16) goes to XLA's dot
+    assert not pallas.use_kernel(quantize_weight(jnp.ones((64, 40)), "int8", int8_layout="nk"), 1)
+    assert pallas.use_kernel(quantize_weight(jnp.ones((64, 48)), "int8", int8_layout="nk"), 1)
+    monkeypatch.setenv("PAGEDJAX_INT8_LM_HEAD", "yes")
+    with pytest.raises(ValueError, match="PAGEDJAX_INT8_LM_HEAD"):
+        load_model(tiny, dtype="float32", quantization="int8")
 
 
 def test_kernel_row_limit_follows_the_environment(monkeypatch):

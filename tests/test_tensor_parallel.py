@@ -259,6 +259,7 @@ def workers(checkpoints, prompts) -> dict:
         ("gguf", checkpoints["gguf"], "auto", [1, 4]),
         # Quantized weights: their fields (scales too) are split with the matrix they belong to.
         ("int8", checkpoints["llama"], "auto", [1, 4], {"quantization": "int8"}),
+        ("int8-tied", checkpoints["qwen2"], "dummy", [1, 4], {"quantization": "int8"}),  # the head an int8 copy
         ("int4", checkpoints["llama"], "auto", [1, 2], {"quantization": "int4"}),
         ("fp8", checkpoints["qwen2"], "dummy", [1, 4], {"quantization": "fp8"}),
         # The GPU default: unrolled layers over one KV buffer per layer.
@@ -282,8 +283,8 @@ def single_host(workers) -> dict:
     return workers["single"]
 
 
-@pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int4/tp2",
-                                 "fp8/tp4", "unrolled/tp4"])
+@pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
+                                 "int4/tp2", "fp8/tp4", "unrolled/tp4"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
     name = run.split("/")[0]
@@ -323,12 +324,22 @@ QUANTIZED_FIELD_AXES = {"int8": {"q": "nk", "scale": "n"}, "fp8": {"q": "nk", "s
                         "int4": {"packed": "kn", "scales": "kn", "zeros": "kn"}}
 
 
-@pytest.mark.parametrize("run", ["int8/tp4", "int4/tp2", "fp8/tp4"])
+@pytest.mark.parametrize("run", ["int8/tp4", "int8-tied/tp4", "int4/tp2", "fp8/tp4"])
 def test_quantized_fields_split_with_their_matrix(single_host, run):
     """A column-parallel matrix's scales are split over N, a row-parallel one's over K (its
-    groups, where there are at least as many groups as devices; else they are replicated)."""
-    method, tp = run.split("/")[0], int(run.split("tp")[1])
+    groups, where there are at least as many groups as devices; else they are replicated).
+    The int8 LM head (K-major ``[V, H]``, a tied model's too) is vocab-parallel like the dense
+    one, its scales with its rows; a tied model's embedding stays dense and vocab-parallel."""
+    method, tp = run.split("/")[0].split("-")[0], int(run.split("tp")[1])
     layout = single_host[run]["layout"]
+    if method == "int8":
+        assert layout["lm_head/q"]["spec"] == ["tp", None] and layout["lm_head/scale"]["spec"] == ["tp"]
+        assert layout["lm_head/q"]["devices"] == tp and layout["embed"]["spec"] == EXPECTED_SPECS["embed"]
+        vocab, hidden = layout["embed"]["shape"]
+        assert layout["lm_head/q"]["shape"] == [vocab, hidden] and layout["lm_head/q"]["shard_shapes"] == [
+            [vocab // tp, hidden]]
+    else:  # the dense head (none when tied: fp8's qwen2)
+        assert "lm_head" not in layout or layout["lm_head"]["spec"] == EXPECTED_SPECS["lm_head"]
     for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
         _, k_axis, n_axis = EXPECTED_SPECS[f"layers/{name}"]
         for field, axes in QUANTIZED_FIELD_AXES[method].items():
