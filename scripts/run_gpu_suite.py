@@ -62,7 +62,9 @@ GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtile
 # launch (pallas_kernels.add_rms_norm, opt-in: slower than XLA's three in run 28c).
 AWQ_BATCH1_VARIANTS = (*((name, (f"PAGEDJAX_MATMUL_CONFIG={fields}",), "gpu-tests-subtiles")
                          for name, fields in GEMV_INT4_VARIANTS),
-                       ("addnorm64", ("PAGEDJAX_ADD_NORM_MAX_ROWS=64",), "gpu-tests-add-norm"))
+                       ("addnorm64", ("PAGEDJAX_ADD_NORM_MAX_ROWS=64",), "gpu-tests-add-norm"),
+                       # The LM head in int8 (opt-in for AWQ: the checkpoint's head is bf16).
+                       ("head8", ("PAGEDJAX_INT8_LM_HEAD=1",), "gpu-tests-subtiles"))
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -208,6 +210,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 180),
+        ("engine-quantized", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "quantized", "tests/test_engine_gpu.py"],
+         150),
         ("latency-int8", latency("int8"), 100),
         ("latency-int8-xla", latency("int8", "--linear-backend", "xla"), 80),
         ("latency-awq", latency("awq"), 100),
