@@ -112,9 +112,9 @@ class MatmulConfig:
     gemv_convert: str = "affine"
     # GEMV: 1 issues each step's weight loads a step ahead of its arithmetic (``double_buffered_loop``).
     # Triton's pipeliner leaves loads that feed no dot alone (NOTES.md, after run 16b), so at 0 each
-    # step waits a memory latency for its own tile. None: 1 for the [K, N] int8 GEMV, 0 otherwise (run 17a,
-    # w_gate_up at one row: int8 56.3 -> 47.6 us; int4 56.6 -> 60.6 us; the K-major int8 GEMV with its deferred
-    # sum: run 26a, below).
+    # step waits a memory latency for its own tile. None: 1 for the [K, N] int8 GEMV and for the factored int4 GEMV,
+    # 0 otherwise (run 17a, w_gate_up at one row: int8 56.3 -> 47.6 us; unfactored int4 56.6 -> 60.6 us; factored
+    # int4: run 29b, below; the K-major int8 GEMV with its deferred sum: run 26a, below).
     gemv_prefetch: Optional[int] = None
     # GEMVs: each multiply-add as one fused instruction (``fma.rn.f32`` in inline PTX; compiled only). jaxlib's Triton
     # pipeline does not contract a multiply and an add: the int4 GEMV's loop ran 259 FMUL + 257 FADD for 128 weights a
@@ -125,16 +125,19 @@ class MatmulConfig:
     # accumulator: 168 registers a thread at 1 (12 warps a multiprocessor, waiting on memory: ncu, run 26d), 72 at 8
     # (loop 502 -> 547 instructions). Runs 27a-c (H200, 8B AWQ at batch 1): w_gate_up 33.0 -> 28.3 us (ncu, 23 warps,
     # 2.30 TB/s; 4 blocks 29.0, 16 blocks 29.5); the decode step's int4 GEMVs 2.06 -> 1.82 ms (profile, same
-    # lease); TPOT 2.93-2.98 -> 2.72-2.81 ms (same lease; single runs spread +-8%, NOTES.md).
-    gemv_subtiles: int = 8
+    # lease); TPOT 2.93-2.98 -> 2.72-2.81 ms (same lease; single runs spread +-8%, NOTES.md). With the factored
+    # form below: 4 (run 29b).
+    gemv_subtiles: int = 4
     # int4 GEMV with the deferred sum: a step's products x * q summed without the group's scale and zero (one
     # multiply-add a weight), which each step's sum then takes once per accumulator element: ``s (sum x q - z sum x)``,
     # as the per-step reduction does. The plain form dequantizes each weight first (``(q - z) s``: two multiply-adds
     # a weight). A step is one group (the packing block divides the group), so s and z hold over it.
-    # The K-major int8 GEMV (deferred sum) likewise: each int8 byte placed in the mantissa of 1.0 arrives as
-    # ``1 + (q + 128) / 32768`` with no subtract, and the offset leaves once a program (``- 32896 sum x``); for 16-bit
-    # activations only (the cancellation costs ~6e-5 of the largest output: below bf16's rounding, not float32's).
-    gemv_factor_scales: bool = False
+    # Runs 29a-b (H200, 8B AWQ at batch 1, profiles of the step's kernels; the unfactored 8 blocks 2,683-2,699 us):
+    # factored at 8 blocks 3,215 (ptxas issues each block's load just before its arithmetic: a memory latency a
+    # block), at 4 blocks 2,618-2,628, at 2 2,626, at 1 2,709; at 4 blocks with loads a step ahead **2,549** (-5%:
+    # the int4 GEMVs 1,820 -> 1,685 us), at 2 with them 2,672. Hence the defaults: factored, 4 blocks, loads ahead.
+    # (The K-major int8 GEMV with its conversion's offset factored the same way was 4% slower in run 29b: removed.)
+    gemv_factor_scales: bool = True
     # The K-major int8 GEMV (``int8_kmajor_matmul``): tile of kmajor_block_n columns x kmajor_block_k K bytes
     # (upper bounds, as block_n / block_k); warps, programs per core, conversion and loads ahead as the GEMV's.
     # Run 23a-b (H200, 8B int8 at batch 1): 64 x 64 TPOT 4.52 ms, block_k 128 x block_n 32 3.14, 256 x 16 3.11
@@ -267,16 +270,6 @@ def _half_plus_over_256(b: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type((b.astype(jnp.int32) << 16) | _HALF_BITS, jnp.float32)
 
 
-_ONE_BITS = 0x3F800000  # float32 1.0: a byte b in its bits 8-15 (mantissa bits 8-15) gives 1 + b / 32768
-_INT8_OFFSET_SCALE, _INT8_OFFSET_SHIFT = 32768.0, 32768.0 + 128.0  # q = 32768 f - 32896 for f = 1 + (q + 128) / 32768
-
-
-def _one_plus_byte_over_32768(q: jax.Array) -> jax.Array:
-    """int8 ``q`` as the float32 ``1 + (q + 128) / 32768``, exactly (the "int8_offset" permute's jnp form)."""
-    b = (q.astype(jnp.int32) + 128) << 8
-    return lax.bitcast_convert_type(b | _ONE_BITS, jnp.float32)
-
-
 # Inline PTX for the "permute" and "affine" conversions: ``prmt.b32 d, a, e, sel`` builds d from the bytes of a (indices
 # 0-3) and of e (indices 4-7), byte i of d from the byte numbered by hex digit i of sel. With e = 0x4B000000 and byte_j
 # of a in byte 0 of d, d is the bits of 2^23 + byte_j; with e = 0.5's bits and byte_j in byte 2, of 0.5 + byte_j / 256.
@@ -294,8 +287,6 @@ _LOW_NIBBLES = ("and.b32 u, $4, 0x0F0F0F0F;",)
 _HIGH_NIBBLES = ("shr.u32 u, $4, 4;", "and.b32 u, u, 0x0F0F0F0F;")
 _PERMUTES = {  # name -> (PTX, the value to subtract from the permuted word's float32)
     "int8": (_bytes_ptx("xor.b32 u, $4, 0x80808080;"), _TWO_23 + 128),  # signed + 128 (each sign bit flipped)
-    # 1 + (q + 128) / 32768: the unsigned byte in mantissa bits 8-15 of 1.0, nothing subtracted ("int8_offset")
-    "int8_offset": (_bytes_ptx("xor.b32 u, $4, 0x80808080;", base=_ONE_BITS, position=1), 0.0),
     "low_nibbles": (_bytes_ptx(*_LOW_NIBBLES), _TWO_23),
     "high_nibbles": (_bytes_ptx(*_HIGH_NIBBLES), _TWO_23),
     # 0.5 + nibble / 256, nothing subtracted ("affine")
@@ -468,13 +459,11 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
 
 
 def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k: int, steps: int, convert: str,
-                        prefetch: int, defer_reduction: bool = False, fma: bool = False, factor_offset: bool = False):
+                        prefetch: int, defer_reduction: bool = False, fma: bool = False):
     """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over ``steps * block_k``
     of K; each step's products summed over K at once (inside each thread for the most part: a tile row is
     contiguous K), so the accumulator is one float32 a column. ``defer_reduction``: the products accumulate in a
-    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape.
-    ``factor_offset`` (deferred sum, permute conversions): weights arrive as ``1 + (q + 128) / 32768``
-    (``gemv_factor_scales``) and the offset leaves after the loop, from the sum of the program's slice of x."""
+    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape."""
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
@@ -492,10 +481,7 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
             x = pltriton.load(x_ref.at[jnp.zeros((block_n, 1), jnp.int32), ks]).astype(jnp.float32)
         else:
             x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)[None, :]
-        if factor_offset:
-            w = _one_plus_byte_over_32768(w) if convert == "exponent" else _permute_to_f32("int8_offset", w)
-        else:
-            w = _integers_as_f32(w, "int8", convert)
+        w = _integers_as_f32(w, "int8", convert)
         if defer_reduction:
             return multiply_add(x, w, acc, fma)
         return acc + jnp.sum(x * w, axis=1)
@@ -507,9 +493,6 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
         acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
     if defer_reduction:
         acc = jnp.sum(acc, axis=1)
-    if factor_offset:  # sum_k x q = 32768 sum_k x f - 32896 sum_k x
-        x_sum = jnp.sum(x_ref[0, pl.ds(pl.multiple_of(first_k, block_k), steps * block_k)].astype(jnp.float32))
-        acc = acc * _INT8_OFFSET_SCALE - x_sum * _INT8_OFFSET_SHIFT
     o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
 
 
@@ -683,7 +666,8 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, norm_eps=None, keep_splits=False):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``. ``norm_eps``: int4 only, the last of
     ``extras`` an RMSNorm's weight ``[1, K]`` (``int4_rms_norm_matmul``)."""
-    prefetch, convert = _gemv_loop_settings(fmt, config, interpret, default_prefetch=int(fmt == "int8"))
+    prefetch, convert = _gemv_loop_settings(fmt, config, interpret, default_prefetch=int(
+        fmt == "int8" or (fmt == "int4" and config.gemv_factor_scales and config.gemv_defer_reduction)))
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
     if fmt == "int4" and (config.gemv_subtiles < 1 or (block_k // 2) % config.gemv_subtiles):
         raise ValueError(f"gemv_subtiles must divide the {block_k // 2} packed rows of a step, "
@@ -744,9 +728,7 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core, config.gemv_min_steps)
     kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
-                               fma=config.gemv_fma and not interpret,
-                               factor_offset=(config.gemv_factor_scales and config.kmajor_defer_reduction
-                                              and convert in ("permute", "exponent") and x.dtype != jnp.float32))
+                               fma=config.gemv_fma and not interpret)
     return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name="int8_kmajor_gemv", keep_splits=keep_splits)
 

@@ -48,6 +48,8 @@ GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtile
                       ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'),
                       ("minsteps2", '{"gemv_min_steps": 2}'), ("minsteps1", '{"gemv_min_steps": 1}'),
                       ("n64", '{"gemv_block_n": 64}'),
+                      # The default before run 29b (each weight dequantized, 8 blocks, no loads ahead).
+                      ("unfactored", '{"gemv_factor_scales": false, "gemv_subtiles": 8, "gemv_prefetch": 0}'),
                       # The group's scale and zero out of the products (gemv_factor_scales; offline SASS at w_gate_up:
                       # 547 -> 449 loop instructions, 72 -> 48 registers at 8 blocks). Run 29a: slower at 8 and 16
                       # blocks (ptxas issues each block's load just before its arithmetic: a memory latency a block),

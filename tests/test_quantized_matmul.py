@@ -104,8 +104,12 @@ CPU_CASES = [
     ("int4", 1, 512, 256, 128, jnp.float32, MatmulConfig(gemv_convert="cvt")),
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_subtiles=16)),
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_subtiles=4, gemv_defer_reduction=False)),
-    # The group's scale and zero out of the products (gemv_factor_scales): each conversion, blocks of rows, split,
-    # loads ahead, pack blocks of 128 / 64 / 32.
+    # The unfactored form (the default before run 29b: (q - z) s a weight, 8 blocks): loads ahead or not, split.
+    ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_factor_scales=False, gemv_subtiles=8)),
+    ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_factor_scales=False,
+                                                        gemv_subtiles=8, gemv_prefetch=1)),
+    # The group's scale and zero out of the products (gemv_factor_scales, the default): each conversion, blocks of
+    # rows, split, loads ahead, pack blocks of 128 / 64 / 32.
     ("int4", 1, 512, 256, 128, jnp.bfloat16, MatmulConfig(gemv_factor_scales=True)),
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_subtiles=2,
                                                         gemv_prefetch=1, gemv_factor_scales=True)),
@@ -240,12 +244,6 @@ KMAJOR_CASES = [  # (M, K, N, dtype, config): the K-major int8 GEMV at one row (
     (1, 224, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=1)),  # 7 steps
     (1, 256, 128, jnp.float32, MatmulConfig(gemv_convert="cvt")),
     (5, 256, 128, jnp.float32, MatmulConfig()),
-    # The conversion's offset out of the products (gemv_factor_scales): split, loads ahead, 7 steps, a large K.
-    (1, 512, 256, jnp.bfloat16, MatmulConfig(gemv_factor_scales=True)),
-    (1, 384, 96, jnp.float16, MatmulConfig(k_splits=3, kmajor_block_k=32, kmajor_block_n=32, gemv_factor_scales=True)),
-    (1, 224, 96, jnp.bfloat16, MatmulConfig(kmajor_block_k=32, gemv_prefetch=1, gemv_factor_scales=True)),
-    (1, 14336, 64, jnp.bfloat16, MatmulConfig(gemv_factor_scales=True)),
-    (1, 256, 128, jnp.float32, MatmulConfig(gemv_factor_scales=True)),  # float32 x: not factored
     # Each step's products summed over K at once (the default before run 26a): split, loads ahead or not, 7 steps.
     (1, 512, 256, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=False)),
     (1, 384, 96, jnp.float32, MatmulConfig(k_splits=3, kmajor_block_k=32, kmajor_block_n=32,
@@ -279,9 +277,9 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
     from pallas_kernels.quantized_matmul import int8_kmajor_matmul
 
     x, qt, scale = jnp.ones((1, 1024), jnp.bfloat16), jnp.ones((512, 1024), jnp.int8), jnp.ones((512,), jnp.float32)
-    for defer, factored in ((False, False), (True, False), (True, True)):
+    for defer in (False, True):
         fn = jax.jit(functools.partial(int8_kmajor_matmul, interpret=False,
-                                       config=MatmulConfig(kmajor_defer_reduction=defer, gemv_factor_scales=factored)))
+                                       config=MatmulConfig(kmajor_defer_reduction=defer)))
         assert fn.trace(x, qt, scale).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
     with pytest.raises(ValueError, match="scale"):
         int8_kmajor_matmul(x, qt, jnp.ones((1024,)))
@@ -291,12 +289,10 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672)])
-@pytest.mark.parametrize("defer,fma,factored", [(False, True, False), (True, True, False), (True, False, False),
-                                                (True, True, True)],
-                         ids=["summed-each-step", "kmajor_defer", "kmajor_defer-unfused", "kmajor_defer-factored"])
-def test_kmajor_int8_matches_reference_on_gpu(K, N, defer, fma, factored):
-    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer, gemv_fma=fma,
-                                                        gemv_factor_scales=factored), interpret=False)
+@pytest.mark.parametrize("defer,fma", [(False, True), (True, True), (True, False)],
+                         ids=["summed-each-step", "kmajor_defer", "kmajor_defer-unfused"])
+def test_kmajor_int8_matches_reference_on_gpu(K, N, defer, fma):
+    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer, gemv_fma=fma), interpret=False)
 
 
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
@@ -361,6 +357,8 @@ GPU_CASES = [
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672)) for subtiles in (1, 4, 16)
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_min_steps=1))  # 32 splits of one step
      for K, N in ((4096, 6144), (4096, 4096))
+] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_factor_scales=False, gemv_subtiles=8))  # before 29b
+     for K, N in ((4096, 6144), (4096, 28672))
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_factor_scales=True, gemv_prefetch=prefetch))
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672), (4096, 4096)) for prefetch in (0, 1)
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_factor_scales=True, gemv_subtiles=subtiles,
@@ -381,7 +379,8 @@ def case_id(value):
     return (f"convert-{value.gemv_convert}" + ("" if value.gemv_fma else "-unfused")
             + (f"-subtiles{value.gemv_subtiles}" if value.gemv_subtiles != MatmulConfig.gemv_subtiles else "")
             + (f"-min_steps{value.gemv_min_steps}" if value.gemv_min_steps != MatmulConfig.gemv_min_steps else "")
-            + ("-factored" if value.gemv_factor_scales else "") + ("-prefetch" if value.gemv_prefetch else ""))
+            + ("-factored" if value.gemv_factor_scales else "-unfactored")
+            + ("-prefetch" if value.gemv_prefetch else ""))
 
 
 @pytest.mark.gpu
