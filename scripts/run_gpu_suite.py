@@ -595,13 +595,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "--sweep-shapes", "wqkv,wo,w_gate_up,w_down", "--sweep-variants", "pallas-int4", "--sweep-configs",
             json.dumps([{}, *(json.loads(fields) for name, fields in GEMV_INT4_VARIANTS if name.startswith("factored")),
                         {}])), 200),
-        # After run 29a: the K-major int8 GEMV with the conversion's offset out of the products (gemv_factor_scales:
-        # offline 144 -> 112 loop instructions), and the int8 LM head ($PAGEDJAX_INT8_LM_HEAD, default on for int8).
-        ("gpu-tests-int8-factored", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "kmajor",
-                                     "tests/test_quantized_matmul.py"], 90),
-        *[(f"{kind}-int8{suffix}", ["env", *assignments] + command(f"{kind}-int8{suffix}"), 100)
-          for suffix, assignments in (("-factored", ('PAGEDJAX_MATMUL_CONFIG={"gemv_factor_scales": true}',)),
-                                      ("-head16", ("PAGEDJAX_INT8_LM_HEAD=0",)))
+        # The int8 LM head ($PAGEDJAX_INT8_LM_HEAD, default on for int8) against the bf16 one (run 29b: -140 us a step).
+        *[(f"{kind}-int8-head16", ["env", "PAGEDJAX_INT8_LM_HEAD=0"] + command(f"{kind}-int8-head16"), 100)
           for kind, command in (
               ("profile-decode1", lambda name: profile(name, "--step", "decode", "--batch", "1", "--ctx", "192",
                                                        "--quantization", "int8", "--precompile-steps", "off")),
