@@ -581,7 +581,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Runs 27a-b: the int4 GEMV's packed tile in blocks of rows (gemv_subtiles, 168 registers at 1 block, 72 at 8)
         # against the default of then (1 block) in one lease.
         ("gpu-tests-subtiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "subtiles or min_steps or factored",
-                                "tests/test_quantized_matmul.py"], 90),
+                                "tests/test_quantized_matmul.py"], 180),
         # Run 27b: batch-1 AWQ TPOT spread +-8% between runs of one config in one lease, more than the GEMV variants
         # differ. So (run 27c): the int4 GEMV's variants timed in one process at the 8B's four layer shapes (the
         # default again last, for drift), and the decode step's kernel times from a trace (steady where TPOT is not)
