@@ -165,7 +165,8 @@ class LLM:
 
     def stats(self) -> dict:
         """Engine counters (steps, largest batch, tokens, preemptions), read between steps."""
-        return self._loop.call(lambda e: {**e.stats, "num_preemptions": e.scheduler.num_preemptions})
+        return self._loop.call(lambda e: {**e.stats, **e.runner.dispatch_stats,
+                                          "num_preemptions": e.scheduler.num_preemptions})
 
     def get_trace(self, reset: bool = False):
         """The per-step trace (``engine.trace.StepTrace``) of an engine built with ``trace=True``;

@@ -4,7 +4,7 @@ Owns the device state (params, paged KV cache) and a step's jitted programs: a t
 the step's host inputs (packed into one array, one copy) into the device buffers the last step of
 that shape read, the model step ``(params, kv_cache, model_input, ...) -> (logits, kv_cache)``
 with the cache donated, then the sampler ``(logits, sampling, previous tokens) -> (tokens,
-logprobs, ...)``. Every buffer a small step touches keeps its address from step to step, so XLA
+logprobs, ...)``, its metadata's arrays packed into one host-to-device copy too. Every buffer a small step touches keeps its address from step to step, so XLA
 replays the step's CUDA graphs instead of re-recording them. Shapes are padded to power-of-two
 buckets so the step compiles a bounded number of times (all of them at start-up with
 ``precompile``). Knows nothing of stop conditions or text.
@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -236,6 +237,40 @@ def _shapes_of(leaves: list[np.ndarray]) -> tuple:
     return tuple(leaf.shape for leaf in leaves)
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Where each array of a pytree of 32-bit arrays lies in its flat int32 copy (``pack_arrays``): hashable, a
+    jit's static argument."""
+
+    treedef: Any
+    shapes: tuple
+    dtypes: tuple
+
+
+def pack_arrays(tree) -> tuple[np.ndarray, PackedLayout]:
+    """A pytree of 32-bit numpy arrays as one flat int32 array (float32 and uint32 by their bits), and its layout:
+    one host-to-device copy instead of one an array (the sampler's metadata: 12 arrays a step)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [np.asarray(leaf) for leaf in leaves]
+    if any(a.dtype.itemsize != 4 for a in arrays):
+        raise ValueError(f"pack_arrays takes 32-bit arrays, got {[str(a.dtype) for a in arrays]}")
+    flat = np.concatenate([np.ravel(a).view(np.int32) for a in arrays]) if arrays else np.zeros(0, np.int32)
+    return flat, PackedLayout(treedef, tuple(a.shape for a in arrays), tuple(a.dtype.str for a in arrays))
+
+
+def _split_flat(flat: jax.Array, shapes: Sequence[tuple]) -> list[jax.Array]:
+    """Consecutive pieces of ``flat`` in ``shapes`` (traced)."""
+    offsets = np.cumsum([0] + [int(np.prod(shape)) for shape in shapes])
+    return [flat[start:stop].reshape(shape) for shape, start, stop in zip(shapes, offsets[:-1], offsets[1:])]
+
+
+def unpack_arrays(flat: jax.Array, layout: PackedLayout):
+    """``pack_arrays``' inverse, traced: the pytree back, each array in its own dtype."""
+    pieces = [piece if np.dtype(dtype) == np.int32 else jax.lax.bitcast_convert_type(piece, np.dtype(dtype))
+              for piece, dtype in zip(_split_flat(flat, layout.shapes), layout.dtypes)]
+    return jax.tree.unflatten(layout.treedef, pieces)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -333,8 +368,11 @@ class ModelRunner:
         self._stage = jax.jit(_stage_step_input, donate_argnums=(0,), keep_unused=True, **stage_placement)
         self._staged = {}  # the step inputs' shapes -> their device buffers (``_step_input_on_device``)
         self._logits_buffers = {}  # sequence slots -> the last step's logits, the next one's output buffer
-        self._sample = jax.jit(self._sample_step, static_argnames=("num_logprobs",), donate_argnums=(2,),
+        self._sample = jax.jit(self._sample_step, static_argnames=("layout", "num_logprobs"), donate_argnums=(2,),
                                **sample_placement)
+        # Host seconds a step in each of dispatch()'s parts: its inputs (built, packed, copied and staged), the
+        # model step's call and the sampler's (metadata packed and copied, the call): LLM.stats() reports them.
+        self.dispatch_stats = {"dispatch_inputs_s": 0.0, "dispatch_model_s": 0.0, "dispatch_sampler_s": 0.0}
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)
 
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
@@ -347,9 +385,10 @@ class ModelRunner:
         history): the shapes and dtypes of that sampler variant."""
         return build_sampling_metadata([params], [[]], [[0]], [0], [0], num_seqs)
 
-    def _abstract_sampling(self, params: SamplingParams, num_seqs: int) -> SamplingMetadata:
-        return jax.tree.map(lambda x: self._abstract(np.shape(x), np.asarray(x).dtype),
-                            self._uniform_sampling(params, num_seqs))
+    def _abstract_sampling(self, params: SamplingParams, num_seqs: int) -> tuple[jax.ShapeDtypeStruct, PackedLayout]:
+        """The sampler's packed metadata for ``num_seqs`` slots under ``params``: abstract array and its layout."""
+        flat, layout = pack_arrays(self._uniform_sampling(params, num_seqs))
+        return self._abstract(flat.shape), layout
 
     def _abstract_logits(self, num_seqs: int) -> jax.ShapeDtypeStruct:
         return self._abstract([num_seqs, self.config.vocab_size], jnp.float32, self._logits_sharding)
@@ -369,8 +408,9 @@ class ModelRunner:
                              self._make_kv_cache(2))
         sampled = self._abstract([self.max_num_seqs])
         step = jax.jit(self._model_step).trace(self.params, cache, model_input, sampled, feed, None)
-        sampler = jax.jit(self._sample_step, static_argnames=("num_logprobs",)).trace(
-            self._abstract_logits(S), self._abstract_sampling(SamplingParams(), S), sampled, num_logprobs=None)
+        packed, layout = self._abstract_sampling(SamplingParams(), S)
+        sampler = jax.jit(self._sample_step, static_argnames=("layout", "num_logprobs")).trace(
+            self._abstract_logits(S), packed, sampled, layout=layout, num_logprobs=None)
         options = self.compiler_options or None
         path = cache_dir("activation-bytes", sizing_key(step, sampler, options, self.params, cache) + ".json")
         if os.path.exists(path):
@@ -402,12 +442,13 @@ class ModelRunner:
         model_input = model_input.replace(token_ids=jnp.where(feed_index >= 0, fed, model_input.token_ids))
         return self._forward(params, kv_cache, model_input)
 
-    def _sample_step(self, logits, sampling, previous_sampled, *, num_logprobs):
+    def _sample_step(self, logits, packed_sampling, previous_sampled, *, layout, num_logprobs):
         """This step's tokens as the next step's ``last_sampled``, written over ``previous_sampled`` (donated:
         it keeps its buffer), and the sampler's output. The tokens come first: jit hands a donated buffer to
         the first output of its shape, and the output's ``token_ids`` have that shape when ``S`` is
-        ``max_num_seqs``."""
-        result = sample(logits, sampling, num_logprobs=num_logprobs)
+        ``max_num_seqs``. ``packed_sampling``: the step's ``SamplingMetadata`` packed by ``layout``
+        (``pack_arrays``)."""
+        result = sample(logits, unpack_arrays(packed_sampling, layout), num_logprobs=num_logprobs)
         n = result.token_ids.shape[0]
         return previous_sampled.at[:n].set(result.token_ids).at[n:].set(0), result
 
@@ -471,14 +512,14 @@ class ModelRunner:
                 jax.block_until_ready(logits)
                 if workers <= 1:
                     bar.update()
-            sampler_inputs = [(logits_of[S], self._placed(self._uniform_sampling(params, S)))
+            sampler_inputs = [(logits_of[S], *self._packed_sampling(self._uniform_sampling(params, S)))
                               for S in slots for params in samplers]
             if workers > 1:
-                compile_ahead([functools.partial(self._sample.lower, logits, sampling, self._sampled,
+                compile_ahead([functools.partial(self._sample.lower, logits, packed, self._sampled, layout=layout,
                                                  num_logprobs=None)
-                               for logits, sampling in sampler_inputs], workers, on_done=bar.update)
-            for logits, sampling in sampler_inputs:
-                self._sampled, _ = self._sample(logits, sampling, self._sampled, num_logprobs=None)
+                               for logits, packed, layout in sampler_inputs], workers, on_done=bar.update)
+            for logits, packed, layout in sampler_inputs:
+                self._sampled, _ = self._sample(logits, packed, self._sampled, layout=layout, num_logprobs=None)
                 jax.block_until_ready(self._sampled)
                 if workers <= 1:
                     bar.update()
@@ -523,6 +564,7 @@ class ModelRunner:
         """Start one step on the device and return at once (JAX dispatches asynchronously); the
         tokens of works with a ``feed_row`` come from the step dispatched before this one."""
         self._lead("dispatch", list(work), sampling, num_logprobs=num_logprobs)
+        started = time.perf_counter()
         model_input = self.build_model_input(work)
         feed = np.full(model_input.token_ids.shape, -1, np.int32)
         fed = [(i, w.feed_row) for i, w in enumerate(work) if w.feed_row >= 0]
@@ -530,10 +572,20 @@ class ModelRunner:
             seqs, rows = zip(*fed)
             feed[model_input.cu_q_lens[list(seqs)]] = rows  # a fed work is a single-token decode
         model_input, feed = self._step_input_on_device(model_input, feed)
+        staged = time.perf_counter()
         logits = self._run_step(model_input.token_ids.shape[0], model_input, feed)
-        self._sampled, result = self._sample(logits, self._placed(sampling), self._sampled,
-                                             num_logprobs=num_logprobs)
+        stepped = time.perf_counter()
+        packed, layout = self._packed_sampling(sampling)
+        self._sampled, result = self._sample(logits, packed, self._sampled, layout=layout, num_logprobs=num_logprobs)
+        sampled = time.perf_counter()
+        for name, seconds in (("inputs", staged - started), ("model", stepped - staged), ("sampler", sampled - stepped)):
+            self.dispatch_stats[f"dispatch_{name}_s"] += seconds
         return PendingStep(result, len(work))
+
+    def _packed_sampling(self, sampling: SamplingMetadata) -> tuple[jax.Array, PackedLayout]:
+        """The step's sampling metadata as the sampler takes it: one packed array, placed, and its layout."""
+        flat, layout = pack_arrays(sampling)
+        return self._placed(flat), layout
 
     def _placed(self, inputs):
         """Host step inputs as the step takes them: replicated over the mesh, else left to jit."""
@@ -625,9 +677,7 @@ def _stage_step_input(staged, flat: jax.Array):
     input's buffer, so the step's inputs keep their device addresses. Only the arrays' shapes are read, so the
     jit needs ``keep_unused=True``, or it drops them and their donation with them."""
     leaves, treedef = jax.tree.flatten(staged)
-    offsets = np.cumsum([0] + [leaf.size for leaf in leaves])
-    return jax.tree.unflatten(treedef, [flat[start:stop].reshape(leaf.shape)
-                                        for leaf, start, stop in zip(leaves, offsets[:-1], offsets[1:])])
+    return jax.tree.unflatten(treedef, _split_flat(flat, [leaf.shape for leaf in leaves]))
 
 
 def _copy_blocks(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:

@@ -278,6 +278,8 @@ def test_latency_json(bench_dir):
     assert result["tpot_ms"] <= result["e2e_ms"]
     # The engine's host / device split of the timed steps: each step either waits for the device or not.
     assert result["host_ms_per_step"] > result["dispatch_ms_per_step"] > 0 and result["wait_ms_per_step"] >= 0
+    parts = [result[f"dispatch_{part}_ms_per_step"] for part in ("inputs", "model", "sampler")]
+    assert all(p > 0 for p in parts) and sum(parts) <= result["dispatch_ms_per_step"]  # dispatch's own parts
     peer = result["peer"]
     assert "error" not in peer, peer
     assert {"ttft_ms", "tpot_ms", "output_tok_s"} <= peer.keys() and peer["output_len"] == 6

@@ -305,3 +305,22 @@ def test_builder_rows_do_not_depend_on_the_batch_or_on_shared_params(rng):
         for name in ("prompt_token_ids", "output_token_ids", "banned_token_ids"):
             row, alone_row = getattr(batch, name)[i], getattr(alone, name)[0]
             assert row[row >= 0].tolist() == alone_row[alone_row >= 0].tolist(), name
+
+
+def test_sampling_metadata_packs_into_one_array_and_back():
+    """The runner sends a step's sampling metadata as one int32 array (float32 and uint32 by their bits): the
+    sampler's unpacked arrays equal the host's, dtypes, shapes, empty token lists and static flags included."""
+    from engine.runner import pack_arrays, unpack_arrays
+
+    params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=5, presence_penalty=0.5, seed=3),
+              SamplingParams(temperature=0.0, repetition_penalty=1.2)]
+    meta = build_sampling_metadata(params, [[5, 6], []], [[1, 2, 3], [4]], [2**31 + 7, 11], [2, 0], 8)
+    flat, layout = pack_arrays(meta)
+    assert flat.dtype == np.int32 and flat.ndim == 1
+    back = jax.jit(unpack_arrays, static_argnums=1)(flat, layout)
+    assert jax.tree.structure(back) == jax.tree.structure(meta)  # the static flags ride in the treedef
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(meta)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(ValueError, match="32-bit"):
+        pack_arrays({"x": np.zeros(3, np.int8)})
