@@ -594,7 +594,7 @@ class ModelRunner:
     def _packed(self, leaves: list[np.ndarray]):
         """A step's int32 host inputs (the leaves of ``(model_input, feed)``) as one flat array, placed: one
         host-to-device copy a step, not nine."""
-        return self._placed(np.concatenate([np.ravel(leaf) for leaf in leaves]))
+        return self._placed(pack_arrays(leaves)[0])
 
     def _step_input_on_device(self, model_input: ModelInput, feed: np.ndarray) -> tuple[ModelInput, jax.Array]:
         """The step's inputs in device buffers that stay where they are from step to step: packed
