@@ -40,10 +40,10 @@ GRAPHS_WHILE_PROFILING = "--xla_enable_command_buffers_during_profiling=true"
 # The VMM allocator and XLA's command-buffer temporaries at a reserved virtual address (run 20b).
 SKIP_TEMP = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
 VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itself (engine/__init__)
-# int4 GEMV variants (suite name suffix, $PAGEDJAX_MATMUL_CONFIG): the packed tile in other numbers of row blocks
-# than the default 8 (MatmulConfig.gemv_subtiles; runs 27a-c: 1 was the default before, 2 / 4 / 16 slower than 8 at
-# the kernel); and more programs for the small weights (wqkv, wo: 384 / 256 programs at 4 steps each, a third of what
-# fits): programs of 2 or 1 steps, or 64 columns.
+# int4 GEMV variants (suite name suffix, $PAGEDJAX_MATMUL_CONFIG), each over today's defaults (since run 29b: factored,
+# 4 blocks, loads ahead): the packed tile in other numbers of row blocks (MatmulConfig.gemv_subtiles; runs 27a-c timed
+# them unfactored, where 8 won); more programs for the small weights (wqkv, wo: 384 / 256 programs at 4 steps each):
+# programs of 2 or 1 steps, or 64 columns; the unfactored form; the factored runs of 29a-b.
 GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtiles": 2}'),
                       ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'),
                       ("minsteps2", '{"gemv_min_steps": 2}'), ("minsteps1", '{"gemv_min_steps": 1}'),
