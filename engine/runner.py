@@ -4,8 +4,9 @@ Owns the device state (params, paged KV cache) and a step's jitted programs: a t
 the step's host inputs (packed into one array, one copy) into the device buffers the last step of
 that shape read, the model step ``(params, kv_cache, model_input, ...) -> (logits, kv_cache)``
 with the cache donated, then the sampler ``(logits, sampling, previous tokens) -> (tokens,
-logprobs, ...)``, its metadata's arrays packed into one host-to-device copy too. Every buffer a small step touches keeps its address from step to step, so XLA
-replays the step's CUDA graphs instead of re-recording them. Shapes are padded to power-of-two
+logprobs, ...)``, its metadata's arrays packed into one host-to-device copy too. Every buffer a
+small step touches keeps its address from step to step, so XLA replays the step's CUDA graphs
+instead of re-recording them. Shapes are padded to power-of-two
 buckets so the step compiles a bounded number of times (all of them at start-up with
 ``precompile``). Knows nothing of stop conditions or text.
 
@@ -495,7 +496,7 @@ class ModelRunner:
                 compile_ahead([functools.partial(self.step_fn(T).lower, self.params, self.kv_cache, model_input,
                                                  self._sampled, feed, self._logits_buffer(T, take=False))
                                for T, (model_input, feed) in staging.items()]
-                              + [functools.partial(self._stage.lower, staging[T], self._packed(leaves[T]))
+                              + [functools.partial(self._stage.lower, staging[T], self._packed(leaves[T])[0])
                                  for T in host_inputs], workers, on_done=bar.update)
             inputs = {}
             for T, host in host_inputs.items():
@@ -512,7 +513,7 @@ class ModelRunner:
                 jax.block_until_ready(logits)
                 if workers <= 1:
                     bar.update()
-            sampler_inputs = [(logits_of[S], *self._packed_sampling(self._uniform_sampling(params, S)))
+            sampler_inputs = [(logits_of[S], *self._packed(self._uniform_sampling(params, S)))
                               for S in slots for params in samplers]
             if workers > 1:
                 compile_ahead([functools.partial(self._sample.lower, logits, packed, self._sampled, layout=layout,
@@ -575,26 +576,24 @@ class ModelRunner:
         staged = time.perf_counter()
         logits = self._run_step(model_input.token_ids.shape[0], model_input, feed)
         stepped = time.perf_counter()
-        packed, layout = self._packed_sampling(sampling)
+        packed, layout = self._packed(sampling)
         self._sampled, result = self._sample(logits, packed, self._sampled, layout=layout, num_logprobs=num_logprobs)
         sampled = time.perf_counter()
-        for name, seconds in (("inputs", staged - started), ("model", stepped - staged), ("sampler", sampled - stepped)):
-            self.dispatch_stats[f"dispatch_{name}_s"] += seconds
+        for part, seconds in (("inputs", staged - started), ("model", stepped - staged),
+                              ("sampler", sampled - stepped)):
+            self.dispatch_stats[f"dispatch_{part}_s"] += seconds
         return PendingStep(result, len(work))
 
-    def _packed_sampling(self, sampling: SamplingMetadata) -> tuple[jax.Array, PackedLayout]:
-        """The step's sampling metadata as the sampler takes it: one packed array, placed, and its layout."""
-        flat, layout = pack_arrays(sampling)
-        return self._placed(flat), layout
 
     def _placed(self, inputs):
         """Host step inputs as the step takes them: replicated over the mesh, else left to jit."""
         return inputs if self._input_sharding is None else jax.device_put(inputs, self._input_sharding)
 
-    def _packed(self, leaves: list[np.ndarray]):
-        """A step's int32 host inputs (the leaves of ``(model_input, feed)``) as one flat array, placed: one
-        host-to-device copy a step, not nine."""
-        return self._placed(pack_arrays(leaves)[0])
+    def _packed(self, tree) -> tuple[jax.Array, PackedLayout]:
+        """Host step inputs (the leaves of ``(model_input, feed)``; the sampler's metadata) as one flat array,
+        placed, and its layout (``pack_arrays``): one host-to-device copy each a step, not nine and twelve."""
+        flat, layout = pack_arrays(tree)
+        return self._placed(flat), layout
 
     def _step_input_on_device(self, model_input: ModelInput, feed: np.ndarray) -> tuple[ModelInput, jax.Array]:
         """The step's inputs in device buffers that stay where they are from step to step: packed
@@ -605,7 +604,7 @@ class ModelRunner:
         own temporaries still move under JAX's default allocator: see ``engine/__init__``.)"""
         leaves = jax.tree.leaves((model_input, feed))
         key = _shapes_of(leaves)
-        staged = self._stage(self._staging_buffers(key, (model_input, feed)), self._packed(leaves))
+        staged = self._stage(self._staging_buffers(key, (model_input, feed)), self._packed(leaves)[0])
         self._staged[key] = staged
         return staged
 

@@ -150,9 +150,10 @@ def main(argv=None) -> dict:
         rows.append({**peer, "name": "hf generate"})
     bench_common.print_table(rows, ["name", "ttft_ms", "tpot_ms", "output_tok_s", "roofline_tpot_ms", "error"],
                              title=f"{WORKLOAD} on {result['device']}: {args.input_len} in / {args.output_len} out")
-    print("engine, per step of the timed requests: host {host_ms_per_step:.2f} ms (dispatch {dispatch_ms_per_step:.2f}: "
-          "inputs {dispatch_inputs_ms_per_step:.2f}, model {dispatch_model_ms_per_step:.2f}, sampler "
-          "{dispatch_sampler_ms_per_step:.2f}), waiting for the device {wait_ms_per_step:.2f} ms".format(**result))
+    print("engine, per step of the timed requests: host {host_ms_per_step:.2f} ms (dispatch "
+          "{dispatch_ms_per_step:.2f}: inputs {dispatch_inputs_ms_per_step:.2f}, "
+          "model {dispatch_model_ms_per_step:.2f}, sampler {dispatch_sampler_ms_per_step:.2f}), "
+          "waiting for the device {wait_ms_per_step:.2f} ms".format(**result))
     print(f"wrote {path}")
     return result
 

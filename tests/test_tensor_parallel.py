@@ -107,7 +107,7 @@ def _collectives(runner) -> list:
     step = runner.step_fn(model_input.token_ids.shape[0]).lower(
         runner.params, runner.kv_cache, model_input, runner._sampled, feed,
         runner._logits_buffer(model_input.token_ids.shape[0], take=False)).compile()
-    packed, layout = runner._packed_sampling(sampling)
+    packed, layout = runner._packed(sampling)
     sampler = runner._sample.lower(runner._abstract_logits(len(sampling.temperature)), packed, runner._sampled,
                                    layout=layout, num_logprobs=None).compile()
     ops = "all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"
