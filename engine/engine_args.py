@@ -82,6 +82,10 @@ class EngineArgs:
     # Who drives the engine: "llm" (offline LLM.generate) or "server" (the HTTP server). It picks the
     # default batch limits on large GPUs (``default_batch_limits``), as vLLM's usage context does.
     usage_context: str = "llm"
+    # Multi-step decoding (vLLM's --num-scheduler-steps): when every running request decodes and none waits, run
+    # this many decode steps in one dispatch, each step's tokens fed to the next on the device (engine.multi_step).
+    # The host's share of a step is then paid once for them; a request's tokens come out that many at a time.
+    num_scheduler_steps: int = 1
 
     def validate(self) -> None:
         if self.block_size not in (8, 16, 32, 64):
@@ -90,6 +94,8 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.usage_context not in ("llm", "server"):
             raise ValueError(f"usage_context must be 'llm' or 'server', got {self.usage_context!r}")
+        if not isinstance(self.num_scheduler_steps, int) or self.num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps must be a positive integer, got {self.num_scheduler_steps!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "num_gpu_blocks_override"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -56,6 +56,7 @@ class LLM:
         async_scheduling: Optional[bool] = None,
         compiler_options: Optional[dict] = None,
         precompile_steps: Optional[bool] = None,
+        num_scheduler_steps: int = 1,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -68,6 +69,7 @@ class LLM:
             unroll_layers=unroll_layers, fuse_projections=fuse_projections,
             scheduling_mode=scheduling_mode, trace=trace, async_scheduling=async_scheduling,
             compiler_options=compiler_options, precompile_steps=precompile_steps,
+            num_scheduler_steps=num_scheduler_steps,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)

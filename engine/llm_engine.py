@@ -126,7 +126,8 @@ class LLMEngine:
                                       mesh=mesh,
                                       unroll_layers=args.unroll_layers, fuse_projections=args.fuse_projections,
                                       linear_backend=args.linear_backend,
-                                      compiler_options=args.compiler_options, fixed_table_width=precompile)
+                                      compiler_options=args.compiler_options, fixed_table_width=precompile,
+                                      num_scheduler_steps=args.num_scheduler_steps)
             loaded.params = None  # the runner holds them, laid out for the step: free the loader's copy before sizing
             # Size the pool from memory really held: an earlier engine of this process freed (its objects sit in
             # reference cycles until collected) and this one's weights materialised (dispatch is asynchronous:
@@ -156,7 +157,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_tokens,
                                    max_num_seqs=max_seqs, max_model_len=self.max_model_len,
-                                   policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode)
+                                   policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode,
+                                   num_scheduler_steps=args.num_scheduler_steps)
         self.model_path = loaded.path
         kv_gib = num_blocks * kv_cache_bytes_per_block(config, args.block_size, kv_dtype) / 2**30
         self.max_concurrent_tokens = (num_blocks - 1) * args.block_size
@@ -182,6 +184,7 @@ class LLMEngine:
         self._seed_rng = np.random.default_rng(args.seed)
         self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0,
                       "steps_planned_ahead": 0,  # planned while the previous step ran (async scheduling)
+                      "multi_steps": 0,  # of the steps, multi-step decodes (EngineArgs.num_scheduler_steps)
                       # Seconds in step(): on the host's own work, of which putting steps on the device
                       # (runner.dispatch), and waiting for a step's tokens. A device-bound engine waits on
                       # every step; one whose host work per step exceeds the device's step never waits.
@@ -248,8 +251,11 @@ class LLMEngine:
         self.stats["prompt_tokens"] += len(prompt_ids)
 
     def _new_sample(self, group: _RequestGroup, seq_id: str, seed: int, now: float, priority: int) -> _Sample:
-        request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids),
-                          sampling_params=group.params, priority=priority, arrival_time=now)
+        params = group.params
+        # Multi-step decoding feeds a burst's tokens on the device: not where the host must see each token first.
+        request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids), sampling_params=params,
+                          priority=priority, arrival_time=now, max_output_tokens=group.max_output_tokens,
+                          multi_step=not params.has_penalties and params.min_tokens == 0)
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
@@ -349,7 +355,8 @@ class LLMEngine:
                         p.request.request_id: i for i, p in enumerate(previous.plan.scheduled) if p.samples}
                 feed_row = self._feed_row(s, feed_rows)
             work.append(SequenceWork(token_ids=token_ids, start=s.start, sample=s.samples, feed_row=feed_row,
-                                     block_table=self.block_manager.block_table_array(s.request.request_id)))
+                                     block_table=self.block_manager.block_table_array(s.request.request_id),
+                                     decode_steps=s.decode_steps))
         params = [group.params for _, group in entries]
         metadata = build_sampling_metadata(
             params,
@@ -364,13 +371,13 @@ class LLMEngine:
         # Round the static top-k width up (5 or the maximum) so few variants compile.
         num_logprobs = None if wanted is None else (5 if wanted <= 5 else MAX_LOGPROBS)
         dispatched = time.perf_counter()
-        pending = self.runner.dispatch(work, metadata, num_logprobs=num_logprobs)
+        pending = self.runner.dispatch(work, metadata, num_logprobs=num_logprobs, decode_steps=out.decode_steps)
         self.stats["dispatch_s"] += time.perf_counter() - dispatched
         # The pool as the step leaves it (its KV slots allocated), before the scheduler counts its tokens.
         trace = (None if self.tracer is None else
                  self.tracer.capture(out, self.scheduler, self.block_manager, step_start))
         if self.async_scheduling:  # the scheduler counts the step's tokens now, as pending
-            self.scheduler.update_after_step(out, {s.request.request_id: PENDING_TOKEN for s in scheduled if s.samples})
+            self.scheduler.update_after_step(out, {s.request.request_id: _pending(s) for s in scheduled if s.samples})
         return _LaunchedStep(out, entries, pending, step_start, trace)
 
     @staticmethod
@@ -393,8 +400,14 @@ class LLMEngine:
         self.stats["steps"] += 1
         self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(scheduled))
         tokens = result.token_ids.tolist()  # Python ints, converted once for the whole batch
+        if out.decode_steps == 1:
+            tokens_of, results = (lambda i, s: tokens[i:i + 1]), [result]
+        else:  # a multi-step decode: the steps first (engine.multi_step)
+            self.stats["multi_steps"] += 1
+            tokens_of = lambda i, s: [step[i] for step in tokens[:s.decode_steps]]  # noqa: E731
+            results = [jax.tree.map(lambda a: a[j], result) for j in range(out.decode_steps)]
         if not self.async_scheduling:
-            self.scheduler.update_after_step(out, {s.request.request_id: tokens[i]
+            self.scheduler.update_after_step(out, {s.request.request_id: _one_or_list(tokens_of(i, s))
                                                    for i, s in enumerate(scheduled) if s.samples})
         touched: dict[str, _RequestGroup] = {}
         now = time.monotonic()
@@ -404,11 +417,14 @@ class LLMEngine:
             sample, group = entries[i]
             if sample.finish_reason is not None:  # finished (stopped, aborted) while this step was in flight
                 continue
-            index = s.start + s.num_tokens - s.request.num_prompt_tokens  # this token's place in the outputs
-            if self.async_scheduling:  # fill in the pending token
-                s.request.output_token_ids[index] = tokens[i]
+            index = s.start + s.num_tokens - s.request.num_prompt_tokens  # the first token's place in the outputs
             group.first_token_time = group.first_token_time or now
-            self._record_token(group, sample, tokens[i], result, i, num_output_tokens=index + 1)
+            for j, token in enumerate(tokens_of(i, s)):
+                if self.async_scheduling:  # fill in the pending token
+                    s.request.output_token_ids[index + j] = token
+                self._record_token(group, sample, token, results[j], i, num_output_tokens=index + j + 1)
+                if sample.finish_reason is not None:  # its later tokens are dropped
+                    break
             if sample is group.samples[0] and len(group.samples) < group.params.n:
                 self._fork_samples(group, now)
             touched[group.request_id] = group
@@ -497,7 +513,19 @@ class LLMEngine:
 
 
 def _known_tokens(output_token_ids: list[int]) -> list[int]:
-    """A copy of the outputs without the token of a step still in flight (always the last, if any)."""
-    if output_token_ids and output_token_ids[-1] == PENDING_TOKEN:
-        return output_token_ids[:-1]
-    return list(output_token_ids)
+    """A copy of the outputs without the tokens of a step still in flight (always the last, if any)."""
+    end = len(output_token_ids)
+    while end and output_token_ids[end - 1] == PENDING_TOKEN:
+        end -= 1
+    return output_token_ids[:end]
+
+
+def _pending(s: ScheduledSequence):
+    """What a step in flight adds to a sequence's outputs: one ``PENDING_TOKEN`` a decode step."""
+    return _one_or_list([PENDING_TOKEN] * s.decode_steps)
+
+
+def _one_or_list(tokens: list[int]):
+    """A sequence's sampled tokens as ``Scheduler.update_after_step`` takes them: the token of a one-step
+    sequence, the list of a multi-step decode's."""
+    return tokens[0] if len(tokens) == 1 else tokens

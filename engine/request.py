@@ -42,6 +42,11 @@ class Request:
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    # Multi-step decoding (``Scheduler(num_scheduler_steps=...)``): whether this request's decodes may run several
+    # steps in one dispatch (the engine clears it where a token's sampling needs the host to see the token before
+    # it: penalties, ``min_tokens``), and the most output tokens it can have (a burst stops there; None: none).
+    multi_step: bool = True
+    max_output_tokens: int | None = None
 
     def __post_init__(self):
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from engine.cache_dir import cache_dir
 from engine.compile_ahead import compile_ahead, compile_workers
+from engine.multi_step import burst_output_shapes, decode_burst
 from engine.sampler import SamplerOutput, SamplingMetadata, build_sampling_metadata, sample
 from engine.sampling_params import SamplingParams
 from models.batch import KVCache, ModelInput, make_kv_cache
@@ -176,6 +177,7 @@ class SequenceWork:
     # Asynchronous scheduling: the one token of this decode is PENDING_TOKEN, to be taken on the
     # device from row ``feed_row`` of the previous step's sampled tokens (-1: the token is known).
     feed_row: int = -1
+    decode_steps: int = 1  # multi-step decoding: a decode run this many steps in one dispatch (engine.multi_step)
 
 
 @dataclasses.dataclass
@@ -184,6 +186,7 @@ class PendingStep:
 
     result: SamplerOutput
     num_seqs: int
+    burst: bool = False  # a multi-step decode's: every array has the steps first, ``[num_steps, S, ...]``
 
 
 def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_tokens: int, max_num_seqs: int,
@@ -292,6 +295,7 @@ class ModelRunner:
         fuse_projections: Optional[bool] = None,
         compiler_options: Optional[dict] = None,
         fixed_table_width: bool = False,
+        num_scheduler_steps: int = 1,
     ):
         """``unroll_layers``: unstack the layer weights and unroll the layer loop (None: on GPU only).
         ``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
@@ -303,7 +307,8 @@ class ModelRunner:
         ``activation_bytes``, to size the pool from what is left). ``compiler_options``: XLA options
         for the step (None: ``default_compiler_options``). ``fixed_table_width``: every step's block
         tables as wide as ``max_model_len`` needs, where that is cheap (``MAX_FIXED_TABLE_ENTRIES``;
-        ``table_width`` says whether it is), so ``precompile`` can compile every step shape."""
+        ``table_width`` says whether it is), so ``precompile`` can compile every step shape.
+        ``num_scheduler_steps``: the decode steps of a multi-step dispatch (``engine.multi_step``; 1: none)."""
         enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
         self.mesh = mesh
@@ -311,6 +316,7 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.num_scheduler_steps = num_scheduler_steps
         fits = max_num_seqs * self.max_blocks_per_seq <= MAX_FIXED_TABLE_ENTRIES
         self.table_width = self.max_blocks_per_seq if fixed_table_width and fits else None
         attention_fn, write_kv_fn = get_attention_fns(attention_backend, kv_write_backend)
@@ -352,7 +358,7 @@ class ModelRunner:
         place, and the jitted sampler."""
         self.kv_cache = self._make_kv_cache(num_blocks)
         # jit's out_shardings, only when sharded
-        step_placement, sample_placement, copy_placement, stage_placement = {}, {}, {}, {}
+        step_placement, sample_placement, copy_placement, stage_placement, burst_placement = {}, {}, {}, {}, {}
         self._sampled = jnp.zeros(self.max_num_seqs, jnp.int32)  # the last step's tokens, fed to the next
         if self.mesh is not None:
             kv_placement = jax.tree.map(lambda a: a.sharding, self.kv_cache)
@@ -360,6 +366,7 @@ class ModelRunner:
             sample_placement = {"out_shardings": (self._input_sharding, self._input_sharding)}  # tokens, output
             copy_placement = {"out_shardings": kv_placement}
             stage_placement = {"out_shardings": self._input_sharding}
+            burst_placement = {"out_shardings": (self._input_sharding, self._input_sharding, kv_placement)}
             self._sampled = jax.device_put(self._sampled, self._input_sharding)
         self._step_fns = {}  # XLA options -> the jitted model step compiled with them (step_compiler_options)
         # The step's logits buffer (when given) is donated and only its shape read: ``keep_unused`` keeps it (and
@@ -367,7 +374,7 @@ class ModelRunner:
         self._make_step = functools.partial(jax.jit, self._model_step, donate_argnums=(1, 5), keep_unused=True,
                                             **step_placement)
         self._stage = jax.jit(_stage_step_input, donate_argnums=(0,), keep_unused=True, **stage_placement)
-        self._staged = {}  # the step inputs' shapes -> their device buffers (``_step_input_on_device``)
+        self._staged = {}  # the step inputs' shapes -> their device buffers (``_on_device``)
         self._logits_buffers = {}  # sequence slots -> the last step's logits, the next one's output buffer
         self._sample = jax.jit(self._sample_step, static_argnames=("layout", "num_logprobs"), donate_argnums=(2,),
                                **sample_placement)
@@ -375,6 +382,13 @@ class ModelRunner:
         # model step's call and the sampler's (metadata packed and copied, the call): LLM.stats() reports them.
         self.dispatch_stats = {"dispatch_inputs_s": 0.0, "dispatch_model_s": 0.0, "dispatch_sampler_s": 0.0}
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,), **copy_placement)
+        # Multi-step decoding: the burst program writes its tokens over the last such step's (donated) as the
+        # model step its logits, and a copy of them goes to the host (``_dispatch_burst``).
+        self._burst_fns = {}  # XLA options -> the jitted burst (burst_fn)
+        self._make_burst = functools.partial(jax.jit, self._burst_step, donate_argnums=(1, 3, 4), keep_unused=True,
+                                             static_argnames=("layout", "num_logprobs"), **burst_placement)
+        self._burst_outputs = {}  # (sequence slots, num_logprobs) -> the last burst's outputs, the next one's buffer
+        self._take = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), **stage_placement)
 
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
         """A step input's shape, placed as the runner places that input (replicated over a mesh)."""
@@ -439,9 +453,22 @@ class ModelRunner:
         tokens, ``[max_num_seqs]``) that is its token, or -1 to keep ``model_input``'s. The sampler
         is a program of its own (``_sample_step``): its variants (greedy, top-k/top-p, penalties,
         logprobs) then compile in a fraction of a second each, not as new model steps."""
-        fed = last_sampled[jnp.maximum(feed_index, 0)]
-        model_input = model_input.replace(token_ids=jnp.where(feed_index >= 0, fed, model_input.token_ids))
+        model_input = model_input.replace(token_ids=_fed_tokens(model_input, last_sampled, feed_index))
         return self._forward(params, kv_cache, model_input)
+
+    def _burst_step(self, params, kv_cache, staged, last_sampled, outputs, *, layout, num_logprobs):
+        """A multi-step decode (``engine.multi_step.decode_burst``) of ``num_scheduler_steps`` steps: the last
+        tokens written over ``last_sampled`` (donated, as ``_sample_step``'s), the stacked outputs over
+        ``outputs`` (donated) and the cache. ``staged``: ``(model_input, feed_index, steps, packed_sampling)``,
+        the first step's inputs as ``_model_step`` takes them, each sequence's steps and its sampling metadata
+        packed by ``layout``."""
+        model_input, feed_index, steps, packed_sampling = staged
+        outputs, last, kv_cache = decode_burst(
+            self._forward, params, kv_cache, model_input, _fed_tokens(model_input, last_sampled, feed_index), steps,
+            unpack_arrays(packed_sampling, layout), outputs, num_steps=self.num_scheduler_steps,
+            block_size=self.block_size, num_logprobs=num_logprobs)
+        n = last.shape[0]
+        return last_sampled.at[:n].set(last).at[n:].set(0), outputs, kv_cache
 
     def _sample_step(self, logits, packed_sampling, previous_sampled, *, layout, num_logprobs):
         """This step's tokens as the next step's ``last_sampled``, written over ``previous_sampled`` (donated:
@@ -467,10 +494,25 @@ class ModelRunner:
             self._step_fns[key] = self._make_step(compiler_options=options or None)
         return self._step_fns[key]
 
+    def burst_fn(self, num_tokens: int):
+        """The jitted multi-step decode for ``num_tokens`` (padded) token rows, compiled as that step is."""
+        options = self.step_compiler_options(num_tokens)
+        key = tuple(sorted(options.items()))
+        if key not in self._burst_fns:
+            self._burst_fns[key] = self._make_burst(compiler_options=options or None)
+        return self._burst_fns[key]
+
+    def burst_buckets(self) -> list[int]:
+        """The token rows a multi-step decode can have (one row a sequence): none when it is off."""
+        if self.num_scheduler_steps == 1:
+            return []
+        largest = token_bucket(min(self.max_num_seqs, self.max_num_batched_tokens), self.max_num_batched_tokens)
+        return [T for T in token_buckets(self.max_num_batched_tokens) if T <= largest]
+
     def precompile(self, *, progress: bool = True, workers: Optional[int] = None) -> int:
         """Compile, before the first request and under a progress bar, what steps will run: the
         model step of every token bucket (``token_buckets``) at the fixed table width and the program
-        staging its inputs (``_step_input_on_device``), and the greedy and the plain random sampler (no
+        staging its inputs (``_on_device``), and the greedy and the plain random sampler (no
         top-k/top-p, penalties or logprobs) of each one's sequence slots; other sampler variants
         compile at first use, in a fraction of a second. Each program
         runs once, on an empty batch (every token padding: its K/V go to the sink page, no sequence
@@ -488,8 +530,9 @@ class ModelRunner:
         slots = self._slot_buckets()
         samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
         host_inputs = {T: self._empty_step_input(T, self.table_width) for T in buckets}
-        with tqdm(total=2 * len(buckets) + len(slots) * len(samplers), desc="Compiling steps", unit="program",
-                  disable=not progress) as bar:
+        bursts = self.burst_buckets()  # multi-step decodes: the burst and its staging program of each, per sampler
+        with tqdm(total=2 * len(buckets) + len(slots) * len(samplers) + len(bursts) * (1 + len(samplers)),
+                  desc="Compiling steps", unit="program", disable=not progress) as bar:
             if workers > 1:  # compiled here, several at once; else by each one's run below
                 leaves = {T: jax.tree.leaves(host) for T, host in host_inputs.items()}
                 staging = {T: self._staging_buffers(_shapes_of(leaves[T]), host) for T, host in host_inputs.items()}
@@ -500,7 +543,7 @@ class ModelRunner:
                                  for T in host_inputs], workers, on_done=bar.update)
             inputs = {}
             for T, host in host_inputs.items():
-                inputs[T] = self._step_input_on_device(*host)
+                inputs[T] = self._on_device(host)
                 if workers <= 1:
                     bar.update()
             logits_of = {}  # sequence slots -> logits of a step with that many
@@ -524,7 +567,36 @@ class ModelRunner:
                 jax.block_until_ready(self._sampled)
                 if workers <= 1:
                     bar.update()
+            self._precompile_bursts(bursts, samplers, workers, bar)
         return bar.n
+
+    def _precompile_bursts(self, buckets: list[int], samplers: list[SamplingParams], workers: int, bar) -> None:
+        """``precompile``'s multi-step decodes: the staging program and each sampler's burst of every bucket."""
+        host_inputs = {}  # token rows -> the empty burst's host inputs, and each sampler's layout
+        for T in buckets:
+            S = self.padded_num_seqs(T)
+            packed = [pack_arrays(self._uniform_sampling(params, S)) for params in samplers]
+            host_inputs[T] = ((*self._empty_step_input(T, self.table_width), np.zeros(S, np.int32), packed[0][0]),
+                              [layout for _, layout in packed])
+        if workers > 1:
+            lowerings = []
+            for T, (host, layouts) in host_inputs.items():
+                leaves = jax.tree.leaves(host)
+                staging = self._staging_buffers(_shapes_of(leaves), host)
+                outputs = self._burst_output_buffer(self.padded_num_seqs(T), None, take=False)
+                lowerings.append(functools.partial(self._stage.lower, staging, self._packed(leaves)[0]))
+                lowerings += [functools.partial(self.burst_fn(T).lower, self.params, self.kv_cache, staging,
+                                                self._sampled, outputs, layout=layout, num_logprobs=None)
+                              for layout in layouts]
+            compile_ahead(lowerings, workers, on_done=bar.update)
+        for T, (host, layouts) in host_inputs.items():
+            staged = self._on_device(host)
+            if workers <= 1:
+                bar.update()
+            for layout in layouts:
+                jax.block_until_ready(self._run_burst(T, staged, layout, None))
+                if workers <= 1:
+                    bar.update()
 
     def _empty_step_input(self, num_tokens: int, table_width: int) -> tuple[ModelInput, np.ndarray]:
         """A step of ``num_tokens`` padding rows and no sequence, and its feed index (none fed): what
@@ -561,10 +633,12 @@ class ModelRunner:
                                  table_width=self.table_width)
 
     def dispatch(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
-                 num_logprobs: Optional[int] = None) -> PendingStep:
+                 num_logprobs: Optional[int] = None, decode_steps: int = 1) -> PendingStep:
         """Start one step on the device and return at once (JAX dispatches asynchronously); the
-        tokens of works with a ``feed_row`` come from the step dispatched before this one."""
-        self._lead("dispatch", list(work), sampling, num_logprobs=num_logprobs)
+        tokens of works with a ``feed_row`` come from the step dispatched before this one.
+        ``decode_steps`` > 1: a multi-step decode of that many steps (``num_scheduler_steps``; every work a
+        one-token decode of ``work.decode_steps`` <= that many), whose result has the steps first."""
+        self._lead("dispatch", list(work), sampling, num_logprobs=num_logprobs, decode_steps=decode_steps)
         started = time.perf_counter()
         model_input = self.build_model_input(work)
         feed = np.full(model_input.token_ids.shape, -1, np.int32)
@@ -572,17 +646,64 @@ class ModelRunner:
         if fed:
             seqs, rows = zip(*fed)
             feed[model_input.cu_q_lens[list(seqs)]] = rows  # a fed work is a single-token decode
-        model_input, feed = self._step_input_on_device(model_input, feed)
+        if decode_steps > 1:
+            return self._dispatch_burst(work, model_input, feed, sampling, num_logprobs, decode_steps, started)
+        model_input, feed = self._on_device((model_input, feed))
         staged = time.perf_counter()
         logits = self._run_step(model_input.token_ids.shape[0], model_input, feed)
         stepped = time.perf_counter()
         packed, layout = self._packed(sampling)
         self._sampled, result = self._sample(logits, packed, self._sampled, layout=layout, num_logprobs=num_logprobs)
-        sampled = time.perf_counter()
-        for part, seconds in (("inputs", staged - started), ("model", stepped - staged),
-                              ("sampler", sampled - stepped)):
-            self.dispatch_stats[f"dispatch_{part}_s"] += seconds
+        self._count_dispatch(inputs=staged - started, model=stepped - staged, sampler=time.perf_counter() - stepped)
         return PendingStep(result, len(work))
+
+    def _dispatch_burst(self, work: Sequence[SequenceWork], model_input: ModelInput, feed: np.ndarray,
+                        sampling: SamplingMetadata, num_logprobs: Optional[int], decode_steps: int,
+                        started: float) -> PendingStep:
+        """``dispatch`` of a multi-step decode: its inputs, each sequence's steps and its sampling metadata staged
+        together (one copy, fixed addresses), one program for every step, and a copy of its outputs for the host
+        (their buffer stays as the next burst's, so the program's CUDA graphs are replayed, not re-recorded)."""
+        if decode_steps != self.num_scheduler_steps:
+            raise ValueError(f"a multi-step decode runs num_scheduler_steps={self.num_scheduler_steps} steps, "
+                             f"got {decode_steps}")
+        if any(len(w.token_ids) != 1 for w in work):
+            raise ValueError("a multi-step decode takes one-token decodes only")
+        T = model_input.token_ids.shape[0]
+        steps = np.zeros(self.padded_num_seqs(T), np.int32)
+        steps[: len(work)] = [w.decode_steps for w in work]
+        packed, layout = pack_arrays(sampling)
+        staged = self._on_device((model_input, feed, steps, packed))
+        stepped = time.perf_counter()
+        result = self._run_burst(T, staged, layout, num_logprobs)
+        self._count_dispatch(inputs=stepped - started, model=time.perf_counter() - stepped, sampler=0.0)
+        return PendingStep(result, len(work), burst=True)
+
+    def _run_burst(self, num_tokens: int, staged: tuple, layout: PackedLayout,
+                   num_logprobs: Optional[int]) -> SamplerOutput:
+        """Run the multi-step decode of ``num_tokens`` rows on staged inputs (``_burst_step``); a copy of its
+        outputs, whose buffer the next burst of that shape writes over."""
+        S = staged[2].shape[0]
+        outputs = self._burst_output_buffer(S, num_logprobs)
+        self._sampled, outputs, self.kv_cache = self.burst_fn(num_tokens)(
+            self.params, self.kv_cache, staged, self._sampled, outputs, layout=layout, num_logprobs=num_logprobs)
+        self._burst_outputs[(S, num_logprobs)] = outputs
+        return self._take(outputs)
+
+    def _burst_output_buffer(self, num_seqs: int, num_logprobs: Optional[int], *, take: bool = True) -> SamplerOutput:
+        """The buffers a burst of ``num_seqs`` slots writes its outputs into (``_logits_buffer``'s twin): the last
+        such burst's, or zeros. ``take``: hand them over (they are donated), else leave them (for a lowering)."""
+        key = (num_seqs, num_logprobs)
+        outputs = self._burst_outputs.pop(key, None) if take else self._burst_outputs.get(key)
+        if outputs is None:
+            shapes = burst_output_shapes(self.num_scheduler_steps, num_seqs, num_logprobs)
+            outputs = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), self._input_sharding)
+            if not take:
+                self._burst_outputs[key] = outputs
+        return outputs
+
+    def _count_dispatch(self, **seconds: float) -> None:
+        for part, value in seconds.items():
+            self.dispatch_stats[f"dispatch_{part}_s"] += value
 
 
     def _placed(self, inputs):
@@ -595,22 +716,23 @@ class ModelRunner:
         flat, layout = pack_arrays(tree)
         return self._placed(flat), layout
 
-    def _step_input_on_device(self, model_input: ModelInput, feed: np.ndarray) -> tuple[ModelInput, jax.Array]:
-        """The step's inputs in device buffers that stay where they are from step to step: packed
+    def _on_device(self, host: tuple) -> tuple:
+        """A step's host inputs (``(model_input, feed)``; a burst's add its steps and packed sampling metadata)
+        in device buffers that stay where they are from step to step: packed
         (``_packed``) and staged into the buffers the last step of that shape read, donated
         (``_stage_step_input``). XLA records the step's kernels into CUDA graphs and re-records a graph
         whenever a buffer it touches has moved: with new input buffers every step, the 8B's decode step
         re-recorded its ~580 kernels every step, ~1 ms of host time (benchmarks/NOTES.md, runs 20a-b). (XLA's
         own temporaries still move under JAX's default allocator: see ``engine/__init__``.)"""
-        leaves = jax.tree.leaves((model_input, feed))
+        leaves = jax.tree.leaves(host)
         key = _shapes_of(leaves)
-        staged = self._stage(self._staging_buffers(key, (model_input, feed)), self._packed(leaves)[0])
+        staged = self._stage(self._staging_buffers(key, host), self._packed(leaves)[0])
         self._staged[key] = staged
         return staged
 
-    def _staging_buffers(self, key: tuple, host: tuple) -> tuple[ModelInput, jax.Array]:
-        """The device buffers steps of ``host``'s shapes (``(model_input, feed)``; ``key``: ``_shapes_of`` its
-        leaves) read: zeros until a step's inputs are staged."""
+    def _staging_buffers(self, key: tuple, host: tuple) -> tuple:
+        """The device buffers steps of ``host``'s shapes (``_on_device``; ``key``: ``_shapes_of`` its leaves)
+        read: zeros until a step's inputs are staged."""
         if key not in self._staged:
             self._staged[key] = jax.device_put(jax.tree.map(np.zeros_like, host), self._input_sharding)
         return self._staged[key]
@@ -647,7 +769,8 @@ class ModelRunner:
     def fetch(pending: PendingStep) -> SamplerOutput:
         """Wait for a dispatched step; its sampler output on the host, cut to the real sequences."""
         n = pending.num_seqs
-        return jax.tree.map(lambda a: np.asarray(a)[:n], jax.device_get(pending.result))
+        cut = (slice(None), slice(n)) if pending.burst else slice(n)
+        return jax.tree.map(lambda a: np.asarray(a)[cut], jax.device_get(pending.result))
 
     # -- multi-host: process 0 leads, the others repeat its calls ----------------------------
 
@@ -669,6 +792,13 @@ class ModelRunner:
     def release_followers(self) -> None:
         """On process 0 of a multi-process run: end the other processes' ``follow()`` loops."""
         self._lead("release")
+
+
+def _fed_tokens(model_input: ModelInput, last_sampled: jax.Array, feed_index: jax.Array) -> jax.Array:
+    """A step's token ids: ``model_input``'s, or where ``feed_index[T]`` >= 0 that row of ``last_sampled`` (the
+    previous step's tokens, ``[max_num_seqs]``, still on the device)."""
+    fed = last_sampled[jnp.maximum(feed_index, 0)]
+    return jnp.where(feed_index >= 0, fed, model_input.token_ids)
 
 
 def _stage_step_input(staged, flat: jax.Array):

@@ -57,6 +57,9 @@ class ScheduledSequence:
     start: int  # == request.num_computed_tokens before the step
     num_tokens: int
     samples: bool  # the chunk ends at the last known token: the step's sampled token is kept
+    # Multi-step decoding: a decode (num_tokens 1) run for this many steps in one dispatch, each feeding the token
+    # the one before sampled: tokens start .. start+decode_steps-1 computed, decode_steps tokens sampled.
+    decode_steps: int = 1
 
     @property
     def request_id(self) -> str:
@@ -80,6 +83,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence]
     block_copies: list[tuple[int, int]]
     preempted_request_ids: list[str]
+    # The steps one dispatch runs (multi-step decoding, ``Scheduler(num_scheduler_steps=...)``): 1 for an ordinary
+    # step; else every sequence is a decode of ``decode_steps`` <= this many steps.
+    decode_steps: int = 1
 
     @property
     def num_batched_tokens(self) -> int:
@@ -115,23 +121,25 @@ class _StepPlan:
             self.budget += seq.num_tokens
             del self.copies[request_id]
 
-    def output(self) -> SchedulerOutput:
+    def output(self, decode_steps: int = 1) -> SchedulerOutput:
         return SchedulerOutput(
             scheduled=list(self.scheduled.values()),
             block_copies=[c for rid in self.scheduled for c in self.copies[rid]],
             preempted_request_ids=self.preempted,
+            decode_steps=decode_steps,
         )
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int, policy: str = "fifo", scheduling_mode: str = "continuous"):
+                 max_model_len: int, policy: str = "fifo", scheduling_mode: str = "continuous",
+                 num_scheduler_steps: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if scheduling_mode not in SCHEDULING_MODES:
             raise ValueError(f"scheduling_mode must be one of {SCHEDULING_MODES}, got {scheduling_mode!r}")
-        for name, value in (("max_num_batched_tokens", max_num_batched_tokens),
-                            ("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len)):
+        for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs),
+                            ("max_model_len", max_model_len), ("num_scheduler_steps", num_scheduler_steps)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         blocks_per_longest = -(-max_model_len // block_manager.block_size)
@@ -146,6 +154,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.policy = policy
         self.scheduling_mode = scheduling_mode
+        self.num_scheduler_steps = num_scheduler_steps
         self._static_batch: set[str] = set()  # "static": ids of the unfinished requests of the batch in flight
         self._requests: dict[str, Request] = {}  # unfinished ones
         self._order_keys: dict[str, tuple] = {}
@@ -299,6 +308,8 @@ class Scheduler:
                 decodes.append(r)
             elif uncomputed > 1:
                 prefills.append(r)
+        if not prefills and not self._waiting and self._schedule_burst(decodes, plan):
+            return plan.output(decode_steps=self.num_scheduler_steps)
         if self._decodes_always_fit(decodes, plan):
             self._schedule_decodes(decodes, plan)
             decodes = []
@@ -316,9 +327,9 @@ class Scheduler:
     def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Record a step's results; returns the requests this finished at ``max_model_len``.
 
-        ``sampled`` maps request id to the step's sampled token; it is read only for
-        sequences whose ``samples`` is True. Requests finished or aborted since
-        ``schedule()`` are skipped.
+        ``sampled`` maps request id to the step's sampled token (a list of ``decode_steps``
+        tokens for a multi-step decode); it is read only for sequences whose ``samples`` is
+        True. Requests finished or aborted since ``schedule()`` are skipped.
         """
         finished = []
         for seq in output.scheduled:
@@ -328,12 +339,19 @@ class Scheduler:
             if request.num_computed_tokens != seq.start:
                 raise RuntimeError(f"stale output for {request.request_id!r}: it has "
                                    f"{request.num_computed_tokens} computed tokens, the step started at {seq.start}")
-            request.num_computed_tokens += seq.num_tokens
+            request.num_computed_tokens += seq.num_tokens + seq.decode_steps - 1
             if not seq.samples:
                 continue
             if request.request_id not in sampled:
                 raise KeyError(f"no sampled token for {request.request_id!r}, which samples this step")
-            request.output_token_ids.append(sampled[request.request_id])
+            if seq.decode_steps == 1:
+                request.output_token_ids.append(sampled[request.request_id])
+            else:
+                tokens = sampled[request.request_id]
+                if len(tokens) != seq.decode_steps:
+                    raise ValueError(f"{request.request_id!r} ran {seq.decode_steps} decode steps, got {len(tokens)} "
+                                     "tokens")
+                request.output_token_ids.extend(tokens)
             if request.num_tokens >= self.max_model_len:
                 finished.append(self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH))
         return finished
@@ -364,6 +382,35 @@ class Scheduler:
         n = len(decodes)
         return (n <= plan.budget and len(plan.scheduled) + n <= self.max_num_seqs
                 and n <= self.block_manager.num_free_blocks)
+
+    def _schedule_burst(self, decodes: list[Request], plan: _StepPlan) -> bool:
+        """Multi-step decoding: when every running request is a decode and none waits, each runs up to
+        ``num_scheduler_steps`` steps in one dispatch (vLLM's ``--num-scheduler-steps``): the host's share of a step
+        (planning, inputs, the programs' launches) is paid once for them. A request's steps stop at
+        ``max_model_len`` and at its ``max_output_tokens``; its blocks for all of them are allocated now. Returns
+        whether it scheduled them: not when some request forbids it (``Request.multi_step``), when every request
+        has one step left, or when the free blocks do not cover every step (the ordinary step then runs, with
+        preemption as usual)."""
+        k = self.num_scheduler_steps
+        if k == 1 or not decodes or len(decodes) > plan.budget:
+            return False
+        steps = []
+        for r in decodes:
+            if not r.multi_step:
+                return False
+            limit = min(k, self.max_model_len - r.num_tokens)
+            if r.max_output_tokens is not None:
+                limit = min(limit, r.max_output_tokens - len(r.output_token_ids))
+            steps.append(max(limit, 1))
+        manager = self.block_manager
+        if max(steps) == 1 or sum(manager.num_blocks_needed(r.request_id, r.num_computed_tokens + n)
+                                  for r, n in zip(decodes, steps)) > manager.num_free_blocks:
+            return False
+        for r, n in zip(decodes, steps):
+            start = r.num_computed_tokens
+            plan.add(ScheduledSequence(r, start, 1, samples=True, decode_steps=n),
+                     manager.allocate_slots(r.request_id, start + n))
+        return True
 
     def _schedule_decodes(self, decodes: list[Request], plan: _StepPlan) -> None:
         """One token for each decode, in order; only when ``_decodes_always_fit`` (the usual case), which

@@ -90,6 +90,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
                         help="q/k/v and gate/up as one matmul each (auto: on one device)")
     parser.add_argument("--precompile-steps", choices=("auto", "on", "off"), default="auto",
                         help="compile every step shape at start-up (auto: on GPU)")
+    parser.add_argument("--num-scheduler-steps", type=int, default=1,
+                        help="decode steps a dispatch runs while no request waits (multi-step decoding)")
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an XLA option for the step's compilation (repeatable; default: the engine's choice)")
     parser.add_argument("--seed", type=int, default=PROMPT_SEED, help="seed of the random prompts and weights")
@@ -115,6 +117,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         precompile_steps={"auto": None, "on": True, "off": False}[args.precompile_steps],
         fuse_projections={"auto": None, "on": True, "off": False}[args.fuse_projections],
         compiler_options=compiler_options(args.compiler_option) if args.compiler_option else None,
+        num_scheduler_steps=args.num_scheduler_steps,
     )
     options.update(overrides)
     # The engine's start-up line (weights, KV pool, activations) goes to the run's log.
@@ -220,6 +223,8 @@ def engine_result_header(workload: str, args) -> dict:
                            linear_backend=args.linear_backend, async_scheduling=args.async_scheduling)
     if args.compiler_option:
         header["compiler_options"] = compiler_options(args.compiler_option)
+    if args.num_scheduler_steps != 1:
+        header["num_scheduler_steps"] = args.num_scheduler_steps
     return header
 
 
@@ -232,6 +237,8 @@ def variant_tag(result: dict) -> str:
         tag += f"-{result['linear_backend']}"
     if result.get("async_scheduling", "auto") != "auto":
         tag += f"-async-{result['async_scheduling']}"
+    if result.get("num_scheduler_steps", 1) != 1:
+        tag += f"-ms{result['num_scheduler_steps']}"
     if result.get("compiler_options"):
         tag += "-xla-" + "-".join(f"{k.removeprefix('xla_gpu_')}{v}" for k, v in result["compiler_options"].items())
     return tag

@@ -50,17 +50,23 @@ def parse_args(argv=None):
 
 def time_one_request(llm, prompt: list[int], output_len: int) -> dict:
     """TTFT, token-to-token intervals and wall time of one request, from the times its tokens
-    reach the host (the engine's per-request output callback, as a streaming client sees them)."""
+    reach the host (the engine's per-request output callback, as a streaming client sees them).
+    Tokens that arrive together (a multi-step decode's) share the interval since the last arrival:
+    each token's interval is that divided by their number (one token an arrival: the plain interval)."""
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     token_times: list[float] = []
+    intervals: list[float] = []  # ms, one a token after the first
     errors: list[BaseException] = []
     done = threading.Event()
 
     def on_output(output) -> None:
         now = time.perf_counter()
-        token_times.extend([now] * (len(output.outputs[0].token_ids) - len(token_times)))
+        new = len(output.outputs[0].token_ids) - len(token_times)
+        if new > 0:
+            intervals.extend([(now - token_times[-1]) * 1e3 / new] * new if token_times else [])
+            token_times.extend([now] * new)
         if output.finished:
             done.set()
 
@@ -76,7 +82,6 @@ def time_one_request(llm, prompt: list[int], output_len: int) -> dict:
         raise errors[0]
     if len(token_times) != output_len:
         raise RuntimeError(f"{len(token_times)} tokens arrived, expected {output_len}")
-    intervals = [(b - a) * 1e3 for a, b in zip(token_times, token_times[1:])]
     return dict(ttft_ms=(token_times[0] - submit) * 1e3, itl_ms=intervals, e2e_ms=(token_times[-1] - submit) * 1e3,
                 compile_s=compiles.seconds)
 
@@ -87,7 +92,8 @@ def host_split(before: dict, after: dict) -> dict:
     step as long as TPOT with no wait: the host does."""
     steps = max(1, after["steps"] - before["steps"])
     return {f"{name}_ms_per_step": 1e3 * (after[f"{name}_s"] - before[f"{name}_s"]) / steps
-            for name in ("host", "dispatch", "wait", "dispatch_inputs", "dispatch_model", "dispatch_sampler")}
+            for name in ("host", "dispatch", "wait", "dispatch_inputs", "dispatch_model", "dispatch_sampler")} | {
+                "steps": steps, "multi_steps": after["multi_steps"] - before["multi_steps"]}
 
 
 def main(argv=None) -> dict:

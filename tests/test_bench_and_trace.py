@@ -260,6 +260,8 @@ def bench_dir(tiny_model, tmp_path_factory):
     common = ["--model", tiny_model, "--load-format", "dummy", "--block-size", "8"]
     bench_latency.main(common + ["--input-len", "12", "--output-len", "6", "--num-requests", "2", "--peer", "hf",
                                  "--output-json", str(out / "latency-cpu.json")])
+    bench_latency.main(common + ["--input-len", "12", "--output-len", "8", "--num-requests", "2",
+                                 "--num-scheduler-steps", "3", "--output-json", str(out / "latency-cpu-ms3.json")])
     for workload in ("tput-short", "tput-prefill"):
         bench_throughput.main(common + ["--workload", workload, "--num-requests", "6", "--input-len", "20",
                                         "--output-len", "4", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
@@ -285,6 +287,18 @@ def test_latency_json(bench_dir):
     assert {"ttft_ms", "tpot_ms", "output_tok_s"} <= peer.keys() and peer["output_len"] == 6
     assert result["ratio"] == pytest.approx(result["output_tok_s"] / peer["output_tok_s"])
     assert result["ratios"]["tpot_ms"] == pytest.approx(peer["tpot_ms"] / result["tpot_ms"])
+
+
+def test_latency_json_with_multi_step_decoding(bench_dir):
+    """Tokens of a multi-step decode arrive together: each gets its share of the interval since the last arrival,
+    so TPOT stays a per-token time (not the 0 between tokens that arrive at once)."""
+    with open(bench_dir / "latency-cpu-ms3.json") as f:
+        result = json.load(f)
+    _check_protocol_fields(result, "latency", ("ttft_ms", "tpot_ms", "output_tok_s", "roofline_tpot_ms"))
+    assert result["num_scheduler_steps"] == 3 and result["multi_steps"] > 0
+    samples = result["itl_ms_samples"]
+    assert len(samples) == 7 and min(samples) > 0  # 8 tokens: the prompt's, then 7 from multi-step decodes
+    assert len(set(samples)) < len(samples)  # tokens of one decode share an interval
 
 
 def test_throughput_json(bench_dir):

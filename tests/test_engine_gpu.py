@@ -131,3 +131,37 @@ def test_quantized_weight_kernels_give_xlas_tokens(tmp_path, monkeypatch, method
         llm.shutdown()
     agree = [sum(a == b for a, b in zip(p, r)) for p, r in zip(outputs["auto"], outputs["xla"])]
     assert outputs["auto"] == outputs["xla"], f"{method}: tokens agreeing per prompt (of 16): {agree}"
+
+
+def test_multi_step_decoding_gives_one_steps_tokens_and_updates_the_cache_in_place(tmp_path):
+    """The GPU path (Pallas attention and KV write, unrolled layers with a KV buffer each, precompiled steps):
+    multi-step decodes give the one-step engine's greedy tokens, and their program writes the KV pages in place
+    (XLA's copy insertion could copy loop-carried buffers: its temporaries must hold no copy of the pool)."""
+    from engine.runner import pack_arrays
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=3)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (1, 7, 16, 17, 33, 60)]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    outputs = {}
+    for steps in (1, 4):
+        llm = LLM(model=str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=128,
+                  max_num_batched_tokens=64, max_num_seqs=8, num_gpu_blocks_override=4096, precompile_steps=True,
+                  num_scheduler_steps=steps)
+        outputs[steps] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if steps > 1:
+            assert llm.stats()["multi_steps"] > 0
+            runner = llm.llm_engine.runner
+            T = runner.burst_buckets()[-1]
+            S = runner.padded_num_seqs(T)
+            packed, layout = pack_arrays(runner._uniform_sampling(SamplingParams(temperature=0), S))
+            host = (*runner._empty_step_input(T, runner.table_width), np.zeros(S, np.int32), packed)
+            leaves = jax.tree.leaves(host)
+            staged = runner._staging_buffers(tuple(leaf.shape for leaf in leaves), host)
+            compiled = runner.burst_fn(T).lower(runner.params, runner.kv_cache, staged, runner._sampled,
+                                                runner._burst_output_buffer(S, None, take=False), layout=layout,
+                                                num_logprobs=None).compile()
+            pool = sum(a.nbytes for a in jax.tree.leaves(runner.kv_cache))
+            assert compiled.memory_analysis().temp_size_in_bytes < pool / 8
+        llm.shutdown()
+    assert outputs[4] == outputs[1]

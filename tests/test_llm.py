@@ -331,11 +331,13 @@ def test_persistent_compilation_cache_is_on_before_the_weights_load(tmp_path, mo
     assert seen == [str(tmp_path / "cache" / "jax")], seen
 
 
-def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tmp_path):
-    """Planning step N+1 while step N runs (pending tokens fed on the device) changes nothing a
-    request sees: tokens, finish reasons and logprobs equal the synchronous engine's, through
-    preemption, stops in the middle of a step in flight (stop tokens, max_tokens, max_model_len),
-    seeded sampling, n=2 and penalties (read back before planning); every block is freed."""
+def test_async_scheduling_and_multi_step_decoding_give_the_outputs_of_synchronous_steps(tmp_path):
+    """Planning step N+1 while step N runs (pending tokens fed on the device), and multi-step decoding
+    (several decode steps a dispatch, each feeding the next on the device), change nothing a request
+    sees: tokens, finish reasons and logprobs equal the synchronous one-step engine's, through
+    preemption, stops in the middle of a step in flight or of a multi-step decode (stop tokens,
+    max_tokens, max_model_len), seeded sampling, n=2 and penalties (read back before planning; no
+    multi-step decode while they run); every block is freed."""
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     write_tiny_checkpoint(tmp_path, "llama", seed=5)
@@ -361,25 +363,28 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tmp_path):
                SamplingParams(temperature=0.7, seed=9, max_tokens=40, stop_token_ids=[7, 8, 9, 10, 11, 12])])
 
     params, results = None, {}
-    for mode in (False, True):
+    for mode, steps in ((False, 1), (True, 1), (True, 4), (False, 3)):
         # 10 usable blocks (160 tokens) for up to 8 sequences of up to 72: preemption every run (with
         # 15 usable blocks, or prompts from 2 tokens up, a run of short random prompts sometimes had none).
         llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=72, max_num_seqs=8,
-                  max_num_batched_tokens=48, num_gpu_blocks_override=11, async_scheduling=mode)
+                  max_num_batched_tokens=48, num_gpu_blocks_override=11, async_scheduling=mode,
+                  num_scheduler_steps=steps)
         assert llm.llm_engine.async_scheduling == mode
         if params is None:  # a stop token the greedy stop request surely meets mid-way: its own 4th token
             probe = llm.generate([prompts[6]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                                  use_tqdm=False)
             params = make_params(probe[0].outputs[0].token_ids[3])
         outs = llm.generate(prompts, params, use_tqdm=False)
-        results[mode] = [[(c.token_ids, c.finish_reason, c.logprobs) for c in o.outputs] for o in outs]
+        results[mode, steps] = [[(c.token_ids, c.finish_reason, c.logprobs) for c in o.outputs] for o in outs]
         stats = llm.stats()
         assert stats["num_preemptions"] > 0
         assert (stats["steps_planned_ahead"] > stats["steps"] // 2) == mode
+        assert (stats["multi_steps"] > 0) == (steps > 1)
         assert llm.llm_engine.block_manager.num_used_blocks == 0 and not llm.llm_engine.has_unfinished_requests()
         llm.shutdown()
-    assert results[True] == results[False]
-    assert {reason for r in results[True] for _, reason, _ in r} == {"length", "stop"}
+    for key, result in results.items():
+        assert result == results[False, 1], key
+    assert {reason for r in results[True, 1] for _, reason, _ in r} == {"length", "stop"}
 
 
 @pytest.mark.parametrize("fraction,utilization,expected_gib", [
@@ -539,11 +544,12 @@ def test_final_only_requests_hand_out_one_output_equal_to_the_last_streamed(tmp_
     assert [o.finished for o in stepped if o.request_id == "final"] == [True]
 
 
-@pytest.mark.parametrize("workers", ["1", "3"])
-def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys, monkeypatch, workers):
+@pytest.mark.parametrize("workers,steps", [("1", 1), ("3", 1), ("2", 4)])
+def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys, monkeypatch, workers, steps):
     """precompile_steps=True: LLM(...) compiles the model step of every token bucket at the fixed
     block-table width (one after another, or by threads at once), and the greedy and random samplers,
-    under a progress bar; then prompts of many lengths, batch sizes and both kinds of sampling compile
+    under a progress bar (with multi-step decoding, its greedy and random programs of every bucket a
+    decode can have); then prompts of many lengths, batch sizes and both kinds of sampling compile
     nothing more."""
     import jax
 
@@ -556,7 +562,7 @@ def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None)
     llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=96, max_num_seqs=8,
-              max_num_batched_tokens=64, precompile_steps=True)
+              max_num_batched_tokens=64, precompile_steps=True, num_scheduler_steps=steps)
     runner = llm.llm_engine.runner
     assert runner.table_width == 6 and token_buckets(64) == [1, 16, 32, 64]
     assert "Compiling steps" in capsys.readouterr().err
@@ -572,5 +578,6 @@ def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys
     single = llm.generate([prompts[0]], greedy, use_tqdm=False)  # one token a step: T=1
     assert single[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
     assert compiles == []
+    assert (llm.stats()["multi_steps"] > 0) == (steps > 1)
     llm.shutdown()
     assert token_buckets(1000) == [1, 16, 32, 64, 128, 256, 512, 1000] and token_buckets(8) == [1, 8]

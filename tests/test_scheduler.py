@@ -36,6 +36,7 @@ class FakeEngine:
     def add(self, request_id, prompt_len=None, *, prompt=None, max_tokens=4, priority=0, arrival_time=None):
         prompt = prompt or [self.rng.randrange(1, VOCAB) for _ in range(prompt_len)]
         request = Request(request_id, prompt, types.SimpleNamespace(max_tokens=max_tokens), priority=priority,
+                          max_output_tokens=max_tokens,
                           **({} if arrival_time is None else {"arrival_time": arrival_time}))
         self.scheduler.add_request(request)
         self._track(request)
@@ -64,6 +65,7 @@ class FakeEngine:
     def step(self):
         s, bm = self.scheduler, self.bm
         decodes_before = {r.request_id for r in self.with_status(RequestStatus.RUNNING) if r.num_uncomputed_tokens == 1}
+        waiting_before = self.with_status(RequestStatus.WAITING)
         out = s.schedule()
         ids = [seq.request_id for seq in out.scheduled]
 
@@ -74,7 +76,13 @@ class FakeEngine:
             r = seq.request
             assert r.status is RequestStatus.RUNNING and seq.num_tokens >= 1
             assert seq.start == r.num_computed_tokens and seq.samples == (seq.start + seq.num_tokens == r.num_tokens)
-            assert bm.num_tokens(r.request_id) == seq.start + seq.num_tokens
+            assert bm.num_tokens(r.request_id) == seq.start + seq.num_tokens + seq.decode_steps - 1
+            # A multi-step decode: every sequence decodes, none waits, none runs past its limits.
+            assert seq.decode_steps == 1 or (out.decode_steps > 1 and seq.num_tokens == 1 and not waiting_before)
+            assert 1 <= seq.decode_steps <= out.decode_steps <= s.num_scheduler_steps
+            assert r.num_tokens + seq.decode_steps - 1 <= s.max_model_len
+            if seq.decode_steps > 1 and r.max_output_tokens is not None:
+                assert len(r.output_token_ids) + seq.decode_steps <= r.max_output_tokens
         # Decodes first, and a decode is left out only when the step is full or it was preempted.
         decode_places = [i for i, rid in enumerate(ids) if rid in decodes_before]
         assert decode_places == list(range(len(decode_places))), f"decodes not first: {ids} {decodes_before}"
@@ -91,18 +99,24 @@ class FakeEngine:
         for rid in out.preempted_request_ids:
             assert self.requests[rid].status is RequestStatus.WAITING and rid not in bm
 
-        # The runner: copies first, then each token's KV into its slot; never into block 0 or a shared block.
+        # The runner: copies first, then each token's KV into its slot; never into block 0 or a shared block. A
+        # multi-step decode writes its known token, then each sampled one but the last.
         self.store.copy_blocks(out.block_copies)
         written = []
+        sampled = {}
         for seq in out.scheduled:
-            slots = s.slot_mapping(seq)
+            tokens = seq.token_ids
+            if seq.samples:
+                new = [self.rng.randrange(1, VOCAB) for _ in range(seq.decode_steps)]
+                sampled[seq.request_id] = new[0] if seq.decode_steps == 1 else new
+                tokens = tokens + new[:-1]
+            slots = bm.slots(seq.request_id, seq.start, seq.start + len(tokens))
             assert all(slot // bm.block_size != RESERVED_BLOCK for slot in slots)
             assert all(bm.refcount(slot // bm.block_size) == 1 for slot in slots), "write into a shared block"
-            self.store.write(slots, seq.token_ids)
+            self.store.write(slots, tokens)
             written += slots
-        assert len(written) == len(set(written)) == out.num_batched_tokens
+        assert len(written) == len(set(written)) == sum(seq.num_tokens + seq.decode_steps - 1 for seq in out.scheduled)
 
-        sampled = {seq.request_id: self.rng.randrange(1, VOCAB) for seq in out.scheduled if seq.samples}
         s.update_after_step(out, sampled)
         for rid in sampled:  # the engine's stop check
             r = self.requests[rid]
@@ -143,9 +157,10 @@ def rng():
 
 
 def make(num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=64,
-         policy="fifo", rng=None):
+         policy="fifo", rng=None, num_scheduler_steps=1):
     bm = BlockManager(num_blocks, block_size)
-    scheduler = Scheduler(bm, max_num_batched_tokens, max_num_seqs, max_model_len, policy)
+    scheduler = Scheduler(bm, max_num_batched_tokens, max_num_seqs, max_model_len, policy,
+                          num_scheduler_steps=num_scheduler_steps)
     return FakeEngine(scheduler, rng or random.Random(0))
 
 
@@ -461,3 +476,50 @@ def test_decode_fast_path_makes_the_same_decisions_as_the_general_loop(rng):
     general, _ = run(fast_path=False)
     assert fast == general
     assert 0 < fast_steps < len(fast)
+
+
+@pytest.mark.parametrize("steps", [2, 5])
+def test_multi_step_decodes_when_all_decode_and_none_waits_and_everything_completes(rng, steps):
+    """``num_scheduler_steps``: once nothing waits and nothing prefills, every decode runs up to that many
+    steps in one plan, each stopped at its max_tokens and max_model_len with blocks for exactly those steps
+    (``FakeEngine.step`` checks it, and the KV read back); under a random load with forks and preemption."""
+    engine = make(num_blocks=20, block_size=4, max_num_batched_tokens=12, max_num_seqs=4, max_model_len=40,
+                  rng=rng, num_scheduler_steps=steps)
+    for i in range(24):
+        engine.add(f"r{i}", rng.randrange(1, 20), max_tokens=rng.randrange(1, 30))
+        for _ in range(rng.randrange(6)):
+            if not engine.scheduler.has_unfinished_requests():
+                break
+            engine.step()
+            decoding = [r for r in engine.scheduler.running_requests
+                        if r.num_uncomputed_tokens == 1 and "#" not in r.request_id]
+            if decoding and rng.random() < 0.2:
+                parent = rng.choice(decoding)
+                engine.fork(parent, f"{parent.request_id}#{len(engine.outputs)}")
+    engine.run_to_completion()
+    bursts = [out for out in engine.outputs if out.decode_steps > 1]
+    assert bursts and all(out.decode_steps == steps for out in bursts)
+    assert max(seq.decode_steps for out in bursts for seq in out.scheduled) == steps
+    for r in engine.requests.values():  # stopped by max_tokens or max_model_len, never past either
+        assert r.is_finished
+        if "#" not in r.request_id:  # (a fork's outputs are its parent's)
+            assert len(r.output_token_ids) == min(r.max_output_tokens, 40 - r.num_prompt_tokens)
+
+
+def test_a_multi_step_decode_waits_for_waiting_requests_every_request_allowing_it_and_blocks(rng):
+    engine = make(num_blocks=6, block_size=4, max_num_batched_tokens=16, max_num_seqs=2, max_model_len=20,
+                  rng=rng, num_scheduler_steps=4)
+    a = engine.add("a", 3, max_tokens=30)
+    engine.step()  # a's prompt
+    out = engine.step()  # a alone, decoding: 4 steps, tokens 3..6 (one more block)
+    assert out.decode_steps == 4 and out.scheduled[0].decode_steps == 4 and a.num_computed_tokens == 7
+    b = engine.add("b", 4, max_tokens=30)
+    assert engine.step().decode_steps == 1  # b waits: an ordinary step admits it
+    b.multi_step = False  # (penalties, min_tokens)
+    assert engine.step().decode_steps == 1
+    b.multi_step = True
+    # 5 usable blocks, a holds 3 and b 2: 4 more steps need one more block each, so an ordinary step runs.
+    assert engine.bm.num_free_blocks == 0
+    out = engine.step()
+    assert out.decode_steps == 1 and not out.preempted_request_ids
+    assert (a.num_computed_tokens, b.num_computed_tokens) == (10, 6)

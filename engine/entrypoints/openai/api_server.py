@@ -623,6 +623,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="use this many KV-cache blocks instead of sizing from memory")
     engine.add_argument("--precompile-steps", action=argparse.BooleanOptionalAction, default=None,
                         help="compile every step shape at start-up under a progress bar (default: on GPU)")
+    engine.add_argument("--num-scheduler-steps", type=int, default=1,
+                        help="decode steps run in one dispatch while no request waits (multi-step decoding)")
     engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
                         help="'priority': requests' priority field orders the queue (lower first)")
     parser.add_argument("--uvicorn-log-level", default="info",
