@@ -14,6 +14,8 @@ host finds only afterwards.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -73,5 +75,7 @@ def decode_burst(forward, params, kv_cache, model_input: ModelInput, first_token
         return kv_cache, _rows_of_seqs(result.token_ids, T), last, outputs
 
     carry = (kv_cache, first_tokens, jnp.zeros(S, jnp.int32), outputs)
-    kv_cache, _, last, outputs = jax.lax.fori_loop(0, num_steps, body, carry)
+    # $PAGEDJAX_MULTI_STEP_UNROLL: iterations a loop trip runs (XLA's while loop against straight-line code).
+    unroll = int(os.environ.get("PAGEDJAX_MULTI_STEP_UNROLL", "1"))
+    kv_cache, _, last, outputs = jax.lax.fori_loop(0, num_steps, body, carry, unroll=unroll)
     return outputs, last, kv_cache

@@ -212,6 +212,16 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("tput-long-1024", tput("tput-long", "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384",
                                 "--output-json", f"{results}/tput-long-1024.json"), 240),
         ("kv-in-place", [PY, "scripts/check_kv_in_place.py", "--out", f"{results}/kv-in-place.json"], 90),
+        # Multi-step decoding (engine/multi_step.py): the one-step engine's tokens, the cache updated in place; the
+        # batch-1 TPOT at 8 steps a dispatch (the host's ~2 ms paid once for 8 tokens), and unrolled (no while loop).
+        ("engine-multi-step", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "multi_step",
+                               "tests/test_engine_gpu.py"], 120),
+        *((f"latency-{name}-ms{k}", latency(q, "--num-scheduler-steps", str(k)), 150)
+          for name, q in (("bf16", None), ("int8", "int8"), ("awq", "awq")) for k in (4, 8)),
+        ("latency-awq-ms8-unroll", ["env", "PAGEDJAX_MULTI_STEP_UNROLL=8"] + latency(
+            "awq", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-awq-ms8-unroll.json"), 200),
+        ("latency-awq-head8-ms8", ["env", "PAGEDJAX_INT8_LM_HEAD=1"] + latency(
+            "awq", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-awq-head8-ms8.json"), 150),
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 180),
