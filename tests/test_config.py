@@ -178,3 +178,11 @@ def test_default_batch_limits_follow_vllm_by_usage_context(monkeypatch):
     assert default_batch_limits("llm") == (8192, 256)
     with pytest.raises(ValueError, match="usage_context"):
         EngineArgs(usage_context="batch").validate()
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1.5, "4"])
+def test_num_scheduler_steps_must_be_a_positive_integer(steps):
+    from engine.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match="num_scheduler_steps must be a positive integer"):
+        EngineArgs(num_scheduler_steps=steps).validate()

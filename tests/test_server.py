@@ -490,8 +490,9 @@ def test_help_names_safe_default_host():
     assert "127.0.0.1" in help_text and "0.0.0.0" in help_text
     for flag in ("--model", "--host", "--port", "--served-model-name", "--dtype", "--max-model-len",
                  "--tensor-parallel-size", "--gpu-memory-utilization", "--max-num-seqs", "--max-num-batched-tokens",
-                 "--block-size", "--quantization", "--load-format", "--seed", "--api-key"):
+                 "--block-size", "--quantization", "--load-format", "--seed", "--api-key", "--num-scheduler-steps"):
         assert flag in help_text, flag
+    assert engine_args_from_cli(make_arg_parser().parse_args(["--num-scheduler-steps", "8"])).num_scheduler_steps == 8
     args = make_arg_parser().parse_args([])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
     assert json.dumps(served_model_names(args)) == '["SmolLM2-135M-Instruct"]'
