@@ -257,11 +257,14 @@ class _RequestTimer:
         now = time.monotonic()
         num_tokens = sum(len(c.token_ids) for c in output.outputs)
         if num_tokens > self.num_tokens:
+            # Tokens that arrive together (a multi-step decode's) share the interval since the last arrival.
+            new, first = num_tokens - self.num_tokens, self.last_token_time is None
+            share = 0.0 if first else (now - self.last_token_time) / new
             for stat_logger in self.stat_loggers:
-                if self.last_token_time is None:
+                if first:
                     stat_logger.on_first_token(now - self.arrival)
-                else:
-                    stat_logger.on_inter_token(now - self.last_token_time)
+                for _ in range(new - 1 if first else new):
+                    stat_logger.on_inter_token(share)
             self.num_tokens, self.last_token_time = num_tokens, now
         if output.finished:
             reasons = [c.finish_reason or "abort" for c in output.outputs]

@@ -496,3 +496,25 @@ def test_help_names_safe_default_host():
     args = make_arg_parser().parse_args([])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
     assert json.dumps(served_model_names(args)) == '["SmolLM2-135M-Instruct"]'
+
+
+def test_multi_step_decoding_streams_the_same_text_and_counts_each_tokens_interval(served, reference):
+    """``--num-scheduler-steps 4``: a decode's tokens reach the client four at a time, the streamed text equals the
+    one-step server's, and the inter-token histogram gets one observation a token after the first."""
+    args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
+                                         "--num-scheduler-steps", "4"])
+    async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args))
+    server, thread, url = _serve_in_thread(build_app(async_llm, served_model_names(args)))
+    try:
+        multi = Served(url, url, async_llm, served.model)
+        chunks = list(multi.client().completions.create(model=served.model, prompt=PROMPTS[1], stream=True,
+                                                        **GREEDY))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == reference[1]
+        assert async_llm.stats()["multi_steps"] > 0
+        metrics = multi.metrics()
+        assert metrics["vllm:inter_token_latency_seconds_count"] == GREEDY["max_tokens"] - 1
+        assert metrics["vllm:time_to_first_token_seconds_count"] == 1
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        async_llm.shutdown()
