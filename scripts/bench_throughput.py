@@ -131,8 +131,10 @@ def main(argv=None) -> list[dict]:
             bench_common.run_offline(llm, prompts[:warmup], SamplingParams(temperature=0.0, ignore_eos=True,
                                                                            max_tokens=min(8, output_len)))
             print(f"{workload}: warm-up of {warmup} requests took {time.perf_counter() - started:.1f} s", flush=True)
+            before = llm.stats()
             run = bench_common.run_offline(llm, prompts, SamplingParams(temperature=0.0, max_tokens=output_len,
                                                                         ignore_eos=True))
+            after = llm.stats()
             result = bench_common.engine_result_header(workload, args)
             ours = dict(output_tok_s=n * output_len / run.seconds,
                         total_tok_s=n * (input_len + output_len) / run.seconds, req_s=n / run.seconds)
@@ -141,7 +143,9 @@ def main(argv=None) -> list[dict]:
                           num_kv_blocks=engine.block_manager.num_usable_blocks,
                           max_concurrent_tokens=engine.max_concurrent_tokens, seconds=run.seconds,
                           wall_s=run.wall_s, compile_s_excluded=run.compile_s, traced=run.trace is not None,
-                          async_scheduling_on=engine.async_scheduling)
+                          async_scheduling_on=engine.async_scheduling,
+                          # engine steps of the timed run, of them multi-step decodes, and the host's wait for tokens
+                          **{f"engine_{name}": after[name] - before[name] for name in ("steps", "multi_steps", "wait_s")})
             matmul_s = bench_common.workload_flops(config, n, input_len, output_len) / matmul_flops
             kv_s = bench_common.workload_decode_kv_bytes(config, n, input_len, output_len, kv_dtype) / bandwidth
             result.update(matmul_tflop_s=matmul_flops / 1e12, read_bandwidth_tb_s=bandwidth / 1e12,

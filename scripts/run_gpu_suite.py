@@ -275,6 +275,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("tput-long-kvfp8", tput("tput-long", "--kv-cache-dtype", "fp8"), 240),
         ("batch64", tput("tput-short", "--num-requests", "64", "--input-len", "128", "--output-len", "256",
                          "--max-num-seqs", "64", "--output-json", f"{results}/batch64.json"), 150),
+        # The same with multi-step decoding: after the one prompt step nothing waits, so every decode is a burst.
+        *((f"batch64{tag}-ms{k}", tput("tput-short", "--num-requests", "64", "--input-len", "128", "--output-len",
+                                       "256", "--max-num-seqs", "64", "--num-scheduler-steps", str(k), *extra,
+                                       "--output-json", f"{results}/batch64{tag}-ms{k}.json"), 150)
+          for tag, extra in (("", ()), ("-awq", ("--quantization", "awq"))) for k in (1, 8)),
         ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_quantized_matmul.py",
                        "tests/test_ragged_paged_attention.py"], 100),
         # Run 12. fp8 on cuBLAS's own heuristic choice: no autotuning and no Triton GEMMs (level 0 with

@@ -308,6 +308,7 @@ def test_throughput_json(bench_dir):
         fields = ["output_tok_s", "total_tok_s", "req_s", "num_requests"]
         _check_protocol_fields(result, workload, fields + (["prefill_mfu"] if workload == "tput-prefill" else []))
         assert result["num_requests"] == 6 and result["max_num_seqs"] == 4
+        assert result["engine_steps"] > 0 and result["engine_multi_steps"] == 0 and result["engine_wait_s"] >= 0
         assert result["total_tok_s"] == pytest.approx(result["output_tok_s"] * 24 / 4)
     assert 0 < result["prefill_mfu"] < 1.5  # against a matmul rate measured on the same machine
     timeline = result["step_timeline"]  # traced (tput-prefill always is): one row per step
