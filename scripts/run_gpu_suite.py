@@ -280,6 +280,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                        "256", "--max-num-seqs", "64", "--num-scheduler-steps", str(k), *extra,
                                        "--output-json", f"{results}/batch64{tag}-ms{k}.json"), 150)
           for tag, extra in (("", ()), ("-awq", ("--quantization", "awq"))) for k in (1, 8)),
+        # Batch 8 (8 x 128 in / 256 out): where between batch 1 (host-bound, bursts gain) and 64 (device-bound) it turns.
+        *((f"batch8{tag}-ms{k}", tput("tput-short", "--num-requests", "8", "--input-len", "128", "--output-len",
+                                      "256", "--max-num-seqs", "8", "--num-scheduler-steps", str(k), *extra,
+                                      "--output-json", f"{results}/batch8{tag}-ms{k}.json"), 120)
+          for tag, extra in (("", ()), ("-awq", ("--quantization", "awq"))) for k in (1, 8)),
         ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_quantized_matmul.py",
                        "tests/test_ragged_paged_attention.py"], 100),
         # Run 12. fp8 on cuBLAS's own heuristic choice: no autotuning and no Triton GEMMs (level 0 with
