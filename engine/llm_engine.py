@@ -401,11 +401,16 @@ class LLMEngine:
         self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(scheduled))
         tokens = result.token_ids.tolist()  # Python ints, converted once for the whole batch
         if out.decode_steps == 1:
-            tokens_of, results = (lambda i, s: tokens[i:i + 1]), [result]
+            results = [result]
+
+            def tokens_of(i: int, s: ScheduledSequence) -> list[int]:
+                return tokens[i:i + 1]
         else:  # a multi-step decode: the steps first (engine.multi_step)
             self.stats["multi_steps"] += 1
-            tokens_of = lambda i, s: [step[i] for step in tokens[:s.decode_steps]]  # noqa: E731
             results = [jax.tree.map(lambda a: a[j], result) for j in range(out.decode_steps)]
+
+            def tokens_of(i: int, s: ScheduledSequence) -> list[int]:
+                return [step[i] for step in tokens[:s.decode_steps]]
         if not self.async_scheduling:
             self.scheduler.update_after_step(out, {s.request.request_id: _one_or_list(tokens_of(i, s))
                                                    for i, s in enumerate(scheduled) if s.samples})

@@ -488,19 +488,19 @@ class ModelRunner:
 
     def step_fn(self, num_tokens: int):
         """The jitted model step for ``num_tokens`` (padded) token rows, compiled with its XLA options."""
-        options = self.step_compiler_options(num_tokens)
-        key = tuple(sorted(options.items()))
-        if key not in self._step_fns:
-            self._step_fns[key] = self._make_step(compiler_options=options or None)
-        return self._step_fns[key]
+        return self._with_step_options(num_tokens, self._step_fns, self._make_step)
 
     def burst_fn(self, num_tokens: int):
         """The jitted multi-step decode for ``num_tokens`` (padded) token rows, compiled as that step is."""
+        return self._with_step_options(num_tokens, self._burst_fns, self._make_burst)
+
+    def _with_step_options(self, num_tokens: int, jitted: dict, make):
+        """``make(compiler_options=...)`` for a step of ``num_tokens`` rows, kept in ``jitted`` by its XLA options."""
         options = self.step_compiler_options(num_tokens)
         key = tuple(sorted(options.items()))
-        if key not in self._burst_fns:
-            self._burst_fns[key] = self._make_burst(compiler_options=options or None)
-        return self._burst_fns[key]
+        if key not in jitted:
+            jitted[key] = make(compiler_options=options or None)
+        return jitted[key]
 
     def burst_buckets(self) -> list[int]:
         """The token rows a multi-step decode can have (one row a sequence): none when it is off."""

@@ -265,6 +265,8 @@ def workers(checkpoints, prompts) -> dict:
         ("fp8", checkpoints["qwen2"], "dummy", [1, 4], {"quantization": "fp8"}),
         # The GPU default: unrolled layers over one KV buffer per layer.
         ("unrolled", checkpoints["llama"], "auto", [1, 4], {"unroll_layers": True}),
+        # Multi-step decoding over the mesh (its burst program's outputs replicated, its KV pages sharded).
+        ("multi-step", checkpoints["llama"], "auto", [4], {"num_scheduler_steps": 4}),
     ]
     cluster = {"checkpoint": checkpoints["llama"], "prompts": prompts, "port": _free_port()}
     procs = [_run_worker("single", {"runs": runs, "prompts": prompts}, NUM_DEVICES)]
@@ -293,6 +295,10 @@ def test_outputs_equal_single_device(single_host, run):
     assert all(len(c) == NEW_TOKENS for o in want for c in o)
     assert len({tuple(c) for o in want for c in o}) > 1  # outputs differ per prompt: the check has teeth
     assert got == want
+
+
+def test_multi_step_decoding_over_the_mesh_gives_the_single_devices_tokens(single_host):
+    assert single_host["multi-step/tp4"]["outputs"] == single_host["llama/tp1"]["outputs"]
 
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4"])
