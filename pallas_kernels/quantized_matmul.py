@@ -345,7 +345,7 @@ def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str)
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
                  defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1,
-                 norm: bool = False, factor_scales: bool = False):
+                 factor_scales: bool = False):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -360,10 +360,8 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``subtiles`` (int4, deferred sum): each step's packed tile loaded as that many blocks of rows, each multiplied
     into one accumulator of a block's shape (``MatmulConfig.gemv_subtiles``).
     ``factor_scales`` (int4, deferred sum): the group's scale and zero leave the products (``gemv_factor_scales``).
-    ``norm`` (int4): x is an RMSNorm's input; its weight (``refs[2]``) multiplies each slice of x, and the program
-    also writes the sum of squares of its slice of x (``refs[-1][split, column block]``) for the caller's scale.
     """
-    o_ref = refs[-2] if norm else refs[-1]
+    o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
@@ -396,9 +394,6 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
             q_lo, q_hi, s, z = _nibbles_as_f32(packed[part], s, z, convert)
             lo = k0 + part * part_rows  # the block's low nibbles are K rows lo.., its high ones lo + block_k / 2..
             x_lo, x_hi = (x_ref[0, pl.ds(k, part_rows)].astype(jnp.float32) for k in (lo, lo + block_k // 2))
-            if norm:
-                x_lo, x_hi = (x * refs[2][0, pl.ds(k, part_rows)].astype(jnp.float32)
-                              for x, k in ((x_lo, lo), (x_hi, lo + block_k // 2)))
             return s, z, x_lo, q_lo, x_hi, q_hi
         (w,) = loaded
         w = _integers_as_f32(w, "int8", convert) if fmt == "int8" else w.astype(jnp.float32)
@@ -436,21 +431,10 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     body = deferred_step if defer_reduction else step
     rows = (part_rows if fmt == "int4" else block_k) if defer_reduction else None
     acc = jnp.zeros((rows, block_n) if rows else (block_n,), jnp.float32)
-    if norm:  # x's squares summed elementwise beside the products ([block_k]), over its elements after the loop
-        def squares(i, acc):
-            x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)
-            return multiply_add(x, x, acc, fma)
-
-        product_body = body
-        body = lambda i, carry, loaded: (product_body(i, carry[0], loaded), squares(i, carry[1]))  # noqa: E731
-        acc = (acc, jnp.zeros((block_k,), jnp.float32))
     if prefetch:
         acc = double_buffered_loop(steps, load, body, acc)
     else:
         acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
-    if norm:
-        acc, squares_acc = acc
-        refs[-1][split, n] = jnp.sum(squares_acc)
     if defer_reduction:
         acc = jnp.sum(acc, axis=0)
     if fmt == "int8":
@@ -635,37 +619,24 @@ def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default
     return prefetch, {"permute": "exponent", "affine": "affine_jnp"}.get(convert, convert) if interpret else convert
 
 
-def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, norm_eps=None,
-                  keep_splits=False):
+def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, keep_splits=False):
     """``kernel`` over the grid ``(N / block_n, splits)`` of one-row programs, each writing ``block_n`` columns of
-    its split's partial sums; the splits added (``add_splits``): ``[1, N]``. With ``norm_eps`` each program also
-    writes the sum of squares of its slice of x (``[splits, N / block_n]``), and the sum is scaled by the RMSNorm's
-    ``1 / sqrt(mean(x^2) + eps)`` (XLA fuses it into the consumer of the result, as it does the splits' sum)."""
-    out_specs = pl.BlockSpec((None, block_n), lambda n, s: (s, n))
-    out_shape = jax.ShapeDtypeStruct((splits, N), x.dtype if splits == 1 and norm_eps is None else jnp.float32)
-    if norm_eps is not None:
-        out_specs = [out_specs, pl.no_block_spec]
-        out_shape = [out_shape, jax.ShapeDtypeStruct((splits, N // block_n), jnp.float32)]
+    its split's partial sums; the splits added (``add_splits``): ``[1, N]``."""
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),
         in_specs=[pl.no_block_spec] * (2 + len(extras)),
-        out_specs=out_specs,
-        out_shape=out_shape,
+        out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
+        out_shape=jax.ShapeDtypeStruct((splits, N), x.dtype if splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=config.gemv_num_warps, num_stages=config.gemv_num_stages),
         interpret=interpret,
         name=name,
     )(x, w, *extras)
-    if norm_eps is None:
-        return add_splits(out[:, None, :], x.dtype, keep_splits)
-    partials, squares = out
-    inv_rms = lax.rsqrt(jnp.sum(squares[:, 0]) / x.shape[1] + norm_eps)
-    return (add_splits(partials, jnp.float32) * inv_rms).astype(x.dtype)[None, :]
+    return add_splits(out[:, None, :], x.dtype, keep_splits)
 
 
-def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, norm_eps=None, keep_splits=False):
-    """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``. ``norm_eps``: int4 only, the last of
-    ``extras`` an RMSNorm's weight ``[1, K]`` (``int4_rms_norm_matmul``)."""
+def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False):
+    """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
     prefetch, convert = _gemv_loop_settings(fmt, config, interpret, default_prefetch=int(
         fmt == "int8" or (fmt == "int4" and config.gemv_factor_scales and config.gemv_defer_reduction)))
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
@@ -677,11 +648,9 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, norm_
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
-                               subtiles=config.gemv_subtiles, norm=norm_eps is not None,
-                               factor_scales=config.gemv_factor_scales)
+                               subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
-                         interpret=interpret, name=f"{fmt}_weight_streaming_gemv", norm_eps=norm_eps,
-                         keep_splits=keep_splits)
+                         interpret=interpret, name=f"{fmt}_weight_streaming_gemv", keep_splits=keep_splits)
 
 
 # keep_splits: the result as ``[k_splits, M, N]`` partial sums (float32 when split), not added (``add_splits``).
@@ -753,21 +722,3 @@ def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config:
     K, N = _int4_shape(packed, scales, zeros, group_size, pack)
     return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
                                     pack=pack, config=config, interpret=interpret, keep_splits=keep_splits)
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "group_size", "pack", "config", "interpret"))
-def int4_rms_norm_matmul(x, norm_weight, packed, scales, zeros, *, eps: float, group_size: int, pack: int,
-                         config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None):
-    """``rms_norm(x, norm_weight, eps) @ W`` for one row ``x[1, K]`` and an int4 ``W``, the norm inside the GEMV:
-    each program multiplies its slices of x by the norm's weight and sums their squares beside its products, and
-    the splits' sum is scaled by ``1 / sqrt(mean(x^2) + eps)``. So the norm launches no kernels of its own (at batch
-    1 its reduction and its scaling were two of the ~11 small launches a layer, ~1.3 us each). The normalized x is
-    never rounded to x's dtype, as the unfused norm does before its matmul."""
-    K, N = _int4_shape(packed, scales, zeros, group_size, pack)
-    config, interpret = _call_settings(x, K, config, interpret)
-    if x.shape[0] != 1 or not config.gemv:
-        raise ValueError(f"the RMSNorm runs inside the one-row GEMV only; got {x.shape[0]} rows, gemv={config.gemv}")
-    if norm_weight.shape != (K,):
-        raise ValueError(f"the norm's weight must be [K={K}], got {norm_weight.shape}")
-    return _gemv(x, packed, (scales, zeros, norm_weight[None, :]), fmt="int4", K=K, N=N, group_size=group_size,
-                 pack=pack, config=config, interpret=interpret, norm_eps=eps)

@@ -81,7 +81,7 @@ def triton_module_text(debug_output: str) -> str:
     return text + "\n"
 
 
-KERNELS = ("int4", "int4-norm", "int8-kmajor", "attention-decode", "attention-prefill")
+KERNELS = ("int4", "int8-kmajor", "attention-decode", "attention-prefill")
 
 
 def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -> tuple[str, int]:
@@ -102,11 +102,6 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -
         args = (x, jnp.zeros((K // 2, N), jnp.uint8), jnp.ones((K // 128, N), jnp.bfloat16),
                 jnp.ones((K // 128, N), jnp.bfloat16))
         fn = functools.partial(qmm.int4_matmul, group_size=128, pack=pack, config=cfg, interpret=False)
-    elif kernel == "int4-norm":  # the RMSNorm inside the GEMV (int4_rms_norm_matmul)
-        args = (x, jnp.ones((K,), jnp.bfloat16), jnp.zeros((K // 2, N), jnp.uint8), jnp.ones((K // 128, N), jnp.bfloat16),
-                jnp.ones((K // 128, N), jnp.bfloat16))
-        fn = functools.partial(qmm.int4_rms_norm_matmul, eps=1e-5, group_size=128, pack=pack, config=cfg,
-                               interpret=False)
     elif kernel == "int8-kmajor":
         args = (x, jnp.zeros((N, K), jnp.int8), jnp.ones((N,), jnp.float32))
         fn = functools.partial(qmm.int8_kmajor_matmul, config=cfg, interpret=False)

@@ -624,8 +624,6 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
               ("profile-decode1", lambda name: profile(name, "--step", "decode", "--batch", "1", "--ctx", "192",
                                                        "--quantization", "int8", "--precompile-steps", "off")),
               ("latency", lambda name: latency("int8", "--output-json", f"{results}/{name}.json")))],
-        ("gpu-tests-norm", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "rms_norm", "tests/test_quantized_matmul.py"],
-         90),
         # After run 28b: the residual add and RMSNorm in one launch (pallas_kernels.add_rms_norm) compiled against its
         # reference, then the engine's tokens with it (kernels against the reference engine, quantized against XLA).
         ("gpu-tests-add-norm", ["bash", "-c", f"{PY} -m pytest -q -m gpu tests/test_add_rms_norm.py && "

@@ -22,7 +22,6 @@ from pallas_kernels.quantized_matmul import (
     int4_matmul,
     int4_matmul_reference,
     int4_pack_block,
-    int4_rms_norm_matmul,
     int8_matmul,
     int8_matmul_reference,
     pack_int4,
@@ -166,51 +165,6 @@ def test_affine_nibbles_and_their_permute_selectors():
     assert offset == 0.0 and "mov.b32 e, 0x3f000000;" in ptx and "shr.u32 u, $4, 4;" in ptx
     assert [f"prmt.b32 ${j}, u, e, {0x7054 + (j << 8):#x};" in ptx for j in range(4)] == [True] * 4
     assert "prmt.b32 $3, u, e, 0x7653;" in _PERMUTES["low_nibbles"][0]
-
-
-NORM_CASES = [  # (K, N, group, dtype, config): the RMSNorm inside the int4 GEMV, split, both reductions, loads ahead
-    (512, 256, 128, jnp.float32, MatmulConfig()),
-    (512, 192, 64, jnp.bfloat16, MatmulConfig(k_splits=2, gemv_block_n=64)),
-    (256, 128, 128, jnp.float32, MatmulConfig(gemv_defer_reduction=False)),
-    (512, 128, 128, jnp.float32, MatmulConfig(gemv_prefetch=1, gemv_subtiles=1)),
-]
-
-
-def run_norm_case(K, N, group, dtype, config, *, interpret):
-    """``int4_rms_norm_matmul`` against the float64 product of the normalized row and the weight it encodes."""
-    seed = np.random.SeedSequence().entropy
-    rng = np.random.default_rng(seed)
-    args, static, dense = random_weight(rng, "int4", K, N, group, dtype)
-    x = jnp.asarray(3 * rng.standard_normal((1, K)), dtype)
-    norm_weight = jnp.asarray(rng.standard_normal(K), dtype)
-    out = int4_rms_norm_matmul(x, norm_weight, *args, eps=1e-5, config=config, interpret=interpret, **static)
-    x64 = np.asarray(x, np.float64)
-    exact = (x64 / np.sqrt(np.mean(x64 ** 2) + 1e-5) * np.asarray(norm_weight, np.float64)) @ dense
-    assert out.shape == (1, N) and out.dtype == dtype
-    err = np.abs(np.asarray(out, np.float64) - exact).max() / np.abs(exact).max()
-    assert err < RTOL[dtype], f"seed {seed}: max error {err:.2e} (of the largest output)"
-
-
-@pytest.mark.parametrize("K,N,group,dtype,config", NORM_CASES)
-def test_rms_norm_inside_the_int4_gemv_interpret(K, N, group, dtype, config):
-    run_norm_case(K, N, group, dtype, config, interpret=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 28672)])  # the 8B's wqkv and w_gate_up
-def test_rms_norm_inside_the_int4_gemv_on_gpu(K, N):
-    run_norm_case(K, N, 128, jnp.bfloat16, MatmulConfig(), interpret=False)
-
-
-def test_rms_norm_gemv_lowers_to_triton_and_takes_one_row_only():
-    rng = np.random.default_rng(0)
-    args, static, _ = random_weight(rng, "int4", 1024, 512, 128, jnp.bfloat16)
-    fn = jax.jit(functools.partial(int4_rms_norm_matmul, eps=1e-5, interpret=False, config=MatmulConfig(), **static))
-    x, norm_weight = jnp.ones((1, 1024), jnp.bfloat16), jnp.ones((1024,), jnp.bfloat16)
-    text = fn.trace(x, norm_weight, *args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
-    with pytest.raises(ValueError, match="one-row GEMV"):
-        int4_rms_norm_matmul(jnp.ones((2, 1024)), norm_weight, *args, eps=1e-5, interpret=True, **static)
 
 
 def test_int4_subtiles_must_divide_a_step():
