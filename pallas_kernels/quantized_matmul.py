@@ -71,6 +71,11 @@ class MatmulConfig:
     block_m: int = 64
     block_n: int = 64
     block_k: int = 128
+    # The tensor-core form (2 rows and up): how an int4 tile's nibbles become float32 before the tile is scaled
+    # (one fused multiply-add, with ``gemv_fma``) and rounded to x's dtype for the dot: "affine" (a byte permute
+    # into 0.5's mantissa, as the GEMV's ``gemv_convert``) or "cvt" (an integer-to-float conversion, a quarter of
+    # the FMA rate; the form before run 30f).
+    tile_convert: str = "affine"
     k_splits: Optional[int] = None
     num_warps: int = 4
     num_stages: int = 4
@@ -219,8 +224,10 @@ def int4_matmul_reference(x, packed, scales, zeros, *, group_size: int, pack: in
 
 
 def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, block_k: int, steps: int,
-                   group_size: int):
-    """One program: ``block_m`` rows x ``block_n`` output columns over ``steps * block_k`` rows of K."""
+                   group_size: int, convert: str = "cvt", fma: bool = False):
+    """One program: ``block_m`` rows x ``block_n`` output columns over ``steps * block_k`` rows of K.
+    ``convert`` (int4): how nibbles become float32 (``MatmulConfig.tile_convert``); ``fma``: the dequantization's
+    multiply-add as one instruction (``multiply_add``)."""
     o_ref = refs[-1]
     m, n, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = pl.ds(pl.multiple_of(m * block_m, block_m), block_m)
@@ -238,8 +245,10 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, bl
             z = zero_ref[group, cols].astype(jnp.float32)
             packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
                                    eviction_policy="evict_first")
-            w_lo = (((packed & 0xF).astype(jnp.float32) - z) * s).astype(dtype)
-            w_hi = (((packed >> 4).astype(jnp.float32) - z) * s).astype(dtype)
+            q_lo, q_hi, s, z = _nibbles_as_f32(packed, s, z, convert)
+            zs = -z * s  # (q - z) s = q s + zs
+            w_lo = multiply_add(q_lo, s, zs, fma).astype(dtype)
+            w_hi = multiply_add(q_hi, s, zs, fma).astype(dtype)
             acc += jnp.dot(x_ref[rows, pl.ds(k0, half)], w_lo, preferred_element_type=jnp.float32)
             acc += jnp.dot(x_ref[rows, pl.ds(k0 + half, half)], w_hi, preferred_element_type=jnp.float32)
             return acc
@@ -589,8 +598,12 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
     rows = x.shape[0]
     num_steps = K // block_k
     splits = _k_splits(config, (rows // block_m) * (N // block_n), num_steps, block_k, config.programs_per_core)
+    if config.tile_convert not in ("affine", "cvt"):
+        raise ValueError(f"tile_convert must be 'affine' or 'cvt', got {config.tile_convert!r}")
+    convert = "affine_jnp" if interpret and config.tile_convert == "affine" else config.tile_convert
     kernel = functools.partial(_matmul_kernel, fmt=fmt, block_m=block_m, block_n=block_n, block_k=block_k,
-                               steps=num_steps // splits, group_size=group_size)
+                               steps=num_steps // splits, group_size=group_size, convert=convert,
+                               fma=config.gemv_fma and not interpret)
     out = pl.pallas_call(
         kernel,
         # Row tiles first: the programs that read the same weight tile run side by side (L2 reuse).

@@ -84,10 +84,10 @@ def triton_module_text(debug_output: str) -> str:
 KERNELS = ("int4", "int8-kmajor", "attention-decode", "attention-prefill")
 
 
-def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -> tuple[str, int]:
+def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, rows: int = 1) -> tuple[str, int]:
     """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]`` (int4: packed in blocks of ``pack``
-    rows of K, the K step of its GEMV), or of an attention launch (``config``: ``Tiling`` fields; shapes fixed), and
-    its warp count."""
+    rows of K, the K step of its GEMV; ``rows`` > 1: the tensor-core form for ``x[rows, K]``), or of an attention
+    launch (``config``: ``Tiling`` fields; shapes fixed), and its warp count."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
@@ -97,7 +97,7 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -
     if kernel.startswith("attention-"):
         return _attention_module(kernel.removeprefix("attention-"), config)
     cfg = qmm.MatmulConfig(**config)
-    x = jnp.ones((1, K), jnp.bfloat16)
+    x = jnp.ones((rows, K), jnp.bfloat16)
     if kernel == "int4":
         args = (x, jnp.zeros((K // 2, N), jnp.uint8), jnp.ones((K // 128, N), jnp.bfloat16),
                 jnp.ones((K // 128, N), jnp.bfloat16))
@@ -107,7 +107,7 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128) -
         fn = functools.partial(qmm.int8_kmajor_matmul, config=cfg, interpret=False)
     else:
         raise ValueError(f"--kernel must be one of {KERNELS}, got {kernel!r}")
-    return triton_module_text(_printed_modules(fn, args)), cfg.gemv_num_warps
+    return triton_module_text(_printed_modules(fn, args)), cfg.gemv_num_warps if rows == 1 else cfg.num_warps
 
 
 def _printed_modules(fn, args) -> str:
@@ -161,9 +161,10 @@ def main() -> None:
     parser.add_argument("--fp-fusion", choices=["on", "off"], default="off",
                         help="Triton's multiply-add contraction (off: as jaxlib's pipeline, whose SASS has FMUL + FADD "
                              "where pip's Triton fuses them, NOTES.md run 26c)")
+    parser.add_argument("--rows", type=int, default=1, help="rows of x (more than 1: the tensor-core form)")
     parser.add_argument("--out", default=None, help="keep the .ttir/.ttgir/.sass here (default: a temporary folder)")
     args = parser.parse_args()
-    module, num_warps = lowered_module(args.kernel, args.k, args.n, json.loads(args.config), args.pack)
+    module, num_warps = lowered_module(args.kernel, args.k, args.n, json.loads(args.config), args.pack, args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(args.out or tmp, f"{args.kernel}_gemv")
         os.makedirs(os.path.dirname(out), exist_ok=True)

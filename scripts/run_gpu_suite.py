@@ -280,6 +280,16 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                        "256", "--max-num-seqs", "64", "--num-scheduler-steps", str(k), *extra,
                                        "--output-json", f"{results}/batch64{tag}-ms{k}.json"), 150)
           for tag, extra in (("", ()), ("-awq", ("--quantization", "awq"))) for k in (1, 8)),
+        # The int4 tensor-core form (2-256 rows) with its nibbles converted by an integer-to-float conversion (the form
+        # before run 30f; MatmulConfig.tile_convert), against the byte permute: AWQ at batch 8 and 64, and TTFT.
+        *((f"batch{b}-awq-tilecvt", ["env", 'PAGEDJAX_MATMUL_CONFIG={"tile_convert": "cvt"}'] + tput(
+            "tput-short", "--num-requests", str(b), "--input-len", "128", "--output-len", "256", "--max-num-seqs",
+            str(b), "--quantization", "awq", "--output-json", f"{results}/batch{b}-awq-tilecvt.json"), 120)
+          for b in (8, 64)),
+        ("latency-awq-tilecvt", ["env", 'PAGEDJAX_MATMUL_CONFIG={"tile_convert": "cvt"}'] + latency(
+            "awq", "--output-json", f"{results}/latency-awq-tilecvt.json"), 120),
+        ("gpu-tests-tile", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "int4-16- or int4-64- or int4-200- or int4-3-",
+                            "tests/test_quantized_matmul.py"], 150),
         # Batch 8 (8 x 128 in / 256 out): where between batch 1 (host-bound, bursts gain) and 64 (device-bound) it turns.
         *((f"batch8{tag}-ms{k}", tput("tput-short", "--num-requests", "8", "--input-len", "128", "--output-len",
                                       "256", "--max-num-seqs", "8", "--num-scheduler-steps", str(k), *extra,
