@@ -286,6 +286,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "tput-short", "--num-requests", str(b), "--input-len", "128", "--output-len", "256", "--max-num-seqs",
             str(b), "--quantization", "awq", "--output-json", f"{results}/batch{b}-awq-tilecvt.json"), 120)
           for b in (8, 64)),
+        *((f"batch{b}-awq-bn128", ["env", 'PAGEDJAX_MATMUL_CONFIG={"block_n": 128}'] + tput(
+            "tput-short", "--num-requests", str(b), "--input-len", "128", "--output-len", "256", "--max-num-seqs",
+            str(b), "--quantization", "awq", "--output-json", f"{results}/batch{b}-awq-bn128.json"), 120)
+          for b in (8, 64)),
         ("latency-awq-tilecvt", ["env", 'PAGEDJAX_MATMUL_CONFIG={"tile_convert": "cvt"}'] + latency(
             "awq", "--output-json", f"{results}/latency-awq-tilecvt.json"), 120),
         ("gpu-tests-tile", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "int4-16- or int4-64- or int4-200- or int4-3-",
