@@ -581,3 +581,31 @@ def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys
     assert (llm.stats()["multi_steps"] > 0) == (steps > 1)
     llm.shutdown()
     assert token_buckets(1000) == [1, 16, 32, 64, 128, 256, 512, 1000] and token_buckets(8) == [1, 8]
+
+
+def test_with_multi_step_decoding_a_first_token_goes_out_before_the_next_step_is_dispatched(tmp_path):
+    """A burst's planning and dispatch take a few ms of host time: with multi-step decoding the step that samples a
+    request's first token is read back (and its output handed out) before the next step is dispatched, so the first
+    token does not wait for them; later steps are still planned while the previous one runs."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=2)
+    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
+              num_scheduler_steps=4, async_scheduling=True)
+    runner = llm.llm_engine.runner
+    events = []
+    dispatch = runner.dispatch
+    runner.dispatch = lambda *a, **k: events.append(("dispatch", k.get("decode_steps", 1))) or dispatch(*a, **k)
+    done = threading.Event()
+
+    def on_output(output):
+        events.append(("output", len(output.outputs[0].token_ids)))
+        if output.finished:
+            done.set()
+
+    llm.submit([5, 6, 7, 8, 9], SamplingParams(temperature=0, max_tokens=13, ignore_eos=True), on_output=on_output,
+               on_error=lambda exc: done.set())
+    assert done.wait(120)
+    assert events[:3] == [("dispatch", 1), ("output", 1), ("dispatch", 4)]
+    assert llm.stats()["steps_planned_ahead"] > 0  # the bursts after it overlap as before
+    llm.shutdown()
