@@ -74,7 +74,7 @@ class MatmulConfig:
     # The tensor-core form (2 rows and up): how an int4 tile's nibbles become float32 before the tile is scaled
     # (one fused multiply-add, with ``gemv_fma``) and rounded to x's dtype for the dot: "affine" (a byte permute
     # into 0.5's mantissa, as the GEMV's ``gemv_convert``) or "cvt" (an integer-to-float conversion, a quarter of
-    # the FMA rate; the form before run 30f).
+    # the FMA rate; the form before run 30e).
     tile_convert: str = "affine"
     k_splits: Optional[int] = None
     num_warps: int = 4

@@ -281,7 +281,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                        "--output-json", f"{results}/batch64{tag}-ms{k}.json"), 150)
           for tag, extra in (("", ()), ("-awq", ("--quantization", "awq"))) for k in (1, 8)),
         # The int4 tensor-core form (2-256 rows) with its nibbles converted by an integer-to-float conversion (the form
-        # before run 30f; MatmulConfig.tile_convert), against the byte permute: AWQ at batch 8 and 64, and TTFT.
+        # before run 30e; MatmulConfig.tile_convert), against the byte permute: AWQ at batch 8 and 64, and TTFT.
         *((f"batch{b}-awq-tilecvt", ["env", 'PAGEDJAX_MATMUL_CONFIG={"tile_convert": "cvt"}'] + tput(
             "tput-short", "--num-requests", str(b), "--input-len", "128", "--output-len", "256", "--max-num-seqs",
             str(b), "--quantization", "awq", "--output-json", f"{results}/batch{b}-awq-tilecvt.json"), 120)

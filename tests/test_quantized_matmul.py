@@ -64,7 +64,7 @@ CPU_CASES = [
     ("int4", 16, 96, 96, 32, jnp.float32, MatmulConfig()),  # pack block of 32 rows, N not a power of 2
     ("int8", 150, 256, 64, 0, jnp.float32, MatmulConfig()),  # 3 row tiles of 64, the last one padded
     ("int4", 100, 128, 64, 64, jnp.bfloat16, MatmulConfig(block_m=32, k_splits=2)),
-    ("int4", 9, 192, 64, 64, jnp.bfloat16, MatmulConfig(tile_convert="cvt", gemv_fma=False)),  # before run 30f
+    ("int4", 9, 192, 64, 64, jnp.bfloat16, MatmulConfig(tile_convert="cvt", gemv_fma=False)),  # before run 30e
     # One row: the GEMV form (the M=1 cases above), split over K, and the dot form at one row.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=4, gemv_block_n=64)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32)),
@@ -321,7 +321,7 @@ GPU_CASES = [
      for K, N in ((4096, 6144), (14336, 4096)) for subtiles in (4, 2, 1) for prefetch in (0, 1)
 ] + [(fmt, 1, 4096, 6144, 128, jnp.bfloat16, MatmulConfig(gemv_fma=False))  # multiply and add apart (before 26d)
      for fmt in ("int8", "int4")
-] + [("int4", M, K, N, 128, jnp.bfloat16, MatmulConfig(tile_convert="cvt"))  # the tensor-core form before 30f
+] + [("int4", M, K, N, 128, jnp.bfloat16, MatmulConfig(tile_convert="cvt"))  # the tensor-core form before 30e
      for M, K, N in ((16, 14336, 4096), (64, 4096, 28672))
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
       ("int8", 256, 4096, 4096, 128, jnp.bfloat16, MatmulConfig()), ("int4", 200, 14336, 4096, 128, jnp.bfloat16,
