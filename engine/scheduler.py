@@ -392,7 +392,8 @@ class Scheduler:
         has one step left, or when the free blocks do not cover every step (the ordinary step then runs, with
         preemption as usual)."""
         k = self.num_scheduler_steps
-        if k == 1 or not decodes or len(decodes) > plan.budget:
+        # (Forked samples can leave more requests running than a step's sequence slots: those take ordinary steps.)
+        if k == 1 or not decodes or len(decodes) > min(plan.budget, self.max_num_seqs - len(plan.scheduled)):
             return False
         steps = []
         for r in decodes:

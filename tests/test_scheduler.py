@@ -523,3 +523,16 @@ def test_a_multi_step_decode_waits_for_waiting_requests_every_request_allowing_i
     out = engine.step()
     assert out.decode_steps == 1 and not out.preempted_request_ids
     assert (a.num_computed_tokens, b.num_computed_tokens) == (10, 6)
+
+
+def test_no_multi_step_decode_when_forks_leave_more_decodes_than_a_steps_sequence_slots(rng):
+    """Forked samples can leave more requests running than ``max_num_seqs``: an ordinary step then takes as many as
+    fit (found by the random load above, seen failing once in CI before the cap)."""
+    engine = make(num_blocks=32, block_size=4, max_num_batched_tokens=16, max_num_seqs=2, max_model_len=40,
+                  rng=rng, num_scheduler_steps=4)
+    parent = engine.add("p", 5, max_tokens=20)
+    engine.step()  # the prompt
+    engine.fork(parent, "p#1")
+    engine.fork(parent, "p#2")
+    out = engine.step()  # FakeEngine.step checks the step's limits
+    assert out.decode_steps == 1 and len(out.scheduled) == 2
