@@ -572,12 +572,7 @@ class ModelRunner:
 
     def _precompile_bursts(self, buckets: list[int], samplers: list[SamplingParams], workers: int, bar) -> None:
         """``precompile``'s multi-step decodes: the staging program and each sampler's burst of every bucket."""
-        host_inputs = {}  # token rows -> the empty burst's host inputs, and each sampler's layout
-        for T in buckets:
-            S = self.padded_num_seqs(T)
-            packed = [pack_arrays(self._uniform_sampling(params, S)) for params in samplers]
-            host_inputs[T] = ((*self._empty_step_input(T, self.table_width), np.zeros(S, np.int32), packed[0][0]),
-                              [layout for _, layout in packed])
+        host_inputs = {T: self._empty_burst_input(T, samplers) for T in buckets}
         if workers > 1:
             lowerings = []
             for T, (host, layouts) in host_inputs.items():
@@ -597,6 +592,15 @@ class ModelRunner:
                 jax.block_until_ready(self._run_burst(T, staged, layout, None))
                 if workers <= 1:
                     bar.update()
+
+    def _empty_burst_input(self, num_tokens: int, samplers: list[SamplingParams]) -> tuple[tuple, list[PackedLayout]]:
+        """A multi-step decode of ``num_tokens`` padding rows and no sequence, as ``_dispatch_burst`` stages it (the
+        empty step's inputs, no steps, the first sampler's packed metadata), and each sampler's metadata layout (the
+        samplers' packed metadata all have one shape): what ``precompile`` runs."""
+        S = self.padded_num_seqs(num_tokens)
+        packed = [pack_arrays(self._uniform_sampling(params, S)) for params in samplers]
+        host = (*self._empty_step_input(num_tokens, self.table_width), np.zeros(S, np.int32), packed[0][0])
+        return host, [layout for _, layout in packed]
 
     def _empty_step_input(self, num_tokens: int, table_width: int) -> tuple[ModelInput, np.ndarray]:
         """A step of ``num_tokens`` padding rows and no sequence, and its feed index (none fed): what
@@ -690,21 +694,16 @@ class ModelRunner:
         return self._take(outputs)
 
     def _burst_output_buffer(self, num_seqs: int, num_logprobs: Optional[int], *, take: bool = True) -> SamplerOutput:
-        """The buffers a burst of ``num_seqs`` slots writes its outputs into (``_logits_buffer``'s twin): the last
-        such burst's, or zeros. ``take``: hand them over (they are donated), else leave them (for a lowering)."""
-        key = (num_seqs, num_logprobs)
-        outputs = self._burst_outputs.pop(key, None) if take else self._burst_outputs.get(key)
-        if outputs is None:
-            shapes = burst_output_shapes(self.num_scheduler_steps, num_seqs, num_logprobs)
-            outputs = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), self._input_sharding)
-            if not take:
-                self._burst_outputs[key] = outputs
-        return outputs
+        """The buffers a burst of ``num_seqs`` slots writes its outputs into, as ``_logits_buffer`` gives a step's
+        logits: the last such burst's, or zeros. ``take``: hand them over (they are donated), else leave them (for a
+        lowering)."""
+        shapes = burst_output_shapes(self.num_scheduler_steps, num_seqs, num_logprobs)
+        return _kept_buffer(self._burst_outputs, (num_seqs, num_logprobs), take, lambda: jax.device_put(
+            jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), self._input_sharding))
 
     def _count_dispatch(self, **seconds: float) -> None:
         for part, value in seconds.items():
             self.dispatch_stats[f"dispatch_{part}_s"] += value
-
 
     def _placed(self, inputs):
         """Host step inputs as the step takes them: replicated over the mesh, else left to jit."""
@@ -754,12 +753,8 @@ class ModelRunner:
         S = self.padded_num_seqs(num_tokens)
         if S > FIXED_LOGITS_MAX_SEQS:
             return None
-        buffer = self._logits_buffers.pop(S, None) if take else self._logits_buffers.get(S)
-        if buffer is None:
-            buffer = jax.device_put(np.zeros((S, self.config.vocab_size), np.float32), self._logits_sharding)
-            if not take:
-                self._logits_buffers[S] = buffer
-        return buffer
+        return _kept_buffer(self._logits_buffers, S, take, lambda: jax.device_put(
+            np.zeros((S, self.config.vocab_size), np.float32), self._logits_sharding))
 
     def _slot_buckets(self) -> list[int]:
         """The sequence slots of the steps' token buckets, ascending."""
@@ -792,6 +787,18 @@ class ModelRunner:
     def release_followers(self) -> None:
         """On process 0 of a multi-process run: end the other processes' ``follow()`` loops."""
         self._lead("release")
+
+
+def _kept_buffer(kept: dict, key, take: bool, make):
+    """The device buffer a program's output is written over (donated), kept from its last run under ``key`` in
+    ``kept``, or ``make()``'s new one. ``take``: hand it over (the program consumes it), else leave it there (for a
+    lowering, which only reads its shape; a new one is then kept)."""
+    buffer = kept.pop(key, None) if take else kept.get(key)
+    if buffer is None:
+        buffer = make()
+        if not take:
+            kept[key] = buffer
+    return buffer
 
 
 def _fed_tokens(model_input: ModelInput, last_sampled: jax.Array, feed_index: jax.Array) -> jax.Array:

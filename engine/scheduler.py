@@ -380,8 +380,11 @@ class Scheduler:
         general one-at-a-time loop would schedule them all, as ``_schedule_decodes`` does.
         """
         n = len(decodes)
-        return (n <= plan.budget and len(plan.scheduled) + n <= self.max_num_seqs
-                and n <= self.block_manager.num_free_blocks)
+        return self._has_room_for(n, plan) and n <= self.block_manager.num_free_blocks
+
+    def _has_room_for(self, num_seqs: int, plan: _StepPlan) -> bool:
+        """Whether ``num_seqs`` more one-token sequences fit the step's token budget and sequence slots."""
+        return num_seqs <= plan.budget and len(plan.scheduled) + num_seqs <= self.max_num_seqs
 
     def _schedule_burst(self, decodes: list[Request], plan: _StepPlan) -> bool:
         """Multi-step decoding: when every running request is a decode and none waits, each runs up to
@@ -393,7 +396,7 @@ class Scheduler:
         preemption as usual)."""
         k = self.num_scheduler_steps
         # (Forked samples can leave more requests running than a step's sequence slots: those take ordinary steps.)
-        if k == 1 or not decodes or len(decodes) > min(plan.budget, self.max_num_seqs - len(plan.scheduled)):
+        if k == 1 or not decodes or not self._has_room_for(len(decodes), plan):
             return False
         steps = []
         for r in decodes:

@@ -137,8 +137,6 @@ def test_multi_step_decoding_gives_one_steps_tokens_and_updates_the_cache_in_pla
     """The GPU path (Pallas attention and KV write, unrolled layers with a KV buffer each, precompiled steps):
     multi-step decodes give the one-step engine's greedy tokens, and their program writes the KV pages in place
     (XLA's copy insertion could copy loop-carried buffers: its temporaries must hold no copy of the pool)."""
-    from engine.runner import pack_arrays
-
     write_tiny_checkpoint(tmp_path, "llama", seed=3)
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, 256, size=n).tolist() for n in (1, 7, 16, 17, 33, 60)]
@@ -154,8 +152,7 @@ def test_multi_step_decoding_gives_one_steps_tokens_and_updates_the_cache_in_pla
             runner = llm.llm_engine.runner
             T = runner.burst_buckets()[-1]
             S = runner.padded_num_seqs(T)
-            packed, layout = pack_arrays(runner._uniform_sampling(SamplingParams(temperature=0), S))
-            host = (*runner._empty_step_input(T, runner.table_width), np.zeros(S, np.int32), packed)
+            host, (layout,) = runner._empty_burst_input(T, [SamplingParams(temperature=0)])
             leaves = jax.tree.leaves(host)
             staged = runner._staging_buffers(tuple(leaf.shape for leaf in leaves), host)
             compiled = runner.burst_fn(T).lower(runner.params, runner.kv_cache, staged, runner._sampled,
