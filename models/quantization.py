@@ -43,7 +43,6 @@ import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models.norm import rms_norm
 from pallas_kernels import add_rms_norm as add_norm
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels import swiglu_matmul as swiglu

@@ -88,9 +88,7 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, r
     """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]`` (int4: packed in blocks of ``pack``
     rows of K, the K step of its GEMV; ``rows`` > 1: the tensor-core form for ``x[rows, K]``), or of an attention
     launch (``config``: ``Tiling`` fields; shapes fixed), and its warp count."""
-    import jax
     import jax.numpy as jnp
-    from jax.experimental import pallas as pl
 
     from pallas_kernels import quantized_matmul as qmm
 
