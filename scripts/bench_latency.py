@@ -142,9 +142,10 @@ def main(argv=None) -> dict:
         compile_s_in_timed=sum(r["compile_s"] for r in runs), **host,
         itl_ms_samples=[round(x, 4) for x in runs[-1]["itl_ms"]],
         notes="TTFT: submit to the first token's arrival on the host (the engine's output callback); TPOT: "
-              "median interval between the timed requests' token arrivals; roofline: weight bytes a decode step "
-              "reads (untied embedding table excluded, KV ignored) over the copy bandwidth measured in this run "
-              "(read + write counted).",
+              "median interval between the timed requests' token arrivals (tokens that arrive together, a "
+              "multi-step decode's, each take an equal share of the interval since the last arrival); roofline: "
+              "weight bytes a decode step reads (the embedding table excluded where the model has a head of its "
+              "own, KV ignored) over the copy bandwidth measured in this run (read + write counted).",
     )
     if peer is not None:
         result["peer"] = peer
