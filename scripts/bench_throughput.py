@@ -145,7 +145,8 @@ def main(argv=None) -> list[dict]:
                           wall_s=run.wall_s, compile_s_excluded=run.compile_s, traced=run.trace is not None,
                           async_scheduling_on=engine.async_scheduling,
                           # engine steps of the timed run, of them multi-step decodes, and the host's wait for tokens
-                          **{f"engine_{name}": after[name] - before[name] for name in ("steps", "multi_steps", "wait_s")})
+                          **{f"engine_{name}": after[name] - before[name]
+                             for name in ("steps", "multi_steps", "wait_s")})
             matmul_s = bench_common.workload_flops(config, n, input_len, output_len) / matmul_flops
             kv_s = bench_common.workload_decode_kv_bytes(config, n, input_len, output_len, kv_dtype) / bandwidth
             result.update(matmul_tflop_s=matmul_flops / 1e12, read_bandwidth_tb_s=bandwidth / 1e12,
