@@ -47,7 +47,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
@@ -97,12 +96,6 @@ class MatmulConfig:
     # ncu) and read 1.54 / 1.20 TB/s (run 27c's profile) against w_gate_up's 2.2 at 1,792; at 2: 768 / 512, at 1:
     # 1,536 / 1,024. Unmeasured below 4.
     gemv_min_steps: int = 4
-    # GEMVs: 0 launches the grid (column blocks, K splits); n > 0 launches exactly n programs a multiprocessor, each
-    # a run of consecutive (column block, K step) units of (nearly) equal length that crosses column blocks as it
-    # goes (``OneRowSchedule``). Memory-latency-bound programs finish a grid in waves; a grid of 1.7 waves (the
-    # int8 w_gate_up's 1,792 programs against 8 resident a multiprocessor) runs its last wave 70% full. n should be
-    # the programs a multiprocessor holds at once (its registers: int8 K-major 64 a thread -> 8, int4 128 -> 4).
-    gemv_balance: int = 0
     # GEMV: keep a [block_k, block_n] float32 partial sum and reduce over K once at the end,
     # instead of a cross-thread reduction of every tile (int4 then dequantizes each weight).
     # Measured in the 8B model on the H200 (NOTES.md, run 16a): AWQ TPOT 6.60 -> 4.74 ms.
@@ -359,11 +352,10 @@ def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str)
     return q_lo, q_hi, s * 256.0, (z + 128.0) * (1 / 256)
 
 
-def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, schedule: OneRowSchedule,
-                 group_size: int, defer_reduction: bool, convert: str, prefetch: int, fma: bool = False,
-                 subtiles: int = 1, factor_scales: bool = False):
-    """One program of the one-row form: ``block_n`` output columns over runs of ``block_k``-row K steps
-    (``schedule``: one run on the grid, one a column block it crosses when balanced).
+def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
+                 defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1,
+                 factor_scales: bool = False):
+    """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
     and summed over K on the CUDA cores. At one row the dot's 16-row tile did 16x the
@@ -378,126 +370,123 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, sche
     into one accumulator of a block's shape (``MatmulConfig.gemv_subtiles``).
     ``factor_scales`` (int4, deferred sum): the group's scale and zero leave the products (``gemv_factor_scales``).
     """
+    o_ref = refs[-1]
+    n, split = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    first_k = split * (steps * block_k)
+
+    def k_start(i):
+        return pl.multiple_of(first_k + i * block_k, block_k)
+
     parts = subtiles if fmt == "int4" and defer_reduction else 1
     part_rows = block_k // 2 // parts  # int4: packed rows a part of a step's tile
 
-    def segment(n, first_step, steps):
-        """Column block ``n``'s float32 sums over K steps ``first_step ..`` (``steps`` of them)."""
-        cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    def load(i):
+        """Step ``i``'s weight loads (int4: the packed tile's ``parts`` blocks of rows, then its group's scale and
+        zero rows); past the last step, the last."""
+        k0 = k_start(jnp.minimum(i, steps - 1))
+        if fmt == "int4":
+            packed = tuple(pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2 + j * part_rows, part_rows),
+                                                        part_rows), cols], eviction_policy="evict_first")
+                           for j in range(parts))
+            group = k0 // group_size
+            return packed, refs[0][group, cols], refs[1][group, cols]
+        return (pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first"),)
 
-        def k_start(i):
-            return pl.multiple_of((first_step + i) * block_k, block_k)
+    def tile(i, loaded, part=0):
+        """Step ``i``'s float32 slices: int4 ``(scale, zero, x_lo, q_lo, x_hi, q_hi)`` (the low and high nibbles
+        of the packed tile's block of rows ``part`` and their slices of ``x``), else ``(x, w)``."""
+        k0 = k_start(i)
+        if fmt == "int4":
+            packed, s, z = loaded
+            s, z = s.astype(jnp.float32), z.astype(jnp.float32)
+            q_lo, q_hi, s, z = _nibbles_as_f32(packed[part], s, z, convert)
+            lo = k0 + part * part_rows  # the block's low nibbles are K rows lo.., its high ones lo + block_k / 2..
+            x_lo, x_hi = (x_ref[0, pl.ds(k, part_rows)].astype(jnp.float32) for k in (lo, lo + block_k // 2))
+            return s, z, x_lo, q_lo, x_hi, q_hi
+        (w,) = loaded
+        w = _integers_as_f32(w, "int8", convert) if fmt == "int8" else w.astype(jnp.float32)
+        return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w
 
-        def load(i):
-            """Step ``i``'s weight loads (int4: the packed tile's ``parts`` blocks of rows, then its group's scale and
-            zero rows); past the last step, the last."""
-            k0 = k_start(jnp.minimum(i, steps - 1))
-            if fmt == "int4":
-                packed = tuple(pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2 + j * part_rows, part_rows),
-                                                            part_rows), cols], eviction_policy="evict_first")
-                               for j in range(parts))
-                group = k0 // group_size
-                return packed, refs[0][group, cols], refs[1][group, cols]
-            return (pltriton.load(w_ref.at[pl.ds(k0, block_k), cols], eviction_policy="evict_first"),)
+    def step(i, acc, loaded):  # acc: [block_n]; each tile summed over K at once
+        if fmt == "int4":
+            s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded)
+            # sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero leaves the tile.
+            dot = jnp.sum(x_lo[:, None] * q_lo + x_hi[:, None] * q_hi, axis=0)
+            return acc + s * (dot - z * (jnp.sum(x_lo) + jnp.sum(x_hi)))
+        x, w = tile(i, loaded)
+        return acc + jnp.sum(x[:, None] * w, axis=0)
 
-        def tile(i, loaded, part=0):
-            """Step ``i``'s float32 slices: int4 ``(scale, zero, x_lo, q_lo, x_hi, q_hi)`` (the low and high nibbles
-            of the packed tile's block of rows ``part`` and their slices of ``x``), else ``(x, w)``."""
-            k0 = k_start(i)
-            if fmt == "int4":
-                packed, s, z = loaded
-                s, z = s.astype(jnp.float32), z.astype(jnp.float32)
-                q_lo, q_hi, s, z = _nibbles_as_f32(packed[part], s, z, convert)
-                lo = k0 + part * part_rows  # the block's low nibbles are K rows lo.., its high ones lo + block_k / 2..
-                x_lo, x_hi = (x_ref[0, pl.ds(k, part_rows)].astype(jnp.float32) for k in (lo, lo + block_k // 2))
-                return s, z, x_lo, q_lo, x_hi, q_hi
-            (w,) = loaded
-            w = _integers_as_f32(w, "int8", convert) if fmt == "int8" else w.astype(jnp.float32)
-            return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w
+    def deferred_step(i, acc, loaded):  # acc: [block_k (int4: a part's rows), block_n]; summed over K after the loop
+        if fmt == "int4" and factor_scales:  # the step's x * q and x summed bare, then scaled once: s (xq - z x)
+            products = x_sums = None
+            tiles = [tile(i, loaded, part) for part in range(parts)]  # every slice of x read before any arithmetic
+            for s, z, x_lo, q_lo, x_hi, q_hi in tiles:
+                for x, q in ((x_lo, q_lo), (x_hi, q_hi)):
+                    products = x[:, None] * q if products is None else multiply_add(x[:, None], q, products, fma)
+                x_sums = x_lo + x_hi if x_sums is None else x_sums + x_lo + x_hi
+            acc = multiply_add(products, s[None, :], acc, fma)
+            return multiply_add(x_sums[:, None], (-z * s)[None, :], acc, fma)
+        if fmt == "int4":
+            for part in range(parts):
+                s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded, part)
+                s, zs = s[None, :], (-z * s)[None, :]
+                acc = multiply_add(x_lo[:, None], multiply_add(q_lo, s, zs, fma), acc, fma)
+                acc = multiply_add(x_hi[:, None], multiply_add(q_hi, s, zs, fma), acc, fma)
+            return acc
+        x, w = tile(i, loaded)
+        return multiply_add(x[:, None], w, acc, fma)
 
-        def step(i, acc, loaded):  # acc: [block_n]; each tile summed over K at once
-            if fmt == "int4":
-                s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded)
-                # sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): the zero leaves the tile.
-                dot = jnp.sum(x_lo[:, None] * q_lo + x_hi[:, None] * q_hi, axis=0)
-                return acc + s * (dot - z * (jnp.sum(x_lo) + jnp.sum(x_hi)))
-            x, w = tile(i, loaded)
-            return acc + jnp.sum(x[:, None] * w, axis=0)
+    body = deferred_step if defer_reduction else step
+    rows = (part_rows if fmt == "int4" else block_k) if defer_reduction else None
+    acc = jnp.zeros((rows, block_n) if rows else (block_n,), jnp.float32)
+    if prefetch:
+        acc = double_buffered_loop(steps, load, body, acc)
+    else:
+        acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
+    if defer_reduction:
+        acc = jnp.sum(acc, axis=0)
+    if fmt == "int8":
+        acc = acc * refs[0][cols].astype(jnp.float32)
+    o_ref[...] = acc.astype(o_ref.dtype)
 
-        def deferred_step(i, acc, loaded):  # acc: [block_k (int4: a part's rows), block_n]; summed over K after the loop
-            if fmt == "int4" and factor_scales:  # the step's x * q and x summed bare, then scaled once: s (xq - z x)
-                products = x_sums = None
-                tiles = [tile(i, loaded, part) for part in range(parts)]  # every slice of x read before any arithmetic
-                for s, z, x_lo, q_lo, x_hi, q_hi in tiles:
-                    for x, q in ((x_lo, q_lo), (x_hi, q_hi)):
-                        products = x[:, None] * q if products is None else multiply_add(x[:, None], q, products, fma)
-                    x_sums = x_lo + x_hi if x_sums is None else x_sums + x_lo + x_hi
-                acc = multiply_add(products, s[None, :], acc, fma)
-                return multiply_add(x_sums[:, None], (-z * s)[None, :], acc, fma)
-            if fmt == "int4":
-                for part in range(parts):
-                    s, z, x_lo, q_lo, x_hi, q_hi = tile(i, loaded, part)
-                    s, zs = s[None, :], (-z * s)[None, :]
-                    acc = multiply_add(x_lo[:, None], multiply_add(q_lo, s, zs, fma), acc, fma)
-                    acc = multiply_add(x_hi[:, None], multiply_add(q_hi, s, zs, fma), acc, fma)
-                return acc
-            x, w = tile(i, loaded)
-            return multiply_add(x[:, None], w, acc, fma)
 
-        body = deferred_step if defer_reduction else step
-        rows = (part_rows if fmt == "int4" else block_k) if defer_reduction else None
-        acc = jnp.zeros((rows, block_n) if rows else (block_n,), jnp.float32)
-        if prefetch:
-            acc = double_buffered_loop(steps, load, body, acc)
+def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k: int, steps: int, convert: str,
+                        prefetch: int, defer_reduction: bool = False, fma: bool = False):
+    """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over ``steps * block_k``
+    of K; each step's products summed over K at once (inside each thread for the most part: a tile row is
+    contiguous K), so the accumulator is one float32 a column. ``defer_reduction``: the products accumulate in a
+    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape."""
+    n, split = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    first_k = split * (steps * block_k)
+
+    def k_start(i):
+        return pl.multiple_of(first_k + i * block_k, block_k)
+
+    def load(i):  # past the last step, the last (the pair loop's look-ahead)
+        return pltriton.load(w_ref.at[cols, pl.ds(k_start(jnp.minimum(i, steps - 1)), block_k)],
+                             eviction_policy="evict_first")
+
+    def body(i, acc, w):
+        if defer_reduction:  # x's slice repeated down a tile of w's shape (w's register layout: no conversion)
+            ks = (k_start(i) + jnp.arange(block_k, dtype=jnp.int32))[None, :]
+            x = pltriton.load(x_ref.at[jnp.zeros((block_n, 1), jnp.int32), ks]).astype(jnp.float32)
         else:
-            acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
+            x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)[None, :]
+        w = _integers_as_f32(w, "int8", convert)
         if defer_reduction:
-            acc = jnp.sum(acc, axis=0)
-        if fmt == "int8":
-            acc = acc * refs[0][cols].astype(jnp.float32)
-        return acc
+            return multiply_add(x, w, acc, fma)
+        return acc + jnp.sum(x * w, axis=1)
 
-    run_one_row_program(segment, refs[-1], block_n=block_n, schedule=schedule)
-
-
-def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k: int, schedule: OneRowSchedule,
-                        convert: str, prefetch: int, defer_reduction: bool = False, fma: bool = False):
-    """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over runs of ``block_k``
-    K steps (``schedule``); each step's products summed over K at once (inside each thread for the most part: a
-    tile row is contiguous K), so the accumulator is one float32 a column. ``defer_reduction``: the products
-    accumulate in a ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile
-    of w's shape."""
-    def segment(n, first_step, steps):
-        cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
-
-        def k_start(i):
-            return pl.multiple_of((first_step + i) * block_k, block_k)
-
-        def load(i):  # past the last step, the last (the pair loop's look-ahead)
-            return pltriton.load(w_ref.at[cols, pl.ds(k_start(jnp.minimum(i, steps - 1)), block_k)],
-                                 eviction_policy="evict_first")
-
-        def body(i, acc, w):
-            if defer_reduction:  # x's slice repeated down a tile of w's shape (w's register layout: no conversion)
-                ks = (k_start(i) + jnp.arange(block_k, dtype=jnp.int32))[None, :]
-                x = pltriton.load(x_ref.at[jnp.zeros((block_n, 1), jnp.int32), ks]).astype(jnp.float32)
-            else:
-                x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)[None, :]
-            w = _integers_as_f32(w, "int8", convert)
-            if defer_reduction:
-                return multiply_add(x, w, acc, fma)
-            return acc + jnp.sum(x * w, axis=1)
-
-        acc = jnp.zeros((block_n, block_k) if defer_reduction else (block_n,), jnp.float32)
-        if prefetch:
-            acc = double_buffered_loop(steps, load, body, acc)
-        else:
-            acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
-        if defer_reduction:
-            acc = jnp.sum(acc, axis=1)
-        return acc * scale_ref[cols].astype(jnp.float32)
-
-    run_one_row_program(segment, o_ref, block_n=block_n, schedule=schedule)
+    acc = jnp.zeros((block_n, block_k) if defer_reduction else (block_n,), jnp.float32)
+    if prefetch:
+        acc = double_buffered_loop(steps, load, body, acc)
+    else:
+        acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
+    if defer_reduction:
+        acc = jnp.sum(acc, axis=1)
+    o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
 
 
 def double_buffered_loop(steps: int, load, body, acc):
@@ -507,8 +496,7 @@ def double_buffered_loop(steps: int, load, body, acc):
     next even tile into the registers just freed, use the odd one), so the tile carried round the loop keeps its
     registers. A carried queue of loaded tiles made the compiler copy each new tile into the carried registers at
     the loop's end, and the copy waits for the load (the SASS of Triton 3.9 for sm_90a, NOTES.md after run 16b).
-    ``load(i)`` must accept ``i == steps`` (the pair loop's last look-ahead; clamp it). A traced ``steps`` must be
-    even (a balanced schedule's runs with a granule of 2)."""
+    ``load(i)`` must accept ``i == steps`` (the pair loop's last look-ahead; clamp it)."""
     def pair(p, carry):
         acc, even = carry
         i = 2 * p
@@ -518,7 +506,7 @@ def double_buffered_loop(steps: int, load, body, acc):
         return body(i + 1, acc, odd), even
 
     acc, last = lax.fori_loop(0, steps // 2, pair, (acc, load(0)))
-    return body(steps - 1, acc, last) if isinstance(steps, int) and steps % 2 else acc
+    return body(steps - 1, acc, last) if steps % 2 else acc
 
 
 def _largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optional[int]:
@@ -528,98 +516,6 @@ def _largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optiona
             return size
         size //= 2
     return None
-
-
-@dataclasses.dataclass(frozen=True)
-class OneRowSchedule:
-    """Which programs of a one-row GEMV run which (column block, K step) units: ``col_blocks`` blocks of ``steps``
-    K steps each.
-
-    - Grid (``programs == 0``): programs ``(col_blocks, splits)``, each ``steps / splits`` steps of one column
-      block, writing partial sum row ``split``.
-    - Balanced (``programs > 0``): program ``p`` runs granules ``[p G / P, (p + 1) G / P)`` of the ``G`` granules of
-      ``granule`` steps in column-block order, so every program has the same work within a granule, and writes
-      its part of each column block's sum to partial row ``p - first_program(block)``. A block's rows past its
-      ``count`` stay unwritten (``mask``). ``granule`` 2 keeps every run an even number of steps (the loop that
-      loads a step ahead runs in pairs).
-    """
-
-    col_blocks: int
-    steps: int
-    splits: int = 1
-    programs: int = 0
-    granule: int = 1
-
-    @property
-    def granules(self) -> int:
-        return self.col_blocks * self.steps // self.granule
-
-    def program_of(self, unit):
-        """The program that runs step-unit ``unit`` (``block * steps + step``); numpy or jnp integers."""
-        return ((unit // self.granule + 1) * self.programs - 1) // self.granules
-
-    def count(self, block):
-        """How many programs write partial sums of column block ``block``."""
-        return self.program_of((block + 1) * self.steps - 1) - self.program_of(block * self.steps) + 1
-
-    @property
-    def rows(self) -> int:
-        """Rows of partial sums: the K splits, or the most programs any column block is spread over."""
-        if not self.programs:
-            return self.splits
-        return int(self.count(np.arange(self.col_blocks)).max())
-
-    @property
-    def max_blocks(self) -> int:
-        """The most column blocks one balanced program touches."""
-        longest = -(-self.granules // self.programs) * self.granule
-        return min(self.col_blocks, -(-longest // self.steps) + 1)
-
-    def mask(self, block_n: int) -> jax.Array:
-        """``[rows, col_blocks * block_n]``: True where a balanced program wrote the partial sum."""
-        blocks = jnp.arange(self.col_blocks * block_n) // block_n
-        return jnp.arange(self.rows)[:, None] < self.count(blocks)[None, :]
-
-
-def one_row_schedule(config: MatmulConfig, col_blocks: int, steps: int, block_k: int, granule: int,
-                     programs_per_core: int, min_steps: int) -> OneRowSchedule:
-    """The grid with ``_k_splits``'s splits, or with ``config.gemv_balance`` the balanced schedule of that many
-    programs a multiprocessor (at most one a granule; granule 2 needs an even step count, else 1)."""
-    if config.gemv_balance < 0:
-        raise ValueError(f"gemv_balance must be >= 0 (programs a multiprocessor), got {config.gemv_balance}")
-    if not config.gemv_balance:
-        return OneRowSchedule(col_blocks, steps, _k_splits(config, col_blocks, steps, block_k, programs_per_core,
-                                                           min_steps))
-    granule = granule if steps % granule == 0 else 1
-    programs = min(config.gemv_balance * core_count(), col_blocks * steps // granule)
-    return OneRowSchedule(col_blocks, steps, programs=programs, granule=granule)
-
-
-def run_one_row_program(segment, o_ref, *, block_n: int, schedule: OneRowSchedule) -> None:
-    """The body of a one-row program: ``segment(block, first_step, steps)`` gives a column block's float32 sums over
-    those K steps (``steps`` a Python int on the grid, traced and a multiple of the granule when balanced); they go
-    to the program's row of partial sums (``OneRowSchedule``)."""
-    if not schedule.programs:
-        n, split = pl.program_id(0), pl.program_id(1)
-        steps = schedule.steps // schedule.splits
-        o_ref[...] = segment(n, split * steps, steps).astype(o_ref.dtype)
-        return
-    p, S, g = pl.program_id(0), schedule.steps, schedule.granule
-    first = (p * schedule.granules) // schedule.programs * g
-    last = ((p + 1) * schedule.granules) // schedule.programs * g  # one past
-
-    def run(j, carry):
-        block = first // S + j
-        start, end = jnp.maximum(first, block * S), jnp.minimum(last, (block + 1) * S)
-
-        @pl.when(end > start)
-        def _():
-            sums = segment(block, start - block * S, end - start)
-            row = p - schedule.program_of(block * S)
-            o_ref[row, pl.ds(pl.multiple_of(block * block_n, block_n), block_n)] = sums.astype(o_ref.dtype)
-        return carry
-
-    lax.fori_loop(0, schedule.max_blocks, run, 0)
 
 
 def auto_k_splits(num_col_blocks: int, num_k_steps: int, programs_per_core: int = 2, min_steps: int = 4) -> int:
@@ -736,27 +632,19 @@ def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default
     return prefetch, {"permute": "exponent", "affine": "affine_jnp"}.get(convert, convert) if interpret else convert
 
 
-def _one_row_call(kernel, x, w, extras, *, N, block_n, schedule: OneRowSchedule, config, interpret, name,
-                  keep_splits=False):
-    """``kernel`` over ``schedule``'s programs (``OneRowSchedule``), each writing ``block_n``-column pieces of its rows
-    of partial sums; the rows added (``add_splits``; a balanced schedule's unwritten ones zeroed first): ``[1, N]``."""
-    rows = schedule.rows
-    if schedule.programs:
-        grid, out_spec = (schedule.programs,), pl.no_block_spec
-    else:
-        grid, out_spec = (N // block_n, rows), pl.BlockSpec((None, block_n), lambda n, s: (s, n))
+def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, keep_splits=False):
+    """``kernel`` over the grid ``(N / block_n, splits)`` of one-row programs, each writing ``block_n`` columns of
+    its split's partial sums; the splits added (``add_splits``): ``[1, N]``."""
     out = pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(N // block_n, splits),
         in_specs=[pl.no_block_spec] * (2 + len(extras)),
-        out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct((rows, N), x.dtype if rows == 1 else jnp.float32),
+        out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
+        out_shape=jax.ShapeDtypeStruct((splits, N), x.dtype if splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=config.gemv_num_warps, num_stages=config.gemv_num_stages),
         interpret=interpret,
         name=name,
     )(x, w, *extras)
-    if schedule.programs and rows > 1:
-        out = jnp.where(schedule.mask(block_n), out, 0.0)
     return add_splits(out[:, None, :], x.dtype, keep_splits)
 
 
@@ -768,13 +656,13 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_
     if fmt == "int4" and (config.gemv_subtiles < 1 or (block_k // 2) % config.gemv_subtiles):
         raise ValueError(f"gemv_subtiles must divide the {block_k // 2} packed rows of a step, "
                          f"got {config.gemv_subtiles}")
-    schedule = one_row_schedule(config, N // block_n, K // block_k, block_k, 1 + prefetch,
-                                config.gemv_programs_per_core, config.gemv_min_steps)
-    kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, schedule=schedule,
+    num_steps = K // block_k
+    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core, config.gemv_min_steps)
+    kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
                                subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales)
-    return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, schedule=schedule, config=config,
+    return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv", keep_splits=keep_splits)
 
 
@@ -818,12 +706,12 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     prefetch, convert = _gemv_loop_settings("int8", config, interpret,
                                             default_prefetch=int(not config.kmajor_defer_reduction))
     block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
-    schedule = one_row_schedule(config, N // block_n, K // block_k, block_k, 1 + prefetch,
-                                config.gemv_programs_per_core, config.gemv_min_steps)
-    kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, schedule=schedule,
+    num_steps = K // block_k
+    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core, config.gemv_min_steps)
+    kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
                                fma=config.gemv_fma and not interpret)
-    return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, schedule=schedule, config=config,
+    return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name="int8_kmajor_gemv", keep_splits=keep_splits)
 
 

@@ -222,19 +222,17 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "awq", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-awq-ms8-unroll.json"), 200),
         ("latency-awq-head8-ms8", ["env", "PAGEDJAX_INT8_LM_HEAD=1"] + latency(
             "awq", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-awq-head8-ms8.json"), 150),
-        # Balanced one-row programs (MatmulConfig.gemv_balance: n programs a multiprocessor, runs of K steps that
-        # cross column blocks) against the grid's waves: the kernels alone, the batch-1 step's kernels, the TPOT.
-        ("gpu-tests-balanced", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "balance",
-                                "tests/test_quantized_matmul.py"], 150),
-        *((f"profile-decode1-{q}-bal{n}", ["env", f'PAGEDJAX_MATMUL_CONFIG={{"gemv_balance": {n}}}'] + profile(
-            f"profile-decode1-{q}-bal{n}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", q,
-            "--precompile-steps", "off"), 90) for q in ("int8", "awq") for n in (2, 4, 8, 16)),
-        *((f"latency-{q}-ms8-bal{n}", ["env", f'PAGEDJAX_MATMUL_CONFIG={{"gemv_balance": {n}}}'] + latency(
-            q, "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-{q}-ms8-bal{n}.json"), 150)
-          for q in ("int8", "awq") for n in (2, 4, 8, 16)),
-        *((f"engine-quantized-bal{n}", ["env", f'PAGEDJAX_MATMUL_CONFIG={{"gemv_balance": {n}}}', PY, "-m", "pytest",
-                                        "-q", "-m", "gpu", "-x", "-k", "quantized", "tests/test_engine_gpu.py"], 150)
-          for n in (4, 8)),
+        # Programmatic dependent launch (a kernel starts while the one before it drains): XLA's switch off and on,
+        # the batch-1 step's kernels and the TPOT (is it on by default in this XLA, and what is it worth?).
+        *((f"profile-decode1{'-' + q if q else ''}-pdl{int(on)}", [
+            "env", f"XLA_FLAGS=--xla_gpu_enable_pdl={str(on).lower()} --xla_gpu_enable_pdl_launch={str(on).lower()}",
+            *profile(f"profile-decode1{'-' + q if q else ''}-pdl{int(on)}", "--step", "decode", "--batch", "1",
+                     "--ctx", "192", *(["--quantization", q] if q else []), "--precompile-steps", "off")], 90)
+          for q in (None, "int8", "awq") for on in (False, True)),
+        *((f"latency-{name}-ms8-pdl{int(on)}", [
+            "env", f"XLA_FLAGS=--xla_gpu_enable_pdl={str(on).lower()} --xla_gpu_enable_pdl_launch={str(on).lower()}",
+            *latency(q, "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-{name}-ms8-pdl{int(on)}.json")],
+           150) for name, q in (("bf16", None), ("int8", "int8"), ("awq", "awq")) for on in (False, True)),
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 180),

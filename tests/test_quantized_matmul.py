@@ -192,20 +192,6 @@ def test_kernel_lowers_to_triton_for_cuda(fmt, rows, defer, convert):
     assert text.count("__gpu$xla.gpu.triton") == 1
 
 
-@pytest.mark.parametrize("fmt", ["int8-kmajor", "int8", "int4"])
-def test_balanced_gemvs_lower_to_triton_for_cuda(fmt):
-    from pallas_kernels.quantized_matmul import int8_kmajor_matmul
-
-    x = jnp.ones((1, 4096), jnp.bfloat16)
-    if fmt == "int8-kmajor":
-        kernel, args, static = int8_kmajor_matmul, (jnp.ones((6144, 4096), jnp.int8), jnp.ones((6144,))), {}
-    else:
-        kernel = KERNELS[fmt][0]
-        args, static, _ = random_weight(np.random.default_rng(0), fmt, 4096, 6144, 128, jnp.bfloat16)
-    fn = jax.jit(functools.partial(kernel, interpret=False, config=MatmulConfig(gemv_balance=4), **static))
-    assert fn.trace(x, *args).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
-
-
 KMAJOR_CASES = [  # (M, K, N, dtype, config): the K-major int8 GEMV at one row (split, loads ahead or not), XLA's dot
     # The default: the sum over K deferred to after the loop (x read as tiles of w's shape), no loads ahead.
     (1, 512, 256, jnp.bfloat16, MatmulConfig()),
@@ -262,73 +248,6 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
                          ids=["summed-each-step", "kmajor_defer", "kmajor_defer-unfused"])
 def test_kmajor_int8_matches_reference_on_gpu(K, N, defer, fma):
     run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer, gemv_fma=fma), interpret=False)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (4096, 28672), (4096, 4096)])
-@pytest.mark.parametrize("balance", [4, 8, 16])
-def test_balanced_kmajor_int8_matches_reference_on_gpu(K, N, balance):
-    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(gemv_balance=balance), interpret=False)
-
-
-BALANCED_CASES = [  # (format, K, N, int4 group, dtype, config): balanced one-row programs (gemv_balance) on 1 core
-    ("int8", 512, 320, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_balance=3)),  # loads ahead (int8's default)
-    ("int8", 512, 320, 0, jnp.bfloat16, MatmulConfig(gemv_block_k=32, gemv_balance=7, gemv_defer_reduction=False)),
-    ("int4", 512, 256, 128, jnp.float32, MatmulConfig(gemv_block_n=64, gemv_balance=3)),  # factored, loads ahead
-    ("int4", 1024, 192, 64, jnp.bfloat16, MatmulConfig(gemv_block_n=64, gemv_balance=5, gemv_prefetch=0)),
-    ("int4", 512, 256, 128, jnp.float32, MatmulConfig(gemv_block_n=64, gemv_balance=2, gemv_factor_scales=False)),
-    ("dense", 256, 192, 0, jnp.float32, MatmulConfig(gemv_block_k=32, gemv_balance=5)),
-]
-
-
-@pytest.mark.parametrize("fmt,K,N,group,dtype,config", BALANCED_CASES)
-def test_balanced_one_row_programs_match_the_reference_interpret(fmt, K, N, group, dtype, config, monkeypatch):
-    """Balanced programs (runs of K steps that cross column blocks, partial sums in rows per block) on a stand-in
-    GPU of one multiprocessor, so that a few programs share many column blocks."""
-    monkeypatch.setattr("pallas_kernels.quantized_matmul.core_count", lambda: 1)
-    run_case(fmt, 1, K, N, group, dtype, config, interpret=True)
-
-
-@pytest.mark.parametrize("config", [MatmulConfig(kmajor_block_k=32, kmajor_block_n=32, gemv_balance=3),
-                                    MatmulConfig(kmajor_block_k=64, gemv_balance=5, gemv_prefetch=1)])
-def test_balanced_kmajor_int8_matches_the_reference_interpret(config, monkeypatch):
-    monkeypatch.setattr("pallas_kernels.quantized_matmul.core_count", lambda: 1)
-    run_kmajor_case(1, 1024, 96, jnp.float32, config, interpret=True)
-
-
-@pytest.mark.parametrize("col_blocks,steps,programs,granule", [(1792, 16, 1056, 1), (32, 112, 528, 2), (7, 6, 5, 2),
-                                                               (3, 4, 12, 1), (256, 16, 1056, 1)])
-def test_balanced_schedule_runs_every_step_once_and_counts_its_rows(col_blocks, steps, programs, granule):
-    """Every (column block, K step) unit belongs to exactly one program, runs are equal within a granule and start on
-    one, and each block's programs write distinct partial rows below ``rows`` (``count`` of them)."""
-    from pallas_kernels.quantized_matmul import OneRowSchedule
-
-    schedule = OneRowSchedule(col_blocks, steps, programs=programs, granule=granule)
-    units = np.arange(col_blocks * steps)
-    owner = schedule.program_of(units)
-    lengths = np.bincount(owner, minlength=programs)
-    assert owner.min() == 0 and owner.max() == programs - 1 and np.all(np.diff(owner) >= 0)
-    assert lengths.max() - lengths.min() <= granule and np.all(lengths % granule == 0)
-    for block in range(col_blocks):
-        writers = np.unique(owner[block * steps:(block + 1) * steps])
-        assert len(writers) == schedule.count(block) <= schedule.rows
-        assert writers[-1] - writers[0] + 1 == len(writers)  # consecutive programs: rows 0 .. count - 1
-    touched = [len(np.unique(units[owner == p] // steps)) for p in range(programs)]
-    assert max(touched) <= schedule.max_blocks
-
-
-def test_balanced_partial_sums_come_back_zeroed_where_unwritten(monkeypatch):
-    """``keep_splits`` with balanced programs: rows a block's programs did not write are zeros, so a consumer that adds
-    the rows itself (``add_rms_norm``) gets the sum."""
-    monkeypatch.setattr("pallas_kernels.quantized_matmul.core_count", lambda: 1)
-    rng = np.random.default_rng()
-    args, _, dense = random_weight(rng, "int8", 512, 320, 0, jnp.float32)
-    x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
-    parts = int8_matmul(x, *args, config=MatmulConfig(gemv_block_k=32, gemv_balance=7), interpret=True,
-                        keep_splits=True)
-    assert parts.shape[0] > 1 and np.all(np.isfinite(np.asarray(parts)))
-    np.testing.assert_allclose(np.asarray(parts.sum(0), np.float64), np.asarray(x, np.float64) @ dense, rtol=1e-5,
-                               atol=1e-4)
 
 
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
@@ -404,8 +323,6 @@ GPU_CASES = [
      for fmt in ("int8", "int4")
 ] + [("int4", M, K, N, 128, jnp.bfloat16, MatmulConfig(tile_convert="cvt"))  # the tensor-core form before 30e
      for M, K, N in ((16, 14336, 4096), (64, 4096, 28672))
-] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_balance=balance))  # balanced programs
-     for K, N in ((4096, 6144), (14336, 4096), (4096, 28672), (4096, 4096)) for balance in (2, 4, 8)
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
       ("int8", 256, 4096, 4096, 128, jnp.bfloat16, MatmulConfig()), ("int4", 200, 14336, 4096, 128, jnp.bfloat16,
                                                                      MatmulConfig())]
@@ -421,8 +338,7 @@ def case_id(value):
             + (f"-subtiles{value.gemv_subtiles}" if value.gemv_subtiles != MatmulConfig.gemv_subtiles else "")
             + (f"-min_steps{value.gemv_min_steps}" if value.gemv_min_steps != MatmulConfig.gemv_min_steps else "")
             + ("-factored" if value.gemv_factor_scales else "-unfactored")
-            + ("-prefetch" if value.gemv_prefetch else "")
-            + (f"-balance{value.gemv_balance}" if value.gemv_balance else ""))
+            + ("-prefetch" if value.gemv_prefetch else ""))
 
 
 @pytest.mark.gpu
