@@ -443,6 +443,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # PROTOCOL's serving workload (8B dummy through scripts/serve.py). The GPU image lacks the server's and the
         # client's packages: carry their wheels (the list in benchmarks/NOTES.md, run 15) and install them first.
         ("serving", bench("bench_serving.py", "--request-rate", "8"), 300),
+        *((f"serving-{rate}", bench("bench_serving.py", "--request-rate", rate, "--output-json",
+                                    f"{results}/serving-{rate}.json"), 300) for rate in ("16", "inf")),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 90),
         # Run 17b: the Mosaic GPU prefill launch (pallas_kernels/ragged_prefill_mgpu.py) against the reference, then
         # in the kernel benchmark (its sweep tries it first) and in the prefill-heavy workload.
