@@ -796,7 +796,9 @@ def main(argv=None) -> None:
     results, logs = os.path.join(args.out, "results"), os.path.join(args.out, "logs")
     os.makedirs(results, exist_ok=True)
     os.makedirs(logs, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.getcwd()}
+    # The checkout first, then whatever was on the path (carried wheels installed with --target, for the server).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, (os.getcwd(), os.environ.get("PYTHONPATH"))))}
     if args.commit:
         env["BENCH_COMMIT"] = args.commit
     chosen = steps(results)
