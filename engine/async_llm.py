@@ -14,15 +14,19 @@ event loop, because the loop holds that lock for a whole engine step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from typing import AsyncIterator, Callable, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Protocol, Sequence, Union
 
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.engine_process import EngineProcess
 
 logger = logging.getLogger("pagedjax")
 
@@ -83,20 +87,32 @@ class RequestStream:
 class AsyncLLM:
     """Async generation over one shared ``EngineLoop`` (requests from every caller batch together)."""
 
-    def __init__(self, loop: EngineLoop, stat_loggers: Sequence[StatLogger] = ()):
+    def __init__(self, loop: Union[EngineLoop, "EngineProcess"], stat_loggers: Sequence[StatLogger] = ()):
         self._loop = loop
         self._stat_loggers = list(stat_loggers)
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, stat_loggers: Sequence[StatLogger] = ()) -> "AsyncLLM":
+    def from_engine_args(cls, args: EngineArgs, stat_loggers: Sequence[StatLogger] = (), *,
+                         engine_process: bool = False) -> "AsyncLLM":
+        """``engine_process``: run the engine loop in a child process (``engine.engine_process``), so the
+        event loop's work never holds up the engine's (one GIL each)."""
+        if engine_process:
+            from engine.engine_process import EngineProcess
+
+            return cls(EngineProcess(args), stat_loggers)
         return cls(EngineLoop(LLMEngine(args)), stat_loggers)
 
     # -- what the server reads ------------------------------------------------------------
 
     @property
-    def engine(self) -> LLMEngine:
-        """The engine; only read attributes fixed at start-up (tokenizer, limits) without ``stats``."""
+    def engine(self):
+        """The engine (or, in a child process, ``EngineView``: what it fixed at start-up); only read attributes
+        fixed at start-up (tokenizer, limits) without ``stats``."""
         return self._loop.engine
+
+    def device_facts(self) -> dict:
+        """The engine's device, device count, JAX version and backend."""
+        return self._loop.device_facts()
 
     @property
     def tokenizer(self):
@@ -111,11 +127,11 @@ class AsyncLLM:
 
     def stats(self) -> dict:
         """Engine counters and queue/KV-cache state, read between steps (blocks up to one step)."""
-        return self._loop.call(_engine_stats)
+        return self._loop.stats()
 
     async def check_health(self) -> None:
         """Returns once the engine loop answers between steps."""
-        await asyncio.get_running_loop().run_in_executor(None, self._loop.call, lambda engine: None)
+        await asyncio.get_running_loop().run_in_executor(None, self._loop.check)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -137,20 +153,10 @@ class AsyncLLM:
         queues = [asyncio.Queue() for _ in requests]
         request_ids = [request_id for request_id, _, _ in requests]
 
-        def add_all(_engine) -> None:  # worker thread, holding the engine loop's lock
-            added = []
-            try:
-                for (request_id, prompt, params), queue in zip(requests, queues):
-                    on_output, on_error = self._callbacks(loop, queue, _RequestTimer(arrival, self._stat_loggers))
-                    self._loop.add_request(request_id, prompt, params, priority=priority,
-                                           on_output=on_output, on_error=on_error)
-                    added.append(request_id)
-            except BaseException:
-                for request_id in added:
-                    self._loop.abort(request_id)
-                raise
-
-        add = loop.run_in_executor(None, self._loop.call, add_all)
+        items = [(request_id, prompt, params,
+                  *self._callbacks(loop, queue, _RequestTimer(arrival, self._stat_loggers)))
+                 for (request_id, prompt, params), queue in zip(requests, queues)]
+        add = loop.run_in_executor(None, functools.partial(self._loop.add_requests, items, priority=priority))
         try:
             await asyncio.shield(add)
         except asyncio.CancelledError:  # the caller left while the requests were being queued
@@ -277,15 +283,3 @@ def _put_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item)
         loop.call_soon_threadsafe(queue.put_nowait, item)
     except RuntimeError:  # the consumer's event loop is closed: nobody is listening
         pass
-
-
-def _engine_stats(engine: LLMEngine) -> dict:
-    scheduler, blocks = engine.scheduler, engine.block_manager
-    return {
-        **engine.stats,
-        "num_preemptions": scheduler.num_preemptions,
-        "num_running": scheduler.num_running,
-        "num_waiting": scheduler.num_waiting,
-        "num_used_blocks": blocks.num_used_blocks,
-        "num_usable_blocks": blocks.num_usable_blocks,
-    }

@@ -73,9 +73,40 @@ class EngineLoop:
 
         return deliver
 
+    def add_requests(self, requests, *, priority: int = 0) -> None:
+        """Queue ``(request_id, prompt, params, on_output, on_error)`` requests between the same two steps, all or
+        none: if one is refused (its ValueError raised here), those already queued are aborted."""
+        with self._between_steps():
+            added = []
+            try:
+                for request_id, prompt, params, on_output, on_error in requests:
+                    self.add_request(request_id, prompt, params, priority=priority, on_output=on_output,
+                                     on_error=on_error)
+                    added.append(request_id)
+            except BaseException:
+                for request_id in added:
+                    self.engine.abort_request(request_id)
+                raise
+
     def abort(self, request_id: str) -> None:
         with self._between_steps():
             self.engine.abort_request(request_id)
+
+    def stats(self) -> dict:
+        """Engine counters and queue / KV-cache state, read between steps (blocks up to one step)."""
+        return self.call(engine_stats)
+
+    def check(self) -> None:
+        """Returns once the loop answers between steps."""
+        self.call(lambda engine: None)
+
+    @staticmethod
+    def device_facts() -> dict:
+        """This process's accelerator: device kind and count, JAX version, backend."""
+        import jax
+
+        return dict(device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
+                    jax_version=jax.__version__, backend=jax.default_backend())
 
     def call(self, fn: Callable):
         """Run ``fn(engine)`` between steps (for stats, inspection, or several adds at once)."""
@@ -106,3 +137,15 @@ class EngineLoop:
             self._running = False
             self._cond.notify_all()
         self._thread.join(timeout=30)
+
+
+def engine_stats(engine: LLMEngine) -> dict:
+    scheduler, blocks = engine.scheduler, engine.block_manager
+    return {
+        **engine.stats,
+        "num_preemptions": scheduler.num_preemptions,
+        "num_running": scheduler.num_running,
+        "num_waiting": scheduler.num_waiting,
+        "num_used_blocks": blocks.num_used_blocks,
+        "num_usable_blocks": blocks.num_usable_blocks,
+    }

@@ -107,6 +107,9 @@ class _EngineStateCollector(Collector):
             ("generation_tokens", "Tokens generated.", stats["generation_tokens"]),
             ("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).", stats["num_preemptions"]),
             ("engine_steps", "Engine steps run.", stats["steps"]),
+            ("engine_host_seconds", "Seconds the engine loop spent in steps on its own (host) work.", stats["host_s"]),
+            ("engine_wait_seconds", "Seconds the engine loop waited in steps for the device's results.",
+             stats["wait_s"]),
         ]
         for name, doc, value in counters:
             family = CounterMetricFamily(f"{METRIC_PREFIX}{name}", doc, labels=["model_name"])

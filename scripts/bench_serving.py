@@ -266,6 +266,34 @@ def server_facts(url: str) -> dict:
     return facts
 
 
+ENGINE_COUNTERS = ("engine_steps", "generation_tokens", "engine_host_seconds", "engine_wait_seconds")
+
+
+def engine_counters(url: str) -> dict:
+    """The engine's counters from the server's ``/metrics`` (steps, generated tokens, host and device-wait
+    seconds); empty where the server has none of them."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=60).text):
+        name = family.name.split(":", 1)[-1]
+        if name in ENGINE_COUNTERS:
+            values[name] = sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    return values
+
+
+def engine_figures(before: dict, after: dict) -> dict:
+    """Per engine step over the timed run: steps, generated tokens a step, host and device-wait ms a step."""
+    if not all(name in before and name in after for name in ENGINE_COUNTERS):
+        return {}
+    delta = {name: after[name] - before[name] for name in ENGINE_COUNTERS}
+    steps = max(delta["engine_steps"], 1)
+    return dict(engine_steps=int(delta["engine_steps"]), tokens_per_step=delta["generation_tokens"] / steps,
+                engine_host_ms_per_step=1e3 * delta["engine_host_seconds"] / steps,
+                engine_wait_ms_per_step=1e3 * delta["engine_wait_seconds"] / steps)
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -331,8 +359,10 @@ def main(argv=None) -> dict:
             for prompt, max_tokens in warmup:  # compiles at first use off a GPU; excluded from the figures
                 asyncio.run(run_load(url, facts["served_model"], [(prompt, max_tokens)], [0.0], None,
                                      args.request_timeout_s))
+            before = engine_counters(url)
             results, wall_s = asyncio.run(run_load(url, facts["served_model"], requests, offsets,
                                                    args.max_concurrency, args.request_timeout_s))
+            engine = engine_figures(before, engine_counters(url))
         finally:
             if proc is not None:
                 stop_server(proc)
@@ -346,7 +376,7 @@ def main(argv=None) -> dict:
         request_rate="inf" if math.isinf(args.request_rate) else args.request_rate,
         max_concurrency=args.max_concurrency, num_requests=args.num_requests, input_len=args.input_len,
         output_len=args.output_len, range_ratio=args.range_ratio, max_model_len=facts.get("max_model_len"),
-        **summary,
+        **summary, **engine,
     )
     path = bench_common.write_results(result, args.output_json, args.results_dir)
     bench_common.print_table(
@@ -355,6 +385,10 @@ def main(argv=None) -> dict:
          "itl_p99_ms"],
         title=f"serving on {result['device']}: {args.num_requests} x {args.input_len}/{args.output_len} "
               f"(+-{args.range_ratio:.0%}), {wall_s:.1f} s")
+    if engine:
+        print(f"engine: {engine['engine_steps']} steps, {engine['tokens_per_step']:.1f} tokens a step, host "
+              f"{engine['engine_host_ms_per_step']:.2f} ms and device wait {engine['engine_wait_ms_per_step']:.2f} ms "
+              "a step")
     if result["error_samples"]:
         print("errors:", *result["error_samples"], sep="\n  ")
     print(f"wrote {path}")

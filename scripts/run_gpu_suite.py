@@ -445,6 +445,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("serving", bench("bench_serving.py", "--request-rate", "8"), 300),
         *((f"serving-{rate}", bench("bench_serving.py", "--request-rate", rate, "--output-json",
                                     f"{results}/serving-{rate}.json"), 300) for rate in ("16", "inf")),
+        # The engine loop in the server's own process (before engine/engine_process.py), and the same requests'
+        # shape offline (fixed lengths: the ceiling the server's engine could reach).
+        ("serving-inf-inproc", bench("bench_serving.py", "--request-rate", "inf", "--serve-arg=--no-engine-process",
+                                     "--output-json", f"{results}/serving-inf-inproc.json"), 300),
+        ("tput-serving-shape", tput("tput-short", "--num-requests", "512", "--input-len", "512", "--output-len", "256",
+                                    "--output-json", f"{results}/tput-serving-shape.json"), 200),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 90),
         # Run 17b: the Mosaic GPU prefill launch (pallas_kernels/ragged_prefill_mgpu.py) against the reference, then
         # in the kernel benchmark (its sweep tries it first) and in the prefill-heavy workload.

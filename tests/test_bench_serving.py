@@ -69,6 +69,7 @@ def test_serving_run_against_a_started_server(tmp_path):
     for field in ("request_rate", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s", "errors"):
         assert r[field] is not None, field  # PROTOCOL's serving fields
     assert r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["itl_p50_ms"] <= r["itl_p99_ms"]
+    assert r["engine_steps"] > 0 and r["tokens_per_step"] > 0 and r["engine_host_ms_per_step"] > 0  # /metrics
     assert (r["device"], r["dtype"], r["backend"]) == ("cpu", "float32", "cpu")  # from the server's /version
     (path,) = list(results.glob("serving-cpu-*.json"))
     assert json.loads(path.read_text())["output_tok_s"] == pytest.approx(r["output_tok_s"])

@@ -518,3 +518,48 @@ def test_multi_step_decoding_streams_the_same_text_and_counts_each_tokens_interv
         server.should_exit = True
         thread.join(timeout=10)
         async_llm.shutdown()
+
+
+def test_engine_process_serves_the_same_text_and_fails_cleanly_when_it_dies(served, reference):
+    """``--engine-process`` (the server's default): the engine loop in a child process streams the in-process
+    server's text, refuses an over-long prompt with a 400 in the caller, reports the child's device; once the child
+    is killed, requests and the health check fail with a server error instead of hanging."""
+    args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS)])
+    assert args.engine_process
+    async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=True)
+    server, thread, url = _serve_in_thread(build_app(async_llm, served_model_names(args)))
+    try:
+        remote = Served(url, url, async_llm, served.model)
+        client = remote.client()
+        chunks = list(client.completions.create(model=served.model, prompt=PROMPTS[1], stream=True, **GREEDY))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == reference[1]
+        batch = client.completions.create(model=served.model, prompt=PROMPTS, **GREEDY)
+        assert [c.text for c in batch.choices] == reference
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            client.completions.create(model=served.model, prompt=[1] * MAX_MODEL_LEN, max_tokens=4)
+        with pytest.raises(ValueError, match="outside the vocabulary"):  # raised in the child, re-raised here
+            asyncio.run(async_llm.add_request("refused", [10 ** 7]))
+        assert httpx.get(f"{url}/version", timeout=60).json()["backend"] == "cpu"
+        assert remote.metrics()["vllm:time_to_first_token_seconds_count"] == 1 + len(PROMPTS)
+        assert async_llm.stats()["num_running"] == 0
+
+        async def outputs() -> list:
+            from engine import SamplingParams
+
+            return [out async for out in async_llm.generate([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))]
+
+        streamed = asyncio.run(outputs())  # the prompt travels once; every output carries it
+        assert streamed[-1].finished and all(out.prompt_token_ids == [5, 6, 7] for out in streamed)
+
+        async_llm._loop._process.kill()
+        deadline = time.monotonic() + 30
+        while async_llm._loop._dead is None:
+            assert time.monotonic() < deadline, "the engine process's death went unnoticed"
+            time.sleep(0.1)
+        with pytest.raises(openai.InternalServerError):
+            client.completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=4)
+        assert httpx.get(f"{url}/health", timeout=60).status_code >= 500
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        async_llm.shutdown()

@@ -627,6 +627,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="decode steps run in one dispatch while no request waits (multi-step decoding)")
     engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
                         help="'priority': requests' priority field orders the queue (lower first)")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the engine loop in a child process of its own, so streaming many responses "
+                             "never holds up the engine's steps (one GIL each; engine.engine_process)")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     return parser
@@ -647,11 +650,8 @@ def served_model_names(args: argparse.Namespace) -> list[str]:
 def engine_facts(async_llm: AsyncLLM) -> dict:
     """What a benchmark records about the engine behind the API (``/version``): device, JAX version,
     dtype, quantization, KV cache dtype, tensor parallelism, max_model_len."""
-    import jax
-
     engine = async_llm.engine
-    return dict(device=jax.devices()[0].device_kind, num_devices=jax.device_count(), jax_version=jax.__version__,
-                backend=jax.default_backend(), dtype=engine.dtype, quantization=engine.quantization,
+    return dict(**async_llm.device_facts(), dtype=engine.dtype, quantization=engine.quantization,
                 kv_cache_dtype=engine.args.kv_cache_dtype, tensor_parallel_size=engine.args.tensor_parallel_size,
                 max_model_len=engine.max_model_len)
 
@@ -677,7 +677,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = bind_socket(args.host, args.port)
     try:
-        async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args))
+        async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=args.engine_process)
     except (ValueError, NotImplementedError, FileNotFoundError) as e:
         sock.close()
         parser.exit(2, f"error: cannot start the engine: {e}\n")

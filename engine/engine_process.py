@@ -1,0 +1,312 @@
+"""The engine loop in a child process of its own, for the server (vLLM V1's split of API server and engine core).
+
+In one process the HTTP side (Starlette sending a chunk per token per stream) and the engine loop's host work
+share one GIL. At 512 streams on a 2-core CPU the event loop held it 46% of the time and the engine thread 37%
+(``py-spy --gil``), so the engine stepped at a fraction of its offline rate; on an H200 the server gave 3,750
+output tok/s where the engine alone does several times that (benchmarks/NOTES.md, run 31c). Here each side has
+its own interpreter.
+
+``EngineProcess`` offers what ``AsyncLLM`` uses of an ``EngineLoop`` (``add_requests``, ``abort``, ``stats``,
+``check``, ``device_facts``, ``engine``, ``shutdown``), backed by a spawned child that builds the ``LLMEngine`` and
+runs an ``EngineLoop``:
+
+- commands go down one pipe as ``(call_id, name, payload)``; the child answers each with a reply, so a refused
+  request raises its ``ValueError`` in the caller, as in one process;
+- outputs and replies come up the other pipe in batches: a sender thread in the child drains a queue the engine
+  thread's callbacks fill, so one step's outputs travel as one message; a receiver thread here hands them to
+  each request's callbacks;
+- ``engine`` is an ``EngineView``: what the server reads of the engine (limits, tokenizer, model facts), fixed at
+  start-up and sent up once;
+- if the child dies, every request in flight and every call waiting fails with ``EngineDeadError``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import multiprocessing
+import pickle
+import queue
+import threading
+from typing import Any, Callable, Optional
+
+from engine.engine_args import EngineArgs
+
+logger = logging.getLogger("pagedjax")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's process exited; nothing more will come from it."""
+
+
+@dataclasses.dataclass
+class EngineView:
+    """What the server reads of an engine in another process: fixed at start-up."""
+
+    args: EngineArgs
+    model_path: str
+    model_config: Any
+    max_model_len: int
+    dtype: str
+    quantization: Optional[str]
+    tokenizer: Any
+    facts: dict
+
+    @classmethod
+    def of(cls, engine, facts: dict) -> "EngineView":
+        return cls(args=engine.args, model_path=engine.model_path, model_config=engine.model_config,
+                   max_model_len=engine.max_model_len, dtype=engine.dtype, quantization=engine.quantization,
+                   tokenizer=engine.tokenizer, facts=facts)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine was started without a tokenizer: pass prompt token ids")
+        return list(self.tokenizer.encode(prompt))
+
+
+class EngineProcess:
+    """An ``EngineLoop`` in a spawned child process (module docstring). Blocks until the engine is built; raises
+    what building it raised (``ValueError`` for a bad model or argument, as ``LLMEngine`` does)."""
+
+    def __init__(self, args: EngineArgs):
+        context = multiprocessing.get_context("spawn")  # a fork would copy this process's JAX state
+        child_commands, self._commands = context.Pipe(duplex=False)
+        self._outputs, child_outputs = context.Pipe(duplex=False)
+        self._process = context.Process(target=_child_main, args=(args, child_commands, child_outputs),
+                                        name="pagedjax-engine-process", daemon=True)
+        self._process.start()
+        child_commands.close()
+        child_outputs.close()
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._calls = itertools.count()
+        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._callbacks: dict[str, tuple[Callable, Callable]] = {}
+        self._prompts: dict[str, tuple] = {}  # each request's prompt and its ids, from its first output
+        self._dead: Optional[EngineDeadError] = None
+        try:
+            (kind, value), = self._outputs.recv()
+        except (EOFError, OSError):
+            self._process.join(timeout=5)
+            raise EngineDeadError(f"the engine process exited (code {self._process.exitcode}) while starting")
+        if kind == "failed":
+            self._process.join(timeout=30)
+            raise value
+        self.engine: EngineView = value
+        self._receiver = threading.Thread(target=self._receive, name="pagedjax-engine-outputs", daemon=True)
+        self._receiver.start()
+
+    # -- EngineLoop's interface -------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def add_requests(self, requests, *, priority: int = 0) -> None:
+        """``(request_id, prompt, params, on_output, on_error)`` requests, all queued between two steps or none
+        (the child's ``EngineLoop.add_requests``); a refused one's error is raised here."""
+        with self._state_lock:
+            for request_id, _, _, on_output, on_error in requests:
+                self._callbacks[request_id] = (on_output, on_error)
+        try:
+            self._call("add", ([(request_id, prompt, params) for request_id, prompt, params, _, _ in requests],
+                               priority))
+        except BaseException:
+            with self._state_lock:
+                for request in requests:
+                    self._callbacks.pop(request[0], None)
+                    self._prompts.pop(request[0], None)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        if self._dead is None:
+            self._call("abort", request_id)
+
+    def stats(self) -> dict:
+        return self._call("stats", None)
+
+    def check(self) -> None:
+        self._call("check", None)
+
+    def device_facts(self) -> dict:
+        return dict(self.engine.facts)
+
+    def shutdown(self) -> None:
+        try:
+            with self._send_lock:
+                self._commands.send((None, "shutdown", None))
+        except (OSError, ValueError):  # the child is gone already
+            pass
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=10)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _call(self, name: str, payload):
+        """Send one command and wait for the child's reply (its result, or the exception it raised)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._state_lock:
+            if self._dead is not None:
+                raise self._dead
+            call_id = next(self._calls)
+            self._futures[call_id] = future
+        try:
+            with self._send_lock:
+                self._commands.send((call_id, name, payload))
+        except (OSError, ValueError) as exc:
+            with self._state_lock:
+                self._futures.pop(call_id, None)
+            raise EngineDeadError("the engine process is gone") from exc
+        return future.result()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                batch = self._outputs.recv()
+            except (EOFError, OSError):
+                break
+            for kind, key, value in batch:
+                if kind == "reply":
+                    with self._state_lock:
+                        future = self._futures.pop(key, None)
+                    if future is not None:
+                        ok, result = value
+                        future.set_result(result) if ok else future.set_exception(result)
+                    continue
+                with self._state_lock:
+                    callbacks = self._callbacks.get(key)
+                    if callbacks is not None and (kind == "error" or value.finished):
+                        del self._callbacks[key]
+                        prompt = self._prompts.pop(key, None)
+                    else:
+                        prompt = self._prompts.setdefault(key, (value.prompt, value.prompt_token_ids)) if (
+                            kind == "output") else None
+                if callbacks is None:
+                    continue
+                on_output, on_error = callbacks
+                if kind == "error":
+                    on_error(value)
+                    continue
+                if value.prompt_token_ids is None and prompt is not None:  # sent with the request's first output
+                    value.prompt, value.prompt_token_ids = prompt
+                on_output(value)
+        self._fail_all()
+
+    def _fail_all(self) -> None:
+        self._process.join(timeout=5)
+        error = EngineDeadError(f"the engine process exited (code {self._process.exitcode})")
+        with self._state_lock:
+            self._dead = error
+            futures, self._futures = self._futures, {}
+            callbacks, self._callbacks = self._callbacks, {}
+            self._prompts.clear()
+        if callbacks:
+            logger.error("%s; failing %d requests in flight", error, len(callbacks))
+        for future in futures.values():
+            future.set_exception(error)
+        for _, on_error in callbacks.values():
+            on_error(error)
+
+
+# -- the child ------------------------------------------------------------------------------
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling, else a RuntimeError with its message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class _Outbox:
+    """The child's one writer of the outputs pipe: items from any thread, sent in batches (whatever queued up
+    while the last batch was being sent: one step's outputs travel together)."""
+
+    def __init__(self, connection):
+        self._connection = connection
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pagedjax-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, item) -> None:
+        self._queue.put(item)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch = []
+            while item is not None:
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    self._connection.send(batch)
+                except (OSError, ValueError):  # the parent is gone
+                    return
+            if item is None:
+                return
+
+
+def _child_main(args: EngineArgs, commands, outputs) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.engine_loop import EngineLoop
+    from engine.llm_engine import LLMEngine
+
+    try:
+        engine = LLMEngine(args)
+        view = EngineView.of(engine, EngineLoop.device_facts())
+    except BaseException as exc:
+        outputs.send([("failed", _portable(exc))])
+        return
+    outputs.send([("ready", view)])
+    loop, outbox = EngineLoop(engine), _Outbox(outputs)
+
+    def callbacks(request_id: str):
+        first = [True]
+
+        def on_output(output) -> None:  # the prompt goes up once; the parent puts it back on later outputs
+            if not first[0]:
+                output = dataclasses.replace(output, prompt=None, prompt_token_ids=None)
+            first[0] = False
+            outbox.put(("output", request_id, output))
+
+        return on_output, lambda exc: outbox.put(("error", request_id, _portable(exc)))
+
+    handlers = {
+        "add": lambda payload: loop.add_requests(
+            [(request_id, prompt, params, *callbacks(request_id)) for request_id, prompt, params in payload[0]],
+            priority=payload[1]),
+        "abort": loop.abort,
+        "stats": lambda _: loop.stats(),
+        "check": lambda _: loop.check(),
+    }
+    try:
+        while True:
+            try:
+                call_id, name, payload = commands.recv()
+            except (EOFError, OSError):  # the parent is gone
+                break
+            if name == "shutdown":
+                break
+            try:
+                reply = (True, handlers[name](payload))
+            except Exception as exc:
+                reply = (False, _portable(exc))
+            outbox.put(("reply", call_id, reply))
+    finally:
+        loop.shutdown()
+        outbox.close()
