@@ -294,19 +294,30 @@ def _child_main(args: EngineArgs, commands, outputs) -> None:
         "stats": lambda _: loop.stats(),
         "check": lambda _: loop.check(),
     }
-    try:
-        while True:
-            try:
-                call_id, name, payload = commands.recv()
-            except (EOFError, OSError):  # the parent is gone
-                break
+    def run(batch) -> bool:
+        """Answer a batch of commands; False once one of them is ``shutdown``."""
+        for call_id, name, payload in batch:
             if name == "shutdown":
-                break
+                return False
             try:
                 reply = (True, handlers[name](payload))
             except Exception as exc:
                 reply = (False, _portable(exc))
             outbox.put(("reply", call_id, reply))
+        return True
+
+    try:
+        while True:
+            try:
+                batch = [commands.recv()]
+                while commands.poll():  # whatever queued up meanwhile: one pause between steps for all of it
+                    batch.append(commands.recv())
+            except (EOFError, OSError):  # the parent is gone
+                break
+            # Commands one at a time would each wait for a step to end: 512 requests arriving together took
+            # ~500 steps to admit (run 31d). Under the loop's lock they all go in between the same two steps.
+            if not loop.call(lambda _engine: run(batch)):
+                break
     finally:
         loop.shutdown()
         outbox.close()
