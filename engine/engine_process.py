@@ -18,6 +18,9 @@ runs an ``EngineLoop``:
 - ``engine`` is an ``EngineView``: what the server reads of the engine (limits, tokenizer, model facts), fixed at
   start-up and sent up once;
 - if the child dies, every request in flight and every call waiting fails with ``EngineDeadError``.
+
+The child is spawned (a fork would copy the parent's JAX state), so a script that starts one needs the usual
+``if __name__ == "__main__":`` guard around its own work.
 """
 
 from __future__ import annotations
