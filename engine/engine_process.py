@@ -176,9 +176,11 @@ class EngineProcess:
                 if kind == "reply":
                     with self._state_lock:
                         future = self._futures.pop(key, None)
-                    if future is not None:
-                        ok, result = value
-                        future.set_result(result) if ok else future.set_exception(result)
+                    ok, result = value
+                    if future is not None and ok:
+                        future.set_result(result)
+                    elif future is not None:
+                        future.set_exception(result)
                     continue
                 with self._state_lock:
                     callbacks = self._callbacks.get(key)
