@@ -1,8 +1,9 @@
 """The OpenAI-compatible server end to end: the real app under uvicorn on a free localhost
 port, the embedded default model, the official ``openai`` client (httpx for raw bodies).
 
-One engine for the whole module (loading takes ~30 s on CPU). It serves two apps: the
-open one, and one started with ``--api-key`` sharing the same ``AsyncLLM``.
+One engine for the whole module (loading takes ~30 s on CPU), in a child process as ``serve.py`` runs it
+(``--engine-process``). It serves two apps: the open one, and one started with ``--api-key`` sharing the same
+``AsyncLLM``.
 Shows: completions and chat answers (Paris), streamed deltas equal the non-streamed
 text, n, stop strings never streamed, logprobs in both formats, seeds reproduce,
 usage counts the tokenizer's tokens, 32 concurrent streams are correct and batched,
@@ -84,7 +85,7 @@ def _serve_in_thread(app) -> tuple[uvicorn.Server, threading.Thread, str]:
 @pytest.fixture(scope="module")
 def served():
     args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS)])
-    async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args))
+    async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=args.engine_process)
     names = served_model_names(args)
     app = build_app(async_llm, names)
     secured = build_app(async_llm, names, api_key=API_KEY, metrics=app.state.metrics)
@@ -500,7 +501,8 @@ def test_help_names_safe_default_host():
 
 def test_multi_step_decoding_streams_the_same_text_and_counts_each_tokens_interval(served, reference):
     """``--num-scheduler-steps 4``: a decode's tokens reach the client four at a time, the streamed text equals the
-    one-step server's, and the inter-token histogram gets one observation a token after the first."""
+    one-step server's, and the inter-token histogram gets one observation a token after the first. This server runs
+    the engine loop in its own process (``--no-engine-process``), the shared one in a child: the same text."""
     args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
                                          "--num-scheduler-steps", "4"])
     async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args))
@@ -521,9 +523,11 @@ def test_multi_step_decoding_streams_the_same_text_and_counts_each_tokens_interv
 
 
 def test_engine_process_serves_the_same_text_and_fails_cleanly_when_it_dies(served, reference):
-    """``--engine-process`` (the server's default): the engine loop in a child process streams the in-process
-    server's text, refuses an over-long prompt with a 400 in the caller, reports the child's device; once the child
-    is killed, requests and the health check fail with a server error instead of hanging."""
+    """``--engine-process`` (the server's default, which the shared server runs too; the multi-step test's server
+    runs the loop in its own process): a second engine child streams the same text, refuses an over-long prompt with
+    a 400 and re-raises the child's ``ValueError`` in the caller, reports the child's device and carries each
+    prompt on every output; once the child is killed, requests and the health check fail with a server error
+    instead of hanging."""
     args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS)])
     assert args.engine_process
     async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=True)
