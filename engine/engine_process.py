@@ -111,6 +111,9 @@ class EngineProcess:
         """``(request_id, prompt, params, on_output, on_error)`` requests, all queued between two steps or none
         (the child's ``EngineLoop.add_requests``); a refused one's error is raised here."""
         with self._state_lock:
+            taken = [request[0] for request in requests if request[0] in self._callbacks]
+            if taken:  # checked here: registering would take over the running request's callbacks
+                raise ValueError(f"request id {taken[0]!r} is already in use")
             for request_id, _, _, on_output, on_error in requests:
                 self._callbacks[request_id] = (on_output, on_error)
         try:

@@ -555,6 +555,17 @@ def test_engine_process_serves_the_same_text_and_fails_cleanly_when_it_dies(serv
         streamed = asyncio.run(outputs())  # the prompt travels once; every output carries it
         assert streamed[-1].finished and all(out.prompt_token_ids == [5, 6, 7] for out in streamed)
 
+        async def twice() -> list:  # a second request under a running one's id is refused; the first goes on
+            from engine import SamplingParams
+
+            params = SamplingParams(max_tokens=12, ignore_eos=True)
+            first = await async_llm.add_request("dup", [5, 6], params)
+            with pytest.raises(ValueError, match="already in use"):
+                await async_llm.add_request("dup", [7], params)
+            return [out async for out in first]
+
+        assert len(asyncio.run(twice())[-1].outputs[0].token_ids) == 12
+
         async_llm._loop._process.kill()
         deadline = time.monotonic() + 30
         while async_llm._loop._dead is None:
