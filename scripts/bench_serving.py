@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -90,22 +91,46 @@ def arrival_offsets(num: int, rate: float, seed: int) -> list[float]:
     return np.concatenate([[0.0], np.cumsum(gaps[:-1])]).tolist()
 
 
-async def send_one(client, model: str, prompt: list[int], max_tokens: int, start: float, offset: float,
+async def openai_chunks(client, model: str, prompt: list[int], max_tokens: int):
+    """A streamed completion through the ``openai`` client: ``(carries text, completion tokens or None)`` a chunk."""
+    stream = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        yield any(c.text for c in chunk.choices), chunk.usage.completion_tokens if chunk.usage else None
+
+
+async def raw_chunks(client, model: str, prompt: list[int], max_tokens: int):
+    """The same request as ``openai_chunks`` over plain ``httpx``, its server-sent events parsed with ``json``: a
+    lighter client, to tell the server's ceiling from the one-process client's (the SDK builds a model object a
+    chunk)."""
+    body = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
+                stream_options={"include_usage": True}, ignore_eos=True)
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            usage = chunk.get("usage")
+            yield any(c.get("text") for c in chunk["choices"]), usage["completion_tokens"] if usage else None
+
+
+async def send_one(chunks, model: str, prompt: list[int], max_tokens: int, start: float, offset: float,
                    semaphore: Optional[asyncio.Semaphore]) -> RequestResult:
-    """One streamed completion sent at ``start + offset``; never raises (errors are recorded)."""
+    """One streamed completion (``chunks(model, prompt, max_tokens)``: ``openai_chunks`` or ``raw_chunks`` bound
+    to a client) sent at ``start + offset``; never raises (errors are recorded)."""
     result = RequestResult(prompt_len=len(prompt), max_tokens=max_tokens)
     await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
     async with semaphore if semaphore is not None else contextlib.nullcontext():
         sent = last = time.perf_counter()
         try:
-            stream = await client.completions.create(
-                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-            chunks = 0
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    result.output_tokens = chunk.usage.completion_tokens
-                if not any(c.text for c in chunk.choices):
+            count = 0
+            async for has_text, usage in chunks(model, prompt, max_tokens):
+                if usage is not None:
+                    result.output_tokens = usage
+                if not has_text:
                     continue
                 now = time.perf_counter()
                 if result.ttft_s is None:
@@ -113,8 +138,8 @@ async def send_one(client, model: str, prompt: list[int], max_tokens: int, start
                 else:
                     result.itl_s.append(now - last)
                 last = now
-                chunks += 1
-            result.output_tokens = result.output_tokens or chunks
+                count += 1
+            result.output_tokens = result.output_tokens or count
             result.e2e_s = time.perf_counter() - sent
             result.ok = result.ttft_s is not None
             if not result.ok:
@@ -126,18 +151,25 @@ async def send_one(client, model: str, prompt: list[int], max_tokens: int, start
 
 
 async def run_load(base_url: str, model: str, requests: list[tuple[list[int], int]], offsets: list[float],
-                   max_concurrency: Optional[int], timeout_s: float) -> tuple[list[RequestResult], float]:
-    """All requests at their offsets; returns the results and the wall time from the first send
-    to the last completion."""
+                   max_concurrency: Optional[int], timeout_s: float,
+                   client_kind: str = "openai") -> tuple[list[RequestResult], float]:
+    """All requests at their offsets, through the ``openai`` client or plain ``httpx`` (``client_kind``); returns
+    the results and the wall time from the first send to the last completion."""
     import httpx
     import openai
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=timeout_s,
-                                  http_client=httpx.AsyncClient(limits=limits, timeout=timeout_s)) as client:
+    http = httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout_s)
+    async with contextlib.AsyncExitStack() as stack:
+        if client_kind == "openai":
+            client = await stack.enter_async_context(openai.AsyncOpenAI(
+                base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=timeout_s, http_client=http))
+            chunks = functools.partial(openai_chunks, client)
+        else:
+            chunks = functools.partial(raw_chunks, await stack.enter_async_context(http))
         semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         start = time.perf_counter()
-        results = await asyncio.gather(*(send_one(client, model, prompt, max_tokens, start, offset, semaphore)
+        results = await asyncio.gather(*(send_one(chunks, model, prompt, max_tokens, start, offset, semaphore)
                                          for (prompt, max_tokens), offset in zip(requests, offsets)))
     ends = [r.finished_at for r in results if r.finished_at is not None]
     return list(results), (max(ends) - start) if ends else 0.0
@@ -311,6 +343,9 @@ def parse_args(argv=None):
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
     parser.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     parser.add_argument("--num-warmup", type=int, default=2, help="requests sent one by one before the timed run")
+    parser.add_argument("--client", default="openai", choices=("openai", "httpx"),
+                        help="the official openai client, or plain httpx with the events parsed by json (lighter: "
+                             "tells the server's ceiling from the one-process client's)")
     parser.add_argument("--request-timeout-s", type=float, default=3600.0)
     parser.add_argument("--seed", type=int, default=bench_common.PROMPT_SEED, help="seed of prompts, lengths, arrivals")
     server = parser.add_argument_group("the server this script starts (ignored with --base-url)")
@@ -358,10 +393,10 @@ def main(argv=None) -> dict:
             facts = server_facts(url)
             for prompt, max_tokens in warmup:  # compiles at first use off a GPU; excluded from the figures
                 asyncio.run(run_load(url, facts["served_model"], [(prompt, max_tokens)], [0.0], None,
-                                     args.request_timeout_s))
+                                     args.request_timeout_s, args.client))
             before = engine_counters(url)
             results, wall_s = asyncio.run(run_load(url, facts["served_model"], requests, offsets,
-                                                   args.max_concurrency, args.request_timeout_s))
+                                                   args.max_concurrency, args.request_timeout_s, args.client))
             engine = engine_figures(before, engine_counters(url))
         finally:
             if proc is not None:
@@ -376,6 +411,7 @@ def main(argv=None) -> dict:
         request_rate="inf" if math.isinf(args.request_rate) else args.request_rate,
         max_concurrency=args.max_concurrency, num_requests=args.num_requests, input_len=args.input_len,
         output_len=args.output_len, range_ratio=args.range_ratio, max_model_len=facts.get("max_model_len"),
+        client=args.client,
         **summary, **engine,
     )
     path = bench_common.write_results(result, args.output_json, args.results_dir)

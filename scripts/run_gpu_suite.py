@@ -447,6 +447,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                     f"{results}/serving-{rate}.json"), 300) for rate in ("16", "inf")),
         # The engine loop in the server's own process (before engine/engine_process.py), and the same requests'
         # shape offline (fixed lengths: the ceiling the server's engine could reach).
+        # The same through plain httpx (no SDK a chunk): the one-process openai client fell behind on the CPU.
+        *((f"serving-{rate}-httpx", bench("bench_serving.py", "--request-rate", rate, "--client", "httpx",
+                                          "--output-json", f"{results}/serving-{rate}-httpx.json"), 300)
+          for rate in ("16", "inf")),
         ("serving-inf-inproc", bench("bench_serving.py", "--request-rate", "inf", "--serve-arg=--no-engine-process",
                                      "--output-json", f"{results}/serving-inf-inproc.json"), 300),
         ("tput-serving-shape", tput("tput-short", "--num-requests", "512", "--input-len", "512", "--output-len", "256",
