@@ -1,4 +1,5 @@
-"""``AsyncLLM``: the asyncio front of the one ``EngineLoop``, for servers.
+"""``AsyncLLM``: the asyncio front of the one ``EngineLoop`` (in this process, or in a child of its own:
+``engine.engine_process``, the server's default), for servers.
 
 Owns turning the loop thread's callbacks into per-request async streams of
 cumulative ``RequestOutput`` snapshots, aborting a request whose consumer goes away
