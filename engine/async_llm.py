@@ -15,13 +15,12 @@ event loop, because the loop holds that lock for a whole engine step.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Protocol, Sequence, Union
 
 from engine.engine_args import EngineArgs
-from engine.engine_loop import EngineLoop
+from engine.engine_loop import EngineLoop, NewRequest
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -154,10 +153,10 @@ class AsyncLLM:
         queues = [asyncio.Queue() for _ in requests]
         request_ids = [request_id for request_id, _, _ in requests]
 
-        items = [(request_id, prompt, params,
-                  *self._callbacks(loop, queue, _RequestTimer(arrival, self._stat_loggers)))
+        items = [NewRequest(request_id, prompt, params,
+                            *self._callbacks(loop, queue, _RequestTimer(arrival, self._stat_loggers)), priority)
                  for (request_id, prompt, params), queue in zip(requests, queues)]
-        add = loop.run_in_executor(None, functools.partial(self._loop.add_requests, items, priority=priority))
+        add = loop.run_in_executor(None, self._loop.add_requests, items)
         try:
             await asyncio.shield(add)
         except asyncio.CancelledError:  # the caller left while the requests were being queued

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -22,6 +22,17 @@ logger = logging.getLogger("pagedjax")
 
 OnOutput = Callable[[RequestOutput], None]
 OnError = Callable[[BaseException], None]
+
+
+class NewRequest(NamedTuple):
+    """A request for ``EngineLoop.add_requests``: what ``add_request`` takes."""
+
+    request_id: str
+    prompt: Union[str, list[int]]
+    params: Optional[SamplingParams]
+    on_output: OnOutput
+    on_error: OnError
+    priority: int = 0
 
 
 class EngineLoop:
@@ -73,16 +84,17 @@ class EngineLoop:
 
         return deliver
 
-    def add_requests(self, requests, *, priority: int = 0) -> None:
-        """Queue ``(request_id, prompt, params, on_output, on_error)`` requests between the same two steps, all or
-        none: if one is refused (its ValueError raised here), those already queued are aborted."""
+    def add_requests(self, requests: Sequence[NewRequest], *, final_only: bool = False) -> None:
+        """Queue requests between the same two steps, so the first step sees them all (as in vLLM), all or none: if
+        one is refused (its ValueError raised here), those already queued are aborted. ``final_only``: as
+        ``add_request``'s."""
         with self._between_steps():
             added = []
             try:
-                for request_id, prompt, params, on_output, on_error in requests:
-                    self.add_request(request_id, prompt, params, priority=priority, on_output=on_output,
-                                     on_error=on_error)
-                    added.append(request_id)
+                for r in requests:
+                    self.add_request(r.request_id, r.prompt, r.params, priority=r.priority, on_output=r.on_output,
+                                     on_error=r.on_error, final_only=final_only)
+                    added.append(r.request_id)
             except BaseException:
                 for request_id in added:
                     self.engine.abort_request(request_id)
@@ -109,7 +121,7 @@ class EngineLoop:
                     jax_version=jax.__version__, backend=jax.default_backend())
 
     def call(self, fn: Callable):
-        """Run ``fn(engine)`` between steps (for stats, inspection, or several adds at once)."""
+        """Run ``fn(engine)`` between steps (for stats, inspection, or a batch of an engine process's commands)."""
         with self._between_steps():
             return fn(self.engine)
 

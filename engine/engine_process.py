@@ -33,15 +33,27 @@ import multiprocessing
 import pickle
 import queue
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from engine.engine_args import EngineArgs
+from engine.engine_loop import EngineLoop, NewRequest
+from engine.tokenizer import encode_prompt
 
 logger = logging.getLogger("pagedjax")
 
 
 class EngineDeadError(RuntimeError):
     """The engine's process exited; nothing more will come from it."""
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A request the child runs for this process: its callbacks, and its prompt, which only its first output
+    carries (``_child_main``) and the receiver puts back on the later ones."""
+
+    on_output: Callable
+    on_error: Callable
+    prompt: Optional[tuple] = None  # (prompt, prompt_token_ids)
 
 
 @dataclasses.dataclass
@@ -64,9 +76,7 @@ class EngineView:
                    tokenizer=engine.tokenizer, facts=facts)
 
     def tokenize(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("this engine was started without a tokenizer: pass prompt token ids")
-        return list(self.tokenizer.encode(prompt))
+        return encode_prompt(self.tokenizer, prompt)
 
 
 class EngineProcess:
@@ -87,8 +97,7 @@ class EngineProcess:
         self._ids = itertools.count()
         self._calls = itertools.count()
         self._futures: dict[int, concurrent.futures.Future] = {}
-        self._callbacks: dict[str, tuple[Callable, Callable]] = {}
-        self._prompts: dict[str, tuple] = {}  # each request's prompt and its ids, from its first output
+        self._in_flight: dict[str, _InFlight] = {}
         self._dead: Optional[EngineDeadError] = None
         try:
             (kind, value), = self._outputs.recv()
@@ -107,23 +116,21 @@ class EngineProcess:
     def new_request_id(self) -> str:
         return str(next(self._ids))
 
-    def add_requests(self, requests, *, priority: int = 0) -> None:
-        """``(request_id, prompt, params, on_output, on_error)`` requests, all queued between two steps or none
-        (the child's ``EngineLoop.add_requests``); a refused one's error is raised here."""
+    def add_requests(self, requests: Sequence[NewRequest]) -> None:
+        """Requests all queued between two steps or none (the child's ``EngineLoop.add_requests``); a refused one's
+        error is raised here. Their callbacks stay here: the child gets the rest."""
         with self._state_lock:
-            taken = [request[0] for request in requests if request[0] in self._callbacks]
+            taken = [r.request_id for r in requests if r.request_id in self._in_flight]
             if taken:  # checked here: registering would take over the running request's callbacks
                 raise ValueError(f"request id {taken[0]!r} is already in use")
-            for request_id, _, _, on_output, on_error in requests:
-                self._callbacks[request_id] = (on_output, on_error)
+            for r in requests:
+                self._in_flight[r.request_id] = _InFlight(r.on_output, r.on_error)
         try:
-            self._call("add", ([(request_id, prompt, params) for request_id, prompt, params, _, _ in requests],
-                               priority))
+            self._call("add", [(r.request_id, r.prompt, r.params, r.priority) for r in requests])
         except BaseException:
             with self._state_lock:
-                for request in requests:
-                    self._callbacks.pop(request[0], None)
-                    self._prompts.pop(request[0], None)
+                for r in requests:
+                    self._in_flight.pop(r.request_id, None)
             raise
 
     def abort(self, request_id: str) -> None:
@@ -186,22 +193,19 @@ class EngineProcess:
                         future.set_exception(result)
                     continue
                 with self._state_lock:
-                    callbacks = self._callbacks.get(key)
-                    if callbacks is not None and (kind == "error" or value.finished):
-                        del self._callbacks[key]
-                        prompt = self._prompts.pop(key, None)
-                    else:
-                        prompt = self._prompts.setdefault(key, (value.prompt, value.prompt_token_ids)) if (
-                            kind == "output") else None
-                if callbacks is None:
+                    request = self._in_flight.get(key)
+                    if request is not None and (kind == "error" or value.finished):
+                        del self._in_flight[key]
+                if request is None:
                     continue
-                on_output, on_error = callbacks
                 if kind == "error":
-                    on_error(value)
+                    request.on_error(value)
                     continue
-                if value.prompt_token_ids is None and prompt is not None:  # sent with the request's first output
-                    value.prompt, value.prompt_token_ids = prompt
-                on_output(value)
+                if value.prompt_token_ids is None:  # the prompt came with the request's first output
+                    value.prompt, value.prompt_token_ids = request.prompt
+                else:
+                    request.prompt = (value.prompt, value.prompt_token_ids)
+                request.on_output(value)
         self._fail_all()
 
     def _fail_all(self) -> None:
@@ -210,14 +214,13 @@ class EngineProcess:
         with self._state_lock:
             self._dead = error
             futures, self._futures = self._futures, {}
-            callbacks, self._callbacks = self._callbacks, {}
-            self._prompts.clear()
-        if callbacks:
-            logger.error("%s; failing %d requests in flight", error, len(callbacks))
+            in_flight, self._in_flight = self._in_flight, {}
+        if in_flight:
+            logger.error("%s; failing %d requests in flight", error, len(in_flight))
         for future in futures.values():
             future.set_exception(error)
-        for _, on_error in callbacks.values():
-            on_error(error)
+        for request in in_flight.values():
+            request.on_error(error)
 
 
 # -- the child ------------------------------------------------------------------------------
@@ -271,7 +274,6 @@ class _Outbox:
 def _child_main(args: EngineArgs, commands, outputs) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from engine.engine_loop import EngineLoop
     from engine.llm_engine import LLMEngine
 
     try:
@@ -295,13 +297,14 @@ def _child_main(args: EngineArgs, commands, outputs) -> None:
         return on_output, lambda exc: outbox.put(("error", request_id, _portable(exc)))
 
     handlers = {
-        "add": lambda payload: loop.add_requests(
-            [(request_id, prompt, params, *callbacks(request_id)) for request_id, prompt, params in payload[0]],
-            priority=payload[1]),
+        "add": lambda payload: loop.add_requests([
+            NewRequest(request_id, prompt, params, *callbacks(request_id), priority)
+            for request_id, prompt, params, priority in payload]),
         "abort": loop.abort,
         "stats": lambda _: loop.stats(),
         "check": lambda _: loop.check(),
     }
+
     def run(batch) -> bool:
         """Answer a batch of commands; False once one of them is ``shutdown``."""
         for call_id, name, payload in batch:

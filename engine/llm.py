@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 from tqdm.auto import tqdm
 
 from engine.engine_args import EngineArgs
-from engine.engine_loop import EngineLoop
+from engine.engine_loop import EngineLoop, NewRequest
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -99,26 +99,11 @@ class LLM:
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         self._check_prompts(prompts)
-        futures = []
-        request_ids = []
-
-        def add_all(_engine) -> None:
-            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-                future: concurrent.futures.Future = concurrent.futures.Future()
-                request_id = self._loop.new_request_id()
-                self._loop.add_request(request_id, prompt, params, priority=priority[i] if priority else 0,
-                                       on_output=_resolve_when_finished(future), on_error=_fail(future),
-                                       final_only=True)
-                futures.append(future)
-                request_ids.append(request_id)
-
-        try:
-            # Between two steps, so the first step sees every prompt of this call (as in vLLM).
-            self._loop.call(add_all)
-        except BaseException:
-            for request_id in request_ids:
-                self._loop.abort(request_id)
-            raise
+        futures = [concurrent.futures.Future() for _ in prompts]
+        self._loop.add_requests([
+            NewRequest(self._loop.new_request_id(), prompt, params, _resolve_when_finished(future), _fail(future),
+                       priority[i] if priority else 0)
+            for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))], final_only=True)
         with tqdm(total=len(futures), desc="Generating", disable=not use_tqdm, unit="req") as bar:
             for _ in concurrent.futures.as_completed(futures):
                 bar.update(1)

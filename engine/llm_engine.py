@@ -207,9 +207,9 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------
 
     def tokenize(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("this engine was started without a tokenizer: pass prompt token ids")
-        return list(self.tokenizer.encode(prompt))
+        from engine.tokenizer import encode_prompt  # transformers, as the tokenizer's loading above
+
+        return encode_prompt(self.tokenizer, prompt)
 
     def add_request(
         self,

@@ -55,6 +55,13 @@ def load_tokenizer(model_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     return _load(model_path, source, **extra, **kwargs)
 
 
+def encode_prompt(tokenizer: Optional[PreTrainedTokenizerBase], prompt: str) -> list[int]:
+    """A text prompt's token ids; a clear error for an engine started without a tokenizer."""
+    if tokenizer is None:
+        raise ValueError("this engine was started without a tokenizer: pass prompt token ids")
+    return list(tokenizer.encode(prompt))
+
+
 def _load(model_path: str, source: str, gguf_file: Optional[str] = None, **kwargs: Any) -> PreTrainedTokenizerBase:
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
