@@ -91,11 +91,15 @@ def arrival_offsets(num: int, rate: float, seed: int) -> list[float]:
     return np.concatenate([[0.0], np.cumsum(gaps[:-1])]).tolist()
 
 
+# Every request's fields besides its model, prompt and length: greedy, streamed with a final usage chunk. Both
+# clients send these, with ``ignore_eos`` (vLLM's extra field) beside them.
+STREAMED = dict(temperature=0.0, stream=True, stream_options={"include_usage": True})
+
+
 async def openai_chunks(client, model: str, prompt: list[int], max_tokens: int):
     """A streamed completion through the ``openai`` client: ``(carries text, completion tokens or None)`` a chunk."""
-    stream = await client.completions.create(
-        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, **STREAMED,
+                                             extra_body={"ignore_eos": True})
     async for chunk in stream:
         yield any(c.text for c in chunk.choices), chunk.usage.completion_tokens if chunk.usage else None
 
@@ -104,8 +108,7 @@ async def raw_chunks(client, model: str, prompt: list[int], max_tokens: int):
     """The same request as ``openai_chunks`` over plain ``httpx``, its server-sent events parsed with ``json``: a
     lighter client, to tell the server's ceiling from the one-process client's (the SDK builds a model object a
     chunk)."""
-    body = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
-                stream_options={"include_usage": True}, ignore_eos=True)
+    body = dict(model=model, prompt=prompt, max_tokens=max_tokens, **STREAMED, ignore_eos=True)
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
