@@ -233,6 +233,21 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "env", f"XLA_FLAGS=--xla_gpu_enable_pdl={str(on).lower()} --xla_gpu_enable_pdl_launch={str(on).lower()}",
             *latency(q, "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-{name}-ms8-pdl{int(on)}.json")],
            150) for name, q in (("bf16", None), ("int8", "int8"), ("awq", "awq")) for on in (False, True)),
+        # The Mosaic GPU form of the K-major int8 GEMV (pallas_kernels/int8_gemv_mgpu.py: TMA, wgmma, launched as a
+        # programmatic dependent): checked on the GPU, then the batch-1 step's kernels and TPOT beside the Triton
+        # form's (profile-decode1-int8, latency-int8-ms8), with its variants (no dependent launch; dependents
+        # triggered at exit; 128-byte tiles, 2 slots).
+        ("gpu-tests-gemv-mgpu", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "mosaic",
+                                 "tests/test_quantized_matmul.py"], 150),
+        *((f"profile-decode1-int8-mgpu{tag}" if kind == "profile-decode1" else f"latency-int8-ms8-mgpu{tag}", [
+            "env", 'PAGEDJAX_MATMUL_CONFIG={"kmajor_kernel": "mosaic"}', f"PAGEDJAX_MGPU_GEMV_CONFIG={gemv}",
+            *(profile(f"profile-decode1-int8-mgpu{tag}", "--step", "decode", "--batch", "1", "--ctx", "192",
+                      "--quantization", "int8", "--precompile-steps", "off") if kind == "profile-decode1" else
+              latency("int8", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-int8-ms8-mgpu{tag}.json"))],
+           90 if kind == "profile-decode1" else 150)
+          for kind in ("profile-decode1", "latency-ms8")
+          for tag, gemv in (("", "{}"), ("-nopdl", '{"pdl": false}'), ("-exit", '{"trigger": "exit"}'),
+                            ("-k128", '{"block_k": 128, "stages": 2}'))),
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 180),
@@ -444,17 +459,20 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # client's packages: carry their wheels (the list in benchmarks/NOTES.md, run 15) and install them first.
         ("serving", bench("bench_serving.py", "--request-rate", "8"), 300),
         *((f"serving-{rate}", bench("bench_serving.py", "--request-rate", rate, "--output-json",
-                                    f"{results}/serving-{rate}.json"), 300) for rate in ("16", "inf")),
+                                    f"{results}/serving-{rate}.json"), 300) for rate in ("16", "24", "inf")),
         # The engine loop in the server's own process (before engine/engine_process.py), and the same requests'
         # shape offline (fixed lengths: the ceiling the server's engine could reach).
         # The same through plain httpx (no SDK a chunk): the one-process openai client fell behind on the CPU.
         *((f"serving-{rate}-httpx", bench("bench_serving.py", "--request-rate", rate, "--client", "httpx",
                                           "--output-json", f"{results}/serving-{rate}-httpx.json"), 300)
-          for rate in ("16", "inf")),
+          for rate in ("16", "24", "inf")),
         ("serving-inf-inproc", bench("bench_serving.py", "--request-rate", "inf", "--serve-arg=--no-engine-process",
                                      "--output-json", f"{results}/serving-inf-inproc.json"), 300),
         ("tput-serving-shape", tput("tput-short", "--num-requests", "512", "--input-len", "512", "--output-len", "256",
                                     "--output-json", f"{results}/tput-serving-shape.json"), 200),
+        ("tput-serving-shape-8192", tput("tput-short", "--num-requests", "512", "--input-len", "512", "--output-len",
+                                         "256", "--max-num-batched-tokens", "8192", "--output-json",
+                                         f"{results}/tput-serving-shape-8192.json"), 200),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 90),
         # Run 17b: the Mosaic GPU prefill launch (pallas_kernels/ragged_prefill_mgpu.py) against the reference, then
         # in the kernel benchmark (its sweep tries it first) and in the prefill-heavy workload.
