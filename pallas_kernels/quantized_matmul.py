@@ -51,7 +51,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import int8_gemv_mgpu
 from pallas_kernels.env_config import dataclass_from_env
 from pallas_kernels.gpu_info import core_count
 
@@ -158,10 +157,6 @@ class MatmulConfig:
     # Run 26a (H200, 8B int8 at batch 1, same lease): TPOT 3.16 ms summed each step (loads ahead) -> 3.06 deferred
     # without loads ahead (3.23 deferred with them).
     kmajor_defer_reduction: bool = True
-    # The K-major int8 GEMV's form: "triton" (``_kmajor_gemv_kernel``) or "mosaic" (``int8_gemv_mgpu``: TMA, wgmma,
-    # and launched as a programmatic dependent of the kernel before it, its weights streamed before it waits; Hopper
-    # under JAX >= 0.11, else the Triton form; its tiles from ``$PAGEDJAX_MGPU_GEMV_CONFIG``).
-    kmajor_kernel: str = "triton"
 
 
 # --------------------------------------------------------------------------------------
@@ -708,14 +703,6 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     if x.shape[0] != 1:
         out = int8_kmajor_matmul_reference(x, qt, scale)
         return out[None] if keep_splits else out
-    if config.kmajor_kernel not in ("triton", "mosaic"):
-        raise ValueError(f"kmajor_kernel must be 'triton' or 'mosaic', got {config.kmajor_kernel!r}")
-    gemv_config = int8_gemv_mgpu.default_config()
-    if config.kmajor_kernel == "mosaic" and not interpret and int8_gemv_mgpu.supported(x.dtype, N, K, gemv_config):
-        partials = int8_gemv_mgpu.int8_gemv_mgpu(x, qt, config=gemv_config) * scale.astype(jnp.float32)
-        if partials.shape[0] == 1:
-            partials = partials.astype(x.dtype)
-        return add_splits(partials[:, None, :], x.dtype, keep_splits)
     prefetch, convert = _gemv_loop_settings("int8", config, interpret,
                                             default_prefetch=int(not config.kmajor_defer_reduction))
     block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)

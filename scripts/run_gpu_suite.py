@@ -233,23 +233,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "env", f"XLA_FLAGS=--xla_gpu_enable_pdl={str(on).lower()} --xla_gpu_enable_pdl_launch={str(on).lower()}",
             *latency(q, "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-{name}-ms8-pdl{int(on)}.json")],
            150) for name, q in (("bf16", None), ("int8", "int8"), ("awq", "awq")) for on in (False, True)),
-        # The Mosaic GPU form of the K-major int8 GEMV (pallas_kernels/int8_gemv_mgpu.py: TMA, wgmma, launched as a
-        # programmatic dependent): checked on the GPU, then the batch-1 step's kernels and TPOT beside the Triton
-        # form's (profile-decode1-int8, latency-int8-ms8), with its variants (no dependent launch; dependents
-        # triggered at exit; 128-byte tiles, 2 slots; more K splits, 8 programs a multiprocessor; 4 slots, one program
-        # a multiprocessor).
-        ("gpu-tests-gemv-mgpu", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "mosaic",
-                                 "tests/test_quantized_matmul.py"], 150),
-        *((f"profile-decode1-int8-mgpu{tag}" if kind == "profile-decode1" else f"latency-int8-ms8-mgpu{tag}", [
-            "env", 'PAGEDJAX_MATMUL_CONFIG={"kmajor_kernel": "mosaic"}', f"PAGEDJAX_MGPU_GEMV_CONFIG={gemv}",
-            *(profile(f"profile-decode1-int8-mgpu{tag}", "--step", "decode", "--batch", "1", "--ctx", "192",
-                      "--quantization", "int8", "--precompile-steps", "off") if kind == "profile-decode1" else
-              latency("int8", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-int8-ms8-mgpu{tag}.json"))],
-           90 if kind == "profile-decode1" else 150)
-          for kind in ("profile-decode1", "latency-ms8")
-          for tag, gemv in (("", "{}"), ("-nopdl", '{"pdl": false}'), ("-exit", '{"trigger": "exit"}'),
-                            ("-k128", '{"block_k": 128, "stages": 2}'), ("-ppc8", '{"programs_per_core": 8}'),
-                            ("-s4", '{"stages": 4, "programs_per_core": 1}'))),
+        # Run 32a measured a Mosaic GPU form of the K-major int8 GEMV (TMA, wgmma, programmatic dependent launch;
+        # commit 22d056b, removed after): slower, see benchmarks/NOTES.md.
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 180),

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import ragged_prefill_mgpu
 from pallas_kernels.quantized_matmul import (
     MatmulConfig,
     auto_k_splits,
@@ -249,91 +248,6 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
                          ids=["summed-each-step", "kmajor_defer", "kmajor_defer-unfused"])
 def test_kmajor_int8_matches_reference_on_gpu(K, N, defer, fma):
     run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer, gemv_fma=fma), interpret=False)
-
-
-# The Mosaic GPU form of the K-major int8 GEMV (``pallas_kernels.int8_gemv_mgpu``): (N, K, its config).
-MOSAIC_GEMV_CASES = [
-    (128, 1024, dict(k_splits=2, stages=2)),
-    (192, 2048, dict(block_k=128)),
-    (64, 1536, dict(k_splits=3, stages=4)),  # 3 splits of one step each: the ring shrinks to the steps
-    (256, 4096, dict(trigger="exit", pdl=False)),
-]
-
-
-def check_mosaic_gemv(N, K, fields, *, interpret):
-    from pallas_kernels import int8_gemv_mgpu
-
-    seed = np.random.SeedSequence().entropy
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((1, K)), jnp.bfloat16)
-    qt = jnp.asarray(rng.integers(-127, 128, (N, K)), jnp.int8)
-    config = int8_gemv_mgpu.GemvConfig(**fields)
-    partials = int8_gemv_mgpu.int8_gemv_mgpu(x, qt, config=config, interpret=interpret)
-    assert partials.shape == (config.k_splits or int8_gemv_mgpu.auto_k_splits(N, K, config), N)
-    exact = np.asarray(x, np.float64) @ np.asarray(qt, np.float64).T
-    err = np.abs(np.asarray(partials, np.float64).sum(0) - exact[0]).max() / np.abs(exact).max()
-    assert err < 1e-5, f"seed {seed}: max error {err:.2e} of the largest output"  # float32 sums of exact products
-
-
-@pytest.mark.skipif(not ragged_prefill_mgpu.JAX_0_11,
-                    reason="JAX's Mosaic GPU interpreter runs Mosaic kernels from 0.11 on (the GPU machine's version)")
-@pytest.mark.parametrize("N,K,fields", MOSAIC_GEMV_CASES)
-def test_mosaic_int8_gemv_matches_exact_products_in_the_interpreter(N, K, fields):
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    check_mosaic_gemv(N, K, fields, interpret=InterpretGPUParams())
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("N,K,fields", MOSAIC_GEMV_CASES + [(6144, 4096, {}), (4096, 14336, {}),
-                                                           (28672, 4096, dict(block_k=128, stages=2))])
-def test_mosaic_int8_gemv_matches_exact_products_on_gpu(N, K, fields):
-    from pallas_kernels import int8_gemv_mgpu
-
-    if not int8_gemv_mgpu.supported(jnp.bfloat16, N, K, int8_gemv_mgpu.GemvConfig(**fields)):
-        pytest.skip("needs a Hopper GPU and JAX >= 0.11")
-    check_mosaic_gemv(N, K, fields, interpret=None)
-
-
-@pytest.mark.gpu
-def test_kmajor_int8_mosaic_form_matches_reference_on_gpu():
-    run_kmajor_case(1, 4096, 4096, jnp.bfloat16, MatmulConfig(kmajor_kernel="mosaic"), interpret=False)
-
-
-def test_kmajor_int8_mosaic_form_lowers_as_a_dependent_launch(monkeypatch):
-    """On the CPU the Mosaic form cannot run, but it lowers for CUDA (JAX 0.10's Mosaic GPU and 0.11's): one Mosaic
-    kernel and no Triton one, marked for programmatic dependent launch unless ``pdl=False`` (0.11); where it is not
-    supported (here: no GPU) the Triton form stays."""
-    from pallas_kernels import int8_gemv_mgpu
-    from pallas_kernels.quantized_matmul import int8_kmajor_matmul
-
-    x, qt, scale = jnp.ones((1, 4096), jnp.bfloat16), jnp.ones((512, 4096), jnp.int8), jnp.ones((512,), jnp.float32)
-    assert not int8_gemv_mgpu.supported(x.dtype, 512, 4096)  # on the CPU: the Triton form stays
-    monkeypatch.setattr(int8_gemv_mgpu, "supported", int8_gemv_mgpu.shape_supported)
-    for pdl in (True, False):
-        monkeypatch.setattr(int8_gemv_mgpu, "default_config", lambda pdl=pdl: int8_gemv_mgpu.GemvConfig(pdl=pdl))
-        fn = jax.jit(functools.partial(int8_kmajor_matmul, interpret=False,
-                                       config=MatmulConfig(kmajor_kernel="mosaic", gemv_min_steps=pdl + 1)))
-        text = fn.trace(x, qt, scale).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" not in text
-        if ragged_prefill_mgpu.JAX_0_11:  # 0.10's Mosaic GPU has no such launch (its wait would be a no-op)
-            assert ("uses_pdl" in text) == pdl
-
-
-def test_mosaic_int8_gemv_splits_fill_the_gpu_and_bad_shapes_are_refused():
-    from pallas_kernels import int8_gemv_mgpu as mg
-
-    config = mg.GemvConfig()
-    # The 8B's GEMVs on 132 multiprocessors, 2 programs each: qkv, o, down split; gate_up and the LM head do not.
-    assert [mg.auto_k_splits(N, K, config) for N, K in ((6144, 4096), (4096, 4096), (4096, 14336), (28672, 4096),
-                                                          (128256, 4096))] == [2, 4, 4, 1, 1]
-    assert not mg.shape_supported(jnp.float32, 4096, 4096) and not mg.shape_supported(jnp.bfloat16, 4000, 4096)
-    assert not mg.shape_supported(jnp.bfloat16, 4096, 4000)
-    with pytest.raises(ValueError, match="N % 64"):
-        mg.int8_gemv_mgpu(jnp.ones((1, 512), jnp.bfloat16), jnp.ones((100, 512), jnp.int8))
-    with pytest.raises(ValueError, match="k_splits=3"):
-        mg.int8_gemv_mgpu(jnp.ones((1, 1024), jnp.bfloat16), jnp.ones((64, 1024), jnp.int8),
-                          config=mg.GemvConfig(k_splits=3))
 
 
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
