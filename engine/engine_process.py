@@ -13,8 +13,9 @@ runs an ``EngineLoop``:
 - commands go down one pipe as ``(call_id, name, payload)``; the child answers each with a reply, so a refused
   request raises its ``ValueError`` in the caller, as in one process;
 - outputs and replies come up the other pipe in batches: a sender thread in the child drains a queue the engine
-  thread's callbacks fill, so one step's outputs travel as one message; a receiver thread here hands them to
-  each request's callbacks;
+  thread's callbacks fill, so one step's outputs travel as one message; each output travels as what changed since
+  the request's last (``engine.output_deltas``); a receiver thread here rebuilds the cumulative outputs and hands
+  them to each request's callbacks;
 - ``engine`` is an ``EngineView``: what the server reads of the engine (limits, tokenizer, model facts), fixed at
   start-up and sent up once;
 - if the child dies, every request in flight and every call waiting fails with ``EngineDeadError``.
@@ -37,6 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
+from engine.output_deltas import DeltaDecoder, DeltaEncoder
 from engine.tokenizer import encode_prompt
 
 logger = logging.getLogger("pagedjax")
@@ -48,12 +50,12 @@ class EngineDeadError(RuntimeError):
 
 @dataclasses.dataclass
 class _InFlight:
-    """A request the child runs for this process: its callbacks, and its prompt, which only its first output
-    carries (``_child_main``) and the receiver puts back on the later ones."""
+    """A request the child runs for this process: its callbacks, and the decoder that rebuilds its cumulative
+    outputs from the deltas the child sends (``engine.output_deltas``)."""
 
     on_output: Callable
     on_error: Callable
-    prompt: Optional[tuple] = None  # (prompt, prompt_token_ids)
+    outputs: DeltaDecoder = dataclasses.field(default_factory=DeltaDecoder)
 
 
 @dataclasses.dataclass
@@ -194,18 +196,14 @@ class EngineProcess:
                     continue
                 with self._state_lock:
                     request = self._in_flight.get(key)
-                    if request is not None and (kind == "error" or value.finished):
+                    if request is not None and (kind == "error" or value[0]):  # an error, or a finished output
                         del self._in_flight[key]
                 if request is None:
                     continue
                 if kind == "error":
                     request.on_error(value)
                     continue
-                if value.prompt_token_ids is None:  # the prompt came with the request's first output
-                    value.prompt, value.prompt_token_ids = request.prompt
-                else:
-                    request.prompt = (value.prompt, value.prompt_token_ids)
-                request.on_output(value)
+                request.on_output(request.outputs.decode(key, value))
         self._fail_all()
 
     def _fail_all(self) -> None:
@@ -286,15 +284,9 @@ def _child_main(args: EngineArgs, commands, outputs) -> None:
     loop, outbox = EngineLoop(engine), _Outbox(outputs)
 
     def callbacks(request_id: str):
-        first = [True]
-
-        def on_output(output) -> None:  # the prompt goes up once; the parent puts it back on later outputs
-            if not first[0]:
-                output = dataclasses.replace(output, prompt=None, prompt_token_ids=None)
-            first[0] = False
-            outbox.put(("output", request_id, output))
-
-        return on_output, lambda exc: outbox.put(("error", request_id, _portable(exc)))
+        encoder = DeltaEncoder()  # each output goes up as what changed since the last (the prompt once)
+        return (lambda output: outbox.put(("output", request_id, encoder.encode(output))),
+                lambda exc: outbox.put(("error", request_id, _portable(exc))))
 
     handlers = {
         "add": lambda payload: loop.add_requests([
