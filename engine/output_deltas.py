@@ -7,9 +7,9 @@ child's samples and competed with its engine thread for the GIL (``py-spy``, ben
 cumulative output its callers expect (``DeltaDecoder``), in fresh lists each time, so an output a caller holds
 never changes under it.
 
-Token ids, logprobs and text only grow while a request runs, except that the final text may be cut at a stop
-string; each field is sent as ``(keep, added)``: keep the first ``keep`` items of what was sent, then append
-``added``, which covers both.
+Each field is sent as ``(keep, added)``: keep the first ``keep`` items of what was sent, then append ``added``.
+Token ids and text mostly grow (the final text may be cut at a stop string); ``keep`` is their common prefix
+with what was sent, so any change comes out right. Logprobs are only ever appended, a token at a time.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class DeltaEncoder:
     """The child's side, one per request: each cumulative output as the delta since the last."""
 
     def __init__(self):
-        self._sent: dict[int, tuple[int, int, int]] = {}  # index -> (tokens, text length, logprobs)
+        self._sent: dict[int, tuple[list, str, int]] = {}  # index -> (token ids, text, logprobs count) sent
         self._first = True
 
     def encode(self, output: RequestOutput) -> tuple:
@@ -35,16 +35,25 @@ class DeltaEncoder:
         self._first = False
         completions = []
         for c in output.outputs:
-            tokens_sent, text_sent, logprobs_sent = self._sent.get(c.index, (0, 0, 0))
-            tokens_kept, text_kept = min(tokens_sent, len(c.token_ids)), min(text_sent, len(c.text))
+            tokens_sent, text_sent, logprobs_sent = self._sent.get(c.index, ([], "", 0))
+            tokens_kept, text_kept = _common_prefix(tokens_sent, c.token_ids), _common_prefix(text_sent, c.text)
             logprobs = c.logprobs
             logprobs_kept = 0 if logprobs is None else min(logprobs_sent, len(logprobs))
             completions.append((c.index, tokens_kept, c.token_ids[tokens_kept:], text_kept, c.text[text_kept:],
                                 c.cumulative_logprob, logprobs_kept,
                                 None if logprobs is None else logprobs[logprobs_kept:], c.finish_reason,
                                 c.stop_reason))
-            self._sent[c.index] = (len(c.token_ids), len(c.text), 0 if logprobs is None else len(logprobs))
+            # The engine's token list is a fresh copy each output (its text a str), so keeping it costs nothing.
+            self._sent[c.index] = (c.token_ids, c.text, 0 if logprobs is None else len(logprobs))
         return output.finished, prompt, completions
+
+
+def _common_prefix(old, new) -> int:
+    """The length of the longest common prefix of two lists or strings (usually all of ``old``)."""
+    n = min(len(old), len(new))
+    if old[:n] == new[:n]:
+        return n
+    return next(i for i in range(n) if old[i] != new[i])
 
 
 class DeltaDecoder:

@@ -12,8 +12,9 @@ from engine.outputs import CompletionOutput, Logprob, RequestOutput
 
 
 def emitted_outputs(rng, steps: int, n: int, with_logprobs: bool):
-    """Cumulative outputs as the engine emits them: n completions growing a token (and some text) a step, the
-    last one finished with its text cut at a stop string."""
+    """Cumulative outputs as the engine emits them: n completions growing a token (and some text) a step, their
+    first character and token revised once midway (the encoder must not rely on pure growth), the last output
+    finished with the first completion's text cut at a stop string."""
     tokens = [[] for _ in range(n)]
     texts = [""] * n
     logprobs = [[] for _ in range(n)]
@@ -27,6 +28,9 @@ def emitted_outputs(rng, steps: int, n: int, with_logprobs: bool):
             logprobs[i].append({token: Logprob(-float(rng.random()), 1, str(token))})
             if last and i == 0:
                 texts[i] = texts[i][: len(texts[i]) // 2]  # a stop string cut the text
+            if step == steps // 2 and texts[i] and tokens[i]:  # an earlier character and token revised
+                texts[i] = "X" + texts[i][1:]
+                tokens[i][0] += 1
             completions.append(CompletionOutput(
                 index=i, text=texts[i], token_ids=list(tokens[i]),
                 cumulative_logprob=-float(step) if with_logprobs else None,
@@ -54,4 +58,5 @@ def test_a_delta_carries_the_prompt_once_and_only_the_new_tokens():
     encoder = DeltaEncoder()
     deltas = [encoder.encode(o) for o in emitted_outputs(rng, steps=5, n=1, with_logprobs=False)]
     assert deltas[0][1] == ("a prompt", [1, 2, 3]) and all(d[1] is None for d in deltas[1:])
-    assert all(len(d[2][0][2]) == 1 for d in deltas)  # one new token a step
+    # one new token a step; all three at step 2, whose first token was revised
+    assert [(d[2][0][1], len(d[2][0][2])) for d in deltas] == [(0, 1), (1, 1), (0, 3), (3, 1), (4, 1)]
