@@ -43,8 +43,7 @@ class DeltaEncoder:
                                 c.cumulative_logprob, logprobs_kept,
                                 None if logprobs is None else logprobs[logprobs_kept:], c.finish_reason,
                                 c.stop_reason))
-            # The engine's token list is a fresh copy each output (its text a str), so keeping it costs nothing.
-            self._sent[c.index] = (c.token_ids, c.text, 0 if logprobs is None else len(logprobs))
+            self._sent[c.index] = (list(c.token_ids), c.text, 0 if logprobs is None else len(logprobs))
         return output.finished, prompt, completions
 
 
