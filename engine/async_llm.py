@@ -38,7 +38,7 @@ class StatLogger(Protocol):
 
     def on_first_token(self, seconds: float) -> None: ...
 
-    def on_inter_token(self, seconds: float) -> None: ...
+    def on_inter_token(self, seconds: float, count: int) -> None: ...  # count: tokens of that interval
 
     def on_finished(self, seconds: float, finish_reasons: Sequence[str]) -> None: ...
 
@@ -269,8 +269,9 @@ class _RequestTimer:
             for stat_logger in self.stat_loggers:
                 if first:
                     stat_logger.on_first_token(now - self.arrival)
-                for _ in range(new - 1 if first else new):
-                    stat_logger.on_inter_token(share)
+                intervals = new - 1 if first else new
+                if intervals:
+                    stat_logger.on_inter_token(share, intervals)
             self.num_tokens, self.last_token_time = num_tokens, now
         if output.finished:
             reasons = [c.finish_reason or "abort" for c in output.outputs]

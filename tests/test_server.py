@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import random
 import threading
 import time
 
@@ -357,6 +358,37 @@ def test_metrics(served):
     assert metrics['vllm:request_success_total{finished_reason="length"}'] > 0
     assert metrics['vllm:time_to_first_token_seconds_bucket{le="+Inf"}'] == metrics[
         "vllm:time_to_first_token_seconds_count"]
+
+
+def test_token_histogram_reads_as_prometheus_histogram():
+    """The inter-token histogram keeps its own counts (one lock an observation, ``count`` tokens at once) and
+    exposes the same samples as ``prometheus_client``'s ``Histogram`` fed the same values one by one."""
+    import prometheus_client
+
+    from engine.metrics import INTER_TOKEN_BUCKETS, _TokenHistogram
+
+    values = [0.0, 0.01, 0.0100001, 0.3, 79.0, 80.0, 200.0] + [random.uniform(0, 1) for _ in range(50)] + [0.5, 0.5]
+    label = {"model_name": "m"}
+    reference_registry, registry = prometheus_client.CollectorRegistry(), prometheus_client.CollectorRegistry()
+    reference = prometheus_client.Histogram("h_seconds", "doc", list(label), buckets=INTER_TOKEN_BUCKETS,
+                                            registry=reference_registry).labels(**label)
+    ours = _TokenHistogram("h_seconds", "doc", INTER_TOKEN_BUCKETS, label)
+    registry.register(ours)
+    for v in values:
+        reference.observe(v)
+    for v in values[:-2]:
+        ours.observe(v)
+    ours.observe(0.5, 2)  # two tokens of one interval in one call
+
+    def samples(r):
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in prometheus_client.generate_latest(r).decode().splitlines()
+                if line.startswith("h_seconds") and "_created" not in line}
+
+    want, got = samples(reference_registry), samples(registry)
+    assert got.keys() == want.keys() and len(got) == len(INTER_TOKEN_BUCKETS) + 3
+    for key in want:
+        assert abs(got[key] - want[key]) < 1e-9, key
 
 
 # -- bad input ---------------------------------------------------------------------------
