@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import importlib.metadata
 import json
 import logging
@@ -683,6 +684,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.exit(2, f"error: cannot start the engine: {e}\n")
     names = served_model_names(args)
     app = build_app(async_llm, names, api_key=args.api_key)
+    # What start-up made (the tokenizer, the app, imported modules) lives as long as the server: out of the cyclic
+    # collector's reach, so the collections that streaming's many small objects set off walk only newer ones (the
+    # engine does the same in its own process; vLLM freezes its heap after start-up too).
+    gc.collect()
+    gc.freeze()
     host, port = sock.getsockname()[:2]
     logger.info(startup_line(async_llm, names, f"http://{_url_host(host)}:{port}"))
     config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
