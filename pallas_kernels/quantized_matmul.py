@@ -439,11 +439,7 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
 
     body = deferred_step if defer_reduction else step
     rows = (part_rows if fmt == "int4" else block_k) if defer_reduction else None
-    acc = jnp.zeros((rows, block_n) if rows else (block_n,), jnp.float32)
-    if prefetch:
-        acc = double_buffered_loop(steps, load, body, acc)
-    else:
-        acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
+    acc = step_loop(steps, load, body, jnp.zeros((rows, block_n) if rows else (block_n,), jnp.float32), prefetch)
     if defer_reduction:
         acc = jnp.sum(acc, axis=0)
     if fmt == "int8":
@@ -479,14 +475,19 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
             return multiply_add(x, w, acc, fma)
         return acc + jnp.sum(x * w, axis=1)
 
-    acc = jnp.zeros((block_n, block_k) if defer_reduction else (block_n,), jnp.float32)
-    if prefetch:
-        acc = double_buffered_loop(steps, load, body, acc)
-    else:
-        acc = lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
+    acc = step_loop(steps, load, body, jnp.zeros((block_n, block_k) if defer_reduction else (block_n,), jnp.float32),
+                    prefetch)
     if defer_reduction:
         acc = jnp.sum(acc, axis=1)
     o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
+
+
+def step_loop(steps: int, load, body, acc, prefetch: int):
+    """``acc = body(i, acc, load(i))`` for ``i < steps``: each step's loads issued a step ahead of its arithmetic
+    (``double_buffered_loop``) when ``prefetch``, else just before it (a ``fori_loop``)."""
+    if prefetch:
+        return double_buffered_loop(steps, load, body, acc)
+    return lax.fori_loop(0, steps, lambda i, acc: body(i, acc, load(i)), acc)
 
 
 def double_buffered_loop(steps: int, load, body, acc):

@@ -83,10 +83,7 @@ def _kernel(x_ref, w_ref, scale_ref, o_ref, *, kind, layout, block_k, block_n, s
             w, x = loaded if kind == "gemv-x" else (loaded, x_ref[0, pl.ds(k_start(i), block_k)])
             return acc + x.astype(jnp.float32)[:, None] * qmm._integers_as_f32(w, "int8", convert)
         acc = jnp.zeros((block_k, block_n), jnp.float32)
-    if prefetch:
-        acc = qmm.double_buffered_loop(steps, load, body, acc)
-    else:
-        acc = lax.fori_loop(0, steps, lambda i, a: body(i, a, load(i)), acc)
+    acc = qmm.step_loop(steps, load, body, acc, prefetch)
     total = jnp.sum(acc.astype(jnp.float32) if kind == "read" else acc, axis=0)
     if kind.startswith("gemv"):
         total = total * scale_ref[cols].astype(jnp.float32)

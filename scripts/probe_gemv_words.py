@@ -59,7 +59,7 @@ def pack_words(values: jax.Array, fmt: str, block_rows: int) -> jax.Array:
 
 
 def _kernel(x_ref, w_ref, *refs, fmt, block_n, R, steps, group_size, prefetch):
-    """``prefetch``: each step's loads issued a step ahead (``quantized_matmul.double_buffered_loop``), so a
+    """``prefetch``: each step's loads issued a step ahead (``quantized_matmul.step_loop``), so a
     program keeps loads in flight without Triton's pipeliner."""
     o_ref = refs[-1]
     bits = BITS[fmt]
@@ -97,10 +97,7 @@ def _kernel(x_ref, w_ref, *refs, fmt, block_n, R, steps, group_size, prefetch):
         return part
 
     acc = jnp.zeros((R, block_n), jnp.float32)
-    if prefetch:
-        acc = qmm.double_buffered_loop(steps, lambda i: fetch(first + i), lambda i, a, f: compute(first + i, a, f), acc)
-    else:
-        acc = lax.fori_loop(0, steps, lambda i, a: compute(first + i, a, fetch(first + i)), acc)
+    acc = qmm.step_loop(steps, lambda i: fetch(first + i), lambda i, a, f: compute(first + i, a, f), acc, prefetch)
     acc = jnp.sum(acc, axis=0)
     if fmt == "int8":
         acc = acc * refs[0][cols].astype(jnp.float32)
