@@ -62,6 +62,7 @@ _EXPORTS = {
     "SamplingParams": "engine.sampling_params",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
+    "RequestOutputKind": "engine.outputs",
     "EngineArgs": "engine.engine_args",
     "LLMEngine": "engine.llm_engine",
     "AsyncLLM": "engine.async_llm",

@@ -15,7 +15,7 @@ import threading
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, RequestOutputKind
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedjax")
@@ -36,8 +36,12 @@ class NewRequest(NamedTuple):
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine):
+    """``after_step``: called in the loop's thread after each step, still between steps (the engine process
+    sends a step's outputs up its pipe together)."""
+
+    def __init__(self, engine: LLMEngine, after_step: Optional[Callable[[], None]] = None):
         self.engine = engine
+        self._after_step = after_step
         self._cond = threading.Condition(threading.RLock())
         # Callers waiting for the lock; the loop yields to them between steps. Without this the
         # loop re-takes the lock right after each step and a caller can wait many seconds.
@@ -66,14 +70,16 @@ class EngineLoop:
         return str(next(self._ids))
 
     def add_request(self, request_id: str, prompt, params: Optional[SamplingParams], *, priority: int = 0,
-                    on_output: OnOutput, on_error: OnError, final_only: bool = False) -> None:
+                    on_output: OnOutput, on_error: OnError,
+                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
         """Queue a request; raises (ValueError etc.) in the caller's thread when it is invalid.
-        ``final_only``: ``on_output`` is called once, when the request finished."""
+        ``output_kind``: what each output carries (``RequestOutputKind``; ``FINAL_ONLY``: ``on_output`` is called
+        once, when the request finished)."""
         with self._between_steps():
             if not self._running:
                 raise RuntimeError("the engine loop has been shut down")
             self.engine.add_request(request_id, prompt, params, priority=priority,
-                                    on_output=self._wrap(request_id, on_output), final_only=final_only)
+                                    on_output=self._wrap(request_id, on_output), output_kind=output_kind)
             self._error_callbacks[request_id] = on_error
 
     def _wrap(self, request_id: str, on_output: OnOutput) -> OnOutput:
@@ -84,16 +90,17 @@ class EngineLoop:
 
         return deliver
 
-    def add_requests(self, requests: Sequence[NewRequest], *, final_only: bool = False) -> None:
+    def add_requests(self, requests: Sequence[NewRequest], *,
+                     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
         """Queue requests between the same two steps, so the first step sees them all (as in vLLM), all or none: if
-        one is refused (its ValueError raised here), those already queued are aborted. ``final_only``: as
+        one is refused (its ValueError raised here), those already queued are aborted. ``output_kind``: as
         ``add_request``'s."""
         with self._between_steps():
             added = []
             try:
                 for r in requests:
                     self.add_request(r.request_id, r.prompt, r.params, priority=r.priority, on_output=r.on_output,
-                                     on_error=r.on_error, final_only=final_only)
+                                     on_error=r.on_error, output_kind=output_kind)
                     added.append(r.request_id)
             except BaseException:
                 for request_id in added:
@@ -137,6 +144,8 @@ class EngineLoop:
                 except Exception as exc:  # a failed step must not leave callers waiting forever
                     logger.exception("engine step failed; failing the requests in flight")
                     self._fail_all(exc)
+                if self._after_step is not None:
+                    self._after_step()
 
     def _fail_all(self, exc: BaseException) -> None:
         callbacks, self._error_callbacks = self._error_callbacks, {}

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, RequestOutputKind
 from engine.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict]
@@ -103,7 +103,7 @@ class LLM:
         self._loop.add_requests([
             NewRequest(self._loop.new_request_id(), prompt, params, _resolve_when_finished(future), _fail(future),
                        priority[i] if priority else 0)
-            for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))], final_only=True)
+            for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))], output_kind=RequestOutputKind.FINAL_ONLY)
         with tqdm(total=len(futures), desc="Generating", disable=not use_tqdm, unit="req") as bar:
             for _ in concurrent.futures.as_completed(futures):
                 bar.update(1)
@@ -136,14 +136,15 @@ class LLM:
 
     def submit(self, prompt: Union[str, list[int]], sampling_params: Optional[SamplingParams] = None, *,
                on_output: Callable[[RequestOutput], None], on_error: Callable[[BaseException], None],
-               priority: int = 0) -> str:
-        """Start one request without waiting: ``on_output`` gets its cumulative output after every
-        step that adds a token (on the engine's thread: keep it short), ``on_error`` the exception
-        that ends it. Returns the request id (for ``abort``). ``generate`` is built on the same loop."""
+               priority: int = 0, output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> str:
+        """Start one request without waiting: ``on_output`` gets its output after every step that adds a
+        token (on the engine's thread: keep it short; cumulative unless ``output_kind`` says otherwise),
+        ``on_error`` the exception that ends it. Returns the request id (for ``abort``). ``generate`` is built
+        on the same loop."""
         self._check_prompts([prompt])
         request_id = self._loop.new_request_id()
         self._loop.add_request(request_id, prompt, sampling_params or SamplingParams(), priority=priority,
-                               on_output=on_output, on_error=on_error)
+                               on_output=on_output, on_error=on_error, output_kind=output_kind)
         return request_id
 
     def abort(self, request_id: str) -> None:

@@ -22,7 +22,7 @@ from engine.compile_timer import CompileTimer
 from engine.detokenizer import IncrementalDetokenizer, check_stop
 from engine.engine_args import (EngineArgs, memory_outside_arrays, num_kv_blocks, resolve_kv_cache_dtype,
                                 sizes_kv_from_memory)
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
 from engine.request import Request, RequestStatus
 from engine.runner import PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork, enable_compilation_cache
 from engine.sampler import build_sampling_metadata
@@ -54,6 +54,10 @@ class _Sample:
     finish_reason: Optional[str] = None
     stop_reason: object = None
     text: str = ""
+    # What the request's outputs have handed out of this sample (RequestOutputKind.DELTA sends the rest).
+    tokens_sent: int = 0
+    text_sent: int = 0
+    logprobs_sent: int = 0
 
 
 @dataclasses.dataclass
@@ -79,7 +83,8 @@ class _RequestGroup:
     max_output_tokens: int  # params.max_output_tokens for this prompt, computed once (checked every step)
     first_token_time: Optional[float] = None
     aborted: bool = False  # some sample's finish_reason is "abort"
-    final_only: bool = False  # hand out only the finished output (vLLM's RequestOutputKind.FINAL_ONLY)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    first_output: bool = True  # DELTA: the prompt goes out with the first output only
 
     @property
     def finished(self) -> bool:
@@ -219,11 +224,13 @@ class LLMEngine:
         *,
         priority: int = 0,
         on_output: Optional[Callable[[RequestOutput], None]] = None,
-        final_only: bool = False,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
     ) -> None:
         """Validate and queue a request; errors are raised here, before anything is queued.
-        ``final_only``: no output (callback or ``step()`` result) until the request finishes, as
-        ``LLM.generate`` wants: building every running request's output every step is host time."""
+        ``output_kind`` (``engine.outputs.RequestOutputKind``): what each output carries. ``FINAL_ONLY`` gives no
+        output (callback or ``step()`` result) until the request finishes, as ``LLM.generate`` wants: building
+        every running request's output every step is host time; ``DELTA`` gives what changed, as the engine
+        process sends across its pipe."""
         params = params if params is not None else SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -242,7 +249,7 @@ class LLMEngine:
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         group = _RequestGroup(request_id, text, prompt_ids, params, [], on_output, now,
                               max_output_tokens=params.max_output_tokens(len(prompt_ids), self.max_model_len),
-                              final_only=final_only)
+                              output_kind=output_kind)
         sample = self._new_sample(group, request_id, base_seed, now, priority)
         group.samples.append(sample)
         self.scheduler.add_request(sample.request)
@@ -442,7 +449,7 @@ class LLMEngine:
             if finished:  # before the output goes out: a caller woken by it sees the engine without it
                 del self._groups[group.request_id]
                 self._forget_samples(group)
-            elif group.final_only and not group.aborted:
+            elif group.output_kind is RequestOutputKind.FINAL_ONLY and not group.aborted:
                 continue
             outputs.append(self._emit(group, finished))
         return outputs
@@ -503,29 +510,63 @@ class LLMEngine:
                 self.scheduler.finish_request(request.request_id, status)
 
     def _emit(self, group: _RequestGroup, finished: Optional[bool] = None) -> RequestOutput:
-        """Build the group's cumulative output and hand it to ``on_output``; ``finished``: ``group.finished``
-        when the caller has it already."""
+        """Build the group's output (cumulative, or the delta since its last) and hand it to ``on_output``;
+        ``finished``: ``group.finished`` when the caller has it already."""
         finished = group.finished if finished is None else finished
-        completions = [
-            CompletionOutput(index=i, text=s.text, token_ids=_known_tokens(s.request.output_token_ids),
-                             cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                             logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
-            for i, s in enumerate(group.samples)
-        ]
-        output = RequestOutput(request_id=group.request_id, prompt=group.prompt,
-                               prompt_token_ids=group.prompt_token_ids, outputs=completions,
-                               finished=finished or group.aborted)
+        holdback = group.params.output_text_buffer_length
+        if group.output_kind is RequestOutputKind.DELTA:
+            completions = [_delta_completion(i, s, holdback) for i, s in enumerate(group.samples)]
+            prompt, prompt_token_ids = ((group.prompt, group.prompt_token_ids) if group.first_output
+                                        else (None, None))
+            group.first_output = False
+        else:
+            completions = [
+                CompletionOutput(index=i, text=s.text[:_text_end(s, holdback)],
+                                 token_ids=s.request.output_token_ids[:_known_end(s.request.output_token_ids)],
+                                 cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                                 logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+                for i, s in enumerate(group.samples)
+            ]
+            prompt, prompt_token_ids = group.prompt, group.prompt_token_ids
+        output = RequestOutput(request_id=group.request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
+                               outputs=completions, finished=finished or group.aborted)
         if group.on_output is not None:
             group.on_output(output)
         return output
 
 
-def _known_tokens(output_token_ids: list[int]) -> list[int]:
-    """A copy of the outputs without the tokens of a step still in flight (always the last, if any)."""
+def _text_end(sample: _Sample, holdback: int) -> int:
+    """How much of the sample's text an output may show: all of it once finished, less the last ``holdback``
+    characters while running (they may begin a stop string; ``RequestOutputKind``)."""
+    if not holdback or sample.finish_reason is not None:
+        return len(sample.text)
+    return max(0, len(sample.text) - holdback)
+
+
+def _delta_completion(index: int, sample: _Sample, holdback: int) -> CompletionOutput:
+    """What ``sample`` has that its request's outputs have not handed out yet (``RequestOutputKind.DELTA``).
+    Tokens and logprobs entries only ever append, and the held-back text makes text only grow."""
+    tokens = sample.request.output_token_ids
+    tokens_end = _known_end(tokens)
+    text_end = max(sample.text_sent, _text_end(sample, holdback))
+    logprobs = sample.logprobs
+    completion = CompletionOutput(
+        index=index, text=sample.text[sample.text_sent:text_end], token_ids=tokens[sample.tokens_sent:tokens_end],
+        cumulative_logprob=sample.cumulative_logprob if logprobs is not None else None,
+        logprobs=None if logprobs is None else logprobs[sample.logprobs_sent:],
+        finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
+    sample.tokens_sent, sample.text_sent = tokens_end, text_end
+    sample.logprobs_sent = 0 if logprobs is None else len(logprobs)
+    return completion
+
+
+def _known_end(output_token_ids: list[int]) -> int:
+    """How many of the outputs are known: all but the tokens of a step still in flight (always the last, if
+    any)."""
     end = len(output_token_ids)
     while end and output_token_ids[end - 1] == PENDING_TOKEN:
         end -= 1
-    return output_token_ids[:end]
+    return end
 
 
 def _pending(s: ScheduledSequence):

@@ -6,7 +6,27 @@ Plain data; knows nothing of scheduling or devices.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Optional
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output of a request carries (vLLM's ``RequestOutputKind``).
+
+    - ``CUMULATIVE``: everything so far, every step the request advances;
+    - ``DELTA``: only what is new since the request's previous output (its tokens, text and logprobs entries;
+      ``cumulative_logprob``, ``finish_reason`` and ``stop_reason`` as they stand), every step it advances;
+      the prompt on the first output only;
+    - ``FINAL_ONLY``: one cumulative output, when the request finishes.
+
+    While a request runs, its text holds back the last ``SamplingParams.output_text_buffer_length`` characters
+    (the start of a stop string may be among them, to be cut), so what an output says is never taken back and
+    the ``DELTA`` outputs joined are the final output.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclasses.dataclass

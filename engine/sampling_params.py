@@ -113,7 +113,7 @@ class SamplingParams:
 
     @property
     def output_text_buffer_length(self) -> int:
-        """Characters a streaming caller must hold back until the request finishes.
+        """Characters a running request's outputs hold back until it finishes (``RequestOutputKind``).
 
         A stop string may arrive split over several tokens and must then vanish
         from the output, so its first ``len(stop) - 1`` characters cannot be sent

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from engine.engine_args import EngineArgs  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.outputs import RequestOutputKind  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,17 +86,18 @@ class DeviceTimer:
 
 
 def add_batch(engine: LLMEngine, rng: np.random.Generator, prefix: str, num_seqs: int, prompt_len: int,
-              params: SamplingParams, final_only: bool = False) -> None:
+              params: SamplingParams, output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
     vocab = engine.model_config.vocab_size
     for i in range(num_seqs):
         prompt = rng.integers(3, vocab, prompt_len).tolist()  # no bos/eos ids
-        engine.add_request(f"{prefix}{i}", prompt, params, final_only=final_only)
+        engine.add_request(f"{prefix}{i}", prompt, params, output_kind=output_kind)
 
 
 def run(engine: LLMEngine, timer: DeviceTimer, *, num_seqs: int, prompt_len: int, max_tokens: int,
-        params: SamplingParams, prefix: str, profiler: cProfile.Profile | None = None, final_only: bool = False) -> dict:
+        params: SamplingParams, prefix: str, profiler: cProfile.Profile | None = None,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> dict:
     """Add ``num_seqs`` requests, step to the end; time the steps where every sequence decodes."""
-    add_batch(engine, np.random.default_rng(0), prefix, num_seqs, prompt_len, params, final_only)
+    add_batch(engine, np.random.default_rng(0), prefix, num_seqs, prompt_len, params, output_kind)
     host, device, dispatch, host_cpu = [], [], [], []
     while engine.has_unfinished_requests():
         all_decode = (engine.scheduler.num_running == num_seqs
@@ -126,8 +128,11 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, nargs="+", default=[128, 1000])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--penalties", action="store_true", help="repetition/presence/frequency penalties on")
-    parser.add_argument("--final-only", action="store_true",
-                        help="requests hand out only their finished output (as LLM.generate's do)")
+    parser.add_argument("--output-kind", choices=[k.name.lower() for k in RequestOutputKind], default="cumulative",
+                        help="what the requests' outputs carry: everything every step, what changed (as the engine "
+                             "process asks for), or the finished output only (as LLM.generate asks for)")
+    parser.add_argument("--final-only", dest="output_kind", action="store_const", const="final_only",
+                        help="short for --output-kind final_only")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="also print the N functions with the most own time over the decode steps")
     args = parser.parse_args()
@@ -139,13 +144,14 @@ def main() -> None:
                                       max_num_seqs=args.num_seqs, max_num_batched_tokens=8192,
                                       num_gpu_blocks_override=20000, block_size=16), skip_tokenizer_init=True)
     timer = DeviceTimer(engine.runner)
+    output_kind = RequestOutputKind[args.output_kind.upper()]
     for prompt_len in args.prompt_len:
         # Warm-up: compiles the prefill and decode buckets of this prompt length.
         run(engine, timer, num_seqs=args.num_seqs, prompt_len=prompt_len, max_tokens=args.max_tokens,
             params=params, prefix=f"warm{prompt_len}-")
         profiler = cProfile.Profile() if args.cprofile else None
         result = run(engine, timer, num_seqs=args.num_seqs, prompt_len=prompt_len, max_tokens=args.max_tokens,
-                     params=params, prefix=f"run{prompt_len}-", profiler=profiler, final_only=args.final_only)
+                     params=params, prefix=f"run{prompt_len}-", profiler=profiler, output_kind=output_kind)
         print(f"prompt {prompt_len:5d}, {result['num_seqs']} seqs, {result['decode_steps']} decode steps: "
               f"host {result['host_ms_median']:.2f} ms/step (mean {result['host_ms_mean']:.2f}; "
               f"CPU time of the engine thread {result['host_cpu_ms_median']:.2f}), "

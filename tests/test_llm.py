@@ -7,8 +7,10 @@ bad input is refused without disturbing other requests.
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
+import pickle
 import threading
 
 import numpy as np
@@ -202,6 +204,68 @@ def test_submit_streams_each_token_and_ends_with_generates_output(llm, alone):
     with pytest.raises(ValueError, match="max_model_len"):
         llm.submit([1] * 300, GREEDY, on_output=on_output, on_error=errors.append)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def _stream(llm, prompt, params, output_kind):
+    """Submit one request; the list its outputs go into and an event set when it ends."""
+    outputs, done = [], threading.Event()
+
+    def on_output(output):
+        outputs.append(copy.deepcopy(output))  # a cumulative output shares the engine's logprobs list
+        if output.finished:
+            done.set()
+
+    llm.submit(prompt, params, on_output=on_output, on_error=lambda exc: (outputs.append(exc), done.set()),
+               output_kind=output_kind)
+    return outputs, done
+
+
+def _straddling_stop(texts: list[str]) -> tuple[str, int]:
+    """From the texts of successive outputs, one token a step: a stop string that starts 2 characters before a
+    token's text ends and ends 2 characters into the next token's, and where it starts."""
+    full = texts[-1]
+    for before, at, after in zip(texts, texts[1:], texts[2:]):
+        end = len(at)
+        if end - len(before) >= 2 and len(after) - end >= 2 and full.find(full[end - 2:end + 2]) == end - 2:
+            return full[end - 2:end + 2], end - 2
+    raise AssertionError(f"no token boundary to put a stop string across in {full!r}")
+
+
+def test_delta_outputs_join_into_the_cumulative_ones_and_no_output_takes_text_back(llm):
+    """Each ``RequestOutputKind`` on the same requests: deltas (through the engine process's encoding and a
+    pickle) rebuild the cumulative outputs; the final-only output is the last cumulative one; while a request runs
+    no output shows text that a stop string split across tokens later cuts (vLLM's hold-back)."""
+    from engine import RequestOutputKind
+    from engine.output_deltas import DeltaDecoder, encode
+
+    outputs, done = _stream(llm, PROMPTS[1], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                            RequestOutputKind.CUMULATIVE)
+    assert done.wait(120)
+    stop, cut = _straddling_stop([o.outputs[0].text for o in outputs])
+    cases = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop], logprobs=2),
+             SamplingParams(temperature=0.8, seed=11, n=2, max_tokens=10, ignore_eos=True, logprobs=1)]
+    for params in cases:
+        runs = {kind: _stream(llm, PROMPTS[1], params, kind) for kind in RequestOutputKind}
+        for _, done in runs.values():
+            assert done.wait(120)
+        cumulative, deltas, final = (runs[kind][0] for kind in RequestOutputKind)
+        decoder = DeltaDecoder()
+        rebuilt = [decoder.decode(d.request_id, pickle.loads(pickle.dumps(encode(d)))) for d in deltas]
+        last = cumulative[-1]
+        assert len(final) == 1 and final[0].outputs == last.outputs
+        assert rebuilt[-1].outputs == last.outputs and rebuilt[-1].finished
+        assert rebuilt[-1].prompt == last.prompt == PROMPTS[1] and rebuilt[-1].prompt_token_ids == last.prompt_token_ids
+        assert all(d.prompt is None and d.prompt_token_ids is None for d in deltas[1:])
+        assert len(last.outputs) == params.n
+        for i, completion in enumerate(last.outputs):
+            assert len(completion.logprobs) == len(completion.token_ids)
+            for o in cumulative + rebuilt:  # no output says what a later one takes back
+                if len(o.outputs) > i:
+                    assert completion.text.startswith(o.outputs[i].text)
+                    assert completion.token_ids[:len(o.outputs[i].token_ids)] == o.outputs[i].token_ids
+        if params.stop:
+            assert (last.outputs[0].finish_reason, last.outputs[0].stop_reason) == ("stop", stop)
+            assert len(last.outputs[0].text) == cut and len(cumulative) > 2
 
 
 def test_unrolled_layers_with_per_layer_kv_buffers_match_the_scan(tmp_path):
@@ -513,22 +577,25 @@ def test_engine_asks_for_fixed_address_temporaries_on_cuda(installed, gpus, envi
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_final_only_requests_hand_out_one_output_equal_to_the_last_streamed(tmp_path, async_scheduling):
-    """``add_request(final_only=True)`` (what ``LLM.generate`` asks for): one output, when finished, the
+def test_final_only_and_delta_requests_hand_out_what_the_streamed_one_did(tmp_path, async_scheduling):
+    """``RequestOutputKind.FINAL_ONLY`` (what ``LLM.generate`` asks for): one output, when finished, the
     same as the last of a streamed request's outputs; nothing from it in ``step()`` before that; an
-    abort still hands its output out."""
-    from engine import EngineArgs, LLMEngine
+    abort still hands its output out. ``DELTA``: an output with each streamed one, its new tokens only."""
+    from engine import EngineArgs, LLMEngine, RequestOutputKind
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     write_tiny_checkpoint(tmp_path, "llama", seed=3)
     engine = LLMEngine(EngineArgs(model=str(tmp_path), dtype="float32", max_model_len=64,
                                   async_scheduling=async_scheduling), skip_tokenizer_init=True)
-    seen = {"streamed": [], "final": [], "aborted": []}
+    seen = {"streamed": [], "final": [], "aborted": [], "delta": []}
     params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
     engine.add_request("streamed", [5, 6, 7, 8], params, on_output=seen["streamed"].append)
-    engine.add_request("final", [5, 6, 7, 8], params, on_output=seen["final"].append, final_only=True)
+    engine.add_request("final", [5, 6, 7, 8], params, on_output=seen["final"].append,
+                       output_kind=RequestOutputKind.FINAL_ONLY)
+    engine.add_request("delta", [5, 6, 7, 8], params, on_output=seen["delta"].append,
+                       output_kind=RequestOutputKind.DELTA)
     engine.add_request("aborted", [9, 10], SamplingParams(max_tokens=30), on_output=seen["aborted"].append,
-                       final_only=True)
+                       output_kind=RequestOutputKind.FINAL_ONLY)
     stepped = []
     for i in range(100):
         if i == 3:
@@ -542,6 +609,9 @@ def test_final_only_requests_hand_out_one_output_equal_to_the_last_streamed(tmp_
     assert len(final.outputs[0].token_ids) == 7 and final.outputs[0].finish_reason == "length"
     assert seen["aborted"][0].finished and seen["aborted"][0].outputs[0].finish_reason == "abort"
     assert [o.finished for o in stepped if o.request_id == "final"] == [True]
+    streamed_tokens = [o.outputs[0].token_ids for o in seen["streamed"]]
+    assert [sum((d.outputs[0].token_ids for d in seen["delta"][:k + 1]), []) for k in range(len(seen["delta"]))] \
+        == streamed_tokens
 
 
 @pytest.mark.parametrize("workers,steps", [("1", 1), ("3", 1), ("2", 4)])

@@ -1,4 +1,5 @@
-"""The engine process's output deltas: what the parent rebuilds equals what the engine emitted, every step."""
+"""The engine process's output deltas: what the parent rebuilds from the pipe equals the cumulative outputs, every
+step (the engine's own ``RequestOutputKind.DELTA`` against ``CUMULATIVE`` is in tests/test_llm.py)."""
 
 from __future__ import annotations
 
@@ -7,56 +8,48 @@ import pickle
 
 import numpy as np
 
-from engine.output_deltas import DeltaDecoder, DeltaEncoder
+from engine.output_deltas import DeltaDecoder, encode
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 
 
-def emitted_outputs(rng, steps: int, n: int, with_logprobs: bool):
-    """Cumulative outputs as the engine emits them: n completions growing a token (and some text) a step, their
-    first character and token revised once midway (the encoder must not rely on pure growth), the last output
-    finished with the first completion's text cut at a stop string."""
-    tokens = [[] for _ in range(n)]
-    texts = [""] * n
-    logprobs = [[] for _ in range(n)]
+def cumulative_and_delta_outputs(rng, steps: int, n: int, with_logprobs: bool):
+    """``(cumulative, delta)`` output pairs as the engine would emit them: n completions growing by zero or more
+    tokens, characters and logprobs entries a step, the last one finished."""
+    tokens, texts, logprobs = [[] for _ in range(n)], [""] * n, [[] for _ in range(n)]
     for step in range(steps):
         last = step == steps - 1
-        completions = []
+        cumulative, delta = [], []
         for i in range(n):
-            token = int(rng.integers(0, 1000))
-            tokens[i].append(token)
-            texts[i] += "".join(rng.choice(list("ab c\u00e9"), size=int(rng.integers(0, 4))))
-            logprobs[i].append({token: Logprob(-float(rng.random()), 1, str(token))})
-            if last and i == 0:
-                texts[i] = texts[i][: len(texts[i]) // 2]  # a stop string cut the text
-            if step == steps // 2 and texts[i] and tokens[i]:  # an earlier character and token revised
-                texts[i] = "X" + texts[i][1:]
-                tokens[i][0] += 1
-            completions.append(CompletionOutput(
-                index=i, text=texts[i], token_ids=list(tokens[i]),
-                cumulative_logprob=-float(step) if with_logprobs else None,
-                logprobs=logprobs[i] if with_logprobs else None,  # the engine's live list, as _emit passes it
-                finish_reason="stop" if last else None, stop_reason="x" if last else None))
-        yield RequestOutput(request_id="r", prompt="a prompt", prompt_token_ids=[1, 2, 3], outputs=completions,
-                            finished=last)
+            new_tokens = rng.integers(0, 1000, int(rng.integers(0, 3))).tolist()
+            new_text = "".join(rng.choice(list("ab c\u00e9"), size=int(rng.integers(0, 4))))
+            new_logprobs = [{t: Logprob(-float(rng.random()), 1, str(t))} for t in new_tokens]
+            tokens[i], texts[i], logprobs[i] = tokens[i] + new_tokens, texts[i] + new_text, logprobs[i] + new_logprobs
+            common = dict(index=i, cumulative_logprob=-float(step) if with_logprobs else None,
+                          finish_reason="stop" if last else None, stop_reason="x" if last else None)
+            cumulative.append(CompletionOutput(text=texts[i], token_ids=tokens[i],
+                                               logprobs=logprobs[i] if with_logprobs else None, **common))
+            delta.append(CompletionOutput(text=new_text, token_ids=new_tokens,
+                                          logprobs=new_logprobs if with_logprobs else None, **common))
+        first = step == 0
+        yield (RequestOutput(request_id="r", prompt="a prompt", prompt_token_ids=[1, 2, 3], outputs=cumulative,
+                             finished=last),
+               RequestOutput(request_id="r", prompt="a prompt" if first else None,
+                             prompt_token_ids=[1, 2, 3] if first else None, outputs=delta, finished=last))
 
 
-def test_decoded_outputs_equal_the_emitted_ones_and_stay_as_delivered():
+def test_decoded_outputs_equal_the_cumulative_ones_and_stay_as_delivered():
     rng = np.random.default_rng()
     for n, with_logprobs in ((1, False), (3, True)):
-        encoder, decoder, delivered, expected = DeltaEncoder(), DeltaDecoder(), [], []
-        for output in emitted_outputs(rng, steps=20, n=n, with_logprobs=with_logprobs):
-            expected.append(copy.deepcopy(output))
-            delta = pickle.loads(pickle.dumps(encoder.encode(output)))  # as the pipe carries it
-            delivered.append(decoder.decode("r", delta))
+        decoder, delivered, expected = DeltaDecoder(), [], []
+        for cumulative, delta in cumulative_and_delta_outputs(rng, steps=20, n=n, with_logprobs=with_logprobs):
+            expected.append(copy.deepcopy(cumulative))
+            delivered.append(decoder.decode("r", pickle.loads(pickle.dumps(encode(delta)))))  # as the pipe carries it
             assert delivered[-1] == expected[-1]
         assert delivered == expected  # earlier outputs did not change as later ones were rebuilt
-        assert expected[0].prompt == "a prompt" and delivered[-1].prompt_token_ids == [1, 2, 3]
+        assert delivered[-1].prompt == "a prompt" and delivered[-1].prompt_token_ids == [1, 2, 3]
 
 
-def test_a_delta_carries_the_prompt_once_and_only_the_new_tokens():
-    rng = np.random.default_rng(0)
-    encoder = DeltaEncoder()
-    deltas = [encoder.encode(o) for o in emitted_outputs(rng, steps=5, n=1, with_logprobs=False)]
+def test_only_the_first_delta_carries_the_prompt():
+    deltas = [encode(d) for _, d in cumulative_and_delta_outputs(np.random.default_rng(0), steps=4, n=1,
+                                                                 with_logprobs=False)]
     assert deltas[0][1] == ("a prompt", [1, 2, 3]) and all(d[1] is None for d in deltas[1:])
-    # one new token a step; all three at step 2, whose first token was revised
-    assert [(d[2][0][1], len(d[2][0][2])) for d in deltas] == [(0, 1), (1, 1), (0, 3), (3, 1), (4, 1)]

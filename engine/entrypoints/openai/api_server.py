@@ -8,8 +8,8 @@ with SSE streaming), GET /health, GET /version, GET /metrics (Prometheus).
 
 Owns the translation between OpenAI's wire format (``protocol``) and the engine's
 ``SamplingParams`` / ``RequestOutput``: prompt tokenization and length checks,
-streamed deltas (holding back ``output_text_buffer_length`` characters so a stop
-string is never sent), logprobs in the completions and chat formats, usage, and
+streamed deltas (the engine's outputs hold back what a stop string may still cut,
+so none is sent), logprobs in the completions and chat formats, usage, and
 OpenAI-style error bodies. Generation itself is ``AsyncLLM``'s; metrics are
 ``ServingMetrics``'. Every request, good or bad, is answered; none stops the server.
 """
@@ -311,7 +311,6 @@ class OpenAIServing:
         created = int(time.time())
         states: dict[int, _ChoiceState] = {}
         finals: dict[int, RequestOutput] = {}
-        holdback = params.output_text_buffer_length
         async for p, output in merge_streams(streams):
             finals[p] = output
             choices = []
@@ -326,7 +325,7 @@ class OpenAIServing:
                     if req.echo:
                         prefix = prompts[p].text or ""
                         state.text_offset = len(prefix)
-                delta = _text_delta(completion, state, holdback)
+                delta = _text_delta(completion, state)
                 logprobs = None
                 if req.logprobs is not None:
                     logprobs = CompletionLogprobs()
@@ -388,7 +387,6 @@ class OpenAIServing:
                            req: ChatCompletionRequest) -> AsyncIterator[str]:
         created = int(time.time())
         states: dict[int, _ChoiceState] = {}
-        holdback = params.output_text_buffer_length
         final: Optional[RequestOutput] = None
 
         def chunk(choices: list[ChatCompletionChunkChoice], usage: Optional[UsageInfo] = None) -> str:
@@ -406,7 +404,7 @@ class OpenAIServing:
                     state.started = True
                     yield chunk([ChatCompletionChunkChoice(index=completion.index,
                                                            delta=ChatDelta(role="assistant", content=""))])
-                delta = _text_delta(completion, state, holdback)
+                delta = _text_delta(completion, state)
                 logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
                 state.tokens_sent = len(completion.token_ids)
                 state.finished = completion.finish_reason is not None
@@ -487,13 +485,11 @@ def _refuse_unsupported(req) -> None:
         raise bad_request(f"{unsupported[0]} is not supported by this server", param=unsupported[0])
 
 
-def _text_delta(completion: CompletionOutput, state: _ChoiceState, holdback: int) -> str:
-    """New text since the last chunk; while running, the last ``holdback`` characters wait
-    (they may be the start of a stop string that will be cut)."""
-    text = completion.text
-    end = len(text) if completion.finish_reason is not None else max(state.text_sent, len(text) - holdback)
-    delta = text[state.text_sent:end]
-    state.text_sent = end
+def _text_delta(completion: CompletionOutput, state: _ChoiceState) -> str:
+    """New text since the last chunk. The engine's outputs never take text back: while a request runs they hold
+    back what a stop string may still cut (``RequestOutputKind``)."""
+    delta = completion.text[state.text_sent:]
+    state.text_sent = len(completion.text)
     return delta
 
 
