@@ -576,8 +576,9 @@ def test_engine_asks_for_fixed_address_temporaries_on_cuda(installed, gpus, envi
     assert printed_allocator == repr(allocator) and printed_flags == flags
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_final_only_and_delta_requests_hand_out_what_the_streamed_one_did(tmp_path, async_scheduling):
+@pytest.mark.parametrize("async_scheduling,num_scheduler_steps", [(False, 1), (True, 1), (True, 4)])
+def test_final_only_and_delta_requests_hand_out_what_the_streamed_one_did(tmp_path, async_scheduling,
+                                                                          num_scheduler_steps):
     """``RequestOutputKind.FINAL_ONLY`` (what ``LLM.generate`` asks for): one output, when finished, the
     same as the last of a streamed request's outputs; nothing from it in ``step()`` before that; an
     abort still hands its output out. ``DELTA``: an output with each streamed one, its new tokens only."""
@@ -586,7 +587,8 @@ def test_final_only_and_delta_requests_hand_out_what_the_streamed_one_did(tmp_pa
 
     write_tiny_checkpoint(tmp_path, "llama", seed=3)
     engine = LLMEngine(EngineArgs(model=str(tmp_path), dtype="float32", max_model_len=64,
-                                  async_scheduling=async_scheduling), skip_tokenizer_init=True)
+                                  async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps),
+                       skip_tokenizer_init=True)
     seen = {"streamed": [], "final": [], "aborted": [], "delta": []}
     params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
     engine.add_request("streamed", [5, 6, 7, 8], params, on_output=seen["streamed"].append)
