@@ -11,7 +11,7 @@ import os
 # use what the allocator does not own: with that default gpu_memory_utilization=0.9 held 67.5%
 # of an H200 (benchmarks/NOTES.md, run 10). A larger pool is asked for here, before any device
 # is touched (the fraction is read when JAX starts its GPU backend); a value the user set wins.
-# engine.engine_args.device_memory_budget sizes from the fraction in effect.
+# engine.device_memory.device_memory_budget sizes from the fraction in effect.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 # XLA runs a step's kernels as CUDA graphs and re-records a graph (~1-2 ms of host time for the 8B's ~580

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Protocol, S
 
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
-from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -96,10 +95,12 @@ class AsyncLLM:
                          engine_process: bool = False) -> "AsyncLLM":
         """``engine_process``: run the engine loop in a child process (``engine.engine_process``), so the
         event loop's work never holds up the engine's (one GIL each)."""
-        if engine_process:
+        if engine_process:  # this process then never imports JAX
             from engine.engine_process import EngineProcess
 
             return cls(EngineProcess(args), stat_loggers)
+        from engine.llm_engine import LLMEngine
+
         return cls(EngineLoop(LLMEngine(args)), stat_loggers)
 
     # -- what the server reads ------------------------------------------------------------

@@ -12,11 +12,13 @@ import contextlib
 import itertools
 import logging
 import threading
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence, Union
 
-from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, RequestOutputKind
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the engine process's parent uses this module's types without JAX (engine.engine_process)
+    from engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("pagedjax")
 

@@ -33,6 +33,7 @@ import logging
 import multiprocessing
 import pickle
 import queue
+import signal
 import threading
 from typing import Any, Callable, Optional, Sequence
 
@@ -286,6 +287,9 @@ class _Outbox:
 
 
 def _child_main(args: EngineArgs, commands, outputs) -> None:
+    # Ctrl-C reaches the whole process group; the parent stops this process (a shutdown command, or its pipe
+    # closing), after its server's graceful shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine.llm_engine import LLMEngine

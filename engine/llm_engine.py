@@ -20,8 +20,8 @@ import numpy as np
 from engine.block_manager import BlockManager
 from engine.compile_timer import CompileTimer
 from engine.detokenizer import IncrementalDetokenizer, check_stop
-from engine.engine_args import (EngineArgs, memory_outside_arrays, num_kv_blocks, resolve_kv_cache_dtype,
-                                sizes_kv_from_memory)
+from engine.device_memory import memory_outside_arrays, num_kv_blocks, sizes_kv_from_memory
+from engine.engine_args import EngineArgs, resolve_kv_cache_dtype
 from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
 from engine.request import Request, RequestStatus
 from engine.runner import PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork, enable_compilation_cache

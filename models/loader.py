@@ -15,9 +15,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from models.config import ModelConfig, ModelConfigError
+from models.config import LOAD_FORMATS, ModelConfig, ModelConfigError
 
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
           "bf16": jnp.bfloat16, "fp16": jnp.float16, "half": jnp.float16, "float": jnp.float32}
 

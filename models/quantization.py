@@ -43,11 +43,12 @@ import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from models.config import QUANTIZATION_METHODS
 from pallas_kernels import add_rms_norm as add_norm
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels import swiglu_matmul as swiglu
 
-METHODS = ("int8", "int4", "awq", "gptq", "fp8")
+METHODS = QUANTIZATION_METHODS
 QUANTIZED_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 INT4_GROUP_SIZE = 128  # group size of the load-time int4 method (and of dummy AWQ/GPTQ weights)
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448

@@ -166,15 +166,16 @@ def test_missing_field_and_inconsistent_heads():
 
 
 def test_default_batch_limits_follow_vllm_by_usage_context(monkeypatch):
-    from engine import engine_args
-    from engine.engine_args import EngineArgs, default_batch_limits
+    from engine import device_memory
+    from engine.device_memory import default_batch_limits
+    from engine.engine_args import EngineArgs
 
     assert default_batch_limits("llm") == (1024, 64)  # this CPU
-    monkeypatch.setattr(engine_args.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(engine_args, "device_memory_bytes", lambda: 141 * 2**30)  # an H200
+    monkeypatch.setattr(device_memory.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(device_memory, "device_memory_bytes", lambda: 141 * 2**30)  # an H200
     assert default_batch_limits("llm") == (16384, 1024)
     assert default_batch_limits("server") == (8192, 1024)
-    monkeypatch.setattr(engine_args, "device_memory_bytes", lambda: 40 * 2**30)
+    monkeypatch.setattr(device_memory, "device_memory_bytes", lambda: 40 * 2**30)
     assert default_batch_limits("llm") == (8192, 256)
     with pytest.raises(ValueError, match="usage_context"):
         EngineArgs(usage_context="batch").validate()

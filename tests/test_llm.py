@@ -317,13 +317,13 @@ def test_pallas_kv_write_gives_the_reference_scatters_tokens(tmp_path):
 def test_kv_pool_leaves_room_for_the_largest_step(tmp_path, monkeypatch):
     """With a device memory budget (as on a GPU), the pool gets the budget minus weights minus the
     largest step's activations, which XLA reports for that step compiled at start-up."""
-    import engine.engine_args as engine_args
+    import engine.device_memory as device_memory
     from models.batch import kv_cache_bytes_per_block
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     write_tiny_checkpoint(tmp_path, "llama", seed=2)
     budget = 64 << 20
-    monkeypatch.setattr(engine_args, "device_memory_budget", lambda utilization: budget)
+    monkeypatch.setattr(device_memory, "device_memory_budget", lambda utilization: budget)
     activations = {}
     for tokens in (64, 1024):
         llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=128, max_num_seqs=8,
@@ -343,11 +343,11 @@ def test_activation_bytes_are_kept_on_disk_by_program(tmp_path, monkeypatch):
     programs (``sizing_key``): a restart reads the figure (here a planted one), other limits get their own."""
     import json
 
-    import engine.engine_args as engine_args
+    import engine.device_memory as device_memory
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     write_tiny_checkpoint(tmp_path / "model", "llama", seed=2)
-    monkeypatch.setattr(engine_args, "device_memory_budget", lambda utilization: 64 << 20)
+    monkeypatch.setattr(device_memory, "device_memory_budget", lambda utilization: 64 << 20)
     monkeypatch.setenv("PAGEDJAX_CACHE_DIR", str(tmp_path / "cache"))
 
     def start(tokens: int) -> int:
@@ -458,7 +458,7 @@ def test_async_scheduling_and_multi_step_decoding_give_the_outputs_of_synchronou
     ("0.5", 0.9, 38.8),    # a small pool the user chose: 97% of it
 ])
 def test_memory_budget_is_utilization_of_the_device_within_the_pool(monkeypatch, fraction, utilization, expected_gib):
-    import engine.engine_args as engine_args
+    import engine.device_memory as device_memory
 
     device = 80 << 30
     pool = device * (float(fraction) if fraction else 0.75)
@@ -467,12 +467,12 @@ def test_memory_budget_is_utilization_of_the_device_within_the_pool(monkeypatch,
         def memory_stats(self):
             return {"bytes_limit": int(pool), "bytes_in_use": 0}
 
-    monkeypatch.setattr(engine_args.jax, "local_devices", lambda: [FakeDevice()])
+    monkeypatch.setattr(device_memory.jax, "local_devices", lambda: [FakeDevice()])
     if fraction is None:
         monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     else:
         monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", fraction)
-    budget = engine_args.device_memory_budget(utilization)
+    budget = device_memory.device_memory_budget(utilization)
     assert budget <= 0.97 * pool + 1
     assert budget / 2**30 == pytest.approx(expected_gib, rel=1e-3)
 
@@ -495,38 +495,38 @@ def test_engine_asks_jax_for_a_larger_gpu_pool(user_value, expected):
 def test_memory_budget_under_an_allocator_without_a_pool_comes_from_the_driver(monkeypatch):
     """JAX's VMM allocator reports no stats (run 20e): the budget is ``utilization`` of the device as the CUDA
     driver reports it, and what is in use is what the driver does not report free."""
-    import engine.engine_args as engine_args
+    import engine.device_memory as device_memory
 
     class FakeDevice:
         def memory_stats(self):
             return None
 
-    monkeypatch.setattr(engine_args.jax, "local_devices", lambda: [FakeDevice()])
-    monkeypatch.setattr(engine_args, "driver_memory", lambda: (100 << 30, 140 << 30))  # (free, total)
-    assert engine_args.device_memory_budget(0.9) == int(0.9 * (140 << 30))
-    assert engine_args.device_memory_in_use() == 40 << 30
-    assert engine_args.device_memory_bytes() == 140 << 30
+    monkeypatch.setattr(device_memory.jax, "local_devices", lambda: [FakeDevice()])
+    monkeypatch.setattr(device_memory, "driver_memory", lambda: (100 << 30, 140 << 30))  # (free, total)
+    assert device_memory.device_memory_budget(0.9) == int(0.9 * (140 << 30))
+    assert device_memory.device_memory_in_use() == 40 << 30
+    assert device_memory.device_memory_bytes() == 140 << 30
     # Read before the weights: 40 GiB not free, 1 GiB of it live arrays. After loading, the driver also counts
     # memory the allocator freed (run 21a): in use is then what was outside arrays plus the arrays live now.
-    monkeypatch.setattr(engine_args, "live_array_bytes", lambda: 1 << 30)
-    outside = engine_args.memory_outside_arrays()
+    monkeypatch.setattr(device_memory, "live_array_bytes", lambda: 1 << 30)
+    outside = device_memory.memory_outside_arrays()
     assert outside == 39 << 30
-    monkeypatch.setattr(engine_args, "driver_memory", lambda: (50 << 30, 140 << 30))
-    monkeypatch.setattr(engine_args, "live_array_bytes", lambda: 16 << 30)
-    assert engine_args.device_memory_in_use(outside) == 55 << 30
-    monkeypatch.setattr(engine_args, "driver_memory", lambda: None)  # no CUDA: a CPU
-    assert engine_args.device_memory_budget(0.9) is None and engine_args.device_memory_in_use() == 0
-    assert engine_args.memory_outside_arrays() is None
+    monkeypatch.setattr(device_memory, "driver_memory", lambda: (50 << 30, 140 << 30))
+    monkeypatch.setattr(device_memory, "live_array_bytes", lambda: 16 << 30)
+    assert device_memory.device_memory_in_use(outside) == 55 << 30
+    monkeypatch.setattr(device_memory, "driver_memory", lambda: None)  # no CUDA: a CPU
+    assert device_memory.device_memory_budget(0.9) is None and device_memory.device_memory_in_use() == 0
+    assert device_memory.memory_outside_arrays() is None
 
 
 def test_live_array_bytes_counts_this_devices_arrays(monkeypatch):
     import jax.numpy as jnp
 
-    import engine.engine_args as engine_args
+    import engine.device_memory as device_memory
 
     arrays = [jnp.ones((1000, 250), jnp.float32), jnp.ones(8, jnp.bfloat16)]
-    monkeypatch.setattr(engine_args.jax, "live_arrays", lambda: arrays)  # other tests' arrays come and go
-    assert engine_args.live_array_bytes() == 1_000_016
+    monkeypatch.setattr(device_memory.jax, "live_arrays", lambda: arrays)  # other tests' arrays come and go
+    assert device_memory.live_array_bytes() == 1_000_016
 
 
 VMM = {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"}

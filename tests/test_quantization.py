@@ -20,7 +20,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from engine import LLM, SamplingParams
-from engine.engine_args import EngineArgs, num_kv_blocks
+from engine.device_memory import num_kv_blocks
+from engine.engine_args import EngineArgs
 from models import llama
 from models.batch import ModelInput, make_kv_cache
 from models.config import ModelConfig

@@ -47,6 +47,7 @@ from engine.entrypoints.openai.protocol import (
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
+from models.config import LOAD_FORMATS
 
 logger = logging.getLogger("pagedjax.server")
 
@@ -575,8 +576,6 @@ def _sse_response(body: AsyncIterator[str], streams: Sequence[RequestStream]) ->
 
 
 def make_arg_parser() -> argparse.ArgumentParser:
-    from models.loader import LOAD_FORMATS
-
     parser = argparse.ArgumentParser(
         prog="pagedjax serve",
         description="OpenAI-compatible HTTP server for pagedjax (flags named as vLLM's). "
@@ -690,6 +689,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully; asyncio re-raises the interrupt
+        pass
     finally:
         async_llm.shutdown()
 
