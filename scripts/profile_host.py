@@ -21,6 +21,7 @@ decode (the prefill steps are skipped).
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import json
 import os
@@ -86,18 +87,21 @@ class DeviceTimer:
 
 
 def add_batch(engine: LLMEngine, rng: np.random.Generator, prefix: str, num_seqs: int, prompt_len: int,
-              params: SamplingParams, output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
+              params: SamplingParams, output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+              params_each: bool = False) -> None:
+    """``params_each``: every request its own copy of ``params``, as a server's requests have."""
     vocab = engine.model_config.vocab_size
     for i in range(num_seqs):
         prompt = rng.integers(3, vocab, prompt_len).tolist()  # no bos/eos ids
-        engine.add_request(f"{prefix}{i}", prompt, params, output_kind=output_kind)
+        engine.add_request(f"{prefix}{i}", prompt, copy.copy(params) if params_each else params,
+                           output_kind=output_kind)
 
 
 def run(engine: LLMEngine, timer: DeviceTimer, *, num_seqs: int, prompt_len: int, max_tokens: int,
         params: SamplingParams, prefix: str, profiler: cProfile.Profile | None = None,
-        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> dict:
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE, params_each: bool = False) -> dict:
     """Add ``num_seqs`` requests, step to the end; time the steps where every sequence decodes."""
-    add_batch(engine, np.random.default_rng(0), prefix, num_seqs, prompt_len, params, output_kind)
+    add_batch(engine, np.random.default_rng(0), prefix, num_seqs, prompt_len, params, output_kind, params_each)
     host, device, dispatch, host_cpu = [], [], [], []
     while engine.has_unfinished_requests():
         all_decode = (engine.scheduler.num_running == num_seqs
@@ -133,6 +137,9 @@ def main() -> None:
                              "process asks for), or the finished output only (as LLM.generate asks for)")
     parser.add_argument("--final-only", dest="output_kind", action="store_const", const="final_only",
                         help="short for --output-kind final_only")
+    parser.add_argument("--as-server", action="store_true",
+                        help="as the server's engine child runs: delta outputs, a tokenizer (text, detokenized a "
+                             "token at a time) and sampling params of each request's own")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="also print the N functions with the most own time over the decode steps")
     args = parser.parse_args()
@@ -140,18 +147,25 @@ def main() -> None:
     extra = dict(repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.1) if args.penalties else {}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, **extra)
     with tempfile.TemporaryDirectory() as folder:
-        engine = LLMEngine(EngineArgs(model=write_dummy_model(folder), load_format="dummy",
+        model = write_dummy_model(folder)
+        if args.as_server:
+            from bench_serving import with_tokenizer  # a word-level tokenizer of the dummy's vocabulary
+
+            model = with_tokenizer(model, os.path.join(folder, "with-tokenizer"))
+        engine = LLMEngine(EngineArgs(model=model, load_format="dummy",
                                       max_num_seqs=args.num_seqs, max_num_batched_tokens=8192,
-                                      num_gpu_blocks_override=20000, block_size=16), skip_tokenizer_init=True)
+                                      num_gpu_blocks_override=20000, block_size=16),
+                           skip_tokenizer_init=not args.as_server)
     timer = DeviceTimer(engine.runner)
-    output_kind = RequestOutputKind[args.output_kind.upper()]
+    output_kind = RequestOutputKind.DELTA if args.as_server else RequestOutputKind[args.output_kind.upper()]
     for prompt_len in args.prompt_len:
         # Warm-up: compiles the prefill and decode buckets of this prompt length.
         run(engine, timer, num_seqs=args.num_seqs, prompt_len=prompt_len, max_tokens=args.max_tokens,
             params=params, prefix=f"warm{prompt_len}-")
         profiler = cProfile.Profile() if args.cprofile else None
         result = run(engine, timer, num_seqs=args.num_seqs, prompt_len=prompt_len, max_tokens=args.max_tokens,
-                     params=params, prefix=f"run{prompt_len}-", profiler=profiler, output_kind=output_kind)
+                     params=params, prefix=f"run{prompt_len}-", profiler=profiler, output_kind=output_kind,
+                     params_each=args.as_server)
         print(f"prompt {prompt_len:5d}, {result['num_seqs']} seqs, {result['decode_steps']} decode steps: "
               f"host {result['host_ms_median']:.2f} ms/step (mean {result['host_ms_mean']:.2f}; "
               f"CPU time of the engine thread {result['host_cpu_ms_median']:.2f}), "

@@ -382,6 +382,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # tput-short's decode steps ran at 32 ms in the engine (run 14b) against 28 ms of kernels: the host's
         # share at 1024 sequences (tiny model: host time alone), and the GPU's idle share at that batch.
         ("host-1024", [PY, "scripts/profile_host.py", "--num-seqs", "1024", "--prompt-len", "128", "--final-only"], 90),
+        # The serving child's engine alone (delta outputs, text, each request's own params) at the serving
+        # workload's decode batch: its host work a step without the HTTP side (run 32b: 19.3 ms in the server).
+        ("host-384-server", [PY, "scripts/profile_host.py", "--num-seqs", "384", "--prompt-len", "512", "--as-server"],
+         90),
         ("profile-idle-1024", profile("profile-idle-1024", "--run", "--batch", "1024", "--input-len", "128",
                                       "--output-len", "64"), 180),
         # tput-short's prompt steps: 128 prompts of 128 tokens (347-378 ms in run 14b against 332 ms for 8 x 2048).
