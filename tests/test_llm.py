@@ -245,9 +245,10 @@ def test_delta_outputs_join_into_the_cumulative_ones_and_no_output_takes_text_ba
     cases = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop], logprobs=2),
              SamplingParams(temperature=0.8, seed=11, n=2, max_tokens=10, ignore_eos=True, logprobs=1)]
     for params in cases:
-        runs = {kind: _stream(llm, PROMPTS[1], params, kind) for kind in RequestOutputKind}
-        for _, done in runs.values():
-            assert done.wait(120)
+        runs = {}
+        for kind in RequestOutputKind:  # one after another: alike batches, so alike logprobs to the last bit
+            runs[kind] = _stream(llm, PROMPTS[1], params, kind)
+            assert runs[kind][1].wait(120)
         cumulative, deltas, final = (runs[kind][0] for kind in RequestOutputKind)
         decoder = DeltaDecoder()
         rebuilt = [decoder.decode(d.request_id, pickle.loads(pickle.dumps(encode(d)))) for d in deltas]
