@@ -321,6 +321,22 @@ def test_throughput_json(bench_dir):
     assert result["of_limit"] == pytest.approx(result["output_tok_s"] / result["limit_output_tok_s"])
 
 
+def test_cpu_default_json(tmp_path):
+    """PROTOCOL's ``cpu-default``: the default model through ``LLM``, one stream then concurrent callers, and the
+    ``transformers`` peer on the same GGUF (small sizes here)."""
+    import bench_cpu_default
+
+    out = tmp_path / "cpu-default.json"
+    bench_cpu_default.main(["--output-len", "3", "--concurrency", "2", "--repeats", "1", "--output-json", str(out)])
+    with open(out) as f:
+        result = json.load(f)
+    _check_protocol_fields(result, "cpu-default", ("single_stream_tok_s", "aggregate_tok_s"))
+    assert result["model"] == "smollm2-135m" and (result["output_len"], result["concurrency"]) == (3, 2)
+    assert {"single_stream_tok_s", "aggregate_tok_s"} <= result["peer"].keys()
+    assert result["ratio"]["aggregate_tok_s"] == pytest.approx(result["aggregate_tok_s"]
+                                                               / result["peer"]["aggregate_tok_s"])
+
+
 def test_workload_flops_is_the_sum_of_its_steps_flops():
     """A request's chunks, however split, add up to the workload's FLOPs (no preemption)."""
     from engine.trace import ScheduledTokens
