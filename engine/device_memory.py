@@ -1,5 +1,5 @@
-"""What this process's device memory holds and allows: JAX's allocator and the CUDA driver read, the batch limits
-that follow from the device's size, and the KV pool's size in blocks.
+"""What this process's device memory holds and allows: what JAX's allocator and the CUDA driver report, the batch
+limits the device's size sets, and the KV pool's size in blocks.
 """
 
 from __future__ import annotations
