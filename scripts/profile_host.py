@@ -9,6 +9,7 @@ on the model's size) at a full decode batch:
 
     python scripts/profile_host.py                        # 256 sequences, 128- and 1000-token prompts
     python scripts/profile_host.py --prompt-len 1000 --cprofile 20   # top 20 functions by own time
+    python scripts/profile_host.py --num-seqs 384 --prompt-len 512 --as-server   # as the server's engine child
 
 "Device" time is the jitted step (and any copy-on-write page copy) up to its result being ready,
 compiles included: the script wraps the runner's jitted functions with ``block_until_ready``.
