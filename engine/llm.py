@@ -103,7 +103,8 @@ class LLM:
         self._loop.add_requests([
             NewRequest(self._loop.new_request_id(), prompt, params, _resolve_when_finished(future), _fail(future),
                        priority[i] if priority else 0)
-            for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))], output_kind=RequestOutputKind.FINAL_ONLY)
+            for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))],
+            output_kind=RequestOutputKind.FINAL_ONLY)
         with tqdm(total=len(futures), desc="Generating", disable=not use_tqdm, unit="req") as bar:
             for _ in concurrent.futures.as_completed(futures):
                 bar.update(1)

@@ -48,7 +48,6 @@ from pallas_kernels import add_rms_norm as add_norm
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels import swiglu_matmul as swiglu
 
-METHODS = QUANTIZATION_METHODS
 QUANTIZED_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 INT4_GROUP_SIZE = 128  # group size of the load-time int4 method (and of dummy AWQ/GPTQ weights)
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
@@ -230,7 +229,7 @@ def quantize_weight(w: jax.Array, method: str, int8_layout: str = "kn"):
         return quantize_fp8(w)
     if method in ("int4", "awq", "gptq"):  # awq/gptq here only for random (dummy) weights
         return quantize_int4(w)
-    raise QuantizationError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+    raise QuantizationError(f"unknown quantization method {method!r}; choose one of {', '.join(QUANTIZATION_METHODS)}")
 
 
 def dequantize(w, dtype=jnp.float32) -> jax.Array:
@@ -433,8 +432,8 @@ def resolve_method(requested: Optional[str], checkpoint: Optional[CheckpointQuan
                    load_format: str) -> Optional[str]:
     """The method to run: the checkpoint's if it has one (``requested`` must agree), else
     ``requested`` made at load time. Raises ``QuantizationError`` on a mismatch."""
-    if requested is not None and requested not in METHODS:
-        raise QuantizationError(f"unknown quantization {requested!r}; choose one of {', '.join(METHODS)}")
+    if requested is not None and requested not in QUANTIZATION_METHODS:
+        raise QuantizationError(f"unknown quantization {requested!r}; choose one of {', '.join(QUANTIZATION_METHODS)}")
     if checkpoint is not None:
         if requested not in (None, checkpoint.method):
             raise QuantizationError(f"the checkpoint is quantized with {checkpoint.method}, but quantization="

@@ -24,12 +24,11 @@ from engine.device_memory import num_kv_blocks
 from engine.engine_args import EngineArgs
 from models import llama
 from models.batch import ModelInput, make_kv_cache
-from models.config import ModelConfig
+from models.config import QUANTIZATION_METHODS, ModelConfig
 from models.llama import forward, fuse_projections
 from models.loader import load_model
 from models.quantization import (
     AWQ_ORDER,
-    METHODS,
     QUANTIZED_LAYER_WEIGHTS,
     CheckpointQuantization,
     Fp8Weight,
@@ -284,7 +283,7 @@ def test_int8_lm_head_switch_follows_the_environment(tiny, tmp_path, monkeypatch
     assert int8_lm_head("int8") and not any(int8_lm_head(m) for m in (None, "int4", "awq", "gptq", "fp8"))
     assert isinstance(load_model(tiny, dtype="float32", quantization="int4").params["lm_head"], jax.Array)
     monkeypatch.setenv("PAGEDJAX_INT8_LM_HEAD", "1")
-    assert all(int8_lm_head(m) for m in METHODS) and not int8_lm_head(None)
+    assert all(int8_lm_head(m) for m in QUANTIZATION_METHODS) and not int8_lm_head(None)
     assert isinstance(load_model(tiny, dtype="float32", quantization="int4").params["lm_head"], Int8KMajorWeight)
     awq = str(tmp_path / "awq")
     write_quantized_checkpoint(tiny, awq, "awq", np.random.default_rng())
