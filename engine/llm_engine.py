@@ -54,10 +54,10 @@ class _Sample:
     finish_reason: Optional[str] = None
     stop_reason: object = None
     text: str = ""
-    # What the request's outputs have handed out of this sample (RequestOutputKind.DELTA sends the rest).
+    # What the request's outputs have handed out of this sample (RequestOutputKind.DELTA sends the rest; logprobs
+    # entries go with their tokens, one a token).
     tokens_sent: int = 0
     text_sent: int = 0
-    logprobs_sent: int = 0
 
 
 @dataclasses.dataclass
@@ -545,7 +545,8 @@ def _text_end(sample: _Sample, holdback: int) -> int:
 
 def _delta_completion(index: int, sample: _Sample, holdback: int) -> CompletionOutput:
     """What ``sample`` has that its request's outputs have not handed out yet (``RequestOutputKind.DELTA``).
-    Tokens and logprobs entries only ever append, and the held-back text makes text only grow."""
+    Tokens and their logprobs entries (one a known token) only ever append, and the held-back text makes text only
+    grow."""
     tokens = sample.request.output_token_ids
     tokens_end = _known_end(tokens)
     text_end = max(sample.text_sent, _text_end(sample, holdback))
@@ -553,10 +554,9 @@ def _delta_completion(index: int, sample: _Sample, holdback: int) -> CompletionO
     completion = CompletionOutput(
         index=index, text=sample.text[sample.text_sent:text_end], token_ids=tokens[sample.tokens_sent:tokens_end],
         cumulative_logprob=sample.cumulative_logprob if logprobs is not None else None,
-        logprobs=None if logprobs is None else logprobs[sample.logprobs_sent:],
+        logprobs=None if logprobs is None else logprobs[sample.tokens_sent:tokens_end],
         finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
     sample.tokens_sent, sample.text_sent = tokens_end, text_end
-    sample.logprobs_sent = 0 if logprobs is None else len(logprobs)
     return completion
 
 

@@ -187,25 +187,6 @@ def test_bad_prompts_rejected_others_unaffected(llm, alone):
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
 
 
-def test_submit_streams_each_token_and_ends_with_generates_output(llm, alone):
-    import threading
-
-    seen, errors, done = [], [], threading.Event()
-
-    def on_output(output):
-        seen.append(list(output.outputs[0].token_ids))
-        if output.finished:
-            done.set()
-
-    llm.submit(PROMPTS[3], GREEDY, on_output=on_output, on_error=lambda exc: (errors.append(exc), done.set()))
-    assert done.wait(120) and not errors
-    assert seen[-1] == alone[3]
-    assert [len(tokens) for tokens in seen] == list(range(1, 13))  # one output per token, cumulative
-    with pytest.raises(ValueError, match="max_model_len"):
-        llm.submit([1] * 300, GREEDY, on_output=on_output, on_error=errors.append)
-    assert not llm.llm_engine.has_unfinished_requests()
-
-
 def _stream(llm, prompt, params, output_kind):
     """Submit one request; the list its outputs go into and an event set when it ends."""
     outputs, done = [], threading.Event()
@@ -218,6 +199,19 @@ def _stream(llm, prompt, params, output_kind):
     llm.submit(prompt, params, on_output=on_output, on_error=lambda exc: (outputs.append(exc), done.set()),
                output_kind=output_kind)
     return outputs, done
+
+
+def test_submit_streams_each_token_and_ends_with_generates_output(llm, alone):
+    from engine import RequestOutputKind
+
+    outputs, done = _stream(llm, PROMPTS[3], GREEDY, RequestOutputKind.CUMULATIVE)
+    assert done.wait(120) and not any(isinstance(o, BaseException) for o in outputs)
+    seen = [o.outputs[0].token_ids for o in outputs]
+    assert seen[-1] == alone[3]
+    assert [len(tokens) for tokens in seen] == list(range(1, 13))  # one output per token, cumulative
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.submit([1] * 300, GREEDY, on_output=outputs.append, on_error=outputs.append)
+    assert not llm.llm_engine.has_unfinished_requests()
 
 
 def _straddling_stop(texts: list[str]) -> tuple[str, int]:
