@@ -55,6 +55,15 @@ def timed_seconds(fn) -> float:
     return wall - compiles.seconds
 
 
+def record_rounds(result: dict, name: str, fn, tokens: int, repeats: int) -> None:
+    """``result[name]``: ``tokens`` over the median seconds of ``repeats`` timed ``fn()`` after an untimed one (which
+    compiles what the CPU compiles at first use); the rounds' seconds as ``*_runs_s``."""
+    fn()
+    seconds = [timed_seconds(fn) for _ in range(repeats)]
+    result[name] = tokens / statistics.median(seconds)
+    result[name.replace("_tok_s", "_runs_s")] = seconds
+
+
 def run_ours(args) -> tuple[dict, list[int]]:
     """Our figures, and the prompt's token ids (for the peer)."""
     from engine import LLM, SamplingParams
@@ -78,12 +87,8 @@ def run_ours(args) -> tuple[dict, list[int]]:
                 thread.join()
 
         result = {"engine_dtype": llm.llm_engine.dtype}
-        for name, fn, tokens in (("single_stream_tok_s", one, args.output_len),
-                                 ("aggregate_tok_s", concurrent, args.concurrency * args.output_len)):
-            fn()  # untimed: compiles this pattern's step shapes (the CPU compiles at first use)
-            seconds = [timed_seconds(fn) for _ in range(args.repeats)]
-            result[name] = tokens / statistics.median(seconds)
-            result[name.replace("_tok_s", "_runs_s")] = seconds
+        record_rounds(result, "single_stream_tok_s", one, args.output_len, args.repeats)
+        record_rounds(result, "aggregate_tok_s", concurrent, args.concurrency * args.output_len, args.repeats)
         return result, prompt_ids
     finally:
         llm.shutdown()
@@ -112,14 +117,7 @@ def run_hf_peer(args, prompt_ids: list[int]) -> dict:
 
     result = {"transformers_version": transformers.__version__, "torch_threads": torch.get_num_threads()}
     for name, batch in (("single_stream_tok_s", 1), ("aggregate_tok_s", args.concurrency)):
-        generate(batch)  # untimed
-        seconds = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            generate(batch)
-            seconds.append(time.perf_counter() - start)
-        result[name] = batch * args.output_len / statistics.median(seconds)
-        result[name.replace("_tok_s", "_runs_s")] = seconds
+        record_rounds(result, name, lambda: generate(batch), batch * args.output_len, args.repeats)
     return result
 
 
