@@ -6,6 +6,11 @@ into a physical slot ``block * block_size + offset``. Blocks are shared by
 reference count (``fork`` for parallel sampling) and copied on write. Block 0 is
 reserved as the write sink for padding tokens and is never handed out.
 
+With prefix caching (``enable_prefix_caching``), full blocks are kept under their
+content keys (``engine.prefix_cache``) after their sequences end, counted as free,
+and a new sequence can start on the cached blocks of its prefix
+(``allocate_with_prefix``).
+
 Knows nothing of requests, scheduling policy or devices: sequences are opaque
 ids, and copy-on-write is returned as ``(src, dst)`` block pairs for the caller
 to apply to the device pages before the step that writes them.
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.prefix_cache import PrefixCache
+
 RESERVED_BLOCK = 0  # padding tokens write here; never in a block table
 
 
@@ -26,7 +33,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (block {RESERVED_BLOCK} is reserved), got {num_blocks}")
         if block_size < 1:
@@ -41,6 +48,8 @@ class BlockManager:
         # Read-only int32 copies of the tables for the runner's step input, rebuilt only when a
         # table changes (a decode step appends a block once every block_size tokens).
         self._table_arrays: dict[str, np.ndarray] = {}
+        self.prefix_cache = PrefixCache() if enable_prefix_caching else None
+        self._num_keyed: dict[str, int] = {}  # leading blocks of each sequence offered to the prefix cache
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -50,11 +59,12 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks that can be handed out: never-cached free ones and evictable cached ones."""
+        return len(self._free) + (self.prefix_cache.num_evictable if self.prefix_cache is not None else 0)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_usable_blocks - len(self._free)
+        return self.num_usable_blocks - self.num_free_blocks
 
     @property
     def num_sequences(self) -> int:
@@ -64,7 +74,7 @@ class BlockManager:
         return seq_id in self._tables
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
+        return num_blocks <= self.num_free_blocks
 
     def block_table(self, seq_id: str) -> list[int]:
         return list(self._table(seq_id))
@@ -184,16 +194,78 @@ class BlockManager:
             self._refcount[block] += 1
         self._tables[child_id] = list(shared)
         self._num_tokens[child_id] = num_tokens
+        if self.prefix_cache is not None:
+            self._num_keyed[child_id] = min(self._num_keyed.get(parent_id, 0), num_tokens // self.block_size)
 
     def free(self, seq_id: str) -> None:
-        """Drop a sequence; blocks nobody else references go back to the free list at once."""
+        """Drop a sequence; blocks nobody else references go back to the free list at once (a cached one stays
+        cached, evictable; its last blocks first, as they are the least likely to be shared)."""
         table = self._table(seq_id)
+        cache = self.prefix_cache
         for block in reversed(table):
             self._refcount[block] -= 1
             if self._refcount[block] == 0:
-                self._free.append(block)
+                if cache is not None and cache.is_cached(block):
+                    cache.park(block)
+                else:
+                    self._free.append(block)
         del self._tables[seq_id], self._num_tokens[seq_id]
         self._table_arrays.pop(seq_id, None)
+        self._num_keyed.pop(seq_id, None)
+
+    # -- prefix caching --------------------------------------------------------------------
+
+    def cached_prefix(self, keys: list[bytes], num_tokens: int) -> list[int]:
+        """The cached blocks of the longest prefix of a sequence of ``num_tokens`` tokens whose full blocks have
+        ``keys``; at most ``(num_tokens - 1) // block_size`` blocks, so at least its last token is computed (its
+        step samples from it). Empty without prefix caching."""
+        if self.prefix_cache is None:
+            return []
+        return self.prefix_cache.lookup(keys[: (num_tokens - 1) // self.block_size])
+
+    def allocate_with_prefix(self, seq_id: str, prefix_blocks: list[int],
+                             num_tokens_total: int) -> list[tuple[int, int]] | None:
+        """Start ``seq_id`` on cached ``prefix_blocks`` (from ``cached_prefix``) and grow it to ``num_tokens_total``
+        tokens, as ``allocate_slots``; ``None``, with nothing changed, when the free blocks do not cover it (a
+        cached block no sequence holds counts as free, so holding it takes one)."""
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id!r} already has blocks")
+        num_cached = len(prefix_blocks) * self.block_size
+        if not num_cached < num_tokens_total:
+            raise ValueError(f"sequence {seq_id!r}: {num_tokens_total} tokens, of which {num_cached} cached; "
+                             "at least one must be computed")
+        num_new = _cdiv(num_tokens_total, self.block_size) - len(prefix_blocks)
+        if num_new + sum(self._refcount[b] == 0 for b in prefix_blocks) > self.num_free_blocks:
+            return None
+        for block in prefix_blocks:
+            if self._refcount[block] == 0:
+                self.prefix_cache.unpark(block)
+            self._refcount[block] += 1
+        self._tables[seq_id] = list(prefix_blocks)
+        self._num_tokens[seq_id] = num_cached
+        self._num_keyed[seq_id] = len(prefix_blocks)
+        return self.allocate_slots(seq_id, num_tokens_total)
+
+    def cache_blocks(self, seq_id: str, keys: list[bytes]) -> None:
+        """Offer the sequence's full blocks to the prefix cache under ``keys`` (its tokens' block keys, as far as
+        they are known). Call once the step writing them is dispatched: a later step reads them."""
+        if self.prefix_cache is None:
+            return
+        done = self._num_keyed.get(seq_id, 0)
+        full = min(len(keys), self._num_tokens[seq_id] // self.block_size)
+        if full > done:
+            table = self._tables[seq_id]
+            for index in range(done, full):
+                self.prefix_cache.insert(keys[index], table[index])
+            self._num_keyed[seq_id] = full
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (blocks in use stay with their sequences); returns the blocks it freed."""
+        if self.prefix_cache is None:
+            return 0
+        freed = self.prefix_cache.clear()
+        self._free.extend(freed)
+        return len(freed)
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -222,12 +294,18 @@ class BlockManager:
         require(len(free) == len(self._free), "the free list has duplicates")
         require(all(b in usable for b in free), f"the free list holds a block outside {usable}")
         require(self._refcount[RESERVED_BLOCK] == 0, f"reserved block {RESERVED_BLOCK} has a reference")
+        cache = self.prefix_cache
+        if cache is not None:
+            cache.check_invariants(self._refcount)
+            require(not any(cache.is_cached(b) for b in free), "a block on the free list is still cached")
+            free |= {b for b in usable if cache.is_evictable(b)}
         for block in usable:
             require(owners[block] == self._refcount[block],
                     f"block {block}: refcount {self._refcount[block]} but {owners[block]} owners")
             require((block in free) == (owners[block] == 0),
                     f"block {block} is {'free' if block in free else 'not free'} with {owners[block]} owners")
         require(self.num_free_blocks + self.num_used_blocks == self.num_usable_blocks, "blocks lost")
+        require(self._num_keyed.keys() <= self._tables.keys(), "a freed sequence has a count of keyed blocks")
 
     # -- internals -------------------------------------------------------------------------
 
@@ -244,6 +322,7 @@ class BlockManager:
                 and self._refcount[self._tables[seq_id][-1]] > 1)
 
     def _take_free_block(self) -> int:
-        block = self._free.pop()
+        """A never-cached free block if there is one, else the cached block freed longest ago, evicted."""
+        block = self._free.pop() if self._free else self.prefix_cache.evict()
         self._refcount[block] = 1
         return block

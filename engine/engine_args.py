@@ -76,6 +76,10 @@ class EngineArgs:
     # this many decode steps in one dispatch, each step's tokens fed to the next on the device (engine.multi_step).
     # The host's share of a step is then paid once for them; a request's tokens come out that many at a time.
     num_scheduler_steps: int = 1
+    # Automatic prefix caching (vLLM's, on by default as in vLLM V1): full KV blocks stay cached under a key of
+    # their whole prefix after their request ends, and a request whose prompt starts with a cached prefix computes
+    # only the rest (engine.prefix_cache).
+    enable_prefix_caching: bool = True
 
     def validate(self) -> None:
         import jax

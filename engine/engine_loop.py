@@ -171,4 +171,6 @@ def engine_stats(engine: LLMEngine) -> dict:
         "num_waiting": scheduler.num_waiting,
         "num_used_blocks": blocks.num_used_blocks,
         "num_usable_blocks": blocks.num_usable_blocks,
+        "prefix_cache_queries": scheduler.prefix_cache_queries,
+        "prefix_cache_hits": scheduler.prefix_cache_hits,
     }

@@ -57,6 +57,7 @@ class LLM:
         compiler_options: Optional[dict] = None,
         precompile_steps: Optional[bool] = None,
         num_scheduler_steps: int = 1,
+        enable_prefix_caching: bool = True,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -69,7 +70,7 @@ class LLM:
             unroll_layers=unroll_layers, fuse_projections=fuse_projections,
             scheduling_mode=scheduling_mode, trace=trace, async_scheduling=async_scheduling,
             compiler_options=compiler_options, precompile_steps=precompile_steps,
-            num_scheduler_steps=num_scheduler_steps,
+            num_scheduler_steps=num_scheduler_steps, enable_prefix_caching=enable_prefix_caching,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)
@@ -155,7 +156,14 @@ class LLM:
     def stats(self) -> dict:
         """Engine counters (steps, largest batch, tokens, preemptions), read between steps."""
         return self._loop.call(lambda e: {**e.stats, **e.runner.dispatch_stats,
-                                          "num_preemptions": e.scheduler.num_preemptions})
+                                          "num_preemptions": e.scheduler.num_preemptions,
+                                          "prefix_cache_queries": e.scheduler.prefix_cache_queries,
+                                          "prefix_cache_hits": e.scheduler.prefix_cache_hits})
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (as vLLM's ``LLM.reset_prefix_cache``; e.g. between benchmark rounds that
+        repeat prompts); returns the KV blocks that were freed."""
+        return self._loop.call(lambda e: e.block_manager.reset_prefix_cache())
 
     def get_trace(self, reset: bool = False):
         """The per-step trace (``engine.trace.StepTrace``) of an engine built with ``trace=True``;

@@ -159,7 +159,8 @@ class LLMEngine:
         if precompile and self.runner.table_width is None:
             logger.info("step shapes compile at first use: max_num_seqs x max_model_len / block_size is too large "
                         "for a fixed block-table width (engine.runner.MAX_FIXED_TABLE_ENTRIES)")
-        self.block_manager = BlockManager(num_blocks, args.block_size)
+        self.block_manager = BlockManager(num_blocks, args.block_size,
+                                          enable_prefix_caching=args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_tokens,
                                    max_num_seqs=max_seqs, max_model_len=self.max_model_len,
                                    policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode,
@@ -529,7 +530,8 @@ class LLMEngine:
             ]
             prompt, prompt_token_ids = group.prompt, group.prompt_token_ids
         output = RequestOutput(request_id=group.request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
-                               outputs=completions, finished=finished or group.aborted)
+                               outputs=completions, finished=finished or group.aborted,
+                               num_cached_tokens=group.samples[0].request.num_cached_tokens)
         if group.on_output is not None:
             group.on_output(output)
         return output

@@ -61,3 +61,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    num_cached_tokens: Optional[int] = None  # prompt tokens found in the prefix cache (None: not admitted yet)

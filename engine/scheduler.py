@@ -17,6 +17,11 @@ Policy (DESIGN.md step 1), each ``schedule()``:
      ``min(uncomputed tokens, remaining budget)``. The head waiting request that
      does not fit blocks those behind it (no overtaking), and nothing is admitted
      in a step that had to preempt.
+With prefix caching (the ``BlockManager``'s), a request is admitted on the cached
+blocks of the longest prefix of its tokens (all but its last token at most) and
+computes only the rest; its full blocks join the cache as their steps are
+dispatched. A preempted request's blocks stay cached, so its recompute is mostly a
+cache hit.
 When a running request's blocks cannot be allocated, the last request in queue
 order (lowest priority, latest arrival; possibly the request itself) is
 preempted: its blocks are freed, its computed tokens forgotten (its output
@@ -41,6 +46,7 @@ import dataclasses
 import itertools
 
 from engine.block_manager import BlockManager
+from engine.prefix_cache import extend_block_keys
 from engine.request import Request, RequestStatus
 
 POLICIES = ("fifo", "priority")
@@ -163,6 +169,11 @@ class Scheduler:
         self._running: list[Request] = []
         self.num_preemptions = 0
         self.num_steps = 0
+        # Prefix caching: each unfinished request's block keys (engine.prefix_cache), as far as its tokens are
+        # known; and the admitted requests' tokens looked up in the cache and found there (vLLM's counters).
+        self._block_keys: dict[str, list[bytes]] | None = {} if block_manager.prefix_cache is not None else None
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -271,6 +282,9 @@ class Scheduler:
         if parent.request_id in self._static_batch:
             self._static_batch.add(child.request_id)
         self._register(child)
+        if self._block_keys is not None:  # the shared tokens' keys are the parent's
+            num_shared_blocks = n // self.block_manager.block_size
+            self._block_keys[child.request_id] = self._block_keys[parent.request_id][:num_shared_blocks]
         child.status = RequestStatus.RUNNING
         self._insert(self._running, child)
 
@@ -282,6 +296,8 @@ class Scheduler:
         if request is None:
             raise KeyError(f"no unfinished request {request_id!r}")
         del self._order_keys[request_id]
+        if self._block_keys is not None:
+            del self._block_keys[request_id]
         self._static_batch.discard(request_id)
         queue = self._running if request.status is RequestStatus.RUNNING else self._waiting
         queue.remove(request)
@@ -332,6 +348,7 @@ class Scheduler:
         True. Requests finished or aborted since ``schedule()`` are skipped.
         """
         finished = []
+        caching, block_size = self._block_keys is not None, self.block_manager.block_size
         for seq in output.scheduled:
             request = seq.request
             if self._requests.get(request.request_id) is not request:
@@ -340,6 +357,8 @@ class Scheduler:
                 raise RuntimeError(f"stale output for {request.request_id!r}: it has "
                                    f"{request.num_computed_tokens} computed tokens, the step started at {seq.start}")
             request.num_computed_tokens += seq.num_tokens + seq.decode_steps - 1
+            if caching and request.num_computed_tokens // block_size > seq.start // block_size:  # a block filled
+                self._cache_blocks(request)
             if not seq.samples:
                 continue
             if request.request_id not in sampled:
@@ -365,6 +384,8 @@ class Scheduler:
         time_key = (request.arrival_time, next(self._add_counter))
         self._order_keys[request.request_id] = (request.priority, *time_key) if self.policy == "priority" else time_key
         self._requests[request.request_id] = request
+        if self._block_keys is not None:
+            self._block_keys[request.request_id] = []
 
     def _insert(self, queue: list[Request], request: Request) -> None:
         bisect.insort(queue, request, key=self._order_key)
@@ -448,16 +469,42 @@ class Scheduler:
         return next((r for r in self._waiting if r.request_id in self._static_batch), None)
 
     def _admit(self, request: Request, plan: _StepPlan) -> bool:
-        """Start a waiting request if its first chunk's blocks are free (never preempts)."""
-        num_tokens = min(request.num_uncomputed_tokens, plan.budget)
-        copies = self.block_manager.allocate_slots(request.request_id, num_tokens)
+        """Start a waiting request if its first chunk's blocks are free (never preempts); with prefix caching the
+        chunk starts after its cached prefix."""
+        manager = self.block_manager
+        if self._block_keys is None:
+            prefix, num_cached = [], 0
+        else:
+            keys = self._block_keys[request.request_id]
+            extend_block_keys(keys, request.token_ids, request.num_tokens, manager.block_size)
+            prefix = manager.cached_prefix(keys, request.num_tokens)
+            num_cached = len(prefix) * manager.block_size
+        num_tokens = min(request.num_tokens - num_cached, plan.budget)
+        copies = (manager.allocate_with_prefix(request.request_id, prefix, num_cached + num_tokens) if prefix
+                  else manager.allocate_slots(request.request_id, num_tokens))
         if copies is None:
             return False
+        if self._block_keys is not None:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_cached
+            if not request.num_preemptions:
+                request.num_cached_tokens = num_cached
+        request.num_computed_tokens = num_cached
         self._waiting.remove(request)
         request.status = RequestStatus.RUNNING
         self._insert(self._running, request)
         plan.add(self._chunk(request, num_tokens), copies)
         return True
+
+    def _cache_blocks(self, request: Request) -> None:
+        """Offer the request's newly full blocks (their step dispatched) to the prefix cache. A block holding a
+        token still on the device (asynchronous scheduling) is offered when the next block fills."""
+        keys = self._block_keys[request.request_id]
+        block_size = self.block_manager.block_size
+        num_known = min(request.num_computed_tokens, request.num_tokens)
+        if num_known // block_size > len(keys):
+            extend_block_keys(keys, request.token_ids, num_known, block_size)
+        self.block_manager.cache_blocks(request.request_id, keys)
 
     @staticmethod
     def _chunk(request: Request, num_tokens: int) -> ScheduledSequence:

@@ -92,6 +92,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
                         help="compile every step shape at start-up (auto: on GPU)")
     parser.add_argument("--num-scheduler-steps", type=int, default=1,
                         help="decode steps a dispatch runs while no request waits (multi-step decoding)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="automatic prefix caching (the engine's default; offline runs start with nothing "
+                             "cached either way)")
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an XLA option for the step's compilation (repeatable; default: the engine's choice)")
     parser.add_argument("--seed", type=int, default=PROMPT_SEED, help="seed of the random prompts and weights")
@@ -117,7 +120,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         precompile_steps={"auto": None, "on": True, "off": False}[args.precompile_steps],
         fuse_projections={"auto": None, "on": True, "off": False}[args.fuse_projections],
         compiler_options=compiler_options(args.compiler_option) if args.compiler_option else None,
-        num_scheduler_steps=args.num_scheduler_steps,
+        num_scheduler_steps=args.num_scheduler_steps, enable_prefix_caching=args.enable_prefix_caching,
     )
     options.update(overrides)
     # The engine's start-up line (weights, KV pool, activations) goes to the run's log.
@@ -225,6 +228,8 @@ def engine_result_header(workload: str, args) -> dict:
         header["compiler_options"] = compiler_options(args.compiler_option)
     if args.num_scheduler_steps != 1:
         header["num_scheduler_steps"] = args.num_scheduler_steps
+    if not args.enable_prefix_caching:
+        header["enable_prefix_caching"] = False
     return header
 
 
@@ -239,6 +244,10 @@ def variant_tag(result: dict) -> str:
         tag += f"-async-{result['async_scheduling']}"
     if result.get("num_scheduler_steps", 1) != 1:
         tag += f"-ms{result['num_scheduler_steps']}"
+    if result.get("shared_prefix_len"):
+        tag += f"-prefix{result['shared_prefix_len']}"
+    if result.get("enable_prefix_caching") is False:
+        tag += "-nocache"
     if result.get("compiler_options"):
         tag += "-xla-" + "-".join(f"{k.removeprefix('xla_gpu_')}{v}" for k, v in result["compiler_options"].items())
     return tag
@@ -369,7 +378,9 @@ class OfflineRun:
 
 
 def run_offline(llm, prompts: list[list[int]], params) -> OfflineRun:
-    """Submit every prompt at once and wait for all; checks each request made exactly its max_tokens."""
+    """Submit every prompt at once and wait for all; checks each request made exactly its max_tokens. Starts with
+    nothing in the prefix cache: a warm-up's prompts (often the timed run's own) are computed again, as a peer's."""
+    llm.reset_prefix_cache()
     traced = llm.llm_engine.tracer is not None
     if traced:
         llm.get_trace(reset=True)

@@ -69,7 +69,7 @@ def run_ours(args) -> tuple[dict, list[int]]:
     from engine import LLM, SamplingParams
     from engine.tokenizer import apply_chat_template
 
-    llm = LLM(seed=0)
+    llm = LLM(seed=0, enable_prefix_caching=False)  # every round computes the prompt, as the peer does
     try:
         params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
         prompt_ids = list(apply_chat_template(llm.get_tokenizer(), MESSAGES, add_generation_prompt=True))

@@ -40,6 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-requests", type=int, default=None, help="override the workload's request count")
     parser.add_argument("--input-len", type=int, default=None, help="override the workload's input length")
     parser.add_argument("--output-len", type=int, default=None, help="override the workload's output length")
+    parser.add_argument("--shared-prefix-len", type=int, default=0,
+                        help="every prompt starts with the same this many tokens (a shared system prompt: what "
+                             "prefix caching saves; compare with --no-enable-prefix-caching)")
     parser.add_argument("--warmup-requests", type=int, default=32,
                         help="requests in the warm-up (full prompts, up to 8 output tokens each); shapes it does "
                              "not compile are compiled in the timed run and their compile time subtracted")
@@ -126,6 +129,9 @@ def main(argv=None) -> list[dict]:
         for workload in args.workloads:
             n, input_len, output_len = workload_sizes(args, workload)
             prompts = bench_common.random_prompts(n, input_len, vocab, args.seed)
+            shared = min(args.shared_prefix_len, input_len)
+            for prompt in prompts[1:]:
+                prompt[:shared] = prompts[0][:shared]
             warmup = min(n, args.warmup_requests)
             started = time.perf_counter()
             bench_common.run_offline(llm, prompts[:warmup], SamplingParams(temperature=0.0, ignore_eos=True,
@@ -136,6 +142,8 @@ def main(argv=None) -> list[dict]:
                                                                         ignore_eos=True))
             after = llm.stats()
             result = bench_common.engine_result_header(workload, args)
+            if shared:
+                result["shared_prefix_len"] = shared
             ours = dict(output_tok_s=n * output_len / run.seconds,
                         total_tok_s=n * (input_len + output_len) / run.seconds, req_s=n / run.seconds)
             result.update(ours, num_requests=n, input_len=input_len, output_len=output_len,
@@ -144,9 +152,11 @@ def main(argv=None) -> list[dict]:
                           max_concurrent_tokens=engine.max_concurrent_tokens, seconds=run.seconds,
                           wall_s=run.wall_s, compile_s_excluded=run.compile_s, traced=run.trace is not None,
                           async_scheduling_on=engine.async_scheduling,
-                          # engine steps of the timed run, of them multi-step decodes, and the host's wait for tokens
+                          # engine steps of the timed run, of them multi-step decodes, the host's wait for tokens,
+                          # and the prompt tokens looked up in the prefix cache and found there
                           **{f"engine_{name}": after[name] - before[name]
-                             for name in ("steps", "multi_steps", "wait_s")})
+                             for name in ("steps", "multi_steps", "wait_s", "prefix_cache_queries",
+                                          "prefix_cache_hits")})
             matmul_s = bench_common.workload_flops(config, n, input_len, output_len) / matmul_flops
             kv_s = bench_common.workload_decode_kv_bytes(config, n, input_len, output_len, kv_dtype) / bandwidth
             result.update(matmul_tflop_s=matmul_flops / 1e12, read_bandwidth_tb_s=bandwidth / 1e12,

@@ -102,6 +102,7 @@ def run(engine: LLMEngine, timer: DeviceTimer, *, num_seqs: int, prompt_len: int
         params: SamplingParams, prefix: str, profiler: cProfile.Profile | None = None,
         output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE, params_each: bool = False) -> dict:
     """Add ``num_seqs`` requests, step to the end; time the steps where every sequence decodes."""
+    engine.block_manager.reset_prefix_cache()  # the warm-up's prompts are this run's: computed again
     add_batch(engine, np.random.default_rng(0), prefix, num_seqs, prompt_len, params, output_kind, params_each)
     host, device, dispatch, host_cpu = [], [], [], []
     while engine.has_unfinished_requests():

@@ -203,6 +203,7 @@ def profile_run(llm, args) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(inputs, params, use_tqdm=False)  # compiles every step shape of the run
+    llm.reset_prefix_cache()  # the profiled run computes its prompts again
     with tempfile.TemporaryDirectory() as log_dir:
         wall_s = profiled(lambda: llm.generate(inputs, params, use_tqdm=False), log_dir, host=args.host_events)
         trace = read_trace(log_dir)

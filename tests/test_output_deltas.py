@@ -32,9 +32,10 @@ def cumulative_and_delta_outputs(rng, steps: int, n: int, with_logprobs: bool):
                                           logprobs=new_logprobs if with_logprobs else None, **common))
         first = step == 0
         yield (RequestOutput(request_id="r", prompt="a prompt", prompt_token_ids=[1, 2, 3], outputs=cumulative,
-                             finished=last),
+                             finished=last, num_cached_tokens=2),
                RequestOutput(request_id="r", prompt="a prompt" if first else None,
-                             prompt_token_ids=[1, 2, 3] if first else None, outputs=delta, finished=last))
+                             prompt_token_ids=[1, 2, 3] if first else None, outputs=delta, finished=last,
+                             num_cached_tokens=2))
 
 
 def test_decoded_outputs_equal_the_cumulative_ones_and_stay_as_delivered():
@@ -52,4 +53,4 @@ def test_decoded_outputs_equal_the_cumulative_ones_and_stay_as_delivered():
 def test_only_the_first_delta_carries_the_prompt():
     deltas = [encode(d) for _, d in cumulative_and_delta_outputs(np.random.default_rng(0), steps=4, n=1,
                                                                  with_logprobs=False)]
-    assert deltas[0][1] == ("a prompt", [1, 2, 3]) and all(d[1] is None for d in deltas[1:])
+    assert deltas[0][1] == ("a prompt", [1, 2, 3], 2) and all(d[1] is None for d in deltas[1:])

@@ -91,7 +91,9 @@ class FakeEngine:
         # Work-conserving admission: a waiting head is left waiting only if it cannot get blocks.
         waiting = self.with_status(RequestStatus.WAITING)
         budget_left = s.max_num_batched_tokens - out.num_batched_tokens
-        if (waiting and not out.preempted_request_ids and budget_left and len(ids) < s.max_num_seqs
+        # (With prefix caching a head's need depends on its cached prefix: tests/test_prefix_cache.py.)
+        if (waiting and bm.prefix_cache is None and not out.preempted_request_ids and budget_left
+                and len(ids) < s.max_num_seqs
                 and len(self.with_status(RequestStatus.RUNNING)) < s.max_num_seqs):
             head = min(waiting, key=self.order_key)
             need = bm.num_blocks_needed(head.request_id, min(head.num_uncomputed_tokens, budget_left))
@@ -157,8 +159,8 @@ def rng():
 
 
 def make(num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=64,
-         policy="fifo", rng=None, num_scheduler_steps=1):
-    bm = BlockManager(num_blocks, block_size)
+         policy="fifo", rng=None, num_scheduler_steps=1, enable_prefix_caching=False):
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
     scheduler = Scheduler(bm, max_num_batched_tokens, max_num_seqs, max_model_len, policy,
                           num_scheduler_steps=num_scheduler_steps)
     return FakeEngine(scheduler, rng or random.Random(0))

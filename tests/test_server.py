@@ -149,6 +149,26 @@ def test_chat_answers_paris(served):
     assert 0 < out.usage.completion_tokens <= 20
 
 
+def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(served):
+    """The second conversation with the same long system prompt reports its cached prompt tokens in usage (as
+    OpenAI's ``prompt_tokens_details.cached_tokens``) and in /metrics, and answers as the first did."""
+    system = {"role": "system", "content": "You are a terse assistant for a travel agency. " * 6}
+    messages = [system, {"role": "user", "content": "Name one city in Italy."}]
+    client = served.client()
+    hits_before = served.metrics()["vllm:prefix_cache_hits_total"]
+    first, second = (client.chat.completions.create(model=served.model, messages=messages, temperature=0,
+                                                    max_completion_tokens=8) for _ in range(2))
+    assert second.choices[0].message.content == first.choices[0].message.content
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 64 <= cached < second.usage.prompt_tokens
+    assert served.metrics()["vllm:prefix_cache_hits_total"] - hits_before >= cached
+    stream = client.chat.completions.create(model=served.model, messages=messages, temperature=0,
+                                            max_completion_tokens=8, stream=True,
+                                            stream_options={"include_usage": True})
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert usage[-1].prompt_tokens_details.cached_tokens == cached
+
+
 def test_streaming_equals_non_streamed(served, reference):
     client = served.client()
     chunks = list(client.completions.create(model=served.model, prompt=PROMPTS[1], stream=True,

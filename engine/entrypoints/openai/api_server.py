@@ -42,7 +42,7 @@ from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
-    ModelCard, ModelList, UsageInfo, random_id,
+    ModelCard, ModelList, PromptTokenUsageInfo, UsageInfo, random_id,
 )
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
@@ -534,7 +534,9 @@ def _utf8(text: Optional[str]) -> list[int]:
 def _usage(outputs: Sequence[RequestOutput]) -> UsageInfo:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = sum(o.num_cached_tokens or 0 for o in outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokenUsageInfo(cached_tokens=cached))
 
 
 async def _final_outputs(streams: Sequence[RequestStream]) -> list[RequestOutput]:
@@ -621,6 +623,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="compile every step shape at start-up under a progress bar (default: on GPU)")
     engine.add_argument("--num-scheduler-steps", type=int, default=1,
                         help="decode steps run in one dispatch while no request waits (multi-step decoding)")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep full KV blocks cached by their prefix, so a prompt that starts with a cached "
+                             "prefix (a shared system prompt, an earlier turn) computes only the rest")
     engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
                         help="'priority': requests' priority field orders the queue (lower first)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,

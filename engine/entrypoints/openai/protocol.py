@@ -154,10 +154,15 @@ class ChatCompletionRequest(_SamplingFields):
 # -- responses ------------------------------------------------------------------------------
 
 
+class PromptTokenUsageInfo(BaseModel):
+    cached_tokens: int = 0  # found in the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokenUsageInfo] = None
 
 
 class ModelCard(BaseModel):
