@@ -248,6 +248,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "awq", "--output-json", f"{results}/latency-awq-defer.json"), 70),
         ("latency-fp8", latency("fp8"), 220),
         ("tput-short-bf16", tput("tput-short"), 200),
+        # Automatic prefix caching: 1024 prompts that share a 1024-token system prompt and add 128 tokens of their
+        # own, 128 out; with the cache on (the default) and off, same lease.
+        ("prefix-shared", tput("tput-short", "--input-len", "1152", "--shared-prefix-len", "1024"), 240),
+        ("prefix-shared-nocache", tput("tput-short", "--input-len", "1152", "--shared-prefix-len", "1024",
+                                       "--no-enable-prefix-caching"), 300),
         ("tput-short-long", tput("tput-short,tput-long"), 240),
         ("tput-short-long-sync", tput("tput-short,tput-long", "--async-scheduling", "off"), 240),
         # ~15 step shapes at ~5 s of compiling each, then ~35 s of work: 120 s was too short (run 7).

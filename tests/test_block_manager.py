@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from engine.block_manager import RESERVED_BLOCK, BlockManager
+from engine.prefix_cache import extend_block_keys
 
 
 class PagedStore:
@@ -239,14 +240,21 @@ def test_check_invariants_names_the_broken_invariant():
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random grow/fork/free sequences; every sequence must read back exactly the tokens it wrote."""
+    """Random grow/fork/free sequences, and with prefix caching sequences started on the cached blocks of earlier
+    sequences' tokens; every sequence must read back exactly the tokens it wrote (or found cached)."""
 
-    @initialize(block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(2, 12))
-    def setup(self, block_size, num_blocks):
-        self.bm = BlockManager(num_blocks, block_size)
+    @initialize(block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(2, 12), caching=st.booleans())
+    def setup(self, block_size, num_blocks, caching):
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
         self.store = PagedStore(block_size)
         self.tokens: dict[str, list[int]] = {}  # what each sequence has written, in order
+        self.history: list[list[int]] = [[1]]  # every sequence's tokens as last grown, freed ones too
         self.next_id = 0
+
+    def _keys(self, tokens):
+        keys = []
+        extend_block_keys(keys, lambda start, stop: tokens[start:stop], len(tokens), self.bm.block_size)
+        return keys
 
     def _new_id(self):
         self.next_id += 1
@@ -270,6 +278,30 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert all(self.bm.refcount(s // self.bm.block_size) == 1 for s in slots), "write into a shared block"
         self.store.write(slots, new_tokens)
         self.tokens[seq] = old + new_tokens
+        self.history.append(self.tokens[seq])
+        self.bm.cache_blocks(seq, self._keys(self.tokens[seq]))
+
+    @precondition(lambda self: self.bm.prefix_cache is not None)
+    @rule(data=st.data(), new_tokens=st.lists(st.integers(1, 50_000), min_size=1, max_size=5))
+    def start_on_cached_prefix(self, data, new_tokens):
+        earlier = data.draw(st.sampled_from(self.history))
+        tokens = earlier[: data.draw(st.integers(0, len(earlier)))] + new_tokens
+        prefix = self.bm.cached_prefix(self._keys(tokens), len(tokens))
+        cached = len(prefix) * self.bm.block_size
+        assert cached < len(tokens)
+        seq, free_before = self._new_id(), self.bm.num_free_blocks
+        copies = self.bm.allocate_with_prefix(seq, prefix, len(tokens))
+        if copies is None:
+            assert seq not in self.bm and self.bm.num_free_blocks == free_before
+            return
+        assert copies == [] and self.bm.block_table(seq)[: len(prefix)] == prefix
+        assert self.store.read(self.bm, seq, cached) == tokens[:cached], "a cached block holds other tokens"
+        slots = self.bm.slots(seq, cached, len(tokens))
+        assert all(self.bm.refcount(s // self.bm.block_size) == 1 for s in slots), "write into a shared block"
+        self.store.write(slots, tokens[cached:])
+        self.tokens[seq] = tokens
+        self.history.append(tokens)
+        self.bm.cache_blocks(seq, self._keys(tokens))
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
