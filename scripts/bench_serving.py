@@ -67,8 +67,9 @@ def sample_lengths(num: int, mean: int, range_ratio: float, rng) -> list[int]:
 
 
 def make_requests(num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
-                  seed: int) -> list[tuple[list[int], int]]:
-    """``(prompt token ids, max_tokens)`` per request, from a fixed seed."""
+                  seed: int, shared_prefix_len: int = 0) -> list[tuple[list[int], int]]:
+    """``(prompt token ids, max_tokens)`` per request, from a fixed seed; ``shared_prefix_len``: every prompt
+    starts with the same that many tokens (a system prompt), then its own (as many as its length says)."""
     import numpy as np
 
     if not 0 <= range_ratio < 1:
@@ -76,7 +77,8 @@ def make_requests(num: int, input_len: int, output_len: int, range_ratio: float,
     rng = np.random.default_rng(seed)
     inputs = sample_lengths(num, input_len, range_ratio, rng)
     outputs = sample_lengths(num, output_len, range_ratio, rng)
-    return [(rng.integers(0, vocab_size, size=n).tolist(), m) for n, m in zip(inputs, outputs)]
+    shared = rng.integers(0, vocab_size, size=shared_prefix_len).tolist()
+    return [(shared + rng.integers(0, vocab_size, size=n).tolist(), m) for n, m in zip(inputs, outputs)]
 
 
 def arrival_offsets(num: int, rate: float, seed: int) -> list[float]:
@@ -302,6 +304,7 @@ def server_facts(url: str) -> dict:
 
 
 ENGINE_COUNTERS = ("engine_steps", "generation_tokens", "engine_host_seconds", "engine_wait_seconds")
+PREFIX_CACHE_COUNTERS = ("prefix_cache_queries", "prefix_cache_hits")
 
 
 def engine_counters(url: str) -> dict:
@@ -313,7 +316,7 @@ def engine_counters(url: str) -> dict:
     values = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=60).text):
         name = family.name.split(":", 1)[-1]
-        if name in ENGINE_COUNTERS:
+        if name in ENGINE_COUNTERS + PREFIX_CACHE_COUNTERS:
             values[name] = sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
     return values
 
@@ -324,9 +327,12 @@ def engine_figures(before: dict, after: dict) -> dict:
         return {}
     delta = {name: after[name] - before[name] for name in ENGINE_COUNTERS}
     steps = max(delta["engine_steps"], 1)
-    return dict(engine_steps=int(delta["engine_steps"]), tokens_per_step=delta["generation_tokens"] / steps,
-                engine_host_ms_per_step=1e3 * delta["engine_host_seconds"] / steps,
-                engine_wait_ms_per_step=1e3 * delta["engine_wait_seconds"] / steps)
+    figures = dict(engine_steps=int(delta["engine_steps"]), tokens_per_step=delta["generation_tokens"] / steps,
+                   engine_host_ms_per_step=1e3 * delta["engine_host_seconds"] / steps,
+                   engine_wait_ms_per_step=1e3 * delta["engine_wait_seconds"] / steps)
+    if all(name in before and name in after for name in PREFIX_CACHE_COUNTERS):  # prompt tokens found cached
+        figures.update({name: int(after[name] - before[name]) for name in PREFIX_CACHE_COUNTERS})
+    return figures
 
 
 # --------------------------------------------------------------------------------------
@@ -343,6 +349,9 @@ def parse_args(argv=None):
     parser.add_argument("--output-len", type=int, default=DEFAULTS["output_len"])
     parser.add_argument("--range-ratio", type=float, default=DEFAULTS["range_ratio"],
                         help="lengths uniform within this fraction of --input-len / --output-len")
+    parser.add_argument("--shared-prefix-len", type=int, default=0,
+                        help="tokens every timed prompt starts with (a shared system prompt) before its own "
+                             "--input-len; the warm-up's prompts do not share them")
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
     parser.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     parser.add_argument("--num-warmup", type=int, default=2, help="requests sent one by one before the timed run")
@@ -378,7 +387,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     vocab_size = bench_common.read_vocab_size(args.model)
     requests = make_requests(args.num_requests, args.input_len, args.output_len, args.range_ratio, vocab_size,
-                             args.seed)
+                             args.seed, args.shared_prefix_len)
     warmup = make_requests(args.num_warmup, args.input_len, args.output_len, 0.0, vocab_size, args.seed + 7)
     offsets = arrival_offsets(args.num_requests, args.request_rate, args.seed)
     max_model_len = args.max_model_len or max(len(p) + m for p, m in requests + warmup)
@@ -413,6 +422,8 @@ def main(argv=None) -> dict:
         date=time.strftime("%Y-%m-%d"), backend=facts.get("backend"), server_version=facts.get("version"),
         request_rate="inf" if math.isinf(args.request_rate) else args.request_rate,
         max_concurrency=args.max_concurrency, num_requests=args.num_requests, input_len=args.input_len,
+        **({"shared_prefix_len": args.shared_prefix_len} if args.shared_prefix_len else {}),
+        enable_prefix_caching=facts.get("enable_prefix_caching"),
         output_len=args.output_len, range_ratio=args.range_ratio, max_model_len=facts.get("max_model_len"),
         client=args.client,
         **summary, **engine,

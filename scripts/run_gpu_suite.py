@@ -468,6 +468,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                               "--serve-arg=--num-scheduler-steps=8", "--output-json",
                                               f"{results}/serving-{rate}-httpx-ms8.json"), 300)
           for rate in ("16", "inf")),
+        # A 1024-token system prompt shared by every request (then each request's own 512 / 256 +-50%), 16 req/s:
+        # TTFT with the prefix cache (the default) and without.
+        *((f"serving-16-prefix{tag}", bench("bench_serving.py", "--request-rate", "16", "--client", "httpx",
+                                            "--shared-prefix-len", "1024", *extra, "--output-json",
+                                            f"{results}/serving-16-prefix{tag}.json"), 300)
+          for tag, extra in (("", ()), ("-nocache", ("--serve-arg=--no-enable-prefix-caching",)))),
         ("serving-inf-inproc", bench("bench_serving.py", "--request-rate", "inf", "--serve-arg=--no-engine-process",
                                      "--output-json", f"{results}/serving-inf-inproc.json"), 300),
         ("tput-serving-shape", tput("tput-short", "--num-requests", "512", "--input-len", "512", "--output-len", "256",

@@ -650,11 +650,11 @@ def served_model_names(args: argparse.Namespace) -> list[str]:
 
 def engine_facts(async_llm: AsyncLLM) -> dict:
     """What a benchmark records about the engine behind the API (``/version``): device, JAX version,
-    dtype, quantization, KV cache dtype, tensor parallelism, max_model_len."""
+    dtype, quantization, KV cache dtype, tensor parallelism, max_model_len, prefix caching."""
     engine = async_llm.engine
     return dict(**async_llm.device_facts(), dtype=engine.dtype, quantization=engine.quantization,
                 kv_cache_dtype=engine.args.kv_cache_dtype, tensor_parallel_size=engine.args.tensor_parallel_size,
-                max_model_len=engine.max_model_len)
+                max_model_len=engine.max_model_len, enable_prefix_caching=engine.args.enable_prefix_caching)
 
 
 def startup_line(async_llm: AsyncLLM, names: Sequence[str], url: str) -> str:
