@@ -230,6 +230,12 @@ class Scheduler:
             require(1 <= r.num_uncomputed_tokens and r.num_tokens <= self.max_model_len,
                     f"running request {r.request_id!r} has nothing left to compute or is past max_model_len")
         require(self.block_manager.num_sequences == len(self._running), "a sequence holds blocks but is not running")
+        if self._block_keys is not None:
+            require(self._block_keys.keys() == self._requests.keys(), "block keys kept for other requests")
+            block_size = self.block_manager.block_size
+            for r in self._requests.values():
+                require(len(self._block_keys[r.request_id]) <= r.num_tokens // block_size,
+                        f"{r.request_id!r} has more block keys than full blocks of tokens")
         if self.scheduling_mode == "static":
             require(all(r.request_id in self._static_batch for r in self._running),
                     "static mode: a running request is not in the batch in flight")
