@@ -85,6 +85,9 @@ class _RequestGroup:
     aborted: bool = False  # some sample's finish_reason is "abort"
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     first_output: bool = True  # DELTA: the prompt goes out with the first output only
+    # SamplingParams.prompt_logprobs: an entry a prompt token, None for the first (nothing comes before it); filled
+    # as the first sample's prompt chunks run.
+    prompt_logprobs: Optional[list] = None
 
     @property
     def finished(self) -> bool:
@@ -250,7 +253,8 @@ class LLMEngine:
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         group = _RequestGroup(request_id, text, prompt_ids, params, [], on_output, now,
                               max_output_tokens=params.max_output_tokens(len(prompt_ids), self.max_model_len),
-                              output_kind=output_kind)
+                              output_kind=output_kind,
+                              prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         sample = self._new_sample(group, request_id, base_seed, now, priority)
         group.samples.append(sample)
         self.scheduler.add_request(sample.request)
@@ -263,7 +267,8 @@ class LLMEngine:
         # Multi-step decoding feeds a burst's tokens on the device: not where the host must see each token first.
         request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids), sampling_params=params,
                           priority=priority, arrival_time=now, max_output_tokens=group.max_output_tokens,
-                          multi_step=not params.has_penalties and params.min_tokens == 0)
+                          multi_step=not params.has_penalties and params.min_tokens == 0,
+                          use_prefix_cache=params.prompt_logprobs is None)
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
@@ -358,8 +363,9 @@ class LLMEngine:
         entries = [self._samples[s.request.request_id] for s in scheduled]  # (sample, group) of each
         feed_rows = None  # request id -> row of `previous` that samples its pending token
         work = []
-        for s in scheduled:
+        for s, entry in zip(scheduled, entries):
             token_ids, feed_row = s.token_ids, -1
+            scores = None if entry[1].prompt_logprobs is None else _score_targets(s, entry)
             if PENDING_TOKEN in token_ids:  # only ever the one token of a decode (else _feed_row raises)
                 if feed_rows is None:
                     feed_rows = {} if previous is None else {
@@ -367,7 +373,7 @@ class LLMEngine:
                 feed_row = self._feed_row(s, feed_rows)
             work.append(SequenceWork(token_ids=token_ids, start=s.start, sample=s.samples, feed_row=feed_row,
                                      block_table=self.block_manager.block_table_array(s.request.request_id),
-                                     decode_steps=s.decode_steps))
+                                     decode_steps=s.decode_steps, score_targets=scores))
         params = [group.params for _, group in entries]
         metadata = build_sampling_metadata(
             params,
@@ -378,11 +384,11 @@ class LLMEngine:
             self.runner.padded_num_seqs(out.num_batched_tokens),
             eos_token_ids=sorted(self.eos_token_ids),
         )
-        wanted = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        # Round the static top-k width up (5 or the maximum) so few variants compile.
-        num_logprobs = None if wanted is None else (5 if wanted <= 5 else MAX_LOGPROBS)
+        num_logprobs = _top_width(p.logprobs for p in params)
+        num_prompt_logprobs = _top_width(p.prompt_logprobs for w, p in zip(work, params) if w.score_targets)
         dispatched = time.perf_counter()
-        pending = self.runner.dispatch(work, metadata, num_logprobs=num_logprobs, decode_steps=out.decode_steps)
+        pending = self.runner.dispatch(work, metadata, num_logprobs=num_logprobs, decode_steps=out.decode_steps,
+                                       num_prompt_logprobs=num_prompt_logprobs)
         self.stats["dispatch_s"] += time.perf_counter() - dispatched
         # The pool as the step leaves it (its KV slots allocated), before the scheduler counts its tokens.
         trace = (None if self.tracer is None else
@@ -427,6 +433,8 @@ class LLMEngine:
                                                    for i, s in enumerate(scheduled) if s.samples})
         touched: dict[str, _RequestGroup] = {}
         now = time.monotonic()
+        if launched.pending.score_offsets:
+            self._record_prompt_logprobs(launched)
         for i, s in enumerate(scheduled):
             if not s.samples:
                 continue
@@ -454,6 +462,28 @@ class LLMEngine:
                 continue
             outputs.append(self._emit(group, finished))
         return outputs
+
+    def _record_prompt_logprobs(self, launched: _LaunchedStep) -> None:
+        """Prompt logprobs of a step's scored chunks (``SamplingParams.prompt_logprobs``): the entry of each prompt
+        token the chunk's rows predict, appended in order (a chunk run again after a preemption adds nothing)."""
+        for i in launched.pending.score_offsets:
+            s = launched.plan.scheduled[i]
+            group = launched.entries[i][1]
+            k = group.params.prompt_logprobs
+            scores = self.runner.fetch_scores(launched.pending, i, s.num_tokens)
+            prompt, entries = group.prompt_token_ids, group.prompt_logprobs
+            for row in range(s.num_tokens):
+                position = s.start + row + 1  # the prompt token this row's logits predict
+                if position != len(entries) or position >= len(prompt):
+                    continue
+                token = prompt[position]
+                entry = {token: Logprob(float(scores.logprobs[row]), rank=int(scores.ranks[row]))}
+                for rank, (tid, lp) in enumerate(zip(scores.top_token_ids[row][:k], scores.top_logprobs[row][:k]), 1):
+                    entry.setdefault(int(tid), Logprob(float(lp), rank=rank))
+                if self.tokenizer is not None:
+                    for tid, lp in entry.items():
+                        lp.decoded_token = self.tokenizer.decode([tid])
+                entries.append(entry)
 
     def _forget_samples(self, group: _RequestGroup) -> None:
         for sample in group.samples:
@@ -517,8 +547,9 @@ class LLMEngine:
         holdback = group.params.output_text_buffer_length
         if group.output_kind is RequestOutputKind.DELTA:
             completions = [_delta_completion(i, s, holdback) for i, s in enumerate(group.samples)]
-            prompt, prompt_token_ids = ((group.prompt, group.prompt_token_ids) if group.first_output
-                                        else (None, None))
+            prompt, prompt_token_ids, prompt_logprobs = (
+                (group.prompt, group.prompt_token_ids, group.prompt_logprobs) if group.first_output
+                else (None, None, None))
             group.first_output = False
         else:
             completions = [
@@ -528,10 +559,11 @@ class LLMEngine:
                                  logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                 for i, s in enumerate(group.samples)
             ]
-            prompt, prompt_token_ids = group.prompt, group.prompt_token_ids
+            prompt, prompt_token_ids, prompt_logprobs = group.prompt, group.prompt_token_ids, group.prompt_logprobs
         output = RequestOutput(request_id=group.request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
                                outputs=completions, finished=finished or group.aborted,
-                               num_cached_tokens=group.samples[0].request.num_cached_tokens)
+                               num_cached_tokens=group.samples[0].request.num_cached_tokens,
+                               prompt_logprobs=prompt_logprobs)
         if group.on_output is not None:
             group.on_output(output)
         return output
@@ -569,6 +601,24 @@ def _known_end(output_token_ids: list[int]) -> int:
     while end and output_token_ids[end - 1] == PENDING_TOKEN:
         end -= 1
     return end
+
+
+def _score_targets(s: ScheduledSequence, entry: tuple) -> Optional[list[int]]:
+    """The tokens a prompt chunk's rows predict, for ``SamplingParams.prompt_logprobs`` (-1 past the prompt's end),
+    or None: not a chunk of the first sample's prompt, its request asks none, or it predicts nothing not yet
+    recorded (a chunk run again after a preemption)."""
+    sample, group = entry
+    prompt, recorded = group.prompt_token_ids, group.prompt_logprobs
+    if (recorded is None or sample is not group.samples[0] or s.start >= len(prompt) - 1
+            or s.start + s.num_tokens < len(recorded)):
+        return None
+    return [prompt[p + 1] if p + 1 < len(prompt) else -1 for p in range(s.start, s.start + s.num_tokens)]
+
+
+def _top_width(wanted) -> Optional[int]:
+    """The static width of a step's top-k logprobs: 5 or the maximum (few variants compile), None if none asked."""
+    wanted = max((k for k in wanted if k is not None), default=None)
+    return None if wanted is None else (5 if wanted <= 5 else MAX_LOGPROBS)
 
 
 def _pending(s: ScheduledSequence):

@@ -15,13 +15,13 @@ from typing import Optional
 from engine.outputs import CompletionOutput, RequestOutput
 
 # One completion's delta: (index, tokens added, text added, cumulative logprob, logprobs entries added or None,
-# finish reason, stop reason). A request's: (finished, (prompt, prompt_token_ids, num_cached_tokens) on its first
-# output else None, completions' deltas).
+# finish reason, stop reason). A request's: (finished, (prompt, prompt_token_ids, num_cached_tokens, prompt_logprobs)
+# on its first output else None, completions' deltas).
 
 
 def encode(output: RequestOutput) -> tuple:
     """A ``RequestOutputKind.DELTA`` output as tuples for the pipe."""
-    prompt = ((output.prompt, output.prompt_token_ids, output.num_cached_tokens)
+    prompt = ((output.prompt, output.prompt_token_ids, output.num_cached_tokens, output.prompt_logprobs)
               if output.prompt_token_ids is not None else None)
     return output.finished, prompt, [(c.index, c.token_ids, c.text, c.cumulative_logprob, c.logprobs,
                                       c.finish_reason, c.stop_reason) for c in output.outputs]
@@ -31,7 +31,7 @@ class DeltaDecoder:
     """The parent's side, one per request: the cumulative ``RequestOutput`` after each delta."""
 
     def __init__(self):
-        self._prompt: tuple = (None, None, None)
+        self._prompt: tuple = (None, None, None, None)
         self._completions: dict[int, tuple[list, str, Optional[list]]] = {}  # index -> (tokens, text, logprobs)
 
     def decode(self, request_id: str, delta: tuple) -> RequestOutput:
@@ -49,6 +49,7 @@ class DeltaDecoder:
             outputs.append(CompletionOutput(index=index, text=text, token_ids=tokens,
                                             cumulative_logprob=cumulative_logprob, logprobs=logprobs,
                                             finish_reason=finish_reason, stop_reason=stop_reason))
-        prompt_text, prompt_token_ids, num_cached_tokens = self._prompt
+        prompt_text, prompt_token_ids, num_cached_tokens, prompt_logprobs = self._prompt
         return RequestOutput(request_id=request_id, prompt=prompt_text, prompt_token_ids=prompt_token_ids,
-                             outputs=outputs, finished=finished, num_cached_tokens=num_cached_tokens)
+                             outputs=outputs, finished=finished, num_cached_tokens=num_cached_tokens,
+                             prompt_logprobs=prompt_logprobs)

@@ -62,3 +62,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: Optional[int] = None  # prompt tokens found in the prefix cache (None: not admitted yet)
+    # SamplingParams.prompt_logprobs: for each prompt token, {token id: Logprob} of it and the most likely tokens
+    # at its place; None for the first token. Complete from a request's first output on.
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None

@@ -37,11 +37,11 @@ from jax.sharding import Mesh
 from engine.cache_dir import cache_dir
 from engine.compile_ahead import compile_ahead, compile_workers
 from engine.multi_step import burst_output_shapes, decode_burst
-from engine.sampler import SamplerOutput, SamplingMetadata, build_sampling_metadata, sample
+from engine.sampler import SamplerOutput, SamplingMetadata, build_sampling_metadata, sample, with_logprobs
 from engine.sampling_params import SamplingParams
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
-from models.llama import forward, layout_layers
+from models.llama import forward, layout_layers, lm_head_logits
 from models.quantization import Fp8Weight, LinearBackend
 from pallas_kernels import get_attention_fns
 from sharding import TensorParallelPlan, replicated, shard_attention_fns
@@ -160,6 +160,11 @@ def bucket(n: int, minimum: int, maximum: Optional[int] = None) -> int:
 # A sampled token not yet on the host: the previous step, still on the device, samples it.
 PENDING_TOKEN = -1
 
+# Prompt logprobs: a step's scored rows go through the LM head this many at a time, so their logits never take more
+# than this many rows of vocabulary at once (float32: 64 MiB for Llama 3's vocabulary).
+PROMPT_SCORE_CHUNK = 128
+SCORE_TOP_LOGPROBS = 5  # the most likely tokens a scored row reports when its step asks no logprobs of its own
+
 # Steps of at most this many sequence slots write their logits into the buffer the last such step's logits took
 # (donated), so that every buffer the step's CUDA graphs touch stays where it is (``ModelRunner._run_step``):
 # small batches are where the host binds. Larger steps take new logits buffers and keep the memory free.
@@ -178,6 +183,9 @@ class SequenceWork:
     # device from row ``feed_row`` of the previous step's sampled tokens (-1: the token is known).
     feed_row: int = -1
     decode_steps: int = 1  # multi-step decoding: a decode run this many steps in one dispatch (engine.multi_step)
+    # Prompt logprobs: for each of ``token_ids``, the token whose logprob its row's logits give (the prompt's next
+    # token), or -1 for none; None: no row of this work is scored.
+    score_targets: Optional[Sequence[int]] = None
 
 
 @dataclasses.dataclass
@@ -187,6 +195,10 @@ class PendingStep:
     result: SamplerOutput
     num_seqs: int
     burst: bool = False  # a multi-step decode's: every array has the steps first, ``[num_steps, S, ...]``
+    # Prompt logprobs: the scored rows' logprobs (``SamplerOutput`` of the targets, one row each) and, for each
+    # work with ``score_targets``, its index and its first scored row there.
+    scores: Optional[SamplerOutput] = None
+    score_offsets: Optional[dict[int, int]] = None
 
 
 def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_tokens: int, max_num_seqs: int,
@@ -234,6 +246,27 @@ def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_
         kv_lens=kv_lens, block_tables=tables, num_seqs=np.asarray([n], np.int32),
         logits_indices=logits_indices,
     )
+
+
+def score_rows(work: Sequence[SequenceWork], cu_q_lens) -> Optional[tuple[np.ndarray, np.ndarray, dict[int, int]]]:
+    """The token rows a step scores (prompt logprobs) and each one's target token, padded to a whole number of
+    ``PROMPT_SCORE_CHUNK`` rows, and each scored work's first row among them; None when no work scores.
+    A work's rows are all its tokens' (those without a target score token 0, and are not read)."""
+    scored = [(i, w) for i, w in enumerate(work) if w.score_targets is not None]
+    if not scored:
+        return None
+    cu = np.asarray(cu_q_lens)
+    rows, targets, offsets = [], [], {}
+    for i, w in scored:
+        offsets[i] = len(rows)
+        rows.extend(range(int(cu[i]), int(cu[i]) + len(w.token_ids)))
+        targets.extend(max(t, 0) for t in w.score_targets)
+    num_chunks = -(-len(rows) // PROMPT_SCORE_CHUNK)
+    padded = PROMPT_SCORE_CHUNK << (num_chunks - 1).bit_length()  # a power of two of chunks: few programs
+    row_array = np.zeros(padded, np.int32)
+    target_array = np.zeros(padded, np.int32)
+    row_array[: len(rows)], target_array[: len(targets)] = rows, targets
+    return row_array, target_array, offsets
 
 
 def _shapes_of(leaves: list[np.ndarray]) -> tuple:
@@ -343,6 +376,7 @@ class ModelRunner:
         linear = LinearBackend(kernel="xla" if mesh is not None else linear_backend)
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
                                           write_kv_fn=write_kv_fn, linear_backend=linear, qkv_shards=qkv_shards)
+        self._lm_head = functools.partial(lm_head_logits, config=step_config, linear_backend=linear)
         self._multi_process = jax.process_count() > 1
         # The user's options hold for every step; the defaults depend on the step's size.
         self._options_given = compiler_options is not None
@@ -359,6 +393,7 @@ class ModelRunner:
         self.kv_cache = self._make_kv_cache(num_blocks)
         # jit's out_shardings, only when sharded
         step_placement, sample_placement, copy_placement, stage_placement, burst_placement = {}, {}, {}, {}, {}
+        score_placement = {}
         self._sampled = jnp.zeros(self.max_num_seqs, jnp.int32)  # the last step's tokens, fed to the next
         if self.mesh is not None:
             kv_placement = jax.tree.map(lambda a: a.sharding, self.kv_cache)
@@ -367,6 +402,7 @@ class ModelRunner:
             copy_placement = {"out_shardings": kv_placement}
             stage_placement = {"out_shardings": self._input_sharding}
             burst_placement = {"out_shardings": (self._input_sharding, self._input_sharding, kv_placement)}
+            score_placement = {"out_shardings": (self._logits_sharding, kv_placement, self._input_sharding)}
             self._sampled = jax.device_put(self._sampled, self._input_sharding)
         self._step_fns = {}  # XLA options -> the jitted model step compiled with them (step_compiler_options)
         # The step's logits buffer (when given) is donated and only its shape read: ``keep_unused`` keeps it (and
@@ -388,6 +424,10 @@ class ModelRunner:
         self._make_burst = functools.partial(jax.jit, self._burst_step, donate_argnums=(1, 3, 4), keep_unused=True,
                                              static_argnames=("layout", "num_logprobs"), **burst_placement)
         self._burst_outputs = {}  # (sequence slots, num_logprobs) -> the last burst's outputs, the next one's buffer
+        # Prompt logprobs: steps that score rows (rare: compiled at first use, a program a token bucket).
+        self._score_fns = {}  # XLA options -> the jitted scoring step (score_fn)
+        self._make_score = functools.partial(jax.jit, self._score_step, donate_argnums=(1,), keep_unused=True,
+                                             static_argnames=("num_logprobs",), **score_placement)
         self._take = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), **stage_placement)
 
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
@@ -456,6 +496,24 @@ class ModelRunner:
         model_input = model_input.replace(token_ids=_fed_tokens(model_input, last_sampled, feed_index))
         return self._forward(params, kv_cache, model_input)
 
+    def _score_step(self, params, kv_cache, model_input, last_sampled, feed_index, score_rows, score_targets, *,
+                    num_logprobs):
+        """``_model_step`` (without a logits buffer) that also scores token rows: for each of ``score_rows`` the
+        logprob and rank of its ``score_targets`` token and the ``num_logprobs`` most likely tokens, from the LM
+        head applied ``PROMPT_SCORE_CHUNK`` rows at a time (prompt logprobs)."""
+        model_input = model_input.replace(token_ids=_fed_tokens(model_input, last_sampled, feed_index))
+        hidden, kv_cache = self._forward(params, kv_cache, model_input, return_hidden=True)
+        head = functools.partial(self._lm_head, params)
+        logits = head(hidden[model_input.logits_indices])
+
+        def score(chunk):
+            rows, targets = chunk
+            return with_logprobs(targets, head(hidden[rows]), num_logprobs)
+
+        chunks = (score_rows.reshape(-1, PROMPT_SCORE_CHUNK), score_targets.reshape(-1, PROMPT_SCORE_CHUNK))
+        scores = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), jax.lax.map(score, chunks))
+        return logits, kv_cache, scores
+
     def _burst_step(self, params, kv_cache, staged, last_sampled, outputs, *, layout, num_logprobs):
         """A multi-step decode (``engine.multi_step.decode_burst``) of ``num_scheduler_steps`` steps: the last
         tokens written over ``last_sampled`` (donated, as ``_sample_step``'s), the stacked outputs over
@@ -489,6 +547,10 @@ class ModelRunner:
     def step_fn(self, num_tokens: int):
         """The jitted model step for ``num_tokens`` (padded) token rows, compiled with its XLA options."""
         return self._with_step_options(num_tokens, self._step_fns, self._make_step)
+
+    def score_fn(self, num_tokens: int):
+        """The jitted scoring step (``_score_step``) for ``num_tokens`` (padded) token rows."""
+        return self._with_step_options(num_tokens, self._score_fns, self._make_score)
 
     def burst_fn(self, num_tokens: int):
         """The jitted multi-step decode for ``num_tokens`` (padded) token rows, compiled as that step is."""
@@ -637,12 +699,16 @@ class ModelRunner:
                                  table_width=self.table_width)
 
     def dispatch(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
-                 num_logprobs: Optional[int] = None, decode_steps: int = 1) -> PendingStep:
+                 num_logprobs: Optional[int] = None, decode_steps: int = 1,
+                 num_prompt_logprobs: Optional[int] = None) -> PendingStep:
         """Start one step on the device and return at once (JAX dispatches asynchronously); the
         tokens of works with a ``feed_row`` come from the step dispatched before this one.
         ``decode_steps`` > 1: a multi-step decode of that many steps (``num_scheduler_steps``; every work a
-        one-token decode of ``work.decode_steps`` <= that many), whose result has the steps first."""
-        self._lead("dispatch", list(work), sampling, num_logprobs=num_logprobs, decode_steps=decode_steps)
+        one-token decode of ``work.decode_steps`` <= that many), whose result has the steps first.
+        Works with ``score_targets`` (prompt logprobs) have their rows scored with the ``num_prompt_logprobs``
+        most likely tokens (``fetch_scores``)."""
+        self._lead("dispatch", list(work), sampling, num_logprobs=num_logprobs, decode_steps=decode_steps,
+                   num_prompt_logprobs=num_prompt_logprobs)
         started = time.perf_counter()
         model_input = self.build_model_input(work)
         feed = np.full(model_input.token_ids.shape, -1, np.int32)
@@ -652,14 +718,23 @@ class ModelRunner:
             feed[model_input.cu_q_lens[list(seqs)]] = rows  # a fed work is a single-token decode
         if decode_steps > 1:
             return self._dispatch_burst(work, model_input, feed, sampling, num_logprobs, decode_steps, started)
+        scored = score_rows(work, model_input.cu_q_lens)
         model_input, feed = self._on_device((model_input, feed))
         staged = time.perf_counter()
-        logits = self._run_step(model_input.token_ids.shape[0], model_input, feed)
+        scores = None
+        if scored is None:
+            logits = self._run_step(model_input.token_ids.shape[0], model_input, feed)
+        else:
+            rows, targets, offsets = scored
+            rows, targets = jax.device_put((rows, targets), self._input_sharding)
+            logits, self.kv_cache, scores = self.score_fn(model_input.token_ids.shape[0])(
+                self.params, self.kv_cache, model_input, self._sampled, feed, rows, targets,
+                num_logprobs=num_prompt_logprobs or SCORE_TOP_LOGPROBS)
         stepped = time.perf_counter()
         packed, layout = self._packed(sampling)
         self._sampled, result = self._sample(logits, packed, self._sampled, layout=layout, num_logprobs=num_logprobs)
         self._count_dispatch(inputs=staged - started, model=stepped - staged, sampler=time.perf_counter() - stepped)
-        return PendingStep(result, len(work))
+        return PendingStep(result, len(work), scores=scores, score_offsets=None if scored is None else offsets)
 
     def _dispatch_burst(self, work: Sequence[SequenceWork], model_input: ModelInput, feed: np.ndarray,
                         sampling: SamplingMetadata, num_logprobs: Optional[int], decode_steps: int,
@@ -759,6 +834,13 @@ class ModelRunner:
     def _slot_buckets(self) -> list[int]:
         """The sequence slots of the steps' token buckets, ascending."""
         return sorted({self.padded_num_seqs(T) for T in token_buckets(self.max_num_batched_tokens)})
+
+    @staticmethod
+    def fetch_scores(pending: PendingStep, work_index: int, num_rows: int) -> SamplerOutput:
+        """The scored rows (prompt logprobs) of work ``work_index`` of a fetched step: ``num_rows`` rows, its
+        tokens' order."""
+        start = pending.score_offsets[work_index]
+        return jax.tree.map(lambda a: np.asarray(a)[start:start + num_rows], jax.device_get(pending.scores))
 
     @staticmethod
     def fetch(pending: PendingStep) -> SamplerOutput:

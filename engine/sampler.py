@@ -243,7 +243,7 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, *, num_logprobs: int |
 
     if num_logprobs is None:
         return SamplerOutput(token_ids=token_ids)
-    return _with_logprobs(token_ids, raw_logits, num_logprobs)
+    return with_logprobs(token_ids, raw_logits, num_logprobs)
 
 
 def apply_penalties(logits: jax.Array, metadata: SamplingMetadata) -> jax.Array:
@@ -340,7 +340,7 @@ def _sort_descending(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.where(key < 0, key ^ 0x7FFFFFFF, key), jnp.float32)
 
 
-def _with_logprobs(token_ids: jax.Array, raw_logits: jax.Array, num_logprobs: int) -> SamplerOutput:
+def with_logprobs(token_ids: jax.Array, raw_logits: jax.Array, num_logprobs: int) -> SamplerOutput:
     log_normalizer = jax.nn.logsumexp(raw_logits, axis=-1, keepdims=True)
     sampled_logit = jnp.take_along_axis(raw_logits, token_ids[:, None], axis=-1)
     ranks = 1 + jnp.sum(raw_logits > sampled_logit, axis=-1, dtype=jnp.int32)

@@ -10,10 +10,10 @@ Deliberate differences from vLLM (``vllm/sampling_params.py``):
   downstream.
 - ``temperature`` has no upper bound (vLLM recently added ``<= 2``; OpenAI's API caps
   at 2, but nothing numerical requires it).
-- ``logprobs`` is capped at ``MAX_LOGPROBS`` (20, OpenAI's and vLLM's default
-  ``max_logprobs``); vLLM's ``-1`` (whole vocabulary) is not supported.
-- Only the fields listed below exist (no ``logit_bias``, ``bad_words``,
-  ``prompt_logprobs``, structured outputs, beam search).
+- ``logprobs`` and ``prompt_logprobs`` are capped at ``MAX_LOGPROBS`` (20, OpenAI's and
+  vLLM's default ``max_logprobs``); vLLM's ``-1`` (whole vocabulary) is not supported.
+- Only the fields listed below exist (no ``logit_bias``, ``bad_words``, structured
+  outputs, beam search).
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ class SamplingParams:
     logprobs: if not ``None``, return the log-probability of each sampled token and
         of the ``logprobs`` most likely tokens at that step (0 = the sampled token
         only). At most ``MAX_LOGPROBS``.
+    prompt_logprobs: if not ``None``, return for each prompt token after the first its
+        log-probability given the tokens before it, and the ``prompt_logprobs`` most
+        likely tokens there (0 = the prompt token only). At most ``MAX_LOGPROBS``. Such a
+        request computes its whole prompt (no prefix cache hits), as in vLLM.
     skip_special_tokens: leave special tokens out of the output text.
     include_stop_str_in_output: keep the matched stop string (or stop token's text)
         at the end of the output text.
@@ -90,6 +94,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -190,10 +195,10 @@ class SamplingParams:
                 self.min_tokens <= self.max_tokens,
                 "min_tokens", f"must be <= max_tokens ({self.max_tokens})", self.min_tokens,
             )
-        _require(
-            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-            "logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]", self.logprobs,
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _require(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                     name, f"must be None or an integer in [0, {MAX_LOGPROBS}]", value)
         if self.is_greedy:
             _require(self.n == 1, "n", "must be 1 with greedy sampling (temperature 0)", self.n)
 

@@ -224,11 +224,14 @@ def forward(
     write_kv_fn: WriteKVFn = write_kv_reference,
     linear_backend: LinearBackend = LinearBackend(),
     qkv_shards: int = 1,
+    return_hidden: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run the new tokens of ``batch`` through the model.
 
     Writes their K/V into ``kv_cache`` and returns float32 logits ``[S, V]`` at
-    ``batch.logits_indices`` together with the updated cache. Layer weights may be
+    ``batch.logits_indices`` together with the updated cache (``return_hidden``: the
+    last layer's normed output of every token row, ``[T, hidden]``, for ``lm_head_logits``
+    to take the rows it wants). Layer weights may be
     dense arrays or quantized weights (``models.quantization``); ``linear_backend`` says
     how those are multiplied. ``attention_fn`` and ``write_kv_fn`` take each layer's
     ``qkv`` buffer (``QUERY`` above says why); ``qkv_shards``: its heads in that many blocks
@@ -338,11 +341,18 @@ def forward(
         layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"], next_norms)
         carry = (x, rms_norm(x, input_norms[0], eps), kv_cache.k, kv_cache.v)
         (x, h, k_cache, v_cache), _ = jax.lax.scan(layer_step, carry, layers)
-    x = h[batch.logits_indices]  # the last layer's output by the final norm
+    cache = KVCache(k=k_cache, v=v_cache)
+    if return_hidden:
+        return h, cache
+    # The last layer's output by the final norm, at each sequence's row.
+    return lm_head_logits(params, h[batch.logits_indices], config=config, linear_backend=linear_backend), cache
+
+
+def lm_head_logits(params: dict, x: jax.Array, *, config: ModelConfig,
+                   linear_backend: LinearBackend = LinearBackend()) -> jax.Array:
+    """Float32 logits ``[N, V]`` of rows ``x`` of the last layer's normed output."""
     if is_quantized(params.get("lm_head")):  # tied or not: the layers' matmul path (one row: the int8 GEMV)
         # ``linear`` returns x's dtype: with bf16 activations the logits are rounded to bf16 before this cast.
-        logits = mm(x, params["lm_head"]).astype(jnp.float32)
-    else:
-        lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-        logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
-    return logits, KVCache(k=k_cache, v=v_cache)
+        return linear(x, params["lm_head"], backend=linear_backend).astype(jnp.float32)
+    lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.dot(x, lm_head, preferred_element_type=jnp.float32)

@@ -259,6 +259,31 @@ def test_logprobs_both_formats(served, reference):
         assert bytes(c.bytes).decode() == c.token
 
 
+def test_echo_with_logprobs_scores_the_prompt(served, reference):
+    """What evaluation harnesses send to score a text (``echo`` with ``logprobs``): the prompt's tokens with their
+    logprobs (the first has none), then the completion's; the same streamed; the greedy completion unchanged."""
+    client = served.client()
+    tokenizer = served.async_llm.tokenizer
+    num_prompt = len(tokenizer.encode(PROMPTS[0]))
+    out = client.completions.create(model=served.model, prompt=PROMPTS[0], echo=True, logprobs=1, **GREEDY)
+    (choice,) = out.choices
+    lp = choice.logprobs
+    assert choice.text == PROMPTS[0] + reference[0]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == num_prompt + 8
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(num_prompt + 8)]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+    # " Paris" after "The capital of France is": the completion's first token is the prompt's most likely next.
+    plain = client.completions.create(model=served.model, prompt=PROMPTS[0], logprobs=1, **GREEDY).choices[0]
+    assert lp.token_logprobs[num_prompt:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=served.model, prompt=PROMPTS[0], echo=True, logprobs=1, stream=True, **GREEDY) if c.choices]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [x for s in streamed for x in s.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+
 def test_32_concurrent_streams_batched_and_queued(served, reference):
     """32 streams against max_num_seqs=16: 16 run batched, the rest wait in the engine queue, all finish right."""
     peak = {"vllm:num_requests_waiting": 0.0, "vllm:num_requests_running": 0.0}
@@ -459,7 +484,6 @@ def test_wrong_types(served, endpoint, body, param):
     ({"extra_body": {"top_k": -5}}, "top_k"),
     ({"extra_body": {"min_tokens": 9, "max_tokens": 4}}, "min_tokens"),
     ({"extra_body": {"logit_bias": {"1": 5}}}, "logit_bias"),
-    ({"echo": True, "logprobs": 1}, "echo"),
 ])
 def test_out_of_range_completions(served, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:

@@ -256,10 +256,9 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest):
         model = self._check_model(req)
         _refuse_unsupported(req)
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo together with logprobs needs the prompt's logprobs, which this server does "
-                              "not compute; drop one of them", param="echo")
         params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, renames={})
+        if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
+            params.prompt_logprobs = req.logprobs
         prompts = await run_in_threadpool(self._completion_prompts, req.prompt)
         for prompt in prompts:
             self._check_length(len(prompt.token_ids), req.max_tokens if "max_tokens" in req.model_fields_set
@@ -278,11 +277,31 @@ class OpenAIServing:
                 logprobs = None
                 if req.logprobs is not None:
                     logprobs = CompletionLogprobs()
-                    _extend_completion_logprobs(logprobs, completion, 0, len(echo or ""))
+                    offset = self._echo_logprobs(logprobs, output) if req.echo else 0
+                    _extend_completion_logprobs(logprobs, completion, 0, offset)
                 choices.append(CompletionChoice(index=p * params.n + completion.index, text=text, logprobs=logprobs,
                                                 finish_reason=completion.finish_reason,
                                                 stop_reason=completion.stop_reason))
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=_usage(finals))
+
+    def _echo_logprobs(self, out: CompletionLogprobs, output: RequestOutput) -> int:
+        """Append the prompt's tokens to ``out`` in the completions format (the first with no logprob, as OpenAI's
+        legacy API and vLLM give it), from ``output.prompt_logprobs``; returns the text offset after them."""
+        text_offset = 0
+        for index, (token_id, entry) in enumerate(zip(output.prompt_token_ids, output.prompt_logprobs)):
+            if entry is None:
+                tokenizer = self.async_llm.tokenizer
+                token = tokenizer.decode([token_id]) if tokenizer is not None else ""
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+            else:
+                token = entry[token_id].decoded_token or ""
+                out.token_logprobs.append(entry[token_id].logprob)
+                out.top_logprobs.append({(lp.decoded_token or ""): lp.logprob for lp in entry.values()})
+            out.tokens.append(token)
+            out.text_offset.append(text_offset)
+            text_offset += len(token)
+        return text_offset
 
     def _completion_prompts(self, prompt) -> list[_Prompt]:
         """Runs in a worker thread (tokenizing may be slow)."""
@@ -320,16 +339,16 @@ class OpenAIServing:
                 state = states.setdefault(index, _ChoiceState())
                 if state.finished:
                     continue
-                prefix = ""
+                prefix, logprobs = "", None
+                if req.logprobs is not None:
+                    logprobs = CompletionLogprobs()
                 if not state.started:
                     state.started = True
                     if req.echo:
                         prefix = prompts[p].text or ""
-                        state.text_offset = len(prefix)
+                        state.text_offset = len(prefix) if logprobs is None else self._echo_logprobs(logprobs, output)
                 delta = _text_delta(completion, state)
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = CompletionLogprobs()
+                if logprobs is not None:
                     state.text_offset = _extend_completion_logprobs(
                         logprobs, completion, state.tokens_sent, state.text_offset)
                 state.tokens_sent = len(completion.token_ids)
