@@ -162,3 +162,19 @@ def test_multi_step_decoding_gives_one_steps_tokens_and_updates_the_cache_in_pla
             assert compiled.memory_analysis().temp_size_in_bytes < pool / 8
         llm.shutdown()
     assert outputs[4] == outputs[1]
+
+
+def test_prefix_caching_and_prompt_logprobs_with_the_kernels(tmp_path):
+    """The Pallas kernels over cached prefixes give the tokens computed afresh, and the scoring step's prompt
+    logprobs of generated tokens are the sampler's logprobs (tests/test_prompt_logprobs.py runs it on the CPU)."""
+    from tests.test_prompt_logprobs import scores_agree_with_sampling
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=4)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (3, 20, 33, 70)]
+    llm = LLM(model=str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=256,
+              max_num_batched_tokens=64, max_num_seqs=8, num_gpu_blocks_override=128)
+    try:
+        scores_agree_with_sampling(llm, prompts, atol=1e-3)
+    finally:
+        llm.shutdown()

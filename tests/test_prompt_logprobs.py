@@ -102,3 +102,34 @@ def test_prompt_logprobs_are_validated():
         SamplingParams(prompt_logprobs=21)
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=-1)
+
+
+def scores_agree_with_sampling(llm: LLM, prompts: list[list[int]], atol: float) -> None:
+    """Greedy tokens with their logprobs, then the prompts again (found in the prefix cache: the same tokens), then
+    prompt + tokens scored as a prompt: the scores at the generated places are the sampler's logprobs."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+    first = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    again = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in first]
+    assert any(o.num_cached_tokens for o in again)
+    texts = [p + o.outputs[0].token_ids for p, o in zip(prompts, first)]
+    scored = llm.generate([{"prompt_token_ids": t} for t in texts],
+                          SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    for prompt, output, score in zip(prompts, first, scored):
+        tokens = output.outputs[0].token_ids
+        sampled = [entry[token].logprob for entry, token in zip(output.outputs[0].logprobs, tokens)]
+        found = [entry[token].logprob for entry, token in zip(score.prompt_logprobs[len(prompt):], tokens)]
+        np.testing.assert_allclose(found, sampled, atol=atol)
+        assert all(entry[token].rank == 1 for entry, token in zip(score.prompt_logprobs[len(prompt):], tokens))
+
+
+def test_scores_of_generated_tokens_equal_their_sampled_logprobs(tiny):
+    path, model = tiny
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (3, 20, 33)]
+    llm = LLM(path, skip_tokenizer_init=True, max_model_len=128, max_num_batched_tokens=32, max_num_seqs=4,
+              block_size=8, seed=0)
+    try:
+        scores_agree_with_sampling(llm, prompts, atol=1e-4)
+    finally:
+        llm.shutdown()

@@ -138,6 +138,22 @@ def test_completion_text_and_usage(served, reference):
     assert by_ids.usage.prompt_tokens == len(ids)
 
 
+def test_tokenize_and_detokenize(served):
+    """vLLM's /tokenize gives the ids the generation endpoints run (a prompt; chat messages through the template);
+    /detokenize gives the text back; bad input is a 400."""
+    tokenizer = served.async_llm.tokenizer
+    out = httpx.post(f"{served.url}/tokenize", json={"model": served.model, "prompt": PROMPTS[0]}).json()
+    assert out["tokens"] == tokenizer.encode(PROMPTS[0]) and out["count"] == len(out["tokens"])
+    assert out["max_model_len"] == MAX_MODEL_LEN
+    chat = httpx.post(f"{served.url}/tokenize", json={"messages": CHAT}).json()
+    assert chat["tokens"] == apply_chat_template(tokenizer, CHAT)
+    back = httpx.post(f"{served.url}/detokenize", json={"tokens": out["tokens"]}).json()
+    assert back["prompt"] == PROMPTS[0]
+    assert _error(httpx.post(f"{served.url}/tokenize", json={}), 400)["param"] == "prompt"
+    assert _error(httpx.post(f"{served.url}/detokenize", json={"tokens": [10**9]}), 400)["param"] == "tokens"
+    assert _error(httpx.post(f"{served.url}/tokenize", json={"model": "gpt-5", "prompt": "x"}), 404)["param"] == "model"
+
+
 def test_chat_answers_paris(served):
     tokenizer = served.async_llm.tokenizer
     out = served.client().chat.completions.create(model=served.model, messages=CHAT, temperature=0,

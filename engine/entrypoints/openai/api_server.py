@@ -42,7 +42,8 @@ from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
-    ModelCard, ModelList, PromptTokenUsageInfo, UsageInfo, random_id,
+    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, PromptTokenUsageInfo, TokenizeRequest,
+    TokenizeResponse, UsageInfo, random_id,
 )
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
@@ -182,6 +183,14 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await _cancel_on_disconnect(raw, serving.create_chat_completion(body))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return await serving.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await serving.detokenize(body)
 
     return app
 
@@ -388,7 +397,34 @@ class OpenAIServing:
                    for c in final.outputs]
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=_usage([final]))
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
+    # -- /tokenize, /detokenize (vLLM's) ----------------------------------------------------
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """The token ids the generation endpoints would run for a prompt or chat messages."""
+        self._check_model(req)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give either prompt or messages", param="prompt")
+        self._require_tokenizer("prompt" if req.prompt is not None else "messages")
+        if req.prompt is not None:
+            ids = await run_in_threadpool(self.async_llm.engine.tokenize, req.prompt)
+        else:
+            ids = (await run_in_threadpool(self._chat_prompt, req)).token_ids
+        return TokenizeResponse(count=len(ids), max_model_len=self.async_llm.max_model_len, tokens=ids)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(req)
+        self._require_tokenizer("tokens")
+        vocab = self.async_llm.engine.model_config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        return DetokenizeResponse(prompt=await run_in_threadpool(self.async_llm.tokenizer.decode, req.tokens))
+
+    def _require_tokenizer(self, param: str) -> None:
+        if self.async_llm.tokenizer is None:
+            raise bad_request("this server's model has no tokenizer", param=param)
+
+    def _chat_prompt(self, req: ChatCompletionRequest | TokenizeRequest) -> _Prompt:
         """Runs in a worker thread: renders the messages with the model's chat template."""
         from jinja2 import TemplateError
 
