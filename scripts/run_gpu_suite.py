@@ -238,6 +238,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 180),
+        # Prefix caching and prompt logprobs with the kernels (both new in 771bcfb / d78ac31).
+        ("engine-gpu-prefix", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "prefix_caching",
+                               "tests/test_engine_gpu.py"], 120),
         ("engine-quantized", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "quantized", "tests/test_engine_gpu.py"],
          150),
         ("latency-int8", latency("int8"), 100),
