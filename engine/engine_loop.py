@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence, Union
 
 from engine.outputs import RequestOutput, RequestOutputKind
@@ -21,6 +22,8 @@ if TYPE_CHECKING:  # the engine process's parent uses this module's types withou
     from engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("pagedjax")
+
+WAIT_SLICE_S = 0.1  # the engine loop's waits are counted in its stats in slices of this length
 
 OnOutput = Callable[[RequestOutput], None]
 OnError = Callable[[BaseException], None]
@@ -135,10 +138,24 @@ class EngineLoop:
             return fn(self.engine)
 
     def _run(self) -> None:
+        # Where the loop's time goes outside steps (engine.stats, LLMEngine.step has the steps'): waiting between
+        # steps while requests are unfinished (callers holding the engine: adds, aborts, stats), waiting with none,
+        # and the after-step hook (the engine process's send of a step's outputs). A wait is counted every
+        # WAIT_SLICE_S, so stats read during a long idle spell include it.
+        stats = self.engine.stats
+        stats.update(loop_yield_s=0.0, loop_idle_s=0.0, after_step_s=0.0)
+
+        def ready() -> bool:
+            return not self._running or (self._pending == 0 and self.engine.has_unfinished_requests())
+
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: not self._running
-                                    or (self._pending == 0 and self.engine.has_unfinished_requests()))
+                while True:
+                    busy, started = self.engine.has_unfinished_requests(), time.perf_counter()
+                    done = self._cond.wait_for(ready, timeout=WAIT_SLICE_S)
+                    stats["loop_yield_s" if busy else "loop_idle_s"] += time.perf_counter() - started
+                    if done:
+                        break
                 if not self._running:
                     return
                 try:
@@ -147,7 +164,9 @@ class EngineLoop:
                     logger.exception("engine step failed; failing the requests in flight")
                     self._fail_all(exc)
                 if self._after_step is not None:
+                    started = time.perf_counter()
                     self._after_step()
+                    stats["after_step_s"] += time.perf_counter() - started
 
     def _fail_all(self, exc: BaseException) -> None:
         callbacks, self._error_callbacks = self._error_callbacks, {}

@@ -150,6 +150,12 @@ class _EngineStateCollector(Collector):
             ("prefix_cache_hits", "Tokens of admitted requests found in the prefix cache.", stats["prefix_cache_hits"]),
             ("engine_steps", "Engine steps run.", stats["steps"]),
             ("engine_host_seconds", "Seconds the engine loop spent in steps on its own (host) work.", stats["host_s"]),
+            ("engine_yield_seconds", "Seconds the engine loop waited between steps, with requests unfinished, for "
+             "callers holding the engine (adding or aborting requests, reading stats).", stats.get("loop_yield_s", 0.0)),
+            ("engine_idle_seconds", "Seconds the engine loop waited with no request unfinished.",
+             stats.get("loop_idle_s", 0.0)),
+            ("engine_after_step_seconds", "Seconds the engine loop spent after steps handing their outputs on.",
+             stats.get("after_step_s", 0.0)),
             ("engine_wait_seconds", "Seconds the engine loop waited in steps for the device's results.",
              stats["wait_s"]),
         ]

@@ -305,6 +305,7 @@ def server_facts(url: str) -> dict:
 
 ENGINE_COUNTERS = ("engine_steps", "generation_tokens", "engine_host_seconds", "engine_wait_seconds")
 PREFIX_CACHE_COUNTERS = ("prefix_cache_queries", "prefix_cache_hits")
+LOOP_COUNTERS = ("engine_yield_seconds", "engine_after_step_seconds", "engine_idle_seconds")  # outside steps
 
 
 def engine_counters(url: str) -> dict:
@@ -316,7 +317,7 @@ def engine_counters(url: str) -> dict:
     values = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=60).text):
         name = family.name.split(":", 1)[-1]
-        if name in ENGINE_COUNTERS + PREFIX_CACHE_COUNTERS:
+        if name in ENGINE_COUNTERS + PREFIX_CACHE_COUNTERS + LOOP_COUNTERS:
             values[name] = sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
     return values
 
@@ -332,6 +333,12 @@ def engine_figures(before: dict, after: dict) -> dict:
                    engine_wait_ms_per_step=1e3 * delta["engine_wait_seconds"] / steps)
     if all(name in before and name in after for name in PREFIX_CACHE_COUNTERS):  # prompt tokens found cached
         figures.update({name: int(after[name] - before[name]) for name in PREFIX_CACHE_COUNTERS})
+    if all(name in before and name in after for name in LOOP_COUNTERS):
+        figures.update(engine_yield_s=after["engine_yield_seconds"] - before["engine_yield_seconds"],
+                       engine_after_step_s=after["engine_after_step_seconds"] - before["engine_after_step_seconds"],
+                       engine_idle_s=after["engine_idle_seconds"] - before["engine_idle_seconds"],
+                       engine_steps_s=1e-3 * steps * (figures["engine_host_ms_per_step"]
+                                                       + figures["engine_wait_ms_per_step"]))
     return figures
 
 
@@ -438,7 +445,10 @@ def main(argv=None) -> dict:
     if engine:
         print(f"engine: {engine['engine_steps']} steps, {engine['tokens_per_step']:.1f} tokens a step, host "
               f"{engine['engine_host_ms_per_step']:.2f} ms and device wait {engine['engine_wait_ms_per_step']:.2f} ms "
-              "a step")
+              "a step" + ("" if "engine_yield_s" not in engine else
+                          f"; of the run's {result['duration_s']:.1f} s: steps {engine['engine_steps_s']:.1f} s, "
+                          f"yielding to callers {engine['engine_yield_s']:.1f} s, handing outputs on "
+                          f"{engine['engine_after_step_s']:.1f} s, idle {engine['engine_idle_s']:.1f} s"))
     if result["error_samples"]:
         print("errors:", *result["error_samples"], sep="\n  ")
     print(f"wrote {path}")
