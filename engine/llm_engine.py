@@ -476,14 +476,18 @@ class LLMEngine:
                 position = s.start + row + 1  # the prompt token this row's logits predict
                 if position != len(entries) or position >= len(prompt):
                     continue
-                token = prompt[position]
-                entry = {token: Logprob(float(scores.logprobs[row]), rank=int(scores.ranks[row]))}
-                for rank, (tid, lp) in enumerate(zip(scores.top_token_ids[row][:k], scores.top_logprobs[row][:k]), 1):
-                    entry.setdefault(int(tid), Logprob(float(lp), rank=rank))
-                if self.tokenizer is not None:
-                    for tid, lp in entry.items():
-                        lp.decoded_token = self.tokenizer.decode([tid])
-                entries.append(entry)
+                entries.append(self._logprobs_entry(prompt[position], scores, row, k))
+
+    def _logprobs_entry(self, token: int, result, row: int, k: int) -> dict[int, Logprob]:
+        """``{token id: Logprob}`` of ``token`` and the ``k`` most likely tokens at row ``row`` of a sampler output
+        (or a scoring step's), with their text."""
+        entry = {token: Logprob(float(result.logprobs[row]), rank=int(result.ranks[row]))}
+        for rank, (tid, lp) in enumerate(zip(result.top_token_ids[row][:k], result.top_logprobs[row][:k]), 1):
+            entry.setdefault(int(tid), Logprob(float(lp), rank=rank))
+        if self.tokenizer is not None:
+            for tid, lp in entry.items():
+                lp.decoded_token = self.tokenizer.decode([tid])
+        return entry
 
     def _forget_samples(self, group: _RequestGroup) -> None:
         for sample in group.samples:
@@ -507,14 +511,7 @@ class LLMEngine:
         stop checks. Outputs after it are tokens of a step still in flight."""
         self.stats["generation_tokens"] += 1
         if sample.logprobs is not None:
-            entry = {token: Logprob(float(result.logprobs[row]), rank=int(result.ranks[row]))}
-            k = group.params.logprobs
-            for rank, (tid, lp) in enumerate(zip(result.top_token_ids[row][:k], result.top_logprobs[row][:k]), 1):
-                entry.setdefault(int(tid), Logprob(float(lp), rank=rank))
-            if self.tokenizer is not None:
-                for tid, lp in entry.items():
-                    lp.decoded_token = self.tokenizer.decode([tid])
-            sample.logprobs.append(entry)
+            sample.logprobs.append(self._logprobs_entry(token, result, row, group.params.logprobs))
         if result.logprobs is not None:
             sample.cumulative_logprob += float(result.logprobs[row])
         delta = ""
