@@ -443,14 +443,14 @@ class LLMEngine:
                 continue
             index = s.start + s.num_tokens - s.request.num_prompt_tokens  # the first token's place in the outputs
             group.first_token_time = group.first_token_time or now
+            if sample is group.samples[0] and len(group.samples) < group.params.n:
+                self._fork_samples(group, now)  # before the first token's stop checks may finish (and free) it
             for j, token in enumerate(tokens_of(i, s)):
                 if self.async_scheduling:  # fill in the pending token
                     s.request.output_token_ids[index + j] = token
                 self._record_token(group, sample, token, results[j], i, num_output_tokens=index + j + 1)
                 if sample.finish_reason is not None:  # its later tokens are dropped
                     break
-            if sample is group.samples[0] and len(group.samples) < group.params.n:
-                self._fork_samples(group, now)
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():
@@ -494,14 +494,19 @@ class LLMEngine:
             self._samples.pop(sample.request.request_id, None)
 
     def _fork_samples(self, group: _RequestGroup, now: float) -> None:
-        """``n > 1``: the other samples share the prompt's blocks and re-run its last token."""
+        """``n > 1``: the other samples share the prompt's blocks and re-run its last token. Where the first sample
+        has already finished (its first token reached ``max_model_len``), they compute the prompt again instead (from
+        the prefix cache where it is on)."""
         parent = group.samples[0].request
         for index in range(1, group.params.n):
             seq_id = f"{group.request_id}#{index}"
             child = self._new_sample(group, seq_id, (group.samples[0].seed + index * 7919) % (2**31 - 1),
                                      now, parent.priority)
-            child.request.num_computed_tokens = len(group.prompt_token_ids) - 1
-            self.scheduler.fork_request(parent, child.request)
+            if parent.status is RequestStatus.RUNNING:
+                child.request.num_computed_tokens = len(group.prompt_token_ids) - 1
+                self.scheduler.fork_request(parent, child.request)
+            else:
+                self.scheduler.add_request(child.request)
             group.samples.append(child)
             self._samples[seq_id] = (child, group)
 

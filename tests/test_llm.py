@@ -123,6 +123,21 @@ def test_parallel_sampling_n(llm):
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
 
+def test_n_samples_of_one_token_and_at_the_context_limit(llm):
+    """``n > 1`` where the first sample finishes at its first token: by max_tokens (the others are forked before its
+    stop checks free its blocks), or by reaching max_model_len (the others compute the prompt again). Each sample's
+    one token is the first token of the same seeded request with more tokens."""
+    longer = llm.generate(PROMPTS[1], SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=7), use_tqdm=False)[0]
+    one = llm.generate(PROMPTS[1], SamplingParams(n=3, temperature=1.0, max_tokens=1, seed=7), use_tqdm=False)[0]
+    assert [c.token_ids for c in one.outputs] == [c.token_ids[:1] for c in longer.outputs]
+    assert all(c.finish_reason == "length" for c in one.outputs)
+    full = list(range(1, 256))  # max_model_len 256: one token left
+    at_limit = llm.generate({"prompt_token_ids": full}, SamplingParams(n=2, temperature=1.0, seed=5), use_tqdm=False)[0]
+    assert [len(c.token_ids) for c in at_limit.outputs] == [1, 1]
+    assert all(c.finish_reason == "length" for c in at_limit.outputs)
+    assert llm.llm_engine.block_manager.num_used_blocks == 0
+
+
 def test_every_buffer_a_small_step_touches_stays_where_it_is(llm, alone, monkeypatch):
     """A small step's inputs (staged into donated buffers), its logits and the sampled tokens it feeds the
     next step (both written over the previous step's, donated) keep their device addresses from step to step,
