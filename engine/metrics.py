@@ -149,9 +149,12 @@ class _EngineStateCollector(Collector):
              stats["prefix_cache_queries"]),
             ("prefix_cache_hits", "Tokens of admitted requests found in the prefix cache.", stats["prefix_cache_hits"]),
             ("engine_steps", "Engine steps run.", stats["steps"]),
+            ("engine_steps_planned_ahead", "Engine steps planned while the step before them ran on the device "
+             "(asynchronous scheduling).", stats["steps_planned_ahead"]),
             ("engine_host_seconds", "Seconds the engine loop spent in steps on its own (host) work.", stats["host_s"]),
             ("engine_yield_seconds", "Seconds the engine loop waited between steps, with requests unfinished, for "
-             "callers holding the engine (adding or aborting requests, reading stats).", stats.get("loop_yield_s", 0.0)),
+             "callers holding the engine (adding or aborting requests, reading stats).",
+             stats.get("loop_yield_s", 0.0)),
             ("engine_idle_seconds", "Seconds the engine loop waited with no request unfinished.",
              stats.get("loop_idle_s", 0.0)),
             ("engine_after_step_seconds", "Seconds the engine loop spent after steps handing their outputs on.",

@@ -305,7 +305,9 @@ def server_facts(url: str) -> dict:
 
 ENGINE_COUNTERS = ("engine_steps", "generation_tokens", "engine_host_seconds", "engine_wait_seconds")
 PREFIX_CACHE_COUNTERS = ("prefix_cache_queries", "prefix_cache_hits")
-LOOP_COUNTERS = ("engine_yield_seconds", "engine_after_step_seconds", "engine_idle_seconds")  # outside steps
+# The loop's time outside steps, and the steps planned while the one before ran (asynchronous scheduling).
+LOOP_COUNTERS = ("engine_yield_seconds", "engine_after_step_seconds", "engine_idle_seconds",
+                 "engine_steps_planned_ahead")
 
 
 def engine_counters(url: str) -> dict:
@@ -337,6 +339,8 @@ def engine_figures(before: dict, after: dict) -> dict:
         figures.update(engine_yield_s=after["engine_yield_seconds"] - before["engine_yield_seconds"],
                        engine_after_step_s=after["engine_after_step_seconds"] - before["engine_after_step_seconds"],
                        engine_idle_s=after["engine_idle_seconds"] - before["engine_idle_seconds"],
+                       engine_planned_ahead_share=(after["engine_steps_planned_ahead"]
+                                                   - before["engine_steps_planned_ahead"]) / steps,
                        engine_steps_s=1e-3 * steps * (figures["engine_host_ms_per_step"]
                                                        + figures["engine_wait_ms_per_step"]))
     return figures
@@ -448,7 +452,8 @@ def main(argv=None) -> dict:
               "a step" + ("" if "engine_yield_s" not in engine else
                           f"; of the run's {result['duration_s']:.1f} s: steps {engine['engine_steps_s']:.1f} s, "
                           f"yielding to callers {engine['engine_yield_s']:.1f} s, handing outputs on "
-                          f"{engine['engine_after_step_s']:.1f} s, idle {engine['engine_idle_s']:.1f} s"))
+                          f"{engine['engine_after_step_s']:.1f} s, idle {engine['engine_idle_s']:.1f} s; planned "
+                          f"ahead {engine['engine_planned_ahead_share']:.0%} of steps"))
     if result["error_samples"]:
         print("errors:", *result["error_samples"], sep="\n  ")
     print(f"wrote {path}")
