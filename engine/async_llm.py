@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Protocol, Sequence, Union
 
 from engine.engine_args import EngineArgs
@@ -89,6 +91,7 @@ class AsyncLLM:
     def __init__(self, loop: Union[EngineLoop, "EngineProcess"], stat_loggers: Sequence[StatLogger] = ()):
         self._loop = loop
         self._stat_loggers = list(stat_loggers)
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its _Mailbox
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, stat_loggers: Sequence[StatLogger] = (), *,
@@ -172,16 +175,19 @@ class AsyncLLM:
 
     def _callbacks(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, timer: "_RequestTimer"):
         """The engine-thread callbacks of one request: record latencies, hand outputs to the event loop."""
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = _Mailbox(loop)
 
         def on_output(output: RequestOutput) -> None:
             try:
                 timer.record(output)
             except Exception:  # a stat logger must never fail an engine step
                 logger.exception("stat logger failed")
-            _put_threadsafe(loop, queue, output)
+            mailbox.put(queue, output)
 
         def on_error(exc: BaseException) -> None:
-            _put_threadsafe(loop, queue, exc)
+            mailbox.put(queue, exc)
 
         return on_output, on_error
 
@@ -280,8 +286,29 @@ class _RequestTimer:
                 stat_logger.on_finished(now - self.arrival, reasons)
 
 
-def _put_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
-    try:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-    except RuntimeError:  # the consumer's event loop is closed: nobody is listening
-        pass
+class _Mailbox:
+    """Hands items from other threads to an event loop's queues, waking the loop once for everything that arrives
+    before it runs: ``call_soon_threadsafe`` writes to the loop's wake-up pipe and queues a callback each call, and
+    at 512 streams the engine's outputs made that one system call and one callback a request a step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._items: list[tuple[asyncio.Queue, object]] = []
+        self._lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            wake = len(self._items) == 1  # else a delivery is already due and takes this item too
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the consumers' event loop is closed: nobody is listening
+                with self._lock:
+                    self._items.clear()
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)

@@ -157,9 +157,11 @@ async def send_one(chunks, model: str, prompt: list[int], max_tokens: int, start
 
 async def run_load(base_url: str, model: str, requests: list[tuple[list[int], int]], offsets: list[float],
                    max_concurrency: Optional[int], timeout_s: float,
-                   client_kind: str = "openai") -> tuple[list[RequestResult], float]:
+                   client_kind: str = "openai", start: Optional[float] = None) -> tuple[list[RequestResult], float]:
     """All requests at their offsets, through the ``openai`` client or plain ``httpx`` (``client_kind``); returns
-    the results and the wall time from the first send to the last completion."""
+    the results and the wall time from the first send to the last completion. ``start``: the ``perf_counter`` time
+    the offsets count from (now if None; a shared one for several client processes, as Linux's clock is
+    system-wide)."""
     import httpx
     import openai
 
@@ -173,11 +175,46 @@ async def run_load(base_url: str, model: str, requests: list[tuple[list[int], in
         else:
             chunks = functools.partial(raw_chunks, await stack.enter_async_context(http))
         semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        start = time.perf_counter()
+        start = time.perf_counter() if start is None else start
         results = await asyncio.gather(*(send_one(chunks, model, prompt, max_tokens, start, offset, semaphore)
                                          for (prompt, max_tokens), offset in zip(requests, offsets)))
     ends = [r.finished_at for r in results if r.finished_at is not None]
     return list(results), (max(ends) - start) if ends else 0.0
+
+
+def _run_share(share: tuple) -> tuple[list[int], list[RequestResult]]:
+    """One client process's share of the requests (``run_loads``): their indices and results."""
+    indices, args = share
+    results, _ = asyncio.run(run_load(*args))
+    return indices, results
+
+
+def run_loads(base_url: str, model: str, requests: list[tuple[list[int], int]], offsets: list[float],
+              max_concurrency: Optional[int], timeout_s: float, client_kind: str,
+              num_processes: int) -> tuple[list[RequestResult], float]:
+    """``run_load`` from ``num_processes`` client processes, request i in process i mod n, all counting their
+    offsets from one start: one Python process reading 512 streams at ~7,000 tokens/s fell seconds behind the server
+    (run 33b: the engine idle for the last ~4 s of a 20 s run while the client read its backlog). A concurrency
+    limit is split between the processes."""
+    if num_processes <= 1:
+        return asyncio.run(run_load(base_url, model, requests, offsets, max_concurrency, timeout_s, client_kind))
+    import concurrent.futures
+    import multiprocessing
+
+    start = time.perf_counter() + 2.0  # the processes start (spawned) before the first send
+    limit = None if not max_concurrency else max(1, max_concurrency // num_processes)
+    shares = []
+    for p in range(num_processes):
+        indices = list(range(p, len(requests), num_processes))
+        shares.append((indices, (base_url, model, [requests[i] for i in indices], [offsets[i] for i in indices],
+                                 limit, timeout_s, client_kind, start)))
+    results: list[Optional[RequestResult]] = [None] * len(requests)
+    with concurrent.futures.ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for indices, share_results in pool.map(_run_share, shares):
+            for i, result in zip(indices, share_results):
+                results[i] = result
+    ends = [r.finished_at for r in results if r.finished_at is not None]
+    return results, (max(ends) - start) if ends else 0.0
 
 
 def summarize(results: list[RequestResult], wall_s: float) -> dict:
@@ -369,6 +406,9 @@ def parse_args(argv=None):
     parser.add_argument("--client", default="openai", choices=("openai", "httpx"),
                         help="the official openai client, or plain httpx with the events parsed by json (lighter: "
                              "tells the server's ceiling from the one-process client's)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="client processes sharing the requests (one process reading 512 streams falls behind "
+                             "a fast server: its time then measures the client)")
     parser.add_argument("--request-timeout-s", type=float, default=3600.0)
     parser.add_argument("--seed", type=int, default=bench_common.PROMPT_SEED, help="seed of prompts, lengths, arrivals")
     server = parser.add_argument_group("the server this script starts (ignored with --base-url)")
@@ -418,8 +458,8 @@ def main(argv=None) -> dict:
                 asyncio.run(run_load(url, facts["served_model"], [(prompt, max_tokens)], [0.0], None,
                                      args.request_timeout_s, args.client))
             before = engine_counters(url)
-            results, wall_s = asyncio.run(run_load(url, facts["served_model"], requests, offsets,
-                                                   args.max_concurrency, args.request_timeout_s, args.client))
+            results, wall_s = run_loads(url, facts["served_model"], requests, offsets, args.max_concurrency,
+                                        args.request_timeout_s, args.client, args.client_processes)
             engine = engine_figures(before, engine_counters(url))
         finally:
             if proc is not None:
@@ -436,7 +476,7 @@ def main(argv=None) -> dict:
         **({"shared_prefix_len": args.shared_prefix_len} if args.shared_prefix_len else {}),
         enable_prefix_caching=facts.get("enable_prefix_caching"),
         output_len=args.output_len, range_ratio=args.range_ratio, max_model_len=facts.get("max_model_len"),
-        client=args.client,
+        client=args.client, client_processes=args.client_processes,
         **summary, **engine,
     )
     path = bench_common.write_results(result, args.output_json, args.results_dir)

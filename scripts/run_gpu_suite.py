@@ -477,6 +477,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                             "--shared-prefix-len", "1024", *extra, "--output-json",
                                             f"{results}/serving-16-prefix{tag}.json"), 300)
           for tag, extra in (("", ()), ("-nocache", ("--serve-arg=--no-enable-prefix-caching",)))),
+        # The same all at once from 4 client processes: one process reading 512 streams fell ~4 s behind (run 33b).
+        ("serving-inf-httpx-p4", bench("bench_serving.py", "--request-rate", "inf", "--client", "httpx",
+                                       "--client-processes", "4", "--output-json",
+                                       f"{results}/serving-inf-httpx-p4.json"), 300),
         ("serving-inf-inproc", bench("bench_serving.py", "--request-rate", "inf", "--serve-arg=--no-engine-process",
                                      "--output-json", f"{results}/serving-inf-inproc.json"), 300),
         ("tput-serving-shape", tput("tput-short", "--num-requests", "512", "--input-len", "512", "--output-len", "256",

@@ -77,15 +77,15 @@ def test_serving_run_against_a_started_server(tmp_path):
 
 
 def test_serving_run_through_the_plain_httpx_client(tmp_path):
-    """``--client httpx``: the same request stream with the events parsed by ``json`` (no SDK); every request
-    counted, its tokens from the usage chunk, the client named in the result."""
+    """``--client httpx``: the same request stream with the events parsed by ``json`` (no SDK), here from two
+    client processes; every request counted, its tokens from the usage chunk, the client named in the result."""
     model = tmp_path / "tiny-llama"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(TINY_CONFIG))
     r = bench_serving.main(["--model", str(model), "--num-requests", "6", "--input-len", "12", "--output-len", "5",
-                            "--request-rate", "inf", "--num-warmup", "1", "--client", "httpx",
-                            "--results-dir", str(tmp_path / "results"), "--startup-timeout-s", "300"])
-    assert (r["completed"], r["errors"], r["client"]) == (6, 0, "httpx"), r["error_samples"]
+                            "--request-rate", "inf", "--num-warmup", "1", "--client", "httpx", "--client-processes",
+                            "2", "--results-dir", str(tmp_path / "results"), "--startup-timeout-s", "300"])
+    assert (r["completed"], r["errors"], r["client"], r["client_processes"]) == (6, 0, "httpx", 2), r["error_samples"]
     requested = bench_serving.make_requests(6, 12, 5, 0.5, vocab_size=384, seed=0)
     assert r["output_tokens"] == sum(m for _, m in requested)
     assert r["ttft_p50_ms"] is not None and r["itl_p50_ms"] is not None
