@@ -702,3 +702,39 @@ def test_the_servers_own_process_never_imports_jax(tmp_path):
                          env={**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "4", "False"]
+
+
+def test_mailbox_wakes_the_event_loop_once_for_what_arrives_before_it_runs():
+    """Items handed over from another thread reach their queues in order, one wake-up of the loop for all the
+    items that arrive before it runs (``async_llm._Mailbox``); a closed loop drops them quietly."""
+    from engine.async_llm import _Mailbox
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        mailbox, queues = _Mailbox(loop), [asyncio.Queue(), asyncio.Queue()]
+        wakeups = []
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args):
+            wakeups.append(callback)
+            return original(callback, *args)
+
+        loop.call_soon_threadsafe = counting
+        try:
+            def producer():
+                for i in range(50):
+                    mailbox.put(queues[i % 2], i)
+
+            thread = threading.Thread(target=producer)
+            thread.start()
+            thread.join()  # the loop has not run since: all 50 wait for one delivery
+            got = [[await q.get() for _ in range(25)] for q in queues]
+        finally:
+            del loop.call_soon_threadsafe
+        return got, len(wakeups)
+
+    got, wakeups = asyncio.run(scenario())
+    assert got == [list(range(0, 50, 2)), list(range(1, 50, 2))] and wakeups == 1
+    closed = asyncio.new_event_loop()
+    closed.close()
+    _Mailbox(closed).put(asyncio.Queue(), 1)  # no error: nobody is listening
