@@ -27,7 +27,7 @@ import re
 import secrets
 import socket
 import time
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -296,21 +296,9 @@ class OpenAIServing:
     def _echo_logprobs(self, out: CompletionLogprobs, output: RequestOutput) -> int:
         """Append the prompt's tokens to ``out`` in the completions format (the first with no logprob, as OpenAI's
         legacy API and vLLM give it), from ``output.prompt_logprobs``; returns the text offset after them."""
-        text_offset = 0
-        for index, (token_id, entry) in enumerate(zip(output.prompt_token_ids, output.prompt_logprobs)):
-            if entry is None:
-                tokenizer = self.async_llm.tokenizer
-                token = tokenizer.decode([token_id]) if tokenizer is not None else ""
-                out.token_logprobs.append(None)
-                out.top_logprobs.append(None)
-            else:
-                token = entry[token_id].decoded_token or ""
-                out.token_logprobs.append(entry[token_id].logprob)
-                out.top_logprobs.append({(lp.decoded_token or ""): lp.logprob for lp in entry.values()})
-            out.tokens.append(token)
-            out.text_offset.append(text_offset)
-            text_offset += len(token)
-        return text_offset
+        tokenizer = self.async_llm.tokenizer
+        decode = None if tokenizer is None else (lambda token_id: tokenizer.decode([token_id]))
+        return _append_completion_logprobs(out, zip(output.prompt_token_ids, output.prompt_logprobs), 0, decode)
 
     def _completion_prompts(self, prompt) -> list[_Prompt]:
         """Runs in a worker thread (tokenizing may be slow)."""
@@ -558,12 +546,23 @@ def _token_logprobs(completion: CompletionOutput, start: int):
 def _extend_completion_logprobs(out: CompletionLogprobs, completion: CompletionOutput, start: int,
                                 text_offset: int) -> int:
     """Append the completions-format logprobs of tokens ``start..``; returns the next text offset."""
-    for token_id, entry in _token_logprobs(completion, start):
-        chosen = entry[token_id]
-        token = chosen.decoded_token or ""
+    return _append_completion_logprobs(out, _token_logprobs(completion, start), text_offset)
+
+
+def _append_completion_logprobs(out: CompletionLogprobs, tokens_and_entries: Iterable[tuple[int, Optional[dict]]],
+                                text_offset: int, decode: Optional[Callable[[int], str]] = None) -> int:
+    """Append ``(token id, logprobs entry)`` pairs in the completions format; returns the next text offset. An entry
+    of None (a prompt's first token: nothing comes before it) has no logprobs, and its text from ``decode``."""
+    for token_id, entry in tokens_and_entries:
+        if entry is None:
+            token, logprob, top = (decode(token_id) if decode is not None else ""), None, None
+        else:
+            chosen = entry[token_id]
+            token, logprob = chosen.decoded_token or "", chosen.logprob
+            top = {(lp.decoded_token or ""): lp.logprob for lp in entry.values()}
         out.tokens.append(token)
-        out.token_logprobs.append(chosen.logprob)
-        out.top_logprobs.append({(lp.decoded_token or ""): lp.logprob for lp in entry.values()})
+        out.token_logprobs.append(logprob)
+        out.top_logprobs.append(top)
         out.text_offset.append(text_offset)
         text_offset += len(token)
     return text_offset
