@@ -466,17 +466,17 @@ class LLMEngine:
     def _record_prompt_logprobs(self, launched: _LaunchedStep) -> None:
         """Prompt logprobs of a step's scored chunks (``SamplingParams.prompt_logprobs``): the entry of each prompt
         token the chunk's rows predict, appended in order (a chunk run again after a preemption adds nothing)."""
-        for i in launched.pending.score_offsets:
+        scores = self.runner.fetch_scores(launched.pending)  # every scored work's rows, one copy to the host
+        for i, first_row in launched.pending.score_offsets.items():
             s = launched.plan.scheduled[i]
             group = launched.entries[i][1]
-            k = group.params.prompt_logprobs
-            scores = self.runner.fetch_scores(launched.pending, i, s.num_tokens)
             prompt, entries = group.prompt_token_ids, group.prompt_logprobs
             for row in range(s.num_tokens):
                 position = s.start + row + 1  # the prompt token this row's logits predict
                 if position != len(entries) or position >= len(prompt):
                     continue
-                entries.append(self._logprobs_entry(prompt[position], scores, row, k))
+                entries.append(self._logprobs_entry(prompt[position], scores, first_row + row,
+                                                    group.params.prompt_logprobs))
 
     def _logprobs_entry(self, token: int, result, row: int, k: int) -> dict[int, Logprob]:
         """``{token id: Logprob}`` of ``token`` and the ``k`` most likely tokens at row ``row`` of a sampler output

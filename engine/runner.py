@@ -836,11 +836,10 @@ class ModelRunner:
         return sorted({self.padded_num_seqs(T) for T in token_buckets(self.max_num_batched_tokens)})
 
     @staticmethod
-    def fetch_scores(pending: PendingStep, work_index: int, num_rows: int) -> SamplerOutput:
-        """The scored rows (prompt logprobs) of work ``work_index`` of a fetched step: ``num_rows`` rows, its
-        tokens' order."""
-        start = pending.score_offsets[work_index]
-        return jax.tree.map(lambda a: np.asarray(a)[start:start + num_rows], jax.device_get(pending.scores))
+    def fetch_scores(pending: PendingStep) -> SamplerOutput:
+        """A fetched step's scored rows (prompt logprobs) on the host: work ``i``'s rows start at
+        ``pending.score_offsets[i]``, in its tokens' order."""
+        return jax.tree.map(np.asarray, jax.device_get(pending.scores))
 
     @staticmethod
     def fetch(pending: PendingStep) -> SamplerOutput:
