@@ -63,9 +63,6 @@ class PrefixCache:
     def is_evictable(self, block: int) -> bool:
         return block in self._evictable
 
-    def key_of(self, block: int) -> bytes | None:
-        return self._key_of.get(block)
-
     def lookup(self, keys: list[bytes]) -> list[int]:
         """The blocks of the longest run of ``keys`` from the first that are all cached."""
         blocks = []

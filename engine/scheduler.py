@@ -478,7 +478,8 @@ class Scheduler:
         """Start a waiting request if its first chunk's blocks are free (never preempts); with prefix caching the
         chunk starts after its cached prefix."""
         manager = self.block_manager
-        if self._block_keys is None or not request.use_prefix_cache:
+        looks_up = self._block_keys is not None and request.use_prefix_cache
+        if not looks_up:
             prefix, num_cached = [], 0
         else:
             keys = self._block_keys[request.request_id]
@@ -490,7 +491,7 @@ class Scheduler:
                   else manager.allocate_slots(request.request_id, num_tokens))
         if copies is None:
             return False
-        if self._block_keys is not None and request.use_prefix_cache:
+        if looks_up:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += num_cached
             if not request.num_preemptions:
