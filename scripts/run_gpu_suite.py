@@ -70,6 +70,13 @@ AWQ_BATCH1_VARIANTS = (*((name, (f"PAGEDJAX_MATMUL_CONFIG={fields}",), "gpu-test
                        ("addnorm64", ("PAGEDJAX_ADD_NORM_MAX_ROWS=64",), "gpu-tests-add-norm"),
                        # The LM head in int8 (opt-in for AWQ: the checkpoint's head is bf16).
                        ("head8", ("PAGEDJAX_INT8_LM_HEAD=1",), "gpu-tests-subtiles"))
+# XLA switches that let its Triton emitter fuse what the classic one launches apart (run 34a measures them).
+XLA_TRITON_FUSIONS = {
+    "heroless": ("--compiler-option", "xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"),
+    "heroless-mof": ("--compiler-option", "xla_gpu_experimental_enable_triton_heroless_priority_fusion=true",
+                     "--compiler-option", "xla_gpu_unsupported_enable_triton_multi_output_fusion=true"),
+    "alltriton": ("--compiler-option", "xla_gpu_experimental_all_fusions_with_triton=true"),
+}
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -197,6 +204,15 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                          "--quantization", "int8", "--precompile-steps", "off"), 90),
         ("profile-decode1-awq", profile("profile-decode1-awq", "--step", "decode", "--batch", "1", "--ctx", "192",
                                         "--quantization", "awq", "--precompile-steps", "off"), 90),
+        # XLA's Triton fusions of what its classic emitter leaves as separate launches at batch 1 (the RMSNorm's
+        # reduce and scale, the split sums with the residual add / SwiGLU / rope): launches and kernel time a step.
+        *((f"profile-decode1-{q}-{tag}", profile(f"profile-decode1-{q}-{tag}", "--step", "decode", "--batch", "1",
+                                                 "--ctx", "192", "--quantization", q, "--precompile-steps", "off",
+                                                 *fusion_flags), 90)
+          for tag, fusion_flags in XLA_TRITON_FUSIONS.items() for q in ("int8", "awq")),
+        *((f"latency-int8-ms8-{tag}", latency("int8", "--num-scheduler-steps", "8", *fusion_flags, "--output-json",
+                                              f"{results}/latency-int8-ms8-{tag}.json"), 150)
+          for tag, fusion_flags in XLA_TRITON_FUSIONS.items()),
         # fp8 without autotuning ran every matmul on an untuned kernel (run 9); autotuning level 1
         # (no correctness checks), and Triton GEMMs off (cuBLAS only), with compile times.
         ("matmul-fp8-level1", matmul("matmul-fp8-level1", "--rows", "1,256,4096", "--variants", "xla-bf16,xla-fp8",
