@@ -161,6 +161,27 @@ def random_prompts(num_requests: int, input_len: int, vocab_size: int, seed: int
     return rng.integers(0, vocab_size, size=(num_requests, input_len)).tolist()
 
 
+def sample_lengths(num: int, mean: int, range_ratio: float, rng) -> list[int]:
+    """Lengths drawn uniformly from ``[mean * (1 - r), mean * (1 + r)]`` (at least 1)."""
+    low, high = max(1, int(mean * (1 - range_ratio))), max(1, int(mean * (1 + range_ratio)))
+    return rng.integers(low, high + 1, size=num).tolist()
+
+
+def make_requests(num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
+                  seed: int, shared_prefix_len: int = 0) -> list[tuple[list[int], int]]:
+    """``(prompt token ids, max_tokens)`` per request, from a fixed seed; ``shared_prefix_len``: every prompt
+    starts with the same that many tokens (a system prompt), then its own (as many as its length says)."""
+    import numpy as np
+
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"--range-ratio must be in [0, 1), got {range_ratio}")
+    rng = np.random.default_rng(seed)
+    inputs = sample_lengths(num, input_len, range_ratio, rng)
+    outputs = sample_lengths(num, output_len, range_ratio, rng)
+    shared = rng.integers(0, vocab_size, size=shared_prefix_len).tolist()
+    return [(shared + rng.integers(0, vocab_size, size=n).tolist(), m) for n, m in zip(inputs, outputs)]
+
+
 def read_vocab_size(model: Optional[str]) -> int:
     from models.loader import resolve_model_path
 

@@ -60,27 +60,6 @@ class RequestResult:
     finished_at: Optional[float] = None
 
 
-def sample_lengths(num: int, mean: int, range_ratio: float, rng) -> list[int]:
-    """Lengths drawn uniformly from ``[mean * (1 - r), mean * (1 + r)]`` (at least 1)."""
-    low, high = max(1, int(mean * (1 - range_ratio))), max(1, int(mean * (1 + range_ratio)))
-    return rng.integers(low, high + 1, size=num).tolist()
-
-
-def make_requests(num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
-                  seed: int, shared_prefix_len: int = 0) -> list[tuple[list[int], int]]:
-    """``(prompt token ids, max_tokens)`` per request, from a fixed seed; ``shared_prefix_len``: every prompt
-    starts with the same that many tokens (a system prompt), then its own (as many as its length says)."""
-    import numpy as np
-
-    if not 0 <= range_ratio < 1:
-        raise ValueError(f"--range-ratio must be in [0, 1), got {range_ratio}")
-    rng = np.random.default_rng(seed)
-    inputs = sample_lengths(num, input_len, range_ratio, rng)
-    outputs = sample_lengths(num, output_len, range_ratio, rng)
-    shared = rng.integers(0, vocab_size, size=shared_prefix_len).tolist()
-    return [(shared + rng.integers(0, vocab_size, size=n).tolist(), m) for n, m in zip(inputs, outputs)]
-
-
 def arrival_offsets(num: int, rate: float, seed: int) -> list[float]:
     """Send times (s after the start) of a Poisson process of ``rate`` requests/s; all 0 for ``inf``."""
     import numpy as np
@@ -437,9 +416,9 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     vocab_size = bench_common.read_vocab_size(args.model)
-    requests = make_requests(args.num_requests, args.input_len, args.output_len, args.range_ratio, vocab_size,
+    requests = bench_common.make_requests(args.num_requests, args.input_len, args.output_len, args.range_ratio, vocab_size,
                              args.seed, args.shared_prefix_len)
-    warmup = make_requests(args.num_warmup, args.input_len, args.output_len, 0.0, vocab_size, args.seed + 7)
+    warmup = bench_common.make_requests(args.num_warmup, args.input_len, args.output_len, 0.0, vocab_size, args.seed + 7)
     offsets = arrival_offsets(args.num_requests, args.request_rate, args.seed)
     max_model_len = args.max_model_len or max(len(p) + m for p, m in requests + warmup)
     with tempfile.TemporaryDirectory() as folder:

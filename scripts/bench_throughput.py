@@ -21,6 +21,7 @@ Writes ``benchmarks/results/<workload>-<device>-<date>.json`` per workload.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -40,6 +41,10 @@ def parse_args(argv=None):
     parser.add_argument("--num-requests", type=int, default=None, help="override the workload's request count")
     parser.add_argument("--input-len", type=int, default=None, help="override the workload's input length")
     parser.add_argument("--output-len", type=int, default=None, help="override the workload's output length")
+    parser.add_argument("--range-ratio", type=float, default=0.0,
+                        help="each request's input and output lengths drawn uniformly within this ratio of "
+                             "--input-len / --output-len: with the same --seed and lengths, exactly the requests "
+                             "of bench_serving.py (its default 0.5), submitted at once (its offline peer)")
     parser.add_argument("--shared-prefix-len", type=int, default=0,
                         help="every prompt starts with the same this many tokens (a shared system prompt: what "
                              "prefix caching saves; compare with --no-enable-prefix-caching)")
@@ -66,6 +71,19 @@ def parse_args(argv=None):
 def workload_sizes(args, workload: str) -> tuple[int, int, int]:
     n, i, o = bench_common.WORKLOADS[workload]
     return args.num_requests or n, args.input_len or i, args.output_len or o
+
+
+def workload_requests(args, n: int, input_len: int, output_len: int, shared: int,
+                      vocab: int) -> tuple[list[list[int]], list[int]]:
+    """``(prompts, output lengths)``: fixed lengths from the fixed-seed prompts of every workload, or with
+    ``--range-ratio`` the serving benchmark's requests (``bench_common.make_requests``, same seed)."""
+    if args.range_ratio:
+        requests = bench_common.make_requests(n, input_len, output_len, args.range_ratio, vocab, args.seed, shared)
+        return [p for p, _ in requests], [m for _, m in requests]
+    prompts = bench_common.random_prompts(n, input_len, vocab, args.seed)
+    for prompt in prompts[1:]:
+        prompt[:shared] = prompts[0][:shared]
+    return prompts, [output_len] * n
 
 
 def prefill_figures(run: bench_common.OfflineRun, engine, peak_flops: float) -> dict:
@@ -107,7 +125,9 @@ def main(argv=None) -> list[dict]:
     if "tput-prefill" in args.workloads:
         peak_flops = (args.peak_tflops * 1e12 if args.peak_tflops else
                       bench_common.measure_matmul_flops(1024 if on_cpu else 8192, "float32" if on_cpu else "bfloat16"))
-    max_model_len = max(sum(workload_sizes(args, w)[1:]) for w in args.workloads)
+    longest = 1 + args.range_ratio  # drawn lengths reach (1 + ratio) x the mean, serving's prompts its shared prefix too
+    max_model_len = max(int(i * longest) + int(o * longest) + (args.shared_prefix_len if args.range_ratio else 0)
+                        for _, i, o in map(functools.partial(workload_sizes, args), args.workloads))
     llm = bench_common.make_llm(args, max_model_len=max_model_len,
                                 trace=args.trace or "tput-prefill" in args.workloads)
     from engine import SamplingParams
@@ -128,24 +148,25 @@ def main(argv=None) -> list[dict]:
         kv_dtype = jax.tree.leaves(engine.runner.kv_cache)[0].dtype
         for workload in args.workloads:
             n, input_len, output_len = workload_sizes(args, workload)
-            prompts = bench_common.random_prompts(n, input_len, vocab, args.seed)
             shared = min(args.shared_prefix_len, input_len)
-            for prompt in prompts[1:]:
-                prompt[:shared] = prompts[0][:shared]
+            prompts, output_lens = workload_requests(args, n, input_len, output_len, shared, vocab)
+            num_output, num_input = sum(output_lens), sum(len(p) for p in prompts)
             warmup = min(n, args.warmup_requests)
             started = time.perf_counter()
             bench_common.run_offline(llm, prompts[:warmup], SamplingParams(temperature=0.0, ignore_eos=True,
                                                                            max_tokens=min(8, output_len)))
             print(f"{workload}: warm-up of {warmup} requests took {time.perf_counter() - started:.1f} s", flush=True)
             before = llm.stats()
-            run = bench_common.run_offline(llm, prompts, SamplingParams(temperature=0.0, max_tokens=output_len,
-                                                                        ignore_eos=True))
+            run = bench_common.run_offline(llm, prompts, [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
+                                                          for m in output_lens])
             after = llm.stats()
             result = bench_common.engine_result_header(workload, args)
             if shared:
                 result["shared_prefix_len"] = shared
-            ours = dict(output_tok_s=n * output_len / run.seconds,
-                        total_tok_s=n * (input_len + output_len) / run.seconds, req_s=n / run.seconds)
+            if args.range_ratio:
+                result["range_ratio"] = args.range_ratio
+            ours = dict(output_tok_s=num_output / run.seconds,
+                        total_tok_s=(num_input + num_output) / run.seconds, req_s=n / run.seconds)
             result.update(ours, num_requests=n, input_len=input_len, output_len=output_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
                           num_kv_blocks=engine.block_manager.num_usable_blocks,
@@ -157,12 +178,13 @@ def main(argv=None) -> list[dict]:
                           **{f"engine_{name}": after[name] - before[name]
                              for name in ("steps", "multi_steps", "wait_s", "prefix_cache_queries",
                                           "prefix_cache_hits")})
-            matmul_s = bench_common.workload_flops(config, n, input_len, output_len) / matmul_flops
-            kv_s = bench_common.workload_decode_kv_bytes(config, n, input_len, output_len, kv_dtype) / bandwidth
+            lengths = [(len(p), m) for p, m in zip(prompts, output_lens)]
+            matmul_s = sum(bench_common.workload_flops(config, 1, i, o) for i, o in lengths) / matmul_flops
+            kv_s = sum(bench_common.workload_decode_kv_bytes(config, 1, i, o, kv_dtype) for i, o in lengths) / bandwidth
             result.update(matmul_tflop_s=matmul_flops / 1e12, read_bandwidth_tb_s=bandwidth / 1e12,
-                          flop_ceiling_output_tok_s=n * output_len / matmul_s,
-                          limit_output_tok_s=n * output_len / (matmul_s + kv_s),
-                          of_limit=ours["output_tok_s"] * (matmul_s + kv_s) / (n * output_len))
+                          flop_ceiling_output_tok_s=num_output / matmul_s,
+                          limit_output_tok_s=num_output / (matmul_s + kv_s),
+                          of_limit=ours["output_tok_s"] * (matmul_s + kv_s) / num_output)
             if run.trace is not None and run.trace.records:
                 records = run.trace.records
                 result.update(steps=len(records), mean_batch_seqs=sum(len(r.scheduled) for r in records) / len(records),
@@ -185,7 +207,8 @@ def main(argv=None) -> list[dict]:
                 rows.append({**peers[workload], "name": "hf generate", "batch": peers[workload].get("batch_size")})
             bench_common.print_table(
                 rows, ["name", "num_requests", "batch", "output_tok_s", "total_tok_s", "req_s", "prefill_mfu", "error"],
-                title=f"{workload} on {result['device']}: {n} x {input_len} in / {output_len} out "
+                title=f"{workload} on {result['device']}: {n} x {input_len} in / {output_len} out"
+                      f"{f' (+-{args.range_ratio:.0%})' if args.range_ratio else ''} "
                       f"({run.seconds:.1f} s, {run.compile_s:.1f} s of compilation excluded)")
             print(f"wrote {path}", flush=True)
             results.append(result)

@@ -504,6 +504,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("tput-serving-shape-8192", tput("tput-short", "--num-requests", "512", "--input-len", "512", "--output-len",
                                          "256", "--max-num-batched-tokens", "8192", "--output-json",
                                          f"{results}/tput-serving-shape-8192.json"), 200),
+        # The offline peer of serving with serving's own requests (lengths +-50%, same seed) and its 8192 tokens a
+        # step: the tput-serving-shape steps above have fixed lengths, so fewer, fuller steps and no long tail.
+        ("tput-serving-requests", tput("tput-short", "--num-requests", "512", "--input-len", "512", "--output-len",
+                                       "256", "--range-ratio", "0.5", "--max-num-batched-tokens", "8192",
+                                       "--output-json", f"{results}/tput-serving-requests.json"), 200),
         ("kernel-prefill", [PY, "scripts/bench_kernels.py", "--sections", "prefill", "--out", results], 90),
         # Run 17b: the Mosaic GPU prefill launch (pallas_kernels/ragged_prefill_mgpu.py) against the reference, then
         # in the kernel benchmark (its sweep tries it first) and in the prefill-heavy workload.

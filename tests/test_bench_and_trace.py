@@ -266,6 +266,9 @@ def bench_dir(tiny_model, tmp_path_factory):
         bench_throughput.main(common + ["--workload", workload, "--num-requests", "6", "--input-len", "20",
                                         "--output-len", "4", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
                                         "--output-json", str(out / f"{workload}-cpu.json")])
+    bench_throughput.main(common + ["--workload", "tput-short", "--num-requests", "6", "--input-len", "20",
+                                    "--output-len", "6", "--range-ratio", "0.5", "--shared-prefix-len", "4",
+                                    "--output-json", str(out / "tput-short-cpu-range.json")])
     bench_static_vs_continuous.main(common + ["--num-requests", "7", "--input-len", "6", "--min-output-len", "2",
                                               "--max-output-len", "20", "--max-num-seqs", "3",
                                               "--output-json", str(out / "static-vs-continuous-cpu.json")])
@@ -319,6 +322,19 @@ def test_throughput_json(bench_dir):
     assert result["matmul_tflop_s"] > 0 and result["read_bandwidth_tb_s"] > 0
     assert 0 < result["limit_output_tok_s"] < result["flop_ceiling_output_tok_s"]  # K/V reads cost on top
     assert result["of_limit"] == pytest.approx(result["output_tok_s"] / result["limit_output_tok_s"])
+
+
+def test_throughput_with_serving_requests(bench_dir):
+    """``--range-ratio``: the serving benchmark's requests (same seed, lengths and shared prefix), all at once."""
+    import bench_common
+
+    with open(bench_dir / "tput-short-cpu-range.json") as f:
+        result = json.load(f)
+    requests = bench_common.make_requests(6, 20, 6, 0.5, TINY_CONFIG["vocab_size"], bench_common.PROMPT_SEED, 4)
+    num_input, num_output = sum(len(p) for p, _ in requests), sum(m for _, m in requests)
+    assert len({m for _, m in requests}) > 1 and result["range_ratio"] == 0.5
+    assert result["total_tok_s"] == pytest.approx(result["output_tok_s"] * (num_input + num_output) / num_output)
+    assert result["req_s"] == pytest.approx(result["output_tok_s"] * 6 / num_output)
 
 
 def test_cpu_default_json(tmp_path):

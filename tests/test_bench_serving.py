@@ -18,17 +18,18 @@ for _module in ("fastapi", "uvicorn", "openai", "httpx"):  # the server's and th
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
+import bench_common  # noqa: E402
 import bench_serving  # noqa: E402
 
 from tests.test_bench_and_trace import TINY_CONFIG  # noqa: E402  (the tiny dummy Llama of the bench tests)
 
 
 def test_requests_and_arrivals_are_seeded_and_in_range():
-    requests = bench_serving.make_requests(200, 100, 40, 0.5, vocab_size=384, seed=3)
-    assert requests == bench_serving.make_requests(200, 100, 40, 0.5, vocab_size=384, seed=3)
+    requests = bench_common.make_requests(200, 100, 40, 0.5, vocab_size=384, seed=3)
+    assert requests == bench_common.make_requests(200, 100, 40, 0.5, vocab_size=384, seed=3)
     assert all(50 <= len(p) <= 150 and 20 <= m <= 60 and max(p) < 384 for p, m in requests)
     assert len({len(p) for p, _ in requests}) > 10  # lengths vary
-    assert [len(p) for p, _ in bench_serving.make_requests(5, 7, 3, 0.0, 384, 0)] == [7] * 5
+    assert [len(p) for p, _ in bench_common.make_requests(5, 7, 3, 0.0, 384, 0)] == [7] * 5
 
     offsets = bench_serving.arrival_offsets(4000, 20.0, seed=1)
     assert offsets[0] == 0 and all(b >= a for a, b in zip(offsets, offsets[1:]))
@@ -37,7 +38,7 @@ def test_requests_and_arrivals_are_seeded_and_in_range():
     with pytest.raises(ValueError, match="request-rate"):
         bench_serving.arrival_offsets(3, 0.0, seed=1)
     with pytest.raises(ValueError, match="range-ratio"):
-        bench_serving.make_requests(3, 10, 10, 1.0, 384, 0)
+        bench_common.make_requests(3, 10, 10, 1.0, 384, 0)
 
 
 def test_summary_percentiles_and_errors():
@@ -63,7 +64,7 @@ def test_serving_run_against_a_started_server(tmp_path):
                             "--request-rate", "50", "--max-concurrency", "4", "--num-warmup", "1",
                             "--results-dir", str(results), "--startup-timeout-s", "300"])
     assert (r["completed"], r["errors"]) == (10, 0), r["error_samples"]
-    requested = bench_serving.make_requests(10, 12, 6, 0.5, vocab_size=384, seed=0)
+    requested = bench_common.make_requests(10, 12, 6, 0.5, vocab_size=384, seed=0)
     assert r["output_tokens"] == sum(m for _, m in requested)  # ignore_eos: every request ran to max_tokens
     assert r["input_tokens"] == sum(len(p) for p, _ in requested)
     for field in ("request_rate", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s", "errors"):
@@ -86,6 +87,6 @@ def test_serving_run_through_the_plain_httpx_client(tmp_path):
                             "--request-rate", "inf", "--num-warmup", "1", "--client", "httpx", "--client-processes",
                             "2", "--results-dir", str(tmp_path / "results"), "--startup-timeout-s", "300"])
     assert (r["completed"], r["errors"], r["client"], r["client_processes"]) == (6, 0, "httpx", 2), r["error_samples"]
-    requested = bench_serving.make_requests(6, 12, 5, 0.5, vocab_size=384, seed=0)
+    requested = bench_common.make_requests(6, 12, 5, 0.5, vocab_size=384, seed=0)
     assert r["output_tokens"] == sum(m for _, m in requested)
     assert r["ttft_p50_ms"] is not None and r["itl_p50_ms"] is not None
