@@ -210,9 +210,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                                  "--ctx", "192", "--quantization", q, "--precompile-steps", "off",
                                                  *fusion_flags), 90)
           for tag, fusion_flags in XLA_TRITON_FUSIONS.items() for q in ("int8", "awq")),
-        *((f"latency-int8-ms8-{tag}", latency("int8", "--num-scheduler-steps", "8", *fusion_flags, "--output-json",
-                                              f"{results}/latency-int8-ms8-{tag}.json"), 150)
-          for tag, fusion_flags in XLA_TRITON_FUSIONS.items()),
+        *((f"latency-{name}-ms8-{tag}", latency(q, "--num-scheduler-steps", "8", *fusion_flags, "--output-json",
+                                                f"{results}/latency-{name}-ms8-{tag}.json"), 150)
+          for tag, fusion_flags in XLA_TRITON_FUSIONS.items()
+          for name, q in (("int8", "int8"), ("awq", "awq"), ("bf16", None))),
+        *((f"tput-short-{tag}", tput("tput-short", *fusion_flags, "--output-json", f"{results}/tput-short-{tag}.json"),
+           200) for tag, fusion_flags in XLA_TRITON_FUSIONS.items()),
         # fp8 without autotuning ran every matmul on an untuned kernel (run 9); autotuning level 1
         # (no correctness checks), and Triton GEMMs off (cuBLAS only), with compile times.
         ("matmul-fp8-level1", matmul("matmul-fp8-level1", "--rows", "1,256,4096", "--variants", "xla-bf16,xla-fp8",
