@@ -43,11 +43,9 @@ import numpy as np
 
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
-from models.norm import rms_norm
+from models.norm import add_rms_norm, rms_norm
 from models.quantization import LinearBackend, concat_outputs, is_quantized, linear
-from pallas_kernels.add_rms_norm import add_rms_norm, add_rms_norm_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
-from pallas_kernels.swiglu_matmul import swiglu_matmul
 
 
 def param_shapes(config: ModelConfig) -> dict:
@@ -251,13 +249,6 @@ def forward(
 
     widths = fused_widths(config)
 
-    def add_norm(x, parts, norm_weight) -> tuple:
-        """``x + sum(parts)`` (a matmul's partial sums) and its RMSNorm: one launch where the backend says so
-        (``pallas_kernels.add_rms_norm``), else XLA's add, reduction and scaling."""
-        if linear_backend.use_add_norm_kernel(T, x.shape[-1]):
-            return add_rms_norm(x, parts, norm_weight, eps=eps, interpret=linear_backend.interpret)
-        return add_rms_norm_reference(x, parts, norm_weight, eps)
-
     def project(h, w, fused: str) -> tuple:
         """``h @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has it."""
         if fused in w:
@@ -265,9 +256,7 @@ def forward(
         return tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
 
     def mlp_hidden(h, w):
-        """``silu(h @ w_gate) * (h @ w_up)``; the product in the GEMM's epilogue where the backend says so."""
-        if "w_gate_up" in w and linear_backend.use_swiglu_kernel(w["w_gate_up"], T):
-            return swiglu_matmul(h, w["w_gate_up"], interpret=linear_backend.interpret)
+        """``silu(h @ w_gate) * (h @ w_up)``."""
         gate, up = project(h, w, "w_gate_up")
         return jax.nn.silu(gate) * up
 
@@ -294,7 +283,7 @@ def forward(
         """One decoder layer on the residual stream ``x`` and its norm ``h`` (by the layer's ``input_norm``),
         everything it reads an argument (so one trace serves every layer). Returns the next residual stream
         and its norm by ``next_norm`` (the next layer's ``input_norm``, or the final norm after the last layer):
-        each residual add and the norm after it are one ``add_norm``."""
+        each residual add and the norm after it are one ``add_rms_norm``, fed the matmul's K-split partials."""
         qkv = qkv_heads(h, w)
         if config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
             norm_weight = jnp.where((head_kinds == QUERY)[:, None], w["q_norm"], w["k_norm"])
@@ -303,8 +292,8 @@ def forward(
         k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
         attn = attend(qkv, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables,
                       batch.cu_q_lens, batch.num_seqs)
-        x, h = add_norm(x, mm_parts(attn.reshape(T, config.q_size), w["wo"]), w["post_norm"])
-        x, h = add_norm(x, mm_parts(mlp_hidden(h, w), w["w_down"]), next_norm)
+        x, h = add_rms_norm(x, mm_parts(attn.reshape(T, config.q_size), w["wo"]), w["post_norm"], eps)
+        x, h = add_rms_norm(x, mm_parts(mlp_hidden(h, w), w["w_down"]), next_norm, eps)
         return x, h, k_cache, v_cache
 
     def layer_step(carry, layer_weights_and_next_norm):
@@ -331,7 +320,7 @@ def forward(
         if kv_cache.per_layer:
             k_cache, v_cache = tuple(new_k), tuple(new_v)
         # The last layer's residual stream is read no further; left unused, JAX would drop it from that call and
-        # lower the layer a second time for it (the add_norm kernel writes it anyway).
+        # lower the layer a second time for it (the sum is computed for the norm anyway).
         h, _ = jax.lax.optimization_barrier((h, x))
     else:
         if kv_cache.per_layer:

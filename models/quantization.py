@@ -44,9 +44,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from models.config import QUANTIZATION_METHODS
-from pallas_kernels import add_rms_norm as add_norm
 from pallas_kernels import quantized_matmul as qmm
-from pallas_kernels import swiglu_matmul as swiglu
 
 QUANTIZED_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 INT4_GROUP_SIZE = 128  # group size of the load-time int4 method (and of dummy AWQ/GPTQ weights)
@@ -531,15 +529,6 @@ def fp8_from_checkpoint(weight: np.ndarray, weight_scale: np.ndarray) -> dict[st
 # 128-token prompt's TTFT from 25.3 to 14.6 ms at the same TPOT; tput-short 13,610 against 13,581 tok/s (128 rows
 # 13,564); at 1024 rows 9,363 (the Triton dot at 64-row tiles against cuBLAS on the dequantized copy).
 MAX_KERNEL_ROWS = 256
-# The fused gate/up + SwiGLU kernel: never by default; its Triton GEMM runs ~15% under cuBLAS's (run 21b: 6.44
-# against XLA's 5.77 ms with the product pass at 16384 rows, 384 against 355 us at 1024).
-SWIGLU_MIN_ROWS: Optional[int] = None
-# The residual add and RMSNorm in one launch (``pallas_kernels.add_rms_norm``) up to this many rows; 0: never, the
-# default. XLA's add, reduction and scaling are each a launch-bound ~1.3 us kernel at decode sizes, but the kernel's
-# one program a row is slower than the three (run 28c, H200, batch 1: 5.5 us after wo and 12.8 us after w_down's
-# K-split partials for AWQ, whose step went 2,690 -> 3,030 us; 3.0 us plus an unfused split-K sum for bf16: level).
-# Opt-in for timing (``$PAGEDJAX_ADD_NORM_MAX_ROWS``) until a row's work is spread over programs.
-ADD_NORM_MAX_ROWS = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -557,27 +546,6 @@ class LinearBackend:
     kernel: str = "auto"
     max_kernel_rows: int = dataclasses.field(default_factory=lambda: _max_kernel_rows_from_env())
     interpret: Optional[bool] = None
-    # A dense joined gate/up projection of at least this many rows runs ``pallas_kernels.swiglu_matmul`` (the
-    # SwiGLU product in the GEMM's epilogue) on GPU; None: never (XLA's GEMM, then its own product pass).
-    swiglu_min_rows: Optional[int] = dataclasses.field(default_factory=lambda: _swiglu_min_rows_from_env())
-    # Steps of at most this many rows add each matmul's result to the residual stream and normalize the sum in one
-    # launch (``pallas_kernels.add_rms_norm``, on GPU) instead of XLA's three; 0: never.
-    add_norm_max_rows: int = dataclasses.field(default_factory=lambda: _add_norm_max_rows_from_env())
-
-    def use_swiglu_kernel(self, w_gate_up, rows: int) -> bool:
-        if (self.swiglu_min_rows is None or rows < self.swiglu_min_rows or self.kernel == "xla"
-                or is_quantized(w_gate_up) or not swiglu.supported(*w_gate_up.shape)):
-            return False
-        return self._kernels_run()
-
-    def use_add_norm_kernel(self, rows: int, width: int) -> bool:
-        if rows > self.add_norm_max_rows or self.kernel == "xla" or not add_norm.supported(width):
-            return False
-        return self._kernels_run()
-
-    def _kernels_run(self) -> bool:
-        """Whether an opt-in kernel runs here: interpreted when asked to, else compiled on GPU only."""
-        return bool(self.interpret) or jax.default_backend() == "gpu"
 
     def use_kernel(self, w, rows: int) -> bool:
         if (self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight)
@@ -620,25 +588,6 @@ def _max_kernel_rows_from_env() -> int:
     return _row_count_from_env("PAGEDJAX_MAX_KERNEL_ROWS", MAX_KERNEL_ROWS, 1, "a positive row count")
 
 
-def _add_norm_max_rows_from_env() -> int:
-    """``$PAGEDJAX_ADD_NORM_MAX_ROWS`` (a row count, 0 for never; for timing the fused add and norm against XLA's),
-    else ``ADD_NORM_MAX_ROWS``."""
-    return _row_count_from_env("PAGEDJAX_ADD_NORM_MAX_ROWS", ADD_NORM_MAX_ROWS, 0, "a row count (0: never)")
-
-
-def _swiglu_min_rows_from_env() -> Optional[int]:
-    """``$PAGEDJAX_SWIGLU_MIN_ROWS`` (a row count, or "off"; for timing the fused gate/up kernel in the model),
-    else ``SWIGLU_MIN_ROWS``."""
-    text = os.environ.get("PAGEDJAX_SWIGLU_MIN_ROWS", "").strip().lower()
-    if not text:
-        return SWIGLU_MIN_ROWS
-    if text == "off":
-        return None
-    if not text.isdigit():
-        raise ValueError(f"PAGEDJAX_SWIGLU_MIN_ROWS must be a row count or 'off', got {text!r}")
-    return int(text)
-
-
 FP8_DOT_OUTPUTS = ("activation", "float32")  # the first is the default
 
 
@@ -662,8 +611,8 @@ def _fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
 
 def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:
     """``x[M, K] @ W`` for a dense or quantized ``W`` (one layer's, no leading axis). ``keep_splits``: the result as
-    ``[P, M, N]`` partial sums (a kernel's K splits, float32 when ``P > 1``; else ``P = 1``), which
-    ``pallas_kernels.add_rms_norm`` adds itself, so the sum launches no kernel of its own."""
+    ``[P, M, N]`` partial sums (a kernel's K splits, float32 when ``P > 1``; else ``P = 1``), for
+    ``models.norm.add_rms_norm``, where XLA fuses their sum into the residual add (no launch of its own)."""
     whole = (lambda y: y[None]) if keep_splits else (lambda y: y)
     if isinstance(w, Fp8Weight):
         return whole(_fp8_linear(x, w))

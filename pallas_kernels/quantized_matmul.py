@@ -557,7 +557,7 @@ def _k_splits(config: MatmulConfig, col_blocks: int, num_steps: int, block_k: in
 
 def add_splits(partials: jax.Array, dtype, keep: bool = False) -> jax.Array:
     """``[k_splits, ...]`` partial sums (float32 when split) -> the result in ``dtype``; ``keep``: the partials as
-    they are, for a consumer that adds them itself (``pallas_kernels.add_rms_norm``: no launch of their own)."""
+    they are, for a consumer that adds them itself (``models.norm.add_rms_norm``: XLA fuses the sum into its add)."""
     if keep:
         return partials
     return partials[0] if partials.shape[0] == 1 else partials.sum(axis=0).astype(dtype)

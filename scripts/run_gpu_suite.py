@@ -63,11 +63,10 @@ GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtile
                                                            ("-sub2-prefetch", 2, 1))))
 # Batch-1 AWQ variants with profile-decode1-awq-<name> and latency-awq-<name> steps: (name, environment assignments
 # as tuple, the GPU test step that checks their kernels first). The GEMV variants above (none beat the default in
-# run 28a, nor did the RMSNorm inside the GEMV, since removed from the model), and the residual add and norm in one
-# launch (pallas_kernels.add_rms_norm, opt-in: slower than XLA's three in run 28c).
+# run 28a, nor did the RMSNorm inside the GEMV, since removed from the model; nor the residual add and norm in one
+# launch, pallas_kernels.add_rms_norm, slower than XLA's three in run 28c and removed after d4d6e0c).
 AWQ_BATCH1_VARIANTS = (*((name, (f"PAGEDJAX_MATMUL_CONFIG={fields}",), "gpu-tests-subtiles")
                          for name, fields in GEMV_INT4_VARIANTS),
-                       ("addnorm64", ("PAGEDJAX_ADD_NORM_MAX_ROWS=64",), "gpu-tests-add-norm"),
                        # The LM head in int8 (opt-in for AWQ: the checkpoint's head is bf16).
                        ("head8", ("PAGEDJAX_INT8_LM_HEAD=1",), "gpu-tests-subtiles"))
 # XLA switches that let its Triton emitter fuse what the classic one launches apart (run 34a measures them).
@@ -169,12 +168,6 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         """``argv`` with ``$PAGEDJAX_MATMUL_CONFIG`` set to probe-gemv-words' fastest current-kernel config for ``fmt``."""
         pick = f"{PY} scripts/probe_gemv_words.py --best-config {results}/probe-gemv-words.json --fmt {fmt}"
         return with_picked_config("PAGEDJAX_MATMUL_CONFIG", pick, argv)
-
-    def swiglu_best(rows: int, min_rows: int, argv: list[str]) -> list[str]:
-        """``argv`` with the fused gate/up kernel on at ``min_rows`` rows and up, at bench-swiglu's fastest tiling
-        for ``rows``; fails (so it is not run) if no tiling beat XLA there."""
-        pick = f"{PY} scripts/bench_swiglu.py --best-config {results}/swiglu.json --rows {rows}"
-        return with_picked_config("PAGEDJAX_SWIGLU_CONFIG", pick, argv, f"PAGEDJAX_SWIGLU_MIN_ROWS={min_rows}")
 
     def short_decode_best(argv: list[str]) -> list[str]:
         """``argv`` with ``$PAGEDJAX_ATTENTION_TILING`` set to kernel-decode-short's fastest decode tiling at
@@ -594,19 +587,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
          200),
         ("probe-buffers-int8-skiptemp", buffers_probe("probe-buffers-int8-skiptemp", "int8", SKIP_TEMP), 90),
         ("graph-updates-bf16-skiptemp", graph_updates("graph-updates-bf16-skiptemp", None, SKIP_TEMP), 100),
-        # The gate/up projection with the SwiGLU product in its epilogue (pallas_kernels.swiglu_matmul): correct
-        # when compiled, its time against XLA's GEMM and product pass, then in the model where it won.
-        ("gpu-tests-swiglu", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_swiglu_matmul.py"], 90),
-        ("bench-swiglu", [PY, "scripts/bench_swiglu.py", "--rows", "16384,1024", "--output-json",
-                          f"{results}/swiglu.json"], 200),
-        # Whether a Mosaic GPU GEMM (JAX's hopper_matmul_mgpu) keeps cuBLAS's pace on the gate/up shape: the base a
-        # SwiGLU epilogue would need (run 21b: the Triton kernel's GEMM runs 15% under cuBLAS).
-        ("bench-swiglu-mgpu", [PY, "scripts/bench_swiglu.py", "--rows", "16384", "--mgpu", "--configs",
-                               "128,128,64,16,8,3", "--output-json", f"{results}/swiglu-mgpu.json"], 150),
-        ("tput-prefill-swiglu", swiglu_best(16384, 1024, tput("tput-prefill", "--output-json",
-                                                               f"{results}/tput-prefill-swiglu.json")), 300),
-        ("tput-short-bf16-swiglu", swiglu_best(1024, 256, tput("tput-short", "--output-json",
-                                                               f"{results}/tput-short-bf16-swiglu.json")), 200),
+        # Runs 21b-d timed a gate/up GEMM with the SwiGLU product in its epilogue (pallas_kernels.swiglu_matmul, 0.90x
+        # of XLA's) and JAX's Mosaic GPU GEMM (scripts/bench_swiglu.py --mgpu); both removed after d4d6e0c.
         # For a lease of two GPUs (nvidia-h200-x2): tensor parallelism under JAX's VMM allocator (the one-GPU default
         # since run 21b; several GPUs keep JAX's pool allocator until this has run) against that pool allocator.
         ("latency-bf16-tp2", latency(None, "--tensor-parallel-size", "2", "--output-json",
@@ -718,14 +700,6 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
               ("profile-decode1", lambda name: profile(name, "--step", "decode", "--batch", "1", "--ctx", "192",
                                                        "--quantization", "int8", "--precompile-steps", "off")),
               ("latency", lambda name: latency("int8", "--output-json", f"{results}/{name}.json")))],
-        # After run 28b: the residual add and RMSNorm in one launch (pallas_kernels.add_rms_norm) compiled against its
-        # reference, then the engine's tokens with it (kernels against the reference engine, quantized against XLA).
-        ("gpu-tests-add-norm", ["bash", "-c", f"{PY} -m pytest -q -m gpu tests/test_add_rms_norm.py && "
-                                              f"{PY} -m pytest -q -m gpu -x tests/test_engine_gpu.py"], 200),
-        *[(f"{name}-addnorm64", ["env", "PAGEDJAX_ADD_NORM_MAX_ROWS=64"] + command, 100) for name, command in (
-            ("profile-decode1", profile("profile-decode1-addnorm64", "--step", "decode", "--batch", "1", "--ctx", "192",
-                                        "--precompile-steps", "off")),
-            ("latency-bf16", latency(None, "--output-json", f"{results}/latency-bf16-addnorm64.json")))],
         *[(f"profile-decode1-awq-{name}", ["env", *assignments] + profile(
             f"profile-decode1-awq-{name}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
             "--precompile-steps", "off"), 90) for name, assignments, _ in AWQ_BATCH1_VARIANTS],

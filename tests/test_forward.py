@@ -131,30 +131,6 @@ def test_layout_joined_on_the_stack_equals_joined_per_layer(method):
     assert layout_layers(params, unroll=False, fuse=False) is params
 
 
-def test_swiglu_kernel_in_the_mlp_equals_xla_gemm_and_product():
-    """With ``swiglu_min_rows`` reached the joined gate/up projection runs ``swiglu_matmul`` (interpreted here):
-    the logits are those of XLA's GEMM and product pass; below it XLA's path runs."""
-    from models.llama import fuse_projections
-    from models.quantization import LinearBackend
-
-    config = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=16)
-    params = fuse_projections(jax.tree.map(lambda a: a * 8.0, load_dummy_params(config, jnp.float32, seed=4)))
-    rng = np.random.default_rng(2)
-    work = [SequenceWork(token_ids=rng.integers(0, 128, n).tolist(), start=0,
-                         block_table=list(range(1 + 4 * i, 5 + 4 * i)), sample=True) for i, n in enumerate((9, 1))]
-    batch = build_model_input(work, block_size=4, max_num_tokens=16, max_num_seqs=8, max_blocks_per_seq=4)
-    logits = {}
-    for name, min_rows in (("xla", None), ("kernel", 16), ("too few rows", 17)):
-        backend = LinearBackend(interpret=True, swiglu_min_rows=min_rows)
-        step = functools.partial(forward, config=config, linear_backend=backend)
-        cache = make_kv_cache(config, 16, 4, jnp.float32)
-        assert ("swiglu_matmul" in str(jax.make_jaxpr(step)(params, cache, batch))) == (name == "kernel")
-        logits[name], _ = jax.jit(step)(params, cache, batch)
-    np.testing.assert_allclose(np.asarray(logits["kernel"]), np.asarray(logits["xla"]), rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(logits["too few rows"]), np.asarray(logits["xla"]))
-
-
 def _qkv_test_model(**overrides):
     """A tiny model with every per-head step of the qkv buffer (bias, qk-norm, rope), peaky weights, a batch of a
     prompt and a decode."""

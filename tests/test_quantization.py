@@ -22,10 +22,9 @@ from safetensors.numpy import load_file, save_file
 from engine import LLM, SamplingParams
 from engine.device_memory import num_kv_blocks
 from engine.engine_args import EngineArgs
-from models import llama
 from models.batch import ModelInput, make_kv_cache
 from models.config import QUANTIZATION_METHODS, ModelConfig
-from models.llama import forward, fuse_projections
+from models.llama import forward
 from models.loader import load_model
 from models.quantization import (
     AWQ_ORDER,
@@ -47,7 +46,6 @@ from models.quantization import (
     quantize_weight,
 )
 from models.safetensors_loader import CheckpointError
-from pallas_kernels import add_rms_norm as add_norm_kernel
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.ragged_paged_attention import to_cache_dtype
 from tests.tiny_checkpoints import write_tiny_checkpoint
@@ -396,32 +394,6 @@ def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_
     }[method]
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
     return {n: jnp.asarray(np.stack(ws), jnp.float32) for n, ws in encoded.items()}
-
-
-@pytest.mark.parametrize("method,act_order", [(None, False), ("awq", False), ("gptq", True), ("int8", False)])
-def test_residual_add_and_norm_in_one_kernel_give_the_unfused_logits(tiny, tmp_path, monkeypatch, method, act_order):
-    """Decode-sized steps with ``LinearBackend.add_norm_max_rows`` (opt-in): each residual add and the RMSNorm after
-    it run as one ``add_rms_norm`` launch, fed the matmul kernels' K-split partials unadded; logits as XLA's add
-    and norm give them (``add_norm_max_rows=0``, the default)."""
-    rng = np.random.default_rng()
-    if method in ("awq", "gptq"):
-        path = str(tmp_path / method)
-        write_quantized_checkpoint(tiny, path, method, rng, act_order=act_order)
-        model = load_model(path, dtype="float32")
-    else:
-        model = load_model(tiny, dtype="float32", quantization=method)
-    model.params = fuse_projections(model.params)  # as the runner does on one device
-    batch, pages = ragged_batch(model.config, rng, lengths=(1, 3))
-    calls = []
-    kernel = add_norm_kernel.add_rms_norm
-    monkeypatch.setattr(llama, "add_rms_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    fused = logits_of(model, batch, pages + 1,
-                      linear_backend=LinearBackend(kernel="pallas", interpret=True, add_norm_max_rows=64))
-    assert calls, "the add and norm kernel never ran"
-    unfused = logits_of(model, batch, pages + 1,
-                        linear_backend=LinearBackend(kernel="pallas", interpret=True, add_norm_max_rows=0))
-    assert len(calls) == 2  # the two sites of the layer, traced once for all layers (the unfused run adds none)
-    assert relative_error(fused, unfused) < 1e-5
 
 
 @pytest.mark.parametrize("method,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False)])
