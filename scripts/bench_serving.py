@@ -161,11 +161,14 @@ async def run_load(base_url: str, model: str, requests: list[tuple[list[int], in
     return list(results), (max(ends) - start) if ends else 0.0
 
 
-def _run_share(share: tuple) -> tuple[list[int], list[RequestResult]]:
-    """One client process's share of the requests (``run_loads``): their indices and results."""
+def _client_process(share: tuple, ready, go, start, outbox) -> None:
+    """One client process of ``run_loads``: ready (imports done, event loop about to run), then its share of the
+    requests from the shared ``start``; puts ``(indices, results)`` in ``outbox``."""
     indices, args = share
-    results, _ = asyncio.run(run_load(*args))
-    return indices, results
+    ready.wait()  # the parent picks the start once every process got here
+    go.wait()
+    results, _ = asyncio.run(run_load(*args, start=start.value))
+    outbox.put((indices, results))
 
 
 def run_loads(base_url: str, model: str, requests: list[tuple[list[int], int]], offsets: list[float],
@@ -173,27 +176,35 @@ def run_loads(base_url: str, model: str, requests: list[tuple[list[int], int]], 
               num_processes: int) -> tuple[list[RequestResult], float]:
     """``run_load`` from ``num_processes`` client processes, request i in process i mod n, all counting their
     offsets from one start: one Python process reading 512 streams at ~7,000 tokens/s fell seconds behind the server
-    (run 33b: the engine idle for the last ~4 s of a 20 s run while the client read its backlog). A concurrency
+    (run 33b: the engine idle for the last ~4 s of a 20 s run while the client read its backlog). The start is
+    taken once every process has started (a fixed head start let a slow spawn send late: run 34a). A concurrency
     limit is split between the processes."""
     if num_processes <= 1:
         return asyncio.run(run_load(base_url, model, requests, offsets, max_concurrency, timeout_s, client_kind))
-    import concurrent.futures
     import multiprocessing
 
-    start = time.perf_counter() + 2.0  # the processes start (spawned) before the first send
+    context = multiprocessing.get_context("spawn")
+    ready, go, start, outbox = context.Barrier(num_processes + 1), context.Event(), context.Value("d"), context.Queue()
     limit = None if not max_concurrency else max(1, max_concurrency // num_processes)
-    shares = []
+    processes = []
     for p in range(num_processes):
         indices = list(range(p, len(requests), num_processes))
-        shares.append((indices, (base_url, model, [requests[i] for i in indices], [offsets[i] for i in indices],
-                                 limit, timeout_s, client_kind, start)))
+        share = (indices, (base_url, model, [requests[i] for i in indices], [offsets[i] for i in indices], limit,
+                           timeout_s, client_kind))
+        processes.append(context.Process(target=_client_process, args=(share, ready, go, start, outbox), daemon=True))
+        processes[-1].start()
+    ready.wait(timeout=120)
+    start.value = time.perf_counter()
+    go.set()
     results: list[Optional[RequestResult]] = [None] * len(requests)
-    with concurrent.futures.ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for indices, share_results in pool.map(_run_share, shares):
-            for i, result in zip(indices, share_results):
-                results[i] = result
+    for _ in processes:
+        indices, share_results = outbox.get()
+        for i, result in zip(indices, share_results):
+            results[i] = result
+    for process in processes:
+        process.join()
     ends = [r.finished_at for r in results if r.finished_at is not None]
-    return results, (max(ends) - start) if ends else 0.0
+    return results, (max(ends) - start.value) if ends else 0.0
 
 
 def summarize(results: list[RequestResult], wall_s: float) -> dict:
