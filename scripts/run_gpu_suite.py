@@ -249,7 +249,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # commit 22d056b, removed after): slower, see benchmarks/NOTES.md.
         ("latency-bf16", latency(None), 150),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
-        ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 180),
+        ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 300),
         # Prefix caching and prompt logprobs with the kernels (both new in 771bcfb / d78ac31).
         ("engine-gpu-prefix", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "prefix_caching",
                                "tests/test_engine_gpu.py"], 120),
