@@ -167,7 +167,10 @@ def _client_process(share: tuple, ready, go, start, outbox) -> None:
     indices, args = share
     ready.wait()  # the parent picks the start once every process got here
     go.wait()
-    results, _ = asyncio.run(run_load(*args, start=start.value))
+    try:
+        results, _ = asyncio.run(run_load(*args, start=start.value))
+    except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
+        results = e
     outbox.put((indices, results))
 
 
@@ -199,6 +202,8 @@ def run_loads(base_url: str, model: str, requests: list[tuple[list[int], int]], 
     results: list[Optional[RequestResult]] = [None] * len(requests)
     for _ in processes:
         indices, share_results = outbox.get()
+        if isinstance(share_results, Exception):
+            raise RuntimeError("a client process failed") from share_results
         for i, result in zip(indices, share_results):
             results[i] = result
     for process in processes:
@@ -427,9 +432,10 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     vocab_size = bench_common.read_vocab_size(args.model)
-    requests = bench_common.make_requests(args.num_requests, args.input_len, args.output_len, args.range_ratio, vocab_size,
-                             args.seed, args.shared_prefix_len)
-    warmup = bench_common.make_requests(args.num_warmup, args.input_len, args.output_len, 0.0, vocab_size, args.seed + 7)
+    requests = bench_common.make_requests(args.num_requests, args.input_len, args.output_len, args.range_ratio,
+                                          vocab_size, args.seed, args.shared_prefix_len)
+    warmup = bench_common.make_requests(args.num_warmup, args.input_len, args.output_len, 0.0, vocab_size,
+                                        args.seed + 7)
     offsets = arrival_offsets(args.num_requests, args.request_rate, args.seed)
     max_model_len = args.max_model_len or max(len(p) + m for p, m in requests + warmup)
     with tempfile.TemporaryDirectory() as folder:

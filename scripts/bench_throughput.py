@@ -125,7 +125,7 @@ def main(argv=None) -> list[dict]:
     if "tput-prefill" in args.workloads:
         peak_flops = (args.peak_tflops * 1e12 if args.peak_tflops else
                       bench_common.measure_matmul_flops(1024 if on_cpu else 8192, "float32" if on_cpu else "bfloat16"))
-    longest = 1 + args.range_ratio  # drawn lengths reach (1 + ratio) x the mean, serving's prompts its shared prefix too
+    longest = 1 + args.range_ratio  # drawn lengths reach (1 + ratio) x the mean; serving's prompts add the prefix
     max_model_len = max(int(i * longest) + int(o * longest) + (args.shared_prefix_len if args.range_ratio else 0)
                         for _, i, o in map(functools.partial(workload_sizes, args), args.workloads))
     llm = bench_common.make_llm(args, max_model_len=max_model_len,
