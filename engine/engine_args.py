@@ -80,6 +80,9 @@ class EngineArgs:
     # their whole prefix after their request ends, and a request whose prompt starts with a cached prefix computes
     # only the rest (engine.prefix_cache).
     enable_prefix_caching: bool = True
+    # Defaults of the sampling fields a request leaves unset (engine.generation_config): "auto" from the model
+    # folder's generation_config.json, as vLLM; "vllm" none; or a folder holding one.
+    generation_config: str = "auto"
 
     def validate(self) -> None:
         import jax
@@ -98,6 +101,10 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.generation_config not in ("auto", "vllm"):
+            from engine.generation_config import default_sampling_fields
+
+            default_sampling_fields("", self.generation_config)  # a named folder must hold one: fail before loading
         if self.scheduling_policy not in ("fifo", "priority"):
             raise ValueError(f"scheduling_policy must be 'fifo' or 'priority', got {self.scheduling_policy!r}")
         if self.scheduling_mode not in ("continuous", "static"):

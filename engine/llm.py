@@ -58,6 +58,7 @@ class LLM:
         precompile_steps: Optional[bool] = None,
         num_scheduler_steps: int = 1,
         enable_prefix_caching: bool = True,
+        generation_config: str = "auto",
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -71,12 +72,18 @@ class LLM:
             scheduling_mode=scheduling_mode, trace=trace, async_scheduling=async_scheduling,
             compiler_options=compiler_options, precompile_steps=precompile_steps,
             num_scheduler_steps=num_scheduler_steps, enable_prefix_caching=enable_prefix_caching,
+            generation_config=generation_config,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without ``sampling_params`` samples by: ``SamplingParams()`` with the fields the model's
+        generation config sets (``generation_config``; vLLM's)."""
+        return SamplingParams(**self.llm_engine.default_sampling_fields)
 
     def generate(
         self,
@@ -96,7 +103,7 @@ class LLM:
                 raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
             params_list = list(sampling_params)
         else:
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
+            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         self._check_prompts(prompts)
@@ -145,8 +152,8 @@ class LLM:
         on the same loop."""
         self._check_prompts([prompt])
         request_id = self._loop.new_request_id()
-        self._loop.add_request(request_id, prompt, sampling_params or SamplingParams(), priority=priority,
-                               on_output=on_output, on_error=on_error, output_kind=output_kind)
+        self._loop.add_request(request_id, prompt, sampling_params or self.get_default_sampling_params(),
+                               priority=priority, on_output=on_output, on_error=on_error, output_kind=output_kind)
         return request_id
 
     def abort(self, request_id: str) -> None:

@@ -22,6 +22,7 @@ from engine.compile_timer import CompileTimer
 from engine.detokenizer import IncrementalDetokenizer, check_stop
 from engine.device_memory import memory_outside_arrays, num_kv_blocks, sizes_kv_from_memory
 from engine.engine_args import EngineArgs, resolve_kv_cache_dtype
+from engine.generation_config import default_sampling_fields
 from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
 from engine.request import Request, RequestStatus
 from engine.runner import PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork, enable_compilation_cache
@@ -169,6 +170,10 @@ class LLMEngine:
                                    policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode,
                                    num_scheduler_steps=args.num_scheduler_steps)
         self.model_path = loaded.path
+        self.default_sampling_fields = default_sampling_fields(loaded.path, args.generation_config)
+        if self.default_sampling_fields:
+            logger.info("requests sample by %s unless they say otherwise (the model's generation config; "
+                        "generation_config='vllm' for none)", self.default_sampling_fields)
         kv_gib = num_blocks * kv_cache_bytes_per_block(config, args.block_size, kv_dtype) / 2**30
         self.max_concurrent_tokens = (num_blocks - 1) * args.block_size
         logger.info(

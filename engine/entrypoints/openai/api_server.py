@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM, RequestStream, merge_streams
 from engine.engine_args import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
+from engine.generation_config import SAMPLING_FIELDS
 from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
@@ -265,7 +266,8 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest):
         model = self._check_model(req)
         _refuse_unsupported(req)
-        params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, renames={})
+        params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, renames={},
+                                  defaults=self.async_llm.engine.default_sampling_fields)
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
             params.prompt_logprobs = req.logprobs
         prompts = await run_in_threadpool(self._completion_prompts, req.prompt)
@@ -371,7 +373,8 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = _sampling_params(req, max_tokens=max_tokens,
                                   logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                                  renames={"max_tokens": max_tokens_field, "logprobs": "top_logprobs"})
+                                  renames={"max_tokens": max_tokens_field, "logprobs": "top_logprobs"},
+                                  defaults=self.async_llm.engine.default_sampling_fields)
         prompt = await run_in_threadpool(self._chat_prompt, req)
         self._check_length(len(prompt.token_ids), max_tokens, "messages", max_tokens_field)
         request_id = random_id("chatcmpl")
@@ -500,17 +503,19 @@ class OpenAIServing:
 # -- conversions shared by both endpoints -------------------------------------------------
 
 
-def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
-                     renames: dict[str, str]) -> SamplingParams:
-    """``SamplingParams`` from a request; its validation errors become 400s naming the request field."""
+def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int], renames: dict[str, str],
+                     defaults: dict) -> SamplingParams:
+    """``SamplingParams`` from a request, the sampling fields it leaves unset from ``defaults`` (the model's
+    generation config) or else the engine's own; its validation errors become 400s naming the request field."""
     kwargs: dict[str, Any] = dict(
         n=req.n, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
         stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
         min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output)
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):  # None: the engine's default
-        if getattr(req, name) is not None:
-            kwargs[name] = getattr(req, name)
+    for name in SAMPLING_FIELDS:  # None: the generation config's, or the engine's default
+        value = getattr(req, name)
+        if value is not None or name in defaults:
+            kwargs[name] = value if value is not None else defaults[name]
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:
@@ -658,7 +663,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="fraction of device memory for weights, activations and the KV cache")
     engine.add_argument("--max-num-seqs", type=int, default=None,
-                        help="most sequences in one step (default: 256 on GPU, 64 on CPU)")
+                        help="most sequences in one step (default: 1024 on GPUs of >= 70 GiB, else 256; 64 on CPU)")
     engine.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="token budget of one step (default: 8192 on GPU, 1024 on CPU)")
     engine.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64],
@@ -680,6 +685,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="keep full KV blocks cached by their prefix, so a prompt that starts with a cached "
                              "prefix (a shared system prompt, an earlier turn) computes only the rest")
+    engine.add_argument("--generation-config", default="auto",
+                        help="defaults of the sampling fields a request leaves unset: 'auto' from the model "
+                             "folder's generation_config.json, 'vllm' none, or a folder holding one")
     engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
                         help="'priority': requests' priority field orders the queue (lower first)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
