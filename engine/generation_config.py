@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from engine.sampling_params import SamplingParams
+
 GENERATION_CONFIG_FILE = "generation_config.json"
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -36,4 +38,9 @@ def default_sampling_fields(model_path: str, source: str = "auto") -> dict:
         raise ValueError(f"cannot read {path}: {e}") from e
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object")
-    return {name: config[name] for name in SAMPLING_FIELDS if config.get(name) is not None}
+    fields = {name: config[name] for name in SAMPLING_FIELDS if config.get(name) is not None}
+    try:  # refused here, not as every request's 400
+        SamplingParams(**fields)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return fields

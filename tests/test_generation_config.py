@@ -34,6 +34,8 @@ def test_sampling_fields_come_from_the_model_folder_a_named_folder_or_nowhere(tm
     (tmp_path / "bad" / "generation_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read"):
         default_sampling_fields(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="generation_config.json: top_p"):  # refused at load, not per request
+        default_sampling_fields(str(_write(tmp_path / "wrong", {"top_p": 0.0})))
 
 
 def test_a_named_folder_without_the_file_is_refused_before_loading(tmp_path):

@@ -38,7 +38,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM, RequestStream, merge_streams
 from engine.engine_args import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
-from engine.generation_config import SAMPLING_FIELDS
 from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
@@ -46,6 +45,7 @@ from engine.entrypoints.openai.protocol import (
     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, PromptTokenUsageInfo, TokenizeRequest,
     TokenizeResponse, UsageInfo, random_id,
 )
+from engine.generation_config import SAMPLING_FIELDS
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
