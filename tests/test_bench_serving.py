@@ -90,6 +90,7 @@ def test_serving_run_through_the_plain_httpx_client(tmp_path):
     requested = bench_common.make_requests(6, 12, 5, 0.5, vocab_size=384, seed=0)
     assert r["output_tokens"] == sum(m for _, m in requested)
     assert r["ttft_p50_ms"] is not None and r["itl_p50_ms"] is not None
-    # The clock starts once both processes are up (each imports JAX through bench_common: seconds), so the
-    # run's duration is about its slowest request's, not that plus a late spawn.
-    assert 0 <= r["duration_s"] - max(r["e2e_ms_samples"]) / 1e3 < 1.5
+    # The clock starts once both processes are up with their clients' modules imported, so the run's duration is
+    # about its slowest request's: here ~0.1 s more, against ~0.6 s when `openai` was imported after the start.
+    late = r["duration_s"] - max(r["e2e_ms_samples"]) / 1e3
+    assert 0 <= late < 0.35, late
