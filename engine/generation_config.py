@@ -16,31 +16,36 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+def read_generation_config(folder: str) -> dict:
+    """A checkpoint folder's ``generation_config.json``; {} where there is none (a GGUF file, a folder without
+    one). A file that is not a JSON object raises ``ValueError``."""
+    path = os.path.join(folder, GENERATION_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"cannot read {path}: a generation config is a JSON object")
+    return config
+
+
 def default_sampling_fields(model_path: str, source: str = "auto") -> dict:
     """The ``SamplingParams`` fields (of ``SAMPLING_FIELDS``) that ``source``'s generation config sets:
     "auto" the model folder's file (none for a GGUF file or a folder without one), "vllm" none, else the
     folder ``source``, which must hold one."""
     if source == "vllm":
         return {}
-    if source == "auto":
-        path = os.path.join(model_path, GENERATION_CONFIG_FILE)
-        if not os.path.isdir(model_path) or not os.path.isfile(path):
-            return {}
-    else:
-        path = os.path.join(source, GENERATION_CONFIG_FILE)
-        if not os.path.isfile(path):
-            raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder holding "
-                             f"{GENERATION_CONFIG_FILE}; {source!r} has none")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+    folder = model_path if source == "auto" else source
+    if source != "auto" and not os.path.isfile(os.path.join(source, GENERATION_CONFIG_FILE)):
+        raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder holding "
+                         f"{GENERATION_CONFIG_FILE}; {source!r} has none")
+    config = read_generation_config(folder)
     fields = {name: config[name] for name in SAMPLING_FIELDS if config.get(name) is not None}
     try:  # refused here, not as every request's 400
         SamplingParams(**fields)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise ValueError(f"{os.path.join(folder, GENERATION_CONFIG_FILE)}: {e}") from e
     return fields

@@ -12,12 +12,12 @@ path, size and modification time, and read from there afterwards.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from typing import Any, Iterable, Optional, Sequence
 
 from engine.cache_dir import cache_dir
+from engine.generation_config import read_generation_config
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
@@ -104,19 +104,16 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model_path: Optional[str] 
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
-    if model_path is not None and os.path.isdir(model_path):
-        ids.extend(_generation_config_eos(os.path.join(model_path, "generation_config.json")))
+    if model_path is not None:
+        ids.extend(_generation_config_eos(model_path))
     return tuple(dict.fromkeys(ids))
 
 
-def _generation_config_eos(file: str) -> Iterable[int]:
-    if not os.path.isfile(file):
-        return ()
+def _generation_config_eos(model_path: str) -> Iterable[int]:
     try:
-        with open(file) as f:
-            eos = json.load(f).get("eos_token_id")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise TokenizerError(f"{file} is not a valid generation config: {e}") from None
+        eos = read_generation_config(model_path).get("eos_token_id")
+    except ValueError as e:
+        raise TokenizerError(str(e)) from None
     if eos is None:
         return ()
     return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
