@@ -89,6 +89,15 @@ class _RequestGroup:
     # SamplingParams.prompt_logprobs: an entry a prompt token, None for the first (nothing comes before it); filled
     # as the first sample's prompt chunks run.
     prompt_logprobs: Optional[list] = None
+    # SamplingParams.bad_words as token ids (engine.tokenizer.bad_words_token_ids), tokenized once.
+    bad_words_token_ids: list = dataclasses.field(default_factory=list)
+
+    @property
+    def samples_need_host_tokens(self) -> bool:
+        """Whether sampling the next token needs the tokens before it on the host first: penalties count them, and
+        a bad word of several tokens bans its last only after the others. Such a request decodes a step at a time
+        and is not planned ahead of its previous step's tokens."""
+        return self.params.has_penalties or any(len(word) > 1 for word in self.bad_words_token_ids)
 
     @property
     def finished(self) -> bool:
@@ -251,15 +260,24 @@ class LLMEngine:
             raise ValueError(f"the prompt is {len(prompt_ids)} tokens long, but the model's context "
                              f"length (max_model_len) is {self.max_model_len}; at least one token must be left "
                              "to generate")
-        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        self._check_token_ids("prompt token id", prompt_ids)
+        self._check_token_ids("logit_bias token id", params.logit_bias or ())
+        self._check_token_ids("allowed_token_ids entry", params.allowed_token_ids or ())
+        bad_words = []
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words needs a tokenizer: this engine was started without one")
+            from engine.tokenizer import bad_words_token_ids  # transformers, as the tokenizer's loading above
+
+            bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
+            self._check_token_ids("bad_words token id", [t for word in bad_words for t in word])
         now = time.monotonic()
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         group = _RequestGroup(request_id, text, prompt_ids, params, [], on_output, now,
                               max_output_tokens=params.max_output_tokens(len(prompt_ids), self.max_model_len),
                               output_kind=output_kind,
-                              prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+                              prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+                              bad_words_token_ids=bad_words)
         sample = self._new_sample(group, request_id, base_seed, now, priority)
         group.samples.append(sample)
         self.scheduler.add_request(sample.request)
@@ -272,7 +290,7 @@ class LLMEngine:
         # Multi-step decoding feeds a burst's tokens on the device: not where the host must see each token first.
         request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids), sampling_params=params,
                           priority=priority, arrival_time=now, max_output_tokens=group.max_output_tokens,
-                          multi_step=not params.has_penalties and params.min_tokens == 0,
+                          multi_step=not group.samples_need_host_tokens and params.min_tokens == 0,
                           use_prefix_cache=params.prompt_logprobs is None)
         detok = None
         if self.tokenizer is not None:
@@ -280,6 +298,12 @@ class LLMEngine:
                                            skip_special_tokens=group.params.skip_special_tokens)
         return _Sample(request=request, seed=seed, detokenizer=detok,
                        logprobs=[] if group.params.logprobs is not None else None)
+
+    def _check_token_ids(self, what: str, token_ids) -> None:
+        vocab_size = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{what} {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
     def abort_request(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
@@ -351,7 +375,7 @@ class LLMEngine:
         planning and dispatch (~3 ms on an H200's host, run 30e) would otherwise delay that first token."""
         first_tokens_first = self.scheduler.num_scheduler_steps > 1
         for s, (_, group) in zip(step.plan.scheduled, step.entries):
-            if s.samples and (group.params.has_penalties or len(group.samples) < group.params.n or (
+            if s.samples and (group.samples_need_host_tokens or len(group.samples) < group.params.n or (
                     first_tokens_first and s.start + s.num_tokens == s.request.num_prompt_tokens)):
                 return False
         return True
@@ -388,6 +412,7 @@ class LLMEngine:
             [len(s.request.output_token_ids) for s in scheduled],
             self.runner.padded_num_seqs(out.num_batched_tokens),
             eos_token_ids=sorted(self.eos_token_ids),
+            bad_words_token_ids=[group.bad_words_token_ids for _, group in entries],
         )
         num_logprobs = _top_width(p.logprobs for p in params)
         num_prompt_logprobs = _top_width(p.prompt_logprobs for w, p in zip(work, params) if w.score_targets)

@@ -8,10 +8,12 @@ Knows nothing of requests, the scheduler or the model: only arrays and
 
 Pipeline of ``sample``, in vLLM v1's order:
   1. logprobs (optional) of the model's raw logits;
-  2. ban tokens (end-of-sequence / stop tokens before ``min_tokens``);
-  3. penalties (repetition over prompt + output, presence and frequency over output);
-  4. greedy rows: argmax, exactly;
-  5. other rows: temperature, min_p, top_k, top_p, then a Gumbel-max categorical draw
+  2. ``allowed_token_ids``: every other token masked out;
+  3. ban tokens (``bad_words``' next tokens; end-of-sequence / stop tokens before ``min_tokens``);
+  4. ``logit_bias`` added;
+  5. penalties (repetition over prompt + output, presence and frequency over output);
+  6. greedy rows: argmax, exactly;
+  7. other rows: temperature, min_p, top_k, top_p, then a Gumbel-max categorical draw
      with the key ``fold_in(key(seed), step_index)``. Every operation is row-wise and
      neutral for rows that do not use it, so a seeded row draws the same token
      whatever else is in the batch and wherever it sits.
@@ -44,6 +46,7 @@ Choices, and why:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +78,16 @@ class SamplingMetadata:
     prompt_token_ids: jax.Array  # [S, P] int32, -1 padded; for repetition_penalty
     output_token_ids: jax.Array  # [S, O] int32, -1 padded; for all three penalties
     banned_token_ids: jax.Array  # [S, K] int32, -1 padded; logits set to -inf
+    allowed_token_ids: jax.Array  # [S, A] int32, -1 padded; a row with any keeps only those logits
+    logit_bias_token_ids: jax.Array  # [S, B] int32, -1 padded
+    logit_bias_values: jax.Array  # [S, B] f32, added to those tokens' logits
     all_greedy: bool = struct.field(pytree_node=False, default=True)
     needs_penalties: bool = struct.field(pytree_node=False, default=False)
     needs_top_k_top_p: bool = struct.field(pytree_node=False, default=False)
     needs_min_p: bool = struct.field(pytree_node=False, default=False)
     needs_token_bans: bool = struct.field(pytree_node=False, default=False)
+    needs_allowed_tokens: bool = struct.field(pytree_node=False, default=False)
+    needs_logit_bias: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass
@@ -107,6 +115,7 @@ def build_sampling_metadata(
     num_padded_seqs: int,
     *,
     eos_token_ids: Sequence[int] = (),
+    bad_words_token_ids: Optional[Sequence[Sequence[Sequence[int]]]] = None,
 ) -> SamplingMetadata:
     """Numpy ``SamplingMetadata`` for the scheduled sequences, padded to ``num_padded_seqs``.
 
@@ -115,6 +124,8 @@ def build_sampling_metadata(
     same). ``step_indices[i]`` is the index of the token being sampled in the output
     (usually ``len(output_token_ids_lists[i])``). ``eos_token_ids`` are banned, with
     ``stop_token_ids``, while a sequence has fewer than ``min_tokens`` outputs.
+    ``bad_words_token_ids[i]``: the token ids of each of the sequence's bad words
+    (``bad_words_token_ids``); the last token of each whose others end the output is banned.
     Padding rows are greedy with every stage off.
     """
     num_seqs = len(params_list)
@@ -149,13 +160,16 @@ def build_sampling_metadata(
 
     # The token-id matrices are built only when some sequence needs them: they are the costly
     # part (rows of prompt + output tokens), and empty rows give the same [S, 0] matrix.
+    banned = []
     if any(p.min_tokens > 0 for p in distinct):
         banned = [
             [*eos_token_ids, *p.stop_token_ids] if len(out) < p.min_tokens else []
             for p, out in zip(params_list, output_token_ids_lists)
         ]
-    else:
-        banned = []
+    if bad_words_token_ids is not None and any(bad_words_token_ids):
+        banned = banned or [[] for _ in params_list]
+        for row, words, out in zip(banned, bad_words_token_ids, output_token_ids_lists):
+            row.extend(_next_bad_tokens(words, out))
     if any(p.has_penalties for p in distinct):
         output_rows = [out if p.has_penalties else () for p, out in zip(params_list, output_token_ids_lists)]
     else:
@@ -164,6 +178,11 @@ def build_sampling_metadata(
         prompt_rows = [pr if p.repetition_penalty != 1.0 else () for p, pr in zip(params_list, prompt_token_ids_lists)]
     else:
         prompt_rows = []
+    bias_ids, bias_values = [], []
+    if any(p.logit_bias for p in distinct):
+        for p in params_list:
+            bias_ids.append(list(p.logit_bias or ()))
+            bias_values.append(list((p.logit_bias or {}).values()))
     return SamplingMetadata(
         temperature=temperature,
         top_p=top_p,
@@ -177,11 +196,17 @@ def build_sampling_metadata(
         prompt_token_ids=_padded_token_matrix(prompt_rows, S),
         output_token_ids=_padded_token_matrix(output_rows, S),
         banned_token_ids=_padded_token_matrix(banned, S),
+        allowed_token_ids=_padded_token_matrix([p.allowed_token_ids or () for p in params_list]
+                                               if any(p.allowed_token_ids for p in distinct) else [], S),
+        logit_bias_token_ids=_padded_token_matrix(bias_ids, S),
+        logit_bias_values=_padded_token_matrix(bias_values, S, fill=0.0, dtype=np.float32),
         all_greedy=all(p.is_greedy for p in distinct),
         needs_penalties=any(p.has_penalties for p in distinct),
         needs_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in distinct),
         needs_min_p=any(p.min_p > 0.0 for p in distinct),
         needs_token_bans=any(banned),
+        needs_allowed_tokens=any(p.allowed_token_ids for p in distinct),
+        needs_logit_bias=bool(bias_ids),
     )
 
 
@@ -205,11 +230,21 @@ def _param_values(p: SamplingParams) -> tuple:
             p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
 
 
-def _padded_token_matrix(rows: Sequence[Sequence[int]], num_rows: int) -> np.ndarray:
-    """``[num_rows, W]`` int32, -1 padded; W = 0 if all rows are empty, else a power of two."""
+def _next_bad_tokens(words: Sequence[Sequence[int]], output: Sequence[int]) -> list[int]:
+    """The last token of each bad word whose other tokens end ``output`` (vLLM's ``apply_bad_words``)."""
+    banned = []
+    for word in words:
+        prefix = len(word) - 1
+        if prefix <= len(output) and (prefix == 0 or list(output[-prefix:]) == list(word[:-1])):
+            banned.append(word[-1])
+    return banned
+
+
+def _padded_token_matrix(rows: Sequence[Sequence], num_rows: int, fill=-1, dtype=np.int32) -> np.ndarray:
+    """``[num_rows, W]`` of ``dtype``, ``fill`` padded; W = 0 if all rows are empty, else a power of two."""
     longest = max((len(r) for r in rows), default=0)
     width = 0 if longest == 0 else max(_MIN_TOKEN_WIDTH, 1 << (longest - 1).bit_length())
-    matrix = np.full((num_rows, width), -1, np.int32)
+    matrix = np.full((num_rows, width), fill, dtype)
     for i, row in enumerate(rows):
         if len(row):
             matrix[i, : len(row)] = row
@@ -231,8 +266,12 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, *, num_logprobs: int |
     """
     logits = logits.astype(jnp.float32)
     raw_logits = logits
+    if metadata.needs_allowed_tokens:
+        logits = _keep_allowed_tokens(logits, metadata.allowed_token_ids)
     if metadata.needs_token_bans:
         logits = _ban_tokens(logits, metadata.banned_token_ids)
+    if metadata.needs_logit_bias:
+        logits = _add_logit_bias(logits, metadata.logit_bias_token_ids, metadata.logit_bias_values)
     if metadata.needs_penalties:
         logits = apply_penalties(logits, metadata)
 
@@ -283,6 +322,23 @@ def _ban_tokens(logits: jax.Array, banned_token_ids: jax.Array) -> jax.Array:
     ids = jnp.where(banned_token_ids < 0, vocab_size, banned_token_ids)
     rows = jnp.arange(logits.shape[0])[:, None]
     return logits.at[rows, ids].set(-jnp.inf, mode="drop")
+
+
+def _keep_allowed_tokens(logits: jax.Array, allowed_token_ids: jax.Array) -> jax.Array:
+    """Logits of tokens outside a row's ``allowed_token_ids`` set to -inf; rows without a list (all -1) kept."""
+    vocab_size = logits.shape[-1]
+    ids = jnp.where(allowed_token_ids < 0, vocab_size, allowed_token_ids)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    allowed = jnp.zeros(logits.shape, bool).at[rows, ids].set(True, mode="drop")
+    restricted = jnp.any(allowed_token_ids >= 0, axis=1, keepdims=True)
+    return jnp.where(restricted & ~allowed, -jnp.inf, logits)
+
+
+def _add_logit_bias(logits: jax.Array, token_ids: jax.Array, values: jax.Array) -> jax.Array:
+    vocab_size = logits.shape[-1]
+    ids = jnp.where(token_ids < 0, vocab_size, token_ids)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, ids].add(values, mode="drop")
 
 
 def _random_sample(logits: jax.Array, metadata: SamplingMetadata) -> jax.Array:

@@ -12,8 +12,10 @@ Deliberate differences from vLLM (``vllm/sampling_params.py``):
   at 2, but nothing numerical requires it).
 - ``logprobs`` and ``prompt_logprobs`` are capped at ``MAX_LOGPROBS`` (20, OpenAI's and
   vLLM's default ``max_logprobs``); vLLM's ``-1`` (whole vocabulary) is not supported.
-- Only the fields listed below exist (no ``logit_bias``, ``bad_words``, structured
-  outputs, beam search).
+- Only the fields listed below exist (no structured outputs, beam search, logits
+  processors).
+- ``logit_bias`` values must be finite (vLLM adds whatever it is given); the server clamps
+  them to [-100, 100] first, as OpenAI and vLLM's server do.
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ class SamplingParams:
     skip_special_tokens: leave special tokens out of the output text.
     include_stop_str_in_output: keep the matched stop string (or stop token's text)
         at the end of the output text.
+    logit_bias: ``{token id: bias}`` added to those tokens' logits before the penalties
+        and sampling (greedy included). The engine refuses ids outside the vocabulary.
+    allowed_token_ids: sample only among these token ids (every other logit is masked
+        out before the rest of sampling). Non-empty when given.
+    bad_words: words never to generate. Each is tokenized as it is and after a space
+        (vLLM's rule); a word's last token is masked out whenever the output ends with
+        the tokens before it. A word of several tokens makes the request decode one step
+        at a time (the host must see each token).
     """
 
     n: int = 1
@@ -97,6 +107,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -148,6 +161,14 @@ class SamplingParams:
             self.stop = list(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        if isinstance(self.logit_bias, dict) and not self.logit_bias:
+            self.logit_bias = None
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif isinstance(self.bad_words, (list, tuple)):
+            self.bad_words = list(self.bad_words) or None
         elif isinstance(self.stop_token_ids, (list, tuple)):
             self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
         if _is_real(self.temperature) and GREEDY_TEMPERATURE_EPS <= self.temperature < MIN_SAMPLING_TEMPERATURE:
@@ -199,6 +220,20 @@ class SamplingParams:
             value = getattr(self, name)
             _require(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
                      name, f"must be None or an integer in [0, {MAX_LOGPROBS}]", value)
+        _require(
+            self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+                _is_int(t) and t >= 0 and _is_real(b) and math.isfinite(b) for t, b in self.logit_bias.items())),
+            "logit_bias", "must map token ids (integers >= 0) to finite numbers", self.logit_bias,
+        )
+        _require(
+            self.allowed_token_ids is None or (isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
+                                               and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)),
+            "allowed_token_ids", "must be a non-empty list of non-negative integers", self.allowed_token_ids,
+        )
+        _require(
+            self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words),
+            "bad_words", "must be a non-blank string or a list of them", self.bad_words,
+        )
         if self.is_greedy:
             _require(self.n == 1, "n", "must be 1 with greedy sampling (temperature 0)", self.n)
 

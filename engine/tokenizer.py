@@ -62,6 +62,20 @@ def encode_prompt(tokenizer: Optional[PreTrainedTokenizerBase], prompt: str) -> 
     return list(tokenizer.encode(prompt))
 
 
+def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[list[int]]:
+    """``SamplingParams.bad_words`` as token-id lists, by vLLM's rule: each word as it is (leading spaces
+    stripped), and after a space too where that makes a different first token of the same length (the word in
+    mid-text)."""
+    token_ids: list[list[int]] = []
+    for word in words:
+        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        token_ids.append(alone)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if spaced[0] != alone[0] and len(spaced) == len(alone):
+            token_ids.append(spaced)
+    return token_ids
+
+
 def _load(model_path: str, source: str, gguf_file: Optional[str] = None, **kwargs: Any) -> PreTrainedTokenizerBase:
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:

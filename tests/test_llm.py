@@ -202,6 +202,41 @@ def test_bad_prompts_rejected_others_unaffected(llm, alone):
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
 
 
+def test_logit_bias_allowed_token_ids_and_bad_words(llm, alone):
+    """The default model under each control: a large bias makes greedy repeat its token, allowed ids bound what
+    is drawn, and a bad word (one of several tokens too) never appears where greedy wrote it, asynchronous
+    scheduling on; ids outside the vocabulary are refused and leave other requests as they were."""
+    tokenizer = llm.get_tokenizer()
+    token = tokenizer.encode(" blue", add_special_tokens=False)[0]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, logit_bias={token: 100.0}),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == [token] * 5
+    allowed = alone[1][:3] + [token]
+    out = llm.generate(PROMPTS[1], SamplingParams(temperature=1.0, seed=2, max_tokens=12, ignore_eos=True,
+                                                  allowed_token_ids=allowed), use_tqdm=False)[0]
+    assert set(out.outputs[0].token_ids) <= set(allowed)
+
+    text = tokenizer.decode(alone[0])
+    words = text.split()
+    long_word = max(words, key=lambda w: len(tokenizer.encode(" " + w, add_special_tokens=False)))
+    assert len(tokenizer.encode(" " + long_word, add_special_tokens=False)) > 1, text
+    for bad in (words[0], long_word):
+        out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                      bad_words=[bad]), use_tqdm=False)[0]
+        assert out.outputs[0].token_ids != alone[0]
+        ids = tokenizer.encode(" " + bad, add_special_tokens=False)
+        got = out.outputs[0].token_ids
+        assert all(got[i:i + len(ids)] != ids for i in range(len(got))), (bad, out.outputs[0].text)
+
+    vocab = llm.llm_engine.model_config.vocab_size
+    for params, field in ((SamplingParams(logit_bias={vocab: 1.0}), "logit_bias"),
+                          (SamplingParams(allowed_token_ids=[1, vocab + 5]), "allowed_token_ids")):
+        with pytest.raises(ValueError, match=f"{field}.* outside the vocabulary"):
+            llm.generate(PROMPTS[0], params, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
+
+
 def _stream(llm, prompt, params, output_kind):
     """Submit one request; the list its outputs go into and an event set when it ends."""
     outputs, done = [], threading.Event()
@@ -410,8 +445,8 @@ def test_async_scheduling_and_multi_step_decoding_give_the_outputs_of_synchronou
     (several decode steps a dispatch, each feeding the next on the device), change nothing a request
     sees: tokens, finish reasons and logprobs equal the synchronous one-step engine's, through
     preemption, stops in the middle of a step in flight or of a multi-step decode (stop tokens,
-    max_tokens, max_model_len), seeded sampling, n=2 and penalties (read back before planning; no
-    multi-step decode while they run); every block is freed."""
+    max_tokens, max_model_len), seeded sampling, n=2, logit_bias, allowed_token_ids and penalties (read back
+    before planning; no multi-step decode while they run); every block is freed."""
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     write_tiny_checkpoint(tmp_path, "llama", seed=5)
@@ -420,7 +455,7 @@ def test_async_scheduling_and_multi_step_decoding_give_the_outputs_of_synchronou
     # 10 usable blocks whatever the draw (25 tokens into the 60-, 30- and 25-token requests those three
     # hold 9 blocks, beside the n=2 request and others admitted as the short ones finish); with prompts
     # from 2 tokens up, a short draw sometimes never preempted (seen failing in a full CPU run).
-    prompts = [rng.integers(3, 256, int(n)).tolist() for n in [2, *rng.integers(12, 40, 13)]]
+    prompts = [rng.integers(3, 256, int(n)).tolist() for n in [2, *rng.integers(12, 40, 15)]]
 
     def make_params(stop_token: int) -> list:
         return (
@@ -434,7 +469,11 @@ def test_async_scheduling_and_multi_step_decoding_give_the_outputs_of_synchronou
                SamplingParams(temperature=0, logprobs=2, max_tokens=6, ignore_eos=True),
                SamplingParams(temperature=0, min_tokens=4, max_tokens=9),
                SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),  # stopped by max_model_len
-               SamplingParams(temperature=0.7, seed=9, max_tokens=40, stop_token_ids=[7, 8, 9, 10, 11, 12])])
+               SamplingParams(temperature=0.7, seed=9, max_tokens=40, stop_token_ids=[7, 8, 9, 10, 11, 12]),
+               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                              logit_bias={int(t): 4.0 for t in rng.integers(3, 256, 6)}),
+               SamplingParams(temperature=0.9, seed=3, max_tokens=10, ignore_eos=True,
+                              allowed_token_ids=[int(t) for t in rng.integers(3, 256, 20)])])
 
     params, results = None, {}
     for mode, steps in ((False, 1), (True, 1), (True, 4), (False, 3)):

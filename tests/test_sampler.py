@@ -16,7 +16,8 @@ def rng():
     return np.random.default_rng()
 
 
-def _metadata(params, *, outputs=None, prompts=None, seeds=None, steps=None, num_padded=None, eos=()):
+def _metadata(params, *, outputs=None, prompts=None, seeds=None, steps=None, num_padded=None, eos=(),
+              bad_words=None):
     n = len(params)
     return build_sampling_metadata(
         params,
@@ -26,6 +27,7 @@ def _metadata(params, *, outputs=None, prompts=None, seeds=None, steps=None, num
         steps if steps is not None else [0] * n,
         num_padded if num_padded is not None else n,
         eos_token_ids=eos,
+        bad_words_token_ids=bad_words,
     )
 
 
@@ -241,6 +243,54 @@ def test_min_tokens_bans_eos_and_stop_tokens(rng):
     assert tokens[1] == eos  # min_tokens reached: allowed
 
 
+def test_logit_bias_allowed_tokens_and_bad_words_against_numpy(rng):
+    """vLLM v1's order on a mixed batch: allowed ids, then bans (bad words' next tokens), then the bias, then
+    penalties; rows without a setting are untouched, greedy and sampled rows alike, and logprobs stay raw."""
+    vocab = 40
+    logits = _logits(rng, 5, vocab)
+    bias = {3: 25.0, 7: -30.0}
+    params = [SamplingParams(temperature=0.0, logit_bias=bias),
+              SamplingParams(temperature=0.0, allowed_token_ids=[4, 11, 12]),
+              SamplingParams(temperature=0.0, allowed_token_ids=[5, 6], logit_bias={6: 100.0}),
+              SamplingParams(temperature=0.0, logit_bias={9: 50.0}, bad_words=["x"]),
+              SamplingParams(temperature=0.0)]
+    outputs = [[], [], [], [1, 8], [2]]
+    # Row 3's bad words as token ids: [9] always banned, [8, 10] banned after an 8, [5, 10] not (output ends in 8).
+    bad_words = [[], [], [], [[9], [8, 10], [5, 13]], []]
+    logits[3, 10] = logits[3, 13] = 60.0
+    out = sample_jit(logits, _metadata(params, outputs=outputs, bad_words=bad_words), num_logprobs=0)
+    want = logits.copy()
+    for token, value in bias.items():
+        want[0, token] += value
+    keep = np.full(vocab, -np.inf)
+    keep[[4, 11, 12]] = 0.0
+    want[1] += keep
+    want[2, [5, 6]] += [0.0, 100.0]
+    want[2, [t for t in range(vocab) if t not in (5, 6)]] = -np.inf
+    want[3, [9, 10]] = -np.inf  # the bias on 9 does not lift its ban
+    assert np.asarray(out.token_ids).tolist() == np.argmax(want, axis=-1).tolist()
+    assert np.asarray(out.token_ids)[3] == 13
+    raw = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    picked = np.asarray(out.token_ids)
+    np.testing.assert_allclose(np.asarray(out.logprobs), raw[np.arange(5), picked], rtol=1e-5, atol=1e-5)
+
+    # Sampled rows draw only allowed tokens, and a large bias dominates the draw.
+    draws = _draw_many(logits[4], SamplingParams(temperature=1.0, allowed_token_ids=[2, 30]), 64)
+    assert set(draws.tolist()) <= {2, 30}
+    draws = _draw_many(logits[4], SamplingParams(temperature=1.0, logit_bias={17: 80.0}), 32)
+    assert set(draws.tolist()) == {17}
+
+
+def test_bad_words_ban_the_next_token_only_after_their_prefix():
+    md = _metadata([SamplingParams(), SamplingParams()], outputs=[[4, 5], [5]],
+                   bad_words=[[[5, 6], [4, 5, 7], [9]], [[4, 5, 7], [1, 2, 3, 4]]])
+    assert md.needs_token_bans
+    assert [sorted(r[r >= 0].tolist()) for r in md.banned_token_ids] == [[6, 7, 9], []]
+    # No bad words, no bans: the matrix stays empty.
+    assert _metadata([SamplingParams()], bad_words=[[]]).banned_token_ids.shape == (1, 0)
+
+
 def test_builder_pads_flags_and_buckets():
     params = [SamplingParams(temperature=0.0), SamplingParams(top_p=0.9, repetition_penalty=1.2, seed=7)]
     md = build_sampling_metadata(params, [[1, 2], list(range(20))], [[3], [4, 5]], [11, 2**33 + 5], [2, 20], 4)
@@ -250,6 +300,8 @@ def test_builder_pads_flags_and_buckets():
     assert md.seeds.tolist() == [11, 5, 0, 0] and md.step_indices.tolist() == [2, 20, 0, 0]
     assert (md.all_greedy, md.needs_penalties, md.needs_top_k_top_p, md.needs_min_p) == (False, True, True, False)
     assert not md.needs_token_bans and md.banned_token_ids.shape == (4, 0)
+    assert not (md.needs_logit_bias or md.needs_allowed_tokens)
+    assert md.logit_bias_token_ids.shape == md.logit_bias_values.shape == md.allowed_token_ids.shape == (4, 0)
     # Only the penalised row's tokens are sent, padded to a power of two.
     assert md.output_token_ids.shape == (4, 32) and md.prompt_token_ids.shape == (4, 16)
     assert md.output_token_ids[0].tolist() == [-1] * 32
@@ -312,8 +364,9 @@ def test_sampling_metadata_packs_into_one_array_and_back():
     sampler's unpacked arrays equal the host's, dtypes, shapes, empty token lists and static flags included."""
     from engine.runner import pack_arrays, unpack_arrays
 
-    params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=5, presence_penalty=0.5, seed=3),
-              SamplingParams(temperature=0.0, repetition_penalty=1.2)]
+    params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=5, presence_penalty=0.5, seed=3,
+                             logit_bias={4: -1.5, 9: 2.25}),
+              SamplingParams(temperature=0.0, repetition_penalty=1.2, allowed_token_ids=[1, 2, 3])]
     meta = build_sampling_metadata(params, [[5, 6], []], [[1, 2, 3], [4]], [2**31 + 7, 11], [2, 0], 8)
     flat, layout = pack_arrays(meta)
     assert flat.dtype == np.int32 and flat.ndim == 1

@@ -20,6 +20,9 @@ def test_normalisation():
     assert p.stop == ["###"] and p.stop_token_ids == [5, 7] and p.top_k == 0 and p.seed is None
     assert SamplingParams(stop=("a", "bc")).stop == ["a", "bc"]
     assert SamplingParams(temperature=1e-3).temperature == MIN_SAMPLING_TEMPERATURE
+    p = SamplingParams(logit_bias={}, allowed_token_ids=(3, 4), bad_words="no")
+    assert p.logit_bias is None and p.allowed_token_ids == [3, 4] and p.bad_words == ["no"]
+    assert SamplingParams(bad_words=[]).bad_words is None
 
 
 def test_greedy_resets_truncation():
@@ -66,6 +69,16 @@ def test_derived_values():
         ("stop", 5),
         ("stop_token_ids", [3, -1]),
         ("stop_token_ids", 7),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {3: float("nan")}),
+        ("logit_bias", {"3": 1.0}),
+        ("logit_bias", [(3, 1.0)]),
+        ("allowed_token_ids", []),
+        ("allowed_token_ids", [4, -2]),
+        ("allowed_token_ids", 4),
+        ("bad_words", ""),
+        ("bad_words", ["ok", "  "]),
+        ("bad_words", [3]),
     ],
 )
 def test_invalid_field_names_field_and_value(field, value):

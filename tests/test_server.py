@@ -223,6 +223,23 @@ def test_n2_and_prompt_list(served):
     assert sorted(c.index for c in chat.choices) == [0, 1]
 
 
+def test_logit_bias_allowed_token_ids_and_bad_words(served, reference):
+    """OpenAI's ``logit_bias`` (string keys, a bias past 100 clamped to it) and vLLM's ``allowed_token_ids`` and
+    ``bad_words`` reach the sampler, on both endpoints."""
+    client = served.client()
+    token = served.async_llm.tokenizer.encode(" blue", add_special_tokens=False)[0]
+    out = client.completions.create(model=served.model, prompt=PROMPTS[0], temperature=0, max_tokens=4,
+                                    logit_bias={str(token): 1000})
+    assert out.choices[0].text == " blue" * 4
+    chat = client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=3,
+                                          extra_body={"allowed_token_ids": [token]})
+    assert chat.choices[0].message.content == " blue" * 3
+    first_word = reference[0].split()[0]
+    out = client.completions.create(model=served.model, prompt=PROMPTS[0], **{
+        **GREEDY, "extra_body": {**GREEDY["extra_body"], "bad_words": [first_word]}})
+    assert first_word not in out.choices[0].text.split()[:1] and out.choices[0].text != reference[0]
+
+
 def test_seed_reproduces(served):
     def sample(seed: int) -> str:
         return served.client().completions.create(model=served.model, prompt=PROMPTS[3], temperature=1.0, seed=seed,
@@ -499,7 +516,11 @@ def test_wrong_types(served, endpoint, body, param):
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"extra_body": {"top_k": -5}}, "top_k"),
     ({"extra_body": {"min_tokens": 9, "max_tokens": 4}}, "min_tokens"),
-    ({"extra_body": {"logit_bias": {"1": 5}}}, "logit_bias"),
+    ({"logit_bias": {"blue": 5}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 5}}, "logit_bias"),  # outside the vocabulary: the engine's refusal
+    ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids"),
+    ({"extra_body": {"allowed_token_ids": [1, 99999999]}}, "allowed_token_ids"),
+    ({"extra_body": {"bad_words": [" "]}}, "bad_words"),
 ])
 def test_out_of_range_completions(served, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:

@@ -496,8 +496,9 @@ class OpenAIServing:
             return await self.async_llm.add_requests(
                 [(f"{request_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)],
                 priority=priority)
-        except ValueError as e:
-            raise bad_request(str(e), param=prompt_param) from e
+        except ValueError as e:  # the engine's refusals name the field first when it is not the prompt
+            field = str(e).split(" ", 1)[0]
+            raise bad_request(str(e), param=field if field in TOKEN_ID_FIELDS else prompt_param) from e
 
 
 # -- conversions shared by both endpoints -------------------------------------------------
@@ -511,7 +512,8 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
         n=req.n, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
         stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
         min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-        include_stop_str_in_output=req.include_stop_str_in_output)
+        include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias),
+        allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words)
     for name in SAMPLING_FIELDS:  # None: the generation config's, or the engine's default
         value = getattr(req, name)
         if value is not None or name in defaults:
@@ -526,6 +528,25 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
         if param and field and param != field.group(0):
             message = param + message[len(field.group(0)):]
         raise bad_request(message, param=param) from e
+
+
+# Request fields whose token ids the engine checks against its vocabulary (its refusals start with the field's name).
+TOKEN_ID_FIELDS = ("logit_bias", "allowed_token_ids", "bad_words")
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias, to which vLLM's server clamps too
+
+
+def _logit_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
+    """OpenAI's ``{"token id": bias}`` as ``SamplingParams.logit_bias``, each bias clamped to +-100."""
+    if not logit_bias:
+        return None
+    out = {}
+    for key, bias in logit_bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids (integers), got {key!r}", param="logit_bias") from None
+        out[token_id] = min(max(bias, -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT)
+    return out
 
 
 def _refuse_unsupported(req) -> None:

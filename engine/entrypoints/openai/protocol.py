@@ -2,7 +2,7 @@
 
 Owns the wire format: field names, types and OpenAI's defaults, plus the few vLLM
 extensions the server accepts (top_k, min_p, repetition_penalty, min_tokens,
-ignore_eos, stop_token_ids, ...). Range checks of sampling values are not repeated
+ignore_eos, stop_token_ids, allowed_token_ids, bad_words, ...). Range checks of sampling values are not repeated
 here: ``SamplingParams`` owns them and its errors name the field. Fields OpenAI
 defines that this server does not implement are declared so that a non-default
 value is refused (see ``unsupported_fields``) instead of silently ignored.
@@ -68,16 +68,17 @@ class _SamplingFields(BaseModel):
     stream_options: Optional[StreamOptions] = None
     priority: int = 0
     user: Optional[str] = None  # accepted and ignored, as OpenAI's abuse-monitoring id
+    logit_bias: Optional[dict[str, float]] = None  # OpenAI's form: token ids as strings; biases clamped to +-100
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
     # OpenAI fields not implemented: a value other than these defaults is refused.
-    logit_bias: Optional[dict[str, float]] = None
     best_of: Optional[int] = None
 
     def unsupported_fields(self) -> list[str]:
         """Names of set fields this server cannot honour."""
-        bad = [name for name in ("logit_bias",) if getattr(self, name)]
         if self.best_of is not None and self.best_of != self.n:
-            bad.append("best_of")
-        return bad
+            return ["best_of"]
+        return []
 
 
 PROMPT_FORMS = "a string, a list of strings, a list of token ids (integers >= 0) or a list of token-id lists"
