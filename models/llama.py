@@ -44,7 +44,7 @@ import numpy as np
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
 from models.norm import add_rms_norm, rms_norm
-from models.quantization import LinearBackend, concat_outputs, is_quantized, linear
+from models.quantization import LinearBackend, concat_outputs, fused_mlp_parts, is_quantized, linear
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
 
@@ -260,6 +260,13 @@ def forward(
         gate, up = project(h, w, "w_gate_up")
         return jax.nn.silu(gate) * up
 
+    def mlp_parts(h, w):
+        """The MLP's output as partial sums for ``add_rms_norm``: one launch where the backend fuses it at this row
+        count (``LinearBackend.use_fused_mlp``), else the gate/up matmul, the SwiGLU product and the down matmul."""
+        if "w_gate_up" in w and linear_backend.use_fused_mlp(w["w_gate_up"], w["w_down"], T):
+            return fused_mlp_parts(h, w["w_gate_up"], w["w_down"], linear_backend)
+        return mm_parts(mlp_hidden(h, w), w["w_down"])
+
     def biases(w, fused: str) -> tuple:
         return split_columns(w[fused], widths[fused]) if fused in w else tuple(w[p] for p in FUSED_PROJECTIONS[fused])
 
@@ -293,7 +300,7 @@ def forward(
         attn = attend(qkv, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables,
                       batch.cu_q_lens, batch.num_seqs)
         x, h = add_rms_norm(x, mm_parts(attn.reshape(T, config.q_size), w["wo"]), w["post_norm"], eps)
-        x, h = add_rms_norm(x, mm_parts(mlp_hidden(h, w), w["w_down"]), next_norm, eps)
+        x, h = add_rms_norm(x, mlp_parts(h, w), next_norm, eps)
         return x, h, k_cache, v_cache
 
     def layer_step(carry, layer_weights_and_next_norm):

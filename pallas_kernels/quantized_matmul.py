@@ -157,6 +157,14 @@ class MatmulConfig:
     # Run 26a (H200, 8B int8 at batch 1, same lease): TPOT 3.16 ms summed each step (loads ahead) -> 3.06 deferred
     # without loads ahead (3.23 deferred with them).
     kmajor_defer_reduction: bool = True
+    # The one-row MLP in one launch (``pallas_kernels.fused_mlp``; opt-in, ``$PAGEDJAX_FUSED_MLP=1``): a program's
+    # slice of the intermediate dimension (its partial sums: I / mlp_block_i rows of H float32), the K bytes of a
+    # gate/up step, the output rows of a down step, and warps. Chosen for ~3 programs a multiprocessor at ~140
+    # registers a thread (224 programs for the 8B); not timed yet.
+    mlp_block_i: int = 64
+    mlp_block_k: int = 64
+    mlp_block_h: int = 64
+    mlp_num_warps: int = 4
 
 
 # --------------------------------------------------------------------------------------
@@ -327,7 +335,7 @@ def multiply_add(a: jax.Array, b: jax.Array, c: jax.Array, fused: bool) -> jax.A
     return out
 
 
-def _integers_as_f32(v: jax.Array, kind: str, convert: str) -> jax.Array:
+def integers_as_f32(v: jax.Array, kind: str, convert: str) -> jax.Array:
     """The integers a weight tile ``v`` holds as float32, by ``convert`` (``MatmulConfig.gemv_convert``): ``kind``
     "int8" (int8 values) or "low_nibbles" / "high_nibbles" (of uint8 bytes)."""
     if convert == "permute":
@@ -347,7 +355,7 @@ def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str)
     elif convert == "affine_jnp":
         q_lo, q_hi = _half_plus_over_256(packed & 0xF), _half_plus_over_256(packed >> 4)
     else:
-        return (_integers_as_f32(packed, "low_nibbles", convert), _integers_as_f32(packed, "high_nibbles", convert),
+        return (integers_as_f32(packed, "low_nibbles", convert), integers_as_f32(packed, "high_nibbles", convert),
                 s, z)
     return q_lo, q_hi, s * 256.0, (z + 128.0) * (1 / 256)
 
@@ -405,7 +413,7 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
             x_lo, x_hi = (x_ref[0, pl.ds(k, part_rows)].astype(jnp.float32) for k in (lo, lo + block_k // 2))
             return s, z, x_lo, q_lo, x_hi, q_hi
         (w,) = loaded
-        w = _integers_as_f32(w, "int8", convert) if fmt == "int8" else w.astype(jnp.float32)
+        w = integers_as_f32(w, "int8", convert) if fmt == "int8" else w.astype(jnp.float32)
         return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w
 
     def step(i, acc, loaded):  # acc: [block_n]; each tile summed over K at once
@@ -470,7 +478,7 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
             x = pltriton.load(x_ref.at[jnp.zeros((block_n, 1), jnp.int32), ks]).astype(jnp.float32)
         else:
             x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)[None, :]
-        w = _integers_as_f32(w, "int8", convert)
+        w = integers_as_f32(w, "int8", convert)
         if defer_reduction:
             return multiply_add(x, w, acc, fma)
         return acc + jnp.sum(x * w, axis=1)
@@ -510,7 +518,7 @@ def double_buffered_loop(steps: int, load, body, acc):
     return body(steps - 1, acc, last) if steps % 2 else acc
 
 
-def _largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optional[int]:
+def largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optional[int]:
     size = upper
     while size >= lower:
         if n % size == 0:
@@ -536,12 +544,12 @@ def auto_k_splits(num_col_blocks: int, num_k_steps: int, programs_per_core: int 
 def _tile_sizes(fmt: str, K: int, N: int, pack: int, max_n: int, max_k: int) -> tuple[int, int]:
     """``(block_n, block_k)``: the largest powers of two up to ``max_n`` / ``max_k`` dividing N / K
     (int4 steps through K by its packing block)."""
-    block_n = _largest_power_of_2_dividing(N, max_n)
+    block_n = largest_power_of_2_dividing(N, max_n)
     if block_n is None:
         raise ValueError(f"N={N} must be a multiple of 16 for the Pallas matmul")
     if fmt == "int4":
         return block_n, pack
-    block_k = _largest_power_of_2_dividing(K, max_k)
+    block_k = largest_power_of_2_dividing(K, max_k)
     if block_k is None:
         raise ValueError(f"K={K} must be a multiple of 16 for the Pallas matmul")
     return block_n, block_k
@@ -619,7 +627,7 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
     return add_splits(out[:, :M], x.dtype, keep_splits)
 
 
-def _gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_prefetch: int) -> tuple[int, str]:
+def gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_prefetch: int) -> tuple[int, str]:
     """``(prefetch, convert)`` of a one-row kernel: loads a step ahead or not (``gemv_prefetch``; None: the kernel's
     ``default_prefetch``), and the integer-to-float conversion (``gemv_convert``; "affine" is for nibbles, int8
     values go as "permute"; inline PTX runs only compiled, so the interpreter takes the same trick written in jnp,
@@ -651,7 +659,7 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
 
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
-    prefetch, convert = _gemv_loop_settings(fmt, config, interpret, default_prefetch=int(
+    prefetch, convert = gemv_loop_settings(fmt, config, interpret, default_prefetch=int(
         fmt == "int8" or (fmt == "int4" and config.gemv_factor_scales and config.gemv_defer_reduction)))
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
     if fmt == "int4" and (config.gemv_subtiles < 1 or (block_k // 2) % config.gemv_subtiles):
@@ -704,7 +712,7 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     if x.shape[0] != 1:
         out = int8_kmajor_matmul_reference(x, qt, scale)
         return out[None] if keep_splits else out
-    prefetch, convert = _gemv_loop_settings("int8", config, interpret,
+    prefetch, convert = gemv_loop_settings("int8", config, interpret,
                                             default_prefetch=int(not config.kmajor_defer_reduction))
     block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
     num_steps = K // block_k

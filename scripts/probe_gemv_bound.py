@@ -81,7 +81,7 @@ def _kernel(x_ref, w_ref, scale_ref, o_ref, *, kind, layout, block_k, block_n, s
     else:
         def body(i, acc, loaded):
             w, x = loaded if kind == "gemv-x" else (loaded, x_ref[0, pl.ds(k_start(i), block_k)])
-            return acc + x.astype(jnp.float32)[:, None] * qmm._integers_as_f32(w, "int8", convert)
+            return acc + x.astype(jnp.float32)[:, None] * qmm.integers_as_f32(w, "int8", convert)
         acc = jnp.zeros((block_k, block_n), jnp.float32)
     acc = qmm.step_loop(steps, load, body, acc, prefetch)
     total = jnp.sum(acc.astype(jnp.float32) if kind == "read" else acc, axis=0)
@@ -100,7 +100,7 @@ def probe_gemv(x, w, scale, *, kind, layout, block_k=32, block_n=128, num_warps=
     K = x.shape[1]
     N = w.shape[1] if layout == "rows" else w.shape[0] * w.shape[2]
     # The engine's conversion (byte permutes, compiled only; the interpreter's equal jnp form).
-    _, convert = qmm._gemv_loop_settings("int8", qmm.MatmulConfig(), interpret, default_prefetch=0)
+    _, convert = qmm.gemv_loop_settings("int8", qmm.MatmulConfig(), interpret, default_prefetch=0)
     num_steps = K // block_k
     splits = 1 if kind == "null-1" else qmm.auto_k_splits(N // block_n, num_steps, programs_per_core)
     kernel = functools.partial(_kernel, kind=kind, layout=layout, block_k=block_k, block_n=block_n,
