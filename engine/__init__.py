@@ -60,6 +60,7 @@ if _on_cuda_with_fixed_temporaries():
 _EXPORTS = {
     "LLM": "engine.llm",
     "SamplingParams": "engine.sampling_params",
+    "StructuredOutputsParams": "engine.sampling_params",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "RequestOutputKind": "engine.outputs",

@@ -12,14 +12,14 @@ import dataclasses
 import gc
 import logging
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
 from engine.block_manager import BlockManager
 from engine.compile_timer import CompileTimer
-from engine.detokenizer import IncrementalDetokenizer, check_stop
+from engine.detokenizer import IncrementalDetokenizer, StopDecision, check_stop
 from engine.device_memory import memory_outside_arrays, num_kv_blocks, sizes_kv_from_memory
 from engine.engine_args import EngineArgs, resolve_kv_cache_dtype
 from engine.generation_config import default_sampling_fields
@@ -59,6 +59,8 @@ class _Sample:
     # entries go with their tokens, one a token).
     tokens_sent: int = 0
     text_sent: int = 0
+    # SamplingParams.structured_outputs: the grammar's matcher (engine.structured_output), fed each token sampled.
+    matcher: Any = None
 
 
 @dataclasses.dataclass
@@ -91,13 +93,16 @@ class _RequestGroup:
     prompt_logprobs: Optional[list] = None
     # SamplingParams.bad_words as token ids (engine.tokenizer.bad_words_token_ids), tokenized once.
     bad_words_token_ids: list = dataclasses.field(default_factory=list)
+    grammar: Optional[str] = None  # SamplingParams.structured_outputs, checked (engine.structured_output.Grammars)
 
     @property
     def samples_need_host_tokens(self) -> bool:
         """Whether sampling the next token needs the tokens before it on the host first: penalties count them, and
-        a bad word of several tokens bans its last only after the others. Such a request decodes a step at a time
-        and is not planned ahead of its previous step's tokens."""
-        return self.params.has_penalties or any(len(word) > 1 for word in self.bad_words_token_ids)
+        a bad word of several tokens bans its last only after the others, and a grammar's next tokens follow from
+        the tokens so far. Such a request decodes a step at a time and is not planned ahead of its previous step's
+        tokens."""
+        return (self.params.has_penalties or self.grammar is not None
+                or any(len(word) > 1 for word in self.bad_words_token_ids))
 
     @property
     def finished(self) -> bool:
@@ -216,6 +221,7 @@ class LLMEngine:
         self.async_scheduling = (args.async_scheduling if args.async_scheduling is not None
                                  else jax.process_count() == 1)
         self._in_flight: Optional[_LaunchedStep] = None
+        self._grammars = None  # engine.structured_output.Grammars, made when first needed
         self.tracer: Optional[StepTracer] = None
         if args.trace:
             self.tracer = StepTracer(block_size=args.block_size, num_blocks=num_blocks,
@@ -271,13 +277,16 @@ class LLMEngine:
 
             bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
             self._check_token_ids("bad_words token id", [t for word in bad_words for t in word])
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self._structured_output_grammars().check(params.structured_outputs)
         now = time.monotonic()
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         group = _RequestGroup(request_id, text, prompt_ids, params, [], on_output, now,
                               max_output_tokens=params.max_output_tokens(len(prompt_ids), self.max_model_len),
                               output_kind=output_kind,
                               prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-                              bad_words_token_ids=bad_words)
+                              bad_words_token_ids=bad_words, grammar=grammar)
         sample = self._new_sample(group, request_id, base_seed, now, priority)
         group.samples.append(sample)
         self.scheduler.add_request(sample.request)
@@ -297,7 +306,21 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
                                            skip_special_tokens=group.params.skip_special_tokens)
         return _Sample(request=request, seed=seed, detokenizer=detok,
-                       logprobs=[] if group.params.logprobs is not None else None)
+                       logprobs=[] if group.params.logprobs is not None else None,
+                       matcher=None if group.grammar is None else self._grammars.matcher(group.grammar))
+
+    def _structured_output_grammars(self):
+        """The engine's ``engine.structured_output.Grammars``, made at the first request that asks for structured
+        output (llguidance's view of the tokenizer takes ~0.3 s)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs a tokenizer: this engine was started without one")
+            try:
+                from engine.structured_output import Grammars
+            except ImportError as e:  # pragma: no cover - llguidance is a dependency
+                raise ValueError(f"structured_outputs needs the llguidance package ({e})") from None
+            self._grammars = Grammars(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
+        return self._grammars
 
     def _check_token_ids(self, what: str, token_ids) -> None:
         vocab_size = self.model_config.vocab_size
@@ -413,6 +436,7 @@ class LLMEngine:
             self.runner.padded_num_seqs(out.num_batched_tokens),
             eos_token_ids=sorted(self.eos_token_ids),
             bad_words_token_ids=[group.bad_words_token_ids for _, group in entries],
+            token_bitmasks=None if self._grammars is None else self._token_bitmasks(scheduled, entries),
         )
         num_logprobs = _top_width(p.logprobs for p in params)
         num_prompt_logprobs = _top_width(p.prompt_logprobs for w, p in zip(work, params) if w.score_targets)
@@ -426,6 +450,17 @@ class LLMEngine:
         if self.async_scheduling:  # the scheduler counts the step's tokens now, as pending
             self.scheduler.update_after_step(out, {s.request.request_id: _pending(s) for s in scheduled if s.samples})
         return _LaunchedStep(out, entries, pending, step_start, trace)
+
+    def _token_bitmasks(self, scheduled: list, entries: list) -> Optional[list]:
+        """Each scheduled sequence's structured-output bitmask row where it samples under a grammar, else None."""
+        rows = [i for i, s in enumerate(scheduled) if s.samples and entries[i][0].matcher is not None]
+        if not rows:
+            return None
+        masks = self._grammars.bitmask([entries[i][0].matcher for i in rows])
+        out = [None] * len(scheduled)
+        for i, mask in zip(rows, masks):
+            out[i] = mask
+        return out
 
     @staticmethod
     def _feed_row(s: ScheduledSequence, feed_rows: dict) -> int:
@@ -563,6 +598,10 @@ class LLMEngine:
             group.params, token_id=token, num_output_tokens=num_output_tokens, text=sample.text,
             new_text_len=len(delta), eos_token_ids=self.eos_token_ids,
             max_output_tokens=group.max_output_tokens)
+        if sample.matcher is not None and decision is None and not sample.matcher.consume_token(token):
+            # Only a token the grammar refused gets here (its mask allowed it: say min_tokens banned all it allowed).
+            logger.warning("request %s: structured output stopped: %s", request.request_id, sample.matcher.get_error())
+            decision = StopDecision("stop", None, sample.text)
         if decision is not None:
             sample.finish_reason, sample.stop_reason, sample.text = (
                 decision.finish_reason, decision.stop_reason, decision.text)

@@ -7,6 +7,7 @@ Knows nothing of requests, the scheduler or the model: only arrays and
 ``SamplingParams`` values.
 
 Pipeline of ``sample``, in vLLM v1's order:
+  0. structured outputs' token bitmasks (vLLM applies them to the logits before its sampler);
   1. logprobs (optional) of the model's raw logits;
   2. ``allowed_token_ids``: every other token masked out;
   3. ban tokens (``bad_words``' next tokens; end-of-sequence / stop tokens before ``min_tokens``);
@@ -81,6 +82,8 @@ class SamplingMetadata:
     allowed_token_ids: jax.Array  # [S, A] int32, -1 padded; a row with any keeps only those logits
     logit_bias_token_ids: jax.Array  # [S, B] int32, -1 padded
     logit_bias_values: jax.Array  # [S, B] f32, added to those tokens' logits
+    bitmask_rows: jax.Array  # [G] int32, -1 padded: the rows with a structured output's token bitmask
+    token_bitmask: jax.Array  # [G, ceil(V / 32)] int32: bit t % 32 of word t // 32 set = token t allowed
     all_greedy: bool = struct.field(pytree_node=False, default=True)
     needs_penalties: bool = struct.field(pytree_node=False, default=False)
     needs_top_k_top_p: bool = struct.field(pytree_node=False, default=False)
@@ -88,6 +91,7 @@ class SamplingMetadata:
     needs_token_bans: bool = struct.field(pytree_node=False, default=False)
     needs_allowed_tokens: bool = struct.field(pytree_node=False, default=False)
     needs_logit_bias: bool = struct.field(pytree_node=False, default=False)
+    needs_token_bitmask: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass
@@ -116,6 +120,7 @@ def build_sampling_metadata(
     *,
     eos_token_ids: Sequence[int] = (),
     bad_words_token_ids: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+    token_bitmasks: Optional[Sequence[Optional[np.ndarray]]] = None,
 ) -> SamplingMetadata:
     """Numpy ``SamplingMetadata`` for the scheduled sequences, padded to ``num_padded_seqs``.
 
@@ -126,6 +131,8 @@ def build_sampling_metadata(
     ``stop_token_ids``, while a sequence has fewer than ``min_tokens`` outputs.
     ``bad_words_token_ids[i]``: the token ids of each of the sequence's bad words
     (``bad_words_token_ids``); the last token of each whose others end the output is banned.
+    ``token_bitmasks[i]``: the structured output's bitmask row of the tokens allowed next
+    (``engine.structured_output``), or None (rows sent: those with one, padded to a power of two).
     Padding rows are greedy with every stage off.
     """
     num_seqs = len(params_list)
@@ -178,6 +185,12 @@ def build_sampling_metadata(
         prompt_rows = [pr if p.repetition_penalty != 1.0 else () for p, pr in zip(params_list, prompt_token_ids_lists)]
     else:
         prompt_rows = []
+    masked = [i for i, m in enumerate(token_bitmasks or ()) if m is not None]
+    bitmask_rows = np.full(max(8, 1 << (len(masked) - 1).bit_length()) if masked else 0, -1, np.int32)
+    bitmask_rows[:len(masked)] = masked
+    token_bitmask = np.full((len(bitmask_rows), len(token_bitmasks[masked[0]]) if masked else 0), -1, np.int32)
+    for row, i in enumerate(masked):
+        token_bitmask[row] = token_bitmasks[i]
     bias_ids, bias_values = [], []
     if any(p.logit_bias for p in distinct):
         for p in params_list:
@@ -200,6 +213,8 @@ def build_sampling_metadata(
                                                if any(p.allowed_token_ids for p in distinct) else [], S),
         logit_bias_token_ids=_padded_token_matrix(bias_ids, S),
         logit_bias_values=_padded_token_matrix(bias_values, S, fill=0.0, dtype=np.float32),
+        bitmask_rows=bitmask_rows,
+        token_bitmask=token_bitmask,
         all_greedy=all(p.is_greedy for p in distinct),
         needs_penalties=any(p.has_penalties for p in distinct),
         needs_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in distinct),
@@ -207,6 +222,7 @@ def build_sampling_metadata(
         needs_token_bans=any(banned),
         needs_allowed_tokens=any(p.allowed_token_ids for p in distinct),
         needs_logit_bias=bool(bias_ids),
+        needs_token_bitmask=bool(masked),
     )
 
 
@@ -265,6 +281,8 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, *, num_logprobs: int |
     ``logprobs=0`` means "the sampled token only", hence ``None`` for "none").
     """
     logits = logits.astype(jnp.float32)
+    if metadata.needs_token_bitmask:
+        logits = _apply_token_bitmask(logits, metadata.bitmask_rows, metadata.token_bitmask)
     raw_logits = logits
     if metadata.needs_allowed_tokens:
         logits = _keep_allowed_tokens(logits, metadata.allowed_token_ids)
@@ -322,6 +340,16 @@ def _ban_tokens(logits: jax.Array, banned_token_ids: jax.Array) -> jax.Array:
     ids = jnp.where(banned_token_ids < 0, vocab_size, banned_token_ids)
     rows = jnp.arange(logits.shape[0])[:, None]
     return logits.at[rows, ids].set(-jnp.inf, mode="drop")
+
+
+def _apply_token_bitmask(logits: jax.Array, bitmask_rows: jax.Array, token_bitmask: jax.Array) -> jax.Array:
+    """Logits of the tokens a row's bitmask leaves out set to -inf; rows without one (not in ``bitmask_rows``) kept."""
+    num_rows, vocab_size = logits.shape
+    rows = jnp.where(bitmask_rows < 0, num_rows, bitmask_rows)  # padding: out of range, dropped
+    words = jnp.full((num_rows, token_bitmask.shape[1]), -1, jnp.int32).at[rows].set(token_bitmask, mode="drop")
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(num_rows, -1)[:, :vocab_size] == 1
+    return jnp.where(allowed, logits, -jnp.inf)
 
 
 def _keep_allowed_tokens(logits: jax.Array, allowed_token_ids: jax.Array) -> jax.Array:

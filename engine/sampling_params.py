@@ -12,8 +12,10 @@ Deliberate differences from vLLM (``vllm/sampling_params.py``):
   at 2, but nothing numerical requires it).
 - ``logprobs`` and ``prompt_logprobs`` are capped at ``MAX_LOGPROBS`` (20, OpenAI's and
   vLLM's default ``max_logprobs``); vLLM's ``-1`` (whole vocabulary) is not supported.
-- Only the fields listed below exist (no structured outputs, beam search, logits
-  processors).
+- Only the fields listed below exist (no beam search, logits processors).
+- ``structured_outputs`` takes vLLM's forms (``json``, ``regex``, ``choice``, ``grammar``,
+  ``json_object``); ``grammar`` is a Lark grammar (llguidance's syntax, vLLM's "guidance"
+  backend), not xgrammar's EBNF.
 - ``logit_bias`` values must be finite (vLLM adds whatever it is given); the server clamps
   them to [-100, 100] first, as OpenAI and vLLM's server do.
 """
@@ -37,6 +39,47 @@ logits by a tiny temperature overflows float32. (vLLM also raises those below
 
 MAX_LOGPROBS = 20
 """Largest ``logprobs`` a request may ask for (OpenAI's limit, vLLM's default)."""
+
+
+@dataclasses.dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output to a language (vLLM's ``StructuredOutputsParams``); exactly one field set.
+
+    json: a JSON schema (a dict, or its JSON text) the output must satisfy.
+    regex: a regular expression the whole output must match.
+    choice: the output is exactly one of these strings.
+    grammar: a Lark grammar (llguidance's syntax) the output must parse as.
+    json_object: any JSON object (OpenAI's ``response_format={"type": "json_object"}``).
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        given = [name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False)]
+        _require(len(given) == 1, "structured_outputs", f"must set exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}",
+                 given)
+        _require(self.json is None or isinstance(self.json, (str, dict)), "structured_outputs",
+                 "json must be a JSON schema (a dict or its text)", self.json)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, str) and value), "structured_outputs",
+                     f"{name} must be a non-empty string", value)
+        _require(self.choice is None or (isinstance(self.choice, list) and self.choice
+                                         and all(isinstance(c, str) and c for c in self.choice)),
+                 "structured_outputs", "choice must be a non-empty list of non-empty strings", self.choice)
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False))
+
+
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 @dataclasses.dataclass
@@ -87,6 +130,9 @@ class SamplingParams:
         (vLLM's rule); a word's last token is masked out whenever the output ends with
         the tokens before it. A word of several tokens makes the request decode one step
         at a time (the host must see each token).
+    structured_outputs: ``StructuredOutputsParams`` (or a dict of its fields): every
+        token is drawn among those the language allows next, so the output follows it.
+        Such a request decodes one step at a time.
     """
 
     n: int = 1
@@ -110,6 +156,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: str | list[str] | None = None
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -165,6 +212,10 @@ class SamplingParams:
             self.logit_bias = None
         if isinstance(self.allowed_token_ids, tuple):
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.structured_outputs, dict):
+            unknown = sorted(set(self.structured_outputs) - set(STRUCTURED_OUTPUT_KINDS))
+            _require(not unknown, "structured_outputs", f"takes only {', '.join(STRUCTURED_OUTPUT_KINDS)}", unknown)
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         elif isinstance(self.bad_words, (list, tuple)):
@@ -234,6 +285,9 @@ class SamplingParams:
             self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words),
             "bad_words", "must be a non-blank string or a list of them", self.bad_words,
         )
+        _require(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+                 "structured_outputs", "must be a StructuredOutputsParams or a dict of its fields",
+                 self.structured_outputs)
         if self.is_greedy:
             _require(self.n == 1, "n", "must be 1 with greedy sampling (temperature 0)", self.n)
 

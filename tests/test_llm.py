@@ -237,6 +237,45 @@ def test_logit_bias_allowed_token_ids_and_bad_words(llm, alone):
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
 
 
+def test_structured_outputs_follow_their_grammar(llm):
+    """JSON schema, JSON object, regex, choice and Lark grammars on the default model, greedy and sampled (n=2),
+    batched with a free request and with asynchronous scheduling on: every output is in its language and ends
+    there; a bad grammar is refused by name, nothing queued."""
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    cases = [
+        ("The capital of France as JSON:", {"json": schema}),
+        ("A JSON object describing a cat:", {"json_object": True}),
+        ("A phone number:", {"regex": r"[0-9]{3}-[0-9]{4}"}),
+        ("Is water wet? Answer:", {"choice": ["yes", "no", "maybe"]}),
+        ("Some arithmetic:", {"grammar": 'start: NUM "+" NUM\nNUM: /[1-9][0-9]?/'}),
+    ]
+    params = [SamplingParams(temperature=0, max_tokens=80, structured_outputs=so) for _, so in cases]
+    sampled = SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=80, structured_outputs=cases[0][1])
+    free = SamplingParams(temperature=0, max_tokens=8)
+    outs = llm.generate([p for p, _ in cases] + [cases[0][0], PROMPTS[0]], params + [sampled, free], use_tqdm=False)
+    texts = [o.outputs[0].text for o in outs[:5]]
+    for i, out in enumerate(outs[:6]):
+        if i != 1:  # any JSON object: the model may write one longer than max_tokens
+            assert all(c.finish_reason == "stop" for c in out.outputs), [(c.text, c.finish_reason) for c in out.outputs]
+    for text in [texts[0]] + [c.text for c in outs[5].outputs]:
+        value = json.loads(text)
+        assert set(value) == {"city", "population"} and isinstance(value["population"], int), text
+    assert isinstance(json.loads(texts[1]), dict) if outs[1].outputs[0].finish_reason == "stop" else texts[1][0] == "{"
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", texts[2]) and texts[3] in ("yes", "no", "maybe")
+    assert re.fullmatch(r"[1-9][0-9]?\+[1-9][0-9]?", texts[4]), texts[4]
+    assert outs[6].outputs[0].finish_reason == "length"
+
+    for so, fragment in (({"regex": "[0-9"}, "regex"), ({"json": {"type": "bogus"}}, "json"),
+                         ({"grammar": "start: undefined_rule"}, "grammar")):
+        with pytest.raises(ValueError, match=f"structured_outputs: the {fragment} is invalid"):
+            llm.generate(PROMPTS[0], SamplingParams(structured_outputs=so), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
 def _stream(llm, prompt, params, output_kind):
     """Submit one request; the list its outputs go into and an event set when it ends."""
     outputs, done = [], threading.Event()

@@ -282,6 +282,34 @@ def test_logit_bias_allowed_tokens_and_bad_words_against_numpy(rng):
     assert set(draws.tolist()) == {17}
 
 
+def test_token_bitmasks_keep_only_their_tokens_and_feed_the_raw_logprobs(rng):
+    """Structured outputs' rows (bit t % 32 of word t // 32 = token t allowed) draw only allowed tokens, greedy
+    and sampled; rows without a bitmask are untouched; the logprobs are of the masked logits, as vLLM's (which
+    masks before its sampler)."""
+    vocab, rows = 70, 6
+    logits = _logits(rng, rows, vocab)
+    allowed = {1: [3, 40, 69], 2: [0], 4: list(range(33, 64))}
+    masks = [None] * rows
+    for row, tokens in allowed.items():
+        bits = np.zeros(96, np.uint8)
+        bits[tokens] = 1
+        masks[row] = np.packbits(bits, bitorder="little").view(np.int32)
+    params = [SamplingParams(temperature=0.0)] * 3 + [SamplingParams(temperature=1.0, seed=s) for s in range(3)]
+    md = build_sampling_metadata(params, [[]] * rows, [[]] * rows, list(range(rows)), [0] * rows, rows,
+                                 token_bitmasks=masks)
+    assert md.needs_token_bitmask and md.bitmask_rows.shape == (8,) and md.token_bitmask.shape == (8, 3)
+    out = sample_jit(logits, md, num_logprobs=0)
+    tokens = np.asarray(out.token_ids)
+    assert tokens[0] == np.argmax(logits[0]) and tokens[2] == 0
+    assert tokens[1] == max(allowed[1], key=lambda t: logits[1, t]) and tokens[4] in allowed[4]
+    masked = np.full(vocab, -np.inf)
+    masked[allowed[1]] = logits[1, allowed[1]]
+    want = masked[tokens[1]] - np.log(np.exp(masked - masked.max()).sum()) - masked.max()
+    assert float(out.logprobs[1]) == pytest.approx(want, abs=1e-5)
+    assert build_sampling_metadata(params, [[]] * rows, [[]] * rows, [0] * rows, [0] * rows, rows,
+                                   token_bitmasks=[None] * rows).token_bitmask.shape == (0, 0)
+
+
 def test_bad_words_ban_the_next_token_only_after_their_prefix():
     md = _metadata([SamplingParams(), SamplingParams()], outputs=[[4, 5], [5]],
                    bad_words=[[[5, 6], [4, 5, 7], [9]], [[4, 5, 7], [1, 2, 3, 4]]])

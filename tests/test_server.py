@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import threading
 import time
 
@@ -238,6 +239,31 @@ def test_logit_bias_allowed_token_ids_and_bad_words(served, reference):
     out = client.completions.create(model=served.model, prompt=PROMPTS[0], **{
         **GREEDY, "extra_body": {**GREEDY["extra_body"], "bad_words": [first_word]}})
     assert first_word not in out.choices[0].text.split()[:1] and out.choices[0].text != reference[0]
+
+
+def test_structured_outputs_through_response_format_and_vllms_fields(served):
+    """OpenAI's response_format (json_schema, json_object; streamed too) and vLLM's structured_outputs and
+    guided_* fields constrain what comes back."""
+    client = served.client()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    chat = client.chat.completions.create(
+        model=served.model, messages=CHAT, temperature=0, max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}})
+    assert set(json.loads(chat.choices[0].message.content)) == {"city", "country"}
+    chunks = client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=60,
+                                            stream=True, response_format={"type": "json_schema", "json_schema": {
+                                                "name": "place", "schema": schema}})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    out = client.completions.create(model=served.model, prompt="Is water wet? Answer:", temperature=0, max_tokens=5,
+                                    extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert out.choices[0].text in ("yes", "no") and out.choices[0].finish_reason == "stop"
+    out = client.completions.create(model=served.model, prompt="A phone number:", temperature=0, max_tokens=12,
+                                    extra_body={"guided_regex": "[0-9]{3}-[0-9]{4}"})
+    assert re.fullmatch("[0-9]{3}-[0-9]{4}", out.choices[0].text)
+    out = client.completions.create(model=served.model, prompt="A JSON object:", temperature=0, max_tokens=40,
+                                    extra_body={"response_format": {"type": "json_object"}})
+    assert out.choices[0].text.startswith("{")
 
 
 def test_seed_reproduces(served):
@@ -521,6 +547,10 @@ def test_wrong_types(served, endpoint, body, param):
     ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids"),
     ({"extra_body": {"allowed_token_ids": [1, 99999999]}}, "allowed_token_ids"),
     ({"extra_body": {"bad_words": [" "]}}, "bad_words"),
+    ({"extra_body": {"guided_regex": "[0-9"}}, "guided_regex"),  # the engine's refusal, named as the request did
+    ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "structured_outputs"),
+    ({"extra_body": {"structured_outputs": {"bogus": 1}}}, "structured_outputs"),
+    ({"extra_body": {"guided_choice": ["a"], "guided_regex": "b"}}, "guided_choice"),  # the second of two
 ])
 def test_out_of_range_completions(served, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:
@@ -533,6 +563,10 @@ def test_out_of_range_completions(served, kwargs, param):
     ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
     ({"max_completion_tokens": -3}, "max_completion_tokens"),
     ({"frequency_penalty": -7}, "frequency_penalty"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+     "response_format"),
 ])
 def test_out_of_range_chat(served, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:

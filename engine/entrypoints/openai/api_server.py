@@ -266,7 +266,9 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest):
         model = self._check_model(req)
         _refuse_unsupported(req)
-        params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, renames={},
+        structured = _structured_outputs(req)
+        params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, structured=structured,
+                                  renames={},
                                   defaults=self.async_llm.engine.default_sampling_fields)
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
             params.prompt_logprobs = req.logprobs
@@ -275,7 +277,8 @@ class OpenAIServing:
             self._check_length(len(prompt.token_ids), req.max_tokens if "max_tokens" in req.model_fields_set
                                else None, "prompt", "max_tokens")
         request_id = random_id("cmpl")
-        streams = await self._add_requests(request_id, prompts, params, req.priority, "prompt")
+        streams = await self._add_requests(request_id, prompts, params, req.priority, "prompt",
+                                           renames={"structured_outputs": structured[1]})
         if req.stream:
             body = self._stream_completion(request_id, model, prompts, streams, params, req)
             return _sse_response(body, streams)
@@ -371,14 +374,16 @@ class OpenAIServing:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
         max_tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        structured = _structured_outputs(req)
         params = _sampling_params(req, max_tokens=max_tokens,
-                                  logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                  logprobs=(req.top_logprobs or 0) if req.logprobs else None, structured=structured,
                                   renames={"max_tokens": max_tokens_field, "logprobs": "top_logprobs"},
                                   defaults=self.async_llm.engine.default_sampling_fields)
         prompt = await run_in_threadpool(self._chat_prompt, req)
         self._check_length(len(prompt.token_ids), max_tokens, "messages", max_tokens_field)
         request_id = random_id("chatcmpl")
-        streams = await self._add_requests(request_id, [prompt], params, req.priority, "messages")
+        streams = await self._add_requests(request_id, [prompt], params, req.priority, "messages",
+                                           renames={"structured_outputs": structured[1]})
         if req.stream:
             return _sse_response(self._stream_chat(request_id, model, streams[0], params, req), streams)
         (final,) = await _final_outputs(streams)
@@ -490,30 +495,40 @@ class OpenAIServing:
                 code="context_length_exceeded")
 
     async def _add_requests(self, request_id: str, prompts: list[_Prompt], params: SamplingParams, priority: int,
-                            prompt_param: str) -> list[RequestStream]:
-        """Queue every prompt (together: one engine step sees them all); a refusal is a 400, none queued."""
+                            prompt_param: str, renames: dict[str, Optional[str]]) -> list[RequestStream]:
+        """Queue every prompt (together: one engine step sees them all); a refusal is a 400, none queued, naming
+        the request field (``renames``: the request's name of an engine field it set another way)."""
         try:
             return await self.async_llm.add_requests(
                 [(f"{request_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)],
                 priority=priority)
         except ValueError as e:  # the engine's refusals name the field first when it is not the prompt
-            field = str(e).split(" ", 1)[0]
-            raise bad_request(str(e), param=field if field in TOKEN_ID_FIELDS else prompt_param) from e
+            message = str(e)
+            field = re.match(r"\w+", message)
+            field = field.group(0) if field else None
+            if field not in ENGINE_CHECKED_FIELDS:
+                raise bad_request(message, param=prompt_param) from e
+            param = renames.get(field) or field
+            raise bad_request(param + message[len(field):], param=param) from e
 
 
 # -- conversions shared by both endpoints -------------------------------------------------
 
 
-def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int], renames: dict[str, str],
-                     defaults: dict) -> SamplingParams:
+def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int], structured: tuple,
+                     renames: dict[str, str], defaults: dict) -> SamplingParams:
     """``SamplingParams`` from a request, the sampling fields it leaves unset from ``defaults`` (the model's
-    generation config) or else the engine's own; its validation errors become 400s naming the request field."""
+    generation config) or else the engine's own; its validation errors become 400s naming the request field.
+    ``structured``: ``_structured_outputs(req)``."""
+    structured_outputs, structured_field = structured
+    if structured_field:
+        renames = {**renames, "structured_outputs": structured_field}
     kwargs: dict[str, Any] = dict(
         n=req.n, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
         stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
         min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias),
-        allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words)
+        allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, structured_outputs=structured_outputs)
     for name in SAMPLING_FIELDS:  # None: the generation config's, or the engine's default
         value = getattr(req, name)
         if value is not None or name in defaults:
@@ -530,8 +545,42 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
         raise bad_request(message, param=param) from e
 
 
-# Request fields whose token ids the engine checks against its vocabulary (its refusals start with the field's name).
-TOKEN_ID_FIELDS = ("logit_bias", "allowed_token_ids", "bad_words")
+# Request fields the engine checks (token ids against its vocabulary, grammars); its refusals start with the name.
+ENGINE_CHECKED_FIELDS = ("logit_bias", "allowed_token_ids", "bad_words", "structured_outputs")
+GUIDED_FIELDS = ("json", "regex", "choice", "grammar")  # vLLM's older guided_<name> request fields
+
+
+def _structured_outputs(req) -> tuple[Optional[dict], Optional[str]]:
+    """The request's structured output as ``StructuredOutputsParams`` fields, and the request field that set it
+    (``response_format``, ``structured_outputs`` or a ``guided_*`` field); ``(None, None)`` without one."""
+    given = []
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        given.append(("response_format", _response_format_fields(req.response_format)))
+    if req.structured_outputs:
+        given.append(("structured_outputs", dict(req.structured_outputs)))
+    given += [(f"guided_{name}", {name: getattr(req, f"guided_{name}")}) for name in GUIDED_FIELDS
+              if getattr(req, f"guided_{name}") is not None]
+    if len(given) > 1:
+        raise bad_request(f"{given[0][0]} and {given[1][0]} both constrain the output: give one",
+                          param=given[1][0])
+    return (given[0][1], given[0][0]) if given else (None, None)
+
+
+def _response_format_fields(response_format: dict) -> dict:
+    """OpenAI's ``response_format`` (``json_object``, or ``json_schema`` with its ``schema``) as
+    ``StructuredOutputsParams`` fields."""
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("response_format of type json_schema needs json_schema.schema, a JSON schema object",
+                              param="response_format")
+        return {"json": schema}
+    raise bad_request(f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                      param="response_format")
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias, to which vLLM's server clamps too
 
 

@@ -2,7 +2,7 @@
 
 Owns the wire format: field names, types and OpenAI's defaults, plus the few vLLM
 extensions the server accepts (top_k, min_p, repetition_penalty, min_tokens,
-ignore_eos, stop_token_ids, allowed_token_ids, bad_words, ...). Range checks of sampling values are not repeated
+ignore_eos, stop_token_ids, allowed_token_ids, bad_words, structured_outputs, ...). Range checks of sampling values are not repeated
 here: ``SamplingParams`` owns them and its errors name the field. Fields OpenAI
 defines that this server does not implement are declared so that a non-default
 value is refused (see ``unsupported_fields``) instead of silently ignored.
@@ -71,6 +71,14 @@ class _SamplingFields(BaseModel):
     logit_bias: Optional[dict[str, float]] = None  # OpenAI's form: token ids as strings; biases clamped to +-100
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs (StructuredOutputsParams' fields) and
+    # its older guided_* fields; at most one of them.
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
     # OpenAI fields not implemented: a value other than these defaults is refused.
     best_of: Optional[int] = None
 
@@ -141,15 +149,9 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True  # vLLM extension
     # OpenAI fields not implemented: a value other than these defaults is refused.
     tools: Optional[list[dict[str, Any]]] = None
-    response_format: Optional[dict[str, Any]] = None
 
     def unsupported_fields(self) -> list[str]:
-        bad = super().unsupported_fields()
-        if self.tools:
-            bad.append("tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            bad.append("response_format")
-        return bad
+        return super().unsupported_fields() + (["tools"] if self.tools else [])
 
 
 class TokenizeRequest(BaseModel):
