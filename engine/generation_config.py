@@ -33,7 +33,8 @@ def read_generation_config(folder: str) -> dict:
 
 
 def default_sampling_fields(model_path: str, source: str = "auto") -> dict:
-    """The ``SamplingParams`` fields (of ``SAMPLING_FIELDS``) that ``source``'s generation config sets:
+    """The ``SamplingParams`` fields (of ``SAMPLING_FIELDS``, and ``max_tokens`` from ``max_new_tokens``) that
+    ``source``'s generation config sets:
     "auto" the model folder's file (none for a GGUF file or a folder without one), "vllm" none, else the
     folder ``source``, which must hold one."""
     if source == "vllm":
@@ -44,6 +45,8 @@ def default_sampling_fields(model_path: str, source: str = "auto") -> dict:
                          f"{GENERATION_CONFIG_FILE}; {source!r} has none")
     config = read_generation_config(folder)
     fields = {name: config[name] for name in SAMPLING_FIELDS if config.get(name) is not None}
+    if config.get("max_new_tokens") is not None:  # vLLM's default max_tokens, and the server's cap on it
+        fields["max_tokens"] = config["max_new_tokens"]
     try:  # refused here, not as every request's 400
         SamplingParams(**fields)
     except ValueError as e:

@@ -22,7 +22,8 @@ def _write(folder, config: dict):
 def test_sampling_fields_come_from_the_model_folder_a_named_folder_or_nowhere(tmp_path):
     model = _write(tmp_path / "model", {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "top_k": None,
                                         "eos_token_id": [1, 2], "max_new_tokens": 64})
-    assert default_sampling_fields(str(model)) == {"temperature": 0.6, "top_p": 0.9}  # set sampling fields only
+    # set sampling fields only, max_new_tokens as max_tokens (vLLM's name for it)
+    assert default_sampling_fields(str(model)) == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 64}
     assert default_sampling_fields(str(model), "vllm") == {}
     other = _write(tmp_path / "other", {"repetition_penalty": 1.1, "min_p": 0.05})
     assert default_sampling_fields(str(model), str(other)) == {"repetition_penalty": 1.1, "min_p": 0.05}
@@ -66,9 +67,17 @@ def test_llm_samples_by_the_generation_config_unless_told_otherwise(tmp_path):
 def test_the_server_fills_only_the_fields_a_request_leaves_unset():
     fields = dict(n=1, presence_penalty=0.0, frequency_penalty=0.0, seed=None, stop=None, stop_token_ids=None,
                   ignore_eos=False, min_tokens=0, skip_special_tokens=True, include_stop_str_in_output=False,
-                  temperature=None, top_p=0.5, top_k=None, min_p=None, repetition_penalty=None)
-    params = _sampling_params(types.SimpleNamespace(**fields), max_tokens=8, logprobs=None, renames={},
-                              defaults={"temperature": 0.6, "top_p": 0.9, "top_k": 40})
+                  temperature=None, top_p=0.5, top_k=None, min_p=None, repetition_penalty=None, logit_bias=None,
+                  allowed_token_ids=None, bad_words=None)
+    request = types.SimpleNamespace(**fields)
+
+    def params_of(max_tokens, defaults):
+        return _sampling_params(request, max_tokens=max_tokens, logprobs=None, structured=(None, None), renames={},
+                                defaults=defaults)
+
+    params = params_of(8, {"temperature": 0.6, "top_p": 0.9, "top_k": 40})
     assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.6, 0.5, 40, 0.0)
-    params = _sampling_params(types.SimpleNamespace(**fields), max_tokens=8, logprobs=None, renames={}, defaults={})
+    params = params_of(8, {})
     assert (params.temperature, params.top_p, params.top_k) == (SamplingParams().temperature, 0.5, 0)
+    # max_new_tokens (as max_tokens) caps a request's max_tokens and stands in for an unset one, as in vLLM.
+    assert [params_of(m, {"max_tokens": 32}).max_tokens for m in (8, 100, None)] == [8, 32, 32]

@@ -523,6 +523,8 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
     structured_outputs, structured_field = structured
     if structured_field:
         renames = {**renames, "structured_outputs": structured_field}
+    if defaults.get("max_tokens") is not None:  # the generation config's max_new_tokens caps max_tokens (vLLM)
+        max_tokens = defaults["max_tokens"] if max_tokens is None else min(max_tokens, defaults["max_tokens"])
     kwargs: dict[str, Any] = dict(
         n=req.n, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
         stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
