@@ -33,8 +33,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.quantized_matmul import (MatmulConfig, default_config, gemv_loop_settings, int8_kmajor_matmul_reference,
-                                             integers_as_f32, largest_power_of_2_dividing, multiply_add, step_loop)
+from pallas_kernels.quantized_matmul import (MatmulConfig, default_config, gemv_loop_settings, integers_as_f32,
+                                             int8_kmajor_matmul_reference, largest_power_of_2_dividing, multiply_add,
+                                             step_loop)
 
 
 def _fused_mlp_kernel(x_ref, gu_ref, gu_scale_ref, d_ref, d_scale_ref, o_ref, *, inter: int, block_i: int,

@@ -266,6 +266,56 @@ def test_structured_outputs_through_response_format_and_vllms_fields(served):
     assert out.choices[0].text.startswith("{")
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                   "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+
+
+def test_tool_calls_by_name_and_required_streamed_or_not_and_the_next_turn(served):
+    """A named function or "required" makes the reply tool calls (their arguments JSON of the function's schema),
+    whole in the stream's last chunk too; the conversation goes on with the call and the tool's answer in it."""
+    client = served.client()
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kwargs = dict(model=served.model, messages=messages, tools=[WEATHER, CLOCK], temperature=0, max_tokens=60)
+    named = client.chat.completions.create(**kwargs, tool_choice={"type": "function",
+                                                                  "function": {"name": "get_weather"}})
+    (call,) = named.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    assert named.choices[0].finish_reason == "stop" and named.choices[0].message.content is None
+    required = client.chat.completions.create(**kwargs, tool_choice="required", parallel_tool_calls=False)
+    (other,) = required.choices[0].message.tool_calls
+    assert other.function.name in ("get_weather", "get_time") and isinstance(json.loads(other.function.arguments),
+                                                                             dict)
+    assert required.choices[0].finish_reason == "tool_calls"
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, tool_choice={
+        "type": "function", "function": {"name": "get_weather"}}))
+    streamed = [c for chunk in chunks for choice in chunk.choices for c in (choice.delta.tool_calls or [])]
+    assert [(c.index, c.function.name, c.function.arguments) for c in streamed] == [
+        (0, "get_weather", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    turn = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                       {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]
+    reply = client.chat.completions.create(model=served.model, messages=turn, tools=[WEATHER], tool_choice="none",
+                                           temperature=0, max_tokens=20)
+    assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"tools": [WEATHER]}, '"auto" needs a parser'),  # OpenAI's default with tools
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
+    ({"tool_choice": "required"}, "needs tools"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "both constrain"),
+])
+def test_tool_choices_this_server_cannot_honour(served, kwargs, fragment):
+    with pytest.raises(openai.BadRequestError) as info:
+        served.client().chat.completions.create(model=served.model, messages=CHAT, max_tokens=4, **kwargs)
+    assert info.value.param in ("tool_choice", "response_format") and fragment in info.value.message
+
+
 def test_seed_reproduces(served):
     def sample(seed: int) -> str:
         return served.client().completions.create(model=served.model, prompt=PROMPTS[3], temperature=1.0, seed=seed,

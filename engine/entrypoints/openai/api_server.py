@@ -45,6 +45,8 @@ from engine.entrypoints.openai.protocol import (
     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, PromptTokenUsageInfo, TokenizeRequest,
     TokenizeResponse, UsageInfo, random_id,
 )
+from engine.entrypoints.openai.tools import (ToolChoiceError, forced_tool_choice, template_messages, tool_call_schema,
+                                             tool_calls_of)
 from engine.generation_config import SAMPLING_FIELDS
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
@@ -374,7 +376,8 @@ class OpenAIServing:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
         max_tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        structured = _structured_outputs(req)
+        tool_choice = _forced_tool_choice(req)
+        structured = _structured_outputs(req, None if tool_choice is None else tool_call_schema(req, tool_choice))
         params = _sampling_params(req, max_tokens=max_tokens,
                                   logprobs=(req.top_logprobs or 0) if req.logprobs else None, structured=structured,
                                   renames={"max_tokens": max_tokens_field, "logprobs": "top_logprobs"},
@@ -385,12 +388,14 @@ class OpenAIServing:
         streams = await self._add_requests(request_id, [prompt], params, req.priority, "messages",
                                            renames={"structured_outputs": structured[1]})
         if req.stream:
-            return _sse_response(self._stream_chat(request_id, model, streams[0], params, req), streams)
+            return _sse_response(self._stream_chat(request_id, model, streams[0], params, req, tool_choice), streams)
         (final,) = await _final_outputs(streams)
-        choices = [ChatCompletionChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                                        logprobs=_chat_logprobs(c, 0, params.logprobs) if req.logprobs else None,
-                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                   for c in final.outputs]
+        choices = []
+        for c in final.outputs:
+            message, finish_reason = _chat_message(c, tool_choice)
+            logprobs = _chat_logprobs(c, 0, params.logprobs) if req.logprobs else None
+            choices.append(ChatCompletionChoice(index=c.index, message=message, logprobs=logprobs,
+                                                finish_reason=finish_reason, stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=_usage([final]))
 
     # -- /tokenize, /detokenize (vLLM's) ----------------------------------------------------
@@ -426,17 +431,19 @@ class OpenAIServing:
 
         from engine.tokenizer import TokenizerError, apply_chat_template
 
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
+        tools = getattr(req, "tools", None)
         try:
-            ids = apply_chat_template(self.async_llm.tokenizer, messages,
-                                      add_generation_prompt=req.add_generation_prompt)
+            ids = apply_chat_template(self.async_llm.tokenizer, template_messages(req),
+                                      add_generation_prompt=req.add_generation_prompt,
+                                      **({"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}))
         except (TokenizerError, TemplateError, ValueError) as e:
             raise bad_request(f"cannot apply the chat template to these messages: {e}", param="messages") from e
         return _Prompt(None, list(ids))
 
     async def _stream_chat(self, request_id: str, model: str, stream: RequestStream, params: SamplingParams,
-                           req: ChatCompletionRequest) -> AsyncIterator[str]:
+                           req: ChatCompletionRequest, tool_choice) -> AsyncIterator[str]:
+        """The chunks of a chat completion; under a forced ``tool_choice`` the calls come whole in a choice's last
+        chunk (its text is only known to be a whole call at the end)."""
         created = int(time.time())
         states: dict[int, _ChoiceState] = {}
         final: Optional[RequestOutput] = None
@@ -456,10 +463,18 @@ class OpenAIServing:
                     state.started = True
                     yield chunk([ChatCompletionChunkChoice(index=completion.index,
                                                            delta=ChatDelta(role="assistant", content=""))])
+                state.finished = completion.finish_reason is not None
+                if tool_choice is not None:
+                    if state.finished:
+                        message, finish_reason = _chat_message(completion, tool_choice)
+                        calls = [{"index": i, **call.model_dump()} for i, call in enumerate(message.tool_calls)]
+                        choices.append(ChatCompletionChunkChoice(
+                            index=completion.index, delta=ChatDelta(content=message.content, tool_calls=calls or None),
+                            finish_reason=finish_reason, stop_reason=completion.stop_reason))
+                    continue
                 delta = _text_delta(completion, state)
                 logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
                 state.tokens_sent = len(completion.token_ids)
-                state.finished = completion.finish_reason is not None
                 if delta or state.finished or (logprobs and logprobs.content):
                     choices.append(ChatCompletionChunkChoice(
                         index=completion.index, delta=ChatDelta(content=delta or None), logprobs=logprobs,
@@ -552,10 +567,11 @@ ENGINE_CHECKED_FIELDS = ("logit_bias", "allowed_token_ids", "bad_words", "struct
 GUIDED_FIELDS = ("json", "regex", "choice", "grammar")  # vLLM's older guided_<name> request fields
 
 
-def _structured_outputs(req) -> tuple[Optional[dict], Optional[str]]:
+def _structured_outputs(req, tool_schema: Optional[dict] = None) -> tuple[Optional[dict], Optional[str]]:
     """The request's structured output as ``StructuredOutputsParams`` fields, and the request field that set it
-    (``response_format``, ``structured_outputs`` or a ``guided_*`` field); ``(None, None)`` without one."""
-    given = []
+    (``response_format``, ``structured_outputs``, a ``guided_*`` field, or ``tool_choice``, whose forced call's
+    schema is ``tool_schema``); ``(None, None)`` without one."""
+    given = [("tool_choice", {"json": tool_schema})] if tool_schema is not None else []
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
         given.append(("response_format", _response_format_fields(req.response_format)))
     if req.structured_outputs:
@@ -566,6 +582,26 @@ def _structured_outputs(req) -> tuple[Optional[dict], Optional[str]]:
         raise bad_request(f"{given[0][0]} and {given[1][0]} both constrain the output: give one",
                           param=given[1][0])
     return (given[0][1], given[0][0]) if given else (None, None)
+
+
+def _forced_tool_choice(req: ChatCompletionRequest):
+    """``tools.forced_tool_choice``, its refusals a 400 on ``tool_choice``."""
+    try:
+        return forced_tool_choice(req)
+    except ToolChoiceError as e:
+        raise bad_request(str(e), param="tool_choice") from None
+
+
+def _chat_message(completion: CompletionOutput, tool_choice) -> tuple[ChatResponseMessage, Optional[str]]:
+    """A finished choice's message and finish reason: its text, or under a forced ``tool_choice`` the calls in it
+    (``"tool_calls"`` as the reason under ``"required"``; a named function's call ends with "stop", as OpenAI's)."""
+    calls = None if tool_choice is None else tool_calls_of(tool_choice, completion.text)
+    if not calls:
+        return ChatResponseMessage(content=completion.text), completion.finish_reason
+    reason = completion.finish_reason
+    if tool_choice == "required" and reason == "stop":
+        reason = "tool_calls"
+    return ChatResponseMessage(content=None, tool_calls=calls), reason
 
 
 def _response_format_fields(response_format: dict) -> dict:
@@ -595,7 +631,8 @@ def _logit_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, fl
         try:
             token_id = int(key)
         except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids (integers), got {key!r}", param="logit_bias") from None
+            raise bad_request(f"logit_bias keys must be token ids (integers), got {key!r}",
+                              param="logit_bias") from None
         out[token_id] = min(max(bias, -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT)
     return out
 

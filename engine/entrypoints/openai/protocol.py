@@ -2,8 +2,9 @@
 
 Owns the wire format: field names, types and OpenAI's defaults, plus the few vLLM
 extensions the server accepts (top_k, min_p, repetition_penalty, min_tokens,
-ignore_eos, stop_token_ids, allowed_token_ids, bad_words, structured_outputs, ...). Range checks of sampling values are not repeated
-here: ``SamplingParams`` owns them and its errors name the field. Fields OpenAI
+ignore_eos, stop_token_ids, allowed_token_ids, bad_words, structured_outputs, ...).
+Range checks of sampling values are not repeated here: ``SamplingParams`` owns them
+and its errors name the field. Fields OpenAI
 defines that this server does not implement are declared so that a non-default
 value is refused (see ``unsupported_fields``) instead of silently ignored.
 Knows nothing of the engine or HTTP.
@@ -133,11 +134,33 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # an assistant turn's calls, for the chat template
+    tool_call_id: Optional[str] = None  # a tool turn's answer to that call
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema of the arguments object
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -147,11 +170,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True  # vLLM extension
-    # OpenAI fields not implemented: a value other than these defaults is refused.
-    tools: Optional[list[dict[str, Any]]] = None
-
-    def unsupported_fields(self) -> list[str]:
-        return super().unsupported_fields() + (["tools"] if self.tools else [])
+    tools: Optional[list[ChatTool]] = None
+    # None: "auto" with tools, else "none" (OpenAI's defaults); see engine.entrypoints.openai.tools
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None  # False: at most one call under "required"
 
 
 class TokenizeRequest(BaseModel):
@@ -250,9 +272,21 @@ class ChatLogprobs(BaseModel):
     content: Optional[list[ChatTokenLogprob]] = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # the arguments object as JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl-tool"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatDelta(BaseModel):
@@ -260,6 +294,7 @@ class ChatDelta(BaseModel):
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # each call whole, with its "index"
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler):
