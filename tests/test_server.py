@@ -22,6 +22,7 @@ import random
 import re
 import threading
 import time
+from typing import Optional
 
 import pytest
 
@@ -54,9 +55,11 @@ class Served:
     secured_url: str
     async_llm: AsyncLLM
     model: str
+    tools_url: str = ""  # the same engine, served with --enable-auto-tool-choice --tool-call-parser hermes
 
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120, **kwargs)
+    def client(self, url: Optional[str] = None, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{url or self.url}/v1", api_key="unused", max_retries=0, timeout=120,
+                             **kwargs)
 
     def async_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -92,8 +95,9 @@ def served():
     names = served_model_names(args)
     app = build_app(async_llm, names)
     secured = build_app(async_llm, names, api_key=API_KEY, metrics=app.state.metrics)
-    running = [_serve_in_thread(app), _serve_in_thread(secured)]
-    yield Served(running[0][2], running[1][2], async_llm, names[0])
+    tools = build_app(async_llm, names, metrics=app.state.metrics, tool_parser="hermes")
+    running = [_serve_in_thread(app), _serve_in_thread(secured), _serve_in_thread(tools)]
+    yield Served(running[0][2], running[1][2], async_llm, names[0], running[2][2])
     for server, thread, _ in running:
         server.should_exit = True
         thread.join(timeout=10)
@@ -302,6 +306,31 @@ def test_tool_calls_by_name_and_required_streamed_or_not_and_the_next_turn(serve
     reply = client.chat.completions.create(model=served.model, messages=turn, tools=[WEATHER], tool_choice="none",
                                            temperature=0, max_tokens=20)
     assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+
+
+def test_auto_tool_choice_reads_the_models_own_calls(served):
+    """With a tool-call parser (hermes) "auto" (the default with tools) lets the model answer in text or call: its
+    calls come back as tool_calls, the text before them as content, streamed as it comes. The model is steered
+    into hermes' syntax by a regex here (the small default model does not call tools by itself)."""
+    client = served.client(served.tools_url)
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    steer = {"guided_regex": "Checking the weather\\." + re.escape(call)}
+    kwargs = dict(model=served.model, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                  tools=[WEATHER, CLOCK], temperature=0, max_tokens=60, extra_body=steer)
+    out = client.chat.completions.create(**kwargs)
+    message = out.choices[0].message
+    assert message.content == "Checking the weather." and out.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    deltas = [choice.delta for chunk in chunks for choice in chunk.choices]
+    assert "".join(d.content or "" for d in deltas) == "Checking the weather."
+    assert sum(1 for d in deltas if d.content) > 1  # the text streamed before the call's end, not all at the end
+    (streamed,) = [c for d in deltas for c in (d.tool_calls or [])]
+    assert streamed.function.arguments == message.tool_calls[0].function.arguments
+    plain = client.chat.completions.create(model=served.model, messages=CHAT, tools=[WEATHER], temperature=0,
+                                           max_tokens=12)
+    assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

@@ -41,12 +41,13 @@ from engine.engine_args import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
 from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
+    NamedToolChoice,
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, PromptTokenUsageInfo, TokenizeRequest,
     TokenizeResponse, UsageInfo, random_id,
 )
-from engine.entrypoints.openai.tools import (ToolChoiceError, forced_tool_choice, template_messages, tool_call_schema,
-                                             tool_calls_of)
+from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, ToolParser, forced_tool_calls, is_forced,
+                                             resolve_tool_choice, template_messages, tool_call_schema)
 from engine.generation_config import SAMPLING_FIELDS
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
@@ -149,13 +150,14 @@ class _APIKeyMiddleware:
 
 
 def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key: Optional[str] = None,
-              metrics: Optional[ServingMetrics] = None) -> FastAPI:
+              metrics: Optional[ServingMetrics] = None, tool_parser: Optional[str] = None) -> FastAPI:
     """The FastAPI app over ``async_llm``. Several apps may share one ``AsyncLLM`` (pass the
-    same ``metrics`` to share it too; by default a new one is made and registered)."""
+    same ``metrics`` to share it too; by default a new one is made and registered). ``tool_parser``: a name in
+    ``TOOL_PARSERS``, which allows ``tool_choice="auto"``."""
     if metrics is None:
         metrics = ServingMetrics(served_model_names[0], async_llm.stats)
         async_llm.add_stat_logger(metrics)
-    serving = OpenAIServing(async_llm, list(served_model_names))
+    serving = OpenAIServing(async_llm, list(served_model_names), tool_parser)
     app = FastAPI(title="pagedjax OpenAI-compatible server", version=server_version())
     app.state.serving, app.state.metrics = serving, metrics
     _install_error_handlers(app)
@@ -252,9 +254,11 @@ class _ChoiceState:
 class OpenAIServing:
     """The two generation endpoints and the model list, over one ``AsyncLLM``."""
 
-    def __init__(self, async_llm: AsyncLLM, served_model_names: list[str]):
+    def __init__(self, async_llm: AsyncLLM, served_model_names: list[str], tool_parser: Optional[str] = None):
         self.async_llm = async_llm
         self.served_model_names = served_model_names
+        # tool_choice="auto": the model's tool-call syntax (engine.entrypoints.openai.tools.TOOL_PARSERS)
+        self.tool_parser: Optional[ToolParser] = TOOL_PARSERS[tool_parser]() if tool_parser else None
         self.created = int(time.time())
 
     def model_list(self) -> ModelList:
@@ -376,12 +380,14 @@ class OpenAIServing:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
         max_tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        tool_choice = _forced_tool_choice(req)
-        structured = _structured_outputs(req, None if tool_choice is None else tool_call_schema(req, tool_choice))
+        tool_choice = self._tool_choice(req)
+        structured = _structured_outputs(req, tool_call_schema(req, tool_choice) if is_forced(tool_choice) else None)
         params = _sampling_params(req, max_tokens=max_tokens,
                                   logprobs=(req.top_logprobs or 0) if req.logprobs else None, structured=structured,
                                   renames={"max_tokens": max_tokens_field, "logprobs": "top_logprobs"},
                                   defaults=self.async_llm.engine.default_sampling_fields)
+        if tool_choice == "auto":  # the model's call markers may be special tokens: keep them for the parser (vLLM)
+            params.skip_special_tokens = False
         prompt = await run_in_threadpool(self._chat_prompt, req)
         self._check_length(len(prompt.token_ids), max_tokens, "messages", max_tokens_field)
         request_id = random_id("chatcmpl")
@@ -392,7 +398,7 @@ class OpenAIServing:
         (final,) = await _final_outputs(streams)
         choices = []
         for c in final.outputs:
-            message, finish_reason = _chat_message(c, tool_choice)
+            message, finish_reason = self._chat_message(c, tool_choice)
             logprobs = _chat_logprobs(c, 0, params.logprobs) if req.logprobs else None
             choices.append(ChatCompletionChoice(index=c.index, message=message, logprobs=logprobs,
                                                 finish_reason=finish_reason, stop_reason=c.stop_reason))
@@ -442,8 +448,8 @@ class OpenAIServing:
 
     async def _stream_chat(self, request_id: str, model: str, stream: RequestStream, params: SamplingParams,
                            req: ChatCompletionRequest, tool_choice) -> AsyncIterator[str]:
-        """The chunks of a chat completion; under a forced ``tool_choice`` the calls come whole in a choice's last
-        chunk (its text is only known to be a whole call at the end)."""
+        """The chunks of a chat completion; with tools (``tool_choice`` not "none") the calls come whole in a
+        choice's last chunk, the text before them as it comes where the parser can tell it is text."""
         created = int(time.time())
         states: dict[int, _ChoiceState] = {}
         final: Optional[RequestOutput] = None
@@ -464,13 +470,8 @@ class OpenAIServing:
                     yield chunk([ChatCompletionChunkChoice(index=completion.index,
                                                            delta=ChatDelta(role="assistant", content=""))])
                 state.finished = completion.finish_reason is not None
-                if tool_choice is not None:
-                    if state.finished:
-                        message, finish_reason = _chat_message(completion, tool_choice)
-                        calls = [{"index": i, **call.model_dump()} for i, call in enumerate(message.tool_calls)]
-                        choices.append(ChatCompletionChunkChoice(
-                            index=completion.index, delta=ChatDelta(content=message.content, tool_calls=calls or None),
-                            finish_reason=finish_reason, stop_reason=completion.stop_reason))
+                if tool_choice != "none":  # text as it may be streamed, the calls whole when the choice ends
+                    choices.extend(self._tool_chunk(completion, state, tool_choice))
                     continue
                 delta = _text_delta(completion, state)
                 logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
@@ -483,6 +484,46 @@ class OpenAIServing:
                 yield chunk(choices)
         if req.stream_options is not None and req.stream_options.include_usage and final is not None:
             yield chunk([], usage=_usage([final]))
+
+    def _tool_choice(self, req: ChatCompletionRequest):
+        """``tools.resolve_tool_choice`` under this server's parser, its refusals a 400 on ``tool_choice``."""
+        try:
+            return resolve_tool_choice(req, self.tool_parser)
+        except ToolChoiceError as e:
+            raise bad_request(str(e), param="tool_choice") from None
+
+    def _chat_message(self, completion: CompletionOutput, tool_choice) -> tuple[ChatResponseMessage, Optional[str]]:
+        """A finished choice's message and finish reason: its text, or the tool calls in it (a forced choice's
+        whole output, or what the parser finds under "auto"); "tool_calls" as the reason where the model chose to
+        call ("auto", "required"); a named function's call ends with "stop", as OpenAI's."""
+        text, reason = completion.text, completion.finish_reason
+        if tool_choice == "auto":
+            content, calls = self.tool_parser.extract(text)
+        else:
+            content, calls = None, forced_tool_calls(tool_choice, text) if is_forced(tool_choice) else None
+        if not calls:
+            return ChatResponseMessage(content=text), reason
+        if reason == "stop" and not isinstance(tool_choice, NamedToolChoice):
+            reason = "tool_calls"
+        return ChatResponseMessage(content=content, tool_calls=calls), reason
+
+    def _tool_chunk(self, completion: CompletionOutput, state: _ChoiceState,
+                    tool_choice) -> list[ChatCompletionChunkChoice]:
+        """A streamed choice's chunk under tools: under "auto" the new text the parser says is not a call yet;
+        at the end the rest of the text and the calls."""
+        text = completion.text
+        if not state.finished:
+            end = self.tool_parser.content_end(text) if tool_choice == "auto" else 0
+            if end <= state.text_sent:
+                return []
+            delta, state.text_sent = text[state.text_sent:end], end
+            return [ChatCompletionChunkChoice(index=completion.index, delta=ChatDelta(content=delta))]
+        message, reason = self._chat_message(completion, tool_choice)
+        calls = [{"index": i, **call.model_dump()} for i, call in enumerate(message.tool_calls)]
+        return [ChatCompletionChunkChoice(
+            index=completion.index, delta=ChatDelta(content=(message.content or "")[state.text_sent:] or None,
+                                                    tool_calls=calls or None),
+            finish_reason=reason, stop_reason=completion.stop_reason)]
 
     # -- shared checks ---------------------------------------------------------------------
 
@@ -582,26 +623,6 @@ def _structured_outputs(req, tool_schema: Optional[dict] = None) -> tuple[Option
         raise bad_request(f"{given[0][0]} and {given[1][0]} both constrain the output: give one",
                           param=given[1][0])
     return (given[0][1], given[0][0]) if given else (None, None)
-
-
-def _forced_tool_choice(req: ChatCompletionRequest):
-    """``tools.forced_tool_choice``, its refusals a 400 on ``tool_choice``."""
-    try:
-        return forced_tool_choice(req)
-    except ToolChoiceError as e:
-        raise bad_request(str(e), param="tool_choice") from None
-
-
-def _chat_message(completion: CompletionOutput, tool_choice) -> tuple[ChatResponseMessage, Optional[str]]:
-    """A finished choice's message and finish reason: its text, or under a forced ``tool_choice`` the calls in it
-    (``"tool_calls"`` as the reason under ``"required"``; a named function's call ends with "stop", as OpenAI's)."""
-    calls = None if tool_choice is None else tool_calls_of(tool_choice, completion.text)
-    if not calls:
-        return ChatResponseMessage(content=completion.text), completion.finish_reason
-    reason = completion.finish_reason
-    if tool_choice == "required" and reason == "stop":
-        reason = "tool_calls"
-    return ChatResponseMessage(content=None, tool_calls=calls), reason
 
 
 def _response_format_fields(response_format: dict) -> dict:
@@ -763,6 +784,12 @@ def make_arg_parser() -> argparse.ArgumentParser:
                              "SmolLM2-135M-Instruct); the first is reported in metrics")
     parser.add_argument("--api-key", default=None,
                         help="if set, /v1/* requests need the header 'Authorization: Bearer <key>'")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="allow tool_choice='auto' (OpenAI's default with tools): the model decides, and "
+                             "--tool-call-parser reads its calls out of its text")
+    parser.add_argument("--tool-call-parser", default=None, choices=list(TOOL_PARSERS),
+                        help="the model's tool-call syntax: hermes (Qwen 2.5 / 3, Hermes), llama3_json (Llama 3.1 / "
+                             "3.2)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--dtype", default="auto", help="weights and KV-cache dtype: auto (bfloat16 on GPU, "
                         "float32 on CPU), bfloat16, float16, float32")
@@ -846,6 +873,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = make_arg_parser()
     args = parser.parse_args(argv)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = bind_socket(args.host, args.port)
     try:
@@ -854,7 +883,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sock.close()
         parser.exit(2, f"error: cannot start the engine: {e}\n")
     names = served_model_names(args)
-    app = build_app(async_llm, names, api_key=args.api_key)
+    app = build_app(async_llm, names, api_key=args.api_key,
+                    tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     # What start-up made (the tokenizer, the app, imported modules) lives as long as the server: out of the cyclic
     # collector's reach, so the collections that streaming's many small objects set off walk only newer ones (the
     # engine does the same in its own process; vLLM freezes its heap after start-up too).

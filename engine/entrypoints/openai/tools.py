@@ -1,17 +1,19 @@
-"""Tool calls in chat completions, as vLLM serves them without a model-specific tool-call parser.
+"""Tool calls in chat completions, as vLLM serves them.
 
-Owns what a request's ``tool_choice`` makes of the output: a named function, or ``"required"``, constrains the
+Owns what a request's ``tool_choice`` makes of the output. A named function, or ``"required"``, constrains the
 output with structured outputs to the function's arguments (a JSON object of its ``parameters`` schema) or to a
 list of ``{"name", "parameters"}`` calls (vLLM's schema for ``"required"``), and the text that comes back is turned
-into ``tool_calls``. ``"none"`` leaves the output alone; ``"auto"`` (OpenAI's default when tools are given) needs
-a parser of the model's own tool-call syntax, which this server does not have, so it is refused with a message
-that says what works, as vLLM refuses it without ``--tool-call-parser``. The tools go to the chat template either
-way, as vLLM sends them.
+into ``tool_calls``. ``"none"`` leaves the output alone. ``"auto"`` (OpenAI's default when tools are given) lets the
+model choose and needs a parser of the model's own tool-call syntax (``TOOL_PARSERS``: ``hermes`` for Qwen 2.5 / 3
+and Hermes-style templates, ``llama3_json`` for Llama 3.1 / 3.2), turned on as in vLLM by
+``--enable-auto-tool-choice --tool-call-parser NAME``; without one it is refused with a message that says what
+works. The tools go to the chat template either way, as vLLM sends them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional
 
 from engine.entrypoints.openai.protocol import ChatCompletionRequest, FunctionCall, NamedToolChoice, ToolCall
@@ -23,19 +25,26 @@ class ToolChoiceError(ValueError):
     """A tool choice this server cannot honour (a 400 on ``tool_choice``)."""
 
 
-def forced_tool_choice(req: ChatCompletionRequest) -> Optional[str | NamedToolChoice]:
-    """``"required"`` or the named function the output must call; None where the output is free text."""
+def resolve_tool_choice(req: ChatCompletionRequest, parser: Optional["ToolParser"]) -> str | NamedToolChoice:
+    """The request's tool choice: ``"none"``, ``"auto"`` (only with a ``parser``), ``"required"`` or the named
+    function; ``ToolChoiceError`` for one this server cannot honour."""
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
     if choice == "none":
-        return None
+        return choice
     if not req.tools:
         raise ToolChoiceError(f"tool_choice {_label(choice)} needs tools")
-    if choice == "auto":
-        raise ToolChoiceError('tool_choice "auto" needs a parser of the model\'s tool-call syntax, which this server '
-                              'does not have: give tool_choice "required", name a function, or "none"')
+    if choice == "auto" and parser is None:
+        raise ToolChoiceError('tool_choice "auto" needs a parser of the model\'s tool-call syntax: start the server '
+                              'with --enable-auto-tool-choice --tool-call-parser NAME, or give tool_choice '
+                              '"required", a function\'s name, or "none"')
     if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in req.tools}:
         raise ToolChoiceError(f"tool_choice names function {choice.function.name!r}, which is not among the tools")
     return choice
+
+
+def is_forced(choice) -> bool:
+    """Whether ``choice`` makes the output a call (a named function, ``"required"``): constrained, then parsed."""
+    return choice == "required" or isinstance(choice, NamedToolChoice)
 
 
 def tool_call_schema(req: ChatCompletionRequest, choice: str | NamedToolChoice) -> dict:
@@ -53,21 +62,109 @@ def tool_call_schema(req: ChatCompletionRequest, choice: str | NamedToolChoice) 
     return schema
 
 
-def tool_calls_of(choice: str | NamedToolChoice, text: str) -> Optional[list[ToolCall]]:
+def forced_tool_calls(choice: str | NamedToolChoice, text: str) -> Optional[list[ToolCall]]:
     """The calls in a forced tool choice's output; None where the text is not whole (cut by ``max_tokens``)."""
     if isinstance(choice, NamedToolChoice):
-        try:
-            json.loads(text)
-        except json.JSONDecodeError:
-            return None
-        return [ToolCall(function=FunctionCall(name=choice.function.name, arguments=text))]
+        return None if _json_object(text) is None else [_tool_call(choice.function.name, text)]
     try:
         calls = json.loads(text)
     except json.JSONDecodeError:
         return None
-    return [ToolCall(function=FunctionCall(name=call["name"], arguments=json.dumps(call["parameters"],
-                                                                                   ensure_ascii=False)))
-            for call in calls]
+    return [_tool_call(call["name"], call["parameters"]) for call in calls]
+
+
+class ToolParser:
+    """A model's own tool-call syntax in its output text (``tool_choice="auto"``)."""
+
+    def extract(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
+        """``(content, calls)``: the text before the calls (None if empty) and the calls; where the calls do not
+        parse, the whole text as content and no call (as vLLM's parsers fall back)."""
+        raise NotImplementedError
+
+    def content_end(self, text: str) -> int:
+        """How much of a growing output can be streamed as content now: up to where a call starts or may start."""
+        raise NotImplementedError
+
+
+class HermesToolParser(ToolParser):
+    """Calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Hermes; Qwen 2.5 and 3)."""
+
+    START = "<tool_call>"
+    CALLS = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+    def extract(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
+        start = text.find(self.START)
+        if start < 0:
+            return text, []
+        calls = []
+        for body in self.CALLS.findall(text):
+            call = _json_object(body)
+            if call is None or not isinstance(call.get("name"), str):
+                return text, []
+            calls.append(_tool_call(call["name"], call.get("arguments", {})))
+        return text[:start] or None, calls
+
+    def content_end(self, text: str) -> int:
+        start = text.find(self.START)
+        return start if start >= 0 else len(text) - _partial_marker(text, self.START)
+
+
+class Llama3JsonToolParser(ToolParser):
+    """Llama 3.1 / 3.2's JSON calls: an optional ``<|python_tag|>``, then ``{"name": ..., "parameters": {...}}``
+    objects (``;`` between several); an output that starts otherwise is content."""
+
+    PYTHON_TAG = "<|python_tag|>"
+
+    def extract(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
+        body = text.strip().removeprefix(self.PYTHON_TAG).strip()
+        if not body.startswith("{"):
+            return text, []
+        calls, decoder, at = [], json.JSONDecoder(), 0
+        while at < len(body):
+            try:
+                call, at = decoder.raw_decode(body, at)
+            except json.JSONDecodeError:
+                return text, []
+            if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+                return text, []
+            arguments = call.get("parameters", call.get("arguments"))
+            if arguments is None:
+                return text, []
+            calls.append(_tool_call(call["name"], arguments))
+            while at < len(body) and body[at] in " \t\n;":
+                at += 1
+        return None, calls
+
+    def content_end(self, text: str) -> int:
+        head = text.lstrip()
+        if head.startswith(("{", self.PYTHON_TAG)) or self.PYTHON_TAG.startswith(head):
+            return 0  # a call may be coming: hold the text until the end
+        return len(text)
+
+
+TOOL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
+
+
+def _json_object(text: str) -> Optional[dict]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _tool_call(name: str, arguments) -> ToolCall:
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(function=FunctionCall(name=name, arguments=arguments))
+
+
+def _partial_marker(text: str, marker: str) -> int:
+    """The length of the longest end of ``text`` that begins ``marker`` (held back: the marker may be arriving)."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
 
 
 def template_messages(req: ChatCompletionRequest) -> list[dict]:

@@ -1,0 +1,45 @@
+"""The tool-call parsers of ``tool_choice="auto"`` (``engine.entrypoints.openai.tools``) on model-like outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from engine.entrypoints.openai.tools import HermesToolParser, Llama3JsonToolParser  # noqa: E402
+
+
+def _calls(calls):
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
+def test_hermes_calls_their_text_and_what_may_stream():
+    parser = HermesToolParser()
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>')
+    content, calls = parser.extract(text)
+    assert content == "Let me check.\n"
+    assert _calls(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    # A call cut by max_tokens, or one that is not JSON: the text as it is, no call (as vLLM).
+    assert parser.extract(text[:60]) == (text[:60], [])
+    assert parser.extract("<tool_call>{not json}</tool_call>") == ("<tool_call>{not json}</tool_call>", [])
+    assert parser.extract("Just text.") == ("Just text.", [])
+    assert _calls(parser.extract('<tool_call>{"name": "f"}</tool_call>')[1]) == [("f", {})]
+    # Streaming: text before a call goes out; a marker that may be arriving is held back.
+    assert parser.content_end("Let me check.\n<tool_") == len("Let me check.\n")
+    assert parser.content_end("Let me check.\n<tool_call>{\"na") == len("Let me check.\n")
+    assert parser.content_end("a < b") == len("a < b") and parser.content_end("x <") == 2
+
+
+def test_llama3_json_calls_and_plain_text():
+    parser = Llama3JsonToolParser()
+    content, calls = parser.extract('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+                                    '{"name": "get_time", "arguments": {"zone": "UTC"}}')
+    assert content is None and _calls(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "UTC"})]
+    assert parser.extract('{"name": "f", "parameters": {}}')[1][0].function.arguments == "{}"
+    for text in ("The weather is fine.", '{"city": "Paris"}', '{"name": "f", "parameters": {"a": 1'):
+        assert parser.extract(text) == (text, [])
+    assert parser.content_end("The weather") == len("The weather")
+    assert parser.content_end(' {"na') == 0 and parser.content_end("<|python") == 0 and parser.content_end("") == 0
