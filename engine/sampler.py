@@ -185,17 +185,11 @@ def build_sampling_metadata(
         prompt_rows = [pr if p.repetition_penalty != 1.0 else () for p, pr in zip(params_list, prompt_token_ids_lists)]
     else:
         prompt_rows = []
-    masked = [i for i, m in enumerate(token_bitmasks or ()) if m is not None]
-    bitmask_rows = np.full(max(8, 1 << (len(masked) - 1).bit_length()) if masked else 0, -1, np.int32)
-    bitmask_rows[:len(masked)] = masked
-    token_bitmask = np.full((len(bitmask_rows), len(token_bitmasks[masked[0]]) if masked else 0), -1, np.int32)
-    for row, i in enumerate(masked):
-        token_bitmask[row] = token_bitmasks[i]
     bias_ids, bias_values = [], []
     if any(p.logit_bias for p in distinct):
-        for p in params_list:
-            bias_ids.append(list(p.logit_bias or ()))
-            bias_values.append(list((p.logit_bias or {}).values()))
+        bias_ids = [list(p.logit_bias or ()) for p in params_list]
+        bias_values = [list((p.logit_bias or {}).values()) for p in params_list]
+    bitmask_rows, token_bitmask = _packed_bitmasks(token_bitmasks or ())
     return SamplingMetadata(
         temperature=temperature,
         top_p=top_p,
@@ -222,7 +216,7 @@ def build_sampling_metadata(
         needs_token_bans=any(banned),
         needs_allowed_tokens=any(p.allowed_token_ids for p in distinct),
         needs_logit_bias=bool(bias_ids),
-        needs_token_bitmask=bool(masked),
+        needs_token_bitmask=bool(len(bitmask_rows)),
     )
 
 
@@ -244,6 +238,20 @@ def _param_values(p: SamplingParams) -> tuple:
     """The per-sequence sampling values of ``p``, in the column order of ``build_sampling_metadata``."""
     return (0.0 if p.is_greedy else p.temperature, p.top_p, p.top_k, p.min_p,
             p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+
+
+def _packed_bitmasks(token_bitmasks: Sequence[Optional[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows that have a bitmask (``[G]``, -1 padded; G a power of two from 8, so few shapes compile, or 0)
+    and their bitmasks (``[G, W]`` int32; padding rows all ones)."""
+    rows = [i for i, mask in enumerate(token_bitmasks) if mask is not None]
+    if not rows:
+        return np.zeros(0, np.int32), np.zeros((0, 0), np.int32)
+    padded = max(8, 1 << (len(rows) - 1).bit_length())
+    bitmask_rows = np.full(padded, -1, np.int32)
+    bitmask_rows[:len(rows)] = rows
+    bitmasks = np.full((padded, len(token_bitmasks[rows[0]])), -1, np.int32)
+    bitmasks[:len(rows)] = [token_bitmasks[i] for i in rows]
+    return bitmask_rows, bitmasks
 
 
 def _next_bad_tokens(words: Sequence[Sequence[int]], output: Sequence[int]) -> list[int]:

@@ -41,10 +41,9 @@ from engine.engine_args import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
 from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
-    NamedToolChoice,
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
-    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, PromptTokenUsageInfo, TokenizeRequest,
-    TokenizeResponse, UsageInfo, random_id,
+    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, NamedToolChoice, PromptTokenUsageInfo,
+    TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
 )
 from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, ToolParser, forced_tool_calls, is_forced,
                                              resolve_tool_choice, template_messages, tool_call_schema)
@@ -640,6 +639,8 @@ def _response_format_fields(response_format: dict) -> dict:
         return {"json": schema}
     raise bad_request(f"response_format type must be text, json_object or json_schema, got {kind!r}",
                       param="response_format")
+
+
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias, to which vLLM's server clamps too
 
 
