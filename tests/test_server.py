@@ -159,6 +159,35 @@ def test_tokenize_and_detokenize(served):
     assert _error(httpx.post(f"{served.url}/tokenize", json={"model": "gpt-5", "prompt": "x"}), 404)["param"] == "model"
 
 
+def test_chat_template_arguments_continue_final_message_and_kwargs(served, monkeypatch):
+    """vLLM's continue_final_message renders the last assistant message open (no end of turn), so the reply goes
+    on from it; chat_template_kwargs reach the template (Qwen 3's enable_thinking, say); misuse is a 400."""
+    turn = CHAT + [{"role": "assistant", "content": "The capital of France is"}]
+    closed = httpx.post(f"{served.url}/tokenize", json={"messages": turn, "add_generation_prompt": False}).json()
+    opened = httpx.post(f"{served.url}/tokenize", json={"messages": turn, "add_generation_prompt": False,
+                                                        "continue_final_message": True}).json()
+    assert closed["tokens"][:len(opened["tokens"])] == opened["tokens"] and len(closed["tokens"]) > len(
+        opened["tokens"])
+    assert served.async_llm.tokenizer.decode(opened["tokens"]).endswith("The capital of France is")
+    reply = served.client().chat.completions.create(
+        model=served.model, messages=turn, temperature=0, max_tokens=4,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert "Paris" in reply.choices[0].message.content
+    _error(httpx.post(f"{served.url}/v1/chat/completions", json={"messages": turn, "continue_final_message": True}),
+           400)
+    import engine.tokenizer
+
+    seen = {}
+    render = engine.tokenizer.apply_chat_template
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template",
+                        lambda *a, **k: seen.update(k) or render(*a, **k))
+    httpx.post(f"{served.url}/tokenize", json={"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}})
+    assert seen["enable_thinking"] is False
+    error = _error(httpx.post(f"{served.url}/tokenize", json={
+        "messages": CHAT, "chat_template_kwargs": {"add_generation_prompt": False}}), 400)
+    assert error["param"] == "messages" and "add_generation_prompt" in error["message"]
+
+
 def test_chat_answers_paris(served):
     tokenizer = served.async_llm.tokenizer
     out = served.client().chat.completions.create(model=served.model, messages=CHAT, temperature=0,

@@ -436,12 +436,17 @@ class OpenAIServing:
 
         from engine.tokenizer import TokenizerError, apply_chat_template
 
+        if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
+            raise bad_request("continue_final_message continues a last message from the assistant, with "
+                              "add_generation_prompt false", param="continue_final_message")
         tools = getattr(req, "tools", None)
+        template_kwargs = {**(req.chat_template_kwargs or {}), "continue_final_message": req.continue_final_message}
+        if tools:
+            template_kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
         try:
             ids = apply_chat_template(self.async_llm.tokenizer, template_messages(req),
-                                      add_generation_prompt=req.add_generation_prompt,
-                                      **({"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}))
-        except (TokenizerError, TemplateError, ValueError) as e:
+                                      add_generation_prompt=req.add_generation_prompt, **template_kwargs)
+        except (TokenizerError, TemplateError, ValueError, TypeError) as e:  # TypeError: a clashing template kwarg
             raise bad_request(f"cannot apply the chat template to these messages: {e}", param="messages") from e
         return _Prompt(None, list(ids))
 

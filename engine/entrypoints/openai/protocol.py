@@ -169,7 +169,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
-    add_generation_prompt: bool = True  # vLLM extension
+    add_generation_prompt: bool = True  # vLLM extensions: the chat template's arguments
+    continue_final_message: bool = False  # the last (assistant) message is continued, not closed
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # more arguments for the template, e.g. enable_thinking
     tools: Optional[list[ChatTool]] = None
     # None: "auto" with tools, else "none" (OpenAI's defaults); see engine.entrypoints.openai.tools
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
@@ -186,6 +188,8 @@ class TokenizeRequest(BaseModel):
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 class DetokenizeRequest(BaseModel):
