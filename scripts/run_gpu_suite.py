@@ -79,7 +79,8 @@ XLA_TRITON_FUSIONS = {
 # Tilings of the one-row MLP in one launch (pallas_kernels.fused_mlp; suite name suffix, $PAGEDJAX_MATMUL_CONFIG):
 # the defaults (slices of 64 intermediate rows: 224 programs and 3.7 MB of partial sums for the 8B; 64 K bytes a
 # gate/up step, 64 output rows a down step, 4 warps, 164 registers a thread offline), down steps of 128 rows (one
-# layout conversion per 8 KB), slices of 32 (448 programs, 7.3 MB of partials, 95 registers), and 128 K bytes at 8 warps.
+# layout conversion per 8 KB), slices of 32 (448 programs, 7.3 MB of partials, 95 registers), and 128 K bytes at 8
+# warps.
 FUSED_MLP_VARIANTS = (("", ""), ("-h128", '{"mlp_block_h": 128}'), ("-i32", '{"mlp_block_i": 32, "mlp_block_h": 128}'),
                       ("-k128w8", '{"mlp_block_k": 128, "mlp_block_h": 128, "mlp_num_warps": 8}'))
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",

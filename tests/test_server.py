@@ -55,7 +55,8 @@ class Served:
     secured_url: str
     async_llm: AsyncLLM
     model: str
-    tools_url: str = ""  # the same engine, served with --enable-auto-tool-choice --tool-call-parser hermes
+    # the same engine, served with --enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3
+    tools_url: str = ""
 
     def client(self, url: Optional[str] = None, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{url or self.url}/v1", api_key="unused", max_retries=0, timeout=120,
@@ -95,7 +96,7 @@ def served():
     names = served_model_names(args)
     app = build_app(async_llm, names)
     secured = build_app(async_llm, names, api_key=API_KEY, metrics=app.state.metrics)
-    tools = build_app(async_llm, names, metrics=app.state.metrics, tool_parser="hermes")
+    tools = build_app(async_llm, names, metrics=app.state.metrics, tool_parser="hermes", reasoning_parser="qwen3")
     running = [_serve_in_thread(app), _serve_in_thread(secured), _serve_in_thread(tools)]
     yield Served(running[0][2], running[1][2], async_llm, names[0], running[2][2])
     for server, thread, _ in running:
@@ -360,6 +361,29 @@ def test_auto_tool_choice_reads_the_models_own_calls(served):
     plain = client.chat.completions.create(model=served.model, messages=CHAT, tools=[WEATHER], temperature=0,
                                            max_tokens=12)
     assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
+
+
+def test_reasoning_content_apart_from_the_answer_and_its_tool_calls(served):
+    """With a reasoning parser (qwen3) the thinking comes back as reasoning_content, streamed as it comes, and the
+    answer (or the tool calls after the thinking) as content. The model is steered into the syntax by a regex."""
+    client = served.client(served.tools_url)
+    steer = {"guided_regex": "<think>The capital of France is Paris\\.</think>Paris\\."}
+    kwargs = dict(model=served.model, messages=CHAT, temperature=0, max_tokens=40, extra_body=steer)
+    message = client.chat.completions.create(**kwargs).choices[0].message
+    assert (message.reasoning_content, message.content) == ("The capital of France is Paris.", "Paris.")
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+    thinking = [d.reasoning_content for d in deltas if getattr(d, "reasoning_content", None)]
+    assert "".join(thinking) == "The capital of France is Paris." and len(thinking) > 1
+    assert "".join(d.content or "" for d in deltas) == "Paris."
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    out = client.chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+        temperature=0, max_tokens=60,
+        extra_body={"guided_regex": "<think>I need the weather\\.</think>" + re.escape(call)})
+    assert out.choices[0].message.reasoning_content == "I need the weather."
+    assert [c.function.name for c in out.choices[0].message.tool_calls] == ["get_weather"]
+    plain = served.client().chat.completions.create(**kwargs).choices[0].message  # no parser: all content
+    assert plain.content.startswith("<think>") and getattr(plain, "reasoning_content", None) is None
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

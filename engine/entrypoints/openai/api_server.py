@@ -45,6 +45,7 @@ from engine.entrypoints.openai.protocol import (
     DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, NamedToolChoice, PromptTokenUsageInfo,
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
 )
+from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
 from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, ToolParser, forced_tool_calls, is_forced,
                                              resolve_tool_choice, template_messages, tool_call_schema)
 from engine.generation_config import SAMPLING_FIELDS
@@ -149,14 +150,15 @@ class _APIKeyMiddleware:
 
 
 def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key: Optional[str] = None,
-              metrics: Optional[ServingMetrics] = None, tool_parser: Optional[str] = None) -> FastAPI:
+              metrics: Optional[ServingMetrics] = None, tool_parser: Optional[str] = None,
+              reasoning_parser: Optional[str] = None) -> FastAPI:
     """The FastAPI app over ``async_llm``. Several apps may share one ``AsyncLLM`` (pass the
     same ``metrics`` to share it too; by default a new one is made and registered). ``tool_parser``: a name in
-    ``TOOL_PARSERS``, which allows ``tool_choice="auto"``."""
+    ``TOOL_PARSERS``, which allows ``tool_choice="auto"``; ``reasoning_parser``: one in ``REASONING_PARSERS``."""
     if metrics is None:
         metrics = ServingMetrics(served_model_names[0], async_llm.stats)
         async_llm.add_stat_logger(metrics)
-    serving = OpenAIServing(async_llm, list(served_model_names), tool_parser)
+    serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser)
     app = FastAPI(title="pagedjax OpenAI-compatible server", version=server_version())
     app.state.serving, app.state.metrics = serving, metrics
     _install_error_handlers(app)
@@ -246,6 +248,7 @@ class _ChoiceState:
     text_sent: int = 0
     tokens_sent: int = 0
     text_offset: int = 0  # completions logprobs: offset of the next token in the choice's text
+    reasoning_sent: int = 0  # chat with a reasoning parser: characters of the reasoning sent (text_sent: content)
     started: bool = False
     finished: bool = False
 
@@ -253,11 +256,15 @@ class _ChoiceState:
 class OpenAIServing:
     """The two generation endpoints and the model list, over one ``AsyncLLM``."""
 
-    def __init__(self, async_llm: AsyncLLM, served_model_names: list[str], tool_parser: Optional[str] = None):
+    def __init__(self, async_llm: AsyncLLM, served_model_names: list[str], tool_parser: Optional[str] = None,
+                 reasoning_parser: Optional[str] = None):
         self.async_llm = async_llm
         self.served_model_names = served_model_names
         # tool_choice="auto": the model's tool-call syntax (engine.entrypoints.openai.tools.TOOL_PARSERS)
         self.tool_parser: Optional[ToolParser] = TOOL_PARSERS[tool_parser]() if tool_parser else None
+        # a reasoning model's thinking as reasoning_content (engine.entrypoints.openai.reasoning)
+        self.reasoning_parser: Optional[ReasoningParser] = (REASONING_PARSERS[reasoning_parser]()
+                                                            if reasoning_parser else None)
         self.created = int(time.time())
 
     def model_list(self) -> ModelList:
@@ -477,13 +484,17 @@ class OpenAIServing:
                 if tool_choice != "none":  # text as it may be streamed, the calls whole when the choice ends
                     choices.extend(self._tool_chunk(completion, state, tool_choice))
                     continue
-                delta = _text_delta(completion, state)
+                thinking, content = self._reasoning_delta(completion, state)
+                delta = content[state.text_sent:]
+                state.text_sent = len(content)
                 logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
                 state.tokens_sent = len(completion.token_ids)
-                if delta or state.finished or (logprobs and logprobs.content):
+                if delta or thinking or state.finished or (logprobs and logprobs.content):
                     choices.append(ChatCompletionChunkChoice(
-                        index=completion.index, delta=ChatDelta(content=delta or None), logprobs=logprobs,
-                        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+                        index=completion.index, delta=ChatDelta(content=delta or None,
+                                                                reasoning_content=thinking or None),
+                        logprobs=logprobs, finish_reason=completion.finish_reason,
+                        stop_reason=completion.stop_reason))
             if choices:
                 yield chunk(choices)
         if req.stream_options is not None and req.stream_options.include_usage and final is not None:
@@ -496,37 +507,53 @@ class OpenAIServing:
         except ToolChoiceError as e:
             raise bad_request(str(e), param="tool_choice") from None
 
+    def _reasoning(self, text: str, final: bool) -> tuple[Optional[str], str]:
+        """``(reasoning, content)`` of a reply (``ReasoningParser.split``); without a parser, all content."""
+        return self.reasoning_parser.split(text, final) if self.reasoning_parser else (None, text)
+
+    def _reasoning_delta(self, completion: CompletionOutput, state: _ChoiceState) -> tuple[str, str]:
+        """A streamed choice's new reasoning since the last chunk, and its content so far."""
+        reasoning, content = self._reasoning(completion.text, state.finished)
+        new = (reasoning or "")[state.reasoning_sent:]
+        state.reasoning_sent += len(new)
+        return new, content
+
     def _chat_message(self, completion: CompletionOutput, tool_choice) -> tuple[ChatResponseMessage, Optional[str]]:
-        """A finished choice's message and finish reason: its text, or the tool calls in it (a forced choice's
-        whole output, or what the parser finds under "auto"); "tool_calls" as the reason where the model chose to
-        call ("auto", "required"); a named function's call ends with "stop", as OpenAI's."""
-        text, reason = completion.text, completion.finish_reason
+        """A finished choice's message and finish reason: its reasoning (with a reasoning parser) and its content,
+        or the tool calls in that (a forced choice's whole output, or what the parser finds under "auto");
+        "tool_calls" as the reason where the model chose to call ("auto", "required"); a named function's call ends
+        with "stop", as OpenAI's."""
+        reasoning, text = self._reasoning(completion.text, final=True)
+        reason = completion.finish_reason
         if tool_choice == "auto":
             content, calls = self.tool_parser.extract(text)
         else:
             content, calls = None, forced_tool_calls(tool_choice, text) if is_forced(tool_choice) else None
         if not calls:
-            return ChatResponseMessage(content=text), reason
+            return ChatResponseMessage(content=text if reasoning is None else text or None,
+                                       reasoning_content=reasoning), reason
         if reason == "stop" and not isinstance(tool_choice, NamedToolChoice):
             reason = "tool_calls"
-        return ChatResponseMessage(content=content, tool_calls=calls), reason
+        return ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls), reason
 
     def _tool_chunk(self, completion: CompletionOutput, state: _ChoiceState,
                     tool_choice) -> list[ChatCompletionChunkChoice]:
-        """A streamed choice's chunk under tools: under "auto" the new text the parser says is not a call yet;
-        at the end the rest of the text and the calls."""
-        text = completion.text
+        """A streamed choice's chunk under tools: its new reasoning, and under "auto" the new content the parser says
+        is not a call yet; at the end the rest of the content and the calls."""
+        thinking, content = self._reasoning_delta(completion, state)
         if not state.finished:
-            end = self.tool_parser.content_end(text) if tool_choice == "auto" else 0
-            if end <= state.text_sent:
+            end = self.tool_parser.content_end(content) if tool_choice == "auto" else 0
+            delta = content[state.text_sent:end] if end > state.text_sent else ""
+            state.text_sent = max(state.text_sent, end)
+            if not (delta or thinking):
                 return []
-            delta, state.text_sent = text[state.text_sent:end], end
-            return [ChatCompletionChunkChoice(index=completion.index, delta=ChatDelta(content=delta))]
+            return [ChatCompletionChunkChoice(index=completion.index, delta=ChatDelta(
+                content=delta or None, reasoning_content=thinking or None))]
         message, reason = self._chat_message(completion, tool_choice)
         calls = [{"index": i, **call.model_dump()} for i, call in enumerate(message.tool_calls)]
         return [ChatCompletionChunkChoice(
             index=completion.index, delta=ChatDelta(content=(message.content or "")[state.text_sent:] or None,
-                                                    tool_calls=calls or None),
+                                                    reasoning_content=thinking or None, tool_calls=calls or None),
             finish_reason=reason, stop_reason=completion.stop_reason)]
 
     # -- shared checks ---------------------------------------------------------------------
@@ -793,6 +820,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="allow tool_choice='auto' (OpenAI's default with tools): the model decides, and "
                              "--tool-call-parser reads its calls out of its text")
+    parser.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
+                        help="split a reasoning model's <think> ... </think> from its answer into reasoning_content: "
+                             "deepseek_r1 (DeepSeek-R1 and its distillations), qwen3")
     parser.add_argument("--tool-call-parser", default=None, choices=list(TOOL_PARSERS),
                         help="the model's tool-call syntax: hermes (Qwen 2.5 / 3, Hermes), llama3_json (Llama 3.1 / "
                              "3.2)")
@@ -890,7 +920,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.exit(2, f"error: cannot start the engine: {e}\n")
     names = served_model_names(args)
     app = build_app(async_llm, names, api_key=args.api_key,
-                    tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
+                    tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                    reasoning_parser=args.reasoning_parser)
     # What start-up made (the tokenizer, the app, imported modules) lives as long as the server: out of the cyclic
     # collector's reach, so the collections that streaming's many small objects set off walk only newer ones (the
     # engine does the same in its own process; vLLM freezes its heap after start-up too).

@@ -290,6 +290,7 @@ class ToolCall(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None  # vLLM's: a reasoning model's thinking (--reasoning-parser)
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -298,6 +299,7 @@ class ChatDelta(BaseModel):
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[list[dict[str, Any]]] = None  # each call whole, with its "index"
 
     @model_serializer(mode="wrap")

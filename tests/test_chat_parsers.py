@@ -1,4 +1,5 @@
-"""The tool-call parsers of ``tool_choice="auto"`` (``engine.entrypoints.openai.tools``) on model-like outputs."""
+"""The chat replies' parsers on model-like outputs: tool calls under ``tool_choice="auto"``
+(``engine.entrypoints.openai.tools``) and reasoning models' thinking (``engine.entrypoints.openai.reasoning``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from engine.entrypoints.openai.reasoning import DeepSeekR1ReasoningParser, Qwen3ReasoningParser  # noqa: E402
 from engine.entrypoints.openai.tools import HermesToolParser, Llama3JsonToolParser  # noqa: E402
 
 
@@ -43,3 +45,23 @@ def test_llama3_json_calls_and_plain_text():
         assert parser.extract(text) == (text, [])
     assert parser.content_end("The weather") == len("The weather")
     assert parser.content_end(' {"na') == 0 and parser.content_end("<|python") == 0 and parser.content_end("") == 0
+
+
+@pytest.mark.parametrize("parser, text, want", [
+    (DeepSeekR1ReasoningParser(), "Paris is the capital.</think>\n\nParis.", ("Paris is the capital.", "\n\nParis.")),
+    (DeepSeekR1ReasoningParser(), "<think>Hmm.</think>Paris.", ("Hmm.", "Paris.")),
+    (DeepSeekR1ReasoningParser(), "Still thinking", ("Still thinking", "")),  # never closed: all reasoning
+    (Qwen3ReasoningParser(), "<think>Hmm.</think>Paris.", ("Hmm.", "Paris.")),
+    (Qwen3ReasoningParser(), "Paris.", (None, "Paris.")),  # no block opened: no thinking
+    (Qwen3ReasoningParser(), "<think>Cut by max_tokens", ("Cut by max_tokens", "")),
+])
+def test_reasoning_split_and_its_growing_stream_agree(parser, text, want):
+    """Whole, the reply splits as vLLM's parsers split it; streamed a character at a time, what is split so far
+    only ever grows (a tag that may be arriving is held back) and ends as the whole split."""
+    assert parser.split(text, final=True) == want
+    reasoning_sent = content_sent = ""
+    for end in range(len(text) + 1):
+        reasoning, content = parser.split(text[:end], final=end == len(text))
+        assert (reasoning or "").startswith(reasoning_sent) and content.startswith(content_sent), text[:end]
+        reasoning_sent, content_sent = reasoning or "", content
+    assert (reasoning_sent, content_sent) == ((want[0] or ""), want[1])
