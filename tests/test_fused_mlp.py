@@ -59,10 +59,26 @@ def test_fused_mlp_matches_the_three_launches_interpret(H, I, dtype, config):
     run_case(H, I, dtype, config, interpret=True)
 
 
-def test_fused_mlp_lowers_to_one_triton_call_and_checks_its_inputs():
-    x, gu_q, gu_scale, d_q, d_scale = random_mlp(np.random.default_rng(), 256, 512, jnp.bfloat16)
-    fn = jax.jit(functools.partial(fused_mlp, interpret=False))
-    text = fn.trace(x, gu_q, gu_scale, d_q, d_scale).lower(lowering_platforms=("cuda",)).as_text()
+def cuda_lowering(fn, *args) -> str:
+    """``fn(*args)`` lowered for CUDA on this CPU. JAX 0.11's Triton lowering asks the GPU for its architecture, so
+    there it is given an abstract H100 (the GPU machine's JAX; CI runs these tests under it too)."""
+    lower = lambda: jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
+    try:
+        from jax._src.mesh import AbstractDevice
+        h100 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+            device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+    except (ImportError, TypeError):  # JAX 0.10: no abstract device, none needed
+        return lower()
+    with jax.sharding.use_abstract_mesh(h100):
+        return lower()
+
+
+@pytest.mark.parametrize("config", [c for _, _, _, c in GPU_CASES])
+def test_fused_mlp_lowers_to_one_triton_call_and_checks_its_inputs(config):
+    H, I = 4096, 14336  # shapes only: nothing runs
+    x, gu_q, gu_scale, d_q, d_scale = (jnp.zeros((1, H), jnp.bfloat16), jnp.zeros((2 * I, H), jnp.int8),
+                                       jnp.ones((2 * I,)), jnp.zeros((H, I), jnp.int8), jnp.ones((H,)))
+    text = cuda_lowering(functools.partial(fused_mlp, config=config, interpret=False), x, gu_q, gu_scale, d_q, d_scale)
     assert text.count("__gpu$xla.gpu.triton") == 1
     with pytest.raises(ValueError, match="one row"):
         fused_mlp(jnp.concatenate([x, x]), gu_q, gu_scale, d_q, d_scale)
