@@ -134,12 +134,23 @@ class LLM:
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Optional[list[dict]] = None,
+        chat_template_kwargs: Optional[dict] = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them, then generate. As vLLM's:
+        ``continue_final_message`` renders the last (assistant) message open, so the reply goes on from it (with
+        ``add_generation_prompt=False``); ``tools`` (OpenAI's function tools) and ``chat_template_kwargs`` (e.g.
+        Qwen 3's ``enable_thinking``) go to the template."""
         from engine.tokenizer import apply_chat_template
 
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [apply_chat_template(self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt)
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message: pass add_generation_prompt=False")
+        template_kwargs = {**(chat_template_kwargs or {}), "continue_final_message": continue_final_message,
+                           **({"tools": tools} if tools else {})}
+        prompts = [apply_chat_template(self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt,
+                                       **template_kwargs)
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

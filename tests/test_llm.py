@@ -61,10 +61,16 @@ def test_batched_equals_alone(llm, alone):
 
 
 def test_default_model_answers_coherently(llm):
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    out = llm.chat(question, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason in ("stop", "length")
+    started = question + [{"role": "assistant", "content": "The capital of France is"}]
+    out = llm.chat(started, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False, add_generation_prompt=False,
+                   continue_final_message=True)[0]
+    assert "Paris" in out.outputs[0].text  # the reply goes on from the open message
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        llm.chat(started, continue_final_message=True)
 
 
 def test_preemption_keeps_outputs(alone):
