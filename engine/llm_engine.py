@@ -260,6 +260,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        prompt_ids = params.truncate_prompt(prompt_ids, self.max_model_len)
         if not prompt_ids:
             raise ValueError("the prompt is empty: at least one token is required")
         if len(prompt_ids) >= self.max_model_len:

@@ -130,6 +130,8 @@ class SamplingParams:
         (vLLM's rule); a word's last token is masked out whenever the output ends with
         the tokens before it. A word of several tokens makes the request decode one step
         at a time (the host must see each token).
+    truncate_prompt_tokens: keep only the prompt's last k tokens (left truncation); -1:
+        the last ``max_model_len``. None: the whole prompt.
     structured_outputs: ``StructuredOutputsParams`` (or a dict of its fields): every
         token is drawn among those the language allows next, so the output follows it.
         Such a request decodes one step at a time.
@@ -157,6 +159,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: str | list[str] | None = None
     structured_outputs: StructuredOutputsParams | dict | None = None
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -187,6 +190,13 @@ class SamplingParams:
         if not self.stop or self.include_stop_str_in_output:
             return 0
         return max(len(s) for s in self.stop) - 1
+
+    def truncate_prompt(self, prompt_token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt tokens the request keeps: the last ``truncate_prompt_tokens`` (-1: ``max_model_len``)."""
+        if self.truncate_prompt_tokens is None:
+            return prompt_token_ids
+        keep = max_model_len if self.truncate_prompt_tokens == -1 else self.truncate_prompt_tokens
+        return prompt_token_ids[-keep:]
 
     def max_output_tokens(self, prompt_len: int, max_model_len: int) -> int:
         """The output-length cap for a prompt: ``max_tokens``, never past ``max_model_len``."""
@@ -285,6 +295,9 @@ class SamplingParams:
             self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words),
             "bad_words", "must be a non-blank string or a list of them", self.bad_words,
         )
+        _require(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens) and (
+            self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)),
+            "truncate_prompt_tokens", "must be an integer >= 1, -1 (max_model_len) or None", self.truncate_prompt_tokens)
         _require(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
                  "structured_outputs", "must be a StructuredOutputsParams or a dict of its fields",
                  self.structured_outputs)

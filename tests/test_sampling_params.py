@@ -37,6 +37,9 @@ def test_derived_values():
     assert SamplingParams(max_tokens=None).max_output_tokens(prompt_len=10, max_model_len=100) == 90
     assert SamplingParams(max_tokens=20).max_output_tokens(prompt_len=10, max_model_len=100) == 20
     assert SamplingParams(max_tokens=200).max_output_tokens(prompt_len=10, max_model_len=100) == 90
+    assert SamplingParams(truncate_prompt_tokens=2).truncate_prompt([1, 2, 3], max_model_len=100) == [2, 3]
+    assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt(list(range(9)), max_model_len=4) == [5, 6, 7, 8]
+    assert SamplingParams().truncate_prompt([1, 2, 3], max_model_len=2) == [1, 2, 3]
     assert SamplingParams(repetition_penalty=1.1).has_penalties
 
 
@@ -79,6 +82,9 @@ def test_derived_values():
         ("bad_words", ""),
         ("bad_words", ["ok", "  "]),
         ("bad_words", [3]),
+        ("truncate_prompt_tokens", 0),
+        ("truncate_prompt_tokens", -2),
+        ("truncate_prompt_tokens", 2.0),
     ],
 )
 def test_invalid_field_names_field_and_value(field, value):

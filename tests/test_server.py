@@ -398,6 +398,16 @@ def test_tool_choices_this_server_cannot_honour(served, kwargs, fragment):
     assert info.value.param in ("tool_choice", "response_format") and fragment in info.value.message
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(served, reference):
+    """vLLM's truncate_prompt_tokens: a prompt longer than the context keeps its last k tokens and is served."""
+    tokenizer = served.async_llm.tokenizer
+    ids = tokenizer.encode(PROMPTS[0])
+    filler = tokenizer.encode(" word") * MAX_MODEL_LEN
+    out = served.client().completions.create(model=served.model, prompt=filler + ids, **{
+        **GREEDY, "extra_body": {**GREEDY["extra_body"], "truncate_prompt_tokens": len(ids)}})
+    assert out.usage.prompt_tokens == len(ids) and out.choices[0].text == reference[0]
+
+
 def test_seed_reproduces(served):
     def sample(seed: int) -> str:
         return served.client().completions.create(model=served.model, prompt=PROMPTS[3], temperature=1.0, seed=seed,

@@ -285,6 +285,7 @@ class OpenAIServing:
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
             params.prompt_logprobs = req.logprobs
         prompts = await run_in_threadpool(self._completion_prompts, req.prompt)
+        prompts = [_Prompt(p.text, params.truncate_prompt(p.token_ids, self.async_llm.max_model_len)) for p in prompts]
         for prompt in prompts:
             self._check_length(len(prompt.token_ids), req.max_tokens if "max_tokens" in req.model_fields_set
                                else None, "prompt", "max_tokens")
@@ -395,6 +396,7 @@ class OpenAIServing:
         if tool_choice == "auto":  # the model's call markers may be special tokens: keep them for the parser (vLLM)
             params.skip_special_tokens = False
         prompt = await run_in_threadpool(self._chat_prompt, req)
+        prompt.token_ids = params.truncate_prompt(prompt.token_ids, self.async_llm.max_model_len)
         self._check_length(len(prompt.token_ids), max_tokens, "messages", max_tokens_field)
         request_id = random_id("chatcmpl")
         streams = await self._add_requests(request_id, [prompt], params, req.priority, "messages",
@@ -617,7 +619,8 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
         stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
         min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias),
-        allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, structured_outputs=structured_outputs)
+        allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, structured_outputs=structured_outputs,
+        truncate_prompt_tokens=req.truncate_prompt_tokens)
     for name in SAMPLING_FIELDS:  # None: the generation config's, or the engine's default
         value = getattr(req, name)
         if value is not None or name in defaults:

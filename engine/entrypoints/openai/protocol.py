@@ -72,6 +72,7 @@ class _SamplingFields(BaseModel):
     logit_bias: Optional[dict[str, float]] = None  # OpenAI's form: token ids as strings; biases clamped to +-100
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
+    truncate_prompt_tokens: Optional[int] = None  # keep the prompt's last k tokens; -1: max_model_len
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs (StructuredOutputsParams' fields) and
     # its older guided_* fields; at most one of them.
     response_format: Optional[dict[str, Any]] = None
