@@ -373,7 +373,8 @@ class OpenAIServing:
                                                     finish_reason=completion.finish_reason,
                                                     stop_reason=completion.stop_reason))
             if choices:
-                yield _sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices))
+                yield _sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                              usage=_usage([output]) if _continuous_usage(req) else None))
         if req.stream_options is not None and req.stream_options.include_usage:
             yield _sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
                                           usage=_usage([finals[p] for p in sorted(finals)])))
@@ -468,6 +469,8 @@ class OpenAIServing:
         final: Optional[RequestOutput] = None
 
         def chunk(choices: list[ChatCompletionChunkChoice], usage: Optional[UsageInfo] = None) -> str:
+            if usage is None and final is not None and _continuous_usage(req):
+                usage = _usage([final])
             return _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
                                             usage=usage))
 
@@ -754,6 +757,12 @@ def _chat_logprobs(completion: CompletionOutput, start: int, top_k: Optional[int
 
 def _utf8(text: Optional[str]) -> list[int]:
     return list((text or "").encode("utf-8"))
+
+
+def _continuous_usage(req) -> bool:
+    """vLLM's ``stream_options.continuous_usage_stats``: each chunk carries its request's usage so far."""
+    return req.stream_options is not None and req.stream_options.include_usage and \
+        req.stream_options.continuous_usage_stats
 
 
 def _usage(outputs: Sequence[RequestOutput]) -> UsageInfo:

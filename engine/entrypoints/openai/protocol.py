@@ -42,6 +42,7 @@ class ErrorResponse(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, each chunk's usage so far too
 
 
 class _SamplingFields(BaseModel):
