@@ -137,18 +137,23 @@ class LLM:
         continue_final_message: bool = False,
         tools: Optional[list[dict]] = None,
         chat_template_kwargs: Optional[dict] = None,
+        chat_template: Optional[str] = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate. As vLLM's:
         ``continue_final_message`` renders the last (assistant) message open, so the reply goes on from it (with
         ``add_generation_prompt=False``); ``tools`` (OpenAI's function tools) and ``chat_template_kwargs`` (e.g.
-        Qwen 3's ``enable_thinking``) go to the template."""
+        Qwen 3's ``enable_thinking``) go to the template; ``chat_template``: a Jinja template instead of the
+        model's."""
         from engine.tokenizer import apply_chat_template
 
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message continues the last message: pass add_generation_prompt=False")
-        template_kwargs = {**(chat_template_kwargs or {}), "continue_final_message": continue_final_message,
-                           **({"tools": tools} if tools else {})}
+        template_kwargs = {**(chat_template_kwargs or {}), "continue_final_message": continue_final_message}
+        if tools:
+            template_kwargs["tools"] = tools
+        if chat_template:
+            template_kwargs["chat_template"] = chat_template
         prompts = [apply_chat_template(self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt,
                                        **template_kwargs)
                    for conv in conversations]

@@ -101,15 +101,26 @@ def apply_chat_template(
     The template is rendered to text and then encoded without adding special
     tokens, since the template already writes the ones the model expects.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not getattr(tokenizer, "chat_template", None) and not template_kwargs.get("chat_template"):
         raise TokenizerError(
             f"the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
-            "use a plain text prompt, or a model whose tokenizer_config.json / GGUF carries one"
+            "use a plain text prompt, give one (chat_template; the server's --chat-template), or a model whose "
+            "tokenizer_config.json / GGUF carries one"
         )
     text = tokenizer.apply_chat_template(
         list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
     )
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def load_chat_template(value: str) -> str:
+    """A chat template given as vLLM's ``--chat-template`` takes it: a file's path, or the Jinja text itself."""
+    if os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    if "{" not in value:  # neither a file nor a template: most likely a mistyped path
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model_path: Optional[str] = None) -> tuple[int, ...]:

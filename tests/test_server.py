@@ -38,6 +38,7 @@ from engine.async_llm import AsyncLLM  # noqa: E402
 from engine.entrypoints.openai.api_server import (  # noqa: E402
     bind_socket, build_app, engine_args_from_cli, make_arg_parser, served_model_names,
 )
+from engine.metrics import ServingMetrics  # noqa: E402
 from engine.tokenizer import apply_chat_template  # noqa: E402
 
 API_KEY = "test-secret-key"
@@ -187,6 +188,38 @@ def test_chat_template_arguments_continue_final_message_and_kwargs(served, monke
     error = _error(httpx.post(f"{served.url}/tokenize", json={
         "messages": CHAT, "chat_template_kwargs": {"add_generation_prompt": False}}), 400)
     assert error["param"] == "messages" and "add_generation_prompt" in error["message"]
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"  # a request's own template
+    ids = httpx.post(f"{served.url}/tokenize", json={"messages": CHAT, "chat_template": plain}).json()["tokens"]
+    assert served.async_llm.tokenizer.decode(ids) == f"user: {CHAT[0]['content']}\n"
+
+
+def test_server_options_chat_template_and_cors(served, tmp_path):
+    """--chat-template (a file or the text) replaces the model's template for every request; --allowed-origins
+    answers a browser's preflight and marks responses for those origins only."""
+    from engine.tokenizer import load_chat_template
+
+    plain = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    (tmp_path / "t.jinja").write_text(plain)
+    assert load_chat_template(str(tmp_path / "t.jinja")) == load_chat_template(plain) == plain
+    with pytest.raises(ValueError, match="neither a file"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+    app = build_app(served.async_llm, [served.model], metrics=ServingMetrics(served.model, served.async_llm.stats),
+                    chat_template=plain, allowed_origins=["http://localhost:3000"], api_key=API_KEY)
+    server, thread, url = _serve_in_thread(app)
+    try:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        ids = httpx.post(f"{url}/tokenize", json={"messages": CHAT}, headers=headers).json()["tokens"]
+        assert served.async_llm.tokenizer.decode(ids) == f"[{CHAT[0]['content']}]"
+        preflight = httpx.options(f"{url}/v1/chat/completions", headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.get(f"{url}/v1/models", headers={**headers, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_chat_answers_paris(served):

@@ -151,19 +151,27 @@ class _APIKeyMiddleware:
 
 def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key: Optional[str] = None,
               metrics: Optional[ServingMetrics] = None, tool_parser: Optional[str] = None,
-              reasoning_parser: Optional[str] = None) -> FastAPI:
+              reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
+              allowed_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app over ``async_llm``. Several apps may share one ``AsyncLLM`` (pass the
     same ``metrics`` to share it too; by default a new one is made and registered). ``tool_parser``: a name in
-    ``TOOL_PARSERS``, which allows ``tool_choice="auto"``; ``reasoning_parser``: one in ``REASONING_PARSERS``."""
+    ``TOOL_PARSERS``, which allows ``tool_choice="auto"``; ``reasoning_parser``: one in ``REASONING_PARSERS``;
+    ``chat_template``: a Jinja template instead of the model's; ``allowed_origins``: web origins whose pages may call
+    the server (CORS; none by default)."""
     if metrics is None:
         metrics = ServingMetrics(served_model_names[0], async_llm.stats)
         async_llm.add_stat_logger(metrics)
-    serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser)
+    serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser, chat_template)
     app = FastAPI(title="pagedjax OpenAI-compatible server", version=server_version())
     app.state.serving, app.state.metrics = serving, metrics
     _install_error_handlers(app)
     if api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+    if allowed_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before the key check
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     @app.get("/health")
     async def health() -> Response:
@@ -257,9 +265,10 @@ class OpenAIServing:
     """The two generation endpoints and the model list, over one ``AsyncLLM``."""
 
     def __init__(self, async_llm: AsyncLLM, served_model_names: list[str], tool_parser: Optional[str] = None,
-                 reasoning_parser: Optional[str] = None):
+                 reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None):
         self.async_llm = async_llm
         self.served_model_names = served_model_names
+        self.chat_template = chat_template  # instead of the model's (--chat-template)
         # tool_choice="auto": the model's tool-call syntax (engine.entrypoints.openai.tools.TOOL_PARSERS)
         self.tool_parser: Optional[ToolParser] = TOOL_PARSERS[tool_parser]() if tool_parser else None
         # a reasoning model's thinking as reasoning_content (engine.entrypoints.openai.reasoning)
@@ -451,6 +460,8 @@ class OpenAIServing:
                               "add_generation_prompt false", param="continue_final_message")
         tools = getattr(req, "tools", None)
         template_kwargs = {**(req.chat_template_kwargs or {}), "continue_final_message": req.continue_final_message}
+        if req.chat_template or self.chat_template:
+            template_kwargs["chat_template"] = req.chat_template or self.chat_template
         if tools:
             template_kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
         try:
@@ -832,6 +843,11 @@ def make_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="allow tool_choice='auto' (OpenAI's default with tools): the model decides, and "
                              "--tool-call-parser reads its calls out of its text")
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template (a file, or the template itself) instead of the model's")
+    parser.add_argument("--allowed-origins", nargs="+", default=[],
+                        help="web origins whose pages may call the server (CORS), e.g. http://localhost:3000 or '*'; "
+                             "none by default (vLLM allows '*': here a page on any site could reach a local server)")
     parser.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
                         help="split a reasoning model's <think> ... </think> from its answer into reasoning_content: "
                              "deepseek_r1 (DeepSeek-R1 and its distillations), qwen3")
@@ -923,6 +939,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser")
+    from engine.tokenizer import load_chat_template
+
+    try:
+        chat_template = None if args.chat_template is None else load_chat_template(args.chat_template)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = bind_socket(args.host, args.port)
     try:
@@ -933,7 +955,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     names = served_model_names(args)
     app = build_app(async_llm, names, api_key=args.api_key,
                     tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    reasoning_parser=args.reasoning_parser)
+                    reasoning_parser=args.reasoning_parser, chat_template=chat_template,
+                    allowed_origins=args.allowed_origins)
     # What start-up made (the tokenizer, the app, imported modules) lives as long as the server: out of the cyclic
     # collector's reach, so the collections that streaming's many small objects set off walk only newer ones (the
     # engine does the same in its own process; vLLM freezes its heap after start-up too).

@@ -174,6 +174,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True  # vLLM extensions: the chat template's arguments
     continue_final_message: bool = False  # the last (assistant) message is continued, not closed
     chat_template_kwargs: Optional[dict[str, Any]] = None  # more arguments for the template, e.g. enable_thinking
+    chat_template: Optional[str] = None  # a Jinja template for this request instead of the model's (vLLM's)
     tools: Optional[list[ChatTool]] = None
     # None: "auto" with tools, else "none" (OpenAI's defaults); see engine.entrypoints.openai.tools
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
@@ -192,6 +193,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    chat_template: Optional[str] = None
 
 
 class DetokenizeRequest(BaseModel):
