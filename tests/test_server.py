@@ -453,6 +453,25 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(served, reference):
     assert out.usage.prompt_tokens == len(ids) and out.choices[0].text == reference[0]
 
 
+def test_prompt_logprobs_on_both_endpoints(served):
+    """vLLM's prompt_logprobs field: each prompt token's logprob with the k most likely tokens there (None for the
+    first), on a completion's choices and a chat response; refused in a stream, as vLLM does."""
+    client = served.client()
+    ids = served.async_llm.tokenizer.encode(PROMPTS[0])
+    out = client.completions.create(model=served.model, prompt=ids, max_tokens=1, temperature=0,
+                                    extra_body={"prompt_logprobs": 2})
+    entries = out.choices[0].model_extra["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    for token, entry in zip(ids[1:], entries[1:]):
+        assert str(token) in entry and 1 <= len(entry) <= 3 and all(v["logprob"] <= 0 for v in entry.values())
+    chat = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=1, temperature=0,
+                                          extra_body={"prompt_logprobs": 0})
+    assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"][1]) == 1
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=served.model, prompt="hi", stream=True, extra_body={"prompt_logprobs": 1})
+    assert info.value.param == "prompt_logprobs"
+
+
 def test_seed_reproduces(served):
     def sample(seed: int) -> str:
         return served.client().completions.create(model=served.model, prompt=PROMPTS[3], temperature=1.0, seed=seed,

@@ -42,7 +42,8 @@ from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
-    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, NamedToolChoice, PromptTokenUsageInfo,
+    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, NamedToolChoice, PromptLogprob, PromptLogprobs,
+    PromptTokenUsageInfo,
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
 )
 from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
@@ -292,7 +293,7 @@ class OpenAIServing:
                                   renames={},
                                   defaults=self.async_llm.engine.default_sampling_fields)
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
-            params.prompt_logprobs = req.logprobs
+            params.prompt_logprobs = max(req.logprobs, params.prompt_logprobs or 0)
         prompts = await run_in_threadpool(self._completion_prompts, req.prompt)
         prompts = [_Prompt(p.text, params.truncate_prompt(p.token_ids, self.async_llm.max_model_len)) for p in prompts]
         for prompt in prompts:
@@ -317,7 +318,8 @@ class OpenAIServing:
                     _extend_completion_logprobs(logprobs, completion, 0, offset)
                 choices.append(CompletionChoice(index=p * params.n + completion.index, text=text, logprobs=logprobs,
                                                 finish_reason=completion.finish_reason,
-                                                stop_reason=completion.stop_reason))
+                                                stop_reason=completion.stop_reason,
+                                                prompt_logprobs=_prompt_logprobs(output, req.prompt_logprobs)))
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=_usage(finals))
 
     def _echo_logprobs(self, out: CompletionLogprobs, output: RequestOutput) -> int:
@@ -420,7 +422,8 @@ class OpenAIServing:
             logprobs = _chat_logprobs(c, 0, params.logprobs) if req.logprobs else None
             choices.append(ChatCompletionChoice(index=c.index, message=message, logprobs=logprobs,
                                                 finish_reason=finish_reason, stop_reason=c.stop_reason))
-        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=_usage([final]))
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=_usage([final]),
+                                      prompt_logprobs=_prompt_logprobs(final, req.prompt_logprobs))
 
     # -- /tokenize, /detokenize (vLLM's) ----------------------------------------------------
 
@@ -634,7 +637,7 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
         min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias),
         allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, structured_outputs=structured_outputs,
-        truncate_prompt_tokens=req.truncate_prompt_tokens)
+        truncate_prompt_tokens=req.truncate_prompt_tokens, prompt_logprobs=req.prompt_logprobs)
     for name in SAMPLING_FIELDS:  # None: the generation config's, or the engine's default
         value = getattr(req, name)
         if value is not None or name in defaults:
@@ -712,6 +715,8 @@ def _refuse_unsupported(req) -> None:
     unsupported = req.unsupported_fields()
     if unsupported:
         raise bad_request(f"{unsupported[0]} is not supported by this server", param=unsupported[0])
+    if req.prompt_logprobs is not None and req.stream:  # as vLLM
+        raise bad_request("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
 
 
 def _text_delta(completion: CompletionOutput, state: _ChoiceState) -> str:
@@ -768,6 +773,17 @@ def _chat_logprobs(completion: CompletionOutput, start: int, top_k: Optional[int
 
 def _utf8(text: Optional[str]) -> list[int]:
     return list((text or "").encode("utf-8"))
+
+
+def _prompt_logprobs(output: RequestOutput, asked: Optional[int]) -> Optional[PromptLogprobs]:
+    """vLLM's ``prompt_logprobs`` of a response, where the request asked for them: each prompt token's entry (the
+    token and the ``asked`` most likely tokens there; an echo may have had the engine compute more)."""
+    if asked is None or output.prompt_logprobs is None:
+        return None
+    return [None if entry is None else {
+        token: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+        for i, (token, lp) in enumerate(entry.items()) if i == 0 or (lp.rank is not None and lp.rank <= asked)}
+        for entry in output.prompt_logprobs]
 
 
 def _continuous_usage(req) -> bool:

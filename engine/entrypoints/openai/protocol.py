@@ -74,6 +74,7 @@ class _SamplingFields(BaseModel):
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
     truncate_prompt_tokens: Optional[int] = None  # keep the prompt's last k tokens; -1: max_model_len
+    prompt_logprobs: Optional[int] = None  # each prompt token's logprob and the k most likely there (not streamed)
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs (StructuredOutputsParams' fields) and
     # its older guided_* fields; at most one of them.
     response_format: Optional[dict[str, Any]] = None
@@ -249,12 +250,23 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# vLLM's prompt_logprobs: one entry a prompt token (None for the first), token id -> its logprob
+PromptLogprobs = list[Optional[dict[int, PromptLogprob]]]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None  # vLLM extension: the stop string or token id
+    prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM extension
 
 
 class CompletionResponse(BaseModel):
@@ -326,6 +338,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: Optional[UsageInfo] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM extension
 
 
 class ChatCompletionChunkChoice(BaseModel):
