@@ -438,6 +438,7 @@ class LLMEngine:
             eos_token_ids=sorted(self.eos_token_ids),
             bad_words_token_ids=[group.bad_words_token_ids for _, group in entries],
             token_bitmasks=None if self._grammars is None else self._token_bitmasks(scheduled, entries),
+            vocab_size=self.model_config.vocab_size,
         )
         num_logprobs = _top_width(p.logprobs for p in params)
         num_prompt_logprobs = _top_width(p.prompt_logprobs for w, p in zip(work, params) if w.score_targets)

@@ -9,7 +9,8 @@ Knows nothing of requests, the scheduler or the model: only arrays and
 Pipeline of ``sample``, in vLLM v1's order:
   0. structured outputs' token bitmasks (vLLM applies them to the logits before its sampler);
   1. logprobs (optional) of the model's raw logits;
-  2. ``allowed_token_ids``: every other token masked out;
+  2. ``allowed_token_ids``: every other token masked out (a bitmask row too, one a request that has
+     them, so a long list costs ``V / 32`` words, not a ``[S, len]`` matrix);
   3. ban tokens (``bad_words``' next tokens; end-of-sequence / stop tokens before ``min_tokens``);
   4. ``logit_bias`` added;
   5. penalties (repetition over prompt + output, presence and frequency over output);
@@ -79,19 +80,20 @@ class SamplingMetadata:
     prompt_token_ids: jax.Array  # [S, P] int32, -1 padded; for repetition_penalty
     output_token_ids: jax.Array  # [S, O] int32, -1 padded; for all three penalties
     banned_token_ids: jax.Array  # [S, K] int32, -1 padded; logits set to -inf
-    allowed_token_ids: jax.Array  # [S, A] int32, -1 padded; a row with any keeps only those logits
     logit_bias_token_ids: jax.Array  # [S, B] int32, -1 padded
     logit_bias_values: jax.Array  # [S, B] f32, added to those tokens' logits
     bitmask_rows: jax.Array  # [G] int32, -1 padded: the rows with a structured output's token bitmask
     token_bitmask: jax.Array  # [G, ceil(V / 32)] int32: bit t % 32 of word t // 32 set = token t allowed
+    allowed_rows: jax.Array  # [A] int32, -1 padded: the rows with allowed_token_ids
+    allowed_bitmask: jax.Array  # [A, ceil(V / 32)] int32, as token_bitmask
     all_greedy: bool = struct.field(pytree_node=False, default=True)
     needs_penalties: bool = struct.field(pytree_node=False, default=False)
     needs_top_k_top_p: bool = struct.field(pytree_node=False, default=False)
     needs_min_p: bool = struct.field(pytree_node=False, default=False)
     needs_token_bans: bool = struct.field(pytree_node=False, default=False)
-    needs_allowed_tokens: bool = struct.field(pytree_node=False, default=False)
     needs_logit_bias: bool = struct.field(pytree_node=False, default=False)
     needs_token_bitmask: bool = struct.field(pytree_node=False, default=False)
+    needs_allowed_tokens: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass
@@ -121,6 +123,7 @@ def build_sampling_metadata(
     eos_token_ids: Sequence[int] = (),
     bad_words_token_ids: Optional[Sequence[Sequence[Sequence[int]]]] = None,
     token_bitmasks: Optional[Sequence[Optional[np.ndarray]]] = None,
+    vocab_size: Optional[int] = None,
 ) -> SamplingMetadata:
     """Numpy ``SamplingMetadata`` for the scheduled sequences, padded to ``num_padded_seqs``.
 
@@ -132,7 +135,8 @@ def build_sampling_metadata(
     ``bad_words_token_ids[i]``: the token ids of each of the sequence's bad words
     (``bad_words_token_ids``); the last token of each whose others end the output is banned.
     ``token_bitmasks[i]``: the structured output's bitmask row of the tokens allowed next
-    (``engine.structured_output``), or None (rows sent: those with one, padded to a power of two).
+    (``engine.structured_output``), or None (rows sent: those with one, padded to a power of two);
+    ``allowed_token_ids`` become such rows too, which needs ``vocab_size``.
     Padding rows are greedy with every stage off.
     """
     num_seqs = len(params_list)
@@ -190,6 +194,8 @@ def build_sampling_metadata(
         bias_ids = [list(p.logit_bias or ()) for p in params_list]
         bias_values = [list((p.logit_bias or {}).values()) for p in params_list]
     bitmask_rows, token_bitmask = _packed_bitmasks(token_bitmasks or ())
+    allowed_rows, allowed_bitmask = _packed_bitmasks(
+        _allowed_token_bitmasks(params_list, vocab_size) if any(p.allowed_token_ids for p in distinct) else ())
     return SamplingMetadata(
         temperature=temperature,
         top_p=top_p,
@@ -203,20 +209,20 @@ def build_sampling_metadata(
         prompt_token_ids=_padded_token_matrix(prompt_rows, S),
         output_token_ids=_padded_token_matrix(output_rows, S),
         banned_token_ids=_padded_token_matrix(banned, S),
-        allowed_token_ids=_padded_token_matrix([p.allowed_token_ids or () for p in params_list]
-                                               if any(p.allowed_token_ids for p in distinct) else [], S),
         logit_bias_token_ids=_padded_token_matrix(bias_ids, S),
         logit_bias_values=_padded_token_matrix(bias_values, S, fill=0.0, dtype=np.float32),
         bitmask_rows=bitmask_rows,
         token_bitmask=token_bitmask,
+        allowed_rows=allowed_rows,
+        allowed_bitmask=allowed_bitmask,
         all_greedy=all(p.is_greedy for p in distinct),
         needs_penalties=any(p.has_penalties for p in distinct),
         needs_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in distinct),
         needs_min_p=any(p.min_p > 0.0 for p in distinct),
         needs_token_bans=any(banned),
-        needs_allowed_tokens=any(p.allowed_token_ids for p in distinct),
         needs_logit_bias=bool(bias_ids),
         needs_token_bitmask=bool(len(bitmask_rows)),
+        needs_allowed_tokens=bool(len(allowed_rows)),
     )
 
 
@@ -238,6 +244,27 @@ def _param_values(p: SamplingParams) -> tuple:
     """The per-sequence sampling values of ``p``, in the column order of ``build_sampling_metadata``."""
     return (0.0 if p.is_greedy else p.temperature, p.top_p, p.top_k, p.min_p,
             p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+
+
+BITMASK_BITS = 32  # vocabulary entries a bitmask word covers: bit t % 32 of int32 word t // 32 (llguidance's layout)
+
+
+def bitmask_width(vocab_size: int) -> int:
+    """int32 words of one token bitmask row."""
+    return -(-vocab_size // BITMASK_BITS)
+
+
+def _allowed_token_bitmasks(params_list: Sequence[SamplingParams], vocab_size: Optional[int]) -> list:
+    """Each sequence's ``allowed_token_ids`` as a bitmask row (None without them); one made a distinct params."""
+    if vocab_size is None:
+        raise ValueError("allowed_token_ids need vocab_size (their bitmask rows are vocabulary-wide)")
+    made: dict[int, np.ndarray] = {}
+    for p in params_list:
+        if p.allowed_token_ids and id(p) not in made:
+            bits = np.zeros(bitmask_width(vocab_size) * BITMASK_BITS, np.uint8)
+            bits[p.allowed_token_ids] = 1
+            made[id(p)] = np.packbits(bits, bitorder="little").view(np.int32)
+    return [made.get(id(p)) for p in params_list]
 
 
 def _packed_bitmasks(token_bitmasks: Sequence[Optional[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -293,7 +320,7 @@ def sample(logits: jax.Array, metadata: SamplingMetadata, *, num_logprobs: int |
         logits = _apply_token_bitmask(logits, metadata.bitmask_rows, metadata.token_bitmask)
     raw_logits = logits
     if metadata.needs_allowed_tokens:
-        logits = _keep_allowed_tokens(logits, metadata.allowed_token_ids)
+        logits = _apply_token_bitmask(logits, metadata.allowed_rows, metadata.allowed_bitmask)
     if metadata.needs_token_bans:
         logits = _ban_tokens(logits, metadata.banned_token_ids)
     if metadata.needs_logit_bias:
@@ -358,16 +385,6 @@ def _apply_token_bitmask(logits: jax.Array, bitmask_rows: jax.Array, token_bitma
     bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
     allowed = bits.reshape(num_rows, -1)[:, :vocab_size] == 1
     return jnp.where(allowed, logits, -jnp.inf)
-
-
-def _keep_allowed_tokens(logits: jax.Array, allowed_token_ids: jax.Array) -> jax.Array:
-    """Logits of tokens outside a row's ``allowed_token_ids`` set to -inf; rows without a list (all -1) kept."""
-    vocab_size = logits.shape[-1]
-    ids = jnp.where(allowed_token_ids < 0, vocab_size, allowed_token_ids)
-    rows = jnp.arange(logits.shape[0])[:, None]
-    allowed = jnp.zeros(logits.shape, bool).at[rows, ids].set(True, mode="drop")
-    restricted = jnp.any(allowed_token_ids >= 0, axis=1, keepdims=True)
-    return jnp.where(restricted & ~allowed, -jnp.inf, logits)
 
 
 def _add_logit_bias(logits: jax.Array, token_ids: jax.Array, values: jax.Array) -> jax.Array:

@@ -16,14 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engine.sampler import bitmask_width
 from engine.sampling_params import StructuredOutputsParams
-
-BITS = 32  # vocabulary entries an int32 word of the bitmask covers
-
-
-def bitmask_width(vocab_size: int) -> int:
-    """int32 words of one bitmask row."""
-    return -(-vocab_size // BITS)
 
 
 def grammar_text(params: StructuredOutputsParams) -> str:

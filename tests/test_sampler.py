@@ -17,7 +17,7 @@ def rng():
 
 
 def _metadata(params, *, outputs=None, prompts=None, seeds=None, steps=None, num_padded=None, eos=(),
-              bad_words=None):
+              bad_words=None, vocab_size=None):
     n = len(params)
     return build_sampling_metadata(
         params,
@@ -28,6 +28,7 @@ def _metadata(params, *, outputs=None, prompts=None, seeds=None, steps=None, num
         num_padded if num_padded is not None else n,
         eos_token_ids=eos,
         bad_words_token_ids=bad_words,
+        vocab_size=vocab_size,
     )
 
 
@@ -43,7 +44,7 @@ def _softmax(x):
 def _draw_many(row_logits, params, num_draws):
     """``num_draws`` independent samples of one distribution: one row per seed."""
     logits = np.repeat(row_logits[None], num_draws, axis=0)
-    metadata = _metadata([params] * num_draws, seeds=list(range(1000, 1000 + num_draws)))
+    metadata = _metadata([params] * num_draws, seeds=list(range(1000, 1000 + num_draws)), vocab_size=len(row_logits))
     return np.asarray(sample_jit(logits, metadata).token_ids)
 
 
@@ -258,7 +259,7 @@ def test_logit_bias_allowed_tokens_and_bad_words_against_numpy(rng):
     # Row 3's bad words as token ids: [9] always banned, [8, 10] banned after an 8, [5, 10] not (output ends in 8).
     bad_words = [[], [], [], [[9], [8, 10], [5, 13]], []]
     logits[3, 10] = logits[3, 13] = 60.0
-    out = sample_jit(logits, _metadata(params, outputs=outputs, bad_words=bad_words), num_logprobs=0)
+    out = sample_jit(logits, _metadata(params, outputs=outputs, bad_words=bad_words, vocab_size=vocab), num_logprobs=0)
     want = logits.copy()
     for token, value in bias.items():
         want[0, token] += value
@@ -328,8 +329,13 @@ def test_builder_pads_flags_and_buckets():
     assert md.seeds.tolist() == [11, 5, 0, 0] and md.step_indices.tolist() == [2, 20, 0, 0]
     assert (md.all_greedy, md.needs_penalties, md.needs_top_k_top_p, md.needs_min_p) == (False, True, True, False)
     assert not md.needs_token_bans and md.banned_token_ids.shape == (4, 0)
-    assert not (md.needs_logit_bias or md.needs_allowed_tokens)
-    assert md.logit_bias_token_ids.shape == md.logit_bias_values.shape == md.allowed_token_ids.shape == (4, 0)
+    assert not (md.needs_logit_bias or md.needs_token_bitmask or md.needs_allowed_tokens)
+    # A long allowed list is one bitmask row (V / 32 words), not a [S, len] matrix; it needs the vocabulary size.
+    many = _metadata([SamplingParams(allowed_token_ids=list(range(5000))), SamplingParams()], vocab_size=8000)
+    assert many.allowed_rows.tolist() == [0] + [-1] * 7 and many.allowed_bitmask.shape == (8, 250)
+    with pytest.raises(ValueError, match="vocab_size"):
+        _metadata([SamplingParams(allowed_token_ids=[1])])
+    assert md.logit_bias_token_ids.shape == md.logit_bias_values.shape == (4, 0) and md.token_bitmask.shape == (0, 0)
     # Only the penalised row's tokens are sent, padded to a power of two.
     assert md.output_token_ids.shape == (4, 32) and md.prompt_token_ids.shape == (4, 16)
     assert md.output_token_ids[0].tolist() == [-1] * 32
@@ -395,7 +401,7 @@ def test_sampling_metadata_packs_into_one_array_and_back():
     params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=5, presence_penalty=0.5, seed=3,
                              logit_bias={4: -1.5, 9: 2.25}),
               SamplingParams(temperature=0.0, repetition_penalty=1.2, allowed_token_ids=[1, 2, 3])]
-    meta = build_sampling_metadata(params, [[5, 6], []], [[1, 2, 3], [4]], [2**31 + 7, 11], [2, 0], 8)
+    meta = build_sampling_metadata(params, [[5, 6], []], [[1, 2, 3], [4]], [2**31 + 7, 11], [2, 0], 8, vocab_size=40)
     flat, layout = pack_arrays(meta)
     assert flat.dtype == np.int32 and flat.ndim == 1
     back = jax.jit(unpack_arrays, static_argnums=1)(flat, layout)
