@@ -61,6 +61,7 @@ _EXPORTS = {
     "LLM": "engine.llm",
     "SamplingParams": "engine.sampling_params",
     "StructuredOutputsParams": "engine.sampling_params",
+    "BeamSearchParams": "engine.beam_search",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "RequestOutputKind": "engine.outputs",

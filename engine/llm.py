@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.llm_engine import LLMEngine
@@ -117,6 +118,18 @@ class LLM:
             for _ in concurrent.futures.as_completed(futures):
                 bar.update(1)
         return [f.result() for f in futures]
+
+    def beam_search(self, prompts: Union[PromptType, Sequence[PromptType]], params: BeamSearchParams,
+                    use_tqdm: bool = True) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: the ``params.beam_width`` best sequences of each prompt, best first
+        (``engine.beam_search``: rounds of one-token ``generate`` calls sharing their prefixes' KV blocks)."""
+        engine = self.llm_engine
+        prompts = _as_prompt_list(prompts)
+        self._check_prompts(prompts)
+        ids = [engine.tokenize(p) if isinstance(p, str) else p for p in prompts]
+        return beam_search(lambda batch, sampling: self.generate(batch, sampling, use_tqdm=False), ids, params,
+                           eos_token_ids=engine.eos_token_ids, max_model_len=engine.max_model_len,
+                           decode=None if engine.tokenizer is None else engine.tokenizer.decode, use_tqdm=use_tqdm)
 
     def _check_prompts(self, prompts: list) -> None:
         engine = self.llm_engine

@@ -282,6 +282,37 @@ def test_structured_outputs_follow_their_grammar(llm):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+def test_beam_search_finds_what_greedy_misses_and_keeps_its_sums(llm):
+    """vLLM's LLM.beam_search: width 1 is greedy; wider, the beams come best first by vLLM's score, the best at
+    least as likely as greedy's sequence, each beam's cumulative logprob the sum of its tokens' logprobs, its text
+    its tokens after the prompt; end-of-sequence ends a beam unless ignored."""
+    from engine import BeamSearchParams
+
+    tokenizer = llm.get_tokenizer()
+    (one,) = llm.beam_search([PROMPTS[2]], BeamSearchParams(beam_width=1, max_tokens=6, ignore_eos=True),
+                             use_tqdm=False)
+    greedy = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0),
+                          use_tqdm=False)[0].outputs[0]
+    prompt_len = len(tokenizer.encode(PROMPTS[2]))
+    assert one.sequences[0].tokens[prompt_len:] == greedy.token_ids
+    assert one.sequences[0].cum_logprob == pytest.approx(greedy.cumulative_logprob, abs=1e-4)
+    outs = llm.beam_search([PROMPTS[2], {"prompt": PROMPTS[0]}], BeamSearchParams(beam_width=3, max_tokens=6,
+                                                                                 ignore_eos=True), use_tqdm=False)
+    beams = outs[0].sequences
+    assert len(beams) == 3 and len({tuple(b.tokens) for b in beams}) == 3
+    scores = [b.cum_logprob / len(b.tokens) for b in beams]
+    assert scores == sorted(scores, reverse=True) and beams[0].cum_logprob >= greedy.cumulative_logprob - 1e-4
+    for beam in beams:
+        generated = beam.tokens[prompt_len:]
+        assert beam.cum_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(generated, beam.logprobs)),
+                                                 abs=1e-4)
+        assert beam.text == tokenizer.decode(generated) and beam.finish_reason == "length"
+    stopped = llm.beam_search([[1, 2]], BeamSearchParams(beam_width=2, max_tokens=40), use_tqdm=False)[0]
+    assert all(b.finish_reason in ("stop", "length") for b in stopped.sequences)
+    with pytest.raises(ValueError, match="beam_width"):
+        BeamSearchParams(beam_width=0, max_tokens=4)
+
+
 def _stream(llm, prompt, params, output_kind):
     """Submit one request; the list its outputs go into and an event set when it ends."""
     outputs, done = [], threading.Event()
