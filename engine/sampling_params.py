@@ -12,7 +12,8 @@ Deliberate differences from vLLM (``vllm/sampling_params.py``):
   at 2, but nothing numerical requires it).
 - ``logprobs`` and ``prompt_logprobs`` are capped at ``MAX_LOGPROBS`` (20, OpenAI's and
   vLLM's default ``max_logprobs``); vLLM's ``-1`` (whole vocabulary) is not supported.
-- Only the fields listed below exist (no beam search, logits processors).
+- Only the fields listed below exist (no logits processors; beam search is ``LLM.beam_search``
+  with ``engine.beam_search.BeamSearchParams``, as in vLLM).
 - ``structured_outputs`` takes vLLM's forms (``json``, ``regex``, ``choice``, ``grammar``,
   ``json_object``); ``grammar`` is a Lark grammar (llguidance's syntax, vLLM's "guidance"
   backend), not xgrammar's EBNF.
@@ -218,6 +219,8 @@ class SamplingParams:
             self.stop = list(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
         if isinstance(self.logit_bias, dict) and not self.logit_bias:
             self.logit_bias = None
         if isinstance(self.allowed_token_ids, tuple):
@@ -230,8 +233,6 @@ class SamplingParams:
             self.bad_words = [self.bad_words]
         elif isinstance(self.bad_words, (list, tuple)):
             self.bad_words = list(self.bad_words) or None
-        elif isinstance(self.stop_token_ids, (list, tuple)):
-            self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
         if _is_real(self.temperature) and GREEDY_TEMPERATURE_EPS <= self.temperature < MIN_SAMPLING_TEMPERATURE:
             logger.warning(
                 "temperature %s is below %s, which overflows float32 logits; using %s",

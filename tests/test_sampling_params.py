@@ -20,8 +20,9 @@ def test_normalisation():
     assert p.stop == ["###"] and p.stop_token_ids == [5, 7] and p.top_k == 0 and p.seed is None
     assert SamplingParams(stop=("a", "bc")).stop == ["a", "bc"]
     assert SamplingParams(temperature=1e-3).temperature == MIN_SAMPLING_TEMPERATURE
-    p = SamplingParams(logit_bias={}, allowed_token_ids=(3, 4), bad_words="no")
+    p = SamplingParams(logit_bias={}, allowed_token_ids=(3, 4), bad_words="no", stop_token_ids=(5, 7, 5))
     assert p.logit_bias is None and p.allowed_token_ids == [3, 4] and p.bad_words == ["no"]
+    assert p.stop_token_ids == [5, 7]  # normalised whatever else is set
     assert SamplingParams(bad_words=[]).bad_words is None
 
 
