@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from engine.entrypoints.openai.tools import partial_marker_length
+
 START, END = "<think>", "</think>"
 
 
@@ -37,7 +39,7 @@ class ReasoningParser:
         end = body.find(END)
         if end >= 0:
             return body[:end], body[end + len(END):]
-        return (body if final else body[:len(body) - _partial_tag(body, END)]), ""
+        return (body if final else body[:len(body) - partial_marker_length(body, END)]), ""
 
 
 class DeepSeekR1ReasoningParser(ReasoningParser):
@@ -50,10 +52,3 @@ class Qwen3ReasoningParser(ReasoningParser):
 
 REASONING_PARSERS = {"deepseek_r1": DeepSeekR1ReasoningParser, "qwen3": Qwen3ReasoningParser}
 
-
-def _partial_tag(text: str, tag: str) -> int:
-    """The length of the longest end of ``text`` that begins ``tag``."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0

@@ -106,7 +106,7 @@ class HermesToolParser(ToolParser):
 
     def content_end(self, text: str) -> int:
         start = text.find(self.START)
-        return start if start >= 0 else len(text) - _partial_marker(text, self.START)
+        return start if start >= 0 else len(text) - partial_marker_length(text, self.START)
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -159,8 +159,9 @@ def _tool_call(name: str, arguments) -> ToolCall:
     return ToolCall(function=FunctionCall(name=name, arguments=arguments))
 
 
-def _partial_marker(text: str, marker: str) -> int:
-    """The length of the longest end of ``text`` that begins ``marker`` (held back: the marker may be arriving)."""
+def partial_marker_length(text: str, marker: str) -> int:
+    """The length of the longest end of ``text`` that begins ``marker``: a growing output holds that back (the
+    marker may be arriving)."""
     for size in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-size:]):
             return size
