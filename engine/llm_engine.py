@@ -94,15 +94,15 @@ class _RequestGroup:
     # SamplingParams.bad_words as token ids (engine.tokenizer.bad_words_token_ids), tokenized once.
     bad_words_token_ids: list = dataclasses.field(default_factory=list)
     grammar: Optional[str] = None  # SamplingParams.structured_outputs, checked (engine.structured_output.Grammars)
+    # Whether sampling the next token needs the tokens before it on the host first: penalties count them, a bad
+    # word of several tokens bans its last only after the others, and a grammar's next tokens follow from the
+    # tokens so far. Such a request decodes a step at a time and is not planned ahead of its previous step's tokens.
+    # Set once (__post_init__): the step loop reads it for every scheduled sequence.
+    samples_need_host_tokens: bool = dataclasses.field(init=False, default=False)
 
-    @property
-    def samples_need_host_tokens(self) -> bool:
-        """Whether sampling the next token needs the tokens before it on the host first: penalties count them, and
-        a bad word of several tokens bans its last only after the others, and a grammar's next tokens follow from
-        the tokens so far. Such a request decodes a step at a time and is not planned ahead of its previous step's
-        tokens."""
-        return (self.params.has_penalties or self.grammar is not None
-                or any(len(word) > 1 for word in self.bad_words_token_ids))
+    def __post_init__(self) -> None:
+        self.samples_need_host_tokens = (self.params.has_penalties or self.grammar is not None
+                                         or any(len(word) > 1 for word in self.bad_words_token_ids))
 
     @property
     def finished(self) -> bool:
