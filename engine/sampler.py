@@ -362,19 +362,20 @@ def _is_greedy(temperature: jax.Array) -> jax.Array:
     return temperature < GREEDY_TEMPERATURE_EPS
 
 
+def _scatter_index(token_ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """``[S, V]`` indices ``(rows, ids)`` of a ``[S, W]`` token-id matrix, for a ``mode="drop"`` scatter: -1
+    padding becomes ``vocab_size`` (out of range, so dropped)."""
+    return jnp.arange(token_ids.shape[0])[:, None], jnp.where(token_ids < 0, vocab_size, token_ids)
+
+
 def _token_counts(token_ids: jax.Array, vocab_size: int) -> jax.Array:
     """``[S, V]`` int32 occurrences of each id in ``token_ids`` ``[S, W]`` (-1 = padding)."""
-    num_rows = token_ids.shape[0]
-    ids = jnp.where(token_ids < 0, vocab_size, token_ids)  # out of range: dropped
-    rows = jnp.arange(num_rows)[:, None]
-    return jnp.zeros((num_rows, vocab_size), jnp.int32).at[rows, ids].add(1, mode="drop")
+    index = _scatter_index(token_ids, vocab_size)
+    return jnp.zeros((token_ids.shape[0], vocab_size), jnp.int32).at[index].add(1, mode="drop")
 
 
 def _ban_tokens(logits: jax.Array, banned_token_ids: jax.Array) -> jax.Array:
-    vocab_size = logits.shape[-1]
-    ids = jnp.where(banned_token_ids < 0, vocab_size, banned_token_ids)
-    rows = jnp.arange(logits.shape[0])[:, None]
-    return logits.at[rows, ids].set(-jnp.inf, mode="drop")
+    return logits.at[_scatter_index(banned_token_ids, logits.shape[-1])].set(-jnp.inf, mode="drop")
 
 
 def _apply_token_bitmask(logits: jax.Array, bitmask_rows: jax.Array, token_bitmask: jax.Array) -> jax.Array:
@@ -388,10 +389,7 @@ def _apply_token_bitmask(logits: jax.Array, bitmask_rows: jax.Array, token_bitma
 
 
 def _add_logit_bias(logits: jax.Array, token_ids: jax.Array, values: jax.Array) -> jax.Array:
-    vocab_size = logits.shape[-1]
-    ids = jnp.where(token_ids < 0, vocab_size, token_ids)
-    rows = jnp.arange(logits.shape[0])[:, None]
-    return logits.at[rows, ids].add(values, mode="drop")
+    return logits.at[_scatter_index(token_ids, logits.shape[-1])].add(values, mode="drop")
 
 
 def _random_sample(logits: jax.Array, metadata: SamplingMetadata) -> jax.Array:
