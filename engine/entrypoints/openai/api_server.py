@@ -609,13 +609,7 @@ class OpenAIServing:
                 [(f"{request_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)],
                 priority=priority)
         except ValueError as e:  # the engine's refusals name the field first when it is not the prompt
-            message = str(e)
-            field = re.match(r"\w+", message)
-            field = field.group(0) if field else None
-            if field not in ENGINE_CHECKED_FIELDS:
-                raise bad_request(message, param=prompt_param) from e
-            param = renames.get(field) or field
-            raise bad_request(param + message[len(field):], param=param) from e
+            raise _refusal(e, ENGINE_CHECKED_FIELDS, renames, default=prompt_param) from e
 
 
 # -- conversions shared by both endpoints -------------------------------------------------
@@ -645,13 +639,20 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:
-        field = re.match(r"\w+", str(e))
-        param = field.group(0) if field and field.group(0) in kwargs else None
-        param = renames.get(param, param)
-        message = str(e)
-        if param and field and param != field.group(0):
-            message = param + message[len(field.group(0)):]
-        raise bad_request(message, param=param) from e
+        raise _refusal(e, kwargs, renames) from e
+
+
+def _refusal(error: ValueError, fields, renames: dict, default: Optional[str] = None) -> APIError:
+    """The 400 of a refusal whose message starts with the field it is about (``SamplingParams``', the engine's):
+    its param that field as the request named it (``renames``), and its message starting with that name; a
+    message about none of ``fields`` goes to ``default``."""
+    message = str(error)
+    field = re.match(r"\w+", message)
+    field = field.group(0) if field else None
+    if field not in fields:
+        return bad_request(message, param=default)
+    param = renames.get(field) or field
+    return bad_request(param + message[len(field):], param=param)
 
 
 # Request fields the engine checks (token ids against its vocabulary, grammars); its refusals start with the name.
