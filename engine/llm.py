@@ -160,15 +160,9 @@ class LLM:
         from engine.tokenizer import apply_chat_template
 
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        if continue_final_message and add_generation_prompt:
-            raise ValueError("continue_final_message continues the last message: pass add_generation_prompt=False")
-        template_kwargs = {**(chat_template_kwargs or {}), "continue_final_message": continue_final_message}
-        if tools:
-            template_kwargs["tools"] = tools
-        if chat_template:
-            template_kwargs["chat_template"] = chat_template
         prompts = [apply_chat_template(self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt,
-                                       **template_kwargs)
+                                       continue_final_message=continue_final_message, tools=tools,
+                                       chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

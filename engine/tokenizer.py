@@ -94,14 +94,28 @@ def apply_chat_template(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[dict],
     add_generation_prompt: bool = True,
-    **template_kwargs: Any,
+    *,
+    continue_final_message: bool = False,
+    tools: Optional[Sequence[dict]] = None,
+    chat_template: Optional[str] = None,
+    chat_template_kwargs: Optional[dict] = None,
 ) -> list[int]:
     """Token ids of ``messages`` rendered with the model's chat template.
 
     The template is rendered to text and then encoded without adding special
     tokens, since the template already writes the ones the model expects.
+    vLLM's chat arguments: ``continue_final_message`` renders the last message open, so a reply goes on from it
+    (not with ``add_generation_prompt``); ``tools`` (OpenAI's function tools) and ``chat_template_kwargs`` (e.g.
+    Qwen 3's ``enable_thinking``) go to the template; ``chat_template`` replaces the tokenizer's.
     """
-    if not getattr(tokenizer, "chat_template", None) and not template_kwargs.get("chat_template"):
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message continues the last message: pass add_generation_prompt=False")
+    template_kwargs = {**(chat_template_kwargs or {}), "continue_final_message": continue_final_message}
+    if tools:
+        template_kwargs["tools"] = list(tools)
+    if chat_template:
+        template_kwargs["chat_template"] = chat_template
+    if not getattr(tokenizer, "chat_template", None) and not chat_template:
         raise TokenizerError(
             f"the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
             "use a plain text prompt, give one (chat_template; the server's --chat-template), or a model whose "

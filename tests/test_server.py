@@ -177,12 +177,10 @@ def test_chat_template_arguments_continue_final_message_and_kwargs(served, monke
     assert "Paris" in reply.choices[0].message.content
     _error(httpx.post(f"{served.url}/v1/chat/completions", json={"messages": turn, "continue_final_message": True}),
            400)
-    import engine.tokenizer
-
-    seen = {}
-    render = engine.tokenizer.apply_chat_template
-    monkeypatch.setattr(engine.tokenizer, "apply_chat_template",
-                        lambda *a, **k: seen.update(k) or render(*a, **k))
+    seen = {}  # the keyword arguments the tokenizer's template gets
+    tokenizer = served.async_llm.tokenizer
+    render = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: seen.update(k) or render(*a, **k))
     httpx.post(f"{served.url}/tokenize", json={"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}})
     assert seen["enable_thinking"] is False
     error = _error(httpx.post(f"{served.url}/tokenize", json={

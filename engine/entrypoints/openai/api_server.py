@@ -462,14 +462,13 @@ class OpenAIServing:
             raise bad_request("continue_final_message continues a last message from the assistant, with "
                               "add_generation_prompt false", param="continue_final_message")
         tools = getattr(req, "tools", None)
-        template_kwargs = {**(req.chat_template_kwargs or {}), "continue_final_message": req.continue_final_message}
-        if req.chat_template or self.chat_template:
-            template_kwargs["chat_template"] = req.chat_template or self.chat_template
-        if tools:
-            template_kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
         try:
             ids = apply_chat_template(self.async_llm.tokenizer, template_messages(req),
-                                      add_generation_prompt=req.add_generation_prompt, **template_kwargs)
+                                      add_generation_prompt=req.add_generation_prompt,
+                                      continue_final_message=req.continue_final_message,
+                                      tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
+                                      chat_template=req.chat_template or self.chat_template,
+                                      chat_template_kwargs=req.chat_template_kwargs)
         except (TokenizerError, TemplateError, ValueError, TypeError) as e:  # TypeError: a clashing template kwarg
             raise bad_request(f"cannot apply the chat template to these messages: {e}", param="messages") from e
         return _Prompt(None, list(ids))
