@@ -33,9 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.quantized_matmul import (MatmulConfig, default_config, gemv_loop_settings, integers_as_f32,
-                                             int8_kmajor_matmul_reference, largest_power_of_2_dividing, multiply_add,
-                                             step_loop)
+from pallas_kernels.quantized_matmul import (MatmulConfig, block_size, default_config, gemv_loop_settings,
+                                             integers_as_f32, int8_kmajor_matmul_reference, multiply_add, step_loop)
 
 
 def _fused_mlp_kernel(x_ref, gu_ref, gu_scale_ref, d_ref, d_scale_ref, o_ref, *, inter: int, block_i: int,
@@ -92,13 +91,6 @@ def _check_shapes(x, gu_q, gu_scale, d_q, d_scale) -> tuple[int, int]:
     return hidden, inter
 
 
-def _block(n: int, upper: int, what: str) -> int:
-    size = largest_power_of_2_dividing(n, upper)
-    if size is None:
-        raise ValueError(f"{what}={n} must be a multiple of 16 for the fused MLP")
-    return size
-
-
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def fused_mlp(x, gu_q, gu_scale, d_q, d_scale, *, config: Optional[MatmulConfig] = None,
               interpret: Optional[bool] = None) -> jax.Array:
@@ -109,10 +101,11 @@ def fused_mlp(x, gu_q, gu_scale, d_q, d_scale, *, config: Optional[MatmulConfig]
     config = config or default_config()
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     prefetch, convert = gemv_loop_settings("int8", config, interpret, default_prefetch=1)
-    block_i = _block(inter, config.mlp_block_i, "I")
+    block = functools.partial(block_size, kernel="the fused MLP")
+    block_i = block(inter, config.mlp_block_i, "I")
     kernel = functools.partial(_fused_mlp_kernel, inter=inter, block_i=block_i,
-                               block_k=_block(hidden, config.mlp_block_k, "H"),
-                               block_h=_block(hidden, config.mlp_block_h, "H"), convert=convert, prefetch=prefetch,
+                               block_k=block(hidden, config.mlp_block_k, "H"),
+                               block_h=block(hidden, config.mlp_block_h, "H"), convert=convert, prefetch=prefetch,
                                fma=config.gemv_fma and not interpret)
     out = pl.pallas_call(
         kernel,

@@ -518,7 +518,7 @@ def double_buffered_loop(steps: int, load, body, acc):
     return body(steps - 1, acc, last) if steps % 2 else acc
 
 
-def largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optional[int]:
+def _largest_power_of_2_dividing(n: int, upper: int, lower: int = 16) -> Optional[int]:
     size = upper
     while size >= lower:
         if n % size == 0:
@@ -544,15 +544,16 @@ def auto_k_splits(num_col_blocks: int, num_k_steps: int, programs_per_core: int 
 def _tile_sizes(fmt: str, K: int, N: int, pack: int, max_n: int, max_k: int) -> tuple[int, int]:
     """``(block_n, block_k)``: the largest powers of two up to ``max_n`` / ``max_k`` dividing N / K
     (int4 steps through K by its packing block)."""
-    block_n = largest_power_of_2_dividing(N, max_n)
-    if block_n is None:
-        raise ValueError(f"N={N} must be a multiple of 16 for the Pallas matmul")
-    if fmt == "int4":
-        return block_n, pack
-    block_k = largest_power_of_2_dividing(K, max_k)
-    if block_k is None:
-        raise ValueError(f"K={K} must be a multiple of 16 for the Pallas matmul")
-    return block_n, block_k
+    block_n = block_size(N, max_n, "N")
+    return (block_n, pack) if fmt == "int4" else (block_n, block_size(K, max_k, "K"))
+
+
+def block_size(n: int, upper: int, name: str, kernel: str = "the Pallas matmul") -> int:
+    """The largest power of two up to ``upper`` dividing ``n`` (a dimension called ``name``), at least 16."""
+    size = _largest_power_of_2_dividing(n, upper)
+    if size is None:
+        raise ValueError(f"{name}={n} must be a multiple of 16 for {kernel}")
+    return size
 
 
 def _k_splits(config: MatmulConfig, col_blocks: int, num_steps: int, block_k: int, programs_per_core: int,
