@@ -166,23 +166,28 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_SamplingFields):
+class _ChatTemplateFields(BaseModel):
+    """vLLM's arguments of the chat template, on chat completions and on ``/tokenize`` alike."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message is continued, not closed
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # more arguments for the template, e.g. enable_thinking
+    chat_template: Optional[str] = None  # a Jinja template for this request instead of the model's
+
+
+class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
-    add_generation_prompt: bool = True  # vLLM extensions: the chat template's arguments
-    continue_final_message: bool = False  # the last (assistant) message is continued, not closed
-    chat_template_kwargs: Optional[dict[str, Any]] = None  # more arguments for the template, e.g. enable_thinking
-    chat_template: Optional[str] = None  # a Jinja template for this request instead of the model's (vLLM's)
     tools: Optional[list[ChatTool]] = None
     # None: "auto" with tools, else "none" (OpenAI's defaults); see engine.entrypoints.openai.tools
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None  # False: at most one call under "required"
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_ChatTemplateFields):
     """vLLM's ``/tokenize``: a ``prompt`` (as ``/v1/completions`` tokenizes it) or chat ``messages`` (as
     ``/v1/chat/completions`` renders them)."""
 
@@ -191,10 +196,6 @@ class TokenizeRequest(BaseModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: Optional[dict[str, Any]] = None
-    chat_template: Optional[str] = None
 
 
 class DetokenizeRequest(BaseModel):
