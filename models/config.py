@@ -1,6 +1,7 @@
 """Model configuration: the shape and options of a Llama-family model.
 
-Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3) into a
+Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, and the
+mixture-of-experts mixtral and qwen3_moe) into a
 frozen, hashable ``ModelConfig`` that jitted functions take as a static argument.
 Knows nothing of weights, requests or devices. Anything we cannot run is refused
 here with an ``UnsupportedModelError`` that names the offending field.
@@ -13,7 +14,8 @@ import json
 import os
 from typing import Any, Optional
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 # Named here, where no JAX is imported, for the options (the server's process parses them without it): the
 # checkpoint formats ``models.loader`` reads and the weight formats ``models.quantization`` makes or reads.
@@ -51,6 +53,15 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple = ()
+    # Mixture of experts (mixtral, qwen3_moe): every layer's MLP is ``num_experts`` SwiGLU MLPs of width
+    # ``intermediate_size``, of which a router picks ``num_experts_per_tok`` a token (0: a dense MLP).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True  # the picked experts' weights renormalised to sum to 1 (mixtral always)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def q_size(self) -> int:
@@ -62,7 +73,8 @@ class ModelConfig:
 
     def num_params(self) -> int:
         h, i, L = self.hidden_size, self.intermediate_size, self.num_layers
-        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        mlp = self.num_experts * 3 * h * i + h * self.num_experts if self.is_moe else 3 * h * i
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp + 2 * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + embed + h
 
@@ -83,7 +95,8 @@ class ModelConfig:
                 model_type=model_type,
                 vocab_size=int(d["vocab_size"]),
                 hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
+                intermediate_size=int(d["moe_intermediate_size"] if model_type == "qwen3_moe"
+                                      else d["intermediate_size"]),
                 num_layers=int(d["num_hidden_layers"]),
                 num_heads=num_heads,
                 num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
@@ -105,9 +118,9 @@ class ModelConfig:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_theta = float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         sliding = None
-        if model_type == "mistral" or d.get("use_sliding_window"):
+        if model_type in ("mistral", "mixtral") or d.get("use_sliding_window"):
             sliding = d.get("sliding_window")
-        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+        if model_type in ("qwen2", "qwen3", "qwen3_moe") and d.get("use_sliding_window"):
             raise UnsupportedModelError(f"unsupported option use_sliding_window=True for {model_type}")
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -118,11 +131,12 @@ class ModelConfig:
             rope_scaling=_parse_rope_scaling(rope),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=int(sliding) if sliding else None,
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **(_moe_fields(d, model_type) if model_type in MOE_MODEL_TYPES else {}),
         )
 
     @classmethod
@@ -139,6 +153,27 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ModelConfigError(f"{file} does not hold a JSON object")
         return cls.from_hf_dict(d)
+
+
+def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a mixtral / qwen3_moe config (transformers 5 names the expert count
+    ``num_local_experts`` for both; Qwen's own configs say ``num_experts``)."""
+    try:
+        experts = int(d.get("num_local_experts") or d["num_experts"])
+        per_token = int(d["num_experts_per_tok"])
+    except KeyError as e:
+        raise ModelConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+    if not 0 < per_token <= experts:
+        raise ModelConfigError(f"num_experts_per_tok={per_token} must be between 1 and the {experts} experts")
+    if model_type == "qwen3_moe":
+        # Layers with a dense MLP instead of experts would break the one stacked layer scan.
+        if d.get("mlp_only_layers") or int(d.get("decoder_sparse_step") or 1) != 1:
+            raise UnsupportedModelError("unsupported qwen3_moe layout: mlp_only_layers / decoder_sparse_step != 1 "
+                                        "(layers with a dense MLP between the expert layers)")
+        if d.get("shared_expert_intermediate_size"):
+            raise UnsupportedModelError("unsupported option shared_expert_intermediate_size (shared experts)")
+    return dict(num_experts=experts, num_experts_per_tok=per_token,
+                norm_topk_prob=True if model_type == "mixtral" else bool(d.get("norm_topk_prob", False)))
 
 
 def _parse_rope_scaling(rope: dict) -> Optional[tuple]:

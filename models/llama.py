@@ -1,4 +1,4 @@
-"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2).
+"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2; Mixtral and Qwen3-MoE).
 
 Pure functions over a params pytree; no classes, no state, so the whole step is one
 ``jax.jit`` and tensor parallelism is applied from outside (shardings on the
@@ -16,12 +16,16 @@ Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
                  bq [L, Hq*D], bk, bv [L, Hkv*D]          (qkv_bias only)
                  q_norm, k_norm [L, D]                     (qk_norm only)
                  wo [L, Hq*D, H]        post_norm [L, H]
-                 w_gate, w_up [L, H, I] w_down [L, I, H]
+                 w_gate, w_up [L, H, I] w_down [L, I, H]     (dense MLP)
+                 router [L, H, E]                          (mixture of experts, instead of
+                 expert_gate, expert_up [L, E, H, I]        the dense MLP: ``models.moe``)
+                 expert_down [L, E, I, H]
     final_norm   [H]
     lm_head      [H, V]                                    (absent when tied, unless quantized)
 
 On one device q/k/v and gate/up are usually joined (``fuse_projections``): ``wqkv
-[L, H, (Hq+2Hkv)*D]``, ``bqkv``, ``w_gate_up [L, H, 2I]``; the forward takes either form.
+[L, H, (Hq+2Hkv)*D]``, ``bqkv``, ``w_gate_up [L, H, 2I]`` (``expert_gate_up [L, E, H, 2I]``); the
+forward takes either form.
 
 The seven layer matrices may instead be quantized weights (``models.quantization``:
 int8, int4, fp8 pytrees with the same ``[in, out]`` meaning); every matmul goes through
@@ -43,6 +47,7 @@ import numpy as np
 
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
+from models.moe import moe_mlp
 from models.norm import add_rms_norm, rms_norm
 from models.quantization import LinearBackend, concat_outputs, fused_mlp_parts, is_quantized, linear
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
@@ -59,10 +64,12 @@ def param_shapes(config: ModelConfig) -> dict:
         "wv": (L, H, config.kv_size),
         "wo": (L, config.q_size, H),
         "post_norm": (L, H),
-        "w_gate": (L, H, I),
-        "w_up": (L, H, I),
-        "w_down": (L, I, H),
     }
+    if config.is_moe:
+        E = config.num_experts
+        layers.update(router=(L, H, E), expert_gate=(L, E, H, I), expert_up=(L, E, H, I), expert_down=(L, E, I, H))
+    else:
+        layers.update(w_gate=(L, H, I), w_up=(L, H, I), w_down=(L, I, H))
     if config.qkv_bias:
         layers.update(bq=(L, config.q_size), bk=(L, config.kv_size), bv=(L, config.kv_size))
     if config.qk_norm:
@@ -104,7 +111,8 @@ def _layer_of(a: jax.Array, i: jax.Array) -> jax.Array:
 # Fused projections: matrices that multiply the same input, joined along their outputs so a
 # decode step reads them in one matmul (at one row XLA reads a narrow wk/wv at a fraction of
 # the rate of a wide one; benchmarks/NOTES.md). name -> the weights it joins, in order.
-FUSED_PROJECTIONS = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
+FUSED_PROJECTIONS = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up"),
+                     "expert_gate_up": ("expert_gate", "expert_up")}
 
 
 def fuse_projections(params: dict) -> dict:
@@ -205,7 +213,8 @@ def split_columns(x: jax.Array, widths: tuple) -> tuple:
 def fused_widths(config: ModelConfig) -> dict[str, tuple]:
     """Output width of each part of every ``FUSED_PROJECTIONS`` entry, in its order."""
     qkv = (config.q_size, config.kv_size, config.kv_size)
-    return {"wqkv": qkv, "bqkv": qkv, "w_gate_up": (config.intermediate_size,) * 2}
+    mlp = (config.intermediate_size,) * 2
+    return {"wqkv": qkv, "bqkv": qkv, "w_gate_up": mlp, "expert_gate_up": mlp}
 
 
 AttentionFn = Callable[..., jax.Array]
@@ -261,8 +270,12 @@ def forward(
         return jax.nn.silu(gate) * up
 
     def mlp_parts(h, w):
-        """The MLP's output as partial sums for ``add_rms_norm``: one launch where the backend fuses it at this row
-        count (``LinearBackend.use_fused_mlp``), else the gate/up matmul, the SwiGLU product and the down matmul."""
+        """The MLP's output as partial sums for ``add_rms_norm``: the experts' (``models.moe``) in a mixture of
+        experts; one launch where the backend fuses it at this row count (``LinearBackend.use_fused_mlp``), else the
+        gate/up matmul, the SwiGLU product and the down matmul."""
+        if config.is_moe:
+            return moe_mlp(h, w, config=config, use_kernel=linear_backend.use_grouped_kernel(),
+                           interpret=linear_backend.interpret)[None]
         if "w_gate_up" in w and linear_backend.use_fused_mlp(w["w_gate_up"], w["w_down"], T):
             return fused_mlp_parts(h, w["w_gate_up"], w["w_down"], linear_backend)
         return mm_parts(mlp_hidden(h, w), w["w_down"])

@@ -560,6 +560,11 @@ class LinearBackend:
                                or (isinstance(w, (Int8Weight, Int8KMajorWeight)) and rows == 1))
         return self.kernel == "pallas"
 
+    def use_grouped_kernel(self) -> bool:
+        """Whether a mixture-of-experts layer's grouped matmuls run the Pallas kernel (``models.moe``): on a GPU
+        under "auto" (XLA's ``ragged_dot`` there multiplies every row by every expert), and under "pallas"."""
+        return self.kernel == "pallas" or (self.kernel == "auto" and jax.default_backend() == "gpu")
+
     def use_fused_mlp(self, w_gate_up, w_down, rows: int) -> bool:
         """Whether ``fused_mlp_parts`` takes this MLP (fused gate/up and down weights) at ``rows`` rows."""
         return (self.fused_mlp and rows == 1 and isinstance(w_gate_up, Int8KMajorWeight)

@@ -80,7 +80,16 @@ _LAYER_NAMES = {
     "w_gate": ("mlp.gate_proj.weight", True),
     "w_up": ("mlp.up_proj.weight", True),
     "w_down": ("mlp.down_proj.weight", True),
+    "router": ("mlp.gate.weight", True),
 }
+# A mixture of experts' per-expert weights: our name -> (HF name inside ``model.layers.{i}.{moe}.experts.{e}.``, by
+# the model's block name ``moe``), all Linear weights; Mixtral's router is ``block_sparse_moe.gate``.
+_EXPERT_NAMES = {
+    "expert_gate": {"mlp": "gate_proj.weight", "block_sparse_moe": "w1.weight"},
+    "expert_up": {"mlp": "up_proj.weight", "block_sparse_moe": "w3.weight"},
+    "expert_down": {"mlp": "down_proj.weight", "block_sparse_moe": "w2.weight"},
+}
+_MOE_BLOCK = {"mixtral": "block_sparse_moe"}  # others: "mlp"
 # Our top-level param name -> (Hugging Face name, is a Linear weight).
 _TOP_NAMES = {
     "embed": ("model.embed_tokens.weight", False),  # an Embedding: already [V, H]
@@ -97,9 +106,9 @@ class CheckpointError(ValueError):
 class _TensorSource:
     """Where one of our params comes from: one HF tensor per layer (or one for top-level params)."""
 
-    hf_names: tuple[str, ...]
+    hf_names: tuple[str, ...]  # in row-major order of ``stack``
     transpose: bool  # HF Linear [out, in] -> ours [in, out]
-    stacked: bool  # ours has a leading layer axis
+    stack: tuple[int, ...] = ()  # ours stacks the HF tensors on these leading axes: (layers,) or (layers, experts)
 
 
 def find_safetensors_files(path: str) -> list[str]:
@@ -203,20 +212,28 @@ class _Checkpoint:
 def _sources(config: ModelConfig) -> dict:
     """A pytree shaped like ``param_shapes(config)`` of the HF tensors each param is made of."""
     shapes = param_shapes(config)
-    layers = {
-        name: _TensorSource(
-            tuple(f"model.layers.{i}.{_LAYER_NAMES[name][0]}" for i in range(config.num_layers)),
-            transpose=_LAYER_NAMES[name][1], stacked=True)
-        for name in shapes["layers"]
-    }
-    top = {name: _TensorSource((_TOP_NAMES[name][0],), transpose=_TOP_NAMES[name][1], stacked=False)
+    L = config.num_layers
+    moe = _MOE_BLOCK.get(config.model_type, "mlp")
+    layers = {}
+    for name in shapes["layers"]:
+        if name in _EXPERT_NAMES:
+            layers[name] = _TensorSource(
+                tuple(f"model.layers.{i}.{moe}.experts.{e}.{_EXPERT_NAMES[name][moe]}"
+                      for i in range(L) for e in range(config.num_experts)),
+                transpose=True, stack=(L, config.num_experts))
+        else:
+            hf_name, transpose = _LAYER_NAMES[name]
+            hf_name = hf_name.replace("mlp.", f"{moe}.", 1) if name == "router" else hf_name
+            layers[name] = _TensorSource(tuple(f"model.layers.{i}.{hf_name}" for i in range(L)), transpose=transpose,
+                                         stack=(L,))
+    top = {name: _TensorSource((_TOP_NAMES[name][0],), transpose=_TOP_NAMES[name][1])
            for name in shapes if name != "layers"}
     return {**top, "layers": layers}
 
 
 def _hf_shape(shape: tuple[int, ...], source: _TensorSource) -> tuple[int, ...]:
     """The shape one HF tensor must have for our param of ``shape``."""
-    per_tensor = shape[1:] if source.stacked else shape
+    per_tensor = shape[len(source.stack):]
     return tuple(reversed(per_tensor)) if source.transpose else tuple(per_tensor)
 
 
@@ -270,21 +287,22 @@ def _hf_layout_sharding(sharding: Optional[jax.sharding.Sharding], source: _Tens
 
 
 def _read_hf_layout(ckpt: _Checkpoint, source: _TensorSource, index: tuple = ()) -> np.ndarray:
-    """``[index]`` of the HF tensor (stacked on a leading layer axis), as stored: no transpose, no cast.
+    """``[index]`` of the HF tensors stacked on ``source.stack``, as stored: no transpose, no cast.
 
     Copies only contiguous runs out of the memory map (a strided host transpose of a
     large matrix runs at ~0.1 GB/s; the device does it at memory speed instead).
     """
-    if not source.stacked:
+    if not source.stack:
         # A copy, never a view: on CPU, JAX may alias a host buffer, and params must not
         # hang on the file's memory map (a rewritten checkpoint would crash the process).
         return np.array(ckpt.array(source.hf_names[0])[tuple(index)])
-    index = tuple(index) or (slice(None),)
-    names = source.hf_names[index[0]]
-    first = ckpt.array(names[0])[index[1:]]
-    out = np.empty((len(names),) + first.shape, first.dtype)
-    for row, name in enumerate(names):
-        out[row] = ckpt.array(name)[index[1:]]
+    index = tuple(index) + (slice(None),) * (len(source.stack) - len(index))
+    depth = len(source.stack)
+    names = np.array(source.hf_names, dtype=object).reshape(source.stack)[index[:depth]]
+    first = ckpt.array(names.flat[0])[index[depth:]]
+    out = np.empty(names.shape + first.shape, first.dtype)
+    for at, name in np.ndenumerate(names):
+        out[at] = ckpt.array(name)[index[depth:]]
     return out
 
 
@@ -295,7 +313,7 @@ def _to_our_layout(x: jax.Array, transpose: bool, dtype) -> jax.Array:
 def _load_param(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...], dtype,
                 sharding: Optional[jax.sharding.Sharding]) -> jax.Array:
     """One param on its device(s): HF-layout bytes go to the device(s), which transpose and cast."""
-    hf_shape = ((shape[0],) if source.stacked else ()) + _hf_shape(shape, source)
+    hf_shape = source.stack + _hf_shape(shape, source)
     hf_sharding = _hf_layout_sharding(sharding, source, len(shape))
     if hf_sharding is None:
         hf_array = jax.device_put(_read_hf_layout(ckpt, source))

@@ -48,7 +48,9 @@ def test_parses_transformers_config_object_and_saved_json_alike(variant, tmp_pat
     assert from_dict == from_file and hash(from_dict) == hash(from_file)  # static jit argument
     c = from_file
     assert c.model_type == VARIANTS[variant][0]
-    assert (c.vocab_size, c.hidden_size, c.intermediate_size) == (hf.vocab_size, hf.hidden_size, hf.intermediate_size)
+    expert_width = getattr(hf, "moe_intermediate_size", None)  # qwen3_moe's experts; its intermediate_size is unused
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size) == (hf.vocab_size, hf.hidden_size,
+                                                                  expert_width or hf.intermediate_size)
     assert (c.num_layers, c.num_heads, c.num_kv_heads) == (
         hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads)
     assert c.head_dim == hf_head_dim(hf)
@@ -56,8 +58,12 @@ def test_parses_transformers_config_object_and_saved_json_alike(variant, tmp_pat
     assert c.rope_theta == hf.rope_parameters["rope_theta"]
     assert c.tie_word_embeddings == hf.tie_word_embeddings
     assert c.qkv_bias == (c.model_type == "qwen2")
-    assert c.qk_norm == (c.model_type == "qwen3")
-    assert c.sliding_window == (hf.sliding_window if c.model_type == "mistral" else None)
+    assert c.qk_norm == (c.model_type in ("qwen3", "qwen3_moe"))
+    assert c.sliding_window == (hf.sliding_window if c.model_type in ("mistral", "mixtral") else None)
+    assert c.is_moe == (c.model_type in ("mixtral", "qwen3_moe"))
+    if c.is_moe:
+        assert (c.num_experts, c.num_experts_per_tok) == (hf.num_local_experts, hf.num_experts_per_tok)
+        assert c.norm_topk_prob == (c.model_type == "mixtral" or hf.norm_topk_prob)
 
 
 def test_explicit_head_dim_differs_from_hidden_over_heads():
@@ -151,6 +157,38 @@ def test_qwen_sliding_window_is_refused():
     d = tiny_hf_config("qwen2").to_dict()
     d.update(use_sliding_window=True, sliding_window=64)
     with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_mixture_of_experts_configs_as_published():
+    """Mixtral-8x7B's and Qwen3-30B-A3B's config.json fields (as their repositories write them: Qwen's names the
+    expert count ``num_experts``) give the published parameter counts, 46.7B and 30.5B."""
+    mixtral = ModelConfig.from_hf_dict(dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        rope_theta=1e6, sliding_window=None, hidden_act="silu"))
+    assert (mixtral.num_experts, mixtral.num_experts_per_tok, mixtral.norm_topk_prob) == (8, 2, True)
+    assert round(mixtral.num_params() / 1e9, 1) == 46.7
+    qwen = ModelConfig.from_hf_dict(dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], tie_word_embeddings=False, hidden_act="silu"))
+    assert (qwen.intermediate_size, qwen.num_experts, qwen.num_experts_per_tok, qwen.norm_topk_prob) == (
+        768, 128, 8, True)
+    assert qwen.qk_norm and round(qwen.num_params() / 1e9, 1) == 30.5
+
+
+@pytest.mark.parametrize("field, value, error, named", [
+    ("mlp_only_layers", [1], UnsupportedModelError, "mlp_only_layers"),
+    ("decoder_sparse_step", 2, UnsupportedModelError, "decoder_sparse_step"),
+    ("num_experts_per_tok", 9, ModelConfigError, "num_experts_per_tok=9"),
+    ("shared_expert_intermediate_size", 128, UnsupportedModelError, "shared_expert"),
+])
+def test_mixture_of_experts_layouts_we_cannot_run_are_refused(field, value, error, named):
+    d = tiny_hf_config("qwen3_moe").to_dict()
+    d[field] = value
+    with pytest.raises(error, match=named):
         ModelConfig.from_hf_dict(d)
 
 

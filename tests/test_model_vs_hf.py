@@ -3,7 +3,7 @@
 For every architecture variant in ``tiny_checkpoints.VARIANTS`` (llama untied with an
 explicit head_dim and default rope; llama tied with llama3 rope scaling; mistral with a
 sliding window shorter than the prompts, from a sharded checkpoint; qwen2 with qkv bias;
-qwen3 with qk norm): a random tiny checkpoint
+qwen3 with qk norm; the mixtures of experts mixtral and qwen3_moe): a random tiny checkpoint
 is written with ``save_pretrained``, loaded with ``load_safetensors_params`` and
 (a) a ragged batch of three prompts gives, in one step of ``forward``, the logits HF
 gives each prompt alone, at every position; (b) 16 greedy tokens equal HF's.
@@ -140,8 +140,17 @@ def test_loaded_params_follow_param_shapes_and_hf_values(checkpoint):
     assert jax.tree_util.tree_map(lambda x: x.shape, params) == param_shapes(config)
     sd = model.state_dict()
     last = config.num_layers - 1
-    np.testing.assert_array_equal(params["layers"]["w_down"][last],
-                                  sd[f"model.layers.{last}.mlp.down_proj.weight"].numpy().T)
+    if config.is_moe:  # transformers holds the experts joined: gate_up_proj [E, 2I, H], down_proj [E, H, I]
+        gate_up = sd[f"model.layers.{last}.mlp.experts.gate_up_proj"].numpy()
+        np.testing.assert_array_equal(params["layers"]["expert_down"][last],
+                                      np.swapaxes(sd[f"model.layers.{last}.mlp.experts.down_proj"].numpy(), 1, 2))
+        np.testing.assert_array_equal(params["layers"]["expert_up"][last],
+                                      np.swapaxes(gate_up[:, config.intermediate_size:], 1, 2))
+        np.testing.assert_array_equal(params["layers"]["router"][last],
+                                      sd[f"model.layers.{last}.mlp.gate.weight"].numpy().T)
+    else:
+        np.testing.assert_array_equal(params["layers"]["w_down"][last],
+                                      sd[f"model.layers.{last}.mlp.down_proj.weight"].numpy().T)
     np.testing.assert_array_equal(params["layers"]["post_norm"][0],
                                   sd["model.layers.0.post_attention_layernorm.weight"].numpy())
     assert ("lm_head" in params) == (not config.tie_word_embeddings)

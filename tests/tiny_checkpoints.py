@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3) for tests.
+"""Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3, mixtral, qwen3_moe) for tests.
 
 Owns building a small ``transformers`` model of a named variant with every weight
 randomized (norm weights near 1 but not 1, biases non-zero, so a mixed-up mapping
@@ -54,6 +54,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("mistral", dict(head_dim=32, sliding_window=12)),
     "qwen2": ("qwen2", dict(tie_word_embeddings=True)),  # qkv bias; head_dim implicit (16)
     "qwen3": ("qwen3", dict(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    # Mixtures of experts: 4 experts, 2 a token, renormalised (mixtral's rule); 8 experts, 3 a token, not
+    # renormalised (qwen3_moe's norm_topk_prob=False), qk norm, experts narrower than the config's dense MLP.
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("qwen3_moe", dict(head_dim=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48,
+                                    norm_topk_prob=False)),
 }
 
 

@@ -1,0 +1,95 @@
+"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE): each token through the ``k`` experts its router picks.
+
+Owns the router (softmax over the experts' logits, the top ``k``, renormalised where the config says), the layout
+of the routed rows (``sort_by_expert``: every (token, expert) pair a row, sorted by expert, each expert's rows padded
+to whole blocks so a block has one expert), and the experts' SwiGLU MLPs over that layout by grouped matmuls
+(``pallas_kernels.grouped_matmul``), whose outputs are summed back to their tokens with the routing weights.
+
+Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``expert_up [E, H, I]`` (or joined,
+``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``. Every token's routing is computed: nothing is dropped
+(no expert capacity), so the result does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
+
+# Rows a block of the grouped matmul: at least the tensor cores' 16, at most 128, else about the rows an expert gets
+# on average (a decode step gives most experts one row or none; a long prompt gives each hundreds).
+MIN_BLOCK_M, MAX_BLOCK_M = 16, 128
+
+
+class ExpertRows(NamedTuple):
+    """The routed rows of a batch, sorted by expert and padded to whole blocks (``sort_by_expert``)."""
+
+    token: jax.Array  # [R] int32: the token a row multiplies (T, a zero row, for padding)
+    weight: jax.Array  # [R] float32: its routing weight (0 for padding)
+    block_expert: jax.Array  # [R / block_m] int32: each block's expert (E past the last expert's rows)
+
+
+def route(h: jax.Array, router: jax.Array, *, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """``(weights [T, k] float32, experts [T, k] int32)``: the softmax of the router's logits (computed in h's
+    dtype, as Hugging Face's linear is) over the experts, its ``k`` largest, renormalised to sum to 1 if asked."""
+    probs = jax.nn.softmax(jnp.dot(h, router.astype(h.dtype)).astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def block_rows(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """``block_m`` for a batch of ``num_tokens``: a power of two near the rows an expert gets on average."""
+    average = -(-num_tokens * top_k // num_experts)
+    return min(MAX_BLOCK_M, max(MIN_BLOCK_M, 1 << (average - 1).bit_length()))
+
+
+def sort_by_expert(experts: jax.Array, weights: jax.Array, num_experts: int, block_m: int) -> ExpertRows:
+    """Every (token, expert) pair of ``experts [T, k]`` as a row, grouped by expert in expert order, each group
+    padded to a multiple of ``block_m`` rows. The row count is static: the pairs, plus ``block_m - 1`` padding rows
+    for each expert that can have any, rounded up to whole blocks."""
+    num_tokens, top_k = experts.shape
+    pairs = num_tokens * top_k
+    num_rows = -(-(pairs + min(num_experts, pairs) * (block_m - 1)) // block_m) * block_m
+    flat = experts.reshape(-1)
+    counts = jnp.zeros(num_experts, jnp.int32).at[flat].add(1)
+    padded = -(-counts // block_m) * block_m
+    padded_end = jnp.cumsum(padded)
+    order = jnp.argsort(flat, stable=True)  # pairs in expert order, tokens in order within an expert
+    expert_of = flat[order]
+    rank = jnp.arange(pairs, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[expert_of]
+    row = (padded_end - padded)[expert_of] + rank
+    token = jnp.full(num_rows, num_tokens, jnp.int32).at[row].set((order // top_k).astype(jnp.int32))
+    weight = jnp.zeros(num_rows, jnp.float32).at[row].set(weights.reshape(-1)[order])
+    block_start = jnp.arange(num_rows // block_m, dtype=jnp.int32) * block_m
+    block_expert = jnp.searchsorted(padded_end, block_start, side="right").astype(jnp.int32)
+    return ExpertRows(token=token, weight=weight, block_expert=block_expert)
+
+
+def moe_mlp(h: jax.Array, w: dict, *, config: ModelConfig, use_kernel: bool, interpret=None) -> jax.Array:
+    """The layer's expert MLPs on ``h [T, H]``, weighted and summed per token: ``[T, H]`` in h's dtype.
+    ``use_kernel``: the grouped matmuls by the Pallas kernel (``interpret``: interpreted), else by jnp."""
+    num_tokens = h.shape[0]
+    weights, experts = route(h, w["router"], top_k=config.num_experts_per_tok, normalize=config.norm_topk_prob)
+    rows = sort_by_expert(experts, weights, config.num_experts,
+                          block_rows(num_tokens, config.num_experts_per_tok, config.num_experts))
+
+    def matmul(x, weight):
+        if use_kernel:
+            return grouped_matmul(x, weight, rows.block_expert, interpret=interpret)
+        return grouped_matmul_reference(x, weight, rows.block_expert)
+
+    x = jnp.concatenate([h, jnp.zeros((1, h.shape[1]), h.dtype)])[rows.token]  # padding rows read zeros
+    if "expert_gate_up" in w:
+        gate, up = jnp.split(matmul(x, w["expert_gate_up"]), 2, axis=-1)
+    else:
+        gate, up = matmul(x, w["expert_gate"]), matmul(x, w["expert_up"])
+    y = matmul((jax.nn.silu(gate) * up).astype(h.dtype), w["expert_down"])
+    out = jnp.zeros((num_tokens + 1, h.shape[1]), jnp.float32).at[rows.token].add(
+        y.astype(jnp.float32) * rows.weight[:, None])
+    return out[:num_tokens].astype(h.dtype)

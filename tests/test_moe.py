@@ -1,0 +1,149 @@
+"""The mixture-of-experts MLP: the routed-row layout, the grouped matmul kernel against its jnp reference, and the
+whole MLP against a token-by-token computation in numpy.
+
+The kernel cases run interpreted on CPU and compiled by Triton with ``-m gpu``; every run draws fresh random inputs
+(the seed is in failures). The models' logits against Hugging Face's are in ``tests/test_model_vs_hf.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.config import ModelConfig
+from models.moe import block_rows, moe_mlp, route, sort_by_expert
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
+from tests.test_fused_mlp import cuda_lowering
+
+RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+# (blocks, block_m, E, K, N, dtype, block_n, block_k)
+CPU_CASES = [
+    (6, 16, 4, 64, 96, jnp.float32, 64, 64),  # N = 96: tiles of 32
+    (5, 32, 3, 128, 64, jnp.bfloat16, 32, 32),
+    (3, 16, 8, 48, 16, jnp.float32, 64, 64),  # K = 48: steps of 16
+]
+GPU_CASES = [  # Qwen3-30B-A3B's expert shapes (gate/up joined, down), Mixtral's gate/up
+    (64, 16, 128, 2048, 1536, jnp.bfloat16, 64, 64),
+    (64, 64, 128, 768, 2048, jnp.bfloat16, 64, 64),
+    (16, 128, 8, 4096, 28672, jnp.bfloat16, 128, 64),
+]
+
+
+def random_blocks(rng, blocks, block_m, E, K, N, dtype):
+    """``(x, w, block_expert)``: experts in order with some blocks past the last expert (``E``)."""
+    x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), dtype)
+    w = jnp.asarray(rng.standard_normal((E, K, N)) / np.sqrt(K), dtype)
+    block_expert = np.sort(rng.integers(0, E + 1, blocks))
+    block_expert[-1] = E  # at least one unused block
+    return x, w, jnp.asarray(block_expert, jnp.int32)
+
+
+def run_case(blocks, block_m, E, K, N, dtype, block_n, block_k, *, interpret):
+    seed = np.random.SeedSequence().entropy
+    x, w, block_expert = random_blocks(np.random.default_rng(seed), blocks, block_m, E, K, N, dtype)
+    got = grouped_matmul(x, w, block_expert, block_n=block_n, block_k=block_k, interpret=interpret)
+    assert got.shape == (blocks * block_m, N) and got.dtype == dtype
+    want = np.einsum("bmk,bkn->bmn", np.asarray(x, np.float64).reshape(blocks, block_m, K),
+                     np.asarray(w, np.float64)[np.minimum(np.asarray(block_expert), E - 1)])
+    want[np.asarray(block_expert) == E] = 0
+    want = want.reshape(-1, N)
+    for name, y in (("kernel", got), ("reference", grouped_matmul_reference(x, w, block_expert))):
+        err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
+        assert err < RTOL[dtype], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
+    assert not np.asarray(got, np.float64)[np.repeat(np.asarray(block_expert) == E, block_m)].any()
+
+
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_grouped_matmul_matches_numpy_interpret(case):
+    run_case(*case, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_grouped_matmul_matches_numpy_on_gpu(case):
+    run_case(*case, interpret=False)
+
+
+def test_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
+    x, w, block_expert = (jnp.zeros((1024, 2048), jnp.bfloat16), jnp.zeros((128, 2048, 1536), jnp.bfloat16),
+                          jnp.zeros((64,), jnp.int32))
+    text = cuda_lowering(functools.partial(grouped_matmul, interpret=False), x, w, block_expert)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    with pytest.raises(ValueError, match=r"w\[E, K, N\]"):
+        grouped_matmul(x, w[:, :1024], block_expert)
+    with pytest.raises(ValueError, match="equal block"):
+        grouped_matmul(x, w, jnp.zeros((48,), jnp.int32))
+
+
+@pytest.mark.parametrize("num_tokens, top_k, E, block_m", [(1, 2, 8, 16), (37, 3, 8, 16), (200, 2, 4, 64)])
+def test_sort_by_expert_puts_every_pair_once_in_single_expert_blocks(num_tokens, top_k, E, block_m):
+    rng = np.random.default_rng()
+    experts = np.stack([rng.choice(E, top_k, replace=False) for _ in range(num_tokens)]).astype(np.int32)
+    weights = rng.uniform(size=(num_tokens, top_k)).astype(np.float32)
+    rows = jax.tree.map(np.asarray, sort_by_expert(jnp.asarray(experts), jnp.asarray(weights), E, block_m))
+    assert rows.token.shape[0] == len(rows.block_expert) * block_m
+    real = rows.token < num_tokens
+    # every (token, expert) pair once, with its weight
+    got = sorted(zip(rows.token[real], np.repeat(rows.block_expert, block_m)[real], rows.weight[real]))
+    want = sorted((t, experts[t, j], weights[t, j]) for t in range(num_tokens) for j in range(top_k))
+    assert got == want
+    assert not rows.weight[~real].any()
+    # blocks in expert order, each expert's rows first in its blocks, unused blocks last
+    assert (np.diff(rows.block_expert) >= 0).all() and rows.block_expert.max() <= E
+    counts = np.bincount(experts.ravel(), minlength=E)
+    assert (np.bincount(rows.block_expert[rows.block_expert < E], minlength=E) == -(-counts // block_m)).all()
+
+
+def test_block_rows_follows_the_rows_an_expert_gets():
+    assert block_rows(1, 8, 128) == 16 and block_rows(64, 8, 128) == 16  # decode: a row or none an expert
+    assert block_rows(512, 8, 128) == 32 and block_rows(8192, 8, 128) == 128 and block_rows(100, 2, 8) == 32
+
+
+def numpy_moe(h, w, config):
+    """Token by token: softmax, top k (renormalised if asked), each picked expert's SwiGLU MLP, weighted sum."""
+    h = np.asarray(h, np.float64)
+    out = np.zeros_like(h)
+    for t, row in enumerate(h):
+        logits = row @ np.asarray(w["router"], np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        top = np.argsort(-probs)[:config.num_experts_per_tok]
+        gates = probs[top] / (probs[top].sum() if config.norm_topk_prob else 1.0)
+        for e, g in zip(top, gates):
+            gate, up = (row @ np.asarray(w[name][e], np.float64) for name in ("expert_gate", "expert_up"))
+            out[t] += g * ((gate / (1 + np.exp(-gate)) * up) @ np.asarray(w["expert_down"][e], np.float64))
+    return out
+
+
+@pytest.mark.parametrize("num_tokens, normalize, use_kernel, joined", [
+    (1, True, True, False), (5, False, True, True), (40, True, False, True), (40, False, True, False)])
+def test_moe_mlp_matches_token_by_token_numpy(num_tokens, normalize, use_kernel, joined):
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    config = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=16, num_experts=6, num_experts_per_tok=2,
+                         norm_topk_prob=normalize)
+    H, I, E = config.hidden_size, config.intermediate_size, config.num_experts
+    w = {"router": rng.standard_normal((H, E)), "expert_gate": rng.standard_normal((E, H, I)) / np.sqrt(H),
+         "expert_up": rng.standard_normal((E, H, I)) / np.sqrt(H),
+         "expert_down": rng.standard_normal((E, I, H)) / np.sqrt(I)}
+    w = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
+    h = jnp.asarray(rng.standard_normal((num_tokens, H)), jnp.float32)
+    want = numpy_moe(h, w, config)
+    if joined:
+        w["expert_gate_up"] = jnp.concatenate([w.pop("expert_gate"), w.pop("expert_up")], axis=-1)
+    got = jax.jit(functools.partial(moe_mlp, config=config, use_kernel=use_kernel, interpret=True))(h, w)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4, err_msg=f"seed {seed}")
+
+
+def test_route_picks_the_largest_probabilities():
+    h = jnp.eye(3, dtype=jnp.float32)
+    router = jnp.asarray([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
+    weights, experts = route(h, router, top_k=2, normalize=True)
+    assert np.asarray(experts).tolist() == [[3, 2], [0, 1], [2, 0]]
+    np.testing.assert_allclose(np.asarray(weights).sum(axis=1), 1.0, rtol=1e-6)
