@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from models.config import LOAD_FORMATS, ModelConfig, ModelConfigError
+from models.config import LOAD_FORMATS, ModelConfig, ModelConfigError, UnsupportedModelError
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
           "bf16": jnp.bfloat16, "fp16": jnp.float16, "half": jnp.float16, "float": jnp.float32}
@@ -94,6 +94,9 @@ def load_model(
         config = ModelConfig.from_pretrained(path)  # first: it reports a missing or broken config.json
     stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
     method = resolve_method(quantization, stored, fmt)
+    if method is not None and config.is_moe:
+        raise UnsupportedModelError(f"quantization {method!r} is not implemented for mixture-of-experts models "
+                                    f"({config.model_type}): their experts' weights load in {jnp.dtype(jdtype).name} only")
     sh = shardings(config) if shardings is not None else None
     if fmt == "gguf":
         params = load_gguf_params(source, config, jdtype, shardings=sh)

@@ -19,6 +19,9 @@ The scheme (Megatron-style, as in vLLM), ``[in, out]`` weights, ``tp`` devices:
   multiplies its heads' attention output by its rows, a partial sum that GSPMD
   all-reduces. ``w_gate``/``w_up [L, H, I]`` column-, ``w_down [L, I, H]`` row-parallel:
   one all-reduce per MLP. So a layer costs two all-reduces of ``[T, H]``.
+- A mixture of experts' ``expert_gate``/``expert_up [L, E, H, I]`` column-, ``expert_down [L, E, I, H]``
+  row-parallel on ``I``, as a dense MLP (every device holds a slice of every expert, vLLM's default without
+  expert parallelism); the ``router [L, H, E]`` replicated.
 - norms, ``q_norm``/``k_norm`` (per head, within a head): replicated.
 - KV cache ``[L, Hkv, P, bs, D]``: the kv-head axis over ``tp``; each device's pages
   hold exactly the heads its query heads read, so attention needs no communication.
@@ -76,6 +79,10 @@ PARAM_LOGICAL_AXES: dict[str, Any] = {
         "w_gate": ("layers", "embed", "mlp"),
         "w_up": ("layers", "embed", "mlp"),
         "w_down": ("layers", "mlp", "embed"),
+        "router": ("layers", "embed", "experts"),
+        "expert_gate": ("layers", "experts", "embed", "mlp"),
+        "expert_up": ("layers", "experts", "embed", "mlp"),
+        "expert_down": ("layers", "experts", "mlp", "embed"),
     },
 }
 KV_CACHE_LOGICAL_AXES = ("layers", "kv_heads", "pages", "page_offset", "head_dim")
@@ -91,6 +98,7 @@ def logical_axis_rules(*, shard_vocab: bool = True, shard_kv_heads: bool = True)
         ("kv_heads", TP_AXIS if shard_kv_heads else None),
         ("mlp", TP_AXIS),
         ("layers", None), ("embed", None), ("head_dim", None), ("pages", None), ("page_offset", None),
+        ("experts", None),
     )
 
 
@@ -110,7 +118,8 @@ def _size_problem(config: ModelConfig, tp: int) -> Optional[str]:
         return (f"it exceeds the model's {hkv} kv heads without being a multiple of them "
                 "(each device must hold whole copies of the kv heads its query heads read)")
     if config.intermediate_size % tp:
-        return f"it does not divide the model's intermediate_size {config.intermediate_size}"
+        width = "experts' intermediate size" if config.is_moe else "intermediate_size"
+        return f"it does not divide the model's {width} {config.intermediate_size}"
     return None
 
 

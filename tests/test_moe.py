@@ -147,3 +147,37 @@ def test_route_picks_the_largest_probabilities():
     weights, experts = route(h, router, top_k=2, normalize=True)
     assert np.asarray(experts).tolist() == [[3, 2], [0, 1], [2, 0]]
     np.testing.assert_allclose(np.asarray(weights).sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_llm_gives_hugging_faces_greedy_tokens_for_a_mixture_of_experts(tmp_path):
+    """A qwen3_moe checkpoint through the engine (batched, chunked prefill, preemption), scanned layers with
+    separate gate/up experts and unrolled layers with them joined, the latter through the grouped matmul kernel
+    (interpreted): Hugging Face's greedy tokens. Quantizing it is refused by name."""
+    import torch
+
+    from engine import LLM, SamplingParams
+    from models.config import UnsupportedModelError
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path, "qwen3_moe", seed=int(np.random.default_rng().integers(1 << 20)))
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in (3, 17, 30, 9)]
+    new_tokens = 10
+    with torch.no_grad():
+        want = [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+                for p in prompts]
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for unroll, fuse, backend in ((False, False, "auto"), (True, None, "pallas")):
+        llm = LLM(str(tmp_path), dtype="float32", unroll_layers=unroll, fuse_projections=fuse,
+                  linear_backend=backend, skip_tokenizer_init=True, max_model_len=48, max_num_seqs=4,
+                  max_num_batched_tokens=16, block_size=8, num_gpu_blocks_override=8)
+        layer = llm.llm_engine.runner.params["layers"][0] if unroll else llm.llm_engine.runner.params["layers"]
+        assert ("expert_gate_up" in layer) == (fuse is None), sorted(layer)
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                            use_tqdm=False)]
+        assert llm.stats()["num_preemptions"] > 0
+        llm.shutdown()
+        assert got == want, (unroll, fuse, backend)
+    with pytest.raises(UnsupportedModelError, match="'int8' is not implemented for mixture-of-experts"):
+        LLM(str(tmp_path), quantization="int8", skip_tokenizer_init=True)

@@ -230,7 +230,7 @@ def checkpoints(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tp")
     seed = int(np.random.default_rng().integers(1 << 30))
     paths = {}
-    for i, variant in enumerate(("llama", "qwen2")):
+    for i, variant in enumerate(("llama", "qwen2", "mixtral")):
         paths[variant] = str(root / variant)
         write_tiny_checkpoint(paths[variant], variant, seed=seed + i)
     paths["gguf"] = str(root / "tiny.gguf")
@@ -267,6 +267,8 @@ def workers(checkpoints, prompts) -> dict:
         ("unrolled", checkpoints["llama"], "auto", [1, 4], {"unroll_layers": True}),
         # Multi-step decoding over the mesh (its burst program's outputs replicated, its KV pages sharded).
         ("multi-step", checkpoints["llama"], "auto", [4], {"num_scheduler_steps": 4}),
+        # A mixture of experts: every device a slice of every expert (kv heads replicated at 4).
+        ("moe", checkpoints["mixtral"], "auto", [1, 4]),
     ]
     cluster = {"checkpoint": checkpoints["llama"], "prompts": prompts, "port": _free_port()}
     procs = [_run_worker("single", {"runs": runs, "prompts": prompts}, NUM_DEVICES)]
@@ -287,7 +289,7 @@ def single_host(workers) -> dict:
 
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
-                                 "int4/tp2", "fp8/tp4", "unrolled/tp4"])
+                                 "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
     name = run.split("/")[0]
