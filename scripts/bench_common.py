@@ -426,12 +426,21 @@ def run_offline(llm, prompts: list[list[int]], params) -> OfflineRun:
 def weight_bytes(params, config) -> tuple[int, int]:
     """``(all weight bytes, bytes a decode step reads)``: a step gathers one row of the embedding
     table rather than reading it, so that table is left out of the second unless it is the LM head
-    (tied, with no head of its own: an int8 head is one, ``models.quantization.quantize_lm_head``)."""
+    (tied, with no head of its own: an int8 head is one, ``models.quantization.quantize_lm_head``).
+    A mixture of experts' one-token step reads only its ``k`` of the ``E`` experts."""
     import jax
 
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     read = total - params["embed"].nbytes if "lm_head" in params else total
-    return int(total), int(read)
+    layers = params["layers"] if isinstance(params["layers"], (list, tuple)) else [params["layers"]]
+    experts = sum(x.nbytes for layer in layers for name, w in layer.items() if name.startswith("expert_")
+                  for x in jax.tree.leaves(w))
+    return int(total), int(read - experts * (1 - active_expert_share(config)))
+
+
+def active_expert_share(config) -> float:
+    """The share of a mixture of experts' expert weights one token multiplies (``k / E``; 1 for a dense model)."""
+    return config.num_experts_per_tok / config.num_experts if config.is_moe else 1.0
 
 
 def step_flops(config, scheduled) -> int:
@@ -444,17 +453,20 @@ def step_flops(config, scheduled) -> int:
 
 
 def model_flops(config, *, tokens: int, sampled: int, attention_pairs: int) -> int:
-    """2 FLOPs per layer weight per token, the LM head per sampled token, causal attention over
+    """2 FLOPs per layer weight per token (per active weight: a mixture's ``k`` experts), the LM head per sampled
+    token, causal attention over
     ``attention_pairs`` (query, key) pairs (QK^T and PV)."""
     import numpy as np
 
     from models.llama import param_shapes
 
-    # From the config's shapes, not the arrays: a quantized weight's arrays hold packed values and scales.
-    layer_params = sum(int(np.prod(shape)) for shape in param_shapes(config)["layers"].values())
+    # From the config's shapes, not the arrays: a quantized weight's arrays hold packed values and scales. A token
+    # multiplies only its share of a mixture's experts.
+    layer_params = sum(int(np.prod(shape)) * (active_expert_share(config) if name.startswith("expert_") else 1)
+                       for name, shape in param_shapes(config)["layers"].items())
     head_params = config.hidden_size * config.vocab_size
     attention = 4 * config.head_dim * config.num_heads * config.num_layers * attention_pairs
-    return 2 * layer_params * tokens + 2 * head_params * sampled + attention
+    return int(2 * layer_params * tokens) + 2 * head_params * sampled + attention
 
 
 def workload_decode_kv_bytes(config, num_requests: int, input_len: int, output_len: int, kv_dtype) -> int:

@@ -83,6 +83,7 @@ XLA_TRITON_FUSIONS = {
 # warps.
 FUSED_MLP_VARIANTS = (("", ""), ("-h128", '{"mlp_block_h": 128}'), ("-i32", '{"mlp_block_i": 32, "mlp_block_h": 128}'),
                       ("-k128w8", '{"mlp_block_k": 128, "mlp_block_h": 128, "mlp_num_warps": 8}'))
+QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -266,6 +267,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # Run 32a measured a Mosaic GPU form of the K-major int8 GEMV (TMA, wgmma, programmatic dependent launch;
         # commit 22d056b, removed after): slower, see benchmarks/NOTES.md.
         ("latency-bf16", latency(None), 150),
+        # Mixture of experts (models/moe.py, untimed so far): the grouped matmul kernel's GPU cases, then
+        # Qwen3-30B-A3B (dummy bf16 weights, 61 GB: one H100) at batch 1 and on tput-short.
+        ("gpu-tests-moe", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_moe.py"], 150),
+        ("latency-qwen3-moe", latency(None, "--model", QWEN3_MOE, "--output-json",
+                                      f"{results}/latency-qwen3-moe.json"), 300),
+        ("tput-short-qwen3-moe", tput("tput-short", "--model", QWEN3_MOE, "--output-json",
+                                      f"{results}/tput-short-qwen3-moe.json"), 400),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 300),
         # Prefix caching and prompt logprobs with the kernels (both new in 771bcfb / d78ac31).
