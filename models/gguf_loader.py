@@ -124,7 +124,8 @@ def read_gguf_config(source: GGUFSource) -> ModelConfig:
         return _metadata(reader, f"{arch}.{key}", default)
 
     if int(arch_key("expert_count", 0) or 0) > 0:
-        raise UnsupportedModelError(f"{path!r} is a mixture-of-experts model ({arch}.expert_count > 0)")
+        raise UnsupportedModelError(f"{path!r} is a mixture-of-experts model ({arch}.expert_count > 0), which loads "
+                                    "from a Hugging Face safetensors folder only, not from GGUF")
     tensors = {t.name: t for t in reader.tensors}
     try:
         hidden = int(arch_key("embedding_length"))

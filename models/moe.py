@@ -3,7 +3,8 @@
 Owns the router (softmax over the experts' logits, the top ``k``, renormalised where the config says), the layout
 of the routed rows (``sort_by_expert``: every (token, expert) pair a row, sorted by expert, each expert's rows padded
 to whole blocks so a block has one expert), and the experts' SwiGLU MLPs over that layout by grouped matmuls
-(``pallas_kernels.grouped_matmul``), whose outputs are summed back to their tokens with the routing weights.
+(``pallas_kernels.grouped_matmul``), whose outputs are gathered back to their tokens and summed with the routing
+weights.
 
 Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``expert_up [E, H, I]`` (or joined,
 ``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``. Every token's routing is computed: nothing is dropped
@@ -29,8 +30,8 @@ class ExpertRows(NamedTuple):
     """The routed rows of a batch, sorted by expert and padded to whole blocks (``sort_by_expert``)."""
 
     token: jax.Array  # [R] int32: the token a row multiplies (T, a zero row, for padding)
-    weight: jax.Array  # [R] float32: its routing weight (0 for padding)
     block_expert: jax.Array  # [R / block_m] int32: each block's expert (E past the last expert's rows)
+    pair_row: jax.Array  # [T * k] int32: the row of each (token, j-th expert) pair, to gather the outputs back
 
 
 def route(h: jax.Array, router: jax.Array, *, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -49,7 +50,7 @@ def block_rows(num_tokens: int, top_k: int, num_experts: int) -> int:
     return min(MAX_BLOCK_M, max(MIN_BLOCK_M, 1 << (average - 1).bit_length()))
 
 
-def sort_by_expert(experts: jax.Array, weights: jax.Array, num_experts: int, block_m: int) -> ExpertRows:
+def sort_by_expert(experts: jax.Array, num_experts: int, block_m: int) -> ExpertRows:
     """Every (token, expert) pair of ``experts [T, k]`` as a row, grouped by expert in expert order, each group
     padded to a multiple of ``block_m`` rows. The row count is static: the pairs, plus ``block_m - 1`` padding rows
     for each expert that can have any, rounded up to whole blocks."""
@@ -65,10 +66,11 @@ def sort_by_expert(experts: jax.Array, weights: jax.Array, num_experts: int, blo
     rank = jnp.arange(pairs, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[expert_of]
     row = (padded_end - padded)[expert_of] + rank
     token = jnp.full(num_rows, num_tokens, jnp.int32).at[row].set((order // top_k).astype(jnp.int32))
-    weight = jnp.zeros(num_rows, jnp.float32).at[row].set(weights.reshape(-1)[order])
+    pair_row = jnp.zeros(pairs, jnp.int32).at[order].set(row)
     block_start = jnp.arange(num_rows // block_m, dtype=jnp.int32) * block_m
-    block_expert = jnp.searchsorted(padded_end, block_start, side="right").astype(jnp.int32)
-    return ExpertRows(token=token, weight=weight, block_expert=block_expert)
+    # Compares, not a binary search: that is a while loop, which on a GPU waits for the host at every iteration.
+    block_expert = jnp.searchsorted(padded_end, block_start, side="right", method="compare_all").astype(jnp.int32)
+    return ExpertRows(token=token, block_expert=block_expert, pair_row=pair_row)
 
 
 def moe_mlp(h: jax.Array, w: dict, *, config: ModelConfig, use_kernel: bool, interpret=None) -> jax.Array:
@@ -76,7 +78,7 @@ def moe_mlp(h: jax.Array, w: dict, *, config: ModelConfig, use_kernel: bool, int
     ``use_kernel``: the grouped matmuls by the Pallas kernel (``interpret``: interpreted), else by jnp."""
     num_tokens = h.shape[0]
     weights, experts = route(h, w["router"], top_k=config.num_experts_per_tok, normalize=config.norm_topk_prob)
-    rows = sort_by_expert(experts, weights, config.num_experts,
+    rows = sort_by_expert(experts, config.num_experts,
                           block_rows(num_tokens, config.num_experts_per_tok, config.num_experts))
 
     def matmul(x, weight):
@@ -90,6 +92,7 @@ def moe_mlp(h: jax.Array, w: dict, *, config: ModelConfig, use_kernel: bool, int
     else:
         gate, up = matmul(x, w["expert_gate"]), matmul(x, w["expert_up"])
     y = matmul((jax.nn.silu(gate) * up).astype(h.dtype), w["expert_down"])
-    out = jnp.zeros((num_tokens + 1, h.shape[1]), jnp.float32).at[rows.token].add(
-        y.astype(jnp.float32) * rows.weight[:, None])
-    return out[:num_tokens].astype(h.dtype)
+    # Each token's k outputs gathered back and summed in a fixed order (a scatter-add would sum them in whatever
+    # order a GPU's atomics land, and a token's output could differ from run to run).
+    per_pair = y[rows.pair_row].reshape(num_tokens, config.num_experts_per_tok, -1).astype(jnp.float32)
+    return jnp.sum(per_pair * weights[:, :, None], axis=1).astype(h.dtype)

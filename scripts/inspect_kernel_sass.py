@@ -81,13 +81,14 @@ def triton_module_text(debug_output: str) -> str:
     return text + "\n"
 
 
-KERNELS = ("int4", "int8-kmajor", "mlp-int8", "attention-decode", "attention-prefill")
+KERNELS = ("int4", "int8-kmajor", "mlp-int8", "moe", "attention-decode", "attention-prefill")
 
 
 def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, rows: int = 1) -> tuple[str, int]:
     """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]`` (int4: packed in blocks of ``pack``
     rows of K, the K step of its GEMV; ``rows`` > 1: the tensor-core form for ``x[rows, K]``; "mlp-int8": the fused
-    MLP of hidden size K and intermediate size N, ``pallas_kernels.fused_mlp``), or of an attention
+    MLP of hidden size K and intermediate size N, ``pallas_kernels.fused_mlp``; "moe": the grouped matmul of
+    ``pallas_kernels.grouped_matmul``, ``rows`` a block), or of an attention
     launch (``config``: ``Tiling`` fields; shapes fixed), and its warp count."""
     import jax.numpy as jnp
 
@@ -111,6 +112,13 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, r
                 jnp.ones((K,), jnp.float32))
         fn = functools.partial(fused_mlp, config=cfg, interpret=False)
         return triton_module_text(_printed_modules(fn, args)), cfg.mlp_num_warps
+    elif kernel == "moe":  # a mixture's grouped matmul: 8 blocks of max(rows, 16) rows, each expert [K, N] of 128
+        from pallas_kernels.grouped_matmul import grouped_matmul
+
+        block_m = max(rows, 16)
+        args = (jnp.ones((8 * block_m, K), jnp.bfloat16), jnp.zeros((128, K, N), jnp.bfloat16),
+                jnp.arange(8, dtype=jnp.int32))
+        return triton_module_text(_printed_modules(functools.partial(grouped_matmul, interpret=False), args)), 4
     else:
         raise ValueError(f"--kernel must be one of {KERNELS}, got {kernel!r}")
     return triton_module_text(_printed_modules(fn, args)), cfg.gemv_num_warps if rows == 1 else cfg.num_warps

@@ -371,6 +371,14 @@ def test_unsupported_architecture(tmp_path):
         read_gguf_config(str(tmp_path / "gpt2.gguf"))
 
 
+def test_mixture_of_experts_gguf_is_refused(tmp_path):
+    """A GGUF Mixtral is arch "llama" with an expert count: refused, pointing to the safetensors form."""
+    write_gguf(tmp_path / "moe.gguf", random_hf_weights(np.random.default_rng(), qkv_bias=False),
+               extra_metadata={"add_expert_count": 4, "add_expert_used_count": 2})
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts.*safetensors folder"):
+        read_gguf_config(str(tmp_path / "moe.gguf"))
+
+
 def test_missing_tensor_is_named(tmp_path):
     weights = random_hf_weights(np.random.default_rng(), qkv_bias=False)
     del weights["blk.1.ffn_up.weight"]

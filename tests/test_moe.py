@@ -84,15 +84,17 @@ def test_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
 def test_sort_by_expert_puts_every_pair_once_in_single_expert_blocks(num_tokens, top_k, E, block_m):
     rng = np.random.default_rng()
     experts = np.stack([rng.choice(E, top_k, replace=False) for _ in range(num_tokens)]).astype(np.int32)
-    weights = rng.uniform(size=(num_tokens, top_k)).astype(np.float32)
-    rows = jax.tree.map(np.asarray, sort_by_expert(jnp.asarray(experts), jnp.asarray(weights), E, block_m))
+    rows = jax.tree.map(np.asarray, sort_by_expert(jnp.asarray(experts), E, block_m))
     assert rows.token.shape[0] == len(rows.block_expert) * block_m
     real = rows.token < num_tokens
-    # every (token, expert) pair once, with its weight
-    got = sorted(zip(rows.token[real], np.repeat(rows.block_expert, block_m)[real], rows.weight[real]))
-    want = sorted((t, experts[t, j], weights[t, j]) for t in range(num_tokens) for j in range(top_k))
-    assert got == want
-    assert not rows.weight[~real].any()
+    # every (token, expert) pair once, and pair_row finds it
+    row_expert = np.repeat(rows.block_expert, block_m)
+    assert sorted(zip(rows.token[real], row_expert[real])) == sorted(
+        (t, experts[t, j]) for t in range(num_tokens) for j in range(top_k))
+    assert sorted(rows.pair_row) == sorted(np.flatnonzero(real))
+    pairs = np.arange(num_tokens * top_k)
+    assert (rows.token[rows.pair_row] == pairs // top_k).all()
+    assert (row_expert[rows.pair_row] == experts.reshape(-1)).all()
     # blocks in expert order, each expert's rows first in its blocks, unused blocks last
     assert (np.diff(rows.block_expert) >= 0).all() and rows.block_expert.max() <= E
     counts = np.bincount(experts.ravel(), minlength=E)
@@ -181,3 +183,18 @@ def test_llm_gives_hugging_faces_greedy_tokens_for_a_mixture_of_experts(tmp_path
         assert got == want, (unroll, fuse, backend)
     with pytest.raises(UnsupportedModelError, match="'int8' is not implemented for mixture-of-experts"):
         LLM(str(tmp_path), quantization="int8", skip_tokenizer_init=True)
+
+
+def test_missing_expert_tensor_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from models.safetensors_loader import CheckpointError, load_safetensors_params
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "mixtral", seed=3)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = ModelConfig.from_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"experts\.2\.w3\.weight.*expert_up"):
+        load_safetensors_params(str(tmp_path), config, jnp.float32, progress=False)
