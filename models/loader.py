@@ -79,8 +79,8 @@ def load_model(
 ) -> LoadedModel:
     """Load config and weights. ``shardings(config)`` may give a pytree of shardings for the
     (dense) params; quantized weights are placed to match."""
-    from models.quantization import (CheckpointQuantization, int8_lm_head, quantize_lm_head, quantize_params,
-                                     resolve_method)
+    from models.quantization import (MOE_QUANTIZATION_METHODS, CheckpointQuantization, int8_lm_head,
+                                     quantize_lm_head, quantize_params, resolve_method)
 
     path = resolve_model_path(model)
     fmt = detect_format(path, load_format)
@@ -94,9 +94,10 @@ def load_model(
         config = ModelConfig.from_pretrained(path)  # first: it reports a missing or broken config.json
     stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
     method = resolve_method(quantization, stored, fmt)
-    if method is not None and config.is_moe:
+    if config.is_moe and (stored is not None or method not in (None, *MOE_QUANTIZATION_METHODS)):
         raise UnsupportedModelError(f"quantization {method!r} is not implemented for mixture-of-experts models "
-                                    f"({config.model_type}): their experts' weights load in {jnp.dtype(jdtype).name} only")
+                                    f"({config.model_type}): their experts load unquantized or as int8 "
+                                    "(quantization='int8', from an unquantized checkpoint)")
     sh = shardings(config) if shardings is not None else None
     if fmt == "gguf":
         params = load_gguf_params(source, config, jdtype, shardings=sh)

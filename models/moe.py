@@ -7,7 +7,8 @@ to whole blocks so a block has one expert), and the experts' SwiGLU MLPs over th
 weights.
 
 Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``expert_up [E, H, I]`` (or joined,
-``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``. Every token's routing is computed: nothing is dropped
+``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``; the experts dense or weight-only int8
+(``Int8Weight``, ``quantization="int8"``). Every token's routing is computed: nothing is dropped
 (no expert capacity), so the result does not depend on what else is in the batch.
 """
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from models.quantization import Int8Weight
 from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
 
 # Rows a block of the grouped matmul: at least the tensor cores' 16, at most 128, else about the rows an expert gets
@@ -82,9 +84,10 @@ def moe_mlp(h: jax.Array, w: dict, *, config: ModelConfig, use_kernel: bool, int
                           block_rows(num_tokens, config.num_experts_per_tok, config.num_experts))
 
     def matmul(x, weight):
+        w, scale = (weight.q, weight.scale) if isinstance(weight, Int8Weight) else (weight, None)
         if use_kernel:
-            return grouped_matmul(x, weight, rows.block_expert, interpret=interpret)
-        return grouped_matmul_reference(x, weight, rows.block_expert)
+            return grouped_matmul(x, w, rows.block_expert, scale, interpret=interpret)
+        return grouped_matmul_reference(x, w, rows.block_expert, scale)
 
     x = jnp.concatenate([h, jnp.zeros((1, h.shape[1]), h.dtype)])[rows.token]  # padding rows read zeros
     if "expert_gate_up" in w:

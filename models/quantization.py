@@ -47,6 +47,10 @@ from models.config import QUANTIZATION_METHODS
 from pallas_kernels import quantized_matmul as qmm
 
 QUANTIZED_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# A mixture of experts' weights int8 quantizes (``[..., E, K, N]``, kept K by N for the grouped matmul: Int8Weight);
+# its router stays in the model dtype.
+QUANTIZED_EXPERT_WEIGHTS = ("expert_gate", "expert_up", "expert_down")
+MOE_QUANTIZATION_METHODS = ("int8",)
 INT4_GROUP_SIZE = 128  # group size of the load-time int4 method (and of dummy AWQ/GPTQ weights)
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column AWQ_ORDER[i] of its 8
@@ -282,19 +286,23 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
     LM head where ``int8_lm_head(method)`` says so (``quantize_lm_head``).
     ``shardings``: the dense params' shardings (a pytree like ``params``) or None."""
     layers = params["layers"]
-    for name in QUANTIZED_LAYER_WEIGHTS:
+    for name in QUANTIZED_LAYER_WEIGHTS + QUANTIZED_EXPERT_WEIGHTS:
+        if name not in layers:  # a mixture of experts has no dense MLP, a dense model no experts
+            continue
         dense = layers.pop(name)
-        layers[name] = _quantize_placed(dense, method, None if shardings is None else shardings["layers"][name])
+        layers[name] = _quantize_placed(dense, method, None if shardings is None else shardings["layers"][name],
+                                        "kn" if name in QUANTIZED_EXPERT_WEIGHTS else None)
         del dense
     if int8_lm_head(method):
         quantize_lm_head(params, shardings)
     return params
 
 
-def _quantize_placed(dense: jax.Array, method: str, sharding=None):
-    """``quantize_weight(dense, method)`` (int8 laid out by ``$PAGEDJAX_INT8_LAYOUT``), its fields placed as the
-    dense weight's ``sharding`` says (``field_shardings``; None: where the computation puts them)."""
-    layout = int8_layout_from_env()
+def _quantize_placed(dense: jax.Array, method: str, sharding=None, int8_layout: Optional[str] = None):
+    """``quantize_weight(dense, method)`` (int8 laid out by ``int8_layout``, else ``$PAGEDJAX_INT8_LAYOUT``), its
+    fields placed as the dense weight's ``sharding`` says (``field_shardings``; None: where the computation puts
+    them)."""
+    layout = int8_layout or int8_layout_from_env()
     out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method, None, layout), dense),
                                                         sharding)
     return _quantizer(method, out, layout)(dense)
