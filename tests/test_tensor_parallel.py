@@ -269,6 +269,7 @@ def workers(checkpoints, prompts) -> dict:
         ("multi-step", checkpoints["llama"], "auto", [4], {"num_scheduler_steps": 4}),
         # A mixture of experts: every device a slice of every expert (kv heads replicated at 4).
         ("moe", checkpoints["mixtral"], "auto", [1, 4]),
+        ("moe-int8", checkpoints["mixtral"], "auto", [1, 4], {"quantization": "int8"}),
     ]
     cluster = {"checkpoint": checkpoints["llama"], "prompts": prompts, "port": _free_port()}
     procs = [_run_worker("single", {"runs": runs, "prompts": prompts}, NUM_DEVICES)]
@@ -289,7 +290,8 @@ def single_host(workers) -> dict:
 
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
-                                 "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4"])
+                                 "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4",
+                                 "moe-int8/tp4"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
     name = run.split("/")[0]
