@@ -275,6 +275,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                       f"{results}/latency-qwen3-moe.json"), 300),
         ("tput-short-qwen3-moe", tput("tput-short", "--model", QWEN3_MOE, "--output-json",
                                       f"{results}/tput-short-qwen3-moe.json"), 400),
+        ("latency-qwen3-moe-int8", latency("int8", "--model", QWEN3_MOE, "--output-json",
+                                           f"{results}/latency-qwen3-moe-int8.json"), 300),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 300),
         # Prefix caching and prompt logprobs with the kernels (both new in 771bcfb / d78ac31).
