@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Optional
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # Named here, where no JAX is imported, for the options (the server's process parses them without it): the
 # checkpoint formats ``models.loader`` reads and the weight formats ``models.quantization`` makes or reads.
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -43,8 +44,9 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos) or
-    # ("linear", factor) or None; a tuple so the config stays hashable.
+    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos) or ("linear", factor) or
+    # ("yarn", factor, original_max_pos, beta_fast, beta_slow, attention_factor, truncate) or None; a tuple so the
+    # config stays hashable.
     rope_scaling: Optional[tuple] = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # qwen2 (and llama with attention_bias=True)
@@ -128,7 +130,7 @@ class ModelConfig:
             **fields,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
-            rope_scaling=_parse_rope_scaling(rope),
+            rope_scaling=_parse_rope_scaling(rope, int(d.get("max_position_embeddings", 4096))),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
@@ -176,7 +178,7 @@ def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
                 norm_topk_prob=True if model_type == "mixtral" else bool(d.get("norm_topk_prob", False)))
 
 
-def _parse_rope_scaling(rope: dict) -> Optional[tuple]:
+def _parse_rope_scaling(rope: dict, max_position_embeddings: int) -> Optional[tuple]:
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
@@ -192,4 +194,23 @@ def _parse_rope_scaling(rope: dict) -> Optional[tuple]:
         )
     if rope_type == "linear":
         return ("linear", float(rope["factor"]))
+    if rope_type == "yarn":
+        return _yarn_scaling(rope, max_position_embeddings)
     return None
+
+
+def _yarn_scaling(rope: dict, max_position_embeddings: int) -> tuple:
+    """YaRN's fields (transformers' ``_compute_yarn_parameters``): the attention factor that scales cos and sin is
+    computed here, from ``mscale`` / ``mscale_all_dim`` when both are given, else ``0.1 ln(factor) + 1``."""
+    original = int(rope.get("original_max_position_embeddings") or max_position_embeddings)
+    factor = float(rope.get("factor") or max_position_embeddings / original)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return ("yarn", factor, original, float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1),
+            float(attention_factor), bool(rope.get("truncate", True)))

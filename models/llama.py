@@ -149,7 +149,7 @@ def layout_layers(params: dict, *, unroll: bool, fuse: bool) -> dict:
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies of rotary embedding, with llama3 / linear scaling applied."""
+    """Inverse frequencies of rotary embedding, with llama3 / linear / yarn scaling applied."""
     D = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, D, 2, dtype=np.float64) / D))
     scaling = config.rope_scaling
@@ -157,6 +157,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
         return inv_freq.astype(np.float32)
     if scaling[0] == "linear":
         return (inv_freq / scaling[1]).astype(np.float32)
+    if scaling[0] == "yarn":
+        return _yarn_inv_freq(inv_freq, config.rope_theta, D, *scaling[1:5], truncate=scaling[6])
     _, factor, low_freq_factor, high_freq_factor, old_context = scaling
     low_freq_wavelen = old_context / low_freq_factor
     high_freq_wavelen = old_context / high_freq_factor
@@ -166,6 +168,29 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn_inv_freq(inv_freq: np.ndarray, base: float, dim: int, factor: float, original: int, beta_fast: float,
+                   beta_slow: float, *, truncate: bool) -> np.ndarray:
+    """YaRN (arXiv 2309.00071, as transformers computes it): frequencies that turn fewer than ``beta_slow`` times
+    over the original context are interpolated (divided by ``factor``), those turning more than ``beta_fast`` times
+    kept, with a linear ramp between."""
+
+    def dim_of(rotations: float) -> float:  # the dimension whose frequency turns ``rotations`` times
+        return dim * np.log(original / (rotations * 2 * np.pi)) / (2 * np.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if truncate:
+        low, high = np.floor(low), np.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / ((high - low) or 0.001), 0, 1)
+    keep = 1 - ramp
+    return (inv_freq / factor * (1 - keep) + inv_freq * keep).astype(np.float32)
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """What cos and sin are multiplied by (YaRN's attention factor; 1 otherwise)."""
+    return config.rope_scaling[5] if config.rope_scaling and config.rope_scaling[0] == "yarn" else 1.0
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotate: np.ndarray | None = None) -> jax.Array:
@@ -252,6 +277,8 @@ def forward(
     x = params["embed"][batch.token_ids]
     freqs = batch.positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(config))[None, :]
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    if rope_attention_factor(config) != 1.0:
+        cos, sin = cos * rope_attention_factor(config), sin * rope_attention_factor(config)
     attend = functools.partial(attention_fn, sliding_window=config.sliding_window)
     mm = functools.partial(linear, backend=linear_backend)
     mm_parts = functools.partial(linear, backend=linear_backend, keep_splits=True)

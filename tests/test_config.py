@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import transformers
 
@@ -95,6 +96,25 @@ def test_transformers4_style_llama_3_1_config(tmp_path):
     assert ModelConfig.from_hf_dict(transformers.LlamaConfig(**LLAMA_3_1_8B_V4).to_dict()) == c
 
 
+@pytest.mark.parametrize("fields", [
+    dict(factor=4.0, original_max_position_embeddings=32768),  # Qwen2.5 / Qwen3's long-context setting
+    dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=1.0,
+         mscale_all_dim=0.707),  # DeepSeek's: the attention factor from mscale / mscale_all_dim
+    dict(factor=8.0, original_max_position_embeddings=8192, attention_factor=1.3, truncate=False, beta_fast=16),
+])
+def test_yarn_frequencies_and_attention_factor_are_transformers(fields):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from models.llama import rope_attention_factor, rope_inv_freq
+
+    hf = tiny_hf_config("llama", head_dim=128, max_position_embeddings=131072,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=1e6, **fields))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    ours = ModelConfig.from_hf_dict(hf.to_dict())
+    np.testing.assert_allclose(rope_inv_freq(ours), inv_freq.numpy(), rtol=1e-6)
+    assert rope_attention_factor(ours) == pytest.approx(attention_factor, rel=1e-12)
+
+
 def test_linear_rope_scaling_and_legacy_type_key():
     d = tiny_hf_config("llama").to_dict()
     d["rope_parameters"] = {"rope_type": "linear", "factor": 2.5, "rope_theta": 20000.0}
@@ -136,7 +156,7 @@ def test_sliding_window_only_where_used():
 @pytest.mark.parametrize("field, value, named", [
     ("model_type", "gemma2", "'gemma2'"),
     ("hidden_act", "gelu_pytorch_tanh", "'gelu_pytorch_tanh'"),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "'yarn'"),
+    ("rope_parameters", {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}, "'longrope'"),
     ("mlp_bias", True, "mlp_bias"),
 ])
 def test_unsupported_options_are_refused_by_name(field, value, named):

@@ -53,6 +53,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # A window shorter than the test prompts, so the sliding-window mask matters.
     "mistral": ("mistral", dict(head_dim=32, sliding_window=12)),
     "qwen2": ("qwen2", dict(tie_word_embeddings=True)),  # qkv bias; head_dim implicit (16)
+    # YaRN (Qwen2.5's long-context setting), an original context of 16 that the test prompts pass.
+    "qwen2_yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                                      rope_theta=10000.0))),
     "qwen3": ("qwen3", dict(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
     # Mixtures of experts: 4 experts, 2 a token, renormalised (mixtral's rule); 8 experts, 3 a token, not
     # renormalised (qwen3_moe's norm_topk_prob=False), qk norm, experts narrower than the config's dense MLP.
