@@ -1,6 +1,6 @@
 """Model configuration: the shape and options of a Llama-family model.
 
-Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, and the
+Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3, and the
 mixture-of-experts mixtral and qwen3_moe) into a
 frozen, hashable ``ModelConfig`` that jitted functions take as a static argument.
 Knows nothing of weights, requests or devices. Anything we cannot run is refused
@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any, Optional
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe")
 MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # Named here, where no JAX is imported, for the options (the server's process parses them without it): the
@@ -119,8 +119,12 @@ class ModelConfig:
         # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_theta = float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        partial_rotary = float(d.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+        if partial_rotary != 1.0:
+            raise UnsupportedModelError(f"unsupported option partial_rotary_factor={partial_rotary} "
+                                        "(rotary embedding on part of each head)")
         sliding = None
-        if model_type in ("mistral", "mixtral") or d.get("use_sliding_window"):
+        if model_type in ("mistral", "mixtral", "phi3") or d.get("use_sliding_window"):
             sliding = d.get("sliding_window")
         if model_type in ("qwen2", "qwen3", "qwen3_moe") and d.get("use_sliding_window"):
             raise UnsupportedModelError(f"unsupported option use_sliding_window=True for {model_type}")

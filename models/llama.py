@@ -1,4 +1,4 @@
-"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2; Mixtral and Qwen3-MoE).
+"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2; Mixtral, Qwen3-MoE).
 
 Pure functions over a params pytree; no classes, no state, so the whole step is one
 ``jax.jit`` and tensor parallelism is applied from outside (shardings on the

@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from models.config import ModelConfig
-from models.llama import param_shapes
+from models.llama import fused_widths, param_shapes
 from models.quantization import (
     QUANTIZED_LAYER_WEIGHTS,
     CheckpointQuantization,
@@ -90,6 +90,13 @@ _EXPERT_NAMES = {
     "expert_down": {"mlp": "down_proj.weight", "block_sparse_moe": "w2.weight"},
 }
 _MOE_BLOCK = {"mixtral": "block_sparse_moe"}  # others: "mlp"
+# Checkpoints that store projections joined (Phi-3's ``qkv_proj`` and ``gate_up_proj``, rows ``[q | k | v]`` and
+# ``[gate | up]``): model type -> our param -> (HF name inside ``model.layers.{i}.``, the part's index in the join).
+_JOINED_IN_CHECKPOINT = {
+    "phi3": {"wq": ("self_attn.qkv_proj.weight", 0), "wk": ("self_attn.qkv_proj.weight", 1),
+             "wv": ("self_attn.qkv_proj.weight", 2), "w_gate": ("mlp.gate_up_proj.weight", 0),
+             "w_up": ("mlp.gate_up_proj.weight", 1)},
+}
 # Our top-level param name -> (Hugging Face name, is a Linear weight).
 _TOP_NAMES = {
     "embed": ("model.embed_tokens.weight", False),  # an Embedding: already [V, H]
@@ -109,6 +116,7 @@ class _TensorSource:
     hf_names: tuple[str, ...]  # in row-major order of ``stack``
     transpose: bool  # HF Linear [out, in] -> ours [in, out]
     stack: tuple[int, ...] = ()  # ours stacks the HF tensors on these leading axes: (layers,) or (layers, experts)
+    rows: Optional[tuple[int, int, int]] = None  # (start, stop, total): ours is those rows of a joined HF tensor
 
 
 def find_safetensors_files(path: str) -> list[str]:
@@ -215,8 +223,15 @@ def _sources(config: ModelConfig) -> dict:
     L = config.num_layers
     moe = _MOE_BLOCK.get(config.model_type, "mlp")
     layers = {}
+    joined = _JOINED_IN_CHECKPOINT.get(config.model_type, {})
     for name in shapes["layers"]:
-        if name in _EXPERT_NAMES:
+        if name in joined:
+            hf_name, part = joined[name]
+            widths = fused_widths(config)["wqkv" if name in ("wq", "wk", "wv") else "w_gate_up"]
+            start = sum(widths[:part])
+            layers[name] = _TensorSource(tuple(f"model.layers.{i}.{hf_name}" for i in range(L)), transpose=True,
+                                         stack=(L,), rows=(start, start + widths[part], sum(widths)))
+        elif name in _EXPERT_NAMES:
             layers[name] = _TensorSource(
                 tuple(f"model.layers.{i}.{moe}.experts.{e}.{_EXPERT_NAMES[name][moe]}"
                       for i in range(L) for e in range(config.num_experts)),
@@ -241,6 +256,8 @@ def _check_tensors(ckpt: _Checkpoint, sources: dict, shapes: dict, path: str) ->
     """Fail before reading any data if a tensor is missing or its shape disagrees with the config."""
     for key, source in _leaves(sources):
         expected = _hf_shape(_get(shapes, key), source)
+        if source.rows is not None:  # the joined tensor this param is a part of
+            expected = (source.rows[2],) + expected[1:]
         for name in source.hf_names:
             if name not in ckpt:
                 raise CheckpointError(f"checkpoint {path!r} lacks tensor {name!r} (needed for params {'/'.join(key)})")
@@ -299,10 +316,11 @@ def _read_hf_layout(ckpt: _Checkpoint, source: _TensorSource, index: tuple = ())
     index = tuple(index) + (slice(None),) * (len(source.stack) - len(index))
     depth = len(source.stack)
     names = np.array(source.hf_names, dtype=object).reshape(source.stack)[index[:depth]]
-    first = ckpt.array(names.flat[0])[index[depth:]]
+    rows = slice(*source.rows[:2]) if source.rows is not None else slice(None)  # a contiguous run of HF rows
+    first = ckpt.array(names.flat[0])[rows][index[depth:]]
     out = np.empty(names.shape + first.shape, first.dtype)
     for at, name in np.ndenumerate(names):
-        out[at] = ckpt.array(name)[index[depth:]]
+        out[at] = ckpt.array(name)[rows][index[depth:]]
     return out
 
 

@@ -60,7 +60,7 @@ def test_parses_transformers_config_object_and_saved_json_alike(variant, tmp_pat
     assert c.tie_word_embeddings == hf.tie_word_embeddings
     assert c.qkv_bias == (c.model_type == "qwen2")
     assert c.qk_norm == (c.model_type in ("qwen3", "qwen3_moe"))
-    assert c.sliding_window == (hf.sliding_window if c.model_type in ("mistral", "mixtral") else None)
+    assert c.sliding_window == (hf.sliding_window if c.model_type in ("mistral", "mixtral", "phi3") else None)
     assert c.is_moe == (c.model_type in ("mixtral", "qwen3_moe"))
     if c.is_moe:
         assert (c.num_experts, c.num_experts_per_tok) == (hf.num_local_experts, hf.num_experts_per_tok)
@@ -158,6 +158,7 @@ def test_sliding_window_only_where_used():
     ("hidden_act", "gelu_pytorch_tanh", "'gelu_pytorch_tanh'"),
     ("rope_parameters", {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}, "'longrope'"),
     ("mlp_bias", True, "mlp_bias"),
+    ("partial_rotary_factor", 0.75, "partial_rotary_factor=0.75"),  # Phi-4-mini's
 ])
 def test_unsupported_options_are_refused_by_name(field, value, named):
     d = tiny_hf_config("llama").to_dict()

@@ -3,7 +3,8 @@
 For every architecture variant in ``tiny_checkpoints.VARIANTS`` (llama untied with an
 explicit head_dim and default rope; llama tied with llama3 rope scaling; mistral with a
 sliding window shorter than the prompts, from a sharded checkpoint; qwen2 with qkv bias;
-qwen3 with qk norm; the mixtures of experts mixtral and qwen3_moe): a random tiny checkpoint
+qwen3 with qk norm; qwen2 with YaRN; phi3 with joined projections and a sliding window; the mixtures
+of experts mixtral and qwen3_moe): a random tiny checkpoint
 is written with ``save_pretrained``, loaded with ``load_safetensors_params`` and
 (a) a ragged batch of three prompts gives, in one step of ``forward``, the logits HF
 gives each prompt alone, at every position; (b) 16 greedy tokens equal HF's.
@@ -151,6 +152,12 @@ def test_loaded_params_follow_param_shapes_and_hf_values(checkpoint):
     else:
         np.testing.assert_array_equal(params["layers"]["w_down"][last],
                                       sd[f"model.layers.{last}.mlp.down_proj.weight"].numpy().T)
+    if variant == "phi3":  # rows of the joined qkv_proj [q | k | v] and gate_up_proj [gate | up]
+        q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
+        np.testing.assert_array_equal(params["layers"]["wk"][last],
+                                      sd[f"model.layers.{last}.self_attn.qkv_proj.weight"].numpy()[q:q + kv].T)
+        np.testing.assert_array_equal(params["layers"]["w_up"][last],
+                                      sd[f"model.layers.{last}.mlp.gate_up_proj.weight"].numpy()[inter:].T)
     np.testing.assert_array_equal(params["layers"]["post_norm"][0],
                                   sd["model.layers.0.post_attention_layernorm.weight"].numpy())
     assert ("lm_head" in params) == (not config.tie_word_embeddings)

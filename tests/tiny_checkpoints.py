@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3, mixtral, qwen3_moe) for tests.
+"""Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3, phi3, mixtral, qwen3_moe) for tests.
 
 Owns building a small ``transformers`` model of a named variant with every weight
 randomized (norm weights near 1 but not 1, biases non-zero, so a mixed-up mapping
@@ -57,6 +57,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2_yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
                                                       rope_theta=10000.0))),
     "qwen3": ("qwen3", dict(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    # Phi-3's joined qkv_proj and gate_up_proj in the checkpoint, and its sliding window (shorter than the prompts).
+    "phi3": ("phi3", dict(sliding_window=12)),
     # Mixtures of experts: 4 experts, 2 a token, renormalised (mixtral's rule); 8 experts, 3 a token, not
     # renormalised (qwen3_moe's norm_topk_prob=False), qk norm, experts narrower than the config's dense MLP.
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
