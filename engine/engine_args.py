@@ -72,6 +72,9 @@ class EngineArgs:
     # Who drives the engine: "llm" (offline LLM.generate) or "server" (the HTTP server). It picks the
     # default batch limits on large GPUs (``default_batch_limits``), as vLLM's usage context does.
     usage_context: str = "llm"
+    # vLLM's --reasoning-parser (engine.reasoning.REASONING_PARSERS): a request's structured output then constrains
+    # only what follows the model's thinking (its </think>), as vLLM's does.
+    reasoning_parser: Optional[str] = None
     # Multi-step decoding (vLLM's --num-scheduler-steps): when every running request decodes and none waits, run
     # this many decode steps in one dispatch, each step's tokens fed to the next on the device (engine.multi_step).
     # The host's share of a step is then paid once for them; a request's tokens come out that many at a time.
@@ -105,6 +108,11 @@ class EngineArgs:
             from engine.generation_config import default_sampling_fields
 
             default_sampling_fields("", self.generation_config)  # a named folder must hold one: fail before loading
+        from engine.reasoning import REASONING_PARSERS
+
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be None or one of {', '.join(REASONING_PARSERS)}, "
+                             f"got {self.reasoning_parser!r}")
         if self.scheduling_policy not in ("fifo", "priority"):
             raise ValueError(f"scheduling_policy must be 'fifo' or 'priority', got {self.scheduling_policy!r}")
         if self.scheduling_mode not in ("continuous", "static"):

@@ -60,6 +60,7 @@ class LLM:
         num_scheduler_steps: int = 1,
         enable_prefix_caching: bool = True,
         generation_config: str = "auto",
+        reasoning_parser: Optional[str] = None,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -73,7 +74,7 @@ class LLM:
             scheduling_mode=scheduling_mode, trace=trace, async_scheduling=async_scheduling,
             compiler_options=compiler_options, precompile_steps=precompile_steps,
             num_scheduler_steps=num_scheduler_steps, enable_prefix_caching=enable_prefix_caching,
-            generation_config=generation_config,
+            generation_config=generation_config, reasoning_parser=reasoning_parser,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)

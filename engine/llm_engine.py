@@ -61,6 +61,9 @@ class _Sample:
     text_sent: int = 0
     # SamplingParams.structured_outputs: the grammar's matcher (engine.structured_output), fed each token sampled.
     matcher: Any = None
+    # With a reasoning parser the grammar starts after the thinking (engine.reasoning): until the output closes it,
+    # no mask applies and the matcher is fed nothing.
+    thinking: bool = False
 
 
 @dataclasses.dataclass
@@ -140,6 +143,11 @@ class LLMEngine:
 
                 self.tokenizer = load_tokenizer(loaded.path)
                 self.eos_token_ids.update(eos_token_ids(self.tokenizer, loaded.path))
+            self._reasoning_end = None  # engine.reasoning.ReasoningEnd under a reasoning parser
+            if args.reasoning_parser is not None and self.tokenizer is not None:
+                from engine.reasoning import ReasoningEnd
+
+                self._reasoning_end = ReasoningEnd(self.tokenizer)
             self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
             precompile = args.precompile_steps if args.precompile_steps is not None else jax.default_backend() == "gpu"
             self.runner = ModelRunner(config, loaded.params, block_size=args.block_size,
@@ -306,9 +314,12 @@ class LLMEngine:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
                                            skip_special_tokens=group.params.skip_special_tokens)
+        matcher = None if group.grammar is None else self._grammars.matcher(group.grammar)
+        thinking = (matcher is not None and self._reasoning_end is not None
+                    and not self._reasoning_end.ended_in_prompt(group.prompt_token_ids))
         return _Sample(request=request, seed=seed, detokenizer=detok,
-                       logprobs=[] if group.params.logprobs is not None else None,
-                       matcher=None if group.grammar is None else self._grammars.matcher(group.grammar))
+                       logprobs=[] if group.params.logprobs is not None else None, matcher=matcher,
+                       thinking=thinking)
 
     def _structured_output_grammars(self):
         """The engine's ``engine.structured_output.Grammars``, made at the first request that asks for structured
@@ -455,7 +466,8 @@ class LLMEngine:
 
     def _token_bitmasks(self, scheduled: list, entries: list) -> Optional[list]:
         """Each scheduled sequence's structured-output bitmask row where it samples under a grammar, else None."""
-        rows = [i for i, s in enumerate(scheduled) if s.samples and entries[i][0].matcher is not None]
+        rows = [i for i, s in enumerate(scheduled)
+                if s.samples and entries[i][0].matcher is not None and not entries[i][0].thinking]
         if not rows:
             return None
         masks = self._grammars.bitmask([entries[i][0].matcher for i in rows])
@@ -600,7 +612,9 @@ class LLMEngine:
             group.params, token_id=token, num_output_tokens=num_output_tokens, text=sample.text,
             new_text_len=len(delta), eos_token_ids=self.eos_token_ids,
             max_output_tokens=group.max_output_tokens)
-        if sample.matcher is not None and decision is None and not sample.matcher.consume_token(token):
+        if sample.thinking and decision is None:  # the grammar starts after the token that closes the thinking
+            sample.thinking = not self._reasoning_end.ends(request.output_token_ids[:num_output_tokens])
+        elif sample.matcher is not None and decision is None and not sample.matcher.consume_token(token):
             # Only a token the grammar refused gets here (its mask allowed it: say min_tokens banned all it allowed).
             logger.warning("request %s: structured output stopped: %s", request.request_id, sample.matcher.get_error())
             decision = StopDecision("stop", None, sample.text)

@@ -65,3 +65,24 @@ def test_reasoning_split_and_its_growing_stream_agree(parser, text, want):
         assert (reasoning or "").startswith(reasoning_sent) and content.startswith(content_sent), text[:end]
         reasoning_sent, content_sent = reasoning or "", content
     assert (reasoning_sent, content_sent) == ((want[0] or ""), want[1])
+
+
+class _CharTokenizer:
+    """One token a character (its code point): tags of several tokens, as the default model's tokenizer has."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+
+@pytest.mark.parametrize("prompt, ended", [
+    ("Q?<think>\n\n</think>\n\n", True),  # Qwen 3 with enable_thinking=False: an empty block, closed
+    ("Q?<think>\n", False),  # DeepSeek-R1's template opens the block for the reply
+    ("Q?", False),  # Qwen 3 thinking: the reply opens it
+    ("<think>a</think>b<think>\n", False),  # an earlier turn's block closed, this one open
+])
+def test_reasoning_end_in_prompt_and_output(prompt, ended):
+    from engine.reasoning import ReasoningEnd
+
+    end = ReasoningEnd(_CharTokenizer())
+    assert end.ended_in_prompt(_CharTokenizer().encode(prompt)) == ended
+    assert end.ends(_CharTokenizer().encode("thinking...</think>")) and not end.ends(_CharTokenizer().encode("</think>."))

@@ -282,6 +282,36 @@ def test_structured_outputs_follow_their_grammar(llm):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+def test_structured_outputs_start_after_the_thinking_under_a_reasoning_parser(llm, monkeypatch):
+    """With a reasoning parser (vLLM's default): a prompt that closed its thinking block is constrained from the
+    first token; an open one runs free up to the token that closes it, then the grammar holds. The default model
+    never writes ``</think>``, so the end tag here is a token of its own free greedy reply."""
+    import re
+
+    from engine.reasoning import THINK_END, ReasoningEnd
+
+    tokenizer = llm.get_tokenizer()
+    engine = llm.llm_engine
+    choice = SamplingParams(temperature=0, max_tokens=12, structured_outputs={"choice": ["yes", "no"]})
+    free = SamplingParams(temperature=0, max_tokens=12)
+    closed, open_ = f"Is water wet?{THINK_END}\n\n", "Is water wet? Let me think."
+    monkeypatch.setattr(engine, "_reasoning_end", ReasoningEnd(tokenizer))
+    assert engine._reasoning_end.ended_in_prompt(tokenizer.encode(closed))
+    assert not engine._reasoning_end.ended_in_prompt(tokenizer.encode(open_))
+    assert llm.generate(closed, choice, use_tqdm=False)[0].outputs[0].text in ("yes", "no")
+
+    unconstrained = llm.generate(open_, free, use_tqdm=False)[0].outputs[0].token_ids
+    end = next(j for j in range(1, len(unconstrained)) if unconstrained[j] not in unconstrained[:j])
+    engine._reasoning_end.end_ids = [unconstrained[end]]  # the thinking ends with token ``end``
+    out = llm.generate(open_, choice, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[:end + 1] == unconstrained[:end + 1], "the thinking is not constrained"
+    answer = tokenizer.decode(out.token_ids[end + 1:], skip_special_tokens=True)
+    assert re.fullmatch("yes|no", answer) and out.finish_reason == "stop", (tokenizer.decode(out.token_ids), answer)
+    assert not re.fullmatch("yes|no", tokenizer.decode(unconstrained[end + 1:]))  # the grammar made the difference
+    with pytest.raises(ValueError, match="reasoning_parser must be None or one of deepseek_r1, qwen3"):
+        LLM(reasoning_parser="granite", skip_tokenizer_init=True)
+
+
 def test_beam_search_finds_what_greedy_misses_and_keeps_its_sums(llm):
     """vLLM's LLM.beam_search: width 1 is greedy; wider, the beams come best first by vLLM's score, the best at
     least as likely as greedy's sequence, each beam's cumulative logprob the sum of its tokens' logprobs, its text

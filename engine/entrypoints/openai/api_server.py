@@ -865,8 +865,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="web origins whose pages may call the server (CORS), e.g. http://localhost:3000 or '*'; "
                              "none by default (vLLM allows '*': here a page on any site could reach a local server)")
     parser.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
-                        help="split a reasoning model's <think> ... </think> from its answer into reasoning_content: "
-                             "deepseek_r1 (DeepSeek-R1 and its distillations), qwen3")
+                        help="split a reasoning model's <think> ... </think> from its answer into reasoning_content "
+                             "(and start structured outputs after it): deepseek_r1 (DeepSeek-R1 and its "
+                             "distillations), qwen3")
     parser.add_argument("--tool-call-parser", default=None, choices=list(TOOL_PARSERS),
                         help="the model's tool-call syntax: hermes (Qwen 2.5 / 3, Hermes), llama3_json (Llama 3.1 / "
                              "3.2)")

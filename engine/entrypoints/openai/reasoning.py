@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Optional
 
 from engine.entrypoints.openai.tools import partial_marker_length
-
-START, END = "<think>", "</think>"
+from engine.reasoning import THINK_END as END
+from engine.reasoning import THINK_START as START
 
 
 class ReasoningParser:
@@ -50,5 +50,5 @@ class Qwen3ReasoningParser(ReasoningParser):
     opens_in_prompt = False
 
 
-REASONING_PARSERS = {"deepseek_r1": DeepSeekR1ReasoningParser, "qwen3": Qwen3ReasoningParser}
+REASONING_PARSERS = {"deepseek_r1": DeepSeekR1ReasoningParser, "qwen3": Qwen3ReasoningParser}  # engine.reasoning's
 
