@@ -1,7 +1,7 @@
 """Model configuration: the shape and options of a Llama-family model.
 
-Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3, and the
-mixture-of-experts mixtral and qwen3_moe) into a
+Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, and
+the mixture-of-experts mixtral and qwen3_moe) into a
 frozen, hashable ``ModelConfig`` that jitted functions take as a static argument.
 Knows nothing of weights, requests or devices. Anything we cannot run is refused
 here with an ``UnsupportedModelError`` that names the offending field.
@@ -15,7 +15,10 @@ import math
 import os
 from typing import Any, Optional
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral",
+                         "qwen3_moe")
+GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # Named here, where no JAX is imported, for the options (the server's process parses them without it): the
@@ -60,6 +63,19 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     norm_topk_prob: bool = True  # the picked experts' weights renormalised to sum to 1 (mixtral always)
+    # Gemma 2 / 3: the MLP's activation; the embedding times sqrt(hidden); "sandwich" norms (each block's output
+    # normed before its residual add: attn_out_norm, mlp_out_norm); the attention's scale and logit soft cap;
+    # the LM head's soft cap; which layers slide (a bool a layer; None: every layer, when sliding_window is set);
+    # the sliding layers' own rope theta (no scaling); norms stored as ``w`` where the checkpoint has ``w - 1``.
+    hidden_act: str = "silu"
+    embed_scale: Optional[float] = None
+    sandwich_norms: bool = False
+    attn_scale: Optional[float] = None
+    attn_soft_cap: Optional[float] = None
+    final_soft_cap: Optional[float] = None
+    sliding_layers: Optional[tuple] = None
+    local_rope_theta: Optional[float] = None
+    norm_weight_offset: float = 0.0
 
     @property
     def is_moe(self) -> bool:
@@ -106,9 +122,10 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ModelConfigError(f"config.json lacks required field {e.args[0]!r}") from None
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"unsupported hidden_act {act!r}; only 'silu' is implemented")
+        act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
+        if act not in SUPPORTED_ACTIVATIONS or (act != "silu" and model_type not in GEMMA_MODEL_TYPES):
+            raise UnsupportedModelError(f"unsupported hidden_act {act!r}; implemented: 'silu' (and "
+                                        "'gelu_pytorch_tanh' for gemma)")
         if d.get("mlp_bias"):
             raise UnsupportedModelError("unsupported option mlp_bias=True")
         if fields["num_heads"] % fields["num_kv_heads"]:
@@ -116,15 +133,17 @@ class ModelConfig:
                 f"num_attention_heads={num_heads} is not a multiple of "
                 f"num_key_value_heads={fields['num_kv_heads']}"
             )
-        # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters.
+        # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters (Gemma 3: one a layer type).
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if "full_attention" in rope:
+            rope = rope["full_attention"]
         rope_theta = float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         partial_rotary = float(d.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
         if partial_rotary != 1.0:
             raise UnsupportedModelError(f"unsupported option partial_rotary_factor={partial_rotary} "
                                         "(rotary embedding on part of each head)")
         sliding = None
-        if model_type in ("mistral", "mixtral", "phi3") or d.get("use_sliding_window"):
+        if model_type in ("mistral", "mixtral", "phi3", *GEMMA_MODEL_TYPES) or d.get("use_sliding_window"):
             sliding = d.get("sliding_window")
         if model_type in ("qwen2", "qwen3", "qwen3_moe") and d.get("use_sliding_window"):
             raise UnsupportedModelError(f"unsupported option use_sliding_window=True for {model_type}")
@@ -137,12 +156,13 @@ class ModelConfig:
             rope_scaling=_parse_rope_scaling(rope, int(d.get("max_position_embeddings", 4096))),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=int(sliding) if sliding else None,
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             **(_moe_fields(d, model_type) if model_type in MOE_MODEL_TYPES else {}),
+            **(_gemma_fields(d, model_type, fields, act) if model_type in GEMMA_MODEL_TYPES else {}),
         )
 
     @classmethod
@@ -180,6 +200,35 @@ def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
             raise UnsupportedModelError("unsupported option shared_expert_intermediate_size (shared experts)")
     return dict(num_experts=experts, num_experts_per_tok=per_token,
                 norm_topk_prob=True if model_type == "mixtral" else bool(d.get("norm_topk_prob", False)))
+
+
+def _gemma_fields(d: dict[str, Any], model_type: str, fields: dict[str, Any], act: str) -> dict[str, Any]:
+    """Gemma 2 / 3's departures from Llama (transformers' Gemma2 / Gemma3Text models)."""
+    num_layers = fields["num_layers"]
+    types = d.get("layer_types")
+    if not types:  # older config.json files: Gemma 2 alternates from a sliding layer, Gemma 3 has a full one in 6
+        pattern = int(d.get("sliding_window_pattern") or 6) if model_type == "gemma3_text" else 2
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise ModelConfigError(f"layer_types must name sliding_attention or full_attention for each of the "
+                               f"{num_layers} layers, got {types}")
+    if d.get("use_bidirectional_attention"):
+        raise UnsupportedModelError("unsupported option use_bidirectional_attention=True")
+    local = (d.get("rope_parameters") or {}).get("sliding_attention", {})
+    local_theta = local.get("rope_theta") or d.get("rope_local_base_freq")
+    if local.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"unsupported rope_type {local['rope_type']!r} on the sliding layers")
+    return dict(
+        hidden_act=act, embed_scale=float(fields["hidden_size"]) ** 0.5, sandwich_norms=True,
+        attn_scale=float(d.get("query_pre_attn_scalar") or fields["head_dim"]) ** -0.5,
+        attn_soft_cap=_positive_or_none(d.get("attn_logit_softcapping")),
+        final_soft_cap=_positive_or_none(d.get("final_logit_softcapping")),
+        sliding_layers=tuple(t == "sliding_attention" for t in types) if d.get("sliding_window") else None,
+        local_rope_theta=float(local_theta) if local_theta else None, norm_weight_offset=1.0)
+
+
+def _positive_or_none(value: Any) -> Optional[float]:
+    return float(value) if value else None
 
 
 def _parse_rope_scaling(rope: dict, max_position_embeddings: int) -> Optional[tuple]:

@@ -20,7 +20,7 @@ from models.config import ModelConfig
 from models.llama import param_shapes
 
 WEIGHT_STD = 0.02
-_NORMS = ("input_norm", "post_norm", "q_norm", "k_norm", "final_norm")
+_NORMS = ("input_norm", "post_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm", "final_norm")
 
 
 def _is_shape(x) -> bool:

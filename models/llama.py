@@ -16,6 +16,7 @@ Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
                  bq [L, Hq*D], bk, bv [L, Hkv*D]          (qkv_bias only)
                  q_norm, k_norm [L, D]                     (qk_norm only)
                  wo [L, Hq*D, H]        post_norm [L, H]
+                 attn_out_norm, mlp_out_norm [L, H]        (sandwich_norms only: Gemma)
                  w_gate, w_up [L, H, I] w_down [L, I, H]     (dense MLP)
                  router [L, H, E]                          (mixture of experts, instead of
                  expert_gate, expert_up [L, E, H, I]        the dense MLP: ``models.moe``)
@@ -38,6 +39,7 @@ buffer per layer with unrolled layers).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -49,6 +51,7 @@ from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
 from models.moe import moe_mlp
 from models.norm import add_rms_norm, rms_norm
+from pallas_kernels.quantized_matmul import add_splits
 from models.quantization import LinearBackend, concat_outputs, fused_mlp_parts, is_quantized, linear
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
@@ -74,6 +77,8 @@ def param_shapes(config: ModelConfig) -> dict:
         layers.update(bq=(L, config.q_size), bk=(L, config.kv_size), bv=(L, config.kv_size))
     if config.qk_norm:
         layers.update(q_norm=(L, D), k_norm=(L, D))
+    if config.sandwich_norms:
+        layers.update(attn_out_norm=(L, H), mlp_out_norm=(L, H))
     shapes = {"embed": (V, H), "layers": layers, "final_norm": (H,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (H, V)
@@ -193,6 +198,15 @@ def rope_attention_factor(config: ModelConfig) -> float:
     return config.rope_scaling[5] if config.rope_scaling and config.rope_scaling[0] == "yarn" else 1.0
 
 
+def rope_cos_sin(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)`` ``[T, D/2]`` of the rotary embedding at ``positions`` (times YaRN's attention factor)."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(config))[None, :]
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    if rope_attention_factor(config) != 1.0:
+        cos, sin = cos * rope_attention_factor(config), sin * rope_attention_factor(config)
+    return cos, sin
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotate: np.ndarray | None = None) -> jax.Array:
     """Rotate ``x[T, heads, D]`` (half-split convention of Hugging Face checkpoints). ``rotate`` (bool
     ``[heads]``): only those heads, the others come back unchanged (the value heads of a ``qkv`` buffer)."""
@@ -275,11 +289,15 @@ def forward(
     eps = config.rms_norm_eps
     head_kinds = qkv_head_kinds(config.num_heads, config.num_kv_heads, qkv_shards)
     x = params["embed"][batch.token_ids]
-    freqs = batch.positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(config))[None, :]
-    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
-    if rope_attention_factor(config) != 1.0:
-        cos, sin = cos * rope_attention_factor(config), sin * rope_attention_factor(config)
-    attend = functools.partial(attention_fn, sliding_window=config.sliding_window)
+    if config.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the model dtype as Hugging Face's
+        x = x * jnp.asarray(config.embed_scale, x.dtype)
+    # (cos, sin) of the full-attention layers, then of the sliding ones (Gemma 3's own theta; else the same).
+    rope = (rope_cos_sin(batch.positions, config),) * 2
+    if config.local_rope_theta is not None:
+        local = dataclasses.replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
+        rope = (rope[0], rope_cos_sin(batch.positions, local))
+    attend = functools.partial(attention_fn, sm_scale=config.attn_scale, soft_cap=config.attn_soft_cap)
+    activation = jax.nn.silu if config.hidden_act == "silu" else functools.partial(jax.nn.gelu, approximate=True)
     mm = functools.partial(linear, backend=linear_backend)
     mm_parts = functools.partial(linear, backend=linear_backend, keep_splits=True)
 
@@ -292,9 +310,9 @@ def forward(
         return tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
 
     def mlp_hidden(h, w):
-        """``silu(h @ w_gate) * (h @ w_up)``."""
+        """``act(h @ w_gate) * (h @ w_up)`` (SiLU; Gemma's tanh GELU)."""
         gate, up = project(h, w, "w_gate_up")
-        return jax.nn.silu(gate) * up
+        return activation(gate) * up
 
     def mlp_parts(h, w):
         """The MLP's output as partial sums for ``add_rms_norm``: the experts' (``models.moe``) in a mixture of
@@ -303,7 +321,8 @@ def forward(
         if config.is_moe:
             return moe_mlp(h, w, config=config, use_kernel=linear_backend.use_grouped_kernel(),
                            interpret=linear_backend.interpret)[None]
-        if "w_gate_up" in w and linear_backend.use_fused_mlp(w["w_gate_up"], w["w_down"], T):
+        if "w_gate_up" in w and config.hidden_act == "silu" and linear_backend.use_fused_mlp(w["w_gate_up"],
+                                                                                             w["w_down"], T):
             return fused_mlp_parts(h, w["w_gate_up"], w["w_down"], linear_backend)
         return mm_parts(mlp_hidden(h, w), w["w_down"])
 
@@ -326,31 +345,53 @@ def forward(
             q, k, v = q + bq, k + bk, v + bv
         return join_qkv_heads(*(a.reshape(T, -1, D) for a in (q, k, v)), shards=qkv_shards)
 
-    def layer_call(x, h, k_cache, v_cache, layer, w, next_norm, batch, cos, sin):
+    def block_output(x, parts, w, norm_name: str):
+        """A block's output partial sums as ``add_rms_norm`` adds them: normed first where the model has
+        sandwich norms (Gemma)."""
+        if not config.sandwich_norms:
+            return parts
+        return rms_norm(add_splits(parts, x.dtype).astype(x.dtype), w[norm_name], eps)[None]
+
+    def layer_call(x, h, k_cache, v_cache, layer, w, next_norm, batch, rope, sliding=None):
         """One decoder layer on the residual stream ``x`` and its norm ``h`` (by the layer's ``input_norm``),
         everything it reads an argument (so one trace serves every layer). Returns the next residual stream
         and its norm by ``next_norm`` (the next layer's ``input_norm``, or the final norm after the last layer):
-        each residual add and the norm after it are one ``add_rms_norm``, fed the matmul's K-split partials."""
+        each residual add and the norm after it are one ``add_rms_norm``, fed the matmul's K-split partials.
+        ``sliding``: None where every layer attends alike (within ``config.sliding_window`` if set), else whether
+        this layer slides (``config.sliding_layers``): a bool (unrolled layers: static) or a traced one (scan)."""
         qkv = qkv_heads(h, w)
         if config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
             norm_weight = jnp.where((head_kinds == QUERY)[:, None], w["q_norm"], w["k_norm"])
             qkv = jnp.where((head_kinds != VALUE)[None, :, None], rms_norm(qkv, norm_weight, eps), qkv)
-        qkv = apply_rope(qkv, cos, sin, rotate=head_kinds != VALUE)
-        k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
-        attn = attend(qkv, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables,
-                      batch.cu_q_lens, batch.num_seqs)
-        x, h = add_rms_norm(x, mm_parts(attn.reshape(T, config.q_size), w["wo"]), w["post_norm"], eps)
-        x, h = add_rms_norm(x, mlp_parts(h, w), next_norm, eps)
+        args = (k_cache, v_cache, layer, batch.kv_lens, batch.block_tables, batch.cu_q_lens, batch.num_seqs)
+        if sliding is None or isinstance(sliding, bool):
+            cos, sin = rope[1] if sliding else rope[0]
+            qkv = apply_rope(qkv, cos, sin, rotate=head_kinds != VALUE)
+            k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
+            window = config.sliding_window if sliding is not False else None
+            attn = attend(qkv, k_cache, v_cache, *args[2:], sliding_window=window)
+        else:  # a traced choice between the sliding and the full layer's rope and attention
+            cos, sin = (jnp.where(sliding, local, full) for local, full in zip(rope[1], rope[0]))
+            qkv = apply_rope(qkv, cos, sin, rotate=head_kinds != VALUE)
+            k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
+            attn = jax.lax.cond(sliding, lambda: attend(qkv, k_cache, v_cache, *args[2:],
+                                                        sliding_window=config.sliding_window),
+                                lambda: attend(qkv, k_cache, v_cache, *args[2:], sliding_window=None))
+        attn_parts = mm_parts(attn.reshape(T, config.q_size), w["wo"])
+        x, h = add_rms_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), w["post_norm"], eps)
+        x, h = add_rms_norm(x, block_output(x, mlp_parts(h, w), w, "mlp_out_norm"), next_norm, eps)
         return x, h, k_cache, v_cache
 
     def layer_step(carry, layer_weights_and_next_norm):
-        layer, w, next_norm = layer_weights_and_next_norm
-        return layer_call(*carry, layer, w, next_norm, batch, cos, sin), None
+        layer, w, next_norm, sliding = layer_weights_and_next_norm
+        return layer_call(*carry, layer, w, next_norm, batch, rope, sliding), None
 
+    sliding_layers = config.sliding_layers or (None,) * config.num_layers
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
-        # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes
-        # (XLA inlines the calls, so the compiled step is the same as one written out layer by layer).
-        unrolled_layer = jax.jit(layer_call)
+        # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes (and
+        # kind: sliding or not) (XLA inlines the calls, so the compiled step is the same as one written out layer
+        # by layer).
+        unrolled_layer = jax.jit(layer_call, static_argnames=("sliding",))
         norms = [w["input_norm"] for w in params["layers"]] + [params["final_norm"]]
         h = rms_norm(x, norms[0], eps)
         k_cache, v_cache = kv_cache.k, kv_cache.v
@@ -358,12 +399,12 @@ def forward(
         for i, w in enumerate(params["layers"]):
             if kv_cache.per_layer:  # layer i's own pages, as a one-layer 5-D cache
                 x, h, k, v = unrolled_layer(x, h, k_cache[i][None], v_cache[i][None], jnp.int32(0), w, norms[i + 1],
-                                            batch, cos, sin)
+                                            batch, rope, sliding=sliding_layers[i])
                 new_k.append(k[0])
                 new_v.append(v[0])
             else:
                 x, h, k_cache, v_cache = unrolled_layer(x, h, k_cache, v_cache, jnp.int32(i), w, norms[i + 1], batch,
-                                                        cos, sin)
+                                                        rope, sliding=sliding_layers[i])
         if kv_cache.per_layer:
             k_cache, v_cache = tuple(new_k), tuple(new_v)
         # The last layer's residual stream is read no further; left unused, JAX would drop it from that call and
@@ -374,7 +415,8 @@ def forward(
             raise ValueError("a per-layer KV cache needs per-layer (unstacked) weights; see unstack_layers")
         input_norms = params["layers"]["input_norm"]
         next_norms = jnp.concatenate([input_norms[1:], params["final_norm"][None].astype(input_norms.dtype)])
-        layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"], next_norms)
+        layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"], next_norms,
+                  None if config.sliding_layers is None else jnp.asarray(config.sliding_layers))
         carry = (x, rms_norm(x, input_norms[0], eps), kv_cache.k, kv_cache.v)
         (x, h, k_cache, v_cache), _ = jax.lax.scan(layer_step, carry, layers)
     cache = KVCache(k=k_cache, v=v_cache)
@@ -386,9 +428,13 @@ def forward(
 
 def lm_head_logits(params: dict, x: jax.Array, *, config: ModelConfig,
                    linear_backend: LinearBackend = LinearBackend()) -> jax.Array:
-    """Float32 logits ``[N, V]`` of rows ``x`` of the last layer's normed output."""
+    """Float32 logits ``[N, V]`` of rows ``x`` of the last layer's normed output (soft-capped: Gemma 2)."""
     if is_quantized(params.get("lm_head")):  # tied or not: the layers' matmul path (one row: the int8 GEMV)
         # ``linear`` returns x's dtype: with bf16 activations the logits are rounded to bf16 before this cast.
-        return linear(x, params["lm_head"], backend=linear_backend).astype(jnp.float32)
-    lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+        logits = linear(x, params["lm_head"], backend=linear_backend).astype(jnp.float32)
+    else:
+        lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+        logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+    if config.final_soft_cap is not None:
+        logits = config.final_soft_cap * jnp.tanh(logits / config.final_soft_cap)
+    return logits

@@ -90,6 +90,13 @@ _EXPERT_NAMES = {
     "expert_down": {"mlp": "down_proj.weight", "block_sparse_moe": "w2.weight"},
 }
 _MOE_BLOCK = {"mixtral": "block_sparse_moe"}  # others: "mlp"
+# Gemma's four norms a layer: ``post_norm`` (before the MLP) is its pre_feedforward_layernorm, and its
+# post_attention_layernorm norms the attention's output before the residual add (``attn_out_norm``).
+_RENAMED_IN_CHECKPOINT = {
+    model_type: {"post_norm": "pre_feedforward_layernorm.weight", "attn_out_norm": "post_attention_layernorm.weight",
+                 "mlp_out_norm": "post_feedforward_layernorm.weight"}
+    for model_type in ("gemma2", "gemma3_text")
+}
 # Checkpoints that store projections joined (Phi-3's ``qkv_proj`` and ``gate_up_proj``, rows ``[q | k | v]`` and
 # ``[gate | up]``): model type -> our param -> (HF name inside ``model.layers.{i}.``, the part's index in the join).
 _JOINED_IN_CHECKPOINT = {
@@ -117,6 +124,7 @@ class _TensorSource:
     transpose: bool  # HF Linear [out, in] -> ours [in, out]
     stack: tuple[int, ...] = ()  # ours stacks the HF tensors on these leading axes: (layers,) or (layers, experts)
     rows: Optional[tuple[int, int, int]] = None  # (start, stop, total): ours is those rows of a joined HF tensor
+    offset: float = 0.0  # added to the values (Gemma's norms store w - 1), which are then kept in float32
 
 
 def find_safetensors_files(path: str) -> list[str]:
@@ -224,6 +232,7 @@ def _sources(config: ModelConfig) -> dict:
     moe = _MOE_BLOCK.get(config.model_type, "mlp")
     layers = {}
     joined = _JOINED_IN_CHECKPOINT.get(config.model_type, {})
+    renamed = _RENAMED_IN_CHECKPOINT.get(config.model_type, {})
     for name in shapes["layers"]:
         if name in joined:
             hf_name, part = joined[name]
@@ -236,6 +245,9 @@ def _sources(config: ModelConfig) -> dict:
                 tuple(f"model.layers.{i}.{moe}.experts.{e}.{_EXPERT_NAMES[name][moe]}"
                       for i in range(L) for e in range(config.num_experts)),
                 transpose=True, stack=(L, config.num_experts))
+        elif name in renamed:
+            layers[name] = _TensorSource(tuple(f"model.layers.{i}.{renamed[name]}" for i in range(L)),
+                                         transpose=False, stack=(L,))
         else:
             hf_name, transpose = _LAYER_NAMES[name]
             hf_name = hf_name.replace("mlp.", f"{moe}.", 1) if name == "router" else hf_name
@@ -243,6 +255,11 @@ def _sources(config: ModelConfig) -> dict:
                                          stack=(L,))
     top = {name: _TensorSource((_TOP_NAMES[name][0],), transpose=_TOP_NAMES[name][1])
            for name in shapes if name != "layers"}
+    if config.norm_weight_offset:
+        for group in (top, layers):
+            for name in group:
+                if name.endswith("norm"):
+                    group[name] = dataclasses.replace(group[name], offset=config.norm_weight_offset)
     return {**top, "layers": layers}
 
 
@@ -338,6 +355,8 @@ def _load_param(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...]
     else:  # each device reads only its own slice
         hf_array = jax.make_array_from_callback(hf_shape, hf_sharding,
                                                 lambda index: _read_hf_layout(ckpt, source, index))
+    if source.offset:  # float32: 1 + w in the model dtype would round what the checkpoint's norm computes exactly
+        return jax.jit(lambda a: a.astype(jnp.float32) + source.offset, out_shardings=sharding)(hf_array)
     if not source.transpose and hf_array.dtype == dtype:
         return hf_array
     finish = jax.jit(_to_our_layout, static_argnums=(1, 2), out_shardings=sharding)

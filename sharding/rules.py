@@ -67,6 +67,8 @@ PARAM_LOGICAL_AXES: dict[str, Any] = {
     "layers": {
         "input_norm": ("layers", "embed"),
         "post_norm": ("layers", "embed"),
+        "attn_out_norm": ("layers", "embed"),
+        "mlp_out_norm": ("layers", "embed"),
         "wq": ("layers", "embed", "q_heads"),
         "wk": ("layers", "embed", "kv_heads"),
         "wv": ("layers", "embed", "kv_heads"),

@@ -56,11 +56,13 @@ def test_parses_transformers_config_object_and_saved_json_alike(variant, tmp_pat
         hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads)
     assert c.head_dim == hf_head_dim(hf)
     assert c.rms_norm_eps == hf.rms_norm_eps
-    assert c.rope_theta == hf.rope_parameters["rope_theta"]
+    assert c.rope_theta == hf.rope_parameters.get("full_attention", hf.rope_parameters)["rope_theta"]
     assert c.tie_word_embeddings == hf.tie_word_embeddings
     assert c.qkv_bias == (c.model_type == "qwen2")
-    assert c.qk_norm == (c.model_type in ("qwen3", "qwen3_moe"))
-    assert c.sliding_window == (hf.sliding_window if c.model_type in ("mistral", "mixtral", "phi3") else None)
+    assert c.qk_norm == (c.model_type in ("qwen3", "qwen3_moe", "gemma3_text"))
+    assert c.sliding_window == (hf.sliding_window if c.model_type in ("mistral", "mixtral", "phi3", "gemma2",
+                                                                      "gemma3_text") else None)
+    assert c.sandwich_norms == c.model_type.startswith("gemma")
     assert c.is_moe == (c.model_type in ("mixtral", "qwen3_moe"))
     if c.is_moe:
         assert (c.num_experts, c.num_experts_per_tok) == (hf.num_local_experts, hf.num_experts_per_tok)
@@ -154,7 +156,7 @@ def test_sliding_window_only_where_used():
 
 
 @pytest.mark.parametrize("field, value, named", [
-    ("model_type", "gemma2", "'gemma2'"),
+    ("model_type", "gemma", "'gemma'"),  # Gemma 1: its norms and activation differ again
     ("hidden_act", "gelu_pytorch_tanh", "'gelu_pytorch_tanh'"),
     ("rope_parameters", {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}, "'longrope'"),
     ("mlp_bias", True, "mlp_bias"),
@@ -179,6 +181,27 @@ def test_qwen_sliding_window_is_refused():
     d.update(use_sliding_window=True, sliding_window=64)
     with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
         ModelConfig.from_hf_dict(d)
+
+
+def test_gemma_configs_as_published():
+    """Gemma-2-2B's and Gemma-3-1B's config.json fields (transformers 4's layout: no layer_types, Gemma 3's local
+    rope theta apart): the published parameter counts' shapes, the layer kinds, scales and caps."""
+    gemma2 = ModelConfig.from_hf_dict(dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+        rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=8192, tie_word_embeddings=True))
+    assert gemma2.sliding_layers == (True, False) * 13 and (gemma2.attn_soft_cap, gemma2.final_soft_cap) == (50, 30)
+    assert gemma2.attn_scale == 256 ** -0.5 and gemma2.embed_scale == 2304 ** 0.5 and gemma2.local_rope_theta is None
+    gemma3 = ModelConfig.from_hf_dict(dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6, rope_theta=1000000.0,
+        rope_local_base_freq=10000.0, rope_scaling=None, rms_norm_eps=1e-6, max_position_embeddings=32768,
+        final_logit_softcapping=None, attn_logit_softcapping=None))
+    assert gemma3.sliding_layers == tuple((i + 1) % 6 != 0 for i in range(26)) and gemma3.sliding_window == 512
+    assert (gemma3.rope_theta, gemma3.local_rope_theta, gemma3.qk_norm) == (1e6, 1e4, True)
+    assert gemma3.attn_soft_cap is None and gemma3.final_soft_cap is None and gemma3.norm_weight_offset == 1.0
 
 
 def test_mixture_of_experts_configs_as_published():

@@ -3,8 +3,9 @@
 For every architecture variant in ``tiny_checkpoints.VARIANTS`` (llama untied with an
 explicit head_dim and default rope; llama tied with llama3 rope scaling; mistral with a
 sliding window shorter than the prompts, from a sharded checkpoint; qwen2 with qkv bias;
-qwen3 with qk norm; qwen2 with YaRN; phi3 with joined projections and a sliding window; the mixtures
-of experts mixtral and qwen3_moe): a random tiny checkpoint
+qwen3 with qk norm; qwen2 with YaRN; phi3 with joined projections and a sliding window; gemma2 and
+gemma3_text with sliding and full layers, soft caps, sandwich norms; the mixtures of experts mixtral and
+qwen3_moe): a random tiny checkpoint
 is written with ``save_pretrained``, loaded with ``load_safetensors_params`` and
 (a) a ragged batch of three prompts gives, in one step of ``forward``, the logits HF
 gives each prompt alone, at every position; (b) 16 greedy tokens equal HF's.
@@ -158,8 +159,15 @@ def test_loaded_params_follow_param_shapes_and_hf_values(checkpoint):
                                       sd[f"model.layers.{last}.self_attn.qkv_proj.weight"].numpy()[q:q + kv].T)
         np.testing.assert_array_equal(params["layers"]["w_up"][last],
                                       sd[f"model.layers.{last}.mlp.gate_up_proj.weight"].numpy()[inter:].T)
-    np.testing.assert_array_equal(params["layers"]["post_norm"][0],
-                                  sd["model.layers.0.post_attention_layernorm.weight"].numpy())
+    if config.sandwich_norms:  # Gemma: four norms a layer, stored as w - 1 (kept as w, in float32)
+        for ours, theirs in (("post_norm", "pre_feedforward_layernorm"), ("attn_out_norm", "post_attention_layernorm"),
+                             ("mlp_out_norm", "post_feedforward_layernorm")):
+            np.testing.assert_array_equal(params["layers"][ours][0],
+                                          sd[f"model.layers.0.{theirs}.weight"].numpy() + np.float32(1))
+        assert params["final_norm"].dtype == jnp.float32
+    else:
+        np.testing.assert_array_equal(params["layers"]["post_norm"][0],
+                                      sd["model.layers.0.post_attention_layernorm.weight"].numpy())
     assert ("lm_head" in params) == (not config.tie_word_embeddings)
 
 
@@ -263,3 +271,24 @@ def test_dummy_params_llama_3_1_8b_fit_on_one_gpu():
     logits = prompt_logits(params, config, [[1, 2, 3, 4, 5], list(range(100, 140))])
     # normal * 0.02 keeps 32 layers' activations sane: logits neither blow up nor vanish.
     assert all(np.isfinite(x).all() and 0.3 < x.std() < 5.0 for x in logits)
+
+
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3_text"])
+def test_engine_gives_hf_greedy_tokens_for_sliding_and_full_layers(tmp_path, variant):
+    """Gemma through the engine: layers scanned (each layer's sliding window and rope picked on the device) with
+    the jnp attention, and unrolled (picked per layer when tracing) with the Pallas kernel interpreted (its query
+    scale and soft cap), batched with chunked prefill: Hugging Face's greedy tokens, prompts longer than the
+    window."""
+    from engine import LLM, SamplingParams
+
+    model = write_tiny_checkpoint(tmp_path, variant, seed=int(np.random.default_rng().integers(1 << 20)))
+    prompts = random_prompts(256, seed=7)
+    want = [hf_greedy(model, prompt, 8) for prompt in prompts]
+    for unroll, attention in ((False, "reference"), (True, "pallas")):
+        llm = LLM(str(tmp_path), dtype="float32", unroll_layers=unroll, attention_backend=attention,
+                  skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                            use_tqdm=False)]
+        llm.shutdown()
+        assert got == want, (variant, unroll, attention)

@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3, phi3, mixtral, qwen3_moe) for tests.
+"""Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, mixtral, qwen3_moe)
+for tests.
 
 Owns building a small ``transformers`` model of a named variant with every weight
 randomized (norm weights near 1 but not 1, biases non-zero, so a mixed-up mapping
@@ -59,6 +60,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("qwen3", dict(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
     # Phi-3's joined qkv_proj and gate_up_proj in the checkpoint, and its sliding window (shorter than the prompts).
     "phi3": ("phi3", dict(sliding_window=12)),
+    # Gemma 2: tanh GELU, sandwich norms stored as w - 1, embedding scaled, attention and final logit soft caps
+    # small enough to bite, a query scale apart from head_dim, sliding and full layers alternating.
+    "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
+                              final_logit_softcapping=8.0, sliding_window=12, num_hidden_layers=3)),
+    # Gemma 3: qk norms, the sliding layers' own rope theta, linear scaling on the full ones, no soft caps.
+    "gemma3_text": ("gemma3_text", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=12, num_hidden_layers=3,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0,
+                                                                                rope_theta=1e6),
+                                                         "sliding_attention": dict(rope_type="default",
+                                                                                   rope_theta=1e4)})),
     # Mixtures of experts: 4 experts, 2 a token, renormalised (mixtral's rule); 8 experts, 3 a token, not
     # renormalised (qwen3_moe's norm_topk_prob=False), qk norm, experts narrower than the config's dense MLP.
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
