@@ -98,7 +98,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Build from the dict of a Hugging Face ``config.json``."""
+        """Build from the dict of a Hugging Face ``config.json`` (a Gemma 3 image-text checkpoint: its text model)."""
+        if d.get("model_type") == "gemma3":
+            d = _gemma3_text_config(d)
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             arch = d.get("architectures") or []
@@ -200,6 +202,24 @@ def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
             raise UnsupportedModelError("unsupported option shared_expert_intermediate_size (shared experts)")
     return dict(num_experts=experts, num_experts_per_tok=per_token,
                 norm_topk_prob=True if model_type == "mixtral" else bool(d.get("norm_topk_prob", False)))
+
+
+# transformers' Gemma3TextConfig defaults, which Gemma 3's image-text config.json files leave out of their
+# text_config (google/gemma-3-4b-it names only the sizes, the window and the rope scaling there).
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+    query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+    sliding_window_pattern=6, tie_word_embeddings=True)
+
+
+def _gemma3_text_config(d: dict[str, Any]) -> dict[str, Any]:
+    """The text model's config of a Gemma 3 image-text checkpoint (``Gemma3ForConditionalGeneration``): its
+    ``text_config`` over transformers' defaults, the outer file's token ids (the model's: end of turn too) over the
+    text config's. Served as text only (its vision tower's weights are not read)."""
+    text = {**_GEMMA3_TEXT_DEFAULTS, **(d.get("text_config") or {}), "model_type": "gemma3_text"}
+    text.update({key: d[key] for key in ("eos_token_id", "bos_token_id") if d.get(key) is not None})
+    return text
 
 
 def _gemma_fields(d: dict[str, Any], model_type: str, fields: dict[str, Any], act: str) -> dict[str, Any]:

@@ -225,8 +225,18 @@ class _Checkpoint:
         return self._maps[file][start:start + nbytes].view(dtype).reshape(entry["shape"])
 
 
-def _sources(config: ModelConfig) -> dict:
-    """A pytree shaped like ``param_shapes(config)`` of the HF tensors each param is made of."""
+# Where a checkpoint keeps its decoder: ``model.`` (a causal LM), or under an image-text model's
+# ``language_model.model.`` (Gemma 3's published files; transformers 5's own layout ``model.language_model.``).
+_DECODER_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
+
+
+def _decoder_prefix(ckpt: "_Checkpoint") -> str:
+    return next((p for p in _DECODER_PREFIXES if f"{p}embed_tokens.weight" in ckpt), "model.")
+
+
+def _sources(config: ModelConfig, prefix: str = "model.") -> dict:
+    """A pytree shaped like ``param_shapes(config)`` of the HF tensors each param is made of (the decoder's under
+    ``prefix``)."""
     shapes = param_shapes(config)
     L = config.num_layers
     moe = _MOE_BLOCK.get(config.model_type, "mlp")
@@ -260,6 +270,11 @@ def _sources(config: ModelConfig) -> dict:
             for name in group:
                 if name.endswith("norm"):
                     group[name] = dataclasses.replace(group[name], offset=config.norm_weight_offset)
+    if prefix != "model.":
+        for group in (top, layers):
+            for name, source in group.items():
+                group[name] = dataclasses.replace(source, hf_names=tuple(
+                    prefix + n.removeprefix("model.") if n.startswith("model.") else n for n in source.hf_names))
     return {**top, "layers": layers}
 
 
@@ -419,7 +434,7 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
     dtype = jnp.dtype(dtype)
     ckpt = _Checkpoint(find_safetensors_files(path))
     shapes = param_shapes(config)
-    sources = _sources(config)
+    sources = _sources(config, _decoder_prefix(ckpt))
     quantized = QUANTIZED_LAYER_WEIGHTS if quantization is not None else ()
     for name in quantized:
         del sources["layers"][name]

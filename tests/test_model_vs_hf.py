@@ -292,3 +292,42 @@ def test_engine_gives_hf_greedy_tokens_for_sliding_and_full_layers(tmp_path, var
                                                             use_tqdm=False)]
         llm.shutdown()
         assert got == want, (variant, unroll, attention)
+
+
+def test_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path):
+    """A Gemma 3 image-text checkpoint (``Gemma3ForConditionalGeneration``: the decoder under
+    ``language_model.model.``, its config a ``text_config`` that leaves transformers' defaults out): its text
+    model's logits equal HF's for text-only prompts; the vision tower is not read."""
+    import json
+
+    import transformers
+
+    from tests.tiny_checkpoints import randomize_
+
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=12, query_pre_attn_scalar=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    hf_config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                          eos_token_id=[1, 106])
+    model = transformers.Gemma3ForConditionalGeneration(hf_config).eval()
+    randomize_(model, seed=5)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for key in ("num_attention_heads", "num_key_value_heads", "head_dim", "query_pre_attn_scalar"):
+        saved["text_config"].pop(key, None)  # as google/gemma-3-4b-it's file: transformers' defaults apply...
+    saved["text_config"].update(num_hidden_layers=2)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = ModelConfig.from_pretrained(str(tmp_path))
+    assert config.model_type == "gemma3_text" and config.num_heads == 8 and config.eos_token_ids == (1, 106)
+    # ...which these tiny shapes do not have: put them back to compare with the model as built
+    saved["text_config"].update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = ModelConfig.from_pretrained(str(tmp_path))
+    params = load_safetensors_params(str(tmp_path), config, jnp.float32, progress=False)
+    prompts = random_prompts(config.vocab_size, seed=3)
+    batch, num_pages = scattered_ragged_batch(prompts, BLOCK_SIZE, np.random.default_rng(2))
+    cache = make_kv_cache(config, num_pages, BLOCK_SIZE, jnp.float32)
+    logits, _ = jax.jit(forward, static_argnames=("config",))(params, cache, batch, config=config)
+    for prompt, got in zip(prompts, np.split(np.asarray(logits), np.cumsum(PROMPT_LENGTHS)[:-1])):
+        np.testing.assert_allclose(got, hf_logits(model, prompt), atol=1e-4, rtol=1e-4)
