@@ -1,7 +1,7 @@
 """Model configuration: the shape and options of a Llama-family model.
 
 Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, and
-the mixture-of-experts mixtral and qwen3_moe) into a
+the mixture-of-experts mixtral, qwen2_moe and qwen3_moe) into a
 frozen, hashable ``ModelConfig`` that jitted functions take as a static argument.
 Knows nothing of weights, requests or devices. Anything we cannot run is refused
 here with an ``UnsupportedModelError`` that names the offending field.
@@ -16,10 +16,10 @@ import os
 from typing import Any, Optional
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral",
-                         "qwen3_moe")
+                         "qwen2_moe", "qwen3_moe")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-MOE_MODEL_TYPES = ("mixtral", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # Named here, where no JAX is imported, for the options (the server's process parses them without it): the
 # checkpoint formats ``models.loader`` reads and the weight formats ``models.quantization`` makes or reads.
@@ -63,6 +63,9 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     norm_topk_prob: bool = True  # the picked experts' weights renormalised to sum to 1 (mixtral always)
+    # qwen2_moe's shared expert: a dense SwiGLU MLP this wide (w_gate / w_up / w_down) that every token also runs,
+    # its output times sigmoid(x @ shared_expert_gate) (0: none).
+    shared_expert_size: int = 0
     # Gemma 2 / 3: the MLP's activation; the embedding times sqrt(hidden); "sandwich" norms (each block's output
     # normed before its residual add: attn_out_norm, mlp_out_norm); the attention's scale and logit soft cap;
     # the LM head's soft cap; which layers slide (a bool a layer; None: every layer, when sliding_window is set);
@@ -91,7 +94,8 @@ class ModelConfig:
 
     def num_params(self) -> int:
         h, i, L = self.hidden_size, self.intermediate_size, self.num_layers
-        mlp = self.num_experts * 3 * h * i + h * self.num_experts if self.is_moe else 3 * h * i
+        mlp = (self.num_experts * 3 * h * i + h * self.num_experts + 3 * h * self.shared_expert_size
+               + (h if self.shared_expert_size else 0)) if self.is_moe else 3 * h * i
         per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp + 2 * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + embed + h
@@ -115,7 +119,7 @@ class ModelConfig:
                 model_type=model_type,
                 vocab_size=int(d["vocab_size"]),
                 hidden_size=hidden,
-                intermediate_size=int(d["moe_intermediate_size"] if model_type == "qwen3_moe"
+                intermediate_size=int(d["moe_intermediate_size"] if model_type in ("qwen2_moe", "qwen3_moe")
                                       else d["intermediate_size"]),
                 num_layers=int(d["num_hidden_layers"]),
                 num_heads=num_heads,
@@ -147,7 +151,7 @@ class ModelConfig:
         sliding = None
         if model_type in ("mistral", "mixtral", "phi3", *GEMMA_MODEL_TYPES) or d.get("use_sliding_window"):
             sliding = d.get("sliding_window")
-        if model_type in ("qwen2", "qwen3", "qwen3_moe") and d.get("use_sliding_window"):
+        if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and d.get("use_sliding_window"):
             raise UnsupportedModelError(f"unsupported option use_sliding_window=True for {model_type}")
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -157,7 +161,8 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=_parse_rope_scaling(rope, int(d.get("max_position_embeddings", 4096))),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
+            qkv_bias=(model_type == "qwen2" or bool(d.get("attention_bias", False))
+                      or (model_type == "qwen2_moe" and bool(d.get("qkv_bias", True)))),
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=int(sliding) if sliding else None,
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
@@ -193,15 +198,17 @@ def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
         raise ModelConfigError(f"config.json lacks required field {e.args[0]!r}") from None
     if not 0 < per_token <= experts:
         raise ModelConfigError(f"num_experts_per_tok={per_token} must be between 1 and the {experts} experts")
-    if model_type == "qwen3_moe":
+    if model_type != "mixtral":
         # Layers with a dense MLP instead of experts would break the one stacked layer scan.
         if d.get("mlp_only_layers") or int(d.get("decoder_sparse_step") or 1) != 1:
-            raise UnsupportedModelError("unsupported qwen3_moe layout: mlp_only_layers / decoder_sparse_step != 1 "
+            raise UnsupportedModelError(f"unsupported {model_type} layout: mlp_only_layers / decoder_sparse_step != 1 "
                                         "(layers with a dense MLP between the expert layers)")
-        if d.get("shared_expert_intermediate_size"):
-            raise UnsupportedModelError("unsupported option shared_expert_intermediate_size (shared experts)")
+        if model_type == "qwen3_moe" and d.get("shared_expert_intermediate_size"):
+            raise UnsupportedModelError("unsupported option shared_expert_intermediate_size for qwen3_moe")
     return dict(num_experts=experts, num_experts_per_tok=per_token,
-                norm_topk_prob=True if model_type == "mixtral" else bool(d.get("norm_topk_prob", False)))
+                norm_topk_prob=True if model_type == "mixtral" else bool(d.get("norm_topk_prob", False)),
+                shared_expert_size=int(d.get("shared_expert_intermediate_size") or 0)
+                if model_type == "qwen2_moe" else 0)
 
 
 # transformers' Gemma3TextConfig defaults, which Gemma 3's image-text config.json files leave out of their

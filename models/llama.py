@@ -19,8 +19,9 @@ Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
                  attn_out_norm, mlp_out_norm [L, H]        (sandwich_norms only: Gemma)
                  w_gate, w_up [L, H, I] w_down [L, I, H]     (dense MLP)
                  router [L, H, E]                          (mixture of experts, instead of
-                 expert_gate, expert_up [L, E, H, I]        the dense MLP: ``models.moe``)
-                 expert_down [L, E, I, H]
+                 expert_gate, expert_up [L, E, H, I]        the dense MLP: ``models.moe``;
+                 expert_down [L, E, I, H]                   a shared expert keeps the dense
+                 shared_expert_gate [L, H, 1]               MLP, its width S, and gates it)
     final_norm   [H]
     lm_head      [H, V]                                    (absent when tied, unless quantized)
 
@@ -69,8 +70,10 @@ def param_shapes(config: ModelConfig) -> dict:
         "post_norm": (L, H),
     }
     if config.is_moe:
-        E = config.num_experts
+        E, S = config.num_experts, config.shared_expert_size
         layers.update(router=(L, H, E), expert_gate=(L, E, H, I), expert_up=(L, E, H, I), expert_down=(L, E, I, H))
+        if S:  # the shared expert: a dense MLP of width S, gated
+            layers.update(w_gate=(L, H, S), w_up=(L, H, S), w_down=(L, S, H), shared_expert_gate=(L, H, 1))
     else:
         layers.update(w_gate=(L, H, I), w_up=(L, H, I), w_down=(L, I, H))
     if config.qkv_bias:
@@ -252,8 +255,9 @@ def split_columns(x: jax.Array, widths: tuple) -> tuple:
 def fused_widths(config: ModelConfig) -> dict[str, tuple]:
     """Output width of each part of every ``FUSED_PROJECTIONS`` entry, in its order."""
     qkv = (config.q_size, config.kv_size, config.kv_size)
-    mlp = (config.intermediate_size,) * 2
-    return {"wqkv": qkv, "bqkv": qkv, "w_gate_up": mlp, "expert_gate_up": mlp}
+    experts = (config.intermediate_size,) * 2
+    dense = (config.shared_expert_size,) * 2 if config.is_moe else experts
+    return {"wqkv": qkv, "bqkv": qkv, "w_gate_up": dense, "expert_gate_up": experts}
 
 
 AttentionFn = Callable[..., jax.Array]
@@ -319,8 +323,12 @@ def forward(
         experts; one launch where the backend fuses it at this row count (``LinearBackend.use_fused_mlp``), else the
         gate/up matmul, the SwiGLU product and the down matmul."""
         if config.is_moe:
-            return moe_mlp(h, w, config=config, use_kernel=linear_backend.use_grouped_kernel(),
-                           interpret=linear_backend.interpret)[None]
+            out = moe_mlp(h, w, config=config, use_kernel=linear_backend.use_grouped_kernel(),
+                          interpret=linear_backend.interpret)
+            if config.shared_expert_size:  # qwen2_moe: every token through the shared expert too, gated
+                shared = add_splits(mm_parts(mlp_hidden(h, w), w["w_down"]), h.dtype).astype(h.dtype)
+                out = out + jax.nn.sigmoid(mm(h, w["shared_expert_gate"])) * shared
+            return out[None]
         if "w_gate_up" in w and config.hidden_act == "silu" and linear_backend.use_fused_mlp(w["w_gate_up"],
                                                                                              w["w_down"], T):
             return fused_mlp_parts(h, w["w_gate_up"], w["w_down"], linear_backend)

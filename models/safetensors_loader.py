@@ -81,6 +81,7 @@ _LAYER_NAMES = {
     "w_up": ("mlp.up_proj.weight", True),
     "w_down": ("mlp.down_proj.weight", True),
     "router": ("mlp.gate.weight", True),
+    "shared_expert_gate": ("mlp.shared_expert_gate.weight", True),
 }
 # A mixture of experts' per-expert weights: our name -> (HF name inside ``model.layers.{i}.{moe}.experts.{e}.``, by
 # the model's block name ``moe``), all Linear weights; Mixtral's router is ``block_sparse_moe.gate``.
@@ -90,6 +91,9 @@ _EXPERT_NAMES = {
     "expert_down": {"mlp": "down_proj.weight", "block_sparse_moe": "w2.weight"},
 }
 _MOE_BLOCK = {"mixtral": "block_sparse_moe"}  # others: "mlp"
+# qwen2_moe's shared expert is our dense MLP.
+_SHARED_EXPERT = {name: f"mlp.shared_expert.{proj}.weight"
+                  for name, proj in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))}
 # Gemma's four norms a layer: ``post_norm`` (before the MLP) is its pre_feedforward_layernorm, and its
 # post_attention_layernorm norms the attention's output before the residual add (``attn_out_norm``).
 _RENAMED_IN_CHECKPOINT = {
@@ -255,6 +259,9 @@ def _sources(config: ModelConfig, prefix: str = "model.") -> dict:
                 tuple(f"model.layers.{i}.{moe}.experts.{e}.{_EXPERT_NAMES[name][moe]}"
                       for i in range(L) for e in range(config.num_experts)),
                 transpose=True, stack=(L, config.num_experts))
+        elif config.shared_expert_size and name in _SHARED_EXPERT:
+            layers[name] = _TensorSource(tuple(f"model.layers.{i}.{_SHARED_EXPERT[name]}" for i in range(L)),
+                                         transpose=True, stack=(L,))
         elif name in renamed:
             layers[name] = _TensorSource(tuple(f"model.layers.{i}.{renamed[name]}" for i in range(L)),
                                          transpose=False, stack=(L,))

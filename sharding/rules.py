@@ -82,6 +82,7 @@ PARAM_LOGICAL_AXES: dict[str, Any] = {
         "w_up": ("layers", "embed", "mlp"),
         "w_down": ("layers", "mlp", "embed"),
         "router": ("layers", "embed", "experts"),
+        "shared_expert_gate": ("layers", "embed", "gate"),
         "expert_gate": ("layers", "experts", "embed", "mlp"),
         "expert_up": ("layers", "experts", "embed", "mlp"),
         "expert_down": ("layers", "experts", "mlp", "embed"),
@@ -100,7 +101,7 @@ def logical_axis_rules(*, shard_vocab: bool = True, shard_kv_heads: bool = True)
         ("kv_heads", TP_AXIS if shard_kv_heads else None),
         ("mlp", TP_AXIS),
         ("layers", None), ("embed", None), ("head_dim", None), ("pages", None), ("page_offset", None),
-        ("experts", None),
+        ("experts", None), ("gate", None),
     )
 
 
@@ -119,6 +120,8 @@ def _size_problem(config: ModelConfig, tp: int) -> Optional[str]:
     if tp > hkv and tp % hkv:
         return (f"it exceeds the model's {hkv} kv heads without being a multiple of them "
                 "(each device must hold whole copies of the kv heads its query heads read)")
+    if config.shared_expert_size % tp:
+        return f"it does not divide the model's shared expert's size {config.shared_expert_size}"
     if config.intermediate_size % tp:
         width = "experts' intermediate size" if config.is_moe else "intermediate_size"
         return f"it does not divide the model's {width} {config.intermediate_size}"

@@ -58,14 +58,16 @@ def test_parses_transformers_config_object_and_saved_json_alike(variant, tmp_pat
     assert c.rms_norm_eps == hf.rms_norm_eps
     assert c.rope_theta == hf.rope_parameters.get("full_attention", hf.rope_parameters)["rope_theta"]
     assert c.tie_word_embeddings == hf.tie_word_embeddings
-    assert c.qkv_bias == (c.model_type == "qwen2")
+    assert c.qkv_bias == (c.model_type in ("qwen2", "qwen2_moe"))
     assert c.qk_norm == (c.model_type in ("qwen3", "qwen3_moe", "gemma3_text"))
     assert c.sliding_window == (hf.sliding_window if c.model_type in ("mistral", "mixtral", "phi3", "gemma2",
                                                                       "gemma3_text") else None)
     assert c.sandwich_norms == c.model_type.startswith("gemma")
-    assert c.is_moe == (c.model_type in ("mixtral", "qwen3_moe"))
+    assert c.is_moe == (c.model_type in ("mixtral", "qwen2_moe", "qwen3_moe"))
     if c.is_moe:
-        assert (c.num_experts, c.num_experts_per_tok) == (hf.num_local_experts, hf.num_experts_per_tok)
+        experts = getattr(hf, "num_local_experts", None) or hf.num_experts  # qwen2_moe's transformers names it so
+        assert (c.num_experts, c.num_experts_per_tok) == (experts, hf.num_experts_per_tok)
+        assert c.shared_expert_size == (hf.shared_expert_intermediate_size if c.model_type == "qwen2_moe" else 0)
         assert c.norm_topk_prob == (c.model_type == "mixtral" or hf.norm_topk_prob)
 
 
@@ -221,13 +223,20 @@ def test_mixture_of_experts_configs_as_published():
     assert (qwen.intermediate_size, qwen.num_experts, qwen.num_experts_per_tok, qwen.norm_topk_prob) == (
         768, 128, 8, True)
     assert qwen.qk_norm and round(qwen.num_params() / 1e9, 1) == 30.5
+    qwen15 = ModelConfig.from_hf_dict(dict(  # Qwen1.5-MoE-A2.7B: 60 experts, 4 a token, a shared expert; 14.3B
+        model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+        num_experts=60, num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+        tie_word_embeddings=False, hidden_act="silu"))
+    assert (qwen15.shared_expert_size, qwen15.qkv_bias, qwen15.norm_topk_prob) == (5632, True, False)
+    assert round(qwen15.num_params() / 1e9, 1) == 14.3
 
 
 @pytest.mark.parametrize("field, value, error, named", [
     ("mlp_only_layers", [1], UnsupportedModelError, "mlp_only_layers"),
     ("decoder_sparse_step", 2, UnsupportedModelError, "decoder_sparse_step"),
     ("num_experts_per_tok", 9, ModelConfigError, "num_experts_per_tok=9"),
-    ("shared_expert_intermediate_size", 128, UnsupportedModelError, "shared_expert"),
+    ("shared_expert_intermediate_size", 128, UnsupportedModelError, "shared_expert"),  # qwen3_moe has none
 ])
 def test_mixture_of_experts_layouts_we_cannot_run_are_refused(field, value, error, named):
     d = tiny_hf_config("qwen3_moe").to_dict()

@@ -138,7 +138,7 @@ def test_missing_expert_tensor_is_named(tmp_path):
         load_safetensors_params(str(tmp_path), config, jnp.float32, progress=False)
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_int8_experts_logits_close_to_dense_and_kernel_matches_jnp(tmp_path, variant):
     """``quantization="int8"``: the experts (and attention) int8, the router not; the interpreted kernels' logits
     equal the jnp path's. Against the unquantized model: the median position within the dense models' int8

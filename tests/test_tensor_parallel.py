@@ -230,7 +230,7 @@ def checkpoints(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tp")
     seed = int(np.random.default_rng().integers(1 << 30))
     paths = {}
-    for i, variant in enumerate(("llama", "qwen2", "mixtral", "phi3", "gemma3_text")):
+    for i, variant in enumerate(("llama", "qwen2", "mixtral", "phi3", "gemma3_text", "qwen2_moe")):
         paths[variant] = str(root / variant)
         write_tiny_checkpoint(paths[variant], variant, seed=seed + i)
     paths["gguf"] = str(root / "tiny.gguf")
@@ -270,6 +270,7 @@ def workers(checkpoints, prompts) -> dict:
         # A mixture of experts: every device a slice of every expert (kv heads replicated at 4).
         ("moe", checkpoints["mixtral"], "auto", [1, 4]),
         ("moe-int8", checkpoints["mixtral"], "auto", [1, 4], {"quantization": "int8"}),
+        ("qwen2-moe", checkpoints["qwen2_moe"], "auto", [1, 4]),  # its shared expert split as a dense MLP
         # Phi-3's joined q/k/v and gate/up rows: each device reads its own rows of each part.
         ("phi3", checkpoints["phi3"], "auto", [1, 4]),
         # Gemma 3: sandwich norms and sliding / full layers over the mesh, int8 layers (tanh GELU: no fused MLP).
@@ -295,7 +296,8 @@ def single_host(workers) -> dict:
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
                                  "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4",
-                                 "moe-int8/tp4", "phi3/tp4", "gemma3/tp4"])
+                                 "moe-int8/tp4", "phi3/tp4", "gemma3/tp4",
+                                 "qwen2-moe/tp4"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
     name = run.split("/")[0]

@@ -1,5 +1,5 @@
-"""Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, mixtral, qwen3_moe)
-for tests.
+"""Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, mixtral, qwen2_moe,
+qwen3_moe) for tests.
 
 Owns building a small ``transformers`` model of a named variant with every weight
 randomized (norm weights near 1 but not 1, biases non-zero, so a mixed-up mapping
@@ -74,6 +74,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Mixtures of experts: 4 experts, 2 a token, renormalised (mixtral's rule); 8 experts, 3 a token, not
     # renormalised (qwen3_moe's norm_topk_prob=False), qk norm, experts narrower than the config's dense MLP.
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # qwen2_moe: a shared expert beside 4 routed ones (2 a token), qkv bias.
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=48)),
     "qwen3_moe": ("qwen3_moe", dict(head_dim=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48,
                                     norm_topk_prob=False)),
 }
