@@ -42,9 +42,10 @@ from engine.sampling_params import SamplingParams
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward, layout_layers, lm_head_logits
+from models.moe import expert_mlp
 from models.quantization import Fp8Weight, LinearBackend
 from pallas_kernels import get_attention_fns
-from sharding import TensorParallelPlan, replicated, shard_attention_fns
+from sharding import TensorParallelPlan, replicated, shard_attention_fns, shard_expert_fn
 from sharding.distributed import broadcast_from_leader, is_leader
 
 logger = logging.getLogger(__name__)
@@ -374,8 +375,13 @@ class ModelRunner:
         self._make_kv_cache = functools.partial(make_kv_cache, step_config, block_size=block_size, dtype=kv_dtype,
                                                 sharding=kv_sharding, per_layer=unroll_layers)
         linear = LinearBackend(kernel="xla" if mesh is not None else linear_backend)
+        expert_fn = None  # a mixture of experts over a mesh: each device its slice of every expert, the kernel's
+        if mesh is not None and config.is_moe:  # choice as on one device
+            expert_fn = shard_expert_fn(functools.partial(
+                expert_mlp, use_kernel=LinearBackend(kernel=linear_backend).use_grouped_kernel()), mesh)
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
-                                          write_kv_fn=write_kv_fn, linear_backend=linear, qkv_shards=qkv_shards)
+                                          write_kv_fn=write_kv_fn, linear_backend=linear, qkv_shards=qkv_shards,
+                                          expert_fn=expert_fn)
         self._lm_head = functools.partial(lm_head_logits, config=step_config, linear_backend=linear)
         self._multi_process = jax.process_count() > 1
         # The user's options hold for every step; the defaults depend on the step's size.

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ import numpy as np
 
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
-from models.moe import moe_mlp
+from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_rms_norm, rms_norm
 from pallas_kernels.quantized_matmul import add_splits
 from models.quantization import LinearBackend, concat_outputs, fused_mlp_parts, is_quantized, linear
@@ -274,6 +274,7 @@ def forward(
     write_kv_fn: WriteKVFn = write_kv_reference,
     linear_backend: LinearBackend = LinearBackend(),
     qkv_shards: int = 1,
+    expert_fn: Optional[ExpertFn] = None,
     return_hidden: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run the new tokens of ``batch`` through the model.
@@ -286,7 +287,9 @@ def forward(
     how those are multiplied. ``attention_fn`` and ``write_kv_fn`` take each layer's
     ``qkv`` buffer (``QUERY`` above says why); ``qkv_shards``: its heads in that many blocks
     of ``[q | k | v]`` (``qkv_head_kinds``), the tensor-parallel size under
-    ``sharding.shard_attention_fns`` (a fused ``wqkv`` is one block).
+    ``sharding.shard_attention_fns`` (a fused ``wqkv`` is one block). ``expert_fn``: how a mixture of experts'
+    experts run on their routed rows (``models.moe.expert_mlp`` by ``linear_backend``'s choice where None; per
+    device under ``sharding.shard_expert_fn``).
     """
     T = batch.token_ids.shape[0]
     D = config.head_dim
@@ -323,8 +326,8 @@ def forward(
         experts; one launch where the backend fuses it at this row count (``LinearBackend.use_fused_mlp``), else the
         gate/up matmul, the SwiGLU product and the down matmul."""
         if config.is_moe:
-            out = moe_mlp(h, w, config=config, use_kernel=linear_backend.use_grouped_kernel(),
-                          interpret=linear_backend.interpret)
+            out = moe_mlp(h, w, config=config, expert_fn=expert_fn or functools.partial(
+                expert_mlp, use_kernel=linear_backend.use_grouped_kernel(), interpret=linear_backend.interpret))
             if config.shared_expert_size:  # qwen2_moe: every token through the shared expert too, gated
                 shared = add_splits(mm_parts(mlp_hidden(h, w), w["w_down"]), h.dtype).astype(h.dtype)
                 out = out + jax.nn.sigmoid(mm(h, w["shared_expert_gate"])) * shared

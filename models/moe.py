@@ -14,7 +14,7 @@ Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,26 +75,38 @@ def sort_by_expert(experts: jax.Array, num_experts: int, block_m: int) -> Expert
     return ExpertRows(token=token, block_expert=block_expert, pair_row=pair_row)
 
 
-def moe_mlp(h: jax.Array, w: dict, *, config: ModelConfig, use_kernel: bool, interpret=None) -> jax.Array:
-    """The layer's expert MLPs on ``h [T, H]``, weighted and summed per token: ``[T, H]`` in h's dtype.
-    ``use_kernel``: the grouped matmuls by the Pallas kernel (``interpret``: interpreted), else by jnp."""
-    num_tokens = h.shape[0]
-    weights, experts = route(h, w["router"], top_k=config.num_experts_per_tok, normalize=config.norm_topk_prob)
-    rows = sort_by_expert(experts, config.num_experts,
-                          block_rows(num_tokens, config.num_experts_per_tok, config.num_experts))
+def expert_mlp(x: jax.Array, block_expert: jax.Array, w: dict, *, use_kernel: bool, interpret=None) -> jax.Array:
+    """The experts' SwiGLU MLPs on routed rows ``x [R, H]`` (``sort_by_expert``'s layout): ``[R, H]`` in x's dtype.
+    ``w``: ``expert_gate_up`` or ``expert_gate`` / ``expert_up``, and ``expert_down`` (dense or ``Int8Weight``).
+    ``use_kernel``: the grouped matmuls by the Pallas kernel (``interpret``: interpreted), else by jnp. Under a
+    mesh this runs per device on its slice of the experts' width (``sharding.experts``)."""
 
-    def matmul(x, weight):
-        w, scale = (weight.q, weight.scale) if isinstance(weight, Int8Weight) else (weight, None)
+    def matmul(rows, weight):
+        q, scale = (weight.q, weight.scale) if isinstance(weight, Int8Weight) else (weight, None)
         if use_kernel:
-            return grouped_matmul(x, w, rows.block_expert, scale, interpret=interpret)
-        return grouped_matmul_reference(x, w, rows.block_expert, scale)
+            return grouped_matmul(rows, q, block_expert, scale, interpret=interpret)
+        return grouped_matmul_reference(rows, q, block_expert, scale)
 
-    x = jnp.concatenate([h, jnp.zeros((1, h.shape[1]), h.dtype)])[rows.token]  # padding rows read zeros
     if "expert_gate_up" in w:
         gate, up = jnp.split(matmul(x, w["expert_gate_up"]), 2, axis=-1)
     else:
         gate, up = matmul(x, w["expert_gate"]), matmul(x, w["expert_up"])
-    y = matmul((jax.nn.silu(gate) * up).astype(h.dtype), w["expert_down"])
+    return matmul((jax.nn.silu(gate) * up).astype(x.dtype), w["expert_down"])
+
+
+ExpertFn = Callable[[jax.Array, jax.Array, dict], jax.Array]
+EXPERT_WEIGHTS = ("expert_gate_up", "expert_gate", "expert_up", "expert_down")
+
+
+def moe_mlp(h: jax.Array, w: dict, *, config: ModelConfig, expert_fn: ExpertFn) -> jax.Array:
+    """The layer's expert MLPs on ``h [T, H]``, weighted and summed per token: ``[T, H]`` in h's dtype.
+    ``expert_fn(x, block_expert, weights)``: ``expert_mlp`` with its options bound (or its per-device form)."""
+    num_tokens = h.shape[0]
+    weights, experts = route(h, w["router"], top_k=config.num_experts_per_tok, normalize=config.norm_topk_prob)
+    rows = sort_by_expert(experts, config.num_experts,
+                          block_rows(num_tokens, config.num_experts_per_tok, config.num_experts))
+    x = jnp.concatenate([h, jnp.zeros((1, h.shape[1]), h.dtype)])[rows.token]  # padding rows read zeros
+    y = expert_fn(x, rows.block_expert, {name: w[name] for name in EXPERT_WEIGHTS if name in w})
     # Each token's k outputs gathered back and summed in a fixed order (a scatter-add would sum them in whatever
     # order a GPU's atomics land, and a token's output could differ from run to run).
     per_pair = y[rows.pair_row].reshape(num_tokens, config.num_experts_per_tok, -1).astype(jnp.float32)

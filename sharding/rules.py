@@ -21,7 +21,7 @@ The scheme (Megatron-style, as in vLLM), ``[in, out]`` weights, ``tp`` devices:
   one all-reduce per MLP. So a layer costs two all-reduces of ``[T, H]``.
 - A mixture of experts' ``expert_gate``/``expert_up [L, E, H, I]`` column-, ``expert_down [L, E, I, H]``
   row-parallel on ``I``, as a dense MLP (every device holds a slice of every expert, vLLM's default without
-  expert parallelism); the ``router [L, H, E]`` replicated.
+  expert parallelism; they run per device under ``sharding.experts``); the ``router [L, H, E]`` replicated.
 - norms, ``q_norm``/``k_norm`` (per head, within a head): replicated.
 - KV cache ``[L, Hkv, P, bs, D]``: the kv-head axis over ``tp``; each device's pages
   hold exactly the heads its query heads read, so attention needs no communication.

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from models.config import ModelConfig
-from models.moe import block_rows, moe_mlp, route, sort_by_expert
+from models.moe import block_rows, expert_mlp, moe_mlp, route, sort_by_expert
 
 
 @pytest.mark.parametrize("num_tokens, top_k, E, block_m", [(1, 2, 8, 16), (37, 3, 8, 16), (200, 2, 4, 64)])
@@ -77,7 +77,8 @@ def test_moe_mlp_matches_token_by_token_numpy(num_tokens, normalize, use_kernel,
     want = numpy_moe(h, w, config)
     if joined:
         w["expert_gate_up"] = jnp.concatenate([w.pop("expert_gate"), w.pop("expert_up")], axis=-1)
-    got = jax.jit(functools.partial(moe_mlp, config=config, use_kernel=use_kernel, interpret=True))(h, w)
+    experts = functools.partial(expert_mlp, use_kernel=use_kernel, interpret=True)
+    got = jax.jit(functools.partial(moe_mlp, config=config, expert_fn=experts))(h, w)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4, err_msg=f"seed {seed}")
 
 
@@ -183,7 +184,7 @@ def test_moe_mlp_kernel_matches_jnp_on_gpu(num_tokens):
          "expert_down": rng.standard_normal((E, I, H)) / np.sqrt(I)}
     w = {k: jnp.asarray(v, jnp.bfloat16) for k, v in w.items()}
     h = jnp.asarray(rng.standard_normal((num_tokens, H)), jnp.bfloat16)
-    outs = [np.asarray(jax.jit(functools.partial(moe_mlp, config=config, use_kernel=k))(h, w), np.float32)
-            for k in (True, False)]
+    outs = [np.asarray(jax.jit(functools.partial(moe_mlp, config=config, expert_fn=functools.partial(
+        expert_mlp, use_kernel=k)))(h, w), np.float32) for k in (True, False)]
     err = np.abs(outs[0] - outs[1]).max() / np.abs(outs[1]).max()
     assert err < 2e-2, f"seed {seed}: max error {err:.2e} (of the largest output)"

@@ -271,6 +271,8 @@ def workers(checkpoints, prompts) -> dict:
         ("moe", checkpoints["mixtral"], "auto", [1, 4]),
         ("moe-int8", checkpoints["mixtral"], "auto", [1, 4], {"quantization": "int8"}),
         ("qwen2-moe", checkpoints["qwen2_moe"], "auto", [1, 4]),  # its shared expert split as a dense MLP
+        # The grouped matmul kernel (interpreted) on each device's slice of the experts, inside shard_map.
+        ("moe-kernel", checkpoints["mixtral"], "auto", [1, 2], {"linear_backend": "pallas"}),
         # Phi-3's joined q/k/v and gate/up rows: each device reads its own rows of each part.
         ("phi3", checkpoints["phi3"], "auto", [1, 4]),
         # Gemma 3: sandwich norms and sliding / full layers over the mesh, int8 layers (tanh GELU: no fused MLP).
@@ -297,7 +299,7 @@ def single_host(workers) -> dict:
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
                                  "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4",
                                  "moe-int8/tp4", "phi3/tp4", "gemma3/tp4",
-                                 "qwen2-moe/tp4"])
+                                 "qwen2-moe/tp4", "moe-kernel/tp2"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
     name = run.split("/")[0]
