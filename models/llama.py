@@ -1,4 +1,4 @@
-"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2; Mixtral, Qwen3-MoE).
+"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma 2/3, SmolLM2; their MoE forms).
 
 Pure functions over a params pytree; no classes, no state, so the whole step is one
 ``jax.jit`` and tensor parallelism is applied from outside (shardings on the
@@ -30,7 +30,7 @@ On one device q/k/v and gate/up are usually joined (``fuse_projections``): ``wqk
 forward takes either form.
 
 The seven layer matrices may instead be quantized weights (``models.quantization``:
-int8, int4, fp8 pytrees with the same ``[in, out]`` meaning); every matmul goes through
+int8, int4, fp8 pytrees with the same ``[in, out]`` meaning; a mixture's experts int8); every matmul goes through
 ``models.quantization.linear``. So does an int8 ``lm_head`` (``quantize_lm_head``; a tied model then has
 one too, beside its ``embed``, which the token lookup still reads).
 
@@ -52,8 +52,8 @@ from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
 from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_rms_norm, rms_norm
-from pallas_kernels.quantized_matmul import add_splits
 from models.quantization import LinearBackend, concat_outputs, fused_mlp_parts, is_quantized, linear
+from pallas_kernels.quantized_matmul import add_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
 

@@ -244,44 +244,43 @@ def _sources(config: ModelConfig, prefix: str = "model.") -> dict:
     shapes = param_shapes(config)
     L = config.num_layers
     moe = _MOE_BLOCK.get(config.model_type, "mlp")
-    layers = {}
     joined = _JOINED_IN_CHECKPOINT.get(config.model_type, {})
     renamed = _RENAMED_IN_CHECKPOINT.get(config.model_type, {})
+    if config.shared_expert_size:
+        renamed = {**renamed, **_SHARED_EXPERT}
+
+    def per_layer(hf_name: str, transpose: bool, **fields) -> _TensorSource:
+        return _TensorSource(tuple(f"{prefix}layers.{i}.{hf_name}" for i in range(L)), transpose=transpose,
+                             stack=(L,), **fields)
+
+    layers = {}
     for name in shapes["layers"]:
         if name in joined:
             hf_name, part = joined[name]
             widths = fused_widths(config)["wqkv" if name in ("wq", "wk", "wv") else "w_gate_up"]
             start = sum(widths[:part])
-            layers[name] = _TensorSource(tuple(f"model.layers.{i}.{hf_name}" for i in range(L)), transpose=True,
-                                         stack=(L,), rows=(start, start + widths[part], sum(widths)))
+            layers[name] = per_layer(hf_name, True, rows=(start, start + widths[part], sum(widths)))
         elif name in _EXPERT_NAMES:
             layers[name] = _TensorSource(
-                tuple(f"model.layers.{i}.{moe}.experts.{e}.{_EXPERT_NAMES[name][moe]}"
+                tuple(f"{prefix}layers.{i}.{moe}.experts.{e}.{_EXPERT_NAMES[name][moe]}"
                       for i in range(L) for e in range(config.num_experts)),
                 transpose=True, stack=(L, config.num_experts))
-        elif config.shared_expert_size and name in _SHARED_EXPERT:
-            layers[name] = _TensorSource(tuple(f"model.layers.{i}.{_SHARED_EXPERT[name]}" for i in range(L)),
-                                         transpose=True, stack=(L,))
         elif name in renamed:
-            layers[name] = _TensorSource(tuple(f"model.layers.{i}.{renamed[name]}" for i in range(L)),
-                                         transpose=False, stack=(L,))
+            layers[name] = per_layer(renamed[name], not name.endswith("norm"))
         else:
             hf_name, transpose = _LAYER_NAMES[name]
-            hf_name = hf_name.replace("mlp.", f"{moe}.", 1) if name == "router" else hf_name
-            layers[name] = _TensorSource(tuple(f"model.layers.{i}.{hf_name}" for i in range(L)), transpose=transpose,
-                                         stack=(L,))
-    top = {name: _TensorSource((_TOP_NAMES[name][0],), transpose=_TOP_NAMES[name][1])
+            layers[name] = per_layer(hf_name.replace("mlp.", f"{moe}.", 1) if name == "router" else hf_name,
+                                     transpose)
+    def top_name(hf_name: str) -> str:  # the decoder's under ``prefix``; lm_head stays where it is
+        return prefix + hf_name.removeprefix("model.") if hf_name.startswith("model.") else hf_name
+
+    top = {name: _TensorSource((top_name(_TOP_NAMES[name][0]),), transpose=_TOP_NAMES[name][1])
            for name in shapes if name != "layers"}
     if config.norm_weight_offset:
         for group in (top, layers):
             for name in group:
                 if name.endswith("norm"):
                     group[name] = dataclasses.replace(group[name], offset=config.norm_weight_offset)
-    if prefix != "model.":
-        for group in (top, layers):
-            for name, source in group.items():
-                group[name] = dataclasses.replace(source, hf_names=tuple(
-                    prefix + n.removeprefix("model.") if n.startswith("model.") else n for n in source.hf_names))
     return {**top, "layers": layers}
 
 
