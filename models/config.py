@@ -58,7 +58,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple = ()
-    # Mixture of experts (mixtral, qwen3_moe): every layer's MLP is ``num_experts`` SwiGLU MLPs of width
+    # Mixture of experts (mixtral, qwen2_moe, qwen3_moe): every layer's MLP is ``num_experts`` SwiGLU MLPs of width
     # ``intermediate_size``, of which a router picks ``num_experts_per_tok`` a token (0: a dense MLP).
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -189,8 +189,8 @@ class ModelConfig:
 
 
 def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
-    """The mixture-of-experts fields of a mixtral / qwen3_moe config (transformers 5 names the expert count
-    ``num_local_experts`` for both; Qwen's own configs say ``num_experts``)."""
+    """The mixture-of-experts fields of a mixtral / qwen2_moe / qwen3_moe config (transformers 5 names the expert
+    count ``num_local_experts`` for some; Qwen's own configs say ``num_experts``)."""
     try:
         experts = int(d.get("num_local_experts") or d["num_experts"])
         per_token = int(d["num_experts_per_tok"])
