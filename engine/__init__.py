@@ -62,6 +62,8 @@ _EXPORTS = {
     "SamplingParams": "engine.sampling_params",
     "StructuredOutputsParams": "engine.sampling_params",
     "BeamSearchParams": "engine.beam_search",
+    "PoolingParams": "engine.pooling",
+    "EmbeddingRequestOutput": "engine.pooling",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "RequestOutputKind": "engine.outputs",

@@ -75,6 +75,10 @@ class EngineArgs:
     # vLLM's --reasoning-parser (engine.reasoning.REASONING_PARSERS): a request's structured output then constrains
     # only what follows the model's thinking (its </think>), as vLLM's does.
     reasoning_parser: Optional[str] = None
+    # vLLM's --runner: "generate", or "pooling" (embeddings: engine.pooling; LLM.embed, /v1/embeddings), and the
+    # pooling's type ("LAST", "MEAN", "CLS"; None: the checkpoint's sentence-transformers files, else LAST).
+    runner: str = "generate"
+    pooling_type: Optional[str] = None
     # Multi-step decoding (vLLM's --num-scheduler-steps): when every running request decodes and none waits, run
     # this many decode steps in one dispatch, each step's tokens fed to the next on the device (engine.multi_step).
     # The host's share of a step is then paid once for them; a request's tokens come out that many at a time.
@@ -110,6 +114,13 @@ class EngineArgs:
             default_sampling_fields("", self.generation_config)  # a named folder must hold one: fail before loading
         from engine.reasoning import REASONING_PARSERS
 
+        from engine.pooling import POOLING_TYPES, RUNNERS
+
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+        if self.pooling_type is not None and str(self.pooling_type).upper() not in POOLING_TYPES:
+            raise ValueError(f"pooling_type must be None or one of {', '.join(POOLING_TYPES)}, got "
+                             f"{self.pooling_type!r}")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be None or one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}")

@@ -17,6 +17,7 @@ from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, RequestOutputKind
+from engine.pooling import EmbeddingRequestOutput, PoolingParams
 from engine.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict]
@@ -61,6 +62,8 @@ class LLM:
         enable_prefix_caching: bool = True,
         generation_config: str = "auto",
         reasoning_parser: Optional[str] = None,
+        runner: str = "generate",
+        pooling_type: Optional[str] = None,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -74,7 +77,8 @@ class LLM:
             scheduling_mode=scheduling_mode, trace=trace, async_scheduling=async_scheduling,
             compiler_options=compiler_options, precompile_steps=precompile_steps,
             num_scheduler_steps=num_scheduler_steps, enable_prefix_caching=enable_prefix_caching,
-            generation_config=generation_config, reasoning_parser=reasoning_parser,
+            generation_config=generation_config, reasoning_parser=reasoning_parser, runner=runner,
+            pooling_type=pooling_type,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)
@@ -106,6 +110,22 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
+        return self._run(prompts, params_list, use_tqdm, priority, "Generating")
+
+    def embed(self, prompts: Union[PromptType, Sequence[PromptType]],
+              pooling_params: Optional[PoolingParams] = None, use_tqdm: bool = True,
+              priority: Optional[Sequence[int]] = None) -> list[EmbeddingRequestOutput]:
+        """vLLM's ``LLM.embed`` on a pooling engine (``LLM(..., runner="pooling")``): one
+        ``EmbeddingRequestOutput`` per prompt, in input order, its vector in ``.outputs.embedding``
+        (``engine.pooling``: the checkpoint's pooling, normalised unless ``pooling_params`` says otherwise)."""
+        prompts = _as_prompt_list(prompts)
+        return self._run(prompts, [pooling_params or PoolingParams()] * len(prompts), use_tqdm, priority,
+                         "Embedding")
+
+    def _run(self, prompts: list, params_list: list, use_tqdm: bool, priority: Optional[Sequence[int]],
+             desc: str) -> list:
+        """Queue every prompt with its params (all checked first: a bad one raises and queues nothing), wait for
+        them all under a progress bar; their final outputs in input order."""
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         self._check_prompts(prompts)
@@ -115,7 +135,7 @@ class LLM:
                        priority[i] if priority else 0)
             for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))],
             output_kind=RequestOutputKind.FINAL_ONLY)
-        with tqdm(total=len(futures), desc="Generating", disable=not use_tqdm, unit="req") as bar:
+        with tqdm(total=len(futures), desc=desc, disable=not use_tqdm, unit="req") as bar:
             for _ in concurrent.futures.as_completed(futures):
                 bar.update(1)
         return [f.result() for f in futures]

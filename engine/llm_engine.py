@@ -24,6 +24,7 @@ from engine.device_memory import memory_outside_arrays, num_kv_blocks, sizes_kv_
 from engine.engine_args import EngineArgs, resolve_kv_cache_dtype
 from engine.generation_config import default_sampling_fields
 from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
+from engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PooledRows, PoolingParams
 from engine.request import Request, RequestStatus
 from engine.runner import PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork, enable_compilation_cache
 from engine.sampler import build_sampling_metadata
@@ -97,6 +98,9 @@ class _RequestGroup:
     # SamplingParams.bad_words as token ids (engine.tokenizer.bad_words_token_ids), tokenized once.
     bad_words_token_ids: list = dataclasses.field(default_factory=list)
     grammar: Optional[str] = None  # SamplingParams.structured_outputs, checked (engine.structured_output.Grammars)
+    # A pooling engine's request: its PoolingParams and the rows its prompt chunks returned (engine.pooling).
+    pooling_params: Optional[PoolingParams] = None
+    pooled: PooledRows = dataclasses.field(default_factory=PooledRows)
     # Whether sampling the next token needs the tokens before it on the host first: penalties count them, a bad
     # word of several tokens bans its last only after the others, and a grammar's next tokens follow from the
     # tokens so far. Such a request decodes a step at a time and is not planned ahead of its previous step's tokens.
@@ -150,6 +154,12 @@ class LLMEngine:
                 self._reasoning_end = ReasoningEnd(self.tokenizer)
             self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
             precompile = args.precompile_steps if args.precompile_steps is not None else jax.default_backend() == "gpu"
+            # A pooling engine (engine.pooling) runs its own step, compiled at first use a token bucket.
+            self.pooling = None
+            if args.runner == "pooling":
+                from engine.pooling import pooling_config
+
+                self.pooling, precompile = pooling_config(loaded.path, args.pooling_type), False
             self.runner = ModelRunner(config, loaded.params, block_size=args.block_size,
                                       max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                       max_model_len=self.max_model_len, kv_dtype=kv_dtype,
@@ -185,8 +195,9 @@ class LLMEngine:
         if precompile and self.runner.table_width is None:
             logger.info("step shapes compile at first use: max_num_seqs x max_model_len / block_size is too large "
                         "for a fixed block-table width (engine.runner.MAX_FIXED_TABLE_ENTRIES)")
-        self.block_manager = BlockManager(num_blocks, args.block_size,
-                                          enable_prefix_caching=args.enable_prefix_caching)
+        # A cached prefix is not computed again: mean and first-token pooling need every prompt row.
+        caching = args.enable_prefix_caching and (self.pooling is None or self.pooling.pooling_type == "LAST")
+        self.block_manager = BlockManager(num_blocks, args.block_size, enable_prefix_caching=caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_tokens,
                                    max_num_seqs=max_seqs, max_model_len=self.max_model_len,
                                    policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode,
@@ -227,7 +238,7 @@ class LLMEngine:
                       "host_s": 0.0, "dispatch_s": 0.0, "wait_s": 0.0}
         # Asynchronous scheduling (see step()); None: wherever it is allowed.
         self.async_scheduling = (args.async_scheduling if args.async_scheduling is not None
-                                 else jax.process_count() == 1)
+                                 else jax.process_count() == 1) and self.pooling is None  # pooling: prompts only
         self._in_flight: Optional[_LaunchedStep] = None
         self._grammars = None  # engine.structured_output.Grammars, made when first needed
         self.tracer: Optional[StepTracer] = None
@@ -262,7 +273,11 @@ class LLMEngine:
         ``output_kind`` (``engine.outputs.RequestOutputKind``): what each output carries. ``FINAL_ONLY`` gives no
         output (callback or ``step()`` result) until the request finishes, as ``LLM.generate`` wants: building
         every running request's output every step is host time; ``DELTA`` gives what changed, as the engine
-        process sends across its pipe."""
+        process sends across its pipe. A pooling engine takes ``PoolingParams`` (or None) and gives one
+        ``EmbeddingRequestOutput`` when the prompt has run (``engine.pooling``)."""
+        pooling_params = self._pooling_params(params)
+        if pooling_params is not None:  # the prompt is run and pooled; nothing is sampled
+            params = SamplingParams(max_tokens=1)
         params = params if params is not None else SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -295,13 +310,29 @@ class LLMEngine:
                               max_output_tokens=params.max_output_tokens(len(prompt_ids), self.max_model_len),
                               output_kind=output_kind,
                               prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-                              bad_words_token_ids=bad_words, grammar=grammar)
+                              bad_words_token_ids=bad_words, grammar=grammar, pooling_params=pooling_params)
         sample = self._new_sample(group, request_id, base_seed, now, priority)
         group.samples.append(sample)
         self.scheduler.add_request(sample.request)
         self._groups[request_id] = group
         self._samples[request_id] = (sample, group)
         self.stats["prompt_tokens"] += len(prompt_ids)
+
+    def _pooling_params(self, params) -> Optional[PoolingParams]:
+        """A pooling engine's request's ``PoolingParams`` (its default for None), checked; None on a generating
+        engine, which refuses ``PoolingParams`` (and a pooling one ``SamplingParams``) by name."""
+        if self.pooling is None:
+            if isinstance(params, PoolingParams):
+                raise ValueError("PoolingParams need a pooling engine: LLM(..., runner='pooling') (--runner pooling)")
+            return None
+        if params is not None and not isinstance(params, PoolingParams):
+            raise ValueError(f"a pooling engine (runner='pooling') takes PoolingParams, not {type(params).__name__}: "
+                             "it embeds prompts and generates nothing")
+        params = params or PoolingParams()
+        if params.dimensions is not None and params.dimensions > self.model_config.hidden_size:
+            raise ValueError(f"dimensions={params.dimensions} exceeds the model's embedding size "
+                             f"{self.model_config.hidden_size}")
+        return params
 
     def _new_sample(self, group: _RequestGroup, seq_id: str, seed: int, now: float, priority: int) -> _Sample:
         params = group.params
@@ -438,6 +469,8 @@ class LLMEngine:
             work.append(SequenceWork(token_ids=token_ids, start=s.start, sample=s.samples, feed_row=feed_row,
                                      block_table=self.block_manager.block_table_array(s.request.request_id),
                                      decode_steps=s.decode_steps, score_targets=scores))
+        if self.pooling is not None:  # prompt chunks only (no asynchronous scheduling): their hidden rows
+            return _LaunchedStep(out, entries, self.runner.dispatch_pool(work), step_start)
         params = [group.params for _, group in entries]
         metadata = build_sampling_metadata(
             params,
@@ -486,6 +519,8 @@ class LLMEngine:
 
     def _complete(self, launched: _LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step and process its sampled tokens; the outputs of the requests touched."""
+        if self.pooling is not None:
+            return self._complete_pooling(launched)
         out, entries = launched.plan, launched.entries
         fetched = time.perf_counter()
         result = self.runner.fetch(launched.pending)
@@ -540,6 +575,35 @@ class LLMEngine:
             elif group.output_kind is RequestOutputKind.FINAL_ONLY and not group.aborted:
                 continue
             outputs.append(self._emit(group, finished))
+        return outputs
+
+    def _complete_pooling(self, launched: _LaunchedStep) -> list[EmbeddingRequestOutput]:
+        """Wait for a pooling step: each chunk's rows go to its request's ``PooledRows``; a request whose prompt's
+        last chunk ran is finished (its blocks freed) with its pooled vector."""
+        out, entries = launched.plan, launched.entries
+        fetched = time.perf_counter()
+        last, first, sums = self.runner.fetch_pool(launched.pending)
+        self.stats["wait_s"] += time.perf_counter() - fetched
+        self.stats["steps"] += 1
+        self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(out.scheduled))
+        outputs = []
+        for i, s in enumerate(out.scheduled):
+            group = entries[i][1]
+            if group.aborted or self._groups.get(group.request_id) is not group:
+                continue
+            group.pooled.add_chunk(s.start, first[i], sums[i])
+            if not s.samples:  # more of the prompt to come
+                continue
+            vector = group.pooled.vector(self.pooling, group.pooling_params, last[i], len(group.prompt_token_ids))
+            self.scheduler.finish_request(s.request.request_id, RequestStatus.FINISHED_STOPPED)
+            del self._groups[group.request_id]
+            self._forget_samples(group)
+            output = EmbeddingRequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
+                                            EmbeddingOutput(vector))
+            if group.on_output is not None:
+                group.on_output(output)
+            outputs.append(output)
+        self.scheduler.update_after_step(out, {})  # the requests still computing their prompts
         return outputs
 
     def _record_prompt_logprobs(self, launched: _LaunchedStep) -> None:

@@ -45,6 +45,7 @@ from models.llama import forward, layout_layers, lm_head_logits
 from models.moe import expert_mlp
 from models.quantization import Fp8Weight, LinearBackend
 from pallas_kernels import get_attention_fns
+from pallas_kernels.ragged_paged_attention import token_sequence_ids
 from sharding import TensorParallelPlan, replicated, shard_attention_fns, shard_expert_fn
 from sharding.distributed import broadcast_from_leader, is_leader
 
@@ -200,6 +201,14 @@ class PendingStep:
     # work with ``score_targets``, its index and its first scored row there.
     scores: Optional[SamplerOutput] = None
     score_offsets: Optional[dict[int, int]] = None
+
+
+@dataclasses.dataclass
+class PendingPool:
+    """A dispatched pooling step (``ModelRunner.dispatch_pool``): its ``(last, first, sums)`` rows on the device."""
+
+    rows: tuple
+    num_seqs: int
 
 
 def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_tokens: int, max_num_seqs: int,
@@ -435,6 +444,11 @@ class ModelRunner:
         self._make_score = functools.partial(jax.jit, self._score_step, donate_argnums=(1,), keep_unused=True,
                                              static_argnames=("num_logprobs",), **score_placement)
         self._take = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), **stage_placement)
+        # Pooling (embedding) steps: each sequence's last, first and summed hidden rows instead of logits.
+        self._pool_fns = {}  # XLA options -> the jitted pooling step (pool_fn)
+        pool_placement = {} if self.mesh is None else {
+            "out_shardings": (self._input_sharding,) * 3 + (kv_placement,)}
+        self._make_pool = functools.partial(jax.jit, self._pool_step, donate_argnums=(1,), **pool_placement)
 
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
         """A step input's shape, placed as the runner places that input (replicated over a mesh)."""
@@ -519,6 +533,34 @@ class ModelRunner:
         chunks = (score_rows.reshape(-1, PROMPT_SCORE_CHUNK), score_targets.reshape(-1, PROMPT_SCORE_CHUNK))
         scores = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), jax.lax.map(score, chunks))
         return logits, kv_cache, scores
+
+    def _pool_step(self, params, kv_cache, model_input):
+        """A pooling step (``engine.pooling``): for each sequence slot its chunk's last row (at
+        ``logits_indices``), first row and the sum of its rows of the last layer's normed hidden states, float32
+        ``[S, H]`` each, and the cache."""
+        hidden, kv_cache = self._forward(params, kv_cache, model_input, return_hidden=True)
+        hidden = hidden.astype(jnp.float32)
+        cu = jnp.minimum(model_input.cu_q_lens, model_input.cu_q_lens[model_input.num_seqs[0]])
+        seq, valid = token_sequence_ids(cu, hidden.shape[0])
+        sums = jax.ops.segment_sum(jnp.where(valid[:, None], hidden, 0.0), seq, num_segments=cu.shape[0] - 1)
+        first = hidden[jnp.minimum(cu[:-1], hidden.shape[0] - 1)]
+        return hidden[model_input.logits_indices], first, sums, kv_cache
+
+    def pool_fn(self, num_tokens: int):
+        """The jitted pooling step (``_pool_step``) for ``num_tokens`` (padded) token rows."""
+        return self._with_step_options(num_tokens, self._pool_fns, self._make_pool)
+
+    def dispatch_pool(self, work: Sequence[SequenceWork]) -> PendingPool:
+        """Start a pooling step of prompt chunks (no sampling); ``fetch_pool`` waits for its rows."""
+        self._lead("dispatch_pool", list(work))
+        model_input = jax.device_put(self.build_model_input(work), self._input_sharding)
+        *rows, self.kv_cache = self.pool_fn(model_input.token_ids.shape[0])(self.params, self.kv_cache, model_input)
+        return PendingPool(tuple(rows), len(work))
+
+    @staticmethod
+    def fetch_pool(pending: PendingPool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(last, first, sums)`` rows of a pooling step's real sequences, on the host."""
+        return tuple(np.asarray(a)[:pending.num_seqs] for a in jax.device_get(pending.rows))
 
     def _burst_step(self, params, kv_cache, staged, last_sampled, outputs, *, layout, num_logprobs):
         """A multi-step decode (``engine.multi_step.decode_burst``) of ``num_scheduler_steps`` steps: the last

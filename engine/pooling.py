@@ -1,0 +1,108 @@
+"""Pooling (embedding) models: one vector a prompt from the last layer's hidden states, as vLLM's pooling runner.
+
+Owns ``PoolingParams``, the pooled outputs (``EmbeddingRequestOutput``, vLLM's shape: ``.outputs.embedding``), the
+pooling a checkpoint's sentence-transformers files name (``pooling_config``: ``1_Pooling/config.json``'s mode,
+``modules.json``'s Normalize), and a request's pooled vector from the rows its prompt chunks returned
+(``PooledRows``: the last token's, the mean of all, or the first token's; normalised, cut to ``dimensions``).
+The rows come from ``engine.runner.ModelRunner.dispatch_pool``; the engine (``engine.llm_engine``) finishes a
+request when its prompt's last chunk has run. Plain host code: no JAX here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
+RUNNERS = ("generate", "pooling")
+
+
+@dataclasses.dataclass
+class PoolingParams:
+    """vLLM's ``PoolingParams`` for embeddings: ``normalize`` (None: the model's, else True as vLLM's default),
+    ``dimensions`` (a Matryoshka model's first dimensions, normalised after the cut)."""
+
+    normalize: Optional[bool] = None
+    dimensions: Optional[int] = None
+
+    def __post_init__(self):
+        if self.dimensions is not None and (isinstance(self.dimensions, bool) or not isinstance(self.dimensions, int)
+                                            or self.dimensions < 1):
+            raise ValueError(f"dimensions must be a positive integer, got {self.dimensions!r}")
+
+
+@dataclasses.dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclasses.dataclass
+class EmbeddingRequestOutput:
+    """A pooled request's result (vLLM's ``EmbeddingRequestOutput``)."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolingConfig:
+    pooling_type: str = "LAST"
+    normalize: bool = True
+
+
+def pooling_config(model_path: str, pooling_type: Optional[str] = None) -> PoolingConfig:
+    """The pooling of ``model_path``'s sentence-transformers files, where it has them: ``1_Pooling/config.json``'s
+    mode (last token, mean, CLS) and whether ``modules.json`` ends in Normalize; else the last token, normalised
+    (vLLM's defaults for a decoder's embeddings). ``pooling_type`` (one of ``POOLING_TYPES``) overrides the mode."""
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    mode, normalize = "LAST", True
+    try:
+        with open(os.path.join(folder, "1_Pooling", "config.json")) as f:
+            fields = json.load(f)
+        mode = next((name for key, name in (("pooling_mode_lasttoken", "LAST"), ("pooling_mode_mean_tokens", "MEAN"),
+                                            ("pooling_mode_cls_token", "CLS")) if fields.get(key)), mode)
+        with open(os.path.join(folder, "modules.json")) as f:
+            normalize = any(m.get("type", "").endswith("Normalize") for m in json.load(f))
+    except (OSError, ValueError, AttributeError):
+        pass
+    if pooling_type is not None:
+        if pooling_type.upper() not in POOLING_TYPES:
+            raise ValueError(f"pooling_type must be one of {', '.join(POOLING_TYPES)}, got {pooling_type!r}")
+        mode = pooling_type.upper()
+    return PoolingConfig(mode, normalize)
+
+
+@dataclasses.dataclass
+class PooledRows:
+    """What a request's prompt chunks returned so far, for its pooled vector."""
+
+    total: Optional[np.ndarray] = None  # sum of every prompt row (MEAN)
+    first: Optional[np.ndarray] = None  # the prompt's first row (CLS)
+
+    def add_chunk(self, start: int, first_row: np.ndarray, row_sum: np.ndarray) -> None:
+        """A chunk starting at prompt position ``start``: its first row and the sum of its rows. A chunk at 0 starts
+        over (a preempted request computes its prompt again)."""
+        if start == 0:
+            self.total, self.first = None, first_row
+        self.total = row_sum if self.total is None else self.total + row_sum
+
+    def vector(self, config: PoolingConfig, params: PoolingParams, last_row: np.ndarray,
+               num_tokens: int) -> list[float]:
+        """The pooled vector once the prompt's last chunk (ending with ``last_row``) has run."""
+        if config.pooling_type == "MEAN":
+            vector = self.total / num_tokens
+        else:
+            vector = self.first if config.pooling_type == "CLS" else last_row
+        vector = np.asarray(vector, np.float64)
+        if params.dimensions is not None:  # checked against the hidden size when the request came in
+            vector = vector[:params.dimensions]
+        if (config.normalize if params.normalize is None else params.normalize):
+            vector = vector / max(np.linalg.norm(vector), 1e-12)
+        return vector.astype(np.float32).tolist()

@@ -1,0 +1,97 @@
+"""Pooling (embedding) engines: ``LLM(runner="pooling").embed`` against Hugging Face's hidden states.
+
+A tiny random checkpoint's prompts, chunked (a step's token budget below the longest prompt) and batched in a KV
+pool too small for all at once: the last token's, the mean or the first token's row of the last layer's normed
+output, normalised or not as the sentence-transformers files or ``PoolingParams`` say, equal HF's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine import LLM, PoolingParams, SamplingParams
+from tests.tiny_checkpoints import write_tiny_checkpoint
+
+PROMPT_LENGTHS = (5, 30, 17, 9)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3-embedding")
+    model = write_tiny_checkpoint(path, "qwen3", seed=int(np.random.default_rng().integers(1 << 20)))
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 256, n).tolist() for n in PROMPT_LENGTHS]
+    with torch.no_grad():
+        hidden = [model.model(torch.tensor([p])).last_hidden_state[0].numpy().astype(np.float64) for p in prompts]
+    return path, prompts, hidden
+
+
+def embed(path, prompts, params=None, **engine):
+    llm = LLM(str(path), runner="pooling", dtype="float32", skip_tokenizer_init=True, max_model_len=40,
+              max_num_batched_tokens=16, max_num_seqs=4, num_gpu_blocks_override=7, block_size=8, **engine)
+    try:
+        outs = llm.embed([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [np.asarray(o.outputs.embedding, np.float64) for o in outs], llm.stats(), llm
+    finally:
+        llm.shutdown()
+
+
+def unit(v):
+    return v / np.linalg.norm(v)
+
+
+def test_last_token_embeddings_are_hf_hidden_states_normalised(checkpoint):
+    path, prompts, hidden = checkpoint
+    got, stats, llm = embed(path, prompts)
+    assert stats["steps"] > len(PROMPT_LENGTHS) // 2  # the 30-token prompt in chunks of 16, others beside it
+    for g, h in zip(got, hidden):
+        np.testing.assert_allclose(g, unit(h[-1]), atol=2e-6)
+    cut, _, _ = embed(path, prompts[:2], PoolingParams(dimensions=16, normalize=False))
+    for g, h in zip(cut, hidden):  # Matryoshka: the first dimensions
+        np.testing.assert_allclose(g, h[-1][:16], rtol=1e-5, atol=1e-6)
+    assert llm.llm_engine.block_manager.prefix_cache is not None  # last-token pooling keeps the prefix cache
+
+
+@pytest.mark.parametrize("mode, normalize", [("mean_tokens", False), ("cls_token", True)])
+def test_sentence_transformers_pooling_files(checkpoint, tmp_path, mode, normalize):
+    """``1_Pooling/config.json`` names the pooling and ``modules.json`` whether a Normalize module ends it."""
+    path, prompts, hidden = checkpoint
+    for f in path.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{mode}": True}))
+    modules = [{"type": "sentence_transformers.models.Transformer"}, {"type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"type": "sentence_transformers.models.Normalize"})
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    got, _, llm = embed(tmp_path, prompts)
+    for g, h in zip(got, hidden):
+        want = h.mean(axis=0) if mode == "mean_tokens" else h[0]
+        np.testing.assert_allclose(g, unit(want) if normalize else want, rtol=1e-5, atol=2e-6)
+    assert llm.llm_engine.block_manager.prefix_cache is None  # every prompt row is needed
+    forced, _, _ = embed(tmp_path, prompts[:1], pooling_type="LAST")
+    np.testing.assert_allclose(forced[0], unit(hidden[0][-1]) if normalize else hidden[0][-1], rtol=1e-5, atol=2e-6)
+
+
+def test_pooling_and_generating_engines_refuse_each_others_requests(checkpoint):
+    path, prompts, _ = checkpoint
+    pooling = LLM(str(path), runner="pooling", dtype="float32", skip_tokenizer_init=True, max_model_len=64)
+    with pytest.raises(ValueError, match="pooling engine.*takes PoolingParams"):
+        pooling.generate({"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="dimensions=65 exceeds the model's embedding size 64"):
+        pooling.embed({"prompt_token_ids": prompts[0]}, PoolingParams(dimensions=65), use_tqdm=False)
+    pooling.shutdown()
+    generating = LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_model_len=64)
+    with pytest.raises(ValueError, match="runner='pooling'"):
+        generating.embed({"prompt_token_ids": prompts[0]}, use_tqdm=False)
+    generating.shutdown()
+    for bad, match in (({"runner": "embed"}, "runner must be one of generate, pooling"),
+                       ({"runner": "pooling", "pooling_type": "max"}, "pooling_type must be None or one of")):
+        with pytest.raises(ValueError, match=match):
+            LLM(str(path), skip_tokenizer_init=True, **bad)
+    with pytest.raises(ValueError, match="dimensions must be a positive integer"):
+        PoolingParams(dimensions=0)
