@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Protocol, S
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.outputs import RequestOutput
+from engine.pooling import EmbeddingRequestOutput
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -268,6 +269,10 @@ class _RequestTimer:
         if not self.stat_loggers:
             return
         now = time.monotonic()
+        if isinstance(output, EmbeddingRequestOutput):  # a pooling engine's: one output, no tokens
+            for stat_logger in self.stat_loggers:
+                stat_logger.on_finished(now - self.arrival, ["stop"])
+            return
         num_tokens = sum(len(c.token_ids) for c in output.outputs)
         if num_tokens > self.num_tokens:
             # Tokens that arrive together (a multi-step decode's) share the interval since the last arrival.

@@ -10,17 +10,21 @@ time, so an output a caller holds never changes under it. Deltas only ever appen
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.pooling import EmbeddingRequestOutput
 
 # One completion's delta: (index, tokens added, text added, cumulative logprob, logprobs entries added or None,
 # finish reason, stop reason). A request's: (finished, (prompt, prompt_token_ids, num_cached_tokens, prompt_logprobs)
 # on its first output else None, completions' deltas).
 
 
-def encode(output: RequestOutput) -> tuple:
-    """A ``RequestOutputKind.DELTA`` output as tuples for the pipe."""
+def encode(output: Union[RequestOutput, EmbeddingRequestOutput]) -> tuple:
+    """A ``RequestOutputKind.DELTA`` output as tuples for the pipe (a pooled output whole: it is final, and
+    comes once)."""
+    if isinstance(output, EmbeddingRequestOutput):
+        return True, None, output
     prompt = ((output.prompt, output.prompt_token_ids, output.num_cached_tokens, output.prompt_logprobs)
               if output.prompt_token_ids is not None else None)
     return output.finished, prompt, [(c.index, c.token_ids, c.text, c.cumulative_logprob, c.logprobs,
@@ -34,8 +38,10 @@ class DeltaDecoder:
         self._prompt: tuple = (None, None, None, None)
         self._completions: dict[int, tuple[list, str, Optional[list]]] = {}  # index -> (tokens, text, logprobs)
 
-    def decode(self, request_id: str, delta: tuple) -> RequestOutput:
+    def decode(self, request_id: str, delta: tuple) -> Union[RequestOutput, EmbeddingRequestOutput]:
         finished, prompt, completions = delta
+        if isinstance(completions, EmbeddingRequestOutput):
+            return completions
         if prompt is not None:
             self._prompt = prompt
         outputs = []

@@ -999,3 +999,48 @@ def test_mailbox_wakes_the_event_loop_once_for_what_arrives_before_it_runs():
     closed = asyncio.new_event_loop()
     closed.close()
     _Mailbox(closed).put(asyncio.Queue(), 1)  # no error: nobody is listening
+
+
+def test_embeddings_from_a_pooling_server(served):
+    """``--runner pooling``: the default model's embeddings through the ``openai`` client (which asks for base64
+    and decodes it), its engine in a process of its own: unit vectors, a text's equal to its token ids', the
+    float form the same, ``dimensions`` cut then normalised; generating there, and embeddings on a generating
+    server, are 400s that say why."""
+    import base64
+
+    import numpy as np
+
+    args = make_arg_parser().parse_args(["--runner", "pooling", "--max-model-len", "128"])
+    async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=args.engine_process)
+    server, thread, url = _serve_in_thread(build_app(async_llm, served_model_names(args)))
+    try:
+        client, tokenizer = served.client(url), served.async_llm.tokenizer
+        texts = ["The capital of France is", "Paris is a city in"]
+        out = client.embeddings.create(model=served.model, input=texts)
+        vectors = [np.asarray(d.embedding) for d in out.data]
+        assert [d.index for d in out.data] == [0, 1] and all(v.shape == (576,) for v in vectors)
+        assert all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors) and not np.allclose(*vectors, atol=1e-3)
+        assert out.usage.prompt_tokens == out.usage.total_tokens == sum(len(tokenizer.encode(t)) for t in texts)
+        by_ids = client.embeddings.create(model=served.model, input=[tokenizer.encode(texts[0])])
+        np.testing.assert_allclose(by_ids.data[0].embedding, vectors[0], atol=1e-6)
+        as_floats = httpx.post(f"{url}/v1/embeddings", json={"input": texts[0], "encoding_format": "float"},
+                               timeout=60).json()
+        np.testing.assert_allclose(as_floats["data"][0]["embedding"], vectors[0], atol=1e-7)
+        as_base64 = httpx.post(f"{url}/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"},
+                               timeout=60).json()["data"][0]["embedding"]
+        np.testing.assert_array_equal(np.frombuffer(base64.b64decode(as_base64), "<f4"),
+                                      np.asarray(as_floats["data"][0]["embedding"], np.float32))
+        cut = np.asarray(client.embeddings.create(model=served.model, input=texts[0], dimensions=32).data[0].embedding)
+        np.testing.assert_allclose(cut, vectors[0][:32] / np.linalg.norm(vectors[0][:32]), atol=1e-5)
+        with pytest.raises(openai.BadRequestError, match="takes PoolingParams"):
+            client.completions.create(model=served.model, prompt="Hi", max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="dimensions=1000 exceeds"):
+            client.embeddings.create(model=served.model, input=texts[0], dimensions=1000)
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 128"):
+            client.embeddings.create(model=served.model, input=[list(range(200))])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        async_llm.shutdown()
+    with pytest.raises(openai.BadRequestError, match="--runner pooling"):
+        served.client().embeddings.create(model=served.model, input="Hi")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
 import gc
 import importlib.metadata
@@ -27,8 +28,9 @@ import re
 import secrets
 import socket
 import time
-from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence, Union
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,8 +44,8 @@ from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
-    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, NamedToolChoice, PromptLogprob, PromptLogprobs,
-    PromptTokenUsageInfo,
+    DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList,
+    NamedToolChoice, PromptLogprob, PromptLogprobs, PromptTokenUsageInfo,
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
 )
 from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
@@ -52,6 +54,7 @@ from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, Tool
 from engine.generation_config import SAMPLING_FIELDS
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.pooling import RUNNERS, PoolingParams
 from engine.sampling_params import SamplingParams
 from models.config import LOAD_FORMATS
 
@@ -199,6 +202,10 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await _cancel_on_disconnect(raw, serving.create_chat_completion(body))
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, raw: Request):
+        return await _cancel_on_disconnect(raw, serving.create_embedding(body))
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return await serving.tokenize(body)
@@ -322,6 +329,30 @@ class OpenAIServing:
                                                 prompt_logprobs=_prompt_logprobs(output, req.prompt_logprobs)))
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=_usage(finals))
 
+    async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        """OpenAI's embeddings, from an engine started with ``--runner pooling`` (``engine.pooling``)."""
+        model = self._check_model(req)
+        if self.async_llm.engine.args.runner != "pooling":
+            raise bad_request("this server generates text: embeddings need an engine started with --runner pooling",
+                              param="model", code="model_not_supported")
+        if not req.input:
+            raise bad_request("input is empty: give a text, a list of texts or token ids", param="input")
+        try:
+            params = PoolingParams(dimensions=req.dimensions)
+        except ValueError as e:
+            raise bad_request(str(e), param="dimensions") from None
+        prompts = await run_in_threadpool(self._completion_prompts, req.input, "input")
+        for prompt in prompts:
+            self._check_length(len(prompt.token_ids), None, "input", "")
+        request_id = random_id("embd")
+        streams = await self._add_requests(request_id, prompts, params, req.priority, "input", renames={})
+        finals = await _final_outputs(streams)
+        data = [EmbeddingData(index=i, embedding=_encode_embedding(o.outputs.embedding, req.encoding_format))
+                for i, o in enumerate(finals)]
+        tokens = sum(len(p.token_ids) for p in prompts)
+        return EmbeddingResponse(id=request_id, model=model, data=data,
+                                 usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
+
     def _echo_logprobs(self, out: CompletionLogprobs, output: RequestOutput) -> int:
         """Append the prompt's tokens to ``out`` in the completions format (the first with no logprob, as OpenAI's
         legacy API and vLLM give it), from ``output.prompt_logprobs``; returns the text offset after them."""
@@ -329,8 +360,8 @@ class OpenAIServing:
         decode = None if tokenizer is None else (lambda token_id: tokenizer.decode([token_id]))
         return _append_completion_logprobs(out, zip(output.prompt_token_ids, output.prompt_logprobs), 0, decode)
 
-    def _completion_prompts(self, prompt) -> list[_Prompt]:
-        """Runs in a worker thread (tokenizing may be slow)."""
+    def _completion_prompts(self, prompt, param: str = "prompt") -> list[_Prompt]:
+        """Runs in a worker thread (tokenizing may be slow). ``param``: the request field, for its errors."""
         engine, tokenizer = self.async_llm.engine, self.async_llm.tokenizer
         if isinstance(prompt, str) or isinstance(prompt[0], int):
             prompt = [prompt]
@@ -343,8 +374,8 @@ class OpenAIServing:
                 vocab = engine.model_config.vocab_size
                 bad = [t for t in ids if t >= vocab]
                 if bad:
-                    raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})",
-                                      param="prompt")
+                    raise bad_request(f"{param} token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                                      param=param)
                 out.append(_Prompt(tokenizer.decode(ids) if tokenizer is not None else None, ids))
         for i, p in enumerate(out):
             if not p.token_ids:
@@ -807,6 +838,13 @@ async def _final_outputs(streams: Sequence[RequestStream]) -> list[RequestOutput
     return finals  # type: ignore[return-value]
 
 
+def _encode_embedding(vector: list[float], encoding_format: str) -> Union[list[float], str]:
+    """A vector as OpenAI returns it: floats, or base64 of its little-endian float32 bytes."""
+    if encoding_format == "float":
+        return vector
+    return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")
+
+
 def _sse(payload) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
@@ -905,6 +943,11 @@ def make_arg_parser() -> argparse.ArgumentParser:
     engine.add_argument("--generation-config", default="auto",
                         help="defaults of the sampling fields a request leaves unset: 'auto' from the model "
                              "folder's generation_config.json, 'vllm' none, or a folder holding one")
+    engine.add_argument("--runner", default="generate", choices=list(RUNNERS),
+                        help="'pooling': an embedding model, served on /v1/embeddings (its checkpoint's "
+                             "sentence-transformers pooling, else the last token's; normalised)")
+    engine.add_argument("--pooling-type", default=None, choices=["LAST", "MEAN", "CLS"],
+                        help="with --runner pooling: the pooling, instead of the checkpoint's")
     engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
                         help="'priority': requests' priority field orders the queue (lower first)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,

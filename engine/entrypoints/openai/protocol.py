@@ -198,6 +198,20 @@ class TokenizeRequest(_ChatTemplateFields):
     messages: Optional[list[ChatMessage]] = None
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's ``/v1/embeddings``: ``input`` a text, a list of texts, a token-id list or a list of those;
+    ``encoding_format`` "float" or "base64" (little-endian float32); ``dimensions`` a Matryoshka cut."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = None
+    user: Optional[str] = None
+    priority: int = 0
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -228,6 +242,21 @@ class UsageInfo(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: Optional[PromptTokenUsageInfo] = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
 
 
 class ModelCard(BaseModel):
