@@ -135,6 +135,7 @@ class LLMEngine:
         outside_arrays = memory_outside_arrays()
         with CompileTimer() as weight_compiles:  # programs that load, quantize and lay out the weights
             loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+                                head_optional=args.runner == "pooling",
                                 shardings=param_shardings_for(mesh), quantization=args.quantization)
             self.quantization = loaded.quantization
             self.dtype = np.dtype(loaded.dtype).name  # the weights' (and activations') dtype

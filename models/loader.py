@@ -76,9 +76,12 @@ def load_model(
     seed: int = 0,
     shardings: Optional[Callable[[ModelConfig], Any]] = None,
     quantization: Optional[str] = None,
+    head_optional: bool = False,
 ) -> LoadedModel:
     """Load config and weights. ``shardings(config)`` may give a pytree of shardings for the
-    (dense) params; quantized weights are placed to match."""
+    (dense) params; quantized weights are placed to match. ``head_optional`` (a pooling engine, which never
+    applies the LM head): a safetensors checkpoint without ``lm_head.weight`` (an embedding model saved as its
+    decoder alone) loads as if tied, its embedding standing in for the head's shape."""
     from models.quantization import (MOE_QUANTIZATION_METHODS, CheckpointQuantization, int8_lm_head,
                                      quantize_lm_head, quantize_params, resolve_method)
 
@@ -92,6 +95,11 @@ def load_model(
         config = read_gguf_config(source)
     else:
         config = ModelConfig.from_pretrained(path)  # first: it reports a missing or broken config.json
+        if head_optional and fmt == "safetensors" and not config.tie_word_embeddings:
+            from models.safetensors_loader import checkpoint_tensor_names
+
+            if "lm_head.weight" not in checkpoint_tensor_names(path):
+                config = dataclasses.replace(config, tie_word_embeddings=True)
     stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
     method = resolve_method(quantization, stored, fmt)
     if config.is_moe and (stored is not None or method not in (None, *MOE_QUANTIZATION_METHODS)):

@@ -229,9 +229,15 @@ class _Checkpoint:
         return self._maps[file][start:start + nbytes].view(dtype).reshape(entry["shape"])
 
 
-# Where a checkpoint keeps its decoder: ``model.`` (a causal LM), or under an image-text model's
-# ``language_model.model.`` (Gemma 3's published files; transformers 5's own layout ``model.language_model.``).
-_DECODER_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
+# Where a checkpoint keeps its decoder: ``model.`` (a causal LM), under an image-text model's
+# ``language_model.model.`` (Gemma 3's published files; transformers 5's own layout ``model.language_model.``), or at
+# the top (an embedding model saved as its decoder alone, e.g. Qwen3-Embedding).
+_DECODER_PREFIXES = ("model.", "language_model.model.", "model.language_model.", "")  # "": a decoder saved alone
+
+
+def checkpoint_tensor_names(path: str) -> set[str]:
+    """The tensor names of a safetensors checkpoint folder (its headers only)."""
+    return {name for file in find_safetensors_files(path) for name in _read_header(file)}
 
 
 def _decoder_prefix(ckpt: "_Checkpoint") -> str:

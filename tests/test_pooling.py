@@ -95,3 +95,22 @@ def test_pooling_and_generating_engines_refuse_each_others_requests(checkpoint):
             LLM(str(path), skip_tokenizer_init=True, **bad)
     with pytest.raises(ValueError, match="dimensions must be a positive integer"):
         PoolingParams(dimensions=0)
+
+
+def test_embedding_checkpoint_saved_as_its_decoder_alone(checkpoint, tmp_path):
+    """As Qwen3-Embedding's files: the decoder's tensors at the top (no ``model.`` prefix) and no LM head though
+    the config is untied; a pooling engine loads it (a generating one names the missing head)."""
+    from safetensors.numpy import load_file, save_file
+
+    path, prompts, hidden = checkpoint
+    config = json.loads((path / "config.json").read_text())
+    assert not config["tie_word_embeddings"]
+    tensors = {name.removeprefix("model."): value for name, value in load_file(path / "model.safetensors").items()
+               if name != "lm_head.weight"}
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    got, _, _ = embed(tmp_path, prompts[:2])
+    for g, h in zip(got, hidden):
+        np.testing.assert_allclose(g, unit(h[-1]), atol=2e-6)
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=40)
