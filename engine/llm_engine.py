@@ -155,12 +155,11 @@ class LLMEngine:
                 self._reasoning_end = ReasoningEnd(self.tokenizer)
             self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
             precompile = args.precompile_steps if args.precompile_steps is not None else jax.default_backend() == "gpu"
-            # A pooling engine (engine.pooling) runs its own step, compiled at first use a token bucket.
-            self.pooling = None
+            self.pooling = None  # a pooling engine's PoolingConfig (engine.pooling): it runs its own step
             if args.runner == "pooling":
                 from engine.pooling import pooling_config
 
-                self.pooling, precompile = pooling_config(loaded.path, args.pooling_type), False
+                self.pooling = pooling_config(loaded.path, args.pooling_type)
             self.runner = ModelRunner(config, loaded.params, block_size=args.block_size,
                                       max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                       max_model_len=self.max_model_len, kv_dtype=kv_dtype,
@@ -187,7 +186,7 @@ class LLMEngine:
             compiled = 0
             if precompile and self.runner.table_width is not None:
                 started = time.perf_counter()
-                compiled = self.runner.precompile()
+                compiled = self.runner.precompile_pool() if self.pooling else self.runner.precompile()
                 self.startup_seconds["precompile"] = time.perf_counter() - started
         self.startup_seconds["weights_compile"] = weight_compiles.seconds
         slowest = ", ".join(f"{name} {seconds:.1f} s"

@@ -680,6 +680,20 @@ class ModelRunner:
             self._precompile_bursts(bursts, samplers, workers, bar)
         return bar.n
 
+    def precompile_pool(self, *, progress: bool = True) -> int:
+        """``precompile`` for a pooling engine: the pooling step (``_pool_step``) of every token bucket at the fixed
+        table width, each run once on an empty batch. Returns how many programs ran."""
+        from tqdm import tqdm
+
+        if self.table_width is None:
+            raise RuntimeError("precompile needs a fixed block-table width (ModelRunner(fixed_table_width=True))")
+        buckets = token_buckets(self.max_num_batched_tokens)
+        for T in tqdm(buckets, desc="Compiling pooling steps", unit="program", disable=not progress):
+            model_input = jax.device_put(self._empty_step_input(T, self.table_width)[0], self._input_sharding)
+            *rows, self.kv_cache = self.pool_fn(T)(self.params, self.kv_cache, model_input)
+            jax.block_until_ready(rows)
+        return len(buckets)
+
     def _precompile_bursts(self, buckets: list[int], samplers: list[SamplingParams], workers: int, bar) -> None:
         """``precompile``'s multi-step decodes: the staging program and each sampler's burst of every bucket."""
         host_inputs = {T: self._empty_burst_input(T, samplers) for T in buckets}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engine import LLM, PoolingParams, SamplingParams
+from engine.runner import token_buckets
 from tests.tiny_checkpoints import write_tiny_checkpoint
 
 PROMPT_LENGTHS = (5, 30, 17, 9)
@@ -114,3 +115,15 @@ def test_embedding_checkpoint_saved_as_its_decoder_alone(checkpoint, tmp_path):
         np.testing.assert_allclose(g, unit(h[-1]), atol=2e-6)
     with pytest.raises(ValueError, match="lm_head.weight"):
         LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=40)
+
+
+def test_precompiled_pooling_steps_are_the_ones_that_run(checkpoint):
+    """``precompile_steps=True`` (the GPU default) on a pooling engine compiles its pooling step of every token
+    bucket at start-up; embedding afterwards compiles nothing more and gives the same vectors."""
+    path, prompts, hidden = checkpoint
+    got, _, llm = embed(path, prompts, precompile_steps=True)
+    runner = llm.llm_engine.runner
+    (jitted,) = runner._pool_fns.values()
+    assert jitted._cache_size() == len(token_buckets(runner.max_num_batched_tokens))
+    for g, h in zip(got, hidden):
+        np.testing.assert_allclose(g, unit(h[-1]), atol=2e-6)
