@@ -250,11 +250,16 @@ class EmbeddingData(BaseModel):
     embedding: Union[list[float], str]
 
 
-class EmbeddingResponse(BaseModel):
+class _Response(BaseModel):
+    """What every response of a model's work starts with (its ``object`` is each one's own)."""
+
     id: str
-    object: Literal["list"] = "list"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+
+
+class EmbeddingResponse(_Response):
+    object: Literal["list"] = "list"
     data: list[EmbeddingData]
     usage: UsageInfo
 
@@ -299,11 +304,8 @@ class CompletionChoice(BaseModel):
     prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM extension
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_Response):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[CompletionChoice]
     usage: Optional[UsageInfo] = None
 
@@ -361,11 +363,8 @@ class ChatCompletionChoice(BaseModel):
     stop_reason: Optional[Union[int, str]] = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatCompletionChoice]
     usage: Optional[UsageInfo] = None
     prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM extension
