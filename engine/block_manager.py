@@ -150,7 +150,7 @@ class BlockManager:
         current = self._num_tokens.get(seq_id, 0)
         table = self._tables.get(seq_id)
         if (table is not None and current < num_tokens_total <= len(table) * self.block_size
-                and self._refcount[table[-1]] == 1):
+                and self._refcount[table[-1]] == 1 and not self._is_cached(table[-1])):
             # Growing inside its own last block (most decode steps): nothing to take or copy.
             self._num_tokens[seq_id] = num_tokens_total
             return []
@@ -167,7 +167,7 @@ class BlockManager:
         copies = []
         if copy_on_write:
             src = table[-1]
-            self._refcount[src] -= 1
+            self._release(src)
             table[-1] = self._take_free_block()
             copies.append((src, table[-1]))
         for _ in range(num_new):
@@ -201,14 +201,8 @@ class BlockManager:
         """Drop a sequence; blocks nobody else references go back to the free list at once (a cached one stays
         cached, evictable; its last blocks first, as they are the least likely to be shared)."""
         table = self._table(seq_id)
-        cache = self.prefix_cache
         for block in reversed(table):
-            self._refcount[block] -= 1
-            if self._refcount[block] == 0:
-                if cache is not None and cache.is_cached(block):
-                    cache.park(block)
-                else:
-                    self._free.append(block)
+            self._release(block)
         del self._tables[seq_id], self._num_tokens[seq_id]
         self._table_arrays.pop(seq_id, None)
         self._num_keyed.pop(seq_id, None)
@@ -316,10 +310,27 @@ class BlockManager:
             raise KeyError(f"unknown sequence {seq_id!r}") from None
 
     def _needs_copy_on_write(self, seq_id: str, num_tokens_total: int) -> bool:
-        """Whether growing would write into a partly filled last block that others share."""
+        """Whether growing would write into a partly filled last block that others share, or that the prefix cache
+        holds full (a fork of part of a cached block: its owner may have gone, but the cache promises its
+        tokens)."""
         current = self._num_tokens.get(seq_id, 0)
-        return (num_tokens_total > current and current % self.block_size != 0
-                and self._refcount[self._tables[seq_id][-1]] > 1)
+        if num_tokens_total <= current or current % self.block_size == 0:
+            return False
+        last = self._tables[seq_id][-1]
+        return self._refcount[last] > 1 or self._is_cached(last)
+
+    def _is_cached(self, block: int) -> bool:
+        return self.prefix_cache is not None and self.prefix_cache.is_cached(block)
+
+    def _release(self, block: int) -> None:
+        """One reference fewer; a block nobody references goes back: parked in the cache (evictable) if cached,
+        else to the free list."""
+        self._refcount[block] -= 1
+        if self._refcount[block] == 0:
+            if self._is_cached(block):
+                self.prefix_cache.park(block)
+            else:
+                self._free.append(block)
 
     def _take_free_block(self) -> int:
         """A never-cached free block if there is one, else the cached block freed longest ago, evicted."""

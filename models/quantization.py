@@ -298,14 +298,44 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
     return params
 
 
+# A stacked weight larger than this is quantized a slice of its leading axis at a time: quantizing computes in
+# float32, so Qwen3-30B-A3B's expert_gate ([48, 128, 2048, 768], 19 GB in bf16) whole would need 39 GB more
+# beside its 61 GB of weights.
+QUANTIZE_SLICE_BYTES = 1 << 30
+
+
 def _quantize_placed(dense: jax.Array, method: str, sharding=None, int8_layout: Optional[str] = None):
     """``quantize_weight(dense, method)`` (int8 laid out by ``int8_layout``, else ``$PAGEDJAX_INT8_LAYOUT``), its
     fields placed as the dense weight's ``sharding`` says (``field_shardings``; None: where the computation puts
-    them)."""
+    them). A large stacked weight goes a slice of layers at a time into the result's buffers, updated in place
+    (the same values: every scale is per ``[K, N]`` matrix)."""
     layout = int8_layout or int8_layout_from_env()
-    out = None if sharding is None else field_shardings(jax.eval_shape(_quantizer(method, None, layout), dense),
-                                                        sharding)
-    return _quantizer(method, out, layout)(dense)
+    shapes = jax.eval_shape(_quantizer(method, None, layout), dense)
+    out = None if sharding is None else field_shardings(shapes, sharding)
+    rows = dense.shape[0]
+    step = max((d for d in range(1, rows + 1) if rows % d == 0 and d * dense.nbytes <= QUANTIZE_SLICE_BYTES * rows),
+               default=1)
+    if dense.ndim < 3 or step == rows:
+        return _quantizer(method, out, layout)(dense)
+    result = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes), out_shardings=out)()
+    write = _slice_quantizer(method, out, layout, step)
+    for start in range(0, rows, step):
+        result = write(result, dense, np.int32(start))
+    return result
+
+
+@functools.lru_cache(maxsize=None)
+def _slice_quantizer(method: str, out_shardings, int8_layout: str, step: int):
+    """``result`` with rows ``[start, start + step)`` of its every field quantized from ``dense``'s (donated: in
+    place)."""
+
+    def write(result, dense, start):
+        part = quantize_weight(jax.lax.dynamic_slice_in_dim(dense, start, step, 0), method, int8_layout)
+        return jax.tree.map(lambda whole, rows: jax.lax.dynamic_update_slice_in_dim(whole, rows, start, 0),
+                            result, part)
+
+    return jax.jit(write, donate_argnums=(0,), out_shardings=out_shardings,
+                   compiler_options=QUANTIZER_COMPILER_OPTIONS)
 
 
 INT8_LM_HEAD_CHOICES = ("1", "0")

@@ -267,12 +267,17 @@ class BlockManagerMachine(RuleBasedStateMachine):
         old = self.tokens.get(seq, [])
         total = len(old) + len(new_tokens)
         free_before, needed = self.bm.num_free_blocks, self.bm.num_blocks_needed(seq, total)
+        # A cached block only this sequence holds, partly: copied before the write, the original goes back to the
+        # cache as evictable (a free block again).
+        last = self.bm.block_table(seq)[-1] if seq in self.bm and len(old) % self.bm.block_size else None
+        frees_cached = (last is not None and self.bm.refcount(last) == 1 and self.bm.prefix_cache is not None
+                        and self.bm.prefix_cache.is_cached(last))
         copies = self.bm.allocate_slots(seq, total)
         if copies is None:
             assert needed > free_before and self.bm.num_free_blocks == free_before
             assert (seq in self.bm) == (seq in self.tokens)
             return
-        assert self.bm.num_free_blocks == free_before - needed
+        assert self.bm.num_free_blocks == free_before - needed + int(frees_cached)
         self.store.copy_blocks(copies)
         slots = self.bm.slots(seq, len(old), total)
         assert all(self.bm.refcount(s // self.bm.block_size) == 1 for s in slots), "write into a shared block"
@@ -365,3 +370,29 @@ def test_block_table_array_follows_every_change_of_the_table(rng):
             assert array.dtype == np.int32 and not array.flags.writeable
             assert array.tolist() == bm.block_table(seq_id)
         bm.check_invariants()  # also: no cached array is stale or outlives its sequence
+
+
+def test_growing_into_part_of_a_cached_block_copies_it_first():
+    """The case hypothesis found (CI, 2026-12-05): a fork takes 3 of a sequence's 4 tokens, so it shares the cached
+    full block [1, 2] as its partly filled last one; its owner goes, and the fork writes its 4th token. Written in
+    place, the cached block would hold [1, 1] under the key of [1, 2] (its refcount is 1: only the cache's promise
+    is at stake): it must be copied first, and stay cached."""
+    bm = BlockManager(4, 2, enable_prefix_caching=True)
+    store, tokens = PagedStore(2), [1, 1, 1, 2]
+    assert bm.allocate_slots("a", 4) == []
+    store.write(bm.slots("a", 0, 4), tokens)
+    keys = []
+    extend_block_keys(keys, lambda start, stop: tokens[start:stop], 4, 2)
+    bm.cache_blocks("a", keys)
+    bm.fork("a", "b", 3)
+    bm.free("a")
+    cached_block = bm.block_table("b")[1]
+    assert bm.refcount(cached_block) == 1 and bm.num_blocks_needed("b", 4) == 1
+    copies = bm.allocate_slots("b", 4)
+    assert copies == [(cached_block, bm.block_table("b")[1])] and bm.block_table("b")[1] != cached_block
+    store.copy_blocks(copies)
+    store.write(bm.slots("b", 3, 4), [1])
+    assert bm.cached_prefix(keys, 5) == [bm.block_table("b")[0], cached_block]
+    assert [store.values[cached_block * 2 + i] for i in range(2)] == [1, 2]
+    assert store.read(bm, "b", 4) == [1, 1, 1, 1]
+    bm.check_invariants()

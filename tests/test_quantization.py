@@ -548,3 +548,18 @@ def test_load_time_quantization_compiles_once_per_weight_shape(method):
     assert sum(1 for phase, *_ in timer.events if phase == "compile") == len(set(shapes.values()))
     for name, shape in shapes.items():
         np.testing.assert_allclose(np.asarray(dequantize(quantized["layers"][name])), 0.5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+def test_large_stacked_weights_quantize_a_slice_at_a_time_to_the_same_values(method, monkeypatch):
+    """A stacked weight over ``QUANTIZE_SLICE_BYTES`` is quantized a slice of layers at a time into buffers
+    updated in place (a MoE's experts would not fit twice in float32): the values of quantizing it whole."""
+    import models.quantization as quantization
+
+    dense = jnp.asarray(np.random.default_rng().standard_normal((6, 2, 256, 64)), jnp.bfloat16)
+    whole = quantization.quantize_weight(dense, method, "kn")
+    monkeypatch.setattr(quantization, "QUANTIZE_SLICE_BYTES", dense.nbytes // 3)  # slices of 2 layers
+    sliced = quantization._quantize_placed(dense, method, int8_layout="kn")
+    assert jax.tree.structure(sliced) == jax.tree.structure(whole)
+    for a, b in zip(jax.tree.leaves(sliced), jax.tree.leaves(whole)):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))

@@ -619,10 +619,12 @@ class OpenAIServing:
                       max_tokens_param: str) -> None:
         limit = self.async_llm.max_model_len
         if num_prompt_tokens >= limit:
-            what = "the prompt has" if prompt_param == "prompt" else f"the {prompt_param} (after the chat template) have"
-            raise bad_request(
-                f"This model's maximum context length is {limit} tokens, but {what} {num_prompt_tokens} tokens; "
-                "at least one token must be left to generate", param=prompt_param, code="context_length_exceeded")
+            what = (f"the {prompt_param} has" if prompt_param in ("prompt", "input")
+                    else f"the {prompt_param} (after the chat template) have")
+            rule = (f"an input may have at most {limit - 1}" if prompt_param == "input"
+                    else "at least one token must be left to generate")
+            raise bad_request(f"This model's maximum context length is {limit} tokens, but {what} "
+                              f"{num_prompt_tokens} tokens; {rule}", param=prompt_param, code="context_length_exceeded")
         if max_tokens is not None and isinstance(max_tokens, int) and num_prompt_tokens + max_tokens > limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens, but {num_prompt_tokens} prompt tokens "
