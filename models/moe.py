@@ -1,4 +1,4 @@
-"""The mixture-of-experts MLP (Mixtral, Qwen3-MoE): each token through the ``k`` experts its router picks.
+"""The mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): each token through the ``k`` experts its router picks.
 
 Owns the router (softmax over the experts' logits, the top ``k``, renormalised where the config says), the layout
 of the routed rows (``sort_by_expert``: every (token, expert) pair a row, sorted by expert, each expert's rows padded
@@ -9,7 +9,8 @@ weights.
 Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``expert_up [E, H, I]`` (or joined,
 ``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``; the experts dense or weight-only int8
 (``Int8Weight``, ``quantization="int8"``). Every token's routing is computed: nothing is dropped
-(no expert capacity), so the result does not depend on what else is in the batch.
+(no expert capacity), so the result does not depend on what else is in the batch. Qwen2-MoE's shared expert is the
+layer's dense MLP (``models.llama``); over a mesh the experts run per device (``sharding.experts``).
 """
 
 from __future__ import annotations
