@@ -277,6 +277,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                       f"{results}/tput-short-qwen3-moe.json"), 400),
         ("latency-qwen3-moe-int8", latency("int8", "--model", QWEN3_MOE, "--output-json",
                                            f"{results}/latency-qwen3-moe-int8.json"), 300),
+        # A pooling engine (engine/pooling.py, untimed so far): the 8B's shapes embedding 1024 x 512-token prompts.
+        ("embed", bench("bench_embed.py", "--output-json", f"{results}/embed.json"), 200),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 300),
         # Prefix caching and prompt logprobs with the kernels (both new in 771bcfb / d78ac31).

@@ -252,6 +252,7 @@ def _check_protocol_fields(result: dict, workload: str, fields) -> None:
 @pytest.fixture(scope="module")
 def bench_dir(tiny_model, tmp_path_factory):
     """Every benchmark script run once on the tiny model, its JSON in one folder."""
+    import bench_embed
     import bench_latency
     import bench_static_vs_continuous
     import bench_throughput
@@ -272,7 +273,18 @@ def bench_dir(tiny_model, tmp_path_factory):
     bench_static_vs_continuous.main(common + ["--num-requests", "7", "--input-len", "6", "--min-output-len", "2",
                                               "--max-output-len", "20", "--max-num-seqs", "3",
                                               "--output-json", str(out / "static-vs-continuous-cpu.json")])
+    bench_embed.main(common + ["--num-requests", "6", "--input-len", "20", "--warmup-requests", "2",
+                               "--max-num-batched-tokens", "32", "--output-json", str(out / "embed-cpu.json")])
     return out
+
+
+def test_embed_json(bench_dir):
+    """The pooling engine's benchmark: every prompt embedded, rates and the share of its FLOP ceiling."""
+    with open(bench_dir / "embed-cpu.json") as f:
+        result = json.load(f)
+    assert result["workload"] == "embed" and result["num_requests"] == 6 and result["pooling_type"] == "LAST"
+    assert result["input_tok_s"] == pytest.approx(result["req_s"] * 20) and 0 < result["of_ceiling"]
+    assert result["engine_steps"] >= 6 * 20 / 32  # chunked: at most 32 tokens a step
 
 
 def test_latency_json(bench_dir):
