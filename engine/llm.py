@@ -17,7 +17,8 @@ from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, RequestOutputKind
-from engine.pooling import EmbeddingRequestOutput, PoolingParams
+from engine.pooling import (EmbeddingRequestOutput, PoolingParams, ScoringOutput, ScoringRequestOutput, cosine,
+                            score_pairs)
 from engine.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict]
@@ -121,6 +122,21 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         return self._run(prompts, [pooling_params or PoolingParams()] * len(prompts), use_tqdm, priority,
                          "Embedding")
+
+    def score(self, text_1: Union[PromptType, Sequence[PromptType]], text_2: Union[PromptType, Sequence[PromptType]],
+              use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+        """vLLM's ``LLM.score`` for an embedding model: the cosine of the two sides' embeddings, one ``text_1``
+        against each ``text_2`` or pair by pair (``engine.pooling.score_pairs``), in that order; each text is
+        embedded once."""
+        first, second = _as_prompt_list(text_1), _as_prompt_list(text_2)
+        pairs = score_pairs(first, second)
+        embedded = self.embed(first + second, use_tqdm=use_tqdm)
+        out = []
+        for i, j in pairs:
+            a, b = embedded[i], embedded[len(first) + j]
+            out.append(ScoringRequestOutput(f"score-{i}-{j}", a.prompt_token_ids + b.prompt_token_ids,
+                                            ScoringOutput(cosine(a.outputs.embedding, b.outputs.embedding))))
+        return out
 
     def _run(self, prompts: list, params_list: list, use_tqdm: bool, priority: Optional[Sequence[int]],
              desc: str) -> list:

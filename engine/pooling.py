@@ -1,6 +1,7 @@
 """Pooling (embedding) models: one vector a prompt from the last layer's hidden states, as vLLM's pooling runner.
 
-Owns ``PoolingParams``, the pooled outputs (``EmbeddingRequestOutput``, vLLM's shape: ``.outputs.embedding``), the
+Owns ``PoolingParams``, the pooled outputs (``EmbeddingRequestOutput``, vLLM's shape: ``.outputs.embedding``; and
+``ScoringRequestOutput``, two texts' cosine, with vLLM's pairing of ``LLM.score``), the
 pooling a checkpoint's sentence-transformers files name (``pooling_config``: ``1_Pooling/config.json``'s mode,
 ``modules.json``'s Normalize), and a request's pooled vector from the rows its prompt chunks returned
 (``PooledRows``: the last token's, the mean of all, or the first token's; normalised, cut to ``dimensions``).
@@ -49,6 +50,40 @@ class EmbeddingRequestOutput:
     prompt_token_ids: list[int]
     outputs: EmbeddingOutput
     finished: bool = True
+
+
+@dataclasses.dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclasses.dataclass
+class ScoringRequestOutput:
+    """One pair's similarity (vLLM's ``ScoringRequestOutput`` for an embedding model: the cosine of the two
+    texts' embeddings)."""
+
+    request_id: str
+    prompt_token_ids: list[int]  # the two texts' tokens, the first's then the second's
+    outputs: ScoringOutput
+    finished: bool = True
+
+
+def score_pairs(first: list, second: list) -> list[tuple[int, int]]:
+    """vLLM's pairing of ``LLM.score``'s two sides: one first item against every second one (1:N), or item by item
+    (N:N); the indices into each side."""
+    if not first or not second:
+        raise ValueError("score needs at least one item on each side")
+    if len(first) == 1:
+        return [(0, j) for j in range(len(second))]
+    if len(first) != len(second):
+        raise ValueError(f"score pairs one item with many, or as many with as many; got {len(first)} and "
+                         f"{len(second)}")
+    return [(i, i) for i in range(len(first))]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
 @dataclasses.dataclass(frozen=True)

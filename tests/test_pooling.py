@@ -127,3 +127,22 @@ def test_precompiled_pooling_steps_are_the_ones_that_run(checkpoint):
     assert jitted._cache_size() == len(token_buckets(runner.max_num_batched_tokens))
     for g, h in zip(got, hidden):
         np.testing.assert_allclose(g, unit(h[-1]), atol=2e-6)
+
+
+def test_score_is_the_cosine_of_the_embeddings(checkpoint):
+    """vLLM's ``LLM.score`` for an embedding model: one text against many, or pair by pair."""
+    path, prompts, hidden = checkpoint
+    llm = LLM(str(path), runner="pooling", dtype="float32", skip_tokenizer_init=True, max_model_len=40)
+    try:
+        one_to_many = llm.score({"prompt_token_ids": prompts[0]}, [{"prompt_token_ids": p} for p in prompts[1:]],
+                                use_tqdm=False)
+        pairwise = llm.score([{"prompt_token_ids": p} for p in prompts[:2]],
+                             [{"prompt_token_ids": p} for p in prompts[2:]], use_tqdm=False)
+        with pytest.raises(ValueError, match="one item with many, or as many with as many"):
+            llm.score([prompts[0], prompts[1]], [prompts[0], prompts[1], prompts[2]], use_tqdm=False)
+    finally:
+        llm.shutdown()
+    last = [unit(h[-1]) for h in hidden]
+    assert [o.outputs.score for o in one_to_many] == pytest.approx([last[0] @ v for v in last[1:]], abs=1e-5)
+    assert [o.outputs.score for o in pairwise] == pytest.approx([last[0] @ last[2], last[1] @ last[3]], abs=1e-5)
+    assert one_to_many[0].prompt_token_ids == prompts[0] + prompts[1]

@@ -1004,8 +1004,8 @@ def test_mailbox_wakes_the_event_loop_once_for_what_arrives_before_it_runs():
 def test_embeddings_from_a_pooling_server(served):
     """``--runner pooling``: the default model's embeddings through the ``openai`` client (which asks for base64
     and decodes it), its engine in a process of its own: unit vectors, a text's equal to its token ids', the
-    float form the same, ``dimensions`` cut then normalised; generating there, and embeddings on a generating
-    server, are 400s that say why."""
+    float form the same, ``dimensions`` cut then normalised; ``/score`` and ``/rerank`` their cosines; generating
+    there, and embeddings on a generating server, are 400s that say why."""
     import base64
 
     import numpy as np
@@ -1036,8 +1036,19 @@ def test_embeddings_from_a_pooling_server(served):
             client.completions.create(model=served.model, prompt="Hi", max_tokens=2)
         with pytest.raises(openai.BadRequestError, match="dimensions=1000 exceeds"):
             client.embeddings.create(model=served.model, input=texts[0], dimensions=1000)
-        with pytest.raises(openai.BadRequestError, match="but the input has 200 tokens; an input may have at most 127"):
+        with pytest.raises(openai.BadRequestError, match="a text of input has 200 tokens; a text may have at most 127"):
             client.embeddings.create(model=served.model, input=[list(range(200))])
+        # vLLM's /score and /rerank for an embedding model: the cosine of the embeddings
+        texts_vectors = {t: v for t, v in zip(texts, vectors)}
+        scored = httpx.post(f"{url}/score", json={"text_1": texts[0], "text_2": texts}, timeout=60).json()
+        assert [d["score"] for d in scored["data"]] == pytest.approx(
+            [1.0, float(texts_vectors[texts[0]] @ texts_vectors[texts[1]])], abs=1e-5)
+        ranked = httpx.post(f"{url}/v1/rerank", json={"query": texts[1], "documents": texts, "top_n": 1},
+                            timeout=60).json()
+        assert [(r["index"], r["document"]["text"]) for r in ranked["results"]] == [(1, texts[1])]
+        assert ranked["results"][0]["relevance_score"] == pytest.approx(1.0, abs=1e-5)
+        bad = httpx.post(f"{url}/v1/score", json={"text_1": texts, "text_2": texts[:1] * 3}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "text_2"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -45,7 +45,8 @@ from engine.entrypoints.openai.protocol import (
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
     DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList,
-    NamedToolChoice, PromptLogprob, PromptLogprobs, PromptTokenUsageInfo,
+    NamedToolChoice, PromptLogprob, PromptLogprobs, PromptTokenUsageInfo, RerankDocument, RerankRequest,
+    RerankResponse, RerankResult, ScoreData, ScoreRequest, ScoreResponse,
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
 )
 from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
@@ -54,7 +55,7 @@ from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, Tool
 from engine.generation_config import SAMPLING_FIELDS
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.pooling import RUNNERS, PoolingParams
+from engine.pooling import RUNNERS, PoolingParams, cosine, score_pairs
 from engine.sampling_params import SamplingParams
 from models.config import LOAD_FORMATS
 
@@ -206,6 +207,16 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     async def embeddings(body: EmbeddingRequest, raw: Request):
         return await _cancel_on_disconnect(raw, serving.create_embedding(body))
 
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest, raw: Request):
+        return await _cancel_on_disconnect(raw, serving.create_score(body))
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    async def rerank(body: RerankRequest, raw: Request):
+        return await _cancel_on_disconnect(raw, serving.create_rerank(body))
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return await serving.tokenize(body)
@@ -332,26 +343,67 @@ class OpenAIServing:
     async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
         """OpenAI's embeddings, from an engine started with ``--runner pooling`` (``engine.pooling``)."""
         model = self._check_model(req)
-        if self.async_llm.engine.args.runner != "pooling":
-            raise bad_request("this server generates text: embeddings need an engine started with --runner pooling",
-                              param="model", code="model_not_supported")
         if not req.input:
             raise bad_request("input is empty: give a text, a list of texts or token ids", param="input")
         try:
             params = PoolingParams(dimensions=req.dimensions)
         except ValueError as e:
             raise bad_request(str(e), param="dimensions") from None
-        prompts = await run_in_threadpool(self._completion_prompts, req.input, "input")
-        for prompt in prompts:
-            self._check_length(len(prompt.token_ids), None, "input", "")
         request_id = random_id("embd")
-        streams = await self._add_requests(request_id, prompts, params, req.priority, "input", renames={})
-        finals = await _final_outputs(streams)
-        data = [EmbeddingData(index=i, embedding=_encode_embedding(o.outputs.embedding, req.encoding_format))
-                for i, o in enumerate(finals)]
-        tokens = sum(len(p.token_ids) for p in prompts)
+        vectors, tokens = await self._embedded(request_id, req.input, "input", params, req.priority)
+        data = [EmbeddingData(index=i, embedding=_encode_embedding(v, req.encoding_format))
+                for i, v in enumerate(vectors)]
         return EmbeddingResponse(id=request_id, model=model, data=data,
                                  usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
+
+    async def create_score(self, req: ScoreRequest) -> ScoreResponse:
+        """vLLM's ``/score`` for an embedding model: the cosine of ``text_1``'s and each ``text_2``'s embeddings."""
+        model = self._check_model(req)
+        first, second = ([t] if isinstance(t, str) else list(t) for t in (req.text_1, req.text_2))
+        try:
+            pairs = score_pairs(first, second)
+        except ValueError as e:
+            raise bad_request(str(e), param="text_2") from None
+        request_id = random_id("score")
+        vectors, tokens = await self._embedded(request_id, first + second, "text_1", PoolingParams(), req.priority)
+        data = [ScoreData(index=k, score=cosine(vectors[i], vectors[len(first) + j])) for k, (i, j) in enumerate(pairs)]
+        return ScoreResponse(id=request_id, model=model, data=data,
+                             usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
+
+    async def create_rerank(self, req: RerankRequest) -> RerankResponse:
+        """vLLM's ``/rerank`` for an embedding model: the documents by their embeddings' cosine with the query's,
+        most relevant first, the first ``top_n``."""
+        model = self._check_model(req)
+        if not req.documents:
+            raise bad_request("documents is empty", param="documents")
+        if req.top_n is not None and req.top_n < 1:
+            raise bad_request(f"top_n must be a positive integer, got {req.top_n}", param="top_n")
+        request_id = random_id("rerank")
+        vectors, tokens = await self._embedded(request_id, [req.query] + req.documents, "documents", PoolingParams(),
+                                               req.priority)
+        results = sorted((RerankResult(index=i, document=RerankDocument(text=text),
+                                       relevance_score=cosine(vectors[0], vectors[i + 1]))
+                          for i, text in enumerate(req.documents)), key=lambda r: -r.relevance_score)
+        return RerankResponse(id=request_id, model=model, results=results[:req.top_n],
+                              usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
+
+    async def _embedded(self, request_id: str, texts, param: str, params: PoolingParams,
+                        priority: int) -> tuple[list[list[float]], int]:
+        """The pooling engine's vectors of ``texts`` (a text, texts or token ids, as a prompt is given) and their
+        token count; a generating engine's refusal, a bad or too long text a 400 naming ``param``."""
+        if self.async_llm.engine.args.runner != "pooling":
+            raise bad_request("this server generates text: embeddings, scores and reranking need an engine started "
+                              "with --runner pooling", param="model", code="model_not_supported")
+        prompts = await run_in_threadpool(self._completion_prompts, texts, param)
+        limit = self.async_llm.max_model_len
+        for prompt in prompts:
+            if len(prompt.token_ids) >= limit:
+                raise bad_request(f"This model's maximum context length is {limit} tokens, but a text of {param} has "
+                                  f"{len(prompt.token_ids)} tokens; a text may have at most {limit - 1}", param=param,
+                                  code="context_length_exceeded")
+        streams = await self._add_requests(request_id, prompts, params, priority, param, renames={})
+        finals = await _final_outputs(streams)
+        return [o.outputs.embedding for o in finals], sum(len(p.token_ids) for p in prompts)
 
     def _echo_logprobs(self, out: CompletionLogprobs, output: RequestOutput) -> int:
         """Append the prompt's tokens to ``out`` in the completions format (the first with no logprob, as OpenAI's
@@ -619,12 +671,10 @@ class OpenAIServing:
                       max_tokens_param: str) -> None:
         limit = self.async_llm.max_model_len
         if num_prompt_tokens >= limit:
-            what = (f"the {prompt_param} has" if prompt_param in ("prompt", "input")
-                    else f"the {prompt_param} (after the chat template) have")
-            rule = (f"an input may have at most {limit - 1}" if prompt_param == "input"
-                    else "at least one token must be left to generate")
-            raise bad_request(f"This model's maximum context length is {limit} tokens, but {what} "
-                              f"{num_prompt_tokens} tokens; {rule}", param=prompt_param, code="context_length_exceeded")
+            what = "the prompt has" if prompt_param == "prompt" else f"the {prompt_param} (after the chat template) have"
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens, but {what} {num_prompt_tokens} tokens; "
+                "at least one token must be left to generate", param=prompt_param, code="context_length_exceeded")
         if max_tokens is not None and isinstance(max_tokens, int) and num_prompt_tokens + max_tokens > limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens, but {num_prompt_tokens} prompt tokens "

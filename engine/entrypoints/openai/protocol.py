@@ -212,6 +212,29 @@ class EmbeddingRequest(BaseModel):
     priority: int = 0
 
 
+class ScoreRequest(BaseModel):
+    """vLLM's ``/score``: ``text_1`` against each of ``text_2`` (1:N) or pair by pair (N:N)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    text_1: Union[str, list[str]]
+    text_2: Union[str, list[str]]
+    priority: int = 0
+
+
+class RerankRequest(BaseModel):
+    """vLLM's ``/rerank`` (Jina's and Cohere's API): ``documents`` ordered by relevance to ``query``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    query: str
+    documents: list[str]
+    top_n: Optional[int] = None
+    priority: int = 0
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -261,6 +284,33 @@ class _Response(BaseModel):
 class EmbeddingResponse(_Response):
     object: Literal["list"] = "list"
     data: list[EmbeddingData]
+    usage: UsageInfo
+
+
+class ScoreData(BaseModel):
+    object: Literal["score"] = "score"
+    index: int
+    score: float
+
+
+class ScoreResponse(_Response):
+    object: Literal["list"] = "list"
+    data: list[ScoreData]
+    usage: UsageInfo
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankResponse(_Response):
+    results: list[RerankResult]
     usage: UsageInfo
 
 
