@@ -75,9 +75,10 @@ class EngineArgs:
     # vLLM's --reasoning-parser (engine.reasoning.REASONING_PARSERS): a request's structured output then constrains
     # only what follows the model's thinking (its </think>), as vLLM's does.
     reasoning_parser: Optional[str] = None
-    # vLLM's --runner: "generate", or "pooling" (embeddings: engine.pooling; LLM.embed, /v1/embeddings), and the
-    # pooling's type ("LAST", "MEAN", "CLS"; None: the checkpoint's sentence-transformers files, else LAST).
-    runner: str = "generate"
+    # vLLM's --runner: "generate", "pooling" (embeddings: engine.pooling; LLM.embed, /v1/embeddings) or "auto" (what
+    # the checkpoint's architectures say: engine.pooling.resolve_runner), and the pooling's type ("LAST", "MEAN",
+    # "CLS"; None: the checkpoint's sentence-transformers files, else LAST).
+    runner: str = "auto"
     pooling_type: Optional[str] = None
     # Multi-step decoding (vLLM's --num-scheduler-steps): when every running request decodes and none waits, run
     # this many decode steps in one dispatch, each step's tokens fed to the next on the device (engine.multi_step).

@@ -63,7 +63,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         generation_config: str = "auto",
         reasoning_parser: Optional[str] = None,
-        runner: str = "generate",
+        runner: str = "auto",
         pooling_type: Optional[str] = None,
     ):
         args = EngineArgs(

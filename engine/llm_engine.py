@@ -32,7 +32,7 @@ from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import Scheduler, ScheduledSequence, SchedulerOutput
 from engine.trace import StepRecord, StepTracer
 from models.batch import kv_cache_bytes_per_block
-from models.loader import load_model
+from models.loader import load_model, resolve_model_path
 from sharding import make_mesh, param_shardings_for
 
 logger = logging.getLogger("pagedjax")
@@ -124,6 +124,9 @@ class _RequestGroup:
 class LLMEngine:
     def __init__(self, args: EngineArgs, skip_tokenizer_init: bool = False):
         args.validate()
+        from engine.pooling import resolve_runner
+
+        args = dataclasses.replace(args, runner=resolve_runner(args.runner, resolve_model_path(args.model)))
         self.args = args
         start = time.perf_counter()
         mesh = make_mesh(args.tensor_parallel_size) if args.tensor_parallel_size > 1 else None

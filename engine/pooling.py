@@ -19,7 +19,21 @@ from typing import Optional
 import numpy as np
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
-RUNNERS = ("generate", "pooling")
+RUNNERS = ("auto", "generate", "pooling")
+
+
+def resolve_runner(runner: str, model_path: str) -> str:
+    """``runner``, or for "auto" (vLLM's default) what the checkpoint is: "pooling" where its ``config.json`` names
+    only bare decoders as architectures (``MistralModel``: e5-mistral; ``Qwen2Model``: gte-Qwen2), else
+    "generate" (a ``...ForCausalLM``, a GGUF file, no architectures)."""
+    if runner != "auto":
+        return runner
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return "generate"
+    return "pooling" if architectures and all(a.endswith("Model") for a in architectures) else "generate"
 
 
 @dataclasses.dataclass

@@ -90,7 +90,7 @@ def test_pooling_and_generating_engines_refuse_each_others_requests(checkpoint):
     with pytest.raises(ValueError, match="runner='pooling'"):
         generating.embed({"prompt_token_ids": prompts[0]}, use_tqdm=False)
     generating.shutdown()
-    for bad, match in (({"runner": "embed"}, "runner must be one of generate, pooling"),
+    for bad, match in (({"runner": "embed"}, "runner must be one of auto, generate, pooling"),
                        ({"runner": "pooling", "pooling_type": "max"}, "pooling_type must be None or one of")):
         with pytest.raises(ValueError, match=match):
             LLM(str(path), skip_tokenizer_init=True, **bad)
@@ -146,3 +146,24 @@ def test_score_is_the_cosine_of_the_embeddings(checkpoint):
     assert [o.outputs.score for o in one_to_many] == pytest.approx([last[0] @ v for v in last[1:]], abs=1e-5)
     assert [o.outputs.score for o in pairwise] == pytest.approx([last[0] @ last[2], last[1] @ last[3]], abs=1e-5)
     assert one_to_many[0].prompt_token_ids == prompts[0] + prompts[1]
+
+
+def test_auto_runner_follows_the_checkpoints_architectures(checkpoint, tmp_path):
+    """vLLM's default runner: a checkpoint whose architectures are bare decoders (``Qwen3Model``, as e5-mistral's
+    ``MistralModel``) embeds; a causal LM generates."""
+    path, prompts, hidden = checkpoint
+    for f in path.iterdir():
+        if f.name != "config.json":
+            (tmp_path / f.name).symlink_to(f)
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3Model"]}))
+    for folder, runner in ((path, "generate"), (tmp_path, "pooling")):
+        llm = LLM(str(folder), dtype="float32", skip_tokenizer_init=True, max_model_len=40)
+        try:
+            assert llm.llm_engine.args.runner == runner
+            if runner == "pooling":
+                (out,) = llm.embed({"prompt_token_ids": prompts[0]}, use_tqdm=False)
+                np.testing.assert_allclose(out.outputs.embedding, unit(hidden[0][-1]), atol=2e-6)
+        finally:
+            llm.shutdown()

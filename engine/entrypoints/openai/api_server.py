@@ -995,9 +995,11 @@ def make_arg_parser() -> argparse.ArgumentParser:
     engine.add_argument("--generation-config", default="auto",
                         help="defaults of the sampling fields a request leaves unset: 'auto' from the model "
                              "folder's generation_config.json, 'vllm' none, or a folder holding one")
-    engine.add_argument("--runner", default="generate", choices=list(RUNNERS),
-                        help="'pooling': an embedding model, served on /v1/embeddings (its checkpoint's "
-                             "sentence-transformers pooling, else the last token's; normalised)")
+    engine.add_argument("--runner", default="auto", choices=list(RUNNERS),
+                        help="'pooling': an embedding model, served on /v1/embeddings, /score and /rerank (its "
+                             "checkpoint's sentence-transformers pooling, else the last token's; normalised); "
+                             "'auto': pooling where the checkpoint's architectures are bare decoders "
+                             "(e.g. MistralModel), else generate")
     engine.add_argument("--pooling-type", default=None, choices=["LAST", "MEAN", "CLS"],
                         help="with --runner pooling: the pooling, instead of the checkpoint's")
     engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
