@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from models.config import ModelConfig
-from models.llama import fused_widths, param_shapes
+from models.llama import FUSED_PROJECTIONS, fused_widths, param_shapes
 from models.quantization import (
     QUANTIZED_LAYER_WEIGHTS,
     CheckpointQuantization,
@@ -102,11 +102,10 @@ _RENAMED_IN_CHECKPOINT = {
     for model_type in ("gemma2", "gemma3_text")
 }
 # Checkpoints that store projections joined (Phi-3's ``qkv_proj`` and ``gate_up_proj``, rows ``[q | k | v]`` and
-# ``[gate | up]``): model type -> our param -> (HF name inside ``model.layers.{i}.``, the part's index in the join).
+# ``[gate | up]``): model type -> our joined name (``models.llama.FUSED_PROJECTIONS``, whose parts and widths give
+# each part's rows) -> the HF name inside ``model.layers.{i}.``.
 _JOINED_IN_CHECKPOINT = {
-    "phi3": {"wq": ("self_attn.qkv_proj.weight", 0), "wk": ("self_attn.qkv_proj.weight", 1),
-             "wv": ("self_attn.qkv_proj.weight", 2), "w_gate": ("mlp.gate_up_proj.weight", 0),
-             "w_up": ("mlp.gate_up_proj.weight", 1)},
+    "phi3": {"wqkv": "self_attn.qkv_proj.weight", "w_gate_up": "mlp.gate_up_proj.weight"},
 }
 # Our top-level param name -> (Hugging Face name, is a Linear weight).
 _TOP_NAMES = {
@@ -250,7 +249,9 @@ def _sources(config: ModelConfig, prefix: str = "model.") -> dict:
     shapes = param_shapes(config)
     L = config.num_layers
     moe = _MOE_BLOCK.get(config.model_type, "mlp")
-    joined = _JOINED_IN_CHECKPOINT.get(config.model_type, {})
+    # our param -> (the joined HF tensor it is a part of, its FUSED_PROJECTIONS entry): the part's rows follow
+    joined = {part: (hf_name, fused) for fused, hf_name in _JOINED_IN_CHECKPOINT.get(config.model_type, {}).items()
+              for part in FUSED_PROJECTIONS[fused]}
     renamed = _RENAMED_IN_CHECKPOINT.get(config.model_type, {})
     if config.shared_expert_size:
         renamed = {**renamed, **_SHARED_EXPERT}
@@ -262,8 +263,8 @@ def _sources(config: ModelConfig, prefix: str = "model.") -> dict:
     layers = {}
     for name in shapes["layers"]:
         if name in joined:
-            hf_name, part = joined[name]
-            widths = fused_widths(config)["wqkv" if name in ("wq", "wk", "wv") else "w_gate_up"]
+            hf_name, fused = joined[name]
+            widths, part = fused_widths(config)[fused], FUSED_PROJECTIONS[fused].index(name)
             start = sum(widths[:part])
             layers[name] = per_layer(hf_name, True, rows=(start, start + widths[part], sum(widths)))
         elif name in _EXPERT_NAMES:
