@@ -781,7 +781,8 @@ REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tes
                for kind in ("latency-awq", "profile-decode1-awq")}, "latency-awq-affine": "gpu-tests-affine",
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
-            "engine-gpu-test-mosaic": "gpu-tests-mosaic"}
+            "engine-gpu-test-mosaic": "gpu-tests-mosaic",
+            **{name: "gpu-tests-moe" for name in ("latency-qwen3-moe", "tput-short-qwen3-moe", "latency-qwen3-moe-int8")}}
 
 
 def repeat_of(name: str, results: str, by_name: dict) -> Optional[tuple[str, list[str], int]]:
