@@ -102,10 +102,10 @@ def load_model(
                 config = dataclasses.replace(config, tie_word_embeddings=True)
     stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
     method = resolve_method(quantization, stored, fmt)
-    if config.is_moe and (stored is not None or method not in (None, *MOE_QUANTIZATION_METHODS)):
+    if config.is_moe and method not in (None, *MOE_QUANTIZATION_METHODS):
         raise UnsupportedModelError(f"quantization {method!r} is not implemented for mixture-of-experts models "
-                                    f"({config.model_type}): their experts load unquantized or as int8 "
-                                    "(quantization='int8', from an unquantized checkpoint)")
+                                    f"({config.model_type}): their experts load unquantized, as int8 or int4 "
+                                    "(quantization='int8' / 'int4' at load time, or an AWQ / GPTQ checkpoint)")
     sh = shardings(config) if shardings is not None else None
     if fmt == "gguf":
         params = load_gguf_params(source, config, jdtype, shardings=sh)

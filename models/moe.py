@@ -7,9 +7,10 @@ to whole blocks so a block has one expert), and the experts' SwiGLU MLPs over th
 weights.
 
 Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``expert_up [E, H, I]`` (or joined,
-``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``; the experts dense or weight-only int8
-(``Int8Weight``, ``quantization="int8"``). Every token's routing is computed: nothing is dropped
-(no expert capacity), so the result does not depend on what else is in the batch. Qwen2-MoE's shared expert is the
+``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``; the experts dense, weight-only int8 (``Int8Weight``,
+``quantization="int8"``) or 4-bit (``Int4Weight``: ``"int4"``, or an AWQ / GPTQ checkpoint's). Every token's
+routing is computed: nothing is dropped (no expert capacity), so the result does not depend on what else is in the
+batch. Qwen2-MoE's shared expert is the
 layer's dense MLP (``models.llama``); over a mesh the experts run per device (``sharding.experts``).
 """
 
@@ -21,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.quantization import Int8Weight
-from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
+from models.quantization import Int4Weight, Int8Weight
+from pallas_kernels.grouped_matmul import (grouped_matmul, grouped_matmul_int4, grouped_matmul_int4_reference,
+                                           grouped_matmul_reference)
 
 # Rows a block of the grouped matmul: at least the tensor cores' 16, at most 128, else about the rows an expert gets
 # on average (a decode step gives most experts one row or none; a long prompt gives each hundreds).
@@ -78,11 +80,19 @@ def sort_by_expert(experts: jax.Array, num_experts: int, block_m: int) -> Expert
 
 def expert_mlp(x: jax.Array, block_expert: jax.Array, w: dict, *, use_kernel: bool, interpret=None) -> jax.Array:
     """The experts' SwiGLU MLPs on routed rows ``x [R, H]`` (``sort_by_expert``'s layout): ``[R, H]`` in x's dtype.
-    ``w``: ``expert_gate_up`` or ``expert_gate`` / ``expert_up``, and ``expert_down`` (dense or ``Int8Weight``).
+    ``w``: ``expert_gate_up`` or ``expert_gate`` / ``expert_up``, and ``expert_down`` (dense, ``Int8Weight`` or
+    ``Int4Weight``).
     ``use_kernel``: the grouped matmuls by the Pallas kernel (``interpret``: interpreted), else by jnp. Under a
     mesh this runs per device on its slice of the experts' width (``sharding.experts``)."""
 
     def matmul(rows, weight):
+        if isinstance(weight, Int4Weight):
+            if weight.perm is not None:
+                raise ValueError("act-order (desc_act) int4 experts are not supported: each expert would need "
+                                 "its own permutation of the rows")
+            fn = grouped_matmul_int4 if use_kernel else grouped_matmul_int4_reference
+            return fn(rows, weight.packed, weight.scales, weight.zeros, block_expert, group_size=weight.group_size,
+                      pack=weight.pack, **({"interpret": interpret} if use_kernel else {}))
         q, scale = (weight.q, weight.scale) if isinstance(weight, Int8Weight) else (weight, None)
         if use_kernel:
             return grouped_matmul(rows, q, block_expert, scale, interpret=interpret)

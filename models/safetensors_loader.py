@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from models.config import ModelConfig
 from models.llama import FUSED_PROJECTIONS, fused_widths, param_shapes
 from models.quantization import (
+    QUANTIZED_EXPERT_WEIGHTS,
     QUANTIZED_LAYER_WEIGHTS,
     CheckpointQuantization,
     Fp8Weight,
@@ -391,15 +392,19 @@ def _load_param(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...]
     return finish(hf_array, source.transpose, dtype)
 
 
-def _quantized_layer_weight(ckpt: _Checkpoint, config: ModelConfig, name: str, quant: CheckpointQuantization,
-                            dtype, path: str):
-    """One stacked layer matrix of an AWQ / GPTQ / FP8 checkpoint as an ``Int4Weight`` / ``Fp8Weight``
-    on the host, converted layer by layer from the published layout (exactly)."""
-    base = _LAYER_NAMES[name][0].removesuffix(".weight")
-    _, K, N = param_shapes(config)["layers"][name]
+def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...],
+                      quant: CheckpointQuantization, dtype, path: str):
+    """One stacked layer (or expert) matrix of an AWQ / GPTQ / FP8 checkpoint as an ``Int4Weight`` / ``Fp8Weight``
+    on the host, converted a tensor at a time from the published layout (exactly). ``source`` names the dense
+    tensors it replaces (``name.weight``); ``shape`` is ours, ``source.stack + (K, N)``."""
+    K, N = shape[-2:]
+    bases = [name.removesuffix(".weight") for name in source.hf_names]
+    if source.rows is not None:
+        raise CheckpointError(f"{quant.method} checkpoint {path!r}: joined projections ({bases[0]}) cannot be read "
+                              "quantized")
 
-    def tensor(i: int, suffix: str, required: bool = True) -> Optional[np.ndarray]:
-        full = f"model.layers.{i}.{base}.{suffix}"
+    def tensor(base: str, suffix: str, required: bool = True) -> Optional[np.ndarray]:
+        full = f"{base}.{suffix}"
         if full not in ckpt:
             if not required:
                 return None
@@ -407,28 +412,33 @@ def _quantized_layer_weight(ckpt: _Checkpoint, config: ModelConfig, name: str, q
         return np.array(ckpt.array(full))
 
     scale_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == jnp.bfloat16 else np.dtype(dtype)
-    per_layer = []
-    for i in range(config.num_layers):
+    converted = []
+    for base in bases:
         if quant.method == "awq":
-            fields = awq_to_int4(tensor(i, "qweight"), tensor(i, "qzeros"), tensor(i, "scales"), quant.group_size,
-                                 dtype=scale_dtype)
+            fields = awq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
+                                 quant.group_size, dtype=scale_dtype)
         elif quant.method == "gptq":
-            fields = gptq_to_int4(tensor(i, "qweight"), tensor(i, "qzeros"), tensor(i, "scales"),
-                                  tensor(i, "g_idx", required=False), quant.group_size,
+            fields = gptq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
+                                  tensor(base, "g_idx", required=False), quant.group_size,
                                   zero_offset=quant.zero_offset, dtype=scale_dtype)
+            if "perm" in fields and len(source.stack) > 1:
+                raise CheckpointError(f"gptq checkpoint {path!r}: act-order (desc_act) experts ({base}) are not "
+                                      "supported; use a checkpoint quantized with desc_act=False")
         else:
-            fields = fp8_from_checkpoint(tensor(i, "weight"), tensor(i, "weight_scale"))
-        per_layer.append(fields)
-    stacked = {k: np.stack([f[k] for f in per_layer]) for k in per_layer[0] if k != "pack"}
+            fields = fp8_from_checkpoint(tensor(base, "weight"), tensor(base, "weight_scale"))
+        converted.append(fields)
+    stacked = {k: np.stack([f[k] for f in converted]).reshape(source.stack + converted[0][k].shape)
+               for k in converted[0] if k != "pack"}
     if quant.method == "fp8":
-        weight, stored, expected = Fp8Weight(**stacked), stacked["q"].shape[1:], (N, K)
+        weight, stored, expected = Fp8Weight(**stacked), stacked["q"].shape[len(source.stack):], (N, K)
     else:
         weight = Int4Weight(**stacked, group_size=quant.group_size if quant.group_size > 0 else K,
-                            pack=per_layer[0]["pack"])
-        stored, expected = stacked["packed"].shape[1:], (K // 2, N)
+                            pack=converted[0]["pack"])
+        stored, expected = stacked["packed"].shape[len(source.stack):], (K // 2, N)
     if stored != expected:
-        raise CheckpointError(f"{quant.method} tensors of model.layers.*.{base} in {path!r} unpack to "
-                              f"{list(stored)} but the config implies {list(expected)}")
+        pattern = bases[0].replace(".0.", ".*.")
+        raise CheckpointError(f"{quant.method} tensors of {pattern} in {path!r} unpack to {list(stored)} but the "
+                              f"config implies {list(expected)}")
     return weight
 
 
@@ -448,21 +458,21 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
     ckpt = _Checkpoint(find_safetensors_files(path))
     shapes = param_shapes(config)
     sources = _sources(config, _decoder_prefix(ckpt))
-    quantized = QUANTIZED_LAYER_WEIGHTS if quantization is not None else ()
-    for name in quantized:
-        del sources["layers"][name]
+    quantized = {} if quantization is None else {
+        name: sources["layers"].pop(name) for name in QUANTIZED_LAYER_WEIGHTS + QUANTIZED_EXPERT_WEIGHTS
+        if name in sources["layers"]}
     _check_tensors(ckpt, sources, shapes, path)
     params: dict = {}
     leaves = _leaves(sources)
-    total = sum(len(s.hf_names) for _, s in leaves) + len(quantized) * config.num_layers
+    total = sum(len(s.hf_names) for _, s in leaves + list(quantized.items()))
     with tqdm(total=total, unit="tensor", desc="Loading safetensors", disable=not progress) as bar:
         for key, source in leaves:
             _set(params, key, _load_param(ckpt, source, _get(shapes, key), dtype, _get(shardings, key)))
             bar.update(len(source.hf_names))
-        for name in quantized:
-            weight = _quantized_layer_weight(ckpt, config, name, quantization, dtype, path)
+        for name, source in quantized.items():
+            weight = _quantized_weight(ckpt, source, shapes["layers"][name], quantization, dtype, path)
             sharding = _get(shardings, ("layers", name))
             params["layers"][name] = (jax.device_put(weight) if sharding is None
                                       else jax.device_put(weight, field_shardings(weight, sharding)))
-            bar.update(config.num_layers)
+            bar.update(len(source.hf_names))
     return params

@@ -10,11 +10,13 @@ expert id, then streams ``block_k`` rows of that expert's ``[K, N]`` weight a st
 columns, accumulating ``x``'s block times the tile on the tensor cores in float32. A block with no expert returns
 zeros without reading a weight, so a decode step, whose padded layout has many more blocks than rows, pays only for
 the experts it routed to. Weight-only int8 experts (``scale[E, N]`` per output column) are converted tile by tile
-(exact) and scaled once after the K loop, so they cost half the bytes of bf16 ones. XLA's own ``lax.ragged_dot``
-on CUDA (jaxlib 0.10-0.11) multiplies every row by every expert (a dense fallback), ``E`` times the work; hence
-this kernel.
+(exact) and scaled once after the K loop, so they cost half the bytes of bf16 ones; 4-bit experts
+(``grouped_matmul_int4``: AWQ / GPTQ groups, a quarter of the bytes) are dequantized a packing block a step.
+XLA's own ``lax.ragged_dot`` on CUDA (jaxlib 0.10-0.11) multiplies every row by every expert (a dense fallback),
+``E`` times the work; hence this kernel.
 
-``grouped_matmul_reference`` is the same product in jnp (one gathered weight a block), for CPU runs and tests.
+``grouped_matmul_reference`` / ``grouped_matmul_int4_reference`` are the same products in jnp (one gathered weight a
+block), for CPU runs and tests.
 Untimed on a GPU so far (benchmarks/NOTES.md).
 """
 
@@ -28,27 +30,43 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.quantized_matmul import block_size
+from pallas_kernels.quantized_matmul import block_size, dequantize_int4
 
 
 def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: int, block_m: int, block_n: int,
-                           block_k: int):
-    scale_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
+                           block_k: int, group_size: int):
+    """``refs``: the int8 scale, or the int4 scales and zeros, then the output. An int4 step's ``block_k`` rows are
+    one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second."""
+    *quant_refs, o_ref = refs
+    int4 = len(quant_refs) == 2
     b, n = pl.program_id(0), pl.program_id(1)
     expert = block_expert_ref[b]
     rows = pl.ds(pl.multiple_of(b * block_m, block_m), block_m)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
 
+    def dense_step(i, acc):
+        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        w = w_ref[expert, ks, cols].astype(x_ref.dtype)  # int8 weights: exact in bf16 / f32
+        return acc + jnp.dot(x_ref[rows, ks], w, preferred_element_type=jnp.float32)
+
+    def int4_step(i, acc):
+        half = block_k // 2
+        packed = w_ref[expert, pl.ds(pl.multiple_of(i * half, half), half), cols]
+        group = i * block_k // group_size
+        scale = quant_refs[0][expert, group, cols].astype(jnp.float32)[None, :]
+        zero = quant_refs[1][expert, group, cols].astype(jnp.float32)[None, :]
+        for nibbles, start in ((packed & 0xF, i * block_k), (packed >> 4, i * block_k + half)):
+            w = ((nibbles.astype(jnp.float32) - zero) * scale).astype(x_ref.dtype)
+            x = x_ref[rows, pl.ds(pl.multiple_of(start, half), half)]
+            acc = acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return acc
+
     @pl.when(expert < num_experts)
     def _():
-        def step(i, acc):
-            ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-            w = w_ref[expert, ks, cols].astype(x_ref.dtype)  # int8 weights: exact in bf16 / f32
-            return acc + jnp.dot(x_ref[rows, ks], w, preferred_element_type=jnp.float32)
-
-        acc = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step, jnp.zeros((block_m, block_n), jnp.float32))
-        if scale_ref is not None:
-            acc = acc * scale_ref[expert, cols][None, :]
+        acc = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, int4_step if int4 else dense_step,
+                                jnp.zeros((block_m, block_n), jnp.float32))
+        if len(quant_refs) == 1:
+            acc = acc * quant_refs[0][expert, cols][None, :]
         o_ref[...] = acc.astype(o_ref.dtype)
 
     @pl.when(expert >= num_experts)
@@ -56,11 +74,12 @@ def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: i
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-def _check_shapes(x, w, block_expert, scale) -> int:
-    """``block_m``: the rows of a block, after checking the operands agree."""
-    rows, k = x.shape
-    if w.ndim != 3 or w.shape[1] != k:
-        raise ValueError(f"the grouped matmul needs x[R, K] and w[E, K, N]; got {x.shape} and {w.shape}")
+def _check_shapes(x, w, block_expert, scale, k: int) -> int:
+    """``block_m``: the rows of a block, after checking the operands agree (``k``: the weight's K)."""
+    rows = x.shape[0]
+    if w.ndim != 3 or x.shape[1] != k:
+        raise ValueError(f"the grouped matmul needs x[R, K] and w[E, K, N]; got {x.shape} and a weight of "
+                         f"{w.shape[0]} experts of K = {k}")
     if (scale is None) != (w.dtype != jnp.int8) or (scale is not None and scale.shape != (w.shape[0], w.shape[2])):
         raise ValueError(f"int8 weights need their scale[E, N] and other weights none; got {w.dtype} weights and "
                          f"scale {None if scale is None else scale.shape}")
@@ -69,39 +88,86 @@ def _check_shapes(x, w, block_expert, scale) -> int:
     return rows // block_expert.shape[0]
 
 
+def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: int) -> int:
+    """``block_m`` for int4 operands (``quantized_matmul.pack_int4``'s layout), after checking them."""
+    E, half_k, n = packed.shape
+    k = 2 * half_k
+    if packed.dtype != jnp.uint8 or group_size % pack or k % group_size:
+        raise ValueError(f"int4 experts need uint8 packed [E, K/2, N] and packing blocks ({pack}) dividing the "
+                         f"group size ({group_size}) dividing K ({k}); got {packed.dtype} {packed.shape}")
+    if scales.shape != (E, k // group_size, n) or zeros.shape != scales.shape:
+        raise ValueError(f"int4 experts need scales and zeros [E, K/g, N] = {[E, k // group_size, n]}; got "
+                         f"{scales.shape} and {zeros.shape}")
+    return _check_shapes(x, packed, block_expert, None, k)
+
+
+def _call(x, block_expert, operands: tuple, *, n: int, block_m: int, block_n: int, block_k: int, group_size: int,
+          num_warps: int, interpret, name: str):
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
+                               block_n=block_n, block_k=block_k, group_size=group_size)
+    return pl.pallas_call(
+        kernel,
+        grid=(block_expert.shape[0], n // block_n),
+        in_specs=[pl.no_block_spec] * (2 + len(operands)),
+        out_specs=pl.BlockSpec((block_m, block_n), lambda b, j: (b, j)),
+        out_shape=jax.ShapeDtypeStruct((x.shape[0], n), x.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name=name,
+    )(block_expert.astype(jnp.int32), x, *operands)
+
+
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "interpret"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: Optional[jax.Array] = None, *,
                    block_n: int = 64, block_k: int = 64, num_warps: int = 4,
                    interpret: Optional[bool] = None) -> jax.Array:
     """``y[R, N]`` (x's dtype): each block of rows of ``x[R, K]`` times its expert's ``w[E, K, N]`` (module doc);
     int8 ``w`` with its per-column ``scale[E, N]`` (``models.quantization.Int8Weight``): ``w * scale``."""
-    block_m = _check_shapes(x, w, block_expert, scale)
-    num_experts, k, n = w.shape
-    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    block_m = _check_shapes(x, w, block_expert, scale, w.shape[1])
+    _, k, n = w.shape
     block = functools.partial(block_size, kernel="the grouped matmul")
-    block_n, block_k = block(n, block_n, "N"), block(k, block_k, "K")
-    kernel = functools.partial(_grouped_matmul_kernel, num_experts=num_experts, block_m=block_m, block_n=block_n,
-                               block_k=block_k)
-    return pl.pallas_call(
-        kernel,
-        grid=(block_expert.shape[0], n // block_n),
-        in_specs=[pl.no_block_spec] * (3 if scale is None else 4),
-        out_specs=pl.BlockSpec((block_m, block_n), lambda b, j: (b, j)),
-        out_shape=jax.ShapeDtypeStruct((x.shape[0], n), x.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
-        interpret=interpret,
-        name="moe_grouped_matmul" if scale is None else "moe_grouped_matmul_int8",
-    )(block_expert.astype(jnp.int32), x, w, *(() if scale is None else (scale,)))
+    return _call(x, block_expert, (w,) if scale is None else (w, scale), n=n, block_m=block_m,
+                 block_n=block(n, block_n, "N"), block_k=block(k, block_k, "K"), group_size=k, num_warps=num_warps,
+                 interpret=interpret, name="moe_grouped_matmul" if scale is None else "moe_grouped_matmul_int8")
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "interpret"))
+def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
+                        block_expert: jax.Array, *, group_size: int, pack: int, block_n: int = 64, num_warps: int = 4,
+                        interpret: Optional[bool] = None) -> jax.Array:
+    """The grouped matmul with 4-bit experts (``models.quantization.Int4Weight``'s fields: ``packed [E, K/2, N]``
+    in ``pack``-row blocks, ``scales`` / ``zeros [E, K/g, N]``): each tile is dequantized, ``(q - zero) * scale``
+    in float32 then x's dtype, and multiplied as a dense one; a K step is one packing block."""
+    block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack)
+    n = packed.shape[2]
+    return _call(x, block_expert, (packed, scales, zeros), n=n, block_m=block_m,
+                 block_n=block_size(n, block_n, "N", kernel="the grouped matmul"), block_k=pack,
+                 group_size=group_size, num_warps=num_warps, interpret=interpret, name="moe_grouped_matmul_int4")
+
+
+def _blocks_times(x, block_expert, num_experts: int, block_m: int, weight_of, scale=None) -> jax.Array:
+    """Every block of ``x`` times ``weight_of(expert ids)`` (``[blocks, K, N]``) in float32, times its expert's
+    ``scale [E, N]`` if given, zeros past the last expert; in x's dtype."""
+    blocks = x.reshape(block_expert.shape[0], block_m, x.shape[1])
+    used = block_expert < num_experts
+    expert = jnp.where(used, block_expert, 0)
+    y = jnp.einsum("bmk,bkn->bmn", blocks, weight_of(expert), preferred_element_type=jnp.float32)
+    if scale is not None:
+        y = y * scale[expert][:, None, :]
+    return jnp.where(used[:, None, None], y, 0).astype(x.dtype).reshape(x.shape[0], -1)
 
 
 def grouped_matmul_reference(x: jax.Array, w: jax.Array, block_expert: jax.Array,
                              scale: Optional[jax.Array] = None) -> jax.Array:
     """The same product in jnp: every block times its expert's gathered weight (zeros past the last expert)."""
-    block_m = _check_shapes(x, w, block_expert, scale)
-    blocks = x.reshape(block_expert.shape[0], block_m, x.shape[1])
-    used = block_expert < w.shape[0]
-    expert = jnp.where(used, block_expert, 0)
-    y = jnp.einsum("bmk,bkn->bmn", blocks, w[expert].astype(x.dtype), preferred_element_type=jnp.float32)
-    if scale is not None:
-        y = y * scale[expert][:, None, :]
-    return jnp.where(used[:, None, None], y, 0).astype(x.dtype).reshape(x.shape[0], -1)
+    block_m = _check_shapes(x, w, block_expert, scale, w.shape[1])
+    return _blocks_times(x, block_expert, w.shape[0], block_m, lambda e: w[e].astype(x.dtype), scale)
+
+
+def grouped_matmul_int4_reference(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
+                                  block_expert: jax.Array, *, group_size: int, pack: int) -> jax.Array:
+    """``grouped_matmul_int4`` in jnp: each block's expert dequantized as the kernel's tiles are, then multiplied."""
+    block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack)
+    return _blocks_times(x, block_expert, packed.shape[0], block_m, lambda e: dequantize_int4(
+        packed[e], scales[e], zeros[e], group_size=group_size, pack=pack).astype(x.dtype))

@@ -269,8 +269,14 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("latency-bf16", latency(None), 150),
         # Mixture of experts (models/moe.py, untimed so far): the grouped matmul kernel's GPU cases, then
         # Qwen3-30B-A3B (dummy bf16 weights, 61 GB: one H100) at batch 1 and on tput-short.
-        ("gpu-tests-moe", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_grouped_matmul.py",
-                           "tests/test_moe.py"], 150),
+        ("gpu-tests-moe", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "not int4",
+                           "tests/test_grouped_matmul.py", "tests/test_moe.py"], 150),
+        # int4 experts (AWQ / GPTQ checkpoints, quantization="int4"): the kernel's int4 cases, then Qwen3-30B-A3B
+        # with dummy AWQ weights (experts and attention 4-bit) at batch 1.
+        ("gpu-tests-moe-int4", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "int4",
+                                "tests/test_grouped_matmul.py"], 120),
+        ("latency-qwen3-moe-awq", latency("awq", "--model", QWEN3_MOE, "--output-json",
+                                          f"{results}/latency-qwen3-moe-awq.json"), 300),
         ("latency-qwen3-moe", latency(None, "--model", QWEN3_MOE, "--output-json",
                                       f"{results}/latency-qwen3-moe.json"), 300),
         ("tput-short-qwen3-moe", tput("tput-short", "--model", QWEN3_MOE, "--output-json",
@@ -782,7 +788,8 @@ REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tes
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic",
-            **{name: "gpu-tests-moe" for name in ("latency-qwen3-moe", "tput-short-qwen3-moe", "latency-qwen3-moe-int8")}}
+            **{name: "gpu-tests-moe" for name in ("latency-qwen3-moe", "tput-short-qwen3-moe", "latency-qwen3-moe-int8")},
+            "latency-qwen3-moe-awq": "gpu-tests-moe-int4"}
 
 
 def repeat_of(name: str, results: str, by_name: dict) -> Optional[tuple[str, list[str], int]]:

@@ -1,5 +1,5 @@
 """The grouped matmul of a mixture of experts (``pallas_kernels.grouped_matmul``) against numpy, and its jnp
-reference too: dense and int8 weights, blocks past the last expert.
+reference too: dense, int8 and int4 weights, blocks past the last expert.
 
 The same cases run in interpret mode on CPU and compiled by Triton with ``-m gpu``; every run draws fresh random
 inputs (the seed is in failures). Imports only the kernel, so the GPU machine's JAX can run it in a bare venv (CI).
@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
+from pallas_kernels.grouped_matmul import (grouped_matmul, grouped_matmul_int4, grouped_matmul_int4_reference,
+                                           grouped_matmul_reference)
+from pallas_kernels.quantized_matmul import pack_int4
 from tests.test_fused_mlp import cuda_lowering
 
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -89,3 +91,57 @@ def test_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
     int8 = cuda_lowering(functools.partial(grouped_matmul, interpret=False), x, w.astype(jnp.int8), block_expert,
                          jnp.ones((128, 1536), jnp.float32))
     assert int8.count("__gpu$xla.gpu.triton") == 1
+
+
+# int4: (blocks, block_m, E, K, N, group_size, pack, block_n)
+INT4_CPU_CASES = [(4, 16, 3, 256, 64, 128, 128, 32), (3, 32, 2, 128, 32, 64, 64, 32)]
+INT4_GPU_CASES = [(64, 16, 128, 2048, 1536, 128, 128, 64), (64, 64, 128, 768, 2048, 128, 128, 64),
+                  (16, 128, 8, 4096, 14336, 128, 128, 64)]
+
+
+def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interpret):
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), jnp.bfloat16)
+    q = rng.integers(0, 16, (E, K, N))
+    scales = rng.uniform(0.5, 1.5, (E, K // group_size, N)) / (8 * np.sqrt(K))
+    zeros = rng.integers(0, 16, (E, K // group_size, N)).astype(np.float64)
+    block_expert = np.sort(rng.integers(0, E + 1, blocks))
+    block_expert[-1] = E
+    operands = (x, pack_int4(jnp.asarray(q), pack), jnp.asarray(scales, jnp.bfloat16),
+                jnp.asarray(zeros, jnp.bfloat16), jnp.asarray(block_expert, jnp.int32))
+    got = grouped_matmul_int4(*operands, group_size=group_size, pack=pack, block_n=block_n, interpret=interpret)
+    assert got.shape == (blocks * block_m, N) and got.dtype == x.dtype
+    stored_scales = np.asarray(operands[2], np.float64)  # the bf16 scales the kernel reads
+    dense = (q - np.repeat(zeros, group_size, axis=1)) * np.repeat(stored_scales, group_size, axis=1)
+    want = np.einsum("bmk,bkn->bmn", np.asarray(x, np.float64).reshape(blocks, block_m, K),
+                     dense[np.minimum(block_expert, E - 1)])
+    want[block_expert == E] = 0
+    want = want.reshape(-1, N)
+    reference = grouped_matmul_int4_reference(*operands, group_size=group_size, pack=pack)
+    for name, y in (("kernel", got), ("reference", reference)):
+        err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
+        assert err < RTOL[jnp.bfloat16], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
+    assert not np.asarray(got, np.float64)[np.repeat(block_expert == E, block_m)].any()
+
+
+@pytest.mark.parametrize("case", INT4_CPU_CASES)
+def test_int4_grouped_matmul_matches_numpy_interpret(case):
+    run_int4_case(*case, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", INT4_GPU_CASES)
+def test_int4_grouped_matmul_matches_numpy_on_gpu(case):
+    run_int4_case(*case, interpret=False)
+
+
+def test_int4_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
+    x, block_expert = jnp.zeros((1024, 2048), jnp.bfloat16), jnp.zeros((64,), jnp.int32)
+    packed, scales = jnp.zeros((128, 1024, 1536), jnp.uint8), jnp.ones((128, 16, 1536), jnp.bfloat16)
+    call = functools.partial(grouped_matmul_int4, group_size=128, pack=128, interpret=False)
+    assert cuda_lowering(call, x, packed, scales, scales, block_expert).count("__gpu$xla.gpu.triton") == 1
+    with pytest.raises(ValueError, match=r"scales and zeros \[E, K/g, N\]"):
+        call(x, packed, scales[:, :8], scales[:, :8], block_expert)
+    with pytest.raises(ValueError, match="packing blocks"):
+        grouped_matmul_int4(x, packed, scales, scales, block_expert, group_size=96, pack=64)

@@ -139,34 +139,93 @@ def test_missing_expert_tensor_is_named(tmp_path):
         load_safetensors_params(str(tmp_path), config, jnp.float32, progress=False)
 
 
+# int4 groups need K a multiple of 32: the tiny models' narrower experts widened for them.
+INT4_WIDTHS = {"qwen2_moe": dict(moe_intermediate_size=64, shared_expert_intermediate_size=64),
+               "qwen3_moe": dict(moe_intermediate_size=64)}
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_int8_experts_logits_close_to_dense_and_kernel_matches_jnp(tmp_path, variant):
-    """``quantization="int8"``: the experts (and attention) int8, the router not; the interpreted kernels' logits
-    equal the jnp path's. Against the unquantized model: the median position within the dense models' int8
-    tolerance. Not every position: a token whose router scores two experts nearly alike may pick the other under
-    int8 rounding and move further (12 seeds here: medians 0.014-0.029, but up to 26% of positions past 0.05 and
-    the whole batch's error 0.02-0.18 for mixtral's 4 experts)."""
+def test_quantized_experts_logits_close_to_dense_and_kernel_matches_jnp(tmp_path, variant, method):
+    """``quantization="int8"`` / ``"int4"`` made at load time: the experts (and attention) quantized, the router
+    not; the interpreted kernels' logits equal the jnp path's. Against the unquantized model: the median position
+    within the dense models' tolerance for the method. Not every position: a token whose router scores two experts
+    nearly alike may pick the other under the rounding and move further (int8, 12 seeds: medians 0.014-0.029, but
+    up to 26% of positions past 0.05 and the whole batch's error 0.02-0.18 for mixtral's 4 experts)."""
     from models.loader import load_model
-    from models.quantization import Int8Weight, LinearBackend
+    from models.quantization import Int4Weight, Int8Weight, LinearBackend
     from tests.test_quantization import LOGIT_TOLERANCE, logits_of, ragged_batch, relative_error
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
-    write_tiny_checkpoint(tmp_path, variant, seed=int(np.random.default_rng().integers(1 << 20)))
+    write_tiny_checkpoint(tmp_path, variant, seed=int(np.random.default_rng().integers(1 << 20)),
+                          **(INT4_WIDTHS.get(variant, {}) if method == "int4" else {}))
     dense = load_model(str(tmp_path), dtype="float32")
-    quant = load_model(str(tmp_path), dtype="float32", quantization="int8")
-    layers = quant.params["layers"]
-    assert all(isinstance(layers[n], Int8Weight) for n in ("expert_gate", "expert_up", "expert_down"))
-    assert layers["expert_down"].scale.shape == (quant.config.num_layers, quant.config.num_experts,
-                                                 quant.config.hidden_size)
+    quant = load_model(str(tmp_path), dtype="float32", quantization=method)
+    layers, kind = quant.params["layers"], {"int8": Int8Weight, "int4": Int4Weight}[method]
+    assert all(isinstance(layers[n], kind) for n in ("expert_gate", "expert_up", "expert_down"))
+    if method == "int8":
+        assert layers["expert_down"].scale.shape == (quant.config.num_layers, quant.config.num_experts,
+                                                     quant.config.hidden_size)
     assert isinstance(layers["router"], jax.Array)
     batch, pages = ragged_batch(dense.config, np.random.default_rng())
     reference = logits_of(dense, batch, pages + 1)
     jnp_path = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="xla"))
     per_position = np.linalg.norm(jnp_path - reference, axis=1) / np.linalg.norm(reference, axis=1)
-    assert np.median(per_position) < LOGIT_TOLERANCE["int8"], f"{variant} int8: {np.round(per_position, 3)}"
-    assert relative_error(jnp_path, reference) < 0.3
+    assert np.median(per_position) < LOGIT_TOLERANCE[method], f"{variant} {method}: {np.round(per_position, 3)}"
+    assert relative_error(jnp_path, reference) < {"int8": 0.3, "int4": 0.9}[method]
     kernel = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
     assert relative_error(kernel, jnp_path) < 1e-5
+
+
+@pytest.mark.parametrize("variant, method", [("qwen2_moe", "awq"), ("mixtral", "gptq"), ("qwen3_moe", "gptq")])
+def test_int4_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant, method):
+    """An AWQ / GPTQ mixture-of-experts checkpoint (every projection 4-bit, experts and shared expert included; the
+    router and the shared expert's gate dense, as the published ones): the same logits as a dense checkpoint of
+    the weights it encodes, jnp path and interpreted kernel; the engine serves it; act-order experts refused."""
+    import os
+    import re
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from engine import LLM, SamplingParams
+    from models.loader import load_model
+    from models.quantization import Int4Weight, LinearBackend
+    from models.safetensors_loader import CheckpointError
+    from tests.test_quantization import encode_linear, logits_of, mark_quantized, ragged_batch, relative_error
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    rng = np.random.default_rng()
+    paths = {name: str(tmp_path / name) for name in ("dense", "decoded", "quantized")}
+    write_tiny_checkpoint(paths["dense"], variant, seed=int(rng.integers(1 << 20)), **INT4_WIDTHS.get(variant, {}))
+    tensors = load_file(os.path.join(paths["dense"], "model.safetensors"))
+    linear = [name.removesuffix("weight") for name in tensors if re.search(r"(_proj|\.w[123])\.weight$", name)]
+    decoded = dict(tensors)
+    for prefix in linear:
+        decoded[prefix + "weight"] = np.ascontiguousarray(encode_linear(tensors, prefix, method, rng).T, np.float32)
+    for name, weights in (("decoded", decoded), ("quantized", tensors)):
+        shutil.copytree(paths["dense"], paths[name])
+        save_file(weights, os.path.join(paths[name], "model.safetensors"))
+    mark_quantized(paths["quantized"], method)
+    quant, dense = load_model(paths["quantized"], dtype="float32"), load_model(paths["decoded"], dtype="float32")
+    assert quant.quantization == method
+    assert all(isinstance(quant.params["layers"][n], Int4Weight) for n in ("expert_gate", "expert_up",
+                                                                           "expert_down", "wq"))
+    batch, pages = ragged_batch(dense.config, rng)
+    reference = logits_of(dense, batch, pages + 1)
+    for backend in (LinearBackend(kernel="xla"), LinearBackend(kernel="pallas", interpret=True)):
+        assert relative_error(logits_of(quant, batch, pages + 1, linear_backend=backend), reference) < 1e-5
+    llm = LLM(paths["quantized"], dtype="float32", skip_tokenizer_init=True, max_model_len=64)
+    out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                       use_tqdm=False)
+    llm.shutdown()
+    assert len(out[0].outputs[0].token_ids) == 6
+    if method == "gptq":  # act-order: each expert would need its own permutation of the rows
+        expert = next(p for p in linear if ".experts.0." in p)
+        tensors[expert + "g_idx"] = rng.permutation(tensors[expert + "g_idx"])
+        save_file(tensors, os.path.join(paths["quantized"], "model.safetensors"))
+        with pytest.raises(CheckpointError, match="act-order"):
+            load_model(paths["quantized"])
 
 
 @pytest.mark.gpu

@@ -360,39 +360,47 @@ def test_fp8_dot_in_the_activation_type_keeps_logits_close(tiny, monkeypatch):
 # ------------------------------------------------------------------ AWQ / GPTQ / FP8 checkpoints on disk
 
 
-def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_order=False):
-    """The dense checkpoint's layer matrices replaced by ``method``'s tensors of random grid values.
-    Returns the dense ``{our name: [L, K, N]}`` weights the new checkpoint encodes."""
-    shutil.copytree(dense_path, out)
-    tensors = load_file(os.path.join(out, "model.safetensors"))
-    config = json.load(open(os.path.join(out, "config.json")))
-    encoded: dict[str, list] = {n: [] for n in HF_LINEAR}
-    for i in range(config["num_hidden_layers"]):
-        for name, hf in HF_LINEAR.items():
-            prefix = f"model.layers.{i}.{hf}."
-            N, K = tensors.pop(prefix + "weight").shape
-            if method == "fp8":
-                q = np.asarray(jnp.asarray(rng.standard_normal((N, K)), jnp.float8_e4m3fn))
-                scale = rng.uniform(0.01, 0.03, (N, 1)).astype(np.float32)
-                tensors[prefix + "weight"], tensors[prefix + "weight_scale"] = q, scale
-                encoded[name].append((q.astype(np.float32) * scale).T)
-                continue
-            values, zeros, scales = random_int4(rng, K, N, zero_low=1)
-            g_idx = np.arange(K) // GROUP
-            if method == "awq":
-                packed = awq_tensors(values, zeros, scales)
-            else:
-                g_idx = rng.permutation(g_idx) if act_order else g_idx
-                packed = gptq_tensors(values, zeros, scales, g_idx)
-            tensors.update({prefix + k: v for k, v in packed.items()})
-            encoded[name].append((values - zeros[g_idx]) * scales[g_idx])
-    save_file(tensors, os.path.join(out, "model.safetensors"))
+def encode_linear(tensors: dict, prefix: str, method: str, rng, act_order=False) -> np.ndarray:
+    """Replace the Linear ``{prefix}weight`` of ``tensors`` by ``method``'s tensors of random grid values;
+    returns the dense ``[K, N]`` weight they encode."""
+    N, K = tensors.pop(prefix + "weight").shape
+    if method == "fp8":
+        q = np.asarray(jnp.asarray(rng.standard_normal((N, K)), jnp.float8_e4m3fn))
+        scale = rng.uniform(0.01, 0.03, (N, 1)).astype(np.float32)
+        tensors[prefix + "weight"], tensors[prefix + "weight_scale"] = q, scale
+        return (q.astype(np.float32) * scale).T
+    values, zeros, scales = random_int4(rng, K, N, zero_low=1)
+    g_idx = np.arange(K) // GROUP
+    if method == "awq":
+        packed = awq_tensors(values, zeros, scales)
+    else:
+        g_idx = rng.permutation(g_idx) if act_order else g_idx
+        packed = gptq_tensors(values, zeros, scales, g_idx)
+    tensors.update({prefix + k: v for k, v in packed.items()})
+    return (values - zeros[g_idx]) * scales[g_idx]
+
+
+def mark_quantized(path: str, method: str, act_order=False) -> None:
+    """Write ``method``'s ``quantization_config`` into the checkpoint's config.json."""
+    config = json.load(open(os.path.join(path, "config.json")))
     config["quantization_config"] = {
         "awq": dict(quant_method="awq", bits=4, group_size=GROUP, zero_point=True, version="gemm"),
         "gptq": dict(quant_method="gptq", bits=4, group_size=GROUP, desc_act=act_order, sym=False),
         "fp8": dict(quant_method="fp8", activation_scheme="dynamic"),
     }[method]
-    json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+
+
+def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_order=False):
+    """The dense checkpoint's layer matrices replaced by ``method``'s tensors of random grid values.
+    Returns the dense ``{our name: [L, K, N]}`` weights the new checkpoint encodes."""
+    shutil.copytree(dense_path, out)
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    num_layers = json.load(open(os.path.join(out, "config.json")))["num_hidden_layers"]
+    encoded = {name: [encode_linear(tensors, f"model.layers.{i}.{hf}.", method, rng, act_order)
+                      for i in range(num_layers)] for name, hf in HF_LINEAR.items()}
+    save_file(tensors, os.path.join(out, "model.safetensors"))
+    mark_quantized(out, method, act_order)
     return {n: jnp.asarray(np.stack(ws), jnp.float32) for n, ws in encoded.items()}
 
 

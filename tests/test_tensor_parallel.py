@@ -233,6 +233,10 @@ def checkpoints(tmp_path_factory) -> dict:
     for i, variant in enumerate(("llama", "qwen2", "mixtral", "phi3", "gemma3_text", "qwen2_moe")):
         paths[variant] = str(root / variant)
         write_tiny_checkpoint(paths[variant], variant, seed=seed + i)
+    # int4 experts split over 2 devices need each device's share of the down projection's inputs in whole groups
+    # (128 rows at load time): experts 256 wide.
+    paths["mixtral-wide"] = str(root / "mixtral-wide")
+    write_tiny_checkpoint(paths["mixtral-wide"], "mixtral", seed=seed - 1, intermediate_size=256)
     paths["gguf"] = str(root / "tiny.gguf")
     write_gguf(paths["gguf"], random_hf_weights(np.random.default_rng(seed), qkv_bias=False))
     return paths
@@ -270,6 +274,7 @@ def workers(checkpoints, prompts) -> dict:
         # A mixture of experts: every device a slice of every expert (kv heads replicated at 4).
         ("moe", checkpoints["mixtral"], "auto", [1, 4]),
         ("moe-int8", checkpoints["mixtral"], "auto", [1, 4], {"quantization": "int8"}),
+        ("moe-int4", checkpoints["mixtral-wide"], "auto", [1, 2], {"quantization": "int4"}),
         ("qwen2-moe", checkpoints["qwen2_moe"], "auto", [1, 4]),  # its shared expert split as a dense MLP
         # The grouped matmul kernel (interpreted) on each device's slice of the experts, inside shard_map.
         ("moe-kernel", checkpoints["mixtral"], "auto", [1, 2], {"linear_backend": "pallas"}),
@@ -298,7 +303,7 @@ def single_host(workers) -> dict:
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
                                  "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4",
-                                 "moe-int8/tp4", "phi3/tp4", "gemma3/tp4",
+                                 "moe-int8/tp4", "moe-int4/tp2", "phi3/tp4", "gemma3/tp4",
                                  "qwen2-moe/tp4", "moe-kernel/tp2"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
