@@ -79,6 +79,9 @@ class ModelConfig:
     sliding_layers: Optional[tuple] = None
     local_rope_theta: Optional[float] = None
     norm_weight_offset: float = 0.0
+    # The checkpoint's per-layer scales of its fp8 K and V (``self_attn.k_scale`` / ``v_scale``, as llm-compressor
+    # writes them): params ``k_scale`` / ``v_scale [L]``, used where the KV pages are fp8 (set by the loader).
+    kv_cache_scales: bool = False
 
     @property
     def is_moe(self) -> bool:

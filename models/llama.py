@@ -17,6 +17,7 @@ Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
                  q_norm, k_norm [L, D]                     (qk_norm only)
                  wo [L, Hq*D, H]        post_norm [L, H]
                  attn_out_norm, mlp_out_norm [L, H]        (sandwich_norms only: Gemma)
+                 k_scale, v_scale [L] float32              (kv_cache_scales only: fp8 K/V = K / k_scale)
                  w_gate, w_up [L, H, I] w_down [L, I, H]     (dense MLP)
                  router [L, H, E]                          (mixture of experts, instead of
                  expert_gate, expert_up [L, E, H, I]        the dense MLP: ``models.moe``;
@@ -82,6 +83,8 @@ def param_shapes(config: ModelConfig) -> dict:
         layers.update(q_norm=(L, D), k_norm=(L, D))
     if config.sandwich_norms:
         layers.update(attn_out_norm=(L, H), mlp_out_norm=(L, H))
+    if config.kv_cache_scales:
+        layers.update(k_scale=(L,), v_scale=(L,))
     shapes = {"embed": (V, H), "layers": layers, "final_norm": (H,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (H, V)
@@ -374,6 +377,14 @@ def forward(
         if config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
             norm_weight = jnp.where((head_kinds == QUERY)[:, None], w["q_norm"], w["k_norm"])
             qkv = jnp.where((head_kinds != VALUE)[None, :, None], rms_norm(qkv, norm_weight, eps), qkv)
+        # fp8 pages with the checkpoint's K / V scales: pages hold K / k_scale and V / v_scale, q is multiplied by
+        # k_scale (q . K unchanged) and the attention's output by v_scale; the kernels are unchanged (rope is
+        # linear, so before it is as good as after).
+        kv_scaled = "k_scale" in w and jnp.dtype(k_cache.dtype).itemsize == 1
+        if kv_scaled:
+            head_scale = jnp.where(head_kinds == QUERY, w["k_scale"],
+                                   1.0 / jnp.where(head_kinds == KEY, w["k_scale"], w["v_scale"]))
+            qkv = (qkv * head_scale[None, :, None]).astype(qkv.dtype)
         args = (k_cache, v_cache, layer, batch.kv_lens, batch.block_tables, batch.cu_q_lens, batch.num_seqs)
         if sliding is None or isinstance(sliding, bool):
             cos, sin = rope[1] if sliding else rope[0]
@@ -388,6 +399,8 @@ def forward(
             attn = jax.lax.cond(sliding, lambda: attend(qkv, k_cache, v_cache, *args[2:],
                                                         sliding_window=config.sliding_window),
                                 lambda: attend(qkv, k_cache, v_cache, *args[2:], sliding_window=None))
+        if kv_scaled:
+            attn = (attn * w["v_scale"]).astype(attn.dtype)
         attn_parts = mm_parts(attn.reshape(T, config.q_size), w["wo"])
         x, h = add_rms_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), w["post_norm"], eps)
         x, h = add_rms_norm(x, block_output(x, mlp_parts(h, w), w, "mlp_out_norm"), next_norm, eps)

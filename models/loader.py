@@ -95,11 +95,14 @@ def load_model(
         config = read_gguf_config(source)
     else:
         config = ModelConfig.from_pretrained(path)  # first: it reports a missing or broken config.json
-        if head_optional and fmt == "safetensors" and not config.tie_word_embeddings:
+        if fmt == "safetensors":
             from models.safetensors_loader import checkpoint_tensor_names
 
-            if "lm_head.weight" not in checkpoint_tensor_names(path):
+            names = checkpoint_tensor_names(path)
+            if head_optional and not config.tie_word_embeddings and "lm_head.weight" not in names:
                 config = dataclasses.replace(config, tie_word_embeddings=True)
+            if any(name.endswith("layers.0.self_attn.k_scale") for name in names):  # fp8 KV scales (llm-compressor)
+                config = dataclasses.replace(config, kv_cache_scales=True)
     stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
     method = resolve_method(quantization, stored, fmt)
     if config.is_moe and method not in (None, *MOE_QUANTIZATION_METHODS):

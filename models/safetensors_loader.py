@@ -83,7 +83,10 @@ _LAYER_NAMES = {
     "w_down": ("mlp.down_proj.weight", True),
     "router": ("mlp.gate.weight", True),
     "shared_expert_gate": ("mlp.shared_expert_gate.weight", True),
+    "k_scale": ("self_attn.k_scale", False),  # one number a layer (shape [] or [1])
+    "v_scale": ("self_attn.v_scale", False),
 }
+KV_SCALE_PARAMS = ("k_scale", "v_scale")
 # A mixture of experts' per-expert weights: our name -> (HF name inside ``model.layers.{i}.{moe}.experts.{e}.``, by
 # the model's block name ``moe``), all Linear weights; Mixtral's router is ``block_sparse_moe.gate``.
 _EXPERT_NAMES = {
@@ -442,6 +445,15 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
     return weight
 
 
+def _scales(ckpt: _Checkpoint, source: _TensorSource, path: str) -> np.ndarray:
+    """float32 ``[L]``: one number from each of ``source``'s tensors (a per-tensor scale, stored as [] or [1])."""
+    for name in source.hf_names:
+        if name not in ckpt or int(np.prod(ckpt.shape(name))) != 1:
+            raise CheckpointError(f"checkpoint {path!r} has {'no' if name not in ckpt else 'a non-scalar'} "
+                                  f"tensor {name!r}; its KV scales need one number in every layer")
+    return np.array([np.asarray(ckpt.array(name), np.float32).reshape(()) for name in source.hf_names])
+
+
 def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Optional[dict] = None,
                             progress: bool = True, quantization: Optional[CheckpointQuantization] = None) -> dict:
     """Load the safetensors checkpoint folder ``path`` as params for ``config``, cast to ``dtype``.
@@ -461,10 +473,13 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
     quantized = {} if quantization is None else {
         name: sources["layers"].pop(name) for name in QUANTIZED_LAYER_WEIGHTS + QUANTIZED_EXPERT_WEIGHTS
         if name in sources["layers"]}
+    kv_scales = {name: sources["layers"].pop(name) for name in KV_SCALE_PARAMS if name in sources["layers"]}
     _check_tensors(ckpt, sources, shapes, path)
     params: dict = {}
     leaves = _leaves(sources)
     total = sum(len(s.hf_names) for _, s in leaves + list(quantized.items()))
+    for name, source in kv_scales.items():
+        _set(params, ("layers", name), jax.device_put(_scales(ckpt, source, path), _get(shardings, ("layers", name))))
     with tqdm(total=total, unit="tensor", desc="Loading safetensors", disable=not progress) as bar:
         for key, source in leaves:
             _set(params, key, _load_param(ckpt, source, _get(shapes, key), dtype, _get(shardings, key)))

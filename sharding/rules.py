@@ -82,6 +82,8 @@ PARAM_LOGICAL_AXES: dict[str, Any] = {
         "w_up": ("layers", "embed", "mlp"),
         "w_down": ("layers", "mlp", "embed"),
         "router": ("layers", "embed", "experts"),
+        "k_scale": ("layers",),
+        "v_scale": ("layers",),
         "shared_expert_gate": ("layers", "embed", "gate"),
         "expert_gate": ("layers", "experts", "embed", "mlp"),
         "expert_up": ("layers", "experts", "embed", "mlp"),

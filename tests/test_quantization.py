@@ -485,6 +485,46 @@ def test_fp8_kv_cache_halves_block_bytes_and_keeps_logits_close(tiny):
     assert len(out[0].outputs[0].token_ids) == 5
 
 
+def test_fp8_kv_pages_use_the_checkpoints_kv_scales(tiny, tmp_path):
+    """K and V ~1000x past fp8's range: ``k_proj`` and ``v_proj`` times 1000, ``q_proj`` and ``o_proj`` divided by
+    1000, is the same model, but unscaled fp8 pages saturate. With the checkpoint's ``self_attn.k_scale`` /
+    ``v_scale`` (llm-compressor's per-layer tensors, shape [] or [1]) the pages hold K / k_scale and V / v_scale,
+    and the logits stay within the fp8 KV tolerance; pages in the model's dtype ignore the scales."""
+    rng = np.random.default_rng()
+    tensors = load_file(os.path.join(tiny, "model.safetensors"))
+    scales = {}
+    for i in range(ModelConfig.from_pretrained(tiny).num_layers):
+        prefix = f"model.layers.{i}.self_attn."
+        for proj, factor in (("q", 1e-3), ("k", 1e3), ("v", 1e3), ("o", 1e-3)):
+            tensors[f"{prefix}{proj}_proj.weight"] = tensors[f"{prefix}{proj}_proj.weight"] * np.float32(factor)
+        scales[prefix + "k_scale"] = np.asarray(rng.uniform(500, 2000), np.float32)  # shape []
+        scales[prefix + "v_scale"] = np.asarray([rng.uniform(500, 2000)], np.float32)  # shape [1]
+    paths = {name: str(tmp_path / name) for name in ("unscaled", "scaled")}
+    for name, weights in (("unscaled", tensors), ("scaled", {**tensors, **scales})):
+        shutil.copytree(tiny, paths[name])
+        save_file(weights, os.path.join(paths[name], "model.safetensors"))
+    scaled, unscaled = load_model(paths["scaled"], dtype="float32"), load_model(paths["unscaled"], dtype="float32")
+    assert scaled.config.kv_cache_scales and not unscaled.config.kv_cache_scales
+    np.testing.assert_array_equal(np.asarray(scaled.params["layers"]["k_scale"]),
+                                  [scales[f"model.layers.{i}.self_attn.k_scale"] for i in range(len(scales) // 2)])
+    batch, pages = ragged_batch(scaled.config, rng)
+    reference = logits_of(load_model(tiny, dtype="float32"), batch, pages + 1)
+    assert relative_error(logits_of(scaled, batch, pages + 1), reference) < 1e-4  # float32 pages: scales unused
+    fp8 = {name: logits_of(model, batch, pages + 1, kv_dtype=jnp.float8_e4m3fn)
+           for name, model in (("scaled", scaled), ("unscaled", unscaled))}
+    assert relative_error(fp8["scaled"], reference) < FP8_KV_TOLERANCE
+    assert relative_error(fp8["unscaled"], reference) > 3 * FP8_KV_TOLERANCE  # saturated: the test has teeth
+    llm = LLM(paths["scaled"], dtype="float32", kv_cache_dtype="fp8", skip_tokenizer_init=True, max_model_len=64)
+    out = llm.generate([[3, 1, 4, 1, 5, 9]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)
+    llm.shutdown()
+    assert len(out[0].outputs[0].token_ids) == 5
+    tensors["model.layers.0.self_attn.k_scale"] = np.ones(2, np.float32)
+    save_file(tensors, os.path.join(paths["unscaled"], "model.safetensors"))
+    with pytest.raises(CheckpointError, match="non-scalar tensor 'model.layers.0.self_attn.k_scale'"):
+        load_model(paths["unscaled"])
+
+
 # ------------------------------------------------------------------ the embedded default model
 
 

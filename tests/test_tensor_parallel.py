@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -225,10 +226,13 @@ def _result(proc: subprocess.Popen, timeout: int = 240) -> dict:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
     from tests.test_gguf import random_hf_weights, write_gguf
-    from tests.tiny_checkpoints import write_tiny_checkpoint
+    from safetensors.numpy import load_file, save_file
+
+    from tests.tiny_checkpoints import BASE, write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tp")
-    seed = int(np.random.default_rng().integers(1 << 30))
+    rng = np.random.default_rng()
+    seed = int(rng.integers(1 << 30))
     paths = {}
     for i, variant in enumerate(("llama", "qwen2", "mixtral", "phi3", "gemma3_text", "qwen2_moe")):
         paths[variant] = str(root / variant)
@@ -237,6 +241,14 @@ def checkpoints(tmp_path_factory) -> dict:
     # (128 rows at load time): experts 256 wide.
     paths["mixtral-wide"] = str(root / "mixtral-wide")
     write_tiny_checkpoint(paths["mixtral-wide"], "mixtral", seed=seed - 1, intermediate_size=256)
+    # The llama checkpoint with fp8 KV scales a layer (llm-compressor's k_scale / v_scale tensors).
+    paths["llama-kv-scales"] = str(root / "llama-kv-scales")
+    shutil.copytree(paths["llama"], paths["llama-kv-scales"])
+    tensors = load_file(os.path.join(paths["llama"], "model.safetensors"))
+    for i in range(BASE["num_hidden_layers"]):
+        for name in ("k_scale", "v_scale"):
+            tensors[f"model.layers.{i}.self_attn.{name}"] = np.asarray(rng.uniform(0.5, 2.0), np.float32)
+    save_file(tensors, os.path.join(paths["llama-kv-scales"], "model.safetensors"))
     paths["gguf"] = str(root / "tiny.gguf")
     write_gguf(paths["gguf"], random_hf_weights(np.random.default_rng(seed), qkv_bias=False))
     return paths
@@ -275,6 +287,8 @@ def workers(checkpoints, prompts) -> dict:
         ("moe", checkpoints["mixtral"], "auto", [1, 4]),
         ("moe-int8", checkpoints["mixtral"], "auto", [1, 4], {"quantization": "int8"}),
         ("moe-int4", checkpoints["mixtral-wide"], "auto", [1, 2], {"quantization": "int4"}),
+        # fp8 KV pages with the checkpoint's scales (replicated per-layer numbers).
+        ("kv-fp8-scales", checkpoints["llama-kv-scales"], "auto", [1, 2], {"kv_cache_dtype": "fp8"}),
         ("qwen2-moe", checkpoints["qwen2_moe"], "auto", [1, 4]),  # its shared expert split as a dense MLP
         # The grouped matmul kernel (interpreted) on each device's slice of the experts, inside shard_map.
         ("moe-kernel", checkpoints["mixtral"], "auto", [1, 2], {"linear_backend": "pallas"}),
@@ -303,7 +317,7 @@ def single_host(workers) -> dict:
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
                                  "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4",
-                                 "moe-int8/tp4", "moe-int4/tp2", "phi3/tp4", "gemma3/tp4",
+                                 "moe-int8/tp4", "moe-int4/tp2", "kv-fp8-scales/tp2", "phi3/tp4", "gemma3/tp4",
                                  "qwen2-moe/tp4", "moe-kernel/tp2"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
