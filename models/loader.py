@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from models.config import LOAD_FORMATS, ModelConfig, ModelConfigError, UnsupportedModelError
+from models.config import LOAD_FORMATS, ModelConfig, ModelConfigError
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
           "bf16": jnp.bfloat16, "fp16": jnp.float16, "half": jnp.float16, "float": jnp.float32}
@@ -82,8 +82,8 @@ def load_model(
     (dense) params; quantized weights are placed to match. ``head_optional`` (a pooling engine, which never
     applies the LM head): a safetensors checkpoint without ``lm_head.weight`` (an embedding model saved as its
     decoder alone) loads as if tied, its embedding standing in for the head's shape."""
-    from models.quantization import (MOE_QUANTIZATION_METHODS, CheckpointQuantization, int8_lm_head,
-                                     quantize_lm_head, quantize_params, resolve_method)
+    from models.quantization import (CheckpointQuantization, int8_lm_head, quantize_lm_head, quantize_params,
+                                     resolve_method)
 
     path = resolve_model_path(model)
     fmt = detect_format(path, load_format)
@@ -105,10 +105,6 @@ def load_model(
                 config = dataclasses.replace(config, kv_cache_scales=True)
     stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
     method = resolve_method(quantization, stored, fmt)
-    if config.is_moe and method not in (None, *MOE_QUANTIZATION_METHODS):
-        raise UnsupportedModelError(f"quantization {method!r} is not implemented for mixture-of-experts models "
-                                    f"({config.model_type}): their experts load unquantized, as int8 or int4 "
-                                    "(quantization='int8' / 'int4' at load time, or an AWQ / GPTQ checkpoint)")
     sh = shardings(config) if shardings is not None else None
     if fmt == "gguf":
         params = load_gguf_params(source, config, jdtype, shardings=sh)

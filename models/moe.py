@@ -8,7 +8,9 @@ weights.
 
 Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``expert_up [E, H, I]`` (or joined,
 ``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``; the experts dense, weight-only int8 (``Int8Weight``,
-``quantization="int8"``) or 4-bit (``Int4Weight``: ``"int4"``, or an AWQ / GPTQ checkpoint's). Every token's
+``quantization="int8"``), weight-only fp8 (``Fp8Weight``: ``"fp8"``, or an FP8 checkpoint's; each tile converted to
+the activations' dtype, so no fp8 tensor cores here) or 4-bit (``Int4Weight``: ``"int4"``, or an AWQ / GPTQ
+checkpoint's). Every token's
 routing is computed: nothing is dropped (no expert capacity), so the result does not depend on what else is in the
 batch. Qwen2-MoE's shared expert is the
 layer's dense MLP (``models.llama``); over a mesh the experts run per device (``sharding.experts``).
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.quantization import Int4Weight, Int8Weight
+from models.quantization import Fp8Weight, Int4Weight, Int8Weight
 from pallas_kernels.grouped_matmul import (grouped_matmul, grouped_matmul_int4, grouped_matmul_int4_reference,
                                            grouped_matmul_reference)
 
@@ -80,8 +82,8 @@ def sort_by_expert(experts: jax.Array, num_experts: int, block_m: int) -> Expert
 
 def expert_mlp(x: jax.Array, block_expert: jax.Array, w: dict, *, use_kernel: bool, interpret=None) -> jax.Array:
     """The experts' SwiGLU MLPs on routed rows ``x [R, H]`` (``sort_by_expert``'s layout): ``[R, H]`` in x's dtype.
-    ``w``: ``expert_gate_up`` or ``expert_gate`` / ``expert_up``, and ``expert_down`` (dense, ``Int8Weight`` or
-    ``Int4Weight``).
+    ``w``: ``expert_gate_up`` or ``expert_gate`` / ``expert_up``, and ``expert_down`` (dense, ``Int8Weight``,
+    ``Fp8Weight`` or ``Int4Weight``).
     ``use_kernel``: the grouped matmuls by the Pallas kernel (``interpret``: interpreted), else by jnp. Under a
     mesh this runs per device on its slice of the experts' width (``sharding.experts``)."""
 
@@ -93,10 +95,11 @@ def expert_mlp(x: jax.Array, block_expert: jax.Array, w: dict, *, use_kernel: bo
             fn = grouped_matmul_int4 if use_kernel else grouped_matmul_int4_reference
             return fn(rows, weight.packed, weight.scales, weight.zeros, block_expert, group_size=weight.group_size,
                       pack=weight.pack, **({"interpret": interpret} if use_kernel else {}))
-        q, scale = (weight.q, weight.scale) if isinstance(weight, Int8Weight) else (weight, None)
+        q, scale = (weight.q, weight.scale) if isinstance(weight, (Int8Weight, Fp8Weight)) else (weight, None)
+        k_major = isinstance(weight, Fp8Weight)  # its q is [E, N, K]
         if use_kernel:
-            return grouped_matmul(rows, q, block_expert, scale, interpret=interpret)
-        return grouped_matmul_reference(rows, q, block_expert, scale)
+            return grouped_matmul(rows, q, block_expert, scale, k_major=k_major, interpret=interpret)
+        return grouped_matmul_reference(rows, q, block_expert, scale, k_major=k_major)
 
     if "expert_gate_up" in w:
         gate, up = jnp.split(matmul(x, w["expert_gate_up"]), 2, axis=-1)

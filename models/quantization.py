@@ -47,10 +47,9 @@ from models.config import QUANTIZATION_METHODS
 from pallas_kernels import quantized_matmul as qmm
 
 QUANTIZED_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-# A mixture of experts' quantized weights (``[..., E, K, N]``, kept K by N for the grouped matmul: Int8Weight or
-# Int4Weight); its router stays in the model dtype. fp8 experts are not implemented.
+# A mixture of experts' quantized weights (``[..., E, K, N]`` for the grouped matmul: Int8Weight, Int4Weight, or
+# Fp8Weight's K-major ``[..., E, N, K]``); its router stays in the model dtype.
 QUANTIZED_EXPERT_WEIGHTS = ("expert_gate", "expert_up", "expert_down")
-MOE_QUANTIZATION_METHODS = ("int8", "int4", "awq", "gptq")
 INT4_GROUP_SIZE = 128  # group size of the load-time int4 method (and of dummy AWQ/GPTQ weights)
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column AWQ_ORDER[i] of its 8

@@ -34,9 +34,10 @@ from pallas_kernels.quantized_matmul import block_size, dequantize_int4
 
 
 def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: int, block_m: int, block_n: int,
-                           block_k: int, group_size: int):
-    """``refs``: the int8 scale, or the int4 scales and zeros, then the output. An int4 step's ``block_k`` rows are
-    one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second."""
+                           block_k: int, group_size: int, k_major: bool):
+    """``refs``: the int8 / fp8 scale, or the int4 scales and zeros, then the output. An int4 step's ``block_k`` rows
+    are one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second.
+    ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed."""
     *quant_refs, o_ref = refs
     int4 = len(quant_refs) == 2
     b, n = pl.program_id(0), pl.program_id(1)
@@ -46,7 +47,8 @@ def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: i
 
     def dense_step(i, acc):
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        w = w_ref[expert, ks, cols].astype(x_ref.dtype)  # int8 weights: exact in bf16 / f32
+        # int8 / fp8 weights: exact in bf16 / f32
+        w = w_ref[expert, cols, ks].astype(x_ref.dtype).T if k_major else w_ref[expert, ks, cols].astype(x_ref.dtype)
         return acc + jnp.dot(x_ref[rows, ks], w, preferred_element_type=jnp.float32)
 
     def int4_step(i, acc):
@@ -74,15 +76,16 @@ def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: i
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-def _check_shapes(x, w, block_expert, scale, k: int) -> int:
-    """``block_m``: the rows of a block, after checking the operands agree (``k``: the weight's K)."""
+def _check_shapes(x, w, block_expert, scale, k: int, n: int) -> int:
+    """``block_m``: the rows of a block, after checking the operands agree (``k``, ``n``: the weight's K and N)."""
     rows = x.shape[0]
     if w.ndim != 3 or x.shape[1] != k:
-        raise ValueError(f"the grouped matmul needs x[R, K] and w[E, K, N]; got {x.shape} and a weight of "
-                         f"{w.shape[0]} experts of K = {k}")
-    if (scale is None) != (w.dtype != jnp.int8) or (scale is not None and scale.shape != (w.shape[0], w.shape[2])):
-        raise ValueError(f"int8 weights need their scale[E, N] and other weights none; got {w.dtype} weights and "
-                         f"scale {None if scale is None else scale.shape}")
+        raise ValueError(f"the grouped matmul needs x[R, K] and w[E, K, N] (or [E, N, K]); got {x.shape} and a "
+                         f"weight of {w.shape[0]} experts of K = {k}")
+    quantized = w.dtype in (jnp.int8, jnp.float8_e4m3fn)
+    if (scale is None) == quantized or (scale is not None and scale.shape != (w.shape[0], n)):
+        raise ValueError(f"int8 and fp8 weights need their scale[E, N] and other weights none; got {w.dtype} "
+                         f"weights and scale {None if scale is None else scale.shape}")
     if block_expert.ndim != 1 or not block_expert.shape[0] or rows % block_expert.shape[0]:
         raise ValueError(f"block_expert {block_expert.shape} must name the expert of each equal block of {rows} rows")
     return rows // block_expert.shape[0]
@@ -98,14 +101,14 @@ def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: i
     if scales.shape != (E, k // group_size, n) or zeros.shape != scales.shape:
         raise ValueError(f"int4 experts need scales and zeros [E, K/g, N] = {[E, k // group_size, n]}; got "
                          f"{scales.shape} and {zeros.shape}")
-    return _check_shapes(x, packed, block_expert, None, k)
+    return _check_shapes(x, packed, block_expert, None, k, n)
 
 
 def _call(x, block_expert, operands: tuple, *, n: int, block_m: int, block_n: int, block_k: int, group_size: int,
-          num_warps: int, interpret, name: str):
+          num_warps: int, interpret, name: str, k_major: bool = False):
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
-                               block_n=block_n, block_k=block_k, group_size=group_size)
+                               block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major)
     return pl.pallas_call(
         kernel,
         grid=(block_expert.shape[0], n // block_n),
@@ -118,18 +121,25 @@ def _call(x, block_expert, operands: tuple, *, n: int, block_m: int, block_n: in
     )(block_expert.astype(jnp.int32), x, *operands)
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "interpret"))
+def _weight_dims(w, k_major: bool) -> tuple[int, int]:
+    return (w.shape[2], w.shape[1]) if k_major else (w.shape[1], w.shape[2])
+
+
+@functools.partial(jax.jit, static_argnames=("k_major", "block_n", "block_k", "num_warps", "interpret"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: Optional[jax.Array] = None, *,
-                   block_n: int = 64, block_k: int = 64, num_warps: int = 4,
+                   k_major: bool = False, block_n: int = 64, block_k: int = 64, num_warps: int = 4,
                    interpret: Optional[bool] = None) -> jax.Array:
-    """``y[R, N]`` (x's dtype): each block of rows of ``x[R, K]`` times its expert's ``w[E, K, N]`` (module doc);
-    int8 ``w`` with its per-column ``scale[E, N]`` (``models.quantization.Int8Weight``): ``w * scale``."""
-    block_m = _check_shapes(x, w, block_expert, scale, w.shape[1])
-    _, k, n = w.shape
+    """``y[R, N]`` (x's dtype): each block of rows of ``x[R, K]`` times its expert's ``w[E, K, N]`` (module doc),
+    or ``w[E, N, K]`` where ``k_major``; int8 / fp8 ``w`` with its per-column ``scale[E, N]``
+    (``models.quantization.Int8Weight`` / ``Fp8Weight``, weight-only: each tile converted to x's dtype exactly):
+    ``w * scale``."""
+    k, n = _weight_dims(w, k_major)
+    block_m = _check_shapes(x, w, block_expert, scale, k, n)
     block = functools.partial(block_size, kernel="the grouped matmul")
+    name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
     return _call(x, block_expert, (w,) if scale is None else (w, scale), n=n, block_m=block_m,
                  block_n=block(n, block_n, "N"), block_k=block(k, block_k, "K"), group_size=k, num_warps=num_warps,
-                 interpret=interpret, name="moe_grouped_matmul" if scale is None else "moe_grouped_matmul_int8")
+                 interpret=interpret, name=name, k_major=k_major)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "interpret"))
@@ -159,10 +169,12 @@ def _blocks_times(x, block_expert, num_experts: int, block_m: int, weight_of, sc
 
 
 def grouped_matmul_reference(x: jax.Array, w: jax.Array, block_expert: jax.Array,
-                             scale: Optional[jax.Array] = None) -> jax.Array:
+                             scale: Optional[jax.Array] = None, *, k_major: bool = False) -> jax.Array:
     """The same product in jnp: every block times its expert's gathered weight (zeros past the last expert)."""
-    block_m = _check_shapes(x, w, block_expert, scale, w.shape[1])
-    return _blocks_times(x, block_expert, w.shape[0], block_m, lambda e: w[e].astype(x.dtype), scale)
+    k, n = _weight_dims(w, k_major)
+    block_m = _check_shapes(x, w, block_expert, scale, k, n)
+    weight_of = (lambda e: jnp.swapaxes(w[e].astype(x.dtype), -1, -2)) if k_major else (lambda e: w[e].astype(x.dtype))
+    return _blocks_times(x, block_expert, w.shape[0], block_m, weight_of, scale)
 
 
 def grouped_matmul_int4_reference(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,

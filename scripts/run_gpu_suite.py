@@ -283,6 +283,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                       f"{results}/tput-short-qwen3-moe.json"), 400),
         ("latency-qwen3-moe-int8", latency("int8", "--model", QWEN3_MOE, "--output-json",
                                            f"{results}/latency-qwen3-moe-int8.json"), 300),
+        # fp8 experts weight-only (each tile converted to bf16 in the grouped matmul), attention on fp8 tensor cores.
+        ("latency-qwen3-moe-fp8", latency("fp8", "--model", QWEN3_MOE, "--output-json",
+                                          f"{results}/latency-qwen3-moe-fp8.json"), 300),
         # A pooling engine (engine/pooling.py, untimed so far): the 8B's shapes embedding 1024 x 512-token prompts.
         ("embed", bench("bench_embed.py", "--output-json", f"{results}/embed.json"), 200),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
@@ -788,7 +791,8 @@ REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tes
             "latency-awq-affine-prefetch": "gpu-tests-affine", "latency-awq-affine-n256": "gpu-tests-affine", "latency-int8-permute": "gpu-tests-permute", "latency-awq-permute": "gpu-tests-permute",
             "tput-short-fp8-notriton": "latency-fp8-notriton", "tput-short-fp8-heuristic": "latency-fp8-heuristic",
             "engine-gpu-test-mosaic": "gpu-tests-mosaic",
-            **{name: "gpu-tests-moe" for name in ("latency-qwen3-moe", "tput-short-qwen3-moe", "latency-qwen3-moe-int8")},
+            **{name: "gpu-tests-moe" for name in ("latency-qwen3-moe", "tput-short-qwen3-moe", "latency-qwen3-moe-int8",
+                                                  "latency-qwen3-moe-fp8")},
             "latency-qwen3-moe-awq": "gpu-tests-moe-int4"}
 
 

@@ -3,7 +3,8 @@
 Owns wrapping ``models.moe.expert_mlp`` (routed rows in, their outputs out) in ``shard_map`` over the ``tp`` mesh
 axis, Megatron's split of an MLP applied to every expert (``sharding.rules``): ``expert_gate`` / ``expert_up [E, H,
 I]`` split on ``I`` (column-parallel), ``expert_down [E, I, H]`` on ``I`` (row-parallel), an int8 weight's scales
-with the axis they scale, an int4 weight's packed values, scales and zeros like the weight. The routed rows and the
+with the axis they scale (an fp8 weight's K-major ``q [E, N, K]`` on the same logical axes), an int4 weight's packed
+values, scales and zeros like the weight. The routed rows and the
 block -> expert table are replicated; each device runs the unmodified function (the Pallas grouped matmul on GPU)
 on its ``I / tp`` columns and its down projection's partial sums are added over the mesh (one all-reduce of
 ``[R, H]``, as a dense MLP's). Left to GSPMD instead, the jnp form
@@ -17,7 +18,7 @@ from typing import Callable
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from models.quantization import Int4Weight, Int8Weight
+from models.quantization import Fp8Weight, Int4Weight, Int8Weight
 from sharding.attention import REPLICATED, shard_map_compat
 from sharding.mesh import TP_AXIS
 
@@ -26,9 +27,13 @@ ROWS = PartitionSpec(None, TP_AXIS, None)  # [E, I, H]: each device its I / tp r
 
 
 def _spec(name: str, weight, tp: int):
-    """The per-device split of one expert weight (``[E, K, N]`` dense, or an ``Int8Weight``'s / ``Int4Weight``'s
-    fields: int4 ``packed [E, K/2, N]`` and its ``scales`` / ``zeros [E, K/g, N]`` split like the weight)."""
+    """The per-device split of one expert weight (``[E, K, N]`` dense, or an ``Int8Weight``'s / ``Fp8Weight``'s /
+    ``Int4Weight``'s fields: int4 ``packed [E, K/2, N]`` and its ``scales`` / ``zeros [E, K/g, N]`` split like the
+    weight)."""
     split = ROWS if name == "expert_down" else COLUMNS
+    if isinstance(weight, Fp8Weight):  # q [E, N, K]: the other axis
+        return weight.replace(q=COLUMNS if name == "expert_down" else ROWS,
+                              scale=REPLICATED if name == "expert_down" else PartitionSpec(None, TP_AXIS))
     if isinstance(weight, Int8Weight):
         return weight.replace(q=split, scale=REPLICATED if name == "expert_down" else PartitionSpec(None, TP_AXIS))
     if isinstance(weight, Int4Weight):

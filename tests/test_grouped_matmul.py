@@ -1,5 +1,6 @@
 """The grouped matmul of a mixture of experts (``pallas_kernels.grouped_matmul``) against numpy, and its jnp
-reference too: dense, int8 and int4 weights, blocks past the last expert.
+reference too: dense, int8, fp8 (``[E, N, K]``, as ``Fp8Weight`` stores them) and int4 weights, blocks past the last
+expert.
 
 The same cases run in interpret mode on CPU and compiled by Triton with ``-m gpu``; every run draws fresh random
 inputs (the seed is in failures). Imports only the kernel, so the GPU machine's JAX can run it in a bare venv (CI).
@@ -26,21 +27,28 @@ CPU_CASES = [
     (5, 32, 3, 128, 64, jnp.bfloat16, 32, 32),
     (3, 16, 8, 48, 16, jnp.float32, 64, 64),  # K = 48: steps of 16
     (4, 16, 3, 64, 32, jnp.int8, 32, 32),  # int8 weights with their scales, bf16 rows
+    (4, 16, 3, 64, 32, jnp.float8_e4m3fn, 32, 32),  # fp8 weights [E, N, K] with their scales, bf16 rows
 ]
 GPU_CASES = [  # Qwen3-30B-A3B's expert shapes (gate/up joined, down), Mixtral's gate/up
     (64, 16, 128, 2048, 1536, jnp.bfloat16, 64, 64),
     (64, 64, 128, 768, 2048, jnp.bfloat16, 64, 64),
     (16, 128, 8, 4096, 28672, jnp.bfloat16, 128, 64),
     (64, 16, 128, 2048, 1536, jnp.int8, 64, 64),
+    (64, 16, 128, 2048, 1536, jnp.float8_e4m3fn, 64, 64),
+    (64, 64, 128, 768, 2048, jnp.float8_e4m3fn, 64, 64),
 ]
 
 
 def random_blocks(rng, blocks, block_m, E, K, N, dtype):
-    """``(x, w, block_expert, scale)``: experts in order with some blocks past the last expert (``E``); int8
-    ``dtype``: int8 weights with per-column scales (else scale None) and bf16 rows."""
-    x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), jnp.bfloat16 if dtype == jnp.int8 else dtype)
+    """``(x, w, block_expert, scale)``: experts in order with some blocks past the last expert (``E``); int8 / fp8
+    ``dtype``: those weights with per-column scales (else scale None) and bf16 rows; fp8 ones stored ``[E, N, K]``."""
+    quantized = dtype in (jnp.int8, jnp.float8_e4m3fn)
+    x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), jnp.bfloat16 if quantized else dtype)
     if dtype == jnp.int8:
         w = jnp.asarray(rng.integers(-127, 128, (E, K, N)), jnp.int8)
+        scale = jnp.asarray(rng.uniform(0.5, 1.5, (E, N)) / (64 * np.sqrt(K)), jnp.float32)
+    elif dtype == jnp.float8_e4m3fn:
+        w = jnp.asarray(rng.standard_normal((E, N, K)) * 64, jnp.float8_e4m3fn)
         scale = jnp.asarray(rng.uniform(0.5, 1.5, (E, N)) / (64 * np.sqrt(K)), jnp.float32)
     else:
         w, scale = jnp.asarray(rng.standard_normal((E, K, N)) / np.sqrt(K), dtype), None
@@ -52,15 +60,20 @@ def random_blocks(rng, blocks, block_m, E, K, N, dtype):
 def run_case(blocks, block_m, E, K, N, dtype, block_n, block_k, *, interpret):
     seed = np.random.SeedSequence().entropy
     x, w, block_expert, scale = random_blocks(np.random.default_rng(seed), blocks, block_m, E, K, N, dtype)
-    got = grouped_matmul(x, w, block_expert, scale, block_n=block_n, block_k=block_k, interpret=interpret)
+    k_major = dtype == jnp.float8_e4m3fn
+    got = grouped_matmul(x, w, block_expert, scale, k_major=k_major, block_n=block_n, block_k=block_k,
+                         interpret=interpret)
     assert got.shape == (blocks * block_m, N) and got.dtype == x.dtype
-    dense = np.asarray(w, np.float64) * (1.0 if scale is None else np.asarray(scale, np.float64)[:, None, :])
+    stored = np.asarray(w.astype(jnp.float32), np.float64)
+    dense = (np.swapaxes(stored, 1, 2) if k_major else stored) * (
+        1.0 if scale is None else np.asarray(scale, np.float64)[:, None, :])
     want = np.einsum("bmk,bkn->bmn", np.asarray(x, np.float64).reshape(blocks, block_m, K),
                      dense[np.minimum(np.asarray(block_expert), E - 1)])
     want[np.asarray(block_expert) == E] = 0
     want = want.reshape(-1, N)
     dtype = x.dtype.type
-    for name, y in (("kernel", got), ("reference", grouped_matmul_reference(x, w, block_expert, scale))):
+    reference = grouped_matmul_reference(x, w, block_expert, scale, k_major=k_major)
+    for name, y in (("kernel", got), ("reference", reference)):
         err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
         assert err < RTOL[dtype], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
     assert not np.asarray(got, np.float64)[np.repeat(np.asarray(block_expert) == E, block_m)].any()
@@ -86,11 +99,15 @@ def test_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
         grouped_matmul(x, w[:, :1024], block_expert)
     with pytest.raises(ValueError, match="equal block"):
         grouped_matmul(x, w, jnp.zeros((48,), jnp.int32))
-    with pytest.raises(ValueError, match="int8 weights need their scale"):
+    with pytest.raises(ValueError, match="int8 and fp8 weights need their scale"):
         grouped_matmul(x, w.astype(jnp.int8), block_expert)
     int8 = cuda_lowering(functools.partial(grouped_matmul, interpret=False), x, w.astype(jnp.int8), block_expert,
                          jnp.ones((128, 1536), jnp.float32))
     assert int8.count("__gpu$xla.gpu.triton") == 1
+    fp8 = cuda_lowering(functools.partial(grouped_matmul, k_major=True, interpret=False), x,
+                        jnp.zeros((128, 1536, 2048), jnp.float8_e4m3fn), block_expert,
+                        jnp.ones((128, 1536), jnp.float32))
+    assert fp8.count("__gpu$xla.gpu.triton") == 1
 
 
 # int4: (blocks, block_m, E, K, N, group_size, pack, block_n)

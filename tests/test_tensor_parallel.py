@@ -287,6 +287,7 @@ def workers(checkpoints, prompts) -> dict:
         ("moe", checkpoints["mixtral"], "auto", [1, 4]),
         ("moe-int8", checkpoints["mixtral"], "auto", [1, 4], {"quantization": "int8"}),
         ("moe-int4", checkpoints["mixtral-wide"], "auto", [1, 2], {"quantization": "int4"}),
+        ("moe-fp8", checkpoints["mixtral"], "auto", [1, 2], {"quantization": "fp8"}),  # experts' q [E, N, K]
         # fp8 KV pages with the checkpoint's scales (replicated per-layer numbers).
         ("kv-fp8-scales", checkpoints["llama-kv-scales"], "auto", [1, 2], {"kv_cache_dtype": "fp8"}),
         ("qwen2-moe", checkpoints["qwen2_moe"], "auto", [1, 4]),  # its shared expert split as a dense MLP
@@ -317,7 +318,7 @@ def single_host(workers) -> dict:
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
                                  "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4",
-                                 "moe-int8/tp4", "moe-int4/tp2", "kv-fp8-scales/tp2", "phi3/tp4", "gemma3/tp4",
+                                 "moe-int8/tp4", "moe-int4/tp2", "moe-fp8/tp2", "kv-fp8-scales/tp2", "phi3/tp4", "gemma3/tp4",
                                  "qwen2-moe/tp4", "moe-kernel/tp2"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
