@@ -14,8 +14,8 @@ Methods (``quantization=`` on ``LLM``, vLLM's names where vLLM has them):
 - ``awq`` / ``gptq``: 4-bit checkpoints in those layouts (packed int32 ``qweight``/``qzeros``,
   group ``scales``, GPTQ ``g_idx``, act-order included), kept 4-bit on the device.
 - ``fp8``: float8 e4m3 weights with a scale per output channel (made at load time, or read
-  from an FP8 checkpoint's ``weight_scale``); activations are quantized per token at run
-  time and the matmul runs on fp8 tensor cores (Hopper).
+  from an FP8 checkpoint's ``weight_scale``: per tensor, per channel, or block-wise re-quantized per channel);
+  activations are quantized per token at run time and the matmul runs on fp8 tensor cores (Hopper).
 
 The seven matrices of each layer are quantized, and with int8 the LM head too (``int8_lm_head``: an int8
 copy ``[V, H]`` beside a tied embedding, which stays in the model dtype for the token lookup). Every weight
@@ -413,6 +413,7 @@ class CheckpointQuantization:
     method: str  # "awq" | "gptq" | "fp8"
     group_size: int = -1  # 4-bit methods; -1: one group over all of K
     zero_offset: int = 0  # gptq v1 checkpoints store zero - 1
+    block: Optional[tuple[int, int]] = None  # block-wise fp8: rows x columns of [N, K] a scale covers
 
     @classmethod
     def from_hf_dict(cls, q: dict) -> "CheckpointQuantization":
@@ -429,9 +430,10 @@ class CheckpointQuantization:
             offset = 1 if method == "gptq" and q.get("checkpoint_format", "gptq") != "gptq_v2" else 0
             return cls(method, group, offset)
         if method == "fp8":
-            if q.get("weight_block_size"):
-                raise QuantizationError(f"block-wise fp8 (weight_block_size={q['weight_block_size']}) is not supported")
-            return cls("fp8")
+            block = q.get("weight_block_size")
+            if block and (len(block) != 2 or min(block) < 1):
+                raise QuantizationError(f"fp8 weight_block_size={block} is not [rows, columns]")
+            return cls("fp8", block=tuple(int(b) for b in block) if block else None)
         if method == "compressed-tensors":
             groups = list((q.get("config_groups") or {}).values())
             weights = [g.get("weights") or {} for g in groups]
@@ -544,16 +546,35 @@ def gptq_to_int4(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_
     return _int4_from_values(values, zeros.astype(np.float32), scales, g, perm, dtype)
 
 
-def fp8_from_checkpoint(weight: np.ndarray, weight_scale: np.ndarray) -> dict[str, np.ndarray]:
+def fp8_from_checkpoint(weight: np.ndarray, weight_scale: np.ndarray,
+                        block: Optional[tuple[int, int]] = None) -> dict[str, np.ndarray]:
     """An FP8 checkpoint's ``weight`` (e4m3 ``[N, K]``) and ``weight_scale`` (per tensor ``[]``/
-    ``[1]`` or per channel ``[N]``/``[N, 1]``) -> the fields of an ``Fp8Weight``."""
+    ``[1]`` or per channel ``[N]``/``[N, 1]``) -> the fields of an ``Fp8Weight`` (exact).
+
+    Block-wise checkpoints (``block``: ``weight_block_size``, e.g. Qwen3's and DeepSeek's ``[128, 128]``; the scale
+    ``[ceil(N / rows), ceil(K / columns)]``, named ``weight_scale_inv`` there) are decoded and quantized again with
+    a scale per output channel, the form the fp8 matmul here takes (XLA's fp8 dot scales whole rows and columns):
+    e4m3 is a floating-point grid, so a value only moves where its block's scale and its channel's differ by other
+    than a power of two, by at most one rounding (2^-4 of it)."""
     N = weight.shape[0]
+    if block is not None:
+        rows, cols = block
+        scale = np.asarray(weight_scale, np.float32)
+        K = weight.shape[1]
+        if scale.shape != (-(-N // rows), -(-K // cols)):
+            raise QuantizationError(f"block-wise fp8 weight_scale {list(scale.shape)} does not tile a weight of "
+                                    f"{[N, K]} in blocks of {[rows, cols]}")
+        dense = weight.astype(np.float32) * np.repeat(np.repeat(scale, rows, 0), cols, 1)[:N, :K]
+        channel = np.abs(dense).max(axis=1) / FP8_MAX
+        channel = np.where(channel > 0, channel, 1.0).astype(np.float32)
+        return dict(q=(dense / channel[:, None]).astype(weight.dtype), scale=channel)
     scale = np.asarray(weight_scale, np.float32).reshape(-1)
     if scale.size == 1:
         scale = np.full((N,), scale[0], np.float32)
     elif scale.size != N:
         raise QuantizationError(f"fp8 weight_scale of {scale.size} values fits neither per-tensor nor "
-                                f"per-channel scaling of a weight with {N} rows (block-wise fp8 is not supported)")
+                                f"per-channel scaling of a weight with {N} rows (a block-wise scale needs the "
+                                "config's weight_block_size)")
     return dict(q=weight, scale=scale)
 
 

@@ -428,7 +428,10 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
                 raise CheckpointError(f"gptq checkpoint {path!r}: act-order (desc_act) experts ({base}) are not "
                                       "supported; use a checkpoint quantized with desc_act=False")
         else:
-            fields = fp8_from_checkpoint(tensor(base, "weight"), tensor(base, "weight_scale"))
+            # block-wise checkpoints (DeepSeek's layout) name the scale weight_scale_inv; it multiplies all the same
+            scale = tensor(base, "weight_scale", required=quant.block is None)
+            fields = fp8_from_checkpoint(tensor(base, "weight"),
+                                         scale if scale is not None else tensor(base, "weight_scale_inv"), quant.block)
         converted.append(fields)
     stacked = {k: np.stack([f[k] for f in converted]).reshape(source.stack + converted[0][k].shape)
                for k in converted[0] if k != "pack"}

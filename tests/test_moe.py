@@ -174,9 +174,9 @@ def test_quantized_experts_logits_close_to_dense_and_kernel_matches_jnp(tmp_path
     assert relative_error(kernel, jnp_path) < 1e-5
 
 
-@pytest.mark.parametrize("variant, method", [("qwen2_moe", "awq"), ("mixtral", "gptq"), ("qwen3_moe", "gptq"),
-                                             ("qwen3_moe", "fp8")])
-def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant, method):
+@pytest.mark.parametrize("variant, layout", [("qwen2_moe", "awq"), ("mixtral", "gptq"), ("qwen3_moe", "gptq"),
+                                             ("qwen3_moe", "fp8"), ("qwen3_moe", "fp8-block")])
+def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant, layout):
     """An AWQ / GPTQ / FP8 mixture-of-experts checkpoint (every projection quantized, experts and shared expert
     included; the router and the shared expert's gate dense, as the published ones): the logits of a dense
     checkpoint of the weights it encodes (exactly for 4 bits; fp8 also quantizes the attention's activations),
@@ -202,11 +202,12 @@ def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant
     linear = [name.removesuffix("weight") for name in tensors if re.search(r"(_proj|\.w[123])\.weight$", name)]
     decoded = dict(tensors)
     for prefix in linear:
-        decoded[prefix + "weight"] = np.ascontiguousarray(encode_linear(tensors, prefix, method, rng).T, np.float32)
+        decoded[prefix + "weight"] = np.ascontiguousarray(encode_linear(tensors, prefix, layout, rng).T, np.float32)
     for name, weights in (("decoded", decoded), ("quantized", tensors)):
         shutil.copytree(paths["dense"], paths[name])
         save_file(weights, os.path.join(paths[name], "model.safetensors"))
-    mark_quantized(paths["quantized"], method)
+    mark_quantized(paths["quantized"], layout)
+    method = layout.removesuffix("-block")
     quant, dense = load_model(paths["quantized"], dtype="float32"), load_model(paths["decoded"], dtype="float32")
     assert quant.quantization == method
     kind = Fp8Weight if method == "fp8" else Int4Weight

@@ -140,8 +140,37 @@ def test_fp8_checkpoint_scales_per_tensor_and_per_channel():
         np.testing.assert_array_equal(fields["scale"], expected)
         w = Fp8Weight(q=jnp.asarray(fields["q"]), scale=jnp.asarray(fields["scale"]))
         np.testing.assert_allclose(np.asarray(dequantize(w)), (np.asarray(q, np.float32) * expected[:, None]).T)
-    with pytest.raises(QuantizationError, match="block-wise"):
+    with pytest.raises(QuantizationError, match="needs the config's weight_block_size"):
         fp8_from_checkpoint(np.asarray(q), np.ones((4, 2), np.float32))
+
+
+def test_block_wise_fp8_is_requantized_per_channel_within_one_rounding():
+    """Qwen3 / DeepSeek FP8 layout: a scale per [rows, columns] block of ``[N, K]`` (partial blocks at the edges).
+    Re-quantized per output channel: each value within one e4m3 rounding (2^-4 relative) of the decoded weight, or
+    of the channel's subnormal step; exact where every block's scale is the channel's times a power of two."""
+    rng = np.random.default_rng()
+    N, K, block = 80, 72, (32, 32)
+    q = np.asarray(jnp.asarray(rng.standard_normal((N, K)) * 50, jnp.float8_e4m3fn))
+    scale = rng.uniform(0.001, 0.01, (3, 3)).astype(np.float32)
+    decoded = q.astype(np.float32) * np.repeat(np.repeat(scale, 32, 0), 32, 1)[:N, :K]
+    fields = fp8_from_checkpoint(q, scale, block)
+    assert fields["q"].dtype == q.dtype and fields["scale"].shape == (N,)
+    got = np.asarray(dequantize(Fp8Weight(q=jnp.asarray(fields["q"]), scale=jnp.asarray(fields["scale"])))).T
+    step = fields["scale"][:, None] * 2.0 ** -9  # e4m3's smallest subnormal, in the channel's scale
+    assert (np.abs(got - decoded) <= 2.0 ** -4 * np.abs(decoded) + step).all()
+    assert np.abs(got - decoded).max() > 0  # scales not a power of two apart: it did re-round
+    # Exact: column 0 holds 448 under its block's scale 0.01, the largest, so each channel's scale is 0.01 and
+    # every other block's 0.01 / 2^k: its values only move exponent (none falls below e4m3's normal range).
+    q = np.array(jnp.asarray(rng.choice([-1, 1], (N, K)) * rng.uniform(0.25, 400, (N, K)), jnp.float8_e4m3fn))
+    q[:, 0] = 448
+    powers = (0.01 * 2.0 ** -rng.integers(0, 4, (3, 3))).astype(np.float32)
+    powers[:, 0] = 0.01
+    fields = fp8_from_checkpoint(q, powers, block)
+    exact = q.astype(np.float32) * np.repeat(np.repeat(powers, 32, 0), 32, 1)[:N, :K]
+    got = dequantize(Fp8Weight(q=jnp.asarray(fields["q"]), scale=jnp.asarray(fields["scale"])))
+    np.testing.assert_array_equal(np.asarray(got).T, exact)
+    with pytest.raises(QuantizationError, match="does not tile a weight"):
+        fp8_from_checkpoint(q, scale[:2], block)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
@@ -364,6 +393,11 @@ def encode_linear(tensors: dict, prefix: str, method: str, rng, act_order=False)
     """Replace the Linear ``{prefix}weight`` of ``tensors`` by ``method``'s tensors of random grid values;
     returns the dense ``[K, N]`` weight they encode."""
     N, K = tensors.pop(prefix + "weight").shape
+    if method == "fp8-block":  # Qwen3 / DeepSeek: a scale per 32 x 32 block here, named weight_scale_inv
+        q = np.asarray(jnp.asarray(rng.standard_normal((N, K)), jnp.float8_e4m3fn))
+        scale = rng.uniform(0.01, 0.03, (-(-N // 32), -(-K // 32))).astype(np.float32)
+        tensors[prefix + "weight"], tensors[prefix + "weight_scale_inv"] = q, scale
+        return (q.astype(np.float32) * np.repeat(np.repeat(scale, 32, 0), 32, 1)[:N, :K]).T
     if method == "fp8":
         q = np.asarray(jnp.asarray(rng.standard_normal((N, K)), jnp.float8_e4m3fn))
         scale = rng.uniform(0.01, 0.03, (N, 1)).astype(np.float32)
@@ -387,6 +421,7 @@ def mark_quantized(path: str, method: str, act_order=False) -> None:
         "awq": dict(quant_method="awq", bits=4, group_size=GROUP, zero_point=True, version="gemm"),
         "gptq": dict(quant_method="gptq", bits=4, group_size=GROUP, desc_act=act_order, sym=False),
         "fp8": dict(quant_method="fp8", activation_scheme="dynamic"),
+        "fp8-block": dict(quant_method="fp8", activation_scheme="dynamic", weight_block_size=[32, 32]),
     }[method]
     json.dump(config, open(os.path.join(path, "config.json"), "w"))
 
@@ -404,17 +439,20 @@ def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_
     return {n: jnp.asarray(np.stack(ws), jnp.float32) for n, ws in encoded.items()}
 
 
-@pytest.mark.parametrize("method,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False)])
-def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, method, act_order):
+@pytest.mark.parametrize("layout,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False),
+                                              ("fp8-block", False)])
+def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layout, act_order):
+    """Exactly the weights it encodes; block-wise fp8 within one e4m3 rounding (re-quantized per channel)."""
     rng = np.random.default_rng()
-    path = str(tmp_path / method)
-    encoded = write_quantized_checkpoint(tiny, path, method, rng, act_order=act_order)
+    path = str(tmp_path / layout)
+    method = layout.removesuffix("-block")
+    encoded = write_quantized_checkpoint(tiny, path, layout, rng, act_order=act_order)
     assert CheckpointQuantization.from_checkpoint(path).method == method
     quant = load_model(path, dtype="float32")  # the method comes from config.json
     assert quant.quantization == method
     for name, dense in encoded.items():
         np.testing.assert_allclose(np.asarray(dequantize(quant.params["layers"][name])), np.asarray(dense),
-                                   rtol=1e-6, atol=1e-7, err_msg=name)
+                                   rtol=2.0 ** -4 if layout == "fp8-block" else 1e-6, atol=1e-7, err_msg=name)
     # The model runs on them: same logits as a dense model holding the decoded weights.
     decoded = load_model(tiny, dtype="float32")
     decoded.params["layers"].update(encoded)
@@ -444,7 +482,7 @@ def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
         load_model(awq)
     for config, message in (
         (dict(quant_method="gptq", bits=8, group_size=128), "bits=8"),
-        (dict(quant_method="fp8", weight_block_size=[128, 128]), "block-wise"),
+        (dict(quant_method="fp8", weight_block_size=[128]), r"weight_block_size=\[128\] is not \[rows, columns\]"),
         (dict(quant_method="bitsandbytes"), "unsupported checkpoint quantization 'bitsandbytes'"),
         (dict(quant_method="awq", bits=4, version="gemv"), "only the 'gemm' layout"),
     ):
