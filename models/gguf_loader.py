@@ -25,14 +25,13 @@ from tqdm.auto import tqdm
 from models.config import ModelConfig, UnsupportedModelError
 from models.llama import param_shapes, rope_inv_freq
 
-SUPPORTED_TENSOR_TYPES = (
-    GGMLQuantizationType.F32,
-    GGMLQuantizationType.F16,
-    GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_1,
-)
+# Every type is dequantized to float32 by ``gguf.quants`` (llama.cpp's reference code) as its tensor is read, then
+# cast to the model dtype (``quantization=`` then makes the weights small again on the device): the legacy types and
+# llama.cpp's k-quants (Q4_K_M files are Q4_K and Q6_K tensors) and 4-bit non-linear ones.
+SUPPORTED_TENSOR_TYPES = tuple(GGMLQuantizationType[name] for name in (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+))
 # GGUF ``general.architecture`` -> our ``ModelConfig.model_type``.
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # llama.cpp's converter interleaves the rotary halves of q/k rows only for its

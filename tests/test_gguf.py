@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
-from gguf.quants import quantize
+from gguf import GGML_QUANT_SIZES
+from gguf.quants import dequantize, quantize
 
 from engine.tokenizer import apply_chat_template, load_tokenizer
 from models import default_model
@@ -327,19 +328,54 @@ def test_linear_rope_scaling_from_metadata(tmp_path):
 # ---------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q5_K])
-def test_unsupported_tensor_type_names_tensor_and_type(tmp_path, qtype):
+# Byte offsets of each block's float16 scales (d, and dmin / m where the type has one) in llama.cpp's block layouts.
+F16_FIELDS = {Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
+              Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
+
+
+def random_blocks(rng, qtype, rows: int, cols: int) -> np.ndarray:
+    """Random bytes laid out as ``qtype``'s blocks, each block's float16 scales finite and small."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block_elems, block_bytes), dtype=np.uint8)
+    for at in F16_FIELDS.get(qtype, ()):
+        scales = rng.uniform(1e-3, 1e-2, raw.shape[:2]).astype(np.float16)
+        raw[..., at:at + 2] = scales[..., None].view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", sorted(F16_FIELDS, key=lambda q: q.name))
+def test_k_quant_and_other_block_types_load_as_llama_cpp_decodes_them(tmp_path, qtype):
+    """A Q4_K_M-style file (k-quant and other block types): each tensor equals ``gguf``'s reference decoding of its
+    bytes (llama.cpp's), and the model runs on them."""
+    from engine import LLM, SamplingParams
+
+    rng = np.random.default_rng()
+    weights = random_hf_weights(rng, qkv_bias=False)
+    names = ("blk.1.ffn_gate.weight", "blk.1.ffn_up.weight")  # rows of 256: whole k-quant blocks
+    raw = {name: random_blocks(rng, qtype, *weights.pop(name).shape) for name in names}
+    write_gguf(tmp_path / "k.gguf", weights, extra_tensors={name: (raw[name], qtype) for name in names})
+    config = read_gguf_config(str(tmp_path / "k.gguf"))
+    params = load_gguf_params(str(tmp_path / "k.gguf"), config, jnp.float32)
+    for ours, name in (("w_gate", names[0]), ("w_up", names[1])):
+        want = dequantize(raw[name], qtype)
+        assert np.isfinite(want).all() and np.abs(want).max() > 0
+        np.testing.assert_array_equal(np.asarray(params["layers"][ours][1]), want.T, err_msg=name)
+    llm = LLM(str(tmp_path / "k.gguf"), dtype="float32", skip_tokenizer_init=True, max_model_len=32)
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    llm.shutdown()
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_unsupported_tensor_type_names_tensor_and_type(tmp_path):
+    qtype = Q.IQ2_XXS
     weights = random_hf_weights(np.random.default_rng(), qkv_bias=False)
     gate = "blk.1.ffn_gate.weight"
-    block_elems, block_bytes = {Q.Q6_K: (256, 210), Q.Q5_K: (256, 176)}[qtype]
-    rows, cols = weights[gate].shape
-    raw = np.random.default_rng().integers(0, 256, size=(rows, cols // block_elems * block_bytes), dtype=np.uint8)
-    del weights[gate]
+    raw = random_blocks(np.random.default_rng(), qtype, *weights.pop(gate).shape)
     write_gguf(tmp_path / "k.gguf", weights, extra_tensors={gate: (raw, qtype)})
     config = read_gguf_config(str(tmp_path / "k.gguf"))
     with pytest.raises(UnsupportedTensorTypeError, match=rf"'{gate}'.*{qtype.name}") as info:
         load_gguf_params(str(tmp_path / "k.gguf"), config, jnp.float32)
-    assert isinstance(info.value, ValueError) and "Q4_1" in str(info.value)  # lists what is supported
+    assert isinstance(info.value, ValueError) and "Q4_K" in str(info.value)  # lists what is supported
 
 
 def test_missing_gguf_file(tmp_path):
