@@ -1,5 +1,8 @@
 """GGUF checkpoints: read the model config from GGUF metadata and load the weights.
 
+Architectures: llama (Mixtral too, where it has experts), qwen2, qwen3, qwen2moe, qwen3moe; the experts come as
+llama.cpp merges them, one ``[E, out, in]`` tensor a layer and projection.
+
 Owns the mapping from llama.cpp's GGUF layout (metadata keys, tensor names, row
 permutation of q/k, quantized blocks) to ``ModelConfig`` and the params pytree of
 ``models/llama.py``. Reading and dequantization go through the ``gguf`` package
@@ -33,7 +36,11 @@ SUPPORTED_TENSOR_TYPES = tuple(GGMLQuantizationType[name] for name in (
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
 ))
 # GGUF ``general.architecture`` -> our ``ModelConfig.model_type``.
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe",
+                           "qwen3moe": "qwen3_moe"}
+# Mixtures of experts (``{arch}.expert_count > 0``; llama.cpp keeps Mixtral under "llama"): our model type, whether
+# the top k routing weights are renormalised (llama.cpp's ``norm_w``, as each model's Hugging Face config).
+_MOE_ARCHITECTURES = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True)}
 # llama.cpp's converter interleaves the rotary halves of q/k rows only for its
 # "llama" architecture (it runs llama with GPT-J style RoPE); qwen2/qwen3 are stored
 # in Hugging Face's half-split order (NEOX RoPE) and need no un-permutation.
@@ -55,7 +62,16 @@ _LAYER_TENSORS = {
     "w_gate": "ffn_gate.weight",
     "w_up": "ffn_up.weight",
     "w_down": "ffn_down.weight",
+    # A mixture of experts: the router and the experts' weights merged over the experts ([E, out, in] in numpy);
+    # qwen2moe's shared expert, which is our dense MLP, and its gate.
+    "router": "ffn_gate_inp.weight",
+    "expert_gate": "ffn_gate_exps.weight",
+    "expert_up": "ffn_up_exps.weight",
+    "expert_down": "ffn_down_exps.weight",
+    "shared_expert_gate": "ffn_gate_inp_shexp.weight",
 }
+_SHARED_EXPERT_TENSORS = {"w_gate": "ffn_gate_shexp.weight", "w_up": "ffn_up_shexp.weight",
+                          "w_down": "ffn_down_shexp.weight"}
 _GLOBAL_TENSORS = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
 # Standard llama3 RoPE smoothing (Llama 3.1/3.2/3.3); llama.cpp keeps only the
 # resulting per-frequency factors (tensor rope_freqs), so we recognise these values.
@@ -122,9 +138,12 @@ def read_gguf_config(source: GGUFSource) -> ModelConfig:
     def arch_key(key: str, default: Any = _REQUIRED) -> Any:
         return _metadata(reader, f"{arch}.{key}", default)
 
-    if int(arch_key("expert_count", 0) or 0) > 0:
-        raise UnsupportedModelError(f"{path!r} is a mixture-of-experts model ({arch}.expert_count > 0), which loads "
-                                    "from a Hugging Face safetensors folder only, not from GGUF")
+    num_experts = int(arch_key("expert_count", 0) or 0)
+    if num_experts and arch not in _MOE_ARCHITECTURES:
+        raise UnsupportedModelError(f"{path!r}: mixture-of-experts models of GGUF architecture {arch!r} are not "
+                                    f"supported; supported: {', '.join(_MOE_ARCHITECTURES)}")
+    model_type, normalize = _MOE_ARCHITECTURES[arch] if num_experts else (SUPPORTED_ARCHITECTURES[arch], True)
+    normalize = bool(arch_key("expert_weights_norm", normalize))  # where the file says
     tensors = {t.name: t for t in reader.tensors}
     try:
         hidden = int(arch_key("embedding_length"))
@@ -141,10 +160,15 @@ def read_gguf_config(source: GGUFSource) -> ModelConfig:
     else:
         vocab_size = int(arch_key("vocab_size", 0)) or len(reader.get_field("tokenizer.ggml.tokens").data)
     config = ModelConfig(
-        model_type=SUPPORTED_ARCHITECTURES[arch],
+        model_type=model_type,
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=int(arch_key("feed_forward_length")),
+        # an expert's width: its own key where the architecture has one (qwen*moe), else the MLP's (Mixtral)
+        intermediate_size=int(arch_key("expert_feed_forward_length", 0) or arch_key("feed_forward_length")),
+        num_experts=num_experts,
+        num_experts_per_tok=int(arch_key("expert_used_count", 0) or 0),
+        norm_topk_prob=normalize,
+        shared_expert_size=int(arch_key("expert_shared_feed_forward_length", 0) or 0),
         num_layers=int(arch_key("block_count")),
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
@@ -153,7 +177,7 @@ def read_gguf_config(source: GGUFSource) -> ModelConfig:
         rope_theta=float(arch_key("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
-        qk_norm=arch == "qwen3" or "blk.0.attn_q_norm.weight" in tensors,
+        qk_norm=arch in ("qwen3", "qwen3moe") or "blk.0.attn_q_norm.weight" in tensors,
         max_position_embeddings=int(arch_key("context_length", 4096)),
         bos_token_id=_metadata(reader, "tokenizer.ggml.bos_token_id", None),
         eos_token_ids=tuple(dict.fromkeys(
@@ -227,8 +251,10 @@ class _TensorSource:
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # numpy shape [out, in]
         if permute_heads is not None and self.unpermute:
             w = unpermute_qk_rows(w, permute_heads)
-        if w.ndim == 2 and name != _GLOBAL_TENSORS["embed"]:
-            w = w.T  # token_embd is already [V, H]; linear weights become [in, out]
+        if w.ndim >= 2 and name != _GLOBAL_TENSORS["embed"]:
+            w = np.swapaxes(w, -1, -2)  # token_embd is already [V, H]; linear weights become [in, out] (per expert)
+        if w.ndim == 1 and len(expected_shape) == 2 and w.size == np.prod(expected_shape):
+            w = w.reshape(expected_shape)  # a Linear with one output (qwen2moe's shared expert gate) stored as [H]
         if w.shape != tuple(expected_shape):
             raise GGUFError(f"tensor {name!r} has shape {w.shape} after loading, expected {tuple(expected_shape)}")
         return w
@@ -251,7 +277,8 @@ def load_gguf_params(source: GGUFSource, config: ModelConfig, dtype: Any, shardi
     np_dtype = jnp.dtype(dtype)
     permute_heads = {"wq": config.num_heads, "bq": config.num_heads,
                      "wk": config.num_kv_heads, "bk": config.num_kv_heads}
-    layer_names = {p: [f"blk.{i}.{_LAYER_TENSORS[p]}" for i in range(config.num_layers)] for p in layer_shapes}
+    tensor_of = {**_LAYER_TENSORS, **(_SHARED_EXPERT_TENSORS if config.shared_expert_size else {})}
+    layer_names = {p: [f"blk.{i}.{tensor_of[p]}" for i in range(config.num_layers)] for p in layer_shapes}
     tensors.check([_GLOBAL_TENSORS[p] for p in shapes] + [n for names in layer_names.values() for n in names])
 
     def place(value: np.ndarray, *keys: str) -> jax.Array:

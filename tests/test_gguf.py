@@ -7,6 +7,7 @@ the q/k un-permutation, dequantization and the error messages.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -407,12 +408,108 @@ def test_unsupported_architecture(tmp_path):
         read_gguf_config(str(tmp_path / "gpt2.gguf"))
 
 
-def test_mixture_of_experts_gguf_is_refused(tmp_path):
-    """A GGUF Mixtral is arch "llama" with an expert count: refused, pointing to the safetensors form."""
-    write_gguf(tmp_path / "moe.gguf", random_hf_weights(np.random.default_rng(), qkv_bias=False),
+def test_mixture_of_experts_of_another_architecture_is_refused(tmp_path):
+    write_gguf(tmp_path / "moe.gguf", random_hf_weights(np.random.default_rng(), qkv_bias=True), arch="qwen2",
                extra_metadata={"add_expert_count": 4, "add_expert_used_count": 2})
-    with pytest.raises(UnsupportedModelError, match="mixture-of-experts.*safetensors folder"):
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts models of GGUF architecture 'qwen2'"):
         read_gguf_config(str(tmp_path / "moe.gguf"))
+
+
+# HF tensor name inside model.layers.{i}. -> GGUF name inside blk.{i}. (llama.cpp's convert_hf_to_gguf)
+HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
+              "block_sparse_moe.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+              "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+              "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+EXPERTS_TO_GGUF = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+                   "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+
+
+def write_moe_gguf(path, hf_dir: str, arch: str, expert_type=Q.F32) -> None:
+    """A tiny Hugging Face mixture-of-experts checkpoint as llama.cpp's converter writes it: each layer's experts
+    merged into ``[E, out, in]`` tensors (``expert_type``), q/k rows permuted for arch "llama" (Mixtral)."""
+    import json
+    import re
+
+    from safetensors.numpy import load_file
+
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(ModelConfig.from_pretrained(hf_dir).rope_theta)  # (transformers 5 nests it)
+    writer.add_expert_count(cfg.get("num_experts") or cfg["num_local_experts"])
+    writer.add_expert_used_count(cfg["num_experts_per_tok"])
+    if arch == "qwen3moe":  # llama.cpp renormalises qwen3moe's top k unless the file says otherwise
+        writer.add_expert_weights_norm(cfg["norm_topk_prob"])
+    if "moe_intermediate_size" in cfg:
+        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg.get("shared_expert_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),
+           "output_norm.weight": tensors.pop("model.norm.weight"), "output.weight": tensors.pop("lm_head.weight")}
+    experts: dict = {}
+    for name, w in tensors.items():
+        i, rest = re.match(r"model\.layers\.(\d+)\.(.*)", name).groups()
+        if m := re.match(r"(mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight", rest):
+            experts.setdefault(f"blk.{i}.{EXPERTS_TO_GGUF[m.group(3)]}.weight", {})[int(m.group(2))] = w
+            continue
+        base, kind = rest.rsplit(".", 1)
+        if arch == "llama" and base in ("self_attn.q_proj", "self_attn.k_proj"):
+            w = llamacpp_permute(w, heads if base.endswith("q_proj") else kv_heads)
+        out[f"blk.{i}.{HF_TO_GGUF[base]}.{kind}"] = w.reshape(-1) if base == "mlp.shared_expert_gate" else w
+    for name, by_expert in experts.items():
+        merged = np.stack([by_expert[e] for e in sorted(by_expert)])
+        if merged.shape[-1] % GGML_QUANT_SIZES[expert_type][0]:  # rows not whole blocks: F32, as llama.cpp falls back
+            writer.add_tensor(name, merged)
+        else:
+            writer.add_tensor(name, quantize(merged, expert_type), raw_dtype=expert_type)
+    for name, w in out.items():
+        writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("variant, arch", [("qwen3_moe", "qwen3moe"), ("qwen2_moe", "qwen2moe"), ("mixtral", "llama")])
+def test_mixture_of_experts_gguf_loads_the_safetensors_weights(tmp_path, variant, arch):
+    """Qwen3-MoE, Qwen2-MoE (its shared expert) and Mixtral (GGUF arch "llama" with experts) converted as llama.cpp
+    does: the same config and, in float32, exactly the params and logits of the safetensors checkpoint (itself
+    checked against Hugging Face in test_model_vs_hf); Q8_0 experts within Q8_0's tolerance."""
+    from models.loader import load_model
+    from tests.test_quantization import logits_of, ragged_batch, relative_error
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    rng = np.random.default_rng()
+    write_tiny_checkpoint(tmp_path / "hf", variant, seed=int(rng.integers(1 << 20)))
+    write_moe_gguf(tmp_path / "moe.gguf", str(tmp_path / "hf"), arch)
+    reference, gguf = load_model(str(tmp_path / "hf"), dtype="float32"), load_model(str(tmp_path / "moe.gguf"),
+                                                                                     dtype="float32")
+    ignored = ("bos_token_id", "eos_token_ids", "max_position_embeddings", "rms_norm_eps")
+    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
+    assert gguf.config.rms_norm_eps == pytest.approx(reference.config.rms_norm_eps)  # stored as float32
+    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
+    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
+    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    batch, pages = ragged_batch(reference.config, rng)
+    np.testing.assert_array_equal(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1))
+    write_moe_gguf(tmp_path / "q8.gguf", str(tmp_path / "hf"), arch, expert_type=Q.Q8_0)
+    q8 = load_model(str(tmp_path / "q8.gguf"), dtype="float32")
+    assert relative_error(logits_of(q8, batch, pages + 1), logits_of(reference, batch, pages + 1)) < 0.05
 
 
 def test_missing_tensor_is_named(tmp_path):
