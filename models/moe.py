@@ -89,9 +89,10 @@ def expert_mlp(x: jax.Array, block_expert: jax.Array, w: dict, *, use_kernel: bo
 
     def matmul(rows, weight):
         if isinstance(weight, Int4Weight):
-            if weight.perm is not None:
-                raise ValueError("act-order (desc_act) int4 experts are not supported: each expert would need "
-                                 "its own permutation of the rows")
+            if weight.perm is not None:  # GPTQ act-order: each expert's stored rows are W[perm]; a block's rows
+                block_m = rows.shape[0] // block_expert.shape[0]  # all go to one expert, so gather its columns
+                expert = jnp.repeat(jnp.minimum(block_expert, weight.perm.shape[0] - 1), block_m)
+                rows = jnp.take_along_axis(rows, weight.perm[expert], axis=1)
             fn = grouped_matmul_int4 if use_kernel else grouped_matmul_int4_reference
             return fn(rows, weight.packed, weight.scales, weight.zeros, block_expert, group_size=weight.group_size,
                       pack=weight.pack, **({"interpret": interpret} if use_kernel else {}))

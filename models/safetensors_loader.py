@@ -424,15 +424,15 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
             fields = gptq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
                                   tensor(base, "g_idx", required=False), quant.group_size,
                                   zero_offset=quant.zero_offset, dtype=scale_dtype)
-            if "perm" in fields and len(source.stack) > 1:
-                raise CheckpointError(f"gptq checkpoint {path!r}: act-order (desc_act) experts ({base}) are not "
-                                      "supported; use a checkpoint quantized with desc_act=False")
         else:
             # block-wise checkpoints (DeepSeek's layout) name the scale weight_scale_inv; it multiplies all the same
             scale = tensor(base, "weight_scale", required=quant.block is None)
             fields = fp8_from_checkpoint(tensor(base, "weight"),
                                          scale if scale is not None else tensor(base, "weight_scale_inv"), quant.block)
         converted.append(fields)
+    if any("perm" in f for f in converted):  # act-order in some tensors: the others' rows in their own order
+        for f in converted:
+            f.setdefault("perm", np.arange(K, dtype=np.int32))
     stacked = {k: np.stack([f[k] for f in converted]).reshape(source.stack + converted[0][k].shape)
                for k in converted[0] if k != "pack"}
     if quant.method == "fp8":

@@ -41,7 +41,11 @@ def _spec(name: str, weight, tp: int):
         if name == "expert_down" and (k // tp) % weight.group_size:
             raise ValueError(f"int4 experts' down projection ({k} inputs, groups of {weight.group_size}) cannot be "
                              f"split over {tp} devices: each device's inputs must be whole groups")
-        return weight.replace(packed=split, scales=split, zeros=split)
+        if name == "expert_down" and weight.perm is not None and tp > 1:
+            raise ValueError("act-order GPTQ experts (desc_act=True) cannot split their down projection's inputs "
+                             "over devices; use tensor_parallel_size=1")
+        return weight.replace(packed=split, scales=split, zeros=split,
+                              perm=None if weight.perm is None else REPLICATED)
     return split
 
 
