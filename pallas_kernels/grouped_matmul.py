@@ -10,7 +10,8 @@ expert id, then streams ``block_k`` rows of that expert's ``[K, N]`` weight a st
 columns, accumulating ``x``'s block times the tile on the tensor cores in float32. A block with no expert returns
 zeros without reading a weight, so a decode step, whose padded layout has many more blocks than rows, pays only for
 the experts it routed to. Weight-only int8 experts (``scale[E, N]`` per output column) are converted tile by tile
-(exact) and scaled once after the K loop, so they cost half the bytes of bf16 ones; 4-bit experts
+(exact) and scaled once after the K loop, so they cost half the bytes of bf16 ones (fp8 experts alike, their
+weight stored ``[E, N, K]`` and each tile transposed: weight-only, no fp8 tensor cores); 4-bit experts
 (``grouped_matmul_int4``: AWQ / GPTQ groups, a quarter of the bytes) are dequantized a packing block a step.
 XLA's own ``lax.ragged_dot`` on CUDA (jaxlib 0.10-0.11) multiplies every row by every expert (a dense fallback),
 ``E`` times the work; hence this kernel.
