@@ -398,8 +398,9 @@ def _load_param(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...]
 def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...],
                       quant: CheckpointQuantization, dtype, path: str):
     """One stacked layer (or expert) matrix of an AWQ / GPTQ / FP8 checkpoint as an ``Int4Weight`` / ``Fp8Weight``
-    on the host, converted a tensor at a time from the published layout (exactly). ``source`` names the dense
-    tensors it replaces (``name.weight``); ``shape`` is ours, ``source.stack + (K, N)``."""
+    on the host, converted a tensor at a time from the published layout (exactly; block-wise fp8 within one
+    rounding) into arrays of the whole stack. ``source`` names the dense tensors it replaces (``name.weight``);
+    ``shape`` is ours, ``source.stack + (K, N)``."""
     K, N = shape[-2:]
     bases = [name.removesuffix(".weight") for name in source.hf_names]
     if source.rows is not None:
@@ -415,8 +416,8 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
         return np.array(ckpt.array(full))
 
     scale_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == jnp.bfloat16 else np.dtype(dtype)
-    converted = []
-    for base in bases:
+    stacked: dict[str, np.ndarray] = {}  # each field of every tensor, filled in place (no second copy of the stack)
+    for j, base in enumerate(bases):
         if quant.method == "awq":
             fields = awq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
                                  quant.group_size, dtype=scale_dtype)
@@ -429,17 +430,21 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
             scale = tensor(base, "weight_scale", required=quant.block is None)
             fields = fp8_from_checkpoint(tensor(base, "weight"),
                                          scale if scale is not None else tensor(base, "weight_scale_inv"), quant.block)
-        converted.append(fields)
-    if any("perm" in f for f in converted):  # act-order in some tensors: the others' rows in their own order
-        for f in converted:
-            f.setdefault("perm", np.arange(K, dtype=np.int32))
-    stacked = {k: np.stack([f[k] for f in converted]).reshape(source.stack + converted[0][k].shape)
-               for k in converted[0] if k != "pack"}
+        pack = fields.pop("pack", None)
+        if "perm" in fields and "perm" not in stacked:  # act-order in some tensors: the others' rows in order
+            stacked["perm"] = np.tile(np.arange(K, dtype=np.int32), (len(bases), 1))
+        for k, v in fields.items():
+            if k not in stacked:
+                stacked[k] = np.empty((len(bases),) + v.shape, v.dtype)
+            if v.shape != stacked[k].shape[1:]:
+                raise CheckpointError(f"{quant.method} tensors of {base} in {path!r} unpack to {k} of shape "
+                                      f"{list(v.shape)}, unlike {bases[0]}'s {list(stacked[k].shape[1:])}")
+            stacked[k][j] = v
+    stacked = {k: v.reshape(source.stack + v.shape[1:]) for k, v in stacked.items()}
     if quant.method == "fp8":
         weight, stored, expected = Fp8Weight(**stacked), stacked["q"].shape[len(source.stack):], (N, K)
     else:
-        weight = Int4Weight(**stacked, group_size=quant.group_size if quant.group_size > 0 else K,
-                            pack=converted[0]["pack"])
+        weight = Int4Weight(**stacked, group_size=quant.group_size if quant.group_size > 0 else K, pack=pack)
         stored, expected = stacked["packed"].shape[len(source.stack):], (K // 2, N)
     if stored != expected:
         pattern = bases[0].replace(".0.", ".*.")
