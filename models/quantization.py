@@ -168,12 +168,12 @@ def concat_outputs(weights: list) -> Optional[Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _per_channel_scaled(w: jax.Array, largest: float) -> tuple[jax.Array, jax.Array]:
+def _per_channel_scaled(w: jax.Array, largest: float, xp=jnp) -> tuple[jax.Array, jax.Array]:
     """``(w / scale, scale)`` in float32, ``scale[..., N]`` mapping each output column's largest
-    magnitude to ``largest`` (1 for an all-zero column)."""
-    w32 = w.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w32), axis=-2) / largest
-    scale = jnp.where(scale > 0, scale, 1.0)
+    magnitude to ``largest`` (1 for an all-zero column). ``xp``: ``jnp``, or ``np`` for a host array."""
+    w32 = w.astype(xp.float32)
+    scale = xp.max(xp.abs(w32), axis=-2) / xp.float32(largest)
+    scale = xp.where(scale > 0, scale, xp.float32(1.0))
     return w32 / scale[..., None, :], scale
 
 
@@ -565,9 +565,8 @@ def fp8_from_checkpoint(weight: np.ndarray, weight_scale: np.ndarray,
             raise QuantizationError(f"block-wise fp8 weight_scale {list(scale.shape)} does not tile a weight of "
                                     f"{[N, K]} in blocks of {[rows, cols]}")
         dense = weight.astype(np.float32) * np.repeat(np.repeat(scale, rows, 0), cols, 1)[:N, :K]
-        channel = np.abs(dense).max(axis=1) / FP8_MAX
-        channel = np.where(channel > 0, channel, 1.0).astype(np.float32)
-        return dict(q=(dense / channel[:, None]).astype(weight.dtype), scale=channel)
+        scaled, channel = _per_channel_scaled(dense.T, FP8_MAX, xp=np)  # as load-time fp8 scales a [K, N] weight
+        return dict(q=np.ascontiguousarray(scaled.T).astype(weight.dtype), scale=channel)
     scale = np.asarray(weight_scale, np.float32).reshape(-1)
     if scale.size == 1:
         scale = np.full((N,), scale[0], np.float32)
