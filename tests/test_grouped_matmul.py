@@ -59,26 +59,35 @@ def random_blocks(rng, blocks, block_m, E, K, N, dtype):
     return x, w, jnp.asarray(block_expert, jnp.int32), scale
 
 
+def check_against_numpy(seed, x, dense, block_expert, E: int, got, reference) -> None:
+    """The kernel's and the reference's ``[R, N]`` against numpy's float64 product of each block of ``x`` with its
+    expert's weight (``dense [blocks, K, N]``, each block's expert decoded alone: E can be 128), zeros past the
+    last expert, which the kernel must write."""
+    block_expert = np.asarray(block_expert)
+    blocks = len(block_expert)
+    block_m = x.shape[0] // blocks
+    want = np.matmul(np.asarray(x, np.float64).reshape(blocks, block_m, -1), dense)  # BLAS, a block at a time
+    want[block_expert == E] = 0
+    want = want.reshape(x.shape[0], -1)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    for name, y in (("kernel", got), ("reference", reference)):
+        err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
+        assert err < RTOL[x.dtype.type], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
+    assert not np.asarray(got, np.float64)[np.repeat(block_expert == E, block_m)].any()
+
+
 def run_case(blocks, block_m, E, K, N, dtype, block_n, block_k, *, interpret):
     seed = np.random.SeedSequence().entropy
     x, w, block_expert, scale = random_blocks(np.random.default_rng(seed), blocks, block_m, E, K, N, dtype)
     k_major = dtype == jnp.float8_e4m3fn
     got = grouped_matmul(x, w, block_expert, scale, k_major=k_major, block_n=block_n, block_k=block_k,
                          interpret=interpret)
-    assert got.shape == (blocks * block_m, N) and got.dtype == x.dtype
-    experts = np.minimum(np.asarray(block_expert), E - 1)  # each block's expert, decoded alone (E can be 128)
+    experts = np.minimum(np.asarray(block_expert), E - 1)
     stored = np.asarray(w[experts].astype(jnp.float32), np.float64)
     dense = (np.swapaxes(stored, 1, 2) if k_major else stored) * (
         1.0 if scale is None else np.asarray(scale, np.float64)[experts][:, None, :])
-    want = np.matmul(np.asarray(x, np.float64).reshape(blocks, block_m, K), dense)  # BLAS, a block at a time
-    want[np.asarray(block_expert) == E] = 0
-    want = want.reshape(-1, N)
-    dtype = x.dtype.type
-    reference = grouped_matmul_reference(x, w, block_expert, scale, k_major=k_major)
-    for name, y in (("kernel", got), ("reference", reference)):
-        err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
-        assert err < RTOL[dtype], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
-    assert not np.asarray(got, np.float64)[np.repeat(np.asarray(block_expert) == E, block_m)].any()
+    check_against_numpy(seed, x, dense, block_expert, E, got,
+                        grouped_matmul_reference(x, w, block_expert, scale, k_major=k_major))
 
 
 @pytest.mark.parametrize("case", CPU_CASES)
@@ -130,18 +139,11 @@ def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interp
     operands = (x, pack_int4(jnp.asarray(q), pack), jnp.asarray(scales, jnp.bfloat16),
                 jnp.asarray(zeros, jnp.bfloat16), jnp.asarray(block_expert, jnp.int32))
     got = grouped_matmul_int4(*operands, group_size=group_size, pack=pack, block_n=block_n, interpret=interpret)
-    assert got.shape == (blocks * block_m, N) and got.dtype == x.dtype
-    experts = np.minimum(block_expert, E - 1)  # each block's expert, decoded alone
+    experts = np.minimum(block_expert, E - 1)
     stored_scales = np.asarray(operands[2], np.float64)[experts]  # the bf16 scales the kernel reads
     dense = (q[experts] - np.repeat(zeros[experts], group_size, axis=1)) * np.repeat(stored_scales, group_size, axis=1)
-    want = np.matmul(np.asarray(x, np.float64).reshape(blocks, block_m, K), dense)  # BLAS, a block at a time
-    want[block_expert == E] = 0
-    want = want.reshape(-1, N)
-    reference = grouped_matmul_int4_reference(*operands, group_size=group_size, pack=pack)
-    for name, y in (("kernel", got), ("reference", reference)):
-        err = np.abs(np.asarray(y, np.float64) - want).max() / np.abs(want).max()
-        assert err < RTOL[jnp.bfloat16], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
-    assert not np.asarray(got, np.float64)[np.repeat(block_expert == E, block_m)].any()
+    check_against_numpy(seed, x, dense, block_expert, E, got,
+                        grouped_matmul_int4_reference(*operands, group_size=group_size, pack=pack))
 
 
 @pytest.mark.parametrize("case", INT4_CPU_CASES)
