@@ -10,10 +10,9 @@ Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``
 ``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``; the experts dense, weight-only int8 (``Int8Weight``,
 ``quantization="int8"``), weight-only fp8 (``Fp8Weight``: ``"fp8"``, or an FP8 checkpoint's; each tile converted to
 the activations' dtype, so no fp8 tensor cores here) or 4-bit (``Int4Weight``: ``"int4"``, or an AWQ / GPTQ
-checkpoint's). Every token's
-routing is computed: nothing is dropped (no expert capacity), so the result does not depend on what else is in the
-batch. Qwen2-MoE's shared expert is the
-layer's dense MLP (``models.llama``); over a mesh the experts run per device (``sharding.experts``).
+checkpoint's). Every token's routing is computed: nothing is dropped (no expert capacity), so the result does not
+depend on what else is in the batch. Qwen2-MoE's shared expert is the layer's dense MLP (``models.llama``); over a
+mesh the experts run per device (``sharding.experts``).
 """
 
 from __future__ import annotations
