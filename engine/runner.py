@@ -379,7 +379,7 @@ class ModelRunner:
             fuse_projections = mesh is None
         elif fuse_projections and mesh is not None:
             raise ValueError("fused projections run on one device; a mesh splits q/k/v and gate/up apart")
-        self.params = layout_layers(params, unroll=unroll_layers, fuse=fuse_projections)
+        self.params = layout_layers(params, unroll=unroll_layers, fuse=fuse_projections, release=True)
         # Unrolled layers get one KV buffer per layer (models.batch.KVCache says why).
         self._make_kv_cache = functools.partial(make_kv_cache, step_config, block_size=block_size, dtype=kv_dtype,
                                                 sharding=kv_sharding, per_layer=unroll_layers)
@@ -395,7 +395,7 @@ class ModelRunner:
         self._multi_process = jax.process_count() > 1
         # The user's options hold for every step; the defaults depend on the step's size.
         self._options_given = compiler_options is not None
-        self._has_fp8 = has_fp8_weights(params)
+        self._has_fp8 = has_fp8_weights(self.params)
         self.compiler_options = (dict(compiler_options) if self._options_given
                                  else self.step_compiler_options(max_num_batched_tokens))
         self.kv_cache = None

@@ -92,7 +92,8 @@ def param_shapes(config: ModelConfig) -> dict:
 
 
 def unstack_layers(params: dict) -> dict:
-    """The same params with ``layers`` as a list of per-layer dicts (unrolled forward).
+    """The same params with ``layers`` as a list of per-layer dicts (unrolled forward); ``params`` is
+    left as it was (``layout_layers(..., release=True)`` cuts the caller's own weights, dropping them).
 
     Slices one stacked weight at a time and drops it, so the extra memory at any
     moment is one stacked tensor, not the model. Every layer is cut by the same compiled
@@ -101,7 +102,19 @@ def unstack_layers(params: dict) -> dict:
     output per layer compiled a kernel per layer (run 12-13, H200: the 8B fp8 engine's
     weights phase grew ~0.8-1.35 s a layer, 44-50 s in all; bf16 7.0 -> 2.9 s).
     """
-    stacked = dict(params["layers"])
+    return _unstack_in_place(_own_layers(params))
+
+
+def _own_layers(params: dict) -> dict:
+    """``params`` with its own layer dict(s): what ``_fuse_in_place`` / ``_unstack_in_place`` change is not the
+    caller's (the arrays are shared)."""
+    layers = params["layers"]
+    return {**params, "layers": [dict(d) for d in layers] if isinstance(layers, (list, tuple)) else dict(layers)}
+
+
+def _unstack_in_place(params: dict) -> dict:
+    """``unstack_layers`` popping each stacked weight from ``params["layers"]`` itself as it is cut."""
+    stacked = params["layers"]
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
     per_layer: list[dict] = [{} for _ in range(num_layers)]
     for name in list(stacked):
@@ -110,7 +123,8 @@ def unstack_layers(params: dict) -> dict:
         for i in range(num_layers):
             per_layer[i][name] = jax.tree.unflatten(treedef, [_layer_of(leaf, np.int32(i)) for leaf in leaves])
         del weight, leaves
-    return {**params, "layers": per_layer}
+    params["layers"] = per_layer
+    return params
 
 
 @jax.jit
@@ -129,12 +143,16 @@ FUSED_PROJECTIONS = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_
 def fuse_projections(params: dict) -> dict:
     """The same params with q/k/v (and their biases) and gate/up joined (``FUSED_PROJECTIONS``),
     stacked or per-layer layers alike; a group that cannot be joined (``concat_outputs``) stays
-    apart. The parts are dropped as each fused weight is made. For one device: a column split
-    of a fused weight over a mesh would not give each device its own q, k and v heads."""
-    layer_dicts = params["layers"] if isinstance(params["layers"], (list, tuple)) else [params["layers"]]
-    fused_layers = []
-    for layer in layer_dicts:
-        layer = dict(layer)
+    apart; ``params`` is left as it was. For one device: a column split of a fused weight over a
+    mesh would not give each device its own q, k and v heads."""
+    return _fuse_in_place(_own_layers(params))
+
+
+def _fuse_in_place(params: dict) -> dict:
+    """``fuse_projections`` on ``params``' own layer dict(s): each group's parts are dropped from them as its
+    fused weight is made."""
+    layers = params["layers"]
+    for layer in layers if isinstance(layers, (list, tuple)) else [layers]:
         for fused, parts in FUSED_PROJECTIONS.items():
             if not all(p in layer for p in parts):
                 continue
@@ -143,20 +161,25 @@ def fuse_projections(params: dict) -> dict:
                 for p in parts:
                     del layer[p]
                 layer[fused] = joined
-        fused_layers.append(layer)
-    layers = fused_layers if isinstance(params["layers"], (list, tuple)) else fused_layers[0]
-    return {**params, "layers": layers}
+    return params
 
 
-def layout_layers(params: dict, *, unroll: bool, fuse: bool) -> dict:
+def layout_layers(params: dict, *, unroll: bool, fuse: bool, release: bool = False) -> dict:
     """The layer weights as the step reads them: q/k/v and gate/up joined (``fuse``), then cut
     into per-layer dicts (``unroll``). Joining comes first, on the stacked weights: one program
     per joined array instead of one per layer and array, whatever the layer count (run 12, H200:
     the 8B fp8 engine spent ~1.35 s a layer laying out its unrolled weights, 47-50 s in all, where
-    the scanned layout, joined on the stack, took 0.7-0.9 s)."""
+    the scanned layout, joined on the stack, took 0.7-0.9 s).
+    ``release``: lay out ``params``' own layer dicts, dropping each weight from them once replaced, so
+    the caller's reference does not keep the model's old layout alive: the peak is the model plus its
+    largest stacked tensor, not twice the model (run 36: Qwen3-30B-A3B's 61 GB in bf16 ran out of an
+    H200's 141 GB while cut into layers). ``params`` is unusable after."""
+    if not (fuse or unroll):
+        return params
+    params = params if release else _own_layers(params)
     if fuse:
-        params = fuse_projections(params)
-    return unstack_layers(params) if unroll else params
+        params = _fuse_in_place(params)
+    return _unstack_in_place(params) if unroll else params
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:

@@ -23,6 +23,7 @@ Untimed on a GPU so far (benchmarks/NOTES.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -31,17 +32,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.env_config import dataclass_from_env
 from pallas_kernels.quantized_matmul import block_size, dequantize_int4
 
 
 def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: int, block_m: int, block_n: int,
-                           block_k: int, group_size: int, k_major: bool):
+                           block_k: int, group_size: int, k_major: bool, steps_per_split: int):
     """``refs``: the int8 / fp8 scale, or the int4 scales and zeros, then the output. An int4 step's ``block_k`` rows
     are one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second.
-    ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed."""
+    ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed.
+    Program ``(b, n, s)`` sums K steps ``[s * steps_per_split, (s + 1) * steps_per_split)``."""
     *quant_refs, o_ref = refs
     int4 = len(quant_refs) == 2
-    b, n = pl.program_id(0), pl.program_id(1)
+    b, n, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     expert = block_expert_ref[b]
     rows = pl.ds(pl.multiple_of(b * block_m, block_m), block_m)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
@@ -66,11 +69,12 @@ def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: i
 
     @pl.when(expert < num_experts)
     def _():
-        acc = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, int4_step if int4 else dense_step,
+        first = split * steps_per_split
+        acc = jax.lax.fori_loop(first, first + steps_per_split, int4_step if int4 else dense_step,
                                 jnp.zeros((block_m, block_n), jnp.float32))
         if len(quant_refs) == 1:
             acc = acc * quant_refs[0][expert, cols][None, :]
-        o_ref[...] = acc.astype(o_ref.dtype)
+        o_ref[...] = acc.astype(o_ref.dtype).reshape(o_ref.shape)
 
     @pl.when(expert >= num_experts)
     def _():
@@ -105,56 +109,109 @@ def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: i
     return _check_shapes(x, packed, block_expert, None, k, n)
 
 
-def _call(x, block_expert, operands: tuple, *, n: int, block_m: int, block_n: int, block_k: int, group_size: int,
-          num_warps: int, interpret, name: str, k_major: bool = False):
+@dataclasses.dataclass(frozen=True)
+class GroupedMatmulConfig:
+    """Tiles and Triton launch settings of the grouped matmul, one set for blocks of up to ``decode_max_block_m``
+    rows (decode steps: most experts get a row or none, so a launch has few blocks and each must stream its
+    expert's weight fast) and one for larger blocks (prompts: the tensor cores' rate). ``block_n`` / ``block_k``
+    are upper bounds (the largest power of two dividing N / K); an int4 K step is its packing block whatever
+    ``block_k`` says; ``k_splits`` programs share a block's K steps (their float32 partial sums added after),
+    capped at what divides the steps. ``$PAGEDJAX_MOE_CONFIG`` (a JSON object of these fields) overrides them
+    for timing (``scripts/bench_grouped_matmul.py``)."""
+
+    decode_max_block_m: int = 32
+    decode_block_n: int = 64
+    decode_block_k: int = 64
+    decode_num_warps: int = 4
+    decode_num_stages: int = 2
+    decode_k_splits: int = 1
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    k_splits: int = 1
+
+    def tiles(self, block_m: int) -> dict:
+        """``block_n``, ``block_k``, ``num_warps``, ``num_stages`` and ``k_splits`` for blocks of ``block_m`` rows."""
+        prefix = "decode_" if block_m <= self.decode_max_block_m else ""
+        return {name: getattr(self, prefix + name) for name in ("block_n", "block_k", "num_warps", "num_stages",
+                                                                 "k_splits")}
+
+
+@functools.cache
+def grouped_matmul_config() -> GroupedMatmulConfig:
+    """``GroupedMatmulConfig()`` with the fields of ``$PAGEDJAX_MOE_CONFIG`` (read once)."""
+    return dataclass_from_env(GroupedMatmulConfig, "PAGEDJAX_MOE_CONFIG")
+
+
+def _call(x, block_expert, operands: tuple, *, n: int, k: int, block_m: int, block_n: int, block_k: int,
+          group_size: int, num_warps: int, num_stages: int, k_splits: int, interpret, name: str,
+          k_major: bool = False):
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    steps = k // block_k
+    splits = max(d for d in range(1, min(k_splits, steps) + 1) if steps % d == 0)
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
-                               block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major)
-    return pl.pallas_call(
+                               block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major,
+                               steps_per_split=steps // splits)
+    out = pl.pallas_call(
         kernel,
-        grid=(block_expert.shape[0], n // block_n),
+        grid=(block_expert.shape[0], n // block_n, splits),
         in_specs=[pl.no_block_spec] * (2 + len(operands)),
-        out_specs=pl.BlockSpec((block_m, block_n), lambda b, j: (b, j)),
-        out_shape=jax.ShapeDtypeStruct((x.shape[0], n), x.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
+        out_specs=pl.BlockSpec((None, block_m, block_n), lambda b, j, s: (s, b, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, x.shape[0], n), jnp.float32 if splits > 1 else x.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
     )(block_expert.astype(jnp.int32), x, *operands)
+    return out[0] if splits == 1 else jnp.sum(out, axis=0).astype(x.dtype)
 
 
 def _weight_dims(w, k_major: bool) -> tuple[int, int]:
     return (w.shape[2], w.shape[1]) if k_major else (w.shape[1], w.shape[2])
 
 
-@functools.partial(jax.jit, static_argnames=("k_major", "block_n", "block_k", "num_warps", "interpret"))
+def _tiles(block_m: int, overrides: dict) -> dict:
+    return {**grouped_matmul_config().tiles(block_m), **{k: v for k, v in overrides.items() if v is not None}}
+
+
+@functools.partial(jax.jit, static_argnames=("k_major", "block_n", "block_k", "num_warps", "num_stages", "k_splits",
+                                             "interpret"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: Optional[jax.Array] = None, *,
-                   k_major: bool = False, block_n: int = 64, block_k: int = 64, num_warps: int = 4,
+                   k_major: bool = False, block_n: Optional[int] = None, block_k: Optional[int] = None,
+                   num_warps: Optional[int] = None, num_stages: Optional[int] = None, k_splits: Optional[int] = None,
                    interpret: Optional[bool] = None) -> jax.Array:
     """``y[R, N]`` (x's dtype): each block of rows of ``x[R, K]`` times its expert's ``w[E, K, N]`` (module doc),
     or ``w[E, N, K]`` where ``k_major``; int8 / fp8 ``w`` with its per-column ``scale[E, N]``
     (``models.quantization.Int8Weight`` / ``Fp8Weight``, weight-only: each tile converted to x's dtype exactly):
-    ``w * scale``."""
+    ``w * scale``. Tile settings left None come from ``grouped_matmul_config()`` for the block's rows."""
     k, n = _weight_dims(w, k_major)
     block_m = _check_shapes(x, w, block_expert, scale, k, n)
+    tiles = _tiles(block_m, dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                                 k_splits=k_splits))
     block = functools.partial(block_size, kernel="the grouped matmul")
     name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
-    return _call(x, block_expert, (w,) if scale is None else (w, scale), n=n, block_m=block_m,
-                 block_n=block(n, block_n, "N"), block_k=block(k, block_k, "K"), group_size=k, num_warps=num_warps,
+    return _call(x, block_expert, (w,) if scale is None else (w, scale), n=n, k=k, block_m=block_m,
+                 block_n=block(n, tiles["block_n"], "N"), block_k=block(k, tiles["block_k"], "K"), group_size=k,
+                 num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], k_splits=tiles["k_splits"],
                  interpret=interpret, name=name, k_major=k_major)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "num_stages", "k_splits",
+                                             "interpret"))
 def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
-                        block_expert: jax.Array, *, group_size: int, pack: int, block_n: int = 64, num_warps: int = 4,
-                        interpret: Optional[bool] = None) -> jax.Array:
+                        block_expert: jax.Array, *, group_size: int, pack: int, block_n: Optional[int] = None,
+                        num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                        k_splits: Optional[int] = None, interpret: Optional[bool] = None) -> jax.Array:
     """The grouped matmul with 4-bit experts (``models.quantization.Int4Weight``'s fields: ``packed [E, K/2, N]``
     in ``pack``-row blocks, ``scales`` / ``zeros [E, K/g, N]``): each tile is dequantized, ``(q - zero) * scale``
     in float32 then x's dtype, and multiplied as a dense one; a K step is one packing block."""
     block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack)
     n = packed.shape[2]
-    return _call(x, block_expert, (packed, scales, zeros), n=n, block_m=block_m,
-                 block_n=block_size(n, block_n, "N", kernel="the grouped matmul"), block_k=pack,
-                 group_size=group_size, num_warps=num_warps, interpret=interpret, name="moe_grouped_matmul_int4")
+    tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits))
+    return _call(x, block_expert, (packed, scales, zeros), n=n, k=2 * packed.shape[1], block_m=block_m,
+                 block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"), block_k=pack,
+                 group_size=group_size, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+                 k_splits=tiles["k_splits"], interpret=interpret, name="moe_grouped_matmul_int4")
 
 
 def _blocks_times(x, block_expert, num_experts: int, block_m: int, weight_of, scale=None) -> jax.Array:

@@ -84,6 +84,19 @@ XLA_TRITON_FUSIONS = {
 FUSED_MLP_VARIANTS = (("", ""), ("-h128", '{"mlp_block_h": 128}'), ("-i32", '{"mlp_block_i": 32, "mlp_block_h": 128}'),
                       ("-k128w8", '{"mlp_block_k": 128, "mlp_block_h": 128, "mlp_num_warps": 8}'))
 QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
+# Grouped matmul settings to sweep (GroupedMatmulConfig overrides): decode-sized blocks (more loads in flight: stages,
+# K splits, narrower or wider columns, longer K steps), then prompt-sized ones (vLLM's fused_moe tiles: 128-256
+# columns, 8 warps, 3-4 stages). Each only changes its own regime; the sweep skips repeats of a setting.
+MOE_SWEEP = [{}, {"decode_num_stages": 3}, {"decode_num_stages": 4}, {"decode_k_splits": 2}, {"decode_k_splits": 4},
+             {"decode_k_splits": 8}, {"decode_block_n": 32}, {"decode_block_n": 32, "decode_k_splits": 4},
+             {"decode_block_n": 128, "decode_k_splits": 4}, {"decode_block_k": 128, "decode_num_stages": 3},
+             {"decode_block_k": 128, "decode_num_stages": 3, "decode_k_splits": 4},
+             {"decode_num_warps": 2, "decode_k_splits": 4},
+             {"block_n": 128, "num_stages": 3}, {"block_n": 128, "num_warps": 8, "num_stages": 3},
+             {"block_n": 128, "num_warps": 8, "num_stages": 4}, {"block_n": 128, "block_k": 128, "num_warps": 8,
+                                                                 "num_stages": 3},
+             {"block_n": 256, "num_warps": 8, "num_stages": 3}, {"block_n": 256, "num_warps": 8, "num_stages": 4},
+             {"num_stages": 4}]
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -288,6 +301,26 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                           f"{results}/latency-qwen3-moe-fp8.json"), 300),
         # A pooling engine (engine/pooling.py, untimed so far): the 8B's shapes embedding 1024 x 512-token prompts.
         ("embed", bench("bench_embed.py", "--output-json", f"{results}/embed.json"), 200),
+        # The grouped matmul's tiles (run 36: at prompt-sized blocks ~240 TFLOP/s, at batch 1 ~0.6 TB/s of expert
+        # weights): each setting at Qwen3-30B-A3B's shapes, decode (1 token), a tput-short decode step (1,024) and
+        # a prompt step (16,384); then the MoE engine at batch 1 (AWQ, 8 steps a dispatch) and on tput-short
+        # (int8) with the defaults and with the sweep's best ($PAGEDJAX_MOE_CONFIG), same lease.
+        ("gpu-tests-moe-tiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "tile_settings",
+                                 "tests/test_grouped_matmul.py"], 90),
+        ("grouped-matmul-sweep", bench("bench_grouped_matmul.py", "--model", QWEN3_MOE, "--tokens", "1,1024,16384",
+                                       "--formats", "int4,bf16,int8", "--configs", json.dumps(MOE_SWEEP),
+                                       "--deadline-s", "330", "--output-json", f"{results}/grouped-matmul-sweep.json"),
+         360),
+        *((f"{name}{suffix}", ["bash", "-c", (f'export PAGEDJAX_MOE_CONFIG="$({PY} scripts/bench_grouped_matmul.py '
+                                              f'--best-of {results}/grouped-matmul-sweep.json)" && '
+                                              'echo "config: $PAGEDJAX_MOE_CONFIG" && ' if suffix else "")
+                               + shlex.join(argv_(f"{name}{suffix}"))], limit)
+          for suffix in ("", "-best")
+          for name, argv_, limit in (
+              ("latency-qwen3-moe-awq-ms8", lambda n: latency("awq", "--num-scheduler-steps", "8", "--model", QWEN3_MOE,
+                                                               "--output-json", f"{results}/{n}.json"), 150),
+              ("tput-short-qwen3-moe-int8", lambda n: tput("tput-short", "--quantization", "int8", "--model",
+                                                            QWEN3_MOE, "--output-json", f"{results}/{n}.json"), 200))),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 300),
         # Prefix caching and prompt logprobs with the kernels (both new in 771bcfb / d78ac31).
@@ -793,7 +826,10 @@ REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tes
             "engine-gpu-test-mosaic": "gpu-tests-mosaic",
             **{name: "gpu-tests-moe" for name in ("latency-qwen3-moe", "tput-short-qwen3-moe", "latency-qwen3-moe-int8",
                                                   "latency-qwen3-moe-fp8")},
-            "latency-qwen3-moe-awq": "gpu-tests-moe-int4"}
+            "latency-qwen3-moe-awq": "gpu-tests-moe-int4",
+            "grouped-matmul-sweep": "gpu-tests-moe-tiles",
+            **{name: "grouped-matmul-sweep" for name in ("latency-qwen3-moe-awq-ms8-best",
+                                                         "tput-short-qwen3-moe-int8-best")}}
 
 
 def repeat_of(name: str, results: str, by_name: dict) -> Optional[tuple[str, list[str], int]]:

@@ -252,3 +252,31 @@ def test_sass_inspection_cuts_a_parseable_triton_module(kernel, config):
     assert text.startswith("module @") and "tt.func public" in text and num_warps == 4
     assert text.count("{") == text.count("}") and "loc(" not in text and "#loc" not in text
     assert "[unknown]" not in text and "evictionPolicy" not in text
+
+
+def test_grouped_matmul_sweep_times_each_setting_once_and_names_the_fastest(tmp_path, capsys):
+    """``bench_grouped_matmul.py`` (interpreted on the CPU): a row per distinct setting at each block size, the best
+    per case, and ``--best-of`` merging each regime's winner as ``$PAGEDJAX_MOE_CONFIG`` takes it."""
+    from scripts import bench_grouped_matmul
+
+    model = tmp_path / "moe"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 128, "moe_intermediate_size": 128,
+                                                   "num_experts": 4, "num_experts_per_tok": 2}))
+    out = tmp_path / "sweep.json"
+    # decode_k_splits only changes decode-sized blocks (T=1: 16 rows); block_n 32 only the larger ones (T=128: 64
+    # rows), where decode_k_splits repeats the default and is skipped.
+    configs = [{}, {"decode_k_splits": 2}, {"block_n": 32}]
+    bench_grouped_matmul.main(["--model", str(model), "--tokens", "1,128", "--formats", "bf16,int4", "--matmuls",
+                               "down", "--configs", json.dumps(configs), "--calls", "2", "--repeats", "1",
+                               "--output-json", str(out)])
+    record = json.loads(out.read_text())
+    assert [(r["format"], r["tokens"], r["tiles"]["k_splits"], r["tiles"]["block_n"]) for r in record["rows"]] == [
+        (fmt, tokens, splits, block_n) for fmt in ("bf16", "int4")
+        for tokens, splits, block_n in ((1, 1, 64), (1, 2, 64), (128, 1, 64), (128, 1, 32))]
+    assert all(r["error"] is None and r["us"] > 0 for r in record["rows"])
+    assert [b["default_us"] is not None for b in record["best"]] == [True] * 4
+    capsys.readouterr()
+    bench_grouped_matmul.main(["--best-of", str(out)])
+    best = json.loads(capsys.readouterr().out)
+    assert best in ({}, {"decode_k_splits": 2}, {"block_n": 32}, {"decode_k_splits": 2, "block_n": 32})

@@ -131,6 +131,29 @@ def test_layout_joined_on_the_stack_equals_joined_per_layer(method):
     assert layout_layers(params, unroll=False, fuse=False) is params
 
 
+def test_layout_with_release_drops_the_callers_stacked_weights_and_otherwise_leaves_them():
+    """``layout_layers(release=True)`` (the runner's) cuts the caller's own layer dict, so the stacked weights are
+    freed as they are cut (a model and its largest tensor at the peak, not twice the model); without it the
+    caller's params are untouched."""
+    import gc
+    import weakref
+
+    from models.llama import layout_layers
+
+    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16)
+    params = load_dummy_params(config, jnp.float32, seed=3)
+    names = sorted(params["layers"])
+    kept = layout_layers(params, unroll=True, fuse=True)
+    assert sorted(params["layers"]) == names  # left as it was
+    stacked = [weakref.ref(a) for a in params["layers"].values()]
+    released = layout_layers(params, unroll=True, fuse=True, release=True)
+    del kept
+    gc.collect()
+    assert all(ref() is None for ref in stacked), "a stacked weight outlived its layout"
+    assert len(released["layers"]) == 2 and "w_gate_up" in released["layers"][0]
+
+
 def _qkv_test_model(**overrides):
     """A tiny model with every per-head step of the qkv buffer (bias, qk-norm, rope), peaky weights, a batch of a
     prompt and a decode."""

@@ -78,12 +78,12 @@ def check_against_numpy(seed, x, dense, block_expert, E: int, got, reference) ->
     assert not np.asarray(got, np.float64)[np.repeat(block_expert == E, block_m)].any()
 
 
-def run_case(blocks, block_m, E, K, N, dtype, block_n, block_k, *, interpret):
+def run_case(blocks, block_m, E, K, N, dtype, block_n, block_k, *, interpret, **tiles):
     seed = np.random.SeedSequence().entropy
     x, w, block_expert, scale = random_blocks(np.random.default_rng(seed), blocks, block_m, E, K, N, dtype)
     k_major = dtype == jnp.float8_e4m3fn
     got = grouped_matmul(x, w, block_expert, scale, k_major=k_major, block_n=block_n, block_k=block_k,
-                         interpret=interpret)
+                         interpret=interpret, **tiles)
     experts = np.minimum(np.asarray(block_expert), E - 1)
     stored = np.asarray(w[experts].astype(jnp.float32), np.float64)
     dense = (np.swapaxes(stored, 1, 2) if k_major else stored) * (
@@ -101,6 +101,13 @@ def test_grouped_matmul_matches_numpy_interpret(case):
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_grouped_matmul_matches_numpy_on_gpu(case):
     run_case(*case, interpret=False)
+
+
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[3], CPU_CASES[4]])
+def test_k_splits_sum_their_partial_products(case):
+    """Programs sharing a block's K steps (``k_splits``; capped at a divisor of the steps: 3 of 4 steps runs 2)."""
+    for splits in (4, 3):
+        run_case(*case, interpret=True, k_splits=splits, num_stages=3)
 
 
 def test_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
@@ -129,7 +136,7 @@ INT4_GPU_CASES = [(64, 16, 128, 2048, 1536, 128, 128, 64), (64, 64, 128, 768, 20
                   (8, 128, 8, 4096, 1024, 128, 128, 64)]
 
 
-def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interpret):
+def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interpret, **tiles):
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), jnp.bfloat16)
@@ -140,7 +147,8 @@ def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interp
     block_expert[-1] = E
     operands = (x, pack_int4(jnp.asarray(q), pack), jnp.asarray(scales, jnp.bfloat16),
                 jnp.asarray(zeros, jnp.bfloat16), jnp.asarray(block_expert, jnp.int32))
-    got = grouped_matmul_int4(*operands, group_size=group_size, pack=pack, block_n=block_n, interpret=interpret)
+    got = grouped_matmul_int4(*operands, group_size=group_size, pack=pack, block_n=block_n, interpret=interpret,
+                              **tiles)
     experts = np.minimum(block_expert, E - 1)
     stored_scales = np.asarray(operands[2], np.float64)[experts]  # the bf16 scales the kernel reads
     dense = (q[experts] - np.repeat(zeros[experts], group_size, axis=1)) * np.repeat(stored_scales, group_size, axis=1)
@@ -157,6 +165,37 @@ def test_int4_grouped_matmul_matches_numpy_interpret(case):
 @pytest.mark.parametrize("case", INT4_GPU_CASES)
 def test_int4_grouped_matmul_matches_numpy_on_gpu(case):
     run_int4_case(*case, interpret=False)
+
+
+def test_int4_k_splits_sum_their_partial_products():
+    run_int4_case(*INT4_CPU_CASES[0], interpret=True, k_splits=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("run, case", [(run_case, GPU_CASES[0]), (run_case, GPU_CASES[3]),
+                                       (run_int4_case, INT4_GPU_CASES[0])])
+@pytest.mark.parametrize("tiles", [dict(k_splits=4, num_stages=3), dict(block_n=128, num_warps=8, num_stages=4)])
+def test_tile_settings_on_gpu(run, case, tiles):
+    """The settings ``scripts/bench_grouped_matmul.py`` sweeps compile and give numpy's products."""
+    run(*case, interpret=False, **tiles)
+
+
+def test_config_from_the_environment_picks_tiles_by_block_rows(monkeypatch):
+    from pallas_kernels.grouped_matmul import GroupedMatmulConfig, grouped_matmul_config
+
+    config = GroupedMatmulConfig(decode_block_n=32, block_n=128)
+    assert config.tiles(16)["block_n"] == 32 and config.tiles(64)["block_n"] == 128
+    monkeypatch.setenv("PAGEDJAX_MOE_CONFIG", '{"decode_k_splits": 4}')
+    grouped_matmul_config.cache_clear()
+    try:
+        assert grouped_matmul_config().tiles(16)["k_splits"] == 4
+        monkeypatch.setenv("PAGEDJAX_MOE_CONFIG", '{"no_such_field": 1}')
+        grouped_matmul_config.cache_clear()
+        with pytest.raises(ValueError, match="GroupedMatmulConfig"):
+            grouped_matmul_config()
+    finally:
+        monkeypatch.delenv("PAGEDJAX_MOE_CONFIG")
+        grouped_matmul_config.cache_clear()
 
 
 def test_int4_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
