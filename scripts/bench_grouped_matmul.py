@@ -97,16 +97,17 @@ def routed_batches(tokens: int, E: int, top_k: int, K: int, calls: int, key):
 
 
 def time_calls(call, xs, block_experts, tiles: dict, repeats: int) -> tuple[float, float]:
-    """``(seconds a call, compile seconds)`` of the dependent chain over the routed batches."""
+    """``(seconds a call, compile seconds)`` of the dependent chain over the routed batches: a loop over them, so
+    the kernel is compiled once (run 36f unrolled the calls: ~10 s of compiling a setting)."""
     import jax
     import jax.numpy as jnp
 
     def run(xs, block_experts):
-        carry = jnp.zeros((1, 1), xs.dtype)
-        for i in range(xs.shape[0]):
+        def body(i, carry):
             out = call(xs[i] + carry, block_experts[i], **tiles)
-            carry = (jnp.sum(out[:1, :1], dtype=jnp.float32) * 1e-3).astype(xs.dtype).reshape(1, 1)
-        return carry
+            return (jnp.sum(out[:1, :1], dtype=jnp.float32) * 1e-3).astype(xs.dtype).reshape(1, 1)
+
+        return jax.lax.fori_loop(0, xs.shape[0], body, jnp.zeros((1, 1), xs.dtype))
 
     run = jax.jit(run)
     start = time.perf_counter()
@@ -151,7 +152,9 @@ def main(argv=None) -> None:
     parser.add_argument("--formats", default="bf16,int8,int4", help=f"of {', '.join(FORMATS)}")
     parser.add_argument("--matmuls", default="gate_up,down")
     parser.add_argument("--configs", default="[{}]", help="JSON list of GroupedMatmulConfig field overrides")
-    parser.add_argument("--calls", type=int, default=8, help="routed batches a chain")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="routed batches a chain (default: 64 up to 256 tokens, so a decode call's few "
+                             "microseconds outweigh the launch of the chain; else 8)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--deadline-s", type=float, default=None, help="stop starting settings after this")
     parser.add_argument("--output-json", default=None)
@@ -187,7 +190,8 @@ def main(argv=None) -> None:
             K, N = shapes[matmul]
             call, expert_bytes = make_weight(fmt, E, K, N, jax.random.fold_in(key, K * 131 + N))
             for tokens in (int(t) for t in args.tokens.split(",")):
-                xs, block_experts, block_m, touched = routed_batches(tokens, E, top_k, K, args.calls,
+                calls = args.calls or (64 if tokens <= 256 else 8)
+                xs, block_experts, block_m, touched = routed_batches(tokens, E, top_k, K, calls,
                                                                      jax.random.fold_in(key, tokens))
                 seen, rows = set(), []
                 for overrides in configs:

@@ -311,9 +311,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                        "--formats", "int4,bf16", "--configs", json.dumps(MOE_SWEEP),
                                        "--deadline-s", "240", "--output-json", f"{results}/grouped-matmul-sweep.json"),
          300),
-        *((f"{name}{suffix}", ["bash", "-c", (f'export PAGEDJAX_MOE_CONFIG="$({PY} scripts/bench_grouped_matmul.py '
-                                              f'--best-of {results}/grouped-matmul-sweep.json)" && '
-                                              'echo "config: $PAGEDJAX_MOE_CONFIG" && ' if suffix else "")
+        *((f"{name}{suffix}", ["bash", "-c", (f'cfg="$({PY} scripts/bench_grouped_matmul.py --best-of '
+                                              f'{results}/grouped-matmul-sweep.json)" && '
+                                              'export PAGEDJAX_MOE_CONFIG="$cfg" && echo "config: $cfg" && '
+                                              if suffix else "")
                                + shlex.join(argv_(f"{name}{suffix}"))], limit)
           for suffix in ("", "-best")
           for name, argv_, limit in (
@@ -943,6 +944,7 @@ def main(argv=None) -> None:
         needed = REQUIRES.get(name)
         if needed in outcomes and outcomes[needed] != 0:
             summary.write(f"{name}: skipped ({needed} failed)\n")
+            outcomes[name] = "skipped"  # so what requires this step is skipped too (run 36e ran one regardless)
             continue
         if args.dry_run:
             print(name, " ".join(argv_))

@@ -173,10 +173,13 @@ def test_int4_k_splits_sum_their_partial_products():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("run, case", [(run_case, GPU_CASES[0]), (run_case, GPU_CASES[3]),
-                                       (run_int4_case, INT4_GPU_CASES[0])])
-@pytest.mark.parametrize("tiles", [dict(k_splits=4, num_stages=3), dict(block_n=128, num_warps=8, num_stages=4)])
+                                       (run_case, GPU_CASES[0][:6] + (128, 64)), (run_int4_case, INT4_GPU_CASES[0]),
+                                       (run_int4_case, INT4_GPU_CASES[0][:7] + (128,))])
+@pytest.mark.parametrize("tiles", [dict(k_splits=4, num_stages=3), dict(num_warps=8, num_stages=4),
+                                   dict(num_warps=2, k_splits=4)])
 def test_tile_settings_on_gpu(run, case, tiles):
-    """The settings ``scripts/bench_grouped_matmul.py`` sweeps compile and give numpy's products."""
+    """The settings ``scripts/bench_grouped_matmul.py`` sweeps compile and give numpy's products (the cases' last
+    fields are the tiles' columns)."""
     run(*case, interpret=False, **tiles)
 
 
