@@ -2,7 +2,7 @@
 
 Owns the router (softmax over the experts' logits, the top ``k``, renormalised where the config says), the layout
 of the routed rows (``sort_by_expert``: every (token, expert) pair a row, sorted by expert, each expert's rows padded
-to whole blocks so a block has one expert), and the experts' SwiGLU MLPs over that layout by grouped matmuls
+to whole blocks so a block has one expert; for a token or a few, ``pair_blocks``: a block a pair, unsorted), and the experts' SwiGLU MLPs over that layout by grouped matmuls
 (``pallas_kernels.grouped_matmul``), whose outputs are gathered back to their tokens and summed with the routing
 weights.
 
@@ -79,6 +79,34 @@ def sort_by_expert(experts: jax.Array, num_experts: int, block_m: int) -> Expert
     return ExpertRows(token=token, block_expert=block_expert, pair_row=pair_row)
 
 
+def pair_blocks(experts: jax.Array, num_experts: int, block_m: int) -> ExpertRows:
+    """The rows of a few tokens without sorting: a block of ``block_m`` rows for each (token, j-th expert) pair, in
+    pair order, the pair's row first and padding after. Its static size is what ``sort_by_expert`` reserves when
+    there are no more pairs than experts; it makes the layout from iotas alone, where sorting takes a sort, two
+    cumulative sums, scatters and a search (~10 small launches a layer: most of a batch-1 step's routing cost),
+    but two pairs of one expert read its weight twice (``uses_pair_blocks`` says when that is rare)."""
+    num_tokens, top_k = experts.shape
+    pairs = num_tokens * top_k
+    row = jnp.arange(pairs * block_m, dtype=jnp.int32)
+    token = jnp.where(row % block_m == 0, row // block_m // top_k, num_tokens)
+    del num_experts  # sort_by_expert's signature; every block has its pair's expert, none is past the last
+    return ExpertRows(token=token, block_expert=experts.reshape(-1).astype(jnp.int32),
+                      pair_row=jnp.arange(pairs, dtype=jnp.int32) * block_m)
+
+
+def uses_pair_blocks(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """``pair_blocks`` for one token (its k experts are distinct: the sorted layout's weight reads exactly) and
+    for a few where the pairs pick at most a quarter of the experts (Qwen3-30B-A3B: up to 4 tokens; about 12% of
+    the weight reads then repeat an expert), else ``sort_by_expert``."""
+    return num_tokens == 1 or 4 * num_tokens * top_k <= num_experts
+
+
+def expert_rows(experts: jax.Array, num_experts: int, block_m: int) -> ExpertRows:
+    """The routed rows' layout for ``experts [T, k]``: ``pair_blocks`` or ``sort_by_expert`` (``uses_pair_blocks``)."""
+    layout = pair_blocks if uses_pair_blocks(*experts.shape, num_experts) else sort_by_expert
+    return layout(experts, num_experts, block_m)
+
+
 def expert_mlp(x: jax.Array, block_expert: jax.Array, w: dict, *, use_kernel: bool, interpret=None) -> jax.Array:
     """The experts' SwiGLU MLPs on routed rows ``x [R, H]`` (``sort_by_expert``'s layout): ``[R, H]`` in x's dtype.
     ``w``: ``expert_gate_up`` or ``expert_gate`` / ``expert_up``, and ``expert_down`` (dense, ``Int8Weight``,
@@ -117,8 +145,8 @@ def moe_mlp(h: jax.Array, w: dict, *, config: ModelConfig, expert_fn: ExpertFn) 
     ``expert_fn(x, block_expert, weights)``: ``expert_mlp`` with its options bound (or its per-device form)."""
     num_tokens = h.shape[0]
     weights, experts = route(h, w["router"], top_k=config.num_experts_per_tok, normalize=config.norm_topk_prob)
-    rows = sort_by_expert(experts, config.num_experts,
-                          block_rows(num_tokens, config.num_experts_per_tok, config.num_experts))
+    rows = expert_rows(experts, config.num_experts,
+                       block_rows(num_tokens, config.num_experts_per_tok, config.num_experts))
     x = jnp.concatenate([h, jnp.zeros((1, h.shape[1]), h.dtype)])[rows.token]  # padding rows read zeros
     y = expert_fn(x, rows.block_expert, {name: w[name] for name in EXPERT_WEIGHTS if name in w})
     # Each token's k outputs gathered back and summed in a fixed order (a scatter-add would sum them in whatever

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from models.config import ModelConfig
-from models.moe import block_rows, expert_mlp, moe_mlp, route, sort_by_expert
+from models.moe import block_rows, expert_mlp, moe_mlp, pair_blocks, route, sort_by_expert, uses_pair_blocks
 
 
 @pytest.mark.parametrize("num_tokens, top_k, E, block_m", [(1, 2, 8, 16), (37, 3, 8, 16), (200, 2, 4, 64)])
@@ -37,6 +37,37 @@ def test_sort_by_expert_puts_every_pair_once_in_single_expert_blocks(num_tokens,
     assert (np.diff(rows.block_expert) >= 0).all() and rows.block_expert.max() <= E
     counts = np.bincount(experts.ravel(), minlength=E)
     assert (np.bincount(rows.block_expert[rows.block_expert < E], minlength=E) == -(-counts // block_m)).all()
+
+
+@pytest.mark.parametrize("num_tokens, top_k, E", [(1, 8, 128), (3, 2, 32), (1, 2, 8)])
+def test_pair_blocks_give_each_pair_its_own_block_and_the_sorted_layouts_products(num_tokens, top_k, E):
+    """A few tokens' rows without sorting: block p holds pair p's token (then padding) and names its expert; the
+    experts' MLP over them gives each pair the output the sorted layout gives it."""
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    experts = np.stack([rng.choice(E, top_k, replace=False) for _ in range(num_tokens)]).astype(np.int32)
+    block_m = block_rows(num_tokens, top_k, E)
+    assert uses_pair_blocks(num_tokens, top_k, E)
+    pairs = jax.tree.map(np.asarray, pair_blocks(jnp.asarray(experts), E, block_m))
+    assert (pairs.block_expert == experts.reshape(-1)).all()
+    assert (pairs.pair_row == np.arange(num_tokens * top_k) * block_m).all()
+    assert (pairs.token[pairs.pair_row] == np.arange(num_tokens * top_k) // top_k).all()
+    assert (np.delete(pairs.token, pairs.pair_row) == num_tokens).all()  # the rest padding
+    H, I = 32, 16
+    w = {"expert_gate_up": jnp.asarray(rng.standard_normal((E, H, 2 * I)) / np.sqrt(H), jnp.float32),
+         "expert_down": jnp.asarray(rng.standard_normal((E, I, H)) / np.sqrt(I), jnp.float32)}
+    h = jnp.asarray(rng.standard_normal((num_tokens + 1, H)), jnp.float32).at[-1].set(0)  # the padding row
+    outs = []
+    for rows in (pairs, sort_by_expert(jnp.asarray(experts), E, block_m)):
+        y = expert_mlp(h[jnp.asarray(rows.token)], jnp.asarray(rows.block_expert), w, use_kernel=True,
+                       interpret=True)
+        outs.append(np.asarray(y)[np.asarray(rows.pair_row)])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6, err_msg=f"seed {seed}")
+
+
+def test_sorting_takes_over_once_pairs_would_share_experts():
+    assert uses_pair_blocks(1, 2, 8) and uses_pair_blocks(4, 8, 128) and not uses_pair_blocks(5, 8, 128)
+    assert not uses_pair_blocks(2, 2, 8) and not uses_pair_blocks(64, 8, 128)
 
 
 def test_block_rows_follows_the_rows_an_expert_gets():
@@ -61,7 +92,8 @@ def numpy_moe(h, w, config):
 
 
 @pytest.mark.parametrize("num_tokens, normalize, use_kernel, joined", [
-    (1, True, True, False), (5, False, True, True), (40, True, False, True), (40, False, True, False)])
+    (1, True, True, False), (1, False, False, True), (5, False, True, True), (40, True, False, True),
+    (40, False, True, False)])
 def test_moe_mlp_matches_token_by_token_numpy(num_tokens, normalize, use_kernel, joined):
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
