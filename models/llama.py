@@ -53,7 +53,7 @@ from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
 from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_rms_norm, rms_norm
-from models.quantization import LinearBackend, concat_outputs, fused_mlp_parts, is_quantized, linear
+from models.quantization import LinearBackend, concat_outputs, is_quantized, linear
 from pallas_kernels.quantized_matmul import add_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
@@ -349,8 +349,7 @@ def forward(
 
     def mlp_parts(h, w):
         """The MLP's output as partial sums for ``add_rms_norm``: the experts' (``models.moe``) in a mixture of
-        experts; one launch where the backend fuses it at this row count (``LinearBackend.use_fused_mlp``), else the
-        gate/up matmul, the SwiGLU product and the down matmul."""
+        experts; else the gate/up matmul, the SwiGLU product and the down matmul."""
         if config.is_moe:
             out = moe_mlp(h, w, config=config, expert_fn=expert_fn or functools.partial(
                 expert_mlp, use_kernel=linear_backend.use_grouped_kernel(), interpret=linear_backend.interpret))
@@ -358,9 +357,6 @@ def forward(
                 shared = add_splits(mm_parts(mlp_hidden(h, w), w["w_down"]), h.dtype).astype(h.dtype)
                 out = out + jax.nn.sigmoid(mm(h, w["shared_expert_gate"])) * shared
             return out[None]
-        if "w_gate_up" in w and config.hidden_act == "silu" and linear_backend.use_fused_mlp(w["w_gate_up"],
-                                                                                             w["w_down"], T):
-            return fused_mlp_parts(h, w["w_gate_up"], w["w_down"], linear_backend)
         return mm_parts(mlp_hidden(h, w), w["w_down"])
 
     def biases(w, fused: str) -> tuple:

@@ -603,9 +603,6 @@ class LinearBackend:
     kernel: str = "auto"
     max_kernel_rows: int = dataclasses.field(default_factory=lambda: _max_kernel_rows_from_env())
     interpret: Optional[bool] = None
-    # One row's MLP in one launch where both its weights are int8 K-major and the kernel runs
-    # (``pallas_kernels.fused_mlp``; ``$PAGEDJAX_FUSED_MLP=1``). Off by default until timed on a GPU.
-    fused_mlp: bool = dataclasses.field(default_factory=lambda: _fused_mlp_from_env())
 
     def use_kernel(self, w, rows: int) -> bool:
         if (self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight)
@@ -621,12 +618,6 @@ class LinearBackend:
         """Whether a mixture-of-experts layer's grouped matmuls run the Pallas kernel (``models.moe``): on a GPU
         under "auto" (XLA's ``ragged_dot`` there multiplies every row by every expert), and under "pallas"."""
         return self.kernel == "pallas" or (self.kernel == "auto" and jax.default_backend() == "gpu")
-
-    def use_fused_mlp(self, w_gate_up, w_down, rows: int) -> bool:
-        """Whether ``fused_mlp_parts`` takes this MLP (fused gate/up and down weights) at ``rows`` rows."""
-        return (self.fused_mlp and rows == 1 and isinstance(w_gate_up, Int8KMajorWeight)
-                and isinstance(w_down, Int8KMajorWeight) and self.use_kernel(w_gate_up, rows)
-                and self.use_kernel(w_down, rows))
 
 
 # The kernels tile a weight's output columns by a power of two of at least 16 (``quantized_matmul._tile_sizes``); a
@@ -659,11 +650,6 @@ def _max_kernel_rows_from_env() -> int:
     return _row_count_from_env("PAGEDJAX_MAX_KERNEL_ROWS", MAX_KERNEL_ROWS, 1, "a positive row count")
 
 
-def _fused_mlp_from_env() -> bool:
-    """``$PAGEDJAX_FUSED_MLP`` is "1" (the one-row MLP in one launch; "0", the default, three)."""
-    return _choice_from_env("PAGEDJAX_FUSED_MLP", ("0", "1")) == "1"
-
-
 FP8_DOT_OUTPUTS = ("activation", "float32")  # the first is the default
 
 
@@ -683,15 +669,6 @@ def _fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
     dot_type = jnp.float32 if _fp8_dot_output_from_env() == "float32" else x.dtype
     acc = jax.lax.dot_general(xq, w.q, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=dot_type)
     return (acc.astype(jnp.float32) * x_scale * w.scale).astype(x.dtype)
-
-
-def fused_mlp_parts(x: jax.Array, w_gate_up: Int8KMajorWeight, w_down: Int8KMajorWeight,
-                    backend: LinearBackend) -> jax.Array:
-    """``silu(gate) * up @ W_down`` for one row ``x[1, H]`` in one launch (``LinearBackend.use_fused_mlp``), as
-    float32 partial sums ``[P, 1, H]`` for ``models.norm.add_rms_norm``, as ``linear(..., keep_splits=True)``."""
-    from pallas_kernels.fused_mlp import fused_mlp
-
-    return fused_mlp(x, w_gate_up.q, w_gate_up.scale, w_down.q, w_down.scale, interpret=backend.interpret)
 
 
 def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:

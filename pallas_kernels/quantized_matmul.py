@@ -157,14 +157,6 @@ class MatmulConfig:
     # Run 26a (H200, 8B int8 at batch 1, same lease): TPOT 3.16 ms summed each step (loads ahead) -> 3.06 deferred
     # without loads ahead (3.23 deferred with them).
     kmajor_defer_reduction: bool = True
-    # The one-row MLP in one launch (``pallas_kernels.fused_mlp``; opt-in, ``$PAGEDJAX_FUSED_MLP=1``): a program's
-    # slice of the intermediate dimension (its partial sums: I / mlp_block_i rows of H float32), the K bytes of a
-    # gate/up step, the output rows of a down step, and warps. Chosen for ~3 programs a multiprocessor at ~140
-    # registers a thread (224 programs for the 8B); not timed yet.
-    mlp_block_i: int = 64
-    mlp_block_k: int = 64
-    mlp_block_h: int = 64
-    mlp_num_warps: int = 4
 
 
 # --------------------------------------------------------------------------------------

@@ -81,15 +81,14 @@ def triton_module_text(debug_output: str) -> str:
     return text + "\n"
 
 
-KERNELS = ("int4", "int8-kmajor", "mlp-int8", "moe", "attention-decode", "attention-prefill")
+KERNELS = ("int4", "int8-kmajor", "moe", "attention-decode", "attention-prefill")
 
 
 def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, rows: int = 1) -> tuple[str, int]:
     """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]`` (int4: packed in blocks of ``pack``
-    rows of K, the K step of its GEMV; ``rows`` > 1: the tensor-core form for ``x[rows, K]``; "mlp-int8": the fused
-    MLP of hidden size K and intermediate size N, ``pallas_kernels.fused_mlp``; "moe": the grouped matmul of
-    ``pallas_kernels.grouped_matmul``, ``rows`` a block), or of an attention
-    launch (``config``: ``Tiling`` fields; shapes fixed), and its warp count."""
+    rows of K, the K step of its GEMV; ``rows`` > 1: the tensor-core form for ``x[rows, K]``; "moe": the grouped
+    matmul of ``pallas_kernels.grouped_matmul``, ``rows`` a block), or of an attention launch (``config``: ``Tiling``
+    fields; shapes fixed), and its warp count."""
     import jax.numpy as jnp
 
     from pallas_kernels import quantized_matmul as qmm
@@ -105,13 +104,6 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, r
     elif kernel == "int8-kmajor":
         args = (x, jnp.zeros((N, K), jnp.int8), jnp.ones((N,), jnp.float32))
         fn = functools.partial(qmm.int8_kmajor_matmul, config=cfg, interpret=False)
-    elif kernel == "mlp-int8":  # K: the hidden size, N: the intermediate size
-        from pallas_kernels.fused_mlp import fused_mlp
-
-        args = (x, jnp.zeros((2 * N, K), jnp.int8), jnp.ones((2 * N,), jnp.float32), jnp.zeros((K, N), jnp.int8),
-                jnp.ones((K,), jnp.float32))
-        fn = functools.partial(fused_mlp, config=cfg, interpret=False)
-        return triton_module_text(_printed_modules(fn, args)), cfg.mlp_num_warps
     elif kernel == "moe":  # a mixture's grouped matmul: 8 blocks of max(rows, 16) rows, each expert [K, N] of 128
         from pallas_kernels.grouped_matmul import grouped_matmul
 

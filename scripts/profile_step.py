@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_common  # noqa: E402
 
-KINDS = (("matmul", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|matmul|dot|gemv|wgmma|fused_mlp", re.I)),
+KINDS = (("matmul", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|matmul|dot|gemv|wgmma", re.I)),
          ("attention", re.compile(r"ragged|paged|attention|flash|mha", re.I)))
 
 

@@ -76,13 +76,6 @@ XLA_TRITON_FUSIONS = {
                      "--compiler-option", "xla_gpu_unsupported_enable_triton_multi_output_fusion=true"),
     "alltriton": ("--compiler-option", "xla_gpu_experimental_all_fusions_with_triton=true"),
 }
-# Tilings of the one-row MLP in one launch (pallas_kernels.fused_mlp; suite name suffix, $PAGEDJAX_MATMUL_CONFIG):
-# the defaults (slices of 64 intermediate rows: 224 programs and 3.7 MB of partial sums for the 8B; 64 K bytes a
-# gate/up step, 64 output rows a down step, 4 warps, 164 registers a thread offline), down steps of 128 rows (one
-# layout conversion per 8 KB), slices of 32 (448 programs, 7.3 MB of partials, 95 registers), and 128 K bytes at 8
-# warps.
-FUSED_MLP_VARIANTS = (("", ""), ("-h128", '{"mlp_block_h": 128}'), ("-i32", '{"mlp_block_i": 32, "mlp_block_h": 128}'),
-                      ("-k128w8", '{"mlp_block_k": 128, "mlp_block_h": 128, "mlp_num_warps": 8}'))
 QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
 # Grouped matmul settings to sweep (GroupedMatmulConfig overrides): decode-sized blocks (more loads in flight: stages,
 # K splits, narrower or wider columns, longer K steps), then prompt-sized ones (vLLM's fused_moe tiles: 128-256
@@ -230,17 +223,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
           for name, q in (("int8", "int8"), ("awq", "awq"), ("bf16", None))),
         *((f"tput-short-{tag}", tput("tput-short", *fusion_flags, "--output-json", f"{results}/tput-short-{tag}.json"),
            200) for tag, fusion_flags in XLA_TRITON_FUSIONS.items()),
-        # The int8 MLP at batch 1 in one launch (FUSED_MLP_VARIANTS): its GPU tests, the step's kernels under each
-        # tiling (against profile-decode1-int8: the gate/up and down GEMVs, the SwiGLU fusion and the add after),
-        # and latency with the default tiles (against latency-int8-ms8).
-        ("gpu-tests-fused-mlp", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_fused_mlp.py"], 150),
-        *((f"profile-decode1-int8-fusedmlp{suffix}",
-           ["env", "PAGEDJAX_FUSED_MLP=1", *([f"PAGEDJAX_MATMUL_CONFIG={fields}"] if fields else []),
-            *profile(f"profile-decode1-int8-fusedmlp{suffix}", "--step", "decode", "--batch", "1", "--ctx", "192",
-                     "--quantization", "int8", "--precompile-steps", "off")], 90)
-          for suffix, fields in FUSED_MLP_VARIANTS),
-        ("latency-int8-ms8-fusedmlp", ["env", "PAGEDJAX_FUSED_MLP=1", *latency(
-            "int8", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-int8-ms8-fusedmlp.json")], 150),
+        # Run 36b measured the int8 MLP at batch 1 in one launch (pallas_kernels/fused_mlp.py; commit 7a822bd, removed
+        # after): TPOT 4.41 ms against 2.85 for the three launches (8 steps a dispatch), see benchmarks/NOTES.md.
         # fp8 without autotuning ran every matmul on an untuned kernel (run 9); autotuning level 1
         # (no correctness checks), and Triton GEMMs off (cuBLAS only), with compile times.
         ("matmul-fp8-level1", matmul("matmul-fp8-level1", "--rows", "1,256,4096", "--variants", "xla-bf16,xla-fp8",

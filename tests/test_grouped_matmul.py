@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ import pytest
 from pallas_kernels.grouped_matmul import (grouped_matmul, grouped_matmul_int4, grouped_matmul_int4_reference,
                                            grouped_matmul_reference)
 from pallas_kernels.quantized_matmul import pack_int4
-from tests.test_fused_mlp import cuda_lowering
 
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -108,6 +108,20 @@ def test_k_splits_sum_their_partial_products(case):
     """Programs sharing a block's K steps (``k_splits``; capped at a divisor of the steps: 3 of 4 steps runs 2)."""
     for splits in (4, 3):
         run_case(*case, interpret=True, k_splits=splits, num_stages=3)
+
+
+def cuda_lowering(fn, *args) -> str:
+    """``fn(*args)`` lowered for CUDA on this CPU. JAX 0.11's Triton lowering asks the GPU for its architecture, so
+    there it is given an abstract H100 (the GPU machine's JAX; CI runs these tests under it too)."""
+    lower = lambda: jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
+    try:
+        from jax._src.mesh import AbstractDevice
+        h100 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+            device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+    except (ImportError, TypeError):  # JAX 0.10: no abstract device, none needed
+        return lower()
+    with jax.sharding.use_abstract_mesh(h100):
+        return lower()
 
 
 def test_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():

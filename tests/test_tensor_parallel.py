@@ -295,7 +295,7 @@ def workers(checkpoints, prompts) -> dict:
         ("moe-kernel", checkpoints["mixtral"], "auto", [1, 2], {"linear_backend": "pallas"}),
         # Phi-3's joined q/k/v and gate/up rows: each device reads its own rows of each part.
         ("phi3", checkpoints["phi3"], "auto", [1, 4]),
-        # Gemma 3: sandwich norms and sliding / full layers over the mesh, int8 layers (tanh GELU: no fused MLP).
+        # Gemma 3: sandwich norms and sliding / full layers over the mesh, int8 layers (tanh GELU).
         ("gemma3", checkpoints["gemma3_text"], "auto", [1, 4], {"quantization": "int8"}),
     ]
     cluster = {"checkpoint": checkpoints["llama"], "prompts": prompts, "port": _free_port()}
