@@ -18,7 +18,9 @@ XLA's own ``lax.ragged_dot`` on CUDA (jaxlib 0.10-0.11) multiplies every row by 
 
 ``grouped_matmul_reference`` / ``grouped_matmul_int4_reference`` are the same products in jnp (one gathered weight a
 block), for CPU runs and tests.
-Untimed on a GPU so far (benchmarks/NOTES.md).
+Run on an H200 in run 36 (benchmarks/NOTES.md): correct compiled, but at prompt sizes 182-248 TFLOP/s and at
+batch 1 ~0.6 TB/s of expert weights, under its default tiles; ``GroupedMatmulConfig`` holds the settings that
+``scripts/bench_grouped_matmul.py`` sweeps.
 """
 
 from __future__ import annotations
@@ -37,14 +39,15 @@ from pallas_kernels.quantized_matmul import block_size, dequantize_int4
 
 
 def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: int, block_m: int, block_n: int,
-                           block_k: int, group_size: int, k_major: bool, steps_per_split: int):
+                           block_k: int, group_size: int, k_major: bool, steps_per_split: int, columns_first: bool):
     """``refs``: the int8 / fp8 scale, or the int4 scales and zeros, then the output. An int4 step's ``block_k`` rows
     are one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second.
     ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed.
-    Program ``(b, n, s)`` sums K steps ``[s * steps_per_split, (s + 1) * steps_per_split)``."""
+    Program ``(b, n, s)`` (``(n, b, s)`` where ``columns_first``) sums K steps ``[s * steps_per_split, (s + 1) *
+    steps_per_split)``."""
     *quant_refs, o_ref = refs
     int4 = len(quant_refs) == 2
-    b, n, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, n, split = pl.program_id(1 if columns_first else 0), pl.program_id(0 if columns_first else 1), pl.program_id(2)
     expert = block_expert_ref[b]
     rows = pl.ds(pl.multiple_of(b * block_m, block_m), block_m)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
@@ -120,6 +123,12 @@ class GroupedMatmulConfig:
     for timing (``scripts/bench_grouped_matmul.py``)."""
 
     decode_max_block_m: int = 32
+    # The launch order: a block of rows with each of its column tiles in turn (the first grid axis varies fastest),
+    # instead of each column tile over every block. At a prompt's 16,384 tokens the routed rows are ~600 MB: row
+    # blocks first re-read them from memory for every column tile (24 x for Qwen3's gate/up, ~14 GB a call: the
+    # ~3 ms that run 36d's grouped matmul took); columns first read a block once while its tiles run, and an
+    # expert's weight (3-6 MB) stays in the L2 across its neighbouring blocks. Untimed (the sweep's first candidate).
+    columns_first: bool = False
     decode_block_n: int = 64
     decode_block_k: int = 64
     decode_num_warps: int = 4
@@ -134,8 +143,8 @@ class GroupedMatmulConfig:
     def tiles(self, block_m: int) -> dict:
         """``block_n``, ``block_k``, ``num_warps``, ``num_stages`` and ``k_splits`` for blocks of ``block_m`` rows."""
         prefix = "decode_" if block_m <= self.decode_max_block_m else ""
-        return {name: getattr(self, prefix + name) for name in ("block_n", "block_k", "num_warps", "num_stages",
-                                                                 "k_splits")}
+        return {**{name: getattr(self, prefix + name) for name in ("block_n", "block_k", "num_warps", "num_stages",
+                                                                    "k_splits")}, "columns_first": self.columns_first}
 
 
 @functools.cache
@@ -145,19 +154,21 @@ def grouped_matmul_config() -> GroupedMatmulConfig:
 
 
 def _call(x, block_expert, operands: tuple, *, n: int, k: int, block_m: int, block_n: int, block_k: int,
-          group_size: int, num_warps: int, num_stages: int, k_splits: int, interpret, name: str,
+          group_size: int, num_warps: int, num_stages: int, k_splits: int, columns_first: bool, interpret, name: str,
           k_major: bool = False):
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     steps = k // block_k
     splits = max(d for d in range(1, min(k_splits, steps) + 1) if steps % d == 0)
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
                                block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major,
-                               steps_per_split=steps // splits)
+                               steps_per_split=steps // splits, columns_first=columns_first)
+    blocks, col_tiles = block_expert.shape[0], n // block_n
     out = pl.pallas_call(
         kernel,
-        grid=(block_expert.shape[0], n // block_n, splits),
+        grid=(col_tiles, blocks, splits) if columns_first else (blocks, col_tiles, splits),
         in_specs=[pl.no_block_spec] * (2 + len(operands)),
-        out_specs=pl.BlockSpec((None, block_m, block_n), lambda b, j, s: (s, b, j)),
+        out_specs=pl.BlockSpec((None, block_m, block_n), (lambda j, b, s: (s, b, j)) if columns_first
+                               else (lambda b, j, s: (s, b, j))),
         out_shape=jax.ShapeDtypeStruct((splits, x.shape[0], n), jnp.float32 if splits > 1 else x.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
@@ -175,11 +186,11 @@ def _tiles(block_m: int, overrides: dict) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("k_major", "block_n", "block_k", "num_warps", "num_stages", "k_splits",
-                                             "interpret"))
+                                             "columns_first", "interpret"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: Optional[jax.Array] = None, *,
                    k_major: bool = False, block_n: Optional[int] = None, block_k: Optional[int] = None,
                    num_warps: Optional[int] = None, num_stages: Optional[int] = None, k_splits: Optional[int] = None,
-                   interpret: Optional[bool] = None) -> jax.Array:
+                   columns_first: Optional[bool] = None, interpret: Optional[bool] = None) -> jax.Array:
     """``y[R, N]`` (x's dtype): each block of rows of ``x[R, K]`` times its expert's ``w[E, K, N]`` (module doc),
     or ``w[E, N, K]`` where ``k_major``; int8 / fp8 ``w`` with its per-column ``scale[E, N]``
     (``models.quantization.Int8Weight`` / ``Fp8Weight``, weight-only: each tile converted to x's dtype exactly):
@@ -187,31 +198,34 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
     k, n = _weight_dims(w, k_major)
     block_m = _check_shapes(x, w, block_expert, scale, k, n)
     tiles = _tiles(block_m, dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-                                 k_splits=k_splits))
+                                 k_splits=k_splits, columns_first=columns_first))
     block = functools.partial(block_size, kernel="the grouped matmul")
     name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
     return _call(x, block_expert, (w,) if scale is None else (w, scale), n=n, k=k, block_m=block_m,
                  block_n=block(n, tiles["block_n"], "N"), block_k=block(k, tiles["block_k"], "K"), group_size=k,
                  num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], k_splits=tiles["k_splits"],
-                 interpret=interpret, name=name, k_major=k_major)
+                 columns_first=tiles["columns_first"], interpret=interpret, name=name, k_major=k_major)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "num_stages", "k_splits",
-                                             "interpret"))
+                                             "columns_first", "interpret"))
 def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
                         block_expert: jax.Array, *, group_size: int, pack: int, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                        k_splits: Optional[int] = None, interpret: Optional[bool] = None) -> jax.Array:
+                        k_splits: Optional[int] = None, columns_first: Optional[bool] = None,
+                        interpret: Optional[bool] = None) -> jax.Array:
     """The grouped matmul with 4-bit experts (``models.quantization.Int4Weight``'s fields: ``packed [E, K/2, N]``
     in ``pack``-row blocks, ``scales`` / ``zeros [E, K/g, N]``): each tile is dequantized, ``(q - zero) * scale``
     in float32 then x's dtype, and multiplied as a dense one; a K step is one packing block."""
     block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack)
     n = packed.shape[2]
-    tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits))
+    tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits,
+                                 columns_first=columns_first))
     return _call(x, block_expert, (packed, scales, zeros), n=n, k=2 * packed.shape[1], block_m=block_m,
                  block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"), block_k=pack,
                  group_size=group_size, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
-                 k_splits=tiles["k_splits"], interpret=interpret, name="moe_grouped_matmul_int4")
+                 k_splits=tiles["k_splits"], columns_first=tiles["columns_first"], interpret=interpret,
+                 name="moe_grouped_matmul_int4")
 
 
 def _blocks_times(x, block_expert, num_experts: int, block_m: int, weight_of, scale=None) -> jax.Array:

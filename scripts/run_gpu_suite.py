@@ -78,18 +78,21 @@ XLA_TRITON_FUSIONS = {
 }
 QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
 # Grouped matmul settings to sweep (GroupedMatmulConfig overrides): decode-sized blocks (more loads in flight: stages,
-# K splits, narrower or wider columns, longer K steps), then prompt-sized ones (vLLM's fused_moe tiles: 128-256
-# columns, 8 warps, 3-4 stages). Each only changes its own regime; the sweep skips repeats of a setting.
-MOE_SWEEP = [{}, {"decode_num_stages": 3}, {"decode_num_stages": 4}, {"decode_k_splits": 2}, {"decode_k_splits": 4},
-             {"decode_k_splits": 8}, {"decode_block_n": 32}, {"decode_block_n": 32, "decode_k_splits": 4},
-             {"decode_block_n": 128, "decode_k_splits": 4}, {"decode_block_k": 128, "decode_num_stages": 3},
+# K splits, fewer warps, narrower columns; run 36f's int4 hint: 2 warps and 4 splits), then prompt-sized ones (each
+# block's column tiles launched together, and vLLM's fused_moe tiles: 128-256 columns, 8 warps, 3-4 stages). Each
+# only changes its own regime; the sweep skips repeats of a setting.
+MOE_SWEEP = [{}, {"decode_num_stages": 3}, {"decode_k_splits": 2}, {"decode_k_splits": 4}, {"decode_k_splits": 8},
+             {"decode_block_n": 32, "decode_k_splits": 4}, {"decode_num_warps": 2, "decode_k_splits": 4},
+             {"decode_num_warps": 2, "decode_k_splits": 8}, {"decode_num_warps": 2, "decode_block_n": 32,
+                                                             "decode_k_splits": 4},
              {"decode_block_k": 128, "decode_num_stages": 3, "decode_k_splits": 4},
-             {"decode_num_warps": 2, "decode_k_splits": 4},
-             {"block_n": 128, "num_stages": 3}, {"block_n": 128, "num_warps": 8, "num_stages": 3},
-             {"block_n": 128, "num_warps": 8, "num_stages": 4}, {"block_n": 128, "block_k": 128, "num_warps": 8,
-                                                                 "num_stages": 3},
-             {"block_n": 256, "num_warps": 8, "num_stages": 3}, {"block_n": 256, "num_warps": 8, "num_stages": 4},
-             {"num_stages": 4}]
+             {"columns_first": True}, {"columns_first": True, "num_stages": 3},
+             {"columns_first": True, "block_n": 128, "num_stages": 3},
+             {"columns_first": True, "block_n": 128, "num_warps": 8, "num_stages": 3},
+             {"columns_first": True, "block_n": 128, "num_warps": 8, "num_stages": 4},
+             {"columns_first": True, "block_n": 256, "num_warps": 8, "num_stages": 3},
+             {"columns_first": True, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3},
+             {"block_n": 128, "num_warps": 8, "num_stages": 3}]
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -223,7 +226,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
           for name, q in (("int8", "int8"), ("awq", "awq"), ("bf16", None))),
         *((f"tput-short-{tag}", tput("tput-short", *fusion_flags, "--output-json", f"{results}/tput-short-{tag}.json"),
            200) for tag, fusion_flags in XLA_TRITON_FUSIONS.items()),
-        # Run 36b measured the int8 MLP at batch 1 in one launch (pallas_kernels/fused_mlp.py; commit 7a822bd, removed
+        # Run 36b measured the int8 MLP at batch 1 in one launch (pallas_kernels/fused_mlp.py; commit b51da86, removed
         # after): TPOT 4.41 ms against 2.85 for the three launches (8 steps a dispatch), see benchmarks/NOTES.md.
         # fp8 without autotuning ran every matmul on an untuned kernel (run 9); autotuning level 1
         # (no correctness checks), and Triton GEMMs off (cuBLAS only), with compile times.

@@ -105,9 +105,10 @@ def test_grouped_matmul_matches_numpy_on_gpu(case):
 
 @pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[3], CPU_CASES[4]])
 def test_k_splits_sum_their_partial_products(case):
-    """Programs sharing a block's K steps (``k_splits``; capped at a divisor of the steps: 3 of 4 steps runs 2)."""
+    """Programs sharing a block's K steps (``k_splits``; capped at a divisor of the steps: 3 of 4 steps runs 2), and
+    launched column tiles first."""
     for splits in (4, 3):
-        run_case(*case, interpret=True, k_splits=splits, num_stages=3)
+        run_case(*case, interpret=True, k_splits=splits, num_stages=3, columns_first=splits == 4)
 
 
 def cuda_lowering(fn, *args) -> str:
@@ -182,15 +183,15 @@ def test_int4_grouped_matmul_matches_numpy_on_gpu(case):
 
 
 def test_int4_k_splits_sum_their_partial_products():
-    run_int4_case(*INT4_CPU_CASES[0], interpret=True, k_splits=2)
+    run_int4_case(*INT4_CPU_CASES[0], interpret=True, k_splits=2, columns_first=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("run, case", [(run_case, GPU_CASES[0]), (run_case, GPU_CASES[3]),
                                        (run_case, GPU_CASES[0][:6] + (128, 64)), (run_int4_case, INT4_GPU_CASES[0]),
                                        (run_int4_case, INT4_GPU_CASES[0][:7] + (128,))])
-@pytest.mark.parametrize("tiles", [dict(k_splits=4, num_stages=3), dict(num_warps=8, num_stages=4),
-                                   dict(num_warps=2, k_splits=4)])
+@pytest.mark.parametrize("tiles", [dict(k_splits=4, num_stages=3), dict(num_warps=8, num_stages=4, columns_first=True),
+                                   dict(num_warps=2, k_splits=4, columns_first=True)])
 def test_tile_settings_on_gpu(run, case, tiles):
     """The settings ``scripts/bench_grouped_matmul.py`` sweeps compile and give numpy's products (the cases' last
     fields are the tiles' columns)."""
