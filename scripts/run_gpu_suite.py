@@ -308,7 +308,17 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
               ("latency-qwen3-moe-awq-ms8", lambda n: latency("awq", "--num-scheduler-steps", "8", "--model", QWEN3_MOE,
                                                                "--output-json", f"{results}/{n}.json"), 150),
               ("tput-short-qwen3-moe-int8", lambda n: tput("tput-short", "--quantization", "int8", "--model",
-                                                            QWEN3_MOE, "--output-json", f"{results}/{n}.json"), 200))),
+                                                            QWEN3_MOE, "--output-json", f"{results}/{n}.json"), 200),
+              # Run 36c-d's profiles: where a MoE step's time goes at batch 1, at tput-short's decode, in a prompt.
+              ("profile-qwen3-moe-decode1-awq", lambda n: profile(n, "--step", "decode", "--batch", "1", "--ctx", "192",
+                                                                   "--quantization", "awq", "--model", QWEN3_MOE,
+                                                                   "--precompile-steps", "off"), 130),
+              ("profile-qwen3-moe-decode1024-int8", lambda n: profile(
+                  n, "--step", "decode", "--batch", "1024", "--ctx", "192", "--quantization", "int8", "--model",
+                  QWEN3_MOE, "--precompile-steps", "off"), 150),
+              ("profile-qwen3-moe-prefill-int8", lambda n: profile(
+                  n, "--step", "prefill", "--batch", "8", "--ctx", "2048", "--quantization", "int8", "--model",
+                  QWEN3_MOE, "--precompile-steps", "off"), 150))),
         ("latency-bf16-sync", latency(None, "--async-scheduling", "off"), 80),
         ("engine-gpu-test", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_engine_gpu.py"], 300),
         # Prefix caching and prompt logprobs with the kernels (both new in 771bcfb / d78ac31).
@@ -817,7 +827,10 @@ REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tes
             "latency-qwen3-moe-awq": "gpu-tests-moe-int4",
             "grouped-matmul-sweep": "gpu-tests-moe-tiles",
             **{name: "grouped-matmul-sweep" for name in ("latency-qwen3-moe-awq-ms8-best",
-                                                         "tput-short-qwen3-moe-int8-best")}}
+                                                         "tput-short-qwen3-moe-int8-best",
+                                                         "profile-qwen3-moe-decode1-awq-best",
+                                                         "profile-qwen3-moe-decode1024-int8-best",
+                                                         "profile-qwen3-moe-prefill-int8-best")}}
 
 
 def repeat_of(name: str, results: str, by_name: dict) -> Optional[tuple[str, list[str], int]]:
