@@ -141,7 +141,8 @@ class GroupedMatmulConfig:
     k_splits: int = 1
 
     def tiles(self, block_m: int) -> dict:
-        """``block_n``, ``block_k``, ``num_warps``, ``num_stages`` and ``k_splits`` for blocks of ``block_m`` rows."""
+        """``block_n``, ``block_k``, ``num_warps``, ``num_stages``, ``k_splits`` for blocks of ``block_m`` rows, and
+        the launch order (``columns_first``, the same for both)."""
         prefix = "decode_" if block_m <= self.decode_max_block_m else ""
         return {**{name: getattr(self, prefix + name) for name in ("block_n", "block_k", "num_warps", "num_stages",
                                                                     "k_splits")}, "columns_first": self.columns_first}
