@@ -124,24 +124,26 @@ def time_calls(call, xs, block_experts, tiles: dict, repeats: int) -> tuple[floa
 def best_config(record: dict) -> dict:
     """The overrides that were fastest in each regime of ``GroupedMatmulConfig`` (decode-sized blocks: its
     ``decode_*`` fields; larger blocks: the others), each setting scored by its time over the default's summed over
-    every (format, matmul, tokens) of the regime where both ran; ``{}`` where nothing beat the default."""
+    every complete (format, matmul, tokens) of the regime (every setting ran: a deadline can cut the last one);
+    ``{}`` where nothing beat the default."""
     from pallas_kernels.grouped_matmul import GroupedMatmulConfig
 
     decode_rows = GroupedMatmulConfig().decode_max_block_m
     merged = {}
+    finished = {tuple(case) for case in record.get("complete", ())}
     for decode in (True, False):
-        rows = [r for r in record["rows"] if (r["block_m"] <= decode_rows) == decode and r["error"] is None]
+        rows = [r for r in record["rows"] if (r["block_m"] <= decode_rows) == decode and r["error"] is None
+                and (r["format"], r["matmul"], r["tokens"]) in finished]
         default = {(r["format"], r["matmul"], r["tokens"]): r["us"] for r in rows if not r["config"]}
         scores: dict = {}
         for r in rows:
             case = (r["format"], r["matmul"], r["tokens"])
-            if case in default:
-                fields = {k: v for k, v in r["config"].items() if k.startswith("decode_") == decode}
+            fields = {k: v for k, v in r["config"].items() if k.startswith("decode_") == decode}
+            if case in default and (fields or not r["config"]):  # "{}" scores the default row alone
                 scores.setdefault(json.dumps(fields, sort_keys=True), {})[case] = r["us"] / default[case]
-        cases = set(default)
-        complete = {k: sum(v.values()) for k, v in scores.items() if set(v) == cases}
-        if complete:
-            merged.update(json.loads(min(complete, key=complete.get)))
+        totals = {k: sum(v.values()) for k, v in scores.items() if set(v) == set(default)}
+        if totals:
+            merged.update(json.loads(min(totals, key=totals.get)))
     return merged
 
 
@@ -181,15 +183,20 @@ def main(argv=None) -> None:
     base = grouped_matmul_config()
     record = dict(workload="kernel-grouped-matmul", model=os.path.basename(os.path.normpath(args.model)),
                   device=device_name(), jax_version=jax.__version__, commit=git_commit(), experts=E, top_k=top_k,
-                  rows=[], best=[])
+                  rows=[], best=[], complete=[])
+    stopped = False  # the deadline passed: no further case is started
     key = jax.random.key(0)
     for fmt in args.formats.split(","):
         if fmt not in FORMATS:
             parser.error(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
         for matmul in args.matmuls.split(","):
+            if stopped:
+                break
             K, N = shapes[matmul]
             call, expert_bytes = make_weight(fmt, E, K, N, jax.random.fold_in(key, K * 131 + N))
             for tokens in (int(t) for t in args.tokens.split(",")):
+                if stopped:
+                    break
                 calls = args.calls or (64 if tokens <= 256 else 8)
                 xs, block_experts, block_m, touched = routed_batches(tokens, E, top_k, K, calls,
                                                                      jax.random.fold_in(key, tokens))
@@ -202,6 +209,7 @@ def main(argv=None) -> None:
                         continue  # the same effective setting at this block size
                     if args.deadline_s is not None and time.monotonic() - start > args.deadline_s:
                         print(f"deadline: stopped before {fmt} {matmul} {tokens} {tiles}", flush=True)
+                        stopped = True
                         break
                     seen.add(tuple(sorted(tiles.items())))
                     timed_tiles = {k: v for k, v in tiles.items() if not (fmt == "int4" and k == "block_k")}
@@ -222,6 +230,8 @@ def main(argv=None) -> None:
                     if args.output_json:
                         with open(args.output_json, "w") as f:
                             json.dump(record, f, indent=1)
+                else:
+                    record["complete"].append([fmt, matmul, tokens])  # every setting ran: best_config may use it
                 timed = [r for r in rows if r["error"] is None]
                 if timed:
                     best = min(timed, key=lambda r: r["us"])

@@ -296,8 +296,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                  "tests/test_grouped_matmul.py"], 90),
         ("grouped-matmul-sweep", bench("bench_grouped_matmul.py", "--model", QWEN3_MOE, "--tokens", "1,1024,16384",
                                        "--formats", "int4,bf16", "--configs", json.dumps(MOE_SWEEP),
-                                       "--deadline-s", "240", "--output-json", f"{results}/grouped-matmul-sweep.json"),
-         300),
+                                       "--deadline-s", "300", "--output-json", f"{results}/grouped-matmul-sweep.json"),
+         340),
         *((f"{name}{suffix}", ["bash", "-c", (f'cfg="$({PY} scripts/bench_grouped_matmul.py --best-of '
                                               f'{results}/grouped-matmul-sweep.json)" && '
                                               'export PAGEDJAX_MOE_CONFIG="$cfg" && echo "config: $cfg" && '

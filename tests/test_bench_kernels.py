@@ -276,7 +276,17 @@ def test_grouped_matmul_sweep_times_each_setting_once_and_names_the_fastest(tmp_
         for tokens, splits, block_n in ((1, 1, 64), (1, 2, 64), (128, 1, 64), (128, 1, 32))]
     assert all(r["error"] is None and r["us"] > 0 for r in record["rows"])
     assert [b["default_us"] is not None for b in record["best"]] == [True] * 4
+    assert len(record["complete"]) == 4
     capsys.readouterr()
     bench_grouped_matmul.main(["--best-of", str(out)])
     best = json.loads(capsys.readouterr().out)
     assert best in ({}, {"decode_k_splits": 2}, {"block_n": 32}, {"decode_k_splits": 2, "block_n": 32})
+    # Past the deadline nothing more starts, and a case cut short is left out of the choice.
+    record["complete"] = []
+    out.write_text(json.dumps(record))
+    bench_grouped_matmul.main(["--best-of", str(out)])
+    assert json.loads(capsys.readouterr().out) == {}
+    bench_grouped_matmul.main(["--model", str(model), "--tokens", "1,128", "--formats", "bf16,int4", "--matmuls",
+                               "down", "--configs", json.dumps(configs), "--calls", "2", "--repeats", "1",
+                               "--deadline-s", "0", "--output-json", str(out)])
+    assert json.loads(out.read_text())["rows"] == [] and "stopped before bf16" in capsys.readouterr().out
