@@ -50,6 +50,7 @@ def random_blocks(rng, blocks, block_m, E, K, N, dtype):
     x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), jnp.bfloat16 if quantized else dtype)
     block_expert = np.sort(rng.integers(0, E + 1, blocks))
     block_expert[-1] = E  # at least one unused block
+    block_expert[0] = min(block_expert[0], E - 1)  # and one used (all unused: the error's scale is 0, a flake)
     used = np.unique(block_expert[block_expert < E])
     shape = (E, N, K) if dtype == jnp.float8_e4m3fn else (E, K, N)
     w = np.zeros(shape, np.int8 if dtype == jnp.int8 else np.float32)
@@ -160,6 +161,7 @@ def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interp
     zeros = rng.integers(0, 16, (E, K // group_size, N)).astype(np.float64)
     block_expert = np.sort(rng.integers(0, E + 1, blocks))
     block_expert[-1] = E
+    block_expert[0] = min(block_expert[0], E - 1)
     operands = (x, pack_int4(jnp.asarray(q), pack), jnp.asarray(scales, jnp.bfloat16),
                 jnp.asarray(zeros, jnp.bfloat16), jnp.asarray(block_expert, jnp.int32))
     got = grouped_matmul_int4(*operands, group_size=group_size, pack=pack, block_n=block_n, interpret=interpret,
