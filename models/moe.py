@@ -2,9 +2,9 @@
 
 Owns the router (softmax over the experts' logits, the top ``k``, renormalised where the config says), the layout
 of the routed rows (``sort_by_expert``: every (token, expert) pair a row, sorted by expert, each expert's rows padded
-to whole blocks so a block has one expert; for a token or a few, ``pair_blocks``: a block a pair, unsorted), and the experts' SwiGLU MLPs over that layout by grouped matmuls
-(``pallas_kernels.grouped_matmul``), whose outputs are gathered back to their tokens and summed with the routing
-weights.
+to whole blocks so a block has one expert; for a token or a few, ``pair_blocks``: a block a pair, unsorted), and the
+experts' SwiGLU MLPs over that layout by grouped matmuls (``pallas_kernels.grouped_matmul``), whose outputs are
+gathered back to their tokens and summed with the routing weights.
 
 Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``expert_up [E, H, I]`` (or joined,
 ``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``; the experts dense, weight-only int8 (``Int8Weight``,
@@ -108,7 +108,7 @@ def expert_rows(experts: jax.Array, num_experts: int, block_m: int) -> ExpertRow
 
 
 def expert_mlp(x: jax.Array, block_expert: jax.Array, w: dict, *, use_kernel: bool, interpret=None) -> jax.Array:
-    """The experts' SwiGLU MLPs on routed rows ``x [R, H]`` (``sort_by_expert``'s layout): ``[R, H]`` in x's dtype.
+    """The experts' SwiGLU MLPs on routed rows ``x [R, H]`` (``expert_rows``' layout): ``[R, H]`` in x's dtype.
     ``w``: ``expert_gate_up`` or ``expert_gate`` / ``expert_up``, and ``expert_down`` (dense, ``Int8Weight``,
     ``Fp8Weight`` or ``Int4Weight``).
     ``use_kernel``: the grouped matmuls by the Pallas kernel (``interpret``: interpreted), else by jnp. Under a

@@ -155,11 +155,12 @@ def grouped_matmul_config() -> GroupedMatmulConfig:
 
 
 def _call(x, block_expert, operands: tuple, *, n: int, k: int, block_m: int, block_n: int, block_k: int,
-          group_size: int, num_warps: int, num_stages: int, k_splits: int, columns_first: bool, interpret, name: str,
-          k_major: bool = False):
+          group_size: int, tiles: dict, interpret, name: str, k_major: bool = False):
+    """The launch; ``block_n`` / ``block_k`` as they divide N / K, the rest of the settings from ``tiles``."""
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    columns_first = tiles["columns_first"]
     steps = k // block_k
-    splits = max(d for d in range(1, min(k_splits, steps) + 1) if steps % d == 0)
+    splits = max(d for d in range(1, min(tiles["k_splits"], steps) + 1) if steps % d == 0)
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
                                block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major,
                                steps_per_split=steps // splits, columns_first=columns_first)
@@ -171,7 +172,7 @@ def _call(x, block_expert, operands: tuple, *, n: int, k: int, block_m: int, blo
         out_specs=pl.BlockSpec((None, block_m, block_n), (lambda j, b, s: (s, b, j)) if columns_first
                                else (lambda b, j, s: (s, b, j))),
         out_shape=jax.ShapeDtypeStruct((splits, x.shape[0], n), jnp.float32 if splits > 1 else x.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]),
         interpret=interpret,
         name=name,
     )(block_expert.astype(jnp.int32), x, *operands)
@@ -204,8 +205,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
     name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
     return _call(x, block_expert, (w,) if scale is None else (w, scale), n=n, k=k, block_m=block_m,
                  block_n=block(n, tiles["block_n"], "N"), block_k=block(k, tiles["block_k"], "K"), group_size=k,
-                 num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], k_splits=tiles["k_splits"],
-                 columns_first=tiles["columns_first"], interpret=interpret, name=name, k_major=k_major)
+                 tiles=tiles, interpret=interpret, name=name, k_major=k_major)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "num_stages", "k_splits",
@@ -224,9 +224,7 @@ def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zero
                                  columns_first=columns_first))
     return _call(x, block_expert, (packed, scales, zeros), n=n, k=2 * packed.shape[1], block_m=block_m,
                  block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"), block_k=pack,
-                 group_size=group_size, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
-                 k_splits=tiles["k_splits"], columns_first=tiles["columns_first"], interpret=interpret,
-                 name="moe_grouped_matmul_int4")
+                 group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4")
 
 
 def _blocks_times(x, block_expert, num_experts: int, block_m: int, weight_of, scale=None) -> jax.Array:

@@ -1,8 +1,8 @@
 """Times a mixture of experts' grouped matmul (``pallas_kernels.grouped_matmul``) at a model's expert shapes, per
 routed batch, weight format and tile setting: the sweep behind ``GroupedMatmulConfig``'s defaults.
 
-Each call of a timed chain routes a fresh batch (each token's top-k of random router logits, through
-``models.moe.sort_by_expert``, as the model lays its rows out), so a decode call's experts are not in the L2 from
+Each call of a timed chain routes a fresh batch (each token's top-k of random router logits, laid out by
+``models.moe.expert_rows`` as the model lays its rows out), so a decode call's experts are not in the L2 from
 the call before; each call's input depends on the last one's output. Compilation is excluded. Reports µs a call,
 TFLOP/s of the routed rows' useful products (``2 * tokens * k * K * N``) and TB/s of the touched experts' weight
 bytes; the fastest setting per (format, matmul, tokens); results written after every setting (a killed run keeps
@@ -53,7 +53,7 @@ def make_weight(fmt: str, E: int, K: int, N: int, key):
         zeros = jnp.full((E, K // GROUP, N), 8, jnp.bfloat16)
         del q
 
-        def call(x, block_expert, block_k=None, **tiles):
+        def call(x, block_expert, block_k=None, **tiles):  # a K step is a packing block: block_k is GROUP
             return grouped_matmul_int4(x, packed, scales, zeros, block_expert, group_size=GROUP, pack=GROUP, **tiles)
 
         return call, K * N // 2 + 2 * 2 * (K // GROUP) * N
@@ -78,7 +78,7 @@ def routed_batches(tokens: int, E: int, top_k: int, K: int, calls: int, key):
     import jax.numpy as jnp
     import numpy as np
 
-    from models.moe import block_rows, sort_by_expert
+    from models.moe import block_rows, expert_rows
 
     block_m = block_rows(tokens, top_k, E)
     keys = jax.random.split(key, calls)
@@ -86,7 +86,7 @@ def routed_batches(tokens: int, E: int, top_k: int, K: int, calls: int, key):
     @jax.jit
     def one(k):
         _, experts = jax.lax.top_k(jax.random.normal(k, (tokens, E)), top_k)
-        return sort_by_expert(experts.astype(jnp.int32), E, block_m).block_expert
+        return expert_rows(experts.astype(jnp.int32), E, block_m).block_expert
 
     block_experts = jnp.stack([one(k) for k in keys])
     rows = block_experts.shape[1] * block_m
@@ -212,9 +212,8 @@ def main(argv=None) -> None:
                         stopped = True
                         break
                     seen.add(tuple(sorted(tiles.items())))
-                    timed_tiles = {k: v for k, v in tiles.items() if not (fmt == "int4" and k == "block_k")}
                     try:
-                        seconds, compile_s = time_calls(call, xs, block_experts, timed_tiles, args.repeats)
+                        seconds, compile_s = time_calls(call, xs, block_experts, tiles, args.repeats)
                         error = None
                     except Exception as exc:  # a setting Triton cannot compile (shared memory, registers)
                         seconds, compile_s, error = float("nan"), 0.0, f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -41,6 +41,15 @@ GPU_CASES = [
 ]
 
 
+def random_block_experts(rng, blocks: int, E: int) -> np.ndarray:
+    """Each block's expert in order, at least one block past the last expert (``E``) and at least one used (with
+    none used numpy's product is all zeros, and the error relative to it 0 / 0)."""
+    block_expert = np.sort(rng.integers(0, E + 1, blocks))
+    block_expert[-1] = E
+    block_expert[0] = min(block_expert[0], E - 1)
+    return block_expert
+
+
 def random_blocks(rng, blocks, block_m, E, K, N, dtype):
     """``(x, w, block_expert, scale)``: experts in order with some blocks past the last expert (``E``); int8 / fp8
     ``dtype``: those weights with per-column scales (else scale None) and bf16 rows; fp8 ones stored ``[E, N, K]``.
@@ -48,9 +57,7 @@ def random_blocks(rng, blocks, block_m, E, K, N, dtype):
     fails): the GPU cases' 128 experts would be 400M draws, ~15 s of the host's time a case."""
     quantized = dtype in (jnp.int8, jnp.float8_e4m3fn)
     x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), jnp.bfloat16 if quantized else dtype)
-    block_expert = np.sort(rng.integers(0, E + 1, blocks))
-    block_expert[-1] = E  # at least one unused block
-    block_expert[0] = min(block_expert[0], E - 1)  # and one used (all unused: the error's scale is 0, a flake)
+    block_expert = random_block_experts(rng, blocks, E)
     used = np.unique(block_expert[block_expert < E])
     shape = (E, N, K) if dtype == jnp.float8_e4m3fn else (E, K, N)
     w = np.zeros(shape, np.int8 if dtype == jnp.int8 else np.float32)
@@ -159,9 +166,7 @@ def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interp
     q = rng.integers(0, 16, (E, K, N), dtype=np.uint8)
     scales = rng.uniform(0.5, 1.5, (E, K // group_size, N)) / (8 * np.sqrt(K))
     zeros = rng.integers(0, 16, (E, K // group_size, N)).astype(np.float64)
-    block_expert = np.sort(rng.integers(0, E + 1, blocks))
-    block_expert[-1] = E
-    block_expert[0] = min(block_expert[0], E - 1)
+    block_expert = random_block_experts(rng, blocks, E)
     operands = (x, pack_int4(jnp.asarray(q), pack), jnp.asarray(scales, jnp.bfloat16),
                 jnp.asarray(zeros, jnp.bfloat16), jnp.asarray(block_expert, jnp.int32))
     got = grouped_matmul_int4(*operands, group_size=group_size, pack=pack, block_n=block_n, interpret=interpret,
