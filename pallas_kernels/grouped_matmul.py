@@ -19,8 +19,9 @@ XLA's own ``lax.ragged_dot`` on CUDA (jaxlib 0.10-0.11) multiplies every row by 
 ``grouped_matmul_reference`` / ``grouped_matmul_int4_reference`` are the same products in jnp (one gathered weight a
 block), for CPU runs and tests.
 Run on an H200 in run 36 (benchmarks/NOTES.md): correct compiled, but at prompt sizes 182-248 TFLOP/s and at
-batch 1 ~0.6 TB/s of expert weights, under its default tiles; ``GroupedMatmulConfig`` holds the settings that
-``scripts/bench_grouped_matmul.py`` sweeps.
+batch 1 ~0.6 TB/s of expert weights under its first tiles. ``GroupedMatmulConfig`` holds the settings that
+``scripts/bench_grouped_matmul.py`` sweeps; its defaults are run 37's winners (H100: int4 gate/up at 16,384 tokens
+261 TFLOP/s, 1.76x the first tiles; at one token 1.26x).
 """
 
 from __future__ import annotations
@@ -35,16 +36,21 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.env_config import dataclass_from_env
-from pallas_kernels.quantized_matmul import block_size, dequantize_int4
+from pallas_kernels.quantized_matmul import (block_size, dequantize_int4, int4_tile_weights, integers_as_f32,
+                                             interpreted_conversion)
+
+CONVERSIONS = ("cvt", "affine")
 
 
 def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: int, block_m: int, block_n: int,
-                           block_k: int, group_size: int, k_major: bool, steps_per_split: int, columns_first: bool):
+                           block_k: int, group_size: int, k_major: bool, steps_per_split: int, columns_first: bool,
+                           convert: str):
     """``refs``: the int8 / fp8 scale, or the int4 scales and zeros, then the output. An int4 step's ``block_k`` rows
     are one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second.
     ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed.
     Program ``(b, n, s)`` (``(n, b, s)`` where ``columns_first``) sums K steps ``[s * steps_per_split, (s + 1) *
-    steps_per_split)``."""
+    steps_per_split)``. ``convert``: how int8 values and int4 nibbles become floats (``GroupedMatmulConfig``; the
+    interpreter's jnp form where it runs inline PTX compiled)."""
     *quant_refs, o_ref = refs
     int4 = len(quant_refs) == 2
     b, n, split = pl.program_id(1 if columns_first else 0), pl.program_id(0 if columns_first else 1), pl.program_id(2)
@@ -55,7 +61,10 @@ def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: i
     def dense_step(i, acc):
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         # int8 / fp8 weights: exact in bf16 / f32
-        w = w_ref[expert, cols, ks].astype(x_ref.dtype).T if k_major else w_ref[expert, ks, cols].astype(x_ref.dtype)
+        w = w_ref[expert, cols, ks].T if k_major else w_ref[expert, ks, cols]
+        if w.dtype == jnp.int8 and convert != "cvt":
+            w = integers_as_f32(w, "int8", "exponent" if convert == "affine_jnp" else "permute")
+        w = w.astype(x_ref.dtype)
         return acc + jnp.dot(x_ref[rows, ks], w, preferred_element_type=jnp.float32)
 
     def int4_step(i, acc):
@@ -64,8 +73,8 @@ def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: i
         group = i * block_k // group_size
         scale = quant_refs[0][expert, group, cols].astype(jnp.float32)[None, :]
         zero = quant_refs[1][expert, group, cols].astype(jnp.float32)[None, :]
-        for nibbles, start in ((packed & 0xF, i * block_k), (packed >> 4, i * block_k + half)):
-            w = ((nibbles.astype(jnp.float32) - zero) * scale).astype(x_ref.dtype)
+        tiles = int4_tile_weights(packed, scale, zero, x_ref.dtype, convert=convert, fma=convert == "affine")
+        for w, start in zip(tiles, (i * block_k, i * block_k + half)):
             x = x_ref[rows, pl.ds(pl.multiple_of(start, half), half)]
             acc = acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
         return acc
@@ -125,27 +134,36 @@ class GroupedMatmulConfig:
     decode_max_block_m: int = 32
     # The launch order: a block of rows with each of its column tiles in turn (the first grid axis varies fastest),
     # instead of each column tile over every block. At a prompt's 16,384 tokens the routed rows are ~600 MB: row
-    # blocks first re-read them from memory for every column tile (24 x for Qwen3's gate/up, ~14 GB a call: the
-    # ~3 ms that run 36d's grouped matmul took); columns first read a block once while its tiles run, and an
-    # expert's weight (3-6 MB) stays in the L2 across its neighbouring blocks. Untimed (the sweep's first candidate).
-    columns_first: bool = False
+    # blocks first re-read them from memory for every column tile (24 x for Qwen3's gate/up, ~14 GB a call); columns
+    # first read a block once while its tiles run, and an expert's weight (3-6 MB) stays in the L2 across its
+    # neighbouring blocks. Run 37 (H100): int4 gate/up at 16,384 tokens 5.56 -> 3.16 ms with 3 stages, and MoE
+    # int8 tput-short 11,688 -> 15,007 output tok/s with both.
+    columns_first: bool = True
+    # How int8 values and int4 nibbles become floats before the dot: "cvt" (integer-to-float conversions, a quarter of
+    # the FMA rate, and (q - z) s in two operations) or "affine" (byte permutes into a float's mantissa and one fused
+    # multiply-add a weight: the dense kernels' form since run 30e, ``quantized_matmul.int4_tile_weights``). Untimed
+    # here: the next sweep's candidate.
+    convert: str = "cvt"
+    # Decode-sized blocks: 4 programs share a block's K steps, 3 stages (run 37, H100: int4 gate/up at one token
+    # 44.7 -> 35.4 us; AWQ Qwen3-30B-A3B batch-1 TPOT 3.83 -> 3.46 ms).
     decode_block_n: int = 64
     decode_block_k: int = 64
     decode_num_warps: int = 4
-    decode_num_stages: int = 2
-    decode_k_splits: int = 1
+    decode_num_stages: int = 3
+    decode_k_splits: int = 4
     block_n: int = 64
     block_k: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     k_splits: int = 1
 
     def tiles(self, block_m: int) -> dict:
         """``block_n``, ``block_k``, ``num_warps``, ``num_stages``, ``k_splits`` for blocks of ``block_m`` rows, and
-        the launch order (``columns_first``, the same for both)."""
+        the launch order and conversion (``columns_first``, ``convert``: the same for both)."""
         prefix = "decode_" if block_m <= self.decode_max_block_m else ""
         return {**{name: getattr(self, prefix + name) for name in ("block_n", "block_k", "num_warps", "num_stages",
-                                                                    "k_splits")}, "columns_first": self.columns_first}
+                                                                    "k_splits")},
+                "columns_first": self.columns_first, "convert": self.convert}
 
 
 @functools.cache
@@ -158,12 +176,15 @@ def _call(x, block_expert, operands: tuple, *, n: int, k: int, block_m: int, blo
           group_size: int, tiles: dict, interpret, name: str, k_major: bool = False):
     """The launch; ``block_n`` / ``block_k`` as they divide N / K, the rest of the settings from ``tiles``."""
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    columns_first = tiles["columns_first"]
+    columns_first, convert = tiles["columns_first"], tiles["convert"]
+    if convert not in CONVERSIONS:
+        raise ValueError(f"the grouped matmul's convert must be one of {CONVERSIONS}, got {convert!r}")
     steps = k // block_k
     splits = max(d for d in range(1, min(tiles["k_splits"], steps) + 1) if steps % d == 0)
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
                                block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major,
-                               steps_per_split=steps // splits, columns_first=columns_first)
+                               steps_per_split=steps // splits, columns_first=columns_first,
+                               convert=interpreted_conversion(convert) if interpret else convert)
     blocks, col_tiles = block_expert.shape[0], n // block_n
     out = pl.pallas_call(
         kernel,
@@ -188,11 +209,12 @@ def _tiles(block_m: int, overrides: dict) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("k_major", "block_n", "block_k", "num_warps", "num_stages", "k_splits",
-                                             "columns_first", "interpret"))
+                                             "columns_first", "convert", "interpret"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: Optional[jax.Array] = None, *,
                    k_major: bool = False, block_n: Optional[int] = None, block_k: Optional[int] = None,
                    num_warps: Optional[int] = None, num_stages: Optional[int] = None, k_splits: Optional[int] = None,
-                   columns_first: Optional[bool] = None, interpret: Optional[bool] = None) -> jax.Array:
+                   columns_first: Optional[bool] = None, convert: Optional[str] = None,
+                   interpret: Optional[bool] = None) -> jax.Array:
     """``y[R, N]`` (x's dtype): each block of rows of ``x[R, K]`` times its expert's ``w[E, K, N]`` (module doc),
     or ``w[E, N, K]`` where ``k_major``; int8 / fp8 ``w`` with its per-column ``scale[E, N]``
     (``models.quantization.Int8Weight`` / ``Fp8Weight``, weight-only: each tile converted to x's dtype exactly):
@@ -200,7 +222,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
     k, n = _weight_dims(w, k_major)
     block_m = _check_shapes(x, w, block_expert, scale, k, n)
     tiles = _tiles(block_m, dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-                                 k_splits=k_splits, columns_first=columns_first))
+                                 k_splits=k_splits, columns_first=columns_first, convert=convert))
     block = functools.partial(block_size, kernel="the grouped matmul")
     name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
     return _call(x, block_expert, (w,) if scale is None else (w, scale), n=n, k=k, block_m=block_m,
@@ -209,19 +231,19 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "num_stages", "k_splits",
-                                             "columns_first", "interpret"))
+                                             "columns_first", "convert", "interpret"))
 def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
                         block_expert: jax.Array, *, group_size: int, pack: int, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                         k_splits: Optional[int] = None, columns_first: Optional[bool] = None,
-                        interpret: Optional[bool] = None) -> jax.Array:
+                        convert: Optional[str] = None, interpret: Optional[bool] = None) -> jax.Array:
     """The grouped matmul with 4-bit experts (``models.quantization.Int4Weight``'s fields: ``packed [E, K/2, N]``
     in ``pack``-row blocks, ``scales`` / ``zeros [E, K/g, N]``): each tile is dequantized, ``(q - zero) * scale``
     in float32 then x's dtype, and multiplied as a dense one; a K step is one packing block."""
     block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack)
     n = packed.shape[2]
     tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits,
-                                 columns_first=columns_first))
+                                 columns_first=columns_first, convert=convert))
     return _call(x, block_expert, (packed, scales, zeros), n=n, k=2 * packed.shape[1], block_m=block_m,
                  block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"), block_k=pack,
                  group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4")

@@ -245,10 +245,7 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, bl
             z = zero_ref[group, cols].astype(jnp.float32)
             packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
                                    eviction_policy="evict_first")
-            q_lo, q_hi, s, z = _nibbles_as_f32(packed, s, z, convert)
-            zs = -z * s  # (q - z) s = q s + zs
-            w_lo = multiply_add(q_lo, s, zs, fma).astype(dtype)
-            w_hi = multiply_add(q_hi, s, zs, fma).astype(dtype)
+            w_lo, w_hi = int4_tile_weights(packed, s, z, dtype, convert=convert, fma=fma)
             acc += jnp.dot(x_ref[rows, pl.ds(k0, half)], w_lo, preferred_element_type=jnp.float32)
             acc += jnp.dot(x_ref[rows, pl.ds(k0 + half, half)], w_hi, preferred_element_type=jnp.float32)
             return acc
@@ -350,6 +347,20 @@ def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str)
         return (integers_as_f32(packed, "low_nibbles", convert), integers_as_f32(packed, "high_nibbles", convert),
                 s, z)
     return q_lo, q_hi, s * 256.0, (z + 128.0) * (1 / 256)
+
+
+def int4_tile_weights(packed: jax.Array, s: jax.Array, z: jax.Array, dtype, *, convert: str, fma: bool):
+    """A packed int4 tile's weights for a tensor-core dot: its low- and high-nibble halves ``(q - z) * s`` in
+    ``dtype``, the nibbles made float32 by ``convert`` (``_nibbles_as_f32``) and scaled by one multiply-add each
+    (``multiply_add``, fused with ``fma``)."""
+    q_lo, q_hi, s, z = _nibbles_as_f32(packed, s, z, convert)
+    zs = -z * s  # (q - z) s = q s + zs
+    return multiply_add(q_lo, s, zs, fma).astype(dtype), multiply_add(q_hi, s, zs, fma).astype(dtype)
+
+
+def interpreted_conversion(convert: str) -> str:
+    """The jnp form of a conversion that runs inline PTX compiled (equal values): the interpreter's."""
+    return {"permute": "exponent", "affine": "affine_jnp"}.get(convert, convert)
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
@@ -602,7 +613,7 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
     splits = _k_splits(config, (rows // block_m) * (N // block_n), num_steps, block_k, config.programs_per_core)
     if config.tile_convert not in ("affine", "cvt"):
         raise ValueError(f"tile_convert must be 'affine' or 'cvt', got {config.tile_convert!r}")
-    convert = "affine_jnp" if interpret and config.tile_convert == "affine" else config.tile_convert
+    convert = interpreted_conversion(config.tile_convert) if interpret else config.tile_convert
     kernel = functools.partial(_matmul_kernel, fmt=fmt, block_m=block_m, block_n=block_n, block_k=block_k,
                                steps=num_steps // splits, group_size=group_size, convert=convert,
                                fma=config.gemv_fma and not interpret)
@@ -631,7 +642,7 @@ def gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_
     if config.gemv_convert not in GEMV_CONVERSIONS:
         raise ValueError(f"gemv_convert must be one of {GEMV_CONVERSIONS}, got {config.gemv_convert!r}")
     convert = "permute" if config.gemv_convert == "affine" and fmt != "int4" else config.gemv_convert
-    return prefetch, {"permute": "exponent", "affine": "affine_jnp"}.get(convert, convert) if interpret else convert
+    return prefetch, interpreted_conversion(convert) if interpret else convert
 
 
 def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, keep_splits=False):

@@ -77,22 +77,12 @@ XLA_TRITON_FUSIONS = {
     "alltriton": ("--compiler-option", "xla_gpu_experimental_all_fusions_with_triton=true"),
 }
 QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
-# Grouped matmul settings to sweep (GroupedMatmulConfig overrides): decode-sized blocks (more loads in flight: stages,
-# K splits, fewer warps, narrower columns; run 36f's int4 hint: 2 warps and 4 splits), then prompt-sized ones (each
-# block's column tiles launched together, and vLLM's fused_moe tiles: 128-256 columns, 8 warps, 3-4 stages). Each
-# only changes its own regime; the sweep skips repeats of a setting.
-MOE_SWEEP = [{}, {"decode_num_stages": 3}, {"decode_k_splits": 2}, {"decode_k_splits": 4}, {"decode_k_splits": 8},
-             {"decode_block_n": 32, "decode_k_splits": 4}, {"decode_num_warps": 2, "decode_k_splits": 4},
-             {"decode_num_warps": 2, "decode_k_splits": 8}, {"decode_num_warps": 2, "decode_block_n": 32,
-                                                             "decode_k_splits": 4},
-             {"decode_block_k": 128, "decode_num_stages": 3, "decode_k_splits": 4},
-             {"columns_first": True}, {"columns_first": True, "num_stages": 3},
-             {"columns_first": True, "block_n": 128, "num_stages": 3},
-             {"columns_first": True, "block_n": 128, "num_warps": 8, "num_stages": 3},
-             {"columns_first": True, "block_n": 128, "num_warps": 8, "num_stages": 4},
-             {"columns_first": True, "block_n": 256, "num_warps": 8, "num_stages": 3},
-             {"columns_first": True, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3},
-             {"block_n": 128, "num_warps": 8, "num_stages": 3}]
+# Grouped matmul settings to sweep (GroupedMatmulConfig overrides of run 37's defaults: 4 K splits and 3 stages for
+# decode-sized blocks, column tiles first and 3 stages for larger ones): the byte-permute conversion (both regimes),
+# then decode-sized blocks (fewer warps, more splits, wider columns), then prompt-sized ones (vLLM's fused_moe tiles:
+# 128 columns or K rows, 4 stages, 8 warps). Each only changes its own regime; the sweep skips repeats of a setting.
+MOE_SWEEP = [{}, {"convert": "affine"}, {"decode_num_warps": 2}, {"decode_k_splits": 8}, {"decode_block_n": 128},
+             {"block_n": 128}, {"block_k": 128}, {"num_stages": 4}, {"block_n": 128, "num_warps": 8}]
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 
@@ -295,9 +285,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("gpu-tests-moe-tiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "tile_settings",
                                  "tests/test_grouped_matmul.py"], 90),
         ("grouped-matmul-sweep", bench("bench_grouped_matmul.py", "--model", QWEN3_MOE, "--tokens", "1,1024,16384",
-                                       "--formats", "int4,bf16", "--configs", json.dumps(MOE_SWEEP),
-                                       "--deadline-s", "300", "--output-json", f"{results}/grouped-matmul-sweep.json"),
-         340),
+                                       "--formats", "int4,int8", "--configs", json.dumps(MOE_SWEEP),
+                                       "--deadline-s", "400", "--output-json", f"{results}/grouped-matmul-sweep.json"),
+         440),
         *((f"{name}{suffix}", ["bash", "-c", (f'cfg="$({PY} scripts/bench_grouped_matmul.py --best-of '
                                               f'{results}/grouped-matmul-sweep.json)" && '
                                               'export PAGEDJAX_MOE_CONFIG="$cfg" && echo "config: $cfg" && '
@@ -306,7 +296,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
           for suffix in ("", "-best")
           for name, argv_, limit in (
               ("latency-qwen3-moe-awq-ms8", lambda n: latency("awq", "--num-scheduler-steps", "8", "--model", QWEN3_MOE,
-                                                               "--output-json", f"{results}/{n}.json"), 150),
+                                                               "--output-json", f"{results}/{n}.json"), 240),
               ("tput-short-qwen3-moe-int8", lambda n: tput("tput-short", "--quantization", "int8", "--model",
                                                             QWEN3_MOE, "--output-json", f"{results}/{n}.json"), 200),
               # Run 36c-d's profiles: where a MoE step's time goes at batch 1, at tput-short's decode, in a prompt.
