@@ -42,21 +42,35 @@ from pallas_kernels.quantized_matmul import (block_size, dequantize_int4, int4_t
 CONVERSIONS = ("cvt", "affine")
 
 
-def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: int, block_m: int, block_n: int,
-                           block_k: int, group_size: int, k_major: bool, steps_per_split: int, columns_first: bool,
-                           convert: str):
-    """``refs``: the int8 / fp8 scale, or the int4 scales and zeros, then the output. An int4 step's ``block_k`` rows
+def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: int, block_n: int, block_k: int,
+                           group_size: int, k_major: bool, steps_per_split: int, columns_first: bool, convert: str,
+                           gather: bool):
+    """``refs``: where ``gather``, the rows' tokens (``row_token``); then x, the weight, the int8 / fp8 scale or the
+    int4 scales and zeros, and the output. ``gather``: row ``r`` of a block is ``x[row_token[r]]``, zeros where that
+    is past x's last row (the padding), loaded by the kernel. An int4 step's ``block_k`` rows
     are one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second.
     ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed.
     Program ``(b, n, s)`` (``(n, b, s)`` where ``columns_first``) sums K steps ``[s * steps_per_split, (s + 1) *
     steps_per_split)``. ``convert``: how int8 values and int4 nibbles become floats (``GroupedMatmulConfig``; the
     interpreter's jnp form where it runs inline PTX compiled)."""
-    *quant_refs, o_ref = refs
+    row_token_ref, (x_ref, w_ref, *quant_refs, o_ref) = (refs[0], refs[1:]) if gather else (None, refs)
     int4 = len(quant_refs) == 2
     b, n, split = pl.program_id(1 if columns_first else 0), pl.program_id(0 if columns_first else 1), pl.program_id(2)
     expert = block_expert_ref[b]
     rows = pl.ds(pl.multiple_of(b * block_m, block_m), block_m)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    if gather:
+        token = row_token_ref[rows]
+        present = token < x_ref.shape[0]
+        token = jnp.where(present, token, 0)[:, None]
+
+    def x_tile(start, size):
+        """``x``'s rows of this block, columns ``[start, start + size)``."""
+        if not gather:
+            return x_ref[rows, pl.ds(pl.multiple_of(start, size), size)]
+        columns = (start + jnp.arange(size, dtype=jnp.int32))[None, :]
+        return pltriton.load(x_ref.at[token, columns], mask=jnp.broadcast_to(present[:, None], (block_m, size)),
+                             other=0)
 
     def dense_step(i, acc):
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
@@ -65,7 +79,7 @@ def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: i
         if w.dtype == jnp.int8 and convert != "cvt":
             w = integers_as_f32(w, "int8", "exponent" if convert == "affine_jnp" else "permute")
         w = w.astype(x_ref.dtype)
-        return acc + jnp.dot(x_ref[rows, ks], w, preferred_element_type=jnp.float32)
+        return acc + jnp.dot(x_tile(i * block_k, block_k), w, preferred_element_type=jnp.float32)
 
     def int4_step(i, acc):
         half = block_k // 2
@@ -75,8 +89,7 @@ def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: i
         zero = quant_refs[1][expert, group, cols].astype(jnp.float32)[None, :]
         tiles = int4_tile_weights(packed, scale, zero, x_ref.dtype, convert=convert, fma=convert == "affine")
         for w, start in zip(tiles, (i * block_k, i * block_k + half)):
-            x = x_ref[rows, pl.ds(pl.multiple_of(start, half), half)]
-            acc = acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+            acc = acc + jnp.dot(x_tile(start, half), w, preferred_element_type=jnp.float32)
         return acc
 
     @pl.when(expert < num_experts)
@@ -93,9 +106,11 @@ def _grouped_matmul_kernel(block_expert_ref, x_ref, w_ref, *refs, num_experts: i
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-def _check_shapes(x, w, block_expert, scale, k: int, n: int) -> int:
+def _check_shapes(x, w, block_expert, scale, k: int, n: int, row_token=None) -> int:
     """``block_m``: the rows of a block, after checking the operands agree (``k``, ``n``: the weight's K and N)."""
-    rows = x.shape[0]
+    if row_token is not None and row_token.ndim != 1:
+        raise ValueError(f"row_token must be [R] (each row's token), got {row_token.shape}")
+    rows = x.shape[0] if row_token is None else row_token.shape[0]
     if w.ndim != 3 or x.shape[1] != k:
         raise ValueError(f"the grouped matmul needs x[R, K] and w[E, K, N] (or [E, N, K]); got {x.shape} and a "
                          f"weight of {w.shape[0]} experts of K = {k}")
@@ -108,7 +123,7 @@ def _check_shapes(x, w, block_expert, scale, k: int, n: int) -> int:
     return rows // block_expert.shape[0]
 
 
-def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: int) -> int:
+def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: int, row_token=None) -> int:
     """``block_m`` for int4 operands (``quantized_matmul.pack_int4``'s layout), after checking them."""
     E, half_k, n = packed.shape
     k = 2 * half_k
@@ -118,7 +133,7 @@ def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: i
     if scales.shape != (E, k // group_size, n) or zeros.shape != scales.shape:
         raise ValueError(f"int4 experts need scales and zeros [E, K/g, N] = {[E, k // group_size, n]}; got "
                          f"{scales.shape} and {zeros.shape}")
-    return _check_shapes(x, packed, block_expert, None, k, n)
+    return _check_shapes(x, packed, block_expert, None, k, n, row_token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,9 +187,10 @@ def grouped_matmul_config() -> GroupedMatmulConfig:
     return dataclass_from_env(GroupedMatmulConfig, "PAGEDJAX_MOE_CONFIG")
 
 
-def _call(x, block_expert, operands: tuple, *, n: int, k: int, block_m: int, block_n: int, block_k: int,
+def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_m: int, block_n: int, block_k: int,
           group_size: int, tiles: dict, interpret, name: str, k_major: bool = False):
-    """The launch; ``block_n`` / ``block_k`` as they divide N / K, the rest of the settings from ``tiles``."""
+    """The launch; ``block_n`` / ``block_k`` as they divide N / K, the rest of the settings from ``tiles``; the rows
+    ``x[row_token]`` where ``row_token`` is given (loaded by the kernel), else ``x``'s."""
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     columns_first, convert = tiles["columns_first"], tiles["convert"]
     if convert not in CONVERSIONS:
@@ -184,19 +200,22 @@ def _call(x, block_expert, operands: tuple, *, n: int, k: int, block_m: int, blo
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
                                block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major,
                                steps_per_split=steps // splits, columns_first=columns_first,
-                               convert=interpreted_conversion(convert) if interpret else convert)
+                               convert=interpreted_conversion(convert) if interpret else convert,
+                               gather=row_token is not None)
     blocks, col_tiles = block_expert.shape[0], n // block_n
+    num_rows = x.shape[0] if row_token is None else row_token.shape[0]
+    rows = () if row_token is None else (row_token.astype(jnp.int32),)
     out = pl.pallas_call(
         kernel,
         grid=(col_tiles, blocks, splits) if columns_first else (blocks, col_tiles, splits),
-        in_specs=[pl.no_block_spec] * (2 + len(operands)),
+        in_specs=[pl.no_block_spec] * (2 + len(rows) + len(operands)),
         out_specs=pl.BlockSpec((None, block_m, block_n), (lambda j, b, s: (s, b, j)) if columns_first
                                else (lambda b, j, s: (s, b, j))),
-        out_shape=jax.ShapeDtypeStruct((splits, x.shape[0], n), jnp.float32 if splits > 1 else x.dtype),
+        out_shape=jax.ShapeDtypeStruct((splits, num_rows, n), jnp.float32 if splits > 1 else x.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]),
         interpret=interpret,
         name=name,
-    )(block_expert.astype(jnp.int32), x, *operands)
+    )(block_expert.astype(jnp.int32), *rows, x, *operands)
     return out[0] if splits == 1 else jnp.sum(out, axis=0).astype(x.dtype)
 
 
@@ -214,18 +233,21 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
                    k_major: bool = False, block_n: Optional[int] = None, block_k: Optional[int] = None,
                    num_warps: Optional[int] = None, num_stages: Optional[int] = None, k_splits: Optional[int] = None,
                    columns_first: Optional[bool] = None, convert: Optional[str] = None,
-                   interpret: Optional[bool] = None) -> jax.Array:
+                   row_token: Optional[jax.Array] = None, interpret: Optional[bool] = None) -> jax.Array:
     """``y[R, N]`` (x's dtype): each block of rows of ``x[R, K]`` times its expert's ``w[E, K, N]`` (module doc),
     or ``w[E, N, K]`` where ``k_major``; int8 / fp8 ``w`` with its per-column ``scale[E, N]``
     (``models.quantization.Int8Weight`` / ``Fp8Weight``, weight-only: each tile converted to x's dtype exactly):
-    ``w * scale``. Tile settings left None come from ``grouped_matmul_config()`` for the block's rows."""
+    ``w * scale``. ``row_token [R]``: the rows are ``gather_rows(x, row_token)``, read by the kernel from ``x`` (no
+    gathered copy written and read back). Tile settings left None come from ``grouped_matmul_config()`` for the
+    block's rows."""
     k, n = _weight_dims(w, k_major)
-    block_m = _check_shapes(x, w, block_expert, scale, k, n)
+    block_m = _check_shapes(x, w, block_expert, scale, k, n, row_token)
     tiles = _tiles(block_m, dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                                  k_splits=k_splits, columns_first=columns_first, convert=convert))
     block = functools.partial(block_size, kernel="the grouped matmul")
     name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
-    return _call(x, block_expert, (w,) if scale is None else (w, scale), n=n, k=k, block_m=block_m,
+    return _call(x, block_expert, (w,) if scale is None else (w, scale), row_token=row_token, n=n, k=k,
+                 block_m=block_m,
                  block_n=block(n, tiles["block_n"], "N"), block_k=block(k, tiles["block_k"], "K"), group_size=k,
                  tiles=tiles, interpret=interpret, name=name, k_major=k_major)
 
@@ -236,15 +258,18 @@ def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zero
                         block_expert: jax.Array, *, group_size: int, pack: int, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                         k_splits: Optional[int] = None, columns_first: Optional[bool] = None,
-                        convert: Optional[str] = None, interpret: Optional[bool] = None) -> jax.Array:
+                        convert: Optional[str] = None, row_token: Optional[jax.Array] = None,
+                        interpret: Optional[bool] = None) -> jax.Array:
     """The grouped matmul with 4-bit experts (``models.quantization.Int4Weight``'s fields: ``packed [E, K/2, N]``
     in ``pack``-row blocks, ``scales`` / ``zeros [E, K/g, N]``): each tile is dequantized, ``(q - zero) * scale``
-    in float32 then x's dtype, and multiplied as a dense one; a K step is one packing block."""
-    block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack)
+    in float32 then x's dtype, and multiplied as a dense one; a K step is one packing block. ``row_token`` as
+    ``grouped_matmul``'s."""
+    block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack, row_token)
     n = packed.shape[2]
     tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits,
                                  columns_first=columns_first, convert=convert))
-    return _call(x, block_expert, (packed, scales, zeros), n=n, k=2 * packed.shape[1], block_m=block_m,
+    return _call(x, block_expert, (packed, scales, zeros), row_token=row_token, n=n, k=2 * packed.shape[1],
+                 block_m=block_m,
                  block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"), block_k=pack,
                  group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4")
 
@@ -261,9 +286,16 @@ def _blocks_times(x, block_expert, num_experts: int, block_m: int, weight_of, sc
     return jnp.where(used[:, None, None], y, 0).astype(x.dtype).reshape(x.shape[0], -1)
 
 
+def gather_rows(x: jax.Array, row_token: Optional[jax.Array]) -> jax.Array:
+    """``x[row_token]``, zeros where a token is past x's last row (the routed layout's padding); ``x`` if None."""
+    return x if row_token is None else jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[row_token]
+
+
 def grouped_matmul_reference(x: jax.Array, w: jax.Array, block_expert: jax.Array,
-                             scale: Optional[jax.Array] = None, *, k_major: bool = False) -> jax.Array:
+                             scale: Optional[jax.Array] = None, *, k_major: bool = False,
+                             row_token: Optional[jax.Array] = None) -> jax.Array:
     """The same product in jnp: every block times its expert's gathered weight (zeros past the last expert)."""
+    x = gather_rows(x, row_token)
     k, n = _weight_dims(w, k_major)
     block_m = _check_shapes(x, w, block_expert, scale, k, n)
     weight_of = (lambda e: jnp.swapaxes(w[e].astype(x.dtype), -1, -2)) if k_major else (lambda e: w[e].astype(x.dtype))
@@ -271,8 +303,10 @@ def grouped_matmul_reference(x: jax.Array, w: jax.Array, block_expert: jax.Array
 
 
 def grouped_matmul_int4_reference(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
-                                  block_expert: jax.Array, *, group_size: int, pack: int) -> jax.Array:
+                                  block_expert: jax.Array, *, group_size: int, pack: int,
+                                  row_token: Optional[jax.Array] = None) -> jax.Array:
     """``grouped_matmul_int4`` in jnp: each block's expert dequantized as the kernel's tiles are, then multiplied."""
+    x = gather_rows(x, row_token)
     block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack)
     return _blocks_times(x, block_expert, packed.shape[0], block_m, lambda e: dequantize_int4(
         packed[e], scales[e], zeros[e], group_size=group_size, pack=pack).astype(x.dtype))

@@ -2,8 +2,9 @@
 routed batch, weight format and tile setting: the sweep behind ``GroupedMatmulConfig``'s defaults.
 
 Each call of a timed chain routes a fresh batch (each token's top-k of random router logits, laid out by
-``models.moe.expert_rows`` as the model lays its rows out), so a decode call's experts are not in the L2 from
-the call before; each call's input depends on the last one's output. Compilation is excluded. Reports µs a call,
+``models.moe.expert_rows`` as the model lays its rows out; the gate/up matmul reads each row from the tokens, as
+the model's does), so a decode call's experts are not in the L2 from the call before; each call's input depends on
+the last one's output. Compilation is excluded. Reports µs a call,
 TFLOP/s of the routed rows' useful products (``2 * tokens * k * K * N``) and TB/s of the touched experts' weight
 bytes; the fastest setting per (format, matmul, tokens); results written after every setting (a killed run keeps
 what it measured).
@@ -39,7 +40,7 @@ def expert_shapes(model: str) -> tuple[dict, int, int]:
 
 
 def make_weight(fmt: str, E: int, K: int, N: int, key):
-    """``(call(x, block_expert, **tiles), bytes of one expert)`` for random experts in ``fmt``."""
+    """``(call(x, block_expert, row_token=None, **tiles), bytes of one expert)`` for random experts in ``fmt``."""
     import jax
     import jax.numpy as jnp
 
@@ -53,8 +54,9 @@ def make_weight(fmt: str, E: int, K: int, N: int, key):
         zeros = jnp.full((E, K // GROUP, N), 8, jnp.bfloat16)
         del q
 
-        def call(x, block_expert, block_k=None, **tiles):  # a K step is a packing block: block_k is GROUP
-            return grouped_matmul_int4(x, packed, scales, zeros, block_expert, group_size=GROUP, pack=GROUP, **tiles)
+        def call(x, block_expert, row_token=None, block_k=None, **tiles):  # a K step is a packing block (GROUP)
+            return grouped_matmul_int4(x, packed, scales, zeros, block_expert, group_size=GROUP, pack=GROUP,
+                                       row_token=row_token, **tiles)
 
         return call, K * N // 2 + 2 * 2 * (K // GROUP) * N
     if fmt == "bf16":
@@ -66,14 +68,16 @@ def make_weight(fmt: str, E: int, K: int, N: int, key):
         w, k_major = (jax.random.normal(key, (E, N, K), jnp.bfloat16) * 64).astype(jnp.float8_e4m3fn), True
         scale = jnp.full((E, N), 1 / (64 * K ** 0.5), jnp.float32)
 
-    def call(x, block_expert, **tiles):
-        return grouped_matmul(x, w, block_expert, scale, k_major=k_major, **tiles)
+    def call(x, block_expert, row_token=None, **tiles):
+        return grouped_matmul(x, w, block_expert, scale, k_major=k_major, row_token=row_token, **tiles)
 
     return call, K * N * w.dtype.itemsize + (0 if scale is None else 4 * N)
 
 
-def routed_batches(tokens: int, E: int, top_k: int, K: int, calls: int, key):
-    """``(xs [calls, R, K], block_experts [calls, R / block_m], block_m, mean experts touched)``."""
+def routed_batches(tokens: int, E: int, top_k: int, K: int, calls: int, key, gather: bool):
+    """``(xs, row_tokens, block_experts [calls, R / block_m], block_m, mean experts touched)``: with ``gather`` (the
+    gate/up matmul, as the model runs it) the tokens ``xs [calls, T, K]`` and each routed row's token ``row_tokens
+    [calls, R]``, else the routed rows ``xs [calls, R, K]`` and ``row_tokens`` None."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -86,37 +90,39 @@ def routed_batches(tokens: int, E: int, top_k: int, K: int, calls: int, key):
     @jax.jit
     def one(k):
         _, experts = jax.lax.top_k(jax.random.normal(k, (tokens, E)), top_k)
-        return expert_rows(experts.astype(jnp.int32), E, block_m).block_expert
+        layout = expert_rows(experts.astype(jnp.int32), E, block_m)
+        return layout.block_expert, layout.token
 
-    block_experts = jnp.stack([one(k) for k in keys])
+    block_experts, row_tokens = (jnp.stack(a) for a in zip(*[one(k) for k in keys]))
     rows = block_experts.shape[1] * block_m
-    xs = jax.random.normal(jax.random.fold_in(key, 1), (calls, rows, K), jnp.bfloat16)
+    xs = jax.random.normal(jax.random.fold_in(key, 1), (calls, tokens if gather else rows, K), jnp.bfloat16)
     be = np.asarray(block_experts)
     touched = float(np.mean([len(np.unique(b[b < E])) for b in be]))
-    return xs, block_experts, block_m, touched
+    return xs, row_tokens if gather else None, block_experts, block_m, touched
 
 
-def time_calls(call, xs, block_experts, tiles: dict, repeats: int) -> tuple[float, float]:
+def time_calls(call, xs, row_tokens, block_experts, tiles: dict, repeats: int) -> tuple[float, float]:
     """``(seconds a call, compile seconds)`` of the dependent chain over the routed batches: a loop over them, so
     the kernel is compiled once (run 36f unrolled the calls: ~10 s of compiling a setting)."""
     import jax
     import jax.numpy as jnp
 
-    def run(xs, block_experts):
+    def run(xs, row_tokens, block_experts):
         def body(i, carry):
-            out = call(xs[i] + carry, block_experts[i], **tiles)
+            row_token = None if row_tokens is None else row_tokens[i]
+            out = call(xs[i] + carry, block_experts[i], row_token=row_token, **tiles)
             return (jnp.sum(out[:1, :1], dtype=jnp.float32) * 1e-3).astype(xs.dtype).reshape(1, 1)
 
         return jax.lax.fori_loop(0, xs.shape[0], body, jnp.zeros((1, 1), xs.dtype))
 
     run = jax.jit(run)
     start = time.perf_counter()
-    jax.block_until_ready(run(xs, block_experts))
+    jax.block_until_ready(run(xs, row_tokens, block_experts))
     compile_s = time.perf_counter() - start
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(run(xs, block_experts))
+        jax.block_until_ready(run(xs, row_tokens, block_experts))
         samples.append((time.perf_counter() - start) / xs.shape[0])
     return statistics.median(samples), compile_s
 
@@ -198,8 +204,8 @@ def main(argv=None) -> None:
                 if stopped:
                     break
                 calls = args.calls or (64 if tokens <= 256 else 8)
-                xs, block_experts, block_m, touched = routed_batches(tokens, E, top_k, K, calls,
-                                                                     jax.random.fold_in(key, tokens))
+                xs, row_tokens, block_experts, block_m, touched = routed_batches(
+                    tokens, E, top_k, K, calls, jax.random.fold_in(key, tokens), gather=matmul == "gate_up")
                 seen, rows = set(), []
                 for overrides in configs:
                     tiles = dataclasses.replace(base, **overrides).tiles(block_m)
@@ -213,7 +219,7 @@ def main(argv=None) -> None:
                         break
                     seen.add(tuple(sorted(tiles.items())))
                     try:
-                        seconds, compile_s = time_calls(call, xs, block_experts, tiles, args.repeats)
+                        seconds, compile_s = time_calls(call, xs, row_tokens, block_experts, tiles, args.repeats)
                         error = None
                     except Exception as exc:  # a setting Triton cannot compile (shared memory, registers)
                         seconds, compile_s, error = float("nan"), 0.0, f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -1,13 +1,13 @@
 """Run a mixture of experts' expert MLPs per device, on each device's slice of the experts' width.
 
-Owns wrapping ``models.moe.expert_mlp`` (routed rows in, their outputs out) in ``shard_map`` over the ``tp`` mesh
-axis, Megatron's split of an MLP applied to every expert (``sharding.rules``): ``expert_gate`` / ``expert_up [E, H,
-I]`` split on ``I`` (column-parallel), ``expert_down [E, I, H]`` on ``I`` (row-parallel), a quantized weight's
-fields (int8 / fp8 values and scales, int4 packed values, scales and zeros) as ``field_shardings`` splits them. The
-routed rows and the block -> expert table are replicated; each device runs the unmodified function (the Pallas
-grouped matmul on GPU) on its ``I / tp`` columns and its down projection's partial sums are added over the mesh
-(one all-reduce of ``[R, H]``, as a dense MLP's). Left to GSPMD instead, the jnp form would gather whole expert
-weights per block, and the kernel cannot be partitioned at all.
+Owns wrapping ``models.moe.expert_mlp`` (tokens and routing in, routed outputs out) in ``shard_map`` over the
+``tp`` mesh axis, Megatron's split of an MLP applied to every expert (``sharding.rules``): ``expert_gate`` /
+``expert_up [E, H, I]`` split on ``I`` (column-parallel), ``expert_down [E, I, H]`` on ``I`` (row-parallel), a
+quantized weight's fields (int8 / fp8 values and scales, int4 packed values, scales and zeros) as
+``field_shardings`` splits them. The tokens, the routed rows' tokens and the block -> expert table are replicated;
+each device runs the unmodified function (the Pallas grouped matmul on GPU) on its ``I / tp`` columns and its down
+projection's partial sums are added over the mesh (one all-reduce of ``[R, H]``, as a dense MLP's). Left to GSPMD
+instead, the jnp form would gather whole expert weights per block, and the kernel cannot be partitioned at all.
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ def _spec(name: str, weight, mesh: Mesh):
 
 
 def shard_expert_fn(expert_fn: Callable, mesh: Mesh) -> Callable:
-    """``expert_fn(x, block_expert, weights)`` with the same signature, run per device on its slice of every expert
-    (module docstring); the result replicated."""
+    """``expert_fn(h, row_token, block_expert, weights)`` with the same signature, run per device on its slice of
+    every expert (module docstring); the result replicated."""
 
-    def local(x, block_expert, weights):
-        return jax.lax.psum(expert_fn(x, block_expert, weights), TP_AXIS)
+    def local(h, row_token, block_expert, weights):
+        return jax.lax.psum(expert_fn(h, row_token, block_expert, weights), TP_AXIS)
 
-    def experts(x, block_expert, weights: dict):
+    def experts(h, row_token, block_expert, weights: dict):
         if "expert_gate_up" in weights:
             raise ValueError("joined expert gate/up weights run on one device; a mesh keeps them apart")
-        specs = (REPLICATED, REPLICATED, {name: _spec(name, w, mesh) for name, w in weights.items()})
-        return shard_map_compat(local, mesh, specs, REPLICATED)(x, block_expert, weights)
+        specs = (REPLICATED, REPLICATED, REPLICATED, {name: _spec(name, w, mesh) for name, w in weights.items()})
+        return shard_map_compat(local, mesh, specs, REPLICATED)(h, row_token, block_expert, weights)
 
     return experts

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import (grouped_matmul, grouped_matmul_int4, grouped_matmul_int4_reference,
-                                           grouped_matmul_reference)
+from pallas_kernels.grouped_matmul import (gather_rows, grouped_matmul, grouped_matmul_int4,
+                                           grouped_matmul_int4_reference, grouped_matmul_reference)
 from pallas_kernels.quantized_matmul import pack_int4
 
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -147,6 +147,11 @@ def test_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
     int8 = cuda_lowering(functools.partial(grouped_matmul, interpret=False), x, w.astype(jnp.int8), block_expert,
                          jnp.ones((128, 1536), jnp.float32))
     assert int8.count("__gpu$xla.gpu.triton") == 1
+    gathered = cuda_lowering(functools.partial(grouped_matmul, interpret=False, row_token=jnp.zeros(1024, jnp.int32)),
+                             x[:128], w, block_expert)
+    assert gathered.count("__gpu$xla.gpu.triton") == 1 and "gather" not in gathered.split("__gpu$xla.gpu.triton")[0]
+    with pytest.raises(ValueError, match="row_token must be"):
+        grouped_matmul(x[:128], w, block_expert, row_token=jnp.zeros((1024, 1), jnp.int32))
     int8_affine = cuda_lowering(functools.partial(grouped_matmul, convert="affine", interpret=False), x,
                                 w.astype(jnp.int8), block_expert, jnp.ones((128, 1536), jnp.float32))
     assert int8_affine.count("__gpu$xla.gpu.triton") == 1
@@ -194,6 +199,59 @@ def test_int4_grouped_matmul_matches_numpy_on_gpu(case):
 
 def test_int4_k_splits_sum_their_partial_products():
     run_int4_case(*INT4_CPU_CASES[0], interpret=True, k_splits=2, columns_first=True)
+
+
+def check_row_gather(seed, call, reference, x, num_rows: int, **kwargs) -> None:
+    """``call(x, row_token=...)`` (the kernel loading row ``r`` as ``x[row_token[r]]``, zeros for the padding's
+    token ``T``) equals ``call`` on the gathered rows, and the reference with ``row_token`` equals the reference on
+    them: the same products, without the gathered copy."""
+    rng = np.random.default_rng(seed)
+    row_token = jnp.asarray(rng.integers(0, x.shape[0] + 1, num_rows), jnp.int32)  # T: a padding row
+    gathered = gather_rows(x, row_token)
+    assert not np.asarray(gathered, np.float32)[np.asarray(row_token) == x.shape[0]].any()
+    np.testing.assert_array_equal(np.asarray(call(x, row_token=row_token, **kwargs), np.float32),
+                                  np.asarray(call(gathered, **kwargs), np.float32), err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(np.asarray(reference(x, row_token=row_token), np.float32),
+                                  np.asarray(reference(gathered), np.float32), err_msg=f"seed {seed}")
+
+
+GATHER_CASES = [(CPU_CASES[1], False), (CPU_CASES[3], False), (CPU_CASES[4], False), (INT4_CPU_CASES[0], True)]
+
+
+def run_gather_case(case, int4: bool, *, interpret, **tiles):
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    if int4:
+        blocks, block_m, E, K, N, group_size, pack, block_n = case
+        x, w, block_expert, _ = random_blocks(rng, blocks, block_m, E, K, N, jnp.bfloat16)
+        packed = pack_int4(jnp.asarray(rng.integers(0, 16, (E, K, N), dtype=np.uint8)), pack)
+        scales = jnp.asarray(rng.uniform(0.5, 1.5, (E, K // group_size, N)) / (8 * np.sqrt(K)), jnp.bfloat16)
+        operands, options = (packed, scales, scales, block_expert), dict(group_size=group_size, pack=pack)
+        call = functools.partial(grouped_matmul_int4, block_n=block_n, interpret=interpret, **options, **tiles)
+        reference = functools.partial(grouped_matmul_int4_reference, **options)
+    else:
+        blocks, block_m, E, K, N, dtype, block_n, block_k = case
+        x, w, block_expert, scale = random_blocks(rng, blocks, block_m, E, K, N, dtype)
+        k_major = dtype == jnp.float8_e4m3fn
+        operands = (w, block_expert, scale)
+        call = functools.partial(grouped_matmul, k_major=k_major, block_n=block_n, block_k=block_k,
+                                 interpret=interpret, **tiles)
+        reference = functools.partial(grouped_matmul_reference, k_major=k_major)
+    tokens = x[: max(1, x.shape[0] // 3)]  # fewer tokens than rows: each is read by several rows
+    check_row_gather(seed, lambda t, **kw: call(t, *operands, **kw), lambda t, **kw: reference(t, *operands, **kw),
+                     tokens, x.shape[0])
+
+
+@pytest.mark.parametrize("case, int4", GATHER_CASES)
+def test_rows_gathered_by_the_kernel_interpret(case, int4):
+    run_gather_case(case, int4, interpret=True, columns_first=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, int4", [(GPU_CASES[0], False), (GPU_CASES[3], False), (GPU_CASES[4], False),
+                                        (INT4_GPU_CASES[0], True), (INT4_GPU_CASES[2], True)])
+def test_rows_gathered_by_the_kernel_on_gpu(case, int4):
+    run_gather_case(case, int4, interpret=False)
 
 
 @pytest.mark.parametrize("run, case", [(run_case, CPU_CASES[3]), (run_int4_case, INT4_CPU_CASES[0]),
