@@ -656,6 +656,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                      f"{results}/latency-bf16-tp2.json"), 150),
         ("latency-bf16-tp2-vmm", vmm(VMM, latency(None, "--tensor-parallel-size", "2", "--output-json",
                                                   f"{results}/latency-bf16-tp2-vmm.json")), 150),
+        ("tput-short-tp2", tput("tput-short", "--tensor-parallel-size", "2", "--output-json",
+                                f"{results}/tput-short-tp2.json"), 200),
         # Issue 8, batch 1: the GEMV's integer-to-float conversion by byte permutes in inline PTX (gemv_convert
         # "permute"): compiled correctness, then the model at batch 1 against the defaults in the same lease, then
         # the four layer shapes in isolation around the default tiles.
