@@ -76,7 +76,7 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         # int8 / fp8 weights: exact in bf16 / f32
         w = w_ref[expert, cols, ks].T if k_major else w_ref[expert, ks, cols]
-        if w.dtype == jnp.int8 and convert != "cvt":
+        if w.dtype == jnp.int8 and convert != "cvt":  # int8's form of "affine": byte permutes (jnp: the exponent)
             w = integers_as_f32(w, "int8", "exponent" if convert == "affine_jnp" else "permute")
         w = w.astype(x_ref.dtype)
         return acc + jnp.dot(x_tile(i * block_k, block_k), w, preferred_element_type=jnp.float32)
@@ -247,9 +247,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
     block = functools.partial(block_size, kernel="the grouped matmul")
     name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
     return _call(x, block_expert, (w,) if scale is None else (w, scale), row_token=row_token, n=n, k=k,
-                 block_m=block_m,
-                 block_n=block(n, tiles["block_n"], "N"), block_k=block(k, tiles["block_k"], "K"), group_size=k,
-                 tiles=tiles, interpret=interpret, name=name, k_major=k_major)
+                 block_m=block_m, block_n=block(n, tiles["block_n"], "N"), block_k=block(k, tiles["block_k"], "K"),
+                 group_size=k, tiles=tiles, interpret=interpret, name=name, k_major=k_major)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "num_stages", "k_splits",
@@ -269,9 +268,8 @@ def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zero
     tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits,
                                  columns_first=columns_first, convert=convert))
     return _call(x, block_expert, (packed, scales, zeros), row_token=row_token, n=n, k=2 * packed.shape[1],
-                 block_m=block_m,
-                 block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"), block_k=pack,
-                 group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4")
+                 block_m=block_m, block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"),
+                 block_k=pack, group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4")
 
 
 def _blocks_times(x, block_expert, num_experts: int, block_m: int, weight_of, scale=None) -> jax.Array:
