@@ -76,8 +76,8 @@ XLA_TRITON_FUSIONS = {
                      "--compiler-option", "xla_gpu_unsupported_enable_triton_multi_output_fusion=true"),
     "alltriton": ("--compiler-option", "xla_gpu_experimental_all_fusions_with_triton=true"),
 }
-QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"
-KEPT = ".suite-kept"  # git-ignored: what a later call on the same warm machine may read  # its config.json only: run with dummy weights
+QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
+KEPT = ".suite-kept"  # git-ignored: what a later call on the same warm machine may read
 # Grouped matmul settings to sweep (GroupedMatmulConfig overrides of run 37's defaults: 4 K splits and 3 stages for
 # decode-sized blocks, column tiles first and 3 stages for larger ones): the byte-permute conversion (both regimes),
 # then decode-sized blocks (fewer warps, more splits, wider columns), then prompt-sized ones (vLLM's fused_moe tiles:

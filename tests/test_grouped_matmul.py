@@ -201,7 +201,7 @@ def test_int4_k_splits_sum_their_partial_products():
     run_int4_case(*INT4_CPU_CASES[0], interpret=True, k_splits=2, columns_first=True)
 
 
-def check_row_gather(seed, call, reference, x, num_rows: int, **kwargs) -> None:
+def check_row_gather(seed, call, reference, x, num_rows: int) -> None:
     """``call(x, row_token=...)`` (the kernel loading row ``r`` as ``x[row_token[r]]``, zeros for the padding's
     token ``T``) equals ``call`` on the gathered rows, and the reference with ``row_token`` equals the reference on
     them: the same products, without the gathered copy."""
@@ -209,8 +209,8 @@ def check_row_gather(seed, call, reference, x, num_rows: int, **kwargs) -> None:
     row_token = jnp.asarray(rng.integers(0, x.shape[0] + 1, num_rows), jnp.int32)  # T: a padding row
     gathered = gather_rows(x, row_token)
     assert not np.asarray(gathered, np.float32)[np.asarray(row_token) == x.shape[0]].any()
-    np.testing.assert_array_equal(np.asarray(call(x, row_token=row_token, **kwargs), np.float32),
-                                  np.asarray(call(gathered, **kwargs), np.float32), err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(np.asarray(call(x, row_token=row_token), np.float32),
+                                  np.asarray(call(gathered), np.float32), err_msg=f"seed {seed}")
     np.testing.assert_array_equal(np.asarray(reference(x, row_token=row_token), np.float32),
                                   np.asarray(reference(gathered), np.float32), err_msg=f"seed {seed}")
 
@@ -223,10 +223,12 @@ def run_gather_case(case, int4: bool, *, interpret, **tiles):
     rng = np.random.default_rng(seed)
     if int4:
         blocks, block_m, E, K, N, group_size, pack, block_n = case
-        x, w, block_expert, _ = random_blocks(rng, blocks, block_m, E, K, N, jnp.bfloat16)
+        x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), jnp.bfloat16)
+        block_expert = jnp.asarray(random_block_experts(rng, blocks, E), jnp.int32)
         packed = pack_int4(jnp.asarray(rng.integers(0, 16, (E, K, N), dtype=np.uint8)), pack)
         scales = jnp.asarray(rng.uniform(0.5, 1.5, (E, K // group_size, N)) / (8 * np.sqrt(K)), jnp.bfloat16)
-        operands, options = (packed, scales, scales, block_expert), dict(group_size=group_size, pack=pack)
+        zeros = jnp.asarray(rng.integers(0, 16, scales.shape), jnp.bfloat16)
+        operands, options = (packed, scales, zeros, block_expert), dict(group_size=group_size, pack=pack)
         call = functools.partial(grouped_matmul_int4, block_n=block_n, interpret=interpret, **options, **tiles)
         reference = functools.partial(grouped_matmul_int4_reference, **options)
     else:
