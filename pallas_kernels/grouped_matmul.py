@@ -3,7 +3,9 @@
 ``x[R, K]`` holds the rows routed to experts, sorted by expert and padded so that every block of ``block_m`` rows
 belongs to one expert (``models.moe.sort_by_expert`` makes that layout); ``block_expert[R / block_m]`` names each
 block's expert, or ``E`` for a block past the last expert's rows. The result is ``y[r] = x[r] @ w[block_expert[r //
-block_m]]``, and zeros in the unused blocks.
+block_m]]``, and zeros in the unused blocks. With ``row_token[R]`` the rows are not laid out beforehand: ``x`` holds
+the tokens and the kernel loads row ``r`` as ``x[row_token[r]]`` (zeros for the padding's token ``T``), so no routed
+copy of the tokens is written and read back (``gather_rows`` is that copy, for the references).
 
 The kernel (Triton through Pallas; vLLM's ``fused_moe`` has the same shape): program ``(b, n)`` reads its block's
 expert id, then streams ``block_k`` rows of that expert's ``[K, N]`` weight a step for its ``block_n`` output
