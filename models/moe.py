@@ -117,13 +117,16 @@ def expert_mlp(h: jax.Array, row_token: jax.Array, block_expert: jax.Array, w: d
     ``use_kernel``: the grouped matmuls by the Pallas kernel (``interpret``: interpreted), else by jnp. Under a
     mesh this runs per device on its slice of the experts' width (``sharding.experts``)."""
 
+    first = [w[name] for name in ("expert_gate_up", "expert_gate", "expert_up") if name in w]
+    if not use_kernel or any(isinstance(v, Int4Weight) and v.perm is not None for v in first):
+        h, row_token = gather_rows(h, row_token), None  # the routed rows laid out once, for gate and up alike
+
     def matmul(x, weight, row_token=None):
         if isinstance(weight, Int4Weight):
             if weight.perm is not None:  # GPTQ act-order: each expert's stored rows are W[perm]; a block's rows
-                rows = gather_rows(x, row_token)  # all go to one expert, so gather its columns
-                block_m = rows.shape[0] // block_expert.shape[0]
+                block_m = x.shape[0] // block_expert.shape[0]  # all go to one expert, so gather its columns
                 expert = jnp.repeat(jnp.minimum(block_expert, weight.perm.shape[0] - 1), block_m)
-                x, row_token = jnp.take_along_axis(rows, weight.perm[expert], axis=1), None
+                x = jnp.take_along_axis(x, weight.perm[expert], axis=1)
             fn = grouped_matmul_int4 if use_kernel else grouped_matmul_int4_reference
             return fn(x, weight.packed, weight.scales, weight.zeros, block_expert, group_size=weight.group_size,
                       pack=weight.pack, row_token=row_token, **({"interpret": interpret} if use_kernel else {}))

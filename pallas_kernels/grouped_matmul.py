@@ -46,15 +46,16 @@ CONVERSIONS = ("cvt", "affine")
 
 def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: int, block_n: int, block_k: int,
                            group_size: int, k_major: bool, steps_per_split: int, columns_first: bool, convert: str,
-                           gather: bool):
+                           int8_convert: str, fma: bool, gather: bool):
     """``refs``: where ``gather``, the rows' tokens (``row_token``); then x, the weight, the int8 / fp8 scale or the
     int4 scales and zeros, and the output. ``gather``: row ``r`` of a block is ``x[row_token[r]]``, zeros where that
     is past x's last row (the padding), loaded by the kernel. An int4 step's ``block_k`` rows
     are one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second.
     ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed.
     Program ``(b, n, s)`` (``(n, b, s)`` where ``columns_first``) sums K steps ``[s * steps_per_split, (s + 1) *
-    steps_per_split)``. ``convert``: how int8 values and int4 nibbles become floats (``GroupedMatmulConfig``; the
-    interpreter's jnp form where it runs inline PTX compiled)."""
+    steps_per_split)``. ``convert`` / ``int8_convert``: how int4 nibbles / int8 values become floats
+    (``quantized_matmul``'s forms: ``GroupedMatmulConfig.convert``, the interpreter's jnp form where it runs inline PTX
+    compiled); ``fma``: the int4 dequantization's multiply-add as one instruction."""
     row_token_ref, (x_ref, w_ref, *quant_refs, o_ref) = (refs[0], refs[1:]) if gather else (None, refs)
     int4 = len(quant_refs) == 2
     b, n, split = pl.program_id(1 if columns_first else 0), pl.program_id(0 if columns_first else 1), pl.program_id(2)
@@ -78,8 +79,8 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         # int8 / fp8 weights: exact in bf16 / f32
         w = w_ref[expert, cols, ks].T if k_major else w_ref[expert, ks, cols]
-        if w.dtype == jnp.int8 and convert != "cvt":  # int8's form of "affine": byte permutes (jnp: the exponent)
-            w = integers_as_f32(w, "int8", "exponent" if convert == "affine_jnp" else "permute")
+        if w.dtype == jnp.int8 and int8_convert != "cvt":
+            w = integers_as_f32(w, "int8", int8_convert)
         w = w.astype(x_ref.dtype)
         return acc + jnp.dot(x_tile(i * block_k, block_k), w, preferred_element_type=jnp.float32)
 
@@ -89,7 +90,7 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
         group = i * block_k // group_size
         scale = quant_refs[0][expert, group, cols].astype(jnp.float32)[None, :]
         zero = quant_refs[1][expert, group, cols].astype(jnp.float32)[None, :]
-        tiles = int4_tile_weights(packed, scale, zero, x_ref.dtype, convert=convert, fma=convert == "affine")
+        tiles = int4_tile_weights(packed, scale, zero, x_ref.dtype, convert=convert, fma=fma)
         for w, start in zip(tiles, (i * block_k, i * block_k + half)):
             acc = acc + jnp.dot(x_tile(start, half), w, preferred_element_type=jnp.float32)
         return acc
@@ -199,10 +200,12 @@ def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_
         raise ValueError(f"the grouped matmul's convert must be one of {CONVERSIONS}, got {convert!r}")
     steps = k // block_k
     splits = max(d for d in range(1, min(tiles["k_splits"], steps) + 1) if steps % d == 0)
+    form = interpreted_conversion if interpret else str  # inline PTX runs compiled only: the interpreter's jnp form
+    int8_convert = "permute" if convert == "affine" else "cvt"  # int8's form of the byte-permute conversion
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
                                block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major,
-                               steps_per_split=steps // splits, columns_first=columns_first,
-                               convert=interpreted_conversion(convert) if interpret else convert,
+                               steps_per_split=steps // splits, columns_first=columns_first, convert=form(convert),
+                               int8_convert=form(int8_convert), fma=convert == "affine" and not interpret,
                                gather=row_token is not None)
     blocks, col_tiles = block_expert.shape[0], n // block_n
     num_rows = x.shape[0] if row_token is None else row_token.shape[0]
