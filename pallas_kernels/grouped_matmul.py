@@ -159,9 +159,10 @@ class GroupedMatmulConfig:
     columns_first: bool = True
     # How int8 values and int4 nibbles become floats before the dot: "cvt" (integer-to-float conversions, a quarter of
     # the FMA rate, and (q - z) s in two operations) or "affine" (byte permutes into a float's mantissa and one fused
-    # multiply-add a weight: the dense kernels' form since run 30e, ``quantized_matmul.int4_tile_weights``). Untimed
-    # here: the next sweep's candidate.
-    convert: str = "cvt"
+    # multiply-add a weight: the dense kernels' form since run 30e, ``quantized_matmul.int4_tile_weights``). Run 38a
+    # (H200, Qwen3-30B-A3B shapes): int4 gate/up at 1 / 1,024 / 16,384 tokens 37.5 -> 33.7 us, 417 -> 357 us,
+    # 3.82 -> 3.57 ms, int4 down at 1,024 / 16,384 tokens -8% / -7%; int8 gate/up at 1,024 tokens 357 -> 326 us.
+    convert: str = "affine"
     # Decode-sized blocks: 4 programs share a block's K steps, 3 stages (run 37, H100: int4 gate/up at one token
     # 44.7 -> 35.4 us; AWQ Qwen3-30B-A3B batch-1 TPOT 3.83 -> 3.46 ms).
     decode_block_n: int = 64

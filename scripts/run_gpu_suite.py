@@ -78,12 +78,12 @@ XLA_TRITON_FUSIONS = {
 }
 QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
 KEPT = ".suite-kept"  # git-ignored: what a later call on the same warm machine may read
-NO_REMAT = "--xla_disable_hlo_passes=rematerialization"  # XLA's HloRematerialization pass, by its name
-# Grouped matmul settings to sweep (GroupedMatmulConfig overrides of run 37's defaults: 4 K splits and 3 stages for
-# decode-sized blocks, column tiles first and 3 stages for larger ones): the byte-permute conversion (both regimes),
-# then decode-sized blocks (fewer warps, more splits, wider columns), then prompt-sized ones (vLLM's fused_moe tiles:
-# 128 columns or K rows, 4 stages, 8 warps). Each only changes its own regime; the sweep skips repeats of a setting.
-MOE_SWEEP = [{}, {"convert": "affine"}, {"decode_num_warps": 2}, {"decode_k_splits": 8}, {"decode_block_n": 128},
+# Grouped matmul settings to sweep (GroupedMatmulConfig overrides of the defaults: 4 K splits and 3 stages for
+# decode-sized blocks, column tiles first and 3 stages for larger ones, the byte-permute conversion since run 38):
+# integer-to-float conversions instead (both regimes), then decode-sized blocks (fewer warps, more splits, wider
+# columns), then prompt-sized ones (vLLM's fused_moe tiles: 128 columns or K rows, 4 stages, 8 warps). Each only
+# changes its own regime; the sweep skips repeats of a setting.
+MOE_SWEEP = [{}, {"convert": "cvt"}, {"decode_num_warps": 2}, {"decode_k_splits": 8}, {"decode_block_n": 128},
              {"block_n": 128}, {"block_k": 128}, {"num_stages": 4}, {"block_n": 128, "num_warps": 8}]
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
@@ -664,31 +664,6 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                                   f"{results}/latency-bf16-tp2-vmm.json")), 150),
         ("tput-short-tp2", tput("tput-short", "--tensor-parallel-size", "2", "--output-json",
                                 f"{results}/tput-short-tp2.json"), 200),
-        # XLA's rematerialization recomputes ops near their uses (the profiles' "_remat" kernels; 36d's prompt step
-        # ran 66 of one gate/up GEMM fusion for 48 layers) because the step's arguments, the KV pool among them, are
-        # more than the 80% of the card XLA assumes is its to use, so it schedules against a limit of 0 ("exceeds the
-        # base limit ... an error in the calculation"). The engine sizes the pool after measuring the largest step's
-        # temporaries, so the pass only costs time: each figure with it disabled, beside its default step.
-        *((f"{name}-noremat", ["env", f"XLA_FLAGS={NO_REMAT}", "PAGEDJAX_CACHE_DIR=/tmp/cache-noremat"] + argv_,
-           limit)
-          for name, argv_, limit in (
-              ("latency-bf16-ms8", latency(None, "--num-scheduler-steps", "8", "--output-json",
-                                           f"{results}/latency-bf16-ms8-noremat.json"), 150),
-              ("latency-awq-ms8", latency("awq", "--num-scheduler-steps", "8", "--output-json",
-                                          f"{results}/latency-awq-ms8-noremat.json"), 150),
-              ("latency-int8-ms8", latency("int8", "--num-scheduler-steps", "8", "--output-json",
-                                           f"{results}/latency-int8-ms8-noremat.json"), 150),
-              ("profile-decode1-awq", profile("profile-decode1-awq-noremat", "--step", "decode", "--batch", "1",
-                                              "--ctx", "192", "--quantization", "awq", "--precompile-steps", "off"),
-               90),
-              ("tput-short-bf16", tput("tput-short", "--output-json", f"{results}/tput-short-bf16-noremat.json"), 200),
-              ("tput-long", tput("tput-long", "--output-json", f"{results}/tput-long-noremat.json"), 300),
-              ("tput-short-qwen3-moe-int8", tput("tput-short", "--quantization", "int8", "--model", QWEN3_MOE,
-                                                 "--output-json", f"{results}/tput-short-qwen3-moe-int8-noremat.json"),
-               200),
-              ("profile-qwen3-moe-prefill-int8", profile(
-                  "profile-qwen3-moe-prefill-int8-noremat", "--step", "prefill", "--batch", "8", "--ctx", "2048",
-                  "--quantization", "int8", "--model", QWEN3_MOE, "--precompile-steps", "off"), 150))),
         # Issue 8, batch 1: the GEMV's integer-to-float conversion by byte permutes in inline PTX (gemv_convert
         # "permute"): compiled correctness, then the model at batch 1 against the defaults in the same lease, then
         # the four layer shapes in isolation around the default tiles.

@@ -152,9 +152,9 @@ def test_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
     assert gathered.count("__gpu$xla.gpu.triton") == 1 and "gather" not in gathered.split("__gpu$xla.gpu.triton")[0]
     with pytest.raises(ValueError, match="row_token must be"):
         grouped_matmul(x[:128], w, block_expert, row_token=jnp.zeros((1024, 1), jnp.int32))
-    int8_affine = cuda_lowering(functools.partial(grouped_matmul, convert="affine", interpret=False), x,
-                                w.astype(jnp.int8), block_expert, jnp.ones((128, 1536), jnp.float32))
-    assert int8_affine.count("__gpu$xla.gpu.triton") == 1
+    int8_cvt = cuda_lowering(functools.partial(grouped_matmul, convert="cvt", interpret=False), x,
+                             w.astype(jnp.int8), block_expert, jnp.ones((128, 1536), jnp.float32))
+    assert int8_cvt.count("__gpu$xla.gpu.triton") == 1
     fp8 = cuda_lowering(functools.partial(grouped_matmul, k_major=True, interpret=False), x,
                         jnp.zeros((128, 1536, 2048), jnp.float8_e4m3fn), block_expert,
                         jnp.ones((128, 1536), jnp.float32))
@@ -258,10 +258,12 @@ def test_rows_gathered_by_the_kernel_on_gpu(case, int4):
 
 @pytest.mark.parametrize("run, case", [(run_case, CPU_CASES[3]), (run_int4_case, INT4_CPU_CASES[0]),
                                        (run_int4_case, INT4_CPU_CASES[1])])
-def test_affine_conversion_gives_the_same_products(run, case):
-    """``convert="affine"``: int8 values and int4 nibbles placed in a float's mantissa (interpreted: the same trick in
-    jnp) and one multiply-add a weight, against numpy as the conversions' form is."""
-    run(*case, interpret=True, convert="affine")
+@pytest.mark.parametrize("convert", ["affine", "cvt"])
+def test_each_conversion_gives_the_same_products(run, case, convert):
+    """``convert="affine"`` (the default: int8 values and int4 nibbles placed in a float's mantissa, interpreted as
+    the same trick in jnp, and one multiply-add a weight) and ``"cvt"`` (integer-to-float conversions), against
+    numpy as the conversions' form is."""
+    run(*case, interpret=True, convert=convert)
 
 
 @pytest.mark.gpu
@@ -269,7 +271,7 @@ def test_affine_conversion_gives_the_same_products(run, case):
                                        (run_case, GPU_CASES[0][:6] + (128, 64)), (run_int4_case, INT4_GPU_CASES[0]),
                                        (run_int4_case, INT4_GPU_CASES[0][:7] + (128,))])
 @pytest.mark.parametrize("tiles", [dict(k_splits=4, num_stages=3), dict(num_warps=8, num_stages=4, columns_first=True),
-                                   dict(num_warps=2, k_splits=4, columns_first=False, convert="affine")])
+                                   dict(num_warps=2, k_splits=4, columns_first=False, convert="cvt")])
 def test_tile_settings_on_gpu(run, case, tiles):
     """The settings ``scripts/bench_grouped_matmul.py`` sweeps compile and give numpy's products (the cases' last
     fields are the tiles' columns)."""
@@ -299,8 +301,8 @@ def test_int4_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
     packed, scales = jnp.zeros((128, 1024, 1536), jnp.uint8), jnp.ones((128, 16, 1536), jnp.bfloat16)
     call = functools.partial(grouped_matmul_int4, group_size=128, pack=128, interpret=False)
     assert cuda_lowering(call, x, packed, scales, scales, block_expert).count("__gpu$xla.gpu.triton") == 1
-    affine = functools.partial(call, convert="affine")
-    assert cuda_lowering(affine, x, packed, scales, scales, block_expert).count("__gpu$xla.gpu.triton") == 1
+    cvt = functools.partial(call, convert="cvt")
+    assert cuda_lowering(cvt, x, packed, scales, scales, block_expert).count("__gpu$xla.gpu.triton") == 1
     with pytest.raises(ValueError, match="convert must be one of"):
         grouped_matmul_int4(x, packed, scales, scales, block_expert, group_size=128, pack=128, convert="exponent")
     with pytest.raises(ValueError, match=r"scales and zeros \[E, K/g, N\]"):
