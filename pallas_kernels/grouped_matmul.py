@@ -54,8 +54,8 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
     ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed.
     Program ``(b, n, s)`` (``(n, b, s)`` where ``columns_first``) sums K steps ``[s * steps_per_split, (s + 1) *
     steps_per_split)``. ``convert`` / ``int8_convert``: how int4 nibbles / int8 values become floats
-    (``quantized_matmul``'s forms: ``GroupedMatmulConfig.convert``, the interpreter's jnp form where it runs inline PTX
-    compiled); ``fma``: the int4 dequantization's multiply-add as one instruction."""
+    (``quantized_matmul``'s forms, from ``GroupedMatmulConfig.convert`` / ``int8_convert``; the interpreter's jnp
+    form where it runs inline PTX compiled); ``fma``: the int4 dequantization's multiply-add as one instruction."""
     row_token_ref, (x_ref, w_ref, *quant_refs, o_ref) = (refs[0], refs[1:]) if gather else (None, refs)
     int4 = len(quant_refs) == 2
     b, n, split = pl.program_id(1 if columns_first else 0), pl.program_id(0 if columns_first else 1), pl.program_id(2)
@@ -157,12 +157,14 @@ class GroupedMatmulConfig:
     # neighbouring blocks. Run 37 (H100): int4 gate/up at 16,384 tokens 5.56 -> 3.16 ms with 3 stages, and MoE
     # int8 tput-short 11,688 -> 15,007 output tok/s with both.
     columns_first: bool = True
-    # How int8 values and int4 nibbles become floats before the dot: "cvt" (integer-to-float conversions, a quarter of
-    # the FMA rate, and (q - z) s in two operations) or "affine" (byte permutes into a float's mantissa and one fused
-    # multiply-add a weight: the dense kernels' form since run 30e, ``quantized_matmul.int4_tile_weights``). Run 38a
-    # (H200, Qwen3-30B-A3B shapes): int4 gate/up at 1 / 1,024 / 16,384 tokens 37.5 -> 33.7 us, 417 -> 357 us,
-    # 3.82 -> 3.57 ms, int4 down at 1,024 / 16,384 tokens -8% / -7%; int8 gate/up at 1,024 tokens 357 -> 326 us.
+    # How int4 nibbles (``convert``) and int8 values (``int8_convert``) become floats before the dot: "cvt"
+    # (integer-to-float conversions, a quarter of the FMA rate, and (q - z) s in two operations) or "affine" (byte
+    # permutes into a float's mantissa and one fused multiply-add a weight: the dense kernels' form since run 30e,
+    # ``quantized_matmul.int4_tile_weights``). Run 38a (H200, Qwen3-30B-A3B shapes): int4 gate/up at 1 / 1,024 /
+    # 16,384 tokens 37.5 -> 33.7 us, 417 -> 357 us, 3.82 -> 3.57 ms, down -10% / -8% / -7%; int8 gate/up at one
+    # token 30.6 -> 33.1 us (slower), at 1,024 tokens 357 -> 326 us, and the int8 engine's tput-short level (38b-d).
     convert: str = "affine"
+    int8_convert: str = "cvt"
     # Decode-sized blocks: 4 programs share a block's K steps, 3 stages (run 37, H100: int4 gate/up at one token
     # 44.7 -> 35.4 us; AWQ Qwen3-30B-A3B batch-1 TPOT 3.83 -> 3.46 ms).
     decode_block_n: int = 64
@@ -176,13 +178,14 @@ class GroupedMatmulConfig:
     num_stages: int = 3
     k_splits: int = 1
 
-    def tiles(self, block_m: int) -> dict:
+    def tiles(self, block_m: int, int8: bool = False) -> dict:
         """``block_n``, ``block_k``, ``num_warps``, ``num_stages``, ``k_splits`` for blocks of ``block_m`` rows, and
-        the launch order and conversion (``columns_first``, ``convert``: the same for both)."""
+        the launch order and conversion (``columns_first``, ``convert``: the same for both; ``int8_convert`` as
+        ``convert`` for int8 weights)."""
         prefix = "decode_" if block_m <= self.decode_max_block_m else ""
         return {**{name: getattr(self, prefix + name) for name in ("block_n", "block_k", "num_warps", "num_stages",
                                                                     "k_splits")},
-                "columns_first": self.columns_first, "convert": self.convert}
+                "columns_first": self.columns_first, "convert": self.int8_convert if int8 else self.convert}
 
 
 @functools.cache
@@ -229,8 +232,8 @@ def _weight_dims(w, k_major: bool) -> tuple[int, int]:
     return (w.shape[2], w.shape[1]) if k_major else (w.shape[1], w.shape[2])
 
 
-def _tiles(block_m: int, overrides: dict) -> dict:
-    return {**grouped_matmul_config().tiles(block_m), **{k: v for k, v in overrides.items() if v is not None}}
+def _tiles(block_m: int, overrides: dict, int8: bool = False) -> dict:
+    return {**grouped_matmul_config().tiles(block_m, int8), **{k: v for k, v in overrides.items() if v is not None}}
 
 
 @functools.partial(jax.jit, static_argnames=("k_major", "block_n", "block_k", "num_warps", "num_stages", "k_splits",
@@ -249,7 +252,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
     k, n = _weight_dims(w, k_major)
     block_m = _check_shapes(x, w, block_expert, scale, k, n, row_token)
     tiles = _tiles(block_m, dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-                                 k_splits=k_splits, columns_first=columns_first, convert=convert))
+                                 k_splits=k_splits, columns_first=columns_first, convert=convert),
+                   int8=w.dtype == jnp.int8)
     block = functools.partial(block_size, kernel="the grouped matmul")
     name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
     return _call(x, block_expert, (w,) if scale is None else (w, scale), row_token=row_token, n=n, k=k,

@@ -208,7 +208,7 @@ def main(argv=None) -> None:
                     tokens, E, top_k, K, calls, jax.random.fold_in(key, tokens), gather=matmul == "gate_up")
                 seen, rows = set(), []
                 for overrides in configs:
-                    tiles = dataclasses.replace(base, **overrides).tiles(block_m)
+                    tiles = dataclasses.replace(base, **overrides).tiles(block_m, int8=fmt == "int8")
                     if fmt == "int4":
                         tiles["block_k"] = GROUP
                     if tuple(sorted(tiles.items())) in seen:

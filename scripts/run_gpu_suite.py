@@ -79,12 +79,13 @@ XLA_TRITON_FUSIONS = {
 QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
 KEPT = ".suite-kept"  # git-ignored: what a later call on the same warm machine may read
 # Grouped matmul settings to sweep (GroupedMatmulConfig overrides of the defaults: 4 K splits and 3 stages for
-# decode-sized blocks, column tiles first and 3 stages for larger ones, the byte-permute conversion since run 38):
-# integer-to-float conversions instead (both regimes), then decode-sized blocks (fewer warps, more splits, wider
+# decode-sized blocks, column tiles first and 3 stages for larger ones, int4's byte-permute conversion since run 38):
+# the other conversion of each format (both regimes), then decode-sized blocks (fewer warps, more splits, wider
 # columns), then prompt-sized ones (vLLM's fused_moe tiles: 128 columns or K rows, 4 stages, 8 warps). Each only
 # changes its own regime; the sweep skips repeats of a setting.
-MOE_SWEEP = [{}, {"convert": "cvt"}, {"decode_num_warps": 2}, {"decode_k_splits": 8}, {"decode_block_n": 128},
-             {"block_n": 128}, {"block_k": 128}, {"num_stages": 4}, {"block_n": 128, "num_warps": 8}]
+MOE_SWEEP = [{}, {"convert": "cvt", "int8_convert": "affine"}, {"decode_num_warps": 2}, {"decode_k_splits": 8},
+             {"decode_block_n": 128}, {"block_n": 128}, {"block_k": 128}, {"num_stages": 4},
+             {"block_n": 128, "num_warps": 8}]
 FP8_HEURISTIC = ("--compiler-option", "xla_gpu_autotune_level=0",
                  "--compiler-option", "xla_gpu_enable_triton_gemm=false")
 

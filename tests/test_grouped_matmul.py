@@ -283,6 +283,7 @@ def test_config_from_the_environment_picks_tiles_by_block_rows(monkeypatch):
 
     config = GroupedMatmulConfig(decode_block_n=32, block_n=128)
     assert config.tiles(16)["block_n"] == 32 and config.tiles(64)["block_n"] == 128
+    assert config.tiles(64)["convert"] == "affine" and config.tiles(64, int8=True)["convert"] == "cvt"
     monkeypatch.setenv("PAGEDJAX_MOE_CONFIG", '{"decode_k_splits": 4}')
     grouped_matmul_config.cache_clear()
     try:
