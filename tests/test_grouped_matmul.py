@@ -152,9 +152,9 @@ def test_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
     assert gathered.count("__gpu$xla.gpu.triton") == 1 and "gather" not in gathered.split("__gpu$xla.gpu.triton")[0]
     with pytest.raises(ValueError, match="row_token must be"):
         grouped_matmul(x[:128], w, block_expert, row_token=jnp.zeros((1024, 1), jnp.int32))
-    int8_cvt = cuda_lowering(functools.partial(grouped_matmul, convert="cvt", interpret=False), x,
-                             w.astype(jnp.int8), block_expert, jnp.ones((128, 1536), jnp.float32))
-    assert int8_cvt.count("__gpu$xla.gpu.triton") == 1
+    int8_affine = cuda_lowering(functools.partial(grouped_matmul, convert="affine", interpret=False), x,
+                                w.astype(jnp.int8), block_expert, jnp.ones((128, 1536), jnp.float32))
+    assert int8_affine.count("__gpu$xla.gpu.triton") == 1
     fp8 = cuda_lowering(functools.partial(grouped_matmul, k_major=True, interpret=False), x,
                         jnp.zeros((128, 1536, 2048), jnp.float8_e4m3fn), block_expert,
                         jnp.ones((128, 1536), jnp.float32))
@@ -260,9 +260,9 @@ def test_rows_gathered_by_the_kernel_on_gpu(case, int4):
                                        (run_int4_case, INT4_CPU_CASES[1])])
 @pytest.mark.parametrize("convert", ["affine", "cvt"])
 def test_each_conversion_gives_the_same_products(run, case, convert):
-    """``convert="affine"`` (the default: int8 values and int4 nibbles placed in a float's mantissa, interpreted as
-    the same trick in jnp, and one multiply-add a weight) and ``"cvt"`` (integer-to-float conversions), against
-    numpy as the conversions' form is."""
+    """``convert="affine"`` (int8 values and int4 nibbles placed in a float's mantissa, interpreted as the same
+    trick in jnp, and one multiply-add a weight; int4's default) and ``"cvt"`` (integer-to-float conversions; int8's
+    default), against numpy as the conversions' form is."""
     run(*case, interpret=True, convert=convert)
 
 
