@@ -141,9 +141,10 @@ def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: i
 
 @dataclasses.dataclass(frozen=True)
 class GroupedMatmulConfig:
-    """Tiles and Triton launch settings of the grouped matmul, one set for blocks of up to ``decode_max_block_m``
-    rows (decode steps: most experts get a row or none, so a launch has few blocks and each must stream its
-    expert's weight fast) and one for larger blocks (prompts: the tensor cores' rate). ``block_n`` / ``block_k``
+    """Tiles and Triton launch settings of the grouped matmul, one set (``decode_*``) for blocks of up to
+    ``decode_max_block_m`` rows (small decode batches: most experts get a row or none, so a launch has few blocks and
+    each must stream its expert's weight fast), one (``large_*``) for blocks of at least ``large_min_block_m`` rows
+    (long prompts) and one for the blocks between (large decode batches, short prompts). ``block_n`` / ``block_k``
     are upper bounds (the largest power of two dividing N / K); an int4 K step is its packing block whatever
     ``block_k`` says; ``k_splits`` programs share a block's K steps (their float32 partial sums added after),
     capped at what divides the steps. ``$PAGEDJAX_MOE_CONFIG`` (a JSON object of these fields) overrides them
@@ -177,12 +178,28 @@ class GroupedMatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     k_splits: int = 1
+    # Blocks of 128 rows (prompts of 2,048+ tokens for Qwen3-30B-A3B): run 38a (H200) had int4 experts at 16,384
+    # tokens faster with 128 columns and 8 warps (gate/up 3.82 -> 3.32 ms, down 2.23 -> 2.00) where the same tiles
+    # lose at 64-row blocks (1,024 tokens: gate/up 417 -> 697 us). The middle set's values until the engine's
+    # prompt step is measured with them (and int8 / bf16 experts at this size at all).
+    large_min_block_m: int = 128
+    large_block_n: int = 64
+    large_block_k: int = 64
+    large_num_warps: int = 4
+    large_num_stages: int = 3
+    large_k_splits: int = 1
+
+    def regime(self, block_m: int) -> str:
+        """The prefix of the fields that set blocks of ``block_m`` rows: "decode_", "large_" or ""."""
+        if block_m <= self.decode_max_block_m:
+            return "decode_"
+        return "large_" if block_m >= self.large_min_block_m else ""
 
     def tiles(self, block_m: int, int8: bool = False) -> dict:
         """``block_n``, ``block_k``, ``num_warps``, ``num_stages``, ``k_splits`` for blocks of ``block_m`` rows, and
         the launch order and conversion (``columns_first``, ``convert``: the same for both; ``int8_convert`` as
         ``convert`` for int8 weights)."""
-        prefix = "decode_" if block_m <= self.decode_max_block_m else ""
+        prefix = self.regime(block_m)
         return {**{name: getattr(self, prefix + name) for name in ("block_n", "block_k", "num_warps", "num_stages",
                                                                     "k_splits")},
                 "columns_first": self.columns_first, "convert": self.int8_convert if int8 else self.convert}

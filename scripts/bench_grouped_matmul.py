@@ -10,7 +10,7 @@ bytes; the fastest setting per (format, matmul, tokens); results written after e
 what it measured).
 
     python scripts/bench_grouped_matmul.py --model benchmarks/models/qwen3-30b-a3b --tokens 1,1024,16384 \\
-        --formats bf16,int8,int4 --configs '[{}, {"decode_k_splits": 4}, {"block_n": 128, "num_warps": 8}]'
+        --formats bf16,int8,int4 --configs '[{}, {"decode_k_splits": 4}, {"large_block_n": 128, "large_num_warps": 8}]'
 """
 
 from __future__ import annotations
@@ -128,23 +128,24 @@ def time_calls(call, xs, row_tokens, block_experts, tiles: dict, repeats: int) -
 
 
 def best_config(record: dict) -> dict:
-    """The overrides that were fastest in each regime of ``GroupedMatmulConfig`` (decode-sized blocks: its
-    ``decode_*`` fields; larger blocks: the others), each setting scored by its time over the default's summed over
-    every complete (format, matmul, tokens) of the regime (every setting ran: a deadline can cut the last one);
-    ``{}`` where nothing beat the default."""
+    """The overrides that were fastest in each regime of ``GroupedMatmulConfig`` (its ``decode_*`` fields for
+    decode-sized blocks, ``large_*`` for the largest, the others for the blocks between), each setting scored by its
+    time over the default's summed over every complete (format, matmul, tokens) of the regime (every setting ran: a
+    deadline can cut the last one); ``{}`` where nothing beat the default."""
     from pallas_kernels.grouped_matmul import GroupedMatmulConfig
 
-    decode_rows = GroupedMatmulConfig().decode_max_block_m
+    config, prefixes = GroupedMatmulConfig(), ("decode_", "large_")
+    field_regime = lambda name: next((p for p in prefixes if name.startswith(p)), "")  # noqa: E731
     merged = {}
     finished = {tuple(case) for case in record.get("complete", ())}
-    for decode in (True, False):
-        rows = [r for r in record["rows"] if (r["block_m"] <= decode_rows) == decode and r["error"] is None
+    for regime in ("decode_", "", "large_"):
+        rows = [r for r in record["rows"] if config.regime(r["block_m"]) == regime and r["error"] is None
                 and (r["format"], r["matmul"], r["tokens"]) in finished]
         default = {(r["format"], r["matmul"], r["tokens"]): r["us"] for r in rows if not r["config"]}
         scores: dict = {}
         for r in rows:
             case = (r["format"], r["matmul"], r["tokens"])
-            fields = {k: v for k, v in r["config"].items() if k.startswith("decode_") == decode}
+            fields = {k: v for k, v in r["config"].items() if field_regime(k) == regime}
             if case in default and (fields or not r["config"]):  # "{}" scores the default row alone
                 scores.setdefault(json.dumps(fields, sort_keys=True), {})[case] = r["us"] / default[case]
         totals = {k: sum(v.values()) for k, v in scores.items() if set(v) == set(default)}

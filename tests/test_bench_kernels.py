@@ -264,23 +264,33 @@ def test_grouped_matmul_sweep_times_each_setting_once_and_names_the_fastest(tmp_
     (model / "config.json").write_text(json.dumps({"hidden_size": 128, "moe_intermediate_size": 128,
                                                    "num_experts": 4, "num_experts_per_tok": 2}))
     out = tmp_path / "sweep.json"
-    # decode_k_splits only changes decode-sized blocks (T=1: 16 rows); block_n 32 only the larger ones (T=128: 64
-    # rows), where decode_k_splits repeats the default and is skipped.
-    configs = [{}, {"decode_k_splits": 1}, {"block_n": 32}]
-    bench_grouped_matmul.main(["--model", str(model), "--tokens", "1,128", "--formats", "bf16,int4", "--matmuls",
+    # decode_k_splits only changes decode-sized blocks (T=1: 16 rows), block_n 32 only the middle ones (T=128: 64
+    # rows) and large_block_n 32 the largest (T=256: 128 rows); elsewhere each repeats the default and is skipped.
+    configs = [{}, {"decode_k_splits": 1}, {"block_n": 32}, {"large_block_n": 32}]
+    bench_grouped_matmul.main(["--model", str(model), "--tokens", "1,128,256", "--formats", "bf16,int4", "--matmuls",
                                "down", "--configs", json.dumps(configs), "--calls", "2", "--repeats", "1",
                                "--output-json", str(out)])
     record = json.loads(out.read_text())
     assert [(r["format"], r["tokens"], r["tiles"]["k_splits"], r["tiles"]["block_n"]) for r in record["rows"]] == [
         (fmt, tokens, splits, block_n) for fmt in ("bf16", "int4")
-        for tokens, splits, block_n in ((1, 4, 64), (1, 1, 64), (128, 1, 64), (128, 1, 32))]
+        for tokens, splits, block_n in ((1, 4, 64), (1, 1, 64), (128, 1, 64), (128, 1, 32), (256, 1, 64),
+                                        (256, 1, 32))]
     assert all(r["error"] is None and r["us"] > 0 for r in record["rows"])
-    assert [b["default_us"] is not None for b in record["best"]] == [True] * 4
-    assert len(record["complete"]) == 4
+    assert [b["default_us"] is not None for b in record["best"]] == [True] * 6
+    assert len(record["complete"]) == 6
     capsys.readouterr()
     bench_grouped_matmul.main(["--best-of", str(out)])
     best = json.loads(capsys.readouterr().out)
-    assert best in ({}, {"decode_k_splits": 1}, {"block_n": 32}, {"decode_k_splits": 1, "block_n": 32})
+    assert set(best) <= {"decode_k_splits", "block_n", "large_block_n"} and set(best.values()) <= {1, 32}
+    # Each regime picks its own fastest setting: a record with known times.
+    row = lambda tokens, block_m, config, us: dict(format="int4", matmul="down", tokens=tokens,  # noqa: E731
+                                                   block_m=block_m, config=config, us=us, error=None)
+    out.write_text(json.dumps({"complete": [["int4", "down", t] for t in (1, 128, 256)], "rows": [
+        row(1, 16, {}, 10.0), row(1, 16, {"decode_k_splits": 1}, 9.0),
+        row(128, 64, {}, 10.0), row(128, 64, {"block_n": 32}, 11.0),
+        row(256, 128, {}, 10.0), row(256, 128, {"large_block_n": 32}, 8.0)]}))
+    bench_grouped_matmul.main(["--best-of", str(out)])
+    assert json.loads(capsys.readouterr().out) == {"decode_k_splits": 1, "large_block_n": 32}
     # Past the deadline nothing more starts, and a case cut short is left out of the choice.
     record["complete"] = []
     out.write_text(json.dumps(record))

@@ -281,8 +281,8 @@ def test_tile_settings_on_gpu(run, case, tiles):
 def test_config_from_the_environment_picks_tiles_by_block_rows(monkeypatch):
     from pallas_kernels.grouped_matmul import GroupedMatmulConfig, grouped_matmul_config
 
-    config = GroupedMatmulConfig(decode_block_n=32, block_n=128)
-    assert config.tiles(16)["block_n"] == 32 and config.tiles(64)["block_n"] == 128
+    config = GroupedMatmulConfig(decode_block_n=32, block_n=128, large_block_n=256)
+    assert [config.tiles(m)["block_n"] for m in (16, 32, 64, 128, 256)] == [32, 32, 128, 256, 256]
     assert config.tiles(64)["convert"] == "affine" and config.tiles(64, int8=True)["convert"] == "cvt"
     monkeypatch.setenv("PAGEDJAX_MOE_CONFIG", '{"decode_k_splits": 4}')
     grouped_matmul_config.cache_clear()
