@@ -687,27 +687,30 @@ def test_live_array_bytes_counts_this_devices_arrays(monkeypatch):
 VMM = {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"}
 CUDA_0112 = {"jaxlib": "0.11.2", "jax-cuda13-pjrt": "0.11.2"}
 SKIP_TEMP = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+NO_REMAT = "--xla_disable_hlo_passes=rematerialization"  # on CUDA, any jaxlib (run 38c-d)
 
 
 @pytest.mark.parametrize("installed,gpus,environ,allocator,flags", [
     ({}, None, {}, None, ""),  # no CUDA plugin (this machine): nothing changes
     ({}, None, VMM, "vmm", ""),
-    (CUDA_0112, 1, {}, "vmm", SKIP_TEMP),  # one GPU: the VMM allocator with fixed-address temporaries
-    (CUDA_0112, 2, {}, None, ""),  # several: JAX's default (tensor parallelism under VMM not run yet)
-    (CUDA_0112, 1, {"XLA_PYTHON_CLIENT_ALLOCATOR": "bfc"}, "bfc", ""),  # the user's allocator wins
-    (CUDA_0112, 2, VMM, "vmm", SKIP_TEMP),
+    (CUDA_0112, 1, {}, "vmm", f"{SKIP_TEMP} {NO_REMAT}"),  # one GPU: VMM with fixed-address temporaries
+    (CUDA_0112, 2, {}, None, NO_REMAT),  # several: JAX's default (tensor parallelism under VMM not run yet)
+    (CUDA_0112, 1, {"XLA_PYTHON_CLIENT_ALLOCATOR": "bfc"}, "bfc", NO_REMAT),  # the user's allocator wins
+    (CUDA_0112, 2, VMM, "vmm", f"{SKIP_TEMP} {NO_REMAT}"),
     ({"jaxlib": "0.11.2", "jax-cuda12-pjrt": "0.11.2"}, 1, {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}, "vmm",
-     "--xla_dump_to=/tmp/d " + SKIP_TEMP),
-    ({"jaxlib": "0.10.2", "jax-cuda12-pjrt": "0.10.2"}, 1, {}, None, ""),  # its XLA rejects the flag
-    ({"jaxlib": "0.10.2", "jax-cuda12-pjrt": "0.10.2"}, 1, VMM, "vmm", ""),
+     f"--xla_dump_to=/tmp/d {SKIP_TEMP} {NO_REMAT}"),
+    ({"jaxlib": "0.10.2", "jax-cuda12-pjrt": "0.10.2"}, 1, {}, None, NO_REMAT),  # its XLA rejects SKIP_TEMP
+    ({"jaxlib": "0.10.2", "jax-cuda12-pjrt": "0.10.2"}, 1, VMM, "vmm", NO_REMAT),
     (CUDA_0112, 1, {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}, "vmm",
-     "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"),
+     f"--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE {NO_REMAT}"),
+    (CUDA_0112, 1, {"XLA_FLAGS": "--xla_disable_hlo_passes=dce"}, "vmm",  # the user's disabled passes win
+     f"--xla_disable_hlo_passes=dce {SKIP_TEMP}"),
 ])
 def test_engine_asks_for_fixed_address_temporaries_on_cuda(installed, gpus, environ, allocator, flags):
     """Importing ``engine`` on CUDA (JAX's CUDA plugin, jaxlib >= 0.11.2) with one visible GPU picks JAX's VMM
     allocator and asks XLA for its temporaries at a fixed address, so decode steps replay their CUDA graphs (run
-    20e); an allocator or update mode the user set wins. The installed packages and the driver's device count are
-    faked in a subprocess."""
+    20e); on CUDA it also turns XLA's rematerialisation off (run 38c-d); an allocator, update mode or disabled
+    passes the user set win. The installed packages and the driver's device count are faked in a subprocess."""
     import subprocess
     import sys
 
