@@ -24,8 +24,8 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from models.quantization import Fp8Weight, Int4Weight, Int8Weight
-from pallas_kernels.grouped_matmul import (gather_rows, grouped_matmul, grouped_matmul_int4,
-                                           grouped_matmul_int4_reference, grouped_matmul_reference)
+from pallas_kernels.grouped_matmul import (gather_rows, grouped_matmul, grouped_matmul_config, grouped_matmul_int4,
+                                           grouped_matmul_int4_reference, grouped_matmul_reference, swiglu_halves)
 
 # Rows a block of the grouped matmul: at least the tensor cores' 16, at most 128, else about the rows an expert gets
 # on average (a decode step gives most experts one row or none; a long prompt gives each hundreds).
@@ -121,7 +121,8 @@ def expert_mlp(h: jax.Array, row_token: jax.Array, block_expert: jax.Array, w: d
     if not use_kernel or any(isinstance(v, Int4Weight) and v.perm is not None for v in first):
         h, row_token = gather_rows(h, row_token), None  # the routed rows laid out once, for gate and up alike
 
-    def matmul(x, weight, row_token=None):
+    def matmul(x, weight, row_token=None, swiglu=False):
+        kernel_options = {"interpret": interpret, "swiglu": swiglu} if use_kernel else {}
         if isinstance(weight, Int4Weight):
             if weight.perm is not None:  # GPTQ act-order: each expert's stored rows are W[perm]; a block's rows
                 block_m = x.shape[0] // block_expert.shape[0]  # all go to one expert, so gather its columns
@@ -129,18 +130,19 @@ def expert_mlp(h: jax.Array, row_token: jax.Array, block_expert: jax.Array, w: d
                 x = jnp.take_along_axis(x, weight.perm[expert], axis=1)
             fn = grouped_matmul_int4 if use_kernel else grouped_matmul_int4_reference
             return fn(x, weight.packed, weight.scales, weight.zeros, block_expert, group_size=weight.group_size,
-                      pack=weight.pack, row_token=row_token, **({"interpret": interpret} if use_kernel else {}))
+                      pack=weight.pack, row_token=row_token, **kernel_options)
         q, scale = (weight.q, weight.scale) if isinstance(weight, (Int8Weight, Fp8Weight)) else (weight, None)
         k_major = isinstance(weight, Fp8Weight)  # its q is [E, N, K]
-        if use_kernel:
-            return grouped_matmul(x, q, block_expert, scale, k_major=k_major, row_token=row_token, interpret=interpret)
-        return grouped_matmul_reference(x, q, block_expert, scale, k_major=k_major, row_token=row_token)
+        fn = grouped_matmul if use_kernel else grouped_matmul_reference
+        return fn(x, q, block_expert, scale, k_major=k_major, row_token=row_token, **kernel_options)
 
-    if "expert_gate_up" in w:
-        gate, up = jnp.split(matmul(h, w["expert_gate_up"], row_token), 2, axis=-1)
+    if use_kernel and "expert_gate_up" in w and grouped_matmul_config().swiglu_epilogue:
+        activations = matmul(h, w["expert_gate_up"], row_token, swiglu=True)
+    elif "expert_gate_up" in w:
+        activations = swiglu_halves(matmul(h, w["expert_gate_up"], row_token))
     else:
-        gate, up = matmul(h, w["expert_gate"], row_token), matmul(h, w["expert_up"], row_token)
-    return matmul((jax.nn.silu(gate) * up).astype(h.dtype), w["expert_down"])
+        activations = jax.nn.silu(matmul(h, w["expert_gate"], row_token)) * matmul(h, w["expert_up"], row_token)
+    return matmul(activations.astype(h.dtype), w["expert_down"])
 
 
 ExpertFn = Callable[[jax.Array, jax.Array, jax.Array, dict], jax.Array]

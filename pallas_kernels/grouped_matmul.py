@@ -46,7 +46,7 @@ CONVERSIONS = ("cvt", "affine")
 
 def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: int, block_n: int, block_k: int,
                            group_size: int, k_major: bool, steps_per_split: int, columns_first: bool, convert: str,
-                           int8_convert: str, fma: bool, gather: bool):
+                           int8_convert: str, fma: bool, gather: bool, swiglu: bool, up_start: int):
     """``refs``: where ``gather``, the rows' tokens (``row_token``); then x, the weight, the int8 / fp8 scale or the
     int4 scales and zeros, and the output. ``gather``: row ``r`` of a block is ``x[row_token[r]]``, zeros where that
     is past x's last row (the padding), loaded by the kernel. An int4 step's ``block_k`` rows
@@ -55,13 +55,18 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
     Program ``(b, n, s)`` (``(n, b, s)`` where ``columns_first``) sums K steps ``[s * steps_per_split, (s + 1) *
     steps_per_split)``. ``convert`` / ``int8_convert``: how int4 nibbles / int8 values become floats
     (``quantized_matmul``'s forms, from ``GroupedMatmulConfig.convert`` / ``int8_convert``; the interpreter's jnp
-    form where it runs inline PTX compiled); ``fma``: the int4 dequantization's multiply-add as one instruction."""
+    form where it runs inline PTX compiled); ``fma``: the int4 dequantization's multiply-add as one instruction.
+    ``swiglu``: the weight's N columns are a gate's and an up projection's halves (the up's from ``up_start``), and
+    a program's output tile is ``silu(gate) * up`` of its columns in each half (a step's x tiles loaded once for
+    both)."""
     row_token_ref, (x_ref, w_ref, *quant_refs, o_ref) = (refs[0], refs[1:]) if gather else (None, refs)
     int4 = len(quant_refs) == 2
     b, n, split = pl.program_id(1 if columns_first else 0), pl.program_id(0 if columns_first else 1), pl.program_id(2)
     expert = block_expert_ref[b]
     rows = pl.ds(pl.multiple_of(b * block_m, block_m), block_m)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    # The weight columns each accumulator sums: the tile's own, or its gate's and its up projection's.
+    column_sets = (cols, pl.ds(pl.multiple_of(up_start + n * block_n, block_n), block_n)) if swiglu else (cols,)
     if gather:
         token = row_token_ref[rows]
         present = token < x_ref.shape[0]
@@ -75,44 +80,68 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
         return pltriton.load(x_ref.at[token, columns], mask=jnp.broadcast_to(present[:, None], (block_m, size)),
                              other=0)
 
-    def dense_step(i, acc):
-        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        # int8 / fp8 weights: exact in bf16 / f32
-        w = w_ref[expert, cols, ks].T if k_major else w_ref[expert, ks, cols]
-        if w.dtype == jnp.int8 and int8_convert != "cvt":
-            w = integers_as_f32(w, "int8", int8_convert)
-        w = w.astype(x_ref.dtype)
-        return acc + jnp.dot(x_tile(i * block_k, block_k), w, preferred_element_type=jnp.float32)
+    def loaded_once(load):
+        """``load()``'s tile, loaded where first used and shared by the column sets."""
+        tile = []
 
-    def int4_step(i, acc):
+        def get():
+            if not tile:
+                tile.append(load())
+            return tile[0]
+
+        return get
+
+    def dense_step(i, accs):
+        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        x = loaded_once(lambda: x_tile(i * block_k, block_k))
+
+        def product(acc, cols):
+            # int8 / fp8 weights: exact in bf16 / f32
+            w = w_ref[expert, cols, ks].T if k_major else w_ref[expert, ks, cols]
+            if w.dtype == jnp.int8 and int8_convert != "cvt":
+                w = integers_as_f32(w, "int8", int8_convert)
+            w = w.astype(x_ref.dtype)
+            return acc + jnp.dot(x(), w, preferred_element_type=jnp.float32)
+
+        return tuple(map(product, accs, column_sets))
+
+    def int4_step(i, accs):
         half = block_k // 2
-        packed = w_ref[expert, pl.ds(pl.multiple_of(i * half, half), half), cols]
+        xs = [loaded_once(lambda start=start: x_tile(start, half)) for start in (i * block_k, i * block_k + half)]
         group = i * block_k // group_size
-        scale = quant_refs[0][expert, group, cols].astype(jnp.float32)[None, :]
-        zero = quant_refs[1][expert, group, cols].astype(jnp.float32)[None, :]
-        tiles = int4_tile_weights(packed, scale, zero, x_ref.dtype, convert=convert, fma=fma)
-        for w, start in zip(tiles, (i * block_k, i * block_k + half)):
-            acc = acc + jnp.dot(x_tile(start, half), w, preferred_element_type=jnp.float32)
-        return acc
+
+        def product(acc, cols):
+            packed = w_ref[expert, pl.ds(pl.multiple_of(i * half, half), half), cols]
+            scale = quant_refs[0][expert, group, cols].astype(jnp.float32)[None, :]
+            zero = quant_refs[1][expert, group, cols].astype(jnp.float32)[None, :]
+            tiles = int4_tile_weights(packed, scale, zero, x_ref.dtype, convert=convert, fma=fma)
+            for w, x in zip(tiles, xs):
+                acc = acc + jnp.dot(x(), w, preferred_element_type=jnp.float32)
+            return acc
+
+        return tuple(map(product, accs, column_sets))
 
     @pl.when(expert < num_experts)
     def _():
         first = split * steps_per_split
-        acc = jax.lax.fori_loop(first, first + steps_per_split, int4_step if int4 else dense_step,
-                                jnp.zeros((block_m, block_n), jnp.float32))
+        accs = jax.lax.fori_loop(first, first + steps_per_split, int4_step if int4 else dense_step,
+                                 tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in column_sets))
         if len(quant_refs) == 1:
-            acc = acc * quant_refs[0][expert, cols][None, :]
-        o_ref[...] = acc.astype(o_ref.dtype).reshape(o_ref.shape)
+            accs = tuple(acc * quant_refs[0][expert, cols][None, :] for acc, cols in zip(accs, column_sets))
+        out = jax.nn.silu(accs[0]) * accs[1] if swiglu else accs[0]
+        o_ref[...] = out.astype(o_ref.dtype).reshape(o_ref.shape)
 
     @pl.when(expert >= num_experts)
     def _():
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-def _check_shapes(x, w, block_expert, scale, k: int, n: int, row_token=None) -> int:
+def _check_shapes(x, w, block_expert, scale, k: int, n: int, row_token=None, swiglu: bool = False) -> int:
     """``block_m``: the rows of a block, after checking the operands agree (``k``, ``n``: the weight's K and N)."""
     if row_token is not None and row_token.ndim != 1:
         raise ValueError(f"row_token must be [R] (each row's token), got {row_token.shape}")
+    if swiglu and n % 2:
+        raise ValueError(f"swiglu needs a weight of two halves (gate, up): N = {n} is odd")
     rows = x.shape[0] if row_token is None else row_token.shape[0]
     if w.ndim != 3 or x.shape[1] != k:
         raise ValueError(f"the grouped matmul needs x[R, K] and w[E, K, N] (or [E, N, K]); got {x.shape} and a "
@@ -126,7 +155,8 @@ def _check_shapes(x, w, block_expert, scale, k: int, n: int, row_token=None) -> 
     return rows // block_expert.shape[0]
 
 
-def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: int, row_token=None) -> int:
+def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: int, row_token=None,
+                swiglu: bool = False) -> int:
     """``block_m`` for int4 operands (``quantized_matmul.pack_int4``'s layout), after checking them."""
     E, half_k, n = packed.shape
     k = 2 * half_k
@@ -136,7 +166,7 @@ def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: i
     if scales.shape != (E, k // group_size, n) or zeros.shape != scales.shape:
         raise ValueError(f"int4 experts need scales and zeros [E, K/g, N] = {[E, k // group_size, n]}; got "
                          f"{scales.shape} and {zeros.shape}")
-    return _check_shapes(x, packed, block_expert, None, k, n, row_token)
+    return _check_shapes(x, packed, block_expert, None, k, n, row_token, swiglu)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +196,10 @@ class GroupedMatmulConfig:
     # token 30.6 -> 33.1 us (slower), at 1,024 tokens 357 -> 326 us, and the int8 engine's tput-short level (38b-d).
     convert: str = "affine"
     int8_convert: str = "cvt"
+    # Whether the MoE layer asks its joined gate/up matmul for ``silu(gate) * up`` (``swiglu=True``): the [R, 2I]
+    # product is then neither written nor read back by a separate fusion (Qwen3-30B-A3B's 16k-token prompt step:
+    # ~450 MB written and read again a layer). Off until the engine measures it (two accumulators a program).
+    swiglu_epilogue: bool = False
     # Decode-sized blocks: 4 programs share a block's K steps, 3 stages (run 37, H100: int4 gate/up at one token
     # 44.7 -> 35.4 us; AWQ Qwen3-30B-A3B batch-1 TPOT 3.83 -> 3.46 ms).
     decode_block_n: int = 64
@@ -211,10 +245,17 @@ def grouped_matmul_config() -> GroupedMatmulConfig:
     return dataclass_from_env(GroupedMatmulConfig, "PAGEDJAX_MOE_CONFIG")
 
 
+def swiglu_halves(y: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` where ``y``'s last axis is a gate projection's half, then an up projection's."""
+    gate, up = jnp.split(y, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
 def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_m: int, block_n: int, block_k: int,
-          group_size: int, tiles: dict, interpret, name: str, k_major: bool = False):
-    """The launch; ``block_n`` / ``block_k`` as they divide N / K, the rest of the settings from ``tiles``; the rows
-    ``x[row_token]`` where ``row_token`` is given (loaded by the kernel), else ``x``'s."""
+          group_size: int, tiles: dict, interpret, name: str, k_major: bool = False, swiglu: bool = False):
+    """The launch; ``block_n`` / ``block_k`` as they divide N / K (N / 2 where ``swiglu``), the rest of the settings
+    from ``tiles``; the rows ``x[row_token]`` where ``row_token`` is given (loaded by the kernel), else ``x``'s.
+    ``swiglu``: ``swiglu_halves`` of the product, by the kernel, or after adding the K splits' partial sums."""
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     columns_first, convert = tiles["columns_first"], tiles["convert"]
     if convert not in CONVERSIONS:
@@ -223,12 +264,14 @@ def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_
     splits = max(d for d in range(1, min(tiles["k_splits"], steps) + 1) if steps % d == 0)
     form = interpreted_conversion if interpret else str  # inline PTX runs compiled only: the interpreter's jnp form
     int8_convert = "permute" if convert == "affine" else "cvt"  # int8's form of the byte-permute conversion
+    fused = swiglu and splits == 1  # split partial sums are added first, so then the activation follows outside
+    out_n = n // 2 if fused else n
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
                                block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major,
                                steps_per_split=steps // splits, columns_first=columns_first, convert=form(convert),
                                int8_convert=form(int8_convert), fma=convert == "affine" and not interpret,
-                               gather=row_token is not None)
-    blocks, col_tiles = block_expert.shape[0], n // block_n
+                               gather=row_token is not None, swiglu=fused, up_start=n // 2)
+    blocks, col_tiles = block_expert.shape[0], out_n // block_n
     num_rows = x.shape[0] if row_token is None else row_token.shape[0]
     rows = () if row_token is None else (row_token.astype(jnp.int32),)
     out = pl.pallas_call(
@@ -237,12 +280,15 @@ def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_
         in_specs=[pl.no_block_spec] * (2 + len(rows) + len(operands)),
         out_specs=pl.BlockSpec((None, block_m, block_n), (lambda j, b, s: (s, b, j)) if columns_first
                                else (lambda b, j, s: (s, b, j))),
-        out_shape=jax.ShapeDtypeStruct((splits, num_rows, n), jnp.float32 if splits > 1 else x.dtype),
+        out_shape=jax.ShapeDtypeStruct((splits, num_rows, out_n), jnp.float32 if splits > 1 else x.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]),
         interpret=interpret,
         name=name,
     )(block_expert.astype(jnp.int32), *rows, x, *operands)
-    return out[0] if splits == 1 else jnp.sum(out, axis=0).astype(x.dtype)
+    if splits == 1:
+        return out[0]
+    y = jnp.sum(out, axis=0)
+    return (swiglu_halves(y) if swiglu else y).astype(x.dtype)
 
 
 def _weight_dims(w, k_major: bool) -> tuple[int, int]:
@@ -254,49 +300,53 @@ def _tiles(block_m: int, overrides: dict, int8: bool = False) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("k_major", "block_n", "block_k", "num_warps", "num_stages", "k_splits",
-                                             "columns_first", "convert", "interpret"))
+                                             "columns_first", "convert", "swiglu", "interpret"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: Optional[jax.Array] = None, *,
                    k_major: bool = False, block_n: Optional[int] = None, block_k: Optional[int] = None,
                    num_warps: Optional[int] = None, num_stages: Optional[int] = None, k_splits: Optional[int] = None,
-                   columns_first: Optional[bool] = None, convert: Optional[str] = None,
+                   columns_first: Optional[bool] = None, convert: Optional[str] = None, swiglu: bool = False,
                    row_token: Optional[jax.Array] = None, interpret: Optional[bool] = None) -> jax.Array:
     """``y[R, N]`` (x's dtype): each block of rows of ``x[R, K]`` times its expert's ``w[E, K, N]`` (module doc),
     or ``w[E, N, K]`` where ``k_major``; int8 / fp8 ``w`` with its per-column ``scale[E, N]``
     (``models.quantization.Int8Weight`` / ``Fp8Weight``, weight-only: each tile converted to x's dtype exactly):
     ``w * scale``. ``row_token [R]``: the rows are ``gather_rows(x, row_token)``, read by the kernel from ``x`` (no
-    gathered copy written and read back). Tile settings left None come from ``grouped_matmul_config()`` for the
-    block's rows."""
+    gathered copy written and read back). ``swiglu``: ``swiglu_halves(y)`` instead, ``[R, N / 2]`` (``w``'s columns
+    a gate's, then an up projection's): no ``[R, N]`` product written and read back. Tile settings left None come
+    from ``grouped_matmul_config()`` for the block's rows."""
     k, n = _weight_dims(w, k_major)
-    block_m = _check_shapes(x, w, block_expert, scale, k, n, row_token)
+    block_m = _check_shapes(x, w, block_expert, scale, k, n, row_token, swiglu)
     tiles = _tiles(block_m, dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                                  k_splits=k_splits, columns_first=columns_first, convert=convert),
                    int8=w.dtype == jnp.int8)
     block = functools.partial(block_size, kernel="the grouped matmul")
     name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
     return _call(x, block_expert, (w,) if scale is None else (w, scale), row_token=row_token, n=n, k=k,
-                 block_m=block_m, block_n=block(n, tiles["block_n"], "N"), block_k=block(k, tiles["block_k"], "K"),
-                 group_size=k, tiles=tiles, interpret=interpret, name=name, k_major=k_major)
+                 block_m=block_m, block_n=block(n // 2 if swiglu else n, tiles["block_n"], "N"),
+                 block_k=block(k, tiles["block_k"], "K"), group_size=k, tiles=tiles, interpret=interpret, name=name,
+                 k_major=k_major, swiglu=swiglu)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "num_stages", "k_splits",
-                                             "columns_first", "convert", "interpret"))
+                                             "columns_first", "convert", "swiglu", "interpret"))
 def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
                         block_expert: jax.Array, *, group_size: int, pack: int, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                         k_splits: Optional[int] = None, columns_first: Optional[bool] = None,
-                        convert: Optional[str] = None, row_token: Optional[jax.Array] = None,
+                        convert: Optional[str] = None, swiglu: bool = False, row_token: Optional[jax.Array] = None,
                         interpret: Optional[bool] = None) -> jax.Array:
     """The grouped matmul with 4-bit experts (``models.quantization.Int4Weight``'s fields: ``packed [E, K/2, N]``
     in ``pack``-row blocks, ``scales`` / ``zeros [E, K/g, N]``): each tile is dequantized, ``(q - zero) * scale``
-    in float32 then x's dtype, and multiplied as a dense one; a K step is one packing block. ``row_token`` as
-    ``grouped_matmul``'s."""
-    block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack, row_token)
+    in float32 then x's dtype, and multiplied as a dense one; a K step is one packing block. ``row_token`` and
+    ``swiglu`` as ``grouped_matmul``'s."""
+    block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack, row_token, swiglu)
     n = packed.shape[2]
     tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits,
                                  columns_first=columns_first, convert=convert))
     return _call(x, block_expert, (packed, scales, zeros), row_token=row_token, n=n, k=2 * packed.shape[1],
-                 block_m=block_m, block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"),
-                 block_k=pack, group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4")
+                 block_m=block_m, block_n=block_size(n // 2 if swiglu else n, tiles["block_n"], "N",
+                                                     kernel="the grouped matmul"),
+                 block_k=pack, group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4",
+                 swiglu=swiglu)
 
 
 def _blocks_times(x, block_expert, num_experts: int, block_m: int, weight_of, scale=None) -> jax.Array:

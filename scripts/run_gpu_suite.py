@@ -77,6 +77,7 @@ XLA_TRITON_FUSIONS = {
     "alltriton": ("--compiler-option", "xla_gpu_experimental_all_fusions_with_triton=true"),
 }
 QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
+SWIGLU_EPILOGUE = json.dumps({"swiglu_epilogue": True})  # $PAGEDJAX_MOE_CONFIG of the MoE "-swiglu" steps
 KEPT = ".suite-kept"  # git-ignored: what a later call on the same warm machine may read
 # Grouped matmul settings to sweep (GroupedMatmulConfig overrides of the defaults: 4 K splits and 3 stages for
 # decode-sized blocks, column tiles first and 3 stages for larger ones, int4's byte-permute conversion since run 38):
@@ -289,6 +290,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # (int8) with the defaults and with the sweep's best ($PAGEDJAX_MOE_CONFIG), same lease.
         ("gpu-tests-moe-tiles", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "tile_settings or gathered",
                                  "tests/test_grouped_matmul.py"], 120),
+        # The activation epilogue compiled: the kernel's cases, then Qwen3-30B-A3B's layer against the jnp path.
+        ("gpu-tests-moe-swiglu", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "swiglu or kernel_matches_jnp",
+                                  "tests/test_grouped_matmul.py", "tests/test_moe.py"], 200),
         # The sweep's record is also kept in the (git-ignored) work tree, which a warm machine keeps between calls:
         # the "-best" steps read this call's record, else the kept one (run 37c ran them in the call after).
         ("grouped-matmul-sweep", ["bash", "-c", shlex.join(bench(
@@ -296,13 +300,15 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "--configs", json.dumps(MOE_SWEEP), "--deadline-s", "400", "--output-json",
             f"{results}/grouped-matmul-sweep.json")) + f" && mkdir -p {KEPT} && cp {results}/grouped-matmul-sweep.json "
             f"{KEPT}/"], 440),
-        *((f"{name}{suffix}", ["bash", "-c", (f'sweep={results}/grouped-matmul-sweep.json; [ -f "$sweep" ] || '
-                                              f'sweep={KEPT}/grouped-matmul-sweep.json; '
-                                              f'cfg="$({PY} scripts/bench_grouped_matmul.py --best-of "$sweep")" && '
-                                              'export PAGEDJAX_MOE_CONFIG="$cfg" && echo "config: $cfg ($sweep)" && '
-                                              if suffix else "")
-                               + shlex.join(argv_(f"{name}{suffix}"))], limit)
-          for suffix in ("", "-best")
+        # "-swiglu": the gate/up kernel's activation epilogue (GroupedMatmulConfig.swiglu_epilogue), beside the
+        # defaults in the same lease.
+        *((f"{name}{suffix}", ["bash", "-c", setup + shlex.join(argv_(f"{name}{suffix}"))], limit)
+          for suffix, setup in (("", ""),
+                                ("-best", f'sweep={results}/grouped-matmul-sweep.json; [ -f "$sweep" ] || '
+                                          f'sweep={KEPT}/grouped-matmul-sweep.json; '
+                                          f'cfg="$({PY} scripts/bench_grouped_matmul.py --best-of "$sweep")" && '
+                                          'export PAGEDJAX_MOE_CONFIG="$cfg" && echo "config: $cfg ($sweep)" && '),
+                                ("-swiglu", f"export PAGEDJAX_MOE_CONFIG={shlex.quote(SWIGLU_EPILOGUE)} && "))
           for name, argv_, limit in (
               ("latency-qwen3-moe-awq-ms8", lambda n: latency("awq", "--num-scheduler-steps", "8", "--model", QWEN3_MOE,
                                                                "--output-json", f"{results}/{n}.json"), 240),
@@ -831,7 +837,10 @@ REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tes
                                                          "tput-short-qwen3-moe-int8-best",
                                                          "profile-qwen3-moe-decode1-awq-best",
                                                          "profile-qwen3-moe-decode1024-int8-best",
-                                                         "profile-qwen3-moe-prefill-int8-best")}}
+                                                         "profile-qwen3-moe-prefill-int8-best")},
+            **{f"{name}-swiglu": "gpu-tests-moe-swiglu" for name in (
+                "latency-qwen3-moe-awq-ms8", "tput-short-qwen3-moe-int8", "profile-qwen3-moe-decode1-awq",
+                "profile-qwen3-moe-decode1024-int8", "profile-qwen3-moe-prefill-int8")}}
 
 
 def repeat_of(name: str, results: str, by_name: dict) -> Optional[tuple[str, list[str], int]]:

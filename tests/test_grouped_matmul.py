@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.grouped_matmul import (gather_rows, grouped_matmul, grouped_matmul_int4,
-                                           grouped_matmul_int4_reference, grouped_matmul_reference)
+                                           grouped_matmul_int4_reference, grouped_matmul_reference, swiglu_halves)
 from pallas_kernels.quantized_matmul import pack_int4
 
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -155,6 +155,11 @@ def test_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
     int8_affine = cuda_lowering(functools.partial(grouped_matmul, convert="affine", interpret=False), x,
                                 w.astype(jnp.int8), block_expert, jnp.ones((128, 1536), jnp.float32))
     assert int8_affine.count("__gpu$xla.gpu.triton") == 1
+    swiglu = cuda_lowering(functools.partial(grouped_matmul, swiglu=True, k_splits=1, interpret=False), x, w,
+                           block_expert)
+    assert swiglu.count("__gpu$xla.gpu.triton") == 1 and "1024x768xbf16" in swiglu  # the [R, N / 2] activations
+    with pytest.raises(ValueError, match="two halves"):
+        grouped_matmul(x, w[:, :, :1535], block_expert, swiglu=True)
     fp8 = cuda_lowering(functools.partial(grouped_matmul, k_major=True, interpret=False), x,
                         jnp.zeros((128, 1536, 2048), jnp.float8_e4m3fn), block_expert,
                         jnp.ones((128, 1536), jnp.float32))
@@ -218,9 +223,9 @@ def check_row_gather(seed, call, reference, x, num_rows: int) -> None:
 GATHER_CASES = [(CPU_CASES[1], False), (CPU_CASES[3], False), (CPU_CASES[4], False), (INT4_CPU_CASES[0], True)]
 
 
-def run_gather_case(case, int4: bool, *, interpret, **tiles):
-    seed = np.random.SeedSequence().entropy
-    rng = np.random.default_rng(seed)
+def case_calls(rng, case, int4: bool, *, interpret, **tiles):
+    """Random operands for ``case`` (an int4 case where ``int4``): ``x``, then the kernel and the reference as
+    functions of the rows (``x`` or its tokens) and their keyword arguments."""
     if int4:
         blocks, block_m, E, K, N, group_size, pack, block_n = case
         x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), jnp.bfloat16)
@@ -239,9 +244,14 @@ def run_gather_case(case, int4: bool, *, interpret, **tiles):
         call = functools.partial(grouped_matmul, k_major=k_major, block_n=block_n, block_k=block_k,
                                  interpret=interpret, **tiles)
         reference = functools.partial(grouped_matmul_reference, k_major=k_major)
+    return x, (lambda t, **kw: call(t, *operands, **kw)), (lambda t, **kw: reference(t, *operands, **kw))
+
+
+def run_gather_case(case, int4: bool, *, interpret, **tiles):
+    seed = np.random.SeedSequence().entropy
+    x, call, reference = case_calls(np.random.default_rng(seed), case, int4, interpret=interpret, **tiles)
     tokens = x[: max(1, x.shape[0] // 3)]  # fewer tokens than rows: each is read by several rows
-    check_row_gather(seed, lambda t, **kw: call(t, *operands, **kw), lambda t, **kw: reference(t, *operands, **kw),
-                     tokens, x.shape[0])
+    check_row_gather(seed, call, reference, tokens, x.shape[0])
 
 
 @pytest.mark.parametrize("case, int4", GATHER_CASES)
@@ -254,6 +264,42 @@ def test_rows_gathered_by_the_kernel_interpret(case, int4):
                                         (INT4_GPU_CASES[0], True), (INT4_GPU_CASES[2], True)])
 def test_rows_gathered_by_the_kernel_on_gpu(case, int4):
     run_gather_case(case, int4, interpret=False)
+
+
+def run_swiglu_case(case, int4: bool, *, interpret, **tiles):
+    """``swiglu=True`` (the activation on the float32 products, in the kernel; after the K splits are added where
+    there are several) against ``swiglu_halves`` of the plain products (rounded to x's dtype first, as the model's
+    unfused path is), with and without the rows gathered by the kernel."""
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    x, call, _ = case_calls(rng, case, int4, interpret=interpret, **tiles)
+    plain = np.asarray(swiglu_halves(call(x).astype(jnp.float32)), np.float32)
+    fused = call(x, swiglu=True)
+    assert fused.shape == (x.shape[0], plain.shape[1]) and fused.dtype == x.dtype
+    scale = np.abs(plain).max() + 1e-6
+    np.testing.assert_allclose(np.asarray(fused, np.float32) / scale, plain / scale, atol=2e-2, err_msg=f"seed {seed}")
+    tokens = x[: max(1, x.shape[0] // 3)]
+    row_token = jnp.asarray(rng.integers(0, tokens.shape[0] + 1, x.shape[0]), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(call(tokens, row_token=row_token, swiglu=True), np.float32),
+                                  np.asarray(call(gather_rows(tokens, row_token), swiglu=True), np.float32),
+                                  err_msg=f"seed {seed}")
+
+
+SWIGLU_CASES = [(CPU_CASES[1], False), (CPU_CASES[3], False), (CPU_CASES[4], False), (INT4_CPU_CASES[0], True)]
+
+
+@pytest.mark.parametrize("case, int4", SWIGLU_CASES)
+@pytest.mark.parametrize("k_splits", [1, 2])
+def test_swiglu_epilogue_interpret(case, int4, k_splits):
+    run_swiglu_case(case, int4, interpret=True, k_splits=k_splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, int4", [(GPU_CASES[0], False), (GPU_CASES[3], False), (GPU_CASES[4], False),
+                                        (INT4_GPU_CASES[0], True), (INT4_GPU_CASES[2], True)])
+@pytest.mark.parametrize("k_splits", [1, 4])
+def test_swiglu_epilogue_on_gpu(case, int4, k_splits):
+    run_swiglu_case(case, int4, interpret=False, k_splits=k_splits)
 
 
 @pytest.mark.parametrize("run, case", [(run_case, CPU_CASES[3]), (run_int4_case, INT4_CPU_CASES[0]),
@@ -304,6 +350,8 @@ def test_int4_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
     assert cuda_lowering(call, x, packed, scales, scales, block_expert).count("__gpu$xla.gpu.triton") == 1
     cvt = functools.partial(call, convert="cvt")
     assert cuda_lowering(cvt, x, packed, scales, scales, block_expert).count("__gpu$xla.gpu.triton") == 1
+    swiglu = functools.partial(call, swiglu=True, k_splits=1)
+    assert cuda_lowering(swiglu, x, packed, scales, scales, block_expert).count("__gpu$xla.gpu.triton") == 1
     with pytest.raises(ValueError, match="convert must be one of"):
         grouped_matmul_int4(x, packed, scales, scales, block_expert, group_size=128, pack=128, convert="exponent")
     with pytest.raises(ValueError, match=r"scales and zeros \[E, K/g, N\]"):

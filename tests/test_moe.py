@@ -8,6 +8,7 @@ Fresh random inputs every run (the seed is in failures). The grouped matmul kern
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -259,10 +260,44 @@ def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant
     assert len(out[0].outputs[0].token_ids) == 6
 
 
+@pytest.fixture
+def swiglu_epilogue(request, monkeypatch):
+    """``GroupedMatmulConfig.swiglu_epilogue`` as the test's parameter, through ``$PAGEDJAX_MOE_CONFIG``."""
+    from pallas_kernels.grouped_matmul import grouped_matmul_config
+
+    monkeypatch.setenv("PAGEDJAX_MOE_CONFIG", json.dumps({"swiglu_epilogue": request.param}))
+    grouped_matmul_config.cache_clear()
+    yield request.param
+    monkeypatch.delenv("PAGEDJAX_MOE_CONFIG")
+    grouped_matmul_config.cache_clear()
+
+
+@pytest.mark.parametrize("swiglu_epilogue", [True], indirect=True)
+@pytest.mark.parametrize("num_tokens", [1, 40])
+def test_swiglu_epilogue_gives_the_unfused_layer(swiglu_epilogue, num_tokens):
+    """The gate/up kernel's activation epilogue (interpreted) against the jnp path, at decode (K splits: the
+    activation after their sum) and prompt sizes."""
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    config = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=64, intermediate_size=32, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                         norm_topk_prob=True)
+    H, I, E = config.hidden_size, config.intermediate_size, config.num_experts
+    w = {"router": rng.standard_normal((H, E)) / np.sqrt(H), "expert_gate_up": rng.standard_normal((E, H, 2 * I))
+         / np.sqrt(H), "expert_down": rng.standard_normal((E, I, H)) / np.sqrt(I)}
+    w = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
+    h = jnp.asarray(rng.standard_normal((num_tokens, H)), jnp.float32)
+    outs = [np.asarray(moe_mlp(h, w, config=config, expert_fn=functools.partial(
+        expert_mlp, use_kernel=k, interpret=True))) for k in (True, False)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5, err_msg=f"seed {seed}")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("swiglu_epilogue", [False, True], indirect=True)
 @pytest.mark.parametrize("num_tokens", [1, 64, 3000])
-def test_moe_mlp_kernel_matches_jnp_on_gpu(num_tokens):
-    """Qwen3-30B-A3B's expert layer (128 experts, 8 a token, bf16): the compiled kernels give the jnp path's output."""
+def test_moe_mlp_kernel_matches_jnp_on_gpu(num_tokens, swiglu_epilogue):
+    """Qwen3-30B-A3B's expert layer (128 experts, 8 a token, bf16): the compiled kernels (with and without the
+    activation epilogue) give the jnp path's output."""
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
     config = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=2048, intermediate_size=768,
