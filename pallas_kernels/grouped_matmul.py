@@ -140,8 +140,9 @@ def _check_shapes(x, w, block_expert, scale, k: int, n: int, row_token=None, swi
     """``block_m``: the rows of a block, after checking the operands agree (``k``, ``n``: the weight's K and N)."""
     if row_token is not None and row_token.ndim != 1:
         raise ValueError(f"row_token must be [R] (each row's token), got {row_token.shape}")
-    if swiglu and n % 2:
-        raise ValueError(f"swiglu needs a weight of two halves (gate, up): N = {n} is odd")
+    if swiglu and n % 32:
+        raise ValueError(f"swiglu needs a weight of two halves (gate, up) of 16-column tiles: N = {n} is not a "
+                         "multiple of 32")
     rows = x.shape[0] if row_token is None else row_token.shape[0]
     if w.ndim != 3 or x.shape[1] != k:
         raise ValueError(f"the grouped matmul needs x[R, K] and w[E, K, N] (or [E, N, K]); got {x.shape} and a "
@@ -253,9 +254,9 @@ def swiglu_halves(y: jax.Array) -> jax.Array:
 
 def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_m: int, block_n: int, block_k: int,
           group_size: int, tiles: dict, interpret, name: str, k_major: bool = False, swiglu: bool = False):
-    """The launch; ``block_n`` / ``block_k`` as they divide N / K (N / 2 where ``swiglu``), the rest of the settings
-    from ``tiles``; the rows ``x[row_token]`` where ``row_token`` is given (loaded by the kernel), else ``x``'s.
-    ``swiglu``: ``swiglu_halves`` of the product, by the kernel, or after adding the K splits' partial sums."""
+    """The launch; ``block_n`` / ``block_k`` as they divide N / K, the rest of the settings from ``tiles``; the rows
+    ``x[row_token]`` where ``row_token`` is given (loaded by the kernel), else ``x``'s. ``swiglu``: ``swiglu_halves``
+    of the product, by the kernel, or after adding the K splits' partial sums."""
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     columns_first, convert = tiles["columns_first"], tiles["convert"]
     if convert not in CONVERSIONS:
@@ -265,6 +266,8 @@ def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_
     form = interpreted_conversion if interpret else str  # inline PTX runs compiled only: the interpreter's jnp form
     int8_convert = "permute" if convert == "affine" else "cvt"  # int8's form of the byte-permute conversion
     fused = swiglu and splits == 1  # split partial sums are added first, so then the activation follows outside
+    if fused:  # two accumulators of half the columns: the plain product's weight bytes and registers a program
+        block_n = block_size(n // 2, max(16, block_n // 2), "N / 2", kernel="the grouped matmul's swiglu")
     out_n = n // 2 if fused else n
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
                                block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major,
@@ -321,9 +324,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
     block = functools.partial(block_size, kernel="the grouped matmul")
     name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
     return _call(x, block_expert, (w,) if scale is None else (w, scale), row_token=row_token, n=n, k=k,
-                 block_m=block_m, block_n=block(n // 2 if swiglu else n, tiles["block_n"], "N"),
-                 block_k=block(k, tiles["block_k"], "K"), group_size=k, tiles=tiles, interpret=interpret, name=name,
-                 k_major=k_major, swiglu=swiglu)
+                 block_m=block_m, block_n=block(n, tiles["block_n"], "N"), block_k=block(k, tiles["block_k"], "K"),
+                 group_size=k, tiles=tiles, interpret=interpret, name=name, k_major=k_major, swiglu=swiglu)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "num_stages", "k_splits",
@@ -343,8 +345,7 @@ def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zero
     tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits,
                                  columns_first=columns_first, convert=convert))
     return _call(x, block_expert, (packed, scales, zeros), row_token=row_token, n=n, k=2 * packed.shape[1],
-                 block_m=block_m, block_n=block_size(n // 2 if swiglu else n, tiles["block_n"], "N",
-                                                     kernel="the grouped matmul"),
+                 block_m=block_m, block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"),
                  block_k=pack, group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4",
                  swiglu=swiglu)
 

@@ -53,6 +53,7 @@ lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4
 loops = [(int(b.group(1), 16), at) for at, text in lines if (b := re.search(r"BRA\s+(?:`\()?0x([0-9a-f]+)", text))
          and int(b.group(1), 16) < at]
 report = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "shared_bytes": int(re.search(r"SHARED:(\d+)", usage).group(1)),
+          "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),  # local memory: spilled registers
           "layout_conversions": k.asm["ttgir"].count("ttg.convert_layout"), "barriers": sass.count("BAR.SYNC")}
 if loops:
     start, end = max(loops, key=lambda se: se[1] - se[0])
@@ -95,7 +96,7 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, r
 
     if kernel.startswith("attention-"):
         return _attention_module(kernel.removeprefix("attention-"), config)
-    cfg = qmm.MatmulConfig(**config)
+    cfg = qmm.MatmulConfig(**config) if kernel != "moe" else None
     x = jnp.ones((rows, K), jnp.bfloat16)
     if kernel == "int4":
         args = (x, jnp.zeros((K // 2, N), jnp.uint8), jnp.ones((K // 128, N), jnp.bfloat16),
@@ -105,12 +106,14 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, r
         args = (x, jnp.zeros((N, K), jnp.int8), jnp.ones((N,), jnp.float32))
         fn = functools.partial(qmm.int8_kmajor_matmul, config=cfg, interpret=False)
     elif kernel == "moe":  # a mixture's grouped matmul: 8 blocks of max(rows, 16) rows, each expert [K, N] of 128
-        from pallas_kernels.grouped_matmul import grouped_matmul
+        from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_config
 
-        block_m = max(rows, 16)
+        block_m = max(rows, 16)  # ``config``: grouped_matmul's keyword arguments (tiles, swiglu)
         args = (jnp.ones((8 * block_m, K), jnp.bfloat16), jnp.zeros((128, K, N), jnp.bfloat16),
                 jnp.arange(8, dtype=jnp.int32))
-        return triton_module_text(_printed_modules(functools.partial(grouped_matmul, interpret=False), args)), 4
+        fn = functools.partial(grouped_matmul, interpret=False, **config)
+        num_warps = config.get("num_warps") or grouped_matmul_config().tiles(block_m)["num_warps"]
+        return triton_module_text(_printed_modules(fn, args)), num_warps
     else:
         raise ValueError(f"--kernel must be one of {KERNELS}, got {kernel!r}")
     return triton_module_text(_printed_modules(fn, args)), cfg.gemv_num_warps if rows == 1 else cfg.num_warps
@@ -159,7 +162,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--n", type=int, default=28672)
     parser.add_argument("--config", default="{}",
-                        help="MatmulConfig fields as JSON (the attention kernels: Tiling fields)")
+                        help="MatmulConfig fields as JSON (the attention kernels: Tiling fields; moe: grouped_matmul's "
+                             "keyword arguments)")
     parser.add_argument("--pack", type=int, default=128, choices=[32, 64, 128],
                         help="int4: rows of K a packing block (the GEMV's K step)")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
