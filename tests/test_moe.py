@@ -92,10 +92,25 @@ def numpy_moe(h, w, config):
     return out
 
 
-@pytest.mark.parametrize("num_tokens, normalize, use_kernel, joined", [
-    (1, True, True, False), (1, False, False, True), (5, False, True, True), (40, True, False, True),
-    (40, False, True, False)])
-def test_moe_mlp_matches_token_by_token_numpy(num_tokens, normalize, use_kernel, joined):
+@pytest.fixture
+def swiglu_epilogue(request, monkeypatch):
+    """``GroupedMatmulConfig.swiglu_epilogue`` as the test's parameter, through ``$PAGEDJAX_MOE_CONFIG``."""
+    from pallas_kernels.grouped_matmul import grouped_matmul_config
+
+    monkeypatch.setenv("PAGEDJAX_MOE_CONFIG", json.dumps({"swiglu_epilogue": request.param}))
+    grouped_matmul_config.cache_clear()
+    yield request.param
+    monkeypatch.delenv("PAGEDJAX_MOE_CONFIG")
+    grouped_matmul_config.cache_clear()
+
+
+# The last two: the gate/up kernel's activation epilogue (one K step here: in the kernel; K splits are
+# tests/test_grouped_matmul.py's).
+@pytest.mark.parametrize("num_tokens, normalize, use_kernel, joined, swiglu_epilogue", [
+    (1, True, True, False, False), (1, False, False, True, False), (5, False, True, True, False),
+    (40, True, False, True, False), (40, False, True, False, False), (1, True, True, True, True),
+    (40, False, True, True, True)], indirect=["swiglu_epilogue"])
+def test_moe_mlp_matches_token_by_token_numpy(num_tokens, normalize, use_kernel, joined, swiglu_epilogue):
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
     config = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
@@ -258,38 +273,6 @@ def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant
                        use_tqdm=False)
     llm.shutdown()
     assert len(out[0].outputs[0].token_ids) == 6
-
-
-@pytest.fixture
-def swiglu_epilogue(request, monkeypatch):
-    """``GroupedMatmulConfig.swiglu_epilogue`` as the test's parameter, through ``$PAGEDJAX_MOE_CONFIG``."""
-    from pallas_kernels.grouped_matmul import grouped_matmul_config
-
-    monkeypatch.setenv("PAGEDJAX_MOE_CONFIG", json.dumps({"swiglu_epilogue": request.param}))
-    grouped_matmul_config.cache_clear()
-    yield request.param
-    monkeypatch.delenv("PAGEDJAX_MOE_CONFIG")
-    grouped_matmul_config.cache_clear()
-
-
-@pytest.mark.parametrize("swiglu_epilogue", [True], indirect=True)
-@pytest.mark.parametrize("num_tokens", [1, 40])
-def test_swiglu_epilogue_gives_the_unfused_layer(swiglu_epilogue, num_tokens):
-    """The gate/up kernel's activation epilogue (interpreted) against the jnp path, at decode (K splits: the
-    activation after their sum) and prompt sizes."""
-    seed = np.random.SeedSequence().entropy
-    rng = np.random.default_rng(seed)
-    config = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=64, intermediate_size=32, num_layers=1,
-                         num_heads=4, num_kv_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-                         norm_topk_prob=True)
-    H, I, E = config.hidden_size, config.intermediate_size, config.num_experts
-    w = {"router": rng.standard_normal((H, E)) / np.sqrt(H), "expert_gate_up": rng.standard_normal((E, H, 2 * I))
-         / np.sqrt(H), "expert_down": rng.standard_normal((E, I, H)) / np.sqrt(I)}
-    w = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
-    h = jnp.asarray(rng.standard_normal((num_tokens, H)), jnp.float32)
-    outs = [np.asarray(moe_mlp(h, w, config=config, expert_fn=functools.partial(
-        expert_mlp, use_kernel=k, interpret=True))) for k in (True, False)]
-    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5, err_msg=f"seed {seed}")
 
 
 @pytest.mark.gpu
