@@ -115,14 +115,35 @@ def _collectives(runner) -> list:
     return [list(m) for m in re.findall(rf"= (\w+\[[\d,]*\])\S* ({ops})\(", step.as_text() + sampler.as_text())]
 
 
-def _generate(llm, prompts: list) -> list:
+def _generate(llm, prompts: list) -> dict:
+    """``outputs``: each prompt's greedy tokens, then the first prompt's two seeded samples; ``top2``: for each
+    greedy output, the two most likely ``[token, logprob]`` at each position."""
     from engine import SamplingParams
 
-    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
     sampled = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, n=2, seed=7, max_tokens=NEW_TOKENS,
                              ignore_eos=True)
     outs = llm.generate(prompts + prompts[:1], [greedy] * len(prompts) + [sampled], use_tqdm=False)
-    return [[c.token_ids for c in o.outputs] for o in outs]
+    top2 = [[sorted(([t, lp.logprob] for t, lp in position.items()), key=lambda e: -e[1])[:2]
+             for position in o.outputs[0].logprobs] for o in outs[:len(prompts)]]
+    return {"outputs": [[c.token_ids for c in o.outputs] for o in outs], "top2": top2}
+
+
+def assert_same_tokens(reference: dict, got: dict, near_tie: float = 0.05) -> None:
+    """``got``'s outputs are the reference's, except that a greedy output may part from it where the reference's two
+    most likely tokens were within ``near_tie`` nats and ``got`` took the second (another device count sums in
+    another order; fp8 K/V pages round such differences up). The seeded samples must be equal."""
+    want, have = reference["outputs"], got["outputs"]
+    assert all(len(c) == NEW_TOKENS for o in want for c in o)
+    assert len({tuple(c) for o in want for c in o}) > 1  # outputs differ per prompt: the check has teeth
+    assert have[len(reference["top2"]):] == want[len(reference["top2"]):]
+    for (w,), (h,), top2 in zip(want, have, reference["top2"]):
+        diverged = next((i for i, (a, b) in enumerate(zip(w, h)) if a != b), None)
+        if diverged is not None:
+            (first, first_lp), (second, second_lp) = top2[diverged]
+            assert h[diverged] == second and first_lp - second_lp < near_tie, (
+                f"{h} parts from {w} at {diverged}: top two there {top2[diverged]}")
+        assert len(h) == len(w)
 
 
 def _single_host(args: dict) -> dict:
@@ -137,7 +158,7 @@ def _single_host(args: dict) -> dict:
         for tp in sizes:
             llm = LLM(source, tensor_parallel_size=tp, load_format=load_format, **ENGINE_KWARGS, **(options or [{}])[0])
             runner = llm.llm_engine.runner
-            entry = {"outputs": _generate(llm, args["prompts"]), "layout": _layout(runner)}
+            entry = {**_generate(llm, args["prompts"]), "layout": _layout(runner)}
             if name == "llama" and tp > 1:
                 entry["collectives"] = _collectives(runner)
             if tp == 1:
@@ -194,7 +215,7 @@ def _multi_host(args: dict) -> dict:
     result = {"process_count": jax.process_count(), "local_devices": jax.local_device_count(),
               "layout": {k: v["shard_shapes"] for k, v in _layout(runner).items()}}
     if is_leader():
-        result["outputs"] = _generate(llm, args["prompts"])
+        result.update(_generate(llm, args["prompts"]))
         runner.release_followers()
     else:
         runner.follow()
@@ -324,16 +345,13 @@ def single_host(workers) -> dict:
                                  "moe-int8/tp4", "moe-int4/tp2", "moe-fp8/tp2", "kv-fp8-scales/tp2", "phi3/tp4", "gemma3/tp4",
                                  "qwen2-moe/tp4", "moe-kernel/tp2"])
 def test_outputs_equal_single_device(single_host, run):
-    """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1."""
-    name = run.split("/")[0]
-    want, got = single_host[f"{name}/tp1"]["outputs"], single_host[run]["outputs"]
-    assert all(len(c) == NEW_TOKENS for o in want for c in o)
-    assert len({tuple(c) for o in want for c in o}) > 1  # outputs differ per prompt: the check has teeth
-    assert got == want
+    """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1 (a greedy output may
+    part from them only at a near tie)."""
+    assert_same_tokens(single_host[f"{run.split('/')[0]}/tp1"], single_host[run])
 
 
 def test_multi_step_decoding_over_the_mesh_gives_the_single_devices_tokens(single_host):
-    assert single_host["multi-step/tp4"]["outputs"] == single_host["llama/tp1"]["outputs"]
+    assert_same_tokens(single_host["llama/tp1"], single_host["multi-step/tp4"])
 
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4"])
@@ -397,7 +415,7 @@ def test_per_layer_kv_buffers_split_on_kv_heads(single_host):
     layout = single_host["unrolled/tp4"]["layout"]
     assert layout["kv_cache"]["spec"] == KV_CACHE_SPEC[1:]  # [Hkv, P, bs, D] per layer
     assert layout["kv_cache"]["devices"] == 4 and layout["kv_cache"]["shard_shapes"][0][0] == 1
-    assert single_host["unrolled/tp4"]["outputs"] == single_host["llama/tp1"]["outputs"]
+    assert_same_tokens(single_host["llama/tp1"], single_host["unrolled/tp4"])
 
 
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4"])
@@ -432,7 +450,7 @@ def test_two_processes_form_one_mesh(workers, single_host):
     leader, follower = workers["multi"]
     assert leader["process_count"] == follower["process_count"] == 2
     assert leader["local_devices"] == follower["local_devices"] == 2
-    assert leader["outputs"] == single_host["llama/tp1"]["outputs"]
+    assert_same_tokens(single_host["llama/tp1"], leader)
     # Each process holds only its own devices' slices (a quarter of wq's columns each).
     wq = single_host["llama/tp4"]["layout"]["layers/wq"]["shard_shapes"]
     assert leader["layout"]["layers/wq"] == follower["layout"]["layers/wq"] == wq
