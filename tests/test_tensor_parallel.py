@@ -254,6 +254,7 @@ def checkpoints(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tp")
     rng = np.random.default_rng()
     seed = int(rng.integers(1 << 30))
+    print(f"tensor-parallel checkpoints from seed {seed}")  # shown with a failure: a flip can be replayed
     paths = {}
     for i, variant in enumerate(("llama", "qwen2", "mixtral", "phi3", "gemma3_text", "qwen2_moe")):
         paths[variant] = str(root / variant)
