@@ -136,10 +136,11 @@ def expert_mlp(h: jax.Array, row_token: jax.Array, block_expert: jax.Array, w: d
         fn = grouped_matmul if use_kernel else grouped_matmul_reference
         return fn(x, q, block_expert, scale, k_major=k_major, row_token=row_token, **kernel_options)
 
-    if use_kernel and "expert_gate_up" in w and grouped_matmul_config().swiglu_epilogue:
-        activations = matmul(h, w["expert_gate_up"], row_token, swiglu=True)
-    elif "expert_gate_up" in w:
-        activations = swiglu_halves(matmul(h, w["expert_gate_up"], row_token))
+    if "expert_gate_up" in w:
+        if use_kernel and grouped_matmul_config().swiglu_epilogue:
+            activations = matmul(h, w["expert_gate_up"], row_token, swiglu=True)
+        else:
+            activations = swiglu_halves(matmul(h, w["expert_gate_up"], row_token))
     else:
         activations = jax.nn.silu(matmul(h, w["expert_gate"], row_token)) * matmul(h, w["expert_up"], row_token)
     return matmul(activations.astype(h.dtype), w["expert_down"])

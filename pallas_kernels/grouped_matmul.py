@@ -224,11 +224,18 @@ class GroupedMatmulConfig:
     large_num_stages: int = 3
     large_k_splits: int = 1
 
+    REGIMES = ("decode_", "", "large_")  # the prefixes of each regime's fields
+
     def regime(self, block_m: int) -> str:
         """The prefix of the fields that set blocks of ``block_m`` rows: "decode_", "large_" or ""."""
         if block_m <= self.decode_max_block_m:
             return "decode_"
         return "large_" if block_m >= self.large_min_block_m else ""
+
+    @classmethod
+    def field_regime(cls, name: str) -> str:
+        """The regime whose blocks field ``name`` sets ("" also for the fields every regime shares)."""
+        return next((prefix for prefix in cls.REGIMES if prefix and name.startswith(prefix)), "")
 
     def tiles(self, block_m: int, int8: bool = False) -> dict:
         """``block_n``, ``block_k``, ``num_warps``, ``num_stages``, ``k_splits`` for blocks of ``block_m`` rows, and

@@ -134,18 +134,17 @@ def best_config(record: dict) -> dict:
     deadline can cut the last one); ``{}`` where nothing beat the default."""
     from pallas_kernels.grouped_matmul import GroupedMatmulConfig
 
-    config, prefixes = GroupedMatmulConfig(), ("decode_", "large_")
-    field_regime = lambda name: next((p for p in prefixes if name.startswith(p)), "")  # noqa: E731
+    config = GroupedMatmulConfig()
     merged = {}
     finished = {tuple(case) for case in record.get("complete", ())}
-    for regime in ("decode_", "", "large_"):
+    for regime in config.REGIMES:
         rows = [r for r in record["rows"] if config.regime(r["block_m"]) == regime and r["error"] is None
                 and (r["format"], r["matmul"], r["tokens"]) in finished]
         default = {(r["format"], r["matmul"], r["tokens"]): r["us"] for r in rows if not r["config"]}
         scores: dict = {}
         for r in rows:
             case = (r["format"], r["matmul"], r["tokens"])
-            fields = {k: v for k, v in r["config"].items() if field_regime(k) == regime}
+            fields = {k: v for k, v in r["config"].items() if config.field_regime(k) == regime}
             if case in default and (fields or not r["config"]):  # "{}" scores the default row alone
                 scores.setdefault(json.dumps(fields, sort_keys=True), {})[case] = r["us"] / default[case]
         totals = {k: sum(v.values()) for k, v in scores.items() if set(v) == set(default)}

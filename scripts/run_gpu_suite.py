@@ -79,6 +79,9 @@ XLA_TRITON_FUSIONS = {
 QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
 SWIGLU_EPILOGUE = json.dumps({"swiglu_epilogue": True})  # $PAGEDJAX_MOE_CONFIG of the MoE "-swiglu" steps
 KEPT = ".suite-kept"  # git-ignored: what a later call on the same warm machine may read
+# The MoE engine steps that also run as "-best" (the sweep's pick) and "-swiglu" (the activation epilogue) variants.
+MOE_ENGINE_STEPS = ("latency-qwen3-moe-awq-ms8", "tput-short-qwen3-moe-int8", "profile-qwen3-moe-decode1-awq",
+                    "profile-qwen3-moe-decode1024-int8", "profile-qwen3-moe-prefill-int8")
 # Grouped matmul settings to sweep (GroupedMatmulConfig overrides of the defaults: 4 K splits and 3 stages for
 # decode-sized blocks, column tiles first and 3 stages for larger ones, int4's byte-permute conversion since run 38):
 # the other conversion of each format, then decode-sized blocks (2 warps: int8's best at one token in run 38a; 8 K
@@ -833,14 +836,8 @@ REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tes
                                                   "latency-qwen3-moe-fp8")},
             "latency-qwen3-moe-awq": "gpu-tests-moe-int4",
             "grouped-matmul-sweep": "gpu-tests-moe-tiles",
-            **{name: "grouped-matmul-sweep" for name in ("latency-qwen3-moe-awq-ms8-best",
-                                                         "tput-short-qwen3-moe-int8-best",
-                                                         "profile-qwen3-moe-decode1-awq-best",
-                                                         "profile-qwen3-moe-decode1024-int8-best",
-                                                         "profile-qwen3-moe-prefill-int8-best")},
-            **{f"{name}-swiglu": "gpu-tests-moe-swiglu" for name in (
-                "latency-qwen3-moe-awq-ms8", "tput-short-qwen3-moe-int8", "profile-qwen3-moe-decode1-awq",
-                "profile-qwen3-moe-decode1024-int8", "profile-qwen3-moe-prefill-int8")}}
+            **{f"{name}{suffix}": needed for name in MOE_ENGINE_STEPS
+               for suffix, needed in (("-best", "grouped-matmul-sweep"), ("-swiglu", "gpu-tests-moe-swiglu"))}}
 
 
 def repeat_of(name: str, results: str, by_name: dict) -> Optional[tuple[str, list[str], int]]:
