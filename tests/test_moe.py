@@ -193,7 +193,7 @@ INT4_WIDTHS = {"qwen2_moe": dict(moe_intermediate_size=64, shared_expert_interme
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_quantized_experts_logits_close_to_dense_and_kernel_matches_jnp(tmp_path, variant, method):
     """``quantization="int8"`` / ``"int4"`` / ``"fp8"`` made at load time: the experts (and attention) quantized, the
-    router not; the interpreted kernels' logits equal the jnp path's. Against the unquantized model: the median position
+    router not; the interpreted kernels' logits equal the jnp path's at the median position. Against the unquantized model: the median position
     within the dense models' tolerance for the method. Not every position: a token whose router scores two experts
     nearly alike may pick the other under the rounding and move further (int8, 12 seeds: medians 0.014-0.029, but
     up to 26% of positions past 0.05 and the whole batch's error 0.02-0.18 for mixtral's 4 experts)."""
@@ -202,8 +202,8 @@ def test_quantized_experts_logits_close_to_dense_and_kernel_matches_jnp(tmp_path
     from tests.test_quantization import LOGIT_TOLERANCE, logits_of, ragged_batch, relative_error
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
-    write_tiny_checkpoint(tmp_path, variant, seed=int(np.random.default_rng().integers(1 << 20)),
-                          **(INT4_WIDTHS.get(variant, {}) if method == "int4" else {}))
+    seed = int(np.random.default_rng().integers(1 << 20))
+    write_tiny_checkpoint(tmp_path, variant, seed=seed, **(INT4_WIDTHS.get(variant, {}) if method == "int4" else {}))
     dense = load_model(str(tmp_path), dtype="float32")
     quant = load_model(str(tmp_path), dtype="float32", quantization=method)
     layers, kind = quant.params["layers"], {"int8": Int8Weight, "int4": Int4Weight, "fp8": Fp8Weight}[method]
@@ -212,14 +212,29 @@ def test_quantized_experts_logits_close_to_dense_and_kernel_matches_jnp(tmp_path
         assert layers["expert_down"].scale.shape == (quant.config.num_layers, quant.config.num_experts,
                                                      quant.config.hidden_size)
     assert isinstance(layers["router"], jax.Array)
-    batch, pages = ragged_batch(dense.config, np.random.default_rng())
+    batch, pages = ragged_batch(dense.config, np.random.default_rng(seed))
     reference = logits_of(dense, batch, pages + 1)
     jnp_path = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="xla"))
-    per_position = np.linalg.norm(jnp_path - reference, axis=1) / np.linalg.norm(reference, axis=1)
-    assert np.median(per_position) < LOGIT_TOLERANCE[method], f"{variant} {method}: {np.round(per_position, 3)}"
-    assert relative_error(jnp_path, reference) < {"int8": 0.3, "int4": 0.9, "fp8": 0.6}[method]
+    replay, quantization_error = f"{variant} {method}, checkpoint and batch seed {seed}", per_position_error(jnp_path,
+                                                                                                             reference)
+    assert np.median(quantization_error) < LOGIT_TOLERANCE[method], f"{replay}: {np.round(quantization_error, 3)}"
+    assert relative_error(jnp_path, reference) < {"int8": 0.3, "int4": 0.9, "fp8": 0.6}[method], replay
     kernel = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
-    assert relative_error(kernel, jnp_path) < 1e-5
+    assert_equal_but_router_ties(kernel, jnp_path, replay)
+
+
+def per_position_error(logits: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(logits - reference, axis=1) / np.linalg.norm(reference, axis=1)
+
+
+def assert_equal_but_router_ties(logits: np.ndarray, reference: np.ndarray, replay: str) -> None:
+    """Two computations of the same logits (float32, summed in other orders) agree to 1e-5 at the median position and
+    to 5% overall: where a router scores two experts nearly alike, the orders' rounding may pick the other at a
+    position (and move the positions after it a little), while a kernel or layout wired wrongly moves every one."""
+    from tests.test_quantization import relative_error
+
+    error = per_position_error(logits, reference)
+    assert np.median(error) < 1e-5 and relative_error(logits, reference) < 0.05, f"{replay}: {np.round(error, 7)}"
 
 
 @pytest.mark.parametrize("variant, layout", [("qwen2_moe", "awq"), ("mixtral", "gptq"), ("qwen3_moe", "gptq-act-order"),
@@ -242,9 +257,10 @@ def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant
                                          relative_error)
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
-    rng = np.random.default_rng()
+    seed = int(np.random.default_rng().integers(1 << 20))
+    rng, replay = np.random.default_rng(seed), f"{variant} {layout}, checkpoint, weights and batch seed {seed}"
     paths = {name: str(tmp_path / name) for name in ("dense", "decoded", "quantized")}
-    write_tiny_checkpoint(paths["dense"], variant, seed=int(rng.integers(1 << 20)), **INT4_WIDTHS.get(variant, {}))
+    write_tiny_checkpoint(paths["dense"], variant, seed=seed, **INT4_WIDTHS.get(variant, {}))
     tensors = load_file(os.path.join(paths["dense"], "model.safetensors"))
     linear = [name.removesuffix("weight") for name in tensors if re.search(r"(_proj|\.w[123])\.weight$", name)]
     decoded = dict(tensors)
@@ -266,8 +282,11 @@ def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant
     reference = logits_of(dense, batch, pages + 1)
     jnp_path, kernel = (logits_of(quant, batch, pages + 1, linear_backend=backend)
                         for backend in (LinearBackend(kernel="xla"), LinearBackend(kernel="pallas", interpret=True)))
-    assert relative_error(jnp_path, reference) < (LOGIT_TOLERANCE["fp8"] if method == "fp8" else 1e-5)
-    assert relative_error(kernel, jnp_path) < 1e-5
+    if method == "fp8":
+        assert relative_error(jnp_path, reference) < LOGIT_TOLERANCE["fp8"], replay
+    else:
+        assert_equal_but_router_ties(jnp_path, reference, replay)
+    assert_equal_but_router_ties(kernel, jnp_path, replay)
     llm = LLM(paths["quantized"], dtype="float32", skip_tokenizer_init=True, max_model_len=64)
     out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                        use_tqdm=False)
