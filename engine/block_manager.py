@@ -177,6 +177,24 @@ class BlockManager:
         self._num_tokens[seq_id] = num_tokens_total
         return copies
 
+    def shrink(self, seq_id: str, num_tokens_total: int) -> None:
+        """Cover only the first ``num_tokens_total`` tokens: the blocks past them go back (speculative decoding
+        grows a sequence by its drafts and keeps those the model accepted). Only blocks never offered to the
+        prefix cache may go, i.e. blocks of tokens past those ``cache_blocks`` saw."""
+        table, current = self._table(seq_id), self._num_tokens[seq_id]
+        if not 0 < num_tokens_total <= current:
+            raise ValueError(f"sequence {seq_id!r} covers {current} tokens; cannot shrink to {num_tokens_total}")
+        keep = _cdiv(num_tokens_total, self.block_size)
+        if keep < self._num_keyed.get(seq_id, 0):
+            raise ValueError(f"sequence {seq_id!r}: its first {self._num_keyed[seq_id]} blocks are in the prefix "
+                             f"cache; cannot shrink to {num_tokens_total} tokens")
+        if keep < len(table):
+            for block in reversed(table[keep:]):
+                self._release(block)
+            del table[keep:]
+            self._table_arrays.pop(seq_id, None)
+        self._num_tokens[seq_id] = num_tokens_total
+
     def fork(self, parent_id: str, child_id: str, num_tokens: int | None = None) -> None:
         """Make ``child_id`` share the blocks holding ``parent_id``'s first ``num_tokens`` tokens (default: all).
 

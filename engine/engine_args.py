@@ -91,6 +91,10 @@ class EngineArgs:
     # Defaults of the sampling fields a request leaves unset (engine.generation_config): "auto" from the model
     # folder's generation_config.json, as vLLM; "vllm" none; or a folder holding one.
     generation_config: str = "auto"
+    # Speculative decoding (vLLM's --speculative-config): {"method": "ngram", "num_speculative_tokens": k,
+    # "prompt_lookup_max": n, "prompt_lookup_min": m}: drafts looked up in a request's own tokens, checked by the
+    # model in the decode's step (engine.speculative). Steps are then planned after the previous one's tokens.
+    speculative_config: Optional[dict] = None
 
     def validate(self) -> None:
         import jax
@@ -130,6 +134,7 @@ class EngineArgs:
         if self.scheduling_mode not in ("continuous", "static"):
             raise ValueError(f"scheduling_mode must be 'continuous' or 'static', got {self.scheduling_mode!r}")
         self._validate_tensor_parallel_size()
+        self._validate_speculative_config()
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATION_METHODS)}, "
                              f"got {self.quantization!r}")
@@ -142,6 +147,17 @@ class EngineArgs:
                              f"got {self.kv_write_backend!r}")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
+
+    def _validate_speculative_config(self) -> None:
+        from engine.speculative import SpeculativeConfig
+
+        if SpeculativeConfig.of(self.speculative_config) is None:
+            return
+        for conflict, ok in (("num_scheduler_steps > 1", self.num_scheduler_steps == 1),
+                             ("async_scheduling=True", not self.async_scheduling),
+                             ("runner='pooling'", self.runner != "pooling")):
+            if not ok:
+                raise ValueError(f"speculative_config cannot be combined with {conflict}")
 
     def _validate_tensor_parallel_size(self) -> None:
         """Sizes the devices allow; whether the model's heads divide is checked once its config is read."""

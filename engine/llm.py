@@ -65,6 +65,7 @@ class LLM:
         reasoning_parser: Optional[str] = None,
         runner: str = "auto",
         pooling_type: Optional[str] = None,
+        speculative_config: Optional[dict] = None,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -79,7 +80,7 @@ class LLM:
             compiler_options=compiler_options, precompile_steps=precompile_steps,
             num_scheduler_steps=num_scheduler_steps, enable_prefix_caching=enable_prefix_caching,
             generation_config=generation_config, reasoning_parser=reasoning_parser, runner=runner,
-            pooling_type=pooling_type,
+            pooling_type=pooling_type, speculative_config=speculative_config,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)

@@ -12,7 +12,7 @@ import dataclasses
 import gc
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -30,6 +30,7 @@ from engine.runner import PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork,
 from engine.sampler import build_sampling_metadata
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import Scheduler, ScheduledSequence, SchedulerOutput
+from engine.speculative import SpeculativeConfig, accepted_tokens
 from engine.trace import StepRecord, StepTracer
 from models.batch import kv_cache_bytes_per_block
 from models.loader import load_model, resolve_model_path
@@ -76,6 +77,9 @@ class _LaunchedStep:
     pending: PendingStep
     start_s: float
     trace: Optional[StepRecord] = None  # the tracer's capture at launch (EngineArgs.trace)
+    # Speculative decoding: each scheduled sequence's first row of the sampled tokens (its drafts' rows follow);
+    # None when no sequence runs drafts (row i is sequence i's).
+    first_rows: Optional[list[int]] = None
 
 
 @dataclasses.dataclass
@@ -204,7 +208,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=max_tokens,
                                    max_num_seqs=max_seqs, max_model_len=self.max_model_len,
                                    policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode,
-                                   num_scheduler_steps=args.num_scheduler_steps)
+                                   num_scheduler_steps=args.num_scheduler_steps,
+                                   speculative_config=SpeculativeConfig.of(args.speculative_config))
         self.model_path = loaded.path
         self.default_sampling_fields = default_sampling_fields(loaded.path, args.generation_config)
         if self.default_sampling_fields:
@@ -235,13 +240,19 @@ class LLMEngine:
         self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0,
                       "steps_planned_ahead": 0,  # planned while the previous step ran (async scheduling)
                       "multi_steps": 0,  # of the steps, multi-step decodes (EngineArgs.num_scheduler_steps)
+                      # Speculative decoding (EngineArgs.speculative_config), vLLM's counters: decodes that ran
+                      # drafts, their drafts, and the drafts accepted.
+                      "spec_decode_num_drafts": 0, "spec_decode_num_draft_tokens": 0,
+                      "spec_decode_num_accepted_tokens": 0,
                       # Seconds in step(): on the host's own work, of which putting steps on the device
                       # (runner.dispatch), and waiting for a step's tokens. A device-bound engine waits on
                       # every step; one whose host work per step exceeds the device's step never waits.
                       "host_s": 0.0, "dispatch_s": 0.0, "wait_s": 0.0}
-        # Asynchronous scheduling (see step()); None: wherever it is allowed.
+        # Asynchronous scheduling (see step()); None: wherever it is allowed. Not with speculative decoding: the
+        # next step's drafts follow from this step's tokens.
         self.async_scheduling = (args.async_scheduling if args.async_scheduling is not None
-                                 else jax.process_count() == 1) and self.pooling is None  # pooling: prompts only
+                                 else jax.process_count() == 1 and args.speculative_config is None
+                                 ) and self.pooling is None  # pooling: prompts only
         self._in_flight: Optional[_LaunchedStep] = None
         self._grammars = None  # engine.structured_output.Grammars, made when first needed
         self.tracer: Optional[StepTracer] = None
@@ -343,7 +354,7 @@ class LLMEngine:
         request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids), sampling_params=params,
                           priority=priority, arrival_time=now, max_output_tokens=group.max_output_tokens,
                           multi_step=not group.samples_need_host_tokens and params.min_tokens == 0,
-                          use_prefix_cache=params.prompt_logprobs is None)
+                          use_prefix_cache=params.prompt_logprobs is None, speculative=group.grammar is None)
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
@@ -471,20 +482,23 @@ class LLMEngine:
                 feed_row = self._feed_row(s, feed_rows)
             work.append(SequenceWork(token_ids=token_ids, start=s.start, sample=s.samples, feed_row=feed_row,
                                      block_table=self.block_manager.block_table_array(s.request.request_id),
-                                     decode_steps=s.decode_steps, score_targets=scores))
+                                     decode_steps=s.decode_steps, score_targets=scores,
+                                     num_drafts=len(s.draft_token_ids)))
         if self.pooling is not None:  # prompt chunks only (no asynchronous scheduling): their hidden rows
             return _LaunchedStep(out, entries, self.runner.dispatch_pool(work), step_start)
-        params = [group.params for _, group in entries]
+        first_rows, row_seqs, histories = _sampled_rows(scheduled)
+        params = [entries[i][1].params for i in row_seqs]
+        bitmasks = None if self._grammars is None else self._token_bitmasks(scheduled, entries)
         metadata = build_sampling_metadata(
             params,
-            [s.request.output_token_ids for s in scheduled],
-            [s.request.prompt_token_ids for s in scheduled],
-            [sample.seed for sample, _ in entries],
-            [len(s.request.output_token_ids) for s in scheduled],
+            histories,
+            [scheduled[i].request.prompt_token_ids for i in row_seqs],
+            [entries[i][0].seed for i in row_seqs],
+            [len(history) for history in histories],
             self.runner.padded_num_seqs(out.num_batched_tokens),
             eos_token_ids=sorted(self.eos_token_ids),
-            bad_words_token_ids=[group.bad_words_token_ids for _, group in entries],
-            token_bitmasks=None if self._grammars is None else self._token_bitmasks(scheduled, entries),
+            bad_words_token_ids=[entries[i][1].bad_words_token_ids for i in row_seqs],
+            token_bitmasks=None if bitmasks is None else [bitmasks[i] for i in row_seqs],
             vocab_size=self.model_config.vocab_size,
         )
         num_logprobs = _top_width(p.logprobs for p in params)
@@ -498,7 +512,7 @@ class LLMEngine:
                  self.tracer.capture(out, self.scheduler, self.block_manager, step_start))
         if self.async_scheduling:  # the scheduler counts the step's tokens now, as pending
             self.scheduler.update_after_step(out, {s.request.request_id: _pending(s) for s in scheduled if s.samples})
-        return _LaunchedStep(out, entries, pending, step_start, trace)
+        return _LaunchedStep(out, entries, pending, step_start, trace, first_rows)
 
     def _token_bitmasks(self, scheduled: list, entries: list) -> Optional[list]:
         """Each scheduled sequence's structured-output bitmask row where it samples under a grammar, else None."""
@@ -534,20 +548,33 @@ class LLMEngine:
         self.stats["steps"] += 1
         self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(scheduled))
         tokens = result.token_ids.tolist()  # Python ints, converted once for the whole batch
-        if out.decode_steps == 1:
+        if launched.first_rows is not None:  # speculative decoding: a sequence's rows, then its accepted tokens
+            first_rows, results = launched.first_rows, [result]
+
+            def rows_of(i: int, s: ScheduledSequence) -> list[tuple[int, int, int]]:
+                """(token, index in ``results``, row) of each token the step gives sequence ``i``."""
+                row = first_rows[i]
+                if not s.draft_token_ids:
+                    return [(tokens[row], 0, row)]
+                accepted = accepted_tokens(tokens[row:row + s.num_tokens], s.draft_token_ids)
+                self._count_drafts(len(s.draft_token_ids), len(accepted) - 1)
+                return [(token, 0, row + j) for j, token in enumerate(accepted)]
+        elif out.decode_steps == 1:
             results = [result]
 
-            def tokens_of(i: int, s: ScheduledSequence) -> list[int]:
-                return tokens[i:i + 1]
+            def rows_of(i: int, s: ScheduledSequence) -> list[tuple[int, int, int]]:
+                return [(tokens[i], 0, i)]
         else:  # a multi-step decode: the steps first (engine.multi_step)
             self.stats["multi_steps"] += 1
             results = [jax.tree.map(lambda a: a[j], result) for j in range(out.decode_steps)]
 
-            def tokens_of(i: int, s: ScheduledSequence) -> list[int]:
-                return [step[i] for step in tokens[:s.decode_steps]]
+            def rows_of(i: int, s: ScheduledSequence) -> list[tuple[int, int, int]]:
+                return [(step[i], j, i) for j, step in enumerate(tokens[:s.decode_steps])]
+        sampled = {i: rows_of(i, s) for i, s in enumerate(scheduled) if s.samples}
         if not self.async_scheduling:
-            self.scheduler.update_after_step(out, {s.request.request_id: _one_or_list(tokens_of(i, s))
-                                                   for i, s in enumerate(scheduled) if s.samples})
+            self.scheduler.update_after_step(out, {
+                s.request.request_id: [t for t, _, _ in sampled[i]] if s.draft_token_ids
+                else _one_or_list([t for t, _, _ in sampled[i]]) for i, s in enumerate(scheduled) if s.samples})
         touched: dict[str, _RequestGroup] = {}
         now = time.monotonic()
         if launched.pending.score_offsets:
@@ -558,14 +585,15 @@ class LLMEngine:
             sample, group = entries[i]
             if sample.finish_reason is not None:  # finished (stopped, aborted) while this step was in flight
                 continue
-            index = s.start + s.num_tokens - s.request.num_prompt_tokens  # the first token's place in the outputs
+            # The first token's place in the outputs (after the sequence's last known token; drafts follow it).
+            index = s.start + s.num_tokens - len(s.draft_token_ids) - s.request.num_prompt_tokens
             group.first_token_time = group.first_token_time or now
             if sample is group.samples[0] and len(group.samples) < group.params.n:
                 self._fork_samples(group, now)  # before the first token's stop checks may finish (and free) it
-            for j, token in enumerate(tokens_of(i, s)):
+            for j, (token, result_index, row) in enumerate(sampled[i]):
                 if self.async_scheduling:  # fill in the pending token
                     s.request.output_token_ids[index + j] = token
-                self._record_token(group, sample, token, results[j], i, num_output_tokens=index + j + 1)
+                self._record_token(group, sample, token, results[result_index], row, num_output_tokens=index + j + 1)
                 if sample.finish_reason is not None:  # its later tokens are dropped
                     break
             touched[group.request_id] = group
@@ -579,6 +607,11 @@ class LLMEngine:
                 continue
             outputs.append(self._emit(group, finished))
         return outputs
+
+    def _count_drafts(self, num_drafts: int, num_accepted: int) -> None:
+        self.stats["spec_decode_num_drafts"] += 1
+        self.stats["spec_decode_num_draft_tokens"] += num_drafts
+        self.stats["spec_decode_num_accepted_tokens"] += num_accepted
 
     def _complete_pooling(self, launched: _LaunchedStep) -> list[EmbeddingRequestOutput]:
         """Wait for a pooling step: each chunk's rows go to its request's ``PooledRows``; a request whose prompt's
@@ -767,6 +800,22 @@ def _score_targets(s: ScheduledSequence, entry: tuple) -> Optional[list[int]]:
             or s.start + s.num_tokens < len(recorded)):
         return None
     return [prompt[p + 1] if p + 1 < len(prompt) else -1 for p in range(s.start, s.start + s.num_tokens)]
+
+
+def _sampled_rows(scheduled: list[ScheduledSequence]) -> tuple[Optional[list[int]], Sequence[int], list[list[int]]]:
+    """The rows a step samples: each sequence's, then one for each of its drafts (speculative decoding). Returns
+    each sequence's first row (None without drafts: row i is sequence i's), each row's sequence, and the outputs
+    before each row's token: a draft's row sees the drafts before it, so penalties, ``min_tokens`` and bad words
+    treat it as they would decoding a token a step."""
+    if not any(s.draft_token_ids for s in scheduled):
+        return None, range(len(scheduled)), [s.request.output_token_ids for s in scheduled]
+    first_rows, row_seqs, histories = [], [], []
+    for i, s in enumerate(scheduled):
+        outputs = s.request.output_token_ids
+        first_rows.append(len(row_seqs))
+        row_seqs += [i] * (1 + len(s.draft_token_ids))
+        histories += [outputs] + [outputs + list(s.draft_token_ids[:j]) for j in range(1, len(s.draft_token_ids) + 1)]
+    return first_rows, row_seqs, histories
 
 
 def _top_width(wanted) -> Optional[int]:

@@ -148,6 +148,11 @@ class _EngineStateCollector(Collector):
             ("prefix_cache_queries", "Tokens of admitted requests looked up in the prefix cache.",
              stats["prefix_cache_queries"]),
             ("prefix_cache_hits", "Tokens of admitted requests found in the prefix cache.", stats["prefix_cache_hits"]),
+            ("spec_decode_num_drafts", "Decodes that ran speculative drafts.", stats.get("spec_decode_num_drafts", 0)),
+            ("spec_decode_num_draft_tokens", "Speculative draft tokens run.",
+             stats.get("spec_decode_num_draft_tokens", 0)),
+            ("spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.",
+             stats.get("spec_decode_num_accepted_tokens", 0)),
             ("engine_steps", "Engine steps run.", stats["steps"]),
             ("engine_steps_planned_ahead", "Engine steps planned while the step before them ran on the device "
              "(asynchronous scheduling).", stats["steps_planned_ahead"]),

@@ -188,6 +188,9 @@ class SequenceWork:
     # Prompt logprobs: for each of ``token_ids``, the token whose logprob its row's logits give (the prompt's next
     # token), or -1 for none; None: no row of this work is scored.
     score_targets: Optional[Sequence[int]] = None
+    # Speculative decoding: the last this many of ``token_ids`` are drafts; each of the last ``num_drafts + 1``
+    # rows is sampled (the sampler's rows: the works' in order, a work's rows consecutive).
+    num_drafts: int = 0
 
 
 @dataclasses.dataclass
@@ -195,7 +198,7 @@ class PendingStep:
     """A dispatched step whose sampled tokens are still on the device (``ModelRunner.fetch``)."""
 
     result: SamplerOutput
-    num_seqs: int
+    num_seqs: int  # the sampler's real rows: a work's (and its drafts', speculative decoding)
     burst: bool = False  # a multi-step decode's: every array has the steps first, ``[num_steps, S, ...]``
     # Prompt logprobs: the scored rows' logprobs (``SamplerOutput`` of the targets, one row each) and, for each
     # work with ``score_targets``, its index and its first scored row there.
@@ -240,7 +243,16 @@ def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_
     kv_lens = np.zeros(S, np.int32)
     kv_lens[:n] = starts + query_lens
     logits_indices = np.zeros(S, np.int32)
-    logits_indices[:n] = cu[1 : n + 1] - 1
+    drafts = np.fromiter((w.num_drafts for w in work), np.int32, n)
+    if not drafts.any():
+        logits_indices[:n] = cu[1 : n + 1] - 1
+    else:  # a work's last num_drafts + 1 rows, in order
+        rows = drafts + 1
+        first = np.repeat(cu[1 : n + 1] - rows, rows)
+        within = np.arange(int(rows.sum()), dtype=np.int32) - np.repeat(np.cumsum(rows) - rows, rows)
+        if first.size > S:
+            raise ValueError(f"{first.size} sampled rows (sequences and drafts) exceed the step's {S} slots")
+        logits_indices[: first.size] = first + within
 
     token_ids = np.zeros(T, np.int32)
     positions = np.zeros(T, np.int32)
@@ -796,7 +808,8 @@ class ModelRunner:
         packed, layout = self._packed(sampling)
         self._sampled, result = self._sample(logits, packed, self._sampled, layout=layout, num_logprobs=num_logprobs)
         self._count_dispatch(inputs=staged - started, model=stepped - staged, sampler=time.perf_counter() - stepped)
-        return PendingStep(result, len(work), scores=scores, score_offsets=None if scored is None else offsets)
+        return PendingStep(result, len(work) + sum(w.num_drafts for w in work), scores=scores,
+                           score_offsets=None if scored is None else offsets)
 
     def _dispatch_burst(self, work: Sequence[SequenceWork], model_input: ModelInput, feed: np.ndarray,
                         sampling: SamplingMetadata, num_logprobs: Optional[int], decode_steps: int,

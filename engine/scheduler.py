@@ -29,6 +29,11 @@ tokens kept) and it goes back to the waiting queue at its place in queue order
 (under "fifo": ahead of every request that arrived after it). Queue order is ``(arrival_time, add order)`` for
 "fifo" and ``(priority, arrival_time, add order)`` for "priority".
 
+Speculative decoding (``speculative_config``, engine.speculative): once every decode has its token (the usual
+case: free blocks for all), each decode that proposes drafts gets them as more tokens of its step, while the token
+budget, the step's sampled rows (``max_num_seqs``) and free blocks last; drafts never preempt. After the step the
+request keeps the accepted tokens' K/V and gives back the blocks past them.
+
 Scheduling modes: "continuous" (above: a waiting request is admitted as soon as
 a sequence slot and blocks are free) and "static", the baseline that continuous
 batching is measured against: when nothing runs, the first ``max_num_seqs``
@@ -44,10 +49,12 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+from typing import Optional
 
 from engine.block_manager import BlockManager
 from engine.prefix_cache import extend_block_keys
 from engine.request import Request, RequestStatus
+from engine.speculative import SpeculativeConfig
 
 POLICIES = ("fifo", "priority")
 SCHEDULING_MODES = ("continuous", "static")
@@ -66,6 +73,8 @@ class ScheduledSequence:
     # Multi-step decoding: a decode (num_tokens 1) run for this many steps in one dispatch, each feeding the token
     # the one before sampled: tokens start .. start+decode_steps-1 computed, decode_steps tokens sampled.
     decode_steps: int = 1
+    # Speculative decoding: drafts run after the decode's token (counted in num_tokens), each position sampled.
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def request_id(self) -> str:
@@ -74,6 +83,8 @@ class ScheduledSequence:
     @property
     def token_ids(self) -> list[int]:
         """The tokens this step feeds the model for the request."""
+        if self.draft_token_ids:
+            return self.request.token_ids(self.start, self.start + 1) + list(self.draft_token_ids)
         return self.request.token_ids(self.start, self.start + self.num_tokens)
 
 
@@ -114,18 +125,29 @@ class _StepPlan:
         self.scheduled: dict[str, ScheduledSequence] = {}
         self.copies: dict[str, list[tuple[int, int]]] = {}
         self.preempted: list[str] = []
+        self.num_drafts = 0
+
+    @property
+    def num_rows(self) -> int:
+        """Rows the step samples: one a sequence, one more a draft."""
+        return len(self.scheduled) + self.num_drafts
 
     def add(self, seq: ScheduledSequence, copies: list[tuple[int, int]]) -> None:
+        """Schedule ``seq`` (in place of the request's share so far, if it has one: its copies are kept)."""
         request_id = seq.request.request_id
+        self.drop(request_id, keep_place=True)
         self.scheduled[request_id] = seq
-        self.copies[request_id] = copies
+        self.copies[request_id] = self.copies.get(request_id, []) + copies
         self.budget -= seq.num_tokens
+        self.num_drafts += len(seq.draft_token_ids)
 
-    def drop(self, request_id: str) -> None:
-        seq = self.scheduled.pop(request_id, None)
+    def drop(self, request_id: str, keep_place: bool = False) -> None:
+        seq = self.scheduled.get(request_id)
         if seq is not None:
             self.budget += seq.num_tokens
-            del self.copies[request_id]
+            self.num_drafts -= len(seq.draft_token_ids)
+            if not keep_place:
+                del self.scheduled[request_id], self.copies[request_id]
 
     def output(self, decode_steps: int = 1) -> SchedulerOutput:
         return SchedulerOutput(
@@ -139,7 +161,7 @@ class _StepPlan:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
                  max_model_len: int, policy: str = "fifo", scheduling_mode: str = "continuous",
-                 num_scheduler_steps: int = 1):
+                 num_scheduler_steps: int = 1, speculative_config: Optional[SpeculativeConfig] = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if scheduling_mode not in SCHEDULING_MODES:
@@ -161,6 +183,7 @@ class Scheduler:
         self.policy = policy
         self.scheduling_mode = scheduling_mode
         self.num_scheduler_steps = num_scheduler_steps
+        self.speculative_config = speculative_config
         self._static_batch: set[str] = set()  # "static": ids of the unfinished requests of the batch in flight
         self._requests: dict[str, Request] = {}  # unfinished ones
         self._order_keys: dict[str, tuple] = {}
@@ -334,6 +357,8 @@ class Scheduler:
             return plan.output(decode_steps=self.num_scheduler_steps)
         if self._decodes_always_fit(decodes, plan):
             self._schedule_decodes(decodes, plan)
+            if self.speculative_config is not None:
+                self._add_drafts(decodes, plan)
             decodes = []
         for request in decodes + prefills:
             if not self._has_room(plan):
@@ -350,7 +375,8 @@ class Scheduler:
         """Record a step's results; returns the requests this finished at ``max_model_len``.
 
         ``sampled`` maps request id to the step's sampled token (a list of ``decode_steps``
-        tokens for a multi-step decode); it is read only for sequences whose ``samples`` is
+        tokens for a multi-step decode, the accepted tokens of a decode with drafts:
+        ``engine.speculative.accepted_tokens``); it is read only for sequences whose ``samples`` is
         True. Requests finished or aborted since ``schedule()`` are skipped.
         """
         finished = []
@@ -362,24 +388,37 @@ class Scheduler:
             if request.num_computed_tokens != seq.start:
                 raise RuntimeError(f"stale output for {request.request_id!r}: it has "
                                    f"{request.num_computed_tokens} computed tokens, the step started at {seq.start}")
-            request.num_computed_tokens += seq.num_tokens + seq.decode_steps - 1
+            if seq.draft_token_ids:  # the accepted drafts' K/V stay, the blocks past them go
+                accepted = sampled[request.request_id]
+                if not 1 <= len(accepted) <= seq.num_tokens:
+                    raise ValueError(f"{request.request_id!r} ran {len(seq.draft_token_ids)} drafts, got "
+                                     f"{len(accepted)} tokens")
+                request.num_computed_tokens += len(accepted)
+                self.block_manager.shrink(request.request_id, request.num_computed_tokens)
+                request.output_token_ids.extend(accepted)
+            else:
+                request.num_computed_tokens += seq.num_tokens + seq.decode_steps - 1
             if caching and request.num_computed_tokens // block_size > seq.start // block_size:  # a block filled
                 self._cache_blocks(request)
-            if not seq.samples:
-                continue
-            if request.request_id not in sampled:
-                raise KeyError(f"no sampled token for {request.request_id!r}, which samples this step")
-            if seq.decode_steps == 1:
-                request.output_token_ids.append(sampled[request.request_id])
-            else:
-                tokens = sampled[request.request_id]
-                if len(tokens) != seq.decode_steps:
-                    raise ValueError(f"{request.request_id!r} ran {seq.decode_steps} decode steps, got {len(tokens)} "
-                                     "tokens")
-                request.output_token_ids.extend(tokens)
+            if seq.samples and not seq.draft_token_ids:
+                self._append_sampled(seq, sampled)
             if request.num_tokens >= self.max_model_len:
                 finished.append(self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH))
         return finished
+
+    @staticmethod
+    def _append_sampled(seq: ScheduledSequence, sampled: dict) -> None:
+        """A decode's or a last prompt chunk's sampled token (a multi-step decode's tokens) into its outputs."""
+        request = seq.request
+        if request.request_id not in sampled:
+            raise KeyError(f"no sampled token for {request.request_id!r}, which samples this step")
+        if seq.decode_steps == 1:
+            request.output_token_ids.append(sampled[request.request_id])
+            return
+        tokens = sampled[request.request_id]
+        if len(tokens) != seq.decode_steps:
+            raise ValueError(f"{request.request_id!r} ran {seq.decode_steps} decode steps, got {len(tokens)} tokens")
+        request.output_token_ids.extend(tokens)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -397,7 +436,7 @@ class Scheduler:
         bisect.insort(queue, request, key=self._order_key)
 
     def _has_room(self, plan: _StepPlan) -> bool:
-        return plan.budget > 0 and len(plan.scheduled) < self.max_num_seqs
+        return plan.budget > 0 and plan.num_rows < self.max_num_seqs
 
     def _decodes_always_fit(self, decodes: list[Request], plan: _StepPlan) -> bool:
         """Whether every decode gets its token without running out of budget, sequence slots or blocks.
@@ -411,7 +450,7 @@ class Scheduler:
 
     def _has_room_for(self, num_seqs: int, plan: _StepPlan) -> bool:
         """Whether ``num_seqs`` more one-token sequences fit the step's token budget and sequence slots."""
-        return num_seqs <= plan.budget and len(plan.scheduled) + num_seqs <= self.max_num_seqs
+        return num_seqs <= plan.budget and plan.num_rows + num_seqs <= self.max_num_seqs
 
     def _schedule_burst(self, decodes: list[Request], plan: _StepPlan) -> bool:
         """Multi-step decoding: when every running request is a decode and none waits, each runs up to
@@ -451,6 +490,27 @@ class Scheduler:
             start = request.num_computed_tokens
             copies = allocate(request.request_id, start + 1)
             plan.add(ScheduledSequence(request, start, 1, samples=True), copies)
+
+    def _add_drafts(self, decodes: list[Request], plan: _StepPlan) -> None:
+        """Speculative decoding: each decode's drafts (``SpeculativeConfig.propose``) become more tokens of its step,
+        in order, while the token budget, the step's rows and free blocks last. A request's drafts stop where all of
+        them and the token after could no longer be outputs (``max_model_len``, its ``max_output_tokens``)."""
+        config, allocate = self.speculative_config, self.block_manager.allocate_slots
+        for request in decodes:
+            room = min(plan.budget, self.max_num_seqs - plan.num_rows)
+            if room < 1:
+                return
+            if not request.speculative:
+                continue
+            room = min(room, self.max_model_len - request.num_tokens - 1)
+            if request.max_output_tokens is not None:
+                room = min(room, request.max_output_tokens - len(request.output_token_ids) - 1)
+            drafts = config.propose(request.all_token_ids, room) if room > 0 else []
+            start = request.num_computed_tokens
+            copies = allocate(request.request_id, start + 1 + len(drafts)) if drafts else None
+            if copies is not None:
+                plan.add(ScheduledSequence(request, start, 1 + len(drafts), samples=True,
+                                           draft_token_ids=tuple(drafts)), copies)
 
     def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
         """Give a running request its chunk, preempting from the back of the queue until it fits."""

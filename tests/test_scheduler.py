@@ -1,9 +1,11 @@
-"""Scheduler: chunked prefill, decode-first batching, limits, preemption, priorities, abort and fork.
+"""Scheduler: chunked prefill, decode-first batching, limits, preemption, priorities, abort, fork, multi-step decodes
+and speculative decoding's drafts.
 
 ``FakeEngine`` plays the engine and the runner without JAX: it applies block
 copies and writes each scheduled token into a simulated paged store at the slots
 the block manager gives, samples random tokens, stops requests at max_tokens, and
-checks after every step that each running request reads back its own tokens.
+checks after every step that each running request reads back its own tokens. With drafts it samples every row and
+keeps what ``engine.speculative.accepted_tokens`` keeps, as the engine does.
 """
 
 import os
@@ -18,14 +20,16 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from engine.block_manager import RESERVED_BLOCK, BlockManager
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
+from engine.speculative import SpeculativeConfig, accepted_tokens
 from tests.test_block_manager import PagedStore
 
 VOCAB = 50_000
 
 
 class FakeEngine:
-    def __init__(self, scheduler: Scheduler, rng: random.Random):
+    def __init__(self, scheduler: Scheduler, rng: random.Random, vocab: int = VOCAB):
         self.scheduler = scheduler
+        self.vocab = vocab  # tokens are drawn from 1 .. vocab - 1 (a few: n-gram drafts find matches)
         self.bm = scheduler.block_manager
         self.store = PagedStore(self.bm.block_size)
         self.rng = rng
@@ -34,7 +38,7 @@ class FakeEngine:
         self.outputs = []
 
     def add(self, request_id, prompt_len=None, *, prompt=None, max_tokens=4, priority=0, arrival_time=None):
-        prompt = prompt or [self.rng.randrange(1, VOCAB) for _ in range(prompt_len)]
+        prompt = prompt or [self.rng.randrange(1, self.vocab) for _ in range(prompt_len)]
         request = Request(request_id, prompt, types.SimpleNamespace(max_tokens=max_tokens), priority=priority,
                           max_output_tokens=max_tokens,
                           **({} if arrival_time is None else {"arrival_time": arrival_time}))
@@ -48,9 +52,10 @@ class FakeEngine:
             computed, outputs = min(parent.num_prompt_tokens - 1, parent.num_computed_tokens), []
         else:
             computed = parent.num_computed_tokens
-            outputs = parent.output_token_ids[:-1] + [self.rng.randrange(1, VOCAB)]
+            outputs = parent.output_token_ids[:-1] + [self.rng.randrange(1, self.vocab)]
         child = Request(child_id, parent.prompt_token_ids, parent.sampling_params, priority=parent.priority,
-                        arrival_time=parent.arrival_time, output_token_ids=outputs, num_computed_tokens=computed)
+                        arrival_time=parent.arrival_time, output_token_ids=outputs, num_computed_tokens=computed,
+                        max_output_tokens=parent.max_output_tokens)
         self.scheduler.fork_request(parent, child)
         self._track(child)
         return child
@@ -70,13 +75,20 @@ class FakeEngine:
         ids = [seq.request_id for seq in out.scheduled]
 
         # Limits.
-        assert len(ids) == len(set(ids)) <= s.max_num_seqs
+        num_rows = len(ids) + sum(len(seq.draft_token_ids) for seq in out.scheduled)
+        assert len(ids) == len(set(ids)) and num_rows <= s.max_num_seqs
         assert out.num_batched_tokens <= s.max_num_batched_tokens
         for seq in out.scheduled:
-            r = seq.request
+            r, drafts = seq.request, seq.draft_token_ids
             assert r.status is RequestStatus.RUNNING and seq.num_tokens >= 1
-            assert seq.start == r.num_computed_tokens and seq.samples == (seq.start + seq.num_tokens == r.num_tokens)
+            assert seq.start == r.num_computed_tokens
+            assert seq.samples == (seq.start + seq.num_tokens - len(drafts) == r.num_tokens)
             assert bm.num_tokens(r.request_id) == seq.start + seq.num_tokens + seq.decode_steps - 1
+            # Drafts: a decode's, within its limits, only with a speculative config.
+            assert not drafts or (s.speculative_config is not None and r.speculative and seq.num_tokens == 1 + len(
+                drafts) <= 1 + s.speculative_config.num_speculative_tokens and seq.decode_steps == 1
+                and r.num_uncomputed_tokens == 1 and r.num_tokens + len(drafts) < s.max_model_len
+                and (r.max_output_tokens is None or len(r.output_token_ids) + len(drafts) < r.max_output_tokens))
             # A multi-step decode: every sequence decodes, none waits, none runs past its limits.
             assert seq.decode_steps == 1 or (out.decode_steps > 1 and seq.num_tokens == 1 and not waiting_before)
             assert 1 <= seq.decode_steps <= out.decode_steps <= s.num_scheduler_steps
@@ -93,7 +105,7 @@ class FakeEngine:
         budget_left = s.max_num_batched_tokens - out.num_batched_tokens
         # (With prefix caching a head's need depends on its cached prefix: tests/test_prefix_cache.py.)
         if (waiting and bm.prefix_cache is None and not out.preempted_request_ids and budget_left
-                and len(ids) < s.max_num_seqs
+                and num_rows < s.max_num_seqs
                 and len(self.with_status(RequestStatus.RUNNING)) < s.max_num_seqs):
             head = min(waiting, key=self.order_key)
             need = bm.num_blocks_needed(head.request_id, min(head.num_uncomputed_tokens, budget_left))
@@ -108,8 +120,11 @@ class FakeEngine:
         sampled = {}
         for seq in out.scheduled:
             tokens = seq.token_ids
-            if seq.samples:
-                new = [self.rng.randrange(1, VOCAB) for _ in range(seq.decode_steps)]
+            if seq.draft_token_ids:  # a token sampled at each row; the drafts up to the first that differs are kept
+                rows = [self.rng.randrange(1, self.vocab) for _ in range(seq.num_tokens)]
+                sampled[seq.request_id] = accepted_tokens(rows, seq.draft_token_ids)
+            elif seq.samples:
+                new = [self.rng.randrange(1, self.vocab) for _ in range(seq.decode_steps)]
                 sampled[seq.request_id] = new[0] if seq.decode_steps == 1 else new
                 tokens = tokens + new[:-1]
             slots = bm.slots(seq.request_id, seq.start, seq.start + len(tokens))
@@ -122,6 +137,7 @@ class FakeEngine:
         s.update_after_step(out, sampled)
         for rid in sampled:  # the engine's stop check
             r = self.requests[rid]
+            assert len(r.output_token_ids) <= r.sampling_params.max_tokens
             if not r.is_finished and len(r.output_token_ids) >= r.sampling_params.max_tokens:
                 s.finish_request(rid, RequestStatus.FINISHED_STOPPED)
         self.check()
@@ -159,11 +175,13 @@ def rng():
 
 
 def make(num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=64,
-         policy="fifo", rng=None, num_scheduler_steps=1, enable_prefix_caching=False):
+         policy="fifo", rng=None, num_scheduler_steps=1, enable_prefix_caching=False, speculative_config=None,
+         vocab=VOCAB):
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
     scheduler = Scheduler(bm, max_num_batched_tokens, max_num_seqs, max_model_len, policy,
-                          num_scheduler_steps=num_scheduler_steps)
-    return FakeEngine(scheduler, rng or random.Random(0))
+                          num_scheduler_steps=num_scheduler_steps,
+                          speculative_config=SpeculativeConfig.of(speculative_config))
+    return FakeEngine(scheduler, rng or random.Random(0), vocab=vocab)
 
 
 def test_bad_configuration_and_requests_are_refused_with_clear_messages(rng):
@@ -538,3 +556,62 @@ def test_no_multi_step_decode_when_forks_leave_more_decodes_than_a_steps_sequenc
     engine.fork(parent, "p#2")
     out = engine.step()  # FakeEngine.step checks the step's limits
     assert out.decode_steps == 1 and len(out.scheduled) == 2
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_drafts_run_as_decode_tokens_and_only_the_accepted_ones_stay(rng, caching):
+    """Speculative decoding under a random load with forks and preemption, tokens from a vocabulary of 3 (so the
+    n-gram lookup finds drafts, and the fake sampler keeps some and refuses others): every step within its limits,
+    each running request's KV read back equal to its tokens (the accepted drafts' written, the refused ones' blocks
+    given back), the prefix cache offered no refused draft, and each request stopped exactly at its limits."""
+    engine = make(num_blocks=24, block_size=4, max_num_batched_tokens=12, max_num_seqs=6, max_model_len=40, rng=rng,
+                  enable_prefix_caching=caching, vocab=4,
+                  speculative_config={"num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2})
+    for i in range(24):
+        request = engine.add(f"r{i}", rng.randrange(1, 16), max_tokens=rng.randrange(1, 30))
+        request.speculative = rng.random() < 0.8  # (a structured output's request runs none)
+        for _ in range(rng.randrange(6)):
+            if not engine.scheduler.has_unfinished_requests():
+                break
+            engine.step()
+            decoding = [r for r in engine.scheduler.running_requests
+                        if r.num_uncomputed_tokens == 1 and "#" not in r.request_id]
+            if decoding and rng.random() < 0.2:
+                parent = rng.choice(decoding)
+                engine.fork(parent, f"{parent.request_id}#{len(engine.outputs)}")
+    engine.run_to_completion()
+    drafted = [seq for out in engine.outputs for seq in out.scheduled if seq.draft_token_ids]
+    assert drafted and any(seq.num_tokens == 4 for seq in drafted)
+    for r in engine.requests.values():
+        assert r.is_finished
+        if "#" not in r.request_id:
+            assert len(r.output_token_ids) == min(r.max_output_tokens, 40 - r.num_prompt_tokens)
+
+
+def test_drafts_take_only_what_the_decodes_leave_and_never_preempt(rng):
+    """Drafts come after every decode has its token, within the step's rows (max_num_seqs), token budget and free
+    blocks; with fewer free blocks than decodes the decodes run alone rather than preempt. A step's refused drafts
+    give their blocks back."""
+    spec = {"num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 1}
+    engine = make(num_blocks=5, block_size=4, max_num_batched_tokens=16, max_num_seqs=3, max_model_len=16, rng=rng,
+                  speculative_config=spec)
+    a = engine.add("a", prompt=[1, 2, 3, 1, 2, 3, 1], max_tokens=8)
+    b = engine.add("b", prompt=[5, 6, 5, 6, 5], max_tokens=8)
+    engine.step()  # both prompts: 2 blocks each, all 4 usable blocks
+    a.output_token_ids[:], b.output_token_ids[:] = [1], [5]  # (the fake sampler's draws, set to make matches)
+    out = engine.scheduler.schedule()
+    assert [(seq.num_tokens, seq.draft_token_ids) for seq in out.scheduled] == [(1, ()), (1, ())]
+    assert not out.preempted_request_ids
+
+    engine = make(num_blocks=20, block_size=2, max_num_batched_tokens=16, max_num_seqs=4, max_model_len=32, rng=rng,
+                  speculative_config=spec)
+    a = engine.add("a", prompt=[1, 2, 3, 1, 2, 3, 1], max_tokens=8)
+    engine.step()
+    a.output_token_ids[:] = [2]
+    out = engine.scheduler.schedule()  # after its last 2: the 3 1 2 that followed the 2 before (rows: 1 + 3)
+    assert [(seq.num_tokens, seq.draft_token_ids) for seq in out.scheduled] == [(4, (3, 1, 2))]
+    assert engine.bm.num_tokens("a") == 11 and len(engine.bm.block_table("a")) == 6
+    engine.scheduler.update_after_step(out, {"a": [3, 9]})  # the first draft kept, then 9 in place of the second
+    assert a.output_token_ids == [2, 3, 9] and a.num_computed_tokens == 9
+    assert engine.bm.num_tokens("a") == 9 and len(engine.bm.block_table("a")) == 5
+    engine.scheduler.check_invariants()

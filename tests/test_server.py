@@ -848,6 +848,9 @@ def test_help_names_safe_default_host():
     assert engine_args_from_cli(make_arg_parser().parse_args(["--num-scheduler-steps", "8"])).num_scheduler_steps == 8
     # the reasoning parser reaches the engine too: structured outputs start after the thinking (engine.reasoning)
     assert engine_args_from_cli(make_arg_parser().parse_args(["--reasoning-parser", "qwen3"])).reasoning_parser == "qwen3"
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'  # vLLM's JSON form
+    assert engine_args_from_cli(make_arg_parser().parse_args(["--speculative-config", spec])).speculative_config == {
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
     args = make_arg_parser().parse_args([])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
     assert json.dumps(served_model_names(args)) == '["SmolLM2-135M-Instruct"]'

@@ -989,6 +989,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="compile every step shape at start-up under a progress bar (default: on GPU)")
     engine.add_argument("--num-scheduler-steps", type=int, default=1,
                         help="decode steps run in one dispatch while no request waits (multi-step decoding)")
+    engine.add_argument("--speculative-config", type=json.loads, default=None,
+                        help='speculative decoding, as JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                             '"prompt_lookup_max": 4}\' looks drafts up in each request\'s own tokens')
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="keep full KV blocks cached by their prefix, so a prompt that starts with a cached "
                              "prefix (a shared system prompt, an earlier turn) computes only the rest")

@@ -1,0 +1,116 @@
+"""Speculative decoding by n-gram lookup (engine.speculative): the proposer, the acceptance rule, the options' checks,
+and the engine's outputs equal to decoding a token a step (the default model; the scheduler's side is
+tests/test_scheduler.py's)."""
+
+import numpy as np
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.engine_args import EngineArgs
+from engine.speculative import SpeculativeConfig, accepted_tokens, ngram_drafts
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+@pytest.mark.parametrize("tokens, low, high, limit, drafts", [
+    ([1, 2, 3, 4, 1, 2], 1, 3, 4, [3, 4, 1, 2]),  # "1 2" occurred: what followed it
+    ([1, 2, 3, 4, 1, 2], 1, 3, 2, [3, 4]),  # at most limit
+    ([7, 2, 9, 1, 2, 8, 1, 2], 1, 3, 3, [8, 1, 2]),  # the latest of two occurrences of "1 2"
+    ([5, 2, 1, 2, 6, 3, 1, 2], 1, 3, 1, [6]),  # "1 2" beats the longer-ago single "2"
+    ([1, 2, 3, 4, 5], 1, 3, 4, []),  # the last token never occurred before
+    ([1, 2, 3, 9, 2], 2, 3, 4, []),  # only a 1-gram matches, fewer than prompt_lookup_min
+    ([4, 4, 4, 4], 1, 2, 4, [4]),  # overlapping occurrences: what follows the latest one, up to the end
+])
+def test_ngram_drafts_follow_the_latest_occurrence_of_the_longest_matching_suffix(tokens, low, high, limit, drafts):
+    assert ngram_drafts(np.asarray(tokens), low, high, limit) == drafts
+
+
+def test_ngram_drafts_on_a_random_sequence_match_a_plain_search():
+    """The vectorized search against a direct one: the longest suffix of low..high tokens seen before, its latest
+    earlier occurrence, what follows it."""
+    rng = np.random.default_rng()
+    for _ in range(200):
+        tokens = rng.integers(0, 4, rng.integers(2, 40)).tolist()
+        low, limit = int(rng.integers(1, 3)), int(rng.integers(1, 5))
+        high = low + int(rng.integers(0, 3))
+        want = []
+        for n in range(min(high, len(tokens) - 1), low - 1, -1):
+            ends = [e for e in range(n - 1, len(tokens) - 1) if tokens[e - n + 1:e + 1] == tokens[-n:]]
+            if ends:
+                want = tokens[ends[-1] + 1:ends[-1] + 1 + limit]
+                break
+        assert ngram_drafts(np.asarray(tokens), low, high, limit) == want, (tokens, low, high, limit)
+
+
+def test_accepted_tokens_keep_drafts_up_to_the_first_the_model_samples_otherwise():
+    assert accepted_tokens([5, 6, 7], [5, 6]) == [5, 6, 7]  # both kept, and the token after them
+    assert accepted_tokens([5, 9, 7], [5, 6]) == [5, 9]  # the second refused: the model's own token instead
+    assert accepted_tokens([4, 6, 7], [5, 6]) == [4]
+
+
+def test_config_takes_vllms_fields_and_names_what_is_wrong():
+    config = SpeculativeConfig.of({"method": "ngram", "num_speculative_tokens": 3})
+    assert (config.prompt_lookup_min, config.prompt_lookup_max) == (5, 5)  # vLLM's defaults
+    assert SpeculativeConfig.of({"num_speculative_tokens": 3, "prompt_lookup_max": 2}).prompt_lookup_min == 2
+    for value, message in [({"num_speculative_tokens": 3, "method": "eagle"}, "method must be one of ngram"),
+                           ({"method": "ngram"}, "needs num_speculative_tokens"),
+                           ({"num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
+                           ({"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+                            "prompt_lookup_min .4. must not exceed"),
+                           ({"num_speculative_tokens": 2, "model": "x"}, "unknown field.s. model"),
+                           ("ngram", "must be a dict")]:
+        with pytest.raises(ValueError, match=message):
+            SpeculativeConfig.of(value)
+    for conflict, message in [({"num_scheduler_steps": 4}, "num_scheduler_steps > 1"),
+                              ({"async_scheduling": True}, "async_scheduling=True"),
+                              ({"runner": "pooling"}, "runner='pooling'")]:
+        with pytest.raises(ValueError, match=f"cannot be combined with {message}"):
+            EngineArgs(speculative_config=NGRAM, **conflict).validate()
+
+
+PROMPTS = [
+    "Repeat this list exactly: apple, banana, cherry, date, elderberry, fig, grape. Again: apple, banana, cherry,",
+    "Count: 1 2 3 4 5 6 7 8 9 10 1 2 3 4 5 6 7 8 9 10 1 2 3",
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+    "The capital of France is",
+]
+# What a request can ask that the drafts' rows must honour as decoding a token a step would: greedy, seeded
+# sampling, penalties (which count the drafts before a row), logprobs, stop strings, n > 1, min_tokens.
+PARAMS = {
+    "greedy": SamplingParams(temperature=0, max_tokens=40),
+    "seeded": SamplingParams(temperature=0.8, top_p=0.95, max_tokens=40, seed=7),
+    "penalties": SamplingParams(temperature=0, max_tokens=40, repetition_penalty=1.2, frequency_penalty=0.3),
+    "logprobs": SamplingParams(temperature=0, max_tokens=24, logprobs=2),
+    "stop": SamplingParams(temperature=0, max_tokens=40, stop=["7", "grape"], min_tokens=2),
+    "n2": SamplingParams(temperature=1.0, max_tokens=24, n=2, seed=3),
+}
+
+
+@pytest.fixture(scope="module")
+def both():
+    """Each PARAMS case's outputs, decoding a token a step and with n-gram drafts, and the drafted engine's stats."""
+    results = {}
+    for spec in (None, NGRAM):
+        llm = LLM(dtype="float32", max_model_len=384, max_num_seqs=16, speculative_config=spec)
+        results[spec is not None] = {name: llm.generate(PROMPTS, params, use_tqdm=False)
+                                     for name, params in PARAMS.items()}
+        results["stats"] = dict(llm.llm_engine.stats)
+        llm.shutdown()
+    return results
+
+
+@pytest.mark.parametrize("case", list(PARAMS))
+def test_drafts_give_the_outputs_of_decoding_a_token_a_step(both, case):
+    for plain, drafted in zip(both[False][case], both[True][case]):
+        for a, b in zip(plain.outputs, drafted.outputs, strict=True):
+            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason), plain.prompt
+            if a.logprobs is not None:
+                assert [sorted(e) for e in b.logprobs] == [sorted(e) for e in a.logprobs]
+                assert np.allclose([e[t].logprob for e, t in zip(b.logprobs, b.token_ids)],
+                                   [e[t].logprob for e, t in zip(a.logprobs, a.token_ids)], atol=1e-4)
+
+
+def test_drafts_are_accepted_on_repetitive_text(both):
+    stats = both["stats"]
+    assert stats["spec_decode_num_drafts"] > 0
+    assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
