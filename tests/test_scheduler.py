@@ -505,8 +505,17 @@ def test_multi_step_decodes_when_all_decode_and_none_waits_and_everything_comple
     (``FakeEngine.step`` checks it, and the KV read back); under a random load with forks and preemption."""
     engine = make(num_blocks=20, block_size=4, max_num_batched_tokens=12, max_num_seqs=4, max_model_len=40,
                   rng=rng, num_scheduler_steps=steps)
+    run_a_random_load_with_forks(engine, rng, max_prompt_len=19)
+    bursts = [out for out in engine.outputs if out.decode_steps > 1]
+    assert bursts and all(out.decode_steps == steps for out in bursts)
+    assert max(seq.decode_steps for out in bursts for seq in out.scheduled) == steps
+
+
+def run_a_random_load_with_forks(engine: FakeEngine, rng, max_prompt_len: int, on_add=lambda request: None) -> None:
+    """24 requests of random prompts and max_tokens added a few steps apart, a running decode forked now and then;
+    run to completion, then each request stopped by its max_tokens or max_model_len, never past either."""
     for i in range(24):
-        engine.add(f"r{i}", rng.randrange(1, 20), max_tokens=rng.randrange(1, 30))
+        on_add(engine.add(f"r{i}", rng.randrange(1, max_prompt_len + 1), max_tokens=rng.randrange(1, 30)))
         for _ in range(rng.randrange(6)):
             if not engine.scheduler.has_unfinished_requests():
                 break
@@ -517,13 +526,11 @@ def test_multi_step_decodes_when_all_decode_and_none_waits_and_everything_comple
                 parent = rng.choice(decoding)
                 engine.fork(parent, f"{parent.request_id}#{len(engine.outputs)}")
     engine.run_to_completion()
-    bursts = [out for out in engine.outputs if out.decode_steps > 1]
-    assert bursts and all(out.decode_steps == steps for out in bursts)
-    assert max(seq.decode_steps for out in bursts for seq in out.scheduled) == steps
-    for r in engine.requests.values():  # stopped by max_tokens or max_model_len, never past either
+    for r in engine.requests.values():
         assert r.is_finished
         if "#" not in r.request_id:  # (a fork's outputs are its parent's)
-            assert len(r.output_token_ids) == min(r.max_output_tokens, 40 - r.num_prompt_tokens)
+            assert len(r.output_token_ids) == min(r.max_output_tokens,
+                                                  engine.scheduler.max_model_len - r.num_prompt_tokens)
 
 
 def test_a_multi_step_decode_waits_for_waiting_requests_every_request_allowing_it_and_blocks(rng):
@@ -567,25 +574,13 @@ def test_drafts_run_as_decode_tokens_and_only_the_accepted_ones_stay(rng, cachin
     engine = make(num_blocks=24, block_size=4, max_num_batched_tokens=12, max_num_seqs=6, max_model_len=40, rng=rng,
                   enable_prefix_caching=caching, vocab=4,
                   speculative_config={"num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2})
-    for i in range(24):
-        request = engine.add(f"r{i}", rng.randrange(1, 16), max_tokens=rng.randrange(1, 30))
-        request.speculative = rng.random() < 0.8  # (a structured output's request runs none)
-        for _ in range(rng.randrange(6)):
-            if not engine.scheduler.has_unfinished_requests():
-                break
-            engine.step()
-            decoding = [r for r in engine.scheduler.running_requests
-                        if r.num_uncomputed_tokens == 1 and "#" not in r.request_id]
-            if decoding and rng.random() < 0.2:
-                parent = rng.choice(decoding)
-                engine.fork(parent, f"{parent.request_id}#{len(engine.outputs)}")
-    engine.run_to_completion()
+
+    def some_without_drafts(request):  # (a structured output's request runs none)
+        request.speculative = rng.random() < 0.8
+
+    run_a_random_load_with_forks(engine, rng, max_prompt_len=15, on_add=some_without_drafts)
     drafted = [seq for out in engine.outputs for seq in out.scheduled if seq.draft_token_ids]
     assert drafted and any(seq.num_tokens == 4 for seq in drafted)
-    for r in engine.requests.values():
-        assert r.is_finished
-        if "#" not in r.request_id:
-            assert len(r.output_token_ids) == min(r.max_output_tokens, 40 - r.num_prompt_tokens)
 
 
 def test_drafts_take_only_what_the_decodes_leave_and_never_preempt(rng):
