@@ -92,6 +92,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
                         help="compile every step shape at start-up (auto: on GPU)")
     parser.add_argument("--num-scheduler-steps", type=int, default=1,
                         help="decode steps a dispatch runs while no request waits (multi-step decoding)")
+    parser.add_argument("--speculative-config", type=json.loads, default=None,
+                        help='speculative decoding, JSON as vLLM\'s flag: \'{"method": "ngram", '
+                             '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'')
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="automatic prefix caching (the engine's default; offline runs start with nothing "
                              "cached either way)")
@@ -121,6 +124,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         fuse_projections={"auto": None, "on": True, "off": False}[args.fuse_projections],
         compiler_options=compiler_options(args.compiler_option) if args.compiler_option else None,
         num_scheduler_steps=args.num_scheduler_steps, enable_prefix_caching=args.enable_prefix_caching,
+        speculative_config=args.speculative_config,
     )
     options.update(overrides)
     # The engine's start-up line (weights, KV pool, activations) goes to the run's log.
@@ -251,6 +255,8 @@ def engine_result_header(workload: str, args) -> dict:
         header["num_scheduler_steps"] = args.num_scheduler_steps
     if not args.enable_prefix_caching:
         header["enable_prefix_caching"] = False
+    if args.speculative_config:
+        header["speculative_config"] = args.speculative_config
     return header
 
 
@@ -269,6 +275,9 @@ def variant_tag(result: dict) -> str:
         tag += f"-prefix{result['shared_prefix_len']}"
     if result.get("enable_prefix_caching") is False:
         tag += "-nocache"
+    speculative = result.get("speculative_config")
+    if speculative:
+        tag += f"-{speculative.get('method', 'ngram')}{speculative['num_speculative_tokens']}"
     if result.get("compiler_options"):
         tag += "-xla-" + "-".join(f"{k.removeprefix('xla_gpu_')}{v}" for k, v in result["compiler_options"].items())
     return tag

