@@ -202,25 +202,27 @@ class GroupedMatmulConfig:
     # ~450 MB written and read again a layer). Off until the engine measures it (two accumulators a program).
     swiglu_epilogue: bool = False
     # Decode-sized blocks: 4 programs share a block's K steps, 3 stages (run 37, H100: int4 gate/up at one token
-    # 44.7 -> 35.4 us; AWQ Qwen3-30B-A3B batch-1 TPOT 3.83 -> 3.46 ms).
-    decode_block_n: int = 64
+    # 44.7 -> 35.4 us; AWQ Qwen3-30B-A3B batch-1 TPOT 3.83 -> 3.46 ms). 128 columns in every regime (run 39 sweep,
+    # H100, Qwen3-30B-A3B shapes: at one token int8 gate/up 28.9 -> 25.3 us, int4 30.6 -> 29.1; at 1,024 tokens int8
+    # gate/up 311 -> 273 us and down 209 -> 177, int4 level to -2%).
+    decode_block_n: int = 128
     decode_block_k: int = 64
     decode_num_warps: int = 4
     decode_num_stages: int = 3
     decode_k_splits: int = 4
-    block_n: int = 64
+    block_n: int = 128
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
     k_splits: int = 1
-    # Blocks of 128 rows (prompts of 2,048+ tokens for Qwen3-30B-A3B): run 38a (H200) had int4 experts at 16,384
-    # tokens faster with 128 columns and 8 warps (gate/up 3.82 -> 3.32 ms, down 2.23 -> 2.00) where the same tiles
-    # lose at 64-row blocks (1,024 tokens: gate/up 417 -> 697 us). The middle set's values until the engine's
-    # prompt step is measured with them (and int8 / bf16 experts at this size at all).
+    # Blocks of 128 rows (prompts of 2,048+ tokens for Qwen3-30B-A3B): 128 columns and 8 warps (run 39, H100, at
+    # 16,384 tokens: int4 gate/up 3.50 -> 2.99 ms, down 2.03 -> 1.81; int8 gate/up 2.42 -> 2.11). With the three
+    # regimes' winners the int8 engine's 16k-token prompt step took 299.9 -> 282.4 ms of kernels and its tput-short
+    # went 16,409 -> 17,819 output tok/s (same lease). bf16 and fp8 experts take the same tiles, untimed.
     large_min_block_m: int = 128
-    large_block_n: int = 64
+    large_block_n: int = 128
     large_block_k: int = 64
-    large_num_warps: int = 4
+    large_num_warps: int = 8
     large_num_stages: int = 3
     large_k_splits: int = 1
 
