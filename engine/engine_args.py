@@ -93,7 +93,8 @@ class EngineArgs:
     generation_config: str = "auto"
     # Speculative decoding (vLLM's --speculative-config): {"method": "ngram", "num_speculative_tokens": k,
     # "prompt_lookup_max": n, "prompt_lookup_min": m}: drafts looked up in a request's own tokens, checked by the
-    # model in the decode's step (engine.speculative). Steps are then planned after the previous one's tokens.
+    # model in the decode's step (engine.speculative). A step with drafts, or of a request whose text repeats, is
+    # read back before the next is planned (asynchronous scheduling plans the others ahead, as without drafts).
     speculative_config: Optional[dict] = None
 
     def validate(self) -> None:
@@ -154,7 +155,6 @@ class EngineArgs:
         if SpeculativeConfig.of(self.speculative_config) is None:
             return
         for conflict, ok in (("num_scheduler_steps > 1", self.num_scheduler_steps == 1),
-                             ("async_scheduling=True", not self.async_scheduling),
                              ("runner='pooling'", self.runner != "pooling")):
             if not ok:
                 raise ValueError(f"speculative_config cannot be combined with {conflict}")

@@ -80,6 +80,9 @@ class _LaunchedStep:
     # Speculative decoding: each scheduled sequence's first row of the sampled tokens (its drafts' rows follow);
     # None when no sequence runs drafts (row i is sequence i's).
     first_rows: Optional[list[int]] = None
+    # Whether the scheduler counted the step's tokens at launch, as pending (asynchronous scheduling; not a step
+    # with drafts, whose accepted tokens are known only once it is read back).
+    counted_at_launch: bool = False
 
 
 @dataclasses.dataclass
@@ -248,11 +251,9 @@ class LLMEngine:
                       # (runner.dispatch), and waiting for a step's tokens. A device-bound engine waits on
                       # every step; one whose host work per step exceeds the device's step never waits.
                       "host_s": 0.0, "dispatch_s": 0.0, "wait_s": 0.0}
-        # Asynchronous scheduling (see step()); None: wherever it is allowed. Not with speculative decoding: the
-        # next step's drafts follow from this step's tokens.
+        # Asynchronous scheduling (see step()); None: wherever it is allowed.
         self.async_scheduling = (args.async_scheduling if args.async_scheduling is not None
-                                 else jax.process_count() == 1 and args.speculative_config is None
-                                 ) and self.pooling is None  # pooling: prompts only
+                                 else jax.process_count() == 1) and self.pooling is None  # pooling: prompts only
         self._in_flight: Optional[_LaunchedStep] = None
         self._grammars = None  # engine.structured_output.Grammars, made when first needed
         self.tracer: Optional[StepTracer] = None
@@ -434,7 +435,8 @@ class LLMEngine:
         previous, self._in_flight = self._in_flight, None
         if previous is not None and not self._can_plan_ahead(previous):
             outputs, previous = self._complete(previous), None
-        launched = self._launch(self.scheduler.schedule(), previous=previous)
+        # Planned ahead, decodes have a token still in flight: no drafts can follow it yet.
+        launched = self._launch(self.scheduler.schedule(drafts=previous is None), previous=previous)
         if previous is not None:
             self.stats["steps_planned_ahead"] += launched is not None
             outputs = self._complete(previous)
@@ -452,11 +454,20 @@ class LLMEngine:
     def _can_plan_ahead(self, step: _LaunchedStep) -> bool:
         """Whether the next step can be planned before ``step``'s tokens are on the host. With multi-step decoding
         a step that samples a request's first token is read back first: the next step is likely a burst, whose
-        planning and dispatch (~3 ms on an H200's host, run 30e) would otherwise delay that first token."""
+        planning and dispatch (~3 ms on an H200's host, run 30e) would otherwise delay that first token.
+        With speculative decoding a step with drafts is read back first (the next step starts after its accepted
+        tokens), and so is a step of a request whose known tokens end in a repeated n-gram (it copies: its next
+        drafts need the token in flight); other steps are planned ahead, as without drafts."""
+        if step.first_rows is not None:
+            return False
         first_tokens_first = self.scheduler.num_scheduler_steps > 1
+        speculative = self.scheduler.speculative_config
         for s, (_, group) in zip(step.plan.scheduled, step.entries):
             if s.samples and (group.samples_need_host_tokens or len(group.samples) < group.params.n or (
                     first_tokens_first and s.start + s.num_tokens == s.request.num_prompt_tokens)):
+                return False
+            if speculative is not None and s.samples and s.request.speculative and speculative.propose(
+                    s.request.token_ids(0, s.start + s.num_tokens), 1):
                 return False
         return True
 
@@ -510,9 +521,10 @@ class LLMEngine:
         # The pool as the step leaves it (its KV slots allocated), before the scheduler counts its tokens.
         trace = (None if self.tracer is None else
                  self.tracer.capture(out, self.scheduler, self.block_manager, step_start))
-        if self.async_scheduling:  # the scheduler counts the step's tokens now, as pending
+        counted = self.async_scheduling and first_rows is None
+        if counted:  # the scheduler counts the step's tokens now, as pending
             self.scheduler.update_after_step(out, {s.request.request_id: _pending(s) for s in scheduled if s.samples})
-        return _LaunchedStep(out, entries, pending, step_start, trace, first_rows)
+        return _LaunchedStep(out, entries, pending, step_start, trace, first_rows, counted)
 
     def _token_bitmasks(self, scheduled: list, entries: list) -> Optional[list]:
         """Each scheduled sequence's structured-output bitmask row where it samples under a grammar, else None."""
@@ -571,7 +583,7 @@ class LLMEngine:
             def rows_of(i: int, s: ScheduledSequence) -> list[tuple[int, int, int]]:
                 return [(step[i], j, i) for j, step in enumerate(tokens[:s.decode_steps])]
         sampled = {i: rows_of(i, s) for i, s in enumerate(scheduled) if s.samples}
-        if not self.async_scheduling:
+        if not launched.counted_at_launch:
             self.scheduler.update_after_step(out, {
                 s.request.request_id: [t for t, _, _ in sampled[i]] if s.draft_token_ids
                 else _one_or_list([t for t, _, _ in sampled[i]]) for i, s in enumerate(scheduled) if s.samples})
@@ -591,7 +603,7 @@ class LLMEngine:
             if sample is group.samples[0] and len(group.samples) < group.params.n:
                 self._fork_samples(group, now)  # before the first token's stop checks may finish (and free) it
             for j, (token, result_index, row) in enumerate(sampled[i]):
-                if self.async_scheduling:  # fill in the pending token
+                if launched.counted_at_launch:  # fill in the pending token
                     s.request.output_token_ids[index + j] = token
                 self._record_token(group, sample, token, results[result_index], row, num_output_tokens=index + j + 1)
                 if sample.finish_reason is not None:  # its later tokens are dropped

@@ -343,7 +343,9 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: bool = True) -> SchedulerOutput:
+        """Plan the next step. ``drafts``: whether decodes may run drafts (speculative decoding): not while a step
+        whose tokens they follow is still in flight."""
         self.num_steps += 1
         plan = _StepPlan(self.max_num_batched_tokens)
         decodes, prefills = [], []
@@ -357,7 +359,7 @@ class Scheduler:
             return plan.output(decode_steps=self.num_scheduler_steps)
         if self._decodes_always_fit(decodes, plan):
             self._schedule_decodes(decodes, plan)
-            if self.speculative_config is not None:
+            if drafts and self.speculative_config is not None:
                 self._add_drafts(decodes, plan)
             decodes = []
         for request in decodes + prefills:

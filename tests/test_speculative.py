@@ -62,7 +62,6 @@ def test_config_takes_vllms_fields_and_names_what_is_wrong():
         with pytest.raises(ValueError, match=message):
             SpeculativeConfig.of(value)
     for conflict, message in [({"num_scheduler_steps": 4}, "num_scheduler_steps > 1"),
-                              ({"async_scheduling": True}, "async_scheduling=True"),
                               ({"runner": "pooling"}, "runner='pooling'")]:
         with pytest.raises(ValueError, match=f"cannot be combined with {message}"):
             EngineArgs(speculative_config=NGRAM, **conflict).validate()
@@ -110,7 +109,10 @@ def test_drafts_give_the_outputs_of_decoding_a_token_a_step(both, case):
                                    [e[t].logprob for e, t in zip(a.logprobs, a.token_ids)], atol=1e-4)
 
 
-def test_drafts_are_accepted_on_repetitive_text(both):
+def test_drafts_are_accepted_on_repetitive_text_and_other_steps_are_planned_ahead(both):
+    """Drafts where a reply copies; where no n-gram repeats (e.g. "The capital of France is") the next step is planned
+    while one runs, as without drafts."""
     stats = both["stats"]
     assert stats["spec_decode_num_drafts"] > 0
     assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
+    assert stats["steps_planned_ahead"] > 0
