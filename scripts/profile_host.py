@@ -144,6 +144,9 @@ def main() -> None:
                              "token at a time) and sampling params of each request's own")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="the engine's default; off to see what keying the full blocks costs a step")
+    parser.add_argument("--speculative-config", type=json.loads, default=None,
+                        help="speculative decoding (JSON, as the server's flag): what its n-gram checks cost a step "
+                             "where the random prompts draft nothing")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="also print the N functions with the most own time over the decode steps")
     args = parser.parse_args()
@@ -159,7 +162,8 @@ def main() -> None:
         engine = LLMEngine(EngineArgs(model=model, load_format="dummy",
                                       max_num_seqs=args.num_seqs, max_num_batched_tokens=8192,
                                       num_gpu_blocks_override=20000, block_size=16,
-                                      enable_prefix_caching=args.enable_prefix_caching),
+                                      enable_prefix_caching=args.enable_prefix_caching,
+                                      speculative_config=args.speculative_config),
                            skip_tokenizer_init=not args.as_server)
     timer = DeviceTimer(engine.runner)
     output_kind = RequestOutputKind.DELTA if args.as_server else RequestOutputKind[args.output_kind.upper()]
