@@ -273,7 +273,7 @@ def test_grouped_matmul_sweep_times_each_setting_once_and_names_the_fastest(tmp_
     record = json.loads(out.read_text())
     assert [(r["format"], r["tokens"], r["tiles"]["k_splits"], r["tiles"]["block_n"]) for r in record["rows"]] == [
         (fmt, tokens, splits, block_n) for fmt in ("bf16", "int4")
-        for tokens, splits, block_n in ((1, 4, 64), (1, 1, 64), (128, 1, 64), (128, 1, 32), (256, 1, 64),
+        for tokens, splits, block_n in ((1, 4, 128), (1, 1, 128), (128, 1, 128), (128, 1, 32), (256, 1, 128),
                                         (256, 1, 32))]
     assert all(r["error"] is None and r["us"] > 0 for r in record["rows"])
     assert [b["default_us"] is not None for b in record["best"]] == [True] * 6
