@@ -467,7 +467,7 @@ class LLMEngine:
                     first_tokens_first and s.start + s.num_tokens == s.request.num_prompt_tokens)):
                 return False
             if speculative is not None and s.samples and s.request.speculative and speculative.propose(
-                    s.request.token_ids(0, s.start + s.num_tokens), 1):
+                    s.request.known_token_array(s.start + s.num_tokens), 1):
                 return False
         return True
 

@@ -11,6 +11,8 @@ import enum
 import time
 from typing import Any
 
+import numpy as np
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -54,6 +56,9 @@ class Request:
     # Whether admission may start it on a cached prefix (the engine clears it for prompt logprobs, which need the
     # logits of every prompt token).
     use_prefix_cache: bool = True
+    # known_token_array's buffer and how many of its leading entries are filled.
+    _token_buffer: Any = dataclasses.field(default=None, repr=False)
+    _num_buffered: int = dataclasses.field(default=0, repr=False)
 
     def __post_init__(self):
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -81,6 +86,20 @@ class Request:
         if start >= p:
             return self.output_token_ids[start - p:stop - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
+
+    def known_token_array(self, stop: int) -> np.ndarray:
+        """``all_token_ids[:stop]`` as an int64 array (a view of a buffer kept with the request and grown as tokens
+        come: speculative decoding searches it every step). Only for tokens known for good: outputs only ever
+        append, and the engine asks for none of a step still in flight."""
+        buffer, filled = self._token_buffer, self._num_buffered
+        if stop > filled:
+            if buffer is None or stop > len(buffer):
+                grown = np.empty(max(2 * stop, 64), np.int64)
+                grown[:filled] = buffer[:filled] if buffer is not None else []
+                buffer = self._token_buffer = grown
+            buffer[filled:stop] = self.token_ids(filled, stop)
+            self._num_buffered = stop
+        return buffer[:stop]
 
     @property
     def num_uncomputed_tokens(self) -> int:

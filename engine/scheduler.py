@@ -507,7 +507,7 @@ class Scheduler:
             room = min(room, self.max_model_len - request.num_tokens - 1)
             if request.max_output_tokens is not None:
                 room = min(room, request.max_output_tokens - len(request.output_token_ids) - 1)
-            drafts = config.propose(request.all_token_ids, room) if room > 0 else []
+            drafts = config.propose(request.known_token_array(request.num_tokens), room) if room > 0 else []
             start = request.num_computed_tokens
             copies = allocate(request.request_id, start + 1 + len(drafts)) if drafts else None
             if copies is not None:

@@ -65,8 +65,9 @@ class SpeculativeConfig:
             raise ValueError("speculative_config needs num_speculative_tokens")
         return cls(**value)
 
-    def propose(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
-        """Drafts to follow ``token_ids``: at most ``min(num_speculative_tokens, max_tokens)``, possibly none."""
+    def propose(self, token_ids: Sequence[int] | np.ndarray, max_tokens: int) -> list[int]:
+        """Drafts to follow ``token_ids`` (a list, or an int64 array: ``Request.known_token_array``, no copy): at most
+        ``min(num_speculative_tokens, max_tokens)``, possibly none."""
         limit = min(self.num_speculative_tokens, max_tokens)
         if limit < 1 or len(token_ids) <= self.prompt_lookup_min:
             return []

@@ -42,6 +42,17 @@ def test_ngram_drafts_on_a_random_sequence_match_a_plain_search():
         assert ngram_drafts(np.asarray(tokens), low, high, limit) == want, (tokens, low, high, limit)
 
 
+def test_a_requests_known_tokens_are_kept_as_an_array_grown_as_they_come():
+    from engine.request import Request
+
+    request = Request("r", [5, 6, 7])
+    assert request.known_token_array(3).tolist() == [5, 6, 7]
+    for token in range(100):  # past the first buffer's 64 entries
+        request.output_token_ids.append(token)
+        assert request.known_token_array(request.num_tokens).tolist() == request.all_token_ids
+    assert request.known_token_array(10).tolist() == request.all_token_ids[:10]
+
+
 def test_accepted_tokens_keep_drafts_up_to_the_first_the_model_samples_otherwise():
     assert accepted_tokens([5, 6, 7], [5, 6]) == [5, 6, 7]  # both kept, and the token after them
     assert accepted_tokens([5, 9, 7], [5, 6]) == [5, 9]  # the second refused: the model's own token instead
