@@ -57,8 +57,8 @@ class Request:
     # logits of every prompt token).
     use_prefix_cache: bool = True
     # known_token_array's buffer and how many of its leading entries are filled.
-    _token_buffer: Any = dataclasses.field(default=None, repr=False)
-    _num_buffered: int = dataclasses.field(default=0, repr=False)
+    _token_buffer: Any = dataclasses.field(default=None, init=False, repr=False)
+    _num_buffered: int = dataclasses.field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         self.prompt_token_ids = list(self.prompt_token_ids)
