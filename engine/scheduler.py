@@ -133,21 +133,25 @@ class _StepPlan:
         return len(self.scheduled) + self.num_drafts
 
     def add(self, seq: ScheduledSequence, copies: list[tuple[int, int]]) -> None:
-        """Schedule ``seq`` (in place of the request's share so far, if it has one: its copies are kept)."""
         request_id = seq.request.request_id
-        self.drop(request_id, keep_place=True)
         self.scheduled[request_id] = seq
-        self.copies[request_id] = self.copies.get(request_id, []) + copies
+        self.copies[request_id] = copies
         self.budget -= seq.num_tokens
-        self.num_drafts += len(seq.draft_token_ids)
 
-    def drop(self, request_id: str, keep_place: bool = False) -> None:
-        seq = self.scheduled.get(request_id)
+    def add_drafts(self, seq: ScheduledSequence, copies: list[tuple[int, int]]) -> None:
+        """Replace a scheduled decode by ``seq``, the same decode with drafts, in its place; its copies are kept."""
+        request_id = seq.request.request_id
+        self.budget -= seq.num_tokens - self.scheduled[request_id].num_tokens
+        self.num_drafts += len(seq.draft_token_ids)
+        self.scheduled[request_id] = seq
+        self.copies[request_id] = self.copies[request_id] + copies
+
+    def drop(self, request_id: str) -> None:
+        seq = self.scheduled.pop(request_id, None)
         if seq is not None:
             self.budget += seq.num_tokens
             self.num_drafts -= len(seq.draft_token_ids)
-            if not keep_place:
-                del self.scheduled[request_id], self.copies[request_id]
+            del self.copies[request_id]
 
     def output(self, decode_steps: int = 1) -> SchedulerOutput:
         return SchedulerOutput(
@@ -511,8 +515,8 @@ class Scheduler:
             start = request.num_computed_tokens
             copies = allocate(request.request_id, start + 1 + len(drafts)) if drafts else None
             if copies is not None:
-                plan.add(ScheduledSequence(request, start, 1 + len(drafts), samples=True,
-                                           draft_token_ids=tuple(drafts)), copies)
+                plan.add_drafts(ScheduledSequence(request, start, 1 + len(drafts), samples=True,
+                                                  draft_token_ids=tuple(drafts)), copies)
 
     def _schedule_running(self, request: Request, plan: _StepPlan) -> None:
         """Give a running request its chunk, preempting from the back of the queue until it fits."""
