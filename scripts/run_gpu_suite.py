@@ -504,6 +504,13 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # tput-short's prompt steps: 128 prompts of 128 tokens (347-378 ms in run 14b against 332 ms for 8 x 2048).
         ("profile-prefill-short", profile("profile-prefill-short", "--step", "prefill", "--batch", "128", "--ctx", "128"),
          120),
+        # The same two steps with fp8 weights: where fp8's tput-short goes on an H100 (1.31x bf16 in run 37a, 1.42x on
+        # the H200: the card with the faster memory), i.e. how much of its decode step is K/V reads and the
+        # activations' quantization passes.
+        ("profile-decode-1024-fp8", profile("profile-decode-1024-fp8", "--step", "decode", "--batch", "1024", "--ctx",
+                                            "192", "--quantization", "fp8"), 150),
+        ("profile-prefill-short-fp8", profile("profile-prefill-short-fp8", "--step", "prefill", "--batch", "128",
+                                              "--ctx", "128", "--quantization", "fp8"), 150),
         # The decode step of tput-short's own engine (its limits, so its compiled programs: persistent-cache
         # hits after a tput-short run) against profile-decode-1024's engine: tput-short's decode steps took
         # 32 ms where profile-decode-1024's kernels took 27.9 (runs 14b, 14d); run 14c saw the same GEMM
