@@ -352,17 +352,19 @@ class LLMEngine:
     def _new_sample(self, group: _RequestGroup, seq_id: str, seed: int, now: float, priority: int) -> _Sample:
         params = group.params
         # Multi-step decoding feeds a burst's tokens on the device: not where the host must see each token first.
+        matcher = None if group.grammar is None else self._grammars.matcher(group.grammar)
+        thinking = (matcher is not None and self._reasoning_end is not None
+                    and not self._reasoning_end.ended_in_prompt(group.prompt_token_ids))
+        # Drafts under a grammar get a mask a row (_token_bitmasks); a grammar that starts after the thinking does not
+        # draft (where a draft closes the thinking, the rows after it would need the grammar's masks).
         request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids), sampling_params=params,
                           priority=priority, arrival_time=now, max_output_tokens=group.max_output_tokens,
                           multi_step=not group.samples_need_host_tokens and params.min_tokens == 0,
-                          use_prefix_cache=params.prompt_logprobs is None, speculative=group.grammar is None)
+                          use_prefix_cache=params.prompt_logprobs is None, speculative=not thinking)
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
                                            skip_special_tokens=group.params.skip_special_tokens)
-        matcher = None if group.grammar is None else self._grammars.matcher(group.grammar)
-        thinking = (matcher is not None and self._reasoning_end is not None
-                    and not self._reasoning_end.ended_in_prompt(group.prompt_token_ids))
         return _Sample(request=request, seed=seed, detokenizer=detok,
                        logprobs=[] if group.params.logprobs is not None else None, matcher=matcher,
                        thinking=thinking)
@@ -499,7 +501,8 @@ class LLMEngine:
             return _LaunchedStep(out, entries, self.runner.dispatch_pool(work), step_start)
         first_rows, row_seqs, histories = _sampled_rows(scheduled)
         params = [entries[i][1].params for i in row_seqs]
-        bitmasks = None if self._grammars is None else self._token_bitmasks(scheduled, entries)
+        bitmasks = None if self._grammars is None else self._token_bitmasks(scheduled, entries, first_rows,
+                                                                            len(row_seqs))
         metadata = build_sampling_metadata(
             params,
             histories,
@@ -509,7 +512,7 @@ class LLMEngine:
             self.runner.padded_num_seqs(out.num_batched_tokens),
             eos_token_ids=sorted(self.eos_token_ids),
             bad_words_token_ids=[entries[i][1].bad_words_token_ids for i in row_seqs],
-            token_bitmasks=None if bitmasks is None else [bitmasks[i] for i in row_seqs],
+            token_bitmasks=bitmasks,
             vocab_size=self.model_config.vocab_size,
         )
         num_logprobs = _top_width(p.logprobs for p in params)
@@ -526,16 +529,22 @@ class LLMEngine:
             self.scheduler.update_after_step(out, {s.request.request_id: _pending(s) for s in scheduled if s.samples})
         return _LaunchedStep(out, entries, pending, step_start, trace, first_rows, counted)
 
-    def _token_bitmasks(self, scheduled: list, entries: list) -> Optional[list]:
-        """Each scheduled sequence's structured-output bitmask row where it samples under a grammar, else None."""
-        rows = [i for i, s in enumerate(scheduled)
+    def _token_bitmasks(self, scheduled: list, entries: list, first_rows: Optional[list[int]],
+                        num_rows: int) -> Optional[list]:
+        """Each sampled row's structured-output bitmask where its sequence samples under a grammar, else None.
+        ``first_rows``: each sequence's first row (``_sampled_rows``; None: row i is sequence i's); a drafted
+        sequence's rows take the masks after the drafts before them (``Grammars.bitmask``)."""
+        seqs = [i for i, s in enumerate(scheduled)
                 if s.samples and entries[i][0].matcher is not None and not entries[i][0].thinking]
-        if not rows:
+        if not seqs:
             return None
-        masks = self._grammars.bitmask([entries[i][0].matcher for i in rows])
-        out = [None] * len(scheduled)
-        for i, mask in zip(rows, masks):
-            out[i] = mask
+        masks = iter(self._grammars.bitmask([entries[i][0].matcher for i in seqs],
+                                            [scheduled[i].draft_token_ids for i in seqs]))
+        out = [None] * num_rows
+        for i in seqs:
+            first = i if first_rows is None else first_rows[i]
+            for row in range(first, first + 1 + len(scheduled[i].draft_token_ids)):
+                out[row] = next(masks)
         return out
 
     @staticmethod

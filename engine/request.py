@@ -51,7 +51,7 @@ class Request:
     multi_step: bool = True
     max_output_tokens: int | None = None
     # Speculative decoding (``Scheduler(speculative_config=...)``): whether its decodes may run drafts (the engine
-    # clears it under a structured output, whose next tokens' mask follows from the tokens so far).
+    # clears it for a structured output that starts after a reasoning model's thinking).
     speculative: bool = True
     # Whether admission may start it on a cached prefix (the engine clears it for prompt logprobs, which need the
     # logits of every prompt token).

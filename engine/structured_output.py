@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -70,11 +70,30 @@ class Grammars:
 
         return LLMatcher(self._tokenizer, grammar, log_level=0)
 
-    def bitmask(self, matchers: Sequence[Any]) -> np.ndarray:
-        """``[len(matchers), bitmask_width]`` int32: the tokens each matcher allows next, computed on llguidance's
-        threads (the GIL released), as vLLM does for a batch of them."""
-        from llguidance.numpy import fill_next_token_bitmask_par
+    def bitmask(self, matchers: Sequence[Any], drafts: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
+        """int32 bitmask rows of the tokens each matcher allows next, computed on llguidance's threads (the GIL
+        released), as vLLM does for a batch of them. ``drafts`` (speculative decoding): each matcher's draft tokens;
+        a matcher then has ``1 + len(drafts)`` rows, its row ``j`` the mask after its first ``j`` drafts (the matcher
+        itself left where it was). A draft the grammar refuses, and those after it, take the mask of the row before
+        it: the sample of that row cannot be the refused draft, so the later rows' samples are dropped anyway."""
+        from llguidance.numpy import fill_next_token_bitmask_par, fill_next_token_bitmask_par_with_draft_tokens
 
-        rows = np.zeros((len(matchers), bitmask_width(self.vocab_size)), np.int32)
-        fill_next_token_bitmask_par(self._executor, [(matcher, i) for i, matcher in enumerate(matchers)], rows)
+        drafts = drafts if drafts is not None else [()] * len(matchers)
+        counts = [1 + len(d) for d in drafts]
+        rows = np.zeros((sum(counts), bitmask_width(self.vocab_size)), np.int32)
+        plain, drafted, copies, first = [], [], [], 0  # llguidance takes no empty draft list: those go plain
+        for matcher, tokens, count in zip(matchers, drafts, counts):
+            valid = matcher.validate_tokens(list(tokens)) if tokens else 0
+            if valid:
+                drafted.append((matcher, first, list(tokens[:valid])))
+            else:
+                plain.append((matcher, first))
+            copies.append((first + valid, first + count))
+            first += count
+        if plain:
+            fill_next_token_bitmask_par(self._executor, plain, rows)
+        if drafted:
+            fill_next_token_bitmask_par_with_draft_tokens(self._executor, drafted, rows)
+        for last_valid, end in copies:
+            rows[last_valid + 1:end] = rows[last_valid]
         return rows

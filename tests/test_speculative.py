@@ -2,10 +2,13 @@
 and the engine's outputs equal to decoding a token a step (the default model; the scheduler's side is
 tests/test_scheduler.py's)."""
 
+import re
+
 import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.sampling_params import StructuredOutputsParams
 from engine.engine_args import EngineArgs
 from engine.speculative import SpeculativeConfig, accepted_tokens, ngram_drafts
 
@@ -93,17 +96,27 @@ PARAMS = {
     "logprobs": SamplingParams(temperature=0, max_tokens=24, logprobs=2),
     "stop": SamplingParams(temperature=0, max_tokens=40, stop=["7", "grape"], min_tokens=2),
     "n2": SamplingParams(temperature=1.0, max_tokens=24, n=2, seed=3),
+    # Structured outputs: each draft's row sampled under the grammar's mask after the drafts before it; the regex
+    # refuses the code prompt's newlines and brackets, so some drafts are the grammar's to refuse.
+    "grammar": SamplingParams(temperature=0, max_tokens=40, structured_outputs={"regex": r"[a-z0-9 ,]{1,100}"}),
+    "grammar-seeded": SamplingParams(temperature=0.7, max_tokens=40, seed=11,
+                                     structured_outputs={"regex": r"[a-z0-9 ,.]{1,100}"}),
 }
+COUNTERS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
 
 
 @pytest.fixture(scope="module")
 def both():
-    """Each PARAMS case's outputs, decoding a token a step and with n-gram drafts, and the drafted engine's stats."""
-    results = {}
+    """Each PARAMS case's outputs, decoding a token a step and with n-gram drafts, the drafted engine's stats, and
+    its drafting counters of each case."""
+    results = {"counters": {}}
     for spec in (None, NGRAM):
         llm = LLM(dtype="float32", max_model_len=384, max_num_seqs=16, speculative_config=spec)
-        results[spec is not None] = {name: llm.generate(PROMPTS, params, use_tqdm=False)
-                                     for name, params in PARAMS.items()}
+        results[spec is not None] = {}
+        for name, params in PARAMS.items():
+            before = [llm.llm_engine.stats[c] for c in COUNTERS]
+            results[spec is not None][name] = llm.generate(PROMPTS, params, use_tqdm=False)
+            results["counters"][name] = [llm.llm_engine.stats[c] - b for c, b in zip(COUNTERS, before)]
         results["stats"] = dict(llm.llm_engine.stats)
         llm.shutdown()
     return results
@@ -127,3 +140,40 @@ def test_drafts_are_accepted_on_repetitive_text_and_other_steps_are_planned_ahea
     assert stats["spec_decode_num_drafts"] > 0
     assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
     assert stats["steps_planned_ahead"] > 0
+
+
+def test_drafts_run_under_structured_outputs(both):
+    """A grammar request drafts too: its drafts are accepted where the reply copies, and its outputs follow the
+    grammar (the equality with decoding a token a step is the table's "grammar" cases)."""
+    drafts, draft_tokens, accepted = both["counters"]["grammar"]
+    assert drafts > 0 and 0 < accepted < draft_tokens
+    for output in both[True]["grammar"]:
+        assert re.fullmatch(r"[a-z0-9 ,]*", output.outputs[0].text), output.outputs[0].text
+
+
+def test_a_grammars_rows_after_each_draft_are_its_masks_after_consuming_them():
+    """``Grammars.bitmask`` with drafts: row j of a matcher is the mask after its first j drafts (the matcher left
+    where it was); from the first draft the grammar refuses, rows repeat the row before it."""
+    from engine.structured_output import Grammars
+    from engine.tokenizer import eos_token_ids, load_tokenizer
+    from models.default_model import default_model_path
+
+    path = default_model_path()
+    tokenizer = load_tokenizer(path)
+    grammars = Grammars(tokenizer, 49152, eos_token_ids(tokenizer, path))
+    grammar = grammars.check(StructuredOutputsParams(regex=r"(ab )+c"))
+    ids = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    valid, refused = ids("ab ab ab"), ids("ab x ab")
+    plain, drafted = grammars.matcher(grammar), grammars.matcher(grammar)
+    rows = grammars.bitmask([plain, drafted], [[], valid + refused])
+
+    step_by_step = grammars.matcher(grammar)
+    expected = [grammars.bitmask([step_by_step])[0]]
+    for token in valid:
+        assert step_by_step.consume_token(token)
+        expected.append(grammars.bitmask([step_by_step])[0])
+    assert step_by_step.validate_tokens(refused) < len(refused)  # "x" is refused: later rows repeat the last mask
+    expected += [expected[-1]] * len(refused)
+    assert np.array_equal(rows[0], expected[0])
+    assert np.array_equal(rows[1:], np.stack(expected))
+    assert drafted.validate_tokens(valid) == len(valid) and not drafted.is_error()  # left at the start
