@@ -10,6 +10,7 @@ engines reply alike (greedy), and reports the drafts' acceptance and the tokens 
 
     python scripts/bench_speculative.py                          # the embedded default model, CPU: ~3 minutes
     python scripts/bench_speculative.py --model /path/to/Llama-3.1-8B-Instruct --num-speculative-tokens 4
+    python scripts/bench_speculative.py --structured-outputs '{"regex": "[^<]{1,2000}"}'   # drafts under a grammar
 
 Writes ``benchmarks/results/speculative-<device>-<date>.json`` (``BENCH_COMMIT`` names the commit where the copy
 has no git metadata).
@@ -53,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-lookup-max", type=int, default=4)
     parser.add_argument("--prompt-lookup-min", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--structured-outputs", type=json.loads, default=None,
+                        help='every reply under this structured output (SamplingParams.structured_outputs as JSON), '
+                             'e.g. \'{"regex": "[^<]{1,2000}"}\': drafts are then sampled under its masks')
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--results-dir", default=bench_common.RESULTS_DIR)
     return parser.parse_args(argv)
@@ -63,8 +67,8 @@ def run(args, speculative_config) -> dict:
 
     llm = LLM(args.model, dtype=args.dtype, max_model_len=1024, max_num_seqs=8,
               speculative_config=speculative_config)
-    greedy = SamplingParams(temperature=0, max_tokens=args.output_len)
-    first = SamplingParams(temperature=0, max_tokens=1)
+    greedy = SamplingParams(temperature=0, max_tokens=args.output_len, structured_outputs=args.structured_outputs)
+    first = SamplingParams(temperature=0, max_tokens=1, structured_outputs=args.structured_outputs)
 
     def reply(conversation, params):
         started = time.perf_counter()
@@ -106,6 +110,7 @@ def main(argv=None) -> None:
     same = plain.pop("texts") == drafted.pop("texts")
     result = {**bench_common.result_header(WORKLOAD, args.model, args.dtype),
               "output_len": args.output_len, "repeats": args.repeats, "speculative_config": spec,
+              "structured_outputs": args.structured_outputs,
               "plain": plain, "ngram": drafted, "same_text": same,
               "tpot_speedup": plain["tpot_ms_median"] / drafted["tpot_ms_median"],
               "output_tok_s_speedup": drafted["output_tok_s"] / plain["output_tok_s"]}
