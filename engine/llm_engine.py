@@ -351,10 +351,10 @@ class LLMEngine:
 
     def _new_sample(self, group: _RequestGroup, seq_id: str, seed: int, now: float, priority: int) -> _Sample:
         params = group.params
-        # Multi-step decoding feeds a burst's tokens on the device: not where the host must see each token first.
         matcher = None if group.grammar is None else self._grammars.matcher(group.grammar)
         thinking = (matcher is not None and self._reasoning_end is not None
                     and not self._reasoning_end.ended_in_prompt(group.prompt_token_ids))
+        # Multi-step decoding feeds a burst's tokens on the device: not where the host must see each token first.
         # Drafts under a grammar get a mask a row (_token_bitmasks); a grammar that starts after the thinking does not
         # draft (where a draft closes the thinking, the rows after it would need the grammar's masks).
         request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids), sampling_params=params,
