@@ -355,12 +355,10 @@ class LLMEngine:
         thinking = (matcher is not None and self._reasoning_end is not None
                     and not self._reasoning_end.ended_in_prompt(group.prompt_token_ids))
         # Multi-step decoding feeds a burst's tokens on the device: not where the host must see each token first.
-        # Drafts under a grammar get a mask a row (_token_bitmasks); a grammar that starts after the thinking does not
-        # draft (where a draft closes the thinking, the rows after it would need the grammar's masks).
         request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids), sampling_params=params,
                           priority=priority, arrival_time=now, max_output_tokens=group.max_output_tokens,
                           multi_step=not group.samples_need_host_tokens and params.min_tokens == 0,
-                          use_prefix_cache=params.prompt_logprobs is None, speculative=not thinking)
+                          use_prefix_cache=params.prompt_logprobs is None)
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
@@ -468,7 +466,7 @@ class LLMEngine:
             if s.samples and (group.samples_need_host_tokens or len(group.samples) < group.params.n or (
                     first_tokens_first and s.start + s.num_tokens == s.request.num_prompt_tokens)):
                 return False
-            if speculative is not None and s.samples and s.request.speculative and speculative.propose(
+            if speculative is not None and s.samples and speculative.propose(
                     s.request.known_token_array(s.start + s.num_tokens), 1):
                 return False
         return True
@@ -532,20 +530,35 @@ class LLMEngine:
     def _token_bitmasks(self, scheduled: list, entries: list, first_rows: Optional[list[int]],
                         num_rows: int) -> Optional[list]:
         """Each sampled row's structured-output bitmask where its sequence samples under a grammar, else None.
-        ``first_rows``: each sequence's first row (``_sampled_rows``; None: row i is sequence i's); a drafted
-        sequence's rows take the masks after the drafts before them (``Grammars.bitmask``)."""
-        seqs = [i for i, s in enumerate(scheduled)
-                if s.samples and entries[i][0].matcher is not None and not entries[i][0].thinking]
-        if not seqs:
+        ``first_rows``: each sequence's first row (``_sampled_rows``; None: row i is sequence i's). A drafted
+        sequence's rows take the masks after the drafts before them (``Grammars.bitmask``); while it thinks, its rows
+        up to the draft that closes the thinking take none."""
+        masked = []  # (first masked row, the matcher, the drafts after that row's)
+        for i, s in enumerate(scheduled):
+            sample = entries[i][0]
+            if not s.samples or sample.matcher is None:
+                continue
+            start = self._grammar_start(sample, s.draft_token_ids)
+            if start is not None:
+                first = i if first_rows is None else first_rows[i]
+                masked.append((first + start, sample.matcher, s.draft_token_ids[start:]))
+        if not masked:
             return None
-        masks = iter(self._grammars.bitmask([entries[i][0].matcher for i in seqs],
-                                            [scheduled[i].draft_token_ids for i in seqs]))
+        masks = iter(self._grammars.bitmask([matcher for _, matcher, _ in masked], [d for _, _, d in masked]))
         out = [None] * num_rows
-        for i in seqs:
-            first = i if first_rows is None else first_rows[i]
-            for row in range(first, first + 1 + len(scheduled[i].draft_token_ids)):
+        for first, _, drafts in masked:
+            for row in range(first, first + 1 + len(drafts)):
                 out[row] = next(masks)
         return out
+
+    def _grammar_start(self, sample: _Sample, drafts: Sequence[int]) -> Optional[int]:
+        """The first of a sequence's rows (its own, then one a draft) sampled under its grammar: 0 once its thinking
+        is over (or without a reasoning parser); while it thinks, the row after the draft that closes the thinking;
+        None if no draft closes it."""
+        if not sample.thinking:
+            return 0
+        tail = sample.request.output_token_ids[-len(self._reasoning_end.end_ids):]
+        return next((j for j in range(1, len(drafts) + 1) if self._reasoning_end.ends(tail + list(drafts[:j]))), None)
 
     @staticmethod
     def _feed_row(s: ScheduledSequence, feed_rows: dict) -> int:

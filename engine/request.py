@@ -50,9 +50,6 @@ class Request:
     # it: penalties, ``min_tokens``), and the most output tokens it can have (a burst stops there; None: none).
     multi_step: bool = True
     max_output_tokens: int | None = None
-    # Speculative decoding (``Scheduler(speculative_config=...)``): whether its decodes may run drafts (the engine
-    # clears it for a structured output that starts after a reasoning model's thinking).
-    speculative: bool = True
     # Whether admission may start it on a cached prefix (the engine clears it for prompt logprobs, which need the
     # logits of every prompt token).
     use_prefix_cache: bool = True

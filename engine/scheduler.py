@@ -506,8 +506,6 @@ class Scheduler:
             room = min(plan.budget, self.max_num_seqs - plan.num_rows)
             if room < 1:
                 return
-            if not request.speculative:
-                continue
             room = min(room, self.max_model_len - request.num_tokens - 1)
             if request.max_output_tokens is not None:
                 room = min(room, request.max_output_tokens - len(request.output_token_ids) - 1)

@@ -103,6 +103,13 @@ PARAMS = {
                                      structured_outputs={"regex": r"[a-z0-9 ,.]{1,100}"}),
 }
 COUNTERS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
+# Under a reasoning parser the grammar starts after the token that closes the thinking. The default model never
+# writes "<think>" or "</think>", so the test's tags are the counting prompt's " 8" and " 5": its last " 8" comes after
+# its last " 5", so the thinking is open, and the reply " 4 5 6 ..." closes it with its fourth token, inside the first
+# drafts copied from the prompt (" 4 5 6"): rows up to the closing draft free, the rows after it under the grammar,
+# which allows single digits only (the free reply goes on to " 10").
+THINKING_PROMPT, THINKING_TAGS = PROMPTS[1], (" 8", " 5")
+THINKING = SamplingParams(temperature=0, max_tokens=30, structured_outputs={"regex": r"( [0-9])+"})
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +125,32 @@ def both():
             results[spec is not None][name] = llm.generate(PROMPTS, params, use_tqdm=False)
             results["counters"][name] = [llm.llm_engine.stats[c] - b for c, b in zip(COUNTERS, before)]
         results["stats"] = dict(llm.llm_engine.stats)
+        results[spec is not None]["thinking"], results["grammar_starts"] = _under_a_reasoning_parser(llm)
         llm.shutdown()
     return results
 
 
-@pytest.mark.parametrize("case", list(PARAMS))
+def _under_a_reasoning_parser(llm):
+    """The THINKING request's outputs with a reasoning parser whose tags are THINKING_TAGS, and the first grammar row
+    of each of its drafted steps that drafted while thinking (``LLMEngine._grammar_start``)."""
+    from engine.reasoning import ReasoningEnd
+
+    engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
+    engine._reasoning_end = tags = ReasoningEnd(tokenizer)
+    tags.start_ids, tags.end_ids = (tokenizer.encode(tag, add_special_tokens=False) for tag in THINKING_TAGS)
+    starts, grammar_start = [], engine._grammar_start
+
+    def recorded(sample, drafts):
+        start = grammar_start(sample, drafts)
+        if sample.thinking and drafts:
+            starts.append(start)
+        return start
+
+    engine._grammar_start = recorded
+    return llm.generate([THINKING_PROMPT], THINKING, use_tqdm=False), starts
+
+
+@pytest.mark.parametrize("case", [*PARAMS, "thinking"])
 def test_drafts_give_the_outputs_of_decoding_a_token_a_step(both, case):
     for plain, drafted in zip(both[False][case], both[True][case]):
         for a, b in zip(plain.outputs, drafted.outputs, strict=True):
@@ -177,3 +205,12 @@ def test_a_grammars_rows_after_each_draft_are_its_masks_after_consuming_them():
     assert np.array_equal(rows[0], expected[0])
     assert np.array_equal(rows[1:], np.stack(expected))
     assert drafted.validate_tokens(valid) == len(valid) and not drafted.is_error()  # left at the start
+
+
+def test_drafts_that_close_the_thinking_put_the_rows_after_it_under_the_grammar(both):
+    """A drafted step whose drafts close the thinking: its rows up to the closing draft sample freely, the rest under
+    the grammar (the outputs' equality with decoding a token a step is the table's "thinking" case)."""
+    assert any(start is not None and start > 0 for start in both["grammar_starts"]), both["grammar_starts"]
+    text = both[True]["thinking"][0].outputs[0].text
+    assert text.startswith(" 4 5") and re.fullmatch(r"( [0-9])+", text[len(" 4 5"):]), text
+    assert " 10" in both[True]["greedy"][1].outputs[0].text  # the grammar made the difference
