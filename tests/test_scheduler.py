@@ -85,7 +85,7 @@ class FakeEngine:
             assert seq.samples == (seq.start + seq.num_tokens - len(drafts) == r.num_tokens)
             assert bm.num_tokens(r.request_id) == seq.start + seq.num_tokens + seq.decode_steps - 1
             # Drafts: a decode's, within its limits, only with a speculative config.
-            assert not drafts or (s.speculative_config is not None and r.speculative and seq.num_tokens == 1 + len(
+            assert not drafts or (s.speculative_config is not None and seq.num_tokens == 1 + len(
                 drafts) <= 1 + s.speculative_config.num_speculative_tokens and seq.decode_steps == 1
                 and r.num_uncomputed_tokens == 1 and r.num_tokens + len(drafts) < s.max_model_len
                 and (r.max_output_tokens is None or len(r.output_token_ids) + len(drafts) < r.max_output_tokens))
@@ -511,11 +511,11 @@ def test_multi_step_decodes_when_all_decode_and_none_waits_and_everything_comple
     assert max(seq.decode_steps for out in bursts for seq in out.scheduled) == steps
 
 
-def run_a_random_load_with_forks(engine: FakeEngine, rng, max_prompt_len: int, on_add=lambda request: None) -> None:
+def run_a_random_load_with_forks(engine: FakeEngine, rng, max_prompt_len: int) -> None:
     """24 requests of random prompts and max_tokens added a few steps apart, a running decode forked now and then;
     run to completion, then each request stopped by its max_tokens or max_model_len, never past either."""
     for i in range(24):
-        on_add(engine.add(f"r{i}", rng.randrange(1, max_prompt_len + 1), max_tokens=rng.randrange(1, 30)))
+        engine.add(f"r{i}", rng.randrange(1, max_prompt_len + 1), max_tokens=rng.randrange(1, 30))
         for _ in range(rng.randrange(6)):
             if not engine.scheduler.has_unfinished_requests():
                 break
@@ -574,11 +574,7 @@ def test_drafts_run_as_decode_tokens_and_only_the_accepted_ones_stay(rng, cachin
     engine = make(num_blocks=24, block_size=4, max_num_batched_tokens=12, max_num_seqs=6, max_model_len=40, rng=rng,
                   enable_prefix_caching=caching, vocab=4,
                   speculative_config={"num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2})
-
-    def some_without_drafts(request):  # (a structured output's request runs none)
-        request.speculative = rng.random() < 0.8
-
-    run_a_random_load_with_forks(engine, rng, max_prompt_len=15, on_add=some_without_drafts)
+    run_a_random_load_with_forks(engine, rng, max_prompt_len=15)
     drafted = [seq for out in engine.outputs for seq in out.scheduled if seq.draft_token_ids]
     assert drafted and any(seq.num_tokens == 4 for seq in drafted)
 
