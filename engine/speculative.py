@@ -9,7 +9,8 @@ same sampler, the draw of the same output index) and keeps the drafts up to the 
 then that sampled token (``accepted_tokens``). So the outputs are those of decoding a token a step: greedy gives the
 same tokens, sampling the same distribution (and the same tokens for a seed); only a step yields more of them when
 drafts are right. No draft model, so no rejection sampling: a draft is kept exactly when the target's own sample
-equals it.
+equals it. Under a structured output each position is sampled under the grammar's mask after the drafts before it
+(``engine.structured_output.Grammars.bitmask``), so the rule holds there too.
 
 Hand-written: a few lines of numpy; vLLM's proposer is not a dependency.
 """
