@@ -44,9 +44,11 @@ from engine.tokenizer import apply_chat_template  # noqa: E402
 API_KEY = "test-secret-key"
 MAX_MODEL_LEN = 512
 MAX_NUM_SEQS = 16
+SPECULATIVE = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "1, 2, 3, 4,",
            "The quick brown fox"]
 GREEDY = dict(temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+COPYING_PROMPT = "Repeat: red green blue, red green blue, red green blue, red green blue, red"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -92,7 +94,10 @@ def _serve_in_thread(app) -> tuple[uvicorn.Server, threading.Thread, str]:
 
 @pytest.fixture(scope="module")
 def served():
-    args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS)])
+    # The server drafts (n-gram speculative decoding): replies equal decoding a token a step, so every test here
+    # holds with drafts too, and a step can stream several tokens.
+    args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
+                                         "--speculative-config", json.dumps(SPECULATIVE)])
     async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=args.engine_process)
     names = served_model_names(args)
     app = build_app(async_llm, names)
@@ -669,6 +674,26 @@ def test_metrics(served):
         "vllm:time_to_first_token_seconds_count"]
 
 
+def _copying_reply(served: Served) -> list[str]:
+    """The streamed chunks of a greedy reply that copies its prompt (n-gram drafts find it)."""
+    stream = served.client().completions.create(model=served.model, prompt=COPYING_PROMPT, stream=True,
+                                                temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
+    return [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
+
+
+def test_a_streamed_copying_reply_drafts(served):
+    """The server drafts (``--speculative-config``): a reply that copies its prompt streams chunks of several tokens,
+    and vLLM's ``spec_decode`` counters count the drafts (its text equals a server's that does not draft: the
+    multi-step test)."""
+    before = served.metrics()
+    chunks = _copying_reply(served)
+    after = served.metrics()
+    tokenizer = served.async_llm.tokenizer
+    assert len(chunks) < 24 and max(len(tokenizer.encode(c, add_special_tokens=False)) for c in chunks) > 1, chunks
+    for name in ("drafts", "draft_tokens", "accepted_tokens"):
+        assert after[f"vllm:spec_decode_num_{name}_total"] > before[f"vllm:spec_decode_num_{name}_total"], name
+
+
 def test_token_histogram_reads_as_prometheus_histogram():
     """The inter-token histogram keeps its own counts (one lock an observation, ``count`` tokens at once) and
     exposes the same samples as ``prometheus_client``'s ``Histogram`` fed the same values one by one."""
@@ -859,7 +884,8 @@ def test_help_names_safe_default_host():
 def test_multi_step_decoding_streams_the_same_text_and_counts_each_tokens_interval(served, reference):
     """``--num-scheduler-steps 4``: a decode's tokens reach the client four at a time, the streamed text equals the
     one-step server's, and the inter-token histogram gets one observation a token after the first. This server runs
-    the engine loop in its own process (``--no-engine-process``), the shared one in a child: the same text."""
+    the engine loop in its own process (``--no-engine-process``), the shared one in a child: the same text. And the
+    shared server drafts where this one does not: a copying reply's text is the same."""
     args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
                                          "--num-scheduler-steps", "4"])
     async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args))
@@ -873,6 +899,7 @@ def test_multi_step_decoding_streams_the_same_text_and_counts_each_tokens_interv
         metrics = multi.metrics()
         assert metrics["vllm:inter_token_latency_seconds_count"] == GREEDY["max_tokens"] - 1
         assert metrics["vllm:time_to_first_token_seconds_count"] == 1
+        assert "".join(_copying_reply(multi)) == "".join(_copying_reply(served))
     finally:
         server.should_exit = True
         thread.join(timeout=10)
