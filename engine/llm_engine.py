@@ -244,9 +244,11 @@ class LLMEngine:
                       "steps_planned_ahead": 0,  # planned while the previous step ran (async scheduling)
                       "multi_steps": 0,  # of the steps, multi-step decodes (EngineArgs.num_scheduler_steps)
                       # Speculative decoding (EngineArgs.speculative_config), vLLM's counters: decodes that ran
-                      # drafts, their drafts, and the drafts accepted.
+                      # drafts, their drafts, the drafts accepted, and those accepted at each draft position (a
+                      # tuple, replaced as it grows, so copies of the dict stay as they were: how far drafts go
+                      # right, for choosing num_speculative_tokens).
                       "spec_decode_num_drafts": 0, "spec_decode_num_draft_tokens": 0,
-                      "spec_decode_num_accepted_tokens": 0,
+                      "spec_decode_num_accepted_tokens": 0, "spec_decode_num_accepted_tokens_per_pos": (),
                       # Seconds in step(): on the host's own work, of which putting steps on the device
                       # (runner.dispatch), and waiting for a step's tokens. A device-bound engine waits on
                       # every step; one whose host work per step exceeds the device's step never waits.
@@ -646,6 +648,10 @@ class LLMEngine:
         self.stats["spec_decode_num_drafts"] += 1
         self.stats["spec_decode_num_draft_tokens"] += num_drafts
         self.stats["spec_decode_num_accepted_tokens"] += num_accepted
+        counts = self.stats["spec_decode_num_accepted_tokens_per_pos"]
+        counts += (0,) * (num_drafts - len(counts))
+        self.stats["spec_decode_num_accepted_tokens_per_pos"] = tuple(  # the accepted drafts are the first ones
+            count + (position < num_accepted) for position, count in enumerate(counts))
 
     def _complete_pooling(self, launched: _LaunchedStep) -> list[EmbeddingRequestOutput]:
         """Wait for a pooling step: each chunk's rows go to its request's ``PooledRows``; a request whose prompt's

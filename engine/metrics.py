@@ -171,3 +171,9 @@ class _EngineStateCollector(Collector):
             family = CounterMetricFamily(f"{METRIC_PREFIX}{name}", doc, labels=["model_name"])
             family.add_metric(labels, value)
             yield family
+        family = CounterMetricFamily(f"{METRIC_PREFIX}spec_decode_num_accepted_tokens_per_pos",
+                                     "Speculative draft tokens accepted at each draft position (0: the first).",
+                                     labels=["model_name", "position"])
+        for position, value in enumerate(stats.get("spec_decode_num_accepted_tokens_per_pos", [])):
+            family.add_metric([*labels, str(position)], value)
+        yield family

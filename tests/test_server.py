@@ -692,6 +692,9 @@ def test_a_streamed_copying_reply_drafts(served):
     assert len(chunks) < 24 and max(len(tokenizer.encode(c, add_special_tokens=False)) for c in chunks) > 1, chunks
     for name in ("drafts", "draft_tokens", "accepted_tokens"):
         assert after[f"vllm:spec_decode_num_{name}_total"] > before[f"vllm:spec_decode_num_{name}_total"], name
+    per_position = [after.get(f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{position="{p}"}}', 0)
+                    for p in range(SPECULATIVE["num_speculative_tokens"])]
+    assert sum(per_position) == after["vllm:spec_decode_num_accepted_tokens_total"] and per_position[0] > 0
 
 
 def test_token_histogram_reads_as_prometheus_histogram():

@@ -124,7 +124,7 @@ def both():
             before = [llm.llm_engine.stats[c] for c in COUNTERS]
             results[spec is not None][name] = llm.generate(PROMPTS, params, use_tqdm=False)
             results["counters"][name] = [llm.llm_engine.stats[c] - b for c, b in zip(COUNTERS, before)]
-        results["stats"] = dict(llm.llm_engine.stats)
+        results["stats"] = llm.stats()
         results[spec is not None]["thinking"], results["grammar_starts"] = _under_a_reasoning_parser(llm)
         llm.shutdown()
     return results
@@ -167,6 +167,10 @@ def test_drafts_are_accepted_on_repetitive_text_and_other_steps_are_planned_ahea
     stats = both["stats"]
     assert stats["spec_decode_num_drafts"] > 0
     assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
+    per_position = stats["spec_decode_num_accepted_tokens_per_pos"]  # vLLM's: a draft is kept only after the ones
+    assert len(per_position) == NGRAM["num_speculative_tokens"]    # before it, so the counts never rise
+    assert sum(per_position) == stats["spec_decode_num_accepted_tokens"]
+    assert list(per_position) == sorted(per_position, reverse=True)
     assert stats["steps_planned_ahead"] > 0
 
 
