@@ -30,9 +30,10 @@ tokens kept) and it goes back to the waiting queue at its place in queue order
 "fifo" and ``(priority, arrival_time, add order)`` for "priority".
 
 Speculative decoding (``speculative_config``, engine.speculative): once every decode has its token (the usual
-case: free blocks for all), each decode that proposes drafts gets them as more tokens of its step, while the token
-budget, the step's sampled rows (``max_num_seqs``) and free blocks last; drafts never preempt. After the step the
-request keeps the accepted tokens' K/V and gives back the blocks past them.
+case: free blocks for all), each decode that proposes drafts gets them as more tokens of its step, with the token
+budget, the step's sampled rows (``max_num_seqs``) and free blocks that prompt chunks and admissions leave (drafts
+come last: they never hold back a waiting request, and never preempt). After the step the request keeps the
+accepted tokens' K/V and gives back the blocks past them.
 
 Scheduling modes: "continuous" (above: a waiting request is admitted as soon as
 a sequence slot and blocks are free) and "static", the baseline that continuous
@@ -361,10 +362,11 @@ class Scheduler:
                 prefills.append(r)
         if not prefills and not self._waiting and self._schedule_burst(decodes, plan):
             return plan.output(decode_steps=self.num_scheduler_steps)
+        drafting = []  # decodes that may get drafts: after every other piece of work, with what it leaves
         if self._decodes_always_fit(decodes, plan):
             self._schedule_decodes(decodes, plan)
             if drafts and self.speculative_config is not None:
-                self._add_drafts(decodes, plan)
+                drafting = decodes
             decodes = []
         for request in decodes + prefills:
             if not self._has_room(plan):
@@ -375,6 +377,7 @@ class Scheduler:
             request = self._next_admissible()
             if request is None or not self._admit(request, plan):
                 break
+        self._add_drafts(drafting, plan)
         return plan.output()
 
     def update_after_step(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -499,13 +502,16 @@ class Scheduler:
 
     def _add_drafts(self, decodes: list[Request], plan: _StepPlan) -> None:
         """Speculative decoding: each decode's drafts (``SpeculativeConfig.propose``) become more tokens of its step,
-        in order, while the token budget, the step's rows and free blocks last. A request's drafts stop where all of
-        them and the token after could no longer be outputs (``max_model_len``, its ``max_output_tokens``)."""
+        in order, while the token budget, the step's rows and free blocks last (called last: with what the rest of
+        the step leaves). A request's drafts stop where all of them and the token after could no longer be outputs
+        (``max_model_len``, its ``max_output_tokens``)."""
         config, allocate = self.speculative_config, self.block_manager.allocate_slots
         for request in decodes:
             room = min(plan.budget, self.max_num_seqs - plan.num_rows)
             if room < 1:
                 return
+            if request.request_id not in plan.scheduled:  # preempted by a prompt chunk after its decode was planned
+                continue
             room = min(room, self.max_model_len - request.num_tokens - 1)
             if request.max_output_tokens is not None:
                 room = min(room, request.max_output_tokens - len(request.output_token_ids) - 1)

@@ -580,9 +580,9 @@ def test_drafts_run_as_decode_tokens_and_only_the_accepted_ones_stay(rng, cachin
 
 
 def test_drafts_take_only_what_the_decodes_leave_and_never_preempt(rng):
-    """Drafts come after every decode has its token, within the step's rows (max_num_seqs), token budget and free
-    blocks; with fewer free blocks than decodes the decodes run alone rather than preempt. A step's refused drafts
-    give their blocks back."""
+    """Drafts come after every decode has its token and after the step's admissions, within the rows
+    (max_num_seqs), token budget and free blocks they leave; with fewer free blocks than decodes the decodes run alone
+    rather than preempt. A step's refused drafts give their blocks back."""
     spec = {"num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 1}
     engine = make(num_blocks=5, block_size=4, max_num_batched_tokens=16, max_num_seqs=3, max_model_len=16, rng=rng,
                   speculative_config=spec)
@@ -606,3 +606,10 @@ def test_drafts_take_only_what_the_decodes_leave_and_never_preempt(rng):
     assert a.output_token_ids == [2, 3, 9] and a.num_computed_tokens == 9
     assert engine.bm.num_tokens("a") == 9 and len(engine.bm.block_table("a")) == 5
     engine.scheduler.check_invariants()
+
+    # A waiting request comes first: admitted with its prompt, the drafts get what it leaves (rows here: 1 + 1 + 2).
+    a.output_token_ids[:] = [2, 3, 1]
+    engine.add("c", prompt=[7], max_tokens=4)
+    out = engine.scheduler.schedule()
+    assert [(seq.request.request_id, seq.num_tokens, seq.draft_token_ids) for seq in out.scheduled] == [
+        ("a", 3, (2, 3)), ("c", 1, ())]
