@@ -120,6 +120,6 @@ def load_model(
         raise ModelConfigError(f"unknown format {fmt}")
     if method is not None and stored is None:
         params = quantize_params(params, method, sh)  # the layers, and the LM head where int8_lm_head says so
-    elif int8_lm_head(method):  # a quantized checkpoint's layers are read as stored; its head is made int8 here
+    elif int8_lm_head(method, made_at_load=False):  # a quantized checkpoint's layers are read as stored
         params = quantize_lm_head(params, sh)
     return LoadedModel(config=config, params=params, path=path, load_format=fmt, dtype=jdtype, quantization=method)

@@ -2,8 +2,8 @@
 
 Owns what a quantized weight is on the device, how a dense weight becomes one
 (``quantize_weight``, on device, at load time), how the published 4-bit and FP8
-checkpoint layouts convert to it (``awq_to_int4``, ``gptq_to_int4``, ``fp8_from_checkpoint``:
-numpy, per tensor, exact), and the one function the model multiplies by
+checkpoint layouts convert to it (``awq_to_int4``, ``gptq_to_int4``, ``fp8_from_checkpoint``,
+``packed_to_int4`` / ``packed_to_int8``: numpy, per tensor, exact), and the one function the model multiplies by
 (``linear``). Knows nothing of requests, file formats or meshes.
 
 Methods (``quantization=`` on ``LLM``, vLLM's names where vLLM has them):
@@ -16,6 +16,9 @@ Methods (``quantization=`` on ``LLM``, vLLM's names where vLLM has them):
 - ``fp8``: float8 e4m3 weights with a scale per output channel (made at load time, or read
   from an FP8 checkpoint's ``weight_scale``: per tensor, per channel, or block-wise re-quantized per channel);
   activations are quantized per token at run time and the matmul runs on fp8 tensor cores (Hopper).
+- ``compressed-tensors``: llm-compressor's checkpoints, read as the method they hold: fp8 weights, or int4 /
+  int8 weights packed in int32 (``pack-quantized``: W4A16 with group or channel scales, symmetric or with zero
+  points; W8A16 with channel scales), which run as ``int4`` / ``int8``.
 
 The seven matrices of each layer are quantized, and with int8 the LM head too (``int8_lm_head``: an int8
 copy ``[V, H]`` beside a tied embedding, which stays in the model dtype for the token lookup). Every weight
@@ -340,11 +343,11 @@ def _slice_quantizer(method: str, out_shardings, int8_layout: str, step: int):
 INT8_LM_HEAD_CHOICES = ("1", "0")
 
 
-def int8_lm_head(method: Optional[str]) -> bool:
+def int8_lm_head(method: Optional[str], made_at_load: bool = True) -> bool:
     """Whether a model whose layers are quantized by ``method`` gets an int8 LM head at load time
-    (``quantize_lm_head``): ``$PAGEDJAX_INT8_LM_HEAD`` "1" or "0"; unset, "1" for int8 and "0" for the other
-    methods (int4, awq, gptq, fp8 may opt in: the head is made the same way whatever the layers are); never
-    for an unquantized model.
+    (``quantize_lm_head``): ``$PAGEDJAX_INT8_LM_HEAD`` "1" or "0"; unset, "1" for int8 made at load time and "0"
+    otherwise (int4, awq, gptq, fp8 and a quantized checkpoint's int8 may opt in: the head is made the same way
+    whatever the layers are; a checkpoint's head stays as its maker stored it); never for an unquantized model.
 
     Why: a decode step reads the whole head, and at batch 1 the 8B model's bf16 head (128256 x 4096, 1.05 GB)
     was ~8% of the int8 step; int8 halves its bytes. Weight-only 8-bit with one scale per vocab row (per
@@ -352,7 +355,7 @@ def int8_lm_head(method: Optional[str]) -> bool:
     (there a scale per 32 values)."""
     if method is None:
         return False
-    choices = INT8_LM_HEAD_CHOICES if method == "int8" else INT8_LM_HEAD_CHOICES[::-1]  # the first: the default
+    choices = INT8_LM_HEAD_CHOICES if method == "int8" and made_at_load else INT8_LM_HEAD_CHOICES[::-1]  # first: default
     return _choice_from_env("PAGEDJAX_INT8_LM_HEAD", choices) == "1"
 
 
@@ -410,10 +413,17 @@ class CheckpointQuantization:
     """How a checkpoint's layer matrices are stored (from ``config.json``'s ``quantization_config``,
     or AutoGPTQ's ``quantize_config.json``)."""
 
-    method: str  # "awq" | "gptq" | "fp8"
+    method: str  # what runs: "awq" | "gptq" | "fp8", or for compressed-tensors' packed weights "int4" | "int8"
     group_size: int = -1  # 4-bit methods; -1: one group over all of K
     zero_offset: int = 0  # gptq v1 checkpoints store zero - 1
     block: Optional[tuple[int, int]] = None  # block-wise fp8: rows x columns of [N, K] a scale covers
+    checkpoint_format: str = ""  # "compressed-tensors", or "" where it is the method's own
+    symmetric: bool = True  # compressed-tensors' packed weights: no zero points stored
+
+    @property
+    def format(self) -> str:
+        """The checkpoint's ``quant_method``: the name ``quantization=`` may give besides ``method``."""
+        return self.checkpoint_format or self.method
 
     @classmethod
     def from_hf_dict(cls, q: dict) -> "CheckpointQuantization":
@@ -435,15 +445,35 @@ class CheckpointQuantization:
                 raise QuantizationError(f"fp8 weight_block_size={block} is not [rows, columns]")
             return cls("fp8", block=tuple(int(b) for b in block) if block else None)
         if method == "compressed-tensors":
-            groups = list((q.get("config_groups") or {}).values())
-            weights = [g.get("weights") or {} for g in groups]
-            if weights and all(w.get("type") == "float" and w.get("num_bits") == 8
-                               and w.get("strategy") in ("tensor", "channel") for w in weights):
-                return cls("fp8")
-            raise QuantizationError("compressed-tensors checkpoints are supported only for fp8 weights with "
-                                    f"per-tensor or per-channel scales; this one has {weights}")
+            return cls._compressed_tensors(q)
         raise QuantizationError(f"unsupported checkpoint quantization {method or q!r}; "
-                                "supported checkpoint formats: awq, gptq, fp8")
+                                "supported checkpoint formats: awq, gptq, fp8, compressed-tensors")
+
+    @classmethod
+    def _compressed_tensors(cls, q: dict) -> "CheckpointQuantization":
+        """llm-compressor's ``quantization_config``: one weight scheme for every quantized layer (its
+        ``config_groups``), fp8 with tensor or channel scales, or ``pack-quantized`` int4 (group or channel
+        scales) / int8 (channel scales) with unquantized activations (W4A16 / W8A16)."""
+        groups = list((q.get("config_groups") or {}).values())
+        weights = [g.get("weights") or {} for g in groups]
+        ct = "compressed-tensors"
+        if weights and all(w.get("type") == "float" and w.get("num_bits") == 8
+                           and w.get("strategy") in ("tensor", "channel") for w in weights):
+            return cls("fp8", checkpoint_format=ct)
+        supported = ("compressed-tensors checkpoints are supported for fp8 weights with per-tensor or per-channel "
+                     "scales, and pack-quantized int4 (group or channel scales) or int8 (channel scales, symmetric) "
+                     "weights with unquantized activations")
+        if len(weights) != 1 or q.get("format") != "pack-quantized" or groups[0].get("input_activations"):
+            raise QuantizationError(f"{supported}; this one has format {q.get('format')!r} and config_groups "
+                                    f"{q.get('config_groups')}")
+        w = weights[0]
+        bits, strategy, symmetric = w.get("num_bits"), w.get("strategy"), bool(w.get("symmetric", True))
+        if w.get("type") == "int" and bits == 4 and strategy in ("group", "channel"):
+            group = int(w.get("group_size") or -1) if strategy == "group" else -1
+            return cls("int4", group_size=group, checkpoint_format=ct, symmetric=symmetric)
+        if w.get("type") == "int" and bits == 8 and strategy == "channel" and symmetric:
+            return cls("int8", checkpoint_format=ct)
+        raise QuantizationError(f"{supported}; this one's weights are {w}")
 
     @classmethod
     def from_checkpoint(cls, path: str) -> Optional["CheckpointQuantization"]:
@@ -472,11 +502,11 @@ def resolve_method(requested: Optional[str], checkpoint: Optional[CheckpointQuan
     if requested is not None and requested not in QUANTIZATION_METHODS:
         raise QuantizationError(f"unknown quantization {requested!r}; choose one of {', '.join(QUANTIZATION_METHODS)}")
     if checkpoint is not None:
-        if requested not in (None, checkpoint.method):
-            raise QuantizationError(f"the checkpoint is quantized with {checkpoint.method}, but quantization="
-                                    f"{requested!r} was asked for; pass quantization={checkpoint.method!r} or None")
+        if requested not in (None, checkpoint.method, checkpoint.format):
+            raise QuantizationError(f"the checkpoint is quantized with {checkpoint.format}, but quantization="
+                                    f"{requested!r} was asked for; pass quantization={checkpoint.format!r} or None")
         return checkpoint.method
-    if requested in ("awq", "gptq") and load_format != "dummy":
+    if requested == "compressed-tensors" or (requested in ("awq", "gptq") and load_format != "dummy"):
         raise QuantizationError(f"quantization={requested!r} needs a checkpoint quantized with {requested} "
                                 "(config.json quantization_config); this checkpoint has none. To quantize a "
                                 "dense checkpoint at load time use 'int8', 'int4' or 'fp8'")
@@ -488,14 +518,16 @@ def resolve_method(requested: Optional[str], checkpoint: Optional[CheckpointQuan
 # --------------------------------------------------------------------------------------
 
 
-def _unpack_int32_nibbles(x: np.ndarray, axis: int) -> np.ndarray:
-    """int32 ``x`` -> uint8 nibbles, ``axis`` 8 times longer: nibble j of element i lands at ``8*i + j``."""
+def _unpack_int32_nibbles(x: np.ndarray, axis: int, bits: int = 4) -> np.ndarray:
+    """int32 ``x`` -> uint8 fields of ``bits`` (4: nibbles, 8: bytes), ``axis`` 32 / bits times longer: field j of
+    element i lands at ``(32 / bits) * i + j``."""
     u = np.ascontiguousarray(x).view(np.uint32)
     axis %= u.ndim
-    nibbles = np.stack([(u >> (4 * j)) & 0xF for j in range(8)], axis=axis + 1)
+    per_word = 32 // bits
+    fields = np.stack([(u >> (bits * j)) & ((1 << bits) - 1) for j in range(per_word)], axis=axis + 1)
     shape = list(u.shape)
-    shape[axis] *= 8
-    return nibbles.astype(np.uint8).reshape(shape)
+    shape[axis] *= per_word
+    return fields.astype(np.uint8).reshape(shape)
 
 
 def _int4_from_values(values: np.ndarray, zeros: np.ndarray, scales: np.ndarray, group_size: int,
@@ -537,13 +569,47 @@ def gptq_to_int4(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_
     zeros = _unpack_int32_nibbles(qzeros, axis=-1).astype(np.int32) + zero_offset  # [K/g, N]
     K = values.shape[0]
     g = group_size if group_size > 0 else K
-    perm = None
-    if g_idx is not None and not np.array_equal(g_idx, np.arange(K) // g):
-        perm = np.argsort(g_idx, kind="stable")
+    perm = _group_order(g_idx, K, g)
+    if perm is not None:
         values = values[perm]
-        if not np.array_equal(np.asarray(g_idx)[perm], np.arange(K) // g):
-            raise QuantizationError("GPTQ g_idx does not assign exactly group_size rows to each group")
     return _int4_from_values(values, zeros.astype(np.float32), scales, g, perm, dtype)
+
+
+def _group_order(g_idx: Optional[np.ndarray], K: int, g: int) -> Optional[np.ndarray]:
+    """The row order that sorts act-order rows by their group (``g_idx [K]``), or None where ``g_idx`` is absent or
+    already ``k // g``."""
+    if g_idx is None or np.array_equal(g_idx, np.arange(K) // g):
+        return None
+    perm = np.argsort(g_idx, kind="stable")
+    if not np.array_equal(np.asarray(g_idx)[perm], np.arange(K) // g):
+        raise QuantizationError("g_idx does not assign exactly group_size rows to each group")
+    return perm
+
+
+def packed_to_int4(weight_packed: np.ndarray, weight_scale: np.ndarray, weight_zero_point: Optional[np.ndarray],
+                   weight_g_idx: Optional[np.ndarray], K: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    """compressed-tensors' ``pack-quantized`` int4 (W4A16) -> the fields of an ``Int4Weight``: ``weight_packed``
+    int32 ``[N, K/8]`` packed along K (element j of 8 in bits 4j, stored as the signed value + 8),
+    ``weight_scale`` ``[N, K/g]`` (``[N, 1]``: one group over K), ``weight_zero_point`` (asymmetric only) int32
+    ``[N/8, K/g]`` packed along N the same way, ``weight_g_idx [K]`` (act-order), ``K`` from ``weight_shape``.
+    ``W = (q - zero) * scale``, so the stored unsigned values keep zero + 8 as their zero (8: symmetric)."""
+    values = _unpack_int32_nibbles(weight_packed, axis=-1)[:, :K].T  # [K, N], signed + 8
+    scales = np.asarray(weight_scale, np.float32).T  # [K/g, N]
+    zeros = (np.full(scales.shape, 8, np.float32) if weight_zero_point is None
+             else _unpack_int32_nibbles(weight_zero_point, axis=0)[:values.shape[1]].T.astype(np.float32))
+    g = K // scales.shape[0]
+    perm = _group_order(weight_g_idx, K, g)
+    if perm is not None:
+        values = values[perm]
+    return _int4_from_values(values, zeros, scales, g, perm, dtype)
+
+
+def packed_to_int8(weight_packed: np.ndarray, weight_scale: np.ndarray, K: int) -> dict[str, np.ndarray]:
+    """compressed-tensors' ``pack-quantized`` int8 (W8A16, symmetric, channel scales) -> the fields of an
+    ``Int8KMajorWeight``: ``weight_packed`` int32 ``[N, K/4]`` (byte j of 4 in bits 8j, the signed value + 128),
+    ``weight_scale [N, 1]``."""
+    q = (_unpack_int32_nibbles(weight_packed, axis=-1, bits=8)[:, :K].astype(np.int16) - 128).astype(np.int8)
+    return dict(q=q, scale=np.asarray(weight_scale, np.float32).reshape(-1))
 
 
 def fp8_from_checkpoint(weight: np.ndarray, weight_scale: np.ndarray,

@@ -47,10 +47,15 @@ from models.quantization import (
     CheckpointQuantization,
     Fp8Weight,
     Int4Weight,
+    Int8KMajorWeight,
+    Int8Weight,
     awq_to_int4,
     field_shardings,
     fp8_from_checkpoint,
     gptq_to_int4,
+    int8_layout_from_env,
+    packed_to_int4,
+    packed_to_int8,
 )
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -396,11 +401,12 @@ def _load_param(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...]
 
 
 def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...],
-                      quant: CheckpointQuantization, dtype, path: str):
-    """One stacked layer (or expert) matrix of an AWQ / GPTQ / FP8 checkpoint as an ``Int4Weight`` / ``Fp8Weight``
-    on the host, converted a tensor at a time from the published layout (exactly; block-wise fp8 within one
-    rounding) into arrays of the whole stack. ``source`` names the dense tensors it replaces (``name.weight``);
-    ``shape`` is ours, ``source.stack + (K, N)``."""
+                      quant: CheckpointQuantization, dtype, path: str, int8_layout: str = "nk"):
+    """One stacked layer (or expert) matrix of an AWQ / GPTQ / FP8 / compressed-tensors checkpoint as an
+    ``Int4Weight`` / ``Fp8Weight`` / int8 weight (stored by ``int8_layout``, ``INT8_LAYOUTS``) on the host,
+    converted a tensor at a time from the published layout (exactly; block-wise fp8 within one rounding) into
+    arrays of the whole stack. ``source`` names the dense tensors it replaces (``name.weight``); ``shape`` is ours,
+    ``source.stack + (K, N)``."""
     K, N = shape[-2:]
     bases = [name.removesuffix(".weight") for name in source.hf_names]
     if source.rows is not None:
@@ -418,7 +424,17 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
     scale_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == jnp.bfloat16 else np.dtype(dtype)
     stacked: dict[str, np.ndarray] = {}  # each field of every tensor, filled in place (no second copy of the stack)
     for j, base in enumerate(bases):
-        if quant.method == "awq":
+        if quant.checkpoint_format == "compressed-tensors" and quant.method in ("int4", "int8"):
+            stored_shape = tensor(base, "weight_shape")  # [N, K]: the packed rows may carry padding
+            if quant.method == "int8":
+                fields = packed_to_int8(tensor(base, "weight_packed"), tensor(base, "weight_scale"),
+                                        int(stored_shape[1]))
+            else:
+                fields = packed_to_int4(tensor(base, "weight_packed"), tensor(base, "weight_scale"),
+                                        tensor(base, "weight_zero_point", required=not quant.symmetric),
+                                        tensor(base, "weight_g_idx", required=False), int(stored_shape[1]),
+                                        dtype=scale_dtype)
+        elif quant.method == "awq":
             fields = awq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
                                  quant.group_size, dtype=scale_dtype)
         elif quant.method == "gptq":
@@ -443,8 +459,13 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
     stacked = {k: v.reshape(source.stack + v.shape[1:]) for k, v in stacked.items()}
     if quant.method == "fp8":
         weight, stored, expected = Fp8Weight(**stacked), stacked["q"].shape[len(source.stack):], (N, K)
+    elif quant.method == "int8":  # experts' grouped matmul reads [K, N], the layers' GEMV [N, K] (as made at load)
+        weight, stored, expected = Int8KMajorWeight(**stacked), stacked["q"].shape[len(source.stack):], (N, K)
+        if int8_layout != "nk":
+            weight = Int8Weight(q=np.ascontiguousarray(np.swapaxes(weight.q, -1, -2)), scale=weight.scale)
     else:
-        weight = Int4Weight(**stacked, group_size=quant.group_size if quant.group_size > 0 else K, pack=pack)
+        group_size = K // stacked["scales"].shape[-2]
+        weight = Int4Weight(**stacked, group_size=group_size, pack=pack)
         stored, expected = stacked["packed"].shape[len(source.stack):], (K // 2, N)
     if stored != expected:
         pattern = bases[0].replace(".0.", ".*.")
@@ -472,7 +493,7 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
     device reads only its own slice. Raises ``CheckpointError`` for missing or corrupt
     files, missing tensors and shapes that disagree with ``config``. ``lm_head.weight``
     is ignored when the config ties embeddings. ``quantization``: the checkpoint's own
-    (AWQ / GPTQ / FP8) layout of the layer matrices, which load as quantized weights.
+    (AWQ / GPTQ / FP8 / compressed-tensors) layout of the layer matrices, which load as quantized weights.
     """
     dtype = jnp.dtype(dtype)
     ckpt = _Checkpoint(find_safetensors_files(path))
@@ -493,7 +514,8 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
             _set(params, key, _load_param(ckpt, source, _get(shapes, key), dtype, _get(shardings, key)))
             bar.update(len(source.hf_names))
         for name, source in quantized.items():
-            weight = _quantized_weight(ckpt, source, shapes["layers"][name], quantization, dtype, path)
+            weight = _quantized_weight(ckpt, source, shapes["layers"][name], quantization, dtype, path,
+                                       "kn" if name in QUANTIZED_EXPERT_WEIGHTS else int8_layout_from_env())
             sharding = _get(shardings, ("layers", name))
             params["layers"][name] = (jax.device_put(weight) if sharding is None
                                       else jax.device_put(weight, field_shardings(weight, sharding)))

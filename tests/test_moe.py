@@ -238,9 +238,11 @@ def assert_equal_but_router_ties(logits: np.ndarray, reference: np.ndarray, repl
 
 
 @pytest.mark.parametrize("variant, layout", [("qwen2_moe", "awq"), ("mixtral", "gptq"), ("qwen3_moe", "gptq-act-order"),
-                                             ("qwen3_moe", "fp8"), ("qwen3_moe", "fp8-block")])
+                                             ("qwen3_moe", "fp8"), ("qwen3_moe", "fp8-block"),
+                                             ("qwen3_moe", "ct-int4-zp-act-order"), ("mixtral", "ct-int8")])
 def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant, layout):
-    """An AWQ / GPTQ (act-order too) / FP8 mixture-of-experts checkpoint (every projection quantized, experts and
+    """An AWQ / GPTQ (act-order too) / FP8 / compressed-tensors (W4A16, W8A16) mixture-of-experts checkpoint (every
+    projection quantized, experts and
     shared expert included; the router and the shared expert's gate dense, as the published ones): the logits of a
     dense checkpoint of the weights it encodes (exactly for 4 bits; fp8 also quantizes the attention's activations),
     jnp path and interpreted kernel; the engine serves it."""
@@ -252,7 +254,7 @@ def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant
 
     from engine import LLM, SamplingParams
     from models.loader import load_model
-    from models.quantization import Fp8Weight, Int4Weight, LinearBackend
+    from models.quantization import Fp8Weight, Int4Weight, Int8KMajorWeight, Int8Weight, LinearBackend
     from tests.test_quantization import (LOGIT_TOLERANCE, encode_linear, logits_of, mark_quantized, ragged_batch,
                                          relative_error)
     from tests.tiny_checkpoints import write_tiny_checkpoint
@@ -272,10 +274,10 @@ def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant
         shutil.copytree(paths["dense"], paths[name])
         save_file(weights, os.path.join(paths[name], "model.safetensors"))
     mark_quantized(paths["quantized"], layout, act_order)
-    method = layout.removesuffix("-block")
+    method = {"ct-int4-zp": "int4", "ct-int8": "int8"}.get(layout, layout.removesuffix("-block"))
     quant, dense = load_model(paths["quantized"], dtype="float32"), load_model(paths["decoded"], dtype="float32")
     assert quant.quantization == method
-    kind = Fp8Weight if method == "fp8" else Int4Weight
+    kind = {"fp8": Fp8Weight, "int8": (Int8Weight, Int8KMajorWeight)}.get(method, Int4Weight)
     assert all(isinstance(quant.params["layers"][n], kind) for n in ("expert_gate", "expert_up", "expert_down", "wq"))
     assert (getattr(quant.params["layers"]["expert_down"], "perm", None) is not None) == act_order
     batch, pages = ragged_batch(dense.config, rng)

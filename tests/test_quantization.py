@@ -41,6 +41,7 @@ from models.quantization import (
     fp8_from_checkpoint,
     gptq_to_int4,
     int8_lm_head,
+    is_quantized,
     quantize_lm_head,
     quantize_params,
     quantize_weight,
@@ -89,6 +90,29 @@ def gptq_tensors(values, zeros, scales, g_idx, v1=True):
     stored_zeros = zeros - 1 if v1 else zeros
     return dict(qweight=pack_int32_nibbles(values, 0), qzeros=pack_int32_nibbles(stored_zeros, -1),
                 scales=scales.astype(np.float16), g_idx=g_idx.astype(np.int32))
+
+
+def pack_int32_signed(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """compressed-tensors' ``pack_to_int32``: signed ``values`` + 2^(bits-1), 32 / bits to an int32 along ``axis``,
+    element j of each run in bits ``bits * j``."""
+    v = np.moveaxis(np.asarray(values, np.int64) + (1 << (bits - 1)), axis, -1).astype(np.uint32)
+    v = v.reshape(*v.shape[:-1], -1, 32 // bits)
+    packed = np.zeros(v.shape[:-1], np.uint32)
+    for j in range(32 // bits):
+        packed |= v[..., j] << np.uint32(bits * j)
+    return np.ascontiguousarray(np.moveaxis(packed.view(np.int32), -1, axis))
+
+
+def compressed_tensors_tensors(q, scale, zero_point=None, g_idx=None, bits=4):
+    """llm-compressor's ``pack-quantized``: signed ``q [N, K]`` packed along K, ``scale [N, K/g]``, a signed
+    ``zero_point [N, K/g]`` packed along N (asymmetric), ``g_idx [K]``, ``weight_shape``."""
+    out = dict(weight_packed=pack_int32_signed(q, bits, -1), weight_scale=scale.astype(np.float16),
+               weight_shape=np.asarray(q.shape, np.int64))
+    if zero_point is not None:
+        out["weight_zero_point"] = pack_int32_signed(zero_point, bits, 0)
+    if g_idx is not None:
+        out["weight_g_idx"] = g_idx.astype(np.int32)
+    return out
 
 
 def random_int4(rng, K, N, group=GROUP, zero_low=0):
@@ -403,6 +427,8 @@ def encode_linear(tensors: dict, prefix: str, method: str, rng, act_order=False)
         scale = rng.uniform(0.01, 0.03, (N, 1)).astype(np.float32)
         tensors[prefix + "weight"], tensors[prefix + "weight_scale"] = q, scale
         return (q.astype(np.float32) * scale).T
+    if method.startswith("ct-"):  # compressed-tensors: ct-int8, ct-int4 (symmetric), ct-int4-zp (zero points)
+        return encode_compressed_tensors(tensors, prefix, method, rng, N, K, act_order)
     values, zeros, scales = random_int4(rng, K, N, zero_low=1)
     g_idx = np.arange(K) // GROUP
     if method == "awq":
@@ -414,10 +440,36 @@ def encode_linear(tensors: dict, prefix: str, method: str, rng, act_order=False)
     return (values - zeros[g_idx]) * scales[g_idx]
 
 
+def encode_compressed_tensors(tensors: dict, prefix: str, method: str, rng, N: int, K: int, act_order: bool):
+    """``encode_linear`` for compressed-tensors' pack-quantized layouts; the dense ``[K, N]`` weight they encode."""
+    if method == "ct-int8":
+        q, scale = rng.integers(-128, 128, (N, K)), rng.uniform(0.001, 0.01, (N, 1)).astype(np.float16)
+        tensors.update({prefix + k: v for k, v in compressed_tensors_tensors(q, scale, bits=8).items()})
+        return (q * scale.astype(np.float32)).T
+    q = rng.integers(-8, 8, (N, K))
+    scale = rng.uniform(0.005, 0.05, (N, K // GROUP)).astype(np.float16)
+    zero = rng.integers(-8, 8, (N, K // GROUP)) if method == "ct-int4-zp" else np.zeros((N, K // GROUP), np.int64)
+    g_idx = rng.permutation(np.arange(K) // GROUP) if act_order else np.arange(K) // GROUP
+    packed = compressed_tensors_tensors(q, scale, zero if method == "ct-int4-zp" else None,
+                                        g_idx if act_order else None)
+    tensors.update({prefix + k: v for k, v in packed.items()})
+    return ((q - zero[:, g_idx]) * scale.astype(np.float32)[:, g_idx]).T
+
+
+def compressed_tensors_config(method: str, act_order=False) -> dict:
+    """llm-compressor's ``quantization_config`` for W4A16 (group scales, ``ct-int4-zp``: asymmetric) or W8A16."""
+    weights = (dict(num_bits=8, type="int", symmetric=True, strategy="channel") if method == "ct-int8" else
+               dict(num_bits=4, type="int", symmetric=method != "ct-int4-zp", strategy="group", group_size=GROUP,
+                    actorder="group" if act_order else None))
+    return dict(quant_method="compressed-tensors", format="pack-quantized", ignore=["lm_head"],
+                quantization_status="compressed",
+                config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=None)})
+
+
 def mark_quantized(path: str, method: str, act_order=False) -> None:
     """Write ``method``'s ``quantization_config`` into the checkpoint's config.json."""
     config = json.load(open(os.path.join(path, "config.json")))
-    config["quantization_config"] = {
+    config["quantization_config"] = compressed_tensors_config(method, act_order) if method.startswith("ct-") else {
         "awq": dict(quant_method="awq", bits=4, group_size=GROUP, zero_point=True, version="gemm"),
         "gptq": dict(quant_method="gptq", bits=4, group_size=GROUP, desc_act=act_order, sym=False),
         "fp8": dict(quant_method="fp8", activation_scheme="dynamic"),
@@ -440,16 +492,20 @@ def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_
 
 
 @pytest.mark.parametrize("layout,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False),
-                                              ("fp8-block", False)])
+                                              ("fp8-block", False), ("ct-int4", False), ("ct-int4-zp", True),
+                                              ("ct-int8", False)])
 def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layout, act_order):
-    """Exactly the weights it encodes; block-wise fp8 within one e4m3 rounding (re-quantized per channel)."""
+    """Exactly the weights it encodes; block-wise fp8 within one e4m3 rounding (re-quantized per channel).
+    compressed-tensors' pack-quantized checkpoints (W4A16 symmetric, with zero points and act-order; W8A16) run
+    as int4 / int8, their LM head as stored."""
     rng = np.random.default_rng()
     path = str(tmp_path / layout)
-    method = layout.removesuffix("-block")
+    method = {"ct-int4": "int4", "ct-int4-zp": "int4", "ct-int8": "int8"}.get(layout, layout.removesuffix("-block"))
     encoded = write_quantized_checkpoint(tiny, path, layout, rng, act_order=act_order)
     assert CheckpointQuantization.from_checkpoint(path).method == method
     quant = load_model(path, dtype="float32")  # the method comes from config.json
     assert quant.quantization == method
+    assert not is_quantized(quant.params.get("lm_head", quant.params["embed"]))
     for name, dense in encoded.items():
         np.testing.assert_allclose(np.asarray(dequantize(quant.params["layers"][name])), np.asarray(dense),
                                    rtol=2.0 ** -4 if layout == "fp8-block" else 1e-6, atol=1e-7, err_msg=name)
@@ -460,7 +516,8 @@ def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layou
     tolerance = LOGIT_TOLERANCE["fp8"] if method == "fp8" else 1e-5  # fp8 also quantizes the activations
     assert relative_error(logits_of(quant, batch, pages + 1), logits_of(decoded, batch, pages + 1)) < tolerance
     # And the engine serves it.
-    llm = LLM(path, dtype="float32", quantization=method, skip_tokenizer_init=True, max_model_len=64)
+    llm = LLM(path, dtype="float32", quantization="compressed-tensors" if layout.startswith("ct-") else method,
+              skip_tokenizer_init=True, max_model_len=64)
     out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                        use_tqdm=False)
     llm.shutdown()
@@ -469,12 +526,13 @@ def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layou
 
 def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
     rng = np.random.default_rng()
-    with pytest.raises(QuantizationError, match="needs a checkpoint quantized with awq"):
-        load_model(tiny, quantization="awq")
+    for layout, stored, asked in (("awq", "awq", "gptq"), ("ct-int4", "compressed-tensors", "awq")):
+        with pytest.raises(QuantizationError, match=f"needs a checkpoint quantized with {stored}"):
+            load_model(tiny, quantization=stored)
+        write_quantized_checkpoint(tiny, str(tmp_path / layout), layout, rng)
+        with pytest.raises(QuantizationError, match=f"quantized with {stored}, but quantization='{asked}'"):
+            load_model(str(tmp_path / layout), quantization=asked)
     awq = str(tmp_path / "awq")
-    write_quantized_checkpoint(tiny, awq, "awq", rng)
-    with pytest.raises(QuantizationError, match="quantized with awq, but quantization='gptq'"):
-        load_model(awq, quantization="gptq")
     tensors = load_file(os.path.join(awq, "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.qzeros"]
     save_file(tensors, os.path.join(awq, "model.safetensors"))
@@ -485,6 +543,15 @@ def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
         (dict(quant_method="fp8", weight_block_size=[128]), r"weight_block_size=\[128\] is not \[rows, columns\]"),
         (dict(quant_method="bitsandbytes"), "unsupported checkpoint quantization 'bitsandbytes'"),
         (dict(quant_method="awq", bits=4, version="gemv"), "only the 'gemm' layout"),
+        # compressed-tensors: int8 activations (W8A8), a per-tensor int4 scale, another format
+        ({**compressed_tensors_config("ct-int8"), "config_groups": {"group_0": dict(
+            targets=["Linear"], weights=dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
+            input_activations=dict(num_bits=8, type="int", dynamic=True, strategy="token"))}},
+         "unquantized activations; this one has format 'pack-quantized'"),
+        ({**compressed_tensors_config("ct-int4"), "config_groups": {"group_0": dict(
+            targets=["Linear"], weights=dict(num_bits=4, type="int", symmetric=True, strategy="tensor"))}},
+         "this one's weights are .*'strategy': 'tensor'"),
+        ({**compressed_tensors_config("ct-int4"), "format": "marlin-24"}, "this one has format 'marlin-24'"),
     ):
         with pytest.raises(QuantizationError, match=message):
             CheckpointQuantization.from_hf_dict(config)
