@@ -452,17 +452,22 @@ class CheckpointQuantization:
     @classmethod
     def _compressed_tensors(cls, q: dict) -> "CheckpointQuantization":
         """llm-compressor's ``quantization_config``: one weight scheme for every quantized layer (its
-        ``config_groups``), fp8 with tensor or channel scales, or ``pack-quantized`` int4 (group or channel
+        ``config_groups``), fp8 with tensor, channel or block scales, or ``pack-quantized`` int4 (group or channel
         scales) / int8 (channel scales) with unquantized activations (W4A16 / W8A16)."""
         groups = list((q.get("config_groups") or {}).values())
         weights = [g.get("weights") or {} for g in groups]
         ct = "compressed-tensors"
-        if weights and all(w.get("type") == "float" and w.get("num_bits") == 8
-                           and w.get("strategy") in ("tensor", "channel") for w in weights):
-            return cls("fp8", checkpoint_format=ct)
-        supported = ("compressed-tensors checkpoints are supported for fp8 weights with per-tensor or per-channel "
-                     "scales, and pack-quantized int4 (group or channel scales) or int8 (channel scales, symmetric) "
-                     "weights with unquantized activations")
+        blocks = {tuple(w.get("block_structure") or ()) for w in weights}
+        if weights and len(blocks) == 1 and all(w.get("type") == "float" and w.get("num_bits") == 8
+                                                and w.get("strategy") in ("tensor", "channel", "block")
+                                                for w in weights):
+            block = blocks.pop()
+            if weights[0].get("strategy") == "block" and (len(block) != 2 or min(block) < 1):
+                raise QuantizationError(f"compressed-tensors fp8 block_structure={list(block)} is not [rows, columns]")
+            return cls("fp8", block=block or None, checkpoint_format=ct)
+        supported = ("compressed-tensors checkpoints are supported for fp8 weights with per-tensor, per-channel or "
+                     "block scales, and pack-quantized int4 (group or channel scales) or int8 (channel scales, "
+                     "symmetric) weights with unquantized activations")
         if len(weights) != 1 or q.get("format") != "pack-quantized" or groups[0].get("input_activations"):
             raise QuantizationError(f"{supported}; this one has format {q.get('format')!r} and config_groups "
                                     f"{q.get('config_groups')}")

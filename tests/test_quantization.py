@@ -417,17 +417,20 @@ def encode_linear(tensors: dict, prefix: str, method: str, rng, act_order=False)
     """Replace the Linear ``{prefix}weight`` of ``tensors`` by ``method``'s tensors of random grid values;
     returns the dense ``[K, N]`` weight they encode."""
     N, K = tensors.pop(prefix + "weight").shape
-    if method == "fp8-block":  # Qwen3 / DeepSeek: a scale per 32 x 32 block here, named weight_scale_inv
+    # Block-wise fp8: a scale per 32 x 32 block here, named weight_scale_inv by Qwen3 and DeepSeek, weight_scale by
+    # llm-compressor.
+    if method in ("fp8-block", "ct-fp8-block"):
         q = np.asarray(jnp.asarray(rng.standard_normal((N, K)), jnp.float8_e4m3fn))
         scale = rng.uniform(0.01, 0.03, (-(-N // 32), -(-K // 32))).astype(np.float32)
-        tensors[prefix + "weight"], tensors[prefix + "weight_scale_inv"] = q, scale
+        name = "weight_scale" if method.startswith("ct-") else "weight_scale_inv"
+        tensors[prefix + "weight"], tensors[prefix + name] = q, scale
         return (q.astype(np.float32) * np.repeat(np.repeat(scale, 32, 0), 32, 1)[:N, :K]).T
     if method == "fp8":
         q = np.asarray(jnp.asarray(rng.standard_normal((N, K)), jnp.float8_e4m3fn))
         scale = rng.uniform(0.01, 0.03, (N, 1)).astype(np.float32)
         tensors[prefix + "weight"], tensors[prefix + "weight_scale"] = q, scale
         return (q.astype(np.float32) * scale).T
-    if method.startswith("ct-"):  # compressed-tensors: ct-int8, ct-int4 (symmetric), ct-int4-zp (zero points)
+    if method.startswith("ct-int"):  # compressed-tensors: ct-int8, ct-int4 (symmetric), ct-int4-zp (zero points)
         return encode_compressed_tensors(tensors, prefix, method, rng, N, K, act_order)
     values, zeros, scales = random_int4(rng, K, N, zero_low=1)
     g_idx = np.arange(K) // GROUP
@@ -457,13 +460,20 @@ def encode_compressed_tensors(tensors: dict, prefix: str, method: str, rng, N: i
 
 
 def compressed_tensors_config(method: str, act_order=False) -> dict:
-    """llm-compressor's ``quantization_config`` for W4A16 (group scales, ``ct-int4-zp``: asymmetric) or W8A16."""
-    weights = (dict(num_bits=8, type="int", symmetric=True, strategy="channel") if method == "ct-int8" else
-               dict(num_bits=4, type="int", symmetric=method != "ct-int4-zp", strategy="group", group_size=GROUP,
-                    actorder="group" if act_order else None))
-    return dict(quant_method="compressed-tensors", format="pack-quantized", ignore=["lm_head"],
-                quantization_status="compressed",
-                config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=None)})
+    """llm-compressor's ``quantization_config`` for W4A16 (group scales, ``ct-int4-zp``: asymmetric), W8A16, or fp8
+    weights with 32 x 32 block scales and dynamic activations (``ct-fp8-block``, its FP8_BLOCK scheme)."""
+    activations = None
+    if method == "ct-fp8-block":
+        weights = dict(num_bits=8, type="float", symmetric=True, strategy="block", block_structure=[32, 32])
+        activations = dict(num_bits=8, type="float", symmetric=True, strategy="group", group_size=128, dynamic=True)
+    elif method == "ct-int8":
+        weights = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
+    else:
+        weights = dict(num_bits=4, type="int", symmetric=method != "ct-int4-zp", strategy="group", group_size=GROUP,
+                       actorder="group" if act_order else None)
+    return dict(quant_method="compressed-tensors", ignore=["lm_head"], quantization_status="compressed",
+                format="float-quantized" if method == "ct-fp8-block" else "pack-quantized",
+                config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=activations)})
 
 
 def mark_quantized(path: str, method: str, act_order=False) -> None:
@@ -493,14 +503,15 @@ def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_
 
 @pytest.mark.parametrize("layout,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False),
                                               ("fp8-block", False), ("ct-int4", False), ("ct-int4-zp", True),
-                                              ("ct-int8", False)])
+                                              ("ct-int8", False), ("ct-fp8-block", False)])
 def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layout, act_order):
     """Exactly the weights it encodes; block-wise fp8 within one e4m3 rounding (re-quantized per channel).
     compressed-tensors' pack-quantized checkpoints (W4A16 symmetric, with zero points and act-order; W8A16) run
-    as int4 / int8, their LM head as stored."""
+    as int4 / int8, their LM head as stored; its block-wise fp8 (FP8_BLOCK) as the fp8 one."""
     rng = np.random.default_rng()
     path = str(tmp_path / layout)
-    method = {"ct-int4": "int4", "ct-int4-zp": "int4", "ct-int8": "int8"}.get(layout, layout.removesuffix("-block"))
+    method = {"ct-int4": "int4", "ct-int4-zp": "int4", "ct-int8": "int8", "ct-fp8-block": "fp8"}.get(
+        layout, layout.removesuffix("-block"))
     encoded = write_quantized_checkpoint(tiny, path, layout, rng, act_order=act_order)
     assert CheckpointQuantization.from_checkpoint(path).method == method
     quant = load_model(path, dtype="float32")  # the method comes from config.json
@@ -508,7 +519,7 @@ def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layou
     assert not is_quantized(quant.params.get("lm_head", quant.params["embed"]))
     for name, dense in encoded.items():
         np.testing.assert_allclose(np.asarray(dequantize(quant.params["layers"][name])), np.asarray(dense),
-                                   rtol=2.0 ** -4 if layout == "fp8-block" else 1e-6, atol=1e-7, err_msg=name)
+                                   rtol=2.0 ** -4 if layout.endswith("fp8-block") else 1e-6, atol=1e-7, err_msg=name)
     # The model runs on them: same logits as a dense model holding the decoded weights.
     decoded = load_model(tiny, dtype="float32")
     decoded.params["layers"].update(encoded)
