@@ -523,7 +523,7 @@ def resolve_method(requested: Optional[str], checkpoint: Optional[CheckpointQuan
 # --------------------------------------------------------------------------------------
 
 
-def _unpack_int32_nibbles(x: np.ndarray, axis: int, bits: int = 4) -> np.ndarray:
+def _unpack_int32_fields(x: np.ndarray, axis: int, bits: int = 4) -> np.ndarray:
     """int32 ``x`` -> uint8 fields of ``bits`` (4: nibbles, 8: bytes), ``axis`` 32 / bits times longer: field j of
     element i lands at ``(32 / bits) * i + j``."""
     u = np.ascontiguousarray(x).view(np.uint32)
@@ -553,7 +553,7 @@ def awq_to_int4(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, gro
     order = np.argsort(AWQ_ORDER)  # position of column c's nibble within its int32
 
     def columns(x):
-        nib = _unpack_int32_nibbles(x, axis=-1)  # [rows, N], nibble-major per int32
+        nib = _unpack_int32_fields(x, axis=-1)  # [rows, N], nibble-major per int32
         n = nib.shape[-1]
         index = (np.arange(n) // 8) * 8 + order[np.arange(n) % 8]
         return nib[:, index]
@@ -570,8 +570,8 @@ def gptq_to_int4(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_
     ``zero_offset``: GPTQ's v1 checkpoints store ``zero - 1`` (1); ``gptq_v2`` stores the zero (0).
     A ``g_idx`` that is not ``k // g`` (act-order) sorts the rows by group and records ``perm``.
     """
-    values = _unpack_int32_nibbles(qweight, axis=0)  # [K, N]
-    zeros = _unpack_int32_nibbles(qzeros, axis=-1).astype(np.int32) + zero_offset  # [K/g, N]
+    values = _unpack_int32_fields(qweight, axis=0)  # [K, N]
+    zeros = _unpack_int32_fields(qzeros, axis=-1).astype(np.int32) + zero_offset  # [K/g, N]
     K = values.shape[0]
     g = group_size if group_size > 0 else K
     perm = _group_order(g_idx, K, g)
@@ -598,10 +598,10 @@ def packed_to_int4(weight_packed: np.ndarray, weight_scale: np.ndarray, weight_z
     ``weight_scale`` ``[N, K/g]`` (``[N, 1]``: one group over K), ``weight_zero_point`` (asymmetric only) int32
     ``[N/8, K/g]`` packed along N the same way, ``weight_g_idx [K]`` (act-order), ``K`` from ``weight_shape``.
     ``W = (q - zero) * scale``, so the stored unsigned values keep zero + 8 as their zero (8: symmetric)."""
-    values = _unpack_int32_nibbles(weight_packed, axis=-1)[:, :K].T  # [K, N], signed + 8
+    values = _unpack_int32_fields(weight_packed, axis=-1)[:, :K].T  # [K, N], signed + 8
     scales = np.asarray(weight_scale, np.float32).T  # [K/g, N]
     zeros = (np.full(scales.shape, 8, np.float32) if weight_zero_point is None
-             else _unpack_int32_nibbles(weight_zero_point, axis=0)[:values.shape[1]].T.astype(np.float32))
+             else _unpack_int32_fields(weight_zero_point, axis=0)[:values.shape[1]].T.astype(np.float32))
     g = K // scales.shape[0]
     perm = _group_order(weight_g_idx, K, g)
     if perm is not None:
@@ -613,7 +613,7 @@ def packed_to_int8(weight_packed: np.ndarray, weight_scale: np.ndarray, K: int) 
     """compressed-tensors' ``pack-quantized`` int8 (W8A16, symmetric, channel scales) -> the fields of an
     ``Int8KMajorWeight``: ``weight_packed`` int32 ``[N, K/4]`` (byte j of 4 in bits 8j, the signed value + 128),
     ``weight_scale [N, 1]``."""
-    q = (_unpack_int32_nibbles(weight_packed, axis=-1, bits=8)[:, :K].astype(np.int16) - 128).astype(np.int8)
+    q = (_unpack_int32_fields(weight_packed, axis=-1, bits=8)[:, :K].astype(np.int16) - 128).astype(np.int8)
     return dict(q=q, scale=np.asarray(weight_scale, np.float32).reshape(-1))
 
 
