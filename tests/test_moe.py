@@ -242,10 +242,9 @@ def assert_equal_but_router_ties(logits: np.ndarray, reference: np.ndarray, repl
                                              ("qwen3_moe", "ct-int4-zp-act-order"), ("mixtral", "ct-int8")])
 def test_quantized_moe_checkpoint_loads_the_weights_it_encodes(tmp_path, variant, layout):
     """An AWQ / GPTQ (act-order too) / FP8 / compressed-tensors (W4A16, W8A16) mixture-of-experts checkpoint (every
-    projection quantized, experts and
-    shared expert included; the router and the shared expert's gate dense, as the published ones): the logits of a
-    dense checkpoint of the weights it encodes (exactly for 4 bits; fp8 also quantizes the attention's activations),
-    jnp path and interpreted kernel; the engine serves it."""
+    projection quantized, experts and shared expert included; the router and the shared expert's gate dense, as the
+    published ones): the logits of a dense checkpoint of the weights it encodes (exactly for 4 and 8 bits; fp8 also
+    quantizes the attention's activations), jnp path and interpreted kernel; the engine serves it."""
     import os
     import re
     import shutil
