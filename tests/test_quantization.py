@@ -449,10 +449,11 @@ def encode_compressed_tensors(tensors: dict, prefix: str, method: str, rng, N: i
         q, scale = rng.integers(-128, 128, (N, K)), rng.uniform(0.001, 0.01, (N, 1)).astype(np.float16)
         tensors.update({prefix + k: v for k, v in compressed_tensors_tensors(q, scale, bits=8).items()})
         return (q * scale.astype(np.float32)).T
+    group = K if method == "ct-int4-channel" else GROUP
     q = rng.integers(-8, 8, (N, K))
-    scale = rng.uniform(0.005, 0.05, (N, K // GROUP)).astype(np.float16)
-    zero = rng.integers(-8, 8, (N, K // GROUP)) if method == "ct-int4-zp" else np.zeros((N, K // GROUP), np.int64)
-    g_idx = rng.permutation(np.arange(K) // GROUP) if act_order else np.arange(K) // GROUP
+    scale = rng.uniform(0.005, 0.05, (N, K // group)).astype(np.float16)
+    zero = rng.integers(-8, 8, (N, K // group)) if method == "ct-int4-zp" else np.zeros((N, K // group), np.int64)
+    g_idx = rng.permutation(np.arange(K) // group) if act_order else np.arange(K) // group
     packed = compressed_tensors_tensors(q, scale, zero if method == "ct-int4-zp" else None,
                                         g_idx if act_order else None)
     tensors.update({prefix + k: v for k, v in packed.items()})
@@ -460,14 +461,17 @@ def encode_compressed_tensors(tensors: dict, prefix: str, method: str, rng, N: i
 
 
 def compressed_tensors_config(method: str, act_order=False) -> dict:
-    """llm-compressor's ``quantization_config`` for W4A16 (group scales, ``ct-int4-zp``: asymmetric), W8A16, or fp8
-    weights with 32 x 32 block scales and dynamic activations (``ct-fp8-block``, its FP8_BLOCK scheme)."""
+    """llm-compressor's ``quantization_config`` for W4A16 (group scales, ``ct-int4-zp``: asymmetric,
+    ``ct-int4-channel``: one scale a channel), W8A16, or fp8 weights with 32 x 32 block scales and dynamic
+    activations (``ct-fp8-block``, its FP8_BLOCK scheme)."""
     activations = None
     if method == "ct-fp8-block":
         weights = dict(num_bits=8, type="float", symmetric=True, strategy="block", block_structure=[32, 32])
         activations = dict(num_bits=8, type="float", symmetric=True, strategy="group", group_size=128, dynamic=True)
     elif method == "ct-int8":
         weights = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
+    elif method == "ct-int4-channel":
+        weights = dict(num_bits=4, type="int", symmetric=True, strategy="channel")
     else:
         weights = dict(num_bits=4, type="int", symmetric=method != "ct-int4-zp", strategy="group", group_size=GROUP,
                        actorder="group" if act_order else None)
@@ -503,15 +507,16 @@ def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_
 
 @pytest.mark.parametrize("layout,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False),
                                               ("fp8-block", False), ("ct-int4", False), ("ct-int4-zp", True),
-                                              ("ct-int8", False), ("ct-fp8-block", False)])
+                                              ("ct-int4-channel", False), ("ct-int8", False),
+                                              ("ct-fp8-block", False)])
 def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layout, act_order):
     """Exactly the weights it encodes; block-wise fp8 within one e4m3 rounding (re-quantized per channel).
     compressed-tensors' pack-quantized checkpoints (W4A16 symmetric, with zero points and act-order; W8A16) run
     as int4 / int8, their LM head as stored; its block-wise fp8 (FP8_BLOCK) as the fp8 one."""
     rng = np.random.default_rng()
     path = str(tmp_path / layout)
-    method = {"ct-int4": "int4", "ct-int4-zp": "int4", "ct-int8": "int8", "ct-fp8-block": "fp8"}.get(
-        layout, layout.removesuffix("-block"))
+    method = {"ct-int4": "int4", "ct-int4-zp": "int4", "ct-int4-channel": "int4", "ct-int8": "int8",
+              "ct-fp8-block": "fp8"}.get(layout, layout.removesuffix("-block"))
     encoded = write_quantized_checkpoint(tiny, path, layout, rng, act_order=act_order)
     assert CheckpointQuantization.from_checkpoint(path).method == method
     quant = load_model(path, dtype="float32")  # the method comes from config.json
