@@ -196,6 +196,12 @@ def int8_layout_from_env() -> str:
     return _choice_from_env("PAGEDJAX_INT8_LAYOUT", INT8_LAYOUTS)
 
 
+def int8_layout_of(name: str) -> str:
+    """How the int8 weight of layer param ``name`` is stored (``INT8_LAYOUTS``): experts ``[K, N]``, as the grouped
+    matmul reads them; the layers' matrices as ``$PAGEDJAX_INT8_LAYOUT`` says."""
+    return "kn" if name in QUANTIZED_EXPERT_WEIGHTS else int8_layout_from_env()
+
+
 def quantize_int8(w: jax.Array, layout: str = "kn"):
     scaled, scale = _per_channel_scaled(w, 127.0)
     q = jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8)
@@ -293,7 +299,7 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
             continue
         dense = layers.pop(name)
         layers[name] = _quantize_placed(dense, method, None if shardings is None else shardings["layers"][name],
-                                        "kn" if name in QUANTIZED_EXPERT_WEIGHTS else None)
+                                        int8_layout_of(name))
         del dense
     if int8_lm_head(method):
         quantize_lm_head(params, shardings)

@@ -53,7 +53,7 @@ from models.quantization import (
     field_shardings,
     fp8_from_checkpoint,
     gptq_to_int4,
-    int8_layout_from_env,
+    int8_layout_of,
     packed_to_int4,
     packed_to_int8,
 )
@@ -464,8 +464,7 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
         if int8_layout != "nk":
             weight = Int8Weight(q=np.ascontiguousarray(np.swapaxes(weight.q, -1, -2)), scale=weight.scale)
     else:
-        group_size = K // stacked["scales"].shape[-2]
-        weight = Int4Weight(**stacked, group_size=group_size, pack=pack)
+        weight = Int4Weight(**stacked, group_size=quant.group_size if quant.group_size > 0 else K, pack=pack)
         stored, expected = stacked["packed"].shape[len(source.stack):], (K // 2, N)
     if stored != expected:
         pattern = bases[0].replace(".0.", ".*.")
@@ -515,7 +514,7 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
             bar.update(len(source.hf_names))
         for name, source in quantized.items():
             weight = _quantized_weight(ckpt, source, shapes["layers"][name], quantization, dtype, path,
-                                       "kn" if name in QUANTIZED_EXPERT_WEIGHTS else int8_layout_from_env())
+                                       int8_layout_of(name))
             sharding = _get(shardings, ("layers", name))
             params["layers"][name] = (jax.device_put(weight) if sharding is None
                                       else jax.device_put(weight, field_shardings(weight, sharding)))
