@@ -482,8 +482,8 @@ def test_decode_fast_path_makes_the_same_decisions_as_the_general_loop(rng):
                 if not scheduler.has_unfinished_requests():
                     break
                 engine.step()
-                decoding = [r for r in scheduler.running_requests
-                            if r.num_uncomputed_tokens == 1 and "#" not in r.request_id]
+                decoding = [r for r in scheduler.running_requests  # decodes: a prompt's last chunk has no output
+                            if r.num_uncomputed_tokens == 1 and r.output_token_ids and "#" not in r.request_id]
                 if decoding and load.random() < 0.3:
                     parent = load.choice(decoding)
                     engine.fork(parent, f"{parent.request_id}#{len(engine.outputs)}")
