@@ -83,6 +83,7 @@ _EXPORTS = {
     "SamplingParams": "engine.sampling_params",
     "StructuredOutputsParams": "engine.sampling_params",
     "BeamSearchParams": "engine.beam_search",
+    "LoRARequest": "engine.lora",
     "PoolingParams": "engine.pooling",
     "EmbeddingRequestOutput": "engine.pooling",
     "RequestOutput": "engine.outputs",

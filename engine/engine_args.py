@@ -96,6 +96,13 @@ class EngineArgs:
     # model in the decode's step (engine.speculative). A step with drafts, or of a request whose text repeats, is
     # read back before the next is planned (asynchronous scheduling plans the others ahead, as without drafts).
     speculative_config: Optional[dict] = None
+    # LoRA adapters (vLLM's --enable-lora): requests may name a PEFT adapter (engine.lora.LoRARequest); up to
+    # max_loras adapters of rank up to max_lora_rank run in one step, from device slots; max_cpu_loras adapters stay
+    # read on the host (None: max_loras).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None
 
     def validate(self) -> None:
         import jax
@@ -136,6 +143,7 @@ class EngineArgs:
             raise ValueError(f"scheduling_mode must be 'continuous' or 'static', got {self.scheduling_mode!r}")
         self._validate_tensor_parallel_size()
         self._validate_speculative_config()
+        self._validate_lora()
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATION_METHODS)}, "
                              f"got {self.quantization!r}")
@@ -158,6 +166,17 @@ class EngineArgs:
                              ("runner='pooling'", self.runner != "pooling")):
             if not ok:
                 raise ValueError(f"speculative_config cannot be combined with {conflict}")
+
+    def _validate_lora(self) -> None:
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if (value is not None or name != "max_cpu_loras") and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.enable_lora and self.runner == "pooling":
+            raise ValueError("enable_lora cannot be combined with runner='pooling'")
 
     def _validate_tensor_parallel_size(self) -> None:
         """Sizes the devices allow; whether the model's heads divide is checked once its config is read."""

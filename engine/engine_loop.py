@@ -13,7 +13,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from engine.outputs import RequestOutput, RequestOutputKind
 from engine.sampling_params import SamplingParams
@@ -38,6 +38,7 @@ class NewRequest(NamedTuple):
     on_output: OnOutput
     on_error: OnError
     priority: int = 0
+    lora_request: Any = None  # engine.lora.LoRARequest
 
 
 class EngineLoop:
@@ -76,7 +77,7 @@ class EngineLoop:
 
     def add_request(self, request_id: str, prompt, params: Optional[SamplingParams], *, priority: int = 0,
                     on_output: OnOutput, on_error: OnError,
-                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
+                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE, lora_request=None) -> None:
         """Queue a request; raises (ValueError etc.) in the caller's thread when it is invalid.
         ``output_kind``: what each output carries (``RequestOutputKind``; ``FINAL_ONLY``: ``on_output`` is called
         once, when the request finished)."""
@@ -84,7 +85,8 @@ class EngineLoop:
             if not self._running:
                 raise RuntimeError("the engine loop has been shut down")
             self.engine.add_request(request_id, prompt, params, priority=priority,
-                                    on_output=self._wrap(request_id, on_output), output_kind=output_kind)
+                                    on_output=self._wrap(request_id, on_output), output_kind=output_kind,
+                                    lora_request=lora_request)
             self._error_callbacks[request_id] = on_error
 
     def _wrap(self, request_id: str, on_output: OnOutput) -> OnOutput:
@@ -105,7 +107,7 @@ class EngineLoop:
             try:
                 for r in requests:
                     self.add_request(r.request_id, r.prompt, r.params, priority=r.priority, on_output=r.on_output,
-                                     on_error=r.on_error, output_kind=output_kind)
+                                     on_error=r.on_error, output_kind=output_kind, lora_request=r.lora_request)
                     added.append(r.request_id)
             except BaseException:
                 for request_id in added:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
+from engine.lora import LoRARequest
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, RequestOutputKind
 from engine.pooling import (EmbeddingRequestOutput, PoolingParams, ScoringOutput, ScoringRequestOutput, cosine,
@@ -66,6 +67,10 @@ class LLM:
         runner: str = "auto",
         pooling_type: Optional[str] = None,
         speculative_config: Optional[dict] = None,
+        enable_lora: bool = False,
+        max_loras: int = 1,
+        max_lora_rank: int = 16,
+        max_cpu_loras: Optional[int] = None,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -80,7 +85,8 @@ class LLM:
             compiler_options=compiler_options, precompile_steps=precompile_steps,
             num_scheduler_steps=num_scheduler_steps, enable_prefix_caching=enable_prefix_caching,
             generation_config=generation_config, reasoning_parser=reasoning_parser, runner=runner,
-            pooling_type=pooling_type, speculative_config=speculative_config,
+            pooling_type=pooling_type, speculative_config=speculative_config, enable_lora=enable_lora,
+            max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)
@@ -99,11 +105,13 @@ class LLM:
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
         priority: Optional[Sequence[int]] = None,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
         """Generate for one or many prompts (text, token ids, or ``{"prompt_token_ids": [...]}``).
 
         Returns one ``RequestOutput`` per prompt, in input order. All prompts are
         validated before any is queued, so a bad one raises and queues nothing.
+        ``lora_request``: the LoRA adapter of every prompt, or one (or None) a prompt (needs ``enable_lora``).
         """
         prompts = _as_prompt_list(prompts)
         if isinstance(sampling_params, (list, tuple)):
@@ -112,7 +120,13 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
-        return self._run(prompts, params_list, use_tqdm, priority, "Generating")
+        if isinstance(lora_request, (list, tuple)):
+            if len(lora_request) != len(prompts):
+                raise ValueError(f"got {len(lora_request)} lora_requests for {len(prompts)} prompts")
+            loras = list(lora_request)
+        else:
+            loras = [lora_request] * len(prompts)
+        return self._run(prompts, params_list, use_tqdm, priority, "Generating", loras)
 
     def embed(self, prompts: Union[PromptType, Sequence[PromptType]],
               pooling_params: Optional[PoolingParams] = None, use_tqdm: bool = True,
@@ -140,7 +154,7 @@ class LLM:
         return out
 
     def _run(self, prompts: list, params_list: list, use_tqdm: bool, priority: Optional[Sequence[int]],
-             desc: str) -> list:
+             desc: str, loras: Optional[list] = None) -> list:
         """Queue every prompt with its params (all checked first: a bad one raises and queues nothing), wait for
         them all under a progress bar; their final outputs in input order."""
         if priority is not None and len(priority) != len(prompts):
@@ -149,7 +163,7 @@ class LLM:
         futures = [concurrent.futures.Future() for _ in prompts]
         self._loop.add_requests([
             NewRequest(self._loop.new_request_id(), prompt, params, _resolve_when_finished(future), _fail(future),
-                       priority[i] if priority else 0)
+                       priority[i] if priority else 0, loras[i] if loras else None)
             for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))],
             output_kind=RequestOutputKind.FINAL_ONLY)
         with tqdm(total=len(futures), desc=desc, disable=not use_tqdm, unit="req") as bar:
@@ -187,6 +201,7 @@ class LLM:
         tools: Optional[list[dict]] = None,
         chat_template_kwargs: Optional[dict] = None,
         chat_template: Optional[str] = None,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate. As vLLM's:
         ``continue_final_message`` renders the last (assistant) message open, so the reply goes on from it (with
@@ -200,11 +215,12 @@ class LLM:
                                        continue_final_message=continue_final_message, tools=tools,
                                        chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
                    for conv in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def submit(self, prompt: Union[str, list[int]], sampling_params: Optional[SamplingParams] = None, *,
                on_output: Callable[[RequestOutput], None], on_error: Callable[[BaseException], None],
-               priority: int = 0, output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> str:
+               priority: int = 0, output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+               lora_request: Optional[LoRARequest] = None) -> str:
         """Start one request without waiting: ``on_output`` gets its output after every step that adds a
         token (on the engine's thread: keep it short; cumulative unless ``output_kind`` says otherwise),
         ``on_error`` the exception that ends it. Returns the request id (for ``abort``). ``generate`` is built
@@ -212,7 +228,8 @@ class LLM:
         self._check_prompts([prompt])
         request_id = self._loop.new_request_id()
         self._loop.add_request(request_id, prompt, sampling_params or self.get_default_sampling_params(),
-                               priority=priority, on_output=on_output, on_error=on_error, output_kind=output_kind)
+                               priority=priority, on_output=on_output, on_error=on_error, output_kind=output_kind,
+                               lora_request=lora_request)
         return request_id
 
     def abort(self, request_id: str) -> None:

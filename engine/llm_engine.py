@@ -23,6 +23,7 @@ from engine.detokenizer import IncrementalDetokenizer, StopDecision, check_stop
 from engine.device_memory import memory_outside_arrays, num_kv_blocks, sizes_kv_from_memory
 from engine.engine_args import EngineArgs, resolve_kv_cache_dtype
 from engine.generation_config import default_sampling_fields
+from engine.lora import LoRARequest, LoRASlots
 from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
 from engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PooledRows, PoolingParams
 from engine.request import Request, RequestStatus
@@ -108,6 +109,7 @@ class _RequestGroup:
     # A pooling engine's request: its PoolingParams and the rows its prompt chunks returned (engine.pooling).
     pooling_params: Optional[PoolingParams] = None
     pooled: PooledRows = dataclasses.field(default_factory=PooledRows)
+    lora_request: Optional[LoRARequest] = None  # its LoRA adapter (engine.lora), or None
     # Whether sampling the next token needs the tokens before it on the host first: penalties count them, a bad
     # word of several tokens bans its last only after the others, and a grammar's next tokens follow from the
     # tokens so far. Such a request decodes a step at a time and is not planned ahead of its previous step's tokens.
@@ -178,7 +180,12 @@ class LLMEngine:
                                       unroll_layers=args.unroll_layers, fuse_projections=args.fuse_projections,
                                       linear_backend=args.linear_backend,
                                       compiler_options=args.compiler_options, fixed_table_width=precompile,
-                                      num_scheduler_steps=args.num_scheduler_steps)
+                                      num_scheduler_steps=args.num_scheduler_steps,
+                                      max_loras=args.max_loras if args.enable_lora else 0,
+                                      max_lora_rank=args.max_lora_rank)
+            # LoRA adapters: read when a request first names one, put into the runner's slots as steps need them.
+            self.lora_slots = None if not args.enable_lora else LoRASlots(
+                config, args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras, self.runner.set_lora)
             loaded.params = None  # the runner holds them, laid out for the step: free the loader's copy before sizing
             # Size the pool from memory really held: an earlier engine of this process freed (its objects sit in
             # reference cycles until collected) and this one's weights materialised (dispatch is asynchronous:
@@ -212,7 +219,8 @@ class LLMEngine:
                                    max_num_seqs=max_seqs, max_model_len=self.max_model_len,
                                    policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode,
                                    num_scheduler_steps=args.num_scheduler_steps,
-                                   speculative_config=SpeculativeConfig.of(args.speculative_config))
+                                   speculative_config=SpeculativeConfig.of(args.speculative_config),
+                                   max_loras=args.max_loras if args.enable_lora else 0)
         self.model_path = loaded.path
         self.default_sampling_fields = default_sampling_fields(loaded.path, args.generation_config)
         if self.default_sampling_fields:
@@ -285,13 +293,15 @@ class LLMEngine:
         priority: int = 0,
         on_output: Optional[Callable[[RequestOutput], None]] = None,
         output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+        lora_request: Optional[LoRARequest] = None,
     ) -> None:
         """Validate and queue a request; errors are raised here, before anything is queued.
         ``output_kind`` (``engine.outputs.RequestOutputKind``): what each output carries. ``FINAL_ONLY`` gives no
         output (callback or ``step()`` result) until the request finishes, as ``LLM.generate`` wants: building
         every running request's output every step is host time; ``DELTA`` gives what changed, as the engine
         process sends across its pipe. A pooling engine takes ``PoolingParams`` (or None) and gives one
-        ``EmbeddingRequestOutput`` when the prompt has run (``engine.pooling``)."""
+        ``EmbeddingRequestOutput`` when the prompt has run (``engine.pooling``). ``lora_request``: run it with that
+        LoRA adapter (``engine.lora``; needs ``enable_lora``), read here if it is new."""
         pooling_params = self._pooling_params(params)
         if pooling_params is not None:  # the prompt is run and pooled; nothing is sampled
             params = SamplingParams(max_tokens=1)
@@ -321,13 +331,21 @@ class LLMEngine:
         grammar = None
         if params.structured_outputs is not None:
             grammar = self._structured_output_grammars().check(params.structured_outputs)
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+            if self.lora_slots is None:
+                raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but LoRA is off: start the "
+                                 "engine with enable_lora=True (--enable-lora)")
+            self.lora_slots.check(lora_request)
         now = time.monotonic()
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         group = _RequestGroup(request_id, text, prompt_ids, params, [], on_output, now,
                               max_output_tokens=params.max_output_tokens(len(prompt_ids), self.max_model_len),
                               output_kind=output_kind,
                               prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-                              bad_words_token_ids=bad_words, grammar=grammar, pooling_params=pooling_params)
+                              bad_words_token_ids=bad_words, grammar=grammar, pooling_params=pooling_params,
+                              lora_request=lora_request)
         sample = self._new_sample(group, request_id, base_seed, now, priority)
         group.samples.append(sample)
         self.scheduler.add_request(sample.request)
@@ -360,7 +378,8 @@ class LLMEngine:
         request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids), sampling_params=params,
                           priority=priority, arrival_time=now, max_output_tokens=group.max_output_tokens,
                           multi_step=not group.samples_need_host_tokens and params.min_tokens == 0,
-                          use_prefix_cache=params.prompt_logprobs is None)
+                          use_prefix_cache=params.prompt_logprobs is None,
+                          lora_id=group.lora_request.lora_int_id if group.lora_request is not None else 0)
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
@@ -484,6 +503,8 @@ class LLMEngine:
         scheduled = out.scheduled
         entries = [self._samples[s.request.request_id] for s in scheduled]  # (sample, group) of each
         feed_rows = None  # request id -> row of `previous` that samples its pending token
+        lora_slots = {} if self.lora_slots is None else self.lora_slots.slots_for(
+            {s.request.lora_id for s in scheduled if s.request.lora_id})
         work = []
         for s, entry in zip(scheduled, entries):
             token_ids, feed_row = s.token_ids, -1
@@ -496,7 +517,8 @@ class LLMEngine:
             work.append(SequenceWork(token_ids=token_ids, start=s.start, sample=s.samples, feed_row=feed_row,
                                      block_table=self.block_manager.block_table_array(s.request.request_id),
                                      decode_steps=s.decode_steps, score_targets=scores,
-                                     num_drafts=len(s.draft_token_ids)))
+                                     num_drafts=len(s.draft_token_ids),
+                                     lora_slot=lora_slots.get(s.request.lora_id, 0)))
         if self.pooling is not None:  # prompt chunks only (no asynchronous scheduling): their hidden rows
             return _LaunchedStep(out, entries, self.runner.dispatch_pool(work), step_start)
         first_rows, row_seqs, histories = _sampled_rows(scheduled)

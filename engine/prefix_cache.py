@@ -27,9 +27,16 @@ def block_key(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
+def root_key(lora_id: int = 0) -> bytes:
+    """The parent key of a sequence's first block: K/V computed under a LoRA adapter (``lora_id`` >= 1) are that
+    adapter's, so its sequences' keys start from a root of their own."""
+    return ROOT_KEY if not lora_id else hashlib.sha256(b"lora:" + lora_id.to_bytes(8, "little")).digest()
+
+
 def extend_block_keys(keys: list[bytes], token_ids: Callable[[int, int], list[int]], num_tokens: int,
-                      block_size: int) -> None:
-    """Append the keys of the full blocks among the first ``num_tokens`` tokens that ``keys`` lacks.
+                      block_size: int, root: bytes = ROOT_KEY) -> None:
+    """Append the keys of the full blocks among the first ``num_tokens`` tokens that ``keys`` lacks (the first
+    block's parent: ``root``).
 
     ``token_ids(start, stop)`` returns tokens ``start .. stop-1``. Stops at a block holding a token that is not
     known yet (a negative id: a sampled token still on the device), to go on once it is.
@@ -38,7 +45,7 @@ def extend_block_keys(keys: list[bytes], token_ids: Callable[[int, int], list[in
         tokens = token_ids(index * block_size, (index + 1) * block_size)
         if min(tokens) < 0:
             return
-        keys.append(block_key(keys[-1] if keys else ROOT_KEY, tokens))
+        keys.append(block_key(keys[-1] if keys else root, tokens))
 
 
 class PrefixCache:

@@ -53,6 +53,7 @@ class Request:
     # Whether admission may start it on a cached prefix (the engine clears it for prompt logprobs, which need the
     # logits of every prompt token).
     use_prefix_cache: bool = True
+    lora_id: int = 0  # its LoRA adapter's lora_int_id (engine.lora; 0: none)
     # known_token_array's buffer and how many of its leading entries are filled.
     _token_buffer: Any = dataclasses.field(default=None, init=False, repr=False)
     _num_buffered: int = dataclasses.field(default=0, init=False, repr=False)

@@ -42,6 +42,7 @@ from engine.sampling_params import SamplingParams
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward, layout_layers, lm_head_logits
+from models.lora import empty_lora_params, set_slot
 from models.moe import expert_mlp
 from models.quantization import Fp8Weight, LinearBackend
 from pallas_kernels import get_attention_fns
@@ -191,6 +192,7 @@ class SequenceWork:
     # Speculative decoding: the last this many of ``token_ids`` are drafts; each of the last ``num_drafts + 1``
     # rows is sampled (the sampler's rows: the works' in order, a work's rows consecutive).
     num_drafts: int = 0
+    lora_slot: int = 0  # the LoRA adapter's device slot (models.lora; 0: none)
 
 
 @dataclasses.dataclass
@@ -215,13 +217,14 @@ class PendingPool:
 
 
 def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_tokens: int, max_num_seqs: int,
-                      max_blocks_per_seq: int, table_width: Optional[int] = None) -> ModelInput:
+                      max_blocks_per_seq: int, table_width: Optional[int] = None, lora: bool = False) -> ModelInput:
     """Flat step input (DESIGN.md step 2) as numpy arrays, padded to the buckets.
 
     Vectorized over the sequences (whole-array numpy ops, no per-sequence slicing): the
     engine calls this on the host every step, for up to ``max_num_seqs`` sequences.
     ``block_table``s may be lists or int32 arrays (``BlockManager.block_table_array``).
-    ``table_width``: the block tables' width B (None: the longest table's, bucketed).
+    ``table_width``: the block tables' width B (None: the longest table's, bucketed). ``lora``: give each row its
+    work's ``lora_slot`` (``ModelInput.lora_slots``).
     """
     bs = block_size
     n = len(work)
@@ -263,10 +266,14 @@ def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_
     pos = starts[seq_of_token] + (np.arange(num_tokens, dtype=np.int32) - cu[seq_of_token])
     positions[:num_tokens] = pos
     slots[:num_tokens] = tables[seq_of_token, pos // bs] * bs + pos % bs
+    lora_slots = None
+    if lora:
+        lora_slots = np.zeros(T, np.int32)
+        lora_slots[:num_tokens] = np.fromiter((w.lora_slot for w in work), np.int32, n)[seq_of_token]
     return ModelInput(
         token_ids=token_ids, positions=positions, slot_mapping=slots, cu_q_lens=cu,
         kv_lens=kv_lens, block_tables=tables, num_seqs=np.asarray([n], np.int32),
-        logits_indices=logits_indices,
+        logits_indices=logits_indices, lora_slots=lora_slots,
     )
 
 
@@ -351,6 +358,8 @@ class ModelRunner:
         compiler_options: Optional[dict] = None,
         fixed_table_width: bool = False,
         num_scheduler_steps: int = 1,
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
     ):
         """``unroll_layers``: unstack the layer weights and unroll the layer loop (None: on GPU only).
         ``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
@@ -363,7 +372,9 @@ class ModelRunner:
         for the step (None: ``default_compiler_options``). ``fixed_table_width``: every step's block
         tables as wide as ``max_model_len`` needs, where that is cheap (``MAX_FIXED_TABLE_ENTRIES``;
         ``table_width`` says whether it is), so ``precompile`` can compile every step shape.
-        ``num_scheduler_steps``: the decode steps of a multi-step dispatch (``engine.multi_step``; 1: none)."""
+        ``num_scheduler_steps``: the decode steps of a multi-step dispatch (``engine.multi_step``; 1: none).
+        ``max_loras``: device slots for that many LoRA adapters of rank up to ``max_lora_rank`` (``models.lora``;
+        ``set_lora`` fills one; 0: no LoRA)."""
         enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
         self.mesh = mesh
@@ -385,6 +396,14 @@ class ModelRunner:
             qkv_shards = plan.tp  # each device's slice of the qkv buffer its own [q | k | v] heads
             self._input_sharding = replicated(mesh)
             self._logits_sharding = plan.logits_sharding()
+        self.lora = max_loras > 0
+        self._kv_replicas = 1 if mesh is None else plan.kv_replicas
+        if self.lora:  # zeroed slots, beside the layer weights (replicated over a mesh)
+            lora = jax.device_put(empty_lora_params(config, max_loras, max_lora_rank, params["embed"].dtype),
+                                  self._input_sharding)
+            params = {**params, "layers": {**params["layers"], "lora": lora["lora"]},
+                      "lora_columns": lora["lora_columns"]}
+            self._set_lora = jax.jit(set_slot)
         if unroll_layers is None:  # see EngineArgs.unroll_layers
             unroll_layers = jax.default_backend() == "gpu"
         if fuse_projections is None:
@@ -745,7 +764,7 @@ class ModelRunner:
         zeros = functools.partial(np.zeros, dtype=np.int32)
         model_input = ModelInput(token_ids=zeros(T), positions=zeros(T), slot_mapping=zeros(T),
                                  cu_q_lens=zeros(S + 1), kv_lens=zeros(S), block_tables=zeros((S, B)),
-                                 num_seqs=zeros(1), logits_indices=zeros(S))
+                                 num_seqs=zeros(1), logits_indices=zeros(S), lora_slots=zeros(T) if self.lora else None)
         return model_input, np.full(T, -1, np.int32)
 
     # -- host side -------------------------------------------------------------------------
@@ -770,7 +789,29 @@ class ModelRunner:
     def build_model_input(self, work: Sequence[SequenceWork]) -> ModelInput:
         return build_model_input(work, block_size=self.block_size, max_num_tokens=self.max_num_batched_tokens,
                                  max_num_seqs=self.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
-                                 table_width=self.table_width)
+                                 table_width=self.table_width, lora=self.lora)
+
+    def set_lora(self, slot: int, adapter: dict) -> None:
+        """Put an adapter (``models.lora.read_adapter``'s arrays) into LoRA slot ``slot`` (1 .. max_loras) for the
+        steps dispatched after this; those in flight keep the slots as they were (new arrays, none donated)."""
+        self._lead("set_lora", slot, adapter)
+        dtype = self.params["embed"].dtype
+        adapter = {name: (a.astype(dtype), self._repeat_kv_heads(name, b).astype(dtype))
+                   for name, (a, b) in adapter.items()}
+        layers = self.params["layers"]
+        if isinstance(layers, (list, tuple)):  # per-layer weights: each layer's slots from its rows (one program)
+            for i, layer in enumerate(layers):
+                rows = {name: (a[i], b[i]) for name, (a, b) in adapter.items()}
+                layer["lora"] = self._set_lora(layer["lora"], self._placed(rows), np.int32(slot))
+        else:
+            layers["lora"] = self._set_lora(layers["lora"], self._placed(adapter), np.int32(slot))
+
+    def _repeat_kv_heads(self, name: str, b: np.ndarray) -> np.ndarray:
+        """An adapter's ``b`` for ``wk`` / ``wv`` with each kv head repeated as the mesh's step repeats them."""
+        if self._kv_replicas == 1 or name not in ("wk", "wv"):
+            return b
+        heads = b.reshape(*b.shape[:-1], -1, self.config.head_dim)
+        return np.repeat(heads, self._kv_replicas, axis=-2).reshape(*b.shape[:-1], -1)
 
     def dispatch(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
                  num_logprobs: Optional[int] = None, decode_steps: int = 1,

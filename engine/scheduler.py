@@ -53,7 +53,7 @@ import itertools
 from typing import Optional
 
 from engine.block_manager import BlockManager
-from engine.prefix_cache import extend_block_keys
+from engine.prefix_cache import extend_block_keys, root_key
 from engine.request import Request, RequestStatus
 from engine.speculative import SpeculativeConfig
 
@@ -127,6 +127,7 @@ class _StepPlan:
         self.copies: dict[str, list[tuple[int, int]]] = {}
         self.preempted: list[str] = []
         self.num_drafts = 0
+        self.loras: Optional[set[int]] = None  # the running requests' LoRA adapters and those admitted (max_loras)
 
     @property
     def num_rows(self) -> int:
@@ -166,7 +167,8 @@ class _StepPlan:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
                  max_model_len: int, policy: str = "fifo", scheduling_mode: str = "continuous",
-                 num_scheduler_steps: int = 1, speculative_config: Optional[SpeculativeConfig] = None):
+                 num_scheduler_steps: int = 1, speculative_config: Optional[SpeculativeConfig] = None,
+                 max_loras: int = 0):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if scheduling_mode not in SCHEDULING_MODES:
@@ -189,6 +191,7 @@ class Scheduler:
         self.scheduling_mode = scheduling_mode
         self.num_scheduler_steps = num_scheduler_steps
         self.speculative_config = speculative_config
+        self.max_loras = max_loras  # LoRA adapters the running requests may use at once (0: no limit)
         self._static_batch: set[str] = set()  # "static": ids of the unfinished requests of the batch in flight
         self._requests: dict[str, Request] = {}  # unfinished ones
         self._order_keys: dict[str, tuple] = {}
@@ -546,14 +549,19 @@ class Scheduler:
 
     def _admit(self, request: Request, plan: _StepPlan) -> bool:
         """Start a waiting request if its first chunk's blocks are free (never preempts); with prefix caching the
-        chunk starts after its cached prefix."""
+        chunk starts after its cached prefix. A request of a LoRA adapter waits while ``max_loras`` others run."""
+        if request.lora_id and self.max_loras:
+            if plan.loras is None:
+                plan.loras = {r.lora_id for r in self._running if r.lora_id}
+            if request.lora_id not in plan.loras and len(plan.loras) >= self.max_loras:
+                return False
         manager = self.block_manager
         looks_up = self._block_keys is not None and request.use_prefix_cache
         if not looks_up:
             prefix, num_cached = [], 0
         else:
             keys = self._block_keys[request.request_id]
-            extend_block_keys(keys, request.token_ids, request.num_tokens, manager.block_size)
+            extend_block_keys(keys, request.token_ids, request.num_tokens, manager.block_size, root_key(request.lora_id))
             prefix = manager.cached_prefix(keys, request.num_tokens)
             num_cached = len(prefix) * manager.block_size
         num_tokens = min(request.num_tokens - num_cached, plan.budget)
@@ -571,6 +579,8 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self._insert(self._running, request)
         plan.add(self._chunk(request, num_tokens), copies)
+        if plan.loras is not None and request.lora_id:
+            plan.loras.add(request.lora_id)
         return True
 
     def _cache_blocks(self, request: Request) -> None:
@@ -580,7 +590,7 @@ class Scheduler:
         block_size = self.block_manager.block_size
         num_known = min(request.num_computed_tokens, request.num_tokens)
         if num_known // block_size > len(keys):
-            extend_block_keys(keys, request.token_ids, num_known, block_size)
+            extend_block_keys(keys, request.token_ids, num_known, block_size, root_key(request.lora_id))
         self.block_manager.cache_blocks(request.request_id, keys)
 
     @staticmethod

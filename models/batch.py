@@ -30,6 +30,7 @@ class ModelInput:
     block_tables: jax.Array  # [S, B] int32
     num_seqs: jax.Array  # [1] int32
     logits_indices: jax.Array  # [S] int32, row of each sequence's last token
+    lora_slots: jax.Array | None = None  # [T] int32, each row's LoRA slot (0: none; models.lora); None: no LoRA
 
 
 @struct.dataclass

@@ -51,6 +51,7 @@ import numpy as np
 
 from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
+from models.lora import lora_mask, lora_update
 from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_rms_norm, rms_norm
 from models.quantization import LinearBackend, concat_outputs, is_quantized, linear
@@ -336,20 +337,31 @@ def forward(
 
     widths = fused_widths(config)
 
-    def project(h, w, fused: str) -> tuple:
-        """``h @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has it."""
+    def project(h, w, fused: str, mask=None) -> tuple:
+        """``h @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has it; plus
+        each row's LoRA update where ``mask`` (``models.lora``) is given."""
         if fused in w:
-            return split_columns(mm(h, w[fused]), widths[fused])
-        return tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
+            parts = split_columns(mm(h, w[fused]), widths[fused])
+        else:
+            parts = tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
+        if mask is None:
+            return parts
+        return tuple(y + lora_update(h, w["lora"], p, mask) for y, p in zip(parts, FUSED_PROJECTIONS[fused]))
 
-    def mlp_hidden(h, w):
+    def with_lora(parts, x, w, name: str, mask):
+        """A matmul's partial sums (``keep_splits``) and each row's LoRA update of ``name`` as one more."""
+        if mask is None:
+            return parts
+        return jnp.concatenate([parts, lora_update(x, w["lora"], name, mask)[None].astype(parts.dtype)])
+
+    def mlp_hidden(h, w, mask=None):
         """``act(h @ w_gate) * (h @ w_up)`` (SiLU; Gemma's tanh GELU)."""
-        gate, up = project(h, w, "w_gate_up")
+        gate, up = project(h, w, "w_gate_up", mask)
         return activation(gate) * up
 
-    def mlp_parts(h, w):
+    def mlp_parts(h, w, mask):
         """The MLP's output as partial sums for ``add_rms_norm``: the experts' (``models.moe``) in a mixture of
-        experts; else the gate/up matmul, the SwiGLU product and the down matmul."""
+        experts; else the gate/up matmul, the SwiGLU product and the down matmul (with LoRA updates: ``mask``)."""
         if config.is_moe:
             out = moe_mlp(h, w, config=config, expert_fn=expert_fn or functools.partial(
                 expert_mlp, use_kernel=linear_backend.use_grouped_kernel(), interpret=linear_backend.interpret))
@@ -357,22 +369,27 @@ def forward(
                 shared = add_splits(mm_parts(mlp_hidden(h, w), w["w_down"]), h.dtype).astype(h.dtype)
                 out = out + jax.nn.sigmoid(mm(h, w["shared_expert_gate"])) * shared
             return out[None]
-        return mm_parts(mlp_hidden(h, w), w["w_down"])
+        hidden = mlp_hidden(h, w, mask)
+        return with_lora(mm_parts(hidden, w["w_down"]), hidden, w, "w_down", mask)
 
     def biases(w, fused: str) -> tuple:
         return split_columns(w[fused], widths[fused]) if fused in w else tuple(w[p] for p in FUSED_PROJECTIONS[fused])
 
-    def qkv_heads(h, w):
-        """The layer's ``qkv[T, Hq + 2*Hkv, D]`` (biases added; not normed or roped yet): a fused ``wqkv``'s output,
-        whose columns are ``[q | k | v]`` already, is only reshaped; separate projections are joined."""
+    def qkv_heads(h, w, mask):
+        """The layer's ``qkv[T, Hq + 2*Hkv, D]`` (biases and LoRA updates added; not normed or roped yet): a fused
+        ``wqkv``'s output, whose columns are ``[q | k | v]`` already, is only reshaped; separate projections are
+        joined."""
         if "wqkv" in w:
             if qkv_shards != 1:
                 raise ValueError(f"a fused wqkv's columns are one [q | k | v] block, not qkv_shards={qkv_shards}")
             qkv = mm(h, w["wqkv"])
             if config.qkv_bias:
                 qkv = qkv + (w["bqkv"] if "bqkv" in w else jnp.concatenate(biases(w, "bqkv")))
+            if mask is not None:
+                qkv = qkv + jnp.concatenate([lora_update(h, w["lora"], p, mask) for p in FUSED_PROJECTIONS["wqkv"]],
+                                            axis=-1)
             return qkv.reshape(T, -1, D)
-        q, k, v = project(h, w, "wqkv")
+        q, k, v = project(h, w, "wqkv", mask)
         if config.qkv_bias:
             bq, bk, bv = biases(w, "bqkv")
             q, k, v = q + bq, k + bk, v + bv
@@ -385,14 +402,15 @@ def forward(
             return parts
         return rms_norm(add_splits(parts, x.dtype).astype(x.dtype), w[norm_name], eps)[None]
 
-    def layer_call(x, h, k_cache, v_cache, layer, w, next_norm, batch, rope, sliding=None):
+    def layer_call(x, h, k_cache, v_cache, layer, w, next_norm, batch, rope, mask, sliding=None):
         """One decoder layer on the residual stream ``x`` and its norm ``h`` (by the layer's ``input_norm``),
         everything it reads an argument (so one trace serves every layer). Returns the next residual stream
         and its norm by ``next_norm`` (the next layer's ``input_norm``, or the final norm after the last layer):
         each residual add and the norm after it are one ``add_rms_norm``, fed the matmul's K-split partials.
         ``sliding``: None where every layer attends alike (within ``config.sliding_window`` if set), else whether
-        this layer slides (``config.sliding_layers``): a bool (unrolled layers: static) or a traced one (scan)."""
-        qkv = qkv_heads(h, w)
+        this layer slides (``config.sliding_layers``): a bool (unrolled layers: static) or a traced one (scan).
+        ``mask``: which LoRA slot columns each row takes (``models.lora.lora_mask``), or None without adapters."""
+        qkv = qkv_heads(h, w, mask)
         if config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
             norm_weight = jnp.where((head_kinds == QUERY)[:, None], w["q_norm"], w["k_norm"])
             qkv = jnp.where((head_kinds != VALUE)[None, :, None], rms_norm(qkv, norm_weight, eps), qkv)
@@ -420,16 +438,19 @@ def forward(
                                 lambda: attend(qkv, k_cache, v_cache, *args[2:], sliding_window=None))
         if kv_scaled:
             attn = (attn * w["v_scale"]).astype(attn.dtype)
-        attn_parts = mm_parts(attn.reshape(T, config.q_size), w["wo"])
+        attn = attn.reshape(T, config.q_size)
+        attn_parts = with_lora(mm_parts(attn, w["wo"]), attn, w, "wo", mask)
         x, h = add_rms_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), w["post_norm"], eps)
-        x, h = add_rms_norm(x, block_output(x, mlp_parts(h, w), w, "mlp_out_norm"), next_norm, eps)
+        x, h = add_rms_norm(x, block_output(x, mlp_parts(h, w, mask), w, "mlp_out_norm"), next_norm, eps)
         return x, h, k_cache, v_cache
 
     def layer_step(carry, layer_weights_and_next_norm):
         layer, w, next_norm, sliding = layer_weights_and_next_norm
-        return layer_call(*carry, layer, w, next_norm, batch, rope, sliding), None
+        return layer_call(*carry, layer, w, next_norm, batch, rope, mask, sliding), None
 
     sliding_layers = config.sliding_layers or (None,) * config.num_layers
+    # LoRA adapters (models.lora): each row's slot columns, once for every layer.
+    mask = None if "lora_columns" not in params else lora_mask(batch.lora_slots, params["lora_columns"], x.dtype)
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
         # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes (and
         # kind: sliding or not) (XLA inlines the calls, so the compiled step is the same as one written out layer
@@ -442,12 +463,12 @@ def forward(
         for i, w in enumerate(params["layers"]):
             if kv_cache.per_layer:  # layer i's own pages, as a one-layer 5-D cache
                 x, h, k, v = unrolled_layer(x, h, k_cache[i][None], v_cache[i][None], jnp.int32(0), w, norms[i + 1],
-                                            batch, rope, sliding=sliding_layers[i])
+                                            batch, rope, mask, sliding=sliding_layers[i])
                 new_k.append(k[0])
                 new_v.append(v[0])
             else:
                 x, h, k_cache, v_cache = unrolled_layer(x, h, k_cache, v_cache, jnp.int32(i), w, norms[i + 1], batch,
-                                                        rope, sliding=sliding_layers[i])
+                                                        rope, mask, sliding=sliding_layers[i])
         if kv_cache.per_layer:
             k_cache, v_cache = tuple(new_k), tuple(new_v)
         # The last layer's residual stream is read no further; left unused, JAX would drop it from that call and

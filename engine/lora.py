@@ -1,0 +1,110 @@
+"""LoRA adapters for requests (vLLM's ``LoRARequest``) and the engine's side of serving them: which adapter sits in
+which of the ``max_loras`` device slots, and the adapters read from disk, kept on the host (``max_cpu_loras``).
+
+A step's requests use at most ``max_loras`` adapters (the scheduler admits no more: ``Scheduler(max_loras=...)``);
+before the step is dispatched, ``LoRASlots.slots_for`` gives each of them a slot, loading those not in one into
+the slots least recently used by earlier steps (``ModelRunner.set_lora``). The weights and their reading are
+``models.lora``'s (imported when an engine makes its slots: ``LoRARequest`` imports no JAX, for the server's
+process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRARequest:
+    """A request's adapter, as vLLM names it: ``lora_name`` (what the server's ``model`` field gives),
+    ``lora_int_id`` (>= 1, unique to the adapter: the engine keys its slots and cache by it) and ``lora_path``
+    (a local PEFT adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors``)."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.lora_name, str) or not self.lora_name:
+            raise ValueError(f"LoRARequest.lora_name must be a non-empty string, got {self.lora_name!r}")
+        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
+            raise ValueError(f"LoRARequest.lora_int_id must be an integer >= 1, got {self.lora_int_id!r}")
+        if not isinstance(self.lora_path, str) or not self.lora_path:
+            raise ValueError(f"LoRARequest.lora_path must name a local adapter folder, got {self.lora_path!r}")
+
+    @property
+    def adapter_id(self) -> int:
+        return self.lora_int_id
+
+    @property
+    def name(self) -> str:
+        return self.lora_name
+
+    @property
+    def path(self) -> str:
+        return self.lora_path
+
+
+class LoRASlots:
+    """The adapters the engine knows (by ``lora_int_id``), their weights on the host (the ``max_cpu_loras`` most
+    recently used), and which of the ``max_loras`` device slots holds which. ``load(slot, adapter)`` puts an
+    adapter's weights into a slot (``ModelRunner.set_lora``)."""
+
+    def __init__(self, config, max_loras: int, max_rank: int, max_cpu_loras: int, load: Callable[[int, dict], None]):
+        from models.lora import check_lora_model
+
+        check_lora_model(config)
+        self.config, self.max_loras, self.max_rank, self.max_cpu_loras = config, max_loras, max_rank, max_cpu_loras
+        self._load = load
+        self._requests: dict[int, LoRARequest] = {}  # every adapter seen, by id
+        self._host: OrderedDict[int, dict] = OrderedDict()  # id -> weights, least recently used first
+        self._slot_of: OrderedDict[int, int] = OrderedDict()  # id -> its device slot, least recently used first
+        self.num_loads = 0  # adapters put into slots
+
+    def check(self, request: LoRARequest) -> None:
+        """Read (or find) the adapter, raising ``LoRAAdapterError`` for a bad one, before its request is queued.
+        One id names one adapter: another path under a known id is refused."""
+        from models.lora import LoRAAdapterError
+
+        known = self._requests.get(request.lora_int_id)
+        if known is not None and known.lora_path != request.lora_path:
+            raise LoRAAdapterError(f"lora_int_id {request.lora_int_id} already names adapter {known.lora_name!r} at "
+                                   f"{known.lora_path!r}, not {request.lora_path!r}: give each adapter its own id")
+        self._weights(request)
+        self._requests[request.lora_int_id] = request
+
+    def _weights(self, request: LoRARequest) -> dict:
+        weights = self._host.get(request.lora_int_id)
+        if weights is None:
+            from models.lora import read_adapter
+
+            weights = read_adapter(request.lora_path, self.config, self.max_rank)
+            self._host[request.lora_int_id] = weights
+            while len(self._host) > self.max_cpu_loras:
+                self._host.popitem(last=False)
+        self._host.move_to_end(request.lora_int_id)
+        return weights
+
+    def slots_for(self, lora_ids: set[int]) -> dict[int, int]:
+        """A slot for each adapter of a step (at most ``max_loras``; each ``check``ed before), loading those not in
+        one into the free slots, then into those least recently used by earlier steps."""
+        if len(lora_ids) > self.max_loras:
+            raise RuntimeError(f"a step uses {len(lora_ids)} LoRA adapters, more than max_loras={self.max_loras}")
+        for lora_id in lora_ids:
+            if lora_id in self._slot_of:
+                self._slot_of.move_to_end(lora_id)
+        for lora_id in lora_ids - self._slot_of.keys():
+            if len(self._slot_of) < self.max_loras:
+                slot = len(self._slot_of) + 1
+            else:
+                victim = next(i for i in self._slot_of if i not in lora_ids)
+                slot = self._slot_of.pop(victim)
+            self._load(slot, self._weights(self._requests[lora_id]))
+            self._slot_of[lora_id] = slot
+            self.num_loads += 1
+        return {lora_id: self._slot_of[lora_id] for lora_id in lora_ids}
+
+    def adapters(self) -> list[LoRARequest]:
+        """The adapters seen so far, by id."""
+        return [self._requests[i] for i in sorted(self._requests)]

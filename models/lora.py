@@ -1,0 +1,173 @@
+"""LoRA adapters on the decoder's seven layer matrices (vLLM's multi-LoRA serving): reading PEFT adapter folders,
+the device slots they run from, and each matrix's low-rank update in the forward pass.
+
+An adapter adds ``scaling * (x @ A) @ B`` to a matrix's output (PEFT stores ``lora_A [r, in]``, ``lora_B [out, r]``;
+``scaling`` is ``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA). The engine keeps ``max_loras`` adapters on the
+device at once, each padded to ``max_lora_rank`` and laid side by side along the rank axis of one stacked ``A``
+and ``B`` a matrix (``params["layers"]["lora"][name]``: ``a [L, in, max_loras * R]``, ``b [L, max_loras * R, out]``,
+the scaling folded into ``b``). Slot ``s`` (1 .. ``max_loras``) owns columns ``(s - 1) * R .. s * R``; slot 0 is
+"no adapter". Each token row carries its sequence's slot (``ModelInput.lora_slots``), and a row's update is
+``((x @ a) * mask) @ b`` with ``mask`` keeping only its slot's columns: two dense matmuls a matrix, whatever
+the mix of adapters in the step (the segmented gather-matmuls of vLLM's Punica kernels, for few slots).
+``params["lora_columns"] [max_loras * R]`` holds each column's slot.
+
+Knows nothing of requests or slot assignment (``engine.lora``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+
+# PEFT's module names (Hugging Face's) -> the params they update, in column order of the module's output.
+# Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` share one A; their B's rows split between the parts.
+TARGET_MODULES = {
+    "q_proj": ("wq",), "k_proj": ("wk",), "v_proj": ("wv",), "o_proj": ("wo",),
+    "gate_proj": ("w_gate",), "up_proj": ("w_up",), "down_proj": ("w_down",),
+    "qkv_proj": ("wq", "wk", "wv"), "gate_up_proj": ("w_gate", "w_up"),
+}
+LORA_PARAMS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`` (PEFT; ``.default`` in some saves).
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+class LoRAAdapterError(ValueError):
+    """The adapter folder is missing, unreadable, or does not fit the model or the engine's LoRA limits."""
+
+
+def param_widths(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``(in, out)`` of each matrix an adapter may update."""
+    h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    return {"wq": (h, q), "wk": (h, kv), "wv": (h, kv), "wo": (q, h), "w_gate": (h, i), "w_up": (h, i),
+            "w_down": (i, h)}
+
+
+def check_lora_model(config: ModelConfig) -> None:
+    """Refuse a model LoRA does not run on here: a mixture of experts (its MLP is experts, not three matrices)."""
+    if config.is_moe:
+        raise LoRAAdapterError(f"LoRA adapters run on dense models; {config.model_type} is a mixture of experts")
+
+
+def empty_lora_params(config: ModelConfig, max_loras: int, max_rank: int, dtype) -> dict:
+    """Zeroed slots (numpy): ``{"layers": {"lora": {name: {"a", "b"}}}, "lora_columns"}`` as module doc says."""
+    check_lora_model(config)
+    L, width = config.num_layers, max_loras * max_rank
+    lora = {name: {"a": np.zeros((L, n_in, width), dtype), "b": np.zeros((L, width, n_out), dtype)}
+            for name, (n_in, n_out) in param_widths(config).items()}
+    return {"lora": lora, "lora_columns": np.repeat(np.arange(1, max_loras + 1, dtype=np.int32), max_rank)}
+
+
+def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A PEFT LoRA adapter folder as ``{name: (a [L, in, max_rank], b [L, max_rank, out])}`` float32, the scaling
+    folded into ``b``, zero-padded to ``max_rank``, zeros for matrices and layers it leaves alone."""
+    from models.safetensors_loader import _Checkpoint, _read_header
+
+    config_file, weights_file = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isdir(path):
+        raise LoRAAdapterError(f"LoRA adapter folder {path!r} does not exist (adapters are read from local "
+                               "folders, never downloaded)")
+    for file in (config_file, weights_file):
+        if not os.path.exists(file):
+            raise LoRAAdapterError(f"{path!r} is not a PEFT LoRA adapter: it has no {os.path.basename(file)} "
+                                   f"(it holds {sorted(os.listdir(path))})")
+    try:
+        with open(config_file) as f:
+            peft = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoRAAdapterError(f"{config_file} is unreadable: {e}") from None
+    rank, alpha = _adapter_rank_and_alpha(peft, config_file, max_rank)
+    scaling = alpha / (math.sqrt(rank) if peft.get("use_rslora") else rank)
+    ckpt = _Checkpoint([weights_file])
+    widths = param_widths(config)
+    out = {name: (np.zeros((config.num_layers, n_in, max_rank), np.float32),
+                  np.zeros((config.num_layers, max_rank, n_out), np.float32)) for name, (n_in, n_out) in widths.items()}
+    seen = set()
+    for key in _read_header(weights_file):
+        match = _KEY.search(key)
+        if match is None or match.group(2) not in TARGET_MODULES:
+            raise LoRAAdapterError(f"{weights_file}: tensor {key!r} is not a LoRA update of a decoder layer's "
+                                   f"{', '.join(TARGET_MODULES)} (embeddings, the LM head, DoRA and biases are not "
+                                   "supported)")
+        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+        if layer >= config.num_layers:
+            raise LoRAAdapterError(f"{weights_file}: tensor {key!r} is for layer {layer}, but the model has "
+                                   f"{config.num_layers} layers")
+        parts = TARGET_MODULES[module]
+        n_in = widths[parts[0]][0]
+        n_out = sum(widths[p][1] for p in parts)
+        expected = (rank, n_in) if which == "A" else (n_out, rank)
+        if ckpt.shape(key) != expected:
+            raise LoRAAdapterError(f"{weights_file}: tensor {key!r} has shape {list(ckpt.shape(key))}, expected "
+                                   f"{list(expected)} for this model and r={rank}")
+        weight = np.asarray(ckpt.array(key), np.float32)
+        if which == "A":
+            for p in parts:
+                out[p][0][layer, :, :rank] = weight.T
+        else:
+            start = 0
+            for p in parts:
+                stop = start + widths[p][1]
+                out[p][1][layer, :rank, :] = weight[start:stop].T * scaling
+                start = stop
+        seen.add((layer, module, which))
+    unpaired = sorted({(layer, module) for layer, module, _ in seen
+                       if not {(layer, module, "A"), (layer, module, "B")} <= seen})
+    if unpaired:
+        raise LoRAAdapterError(f"{weights_file}: lora_A and lora_B must come in pairs; missing for (layer, "
+                               f"module) {unpaired[:4]}")
+    if not seen:
+        raise LoRAAdapterError(f"{weights_file} holds no LoRA weights")
+    return out
+
+
+def _adapter_rank_and_alpha(peft: dict, config_file: str, max_rank: int) -> tuple[int, float]:
+    """``(r, lora_alpha)`` of an adapter config, refusing what this engine does not run."""
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise LoRAAdapterError(f"{config_file}: peft_type {peft.get('peft_type')!r} is not LORA")
+    for option, off in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if peft.get(option, off) not in (off, None):
+            raise LoRAAdapterError(f"{config_file}: {option}={peft[option]!r} is not supported (only {off!r})")
+    for option in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        if peft.get(option):
+            raise LoRAAdapterError(f"{config_file}: {option} is not supported ({peft[option]!r})")
+    rank, alpha = peft.get("r"), peft.get("lora_alpha")
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+        raise LoRAAdapterError(f"{config_file}: r must be an integer >= 1 and lora_alpha a number, got r={rank!r}, "
+                               f"lora_alpha={alpha!r}")
+    if rank > max_rank:
+        raise LoRAAdapterError(f"the adapter's rank r={rank} exceeds max_lora_rank={max_rank} (raise "
+                               "max_lora_rank, --max-lora-rank)")
+    return rank, float(alpha)
+
+
+def set_slot(lora_layers: dict, adapter: dict, slot: jax.Array) -> dict:
+    """The slots ``lora_layers`` (stacked ``[L, ...]``, or one layer's) with ``slot``'s columns replaced by
+    ``adapter``'s ``(a, b)`` of each matrix (``read_adapter``'s arrays, or one layer's of them)."""
+
+    def put(stacked, rows, axis):
+        start = [0] * stacked.ndim
+        start[axis] = (slot - 1) * rows.shape[axis]
+        return jax.lax.dynamic_update_slice(stacked, rows.astype(stacked.dtype), start)
+
+    return {name: {"a": put(w["a"], adapter[name][0], -1), "b": put(w["b"], adapter[name][1], -2)}
+            for name, w in lora_layers.items()}
+
+
+def lora_mask(lora_slots: jax.Array, lora_columns: jax.Array, dtype) -> jax.Array:
+    """``[T, max_loras * R]``: 1 where a column belongs to the row's slot (none for slot 0)."""
+    return (lora_slots[:, None] == lora_columns[None, :]).astype(dtype)
+
+
+def lora_update(x: jax.Array, lora: dict, name: str, mask: jax.Array) -> jax.Array:
+    """Each row's adapter update of matrix ``name`` for input rows ``x [T, in]``: ``[T, out]`` in x's dtype."""
+    a, b = lora[name]["a"], lora[name]["b"]
+    return jnp.dot(jnp.dot(x, a) * mask, b).astype(x.dtype)
