@@ -561,7 +561,8 @@ class Scheduler:
             prefix, num_cached = [], 0
         else:
             keys = self._block_keys[request.request_id]
-            extend_block_keys(keys, request.token_ids, request.num_tokens, manager.block_size, root_key(request.lora_id))
+            extend_block_keys(keys, request.token_ids, request.num_tokens, manager.block_size,
+                              root_key(request.lora_id))
             prefix = manager.cached_prefix(keys, request.num_tokens)
             num_cached = len(prefix) * manager.block_size
         num_tokens = min(request.num_tokens - num_cached, plan.budget)
