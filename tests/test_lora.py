@@ -1,0 +1,205 @@
+"""LoRA adapters (``engine.lora``, ``models.lora``): PEFT adapters made and saved by ``peft`` itself on tiny random
+checkpoints; the engine's greedy tokens and their logprobs against ``peft``'s model in ``transformers``, adapters
+and the base model mixed in one batch, over the scanned and unrolled layers, multi-step decoding, Phi-3's fused
+projections; the slot limit; prefix caching per adapter; and the errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from engine import LLM, LoRARequest, SamplingParams
+from engine.engine_args import EngineArgs
+from engine.lora import LoRASlots
+from models.lora import LoRAAdapterError
+from tiny_checkpoints import write_tiny_checkpoint
+
+peft = pytest.importorskip("peft")
+
+ALL_LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = [[5, 17, 33, 99, 120, 7, 8, 200, 3], [44, 55, 66, 77], list(range(1, 19))]
+MAX_TOKENS = 10
+
+
+def make_adapter(path, variant: str, seed: int, targets: list[str], r: int, alpha: float, **lora_options):
+    """A PEFT adapter of random (non-zero) A and B on a fresh copy of the tiny ``variant`` checkpoint of seed 1,
+    saved by ``save_pretrained`` to ``path``; returns the ``peft`` model (eval)."""
+    base = write_tiny_checkpoint(os.path.join(path, "base"), variant, seed=1)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                      init_lora_weights=False, **lora_options))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(os.path.join(path, "adapter"))
+    return model.eval()
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and each one's logprob, one full forward a token."""
+    ids, tokens, logprobs = torch.tensor([prompt]), [], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1)
+            token = int(logp.argmax())
+            tokens.append(token)
+            logprobs.append(float(logp[token]))
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokens, logprobs
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """The base checkpoint, two adapters (all seven matrices, r=8; q and v only, r=4, rsLoRA) and their models."""
+    root = tmp_path_factory.mktemp("lora")
+    base_path = root / "base"
+    base = write_tiny_checkpoint(base_path, "llama", seed=1)
+    one = make_adapter(root / "one", "llama", 1, ALL_LLAMA_MODULES, r=8, alpha=16)
+    two = make_adapter(root / "two", "llama", 2, ["q_proj", "v_proj"], r=4, alpha=8, use_rslora=True)
+    requests = [None, LoRARequest("one", 1, str(root / "one" / "adapter")),
+                LoRARequest("two", 2, str(root / "two" / "adapter"))]
+    expected = {}
+    for request, model in zip(requests, (base, one, two)):
+        for i, prompt in enumerate(PROMPTS):
+            expected[(request, i)] = hf_greedy(model, prompt, MAX_TOKENS)
+    return str(base_path), requests, expected
+
+
+def check_against_peft(llm: LLM, requests: list, expected: dict) -> None:
+    """Every prompt under every adapter (and none) in one ``generate``: peft's greedy tokens, logprobs within 2e-4."""
+    cases = [(request, i) for request in requests for i in range(len(PROMPTS))]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0)
+    outputs = llm.generate([PROMPTS[i] for _, i in cases], params, lora_request=[r for r, _ in cases],
+                           use_tqdm=False)
+    for case, output in zip(cases, outputs):
+        tokens, logprobs = expected[case]
+        got = output.outputs[0]
+        assert list(got.token_ids) == tokens, case
+        ours = [entry[token].logprob for entry, token in zip(got.logprobs, got.token_ids)]
+        np.testing.assert_allclose(ours, logprobs, atol=2e-4, err_msg=str(case))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(unroll_layers=True, num_scheduler_steps=4)],
+                         ids=["scanned", "unrolled-multistep"])
+def test_adapters_and_base_in_one_batch_match_peft(llama, options):
+    path, requests, expected = llama
+    llm = LLM(path, skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True, max_loras=2,
+              max_lora_rank=8, **options)
+    check_against_peft(llm, requests, expected)
+    # The same prompts again: their blocks are cached per adapter, so each finds its own K/V, not another's.
+    check_against_peft(llm, requests, expected)
+    assert llm.stats()["prefix_cache_hits"] > 0
+
+
+def test_one_slot_runs_two_adapters_in_turn(llama):
+    """max_loras=1: the requests of the second adapter wait for the first's to finish; every output is right."""
+    path, requests, expected = llama
+    llm = LLM(path, skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True, max_loras=1,
+              max_lora_rank=8, max_cpu_loras=1)
+    check_against_peft(llm, requests, expected)
+    slots = llm.llm_engine.lora_slots
+    assert slots.num_loads >= 2 and [r.lora_name for r in slots.adapters()] == ["one", "two"]
+
+
+def test_phi3_fused_projection_adapter_matches_peft(tmp_path):
+    """Phi-3 checkpoints join q/k/v and gate/up: PEFT's ``qkv_proj`` / ``gate_up_proj`` updates split into ours."""
+    base = write_tiny_checkpoint(tmp_path / "base", "phi3", seed=1)
+    model = make_adapter(tmp_path / "a", "phi3", 3, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], r=4,
+                         alpha=4)
+    request = LoRARequest("a", 7, str(tmp_path / "a" / "adapter"))
+    expected = {(r, i): hf_greedy(m, p, MAX_TOKENS) for r, m in ((None, base), (request, model))
+                for i, p in enumerate(PROMPTS)}
+    llm = LLM(str(tmp_path / "base"), skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True,
+              max_lora_rank=4)
+    check_against_peft(llm, [None, request], expected)
+
+
+def write_adapter(path, config: dict, tensors: dict) -> str:
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    return str(path)
+
+
+def test_errors_are_clear_and_lose_nothing(llama, tmp_path):
+    path, requests, expected = llama
+    llm = LLM(path, skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True, max_lora_rank=4)
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
+    a = np.zeros((4, 64), np.float32)
+    cases = [
+        (LoRARequest("big", 11, requests[1].lora_path), "exceeds max_lora_rank=4"),
+        (LoRARequest("gone", 12, str(tmp_path / "nowhere")), "does not exist"),
+        (LoRARequest("embed", 13, write_adapter(tmp_path / "embed", config, {
+            "base_model.model.model.embed_tokens.lora_embedding_A": a})), "is not a LoRA update"),
+        (LoRARequest("shape", 14, write_adapter(tmp_path / "shape", config, {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 32), np.float32),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((128, 4), np.float32)})),
+         r"has shape \[4, 32\], expected \[4, 64\]"),
+        (LoRARequest("half", 15, write_adapter(tmp_path / "half", config, {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a})), "must come in pairs"),
+        (LoRARequest("dora", 16, write_adapter(tmp_path / "dora", {**config, "use_dora": True}, {})),
+         "use_dora=True is not supported"),
+        (LoRARequest("two", 2, requests[1].lora_path), "already names adapter"),
+    ]
+    llm.generate([[1, 2, 3]], lora_request=requests[2], use_tqdm=False)  # id 2 taken by "two"
+    for request, message in cases:
+        with pytest.raises(LoRAAdapterError, match=message):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), lora_request=request, use_tqdm=False)
+    with pytest.raises(ValueError, match="got 2 lora_requests for 1 prompts"):
+        llm.generate([[1, 2, 3]], lora_request=[None, None], use_tqdm=False)
+    # Nothing was queued; the engine still serves.
+    out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == expected[(None, 1)][0]
+    off = LLM(path, skip_tokenizer_init=True, dtype="float32", block_size=8)
+    with pytest.raises(ValueError, match="LoRA is off: start the engine with enable_lora=True"):
+        off.generate([[1, 2, 3]], lora_request=requests[1], use_tqdm=False)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_loras", 0, "max_loras must be a positive integer"),
+    ("max_lora_rank", 1.5, "max_lora_rank must be a positive integer"),
+    ("max_cpu_loras", 1, r"max_cpu_loras \(1\) must be >= max_loras \(2\)"),
+])
+def test_engine_args_are_checked(field, value, message):
+    args = EngineArgs(enable_lora=True, **{"max_loras": 2, field: value})
+    with pytest.raises(ValueError, match=message):
+        args.validate()
+
+
+def test_lora_request_fields_are_checked():
+    with pytest.raises(ValueError, match="lora_int_id must be an integer >= 1"):
+        LoRARequest("a", 0, "/x")
+    with pytest.raises(ValueError, match="lora_name must be a non-empty string"):
+        LoRARequest("", 1, "/x")
+
+
+def test_mixture_of_experts_is_refused(tmp_path):
+    write_tiny_checkpoint(tmp_path, "mixtral", seed=0)
+    with pytest.raises(LoRAAdapterError, match="run on dense models"):
+        LLM(str(tmp_path), skip_tokenizer_init=True, dtype="float32", enable_lora=True)
+
+
+def test_slots_load_least_recently_used_first(llama):
+    """``LoRASlots``: a step's adapters keep their slots; a new one replaces the least recently used."""
+    path, requests, _ = llama
+    from models.config import ModelConfig
+
+    loads = []
+    slots = LoRASlots(ModelConfig.from_pretrained(path), 2, 8, 2, lambda slot, weights: loads.append(slot))
+    one, two = requests[1], requests[2]
+    three = LoRARequest("three", 3, one.lora_path)
+    for r in (one, two, three):
+        slots.check(r)
+    assert slots.slots_for({1}) == {1: 1} and slots.slots_for({1, 2}) == {1: 1, 2: 2}
+    assert slots.slots_for({2}) == {2: 2} and loads == [1, 2]
+    assert slots.slots_for({3, 2}) == {3: 1, 2: 2} and loads == [1, 2, 1]  # 1 was the least recently used
+    with pytest.raises(RuntimeError, match="more than max_loras=2"):
+        slots.slots_for({1, 2, 3})
