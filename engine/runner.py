@@ -399,7 +399,7 @@ class ModelRunner:
         self.lora = max_loras > 0
         self._kv_replicas = 1 if mesh is None else plan.kv_replicas
         if self.lora:  # zeroed slots, beside the layer weights (replicated over a mesh)
-            lora = jax.device_put(empty_lora_params(config, max_loras, max_lora_rank, params["embed"].dtype),
+            lora = jax.device_put(empty_lora_params(step_config, max_loras, max_lora_rank, params["embed"].dtype),
                                   self._input_sharding)
             params = {**params, "layers": {**params["layers"], "lora": lora["lora"]},
                       "lora_columns": lora["lora_columns"]}

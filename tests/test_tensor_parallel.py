@@ -115,15 +115,18 @@ def _collectives(runner) -> list:
     return [list(m) for m in re.findall(rf"= (\w+\[[\d,]*\])\S* ({ops})\(", step.as_text() + sampler.as_text())]
 
 
-def _generate(llm, prompts: list) -> dict:
+def _generate(llm, prompts: list, lora_path: str | None = None) -> dict:
     """``outputs``: each prompt's greedy tokens, then the first prompt's two seeded samples; ``top2``: for each
-    greedy output, the two most likely ``[token, logprob]`` at each position."""
-    from engine import SamplingParams
+    greedy output, the two most likely ``[token, logprob]`` at each position. ``lora_path``: every prompt with
+    that LoRA adapter."""
+    from engine import LoRARequest, SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
     sampled = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, n=2, seed=7, max_tokens=NEW_TOKENS,
                              ignore_eos=True)
-    outs = llm.generate(prompts + prompts[:1], [greedy] * len(prompts) + [sampled], use_tqdm=False)
+    lora = None if lora_path is None else LoRARequest("adapter", 1, lora_path)
+    outs = llm.generate(prompts + prompts[:1], [greedy] * len(prompts) + [sampled], use_tqdm=False,
+                        lora_request=lora)
     top2 = [[sorted(([t, lp.logprob] for t, lp in position.items()), key=lambda e: -e[1])[:2]
              for position in o.outputs[0].logprobs] for o in outs[:len(prompts)]]
     return {"outputs": [[c.token_ids for c in o.outputs] for o in outs], "top2": top2}
@@ -155,10 +158,12 @@ def _single_host(args: dict) -> dict:
     results: dict = {"num_devices": len(jax.devices())}
     for name, source, load_format, sizes, *options in args["runs"]:
         reference = None
+        options = dict((options or [{}])[0])
+        lora_path = options.pop("lora_path", None)
         for tp in sizes:
-            llm = LLM(source, tensor_parallel_size=tp, load_format=load_format, **ENGINE_KWARGS, **(options or [{}])[0])
+            llm = LLM(source, tensor_parallel_size=tp, load_format=load_format, **ENGINE_KWARGS, **options)
             runner = llm.llm_engine.runner
-            entry = {**_generate(llm, args["prompts"]), "layout": _layout(runner)}
+            entry = {**_generate(llm, args["prompts"], lora_path), "layout": _layout(runner)}
             if name == "llama" and tp > 1:
                 entry["collectives"] = _collectives(runner)
             if tp == 1:
@@ -271,6 +276,13 @@ def checkpoints(tmp_path_factory) -> dict:
         for name in ("k_scale", "v_scale"):
             tensors[f"model.layers.{i}.self_attn.{name}"] = np.asarray(rng.uniform(0.5, 2.0), np.float32)
     save_file(tensors, os.path.join(paths["llama-kv-scales"], "model.safetensors"))
+    # A LoRA adapter on every matrix of the llama checkpoint (its k / v updates repeated with the kv heads at 4).
+    from models.config import ModelConfig
+    from tests.tiny_checkpoints import write_random_lora_adapter
+
+    paths["llama-lora"] = write_random_lora_adapter(
+        root / "llama-lora", ModelConfig.from_pretrained(paths["llama"]),
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], seed=seed)
     paths["gguf"] = str(root / "tiny.gguf")
     write_gguf(paths["gguf"], random_hf_weights(np.random.default_rng(seed), qkv_bias=False))
     return paths
@@ -319,6 +331,9 @@ def workers(checkpoints, prompts) -> dict:
         ("phi3", checkpoints["phi3"], "auto", [1, 4]),
         # Gemma 3: sandwich norms and sliding / full layers over the mesh, int8 layers (tanh GELU).
         ("gemma3", checkpoints["gemma3_text"], "auto", [1, 4], {"quantization": "int8"}),
+        # A LoRA adapter's slots replicated on every device, its kv updates repeated with the kv heads.
+        ("lora", checkpoints["llama"], "auto", [1, 4], {"enable_lora": True, "max_lora_rank": 4,
+                                                        "lora_path": checkpoints["llama-lora"]}),
     ]
     cluster = {"checkpoint": checkpoints["llama"], "prompts": prompts, "port": _free_port()}
     # The single-host runs in two workers (every run's sizes in one of them): each compiles on one core mostly, and
@@ -344,11 +359,16 @@ def single_host(workers) -> dict:
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
                                  "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4",
                                  "moe-int8/tp4", "moe-int4/tp2", "moe-fp8/tp2", "kv-fp8-scales/tp2", "phi3/tp4", "gemma3/tp4",
-                                 "qwen2-moe/tp4", "moe-kernel/tp2"])
+                                 "qwen2-moe/tp4", "moe-kernel/tp2", "lora/tp4"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1 (a greedy output may
     part from them only at a near tie)."""
     assert_same_tokens(single_host[f"{run.split('/')[0]}/tp1"], single_host[run])
+
+
+def test_lora_adapter_changes_the_outputs(single_host):
+    """The adapter of the "lora" run bites (its outputs, equal over the mesh, are not the base model's)."""
+    assert single_host["lora/tp1"]["outputs"] != single_host["llama/tp1"]["outputs"]
 
 
 def test_multi_step_decoding_over_the_mesh_gives_the_single_devices_tokens(single_host):
