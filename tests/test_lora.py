@@ -1,7 +1,7 @@
 """LoRA adapters (``engine.lora``, ``models.lora``): PEFT adapters made and saved by ``peft`` itself on tiny random
 checkpoints; the engine's greedy tokens and their logprobs against ``peft``'s model in ``transformers``, adapters
-and the base model mixed in one batch, over the scanned and unrolled layers, multi-step decoding, Phi-3's fused
-projections; the slot limit; prefix caching per adapter; and the errors."""
+and the base model mixed in one batch, over the scanned and unrolled layers, multi-step decoding, n-gram drafts,
+Phi-3's fused projections; the slot limit; prefix caching per adapter; and the errors."""
 
 from __future__ import annotations
 
@@ -84,8 +84,12 @@ def check_against_peft(llm: LLM, requests: list, expected: dict) -> None:
         np.testing.assert_allclose(ours, logprobs, atol=2e-4, err_msg=str(case))
 
 
-@pytest.mark.parametrize("options", [dict(), dict(unroll_layers=True, num_scheduler_steps=4)],
-                         ids=["scanned", "unrolled-multistep"])
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1}
+
+
+@pytest.mark.parametrize("options", [dict(), dict(unroll_layers=True, num_scheduler_steps=4),
+                                     dict(speculative_config=NGRAM)],
+                         ids=["scanned", "unrolled-multistep", "ngram-drafts"])
 def test_adapters_and_base_in_one_batch_match_peft(llama, options):
     path, requests, expected = llama
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True, max_loras=2,
@@ -94,6 +98,8 @@ def test_adapters_and_base_in_one_batch_match_peft(llama, options):
     # The same prompts again: their blocks are cached per adapter, so each finds its own K/V, not another's.
     check_against_peft(llm, requests, expected)
     assert llm.stats()["prefix_cache_hits"] > 0
+    if "speculative_config" in options:  # drafts ran, with their sequence's adapter
+        assert llm.stats()["spec_decode_num_draft_tokens"] > 0
 
 
 def test_one_slot_runs_two_adapters_in_turn(llama):
