@@ -376,10 +376,7 @@ class Scheduler:
                 break
             if request.status is RequestStatus.RUNNING:  # not preempted earlier in this step
                 self._schedule_running(request, plan)
-        while not plan.preempted and self._has_room(plan) and len(self._running) < self.max_num_seqs:
-            request = self._next_admissible()
-            if request is None or not self._admit(request, plan):
-                break
+        self._admit_waiting(plan)
         self._add_drafts(drafting, plan)
         return plan.output()
 
@@ -538,23 +535,45 @@ class Scheduler:
                 return
         plan.add(self._chunk(request, num_tokens), copies)
 
-    def _next_admissible(self) -> Request | None:
-        """The waiting request admission would start next: the head of the queue ("continuous"), or
-        the first waiting member of the batch in flight ("static"; a new batch opens when none is)."""
+    def _admit_waiting(self, plan: _StepPlan) -> None:
+        """Admit waiting requests in queue order while the step has room and their blocks are free. A request
+        whose LoRA adapter would be one more than ``max_loras`` running at once is passed over, as vLLM does, for
+        the requests behind it (of running adapters, or none) to start."""
+        passed_over = 0
+        while not plan.preempted and self._has_room(plan) and len(self._running) < self.max_num_seqs:
+            request = self._next_admissible(passed_over)
+            if request is None:
+                return
+            if self._waits_for_lora(request, plan):
+                passed_over += 1
+                continue
+            if not self._admit(request, plan):
+                return
+
+    def _waits_for_lora(self, request: Request, plan: _StepPlan) -> bool:
+        """Whether the request's LoRA adapter is not among those running (or admitted in this step) and
+        ``max_loras`` of them are."""
+        if not (request.lora_id and self.max_loras):
+            return False
+        if plan.loras is None:
+            plan.loras = {r.lora_id for r in self._running if r.lora_id}
+        return request.lora_id not in plan.loras and len(plan.loras) >= self.max_loras
+
+    def _next_admissible(self, passed_over: int = 0) -> Request | None:
+        """The waiting request admission would start next: the head of the queue after the ``passed_over`` first
+        ("continuous"), or the first waiting member of the batch in flight ("static"; a new batch opens when none
+        is; nothing is passed over)."""
         if self.scheduling_mode == "continuous":
-            return self._waiting[0] if self._waiting else None
+            return self._waiting[passed_over] if passed_over < len(self._waiting) else None
+        if passed_over:
+            return None
         if not self._static_batch:
             self._static_batch = {r.request_id for r in self._waiting[: self.max_num_seqs]}
         return next((r for r in self._waiting if r.request_id in self._static_batch), None)
 
     def _admit(self, request: Request, plan: _StepPlan) -> bool:
         """Start a waiting request if its first chunk's blocks are free (never preempts); with prefix caching the
-        chunk starts after its cached prefix. A request of a LoRA adapter waits while ``max_loras`` others run."""
-        if request.lora_id and self.max_loras:
-            if plan.loras is None:
-                plan.loras = {r.lora_id for r in self._running if r.lora_id}
-            if request.lora_id not in plan.loras and len(plan.loras) >= self.max_loras:
-                return False
+        chunk starts after its cached prefix."""
         manager = self.block_manager
         looks_up = self._block_keys is not None and request.use_prefix_cache
         if not looks_up:
@@ -580,7 +599,7 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self._insert(self._running, request)
         plan.add(self._chunk(request, num_tokens), copies)
-        if plan.loras is not None and request.lora_id:
+        if plan.loras is not None and request.lora_id:  # the step's adapters (_waits_for_lora)
             plan.loras.add(request.lora_id)
         return True
 

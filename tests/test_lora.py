@@ -209,3 +209,25 @@ def test_slots_load_least_recently_used_first(llama):
     assert slots.slots_for({3, 2}) == {3: 1, 2: 2} and loads == [1, 2, 1]  # 1 was the least recently used
     with pytest.raises(RuntimeError, match="more than max_loras=2"):
         slots.slots_for({1, 2, 3})
+
+
+def test_scheduler_passes_over_a_request_whose_adapter_has_no_slot():
+    """max_loras=1: adapter 2's request waits while adapter 1's runs; the base model's and adapter 1's requests
+    behind it start at once (as vLLM's scheduler does); it starts when adapter 1's requests are done."""
+    from engine.block_manager import BlockManager
+    from engine.request import Request, RequestStatus
+    from engine.scheduler import Scheduler
+
+    scheduler = Scheduler(BlockManager(64, 4), max_num_batched_tokens=64, max_num_seqs=8, max_model_len=32,
+                          max_loras=1)
+    requests = [Request(f"r{i}", [1, 2, 3], lora_id=lora_id) for i, lora_id in enumerate((1, 2, 0, 1))]
+    for r in requests:
+        scheduler.add_request(r)
+    first = scheduler.schedule()
+    assert [s.request_id for s in first.scheduled] == ["r0", "r2", "r3"]
+    assert requests[1].status is RequestStatus.WAITING
+    scheduler.update_after_step(first, {s.request_id: 7 for s in first.scheduled})
+    for rid in ("r0", "r3"):
+        scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+    second = scheduler.schedule()
+    assert sorted(s.request_id for s in second.scheduled) == ["r1", "r2"]
