@@ -129,6 +129,30 @@ def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
     return out
 
 
+def write_random_adapter(path: str, config: ModelConfig, modules: list[str], *, r: int = 16,
+                         lora_alpha: float = 32.0, std: float = 0.02, seed: int = 0) -> str:
+    """A PEFT adapter folder of random A and B (normal * ``std``) for every layer's ``modules`` (Hugging Face
+    names) of a model of ``config``, as ``read_adapter`` reads it: for tests and benchmarks without an adapter."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    widths = param_widths(config)
+    tensors = {}
+    for layer in range(config.num_layers):
+        for module in modules:
+            parts = TARGET_MODULES[module]
+            n_in, n_out = widths[parts[0]][0], sum(widths[p][1] for p in parts)
+            block = "self_attn" if parts[0] in ("wq", "wk", "wv", "wo") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (std * rng.standard_normal((r, n_in))).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = (std * rng.standard_normal((n_out, r))).astype(np.float32)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "target_modules": modules}, f)
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS))
+    return str(path)
+
+
 def _adapter_rank_and_alpha(peft: dict, config_file: str, max_rank: int) -> tuple[int, float]:
     """``(r, lora_alpha)`` of an adapter config, refusing what this engine does not run."""
     if peft.get("peft_type", "LORA") != "LORA":

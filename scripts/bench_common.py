@@ -98,6 +98,10 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="automatic prefix caching (the engine's default; offline runs start with nothing "
                              "cached either way)")
+    parser.add_argument("--num-loras", type=int, default=0,
+                        help="LoRA: requests spread round-robin over this many random adapters (on every matrix; "
+                             "all in device slots at once: max_loras); 0: none")
+    parser.add_argument("--max-lora-rank", type=int, default=16, help="the random adapters' rank (--num-loras)")
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an XLA option for the step's compilation (repeatable; default: the engine's choice)")
     parser.add_argument("--seed", type=int, default=PROMPT_SEED, help="seed of the random prompts and weights")
@@ -126,6 +130,8 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         num_scheduler_steps=args.num_scheduler_steps, enable_prefix_caching=args.enable_prefix_caching,
         speculative_config=args.speculative_config,
     )
+    if args.num_loras:
+        options.update(enable_lora=True, max_loras=args.num_loras, max_lora_rank=args.max_lora_rank)
     options.update(overrides)
     # The engine's start-up line (weights, KV pool, activations) goes to the run's log.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -133,6 +139,23 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
     llm = LLM(args.model, **options)
     print(f"LLM(...) ready in {time.perf_counter() - start:.1f} s", flush=True)
     return llm
+
+
+def lora_requests(args, llm) -> Optional[list]:
+    """``--num-loras`` random adapters of rank ``--max-lora-rank`` on every matrix of ``llm``'s model, written to a
+    temporary folder, as ``LoRARequest``s (None without ``--num-loras``)."""
+    if not args.num_loras:
+        return None
+    import tempfile
+
+    from engine import LoRARequest
+    from models.lora import write_random_adapter
+
+    root = tempfile.mkdtemp(prefix="bench-lora-")
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return [LoRARequest(f"lora{i}", i, write_random_adapter(os.path.join(root, str(i)), llm.llm_engine.model_config,
+                                                            modules, r=args.max_lora_rank, seed=i))
+            for i in range(1, args.num_loras + 1)]
 
 
 def compiler_options(pairs: Sequence[str]) -> dict:
@@ -257,6 +280,8 @@ def engine_result_header(workload: str, args) -> dict:
         header["enable_prefix_caching"] = False
     if args.speculative_config:
         header["speculative_config"] = args.speculative_config
+    if args.num_loras:
+        header.update(num_loras=args.num_loras, max_lora_rank=args.max_lora_rank)
     return header
 
 
@@ -278,6 +303,8 @@ def variant_tag(result: dict) -> str:
     speculative = result.get("speculative_config")
     if speculative:
         tag += f"-{speculative.get('method', 'ngram')}{speculative['num_speculative_tokens']}"
+    if result.get("num_loras"):
+        tag += f"-lora{result['num_loras']}r{result['max_lora_rank']}"
     if result.get("compiler_options"):
         tag += "-xla-" + "-".join(f"{k.removeprefix('xla_gpu_')}{v}" for k, v in result["compiler_options"].items())
     return tag
@@ -407,16 +434,18 @@ class OfflineRun:
         return record.duration_s - self.compiles.seconds_within(record.start_s, record.end_s)
 
 
-def run_offline(llm, prompts: list[list[int]], params) -> OfflineRun:
+def run_offline(llm, prompts: list[list[int]], params, loras: Optional[list] = None) -> OfflineRun:
     """Submit every prompt at once and wait for all; checks each request made exactly its max_tokens. Starts with
-    nothing in the prefix cache: a warm-up's prompts (often the timed run's own) are computed again, as a peer's."""
+    nothing in the prefix cache: a warm-up's prompts (often the timed run's own) are computed again, as a peer's.
+    ``loras``: LoRA adapters the prompts take in turn (``lora_requests``)."""
     llm.reset_prefix_cache()
     traced = llm.llm_engine.tracer is not None
     if traced:
         llm.get_trace(reset=True)
     with CompileTimer() as compiles:
         start = time.perf_counter()
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                               lora_request=[loras[i % len(loras)] for i in range(len(prompts))] if loras else None)
         wall = time.perf_counter() - start
     params_list = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
     for out, p in zip(outputs, params_list):

@@ -48,11 +48,12 @@ def parse_args(argv=None):
     return args
 
 
-def time_one_request(llm, prompt: list[int], output_len: int) -> dict:
+def time_one_request(llm, prompt: list[int], output_len: int, lora=None) -> dict:
     """TTFT, token-to-token intervals and wall time of one request, from the times its tokens
     reach the host (the engine's per-request output callback, as a streaming client sees them).
     Tokens that arrive together (a multi-step decode's) share the interval since the last arrival:
-    each token's interval is that divided by their number (one token an arrival: the plain interval)."""
+    each token's interval is that divided by their number (one token an arrival: the plain interval).
+    ``lora``: the request's LoRA adapter (``bench_common.lora_requests``)."""
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
@@ -76,7 +77,7 @@ def time_one_request(llm, prompt: list[int], output_len: int) -> dict:
 
     with bench_common.CompileTimer() as compiles:
         submit = time.perf_counter()
-        llm.submit(list(prompt), params, on_output=on_output, on_error=on_error)  # streams each token
+        llm.submit(list(prompt), params, on_output=on_output, on_error=on_error, lora_request=lora)  # each token
         done.wait()
     if errors:
         raise errors[0]
@@ -116,10 +117,11 @@ def main(argv=None) -> dict:
         engine = llm.llm_engine
         total_bytes, read_bytes = bench_common.weight_bytes(engine.runner.params, engine.model_config)
         prompts = bench_common.random_prompts(args.num_requests + 1, args.input_len, vocab, args.seed)
-        warmup = time_one_request(llm, prompts[0], args.output_len)  # warm-up: compiles every step shape
+        lora = (bench_common.lora_requests(args, llm) or [None])[0]
+        warmup = time_one_request(llm, prompts[0], args.output_len, lora)  # warm-up: compiles every step shape
         max_concurrent_tokens, async_on = engine.max_concurrent_tokens, engine.async_scheduling
         before = llm.stats()
-        runs = [time_one_request(llm, p, args.output_len) for p in prompts[1:]]
+        runs = [time_one_request(llm, p, args.output_len, lora) for p in prompts[1:]]
         host = host_split(before, llm.stats())
     finally:
         llm.shutdown()

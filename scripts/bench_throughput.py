@@ -135,6 +135,7 @@ def main(argv=None) -> list[dict]:
     results = []
     try:
         engine = llm.llm_engine
+        loras = bench_common.lora_requests(args, llm)
         max_num_seqs = engine.scheduler.max_num_seqs
         # Limits of the tput figures, from rates measured here: the workload's FLOPs at the bf16 matmul rate
         # of the model's widest layer (gate/up, 8192 rows), everything else free ("flop_ceiling"); and
@@ -154,11 +155,11 @@ def main(argv=None) -> list[dict]:
             warmup = min(n, args.warmup_requests)
             started = time.perf_counter()
             bench_common.run_offline(llm, prompts[:warmup], SamplingParams(temperature=0.0, ignore_eos=True,
-                                                                           max_tokens=min(8, output_len)))
+                                                                           max_tokens=min(8, output_len)), loras)
             print(f"{workload}: warm-up of {warmup} requests took {time.perf_counter() - started:.1f} s", flush=True)
             before = llm.stats()
             run = bench_common.run_offline(llm, prompts, [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
-                                                          for m in output_lens])
+                                                          for m in output_lens], loras)
             after = llm.stats()
             result = bench_common.engine_result_header(workload, args)
             if shared:

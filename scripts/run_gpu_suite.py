@@ -301,6 +301,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}),
             "--output-json", f"{results}/latency-{name}-ngram.json"), 150) for name, q in (("bf16", None),
                                                                                             ("awq", "awq"))),
+        # LoRA adapters (engine/lora.py, untimed on a GPU): the 8B dummy at batch 1 with one rank-16 adapter on every
+        # matrix, and tput-short spread over 4 adapters in slots at once, against latency-bf16 / tput-short-bf16.
+        ("latency-bf16-lora", latency(None, "--num-loras", "1"), 150),
+        ("tput-short-lora", tput("tput-short", "--num-loras", "4"), 240),
         # The grouped matmul's tiles (run 36: at prompt-sized blocks ~240 TFLOP/s, at batch 1 ~0.6 TB/s of expert
         # weights): each setting at Qwen3-30B-A3B's shapes, decode (1 token), a tput-short decode step (1,024) and
         # a prompt step (16,384); then the MoE engine at batch 1 (AWQ, 8 steps a dispatch) and on tput-short

@@ -263,6 +263,9 @@ def bench_dir(tiny_model, tmp_path_factory):
                                  "--output-json", str(out / "latency-cpu.json")])
     bench_latency.main(common + ["--input-len", "12", "--output-len", "8", "--num-requests", "2",
                                  "--num-scheduler-steps", "3", "--output-json", str(out / "latency-cpu-ms3.json")])
+    bench_throughput.main(common + ["--workload", "tput-short", "--num-requests", "4", "--input-len", "10",
+                                    "--output-len", "4", "--num-loras", "2", "--max-lora-rank", "4",
+                                    "--output-json", str(out / "tput-short-cpu-lora.json")])
     for workload in ("tput-short", "tput-prefill"):
         bench_throughput.main(common + ["--workload", workload, "--num-requests", "6", "--input-len", "20",
                                         "--output-len", "4", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
@@ -334,6 +337,17 @@ def test_throughput_json(bench_dir):
     assert result["matmul_tflop_s"] > 0 and result["read_bandwidth_tb_s"] > 0
     assert 0 < result["limit_output_tok_s"] < result["flop_ceiling_output_tok_s"]  # K/V reads cost on top
     assert result["of_limit"] == pytest.approx(result["output_tok_s"] / result["limit_output_tok_s"])
+
+
+def test_throughput_with_lora_adapters(bench_dir):
+    """``--num-loras``: the requests run random adapters in turn, all in device slots at once."""
+    with open(bench_dir / "tput-short-cpu-lora.json") as f:
+        result = json.load(f)
+    _check_protocol_fields(result, "tput-short", ["output_tok_s", "num_requests"])
+    assert result["num_loras"] == 2 and result["max_lora_rank"] == 4
+    from bench_common import variant_tag
+
+    assert variant_tag(result) == "-lora2r4"
 
 
 def test_throughput_with_serving_requests(bench_dir):

@@ -231,3 +231,24 @@ def test_scheduler_passes_over_a_request_whose_adapter_has_no_slot():
         scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
     second = scheduler.schedule()
     assert sorted(s.request_id for s in second.scheduled) == ["r1", "r2"]
+
+
+def test_random_adapter_reads_back_split_and_scaled(tmp_path):
+    """``write_random_adapter`` (benchmarks' adapters) in PEFT's layout: a fused ``qkv_proj``'s B rows split into
+    wq / wk / wv, scaled by alpha / r, padded to the slot rank; untouched matrices zero."""
+    from safetensors.numpy import load_file
+
+    from models.config import ModelConfig
+    from models.lora import read_adapter, write_random_adapter
+
+    write_tiny_checkpoint(tmp_path / "base", "phi3", seed=0)
+    config = ModelConfig.from_pretrained(str(tmp_path / "base"))
+    path = write_random_adapter(str(tmp_path / "a"), config, ["qkv_proj"], r=2, lora_alpha=3.0, seed=5)
+    weights = read_adapter(path, config, max_rank=4)
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    a = tensors["base_model.model.model.layers.1.self_attn.qkv_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.1.self_attn.qkv_proj.lora_B.weight"]
+    q, kv = config.q_size, config.kv_size
+    np.testing.assert_array_equal(weights["wk"][0][1, :, :2], a.T)
+    np.testing.assert_allclose(weights["wk"][1][1, :2], 1.5 * b[q:q + kv].T)
+    assert not weights["wk"][0][:, :, 2:].any() and not weights["w_down"][1].any()

@@ -278,11 +278,11 @@ def checkpoints(tmp_path_factory) -> dict:
     save_file(tensors, os.path.join(paths["llama-kv-scales"], "model.safetensors"))
     # A LoRA adapter on every matrix of the llama checkpoint (its k / v updates repeated with the kv heads at 4).
     from models.config import ModelConfig
-    from tests.tiny_checkpoints import write_random_lora_adapter
+    from models.lora import write_random_adapter
 
-    paths["llama-lora"] = write_random_lora_adapter(
-        root / "llama-lora", ModelConfig.from_pretrained(paths["llama"]),
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], seed=seed)
+    paths["llama-lora"] = write_random_adapter(
+        str(root / "llama-lora"), ModelConfig.from_pretrained(paths["llama"]),
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=4, std=0.3, seed=seed)
     paths["gguf"] = str(root / "tiny.gguf")
     write_gguf(paths["gguf"], random_hf_weights(np.random.default_rng(seed), qkv_bias=False))
     return paths

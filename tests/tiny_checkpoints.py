@@ -120,36 +120,3 @@ def write_tiny_checkpoint(path: str | os.PathLike, variant: str, *, seed: int = 
     model.save_pretrained(str(path), safe_serialization=True, **kwargs)
     return model.float().eval()
 
-
-# Hugging Face module -> (input, output) width of its weight, from a ``models.config.ModelConfig``.
-_LORA_MODULE_WIDTHS = {
-    "q_proj": lambda c: (c.hidden_size, c.q_size), "k_proj": lambda c: (c.hidden_size, c.kv_size),
-    "v_proj": lambda c: (c.hidden_size, c.kv_size), "o_proj": lambda c: (c.q_size, c.hidden_size),
-    "gate_proj": lambda c: (c.hidden_size, c.intermediate_size), "up_proj": lambda c: (c.hidden_size, c.intermediate_size),
-    "down_proj": lambda c: (c.intermediate_size, c.hidden_size),
-}
-
-
-def write_random_lora_adapter(path: str | os.PathLike, config, modules: list[str], *, r: int = 4,
-                              lora_alpha: float = 8.0, std: float = 0.3, seed: int = 0) -> str:
-    """A PEFT LoRA adapter folder (``adapter_config.json``, ``adapter_model.safetensors`` in PEFT's names) of random
-    A and B for every layer's ``modules`` of a model of ``config`` (a ``ModelConfig``); returns its path."""
-    import json
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in range(config.num_layers):
-        for module in modules:
-            n_in, n_out = _LORA_MODULE_WIDTHS[module](config)
-            block = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = (std * rng.standard_normal((r, n_in))).astype(np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = (std * rng.standard_normal((n_out, r))).astype(np.float32)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "target_modules": modules}, f)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-    return str(path)
