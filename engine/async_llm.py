@@ -29,6 +29,7 @@ from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from engine.engine_process import EngineProcess
+    from engine.lora import LoRARequest
 
 logger = logging.getLogger("pagedjax")
 
@@ -144,22 +145,26 @@ class AsyncLLM:
         return self._loop.new_request_id()
 
     async def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
-                          *, priority: int = 0) -> RequestStream:
+                          *, priority: int = 0, lora_request: Optional["LoRARequest"] = None) -> RequestStream:
         """Queue a request and return its stream; raises ValueError (before queueing) for bad input."""
-        (stream,) = await self.add_requests([(request_id, prompt, params)], priority=priority)
+        (stream,) = await self.add_requests([(request_id, prompt, params)], priority=priority,
+                                            lora_request=lora_request)
         return stream
 
     async def add_requests(self, requests: Sequence[tuple[str, PromptType, Optional[SamplingParams]]],
-                           *, priority: int = 0) -> list[RequestStream]:
+                           *, priority: int = 0, lora_request: Optional["LoRARequest"] = None) -> list[RequestStream]:
         """Queue ``(request_id, prompt, params)`` requests all between the same two engine steps, so
-        they start together; all or none (if one is refused, none stays queued and the error is raised)."""
+        they start together; all or none (if one is refused, none stays queued and the error is raised).
+        ``lora_request``: every one runs with that LoRA adapter (``engine.lora``; the engine needs ``enable_lora``,
+        and reads the adapter when a request first names it: a bad one is a ``ValueError`` here)."""
         loop = asyncio.get_running_loop()
         arrival = time.monotonic()
         queues = [asyncio.Queue() for _ in requests]
         request_ids = [request_id for request_id, _, _ in requests]
 
         items = [NewRequest(request_id, prompt, params,
-                            *self._callbacks(loop, queue, _RequestTimer(arrival, self._stat_loggers)), priority)
+                            *self._callbacks(loop, queue, _RequestTimer(arrival, self._stat_loggers)), priority,
+                            lora_request)
                  for (request_id, prompt, params), queue in zip(requests, queues)]
         add = loop.run_in_executor(None, self._loop.add_requests, items)
         try:
@@ -193,9 +198,11 @@ class AsyncLLM:
         return on_output, on_error
 
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
-                       request_id: Optional[str] = None, *, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: Optional[str] = None, *, priority: int = 0,
+                       lora_request: Optional["LoRARequest"] = None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request as they arrive; leaving early aborts it."""
-        stream = await self.add_request(request_id or self.new_request_id(), prompt, params, priority=priority)
+        stream = await self.add_request(request_id or self.new_request_id(), prompt, params, priority=priority,
+                                        lora_request=lora_request)
         try:
             async for output in stream:
                 yield output

@@ -10,8 +10,10 @@ its own interpreter.
 ``check``, ``device_facts``, ``engine``, ``shutdown``), backed by a spawned child that builds the ``LLMEngine`` and
 runs an ``EngineLoop``:
 
-- commands go down one pipe as ``(call_id, name, payload)``; the child answers each with a reply, so a refused
-  request raises its ``ValueError`` in the caller, as in one process;
+- commands go down one pipe as ``(call_id, name, payload)`` (a request's with its ``LoRARequest``, if any); the child
+  answers each with a reply, so a refused request raises its ``ValueError`` in the caller, as in one process (an
+  error class of a module that imports JAX, ``models.lora.LoRAAdapterError`` say, arrives as its builtin base:
+  ``_portable``);
 - outputs and replies come up the other pipe in batches: the child's engine thread gathers what a step (or a batch
   of commands) produced and a sender thread sends it as one message; each output travels as what is new since
   the request's last (``RequestOutputKind.DELTA``, ``engine.output_deltas``); a receiver thread here rebuilds the
@@ -132,7 +134,7 @@ class EngineProcess:
             for r in requests:
                 self._in_flight[r.request_id] = _InFlight(r.on_output, r.on_error)
         try:
-            self._call("add", [(r.request_id, r.prompt, r.params, r.priority) for r in requests])
+            self._call("add", [(r.request_id, r.prompt, r.params, r.priority, r.lora_request) for r in requests])
         except BaseException:
             with self._state_lock:
                 for r in requests:
@@ -228,8 +230,20 @@ class EngineProcess:
 # -- the child ------------------------------------------------------------------------------
 
 
+# Packages whose errors the parent must not unpickle: that imports the error's module, and these import JAX.
+_JAX_PACKAGES = frozenset({"models", "pallas_kernels", "sharding", "jax", "jaxlib"})
+
+
 def _portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives pickling, else a RuntimeError with its message."""
+    """``exc`` if it survives pickling, else a RuntimeError with its message. An error of a package that imports JAX
+    (``models.lora.LoRAAdapterError``, say: unpickling it would load JAX into the server's process) travels as the
+    nearest builtin class it derives from, with its message (a ``ValueError`` stays a ``ValueError``)."""
+    if (type(exc).__module__ or "").split(".")[0] in _JAX_PACKAGES:
+        base = next(c for c in type(exc).__mro__ if c.__module__ == "builtins")
+        try:
+            exc = base(str(exc))
+        except Exception:
+            return RuntimeError(f"{type(exc).__name__}: {exc}")
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
@@ -311,8 +325,8 @@ def _child_main(args: EngineArgs, commands, outputs) -> None:
 
     handlers = {
         "add": lambda payload: loop.add_requests([  # each output says what is new (the prompt once)
-            NewRequest(request_id, prompt, params, *callbacks(request_id), priority)
-            for request_id, prompt, params, priority in payload], output_kind=RequestOutputKind.DELTA),
+            NewRequest(request_id, prompt, params, *callbacks(request_id), priority, lora_request)
+            for request_id, prompt, params, priority, lora_request in payload], output_kind=RequestOutputKind.DELTA),
         "abort": loop.abort,
         "stats": lambda _: loop.stats(),
         "check": lambda _: loop.check(),

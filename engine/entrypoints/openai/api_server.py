@@ -4,7 +4,11 @@
     python scripts/serve.py ...                      (the same)
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
-with SSE streaming), GET /health, GET /version, GET /metrics (Prometheus).
+with SSE streaming), GET /health, GET /version, GET /metrics (Prometheus); with
+VLLM_ALLOW_RUNTIME_LORA_UPDATING set, POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+
+LoRA adapters (``--enable-lora --lora-modules name=path``, as vLLM): a request whose ``model`` is an adapter's name
+runs with that adapter (``engine.lora.LoRARequest``); /v1/models lists the adapters after the base model.
 
 Owns the translation between OpenAI's wire format (``protocol``) and the engine's
 ``SamplingParams`` / ``RequestOutput``: prompt tokenization and length checks,
@@ -24,6 +28,7 @@ import gc
 import importlib.metadata
 import json
 import logging
+import os
 import re
 import secrets
 import socket
@@ -34,7 +39,7 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,7 +49,8 @@ from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
-    DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList,
+    DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest, EmbeddingResponse, LoadLoRAAdapterRequest,
+    ModelCard, ModelList, UnloadLoRAAdapterRequest,
     NamedToolChoice, PromptLogprob, PromptLogprobs, PromptTokenUsageInfo, RerankDocument, RerankRequest,
     RerankResponse, RerankResult, ScoreData, ScoreRequest, ScoreResponse,
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
@@ -53,6 +59,7 @@ from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningPars
 from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, ToolParser, forced_tool_calls, is_forced,
                                              resolve_tool_choice, template_messages, tool_call_schema)
 from engine.generation_config import SAMPLING_FIELDS
+from engine.lora import LoRARequest
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import RUNNERS, PoolingParams, cosine, score_pairs
@@ -157,16 +164,21 @@ class _APIKeyMiddleware:
 def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key: Optional[str] = None,
               metrics: Optional[ServingMetrics] = None, tool_parser: Optional[str] = None,
               reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
-              allowed_origins: Sequence[str] = ()) -> FastAPI:
+              allowed_origins: Sequence[str] = (), lora_modules: Sequence[LoRAModulePath] = (),
+              allow_runtime_lora_updating: Optional[bool] = None) -> FastAPI:
     """The FastAPI app over ``async_llm``. Several apps may share one ``AsyncLLM`` (pass the
     same ``metrics`` to share it too; by default a new one is made and registered). ``tool_parser``: a name in
     ``TOOL_PARSERS``, which allows ``tool_choice="auto"``; ``reasoning_parser``: one in ``REASONING_PARSERS``;
     ``chat_template``: a Jinja template instead of the model's; ``allowed_origins``: web origins whose pages may call
-    the server (CORS; none by default)."""
+    the server (CORS; none by default). ``lora_modules``: LoRA adapters served under their names (ids 1, 2, ... in
+    order; the engine needs ``enable_lora``); ``allow_runtime_lora_updating``: serve /v1/load_lora_adapter and
+    /v1/unload_lora_adapter (None: as the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING says, as vLLM).
+    Raises ValueError for adapters the server cannot serve (LoRA off, a name taken twice)."""
+    serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser, chat_template,
+                            lora_modules)
     if metrics is None:
         metrics = ServingMetrics(served_model_names[0], async_llm.stats)
         async_llm.add_stat_logger(metrics)
-    serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser, chat_template)
     app = FastAPI(title="pagedjax OpenAI-compatible server", version=server_version())
     app.state.serving, app.state.metrics = serving, metrics
     _install_error_handlers(app)
@@ -220,6 +232,20 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return await serving.tokenize(body)
+
+    if allow_runtime_lora_updating is None:
+        allow_runtime_lora_updating = runtime_lora_updating_allowed()
+    if allow_runtime_lora_updating:  # as vLLM: only with the environment variable, else these routes are absent
+        logger.warning("LoRA adapters may be loaded and unloaded at runtime (%s): any client of the API may make "
+                       "the server read a folder of this machine", RUNTIME_LORA_UPDATING_ENV)
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+            return PlainTextResponse(await serving.load_lora_adapter(body))
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+            return PlainTextResponse(serving.unload_lora_adapter(body))
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
@@ -280,13 +306,33 @@ class _ChoiceState:
     finished: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class _Adapter:
+    """A LoRA adapter the server serves: its request (name, id, folder) and its base model's served name."""
+
+    request: LoRARequest
+    parent: str
+
+
 class OpenAIServing:
-    """The two generation endpoints and the model list, over one ``AsyncLLM``."""
+    """The two generation endpoints, the model list and its LoRA adapters, over one ``AsyncLLM``."""
 
     def __init__(self, async_llm: AsyncLLM, served_model_names: list[str], tool_parser: Optional[str] = None,
-                 reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None):
+                 reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
+                 lora_modules: Sequence[LoRAModulePath] = ()):
         self.async_llm = async_llm
         self.served_model_names = served_model_names
+        # LoRA adapters by name (vLLM's --lora-modules, /v1/load_lora_adapter), in the order they came; each has an
+        # id of its own, never reused (the engine keys its adapters and prefix cache by id).
+        self.lora_adapters: dict[str, _Adapter] = {}
+        self._last_lora_id = 0
+        if lora_modules and not async_llm.engine.args.enable_lora:
+            raise ValueError("LoRA adapters need an engine started with enable_lora (--enable-lora)")
+        for module in lora_modules:
+            problem = self._lora_name_problem(module.name)
+            if problem:
+                raise ValueError(problem)
+            self._add_lora(module.name, module.path, module.base_model_name)
         self.chat_template = chat_template  # instead of the model's (--chat-template)
         # tool_choice="auto": the model's tool-call syntax (engine.entrypoints.openai.tools.TOOL_PARSERS)
         self.tool_parser: Optional[ToolParser] = TOOL_PARSERS[tool_parser]() if tool_parser else None
@@ -296,15 +342,66 @@ class OpenAIServing:
         self.created = int(time.time())
 
     def model_list(self) -> ModelList:
+        """The served names of the base model, then the LoRA adapters (``root`` their folder, ``parent`` their base
+        model), as vLLM lists them."""
         engine = self.async_llm.engine
         return ModelList(data=[ModelCard(id=name, created=self.created, root=engine.model_path,
                                          max_model_len=engine.max_model_len)
-                               for name in self.served_model_names])
+                               for name in self.served_model_names] +
+                         [ModelCard(id=name, created=self.created, root=adapter.request.lora_path,
+                                    parent=adapter.parent) for name, adapter in self.lora_adapters.items()])
+
+    # -- LoRA adapters (vLLM's --lora-modules, /v1/load_lora_adapter, /v1/unload_lora_adapter) -------------------
+
+    def _add_lora(self, name: str, path: str, base_model_name: Optional[str] = None) -> LoRARequest:
+        self._last_lora_id += 1
+        request = LoRARequest(name, self._last_lora_id, path)
+        parent = base_model_name if base_model_name in self.served_model_names else self.served_model_names[0]
+        self.lora_adapters[name] = _Adapter(request, parent)
+        return request
+
+    def _lora_name_problem(self, name: str) -> Optional[str]:
+        """Why ``name`` cannot name a new adapter (it names the base model or another adapter), or None."""
+        if name in self.served_model_names:
+            return f"{name!r} is the base model's name: give the LoRA adapter another"
+        if name in self.lora_adapters:
+            return f"The lora adapter '{name}' has already been loaded."
+        return None
+
+    async def load_lora_adapter(self, req: LoadLoRAAdapterRequest) -> str:
+        """vLLM's ``/v1/load_lora_adapter``: serve ``req.lora_path`` under the model name ``req.lora_name``, with
+        the next id. The folder must hold an adapter's two files; the engine reads it when a request first names
+        it (a bad adapter is that request's 400)."""
+        if not req.lora_name or not req.lora_path:
+            raise bad_request("Both 'lora_name' and 'lora_path' must be provided.",
+                              param="lora_path" if req.lora_name else "lora_name")
+        if not self.async_llm.engine.args.enable_lora:
+            raise bad_request("LoRA is off: start the server with --enable-lora to serve LoRA adapters",
+                              param="lora_name")
+        problem = await run_in_threadpool(lora_folder_problem, req.lora_path)
+        if problem is not None:
+            raise bad_request(problem, param="lora_path")
+        problem = self._lora_name_problem(req.lora_name)  # checked and taken with no await between
+        if problem is not None:
+            raise bad_request(problem, param="lora_name")
+        request = self._add_lora(req.lora_name, req.lora_path)
+        logger.info("loaded LoRA adapter %r (id %d) from %s", request.lora_name, request.lora_int_id,
+                    request.lora_path)
+        return f"Success: LoRA adapter '{req.lora_name}' added successfully."
+
+    def unload_lora_adapter(self, req: UnloadLoRAAdapterRequest) -> str:
+        """vLLM's ``/v1/unload_lora_adapter``: stop serving the adapter named ``req.lora_name`` (a 404 if none is);
+        its requests in flight finish with it."""
+        if self.lora_adapters.pop(req.lora_name, None) is None:
+            raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", type="not_found_error",
+                           param="lora_name", code="model_not_found")
+        logger.info("unloaded LoRA adapter %r", req.lora_name)
+        return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
     # -- /v1/completions -------------------------------------------------------------------
 
     async def create_completion(self, req: CompletionRequest):
-        model = self._check_model(req)
+        model, lora_request = self._resolve_model(req)
         _refuse_unsupported(req)
         structured = _structured_outputs(req)
         params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, structured=structured,
@@ -319,7 +416,7 @@ class OpenAIServing:
                                else None, "prompt", "max_tokens")
         request_id = random_id("cmpl")
         streams = await self._add_requests(request_id, prompts, params, req.priority, "prompt",
-                                           renames={"structured_outputs": structured[1]})
+                                           renames={"structured_outputs": structured[1]}, lora_request=lora_request)
         if req.stream:
             body = self._stream_completion(request_id, model, prompts, streams, params, req)
             return _sse_response(body, streams)
@@ -476,7 +573,7 @@ class OpenAIServing:
     # -- /v1/chat/completions --------------------------------------------------------------
 
     async def create_chat_completion(self, req: ChatCompletionRequest):
-        model = self._check_model(req)
+        model, lora_request = self._resolve_model(req)
         _refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
@@ -495,7 +592,7 @@ class OpenAIServing:
         self._check_length(len(prompt.token_ids), max_tokens, "messages", max_tokens_field)
         request_id = random_id("chatcmpl")
         streams = await self._add_requests(request_id, [prompt], params, req.priority, "messages",
-                                           renames={"structured_outputs": structured[1]})
+                                           renames={"structured_outputs": structured[1]}, lora_request=lora_request)
         if req.stream:
             return _sse_response(self._stream_chat(request_id, model, streams[0], params, req, tool_choice), streams)
         (final,) = await _final_outputs(streams)
@@ -660,12 +757,21 @@ class OpenAIServing:
     # -- shared checks ---------------------------------------------------------------------
 
     def _check_model(self, req) -> str:
+        """The request's model name (the base model's first name when it gives none); an unknown one is a 404."""
+        return self._resolve_model(req)[0]
+
+    def _resolve_model(self, req) -> tuple[str, Optional[LoRARequest]]:
+        """The request's model name and its LoRA adapter (None for the base model); an unknown name is a 404."""
         if req.model is None:
-            return self.served_model_names[0]
-        if req.model not in self.served_model_names:
+            return self.served_model_names[0], None
+        if req.model in self.served_model_names:
+            return req.model, None
+        adapter = self.lora_adapters.get(req.model)
+        if adapter is None:
             raise APIError(404, f"The model `{req.model}` does not exist. This server serves: "
-                           f"{', '.join(self.served_model_names)}", param="model", code="model_not_found")
-        return req.model
+                           f"{', '.join([*self.served_model_names, *self.lora_adapters])}", param="model",
+                           code="model_not_found")
+        return req.model, adapter.request
 
     def _check_length(self, num_prompt_tokens: int, max_tokens: Optional[int], prompt_param: str,
                       max_tokens_param: str) -> None:
@@ -683,15 +789,87 @@ class OpenAIServing:
                 code="context_length_exceeded")
 
     async def _add_requests(self, request_id: str, prompts: list[_Prompt], params: SamplingParams, priority: int,
-                            prompt_param: str, renames: dict[str, Optional[str]]) -> list[RequestStream]:
-        """Queue every prompt (together: one engine step sees them all); a refusal is a 400, none queued, naming
-        the request field (``renames``: the request's name of an engine field it set another way)."""
+                            prompt_param: str, renames: dict[str, Optional[str]],
+                            lora_request: Optional[LoRARequest] = None) -> list[RequestStream]:
+        """Queue every prompt (together: one engine step sees them all), with ``lora_request``'s adapter if given; a
+        refusal is a 400, none queued, naming the request field (``renames``: the request's name of an engine field
+        it set another way; the engine's refusal of the adapter, read when a request first names it: ``model``)."""
         try:
             return await self.async_llm.add_requests(
                 [(f"{request_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)],
-                priority=priority)
+                priority=priority, lora_request=lora_request)
         except ValueError as e:  # the engine's refusals name the field first when it is not the prompt
+            if lora_request is not None and _about_adapter(str(e), lora_request):
+                raise bad_request(f"LoRA adapter {lora_request.lora_name!r} cannot be used: {e}",
+                                  param="model") from e
             raise _refusal(e, ENGINE_CHECKED_FIELDS, renames, default=prompt_param) from e
+
+
+# -- LoRA adapters -----------------------------------------------------------------------
+
+RUNTIME_LORA_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the load/unload endpoints
+LORA_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder's (models.lora)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAModulePath:
+    """One ``--lora-modules`` adapter, as vLLM's: the model name requests give, its folder, and (optional) the
+    served name of its base model (``parent`` in /v1/models; by default the base model's first name)."""
+
+    name: str
+    path: str
+    base_model_name: Optional[str] = None
+
+
+def parse_lora_module(spec: str) -> LoRAModulePath:
+    """A ``--lora-modules`` value: ``name=path``, or vLLM's JSON ``{"name": ..., "path": ..., "base_model_name":
+    ...}``; anything else is an ``argparse.ArgumentTypeError`` saying what is expected."""
+    forms = 'name=path or JSON {"name": "...", "path": "...", "base_model_name": "..."}'
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{spec!r} is not valid JSON ({e}); expected {forms}") from None
+        unknown = sorted(set(fields) - {"name", "path", "base_model_name"})  # a JSON text "{...}" is an object
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{spec!r} has unknown field(s) {', '.join(unknown)}; expected {forms}")
+        name, path, base = fields.get("name"), fields.get("path"), fields.get("base_model_name")
+        if not all(isinstance(v, str) and v for v in (name, path)) or not isinstance(base, (str, type(None))):
+            raise argparse.ArgumentTypeError(f"{spec!r} needs name and path, non-empty strings (and base_model_name, "
+                                             f"if given, a string); expected {forms}")
+        return LoRAModulePath(name, path, base)
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{spec!r} is not an adapter: expected {forms}")
+    return LoRAModulePath(name.strip(), path.strip())
+
+
+def lora_folder_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a LoRA adapter folder (missing, or without a PEFT adapter's two files), in the engine's
+    words (``models.lora.read_adapter``, which checks the rest when a request first names the adapter), or None."""
+    if not os.path.isdir(path):
+        return (f"LoRA adapter folder {path!r} does not exist (adapters are read from local folders, never "
+                "downloaded)")
+    for file in LORA_ADAPTER_FILES:
+        if not os.path.exists(os.path.join(path, file)):
+            try:
+                holds = sorted(os.listdir(path))
+            except OSError as e:
+                holds = e.strerror or str(e)
+            return f"{path!r} is not a PEFT LoRA adapter: it has no {file} (it holds {holds})"
+    return None
+
+
+def runtime_lora_updating_allowed() -> bool:
+    """vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``: "1" or "true" (any case) serves the load/unload endpoints."""
+    return os.environ.get(RUNTIME_LORA_UPDATING_ENV, "0").strip().lower() in ("1", "true")
+
+
+def _about_adapter(message: str, lora_request: LoRARequest) -> bool:
+    """Whether an engine refusal of a request with ``lora_request`` is about the adapter (its folder, its files,
+    its id, LoRA's limits), not the prompt or the sampling fields."""
+    return lora_request.lora_path in message or any(word in message for word in ("LoRA", "lora_", "adapter"))
 
 
 # -- conversions shared by both endpoints -------------------------------------------------
@@ -1007,6 +1185,20 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="with --runner pooling: the pooling, instead of the checkpoint's")
     engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
                         help="'priority': requests' priority field orders the queue (lower first)")
+    lora = parser.add_argument_group("LoRA adapters")
+    lora.add_argument("--enable-lora", action="store_true",
+                      help="serve LoRA adapters (local PEFT folders): a request whose 'model' is an adapter's name "
+                           "runs with it; the base model's name runs without")
+    lora.add_argument("--lora-modules", nargs="+", action="extend", type=parse_lora_module, default=None,
+                      metavar="ADAPTER",
+                      help="adapters served under their own model names (needs --enable-lora), each name=path or "
+                           'JSON {"name": "...", "path": "...", "base_model_name": "..."}; set '
+                           f"{RUNTIME_LORA_UPDATING_ENV}=true to add and remove adapters at runtime too "
+                           "(POST /v1/load_lora_adapter, /v1/unload_lora_adapter)")
+    lora.add_argument("--max-loras", type=int, default=1, help="most adapters run in one step (held on the device)")
+    lora.add_argument("--max-lora-rank", type=int, default=16, help="largest rank r of an adapter")
+    lora.add_argument("--max-cpu-loras", type=int, default=None,
+                      help="adapters kept read in host memory (default: --max-loras)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="run the engine loop in a child process of its own, so streaming many responses "
                              "never holds up the engine's steps (one GIL each; engine.engine_process)")
@@ -1019,6 +1211,24 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
     """``EngineArgs`` from the parsed flags (every flag named as an ``EngineArgs`` field)."""
     names = {f.name for f in dataclasses.fields(EngineArgs)}
     return EngineArgs(**{k: v for k, v in vars(args).items() if k in names}, usage_context="server")
+
+
+def lora_modules_problem(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the ``--lora-modules`` flags (as a start-up error), or None: they need --enable-lora, a
+    name of its own each, and adapter folders (which the engine reads when a request first names one)."""
+    modules = args.lora_modules or []
+    if modules and not args.enable_lora:
+        return "--lora-modules needs --enable-lora (as vLLM's)"
+    taken = set(served_model_names(args))
+    for module in modules:
+        if module.name in taken:
+            return (f"--lora-modules: the name {module.name!r} is given twice (adapter names and "
+                    "--served-model-name must all differ)")
+        taken.add(module.name)
+        problem = lora_folder_problem(module.path)
+        if problem is not None:
+            return f"--lora-modules: adapter {module.name!r}: {problem}"
+    return None
 
 
 def served_model_names(args: argparse.Namespace) -> list[str]:
@@ -1056,6 +1266,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser")
+    lora_problem = lora_modules_problem(args)
+    if lora_problem:
+        parser.error(lora_problem)
     from engine.tokenizer import load_chat_template
 
     try:
@@ -1073,7 +1286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     app = build_app(async_llm, names, api_key=args.api_key,
                     tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                     reasoning_parser=args.reasoning_parser, chat_template=chat_template,
-                    allowed_origins=args.allowed_origins)
+                    allowed_origins=args.allowed_origins, lora_modules=args.lora_modules or ())
     # What start-up made (the tokenizer, the app, imported modules) lives as long as the server: out of the cyclic
     # collector's reach, so the collections that streaming's many small objects set off walk only newer ones (the
     # engine does the same in its own process; vLLM freezes its heap after start-up too).
@@ -1081,6 +1294,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     gc.freeze()
     host, port = sock.getsockname()[:2]
     logger.info(startup_line(async_llm, names, f"http://{_url_host(host)}:{port}"))
+    for adapter in app.state.serving.lora_adapters.values():
+        logger.info("LoRA adapter %r (id %d): %s", adapter.request.lora_name, adapter.request.lora_int_id,
+                    adapter.request.lora_path)
     config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])

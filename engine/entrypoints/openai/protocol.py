@@ -235,6 +235,25 @@ class RerankRequest(BaseModel):
     priority: int = 0
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's ``/v1/load_lora_adapter`` (with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``): serve the PEFT adapter folder
+    ``lora_path`` under the model name ``lora_name``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's ``/v1/unload_lora_adapter``: stop serving the adapter named ``lora_name``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str
+    lora_int_id: Optional[int] = None  # vLLM's; the name decides
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -319,7 +338,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "pagedjax"
-    root: Optional[str] = None
+    root: Optional[str] = None  # the model's path; a LoRA adapter's folder
+    parent: Optional[str] = None  # a LoRA adapter's base model (its served name), as vLLM's
     max_model_len: Optional[int] = None
 
 
