@@ -175,8 +175,6 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
-        if self.enable_lora and self.runner == "pooling":
-            raise ValueError("enable_lora cannot be combined with runner='pooling'")
 
     def _validate_tensor_parallel_size(self) -> None:
         """Sizes the devices allow; whether the model's heads divide is checked once its config is read."""

@@ -194,4 +194,5 @@ def engine_stats(engine: LLMEngine) -> dict:
         "num_usable_blocks": blocks.num_usable_blocks,
         "prefix_cache_queries": scheduler.prefix_cache_queries,
         "prefix_cache_hits": scheduler.prefix_cache_hits,
+        **({} if engine.lora_slots is None else {"lora": engine.lora_slots.usage(scheduler)}),
     }

@@ -105,6 +105,14 @@ class LoRASlots:
             self.num_loads += 1
         return {lora_id: self._slot_of[lora_id] for lora_id in lora_ids}
 
+    def usage(self, scheduler) -> dict:
+        """vLLM's LoRA gauge: ``max_lora`` and the names of the adapters of running and of waiting requests."""
+        def names(requests) -> list[str]:
+            return sorted({self._requests[r.lora_id].lora_name for r in requests if r.lora_id})
+
+        return {"max_lora": self.max_loras, "running": names(scheduler.running_requests),
+                "waiting": names(scheduler.waiting_requests)}
+
     def adapters(self) -> list[LoRARequest]:
         """The adapters seen so far, by id."""
         return [self._requests[i] for i in sorted(self._requests)]

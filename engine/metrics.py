@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from typing import Callable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -177,3 +178,11 @@ class _EngineStateCollector(Collector):
         for position, value in enumerate(stats.get("spec_decode_num_accepted_tokens_per_pos", [])):
             family.add_metric([*labels, str(position)], value)
         yield family
+        lora = stats.get("lora")
+        if lora is not None:  # vLLM's: the adapters in use as labels, the time of this reading as the value
+            family = GaugeMetricFamily(f"{METRIC_PREFIX}lora_requests_info", "Running stats on LoRA requests.",
+                                       labels=["model_name", "max_lora", "waiting_lora_adapters",
+                                               "running_lora_adapters"])
+            family.add_metric([*labels, str(lora["max_lora"]), ",".join(lora["waiting"]), ",".join(lora["running"])],
+                              time.time())
+            yield family

@@ -224,6 +224,11 @@ class Scheduler:
         """The running requests (those holding blocks), in queue order."""
         return tuple(self._running)
 
+    @property
+    def waiting_requests(self) -> tuple[Request, ...]:
+        """The waiting requests, in queue order."""
+        return tuple(self._waiting)
+
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
         return self._requests.get(request_id)

@@ -26,7 +26,8 @@ import bench_common  # noqa: E402
 
 def step_buffers(runner, model_input, feed, logits) -> dict:
     """Name -> device address of what a model step read and wrote (after it was dispatched)."""
-    buffers = {f"input.{field.name}": getattr(model_input, field.name) for field in dataclasses.fields(model_input)}
+    buffers = {f"input.{field.name}": getattr(model_input, field.name) for field in dataclasses.fields(model_input)
+               if getattr(model_input, field.name) is not None}  # (lora_slots: only with LoRA)
     buffers.update({"input.feed_index": feed, "logits": logits, "kv_cache.k[0]": jax.tree.leaves(runner.kv_cache)[0]})
     return {name: array.unsafe_buffer_pointer() for name, array in buffers.items()}
 

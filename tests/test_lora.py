@@ -180,6 +180,11 @@ def test_engine_args_are_checked(field, value, message):
         args.validate()
 
 
+def test_pooling_engine_is_refused(llama):
+    with pytest.raises(ValueError, match="enable_lora cannot be combined with a pooling engine"):
+        LLM(llama[0], skip_tokenizer_init=True, runner="pooling", enable_lora=True)
+
+
 def test_lora_request_fields_are_checked():
     with pytest.raises(ValueError, match="lora_int_id must be an integer >= 1"):
         LoRARequest("a", 0, "/x")
@@ -209,6 +214,17 @@ def test_slots_load_least_recently_used_first(llama):
     assert slots.slots_for({3, 2}) == {3: 1, 2: 2} and loads == [1, 2, 1]  # 1 was the least recently used
     with pytest.raises(RuntimeError, match="more than max_loras=2"):
         slots.slots_for({1, 2, 3})
+    # The metrics' reading (vLLM's vllm:lora_requests_info): adapters of running and of waiting requests, by name.
+    from engine.block_manager import BlockManager
+    from engine.request import Request
+    from engine.scheduler import Scheduler
+
+    scheduler = Scheduler(BlockManager(64, 4), max_num_batched_tokens=64, max_num_seqs=8, max_model_len=32,
+                          max_loras=1)
+    for i, lora_id in enumerate((3, 1, 0, 3)):
+        scheduler.add_request(Request(f"r{i}", [1, 2, 3], lora_id=lora_id))
+    scheduler.schedule()
+    assert slots.usage(scheduler) == {"max_lora": 2, "running": ["three"], "waiting": ["one"]}
 
 
 def test_scheduler_passes_over_a_request_whose_adapter_has_no_slot():

@@ -290,3 +290,11 @@ def test_an_engine_error_of_a_jax_module_crosses_the_pipe_as_its_builtin_class()
     assert type(sent) is ValueError and str(sent) == "r=32 exceeds max_lora_rank=8"
     kept = _portable(ValueError("plain"))
     assert type(kept) is ValueError and str(kept) == "plain"
+
+
+def test_metrics_name_the_lora_adapters(served):
+    """vLLM's ``vllm:lora_requests_info`` gauge: max_lora and the adapters of running / waiting requests."""
+    _client(served.url).completions.create(model="myadapter", prompt=PROMPT, **GREEDY)
+    text = httpx.get(f"{served.url}/metrics").text
+    line = next(l for l in text.splitlines() if l.startswith("vllm:lora_requests_info{"))
+    assert 'max_lora="1"' in line and 'running_lora_adapters=""' in line and 'waiting_lora_adapters=""' in line
