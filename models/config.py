@@ -1,6 +1,6 @@
 """Model configuration: the shape and options of a Llama-family model.
 
-Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, and
+Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, granite, and
 the mixture-of-experts mixtral, qwen2_moe and qwen3_moe) into a
 frozen, hashable ``ModelConfig`` that jitted functions take as a static argument.
 Knows nothing of weights, requests or devices. Anything we cannot run is refused
@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any, Optional
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral",
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "granite", "mixtral",
                          "qwen2_moe", "qwen3_moe")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -79,6 +79,10 @@ class ModelConfig:
     sliding_layers: Optional[tuple] = None
     local_rope_theta: Optional[float] = None
     norm_weight_offset: float = 0.0
+    # Granite: each block's output times ``residual_scale`` before its residual add; the logits divided by
+    # ``logits_divisor`` (its embedding and attention multipliers are ``embed_scale`` and ``attn_scale``).
+    residual_scale: Optional[float] = None
+    logits_divisor: Optional[float] = None
     # The checkpoint's per-layer scales of its fp8 K and V (``self_attn.k_scale`` / ``v_scale``, as llm-compressor
     # writes them): params ``k_scale`` / ``v_scale [L]``, used where the KV pages are fp8 (set by the loader).
     kv_cache_scales: bool = False
@@ -173,6 +177,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             **(_moe_fields(d, model_type) if model_type in MOE_MODEL_TYPES else {}),
             **(_gemma_fields(d, model_type, fields, act) if model_type in GEMMA_MODEL_TYPES else {}),
+            **(_granite_fields(d) if model_type == "granite" else {}),
         )
 
     @classmethod
@@ -255,6 +260,15 @@ def _gemma_fields(d: dict[str, Any], model_type: str, fields: dict[str, Any], ac
         final_soft_cap=_positive_or_none(d.get("final_logit_softcapping")),
         sliding_layers=tuple(t == "sliding_attention" for t in types) if d.get("sliding_window") else None,
         local_rope_theta=float(local_theta) if local_theta else None, norm_weight_offset=1.0)
+
+
+def _granite_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """Granite's multipliers (transformers' GraniteModel): the embedding's, the attention's scale (instead of
+    1/sqrt(head_dim)), each block output's before its residual add, and the logits' divisor."""
+    return dict(embed_scale=float(d.get("embedding_multiplier", 1.0)),
+                attn_scale=float(d.get("attention_multiplier", 1.0)),
+                residual_scale=float(d.get("residual_multiplier", 1.0)),
+                logits_divisor=float(d.get("logits_scaling", 1.0)))
 
 
 def _positive_or_none(value: Any) -> Optional[float]:

@@ -1,4 +1,5 @@
-"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma 2/3, SmolLM2; their MoE forms).
+"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma 2/3, Granite, SmolLM2; their MoE
+forms).
 
 Pure functions over a params pytree; no classes, no state, so the whole step is one
 ``jax.jit`` and tensor parallelism is applied from outside (shardings on the
@@ -323,7 +324,7 @@ def forward(
     eps = config.rms_norm_eps
     head_kinds = qkv_head_kinds(config.num_heads, config.num_kv_heads, qkv_shards)
     x = params["embed"][batch.token_ids]
-    if config.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the model dtype as Hugging Face's
+    if config.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the model dtype as Hugging Face's; Granite
         x = x * jnp.asarray(config.embed_scale, x.dtype)
     # (cos, sin) of the full-attention layers, then of the sliding ones (Gemma 3's own theta; else the same).
     rope = (rope_cos_sin(batch.positions, config),) * 2
@@ -397,7 +398,9 @@ def forward(
 
     def block_output(x, parts, w, norm_name: str):
         """A block's output partial sums as ``add_rms_norm`` adds them: normed first where the model has
-        sandwich norms (Gemma)."""
+        sandwich norms (Gemma), scaled where it has a residual multiplier (Granite)."""
+        if config.residual_scale is not None:
+            parts = parts * jnp.asarray(config.residual_scale, parts.dtype)
         if not config.sandwich_norms:
             return parts
         return rms_norm(add_splits(parts, x.dtype).astype(x.dtype), w[norm_name], eps)[None]
@@ -499,6 +502,8 @@ def lm_head_logits(params: dict, x: jax.Array, *, config: ModelConfig,
     else:
         lm_head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
         logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+    if config.logits_divisor is not None:  # Granite
+        logits = logits / config.logits_divisor
     if config.final_soft_cap is not None:
         logits = config.final_soft_cap * jnp.tanh(logits / config.final_soft_cap)
     return logits
