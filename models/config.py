@@ -1,6 +1,7 @@
 """Model configuration: the shape and options of a Llama-family model.
 
-Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, granite, and
+Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, granite, smollm3,
+and
 the mixture-of-experts mixtral, qwen2_moe and qwen3_moe) into a
 frozen, hashable ``ModelConfig`` that jitted functions take as a static argument.
 Knows nothing of weights, requests or devices. Anything we cannot run is refused
@@ -15,8 +16,8 @@ import math
 import os
 from typing import Any, Optional
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "granite", "mixtral",
-                         "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "granite", "smollm3",
+                         "mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -83,6 +84,8 @@ class ModelConfig:
     # ``logits_divisor`` (its embedding and attention multipliers are ``embed_scale`` and ``attn_scale``).
     residual_scale: Optional[float] = None
     logits_divisor: Optional[float] = None
+    # SmolLM3: which layers apply rotary embeddings (a bool a layer; its NoPE layers do not); None: every layer.
+    rope_layers: Optional[tuple] = None
     # The checkpoint's per-layer scales of its fp8 K and V (``self_attn.k_scale`` / ``v_scale``, as llm-compressor
     # writes them): params ``k_scale`` / ``v_scale [L]``, used where the KV pages are fp8 (set by the loader).
     kv_cache_scales: bool = False
@@ -158,7 +161,7 @@ class ModelConfig:
         sliding = None
         if model_type in ("mistral", "mixtral", "phi3", *GEMMA_MODEL_TYPES) or d.get("use_sliding_window"):
             sliding = d.get("sliding_window")
-        if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and d.get("use_sliding_window"):
+        if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "smollm3") and d.get("use_sliding_window"):
             raise UnsupportedModelError(f"unsupported option use_sliding_window=True for {model_type}")
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -178,6 +181,7 @@ class ModelConfig:
             **(_moe_fields(d, model_type) if model_type in MOE_MODEL_TYPES else {}),
             **(_gemma_fields(d, model_type, fields, act) if model_type in GEMMA_MODEL_TYPES else {}),
             **(_granite_fields(d) if model_type == "granite" else {}),
+            **(_smollm3_fields(d, fields["num_layers"]) if model_type == "smollm3" else {}),
         )
 
     @classmethod
@@ -269,6 +273,19 @@ def _granite_fields(d: dict[str, Any]) -> dict[str, Any]:
                 attn_scale=float(d.get("attention_multiplier", 1.0)),
                 residual_scale=float(d.get("residual_multiplier", 1.0)),
                 logits_divisor=float(d.get("logits_scaling", 1.0)))
+
+
+def _smollm3_fields(d: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """SmolLM3's NoPE layers: ``no_rope_layers`` holds 1 for each layer that applies rotary embeddings (transformers'
+    default: all but every ``no_rope_layer_interval``-th)."""
+    flags = d.get("no_rope_layers")
+    if flags is None:
+        interval = int(d.get("no_rope_layer_interval") or 4)
+        flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if len(flags) != num_layers:
+        raise ModelConfigError(f"no_rope_layers must have one entry for each of the {num_layers} layers, got {flags}")
+    rotary = tuple(bool(f) for f in flags)
+    return dict(rope_layers=None if all(rotary) else rotary)
 
 
 def _positive_or_none(value: Any) -> Optional[float]:

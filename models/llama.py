@@ -405,13 +405,14 @@ def forward(
             return parts
         return rms_norm(add_splits(parts, x.dtype).astype(x.dtype), w[norm_name], eps)[None]
 
-    def layer_call(x, h, k_cache, v_cache, layer, w, next_norm, batch, rope, mask, sliding=None):
+    def layer_call(x, h, k_cache, v_cache, layer, w, next_norm, batch, rope, mask, sliding=None, rotary=None):
         """One decoder layer on the residual stream ``x`` and its norm ``h`` (by the layer's ``input_norm``),
         everything it reads an argument (so one trace serves every layer). Returns the next residual stream
         and its norm by ``next_norm`` (the next layer's ``input_norm``, or the final norm after the last layer):
         each residual add and the norm after it are one ``add_rms_norm``, fed the matmul's K-split partials.
         ``sliding``: None where every layer attends alike (within ``config.sliding_window`` if set), else whether
         this layer slides (``config.sliding_layers``): a bool (unrolled layers: static) or a traced one (scan).
+        ``rotary``: likewise whether the layer applies rotary embeddings (``config.rope_layers``; None: it does).
         ``mask``: which LoRA slot columns each row takes (``models.lora.lora_mask``), or None without adapters."""
         qkv = qkv_heads(h, w, mask)
         if config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
@@ -426,15 +427,22 @@ def forward(
                                    1.0 / jnp.where(head_kinds == KEY, w["k_scale"], w["v_scale"]))
             qkv = (qkv * head_scale[None, :, None]).astype(qkv.dtype)
         args = (k_cache, v_cache, layer, batch.kv_lens, batch.block_tables, batch.cu_q_lens, batch.num_seqs)
+        def rotated(qkv, cos, sin):  # SmolLM3's NoPE layers: none (a traced choice: cos 1, sin 0, exactly x)
+            if rotary is False:
+                return qkv
+            if rotary is not None and not isinstance(rotary, bool):
+                cos, sin = jnp.where(rotary, cos, 1.0), jnp.where(rotary, sin, 0.0)
+            return apply_rope(qkv, cos, sin, rotate=head_kinds != VALUE)
+
         if sliding is None or isinstance(sliding, bool):
             cos, sin = rope[1] if sliding else rope[0]
-            qkv = apply_rope(qkv, cos, sin, rotate=head_kinds != VALUE)
+            qkv = rotated(qkv, cos, sin)
             k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
             window = config.sliding_window if sliding is not False else None
             attn = attend(qkv, k_cache, v_cache, *args[2:], sliding_window=window)
         else:  # a traced choice between the sliding and the full layer's rope and attention
             cos, sin = (jnp.where(sliding, local, full) for local, full in zip(rope[1], rope[0]))
-            qkv = apply_rope(qkv, cos, sin, rotate=head_kinds != VALUE)
+            qkv = rotated(qkv, cos, sin)
             k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
             attn = jax.lax.cond(sliding, lambda: attend(qkv, k_cache, v_cache, *args[2:],
                                                         sliding_window=config.sliding_window),
@@ -448,17 +456,18 @@ def forward(
         return x, h, k_cache, v_cache
 
     def layer_step(carry, layer_weights_and_next_norm):
-        layer, w, next_norm, sliding = layer_weights_and_next_norm
-        return layer_call(*carry, layer, w, next_norm, batch, rope, mask, sliding), None
+        layer, w, next_norm, sliding, rotary = layer_weights_and_next_norm
+        return layer_call(*carry, layer, w, next_norm, batch, rope, mask, sliding, rotary), None
 
     sliding_layers = config.sliding_layers or (None,) * config.num_layers
+    rope_layers = config.rope_layers or (None,) * config.num_layers
     # LoRA adapters (models.lora): each row's slot columns, once for every layer.
     mask = None if "lora_columns" not in params else lora_mask(batch.lora_slots, params["lora_columns"], x.dtype)
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
         # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes (and
         # kind: sliding or not) (XLA inlines the calls, so the compiled step is the same as one written out layer
         # by layer).
-        unrolled_layer = jax.jit(layer_call, static_argnames=("sliding",))
+        unrolled_layer = jax.jit(layer_call, static_argnames=("sliding", "rotary"))
         norms = [w["input_norm"] for w in params["layers"]] + [params["final_norm"]]
         h = rms_norm(x, norms[0], eps)
         k_cache, v_cache = kv_cache.k, kv_cache.v
@@ -466,12 +475,12 @@ def forward(
         for i, w in enumerate(params["layers"]):
             if kv_cache.per_layer:  # layer i's own pages, as a one-layer 5-D cache
                 x, h, k, v = unrolled_layer(x, h, k_cache[i][None], v_cache[i][None], jnp.int32(0), w, norms[i + 1],
-                                            batch, rope, mask, sliding=sliding_layers[i])
+                                            batch, rope, mask, sliding=sliding_layers[i], rotary=rope_layers[i])
                 new_k.append(k[0])
                 new_v.append(v[0])
             else:
                 x, h, k_cache, v_cache = unrolled_layer(x, h, k_cache, v_cache, jnp.int32(i), w, norms[i + 1], batch,
-                                                        rope, mask, sliding=sliding_layers[i])
+                                                        rope, mask, sliding=sliding_layers[i], rotary=rope_layers[i])
         if kv_cache.per_layer:
             k_cache, v_cache = tuple(new_k), tuple(new_v)
         # The last layer's residual stream is read no further; left unused, JAX would drop it from that call and
@@ -483,7 +492,8 @@ def forward(
         input_norms = params["layers"]["input_norm"]
         next_norms = jnp.concatenate([input_norms[1:], params["final_norm"][None].astype(input_norms.dtype)])
         layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"], next_norms,
-                  None if config.sliding_layers is None else jnp.asarray(config.sliding_layers))
+                  None if config.sliding_layers is None else jnp.asarray(config.sliding_layers),
+                  None if config.rope_layers is None else jnp.asarray(config.rope_layers))
         carry = (x, rms_norm(x, input_norms[0], eps), kv_cache.k, kv_cache.v)
         (x, h, k_cache, v_cache), _ = jax.lax.scan(layer_step, carry, layers)
     cache = KVCache(k=k_cache, v=v_cache)

@@ -273,12 +273,12 @@ def test_dummy_params_llama_3_1_8b_fit_on_one_gpu():
     assert all(np.isfinite(x).all() and 0.3 < x.std() < 5.0 for x in logits)
 
 
-@pytest.mark.parametrize("variant", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3_text", "smollm3"])
 def test_engine_gives_hf_greedy_tokens_for_sliding_and_full_layers(tmp_path, variant):
-    """Gemma through the engine: layers scanned (each layer's sliding window and rope picked on the device) with
-    the jnp attention, and unrolled (picked per layer when tracing) with the Pallas kernel interpreted (its query
-    scale and soft cap), batched with chunked prefill: Hugging Face's greedy tokens, prompts longer than the
-    window."""
+    """Gemma (SmolLM3: rotary and NoPE layers) through the engine: layers scanned (each layer's sliding window and
+    rope picked on the device) with the jnp attention, and unrolled (picked per layer when tracing) with the Pallas
+    kernel interpreted (its query scale and soft cap), batched with chunked prefill: Hugging Face's greedy tokens,
+    prompts longer than the window."""
     from engine import LLM, SamplingParams
 
     model = write_tiny_checkpoint(tmp_path, variant, seed=int(np.random.default_rng().integers(1 << 20)))
