@@ -42,7 +42,7 @@ from engine.sampling_params import SamplingParams
 from models.batch import KVCache, ModelInput, make_kv_cache
 from models.config import ModelConfig
 from models.llama import forward, layout_layers, lm_head_logits
-from models.lora import empty_lora_params, set_slot
+from models.lora import empty_lora_params, set_slot, zero_adapter
 from models.moe import expert_mlp
 from models.quantization import Fp8Weight, LinearBackend
 from pallas_kernels import get_attention_fns
@@ -396,7 +396,7 @@ class ModelRunner:
             qkv_shards = plan.tp  # each device's slice of the qkv buffer its own [q | k | v] heads
             self._input_sharding = replicated(mesh)
             self._logits_sharding = plan.logits_sharding()
-        self.lora = max_loras > 0
+        self.lora, self.max_lora_rank = max_loras > 0, max_lora_rank
         self._kv_replicas = 1 if mesh is None else plan.kv_replicas
         if self.lora:  # zeroed slots, beside the layer weights (replicated over a mesh)
             lora = jax.device_put(empty_lora_params(step_config, max_loras, max_lora_rank, params["embed"].dtype),
@@ -670,25 +670,30 @@ class ModelRunner:
         buckets = token_buckets(self.max_num_batched_tokens)
         slots = self._slot_buckets()
         samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
-        host_inputs = {T: self._empty_step_input(T, self.table_width) for T in buckets}
+        # With LoRA slots, each bucket's step with adapters' updates and without (steps of none: build_model_input).
+        host_inputs = {(T, lora): self._empty_step_input(T, self.table_width, lora=lora)
+                       for T in buckets for lora in ((True, False) if self.lora else (False,))}
         bursts = self.burst_buckets()  # multi-step decodes: the burst and its staging program of each, per sampler
-        with tqdm(total=2 * len(buckets) + len(slots) * len(samplers) + len(bursts) * (1 + len(samplers)),
+        variants = 2 if self.lora else 1
+        with tqdm(total=2 * len(host_inputs) + len(slots) * len(samplers)
+                  + variants * len(bursts) * (1 + len(samplers)) + self.lora,
                   desc="Compiling steps", unit="program", disable=not progress) as bar:
             if workers > 1:  # compiled here, several at once; else by each one's run below
-                leaves = {T: jax.tree.leaves(host) for T, host in host_inputs.items()}
-                staging = {T: self._staging_buffers(_shapes_of(leaves[T]), host) for T, host in host_inputs.items()}
+                leaves = {key: jax.tree.leaves(host) for key, host in host_inputs.items()}
+                staging = {key: self._staging_buffers(_shapes_of(leaves[key]), host)
+                           for key, host in host_inputs.items()}
                 compile_ahead([functools.partial(self.step_fn(T).lower, self.params, self.kv_cache, model_input,
                                                  self._sampled, feed, self._logits_buffer(T, take=False))
-                               for T, (model_input, feed) in staging.items()]
-                              + [functools.partial(self._stage.lower, staging[T], self._packed(leaves[T])[0])
-                                 for T in host_inputs], workers, on_done=bar.update)
+                               for (T, _), (model_input, feed) in staging.items()]
+                              + [functools.partial(self._stage.lower, staging[key], self._packed(leaves[key])[0])
+                                 for key in host_inputs], workers, on_done=bar.update)
             inputs = {}
-            for T, host in host_inputs.items():
-                inputs[T] = self._on_device(host)
+            for key, host in host_inputs.items():
+                inputs[key] = self._on_device(host)
                 if workers <= 1:
                     bar.update()
             logits_of = {}  # sequence slots -> logits of a step with that many
-            for T, (model_input, feed) in inputs.items():
+            for (T, _), (model_input, feed) in inputs.items():
                 logits_of[self.padded_num_seqs(T)] = logits = self._run_step(T, model_input, feed)
                 # Wait for it: compiled one after another, the next program's compile times candidate GEMMs
                 # on the GPU (XLA's autotuning), which a step still running there would skew. (Two compiles of
@@ -709,6 +714,10 @@ class ModelRunner:
                 if workers <= 1:
                     bar.update()
             self._precompile_bursts(bursts, samplers, workers, bar)
+            if self.lora:  # the program that writes an adapter into a slot: zeros into slot 1, which holds zeros
+                self.set_lora(1, zero_adapter(self.config, self.max_lora_rank))
+                jax.block_until_ready(self.params["layers"])
+                bar.update()
         return bar.n
 
     def precompile_pool(self, *, progress: bool = True) -> int:
@@ -727,10 +736,11 @@ class ModelRunner:
 
     def _precompile_bursts(self, buckets: list[int], samplers: list[SamplingParams], workers: int, bar) -> None:
         """``precompile``'s multi-step decodes: the staging program and each sampler's burst of every bucket."""
-        host_inputs = {T: self._empty_burst_input(T, samplers) for T in buckets}
+        host_inputs = {(T, lora): self._empty_burst_input(T, samplers, lora)  # as precompile's steps, LoRA's both
+                       for T in buckets for lora in ((True, False) if self.lora else (False,))}
         if workers > 1:
             lowerings = []
-            for T, (host, layouts) in host_inputs.items():
+            for (T, _), (host, layouts) in host_inputs.items():
                 leaves = jax.tree.leaves(host)
                 staging = self._staging_buffers(_shapes_of(leaves), host)
                 outputs = self._burst_output_buffer(self.padded_num_seqs(T), None, take=False)
@@ -739,7 +749,7 @@ class ModelRunner:
                                                 self._sampled, outputs, layout=layout, num_logprobs=None)
                               for layout in layouts]
             compile_ahead(lowerings, workers, on_done=bar.update)
-        for T, (host, layouts) in host_inputs.items():
+        for (T, _), (host, layouts) in host_inputs.items():
             staged = self._on_device(host)
             if workers <= 1:
                 bar.update()
@@ -748,23 +758,27 @@ class ModelRunner:
                 if workers <= 1:
                     bar.update()
 
-    def _empty_burst_input(self, num_tokens: int, samplers: list[SamplingParams]) -> tuple[tuple, list[PackedLayout]]:
+    def _empty_burst_input(self, num_tokens: int, samplers: list[SamplingParams],
+                           lora: Optional[bool] = None) -> tuple[tuple, list[PackedLayout]]:
         """A multi-step decode of ``num_tokens`` padding rows and no sequence, as ``_dispatch_burst`` stages it (the
         empty step's inputs, no steps, the first sampler's packed metadata), and each sampler's metadata layout (the
-        samplers' packed metadata all have one shape): what ``precompile`` runs."""
+        samplers' packed metadata all have one shape): what ``precompile`` runs. ``lora``: as ``_empty_step_input``'s."""
         S = self.padded_num_seqs(num_tokens)
         packed = [pack_arrays(self._uniform_sampling(params, S)) for params in samplers]
-        host = (*self._empty_step_input(num_tokens, self.table_width), np.zeros(S, np.int32), packed[0][0])
+        host = (*self._empty_step_input(num_tokens, self.table_width, lora), np.zeros(S, np.int32), packed[0][0])
         return host, [layout for _, layout in packed]
 
-    def _empty_step_input(self, num_tokens: int, table_width: int) -> tuple[ModelInput, np.ndarray]:
+    def _empty_step_input(self, num_tokens: int, table_width: int, lora: Optional[bool] = None
+                          ) -> tuple[ModelInput, np.ndarray]:
         """A step of ``num_tokens`` padding rows and no sequence, and its feed index (none fed): what
-        ``precompile`` runs, and the shapes ``activation_bytes`` compiles."""
+        ``precompile`` runs, and the shapes ``activation_bytes`` compiles. ``lora``: with rows' LoRA slots (None:
+        whenever the runner has LoRA slots)."""
+        lora = self.lora if lora is None else lora
         T, S, B = num_tokens, self.padded_num_seqs(num_tokens), table_width
         zeros = functools.partial(np.zeros, dtype=np.int32)
         model_input = ModelInput(token_ids=zeros(T), positions=zeros(T), slot_mapping=zeros(T),
                                  cu_q_lens=zeros(S + 1), kv_lens=zeros(S), block_tables=zeros((S, B)),
-                                 num_seqs=zeros(1), logits_indices=zeros(S), lora_slots=zeros(T) if self.lora else None)
+                                 num_seqs=zeros(1), logits_indices=zeros(S), lora_slots=zeros(T) if lora else None)
         return model_input, np.full(T, -1, np.int32)
 
     # -- host side -------------------------------------------------------------------------
@@ -789,7 +803,7 @@ class ModelRunner:
     def build_model_input(self, work: Sequence[SequenceWork]) -> ModelInput:
         return build_model_input(work, block_size=self.block_size, max_num_tokens=self.max_num_batched_tokens,
                                  max_num_seqs=self.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
-                                 table_width=self.table_width, lora=self.lora)
+                                 table_width=self.table_width, lora=self.lora and any(w.lora_slot for w in work))
 
     def set_lora(self, slot: int, adapter: dict) -> None:
         """Put an adapter (``models.lora.read_adapter``'s arrays) into LoRA slot ``slot`` (1 .. max_loras) for the

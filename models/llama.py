@@ -461,8 +461,10 @@ def forward(
 
     sliding_layers = config.sliding_layers or (None,) * config.num_layers
     rope_layers = config.rope_layers or (None,) * config.num_layers
-    # LoRA adapters (models.lora): each row's slot columns, once for every layer.
-    mask = None if "lora_columns" not in params else lora_mask(batch.lora_slots, params["lora_columns"], x.dtype)
+    # LoRA adapters (models.lora): each row's slot columns, once for every layer (a step without ``lora_slots``, none
+    # of whose rows has an adapter, runs no updates).
+    mask = (None if batch.lora_slots is None or "lora_columns" not in params
+            else lora_mask(batch.lora_slots, params["lora_columns"], x.dtype))
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
         # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes (and
         # kind: sliding or not) (XLA inlines the calls, so the compiled step is the same as one written out layer

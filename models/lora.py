@@ -88,8 +88,7 @@ def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
     scaling = alpha / (math.sqrt(rank) if peft.get("use_rslora") else rank)
     ckpt = _Checkpoint([weights_file])
     widths = param_widths(config)
-    out = {name: (np.zeros((config.num_layers, n_in, max_rank), np.float32),
-                  np.zeros((config.num_layers, max_rank, n_out), np.float32)) for name, (n_in, n_out) in widths.items()}
+    out = zero_adapter(config, max_rank)
     seen = set()
     for key in _read_header(weights_file):
         match = _KEY.search(key)
@@ -127,6 +126,13 @@ def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
     if not seen:
         raise LoRAAdapterError(f"{weights_file} holds no LoRA weights")
     return out
+
+
+def zero_adapter(config: ModelConfig, rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """An adapter of rank ``rank`` that changes nothing, in ``read_adapter``'s form (its starting point)."""
+    return {name: (np.zeros((config.num_layers, n_in, rank), np.float32),
+                   np.zeros((config.num_layers, rank, n_out), np.float32))
+            for name, (n_in, n_out) in param_widths(config).items()}
 
 
 def write_random_adapter(path: str, config: ModelConfig, modules: list[str], *, r: int = 16,

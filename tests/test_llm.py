@@ -776,13 +776,13 @@ def test_final_only_and_delta_requests_hand_out_what_the_streamed_one_did(tmp_pa
         == streamed_tokens
 
 
-@pytest.mark.parametrize("workers,steps", [("1", 1), ("3", 1), ("2", 4)])
-def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys, monkeypatch, workers, steps):
+@pytest.mark.parametrize("workers,steps,lora", [("1", 1, False), ("3", 1, False), ("2", 4, False), ("2", 4, True)])
+def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys, monkeypatch, workers, steps, lora):
     """precompile_steps=True: LLM(...) compiles the model step of every token bucket at the fixed
     block-table width (one after another, or by threads at once), and the greedy and random samplers,
     under a progress bar (with multi-step decoding, its greedy and random programs of every bucket a
-    decode can have); then prompts of many lengths, batch sizes and both kinds of sampling compile
-    nothing more."""
+    decode can have; with LoRA slots, each step with adapters' updates and without, and the slot writer); then
+    prompts of many lengths, batch sizes and both kinds of sampling (half with an adapter) compile nothing more."""
     import jax
 
     monkeypatch.setenv("PAGEDJAX_PRECOMPILE_WORKERS", workers)
@@ -794,7 +794,15 @@ def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None)
     llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=96, max_num_seqs=8,
-              max_num_batched_tokens=64, precompile_steps=True, num_scheduler_steps=steps)
+              max_num_batched_tokens=64, precompile_steps=True, num_scheduler_steps=steps, enable_lora=lora,
+              max_lora_rank=4)
+    adapter = None
+    if lora:
+        from engine import LoRARequest
+        from models.lora import write_random_adapter
+
+        adapter = LoRARequest("a", 1, write_random_adapter(str(tmp_path / "adapter"), llm.llm_engine.model_config,
+                                                           ["q_proj", "down_proj"], r=4))
     runner = llm.llm_engine.runner
     assert runner.table_width == 6 and token_buckets(64) == [1, 16, 32, 64]
     assert "Compiling steps" in capsys.readouterr().err
@@ -805,10 +813,11 @@ def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys
     prompts = [rng.integers(0, 256, int(n)).tolist() for n in (1, 5, 17, 40, 60, 3, 9, 2)]
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     random = SamplingParams(temperature=0.8, max_tokens=20, ignore_eos=True, seed=3)
-    outputs = llm.generate(prompts, [greedy, random] * 4, use_tqdm=False)
+    outputs = llm.generate(prompts, [greedy, random] * 4, use_tqdm=False, lora_request=[adapter, None] * 4)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [20] * 8
-    single = llm.generate([prompts[0]], greedy, use_tqdm=False)  # one token a step: T=1
+    single = llm.generate([prompts[0]], greedy, use_tqdm=False, lora_request=adapter)  # one token a step: T=1
     assert single[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    llm.generate([prompts[2]], greedy, use_tqdm=False)  # the base model alone: steps without LoRA updates
     assert compiles == []
     assert (llm.stats()["multi_steps"] > 0) == (steps > 1)
     llm.shutdown()
