@@ -715,7 +715,7 @@ class ModelRunner:
                     bar.update()
             self._precompile_bursts(bursts, samplers, workers, bar)
             if self.lora:  # the program that writes an adapter into a slot: zeros into slot 1, which holds zeros
-                self.set_lora(1, zero_adapter(self.config, self.max_lora_rank))
+                self._write_lora(1, zero_adapter(self.config, self.max_lora_rank))
                 jax.block_until_ready(self.params["layers"])
                 bar.update()
         return bar.n
@@ -809,6 +809,10 @@ class ModelRunner:
         """Put an adapter (``models.lora.read_adapter``'s arrays) into LoRA slot ``slot`` (1 .. max_loras) for the
         steps dispatched after this; those in flight keep the slots as they were (new arrays, none donated)."""
         self._lead("set_lora", slot, adapter)
+        self._write_lora(slot, adapter)
+
+    def _write_lora(self, slot: int, adapter: dict) -> None:
+        """``set_lora`` on this process alone (``precompile`` runs it on every process of a cluster)."""
         dtype = self.params["embed"].dtype
         adapter = {name: (a.astype(dtype), self._repeat_kv_heads(name, b).astype(dtype))
                    for name, (a, b) in adapter.items()}
