@@ -814,7 +814,7 @@ class LLMEngine:
         output = RequestOutput(request_id=group.request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
                                outputs=completions, finished=finished or group.aborted,
                                num_cached_tokens=group.samples[0].request.num_cached_tokens,
-                               prompt_logprobs=prompt_logprobs)
+                               prompt_logprobs=prompt_logprobs, lora_request=group.lora_request)
         if group.on_output is not None:
             group.on_output(output)
         return output

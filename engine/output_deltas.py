@@ -16,8 +16,8 @@ from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import EmbeddingRequestOutput
 
 # One completion's delta: (index, tokens added, text added, cumulative logprob, logprobs entries added or None,
-# finish reason, stop reason). A request's: (finished, (prompt, prompt_token_ids, num_cached_tokens, prompt_logprobs)
-# on its first output else None, completions' deltas).
+# finish reason, stop reason). A request's: (finished, (prompt, prompt_token_ids, num_cached_tokens, prompt_logprobs,
+# lora_request) on its first output else None, completions' deltas).
 
 
 def encode(output: Union[RequestOutput, EmbeddingRequestOutput]) -> tuple:
@@ -25,8 +25,8 @@ def encode(output: Union[RequestOutput, EmbeddingRequestOutput]) -> tuple:
     comes once)."""
     if isinstance(output, EmbeddingRequestOutput):
         return True, None, output
-    prompt = ((output.prompt, output.prompt_token_ids, output.num_cached_tokens, output.prompt_logprobs)
-              if output.prompt_token_ids is not None else None)
+    prompt = ((output.prompt, output.prompt_token_ids, output.num_cached_tokens, output.prompt_logprobs,
+               output.lora_request) if output.prompt_token_ids is not None else None)
     return output.finished, prompt, [(c.index, c.token_ids, c.text, c.cumulative_logprob, c.logprobs,
                                       c.finish_reason, c.stop_reason) for c in output.outputs]
 
@@ -35,7 +35,7 @@ class DeltaDecoder:
     """The parent's side, one per request: the cumulative ``RequestOutput`` after each delta."""
 
     def __init__(self):
-        self._prompt: tuple = (None, None, None, None)
+        self._prompt: tuple = (None, None, None, None, None)
         self._completions: dict[int, tuple[list, str, Optional[list]]] = {}  # index -> (tokens, text, logprobs)
 
     def decode(self, request_id: str, delta: tuple) -> Union[RequestOutput, EmbeddingRequestOutput]:
@@ -55,7 +55,7 @@ class DeltaDecoder:
             outputs.append(CompletionOutput(index=index, text=text, token_ids=tokens,
                                             cumulative_logprob=cumulative_logprob, logprobs=logprobs,
                                             finish_reason=finish_reason, stop_reason=stop_reason))
-        prompt_text, prompt_token_ids, num_cached_tokens, prompt_logprobs = self._prompt
+        prompt_text, prompt_token_ids, num_cached_tokens, prompt_logprobs, lora_request = self._prompt
         return RequestOutput(request_id=request_id, prompt=prompt_text, prompt_token_ids=prompt_token_ids,
                              outputs=outputs, finished=finished, num_cached_tokens=num_cached_tokens,
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=prompt_logprobs, lora_request=lora_request)

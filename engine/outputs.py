@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Optional
+from typing import Any, Optional
 
 
 class RequestOutputKind(enum.Enum):
@@ -65,3 +65,4 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: for each prompt token, {token id: Logprob} of it and the most likely tokens
     # at its place; None for the first token. Complete from a request's first output on.
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
+    lora_request: Any = None  # the request's LoRA adapter (engine.lora.LoRARequest), as vLLM's

@@ -80,6 +80,7 @@ def check_against_peft(llm: LLM, requests: list, expected: dict) -> None:
         tokens, logprobs = expected[case]
         got = output.outputs[0]
         assert list(got.token_ids) == tokens, case
+        assert output.lora_request == case[0]
         ours = [entry[token].logprob for entry, token in zip(got.logprobs, got.token_ids)]
         np.testing.assert_allclose(ours, logprobs, atol=2e-4, err_msg=str(case))
 

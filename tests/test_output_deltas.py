@@ -53,4 +53,4 @@ def test_decoded_outputs_equal_the_cumulative_ones_and_stay_as_delivered():
 def test_only_the_first_delta_carries_the_prompt():
     deltas = [encode(d) for _, d in cumulative_and_delta_outputs(np.random.default_rng(0), steps=4, n=1,
                                                                  with_logprobs=False)]
-    assert deltas[0][1] == ("a prompt", [1, 2, 3], 2, None) and all(d[1] is None for d in deltas[1:])
+    assert deltas[0][1] == ("a prompt", [1, 2, 3], 2, None, None) and all(d[1] is None for d in deltas[1:])
