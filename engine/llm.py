@@ -172,12 +172,14 @@ class LLM:
         return [f.result() for f in futures]
 
     def beam_search(self, prompts: Union[PromptType, Sequence[PromptType]], params: BeamSearchParams,
-                    use_tqdm: bool = True) -> list[BeamSearchOutput]:
+                    use_tqdm: bool = True, lora_request: Optional[LoRARequest] = None) -> list[BeamSearchOutput]:
         """vLLM's ``LLM.beam_search``: the ``params.beam_width`` best sequences of each prompt, best first
-        (``engine.beam_search``: rounds of one-token ``generate`` calls sharing their prefixes' KV blocks)."""
+        (``engine.beam_search``: rounds of one-token ``generate`` calls sharing their prefixes' KV blocks), with
+        ``lora_request``'s adapter if given."""
         engine = self.llm_engine  # the first round's generate checks the prompts (empty, too long) before any work
         ids = [engine.tokenize(p) if isinstance(p, str) else p for p in _as_prompt_list(prompts)]
-        return beam_search(lambda batch, sampling: self.generate(batch, sampling, use_tqdm=False), ids, params,
+        return beam_search(lambda batch, sampling: self.generate(batch, sampling, use_tqdm=False,
+                                                                 lora_request=lora_request), ids, params,
                            eos_token_ids=engine.eos_token_ids, max_model_len=engine.max_model_len,
                            decode=None if engine.tokenizer is None else engine.tokenizer.decode, use_tqdm=use_tqdm)
 

@@ -103,6 +103,17 @@ def test_adapters_and_base_in_one_batch_match_peft(llama, options):
         assert llm.stats()["spec_decode_num_draft_tokens"] > 0
 
 
+def test_beam_search_with_an_adapter(llama):
+    """``LLM.beam_search(..., lora_request=...)``: width 1 is the adapter's greedy continuation."""
+    from engine import BeamSearchParams
+
+    path, requests, expected = llama
+    llm = LLM(path, skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True, max_lora_rank=8)
+    best = llm.beam_search([{"prompt_token_ids": PROMPTS[0]}], BeamSearchParams(beam_width=1, max_tokens=MAX_TOKENS),
+                           use_tqdm=False, lora_request=requests[1])[0].sequences[0]
+    assert best.tokens[len(PROMPTS[0]):] == expected[(requests[1], 0)][0]
+
+
 def test_one_slot_runs_two_adapters_in_turn(llama):
     """max_loras=1: the requests of the second adapter wait for the first's to finish; every output is right."""
     path, requests, expected = llama
