@@ -396,20 +396,20 @@ class ModelRunner:
             qkv_shards = plan.tp  # each device's slice of the qkv buffer its own [q | k | v] heads
             self._input_sharding = replicated(mesh)
             self._logits_sharding = plan.logits_sharding()
-        self.lora, self.max_lora_rank = max_loras > 0, max_lora_rank
-        self._kv_replicas = 1 if mesh is None else plan.kv_replicas
-        if self.lora:  # zeroed slots, beside the layer weights (replicated over a mesh)
-            lora = jax.device_put(empty_lora_params(step_config, max_loras, max_lora_rank, params["embed"].dtype),
-                                  self._input_sharding)
-            params = {**params, "layers": {**params["layers"], "lora": lora["lora"]},
-                      "lora_columns": lora["lora_columns"]}
-            self._set_lora = jax.jit(set_slot)
         if unroll_layers is None:  # see EngineArgs.unroll_layers
             unroll_layers = jax.default_backend() == "gpu"
         if fuse_projections is None:
             fuse_projections = mesh is None
         elif fuse_projections and mesh is not None:
             raise ValueError("fused projections run on one device; a mesh splits q/k/v and gate/up apart")
+        self.lora, self.max_lora_rank = max_loras > 0, max_lora_rank
+        self._kv_replicas = 1 if mesh is None else plan.kv_replicas
+        if self.lora:  # zeroed slots, beside the layer weights (replicated over a mesh; joined as q/k/v and gate/up)
+            lora = jax.device_put(empty_lora_params(step_config, max_loras, max_lora_rank, params["embed"].dtype,
+                                                    joined=fuse_projections), self._input_sharding)
+            params = {**params, "layers": {**params["layers"], "lora": lora["lora"]},
+                      "lora_columns": lora["lora_columns"]}
+            self._set_lora = jax.jit(set_slot)
         self.params = layout_layers(params, unroll=unroll_layers, fuse=fuse_projections, release=True)
         # Unrolled layers get one KV buffer per layer (models.batch.KVCache says why).
         self._make_kv_cache = functools.partial(make_kv_cache, step_config, block_size=block_size, dtype=kv_dtype,

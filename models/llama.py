@@ -338,16 +338,27 @@ def forward(
 
     widths = fused_widths(config)
 
+    def lora_updates(h, w, fused: str, mask, joined: bool):
+        """Each row's LoRA updates (``models.lora``) of ``fused``'s parts: one array of their columns side by side
+        (``joined``), else one a part; from one joined update where the layer's slots have it."""
+        if fused in w["lora"]:
+            update = lora_update(h, w["lora"], fused, mask)
+            return update if joined else split_columns(update, widths[fused])
+        updates = tuple(lora_update(h, w["lora"], p, mask) for p in FUSED_PROJECTIONS[fused])
+        return jnp.concatenate(updates, axis=-1) if joined else updates
+
     def project(h, w, fused: str, mask=None) -> tuple:
         """``h @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has it; plus
-        each row's LoRA update where ``mask`` (``models.lora``) is given."""
+        each row's LoRA updates where ``mask`` (``models.lora.lora_mask``) is given."""
         if fused in w:
-            parts = split_columns(mm(h, w[fused]), widths[fused])
-        else:
-            parts = tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
+            joined = mm(h, w[fused])
+            if mask is not None:
+                joined = joined + lora_updates(h, w, fused, mask, joined=True)
+            return split_columns(joined, widths[fused])
+        parts = tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
         if mask is None:
             return parts
-        return tuple(y + lora_update(h, w["lora"], p, mask) for y, p in zip(parts, FUSED_PROJECTIONS[fused]))
+        return tuple(y + u for y, u in zip(parts, lora_updates(h, w, fused, mask, joined=False)))
 
     def with_lora(parts, x, w, name: str, mask):
         """A matmul's partial sums (``keep_splits``) and each row's LoRA update of ``name`` as one more."""
@@ -387,8 +398,7 @@ def forward(
             if config.qkv_bias:
                 qkv = qkv + (w["bqkv"] if "bqkv" in w else jnp.concatenate(biases(w, "bqkv")))
             if mask is not None:
-                qkv = qkv + jnp.concatenate([lora_update(h, w["lora"], p, mask) for p in FUSED_PROJECTIONS["wqkv"]],
-                                            axis=-1)
+                qkv = qkv + lora_updates(h, w, "wqkv", mask, joined=True)
             return qkv.reshape(T, -1, D)
         q, k, v = project(h, w, "wqkv", mask)
         if config.qkv_bias:

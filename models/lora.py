@@ -9,7 +9,9 @@ the scaling folded into ``b``). Slot ``s`` (1 .. ``max_loras``) owns columns ``(
 "no adapter". Each token row carries its sequence's slot (``ModelInput.lora_slots``), and a row's update is
 ``((x @ a) * mask) @ b`` with ``mask`` keeping only its slot's columns: two dense matmuls a matrix, whatever
 the mix of adapters in the step (the segmented gather-matmuls of vLLM's Punica kernels, for few slots).
-``params["lora_columns"] [max_loras * R]`` holds each column's slot.
+``params["lora_columns"] [max_loras * R]`` holds each column's slot. Where the step joins q/k/v and gate/up into one
+matmul each, their updates are joined too (``lora_groups``): one ``a`` of the parts' columns side by side and one
+block-diagonal ``b``, two dots for the three (two) matrices.
 
 Knows nothing of requests or slot assignment (``engine.lora``).
 """
@@ -34,6 +36,8 @@ TARGET_MODULES = {
     "qkv_proj": ("wq", "wk", "wv"), "gate_up_proj": ("w_gate", "w_up"),
 }
 LORA_PARAMS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# The matrices whose updates run as one where the step joins their weights (models.llama.FUSED_PROJECTIONS).
+JOINED_UPDATES = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`` (PEFT; ``.default`` in some saves).
@@ -57,12 +61,24 @@ def check_lora_model(config: ModelConfig) -> None:
         raise LoRAAdapterError(f"LoRA adapters run on dense models; {config.model_type} is a mixture of experts")
 
 
-def empty_lora_params(config: ModelConfig, max_loras: int, max_rank: int, dtype) -> dict:
-    """Zeroed slots (numpy): ``{"layers": {"lora": {name: {"a", "b"}}}, "lora_columns"}`` as module doc says."""
+def lora_groups(joined: bool) -> dict[str, tuple[str, ...]]:
+    """The updates a step runs, each over the matrices it covers: q/k/v's and gate/up's joined, or one a matrix."""
+    if not joined:
+        return {name: (name,) for name in LORA_PARAMS}
+    return {"wqkv": JOINED_UPDATES["wqkv"], "wo": ("wo",), "w_gate_up": JOINED_UPDATES["w_gate_up"],
+            "w_down": ("w_down",)}
+
+
+def empty_lora_params(config: ModelConfig, max_loras: int, max_rank: int, dtype, joined: bool = False) -> dict:
+    """Zeroed slots (numpy): ``{"lora": {group: {"a", "b"}}, "lora_columns"}`` (``lora_groups(joined)``; module
+    doc) for ``params["layers"]["lora"]`` and ``params["lora_columns"]``."""
     check_lora_model(config)
-    L, width = config.num_layers, max_loras * max_rank
-    lora = {name: {"a": np.zeros((L, n_in, width), dtype), "b": np.zeros((L, width, n_out), dtype)}
-            for name, (n_in, n_out) in param_widths(config).items()}
+    L, width, widths = config.num_layers, max_loras * max_rank, param_widths(config)
+    lora = {}
+    for group, parts in lora_groups(joined).items():
+        n_in, n_out = widths[parts[0]][0], sum(widths[p][1] for p in parts)
+        lora[group] = {"a": np.zeros((L, n_in, len(parts) * width), dtype),
+                       "b": np.zeros((L, len(parts) * width, n_out), dtype)}
     return {"lora": lora, "lora_columns": np.repeat(np.arange(1, max_loras + 1, dtype=np.int32), max_rank)}
 
 
@@ -181,15 +197,27 @@ def _adapter_rank_and_alpha(peft: dict, config_file: str, max_rank: int) -> tupl
 
 def set_slot(lora_layers: dict, adapter: dict, slot: jax.Array) -> dict:
     """The slots ``lora_layers`` (stacked ``[L, ...]``, or one layer's) with ``slot``'s columns replaced by
-    ``adapter``'s ``(a, b)`` of each matrix (``read_adapter``'s arrays, or one layer's of them)."""
+    ``adapter``'s ``(a, b)`` of each matrix (``read_adapter``'s arrays, or one layer's of them): in a joined group,
+    part ``p``'s among the ``p``-th block of columns of ``a`` and its rows and output columns of ``b``."""
 
-    def put(stacked, rows, axis):
-        start = [0] * stacked.ndim
-        start[axis] = (slot - 1) * rows.shape[axis]
-        return jax.lax.dynamic_update_slice(stacked, rows.astype(stacked.dtype), start)
+    def put(stacked, rows, start):
+        offsets = [0] * (stacked.ndim - len(start)) + list(start)
+        return jax.lax.dynamic_update_slice(stacked, rows.astype(stacked.dtype), offsets)
 
-    return {name: {"a": put(w["a"], adapter[name][0], -1), "b": put(w["b"], adapter[name][1], -2)}
-            for name, w in lora_layers.items()}
+    out = {}
+    for group, w in lora_layers.items():
+        a, b = w["a"], w["b"]
+        parts = JOINED_UPDATES.get(group, (group,))
+        width = a.shape[-1] // len(parts)  # max_loras * R
+        out_start = 0
+        for p, part in enumerate(parts):
+            rank = adapter[part][0].shape[-1]
+            column = p * width + (slot - 1) * rank
+            a = put(a, adapter[part][0], (column,))
+            b = put(b, adapter[part][1], (column, out_start))
+            out_start += adapter[part][1].shape[-1]
+        out[group] = {"a": a, "b": b}
+    return out
 
 
 def lora_mask(lora_slots: jax.Array, lora_columns: jax.Array, dtype) -> jax.Array:
@@ -197,7 +225,9 @@ def lora_mask(lora_slots: jax.Array, lora_columns: jax.Array, dtype) -> jax.Arra
     return (lora_slots[:, None] == lora_columns[None, :]).astype(dtype)
 
 
-def lora_update(x: jax.Array, lora: dict, name: str, mask: jax.Array) -> jax.Array:
-    """Each row's adapter update of matrix ``name`` for input rows ``x [T, in]``: ``[T, out]`` in x's dtype."""
-    a, b = lora[name]["a"], lora[name]["b"]
-    return jnp.dot(jnp.dot(x, a) * mask, b).astype(x.dtype)
+def lora_update(x: jax.Array, lora: dict, group: str, mask: jax.Array) -> jax.Array:
+    """Each row's adapter update of ``group`` (a matrix, or joined ones: their output columns side by side) for
+    input rows ``x [T, in]``: ``[T, out]`` in x's dtype."""
+    a, b = lora[group]["a"], lora[group]["b"]
+    parts = a.shape[-1] // mask.shape[-1]
+    return jnp.dot(jnp.dot(x, a) * (jnp.tile(mask, (1, parts)) if parts > 1 else mask), b).astype(x.dtype)

@@ -89,8 +89,8 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
 
 
 @pytest.mark.parametrize("options", [dict(), dict(unroll_layers=True, num_scheduler_steps=4),
-                                     dict(speculative_config=NGRAM)],
-                         ids=["scanned", "unrolled-multistep", "ngram-drafts"])
+                                     dict(speculative_config=NGRAM), dict(fuse_projections=False)],
+                         ids=["scanned", "unrolled-multistep", "ngram-drafts", "matrices-apart"])
 def test_adapters_and_base_in_one_batch_match_peft(llama, options):
     path, requests, expected = llama
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True, max_loras=2,
@@ -280,3 +280,41 @@ def test_random_adapter_reads_back_split_and_scaled(tmp_path):
     np.testing.assert_array_equal(weights["wk"][0][1, :, :2], a.T)
     np.testing.assert_allclose(weights["wk"][1][1, :2], 1.5 * b[q:q + kv].T)
     assert not weights["wk"][0][:, :, 2:].any() and not weights["w_down"][1].any()
+
+
+def test_joined_and_separate_updates_agree(llama):
+    """The forward's four ways to add an adapter's q/k/v and gate/up updates: weights joined or apart (act-order int4
+    weights stay apart on one device), updates joined (one ``a``, a block-diagonal ``b``) or one a matrix; the
+    adapter in slot 2 of 2, every row its. The same logits, within float32 rounding (1e-4, as against transformers)."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.batch import make_kv_cache
+    from models.config import ModelConfig
+    from models.generate import _contiguous_batch
+    from models.llama import forward, fuse_projections
+    from models.lora import empty_lora_params, read_adapter, set_slot
+    from models.safetensors_loader import load_safetensors_params
+
+    path, requests, _ = llama
+    config = ModelConfig.from_pretrained(path)
+    params = load_safetensors_params(path, config, jnp.float32, progress=False)
+    adapter = read_adapter(requests[1].lora_path, config, max_rank=8)
+    lengths = [len(p) for p in PROMPTS]
+    batch = _contiguous_batch(lengths, [0] * len(PROMPTS), 3, 8, np.concatenate(PROMPTS), all_logits=True)
+    batch = batch.replace(lora_slots=jnp.full(sum(lengths), 2, jnp.int32))
+    logits = []
+    for joined_weights in (False, True):
+        for joined_updates in (False, True):
+            lora = empty_lora_params(config, 2, 8, np.float32, joined=joined_updates)
+            with_lora = {**params, "layers": {**params["layers"], "lora": set_slot(lora["lora"], adapter, 2)},
+                         "lora_columns": lora["lora_columns"]}
+            with_lora = fuse_projections(with_lora) if joined_weights else with_lora
+            out, _ = jax.jit(forward, static_argnames=("config",))(
+                with_lora, make_kv_cache(config, 1 + 3 * len(PROMPTS), 8, jnp.float32), batch, config=config)
+            logits.append(np.asarray(out))
+    for other in logits[1:]:
+        np.testing.assert_allclose(other, logits[0], atol=1e-4, rtol=1e-4)
+    plain, _ = jax.jit(forward, static_argnames=("config",))(
+        params, make_kv_cache(config, 1 + 3 * len(PROMPTS), 8, jnp.float32), batch, config=config)
+    assert np.abs(np.asarray(plain) - logits[0]).max() > 0.1  # the adapter bites
