@@ -762,7 +762,8 @@ class ModelRunner:
                            lora: Optional[bool] = None) -> tuple[tuple, list[PackedLayout]]:
         """A multi-step decode of ``num_tokens`` padding rows and no sequence, as ``_dispatch_burst`` stages it (the
         empty step's inputs, no steps, the first sampler's packed metadata), and each sampler's metadata layout (the
-        samplers' packed metadata all have one shape): what ``precompile`` runs. ``lora``: as ``_empty_step_input``'s."""
+        samplers' packed metadata all have one shape): what ``precompile`` runs. ``lora``: as
+        ``_empty_step_input``'s."""
         S = self.padded_num_seqs(num_tokens)
         packed = [pack_arrays(self._uniform_sampling(params, S)) for params in samplers]
         host = (*self._empty_step_input(num_tokens, self.table_width, lora), np.zeros(S, np.int32), packed[0][0])
