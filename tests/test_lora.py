@@ -114,6 +114,16 @@ def test_beam_search_with_an_adapter(llama):
     assert best.tokens[len(PROMPTS[0]):] == expected[(requests[1], 0)][0]
 
 
+def test_samples_of_one_request_share_its_adapter(llama):
+    """n=2 (top_k=1: each sample greedy): the second sample, a fork of the first sharing its prompt's blocks, runs
+    the request's adapter too."""
+    path, requests, expected = llama
+    llm = LLM(path, skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True, max_lora_rank=8)
+    out = llm.generate([PROMPTS[2]], SamplingParams(n=2, top_k=1, max_tokens=MAX_TOKENS), use_tqdm=False,
+                       lora_request=requests[2])[0]
+    assert [list(c.token_ids) for c in out.outputs] == [expected[(requests[2], 2)][0]] * 2
+
+
 def test_one_slot_runs_two_adapters_in_turn(llama):
     """max_loras=1: the requests of the second adapter wait for the first's to finish; every output is right."""
     path, requests, expected = llama
