@@ -52,9 +52,6 @@ class LoRASlots:
     adapter's weights into a slot (``ModelRunner.set_lora``)."""
 
     def __init__(self, config, max_loras: int, max_rank: int, max_cpu_loras: int, load: Callable[[int, dict], None]):
-        from models.lora import check_lora_model
-
-        check_lora_model(config)
         self.config, self.max_loras, self.max_rank, self.max_cpu_loras = config, max_loras, max_rank, max_cpu_loras
         self._load = load
         self._requests: dict[int, LoRARequest] = {}  # every adapter seen, by id

@@ -49,33 +49,28 @@ class LoRAAdapterError(ValueError):
 
 
 def param_widths(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """``(in, out)`` of each matrix an adapter may update."""
+    """``(in, out)`` of each matrix an adapter may update: a mixture of experts' attention only (its experts'
+    updates are not supported)."""
     h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
-    return {"wq": (h, q), "wk": (h, kv), "wv": (h, kv), "wo": (q, h), "w_gate": (h, i), "w_up": (h, i),
-            "w_down": (i, h)}
+    attention = {"wq": (h, q), "wk": (h, kv), "wv": (h, kv), "wo": (q, h)}
+    return attention if config.is_moe else {**attention, "w_gate": (h, i), "w_up": (h, i), "w_down": (i, h)}
 
 
-def check_lora_model(config: ModelConfig) -> None:
-    """Refuse a model LoRA does not run on here: a mixture of experts (its MLP is experts, not three matrices)."""
-    if config.is_moe:
-        raise LoRAAdapterError(f"LoRA adapters run on dense models; {config.model_type} is a mixture of experts")
-
-
-def lora_groups(joined: bool) -> dict[str, tuple[str, ...]]:
-    """The updates a step runs, each over the matrices it covers: q/k/v's and gate/up's joined, or one a matrix."""
-    if not joined:
-        return {name: (name,) for name in LORA_PARAMS}
-    return {"wqkv": JOINED_UPDATES["wqkv"], "wo": ("wo",), "w_gate_up": JOINED_UPDATES["w_gate_up"],
-            "w_down": ("w_down",)}
+def lora_groups(config: ModelConfig, joined: bool) -> dict[str, tuple[str, ...]]:
+    """The updates a step runs, each over the matrices it covers (``param_widths``): q/k/v's and gate/up's
+    joined, or one a matrix."""
+    names = param_widths(config)
+    groups = ({"wqkv": JOINED_UPDATES["wqkv"], "wo": ("wo",), "w_gate_up": JOINED_UPDATES["w_gate_up"],
+               "w_down": ("w_down",)} if joined else {name: (name,) for name in LORA_PARAMS})
+    return {group: parts for group, parts in groups.items() if parts[0] in names}
 
 
 def empty_lora_params(config: ModelConfig, max_loras: int, max_rank: int, dtype, joined: bool = False) -> dict:
     """Zeroed slots (numpy): ``{"lora": {group: {"a", "b"}}, "lora_columns"}`` (``lora_groups(joined)``; module
     doc) for ``params["layers"]["lora"]`` and ``params["lora_columns"]``."""
-    check_lora_model(config)
     L, width, widths = config.num_layers, max_loras * max_rank, param_widths(config)
     lora = {}
-    for group, parts in lora_groups(joined).items():
+    for group, parts in lora_groups(config, joined).items():
         n_in, n_out = widths[parts[0]][0], sum(widths[p][1] for p in parts)
         lora[group] = {"a": np.zeros((L, n_in, len(parts) * width), dtype),
                        "b": np.zeros((L, len(parts) * width, n_out), dtype)}
@@ -110,13 +105,16 @@ def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
         match = _KEY.search(key)
         if match is None or match.group(2) not in TARGET_MODULES:
             raise LoRAAdapterError(f"{weights_file}: tensor {key!r} is not a LoRA update of a decoder layer's "
-                                   f"{', '.join(TARGET_MODULES)} (embeddings, the LM head, DoRA and biases are not "
-                                   "supported)")
+                                   f"{', '.join(TARGET_MODULES)} (embeddings, the LM head, experts, DoRA and biases "
+                                   "are not supported)")
         layer, module, which = int(match.group(1)), match.group(2), match.group(3)
         if layer >= config.num_layers:
             raise LoRAAdapterError(f"{weights_file}: tensor {key!r} is for layer {layer}, but the model has "
                                    f"{config.num_layers} layers")
         parts = TARGET_MODULES[module]
+        if parts[0] not in widths:
+            raise LoRAAdapterError(f"{weights_file}: tensor {key!r} updates the MLP of {config.model_type}, a "
+                                   "mixture of experts: only its attention's updates are supported")
         n_in = widths[parts[0]][0]
         n_out = sum(widths[p][1] for p in parts)
         expected = (rank, n_in) if which == "A" else (n_out, rank)

@@ -214,10 +214,25 @@ def test_lora_request_fields_are_checked():
         LoRARequest("", 1, "/x")
 
 
-def test_mixture_of_experts_is_refused(tmp_path):
-    write_tiny_checkpoint(tmp_path, "mixtral", seed=0)
-    with pytest.raises(LoRAAdapterError, match="run on dense models"):
-        LLM(str(tmp_path), skip_tokenizer_init=True, dtype="float32", enable_lora=True)
+def test_mixture_of_experts_attention_adapter_matches_peft(tmp_path):
+    """A mixture of experts (Qwen3-MoE) runs an adapter of its attention; an update of its MLP (the experts) is
+    refused by name."""
+    from models.config import ModelConfig
+    from models.lora import write_random_adapter
+
+    base = write_tiny_checkpoint(tmp_path / "base", "qwen3_moe", seed=1)
+    model = make_adapter(tmp_path / "a", "qwen3_moe", 5, ["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8)
+    request = LoRARequest("a", 1, str(tmp_path / "a" / "adapter"))
+    expected = {(r, i): hf_greedy(m, p, MAX_TOKENS) for r, m in ((None, base), (request, model))
+                for i, p in enumerate(PROMPTS)}
+    llm = LLM(str(tmp_path / "base"), skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True,
+              max_lora_rank=4)
+    check_against_peft(llm, [None, request], expected)
+    with open(tmp_path / "base" / "config.json") as f:  # a dense model of its shape writes an MLP update
+        dense = ModelConfig.from_hf_dict({**json.load(f), "model_type": "qwen3"})
+    mlp = write_random_adapter(str(tmp_path / "mlp"), dense, ["down_proj"], r=4)
+    with pytest.raises(LoRAAdapterError, match="updates the MLP of qwen3_moe, a mixture of experts"):
+        llm.generate([[1, 2, 3]], lora_request=LoRARequest("mlp", 2, mlp), use_tqdm=False)
 
 
 def test_slots_load_least_recently_used_first(llama):
