@@ -136,15 +136,21 @@ def test_one_slot_runs_two_adapters_in_turn(llama):
 
 def test_phi3_fused_projection_adapter_matches_peft(tmp_path):
     """Phi-3 checkpoints join q/k/v and gate/up: PEFT's ``qkv_proj`` / ``gate_up_proj`` updates split into ours."""
-    base = write_tiny_checkpoint(tmp_path / "base", "phi3", seed=1)
-    model = make_adapter(tmp_path / "a", "phi3", 3, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], r=4,
-                         alpha=4)
-    request = LoRARequest("a", 7, str(tmp_path / "a" / "adapter"))
+    adapter_of_variant_matches_peft(tmp_path, "phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], lora_id=7)
+
+
+def adapter_of_variant_matches_peft(tmp_path, variant: str, targets: list[str], lora_id: int = 1) -> LLM:
+    """A rank-4 peft adapter of ``targets`` on a tiny ``variant`` checkpoint: the engine gives peft's tokens and
+    logprobs, with and without it (``check_against_peft``). Returns the engine (max_lora_rank 4)."""
+    base = write_tiny_checkpoint(tmp_path / "base", variant, seed=1)
+    model = make_adapter(tmp_path / "a", variant, 3, targets, r=4, alpha=8)
+    request = LoRARequest("a", lora_id, str(tmp_path / "a" / "adapter"))
     expected = {(r, i): hf_greedy(m, p, MAX_TOKENS) for r, m in ((None, base), (request, model))
                 for i, p in enumerate(PROMPTS)}
     llm = LLM(str(tmp_path / "base"), skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True,
               max_lora_rank=4)
     check_against_peft(llm, [None, request], expected)
+    return llm
 
 
 def write_adapter(path, config: dict, tensors: dict) -> str:
@@ -220,14 +226,7 @@ def test_mixture_of_experts_attention_adapter_matches_peft(tmp_path):
     from models.config import ModelConfig
     from models.lora import write_random_adapter
 
-    base = write_tiny_checkpoint(tmp_path / "base", "qwen3_moe", seed=1)
-    model = make_adapter(tmp_path / "a", "qwen3_moe", 5, ["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8)
-    request = LoRARequest("a", 1, str(tmp_path / "a" / "adapter"))
-    expected = {(r, i): hf_greedy(m, p, MAX_TOKENS) for r, m in ((None, base), (request, model))
-                for i, p in enumerate(PROMPTS)}
-    llm = LLM(str(tmp_path / "base"), skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True,
-              max_lora_rank=4)
-    check_against_peft(llm, [None, request], expected)
+    llm = adapter_of_variant_matches_peft(tmp_path, "qwen3_moe", ["q_proj", "k_proj", "v_proj", "o_proj"])
     with open(tmp_path / "base" / "config.json") as f:  # a dense model of its shape writes an MLP update
         dense = ModelConfig.from_hf_dict({**json.load(f), "model_type": "qwen3"})
     mlp = write_random_adapter(str(tmp_path / "mlp"), dense, ["down_proj"], r=4)
