@@ -86,6 +86,7 @@ _EXPORTS = {
     "LoRARequest": "engine.lora",
     "PoolingParams": "engine.pooling",
     "EmbeddingRequestOutput": "engine.pooling",
+    "ClassificationRequestOutput": "engine.pooling",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "RequestOutputKind": "engine.outputs",

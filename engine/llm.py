@@ -18,8 +18,8 @@ from engine.engine_loop import EngineLoop, NewRequest
 from engine.lora import LoRARequest
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, RequestOutputKind
-from engine.pooling import (EmbeddingRequestOutput, PoolingParams, ScoringOutput, ScoringRequestOutput, cosine,
-                            score_pairs)
+from engine.pooling import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingParams, ScoringOutput,
+                            ScoringRequestOutput, cosine, score_pairs)
 from engine.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict]
@@ -134,9 +134,31 @@ class LLM:
         """vLLM's ``LLM.embed`` on a pooling engine (``LLM(..., runner="pooling")``): one
         ``EmbeddingRequestOutput`` per prompt, in input order, its vector in ``.outputs.embedding``
         (``engine.pooling``: the checkpoint's pooling, normalised unless ``pooling_params`` says otherwise)."""
+        self._check_pooling_task(classify=False)
         prompts = _as_prompt_list(prompts)
         return self._run(prompts, [pooling_params or PoolingParams()] * len(prompts), use_tqdm, priority,
                          "Embedding")
+
+    def classify(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 pooling_params: Optional[PoolingParams] = None, use_tqdm: bool = True,
+                 priority: Optional[Sequence[int]] = None) -> list[ClassificationRequestOutput]:
+        """vLLM's ``LLM.classify`` on a sequence classifier (a ``...ForSequenceClassification`` checkpoint, which
+        ``runner="auto"`` serves as a pooling engine): one ``ClassificationRequestOutput`` per prompt, in input
+        order, its class probabilities in ``.outputs.probs`` (``PoolingParams(use_activation=False)``: the logits)."""
+        self._check_pooling_task(classify=True)
+        prompts = _as_prompt_list(prompts)
+        return self._run(prompts, [pooling_params or PoolingParams()] * len(prompts), use_tqdm, priority,
+                         "Classifying")
+
+    def _check_pooling_task(self, classify: bool) -> None:
+        """Refuse ``embed`` on a classifier and ``classify`` on anything else, naming the call that fits."""
+        pooling = self.llm_engine.pooling
+        is_classifier = pooling is not None and pooling.classifier is not None
+        if classify and not is_classifier:
+            raise ValueError("classify needs a sequence classifier (a ...ForSequenceClassification checkpoint)"
+                             + ("; this is an embedding model: use embed" if pooling is not None else ""))
+        if not classify and is_classifier:
+            raise ValueError("this model is a sequence classifier: use classify, not embed")
 
     def score(self, text_1: Union[PromptType, Sequence[PromptType]], text_2: Union[PromptType, Sequence[PromptType]],
               use_tqdm: bool = True) -> list[ScoringRequestOutput]:

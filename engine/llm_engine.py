@@ -25,7 +25,8 @@ from engine.engine_args import EngineArgs, resolve_kv_cache_dtype
 from engine.generation_config import default_sampling_fields
 from engine.lora import LoRARequest, LoRASlots
 from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
-from engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PooledRows, PoolingParams
+from engine.pooling import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput, EmbeddingRequestOutput,
+                            PooledRows, PoolingParams)
 from engine.request import Request, RequestStatus
 from engine.runner import PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork, enable_compilation_cache
 from engine.sampler import build_sampling_metadata
@@ -366,6 +367,12 @@ class LLMEngine:
             raise ValueError(f"a pooling engine (runner='pooling') takes PoolingParams, not {type(params).__name__}: "
                              "it embeds prompts and generates nothing")
         params = params or PoolingParams()
+        classifier = self.pooling.classifier is not None
+        for field, value, needs_classifier in (("dimensions", params.dimensions, False),
+                                               ("use_activation", params.use_activation, True)):
+            if value is not None and classifier != needs_classifier:
+                raise ValueError(f"PoolingParams.{field} is for {'a classifier' if needs_classifier else 'embeddings'}"
+                                 f"; this model is {'a classifier' if classifier else 'an embedding model'}")
         if params.dimensions is not None and params.dimensions > self.model_config.hidden_size:
             raise ValueError(f"dimensions={params.dimensions} exceeds the model's embedding size "
                              f"{self.model_config.hidden_size}")
@@ -694,12 +701,17 @@ class LLMEngine:
             group.pooled.add_chunk(s.start, first[i], sums[i])
             if not s.samples:  # more of the prompt to come
                 continue
-            vector = group.pooled.vector(self.pooling, group.pooling_params, last[i], len(group.prompt_token_ids))
             self.scheduler.finish_request(s.request.request_id, RequestStatus.FINISHED_STOPPED)
             del self._groups[group.request_id]
             self._forget_samples(group)
-            output = EmbeddingRequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
-                                            EmbeddingOutput(vector))
+            if self.pooling.classifier is not None:  # a sequence classifier: its head on the last row
+                output = ClassificationRequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
+                                                     ClassificationOutput(self.pooling.classify(group.pooling_params,
+                                                                                                last[i])))
+            else:
+                vector = group.pooled.vector(self.pooling, group.pooling_params, last[i], len(group.prompt_token_ids))
+                output = EmbeddingRequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
+                                                EmbeddingOutput(vector))
             if group.on_output is not None:
                 group.on_output(output)
             outputs.append(output)

@@ -13,17 +13,17 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.pooling import EmbeddingRequestOutput
+from engine.pooling import ClassificationRequestOutput, EmbeddingRequestOutput
 
 # One completion's delta: (index, tokens added, text added, cumulative logprob, logprobs entries added or None,
 # finish reason, stop reason). A request's: (finished, (prompt, prompt_token_ids, num_cached_tokens, prompt_logprobs,
 # lora_request) on its first output else None, completions' deltas).
 
 
-def encode(output: Union[RequestOutput, EmbeddingRequestOutput]) -> tuple:
+def encode(output: Union[RequestOutput, EmbeddingRequestOutput, ClassificationRequestOutput]) -> tuple:
     """A ``RequestOutputKind.DELTA`` output as tuples for the pipe (a pooled output whole: it is final, and
     comes once)."""
-    if isinstance(output, EmbeddingRequestOutput):
+    if isinstance(output, (EmbeddingRequestOutput, ClassificationRequestOutput)):
         return True, None, output
     prompt = ((output.prompt, output.prompt_token_ids, output.num_cached_tokens, output.prompt_logprobs,
                output.lora_request) if output.prompt_token_ids is not None else None)
@@ -38,9 +38,10 @@ class DeltaDecoder:
         self._prompt: tuple = (None, None, None, None, None)
         self._completions: dict[int, tuple[list, str, Optional[list]]] = {}  # index -> (tokens, text, logprobs)
 
-    def decode(self, request_id: str, delta: tuple) -> Union[RequestOutput, EmbeddingRequestOutput]:
+    def decode(self, request_id: str, delta: tuple) -> Union[RequestOutput, EmbeddingRequestOutput,
+                                                             ClassificationRequestOutput]:
         finished, prompt, completions = delta
-        if isinstance(completions, EmbeddingRequestOutput):
+        if isinstance(completions, (EmbeddingRequestOutput, ClassificationRequestOutput)):
             return completions
         if prompt is not None:
             self._prompt = prompt

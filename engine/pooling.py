@@ -1,4 +1,6 @@
-"""Pooling (embedding) models: one vector a prompt from the last layer's hidden states, as vLLM's pooling runner.
+"""Pooling (embedding and classification) models: one vector a prompt from the last layer's hidden states, as vLLM's
+pooling runner; a sequence-classification checkpoint's ``score`` head turns the last token's into class
+probabilities (``LLM.classify``).
 
 Owns ``PoolingParams``, the pooled outputs (``EmbeddingRequestOutput``, vLLM's shape: ``.outputs.embedding``; and
 ``ScoringRequestOutput``, two texts' cosine, with vLLM's pairing of ``LLM.score``), the
@@ -22,18 +24,31 @@ POOLING_TYPES = ("LAST", "MEAN", "CLS")
 RUNNERS = ("auto", "generate", "pooling")
 
 
-def resolve_runner(runner: str, model_path: str) -> str:
-    """``runner``, or for "auto" (vLLM's default) what the checkpoint is: "pooling" where its ``config.json`` names
-    only bare decoders as architectures (``MistralModel``: e5-mistral; ``Qwen2Model``: gte-Qwen2), else
-    "generate" (a ``...ForCausalLM``, a GGUF file, no architectures)."""
-    if runner != "auto":
-        return runner
+def _architectures(model_path: str) -> list[str]:
+    """The ``architectures`` a checkpoint folder's ``config.json`` names (none for a GGUF file or a bad config)."""
     try:
         with open(os.path.join(model_path, "config.json")) as f:
-            architectures = json.load(f).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return "generate"
-    return "pooling" if architectures and all(a.endswith("Model") for a in architectures) else "generate"
+            return list(json.load(f).get("architectures") or [])
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
+def is_classifier(model_path: str) -> bool:
+    """Whether the checkpoint is a sequence classifier (``LlamaForSequenceClassification``, ...: a reward model, a
+    classifier), whose ``score`` head gives class logits from the last token."""
+    architectures = _architectures(model_path)
+    return bool(architectures) and all(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def resolve_runner(runner: str, model_path: str) -> str:
+    """``runner``, or for "auto" (vLLM's default) what the checkpoint is: "pooling" where its ``config.json`` names
+    only bare decoders as architectures (``MistralModel``: e5-mistral; ``Qwen2Model``: gte-Qwen2) or sequence
+    classifiers, else "generate" (a ``...ForCausalLM``, a GGUF file, no architectures)."""
+    if runner != "auto":
+        return runner
+    architectures = _architectures(model_path)
+    bare = architectures and all(a.endswith("Model") for a in architectures)
+    return "pooling" if bare or is_classifier(model_path) else "generate"
 
 
 @dataclasses.dataclass
@@ -43,6 +58,7 @@ class PoolingParams:
 
     normalize: Optional[bool] = None
     dimensions: Optional[int] = None
+    use_activation: Optional[bool] = None  # a classifier's: probabilities (softmax; sigmoid of one label) or logits
 
     def __post_init__(self):
         if self.dimensions is not None and (isinstance(self.dimensions, bool) or not isinstance(self.dimensions, int)
@@ -63,6 +79,22 @@ class EmbeddingRequestOutput:
     prompt: Optional[str]
     prompt_token_ids: list[int]
     outputs: EmbeddingOutput
+    finished: bool = True
+
+
+@dataclasses.dataclass
+class ClassificationOutput:
+    probs: list[float]  # one a class (the logits with use_activation=False)
+
+
+@dataclasses.dataclass
+class ClassificationRequestOutput:
+    """A classified request's result (vLLM's ``ClassificationRequestOutput``: ``.outputs.probs``)."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: ClassificationOutput
     finished: bool = True
 
 
@@ -104,12 +136,32 @@ def cosine(a: list[float], b: list[float]) -> float:
 class PoolingConfig:
     pooling_type: str = "LAST"
     normalize: bool = True
+    # A sequence classifier's head, ``score.weight [num_labels, hidden]`` (float32), applied to the last token's
+    # normed hidden state; None for an embedding model.
+    classifier: Optional[np.ndarray] = dataclasses.field(default=None, compare=False)
+
+    def classify(self, params: PoolingParams, last_row: np.ndarray) -> list[float]:
+        """The class probabilities (softmax; a sigmoid for one label, as vLLM's classify) of a prompt's last row,
+        or its logits with ``params.use_activation=False``."""
+        logits = self.classifier.astype(np.float64) @ np.asarray(last_row, np.float64)
+        if params.use_activation is not False:
+            if logits.shape[0] == 1:
+                logits = 1.0 / (1.0 + np.exp(-logits))
+            else:
+                logits = np.exp(logits - logits.max())
+                logits = logits / logits.sum()
+        return logits.astype(np.float32).tolist()
 
 
 def pooling_config(model_path: str, pooling_type: Optional[str] = None) -> PoolingConfig:
     """The pooling of ``model_path``'s sentence-transformers files, where it has them: ``1_Pooling/config.json``'s
     mode (last token, mean, CLS) and whether ``modules.json`` ends in Normalize; else the last token, normalised
-    (vLLM's defaults for a decoder's embeddings). ``pooling_type`` (one of ``POOLING_TYPES``) overrides the mode."""
+    (vLLM's defaults for a decoder's embeddings). ``pooling_type`` (one of ``POOLING_TYPES``) overrides the mode.
+    A sequence classifier (``is_classifier``) pools its last token, unnormalised, through its ``score`` head."""
+    if is_classifier(model_path):
+        if pooling_type is not None and pooling_type.upper() != "LAST":
+            raise ValueError(f"a sequence classifier pools its last token, not pooling_type={pooling_type!r}")
+        return PoolingConfig("LAST", normalize=False, classifier=_score_head(model_path))
     folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
     mode, normalize = "LAST", True
     try:
@@ -126,6 +178,17 @@ def pooling_config(model_path: str, pooling_type: Optional[str] = None) -> Pooli
             raise ValueError(f"pooling_type must be one of {', '.join(POOLING_TYPES)}, got {pooling_type!r}")
         mode = pooling_type.upper()
     return PoolingConfig(mode, normalize)
+
+
+def _score_head(model_path: str) -> np.ndarray:
+    """A sequence classifier's ``score.weight`` (float32 ``[num_labels, hidden]``), read from its safetensors."""
+    from models.safetensors_loader import CheckpointError, _Checkpoint, find_safetensors_files
+
+    checkpoint = _Checkpoint(find_safetensors_files(model_path))
+    if "score.weight" not in checkpoint:
+        raise CheckpointError(f"{model_path!r} is a sequence classifier (its architectures say so) without a "
+                              "score.weight head")
+    return np.asarray(checkpoint.array("score.weight"), np.float32)
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""Pooling (embedding) engines: ``LLM(runner="pooling").embed`` against Hugging Face's hidden states.
+"""Pooling engines: ``LLM(runner="pooling").embed`` against Hugging Face's hidden states, and a sequence classifier's
+``classify`` against its logits.
 
 A tiny random checkpoint's prompts, chunked (a step's token budget below the longest prompt) and batched in a KV
 pool too small for all at once: the last token's, the mean or the first token's row of the last layer's normed
@@ -92,6 +93,10 @@ def test_pooling_and_generating_engines_refuse_each_others_requests(checkpoint):
         pooling.generate({"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=2), use_tqdm=False)
     with pytest.raises(ValueError, match="dimensions=65 exceeds the model's embedding size 64"):
         pooling.embed({"prompt_token_ids": prompts[0]}, PoolingParams(dimensions=65), use_tqdm=False)
+    with pytest.raises(ValueError, match="this is an embedding model: use embed"):
+        pooling.classify({"prompt_token_ids": prompts[0]}, use_tqdm=False)
+    with pytest.raises(ValueError, match="PoolingParams.use_activation is for a classifier"):
+        pooling.embed({"prompt_token_ids": prompts[0]}, PoolingParams(use_activation=False), use_tqdm=False)
     pooling.shutdown()
     generating = LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_model_len=64)
     with pytest.raises(ValueError, match="runner='pooling'"):
@@ -174,3 +179,41 @@ def test_auto_runner_follows_the_checkpoints_architectures(checkpoint, tmp_path)
                 np.testing.assert_allclose(out.outputs.embedding, unit(hidden[0][-1]), atol=2e-6)
         finally:
             llm.shutdown()
+
+
+@pytest.mark.parametrize("variant, num_labels", [("llama", 3), ("qwen2", 1)])
+def test_sequence_classifier_gives_transformers_probabilities(tmp_path, variant, num_labels):
+    """A ``...ForSequenceClassification`` checkpoint (a classifier; one label: a reward model): ``runner="auto"``
+    serves it as a pooling engine, and ``classify`` gives the softmax of transformers' logits (a sigmoid for one
+    label), or the logits themselves with ``use_activation=False``; chunked prompts in a small pool. ``embed`` is
+    refused on it, ``classify`` on an embedding model, each naming the other."""
+    import transformers
+
+    from engine import ClassificationRequestOutput
+    from tests.tiny_checkpoints import randomize_, tiny_hf_config
+
+    config = tiny_hf_config(variant, num_labels=num_labels, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32,
+                                                                        attn_implementation="eager")
+    randomize_(model, seed=3)
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    rng = np.random.default_rng()
+    prompts = [rng.integers(1, 256, n).tolist() for n in PROMPT_LENGTHS]
+    with torch.no_grad():
+        logits = [model.eval()(torch.tensor([p])).logits[0].numpy().astype(np.float64) for p in prompts]
+    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=40, max_num_batched_tokens=16,
+              max_num_seqs=4, num_gpu_blocks_override=7, block_size=8)
+    outs = llm.classify([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+    raw = llm.classify([{"prompt_token_ids": p} for p in prompts], PoolingParams(use_activation=False),
+                       use_tqdm=False)
+    for out, plain, want in zip(outs, raw, logits):
+        assert isinstance(out, ClassificationRequestOutput) and len(out.outputs.probs) == num_labels
+        probs = 1 / (1 + np.exp(-want)) if num_labels == 1 else np.exp(want) / np.exp(want).sum()
+        np.testing.assert_allclose(out.outputs.probs, probs, atol=2e-5)
+        np.testing.assert_allclose(plain.outputs.probs, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="sequence classifier: use classify, not embed"):
+        llm.embed([[1, 2, 3]], use_tqdm=False)
+    with pytest.raises(ValueError, match="PoolingParams.dimensions is for embeddings"):
+        llm.classify([[1, 2, 3]], PoolingParams(dimensions=4), use_tqdm=False)
+    llm.shutdown()
