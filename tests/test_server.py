@@ -1088,3 +1088,49 @@ def test_embeddings_from_a_pooling_server(served):
         async_llm.shutdown()
     with pytest.raises(openai.BadRequestError, match="--runner pooling"):
         served.client().embeddings.create(model=served.model, input="Hi")
+
+
+def test_classify_from_a_sequence_classifier_server(tmp_path):
+    """vLLM's ``/classify``: a ``...ForSequenceClassification`` checkpoint (with the default model's tokenizer) served
+    as a pooling engine by ``--runner auto``: each input's class probabilities equal the softmax of transformers'
+    logits, its label config.json's name of the most likely class; ``use_activation: false`` gives the logits;
+    embeddings there are a 400 that says to classify."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from engine.tokenizer import load_tokenizer
+    from models.default_model import default_model_path
+    from tests.tiny_checkpoints import randomize_, tiny_hf_config
+
+    tokenizer = load_tokenizer(default_model_path())
+    config = tiny_hf_config("llama", num_labels=2, vocab_size=len(tokenizer), pad_token_id=0,
+                            id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32,
+                                                                        attn_implementation="eager")
+    randomize_(model, seed=11)
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp_path))
+    prompts = [tokenizer.encode("I loved this film"), tokenizer.encode("The capital of France is")]
+    with torch.no_grad():
+        logits = [model.eval()(torch.tensor([p])).logits[0].numpy().astype(np.float64) for p in prompts]
+    args = make_arg_parser().parse_args(["--model", str(tmp_path), "--max-model-len", "64", "--dtype", "float32"])
+    async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=args.engine_process)
+    server, thread, url = _serve_in_thread(build_app(async_llm, served_model_names(args)))
+    try:
+        out = httpx.post(f"{url}/classify", json={"input": prompts}, timeout=60).json()
+        for data, want in zip(out["data"], logits):
+            probs = np.exp(want) / np.exp(want).sum()
+            np.testing.assert_allclose(data["probs"], probs, atol=2e-5)
+            assert data["num_classes"] == 2 and data["label"] == ["negative", "positive"][int(np.argmax(probs))]
+        assert out["usage"]["prompt_tokens"] == sum(len(p) for p in prompts) and out["object"] == "list"
+        raw = httpx.post(f"{url}/v1/classify", json={"input": prompts[:1], "use_activation": False}, timeout=60).json()
+        np.testing.assert_allclose(raw["data"][0]["probs"], logits[0], atol=1e-4, rtol=1e-4)
+        text = httpx.post(f"{url}/classify", json={"input": "I loved this film"}, timeout=60).json()
+        assert len(text["data"]) == 1 and len(text["data"][0]["probs"]) == 2
+        refused = httpx.post(f"{url}/v1/embeddings", json={"input": "Hi"}, timeout=60)
+        assert refused.status_code == 400 and "use /classify" in refused.json()["error"]["message"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        async_llm.shutdown()

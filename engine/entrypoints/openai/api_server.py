@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import functools
 import gc
 import importlib.metadata
 import json
@@ -48,7 +49,8 @@ from engine.engine_args import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
 from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
+    ClassificationData, ClassificationRequest, ClassificationResponse, CompletionChoice, CompletionLogprobs,
+    CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
     DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest, EmbeddingResponse, LoadLoRAAdapterRequest,
     ModelCard, ModelList, UnloadLoRAAdapterRequest,
     NamedToolChoice, PromptLogprob, PromptLogprobs, PromptTokenUsageInfo, RerankDocument, RerankRequest,
@@ -62,7 +64,7 @@ from engine.generation_config import SAMPLING_FIELDS
 from engine.lora import LoRARequest
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.pooling import RUNNERS, PoolingParams, cosine, score_pairs
+from engine.pooling import RUNNERS, PoolingParams, cosine, is_classifier, score_pairs
 from engine.sampling_params import SamplingParams
 from models.config import LOAD_FORMATS
 
@@ -218,6 +220,11 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, raw: Request):
         return await _cancel_on_disconnect(raw, serving.create_embedding(body))
+
+    @app.post("/classify")
+    @app.post("/v1/classify")
+    async def classify(body: ClassificationRequest, raw: Request):
+        return await _cancel_on_disconnect(raw, serving.create_classification(body))
 
     @app.post("/score")
     @app.post("/v1/score")
@@ -453,6 +460,28 @@ class OpenAIServing:
         return EmbeddingResponse(id=request_id, model=model, data=data,
                                  usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
 
+    async def create_classification(self, req: ClassificationRequest) -> ClassificationResponse:
+        """vLLM's ``/classify``: each input's class probabilities (or logits) from a sequence classifier's engine,
+        and its most likely class's name."""
+        model = self._check_model(req)
+        if not req.input:
+            raise bad_request("input is empty: give a text, a list of texts or token ids", param="input")
+        if not self._is_classifier:
+            raise bad_request("classify needs a sequence classifier (a ...ForSequenceClassification checkpoint)",
+                              param="model", code="model_not_supported")
+        request_id = random_id("classify")
+        finals, tokens = await self._pooled(request_id, req.input, "input", PoolingParams(
+            use_activation=req.use_activation), req.priority)
+        labels = self._class_labels
+        data = []
+        for i, output in enumerate(finals):
+            probs = output.outputs.probs
+            best = int(np.argmax(probs))
+            data.append(ClassificationData(index=i, label=labels.get(best, f"LABEL_{best}"), probs=probs,
+                                           num_classes=len(probs)))
+        return ClassificationResponse(id=request_id, model=model, data=data,
+                                      usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
+
     async def create_score(self, req: ScoreRequest) -> ScoreResponse:
         """vLLM's ``/score`` for an embedding model: the cosine of ``text_1``'s and each ``text_2``'s embeddings."""
         model = self._check_model(req)
@@ -486,11 +515,35 @@ class OpenAIServing:
 
     async def _embedded(self, request_id: str, texts, param: str, params: PoolingParams,
                         priority: int) -> tuple[list[list[float]], int]:
-        """The pooling engine's vectors of ``texts`` (a text, texts or token ids, as a prompt is given) and their
-        token count; a generating engine's refusal, a bad or too long text a 400 naming ``param``."""
+        """The embedding engine's vectors of ``texts`` (a text, texts or token ids, as a prompt is given) and their
+        token count (``_pooled``); a classifier's refusal a 400."""
+        if self._is_classifier:
+            raise bad_request("this model is a sequence classifier: use /classify", param="model",
+                              code="model_not_supported")
+        finals, tokens = await self._pooled(request_id, texts, param, params, priority)
+        return [o.outputs.embedding for o in finals], tokens
+
+    @functools.cached_property
+    def _is_classifier(self) -> bool:
+        return is_classifier(self.async_llm.engine.model_path)
+
+    @functools.cached_property
+    def _class_labels(self) -> dict[int, str]:
+        """A classifier's class names by index (its config.json's ``id2label``)."""
+        try:
+            with open(os.path.join(self.async_llm.engine.model_path, "config.json")) as f:
+                return {int(k): str(v) for k, v in (json.load(f).get("id2label") or {}).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    async def _pooled(self, request_id: str, texts, param: str, params: PoolingParams,
+                      priority: int) -> tuple[list, int]:
+        """The pooling engine's final outputs for ``texts`` (a text, texts or token ids, as a prompt is given) and
+        their token count; a generating engine's refusal, a bad or too long text a 400 naming ``param``."""
         if self.async_llm.engine.args.runner != "pooling":
-            raise bad_request("this server generates text: embeddings, scores and reranking need an engine started "
-                              "with --runner pooling", param="model", code="model_not_supported")
+            raise bad_request("this server generates text: embeddings, scores, reranking and classification need a "
+                              "pooling engine (--runner pooling, or a classifier's checkpoint)", param="model",
+                              code="model_not_supported")
         prompts = await run_in_threadpool(self._completion_prompts, texts, param)
         limit = self.async_llm.max_model_len
         for prompt in prompts:
@@ -499,8 +552,7 @@ class OpenAIServing:
                                   f"{len(prompt.token_ids)} tokens; a text may have at most {limit - 1}", param=param,
                                   code="context_length_exceeded")
         streams = await self._add_requests(request_id, prompts, params, priority, param, renames={})
-        finals = await _final_outputs(streams)
-        return [o.outputs.embedding for o in finals], sum(len(p.token_ids) for p in prompts)
+        return await _final_outputs(streams), sum(len(p.token_ids) for p in prompts)
 
     def _echo_logprobs(self, out: CompletionLogprobs, output: RequestOutput) -> int:
         """Append the prompt's tokens to ``out`` in the completions format (the first with no logprob, as OpenAI's

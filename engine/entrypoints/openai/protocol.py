@@ -212,6 +212,19 @@ class EmbeddingRequest(BaseModel):
     priority: int = 0
 
 
+class ClassificationRequest(BaseModel):
+    """vLLM's ``/classify``: ``input`` a text, texts or token ids, each classified by a sequence classifier;
+    ``use_activation`` False for the logits instead of probabilities."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    use_activation: Optional[bool] = None
+    user: Optional[str] = None
+    priority: int = 0
+
+
 class ScoreRequest(BaseModel):
     """vLLM's ``/score``: ``text_1`` against each of ``text_2`` (1:N) or pair by pair (N:N)."""
 
@@ -303,6 +316,19 @@ class _Response(BaseModel):
 class EmbeddingResponse(_Response):
     object: Literal["list"] = "list"
     data: list[EmbeddingData]
+    usage: UsageInfo
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str  # the most likely class's name (config.json's id2label)
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(_Response):
+    object: Literal["list"] = "list"
+    data: list[ClassificationData]
     usage: UsageInfo
 
 
