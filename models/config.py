@@ -1,7 +1,7 @@
 """Model configuration: the shape and options of a Llama-family model.
 
 Owns reading Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, granite, smollm3,
-and
+olmo2, and
 the mixture-of-experts mixtral, qwen2_moe and qwen3_moe) into a
 frozen, hashable ``ModelConfig`` that jitted functions take as a static argument.
 Knows nothing of weights, requests or devices. Anything we cannot run is refused
@@ -17,7 +17,7 @@ import os
 from typing import Any, Optional
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "granite", "smollm3",
-                         "mixtral", "qwen2_moe", "qwen3_moe")
+                         "olmo2", "mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -55,6 +55,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # qwen2 (and llama with attention_bias=True)
     qk_norm: bool = False  # qwen3: RMSNorm over each head of q and k before RoPE
+    qk_norm_full: bool = False  # olmo2: the qk norms over the whole q and k projections (weights [Hq*D], [Hkv*D])
+    pre_norms: bool = True  # olmo2: False, no norm before attention or the MLP (their outputs are normed instead)
     sliding_window: Optional[int] = None
     max_position_embeddings: int = 4096
     bos_token_id: Optional[int] = None
@@ -173,7 +175,7 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=(model_type == "qwen2" or bool(d.get("attention_bias", False))
                       or (model_type == "qwen2_moe" and bool(d.get("qkv_bias", True)))),
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"),
             sliding_window=int(sliding) if sliding else None,
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             bos_token_id=d.get("bos_token_id"),
@@ -182,6 +184,9 @@ class ModelConfig:
             **(_gemma_fields(d, model_type, fields, act) if model_type in GEMMA_MODEL_TYPES else {}),
             **(_granite_fields(d) if model_type == "granite" else {}),
             **(_smollm3_fields(d, fields["num_layers"]) if model_type == "smollm3" else {}),
+            # OLMo 2: each block's output normed before its residual add, no norm before the blocks; q and k normed
+            # over all their heads at once.
+            **(dict(sandwich_norms=True, pre_norms=False, qk_norm_full=True) if model_type == "olmo2" else {}),
         )
 
     @classmethod

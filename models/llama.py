@@ -1,5 +1,5 @@
-"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma 2/3, Granite, SmolLM2; their MoE
-forms).
+"""Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma 2/3, Granite, SmolLM2/3, OLMo 2;
+their MoE forms).
 
 Pure functions over a params pytree; no classes, no state, so the whole step is one
 ``jax.jit`` and tensor parallelism is applied from outside (shardings on the
@@ -15,9 +15,10 @@ Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
     embed        [V, H]
     layers/      input_norm [L, H]      wq [L, H, Hq*D]   wk, wv [L, H, Hkv*D]
                  bq [L, Hq*D], bk, bv [L, Hkv*D]          (qkv_bias only)
-                 q_norm, k_norm [L, D]                     (qk_norm only)
+                 q_norm, k_norm [L, D]                     (qk_norm only; [L, Hq*D], [L, Hkv*D]: qk_norm_full)
                  wo [L, Hq*D, H]        post_norm [L, H]
-                 attn_out_norm, mlp_out_norm [L, H]        (sandwich_norms only: Gemma)
+                 attn_out_norm, mlp_out_norm [L, H]        (sandwich_norms only: Gemma, OLMo 2; OLMo 2 has no
+                                                            input_norm and post_norm: pre_norms False)
                  k_scale, v_scale [L] float32              (kv_cache_scales only: fp8 K/V = K / k_scale)
                  w_gate, w_up [L, H, I] w_down [L, I, H]     (dense MLP)
                  router [L, H, E]                          (mixture of experts, instead of
@@ -82,9 +83,12 @@ def param_shapes(config: ModelConfig) -> dict:
     if config.qkv_bias:
         layers.update(bq=(L, config.q_size), bk=(L, config.kv_size), bv=(L, config.kv_size))
     if config.qk_norm:
-        layers.update(q_norm=(L, D), k_norm=(L, D))
+        layers.update(q_norm=(L, config.q_size), k_norm=(L, config.kv_size)) if config.qk_norm_full else layers.update(
+            q_norm=(L, D), k_norm=(L, D))
     if config.sandwich_norms:
         layers.update(attn_out_norm=(L, H), mlp_out_norm=(L, H))
+    if not config.pre_norms:  # OLMo 2
+        del layers["input_norm"], layers["post_norm"]
     if config.kv_cache_scales:
         layers.update(k_scale=(L,), v_scale=(L,))
     shapes = {"embed": (V, H), "layers": layers, "final_norm": (H,)}
@@ -425,7 +429,14 @@ def forward(
         ``rotary``: likewise whether the layer applies rotary embeddings (``config.rope_layers``; None: it does).
         ``mask``: which LoRA slot columns each row takes (``models.lora.lora_mask``), or None without adapters."""
         qkv = qkv_heads(h, w, mask)
-        if config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
+        if config.qk_norm_full:  # OLMo 2: over all of q's heads at once, and of k's
+            if qkv_shards != 1:
+                raise ValueError(f"{config.model_type}'s q/k norms span every head: not split over a mesh")
+            Hq, Hkv = config.num_heads, config.num_kv_heads
+            q = rms_norm(qkv[:, :Hq].reshape(T, -1), w["q_norm"], eps).reshape(T, Hq, D)
+            k = rms_norm(qkv[:, Hq:Hq + Hkv].reshape(T, -1), w["k_norm"], eps).reshape(T, Hkv, D)
+            qkv = jnp.concatenate([q, k, qkv[:, Hq + Hkv:]], axis=1)
+        elif config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
             norm_weight = jnp.where((head_kinds == QUERY)[:, None], w["q_norm"], w["k_norm"])
             qkv = jnp.where((head_kinds != VALUE)[None, :, None], rms_norm(qkv, norm_weight, eps), qkv)
         # fp8 pages with the checkpoint's K / V scales: pages hold K / k_scale and V / v_scale, q is multiplied by
@@ -461,9 +472,14 @@ def forward(
             attn = (attn * w["v_scale"]).astype(attn.dtype)
         attn = attn.reshape(T, config.q_size)
         attn_parts = with_lora(mm_parts(attn, w["wo"]), attn, w, "wo", mask)
-        x, h = add_rms_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), w["post_norm"], eps)
-        x, h = add_rms_norm(x, block_output(x, mlp_parts(h, w, mask), w, "mlp_out_norm"), next_norm, eps)
+        x, h = pre_norm(*add_rms_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), w.get("post_norm", next_norm),
+                                      eps))
+        x, h = pre_norm(*add_rms_norm(x, block_output(x, mlp_parts(h, w, mask), w, "mlp_out_norm"), next_norm, eps))
         return x, h, k_cache, v_cache
+
+    def pre_norm(x, normed):
+        """A block's input: the residual stream normed, or as it is (OLMo 2: no norm before the blocks)."""
+        return (x, normed) if config.pre_norms else (x, x)
 
     def layer_step(carry, layer_weights_and_next_norm):
         layer, w, next_norm, sliding, rotary = layer_weights_and_next_norm
@@ -480,8 +496,8 @@ def forward(
         # kind: sliding or not) (XLA inlines the calls, so the compiled step is the same as one written out layer
         # by layer).
         unrolled_layer = jax.jit(layer_call, static_argnames=("sliding", "rotary"))
-        norms = [w["input_norm"] for w in params["layers"]] + [params["final_norm"]]
-        h = rms_norm(x, norms[0], eps)
+        norms = [w.get("input_norm", params["final_norm"]) for w in params["layers"]] + [params["final_norm"]]
+        h = pre_norm(x, rms_norm(x, norms[0], eps))[1]
         k_cache, v_cache = kv_cache.k, kv_cache.v
         new_k, new_v = [], []
         for i, w in enumerate(params["layers"]):
@@ -501,13 +517,17 @@ def forward(
     else:
         if kv_cache.per_layer:
             raise ValueError("a per-layer KV cache needs per-layer (unstacked) weights; see unstack_layers")
-        input_norms = params["layers"]["input_norm"]
-        next_norms = jnp.concatenate([input_norms[1:], params["final_norm"][None].astype(input_norms.dtype)])
+        final_norm = params["final_norm"][None]
+        input_norms = params["layers"].get("input_norm", jnp.broadcast_to(final_norm, (config.num_layers,
+                                                                                       final_norm.shape[-1])))
+        next_norms = jnp.concatenate([input_norms[1:], final_norm.astype(input_norms.dtype)])
         layers = (jnp.arange(config.num_layers, dtype=jnp.int32), params["layers"], next_norms,
                   None if config.sliding_layers is None else jnp.asarray(config.sliding_layers),
                   None if config.rope_layers is None else jnp.asarray(config.rope_layers))
-        carry = (x, rms_norm(x, input_norms[0], eps), kv_cache.k, kv_cache.v)
+        carry = (x, pre_norm(x, rms_norm(x, input_norms[0], eps))[1], kv_cache.k, kv_cache.v)
         (x, h, k_cache, v_cache), _ = jax.lax.scan(layer_step, carry, layers)
+    if not config.pre_norms:  # the last layer's output was left unnormed: the final norm
+        h = rms_norm(x, params["final_norm"], eps)
     cache = KVCache(k=k_cache, v=v_cache)
     if return_hidden:
         return h, cache

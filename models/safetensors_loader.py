@@ -110,6 +110,8 @@ _RENAMED_IN_CHECKPOINT = {
                  "mlp_out_norm": "post_feedforward_layernorm.weight"}
     for model_type in ("gemma2", "gemma3_text")
 }
+_RENAMED_IN_CHECKPOINT["olmo2"] = {"attn_out_norm": "post_attention_layernorm.weight",
+                                   "mlp_out_norm": "post_feedforward_layernorm.weight"}
 # Checkpoints that store projections joined (Phi-3's ``qkv_proj`` and ``gate_up_proj``, rows ``[q | k | v]`` and
 # ``[gate | up]``): model type -> our joined name (``models.llama.FUSED_PROJECTIONS``, whose parts and widths give
 # each part's rows) -> the HF name inside ``model.layers.{i}.``.

@@ -59,10 +59,11 @@ def test_parses_transformers_config_object_and_saved_json_alike(variant, tmp_pat
     assert c.rope_theta == hf.rope_parameters.get("full_attention", hf.rope_parameters)["rope_theta"]
     assert c.tie_word_embeddings == hf.tie_word_embeddings
     assert c.qkv_bias == (c.model_type in ("qwen2", "qwen2_moe"))
-    assert c.qk_norm == (c.model_type in ("qwen3", "qwen3_moe", "gemma3_text"))
+    assert c.qk_norm == (c.model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"))
     assert c.sliding_window == (hf.sliding_window if c.model_type in ("mistral", "mixtral", "phi3", "gemma2",
                                                                       "gemma3_text") else None)
-    assert c.sandwich_norms == c.model_type.startswith("gemma")
+    assert c.sandwich_norms == (c.model_type.startswith("gemma") or c.model_type == "olmo2")
+    assert c.pre_norms == (c.model_type != "olmo2") and c.qk_norm_full == (c.model_type == "olmo2")
     assert c.is_moe == (c.model_type in ("mixtral", "qwen2_moe", "qwen3_moe"))
     if c.is_moe:
         experts = getattr(hf, "num_local_experts", None) or hf.num_experts  # qwen2_moe's transformers names it so

@@ -159,7 +159,13 @@ def test_loaded_params_follow_param_shapes_and_hf_values(checkpoint):
                                       sd[f"model.layers.{last}.self_attn.qkv_proj.weight"].numpy()[q:q + kv].T)
         np.testing.assert_array_equal(params["layers"]["w_up"][last],
                                       sd[f"model.layers.{last}.mlp.gate_up_proj.weight"].numpy()[inter:].T)
-    if config.sandwich_norms:  # Gemma: four norms a layer, stored as w - 1 (kept as w, in float32)
+    if not config.pre_norms:  # OLMo 2: the blocks' outputs normed; q and k over all their heads
+        for ours, theirs in (("attn_out_norm", "post_attention_layernorm"),
+                             ("mlp_out_norm", "post_feedforward_layernorm"), ("q_norm", "self_attn.q_norm"),
+                             ("k_norm", "self_attn.k_norm")):
+            np.testing.assert_array_equal(params["layers"][ours][0], sd[f"model.layers.0.{theirs}.weight"].numpy())
+        assert params["layers"]["q_norm"].shape == (config.num_layers, config.q_size)
+    elif config.sandwich_norms:  # Gemma: four norms a layer, stored as w - 1 (kept as w, in float32)
         for ours, theirs in (("post_norm", "pre_feedforward_layernorm"), ("attn_out_norm", "post_attention_layernorm"),
                              ("mlp_out_norm", "post_feedforward_layernorm")):
             np.testing.assert_array_equal(params["layers"][ours][0],
@@ -273,9 +279,9 @@ def test_dummy_params_llama_3_1_8b_fit_on_one_gpu():
     assert all(np.isfinite(x).all() and 0.3 < x.std() < 5.0 for x in logits)
 
 
-@pytest.mark.parametrize("variant", ["gemma2", "gemma3_text", "smollm3"])
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3_text", "smollm3", "olmo2"])
 def test_engine_gives_hf_greedy_tokens_for_sliding_and_full_layers(tmp_path, variant):
-    """Gemma (SmolLM3: rotary and NoPE layers) through the engine: layers scanned (each layer's sliding window and
+    """Gemma (SmolLM3: rotary and NoPE layers; OLMo 2: no pre-norms) through the engine: layers scanned (each layer's sliding window and
     rope picked on the device) with the jnp attention, and unrolled (picked per layer when tracing) with the Pallas
     kernel interpreted (its query scale and soft cap), batched with chunked prefill: Hugging Face's greedy tokens,
     prompts longer than the window."""

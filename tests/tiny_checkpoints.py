@@ -1,5 +1,5 @@
 """Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, granite, smollm3,
-mixtral, qwen2_moe, qwen3_moe) for tests.
+olmo2, mixtral, qwen2_moe, qwen3_moe) for tests.
 
 Owns building a small ``transformers`` model of a named variant with every weight
 randomized (norm weights near 1 but not 1, biases non-zero, so a mixed-up mapping
@@ -77,6 +77,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                 logits_scaling=2.5, tie_word_embeddings=False)),
     # SmolLM3: every second layer without rotary embeddings (NoPE; the published models: every fourth).
     "smollm3": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=2, tie_word_embeddings=False)),
+    # OLMo 2: no norms before the blocks, each block's output normed; q and k normed over all their heads at once.
+    "olmo2": ("olmo2", dict(head_dim=32, tie_word_embeddings=False)),
     # Mixtures of experts: 4 experts, 2 a token, renormalised (mixtral's rule); 8 experts, 3 a token, not
     # renormalised (qwen3_moe's norm_topk_prob=False), qk norm, experts narrower than the config's dense MLP.
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
