@@ -134,6 +134,13 @@ def test_one_slot_runs_two_adapters_in_turn(llama):
     assert slots.num_loads >= 2 and [r.lora_name for r in slots.adapters()] == ["one", "two"]
 
 
+@pytest.mark.parametrize("variant", ["qwen2", "gemma2", "granite", "olmo2"])
+def test_adapters_on_other_architectures_match_peft(tmp_path, variant):
+    """Every matrix's update where the architecture differs around it: q/k/v biases (Qwen2), the block's output
+    normed after the update (Gemma 2, OLMo 2), the residual multiplier (Granite)."""
+    adapter_of_variant_matches_peft(tmp_path, variant, ALL_LLAMA_MODULES)
+
+
 def test_phi3_fused_projection_adapter_matches_peft(tmp_path):
     """Phi-3 checkpoints join q/k/v and gate/up: PEFT's ``qkv_proj`` / ``gate_up_proj`` updates split into ours."""
     adapter_of_variant_matches_peft(tmp_path, "phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], lora_id=7)
