@@ -352,6 +352,8 @@ class LLMEngine:
         sample = self._new_sample(group, request_id, base_seed, now, priority)
         group.samples.append(sample)
         self.scheduler.add_request(sample.request)
+        if lora_request is not None:  # its weights stay read until it ends (_forget_samples)
+            self.lora_slots.acquire(lora_request.lora_int_id)
         self._groups[request_id] = group
         self._samples[request_id] = (sample, group)
         self.stats["prompt_tokens"] += len(prompt_ids)
@@ -745,8 +747,11 @@ class LLMEngine:
         return entry
 
     def _forget_samples(self, group: _RequestGroup) -> None:
+        """A group ended (finished or aborted): its samples are no longer looked up, its adapter no longer held."""
         for sample in group.samples:
             self._samples.pop(sample.request.request_id, None)
+        if group.lora_request is not None:
+            self.lora_slots.release(group.lora_request.lora_int_id)
 
     def _fork_samples(self, group: _RequestGroup, now: float) -> None:
         """``n > 1``: the other samples share the prompt's blocks and re-run its last token. Where the first sample

@@ -11,7 +11,8 @@ process).
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+import os
+from collections import Counter, OrderedDict
 from typing import Callable
 
 
@@ -30,6 +31,8 @@ class LoRARequest:
             raise ValueError(f"LoRARequest.lora_name must be a non-empty string, got {self.lora_name!r}")
         if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
             raise ValueError(f"LoRARequest.lora_int_id must be an integer >= 1, got {self.lora_int_id!r}")
+        if isinstance(self.lora_path, os.PathLike):  # a pathlib.Path, as a string
+            object.__setattr__(self, "lora_path", os.fspath(self.lora_path))
         if not isinstance(self.lora_path, str) or not self.lora_path:
             raise ValueError(f"LoRARequest.lora_path must name a local adapter folder, got {self.lora_path!r}")
 
@@ -48,8 +51,9 @@ class LoRARequest:
 
 class LoRASlots:
     """The adapters the engine knows (by ``lora_int_id``), their weights on the host (the ``max_cpu_loras`` most
-    recently used), and which of the ``max_loras`` device slots holds which. ``load(slot, adapter)`` puts an
-    adapter's weights into a slot (``ModelRunner.set_lora``)."""
+    recently used, and always those of unfinished requests: ``acquire`` / ``release``, so a step never reads an
+    adapter's folder again), and which of the ``max_loras`` device slots holds which. ``load(slot, adapter)`` puts
+    an adapter's weights into a slot (``ModelRunner.set_lora``)."""
 
     def __init__(self, config, max_loras: int, max_rank: int, max_cpu_loras: int, load: Callable[[int, dict], None]):
         self.config, self.max_loras, self.max_rank, self.max_cpu_loras = config, max_loras, max_rank, max_cpu_loras
@@ -57,6 +61,7 @@ class LoRASlots:
         self._requests: dict[int, LoRARequest] = {}  # every adapter seen, by id
         self._host: OrderedDict[int, dict] = OrderedDict()  # id -> weights, least recently used first
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # id -> its device slot, least recently used first
+        self._users: Counter[int] = Counter()  # unfinished requests of each adapter: its weights stay on the host
         self.num_loads = 0  # adapters put into slots
 
     def check(self, request: LoRARequest) -> None:
@@ -78,10 +83,22 @@ class LoRASlots:
 
             weights = read_adapter(request.lora_path, self.config, self.max_rank)
             self._host[request.lora_int_id] = weights
-            while len(self._host) > self.max_cpu_loras:
-                self._host.popitem(last=False)
         self._host.move_to_end(request.lora_int_id)
+        unused = [i for i in self._host if i not in self._users and i != request.lora_int_id]
+        for lora_id in unused[:max(len(self._host) - self.max_cpu_loras, 0)]:  # least recently used first
+            del self._host[lora_id]
         return weights
+
+    def acquire(self, lora_id: int) -> None:
+        """A request of adapter ``lora_id`` was queued (``check``ed): its weights stay on the host until
+        ``release``."""
+        self._users[lora_id] += 1
+
+    def release(self, lora_id: int) -> None:
+        """A request of adapter ``lora_id`` ended (finished or aborted)."""
+        self._users[lora_id] -= 1
+        if self._users[lora_id] <= 0:
+            del self._users[lora_id]
 
     def slots_for(self, lora_ids: set[int]) -> dict[int, int]:
         """A slot for each adapter of a step (at most ``max_loras``; each ``check``ed before), loading those not in

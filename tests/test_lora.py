@@ -349,3 +349,29 @@ def test_joined_and_separate_updates_agree(llama):
     plain, _ = jax.jit(forward, static_argnames=("config",))(
         params, make_kv_cache(config, 1 + 3 * len(PROMPTS), 8, jnp.float32), batch, config=config)
     assert np.abs(np.asarray(plain) - logits[0]).max() > 0.1  # the adapter bites
+
+
+def test_queued_requests_keep_their_adapters_read(llama, tmp_path):
+    """max_cpu_loras=1 and two adapters whose requests wait together: both stay read on the host until their
+    requests end, so the steps never read a folder again (here both folders are gone before the first step)."""
+    import shutil
+
+    from engine.outputs import RequestOutputKind
+
+    path, requests, expected = llama
+    from engine import LLMEngine
+
+    engine = LLMEngine(EngineArgs(model=path, dtype="float32", block_size=8, enable_lora=True, max_loras=1,
+                                  max_lora_rank=8, max_cpu_loras=1), skip_tokenizer_init=True)  # stepped here
+    copies = [LoRARequest(r.lora_name, r.lora_int_id, shutil.copytree(r.lora_path, tmp_path / r.lora_name))
+              for r in requests[1:]]
+    for request in copies:
+        engine.add_request(request.lora_name, PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
+                           lora_request=request, output_kind=RequestOutputKind.FINAL_ONLY)
+    for request in copies:
+        shutil.rmtree(request.lora_path)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: list(o.outputs[0].token_ids) for o in engine.step() if o.finished})
+    assert done == {r.lora_name: expected[(r, 0)][0] for r in requests[1:]}
+    assert len(engine.lora_slots._host) <= 1  # back within max_cpu_loras once they ended
