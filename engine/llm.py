@@ -114,30 +114,24 @@ class LLM:
         ``lora_request``: the LoRA adapter of every prompt, or one (or None) a prompt (needs ``enable_lora``).
         """
         prompts = _as_prompt_list(prompts)
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompts):
-                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
-            params_list = list(sampling_params)
-        else:
-            params_list = [sampling_params or self.get_default_sampling_params()] * len(prompts)
-        if isinstance(lora_request, (list, tuple)):
-            if len(lora_request) != len(prompts):
-                raise ValueError(f"got {len(lora_request)} lora_requests for {len(prompts)} prompts")
-            loras = list(lora_request)
-        else:
-            loras = [lora_request] * len(prompts)
-        return self._run(prompts, params_list, use_tqdm, priority, "Generating", loras)
+        params_list = _per_prompt(sampling_params or self.get_default_sampling_params(), len(prompts),
+                                  "sampling_params")
+        return self._run(prompts, params_list, use_tqdm, priority, "Generating",
+                         _per_prompt(lora_request, len(prompts), "lora_requests"))
 
     def embed(self, prompts: Union[PromptType, Sequence[PromptType]],
               pooling_params: Optional[PoolingParams] = None, use_tqdm: bool = True,
-              priority: Optional[Sequence[int]] = None) -> list[EmbeddingRequestOutput]:
+              priority: Optional[Sequence[int]] = None,
+              lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None
+              ) -> list[EmbeddingRequestOutput]:
         """vLLM's ``LLM.embed`` on a pooling engine (``LLM(..., runner="pooling")``): one
         ``EmbeddingRequestOutput`` per prompt, in input order, its vector in ``.outputs.embedding``
-        (``engine.pooling``: the checkpoint's pooling, normalised unless ``pooling_params`` says otherwise)."""
+        (``engine.pooling``: the checkpoint's pooling, normalised unless ``pooling_params`` says otherwise);
+        ``lora_request`` as ``generate``'s."""
         self._check_pooling_task(classify=False)
         prompts = _as_prompt_list(prompts)
         return self._run(prompts, [pooling_params or PoolingParams()] * len(prompts), use_tqdm, priority,
-                         "Embedding")
+                         "Embedding", _per_prompt(lora_request, len(prompts), "lora_requests"))
 
     def classify(self, prompts: Union[PromptType, Sequence[PromptType]],
                  pooling_params: Optional[PoolingParams] = None, use_tqdm: bool = True,
@@ -287,6 +281,15 @@ class LLM:
         loop = getattr(self, "_loop", None)
         if loop is not None and not _is_finalizing():  # at interpreter exit the (daemon) loop just stops
             loop.shutdown()
+
+
+def _per_prompt(value, num_prompts: int, name: str) -> list:
+    """One ``value`` for every prompt, or a list of one a prompt (checked: as many as there are prompts)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_prompts:
+            raise ValueError(f"got {len(value)} {name} for {num_prompts} prompts")
+        return list(value)
+    return [value] * num_prompts
 
 
 def _as_prompt_list(prompts) -> list:

@@ -137,8 +137,6 @@ class LLMEngine:
         from engine.pooling import resolve_runner
 
         args = dataclasses.replace(args, runner=resolve_runner(args.runner, resolve_model_path(args.model)))
-        if args.enable_lora and args.runner == "pooling":  # ("auto" may resolve to it: checked once it has)
-            raise ValueError("enable_lora cannot be combined with a pooling engine (runner='pooling')")
         self.args = args
         start = time.perf_counter()
         mesh = make_mesh(args.tensor_parallel_size) if args.tensor_parallel_size > 1 else None

@@ -672,11 +672,10 @@ class ModelRunner:
         samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
         # With LoRA slots, each bucket's step with adapters' updates and without (steps of none: build_model_input).
         host_inputs = {(T, lora): self._empty_step_input(T, self.table_width, lora=lora)
-                       for T in buckets for lora in ((True, False) if self.lora else (False,))}
+                       for T in buckets for lora in self._lora_forms}
         bursts = self.burst_buckets()  # multi-step decodes: the burst and its staging program of each, per sampler
-        variants = 2 if self.lora else 1
         with tqdm(total=2 * len(host_inputs) + len(slots) * len(samplers)
-                  + variants * len(bursts) * (1 + len(samplers)) + self.lora,
+                  + len(self._lora_forms) * len(bursts) * (1 + len(samplers)) + self.lora,
                   desc="Compiling steps", unit="program", disable=not progress) as bar:
             if workers > 1:  # compiled here, several at once; else by each one's run below
                 leaves = {key: jax.tree.leaves(host) for key, host in host_inputs.items()}
@@ -714,11 +713,21 @@ class ModelRunner:
                 if workers <= 1:
                     bar.update()
             self._precompile_bursts(bursts, samplers, workers, bar)
-            if self.lora:  # the program that writes an adapter into a slot: zeros into slot 1, which holds zeros
-                self._write_lora(1, zero_adapter(self.config, self.max_lora_rank))
-                jax.block_until_ready(self.params["layers"])
+            if self.lora:
+                self._precompile_lora_writer()
                 bar.update()
         return bar.n
+
+    @property
+    def _lora_forms(self) -> tuple[bool, ...]:
+        """Whether the steps ``precompile`` makes have rows' LoRA slots: both forms with LoRA slots (a step of no
+        adapter runs without: ``build_model_input``), else without."""
+        return (True, False) if self.lora else (False,)
+
+    def _precompile_lora_writer(self) -> None:
+        """Compile the program that writes an adapter into a slot: zeros into slot 1, which holds zeros."""
+        self._write_lora(1, zero_adapter(self.config, self.max_lora_rank))
+        jax.block_until_ready(self.params["layers"])
 
     def precompile_pool(self, *, progress: bool = True) -> int:
         """``precompile`` for a pooling engine: the pooling step (``_pool_step``) of every token bucket at the fixed
@@ -727,17 +736,19 @@ class ModelRunner:
 
         if self.table_width is None:
             raise RuntimeError("precompile needs a fixed block-table width (ModelRunner(fixed_table_width=True))")
-        buckets = token_buckets(self.max_num_batched_tokens)
-        for T in tqdm(buckets, desc="Compiling pooling steps", unit="program", disable=not progress):
-            model_input = jax.device_put(self._empty_step_input(T, self.table_width)[0], self._input_sharding)
+        shapes = [(T, lora) for T in token_buckets(self.max_num_batched_tokens) for lora in self._lora_forms]
+        for T, lora in tqdm(shapes, desc="Compiling pooling steps", unit="program", disable=not progress):
+            model_input = jax.device_put(self._empty_step_input(T, self.table_width, lora)[0], self._input_sharding)
             *rows, self.kv_cache = self.pool_fn(T)(self.params, self.kv_cache, model_input)
             jax.block_until_ready(rows)
-        return len(buckets)
+        if self.lora:
+            self._precompile_lora_writer()
+        return len(shapes) + self.lora
 
     def _precompile_bursts(self, buckets: list[int], samplers: list[SamplingParams], workers: int, bar) -> None:
         """``precompile``'s multi-step decodes: the staging program and each sampler's burst of every bucket."""
-        host_inputs = {(T, lora): self._empty_burst_input(T, samplers, lora)  # as precompile's steps, LoRA's both
-                       for T in buckets for lora in ((True, False) if self.lora else (False,))}
+        host_inputs = {(T, lora): self._empty_burst_input(T, samplers, lora)  # as precompile's steps
+                       for T in buckets for lora in self._lora_forms}
         if workers > 1:
             lowerings = []
             for (T, _), (host, layouts) in host_inputs.items():

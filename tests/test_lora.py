@@ -215,9 +215,33 @@ def test_engine_args_are_checked(field, value, message):
         args.validate()
 
 
-def test_pooling_engine_is_refused(llama):
-    with pytest.raises(ValueError, match="enable_lora cannot be combined with a pooling engine"):
-        LLM(llama[0], skip_tokenizer_init=True, runner="pooling", enable_lora=True)
+def test_embeddings_with_an_adapter_match_peft(tmp_path):
+    """A pooling engine with LoRA (an embedding model's adapter): each prompt's last-token embedding is peft's
+    model's normed last hidden state, with and without the adapter in one call; precompiled, nothing compiles
+    while it runs."""
+    import jax
+
+    base = write_tiny_checkpoint(tmp_path / "base", "qwen3", seed=1)
+    model = make_adapter(tmp_path / "a", "qwen3", 4, ALL_LLAMA_MODULES, r=4, alpha=8)
+    request = LoRARequest("a", 1, str(tmp_path / "a" / "adapter"))
+
+    def hf_embedding(decoder, prompt):
+        with torch.no_grad():
+            last = decoder(torch.tensor([prompt])).last_hidden_state[0, -1].numpy().astype(np.float64)
+        return last / np.linalg.norm(last)
+
+    llm = LLM(str(tmp_path / "base"), skip_tokenizer_init=True, runner="pooling", dtype="float32", block_size=8,
+              max_model_len=64, max_num_batched_tokens=32, max_num_seqs=4, enable_lora=True, max_lora_rank=4,
+              precompile_steps=True)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    cases = [(r, i) for r in (None, request) for i in range(len(PROMPTS))]
+    outs = llm.embed([PROMPTS[i] for _, i in cases], use_tqdm=False, lora_request=[r for r, _ in cases])
+    assert compiles == []
+    for (r, i), out in zip(cases, outs):
+        decoder = base.model if r is None else model.base_model.model.model
+        np.testing.assert_allclose(out.outputs.embedding, hf_embedding(decoder, PROMPTS[i]), atol=2e-5)
 
 
 def test_lora_request_fields_are_checked():
