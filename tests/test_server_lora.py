@@ -298,3 +298,34 @@ def test_metrics_name_the_lora_adapters(served):
     text = httpx.get(f"{served.url}/metrics").text
     line = next(l for l in text.splitlines() if l.startswith("vllm:lora_requests_info{"))
     assert 'max_lora="1"' in line and 'running_lora_adapters=""' in line and 'waiting_lora_adapters=""' in line
+
+
+def test_embeddings_with_an_adapter_from_a_pooling_server(adapters):
+    """``--runner pooling --enable-lora``: /v1/embeddings with ``model`` an adapter's name gives the offline pooling
+    engine's embedding with that adapter, which is not the base model's."""
+    import numpy as np
+
+    from engine import LLM
+
+    offline = LLM(runner="pooling", enable_lora=True, max_lora_rank=RANK, max_model_len=MAX_MODEL_LEN)
+    request = LoRARequest("myadapter", 1, adapters["myadapter"])
+    want = [o.outputs.embedding for o in offline.embed([PROMPT, PROMPT], lora_request=[None, request], use_tqdm=False)]
+    offline.shutdown()
+    argv = ["--runner", "pooling", "--max-model-len", str(MAX_MODEL_LEN), "--enable-lora", "--lora-modules",
+            f"myadapter={adapters['myadapter']}", "--max-lora-rank", str(RANK)]
+    args = make_arg_parser().parse_args(argv)
+    async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=args.engine_process)
+    server, thread, url = _serve_in_thread(build_app(async_llm, served_model_names(args),
+                                                     lora_modules=args.lora_modules))
+    try:
+        client = _client(url)
+        base, adapted = (client.embeddings.create(model=model, input=PROMPT)
+                         for model in (served_model_names(args)[0], "myadapter"))
+        assert adapted.model == "myadapter"
+        np.testing.assert_allclose(base.data[0].embedding, want[0], atol=1e-5)
+        np.testing.assert_allclose(adapted.data[0].embedding, want[1], atol=1e-5)
+        assert not np.allclose(want[0], want[1], atol=1e-3)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        async_llm.shutdown()

@@ -446,7 +446,7 @@ class OpenAIServing:
 
     async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
         """OpenAI's embeddings, from an engine started with ``--runner pooling`` (``engine.pooling``)."""
-        model = self._check_model(req)
+        model, lora = self._resolve_model(req)
         if not req.input:
             raise bad_request("input is empty: give a text, a list of texts or token ids", param="input")
         try:
@@ -454,7 +454,7 @@ class OpenAIServing:
         except ValueError as e:
             raise bad_request(str(e), param="dimensions") from None
         request_id = random_id("embd")
-        vectors, tokens = await self._embedded(request_id, req.input, "input", params, req.priority)
+        vectors, tokens = await self._embedded(request_id, req.input, "input", params, req.priority, lora)
         data = [EmbeddingData(index=i, embedding=_encode_embedding(v, req.encoding_format))
                 for i, v in enumerate(vectors)]
         return EmbeddingResponse(id=request_id, model=model, data=data,
@@ -463,7 +463,7 @@ class OpenAIServing:
     async def create_classification(self, req: ClassificationRequest) -> ClassificationResponse:
         """vLLM's ``/classify``: each input's class probabilities (or logits) from a sequence classifier's engine,
         and its most likely class's name."""
-        model = self._check_model(req)
+        model, lora = self._resolve_model(req)
         if not req.input:
             raise bad_request("input is empty: give a text, a list of texts or token ids", param="input")
         if not self._is_classifier:
@@ -471,7 +471,7 @@ class OpenAIServing:
                               param="model", code="model_not_supported")
         request_id = random_id("classify")
         finals, tokens = await self._pooled(request_id, req.input, "input", PoolingParams(
-            use_activation=req.use_activation), req.priority)
+            use_activation=req.use_activation), req.priority, lora)
         labels = self._class_labels
         data = []
         for i, output in enumerate(finals):
@@ -484,14 +484,15 @@ class OpenAIServing:
 
     async def create_score(self, req: ScoreRequest) -> ScoreResponse:
         """vLLM's ``/score`` for an embedding model: the cosine of ``text_1``'s and each ``text_2``'s embeddings."""
-        model = self._check_model(req)
+        model, lora = self._resolve_model(req)
         first, second = ([t] if isinstance(t, str) else list(t) for t in (req.text_1, req.text_2))
         try:
             pairs = score_pairs(first, second)
         except ValueError as e:
             raise bad_request(str(e), param="text_2") from None
         request_id = random_id("score")
-        vectors, tokens = await self._embedded(request_id, first + second, "text_1", PoolingParams(), req.priority)
+        vectors, tokens = await self._embedded(request_id, first + second, "text_1", PoolingParams(), req.priority,
+                                               lora)
         data = [ScoreData(index=k, score=cosine(vectors[i], vectors[len(first) + j])) for k, (i, j) in enumerate(pairs)]
         return ScoreResponse(id=request_id, model=model, data=data,
                              usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
@@ -499,28 +500,28 @@ class OpenAIServing:
     async def create_rerank(self, req: RerankRequest) -> RerankResponse:
         """vLLM's ``/rerank`` for an embedding model: the documents by their embeddings' cosine with the query's,
         most relevant first, the first ``top_n``."""
-        model = self._check_model(req)
+        model, lora = self._resolve_model(req)
         if not req.documents:
             raise bad_request("documents is empty", param="documents")
         if req.top_n is not None and req.top_n < 1:
             raise bad_request(f"top_n must be a positive integer, got {req.top_n}", param="top_n")
         request_id = random_id("rerank")
         vectors, tokens = await self._embedded(request_id, [req.query] + req.documents, "documents", PoolingParams(),
-                                               req.priority)
+                                               req.priority, lora)
         results = sorted((RerankResult(index=i, document=RerankDocument(text=text),
                                        relevance_score=cosine(vectors[0], vectors[i + 1]))
                           for i, text in enumerate(req.documents)), key=lambda r: -r.relevance_score)
         return RerankResponse(id=request_id, model=model, results=results[:req.top_n],
                               usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
 
-    async def _embedded(self, request_id: str, texts, param: str, params: PoolingParams,
-                        priority: int) -> tuple[list[list[float]], int]:
+    async def _embedded(self, request_id: str, texts, param: str, params: PoolingParams, priority: int,
+                        lora_request: Optional[LoRARequest] = None) -> tuple[list[list[float]], int]:
         """The embedding engine's vectors of ``texts`` (a text, texts or token ids, as a prompt is given) and their
         token count (``_pooled``); a classifier's refusal a 400."""
         if self._is_classifier:
             raise bad_request("this model is a sequence classifier: use /classify", param="model",
                               code="model_not_supported")
-        finals, tokens = await self._pooled(request_id, texts, param, params, priority)
+        finals, tokens = await self._pooled(request_id, texts, param, params, priority, lora_request)
         return [o.outputs.embedding for o in finals], tokens
 
     @functools.cached_property
@@ -536,10 +537,11 @@ class OpenAIServing:
         except (OSError, ValueError, AttributeError):
             return {}
 
-    async def _pooled(self, request_id: str, texts, param: str, params: PoolingParams,
-                      priority: int) -> tuple[list, int]:
-        """The pooling engine's final outputs for ``texts`` (a text, texts or token ids, as a prompt is given) and
-        their token count; a generating engine's refusal, a bad or too long text a 400 naming ``param``."""
+    async def _pooled(self, request_id: str, texts, param: str, params: PoolingParams, priority: int,
+                      lora_request: Optional[LoRARequest] = None) -> tuple[list, int]:
+        """The pooling engine's final outputs for ``texts`` (a text, texts or token ids, as a prompt is given; with
+        ``lora_request``'s adapter if given) and their token count; a generating engine's refusal, a bad or too long
+        text a 400 naming ``param``."""
         if self.async_llm.engine.args.runner != "pooling":
             raise bad_request("this server generates text: embeddings, scores, reranking and classification need a "
                               "pooling engine (--runner pooling, or a classifier's checkpoint)", param="model",
@@ -551,7 +553,8 @@ class OpenAIServing:
                 raise bad_request(f"This model's maximum context length is {limit} tokens, but a text of {param} has "
                                   f"{len(prompt.token_ids)} tokens; a text may have at most {limit - 1}", param=param,
                                   code="context_length_exceeded")
-        streams = await self._add_requests(request_id, prompts, params, priority, param, renames={})
+        streams = await self._add_requests(request_id, prompts, params, priority, param, renames={},
+                                           lora_request=lora_request)
         return await _final_outputs(streams), sum(len(p.token_ids) for p in prompts)
 
     def _echo_logprobs(self, out: CompletionLogprobs, output: RequestOutput) -> int:
