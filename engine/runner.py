@@ -403,7 +403,8 @@ class ModelRunner:
         elif fuse_projections and mesh is not None:
             raise ValueError("fused projections run on one device; a mesh splits q/k/v and gate/up apart")
         self.lora, self.max_lora_rank = max_loras > 0, max_lora_rank
-        self._kv_replicas = 1 if mesh is None else plan.kv_replicas
+        # An adapter's k / v updates over a mesh that repeats the kv heads: repeated with them (set_lora).
+        self._repeat_kv_heads = None if mesh is None or plan.kv_replicas == 1 else plan.repeat_kv_heads
         if self.lora:  # zeroed slots, beside the layer weights (replicated over a mesh; joined as q/k/v and gate/up)
             lora = jax.device_put(empty_lora_params(step_config, max_loras, max_lora_rank, params["embed"].dtype,
                                                     joined=fuse_projections), self._input_sharding)
@@ -826,7 +827,8 @@ class ModelRunner:
     def _write_lora(self, slot: int, adapter: dict) -> None:
         """``set_lora`` on this process alone (``precompile`` runs it on every process of a cluster)."""
         dtype = self.params["embed"].dtype
-        adapter = {name: (a.astype(dtype), self._repeat_kv_heads(name, b).astype(dtype))
+        repeat = self._repeat_kv_heads
+        adapter = {name: (a.astype(dtype), (repeat(b) if repeat and name in ("wk", "wv") else b).astype(dtype))
                    for name, (a, b) in adapter.items()}
         layers = self.params["layers"]
         if isinstance(layers, (list, tuple)):  # per-layer weights: each layer's slots from its rows (one program)
@@ -835,13 +837,6 @@ class ModelRunner:
                 layer["lora"] = self._set_lora(layer["lora"], self._placed(rows), np.int32(slot))
         else:
             layers["lora"] = self._set_lora(layers["lora"], self._placed(adapter), np.int32(slot))
-
-    def _repeat_kv_heads(self, name: str, b: np.ndarray) -> np.ndarray:
-        """An adapter's ``b`` for ``wk`` / ``wv`` with each kv head repeated as the mesh's step repeats them."""
-        if self._kv_replicas == 1 or name not in ("wk", "wv"):
-            return b
-        heads = b.reshape(*b.shape[:-1], -1, self.config.head_dim)
-        return np.repeat(heads, self._kv_replicas, axis=-2).reshape(*b.shape[:-1], -1)
 
     def dispatch(self, work: Sequence[SequenceWork], sampling: SamplingMetadata, *,
                  num_logprobs: Optional[int] = None, decode_steps: int = 1,

@@ -239,6 +239,11 @@ class TensorParallelPlan:
         """Logits ``[S, V]`` as the vocab-parallel LM head leaves them (the sampler takes them so)."""
         return self._named((None, "vocab"))
 
+    def repeat_kv_heads(self, w):
+        """A k / v weight (or bias: its output axis ``Hkv*D``) as ``config`` has it: each kv head repeated
+        ``kv_replicas`` times in place."""
+        return _repeat_heads(w, self.kv_replicas, self.checkpoint_config.head_dim)
+
     def shard_params(self, params: dict) -> dict:
         """Checkpoint params (loaded with ``load_shardings``, or anywhere) -> params of ``config``, sharded.
 
@@ -250,10 +255,8 @@ class TensorParallelPlan:
         if self.kv_replicas > 1:
             layers = dict(params["layers"])
             names = [n for n in _KV_WEIGHTS if n in layers]
-            repeat = functools.partial(_repeat_heads, replicas=self.kv_replicas,
-                                       head_dim=self.checkpoint_config.head_dim)
             kv_weights = {n: layers[n] for n in names}
-            expand = jax.jit(lambda ws: {n: repeat(w) for n, w in ws.items()},
+            expand = jax.jit(lambda ws: {n: self.repeat_kv_heads(w) for n, w in ws.items()},
                              out_shardings=_shardings_like(kv_weights, {n: target["layers"][n] for n in names}))
             layers.update(expand(kv_weights))
             params = {**params, "layers": layers}
