@@ -14,6 +14,7 @@ the scheduler keys each request's tokens (``extend_block_keys``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from array import array
 from collections import OrderedDict
@@ -27,9 +28,10 @@ def block_key(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
+@functools.lru_cache(maxsize=None)
 def root_key(lora_id: int = 0) -> bytes:
     """The parent key of a sequence's first block: K/V computed under a LoRA adapter (``lora_id`` >= 1) are that
-    adapter's, so its sequences' keys start from a root of their own."""
+    adapter's, so its sequences' keys start from a root of their own (kept: the scheduler asks every step)."""
     return ROOT_KEY if not lora_id else hashlib.sha256(b"lora:" + lora_id.to_bytes(8, "little")).digest()
 
 
