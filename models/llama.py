@@ -351,14 +351,17 @@ def forward(
         updates = tuple(lora_update(h, w["lora"], p, mask) for p in FUSED_PROJECTIONS[fused])
         return jnp.concatenate(updates, axis=-1) if joined else updates
 
+    def joined_output(h, w, fused: str, mask):
+        """``h @ w[fused]`` (the layer's fused weight), plus each row's LoRA updates of its parts where ``mask``
+        (``models.lora.lora_mask``) is given."""
+        out = mm(h, w[fused])
+        return out if mask is None else out + lora_updates(h, w, fused, mask, joined=True)
+
     def project(h, w, fused: str, mask=None) -> tuple:
         """``h @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has it; plus
-        each row's LoRA updates where ``mask`` (``models.lora.lora_mask``) is given."""
+        each row's LoRA updates where ``mask`` is given."""
         if fused in w:
-            joined = mm(h, w[fused])
-            if mask is not None:
-                joined = joined + lora_updates(h, w, fused, mask, joined=True)
-            return split_columns(joined, widths[fused])
+            return split_columns(joined_output(h, w, fused, mask), widths[fused])
         parts = tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
         if mask is None:
             return parts
@@ -398,11 +401,9 @@ def forward(
         if "wqkv" in w:
             if qkv_shards != 1:
                 raise ValueError(f"a fused wqkv's columns are one [q | k | v] block, not qkv_shards={qkv_shards}")
-            qkv = mm(h, w["wqkv"])
+            qkv = joined_output(h, w, "wqkv", mask)
             if config.qkv_bias:
                 qkv = qkv + (w["bqkv"] if "bqkv" in w else jnp.concatenate(biases(w, "bqkv")))
-            if mask is not None:
-                qkv = qkv + lora_updates(h, w, "wqkv", mask, joined=True)
             return qkv.reshape(T, -1, D)
         q, k, v = project(h, w, "wqkv", mask)
         if config.qkv_bias:
