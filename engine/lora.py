@@ -13,7 +13,26 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter, OrderedDict
-from typing import Callable
+from typing import Callable, Optional
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder's (models.lora reads)
+
+
+def adapter_folder_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a LoRA adapter folder (missing, or without a PEFT adapter's two files), or None: checked
+    before the engine reads an adapter (``models.lora.read_adapter`` checks the rest) and by the server's process."""
+    if not os.path.isdir(path):
+        return (f"LoRA adapter folder {path!r} does not exist (adapters are read from local folders, never "
+                "downloaded)")
+    for file in ADAPTER_FILES:
+        if not os.path.exists(os.path.join(path, file)):
+            try:
+                holds = sorted(os.listdir(path))
+            except OSError as e:
+                holds = e.strerror or str(e)
+            return f"{path!r} is not a PEFT LoRA adapter: it has no {file} (it holds {holds})"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +98,11 @@ class LoRASlots:
     def _weights(self, request: LoRARequest) -> dict:
         weights = self._host.get(request.lora_int_id)
         if weights is None:
-            from models.lora import read_adapter
+            from models.lora import LoRAAdapterError, read_adapter
 
+            problem = adapter_folder_problem(request.lora_path)
+            if problem is not None:
+                raise LoRAAdapterError(problem)
             weights = read_adapter(request.lora_path, self.config, self.max_rank)
             self._host[request.lora_int_id] = weights
         self._host.move_to_end(request.lora_int_id)

@@ -56,6 +56,11 @@ def param_widths(config: ModelConfig) -> dict[str, tuple[int, int]]:
     return attention if config.is_moe else {**attention, "w_gate": (h, i), "w_up": (h, i), "w_down": (i, h)}
 
 
+def _in_out(widths: dict[str, tuple[int, int]], parts: tuple[str, ...]) -> tuple[int, int]:
+    """``(in, out)`` of matrices ``parts`` joined along their outputs (they share their input)."""
+    return widths[parts[0]][0], sum(widths[p][1] for p in parts)
+
+
 def lora_groups(config: ModelConfig, joined: bool) -> dict[str, tuple[str, ...]]:
     """The updates a step runs, each over the matrices it covers (``param_widths``): q/k/v's and gate/up's
     joined, or one a matrix."""
@@ -71,7 +76,7 @@ def empty_lora_params(config: ModelConfig, max_loras: int, max_rank: int, dtype,
     L, width, widths = config.num_layers, max_loras * max_rank, param_widths(config)
     lora = {}
     for group, parts in lora_groups(config, joined).items():
-        n_in, n_out = widths[parts[0]][0], sum(widths[p][1] for p in parts)
+        n_in, n_out = _in_out(widths, parts)
         lora[group] = {"a": np.zeros((L, n_in, len(parts) * width), dtype),
                        "b": np.zeros((L, len(parts) * width, n_out), dtype)}
     return {"lora": lora, "lora_columns": np.repeat(np.arange(1, max_loras + 1, dtype=np.int32), max_rank)}
@@ -79,17 +84,11 @@ def empty_lora_params(config: ModelConfig, max_loras: int, max_rank: int, dtype,
 
 def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A PEFT LoRA adapter folder as ``{name: (a [L, in, max_rank], b [L, max_rank, out])}`` float32, the scaling
-    folded into ``b``, zero-padded to ``max_rank``, zeros for matrices and layers it leaves alone."""
+    folded into ``b``, zero-padded to ``max_rank``, zeros for matrices and layers it leaves alone. The folder holds
+    both files (``engine.lora.adapter_folder_problem``, checked by the engine before it reads one)."""
     from models.safetensors_loader import _Checkpoint, _read_header
 
     config_file, weights_file = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
-    if not os.path.isdir(path):
-        raise LoRAAdapterError(f"LoRA adapter folder {path!r} does not exist (adapters are read from local "
-                               "folders, never downloaded)")
-    for file in (config_file, weights_file):
-        if not os.path.exists(file):
-            raise LoRAAdapterError(f"{path!r} is not a PEFT LoRA adapter: it has no {os.path.basename(file)} "
-                                   f"(it holds {sorted(os.listdir(path))})")
     try:
         with open(config_file) as f:
             peft = json.load(f)
@@ -115,8 +114,7 @@ def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
         if parts[0] not in widths:
             raise LoRAAdapterError(f"{weights_file}: tensor {key!r} updates the MLP of {config.model_type}, a "
                                    "mixture of experts: only its attention's updates are supported")
-        n_in = widths[parts[0]][0]
-        n_out = sum(widths[p][1] for p in parts)
+        n_in, n_out = _in_out(widths, parts)
         expected = (rank, n_in) if which == "A" else (n_out, rank)
         if ckpt.shape(key) != expected:
             raise LoRAAdapterError(f"{weights_file}: tensor {key!r} has shape {list(ckpt.shape(key))}, expected "
@@ -161,7 +159,7 @@ def write_random_adapter(path: str, config: ModelConfig, modules: list[str], *, 
     for layer in range(config.num_layers):
         for module in modules:
             parts = TARGET_MODULES[module]
-            n_in, n_out = widths[parts[0]][0], sum(widths[p][1] for p in parts)
+            n_in, n_out = _in_out(widths, parts)
             block = "self_attn" if parts[0] in ("wq", "wk", "wv", "wo") else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = (std * rng.standard_normal((r, n_in))).astype(np.float32)

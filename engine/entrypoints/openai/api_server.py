@@ -61,7 +61,7 @@ from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningPars
 from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, ToolParser, forced_tool_calls, is_forced,
                                              resolve_tool_choice, template_messages, tool_call_schema)
 from engine.generation_config import SAMPLING_FIELDS
-from engine.lora import LoRARequest
+from engine.lora import LoRARequest, adapter_folder_problem
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import RUNNERS, PoolingParams, cosine, is_classifier, score_pairs
@@ -385,7 +385,7 @@ class OpenAIServing:
         if not self.async_llm.engine.args.enable_lora:
             raise bad_request("LoRA is off: start the server with --enable-lora to serve LoRA adapters",
                               param="lora_name")
-        problem = await run_in_threadpool(lora_folder_problem, req.lora_path)
+        problem = await run_in_threadpool(adapter_folder_problem, req.lora_path)
         if problem is not None:
             raise bad_request(problem, param="lora_path")
         problem = self._lora_name_problem(req.lora_name)  # checked and taken with no await between
@@ -863,7 +863,6 @@ class OpenAIServing:
 # -- LoRA adapters -----------------------------------------------------------------------
 
 RUNTIME_LORA_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the load/unload endpoints
-LORA_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder's (models.lora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -898,22 +897,6 @@ def parse_lora_module(spec: str) -> LoRAModulePath:
     if not sep or not name.strip() or not path.strip():
         raise argparse.ArgumentTypeError(f"{spec!r} is not an adapter: expected {forms}")
     return LoRAModulePath(name.strip(), path.strip())
-
-
-def lora_folder_problem(path: str) -> Optional[str]:
-    """Why ``path`` is not a LoRA adapter folder (missing, or without a PEFT adapter's two files), in the engine's
-    words (``models.lora.read_adapter``, which checks the rest when a request first names the adapter), or None."""
-    if not os.path.isdir(path):
-        return (f"LoRA adapter folder {path!r} does not exist (adapters are read from local folders, never "
-                "downloaded)")
-    for file in LORA_ADAPTER_FILES:
-        if not os.path.exists(os.path.join(path, file)):
-            try:
-                holds = sorted(os.listdir(path))
-            except OSError as e:
-                holds = e.strerror or str(e)
-            return f"{path!r} is not a PEFT LoRA adapter: it has no {file} (it holds {holds})"
-    return None
 
 
 def runtime_lora_updating_allowed() -> bool:
@@ -1280,7 +1263,7 @@ def lora_modules_problem(args: argparse.Namespace) -> Optional[str]:
             return (f"--lora-modules: the name {module.name!r} is given twice (adapter names and "
                     "--served-model-name must all differ)")
         taken.add(module.name)
-        problem = lora_folder_problem(module.path)
+        problem = adapter_folder_problem(module.path)
         if problem is not None:
             return f"--lora-modules: adapter {module.name!r}: {problem}"
     return None
