@@ -181,6 +181,8 @@ class EngineLoop:
             self._running = False
             self._cond.notify_all()
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():  # else a step still runs on the buffers
+            self.engine.release_device_memory()
 
 
 def engine_stats(engine: LLMEngine) -> dict:

@@ -428,6 +428,12 @@ class LLMEngine:
                 group.aborted = True
         self._emit(group)
 
+    def release_device_memory(self) -> None:
+        """Free the weights, KV pages and step buffers now (shutdown), so that another engine in this process can
+        size its KV cache from the memory this one held; this engine cannot step afterwards."""
+        self._in_flight = None
+        self.runner.release()
+
     def has_unfinished_requests(self) -> bool:
         # A step still in flight whose requests all finished needs no further step: the next step()
         # completes it (and drops its tokens) whenever one comes.

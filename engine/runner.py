@@ -482,6 +482,20 @@ class ModelRunner:
             "out_shardings": (self._input_sharding,) * 3 + (kv_placement,)}
         self._make_pool = functools.partial(jax.jit, self._pool_step, donate_argnums=(1,), **pool_placement)
 
+    def release(self) -> None:
+        """Free the device memory this runner holds (weights, KV pages, step buffers, compiled programs) at once,
+        not when Python collects it; the runner cannot step afterwards."""
+        owned = [self.params, self.kv_cache, getattr(self, "_sampled", None)]
+        for buffers in ("_staged", "_logits_buffers", "_burst_outputs"):
+            owned.extend(getattr(self, buffers, {}).values())
+        for leaf in jax.tree.leaves(owned):
+            if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+                leaf.delete()
+        self.params = self.kv_cache = self._sampled = None
+        for cache in ("_staged", "_logits_buffers", "_burst_outputs", "_step_fns", "_burst_fns", "_score_fns",
+                      "_pool_fns"):
+            setattr(self, cache, {})
+
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
         """A step input's shape, placed as the runner places that input (replicated over a mesh)."""
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding or self._input_sharding)

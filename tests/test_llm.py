@@ -13,8 +13,8 @@ import os
 import pickle
 import threading
 
+import jax
 import numpy as np
-
 import pytest
 
 from engine import LLM, SamplingParams
@@ -465,6 +465,30 @@ def test_pallas_kv_write_gives_the_reference_scatters_tokens(tmp_path):
     assert outputs["pallas"] == outputs["reference"]
     with pytest.raises(ValueError, match="kv_write_backend"):
         LLM(str(tmp_path), kv_write_backend="triton")
+
+
+def test_shutdown_frees_the_device_memory_at_once(tmp_path):
+    """shutdown() deletes the weights, KV pages and step buffers (another engine in the process can then size
+    its pool from that memory), and a later request gets a clear error."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=13)
+    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
+              num_gpu_blocks_override=10)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first = llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids
+    runner = llm.llm_engine.runner
+    held = jax.tree.leaves([runner.params, runner.kv_cache, list(runner._staged.values())])
+    assert held and not any(a.is_deleted() for a in held)
+    llm.shutdown()
+    assert all(a.is_deleted() for a in held)
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    llm.shutdown()  # twice is harmless
+    again = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
+                num_gpu_blocks_override=10)
+    assert again.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids == first
+    again.shutdown()
 
 
 def test_kv_pool_leaves_room_for_the_largest_step(tmp_path, monkeypatch):
