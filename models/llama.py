@@ -56,7 +56,7 @@ from models.config import ModelConfig
 from models.lora import lora_mask, lora_update
 from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_rms_norm, rms_norm
-from models.quantization import LinearBackend, concat_outputs, is_quantized, linear
+from models.quantization import Fp8Weight, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized, linear
 from pallas_kernels.quantized_matmul import add_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
@@ -337,6 +337,7 @@ def forward(
         rope = (rope[0], rope_cos_sin(batch.positions, local))
     attend = functools.partial(attention_fn, sm_scale=config.attn_scale, soft_cap=config.attn_soft_cap)
     activation = jax.nn.silu if config.hidden_act == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+    activation_name = "silu" if config.hidden_act == "silu" else "gelu_tanh"  # pallas_kernels.fp8_activation's
     mm = functools.partial(linear, backend=linear_backend)
     mm_parts = functools.partial(linear, backend=linear_backend, keep_splits=True)
 
@@ -388,6 +389,8 @@ def forward(
                 shared = add_splits(mm_parts(mlp_hidden(h, w), w["w_down"]), h.dtype).astype(h.dtype)
                 out = out + jax.nn.sigmoid(mm(h, w["shared_expert_gate"])) * shared
             return out[None]
+        if mask is None and isinstance(w.get("w_gate_up"), Fp8Weight) and isinstance(w["w_down"], Fp8Weight):
+            return fp8_gated_mlp(h, w["w_gate_up"], w["w_down"], activation_name, linear_backend)[None]
         hidden = mlp_hidden(h, w, mask)
         return with_lora(mm_parts(hidden, w["w_down"]), hidden, w, "w_down", mask)
 

@@ -47,14 +47,15 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from models.config import QUANTIZATION_METHODS
+from pallas_kernels import fp8_activation
 from pallas_kernels import quantized_matmul as qmm
+from pallas_kernels.fp8_activation import FP8_MAX, quantize_rows_fp8
 
 QUANTIZED_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 # A mixture of experts' quantized weights (``[..., E, K, N]`` for the grouped matmul: Int8Weight, Int4Weight, or
 # Fp8Weight's K-major ``[..., E, N, K]``); its router stays in the model dtype.
 QUANTIZED_EXPERT_WEIGHTS = ("expert_gate", "expert_up", "expert_down")
 INT4_GROUP_SIZE = 128  # group size of the load-time int4 method (and of dummy AWQ/GPTQ weights)
-FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column AWQ_ORDER[i] of its 8
 
 
@@ -691,6 +692,13 @@ class LinearBackend:
                                or (isinstance(w, (Int8Weight, Int8KMajorWeight)) and rows == 1))
         return self.kernel == "pallas"
 
+    def use_fp8_activation_kernel(self, width: int) -> bool:
+        """Whether an fp8 MLP's middle (``fp8_gated_mlp``) on rows of ``width`` activations runs the Pallas kernel:
+        on a GPU under "auto", and under "pallas"; never under "xla" (and so not on a mesh)."""
+        if self.kernel == "xla" or not fp8_activation.kernel_fits(width):
+            return False
+        return self.kernel == "pallas" or jax.default_backend() == "gpu"
+
     def use_grouped_kernel(self) -> bool:
         """Whether a mixture-of-experts layer's grouped matmuls run the Pallas kernel (``models.moe``): on a GPU
         under "auto" (XLA's ``ragged_dot`` there multiplies every row by every expert), and under "pallas"."""
@@ -738,14 +746,33 @@ def _fp8_dot_output_from_env() -> str:
     return _choice_from_env("PAGEDJAX_FP8_DOT_OUTPUT", FP8_DOT_OUTPUTS)
 
 
+def _fp8_dot(xq: jax.Array, w: Fp8Weight, dtype) -> jax.Array:
+    """``xq @ w.q.T``, unscaled: the fp8 x fp8 tensor-core matmul with both operands K-major, its result in
+    ``dtype`` (the activations') or float32 (``$PAGEDJAX_FP8_DOT_OUTPUT``)."""
+    dot_type = jnp.float32 if _fp8_dot_output_from_env() == "float32" else dtype
+    return jax.lax.dot_general(xq, w.q, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=dot_type)
+
+
 def _fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
     """Per-token dynamic activation scales, fp8 x fp8 matmul with both operands K-major."""
-    x32 = x.astype(jnp.float32)
-    x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), 1e-12) / FP8_MAX
-    xq = (x32 / x_scale).astype(jnp.float8_e4m3fn)
-    dot_type = jnp.float32 if _fp8_dot_output_from_env() == "float32" else x.dtype
-    acc = jax.lax.dot_general(xq, w.q, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=dot_type)
-    return (acc.astype(jnp.float32) * x_scale * w.scale).astype(x.dtype)
+    xq, x_scale = quantize_rows_fp8(x)
+    return (_fp8_dot(xq, w, x.dtype).astype(jnp.float32) * x_scale * w.scale).astype(x.dtype)
+
+
+def fp8_gated_mlp(h: jax.Array, w_gate_up: Fp8Weight, w_down: Fp8Weight, activation: str,
+                  backend: LinearBackend = LinearBackend()) -> jax.Array:
+    """``(act(h @ W_gate) * (h @ W_up)) @ W_down`` with fp8 weights (``w_gate_up``'s columns ``[gate | up]``). The
+    middle (the gate/up product's scales, the activation, the down matmul's per-row quantization) is one Pallas
+    kernel where ``backend.use_fp8_activation_kernel`` says so (``pallas_kernels.fp8_activation``: XLA reads the
+    gate/up product twice there), else its jnp reference, the unfused model's arithmetic."""
+    hq, h_scale = quantize_rows_fp8(h)
+    acc = _fp8_dot(hq, w_gate_up, h.dtype)
+    middle = functools.partial(fp8_activation.gated_activation_fp8_reference, activation=activation, dtype=h.dtype)
+    if backend.use_fp8_activation_kernel(acc.shape[-1] // 2):
+        middle = functools.partial(fp8_activation.gated_activation_fp8, activation=activation, dtype=h.dtype,
+                                   interpret=backend.interpret)
+    hidden_q, hidden_scale = middle(acc, h_scale, w_gate_up.scale)
+    return (_fp8_dot(hidden_q, w_down, h.dtype).astype(jnp.float32) * hidden_scale * w_down.scale).astype(h.dtype)
 
 
 def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:

@@ -390,6 +390,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("tput-short-fp8-f32dot", ["env", "PAGEDJAX_FP8_DOT_OUTPUT=float32"] + tput(
             "tput-short", "--quantization", "fp8", "--output-json", f"{results}/tput-short-fp8-f32dot.json"), 200),
         ("tput-short-fp8-kvfp8", tput("tput-short", "--quantization", "fp8", "--kv-cache-dtype", "fp8"), 150),
+        # Issue 8: fp8 with the MLP's middle as XLA writes it (two passes over the gate/up product), against the
+        # default's one kernel (pallas_kernels.fp8_activation), in the same lease.
+        ("tput-short-fp8-xla", tput("tput-short", "--quantization", "fp8", "--linear-backend", "xla"), 200),
+        ("tput-short-fp8-kvfp8-xla", tput("tput-short", "--quantization", "fp8", "--kv-cache-dtype", "fp8",
+                                          "--linear-backend", "xla"), 150),
         ("matmul", matmul("matmul", "--rows", "1,16,256"), 150),
         ("matmul-sweep", matmul("matmul-sweep", "--rows", "1", "--sweep", "--sweep-shapes", "w_gate_up"), 150),
         ("latency-bf16-pallas", latency(None, "--linear-backend", "pallas"), 70),
@@ -515,6 +520,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                                             "192", "--quantization", "fp8"), 150),
         ("profile-prefill-short-fp8", profile("profile-prefill-short-fp8", "--step", "prefill", "--batch", "128",
                                               "--ctx", "128", "--quantization", "fp8"), 150),
+        ("profile-prefill-short-fp8-xla", profile("profile-prefill-short-fp8-xla", "--step", "prefill", "--batch",
+                                                  "128", "--ctx", "128", "--quantization", "fp8", "--linear-backend",
+                                                  "xla"), 150),
+        ("profile-decode-1024-fp8-xla", profile("profile-decode-1024-fp8-xla", "--step", "decode", "--batch", "1024",
+                                                "--ctx", "192", "--quantization", "fp8", "--linear-backend", "xla"),
+                                                150),
         # The decode step of tput-short's own engine (its limits, so its compiled programs: persistent-cache
         # hits after a tput-short run) against profile-decode-1024's engine: tput-short's decode steps took
         # 32 ms where profile-decode-1024's kernels took 27.9 (runs 14b, 14d); run 14c saw the same GEMM

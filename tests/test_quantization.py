@@ -266,9 +266,10 @@ def test_quantized_logits_close_to_dense_and_kernel_matches_xla(tiny, method):
     xla = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="xla"))
     err = relative_error(xla, reference)
     assert err < LOGIT_TOLERANCE[method], f"{method}: logits differ from the dense model by {err:.3f}"
-    if method != "fp8":  # fp8 always runs through XLA's fp8 dot
-        kernel = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
-        assert relative_error(kernel, xla) < 1e-5
+    kernel = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="pallas", interpret=True))
+    # fp8: XLA's fp8 dots, and the MLP's middle in one kernel (pallas_kernels.fp8_activation), whose exp rounds
+    # otherwise: a hidden value may land on the next fp8 step
+    assert relative_error(kernel, xla) < (2e-2 if method == "fp8" else 1e-5)
 
 
 @pytest.fixture(scope="module")
