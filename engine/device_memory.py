@@ -76,14 +76,22 @@ def live_array_bytes() -> int:
                if shard.device == device)
 
 
+_least_outside_arrays: list[int] = []  # the least memory_outside_arrays this process has read
+
+
 def memory_outside_arrays() -> Optional[int]:
     """Under an allocator without stats (JAX's VMM allocator): what the CUDA driver counts in use beyond this
     process's live arrays (the CUDA context, other processes, memory the allocator holds), read before the
-    engine's weights load; None under an allocator with stats, or off CUDA."""
+    engine's weights load; None under an allocator with stats, or off CUDA. The least reading of the process
+    so far: that allocator keeps what an engine freed at its shutdown and gives it to the next one's arrays, so a
+    later reading would count that memory twice (run 41d: a second engine in one process found none left)."""
     if "bytes_in_use" in (jax.local_devices()[0].memory_stats() or {}):
         return None
     device = driver_memory()
-    return None if device is None else max(0, device[1] - device[0] - live_array_bytes())
+    if device is None:
+        return None
+    _least_outside_arrays[:] = [min([max(0, device[1] - device[0] - live_array_bytes()), *_least_outside_arrays])]
+    return _least_outside_arrays[0]
 
 
 def device_memory_in_use(outside_arrays: Optional[int] = None) -> int:

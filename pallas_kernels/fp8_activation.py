@@ -58,10 +58,10 @@ def gated_activation_fp8_reference(acc: jax.Array, row_scale: jax.Array, col_sca
     return quantize_rows_fp8(_activation(activation, gate) * up)
 
 
-def _chunk_size(n: int) -> Optional[int]:
-    """The largest power of two up to ``MAX_CHUNK`` that divides ``n`` in at most ``MAX_CHUNKS`` chunks (the
+def _chunk_size(n: int, max_chunk: int = MAX_CHUNK) -> Optional[int]:
+    """The largest power of two up to ``max_chunk`` that divides ``n`` in at most ``MAX_CHUNKS`` chunks (the
     kernel unrolls its loop over them), else None."""
-    chunk = MAX_CHUNK
+    chunk = max_chunk
     while chunk >= 16 and n // chunk <= MAX_CHUNKS:
         if n % chunk == 0:
             return chunk
@@ -100,9 +100,11 @@ def _kernel(acc_ref, row_scale_ref, col_scale_ref, q_ref, scale_ref, *, n: int, 
 
 
 def gated_activation_fp8(acc: jax.Array, row_scale: jax.Array, col_scale: jax.Array, *, activation: str = "silu",
-                         dtype=jnp.bfloat16, interpret: Optional[bool] = None) -> tuple[jax.Array, jax.Array]:
+                         dtype=jnp.bfloat16, interpret: Optional[bool] = None, num_warps: Optional[int] = None,
+                         max_chunk: int = MAX_CHUNK) -> tuple[jax.Array, jax.Array]:
     """``gated_activation_fp8_reference`` in one Pallas kernel (shapes there; ``kernel_fits(N)`` must hold).
-    ``interpret``: None runs it compiled on a GPU and interpreted elsewhere."""
+    ``interpret``: None runs it compiled on a GPU and interpreted elsewhere. ``num_warps`` (None: 8 for rows over
+    4,096 activations, else 4) and ``max_chunk``: the settings ``scripts/bench_fp8_activation.py`` sweeps."""
     T, two_n = acc.shape
     n = two_n // 2
     if two_n % 2 or row_scale.shape != (T, 1) or col_scale.shape != (two_n,):
@@ -115,14 +117,17 @@ def gated_activation_fp8(acc: jax.Array, row_scale: jax.Array, col_scale: jax.Ar
                          f"{MAX_CHUNKS} chunks of a power of two)")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    kernel = functools.partial(_kernel, n=n, chunk=_chunk_size(n), activation=activation, dtype=jnp.dtype(dtype))
+    chunk = _chunk_size(n, max_chunk) or _chunk_size(n)
+    kernel = functools.partial(_kernel, n=n, chunk=chunk, activation=activation, dtype=jnp.dtype(dtype))
+    if num_warps is None:
+        num_warps = 8 if n > 4096 else 4
     q, scale = pl.pallas_call(
         kernel,
         grid=(T,),
         in_specs=[pl.no_block_spec] * 3,
         out_specs=[pl.no_block_spec] * 2,
         out_shape=[jax.ShapeDtypeStruct((T, n), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((T,), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=8 if n > 4096 else 4, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="gated_activation_fp8",
     )(acc, row_scale.reshape(T).astype(jnp.float32), col_scale.astype(jnp.float32))

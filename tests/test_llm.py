@@ -683,6 +683,7 @@ def test_memory_budget_under_an_allocator_without_a_pool_comes_from_the_driver(m
             return None
 
     monkeypatch.setattr(device_memory.jax, "local_devices", lambda: [FakeDevice()])
+    monkeypatch.setattr(device_memory, "_least_outside_arrays", [])  # a fresh process's
     monkeypatch.setattr(device_memory, "driver_memory", lambda: (100 << 30, 140 << 30))  # (free, total)
     assert device_memory.device_memory_budget(0.9) == int(0.9 * (140 << 30))
     assert device_memory.device_memory_in_use() == 40 << 30
@@ -695,6 +696,10 @@ def test_memory_budget_under_an_allocator_without_a_pool_comes_from_the_driver(m
     monkeypatch.setattr(device_memory, "driver_memory", lambda: (50 << 30, 140 << 30))
     monkeypatch.setattr(device_memory, "live_array_bytes", lambda: 16 << 30)
     assert device_memory.device_memory_in_use(outside) == 55 << 30
+    # That engine shut down: its arrays are gone, but the allocator keeps their memory for the next engine's
+    # arrays. The next engine's reading is the process's least, not 89 GiB.
+    monkeypatch.setattr(device_memory, "live_array_bytes", lambda: 1 << 30)
+    assert device_memory.memory_outside_arrays() == 39 << 30
     monkeypatch.setattr(device_memory, "driver_memory", lambda: None)  # no CUDA: a CPU
     assert device_memory.device_memory_budget(0.9) is None and device_memory.device_memory_in_use() == 0
     assert device_memory.memory_outside_arrays() is None
