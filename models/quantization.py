@@ -28,7 +28,8 @@ Speed: at small batches a step reads every weight once. For int4 weights ``linea
 runs the Pallas weight-streaming kernel (``pallas_kernels.quantized_matmul``), which reads the
 packed bytes and dequantizes in registers, where XLA would first write a dequantized copy;
 int8 and fp8 go to XLA, which fuses the int8 convert into its dot and has fp8 tensor-core
-dots (``LinearBackend`` says what was measured). At large batches every format dequantizes
+dots (``LinearBackend`` says what was measured); between an fp8 MLP's matmuls one Pallas kernel scales, gates and
+re-quantizes the rows (``fp8_gated_mlp``). At large batches every format dequantizes
 and calls XLA's matmul, then bound by arithmetic, not bytes. Under a tensor-parallel mesh the
 kernel is not used (GSPMD cannot partition a Pallas call; the XLA path is partitioned as usual).
 """
