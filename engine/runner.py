@@ -483,18 +483,17 @@ class ModelRunner:
         self._make_pool = functools.partial(jax.jit, self._pool_step, donate_argnums=(1,), **pool_placement)
 
     def release(self) -> None:
-        """Free the device memory this runner holds (weights, KV pages, step buffers, compiled programs) at once,
-        not when Python collects it; the runner cannot step afterwards."""
+        """Free the device memory this runner holds (weights, KV pages, step buffers) at once, not when Python
+        collects it; the runner cannot step afterwards (its compiled programs stay, for inspection)."""
+        buffers = ("_staged", "_logits_buffers", "_burst_outputs")
         owned = [self.params, self.kv_cache, getattr(self, "_sampled", None)]
-        for buffers in ("_staged", "_logits_buffers", "_burst_outputs"):
-            owned.extend(getattr(self, buffers, {}).values())
+        owned += [list(getattr(self, name, {}).values()) for name in buffers]
         for leaf in jax.tree.leaves(owned):
             if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                 leaf.delete()
         self.params = self.kv_cache = self._sampled = None
-        for cache in ("_staged", "_logits_buffers", "_burst_outputs", "_step_fns", "_burst_fns", "_score_fns",
-                      "_pool_fns"):
-            setattr(self, cache, {})
+        for name in buffers:
+            setattr(self, name, {})
 
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
         """A step input's shape, placed as the runner places that input (replicated over a mesh)."""

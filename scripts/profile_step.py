@@ -169,12 +169,14 @@ def profile_step(llm, args) -> dict:
         raise SystemExit(f"{args.batch} x {blocks} blocks do not fit the pool of {pool}")
     def table(i):
         return list(range(1 + i * blocks, 1 + (i + 1) * blocks))
+    def slot(i):  # --num-loras: the rows spread over the adapter slots (zeroed: the same work as filled ones)
+        return 1 + i % args.num_loras if args.num_loras else 0
     if args.step == "decode":
-        work = [SequenceWork(token_ids=[7], start=args.ctx, block_table=table(i), sample=True)
+        work = [SequenceWork(token_ids=[7], start=args.ctx, block_table=table(i), sample=True, lora_slot=slot(i))
                 for i in range(args.batch)]
     else:
-        work = [SequenceWork(token_ids=[7] * args.ctx, start=0, block_table=table(i), sample=True)
-                for i in range(args.batch)]
+        work = [SequenceWork(token_ids=[7] * args.ctx, start=0, block_table=table(i), sample=True,
+                             lora_slot=slot(i)) for i in range(args.batch)]
     n = len(work)
     sampling = build_sampling_metadata([SamplingParams(temperature=0.0)] * n, [[]] * n, [[0]] * n, [0] * n, [0] * n,
                                        runner.padded_num_seqs(sum(len(w.token_ids) for w in work)))

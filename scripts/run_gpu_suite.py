@@ -305,6 +305,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # matrix, and tput-short spread over 4 adapters in slots at once, against latency-bf16 / tput-short-bf16.
         ("latency-bf16-lora", latency(None, "--num-loras", "1"), 150),
         ("tput-short-lora", tput("tput-short", "--num-loras", "4"), 240),
+        # Where LoRA's 10% of tput-short goes (run 41b): the decode step at 1,024 rows over 4 adapters' slots,
+        # beside profile-decode-1024 (the same engine without LoRA).
+        ("profile-decode-1024-lora", profile("profile-decode-1024-lora", "--step", "decode", "--batch", "1024",
+                                             "--ctx", "192", "--num-loras", "4"), 150),
         # The grouped matmul's tiles (run 36: at prompt-sized blocks ~240 TFLOP/s, at batch 1 ~0.6 TB/s of expert
         # weights): each setting at Qwen3-30B-A3B's shapes, decode (1 token), a tput-short decode step (1,024) and
         # a prompt step (16,384); then the MoE engine at batch 1 (AWQ, 8 steps a dispatch) and on tput-short

@@ -160,8 +160,10 @@ def _single_host(args: dict) -> dict:
         reference = None
         options = dict((options or [{}])[0])
         lora_path = options.pop("lora_path", None)
+        engines = []  # shut down after the run's last size: shutdown frees an engine's arrays, tp=1's are read
         for tp in sizes:
             llm = LLM(source, tensor_parallel_size=tp, load_format=load_format, **ENGINE_KWARGS, **options)
+            engines.append(llm)
             runner = llm.llm_engine.runner
             entry = {**_generate(llm, args["prompts"], lora_path), "layout": _layout(runner)}
             if name == "llama" and tp > 1:
@@ -171,6 +173,7 @@ def _single_host(args: dict) -> dict:
             elif reference is not None and tp > runner.config.num_kv_heads and not options:  # dense weights
                 entry["kv_copies_match"] = _kv_copies_match(runner, reference, tp)
             results[f"{name}/tp{tp}"] = entry
+        for llm in engines:
             llm.shutdown()
     errors = {}
     for tp in (3, 8):
