@@ -1335,7 +1335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for adapter in app.state.serving.lora_adapters.values():
         logger.info("LoRA adapter %r (id %d): %s", adapter.request.lora_name, adapter.request.lora_int_id,
                     adapter.request.lora_path)
-    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5, lifespan="off")
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully; asyncio re-raises the interrupt
