@@ -1134,3 +1134,44 @@ def test_classify_from_a_sequence_classifier_server(tmp_path):
         server.should_exit = True
         thread.join(timeout=10)
         async_llm.shutdown()
+
+
+def test_ctrl_c_stops_serve_py_cleanly():
+    """``scripts/serve.py`` interrupted (Ctrl-C, twice) after a request: it exits with 0 and no traceback (uvicorn
+    0.55 logged the ASGI lifespan task's cancellation as an ERROR with one)."""
+    import signal
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "scripts/serve.py", "--host", "127.0.0.1", "--port", "0",
+                             "--max-model-len", "128", "--max-num-seqs", "2"],
+                            cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stderr:  # the start-up line says where it serves
+            lines.append(line)
+            if "OpenAI API at" in line:
+                break
+        url = line.split("OpenAI API at ")[-1].strip().removesuffix("/v1")
+        for _ in range(300):  # until uvicorn answers (its signal handlers are then in place)
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        reply = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert reply.status_code == 200  # (a server that has served a request printed the traceback; an idle one not)
+        for _ in range(2):  # a terminal's Ctrl-C goes to the process group (the engine's process too); twice, as
+            os.killpg(proc.pid, signal.SIGINT)  # an impatient user: uvicorn then stops at once
+            time.sleep(0.2)
+        lines += proc.stderr.read().splitlines(keepends=True)
+        assert proc.wait(timeout=60) == 0, "".join(lines[-40:])
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+        except ProcessLookupError:
+            pass
+    log = "".join(lines)
+    assert "OpenAI API at" in log and "Finished server process" in log
+    assert "Traceback" not in log, log[-3000:]

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import time
 from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence, Union
@@ -1335,12 +1336,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for adapter in app.state.serving.lora_adapters.values():
         logger.info("LoRA adapter %r (id %d): %s", adapter.request.lora_name, adapter.request.lora_int_id,
                     adapter.request.lora_path)
-    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5, lifespan="off")
+    # No ASGI lifespan: the app has no start-up or shutdown handlers, and under uvicorn 0.55 a second Ctrl-C logged
+    # the lifespan task's cancellation as an ERROR with a traceback.
     try:
+        config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5, lifespan="off")
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully; asyncio re-raises the interrupt
         pass
     finally:
+        # A further Ctrl-C would leave the engine's process behind: it stops first (within its join's timeouts).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logger.info("stopping the engine")
         async_llm.shutdown()
 
 
