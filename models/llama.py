@@ -82,9 +82,9 @@ def param_shapes(config: ModelConfig) -> dict:
         layers.update(w_gate=(L, H, I), w_up=(L, H, I), w_down=(L, I, H))
     if config.qkv_bias:
         layers.update(bq=(L, config.q_size), bk=(L, config.kv_size), bv=(L, config.kv_size))
-    if config.qk_norm:
-        layers.update(q_norm=(L, config.q_size), k_norm=(L, config.kv_size)) if config.qk_norm_full else layers.update(
-            q_norm=(L, D), k_norm=(L, D))
+    if config.qk_norm:  # over each head, or over all of q's and all of k's at once (qk_norm_full)
+        q_width, k_width = (config.q_size, config.kv_size) if config.qk_norm_full else (D, D)
+        layers.update(q_norm=(L, q_width), k_norm=(L, k_width))
     if config.sandwich_norms:
         layers.update(attn_out_norm=(L, H), mlp_out_norm=(L, H))
     if not config.pre_norms:  # OLMo 2
