@@ -24,20 +24,39 @@ POOLING_TYPES = ("LAST", "MEAN", "CLS")
 RUNNERS = ("auto", "generate", "pooling")
 
 
+def _config_field(model_path: str, name: str):
+    """Field ``name`` of a checkpoint folder's ``config.json`` (None for a GGUF file, a bad config, no such field)."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            return json.load(f).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _architectures(model_path: str) -> list[str]:
     """The ``architectures`` a checkpoint folder's ``config.json`` names (none for a GGUF file or a bad config)."""
     try:
-        with open(os.path.join(model_path, "config.json")) as f:
-            return list(json.load(f).get("architectures") or [])
-    except (OSError, ValueError, AttributeError, TypeError):
+        return list(_config_field(model_path, "architectures") or [])
+    except TypeError:
         return []
+
+
+def _all_named(architectures: list[str], suffix: str) -> bool:
+    return bool(architectures) and all(a.endswith(suffix) for a in architectures)
 
 
 def is_classifier(model_path: str) -> bool:
     """Whether the checkpoint is a sequence classifier (``LlamaForSequenceClassification``, ...: a reward model, a
     classifier), whose ``score`` head gives class logits from the last token."""
-    architectures = _architectures(model_path)
-    return bool(architectures) and all(a.endswith("ForSequenceClassification") for a in architectures)
+    return _all_named(_architectures(model_path), "ForSequenceClassification")
+
+
+def class_labels(model_path: str) -> dict[int, str]:
+    """A classifier's class names by index (its ``config.json``'s ``id2label``; none where it has none)."""
+    try:
+        return {int(k): str(v) for k, v in (_config_field(model_path, "id2label") or {}).items()}
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 def resolve_runner(runner: str, model_path: str) -> str:
@@ -47,8 +66,8 @@ def resolve_runner(runner: str, model_path: str) -> str:
     if runner != "auto":
         return runner
     architectures = _architectures(model_path)
-    bare = architectures and all(a.endswith("Model") for a in architectures)
-    return "pooling" if bare or is_classifier(model_path) else "generate"
+    pooling = _all_named(architectures, "Model") or _all_named(architectures, "ForSequenceClassification")
+    return "pooling" if pooling else "generate"
 
 
 @dataclasses.dataclass

@@ -65,7 +65,7 @@ from engine.generation_config import SAMPLING_FIELDS
 from engine.lora import LoRARequest, adapter_folder_problem
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.pooling import RUNNERS, PoolingParams, cosine, is_classifier, score_pairs
+from engine.pooling import RUNNERS, PoolingParams, class_labels, cosine, is_classifier, score_pairs
 from engine.sampling_params import SamplingParams
 from models.config import LOAD_FORMATS
 
@@ -531,12 +531,7 @@ class OpenAIServing:
 
     @functools.cached_property
     def _class_labels(self) -> dict[int, str]:
-        """A classifier's class names by index (its config.json's ``id2label``)."""
-        try:
-            with open(os.path.join(self.async_llm.engine.model_path, "config.json")) as f:
-                return {int(k): str(v) for k, v in (json.load(f).get("id2label") or {}).items()}
-        except (OSError, ValueError, AttributeError):
-            return {}
+        return class_labels(self.async_llm.engine.model_path)
 
     async def _pooled(self, request_id: str, texts, param: str, params: PoolingParams, priority: int,
                       lora_request: Optional[LoRARequest] = None) -> tuple[list, int]:
