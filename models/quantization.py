@@ -754,10 +754,15 @@ def _fp8_dot(xq: jax.Array, w: Fp8Weight, dtype) -> jax.Array:
     return jax.lax.dot_general(xq, w.q, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=dot_type)
 
 
+def _fp8_scaled_dot(xq: jax.Array, x_scale: jax.Array, w: Fp8Weight, dtype) -> jax.Array:
+    """``x @ W`` in ``dtype`` from fp8 rows ``xq`` with their scales ``x_scale [..., 1]``: the fp8 dot, then the rows'
+    and the weight's channel scales."""
+    return (_fp8_dot(xq, w, dtype).astype(jnp.float32) * x_scale * w.scale).astype(dtype)
+
+
 def _fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
     """Per-token dynamic activation scales, fp8 x fp8 matmul with both operands K-major."""
-    xq, x_scale = quantize_rows_fp8(x)
-    return (_fp8_dot(xq, w, x.dtype).astype(jnp.float32) * x_scale * w.scale).astype(x.dtype)
+    return _fp8_scaled_dot(*quantize_rows_fp8(x), w, x.dtype)
 
 
 def fp8_gated_mlp(h: jax.Array, w_gate_up: Fp8Weight, w_down: Fp8Weight, activation: str,
@@ -768,12 +773,12 @@ def fp8_gated_mlp(h: jax.Array, w_gate_up: Fp8Weight, w_down: Fp8Weight, activat
     gate/up product twice there), else its jnp reference, the unfused model's arithmetic."""
     hq, h_scale = quantize_rows_fp8(h)
     acc = _fp8_dot(hq, w_gate_up, h.dtype)
-    middle = functools.partial(fp8_activation.gated_activation_fp8_reference, activation=activation, dtype=h.dtype)
     if backend.use_fp8_activation_kernel(acc.shape[-1] // 2):
-        middle = functools.partial(fp8_activation.gated_activation_fp8, activation=activation, dtype=h.dtype,
-                                   interpret=backend.interpret)
-    hidden_q, hidden_scale = middle(acc, h_scale, w_gate_up.scale)
-    return (_fp8_dot(hidden_q, w_down, h.dtype).astype(jnp.float32) * hidden_scale * w_down.scale).astype(h.dtype)
+        middle = functools.partial(fp8_activation.gated_activation_fp8, interpret=backend.interpret)
+    else:
+        middle = fp8_activation.gated_activation_fp8_reference
+    hidden_q, hidden_scale = middle(acc, h_scale, w_gate_up.scale, activation=activation, dtype=h.dtype)
+    return _fp8_scaled_dot(hidden_q, hidden_scale, w_down, h.dtype)
 
 
 def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:
