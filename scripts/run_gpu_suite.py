@@ -440,6 +440,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
           for tag, extra in (("", ()), ("-awq", ("--quantization", "awq"))) for k in (1, 8)),
         ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_quantized_matmul.py",
                        "tests/test_ragged_paged_attention.py"], 100),
+        # The fp8 MLP middle kernel (pallas_kernels/fp8_activation.py) against its float32 reference on the GPU.
+        ("gpu-tests-fp8-activation", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_fp8_activation.py"], 120),
         # Run 12. fp8 on cuBLAS's own heuristic choice: no autotuning and no Triton GEMMs (level 0 with
         # Triton left the matmuls on an untuned Triton kernel in run 9; cuBLAS alone has a heuristic).
         ("matmul-fp8-heuristic", matmul("matmul-fp8-heuristic", "--rows", "1,16,256,4096", "--variants",
