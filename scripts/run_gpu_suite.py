@@ -69,6 +69,14 @@ AWQ_BATCH1_VARIANTS = (*((name, (f"PAGEDJAX_MATMUL_CONFIG={fields}",), "gpu-test
                          for name, fields in GEMV_INT4_VARIANTS),
                        # The LM head in int8 (opt-in for AWQ: the checkpoint's head is bf16).
                        ("head8", ("PAGEDJAX_INT8_LM_HEAD=1",), "gpu-tests-subtiles"))
+# Batch-1 int8 K-major GEMV settings on the H100 (run 42b; the defaults were the H200's best in runs 23-26): name and
+# $PAGEDJAX_MATMUL_CONFIG fields, as profile-decode1-int8-<name> and latency-int8-ms8-<name> steps.
+INT8_KMAJOR_VARIANTS = (("k512", '{"kmajor_block_k": 512}'), ("k128", '{"kmajor_block_k": 128}'),
+                        ("n32k128", '{"kmajor_block_n": 32, "kmajor_block_k": 128}'),
+                        ("w8", '{"gemv_num_warps": 8}'), ("w2", '{"gemv_num_warps": 2}'),
+                        ("ppc16", '{"gemv_programs_per_core": 16}'), ("ppc4", '{"gemv_programs_per_core": 4}'),
+                        ("prefetch", '{"gemv_prefetch": 1}'), ("minsteps2", '{"gemv_min_steps": 2}'),
+                        ("minsteps8", '{"gemv_min_steps": 8}'))
 # XLA switches that let its Triton emitter fuse what the classic one launches apart (run 34a measures them).
 XLA_TRITON_FUSIONS = {
     "heroless": ("--compiler-option", "xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"),
@@ -823,6 +831,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
               ("profile-decode1", lambda name: profile(name, "--step", "decode", "--batch", "1", "--ctx", "192",
                                                        "--quantization", "int8", "--precompile-steps", "off")),
               ("latency", lambda name: latency("int8", "--output-json", f"{results}/{name}.json")))],
+        *[(f"profile-decode1-int8-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + profile(
+            f"profile-decode1-int8-{name}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization",
+            "int8", "--precompile-steps", "off"), 60) for name, fields in INT8_KMAJOR_VARIANTS],
+        *[(f"latency-int8-ms8-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
+            "int8", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-int8-ms8-{name}.json"), 150)
+          for name, fields in INT8_KMAJOR_VARIANTS],
         *[(f"profile-decode1-awq-{name}", ["env", *assignments] + profile(
             f"profile-decode1-awq-{name}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
             "--precompile-steps", "off"), 90) for name, assignments, _ in AWQ_BATCH1_VARIANTS],
