@@ -56,8 +56,7 @@ from models.config import ModelConfig
 from models.lora import lora_mask, lora_update
 from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_rms_norm, rms_norm
-from models.quantization import (Fp8Weight, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized, linear,
-                                 silu_gated_linear)
+from models.quantization import Fp8Weight, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized, linear
 from pallas_kernels.quantized_matmul import add_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
@@ -376,10 +375,7 @@ def forward(
         return jnp.concatenate([parts, lora_update(x, w["lora"], name, mask)[None].astype(parts.dtype)])
 
     def mlp_hidden(h, w, mask=None):
-        """``act(h @ w_gate) * (h @ w_up)`` (SiLU; Gemma's tanh GELU): one launch for a K-major int8 ``w_gate_up`` at
-        one row (``silu_gated_linear``)."""
-        if mask is None and activation_name == "silu" and linear_backend.use_silu_gated_kernel(w.get("w_gate_up"), T):
-            return silu_gated_linear(h, w["w_gate_up"], linear_backend)
+        """``act(h @ w_gate) * (h @ w_up)`` (SiLU; Gemma's tanh GELU)."""
         gate, up = project(h, w, "w_gate_up", mask)
         return activation(gate) * up
 

@@ -693,12 +693,6 @@ class LinearBackend:
                                or (isinstance(w, (Int8Weight, Int8KMajorWeight)) and rows == 1))
         return self.kernel == "pallas"
 
-    def use_silu_gated_kernel(self, w, rows: int) -> bool:
-        """Whether a gated MLP's ``[gate | up]`` product and its SiLU product are one launch (``silu_gated_linear``):
-        a K-major int8 weight at one row where the GEMV runs, unless ``MatmulConfig.kmajor_silu_epilogue`` is off."""
-        return (isinstance(w, Int8KMajorWeight) and rows == 1 and self.use_kernel(w, rows)
-                and qmm.default_config().kmajor_silu_epilogue)
-
     def use_fp8_activation_kernel(self, width: int) -> bool:
         """Whether an fp8 MLP's middle (``fp8_gated_mlp``) on rows of ``width`` activations runs the Pallas kernel:
         on a GPU under "auto", and under "pallas"; never under "xla" (and so not on a mesh)."""
@@ -785,12 +779,6 @@ def fp8_gated_mlp(h: jax.Array, w_gate_up: Fp8Weight, w_down: Fp8Weight, activat
         middle = fp8_activation.gated_activation_fp8_reference
     hidden_q, hidden_scale = middle(acc, h_scale, w_gate_up.scale, activation=activation, dtype=h.dtype)
     return _fp8_scaled_dot(hidden_q, hidden_scale, w_down, h.dtype)
-
-
-def silu_gated_linear(x: jax.Array, w: Int8KMajorWeight, backend: LinearBackend = LinearBackend()) -> jax.Array:
-    """``silu(x @ W_gate) * (x @ W_up)`` for a ``[gate | up]`` weight, where ``backend.use_silu_gated_kernel`` holds:
-    the K-major GEMV with the product in its epilogue (``quantized_matmul.int8_kmajor_silu_gated_matmul``)."""
-    return qmm.int8_kmajor_silu_gated_matmul(x, w.q, w.scale, interpret=backend.interpret)
 
 
 def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:

@@ -157,10 +157,6 @@ class MatmulConfig:
     # Run 26a (H200, 8B int8 at batch 1, same lease): TPOT 3.16 ms summed each step (loads ahead) -> 3.06 deferred
     # without loads ahead (3.23 deferred with them).
     kmajor_defer_reduction: bool = True
-    # The K-major int8 GEMV of a gated MLP's [gate | up] weight writes silu(gate) * up (``int8_kmajor_silu_gated_matmul``;
-    # the model's one-row gate/up product under "auto"), so the SwiGLU product is no launch of its own (run 42a: 42 us
-    # a step of the 8B's int8 batch-1 step on an H100). False: the plain GEMV and XLA's product, for A/B timing.
-    kmajor_silu_epilogue: bool = True
 
 
 # --------------------------------------------------------------------------------------
@@ -215,13 +211,6 @@ def int8_matmul_reference(x, q, scale):
 def int8_kmajor_matmul_reference(x, qt, scale):
     acc = lax.dot_general(x, qt.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return (acc * scale.astype(jnp.float32)).astype(x.dtype)
-
-
-def int8_kmajor_silu_gated_reference(x, qt, scale):
-    """``silu(x @ W_gate) * (x @ W_up)`` for a K-major int8 ``qt[2N, K]`` whose rows are ``[gate | up]``: the gated
-    MLP's middle as the unfused model computes it (the product in x's dtype, then split, then the activation)."""
-    gate, up = jnp.split(int8_kmajor_matmul_reference(x, qt, scale), 2, axis=-1)
-    return jax.nn.silu(gate) * up
 
 
 def int4_matmul_reference(x, packed, scales, zeros, *, group_size: int, pack: int):
@@ -470,54 +459,38 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
 
 
 def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k: int, steps: int, convert: str,
-                        prefetch: int, defer_reduction: bool = False, fma: bool = False,
-                        gate_rows: Optional[int] = None):
+                        prefetch: int, defer_reduction: bool = False, fma: bool = False):
     """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over ``steps * block_k``
     of K; each step's products summed over K at once (inside each thread for the most part: a tile row is
     contiguous K), so the accumulator is one float32 a column. ``defer_reduction``: the products accumulate in a
-    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape.
-    ``gate_rows``: ``qt``'s rows are ``[gate | up]``, ``gate_rows`` each; the program reads ``block_n`` gate rows and
-    the ``block_n`` up rows they pair with, and writes ``silu(gate) * up`` (the whole of K: no splits)."""
+    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape."""
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
-    row_blocks = (cols,) if gate_rows is None else (cols, pl.ds(pl.multiple_of(gate_rows + n * block_n, block_n),
-                                                                block_n))
     first_k = split * (steps * block_k)
 
     def k_start(i):
         return pl.multiple_of(first_k + i * block_k, block_k)
 
     def load(i):  # past the last step, the last (the pair loop's look-ahead)
-        k = pl.ds(k_start(jnp.minimum(i, steps - 1)), block_k)
-        return tuple(pltriton.load(w_ref.at[rows, k], eviction_policy="evict_first") for rows in row_blocks)
+        return pltriton.load(w_ref.at[cols, pl.ds(k_start(jnp.minimum(i, steps - 1)), block_k)],
+                             eviction_policy="evict_first")
 
-    def body(i, acc, tiles):
+    def body(i, acc, w):
         if defer_reduction:  # x's slice repeated down a tile of w's shape (w's register layout: no conversion)
             ks = (k_start(i) + jnp.arange(block_k, dtype=jnp.int32))[None, :]
             x = pltriton.load(x_ref.at[jnp.zeros((block_n, 1), jnp.int32), ks]).astype(jnp.float32)
         else:
             x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)[None, :]
-        products = []
-        for a, w in zip(acc, tiles):
-            w = integers_as_f32(w, "int8", convert)
-            products.append(multiply_add(x, w, a, fma) if defer_reduction else a + jnp.sum(x * w, axis=1))
-        return tuple(products)
+        w = integers_as_f32(w, "int8", convert)
+        if defer_reduction:
+            return multiply_add(x, w, acc, fma)
+        return acc + jnp.sum(x * w, axis=1)
 
-    zeros = jnp.zeros((block_n, block_k) if defer_reduction else (block_n,), jnp.float32)
-    acc = step_loop(steps, load, body, (zeros,) * len(row_blocks), prefetch)
-    out = [(jnp.sum(a, axis=1) if defer_reduction else a) * scale_ref[rows].astype(jnp.float32)
-           for a, rows in zip(acc, row_blocks)]
-    o_ref[...] = out[0].astype(o_ref.dtype) if gate_rows is None else silu_product(*out, o_ref.dtype)
-
-
-def silu_product(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
-    """``silu(gate) * up`` from float32 matmul outputs, rounded to ``dtype`` where the unfused model rounds (the
-    matmul's output, the sigmoid, the SiLU, the product)."""
-    def rounded(v):
-        return v.astype(dtype).astype(jnp.float32)
-
-    gate, up = rounded(gate), rounded(up)
-    return (rounded(gate * rounded(1.0 / (1.0 + jnp.exp(-gate)))) * up).astype(dtype)
+    acc = step_loop(steps, load, body, jnp.zeros((block_n, block_k) if defer_reduction else (block_n,), jnp.float32),
+                    prefetch)
+    if defer_reduction:
+        acc = jnp.sum(acc, axis=1)
+    o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
 
 
 def step_loop(steps: int, load, body, acc, prefetch: int):
@@ -753,31 +726,6 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
                                fma=config.gemv_fma and not interpret)
     return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name="int8_kmajor_gemv", keep_splits=keep_splits)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def int8_kmajor_silu_gated_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None,
-                                  interpret: Optional[bool] = None):
-    """``int8_kmajor_silu_gated_reference``: one row by the K-major GEMV with the SiLU product in its epilogue (a
-    program reads ``kmajor_block_n / 2`` gate rows and their up rows: the plain GEMV's bytes a program, whole K),
-    so the gated MLP's middle is no launch of its own; more rows by the reference (XLA's dot)."""
-    two_n, K = qt.shape
-    if qt.dtype != jnp.int8 or scale.shape != (two_n,) or two_n % 2:
-        raise ValueError(f"K-major int8 [gate | up] weights need qt int8 [2N, K] and scale [2N]; got "
-                         f"{qt.dtype}{qt.shape}, {scale.shape}")
-    config, interpret = _call_settings(x, K, config, interpret)
-    if x.shape[0] != 1:
-        return int8_kmajor_silu_gated_reference(x, qt, scale)
-    prefetch, convert = gemv_loop_settings("int8", config, interpret,
-                                            default_prefetch=int(not config.kmajor_defer_reduction))
-    N = two_n // 2
-    block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
-    block_n = max(block_n // 2, 8)  # gate and up rows: the plain GEMV's rows a program
-    kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=K // block_k,
-                               convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
-                               fma=config.gemv_fma and not interpret, gate_rows=N)
-    return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=1, config=config,
-                         interpret=interpret, name="int8_kmajor_silu_gemv")
 
 
 def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int, int]:

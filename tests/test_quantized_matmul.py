@@ -250,57 +250,6 @@ def test_kmajor_int8_matches_reference_on_gpu(K, N, defer, fma):
     run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer, gemv_fma=fma), interpret=False)
 
 
-SILU_GATED_CASES = [  # (M, K, N, dtype, config): the K-major GEMV with the SiLU product in its epilogue, N of each half
-    (1, 512, 128, jnp.bfloat16, MatmulConfig()),
-    (1, 224, 48, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=1)),  # 7 steps, loads ahead
-    (1, 256, 64, jnp.float16, MatmulConfig(kmajor_defer_reduction=False, kmajor_block_n=32)),
-    (3, 256, 64, jnp.bfloat16, MatmulConfig()),  # more rows: the reference (XLA's dot)
-]
-
-
-def run_silu_gated_case(M, K, N, dtype, config, *, interpret):
-    """Against the unfused model's arithmetic (the reference), to a rounding of ``dtype`` at the output's size, and
-    against float64 to the reference's own error there."""
-    from pallas_kernels.quantized_matmul import int8_kmajor_silu_gated_matmul, int8_kmajor_silu_gated_reference
-
-    seed = np.random.SeedSequence().entropy
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
-    qt = jnp.asarray(rng.integers(-127, 128, (2 * N, K)), jnp.int8)
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, 2 * N) / 40 / np.sqrt(K), jnp.float32)  # gate and up of order 1-3
-    out = int8_kmajor_silu_gated_matmul(x, qt, scale, config=config, interpret=interpret)
-    want = int8_kmajor_silu_gated_reference(x, qt, scale)
-    assert out.shape == (M, N) and out.dtype == x.dtype
-    gate_up = np.asarray(x, np.float64) @ (np.asarray(qt, np.float64) * np.asarray(scale, np.float64)[:, None]).T
-    gate, up = gate_up[:, :N], gate_up[:, N:]
-    exact = gate / (1 + np.exp(-gate)) * up
-    peak = np.abs(exact).max()
-    got_err, ref_err = (np.abs(np.asarray(a, np.float64) - exact).max() / peak for a in (out, want))
-    assert np.abs(np.asarray(out, np.float64) - np.asarray(want, np.float64)).max() / peak < 2 * RTOL[dtype], seed
-    assert got_err <= max(2 * ref_err, RTOL[dtype]), f"seed {seed}: kernel {got_err:.2e}, reference {ref_err:.2e}"
-
-
-@pytest.mark.parametrize("M,K,N,dtype,config", SILU_GATED_CASES)
-def test_kmajor_silu_gated_matches_reference_interpret(M, K, N, dtype, config):
-    run_silu_gated_case(M, K, N, dtype, config, interpret=True)
-
-
-def test_kmajor_silu_gated_lowers_to_one_triton_call_and_checks_its_inputs():
-    from pallas_kernels.quantized_matmul import int8_kmajor_silu_gated_matmul
-
-    x, qt, scale = jnp.ones((1, 1024), jnp.bfloat16), jnp.ones((512, 1024), jnp.int8), jnp.ones((512,), jnp.float32)
-    fn = jax.jit(functools.partial(int8_kmajor_silu_gated_matmul, interpret=False))
-    assert fn.trace(x, qt, scale).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
-    with pytest.raises(ValueError, match=r"\[2N, K\]"):
-        int8_kmajor_silu_gated_matmul(x, qt[:-1], scale[:-1])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("K,N", [(4096, 14336), (2048, 8192)])
-def test_kmajor_silu_gated_matches_reference_on_gpu(K, N):
-    run_silu_gated_case(1, K, N, jnp.bfloat16, MatmulConfig(), interpret=False)
-
-
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
     rng = np.random.default_rng()
     values = rng.integers(0, 16, (256, 48))
