@@ -79,6 +79,15 @@ INT8_KMAJOR_VARIANTS = (("k512", '{"kmajor_block_k": 512}'), ("k128", '{"kmajor_
                         ("minsteps8", '{"gemv_min_steps": 8}'))
 # Run 42c measured the SiLU product inside the int8 gate/up GEMV (int8_kmajor_silu_gated_matmul, commit d7ec4c8, removed
 # after): the product's launch went (-40 us a step) and the GEMV grew by as much (+48 us): level, see NOTES.md.
+# Decode attention tilings (run 42d): name and $PAGEDJAX_ATTENTION_TILING fields, over bf16 and fp8 pages at
+# tput-short's and tput-long's decode shapes (DECODE_SHAPES), as <shape step>-<name> steps. fp8 pages read at about
+# bf16's time (runs 14c, 41a): a program's K/V steps are as many with half the bytes each, so fewer, longer steps.
+DECODE_TILINGS = (("kv256", '{"decode_kv_tokens": 256}'), ("kv256w8", '{"decode_kv_tokens": 256, "decode_warps": 8}'),
+                  ("st3", '{"decode_stages": 3}'), ("kv64", '{"decode_kv_tokens": 64}'))
+DECODE_SHAPES = {"profile-decode-1024": ("--batch", "1024", "--ctx", "192"),
+                 "profile-decode-1024-kvfp8": ("--batch", "1024", "--ctx", "192", "--kv-cache-dtype", "fp8"),
+                 "profile-decode-long": ("--batch", "448", "--ctx", "1536"),
+                 "profile-decode-long-kvfp8": ("--batch", "448", "--ctx", "1536", "--kv-cache-dtype", "fp8")}
 # XLA switches that let its Triton emitter fuse what the classic one launches apart (run 34a measures them).
 XLA_TRITON_FUSIONS = {
     "heroless": ("--compiler-option", "xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"),
@@ -455,6 +464,11 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("profile-decode1-int8-kv256", ["env", 'PAGEDJAX_ATTENTION_TILING={"decode_kv_tokens": 256}'] + profile(
             "profile-decode1-int8-kv256", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization",
             "int8", "--precompile-steps", "off"), 60),
+        ("profile-decode-1024-kvfp8", profile("profile-decode-1024-kvfp8", "--step", "decode",
+                                              *DECODE_SHAPES["profile-decode-1024-kvfp8"]), 100),
+        *[(f"{shape}-{name}", ["env", f"PAGEDJAX_ATTENTION_TILING={fields}"] + profile(
+            f"{shape}-{name}", "--step", "decode", *shape_args), 100)
+          for shape, shape_args in DECODE_SHAPES.items() for name, fields in DECODE_TILINGS],
         # The fp8 MLP middle kernel (pallas_kernels/fp8_activation.py) against its float32 reference on the GPU.
         ("gpu-tests-fp8-activation", [PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_fp8_activation.py"], 120),
         # Run 12. fp8 on cuBLAS's own heuristic choice: no autotuning and no Triton GEMMs (level 0 with
