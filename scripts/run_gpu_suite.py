@@ -83,7 +83,8 @@ INT8_KMAJOR_VARIANTS = (("k512", '{"kmajor_block_k": 512}'), ("k128", '{"kmajor_
 # tput-short's and tput-long's decode shapes (DECODE_SHAPES), as <shape step>-<name> steps. fp8 pages read at about
 # bf16's time (runs 14c, 41a): a program's K/V steps are as many with half the bytes each, so fewer, longer steps.
 DECODE_TILINGS = (("kv256", '{"decode_kv_tokens": 256}'), ("kv256w8", '{"decode_kv_tokens": 256, "decode_warps": 8}'),
-                  ("st3", '{"decode_stages": 3}'), ("kv64", '{"decode_kv_tokens": 64}'))
+                  ("st3", '{"decode_stages": 3}'), ("kv64", '{"decode_kv_tokens": 64}'),
+                  ("st1", '{"decode_stages": 1}'), ("kv64st1", '{"decode_kv_tokens": 64, "decode_stages": 1}'))
 DECODE_SHAPES = {"profile-decode-1024": ("--batch", "1024", "--ctx", "192"),
                  "profile-decode-1024-kvfp8": ("--batch", "1024", "--ctx", "192", "--kv-cache-dtype", "fp8"),
                  "profile-decode-long": ("--batch", "448", "--ctx", "1536"),
