@@ -128,21 +128,27 @@ class LLM:
         ``EmbeddingRequestOutput`` per prompt, in input order, its vector in ``.outputs.embedding``
         (``engine.pooling``: the checkpoint's pooling, normalised unless ``pooling_params`` says otherwise);
         ``lora_request`` as ``generate``'s."""
-        self._check_pooling_task(classify=False)
-        prompts = _as_prompt_list(prompts)
-        return self._run(prompts, [pooling_params or PoolingParams()] * len(prompts), use_tqdm, priority,
-                         "Embedding", _per_prompt(lora_request, len(prompts), "lora_requests"))
+        return self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, classify=False)
 
     def classify(self, prompts: Union[PromptType, Sequence[PromptType]],
                  pooling_params: Optional[PoolingParams] = None, use_tqdm: bool = True,
-                 priority: Optional[Sequence[int]] = None) -> list[ClassificationRequestOutput]:
+                 priority: Optional[Sequence[int]] = None,
+                 lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None
+                 ) -> list[ClassificationRequestOutput]:
         """vLLM's ``LLM.classify`` on a sequence classifier (a ``...ForSequenceClassification`` checkpoint, which
         ``runner="auto"`` serves as a pooling engine): one ``ClassificationRequestOutput`` per prompt, in input
-        order, its class probabilities in ``.outputs.probs`` (``PoolingParams(use_activation=False)``: the logits)."""
-        self._check_pooling_task(classify=True)
+        order, its class probabilities in ``.outputs.probs`` (``PoolingParams(use_activation=False)``: the logits);
+        ``lora_request`` as ``generate``'s."""
+        return self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, classify=True)
+
+    def _pool(self, prompts, pooling_params: Optional[PoolingParams], use_tqdm: bool,
+              priority: Optional[Sequence[int]], lora_request, classify: bool) -> list:
+        """``embed`` / ``classify``: the call checked against the model's pooling task, then every prompt run."""
+        self._check_pooling_task(classify=classify)
         prompts = _as_prompt_list(prompts)
         return self._run(prompts, [pooling_params or PoolingParams()] * len(prompts), use_tqdm, priority,
-                         "Classifying")
+                         "Classifying" if classify else "Embedding",
+                         _per_prompt(lora_request, len(prompts), "lora_requests"))
 
     def _check_pooling_task(self, classify: bool) -> None:
         """Refuse ``embed`` on a classifier and ``classify`` on anything else, naming the call that fits."""
@@ -155,13 +161,13 @@ class LLM:
             raise ValueError("this model is a sequence classifier: use classify, not embed")
 
     def score(self, text_1: Union[PromptType, Sequence[PromptType]], text_2: Union[PromptType, Sequence[PromptType]],
-              use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+              use_tqdm: bool = True, lora_request: Optional[LoRARequest] = None) -> list[ScoringRequestOutput]:
         """vLLM's ``LLM.score`` for an embedding model: the cosine of the two sides' embeddings, one ``text_1``
         against each ``text_2`` or pair by pair (``engine.pooling.score_pairs``), in that order; each text is
-        embedded once."""
+        embedded once (through ``lora_request``'s adapter if given)."""
         first, second = _as_prompt_list(text_1), _as_prompt_list(text_2)
         pairs = score_pairs(first, second)
-        embedded = self.embed(first + second, use_tqdm=use_tqdm)
+        embedded = self.embed(first + second, use_tqdm=use_tqdm, lora_request=lora_request)
         out = []
         for i, j in pairs:
             a, b = embedded[i], embedded[len(first) + j]

@@ -244,6 +244,62 @@ def test_embeddings_with_an_adapter_match_peft(tmp_path):
         np.testing.assert_allclose(out.outputs.embedding, hf_embedding(decoder, PROMPTS[i]), atol=2e-5)
 
 
+def test_classify_takes_an_adapter(tmp_path):
+    """``LLM.classify`` with ``lora_request``: a sequence classifier's probabilities with and without an adapter of
+    its decoder (peft on transformers' classifier, the score head as it was), in one call."""
+    import transformers
+
+    from tests.tiny_checkpoints import randomize_, tiny_hf_config
+
+    config = tiny_hf_config("llama", num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    classifier = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32,
+                                                                             attn_implementation="eager")
+    randomize_(classifier, seed=3)
+    classifier.save_pretrained(str(tmp_path / "base"), safe_serialization=True)
+    with torch.no_grad():
+        plain = [classifier.eval()(torch.tensor([p])).logits[0].numpy().astype(np.float64) for p in PROMPTS]
+    adapted = peft.get_peft_model(classifier, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LLAMA_MODULES,
+                                                              init_lora_weights=False))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+        with_adapter = [adapted.eval()(torch.tensor([p])).logits[0].numpy().astype(np.float64) for p in PROMPTS]
+    adapted.save_pretrained(str(tmp_path / "adapter"))
+    request = LoRARequest("cls", 1, str(tmp_path / "adapter"))
+    llm = LLM(str(tmp_path / "base"), skip_tokenizer_init=True, dtype="float32", block_size=8, max_model_len=64,
+              max_num_seqs=4, enable_lora=True, max_lora_rank=4)
+    try:
+        cases = [(r, i) for r in (None, request) for i in range(len(PROMPTS))]
+        outs = llm.classify([PROMPTS[i] for _, i in cases], use_tqdm=False, lora_request=[r for r, _ in cases])
+        for (r, i), out in zip(cases, outs):
+            logits = (plain if r is None else with_adapter)[i]
+            assert not np.allclose(plain[i], with_adapter[i], atol=1e-3)
+            np.testing.assert_allclose(out.outputs.probs, np.exp(logits) / np.exp(logits).sum(), atol=2e-5)
+    finally:
+        llm.shutdown()
+
+
+def test_score_through_an_adapter_is_the_cosine_of_its_embeddings(tmp_path):
+    """``LLM.score`` with ``lora_request``: the cosine of the adapter's embeddings, not the base model's."""
+    write_tiny_checkpoint(tmp_path / "base", "qwen3", seed=1)
+    make_adapter(tmp_path / "a", "qwen3", 4, ALL_LLAMA_MODULES, r=4, alpha=8)
+    request = LoRARequest("a", 1, str(tmp_path / "a" / "adapter"))
+    llm = LLM(str(tmp_path / "base"), skip_tokenizer_init=True, runner="pooling", dtype="float32", block_size=8,
+              max_model_len=64, max_num_seqs=4, enable_lora=True, max_lora_rank=4)
+    try:
+        first, *others = llm.embed(PROMPTS, use_tqdm=False, lora_request=request)
+        scores = llm.score(PROMPTS[0], PROMPTS[1:], use_tqdm=False, lora_request=request)
+        plain = llm.score(PROMPTS[0], PROMPTS[1:], use_tqdm=False)
+        for got, other, base in zip(scores, others, plain):
+            want = np.dot(first.outputs.embedding, other.outputs.embedding)
+            assert abs(got.outputs.score - want) < 1e-5 and abs(base.outputs.score - want) > 1e-4
+    finally:
+        llm.shutdown()
+
+
 def test_lora_request_fields_are_checked():
     with pytest.raises(ValueError, match="lora_int_id must be an integer >= 1"):
         LoRARequest("a", 0, "/x")
