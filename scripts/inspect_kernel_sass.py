@@ -39,8 +39,9 @@ _COMPILE = r"""
 import collections, json, re, subprocess, sys, os, triton
 from triton.backends.compiler import GPUTarget
 ttir, arch, num_warps, out, fp_fusion = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
+num_stages = int(sys.argv[6])
 k = triton.compile(ttir, target=GPUTarget("cuda", arch, 32),
-                   options={"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": fp_fusion})
+                   options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": fp_fusion})
 open(out + ".cubin", "wb").write(k.asm["cubin"])
 open(out + ".ttgir", "w").write(k.asm["ttgir"])
 tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -54,6 +55,7 @@ loops = [(int(b.group(1), 16), at) for at, text in lines if (b := re.search(r"BR
          and int(b.group(1), 16) < at]
 report = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "shared_bytes": int(re.search(r"SHARED:(\d+)", usage).group(1)),
           "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),  # local memory: spilled registers
+          "dynamic_shared_bytes": k.metadata.shared,  # Triton's shared memory (staged tiles, conversions): not in SHARED
           "layout_conversions": k.asm["ttgir"].count("ttg.convert_layout"), "barriers": sass.count("BAR.SYNC")}
 if loops:
     start, end = max(loops, key=lambda se: se[1] - se[0])
@@ -85,17 +87,18 @@ def triton_module_text(debug_output: str) -> str:
 KERNELS = ("int4", "int8-kmajor", "moe", "attention-decode", "attention-prefill")
 
 
-def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, rows: int = 1) -> tuple[str, int]:
+def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, rows: int = 1,
+                   kv_dtype: str = "bfloat16") -> tuple[str, int]:
     """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]`` (int4: packed in blocks of ``pack``
     rows of K, the K step of its GEMV; ``rows`` > 1: the tensor-core form for ``x[rows, K]``; "moe": the grouped
     matmul of ``pallas_kernels.grouped_matmul``, ``rows`` a block), or of an attention launch (``config``: ``Tiling``
-    fields; shapes fixed), and its warp count."""
+    fields; shapes fixed; KV pages of ``kv_dtype``), and its warp count."""
     import jax.numpy as jnp
 
     from pallas_kernels import quantized_matmul as qmm
 
     if kernel.startswith("attention-"):
-        return _attention_module(kernel.removeprefix("attention-"), config)
+        return _attention_module(kernel.removeprefix("attention-"), config, kv_dtype)
     cfg = qmm.MatmulConfig(**config) if kernel != "moe" else None
     x = jnp.ones((rows, K), jnp.bfloat16)
     if kernel == "int4":
@@ -136,9 +139,10 @@ def _printed_modules(fn, args) -> str:
     return printed.getvalue()
 
 
-def _attention_module(launch: str, tiling: dict) -> tuple[str, int]:
+def _attention_module(launch: str, tiling: dict, kv_dtype: str = "bfloat16") -> tuple[str, int]:
     """The Triton module of the ragged paged attention's ``launch`` ("decode" or "prefill") for the 8B's heads
-    (32 query, 8 KV, head_dim 128) at 64 one-token sequences of 192 positions, under ``Tiling(**tiling)``."""
+    (32 query, 8 KV, head_dim 128) at 64 one-token sequences of 192 positions, under ``Tiling(**tiling)``, over
+    KV pages of ``kv_dtype`` (e.g. "float8_e4m3fn")."""
     import importlib
 
     import jax.numpy as jnp
@@ -146,7 +150,7 @@ def _attention_module(launch: str, tiling: dict) -> tuple[str, int]:
     rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")
     seqs, ctx, page = 64, 192, 16
     qkv = jnp.ones((seqs, 32 + 2 * 8, 128), jnp.bfloat16)  # 32 query heads, then 8 key and 8 value heads
-    pages = jnp.ones((1, 8, seqs * ctx // page, page, 128), jnp.bfloat16)
+    pages = jnp.ones((1, 8, seqs * ctx // page, page, 128), jnp.dtype(kv_dtype))
     args = (qkv, pages, pages, 0, jnp.full((seqs,), ctx, jnp.int32), jnp.zeros((seqs, ctx // page), jnp.int32),
             jnp.arange(seqs + 1, dtype=jnp.int32), jnp.array([seqs], jnp.int32))
     config = rpa.Tiling(**tiling)
@@ -172,21 +176,31 @@ def main() -> None:
                         help="Triton's multiply-add contraction (off: as jaxlib's pipeline, whose SASS has FMUL + FADD "
                              "where pip's Triton fuses them, NOTES.md run 26c)")
     parser.add_argument("--rows", type=int, default=1, help="rows of x (more than 1: the tensor-core form)")
+    parser.add_argument("--kv-dtype", default="bfloat16", help="the attention kernels: the KV pages' dtype "
+                        "(bfloat16, float16, float8_e4m3fn, float8_e5m2)")
     parser.add_argument("--out", default=None, help="keep the .ttir/.ttgir/.sass here (default: a temporary folder)")
     args = parser.parse_args()
-    module, num_warps = lowered_module(args.kernel, args.k, args.n, json.loads(args.config), args.pack, args.rows)
+    module, num_warps = lowered_module(args.kernel, args.k, args.n, json.loads(args.config), args.pack, args.rows,
+                                       args.kv_dtype)
+    num_stages = 1  # the GEMVs as before; the attention launches: their tiling's stages (the pipeliner's buffers)
+    if args.kernel.startswith("attention-"):
+        from pallas_kernels.ragged_paged_attention import Tiling
+
+        tiling = Tiling(**json.loads(args.config))
+        num_stages = tiling.decode_stages if args.kernel == "attention-decode" else tiling.prefill_stages
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(args.out or tmp, f"{args.kernel}_gemv")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out + ".ttir", "w") as f:
             f.write(module)
         done = subprocess.run([args.triton_python, "-c", _COMPILE, out + ".ttir", str(args.arch), str(num_warps), out,
-                               str(int(args.fp_fusion == "on"))],
+                               str(int(args.fp_fusion == "on")), str(num_stages)],
                               capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"triton.compile failed:\n{done.stderr[-3000:]}")
         report = json.loads(done.stdout.strip().splitlines()[-1])
-    print(json.dumps({"kernel": args.kernel, "K": args.k, "N": args.n, "pack": args.pack, "config": json.loads(args.config), **report},
+    print(json.dumps({"kernel": args.kernel, "K": args.k, "N": args.n, "pack": args.pack, "config": json.loads(args.config),
+                      "kv_dtype": args.kv_dtype, "num_warps": num_warps, "num_stages": num_stages, **report},
                      indent=1))
 
 
