@@ -445,11 +445,16 @@ class OpenAIServing:
                                                 prompt_logprobs=_prompt_logprobs(output, req.prompt_logprobs)))
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=_usage(finals))
 
-    async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
-        """OpenAI's embeddings, from an engine started with ``--runner pooling`` (``engine.pooling``)."""
+    def _pooling_model(self, req) -> tuple:
+        """``(model name, LoRA request)`` of an embeddings or classify request, whose input must not be empty."""
         model, lora = self._resolve_model(req)
         if not req.input:
             raise bad_request("input is empty: give a text, a list of texts or token ids", param="input")
+        return model, lora
+
+    async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        """OpenAI's embeddings, from an engine started with ``--runner pooling`` (``engine.pooling``)."""
+        model, lora = self._pooling_model(req)
         try:
             params = PoolingParams(dimensions=req.dimensions)
         except ValueError as e:
@@ -464,9 +469,7 @@ class OpenAIServing:
     async def create_classification(self, req: ClassificationRequest) -> ClassificationResponse:
         """vLLM's ``/classify``: each input's class probabilities (or logits) from a sequence classifier's engine,
         and its most likely class's name."""
-        model, lora = self._resolve_model(req)
-        if not req.input:
-            raise bad_request("input is empty: give a text, a list of texts or token ids", param="input")
+        model, lora = self._pooling_model(req)
         if not self._is_classifier:
             raise bad_request("classify needs a sequence classifier (a ...ForSequenceClassification checkpoint)",
                               param="model", code="model_not_supported")
