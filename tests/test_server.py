@@ -1071,6 +1071,8 @@ def test_embeddings_from_a_pooling_server(served):
             client.embeddings.create(model=served.model, input=texts[0], dimensions=1000)
         with pytest.raises(openai.BadRequestError, match="a text of input has 200 tokens; a text may have at most 127"):
             client.embeddings.create(model=served.model, input=[list(range(200))])
+        with pytest.raises(openai.BadRequestError, match="input is empty"):
+            client.embeddings.create(model=served.model, input=[])
         # vLLM's /score and /rerank for an embedding model: the cosine of the embeddings
         texts_vectors = {t: v for t, v in zip(texts, vectors)}
         scored = httpx.post(f"{url}/score", json={"text_1": texts[0], "text_2": texts}, timeout=60).json()
@@ -1130,6 +1132,8 @@ def test_classify_from_a_sequence_classifier_server(tmp_path):
         assert len(text["data"]) == 1 and len(text["data"][0]["probs"]) == 2
         refused = httpx.post(f"{url}/v1/embeddings", json={"input": "Hi"}, timeout=60)
         assert refused.status_code == 400 and "use /classify" in refused.json()["error"]["message"]
+        empty = httpx.post(f"{url}/classify", json={"input": []}, timeout=60)
+        assert empty.status_code == 400 and empty.json()["error"]["param"] == "input"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
