@@ -227,6 +227,14 @@ class Tiling:
     # step shapes, where prompt tokens come in bulk, take it.
     prefill_kernel: str = "mosaic"
     prefill_mosaic_min_tokens: int = 8192
+    # 8-bit pages: a partly visible KV step loads its K/V tiles masked (zeros past the context), as 16-bit pages do
+    # (True), or whole (False: the tail reads whatever its pages hold, which the scores' mask then weighs by exactly
+    # 0; pages are zeroed when made and written only through ``to_cache_dtype``, which saturates, so they hold finite
+    # values). Triton has no float8 fill value, so the masked form selects after widening the tile to float16, in
+    # the load's layout: the widened K and V go through shared memory (offline compile for sm_90, NOTES.md after run
+    # 42f: 100 KB of shared memory a program against 40 KB unmasked, 1,587 instructions a masked step against
+    # 1,149). Unmeasured on a GPU: the masked form stays the default until a lease times both.
+    masked_8bit_loads: bool = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -325,9 +333,12 @@ def _attention_kernel(
     sm_scale: float,
     soft_cap: Optional[float],
     sliding_window: Optional[int],
+    masked_loads: bool = True,
 ):
     """One program: one KV head x one query tile (x one context split). ``q_ref`` is the ``qkv`` buffer: query
-    head ``i`` is its head ``i`` (the key and value heads after them are not read)."""
+    head ``i`` is its head ``i`` (the key and value heads after them are not read). ``masked_loads``: a partly
+    visible KV step zeroes the tiles' positions past the context as it loads them (else it loads them whole:
+    ``Tiling.masked_8bit_loads``)."""
     T, _, D = q_ref.shape
     S, B = block_tables_ref.shape
     bs = k_ref.shape[3]
@@ -408,9 +419,12 @@ def _attention_kernel(
                 if not prefetch_pages:
                     page = pages_of(j)
                 kv_idx = (layer, h, page[:, None], (c % bs)[:, None], d[None, :])
-                kv_mask = jnp.broadcast_to(in_kv[:, None], (kv_tokens, D))
-                k = _masked_load_as(k_ref.at[kv_idx], kv_mask, q.dtype)
-                v = _masked_load_as(v_ref.at[kv_idx], kv_mask, q.dtype)
+                if masked_loads:
+                    kv_mask = jnp.broadcast_to(in_kv[:, None], (kv_tokens, D))
+                    k = _masked_load_as(k_ref.at[kv_idx], kv_mask, q.dtype)
+                    v = _masked_load_as(v_ref.at[kv_idx], kv_mask, q.dtype)
+                else:  # past the context: page 0 (pages_of's fill) or the last page's unused slots, finite
+                    k, v = k_ref[kv_idx], v_ref[kv_idx]
             else:
                 if not prefetch_pages:
                     page = block_tables_ref[seq, c // bs]
@@ -623,7 +637,8 @@ def ragged_paged_attention(
     )
     kernel = functools.partial(
         _attention_kernel, group=group, group_pad=group_pad, max_decode_tokens=max_decode_tokens,
-        sm_scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+        sm_scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        masked_loads=tiling.masked_8bit_loads or jnp.dtype(k_cache.dtype).itemsize != 1)
     out_shape = jax.ShapeDtypeStruct((T, Hq, D), qkv.dtype)
 
     # Prefill launch: query tiles of sequences with more than max_decode_tokens new

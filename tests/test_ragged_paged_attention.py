@@ -169,6 +169,39 @@ def test_kernel_matches_reference_interpret(shapes, kwargs):
             raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
 
 
+@pytest.mark.parametrize("cache_dtype,tiling", [
+    (jnp.float8_e4m3fn, dataclasses.replace(SMALL_TILES, masked_8bit_loads=False)),
+    (jnp.float8_e5m2, dataclasses.replace(SMALL_TILES, k_splits=2, masked_8bit_loads=False)),
+    (jnp.float8_e4m3fn, Tiling(masked_8bit_loads=False)),
+])
+def test_unmasked_8bit_loads_match_reference_over_finite_pages(cache_dtype, tiling):
+    """``Tiling(masked_8bit_loads=False)``: a KV step past a context's end loads its 8-bit tiles whole; the slots no
+    sequence owns hold a finite value (as the engine's zeroed, saturated pages do) that the scores' mask weighs by
+    exactly 0, over every scenario (decode, prefill, mixed, random)."""
+    check_unmasked_8bit_loads(Shapes(8, 2, 64, 16, jnp.bfloat16, cache_dtype=cache_dtype), tiling, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode_kv_tokens", [128, 64])
+def test_unmasked_8bit_loads_match_reference_on_gpu(decode_kv_tokens):
+    shapes = Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40, num_pages=700,
+                    num_layers=3, cache_dtype=jnp.float8_e4m3fn)
+    check_unmasked_8bit_loads(shapes, Tiling(decode_kv_tokens=decode_kv_tokens, masked_8bit_loads=False),
+                              interpret=False)
+
+
+def check_unmasked_8bit_loads(shapes: Shapes, tiling: Tiling, interpret: bool):
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    kernel = functools.partial(ragged_paged_attention, interpret=interpret, tiling=tiling)
+    for name, q_lens, kv_lens in scenarios(shapes, rng):
+        kernel_args, ref_args, used = make_batch(rng, shapes, q_lens, kv_lens, poison_value=300.0)
+        try:
+            assert_matches(kernel(*kernel_args), ragged_paged_attention_reference(*ref_args), used, shapes.dtype)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
+
+
 @pytest.mark.parametrize("kv_len", [1, 16, 17, 90])
 def test_one_token_step_matches_reference_interpret(kv_len):
     """T = 1 (the engine runs a decode at batch 1 unpadded): one query row, padded sequence slots."""
