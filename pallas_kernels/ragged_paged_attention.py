@@ -232,8 +232,8 @@ class Tiling:
     # 0; pages are zeroed when made and written only through ``to_cache_dtype``, which saturates, so they hold finite
     # values). Triton has no float8 fill value, so the masked form selects after widening the tile to float16, in
     # the load's layout: the widened K and V go through shared memory (offline compile for sm_90, NOTES.md after run
-    # 42f: 100 KB of shared memory a program against 40 KB unmasked, 1,587 instructions a masked step against
-    # 1,149). Unmeasured on a GPU: the masked form stays the default until a lease times both.
+    # 42f: 100 KB of shared memory a program against 40 KB unmasked, 1,587 instructions in the longest loop against
+    # 999). Unmeasured on a GPU: the masked form stays the default until a lease times both.
     masked_8bit_loads: bool = True
 
 
