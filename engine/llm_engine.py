@@ -266,6 +266,7 @@ class LLMEngine:
         self.async_scheduling = (args.async_scheduling if args.async_scheduling is not None
                                  else jax.process_count() == 1) and self.pooling is None  # pooling: prompts only
         self._in_flight: Optional[_LaunchedStep] = None
+        self.asleep = False  # sleep mode (vLLM's LLM.sleep): no weights or pages on the device until wake_up
         self._grammars = None  # engine.structured_output.Grammars, made when first needed
         self.tracer: Optional[StepTracer] = None
         if args.trace:
@@ -303,6 +304,8 @@ class LLMEngine:
         process sends across its pipe. A pooling engine takes ``PoolingParams`` (or None) and gives one
         ``EmbeddingRequestOutput`` when the prompt has run (``engine.pooling``). ``lora_request``: run it with that
         LoRA adapter (``engine.lora``; needs ``enable_lora``), read here if it is new."""
+        if self.asleep:
+            raise ValueError("the engine is asleep (LLM.sleep): call wake_up() before adding requests")
         pooling_params = self._pooling_params(params)
         if pooling_params is not None:  # the prompt is run and pooled; nothing is sampled
             params = SamplingParams(max_tokens=1)
@@ -427,6 +430,32 @@ class LLMEngine:
                 s.finish_reason = "abort"
                 group.aborted = True
         self._emit(group)
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's ``sleep(level=1)``: free the device memory of the weights (kept in host memory), the KV pages and
+        the step buffers until ``wake_up``, e.g. while a trainer shares the GPU. Only when no request is unfinished;
+        the prefix cache is emptied (its pages go); requests are refused while asleep. Level 2 (discard the
+        weights) is not supported."""
+        if level != 1:
+            raise ValueError(f"sleep level {level} is not supported: level 1 keeps the weights in host memory "
+                             "(level 2, which discards them for the caller to reload, is not implemented)")
+        if self.asleep:
+            raise ValueError("the engine is asleep already")
+        if self.has_unfinished_requests():
+            raise ValueError("requests are unfinished: sleep when the engine is idle (vLLM's contract too)")
+        if self._in_flight is not None:  # a last step whose requests all finished: let it end on the device
+            jax.block_until_ready(self.runner.kv_cache)
+            self._in_flight = None
+        self.block_manager.reset_prefix_cache()
+        self.runner.sleep()
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        """Back from ``sleep``: the weights and an empty KV pool on the device again."""
+        if not self.asleep:
+            raise ValueError("the engine is awake: wake_up follows sleep")
+        self.runner.wake_up()
+        self.asleep = False
 
     def release_device_memory(self) -> None:
         """Free the weights, KV pages and step buffers now (shutdown), so that another engine in this process can

@@ -438,6 +438,7 @@ class ModelRunner:
         """Create the KV pool (zeroed pages) and the jitted model step and page copy that update it in
         place, and the jitted sampler."""
         self.kv_cache = self._make_kv_cache(num_blocks)
+        self.num_kv_blocks = num_blocks
         # jit's out_shardings, only when sharded
         step_placement, sample_placement, copy_placement, stage_placement, burst_placement = {}, {}, {}, {}, {}
         score_placement = {}
@@ -494,6 +495,28 @@ class ModelRunner:
         self.params = self.kv_cache = self._sampled = None
         for name in buffers:
             setattr(self, name, {})
+
+    def sleep(self) -> None:
+        """vLLM's sleep mode (level 1): the weights copied to host memory, then the weights, KV pages and step
+        buffers freed on the device; the compiled programs stay, so the steps after ``wake_up`` compile nothing. One process only
+        (a cluster's other processes hold their own shards)."""
+        if self._multi_process:
+            raise ValueError("sleep mode runs in one process, not across a cluster")
+        # Over a mesh each weight goes back to its sharding; on one device uncommitted, as it came (a committed
+        # array would be another argument signature to the jitted steps: each would trace and lower again).
+        shardings = None if self.mesh is None else jax.tree.map(lambda a: a.sharding, self.params)
+        self._asleep = (jax.device_get(self.params), shardings)
+        self.release()
+
+    def wake_up(self) -> None:
+        """Back from ``sleep``: the weights put back as they were placed, a zeroed KV pool of the same size."""
+        host_params, shardings = self._asleep
+        self.params = jax.device_put(host_params, shardings)
+        self.kv_cache = self._make_kv_cache(self.num_kv_blocks)
+        self._sampled = jnp.zeros(self.max_num_seqs, jnp.int32)
+        if self.mesh is not None:
+            self._sampled = jax.device_put(self._sampled, self._input_sharding)
+        self._asleep = None
 
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
         """A step input's shape, placed as the runner places that input (replicated over a mesh)."""

@@ -491,6 +491,48 @@ def test_shutdown_frees_the_device_memory_at_once(tmp_path):
     again.shutdown()
 
 
+def test_sleep_frees_the_device_and_wake_up_resumes_without_compiling(tmp_path):
+    """vLLM's sleep mode (level 1): sleep() deletes the weights, KV pages and step buffers (the weights kept in host
+    memory) and empties the prefix cache; requests are refused while asleep, and sleeping needs an idle engine;
+    wake_up() puts it back (compiling at most the new pool's zeroing), the steps after it compile nothing, and the
+    same prompts give the same greedy tokens (a prompt cached before the sleep is computed again)."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=13)
+    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
+              num_gpu_blocks_override=12, block_size=8, enable_lora=True, max_lora_rank=4)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompts = [list(range(1, 20)), [5, 6, 7]]
+    before = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    runner = llm.llm_engine.runner
+    held = jax.tree.leaves([runner.params, runner.kv_cache, list(runner._staged.values())])
+    with pytest.raises(ValueError, match="level 2"):
+        llm.sleep(level=2)
+    llm.sleep()
+    assert llm.is_sleeping() and all(a.is_deleted() for a in held)
+    with pytest.raises(ValueError, match="asleep"):
+        llm.generate(prompts, params, use_tqdm=False)
+    with pytest.raises(ValueError, match="asleep already"):
+        llm.sleep()
+    hits = llm.stats()["prefix_cache_hits"]
+    llm.wake_up()
+    assert not llm.is_sleeping()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    after = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert after == before and compiles == []
+    assert llm.stats()["prefix_cache_hits"] == hits  # the pages went with the sleep: nothing found cached
+    with pytest.raises(ValueError, match="wake_up follows sleep"):
+        llm.wake_up()
+    request_id = llm.submit([1, 2, 3], SamplingParams(max_tokens=60, ignore_eos=True), on_output=lambda out: None,
+                            on_error=lambda exc: None)
+    with pytest.raises(ValueError, match="requests are unfinished"):
+        llm.sleep()
+    llm.abort(request_id)
+    llm.shutdown()
+
+
 def test_kv_pool_leaves_room_for_the_largest_step(tmp_path, monkeypatch):
     """With a device memory budget (as on a GPU), the pool gets the budget minus weights minus the
     largest step's activations, which XLA reports for that step compiled at start-up."""

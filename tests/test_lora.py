@@ -283,7 +283,8 @@ def test_classify_takes_an_adapter(tmp_path):
 
 
 def test_score_through_an_adapter_is_the_cosine_of_its_embeddings(tmp_path):
-    """``LLM.score`` with ``lora_request``: the cosine of the adapter's embeddings, not the base model's."""
+    """``LLM.score`` with ``lora_request``: the cosine of the adapter's embeddings, not the base model's (asked after
+    a sleep and wake-up, which keep the pooling engine's weights and adapter slots)."""
     write_tiny_checkpoint(tmp_path / "base", "qwen3", seed=1)
     make_adapter(tmp_path / "a", "qwen3", 4, ALL_LLAMA_MODULES, r=4, alpha=8)
     request = LoRARequest("a", 1, str(tmp_path / "a" / "adapter"))
@@ -291,6 +292,8 @@ def test_score_through_an_adapter_is_the_cosine_of_its_embeddings(tmp_path):
               max_model_len=64, max_num_seqs=4, enable_lora=True, max_lora_rank=4)
     try:
         first, *others = llm.embed(PROMPTS, use_tqdm=False, lora_request=request)
+        llm.sleep()
+        llm.wake_up()
         scores = llm.score(PROMPTS[0], PROMPTS[1:], use_tqdm=False, lora_request=request)
         plain = llm.score(PROMPTS[0], PROMPTS[1:], use_tqdm=False)
         for got, other, base in zip(scores, others, plain):

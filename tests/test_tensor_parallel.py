@@ -172,6 +172,10 @@ def _single_host(args: dict) -> dict:
                 reference = runner
             elif reference is not None and tp > runner.config.num_kv_heads and not options:  # dense weights
                 entry["kv_copies_match"] = _kv_copies_match(runner, reference, tp)
+            if name == "llama" and tp == sizes[-1]:  # sleep mode over the mesh: the weights back on their shards
+                llm.sleep()
+                llm.wake_up()
+                entry["after_sleep"] = {**_generate(llm, args["prompts"]), "layout": _layout(runner)}
             results[f"{name}/tp{tp}"] = entry
         for llm in engines:
             llm.shutdown()
@@ -372,6 +376,14 @@ def test_outputs_equal_single_device(single_host, run):
 def test_lora_adapter_changes_the_outputs(single_host):
     """The adapter of the "lora" run bites (its outputs, equal over the mesh, are not the base model's)."""
     assert single_host["lora/tp1"]["outputs"] != single_host["llama/tp1"]["outputs"]
+
+
+def test_sleep_and_wake_up_over_the_mesh_keep_the_shards_and_tokens(single_host):
+    """``LLM.sleep()`` then ``wake_up()`` at tensor_parallel_size=4: every weight and the KV pool back on the shards
+    they had, and the same tokens as before the sleep."""
+    before = single_host["llama/tp4"]
+    assert before["after_sleep"]["layout"] == before["layout"]
+    assert before["after_sleep"]["outputs"] == before["outputs"]
 
 
 def test_multi_step_decoding_over_the_mesh_gives_the_single_devices_tokens(single_host):
