@@ -135,6 +135,16 @@ class AsyncLLM:
         """Engine counters and queue/KV-cache state, read between steps (blocks up to one step)."""
         return self._loop.stats()
 
+    async def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode (``LLMEngine.sleep``): off the event loop, the weights' copy to the host takes a while."""
+        await asyncio.get_running_loop().run_in_executor(None, self._loop.sleep, level)
+
+    async def wake_up(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._loop.wake_up)
+
+    async def is_sleeping(self) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(None, self._loop.is_sleeping)
+
     async def check_health(self) -> None:
         """Returns once the engine loop answers between steps."""
         await asyncio.get_running_loop().run_in_executor(None, self._loop.check)

@@ -134,6 +134,16 @@ class EngineLoop:
         return dict(device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
                     jax_version=jax.__version__, backend=jax.default_backend())
 
+    def sleep(self, level: int = 1) -> None:
+        """The engine's sleep mode (``LLMEngine.sleep``), between steps."""
+        self.call(lambda engine: engine.sleep(level))
+
+    def wake_up(self) -> None:
+        self.call(lambda engine: engine.wake_up())
+
+    def is_sleeping(self) -> bool:
+        return self.call(lambda engine: engine.asleep)
+
     def call(self, fn: Callable):
         """Run ``fn(engine)`` between steps (for stats, inspection, or a batch of an engine process's commands)."""
         with self._between_steps():

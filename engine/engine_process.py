@@ -151,6 +151,15 @@ class EngineProcess:
     def check(self) -> None:
         self._call("check", None)
 
+    def sleep(self, level: int = 1) -> None:
+        self._call("sleep", level)
+
+    def wake_up(self) -> None:
+        self._call("wake_up", None)
+
+    def is_sleeping(self) -> bool:
+        return self._call("is_sleeping", None)
+
     def device_facts(self) -> dict:
         return dict(self.engine.facts)
 
@@ -330,6 +339,9 @@ def _child_main(args: EngineArgs, commands, outputs) -> None:
         "abort": loop.abort,
         "stats": lambda _: loop.stats(),
         "check": lambda _: loop.check(),
+        "sleep": loop.sleep,
+        "wake_up": lambda _: loop.wake_up(),
+        "is_sleeping": lambda _: loop.is_sleeping(),
     }
 
     def run(batch) -> bool:

@@ -276,14 +276,14 @@ class LLM:
         """vLLM's sleep mode: free the GPU memory of the weights (kept in host memory: level 1), the KV cache and
         the step buffers, e.g. while an RL trainer uses the GPU; the prefix cache is emptied. Only while no request
         is unfinished; requests are refused until ``wake_up``."""
-        self._loop.call(lambda e: e.sleep(level))
+        self._loop.sleep(level)
 
     def wake_up(self) -> None:
         """Back from ``sleep``: the weights and an empty KV cache on the device; the steps are not compiled again."""
-        self._loop.call(lambda e: e.wake_up())
+        self._loop.wake_up()
 
     def is_sleeping(self) -> bool:
-        return self._loop.call(lambda e: e.asleep)
+        return self._loop.is_sleeping()
 
     def get_trace(self, reset: bool = False):
         """The per-step trace (``engine.trace.StepTrace``) of an engine built with ``trace=True``;

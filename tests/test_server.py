@@ -1140,6 +1140,37 @@ def test_classify_from_a_sequence_classifier_server(tmp_path):
         async_llm.shutdown()
 
 
+def test_sleep_and_wake_up_in_dev_mode():
+    """vLLM's development routes (``VLLM_SERVER_DEV_MODE=1``) over the engine process: /sleep frees the engine's
+    device memory while idle, /is_sleeping says so, a completion meanwhile is a 400 that says to wake it, /wake_up
+    brings it back to the same greedy replies; level 2 is a 400; without dev mode the routes do not exist."""
+    args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "4"])
+    assert args.engine_process
+    async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=args.engine_process)
+    names = served_model_names(args)
+    (server, thread, url), (plain, plain_thread, plain_url) = (
+        _serve_in_thread(build_app(async_llm, names, dev_mode=True)), _serve_in_thread(build_app(async_llm, names)))
+    body = {"model": names[0], "prompt": PROMPTS[0], "temperature": 0, "max_tokens": 8, "ignore_eos": True}
+    try:
+        before = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        assert httpx.get(f"{url}/is_sleeping", timeout=60).json() == {"is_sleeping": False}
+        refused = httpx.post(f"{url}/sleep", params={"level": 2}, timeout=60)
+        assert refused.status_code == 400 and "level 2" in refused.json()["error"]["message"]
+        assert httpx.post(f"{url}/sleep", timeout=120).status_code == 200
+        assert httpx.get(f"{url}/is_sleeping", timeout=60).json() == {"is_sleeping": True}
+        asleep = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert asleep.status_code == 400 and "wake_up" in asleep.json()["error"]["message"]
+        assert httpx.post(f"{plain_url}/sleep", timeout=60).status_code == 404
+        assert httpx.post(f"{url}/wake_up", timeout=120).status_code == 200
+        after = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        assert after == before and httpx.post(f"{url}/wake_up", timeout=60).status_code == 400
+    finally:
+        for running, runner in ((server, thread), (plain, plain_thread)):
+            running.should_exit = True
+            runner.join(timeout=10)
+        async_llm.shutdown()
+
+
 def test_ctrl_c_stops_serve_py_cleanly():
     """``scripts/serve.py`` interrupted (Ctrl-C, twice) after a request: it exits with 0 and no traceback (uvicorn
     0.55 logged the ASGI lifespan task's cancellation as an ERROR with one)."""

@@ -168,14 +168,16 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
               metrics: Optional[ServingMetrics] = None, tool_parser: Optional[str] = None,
               reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
               allowed_origins: Sequence[str] = (), lora_modules: Sequence[LoRAModulePath] = (),
-              allow_runtime_lora_updating: Optional[bool] = None) -> FastAPI:
+              allow_runtime_lora_updating: Optional[bool] = None, dev_mode: Optional[bool] = None) -> FastAPI:
     """The FastAPI app over ``async_llm``. Several apps may share one ``AsyncLLM`` (pass the
     same ``metrics`` to share it too; by default a new one is made and registered). ``tool_parser``: a name in
     ``TOOL_PARSERS``, which allows ``tool_choice="auto"``; ``reasoning_parser``: one in ``REASONING_PARSERS``;
     ``chat_template``: a Jinja template instead of the model's; ``allowed_origins``: web origins whose pages may call
     the server (CORS; none by default). ``lora_modules``: LoRA adapters served under their names (ids 1, 2, ... in
     order; the engine needs ``enable_lora``); ``allow_runtime_lora_updating``: serve /v1/load_lora_adapter and
-    /v1/unload_lora_adapter (None: as the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING says, as vLLM).
+    /v1/unload_lora_adapter (None: as the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING says, as vLLM);
+    ``dev_mode``: serve vLLM's development routes, /sleep, /wake_up and /is_sleeping (None: as VLLM_SERVER_DEV_MODE=1
+    says, as vLLM).
     Raises ValueError for adapters the server cannot serve (LoRA off, a name taken twice)."""
     serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser, chat_template,
                             lora_modules)
@@ -254,6 +256,29 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
         @app.post("/v1/unload_lora_adapter")
         async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
             return PlainTextResponse(serving.unload_lora_adapter(body))
+
+    if dev_mode is None:
+        dev_mode = os.environ.get(DEV_MODE_ENV) == "1"
+    if dev_mode:  # as vLLM: an RL loop puts the engine to sleep while its trainer uses the GPU
+        @app.post("/sleep")
+        async def sleep(level: int = 1) -> Response:
+            try:
+                await async_llm.sleep(level)
+            except ValueError as e:
+                raise bad_request(str(e), param="level" if "level" in str(e) else None) from None
+            return Response(status_code=200)
+
+        @app.post("/wake_up")
+        async def wake_up() -> Response:
+            try:
+                await async_llm.wake_up()
+            except ValueError as e:
+                raise bad_request(str(e)) from None
+            return Response(status_code=200)
+
+        @app.get("/is_sleeping")
+        async def is_sleeping() -> dict:
+            return {"is_sleeping": await async_llm.is_sleeping()}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
@@ -862,6 +887,7 @@ class OpenAIServing:
 # -- LoRA adapters -----------------------------------------------------------------------
 
 RUNTIME_LORA_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the load/unload endpoints
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"  # vLLM's switch for /sleep, /wake_up and /is_sleeping
 
 
 @dataclasses.dataclass(frozen=True)
