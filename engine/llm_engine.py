@@ -446,8 +446,8 @@ class LLMEngine:
         if self._in_flight is not None:  # a last step whose requests all finished: let it end on the device
             jax.block_until_ready(self.runner.kv_cache)
             self._in_flight = None
-        self.block_manager.reset_prefix_cache()
-        self.runner.sleep()
+        self.runner.sleep()  # first: it refuses a cluster before anything changed
+        self.block_manager.reset_prefix_cache()  # the cached prefixes' pages are gone
         self.asleep = True
 
     def wake_up(self) -> None:
