@@ -57,6 +57,7 @@ from models.lora import lora_mask, lora_update
 from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_rms_norm, rms_norm
 from models.quantization import Fp8Weight, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized, linear
+from pallas_kernels.fp8_activation import apply_activation
 from pallas_kernels.quantized_matmul import add_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
@@ -336,8 +337,8 @@ def forward(
         local = dataclasses.replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
         rope = (rope[0], rope_cos_sin(batch.positions, local))
     attend = functools.partial(attention_fn, sm_scale=config.attn_scale, soft_cap=config.attn_soft_cap)
-    activation = jax.nn.silu if config.hidden_act == "silu" else functools.partial(jax.nn.gelu, approximate=True)
     activation_name = "silu" if config.hidden_act == "silu" else "gelu_tanh"  # pallas_kernels.fp8_activation's
+    activation = functools.partial(apply_activation, activation_name)
     mm = functools.partial(linear, backend=linear_backend)
     mm_parts = functools.partial(linear, backend=linear_backend, keep_splits=True)
 

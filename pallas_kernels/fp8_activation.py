@@ -34,7 +34,8 @@ MAX_CHUNKS = 64
 MAX_COLUMNS = 16384  # a row's f32 activations over 8 warps: 64 registers a thread
 
 
-def _activation(name: str, x: jax.Array) -> jax.Array:
+def apply_activation(name: str, x: jax.Array) -> jax.Array:
+    """A gated MLP's activation by its name in ``ACTIVATIONS`` (SiLU, or tanh-approximated GELU)."""
     if name == "silu":
         return jax.nn.silu(x)
     if name == "gelu_tanh":
@@ -56,7 +57,7 @@ def gated_activation_fp8_reference(acc: jax.Array, row_scale: jax.Array, col_sca
     ``col_scale[2N]``; returns ``(q[T, N] float8_e4m3fn, scale[T, 1] float32)``."""
     gate_up = (acc.astype(jnp.float32) * row_scale * col_scale).astype(dtype)
     gate, up = jnp.split(gate_up, 2, axis=-1)
-    return quantize_rows_fp8(_activation(activation, gate) * up)
+    return quantize_rows_fp8(apply_activation(activation, gate) * up)
 
 
 def _chunk_size(n: int, max_chunk: int = MAX_CHUNK) -> Optional[int]:
