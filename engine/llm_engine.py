@@ -266,7 +266,6 @@ class LLMEngine:
         self.async_scheduling = (args.async_scheduling if args.async_scheduling is not None
                                  else jax.process_count() == 1) and self.pooling is None  # pooling: prompts only
         self._in_flight: Optional[_LaunchedStep] = None
-        self.asleep = False  # sleep mode (vLLM's LLM.sleep): no weights or pages on the device until wake_up
         self._grammars = None  # engine.structured_output.Grammars, made when first needed
         self.tracer: Optional[StepTracer] = None
         if args.trace:
@@ -448,14 +447,17 @@ class LLMEngine:
             self._in_flight = None
         self.runner.sleep()  # first: it refuses a cluster before anything changed
         self.block_manager.reset_prefix_cache()  # the cached prefixes' pages are gone
-        self.asleep = True
 
     def wake_up(self) -> None:
         """Back from ``sleep``: the weights and an empty KV pool on the device again."""
         if not self.asleep:
             raise ValueError("the engine is awake: wake_up follows sleep")
         self.runner.wake_up()
-        self.asleep = False
+
+    @property
+    def asleep(self) -> bool:
+        """Sleep mode (vLLM's ``LLM.sleep``): no weights or pages on the device until ``wake_up``."""
+        return self.runner.asleep
 
     def release_device_memory(self) -> None:
         """Free the weights, KV pages and step buffers now (shutdown), so that another engine in this process can

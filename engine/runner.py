@@ -431,6 +431,7 @@ class ModelRunner:
         self.compiler_options = (dict(compiler_options) if self._options_given
                                  else self.step_compiler_options(max_num_batched_tokens))
         self.kv_cache = None
+        self._asleep = None  # sleep mode: the weights in host memory and their shardings
         if num_blocks is not None:
             self.allocate_kv_cache(num_blocks)
 
@@ -442,7 +443,7 @@ class ModelRunner:
         # jit's out_shardings, only when sharded
         step_placement, sample_placement, copy_placement, stage_placement, burst_placement = {}, {}, {}, {}, {}
         score_placement = {}
-        self._sampled = jnp.zeros(self.max_num_seqs, jnp.int32)  # the last step's tokens, fed to the next
+        self._sampled = self._zero_sampled()  # the last step's tokens, fed to the next
         if self.mesh is not None:
             kv_placement = jax.tree.map(lambda a: a.sharding, self.kv_cache)
             step_placement = {"out_shardings": (self._logits_sharding, kv_placement)}
@@ -451,7 +452,6 @@ class ModelRunner:
             stage_placement = {"out_shardings": self._input_sharding}
             burst_placement = {"out_shardings": (self._input_sharding, self._input_sharding, kv_placement)}
             score_placement = {"out_shardings": (self._logits_sharding, kv_placement, self._input_sharding)}
-            self._sampled = jax.device_put(self._sampled, self._input_sharding)
         self._step_fns = {}  # XLA options -> the jitted model step compiled with them (step_compiler_options)
         # The step's logits buffer (when given) is donated and only its shape read: ``keep_unused`` keeps it (and
         # its donation), as in ``_stage_step_input``. The sampler writes its tokens over the donated previous ones.
@@ -483,6 +483,11 @@ class ModelRunner:
             "out_shardings": (self._input_sharding,) * 3 + (kv_placement,)}
         self._make_pool = functools.partial(jax.jit, self._pool_step, donate_argnums=(1,), **pool_placement)
 
+    def _zero_sampled(self) -> jax.Array:
+        """The last step's sampled tokens before any step: zeros, replicated over a mesh."""
+        zeros = jnp.zeros(self.max_num_seqs, jnp.int32)
+        return zeros if self.mesh is None else jax.device_put(zeros, self._input_sharding)
+
     def release(self) -> None:
         """Free the device memory this runner holds (weights, KV pages, step buffers) at once, not when Python
         collects it; the runner cannot step afterwards (its compiled programs stay, for inspection)."""
@@ -513,10 +518,12 @@ class ModelRunner:
         host_params, shardings = self._asleep
         self.params = jax.device_put(host_params, shardings)
         self.kv_cache = self._make_kv_cache(self.num_kv_blocks)
-        self._sampled = jnp.zeros(self.max_num_seqs, jnp.int32)
-        if self.mesh is not None:
-            self._sampled = jax.device_put(self._sampled, self._input_sharding)
+        self._sampled = self._zero_sampled()
         self._asleep = None
+
+    @property
+    def asleep(self) -> bool:
+        return self._asleep is not None
 
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
         """A step input's shape, placed as the runner places that input (replicated over a mesh)."""
