@@ -265,7 +265,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
             try:
                 await async_llm.sleep(level)
             except ValueError as e:
-                raise bad_request(str(e), param="level" if "level" in str(e) else None) from None
+                raise bad_request(str(e), param="level" if level != 1 else None) from None
             return Response(status_code=200)
 
         @app.post("/wake_up")
