@@ -122,6 +122,15 @@ def assert_matches(out, ref, num_tokens_used, dtype, atol=None):
     np.testing.assert_allclose(out, ref, atol=atol or ATOL[dtype], rtol=0)
 
 
+def assert_scenario_matches(out, ref, num_tokens_used, dtype, seed, scenario: tuple, atol=None):
+    """``assert_matches``, a failure named by the inputs' seed and its scenario ``(name, q_lens, kv_lens)``."""
+    name, q_lens, kv_lens = scenario
+    try:
+        assert_matches(out, ref, num_tokens_used, dtype, atol=atol)
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
+
+
 def compile_for_cpu(fn, args):
     return jax.jit(fn).lower(*args).compile(compiler_options=FAST_CPU_COMPILE)
 
@@ -159,14 +168,11 @@ def test_kernel_matches_reference_interpret(shapes, kwargs):
     ref_kwargs = {k: v for k, v in kwargs.items() if k != "tiling"}
     ref_fn = functools.partial(ragged_paged_attention_reference, **ref_kwargs)
     kernel = reference = None
-    for name, q_lens, kv_lens in scenarios(shapes, rng):
-        kernel_args, ref_args, used = make_batch(rng, shapes, q_lens, kv_lens)
+    for scenario in scenarios(shapes, rng):
+        kernel_args, ref_args, used = make_batch(rng, shapes, *scenario[1:])
         kernel = kernel or compile_for_cpu(kernel_fn, kernel_args)
         reference = reference or compile_for_cpu(ref_fn, ref_args)
-        try:
-            assert_matches(kernel(*kernel_args), reference(*ref_args), used, shapes.dtype)
-        except AssertionError as e:
-            raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
+        assert_scenario_matches(kernel(*kernel_args), reference(*ref_args), used, shapes.dtype, seed, scenario)
 
 
 @pytest.mark.parametrize("cache_dtype,tiling", [
@@ -194,12 +200,10 @@ def check_unmasked_8bit_loads(shapes: Shapes, tiling: Tiling, interpret: bool):
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
     kernel = functools.partial(ragged_paged_attention, interpret=interpret, tiling=tiling)
-    for name, q_lens, kv_lens in scenarios(shapes, rng):
-        kernel_args, ref_args, used = make_batch(rng, shapes, q_lens, kv_lens, poison_value=300.0)
-        try:
-            assert_matches(kernel(*kernel_args), ragged_paged_attention_reference(*ref_args), used, shapes.dtype)
-        except AssertionError as e:
-            raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
+    for scenario in scenarios(shapes, rng):
+        kernel_args, ref_args, used = make_batch(rng, shapes, *scenario[1:], poison_value=300.0)
+        assert_scenario_matches(kernel(*kernel_args), ragged_paged_attention_reference(*ref_args), used, shapes.dtype,
+                                seed, scenario)
 
 
 @pytest.mark.parametrize("kv_len", [1, 16, 17, 90])
@@ -565,15 +569,12 @@ def test_kernel_matches_reference_on_gpu(shapes, kwargs):
     bs, B = shapes.block_size, shapes.pages_per_seq
     cases.append(("long-decode", [1] * shapes.max_seqs, [int(x) for x in rng.integers(1, B * bs + 1, shapes.max_seqs)]))
     cases.append(("long-chunks", [40, 1, 64, 1], [B * bs - 3, B * bs, 64, 2 * bs]))
-    for name, q_lens, kv_lens in cases:
-        kernel_args, ref_args, used = make_batch(rng, shapes, q_lens, kv_lens, layer=shapes.num_layers - 1)
+    for scenario in cases:
+        kernel_args, ref_args, used = make_batch(rng, shapes, *scenario[1:], layer=shapes.num_layers - 1)
         with jax.default_matmul_precision("highest"):
             ref = reference(*ref_args)
         atol = 1e-4 if shapes.dtype == jnp.float32 else None
-        try:
-            assert_matches(kernel(*kernel_args), ref, used, shapes.dtype, atol=atol)
-        except AssertionError as e:
-            raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
+        assert_scenario_matches(kernel(*kernel_args), ref, used, shapes.dtype, seed, scenario, atol=atol)
 
 
 MOSAIC_GPU_CASES = [
@@ -602,16 +603,13 @@ def test_mosaic_prefill_matches_reference_on_gpu(shapes):
     cases = list(scenarios(shapes, rng))
     cases.append(("long-prompts", [T // 3, 1, T // 2 - 5, 7], [T // 3, 60, T // 2 + 95, 7]))
     cases.append(("chunks-after-context", [128, 64, 65, 2], [shapes.pages_per_seq * bs, 64 + 3 * bs, 65, 40]))
-    for name, q_lens, kv_lens in cases:
-        kernel_args, ref_args, used = make_batch(rng, shapes, q_lens, kv_lens, layer=shapes.num_layers - 1,
+    for scenario in cases:
+        kernel_args, ref_args, used = make_batch(rng, shapes, *scenario[1:], layer=shapes.num_layers - 1,
                                                  poison_value=1e4)
         with jax.default_matmul_precision("highest"):
             ref = reference(*ref_args)
-        out = kernel(*kernel_args)  # outside the try: a compiler's own AssertionError keeps its traceback
-        try:
-            assert_matches(out, ref, used, shapes.dtype)
-        except AssertionError as e:
-            raise AssertionError(f"seed {seed}, scenario {name}: q_lens={q_lens} kv_lens={kv_lens}\n{e}") from None
+        out = kernel(*kernel_args)  # outside the helper's try: a compiler's own AssertionError keeps its traceback
+        assert_scenario_matches(out, ref, used, shapes.dtype, seed, scenario)
 
 
 @pytest.mark.gpu
