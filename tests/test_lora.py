@@ -29,14 +29,21 @@ def make_adapter(path, variant: str, seed: int, targets: list[str], r: int, alph
     """A PEFT adapter of random (non-zero) A and B on a fresh copy of the tiny ``variant`` checkpoint of seed 1,
     saved by ``save_pretrained`` to ``path``; returns the ``peft`` model (eval)."""
     base = write_tiny_checkpoint(os.path.join(path, "base"), variant, seed=1)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                      init_lora_weights=False, **lora_options))
+    model = random_lora(base, seed, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                    init_lora_weights=False, **lora_options))
+    model.save_pretrained(os.path.join(path, "adapter"))
+    return model
+
+
+def random_lora(base, seed: int, config):
+    """``base`` (a transformers model) wrapped by peft with ``config``'s adapter, its A and B random (0.3 * normal of
+    ``seed``: an update far from zero); returns the peft model (eval)."""
+    model = peft.get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(os.path.join(path, "adapter"))
     return model.eval()
 
 
@@ -259,14 +266,10 @@ def test_classify_takes_an_adapter(tmp_path):
     classifier.save_pretrained(str(tmp_path / "base"), safe_serialization=True)
     with torch.no_grad():
         plain = [classifier.eval()(torch.tensor([p])).logits[0].numpy().astype(np.float64) for p in PROMPTS]
-    adapted = peft.get_peft_model(classifier, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LLAMA_MODULES,
-                                                              init_lora_weights=False))
-    generator = torch.Generator().manual_seed(5)
+    adapted = random_lora(classifier, 5, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LLAMA_MODULES,
+                                                         init_lora_weights=False))
     with torch.no_grad():
-        for name, param in adapted.named_parameters():
-            if "lora_" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-        with_adapter = [adapted.eval()(torch.tensor([p])).logits[0].numpy().astype(np.float64) for p in PROMPTS]
+        with_adapter = [adapted(torch.tensor([p])).logits[0].numpy().astype(np.float64) for p in PROMPTS]
     adapted.save_pretrained(str(tmp_path / "adapter"))
     request = LoRARequest("cls", 1, str(tmp_path / "adapter"))
     llm = LLM(str(tmp_path / "base"), skip_tokenizer_init=True, dtype="float32", block_size=8, max_model_len=64,
