@@ -32,7 +32,8 @@ class CompileTimer:
     """While active (a context manager, any thread): every compile event with the time it ended.
 
     ``seconds``: trace + lower + compile; ``seconds_within(a, b)``: those that ended in
-    ``[a, b]`` (a traced step's own compiles); ``seconds_by_phase()``: the sum per phase;
+    ``[a, b]`` (a traced step's own compiles); ``seconds_by_phase()``: the sum per phase; ``compiled()``: the
+    programs compiled;
     ``slowest(n)``: the ``n`` programs (jitted functions, by name) that took longest to make;
     ``counts``: persistent-cache lookups and hits (``COUNTS``; a warm start should hit every lookup).
     """
@@ -57,6 +58,10 @@ class CompileTimer:
         for phase, _, d, _ in self.events:
             totals[phase] += d
         return totals
+
+    def compiled(self) -> list[str]:
+        """The programs compiled (or loaded from the persistent cache) while active, by name, in order."""
+        return [name for phase, _, _, name in self.events if phase == "compile"]
 
     def slowest(self, n: int = 3) -> list[tuple[str, float]]:
         """``(program name, seconds to trace, lower and compile it)`` of the ``n`` slowest, slowest first

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.compile_timer import CompileTimer
 
 PROMPTS = [
     "The capital of France is",
@@ -517,11 +518,9 @@ def test_sleep_frees_the_device_and_wake_up_resumes_without_compiling(tmp_path):
     hits = llm.stats()["prefix_cache_hits"]
     llm.wake_up()
     assert not llm.is_sleeping()
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None)
-    after = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert after == before and compiles == []
+    with CompileTimer() as timer:
+        after = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert after == before and timer.compiled() == []
     assert llm.stats()["prefix_cache_hits"] == hits  # the pages went with the sleep: nothing found cached
     with pytest.raises(ValueError, match="wake_up follows sleep"):
         llm.wake_up()
@@ -854,42 +853,39 @@ def test_precompiled_engine_compiles_nothing_while_it_generates(tmp_path, capsys
     under a progress bar (with multi-step decoding, its greedy and random programs of every bucket a
     decode can have; with LoRA slots, each step with adapters' updates and without, and the slot writer); then
     prompts of many lengths, batch sizes and both kinds of sampling (half with an adapter) compile nothing more."""
-    import jax
-
     monkeypatch.setenv("PAGEDJAX_PRECOMPILE_WORKERS", workers)
     from engine.runner import token_buckets
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     write_tiny_checkpoint(tmp_path, "llama", seed=4)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None)
-    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=96, max_num_seqs=8,
-              max_num_batched_tokens=64, precompile_steps=True, num_scheduler_steps=steps, enable_lora=lora,
-              max_lora_rank=4)
-    adapter = None
-    if lora:
-        from engine import LoRARequest
-        from models.lora import write_random_adapter
+    with CompileTimer() as start_up:
+        llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=96, max_num_seqs=8,
+                  max_num_batched_tokens=64, precompile_steps=True, num_scheduler_steps=steps, enable_lora=lora,
+                  max_lora_rank=4)
+        adapter = None
+        if lora:
+            from engine import LoRARequest
+            from models.lora import write_random_adapter
 
-        adapter = LoRARequest("a", 1, write_random_adapter(str(tmp_path / "adapter"), llm.llm_engine.model_config,
-                                                           ["q_proj", "down_proj"], r=4))
+            adapter = LoRARequest("a", 1, write_random_adapter(str(tmp_path / "adapter"),
+                                                               llm.llm_engine.model_config, ["q_proj", "down_proj"],
+                                                               r=4))
     runner = llm.llm_engine.runner
     assert runner.table_width == 6 and token_buckets(64) == [1, 16, 32, 64]
     assert "Compiling steps" in capsys.readouterr().err
     assert gc.get_freeze_count() > 0  # start-up's objects are out of the collector's way
-    assert len(compiles) >= 4 + 2  # a model step per token bucket; greedy and random samplers of 8 slots
-    compiles.clear()
+    assert len(start_up.compiled()) >= 4 + 2  # a model step per token bucket; greedy and random samplers of 8 slots
     rng = np.random.default_rng()
     prompts = [rng.integers(0, 256, int(n)).tolist() for n in (1, 5, 17, 40, 60, 3, 9, 2)]
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     random = SamplingParams(temperature=0.8, max_tokens=20, ignore_eos=True, seed=3)
-    outputs = llm.generate(prompts, [greedy, random] * 4, use_tqdm=False, lora_request=[adapter, None] * 4)
+    with CompileTimer() as serving:
+        outputs = llm.generate(prompts, [greedy, random] * 4, use_tqdm=False, lora_request=[adapter, None] * 4)
+        single = llm.generate([prompts[0]], greedy, use_tqdm=False, lora_request=adapter)  # one token a step: T=1
+        llm.generate([prompts[2]], greedy, use_tqdm=False)  # the base model alone: steps without LoRA updates
     assert [len(o.outputs[0].token_ids) for o in outputs] == [20] * 8
-    single = llm.generate([prompts[0]], greedy, use_tqdm=False, lora_request=adapter)  # one token a step: T=1
     assert single[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
-    llm.generate([prompts[2]], greedy, use_tqdm=False)  # the base model alone: steps without LoRA updates
-    assert compiles == []
+    assert serving.compiled() == []
     assert (llm.stats()["multi_steps"] > 0) == (steps > 1)
     llm.shutdown()
     assert token_buckets(1000) == [1, 16, 32, 64, 128, 256, 512, 1000] and token_buckets(8) == [1, 8]

@@ -226,7 +226,7 @@ def test_embeddings_with_an_adapter_match_peft(tmp_path):
     """A pooling engine with LoRA (an embedding model's adapter): each prompt's last-token embedding is peft's
     model's normed last hidden state, with and without the adapter in one call; precompiled, nothing compiles
     while it runs."""
-    import jax
+    from engine.compile_timer import CompileTimer
 
     base = write_tiny_checkpoint(tmp_path / "base", "qwen3", seed=1)
     model = make_adapter(tmp_path / "a", "qwen3", 4, ALL_LLAMA_MODULES, r=4, alpha=8)
@@ -240,12 +240,10 @@ def test_embeddings_with_an_adapter_match_peft(tmp_path):
     llm = LLM(str(tmp_path / "base"), skip_tokenizer_init=True, runner="pooling", dtype="float32", block_size=8,
               max_model_len=64, max_num_batched_tokens=32, max_num_seqs=4, enable_lora=True, max_lora_rank=4,
               precompile_steps=True)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None)
     cases = [(r, i) for r in (None, request) for i in range(len(PROMPTS))]
-    outs = llm.embed([PROMPTS[i] for _, i in cases], use_tqdm=False, lora_request=[r for r, _ in cases])
-    assert compiles == []
+    with CompileTimer() as timer:
+        outs = llm.embed([PROMPTS[i] for _, i in cases], use_tqdm=False, lora_request=[r for r, _ in cases])
+    assert timer.compiled() == []
     for (r, i), out in zip(cases, outs):
         decoder = base.model if r is None else model.base_model.model.model
         np.testing.assert_allclose(out.outputs.embedding, hf_embedding(decoder, PROMPTS[i]), atol=2e-5)
