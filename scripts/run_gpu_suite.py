@@ -79,6 +79,7 @@ INT8_KMAJOR_VARIANTS = (("k512", '{"kmajor_block_k": 512}'), ("k128", '{"kmajor_
                         ("minsteps8", '{"gemv_min_steps": 8}'))
 # Run 42c measured the SiLU product inside the int8 gate/up GEMV (int8_kmajor_silu_gated_matmul, commit d7ec4c8, removed
 # after): the product's launch went (-40 us a step) and the GEMV grew by as much (+48 us): level, see NOTES.md.
+DECODE1 = ("--step", "decode", "--batch", "1", "--ctx", "192")  # profile_step.py: the latency workload's decode step
 # Decode attention tilings (run 42d): name and $PAGEDJAX_ATTENTION_TILING fields, over bf16 and fp8 pages at
 # tput-short's and tput-long's decode shapes (DECODE_SHAPES), as <shape step>-<name> steps. fp8 pages read at about
 # bf16's time (runs 14c, 41a): a program's K/V steps are as many with half the bytes each, so fewer, longer steps.
@@ -233,10 +234,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         ("matmul-sweep-gemv", matmul("matmul-sweep-gemv", "--rows", "1", "--variants", "pallas-int8,pallas-int4",
                                      "--sweep", "--sweep-form", "gemv", "--sweep-shapes", "w_gate_up"), 120),
         # Where a batch-1 decode step's time goes (latency's TPOT), bf16 and AWQ int4.
-        ("profile-decode1", profile("profile-decode1", "--step", "decode", "--batch", "1", "--ctx", "192"), 60),
-        ("profile-decode1-int8", profile("profile-decode1-int8", "--step", "decode", "--batch", "1", "--ctx", "192",
+        ("profile-decode1", profile("profile-decode1", *DECODE1), 60),
+        ("profile-decode1-int8", profile("profile-decode1-int8", *DECODE1,
                                          "--quantization", "int8", "--precompile-steps", "off"), 90),
-        ("profile-decode1-awq", profile("profile-decode1-awq", "--step", "decode", "--batch", "1", "--ctx", "192",
+        ("profile-decode1-awq", profile("profile-decode1-awq", *DECODE1,
                                         "--quantization", "awq", "--precompile-steps", "off"), 90),
         # XLA's Triton fusions of what its classic emitter leaves as separate launches at batch 1 (the RMSNorm's
         # reduce and scale, the split sums with the residual add / SwiGLU / rope): launches and kernel time a step.
@@ -364,7 +365,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
               ("tput-short-qwen3-moe-int8", lambda n: tput("tput-short", "--quantization", "int8", "--model",
                                                             QWEN3_MOE, "--output-json", f"{results}/{n}.json"), 200),
               # Run 36c-d's profiles: where a MoE step's time goes at batch 1, at tput-short's decode, in a prompt.
-              ("profile-qwen3-moe-decode1-awq", lambda n: profile(n, "--step", "decode", "--batch", "1", "--ctx", "192",
+              ("profile-qwen3-moe-decode1-awq", lambda n: profile(n, *DECODE1,
                                                                    "--quantization", "awq", "--model", QWEN3_MOE,
                                                                    "--precompile-steps", "off"), 130),
               ("profile-qwen3-moe-decode1024-int8", lambda n: profile(
@@ -467,7 +468,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # The decode attention at one row with 256-token KV steps (a 128-384-token context in one or two steps; run
         # 42c: 230 us a step against 216 with 128-token steps).
         ("profile-decode1-int8-kv256", ["env", 'PAGEDJAX_ATTENTION_TILING={"decode_kv_tokens": 256}'] + profile(
-            "profile-decode1-int8-kv256", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization",
+            "profile-decode1-int8-kv256", *DECODE1, "--quantization",
             "int8", "--precompile-steps", "off"), 60),
         ("gpu-tests-unmasked-8bit", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "unmasked_8bit",
                                      "tests/test_ragged_paged_attention.py"], 120),
@@ -861,17 +862,17 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # The int8 LM head ($PAGEDJAX_INT8_LM_HEAD, default on for int8) against the bf16 one (run 29b: -140 us a step).
         *[(f"{kind}-int8-head16", ["env", "PAGEDJAX_INT8_LM_HEAD=0"] + command(f"{kind}-int8-head16"), 100)
           for kind, command in (
-              ("profile-decode1", lambda name: profile(name, "--step", "decode", "--batch", "1", "--ctx", "192",
+              ("profile-decode1", lambda name: profile(name, *DECODE1,
                                                        "--quantization", "int8", "--precompile-steps", "off")),
               ("latency", lambda name: latency("int8", "--output-json", f"{results}/{name}.json")))],
         *[(f"profile-decode1-int8-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + profile(
-            f"profile-decode1-int8-{name}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization",
+            f"profile-decode1-int8-{name}", *DECODE1, "--quantization",
             "int8", "--precompile-steps", "off"), 60) for name, fields in INT8_KMAJOR_VARIANTS],
         *[(f"latency-int8-ms8-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + latency(
             "int8", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-int8-ms8-{name}.json"), 150)
           for name, fields in INT8_KMAJOR_VARIANTS],
         *[(f"profile-decode1-awq-{name}", ["env", *assignments] + profile(
-            f"profile-decode1-awq-{name}", "--step", "decode", "--batch", "1", "--ctx", "192", "--quantization", "awq",
+            f"profile-decode1-awq-{name}", *DECODE1, "--quantization", "awq",
             "--precompile-steps", "off"), 90) for name, assignments, _ in AWQ_BATCH1_VARIANTS],
         *[(f"latency-awq-{name}", ["env", *assignments] + latency(
             "awq", "--output-json", f"{results}/latency-awq-{name}.json"), 100)
