@@ -88,11 +88,12 @@ KERNELS = ("int4", "int8-kmajor", "moe", "attention-decode", "attention-prefill"
 
 
 def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, rows: int = 1,
-                   kv_dtype: str = "bfloat16") -> tuple[str, int]:
+                   kv_dtype: str = "bfloat16") -> tuple[str, int, int]:
     """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]`` (int4: packed in blocks of ``pack``
     rows of K, the K step of its GEMV; ``rows`` > 1: the tensor-core form for ``x[rows, K]``; "moe": the grouped
     matmul of ``pallas_kernels.grouped_matmul``, ``rows`` a block), or of an attention launch (``config``: ``Tiling``
-    fields; shapes fixed; KV pages of ``kv_dtype``), and its warp count."""
+    fields; shapes fixed; KV pages of ``kv_dtype``), its warp count and the stage count to compile it with (the GEMVs
+    and the grouped matmul 1, as before; the attention launches their tiling's, the pipeliner's buffers)."""
     import jax.numpy as jnp
 
     from pallas_kernels import quantized_matmul as qmm
@@ -116,10 +117,10 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, r
                 jnp.arange(8, dtype=jnp.int32))
         fn = functools.partial(grouped_matmul, interpret=False, **config)
         num_warps = config.get("num_warps") or grouped_matmul_config().tiles(block_m)["num_warps"]
-        return triton_module_text(_printed_modules(fn, args)), num_warps
+        return triton_module_text(_printed_modules(fn, args)), num_warps, 1
     else:
         raise ValueError(f"--kernel must be one of {KERNELS}, got {kernel!r}")
-    return triton_module_text(_printed_modules(fn, args)), cfg.gemv_num_warps if rows == 1 else cfg.num_warps
+    return triton_module_text(_printed_modules(fn, args)), cfg.gemv_num_warps if rows == 1 else cfg.num_warps, 1
 
 
 def _printed_modules(fn, args) -> str:
@@ -139,10 +140,10 @@ def _printed_modules(fn, args) -> str:
     return printed.getvalue()
 
 
-def _attention_module(launch: str, tiling: dict, kv_dtype: str = "bfloat16") -> tuple[str, int]:
+def _attention_module(launch: str, tiling: dict, kv_dtype: str = "bfloat16") -> tuple[str, int, int]:
     """The Triton module of the ragged paged attention's ``launch`` ("decode" or "prefill") for the 8B's heads
     (32 query, 8 KV, head_dim 128) at 64 one-token sequences of 192 positions, under ``Tiling(**tiling)``, over
-    KV pages of ``kv_dtype`` (e.g. "float8_e4m3fn")."""
+    KV pages of ``kv_dtype`` (e.g. "float8_e4m3fn"); with its warp and stage counts."""
     import importlib
 
     import jax.numpy as jnp
@@ -156,8 +157,9 @@ def _attention_module(launch: str, tiling: dict, kv_dtype: str = "bfloat16") -> 
     config = rpa.Tiling(**tiling)
     fn = functools.partial(rpa.ragged_paged_attention, interpret=False, tiling=config)
     printed = _printed_modules(fn, args)
-    return (triton_module_text(printed[printed.index(f"module @ragged_paged_attention_{launch}"):]),
-            config.decode_warps if launch == "decode" else config.prefill_warps)
+    warps, stages = ((config.decode_warps, config.decode_stages) if launch == "decode"
+                     else (config.prefill_warps, config.prefill_stages))
+    return triton_module_text(printed[printed.index(f"module @ragged_paged_attention_{launch}"):]), warps, stages
 
 
 def main() -> None:
@@ -180,14 +182,8 @@ def main() -> None:
                         "(bfloat16, float16, float8_e4m3fn, float8_e5m2)")
     parser.add_argument("--out", default=None, help="keep the .ttir/.ttgir/.sass here (default: a temporary folder)")
     args = parser.parse_args()
-    module, num_warps = lowered_module(args.kernel, args.k, args.n, json.loads(args.config), args.pack, args.rows,
-                                       args.kv_dtype)
-    num_stages = 1  # the GEMVs as before; the attention launches: their tiling's stages (the pipeliner's buffers)
-    if args.kernel.startswith("attention-"):
-        from pallas_kernels.ragged_paged_attention import Tiling
-
-        tiling = Tiling(**json.loads(args.config))
-        num_stages = tiling.decode_stages if args.kernel == "attention-decode" else tiling.prefill_stages
+    module, num_warps, num_stages = lowered_module(args.kernel, args.k, args.n, json.loads(args.config), args.pack,
+                                                   args.rows, args.kv_dtype)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(args.out or tmp, f"{args.kernel}_gemv")
         os.makedirs(os.path.dirname(out), exist_ok=True)

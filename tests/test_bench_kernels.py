@@ -248,7 +248,7 @@ def test_sass_inspection_cuts_a_parseable_triton_module(kernel, config):
     sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
     from inspect_kernel_sass import lowered_module
 
-    text, num_warps = lowered_module(kernel, 1024, 512, config)
+    text, num_warps, _ = lowered_module(kernel, 1024, 512, config)
     assert text.startswith("module @") and "tt.func public" in text and num_warps == 4
     assert text.count("{") == text.count("}") and "loc(" not in text and "#loc" not in text
     assert "[unknown]" not in text and "evictionPolicy" not in text
