@@ -90,7 +90,8 @@ def memory_outside_arrays() -> Optional[int]:
     device = driver_memory()
     if device is None:
         return None
-    _least_outside_arrays[:] = [min([max(0, device[1] - device[0] - live_array_bytes()), *_least_outside_arrays])]
+    reading = max(0, device[1] - device[0] - live_array_bytes())
+    _least_outside_arrays[:] = [min([reading, *_least_outside_arrays])]
     return _least_outside_arrays[0]
 
 
