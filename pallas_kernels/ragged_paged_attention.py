@@ -227,14 +227,16 @@ class Tiling:
     # step shapes, where prompt tokens come in bulk, take it.
     prefill_kernel: str = "mosaic"
     prefill_mosaic_min_tokens: int = 8192
-    # 8-bit pages: a partly visible KV step loads its K/V tiles masked (zeros past the context), as 16-bit pages do
-    # (True), or whole (False: the tail reads whatever its pages hold, which the scores' mask then weighs by exactly
-    # 0; pages are zeroed when made and written only through ``to_cache_dtype``, which saturates, so they hold finite
-    # values). Triton has no float8 fill value, so the masked form selects after widening the tile to float16, in
-    # the load's layout: the widened K and V go through shared memory (offline compile for sm_90, NOTES.md after run
-    # 42f: 100 KB of shared memory a program against 40 KB unmasked, 1,587 instructions in the longest loop against
-    # 999). Unmeasured on a GPU: the masked form stays the default until a lease times both.
-    masked_8bit_loads: bool = True
+    # 8-bit pages: a partly visible KV step loads its K/V tiles whole (False: the tail reads whatever its pages hold,
+    # which the scores' mask then weighs by exactly 0; pages are zeroed when made and written only through
+    # ``to_cache_dtype``, which saturates, so they hold finite values), or masked, zeros past the context, as 16-bit
+    # pages always are (True: for callers whose pages may hold NaN or inf). Triton has no float8 fill value, so the
+    # masked form selects after widening the tile to float16, in the load's layout, and the widened K and V go through
+    # shared memory (offline compile for sm_90, NOTES.md after run 42f: 100 KB a program against 40 KB whole, 1,587
+    # instructions in the longest loop against 999). Run 43a-b (H100): decode attention at 1,024 x 192 10.25 -> 8.77
+    # ms, at 448 x 1,536 18.54 -> 18.01; tput-short fp8 with fp8 pages 25,224 -> 25,814 tok/s, tput-long 10,169 ->
+    # 10,301.
+    masked_8bit_loads: bool = False
 
 
 @functools.lru_cache(maxsize=None)

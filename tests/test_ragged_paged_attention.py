@@ -150,9 +150,10 @@ CPU_CASES = [
                       sm_scale=0.3), id="window-softcap-scale-split3"),
     pytest.param(Shapes(8, 2, 128, 16, jnp.bfloat16), dict(), id="default-tiling-bf16"),
     pytest.param(Shapes(8, 2, 64, 16, jnp.bfloat16, cache_dtype=jnp.float8_e4m3fn),
-                 dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=2)), id="fp8-e4m3-pages-bf16-split2"),
-    pytest.param(Shapes(4, 4, 64, 16, jnp.float32, cache_dtype=jnp.float8_e5m2), dict(tiling=SMALL_TILES),
-                 id="fp8-e5m2-pages-f32"),
+                 dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=2, masked_8bit_loads=True)),
+                 id="fp8-e4m3-pages-bf16-split2-masked"),
+    pytest.param(Shapes(4, 4, 64, 16, jnp.float32, cache_dtype=jnp.float8_e5m2),
+                 dict(tiling=dataclasses.replace(SMALL_TILES, masked_8bit_loads=True)), id="fp8-e5m2-pages-f32-masked"),
     pytest.param(Shapes(4, 2, 64, 16, jnp.float32),
                  dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=2, prefill_prefetch_pages=False,
                                                  prefill_longest_first=False),
@@ -176,14 +177,15 @@ def test_kernel_matches_reference_interpret(shapes, kwargs):
 
 
 @pytest.mark.parametrize("cache_dtype,tiling", [
-    (jnp.float8_e4m3fn, dataclasses.replace(SMALL_TILES, masked_8bit_loads=False)),
-    (jnp.float8_e5m2, dataclasses.replace(SMALL_TILES, k_splits=2, masked_8bit_loads=False)),
-    (jnp.float8_e4m3fn, Tiling(masked_8bit_loads=False)),
+    (jnp.float8_e4m3fn, SMALL_TILES),
+    (jnp.float8_e5m2, dataclasses.replace(SMALL_TILES, k_splits=2)),
+    (jnp.float8_e4m3fn, Tiling()),
 ])
 def test_unmasked_8bit_loads_match_reference_over_finite_pages(cache_dtype, tiling):
-    """``Tiling(masked_8bit_loads=False)``: a KV step past a context's end loads its 8-bit tiles whole; the slots no
-    sequence owns hold a finite value (as the engine's zeroed, saturated pages do) that the scores' mask weighs by
-    exactly 0, over every scenario (decode, prefill, mixed, random)."""
+    """The default ``masked_8bit_loads=False``: a KV step past a context's end loads its 8-bit tiles whole; the slots
+    no sequence owns hold a finite value (as the engine's zeroed, saturated pages do) that the scores' mask weighs by
+    exactly 0, over every scenario (decode, prefill, mixed, random). The masked form, for pages that may hold NaN,
+    is the ``-masked`` cases of ``CPU_CASES``."""
     check_unmasked_8bit_loads(Shapes(8, 2, 64, 16, jnp.bfloat16, cache_dtype=cache_dtype), tiling, interpret=True)
 
 
@@ -192,7 +194,7 @@ def test_unmasked_8bit_loads_match_reference_over_finite_pages(cache_dtype, tili
 def test_unmasked_8bit_loads_match_reference_on_gpu(decode_kv_tokens):
     shapes = Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40, num_pages=700,
                     num_layers=3, cache_dtype=jnp.float8_e4m3fn)
-    check_unmasked_8bit_loads(shapes, Tiling(decode_kv_tokens=decode_kv_tokens, masked_8bit_loads=False),
+    check_unmasked_8bit_loads(shapes, Tiling(decode_kv_tokens=decode_kv_tokens),
                               interpret=False)
 
 
@@ -224,7 +226,7 @@ def test_fp8_pages_compute_in_float16_and_saturate_a_huge_query():
     shapes = Shapes(8, 2, 64, 16, jnp.bfloat16, cache_dtype=jnp.float8_e4m3fn)
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
-    kernel_args, ref_args, used = make_batch(rng, shapes, [1, 5, 1], [20, 5, 33])
+    kernel_args, ref_args, used = make_batch(rng, shapes, [1, 5, 1], [20, 5, 33], poison_value=300.0)  # finite pages
     q = kernel_args[0].at[:, 0, 0].set(1e6)  # past float16's 65504
     clipped = jnp.clip(q.astype(jnp.float32), -65504, 65504).astype(jnp.bfloat16)
     out = ragged_paged_attention(q, *kernel_args[1:], interpret=True, tiling=SMALL_TILES)
@@ -549,7 +551,8 @@ GPU_CASES = [
     pytest.param(Shapes(24, 8, 128, 32, jnp.bfloat16, num_tokens=128, max_seqs=8, pages_per_seq=12,
                         num_pages=120), dict(tiling=Tiling(decode_kv_tokens=64, k_splits=2)), id="ratio3-bs32-bf16"),
     pytest.param(Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
-                        num_pages=700, num_layers=3, cache_dtype=jnp.float8_e4m3fn), dict(), id="fp8-pages-bf16"),
+                        num_pages=700, num_layers=3, cache_dtype=jnp.float8_e4m3fn),
+                 dict(tiling=Tiling(masked_8bit_loads=True)), id="fp8-pages-bf16-masked"),
     pytest.param(Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
                         num_pages=700, num_layers=3),
                  dict(tiling=Tiling(k_splits=2, prefill_prefetch_pages=False, prefill_longest_first=False),
