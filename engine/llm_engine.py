@@ -20,7 +20,7 @@ import numpy as np
 from engine.block_manager import BlockManager
 from engine.compile_timer import CompileTimer
 from engine.detokenizer import IncrementalDetokenizer, StopDecision, check_stop
-from engine.device_memory import memory_outside_arrays, num_kv_blocks, sizes_kv_from_memory
+from engine.device_memory import live_array_bytes, memory_outside_arrays, num_kv_blocks, sizes_kv_from_memory
 from engine.engine_args import EngineArgs, resolve_kv_cache_dtype
 from engine.generation_config import default_sampling_fields
 from engine.lora import LoRARequest, LoRASlots
@@ -445,14 +445,21 @@ class LLMEngine:
         if self._in_flight is not None:  # a last step whose requests all finished: let it end on the device
             jax.block_until_ready(self.runner.kv_cache)
             self._in_flight = None
+        started, held = time.perf_counter(), live_array_bytes()
         self.runner.sleep()  # first: it refuses a cluster before anything changed
         self.block_manager.reset_prefix_cache()  # the cached prefixes' pages are gone
+        logger.info("asleep in %.2f s: %.2f GiB of arrays freed on the first device (weights kept in host memory)",
+                    time.perf_counter() - started, (held - live_array_bytes()) / 2**30)
 
     def wake_up(self) -> None:
         """Back from ``sleep``: the weights and an empty KV pool on the device again."""
         if not self.asleep:
             raise ValueError("the engine is awake: wake_up follows sleep")
+        started = time.perf_counter()
         self.runner.wake_up()
+        jax.block_until_ready((self.runner.params, self.runner.kv_cache))
+        logger.info("awake in %.2f s: weights back on the device, an empty KV pool of %d blocks",
+                    time.perf_counter() - started, self.runner.num_kv_blocks)
 
     @property
     def asleep(self) -> bool:

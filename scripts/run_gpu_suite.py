@@ -477,6 +477,8 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             f"{results}/tput-short-fp8-kvfp8-masked.json"), 150),
         ("tput-long-kvfp8-masked", ["env", 'PAGEDJAX_ATTENTION_TILING={"masked_8bit_loads": true}'] + tput(
             "tput-long", "--kv-cache-dtype", "fp8", "--output-json", f"{results}/tput-long-kvfp8-masked.json"), 240),
+        # Sleep mode (LLM.sleep / wake_up, level 1) at the 8B: seconds to sleep and to wake, memory freed.
+        ("sleep-bf16", bench("bench_sleep.py", "--output-json", f"{results}/sleep-bf16.json"), 150),
         ("profile-decode-1024-kvfp8", profile("profile-decode-1024-kvfp8", "--step", "decode",
                                               *DECODE_SHAPES["profile-decode-1024-kvfp8"]), 100),
         *[(f"{shape}-{name}", ["env", f"PAGEDJAX_ATTENTION_TILING={fields}"] + profile(

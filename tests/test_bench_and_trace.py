@@ -487,6 +487,18 @@ def test_profile_step_smoke(tiny_model, tmp_path):
         assert json.load(f)["step_profile"]["batch"] == 3
 
 
+def test_bench_sleep_smoke(tiny_model, tmp_path):
+    """Sleep and wake cycles on the tiny model: the same greedy tokens after each wake-up, the times recorded."""
+    import bench_sleep
+
+    result = bench_sleep.main(["--model", tiny_model, "--load-format", "dummy", "--block-size", "8", "--input-len",
+                               "12", "--output-len", "4", "--cycles", "2", "--output-json", str(tmp_path / "s.json")])
+    assert result["same_tokens"] and len(result["cycles"]) == 2
+    assert result["wake_s"] > 0 and result["weight_gib"] > 0
+    with open(tmp_path / "s.json") as f:
+        assert json.load(f)["workload"] == "sleep"
+
+
 def test_probe_step_buffers_smoke(tiny_model, tmp_path):
     import probe_step_buffers
 
