@@ -208,9 +208,20 @@ def int8_matmul_reference(x, q, scale):
     return (acc * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def int8_kmajor_matmul_reference(x, qt, scale):
+def int8_kmajor_matmul_reference(x, qt, scale, rms_rows=None, rms_eps: Optional[float] = None):
+    """``rms_rows`` (with ``rms_eps``): each row's product scaled by ``rsqrt(mean(rms_rows^2) + rms_eps)``
+    (``rms_scale``): with ``x = rms_rows * gamma`` that is the product of ``rms_rows``' RMSNorm by weight gamma."""
     acc = lax.dot_general(x, qt.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return (acc * scale.astype(jnp.float32)).astype(x.dtype)
+    acc = acc * scale.astype(jnp.float32)
+    if rms_rows is not None:
+        acc = acc * rms_scale(rms_rows, rms_eps)
+    return acc.astype(x.dtype)
+
+
+def rms_scale(x, eps: float) -> jax.Array:
+    """``rsqrt(mean(x^2) + eps)`` over the last axis of ``x``, in float32, keeping that axis (size 1)."""
+    x32 = x.astype(jnp.float32)
+    return lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
 def int4_matmul_reference(x, packed, scales, zeros, *, group_size: int, pack: int):
@@ -458,12 +469,16 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k: int, steps: int, convert: str,
-                        prefetch: int, defer_reduction: bool = False, fma: bool = False):
+def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, *refs, block_n: int, block_k: int, steps: int, convert: str,
+                        prefetch: int, defer_reduction: bool = False, fma: bool = False,
+                        rms_eps: Optional[float] = None):
     """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over ``steps * block_k``
     of K; each step's products summed over K at once (inside each thread for the most part: a tile row is
     contiguous K), so the accumulator is one float32 a column. ``defer_reduction``: the products accumulate in a
-    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape."""
+    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape.
+    ``rms_eps``: ``refs`` starts with a second row (``rms_rows``), and the sums are scaled by its
+    ``rsqrt(mean(row^2) + rms_eps)`` (``_row_rms_scale``)."""
+    o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
@@ -490,7 +505,22 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
                     prefetch)
     if defer_reduction:
         acc = jnp.sum(acc, axis=1)
-    o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
+    acc = acc * scale_ref[cols].astype(jnp.float32)
+    if rms_eps is not None:
+        acc = acc * _row_rms_scale(refs[0], block_k, rms_eps)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _row_rms_scale(row_ref, block_k: int, eps: float) -> jax.Array:
+    """``rsqrt(mean(row^2) + eps)`` of the one-row ``row_ref [1, K]`` (``block_k`` divides K), read whole in one
+    load after the K loop (every program reads the same row: L2 hits; its ``[K]`` values held only here, not through
+    the loop), as a tile of ``block_k``-wide rows padded to a power of two."""
+    K = row_ref.shape[1]
+    rows = 1 << max(0, (K // block_k - 1).bit_length())
+    ks = jnp.arange(rows, dtype=jnp.int32)[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)[None, :]
+    x = pltriton.load(row_ref.at[jnp.zeros((rows, 1), jnp.int32), jnp.minimum(ks, K - 1)]).astype(jnp.float32)
+    squares = jnp.where(ks < K, x * x, 0.0)
+    return lax.rsqrt(jnp.sum(squares) / K + eps)
 
 
 def step_loop(steps: int, load, body, acc, prefetch: int):
@@ -703,18 +733,24 @@ def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret
                                     interpret=interpret, keep_splits=keep_splits)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                       keep_splits: bool = False):
+@functools.partial(jax.jit, static_argnames=_STATIC + ("rms_eps",))
+def int8_kmajor_matmul(x, qt, scale, rms_rows=None, *, config: Optional[MatmulConfig] = None,
+                       interpret: Optional[bool] = None, keep_splits: bool = False, rms_eps: Optional[float] = None):
     """``x[M, K] @ (qt[N, K] * scale[N, None]).T`` with ``qt`` int8 stored K-major: one row by the K-major GEMV
-    (``_kmajor_gemv_kernel``), more rows by XLA's dot (which fuses the int8 convert into it)."""
+    (``_kmajor_gemv_kernel``), more rows by XLA's dot (which fuses the int8 convert into it). ``rms_rows [M, K]``
+    and ``rms_eps``: each row's product scaled by ``rsqrt(mean(rms_rows^2) + rms_eps)``: with ``x = rms_rows *
+    gamma`` the product of an RMSNorm's output, the GEMV computing the norm's scale itself (no launch of its own
+    for the norm's sum of squares and scaling)."""
     N, K = qt.shape
     if qt.dtype != jnp.int8 or scale.shape != (N,):
         raise ValueError(f"K-major int8 weights need qt int8 [N, K] and scale [N]; got {qt.dtype}{qt.shape}, "
                          f"{scale.shape}")
     config, interpret = _call_settings(x, K, config, interpret)
+    if rms_rows is not None and (rms_rows.shape != x.shape or rms_eps is None):
+        raise ValueError(f"rms_rows must have x's shape {x.shape} and come with rms_eps; got {rms_rows.shape}, "
+                         f"rms_eps={rms_eps}")
     if x.shape[0] != 1:
-        out = int8_kmajor_matmul_reference(x, qt, scale)
+        out = int8_kmajor_matmul_reference(x, qt, scale, rms_rows, rms_eps)
         return out[None] if keep_splits else out
     prefetch, convert = gemv_loop_settings("int8", config, interpret,
                                             default_prefetch=int(not config.kmajor_defer_reduction))
@@ -723,8 +759,9 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core, config.gemv_min_steps)
     kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
-                               fma=config.gemv_fma and not interpret)
-    return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
+                               fma=config.gemv_fma and not interpret, rms_eps=None if rms_rows is None else rms_eps)
+    extras = (scale,) if rms_rows is None else (scale, rms_rows)
+    return _one_row_call(kernel, x, qt, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name="int8_kmajor_gemv", keep_splits=keep_splits)
 
 
