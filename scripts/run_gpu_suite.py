@@ -867,14 +867,14 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
               ("profile-decode1", lambda name: profile(name, *DECODE1,
                                                        "--quantization", "int8", "--precompile-steps", "off")),
               ("latency", lambda name: latency("int8", "--output-json", f"{results}/{name}.json")))],
-        # The RMSNorms before q/k/v and gate/up folded into the int8 weights and applied by the K-major GEMV
-        # ($PAGEDJAX_INT8_NORM_FOLD=1; models.quantization.fold_rms_norms): two launches fewer a norm at one row.
-        ("gpu-tests-normfold", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "rms_norm",
+        # The RMSNorms before q/k/v and gate/up applied by the K-major GEMV after them ($PAGEDJAX_GEMV_NORM=1;
+        # models.quantization.linear's rms_norm_of): the norms' two launches each go at one row.
+        ("gpu-tests-gemvnorm", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "rms_norm",
                                 "tests/test_quantized_matmul.py"], 90),
-        ("profile-decode1-int8-normfold", ["env", "PAGEDJAX_INT8_NORM_FOLD=1"] + profile(
-            "profile-decode1-int8-normfold", *DECODE1, "--quantization", "int8", "--precompile-steps", "off"), 90),
-        ("latency-int8-ms8-normfold", ["env", "PAGEDJAX_INT8_NORM_FOLD=1"] + latency(
-            "int8", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-int8-ms8-normfold.json"), 150),
+        ("profile-decode1-int8-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + profile(
+            "profile-decode1-int8-gemvnorm", *DECODE1, "--quantization", "int8", "--precompile-steps", "off"), 90),
+        ("latency-int8-ms8-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + latency(
+            "int8", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-int8-ms8-gemvnorm.json"), 150),
         *[(f"profile-decode1-int8-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + profile(
             f"profile-decode1-int8-{name}", *DECODE1, "--quantization",
             "int8", "--precompile-steps", "off"), 60) for name, fields in INT8_KMAJOR_VARIANTS],
