@@ -479,6 +479,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "tput-long", "--kv-cache-dtype", "fp8", "--output-json", f"{results}/tput-long-kvfp8-masked.json"), 240),
         # Sleep mode (LLM.sleep / wake_up, level 1) at the 8B: seconds to sleep and to wake, memory freed.
         ("sleep-bf16", bench("bench_sleep.py", "--output-json", f"{results}/sleep-bf16.json"), 150),
+        # The same under JAX's platform allocator, the only one that hands freed memory back to the driver (run 43c:
+        # under the VMM allocator the driver's free memory did not move); its request times show what it costs.
+        ("sleep-bf16-platform", ["env", "XLA_PYTHON_CLIENT_ALLOCATOR=platform"] + bench(
+            "bench_sleep.py", "--output-json", f"{results}/sleep-bf16-platform.json"), 150),
         ("profile-decode-1024-kvfp8", profile("profile-decode-1024-kvfp8", "--step", "decode",
                                               *DECODE_SHAPES["profile-decode-1024-kvfp8"]), 100),
         *[(f"{shape}-{name}", ["env", f"PAGEDJAX_ATTENTION_TILING={fields}"] + profile(
