@@ -873,8 +873,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
               ("latency", lambda name: latency("int8", "--output-json", f"{results}/{name}.json")))],
         # The RMSNorms before q/k/v and gate/up applied by the K-major GEMV after them ($PAGEDJAX_GEMV_NORM=1;
         # models.quantization.linear's rms_norm_of): the norms' two launches each go at one row.
-        ("gpu-tests-gemvnorm", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "rms_norm",
-                                "tests/test_quantized_matmul.py"], 90),
+        ("gpu-tests-gemvnorm", ["bash", "-c", f"{PY} -m pytest -q -m gpu -k rms_norm tests/test_quantized_matmul.py && "
+                                f"PAGEDJAX_GEMV_NORM=1 {PY} -m pytest -q -m gpu -x -k quantized tests/test_engine_gpu.py"],
+         180),
         ("profile-decode1-int8-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + profile(
             "profile-decode1-int8-gemvnorm", *DECODE1, "--quantization", "int8", "--precompile-steps", "off"), 90),
         ("latency-int8-ms8-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + latency(
