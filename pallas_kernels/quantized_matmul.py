@@ -218,6 +218,12 @@ def int8_kmajor_matmul_reference(x, qt, scale, rms_rows=None, rms_eps: Optional[
     return acc.astype(x.dtype)
 
 
+def _check_rms_rows(x, rms_rows, rms_eps) -> None:
+    if rms_rows is not None and (rms_rows.shape != x.shape or rms_eps is None):
+        raise ValueError(f"rms_rows must have x's shape {x.shape} and come with rms_eps; got {rms_rows.shape}, "
+                         f"rms_eps={rms_eps}")
+
+
 def rms_scale(x, eps: float) -> jax.Array:
     """``rsqrt(mean(x^2) + eps)`` over the last axis of ``x``, in float32, keeping that axis (size 1)."""
     x32 = x.astype(jnp.float32)
@@ -376,7 +382,7 @@ def interpreted_conversion(convert: str) -> str:
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
                  defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1,
-                 factor_scales: bool = False):
+                 factor_scales: bool = False, rms_eps: Optional[float] = None):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -391,6 +397,8 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``subtiles`` (int4, deferred sum): each step's packed tile loaded as that many blocks of rows, each multiplied
     into one accumulator of a block's shape (``MatmulConfig.gemv_subtiles``).
     ``factor_scales`` (int4, deferred sum): the group's scale and zero leave the products (``gemv_factor_scales``).
+    ``rms_eps``: the ref before the output is a row whose ``rsqrt(mean(row^2) + rms_eps)`` scales the sums
+    (``_row_rms_scale``, as the K-major int8 GEMV's).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -466,6 +474,8 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
         acc = jnp.sum(acc, axis=0)
     if fmt == "int8":
         acc = acc * refs[0][cols].astype(jnp.float32)
+    if rms_eps is not None:
+        acc = acc * _row_rms_scale(refs[-2], block_k, rms_eps)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -691,8 +701,9 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
     return add_splits(out[:, None, :], x.dtype, keep_splits)
 
 
-def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False):
-    """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
+def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False, rms_eps=None):
+    """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``. ``rms_eps``: the last of ``extras``
+    is the row whose RMSNorm scale multiplies the sums."""
     prefetch, convert = gemv_loop_settings(fmt, config, interpret, default_prefetch=int(
         fmt == "int8" or (fmt == "int4" and config.gemv_factor_scales and config.gemv_defer_reduction)))
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
@@ -704,7 +715,8 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
-                               subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales)
+                               subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales,
+                               rms_eps=rms_eps)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv", keep_splits=keep_splits)
 
@@ -746,9 +758,7 @@ def int8_kmajor_matmul(x, qt, scale, rms_rows=None, *, config: Optional[MatmulCo
         raise ValueError(f"K-major int8 weights need qt int8 [N, K] and scale [N]; got {qt.dtype}{qt.shape}, "
                          f"{scale.shape}")
     config, interpret = _call_settings(x, K, config, interpret)
-    if rms_rows is not None and (rms_rows.shape != x.shape or rms_eps is None):
-        raise ValueError(f"rms_rows must have x's shape {x.shape} and come with rms_eps; got {rms_rows.shape}, "
-                         f"rms_eps={rms_eps}")
+    _check_rms_rows(x, rms_rows, rms_eps)
     if x.shape[0] != 1:
         out = int8_kmajor_matmul_reference(x, qt, scale, rms_rows, rms_eps)
         return out[None] if keep_splits else out
@@ -778,10 +788,20 @@ def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int,
     return K, N
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
-def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
-                interpret: Optional[bool] = None, keep_splits: bool = False):
-    """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
+@functools.partial(jax.jit, static_argnames=("group_size", "pack", "rms_eps") + _STATIC)
+def int4_matmul(x, packed, scales, zeros, rms_rows=None, *, group_size: int, pack: int,
+                config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None, keep_splits: bool = False,
+                rms_eps: Optional[float] = None):
+    """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring). ``rms_rows`` and ``rms_eps``: each row's
+    product scaled by ``rsqrt(mean(rms_rows^2) + rms_eps)``, inside the one-row GEMV (``int8_kmajor_matmul``'s)."""
     K, N = _int4_shape(packed, scales, zeros, group_size, pack)
-    return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
-                                    pack=pack, config=config, interpret=interpret, keep_splits=keep_splits)
+    common = dict(fmt="int4", K=K, N=N, group_size=group_size, pack=pack, keep_splits=keep_splits)
+    if rms_rows is None:
+        return _weight_streaming_matmul(x, packed, (scales, zeros), config=config, interpret=interpret, **common)
+    _check_rms_rows(x, rms_rows, rms_eps)
+    config, interpret = _call_settings(x, K, config, interpret)
+    if x.shape[0] == 1 and config.gemv:
+        return _gemv(x, packed, (scales, zeros, rms_rows), config=config, interpret=interpret, rms_eps=rms_eps,
+                     **common)
+    out = _weight_streaming_matmul(x, packed, (scales, zeros), config=config, interpret=interpret, **common)
+    return (out.astype(jnp.float32) * rms_scale(rms_rows, rms_eps)).astype(out.dtype)

@@ -880,6 +880,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "profile-decode1-int8-gemvnorm", *DECODE1, "--quantization", "int8", "--precompile-steps", "off"), 90),
         ("latency-int8-ms8-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + latency(
             "int8", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-int8-ms8-gemvnorm.json"), 150),
+        ("profile-decode1-awq-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + profile(
+            "profile-decode1-awq-gemvnorm", *DECODE1, "--quantization", "awq", "--precompile-steps", "off"), 90),
+        ("latency-awq-ms8-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + latency(
+            "awq", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-awq-ms8-gemvnorm.json"), 150),
         *[(f"profile-decode1-int8-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + profile(
             f"profile-decode1-int8-{name}", *DECODE1, "--quantization",
             "int8", "--precompile-steps", "off"), 60) for name, fields in INT8_KMAJOR_VARIANTS],

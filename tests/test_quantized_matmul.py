@@ -250,6 +250,25 @@ def test_kmajor_int8_applies_the_rows_rms_norm_interpret(M, K, N, dtype, config)
     run_kmajor_case(M, K, N, dtype, config, interpret=True, rms_eps=1e-5)
 
 
+@pytest.mark.parametrize("M,K,N,group,config", [
+    (1, 512, 256, 128, MatmulConfig()),  # the GEMV, default settings
+    (1, 384, 64, 64, MatmulConfig(k_splits=3, gemv_defer_reduction=False)),  # 6 steps (the row read padded to 8)
+    (3, 256, 64, 64, MatmulConfig()),  # the tensor-core form, the norm's scale applied after it
+])
+def test_int4_applies_the_rows_rms_norm_interpret(M, K, N, group, config):
+    """``int4_matmul(..., rms_rows, rms_eps=)``: the product scaled by each row's ``rsqrt(mean(rows^2) + eps)``."""
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    rows = jnp.asarray(rng.standard_normal((M, K)) * 7.0 + 0.5, jnp.float32)
+    x = rows * jnp.asarray(rng.uniform(0.5, 1.5, K), jnp.float32)
+    args, static, dense = random_weight(rng, "int4", K, N, group)
+    out = int4_matmul(x, *args, rows, config=config, interpret=True, rms_eps=1e-5, **static)
+    rows64 = np.asarray(rows, np.float64)
+    exact = (np.asarray(x, np.float64) @ dense) / np.sqrt(np.mean(rows64 * rows64, -1, keepdims=True) + 1e-5)
+    err = np.abs(np.asarray(out, np.float64) - exact).max() / np.abs(exact).max()
+    assert out.shape == (M, N) and err < RTOL[jnp.float32], f"seed {seed}: max error {err:.2e}"
+
+
 def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
     from pallas_kernels.quantized_matmul import int8_kmajor_matmul
 
