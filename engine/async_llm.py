@@ -145,6 +145,11 @@ class AsyncLLM:
     async def is_sleeping(self) -> bool:
         return await asyncio.get_running_loop().run_in_executor(None, self._loop.is_sleeping)
 
+    async def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
+        """``LLMEngine.update_weights_from_disk``, off the event loop (loading takes a while)."""
+        await asyncio.get_running_loop().run_in_executor(None, self._loop.update_weights_from_disk, model_path,
+                                                         load_format)
+
     async def check_health(self) -> None:
         """Returns once the engine loop answers between steps."""
         await asyncio.get_running_loop().run_in_executor(None, self._loop.check)

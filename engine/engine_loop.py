@@ -144,6 +144,10 @@ class EngineLoop:
     def is_sleeping(self) -> bool:
         return self.call(lambda engine: engine.asleep)
 
+    def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
+        """``LLMEngine.update_weights_from_disk``, between steps."""
+        self.call(lambda engine: engine.update_weights_from_disk(model_path, load_format))
+
     def call(self, fn: Callable):
         """Run ``fn(engine)`` between steps (for stats, inspection, or a batch of an engine process's commands)."""
         with self._between_steps():

@@ -160,6 +160,9 @@ class EngineProcess:
     def is_sleeping(self) -> bool:
         return self._call("is_sleeping", None)
 
+    def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
+        self._call("update_weights_from_disk", (model_path, load_format))
+
     def device_facts(self) -> dict:
         return dict(self.engine.facts)
 
@@ -342,6 +345,7 @@ def _child_main(args: EngineArgs, commands, outputs) -> None:
         "sleep": loop.sleep,
         "wake_up": lambda _: loop.wake_up(),
         "is_sleeping": lambda _: loop.is_sleeping(),
+        "update_weights_from_disk": lambda payload: loop.update_weights_from_disk(*payload),
     }
 
     def run(batch) -> bool:

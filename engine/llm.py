@@ -273,14 +273,21 @@ class LLM:
         return self._loop.call(lambda e: e.block_manager.reset_prefix_cache())
 
     def sleep(self, level: int = 1) -> None:
-        """vLLM's sleep mode: free the GPU memory of the weights (kept in host memory: level 1), the KV cache and
-        the step buffers, e.g. while an RL trainer uses the GPU; the prefix cache is emptied. Only while no request
-        is unfinished; requests are refused until ``wake_up``."""
+        """vLLM's sleep mode: free the GPU memory of the weights (kept in host memory at level 1, discarded at level
+        2), the KV cache and the step buffers, e.g. while an RL trainer uses the GPU; the prefix cache is emptied.
+        Only while no request is unfinished; requests are refused until ``wake_up``."""
         self._loop.sleep(level)
 
     def wake_up(self) -> None:
-        """Back from ``sleep``: the weights and an empty KV cache on the device; the steps are not compiled again."""
+        """Back from ``sleep``: the weights (after level 2 loaded again, or those ``update_weights_from_disk``
+        named) and an empty KV cache on the device; the steps are not compiled again."""
         self._loop.wake_up()
+
+    def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
+        """New weights from a checkpoint of the same model shape (SGLang's call of that name; e.g. an RL trainer's
+        policy after a step), loaded as at start-up, no step compiled again: ``LLMEngine.update_weights_from_disk``.
+        While idle or asleep (then they come at ``wake_up``)."""
+        self._loop.update_weights_from_disk(model_path, load_format)
 
     def is_sleeping(self) -> bool:
         return self._loop.is_sleeping()

@@ -147,9 +147,8 @@ class LLMEngine:
         # weights, beyond live arrays, is read now (after loading it also counts memory the allocator freed).
         outside_arrays = memory_outside_arrays()
         with CompileTimer() as weight_compiles:  # programs that load, quantize and lay out the weights
-            loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-                                head_optional=args.runner == "pooling",
-                                shardings=param_shardings_for(mesh), quantization=args.quantization)
+            self._weights_from = (args.model, args.load_format)  # where wake_up reloads discarded weights from
+            loaded = self._load_model(*self._weights_from, mesh)
             self.quantization = loaded.quantization
             self.dtype = np.dtype(loaded.dtype).name  # the weights' (and activations') dtype
             kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, loaded.dtype)
@@ -430,36 +429,98 @@ class LLMEngine:
                 group.aborted = True
         self._emit(group)
 
-    def sleep(self, level: int = 1) -> None:
-        """vLLM's ``sleep(level=1)``: free the device memory of the weights (kept in host memory), the KV pages and
-        the step buffers until ``wake_up``, e.g. while a trainer shares the GPU. Only when no request is unfinished;
-        the prefix cache is emptied (its pages go); requests are refused while asleep. Level 2 (discard the
-        weights) is not supported."""
-        if level != 1:
-            raise ValueError(f"sleep level {level} is not supported: level 1 keeps the weights in host memory "
-                             "(level 2, which discards them for the caller to reload, is not implemented)")
-        if self.asleep:
-            raise ValueError("the engine is asleep already")
+    def _load_model(self, model: str, load_format: str, mesh=None):
+        """``models.loader.load_model`` with the engine's options (dtype, seed, quantization; placed for ``mesh``,
+        else for the runner's)."""
+        args = self.args
+        mesh = mesh if mesh is not None else getattr(getattr(self, "runner", None), "mesh", None)
+        return load_model(model, dtype=args.dtype, load_format=load_format, seed=args.seed,
+                          head_optional=args.runner == "pooling", shardings=param_shardings_for(mesh),
+                          quantization=args.quantization)
+
+    def _new_weights(self, model: str, load_format: str):
+        """The weights of checkpoint ``model`` for the running model: refused (and freed) when its config differs
+        in anything (the compiled steps hold the config's values)."""
+        loaded = self._load_model(model, load_format)
+        if loaded.config != self.model_config:
+            new, old = dataclasses.asdict(loaded.config), dataclasses.asdict(self.model_config)
+            fields = ", ".join(f"{k}={new[k]!r} (running: {old[k]!r})" for k in new if new[k] != old[k])
+            for leaf in jax.tree.leaves(loaded.params):
+                leaf.delete()
+            raise ValueError(f"{model}'s config differs from the running model's: {fields}")
+        return loaded.params
+
+    def _idle_for(self, what: str) -> None:
+        """Refuse ``what`` while requests are unfinished; let a last finished step end on the device."""
         if self.has_unfinished_requests():
-            raise ValueError("requests are unfinished: sleep when the engine is idle (vLLM's contract too)")
+            raise ValueError(f"requests are unfinished: {what} when the engine is idle (vLLM's contract too)")
         if self._in_flight is not None:  # a last step whose requests all finished: let it end on the device
             jax.block_until_ready(self.runner.kv_cache)
             self._in_flight = None
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's ``sleep``: free the device memory of the weights, the KV pages and the step buffers until
+        ``wake_up``, e.g. while a trainer shares the GPU. Level 1 keeps a copy of the weights in host memory;
+        level 2 keeps none (for a caller that brings new weights, ``update_weights_from_disk``; else ``wake_up``
+        loads the checkpoint again). Only when no request is unfinished; the prefix cache is emptied (its pages
+        go); requests are refused while asleep."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level {level} is not supported: level 1 keeps the weights in host memory, "
+                             "level 2 discards them")
+        if self.asleep:
+            raise ValueError("the engine is asleep already")
+        self._idle_for("sleep")
         started, held = time.perf_counter(), live_array_bytes()
-        self.runner.sleep()  # first: it refuses a cluster before anything changed
+        if level == 1:
+            self.runner.sleep()  # first: it refuses a cluster before anything changed
+        else:
+            self.runner.discard_weights()
         self.block_manager.reset_prefix_cache()  # the cached prefixes' pages are gone
-        logger.info("asleep in %.2f s: %.2f GiB of arrays freed on the first device (weights kept in host memory)",
-                    time.perf_counter() - started, (held - live_array_bytes()) / 2**30)
+        logger.info("asleep (level %d) in %.2f s: %.2f GiB of arrays freed on the first device (%s)", level,
+                    time.perf_counter() - started, (held - live_array_bytes()) / 2**30,
+                    "weights kept in host memory" if level == 1 else "weights discarded")
 
     def wake_up(self) -> None:
-        """Back from ``sleep``: the weights and an empty KV pool on the device again."""
+        """Back from ``sleep``: the weights (the host copy of level 1; after level 2 the checkpoint loaded again,
+        or the one ``update_weights_from_disk`` named) and an empty KV pool on the device again."""
         if not self.asleep:
             raise ValueError("the engine is awake: wake_up follows sleep")
         started = time.perf_counter()
-        self.runner.wake_up()
+        if self.runner.weights_discarded:
+            self.runner.wake_up(self._new_weights(*self._weights_from))
+        else:
+            self.runner.wake_up()
         jax.block_until_ready((self.runner.params, self.runner.kv_cache))
         logger.info("awake in %.2f s: weights back on the device, an empty KV pool of %d blocks",
                     time.perf_counter() - started, self.runner.num_kv_blocks)
+
+    def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
+        """New weights from a checkpoint of the same architecture and shapes (SGLang's ``update_weights_from_disk``,
+        e.g. an RL trainer's latest policy), loaded and quantized as at start-up (``load_format``: the engine's if
+        None); no step is compiled again. While awake and idle: the old weights are freed first (no second copy
+        on the device), then the new ones loaded; if they do not fit the model, the old ones are loaded back and the
+        error raised. While asleep: the engine discards what it kept and ``wake_up`` loads these (if they do not
+        fit, ``wake_up`` raises and the engine stays asleep, for another update). The prefix cache is emptied (its
+        pages were computed by the old weights)."""
+        resolve_model_path(model_path)  # a path that is not there: refused before anything changes
+        source = (model_path, load_format or self._weights_from[1])
+        if self.asleep:
+            if not self.runner.weights_discarded:
+                self.runner.drop_host_weights()
+            self._weights_from = source
+            return
+        self._idle_for("update the weights")
+        started = time.perf_counter()
+        self.runner.discard_weights(keep_kv_cache=True)
+        try:
+            self.runner.load_weights(self._new_weights(*source))
+        except Exception:
+            self.runner.load_weights(self._new_weights(*self._weights_from))
+            raise
+        self._weights_from = source
+        self.block_manager.reset_prefix_cache()
+        jax.block_until_ready(self.runner.params)
+        logger.info("weights updated from %s in %.2f s", model_path, time.perf_counter() - started)
 
     @property
     def asleep(self) -> bool:

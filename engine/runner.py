@@ -411,7 +411,11 @@ class ModelRunner:
             params = {**params, "layers": {**params["layers"], "lora": lora["lora"]},
                       "lora_columns": lora["lora_columns"]}
             self._set_lora = jax.jit(set_slot)
+        self._plan = None if mesh is None else plan
+        self._layout = dict(unroll=unroll_layers, fuse=fuse_projections)
         self.params = layout_layers(params, unroll=unroll_layers, fuse=fuse_projections, release=True)
+        # What the compiled steps take: every weight's tree position, shape and dtype (``load_weights`` checks it).
+        self._weights_signature = _signature(self.params)
         # Unrolled layers get one KV buffer per layer (models.batch.KVCache says why).
         self._make_kv_cache = functools.partial(make_kv_cache, step_config, block_size=block_size, dtype=kv_dtype,
                                                 sharding=kv_sharding, per_layer=unroll_layers)
@@ -513,17 +517,68 @@ class ModelRunner:
         self._asleep = (jax.device_get(self.params), shardings)
         self.release()
 
-    def wake_up(self) -> None:
-        """Back from ``sleep``: the weights put back as they were placed, a zeroed KV pool of the same size."""
+    def wake_up(self, params=None) -> None:
+        """Back from ``sleep``: the weights put back as they were placed (or ``params``, a new set as
+        ``load_weights`` takes them: the only way back from ``discard_weights``), a zeroed KV pool of the same
+        size."""
         host_params, shardings = self._asleep
-        self.params = jax.device_put(host_params, shardings)
+        if params is not None:
+            self.load_weights(params)
+        elif host_params is None:
+            raise ValueError("the weights were discarded (sleep level 2): wake up with new ones")
+        else:
+            self.params = jax.device_put(host_params, shardings)
         self.kv_cache = self._make_kv_cache(self.num_kv_blocks)
         self._sampled = self._zero_sampled()
         self._asleep = None
 
+    def discard_weights(self, keep_kv_cache: bool = False) -> None:
+        """vLLM's sleep level 2 (unless ``keep_kv_cache``): the weights freed on the device with no copy kept
+        (and the KV pages and step buffers, as ``sleep``), until ``load_weights`` or ``wake_up(params)``."""
+        if self.lora:
+            raise ValueError("discarding the weights would lose the LoRA adapters' slots: not with enable_lora")
+        if self._multi_process:
+            raise ValueError("the weights are discarded in one process, not across a cluster")
+        if keep_kv_cache:
+            for leaf in jax.tree.leaves(self.params):
+                leaf.delete()
+            self.params = None
+            return
+        self._asleep = (None, None)
+        self.release()
+
+    def load_weights(self, params) -> None:
+        """New weights for the compiled steps: ``params`` as ``models.loader.load_model`` gives them (placed
+        as the engine loads, ``param_shardings_for``), sharded and laid out as at start-up. Refused, and freed, when
+        any weight's position, shape or dtype differs from what the steps were compiled for."""
+        if self._plan is not None:
+            params = self._plan.shard_params(params)
+        params = layout_layers(params, **self._layout, release=True)
+        mismatch = _first_difference(self._weights_signature, _signature(params))
+        if mismatch:
+            for leaf in jax.tree.leaves(params):
+                if isinstance(leaf, jax.Array):
+                    leaf.delete()
+            raise ValueError(f"the new weights do not fit the running model: {mismatch}")
+        if self.params is not None:  # replaced while awake: the old ones go now, not when Python collects them
+            for leaf in jax.tree.leaves(self.params):
+                leaf.delete()
+        self.params = params
+
     @property
     def asleep(self) -> bool:
         return self._asleep is not None
+
+    @property
+    def weights_discarded(self) -> bool:
+        """Asleep with no copy of the weights (``discard_weights``, ``drop_host_weights``)."""
+        return self._asleep is not None and self._asleep[0] is None
+
+    def drop_host_weights(self) -> None:
+        """Asleep at level 1: forget the host copy of the weights (new ones come at ``wake_up``)."""
+        if self.lora:
+            raise ValueError("discarding the weights would lose the LoRA adapters' slots: not with enable_lora")
+        self._asleep = (None, None)
 
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
         """A step input's shape, placed as the runner places that input (replicated over a mesh)."""
@@ -1089,3 +1144,23 @@ def _copy_blocks(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
         return pages.at[index + (dst,)].set(pages[index + (src,)])
 
     return jax.tree.map(copy, kv_cache)
+
+
+def _signature(params) -> tuple[dict, Any]:
+    """Each weight's path in the tree -> ``(shape, dtype)``, and the tree's structure (quantized weights' layout
+    facts included)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return {jax.tree_util.keystr(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}, treedef
+
+
+def _first_difference(want: tuple[dict, Any], got: tuple[dict, Any]) -> str:
+    """The first weight ``got`` lacks, adds, or holds in another shape or dtype than ``want`` ("" if none)."""
+    for path, spec in want[0].items():
+        if path not in got[0]:
+            return f"{path} is missing"
+        if got[0][path] != spec:
+            return f"{path} is {got[0][path][0]} {got[0][path][1]}, the model's {spec[0]} {spec[1]}"
+    extra = sorted(set(got[0]) - set(want[0]))
+    if extra:
+        return f"{extra[0]} is not in the model"
+    return "" if got[1] == want[1] else "the weights are laid out otherwise (another quantization's settings)"

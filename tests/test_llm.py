@@ -507,8 +507,10 @@ def test_sleep_frees_the_device_and_wake_up_resumes_without_compiling(tmp_path):
     before = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     runner = llm.llm_engine.runner
     held = jax.tree.leaves([runner.params, runner.kv_cache, list(runner._staged.values())])
-    with pytest.raises(ValueError, match="level 2"):
+    with pytest.raises(ValueError, match="LoRA"):  # level 2 would drop the adapters' slots with the weights
         llm.sleep(level=2)
+    with pytest.raises(ValueError, match="level 3"):
+        llm.sleep(level=3)
     llm.sleep()
     assert llm.is_sleeping() and all(a.is_deleted() for a in held)
     with pytest.raises(ValueError, match="asleep"):
@@ -529,6 +531,62 @@ def test_sleep_frees_the_device_and_wake_up_resumes_without_compiling(tmp_path):
     with pytest.raises(ValueError, match="requests are unfinished"):
         llm.sleep()
     llm.abort(request_id)
+    llm.shutdown()
+
+
+def test_weights_update_from_disk_and_sleep_level_2(tmp_path):
+    """``update_weights_from_disk`` (idle, awake): the engine then gives a fresh engine's greedy tokens on the new
+    checkpoint, compiles nothing and empties the prefix cache; a checkpoint of another shape is refused with the
+    differing config and the old weights keep serving. ``sleep(level=2)`` discards the weights (no host copy):
+    ``wake_up`` loads the checkpoint again, or the one an update named while asleep."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    paths = {name: str(tmp_path / name) for name in ("a", "b", "wide")}
+    write_tiny_checkpoint(paths["a"], "llama", seed=21)
+    write_tiny_checkpoint(paths["b"], "llama", seed=22)
+    write_tiny_checkpoint(paths["wide"], "llama", seed=23, intermediate_size=128)
+    options = dict(dtype="float32", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
+                   num_gpu_blocks_override=12, block_size=8)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [list(range(1, 20)), [5, 6, 7]]
+
+    def tokens(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    fresh_b = LLM(paths["b"], **options)
+    want_b = tokens(fresh_b)
+    fresh_b.shutdown()
+    llm = LLM(paths["a"], **options)
+    want_a = tokens(llm)
+    assert want_a != want_b
+    hits = llm.stats()["prefix_cache_hits"]
+    old = jax.tree.leaves(llm.llm_engine.runner.params)
+    with CompileTimer() as timer:
+        llm.update_weights_from_disk(paths["b"])
+        assert tokens(llm) == want_b
+    assert all(a.is_deleted() for a in old) and llm.stats()["prefix_cache_hits"] == hits
+    assert timer.compiled() == []
+    with pytest.raises(ValueError, match="intermediate_size=128"):
+        llm.update_weights_from_disk(paths["wide"])
+    assert tokens(llm) == want_b  # the old weights loaded back
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        llm.update_weights_from_disk(str(tmp_path / "none"))
+    llm.sleep(level=2)
+    assert llm.is_sleeping() and llm.llm_engine.runner.params is None
+    llm.wake_up()  # the checkpoint loaded again
+    assert tokens(llm) == want_b
+    llm.sleep()  # level 1, then new weights named while asleep: they come at wake_up
+    llm.update_weights_from_disk(paths["a"])
+    llm.wake_up()
+    assert tokens(llm) == want_a
+    llm.sleep(level=2)
+    llm.update_weights_from_disk(paths["wide"])
+    with pytest.raises(ValueError, match="config differs"):
+        llm.wake_up()
+    assert llm.is_sleeping()  # still asleep: another update, then wake_up
+    llm.update_weights_from_disk(paths["b"])
+    llm.wake_up()
+    assert tokens(llm) == want_b
     llm.shutdown()
 
 

@@ -40,6 +40,7 @@ from engine.entrypoints.openai.api_server import (  # noqa: E402
 )
 from engine.metrics import ServingMetrics  # noqa: E402
 from engine.tokenizer import apply_chat_template  # noqa: E402
+from models.loader import resolve_model_path  # noqa: E402
 
 API_KEY = "test-secret-key"
 MAX_MODEL_LEN = 512
@@ -1143,7 +1144,9 @@ def test_classify_from_a_sequence_classifier_server(tmp_path):
 def test_sleep_and_wake_up_in_dev_mode():
     """vLLM's development routes (``VLLM_SERVER_DEV_MODE=1``) over the engine process: /sleep frees the engine's
     device memory while idle, /is_sleeping says so, a completion meanwhile is a 400 that says to wake it, /wake_up
-    brings it back to the same greedy replies; level 2 is a 400; without dev mode the routes do not exist."""
+    brings it back to the same greedy replies; level 3 is a 400; SGLang's /update_weights_from_disk loads a checkpoint
+    (a missing one is a 400 and the old weights serve on), a level-2 sleep's wake-up loads the weights again; without
+    dev mode the routes do not exist."""
     args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "4"])
     assert args.engine_process
     async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=args.engine_process)
@@ -1154,8 +1157,8 @@ def test_sleep_and_wake_up_in_dev_mode():
     try:
         before = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
         assert httpx.get(f"{url}/is_sleeping", timeout=60).json() == {"is_sleeping": False}
-        refused = httpx.post(f"{url}/sleep", params={"level": 2}, timeout=60)
-        assert refused.status_code == 400 and "level 2" in refused.json()["error"]["message"]
+        refused = httpx.post(f"{url}/sleep", params={"level": 3}, timeout=60)
+        assert refused.status_code == 400 and "level 3" in refused.json()["error"]["message"]
         assert httpx.post(f"{url}/sleep", timeout=120).status_code == 200
         assert httpx.get(f"{url}/is_sleeping", timeout=60).json() == {"is_sleeping": True}
         asleep = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
@@ -1164,6 +1167,18 @@ def test_sleep_and_wake_up_in_dev_mode():
         assert httpx.post(f"{url}/wake_up", timeout=120).status_code == 200
         after = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
         assert after == before and httpx.post(f"{url}/wake_up", timeout=60).status_code == 400
+        # SGLang's /update_weights_from_disk (the same checkpoint again: the same replies), and level 2's wake-up
+        # loading the weights again
+        update = {"model_path": resolve_model_path(None)}
+        assert httpx.post(f"{url}/update_weights_from_disk", json=update, timeout=300).json()["success"] is True
+        assert httpx.post(f"{url}/sleep", params={"level": 2}, timeout=120).status_code == 200
+        assert httpx.post(f"{url}/wake_up", timeout=300).status_code == 200
+        again = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        assert again == before
+        missing = httpx.post(f"{url}/update_weights_from_disk", json={"model_path": "/no/such/model"}, timeout=120)
+        assert missing.status_code == 400 and missing.json()["error"]["param"] == "model_path"
+        assert httpx.post(f"{plain_url}/update_weights_from_disk", json=update, timeout=60).status_code == 404
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"] == before
     finally:
         for running, runner in ((server, thread), (plain, plain_thread)):
             running.should_exit = True

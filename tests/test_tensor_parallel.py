@@ -176,6 +176,10 @@ def _single_host(args: dict) -> dict:
                 llm.sleep()
                 llm.wake_up()
                 entry["after_sleep"] = {**_generate(llm, args["prompts"]), "layout": _layout(runner)}
+                llm.update_weights_from_disk(source)  # the same checkpoint loaded again onto the shards
+                llm.sleep(level=2)  # and once more at wake-up
+                llm.wake_up()
+                entry["after_update"] = {**_generate(llm, args["prompts"]), "layout": _layout(runner)}
             results[f"{name}/tp{tp}"] = entry
         for llm in engines:
             llm.shutdown()
@@ -380,10 +384,14 @@ def test_lora_adapter_changes_the_outputs(single_host):
 
 def test_sleep_and_wake_up_over_the_mesh_keep_the_shards_and_tokens(single_host):
     """``LLM.sleep()`` then ``wake_up()`` at tensor_parallel_size=4: every weight and the KV pool back on the shards
-    they had, and the same tokens as before the sleep."""
+    they had, and the same tokens as before the sleep; likewise after ``update_weights_from_disk`` of the same
+    checkpoint and a level-2 sleep (the weights loaded again)."""
     before = single_host["llama/tp4"]
     assert before["after_sleep"]["layout"] == before["layout"]
     assert before["after_sleep"]["outputs"] == before["outputs"]
+    # update_weights_from_disk and sleep level 2 over the mesh: the checkpoint loaded again onto the same shards
+    assert before["after_update"]["layout"] == before["layout"]
+    assert before["after_update"]["outputs"] == before["outputs"]
 
 
 def test_multi_step_decoding_over_the_mesh_gives_the_single_devices_tokens(single_host):

@@ -53,7 +53,7 @@ from engine.entrypoints.openai.protocol import (
     ClassificationData, ClassificationRequest, ClassificationResponse, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
     DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest, EmbeddingResponse, LoadLoRAAdapterRequest,
-    ModelCard, ModelList, UnloadLoRAAdapterRequest,
+    ModelCard, ModelList, UnloadLoRAAdapterRequest, UpdateWeightsFromDiskRequest,
     NamedToolChoice, PromptLogprob, PromptLogprobs, PromptTokenUsageInfo, RerankDocument, RerankRequest,
     RerankResponse, RerankResult, ScoreData, ScoreRequest, ScoreResponse,
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
@@ -279,6 +279,14 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
         @app.get("/is_sleeping")
         async def is_sleeping() -> dict:
             return {"is_sleeping": await async_llm.is_sleeping()}
+
+        @app.post("/update_weights_from_disk")  # SGLang's route: an RL loop's new policy, between its rollouts
+        async def update_weights_from_disk(body: UpdateWeightsFromDiskRequest) -> dict:
+            try:
+                await async_llm.update_weights_from_disk(body.model_path, body.load_format)
+            except (ValueError, OSError) as e:
+                raise bad_request(str(e), param="model_path") from None
+            return {"success": True, "message": f"weights loaded from {body.model_path}"}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:

@@ -267,6 +267,16 @@ class UnloadLoRAAdapterRequest(BaseModel):
     lora_int_id: Optional[int] = None  # vLLM's; the name decides
 
 
+class UpdateWeightsFromDiskRequest(BaseModel):
+    """SGLang's ``/update_weights_from_disk`` (with ``VLLM_SERVER_DEV_MODE=1``): serve the weights of checkpoint
+    ``model_path`` (the running model's shapes) from now on."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model_path: str
+    load_format: Optional[str] = None
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
