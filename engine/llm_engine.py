@@ -147,8 +147,9 @@ class LLMEngine:
         # weights, beyond live arrays, is read now (after loading it also counts memory the allocator freed).
         outside_arrays = memory_outside_arrays()
         with CompileTimer() as weight_compiles:  # programs that load, quantize and lay out the weights
+            self._mesh = mesh
             self._weights_from = (args.model, args.load_format)  # where wake_up reloads discarded weights from
-            loaded = self._load_model(*self._weights_from, mesh)
+            loaded = self._load_model(*self._weights_from)
             self.quantization = loaded.quantization
             self.dtype = np.dtype(loaded.dtype).name  # the weights' (and activations') dtype
             kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, loaded.dtype)
@@ -429,13 +430,11 @@ class LLMEngine:
                 group.aborted = True
         self._emit(group)
 
-    def _load_model(self, model: str, load_format: str, mesh=None):
-        """``models.loader.load_model`` with the engine's options (dtype, seed, quantization; placed for ``mesh``,
-        else for the runner's)."""
+    def _load_model(self, model: Optional[str], load_format: str):
+        """``models.loader.load_model`` with the engine's options (dtype, seed, quantization; placed for its mesh)."""
         args = self.args
-        mesh = mesh if mesh is not None else getattr(getattr(self, "runner", None), "mesh", None)
         return load_model(model, dtype=args.dtype, load_format=load_format, seed=args.seed,
-                          head_optional=args.runner == "pooling", shardings=param_shardings_for(mesh),
+                          head_optional=args.runner == "pooling", shardings=param_shardings_for(self._mesh),
                           quantization=args.quantization)
 
     def _new_weights(self, model: str, load_format: str):
