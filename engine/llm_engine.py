@@ -497,8 +497,8 @@ class LLMEngine:
         """New weights from a checkpoint of the same architecture and shapes (SGLang's ``update_weights_from_disk``,
         e.g. an RL trainer's latest policy), loaded and quantized as at start-up (``load_format``: the engine's if
         None); no step is compiled again. While awake and idle: the old weights are freed first (no second copy
-        on the device), then the new ones loaded; if they do not fit the model, the old ones are loaded back and the
-        error raised. While asleep: the engine discards what it kept and ``wake_up`` loads these (if they do not
+        on the device; LoRA adapters' slots stay), then the new ones loaded; if they do not fit the model, the old
+        ones are loaded back and the error raised. While asleep: the engine discards what it kept and ``wake_up`` loads these (if they do not
         fit, ``wake_up`` raises and the engine stays asleep, for another update). The prefix cache is emptied (its
         pages were computed by the old weights)."""
         resolve_model_path(model_path)  # a path that is not there: refused before anything changes

@@ -534,16 +534,19 @@ class ModelRunner:
 
     def discard_weights(self, keep_kv_cache: bool = False) -> None:
         """vLLM's sleep level 2 (unless ``keep_kv_cache``): the weights freed on the device with no copy kept
-        (and the KV pages and step buffers, as ``sleep``), until ``load_weights`` or ``wake_up(params)``."""
-        if self.lora:
-            raise ValueError("discarding the weights would lose the LoRA adapters' slots: not with enable_lora")
+        (and the KV pages and step buffers, as ``sleep``), until ``load_weights`` or ``wake_up(params)``. With
+        ``keep_kv_cache`` (a weight update while awake) the LoRA adapters' slots stay, for ``load_weights``."""
         if self._multi_process:
             raise ValueError("the weights are discarded in one process, not across a cluster")
         if keep_kv_cache:
-            for leaf in jax.tree.leaves(self.params):
+            base, self._kept_lora = _split_lora(self.params) if self.lora else (self.params, None)
+            for leaf in jax.tree.leaves(base):
                 leaf.delete()
             self.params = None
             return
+        if self.lora:
+            raise ValueError("sleep level 2 would lose the LoRA adapters' slots with the weights: not with "
+                             "enable_lora (level 1 keeps them)")
         self._asleep = (None, None)
         self.release()
 
@@ -554,15 +557,14 @@ class ModelRunner:
         if self._plan is not None:
             params = self._plan.shard_params(params)
         params = layout_layers(params, **self._layout, release=True)
+        if self.lora:  # the adapters' slots of the weights replaced (discard_weights kept them)
+            params = _join_lora(params, self._kept_lora)
         mismatch = _first_difference(self._weights_signature, _signature(params))
-        if mismatch:
-            for leaf in jax.tree.leaves(params):
+        if mismatch:  # the new weights go (the kept LoRA slots stay, for the old weights' return)
+            for leaf in jax.tree.leaves(_split_lora(params)[0] if self.lora else params):
                 if isinstance(leaf, jax.Array):
                     leaf.delete()
             raise ValueError(f"the new weights do not fit the running model: {mismatch}")
-        if self.params is not None:  # replaced while awake: the old ones go now, not when Python collects them
-            for leaf in jax.tree.leaves(self.params):
-                leaf.delete()
         self.params = params
 
     @property
@@ -577,7 +579,8 @@ class ModelRunner:
     def drop_host_weights(self) -> None:
         """Asleep at level 1: forget the host copy of the weights (new ones come at ``wake_up``)."""
         if self.lora:
-            raise ValueError("discarding the weights would lose the LoRA adapters' slots: not with enable_lora")
+            raise ValueError("new weights while asleep would lose the LoRA adapters' slots: update them awake "
+                             "with enable_lora")
         self._asleep = (None, None)
 
     def _abstract(self, shape, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
@@ -1144,6 +1147,30 @@ def _copy_blocks(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
         return pages.at[index + (dst,)].set(pages[index + (src,)])
 
     return jax.tree.map(copy, kv_cache)
+
+
+def _split_lora(params: dict) -> tuple[dict, tuple]:
+    """Laid-out params without the LoRA slots, and the slots: each layer's ``lora`` entry (or the stacked one) and
+    ``lora_columns``."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        base_layers, slots = [{k: v for k, v in layer.items() if k != "lora"} for layer in layers], [
+            layer["lora"] for layer in layers]
+    else:
+        base_layers, slots = {k: v for k, v in layers.items() if k != "lora"}, layers["lora"]
+    base = {k: v for k, v in params.items() if k != "lora_columns"}
+    return {**base, "layers": base_layers}, (slots, params["lora_columns"])
+
+
+def _join_lora(params: dict, lora: tuple) -> dict:
+    """``_split_lora``'s inverse: the slots put back beside laid-out ``params``."""
+    slots, columns = lora
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        layers = [{**layer, "lora": slot} for layer, slot in zip(layers, slots)]
+    else:
+        layers = {**layers, "lora": slots}
+    return {**params, "layers": layers, "lora_columns": columns}
 
 
 def _signature(params) -> tuple[dict, Any]:

@@ -459,3 +459,31 @@ def test_queued_requests_keep_their_adapters_read(llama, tmp_path):
         done.update({o.request_id: list(o.outputs[0].token_ids) for o in engine.step() if o.finished})
     assert done == {r.lora_name: expected[(r, 0)][0] for r in requests[1:]}
     assert len(engine.lora_slots._host) <= 1  # back within max_cpu_loras once they ended
+
+
+def test_weight_update_keeps_the_adapters(tmp_path):
+    """``update_weights_from_disk`` with LoRA enabled: the adapters' device slots stay beside the new weights, so an
+    adapter request then gives a fresh engine's tokens on the new checkpoint with the same adapter; sleep level 2,
+    which would drop the slots with the weights, is refused."""
+    make_adapter(str(tmp_path / "one"), "llama", seed=3, targets=["q_proj", "v_proj", "gate_proj"], r=4, alpha=8)
+    write_tiny_checkpoint(str(tmp_path / "b"), "llama", seed=2)
+    request = LoRARequest("one", 1, str(tmp_path / "one" / "adapter"))
+    options = dict(dtype="float32", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
+                   num_gpu_blocks_override=16, block_size=8, enable_lora=True, max_lora_rank=4)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [list(range(1, 20)), [5, 6, 7]]
+
+    def tokens(llm, lora=request):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=lora, use_tqdm=False)]
+
+    fresh = LLM(str(tmp_path / "b"), **options)
+    want, want_base = tokens(fresh), tokens(fresh, None)
+    assert want != want_base  # the adapter changes the tokens: the check has teeth
+    fresh.shutdown()
+    llm = LLM(str(tmp_path / "one" / "base"), **options)
+    before = tokens(llm)  # the adapter now in a device slot
+    llm.update_weights_from_disk(str(tmp_path / "b"))
+    assert tokens(llm) == want != before and tokens(llm, None) == want_base
+    with pytest.raises(ValueError, match="LoRA"):
+        llm.sleep(level=2)
+    llm.shutdown()
