@@ -28,7 +28,8 @@ from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutp
 from engine.pooling import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput, EmbeddingRequestOutput,
                             PooledRows, PoolingParams)
 from engine.request import Request, RequestStatus
-from engine.runner import PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork, enable_compilation_cache
+from engine.runner import (PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork, delete_arrays,
+                           enable_compilation_cache)
 from engine.sampler import build_sampling_metadata
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import Scheduler, ScheduledSequence, SchedulerOutput
@@ -444,8 +445,7 @@ class LLMEngine:
         if loaded.config != self.model_config:
             new, old = dataclasses.asdict(loaded.config), dataclasses.asdict(self.model_config)
             fields = ", ".join(f"{k}={new[k]!r} (running: {old[k]!r})" for k in new if new[k] != old[k])
-            for leaf in jax.tree.leaves(loaded.params):
-                leaf.delete()
+            delete_arrays(loaded.params)
             raise ValueError(f"{model}'s config differs from the running model's: {fields}")
         return loaded.params
 
@@ -498,9 +498,9 @@ class LLMEngine:
         e.g. an RL trainer's latest policy), loaded and quantized as at start-up (``load_format``: the engine's if
         None); no step is compiled again. While awake and idle: the old weights are freed first (no second copy
         on the device; LoRA adapters' slots stay), then the new ones loaded; if they do not fit the model, the old
-        ones are loaded back and the error raised. While asleep: the engine discards what it kept and ``wake_up`` loads these (if they do not
-        fit, ``wake_up`` raises and the engine stays asleep, for another update). The prefix cache is emptied (its
-        pages were computed by the old weights)."""
+        ones are loaded back and the error raised. While asleep: the engine discards what it kept and ``wake_up``
+        loads these (if they do not fit, ``wake_up`` raises and the engine stays asleep, for another update). The
+        prefix cache is emptied (its pages were computed by the old weights)."""
         resolve_model_path(model_path)  # a path that is not there: refused before anything changes
         source = (model_path, load_format or self._weights_from[1])
         if self.asleep:

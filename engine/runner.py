@@ -498,17 +498,15 @@ class ModelRunner:
         buffers = ("_staged", "_logits_buffers", "_burst_outputs")
         owned = [self.params, self.kv_cache, getattr(self, "_sampled", None)]
         owned += [list(getattr(self, name, {}).values()) for name in buffers]
-        for leaf in jax.tree.leaves(owned):
-            if isinstance(leaf, jax.Array) and not leaf.is_deleted():
-                leaf.delete()
+        delete_arrays(owned)
         self.params = self.kv_cache = self._sampled = None
         for name in buffers:
             setattr(self, name, {})
 
     def sleep(self) -> None:
         """vLLM's sleep mode (level 1): the weights copied to host memory, then the weights, KV pages and step
-        buffers freed on the device; the compiled programs stay, so the steps after ``wake_up`` compile nothing. One process only
-        (a cluster's other processes hold their own shards)."""
+        buffers freed on the device; the compiled programs stay, so the steps after ``wake_up`` compile nothing. One
+        process only (a cluster's other processes hold their own shards)."""
         if self._multi_process:
             raise ValueError("sleep mode runs in one process, not across a cluster")
         # Over a mesh each weight goes back to its sharding; on one device uncommitted, as it came (a committed
@@ -540,8 +538,7 @@ class ModelRunner:
             raise ValueError("the weights are discarded in one process, not across a cluster")
         if keep_kv_cache:
             base, self._kept_lora = _split_lora(self.params) if self.lora else (self.params, None)
-            for leaf in jax.tree.leaves(base):
-                leaf.delete()
+            delete_arrays(base)
             self.params = None
             return
         if self.lora:
@@ -561,9 +558,7 @@ class ModelRunner:
             params = _join_lora(params, self._kept_lora)
         mismatch = _first_difference(self._weights_signature, _signature(params))
         if mismatch:  # the new weights go (the kept LoRA slots stay, for the old weights' return)
-            for leaf in jax.tree.leaves(_split_lora(params)[0] if self.lora else params):
-                if isinstance(leaf, jax.Array):
-                    leaf.delete()
+            delete_arrays(_split_lora(params)[0] if self.lora else params)
             raise ValueError(f"the new weights do not fit the running model: {mismatch}")
         self.params = params
 
@@ -1147,6 +1142,13 @@ def _copy_blocks(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
         return pages.at[index + (dst,)].set(pages[index + (src,)])
 
     return jax.tree.map(copy, kv_cache)
+
+
+def delete_arrays(tree) -> None:
+    """Free the device memory of every JAX array in ``tree`` now, not when Python collects it."""
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
 
 
 def _split_lora(params: dict) -> tuple[dict, tuple]:
