@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -49,7 +50,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     result = bench_common.engine_result_header(WORKLOAD, args)
     started = time.perf_counter()
-    llm = bench_common.make_llm(args, max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs or 1)
+    llm = bench_common.make_llm(args, max_model_len=args.input_len + args.output_len,
+                                max_num_seqs=args.max_num_seqs or 1)
     result["ready_s"] = time.perf_counter() - started
     prompt = bench_common.random_prompts(1, args.input_len, bench_common.read_vocab_size(args.model), args.seed)[0]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -79,8 +81,8 @@ def main(argv=None) -> dict:
     engine = llm.llm_engine
     weights, _ = bench_common.weight_bytes(engine.runner.params, engine.model_config)
     result.update(cycles=cycles, weight_gib=weights / 2**30, num_kv_blocks=engine.runner.num_kv_blocks,
-                  sleep_s=sorted(c["sleep_s"] for c in cycles)[len(cycles) // 2],
-                  wake_s=sorted(c["wake_s"] for c in cycles)[len(cycles) // 2],
+                  sleep_s=statistics.median_high(c["sleep_s"] for c in cycles),
+                  wake_s=statistics.median_high(c["wake_s"] for c in cycles),
                   same_tokens=all(c["same_tokens"] for c in cycles))
     result["wake_gb_s"] = weights / 1e9 / result["wake_s"]
     print(f"{WORKLOAD}: weights {result['weight_gib']:.1f} GiB; median sleep {result['sleep_s']:.2f} s, wake "
