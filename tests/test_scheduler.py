@@ -520,8 +520,10 @@ def run_a_random_load_with_forks(engine: FakeEngine, rng, max_prompt_len: int) -
             if not engine.scheduler.has_unfinished_requests():
                 break
             engine.step()
+            # a decode: its prompt done and a token sampled (a prompt chunk with one token left is not one: its fork
+            # would start with an output it never sampled, one past a max_tokens of 1; seed 1182959550)
             decoding = [r for r in engine.scheduler.running_requests
-                        if r.num_uncomputed_tokens == 1 and "#" not in r.request_id]
+                        if r.num_uncomputed_tokens == 1 and r.output_token_ids and "#" not in r.request_id]
             if decoding and rng.random() < 0.2:
                 parent = rng.choice(decoding)
                 engine.fork(parent, f"{parent.request_id}#{len(engine.outputs)}")
