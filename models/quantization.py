@@ -781,6 +781,13 @@ def fp8_gated_mlp(h: jax.Array, w_gate_up: Fp8Weight, w_down: Fp8Weight, activat
     return _fp8_scaled_dot(hidden_q, hidden_scale, w_down, h.dtype)
 
 
+def stored_array(w) -> jax.Array:
+    """The array that holds most of a (dense or quantized) weight's bytes: what a matmul of it mostly reads."""
+    if isinstance(w, Int4Weight):
+        return w.packed
+    return w.q if isinstance(w, (Int8Weight, Int8KMajorWeight, Fp8Weight)) else w
+
+
 def gemv_applies_norm() -> bool:
     """``$PAGEDJAX_GEMV_NORM`` "1" (default "0"): the one-row GEMVs (K-major int8, int4) compute the RMSNorm's
     scale of the row they multiply themselves (``linear``'s ``rms_norm_of``)."""

@@ -884,6 +884,20 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
             "profile-decode1-awq-gemvnorm", *DECODE1, "--quantization", "awq", "--precompile-steps", "off"), 90),
         ("latency-awq-ms8-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + latency(
             "awq", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-awq-ms8-gemvnorm.json"), 150),
+        # The decode attention at batch 1 reading the layer's wo into L2 beside its few programs
+        # (Tiling.decode_l2_prefetch_bytes): GPU tests, then each format's step and TPOT with 16 / 32 MiB read.
+        ("gpu-tests-l2-prefetch", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "l2_prefetch",
+                                   "tests/test_ragged_paged_attention.py"], 120),
+        *[(f"{kind}-{q}{'-ms8' if kind == 'latency' else ''}-l2pf{mib}{'-gemvnorm' * norm}".replace(
+            "profile-", "profile-decode1-"),
+           ["env", f'PAGEDJAX_ATTENTION_TILING={{"decode_l2_prefetch_bytes": {mib << 20}}}',
+            f"PAGEDJAX_GEMV_NORM={int(norm)}"] + (
+               profile(f"profile-decode1-{q}-l2pf{mib}{'-gemvnorm' * norm}", *DECODE1, "--precompile-steps", "off",
+                       *(["--quantization", q] if q != "bf16" else [])) if kind == "profile" else
+               latency(q if q != "bf16" else None, "--num-scheduler-steps", "8", "--output-json",
+                       f"{results}/latency-{q}-ms8-l2pf{mib}{'-gemvnorm' * norm}.json")), 150)
+          for kind in ("profile", "latency") for q in ("bf16", "int8", "awq") for mib in (16, 32)
+          for norm in ((False, True) if q != "bf16" else (False,))],
         *[(f"profile-decode1-int8-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + profile(
             f"profile-decode1-int8-{name}", *DECODE1, "--quantization",
             "int8", "--precompile-steps", "off"), 60) for name, fields in INT8_KMAJOR_VARIANTS],
