@@ -492,30 +492,28 @@ def _attention_kernel(
             _store_rows(out_refs[-1], out_idx, row_valid, jnp.zeros((rows, D), jnp.float32))
 
 
-L2_SECTOR_BYTES = 32  # what one load brings from memory into the L2 cache at the least
-PREFETCH_LOADS = 2048  # sector loads a prefetch program issues a loop step (16 a thread at 4 warps)
+PREFETCH_STEP_BYTES = 8192  # contiguous bytes a prefetch program loads a loop step (64 a thread at 4 warps)
 
 
-def _sector_elements(dtype) -> int:
-    return max(1, L2_SECTOR_BYTES // jnp.dtype(dtype).itemsize)
+def _prefetch_chunk(size: int, itemsize: int) -> int:
+    """Elements a prefetch loop step loads: ``PREFETCH_STEP_BYTES`` worth, fewer (a power of two) for a small array."""
+    return min(PREFETCH_STEP_BYTES // itemsize, 1 << (max(size, 1).bit_length() - 1))
 
 
-def _l2_prefetch(ref, junk_ref, index, *, per_program: int, total: int):
-    """Program ``index`` of the decode launch's prefetch programs: one element of every L2 sector of elements
-    ``[index * per_program, ...)`` of the flat ``ref`` (``total`` long) loaded, so that the next kernel to read them
-    finds them in L2. Their sum goes to ``junk_ref[index]``, only so that the loads are not dead code."""
-    stride = _sector_elements(ref.dtype)
+def _l2_prefetch(ref, junk_ref, index, *, per_program: int, chunk: int, total: int):
+    """Program ``index`` of the decode launch's prefetch programs: elements ``[index * per_program, ...)`` of the flat
+    ``ref`` loaded, whole lines in ``chunk``-element steps (``total`` and the shares are whole steps), so that the next
+    kernel to read them finds them in L2. Their bits, xor-ed together (in the loads' own registers), go to
+    ``junk_ref[index]``, only so that the loads are not dead code."""
     start = index * per_program
-    end = jnp.minimum(start + per_program, total)
-    lanes = jnp.arange(PREFETCH_LOADS, dtype=jnp.int32) * stride
+    bits = jnp.dtype(f"uint{8 * jnp.dtype(ref.dtype).itemsize}")
 
-    def load_step(i, acc):  # past the end each lane reloads the last element: no mask (no fill value for float8)
-        idx = jnp.minimum(start + i * (PREFETCH_LOADS * stride) + lanes, end - 1)
-        return acc + pltriton.load(ref.at[idx]).astype(jnp.float32)
+    def load_step(i, acc):  # past the end a program reloads the last step (its share ran over the array)
+        offset = pl.multiple_of(jnp.minimum(start + i * chunk, total - chunk), chunk)
+        return acc ^ lax.bitcast_convert_type(ref[pl.ds(offset, chunk)], bits)
 
-    steps = pl.cdiv(per_program, PREFETCH_LOADS * stride)
-    acc = lax.fori_loop(0, steps, load_step, jnp.zeros((PREFETCH_LOADS,), jnp.float32))
-    junk_ref[index] = lax.bitcast_convert_type(jnp.sum(acc), jnp.int32)
+    acc = lax.fori_loop(0, per_program // chunk, load_step, jnp.zeros((chunk,), bits))
+    junk_ref[index] = jnp.sum(acc.astype(jnp.int32))
 
 
 def _grid_position(k_splits: int) -> tuple:
@@ -523,8 +521,7 @@ def _grid_position(k_splits: int) -> tuple:
     return pl.program_id(0), pl.program_id(1), pl.program_id(2) if k_splits > 1 else 0
 
 
-def _attend_or_prefetch(*refs, attend, num_inputs: int, num_heads: int, k_splits: int, per_program: int,
-                        total: int):
+def _attend_or_prefetch(*refs, attend, num_inputs: int, num_heads: int, k_splits: int, **prefetch):
     """The decode launch with prefetch programs: heads ``< num_heads`` of the grid attend (``attend`` with every ref
     but the prefetched array, the last input, and the junk output, the last output); the heads past them prefetch."""
     inputs, outputs = refs[:num_inputs], refs[num_inputs:]
@@ -537,7 +534,7 @@ def _attend_or_prefetch(*refs, attend, num_inputs: int, num_heads: int, k_splits
 
     @pl.when(h >= num_heads)
     def _():
-        _l2_prefetch(inputs[-1], outputs[-1], index, per_program=per_program, total=total)
+        _l2_prefetch(inputs[-1], outputs[-1], index, **prefetch)
 
 
 def _merge_splits_kernel(num_seqs_ref, cu_ref, acc_ref, m_ref, l_ref, _, o_ref, *,
@@ -763,13 +760,15 @@ def ragged_paged_attention(
     heads = Hkv
     if l2_prefetch is not None and tiling.decode_l2_prefetch_bytes and max_long_seqs == 0 and l2_prefetch.size:
         flat = l2_prefetch.reshape(-1)  # a bitcast of the caller's array, not a copy
-        total = min(flat.size, tiling.decode_l2_prefetch_bytes // flat.dtype.itemsize)
+        wanted = min(flat.size, tiling.decode_l2_prefetch_bytes // flat.dtype.itemsize)
+        chunk = _prefetch_chunk(wanted, flat.dtype.itemsize)
+        total = wanted // chunk * chunk  # whole steps: the last part of a step's worth is left out
         per_head = S * k_splits  # programs a head index of the grid holds
         extra_heads = pl.cdiv(tiling.decode_l2_prefetch_programs or core_count(), per_head)
         decode_kernel = functools.partial(
             _attend_or_prefetch, attend=decode_kernel, num_inputs=len(inputs) + 1, num_heads=Hkv,
-            k_splits=k_splits, total=total,  # each program's share from a sector's start
-            per_program=_round_up(pl.cdiv(total, extra_heads * per_head), _sector_elements(flat.dtype)))
+            k_splits=k_splits, chunk=chunk, total=total,
+            per_program=_round_up(pl.cdiv(total, extra_heads * per_head), chunk))
         inputs += (flat,)
         out_shapes += (jax.ShapeDtypeStruct((extra_heads * per_head,), jnp.int32),)
         heads += extra_heads

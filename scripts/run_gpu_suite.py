@@ -896,7 +896,7 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
                        *(["--quantization", q] if q != "bf16" else [])) if kind == "profile" else
                latency(q if q != "bf16" else None, "--num-scheduler-steps", "8", "--output-json",
                        f"{results}/latency-{q}-ms8-l2pf{mib}{'-gemvnorm' * norm}.json")), 150)
-          for kind in ("profile", "latency") for q in ("bf16", "int8", "awq") for mib in (16, 32)
+          for kind in ("profile", "latency") for q in ("bf16", "int8", "awq") for mib in (8, 16, 32)
           for norm in ((False, True) if q != "bf16" else (False,))],
         *[(f"profile-decode1-int8-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + profile(
             f"profile-decode1-int8-{name}", *DECODE1, "--quantization",
