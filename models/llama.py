@@ -356,19 +356,18 @@ def forward(
         updates = tuple(lora_update(h, w["lora"], p, mask) for p in FUSED_PROJECTIONS[fused])
         return jnp.concatenate(updates, axis=-1) if joined else updates
 
-    def joined_output(h, w, fused: str, mask, norm_of=None):
+    def joined_output(h, w, fused: str, mask):
         """``h @ w[fused]`` (the layer's fused weight), plus each row's LoRA updates of its parts where ``mask``
-        (``models.lora.lora_mask``) is given. ``norm_of``: ``(rows, weight, eps)`` whose RMSNorm ``h`` is
-        (``linear``'s ``rms_norm_of``: a one-row GEMV may apply the norm itself)."""
-        out = mm(h, w[fused], rms_norm_of=norm_of)
+        (``models.lora.lora_mask``) is given."""
+        out = mm(h, w[fused])
         return out if mask is None else out + lora_updates(h, w, fused, mask, joined=True)
 
-    def project(h, w, fused: str, mask=None, norm_of=None) -> tuple:
+    def project(h, w, fused: str, mask=None) -> tuple:
         """``h @ w[part]`` for each part of ``fused``: one matmul of the fused weight when the layer has it; plus
         each row's LoRA updates where ``mask`` is given."""
         if fused in w:
-            return split_columns(joined_output(h, w, fused, mask, norm_of), widths[fused])
-        parts = tuple(mm(h, w[p], rms_norm_of=norm_of) for p in FUSED_PROJECTIONS[fused])
+            return split_columns(joined_output(h, w, fused, mask), widths[fused])
+        parts = tuple(mm(h, w[p]) for p in FUSED_PROJECTIONS[fused])
         if mask is None:
             return parts
         return tuple(y + u for y, u in zip(parts, lora_updates(h, w, fused, mask, joined=False)))
@@ -379,15 +378,14 @@ def forward(
             return parts
         return jnp.concatenate([parts, lora_update(x, w["lora"], name, mask)[None].astype(parts.dtype)])
 
-    def mlp_hidden(h, w, mask=None, norm_of=None):
+    def mlp_hidden(h, w, mask=None):
         """``act(h @ w_gate) * (h @ w_up)`` (SiLU; Gemma's tanh GELU)."""
-        gate, up = project(h, w, "w_gate_up", mask, norm_of)
+        gate, up = project(h, w, "w_gate_up", mask)
         return activation(gate) * up
 
-    def mlp_parts(h, w, mask, norm_of=None):
+    def mlp_parts(h, w, mask):
         """The MLP's output as partial sums for ``add_rms_norm``: the experts' (``models.moe``) in a mixture of
-        experts; else the gate/up matmul, the SwiGLU product and the down matmul (with LoRA updates: ``mask``).
-        ``norm_of``: what ``h`` is the RMSNorm of (``joined_output``)."""
+        experts; else the gate/up matmul, the SwiGLU product and the down matmul (with LoRA updates: ``mask``)."""
         if config.is_moe:
             out = moe_mlp(h, w, config=config, expert_fn=expert_fn or functools.partial(
                 expert_mlp, use_kernel=linear_backend.use_grouped_kernel(), interpret=linear_backend.interpret))
@@ -397,24 +395,24 @@ def forward(
             return out[None]
         if mask is None and isinstance(w.get("w_gate_up"), Fp8Weight) and isinstance(w["w_down"], Fp8Weight):
             return fp8_gated_mlp(h, w["w_gate_up"], w["w_down"], activation_name, linear_backend)[None]
-        hidden = mlp_hidden(h, w, mask, norm_of)
+        hidden = mlp_hidden(h, w, mask)
         return with_lora(mm_parts(hidden, w["w_down"]), hidden, w, "w_down", mask)
 
     def biases(w, fused: str) -> tuple:
         return split_columns(w[fused], widths[fused]) if fused in w else tuple(w[p] for p in FUSED_PROJECTIONS[fused])
 
-    def qkv_heads(h, w, mask, norm_of=None):
+    def qkv_heads(h, w, mask):
         """The layer's ``qkv[T, Hq + 2*Hkv, D]`` (biases and LoRA updates added; not normed or roped yet): a fused
         ``wqkv``'s output, whose columns are ``[q | k | v]`` already, is only reshaped; separate projections are
-        joined. ``norm_of``: what ``h`` is the RMSNorm of (``joined_output``)."""
+        joined."""
         if "wqkv" in w:
             if qkv_shards != 1:
                 raise ValueError(f"a fused wqkv's columns are one [q | k | v] block, not qkv_shards={qkv_shards}")
-            qkv = joined_output(h, w, "wqkv", mask, norm_of)
+            qkv = joined_output(h, w, "wqkv", mask)
             if config.qkv_bias:
                 qkv = qkv + (w["bqkv"] if "bqkv" in w else jnp.concatenate(biases(w, "bqkv")))
             return qkv.reshape(T, -1, D)
-        q, k, v = project(h, w, "wqkv", mask, norm_of)
+        q, k, v = project(h, w, "wqkv", mask)
         if config.qkv_bias:
             bq, bk, bv = biases(w, "bqkv")
             q, k, v = q + bq, k + bk, v + bv
@@ -438,7 +436,7 @@ def forward(
         this layer slides (``config.sliding_layers``): a bool (unrolled layers: static) or a traced one (scan).
         ``rotary``: likewise whether the layer applies rotary embeddings (``config.rope_layers``; None: it does).
         ``mask``: which LoRA slot columns each row takes (``models.lora.lora_mask``), or None without adapters."""
-        qkv = qkv_heads(h, w, mask, (x, w["input_norm"], eps) if config.pre_norms else None)
+        qkv = qkv_heads(h, w, mask)
         if config.qk_norm_full:  # OLMo 2: over all of q's heads at once, and of k's
             if qkv_shards != 1:
                 raise ValueError(f"{config.model_type}'s q/k norms span every head: not split over a mesh")
@@ -483,10 +481,9 @@ def forward(
             attn = (attn * w["v_scale"]).astype(attn.dtype)
         attn = attn.reshape(T, config.q_size)
         attn_parts = with_lora(mm_parts(attn, w["wo"]), attn, w, "wo", mask)
-        post_norm = w.get("post_norm", next_norm)
-        x, h = pre_norm(*add_rms_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), post_norm, eps))
-        mlp = mlp_parts(h, w, mask, (x, post_norm, eps) if config.pre_norms else None)
-        x, h = pre_norm(*add_rms_norm(x, block_output(x, mlp, w, "mlp_out_norm"), next_norm, eps))
+        x, h = pre_norm(*add_rms_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), w.get("post_norm", next_norm),
+                                      eps))
+        x, h = pre_norm(*add_rms_norm(x, block_output(x, mlp_parts(h, w, mask), w, "mlp_out_norm"), next_norm, eps))
         return x, h, k_cache, v_cache
 
     def pre_norm(x, normed):

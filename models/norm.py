@@ -10,7 +10,7 @@ from pallas_kernels.quantized_matmul import add_splits, rms_scale
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, in float32, returned in x's dtype (the scale is
-    ``rms_scale``'s, which the one-row GEMVs' norm reference shares)."""
+    ``rms_scale``'s)."""
     x32 = x.astype(jnp.float32) * rms_scale(x, eps)
     return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 

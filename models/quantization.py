@@ -788,44 +788,29 @@ def stored_array(w) -> jax.Array:
     return w.q if isinstance(w, (Int8Weight, Int8KMajorWeight, Fp8Weight)) else w
 
 
-def gemv_applies_norm() -> bool:
-    """``$PAGEDJAX_GEMV_NORM`` "1" (default "0"): the one-row GEMVs (K-major int8, int4) compute the RMSNorm's
-    scale of the row they multiply themselves (``linear``'s ``rms_norm_of``)."""
-    return _choice_from_env("PAGEDJAX_GEMV_NORM", ("0", "1")) == "1"
-
-
-def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False,
-           rms_norm_of: Optional[tuple] = None) -> jax.Array:
+def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:
     """``x[M, K] @ W`` for a dense or quantized ``W`` (one layer's, no leading axis). ``keep_splits``: the result as
     ``[P, M, N]`` partial sums (a kernel's K splits, float32 when ``P > 1``; else ``P = 1``), for
-    ``models.norm.add_rms_norm``, where XLA fuses their sum into the residual add (no launch of its own).
-    ``rms_norm_of``: ``(rows, weight, eps)`` whose RMSNorm ``x`` is. Where a one-row GEMV runs (K-major int8, int4)
-    and ``gemv_applies_norm()``, it multiplies ``rows * weight`` and scales the sums by the rows' norm itself: x is
-    not read, so the launches that made it (the sum of squares, the scaling) go unless something else reads it."""
+    ``models.norm.add_rms_norm``, where XLA fuses their sum into the residual add (no launch of its own)."""
     whole = (lambda y: y[None]) if keep_splits else (lambda y: y)
     if isinstance(w, Fp8Weight):
         return whole(_fp8_linear(x, w))
     kernel = backend.use_kernel(w, x.shape[0])
     options = dict(interpret=backend.interpret, keep_splits=keep_splits)
-    rms_rows = None  # the GEMV applying the norm: x becomes rows * weight, the GEMV scales by the rows' norm
-    if (kernel and rms_norm_of is not None and x.shape[0] == 1 and isinstance(w, (Int8KMajorWeight, Int4Weight))
-            and gemv_applies_norm()):
-        rms_rows, weight, options["rms_eps"] = rms_norm_of
-        x = (rms_rows.astype(jnp.float32) * weight.astype(jnp.float32)).astype(x.dtype)
     if isinstance(w, Int8Weight):
         if kernel:
             return qmm.int8_matmul(x, w.q, w.scale, **options)
         return whole(qmm.int8_matmul_reference(x, w.q, w.scale))
     if isinstance(w, Int8KMajorWeight):  # the kernel's one-row GEMV; more rows are XLA's dot inside it too
         if kernel:
-            return qmm.int8_kmajor_matmul(x, w.q, w.scale, rms_rows, **options)
+            return qmm.int8_kmajor_matmul(x, w.q, w.scale, **options)
         return whole(qmm.int8_kmajor_matmul_reference(x, w.q, w.scale))
     if isinstance(w, Int4Weight):
         if w.perm is not None:
             x = jnp.take(x, w.perm, axis=-1)
         args = (x, w.packed, w.scales, w.zeros)
         if kernel:
-            return qmm.int4_matmul(*args, rms_rows, group_size=w.group_size, pack=w.pack, **options)
+            return qmm.int4_matmul(*args, group_size=w.group_size, pack=w.pack, **options)
         return whole(qmm.int4_matmul_reference(*args, group_size=w.group_size, pack=w.pack))
     if kernel:
         return qmm.dense_matmul(x, w, **options)

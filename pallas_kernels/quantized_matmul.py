@@ -208,20 +208,9 @@ def int8_matmul_reference(x, q, scale):
     return (acc * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def int8_kmajor_matmul_reference(x, qt, scale, rms_rows=None, rms_eps: Optional[float] = None):
-    """``rms_rows`` (with ``rms_eps``): each row's product scaled by ``rsqrt(mean(rms_rows^2) + rms_eps)``
-    (``rms_scale``): with ``x = rms_rows * gamma`` that is the product of ``rms_rows``' RMSNorm by weight gamma."""
+def int8_kmajor_matmul_reference(x, qt, scale):
     acc = lax.dot_general(x, qt.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    acc = acc * scale.astype(jnp.float32)
-    if rms_rows is not None:
-        acc = acc * rms_scale(rms_rows, rms_eps)
-    return acc.astype(x.dtype)
-
-
-def _check_rms_rows(x, rms_rows, rms_eps) -> None:
-    if rms_rows is not None and (rms_rows.shape != x.shape or rms_eps is None):
-        raise ValueError(f"rms_rows must have x's shape {x.shape} and come with rms_eps; got {rms_rows.shape}, "
-                         f"rms_eps={rms_eps}")
+    return (acc * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def rms_scale(x, eps: float) -> jax.Array:
@@ -382,7 +371,7 @@ def interpreted_conversion(convert: str) -> str:
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
                  defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1,
-                 factor_scales: bool = False, rms_eps: Optional[float] = None):
+                 factor_scales: bool = False):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -397,8 +386,6 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``subtiles`` (int4, deferred sum): each step's packed tile loaded as that many blocks of rows, each multiplied
     into one accumulator of a block's shape (``MatmulConfig.gemv_subtiles``).
     ``factor_scales`` (int4, deferred sum): the group's scale and zero leave the products (``gemv_factor_scales``).
-    ``rms_eps``: the ref before the output is a row whose ``rsqrt(mean(row^2) + rms_eps)`` scales the sums
-    (``_row_rms_scale``, as the K-major int8 GEMV's).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -474,21 +461,15 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
         acc = jnp.sum(acc, axis=0)
     if fmt == "int8":
         acc = acc * refs[0][cols].astype(jnp.float32)
-    if rms_eps is not None:
-        acc = acc * _row_rms_scale(refs[-2], block_k, rms_eps)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, *refs, block_n: int, block_k: int, steps: int, convert: str,
-                        prefetch: int, defer_reduction: bool = False, fma: bool = False,
-                        rms_eps: Optional[float] = None):
+def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k: int, steps: int, convert: str,
+                        prefetch: int, defer_reduction: bool = False, fma: bool = False):
     """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over ``steps * block_k``
     of K; each step's products summed over K at once (inside each thread for the most part: a tile row is
     contiguous K), so the accumulator is one float32 a column. ``defer_reduction``: the products accumulate in a
-    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape.
-    ``rms_eps``: ``refs`` starts with a second row (``rms_rows``), and the sums are scaled by its
-    ``rsqrt(mean(row^2) + rms_eps)`` (``_row_rms_scale``)."""
-    o_ref = refs[-1]
+    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape."""
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
@@ -515,22 +496,7 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, *refs, block_n: int, block_k: i
                     prefetch)
     if defer_reduction:
         acc = jnp.sum(acc, axis=1)
-    acc = acc * scale_ref[cols].astype(jnp.float32)
-    if rms_eps is not None:
-        acc = acc * _row_rms_scale(refs[0], block_k, rms_eps)
-    o_ref[...] = acc.astype(o_ref.dtype)
-
-
-def _row_rms_scale(row_ref, block_k: int, eps: float) -> jax.Array:
-    """``rsqrt(mean(row^2) + eps)`` of the one-row ``row_ref [1, K]`` (``block_k`` divides K), read whole in one
-    load after the K loop (every program reads the same row: L2 hits; its ``[K]`` values held only here, not through
-    the loop), as a tile of ``block_k``-wide rows padded to a power of two."""
-    K = row_ref.shape[1]
-    rows = 1 << max(0, (K // block_k - 1).bit_length())
-    ks = jnp.arange(rows, dtype=jnp.int32)[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)[None, :]
-    x = pltriton.load(row_ref.at[jnp.zeros((rows, 1), jnp.int32), jnp.minimum(ks, K - 1)]).astype(jnp.float32)
-    squares = jnp.where(ks < K, x * x, 0.0)
-    return lax.rsqrt(jnp.sum(squares) / K + eps)
+    o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
 
 
 def step_loop(steps: int, load, body, acc, prefetch: int):
@@ -701,9 +667,8 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
     return add_splits(out[:, None, :], x.dtype, keep_splits)
 
 
-def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False, rms_eps=None):
-    """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``. ``rms_eps``: the last of ``extras``
-    is the row whose RMSNorm scale multiplies the sums."""
+def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False):
+    """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
     prefetch, convert = gemv_loop_settings(fmt, config, interpret, default_prefetch=int(
         fmt == "int8" or (fmt == "int4" and config.gemv_factor_scales and config.gemv_defer_reduction)))
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.gemv_block_n, config.gemv_block_k)
@@ -715,8 +680,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
-                               subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales,
-                               rms_eps=rms_eps)
+                               subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv", keep_splits=keep_splits)
 
@@ -745,22 +709,18 @@ def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret
                                     interpret=interpret, keep_splits=keep_splits)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("rms_eps",))
-def int8_kmajor_matmul(x, qt, scale, rms_rows=None, *, config: Optional[MatmulConfig] = None,
-                       interpret: Optional[bool] = None, keep_splits: bool = False, rms_eps: Optional[float] = None):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
+                       keep_splits: bool = False):
     """``x[M, K] @ (qt[N, K] * scale[N, None]).T`` with ``qt`` int8 stored K-major: one row by the K-major GEMV
-    (``_kmajor_gemv_kernel``), more rows by XLA's dot (which fuses the int8 convert into it). ``rms_rows [M, K]``
-    and ``rms_eps``: each row's product scaled by ``rsqrt(mean(rms_rows^2) + rms_eps)``: with ``x = rms_rows *
-    gamma`` the product of an RMSNorm's output, the GEMV computing the norm's scale itself (no launch of its own
-    for the norm's sum of squares and scaling)."""
+    (``_kmajor_gemv_kernel``), more rows by XLA's dot (which fuses the int8 convert into it)."""
     N, K = qt.shape
     if qt.dtype != jnp.int8 or scale.shape != (N,):
         raise ValueError(f"K-major int8 weights need qt int8 [N, K] and scale [N]; got {qt.dtype}{qt.shape}, "
                          f"{scale.shape}")
     config, interpret = _call_settings(x, K, config, interpret)
-    _check_rms_rows(x, rms_rows, rms_eps)
     if x.shape[0] != 1:
-        out = int8_kmajor_matmul_reference(x, qt, scale, rms_rows, rms_eps)
+        out = int8_kmajor_matmul_reference(x, qt, scale)
         return out[None] if keep_splits else out
     prefetch, convert = gemv_loop_settings("int8", config, interpret,
                                             default_prefetch=int(not config.kmajor_defer_reduction))
@@ -769,9 +729,8 @@ def int8_kmajor_matmul(x, qt, scale, rms_rows=None, *, config: Optional[MatmulCo
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core, config.gemv_min_steps)
     kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
-                               fma=config.gemv_fma and not interpret, rms_eps=None if rms_rows is None else rms_eps)
-    extras = (scale,) if rms_rows is None else (scale, rms_rows)
-    return _one_row_call(kernel, x, qt, extras, N=N, block_n=block_n, splits=splits, config=config,
+                               fma=config.gemv_fma and not interpret)
+    return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name="int8_kmajor_gemv", keep_splits=keep_splits)
 
 
@@ -788,20 +747,10 @@ def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int,
     return K, N
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "pack", "rms_eps") + _STATIC)
-def int4_matmul(x, packed, scales, zeros, rms_rows=None, *, group_size: int, pack: int,
-                config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None, keep_splits: bool = False,
-                rms_eps: Optional[float] = None):
-    """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring). ``rms_rows`` and ``rms_eps``: each row's
-    product scaled by ``rsqrt(mean(rms_rows^2) + rms_eps)``, inside the one-row GEMV (``int8_kmajor_matmul``'s)."""
+@functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
+def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
+                interpret: Optional[bool] = None, keep_splits: bool = False):
+    """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
     K, N = _int4_shape(packed, scales, zeros, group_size, pack)
-    common = dict(fmt="int4", K=K, N=N, group_size=group_size, pack=pack, keep_splits=keep_splits)
-    if rms_rows is None:
-        return _weight_streaming_matmul(x, packed, (scales, zeros), config=config, interpret=interpret, **common)
-    _check_rms_rows(x, rms_rows, rms_eps)
-    config, interpret = _call_settings(x, K, config, interpret)
-    if x.shape[0] == 1 and config.gemv:
-        return _gemv(x, packed, (scales, zeros, rms_rows), config=config, interpret=interpret, rms_eps=rms_eps,
-                     **common)
-    out = _weight_streaming_matmul(x, packed, (scales, zeros), config=config, interpret=interpret, **common)
-    return (out.astype(jnp.float32) * rms_scale(rms_rows, rms_eps)).astype(out.dtype)
+    return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
+                                    pack=pack, config=config, interpret=interpret, keep_splits=keep_splits)

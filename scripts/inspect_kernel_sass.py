@@ -84,8 +84,7 @@ def triton_module_text(debug_output: str) -> str:
     return text + "\n"
 
 
-KERNELS = ("int4", "int8-kmajor", "int8-kmajor-norm", "moe", "attention-decode", "attention-decode1",
-           "attention-prefill")
+KERNELS = ("int4", "int8-kmajor", "moe", "attention-decode", "attention-decode1", "attention-prefill")
 
 
 def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, rows: int = 1,
@@ -107,9 +106,9 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, r
         args = (x, jnp.zeros((K // 2, N), jnp.uint8), jnp.ones((K // 128, N), jnp.bfloat16),
                 jnp.ones((K // 128, N), jnp.bfloat16))
         fn = functools.partial(qmm.int4_matmul, group_size=128, pack=pack, config=cfg, interpret=False)
-    elif kernel in ("int8-kmajor", "int8-kmajor-norm"):  # -norm: scaled by the row's RMSNorm (rms_rows)
-        args = (x, jnp.zeros((N, K), jnp.int8), jnp.ones((N,), jnp.float32)) + ((x,) if kernel.endswith("norm") else ())
-        fn = functools.partial(qmm.int8_kmajor_matmul, config=cfg, interpret=False, rms_eps=1e-5)
+    elif kernel == "int8-kmajor":
+        args = (x, jnp.zeros((N, K), jnp.int8), jnp.ones((N,), jnp.float32))
+        fn = functools.partial(qmm.int8_kmajor_matmul, config=cfg, interpret=False)
     elif kernel == "moe":  # a mixture's grouped matmul: 8 blocks of max(rows, 16) rows, each expert [K, N] of 128
         from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_config
 

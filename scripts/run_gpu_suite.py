@@ -871,33 +871,18 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
               ("profile-decode1", lambda name: profile(name, *DECODE1,
                                                        "--quantization", "int8", "--precompile-steps", "off")),
               ("latency", lambda name: latency("int8", "--output-json", f"{results}/{name}.json")))],
-        # The RMSNorms before q/k/v and gate/up applied by the K-major GEMV after them ($PAGEDJAX_GEMV_NORM=1;
-        # models.quantization.linear's rms_norm_of): the norms' two launches each go at one row.
-        ("gpu-tests-gemvnorm", ["bash", "-c", f"{PY} -m pytest -q -m gpu -k rms_norm tests/test_quantized_matmul.py && "
-                                f"PAGEDJAX_GEMV_NORM=1 {PY} -m pytest -q -m gpu -x -k quantized tests/test_engine_gpu.py"],
-         180),
-        ("profile-decode1-int8-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + profile(
-            "profile-decode1-int8-gemvnorm", *DECODE1, "--quantization", "int8", "--precompile-steps", "off"), 90),
-        ("latency-int8-ms8-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + latency(
-            "int8", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-int8-ms8-gemvnorm.json"), 150),
-        ("profile-decode1-awq-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + profile(
-            "profile-decode1-awq-gemvnorm", *DECODE1, "--quantization", "awq", "--precompile-steps", "off"), 90),
-        ("latency-awq-ms8-gemvnorm", ["env", "PAGEDJAX_GEMV_NORM=1"] + latency(
-            "awq", "--num-scheduler-steps", "8", "--output-json", f"{results}/latency-awq-ms8-gemvnorm.json"), 150),
+        # Run 44a measured the GEMVs applying the RMSNorm (commit cf02731/1d33749, removed after): int8 step 3,457 -> 3,688 us, AWQ 2,837 -> 2,928 us, see NOTES.md.
         # The decode attention at batch 1 reading the layer's wo into L2 beside its few programs
         # (Tiling.decode_l2_prefetch_bytes): GPU tests, then each format's step and TPOT with 16 / 32 MiB read.
         ("gpu-tests-l2-prefetch", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "l2_prefetch",
                                    "tests/test_ragged_paged_attention.py"], 120),
-        *[(f"{kind}-{q}{'-ms8' if kind == 'latency' else ''}-l2pf{mib}{'-gemvnorm' * norm}".replace(
-            "profile-", "profile-decode1-"),
-           ["env", f'PAGEDJAX_ATTENTION_TILING={{"decode_l2_prefetch_bytes": {mib << 20}}}',
-            f"PAGEDJAX_GEMV_NORM={int(norm)}"] + (
-               profile(f"profile-decode1-{q}-l2pf{mib}{'-gemvnorm' * norm}", *DECODE1, "--precompile-steps", "off",
+        *[(f"{kind}-{q}{'-ms8' if kind == 'latency' else ''}-l2pf{mib}".replace("profile-", "profile-decode1-"),
+           ["env", f'PAGEDJAX_ATTENTION_TILING={{"decode_l2_prefetch_bytes": {mib << 20}}}'] + (
+               profile(f"profile-decode1-{q}-l2pf{mib}", *DECODE1, "--precompile-steps", "off",
                        *(["--quantization", q] if q != "bf16" else [])) if kind == "profile" else
                latency(q if q != "bf16" else None, "--num-scheduler-steps", "8", "--output-json",
-                       f"{results}/latency-{q}-ms8-l2pf{mib}{'-gemvnorm' * norm}.json")), 150)
-          for kind in ("profile", "latency") for q in ("bf16", "int8", "awq") for mib in (8, 16, 32)
-          for norm in ((False, True) if q != "bf16" else (False,))],
+                       f"{results}/latency-{q}-ms8-l2pf{mib}.json")), 150)
+          for kind in ("profile", "latency") for q in ("bf16", "int8", "awq") for mib in (8, 16, 32)],
         *[(f"profile-decode1-int8-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + profile(
             f"profile-decode1-int8-{name}", *DECODE1, "--quantization",
             "int8", "--precompile-steps", "off"), 60) for name, fields in INT8_KMAJOR_VARIANTS],

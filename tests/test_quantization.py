@@ -398,42 +398,6 @@ def test_int8_stored_k_major_is_the_same_weight_and_model(tiny, monkeypatch):
         load_model(tiny, dtype="float32", quantization="int8")
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_gemv_applying_the_norm_keeps_the_logits(tiny, monkeypatch, method):
-    """``$PAGEDJAX_GEMV_NORM=1``: at one decode row the GEMVs after a norm (q/k/v and gate/up, joined or not; the
-    K-major int8 and the int4 GEMV) multiply the residual stream times the norm's weight and scale by its norm
-    themselves (interpreted here): the logits equal XLA's path, which multiplies the normed rows; off, no GEMV
-    gets the rows."""
-    from models.llama import layout_layers
-
-    rng = np.random.default_rng()
-    monkeypatch.setenv("PAGEDJAX_INT8_LAYOUT", "nk")
-    quant = load_model(tiny, dtype="float32", quantization=method)
-    config = quant.config
-    batch, pages = ragged_batch(config, rng, lengths=(1,))
-    want = logits_of(quant, batch, pages + 1, linear_backend=LinearBackend(kernel="xla"))
-    calls = []
-    name = "int8_kmajor_matmul" if method == "int8" else "int4_matmul"
-    gemv = getattr(qmm, name)
-    fields = 2 if method == "int8" else 3  # the weight's arrays, then the rows where the GEMV applies the norm
-    monkeypatch.setattr(qmm, name, lambda x, *w, **k: calls.append(len(w) > fields and w[fields] is not None) or gemv(
-        x, *w, **k))
-    pallas = LinearBackend(kernel="pallas", interpret=True)
-    for gemv_norm in ("0", "1"):
-        monkeypatch.setenv("PAGEDJAX_GEMV_NORM", gemv_norm)
-        for fuse in (False, True):
-            calls.clear()
-            loaded = dataclasses.replace(quant, params=layout_layers(quant.params, unroll=True, fuse=fuse))
-            # int4: the GEMV's float32 sums in another order than XLA's dot of the dequantized weight
-            tolerance = 1e-5 if method == "int8" else 1e-4
-            assert relative_error(logits_of(loaded, batch, pages + 1, linear_backend=pallas), want) < tolerance
-            # the layer traced once for all layers: q, k, v (or qkv), gate, up (or gate/up) with the rows; wo,
-            # w_down and (int8) the head without
-            with_rows = 2 if fuse else 5
-            assert calls.count(True) == (with_rows if gemv_norm == "1" else 0)
-            assert len(calls) == with_rows + 2 + (method == "int8")
-
-
 @pytest.mark.parametrize("method", [None, "int8", "int4"])
 def test_attention_prefetching_wo_keeps_the_logits(tiny, method):
     """``prefetch_wo``: each layer hands the Pallas attention (interpreted here) its ``wo``'s stored array as

@@ -207,28 +207,18 @@ KMAJOR_CASES = [  # (M, K, N, dtype, config): the K-major int8 GEMV at one row (
 ]
 
 
-def run_kmajor_case(M, K, N, dtype, config, *, interpret, rms_eps=None):
-    """``rms_eps``: the product of an RMSNorm's output is wanted: x is ``rows * gamma`` and the matmul scales by the
-    raw rows' ``rsqrt(mean(rows^2) + eps)`` (rows offset and scaled, so the norm matters)."""
+def run_kmajor_case(M, K, N, dtype, config, *, interpret):
     from pallas_kernels.quantized_matmul import int8_kmajor_matmul, int8_kmajor_matmul_reference
 
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((M, K)), dtype)
-    rows = None
-    if rms_eps is not None:
-        rows = jnp.asarray(rng.standard_normal((M, K)) * 7.0 + 0.5, dtype)
-        x = (rows * jnp.asarray(rng.uniform(0.5, 1.5, K), dtype)).astype(dtype)
     qt = jnp.asarray(rng.integers(-127, 128, (N, K)), jnp.int8)
     scale = jnp.asarray(rng.uniform(0.005, 0.02, N), jnp.float32)
-    out = int8_kmajor_matmul(x, qt, scale, rows, config=config, interpret=interpret, rms_eps=rms_eps)
-    x64 = np.asarray(x, np.float64)
-    if rms_eps is not None:
-        rows64 = np.asarray(rows, np.float64)
-        x64 = x64 / np.sqrt(np.mean(rows64 * rows64, axis=-1, keepdims=True) + rms_eps)
-    exact = x64 @ (np.asarray(qt, np.float64) * np.asarray(scale, np.float64)[:, None]).T
+    out = int8_kmajor_matmul(x, qt, scale, config=config, interpret=interpret)
+    exact = np.asarray(x, np.float64) @ (np.asarray(qt, np.float64) * np.asarray(scale, np.float64)[:, None]).T
     assert out.shape == (M, N) and out.dtype == x.dtype
-    for name, got in (("kernel", out), ("reference", int8_kmajor_matmul_reference(x, qt, scale, rows, rms_eps))):
+    for name, got in (("kernel", out), ("reference", int8_kmajor_matmul_reference(x, qt, scale))):
         err = np.abs(np.asarray(got, np.float64) - exact).max() / np.abs(exact).max()
         assert err < RTOL[dtype], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
 
@@ -238,48 +228,14 @@ def test_kmajor_int8_matches_reference_interpret(M, K, N, dtype, config):
     run_kmajor_case(M, K, N, dtype, config, interpret=True)
 
 
-@pytest.mark.parametrize("M,K,N,dtype,config", [
-    (1, 512, 256, jnp.bfloat16, MatmulConfig()),  # 2 steps of 256, one split
-    (1, 576, 96, jnp.float32, MatmulConfig(k_splits=3)),  # 9 steps of 64 (the row read padded to 16), 3 splits
-    (1, 384, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, kmajor_defer_reduction=False)),  # summed each step
-    (4, 576, 96, jnp.float32, MatmulConfig()),  # more rows: XLA's dot, the norm beside it
-])
-def test_kmajor_int8_applies_the_rows_rms_norm_interpret(M, K, N, dtype, config):
-    """``rms_rows``: the GEMV scales its sums by that row's ``rsqrt(mean(row^2) + eps)`` (x = the row times an
-    RMSNorm's weight: the norm's product), read whole whatever K slice a program streams."""
-    run_kmajor_case(M, K, N, dtype, config, interpret=True, rms_eps=1e-5)
-
-
-@pytest.mark.parametrize("M,K,N,group,config", [
-    (1, 512, 256, 128, MatmulConfig()),  # the GEMV, default settings
-    (1, 384, 64, 64, MatmulConfig(k_splits=3, gemv_defer_reduction=False)),  # 6 steps (the row read padded to 8)
-    (3, 256, 64, 64, MatmulConfig()),  # the tensor-core form, the norm's scale applied after it
-])
-def test_int4_applies_the_rows_rms_norm_interpret(M, K, N, group, config):
-    """``int4_matmul(..., rms_rows, rms_eps=)``: the product scaled by each row's ``rsqrt(mean(rows^2) + eps)``."""
-    seed = np.random.SeedSequence().entropy
-    rng = np.random.default_rng(seed)
-    rows = jnp.asarray(rng.standard_normal((M, K)) * 7.0 + 0.5, jnp.float32)
-    x = rows * jnp.asarray(rng.uniform(0.5, 1.5, K), jnp.float32)
-    args, static, dense = random_weight(rng, "int4", K, N, group)
-    out = int4_matmul(x, *args, rows, config=config, interpret=True, rms_eps=1e-5, **static)
-    rows64 = np.asarray(rows, np.float64)
-    exact = (np.asarray(x, np.float64) @ dense) / np.sqrt(np.mean(rows64 * rows64, -1, keepdims=True) + 1e-5)
-    err = np.abs(np.asarray(out, np.float64) - exact).max() / np.abs(exact).max()
-    assert out.shape == (M, N) and err < RTOL[jnp.float32], f"seed {seed}: max error {err:.2e}"
-
-
 def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
     from pallas_kernels.quantized_matmul import int8_kmajor_matmul
 
     x, qt, scale = jnp.ones((1, 1024), jnp.bfloat16), jnp.ones((512, 1024), jnp.int8), jnp.ones((512,), jnp.float32)
-    for defer, rows in ((False, None), (True, None), (True, x)):
-        fn = jax.jit(functools.partial(int8_kmajor_matmul, interpret=False, rms_eps=1e-5,
+    for defer in (False, True):
+        fn = jax.jit(functools.partial(int8_kmajor_matmul, interpret=False,
                                        config=MatmulConfig(kmajor_defer_reduction=defer)))
-        text = fn.trace(x, qt, scale, rows).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("__gpu$xla.gpu.triton") == 1
-    with pytest.raises(ValueError, match="rms_rows"):
-        int8_kmajor_matmul(x, qt, scale, jnp.ones((1, 512)), rms_eps=1e-5)
+        assert fn.trace(x, qt, scale).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
     with pytest.raises(ValueError, match="scale"):
         int8_kmajor_matmul(x, qt, jnp.ones((1024,)))
     with pytest.raises(ValueError, match="x must be"):
@@ -292,12 +248,6 @@ def test_kmajor_int8_lowers_to_triton_for_cuda_and_checks_its_inputs():
                          ids=["summed-each-step", "kmajor_defer", "kmajor_defer-unfused"])
 def test_kmajor_int8_matches_reference_on_gpu(K, N, defer, fma):
     run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer, gemv_fma=fma), interpret=False)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 28672), (576, 1536)])
-def test_kmajor_int8_applies_the_rows_rms_norm_on_gpu(K, N):
-    run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(), interpret=False, rms_eps=1e-5)
 
 
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
