@@ -240,7 +240,9 @@ class Tiling:
     # The decode launch at a few rows (every sequence a decode: batch-1 latency) also reads the first this many bytes of
     # the array the caller hands it as ``l2_prefetch`` (the model: the layer's ``wo``, the next weight it multiplies)
     # into the L2 cache, on ``decode_l2_prefetch_programs`` programs of their own (0: one a multiprocessor) beside the
-    # attention's few, while the memory would otherwise idle. 0: off. A hint: the output is the same.
+    # attention's few, while the memory would otherwise idle. 0: off. A hint: the output is the same. Run 44a (H100,
+    # its first form, one byte loaded a 32-byte sector): the int8 8B's wo GEMV 251 -> 178 us a step from L2, but the
+    # launch +171 us (16 MiB read at ~1.4 TB/s). It loads whole lines since, not yet timed (NOTES.md).
     decode_l2_prefetch_bytes: int = 0
     decode_l2_prefetch_programs: int = 0
 
