@@ -268,7 +268,7 @@ def field_shardings(w, sharding):
     if not isinstance(sharding, NamedSharding):
         return w.replace(**{name: sharding for name in weight_fields(w)})
     fields = weight_fields(w)
-    lead_ndim = (w.packed if isinstance(w, Int4Weight) else w.q).ndim - 2  # the [K, N]-like field
+    lead_ndim = stored_array(w).ndim - 2  # the [K, N]-like field
     spec = tuple(sharding.spec) + (None,) * (lead_ndim + 2 - len(sharding.spec))
     lead, k_axis, n_axis = spec[:-2], spec[-2], spec[-1]
     if k_axis is not None and getattr(w, "perm", None) is not None:
