@@ -5,13 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quantized_matmul import add_splits, rms_scale
+from pallas_kernels.quantized_matmul import add_splits
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, in float32, returned in x's dtype (the scale is
-    ``rms_scale``'s)."""
-    x32 = x.astype(jnp.float32) * rms_scale(x, eps)
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 
 

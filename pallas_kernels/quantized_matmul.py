@@ -213,12 +213,6 @@ def int8_kmajor_matmul_reference(x, qt, scale):
     return (acc * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rms_scale(x, eps: float) -> jax.Array:
-    """``rsqrt(mean(x^2) + eps)`` over the last axis of ``x``, in float32, keeping that axis (size 1)."""
-    x32 = x.astype(jnp.float32)
-    return lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-
-
 def int4_matmul_reference(x, packed, scales, zeros, *, group_size: int, pack: int):
     w = dequantize_int4(packed, scales, zeros, group_size=group_size, pack=pack, dtype=x.dtype)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
