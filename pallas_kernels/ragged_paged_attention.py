@@ -254,10 +254,6 @@ def default_tiling() -> Tiling:
     return dataclass_from_env(Tiling, "PAGEDJAX_ATTENTION_TILING")
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
 def _next_power_of_2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -769,8 +765,8 @@ def ragged_paged_attention(
         extra_heads = pl.cdiv(tiling.decode_l2_prefetch_programs or core_count(), per_head)
         decode_kernel = functools.partial(
             _attend_or_prefetch, attend=decode_kernel, num_inputs=len(inputs) + 1, num_heads=Hkv,
-            k_splits=k_splits, chunk=chunk, total=total,
-            per_program=_round_up(pl.cdiv(total, extra_heads * per_head), chunk))
+            k_splits=k_splits, chunk=chunk, total=total,  # each program's share a whole number of steps
+            per_program=pl.cdiv(total, extra_heads * per_head * chunk) * chunk)
         inputs += (flat,)
         out_shapes += (jax.ShapeDtypeStruct((extra_heads * per_head,), jnp.int32),)
         heads += extra_heads

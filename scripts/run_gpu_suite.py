@@ -871,9 +871,10 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
               ("profile-decode1", lambda name: profile(name, *DECODE1,
                                                        "--quantization", "int8", "--precompile-steps", "off")),
               ("latency", lambda name: latency("int8", "--output-json", f"{results}/{name}.json")))],
-        # Run 44a measured the GEMVs applying the RMSNorm (commit cf02731/1d33749, removed after): int8 step 3,457 -> 3,688 us, AWQ 2,837 -> 2,928 us, see NOTES.md.
+        # Run 44a measured the GEMVs applying the RMSNorm (commits cf02731, 1d33749; removed after): int8 step
+        # 3,457 -> 3,688 us, AWQ 2,837 -> 2,928 us (NOTES.md).
         # The decode attention at batch 1 reading the layer's wo into L2 beside its few programs
-        # (Tiling.decode_l2_prefetch_bytes): GPU tests, then each format's step and TPOT with 16 / 32 MiB read.
+        # (Tiling.decode_l2_prefetch_bytes): GPU tests, then each format's step and TPOT with 8 / 16 / 32 MiB read.
         ("gpu-tests-l2-prefetch", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "l2_prefetch",
                                    "tests/test_ragged_paged_attention.py"], 120),
         *[(f"{kind}-{q}{'-ms8' if kind == 'latency' else ''}-l2pf{mib}".replace("profile-", "profile-decode1-"),
