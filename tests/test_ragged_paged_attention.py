@@ -224,7 +224,7 @@ def test_one_token_step_matches_reference_interpret(kv_len):
     (1, jnp.int8, 1 << 20), (2, jnp.bfloat16, 3000), (1, jnp.uint8, 777)])  # shapes no program's share divides
 def test_decode_with_l2_prefetch_programs_gives_the_same_output_interpret(k_splits, weight_dtype, prefetch_bytes):
     """A decode step with prefetch programs beside the attention's (``Tiling.decode_l2_prefetch_bytes``): the same
-    output, bit for bit, whatever part of the hinted array they read; the hint is ignored with a prompt in the step."""
+    output, bit for bit, whatever part of the hinted array they read."""
     check_l2_prefetch(Shapes(8, 2, 64, 16, jnp.bfloat16, num_tokens=2), [1, 1], [40, 7], (37, 130), weight_dtype,
                       dataclasses.replace(SMALL_TILES, k_splits=k_splits, decode_l2_prefetch_bytes=prefetch_bytes,
                                           decode_l2_prefetch_programs=5), interpret=True)
@@ -260,6 +260,10 @@ def test_l2_prefetch_programs_lower_to_triton_for_cuda():
     text = fn.trace(*args, l2_prefetch=weight).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1  # the decode launch alone (batch 1: no prefill launch)
     assert "tensor<16777216xi8>" in text  # the weight reaches the launch flat, whole
+    shapes = dataclasses.replace(shapes, num_tokens=64, max_seqs=2)
+    args, _, _ = make_batch(np.random.default_rng(3), shapes, [1, 20], [100, 40])  # a prompt in the step
+    text = fn.trace(*args, l2_prefetch=weight).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2 and "16777216xi8" not in text  # prefill + decode, no prefetch
 
 
 def test_fp8_pages_compute_in_float16_and_saturate_a_huge_query():
