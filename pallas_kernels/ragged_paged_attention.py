@@ -245,6 +245,9 @@ class Tiling:
     # launch +171 us (16 MiB read at ~1.4 TB/s). It loads whole lines since, not yet timed (NOTES.md).
     decode_l2_prefetch_bytes: int = 0
     decode_l2_prefetch_programs: int = 0
+    # Contiguous bytes a prefetch program loads a loop step (a power of two; 64 a thread at 4 warps for 8 KB): the
+    # loads a program has in flight at once, so the read rate of the prefetch.
+    decode_l2_prefetch_step_bytes: int = 8192
 
 
 @functools.lru_cache(maxsize=None)
@@ -490,12 +493,9 @@ def _attention_kernel(
             _store_rows(out_refs[-1], out_idx, row_valid, jnp.zeros((rows, D), jnp.float32))
 
 
-PREFETCH_STEP_BYTES = 8192  # contiguous bytes a prefetch program loads a loop step (64 a thread at 4 warps)
-
-
-def _prefetch_chunk(size: int, itemsize: int) -> int:
-    """Elements a prefetch loop step loads: ``PREFETCH_STEP_BYTES`` worth, fewer (a power of two) for a small array."""
-    return min(PREFETCH_STEP_BYTES // itemsize, 1 << (max(size, 1).bit_length() - 1))
+def _prefetch_chunk(size: int, itemsize: int, step_bytes: int) -> int:
+    """Elements a prefetch loop step loads: ``step_bytes`` worth, fewer (a power of two) for a small array."""
+    return min(max(step_bytes // itemsize, 1), 1 << (max(size, 1).bit_length() - 1))
 
 
 def _l2_prefetch(ref, junk_ref, index, *, per_program: int, chunk: int, total: int):
@@ -600,7 +600,7 @@ def _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_s
 
 
 def _check_tiling(tiling: Tiling):
-    for name in ("decode_kv_tokens", "prefill_q_rows", "prefill_kv_tokens"):
+    for name in ("decode_kv_tokens", "prefill_q_rows", "prefill_kv_tokens", "decode_l2_prefetch_step_bytes"):
         value = getattr(tiling, name)
         if not _is_power_of_2(value) or value < 16:
             raise ValueError(f"Tiling.{name} must be a power of two >= 16, got {value}")
@@ -759,7 +759,7 @@ def ragged_paged_attention(
     if l2_prefetch is not None and tiling.decode_l2_prefetch_bytes and max_long_seqs == 0 and l2_prefetch.size:
         flat = l2_prefetch.reshape(-1)  # a bitcast of the caller's array, not a copy
         wanted = min(flat.size, tiling.decode_l2_prefetch_bytes // flat.dtype.itemsize)
-        chunk = _prefetch_chunk(wanted, flat.dtype.itemsize)
+        chunk = _prefetch_chunk(wanted, flat.dtype.itemsize, tiling.decode_l2_prefetch_step_bytes)
         total = wanted // chunk * chunk  # whole steps: the last part of a step's worth is left out
         per_head = S * k_splits  # programs a head index of the grid holds
         extra_heads = pl.cdiv(tiling.decode_l2_prefetch_programs or core_count(), per_head)
