@@ -220,14 +220,17 @@ def test_one_token_step_matches_reference_interpret(kv_len):
     assert_matches(out, ragged_paged_attention_reference(*ref_args), used, shapes.dtype)
 
 
-@pytest.mark.parametrize("k_splits,weight_dtype,prefetch_bytes", [
-    (1, jnp.int8, 1 << 20), (2, jnp.bfloat16, 3000), (1, jnp.uint8, 777)])  # shapes no program's share divides
-def test_decode_with_l2_prefetch_programs_gives_the_same_output_interpret(k_splits, weight_dtype, prefetch_bytes):
+@pytest.mark.parametrize("k_splits,weight_dtype,prefetch_bytes,step_bytes", [
+    (1, jnp.int8, 1 << 20, 8192), (2, jnp.bfloat16, 3000, 8192), (1, jnp.uint8, 777, 8192),  # no share divides
+    (1, jnp.bfloat16, 4000, 64)])  # several loop steps a program
+def test_decode_with_l2_prefetch_programs_gives_the_same_output_interpret(k_splits, weight_dtype, prefetch_bytes,
+                                                                          step_bytes):
     """A decode step with prefetch programs beside the attention's (``Tiling.decode_l2_prefetch_bytes``): the same
-    output, bit for bit, whatever part of the hinted array they read."""
+    output, bit for bit, whatever part of the hinted array they read, in whatever steps."""
     check_l2_prefetch(Shapes(8, 2, 64, 16, jnp.bfloat16, num_tokens=2), [1, 1], [40, 7], (37, 130), weight_dtype,
                       dataclasses.replace(SMALL_TILES, k_splits=k_splits, decode_l2_prefetch_bytes=prefetch_bytes,
-                                          decode_l2_prefetch_programs=5), interpret=True)
+                                          decode_l2_prefetch_programs=5, decode_l2_prefetch_step_bytes=step_bytes),
+                      interpret=True)
 
 
 @pytest.mark.gpu
