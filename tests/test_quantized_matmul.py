@@ -318,7 +318,7 @@ GPU_CASES = [
      for K, N in ((4096, 6144), (14336, 4096), (4096, 28672), (4096, 4096)) for prefetch in (0, 1)
 ] + [("int4", 1, K, N, 128, jnp.bfloat16, MatmulConfig(gemv_factor_scales=True, gemv_subtiles=subtiles,
                                                       gemv_prefetch=prefetch))
-     for K, N in ((4096, 6144), (14336, 4096)) for subtiles in (4, 2, 1) for prefetch in (0, 1)
+     for K, N in ((4096, 6144), (14336, 4096)) for subtiles in (8, 4, 2, 1) for prefetch in (0, 1)
 ] + [(fmt, 1, 4096, 6144, 128, jnp.bfloat16, MatmulConfig(gemv_fma=False))  # multiply and add apart (before 26d)
      for fmt in ("int8", "int4")
 ] + [("int4", M, K, N, 128, jnp.bfloat16, MatmulConfig(tile_convert="cvt"))  # the tensor-core form before 30e
