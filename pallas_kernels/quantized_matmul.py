@@ -131,8 +131,10 @@ class MatmulConfig:
     # (loop 502 -> 547 instructions). Runs 27a-c (H200, 8B AWQ at batch 1): w_gate_up 33.0 -> 28.3 us (ncu, 23 warps,
     # 2.30 TB/s; 4 blocks 29.0, 16 blocks 29.5); the decode step's int4 GEMVs 2.06 -> 1.82 ms (profile, same
     # lease); TPOT 2.93-2.98 -> 2.72-2.81 ms (same lease; single runs spread +-8%, NOTES.md). With the factored
-    # form below: 4 (run 29b).
-    gemv_subtiles: int = 4
+    # form below: 4 (run 29b, H200, 8 untimed with loads ahead). 8 since runs 45b-c (H100, the 8B AWQ at batch 1, 4
+    # -> 8 blocks, loads ahead): the step's kernels 2,845 / 2,837 -> 2,747 / 2,747 us (w_gate_up 868 -> 837, w_down
+    # 517 -> 462), TPOT 2.81 / 2.80 -> 2.68 / 2.71 ms; not yet timed on the H200.
+    gemv_subtiles: int = 8
     # int4 GEMV with the deferred sum: a step's products x * q summed without the group's scale and zero (one
     # multiply-add a weight), which each step's sum then takes once per accumulator element: ``s (sum x q - z sum x)``,
     # as the per-step reduction does. The plain form dequantizes each weight first (``(q - z) s``: two multiply-adds

@@ -40,9 +40,9 @@ GRAPHS_WHILE_PROFILING = "--xla_enable_command_buffers_during_profiling=true"
 # The VMM allocator and XLA's command-buffer temporaries at a reserved virtual address (run 20b).
 SKIP_TEMP = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
 VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itself (engine/__init__)
-# int4 GEMV variants (suite name suffix, $PAGEDJAX_MATMUL_CONFIG), each over today's defaults (since run 29b: factored,
-# 4 blocks, loads ahead): the packed tile in other numbers of row blocks (MatmulConfig.gemv_subtiles; runs 27a-c timed
-# them unfactored, where 8 won); more programs for the small weights (wqkv, wo: 384 / 256 programs at 4 steps each):
+# int4 GEMV variants (suite name suffix, $PAGEDJAX_MATMUL_CONFIG), each over today's defaults (since run 45c: factored,
+# 8 blocks, loads ahead; 4 blocks from run 29b): the packed tile in other numbers of row blocks
+# (MatmulConfig.gemv_subtiles; runs 27a-c timed them unfactored, where 8 won; 45b-c factored on the H100); more programs for the small weights (wqkv, wo: 384 / 256 programs at 4 steps each):
 # programs of 2 or 1 steps, or 64 columns; the unfactored form; the factored runs of 29a-b.
 GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtiles": 2}'),
                       ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'),
@@ -55,7 +55,7 @@ GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtile
                       # blocks (ptxas issues each block's load just before its arithmetic: a memory latency a block),
                       # 4% faster at 4. So fewer blocks (their loads issued together), and loads a step ahead.
                       # Each spelled out in full, as runs 29a-b timed it (the defaults have moved since):
-                      # "factored-sub4-prefetch" is today's default.
+                      # "factored-sub4-prefetch" was the default from run 29b to 45c.
                       *((f"factored{suffix}", json.dumps({"gemv_factor_scales": True, "gemv_subtiles": subtiles,
                                                           "gemv_prefetch": prefetch}))
                         for suffix, subtiles, prefetch in (("", 8, 0), ("-sub4", 4, 0), ("-sub2", 2, 0),
