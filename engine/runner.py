@@ -45,7 +45,7 @@ from models.llama import forward, layout_layers, lm_head_logits
 from models.lora import empty_lora_params, set_slot, zero_adapter
 from models.moe import expert_mlp
 from models.quantization import Fp8Weight, LinearBackend
-from pallas_kernels import get_attention_fns, prefetches_weights
+from pallas_kernels import get_attention_fns
 from pallas_kernels.ragged_paged_attention import token_sequence_ids
 from sharding import TensorParallelPlan, replicated, shard_attention_fns, shard_expert_fn
 from sharding.distributed import broadcast_from_leader, is_leader
@@ -386,7 +386,6 @@ class ModelRunner:
         fits = max_num_seqs * self.max_blocks_per_seq <= MAX_FIXED_TABLE_ENTRIES
         self.table_width = self.max_blocks_per_seq if fixed_table_width and fits else None
         attention_fn, write_kv_fn = get_attention_fns(attention_backend, kv_write_backend)
-        prefetch_wo = prefetches_weights(attention_fn) and mesh is None
         step_config, kv_sharding, self._input_sharding, self._logits_sharding = config, None, None, None
         qkv_shards = 1
         if mesh is not None:
@@ -427,7 +426,7 @@ class ModelRunner:
                 expert_mlp, use_kernel=LinearBackend(kernel=linear_backend).use_grouped_kernel()), mesh)
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
                                           write_kv_fn=write_kv_fn, linear_backend=linear, qkv_shards=qkv_shards,
-                                          expert_fn=expert_fn, prefetch_wo=prefetch_wo)
+                                          expert_fn=expert_fn)
         self._lm_head = functools.partial(lm_head_logits, config=step_config, linear_backend=linear)
         self._multi_process = jax.process_count() > 1
         # The user's options hold for every step; the defaults depend on the step's size.

@@ -56,8 +56,7 @@ from models.config import ModelConfig
 from models.lora import lora_mask, lora_update
 from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_rms_norm, rms_norm
-from models.quantization import (Fp8Weight, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized, linear,
-                                 stored_array)
+from models.quantization import Fp8Weight, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized, linear
 from pallas_kernels.fp8_activation import apply_activation
 from pallas_kernels.quantized_matmul import add_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
@@ -310,7 +309,6 @@ def forward(
     qkv_shards: int = 1,
     expert_fn: Optional[ExpertFn] = None,
     return_hidden: bool = False,
-    prefetch_wo: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run the new tokens of ``batch`` through the model.
 
@@ -324,8 +322,7 @@ def forward(
     of ``[q | k | v]`` (``qkv_head_kinds``), the tensor-parallel size under
     ``sharding.shard_attention_fns`` (a fused ``wqkv`` is one block). ``expert_fn``: how a mixture of experts'
     experts run on their routed rows (``models.moe.expert_mlp`` by ``linear_backend``'s choice where None; per
-    device under ``sharding.shard_expert_fn``). ``prefetch_wo``: each layer hands ``attention_fn`` its ``wo`` as
-    ``l2_prefetch``, to read into the L2 cache while it attends (``pallas_kernels.prefetches_weights``).
+    device under ``sharding.shard_expert_fn``).
     """
     T = batch.token_ids.shape[0]
     D = config.head_dim
@@ -456,7 +453,6 @@ def forward(
                                    1.0 / jnp.where(head_kinds == KEY, w["k_scale"], w["v_scale"]))
             qkv = (qkv * head_scale[None, :, None]).astype(qkv.dtype)
         args = (k_cache, v_cache, layer, batch.kv_lens, batch.block_tables, batch.cu_q_lens, batch.num_seqs)
-        attend_layer = functools.partial(attend, l2_prefetch=stored_array(w["wo"])) if prefetch_wo else attend
         def rotated(qkv, cos, sin):  # SmolLM3's NoPE layers: none (a traced choice: cos 1, sin 0, exactly x)
             if rotary is False:
                 return qkv
@@ -469,14 +465,14 @@ def forward(
             qkv = rotated(qkv, cos, sin)
             k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
             window = config.sliding_window if sliding is not False else None
-            attn = attend_layer(qkv, k_cache, v_cache, *args[2:], sliding_window=window)
+            attn = attend(qkv, k_cache, v_cache, *args[2:], sliding_window=window)
         else:  # a traced choice between the sliding and the full layer's rope and attention
             cos, sin = (jnp.where(sliding, local, full) for local, full in zip(rope[1], rope[0]))
             qkv = rotated(qkv, cos, sin)
             k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
-            attn = jax.lax.cond(sliding, lambda: attend_layer(qkv, k_cache, v_cache, *args[2:],
+            attn = jax.lax.cond(sliding, lambda: attend(qkv, k_cache, v_cache, *args[2:],
                                                         sliding_window=config.sliding_window),
-                                lambda: attend_layer(qkv, k_cache, v_cache, *args[2:], sliding_window=None))
+                                lambda: attend(qkv, k_cache, v_cache, *args[2:], sliding_window=None))
         if kv_scaled:
             attn = (attn * w["v_scale"]).astype(attn.dtype)
         attn = attn.reshape(T, config.q_size)

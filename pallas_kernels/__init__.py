@@ -24,14 +24,6 @@ Backend = Literal["reference", "pallas", "auto"]
 KV_WRITE_BACKENDS = ("auto", "reference", "pallas")
 
 
-def prefetches_weights(attention_fn: Callable) -> bool:
-    """Whether ``attention_fn`` (of ``get_attention_fns``) reads the array a caller hands it as ``l2_prefetch`` into
-    the L2 cache at decode (the Pallas kernel with ``Tiling.decode_l2_prefetch_bytes`` set)."""
-    fn = getattr(attention_fn, "func", attention_fn)
-    tiling = getattr(attention_fn, "keywords", {}).get("tiling", Tiling())
-    return fn is ragged_paged_attention and tiling.decode_l2_prefetch_bytes > 0
-
-
 def get_attention_fns(backend: Backend = "auto", kv_write: str = "auto") -> tuple[Callable, Callable]:
     """``(attention_fn, write_kv_fn)`` for ``backend``.
 

@@ -237,17 +237,6 @@ class Tiling:
     # ms, at 448 x 1,536 18.54 -> 18.01; tput-short fp8 with fp8 pages 25,224 -> 25,814 tok/s, tput-long 10,169 ->
     # 10,301.
     masked_8bit_loads: bool = False
-    # The decode launch at a few rows (every sequence a decode: batch-1 latency) also reads the first this many bytes of
-    # the array the caller hands it as ``l2_prefetch`` (the model: the layer's ``wo``, the next weight it multiplies)
-    # into the L2 cache, on ``decode_l2_prefetch_programs`` programs of their own (0: one a multiprocessor) beside the
-    # attention's few, while the memory would otherwise idle. 0: off. A hint: the output is the same. Run 44a (H100,
-    # its first form, one byte loaded a 32-byte sector): the int8 8B's wo GEMV 251 -> 178 us a step from L2, but the
-    # launch +171 us (16 MiB read at ~1.4 TB/s). It loads whole lines since, not yet timed (NOTES.md).
-    decode_l2_prefetch_bytes: int = 0
-    decode_l2_prefetch_programs: int = 0
-    # Contiguous bytes a prefetch program loads a loop step (a power of two; 64 a thread at 4 warps for 8 KB): the
-    # loads a program has in flight at once, so the read rate of the prefetch.
-    decode_l2_prefetch_step_bytes: int = 8192
 
 
 @functools.lru_cache(maxsize=None)
@@ -347,19 +336,19 @@ def _attention_kernel(
     soft_cap: Optional[float],
     sliding_window: Optional[int],
     masked_loads: bool = True,
-    program: Optional[tuple] = None,
 ):
     """One program: one KV head x one query tile (x one context split). ``q_ref`` is the ``qkv`` buffer: query
     head ``i`` is its head ``i`` (the key and value heads after them are not read). ``masked_loads``: a partly
     visible KV step zeroes the tiles' positions past the context as it loads them (else it loads them whole:
-    ``Tiling.masked_8bit_loads``). ``program``: the grid position ``(head, item, split)`` where the caller read it
-    (``_attend_or_prefetch``: the interpreter has program ids outside branches only)."""
+    ``Tiling.masked_8bit_loads``)."""
     T, _, D = q_ref.shape
     S, B = block_tables_ref.shape
     bs = k_ref.shape[3]
-    h, item, split = program or _grid_position(k_splits)
+    h = pl.program_id(0)
+    item = pl.program_id(1)
     if longest_first:
         item = pl.num_programs(1) - 1 - item
+    split = pl.program_id(2) if k_splits > 1 else 0
     layer = layer_ref[0]
     d = jnp.arange(D, dtype=jnp.int32)
 
@@ -493,48 +482,6 @@ def _attention_kernel(
             _store_rows(out_refs[-1], out_idx, row_valid, jnp.zeros((rows, D), jnp.float32))
 
 
-def _prefetch_chunk(size: int, itemsize: int, step_bytes: int) -> int:
-    """Elements a prefetch loop step loads: ``step_bytes`` worth, fewer (a power of two) for a small array."""
-    return min(max(step_bytes // itemsize, 1), 1 << (max(size, 1).bit_length() - 1))
-
-
-def _l2_prefetch(ref, junk_ref, index, *, per_program: int, chunk: int, total: int):
-    """Program ``index`` of the decode launch's prefetch programs: elements ``[index * per_program, ...)`` of the flat
-    ``ref`` loaded, whole lines in ``chunk``-element steps (``total`` and the shares are whole steps), so that the next
-    kernel to read them finds them in L2. Their bits, xor-ed together (in the loads' own registers), go to
-    ``junk_ref[index]``, only so that the loads are not dead code."""
-    start = index * per_program
-    bits = jnp.dtype(f"uint{8 * jnp.dtype(ref.dtype).itemsize}")
-
-    def load_step(i, acc):  # past the end a program reloads the last step (its share ran over the array)
-        offset = pl.multiple_of(jnp.minimum(start + i * chunk, total - chunk), chunk)
-        return acc ^ lax.bitcast_convert_type(ref[pl.ds(offset, chunk)], bits)
-
-    acc = lax.fori_loop(0, per_program // chunk, load_step, jnp.zeros((chunk,), bits))
-    junk_ref[index] = jnp.sum(acc.astype(jnp.int32))
-
-
-def _grid_position(k_splits: int) -> tuple:
-    """``(head, item, split)`` of this program in a grid ``(heads, items[, k_splits])``."""
-    return pl.program_id(0), pl.program_id(1), pl.program_id(2) if k_splits > 1 else 0
-
-
-def _attend_or_prefetch(*refs, attend, num_inputs: int, num_heads: int, k_splits: int, **prefetch):
-    """The decode launch with prefetch programs: heads ``< num_heads`` of the grid attend (``attend`` with every ref
-    but the prefetched array, the last input, and the junk output, the last output); the heads past them prefetch."""
-    inputs, outputs = refs[:num_inputs], refs[num_inputs:]
-    h, item, split = program = _grid_position(k_splits)
-    index = ((h - num_heads) * pl.num_programs(1) + item) * k_splits + split
-
-    @pl.when(h < num_heads)
-    def _():
-        attend(*inputs[:-1], *outputs[:-1], program=program)
-
-    @pl.when(h >= num_heads)
-    def _():
-        _l2_prefetch(inputs[-1], outputs[-1], index, **prefetch)
-
-
 def _merge_splits_kernel(num_seqs_ref, cu_ref, acc_ref, m_ref, l_ref, _, o_ref, *,
                          group: int, group_pad: int, max_decode_tokens: int):
     """Combine the decode launch's per-split softmax partials of one (kv head, sequence)
@@ -600,7 +547,7 @@ def _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_s
 
 
 def _check_tiling(tiling: Tiling):
-    for name in ("decode_kv_tokens", "prefill_q_rows", "prefill_kv_tokens", "decode_l2_prefetch_step_bytes"):
+    for name in ("decode_kv_tokens", "prefill_q_rows", "prefill_kv_tokens"):
         value = getattr(tiling, name)
         if not _is_power_of_2(value) or value < 16:
             raise ValueError(f"Tiling.{name} must be a power of two >= 16, got {value}")
@@ -608,9 +555,8 @@ def _check_tiling(tiling: Tiling):
         raise ValueError(f"Tiling.k_splits must be >= 1 or None, got {tiling.k_splits}")
     if tiling.prefill_kernel not in PREFILL_KERNELS:
         raise ValueError(f"Tiling.prefill_kernel must be one of {', '.join(PREFILL_KERNELS)}, got {tiling.prefill_kernel!r}")
-    for name in ("prefill_mosaic_min_tokens", "decode_l2_prefetch_bytes", "decode_l2_prefetch_programs"):
-        if getattr(tiling, name) < 0:
-            raise ValueError(f"Tiling.{name} must be >= 0, got {getattr(tiling, name)}")
+    if tiling.prefill_mosaic_min_tokens < 0:
+        raise ValueError(f"Tiling.prefill_mosaic_min_tokens must be >= 0, got {tiling.prefill_mosaic_min_tokens}")
 
 
 PREFILL_KERNELS = ("triton", "mosaic")
@@ -660,11 +606,8 @@ def ragged_paged_attention(
     sliding_window: Optional[int] = None,
     tiling: Tiling = Tiling(),
     interpret: Optional[bool] = None,
-    l2_prefetch: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Pallas (Triton) ragged paged attention; same contract as the reference: ``[T, Hq, D]``.
-    ``l2_prefetch``: an array the caller reads next, whose first ``tiling.decode_l2_prefetch_bytes`` the decode
-    launch reads into L2 when every sequence is a decode (``Tiling``); a hint only, ignored otherwise.
 
     The Triton launches read the query heads straight out of ``qkv`` (query head ``i`` is head ``i``
     of the buffer: no slice is made); the Mosaic GPU prefill launch gets them sliced out.
@@ -748,46 +691,29 @@ def ragged_paged_attention(
                                       k_splits=k_splits, decode_launch=True, prefetch_pages=False,
                                       longest_first=False)
     params = pltriton.CompilerParams(num_warps=tiling.decode_warps, num_stages=tiling.decode_stages)
-    inputs = (*metadata, qkv, k_cache, v_cache) + ((out,) if k_splits == 1 else ())
-    partial_shape = (k_splits, S, Hkv, decode_rows)
-    out_shapes = (out_shape,) if k_splits == 1 else (
-        jax.ShapeDtypeStruct(partial_shape + (D,), jnp.float32),
-        jax.ShapeDtypeStruct(partial_shape, jnp.float32),
-        jax.ShapeDtypeStruct(partial_shape, jnp.float32),
-    )
-    heads = Hkv
-    if l2_prefetch is not None and tiling.decode_l2_prefetch_bytes and max_long_seqs == 0 and l2_prefetch.size:
-        flat = l2_prefetch.reshape(-1)  # a bitcast of the caller's array, not a copy
-        wanted = min(flat.size, tiling.decode_l2_prefetch_bytes // flat.dtype.itemsize)
-        chunk = _prefetch_chunk(wanted, flat.dtype.itemsize, tiling.decode_l2_prefetch_step_bytes)
-        total = wanted // chunk * chunk  # whole steps: the last part of a step's worth is left out
-        per_head = S * k_splits  # programs a head index of the grid holds
-        extra_heads = pl.cdiv(tiling.decode_l2_prefetch_programs or core_count(), per_head)
-        decode_kernel = functools.partial(
-            _attend_or_prefetch, attend=decode_kernel, num_inputs=len(inputs) + 1, num_heads=Hkv,
-            k_splits=k_splits, chunk=chunk, total=total,  # each program's share a whole number of steps
-            per_program=pl.cdiv(total, extra_heads * per_head * chunk) * chunk)
-        inputs += (flat,)
-        out_shapes += (jax.ShapeDtypeStruct((extra_heads * per_head,), jnp.int32),)
-        heads += extra_heads
     if k_splits == 1:
         return pl.pallas_call(
             decode_kernel,
-            grid=(heads, S),
-            out_shape=out_shapes,
+            grid=(Hkv, S),
+            out_shape=out_shape,
             input_output_aliases={len(metadata) + 3: 0},
             compiler_params=params,
             interpret=interpret,
             name="ragged_paged_attention_decode",
-        )(*inputs)[0]
+        )(*metadata, qkv, k_cache, v_cache, out)
+    partial_shape = (k_splits, S, Hkv, decode_rows)
     acc, m, l = pl.pallas_call(
         decode_kernel,
-        grid=(heads, S, k_splits),
-        out_shape=out_shapes,
+        grid=(Hkv, S, k_splits),
+        out_shape=(
+            jax.ShapeDtypeStruct(partial_shape + (D,), jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+        ),
         compiler_params=params,
         interpret=interpret,
         name="ragged_paged_attention_decode_split",
-    )(*inputs)[:3]
+    )(*metadata, qkv, k_cache, v_cache)
     return pl.pallas_call(
         functools.partial(_merge_splits_kernel, group=group, group_pad=group_pad,
                           max_decode_tokens=max_decode_tokens),

@@ -84,7 +84,7 @@ def triton_module_text(debug_output: str) -> str:
     return text + "\n"
 
 
-KERNELS = ("int4", "int8-kmajor", "moe", "attention-decode", "attention-decode1", "attention-prefill")
+KERNELS = ("int4", "int8-kmajor", "moe", "attention-decode", "attention-prefill")
 
 
 def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, rows: int = 1,
@@ -143,22 +143,19 @@ def _printed_modules(fn, args) -> str:
 def _attention_module(launch: str, tiling: dict, kv_dtype: str = "bfloat16") -> tuple[str, int, int]:
     """The Triton module of the ragged paged attention's ``launch`` ("decode" or "prefill") for the 8B's heads
     (32 query, 8 KV, head_dim 128) at 64 one-token sequences of 192 positions, under ``Tiling(**tiling)``, over
-    KV pages of ``kv_dtype`` (e.g. "float8_e4m3fn"); with its warp and stage counts. "decode1": the decode launch
-    at one sequence, handed the 8B's int8 ``wo`` as its ``l2_prefetch`` (``Tiling.decode_l2_prefetch_bytes``)."""
+    KV pages of ``kv_dtype`` (e.g. "float8_e4m3fn"); with its warp and stage counts."""
     import importlib
 
     import jax.numpy as jnp
 
     rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")
-    seqs, ctx, page = (1 if launch == "decode1" else 64), 192, 16
-    hint = dict(l2_prefetch=jnp.zeros((4096, 4096), jnp.int8)) if launch == "decode1" else {}
-    launch = launch.removesuffix("1")
+    seqs, ctx, page = 64, 192, 16
     qkv = jnp.ones((seqs, 32 + 2 * 8, 128), jnp.bfloat16)  # 32 query heads, then 8 key and 8 value heads
     pages = jnp.ones((1, 8, seqs * ctx // page, page, 128), jnp.dtype(kv_dtype))
     args = (qkv, pages, pages, 0, jnp.full((seqs,), ctx, jnp.int32), jnp.zeros((seqs, ctx // page), jnp.int32),
             jnp.arange(seqs + 1, dtype=jnp.int32), jnp.array([seqs], jnp.int32))
     config = rpa.Tiling(**tiling)
-    fn = functools.partial(rpa.ragged_paged_attention, interpret=False, tiling=config, **hint)
+    fn = functools.partial(rpa.ragged_paged_attention, interpret=False, tiling=config)
     printed = _printed_modules(fn, args)
     warps, stages = ((config.decode_warps, config.decode_stages) if launch == "decode"
                      else (config.prefill_warps, config.prefill_stages))

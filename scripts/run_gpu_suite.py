@@ -873,17 +873,9 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
               ("latency", lambda name: latency("int8", "--output-json", f"{results}/{name}.json")))],
         # Run 44a measured the GEMVs applying the RMSNorm (commits cf02731, 1d33749; removed after): int8 step
         # 3,457 -> 3,688 us, AWQ 2,837 -> 2,928 us (NOTES.md).
-        # The decode attention at batch 1 reading the layer's wo into L2 beside its few programs
-        # (Tiling.decode_l2_prefetch_bytes): GPU tests, then each format's step and TPOT with 8 / 16 / 32 MiB read.
-        ("gpu-tests-l2-prefetch", [PY, "-m", "pytest", "-q", "-m", "gpu", "-k", "l2_prefetch",
-                                   "tests/test_ragged_paged_attention.py"], 120),
-        *[(f"{kind}-{q}{'-ms8' if kind == 'latency' else ''}-l2pf{mib}".replace("profile-", "profile-decode1-"),
-           ["env", f'PAGEDJAX_ATTENTION_TILING={{"decode_l2_prefetch_bytes": {mib << 20}}}'] + (
-               profile(f"profile-decode1-{q}-l2pf{mib}", *DECODE1, "--precompile-steps", "off",
-                       *(["--quantization", q] if q != "bf16" else [])) if kind == "profile" else
-               latency(q if q != "bf16" else None, "--num-scheduler-steps", "8", "--output-json",
-                       f"{results}/latency-{q}-ms8-l2pf{mib}.json")), 150)
-          for kind in ("profile", "latency") for q in ("bf16", "int8", "awq") for mib in (8, 16, 32)],
+        # Runs 44a-45b measured the decode attention at batch 1 reading the layer's wo into L2 beside its few programs
+        # (commits 1ba0bc5, d509317, 4548b4c; removed after): wo from L2 -20 to -35%, but the launch grew by nearly as
+        # much; TPOT -1.0% (int8) / -1.2% (bf16) at the best settings (NOTES.md).
         *[(f"profile-decode1-int8-{name}", ["env", f"PAGEDJAX_MATMUL_CONFIG={fields}"] + profile(
             f"profile-decode1-int8-{name}", *DECODE1, "--quantization",
             "int8", "--precompile-steps", "off"), 60) for name, fields in INT8_KMAJOR_VARIANTS],

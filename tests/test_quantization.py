@@ -9,8 +9,6 @@ dense model they came from, within tolerances stated per method.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -396,36 +394,6 @@ def test_int8_stored_k_major_is_the_same_weight_and_model(tiny, monkeypatch):
     monkeypatch.setenv("PAGEDJAX_INT8_LAYOUT", "kmajor")
     with pytest.raises(ValueError, match="PAGEDJAX_INT8_LAYOUT"):
         load_model(tiny, dtype="float32", quantization="int8")
-
-
-@pytest.mark.parametrize("method", [None, "int8", "int4"])
-def test_attention_prefetching_wo_keeps_the_logits(tiny, method):
-    """``prefetch_wo``: each layer hands the Pallas attention (interpreted here) its ``wo``'s stored array as
-    ``l2_prefetch``, whose decode launch then runs prefetch programs beside its own: the logits are the same, bit for
-    bit; ``pallas_kernels.prefetches_weights`` tells the runner when to do it."""
-    from models.llama import layout_layers
-    from pallas_kernels import get_attention_fns, prefetches_weights
-    from pallas_kernels.ragged_paged_attention import Tiling, ragged_paged_attention
-
-    quant = load_model(tiny, dtype="float32", quantization=method)
-    loaded = dataclasses.replace(quant, params=layout_layers(quant.params, unroll=True, fuse=True))
-    batch, pages = ragged_batch(quant.config, np.random.default_rng(), lengths=(1,))
-    hints = []
-
-    def attention(*args, l2_prefetch=None, **kwargs):
-        hints.append(l2_prefetch)
-        return ragged_paged_attention(*args, l2_prefetch=l2_prefetch, **kwargs)
-
-    tiling = Tiling(decode_kv_tokens=16, prefill_q_rows=16, prefill_kv_tokens=16, k_splits=1,
-                    decode_l2_prefetch_bytes=1 << 20, decode_l2_prefetch_programs=3)
-    fn = functools.partial(attention, interpret=True, tiling=tiling)
-    plain, hinted = (logits_of(loaded, batch, pages + 1, attention_fn=fn, prefetch_wo=p) for p in (False, True))
-    np.testing.assert_array_equal(hinted, plain)
-    wo = loaded.params["layers"][0]["wo"]
-    assert hints[0] is None and len(hints) == 2  # the layers traced once each way
-    assert hints[1].shape == (wo.packed if method == "int4" else wo.q if method else wo).shape
-    assert prefetches_weights(functools.partial(ragged_paged_attention, tiling=tiling))
-    assert not prefetches_weights(ragged_paged_attention) and not prefetches_weights(get_attention_fns("reference")[0])
 
 
 def test_fp8_dot_in_the_activation_type_keeps_logits_close(tiny, monkeypatch):

@@ -220,55 +220,6 @@ def test_one_token_step_matches_reference_interpret(kv_len):
     assert_matches(out, ragged_paged_attention_reference(*ref_args), used, shapes.dtype)
 
 
-@pytest.mark.parametrize("k_splits,weight_dtype,prefetch_bytes,step_bytes", [
-    (1, jnp.int8, 1 << 20, 8192), (2, jnp.bfloat16, 3000, 8192), (1, jnp.uint8, 777, 8192),  # no share divides
-    (1, jnp.bfloat16, 4000, 64)])  # several loop steps a program
-def test_decode_with_l2_prefetch_programs_gives_the_same_output_interpret(k_splits, weight_dtype, prefetch_bytes,
-                                                                          step_bytes):
-    """A decode step with prefetch programs beside the attention's (``Tiling.decode_l2_prefetch_bytes``): the same
-    output, bit for bit, whatever part of the hinted array they read, in whatever steps."""
-    check_l2_prefetch(Shapes(8, 2, 64, 16, jnp.bfloat16, num_tokens=2), [1, 1], [40, 7], (37, 130), weight_dtype,
-                      dataclasses.replace(SMALL_TILES, k_splits=k_splits, decode_l2_prefetch_bytes=prefetch_bytes,
-                                          decode_l2_prefetch_programs=5, decode_l2_prefetch_step_bytes=step_bytes),
-                      interpret=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("weight_dtype", [jnp.int8, jnp.bfloat16])
-def test_decode_with_l2_prefetch_programs_gives_the_same_output_on_gpu(weight_dtype):
-    """The 8B's heads at batch 1, its ``wo`` shape, 16 MiB read into L2, one program a multiprocessor."""
-    check_l2_prefetch(Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=1, max_seqs=1, pages_per_seq=24),
-                      [1], [192], (4096, 4096), weight_dtype, Tiling(decode_l2_prefetch_bytes=1 << 24), interpret=False)
-
-
-def check_l2_prefetch(shapes: Shapes, q_lens, kv_lens, weight_shape, weight_dtype, tiling: Tiling, interpret: bool):
-    seed = np.random.SeedSequence().entropy
-    rng = np.random.default_rng(seed)
-    kernel_args, _, _ = make_batch(rng, shapes, q_lens, kv_lens)
-    weight = jnp.asarray(rng.integers(0, 100, weight_shape), weight_dtype)
-    plain = ragged_paged_attention(*kernel_args, interpret=interpret,
-                                   tiling=dataclasses.replace(tiling, decode_l2_prefetch_bytes=0))
-    hinted = ragged_paged_attention(*kernel_args, interpret=interpret, tiling=tiling, l2_prefetch=weight)
-    np.testing.assert_array_equal(np.asarray(hinted, np.float32), np.asarray(plain, np.float32), err_msg=f"seed {seed}")
-
-
-def test_l2_prefetch_programs_lower_to_triton_for_cuda():
-    """The prefetch programs join the decode launch (no launch of their own) and lower for CUDA; a step with a prompt
-    leaves them out."""
-    shapes = Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=1, max_seqs=1, pages_per_seq=8)
-    args, _, _ = make_batch(np.random.default_rng(3), shapes, [1], [100])
-    weight = jnp.zeros((4096, 4096), jnp.int8)
-    fn = jax.jit(functools.partial(ragged_paged_attention, interpret=False,
-                                   tiling=Tiling(k_splits=1, decode_l2_prefetch_bytes=1 << 24)))
-    text = fn.trace(*args, l2_prefetch=weight).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1  # the decode launch alone (batch 1: no prefill launch)
-    assert "tensor<16777216xi8>" in text  # the weight reaches the launch flat, whole
-    shapes = dataclasses.replace(shapes, num_tokens=64, max_seqs=2)
-    args, _, _ = make_batch(np.random.default_rng(3), shapes, [1, 20], [100, 40])  # a prompt in the step
-    text = fn.trace(*args, l2_prefetch=weight).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 2 and "16777216xi8" not in text  # prefill + decode, no prefetch
-
-
 def test_fp8_pages_compute_in_float16_and_saturate_a_huge_query():
     """Over 8-bit pages the kernel's dots run in float16 (one conversion from e4m3); a bfloat16 q past
     float16's range saturates there instead of overflowing to inf (the reference sees the same clipped q)."""
