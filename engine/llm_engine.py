@@ -857,14 +857,14 @@ class LLMEngine:
 
     def _fork_samples(self, group: _RequestGroup, now: float) -> None:
         """``n > 1``: the other samples share the prompt's blocks and re-run its last token. Where the first sample
-        has already finished (its first token reached ``max_model_len``), they compute the prompt again instead (from
-        the prefix cache where it is on)."""
+        has already finished (its first token reached ``max_model_len``), or the prompt is one token (nothing before
+        its last to share), they compute the prompt again instead (from the prefix cache where it is on)."""
         parent = group.samples[0].request
         for index in range(1, group.params.n):
             seq_id = f"{group.request_id}#{index}"
             child = self._new_sample(group, seq_id, (group.samples[0].seed + index * 7919) % (2**31 - 1),
                                      now, parent.priority)
-            if parent.status is RequestStatus.RUNNING:
+            if parent.status is RequestStatus.RUNNING and len(group.prompt_token_ids) > 1:
                 child.request.num_computed_tokens = len(group.prompt_token_ids) - 1
                 self.scheduler.fork_request(parent, child.request)
             else:

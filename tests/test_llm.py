@@ -145,6 +145,19 @@ def test_n_samples_of_one_token_and_at_the_context_limit(llm):
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
 
+def test_n_samples_of_a_one_token_prompt(llm):
+    """``n > 1`` on a one-token prompt (nothing before its last token to share): the other samples compute the
+    prompt themselves, beside a request of another caller, which is unaffected."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    other = llm.generate(PROMPTS[0], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    outs = llm.generate([{"prompt_token_ids": [5]}, PROMPTS[0]],
+                        [SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=3, ignore_eos=True),
+                         greedy], use_tqdm=False)
+    assert [len(c.token_ids) for c in outs[0].outputs] == [4, 4, 4]
+    assert outs[1].outputs[0].token_ids == other
+    assert llm.llm_engine.block_manager.num_used_blocks == 0
+
+
 def test_every_buffer_a_small_step_touches_stays_where_it_is(llm, alone, monkeypatch):
     """A small step's inputs (staged into donated buffers), its logits and the sampled tokens it feeds the
     next step (both written over the previous step's, donated) keep their device addresses from step to step,
