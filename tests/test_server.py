@@ -192,14 +192,19 @@ def test_chat_template_arguments_continue_final_message_and_kwargs(served, monke
     error = _error(httpx.post(f"{served.url}/tokenize", json={
         "messages": CHAT, "chat_template_kwargs": {"add_generation_prompt": False}}), 400)
     assert error["param"] == "messages" and "add_generation_prompt" in error["message"]
-    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"  # a request's own template
-    ids = httpx.post(f"{served.url}/tokenize", json={"messages": CHAT, "chat_template": plain}).json()["tokens"]
-    assert served.async_llm.tokenizer.decode(ids) == f"user: {CHAT[0]['content']}\n"
+    # A request's own template is code run on the server: refused unless the server trusts it (as vLLM), on either
+    # route and however it comes (test_server_options_chat_template_and_cors renders one where trusted).
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    for route, fields in (("tokenize", {"chat_template": plain}),
+                          ("v1/chat/completions", {"chat_template_kwargs": {"chat_template": plain}})):
+        error = _error(httpx.post(f"{served.url}/{route}", json={"messages": CHAT, **fields}), 400)
+        assert error["param"] == "chat_template" and "--trust-request-chat-template" in error["message"]
 
 
 def test_server_options_chat_template_and_cors(served, tmp_path):
-    """--chat-template (a file or the text) replaces the model's template for every request; --allowed-origins
-    answers a browser's preflight and marks responses for those origins only."""
+    """--chat-template (a file or the text) replaces the model's template for every request, and with
+    --trust-request-chat-template a request's own replaces that (a template over the sandbox's range limit is a
+    400); --allowed-origins answers a browser's preflight and marks responses for those origins only."""
     from engine.tokenizer import load_chat_template
 
     plain = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
@@ -208,12 +213,19 @@ def test_server_options_chat_template_and_cors(served, tmp_path):
     with pytest.raises(ValueError, match="neither a file"):
         load_chat_template(str(tmp_path / "missing.jinja"))
     app = build_app(served.async_llm, [served.model], metrics=ServingMetrics(served.model, served.async_llm.stats),
-                    chat_template=plain, allowed_origins=["http://localhost:3000"], api_key=API_KEY)
+                    chat_template=plain, allowed_origins=["http://localhost:3000"], api_key=API_KEY,
+                    trust_request_chat_template=True)
     server, thread, url = _serve_in_thread(app)
     try:
         headers = {"Authorization": f"Bearer {API_KEY}"}
         ids = httpx.post(f"{url}/tokenize", json={"messages": CHAT}, headers=headers).json()["tokens"]
         assert served.async_llm.tokenizer.decode(ids) == f"[{CHAT[0]['content']}]"
+        own = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
+        ids = httpx.post(f"{url}/tokenize", json={"messages": CHAT, "chat_template": own}).json()["tokens"]
+        assert served.async_llm.tokenizer.decode(ids) == f"user: {CHAT[0]['content']}"
+        huge = "{% for i in range(10**9) %}x{% endfor %}"
+        error = _error(httpx.post(f"{url}/tokenize", json={"messages": CHAT, "chat_template": huge}), 400)
+        assert error["param"] == "messages"
         preflight = httpx.options(f"{url}/v1/chat/completions", headers={
             "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization,content-type"})

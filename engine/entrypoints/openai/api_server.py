@@ -168,7 +168,8 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
               metrics: Optional[ServingMetrics] = None, tool_parser: Optional[str] = None,
               reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
               allowed_origins: Sequence[str] = (), lora_modules: Sequence[LoRAModulePath] = (),
-              allow_runtime_lora_updating: Optional[bool] = None, dev_mode: Optional[bool] = None) -> FastAPI:
+              allow_runtime_lora_updating: Optional[bool] = None, dev_mode: Optional[bool] = None,
+              trust_request_chat_template: bool = False) -> FastAPI:
     """The FastAPI app over ``async_llm``. Several apps may share one ``AsyncLLM`` (pass the
     same ``metrics`` to share it too; by default a new one is made and registered). ``tool_parser``: a name in
     ``TOOL_PARSERS``, which allows ``tool_choice="auto"``; ``reasoning_parser``: one in ``REASONING_PARSERS``;
@@ -177,10 +178,12 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     order; the engine needs ``enable_lora``); ``allow_runtime_lora_updating``: serve /v1/load_lora_adapter and
     /v1/unload_lora_adapter (None: as the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING says, as vLLM);
     ``dev_mode``: serve vLLM's development routes, /sleep, /wake_up and /is_sleeping (None: as VLLM_SERVER_DEV_MODE=1
-    says, as vLLM).
+    says, as vLLM); ``trust_request_chat_template``: render a Jinja template a request brings (``chat_template``,
+    or one in ``chat_template_kwargs``); refused by default, as vLLM does, since a template is code that runs on the
+    server (a loop of a billion steps, say).
     Raises ValueError for adapters the server cannot serve (LoRA off, a name taken twice)."""
     serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser, chat_template,
-                            lora_modules)
+                            lora_modules, trust_request_chat_template)
     if metrics is None:
         metrics = ServingMetrics(served_model_names[0], async_llm.stats)
         async_llm.add_stat_logger(metrics)
@@ -360,7 +363,7 @@ class OpenAIServing:
 
     def __init__(self, async_llm: AsyncLLM, served_model_names: list[str], tool_parser: Optional[str] = None,
                  reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
-                 lora_modules: Sequence[LoRAModulePath] = ()):
+                 lora_modules: Sequence[LoRAModulePath] = (), trust_request_chat_template: bool = False):
         self.async_llm = async_llm
         self.served_model_names = served_model_names
         # LoRA adapters by name (vLLM's --lora-modules, /v1/load_lora_adapter), in the order they came; each has an
@@ -375,6 +378,7 @@ class OpenAIServing:
                 raise ValueError(problem)
             self._add_lora(module.name, module.path, module.base_model_name)
         self.chat_template = chat_template  # instead of the model's (--chat-template)
+        self.trust_request_chat_template = trust_request_chat_template  # a request's own (--trust-request-chat-template)
         # tool_choice="auto": the model's tool-call syntax (engine.entrypoints.openai.tools.TOOL_PARSERS)
         self.tool_parser: Optional[ToolParser] = TOOL_PARSERS[tool_parser]() if tool_parser else None
         # a reasoning model's thinking as reasoning_content (engine.entrypoints.openai.reasoning)
@@ -728,6 +732,10 @@ class OpenAIServing:
         if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
             raise bad_request("continue_final_message continues a last message from the assistant, with "
                               "add_generation_prompt false", param="continue_final_message")
+        if not self.trust_request_chat_template and (req.chat_template or "chat_template" in (
+                req.chat_template_kwargs or {})):
+            raise bad_request("a request's own chat_template is refused: this server was not started with "
+                              "--trust-request-chat-template", param="chat_template")
         tools = getattr(req, "tools", None)
         try:
             ids = apply_chat_template(self.async_llm.tokenizer, template_messages(req),
@@ -736,7 +744,8 @@ class OpenAIServing:
                                       tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
                                       chat_template=req.chat_template or self.chat_template,
                                       chat_template_kwargs=req.chat_template_kwargs)
-        except (TokenizerError, TemplateError, ValueError, TypeError) as e:  # TypeError: a clashing template kwarg
+        # TypeError: a clashing template kwarg; OverflowError: a template's range() over Jinja's sandbox limit
+        except (TokenizerError, TemplateError, ValueError, TypeError, OverflowError) as e:
             raise bad_request(f"cannot apply the chat template to these messages: {e}", param="messages") from e
         return _Prompt(None, list(ids))
 
@@ -1200,6 +1209,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                              "--tool-call-parser reads its calls out of its text")
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template (a file, or the template itself) instead of the model's")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="render a chat template a request brings (chat_template); refused by default, since "
+                             "a template is code that runs on the server")
     parser.add_argument("--allowed-origins", nargs="+", default=[],
                         help="web origins whose pages may call the server (CORS), e.g. http://localhost:3000 or '*'; "
                              "none by default (vLLM allows '*': here a page on any site could reach a local server)")
@@ -1357,7 +1369,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     app = build_app(async_llm, names, api_key=args.api_key,
                     tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                     reasoning_parser=args.reasoning_parser, chat_template=chat_template,
-                    allowed_origins=args.allowed_origins, lora_modules=args.lora_modules or ())
+                    allowed_origins=args.allowed_origins, lora_modules=args.lora_modules or (),
+                    trust_request_chat_template=args.trust_request_chat_template)
     # What start-up made (the tokenizer, the app, imported modules) lives as long as the server: out of the cyclic
     # collector's reach, so the collections that streaming's many small objects set off walk only newer ones (the
     # engine does the same in its own process; vLLM freezes its heap after start-up too).
