@@ -312,6 +312,9 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if priority != 0 and self.scheduler.policy != "priority":  # as vLLM: a priority the queue would ignore
+            raise ValueError(f"priority {priority} needs priority scheduling: start the engine with "
+                             "scheduling_policy='priority' (--scheduling-policy priority)")
         text = prompt if isinstance(prompt, str) else None
         prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         prompt_ids = params.truncate_prompt(prompt_ids, self.max_model_len)

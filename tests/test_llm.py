@@ -218,6 +218,8 @@ def test_bad_prompts_rejected_others_unaffected(llm, alone):
         llm.generate([1] * 300, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="max_model_len"):  # a bad prompt in a list queues nothing
         llm.generate([PROMPTS[0], [1] * 300], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="priority 2 needs priority scheduling"):  # this engine's queue is FIFO
+        llm.generate([PROMPTS[0], PROMPTS[1]], GREEDY, use_tqdm=False, priority=[0, 2])
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
 

@@ -960,6 +960,8 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
     """``SamplingParams`` from a request, the sampling fields it leaves unset from ``defaults`` (the model's
     generation config) or else the engine's own; its validation errors become 400s naming the request field.
     ``structured``: ``_structured_outputs(req)``."""
+    if req.stream_options is not None and not req.stream:  # as vLLM: options of a stream there is not
+        raise bad_request("stream_options can only be given with stream=true", param="stream_options")
     structured_outputs, structured_field = structured
     if structured_field:
         renames = {**renames, "structured_outputs": structured_field}
@@ -996,7 +998,7 @@ def _refusal(error: ValueError, fields, renames: dict, default: Optional[str] = 
 
 
 # Request fields the engine checks (token ids against its vocabulary, grammars); its refusals start with the name.
-ENGINE_CHECKED_FIELDS = ("logit_bias", "allowed_token_ids", "bad_words", "structured_outputs")
+ENGINE_CHECKED_FIELDS = ("logit_bias", "allowed_token_ids", "bad_words", "structured_outputs", "priority")
 GUIDED_FIELDS = ("json", "regex", "choice", "grammar")  # vLLM's older guided_<name> request fields
 
 
