@@ -563,6 +563,18 @@ def test_echo_with_logprobs_scores_the_prompt(served, reference):
         model=served.model, prompt=PROMPTS[0], echo=True, logprobs=1, stream=True, **GREEDY) if c.choices]
     assert [t for s in streamed for t in s.tokens] == lp.tokens
     assert [x for s in streamed for x in s.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    # Without generation (max_tokens 0, as lm-eval's loglikelihood asks): the prompt's part alone, streamed or not.
+    only = client.completions.create(model=served.model, prompt=PROMPTS[0], echo=True, logprobs=1, max_tokens=0,
+                                     temperature=0)
+    (choice,) = only.choices
+    assert choice.text == PROMPTS[0] and choice.finish_reason == "length"
+    assert choice.logprobs.tokens == lp.tokens[:num_prompt]
+    assert choice.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:num_prompt], abs=1e-4)
+    assert only.usage.prompt_tokens == num_prompt and only.usage.completion_tokens == 0
+    chunks = [c.choices[0] for c in client.completions.create(
+        model=served.model, prompt=PROMPTS[0], echo=True, max_tokens=0, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == PROMPTS[0] and chunks[-1].finish_reason == "length"
+    _error(httpx.post(f"{served.url}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 0}), 400)
 
 
 def test_32_concurrent_streams_batched_and_queued(served, reference):

@@ -449,19 +449,24 @@ class OpenAIServing:
         model, lora_request = self._resolve_model(req)
         _refuse_unsupported(req)
         structured = _structured_outputs(req)
-        params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, structured=structured,
-                                  renames={},
+        # vLLM's echo without generation (OpenAI's legacy API too): the prompt, with its logprobs if asked, and no
+        # new token (one is sampled for the prompt's pass and dropped), as scoring harnesses ask for it.
+        echo_only = req.echo and req.max_tokens == 0
+        params = _sampling_params(req, max_tokens=1 if echo_only else req.max_tokens, logprobs=req.logprobs,
+                                  structured=structured, renames={},
                                   defaults=self.async_llm.engine.default_sampling_fields)
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
             params.prompt_logprobs = max(req.logprobs, params.prompt_logprobs or 0)
         prompts = await run_in_threadpool(self._completion_prompts, req.prompt)
         prompts = [_Prompt(p.text, params.truncate_prompt(p.token_ids, self.async_llm.max_model_len)) for p in prompts]
         for prompt in prompts:
-            self._check_length(len(prompt.token_ids), req.max_tokens if "max_tokens" in req.model_fields_set
+            self._check_length(len(prompt.token_ids), params.max_tokens if "max_tokens" in req.model_fields_set
                                else None, "prompt", "max_tokens")
         request_id = random_id("cmpl")
         streams = await self._add_requests(request_id, prompts, params, req.priority, "prompt",
                                            renames={"structured_outputs": structured[1]}, lora_request=lora_request)
+        if echo_only:
+            streams = [_PromptOnly(stream) for stream in streams]
         if req.stream:
             body = self._stream_completion(request_id, model, prompts, streams, params, req)
             return _sse_response(body, streams)
@@ -1141,6 +1146,26 @@ def _usage(outputs: Sequence[RequestOutput]) -> UsageInfo:
     cached = sum(o.num_cached_tokens or 0 for o in outputs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                      prompt_tokens_details=PromptTokenUsageInfo(cached_tokens=cached))
+
+
+class _PromptOnly:
+    """A request stream whose outputs come with their completions emptied (no token, text or logprob; finished by
+    length): the completions endpoint's echo without generation. Closing it closes (aborts) the request's."""
+
+    def __init__(self, stream: RequestStream):
+        self.stream = stream
+
+    def __aiter__(self) -> "_PromptOnly":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        output = await self.stream.__anext__()
+        return dataclasses.replace(output, outputs=[dataclasses.replace(
+            c, text="", token_ids=[], cumulative_logprob=None, logprobs=None if c.logprobs is None else [],
+            finish_reason=c.finish_reason and "length", stop_reason=None) for c in output.outputs])
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 async def _final_outputs(streams: Sequence[RequestStream]) -> list[RequestOutput]:
