@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -891,6 +892,33 @@ def test_still_serving_after_errors(served, reference):
     stats = served.async_llm.stats()
     assert stats["num_running"] == stats["num_waiting"] == stats["num_used_blocks"] == 0
     assert httpx.get(f"{served.url}/health").status_code == 200
+
+
+def test_an_unexpected_error_is_one_500_logged_once(served, monkeypatch, caplog):
+    """A route's unexpected error: an OpenAI-style 500 naming it, one traceback in the log (not the ASGI server's
+    second), and the server serves on."""
+    app = build_app(served.async_llm, [served.model], metrics=ServingMetrics(served.model, served.async_llm.stats))
+
+    async def broken(_req):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.state.serving, "create_completion", broken)
+    server, thread, url = _serve_in_thread(app)
+    try:
+        uvicorn_log = logging.getLogger("uvicorn")  # its own handlers, not the root's: caplog's joins them here
+        uvicorn_log.addHandler(caplog.handler)
+        try:
+            with caplog.at_level(logging.ERROR):
+                error = _error(httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}), 500)
+                time.sleep(0.5)  # a second traceback would come after the response
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+        assert error["type"] == "server_error" and "RuntimeError: a bug" in error["message"]
+        assert [r.exc_info is not None for r in caplog.records] == [True]
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_help_names_safe_default_host():

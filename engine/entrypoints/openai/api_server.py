@@ -132,11 +132,33 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(exc.status_code, ErrorInfo(message=str(exc.detail), type=kind),
                                headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _internal_error(_request: Request, exc: Exception):
-        logger.exception("request failed")
-        return _error_response(500, ErrorInfo(message=f"internal server error: {type(exc).__name__}: {exc}",
-                                              type="server_error"))
+
+class _InternalErrorMiddleware:
+    """Plain ASGI middleware: an unexpected error in a route is logged once and answered with an OpenAI-style 500.
+    (Starlette's handler for ``Exception`` answers too, but then re-raises for the ASGI server to log it again.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:  # too late for a 500: the ASGI server ends the response
+                raise
+            logger.exception("request failed")
+            info = ErrorInfo(message=f"internal server error: {type(exc).__name__}: {exc}", type="server_error")
+            await _error_response(500, info)(scope, receive, send)
 
 
 class _APIKeyMiddleware:
@@ -190,6 +212,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     app = FastAPI(title="pagedjax OpenAI-compatible server", version=server_version())
     app.state.serving, app.state.metrics = serving, metrics
     _install_error_handlers(app)
+    app.add_middleware(_InternalErrorMiddleware)  # the innermost of the middlewares added here
     if api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
     if allowed_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before the key check
