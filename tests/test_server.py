@@ -809,7 +809,8 @@ def test_wrong_types(served, endpoint, body, param):
     ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "structured_outputs"),
     ({"extra_body": {"structured_outputs": {"bogus": 1}}}, "structured_outputs"),
     ({"extra_body": {"guided_choice": ["a"], "guided_regex": "b"}}, "guided_choice"),  # the second of two
-    ({"extra_body": {"priority": 5}}, "priority"),  # this server's queue is first come, first served
+    ({"extra_body": {"priority": 5}}, "priority"),
+    ({"seed": 2**70}, "seed"),  # this server's queue is first come, first served
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream=True
 ])
 def test_out_of_range_completions(served, kwargs, param):
