@@ -181,7 +181,7 @@ class LLM:
         them all under a progress bar; their final outputs in input order."""
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
-        self._check_prompts(prompts)
+        self._check_prompts(prompts, params_list)
         futures = [concurrent.futures.Future() for _ in prompts]
         self._loop.add_requests([
             NewRequest(self._loop.new_request_id(), prompt, params, _resolve_when_finished(future), _fail(future),
@@ -205,10 +205,14 @@ class LLM:
                            eos_token_ids=engine.eos_token_ids, max_model_len=engine.max_model_len,
                            decode=None if engine.tokenizer is None else engine.tokenizer.decode, use_tqdm=use_tqdm)
 
-    def _check_prompts(self, prompts: list) -> None:
+    def _check_prompts(self, prompts: list, params_list: list) -> None:
+        """Each prompt, as its params truncate it (``truncate_prompt_tokens``), has a token and leaves one to
+        generate."""
         engine = self.llm_engine
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             ids = engine.tokenize(prompt) if isinstance(prompt, str) else prompt
+            if isinstance(params, SamplingParams):
+                ids = params.truncate_prompt(ids, engine.max_model_len)
             if not ids:
                 raise ValueError(f"prompt {i} is empty: at least one token is required")
             if len(ids) >= engine.max_model_len:
@@ -249,9 +253,10 @@ class LLM:
         token (on the engine's thread: keep it short; cumulative unless ``output_kind`` says otherwise),
         ``on_error`` the exception that ends it. Returns the request id (for ``abort``). ``generate`` is built
         on the same loop."""
-        self._check_prompts([prompt])
+        sampling_params = sampling_params or self.get_default_sampling_params()
+        self._check_prompts([prompt], [sampling_params])
         request_id = self._loop.new_request_id()
-        self._loop.add_request(request_id, prompt, sampling_params or self.get_default_sampling_params(),
+        self._loop.add_request(request_id, prompt, sampling_params,
                                priority=priority, on_output=on_output, on_error=on_error, output_kind=output_kind,
                                lora_request=lora_request)
         return request_id

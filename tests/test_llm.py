@@ -224,6 +224,21 @@ def test_bad_prompts_rejected_others_unaffected(llm, alone):
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
 
 
+def test_truncate_prompt_tokens_makes_an_over_long_prompt_fit(llm):
+    """``truncate_prompt_tokens``: a prompt over max_model_len keeps its last k tokens and generates, the same as
+    those k tokens given alone; through ``submit`` too."""
+    long_prompt = list(range(1, 301))  # max_model_len 256
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    cut = llm.generate(long_prompt, SamplingParams(temperature=0.0, max_tokens=4, truncate_prompt_tokens=50),
+                       use_tqdm=False)[0]
+    assert cut.prompt_token_ids == long_prompt[-50:]
+    assert cut.outputs[0].token_ids == llm.generate(long_prompt[-50:], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    done = threading.Event()
+    llm.submit(long_prompt, SamplingParams(max_tokens=2, truncate_prompt_tokens=8), on_error=print,
+               on_output=lambda out: out.finished and done.set())
+    assert done.wait(120)
+
+
 def test_logit_bias_allowed_token_ids_and_bad_words(llm, alone):
     """The default model under each control: a large bias makes greedy repeat its token, allowed ids bound what
     is drawn, and a bad word (one of several tokens too) never appears where greedy wrote it, asynchronous
