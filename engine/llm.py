@@ -235,15 +235,21 @@ class LLM:
         ``continue_final_message`` renders the last (assistant) message open, so the reply goes on from it (with
         ``add_generation_prompt=False``); ``tools`` (OpenAI's function tools) and ``chat_template_kwargs`` (e.g.
         Qwen 3's ``enable_thinking``) go to the template; ``chat_template``: a Jinja template instead of the
-        model's."""
-        from engine.tokenizer import apply_chat_template
+        model's. A message's content may be OpenAI's list of text parts. Each output's ``prompt`` is the rendered
+        text."""
+        from engine.tokenizer import render_chat_template
 
+        tokenizer = self.get_tokenizer()
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [apply_chat_template(self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt,
-                                       continue_final_message=continue_final_message, tools=tools,
-                                       chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
-                   for conv in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        texts = [render_chat_template(tokenizer, conv, add_generation_prompt=add_generation_prompt,
+                                      continue_final_message=continue_final_message, tools=tools,
+                                      chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
+                 for conv in conversations]
+        outputs = self.generate([tokenizer.encode(text, add_special_tokens=False) for text in texts],
+                                sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        for output, text in zip(outputs, texts):  # the template writes the special tokens: ids from the text bare
+            output.prompt = text
+        return outputs
 
     def submit(self, prompt: Union[str, list[int]], sampling_params: Optional[SamplingParams] = None, *,
                on_output: Callable[[RequestOutput], None], on_error: Callable[[BaseException], None],

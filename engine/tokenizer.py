@@ -90,7 +90,16 @@ def _gguf_tokenizer_cache_dir(path: str) -> str:
     return cache_dir("tokenizers", key)
 
 
-def apply_chat_template(
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict],
+                        add_generation_prompt: bool = True, **options) -> list[int]:
+    """Token ids of ``messages`` rendered with the model's chat template (``render_chat_template``; its options).
+    The text is encoded without adding special tokens, since the template already writes the ones the model
+    expects."""
+    return tokenizer.encode(render_chat_template(tokenizer, messages, add_generation_prompt, **options),
+                            add_special_tokens=False)
+
+
+def render_chat_template(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[dict],
     add_generation_prompt: bool = True,
@@ -99,14 +108,13 @@ def apply_chat_template(
     tools: Optional[Sequence[dict]] = None,
     chat_template: Optional[str] = None,
     chat_template_kwargs: Optional[dict] = None,
-) -> list[int]:
-    """Token ids of ``messages`` rendered with the model's chat template.
+) -> str:
+    """``messages`` as the text the model's chat template makes of them.
 
-    The template is rendered to text and then encoded without adding special
-    tokens, since the template already writes the ones the model expects.
     vLLM's chat arguments: ``continue_final_message`` renders the last message open, so a reply goes on from it
     (not with ``add_generation_prompt``); ``tools`` (OpenAI's function tools) and ``chat_template_kwargs`` (e.g.
-    Qwen 3's ``enable_thinking``) go to the template; ``chat_template`` replaces the tokenizer's.
+    Qwen 3's ``enable_thinking``) go to the template; ``chat_template`` replaces the tokenizer's. A message's content
+    may be OpenAI's list of text parts (joined, as vLLM does); other parts (images, audio) raise ValueError.
     """
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message continues the last message: pass add_generation_prompt=False")
@@ -121,10 +129,19 @@ def apply_chat_template(
             "use a plain text prompt, give one (chat_template; the server's --chat-template), or a model whose "
             "tokenizer_config.json / GGUF carries one"
         )
-    text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
-    )
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.apply_chat_template([_with_text_content(m) for m in messages], tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **template_kwargs)
+
+
+def _with_text_content(message: dict) -> dict:
+    """``message`` with a content given as OpenAI's list of parts joined into its text (text parts only)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content}
+    if kinds - {"text"}:
+        raise ValueError(f"a message's content parts must be text (type 'text'); got {sorted(map(str, kinds))}")
+    return {**message, "content": "".join(part.get("text") or "" for part in content)}
 
 
 def load_chat_template(value: str) -> str:
