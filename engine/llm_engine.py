@@ -310,6 +310,7 @@ class LLMEngine:
         if pooling_params is not None:  # the prompt is run and pooled; nothing is sampled
             params = SamplingParams(max_tokens=1)
         params = params if params is not None else SamplingParams()
+        params.validate()  # fields set after construction (p.n = 0, say) are refused here, not in a step
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         if priority != 0 and self.scheduler.policy != "priority":  # as vLLM: a priority the queue would ignore

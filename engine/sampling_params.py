@@ -163,6 +163,11 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Normalize and check the fields, as at construction; the engine does it again for each request it
+        takes, since a caller may have set fields since (ValueError naming the field)."""
         self._normalize()
         self._validate()
         if self.is_greedy:

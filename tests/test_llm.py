@@ -226,6 +226,12 @@ def test_bad_prompts_rejected_others_unaffected(llm, alone):
         llm.generate([1] * 300, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="max_model_len"):  # a bad prompt in a list queues nothing
         llm.generate([PROMPTS[0], [1] * 300], GREEDY, use_tqdm=False)
+    changed = SamplingParams(temperature=0.0, max_tokens=4)
+    for field, value in (("n", 0), ("max_tokens", 0), ("logprobs", 10_000)):  # set after construction
+        setattr(changed, field, value)
+        with pytest.raises(ValueError, match=field):
+            llm.generate(PROMPTS[0], changed, use_tqdm=False)
+        changed = SamplingParams(temperature=0.0, max_tokens=4)
     with pytest.raises(ValueError, match="priority 2 needs priority scheduling"):  # this engine's queue is FIFO
         llm.generate([PROMPTS[0], PROMPTS[1]], GREEDY, use_tqdm=False, priority=[0, 2])
     assert not llm.llm_engine.has_unfinished_requests()
