@@ -397,7 +397,7 @@ class LLMEngine:
                           use_prefix_cache=params.prompt_logprobs is None,
                           lora_id=group.lora_request.lora_int_id if group.lora_request is not None else 0)
         detok = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and params.detokenize:
             detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
                                            skip_special_tokens=group.params.skip_special_tokens)
         return _Sample(request=request, seed=seed, detokenizer=detok,
@@ -839,15 +839,15 @@ class LLMEngine:
                 if position != len(entries) or position >= len(prompt):
                     continue
                 entries.append(self._logprobs_entry(prompt[position], scores, first_row + row,
-                                                    group.params.prompt_logprobs))
+                                                    group.params.prompt_logprobs, group.params.detokenize))
 
-    def _logprobs_entry(self, token: int, result, row: int, k: int) -> dict[int, Logprob]:
+    def _logprobs_entry(self, token: int, result, row: int, k: int, decode: bool) -> dict[int, Logprob]:
         """``{token id: Logprob}`` of ``token`` and the ``k`` most likely tokens at row ``row`` of a sampler output
-        (or a scoring step's), with their text."""
+        (or a scoring step's), with their text where ``decode``."""
         entry = {token: Logprob(float(result.logprobs[row]), rank=int(result.ranks[row]))}
         for rank, (tid, lp) in enumerate(zip(result.top_token_ids[row][:k], result.top_logprobs[row][:k]), 1):
             entry.setdefault(int(tid), Logprob(float(lp), rank=rank))
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and decode:
             for tid, lp in entry.items():
                 lp.decoded_token = self.tokenizer.decode([tid])
         return entry
@@ -882,7 +882,8 @@ class LLMEngine:
         stop checks. Outputs after it are tokens of a step still in flight."""
         self.stats["generation_tokens"] += 1
         if sample.logprobs is not None:
-            sample.logprobs.append(self._logprobs_entry(token, result, row, group.params.logprobs))
+            sample.logprobs.append(self._logprobs_entry(token, result, row, group.params.logprobs,
+                                                        group.params.detokenize))
         if result.logprobs is not None:
             sample.cumulative_logprob += float(result.logprobs[row])
         delta = ""

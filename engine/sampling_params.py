@@ -23,6 +23,7 @@ Deliberate differences from vLLM (``vllm/sampling_params.py``):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -121,6 +122,7 @@ class SamplingParams:
         likely tokens there (0 = the prompt token only). At most ``MAX_LOGPROBS``. Such a
         request computes its whole prompt (no prefix cache hits), as in vLLM.
     skip_special_tokens: leave special tokens out of the output text.
+    detokenize: make the output text (False: token ids only, text and logprob tokens left empty; no stop strings).
     include_stop_str_in_output: keep the matched stop string (or stop token's text)
         at the end of the output text.
     logit_bias: ``{token id: bias}`` added to those tokens' logits before the penalties
@@ -155,6 +157,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
@@ -164,6 +167,10 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def clone(self) -> "SamplingParams":
+        """A deep copy (vLLM's): changing it leaves this one as it is."""
+        return copy.deepcopy(self)
 
     def validate(self) -> None:
         """Normalize and check the fields, as at construction; the engine does it again for each request it
@@ -247,6 +254,8 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _require(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1", self.n)
+        _require(self.detokenize or not self.stop, "stop", "strings need detokenize=True (the output's text)",
+                 self.stop)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _require(_is_real(value) and -2.0 <= value <= 2.0, name, "must be in [-2, 2]", value)

@@ -238,6 +238,21 @@ def test_bad_prompts_rejected_others_unaffected(llm, alone):
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
 
 
+def test_detokenize_false_gives_the_same_tokens_without_text(llm):
+    """vLLM's ``detokenize=False``: the same tokens and logprobs, no text (nor logprob tokens); with stop strings a
+    ValueError. ``clone()`` copies."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2)
+    bare = params.clone()
+    bare.detokenize = False
+    assert params.detokenize
+    with_text, without = (llm.generate(PROMPTS[0], p, use_tqdm=False)[0].outputs[0] for p in (params, bare))
+    assert without.token_ids == with_text.token_ids and with_text.text and without.text == ""
+    assert [list(e) for e in without.logprobs] == [list(e) for e in with_text.logprobs]
+    assert all(lp.decoded_token is None for e in without.logprobs for lp in e.values())
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=["."], detokenize=False)
+
+
 def test_truncate_prompt_tokens_makes_an_over_long_prompt_fit(llm):
     """``truncate_prompt_tokens``: a prompt over max_model_len keeps its last k tokens and generates, the same as
     those k tokens given alone; through ``submit`` too."""
