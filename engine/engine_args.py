@@ -8,6 +8,7 @@ a child (``engine.engine_process``), parses these options and never needs it.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 from models.config import QUANTIZATION_METHODS, ModelConfig
@@ -110,7 +111,7 @@ class EngineArgs:
         from pallas_kernels import KV_WRITE_BACKENDS
 
         if self.block_size not in (8, 16, 32, 64):
-            raise ValueError(f"block_size must be one of 8, 16, 32, 64, got {self.block_size}")
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, got {self.block_size!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.usage_context not in ("llm", "server"):
@@ -119,8 +120,8 @@ class EngineArgs:
             raise ValueError(f"num_scheduler_steps must be a positive integer, got {self.num_scheduler_steps!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "num_gpu_blocks_override"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.generation_config not in ("auto", "vllm"):
             from engine.generation_config import default_sampling_fields
 

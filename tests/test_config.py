@@ -279,3 +279,14 @@ def test_num_scheduler_steps_must_be_a_positive_integer(steps):
 
     with pytest.raises(ValueError, match="num_scheduler_steps must be a positive integer"):
         EngineArgs(num_scheduler_steps=steps).validate()
+
+
+@pytest.mark.parametrize("field, value", [("max_num_seqs", 1.5), ("max_num_batched_tokens", 0),
+                                          ("max_model_len", "128"), ("num_gpu_blocks_override", True)])
+def test_batch_limits_must_be_positive_integers(field, value):
+    """A limit that is no whole number is refused by name, before any shape is made of it (1.5 sequences reached
+    a JAX shape error)."""
+    from engine.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
+        EngineArgs(**{field: value}).validate()
