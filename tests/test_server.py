@@ -290,12 +290,14 @@ def test_continuous_usage_stats_count_each_chunks_tokens(served):
     """vLLM's stream_options.continuous_usage_stats: every chunk's usage counts the tokens so far, on both
     endpoints; the last, usage-only chunk has the totals."""
     options = {"include_usage": True, "continuous_usage_stats": True}
-    for chunks in (served.client().completions.create(model=served.model, prompt=PROMPTS[0], stream=True,
-                                                      stream_options=options, **GREEDY),
-                   served.client().chat.completions.create(model=served.model, messages=CHAT, stream=True,
-                                                           stream_options=options, **GREEDY)):
+    for chat, chunks in ((False, served.client().completions.create(model=served.model, prompt=PROMPTS[0],
+                                                                    stream=True, stream_options=options, **GREEDY)),
+                         (True, served.client().chat.completions.create(model=served.model, messages=CHAT,
+                                                                        stream=True, stream_options=options,
+                                                                        **GREEDY))):
         counts = [c.usage.completion_tokens for c in chunks]
         assert counts == sorted(counts) and counts[-1] == 8 and len(set(counts)) > 2, counts
+        assert not chat or counts[0] == 0  # the role's chunk, before any token (vLLM's count)
 
 
 def test_raw_sse_format(served):

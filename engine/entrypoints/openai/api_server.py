@@ -798,10 +798,12 @@ class OpenAIServing:
                 state = states.setdefault(completion.index, _ChoiceState())
                 if state.finished:
                     continue
-                if not state.started:  # OpenAI's first chunk of a choice carries the role
+                if not state.started:  # OpenAI's first chunk of a choice carries the role (no token yet: vLLM's 0)
                     state.started = True
                     yield chunk([ChatCompletionChunkChoice(index=completion.index,
-                                                           delta=ChatDelta(role="assistant", content=""))])
+                                                           delta=ChatDelta(role="assistant", content=""))],
+                                usage=_usage([dataclasses.replace(output, outputs=[])])
+                                if _continuous_usage(req) else None)
                 state.finished = completion.finish_reason is not None
                 if tool_choice != "none":  # text as it may be streamed, the calls whole when the choice ends
                     choices.extend(self._tool_chunk(completion, state, tool_choice))
