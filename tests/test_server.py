@@ -793,6 +793,13 @@ def test_wrong_types(served, endpoint, body, param):
     assert error["param"] == param, error
 
 
+def test_a_content_part_other_than_text_is_refused_by_name(served):
+    parts = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    error = _error(httpx.post(f"{served.url}/v1/chat/completions",
+                              json={"messages": [{"role": "user", "content": parts}]}), 400)
+    assert error["param"] == "messages" and "'image_url'" in error["message"] and "text only" in error["message"]
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"temperature": -1}, "temperature"),
     ({"top_p": 1.5}, "top_p"),

@@ -140,6 +140,17 @@ class ChatMessage(BaseModel):
     tool_calls: Optional[list[dict[str, Any]]] = None  # an assistant turn's calls, for the chat template
     tool_call_id: Optional[str] = None  # a tool turn's answer to that call
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """A part of another type (an image, audio) is refused by name, before the union's type errors."""
+        if isinstance(content, list):
+            kinds = sorted({str(part.get("type")) for part in content if isinstance(part, dict)} - {"text"})
+            if kinds:
+                raise ValueError(f"content parts must be text (type 'text'): this server reads text only, "
+                                 f"got {', '.join(repr(k) for k in kinds)}")
+        return content
+
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
