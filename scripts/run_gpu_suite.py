@@ -42,8 +42,9 @@ SKIP_TEMP = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm XLA_FLAGS=--xla_gpu_command_buffer_
 VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itself (engine/__init__)
 # int4 GEMV variants (suite name suffix, $PAGEDJAX_MATMUL_CONFIG), each over today's defaults (since run 45c: factored,
 # 8 blocks, loads ahead; 4 blocks from run 29b): the packed tile in other numbers of row blocks
-# (MatmulConfig.gemv_subtiles; runs 27a-c timed them unfactored, where 8 won; 45b-c factored on the H100); more programs for the small weights (wqkv, wo: 384 / 256 programs at 4 steps each):
-# programs of 2 or 1 steps, or 64 columns; the unfactored form; the factored runs of 29a-b.
+# (MatmulConfig.gemv_subtiles; runs 27a-c timed them unfactored, where 8 won; 45b-c factored on the H100); more
+# programs for the small weights (wqkv, wo: 384 / 256 programs at 4 steps each): programs of 2 or 1 steps, or 64
+# columns; the unfactored form; the factored runs of 29a-b.
 GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtiles": 2}'),
                       ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'),
                       ("minsteps2", '{"gemv_min_steps": 2}'), ("minsteps1", '{"gemv_min_steps": 1}'),

@@ -401,7 +401,8 @@ class OpenAIServing:
                 raise ValueError(problem)
             self._add_lora(module.name, module.path, module.base_model_name)
         self.chat_template = chat_template  # instead of the model's (--chat-template)
-        self.trust_request_chat_template = trust_request_chat_template  # a request's own (--trust-request-chat-template)
+        # a request's own template is rendered only where trusted (--trust-request-chat-template)
+        self.trust_request_chat_template = trust_request_chat_template
         # tool_choice="auto": the model's tool-call syntax (engine.entrypoints.openai.tools.TOOL_PARSERS)
         self.tool_parser: Optional[ToolParser] = TOOL_PARSERS[tool_parser]() if tool_parser else None
         # a reasoning model's thinking as reasoning_content (engine.entrypoints.openai.reasoning)
