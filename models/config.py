@@ -21,6 +21,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2",
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# Model types whose transformers config class ties the LM head to the embedding by default: their config.json may
+# leave ``tie_word_embeddings`` out (transformers writes only the keys that differ from the defaults).
+TIED_BY_DEFAULT_MODEL_TYPES = ("gemma2", "gemma3_text", "smollm3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # Named here, where no JAX is imported, for the options (the server's process parses them without it): the
 # checkpoint formats ``models.loader`` reads and the weight formats ``models.quantization`` makes or reads.
@@ -54,6 +57,7 @@ class ModelConfig:
     rope_scaling: Optional[tuple] = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # qwen2 (and llama with attention_bias=True)
+    o_bias: bool = False  # attention_bias=True (llama, qwen3, ...): o_proj has a bias too (qwen2's has none)
     qk_norm: bool = False  # qwen3: RMSNorm over each head of q and k before RoPE
     qk_norm_full: bool = False  # olmo2: the qk norms over the whole q and k projections (weights [Hq*D], [Hkv*D])
     pre_norms: bool = True  # olmo2: False, no norm before attention or the MLP (their outputs are normed instead)
@@ -172,9 +176,10 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=_parse_rope_scaling(rope, int(d.get("max_position_embeddings", 4096))),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT_MODEL_TYPES)),
             qkv_bias=(model_type == "qwen2" or bool(d.get("attention_bias", False))
                       or (model_type == "qwen2_moe" and bool(d.get("qkv_bias", True)))),
+            o_bias=bool(d.get("attention_bias", False)),
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"),
             sliding_window=int(sliding) if sliding else None,
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),

@@ -137,10 +137,32 @@ def test_tied_and_untied_embeddings():
     assert untied.num_params() - tied.num_params() == tied.vocab_size * tied.hidden_size
 
 
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3_text", "smollm3"])
+def test_tied_by_default_where_transformers_ties(variant):
+    """transformers writes only the keys that differ from a config class's defaults, so a tied Gemma 2 / 3 or
+    SmolLM3 config.json may have no ``tie_word_embeddings``: tied, as those classes default to."""
+    d = tiny_hf_config(variant).to_dict()
+    d.pop("tie_word_embeddings", None)
+    assert ModelConfig.from_hf_dict(d).tie_word_embeddings
+    llama = tiny_hf_config("llama").to_dict()
+    llama.pop("tie_word_embeddings", None)
+    assert not ModelConfig.from_hf_dict(llama).tie_word_embeddings
+
+
 def test_qkv_bias_for_qwen2_and_llama_attention_bias():
     assert ModelConfig.from_hf_dict(tiny_hf_config("qwen2").to_dict()).qkv_bias
     assert ModelConfig.from_hf_dict(tiny_hf_config("llama", attention_bias=True).to_dict()).qkv_bias
     assert not ModelConfig.from_hf_dict(tiny_hf_config("qwen3").to_dict()).qkv_bias
+
+
+def test_attention_bias_puts_a_bias_on_o_proj_too():
+    """transformers' ``attention_bias`` biases o_proj as well as q / k / v (llama, qwen3, ...); qwen2's q / k / v
+    biases come without one."""
+    for variant in ("llama", "qwen3"):
+        c = ModelConfig.from_hf_dict(tiny_hf_config(variant, attention_bias=True).to_dict())
+        assert c.qkv_bias and c.o_bias
+    assert not ModelConfig.from_hf_dict(tiny_hf_config("qwen2").to_dict()).o_bias
+    assert not ModelConfig.from_hf_dict(tiny_hf_config("qwen3").to_dict()).o_bias
 
 
 def test_qk_norm_only_for_qwen3():
