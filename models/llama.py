@@ -17,6 +17,7 @@ Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
                  bq [L, Hq*D], bk, bv [L, Hkv*D]          (qkv_bias only)
                  q_norm, k_norm [L, D]                     (qk_norm only; [L, Hq*D], [L, Hkv*D]: qk_norm_full)
                  wo [L, Hq*D, H]        post_norm [L, H]
+                 bo [L, H]                                 (o_bias only: attention_bias=True)
                  attn_out_norm, mlp_out_norm [L, H]        (sandwich_norms only: Gemma, OLMo 2; OLMo 2 has no
                                                             input_norm and post_norm: pre_norms False)
                  k_scale, v_scale [L] float32              (kv_cache_scales only: fp8 K/V = K / k_scale)
@@ -83,6 +84,8 @@ def param_shapes(config: ModelConfig) -> dict:
         layers.update(w_gate=(L, H, I), w_up=(L, H, I), w_down=(L, I, H))
     if config.qkv_bias:
         layers.update(bq=(L, config.q_size), bk=(L, config.kv_size), bv=(L, config.kv_size))
+    if config.o_bias:
+        layers.update(bo=(L, H))
     if config.qk_norm:  # over each head, or over all of q's and all of k's at once (qk_norm_full)
         q_width, k_width = (config.q_size, config.kv_size) if config.qk_norm_full else (D, D)
         layers.update(q_norm=(L, q_width), k_norm=(L, k_width))
@@ -477,6 +480,9 @@ def forward(
             attn = (attn * w["v_scale"]).astype(attn.dtype)
         attn = attn.reshape(T, config.q_size)
         attn_parts = with_lora(mm_parts(attn, w["wo"]), attn, w, "wo", mask)
+        if config.o_bias:  # one more partial sum: o_proj's bias on every row
+            attn_parts = jnp.concatenate([attn_parts, jnp.broadcast_to(w["bo"], (T, w["bo"].shape[-1]))[None]
+                                          .astype(attn_parts.dtype)])
         x, h = pre_norm(*add_rms_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), w.get("post_norm", next_norm),
                                       eps))
         x, h = pre_norm(*add_rms_norm(x, block_output(x, mlp_parts(h, w, mask), w, "mlp_out_norm"), next_norm, eps))

@@ -75,6 +75,7 @@ PARAM_LOGICAL_AXES: dict[str, Any] = {
         "bq": ("layers", "q_heads"),
         "bk": ("layers", "kv_heads"),
         "bv": ("layers", "kv_heads"),
+        "bo": ("layers", "embed"),
         "q_norm": ("layers", "head_dim"),
         "k_norm": ("layers", "head_dim"),
         "wo": ("layers", "q_heads", "embed"),

@@ -38,7 +38,7 @@ EXPECTED_SPECS = {  # param path -> mesh axis of each array axis
     "layers/wq": [None, None, "tp"], "layers/wk": [None, None, "tp"], "layers/wv": [None, None, "tp"],
     "layers/bq": [None, "tp"], "layers/bk": [None, "tp"], "layers/bv": [None, "tp"],
     "layers/q_norm": [None, None], "layers/k_norm": [None, None],
-    "layers/wo": [None, "tp", None],
+    "layers/wo": [None, "tp", None], "layers/bo": [None, None],
     "layers/w_gate": [None, None, "tp"], "layers/w_up": [None, None, "tp"], "layers/w_down": [None, "tp", None],
 }
 KV_CACHE_SPEC = [None, "tp", None, None, None]

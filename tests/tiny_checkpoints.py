@@ -48,7 +48,8 @@ LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_fre
 # name -> (model_type, overrides of BASE). head_dim is explicit (not hidden/heads) where it
 # differs from the default, so a wrong head_dim cannot pass.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": ("llama", dict(head_dim=32, tie_word_embeddings=False)),
+    # attention_bias: biases on q, k, v and o (llama3_tied below has none).
+    "llama": ("llama", dict(head_dim=32, tie_word_embeddings=False, attention_bias=True)),
     # Like Llama 3.2 1B: tied embeddings and llama3 rope scaling (head_dim implicit: 16).
     "llama3_tied": ("llama", dict(tie_word_embeddings=True, num_hidden_layers=3, rope_parameters=LLAMA3_ROPE)),
     # A window shorter than the test prompts, so the sliding-window mask matters.
