@@ -218,10 +218,17 @@ def quantize_fp8(w: jax.Array) -> Fp8Weight:
 
 
 def quantize_int4(w: jax.Array, group_size: int = INT4_GROUP_SIZE, dtype=None) -> Int4Weight:
-    """Asymmetric round-to-nearest 4-bit with groups of ``group_size`` rows (min/max per group)."""
+    """Asymmetric round-to-nearest 4-bit with groups of ``group_size`` rows (min/max per group); where K is no
+    multiple of it, the groups are the largest of its halves (down to 32 rows) that divide K (SmolLM2-135M's 576:
+    64)."""
     *lead, K, N = w.shape
     dtype = dtype or w.dtype
     g = min(group_size, K)
+    while K % g and g > 32 and g % 2 == 0:
+        g //= 2
+    if K % g:
+        raise QuantizationError(f"int4 quantization needs a matrix's input size to be a multiple of 32 rows, got "
+                                f"{K} (a [{K}, {N}] weight)")
     pack = qmm.int4_pack_block(K, g)
     w32 = w.astype(jnp.float32).reshape(*lead, K // g, g, N)
     lo, hi = w32.min(axis=-2), w32.max(axis=-2)
@@ -501,10 +508,15 @@ class CheckpointQuantization:
         if os.path.exists(config):
             with open(config) as f:
                 q = json.load(f).get("quantization_config")
-        legacy = os.path.join(path, "quantize_config.json")  # AutoGPTQ before transformers integration
-        if q is None and os.path.exists(legacy):
-            with open(legacy) as f:
-                q = {"quant_method": "gptq", **json.load(f)}
+        # Before transformers' integration: AutoAWQ's quant_config.json, AutoGPTQ's quantize_config.json (which some
+        # AWQ exports use too; vLLM reads both for AWQ). Without a quant_method, AutoAWQ's keys say AWQ.
+        for name in ("quant_config.json", "quantize_config.json"):
+            legacy = os.path.join(path, name)
+            if q is None and os.path.exists(legacy):
+                with open(legacy) as f:
+                    q = json.load(f)
+                awq = bool({"w_bit", "q_group_size", "zero_point", "version"} & set(q))
+                q = {"quant_method": "awq" if awq else "gptq", **q}
         return None if q is None else cls.from_hf_dict(q)
 
 
@@ -545,7 +557,13 @@ def _unpack_int32_fields(x: np.ndarray, axis: int, bits: int = 4) -> np.ndarray:
 
 def _int4_from_values(values: np.ndarray, zeros: np.ndarray, scales: np.ndarray, group_size: int,
                       perm: Optional[np.ndarray], dtype) -> dict[str, np.ndarray]:
-    K = values.shape[0]
+    K, N = values.shape
+    groups = K // group_size if group_size and K % group_size == 0 else None
+    for name, x in (("scales", scales), ("zeros", zeros)):
+        if groups is None or x.shape != (groups, N):
+            raise QuantizationError(
+                f"its {name} are {list(x.shape)}, but groups of {group_size} rows of its [{K}, {N}] weight make "
+                f"[{K / group_size:g}, {N}]: the checkpoint's group_size does not match its tensors")
     pack = qmm.int4_pack_block(K, group_size)
     packed = qmm.pack_int4(values, pack)  # numpy in, numpy out
     out = dict(packed=packed, scales=scales.astype(dtype), zeros=zeros.astype(dtype), pack=pack)

@@ -49,6 +49,7 @@ from models.quantization import (
     Int4Weight,
     Int8KMajorWeight,
     Int8Weight,
+    QuantizationError,
     awq_to_int4,
     field_shardings,
     fp8_from_checkpoint,
@@ -80,6 +81,7 @@ _LAYER_NAMES = {
     "bq": ("self_attn.q_proj.bias", False),
     "bk": ("self_attn.k_proj.bias", False),
     "bv": ("self_attn.v_proj.bias", False),
+    "bo": ("self_attn.o_proj.bias", False),
     "q_norm": ("self_attn.q_norm.weight", False),
     "k_norm": ("self_attn.k_norm.weight", False),
     "post_norm": ("post_attention_layernorm.weight", False),
@@ -426,28 +428,10 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
     scale_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == jnp.bfloat16 else np.dtype(dtype)
     stacked: dict[str, np.ndarray] = {}  # each field of every tensor, filled in place (no second copy of the stack)
     for j, base in enumerate(bases):
-        if quant.checkpoint_format == "compressed-tensors" and quant.method in ("int4", "int8"):
-            stored_shape = tensor(base, "weight_shape")  # [N, K]: the packed rows may carry padding
-            if quant.method == "int8":
-                fields = packed_to_int8(tensor(base, "weight_packed"), tensor(base, "weight_scale"),
-                                        int(stored_shape[1]))
-            else:
-                fields = packed_to_int4(tensor(base, "weight_packed"), tensor(base, "weight_scale"),
-                                        tensor(base, "weight_zero_point", required=not quant.symmetric),
-                                        tensor(base, "weight_g_idx", required=False), int(stored_shape[1]),
-                                        dtype=scale_dtype)
-        elif quant.method == "awq":
-            fields = awq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
-                                 quant.group_size, dtype=scale_dtype)
-        elif quant.method == "gptq":
-            fields = gptq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
-                                  tensor(base, "g_idx", required=False), quant.group_size,
-                                  zero_offset=quant.zero_offset, dtype=scale_dtype)
-        else:
-            # block-wise checkpoints (DeepSeek's layout) name the scale weight_scale_inv; it multiplies all the same
-            scale = tensor(base, "weight_scale", required=quant.block is None)
-            fields = fp8_from_checkpoint(tensor(base, "weight"),
-                                         scale if scale is not None else tensor(base, "weight_scale_inv"), quant.block)
+        try:
+            fields = _quantized_fields(quant, base, tensor, scale_dtype)
+        except QuantizationError as e:
+            raise QuantizationError(f"{quant.method} tensors of {base} in {path!r}: {e}") from None
         pack = fields.pop("pack", None)
         if "perm" in fields and "perm" not in stacked:  # act-order in some tensors: the others' rows in order
             stacked["perm"] = np.tile(np.arange(K, dtype=np.int32), (len(bases), 1))
@@ -473,6 +457,33 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
         raise CheckpointError(f"{quant.method} tensors of {pattern} in {path!r} unpack to {list(stored)} but the "
                               f"config implies {list(expected)}")
     return weight
+
+
+def _quantized_fields(quant, base: str, tensor, scale_dtype) -> dict:
+    """The fields of one quantized weight ``base`` (``tensor(base, suffix)`` reads its checkpoint tensors)."""
+    if quant.checkpoint_format == "compressed-tensors" and quant.method in ("int4", "int8"):
+        stored_shape = tensor(base, "weight_shape")  # [N, K]: the packed rows may carry padding
+        if quant.method == "int8":
+            fields = packed_to_int8(tensor(base, "weight_packed"), tensor(base, "weight_scale"),
+                                    int(stored_shape[1]))
+        else:
+            fields = packed_to_int4(tensor(base, "weight_packed"), tensor(base, "weight_scale"),
+                                    tensor(base, "weight_zero_point", required=not quant.symmetric),
+                                    tensor(base, "weight_g_idx", required=False), int(stored_shape[1]),
+                                    dtype=scale_dtype)
+    elif quant.method == "awq":
+        fields = awq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
+                             quant.group_size, dtype=scale_dtype)
+    elif quant.method == "gptq":
+        fields = gptq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
+                              tensor(base, "g_idx", required=False), quant.group_size,
+                              zero_offset=quant.zero_offset, dtype=scale_dtype)
+    else:
+        # block-wise checkpoints (DeepSeek's layout) name the scale weight_scale_inv; it multiplies all the same
+        scale = tensor(base, "weight_scale", required=quant.block is None)
+        fields = fp8_from_checkpoint(tensor(base, "weight"),
+                                     scale if scale is not None else tensor(base, "weight_scale_inv"), quant.block)
+    return fields
 
 
 def _scales(ckpt: _Checkpoint, source: _TensorSource, path: str) -> np.ndarray:

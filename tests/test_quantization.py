@@ -213,6 +213,18 @@ def test_load_time_quantization_error_is_bounded(method):
     assert {Int8Weight: "int8", Int4Weight: "int4", Fp8Weight: "fp8"}[type(qw)] == method
 
 
+def test_int4_groups_divide_an_input_size_that_128_does_not():
+    """SmolLM2-135M's hidden size 576 is no multiple of 128: groups of 64 there; sizes off 32 are refused."""
+    rng = np.random.default_rng()
+    w = jnp.asarray(rng.standard_normal((576, 64)) * 0.02, jnp.float32)
+    qw = quantize_weight(w, "int4")
+    assert qw.group_size == 64 and qw.scales.shape == (9, 64)
+    bound = np.repeat(np.asarray(qw.scales, np.float32), 64, axis=-2) / 2
+    assert (np.abs(np.asarray(dequantize(qw)) - np.asarray(w)) <= bound * (1 + 1e-5) + 1e-9).all()
+    with pytest.raises(QuantizationError, match="multiple of 32 rows, got 200"):
+        quantize_weight(jnp.zeros((200, 64)), "int4")
+
+
 # ------------------------------------------------------------------ whole models
 
 
@@ -541,6 +553,21 @@ def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layou
     assert len(out[0].outputs[0].token_ids) == 6
 
 
+@pytest.mark.parametrize("file", ["quant_config.json", "quantize_config.json"])
+def test_autoawq_settings_file_beside_the_config(tiny, tmp_path, file):
+    """AutoAWQ checkpoints made before transformers' integration keep their settings in quant_config.json (or
+    quantize_config.json), under AutoAWQ's own key names; vLLM reads both files."""
+    path = str(tmp_path / "awq")
+    write_quantized_checkpoint(tiny, path, "awq", np.random.default_rng())
+    config = json.load(open(os.path.join(path, "config.json")))
+    del config["quantization_config"]
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    json.dump({"zero_point": True, "q_group_size": GROUP, "w_bit": 4, "version": "GEMM"},
+              open(os.path.join(path, file), "w"))
+    quant = CheckpointQuantization.from_checkpoint(path)
+    assert (quant.method, quant.group_size) == ("awq", GROUP)
+
+
 def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
     rng = np.random.default_rng()
     for layout, stored, asked in (("awq", "awq", "gptq"), ("ct-int4", "compressed-tensors", "awq")):
@@ -554,6 +581,13 @@ def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
     del tensors["model.layers.1.mlp.up_proj.qzeros"]
     save_file(tensors, os.path.join(awq, "model.safetensors"))
     with pytest.raises(CheckpointError, match="lacks tensor 'model.layers.1.mlp.up_proj.qzeros'"):
+        load_model(awq)
+    awq = str(tmp_path / "awq-groups")  # tensors in groups of GROUP rows, the config saying twice that
+    write_quantized_checkpoint(tiny, awq, "awq", rng)
+    config = json.load(open(os.path.join(awq, "config.json")))
+    config["quantization_config"]["group_size"] = 2 * GROUP
+    json.dump(config, open(os.path.join(awq, "config.json"), "w"))
+    with pytest.raises(QuantizationError, match=r"self_attn.q_proj .*its scales are \[.*group_size does not match"):
         load_model(awq)
     for config, message in (
         (dict(quant_method="gptq", bits=8, group_size=128), "bits=8"),
