@@ -194,10 +194,11 @@ class EngineArgs:
 
     def resolved_limits(self, config: ModelConfig) -> tuple[int, int, int]:
         """``(max_model_len, max_num_batched_tokens, max_num_seqs)`` with defaults filled in."""
-        max_model_len = self.max_model_len or config.max_position_embeddings
-        if max_model_len > config.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
-                             f"max_position_embeddings={config.max_position_embeddings}")
+        max_model_len = self.max_model_len or config.max_context_len
+        if max_model_len > config.max_context_len:
+            yarn = ", with YaRN" if config.max_context_len > config.max_position_embeddings else ""
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length "
+                             f"{config.max_context_len} (max_position_embeddings={config.max_position_embeddings}{yarn})")
         from engine.device_memory import default_batch_limits
 
         default_tokens, default_seqs = default_batch_limits(self.usage_context)

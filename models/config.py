@@ -108,6 +108,16 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def max_context_len(self) -> int:
+        """The longest context the checkpoint supports: ``max_position_embeddings``, or YaRN's original length times
+        its factor where that is longer (Qwen2.5's long-context recipe adds YaRN to a 32k config), as vLLM derives
+        ``max_model_len``. (vLLM also multiplies by a linear factor; Gemma 3's 131,072 already includes its 8x.)"""
+        if self.rope_scaling is not None and self.rope_scaling[0] == "yarn":
+            _, factor, original = self.rope_scaling[:3]
+            return max(self.max_position_embeddings, int(original * factor))
+        return self.max_position_embeddings
+
     def num_params(self) -> int:
         h, i, L = self.hidden_size, self.intermediate_size, self.num_layers
         mlp = (self.num_experts * 3 * h * i + h * self.num_experts + 3 * h * self.shared_expert_size

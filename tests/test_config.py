@@ -149,6 +149,20 @@ def test_tied_by_default_where_transformers_ties(variant):
     assert not ModelConfig.from_hf_dict(llama).tie_word_embeddings
 
 
+def test_yarn_extends_the_context_length_as_vllm_derives_it():
+    """Qwen2.5's long-context recipe: YaRN (factor 4 over the original 64) added to a config of 64 positions."""
+    from engine.engine_args import EngineArgs
+
+    yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)
+    c = ModelConfig.from_hf_dict(tiny_hf_config("qwen2", max_position_embeddings=64, rope_scaling=yarn).to_dict())
+    assert c.max_context_len == 256
+    assert EngineArgs().resolved_limits(c)[0] == 256
+    with pytest.raises(ValueError, match="max_model_len=257 exceeds the model's context length 256 .*with YaRN"):
+        EngineArgs(max_model_len=257).resolved_limits(c)
+    plain = ModelConfig.from_hf_dict(tiny_hf_config("qwen2", max_position_embeddings=64).to_dict())
+    assert plain.max_context_len == 64
+
+
 def test_qkv_bias_for_qwen2_and_llama_attention_bias():
     assert ModelConfig.from_hf_dict(tiny_hf_config("qwen2").to_dict()).qkv_bias
     assert ModelConfig.from_hf_dict(tiny_hf_config("llama", attention_bias=True).to_dict()).qkv_bias
