@@ -68,7 +68,8 @@ _DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
 }
 
 # Our per-layer param name -> (Hugging Face name inside ``model.layers.{i}.``, is a Linear weight).
@@ -196,8 +197,9 @@ def _read_header(file: str) -> dict[str, dict]:
     for name, entry in header.items():
         try:
             begin, end = entry["data_offsets"]
-            dtype = _DTYPES[entry["dtype"]]
-            expected = int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize
+            dtype = _DTYPES.get(entry["dtype"])  # another format's tag (F8_E8M0, F4, ...): an error only if read
+            count = int(np.prod(entry["shape"], dtype=np.int64))
+            expected = count * dtype.itemsize if dtype is not None else end - begin
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{file} is corrupt: bad header entry for tensor {name!r} ({e!r})") from None
         if end > data_size:
@@ -235,7 +237,10 @@ class _Checkpoint:
         file, entry = self._entries[name]
         if file not in self._maps:
             self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        dtype = _DTYPES[entry["dtype"]]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"tensor {name!r} in {file} has dtype {entry['dtype']}, which this loader does not "
+                                  f"read (it reads {', '.join(_DTYPES)})")
         start = entry["data_start"]
         nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
         return self._maps[file][start:start + nbytes].view(dtype).reshape(entry["shape"])

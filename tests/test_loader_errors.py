@@ -105,6 +105,23 @@ def test_garbage_header(ckpt):
         load(ckpt)
 
 
+def test_unused_tensors_of_any_dtype_are_ignored(ckpt):
+    """Extra tensors the model does not read (unsigned integers, as torch saves buffers; a tag this loader has no
+    numpy type for) load fine; reading such a tensor would be the error."""
+    def add_extras(t):
+        t["model.extra.buffer"] = np.zeros(4, np.uint32)
+        t["model.extra.other"] = np.zeros(4, np.uint16)
+    rewrite_tensors(ckpt, add_extras)
+    file = ckpt / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    header = bytes(data[8:8 + int.from_bytes(data[:8], "little")])
+    assert b'"U32"' in header and b'"U16"' in header
+    data[8:8 + len(header)] = header.replace(b'"U16"', b'"F4X"')  # same length: another format's tag
+    file.write_bytes(bytes(data))
+    params = load(ckpt)
+    assert params["layers"]["wq"].shape[0] == 2
+
+
 def test_missing_tensor_is_named(ckpt):
     rewrite_tensors(ckpt, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"lacks tensor 'model\.layers\.1\.mlp\.up_proj\.weight'.*layers/w_up"):
