@@ -543,6 +543,23 @@ def test_logprobs_both_formats(served, reference):
         assert bytes(c.bytes).decode() == c.token
 
 
+def test_logprobs_of_a_structured_output_are_numbers(served):
+    """A grammar forbids most tokens (their logprob -inf, which JSON cannot carry): such top logprobs come as
+    -9999.0, as vLLM's server clamps them, streamed or not (a 500 and nulls before)."""
+    client = served.client()
+    choice = {"guided_choice": ["yes", "no"]}
+    chat = [client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, logprobs=True,
+                                           top_logprobs=3, extra_body=choice)]
+    chat += [c for c in client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, stream=True,
+                                                       logprobs=True, top_logprobs=3, extra_body=choice)
+             if c.choices and c.choices[0].logprobs]
+    tops = [t.logprob for c in chat for entry in c.choices[0].logprobs.content for t in entry.top_logprobs]
+    completion = client.completions.create(model=served.model, prompt="Answer:", temperature=0, logprobs=3,
+                                           extra_body=choice)
+    tops += [v for top in completion.choices[0].logprobs.top_logprobs for v in top.values()]
+    assert tops and all(isinstance(v, float) and -9999.0 <= v <= 0 for v in tops) and -9999.0 in tops
+
+
 def test_echo_with_logprobs_scores_the_prompt(served, reference):
     """What evaluation harnesses send to score a text (``echo`` with ``logprobs``): the prompt's tokens with their
     logprobs (the first has none), then the completion's; the same streamed; the greedy completion unchanged."""

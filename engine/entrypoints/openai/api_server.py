@@ -1122,8 +1122,8 @@ def _append_completion_logprobs(out: CompletionLogprobs, tokens_and_entries: Ite
             token, logprob, top = (decode(token_id) if decode is not None else ""), None, None
         else:
             chosen = entry[token_id]
-            token, logprob = chosen.decoded_token or "", chosen.logprob
-            top = {(lp.decoded_token or ""): lp.logprob for lp in entry.values()}
+            token, logprob = chosen.decoded_token or "", _finite(chosen.logprob)
+            top = {(lp.decoded_token or ""): _finite(lp.logprob) for lp in entry.values()}
         out.tokens.append(token)
         out.token_logprobs.append(logprob)
         out.top_logprobs.append(top)
@@ -1139,10 +1139,16 @@ def _chat_logprobs(completion: CompletionOutput, start: int, top_k: Optional[int
         top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= (top_k or 0)),
                      key=lambda lp: lp.rank)
         content.append(ChatTokenLogprob(
-            token=chosen.decoded_token or "", logprob=chosen.logprob, bytes=_utf8(chosen.decoded_token),
-            top_logprobs=[ChatTopLogprob(token=lp.decoded_token or "", logprob=lp.logprob,
+            token=chosen.decoded_token or "", logprob=_finite(chosen.logprob), bytes=_utf8(chosen.decoded_token),
+            top_logprobs=[ChatTopLogprob(token=lp.decoded_token or "", logprob=_finite(lp.logprob),
                                          bytes=_utf8(lp.decoded_token)) for lp in top]))
     return ChatLogprobs(content=content)
+
+
+def _finite(logprob: float) -> float:
+    """A logprob JSON can carry: a token a structured output's grammar forbids has -inf, sent as -9999.0 (vLLM's
+    server clamps alike; JSON has no infinity, and OpenAI's schema wants a number)."""
+    return max(logprob, -9999.0)
 
 
 def _utf8(text: Optional[str]) -> list[int]:
@@ -1155,7 +1161,7 @@ def _prompt_logprobs(output: RequestOutput, asked: Optional[int]) -> Optional[Pr
     if asked is None or output.prompt_logprobs is None:
         return None
     return [None if entry is None else {
-        token: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+        token: PromptLogprob(logprob=_finite(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
         for i, (token, lp) in enumerate(entry.items()) if i == 0 or (lp.rank is not None and lp.rank <= asked)}
         for entry in output.prompt_logprobs]
 
