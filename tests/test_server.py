@@ -402,6 +402,20 @@ def test_tool_calls_by_name_and_required_streamed_or_not_and_the_next_turn(serve
     assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
 
 
+@pytest.mark.parametrize("tool_choice", ["auto", "required"])
+def test_streamed_tool_chat_carries_its_logprobs(served, tool_choice):
+    """Under tools (the parser's "auto", or a forced call) a stream's chunks carry the tokens' logprobs as they
+    come, the same entries as the whole reply's (they were dropped)."""
+    client = served.client(served.tools_url)
+    kwargs = dict(model=served.model, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+                  tool_choice=tool_choice, temperature=0, max_tokens=12, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    streamed = [entry for chunk in client.chat.completions.create(**kwargs, stream=True) for choice in chunk.choices
+                if choice.logprobs for entry in choice.logprobs.content]
+    assert whole and [e.token for e in streamed] == [e.token for e in whole]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole], abs=1e-3)  # other steps
+
+
 def test_auto_tool_choice_reads_the_models_own_calls(served):
     """With a tool-call parser (hermes) "auto" (the default with tools) lets the model answer in text or call: its
     calls come back as tool_calls, the text before them as content, streamed as it comes. The model is steered

@@ -806,14 +806,14 @@ class OpenAIServing:
                                 usage=_usage([dataclasses.replace(output, outputs=[])])
                                 if _continuous_usage(req) else None)
                 state.finished = completion.finish_reason is not None
+                logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
+                state.tokens_sent = len(completion.token_ids)
                 if tool_choice != "none":  # text as it may be streamed, the calls whole when the choice ends
-                    choices.extend(self._tool_chunk(completion, state, tool_choice))
+                    choices.extend(self._tool_chunk(completion, state, tool_choice, logprobs))
                     continue
                 thinking, content = self._reasoning_delta(completion, state)
                 delta = content[state.text_sent:]
                 state.text_sent = len(content)
-                logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
-                state.tokens_sent = len(completion.token_ids)
                 if delta or thinking or state.finished or (logprobs and logprobs.content):
                     choices.append(ChatCompletionChunkChoice(
                         index=completion.index, delta=ChatDelta(content=delta or None,
@@ -861,25 +861,26 @@ class OpenAIServing:
             reason = "tool_calls"
         return ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls), reason
 
-    def _tool_chunk(self, completion: CompletionOutput, state: _ChoiceState,
-                    tool_choice) -> list[ChatCompletionChunkChoice]:
+    def _tool_chunk(self, completion: CompletionOutput, state: _ChoiceState, tool_choice,
+                    logprobs: Optional[ChatLogprobs]) -> list[ChatCompletionChunkChoice]:
         """A streamed choice's chunk under tools: its new reasoning, and under "auto" the new content the parser says
-        is not a call yet; at the end the rest of the content and the calls."""
+        is not a call yet; at the end the rest of the content and the calls. ``logprobs``: its new tokens' (they
+        come as the tokens do, whether their text is sent yet or held as a call's)."""
         thinking, content = self._reasoning_delta(completion, state)
         if not state.finished:
             end = self.tool_parser.content_end(content) if tool_choice == "auto" else 0
             delta = content[state.text_sent:end] if end > state.text_sent else ""
             state.text_sent = max(state.text_sent, end)
-            if not (delta or thinking):
+            if not (delta or thinking or (logprobs and logprobs.content)):
                 return []
             return [ChatCompletionChunkChoice(index=completion.index, delta=ChatDelta(
-                content=delta or None, reasoning_content=thinking or None))]
+                content=delta or None, reasoning_content=thinking or None), logprobs=logprobs)]
         message, reason = self._chat_message(completion, tool_choice)
         calls = [{"index": i, **call.model_dump()} for i, call in enumerate(message.tool_calls)]
         return [ChatCompletionChunkChoice(
             index=completion.index, delta=ChatDelta(content=(message.content or "")[state.text_sent:] or None,
                                                     reasoning_content=thinking or None, tool_calls=calls or None),
-            finish_reason=reason, stop_reason=completion.stop_reason)]
+            logprobs=logprobs, finish_reason=reason, stop_reason=completion.stop_reason)]
 
     # -- shared checks ---------------------------------------------------------------------
 
