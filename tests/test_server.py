@@ -104,7 +104,8 @@ def served():
     names = served_model_names(args)
     app = build_app(async_llm, names)
     secured = build_app(async_llm, names, api_key=API_KEY, metrics=app.state.metrics)
-    tools = build_app(async_llm, names, metrics=app.state.metrics, tool_parser="hermes", reasoning_parser="qwen3")
+    tools = build_app(async_llm, names, metrics=app.state.metrics, tool_parser="hermes", reasoning_parser="qwen3",
+                      trust_request_chat_template=True)
     running = [_serve_in_thread(app), _serve_in_thread(secured), _serve_in_thread(tools)]
     yield Served(running[0][2], running[1][2], async_llm, names[0], running[2][2])
     for server, thread, _ in running:
@@ -414,6 +415,20 @@ def test_streamed_tool_chat_carries_its_logprobs(served, tool_choice):
                 if choice.logprobs for entry in choice.logprobs.content]
     assert whole and [e.token for e in streamed] == [e.token for e in whole]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole], abs=1e-3)  # other steps
+
+
+def test_tokenize_renders_the_tools_as_the_chat_does(served):
+    """/tokenize with ``messages`` and ``tools`` counts the prompt a chat completion with those tools runs (the
+    tools were dropped): a template that renders them, as the request's own (trusted on this server)."""
+    template = ("{% for t in tools or [] %}TOOL {{ t.function.name }}\n{% endfor %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:")
+    body = {"messages": CHAT, "chat_template": template}
+    plain = httpx.post(f"{served.tools_url}/tokenize", json=body).json()["count"]
+    with_tools = httpx.post(f"{served.tools_url}/tokenize", json={**body, "tools": [WEATHER]}).json()["count"]
+    chat = served.client(served.tools_url).chat.completions.create(
+        model=served.model, messages=CHAT, tools=[WEATHER], tool_choice="none", max_tokens=1,
+        extra_body={"chat_template": template})
+    assert with_tools == chat.usage.prompt_tokens > plain
 
 
 def test_auto_tool_choice_reads_the_models_own_calls(served):

@@ -207,6 +207,7 @@ class TokenizeRequest(_ChatTemplateFields):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[ChatTool]] = None  # rendered by the chat template, as a chat completion's are
 
 
 class EmbeddingRequest(BaseModel):
