@@ -16,7 +16,7 @@ Deliberate differences from vLLM (``vllm/sampling_params.py``):
   with ``engine.beam_search.BeamSearchParams``, as in vLLM).
 - ``structured_outputs`` takes vLLM's forms (``json``, ``regex``, ``choice``, ``grammar``,
   ``json_object``); ``grammar`` is a Lark grammar (llguidance's syntax, vLLM's "guidance"
-  backend), not xgrammar's EBNF.
+  backend) or a GBNF / EBNF one (``root ::= ...``, xgrammar's form), which llguidance converts.
 - ``logit_bias`` values must be finite (vLLM adds whatever it is given); the server clamps
   them to [-100, 100] first, as OpenAI and vLLM's server do.
 """
@@ -50,7 +50,7 @@ class StructuredOutputsParams:
     json: a JSON schema (a dict, or its JSON text) the output must satisfy.
     regex: a regular expression the whole output must match.
     choice: the output is exactly one of these strings.
-    grammar: a Lark grammar (llguidance's syntax) the output must parse as.
+    grammar: a Lark grammar (llguidance's syntax), or a GBNF / EBNF one, the output must parse as.
     json_object: any JSON object (OpenAI's ``response_format={"type": "json_object"}``).
     """
 

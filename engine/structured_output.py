@@ -39,7 +39,10 @@ def grammar_text(params: StructuredOutputsParams) -> str:
         return LLMatcher.grammar_from_regex(params.regex)
     if kind == "choice":
         return LLMatcher.grammar_from_regex("|".join(re.escape(choice) for choice in params.choice))
-    return LLMatcher.grammar_from_lark(params.grammar)
+    from llguidance import grammar_from
+
+    # Lark, or GBNF / EBNF (``root ::= ...``: xgrammar's form, vLLM's examples), which llguidance converts to Lark
+    return grammar_from("grammar", params.grammar)
 
 
 class Grammars:

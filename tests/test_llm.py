@@ -334,6 +334,10 @@ def test_structured_outputs_follow_their_grammar(llm):
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", texts[2]) and texts[3] in ("yes", "no", "maybe")
     assert re.fullmatch(r"[1-9][0-9]?\+[1-9][0-9]?", texts[4]), texts[4]
     assert outs[6].outputs[0].finish_reason == "length"
+    gbnf = {"grammar": 'root ::= answer "."\nanswer ::= "yes" | "no"'}  # GBNF / EBNF, vLLM's examples' form
+    (out,) = llm.generate("Is the sky blue? Answer:", SamplingParams(temperature=0, max_tokens=8,
+                                                                   structured_outputs=gbnf), use_tqdm=False)
+    assert out.outputs[0].text in ("yes.", "no.")
 
     for so, fragment in (({"regex": "[0-9"}, "regex"), ({"json": {"type": "bogus"}}, "json"),
                          ({"grammar": "start: undefined_rule"}, "grammar")):
