@@ -867,6 +867,8 @@ def test_a_content_part_other_than_text_is_refused_by_name(served):
     ({"extra_body": {"priority": 5}}, "priority"),
     ({"seed": 2**70}, "seed"),  # this server's queue is first come, first served
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream=True
+    ({"extra_body": {"use_beam_search": True, "n": 2}}, "use_beam_search"),  # offline only (it was ignored)
+    ({"extra_body": {"length_penalty": 0.5}}, "length_penalty"),
 ])
 def test_out_of_range_completions(served, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:

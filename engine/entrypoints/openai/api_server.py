@@ -1089,7 +1089,8 @@ def _logit_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, fl
 def _refuse_unsupported(req) -> None:
     unsupported = req.unsupported_fields()
     if unsupported:
-        raise bad_request(f"{unsupported[0]} is not supported by this server", param=unsupported[0])
+        hint = " (beam search runs offline: LLM.beam_search)" if unsupported[0] == "use_beam_search" else ""
+        raise bad_request(f"{unsupported[0]} is not supported by this server{hint}", param=unsupported[0])
     if req.prompt_logprobs is not None and req.stream:  # as vLLM
         raise bad_request("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
 

@@ -83,14 +83,22 @@ class _SamplingFields(BaseModel):
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
-    # OpenAI fields not implemented: a value other than these defaults is refused.
+    # Fields not implemented: a value other than these defaults is refused (OpenAI's best_of; vLLM's beam search,
+    # which runs offline only here: ``LLM.beam_search``).
     best_of: Optional[int] = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     def unsupported_fields(self) -> list[str]:
         """Names of set fields this server cannot honour."""
+        unsupported = []
         if self.best_of is not None and self.best_of != self.n:
-            return ["best_of"]
-        return []
+            unsupported.append("best_of")
+        if self.use_beam_search:
+            unsupported.append("use_beam_search")
+        if self.length_penalty != 1.0:
+            unsupported.append("length_penalty")
+        return unsupported
 
 
 PROMPT_FORMS = "a string, a list of strings, a list of token ids (integers >= 0) or a list of token-id lists"
