@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Protocol, S
 
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, RequestOutputKind, delta_of
 from engine.pooling import EmbeddingRequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -215,12 +215,17 @@ class AsyncLLM:
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None, *, priority: int = 0,
                        lora_request: Optional["LoRARequest"] = None) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request as they arrive; leaving early aborts it."""
+        """The outputs of one request as they arrive, as ``params.output_kind`` says (vLLM's: cumulative by default;
+        only what is new; only the final one); leaving early aborts it."""
         stream = await self.add_request(request_id or self.new_request_id(), prompt, params, priority=priority,
                                         lora_request=lora_request)
+        kind = params.output_kind if params is not None else RequestOutputKind.CUMULATIVE
+        sent: dict[int, tuple[int, int]] = {}
         try:
             async for output in stream:
-                yield output
+                if kind is RequestOutputKind.FINAL_ONLY and not output.finished:
+                    continue
+                yield delta_of(output, sent) if kind is RequestOutputKind.DELTA else output
         finally:
             stream.close()
 

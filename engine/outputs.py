@@ -66,3 +66,22 @@ class RequestOutput:
     # at its place; None for the first token. Complete from a request's first output on.
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
     lora_request: Any = None  # the request's LoRA adapter (engine.lora.LoRARequest), as vLLM's
+
+
+def delta_of(output: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutput:
+    """A cumulative ``output`` as ``RequestOutputKind.DELTA`` says it: each completion's text, tokens and logprobs
+    entries past what ``sent`` records as handed out (``{index: (characters, tokens)}``, updated here); the prompt
+    on the first output only (``sent`` empty). Cumulative outputs never take text back, so the deltas join to the
+    final output."""
+    first = not sent
+    completions = []
+    for c in output.outputs:
+        chars, tokens = sent.get(c.index, (0, 0))
+        token_ids = list(c.token_ids)
+        logprobs = None if c.logprobs is None else list(c.logprobs[tokens:len(token_ids)])
+        completions.append(dataclasses.replace(c, text=c.text[chars:], token_ids=token_ids[tokens:],
+                                               logprobs=logprobs))
+        sent[c.index] = (len(c.text), len(token_ids))
+    if first:
+        return dataclasses.replace(output, outputs=completions)
+    return dataclasses.replace(output, outputs=completions, prompt=None, prompt_token_ids=None, prompt_logprobs=None)

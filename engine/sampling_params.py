@@ -29,6 +29,8 @@ import logging
 import math
 from numbers import Integral, Real
 
+from engine.outputs import RequestOutputKind
+
 logger = logging.getLogger(__name__)
 
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -138,6 +140,9 @@ class SamplingParams:
     structured_outputs: ``StructuredOutputsParams`` (or a dict of its fields): every
         token is drawn among those the language allows next, so the output follows it.
         Such a request decodes one step at a time.
+    output_kind: what each of ``AsyncLLM.generate``'s outputs carries
+        (``engine.outputs.RequestOutputKind``: everything so far, only what is new, or only
+        the final output), as vLLM's; ``LLM.generate`` returns final outputs whatever it is.
     """
 
     n: int = 1
@@ -164,6 +169,7 @@ class SamplingParams:
     bad_words: str | list[str] | None = None
     structured_outputs: StructuredOutputsParams | dict | None = None
     truncate_prompt_tokens: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self.validate()
@@ -254,6 +260,8 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _require(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1", self.n)
+        _require(isinstance(self.output_kind, RequestOutputKind), "output_kind", "must be a RequestOutputKind",
+                 self.output_kind)
         _require(self.detokenize or not self.stop, "stop", "strings need detokenize=True (the output's text)",
                  self.stop)
         for name in ("presence_penalty", "frequency_penalty"):

@@ -733,6 +733,29 @@ def test_async_llm_generate_and_leaving_early(served, reference):
         asyncio.run(llm.add_request("direct-3", [1] * MAX_MODEL_LEN))
 
 
+def test_async_llm_output_kinds(served, reference):
+    """vLLM's ``SamplingParams.output_kind`` on ``AsyncLLM.generate``: deltas that join to the cumulative output
+    (tokens, text, logprobs; the prompt on the first only), or the final output alone."""
+    from engine import RequestOutputKind, SamplingParams
+
+    def params(kind):
+        return SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1, output_kind=kind)
+
+    async def run(kind, request_id):
+        return [out async for out in served.async_llm.generate(PROMPTS[0], params(kind), request_id=request_id)]
+
+    (final,) = asyncio.run(run(RequestOutputKind.FINAL_ONLY, "kind-final"))
+    deltas = asyncio.run(run(RequestOutputKind.DELTA, "kind-delta"))
+    assert final.finished and final.outputs[0].text == reference[0]
+    assert deltas[-1].finished and len(deltas) > 1 and deltas[0].prompt_token_ids == final.prompt_token_ids
+    assert all(d.prompt_token_ids is None for d in deltas[1:])
+    assert "".join(d.outputs[0].text for d in deltas) == final.outputs[0].text
+    assert [t for d in deltas for t in d.outputs[0].token_ids] == final.outputs[0].token_ids
+    assert [sorted(e) for d in deltas for e in d.outputs[0].logprobs] == [sorted(e) for e in final.outputs[0].logprobs]
+    with pytest.raises(ValueError, match="output_kind must be a RequestOutputKind"):
+        SamplingParams(output_kind="delta")
+
+
 def test_metrics(served):
     metrics = served.metrics()
     for name in ("vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
