@@ -198,7 +198,8 @@ class EngineArgs:
         if max_model_len > config.max_context_len:
             yarn = ", with YaRN" if config.max_context_len > config.max_position_embeddings else ""
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length "
-                             f"{config.max_context_len} (max_position_embeddings={config.max_position_embeddings}{yarn})")
+                             f"{config.max_context_len} "
+                             f"(max_position_embeddings={config.max_position_embeddings}{yarn})")
         from engine.device_memory import default_batch_limits
 
         default_tokens, default_seqs = default_batch_limits(self.usage_context)

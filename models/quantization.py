@@ -563,7 +563,7 @@ def _int4_from_values(values: np.ndarray, zeros: np.ndarray, scales: np.ndarray,
         if groups is None or x.shape != (groups, N):
             raise QuantizationError(
                 f"its {name} are {list(x.shape)}, but groups of {group_size} rows of its [{K}, {N}] weight make "
-                f"[{K / group_size:g}, {N}]: the checkpoint's group_size does not match its tensors")
+                f"[{K}/{group_size}, {N}]: the checkpoint's group_size does not match its tensors")
     pack = qmm.int4_pack_block(K, group_size)
     packed = qmm.pack_int4(values, pack)  # numpy in, numpy out
     out = dict(packed=packed, scales=scales.astype(dtype), zeros=zeros.astype(dtype), pack=pack)
