@@ -58,7 +58,8 @@ def test_parses_transformers_config_object_and_saved_json_alike(variant, tmp_pat
     assert c.rms_norm_eps == hf.rms_norm_eps
     assert c.rope_theta == hf.rope_parameters.get("full_attention", hf.rope_parameters)["rope_theta"]
     assert c.tie_word_embeddings == hf.tie_word_embeddings
-    assert c.qkv_bias == (c.model_type in ("qwen2", "qwen2_moe"))
+    assert c.qkv_bias == (c.model_type in ("qwen2", "qwen2_moe") or getattr(hf, "attention_bias", False))
+    assert c.o_bias == getattr(hf, "attention_bias", False)
     assert c.qk_norm == (c.model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"))
     assert c.sliding_window == (hf.sliding_window if c.model_type in ("mistral", "mixtral", "phi3", "gemma2",
                                                                       "gemma3_text") else None)

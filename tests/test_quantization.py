@@ -653,6 +653,8 @@ def test_fp8_kv_pages_use_the_checkpoints_kv_scales(tiny, tmp_path):
         prefix = f"model.layers.{i}.self_attn."
         for proj, factor in (("q", 1e-3), ("k", 1e3), ("v", 1e3), ("o", 1e-3)):
             tensors[f"{prefix}{proj}_proj.weight"] = tensors[f"{prefix}{proj}_proj.weight"] * np.float32(factor)
+            if proj != "o" and f"{prefix}{proj}_proj.bias" in tensors:  # o_proj's bias comes after the scaling
+                tensors[f"{prefix}{proj}_proj.bias"] = tensors[f"{prefix}{proj}_proj.bias"] * np.float32(factor)
         scales[prefix + "k_scale"] = np.asarray(rng.uniform(500, 2000), np.float32)  # shape []
         scales[prefix + "v_scale"] = np.asarray([rng.uniform(500, 2000)], np.float32)  # shape [1]
     paths = {name: str(tmp_path / name) for name in ("unscaled", "scaled")}
