@@ -94,8 +94,10 @@ class MatmulConfig:
     # GEMV: the K splits stop at this many steps a program, whatever ``gemv_programs_per_core`` asks. At 4 the 8B's int4
     # wqkv and wo launch 384 and 256 programs (a third of the 924 that 72 registers a thread let run at once; run 27b's
     # ncu) and read 1.54 / 1.20 TB/s (run 27c's profile) against w_gate_up's 2.2 at 1,792; at 2: 768 / 512, at 1:
-    # 1,536 / 1,024. Unmeasured below 4.
-    gemv_min_steps: int = 4
+    # 1,536 / 1,024. Run 46a (H100, AWQ 8B at batch 1, one lease): 2 against 4, kernels 2,714 against 2,749 us a step
+    # (wo 216 -> 188, wqkv 265 -> 251), TPOT 2.653 against 2.711 ms. (The K-major int8 GEMV has its own:
+    # kmajor_min_steps.)
+    gemv_min_steps: int = 2
     # GEMV: keep a [block_k, block_n] float32 partial sum and reduce over K once at the end,
     # instead of a cross-thread reduction of every tile (int4 then dequantizes each weight).
     # Measured in the 8B model on the H200 (NOTES.md, run 16a): AWQ TPOT 6.60 -> 4.74 ms.
@@ -151,6 +153,9 @@ class MatmulConfig:
     # (the [K, N] GEMV 3.54): long rows of K bytes a program, few columns.
     kmajor_block_n: int = 16
     kmajor_block_k: int = 256
+    # The K-major int8 GEMV's gemv_min_steps. Run 46a (H100, 8B int8 at batch 1, one lease): 2 lost to 4, kernels
+    # 3,471 / 3,469 against 3,457 / 3,454 us a step (wo 251 -> 264), TPOT 3.404 against 3.391 ms.
+    kmajor_min_steps: int = 4
     # The K-major int8 GEMV: keep a [block_n, block_k] float32 partial sum and reduce over K once after the loop (as
     # gemv_defer_reduction does for the [K, N] GEMV) instead of each step's sum across a row's threads, and read x's
     # slice as a tile of the weight tile's shape (one repeated row: its register layout, no conversion). Offline
@@ -722,7 +727,7 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
                                             default_prefetch=int(not config.kmajor_defer_reduction))
     block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
     num_steps = K // block_k
-    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core, config.gemv_min_steps)
+    splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core, config.kmajor_min_steps)
     kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
                                fma=config.gemv_fma and not interpret)

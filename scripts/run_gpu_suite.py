@@ -43,11 +43,11 @@ VMM = "XLA_PYTHON_CLIENT_ALLOCATOR=vmm"  # the engine adds the update mode itsel
 # int4 GEMV variants (suite name suffix, $PAGEDJAX_MATMUL_CONFIG), each over today's defaults (since run 45c: factored,
 # 8 blocks, loads ahead; 4 blocks from run 29b): the packed tile in other numbers of row blocks
 # (MatmulConfig.gemv_subtiles; runs 27a-c timed them unfactored, where 8 won; 45b-c factored on the H100); more
-# programs for the small weights (wqkv, wo: 384 / 256 programs at 4 steps each): programs of 2 or 1 steps, or 64
+# programs for the small weights (wqkv, wo: 768 / 512 programs at 2 steps each): programs of 4 or 1 steps, or 64
 # columns; the unfactored form; the factored runs of 29a-b.
 GEMV_INT4_VARIANTS = (("sub1", '{"gemv_subtiles": 1}'), ("sub2", '{"gemv_subtiles": 2}'),
                       ("sub4", '{"gemv_subtiles": 4}'), ("sub16", '{"gemv_subtiles": 16}'),
-                      ("minsteps2", '{"gemv_min_steps": 2}'), ("minsteps1", '{"gemv_min_steps": 1}'),
+                      ("minsteps4", '{"gemv_min_steps": 4}'), ("minsteps1", '{"gemv_min_steps": 1}'),
                       ("n64", '{"gemv_block_n": 64}'),
                       # The default before run 29b (each weight dequantized, 8 blocks, no loads ahead).
                       ("unfactored", '{"gemv_factor_scales": false, "gemv_subtiles": 8, "gemv_prefetch": 0}'),
@@ -76,8 +76,8 @@ INT8_KMAJOR_VARIANTS = (("k512", '{"kmajor_block_k": 512}'), ("k128", '{"kmajor_
                         ("n32k128", '{"kmajor_block_n": 32, "kmajor_block_k": 128}'),
                         ("w8", '{"gemv_num_warps": 8}'), ("w2", '{"gemv_num_warps": 2}'),
                         ("ppc16", '{"gemv_programs_per_core": 16}'), ("ppc4", '{"gemv_programs_per_core": 4}'),
-                        ("prefetch", '{"gemv_prefetch": 1}'), ("minsteps2", '{"gemv_min_steps": 2}'),
-                        ("minsteps8", '{"gemv_min_steps": 8}'))
+                        ("prefetch", '{"gemv_prefetch": 1}'), ("minsteps2", '{"kmajor_min_steps": 2}'),
+                        ("minsteps8", '{"kmajor_min_steps": 8}'))
 # Run 42c measured the SiLU product inside the int8 gate/up GEMV (int8_kmajor_silu_gated_matmul, commit d7ec4c8, removed
 # after): the product's launch went (-40 us a step) and the GEMV grew by as much (+48 us): level, see NOTES.md.
 DECODE1 = ("--step", "decode", "--batch", "1", "--ctx", "192")  # profile_step.py: the latency workload's decode step

@@ -199,6 +199,8 @@ KMAJOR_CASES = [  # (M, K, N, dtype, config): the K-major int8 GEMV at one row (
     (1, 224, 96, jnp.float32, MatmulConfig(kmajor_block_k=32, gemv_prefetch=1)),  # 7 steps
     (1, 256, 128, jnp.float32, MatmulConfig(gemv_convert="cvt")),
     (5, 256, 128, jnp.float32, MatmulConfig()),
+    # Programs of one step each (kmajor_min_steps 1: 16 K splits of a small weight).
+    (1, 512, 64, jnp.float32, MatmulConfig(kmajor_block_k=32, kmajor_min_steps=1, gemv_programs_per_core=64)),
     # Each step's products summed over K at once (the default before run 26a): split, loads ahead or not, 7 steps.
     (1, 512, 256, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=False)),
     (1, 384, 96, jnp.float32, MatmulConfig(k_splits=3, kmajor_block_k=32, kmajor_block_n=32,
