@@ -15,15 +15,18 @@ event loop, because the loop holds that lock for a whole engine step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Protocol, Sequence, Union
 
+from engine.beam_search import BeamSearchParams, beam_search
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
-from engine.outputs import RequestOutput, RequestOutputKind, delta_of
+from engine.outputs import CompletionOutput, RequestOutput, RequestOutputKind, delta_of
 from engine.pooling import EmbeddingRequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -229,6 +232,13 @@ class AsyncLLM:
         finally:
             stream.close()
 
+    def beam_search(self, request_id: str, prompt_token_ids: list[int], params: BeamSearchParams, *,
+                    prompt: Optional[str] = None, lora_request: Optional["LoRARequest"] = None) -> "BeamSearchStream":
+        """vLLM's ``EngineClient.beam_search``: a stream whose one output, when the search ends, holds the
+        ``params.beam_width`` best sequences as its completions, best first (``engine.beam_search``; each round's
+        one-token requests go through this engine with the others in flight)."""
+        return BeamSearchStream(self, request_id, prompt_token_ids, params, prompt, lora_request)
+
     async def abort(self, request_id: str) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._loop.abort, request_id)
 
@@ -241,6 +251,69 @@ class AsyncLLM:
 
     def shutdown(self) -> None:
         self._loop.shutdown()
+
+
+class BeamSearchStream:
+    """One prompt's beam search as a request stream (``AsyncLLM.beam_search``). The search's loop runs in a worker
+    thread, each round's requests on the caller's event loop; closing the stream stops the search at its next round.
+    """
+
+    def __init__(self, llm: AsyncLLM, request_id: str, prompt_token_ids: list[int], params: BeamSearchParams,
+                 prompt: Optional[str], lora_request):
+        self._llm, self.request_id, self._params = llm, request_id, params
+        self._prompt, self._prompt_token_ids, self._lora_request = prompt, list(prompt_token_ids), lora_request
+        self._closed = threading.Event()
+        self._rounds = 0
+        self._done = False
+
+    def __aiter__(self) -> "BeamSearchStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        self._done = True
+        loop = asyncio.get_running_loop()
+        engine = self._llm.engine
+
+        def generate(batch: list, sampling: SamplingParams) -> list[RequestOutput]:  # one round, on the loop
+            future = asyncio.run_coroutine_threadsafe(self._round(batch, sampling), loop)
+            while True:
+                if self._closed.is_set() or loop.is_closed():
+                    future.cancel()
+                    raise RuntimeError(f"beam search {self.request_id} was closed")
+                try:
+                    return future.result(timeout=0.5)
+                except concurrent.futures.TimeoutError:
+                    continue
+
+        decode = None if engine.tokenizer is None else engine.tokenizer.decode
+        try:
+            (result,) = await loop.run_in_executor(None, functools.partial(
+                beam_search, generate, [self._prompt_token_ids], self._params, eos_token_ids=engine.eos_token_ids,
+                max_model_len=engine.max_model_len, decode=decode, use_tqdm=False))
+        except asyncio.CancelledError:  # the caller left: the search stops at its next round
+            self._closed.set()
+            raise
+        start = len(self._prompt_token_ids)
+        completions = [CompletionOutput(index=i, text=seq.text or "", token_ids=seq.tokens[start:],
+                                        cumulative_logprob=seq.cum_logprob, finish_reason=seq.finish_reason)
+                       for i, seq in enumerate(result.sequences)]
+        return RequestOutput(request_id=self.request_id, prompt=self._prompt, prompt_token_ids=self._prompt_token_ids,
+                             outputs=completions, finished=True, lora_request=self._lora_request)
+
+    async def _round(self, batch: list, sampling: SamplingParams) -> list[RequestOutput]:
+        self._rounds += 1
+        streams = await self._llm.add_requests(
+            [(f"{self.request_id}-beam{self._rounds}-{i}", tokens, sampling) for i, tokens in enumerate(batch)],
+            lora_request=self._lora_request)
+        finals: list = [None] * len(streams)
+        async for index, output in merge_streams(streams):
+            finals[index] = output
+        return finals
+
+    def close(self) -> None:
+        self._closed.set()
 
 
 async def merge_streams(streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -76,12 +76,14 @@ class EngineView:
     tokenizer: Any
     facts: dict
     default_sampling_fields: dict
+    eos_token_ids: frozenset
 
     @classmethod
     def of(cls, engine, facts: dict) -> "EngineView":
         return cls(args=engine.args, model_path=engine.model_path, model_config=engine.model_config,
                    max_model_len=engine.max_model_len, dtype=engine.dtype, quantization=engine.quantization,
-                   tokenizer=engine.tokenizer, facts=facts, default_sampling_fields=engine.default_sampling_fields)
+                   tokenizer=engine.tokenizer, facts=facts, default_sampling_fields=engine.default_sampling_fields,
+                   eos_token_ids=frozenset(engine.eos_token_ids))
 
     def tokenize(self, prompt: str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)

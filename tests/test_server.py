@@ -589,6 +589,24 @@ def test_logprobs_of_a_structured_output_are_numbers(served):
     assert tops and all(isinstance(v, float) and -9999.0 <= v <= 0 for v in tops) and -9999.0 in tops
 
 
+def test_beam_search_on_both_endpoints(served, reference):
+    """vLLM's ``use_beam_search``: ``n`` beams best first, each prompt its own search (the engine's rounds of
+    one-token requests). One beam is greedy decoding; wider searches find sequences at least as likely."""
+    client = served.client()
+    beam = {"use_beam_search": True}
+    greedy = dict(temperature=0, max_tokens=8, extra_body={**beam, "ignore_eos": True})
+    one = client.completions.create(model=served.model, prompt=PROMPTS[:2], n=1, **greedy)
+    assert [c.text for c in one.choices] == reference[:2]
+    three = client.completions.create(model=served.model, prompt=PROMPTS[0], n=3, **greedy)
+    assert [c.index for c in three.choices] == [0, 1, 2] and len({c.text for c in three.choices}) == 3
+    assert three.usage.completion_tokens == 3 * 8  # ignore_eos: every beam runs to max_tokens
+    chat = client.chat.completions.create(model=served.model, messages=CHAT, n=2, max_tokens=6, temperature=0,
+                                          extra_body={**beam, "length_penalty": 0.5})
+    assert len(chat.choices) == 2 and all(c.message.content for c in chat.choices)
+    with pytest.raises(openai.BadRequestError, match="stream is not supported with use_beam_search"):
+        client.completions.create(model=served.model, prompt="hi", stream=True, extra_body=beam)
+
+
 def test_echo_with_logprobs_scores_the_prompt(served, reference):
     """What evaluation harnesses send to score a text (``echo`` with ``logprobs``): the prompt's tokens with their
     logprobs (the first has none), then the completion's; the same streamed; the greedy completion unchanged."""
@@ -890,8 +908,8 @@ def test_a_content_part_other_than_text_is_refused_by_name(served):
     ({"extra_body": {"priority": 5}}, "priority"),
     ({"seed": 2**70}, "seed"),  # this server's queue is first come, first served
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream=True
-    ({"extra_body": {"use_beam_search": True, "n": 2}}, "use_beam_search"),  # offline only (it was ignored)
-    ({"extra_body": {"length_penalty": 0.5}}, "length_penalty"),
+    ({"logprobs": 2, "extra_body": {"use_beam_search": True}}, "logprobs"),  # what a beam search would ignore
+    ({"stop": ["x"], "extra_body": {"use_beam_search": True}}, "stop"),
 ])
 def test_out_of_range_completions(served, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:

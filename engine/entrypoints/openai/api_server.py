@@ -45,7 +45,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_llm import AsyncLLM, RequestStream, merge_streams
+from engine.async_llm import AsyncLLM, BeamSearchStream, RequestStream, merge_streams
+from engine.beam_search import BeamSearchParams
 from engine.engine_args import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
 from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
@@ -487,8 +488,12 @@ class OpenAIServing:
             self._check_length(len(prompt.token_ids), params.max_tokens if "max_tokens" in req.model_fields_set
                                else None, "prompt", "max_tokens")
         request_id = random_id("cmpl")
-        streams = await self._add_requests(request_id, prompts, params, req.priority, "prompt",
-                                           renames={"structured_outputs": structured[1]}, lora_request=lora_request)
+        if req.use_beam_search:
+            streams = self._beam_searches(request_id, prompts, params, req, lora_request)
+        else:
+            streams = await self._add_requests(request_id, prompts, params, req.priority, "prompt",
+                                               renames={"structured_outputs": structured[1]},
+                                               lora_request=lora_request)
         if echo_only:
             streams = [_PromptOnly(stream) for stream in streams]
         if req.stream:
@@ -505,7 +510,7 @@ class OpenAIServing:
                     logprobs = CompletionLogprobs()
                     offset = self._echo_logprobs(logprobs, output) if req.echo else 0
                     _extend_completion_logprobs(logprobs, completion, 0, offset)
-                choices.append(CompletionChoice(index=p * params.n + completion.index, text=text, logprobs=logprobs,
+                choices.append(CompletionChoice(index=p * req.n + completion.index, text=text, logprobs=logprobs,
                                                 finish_reason=completion.finish_reason,
                                                 stop_reason=completion.stop_reason,
                                                 prompt_logprobs=_prompt_logprobs(output, req.prompt_logprobs)))
@@ -661,7 +666,7 @@ class OpenAIServing:
             finals[p] = output
             choices = []
             for completion in output.outputs:
-                index = p * params.n + completion.index
+                index = p * req.n + completion.index
                 state = states.setdefault(index, _ChoiceState())
                 if state.finished:
                     continue
@@ -711,8 +716,12 @@ class OpenAIServing:
         prompt.token_ids = params.truncate_prompt(prompt.token_ids, self.async_llm.max_model_len)
         self._check_length(len(prompt.token_ids), max_tokens, "messages", max_tokens_field)
         request_id = random_id("chatcmpl")
-        streams = await self._add_requests(request_id, [prompt], params, req.priority, "messages",
-                                           renames={"structured_outputs": structured[1]}, lora_request=lora_request)
+        if req.use_beam_search:
+            streams = self._beam_searches(request_id, [prompt], params, req, lora_request)
+        else:
+            streams = await self._add_requests(request_id, [prompt], params, req.priority, "messages",
+                                               renames={"structured_outputs": structured[1]},
+                                               lora_request=lora_request)
         if req.stream:
             return _sse_response(self._stream_chat(request_id, model, streams[0], params, req, tool_choice), streams)
         (final,) = await _final_outputs(streams)
@@ -916,6 +925,17 @@ class OpenAIServing:
                 f"{max_tokens_param} to at most {limit - num_prompt_tokens}", param=max_tokens_param,
                 code="context_length_exceeded")
 
+    def _beam_searches(self, request_id: str, prompts: list[_Prompt], params: SamplingParams, req,
+                       lora_request: Optional[LoRARequest]) -> list[BeamSearchStream]:
+        """vLLM's ``use_beam_search``: each prompt's ``n`` best beams (``AsyncLLM.beam_search``), as many tokens as
+        ``max_tokens`` says (the rest of the context when it is None)."""
+        limit = self.async_llm.max_model_len
+        return [self.async_llm.beam_search(
+            f"{request_id}-{i}", prompt.token_ids, BeamSearchParams(
+                beam_width=req.n, max_tokens=params.max_tokens or limit - len(prompt.token_ids),
+                ignore_eos=params.ignore_eos, temperature=params.temperature, length_penalty=req.length_penalty),
+            prompt=prompt.text, lora_request=lora_request) for i, prompt in enumerate(prompts)]
+
     async def _add_requests(self, request_id: str, prompts: list[_Prompt], params: SamplingParams, priority: int,
                             prompt_param: str, renames: dict[str, Optional[str]],
                             lora_request: Optional[LoRARequest] = None) -> list[RequestStream]:
@@ -999,8 +1019,9 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
         renames = {**renames, "structured_outputs": structured_field}
     if defaults.get("max_tokens") is not None:  # the generation config's max_new_tokens caps max_tokens (vLLM)
         max_tokens = defaults["max_tokens"] if max_tokens is None else min(max_tokens, defaults["max_tokens"])
-    kwargs: dict[str, Any] = dict(
-        n=req.n, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
+    kwargs: dict[str, Any] = dict(  # a beam search's n is its width, each round's requests one sample each
+        n=1 if req.use_beam_search else req.n, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, seed=req.seed,
         stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
         min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias),
@@ -1089,8 +1110,8 @@ def _logit_bias(logit_bias: Optional[dict[str, float]]) -> Optional[dict[int, fl
 def _refuse_unsupported(req) -> None:
     unsupported = req.unsupported_fields()
     if unsupported:
-        hint = " (beam search runs offline: LLM.beam_search)" if unsupported[0] == "use_beam_search" else ""
-        raise bad_request(f"{unsupported[0]} is not supported by this server{hint}", param=unsupported[0])
+        what = "with use_beam_search" if req.use_beam_search and unsupported[0] != "best_of" else "by this server"
+        raise bad_request(f"{unsupported[0]} is not supported {what}", param=unsupported[0])
     if req.prompt_logprobs is not None and req.stream:  # as vLLM
         raise bad_request("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
 

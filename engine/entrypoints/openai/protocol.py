@@ -83,22 +83,27 @@ class _SamplingFields(BaseModel):
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
-    # Fields not implemented: a value other than these defaults is refused (OpenAI's best_of; vLLM's beam search,
-    # which runs offline only here: ``LLM.beam_search``).
-    best_of: Optional[int] = None
+    # vLLM's beam search: ``n`` beams, ranked by cumulative logprob over length ** length_penalty.
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # OpenAI fields not implemented: a value other than these defaults is refused.
+    best_of: Optional[int] = None
 
     def unsupported_fields(self) -> list[str]:
         """Names of set fields this server cannot honour."""
-        unsupported = []
         if self.best_of is not None and self.best_of != self.n:
-            unsupported.append("best_of")
-        if self.use_beam_search:
-            unsupported.append("use_beam_search")
-        if self.length_penalty != 1.0:
-            unsupported.append("length_penalty")
-        return unsupported
+            return ["best_of"]
+        if self.use_beam_search:  # what a beam search does not do (vLLM ignores them)
+            return [name for name in BEAM_SEARCH_REFUSES if getattr(self, name, None) not in (None, False, 0, [])]
+        return []
+
+
+# Fields a beam search would not honour (``use_beam_search`` refuses them rather than ignore them).
+BEAM_SEARCH_REFUSES = ("stream", "logprobs", "top_logprobs", "prompt_logprobs", "echo", "stop", "stop_token_ids",
+                       "min_tokens", "logit_bias", "allowed_token_ids", "bad_words", "response_format",
+                       "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools",
+                       "presence_penalty", "frequency_penalty", "repetition_penalty", "top_p", "top_k", "min_p",
+                       "seed")
 
 
 PROMPT_FORMS = "a string, a list of strings, a list of token ids (integers >= 0) or a list of token-id lists"
