@@ -605,6 +605,8 @@ def test_beam_search_on_both_endpoints(served, reference):
     assert len(chat.choices) == 2 and all(c.message.content for c in chat.choices)
     with pytest.raises(openai.BadRequestError, match="stream is not supported with use_beam_search"):
         client.completions.create(model=served.model, prompt="hi", stream=True, extra_body=beam)
+    with pytest.raises(openai.BadRequestError, match="beam width"):
+        client.completions.create(model=served.model, prompt="hi", n=11, extra_body=beam)
 
 
 def test_echo_with_logprobs_scores_the_prompt(served, reference):

@@ -67,7 +67,7 @@ from engine.lora import LoRARequest, adapter_folder_problem
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import RUNNERS, PoolingParams, class_labels, cosine, is_classifier, score_pairs
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from models.config import LOAD_FORMATS
 
 logger = logging.getLogger("pagedjax.server")
@@ -929,6 +929,9 @@ class OpenAIServing:
                        lora_request: Optional[LoRARequest]) -> list[BeamSearchStream]:
         """vLLM's ``use_beam_search``: each prompt's ``n`` best beams (``AsyncLLM.beam_search``), as many tokens as
         ``max_tokens`` says (the rest of the context when it is None)."""
+        if req.n > MAX_LOGPROBS // 2:  # each round asks for the 2 * n most likely next tokens
+            raise bad_request(f"n (the beam width) must be at most {MAX_LOGPROBS // 2} with use_beam_search, "
+                              f"got {req.n}", param="n")
         limit = self.async_llm.max_model_len
         return [self.async_llm.beam_search(
             f"{request_id}-{i}", prompt.token_ids, BeamSearchParams(
