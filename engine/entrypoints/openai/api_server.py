@@ -1023,7 +1023,7 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
     if defaults.get("max_tokens") is not None:  # the generation config's max_new_tokens caps max_tokens (vLLM)
         max_tokens = defaults["max_tokens"] if max_tokens is None else min(max_tokens, defaults["max_tokens"])
     kwargs: dict[str, Any] = dict(  # a beam search's n is its width, each round's requests one sample each
-        n=1 if req.use_beam_search else req.n, presence_penalty=req.presence_penalty,
+        n=1 if getattr(req, "use_beam_search", False) else req.n, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, seed=req.seed,
         stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
         min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
