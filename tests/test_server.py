@@ -591,7 +591,7 @@ def test_logprobs_of_a_structured_output_are_numbers(served):
 
 def test_beam_search_on_both_endpoints(served, reference):
     """vLLM's ``use_beam_search``: ``n`` beams best first, each prompt its own search (the engine's rounds of
-    one-token requests). One beam is greedy decoding; wider searches find sequences at least as likely."""
+    one-token requests), streamed as one output when the search ends. One beam is greedy decoding."""
     client = served.client()
     beam = {"use_beam_search": True}
     greedy = dict(temperature=0, max_tokens=8, extra_body={**beam, "ignore_eos": True})
@@ -603,8 +603,13 @@ def test_beam_search_on_both_endpoints(served, reference):
     chat = client.chat.completions.create(model=served.model, messages=CHAT, n=2, max_tokens=6, temperature=0,
                                           extra_body={**beam, "length_penalty": 0.5})
     assert len(chat.choices) == 2 and all(c.message.content for c in chat.choices)
-    with pytest.raises(openai.BadRequestError, match="stream is not supported with use_beam_search"):
-        client.completions.create(model=served.model, prompt="hi", stream=True, extra_body=beam)
+    streamed = [c for c in client.completions.create(model=served.model, prompt=PROMPTS[0], n=3, stream=True,
+                                                      **greedy)]  # the search's one output, as it ends (vLLM's)
+    assert {ch.index: ch.text for chunk in streamed for ch in chunk.choices if ch.text} == {
+        c.index: c.text for c in three.choices}
+    chat_stream = list(client.chat.completions.create(model=served.model, messages=CHAT, n=2, max_tokens=6,
+                                                      temperature=0, stream=True, extra_body=beam))
+    assert {ch.index for chunk in chat_stream for ch in chunk.choices if ch.finish_reason} == {0, 1}
     with pytest.raises(openai.BadRequestError, match="beam width"):
         client.completions.create(model=served.model, prompt="hi", n=11, extra_body=beam)
 

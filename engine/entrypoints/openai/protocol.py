@@ -99,7 +99,7 @@ class _SamplingFields(BaseModel):
 
 
 # Fields a beam search would not honour (``use_beam_search`` refuses them rather than ignore them).
-BEAM_SEARCH_REFUSES = ("stream", "logprobs", "top_logprobs", "prompt_logprobs", "echo", "stop", "stop_token_ids",
+BEAM_SEARCH_REFUSES = ("logprobs", "top_logprobs", "prompt_logprobs", "echo", "stop", "stop_token_ids",
                        "min_tokens", "logit_bias", "allowed_token_ids", "bad_words", "response_format",
                        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools",
                        "presence_penalty", "frequency_penalty", "repetition_penalty", "top_p", "top_k", "min_p",
