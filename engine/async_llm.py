@@ -307,10 +307,7 @@ class BeamSearchStream:
         streams = await self._llm.add_requests(
             [(f"{self.request_id}-beam{self._rounds}-{i}", tokens, sampling) for i, tokens in enumerate(batch)],
             lora_request=self._lora_request)
-        finals: list = [None] * len(streams)
-        async for index, output in merge_streams(streams):
-            finals[index] = output
-        return finals
+        return await final_outputs(streams)
 
     def close(self) -> None:
         self._closed.set()
@@ -354,6 +351,14 @@ async def merge_streams(streams: Sequence[AsyncIterator[RequestOutput]]) -> Asyn
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+
+
+async def final_outputs(streams: Sequence[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """Each stream's last (final) output, in the streams' order."""
+    finals: list[Optional[RequestOutput]] = [None] * len(streams)
+    async for index, output in merge_streams(streams):
+        finals[index] = output
+    return finals  # type: ignore[return-value]
 
 
 class _RequestTimer:

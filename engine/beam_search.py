@@ -17,7 +17,9 @@ from typing import Callable, Optional, Sequence
 from tqdm.auto import tqdm
 
 from engine.outputs import Logprob, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_BEAM_WIDTH = MAX_LOGPROBS // 2
 
 
 @dataclasses.dataclass
@@ -36,6 +38,9 @@ class BeamSearchParams:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.beam_width > MAX_BEAM_WIDTH:
+            raise ValueError(f"beam_width must be at most {MAX_BEAM_WIDTH} (each round asks for the 2 * beam_width "
+                             f"most likely next tokens), got {self.beam_width}")
 
 
 @dataclasses.dataclass

@@ -405,6 +405,8 @@ def test_beam_search_finds_what_greedy_misses_and_keeps_its_sums(llm):
     assert all(b.finish_reason in ("stop", "length") for b in stopped.sequences)
     with pytest.raises(ValueError, match="beam_width"):
         BeamSearchParams(beam_width=0, max_tokens=4)
+    with pytest.raises(ValueError, match="beam_width must be at most 10"):  # 2 * 10 logprobs a round
+        BeamSearchParams(beam_width=11, max_tokens=4)
 
 
 def _stream(llm, prompt, params, output_kind):

@@ -45,7 +45,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_llm import AsyncLLM, BeamSearchStream, RequestStream, merge_streams
+from engine.async_llm import AsyncLLM, BeamSearchStream, RequestStream, final_outputs, merge_streams
 from engine.beam_search import BeamSearchParams
 from engine.engine_args import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
 from engine.entrypoints.openai.protocol import (
@@ -67,7 +67,7 @@ from engine.lora import LoRARequest, adapter_folder_problem
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import RUNNERS, PoolingParams, class_labels, cosine, is_classifier, score_pairs
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.sampling_params import SamplingParams
 from models.config import LOAD_FORMATS
 
 logger = logging.getLogger("pagedjax.server")
@@ -499,7 +499,7 @@ class OpenAIServing:
         if req.stream:
             body = self._stream_completion(request_id, model, prompts, streams, params, req)
             return _sse_response(body, streams)
-        finals = await _final_outputs(streams)
+        finals = await final_outputs(streams)
         choices = []
         for p, output in enumerate(finals):
             for completion in output.outputs:
@@ -625,7 +625,7 @@ class OpenAIServing:
                                   code="context_length_exceeded")
         streams = await self._add_requests(request_id, prompts, params, priority, param, renames={},
                                            lora_request=lora_request)
-        return await _final_outputs(streams), sum(len(p.token_ids) for p in prompts)
+        return await final_outputs(streams), sum(len(p.token_ids) for p in prompts)
 
     def _echo_logprobs(self, out: CompletionLogprobs, output: RequestOutput) -> int:
         """Append the prompt's tokens to ``out`` in the completions format (the first with no logprob, as OpenAI's
@@ -724,7 +724,7 @@ class OpenAIServing:
                                                lora_request=lora_request)
         if req.stream:
             return _sse_response(self._stream_chat(request_id, model, streams[0], params, req, tool_choice), streams)
-        (final,) = await _final_outputs(streams)
+        (final,) = await final_outputs(streams)
         choices = []
         for c in final.outputs:
             message, finish_reason = self._chat_message(c, tool_choice)
@@ -929,15 +929,17 @@ class OpenAIServing:
                        lora_request: Optional[LoRARequest]) -> list[BeamSearchStream]:
         """vLLM's ``use_beam_search``: each prompt's ``n`` best beams (``AsyncLLM.beam_search``), as many tokens as
         ``max_tokens`` says (the rest of the context when it is None)."""
-        if req.n > MAX_LOGPROBS // 2:  # each round asks for the 2 * n most likely next tokens
-            raise bad_request(f"n (the beam width) must be at most {MAX_LOGPROBS // 2} with use_beam_search, "
-                              f"got {req.n}", param="n")
         limit = self.async_llm.max_model_len
-        return [self.async_llm.beam_search(
-            f"{request_id}-{i}", prompt.token_ids, BeamSearchParams(
+        try:
+            searches = [BeamSearchParams(
                 beam_width=req.n, max_tokens=params.max_tokens or limit - len(prompt.token_ids),
-                ignore_eos=params.ignore_eos, temperature=params.temperature, length_penalty=req.length_penalty),
-            prompt=prompt.text, lora_request=lora_request) for i, prompt in enumerate(prompts)]
+                ignore_eos=params.ignore_eos, temperature=params.temperature, length_penalty=req.length_penalty)
+                for prompt in prompts]
+        except ValueError as e:  # the width: max_tokens leaves at least one token (_check_length)
+            raise bad_request(f"n (the beam width) with use_beam_search: {e}", param="n") from None
+        return [self.async_llm.beam_search(f"{request_id}-{i}", prompt.token_ids, search, prompt=prompt.text,
+                                           lora_request=lora_request)
+                for i, (prompt, search) in enumerate(zip(prompts, searches))]
 
     async def _add_requests(self, request_id: str, prompts: list[_Prompt], params: SamplingParams, priority: int,
                             prompt_param: str, renames: dict[str, Optional[str]],
@@ -1224,13 +1226,6 @@ class _PromptOnly:
 
     def close(self) -> None:
         self.stream.close()
-
-
-async def _final_outputs(streams: Sequence[RequestStream]) -> list[RequestOutput]:
-    finals: list[Optional[RequestOutput]] = [None] * len(streams)
-    async for index, output in merge_streams(streams):
-        finals[index] = output
-    return finals  # type: ignore[return-value]
 
 
 def _encode_embedding(vector: list[float], encoding_format: str) -> Union[list[float], str]:
