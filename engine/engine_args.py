@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from typing import Optional
 
 from models.config import QUANTIZATION_METHODS, ModelConfig
@@ -16,6 +17,8 @@ from models.config import QUANTIZATION_METHODS, ModelConfig
 # vLLM's names: "fp8" is e4m3. Pages hold K/V at scale 1 (vLLM's default without calibrated scales).
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 LINEAR_BACKENDS = ("auto", "pallas", "xla")
+# enforce_eager's XLA options: no command buffers (an empty list of the command types XLA captures in CUDA graphs).
+EAGER_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype):
@@ -104,12 +107,24 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None
+    # vLLM's --tokenizer: a folder (or .gguf) whose tokenizer is used instead of the model's (None: the model's).
+    tokenizer: Optional[str] = None
+    # vLLM's --trust-remote-code: the tokenizer may run the code its folder ships (transformers'
+    # ``trust_remote_code``). The model's code is always the engine's own (models/), so for the weights it changes
+    # nothing: an architecture the engine does not implement is refused either way.
+    trust_remote_code: bool = False
+    # vLLM's --enforce-eager: no CUDA graphs. XLA's command buffers (its CUDA graphs) off for every step
+    # (``EAGER_COMPILER_OPTIONS``); steps still compile, each kernel then launches on its own.
+    enforce_eager: bool = False
 
     def validate(self) -> None:
         import jax
 
         from pallas_kernels import KV_WRITE_BACKENDS
 
+        if self.tokenizer is not None and not os.path.exists(self.tokenizer):
+            raise ValueError(f"tokenizer {self.tokenizer!r} does not exist (a folder with the tokenizer's files, or a "
+                             ".gguf file; nothing is downloaded)")
         if self.block_size not in (8, 16, 32, 64):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, got {self.block_size!r}")
         if not 0 < self.gpu_memory_utilization <= 1:

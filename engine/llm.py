@@ -71,6 +71,9 @@ class LLM:
         max_loras: int = 1,
         max_lora_rank: int = 16,
         max_cpu_loras: Optional[int] = None,
+        tokenizer: Optional[str] = None,
+        trust_remote_code: bool = False,
+        enforce_eager: bool = False,
     ):
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
@@ -87,6 +90,7 @@ class LLM:
             generation_config=generation_config, reasoning_parser=reasoning_parser, runner=runner,
             pooling_type=pooling_type, speculative_config=speculative_config, enable_lora=enable_lora,
             max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
+            tokenizer=tokenizer, trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)

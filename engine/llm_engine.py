@@ -160,7 +160,8 @@ class LLMEngine:
             if not skip_tokenizer_init:
                 from engine.tokenizer import eos_token_ids, load_tokenizer
 
-                self.tokenizer = load_tokenizer(loaded.path)
+                self.tokenizer = load_tokenizer(args.tokenizer or loaded.path,
+                                                trust_remote_code=args.trust_remote_code)
                 self.eos_token_ids.update(eos_token_ids(self.tokenizer, loaded.path))
             self._reasoning_end = None  # engine.reasoning.ReasoningEnd under a reasoning parser
             if args.reasoning_parser is not None and self.tokenizer is not None:
@@ -184,7 +185,7 @@ class LLMEngine:
                                       compiler_options=args.compiler_options, fixed_table_width=precompile,
                                       num_scheduler_steps=args.num_scheduler_steps,
                                       max_loras=args.max_loras if args.enable_lora else 0,
-                                      max_lora_rank=args.max_lora_rank)
+                                      max_lora_rank=args.max_lora_rank, eager=args.enforce_eager)
             # LoRA adapters: read when a request first names one, put into the runner's slots as steps need them.
             self.lora_slots = None if not args.enable_lora else LoRASlots(
                 config, args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras, self.runner.set_lora)

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from engine.cache_dir import cache_dir
 from engine.compile_ahead import compile_ahead, compile_workers
+from engine.engine_args import EAGER_COMPILER_OPTIONS
 from engine.multi_step import burst_output_shapes, decode_burst
 from engine.sampler import SamplerOutput, SamplingMetadata, build_sampling_metadata, sample, with_logprobs
 from engine.sampling_params import SamplingParams
@@ -360,6 +361,7 @@ class ModelRunner:
         num_scheduler_steps: int = 1,
         max_loras: int = 0,
         max_lora_rank: int = 16,
+        eager: bool = False,
     ):
         """``unroll_layers``: unstack the layer weights and unroll the layer loop (None: on GPU only).
         ``mesh``: shard over its ``tp`` axis (params may arrive anywhere, ideally placed with
@@ -374,7 +376,8 @@ class ModelRunner:
         ``table_width`` says whether it is), so ``precompile`` can compile every step shape.
         ``num_scheduler_steps``: the decode steps of a multi-step dispatch (``engine.multi_step``; 1: none).
         ``max_loras``: device slots for that many LoRA adapters of rank up to ``max_lora_rank`` (``models.lora``;
-        ``set_lora`` fills one; 0: no LoRA)."""
+        ``set_lora`` fills one; 0: no LoRA). ``eager``: vLLM's ``enforce_eager``, no CUDA graphs: the steps and the
+        sampler compile with XLA's command buffers off (``EAGER_COMPILER_OPTIONS``, on GPU)."""
         enable_compilation_cache()
         self.config = config  # the checkpoint's; the step may run a kv-head-replicated copy
         self.mesh = mesh
@@ -431,6 +434,7 @@ class ModelRunner:
         self._multi_process = jax.process_count() > 1
         # The user's options hold for every step; the defaults depend on the step's size.
         self._options_given = compiler_options is not None
+        self._eager_options = dict(EAGER_COMPILER_OPTIONS) if eager and jax.default_backend() == "gpu" else {}
         self._has_fp8 = has_fp8_weights(self.params)
         self.compiler_options = (dict(compiler_options) if self._options_given
                                  else self.step_compiler_options(max_num_batched_tokens))
@@ -465,6 +469,7 @@ class ModelRunner:
         self._staged = {}  # the step inputs' shapes -> their device buffers (``_on_device``)
         self._logits_buffers = {}  # sequence slots -> the last step's logits, the next one's output buffer
         self._sample = jax.jit(self._sample_step, static_argnames=("layout", "num_logprobs"), donate_argnums=(2,),
+                               compiler_options=self._eager_options or None,
                                **sample_placement)
         # Host seconds a step in each of dispatch()'s parts: its inputs (built, packed, copied and staged), the
         # model step's call and the sampler's (metadata packed and copied, the call): LLM.stats() reports them.
@@ -614,7 +619,7 @@ class ModelRunner:
         packed, layout = self._abstract_sampling(SamplingParams(), S)
         sampler = jax.jit(self._sample_step, static_argnames=("layout", "num_logprobs")).trace(
             self._abstract_logits(S), packed, sampled, layout=layout, num_logprobs=None)
-        options = self.compiler_options or None
+        options = self.step_compiler_options(T) or None
         path = cache_dir("activation-bytes", sizing_key(step, sampler, options, self.params, cache) + ".json")
         if os.path.exists(path):
             with open(path) as f:
@@ -717,8 +722,8 @@ class ModelRunner:
     def step_compiler_options(self, num_tokens: int) -> dict:
         """XLA options of a step of ``num_tokens`` (padded) token rows: the user's, or the defaults."""
         if self._options_given:
-            return self.compiler_options
-        return default_compiler_options(num_tokens, fp8=self._has_fp8)
+            return {**self.compiler_options, **self._eager_options}
+        return {**default_compiler_options(num_tokens, fp8=self._has_fp8), **self._eager_options}
 
     def step_fn(self, num_tokens: int):
         """The jitted model step for ``num_tokens`` (padded) token rows, compiled with its XLA options."""

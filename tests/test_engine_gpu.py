@@ -178,3 +178,29 @@ def test_prefix_caching_and_prompt_logprobs_with_the_kernels(tmp_path):
         scores_agree_with_sampling(llm, prompts, atol=1e-3)
     finally:
         llm.shutdown()
+
+
+def test_enforce_eager_compiles_without_command_buffers_and_gives_the_same_tokens(tmp_path):
+    """vLLM's ``enforce_eager`` (no CUDA graphs): XLA's command buffers are off in what the options compile (a
+    program of several fusions holds none), and the engine's greedy tokens are those of the default engine."""
+    from engine.engine_args import EAGER_COMPILER_OPTIONS
+
+    def several_fusions(x):
+        for _ in range(4):
+            x = jax.numpy.tanh(x @ x.T) + jax.numpy.cumsum(x, axis=0)
+        return x
+
+    x = jax.numpy.ones((64, 64))
+    default_text = jax.jit(several_fusions).lower(x).compile().as_text()
+    eager_text = jax.jit(several_fusions, compiler_options=EAGER_COMPILER_OPTIONS).lower(x).compile().as_text()
+    assert "command_buffer" in default_text and "command_buffer" not in eager_text
+    write_tiny_checkpoint(tmp_path, "llama", seed=7)
+    prompts = [np.random.default_rng().integers(0, 256, size=n).tolist() for n in (3, 40, 9)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    tokens = {}
+    for eager in (False, True):
+        llm = LLM(model=str(tmp_path), dtype="float32", skip_tokenizer_init=True, enforce_eager=eager,
+                  max_model_len=128, max_num_batched_tokens=64, max_num_seqs=4, num_gpu_blocks_override=64)
+        tokens[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.shutdown()
+    assert tokens[True] == tokens[False]

@@ -1040,6 +1040,11 @@ def test_help_names_safe_default_host():
     spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'  # vLLM's JSON form
     assert engine_args_from_cli(make_arg_parser().parse_args(["--speculative-config", spec])).speculative_config == {
         "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+    # vLLM launch lines' common flags (a GGUF's original tokenizer beside it, no CUDA graphs)
+    vllm_flags = ["--tokenizer", "/models/tok", "--trust-remote-code", "--enforce-eager"]
+    engine_args = engine_args_from_cli(make_arg_parser().parse_args(vllm_flags))
+    assert (engine_args.tokenizer, engine_args.trust_remote_code, engine_args.enforce_eager) == ("/models/tok", True,
+                                                                                                True)
     args = make_arg_parser().parse_args([])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
     assert json.dumps(served_model_names(args)) == '["SmolLM2-135M-Instruct"]'

@@ -144,3 +144,24 @@ def test_gguf_tokenizer_cache_gives_the_same_tokenizer(gguf_tokenizer, tmp_path,
         assert tok.encode(text) == gguf_tokenizer.encode(text)
         assert apply_chat_template(tok, messages) == apply_chat_template(gguf_tokenizer, messages)
         assert tok.eos_token_id == gguf_tokenizer.eos_token_id
+
+
+def test_llm_takes_a_separate_tokenizer_as_vllm_does(folder_tokenizer, tmp_path):
+    """vLLM's ``tokenizer=`` (``--tokenizer``): a checkpoint folder without tokenizer files runs with another
+    folder's; ``trust_remote_code`` and ``enforce_eager`` are taken; a missing tokenizer path fails before loading."""
+    from engine import LLM, SamplingParams
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path / "model", "llama", seed=int(np.random.default_rng().integers(1 << 20)))
+    with pytest.raises(TokenizerError, match="no tokenizer"):
+        LLM(str(tmp_path / "model"), max_model_len=64, num_gpu_blocks_override=16)
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(tmp_path / "model"), tokenizer=str(tmp_path / "missing"))
+    path, tokenizer = folder_tokenizer
+    llm = LLM(str(tmp_path / "model"), tokenizer=path, trust_remote_code=True, enforce_eager=True,
+              max_model_len=64, num_gpu_blocks_override=16)
+    assert llm.get_tokenizer().get_vocab() == tokenizer.get_vocab()
+    prompt = [int(t) for t in np.random.default_rng().integers(3, 256, 12)]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 6 and out.text == tokenizer.decode(out.token_ids)

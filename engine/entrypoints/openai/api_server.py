@@ -1303,6 +1303,15 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="the model's tool-call syntax: hermes (Qwen 2.5 / 3, Hermes), llama3_json (Llama 3.1 / "
                              "3.2)")
     engine = parser.add_argument_group("engine")
+    engine.add_argument("--tokenizer", default=None,
+                        help="a folder (or .gguf file) whose tokenizer is used instead of the model's, e.g. the "
+                             "original checkpoint's beside a GGUF")
+    engine.add_argument("--trust-remote-code", action="store_true",
+                        help="let the tokenizer run the code its folder ships; the model's code is always the "
+                             "engine's own (an architecture it lacks is refused either way)")
+    engine.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs: the steps compile with XLA's command buffers off, so each kernel "
+                             "launches on its own (slower small steps)")
     engine.add_argument("--dtype", default="auto", help="weights and KV-cache dtype: auto (bfloat16 on GPU, "
                         "float32 on CPU), bfloat16, float16, float32")
     engine.add_argument("--max-model-len", type=int, default=None,
