@@ -133,14 +133,21 @@ def render_chat_template(
                                          add_generation_prompt=add_generation_prompt, **template_kwargs)
 
 
+def non_text_part_kinds(content: list) -> list[str]:
+    """The types of an OpenAI content-part list's parts other than text, sorted (a part that is no dict is named by
+    its Python type): what a text-only model cannot read."""
+    kinds = {str(part.get("type")) if isinstance(part, dict) else type(part).__name__ for part in content}
+    return sorted(kinds - {"text"})
+
+
 def _with_text_content(message: dict) -> dict:
     """``message`` with a content given as OpenAI's list of parts joined into its text (text parts only)."""
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
         return message
-    kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content}
-    if kinds - {"text"}:
-        raise ValueError(f"a message's content parts must be text (type 'text'); got {sorted(map(str, kinds))}")
+    kinds = non_text_part_kinds(content)
+    if kinds:
+        raise ValueError(f"a message's content parts must be text (type 'text'); got {', '.join(map(repr, kinds))}")
     return {**message, "content": "".join(part.get("text") or "" for part in content)}
 
 

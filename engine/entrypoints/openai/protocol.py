@@ -158,7 +158,9 @@ class ChatMessage(BaseModel):
     def _text_parts_only(cls, content: Any) -> Any:
         """A part of another type (an image, audio) is refused by name, before the union's type errors."""
         if isinstance(content, list):
-            kinds = sorted({str(part.get("type")) for part in content if isinstance(part, dict)} - {"text"})
+            from engine.tokenizer import non_text_part_kinds
+
+            kinds = non_text_part_kinds(content)
             if kinds:
                 raise ValueError(f"content parts must be text (type 'text'): this server reads text only, "
                                  f"got {', '.join(repr(k) for k in kinds)}")
