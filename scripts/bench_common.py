@@ -102,6 +102,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
                         help="LoRA: requests spread round-robin over this many random adapters (on every matrix; "
                              "all in device slots at once: max_loras); 0: none")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="the random adapters' rank (--num-loras)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs (vLLM's flag): XLA's command buffers off for the steps and sampler")
     parser.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an XLA option for the step's compilation (repeatable; default: the engine's choice)")
     parser.add_argument("--seed", type=int, default=PROMPT_SEED, help="seed of the random prompts and weights")
@@ -128,7 +130,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         fuse_projections={"auto": None, "on": True, "off": False}[args.fuse_projections],
         compiler_options=compiler_options(args.compiler_option) if args.compiler_option else None,
         num_scheduler_steps=args.num_scheduler_steps, enable_prefix_caching=args.enable_prefix_caching,
-        speculative_config=args.speculative_config,
+        speculative_config=args.speculative_config, enforce_eager=args.enforce_eager,
     )
     if args.num_loras:
         options.update(enable_lora=True, max_loras=args.num_loras, max_lora_rank=args.max_lora_rank)
