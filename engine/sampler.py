@@ -42,7 +42,8 @@ Choices, and why:
   the costliest stage: on an H100, S=256, V=128256, sampling takes 0.20 ms with
   temperature alone and 1.84 ms with top_k/top_p (S=64: 0.09 vs 0.85 ms); a
   sort-free rejection sampler (as FlashInfer's) is the next step if that matters.
-- Seeds are reduced modulo 2**32 (JAX keys take a 32-bit seed).
+- A seed is taken modulo 2**64, as vLLM's 64-bit torch generator takes it: its two 32-bit halves are the threefry
+  key's data, the key ``jax.random.key`` makes of a seed below 2**32.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class SamplingMetadata:
     presence_penalty: jax.Array  # [S] f32
     frequency_penalty: jax.Array  # [S] f32
     repetition_penalty: jax.Array  # [S] f32
-    seeds: jax.Array  # [S] uint32
+    seeds: jax.Array  # [S, 2] uint32: each seed's threefry key data (high, low 32 bits)
     step_indices: jax.Array  # [S] int32; the draw's key is fold_in(key(seed), step_index)
     prompt_token_ids: jax.Array  # [S, P] int32, -1 padded; for repetition_penalty
     output_token_ids: jax.Array  # [S, O] int32, -1 padded; for all three penalties
@@ -164,8 +165,8 @@ def build_sampling_metadata(
     repetition = np.ones(S, np.float32)
     for column, array in enumerate((temperature, top_p, top_k, min_p, presence, frequency, repetition)):
         array[:n] = values[:, column]
-    seed_arr = np.zeros(S, np.uint32)
-    seed_arr[:n] = [seed % 2**32 for seed in seeds]
+    seed_arr = np.zeros((S, 2), np.uint32)
+    seed_arr[:n] = [divmod(seed % 2**64, 2**32) for seed in seeds]
     step_arr = np.zeros(S, np.int32)
     step_arr[:n] = step_indices
 
@@ -400,7 +401,7 @@ def _random_sample(logits: jax.Array, metadata: SamplingMetadata) -> jax.Array:
         logits = _apply_min_p(logits, metadata.min_p)
     if metadata.needs_top_k_top_p:
         logits = _apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
-    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
+    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.wrap_key_data(seed, impl="threefry2x32"), step))(
         metadata.seeds, metadata.step_indices
     )
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)

@@ -2,6 +2,7 @@
 
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -201,6 +202,21 @@ def test_seeded_row_is_independent_of_batch(rng):
     assert len(draws) > 1
 
 
+def test_seeds_take_64_bits_and_below_2_32_draw_as_jax_random_key():
+    """A seed is taken modulo 2**64, as vLLM's torch generator takes it: seeds equal modulo 2**32 but not 2**64 draw
+    apart; a seed below 2**32 draws with ``jax.random.key(seed)`` (the draws of seeded requests made before)."""
+    row = np.zeros((1, 4096), np.float32)  # uniform: a draw is the key's, nothing else
+    base = int(np.random.default_rng().integers(2**32))
+
+    def draw(seed: int) -> int:
+        return int(sample_jit(row, _metadata([SamplingParams(seed=seed)], seeds=[seed], steps=[5])).token_ids[0])
+
+    expected = int(jax.random.categorical(jax.random.fold_in(jax.random.key(base), 5), jnp.asarray(row[0])))
+    assert draw(base) == expected
+    assert len({draw(base + k * 2**32) for k in range(4)}) > 1
+    assert draw(base + 2**64) == draw(base)
+
+
 # -- logprobs -------------------------------------------------------------
 
 
@@ -326,7 +342,7 @@ def test_builder_pads_flags_and_buckets():
     assert md.temperature.tolist() == [0.0, 1.0, 0.0, 0.0]  # padding rows greedy
     assert md.top_p.tolist() == pytest.approx([1.0, 0.9, 1.0, 1.0])
     assert md.repetition_penalty.tolist() == pytest.approx([1.0, 1.2, 1.0, 1.0])
-    assert md.seeds.tolist() == [11, 5, 0, 0] and md.step_indices.tolist() == [2, 20, 0, 0]
+    assert md.seeds.tolist() == [[0, 11], [2, 5], [0, 0], [0, 0]] and md.step_indices.tolist() == [2, 20, 0, 0]
     assert (md.all_greedy, md.needs_penalties, md.needs_top_k_top_p, md.needs_min_p) == (False, True, True, False)
     assert not md.needs_token_bans and md.banned_token_ids.shape == (4, 0)
     assert not (md.needs_logit_bias or md.needs_token_bitmask or md.needs_allowed_tokens)
@@ -387,7 +403,7 @@ def test_builder_rows_do_not_depend_on_the_batch_or_on_shared_params(rng):
                                         eos_token_ids=[2])
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", "seeds", "step_indices"):
-            assert getattr(batch, name)[i] == getattr(alone, name)[0], name
+            np.testing.assert_array_equal(getattr(batch, name)[i], getattr(alone, name)[0], err_msg=name)
         for name in ("prompt_token_ids", "output_token_ids", "banned_token_ids"):
             row, alone_row = getattr(batch, name)[i], getattr(alone, name)[0]
             assert row[row >= 0].tolist() == alone_row[alone_row >= 0].tolist(), name
