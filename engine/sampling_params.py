@@ -124,6 +124,8 @@ class SamplingParams:
         likely tokens there (0 = the prompt token only). At most ``MAX_LOGPROBS``. Such a
         request computes its whole prompt (no prefix cache hits), as in vLLM.
     skip_special_tokens: leave special tokens out of the output text.
+    spaces_between_special_tokens: vLLM's field, taken for its API. The engine's tokenizers are fast ones, which
+        decode special tokens as they are whatever it says (as vLLM's fast detokenizer does).
     detokenize: make the output text (False: token ids only, text and logprob tokens left empty; no stop strings).
     include_stop_str_in_output: keep the matched stop string (or stop token's text)
         at the end of the output text.
@@ -162,6 +164,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     detokenize: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None

@@ -141,14 +141,20 @@ def non_text_part_kinds(content: list) -> list[str]:
 
 
 def _with_text_content(message: dict) -> dict:
-    """``message`` with a content given as OpenAI's list of parts joined into its text (text parts only)."""
+    """``message`` with a content given as OpenAI's list of parts joined into its text (text parts only), one part a
+    line as vLLM joins them (``join_text_parts``)."""
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
         return message
     kinds = non_text_part_kinds(content)
     if kinds:
         raise ValueError(f"a message's content parts must be text (type 'text'); got {', '.join(map(repr, kinds))}")
-    return {**message, "content": "".join(part.get("text") or "" for part in content)}
+    return {**message, "content": join_text_parts(part.get("text") or "" for part in content)}
+
+
+def join_text_parts(texts: Iterable[str]) -> str:
+    """A message's text parts as its one text: a part a line (vLLM's ``_parse_chat_message_content_parts``)."""
+    return "\n".join(texts)
 
 
 def load_chat_template(value: str) -> str:

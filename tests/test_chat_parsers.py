@@ -41,6 +41,8 @@ def test_llama3_json_calls_and_plain_text():
                                     '{"name": "get_time", "arguments": {"zone": "UTC"}}')
     assert content is None and _calls(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "UTC"})]
     assert parser.extract('{"name": "f", "parameters": {}}')[1][0].function.arguments == "{}"
+    both = parser.extract('{"name": "f", "arguments": {"a": 1}, "parameters": {"b": 2}}')[1]  # vLLM's order
+    assert _calls(both) == [("f", {"a": 1})]
     for text in ("The weather is fine.", '{"city": "Paris"}', '{"name": "f", "parameters": {"a": 1'):
         assert parser.extract(text) == (text, [])
     assert parser.content_end("The weather") == len("The weather")
@@ -51,6 +53,8 @@ def test_llama3_json_calls_and_plain_text():
     (DeepSeekR1ReasoningParser(), "Paris is the capital.</think>\n\nParis.", ("Paris is the capital.", "\n\nParis.")),
     (DeepSeekR1ReasoningParser(), "<think>Hmm.</think>Paris.", ("Hmm.", "Paris.")),
     (DeepSeekR1ReasoningParser(), "Still thinking", ("Still thinking", "")),  # never closed: all reasoning
+    (DeepSeekR1ReasoningParser(), "  Hmm.</think>x", ("  Hmm.", "x")),  # vLLM keeps the whitespace without a tag
+    (DeepSeekR1ReasoningParser(), "\n<think>Hmm.</think>x", ("Hmm.", "x")),  # ...and drops it with the tag
     (Qwen3ReasoningParser(), "<think>Hmm.</think>Paris.", ("Hmm.", "Paris.")),
     (Qwen3ReasoningParser(), "Paris.", (None, "Paris.")),  # no block opened: no thinking
     (Qwen3ReasoningParser(), "<think>Cut by max_tokens", ("Cut by max_tokens", "")),

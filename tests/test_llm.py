@@ -68,10 +68,12 @@ def test_default_model_answers_coherently(llm):
     assert out.outputs[0].finish_reason in ("stop", "length")
     assert out.prompt.endswith("What is the capital of France?<|im_end|>\n<|im_start|>assistant\n")  # as vLLM
     assert llm.get_tokenizer().encode(out.prompt, add_special_tokens=False) == out.prompt_token_ids
-    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital"},  # OpenAI's parts
-                                          {"type": "text", "text": " of France?"}]}]
-    same = llm.chat(parts, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
-    assert same.prompt_token_ids == out.prompt_token_ids and same.outputs[0].text == out.outputs[0].text
+    # OpenAI's text parts: a part a line, as vLLM joins them
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"},
+                                          {"type": "text", "text": "One word."}]}]
+    joined = [{"role": "user", "content": "What is the capital of France?\nOne word."}]
+    same, expected = llm.chat([parts, joined], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+    assert same.prompt_token_ids == expected.prompt_token_ids and same.outputs[0].text == expected.outputs[0].text
     with pytest.raises(ValueError, match="content parts must be text"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     started = question + [{"role": "assistant", "content": "The capital of France is"}]

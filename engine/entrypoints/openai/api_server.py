@@ -1029,6 +1029,7 @@ def _sampling_params(req, *, max_tokens: Optional[int], logprobs: Optional[int],
         frequency_penalty=req.frequency_penalty, seed=req.seed,
         stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
         min_tokens=req.min_tokens, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias),
         allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words, structured_outputs=structured_outputs,
         truncate_prompt_tokens=req.truncate_prompt_tokens, prompt_logprobs=req.prompt_logprobs)

@@ -66,6 +66,7 @@ class _SamplingFields(BaseModel):
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # vLLM's; a fast tokenizer decodes special tokens as they are
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     priority: int = 0
@@ -169,7 +170,9 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(part.text for part in self.content)
+        from engine.tokenizer import join_text_parts
+
+        return join_text_parts(part.text for part in self.content)
 
 
 class FunctionDefinition(BaseModel):

@@ -33,7 +33,7 @@ class ReasoningParser:
             if not final and START.startswith(head):
                 return "", ""  # it may be opening the block: wait
             return None, text
-        body = head[len(START):] if head.startswith(START) else head
+        body = head[len(START):] if head.startswith(START) else text  # vLLM's: whitespace before a tag goes
         if not final and not head.startswith(START) and START.startswith(head):
             return "", ""  # an opening tag may be arriving (dropped once whole)
         end = body.find(END)

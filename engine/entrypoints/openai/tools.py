@@ -127,7 +127,7 @@ class Llama3JsonToolParser(ToolParser):
                 return text, []
             if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
                 return text, []
-            arguments = call.get("parameters", call.get("arguments"))
+            arguments = call.get("arguments", call.get("parameters"))  # vLLM's order
             if arguments is None:
                 return text, []
             calls.append(_tool_call(call["name"], arguments))
