@@ -280,7 +280,8 @@ def _gemma_fields(d: dict[str, Any], model_type: str, fields: dict[str, Any], ac
     return dict(
         hidden_act=act, embed_scale=float(fields["hidden_size"]) ** 0.5, sandwich_norms=True,
         attn_scale=float(d.get("query_pre_attn_scalar") or fields["head_dim"]) ** -0.5,
-        attn_soft_cap=_positive_or_none(d.get("attn_logit_softcapping")),
+        # Gemma 3's attention takes no soft cap (transformers' Gemma3Attention keeps the field and never applies it)
+        attn_soft_cap=_positive_or_none(d.get("attn_logit_softcapping")) if model_type == "gemma2" else None,
         final_soft_cap=_positive_or_none(d.get("final_logit_softcapping")),
         sliding_layers=tuple(t == "sliding_attention" for t in types) if d.get("sliding_window") else None,
         local_rope_theta=float(local_theta) if local_theta else None, norm_weight_offset=1.0)
@@ -324,7 +325,7 @@ def _parse_rope_scaling(rope: dict, max_position_embeddings: int) -> Optional[tu
             float(rope["factor"]),
             float(rope.get("low_freq_factor", 1.0)),
             float(rope.get("high_freq_factor", 4.0)),
-            int(rope.get("original_max_position_embeddings", 8192)),
+            int(rope.get("original_max_position_embeddings") or max_position_embeddings),  # transformers' fill
         )
     if rope_type == "linear":
         return ("linear", float(rope["factor"]))

@@ -250,6 +250,11 @@ def _next_power_of_2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernels (attention and KV write) take heads of this size: Triton's blocks are powers of two."""
+    return _is_power_of_2(head_dim) and head_dim >= 16
+
+
 def _is_power_of_2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -520,7 +525,7 @@ def _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_s
     D = qkv.shape[2]
     if Dk != D:
         raise ValueError(f"head_dim of qkv ({D}) and of the cache ({Dk}) differ")
-    if not _is_power_of_2(D) or D < 16:
+    if not supports_head_dim(D):
         raise ValueError(f"the Pallas kernel needs a power-of-two head_dim >= 16, got {D}; "
                          "use the reference backend for this model")
     if jnp.dtype(qkv.dtype) not in _SUPPORTED_DTYPES:

@@ -87,6 +87,11 @@ def test_llama3_rope_scaling_from_transformers5_rope_parameters():
     assert c.rope_scaling == ("llama3", LLAMA3_ROPE["factor"], LLAMA3_ROPE["low_freq_factor"],
                               LLAMA3_ROPE["high_freq_factor"], LLAMA3_ROPE["original_max_position_embeddings"])
     assert ModelConfig.from_hf_dict(tiny_hf_config("llama").to_dict()).rope_scaling is None
+    # no original_max_position_embeddings: transformers fills in max_position_embeddings
+    bare = dict(tiny_hf_config("llama").to_dict(), max_position_embeddings=512,
+                rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0})
+    assert ModelConfig.from_hf_dict(bare).rope_scaling == ("llama3", 8.0, 1.0, 4.0, 512)
 
 
 def test_transformers4_style_llama_3_1_config(tmp_path):
@@ -242,6 +247,9 @@ def test_gemma_configs_as_published():
     assert gemma3.sliding_layers == tuple((i + 1) % 6 != 0 for i in range(26)) and gemma3.sliding_window == 512
     assert (gemma3.rope_theta, gemma3.local_rope_theta, gemma3.qk_norm) == (1e6, 1e4, True)
     assert gemma3.attn_soft_cap is None and gemma3.final_soft_cap is None and gemma3.norm_weight_offset == 1.0
+    # Gemma 3's attention applies no soft cap, even where its config.json names one (transformers' Gemma3Attention)
+    capped = ModelConfig.from_hf_dict(dict(tiny_hf_config("gemma3_text").to_dict(), attn_logit_softcapping=50.0))
+    assert capped.attn_soft_cap is None
 
 
 def test_mixture_of_experts_configs_as_published():

@@ -629,3 +629,21 @@ def test_kv_write_kernel_matches_the_reference_on_gpu(cache_dtype):
     got = jax.jit(write_kv, donate_argnums=(0, 1))(k_cache, v_cache, 1, qkv, slots)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), w, err_msg=f"seed {seed}")
+
+
+def test_a_head_size_the_kernels_cannot_take_runs_the_reference(monkeypatch, caplog):
+    """Phi-3's head_dim 96 (Triton's blocks are powers of two): on a GPU "auto" picks XLA's reference attention
+    and KV write, and says so; naming the kernel for it is a start-up error, not a failure in the first step."""
+    from pallas_kernels import supports_head_dim
+    from pallas_kernels.ragged_paged_attention import (ragged_paged_attention, ragged_paged_attention_reference,
+                                                       write_kv, write_kv_reference)
+
+    assert [supports_head_dim(d) for d in (8, 16, 64, 96, 128, 256)] == [False, True, True, False, True, True]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert get_attention_fns("auto", "auto", 128) == (ragged_paged_attention, write_kv)
+    with caplog.at_level("WARNING"):
+        assert get_attention_fns("auto", "auto", 96) == (ragged_paged_attention_reference, write_kv_reference)
+    assert "head_dim 96" in caplog.text
+    for backend, kv_write in (("pallas", "auto"), ("auto", "pallas")):
+        with pytest.raises(ValueError, match="power-of-two head_dim >= 16, this model's is 96"):
+            get_attention_fns(backend, kv_write, 96)
