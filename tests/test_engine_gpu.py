@@ -204,3 +204,19 @@ def test_enforce_eager_compiles_without_command_buffers_and_gives_the_same_token
         tokens[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.shutdown()
     assert tokens[True] == tokens[False]
+
+
+def test_a_head_size_the_kernels_cannot_take_runs_on_the_gpu(tmp_path):
+    """A head_dim that is no power of two (Phi-3's 96; 24 here) runs XLA's attention under "auto" on a GPU, with the
+    tokens of the reference backend named outright (it failed in the first step before)."""
+    write_tiny_checkpoint(tmp_path, "phi3", seed=11, hidden_size=96, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=24)
+    prompts = [np.random.default_rng().integers(0, 256, size=n).tolist() for n in (5, 33)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = {}
+    for backend in ("auto", "reference"):
+        llm = LLM(model=str(tmp_path), dtype="float32", skip_tokenizer_init=True, attention_backend=backend,
+                  max_model_len=64, max_num_seqs=4, num_gpu_blocks_override=32)
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.shutdown()
+    assert tokens["auto"] == tokens["reference"] and all(len(t) == 8 for t in tokens["auto"])
