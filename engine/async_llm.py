@@ -8,8 +8,10 @@ per-request latency accounting (time to first token, inter-token latency,
 end-to-end latency) handed to stat loggers.
 
 Knows nothing of HTTP, OpenAI's formats or Prometheus. Calls that take the engine
-loop's lock (adding, aborting, reading stats) run in a worker thread, never on the
-event loop, because the loop holds that lock for a whole engine step.
+loop's lock (adding, reading stats) run in a worker thread, never on the event loop,
+because the loop holds that lock for a whole engine step; with an engine process the
+worker only writes to its pipe and the event loop awaits the answer. Aborts wait for
+nothing (the engine drops them before its next step), nor does the health check.
 """
 
 from __future__ import annotations
@@ -153,9 +155,10 @@ class AsyncLLM:
         await asyncio.get_running_loop().run_in_executor(None, self._loop.update_weights_from_disk, model_path,
                                                          load_format)
 
-    async def check_health(self) -> None:
-        """Returns once the engine loop answers between steps."""
-        await asyncio.get_running_loop().run_in_executor(None, self._loop.check)
+    def is_alive(self) -> bool:
+        """Whether the engine (its loop's thread, or its process) still runs; read at once, as vLLM's health check
+        reads its error flag: a busy engine is a live one."""
+        return self._loop.is_alive()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -184,7 +187,10 @@ class AsyncLLM:
                             *self._callbacks(loop, queue, _RequestTimer(arrival, self._stat_loggers)), priority,
                             lora_request)
                  for (request_id, prompt, params), queue in zip(requests, queues)]
-        add = loop.run_in_executor(None, self._loop.add_requests, items)
+        if hasattr(self._loop, "add_requests_future"):  # an engine process: a worker thread only for the pipe write
+            add = asyncio.wrap_future(await loop.run_in_executor(None, self._loop.add_requests_future, items))
+        else:  # the loop in this process: the worker waits for the step in flight to end
+            add = loop.run_in_executor(None, self._loop.add_requests, items)
         try:
             await asyncio.shield(add)
         except asyncio.CancelledError:  # the caller left while the requests were being queued
@@ -243,11 +249,12 @@ class AsyncLLM:
         await asyncio.get_running_loop().run_in_executor(None, self._loop.abort, request_id)
 
     def _abort_soon(self, request_id: str) -> None:
-        """Abort without blocking the caller (the abort waits for the current step to end)."""
+        """Abort without waiting for the engine: it drops the request before its next step (many clients leaving
+        at once are dropped together). The pipe write to an engine process runs in a worker thread."""
         try:
-            asyncio.get_running_loop().run_in_executor(None, self._loop.abort, request_id)
+            asyncio.get_running_loop().run_in_executor(None, self._loop.abort_soon, request_id)
         except RuntimeError:  # no running event loop (closed, or called from a plain thread)
-            self._loop.abort(request_id)
+            self._loop.abort_soon(request_id)
 
     def shutdown(self) -> None:
         self._loop.shutdown()
@@ -362,13 +369,14 @@ async def final_outputs(streams: Sequence[AsyncIterator[RequestOutput]]) -> list
 
 
 class _RequestTimer:
-    """Latencies of one request, measured when its outputs leave the engine step."""
+    """Latencies of one request, measured when its outputs leave the engine step: each of its ``n`` sequences is
+    timed on its own (vLLM splits such a request into ``n`` requests), so a sequence's time to first token, each of
+    its inter-token intervals and its end-to-end latency are one observation each."""
 
     def __init__(self, arrival: float, stat_loggers: Sequence[StatLogger]):
         self.arrival = arrival
         self.stat_loggers = stat_loggers
-        self.last_token_time: Optional[float] = None
-        self.num_tokens = 0
+        self.sequences: dict[int, list] = {}  # completion index -> [tokens seen, last token's time, finished]
 
     def record(self, output: RequestOutput) -> None:
         if not self.stat_loggers:
@@ -378,22 +386,23 @@ class _RequestTimer:
             for stat_logger in self.stat_loggers:
                 stat_logger.on_finished(now - self.arrival, ["stop"])
             return
-        num_tokens = sum(len(c.token_ids) for c in output.outputs)
-        if num_tokens > self.num_tokens:
-            # Tokens that arrive together (a multi-step decode's) share the interval since the last arrival.
-            new, first = num_tokens - self.num_tokens, self.last_token_time is None
-            share = 0.0 if first else (now - self.last_token_time) / new
-            for stat_logger in self.stat_loggers:
-                if first:
-                    stat_logger.on_first_token(now - self.arrival)
+        for c in output.outputs:
+            seen = self.sequences.setdefault(c.index, [0, None, False])
+            num_tokens, last, finished = seen
+            if len(c.token_ids) > num_tokens:
+                # Tokens that arrive together (a multi-step decode's) share the interval since the last arrival.
+                new, first = len(c.token_ids) - num_tokens, last is None
                 intervals = new - 1 if first else new
-                if intervals:
-                    stat_logger.on_inter_token(share, intervals)
-            self.num_tokens, self.last_token_time = num_tokens, now
-        if output.finished:
-            reasons = [c.finish_reason or "abort" for c in output.outputs]
-            for stat_logger in self.stat_loggers:
-                stat_logger.on_finished(now - self.arrival, reasons)
+                for stat_logger in self.stat_loggers:
+                    if first:
+                        stat_logger.on_first_token(now - self.arrival)
+                    if intervals:
+                        stat_logger.on_inter_token(0.0 if first else (now - last) / new, intervals)
+                seen[0], seen[1] = len(c.token_ids), now
+            if not finished and (c.finish_reason is not None or output.finished):
+                seen[2] = True
+                for stat_logger in self.stat_loggers:
+                    stat_logger.on_finished(now - self.arrival, [c.finish_reason or "abort"])
 
 
 class _Mailbox:

@@ -54,6 +54,8 @@ class EngineLoop:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._error_callbacks: dict[str, OnError] = {}
+        self._to_abort: list[str] = []  # abort_soon's, dropped by the loop before its next step
+        self._to_abort_lock = threading.Lock()
         self._ids = itertools.count()
         self._running = True
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
@@ -118,13 +120,24 @@ class EngineLoop:
         with self._between_steps():
             self.engine.abort_request(request_id)
 
+    def abort_soon(self, request_id: str) -> None:
+        """Abort without waiting for the step in flight: the loop drops the request before its next step."""
+        with self._to_abort_lock:
+            self._to_abort.append(request_id)
+
+    def is_alive(self) -> bool:
+        """Whether the loop's thread still runs (read at once: the server's /health)."""
+        return self._running and self._thread.is_alive()
+
+    def _drop_aborted(self) -> None:
+        with self._to_abort_lock:
+            request_ids, self._to_abort = self._to_abort, []
+        for request_id in request_ids:
+            self.engine.abort_request(request_id)
+
     def stats(self) -> dict:
         """Engine counters and queue / KV-cache state, read between steps (blocks up to one step)."""
         return self.call(engine_stats)
-
-    def check(self) -> None:
-        """Returns once the loop answers between steps."""
-        self.call(lambda engine: None)
 
     @staticmethod
     def device_facts() -> dict:
@@ -174,6 +187,9 @@ class EngineLoop:
                         break
                 if not self._running:
                     return
+                self._drop_aborted()
+                if not self.engine.has_unfinished_requests():
+                    continue
                 try:
                     self.engine.step()
                 except Exception as exc:  # a failed step must not leave callers waiting forever

@@ -129,29 +129,56 @@ class EngineProcess:
     def add_requests(self, requests: Sequence[NewRequest]) -> None:
         """Requests all queued between two steps or none (the child's ``EngineLoop.add_requests``); a refused one's
         error is raised here. Their callbacks stay here: the child gets the rest."""
+        self.add_requests_future(requests).result()
+
+    def add_requests_future(self, requests: Sequence[NewRequest]) -> concurrent.futures.Future:
+        """``add_requests`` without waiting for the child: the future ends when the child has queued them (or
+        refused them: its exception), so a caller's thread is held only for the pipe write, not a step."""
         with self._state_lock:
             taken = [r.request_id for r in requests if r.request_id in self._in_flight]
             if taken:  # checked here: registering would take over the running request's callbacks
                 raise ValueError(f"request id {taken[0]!r} is already in use")
             for r in requests:
                 self._in_flight[r.request_id] = _InFlight(r.on_output, r.on_error)
+
+        def unregister(future: concurrent.futures.Future) -> None:
+            if future.cancelled() or future.exception() is not None:
+                with self._state_lock:
+                    for r in requests:
+                        self._in_flight.pop(r.request_id, None)
+
         try:
-            self._call("add", [(r.request_id, r.prompt, r.params, r.priority, r.lora_request) for r in requests])
+            future = self._submit("add", [(r.request_id, r.prompt, r.params, r.priority, r.lora_request)
+                                          for r in requests])
         except BaseException:
             with self._state_lock:
                 for r in requests:
                     self._in_flight.pop(r.request_id, None)
             raise
+        future.add_done_callback(unregister)
+        return future
 
     def abort(self, request_id: str) -> None:
         if self._dead is None:
             self._call("abort", request_id)
 
+    def abort_soon(self, request_id: str) -> None:
+        """Abort without waiting for the child's answer: it drops the request before its next step (a crowd of
+        clients leaving at once is dropped together, not one step each)."""
+        if self._dead is not None:
+            return
+        try:
+            with self._send_lock:
+                self._commands.send((None, "abort", request_id))
+        except (OSError, ValueError):  # the child is gone: its receiver fails what was in flight
+            pass
+
+    def is_alive(self) -> bool:
+        """Whether the engine process still runs (read at once: the server's /health)."""
+        return self._dead is None and self._process.is_alive()
+
     def stats(self) -> dict:
         return self._call("stats", None)
-
-    def check(self) -> None:
-        self._call("check", None)
 
     def sleep(self, level: int = 1) -> None:
         self._call("sleep", level)
@@ -183,6 +210,10 @@ class EngineProcess:
 
     def _call(self, name: str, payload):
         """Send one command and wait for the child's reply (its result, or the exception it raised)."""
+        return self._submit(name, payload).result()
+
+    def _submit(self, name: str, payload) -> concurrent.futures.Future:
+        """Send one command; the future holds the child's reply."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._state_lock:
             if self._dead is not None:
@@ -196,7 +227,7 @@ class EngineProcess:
             with self._state_lock:
                 self._futures.pop(call_id, None)
             raise EngineDeadError("the engine process is gone") from exc
-        return future.result()
+        return future
 
     def _receive(self) -> None:
         while True:
@@ -343,7 +374,6 @@ def _child_main(args: EngineArgs, commands, outputs) -> None:
             for request_id, prompt, params, priority, lora_request in payload], output_kind=RequestOutputKind.DELTA),
         "abort": loop.abort,
         "stats": lambda _: loop.stats(),
-        "check": lambda _: loop.check(),
         "sleep": loop.sleep,
         "wake_up": lambda _: loop.wake_up(),
         "is_sleeping": lambda _: loop.is_sleeping(),
@@ -359,7 +389,10 @@ def _child_main(args: EngineArgs, commands, outputs) -> None:
                 reply = (True, handlers[name](payload))
             except Exception as exc:
                 reply = (False, _portable(exc))
-            outbox.add(("reply", call_id, reply))
+            if call_id is not None:  # None: nobody waits for the answer (an abort_soon)
+                outbox.add(("reply", call_id, reply))
+            elif not reply[0]:
+                logger.warning("command %s failed: %s", name, reply[1])
         outbox.flush()
         return True
 

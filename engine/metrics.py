@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 METRIC_PREFIX = "vllm:"
+FINISH_REASONS = ("stop", "length", "abort")  # vLLM's request_success series, made at start-up
 
 # vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), in seconds.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -58,6 +59,8 @@ class ServingMetrics:
                               list(label), buckets=E2E_BUCKETS, registry=self.registry).labels(**label)
         self._success = Counter(f"{METRIC_PREFIX}request_success", "Finished requests, by finish reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
+        for reason in FINISH_REASONS:  # every series from the start at 0, as vLLM's (dashboards read 0, not no data)
+            self._success.labels(model_name=model_name, finished_reason=reason)
         self._model_name = model_name
         self.registry.register(_EngineStateCollector(model_name, read_stats))
 
@@ -70,8 +73,10 @@ class ServingMetrics:
         self._inter_token.observe(seconds, count)
 
     def on_finished(self, seconds: float, finish_reasons: Sequence[str]) -> None:
-        self._e2e.observe(seconds)
+        """A sequence (or several, ending together) finished: one latency and one success each (vLLM's counts, a
+        request of ``n`` sequences being ``n`` requests there)."""
         for reason in finish_reasons:
+            self._e2e.observe(seconds)
             self._success.labels(model_name=self._model_name, finished_reason=reason).inc()
 
     # -- exposition -----------------------------------------------------------------------

@@ -34,6 +34,7 @@ import re
 import secrets
 import signal
 import socket
+import threading
 import time
 from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence, Union
 
@@ -74,6 +75,7 @@ logger = logging.getLogger("pagedjax.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+ENGINE_WATCH_INTERVAL_S = 1.0  # how often the server checks that its engine still runs (watch_engine)
 
 # =========================================================================================
 # errors
@@ -224,8 +226,9 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
 
     @app.get("/health")
     async def health() -> Response:
-        await async_llm.check_health()
-        return Response(status_code=200)
+        """200 while the engine runs, busy or not; 503 once it has died (vLLM's): the server then stops by itself
+        (``watch_engine``), for its supervisor to start it again."""
+        return Response(status_code=200 if async_llm.is_alive() else 503)
 
     @app.get("/version")
     async def version() -> dict:
@@ -1475,14 +1478,33 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # the lifespan task's cancellation as an ERROR with a traceback.
     try:
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5, lifespan="off")
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        watch_engine(async_llm, server)
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully; asyncio re-raises the interrupt
         pass
     finally:
         # A further Ctrl-C would leave the engine's process behind: it stops first (within its join's timeouts).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         logger.info("stopping the engine")
+        dead = not async_llm.is_alive()
         async_llm.shutdown()
+    if dead:  # a supervisor (systemd, Docker, Kubernetes) restarts a server that fails
+        raise SystemExit(1)
+
+
+def watch_engine(async_llm: AsyncLLM, server: "uvicorn.Server", interval_s: float = ENGINE_WATCH_INTERVAL_S) -> None:
+    """Stop ``server`` once the engine has died, as vLLM's launcher does: requests already failed with the engine's
+    error and every new one would, so serving on helps nobody; the process then exits with status 1."""
+    def watch() -> None:
+        while not server.should_exit:
+            if not async_llm.is_alive():
+                logger.error("the engine has died: stopping the server")
+                server.should_exit = True
+                return
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, name="pagedjax-engine-watchdog", daemon=True).start()
 
 
 def _url_host(host: str) -> str:
