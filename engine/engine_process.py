@@ -150,12 +150,10 @@ class EngineProcess:
         try:
             future = self._submit("add", [(r.request_id, r.prompt, r.params, r.priority, r.lora_request)
                                           for r in requests])
-        except BaseException:
-            with self._state_lock:
-                for r in requests:
-                    self._in_flight.pop(r.request_id, None)
-            raise
-        future.add_done_callback(unregister)
+        except BaseException as exc:  # the engine is gone: the future says so
+            future = concurrent.futures.Future()
+            future.set_exception(exc)
+        future.add_done_callback(unregister)  # refused or failed: their callbacks go
         return future
 
     def abort(self, request_id: str) -> None:
