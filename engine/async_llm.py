@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import threading
@@ -41,6 +42,27 @@ logger = logging.getLogger("pagedjax")
 PromptType = Union[str, list[int]]
 
 
+@dataclasses.dataclass(frozen=True)
+class FinishedSequence:
+    """One finished sequence of a request (a request of ``n`` has ``n``, as vLLM's split requests): what the
+    per-request metrics observe."""
+
+    e2e_s: float  # arrival to the sequence's last output
+    finish_reason: str  # "stop", "length" or "abort"
+    prompt_tokens: int
+    generation_tokens: int
+    first_token_s: Optional[float] = None  # arrival to its first token (None: it made none)
+    n: int = 1  # the request's SamplingParams.n and max_tokens (None: unset)
+    max_tokens: Optional[int] = None
+
+    @property
+    def time_per_output_token_s(self) -> Optional[float]:
+        """The mean interval between its tokens after the first (None below two tokens)."""
+        if self.first_token_s is None or self.generation_tokens < 2:
+            return None
+        return (self.e2e_s - self.first_token_s) / (self.generation_tokens - 1)
+
+
 class StatLogger(Protocol):
     """Receives per-request latencies, called from the engine loop's thread."""
 
@@ -48,7 +70,7 @@ class StatLogger(Protocol):
 
     def on_inter_token(self, seconds: float, count: int) -> None: ...  # count: tokens of that interval
 
-    def on_finished(self, seconds: float, finish_reasons: Sequence[str]) -> None: ...
+    def on_finished(self, finished: FinishedSequence) -> None: ...
 
 
 class RequestStream:
@@ -184,8 +206,8 @@ class AsyncLLM:
         request_ids = [request_id for request_id, _, _ in requests]
 
         items = [NewRequest(request_id, prompt, params,
-                            *self._callbacks(loop, queue, _RequestTimer(arrival, self._stat_loggers)), priority,
-                            lora_request)
+                            *self._callbacks(loop, queue, _RequestTimer(arrival, params, self._stat_loggers)),
+                            priority, lora_request)
                  for (request_id, prompt, params), queue in zip(requests, queues)]
         if hasattr(self._loop, "add_requests_future"):  # an engine process: a worker thread only for the pipe write
             add = asyncio.wrap_future(await loop.run_in_executor(None, self._loop.add_requests_future, items))
@@ -373,22 +395,25 @@ class _RequestTimer:
     timed on its own (vLLM splits such a request into ``n`` requests), so a sequence's time to first token, each of
     its inter-token intervals and its end-to-end latency are one observation each."""
 
-    def __init__(self, arrival: float, stat_loggers: Sequence[StatLogger]):
+    def __init__(self, arrival: float, params: Optional[SamplingParams], stat_loggers: Sequence[StatLogger]):
         self.arrival = arrival
+        self.params = params
         self.stat_loggers = stat_loggers
-        self.sequences: dict[int, list] = {}  # completion index -> [tokens seen, last token's time, finished]
+        # completion index -> [tokens seen, last token's time, finished, first token's time]
+        self.sequences: dict[int, list] = {}
 
     def record(self, output: RequestOutput) -> None:
         if not self.stat_loggers:
             return
         now = time.monotonic()
         if isinstance(output, EmbeddingRequestOutput):  # a pooling engine's: one output, no tokens
+            finished = FinishedSequence(now - self.arrival, "stop", len(output.prompt_token_ids), 0)
             for stat_logger in self.stat_loggers:
-                stat_logger.on_finished(now - self.arrival, ["stop"])
+                stat_logger.on_finished(finished)
             return
         for c in output.outputs:
-            seen = self.sequences.setdefault(c.index, [0, None, False])
-            num_tokens, last, finished = seen
+            seen = self.sequences.setdefault(c.index, [0, None, False, None])
+            num_tokens, last, finished, _ = seen
             if len(c.token_ids) > num_tokens:
                 # Tokens that arrive together (a multi-step decode's) share the interval since the last arrival.
                 new, first = len(c.token_ids) - num_tokens, last is None
@@ -399,10 +424,17 @@ class _RequestTimer:
                     if intervals:
                         stat_logger.on_inter_token(0.0 if first else (now - last) / new, intervals)
                 seen[0], seen[1] = len(c.token_ids), now
+                if first:
+                    seen[3] = now - self.arrival
             if not finished and (c.finish_reason is not None or output.finished):
                 seen[2] = True
+                params = self.params
+                sequence = FinishedSequence(
+                    now - self.arrival, c.finish_reason or "abort", len(output.prompt_token_ids or ()),
+                    len(c.token_ids), seen[3], params.n if params is not None else 1,
+                    params.max_tokens if params is not None else None)
                 for stat_logger in self.stat_loggers:
-                    stat_logger.on_finished(now - self.arrival, [c.finish_reason or "abort"])
+                    stat_logger.on_finished(sequence)
 
 
 class _Mailbox:

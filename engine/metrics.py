@@ -17,7 +17,10 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from engine.async_llm import FinishedSequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -34,6 +37,18 @@ INTER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 
                        20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0)
+N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+def one_two_five_buckets(largest: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to ``largest`` (vLLM's ``build_1_2_5_buckets``: token-count histograms)."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > largest:
+                return buckets
+            buckets.append(mantissa * scale)
+        scale *= 10
 
 
 class ServingMetrics:
@@ -45,9 +60,25 @@ class ServingMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str, read_stats: Callable[[], dict]):
+    def __init__(self, model_name: str, read_stats: Callable[[], dict], max_model_len: int = 2**20):
         self.registry = CollectorRegistry()
         label = {"model_name": model_name}
+
+        def histogram(name: str, documentation: str, buckets) -> Histogram:
+            return Histogram(f"{METRIC_PREFIX}{name}", documentation, list(label), buckets=buckets,
+                             registry=self.registry).labels(**label)
+
+        tokens = one_two_five_buckets(max_model_len)
+        self._prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens of a finished request.", tokens)
+        self._generation_tokens = histogram("request_generation_tokens", "Generated tokens of a finished request.",
+                                            tokens)
+        self._params_n = histogram("request_params_n", "The n parameter of a finished request.", N_BUCKETS)
+        self._params_max_tokens = histogram("request_params_max_tokens",
+                                            "The max_tokens parameter of a finished request.", tokens)
+        self._time_per_output_token = histogram(
+            "request_time_per_output_token_seconds",
+            "A finished request's mean time between its output tokens after the first, in seconds.",
+            INTER_TOKEN_BUCKETS)
         self._ttft = Histogram(f"{METRIC_PREFIX}time_to_first_token_seconds", "Time to first token in seconds.",
                                list(label), buckets=TTFT_BUCKETS, registry=self.registry).labels(**label)
         self._inter_token = _TokenHistogram(f"{METRIC_PREFIX}inter_token_latency_seconds",
@@ -72,12 +103,18 @@ class ServingMetrics:
     def on_inter_token(self, seconds: float, count: int = 1) -> None:
         self._inter_token.observe(seconds, count)
 
-    def on_finished(self, seconds: float, finish_reasons: Sequence[str]) -> None:
-        """A sequence (or several, ending together) finished: one latency and one success each (vLLM's counts, a
-        request of ``n`` sequences being ``n`` requests there)."""
-        for reason in finish_reasons:
-            self._e2e.observe(seconds)
-            self._success.labels(model_name=self._model_name, finished_reason=reason).inc()
+    def on_finished(self, finished: "FinishedSequence") -> None:
+        """A sequence finished: one observation each of its latency, tokens and parameters, one success (vLLM's
+        counts, a request of ``n`` sequences being ``n`` requests there)."""
+        self._e2e.observe(finished.e2e_s)
+        self._success.labels(model_name=self._model_name, finished_reason=finished.finish_reason).inc()
+        self._prompt_tokens.observe(finished.prompt_tokens)
+        self._generation_tokens.observe(finished.generation_tokens)
+        self._params_n.observe(finished.n)
+        if finished.max_tokens is not None:
+            self._params_max_tokens.observe(finished.max_tokens)
+        if finished.time_per_output_token_s is not None:
+            self._time_per_output_token.observe(finished.time_per_output_token_s)
 
     # -- exposition -----------------------------------------------------------------------
 

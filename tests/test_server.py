@@ -857,6 +857,13 @@ def test_a_request_of_n_sequences_counts_as_n_in_the_latency_metrics(served):
     assert grew("vllm:e2e_request_latency_seconds_count") == 3
     assert grew("vllm:inter_token_latency_seconds_count") == 3 * 4
     assert grew('vllm:request_success_total{finished_reason="length"}') == 3
+    # vLLM's per-request histograms: tokens, parameters, time per output token
+    prompt_tokens = len(served.async_llm.tokenizer.encode(PROMPTS[0]))
+    assert grew("vllm:request_prompt_tokens_count") == 3 and grew("vllm:request_prompt_tokens_sum") == 3 * prompt_tokens
+    assert grew("vllm:request_generation_tokens_sum") == 3 * 5 and grew("vllm:request_params_n_sum") == 3 * 3
+    assert grew("vllm:request_params_max_tokens_sum") == 3 * 5
+    assert grew("vllm:request_time_per_output_token_seconds_count") == 3
+    assert after['vllm:request_params_n_bucket{le="2.0"}'] == before['vllm:request_params_n_bucket{le="2.0"}']
 
 
 def test_metrics(served):

@@ -210,7 +210,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser, chat_template,
                             lora_modules, trust_request_chat_template)
     if metrics is None:
-        metrics = ServingMetrics(served_model_names[0], async_llm.stats)
+        metrics = ServingMetrics(served_model_names[0], async_llm.stats, async_llm.max_model_len)
         async_llm.add_stat_logger(metrics)
     app = FastAPI(title="pagedjax OpenAI-compatible server", version=server_version())
     app.state.serving, app.state.metrics = serving, metrics
