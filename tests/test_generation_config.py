@@ -66,7 +66,8 @@ def test_llm_samples_by_the_generation_config_unless_told_otherwise(tmp_path):
 
 def test_the_server_fills_only_the_fields_a_request_leaves_unset():
     fields = dict(n=1, presence_penalty=0.0, frequency_penalty=0.0, seed=None, stop=None, stop_token_ids=None,
-                  ignore_eos=False, min_tokens=0, skip_special_tokens=True, include_stop_str_in_output=False,
+                  ignore_eos=False, min_tokens=0, skip_special_tokens=True, spaces_between_special_tokens=True,
+                  include_stop_str_in_output=False,
                   temperature=None, top_p=0.5, top_k=None, min_p=None, repetition_penalty=None, logit_bias=None,
                   allowed_token_ids=None, bad_words=None, truncate_prompt_tokens=None, prompt_logprobs=None,
                   stream=False, stream_options=None)

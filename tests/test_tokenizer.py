@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -158,10 +159,17 @@ def test_llm_takes_a_separate_tokenizer_as_vllm_does(folder_tokenizer, tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         LLM(str(tmp_path / "model"), tokenizer=str(tmp_path / "missing"))
     path, tokenizer = folder_tokenizer
+    prompt = {"prompt_token_ids": [int(t) for t in np.random.default_rng().integers(3, 256, 12)]}
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     llm = LLM(str(tmp_path / "model"), tokenizer=path, trust_remote_code=True, enforce_eager=True,
               max_model_len=64, num_gpu_blocks_override=16)
     assert llm.get_tokenizer().get_vocab() == tokenizer.get_vocab()
-    prompt = [int(t) for t in np.random.default_rng().integers(3, 256, 12)]
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
-    assert len(out.token_ids) == 6 and out.text == tokenizer.decode(out.token_ids)
+    out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    llm.shutdown()
+    # the same text as the checkpoint with those tokenizer files in its own folder
+    shutil.copytree(tmp_path / "model", tmp_path / "with-tokenizer")
+    for name in os.listdir(path):
+        shutil.copy(os.path.join(path, name), tmp_path / "with-tokenizer")
+    own = LLM(str(tmp_path / "with-tokenizer"), max_model_len=64, num_gpu_blocks_override=16)
+    expected = own.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 6 and (out.text, out.token_ids) == (expected.text, expected.token_ids)
