@@ -54,6 +54,12 @@ class FinishedSequence:
     first_token_s: Optional[float] = None  # arrival to its first token (None: it made none)
     n: int = 1  # the request's SamplingParams.n and max_tokens (None: unset)
     max_tokens: Optional[int] = None
+    # vLLM's phases: waiting before its first scheduling; that to its first token (prefill); its first token to
+    # its last (decode); its first scheduling to its last token (inference). None where a phase never began.
+    queue_s: Optional[float] = None
+    prefill_s: Optional[float] = None
+    decode_s: Optional[float] = None
+    inference_s: Optional[float] = None
 
     @property
     def time_per_output_token_s(self) -> Optional[float]:
@@ -399,7 +405,7 @@ class _RequestTimer:
         self.arrival = arrival
         self.params = params
         self.stat_loggers = stat_loggers
-        # completion index -> [tokens seen, last token's time, finished, first token's time]
+        # completion index -> [tokens seen, last token's time, finished, first token's time] (time.monotonic())
         self.sequences: dict[int, list] = {}
 
     def record(self, output: RequestOutput) -> None:
@@ -425,16 +431,29 @@ class _RequestTimer:
                         stat_logger.on_inter_token(0.0 if first else (now - last) / new, intervals)
                 seen[0], seen[1] = len(c.token_ids), now
                 if first:
-                    seen[3] = now - self.arrival
+                    seen[3] = now
             if not finished and (c.finish_reason is not None or output.finished):
                 seen[2] = True
-                params = self.params
-                sequence = FinishedSequence(
-                    now - self.arrival, c.finish_reason or "abort", len(output.prompt_token_ids or ()),
-                    len(c.token_ids), seen[3], params.n if params is not None else 1,
-                    params.max_tokens if params is not None else None)
+                sequence = self._finished(output, c.finish_reason or "abort", len(c.token_ids), seen[3], seen[1],
+                                          now)
                 for stat_logger in self.stat_loggers:
                     stat_logger.on_finished(sequence)
+
+
+    def _finished(self, output: RequestOutput, reason: str, num_tokens: int, first_token: Optional[float],
+                  last_token: Optional[float], now: float) -> FinishedSequence:
+        params, metrics = self.params, output.metrics
+        scheduled = metrics.first_scheduled_time if metrics is not None else None
+
+        def since(start: Optional[float], end: Optional[float]) -> Optional[float]:
+            return None if start is None or end is None else end - start
+
+        return FinishedSequence(
+            now - self.arrival, reason, len(output.prompt_token_ids or ()), num_tokens,
+            since(self.arrival, first_token), params.n if params is not None else 1,
+            params.max_tokens if params is not None else None,
+            queue_s=metrics.time_in_queue if metrics is not None else None, prefill_s=since(scheduled, first_token),
+            decode_s=since(first_token, last_token), inference_s=since(scheduled, last_token))
 
 
 class _Mailbox:

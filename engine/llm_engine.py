@@ -24,7 +24,7 @@ from engine.device_memory import live_array_bytes, memory_outside_arrays, num_kv
 from engine.engine_args import EngineArgs, resolve_kv_cache_dtype
 from engine.generation_config import default_sampling_fields
 from engine.lora import LoRARequest, LoRASlots
-from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
+from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RequestOutputKind
 from engine.pooling import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput, EmbeddingRequestOutput,
                             PooledRows, PoolingParams)
 from engine.request import Request, RequestStatus
@@ -936,10 +936,12 @@ class LLMEngine:
                 for i, s in enumerate(group.samples)
             ]
             prompt, prompt_token_ids, prompt_logprobs = group.prompt, group.prompt_token_ids, group.prompt_logprobs
+        first = group.samples[0].request
         output = RequestOutput(request_id=group.request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
                                outputs=completions, finished=finished or group.aborted,
-                               num_cached_tokens=group.samples[0].request.num_cached_tokens,
-                               prompt_logprobs=prompt_logprobs, lora_request=group.lora_request)
+                               num_cached_tokens=first.num_cached_tokens,
+                               prompt_logprobs=prompt_logprobs, lora_request=group.lora_request,
+                               metrics=RequestMetrics(first.arrival_time, first.first_scheduled_time))
         if group.on_output is not None:
             group.on_output(output)
         return output

@@ -75,6 +75,13 @@ class ServingMetrics:
         self._params_n = histogram("request_params_n", "The n parameter of a finished request.", N_BUCKETS)
         self._params_max_tokens = histogram("request_params_max_tokens",
                                             "The max_tokens parameter of a finished request.", tokens)
+        self._phases = {  # vLLM's request phase histograms (FinishedSequence's fields)
+            field: histogram(f"request_{name}_time_seconds", documentation, E2E_BUCKETS)
+            for field, name, documentation in (
+                ("queue_s", "queue", "Time a finished request waited before its first scheduling, in seconds."),
+                ("prefill_s", "prefill", "Time from a finished request's first scheduling to its first token."),
+                ("decode_s", "decode", "Time from a finished request's first token to its last, in seconds."),
+                ("inference_s", "inference", "Time from a finished request's first scheduling to its last token."))}
         self._time_per_output_token = histogram(
             "request_time_per_output_token_seconds",
             "A finished request's mean time between its output tokens after the first, in seconds.",
@@ -115,6 +122,10 @@ class ServingMetrics:
             self._params_max_tokens.observe(finished.max_tokens)
         if finished.time_per_output_token_s is not None:
             self._time_per_output_token.observe(finished.time_per_output_token_s)
+        for field, phase in self._phases.items():
+            seconds = getattr(finished, field)
+            if seconds is not None:
+                phase.observe(seconds)
 
     # -- exposition -----------------------------------------------------------------------
 

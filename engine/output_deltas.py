@@ -17,7 +17,8 @@ from engine.pooling import ClassificationRequestOutput, EmbeddingRequestOutput
 
 # One completion's delta: (index, tokens added, text added, cumulative logprob, logprobs entries added or None,
 # finish reason, stop reason). A request's: (finished, (prompt, prompt_token_ids, num_cached_tokens, prompt_logprobs,
-# lora_request) on its first output else None, completions' deltas).
+# lora_request, metrics) on its first output else None, completions' deltas). A request's first output comes after
+# the step that first scheduled it (or as it is aborted unscheduled), so its metrics then are final.
 
 
 def encode(output: Union[RequestOutput, EmbeddingRequestOutput, ClassificationRequestOutput]) -> tuple:
@@ -26,7 +27,7 @@ def encode(output: Union[RequestOutput, EmbeddingRequestOutput, ClassificationRe
     if isinstance(output, (EmbeddingRequestOutput, ClassificationRequestOutput)):
         return True, None, output
     prompt = ((output.prompt, output.prompt_token_ids, output.num_cached_tokens, output.prompt_logprobs,
-               output.lora_request) if output.prompt_token_ids is not None else None)
+               output.lora_request, output.metrics) if output.prompt_token_ids is not None else None)
     return output.finished, prompt, [(c.index, c.token_ids, c.text, c.cumulative_logprob, c.logprobs,
                                       c.finish_reason, c.stop_reason) for c in output.outputs]
 
@@ -35,7 +36,7 @@ class DeltaDecoder:
     """The parent's side, one per request: the cumulative ``RequestOutput`` after each delta."""
 
     def __init__(self):
-        self._prompt: tuple = (None, None, None, None, None)
+        self._prompt: tuple = (None, None, None, None, None, None)
         self._completions: dict[int, tuple[list, str, Optional[list]]] = {}  # index -> (tokens, text, logprobs)
 
     def decode(self, request_id: str, delta: tuple) -> Union[RequestOutput, EmbeddingRequestOutput,
@@ -56,7 +57,7 @@ class DeltaDecoder:
             outputs.append(CompletionOutput(index=index, text=text, token_ids=tokens,
                                             cumulative_logprob=cumulative_logprob, logprobs=logprobs,
                                             finish_reason=finish_reason, stop_reason=stop_reason))
-        prompt_text, prompt_token_ids, num_cached_tokens, prompt_logprobs, lora_request = self._prompt
+        prompt_text, prompt_token_ids, num_cached_tokens, prompt_logprobs, lora_request, metrics = self._prompt
         return RequestOutput(request_id=request_id, prompt=prompt_text, prompt_token_ids=prompt_token_ids,
                              outputs=outputs, finished=finished, num_cached_tokens=num_cached_tokens,
-                             prompt_logprobs=prompt_logprobs, lora_request=lora_request)
+                             prompt_logprobs=prompt_logprobs, lora_request=lora_request, metrics=metrics)

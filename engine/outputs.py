@@ -54,6 +54,19 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestMetrics:
+    """When the engine took a request and first scheduled it (``time.monotonic()``, one clock for every process of
+    the machine; vLLM's ``RequestMetrics`` names): its queue time, and the start of its prefill."""
+
+    arrival_time: float
+    first_scheduled_time: Optional[float] = None  # None: never scheduled (aborted while waiting)
+
+    @property
+    def time_in_queue(self) -> Optional[float]:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+
 @dataclasses.dataclass
 class RequestOutput:
     request_id: str
@@ -66,6 +79,7 @@ class RequestOutput:
     # at its place; None for the first token. Complete from a request's first output on.
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
     lora_request: Any = None  # the request's LoRA adapter (engine.lora.LoRARequest), as vLLM's
+    metrics: Optional[RequestMetrics] = None  # when it arrived and was first scheduled (from its first output on)
 
 
 def delta_of(output: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutput:

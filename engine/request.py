@@ -45,6 +45,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # of its tokens, found in the prefix cache when first admitted
+    first_scheduled_time: float | None = None  # time.monotonic() when first admitted (its queue time ends)
     # Multi-step decoding (``Scheduler(num_scheduler_steps=...)``): whether this request's decodes may run several
     # steps in one dispatch (the engine clears it where a token's sampling needs the host to see the token before
     # it: penalties, ``min_tokens``), and the most output tokens it can have (a burst stops there; None: none).

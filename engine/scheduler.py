@@ -50,6 +50,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import time
 from typing import Optional
 
 from engine.block_manager import BlockManager
@@ -600,6 +601,8 @@ class Scheduler:
             if not request.num_preemptions:
                 request.num_cached_tokens = num_cached
         request.num_computed_tokens = num_cached
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
         self._waiting.remove(request)
         request.status = RequestStatus.RUNNING
         self._insert(self._running, request)

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 
 from engine.output_deltas import DeltaDecoder, encode
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
 def cumulative_and_delta_outputs(rng, steps: int, n: int, with_logprobs: bool):
@@ -31,11 +31,12 @@ def cumulative_and_delta_outputs(rng, steps: int, n: int, with_logprobs: bool):
             delta.append(CompletionOutput(text=new_text, token_ids=new_tokens,
                                           logprobs=new_logprobs if with_logprobs else None, **common))
         first = step == 0
+        metrics = RequestMetrics(arrival_time=10.0, first_scheduled_time=10.25)  # final from the first output on
         yield (RequestOutput(request_id="r", prompt="a prompt", prompt_token_ids=[1, 2, 3], outputs=cumulative,
-                             finished=last, num_cached_tokens=2),
+                             finished=last, num_cached_tokens=2, metrics=metrics),
                RequestOutput(request_id="r", prompt="a prompt" if first else None,
                              prompt_token_ids=[1, 2, 3] if first else None, outputs=delta, finished=last,
-                             num_cached_tokens=2))
+                             num_cached_tokens=2, metrics=metrics))
 
 
 def test_decoded_outputs_equal_the_cumulative_ones_and_stay_as_delivered():
@@ -53,4 +54,6 @@ def test_decoded_outputs_equal_the_cumulative_ones_and_stay_as_delivered():
 def test_only_the_first_delta_carries_the_prompt():
     deltas = [encode(d) for _, d in cumulative_and_delta_outputs(np.random.default_rng(0), steps=4, n=1,
                                                                  with_logprobs=False)]
-    assert deltas[0][1] == ("a prompt", [1, 2, 3], 2, None, None) and all(d[1] is None for d in deltas[1:])
+    metrics = RequestMetrics(arrival_time=10.0, first_scheduled_time=10.25)
+    assert deltas[0][1] == ("a prompt", [1, 2, 3], 2, None, None, metrics) and all(d[1] is None for d in deltas[1:])
+    assert metrics.time_in_queue == 0.25 and RequestMetrics(10.0).time_in_queue is None

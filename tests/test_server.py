@@ -863,6 +863,10 @@ def test_a_request_of_n_sequences_counts_as_n_in_the_latency_metrics(served):
     assert grew("vllm:request_generation_tokens_sum") == 3 * 5 and grew("vllm:request_params_n_sum") == 3 * 3
     assert grew("vllm:request_params_max_tokens_sum") == 3 * 5
     assert grew("vllm:request_time_per_output_token_seconds_count") == 3
+    for phase in ("queue", "prefill", "decode", "inference"):  # vLLM's phases, from the engine's scheduling time
+        assert grew(f"vllm:request_{phase}_time_seconds_count") == 3 and grew(f"vllm:request_{phase}_time_seconds_sum") >= 0
+    assert grew("vllm:request_inference_time_seconds_sum") >= grew("vllm:request_decode_time_seconds_sum")
+    assert grew("vllm:request_inference_time_seconds_sum") <= grew("vllm:e2e_request_latency_seconds_sum")
     assert after['vllm:request_params_n_bucket{le="2.0"}'] == before['vllm:request_params_n_bucket{le="2.0"}']
 
 
