@@ -41,7 +41,8 @@ JOINED_UPDATES = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`` (PEFT; ``.default`` in some saves).
-_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+ATTENTION_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"})  # under self_attn; others mlp
 
 
 class LoRAAdapterError(ValueError):
@@ -102,11 +103,12 @@ def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
     seen = set()
     for key in _read_header(weights_file):
         match = _KEY.search(key)
-        if match is None or match.group(2) not in TARGET_MODULES:
+        if (match is None or match.group(3) not in TARGET_MODULES
+                or (match.group(3) in ATTENTION_MODULES) != (match.group(2) == "self_attn")):
             raise LoRAAdapterError(f"{weights_file}: tensor {key!r} is not a LoRA update of a decoder layer's "
                                    f"{', '.join(TARGET_MODULES)} (embeddings, the LM head, experts, DoRA and biases "
                                    "are not supported)")
-        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+        layer, module, which = int(match.group(1)), match.group(3), match.group(4)
         if layer >= config.num_layers:
             raise LoRAAdapterError(f"{weights_file}: tensor {key!r} is for layer {layer}, but the model has "
                                    f"{config.num_layers} layers")

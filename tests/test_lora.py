@@ -187,6 +187,8 @@ def test_errors_are_clear_and_lose_nothing(llama, tmp_path):
         (LoRARequest("gone", 12, str(tmp_path / "nowhere")), "does not exist"),
         (LoRARequest("embed", 13, write_adapter(tmp_path / "embed", config, {
             "base_model.model.model.embed_tokens.lora_embedding_A": a})), "is not a LoRA update"),
+        (LoRARequest("misplaced", 17, write_adapter(tmp_path / "misplaced", config, {  # q_proj is attention's
+            "base_model.model.model.layers.0.mlp.q_proj.lora_A.weight": a})), "is not a LoRA update"),
         (LoRARequest("shape", 14, write_adapter(tmp_path / "shape", config, {
             "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 32), np.float32),
             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((128, 4), np.float32)})),
