@@ -24,6 +24,7 @@ from engine.device_memory import live_array_bytes, memory_outside_arrays, num_kv
 from engine.engine_args import EngineArgs, resolve_kv_cache_dtype
 from engine.generation_config import default_sampling_fields
 from engine.lora import LoRARequest, LoRASlots
+from engine.metrics import ITERATION_TOKENS_BUCKETS, count_into_buckets
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RequestOutputKind
 from engine.pooling import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput, EmbeddingRequestOutput,
                             PooledRows, PoolingParams)
@@ -252,6 +253,8 @@ class LLMEngine:
         self._samples: dict[str, tuple[_Sample, _RequestGroup]] = {}
         self._seed_rng = np.random.default_rng(args.seed)
         self.stats = {"steps": 0, "max_batch_seqs": 0, "prompt_tokens": 0, "generation_tokens": 0,
+                      # the tokens each model forward ran, in ITERATION_TOKENS_BUCKETS (a tuple, replaced)
+                      "iteration_tokens": (0,) * (len(ITERATION_TOKENS_BUCKETS) + 1), "iteration_tokens_sum": 0,
                       "steps_planned_ahead": 0,  # planned while the previous step ran (async scheduling)
                       "multi_steps": 0,  # of the steps, multi-step decodes (EngineArgs.num_scheduler_steps)
                       # Speculative decoding (EngineArgs.speculative_config), vLLM's counters: decodes that ran
@@ -702,6 +705,16 @@ class LLMEngine:
         tail = sample.request.output_token_ids[-len(self._reasoning_end.end_ids):]
         return next((j for j in range(1, len(drafts) + 1) if self._reasoning_end.ends(tail + list(drafts[:j]))), None)
 
+    def _count_iteration_tokens(self, scheduled: Sequence[ScheduledSequence], decode_steps: int) -> None:
+        """vLLM's ``iteration_tokens_total``: the tokens of each model forward (a multi-step decode's each)."""
+        counts = self.stats["iteration_tokens"]
+        for j in range(decode_steps):
+            tokens = (sum(s.num_tokens for s in scheduled) if decode_steps == 1
+                      else sum(1 for s in scheduled if s.decode_steps > j))
+            counts = count_into_buckets(counts, ITERATION_TOKENS_BUCKETS, tokens)
+            self.stats["iteration_tokens_sum"] += tokens
+        self.stats["iteration_tokens"] = counts
+
     @staticmethod
     def _feed_row(s: ScheduledSequence, feed_rows: dict) -> int:
         row = feed_rows.get(s.request.request_id)
@@ -723,6 +736,7 @@ class LLMEngine:
         scheduled = out.scheduled
         self.stats["steps"] += 1
         self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(scheduled))
+        self._count_iteration_tokens(scheduled, out.decode_steps)
         tokens = result.token_ids.tolist()  # Python ints, converted once for the whole batch
         if launched.first_rows is not None:  # speculative decoding: a sequence's rows, then its accepted tokens
             first_rows, results = launched.first_rows, [result]

@@ -15,6 +15,7 @@ scrape time. Knows nothing of HTTP or of how the engine works inside.
 from __future__ import annotations
 
 import bisect
+import itertools
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -38,6 +39,15 @@ INTER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0)
 N_BUCKETS = (1, 2, 5, 10, 20)
+# vLLM's iteration_tokens_total buckets: the tokens one model step runs (the engine counts them: LLMEngine.stats).
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def count_into_buckets(counts: tuple, bounds: Sequence[float], value: float, times: int = 1) -> tuple:
+    """``counts`` (one a bucket of ``bounds``, then one above them) with ``value`` counted ``times`` more: a new
+    tuple, so a stats snapshot that holds the old one keeps it as it was."""
+    index = bisect.bisect_left(bounds, value)
+    return counts[:index] + (counts[index] + times,) + counts[index + 1:]
 
 
 def one_two_five_buckets(largest: int) -> list[int]:
@@ -224,6 +234,15 @@ class _EngineStateCollector(Collector):
         for name, doc, value in counters:
             family = CounterMetricFamily(f"{METRIC_PREFIX}{name}", doc, labels=["model_name"])
             family.add_metric(labels, value)
+            yield family
+        counts = stats.get("iteration_tokens")
+        if counts is not None:  # vLLM's histogram of the tokens an engine step (one model forward) ran
+            cumulative = itertools.accumulate(counts)
+            family = HistogramMetricFamily(f"{METRIC_PREFIX}iteration_tokens_total",
+                                           "Tokens run in one engine step (a model forward).", labels=["model_name"])
+            family.add_metric(labels, [(floatToGoString(b), c) for b, c in
+                                       zip((*ITERATION_TOKENS_BUCKETS, float("inf")), cumulative)],
+                              sum_value=stats["iteration_tokens_sum"])
             yield family
         family = CounterMetricFamily(f"{METRIC_PREFIX}spec_decode_num_accepted_tokens_per_pos",
                                      "Speculative draft tokens accepted at each draft position (0: the first).",

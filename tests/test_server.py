@@ -883,6 +883,10 @@ def test_metrics(served):
     assert metrics['vllm:request_success_total{finished_reason="length"}'] > 0
     assert metrics['vllm:time_to_first_token_seconds_bucket{le="+Inf"}'] == metrics[
         "vllm:time_to_first_token_seconds_count"]
+    # vLLM's tokens a model forward ran: one observation a step here (no multi-step decodes), read in one snapshot
+    assert metrics["vllm:iteration_tokens_total_count"] == metrics["vllm:engine_steps_total"] > 0
+    assert metrics['vllm:iteration_tokens_total_bucket{le="+Inf"}'] == metrics["vllm:iteration_tokens_total_count"]
+    assert metrics["vllm:iteration_tokens_total_sum"] >= metrics["vllm:iteration_tokens_total_count"]
 
 
 def _copying_reply(served: Served) -> list[str]:
