@@ -31,7 +31,7 @@ def grammar_text(params: StructuredOutputsParams) -> str:
             try:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
-                raise ValueError(f"structured_outputs json is not valid JSON: {e}") from None
+                raise ValueError(f"not valid JSON: {e}") from None
         return LLMatcher.grammar_from_json_schema(schema)
     if kind == "json_object":
         return LLMatcher.grammar_from_json_schema({"type": "object"})
@@ -61,7 +61,10 @@ class Grammars:
         """``params``' grammar, or a ``ValueError`` naming ``structured_outputs`` with llguidance's message."""
         from llguidance import LLMatcher
 
-        grammar = grammar_text(params)
+        try:
+            grammar = grammar_text(params)
+        except (ValueError, KeyError, TypeError) as e:  # a conversion's refusal (a GBNF rule missing, say): vLLM's
+            raise ValueError(f"structured_outputs: the {params.kind} is invalid: {e}") from None
         error = LLMatcher.validate_grammar(grammar, self._tokenizer)
         if error:
             raise ValueError(f"structured_outputs: the {params.kind} is invalid: {error.strip()}")

@@ -342,7 +342,8 @@ def test_structured_outputs_follow_their_grammar(llm):
     assert out.outputs[0].text in ("yes.", "no.")
 
     for so, fragment in (({"regex": "[0-9"}, "regex"), ({"json": {"type": "bogus"}}, "json"),
-                         ({"grammar": "start: undefined_rule"}, "grammar")):
+                         ({"grammar": "start: undefined_rule"}, "grammar"), ({"grammar": "root ::= foo"}, "grammar"),
+                         ({"json": "{not json"}, "json")):
         with pytest.raises(ValueError, match=f"structured_outputs: the {fragment} is invalid"):
             llm.generate(PROMPTS[0], SamplingParams(structured_outputs=so), use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()

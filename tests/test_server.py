@@ -1002,6 +1002,7 @@ def test_a_content_part_other_than_text_is_refused_by_name(served):
     ({"extra_body": {"allowed_token_ids": [1, 99999999]}}, "allowed_token_ids"),
     ({"extra_body": {"bad_words": [" "]}}, "bad_words"),
     ({"extra_body": {"guided_regex": "[0-9"}}, "guided_regex"),  # the engine's refusal, named as the request did
+    ({"extra_body": {"guided_grammar": "root ::= foo"}}, "guided_grammar"),  # GBNF llguidance cannot convert
     ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "structured_outputs"),
     ({"extra_body": {"structured_outputs": {"bogus": 1}}}, "structured_outputs"),
     ({"extra_body": {"guided_choice": ["a"], "guided_regex": "b"}}, "guided_choice"),  # the second of two
