@@ -396,6 +396,16 @@ async def final_outputs(streams: Sequence[AsyncIterator[RequestOutput]]) -> list
     return finals  # type: ignore[return-value]
 
 
+@dataclasses.dataclass
+class _SequenceClock:
+    """What a request timer has seen of one of its sequences (times on ``time.monotonic()``)."""
+
+    tokens: int = 0
+    first_token: Optional[float] = None
+    last_token: Optional[float] = None
+    finished: bool = False
+
+
 class _RequestTimer:
     """Latencies of one request, measured when its outputs leave the engine step: each of its ``n`` sequences is
     timed on its own (vLLM splits such a request into ``n`` requests), so a sequence's time to first token, each of
@@ -405,8 +415,7 @@ class _RequestTimer:
         self.arrival = arrival
         self.params = params
         self.stat_loggers = stat_loggers
-        # completion index -> [tokens seen, last token's time, finished, first token's time] (time.monotonic())
-        self.sequences: dict[int, list] = {}
+        self.sequences: dict[int, _SequenceClock] = {}  # by completion index
 
     def record(self, output: RequestOutput) -> None:
         if not self.stat_loggers:
@@ -418,30 +427,26 @@ class _RequestTimer:
                 stat_logger.on_finished(finished)
             return
         for c in output.outputs:
-            seen = self.sequences.setdefault(c.index, [0, None, False, None])
-            num_tokens, last, finished, _ = seen
-            if len(c.token_ids) > num_tokens:
+            clock = self.sequences.setdefault(c.index, _SequenceClock())
+            if len(c.token_ids) > clock.tokens:
                 # Tokens that arrive together (a multi-step decode's) share the interval since the last arrival.
-                new, first = len(c.token_ids) - num_tokens, last is None
+                new, first = len(c.token_ids) - clock.tokens, clock.first_token is None
                 intervals = new - 1 if first else new
                 for stat_logger in self.stat_loggers:
                     if first:
                         stat_logger.on_first_token(now - self.arrival)
                     if intervals:
-                        stat_logger.on_inter_token(0.0 if first else (now - last) / new, intervals)
-                seen[0], seen[1] = len(c.token_ids), now
+                        stat_logger.on_inter_token(0.0 if first else (now - clock.last_token) / new, intervals)
+                clock.tokens, clock.last_token = len(c.token_ids), now
                 if first:
-                    seen[3] = now
-            if not finished and (c.finish_reason is not None or output.finished):
-                seen[2] = True
-                sequence = self._finished(output, c.finish_reason or "abort", len(c.token_ids), seen[3], seen[1],
-                                          now)
+                    clock.first_token = now
+            if not clock.finished and (c.finish_reason is not None or output.finished):
+                clock.finished = True
+                sequence = self._finished(output, c.finish_reason or "abort", clock, now)
                 for stat_logger in self.stat_loggers:
                     stat_logger.on_finished(sequence)
 
-
-    def _finished(self, output: RequestOutput, reason: str, num_tokens: int, first_token: Optional[float],
-                  last_token: Optional[float], now: float) -> FinishedSequence:
+    def _finished(self, output: RequestOutput, reason: str, clock: _SequenceClock, now: float) -> FinishedSequence:
         params, metrics = self.params, output.metrics
         scheduled = metrics.first_scheduled_time if metrics is not None else None
 
@@ -449,11 +454,12 @@ class _RequestTimer:
             return None if start is None or end is None else end - start
 
         return FinishedSequence(
-            now - self.arrival, reason, len(output.prompt_token_ids or ()), num_tokens,
-            since(self.arrival, first_token), params.n if params is not None else 1,
+            now - self.arrival, reason, len(output.prompt_token_ids or ()), clock.tokens,
+            since(self.arrival, clock.first_token), params.n if params is not None else 1,
             params.max_tokens if params is not None else None,
-            queue_s=metrics.time_in_queue if metrics is not None else None, prefill_s=since(scheduled, first_token),
-            decode_s=since(first_token, last_token), inference_s=since(scheduled, last_token))
+            queue_s=metrics.time_in_queue if metrics is not None else None,
+            prefill_s=since(scheduled, clock.first_token), decode_s=since(clock.first_token, clock.last_token),
+            inference_s=since(scheduled, clock.last_token))
 
 
 class _Mailbox:

@@ -43,11 +43,11 @@ N_BUCKETS = (1, 2, 5, 10, 20)
 ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-def count_into_buckets(counts: tuple, bounds: Sequence[float], value: float, times: int = 1) -> tuple:
-    """``counts`` (one a bucket of ``bounds``, then one above them) with ``value`` counted ``times`` more: a new
-    tuple, so a stats snapshot that holds the old one keeps it as it was."""
+def count_into_buckets(counts: tuple, bounds: Sequence[float], value: float) -> tuple:
+    """``counts`` (one a bucket of ``bounds``, then one above them) with ``value`` counted: a new tuple, so a stats
+    snapshot that holds the old one keeps it as it was."""
     index = bisect.bisect_left(bounds, value)
-    return counts[:index] + (counts[index] + times,) + counts[index + 1:]
+    return counts[:index] + (counts[index] + 1,) + counts[index + 1:]
 
 
 def one_two_five_buckets(largest: int) -> list[int]:
