@@ -118,8 +118,8 @@ class LLM:
         ``lora_request``: the LoRA adapter of every prompt, or one (or None) a prompt (needs ``enable_lora``).
         """
         prompts = _as_prompt_list(prompts)
-        params_list = _per_prompt(sampling_params or self.get_default_sampling_params(), len(prompts),
-                                  "sampling_params")
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
+        params_list = _per_prompt(params, len(prompts), "sampling_params")
         return self._run(prompts, params_list, use_tqdm, priority, "Generating",
                          _per_prompt(lora_request, len(prompts), "lora_requests"))
 
@@ -263,7 +263,7 @@ class LLM:
         token (on the engine's thread: keep it short; cumulative unless ``output_kind`` says otherwise),
         ``on_error`` the exception that ends it. Returns the request id (for ``abort``). ``generate`` is built
         on the same loop."""
-        sampling_params = sampling_params or self.get_default_sampling_params()
+        sampling_params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         self._check_prompts([prompt], [sampling_params])
         request_id = self._loop.new_request_id()
         self._loop.add_request(request_id, prompt, sampling_params,
@@ -333,6 +333,9 @@ def _per_prompt(value, num_prompts: int, name: str) -> list:
     return [value] * num_prompts
 
 
+PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
+
+
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, str) or isinstance(prompts, dict):
         prompts = [prompts]
@@ -341,6 +344,10 @@ def _as_prompt_list(prompts) -> list:
     out = []
     for p in prompts:
         if isinstance(p, dict):
+            extra = sorted(set(p) - PROMPT_KEYS)
+            if extra:  # vLLM's TextPrompt / TokensPrompt keys for images, processors, cache salts: none apply here
+                raise ValueError(f"a dict prompt's {', '.join(map(repr, extra))} is not supported: this engine serves "
+                                 "text-only models (a dict prompt takes 'prompt' or 'prompt_token_ids')")
             if "prompt_token_ids" in p:
                 p = list(p["prompt_token_ids"])
             elif "prompt" in p:

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 from numbers import Integral, Real
+from typing import Any
 
 from engine.outputs import RequestOutputKind
 
@@ -142,6 +143,8 @@ class SamplingParams:
     structured_outputs: ``StructuredOutputsParams`` (or a dict of its fields): every
         token is drawn among those the language allows next, so the output follows it.
         Such a request decodes one step at a time.
+    best_of: vLLM's field: None or ``n`` (the best ``n`` of more samples is not supported, as in vLLM V1).
+    extra_args: vLLM's free-form arguments for plugins; kept on the request, read by nothing here.
     output_kind: what each of ``AsyncLLM.generate``'s outputs carries
         (``engine.outputs.RequestOutputKind``: everything so far, only what is new, or only
         the final output), as vLLM's; ``LLM.generate`` returns final outputs whatever it is.
@@ -173,6 +176,8 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict | None = None
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    best_of: int | None = None
+    extra_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -217,6 +222,9 @@ class SamplingParams:
         """The prompt tokens the request keeps: the last ``truncate_prompt_tokens`` (-1: ``max_model_len``)."""
         if self.truncate_prompt_tokens is None:
             return prompt_token_ids
+        if self.truncate_prompt_tokens > max_model_len:  # vLLM's refusal: no prompt of that length would fit
+            raise ValueError(f"truncate_prompt_tokens value ({self.truncate_prompt_tokens}) is greater than "
+                             f"max_model_len ({max_model_len}); select a smaller truncation size")
         keep = max_model_len if self.truncate_prompt_tokens == -1 else self.truncate_prompt_tokens
         return prompt_token_ids[-keep:]
 
@@ -263,6 +271,10 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _require(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1", self.n)
+        _require(self.best_of is None or self.best_of == self.n, "best_of",
+                 "must be None or equal to n (the best n of more samples is not supported)", self.best_of)
+        _require(self.extra_args is None or isinstance(self.extra_args, dict), "extra_args", "must be a dict or None",
+                 self.extra_args)
         _require(isinstance(self.output_kind, RequestOutputKind), "output_kind", "must be a RequestOutputKind",
                  self.output_kind)
         _require(self.detokenize or not self.stop, "stop", "strings need detokenize=True (the output's text)",

@@ -236,6 +236,10 @@ def test_bad_prompts_rejected_others_unaffected(llm, alone):
         changed = SamplingParams(temperature=0.0, max_tokens=4)
     with pytest.raises(ValueError, match="priority 2 needs priority scheduling"):  # this engine's queue is FIFO
         llm.generate([PROMPTS[0], PROMPTS[1]], GREEDY, use_tqdm=False, priority=[0, 2])
+    with pytest.raises(ValueError, match="got 0 sampling_params for 2 prompts"):  # not the defaults (vLLM's)
+        llm.generate([PROMPTS[0], PROMPTS[1]], [], use_tqdm=False)
+    with pytest.raises(ValueError, match="'multi_modal_data' is not supported: this engine serves text-only"):
+        llm.generate({"prompt": PROMPTS[0], "multi_modal_data": {"image": None}}, GREEDY, use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
 

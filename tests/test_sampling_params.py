@@ -110,3 +110,15 @@ def test_min_tokens_above_max_tokens():
 def test_greedy_with_several_completions_is_rejected():
     with pytest.raises(ValueError, match=r"^n must be 1 with greedy sampling"):
         SamplingParams(n=2, temperature=0.0)
+
+
+def test_vllms_best_of_and_extra_args_are_taken():
+    """vLLM's ``best_of`` (None or n: V1 samples no more than n) and ``extra_args`` (for plugins, kept)."""
+    assert SamplingParams(n=2, best_of=2).best_of == 2 and SamplingParams(best_of=None).best_of is None
+    with pytest.raises(ValueError, match="best_of"):
+        SamplingParams(n=1, best_of=3)
+    assert SamplingParams(extra_args={"k": 1}).clone().extra_args == {"k": 1}
+    with pytest.raises(ValueError, match="extra_args"):
+        SamplingParams(extra_args=[1])
+    with pytest.raises(ValueError, match=r"truncate_prompt_tokens value \(9\) is greater than max_model_len \(8\)"):
+        SamplingParams(truncate_prompt_tokens=9).truncate_prompt(list(range(20)), max_model_len=8)

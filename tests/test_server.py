@@ -1001,6 +1001,7 @@ def test_a_content_part_other_than_text_is_refused_by_name(served):
     ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids"),
     ({"extra_body": {"allowed_token_ids": [1, 99999999]}}, "allowed_token_ids"),
     ({"extra_body": {"bad_words": [" "]}}, "bad_words"),
+    ({"extra_body": {"truncate_prompt_tokens": 10**7}}, "truncate_prompt_tokens"),  # past max_model_len (vLLM's)
     ({"extra_body": {"guided_regex": "[0-9"}}, "guided_regex"),  # the engine's refusal, named as the request did
     ({"extra_body": {"guided_grammar": "root ::= foo"}}, "guided_grammar"),  # GBNF llguidance cannot convert
     ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "structured_outputs"),

@@ -486,7 +486,7 @@ class OpenAIServing:
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
             params.prompt_logprobs = max(req.logprobs, params.prompt_logprobs or 0)
         prompts = await run_in_threadpool(self._completion_prompts, req.prompt)
-        prompts = [_Prompt(p.text, params.truncate_prompt(p.token_ids, self.async_llm.max_model_len)) for p in prompts]
+        prompts = [_Prompt(p.text, self._truncated(params, p.token_ids)) for p in prompts]
         for prompt in prompts:
             self._check_length(len(prompt.token_ids), params.max_tokens if "max_tokens" in req.model_fields_set
                                else None, "prompt", "max_tokens")
@@ -716,7 +716,7 @@ class OpenAIServing:
         if tool_choice == "auto":  # the model's call markers may be special tokens: keep them for the parser (vLLM)
             params.skip_special_tokens = False
         prompt = await run_in_threadpool(self._chat_prompt, req)
-        prompt.token_ids = params.truncate_prompt(prompt.token_ids, self.async_llm.max_model_len)
+        prompt.token_ids = self._truncated(params, prompt.token_ids)
         self._check_length(len(prompt.token_ids), max_tokens, "messages", max_tokens_field)
         request_id = random_id("chatcmpl")
         if req.use_beam_search:
@@ -912,6 +912,13 @@ class OpenAIServing:
                            f"{', '.join([*self.served_model_names, *self.lora_adapters])}", param="model",
                            code="model_not_found")
         return req.model, adapter.request
+
+    def _truncated(self, params: SamplingParams, token_ids: list[int]) -> list[int]:
+        """The prompt's tokens under the request's ``truncate_prompt_tokens``; one past max_model_len is a 400."""
+        try:
+            return params.truncate_prompt(token_ids, self.async_llm.max_model_len)
+        except ValueError as e:
+            raise bad_request(str(e), param="truncate_prompt_tokens") from None
 
     def _check_length(self, num_prompt_tokens: int, max_tokens: Optional[int], prompt_param: str,
                       max_tokens_param: str) -> None:
