@@ -33,8 +33,8 @@ def get_attention_fns(backend: Backend = "auto", kv_write: str = "auto",
 
     ``"auto"`` is the Pallas kernel on GPU and the reference elsewhere (the kernel
     only interprets on CPU, which is far slower than the reference), and the reference for a
-    head size the kernels cannot take (``supports_head_dim``; naming ``"pallas"`` for one is an error). ``kv_write``: the
-    reference scatter (XLA updates the donated cache in place), the Pallas KV-write kernel
+    head size the kernels cannot take (``supports_head_dim``; naming ``"pallas"`` for one is an
+    error). ``kv_write``: the reference scatter (XLA updates the donated cache in place), the Pallas KV-write kernel
     (``write_kv``: K and V in one launch), or ``"auto"``: the kernel on GPU, the scatter
     elsewhere. On an H200 (run 13, benchmarks/NOTES.md) the kernel took the 8B's KV write
     from 685 to 95 us a step at 1024 decodes and from 8.4 to 2.4 ms at a 16384-token prompt step.
