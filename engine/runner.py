@@ -388,7 +388,7 @@ class ModelRunner:
         self.num_scheduler_steps = num_scheduler_steps
         fits = max_num_seqs * self.max_blocks_per_seq <= MAX_FIXED_TABLE_ENTRIES
         self.table_width = self.max_blocks_per_seq if fixed_table_width and fits else None
-        attention_fn, write_kv_fn = get_attention_fns(attention_backend, kv_write_backend, config.head_dim)
+        attention_fn, write_kv_fn = get_attention_fns(attention_backend, kv_write_backend)
         step_config, kv_sharding, self._input_sharding, self._logits_sharding = config, None, None, None
         qkv_shards = 1
         if mesh is not None:

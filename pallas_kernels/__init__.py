@@ -7,8 +7,7 @@ functions themselves live in ``ragged_paged_attention``. Knows nothing of models
 from __future__ import annotations
 
 import functools
-import logging
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal
 
 import jax
 
@@ -17,24 +16,20 @@ from pallas_kernels.ragged_paged_attention import (
     default_tiling,
     ragged_paged_attention,
     ragged_paged_attention_reference,
-    supports_head_dim,
     write_kv,
     write_kv_reference,
 )
 
 Backend = Literal["reference", "pallas", "auto"]
 KV_WRITE_BACKENDS = ("auto", "reference", "pallas")
-logger = logging.getLogger(__name__)
 
 
-def get_attention_fns(backend: Backend = "auto", kv_write: str = "auto",
-                      head_dim: Optional[int] = None) -> tuple[Callable, Callable]:
-    """``(attention_fn, write_kv_fn)`` for ``backend``, for a model of ``head_dim`` (None: not checked).
+def get_attention_fns(backend: Backend = "auto", kv_write: str = "auto") -> tuple[Callable, Callable]:
+    """``(attention_fn, write_kv_fn)`` for ``backend``.
 
     ``"auto"`` is the Pallas kernel on GPU and the reference elsewhere (the kernel
-    only interprets on CPU, which is far slower than the reference), and the reference for a
-    head size the kernels cannot take (``supports_head_dim``; naming ``"pallas"`` for one is an
-    error). ``kv_write``: the reference scatter (XLA updates the donated cache in place), the Pallas KV-write kernel
+    only interprets on CPU, which is far slower than the reference). ``kv_write``: the
+    reference scatter (XLA updates the donated cache in place), the Pallas KV-write kernel
     (``write_kv``: K and V in one launch), or ``"auto"``: the kernel on GPU, the scatter
     elsewhere. On an H200 (run 13, benchmarks/NOTES.md) the kernel took the 8B's KV write
     from 685 to 95 us a step at 1024 decodes and from 8.4 to 2.4 ms at a 16384-token prompt step.
@@ -42,16 +37,6 @@ def get_attention_fns(backend: Backend = "auto", kv_write: str = "auto",
     if kv_write not in KV_WRITE_BACKENDS:
         raise ValueError(f"unknown KV write backend {kv_write!r}; expected one of {', '.join(KV_WRITE_BACKENDS)}")
     on_gpu = jax.default_backend() == "gpu"
-    if head_dim is not None and not supports_head_dim(head_dim):  # e.g. Phi-3's 96
-        for name, value in (("attention_backend", backend), ("kv_write_backend", kv_write)):
-            if value == "pallas":
-                raise ValueError(f"{name}='pallas' needs a power-of-two head_dim >= 16, this model's is {head_dim}; "
-                                 "use 'auto' or 'reference'")
-        if on_gpu and "auto" in (backend, kv_write):
-            logger.warning("head_dim %d: the Pallas attention and KV-write kernels need a power of two >= 16; "
-                           "this model runs XLA's reference attention (slower)", head_dim)
-        backend = "reference" if backend == "auto" else backend
-        kv_write = "reference" if kv_write == "auto" else kv_write
     if kv_write == "auto":
         kv_write = "pallas" if on_gpu else "reference"
     write_kv_fn = write_kv if kv_write == "pallas" else write_kv_reference

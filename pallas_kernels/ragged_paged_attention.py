@@ -250,9 +250,20 @@ def _next_power_of_2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def supports_head_dim(head_dim: int) -> bool:
-    """Whether the kernels (attention and KV write) take heads of this size: Triton's blocks are powers of two."""
-    return _is_power_of_2(head_dim) and head_dim >= 16
+def padded_head_dim(head_dim: int) -> int:
+    """The head columns the Triton kernels compute on: Triton's blocks are powers of two and its dots take
+    K >= 16, so a head of another size (Phi-3's 96) runs in the next power of two >= 16. The extra columns
+    load as zeros for q (so the scores are exact) and as copies of the last real column for K and V (the
+    same cache lines, no extra bytes read); they are never stored."""
+    return max(16, _next_power_of_2(head_dim))
+
+
+def _head_columns(head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``padded_head_dim`` column indices: clamped into the head (for loads), as they are (for masked stores:
+    the interpreter drops a store out of bounds, where a clamped one would race the last column's), and which
+    are real."""
+    d = jnp.arange(padded_head_dim(head_dim), dtype=jnp.int32)
+    return jnp.minimum(d, head_dim - 1), d, d < head_dim
 
 
 def _is_power_of_2(x: int) -> bool:
@@ -261,14 +272,15 @@ def _is_power_of_2(x: int) -> bool:
 
 def _tile_rows(h, start, end, *, rows, group, group_pad, num_tokens, head_dim):
     """Rows of a query tile: row ``r`` is token ``start + r // group_pad`` x query head
-    ``h * group + r % group_pad``. Returns (token in tile, token, head, valid, store index)."""
+    ``h * group + r % group_pad``. Returns (token in tile, token, head, valid, store index); the
+    index has ``padded_head_dim(head_dim)`` columns (``_store_rows`` masks those past the head)."""
     r = jnp.arange(rows, dtype=jnp.int32)
     tok_in_tile = r // group_pad
     g = r % group_pad
     head = h * group + jnp.minimum(g, group - 1)
     tok = start + tok_in_tile
     valid = (g < group) & (tok < end)
-    d = jnp.arange(head_dim, dtype=jnp.int32)
+    _, d, _ = _head_columns(head_dim)
     store_tok = jnp.where(valid, tok, num_tokens)  # out of bounds: never written
     return tok_in_tile, tok, head, valid, (store_tok[:, None], head[:, None], d[None, :])
 
@@ -320,8 +332,9 @@ def _masked_load_as(ref, mask, dtype):
 
 
 def _store_rows(o_ref, idx, valid, value):
-    rows, head_dim = value.shape
-    mask = jnp.broadcast_to(valid[:, None], (rows, head_dim))
+    """Store ``value`` ``[rows, padded_head_dim]`` at ``idx`` (``_tile_rows``): the valid rows' real columns."""
+    *_, head_columns = _head_columns(o_ref.shape[-1])
+    mask = valid[:, None] & head_columns[None, :]
     pltriton.store(o_ref.at[idx], value.astype(o_ref.dtype), mask=mask)
 
 
@@ -355,7 +368,8 @@ def _attention_kernel(
         item = pl.num_programs(1) - 1 - item
     split = pl.program_id(2) if k_splits > 1 else 0
     layer = layer_ref[0]
-    d = jnp.arange(D, dtype=jnp.int32)
+    d, _, head_columns = _head_columns(D)  # D padded to a power of two (padded_head_dim)
+    Dp = d.shape[0]
 
     if decode_launch:
         cu_end = cu_ref[num_seqs_ref[0]]  # rows from here on belong to no sequence
@@ -403,7 +417,7 @@ def _attention_kernel(
         unmasked_hi = jnp.maximum(unmasked_lo, clamp((first_pos + 1) // kv_tokens))
 
         q = pltriton.load(q_ref.at[jnp.minimum(tok, T - 1)[:, None], head[:, None], d[None, :]],
-                          mask=jnp.broadcast_to(row_valid[:, None], (rows, D)), other=0)
+                          mask=row_valid[:, None] & head_columns[None, :], other=0)
         compute_dtype = _compute_dtype(q.dtype, k_ref.dtype)
         if compute_dtype != q.dtype:  # bfloat16 q onto float16 dots: past float16's range it saturates
             q = jnp.clip(q.astype(jnp.float32), -_F16_MAX, _F16_MAX)
@@ -427,7 +441,7 @@ def _attention_kernel(
                     page = pages_of(j)
                 kv_idx = (layer, h, page[:, None], (c % bs)[:, None], d[None, :])
                 if masked_loads:
-                    kv_mask = jnp.broadcast_to(in_kv[:, None], (kv_tokens, D))
+                    kv_mask = jnp.broadcast_to(in_kv[:, None], (kv_tokens, Dp))
                     k = _masked_load_as(k_ref.at[kv_idx], kv_mask, q.dtype)
                     v = _masked_load_as(v_ref.at[kv_idx], kv_mask, q.dtype)
                 else:  # past the context: page 0 (pages_of's fill) or the last page's unused slots, finite
@@ -462,7 +476,7 @@ def _attention_kernel(
         carry = (
             jnp.full((rows,), _MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32),
-            jnp.zeros((rows, D), jnp.float32),
+            jnp.zeros((rows, Dp), jnp.float32),
         )
         if prefetch_pages:
             carry += (pages_of(blk_lo),)
@@ -484,15 +498,15 @@ def _attention_kernel(
 
         @pl.when(zero_here)
         def _zero_padding_rows():
-            _store_rows(out_refs[-1], out_idx, row_valid, jnp.zeros((rows, D), jnp.float32))
+            _store_rows(out_refs[-1], out_idx, row_valid, jnp.zeros((rows, Dp), jnp.float32))
 
 
 def _merge_splits_kernel(num_seqs_ref, cu_ref, acc_ref, m_ref, l_ref, _, o_ref, *,
                          group: int, group_pad: int, max_decode_tokens: int):
     """Combine the decode launch's per-split softmax partials of one (kv head, sequence)
     and write its rows of the output (which the launch before filled elsewhere)."""
-    k_splits, _, _, rows, D = acc_ref.shape
-    T = o_ref.shape[0]
+    k_splits, _, _, rows, Dp = acc_ref.shape  # Dp: padded_head_dim of the output's head_dim
+    T, _, D = o_ref.shape
     h, seq = pl.program_id(0), pl.program_id(1)
     cu_end = cu_ref[num_seqs_ref[0]]
     start = jnp.minimum(cu_ref[seq], cu_end)
@@ -504,7 +518,7 @@ def _merge_splits_kernel(num_seqs_ref, cu_ref, acc_ref, m_ref, l_ref, _, o_ref, 
     def _merge():
         m = jnp.full((rows,), _MASK_VALUE, jnp.float32)
         l = jnp.zeros((rows,), jnp.float32)
-        acc = jnp.zeros((rows, D), jnp.float32)
+        acc = jnp.zeros((rows, Dp), jnp.float32)
         for k in range(k_splits):
             m_k, l_k, acc_k = m_ref[k, seq, h], l_ref[k, seq, h], acc_ref[k, seq, h]
             m_new = jnp.maximum(m, m_k)
@@ -525,9 +539,6 @@ def _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_s
     D = qkv.shape[2]
     if Dk != D:
         raise ValueError(f"head_dim of qkv ({D}) and of the cache ({Dk}) differ")
-    if not supports_head_dim(D):
-        raise ValueError(f"the Pallas kernel needs a power-of-two head_dim >= 16, got {D}; "
-                         "use the reference backend for this model")
     if jnp.dtype(qkv.dtype) not in _SUPPORTED_DTYPES:
         raise ValueError(f"qkv dtype must be bfloat16, float16 or float32, got {qkv.dtype}")
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -711,7 +722,7 @@ def ragged_paged_attention(
         decode_kernel,
         grid=(Hkv, S, k_splits),
         out_shape=(
-            jax.ShapeDtypeStruct(partial_shape + (D,), jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape + (padded_head_dim(D),), jnp.float32),
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
         ),
@@ -758,9 +769,9 @@ def _write_kv_kernel(layer_ref, slots_ref, qkv_ref, _k_in, _v_in, k_out, v_out, 
     # Rows past T aim at the sink page 0: a masked store there is harmless wherever it lands (the
     # interpreter writes masked rows back with their old value, which must not hit a real slot).
     slot = jnp.where(valid, slots_ref[t], 0)
-    d = jnp.arange(D, dtype=jnp.int32)
-    mask = jnp.broadcast_to(valid[:, None], (tokens, D))
-    dst = (layer_ref[0], h, (slot // bs)[:, None], (slot % bs)[:, None], d[None, :])
+    d, store_d, head_columns = _head_columns(D)  # padded to a power of two: the extra columns are masked
+    mask = valid[:, None] & head_columns[None, :]
+    dst = (layer_ref[0], h, (slot // bs)[:, None], (slot % bs)[:, None], store_d[None, :])
     for src_head, out_ref in ((k_head + h, k_out), (k_head + Hkv + h, v_out)):
         rows = pltriton.load(qkv_ref.at[t[:, None], src_head, d[None, :]], mask=mask, other=0)
         pltriton.store(out_ref.at[dst], to_cache_dtype(rows, out_ref.dtype), mask=mask)

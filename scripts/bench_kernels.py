@@ -609,13 +609,22 @@ def print_best_decode_tiling(path: str, case: str, min_gain: float = 0.03) -> in
 
 def make_config(args):
     if args.smoke:
-        return Config(True, jax.default_backend() != "gpu", 3, 1, Shape(4, 2, 64, 16), [(4, 64, [2]), (2, 128, [4])],
+        shape = parse_heads(args.heads) if args.heads else Shape(4, 2, 64, 16)
+        return Config(True, jax.default_backend() != "gpu", 3, 1, shape, [(4, 64, [2]), (2, 128, [4])],
                       (2, 16, 4, 64), (4, 64), 2, 0, keep_best=1, prefill_case=(2, 64))
     cases = (parse_decode_cases(args.decode_cases) if args.decode_cases else
              [(64, 2048, [] if args.quick else [2]), (256, 2048, []), (8, 8192, [4, 8, 16])])
-    return Config(False, False, args.repeats, args.inner, Shape(), cases,
+    return Config(False, False, args.repeats, args.inner, parse_heads(args.heads), cases,
                   (8, 512, 128, 4096), (64, 2048), 8, args.min_cache_gib << 30,
                   keep_best=3 if args.quick else 4, quick=args.quick, prefill_case=(4, 2048))
+
+
+def parse_heads(text: str) -> Shape:
+    """``--heads`` ``Hq,Hkv,D`` (e.g. ``32,32,96``: Phi-3-mini's heads) as a ``Shape``; empty: the protocol's."""
+    if not text:
+        return Shape()
+    num_heads, num_kv_heads, head_dim = (int(x) for x in text.split(","))
+    return Shape(num_heads, num_kv_heads, head_dim)
 
 
 def git_commit():
@@ -640,6 +649,8 @@ def main(argv=None):
     parser.add_argument("--best-decode-tiling", default=None, metavar="JSON",
                         help="print the decode fields of --case's fastest tiling in this kernel-decode result as "
                              "$PAGEDJAX_ATTENTION_TILING's JSON and exit 0 if it beats the default by 3%%, else 1")
+    parser.add_argument("--heads", default="", metavar="HQ,HKV,D",
+                        help="query heads, KV heads and head_dim instead of the 8B's 32,8,128 (e.g. 32,32,96)")
     parser.add_argument("--case", default="1024x192", help="the kernel-decode case --best-decode-tiling reads")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--inner", type=int, default=10)
@@ -652,7 +663,7 @@ def main(argv=None):
     device = jax.devices()[0]
     date = datetime.date.today().isoformat()
     common = dict(
-        model="llama-3.1-8b", device=device.device_kind, jax_version=jax.__version__, commit=git_commit(),
+        model="llama-3.1-8b" if not args.heads else f"heads {args.heads}", device=device.device_kind, jax_version=jax.__version__, commit=git_commit(),
         command="python " + " ".join([sys.argv[0]] + sys.argv[1:]), dtype=cfg.shape.dtype, quantization=None,
         tensor_parallel_size=1, date=date, backend=jax.default_backend(), interpret=cfg.interpret,
     )

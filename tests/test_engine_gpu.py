@@ -203,17 +203,18 @@ def test_enforce_eager_turns_xla_graphs_off_and_gives_the_same_tokens(tmp_path):
     assert tokens[True] == tokens[False]
 
 
-def test_a_head_size_the_kernels_cannot_take_runs_on_the_gpu(tmp_path):
-    """A head_dim that is no power of two (Phi-3's 96; 24 here) runs XLA's attention under "auto" on a GPU, with the
-    tokens of the reference backend named outright (it failed in the first step before)."""
+def test_a_head_size_of_no_power_of_two_runs_the_kernels_on_the_gpu(tmp_path):
+    """A head_dim that is no power of two (Phi-3's 96; 24 here) runs the Pallas attention and KV write padded to the
+    next power of two, and gives the reference backend's tokens (it failed in the first step before run 46b, then
+    ran XLA's attention)."""
     write_tiny_checkpoint(tmp_path, "phi3", seed=11, hidden_size=96, num_attention_heads=4, num_key_value_heads=2,
                           head_dim=24)
-    prompts = [np.random.default_rng().integers(0, 256, size=n).tolist() for n in (5, 33)]
+    prompts = [np.random.default_rng().integers(0, 256, size=n).tolist() for n in (5, 33, 1)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     tokens = {}
-    for backend in ("auto", "reference"):
+    for backend in ("pallas", "reference"):
         llm = LLM(model=str(tmp_path), dtype="float32", skip_tokenizer_init=True, attention_backend=backend,
-                  max_model_len=64, max_num_seqs=4, num_gpu_blocks_override=32)
+                  kv_write_backend=backend, max_model_len=64, max_num_seqs=4, num_gpu_blocks_override=32)
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.shutdown()
-    assert tokens["auto"] == tokens["reference"] and all(len(t) == 8 for t in tokens["auto"])
+    assert tokens["pallas"] == tokens["reference"] and all(len(t) == 8 for t in tokens["pallas"])
