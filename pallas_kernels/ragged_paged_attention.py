@@ -258,12 +258,20 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, _next_power_of_2(head_dim))
 
 
-def _head_columns(head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The ``padded_head_dim`` column indices: clamped into the head (for loads), as they are (for masked stores:
-    the interpreter drops a store out of bounds, where a clamped one would race the last column's), and which
-    are real."""
+def _head_columns(head_dim: int) -> tuple[jax.Array, jax.Array]:
+    """The ``padded_head_dim`` column indices: clamped into the head (for loads), and as they are (for masked
+    stores: the interpreter drops a store out of bounds, where a clamped one would race the last column's). A
+    power-of-two head gets plain ranges, so Triton sees contiguous columns and vectorises as before."""
     d = jnp.arange(padded_head_dim(head_dim), dtype=jnp.int32)
-    return jnp.minimum(d, head_dim - 1), d, d < head_dim
+    return (d if d.shape[0] == head_dim else jnp.minimum(d, head_dim - 1)), d
+
+
+def _rows_mask(valid: jax.Array, head_dim: int) -> jax.Array:
+    """``[rows, padded_head_dim]``: the ``valid`` rows' real head columns (the whole row for a power-of-two head)."""
+    padded = padded_head_dim(head_dim)
+    if padded == head_dim:
+        return jnp.broadcast_to(valid[:, None], (valid.shape[0], padded))
+    return valid[:, None] & (jnp.arange(padded, dtype=jnp.int32) < head_dim)[None, :]
 
 
 def _is_power_of_2(x: int) -> bool:
@@ -280,7 +288,7 @@ def _tile_rows(h, start, end, *, rows, group, group_pad, num_tokens, head_dim):
     head = h * group + jnp.minimum(g, group - 1)
     tok = start + tok_in_tile
     valid = (g < group) & (tok < end)
-    _, d, _ = _head_columns(head_dim)
+    _, d = _head_columns(head_dim)
     store_tok = jnp.where(valid, tok, num_tokens)  # out of bounds: never written
     return tok_in_tile, tok, head, valid, (store_tok[:, None], head[:, None], d[None, :])
 
@@ -333,8 +341,7 @@ def _masked_load_as(ref, mask, dtype):
 
 def _store_rows(o_ref, idx, valid, value):
     """Store ``value`` ``[rows, padded_head_dim]`` at ``idx`` (``_tile_rows``): the valid rows' real columns."""
-    *_, head_columns = _head_columns(o_ref.shape[-1])
-    mask = valid[:, None] & head_columns[None, :]
+    mask = _rows_mask(valid, o_ref.shape[-1])
     pltriton.store(o_ref.at[idx], value.astype(o_ref.dtype), mask=mask)
 
 
@@ -368,7 +375,7 @@ def _attention_kernel(
         item = pl.num_programs(1) - 1 - item
     split = pl.program_id(2) if k_splits > 1 else 0
     layer = layer_ref[0]
-    d, _, head_columns = _head_columns(D)  # D padded to a power of two (padded_head_dim)
+    d, _ = _head_columns(D)  # D padded to a power of two (padded_head_dim)
     Dp = d.shape[0]
 
     if decode_launch:
@@ -417,7 +424,7 @@ def _attention_kernel(
         unmasked_hi = jnp.maximum(unmasked_lo, clamp((first_pos + 1) // kv_tokens))
 
         q = pltriton.load(q_ref.at[jnp.minimum(tok, T - 1)[:, None], head[:, None], d[None, :]],
-                          mask=row_valid[:, None] & head_columns[None, :], other=0)
+                          mask=_rows_mask(row_valid, D), other=0)
         compute_dtype = _compute_dtype(q.dtype, k_ref.dtype)
         if compute_dtype != q.dtype:  # bfloat16 q onto float16 dots: past float16's range it saturates
             q = jnp.clip(q.astype(jnp.float32), -_F16_MAX, _F16_MAX)
@@ -769,8 +776,8 @@ def _write_kv_kernel(layer_ref, slots_ref, qkv_ref, _k_in, _v_in, k_out, v_out, 
     # Rows past T aim at the sink page 0: a masked store there is harmless wherever it lands (the
     # interpreter writes masked rows back with their old value, which must not hit a real slot).
     slot = jnp.where(valid, slots_ref[t], 0)
-    d, store_d, head_columns = _head_columns(D)  # padded to a power of two: the extra columns are masked
-    mask = valid[:, None] & head_columns[None, :]
+    d, store_d = _head_columns(D)  # padded to a power of two: the extra columns are masked
+    mask = _rows_mask(valid, D)
     dst = (layer_ref[0], h, (slot // bs)[:, None], (slot % bs)[:, None], store_d[None, :])
     for src_head, out_ref in ((k_head + h, k_out), (k_head + Hkv + h, v_out)):
         rows = pltriton.load(qkv_ref.at[t[:, None], src_head, d[None, :]], mask=mask, other=0)
