@@ -252,26 +252,26 @@ def _next_power_of_2(x: int) -> int:
 
 def padded_head_dim(head_dim: int) -> int:
     """The head columns the Triton kernels compute on: Triton's blocks are powers of two and its dots take
-    K >= 16, so a head of another size (Phi-3's 96) runs in the next power of two >= 16. The extra columns
-    load as zeros for q (so the scores are exact) and as copies of the last real column for K and V (the
-    same cache lines, no extra bytes read); they are never stored."""
+    K >= 16, so a head of another size (Phi-3's 96) runs in the next power of two >= 16. Its loads and stores
+    are masked to the real columns (``_rows_mask``): the extra ones load as zeros and are never stored."""
     return max(16, _next_power_of_2(head_dim))
 
 
-def _head_columns(head_dim: int) -> tuple[jax.Array, jax.Array]:
-    """The ``padded_head_dim`` column indices: clamped into the head (for loads), and as they are (for masked
-    stores: the interpreter drops a store out of bounds, where a clamped one would race the last column's). A
-    power-of-two head gets plain ranges, so Triton sees contiguous columns and vectorises as before."""
-    d = jnp.arange(padded_head_dim(head_dim), dtype=jnp.int32)
-    return (d if d.shape[0] == head_dim else jnp.minimum(d, head_dim - 1)), d
+def _head_columns(head_dim: int) -> jax.Array:
+    """The ``padded_head_dim`` column indices (past a padded head's end they are only ever masked)."""
+    return jnp.arange(padded_head_dim(head_dim), dtype=jnp.int32)
 
 
-def _rows_mask(valid: jax.Array, head_dim: int) -> jax.Array:
-    """``[rows, padded_head_dim]``: the ``valid`` rows' real head columns (the whole row for a power-of-two head)."""
+def _rows_mask(valid: Optional[jax.Array], head_dim: int, rows: Optional[int] = None) -> Optional[jax.Array]:
+    """``[rows, padded_head_dim]``: the ``valid`` rows' (all ``rows`` rows' for None) real head columns; None where
+    nothing is masked. A power-of-two head's mask is its rows' alone, which Triton's loads and stores vectorise as
+    they do a mask constant along the row; a padded head's column test (against a multiple of 8 for the usual
+    sizes) keeps 16-byte chunks whole."""
     padded = padded_head_dim(head_dim)
     if padded == head_dim:
-        return jnp.broadcast_to(valid[:, None], (valid.shape[0], padded))
-    return valid[:, None] & (jnp.arange(padded, dtype=jnp.int32) < head_dim)[None, :]
+        return None if valid is None else jnp.broadcast_to(valid[:, None], (valid.shape[0], padded))
+    columns = (_head_columns(head_dim) < head_dim)[None, :]
+    return columns & (valid[:, None] if valid is not None else jnp.ones((rows, 1), jnp.bool_))
 
 
 def _is_power_of_2(x: int) -> bool:
@@ -288,7 +288,7 @@ def _tile_rows(h, start, end, *, rows, group, group_pad, num_tokens, head_dim):
     head = h * group + jnp.minimum(g, group - 1)
     tok = start + tok_in_tile
     valid = (g < group) & (tok < end)
-    _, d = _head_columns(head_dim)
+    d = _head_columns(head_dim)
     store_tok = jnp.where(valid, tok, num_tokens)  # out of bounds: never written
     return tok_in_tile, tok, head, valid, (store_tok[:, None], head[:, None], d[None, :])
 
@@ -375,7 +375,7 @@ def _attention_kernel(
         item = pl.num_programs(1) - 1 - item
     split = pl.program_id(2) if k_splits > 1 else 0
     layer = layer_ref[0]
-    d, _ = _head_columns(D)  # D padded to a power of two (padded_head_dim)
+    d = _head_columns(D)  # D padded to a power of two (padded_head_dim)
     Dp = d.shape[0]
 
     if decode_launch:
@@ -447,17 +447,18 @@ def _attention_kernel(
                 if not prefetch_pages:
                     page = pages_of(j)
                 kv_idx = (layer, h, page[:, None], (c % bs)[:, None], d[None, :])
-                if masked_loads:
-                    kv_mask = jnp.broadcast_to(in_kv[:, None], (kv_tokens, Dp))
-                    k = _masked_load_as(k_ref.at[kv_idx], kv_mask, q.dtype)
-                    v = _masked_load_as(v_ref.at[kv_idx], kv_mask, q.dtype)
-                else:  # past the context: page 0 (pages_of's fill) or the last page's unused slots, finite
-                    k, v = k_ref[kv_idx], v_ref[kv_idx]
+                # Past the context unmasked: page 0 (pages_of's fill) or the last page's unused slots, finite.
+                kv_mask = _rows_mask(in_kv if masked_loads else None, D, kv_tokens)
             else:
                 if not prefetch_pages:
                     page = block_tables_ref[seq, c // bs]
                 kv_idx = (layer, h, page[:, None], (c % bs)[:, None], d[None, :])
+                kv_mask = _rows_mask(None, D, kv_tokens)
+            if kv_mask is None:
                 k, v = k_ref[kv_idx], v_ref[kv_idx]
+            else:
+                k = _masked_load_as(k_ref.at[kv_idx], kv_mask, q.dtype)
+                v = _masked_load_as(v_ref.at[kv_idx], kv_mask, q.dtype)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32, precision=precision)
@@ -776,9 +777,9 @@ def _write_kv_kernel(layer_ref, slots_ref, qkv_ref, _k_in, _v_in, k_out, v_out, 
     # Rows past T aim at the sink page 0: a masked store there is harmless wherever it lands (the
     # interpreter writes masked rows back with their old value, which must not hit a real slot).
     slot = jnp.where(valid, slots_ref[t], 0)
-    d, store_d = _head_columns(D)  # padded to a power of two: the extra columns are masked
+    d = _head_columns(D)  # padded to a power of two: the extra columns are masked
     mask = _rows_mask(valid, D)
-    dst = (layer_ref[0], h, (slot // bs)[:, None], (slot % bs)[:, None], store_d[None, :])
+    dst = (layer_ref[0], h, (slot // bs)[:, None], (slot % bs)[:, None], d[None, :])
     for src_head, out_ref in ((k_head + h, k_out), (k_head + Hkv + h, v_out)):
         rows = pltriton.load(qkv_ref.at[t[:, None], src_head, d[None, :]], mask=mask, other=0)
         pltriton.store(out_ref.at[dst], to_cache_dtype(rows, out_ref.dtype), mask=mask)

@@ -197,9 +197,9 @@ def test_unmasked_8bit_loads_match_reference_over_finite_pages(cache_dtype, tili
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode_kv_tokens", [128, 64])
-def test_unmasked_8bit_loads_match_reference_on_gpu(decode_kv_tokens):
-    shapes = Shapes(32, 8, 128, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40, num_pages=700,
+@pytest.mark.parametrize("decode_kv_tokens,head_dim", [(128, 128), (64, 128), (128, 96)])
+def test_unmasked_8bit_loads_match_reference_on_gpu(decode_kv_tokens, head_dim):
+    shapes = Shapes(32, 8, head_dim, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40, num_pages=700,
                     num_layers=3, cache_dtype=jnp.float8_e4m3fn)
     check_unmasked_8bit_loads(shapes, Tiling(decode_kv_tokens=decode_kv_tokens),
                               interpret=False)
@@ -568,7 +568,7 @@ GPU_CASES = [
                         num_pages=1400, num_layers=3), dict(), id="phi3-heads-d96-bf16"),
     pytest.param(Shapes(32, 8, 96, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
                         num_pages=700, num_layers=3, cache_dtype=jnp.float8_e4m3fn),
-                 dict(tiling=Tiling(k_splits=4)), id="d96-fp8-pages-split4"),
+                 dict(tiling=Tiling(k_splits=4, masked_8bit_loads=True)), id="d96-fp8-pages-split4-masked"),
 ]
 
 
