@@ -340,6 +340,10 @@ class Scheduler:
             raise KeyError(f"no unfinished request {request_id!r}")
         del self._order_keys[request_id]
         if self._block_keys is not None:
+            if request.status is RequestStatus.RUNNING and request_id in self.block_manager:
+                # Blocks that filled while their last token was still on the device (asynchronous scheduling)
+                # were not offered then: offer them now, so a follow-up turn's prompt finds its whole reply.
+                self._cache_blocks(request)
             del self._block_keys[request_id]
         self._static_batch.discard(request_id)
         queue = self._running if request.status is RequestStatus.RUNNING else self._waiting

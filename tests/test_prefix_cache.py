@@ -242,3 +242,20 @@ def test_cached_prefixes_leave_outputs_and_logprobs_as_computed_afresh(num_sched
     assert [c.token_ids for c in warm_samples.outputs] == [c.token_ids for c in cold_samples.outputs]
     assert stats["prefix_cache_hits"] >= sum(o.num_cached_tokens for o in warm)
     assert stats["prefix_cache_queries"] > stats["prefix_cache_hits"]
+
+
+def test_a_finished_reply_leaves_every_full_block_cached_under_asynchronous_scheduling():
+    """The next chat turn (prompt + reply + more) finds the reply's last full block: with asynchronous scheduling (the
+    default) it filled while its last token was still on the device, and was offered to the cache only when the
+    request finished (from a scheduler probe: 64 of 80 tokens hit before)."""
+    llm = LLM(max_model_len=256, max_num_seqs=4, seed=0)
+    try:
+        assert llm.llm_engine.async_scheduling
+        prompt = [(t * 37 + 11) % 30000 + 100 for t in range(70)]  # 4 full blocks and 6 tokens
+        reply = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0].token_ids  # block 4 (tokens 64-79) fills in the decode
+        turn = llm.generate([prompt + list(reply) + [42]], SamplingParams(temperature=0, max_tokens=1),
+                            use_tqdm=False)[0]
+    finally:
+        llm.shutdown()
+    assert turn.num_cached_tokens == 80
