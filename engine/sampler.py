@@ -103,7 +103,7 @@ class SamplerOutput:
 
     token_ids: jax.Array  # [S] int32
     logprobs: jax.Array | None = None  # [S] f32, raw logprob of the sampled token
-    ranks: jax.Array | None = None  # [S] int32, 1 + number of tokens more likely than it
+    ranks: jax.Array | None = None  # [S] int32, the number of tokens at least as likely as it (vLLM's rank)
     top_token_ids: jax.Array | None = None  # [S, num_logprobs] int32, most likely first
     top_logprobs: jax.Array | None = None  # [S, num_logprobs] f32
 
@@ -451,7 +451,7 @@ def _sort_descending(x: jax.Array) -> jax.Array:
 def with_logprobs(token_ids: jax.Array, raw_logits: jax.Array, num_logprobs: int) -> SamplerOutput:
     log_normalizer = jax.nn.logsumexp(raw_logits, axis=-1, keepdims=True)
     sampled_logit = jnp.take_along_axis(raw_logits, token_ids[:, None], axis=-1)
-    ranks = 1 + jnp.sum(raw_logits > sampled_logit, axis=-1, dtype=jnp.int32)
+    ranks = jnp.sum(raw_logits >= sampled_logit, axis=-1, dtype=jnp.int32)  # ties count, as in vLLM
     top_logits, top_ids = jax.lax.top_k(raw_logits, num_logprobs)
     return SamplerOutput(
         token_ids=token_ids,

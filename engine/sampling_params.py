@@ -258,6 +258,9 @@ class SamplingParams:
             unknown = sorted(set(self.structured_outputs) - set(STRUCTURED_OUTPUT_KINDS))
             _require(not unknown, "structured_outputs", f"takes only {', '.join(STRUCTURED_OUTPUT_KINDS)}", unknown)
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is True:  # as vLLM takes it: one most likely token
+                setattr(self, name, 1)
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         elif isinstance(self.bad_words, (list, tuple)):

@@ -238,6 +238,15 @@ def test_logprobs_are_raw_log_softmax(rng):
     )
 
 
+def test_a_tied_tokens_rank_counts_the_tie_as_vllm_does():
+    """vLLM's rank is the number of tokens at least as likely as the sampled one: either of two tied tokens ranks 2."""
+    from engine.sampler import with_logprobs
+
+    logits = jnp.array([[2.0, 2.0, 0.0, -1.0], [2.0, 2.0, 0.0, -1.0], [0.0, 3.0, 1.0, 1.0]])
+    out = with_logprobs(jnp.array([0, 1, 3], jnp.int32), logits, 2)
+    assert np.asarray(out.ranks).tolist() == [2, 2, 3]
+
+
 def test_no_logprobs_unless_asked(rng):
     out = sample_jit(_logits(rng, 2, 16), _metadata([SamplingParams()] * 2))
     assert out.logprobs is None and out.top_token_ids is None

@@ -122,3 +122,10 @@ def test_vllms_best_of_and_extra_args_are_taken():
         SamplingParams(extra_args=[1])
     with pytest.raises(ValueError, match=r"truncate_prompt_tokens value \(9\) is greater than max_model_len \(8\)"):
         SamplingParams(truncate_prompt_tokens=9).truncate_prompt(list(range(20)), max_model_len=8)
+
+
+def test_logprobs_true_asks_for_one_as_in_vllm():
+    p = SamplingParams(logprobs=True, prompt_logprobs=True)
+    assert (p.logprobs, p.prompt_logprobs) == (1, 1)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=False)
