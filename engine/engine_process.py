@@ -85,8 +85,8 @@ class EngineView:
                    tokenizer=engine.tokenizer, facts=facts, default_sampling_fields=engine.default_sampling_fields,
                    eos_token_ids=frozenset(engine.eos_token_ids))
 
-    def tokenize(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, add_special_tokens)
 
 
 class EngineProcess:

@@ -285,10 +285,10 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def tokenize(self, prompt: str) -> list[int]:
+    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         from engine.tokenizer import encode_prompt  # transformers, as the tokenizer's loading above
 
-        return encode_prompt(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt, add_special_tokens)
 
     def add_request(
         self,

@@ -55,11 +55,13 @@ def load_tokenizer(model_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     return _load(model_path, source, **extra, **kwargs)
 
 
-def encode_prompt(tokenizer: Optional[PreTrainedTokenizerBase], prompt: str) -> list[int]:
-    """A text prompt's token ids; a clear error for an engine started without a tokenizer."""
+def encode_prompt(tokenizer: Optional[PreTrainedTokenizerBase], prompt: str, add_special_tokens: bool = True
+                  ) -> list[int]:
+    """A text prompt's token ids (with the tokenizer's BOS and such unless ``add_special_tokens`` is False); a clear
+    error for an engine started without a tokenizer."""
     if tokenizer is None:
         raise ValueError("this engine was started without a tokenizer: pass prompt token ids")
-    return list(tokenizer.encode(prompt))
+    return list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
 
 
 def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[list[int]]:

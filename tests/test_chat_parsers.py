@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("fastapi")
 
 from engine.entrypoints.openai.reasoning import DeepSeekR1ReasoningParser, Qwen3ReasoningParser  # noqa: E402
-from engine.entrypoints.openai.tools import HermesToolParser, Llama3JsonToolParser  # noqa: E402
+from engine.entrypoints.openai.protocol import NamedToolChoice  # noqa: E402
+from engine.entrypoints.openai.tools import HermesToolParser, Llama3JsonToolParser, forced_tool_calls  # noqa: E402
 
 
 def _calls(calls):
@@ -90,3 +91,13 @@ def test_reasoning_end_in_prompt_and_output(prompt, ended):
     end = ReasoningEnd(_CharTokenizer())
     assert end.ended_in_prompt(_CharTokenizer().encode(prompt)) == ended
     assert end.ends(_CharTokenizer().encode("thinking...</think>")) and not end.ends(_CharTokenizer().encode("</think>."))
+
+
+def test_a_named_functions_call_is_the_whole_output_cut_or_not():
+    """vLLM's named tool choice: the output is the call's arguments, also when max_tokens cut it (it came back as
+    content); "required"'s list is a call only when whole."""
+    named = NamedToolChoice(function={"name": "get_weather"})
+    for text in ('{"city": "Paris"}', '{"city": "Pa'):
+        (call,) = forced_tool_calls(named, text)
+        assert (call.function.name, call.function.arguments) == ("get_weather", text)
+    assert forced_tool_calls("required", '[{"name": "get_weather", "parameters": {"ci') is None

@@ -130,6 +130,7 @@ def test_models_health_version(served):
     models = served.client().models.list().data
     assert [m.id for m in models] == [served.model] == ["SmolLM2-135M-Instruct"]
     assert httpx.get(f"{served.url}/health").status_code == 200
+    assert httpx.get(f"{served.url}/ping").status_code == httpx.post(f"{served.url}/ping").status_code == 200
     version = httpx.get(f"{served.url}/version").json()
     assert isinstance(version["version"], str)
     # What a benchmark records about the engine behind the API (scripts/bench_serving.py)
@@ -165,6 +166,10 @@ def test_tokenize_and_detokenize(served):
     assert chat["tokens"] == apply_chat_template(tokenizer, CHAT)
     back = httpx.post(f"{served.url}/detokenize", json={"tokens": out["tokens"]}).json()
     assert back["prompt"] == PROMPTS[0]
+    strs = httpx.post(f"{served.url}/tokenize", json={"prompt": PROMPTS[0], "return_token_strs": True,
+                                                      "add_special_tokens": False}).json()
+    assert strs["tokens"] == tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    assert strs["token_strs"] == tokenizer.convert_ids_to_tokens(strs["tokens"]) and "token_strs" in out
     assert _error(httpx.post(f"{served.url}/tokenize", json={}), 400)["param"] == "prompt"
     assert _error(httpx.post(f"{served.url}/detokenize", json={"tokens": [10**9]}), 400)["param"] == "tokens"
     assert _error(httpx.post(f"{served.url}/tokenize", json={"model": "gpt-5", "prompt": "x"}), 404)["param"] == "model"
@@ -455,6 +460,16 @@ def test_auto_tool_choice_reads_the_models_own_calls(served):
     plain = client.chat.completions.create(model=served.model, messages=CHAT, tools=[WEATHER], temperature=0,
                                            max_tokens=12)
     assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
+    # parallel_tool_calls=False keeps the first of two calls, streamed or not (vLLM's)
+    second = '<tool_call>{"name": "get_time", "arguments": {"city": "Rome"}}</tool_call>'
+    kwargs["extra_body"] = {"guided_regex": re.escape(call + second)}
+    both = client.chat.completions.create(**kwargs)
+    assert [c.function.name for c in both.choices[0].message.tool_calls] == ["get_weather", "get_time"]
+    for stream in (False, True):
+        out = client.chat.completions.create(**kwargs, parallel_tool_calls=False, stream=stream)
+        calls = (out.choices[0].message.tool_calls if not stream else
+                 [c for chunk in out for choice in chunk.choices for c in (choice.delta.tool_calls or [])])
+        assert [c.function.name for c in calls] == ["get_weather"]
 
 
 def test_reasoning_content_apart_from_the_answer_and_its_tool_calls(served):
@@ -1095,6 +1110,19 @@ def test_still_serving_after_errors(served, reference):
     assert httpx.get(f"{served.url}/health").status_code == 200
 
 
+def test_null_fields_take_their_defaults_as_openai_reads_them(served):
+    """Clients generated from OpenAI's spec send unset fields as null: a field that takes no None reads it as its
+    default (n, penalties, logprobs, stream were 400s), one that does keeps None (max_tokens: as many as fit)."""
+    body = {"messages": CHAT, "max_tokens": 2, "temperature": 0, "n": None, "presence_penalty": None,
+            "frequency_penalty": None, "logprobs": None, "stream": None, "add_generation_prompt": None}
+    chat = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60)
+    assert chat.status_code == 200 and len(chat.json()["choices"]) == 1
+    completion = httpx.post(f"{served.url}/v1/completions", json={
+        "prompt": PROMPTS[0], "max_tokens": 2, "n": None, "echo": None, "stream": None, "ignore_eos": None},
+        timeout=60)
+    assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] == 2
+
+
 def test_an_unexpected_error_is_one_500_logged_once(served, monkeypatch, caplog):
     """A route's unexpected error: an OpenAI-style 500 naming it, one traceback in the log (not the ASGI server's
     second), and the server serves on."""
@@ -1342,6 +1370,24 @@ def test_embeddings_from_a_pooling_server(served):
         ranked = httpx.post(f"{url}/v1/rerank", json={"query": texts[1], "documents": texts, "top_n": 1},
                             timeout=60).json()
         assert [(r["index"], r["document"]["text"]) for r in ranked["results"]] == [(1, texts[1])]
+        every = httpx.post(f"{url}/rerank", json={"query": texts[1], "documents": texts, "top_n": 0}, timeout=60)
+        assert [r["index"] for r in every.json()["results"]] == [1, 0]  # vLLM's: top_n 0 is every document
+        # vLLM's fields: normalize, truncate_prompt_tokens (the input's last k tokens)
+        raw = httpx.post(f"{url}/v1/embeddings", json={"input": texts[0], "normalize": False}, timeout=60).json()
+        assert abs(np.linalg.norm(raw["data"][0]["embedding"]) - 1) > 1e-3
+        np.testing.assert_allclose(raw["data"][0]["embedding"] / np.linalg.norm(raw["data"][0]["embedding"]),
+                                   vectors[0], atol=1e-5)
+        ids = tokenizer.encode(texts[0] + " and " * 150)
+        cut = httpx.post(f"{url}/v1/embeddings", json={"input": [ids], "truncate_prompt_tokens": 10},
+                         timeout=60).json()
+        last = client.embeddings.create(model=served.model, input=[ids[-10:]]).data[0].embedding
+        assert cut["usage"]["prompt_tokens"] == 10
+        np.testing.assert_allclose(cut["data"][0]["embedding"], last, atol=1e-6)
+        bad = httpx.post(f"{url}/v1/embeddings", json={"input": [ids], "truncate_prompt_tokens": 500}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"
+        for prompt in ([5, -1], [[5], [-3]]):  # a negative token id was a 500
+            negative = httpx.post(f"{url}/v1/embeddings", json={"input": prompt}, timeout=60)
+            assert negative.status_code == 400 and negative.json()["error"]["param"] == "input"
         assert ranked["results"][0]["relevance_score"] == pytest.approx(1.0, abs=1e-5)
         bad = httpx.post(f"{url}/v1/score", json={"text_1": texts, "text_2": texts[:1] * 3}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "text_2"

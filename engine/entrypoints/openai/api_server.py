@@ -225,6 +225,8 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
                            allow_headers=["*"])
 
     @app.get("/health")
+    @app.get("/ping")  # vLLM's (SageMaker's) alias
+    @app.post("/ping")
     async def health() -> Response:
         """200 while the engine runs, busy or not; 503 once it has died (vLLM's): the server then stops by itself
         (``watch_engine``), for its supervisor to start it again."""
@@ -485,7 +487,7 @@ class OpenAIServing:
                                   defaults=self.async_llm.engine.default_sampling_fields)
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens come with their logprobs too
             params.prompt_logprobs = max(req.logprobs, params.prompt_logprobs or 0)
-        prompts = await run_in_threadpool(self._completion_prompts, req.prompt)
+        prompts = await run_in_threadpool(self._completion_prompts, req.prompt, "prompt", req.add_special_tokens)
         prompts = [_Prompt(p.text, self._truncated(params, p.token_ids)) for p in prompts]
         for prompt in prompts:
             self._check_length(len(prompt.token_ids), params.max_tokens if "max_tokens" in req.model_fields_set
@@ -530,11 +532,13 @@ class OpenAIServing:
         """OpenAI's embeddings, from an engine started with ``--runner pooling`` (``engine.pooling``)."""
         model, lora = self._pooling_model(req)
         try:
-            params = PoolingParams(dimensions=req.dimensions)
+            params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
         except ValueError as e:
             raise bad_request(str(e), param="dimensions") from None
         request_id = random_id("embd")
-        vectors, tokens = await self._embedded(request_id, req.input, "input", params, req.priority, lora)
+        vectors, tokens = await self._embedded(request_id, req.input, "input", params, req.priority, lora,
+                                               add_special_tokens=req.add_special_tokens,
+                                               truncate_prompt_tokens=req.truncate_prompt_tokens)
         data = [EmbeddingData(index=i, embedding=_encode_embedding(v, req.encoding_format))
                 for i, v in enumerate(vectors)]
         return EmbeddingResponse(id=request_id, model=model, data=data,
@@ -581,25 +585,24 @@ class OpenAIServing:
         model, lora = self._resolve_model(req)
         if not req.documents:
             raise bad_request("documents is empty", param="documents")
-        if req.top_n is not None and req.top_n < 1:
-            raise bad_request(f"top_n must be a positive integer, got {req.top_n}", param="top_n")
         request_id = random_id("rerank")
         vectors, tokens = await self._embedded(request_id, [req.query] + req.documents, "documents", PoolingParams(),
                                                req.priority, lora)
         results = sorted((RerankResult(index=i, document=RerankDocument(text=text),
                                        relevance_score=cosine(vectors[0], vectors[i + 1]))
                           for i, text in enumerate(req.documents)), key=lambda r: -r.relevance_score)
-        return RerankResponse(id=request_id, model=model, results=results[:req.top_n],
+        top_n = req.top_n if req.top_n and req.top_n > 0 else None  # vLLM's: 0 (or less) is every document
+        return RerankResponse(id=request_id, model=model, results=results[:top_n],
                               usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
 
     async def _embedded(self, request_id: str, texts, param: str, params: PoolingParams, priority: int,
-                        lora_request: Optional[LoRARequest] = None) -> tuple[list[list[float]], int]:
+                        lora_request: Optional[LoRARequest] = None, **prompt_options) -> tuple[list[list[float]], int]:
         """The embedding engine's vectors of ``texts`` (a text, texts or token ids, as a prompt is given) and their
         token count (``_pooled``); a classifier's refusal a 400."""
         if self._is_classifier:
             raise bad_request("this model is a sequence classifier: use /classify", param="model",
                               code="model_not_supported")
-        finals, tokens = await self._pooled(request_id, texts, param, params, priority, lora_request)
+        finals, tokens = await self._pooled(request_id, texts, param, params, priority, lora_request, **prompt_options)
         return [o.outputs.embedding for o in finals], tokens
 
     @functools.cached_property
@@ -611,16 +614,24 @@ class OpenAIServing:
         return class_labels(self.async_llm.engine.model_path)
 
     async def _pooled(self, request_id: str, texts, param: str, params: PoolingParams, priority: int,
-                      lora_request: Optional[LoRARequest] = None) -> tuple[list, int]:
+                      lora_request: Optional[LoRARequest] = None, add_special_tokens: bool = True,
+                      truncate_prompt_tokens: Optional[int] = None) -> tuple[list, int]:
         """The pooling engine's final outputs for ``texts`` (a text, texts or token ids, as a prompt is given; with
-        ``lora_request``'s adapter if given) and their token count; a generating engine's refusal, a bad or too long
-        text a 400 naming ``param``."""
+        ``lora_request``'s adapter if given; each cut to its last ``truncate_prompt_tokens`` tokens if given, -1:
+        as many as fit) and their token count; a generating engine's refusal, a bad or too long text a 400 naming
+        ``param``."""
         if self.async_llm.engine.args.runner != "pooling":
             raise bad_request("this server generates text: embeddings, scores, reranking and classification need a "
                               "pooling engine (--runner pooling, or a classifier's checkpoint)", param="model",
                               code="model_not_supported")
-        prompts = await run_in_threadpool(self._completion_prompts, texts, param)
+        prompts = await run_in_threadpool(self._completion_prompts, texts, param, add_special_tokens)
         limit = self.async_llm.max_model_len
+        if truncate_prompt_tokens is not None:
+            keep = limit - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+            if not 1 <= keep < limit:
+                raise bad_request(f"truncate_prompt_tokens must be -1 or in [1, {limit - 1}] (max_model_len is "
+                                  f"{limit}), got {truncate_prompt_tokens}", param="truncate_prompt_tokens")
+            prompts = [_Prompt(p.text, p.token_ids[-keep:]) for p in prompts]
         for prompt in prompts:
             if len(prompt.token_ids) >= limit:
                 raise bad_request(f"This model's maximum context length is {limit} tokens, but a text of {param} has "
@@ -637,7 +648,7 @@ class OpenAIServing:
         decode = None if tokenizer is None else (lambda token_id: tokenizer.decode([token_id]))
         return _append_completion_logprobs(out, zip(output.prompt_token_ids, output.prompt_logprobs), 0, decode)
 
-    def _completion_prompts(self, prompt, param: str = "prompt") -> list[_Prompt]:
+    def _completion_prompts(self, prompt, param: str = "prompt", add_special_tokens: bool = True) -> list[_Prompt]:
         """Runs in a worker thread (tokenizing may be slow). ``param``: the request field, for its errors."""
         engine, tokenizer = self.async_llm.engine, self.async_llm.tokenizer
         if isinstance(prompt, str) or isinstance(prompt[0], int):
@@ -645,18 +656,18 @@ class OpenAIServing:
         out = []
         for p in prompt:
             if isinstance(p, str):
-                out.append(_Prompt(p, engine.tokenize(p)))
+                out.append(_Prompt(p, engine.tokenize(p, add_special_tokens)))
             else:
                 ids = list(p)
                 vocab = engine.model_config.vocab_size
-                bad = [t for t in ids if t >= vocab]
+                bad = [t for t in ids if not 0 <= t < vocab]
                 if bad:
                     raise bad_request(f"{param} token id {bad[0]} is outside the vocabulary [0, {vocab})",
                                       param=param)
                 out.append(_Prompt(tokenizer.decode(ids) if tokenizer is not None else None, ids))
         for i, p in enumerate(out):
             if not p.token_ids:
-                raise bad_request(f"prompt {i} is empty: at least one token is required", param="prompt")
+                raise bad_request(f"{param} {i} is empty: at least one token is required", param=param)
         return out
 
     async def _stream_completion(self, request_id: str, model: str, prompts: list[_Prompt],
@@ -730,7 +741,7 @@ class OpenAIServing:
         (final,) = await final_outputs(streams)
         choices = []
         for c in final.outputs:
-            message, finish_reason = self._chat_message(c, tool_choice)
+            message, finish_reason = self._chat_message(c, tool_choice, req.parallel_tool_calls is not False)
             logprobs = _chat_logprobs(c, 0, params.logprobs) if req.logprobs else None
             choices.append(ChatCompletionChoice(index=c.index, message=message, logprobs=logprobs,
                                                 finish_reason=finish_reason, stop_reason=c.stop_reason))
@@ -746,10 +757,12 @@ class OpenAIServing:
             raise bad_request("give either prompt or messages", param="prompt")
         self._require_tokenizer("prompt" if req.prompt is not None else "messages")
         if req.prompt is not None:
-            ids = await run_in_threadpool(self.async_llm.engine.tokenize, req.prompt)
+            ids = await run_in_threadpool(self.async_llm.engine.tokenize, req.prompt, req.add_special_tokens)
         else:
             ids = (await run_in_threadpool(self._chat_prompt, req)).token_ids
-        return TokenizeResponse(count=len(ids), max_model_len=self.async_llm.max_model_len, tokens=ids)
+        token_strs = self.async_llm.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.async_llm.max_model_len, tokens=ids,
+                                token_strs=token_strs)
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self._check_model(req)
@@ -821,7 +834,8 @@ class OpenAIServing:
                 logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
                 state.tokens_sent = len(completion.token_ids)
                 if tool_choice != "none":  # text as it may be streamed, the calls whole when the choice ends
-                    choices.extend(self._tool_chunk(completion, state, tool_choice, logprobs))
+                    choices.extend(self._tool_chunk(completion, state, tool_choice, logprobs,
+                                                    req.parallel_tool_calls is not False))
                     continue
                 thinking, content = self._reasoning_delta(completion, state)
                 delta = content[state.text_sent:]
@@ -855,15 +869,17 @@ class OpenAIServing:
         state.reasoning_sent += len(new)
         return new, content
 
-    def _chat_message(self, completion: CompletionOutput, tool_choice) -> tuple[ChatResponseMessage, Optional[str]]:
+    def _chat_message(self, completion: CompletionOutput, tool_choice, parallel: bool = True
+                      ) -> tuple[ChatResponseMessage, Optional[str]]:
         """A finished choice's message and finish reason: its reasoning (with a reasoning parser) and its content,
-        or the tool calls in that (a forced choice's whole output, or what the parser finds under "auto");
-        "tool_calls" as the reason where the model chose to call ("auto", "required"); a named function's call ends
-        with "stop", as OpenAI's."""
+        or the tool calls in that (a forced choice's whole output, or what the parser finds under "auto"; the first
+        alone unless ``parallel``, as vLLM keeps it for ``parallel_tool_calls=False``); "tool_calls" as the reason
+        where the model chose to call ("auto", "required"); a named function's call ends with "stop", as OpenAI's."""
         reasoning, text = self._reasoning(completion.text, final=True)
         reason = completion.finish_reason
         if tool_choice == "auto":
             content, calls = self.tool_parser.extract(text)
+            calls = calls if parallel else calls[:1]
         else:
             content, calls = None, forced_tool_calls(tool_choice, text) if is_forced(tool_choice) else None
         if not calls:
@@ -874,7 +890,7 @@ class OpenAIServing:
         return ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls), reason
 
     def _tool_chunk(self, completion: CompletionOutput, state: _ChoiceState, tool_choice,
-                    logprobs: Optional[ChatLogprobs]) -> list[ChatCompletionChunkChoice]:
+                    logprobs: Optional[ChatLogprobs], parallel: bool = True) -> list[ChatCompletionChunkChoice]:
         """A streamed choice's chunk under tools: its new reasoning, and under "auto" the new content the parser says
         is not a call yet; at the end the rest of the content and the calls. ``logprobs``: its new tokens' (they
         come as the tokens do, whether their text is sent yet or held as a call's)."""
@@ -887,7 +903,7 @@ class OpenAIServing:
                 return []
             return [ChatCompletionChunkChoice(index=completion.index, delta=ChatDelta(
                 content=delta or None, reasoning_content=thinking or None), logprobs=logprobs)]
-        message, reason = self._chat_message(completion, tool_choice)
+        message, reason = self._chat_message(completion, tool_choice, parallel)
         calls = [{"index": i, **call.model_dump()} for i, call in enumerate(message.tool_calls)]
         return [ChatCompletionChunkChoice(
             index=completion.index, delta=ChatDelta(content=(message.content or "")[state.text_sent:] or None,

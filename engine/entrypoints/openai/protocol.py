@@ -13,10 +13,11 @@ Knows nothing of the engine or HTTP.
 from __future__ import annotations
 
 import time
+import typing
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -45,7 +46,26 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, each chunk's usage so far too
 
 
-class _SamplingFields(BaseModel):
+class _NullMeansDefault(BaseModel):
+    """A ``null`` for a field that takes no None is its default, as OpenAI's API reads an explicit null (clients
+    generated from its spec send every unset field so); vLLM's fields are Optional with a default for the same
+    reason."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if not (value is None and key in fields and not _takes_none(fields[key].annotation))}
+
+
+def _takes_none(annotation: Any) -> bool:
+    return annotation is None or annotation is type(None) or type(None) in typing.get_args(annotation)
+
+
+class _SamplingFields(_NullMeansDefault):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -112,6 +132,7 @@ PROMPT_FORMS = "a string, a list of strings, a list of token ids (integers >= 0)
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    add_special_tokens: bool = True  # vLLM's: a text prompt's BOS and such
     max_tokens: Optional[int] = 16  # OpenAI's default for completions
     logprobs: Optional[int] = None
     echo: bool = False
@@ -195,7 +216,7 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class _ChatTemplateFields(BaseModel):
+class _ChatTemplateFields(_NullMeansDefault):
     """vLLM's arguments of the chat template, on chat completions and on ``/tokenize`` alike."""
 
     add_generation_prompt: bool = True
@@ -213,7 +234,7 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     tools: Optional[list[ChatTool]] = None
     # None: "auto" with tools, else "none" (OpenAI's defaults); see engine.entrypoints.openai.tools
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
-    parallel_tool_calls: Optional[bool] = None  # False: at most one call under "required"
+    parallel_tool_calls: Optional[bool] = None  # False: at most one call (the first, under "auto")
 
 
 class TokenizeRequest(_ChatTemplateFields):
@@ -226,6 +247,8 @@ class TokenizeRequest(_ChatTemplateFields):
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
     tools: Optional[list[ChatTool]] = None  # rendered by the chat template, as a chat completion's are
+    add_special_tokens: bool = True  # a prompt's BOS and such (the chat template writes its own)
+    return_token_strs: bool = False  # the tokens' strings too, as the tokenizer's vocabulary spells them
 
 
 class EmbeddingRequest(BaseModel):
@@ -240,6 +263,10 @@ class EmbeddingRequest(BaseModel):
     dimensions: Optional[int] = None
     user: Optional[str] = None
     priority: int = 0
+    # vLLM's: a text's BOS and such; each input's last k tokens (-1: as many as fit); None: the model's (normalised)
+    add_special_tokens: bool = True
+    truncate_prompt_tokens: Optional[int] = None
+    normalize: Optional[bool] = None
 
 
 class ClassificationRequest(BaseModel):
@@ -321,6 +348,7 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: Optional[list[str]] = None
 
 
 class DetokenizeResponse(BaseModel):

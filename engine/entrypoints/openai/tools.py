@@ -49,7 +49,8 @@ def is_forced(choice) -> bool:
 
 def tool_call_schema(req: ChatCompletionRequest, choice: str | NamedToolChoice) -> dict:
     """The JSON schema the output must follow: the named function's arguments, or (``"required"``) a list of calls
-    of the tools, at least one (exactly one with ``parallel_tool_calls=False``)."""
+    of the tools, at least one (exactly one with ``parallel_tool_calls=False``, which "auto" applies by keeping
+    the first call)."""
     if isinstance(choice, NamedToolChoice):
         tool = next(t for t in req.tools if t.function.name == choice.function.name)
         return tool.function.parameters or EMPTY_PARAMETERS
@@ -63,9 +64,10 @@ def tool_call_schema(req: ChatCompletionRequest, choice: str | NamedToolChoice) 
 
 
 def forced_tool_calls(choice: str | NamedToolChoice, text: str) -> Optional[list[ToolCall]]:
-    """The calls in a forced tool choice's output; None where the text is not whole (cut by ``max_tokens``)."""
+    """The calls in a forced tool choice's output: a named function's call has the output as its arguments, whole or
+    not (as vLLM's); ``"required"``'s list, None where the text is not whole (cut by ``max_tokens``)."""
     if isinstance(choice, NamedToolChoice):
-        return None if _json_object(text) is None else [_tool_call(choice.function.name, text)]
+        return [_tool_call(choice.function.name, text)]
     try:
         calls = json.loads(text)
     except json.JSONDecodeError:
