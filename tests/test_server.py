@@ -189,6 +189,18 @@ def test_chat_template_arguments_continue_final_message_and_kwargs(served, monke
         model=served.model, messages=turn, temperature=0, max_tokens=4,
         extra_body={"add_generation_prompt": False, "continue_final_message": True})
     assert "Paris" in reply.choices[0].message.content
+    # vLLM's echo: the reply begins with the continued message, streamed as a chunk after the role's
+    echo = dict(model=served.model, messages=turn, temperature=0, max_tokens=4,
+                extra_body={"add_generation_prompt": False, "continue_final_message": True, "echo": True})
+    echoed = served.client().chat.completions.create(**echo)
+    assert echoed.choices[0].message.content == "The capital of France is" + reply.choices[0].message.content
+    chunks = list(served.client().chat.completions.create(**echo, stream=True))
+    assert [c.choices[0].delta.content for c in chunks[:2]] == ["", "The capital of France is"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == echoed.choices[0].message.content
+    plain_echo = served.client().chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=4,
+                                                         extra_body={"echo": True})  # the last message is the user's
+    assert plain_echo.choices[0].message.content == served.client().chat.completions.create(
+        model=served.model, messages=CHAT, temperature=0, max_tokens=4).choices[0].message.content
     _error(httpx.post(f"{served.url}/v1/chat/completions", json={"messages": turn, "continue_final_message": True}),
            400)
     seen = {}  # the keyword arguments the tokenizer's template gets

@@ -740,8 +740,11 @@ class OpenAIServing:
             return _sse_response(self._stream_chat(request_id, model, streams[0], params, req, tool_choice), streams)
         (final,) = await final_outputs(streams)
         choices = []
+        echo = _echoed_message(req)
         for c in final.outputs:
             message, finish_reason = self._chat_message(c, tool_choice, req.parallel_tool_calls is not False)
+            if echo:
+                message.content = echo + (message.content or "")
             logprobs = _chat_logprobs(c, 0, params.logprobs) if req.logprobs else None
             choices.append(ChatCompletionChoice(index=c.index, message=message, logprobs=logprobs,
                                                 finish_reason=finish_reason, stop_reason=c.stop_reason))
@@ -830,6 +833,9 @@ class OpenAIServing:
                                                            delta=ChatDelta(role="assistant", content=""))],
                                 usage=_usage([dataclasses.replace(output, outputs=[])])
                                 if _continuous_usage(req) else None)
+                    if _echoed_message(req):
+                        yield chunk([ChatCompletionChunkChoice(index=completion.index,
+                                                               delta=ChatDelta(content=_echoed_message(req)))])
                 state.finished = completion.finish_reason is not None
                 logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
                 state.tokens_sent = len(completion.token_ids)
@@ -1085,6 +1091,15 @@ def _refusal(error: ValueError, fields, renames: dict, default: Optional[str] = 
 # Request fields the engine checks (token ids against its vocabulary, grammars); its refusals start with the name.
 ENGINE_CHECKED_FIELDS = ("logit_bias", "allowed_token_ids", "bad_words", "structured_outputs", "priority")
 GUIDED_FIELDS = ("json", "regex", "choice", "grammar")  # vLLM's older guided_<name> request fields
+
+
+def _echoed_message(req: ChatCompletionRequest) -> str:
+    """vLLM's chat ``echo``: the last message's text, put before the reply where that message has the reply's role
+    (the assistant's under ``add_generation_prompt``, else the last message's own); else ""."""
+    last = req.messages[-1]
+    if not req.echo or (req.add_generation_prompt and last.role != "assistant"):
+        return ""
+    return last.text()
 
 
 def _structured_outputs(req, tool_schema: Optional[dict] = None) -> tuple[Optional[dict], Optional[str]]:

@@ -231,6 +231,7 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
+    echo: bool = False  # vLLM's: the reply begins with the last message's text where it has the reply's role
     tools: Optional[list[ChatTool]] = None
     # None: "auto" with tools, else "none" (OpenAI's defaults); see engine.entrypoints.openai.tools
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
