@@ -1126,7 +1126,8 @@ def test_null_fields_take_their_defaults_as_openai_reads_them(served):
     """Clients generated from OpenAI's spec send unset fields as null: a field that takes no None reads it as its
     default (n, penalties, logprobs, stream were 400s), one that does keeps None (max_tokens: as many as fit)."""
     body = {"messages": CHAT, "max_tokens": 2, "temperature": 0, "n": None, "presence_penalty": None,
-            "frequency_penalty": None, "logprobs": None, "stream": None, "add_generation_prompt": None}
+            "frequency_penalty": None, "logprobs": None, "stream": None, "add_generation_prompt": None,
+            "top_logprobs": 0}  # vLLM refuses top_logprobs without logprobs only above 0
     chat = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60)
     assert chat.status_code == 200 and len(chat.json()["choices"]) == 1
     completion = httpx.post(f"{served.url}/v1/completions", json={

@@ -714,7 +714,7 @@ class OpenAIServing:
     async def create_chat_completion(self, req: ChatCompletionRequest):
         model, lora_request = self._resolve_model(req)
         _refuse_unsupported(req)
-        if req.top_logprobs is not None and not req.logprobs:
+        if req.top_logprobs and not req.logprobs:  # as vLLM: 0 asks for nothing, so it needs nothing
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
         max_tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
