@@ -512,11 +512,13 @@ def test_reasoning_content_apart_from_the_answer_and_its_tool_calls(served):
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
     ({"tool_choice": "required"}, "needs tools"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "both constrain"),
+    ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "objectz"}}}],
+      "tool_choice": "required"}, "tools: the json is invalid"),  # the schema's fault, not the choice's
 ])
 def test_tool_choices_this_server_cannot_honour(served, kwargs, fragment):
     with pytest.raises(openai.BadRequestError) as info:
         served.client().chat.completions.create(model=served.model, messages=CHAT, max_tokens=4, **kwargs)
-    assert info.value.param in ("tool_choice", "response_format") and fragment in info.value.message
+    assert info.value.param in ("tool_choice", "response_format", "tools") and fragment in info.value.message
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_end(served, reference):

@@ -733,9 +733,10 @@ class OpenAIServing:
         if req.use_beam_search:
             streams = self._beam_searches(request_id, [prompt], params, req, lora_request)
         else:
+            # A forced call's schema is its tools' parameters: a bad one is the tools' fault.
+            source = "tools" if structured[1] == "tool_choice" else structured[1]
             streams = await self._add_requests(request_id, [prompt], params, req.priority, "messages",
-                                               renames={"structured_outputs": structured[1]},
-                                               lora_request=lora_request)
+                                               renames={"structured_outputs": source}, lora_request=lora_request)
         if req.stream:
             return _sse_response(self._stream_chat(request_id, model, streams[0], params, req, tool_choice), streams)
         (final,) = await final_outputs(streams)
