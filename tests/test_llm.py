@@ -541,6 +541,26 @@ def test_pallas_kv_write_gives_the_reference_scatters_tokens(tmp_path):
         LLM(str(tmp_path), kv_write_backend="triton")
 
 
+def test_a_head_of_no_power_of_two_through_the_pallas_kernels_gives_the_references_tokens(tmp_path):
+    """Phi-3's head size 96 (24 here) runs the attention and KV-write kernels padded to the next power of two
+    (interpreted on CPU; the GPU's form is tests/test_engine_gpu.py -k head_size): the reference's greedy tokens."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "phi3", seed=11, hidden_size=96, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=24)
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in (5, 33, 1)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    tokens = {}
+    for backend in ("pallas", "reference"):
+        llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, attention_backend=backend,
+                  kv_write_backend=backend, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64,
+                  num_gpu_blocks_override=32)
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.shutdown()
+    assert tokens["pallas"] == tokens["reference"]
+
+
 def test_shutdown_frees_the_device_memory_at_once(tmp_path):
     """shutdown() deletes the weights, KV pages and step buffers (another engine in the process can then size
     its pool from that memory), and a later request gets a clear error."""
