@@ -127,8 +127,11 @@ class EngineArgs:
                              ".gguf file; nothing is downloaded)")
         if self.block_size not in (8, 16, 32, 64):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, got {self.block_size!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if (not isinstance(self.gpu_memory_utilization, numbers.Real) or isinstance(self.gpu_memory_utilization, bool)
+                or not 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.usage_context not in ("llm", "server"):
             raise ValueError(f"usage_context must be 'llm' or 'server', got {self.usage_context!r}")
         if not isinstance(self.num_scheduler_steps, int) or self.num_scheduler_steps < 1:
@@ -137,6 +140,9 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
+            raise ValueError(f"num_gpu_blocks_override must be >= 2 (block 0 is reserved), got "
+                             f"{self.num_gpu_blocks_override}")
         if self.generation_config not in ("auto", "vllm"):
             from engine.generation_config import default_sampling_fields
 

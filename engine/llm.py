@@ -7,8 +7,9 @@ loop, so concurrent callers are batched into the same steps.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import sys
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
@@ -23,6 +24,16 @@ from engine.pooling import (ClassificationRequestOutput, EmbeddingRequestOutput,
 from engine.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict]
+logger = logging.getLogger(__name__)
+
+# vLLM's LLM arguments that change nothing here, taken so that vLLM scripts run as they are (what each would do).
+IGNORED_VLLM_ARGS = {
+    "disable_log_stats": "the engine logs no periodic stats",
+    "swap_space": "preemption recomputes; nothing is swapped to host memory",
+    "enable_chunked_prefill": "prefill is always chunked",
+    "max_seq_len_to_capture": "XLA's command buffers capture every step shape",
+    "disable_custom_all_reduce": "all-reduces are XLA's",
+}
 
 
 class LLM:
@@ -74,7 +85,14 @@ class LLM:
         tokenizer: Optional[str] = None,
         trust_remote_code: bool = False,
         enforce_eager: bool = False,
+        **vllm_args: Any,
     ):
+        unknown = sorted(set(vllm_args) - set(IGNORED_VLLM_ARGS))
+        if unknown:
+            raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")
+        for name in vllm_args:
+            if name != "disable_log_stats":  # vLLM scripts pass it everywhere: quietly taken
+                logger.warning("LLM(%s=...) has no effect here: %s", name, IGNORED_VLLM_ARGS[name])
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,

@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-class TokenizerError(RuntimeError):
-    """The tokenizer could not be loaded or cannot do what was asked (e.g. no chat template)."""
+class TokenizerError(ValueError):
+    """The tokenizer could not be loaded or cannot do what was asked (e.g. no chat template): a bad argument or
+    model folder, as the engine's other start-up errors are."""
 
 
 def load_tokenizer(model_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:

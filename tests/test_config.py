@@ -335,3 +335,16 @@ def test_batch_limits_must_be_positive_integers(field, value):
 
     with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
         EngineArgs(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gpu_memory_utilization", "0.5", "gpu_memory_utilization must be a number in"),  # was a TypeError of '<'
+    ("gpu_memory_utilization", 1.5, "gpu_memory_utilization must be a number in"),
+    ("seed", "abc", "seed must be an integer"),  # was numpy's TypeError
+    ("num_gpu_blocks_override", 1, "num_gpu_blocks_override must be >= 2"),  # named an internal variable
+])
+def test_engine_arguments_of_the_wrong_kind_are_refused_by_name(field, value, message):
+    from engine.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(**{field: value}).validate()

@@ -1068,3 +1068,18 @@ def test_with_multi_step_decoding_a_first_token_goes_out_before_the_next_step_is
     assert events[:3] == [("dispatch", 1), ("output", 1), ("dispatch", 4)]
     assert llm.stats()["steps_planned_ahead"] > 0  # the bursts after it overlap as before
     llm.shutdown()
+
+
+def test_vllms_arguments_that_change_nothing_here_are_taken(tmp_path, caplog):
+    """vLLM scripts pass disable_log_stats, swap_space and the like: taken (a warning for each but the first, which
+    vLLM scripts pass everywhere); a name neither engine knows is Python's TypeError."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=3)
+    with caplog.at_level("WARNING"):
+        llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=32, max_num_seqs=2,
+                  num_gpu_blocks_override=8, disable_log_stats=True, swap_space=4, enable_chunked_prefill=True)
+    llm.shutdown()
+    assert "swap_space=...) has no effect" in caplog.text and "disable_log_stats" not in caplog.text
+    with pytest.raises(TypeError, match="'swap_spaces'"):
+        LLM(str(tmp_path), swap_spaces=4)

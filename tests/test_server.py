@@ -1188,6 +1188,31 @@ def test_help_names_safe_default_host():
     assert json.dumps(served_model_names(args)) == '["SmolLM2-135M-Instruct"]'
 
 
+def test_vllm_command_lines_start_as_they_are(monkeypatch, caplog):
+    """A `vllm serve` command line: the model as the first word, 32k-style lengths, -tp / -q, vLLM's no-op flags
+    taken with a warning each, the key from $VLLM_API_KEY (ignored before, so such a server ran without one); a port
+    out of range is a one-line error."""
+    from engine.entrypoints.openai.api_server import parse_cli
+
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    with caplog.at_level("WARNING"):
+        args = parse_cli(make_arg_parser(), ["/models/m", "--max-model-len", "32K", "--max-num-batched-tokens", "8k",
+                                             "-tp", "1", "-q", "int8", "--disable-log-requests", "--swap-space", "4",
+                                             "--no-enable-chunked-prefill"])
+    engine_args = engine_args_from_cli(args)
+    assert (engine_args.model, engine_args.max_model_len, engine_args.max_num_batched_tokens) == ("/models/m", 32768,
+                                                                                                  8000)
+    assert (engine_args.tensor_parallel_size, engine_args.quantization, args.api_key) == (1, "int8", "from-env")
+    for flag in ("--disable-log-requests", "--swap-space", "--enable-chunked-prefill"):
+        assert f"{flag} has no effect here" in caplog.text
+    assert parse_cli(make_arg_parser(), ["--api-key", "given"]).api_key == "given"
+    monkeypatch.delenv("VLLM_API_KEY")
+    assert parse_cli(make_arg_parser(), []).api_key is None
+    for bad in (["--port", "99999"], ["--max-model-len", "1.5K"], ["/a", "--model", "/b"]):
+        with pytest.raises(SystemExit):
+            parse_cli(make_arg_parser(), bad)
+
+
 def test_multi_step_decoding_streams_the_same_text_and_counts_each_tokens_interval(served, reference):
     """``--num-scheduler-steps 4``: a decode's tokens reach the client four at a time, the streamed text equals the
     one-step server's, and the inter-token histogram gets one observation a token after the first. This server runs

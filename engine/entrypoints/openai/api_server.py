@@ -994,6 +994,7 @@ class OpenAIServing:
 # -- LoRA adapters -----------------------------------------------------------------------
 
 RUNTIME_LORA_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the load/unload endpoints
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM's: the API key when --api-key is not given
 DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"  # vLLM's switch for /sleep, /wake_up and /is_sleeping
 
 
@@ -1315,18 +1316,21 @@ def make_arg_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible HTTP server for pagedjax (flags named as vLLM's). "
                     "With no arguments it serves the embedded SmolLM2-135M-Instruct on http://127.0.0.1:8000.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="the model, as vLLM's `vllm serve MODEL` takes it (the same as --model)")
     parser.add_argument("--model", default=None,
                         help="Hugging Face checkpoint folder or .gguf file (default: the embedded "
                              "SmolLM2-135M-Instruct GGUF)")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on. Unlike vLLM (0.0.0.0) the default is 127.0.0.1 (this machine "
                              "only) for safety; pass --host 0.0.0.0 to accept connections from other machines")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="port to listen on (0: any free port)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="model name(s) clients use in the 'model' field (default: --model, or "
                              "SmolLM2-135M-Instruct); the first is reported in metrics")
     parser.add_argument("--api-key", default=None,
-                        help="if set, /v1/* requests need the header 'Authorization: Bearer <key>'")
+                        help="if set, /v1/* requests need the header 'Authorization: Bearer <key>' (default: "
+                             f"${API_KEY_ENV}, as vLLM's)")
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="allow tool_choice='auto' (OpenAI's default with tools): the model decides, and "
                              "--tool-call-parser reads its calls out of its text")
@@ -1357,18 +1361,19 @@ def make_arg_parser() -> argparse.ArgumentParser:
                              "launches on its own (slower small steps)")
     engine.add_argument("--dtype", default="auto", help="weights and KV-cache dtype: auto (bfloat16 on GPU, "
                         "float32 on CPU), bfloat16, float16, float32")
-    engine.add_argument("--max-model-len", type=int, default=None,
-                        help="context length (prompt + output); default: the model's")
-    engine.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to shard the model over")
+    engine.add_argument("--max-model-len", type=human_readable_int, default=None,
+                        help="context length (prompt + output), e.g. 8192, 32k (32,000) or 32K (32,768); default: "
+                             "the model's")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="devices to shard the model over")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="fraction of device memory for weights, activations and the KV cache")
     engine.add_argument("--max-num-seqs", type=int, default=None,
                         help="most sequences in one step (default: 1024 on GPUs of >= 70 GiB, else 256; 64 on CPU)")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+    engine.add_argument("--max-num-batched-tokens", type=human_readable_int, default=None,
                         help="token budget of one step (default: 8192 on GPU, 1024 on CPU)")
     engine.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64],
                         help="tokens per KV-cache block")
-    engine.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
+    engine.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
                         help="weight quantization: int8/int4/fp8 made at load time, or awq/gptq/fp8 "
                              "checkpoints (default: the checkpoint's own, else none)")
     engine.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
@@ -1419,7 +1424,58 @@ def make_arg_parser() -> argparse.ArgumentParser:
                              "never holds up the engine's steps (one GIL each; engine.engine_process)")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
+    ignored = parser.add_argument_group("vLLM flags taken for its command lines, with no effect here")
+    for flag, kwargs in IGNORED_VLLM_FLAGS.items():
+        ignored.add_argument(flag, dest=_ignored_dest(flag), default=None, help=kwargs["why"],
+                             **{k: v for k, v in kwargs.items() if k != "why"})
     return parser
+
+
+# vLLM flags that change nothing here: taken (with a warning) so that a vLLM command line starts as it is.
+IGNORED_VLLM_FLAGS = {
+    "--disable-log-requests": dict(action="store_true", why="requests are not logged anyway"),
+    "--enable-log-requests": dict(action="store_true", why="requests are not logged"),
+    "--disable-log-stats": dict(action="store_true", why="the engine logs no periodic stats; /metrics has them"),
+    "--enable-chunked-prefill": dict(action=argparse.BooleanOptionalAction, why="prefill is always chunked"),
+    "--swap-space": dict(type=float, why="preemption recomputes; nothing is swapped to host memory"),
+    "--disable-custom-all-reduce": dict(action="store_true", why="all-reduces are XLA's"),
+    "--max-seq-len-to-capture": dict(type=int, why="XLA's command buffers capture every step shape"),
+}
+
+
+def _ignored_dest(flag: str) -> str:
+    return "ignored_" + flag.lstrip("-").replace("-", "_")
+
+
+def ignored_flags_given(args: argparse.Namespace) -> list[str]:
+    """The ``IGNORED_VLLM_FLAGS`` a command line set."""
+    return [flag for flag in IGNORED_VLLM_FLAGS if getattr(args, _ignored_dest(flag)) is not None]
+
+
+def human_readable_int(text: str) -> int:
+    """An integer flag as vLLM's take them: ``8192``, ``32k`` (32,000; decimals allowed: ``25.6k``), ``32K`` (32,768);
+    ``m``/``M`` and ``g``/``G`` likewise."""
+    text = text.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG])", text)
+    if match is None:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r} (e.g. 8192, 32k or 32K)") from None
+    number, suffix = match.groups()
+    power = "kmg".index(suffix.lower()) + 1
+    if suffix.islower():
+        return int(float(number) * 1000 ** power)
+    if "." in number:
+        raise argparse.ArgumentTypeError(f"{text!r}: a binary suffix (K, M, G) takes a whole number")
+    return int(number) * 1024 ** power
+
+
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {port}")
+    return port
 
 
 def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
@@ -1476,9 +1532,23 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def parse_cli(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line as vLLM's server reads it: the model as the first word or ``--model``, the API key from
+    ``--api-key`` or ``$VLLM_API_KEY``, and a warning for each flag taken with no effect here."""
+    args = parser.parse_args(argv)
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            parser.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    for flag in ignored_flags_given(args):
+        logger.warning("%s has no effect here: %s", flag, IGNORED_VLLM_FLAGS[flag]["why"])
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = make_arg_parser()
-    args = parser.parse_args(argv)
+    args = parse_cli(parser, argv)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser")
     lora_problem = lora_modules_problem(args)
