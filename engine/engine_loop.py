@@ -8,11 +8,13 @@ run in the same steps. Knows nothing of HTTP or asyncio.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from engine.outputs import RequestOutput, RequestOutputKind
@@ -27,6 +29,17 @@ WAIT_SLICE_S = 0.1  # the engine loop's waits are counted in its stats in slices
 
 OnOutput = Callable[[RequestOutput], None]
 OnError = Callable[[BaseException], None]
+
+
+# Loops not yet shut down: at interpreter exit each is stopped after its step in flight, before Python tears down
+# what the step uses (a daemon thread inside a JAX step at exit could abort the process).
+_LIVE_LOOPS: "weakref.WeakSet[EngineLoop]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_loops() -> None:
+    for loop in list(_LIVE_LOOPS):
+        loop._stop()
 
 
 class NewRequest(NamedTuple):
@@ -60,6 +73,7 @@ class EngineLoop:
         self._running = True
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
         self._thread.start()
+        _LIVE_LOOPS.add(self)
 
     @contextlib.contextmanager
     def _between_steps(self):
@@ -149,21 +163,24 @@ class EngineLoop:
 
     def sleep(self, level: int = 1) -> None:
         """The engine's sleep mode (``LLMEngine.sleep``), between steps."""
-        self.call(lambda engine: engine.sleep(level))
+        self.call(lambda engine: engine.sleep(level), running=True)
 
     def wake_up(self) -> None:
-        self.call(lambda engine: engine.wake_up())
+        self.call(lambda engine: engine.wake_up(), running=True)
 
     def is_sleeping(self) -> bool:
         return self.call(lambda engine: engine.asleep)
 
     def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
         """``LLMEngine.update_weights_from_disk``, between steps."""
-        self.call(lambda engine: engine.update_weights_from_disk(model_path, load_format))
+        self.call(lambda engine: engine.update_weights_from_disk(model_path, load_format), running=True)
 
-    def call(self, fn: Callable):
-        """Run ``fn(engine)`` between steps (for stats, inspection, or a batch of an engine process's commands)."""
+    def call(self, fn: Callable, running: bool = False):
+        """Run ``fn(engine)`` between steps (for stats, inspection, or a batch of an engine process's commands);
+        ``running``: only while the loop runs (what would put memory back on the device: not after shutdown)."""
         with self._between_steps():
+            if running and not self._running:
+                raise RuntimeError("the engine loop has been shut down")
             return fn(self.engine)
 
     def _run(self) -> None:
@@ -207,12 +224,18 @@ class EngineLoop:
             self.engine.abort_request(request_id)
 
     def shutdown(self) -> None:
+        """Stop the loop after its step in flight; requests still unfinished fail (their callers' waits end with
+        the error), and the device memory is freed."""
+        self._stop()
+        if not self._thread.is_alive():  # else a step still runs on the buffers
+            self._fail_all(RuntimeError("the engine loop has been shut down"))
+            self.engine.release_device_memory()
+
+    def _stop(self) -> None:
         with self._cond:
             self._running = False
             self._cond.notify_all()
         self._thread.join(timeout=30)
-        if not self._thread.is_alive():  # else a step still runs on the buffers
-            self.engine.release_device_memory()
 
 
 def engine_stats(engine: LLMEngine) -> dict:

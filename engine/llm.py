@@ -205,14 +205,19 @@ class LLM:
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         self._check_prompts(prompts, params_list)
         futures = [concurrent.futures.Future() for _ in prompts]
-        self._loop.add_requests([
-            NewRequest(self._loop.new_request_id(), prompt, params, _resolve_when_finished(future), _fail(future),
-                       priority[i] if priority else 0, loras[i] if loras else None)
-            for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))],
-            output_kind=RequestOutputKind.FINAL_ONLY)
-        with tqdm(total=len(futures), desc=desc, disable=not use_tqdm, unit="req") as bar:
-            for _ in concurrent.futures.as_completed(futures):
-                bar.update(1)
+        requests = [NewRequest(self._loop.new_request_id(), prompt, params, _resolve_when_finished(future),
+                               _fail(future), priority[i] if priority else 0, loras[i] if loras else None)
+                    for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))]
+        self._loop.add_requests(requests, output_kind=RequestOutputKind.FINAL_ONLY)
+        try:
+            with tqdm(total=len(futures), desc=desc, disable=not use_tqdm, unit="req") as bar:
+                for _ in concurrent.futures.as_completed(futures):
+                    bar.update(1)
+        except BaseException:  # Ctrl-C, say: nobody will read these outputs, so the engine stops computing them
+            for request, future in zip(requests, futures):
+                if not future.done():
+                    self._loop.abort_soon(request.request_id)
+            raise
         return [f.result() for f in futures]
 
     def beam_search(self, prompts: Union[PromptType, Sequence[PromptType]], params: BeamSearchParams,

@@ -1083,3 +1083,61 @@ def test_vllms_arguments_that_change_nothing_here_are_taken(tmp_path, caplog):
     assert "swap_space=...) has no effect" in caplog.text and "disable_log_stats" not in caplog.text
     with pytest.raises(TypeError, match="'swap_spaces'"):
         LLM(str(tmp_path), swap_spaces=4)
+
+
+def test_shutdown_ends_the_waits_of_requests_in_flight_and_refuses_to_wake(tmp_path):
+    """shutdown() while another thread waits in generate: that wait ends with the loop's error (it hung forever);
+    sleep / wake_up afterwards are refused (wake_up put the weights back on the device for an engine that never
+    steps again)."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=5)
+    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=256, max_num_seqs=2,
+              num_gpu_blocks_override=40)
+    errors, started = [], threading.Event()
+
+    def wait_in_generate():
+        started.set()
+        try:
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=250, ignore_eos=True), use_tqdm=False)
+        except RuntimeError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=wait_in_generate, daemon=True)
+    thread.start()
+    started.wait()
+    while not llm.llm_engine.has_unfinished_requests():
+        threading.Event().wait(0.01)
+    llm.shutdown()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and "shut down" in str(errors[0])
+    for call in (llm.wake_up, llm.sleep):
+        with pytest.raises(RuntimeError, match="shut down"):
+            call()
+
+
+def test_an_interrupted_generate_aborts_its_requests(tmp_path, monkeypatch):
+    """A caller interrupted while it waits (Ctrl-C): its requests are aborted, not decoded on for nobody."""
+    import engine.llm as llm_module
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=5)
+    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=256, max_num_seqs=4,
+              num_gpu_blocks_override=80)
+
+    def interrupted(futures):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(llm_module.concurrent.futures, "as_completed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3]] * 3, SamplingParams(max_tokens=250, ignore_eos=True), use_tqdm=False)
+    monkeypatch.undo()
+    for _ in range(500):
+        stats = llm._loop.stats()  # the scheduler's queues and the pool
+        if stats["num_running"] == stats["num_waiting"] == stats["num_used_blocks"] == 0:
+            break
+        threading.Event().wait(0.01)
+    llm.shutdown()
+    assert stats["num_running"] == stats["num_waiting"] == stats["num_used_blocks"] == 0, stats
+    assert stats["steps"] < 100  # dropped within a few steps: not decoded on to 250 tokens
