@@ -37,6 +37,7 @@ from engine.scheduler import Scheduler, ScheduledSequence, SchedulerOutput
 from engine.speculative import SpeculativeConfig, accepted_tokens
 from engine.trace import StepRecord, StepTracer
 from models.batch import kv_cache_bytes_per_block
+from models.config import ModelConfig
 from models.loader import load_model, resolve_model_path
 from sharding import make_mesh, param_shardings_for
 
@@ -170,6 +171,7 @@ class LLMEngine:
 
                 self._reasoning_end = ReasoningEnd(self.tokenizer)
             self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
+            self.model_config = dataclasses.replace(config, max_model_len=self.max_model_len)
             precompile = args.precompile_steps if args.precompile_steps is not None else jax.default_backend() == "gpu"
             self.pooling = None  # a pooling engine's PoolingConfig (engine.pooling): it runs its own step
             if args.runner == "pooling":
@@ -539,6 +541,16 @@ class LLMEngine:
         size its KV cache from the memory this one held; this engine cannot step afterwards."""
         self._in_flight = None
         self.runner.release()
+
+    # vLLM's accessors, as scripts written for it call them.
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def get_model_config(self) -> ModelConfig:
+        return self.model_config
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._groups)
 
     def has_unfinished_requests(self) -> bool:
         # A step still in flight whose requests all finished needs no further step: the next step()

@@ -95,6 +95,9 @@ class ModelConfig:
     # The checkpoint's per-layer scales of its fp8 K and V (``self_attn.k_scale`` / ``v_scale``, as llm-compressor
     # writes them): params ``k_scale`` / ``v_scale [L]``, used where the KV pages are fp8 (set by the loader).
     kv_cache_scales: bool = False
+    # The engine's context length (its max_model_len), where vLLM code reads it (``llm_engine.model_config``); set
+    # by the engine, outside equality and hashing, so the compiled steps never depend on it.
+    max_model_len: Optional[int] = dataclasses.field(default=None, compare=False)
 
     @property
     def is_moe(self) -> bool:

@@ -8,6 +8,7 @@ bad input is refused without disturbing other requests.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import os
 import pickle
@@ -1141,3 +1142,22 @@ def test_an_interrupted_generate_aborts_its_requests(tmp_path, monkeypatch):
     llm.shutdown()
     assert stats["num_running"] == stats["num_waiting"] == stats["num_used_blocks"] == 0, stats
     assert stats["steps"] < 100  # dropped within a few steps: not decoded on to 250 tokens
+
+
+def test_vllms_engine_accessors(tmp_path):
+    """What scripts written for vLLM read off ``llm.llm_engine`` (lm-eval's harness reads
+    ``model_config.max_model_len``); the context length stays out of the config's equality, so no step recompiles."""
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=3)
+    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=48, max_num_seqs=2,
+              num_gpu_blocks_override=8)
+    engine = llm.llm_engine
+    try:
+        config = engine.get_model_config()
+        assert config is engine.model_config and config.max_model_len == engine.max_model_len == 48
+        assert config == dataclasses.replace(config, max_model_len=None)
+        assert hash(config) == hash(dataclasses.replace(config, max_model_len=None))
+        assert engine.get_tokenizer() is None and engine.get_num_unfinished_requests() == 0
+    finally:
+        llm.shutdown()
