@@ -453,8 +453,9 @@ class LLMEngine:
         in anything (the compiled steps hold the config's values)."""
         loaded = self._load_model(model, load_format)
         if loaded.config != self.model_config:
-            new, old = dataclasses.asdict(loaded.config), dataclasses.asdict(self.model_config)
-            fields = ", ".join(f"{k}={new[k]!r} (running: {old[k]!r})" for k in new if new[k] != old[k])
+            compared = [f.name for f in dataclasses.fields(ModelConfig) if f.compare]  # not max_model_len
+            new, old = (dataclasses.asdict(c) for c in (loaded.config, self.model_config))
+            fields = ", ".join(f"{k}={new[k]!r} (running: {old[k]!r})" for k in compared if new[k] != old[k])
             delete_arrays(loaded.params)
             raise ValueError(f"{model}'s config differs from the running model's: {fields}")
         return loaded.params

@@ -660,8 +660,9 @@ def test_weights_update_from_disk_and_sleep_level_2(tmp_path):
         assert tokens(llm) == want_b
     assert all(a.is_deleted() for a in old) and llm.stats()["prefix_cache_hits"] == hits
     assert timer.compiled() == []
-    with pytest.raises(ValueError, match="intermediate_size=128"):
+    with pytest.raises(ValueError, match="intermediate_size=128") as refused:
         llm.update_weights_from_disk(paths["wide"])
+    assert "max_model_len" not in str(refused.value)  # the engine's own, not the checkpoint's
     assert tokens(llm) == want_b  # the old weights loaded back
     with pytest.raises(FileNotFoundError, match="does not exist"):
         llm.update_weights_from_disk(str(tmp_path / "none"))
