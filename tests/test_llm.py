@@ -522,6 +522,16 @@ def test_unrolled_layers_with_per_layer_kv_buffers_match_the_scan(tmp_path):
     assert outputs[True, None] == outputs[False, None] == outputs[True, False]
 
 
+def _tokens_of(path, prompts, params, **llm_kwargs) -> list:
+    """The token ids of ``prompts`` from a fresh float32 engine over the tiny checkpoint at ``path``."""
+    llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
+              max_num_batched_tokens=64, **llm_kwargs)
+    try:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+
+
 def test_pallas_kv_write_gives_the_reference_scatters_tokens(tmp_path):
     """kv_write_backend="pallas" (interpreted on CPU), unrolled per-layer buffers, preemption."""
     from tests.tiny_checkpoints import write_tiny_checkpoint
@@ -530,13 +540,8 @@ def test_pallas_kv_write_gives_the_reference_scatters_tokens(tmp_path):
     rng = np.random.default_rng()
     prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(3, 40, 6)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    outputs = {}
-    for backend in ("reference", "pallas"):
-        llm = LLM(str(tmp_path), dtype="float32", unroll_layers=True, kv_write_backend=backend,
-                  skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64,
-                  num_gpu_blocks_override=10)
-        outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        llm.shutdown()
+    outputs = {backend: _tokens_of(tmp_path, prompts, params, unroll_layers=True, kv_write_backend=backend,
+                                   num_gpu_blocks_override=10) for backend in ("reference", "pallas")}
     assert outputs["pallas"] == outputs["reference"]
     with pytest.raises(ValueError, match="kv_write_backend"):
         LLM(str(tmp_path), kv_write_backend="triton")
@@ -552,13 +557,8 @@ def test_a_head_of_no_power_of_two_through_the_pallas_kernels_gives_the_referenc
     rng = np.random.default_rng()
     prompts = [rng.integers(0, 256, int(n)).tolist() for n in (5, 33, 1)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    tokens = {}
-    for backend in ("pallas", "reference"):
-        llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, attention_backend=backend,
-                  kv_write_backend=backend, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64,
-                  num_gpu_blocks_override=32)
-        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        llm.shutdown()
+    tokens = {backend: _tokens_of(tmp_path, prompts, params, attention_backend=backend, kv_write_backend=backend,
+                                  num_gpu_blocks_override=32) for backend in ("pallas", "reference")}
     assert tokens["pallas"] == tokens["reference"]
 
 
