@@ -14,6 +14,16 @@ from typing import Optional
 
 from models.config import QUANTIZATION_METHODS, ModelConfig
 
+# vLLM's engine arguments that change nothing here, and why: ``LLM`` and the server take them (with a warning), so
+# that vLLM scripts and command lines run as they are.
+IGNORED_VLLM_ARGS = {
+    "disable_log_stats": "the engine logs no periodic stats",
+    "swap_space": "preemption recomputes; nothing is swapped to host memory",
+    "enable_chunked_prefill": "prefill is always chunked",
+    "max_seq_len_to_capture": "XLA's command buffers capture every step shape",
+    "disable_custom_all_reduce": "all-reduces are XLA's",
+}
+
 # vLLM's names: "fp8" is e4m3. Pages hold K/V at scale 1 (vLLM's default without calibrated scales).
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 LINEAR_BACKENDS = ("auto", "pallas", "xla")

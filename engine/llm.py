@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from tqdm.auto import tqdm
 
 from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
-from engine.engine_args import EngineArgs
+from engine.engine_args import IGNORED_VLLM_ARGS, EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.lora import LoRARequest
 from engine.llm_engine import LLMEngine
@@ -25,15 +25,6 @@ from engine.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict]
 logger = logging.getLogger(__name__)
-
-# vLLM's LLM arguments that change nothing here, taken so that vLLM scripts run as they are (what each would do).
-IGNORED_VLLM_ARGS = {
-    "disable_log_stats": "the engine logs no periodic stats",
-    "swap_space": "preemption recomputes; nothing is swapped to host memory",
-    "enable_chunked_prefill": "prefill is always chunked",
-    "max_seq_len_to_capture": "XLA's command buffers capture every step shape",
-    "disable_custom_all_reduce": "all-reduces are XLA's",
-}
 
 
 class LLM:

@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM, BeamSearchStream, RequestStream, final_outputs, merge_streams
 from engine.beam_search import BeamSearchParams
-from engine.engine_args import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
+from engine.engine_args import IGNORED_VLLM_ARGS, KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
 from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
@@ -1432,14 +1432,13 @@ def make_arg_parser() -> argparse.ArgumentParser:
 
 
 # vLLM flags that change nothing here: taken (with a warning) so that a vLLM command line starts as it is.
+_IGNORED_FLAG_KINDS = {"swap_space": dict(type=float), "max_seq_len_to_capture": dict(type=int),
+                       "enable_chunked_prefill": dict(action=argparse.BooleanOptionalAction)}  # else a switch
 IGNORED_VLLM_FLAGS = {
     "--disable-log-requests": dict(action="store_true", why="requests are not logged anyway"),
     "--enable-log-requests": dict(action="store_true", why="requests are not logged"),
-    "--disable-log-stats": dict(action="store_true", why="the engine logs no periodic stats; /metrics has them"),
-    "--enable-chunked-prefill": dict(action=argparse.BooleanOptionalAction, why="prefill is always chunked"),
-    "--swap-space": dict(type=float, why="preemption recomputes; nothing is swapped to host memory"),
-    "--disable-custom-all-reduce": dict(action="store_true", why="all-reduces are XLA's"),
-    "--max-seq-len-to-capture": dict(type=int, why="XLA's command buffers capture every step shape"),
+    **{"--" + name.replace("_", "-"): dict(why=why, **_IGNORED_FLAG_KINDS.get(name, dict(action="store_true")))
+       for name, why in IGNORED_VLLM_ARGS.items()},
 }
 
 
