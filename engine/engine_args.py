@@ -8,11 +8,15 @@ a child (``engine.engine_process``), parses these options and never needs it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import numbers
 import os
 from typing import Optional
 
 from models.config import QUANTIZATION_METHODS, ModelConfig
+
+logger = logging.getLogger(__name__)
+ALLOW_LONG_MAX_MODEL_LEN_ENV = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"  # vLLM's: a max_model_len past the model's, warned
 
 # vLLM's engine arguments that change nothing here, and why: ``LLM`` and the server take them (with a warning), so
 # that vLLM scripts and command lines run as they are.
@@ -228,9 +232,12 @@ class EngineArgs:
         max_model_len = self.max_model_len or config.max_context_len
         if max_model_len > config.max_context_len:
             yarn = ", with YaRN" if config.max_context_len > config.max_position_embeddings else ""
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length "
-                             f"{config.max_context_len} "
-                             f"(max_position_embeddings={config.max_position_embeddings}{yarn})")
+            problem = (f"max_model_len={max_model_len} exceeds the model's context length {config.max_context_len} "
+                       f"(max_position_embeddings={config.max_position_embeddings}{yarn})")
+            if os.environ.get(ALLOW_LONG_MAX_MODEL_LEN_ENV, "").lower() not in ("1", "true"):
+                raise ValueError(f"{problem}; set {ALLOW_LONG_MAX_MODEL_LEN_ENV}=1 to run it anyway (as vLLM)")
+            logger.warning("%s: taken (%s); positions past the model's training may give wrong outputs", problem,
+                           ALLOW_LONG_MAX_MODEL_LEN_ENV)
         from engine.device_memory import default_batch_limits
 
         default_tokens, default_seqs = default_batch_limits(self.usage_context)

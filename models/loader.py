@@ -63,6 +63,8 @@ def resolve_model_path(model: Optional[str]) -> str:
 def detect_format(path: str, load_format: str) -> str:
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unsupported load_format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
+    if load_format == "safetensors" and path.endswith(".gguf"):  # it read the file as a config.json before
+        raise ValueError(f"{path} is a GGUF file: load it with load_format 'gguf' or 'auto', not 'safetensors'")
     if load_format != "auto":
         return load_format
     return "gguf" if path.endswith(".gguf") else "safetensors"

@@ -348,3 +348,16 @@ def test_engine_arguments_of_the_wrong_kind_are_refused_by_name(field, value, me
 
     with pytest.raises(ValueError, match=message):
         EngineArgs(**{field: value}).validate()
+
+
+def test_a_max_model_len_past_the_models_is_taken_with_vllms_switch(monkeypatch, caplog):
+    """VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 turns the refusal into a warning, as in vLLM."""
+    from engine.engine_args import EngineArgs
+
+    c = ModelConfig.from_hf_dict(tiny_hf_config("qwen2", max_position_embeddings=64).to_dict())
+    with pytest.raises(ValueError, match="set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"):
+        EngineArgs(max_model_len=100).resolved_limits(c)
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    with caplog.at_level("WARNING"):
+        assert EngineArgs(max_model_len=100).resolved_limits(c)[0] == 100
+    assert "max_model_len=100 exceeds" in caplog.text

@@ -161,3 +161,11 @@ def test_wrong_shape_of_one_tensor(ckpt):
     rewrite_tensors(ckpt, drop_one_head)
     with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.k_proj\.weight' .* shape \[32, 64\] .* implies \[64, 64\]"):
         load(ckpt)
+
+
+def test_a_gguf_file_named_as_safetensors_says_so(tmp_path):
+    """A .gguf with load_format='safetensors' was read as a config.json ("not valid JSON")."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ValueError, match="is a GGUF file: load it with load_format 'gguf' or 'auto'"):
+        load_model(str(path), load_format="safetensors")
