@@ -96,15 +96,13 @@ class ServingMetrics:
             "request_time_per_output_token_seconds",
             "A finished request's mean time between its output tokens after the first, in seconds.",
             INTER_TOKEN_BUCKETS)
-        self._ttft = Histogram(f"{METRIC_PREFIX}time_to_first_token_seconds", "Time to first token in seconds.",
-                               list(label), buckets=TTFT_BUCKETS, registry=self.registry).labels(**label)
+        self._ttft = histogram("time_to_first_token_seconds", "Time to first token in seconds.", TTFT_BUCKETS)
         self._inter_token = _TokenHistogram(f"{METRIC_PREFIX}inter_token_latency_seconds",
                                             "Time between consecutive output tokens of a request, in seconds.",
                                             INTER_TOKEN_BUCKETS, label)
         self.registry.register(self._inter_token)
-        self._e2e = Histogram(f"{METRIC_PREFIX}e2e_request_latency_seconds",
-                              "End-to-end request latency (arrival to last output) in seconds.",
-                              list(label), buckets=E2E_BUCKETS, registry=self.registry).labels(**label)
+        self._e2e = histogram("e2e_request_latency_seconds",
+                              "End-to-end request latency (arrival to last output) in seconds.", E2E_BUCKETS)
         self._success = Counter(f"{METRIC_PREFIX}request_success", "Finished requests, by finish reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
         for reason in FINISH_REASONS:  # every series from the start at 0, as vLLM's (dashboards read 0, not no data)

@@ -814,6 +814,7 @@ class OpenAIServing:
         created = int(time.time())
         states: dict[int, _ChoiceState] = {}
         final: Optional[RequestOutput] = None
+        echo = _echoed_message(req)
 
         def chunk(choices: list[ChatCompletionChunkChoice], usage: Optional[UsageInfo] = None) -> str:
             if usage is None and final is not None and _continuous_usage(req):
@@ -834,9 +835,8 @@ class OpenAIServing:
                                                            delta=ChatDelta(role="assistant", content=""))],
                                 usage=_usage([dataclasses.replace(output, outputs=[])])
                                 if _continuous_usage(req) else None)
-                    if _echoed_message(req):
-                        yield chunk([ChatCompletionChunkChoice(index=completion.index,
-                                                               delta=ChatDelta(content=_echoed_message(req)))])
+                    if echo:
+                        yield chunk([ChatCompletionChunkChoice(index=completion.index, delta=ChatDelta(content=echo))])
                 state.finished = completion.finish_reason is not None
                 logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
                 state.tokens_sent = len(completion.token_ids)
