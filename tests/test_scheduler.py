@@ -502,10 +502,14 @@ def test_decode_fast_path_makes_the_same_decisions_as_the_general_loop(rng):
 def test_multi_step_decodes_when_all_decode_and_none_waits_and_everything_completes(rng, steps):
     """``num_scheduler_steps``: once nothing waits and nothing prefills, every decode runs up to that many
     steps in one plan, each stopped at its max_tokens and max_model_len with blocks for exactly those steps
-    (``FakeEngine.step`` checks it, and the KV read back); under a random load with forks and preemption."""
+    (``FakeEngine.step`` checks it, and the KV read back); under a random load with forks and preemption, then one
+    request decoding alone (a random load may never leave every request decoding with none waiting; seed 2367891252)."""
     engine = make(num_blocks=20, block_size=4, max_num_batched_tokens=12, max_num_seqs=4, max_model_len=40,
                   rng=rng, num_scheduler_steps=steps)
     run_a_random_load_with_forks(engine, rng, max_prompt_len=19)
+    alone = engine.add("alone", rng.randrange(1, 8), max_tokens=2 * steps + 1)
+    engine.run_to_completion()
+    assert len(alone.output_token_ids) == 2 * steps + 1
     bursts = [out for out in engine.outputs if out.decode_steps > 1]
     assert bursts and all(out.decode_steps == steps for out in bursts)
     assert max(seq.decode_steps for out in bursts for seq in out.scheduled) == steps
