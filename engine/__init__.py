@@ -87,6 +87,7 @@ _EXPORTS = {
     "PoolingParams": "engine.pooling",
     "EmbeddingRequestOutput": "engine.pooling",
     "ClassificationRequestOutput": "engine.pooling",
+    "PoolingRequestOutput": "engine.pooling",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "RequestOutputKind": "engine.outputs",

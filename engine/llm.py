@@ -19,8 +19,8 @@ from engine.engine_loop import EngineLoop, NewRequest
 from engine.lora import LoRARequest
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, RequestOutputKind
-from engine.pooling import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingParams, ScoringOutput,
-                            ScoringRequestOutput, cosine, score_pairs)
+from engine.pooling import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput,
+                            ScoringOutput, ScoringRequestOutput, as_pooling_output, cosine, score_pairs)
 from engine.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict]
@@ -154,6 +154,21 @@ class LLM:
         ``lora_request`` as ``generate``'s."""
         return self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, classify=True)
 
+    def encode(self, prompts: Union[PromptType, Sequence[PromptType]],
+               pooling_params: Optional[PoolingParams] = None, use_tqdm: bool = True,
+               priority: Optional[Sequence[int]] = None,
+               lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
+               pooling_task: Optional[str] = None) -> list[PoolingRequestOutput]:
+        """vLLM's ``LLM.encode`` on a pooling engine: one ``PoolingRequestOutput`` per prompt, in input order, its
+        pooled numbers in ``.outputs.data`` (float32 numpy): an embedding model's vector (``pooling_task="embed"``)
+        or a classifier's class probabilities (``"classify"``); None: the model's own task."""
+        task = "classify" if self._is_classifier() else "embed"
+        if pooling_task not in (None, task):
+            raise ValueError(f"pooling_task {pooling_task!r} is not this model's: it can only {task}"
+                             + ("" if pooling_task in ("embed", "classify") else " (tasks here: embed, classify)"))
+        outputs = self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, classify=task == "classify")
+        return [as_pooling_output(output) for output in outputs]
+
     def _pool(self, prompts, pooling_params: Optional[PoolingParams], use_tqdm: bool,
               priority: Optional[Sequence[int]], lora_request, classify: bool) -> list:
         """``embed`` / ``classify``: the call checked against the model's pooling task, then every prompt run."""
@@ -163,10 +178,14 @@ class LLM:
                          "Classifying" if classify else "Embedding",
                          _per_prompt(lora_request, len(prompts), "lora_requests"))
 
+    def _is_classifier(self) -> bool:
+        pooling = self.llm_engine.pooling
+        return pooling is not None and pooling.classifier is not None
+
     def _check_pooling_task(self, classify: bool) -> None:
         """Refuse ``embed`` on a classifier and ``classify`` on anything else, naming the call that fits."""
         pooling = self.llm_engine.pooling
-        is_classifier = pooling is not None and pooling.classifier is not None
+        is_classifier = self._is_classifier()
         if classify and not is_classifier:
             raise ValueError("classify needs a sequence classifier (a ...ForSequenceClassification checkpoint)"
                              + ("; this is an embedding model: use embed" if pooling is not None else ""))

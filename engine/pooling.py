@@ -118,6 +118,33 @@ class ClassificationRequestOutput:
 
 
 @dataclasses.dataclass
+class PoolingOutput:
+    data: np.ndarray  # float32: an embedding, or a classifier's class probabilities (or logits)
+
+
+@dataclasses.dataclass
+class PoolingRequestOutput:
+    """vLLM's ``PoolingRequestOutput`` (``LLM.encode``): the pooled numbers whatever the model's task, in
+    ``.outputs.data``."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: PoolingOutput
+    finished: bool = True
+
+
+def pooled_data(output: EmbeddingRequestOutput | ClassificationRequestOutput) -> list[float]:
+    """A pooled request's numbers: a classifier's class probabilities (or logits), else its embedding."""
+    return output.outputs.probs if isinstance(output.outputs, ClassificationOutput) else output.outputs.embedding
+
+
+def as_pooling_output(output: EmbeddingRequestOutput | ClassificationRequestOutput) -> PoolingRequestOutput:
+    return PoolingRequestOutput(output.request_id, output.prompt, output.prompt_token_ids,
+                                PoolingOutput(np.asarray(pooled_data(output), np.float32)), output.finished)
+
+
+@dataclasses.dataclass
 class ScoringOutput:
     score: float
 

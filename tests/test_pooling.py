@@ -141,6 +141,29 @@ def test_precompiled_pooling_steps_are_the_ones_that_run(checkpoint):
         np.testing.assert_allclose(g, unit(h[-1]), atol=2e-6)
 
 
+def test_encode_gives_the_embeddings_as_arrays(checkpoint):
+    """vLLM's ``LLM.encode``: the model's pooled output (here its embedding) as a float32 array in ``.outputs.data``;
+    a task the model does not do is refused by name."""
+    from engine import PoolingRequestOutput
+
+    path, prompts, hidden = checkpoint
+    llm = LLM(str(path), runner="pooling", dtype="float32", skip_tokenizer_init=True, max_model_len=40)
+    try:
+        outs = llm.encode([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+        same = llm.encode({"prompt_token_ids": prompts[0]}, PoolingParams(normalize=False), pooling_task="embed",
+                          use_tqdm=False)
+        for task in ("classify", "reward"):
+            with pytest.raises(ValueError, match="it can only embed"):
+                llm.encode([prompts[0]], pooling_task=task, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert all(isinstance(o, PoolingRequestOutput) and o.outputs.data.dtype == np.float32 for o in outs)
+    assert [o.prompt_token_ids for o in outs] == prompts
+    for out, h in zip(outs, hidden):
+        np.testing.assert_allclose(out.outputs.data, unit(h[-1]), atol=2e-6)
+    assert_close_to_hf(same[0].outputs.data, hidden[0][-1])
+
+
 def test_score_is_the_cosine_of_the_embeddings(checkpoint):
     """vLLM's ``LLM.score`` for an embedding model: one text against many, or pair by pair."""
     path, prompts, hidden = checkpoint
@@ -214,6 +237,10 @@ def test_sequence_classifier_gives_transformers_probabilities(tmp_path, variant,
         np.testing.assert_allclose(plain.outputs.probs, want, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="sequence classifier: use classify, not embed"):
         llm.embed([[1, 2, 3]], use_tqdm=False)
+    encoded = llm.encode([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)  # vLLM's: the model's task
+    np.testing.assert_array_equal([o.outputs.data for o in encoded], [o.outputs.probs for o in outs])
+    with pytest.raises(ValueError, match="it can only classify"):
+        llm.encode([[1, 2, 3]], pooling_task="embed", use_tqdm=False)
     with pytest.raises(ValueError, match="PoolingParams.dimensions is for embeddings"):
         llm.classify([[1, 2, 3]], PoolingParams(dimensions=4), use_tqdm=False)
     llm.shutdown()

@@ -1431,6 +1431,22 @@ def test_embeddings_from_a_pooling_server(served):
         assert ranked["results"][0]["relevance_score"] == pytest.approx(1.0, abs=1e-5)
         bad = httpx.post(f"{url}/v1/score", json={"text_1": texts, "text_2": texts[:1] * 3}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "text_2"
+        # vLLM's /pooling: the model's pooled output of texts, or of chat messages as the chat template renders them
+        pooled = httpx.post(f"{url}/pooling", json={"input": texts}, timeout=60).json()
+        assert pooled["object"] == "list" and pooled["id"].startswith("pool")
+        assert [d["object"] for d in pooled["data"]] == ["pooling"] * 2
+        np.testing.assert_allclose([d["data"] for d in pooled["data"]], vectors, atol=1e-6)
+        messages = [{"role": "user", "content": texts[0]}]
+        chat_ids = httpx.post(f"{url}/tokenize", json={"messages": messages, "add_generation_prompt": False},
+                              timeout=60).json()["tokens"]
+        chat = httpx.post(f"{url}/pooling", json={"messages": messages, "dimensions": 16}, timeout=60).json()
+        want = np.asarray(client.embeddings.create(model=served.model, input=[chat_ids]).data[0].embedding)[:16]
+        np.testing.assert_allclose(chat["data"][0]["data"], want / np.linalg.norm(want), atol=1e-5)
+        assert chat["usage"]["prompt_tokens"] == len(chat_ids)
+        for body, param in (({}, "input"), ({"input": texts, "messages": messages}, "input"),
+                            ({"input": texts, "use_activation": False}, "use_activation")):
+            bad = httpx.post(f"{url}/pooling", json=body, timeout=60)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -1481,6 +1497,10 @@ def test_classify_from_a_sequence_classifier_server(tmp_path):
         assert refused.status_code == 400 and "use /classify" in refused.json()["error"]["message"]
         empty = httpx.post(f"{url}/classify", json={"input": []}, timeout=60)
         assert empty.status_code == 400 and empty.json()["error"]["param"] == "input"
+        pooled = httpx.post(f"{url}/pooling", json={"input": prompts}, timeout=60).json()  # vLLM's: probabilities
+        np.testing.assert_allclose([d["data"] for d in pooled["data"]], [d["probs"] for d in out["data"]], atol=1e-6)
+        refused = httpx.post(f"{url}/pooling", json={"input": prompts, "dimensions": 1}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "dimensions"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

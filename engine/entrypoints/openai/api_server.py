@@ -55,7 +55,7 @@ from engine.entrypoints.openai.protocol import (
     ClassificationData, ClassificationRequest, ClassificationResponse, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
     DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest, EmbeddingResponse, LoadLoRAAdapterRequest,
-    ModelCard, ModelList, UnloadLoRAAdapterRequest, UpdateWeightsFromDiskRequest,
+    ModelCard, ModelList, PoolingData, PoolingRequest, PoolingResponse, UnloadLoRAAdapterRequest, UpdateWeightsFromDiskRequest,
     NamedToolChoice, PromptLogprob, PromptLogprobs, PromptTokenUsageInfo, RerankDocument, RerankRequest,
     RerankResponse, RerankResult, ScoreData, ScoreRequest, ScoreResponse,
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
@@ -67,7 +67,7 @@ from engine.generation_config import SAMPLING_FIELDS
 from engine.lora import LoRARequest, adapter_folder_problem
 from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.pooling import RUNNERS, PoolingParams, class_labels, cosine, is_classifier, score_pairs
+from engine.pooling import RUNNERS, PoolingParams, class_labels, cosine, is_classifier, pooled_data, score_pairs
 from engine.sampling_params import SamplingParams
 from models.config import LOAD_FORMATS
 
@@ -260,6 +260,10 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     @app.post("/v1/classify")
     async def classify(body: ClassificationRequest, raw: Request):
         return await _cancel_on_disconnect(raw, serving.create_classification(body))
+
+    @app.post("/pooling")
+    async def pooling(body: PoolingRequest, raw: Request):
+        return await _cancel_on_disconnect(raw, serving.create_pooling(body))
 
     @app.post("/score")
     @app.post("/v1/score")
@@ -524,8 +528,7 @@ class OpenAIServing:
     def _pooling_model(self, req) -> tuple:
         """``(model name, LoRA request)`` of an embeddings or classify request, whose input must not be empty."""
         model, lora = self._resolve_model(req)
-        if not req.input:
-            raise bad_request("input is empty: give a text, a list of texts or token ids", param="input")
+        _nonempty_input(req)
         return model, lora
 
     async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
@@ -563,6 +566,38 @@ class OpenAIServing:
                                            num_classes=len(probs)))
         return ClassificationResponse(id=request_id, model=model, data=data,
                                       usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
+
+    async def create_pooling(self, req: PoolingRequest) -> PoolingResponse:
+        """vLLM's ``/pooling``: each input's (or the rendered chat's) pooled output as the model pools it, an
+        embedding model's vector or a classifier's class probabilities, as floats or base64."""
+        model, lora = self._resolve_model(req)
+        if (req.input is None) == (req.messages is None):
+            raise bad_request("give either input (texts or token ids) or chat messages", param="input")
+        if req.messages is not None:
+            if not req.messages:
+                raise bad_request("messages is empty", param="messages")
+            self._require_tokenizer("messages")
+            texts = (await run_in_threadpool(self._chat_prompt, req)).token_ids
+        else:
+            texts = _nonempty_input(req)
+        wrong = ("dimensions", "normalize") if self._is_classifier else ("use_activation",)
+        given = [name for name in wrong if getattr(req, name) is not None]
+        if given:
+            kind = "a classifier's probabilities" if self._is_classifier else "an embedding model's vector"
+            raise bad_request(f"{given[0]} does not apply to {kind}", param=given[0])
+        try:
+            params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize,
+                                   use_activation=req.use_activation)
+        except ValueError as e:
+            raise bad_request(str(e), param="dimensions") from None
+        request_id = random_id("pool")
+        finals, tokens = await self._pooled(request_id, texts, "messages" if req.messages else "input", params,
+                                            req.priority, lora, add_special_tokens=req.add_special_tokens,
+                                            truncate_prompt_tokens=req.truncate_prompt_tokens)
+        data = [PoolingData(index=i, data=_encode_embedding(pooled_data(output), req.encoding_format))
+                for i, output in enumerate(finals)]
+        return PoolingResponse(id=request_id, model=model, data=data,
+                               usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
 
     async def create_score(self, req: ScoreRequest) -> ScoreResponse:
         """vLLM's ``/score`` for an embedding model: the cosine of ``text_1``'s and each ``text_2``'s embeddings."""
@@ -1270,6 +1305,13 @@ class _PromptOnly:
 
     def close(self) -> None:
         self.stream.close()
+
+
+def _nonempty_input(req):
+    """A pooling request's ``input``, which must not be empty."""
+    if not req.input:
+        raise bad_request("input is empty: give a text, a list of texts or token ids", param="input")
+    return req.input
 
 
 def _encode_embedding(vector: list[float], encoding_format: str) -> Union[list[float], str]:

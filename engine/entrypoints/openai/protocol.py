@@ -270,6 +270,28 @@ class EmbeddingRequest(BaseModel):
     normalize: Optional[bool] = None
 
 
+class PoolingRequest(_ChatTemplateFields):
+    """vLLM's ``/pooling``: ``input`` (as ``/v1/embeddings`` takes it) or chat ``messages`` (rendered as
+    ``/v1/chat/completions`` renders them, without a generation prompt unless asked), pooled as the model pools:
+    an embedding model's vector (``dimensions``, ``normalize``), a classifier's class probabilities
+    (``use_activation`` False: its logits)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    input: Optional[Union[str, list[str], list[int], list[list[int]]]] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_generation_prompt: bool = False  # vLLM's default for pooling a chat
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = None
+    normalize: Optional[bool] = None
+    use_activation: Optional[bool] = None
+    add_special_tokens: bool = True
+    truncate_prompt_tokens: Optional[int] = None
+    user: Optional[str] = None
+    priority: int = 0
+
+
 class ClassificationRequest(BaseModel):
     """vLLM's ``/classify``: ``input`` a text, texts or token ids, each classified by a sequence classifier;
     ``use_activation`` False for the logits instead of probabilities."""
@@ -385,6 +407,18 @@ class _Response(BaseModel):
 class EmbeddingResponse(_Response):
     object: Literal["list"] = "list"
     data: list[EmbeddingData]
+    usage: UsageInfo
+
+
+class PoolingData(BaseModel):
+    object: Literal["pooling"] = "pooling"
+    index: int
+    data: Union[list[float], str]
+
+
+class PoolingResponse(_Response):
+    object: Literal["list"] = "list"
+    data: list[PoolingData]
     usage: UsageInfo
 
 
