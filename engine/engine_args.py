@@ -13,7 +13,7 @@ import numbers
 import os
 from typing import Optional
 
-from models.config import QUANTIZATION_METHODS, ModelConfig
+from models.config import QUANTIZATION_METHODS, ModelConfig, quantization_method
 
 logger = logging.getLogger(__name__)
 ALLOW_LONG_MAX_MODEL_LEN_ENV = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"  # vLLM's: a max_model_len past the model's, warned
@@ -29,7 +29,8 @@ IGNORED_VLLM_ARGS = {
 }
 
 # vLLM's names: "fp8" is e4m3. Pages hold K/V at scale 1 (vLLM's default without calibrated scales).
-KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+                   "fp8_e5m2": "float8_e5m2"}
 LINEAR_BACKENDS = ("auto", "pallas", "xla")
 # enforce_eager's XLA options: no command buffers (an empty list of the command types XLA captures in CUDA graphs).
 EAGER_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
@@ -180,6 +181,7 @@ class EngineArgs:
         self._validate_tensor_parallel_size()
         self._validate_speculative_config()
         self._validate_lora()
+        self.quantization = quantization_method(self.quantization)
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATION_METHODS)}, "
                              f"got {self.quantization!r}")

@@ -29,6 +29,17 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # checkpoint formats ``models.loader`` reads and the weight formats ``models.quantization`` makes or reads.
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATION_METHODS = ("int8", "int4", "awq", "gptq", "fp8", "compressed-tensors")
+# vLLM's names of its Marlin kernels for the same checkpoints, taken as the method that reads them.
+QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
+
+
+def quantization_method(name: Optional[str]) -> Optional[str]:
+    """A ``quantization=`` name in any case, vLLM's aliases as the method they name; an unknown one unchanged."""
+    if name is None:
+        return None
+    lower = str(name).lower()
+    lower = QUANTIZATION_ALIASES.get(lower, lower)
+    return lower if lower in QUANTIZATION_METHODS else name
 
 
 class UnsupportedModelError(ValueError):

@@ -9,6 +9,7 @@ see ``models.quantization``; int8 makes the LM head int8 too). Knows nothing of 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 
 from models.config import LOAD_FORMATS, ModelConfig, ModelConfigError
 
+logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
           "bf16": jnp.bfloat16, "fp16": jnp.float16, "half": jnp.float16, "float": jnp.float32}
 
@@ -98,12 +100,16 @@ def load_model(
     else:
         config = ModelConfig.from_pretrained(path)  # first: it reports a missing or broken config.json
         if fmt == "safetensors":
-            from models.safetensors_loader import checkpoint_tensor_names
+            from models.safetensors_loader import checkpoint_tensor_names, kv_scale_names
 
             names = checkpoint_tensor_names(path)
             if head_optional and not config.tie_word_embeddings and "lm_head.weight" not in names:
                 config = dataclasses.replace(config, tie_word_embeddings=True)
-            if any(name.endswith("layers.0.self_attn.k_scale") for name in names):  # fp8 KV scales (llm-compressor)
+            kv_scales = kv_scale_names(names)  # fp8 KV scales (llm-compressor, ModelOpt, AutoFP8)
+            if kv_scales is not None:
+                if kv_scales[0] == kv_scales[1]:
+                    logger.warning("%s stores one kv_scale a layer for K and V (a deprecated format, as vLLM says): "
+                                   "it scales both", path)
                 config = dataclasses.replace(config, kv_cache_scales=True)
     stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
     method = resolve_method(quantization, stored, fmt)

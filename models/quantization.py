@@ -47,7 +47,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models.config import QUANTIZATION_METHODS
+from models.config import QUANTIZATION_METHODS, quantization_method
 from pallas_kernels import fp8_activation
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.fp8_activation import FP8_MAX, quantize_rows_fp8
@@ -524,6 +524,7 @@ def resolve_method(requested: Optional[str], checkpoint: Optional[CheckpointQuan
                    load_format: str) -> Optional[str]:
     """The method to run: the checkpoint's if it has one (``requested`` must agree), else
     ``requested`` made at load time. Raises ``QuantizationError`` on a mismatch."""
+    requested = quantization_method(requested)
     if requested is not None and requested not in QUANTIZATION_METHODS:
         raise QuantizationError(f"unknown quantization {requested!r}; choose one of {', '.join(QUANTIZATION_METHODS)}")
     if checkpoint is not None:

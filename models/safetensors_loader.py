@@ -91,10 +91,22 @@ _LAYER_NAMES = {
     "w_down": ("mlp.down_proj.weight", True),
     "router": ("mlp.gate.weight", True),
     "shared_expert_gate": ("mlp.shared_expert_gate.weight", True),
-    "k_scale": ("self_attn.k_scale", False),  # one number a layer (shape [] or [1])
-    "v_scale": ("self_attn.v_scale", False),
 }
-KV_SCALE_PARAMS = ("k_scale", "v_scale")
+KV_SCALE_PARAMS = ("k_scale", "v_scale")  # one number a layer (shape [] or [1]), named as in ``KV_SCALE_NAMES``
+# The names checkpoints give a layer's fp8 K and V scales, as vLLM's ``maybe_remap_kv_scale_name`` reads them, in the
+# order tried: llm-compressor's, NVIDIA ModelOpt's, older compressed-tensors' output scales, and AutoFP8's one scale
+# for both (deprecated).
+KV_SCALE_NAMES = (("self_attn.k_scale", "self_attn.v_scale"),
+                  ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"),
+                  ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),
+                  ("self_attn.kv_scale", "self_attn.kv_scale"))
+
+
+def kv_scale_names(tensor_names) -> Optional[tuple[str, str]]:
+    """The names (inside a layer) of a checkpoint's K and V scales, by its tensor names; None where it has none."""
+    names = [name for name in tensor_names if ".layers.0." in name or name.startswith("layers.0.")]
+    return next((pair for pair in KV_SCALE_NAMES if any(name.endswith(f"layers.0.{pair[0]}") for name in names)),
+                None)
 # A mixture of experts' per-expert weights: our name -> (HF name inside ``model.layers.{i}.{moe}.experts.{e}.``, by
 # the model's block name ``moe``), all Linear weights; Mixtral's router is ``block_sparse_moe.gate``.
 _EXPERT_NAMES = {
@@ -229,8 +241,16 @@ class _Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    @property
+    def names(self):
+        return self._entries.keys()
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name][1]["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name (``BF16``, ``F8_E4M3``, ``I32``, ...)."""
+        return self._entries[name][1]["dtype"]
 
     def array(self, name: str) -> np.ndarray:
         """A read-only zero-copy view of one tensor (nothing is read until it is touched)."""
@@ -261,9 +281,9 @@ def _decoder_prefix(ckpt: "_Checkpoint") -> str:
     return next((p for p in _DECODER_PREFIXES if f"{p}embed_tokens.weight" in ckpt), "model.")
 
 
-def _sources(config: ModelConfig, prefix: str = "model.") -> dict:
+def _sources(config: ModelConfig, prefix: str = "model.", kv_scales: tuple[str, str] = KV_SCALE_NAMES[0]) -> dict:
     """A pytree shaped like ``param_shapes(config)`` of the HF tensors each param is made of (the decoder's under
-    ``prefix``)."""
+    ``prefix``; the K and V scales, where the config has them, named ``kv_scales``)."""
     shapes = param_shapes(config)
     L = config.num_layers
     moe = _MOE_BLOCK.get(config.model_type, "mlp")
@@ -292,6 +312,8 @@ def _sources(config: ModelConfig, prefix: str = "model.") -> dict:
                 transpose=True, stack=(L, config.num_experts))
         elif name in renamed:
             layers[name] = per_layer(renamed[name], not name.endswith("norm"))
+        elif name in KV_SCALE_PARAMS:
+            layers[name] = per_layer(kv_scales[KV_SCALE_PARAMS.index(name)], False)
         else:
             hf_name, transpose = _LAYER_NAMES[name]
             layers[name] = per_layer(hf_name.replace("mlp.", f"{moe}.", 1) if name == "router" else hf_name,
@@ -323,6 +345,12 @@ def _check_tensors(ckpt: _Checkpoint, sources: dict, shapes: dict, path: str) ->
             expected = (source.rows[2],) + expected[1:]
         for name in source.hf_names:
             if name not in ckpt:
+                base = name.removesuffix("weight")
+                stored = sorted(n for n in ckpt.names if n.startswith(base))
+                if stored:  # e.g. a GPTQ lm_head (lm_head: true): qweight, qzeros, scales
+                    raise CheckpointError(f"checkpoint {path!r} stores {base.rstrip('.')} quantized ("
+                                          f"{', '.join(stored)}); quantized weights are read only in the decoder's "
+                                          "layers")
                 raise CheckpointError(f"checkpoint {path!r} lacks tensor {name!r} (needed for params {'/'.join(key)})")
             if ckpt.shape(name) != expected:
                 raise CheckpointError(
@@ -409,6 +437,11 @@ def _load_param(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...]
     return finish(hf_array, source.transpose, dtype)
 
 
+def _stored_unquantized(ckpt: _Checkpoint, base: str) -> bool:
+    """Whether the Linear ``base`` is stored as a plain 16 / 32-bit weight."""
+    return f"{base}.weight" in ckpt and ckpt.dtype(f"{base}.weight") in ("BF16", "F16", "F32")
+
+
 def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int, ...],
                       quant: CheckpointQuantization, dtype, path: str, int8_layout: str = "nk"):
     """One stacked layer (or expert) matrix of an AWQ / GPTQ / FP8 / compressed-tensors checkpoint as an
@@ -427,6 +460,11 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
         if full not in ckpt:
             if not required:
                 return None
+            if suffix != "weight" and _stored_unquantized(ckpt, base):
+                raise CheckpointError(
+                    f"{quant.format} checkpoint {path!r} stores {base} unquantized (its quantization_config leaves "
+                    "it out: modules_to_not_convert, ignore or dynamic) but the same matrix of other layers "
+                    "quantized; a matrix is read unquantized only where every layer has it so")
             raise CheckpointError(f"{quant.method} checkpoint {path!r} lacks tensor {full!r}")
         return np.array(ckpt.array(full))
 
@@ -515,10 +553,13 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
     dtype = jnp.dtype(dtype)
     ckpt = _Checkpoint(find_safetensors_files(path))
     shapes = param_shapes(config)
-    sources = _sources(config, _decoder_prefix(ckpt))
+    sources = _sources(config, _decoder_prefix(ckpt), kv_scale_names(ckpt.names) or KV_SCALE_NAMES[0])
+    # A matrix the checkpoint leaves unquantized in every layer (its modules_to_not_convert, ignore or dynamic) loads
+    # as a plain weight beside the quantized ones; left out in some layers only, it is refused (``_quantized_weight``).
     quantized = {} if quantization is None else {
         name: sources["layers"].pop(name) for name in QUANTIZED_LAYER_WEIGHTS + QUANTIZED_EXPERT_WEIGHTS
-        if name in sources["layers"]}
+        if name in sources["layers"] and not all(_stored_unquantized(ckpt, hf_name.removesuffix(".weight"))
+                                                 for hf_name in sources["layers"][name].hf_names)}
     kv_scales = {name: sources["layers"].pop(name) for name in KV_SCALE_PARAMS if name in sources["layers"]}
     _check_tensors(ckpt, sources, shapes, path)
     params: dict = {}

@@ -46,7 +46,7 @@ from models.quantization import (
     quantize_params,
     quantize_weight,
 )
-from models.safetensors_loader import CheckpointError
+from models.safetensors_loader import KV_SCALE_NAMES, CheckpointError
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.ragged_paged_attention import to_cache_dtype
 from tests.tiny_checkpoints import write_tiny_checkpoint
@@ -505,14 +505,16 @@ def mark_quantized(path: str, method: str, act_order=False) -> None:
     json.dump(config, open(os.path.join(path, "config.json"), "w"))
 
 
-def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_order=False):
-    """The dense checkpoint's layer matrices replaced by ``method``'s tensors of random grid values.
-    Returns the dense ``{our name: [L, K, N]}`` weights the new checkpoint encodes."""
+def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_order=False, left_dense=()):
+    """The dense checkpoint's layer matrices replaced by ``method``'s tensors of random grid values, but for the
+    ``(our name, layer)`` pairs of ``left_dense``. Returns the dense ``{our name: [L, K, N]}`` weights the new
+    checkpoint encodes (those of the matrices it quantized in every layer)."""
     shutil.copytree(dense_path, out)
     tensors = load_file(os.path.join(out, "model.safetensors"))
     num_layers = json.load(open(os.path.join(out, "config.json")))["num_hidden_layers"]
     encoded = {name: [encode_linear(tensors, f"model.layers.{i}.{hf}.", method, rng, act_order)
-                      for i in range(num_layers)] for name, hf in HF_LINEAR.items()}
+                      for i in range(num_layers) if (name, i) not in left_dense] for name, hf in HF_LINEAR.items()}
+    encoded = {name: ws for name, ws in encoded.items() if len(ws) == num_layers}
     save_file(tensors, os.path.join(out, "model.safetensors"))
     mark_quantized(out, method, act_order)
     return {n: jnp.asarray(np.stack(ws), jnp.float32) for n, ws in encoded.items()}
@@ -551,6 +553,30 @@ def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layou
                        use_tqdm=False)
     llm.shutdown()
     assert len(out[0].outputs[0].token_ids) == 6
+
+
+@pytest.mark.parametrize("layout", ["awq", "fp8"])
+def test_a_matrix_left_unquantized_in_every_layer_loads_plain(tiny, tmp_path, layout):
+    """A checkpoint whose quantization_config leaves a module out (AWQ's ``modules_to_not_convert``, llm-compressor's
+    ``ignore``, GPTQModel's ``dynamic``) stores it as a plain weight: in every layer it loads so, beside the others
+    quantized, and the logits are those of the decoded weights; in some layers only it is refused by name."""
+    rng = np.random.default_rng()
+    num_layers = ModelConfig.from_pretrained(tiny).num_layers
+    path = str(tmp_path / layout)
+    encoded = write_quantized_checkpoint(tiny, path, layout, rng, left_dense={("w_down", i) for i in range(num_layers)})
+    assert "w_down" not in encoded
+    quant = load_model(path, dtype="float32")
+    assert not is_quantized(quant.params["layers"]["w_down"]) and is_quantized(quant.params["layers"]["w_up"])
+    decoded = load_model(tiny, dtype="float32")
+    decoded.params["layers"].update(encoded)
+    batch, pages = ragged_batch(decoded.config, rng)
+    tolerance = LOGIT_TOLERANCE["fp8"] if layout == "fp8" else 1e-5
+    assert relative_error(logits_of(quant, batch, pages + 1), logits_of(decoded, batch, pages + 1)) < tolerance
+    partly = str(tmp_path / "partly")
+    write_quantized_checkpoint(tiny, partly, layout, rng, left_dense={("w_down", num_layers - 1)})
+    with pytest.raises(CheckpointError, match=f"stores model.layers.{num_layers - 1}.mlp.down_proj unquantized .* "
+                                              "other layers quantized"):
+        load_model(partly, dtype="float32")
 
 
 @pytest.mark.parametrize("file", ["quant_config.json", "quantize_config.json"])
@@ -606,8 +632,19 @@ def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
     ):
         with pytest.raises(QuantizationError, match=message):
             CheckpointQuantization.from_hf_dict(config)
+    gptq = str(tmp_path / "gptq-head")  # a quantized LM head (GPTQ's lm_head: true)
+    write_quantized_checkpoint(tiny, gptq, "gptq", rng)
+    tensors = load_file(os.path.join(gptq, "model.safetensors"))
+    encode_linear(tensors, "lm_head.", "gptq", rng)
+    save_file(tensors, os.path.join(gptq, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="stores lm_head quantized .*lm_head.qweight.*read only in the decoder"):
+        load_model(gptq)
     with pytest.raises(ValueError, match="quantization must be None or one of"):
         EngineArgs(quantization="int3").validate()
+    for name, method in (("AWQ", "awq"), ("awq_marlin", "awq"), ("GPTQ_Marlin", "gptq"), ("FP8", "fp8")):
+        args = EngineArgs(quantization=name)  # vLLM's names of its Marlin kernels, any case
+        args.validate()
+        assert args.quantization == method
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         EngineArgs(kv_cache_dtype="int2").validate()
 
@@ -677,6 +714,22 @@ def test_fp8_kv_pages_use_the_checkpoints_kv_scales(tiny, tmp_path):
                        use_tqdm=False)
     llm.shutdown()
     assert len(out[0].outputs[0].token_ids) == 5
+    # The other names vLLM reads them by: ModelOpt's, older compressed-tensors' output scales, AutoFP8's one kv_scale
+    # for both (here K's; it covers V, both ~1000x)
+    for k_name, v_name in KV_SCALE_NAMES[1:]:
+        renamed, want = {}, {"k_scale": [], "v_scale": []}
+        for i in range(len(scales) // 2):
+            for kind, name in (("k_scale", k_name), ("v_scale", v_name)):
+                value = scales[f"model.layers.{i}.self_attn.{'k_scale' if k_name == v_name else kind}"]
+                renamed[f"model.layers.{i}.{name}"] = value
+                want[kind].append(float(value.reshape(())))
+        save_file({**tensors, **renamed}, os.path.join(paths["scaled"], "model.safetensors"))
+        model = load_model(paths["scaled"], dtype="float32")
+        assert model.config.kv_cache_scales, k_name
+        for kind in want:
+            np.testing.assert_array_equal(np.asarray(model.params["layers"][kind]), np.float32(want[kind]))
+        assert relative_error(logits_of(model, batch, pages + 1, kv_dtype=jnp.float8_e4m3fn),
+                              reference) < FP8_KV_TOLERANCE, k_name
     tensors["model.layers.0.self_attn.k_scale"] = np.ones(2, np.float32)
     save_file(tensors, os.path.join(paths["unscaled"], "model.safetensors"))
     with pytest.raises(CheckpointError, match="non-scalar tensor 'model.layers.0.self_attn.k_scale'"):

@@ -69,7 +69,7 @@ from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import RUNNERS, PoolingParams, class_labels, cosine, is_classifier, pooled_data, score_pairs
 from engine.sampling_params import SamplingParams
-from models.config import LOAD_FORMATS
+from models.config import LOAD_FORMATS, quantization_method
 
 logger = logging.getLogger("pagedjax.server")
 
@@ -1415,7 +1415,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="token budget of one step (default: 8192 on GPU, 1024 on CPU)")
     engine.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64],
                         help="tokens per KV-cache block")
-    engine.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
+    engine.add_argument("--quantization", "-q", default=None, type=quantization_method,
+                        choices=list(QUANTIZATION_METHODS),
                         help="weight quantization: int8/int4/fp8 made at load time, or awq/gptq/fp8 "
                              "checkpoints (default: the checkpoint's own, else none)")
     engine.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
