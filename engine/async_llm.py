@@ -183,6 +183,10 @@ class AsyncLLM:
         await asyncio.get_running_loop().run_in_executor(None, self._loop.update_weights_from_disk, model_path,
                                                          load_format)
 
+    async def add_lora(self, lora_request: "LoRARequest") -> None:
+        """vLLM's ``add_lora``: the engine reads the adapter now (off the event loop), a bad one a ``ValueError``."""
+        await asyncio.get_running_loop().run_in_executor(None, self._loop.add_lora, lora_request)
+
     def is_alive(self) -> bool:
         """Whether the engine (its loop's thread, or its process) still runs; read at once, as vLLM's health check
         reads its error flag: a busy engine is a live one."""

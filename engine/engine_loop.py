@@ -175,6 +175,10 @@ class EngineLoop:
         """``LLMEngine.update_weights_from_disk``, between steps."""
         self.call(lambda engine: engine.update_weights_from_disk(model_path, load_format), running=True)
 
+    def add_lora(self, lora_request) -> None:
+        """``LLMEngine.add_lora``, between steps."""
+        self.call(lambda engine: engine.add_lora(lora_request), running=True)
+
     def call(self, fn: Callable, running: bool = False):
         """Run ``fn(engine)`` between steps (for stats, inspection, or a batch of an engine process's commands);
         ``running``: only while the loop runs (what would put memory back on the device: not after shutdown)."""

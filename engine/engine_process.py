@@ -190,6 +190,9 @@ class EngineProcess:
     def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
         self._call("update_weights_from_disk", (model_path, load_format))
 
+    def add_lora(self, lora_request) -> None:
+        self._call("add_lora", lora_request)
+
     def device_facts(self) -> dict:
         return dict(self.engine.facts)
 
@@ -376,6 +379,7 @@ def _child_main(args: EngineArgs, commands, outputs) -> None:
         "wake_up": lambda _: loop.wake_up(),
         "is_sleeping": lambda _: loop.is_sleeping(),
         "update_weights_from_disk": lambda payload: loop.update_weights_from_disk(*payload),
+        "add_lora": loop.add_lora,
     }
 
     def run(batch) -> bool:

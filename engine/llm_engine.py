@@ -348,10 +348,7 @@ class LLMEngine:
         if lora_request is not None:
             if not isinstance(lora_request, LoRARequest):
                 raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
-            if self.lora_slots is None:
-                raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but LoRA is off: start the "
-                                 "engine with enable_lora=True (--enable-lora)")
-            self.lora_slots.check(lora_request)
+            self.add_lora(lora_request)
         now = time.monotonic()
         base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         group = _RequestGroup(request_id, text, prompt_ids, params, [], on_output, now,
@@ -428,6 +425,14 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"{what} {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """vLLM's ``add_lora``: read (or find) the adapter now, refusing a bad one with ``LoRAAdapterError`` (a
+        ``ValueError``); its requests then find it read."""
+        if self.lora_slots is None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but LoRA is off: start the "
+                             "engine with enable_lora=True (--enable-lora)")
+        self.lora_slots.check(lora_request)
 
     def abort_request(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)

@@ -89,7 +89,7 @@ class LoRASlots:
         from models.lora import LoRAAdapterError
 
         known = self._requests.get(request.lora_int_id)
-        if known is not None and known.lora_path != request.lora_path:
+        if known is not None and os.path.realpath(known.lora_path) != os.path.realpath(request.lora_path):
             raise LoRAAdapterError(f"lora_int_id {request.lora_int_id} already names adapter {known.lora_name!r} at "
                                    f"{known.lora_path!r}, not {request.lora_path!r}: give each adapter its own id")
         self._weights(request)

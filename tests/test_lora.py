@@ -205,6 +205,10 @@ def test_errors_are_clear_and_lose_nothing(llama, tmp_path):
             llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), lora_request=request, use_tqdm=False)
     with pytest.raises(ValueError, match="got 2 lora_requests for 1 prompts"):
         llm.generate([[1, 2, 3]], lora_request=[None, None], use_tqdm=False)
+    # The same folder written otherwise (a trailing slash) is the same adapter under its id.
+    same = LoRARequest(requests[2].lora_name, 2, requests[2].lora_path + os.sep)
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), lora_request=same,
+                            use_tqdm=False)[0].outputs[0].token_ids) == 2
     # Nothing was queued; the engine still serves.
     out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
     assert list(out[0].outputs[0].token_ids) == expected[(None, 1)][0]

@@ -224,22 +224,38 @@ def test_load_use_and_unload_an_adapter_at_runtime(served, adapters, offline, tm
     assert stats["num_running"] == stats["num_waiting"] == 0
 
 
-def test_an_adapter_the_engine_refuses_is_a_400_at_its_first_request(served, adapters, tmp_path):
-    """The server checks only the folder's two files; the engine reads the adapter when a request first names it,
-    and its refusal (here a rank above --max-lora-rank) comes back as a 400 on ``model``, the server still serving."""
-    url, base = served.runtime_url, served.base
-    folder = tmp_path / "too_big"
+def too_big_adapter(adapters, folder) -> str:
+    """``second``'s weights under a config whose rank is above --max-lora-rank: files in place, refused when read."""
     folder.mkdir()
     (folder / "adapter_model.safetensors").write_bytes(open(os.path.join(adapters["second"],
                                                                          "adapter_model.safetensors"), "rb").read())
     (folder / "adapter_config.json").write_text(json.dumps({**ADAPTER_CONFIG, "r": 4 * RANK}))
-    assert httpx.post(f"{url}/v1/load_lora_adapter",
-                      json={"lora_name": "too-big", "lora_path": str(folder)}).status_code == 200
-    with pytest.raises(openai.BadRequestError) as info:
+    return str(folder)
+
+
+def test_an_adapter_the_engine_refuses_is_a_400_when_loaded(served, adapters, tmp_path):
+    """The engine reads an adapter when it is loaded, as vLLM's: its refusal (here a rank above --max-lora-rank)
+    is the load's 400 on ``lora_path``, the adapter is not listed, and the server serves on."""
+    url, base = served.runtime_url, served.base
+    error = _error(httpx.post(f"{url}/v1/load_lora_adapter",
+                              json={"lora_name": "too-big", "lora_path": too_big_adapter(adapters, tmp_path / "big")}),
+                   400)
+    assert error["param"] == "lora_path" and "max_lora_rank" in error["message"]
+    assert "too-big" not in [m.id for m in _client(url).models.list().data]
+    with pytest.raises(openai.NotFoundError):
         _client(url).completions.create(model="too-big", prompt=PROMPT, max_tokens=2)
-    assert info.value.param == "model" and "max_lora_rank" in info.value.message
     assert _client(url).completions.create(model=base, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
-    httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "too-big"})
+
+
+def test_an_adapter_the_engine_refuses_stops_start_up(adapters, tmp_path, capsys):
+    """``--lora-modules`` adapters are read once the engine has started, as vLLM's: a bad one ends start-up with
+    exit status 2 and a message naming it."""
+    with pytest.raises(SystemExit) as info:
+        main(["--port", "0", "--max-model-len", "64", "--enable-lora", "--max-lora-rank", str(RANK),
+              "--lora-modules", f"too-big={too_big_adapter(adapters, tmp_path / 'big')}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--lora-modules: adapter 'too-big'" in err and "max_lora_rank" in err, err
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -449,8 +449,8 @@ class OpenAIServing:
 
     async def load_lora_adapter(self, req: LoadLoRAAdapterRequest) -> str:
         """vLLM's ``/v1/load_lora_adapter``: serve ``req.lora_path`` under the model name ``req.lora_name``, with
-        the next id. The folder must hold an adapter's two files; the engine reads it when a request first names
-        it (a bad adapter is that request's 400)."""
+        the next id. The engine reads the adapter before the answer, as vLLM's: one it cannot serve (its folder,
+        its files, its rank, its shapes) is a 400 on ``lora_path`` and is not listed."""
         if not req.lora_name or not req.lora_path:
             raise bad_request("Both 'lora_name' and 'lora_path' must be provided.",
                               param="lora_path" if req.lora_name else "lora_name")
@@ -464,6 +464,11 @@ class OpenAIServing:
         if problem is not None:
             raise bad_request(problem, param="lora_name")
         request = self._add_lora(req.lora_name, req.lora_path)
+        try:
+            await self.async_llm.add_lora(request)
+        except ValueError as e:
+            del self.lora_adapters[req.lora_name]
+            raise bad_request(f"cannot load LoRA adapter {req.lora_name!r}: {e}", param="lora_path") from None
         logger.info("loaded LoRA adapter %r (id %d) from %s", request.lora_name, request.lora_int_id,
                     request.lora_path)
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
@@ -1528,7 +1533,7 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
 
 def lora_modules_problem(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with the ``--lora-modules`` flags (as a start-up error), or None: they need --enable-lora, a
-    name of its own each, and adapter folders (which the engine reads when a request first names one)."""
+    name of its own each, and adapter folders (checked before the engine starts; it reads them once started)."""
     modules = args.lora_modules or []
     if modules and not args.enable_lora:
         return "--lora-modules needs --enable-lora (as vLLM's)"
@@ -1615,6 +1620,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     reasoning_parser=args.reasoning_parser, chat_template=chat_template,
                     allowed_origins=args.allowed_origins, lora_modules=args.lora_modules or (),
                     trust_request_chat_template=args.trust_request_chat_template)
+    for name, adapter in app.state.serving.lora_adapters.items():  # read now, as vLLM: a bad one stops start-up
+        try:
+            asyncio.run(async_llm.add_lora(adapter.request))
+        except ValueError as e:
+            async_llm.shutdown()
+            sock.close()
+            parser.exit(2, f"error: --lora-modules: adapter {name!r}: {e}\n")
     # What start-up made (the tokenizer, the app, imported modules) lives as long as the server: out of the cyclic
     # collector's reach, so the collections that streaming's many small objects set off walk only newer ones (the
     # engine does the same in its own process; vLLM freezes its heap after start-up too).
