@@ -16,7 +16,10 @@ from collections import Counter, OrderedDict
 from typing import Callable, Optional
 
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder's (models.lora reads)
+# A PEFT adapter folder's files (models.lora reads them): its config, and its weights as safetensors or, from older
+# trainers, a PyTorch .bin (read where PyTorch is installed, as vLLM reads it).
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def adapter_folder_problem(path: str) -> Optional[str]:
@@ -25,13 +28,13 @@ def adapter_folder_problem(path: str) -> Optional[str]:
     if not os.path.isdir(path):
         return (f"LoRA adapter folder {path!r} does not exist (adapters are read from local folders, never "
                 "downloaded)")
-    for file in ADAPTER_FILES:
-        if not os.path.exists(os.path.join(path, file)):
+    for files in ((ADAPTER_CONFIG_FILE,), ADAPTER_WEIGHT_FILES):
+        if not any(os.path.exists(os.path.join(path, file)) for file in files):
             try:
                 holds = sorted(os.listdir(path))
             except OSError as e:
                 holds = e.strerror or str(e)
-            return f"{path!r} is not a PEFT LoRA adapter: it has no {file} (it holds {holds})"
+            return f"{path!r} is not a PEFT LoRA adapter: it has no {' or '.join(files)} (it holds {holds})"
     return None
 
 
@@ -39,7 +42,7 @@ def adapter_folder_problem(path: str) -> Optional[str]:
 class LoRARequest:
     """A request's adapter, as vLLM names it: ``lora_name`` (what the server's ``model`` field gives),
     ``lora_int_id`` (>= 1, unique to the adapter: the engine keys its slots and cache by it) and ``lora_path``
-    (a local PEFT adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors``)."""
+    (a local PEFT adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors`` or ``.bin``)."""
 
     lora_name: str
     lora_int_id: int

@@ -40,6 +40,7 @@ LORA_PARAMS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 JOINED_UPDATES = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"  # older trainers' PyTorch pickle: read with torch, weights only
 # ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`` (PEFT; ``.default`` in some saves).
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 ATTENTION_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"})  # under self_attn; others mlp
@@ -85,23 +86,21 @@ def empty_lora_params(config: ModelConfig, max_loras: int, max_rank: int, dtype,
 
 def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A PEFT LoRA adapter folder as ``{name: (a [L, in, max_rank], b [L, max_rank, out])}`` float32, the scaling
-    folded into ``b``, zero-padded to ``max_rank``, zeros for matrices and layers it leaves alone. The folder holds
-    both files (``engine.lora.adapter_folder_problem``, checked by the engine before it reads one)."""
-    from models.safetensors_loader import _Checkpoint, _read_header
-
-    config_file, weights_file = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
+    folded into ``b``, zero-padded to ``max_rank``, zeros for matrices and layers it leaves alone; each matrix's rank
+    and alpha PEFT's ``rank_pattern`` / ``alpha_pattern`` or the config's. The folder holds its config and weights
+    (``engine.lora.adapter_folder_problem``, checked by the engine before it reads one)."""
+    config_file = os.path.join(path, ADAPTER_CONFIG)
     try:
         with open(config_file) as f:
             peft = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoRAAdapterError(f"{config_file} is unreadable: {e}") from None
-    rank, alpha = _adapter_rank_and_alpha(peft, config_file, max_rank)
-    scaling = alpha / (math.sqrt(rank) if peft.get("use_rslora") else rank)
-    ckpt = _Checkpoint([weights_file])
+    default_rank, default_alpha = _adapter_rank_and_alpha(peft, config_file, max_rank)
+    weights_file, tensors = _adapter_tensors(path)
     widths = param_widths(config)
     out = zero_adapter(config, max_rank)
     seen = set()
-    for key in _read_header(weights_file):
+    for key, tensor in tensors.items():
         match = _KEY.search(key)
         if (match is None or match.group(3) not in TARGET_MODULES
                 or (match.group(3) in ATTENTION_MODULES) != (match.group(2) == "self_attn")):
@@ -117,11 +116,18 @@ def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
             raise LoRAAdapterError(f"{weights_file}: tensor {key!r} updates the MLP of {config.model_type}, a "
                                    "mixture of experts: only its attention's updates are supported")
         n_in, n_out = _in_out(widths, parts)
+        module_name = f"model.layers.{layer}.{match.group(2)}.{module}"
+        rank = _pattern_value(peft.get("rank_pattern"), module_name, default_rank)
+        alpha = _pattern_value(peft.get("alpha_pattern"), module_name, default_alpha)
+        if rank > max_rank:
+            raise LoRAAdapterError(f"{config_file}: rank_pattern gives {module_name} rank {rank}, above "
+                                   f"max_lora_rank={max_rank} (raise max_lora_rank, --max-lora-rank)")
+        scaling = alpha / (math.sqrt(rank) if peft.get("use_rslora") else rank)
         expected = (rank, n_in) if which == "A" else (n_out, rank)
-        if ckpt.shape(key) != expected:
-            raise LoRAAdapterError(f"{weights_file}: tensor {key!r} has shape {list(ckpt.shape(key))}, expected "
+        if tuple(tensor.shape) != expected:
+            raise LoRAAdapterError(f"{weights_file}: tensor {key!r} has shape {list(tensor.shape)}, expected "
                                    f"{list(expected)} for this model and r={rank}")
-        weight = np.asarray(ckpt.array(key), np.float32)
+        weight = np.asarray(tensor, np.float32)
         if which == "A":
             for p in parts:
                 out[p][0][layer, :, :rank] = weight.T
@@ -140,6 +146,29 @@ def read_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
     if not seen:
         raise LoRAAdapterError(f"{weights_file} holds no LoRA weights")
     return out
+
+
+def _adapter_tensors(path: str) -> tuple[str, dict]:
+    """An adapter folder's weights file and its tensors by name (numpy arrays; read lazily from safetensors)."""
+    from models.safetensors_loader import _Checkpoint
+
+    weights_file = os.path.join(path, ADAPTER_WEIGHTS)
+    if os.path.exists(weights_file):
+        ckpt = _Checkpoint([weights_file])
+        return weights_file, {name: ckpt.array(name) for name in ckpt.names}
+    weights_file = os.path.join(path, ADAPTER_BIN)
+    try:
+        import torch
+    except ImportError:
+        raise LoRAAdapterError(f"{weights_file}: reading a PyTorch .bin adapter needs torch (pip install torch); "
+                               "or save the adapter as safetensors") from None
+    try:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle torch refuses (not weights only) or a broken file
+        raise LoRAAdapterError(f"{weights_file} is unreadable: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LoRAAdapterError(f"{weights_file} is not a dictionary of tensors")
+    return weights_file, {name: value.float().numpy() for name, value in state.items()}
 
 
 def zero_adapter(config: ModelConfig, rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -180,9 +209,19 @@ def _adapter_rank_and_alpha(peft: dict, config_file: str, max_rank: int) -> tupl
     for option, off in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
         if peft.get(option, off) not in (off, None):
             raise LoRAAdapterError(f"{config_file}: {option}={peft[option]!r} is not supported (only {off!r})")
-    for option in ("rank_pattern", "alpha_pattern", "modules_to_save"):
-        if peft.get(option):
-            raise LoRAAdapterError(f"{config_file}: {option} is not supported ({peft[option]!r})")
+    if peft.get("modules_to_save"):
+        raise LoRAAdapterError(f"{config_file}: modules_to_save is not supported ({peft['modules_to_save']!r})")
+    for option in ("rank_pattern", "alpha_pattern"):
+        pattern, kind = peft.get(option) or {}, int if option == "rank_pattern" else (int, float)
+        if not isinstance(pattern, dict) or not all(isinstance(v, kind) and not isinstance(v, bool) and v > 0
+                                                    for v in pattern.values()):
+            raise LoRAAdapterError(f"{config_file}: {option} must map module names to positive numbers, got "
+                                   f"{pattern!r}")
+        try:
+            for key in pattern:
+                re.compile(key)
+        except re.error as e:
+            raise LoRAAdapterError(f"{config_file}: {option} key {key!r} is not a regular expression: {e}") from None
     rank, alpha = peft.get("r"), peft.get("lora_alpha")
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
         raise LoRAAdapterError(f"{config_file}: r must be an integer >= 1 and lora_alpha a number, got r={rank!r}, "
@@ -191,6 +230,15 @@ def _adapter_rank_and_alpha(peft: dict, config_file: str, max_rank: int) -> tupl
         raise LoRAAdapterError(f"the adapter's rank r={rank} exceeds max_lora_rank={max_rank} (raise "
                                "max_lora_rank, --max-lora-rank)")
     return rank, float(alpha)
+
+
+def _pattern_value(pattern, module_name: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern``: the value of the first key (a regular expression) matching the
+    end of ``module_name`` at a dot (``model.layers.3.self_attn.q_proj``), else ``default``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?(?:{key})$", module_name):
+            return value
+    return default
 
 
 def set_slot(lora_layers: dict, adapter: dict, slot: jax.Array) -> dict:

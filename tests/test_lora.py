@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -108,6 +109,37 @@ def test_adapters_and_base_in_one_batch_match_peft(llama, options):
     assert llm.stats()["prefix_cache_hits"] > 0
     if "speculative_config" in options:  # drafts ran, with their sequence's adapter
         assert llm.stats()["spec_decode_num_draft_tokens"] > 0
+
+
+def test_rank_and_alpha_patterns_match_peft(llama, tmp_path):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` (a module's own rank and alpha, by the end of its name): peft's
+    greedy tokens and logprobs."""
+    path, _, _ = llama
+    model = make_adapter(tmp_path / "patterns", "llama", 3, ALL_LLAMA_MODULES, r=8, alpha=16,
+                         rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 2}, alpha_pattern={"v_proj": 4})
+    request = LoRARequest("patterns", 1, str(tmp_path / "patterns" / "adapter"))
+    expected = {(request, i): hf_greedy(model, prompt, MAX_TOKENS) for i, prompt in enumerate(PROMPTS)}
+    llm = LLM(path, skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True, max_lora_rank=8)
+    check_against_peft(llm, [request], expected)
+
+
+def test_an_adapter_saved_as_a_pytorch_bin(llama, tmp_path):
+    """Older trainers save ``adapter_model.bin`` (a PyTorch pickle), which vLLM reads too: the same adapter, peft's
+    tokens; a pickle that is not weights only is refused."""
+    from safetensors.numpy import load_file
+
+    path, requests, expected = llama
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(os.path.join(requests[2].lora_path, "adapter_config.json"), folder)
+    tensors = load_file(os.path.join(requests[2].lora_path, "adapter_model.safetensors"))
+    torch.save({name: torch.from_numpy(value) for name, value in tensors.items()}, folder / "adapter_model.bin")
+    request = LoRARequest("two-bin", 2, str(folder))
+    llm = LLM(path, skip_tokenizer_init=True, dtype="float32", block_size=8, enable_lora=True, max_lora_rank=8)
+    check_against_peft(llm, [request], {(request, i): expected[(requests[2], i)] for i in range(len(PROMPTS))})
+    torch.save({"code": print}, folder / "adapter_model.bin")
+    with pytest.raises(LoRAAdapterError, match="adapter_model.bin is unreadable"):
+        llm.generate([[1, 2, 3]], lora_request=LoRARequest("evil", 3, str(folder)), use_tqdm=False)
 
 
 def test_beam_search_with_an_adapter(llama):
