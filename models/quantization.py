@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Optional
 
@@ -51,6 +52,8 @@ from models.config import QUANTIZATION_METHODS, quantization_method
 from pallas_kernels import fp8_activation
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.fp8_activation import FP8_MAX, quantize_rows_fp8
+
+logger = logging.getLogger(__name__)
 
 QUANTIZED_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 # A mixture of experts' quantized weights (``[..., E, K, N]`` for the grouped matmul: Int8Weight, Int4Weight, or
@@ -434,6 +437,7 @@ class CheckpointQuantization:
     block: Optional[tuple[int, int]] = None  # block-wise fp8: rows x columns of [N, K] a scale covers
     checkpoint_format: str = ""  # "compressed-tensors", or "" where it is the method's own
     symmetric: bool = True  # compressed-tensors' packed weights: no zero points stored
+    packed: bool = True  # compressed-tensors' int8: packed in int32 (pack-quantized), or plain int8 (int-quantized)
 
     @property
     def format(self) -> str:
@@ -481,8 +485,17 @@ class CheckpointQuantization:
                 raise QuantizationError(f"compressed-tensors fp8 block_structure={list(block)} is not [rows, columns]")
             return cls("fp8", block=block or None, checkpoint_format=ct)
         supported = ("compressed-tensors checkpoints are supported for fp8 weights with per-tensor, per-channel or "
-                     "block scales, and pack-quantized int4 (group or channel scales) or int8 (channel scales, "
-                     "symmetric) weights with unquantized activations")
+                     "block scales, pack-quantized int4 (group or channel scales) or int8 (channel scales, "
+                     "symmetric) weights with unquantized activations, and int-quantized int8 weights (W8A8)")
+        activations = groups[0].get("input_activations") if len(groups) == 1 else None
+        if (q.get("format") == "int-quantized" and len(weights) == 1 and weights[0].get("type") == "int"
+                and weights[0].get("num_bits") == 8 and weights[0].get("strategy") == "channel"
+                and weights[0].get("symmetric", True) and (not activations or (
+                    activations.get("type") == "int" and activations.get("num_bits") == 8))):
+            if activations:
+                logger.warning("a W8A8 compressed-tensors checkpoint: its int8 weights run weight-only, the "
+                               "activations unquantized in the model dtype (vLLM quantizes them to int8)")
+            return cls("int8", checkpoint_format=ct, packed=False)
         if len(weights) != 1 or q.get("format") != "pack-quantized" or groups[0].get("input_activations"):
             raise QuantizationError(f"{supported}; this one has format {q.get('format')!r} and config_groups "
                                     f"{q.get('config_groups')}")
@@ -634,6 +647,12 @@ def packed_to_int4(weight_packed: np.ndarray, weight_scale: np.ndarray, weight_z
     if perm is not None:
         values = values[perm]
     return _int4_from_values(values, zeros, scales, g, perm, dtype)
+
+
+def int8_from_checkpoint(weight: np.ndarray, weight_scale: np.ndarray) -> dict[str, np.ndarray]:
+    """compressed-tensors' ``int-quantized`` int8 (W8A8: ``weight`` int8 ``[N, K]``, ``weight_scale [N, 1]``) -> the
+    fields of an ``Int8KMajorWeight``."""
+    return dict(q=np.asarray(weight, np.int8), scale=np.asarray(weight_scale, np.float32).reshape(-1))
 
 
 def packed_to_int8(weight_packed: np.ndarray, weight_scale: np.ndarray, K: int) -> dict[str, np.ndarray]:

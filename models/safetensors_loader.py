@@ -54,6 +54,7 @@ from models.quantization import (
     field_shardings,
     fp8_from_checkpoint,
     gptq_to_int4,
+    int8_from_checkpoint,
     int8_layout_of,
     packed_to_int4,
     packed_to_int8,
@@ -504,7 +505,9 @@ def _quantized_weight(ckpt: _Checkpoint, source: _TensorSource, shape: tuple[int
 
 def _quantized_fields(quant, base: str, tensor, scale_dtype) -> dict:
     """The fields of one quantized weight ``base`` (``tensor(base, suffix)`` reads its checkpoint tensors)."""
-    if quant.checkpoint_format == "compressed-tensors" and quant.method in ("int4", "int8"):
+    if quant.checkpoint_format == "compressed-tensors" and not quant.packed:
+        fields = int8_from_checkpoint(tensor(base, "weight"), tensor(base, "weight_scale"))
+    elif quant.checkpoint_format == "compressed-tensors" and quant.method in ("int4", "int8"):
         stored_shape = tensor(base, "weight_shape")  # [N, K]: the packed rows may carry padding
         if quant.method == "int8":
             fields = packed_to_int8(tensor(base, "weight_packed"), tensor(base, "weight_scale"),

@@ -458,9 +458,12 @@ def encode_linear(tensors: dict, prefix: str, method: str, rng, act_order=False)
 
 def encode_compressed_tensors(tensors: dict, prefix: str, method: str, rng, N: int, K: int, act_order: bool):
     """``encode_linear`` for compressed-tensors' pack-quantized layouts; the dense ``[K, N]`` weight they encode."""
-    if method == "ct-int8":
+    if method in ("ct-int8", "ct-int8-w8a8"):
         q, scale = rng.integers(-128, 128, (N, K)), rng.uniform(0.001, 0.01, (N, 1)).astype(np.float16)
-        tensors.update({prefix + k: v for k, v in compressed_tensors_tensors(q, scale, bits=8).items()})
+        if method == "ct-int8":
+            tensors.update({prefix + k: v for k, v in compressed_tensors_tensors(q, scale, bits=8).items()})
+        else:  # int-quantized: the int8 weight as it is
+            tensors.update({prefix + "weight": q.astype(np.int8), prefix + "weight_scale": scale})
         return (q * scale.astype(np.float32)).T
     group = K if method == "ct-int4-channel" else GROUP
     q = rng.integers(-8, 8, (N, K))
@@ -481,15 +484,17 @@ def compressed_tensors_config(method: str, act_order=False) -> dict:
     if method == "ct-fp8-block":
         weights = dict(num_bits=8, type="float", symmetric=True, strategy="block", block_structure=[32, 32])
         activations = dict(num_bits=8, type="float", symmetric=True, strategy="group", group_size=128, dynamic=True)
-    elif method == "ct-int8":
+    elif method in ("ct-int8", "ct-int8-w8a8"):
         weights = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
+        if method == "ct-int8-w8a8":  # llm-compressor's W8A8: int8 activations per token, run here unquantized
+            activations = dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
     elif method == "ct-int4-channel":
         weights = dict(num_bits=4, type="int", symmetric=True, strategy="channel")
     else:
         weights = dict(num_bits=4, type="int", symmetric=method != "ct-int4-zp", strategy="group", group_size=GROUP,
                        actorder="group" if act_order else None)
     return dict(quant_method="compressed-tensors", ignore=["lm_head"], quantization_status="compressed",
-                format="float-quantized" if method == "ct-fp8-block" else "pack-quantized",
+                format={"ct-fp8-block": "float-quantized", "ct-int8-w8a8": "int-quantized"}.get(method, "pack-quantized"),
                 config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=activations)})
 
 
@@ -522,7 +527,7 @@ def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_
 
 @pytest.mark.parametrize("layout,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False),
                                               ("fp8-block", False), ("ct-int4", False), ("ct-int4-zp", True),
-                                              ("ct-int4-channel", False), ("ct-int8", False),
+                                              ("ct-int4-channel", False), ("ct-int8", False), ("ct-int8-w8a8", False),
                                               ("ct-fp8-block", False)])
 def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layout, act_order):
     """Exactly the weights it encodes; block-wise fp8 within one e4m3 rounding (re-quantized per channel).
@@ -531,6 +536,7 @@ def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layou
     rng = np.random.default_rng()
     path = str(tmp_path / layout)
     method = {"ct-int4": "int4", "ct-int4-zp": "int4", "ct-int4-channel": "int4", "ct-int8": "int8",
+              "ct-int8-w8a8": "int8",
               "ct-fp8-block": "fp8"}.get(layout, layout.removesuffix("-block"))
     encoded = write_quantized_checkpoint(tiny, path, layout, rng, act_order=act_order)
     assert CheckpointQuantization.from_checkpoint(path).method == method
@@ -620,11 +626,11 @@ def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
         (dict(quant_method="fp8", weight_block_size=[128]), r"weight_block_size=\[128\] is not \[rows, columns\]"),
         (dict(quant_method="bitsandbytes"), "unsupported checkpoint quantization 'bitsandbytes'"),
         (dict(quant_method="awq", bits=4, version="gemv"), "only the 'gemm' layout"),
-        # compressed-tensors: int8 activations (W8A8), a per-tensor int4 scale, another format
+        # compressed-tensors: int8 activations beside packed weights, a per-tensor int4 scale, another format
         ({**compressed_tensors_config("ct-int8"), "config_groups": {"group_0": dict(
             targets=["Linear"], weights=dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
             input_activations=dict(num_bits=8, type="int", dynamic=True, strategy="token"))}},
-         "unquantized activations; this one has format 'pack-quantized'"),
+         "int-quantized int8 weights \\(W8A8\\); this one has format 'pack-quantized'"),
         ({**compressed_tensors_config("ct-int4"), "config_groups": {"group_0": dict(
             targets=["Linear"], weights=dict(num_bits=4, type="int", symmetric=True, strategy="tensor"))}},
          "this one's weights are .*'strategy': 'tensor'"),
