@@ -17,7 +17,7 @@ from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from engine.engine_args import IGNORED_VLLM_ARGS, EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.lora import LoRARequest
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, prompt_length_problem
 from engine.outputs import RequestOutput, RequestOutputKind
 from engine.pooling import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput,
                             ScoringOutput, ScoringRequestOutput, as_pooling_output, cosine, score_pairs)
@@ -252,9 +252,9 @@ class LLM:
                 ids = params.truncate_prompt(ids, engine.max_model_len)
             if not ids:
                 raise ValueError(f"prompt {i} is empty: at least one token is required")
-            if len(ids) >= engine.max_model_len:
-                raise ValueError(f"prompt {i} is {len(ids)} tokens long, but max_model_len is "
-                                 f"{engine.max_model_len}; at least one token must be left to generate")
+            too_long = prompt_length_problem(len(ids), engine.max_model_len, pooled=isinstance(params, PoolingParams))
+            if too_long:
+                raise ValueError(f"prompt {i} {too_long}")
 
     def chat(
         self,

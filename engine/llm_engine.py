@@ -50,6 +50,15 @@ FINISH_REASONS = {
 }
 
 
+def prompt_length_problem(num_tokens: int, max_model_len: int, pooled: bool) -> Optional[str]:
+    """Why a prompt of ``num_tokens`` does not fit the model's context (its end of a sentence), or None: a generated
+    one must leave a token to generate, a pooled one (nothing generated) may fill it, as in vLLM."""
+    if num_tokens > max_model_len or (num_tokens == max_model_len and not pooled):
+        return (f"is {num_tokens} tokens long, but the model's context length (max_model_len) is {max_model_len}"
+                + ("" if pooled else "; at least one token must be left to generate"))
+    return None
+
+
 @dataclasses.dataclass
 class _Sample:
     """Host state of one of a request's ``n`` output sequences."""
@@ -327,10 +336,9 @@ class LLMEngine:
         prompt_ids = params.truncate_prompt(prompt_ids, self.max_model_len)
         if not prompt_ids:
             raise ValueError("the prompt is empty: at least one token is required")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt is {len(prompt_ids)} tokens long, but the model's context "
-                             f"length (max_model_len) is {self.max_model_len}; at least one token must be left "
-                             "to generate")
+        too_long = prompt_length_problem(len(prompt_ids), self.max_model_len, pooled=pooling_params is not None)
+        if too_long:
+            raise ValueError(f"the prompt {too_long}")
         self._check_token_ids("prompt token id", prompt_ids)
         self._check_token_ids("logit_bias token id", params.logit_bias or ())
         self._check_token_ids("allowed_token_ids entry", params.allowed_token_ids or ())

@@ -421,7 +421,8 @@ class Scheduler:
                 self._cache_blocks(request)
             if seq.samples and not seq.draft_token_ids:
                 self._append_sampled(seq, sampled)
-            if request.num_tokens >= self.max_model_len:
+            # (a pooled prompt may fill max_model_len: it ends when its last chunk has run, not before)
+            if request.num_tokens >= self.max_model_len and request.num_uncomputed_tokens <= 1:
                 finished.append(self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH))
         return finished
 

@@ -164,6 +164,24 @@ def test_encode_gives_the_embeddings_as_arrays(checkpoint):
     assert_close_to_hf(same[0].outputs.data, hidden[0][-1])
 
 
+def test_a_prompt_may_fill_max_model_len(checkpoint):
+    """Nothing is generated, so a pooled prompt may be max_model_len tokens long (as in vLLM), chunked and in a small
+    pool too; one more is refused."""
+    path, prompts, hidden = checkpoint
+    full = prompts[1] + prompts[0] + prompts[3][:5]  # 40 tokens
+    assert len(full) == 40
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf.model(torch.tensor([full])).last_hidden_state[0, -1].numpy().astype(np.float64)
+    got, _, _ = embed(path, [full, prompts[2], full])
+    for vector in (got[0], got[2]):
+        np.testing.assert_allclose(vector, unit(want), atol=2e-6)
+    with pytest.raises(ValueError, match="prompt 0 is 41 tokens long, but the model's context length"):
+        embed(path, [full + [1]])
+
+
 def test_score_is_the_cosine_of_the_embeddings(checkpoint):
     """vLLM's ``LLM.score`` for an embedding model: one text against many, or pair by pair."""
     path, prompts, hidden = checkpoint

@@ -1398,8 +1398,11 @@ def test_embeddings_from_a_pooling_server(served):
             client.completions.create(model=served.model, prompt="Hi", max_tokens=2)
         with pytest.raises(openai.BadRequestError, match="dimensions=1000 exceeds"):
             client.embeddings.create(model=served.model, input=texts[0], dimensions=1000)
-        with pytest.raises(openai.BadRequestError, match="a text of input has 200 tokens; a text may have at most 127"):
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 128 tokens, but a text of input "
+                                                         "has 200 tokens"):
             client.embeddings.create(model=served.model, input=[list(range(200))])
+        full = client.embeddings.create(model=served.model, input=[list(range(128))])  # a pooled text may fill it
+        assert full.usage.prompt_tokens == 128
         with pytest.raises(openai.BadRequestError, match="input is empty"):
             client.embeddings.create(model=served.model, input=[])
         # vLLM's /score and /rerank for an embedding model: the cosine of the embeddings

@@ -658,7 +658,7 @@ class OpenAIServing:
                       truncate_prompt_tokens: Optional[int] = None) -> tuple[list, int]:
         """The pooling engine's final outputs for ``texts`` (a text, texts or token ids, as a prompt is given; with
         ``lora_request``'s adapter if given; each cut to its last ``truncate_prompt_tokens`` tokens if given, -1:
-        as many as fit) and their token count; a generating engine's refusal, a bad or too long text a 400 naming
+        max_model_len, as many as fit) and their token count; a generating engine's refusal, a bad or too long text a 400 naming
         ``param``."""
         if self.async_llm.engine.args.runner != "pooling":
             raise bad_request("this server generates text: embeddings, scores, reranking and classification need a "
@@ -666,17 +666,16 @@ class OpenAIServing:
                               code="model_not_supported")
         prompts = await run_in_threadpool(self._completion_prompts, texts, param, add_special_tokens)
         limit = self.async_llm.max_model_len
-        if truncate_prompt_tokens is not None:
-            keep = limit - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
-            if not 1 <= keep < limit:
-                raise bad_request(f"truncate_prompt_tokens must be -1 or in [1, {limit - 1}] (max_model_len is "
-                                  f"{limit}), got {truncate_prompt_tokens}", param="truncate_prompt_tokens")
+        if truncate_prompt_tokens is not None:  # a pooled text may fill the context: nothing is generated
+            keep = limit if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+            if not 1 <= keep <= limit:
+                raise bad_request(f"truncate_prompt_tokens must be -1 or in [1, {limit}] (max_model_len), got "
+                                  f"{truncate_prompt_tokens}", param="truncate_prompt_tokens")
             prompts = [_Prompt(p.text, p.token_ids[-keep:]) for p in prompts]
         for prompt in prompts:
-            if len(prompt.token_ids) >= limit:
+            if len(prompt.token_ids) > limit:
                 raise bad_request(f"This model's maximum context length is {limit} tokens, but a text of {param} has "
-                                  f"{len(prompt.token_ids)} tokens; a text may have at most {limit - 1}", param=param,
-                                  code="context_length_exceeded")
+                                  f"{len(prompt.token_ids)} tokens", param=param, code="context_length_exceeded")
         streams = await self._add_requests(request_id, prompts, params, priority, param, renames={},
                                            lora_request=lora_request)
         return await final_outputs(streams), sum(len(p.token_ids) for p in prompts)
