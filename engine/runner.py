@@ -48,7 +48,7 @@ from models.moe import expert_mlp
 from models.quantization import Fp8Weight, LinearBackend
 from pallas_kernels import get_attention_fns
 from pallas_kernels.ragged_paged_attention import token_sequence_ids
-from sharding import TensorParallelPlan, replicated, shard_attention_fns, shard_expert_fn
+from sharding import TensorParallelPlan, check_expert_weights, replicated, shard_attention_fns, shard_expert_fn
 from sharding.distributed import broadcast_from_leader, is_leader
 
 logger = logging.getLogger(__name__)
@@ -394,6 +394,7 @@ class ModelRunner:
         if mesh is not None:
             plan = TensorParallelPlan(config, mesh)
             params, step_config = plan.shard_params(params), plan.config
+            check_expert_weights(params["layers"], mesh)
             kv_sharding = plan.kv_cache_sharding()
             attention_fn, write_kv_fn = shard_attention_fns(attention_fn, write_kv_fn, mesh)
             qkv_shards = plan.tp  # each device's slice of the qkv buffer its own [q | k | v] heads

@@ -11,7 +11,7 @@ Knows nothing of requests or scheduling.
 """
 
 from sharding.attention import shard_attention_fns
-from sharding.experts import shard_expert_fn
+from sharding.experts import check_expert_weights, shard_expert_fn
 from sharding.mesh import DP_AXIS, TP_AXIS, make_mesh, replicated
 from sharding.rules import (
     TensorParallelPlan,
@@ -23,5 +23,5 @@ from sharding.rules import (
 __all__ = [
     "DP_AXIS", "TP_AXIS", "TensorParallelPlan", "check_tensor_parallel_size",
     "kv_cache_bytes_per_block_per_device", "make_mesh", "param_shardings_for", "replicated",
-    "shard_attention_fns", "shard_expert_fn",
+    "shard_attention_fns", "shard_expert_fn", "check_expert_weights",
 ]

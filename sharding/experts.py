@@ -39,6 +39,14 @@ def _spec(name: str, weight, mesh: Mesh):
     return jax.tree.map(lambda sharding: sharding.spec, field_shardings(weight, NamedSharding(mesh, split)))
 
 
+def check_expert_weights(layers: dict, mesh: Mesh) -> None:
+    """Raise ``ValueError`` now (at start-up, not at the first step's trace) if an expert weight of ``layers`` cannot
+    be split over ``mesh``."""
+    for name, weight in layers.items():
+        if name.startswith("expert_"):
+            _spec(name, weight, mesh)
+
+
 def shard_expert_fn(expert_fn: Callable, mesh: Mesh) -> Callable:
     """``expert_fn(h, row_token, block_expert, weights)`` with the same signature, run per device on its slice of
     every expert (module docstring); the result replicated."""

@@ -191,6 +191,12 @@ def _single_host(args: dict) -> dict:
         except ValueError as e:
             errors[tp] = str(e)
     results["errors"] = errors
+    if "narrow_moe" in args:  # int4 experts whose down projection's groups a split would cut
+        try:
+            LLM(args["narrow_moe"], tensor_parallel_size=2, quantization="int4", **ENGINE_KWARGS)
+            results["narrow_moe_int4_error"] = None
+        except ValueError as e:
+            results["narrow_moe_int4_error"] = str(e)
     results["mosaic_lowers_sharded"] = _mosaic_prefill_lowers_sharded()
     return results
 
@@ -349,7 +355,9 @@ def workers(checkpoints, prompts) -> dict:
     cluster = {"checkpoint": checkpoints["llama"], "prompts": prompts, "port": _free_port()}
     # The single-host runs in two workers (every run's sizes in one of them): each compiles on one core mostly, and
     # one worker alone held the suite ~2 min on CI's two cores.
-    procs = [_run_worker("single", {"runs": runs[half::2], "prompts": prompts}, NUM_DEVICES) for half in (0, 1)]
+    procs = [_run_worker("single", {"runs": runs[half::2], "prompts": prompts,
+                                    **({"narrow_moe": checkpoints["mixtral"]} if half == 0 else {})}, NUM_DEVICES)
+             for half in (0, 1)]
     procs += [_run_worker("multi", {**cluster, "process_id": i}, NUM_DEVICES // 2) for i in range(2)]
     try:
         first, second, *multi = [_result(p) for p in procs]
@@ -487,6 +495,9 @@ def test_bad_sizes_are_refused_with_clear_errors(single_host):
     assert "tensor_parallel_size=3" in errors["3"] and "4 attention heads" in errors["3"]
     assert "valid sizes: [1, 2, 4]" in errors["3"]
     assert "needs 8 devices" in errors["8"] and "only 4 CPU device(s)" in errors["8"]
+    # found when the engine is made, not at its first step's trace
+    assert "int4 experts' down projection" in single_host["narrow_moe_int4_error"]
+    assert "cannot be split over 2 devices" in single_host["narrow_moe_int4_error"]
 
 
 def test_two_processes_form_one_mesh(workers, single_host):
