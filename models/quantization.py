@@ -435,7 +435,7 @@ class CheckpointQuantization:
     group_size: int = -1  # 4-bit methods; -1: one group over all of K
     zero_offset: int = 0  # gptq v1 checkpoints store zero - 1
     block: Optional[tuple[int, int]] = None  # block-wise fp8: rows x columns of [N, K] a scale covers
-    checkpoint_format: str = ""  # "compressed-tensors", or "" where it is the method's own
+    checkpoint_format: str = ""  # "compressed-tensors", "gptq" (8-bit, run as int8), or "" where it is the method's own
     symmetric: bool = True  # compressed-tensors' packed weights: no zero points stored
     packed: bool = True  # compressed-tensors' int8: packed in int32 (pack-quantized), or plain int8 (int-quantized)
 
@@ -448,9 +448,14 @@ class CheckpointQuantization:
     def from_hf_dict(cls, q: dict) -> "CheckpointQuantization":
         method = str(q.get("quant_method", "")).lower()
         bits = q.get("bits", q.get("w_bit", 4))
+        if method == "gptq" and bits == 8:  # Qwen's GPTQ-Int8 checkpoints, say: run as int8 with channel scales
+            group = int(q.get("group_size", -1))
+            offset = 1 if q.get("checkpoint_format", "gptq") != "gptq_v2" else 0
+            return cls("int8", group, offset, checkpoint_format="gptq")
         if method in ("awq", "gptq"):
             if bits != 4:
-                raise QuantizationError(f"{method} checkpoints with bits={bits} are not supported (only 4-bit)")
+                raise QuantizationError(f"{method} checkpoints with bits={bits} are not supported (4-bit, and "
+                                        "8-bit GPTQ)")
             if method == "awq" and str(q.get("version", "gemm")).lower() != "gemm":
                 raise QuantizationError(f"awq version {q.get('version')!r} is not supported (only the 'gemm' layout)")
             if method == "awq" and not q.get("zero_point", True):
@@ -618,6 +623,22 @@ def gptq_to_int4(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_
     if perm is not None:
         values = values[perm]
     return _int4_from_values(values, zeros.astype(np.float32), scales, g, perm, dtype)
+
+
+def gptq8_to_int8(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: Optional[np.ndarray],
+                  group_size: int, *, zero_offset: int = 1) -> dict[str, np.ndarray]:
+    """GPTQ's 8-bit layout (``qweight`` int32 ``[K/4, N]`` packed along K, ``qzeros`` int32 ``[K/g, N/4]`` packed
+    along N, ``scales [K/g, N]``, ``g_idx [K]``, act-order too) -> the fields of an ``Int8KMajorWeight``, quantized
+    again with one symmetric scale per output channel (the int8 matmuls here take channel scales): a value moves by
+    at most half its channel's step, as a dense checkpoint's does under ``quantization="int8"``."""
+    values = _unpack_int32_fields(qweight, axis=0, bits=8).astype(np.float32)  # [K, N]
+    zeros = _unpack_int32_fields(qzeros, axis=-1, bits=8).astype(np.float32) + zero_offset  # [K/g, N]
+    K = values.shape[0]
+    groups = np.asarray(g_idx) if g_idx is not None else np.arange(K) // (group_size if group_size > 0 else K)
+    dense = (values - zeros[groups]) * np.asarray(scales, np.float32)[groups]
+    scale = np.maximum(np.abs(dense).max(axis=0), np.finfo(np.float32).tiny) / 127
+    q = np.clip(np.rint(dense / scale), -127, 127).astype(np.int8)
+    return dict(q=np.ascontiguousarray(q.T), scale=scale.astype(np.float32))
 
 
 def _group_order(g_idx: Optional[np.ndarray], K: int, g: int) -> Optional[np.ndarray]:

@@ -53,6 +53,7 @@ from models.quantization import (
     awq_to_int4,
     field_shardings,
     fp8_from_checkpoint,
+    gptq8_to_int8,
     gptq_to_int4,
     int8_from_checkpoint,
     int8_layout_of,
@@ -520,6 +521,9 @@ def _quantized_fields(quant, base: str, tensor, scale_dtype) -> dict:
     elif quant.method == "awq":
         fields = awq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
                              quant.group_size, dtype=scale_dtype)
+    elif quant.format == "gptq" and quant.method == "int8":
+        fields = gptq8_to_int8(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
+                               tensor(base, "g_idx", required=False), quant.group_size, zero_offset=quant.zero_offset)
     elif quant.method == "gptq":
         fields = gptq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
                               tensor(base, "g_idx", required=False), quant.group_size,

@@ -445,6 +445,14 @@ def encode_linear(tensors: dict, prefix: str, method: str, rng, act_order=False)
         return (q.astype(np.float32) * scale).T
     if method.startswith("ct-int"):  # compressed-tensors: ct-int8, ct-int4 (symmetric), ct-int4-zp (zero points)
         return encode_compressed_tensors(tensors, prefix, method, rng, N, K, act_order)
+    if method == "gptq8":  # 8-bit GPTQ (Qwen's GPTQ-Int8): qweight [K/4, N], qzeros [K/g, N/4] (v1: zero - 1), act-order
+        values, zeros = rng.integers(0, 256, (K, N)), rng.integers(100, 156, (K // GROUP, N))
+        scales = rng.uniform(1e-4, 1e-3, (K // GROUP, N)).astype(np.float16).astype(np.float32)
+        g_idx = rng.permutation(np.arange(K) // GROUP) if act_order else np.arange(K) // GROUP
+        tensors.update({prefix + "qweight": pack_int32_signed(values - 128, 8, 0),
+                        prefix + "qzeros": pack_int32_signed(zeros - 1 - 128, 8, -1),
+                        prefix + "scales": scales.astype(np.float16), prefix + "g_idx": g_idx.astype(np.int32)})
+        return (values - zeros[g_idx]) * scales[g_idx]
     values, zeros, scales = random_int4(rng, K, N, zero_low=1)
     g_idx = np.arange(K) // GROUP
     if method == "awq":
@@ -504,6 +512,7 @@ def mark_quantized(path: str, method: str, act_order=False) -> None:
     config["quantization_config"] = compressed_tensors_config(method, act_order) if method.startswith("ct-") else {
         "awq": dict(quant_method="awq", bits=4, group_size=GROUP, zero_point=True, version="gemm"),
         "gptq": dict(quant_method="gptq", bits=4, group_size=GROUP, desc_act=act_order, sym=False),
+        "gptq8": dict(quant_method="gptq", bits=8, group_size=GROUP, desc_act=act_order, sym=False),
         "fp8": dict(quant_method="fp8", activation_scheme="dynamic"),
         "fp8-block": dict(quant_method="fp8", activation_scheme="dynamic", weight_block_size=[32, 32]),
     }[method]
@@ -585,6 +594,33 @@ def test_a_matrix_left_unquantized_in_every_layer_loads_plain(tiny, tmp_path, la
         load_model(partly, dtype="float32")
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_8_bit_gptq_runs_as_int8_within_half_a_channel_step(tiny, tmp_path, act_order):
+    """8-bit GPTQ checkpoints (Qwen's GPTQ-Int8, act-order too), as vLLM serves them: run as int8 with one scale an
+    output channel, each weight within half its channel's step of the one the checkpoint encodes, the logits within
+    int8's tolerance of the encoded weights'; the engine serves it under quantization="gptq" too."""
+    rng = np.random.default_rng()
+    path = str(tmp_path / "gptq8")
+    encoded = write_quantized_checkpoint(tiny, path, "gptq8", rng, act_order=act_order)
+    quant = load_model(path, dtype="float32")
+    assert quant.quantization == "int8"
+    for name, dense in encoded.items():
+        weight = quant.params["layers"][name]
+        step = np.asarray(weight.scale)[:, None, :] if weight.scale.ndim == 2 else np.asarray(weight.scale)
+        error = np.abs(np.asarray(dequantize(weight)) - np.asarray(dense))
+        assert (error <= step / 2 * (1 + 1e-5) + 1e-7).all(), name
+    decoded = load_model(tiny, dtype="float32")
+    decoded.params["layers"].update(encoded)
+    batch, pages = ragged_batch(decoded.config, rng)
+    assert relative_error(logits_of(quant, batch, pages + 1),
+                          logits_of(decoded, batch, pages + 1)) < LOGIT_TOLERANCE["int8"]
+    llm = LLM(path, dtype="float32", quantization="gptq", skip_tokenizer_init=True, max_model_len=64)
+    out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                       use_tqdm=False)
+    llm.shutdown()
+    assert len(out[0].outputs[0].token_ids) == 6
+
+
 @pytest.mark.parametrize("file", ["quant_config.json", "quantize_config.json"])
 def test_autoawq_settings_file_beside_the_config(tiny, tmp_path, file):
     """AutoAWQ checkpoints made before transformers' integration keep their settings in quant_config.json (or
@@ -622,7 +658,7 @@ def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
     with pytest.raises(QuantizationError, match=r"self_attn.q_proj .*its scales are \[.*group_size does not match"):
         load_model(awq)
     for config, message in (
-        (dict(quant_method="gptq", bits=8, group_size=128), "bits=8"),
+        (dict(quant_method="gptq", bits=3, group_size=128), "bits=3"),
         (dict(quant_method="fp8", weight_block_size=[128]), r"weight_block_size=\[128\] is not \[rows, columns\]"),
         (dict(quant_method="bitsandbytes"), "unsupported checkpoint quantization 'bitsandbytes'"),
         (dict(quant_method="awq", bits=4, version="gemv"), "only the 'gemm' layout"),
