@@ -269,6 +269,61 @@ def test_chat_answers_paris(served):
     assert 0 < out.usage.completion_tokens <= 20
 
 
+def test_responses_api_through_the_openai_client(served):
+    """OpenAI's Responses API (``/v1/responses``) through the ``openai`` client: ``instructions`` and ``input`` give
+    the chat completion's greedy reply as one message, with its token counts; streamed, the typed events in order
+    carry the same text; ``previous_response_id`` continues a stored response (its turns, not its instructions, before
+    the new input, as the chat endpoint renders them); ``retrieve`` reads it back; a cut reply is ``incomplete``;
+    tools and an unknown response id are a 400 and a 404."""
+    client = served.client()
+    question = {"role": "user", "content": "What is the capital of France?"}
+    greedy = dict(model=served.model, temperature=0)
+    chat = client.chat.completions.create(messages=[{"role": "system", "content": "Be brief."}, question],
+                                          max_completion_tokens=12, **greedy)
+    first = client.responses.create(instructions="Be brief.", input=question["content"], max_output_tokens=12,
+                                    **greedy)
+    assert first.object == "response" and first.output_text == chat.choices[0].message.content
+    assert (first.usage.input_tokens, first.usage.output_tokens) == (chat.usage.prompt_tokens,
+                                                                      chat.usage.completion_tokens)
+    cut = chat.choices[0].finish_reason == "length"
+    assert first.status == ("incomplete" if cut else "completed")
+    events = list(client.responses.create(instructions="Be brief.", input=[question], max_output_tokens=12,
+                                          stream=True, **greedy))
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
+                                            "response.content_part.added"]
+    assert [e.type for e in events[-4:]] == ["response.output_text.done", "response.content_part.done",
+                                             "response.output_item.done",
+                                             "response.incomplete" if cut else "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == first.output_text
+    assert events[-1].response.output_text == first.output_text
+    follow_up = {"role": "user", "content": "And of Germany?"}
+    second = client.responses.create(previous_response_id=first.id, input=follow_up["content"], max_output_tokens=8,
+                                     **greedy)
+    want = client.chat.completions.create(
+        messages=[question, {"role": "assistant", "content": first.output_text}, follow_up], max_completion_tokens=8,
+        **greedy)
+    assert second.output_text == want.choices[0].message.content and second.previous_response_id == first.id
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Berlin"]}}, "required": ["city"],
+              "additionalProperties": False}
+    structured = client.responses.create(input=question["content"], max_output_tokens=24, text={"format": {
+        "type": "json_schema", "name": "answer", "schema": schema}}, **greedy)
+    assert json.loads(structured.output_text)["city"] in ("Paris", "Berlin")
+    # With a reasoning parser (the tools app's qwen3) the reasoning item comes first (empty: this model does not think)
+    thinking = served.client(served.tools_url)
+    reasoned = thinking.responses.create(instructions="Be brief.", input=question["content"], max_output_tokens=12,
+                                         **greedy)
+    assert [item.type for item in reasoned.output] == ["reasoning", "message"]
+    assert reasoned.output_text == first.output_text
+    streamed = list(thinking.responses.create(input="Hi", max_output_tokens=4, stream=True, **greedy))
+    assert streamed[2].output_index == 1 and streamed[-1].response.output[1].id == streamed[2].item.id
+    with pytest.raises(openai.BadRequestError, match="tools are not served"):
+        client.responses.create(input="Hi", tools=[{"type": "web_search"}], **greedy)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(input="Hi", previous_response_id="resp-none", **greedy)
+
+
 def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(served):
     """The second conversation with the same long system prompt reports its cached prompt tokens in usage (as
     OpenAI's ``prompt_tokens_details.cached_tokens``) and in /metrics, and answers as the first did."""

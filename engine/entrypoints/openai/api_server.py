@@ -43,6 +43,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -61,6 +62,8 @@ from engine.entrypoints.openai.protocol import (
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
 )
 from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
+from engine.entrypoints.openai.responses import (EventWriter, ResponsesRequest, ResponseStore, message_item,
+                                                 reasoning_item, response_object, usage_object)
 from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, ToolParser, forced_tool_calls, is_forced,
                                              resolve_tool_choice, template_messages, tool_call_schema)
 from engine.generation_config import SAMPLING_FIELDS
@@ -252,6 +255,14 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await _cancel_on_disconnect(raw, serving.create_chat_completion(body))
 
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, raw: Request):
+        return await _cancel_on_disconnect(raw, serving.create_response(body))
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> dict:
+        return serving.retrieve_response(response_id)
+
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, raw: Request):
         return await _cancel_on_disconnect(raw, serving.create_embedding(body))
@@ -419,6 +430,7 @@ class OpenAIServing:
         self.reasoning_parser: Optional[ReasoningParser] = (REASONING_PARSERS[reasoning_parser]()
                                                             if reasoning_parser else None)
         self.created = int(time.time())
+        self.responses = ResponseStore()  # /v1/responses' stored responses
 
     def model_list(self) -> ModelList:
         """The served names of the base model, then the LoRA adapters (``root`` their folder, ``parent`` their base
@@ -896,6 +908,99 @@ class OpenAIServing:
                 yield chunk(choices)
         if req.stream_options is not None and req.stream_options.include_usage and final is not None:
             yield chunk([], usage=_usage([final]))
+
+    # -- /v1/responses (engine.entrypoints.openai.responses) --------------------------------------------------
+
+    async def create_response(self, req: ResponsesRequest):
+        """OpenAI's Responses API for text: the input (after an earlier stored response's turns) generated as a
+        chat completion, returned as a ``response`` or streamed as its events."""
+        if req.tools:
+            raise bad_request("tools are not served on /v1/responses: use /v1/chat/completions for tool calls",
+                              param="tools")
+        history: list[dict] = []
+        if req.previous_response_id is not None:
+            stored = self.responses.get(req.previous_response_id)
+            if stored is None:
+                raise APIError(404, f"Response with id '{req.previous_response_id}' not found.",
+                               type="not_found_error", param="previous_response_id")
+            history = stored[1]
+        try:
+            chat = ChatCompletionRequest(model=req.model, messages=req.messages(history), seed=req.seed,
+                                         max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
+                                         top_p=req.top_p, response_format=req.response_format(),
+                                         priority=req.priority, add_generation_prompt=True)
+        except ValidationError as e:
+            raise bad_request(f"invalid input: {e.errors()[0]['msg']}", param="input") from None
+        model, lora_request = self._resolve_model(chat)
+        params = _sampling_params(chat, max_tokens=req.max_output_tokens, logprobs=None,
+                                  structured=_structured_outputs(chat),
+                                  renames={"max_tokens": "max_output_tokens", "structured_outputs": "text"},
+                                  defaults=self.async_llm.engine.default_sampling_fields)
+        prompt = await run_in_threadpool(self._chat_prompt, chat)
+        prompt.token_ids = self._truncated(params, prompt.token_ids)
+        self._check_length(len(prompt.token_ids), req.max_output_tokens, "input", "max_output_tokens")
+        request_id = random_id("resp")
+        streams = await self._add_requests(request_id, [prompt], params, req.priority, "input",
+                                           renames={"structured_outputs": "text"}, lora_request=lora_request)
+        turns = history + req.input_turns()
+        if req.stream:
+            return _sse_response(self._stream_response(request_id, model, streams[0], req, turns), streams)
+        (final,) = await final_outputs(streams)
+        return self._finished_response(request_id, model, req, final, turns)
+
+    def retrieve_response(self, response_id: str) -> dict:
+        stored = self.responses.get(response_id)
+        if stored is None:
+            raise APIError(404, f"Response with id '{response_id}' not found.", type="not_found_error",
+                           param="response_id")
+        return stored[0]
+
+    def _finished_response(self, request_id: str, model: str, req: ResponsesRequest, final: RequestOutput,
+                           turns: list[dict], created_at: Optional[int] = None) -> dict:
+        """The ``response`` of a finished request (stored with its chat where ``req.store``): the reply as a message,
+        after its reasoning where the server has a reasoning parser."""
+        completion = final.outputs[0]
+        reasoning, content = self._reasoning(completion.text, True)
+        output = ([reasoning_item(reasoning or "")] if self.reasoning_parser else []) + [message_item(content)]
+        usage = usage_object(len(final.prompt_token_ids), len(completion.token_ids), final.num_cached_tokens or 0)
+        response = response_object(request_id, model, req, output, finish_reason=completion.finish_reason,
+                                   usage=usage, created_at=created_at)
+        if req.store:
+            self.responses.put(response, turns + [{"role": "assistant", "content": content}])
+        return response
+
+    async def _stream_response(self, request_id: str, model: str, stream: RequestStream, req: ResponsesRequest,
+                               turns: list[dict]) -> AsyncIterator[str]:
+        """The Responses API's events: created, the message's item and part added, its text's deltas (the answer
+        after any reasoning), then the text, part and item done and the response completed (or incomplete)."""
+        created, event = int(time.time()), EventWriter()
+        started = response_object(request_id, model, req, [], status="in_progress", created_at=created)
+        yield event("response.created", response=started)
+        yield event("response.in_progress", response=started)
+        index = 1 if self.reasoning_parser else 0  # the reasoning item first
+        item = {**message_item("", status="in_progress"), "content": []}
+        where = dict(item_id=item["id"], output_index=index, content_index=0)
+        yield event("response.output_item.added", output_index=index, item=item)
+        yield event("response.content_part.added", **where,
+                    part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        state, final = _ChoiceState(), None
+        async for output in stream:
+            final, completion = output, output.outputs[0]
+            state.finished = completion.finish_reason is not None
+            _, content = self._reasoning_delta(completion, state)
+            delta = content[state.text_sent:]
+            state.text_sent = len(content)
+            if delta:
+                yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
+        response = self._finished_response(request_id, model, req, final, turns, created)
+        message = {**response["output"][index], "id": item["id"]}
+        response["output"][index] = message
+        part = message["content"][0]
+        yield event("response.output_text.done", **where, text=part["text"], logprobs=[])
+        yield event("response.content_part.done", **where, part=part)
+        yield event("response.output_item.done", output_index=index, item=message)
+        yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
+                    response=response)
 
     def _tool_choice(self, req: ChatCompletionRequest):
         """``tools.resolve_tool_choice`` under this server's parser, its refusals a 400 on ``tool_choice``."""
