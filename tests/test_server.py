@@ -318,10 +318,47 @@ def test_responses_api_through_the_openai_client(served):
     assert reasoned.output_text == first.output_text
     streamed = list(thinking.responses.create(input="Hi", max_output_tokens=4, stream=True, **greedy))
     assert streamed[2].output_index == 1 and streamed[-1].response.output[1].id == streamed[2].item.id
-    with pytest.raises(openai.BadRequestError, match="tools are not served"):
+    with pytest.raises(openai.BadRequestError, match="tool type 'web_search' is not served"):
         client.responses.create(input="Hi", tools=[{"type": "web_search"}], **greedy)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(input="Hi", previous_response_id="resp-none", **greedy)
+
+
+def test_responses_api_function_tools(served):
+    """Function tools on ``/v1/responses``: a named ``tool_choice`` makes the reply a ``function_call`` item (its
+    arguments the tool's JSON), streamed as its item and arguments events; the call and its
+    ``function_call_output`` given back in ``input`` reach the chat template as the chat endpoint's tool turns, so
+    the next reply equals the chat completion of those turns."""
+    client = served.client()
+    weather = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                              "required": ["city"], "additionalProperties": False}}
+    question = {"role": "user", "content": "What is the weather in Paris?"}
+    greedy = dict(model=served.model, temperature=0, max_output_tokens=40)
+    called = client.responses.create(input=[question], tools=[weather],
+                                     tool_choice={"type": "function", "name": "get_weather"}, **greedy)
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    events = list(client.responses.create(input=[question], tools=[weather], stream=True,
+                                          tool_choice={"type": "function", "name": "get_weather"}, **greedy))
+    types = [e.type for e in events]
+    assert types.index("response.output_item.added") < types.index("response.function_call_arguments.done")
+    assert events[-1].response.output[-1].arguments == call.arguments
+    answer = client.responses.create(
+        input=[question, {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                          "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}],
+        tools=[weather], tool_choice="none", **greedy)
+    chat = client.chat.completions.create(
+        model=served.model, temperature=0, max_completion_tokens=40, tool_choice="none",
+        tools=[{"type": "function", "function": {k: v for k, v in weather.items() if k != "type"}}],
+        messages=[question, {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": call.call_id, "type": "function",
+                       "function": {"name": call.name, "arguments": call.arguments}}]},
+                  {"role": "tool", "tool_call_id": call.call_id, "content": "Sunny, 21 C"}])
+    assert answer.output_text == chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):  # "auto" needs a call parser
+        client.responses.create(input=[question], tools=[weather], **greedy)
 
 
 def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(served):

@@ -62,8 +62,8 @@ from engine.entrypoints.openai.protocol import (
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
 )
 from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
-from engine.entrypoints.openai.responses import (EventWriter, ResponsesRequest, ResponseStore, message_item,
-                                                 reasoning_item, response_object, usage_object)
+from engine.entrypoints.openai.responses import (EventWriter, ResponsesRequest, ResponseStore, assistant_turn,
+                                                 message_item, output_items, response_object, usage_object)
 from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, ToolParser, forced_tool_calls, is_forced,
                                              resolve_tool_choice, template_messages, tool_call_schema)
 from engine.generation_config import SAMPLING_FIELDS
@@ -912,11 +912,12 @@ class OpenAIServing:
     # -- /v1/responses (engine.entrypoints.openai.responses) --------------------------------------------------
 
     async def create_response(self, req: ResponsesRequest):
-        """OpenAI's Responses API for text: the input (after an earlier stored response's turns) generated as a
-        chat completion, returned as a ``response`` or streamed as its events."""
-        if req.tools:
-            raise bad_request("tools are not served on /v1/responses: use /v1/chat/completions for tool calls",
-                              param="tools")
+        """OpenAI's Responses API: the input (after an earlier stored response's turns) generated as a chat
+        completion with its function tools, returned as a ``response`` or streamed as its events."""
+        try:
+            tools, tool_choice = req.chat_tools()
+        except ValueError as e:
+            raise bad_request(str(e), param="tools") from None
         history: list[dict] = []
         if req.previous_response_id is not None:
             stored = self.responses.get(req.previous_response_id)
@@ -928,25 +929,31 @@ class OpenAIServing:
             chat = ChatCompletionRequest(model=req.model, messages=req.messages(history), seed=req.seed,
                                          max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
                                          top_p=req.top_p, response_format=req.response_format(),
-                                         priority=req.priority, add_generation_prompt=True)
+                                         priority=req.priority, add_generation_prompt=True, tools=tools,
+                                         tool_choice=tool_choice, parallel_tool_calls=req.parallel_tool_calls)
         except ValidationError as e:
             raise bad_request(f"invalid input: {e.errors()[0]['msg']}", param="input") from None
         model, lora_request = self._resolve_model(chat)
-        params = _sampling_params(chat, max_tokens=req.max_output_tokens, logprobs=None,
-                                  structured=_structured_outputs(chat),
+        tool_choice = self._tool_choice(chat)
+        structured = _structured_outputs(chat, tool_call_schema(chat, tool_choice) if is_forced(tool_choice) else None)
+        params = _sampling_params(chat, max_tokens=req.max_output_tokens, logprobs=None, structured=structured,
                                   renames={"max_tokens": "max_output_tokens", "structured_outputs": "text"},
                                   defaults=self.async_llm.engine.default_sampling_fields)
+        if tool_choice == "auto":  # the model's call markers may be special tokens: keep them for the parser
+            params.skip_special_tokens = False
         prompt = await run_in_threadpool(self._chat_prompt, chat)
         prompt.token_ids = self._truncated(params, prompt.token_ids)
         self._check_length(len(prompt.token_ids), req.max_output_tokens, "input", "max_output_tokens")
         request_id = random_id("resp")
+        source = "tools" if structured[1] == "tool_choice" else "text"
         streams = await self._add_requests(request_id, [prompt], params, req.priority, "input",
-                                           renames={"structured_outputs": "text"}, lora_request=lora_request)
+                                           renames={"structured_outputs": source}, lora_request=lora_request)
         turns = history + req.input_turns()
         if req.stream:
-            return _sse_response(self._stream_response(request_id, model, streams[0], req, turns), streams)
+            return _sse_response(self._stream_response(request_id, model, streams[0], req, turns, tool_choice),
+                                 streams)
         (final,) = await final_outputs(streams)
-        return self._finished_response(request_id, model, req, final, turns)
+        return self._finished_response(request_id, model, req, final, turns, tool_choice)
 
     def retrieve_response(self, response_id: str) -> dict:
         stored = self.responses.get(response_id)
@@ -956,33 +963,35 @@ class OpenAIServing:
         return stored[0]
 
     def _finished_response(self, request_id: str, model: str, req: ResponsesRequest, final: RequestOutput,
-                           turns: list[dict], created_at: Optional[int] = None) -> dict:
-        """The ``response`` of a finished request (stored with its chat where ``req.store``): the reply as a message,
-        after its reasoning where the server has a reasoning parser."""
+                           turns: list[dict], tool_choice, created_at: Optional[int] = None) -> dict:
+        """The ``response`` of a finished request (stored with its chat where ``req.store``): its output items
+        (``responses.output_items``) from the chat message the chat endpoint would give."""
         completion = final.outputs[0]
-        reasoning, content = self._reasoning(completion.text, True)
-        output = ([reasoning_item(reasoning or "")] if self.reasoning_parser else []) + [message_item(content)]
+        message, _ = self._chat_message(completion, tool_choice, req.parallel_tool_calls is not False)
         usage = usage_object(len(final.prompt_token_ids), len(completion.token_ids), final.num_cached_tokens or 0)
-        response = response_object(request_id, model, req, output, finish_reason=completion.finish_reason,
-                                   usage=usage, created_at=created_at)
+        response = response_object(request_id, model, req, output_items(message, self.reasoning_parser is not None),
+                                   finish_reason=completion.finish_reason, usage=usage, created_at=created_at)
         if req.store:
-            self.responses.put(response, turns + [{"role": "assistant", "content": content}])
+            self.responses.put(response, turns + [assistant_turn(message)])
         return response
 
     async def _stream_response(self, request_id: str, model: str, stream: RequestStream, req: ResponsesRequest,
-                               turns: list[dict]) -> AsyncIterator[str]:
-        """The Responses API's events: created, the message's item and part added, its text's deltas (the answer
-        after any reasoning), then the text, part and item done and the response completed (or incomplete)."""
+                               turns: list[dict], tool_choice) -> AsyncIterator[str]:
+        """The Responses API's events: created, then each output item added, its content (a message's text as
+        deltas: the answer after any reasoning, as it comes where no tool may be called, else whole at the end; a
+        function call's arguments whole) and done, then the response completed (or incomplete)."""
         created, event = int(time.time()), EventWriter()
         started = response_object(request_id, model, req, [], status="in_progress", created_at=created)
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
-        index = 1 if self.reasoning_parser else 0  # the reasoning item first
+        live = tool_choice == "none" or tool_choice is None  # the text streams as it comes
+        index = 1 if self.reasoning_parser else 0  # after the reasoning item
         item = {**message_item("", status="in_progress"), "content": []}
         where = dict(item_id=item["id"], output_index=index, content_index=0)
-        yield event("response.output_item.added", output_index=index, item=item)
-        yield event("response.content_part.added", **where,
-                    part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        if live:
+            yield event("response.output_item.added", output_index=index, item=item)
+            yield event("response.content_part.added", **where,
+                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
         state, final = _ChoiceState(), None
         async for output in stream:
             final, completion = output, output.outputs[0]
@@ -990,15 +999,29 @@ class OpenAIServing:
             _, content = self._reasoning_delta(completion, state)
             delta = content[state.text_sent:]
             state.text_sent = len(content)
-            if delta:
+            if delta and live:
                 yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
-        response = self._finished_response(request_id, model, req, final, turns, created)
-        message = {**response["output"][index], "id": item["id"]}
-        response["output"][index] = message
-        part = message["content"][0]
-        yield event("response.output_text.done", **where, text=part["text"], logprobs=[])
-        yield event("response.content_part.done", **where, part=part)
-        yield event("response.output_item.done", output_index=index, item=message)
+        response = self._finished_response(request_id, model, req, final, turns, tool_choice, created)
+        for i, done in enumerate(response["output"]):
+            if live and i == index:
+                done["id"] = item["id"]
+            elif done["type"] != "reasoning":  # the reasoning item is the response's alone, as vLLM streams none
+                yield event("response.output_item.added", output_index=i, item={**done, "status": "in_progress"})
+                if done["type"] == "function_call":
+                    call = dict(item_id=done["id"], output_index=i)
+                    yield event("response.function_call_arguments.delta", **call, delta=done["arguments"])
+                    yield event("response.function_call_arguments.done", **call, arguments=done["arguments"])
+                else:
+                    where = dict(item_id=done["id"], output_index=i, content_index=0)
+                    yield event("response.content_part.added", **where, part={**done["content"][0], "text": ""})
+                    yield event("response.output_text.delta", **where, delta=done["content"][0]["text"],
+                                logprobs=[])
+            if done["type"] == "message":
+                where = dict(item_id=done["id"], output_index=i, content_index=0)
+                yield event("response.output_text.done", **where, text=done["content"][0]["text"], logprobs=[])
+                yield event("response.content_part.done", **where, part=done["content"][0])
+            if done["type"] != "reasoning":
+                yield event("response.output_item.done", output_index=i, item=done)
         yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
                     response=response)
 

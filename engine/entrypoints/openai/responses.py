@@ -1,9 +1,13 @@
 """OpenAI's Responses API (``/v1/responses``), as vLLM serves it for text: the request's ``input`` (a text or a list of
 messages) and ``instructions`` become chat messages, rendered by the chat template and generated as a chat
 completion is; the reply comes back as one ``message`` output item (after a ``reasoning`` item where the server
-has a reasoning parser), or streamed as the Responses API's typed events. Stored responses (``store``, the
-default) can be read back (``GET /v1/responses/{id}``) and continued (``previous_response_id``); the store keeps the
-latest ``STORE_SIZE`` responses in memory, as vLLM keeps its own. Tools, built-in or functions, are not served.
+has a reasoning parser), or streamed as the Responses API's typed events. Function tools run as the chat endpoint's
+tools do (``tool_choice``; "auto" with the server's tool-call parser): a call comes back as a ``function_call``
+item, and ``function_call`` / ``function_call_output`` items of ``input`` go back to the chat template as the
+assistant's calls and the tools' answers (with tools the events come when the reply is whole). Stored responses
+(``store``, the default) can be read back (``GET /v1/responses/{id}``) and continued (``previous_response_id``);
+the store keeps the latest ``STORE_SIZE`` responses in memory, as vLLM keeps its own. Built-in tools (web search,
+files, ...) are not served.
 
 Owns the request and response shapes and the conversion between them and a chat completion's; the server
 (``api_server``) owns the generation.
@@ -16,9 +20,10 @@ import time
 from collections import OrderedDict
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.entrypoints.openai.protocol import ChatMessage, _NullMeansDefault, random_id
+from engine.entrypoints.openai.protocol import (ChatMessage, ChatResponseMessage, ChatTool, NamedFunction,
+                                                NamedToolChoice, _NullMeansDefault, random_id)
 
 STORE_SIZE = 1024
 
@@ -43,14 +48,56 @@ class InputMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
+class FunctionCallItem(BaseModel):
+    """An earlier reply's call of a function tool, given back in ``input``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(BaseModel):
+    """A function tool's answer to a call, in ``input``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Union[str, list[InputText]]
+
+
+class ReasoningItem(BaseModel):
+    """An earlier reply's reasoning given back in ``input`` (as agent loops give back whole outputs): dropped, as
+    chat templates drop past turns' thinking."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["reasoning"]
+
+
+InputItem = Union[InputMessage, FunctionCallItem, FunctionCallOutputItem, ReasoningItem]
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
 class ResponsesRequest(_NullMeansDefault):
     """The fields of OpenAI's ``POST /v1/responses`` this server honours (others are ignored, as vLLM ignores
-    them); ``tools`` must be empty."""
+    them); its tools are functions."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None
-    input: Union[str, list[InputMessage]]
+    input: Union[str, list[InputItem]]
     instructions: Optional[str] = None
     max_output_tokens: Optional[int] = None
     temperature: Optional[float] = None
@@ -60,15 +107,58 @@ class ResponsesRequest(_NullMeansDefault):
     previous_response_id: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
     text: Optional[dict[str, Any]] = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
-    tools: Optional[list[dict[str, Any]]] = None
+    tools: Optional[list[dict[str, Any]]] = None  # function tools (checked by ``chat_tools``)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
     user: Optional[str] = None
     priority: int = 0  # vLLM's
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # vLLM's
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _messages_typed(cls, value: Any) -> Any:
+        """A message may leave out its ``type`` (OpenAI's "easy input messages")."""
+        if isinstance(value, list):
+            return [{"type": "message", **item} if isinstance(item, dict) and "type" not in item else item
+                    for item in value]
+        return value
+
     def input_turns(self) -> list[dict]:
-        """``input`` as chat turns; the Responses API's ``developer`` role as ``system``, which templates know."""
+        """``input`` as chat turns: messages (the Responses API's ``developer`` role as ``system``, which templates
+        know), function calls as an assistant turn's ``tool_calls`` (consecutive ones in one turn), their outputs as
+        ``tool`` turns; reasoning dropped."""
         items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in items]
+        turns: list[dict] = []
+        for item in items:
+            if isinstance(item, InputMessage):
+                turns.append({"role": "system" if item.role == "developer" else item.role, "content": item.text()})
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if turns and turns[-1]["role"] == "assistant":
+                    turns[-1].setdefault("tool_calls", []).append(call)
+                else:
+                    turns.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif isinstance(item, FunctionCallOutputItem):
+                output = item.output if isinstance(item.output, str) else "".join(p.text for p in item.output)
+                turns.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+        return turns
+
+    def chat_tools(self) -> tuple[Optional[list[ChatTool]], Any]:
+        """``tools`` and ``tool_choice`` as a chat completion's; a tool that is not a function is a ``ValueError``."""
+        if not self.tools:
+            return None, self.tool_choice if isinstance(self.tool_choice, str) else None
+        tools = []
+        for tool in self.tools:
+            if tool.get("type") != "function":
+                raise ValueError(f"tool type {tool.get('type')!r} is not served: only function tools are")
+            function = FunctionTool(**tool)
+            tools.append(ChatTool(function=function.model_dump(include={"name", "description", "parameters"},
+                                                                exclude_none=True)))
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            choice = NamedToolChoice(function=NamedFunction(name=choice.get("name", "")))
+        return tools, choice
 
     def messages(self, history: list[dict]) -> list[ChatMessage]:
         """The chat to render: ``instructions`` as a system message (not carried over from an earlier response, as
@@ -101,6 +191,25 @@ class ResponseStore:
         return self._responses.get(response_id)
 
 
+def output_items(message: ChatResponseMessage, reasoning: bool) -> list[dict]:
+    """A finished chat message as output items: its reasoning (where the server has a reasoning parser), its text
+    (where it has text, or calls nothing), then a ``function_call`` item a call."""
+    items = [reasoning_item(message.reasoning_content or "")] if reasoning else []
+    if message.content or not message.tool_calls:
+        items.append(message_item(message.content or ""))
+    items += [{"id": random_id("fc"), "type": "function_call", "call_id": call.id, "name": call.function.name,
+               "arguments": call.function.arguments, "status": "completed"} for call in message.tool_calls]
+    return items
+
+
+def assistant_turn(message: ChatResponseMessage) -> dict:
+    """A finished chat message as the turn a later response's chat holds."""
+    turn: dict = {"role": "assistant", "content": message.content}
+    if message.tool_calls:
+        turn["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    return turn
+
+
 def message_item(text: str, status: str = "completed") -> dict:
     return {"id": random_id("msg"), "type": "message", "role": "assistant", "status": status,
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
@@ -124,7 +233,8 @@ def response_object(request_id: str, model: str, req: ResponsesRequest, output: 
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "previous_response_id": req.previous_response_id,
         "metadata": req.metadata or {}, "store": req.store, "text": {"format": req.response_format()},
-        "tools": [], "tool_choice": "auto", "parallel_tool_calls": True, "truncation": "disabled",
+        "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
+        "parallel_tool_calls": req.parallel_tool_calls is not False, "truncation": "disabled",
         "output": output, "usage": usage, "user": req.user,
     }
 
