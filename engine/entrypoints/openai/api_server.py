@@ -769,17 +769,9 @@ class OpenAIServing:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
         max_tokens_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        tool_choice = self._tool_choice(req)
-        structured = _structured_outputs(req, tool_call_schema(req, tool_choice) if is_forced(tool_choice) else None)
-        params = _sampling_params(req, max_tokens=max_tokens,
-                                  logprobs=(req.top_logprobs or 0) if req.logprobs else None, structured=structured,
-                                  renames={"max_tokens": max_tokens_field, "logprobs": "top_logprobs"},
-                                  defaults=self.async_llm.engine.default_sampling_fields)
-        if tool_choice == "auto":  # the model's call markers may be special tokens: keep them for the parser (vLLM)
-            params.skip_special_tokens = False
-        prompt = await run_in_threadpool(self._chat_prompt, req)
-        prompt.token_ids = self._truncated(params, prompt.token_ids)
-        self._check_length(len(prompt.token_ids), max_tokens, "messages", max_tokens_field)
+        tool_choice, structured, params, prompt = await self._chat_inputs(
+            req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+            {"max_tokens": max_tokens_field, "logprobs": "top_logprobs"})
         request_id = random_id("chatcmpl")
         if req.use_beam_search:
             streams = self._beam_searches(request_id, [prompt], params, req, lora_request)
@@ -934,16 +926,9 @@ class OpenAIServing:
         except ValidationError as e:
             raise bad_request(f"invalid input: {e.errors()[0]['msg']}", param="input") from None
         model, lora_request = self._resolve_model(chat)
-        tool_choice = self._tool_choice(chat)
-        structured = _structured_outputs(chat, tool_call_schema(chat, tool_choice) if is_forced(tool_choice) else None)
-        params = _sampling_params(chat, max_tokens=req.max_output_tokens, logprobs=None, structured=structured,
-                                  renames={"max_tokens": "max_output_tokens", "structured_outputs": "text"},
-                                  defaults=self.async_llm.engine.default_sampling_fields)
-        if tool_choice == "auto":  # the model's call markers may be special tokens: keep them for the parser
-            params.skip_special_tokens = False
-        prompt = await run_in_threadpool(self._chat_prompt, chat)
-        prompt.token_ids = self._truncated(params, prompt.token_ids)
-        self._check_length(len(prompt.token_ids), req.max_output_tokens, "input", "max_output_tokens")
+        tool_choice, structured, params, prompt = await self._chat_inputs(
+            chat, req.max_output_tokens, None,
+            {"max_tokens": "max_output_tokens", "structured_outputs": "text", "messages": "input"})
         request_id = random_id("resp")
         source = "tools" if structured[1] == "tool_choice" else "text"
         streams = await self._add_requests(request_id, [prompt], params, req.priority, "input",
@@ -1024,6 +1009,22 @@ class OpenAIServing:
                 yield event("response.output_item.done", output_index=i, item=done)
         yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
                     response=response)
+
+    async def _chat_inputs(self, req: ChatCompletionRequest, max_tokens: Optional[int], logprobs: Optional[int],
+                           fields: dict[str, str]) -> tuple[Any, tuple, SamplingParams, _Prompt]:
+        """What a chat generates from: its tool choice, structured output (``_structured_outputs``), sampling params
+        and rendered prompt, checked against the context. ``fields``: the request's own names for what errors name
+        (``max_tokens``, and ``messages`` where the request calls them otherwise)."""
+        tool_choice = self._tool_choice(req)
+        structured = _structured_outputs(req, tool_call_schema(req, tool_choice) if is_forced(tool_choice) else None)
+        params = _sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, structured=structured, renames=fields,
+                                  defaults=self.async_llm.engine.default_sampling_fields)
+        if tool_choice == "auto":  # the model's call markers may be special tokens: keep them for the parser (vLLM)
+            params.skip_special_tokens = False
+        prompt = await run_in_threadpool(self._chat_prompt, req)
+        prompt.token_ids = self._truncated(params, prompt.token_ids)
+        self._check_length(len(prompt.token_ids), max_tokens, fields.get("messages", "messages"), fields["max_tokens"])
+        return tool_choice, structured, params, prompt
 
     def _tool_choice(self, req: ChatCompletionRequest):
         """``tools.resolve_tool_choice`` under this server's parser, its refusals a 400 on ``tool_choice``."""
