@@ -282,8 +282,9 @@ def field_shardings(w, sharding):
     spec = tuple(sharding.spec) + (None,) * (lead_ndim + 2 - len(sharding.spec))
     lead, k_axis, n_axis = spec[:-2], spec[-2], spec[-1]
     if k_axis is not None and getattr(w, "perm", None) is not None:
-        raise QuantizationError("act-order GPTQ weights (desc_act=True) cannot be split over their input "
-                                "dimension (row-parallel layers under tensor parallelism); use tensor_parallel_size=1")
+        # act-order rows are stored sorted by group: a device's share of K would hold rows of any group, so a
+        # row-parallel act-order weight stays whole on every device (its input gathered, its output whole there)
+        k_axis = None
     changes = {}
     for name, a in fields.items():
         parts = [None] * (a.ndim - len(lead))

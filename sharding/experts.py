@@ -32,6 +32,9 @@ def _spec(name: str, weight, mesh: Mesh):
     if not is_quantized(weight):
         return split
     if isinstance(weight, Int4Weight) and name == "expert_down":
+        if weight.perm is not None:  # a dense layer keeps such a weight whole; a device's experts need their rows
+            raise ValueError("act-order (desc_act=True) int4 experts cannot be split over devices: their down "
+                             "projection's rows are stored sorted by group; use tensor_parallel_size=1")
         k, tp = 2 * weight.packed.shape[-2], mesh.shape[TP_AXIS]
         if (k // tp) % weight.group_size:  # else its scales would stay whole beside its split values
             raise ValueError(f"int4 experts' down projection ({k} inputs, groups of {weight.group_size}) cannot be "

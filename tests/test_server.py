@@ -310,6 +310,20 @@ def test_responses_api_through_the_openai_client(served):
     structured = client.responses.create(input=question["content"], max_output_tokens=24, text={"format": {
         "type": "json_schema", "name": "answer", "schema": schema}}, **greedy)
     assert json.loads(structured.output_text)["city"] in ("Paris", "Berlin")
+    assert structured.text.format.name == "answer" and structured.text.format.schema_ == schema  # echoed as given
+    raw = httpx.post(f"{served.url}/v1/responses", json={"input": "Hi", "max_output_tokens": 2, "stream": True},
+                     timeout=60)
+    assert "response.incomplete" in raw.text and "[DONE]" not in raw.text  # no chat-style end marker
+    for body, param, message in (
+            ({"input": [{"role": "tool", "content": "x"}]}, "input", "role 'tool'"),
+            ({"input": [{"type": "item_reference", "id": "x"}]}, "input", "'item_reference' item"),
+            ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input",
+             "input_image"),
+            ({"input": "Hi", "tool_choice": {"type": "web_search_preview"}}, "tool_choice", "is not served"),
+            ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text", "text.format")):
+        bad = httpx.post(f"{served.url}/v1/responses", json=body, timeout=60)
+        assert bad.status_code == 400 and message in bad.json()["error"]["message"], (body, bad.text)
+        assert bad.json()["error"]["param"] == param, bad.text
     # With a reasoning parser (the tools app's qwen3) the reasoning item comes first (empty: this model does not think)
     thinking = served.client(served.tools_url)
     reasoned = thinking.responses.create(instructions="Be brief.", input=question["content"], max_output_tokens=12,
@@ -344,6 +358,10 @@ def test_responses_api_function_tools(served):
     types = [e.type for e in events]
     assert types.index("response.output_item.added") < types.index("response.function_call_arguments.done")
     assert events[-1].response.output[-1].arguments == call.arguments
+    cut = client.responses.create(input=[question], tools=[weather], tool_choice={"type": "function",
+                                                                                  "name": "get_weather"},
+                                  model=served.model, temperature=0, max_output_tokens=3)
+    assert cut.status == "incomplete" and all(item.status == "incomplete" for item in cut.output)
     answer = client.responses.create(
         input=[question, {"type": "function_call", "call_id": call.call_id, "name": call.name,
                           "arguments": call.arguments},

@@ -300,6 +300,11 @@ def checkpoints(tmp_path_factory) -> dict:
     paths["llama-lora"] = write_random_adapter(
         str(root / "llama-lora"), ModelConfig.from_pretrained(paths["llama"]),
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=4, std=0.3, seed=seed)
+    # An act-order GPTQ checkpoint of the llama: its row-parallel matrices stay whole on every device.
+    from tests.test_quantization import write_quantized_checkpoint
+
+    paths["gptq-act-order"] = str(root / "gptq-act-order")
+    write_quantized_checkpoint(paths["llama"], paths["gptq-act-order"], "gptq", rng, act_order=True)
     paths["gguf"] = str(root / "tiny.gguf")
     write_gguf(paths["gguf"], random_hf_weights(np.random.default_rng(seed), qkv_bias=False))
     return paths
@@ -349,6 +354,7 @@ def workers(checkpoints, prompts) -> dict:
         # Gemma 3: sandwich norms and sliding / full layers over the mesh, int8 layers (tanh GELU).
         ("gemma3", checkpoints["gemma3_text"], "auto", [1, 4], {"quantization": "int8"}),
         # A LoRA adapter's slots replicated on every device, its kv updates repeated with the kv heads.
+        ("gptq-act-order", checkpoints["gptq-act-order"], "auto", [1, 2]),
         ("lora", checkpoints["llama"], "auto", [1, 4], {"enable_lora": True, "max_lora_rank": 4,
                                                         "lora_path": checkpoints["llama-lora"]}),
     ]
@@ -378,7 +384,7 @@ def single_host(workers) -> dict:
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
                                  "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4",
                                  "moe-int8/tp4", "moe-int4/tp2", "moe-fp8/tp2", "kv-fp8-scales/tp2", "phi3/tp4", "gemma3/tp4",
-                                 "qwen2-moe/tp4", "moe-kernel/tp2", "lora/tp4"])
+                                 "qwen2-moe/tp4", "moe-kernel/tp2", "gptq-act-order/tp2", "lora/tp4"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1 (a greedy output may
     part from them only at a near tie)."""

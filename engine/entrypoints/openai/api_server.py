@@ -62,7 +62,7 @@ from engine.entrypoints.openai.protocol import (
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
 )
 from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
-from engine.entrypoints.openai.responses import (EventWriter, ResponsesRequest, ResponseStore, assistant_turn,
+from engine.entrypoints.openai.responses import (EventWriter, ResponsesRequest, ResponseStore, assistant_turn, item_id,
                                                  message_item, output_items, response_object, usage_object)
 from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, ToolParser, forced_tool_calls, is_forced,
                                              resolve_tool_choice, template_messages, tool_call_schema)
@@ -673,7 +673,8 @@ class OpenAIServing:
         max_model_len, as many as fit) and their token count; a generating engine's refusal, a bad or too long text a 400 naming
         ``param``."""
         if self.async_llm.engine.args.runner != "pooling":
-            raise bad_request("this server generates text: embeddings, scores, reranking and classification need a "
+            raise bad_request("this server generates text: embeddings, pooling, scores, reranking and classification "
+                              "need a "
                               "pooling engine (--runner pooling, or a classifier's checkpoint)", param="model",
                               code="model_not_supported")
         prompts = await run_in_threadpool(self._completion_prompts, texts, param, add_special_tokens)
@@ -909,7 +910,7 @@ class OpenAIServing:
         try:
             tools, tool_choice = req.chat_tools()
         except ValueError as e:
-            raise bad_request(str(e), param="tools") from None
+            raise bad_request(str(e), param="tool_choice" if str(e).startswith("tool_choice") else "tools") from None
         history: list[dict] = []
         if req.previous_response_id is not None:
             stored = self.responses.get(req.previous_response_id)
@@ -926,17 +927,22 @@ class OpenAIServing:
         except ValidationError as e:
             raise bad_request(f"invalid input: {e.errors()[0]['msg']}", param="input") from None
         model, lora_request = self._resolve_model(chat)
-        tool_choice, structured, params, prompt = await self._chat_inputs(
-            chat, req.max_output_tokens, None,
-            {"max_tokens": "max_output_tokens", "structured_outputs": "text", "messages": "input"})
-        request_id = random_id("resp")
+        try:
+            tool_choice, structured, params, prompt = await self._chat_inputs(
+                chat, req.max_output_tokens, None,
+                {"max_tokens": "max_output_tokens", "structured_outputs": "text", "messages": "input"})
+        except APIError as e:  # the chat request's name of text.format
+            if e.info.param == "response_format":
+                e.info.param, e.info.message = "text", e.info.message.replace("response_format", "text.format")
+            raise
+        request_id = item_id("resp")
         source = "tools" if structured[1] == "tool_choice" else "text"
         streams = await self._add_requests(request_id, [prompt], params, req.priority, "input",
                                            renames={"structured_outputs": source}, lora_request=lora_request)
         turns = history + req.input_turns()
         if req.stream:
             return _sse_response(self._stream_response(request_id, model, streams[0], req, turns, tool_choice),
-                                 streams)
+                                 streams, done=False)
         (final,) = await final_outputs(streams)
         return self._finished_response(request_id, model, req, final, turns, tool_choice)
 
@@ -954,8 +960,9 @@ class OpenAIServing:
         completion = final.outputs[0]
         message, _ = self._chat_message(completion, tool_choice, req.parallel_tool_calls is not False)
         usage = usage_object(len(final.prompt_token_ids), len(completion.token_ids), final.num_cached_tokens or 0)
-        response = response_object(request_id, model, req, output_items(message, self.reasoning_parser is not None),
-                                   finish_reason=completion.finish_reason, usage=usage, created_at=created_at)
+        items = output_items(message, self.reasoning_parser is not None, cut=completion.finish_reason == "length")
+        response = response_object(request_id, model, req, items, finish_reason=completion.finish_reason, usage=usage,
+                                   created_at=created_at)
         if req.store:
             self.responses.put(response, turns + [assistant_turn(message)])
         return response
@@ -1259,7 +1266,8 @@ def _refusal(error: ValueError, fields, renames: dict, default: Optional[str] = 
 
 
 # Request fields the engine checks (token ids against its vocabulary, grammars); its refusals start with the name.
-ENGINE_CHECKED_FIELDS = ("logit_bias", "allowed_token_ids", "bad_words", "structured_outputs", "priority")
+ENGINE_CHECKED_FIELDS = ("logit_bias", "allowed_token_ids", "bad_words", "structured_outputs", "priority",
+                         "dimensions")
 GUIDED_FIELDS = ("json", "regex", "choice", "grammar")  # vLLM's older guided_<name> request fields
 
 
@@ -1458,8 +1466,9 @@ def _sse(payload) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
 
-def _sse_response(body: AsyncIterator[str], streams: Sequence[RequestStream]) -> StreamingResponse:
-    """SSE over ``body``, ending with ``data: [DONE]``; an error mid-stream becomes an error event.
+def _sse_response(body: AsyncIterator[str], streams: Sequence[RequestStream], done: bool = True) -> StreamingResponse:
+    """SSE over ``body``, ending with ``data: [DONE]`` (``done``: the Responses API ends with its own last event
+    instead); an error mid-stream becomes an error event.
     The body is closed however it ends (disconnect, error), which aborts unfinished requests."""
 
     async def events() -> AsyncIterator[str]:
@@ -1474,7 +1483,8 @@ def _sse_response(body: AsyncIterator[str], streams: Sequence[RequestStream]) ->
             await body.aclose()
             for stream in streams:
                 stream.close()
-        yield "data: [DONE]\n\n"
+        if done:
+            yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.entrypoints.openai.protocol import (ChatMessage, ChatResponseMessage, ChatTool, NamedFunction,
-                                                NamedToolChoice, _NullMeansDefault, random_id)
+                                                NamedToolChoice, _NullMeansDefault)
 
 STORE_SIZE = 1024
+INPUT_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+TEXT_PART_TYPES = ("input_text", "output_text")
+
+
+def item_id(prefix: str) -> str:
+    """An id as OpenAI's Responses API writes them: ``resp_...``, ``msg_...``, ``fc_...``."""
+    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 class InputText(BaseModel):
@@ -116,12 +124,29 @@ class ResponsesRequest(_NullMeansDefault):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _messages_typed(cls, value: Any) -> Any:
-        """A message may leave out its ``type`` (OpenAI's "easy input messages")."""
-        if isinstance(value, list):
-            return [{"type": "message", **item} if isinstance(item, dict) and "type" not in item else item
-                    for item in value]
-        return value
+    def _served_items(cls, value: Any) -> Any:
+        """A message may leave out its ``type`` (OpenAI's "easy input messages"); an item or content part this
+        server does not read is refused by its place and kind, before the union's type errors."""
+        if not isinstance(value, list):
+            return value
+        items = [{"type": "message", **item} if isinstance(item, dict) and "type" not in item else item
+                 for item in value]
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ValueError(f"input[{i}] must be an object (a message or an item)")
+            if item["type"] not in INPUT_ITEM_TYPES:
+                raise ValueError(f"input[{i}] is a {item['type']!r} item: this server reads "
+                                 f"{', '.join(INPUT_ITEM_TYPES)} items")
+            if item["type"] == "message" and item.get("role") not in ("user", "system", "developer", "assistant"):
+                raise ValueError(f"input[{i}] has role {item.get('role')!r}: a message's role is user, system, "
+                                 "developer or assistant (a tool's answer is a function_call_output item)")
+            content = item.get("content") if item["type"] == "message" else None
+            kinds = [p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content or []
+                     if not isinstance(content, str)]
+            if item["type"] == "message" and (content is None or any(k not in TEXT_PART_TYPES for k in kinds)):
+                raise ValueError(f"input[{i}]'s content must be a text or input_text / output_text parts (this "
+                                 f"server reads text only), got {content if content is None else kinds}")
+        return items
 
     def input_turns(self) -> list[dict]:
         """``input`` as chat turns: messages (the Responses API's ``developer`` role as ``system``, which templates
@@ -145,20 +170,24 @@ class ResponsesRequest(_NullMeansDefault):
         return turns
 
     def chat_tools(self) -> tuple[Optional[list[ChatTool]], Any]:
-        """``tools`` and ``tool_choice`` as a chat completion's; a tool that is not a function is a ``ValueError``."""
-        if not self.tools:
-            return None, self.tool_choice if isinstance(self.tool_choice, str) else None
+        """``tools`` and ``tool_choice`` as a chat completion's; what this server does not serve (a tool or a choice
+        other than a function, a function without a name) is a ``ValueError`` naming the field."""
         tools = []
-        for tool in self.tools:
+        for i, tool in enumerate(self.tools or []):
             if tool.get("type") != "function":
-                raise ValueError(f"tool type {tool.get('type')!r} is not served: only function tools are")
+                raise ValueError(f"tools[{i}]: tool type {tool.get('type')!r} is not served: only function tools are")
+            if not isinstance(tool.get("name"), str) or not tool["name"]:
+                raise ValueError(f"tools[{i}]: a function tool needs a name")
             function = FunctionTool(**tool)
             tools.append(ChatTool(function=function.model_dump(include={"name", "description", "parameters"},
                                                                 exclude_none=True)))
         choice = self.tool_choice
         if isinstance(choice, dict):
-            choice = NamedToolChoice(function=NamedFunction(name=choice.get("name", "")))
-        return tools, choice
+            if choice.get("type") != "function":
+                raise ValueError(f"tool_choice of type {choice.get('type')!r} is not served: give none, auto, "
+                                 "required or a function")
+            choice = NamedToolChoice(function=NamedFunction(name=str(choice.get("name", ""))))
+        return tools or None, choice
 
     def messages(self, history: list[dict]) -> list[ChatMessage]:
         """The chat to render: ``instructions`` as a system message (not carried over from an earlier response, as
@@ -191,14 +220,16 @@ class ResponseStore:
         return self._responses.get(response_id)
 
 
-def output_items(message: ChatResponseMessage, reasoning: bool) -> list[dict]:
+def output_items(message: ChatResponseMessage, reasoning: bool, cut: bool = False) -> list[dict]:
     """A finished chat message as output items: its reasoning (where the server has a reasoning parser), its text
-    (where it has text, or calls nothing), then a ``function_call`` item a call."""
+    (where it has text, or calls nothing), then a ``function_call`` item a call; each ``incomplete`` where
+    ``max_output_tokens`` cut the reply (``cut``), as OpenAI marks them."""
+    status = "incomplete" if cut else "completed"
     items = [reasoning_item(message.reasoning_content or "")] if reasoning else []
     if message.content or not message.tool_calls:
-        items.append(message_item(message.content or ""))
-    items += [{"id": random_id("fc"), "type": "function_call", "call_id": call.id, "name": call.function.name,
-               "arguments": call.function.arguments, "status": "completed"} for call in message.tool_calls]
+        items.append(message_item(message.content or "", status))
+    items += [{"id": item_id("fc"), "type": "function_call", "call_id": call.id, "name": call.function.name,
+               "arguments": call.function.arguments, "status": status} for call in message.tool_calls]
     return items
 
 
@@ -211,12 +242,12 @@ def assistant_turn(message: ChatResponseMessage) -> dict:
 
 
 def message_item(text: str, status: str = "completed") -> dict:
-    return {"id": random_id("msg"), "type": "message", "role": "assistant", "status": status,
+    return {"id": item_id("msg"), "type": "message", "role": "assistant", "status": status,
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
 
 def reasoning_item(text: str) -> dict:
-    return {"id": random_id("rs"), "type": "reasoning", "summary": [],
+    return {"id": item_id("rs"), "type": "reasoning", "summary": [],
             "content": [{"type": "reasoning_text", "text": text}], "status": "completed"}
 
 
@@ -232,7 +263,8 @@ def response_object(request_id: str, model: str, req: ResponsesRequest, output: 
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "error": None,
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "previous_response_id": req.previous_response_id,
-        "metadata": req.metadata or {}, "store": req.store, "text": {"format": req.response_format()},
+        "metadata": req.metadata or {}, "store": req.store,
+        "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
         "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
         "parallel_tool_calls": req.parallel_tool_calls is not False, "truncation": "disabled",
         "output": output, "usage": usage, "user": req.user,
