@@ -305,6 +305,10 @@ def test_responses_api_through_the_openai_client(served):
         **greedy)
     assert second.output_text == want.choices[0].message.content and second.previous_response_id == first.id
     assert client.responses.retrieve(second.id).output_text == second.output_text
+    assert second.temperature == 0 and first.top_p == 1.0  # as used
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
     schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Berlin"]}}, "required": ["city"],
               "additionalProperties": False}
     structured = client.responses.create(input=question["content"], max_output_tokens=24, text={"format": {

@@ -56,7 +56,8 @@ from engine.entrypoints.openai.protocol import (
     ClassificationData, ClassificationRequest, ClassificationResponse, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
     DetokenizeRequest, DetokenizeResponse, EmbeddingData, EmbeddingRequest, EmbeddingResponse, LoadLoRAAdapterRequest,
-    ModelCard, ModelList, PoolingData, PoolingRequest, PoolingResponse, UnloadLoRAAdapterRequest, UpdateWeightsFromDiskRequest,
+    ModelCard, ModelList, PoolingData, PoolingRequest, PoolingResponse, UnloadLoRAAdapterRequest,
+    UpdateWeightsFromDiskRequest,
     NamedToolChoice, PromptLogprob, PromptLogprobs, PromptTokenUsageInfo, RerankDocument, RerankRequest,
     RerankResponse, RerankResult, ScoreData, ScoreRequest, ScoreResponse,
     TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
@@ -262,6 +263,10 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     @app.get("/v1/responses/{response_id}")
     async def retrieve_response(response_id: str) -> dict:
         return serving.retrieve_response(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        return serving.delete_response(response_id)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, raw: Request):
@@ -670,8 +675,8 @@ class OpenAIServing:
                       truncate_prompt_tokens: Optional[int] = None) -> tuple[list, int]:
         """The pooling engine's final outputs for ``texts`` (a text, texts or token ids, as a prompt is given; with
         ``lora_request``'s adapter if given; each cut to its last ``truncate_prompt_tokens`` tokens if given, -1:
-        max_model_len, as many as fit) and their token count; a generating engine's refusal, a bad or too long text a 400 naming
-        ``param``."""
+        max_model_len, as many as fit) and their token count; a generating engine's refusal, a bad or too long text a
+        400 naming ``param``."""
         if self.async_llm.engine.args.runner != "pooling":
             raise bad_request("this server generates text: embeddings, pooling, scores, reranking and classification "
                               "need a "
@@ -915,8 +920,7 @@ class OpenAIServing:
         if req.previous_response_id is not None:
             stored = self.responses.get(req.previous_response_id)
             if stored is None:
-                raise APIError(404, f"Response with id '{req.previous_response_id}' not found.",
-                               type="not_found_error", param="previous_response_id")
+                raise _response_not_found(req.previous_response_id, "previous_response_id")
             history = stored[1]
         try:
             chat = ChatCompletionRequest(model=req.model, messages=req.messages(history), seed=req.seed,
@@ -935,6 +939,7 @@ class OpenAIServing:
             if e.info.param == "response_format":
                 e.info.param, e.info.message = "text", e.info.message.replace("response_format", "text.format")
             raise
+        req.temperature, req.top_p = params.temperature, params.top_p  # echoed as used, as vLLM's
         request_id = item_id("resp")
         source = "tools" if structured[1] == "tool_choice" else "text"
         streams = await self._add_requests(request_id, [prompt], params, req.priority, "input",
@@ -949,9 +954,13 @@ class OpenAIServing:
     def retrieve_response(self, response_id: str) -> dict:
         stored = self.responses.get(response_id)
         if stored is None:
-            raise APIError(404, f"Response with id '{response_id}' not found.", type="not_found_error",
-                           param="response_id")
+            raise _response_not_found(response_id, "response_id")
         return stored[0]
+
+    def delete_response(self, response_id: str) -> dict:
+        if not self.responses.delete(response_id):
+            raise _response_not_found(response_id, "response_id")
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     def _finished_response(self, request_id: str, model: str, req: ResponsesRequest, final: RequestOutput,
                            turns: list[dict], tool_choice, created_at: Optional[int] = None) -> dict:
@@ -1446,6 +1455,10 @@ class _PromptOnly:
 
     def close(self) -> None:
         self.stream.close()
+
+
+def _response_not_found(response_id: str, param: str) -> APIError:
+    return APIError(404, f"Response with id '{response_id}' not found.", type="not_found_error", param=param)
 
 
 def _nonempty_input(req):

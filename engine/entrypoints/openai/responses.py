@@ -5,9 +5,9 @@ has a reasoning parser), or streamed as the Responses API's typed events. Functi
 tools do (``tool_choice``; "auto" with the server's tool-call parser): a call comes back as a ``function_call``
 item, and ``function_call`` / ``function_call_output`` items of ``input`` go back to the chat template as the
 assistant's calls and the tools' answers (with tools the events come when the reply is whole). Stored responses
-(``store``, the default) can be read back (``GET /v1/responses/{id}``) and continued (``previous_response_id``);
-the store keeps the latest ``STORE_SIZE`` responses in memory, as vLLM keeps its own. Built-in tools (web search,
-files, ...) are not served.
+(``store``, the default) can be read back (``GET /v1/responses/{id}``), deleted and continued
+(``previous_response_id``); the store keeps the latest ``STORE_SIZE`` responses in memory, as vLLM keeps its own.
+Built-in tools (web search, files, ...) are not served.
 
 Owns the request and response shapes and the conversion between them and a chat completion's; the server
 (``api_server``) owns the generation.
@@ -218,6 +218,9 @@ class ResponseStore:
 
     def get(self, response_id: str) -> Optional[tuple[dict, list[dict]]]:
         return self._responses.get(response_id)
+
+    def delete(self, response_id: str) -> bool:
+        return self._responses.pop(response_id, None) is not None
 
 
 def output_items(message: ChatResponseMessage, reasoning: bool, cut: bool = False) -> list[dict]:
