@@ -1561,7 +1561,8 @@ def test_embeddings_from_a_pooling_server(served):
         np.testing.assert_allclose(chat["data"][0]["data"], want / np.linalg.norm(want), atol=1e-5)
         assert chat["usage"]["prompt_tokens"] == len(chat_ids)
         for body, param in (({}, "input"), ({"input": texts, "messages": messages}, "input"),
-                            ({"input": texts, "use_activation": False}, "use_activation")):
+                            ({"input": texts, "use_activation": False}, "use_activation"),
+                            ({"input": texts, "task": "classify"}, "task")):
             bad = httpx.post(f"{url}/pooling", json=body, timeout=60)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == param
     finally:

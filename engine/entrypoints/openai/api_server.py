@@ -602,6 +602,9 @@ class OpenAIServing:
             texts = (await run_in_threadpool(self._chat_prompt, req)).token_ids
         else:
             texts = _nonempty_input(req)
+        task = "classify" if self._is_classifier else "embed"
+        if req.task not in (None, task):
+            raise bad_request(f"task {req.task!r} is not this model's: it can only {task}", param="task")
         wrong = ("dimensions", "normalize") if self._is_classifier else ("use_activation",)
         given = [name for name in wrong if getattr(req, name) is not None]
         if given:

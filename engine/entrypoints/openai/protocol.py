@@ -288,6 +288,7 @@ class PoolingRequest(_ChatTemplateFields):
     use_activation: Optional[bool] = None
     add_special_tokens: bool = True
     truncate_prompt_tokens: Optional[int] = None
+    task: Optional[str] = None  # vLLM's: the pooling task, which must be the model's ("embed" or "classify")
     user: Optional[str] = None
     priority: int = 0
 
