@@ -306,6 +306,20 @@ def test_responses_api_through_the_openai_client(served):
     assert second.output_text == want.choices[0].message.content and second.previous_response_id == first.id
     assert client.responses.retrieve(second.id).output_text == second.output_text
     assert second.temperature == 0 and first.top_p == 1.0  # as used
+    # include: each output token's logprob and the 2 most likely tokens there, as the chat endpoint gives them
+    scored = client.responses.create(instructions="Be brief.", input=question["content"], max_output_tokens=12,
+                                     include=["message.output_text.logprobs"], top_logprobs=2, **greedy)
+    chat_scored = client.chat.completions.create(messages=[{"role": "system", "content": "Be brief."}, question],
+                                                 max_completion_tokens=12, logprobs=True, top_logprobs=2, **greedy)
+    entries = scored.output[0].content[0].logprobs
+    assert [(e.token, len(e.top_logprobs)) for e in entries] == [(e.token, 2)
+                                                                 for e in chat_scored.choices[0].logprobs.content]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in chat_scored.choices[0].logprobs.content],
+                                                         abs=1e-4)
+    deltas = [e for e in client.responses.create(instructions="Be brief.", input=question["content"], stream=True,
+                                                 max_output_tokens=12, include=["message.output_text.logprobs"],
+                                                 **greedy) if e.type == "response.output_text.delta"]
+    assert [lp.token for e in deltas for lp in e.logprobs] == [e.token for e in entries]
     client.responses.delete(second.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(second.id)

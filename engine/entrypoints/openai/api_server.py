@@ -936,8 +936,9 @@ class OpenAIServing:
         model, lora_request = self._resolve_model(chat)
         try:
             tool_choice, structured, params, prompt = await self._chat_inputs(
-                chat, req.max_output_tokens, None,
-                {"max_tokens": "max_output_tokens", "structured_outputs": "text", "messages": "input"})
+                chat, req.max_output_tokens, req.logprobs,
+                {"max_tokens": "max_output_tokens", "structured_outputs": "text", "messages": "input",
+                 "logprobs": "top_logprobs"})
         except APIError as e:  # the chat request's name of text.format
             if e.info.param == "response_format":
                 e.info.param, e.info.message = "text", e.info.message.replace("response_format", "text.format")
@@ -972,7 +973,9 @@ class OpenAIServing:
         completion = final.outputs[0]
         message, _ = self._chat_message(completion, tool_choice, req.parallel_tool_calls is not False)
         usage = usage_object(len(final.prompt_token_ids), len(completion.token_ids), final.num_cached_tokens or 0)
-        items = output_items(message, self.reasoning_parser is not None, cut=completion.finish_reason == "length")
+        logprobs = None if req.logprobs is None else _dumped_logprobs(completion, 0, req.logprobs)
+        items = output_items(message, self.reasoning_parser is not None, cut=completion.finish_reason == "length",
+                             logprobs=logprobs)
         response = response_object(request_id, model, req, items, finish_reason=completion.finish_reason, usage=usage,
                                    created_at=created_at)
         if req.store:
@@ -1003,8 +1006,10 @@ class OpenAIServing:
             _, content = self._reasoning_delta(completion, state)
             delta = content[state.text_sent:]
             state.text_sent = len(content)
-            if delta and live:
-                yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
+            logprobs = [] if req.logprobs is None else _dumped_logprobs(completion, state.tokens_sent, req.logprobs)
+            state.tokens_sent = len(completion.token_ids)
+            if (delta or logprobs) and live:
+                yield event("response.output_text.delta", **where, delta=delta, logprobs=logprobs)
         response = self._finished_response(request_id, model, req, final, turns, tool_choice, created)
         for i, done in enumerate(response["output"]):
             if live and i == index:
@@ -1019,10 +1024,11 @@ class OpenAIServing:
                     where = dict(item_id=done["id"], output_index=i, content_index=0)
                     yield event("response.content_part.added", **where, part={**done["content"][0], "text": ""})
                     yield event("response.output_text.delta", **where, delta=done["content"][0]["text"],
-                                logprobs=[])
+                                logprobs=done["content"][0]["logprobs"])
             if done["type"] == "message":
                 where = dict(item_id=done["id"], output_index=i, content_index=0)
-                yield event("response.output_text.done", **where, text=done["content"][0]["text"], logprobs=[])
+                yield event("response.output_text.done", **where, text=done["content"][0]["text"],
+                            logprobs=done["content"][0]["logprobs"])
                 yield event("response.content_part.done", **where, part=done["content"][0])
             if done["type"] != "reasoning":
                 yield event("response.output_item.done", output_index=i, item=done)
@@ -1403,6 +1409,11 @@ def _chat_logprobs(completion: CompletionOutput, start: int, top_k: Optional[int
             top_logprobs=[ChatTopLogprob(token=lp.decoded_token or "", logprob=_finite(lp.logprob),
                                          bytes=_utf8(lp.decoded_token)) for lp in top]))
     return ChatLogprobs(content=content)
+
+
+def _dumped_logprobs(completion: CompletionOutput, start: int, top_k: int) -> list[dict]:
+    """Output tokens ``start..``'s logprob entries as JSON objects (the Responses API's, the chat's shape)."""
+    return [entry.model_dump() for entry in _chat_logprobs(completion, start, top_k).content]
 
 
 def _finite(logprob: float) -> float:

@@ -28,6 +28,7 @@ from engine.entrypoints.openai.protocol import (ChatMessage, ChatResponseMessage
 
 STORE_SIZE = 1024
 INPUT_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 TEXT_PART_TYPES = ("input_text", "output_text")
 
 
@@ -121,6 +122,13 @@ class ResponsesRequest(_NullMeansDefault):
     user: Optional[str] = None
     priority: int = 0  # vLLM's
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # vLLM's
+    include: Optional[list[str]] = None  # "message.output_text.logprobs": each output token's logprob
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)  # with it, the most likely tokens at each
+
+    @property
+    def logprobs(self) -> Optional[int]:
+        """How many top tokens an output token's logprob entry lists, or None without logprobs."""
+        return (self.top_logprobs or 0) if LOGPROBS_INCLUDE in (self.include or ()) else None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -223,14 +231,16 @@ class ResponseStore:
         return self._responses.pop(response_id, None) is not None
 
 
-def output_items(message: ChatResponseMessage, reasoning: bool, cut: bool = False) -> list[dict]:
+def output_items(message: ChatResponseMessage, reasoning: bool, cut: bool = False,
+                 logprobs: Optional[list[dict]] = None) -> list[dict]:
     """A finished chat message as output items: its reasoning (where the server has a reasoning parser), its text
-    (where it has text, or calls nothing), then a ``function_call`` item a call; each ``incomplete`` where
-    ``max_output_tokens`` cut the reply (``cut``), as OpenAI marks them."""
+    (where it has text, or calls nothing; with its tokens' ``logprobs`` if asked for), then a ``function_call`` item
+    a call; each ``incomplete`` where ``max_output_tokens`` cut the reply (``cut``), as OpenAI marks them."""
     status = "incomplete" if cut else "completed"
     items = [reasoning_item(message.reasoning_content or "")] if reasoning else []
     if message.content or not message.tool_calls:
         items.append(message_item(message.content or "", status))
+        items[-1]["content"][0]["logprobs"] = logprobs or []
     items += [{"id": item_id("fc"), "type": "function_call", "call_id": call.id, "name": call.function.name,
                "arguments": call.function.arguments, "status": status} for call in message.tool_calls]
     return items
