@@ -320,6 +320,22 @@ def test_responses_api_through_the_openai_client(served):
                                                  max_output_tokens=12, include=["message.output_text.logprobs"],
                                                  **greedy) if e.type == "response.output_text.delta"]
     assert [lp.token for e in deltas for lp in e.logprobs] == [e.token for e in entries]
+    queued = client.responses.create(instructions="Be brief.", input=question["content"], max_output_tokens=12,
+                                     background=True, **greedy)
+    assert queued.status == "queued"
+    for _ in range(600):  # generated on after the answer; stored when done
+        done = client.responses.retrieve(queued.id)
+        if done.status != "queued":
+            break
+        time.sleep(0.1)
+    assert done.output_text == first.output_text and done.status == first.status
+    stopped = client.responses.create(input="Tell me a long story.", max_output_tokens=400, background=True,
+                                      extra_body={"ignore_eos": True}, **greedy)
+    assert client.responses.cancel(stopped.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError, match="not generating in the background"):
+        client.responses.cancel(stopped.id)
+    with pytest.raises(openai.BadRequestError, match="background responses are stored and not streamed"):
+        client.responses.create(input="Hi", background=True, store=False, **greedy)
     client.responses.delete(second.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(second.id)

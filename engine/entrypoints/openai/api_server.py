@@ -268,6 +268,10 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     async def delete_response(response_id: str) -> dict:
         return serving.delete_response(response_id)
 
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> dict:
+        return await serving.cancel_response(response_id)
+
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, raw: Request):
         return await _cancel_on_disconnect(raw, serving.create_embedding(body))
@@ -436,6 +440,7 @@ class OpenAIServing:
                                                             if reasoning_parser else None)
         self.created = int(time.time())
         self.responses = ResponseStore()  # /v1/responses' stored responses
+        self._background: dict[str, asyncio.Task] = {}  # background responses still generating, by id
 
     def model_list(self) -> ModelList:
         """The served names of the base model, then the LoRA adapters (``root`` their folder, ``parent`` their base
@@ -919,6 +924,9 @@ class OpenAIServing:
             tools, tool_choice = req.chat_tools()
         except ValueError as e:
             raise bad_request(str(e), param="tool_choice" if str(e).startswith("tool_choice") else "tools") from None
+        if req.background and (req.stream or not req.store):
+            raise bad_request("background responses are stored and not streamed: give store true and stream false",
+                              param="background")
         history: list[dict] = []
         if req.previous_response_id is not None:
             stored = self.responses.get(req.previous_response_id)
@@ -952,8 +960,49 @@ class OpenAIServing:
         if req.stream:
             return _sse_response(self._stream_response(request_id, model, streams[0], req, turns, tool_choice),
                                  streams, done=False)
+        if req.background:
+            return self._start_background(request_id, model, req, streams, turns, tool_choice)
         (final,) = await final_outputs(streams)
         return self._finished_response(request_id, model, req, final, turns, tool_choice)
+
+    def _start_background(self, request_id: str, model: str, req: ResponsesRequest, streams: list[RequestStream],
+                          turns: list[dict], tool_choice) -> dict:
+        """Store the response as ``queued`` and generate it on in a task, which stores the finished response (or a
+        ``cancelled`` / ``failed`` one)."""
+        created = int(time.time())
+        queued = response_object(request_id, model, req, [], status="queued", created_at=created)
+        self.responses.put(queued, turns)
+
+        async def generate() -> None:
+            try:
+                (final,) = await final_outputs(streams)
+                self._finished_response(request_id, model, req, final, turns, tool_choice, created)
+            except asyncio.CancelledError:
+                for stream in streams:
+                    stream.close()
+                self.responses.put({**queued, "status": "cancelled"}, turns)
+                raise
+            except Exception as e:  # the engine failed it: the stored response says so
+                logger.exception("background response %s failed", request_id)
+                self.responses.put({**queued, "status": "failed",
+                                    "error": {"code": "server_error", "message": f"{type(e).__name__}: {e}"}}, turns)
+            finally:
+                self._background.pop(request_id, None)
+
+        self._background[request_id] = asyncio.create_task(generate())
+        return queued
+
+    async def cancel_response(self, response_id: str) -> dict:
+        """OpenAI's cancel of a background response still generating: stopped and stored as ``cancelled``."""
+        task = self._background.get(response_id)
+        if task is None:
+            if self.responses.get(response_id) is None:
+                raise _response_not_found(response_id, "response_id")
+            raise bad_request("Cannot cancel a response that is not generating in the background.",
+                              param="response_id")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return self.responses.get(response_id)[0]
 
     def retrieve_response(self, response_id: str) -> dict:
         stored = self.responses.get(response_id)

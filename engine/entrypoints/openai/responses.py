@@ -7,7 +7,8 @@ item, and ``function_call`` / ``function_call_output`` items of ``input`` go bac
 assistant's calls and the tools' answers (with tools the events come when the reply is whole). Stored responses
 (``store``, the default) can be read back (``GET /v1/responses/{id}``), deleted and continued
 (``previous_response_id``); the store keeps the latest ``STORE_SIZE`` responses in memory, as vLLM keeps its own.
-Built-in tools (web search, files, ...) are not served.
+A ``background`` response is answered at once as ``queued``, generated on and stored when done (``cancel`` stops
+it). Built-in tools (web search, files, ...) are not served.
 
 Owns the request and response shapes and the conversion between them and a chat completion's; the server
 (``api_server``) owns the generation.
@@ -122,6 +123,7 @@ class ResponsesRequest(_NullMeansDefault):
     user: Optional[str] = None
     priority: int = 0  # vLLM's
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # vLLM's
+    background: bool = False  # answered at once (queued), generated on; retrieve or cancel it by id
     include: Optional[list[str]] = None  # "message.output_text.logprobs": each output token's logprob
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)  # with it, the most likely tokens at each
 
