@@ -1,5 +1,5 @@
-"""OpenAI's Responses API (``/v1/responses``), as vLLM serves it for text: the request's ``input`` (a text or a list of
-messages) and ``instructions`` become chat messages, rendered by the chat template and generated as a chat
+"""OpenAI's Responses API (``/v1/responses``), as vLLM serves it: the request's ``input`` (a text or a list of
+messages and items) and ``instructions`` become chat messages, rendered by the chat template and generated as a chat
 completion is; the reply comes back as one ``message`` output item (after a ``reasoning`` item where the server
 has a reasoning parser), or streamed as the Responses API's typed events. Function tools run as the chat endpoint's
 tools do (``tool_choice``; "auto" with the server's tool-call parser): a call comes back as a ``function_call``
