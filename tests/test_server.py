@@ -305,6 +305,17 @@ def test_responses_api_through_the_openai_client(served):
         **greedy)
     assert second.output_text == want.choices[0].message.content and second.previous_response_id == first.id
     assert client.responses.retrieve(second.id).output_text == second.output_text
+    (listed,) = client.responses.input_items.list(second.id).data  # the request's own input, not the history
+    assert listed.role == "user" and listed.content[0].text == follow_up["content"]
+    stream = client.responses.create(input="Count to twenty.", max_output_tokens=40, stream=True, **greedy)
+    opened = next(iter(stream))
+    assert client.responses.retrieve(opened.response.id).status == "in_progress"  # stored as it starts
+    stream.close()
+    for _ in range(100):
+        if client.responses.retrieve(opened.response.id).status != "in_progress":
+            break
+        time.sleep(0.1)
+    assert client.responses.retrieve(opened.response.id).status == "cancelled"  # the client left
     assert second.temperature == 0 and first.top_p == 1.0  # as used
     # include: each output token's logprob and the 2 most likely tokens there, as the chat endpoint gives them
     scored = client.responses.create(instructions="Be brief.", input=question["content"], max_output_tokens=12,

@@ -36,7 +36,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Callable, Iterable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import uvicorn
@@ -267,6 +267,11 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> dict:
         return serving.delete_response(response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str, order: Literal["asc", "desc"] = "desc", limit: int = 20,
+                                   after: Optional[str] = None) -> dict:
+        return serving.response_input_items(response_id, order, limit, after)
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str) -> dict:
@@ -957,20 +962,32 @@ class OpenAIServing:
         streams = await self._add_requests(request_id, [prompt], params, req.priority, "input",
                                            renames={"structured_outputs": source}, lora_request=lora_request)
         turns = history + req.input_turns()
+        started = response_object(request_id, model, req, [], status="in_progress")
+        if req.store:  # stored now (in progress, with its input items); stored again when it ends
+            self.responses.put(started, turns, req.input_items())
         if req.stream:
-            return _sse_response(self._stream_response(request_id, model, streams[0], req, turns, tool_choice),
-                                 streams, done=False)
+            return _sse_response(self._stream_response(started, streams[0], req, turns, tool_choice), streams,
+                                 done=False)
         if req.background:
-            return self._start_background(request_id, model, req, streams, turns, tool_choice)
-        (final,) = await final_outputs(streams)
+            return self._start_background(started, req, streams, turns, tool_choice)
+        try:
+            (final,) = await final_outputs(streams)
+        except asyncio.CancelledError:  # the client left
+            self._store_ended(started, req, turns, "cancelled")
+            raise
         return self._finished_response(request_id, model, req, final, turns, tool_choice)
 
-    def _start_background(self, request_id: str, model: str, req: ResponsesRequest, streams: list[RequestStream],
+    def _store_ended(self, started: dict, req: ResponsesRequest, turns: list[dict], status: str, **fields) -> None:
+        """Store a response that ended unfinished (cancelled, failed) where it is stored."""
+        if req.store:
+            self.responses.put({**started, "status": status, **fields}, turns)
+
+    def _start_background(self, started: dict, req: ResponsesRequest, streams: list[RequestStream],
                           turns: list[dict], tool_choice) -> dict:
         """Store the response as ``queued`` and generate it on in a task, which stores the finished response (or a
         ``cancelled`` / ``failed`` one)."""
-        created = int(time.time())
-        queued = response_object(request_id, model, req, [], status="queued", created_at=created)
+        request_id, model, created = started["id"], started["model"], started["created_at"]
+        queued = {**started, "status": "queued"}
         self.responses.put(queued, turns)
 
         async def generate() -> None:
@@ -980,12 +997,12 @@ class OpenAIServing:
             except asyncio.CancelledError:
                 for stream in streams:
                     stream.close()
-                self.responses.put({**queued, "status": "cancelled"}, turns)
+                self._store_ended(queued, req, turns, "cancelled")
                 raise
             except Exception as e:  # the engine failed it: the stored response says so
                 logger.exception("background response %s failed", request_id)
-                self.responses.put({**queued, "status": "failed",
-                                    "error": {"code": "server_error", "message": f"{type(e).__name__}: {e}"}}, turns)
+                self._store_ended(queued, req, turns, "failed",
+                                  error={"code": "server_error", "message": f"{type(e).__name__}: {e}"})
             finally:
                 self._background.pop(request_id, None)
 
@@ -1010,6 +1027,24 @@ class OpenAIServing:
             raise _response_not_found(response_id, "response_id")
         return stored[0]
 
+    def response_input_items(self, response_id: str, order: str, limit: int, after: Optional[str]) -> dict:
+        """OpenAI's list of a stored response's input items: newest first unless ``order`` is "asc", ``limit`` of
+        them (1-100) after the item ``after``."""
+        stored = self.responses.get(response_id)
+        if stored is None:
+            raise _response_not_found(response_id, "response_id")
+        if not 1 <= limit <= 100:
+            raise bad_request(f"limit must be between 1 and 100, got {limit}", param="limit")
+        items = stored[2] if order == "asc" else stored[2][::-1]
+        ids = [item["id"] for item in items]
+        if after is not None:
+            if after not in ids:
+                raise bad_request(f"after names no input item of response {response_id!r}: {after!r}", param="after")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
     def delete_response(self, response_id: str) -> dict:
         if not self.responses.delete(response_id):
             raise _response_not_found(response_id, "response_id")
@@ -1031,35 +1066,41 @@ class OpenAIServing:
             self.responses.put(response, turns + [assistant_turn(message)])
         return response
 
-    async def _stream_response(self, request_id: str, model: str, stream: RequestStream, req: ResponsesRequest,
-                               turns: list[dict], tool_choice) -> AsyncIterator[str]:
+    async def _stream_response(self, started: dict, stream: RequestStream, req: ResponsesRequest, turns: list[dict],
+                               tool_choice) -> AsyncIterator[str]:
         """The Responses API's events: created, then each output item added, its content (a message's text as
         deltas: the answer after any reasoning, as it comes where no tool may be called, else whole at the end; a
-        function call's arguments whole) and done, then the response completed (or incomplete)."""
-        created, event = int(time.time()), EventWriter()
-        started = response_object(request_id, model, req, [], status="in_progress", created_at=created)
-        yield event("response.created", response=started)
-        yield event("response.in_progress", response=started)
-        live = tool_choice == "none" or tool_choice is None  # the text streams as it comes
-        index = 1 if self.reasoning_parser else 0  # after the reasoning item
-        item = {**message_item("", status="in_progress"), "content": []}
-        where = dict(item_id=item["id"], output_index=index, content_index=0)
-        if live:
-            yield event("response.output_item.added", output_index=index, item=item)
-            yield event("response.content_part.added", **where,
-                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-        state, final = _ChoiceState(), None
-        async for output in stream:
-            final, completion = output, output.outputs[0]
-            state.finished = completion.finish_reason is not None
-            _, content = self._reasoning_delta(completion, state)
-            delta = content[state.text_sent:]
-            state.text_sent = len(content)
-            logprobs = [] if req.logprobs is None else _dumped_logprobs(completion, state.tokens_sent, req.logprobs)
-            state.tokens_sent = len(completion.token_ids)
-            if (delta or logprobs) and live:
-                yield event("response.output_text.delta", **where, delta=delta, logprobs=logprobs)
-        response = self._finished_response(request_id, model, req, final, turns, tool_choice, created)
+        function call's arguments whole) and done, then the response completed (or incomplete). A stream that ends
+        before (the client left) stores its response as cancelled."""
+        request_id, model, created, event = started["id"], started["model"], started["created_at"], EventWriter()
+        response = None
+        try:
+            yield event("response.created", response=started)
+            yield event("response.in_progress", response=started)
+            live = tool_choice == "none" or tool_choice is None  # the text streams as it comes
+            index = 1 if self.reasoning_parser else 0  # after the reasoning item
+            item = {**message_item("", status="in_progress"), "content": []}
+            where = dict(item_id=item["id"], output_index=index, content_index=0)
+            if live:
+                yield event("response.output_item.added", output_index=index, item=item)
+                yield event("response.content_part.added", **where,
+                            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+            state, final = _ChoiceState(), None
+            async for output in stream:
+                final, completion = output, output.outputs[0]
+                state.finished = completion.finish_reason is not None
+                _, content = self._reasoning_delta(completion, state)
+                delta = content[state.text_sent:]
+                state.text_sent = len(content)
+                logprobs = [] if req.logprobs is None else _dumped_logprobs(completion, state.tokens_sent,
+                                                                            req.logprobs)
+                state.tokens_sent = len(completion.token_ids)
+                if (delta or logprobs) and live:
+                    yield event("response.output_text.delta", **where, delta=delta, logprobs=logprobs)
+            response = self._finished_response(request_id, model, req, final, turns, tool_choice, created)
+        finally:
+            if response is None:
+                self._store_ended(started, req, turns, "cancelled")
         for i, done in enumerate(response["output"]):
             if live and i == index:
                 done["id"] = item["id"]

@@ -158,6 +158,20 @@ class ResponsesRequest(_NullMeansDefault):
                                  f"server reads text only), got {content if content is None else kinds}")
         return items
 
+    def input_items(self) -> list[dict]:
+        """``input`` as the items ``GET /v1/responses/{id}/input_items`` lists: each with an id, a message's text as
+        an ``input_text`` part."""
+        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        listed = []
+        for item in items:
+            fields = item.model_dump()
+            if isinstance(item, InputMessage):
+                parts = [{"type": "input_text", "text": item.content}] if isinstance(item.content, str) else [
+                    part.model_dump() for part in item.content]
+                fields.update(content=parts, status="completed")
+            listed.append({"id": item_id("msg" if isinstance(item, InputMessage) else "item"), **fields})
+        return listed
+
     def input_turns(self) -> list[dict]:
         """``input`` as chat turns: messages (the Responses API's ``developer`` role as ``system``, which templates
         know), function calls as an assistant turn's ``tool_calls`` (consecutive ones in one turn), their outputs as
@@ -215,18 +229,20 @@ class ResponsesRequest(_NullMeansDefault):
 
 class ResponseStore:
     """The latest ``STORE_SIZE`` stored responses by id, each with the chat it continues (its turns, as
-    ``ResponsesRequest.messages`` takes them), oldest dropped first."""
+    ``ResponsesRequest.messages`` takes them) and its request's input items, oldest dropped first."""
 
     def __init__(self, size: int = STORE_SIZE):
         self.size = size
-        self._responses: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+        self._responses: OrderedDict[str, tuple[dict, list[dict], list[dict]]] = OrderedDict()
 
-    def put(self, response: dict, turns: list[dict]) -> None:
-        self._responses[response["id"]] = (response, turns)
+    def put(self, response: dict, turns: list[dict], items: Optional[list[dict]] = None) -> None:
+        """Store ``response`` (again, as it moves on: its input ``items`` kept from the first time)."""
+        known = self._responses.get(response["id"])
+        self._responses[response["id"]] = (response, turns, items if items is not None else known[2] if known else [])
         while len(self._responses) > self.size:
             self._responses.popitem(last=False)
 
-    def get(self, response_id: str) -> Optional[tuple[dict, list[dict]]]:
+    def get(self, response_id: str) -> Optional[tuple[dict, list[dict], list[dict]]]:
         return self._responses.get(response_id)
 
     def delete(self, response_id: str) -> bool:
