@@ -64,7 +64,8 @@ from engine.entrypoints.openai.protocol import (
 )
 from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
 from engine.entrypoints.openai.responses import (EventWriter, ResponsesRequest, ResponseStore, assistant_turn, item_id,
-                                                 message_item, output_items, response_object, usage_object)
+                                                 message_item, output_items, output_text_part, response_object,
+                                                 usage_object)
 from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, ToolParser, forced_tool_calls, is_forced,
                                              resolve_tool_choice, template_messages, tool_call_schema)
 from engine.generation_config import SAMPLING_FIELDS
@@ -692,8 +693,7 @@ class OpenAIServing:
         400 naming ``param``."""
         if self.async_llm.engine.args.runner != "pooling":
             raise bad_request("this server generates text: embeddings, pooling, scores, reranking and classification "
-                              "need a "
-                              "pooling engine (--runner pooling, or a classifier's checkpoint)", param="model",
+                              "need a pooling engine (--runner pooling, or a classifier's checkpoint)", param="model",
                               code="model_not_supported")
         prompts = await run_in_threadpool(self._completion_prompts, texts, param, add_special_tokens)
         limit = self.async_llm.max_model_len
@@ -934,10 +934,7 @@ class OpenAIServing:
                               param="background")
         history: list[dict] = []
         if req.previous_response_id is not None:
-            stored = self.responses.get(req.previous_response_id)
-            if stored is None:
-                raise _response_not_found(req.previous_response_id, "previous_response_id")
-            history = stored[1]
+            history = self._stored_response(req.previous_response_id, "previous_response_id")[1]
         try:
             chat = ChatCompletionRequest(model=req.model, messages=req.messages(history), seed=req.seed,
                                          max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
@@ -1013,8 +1010,7 @@ class OpenAIServing:
         """OpenAI's cancel of a background response still generating: stopped and stored as ``cancelled``."""
         task = self._background.get(response_id)
         if task is None:
-            if self.responses.get(response_id) is None:
-                raise _response_not_found(response_id, "response_id")
+            self._stored_response(response_id, "response_id")  # unknown: a 404
             raise bad_request("Cannot cancel a response that is not generating in the background.",
                               param="response_id")
         task.cancel()
@@ -1022,17 +1018,19 @@ class OpenAIServing:
         return self.responses.get(response_id)[0]
 
     def retrieve_response(self, response_id: str) -> dict:
+        return self._stored_response(response_id, "response_id")[0]
+
+    def _stored_response(self, response_id: str, param: str) -> tuple[dict, list[dict], list[dict]]:
+        """A stored response (with its chat and its input items); an unknown id is a 404 naming ``param``."""
         stored = self.responses.get(response_id)
         if stored is None:
-            raise _response_not_found(response_id, "response_id")
-        return stored[0]
+            raise _response_not_found(response_id, param)
+        return stored
 
     def response_input_items(self, response_id: str, order: str, limit: int, after: Optional[str]) -> dict:
         """OpenAI's list of a stored response's input items: newest first unless ``order`` is "asc", ``limit`` of
         them (1-100) after the item ``after``."""
-        stored = self.responses.get(response_id)
-        if stored is None:
-            raise _response_not_found(response_id, "response_id")
+        stored = self._stored_response(response_id, "response_id")
         if not 1 <= limit <= 100:
             raise bad_request(f"limit must be between 1 and 100, got {limit}", param="limit")
         items = stored[2] if order == "asc" else stored[2][::-1]
@@ -1083,8 +1081,7 @@ class OpenAIServing:
             where = dict(item_id=item["id"], output_index=index, content_index=0)
             if live:
                 yield event("response.output_item.added", output_index=index, item=item)
-                yield event("response.content_part.added", **where,
-                            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                yield event("response.content_part.added", **where, part=output_text_part(""))
             state, final = _ChoiceState(), None
             async for output in stream:
                 final, completion = output, output.outputs[0]

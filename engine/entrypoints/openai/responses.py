@@ -158,12 +158,15 @@ class ResponsesRequest(_NullMeansDefault):
                                  f"server reads text only), got {content if content is None else kinds}")
         return items
 
+    def _items(self) -> list:
+        """``input`` as items (a text: one user message)."""
+        return [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+
     def input_items(self) -> list[dict]:
         """``input`` as the items ``GET /v1/responses/{id}/input_items`` lists: each with an id, a message's text as
         an ``input_text`` part."""
-        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
         listed = []
-        for item in items:
+        for item in self._items():
             fields = item.model_dump()
             if isinstance(item, InputMessage):
                 parts = [{"type": "input_text", "text": item.content}] if isinstance(item.content, str) else [
@@ -176,9 +179,8 @@ class ResponsesRequest(_NullMeansDefault):
         """``input`` as chat turns: messages (the Responses API's ``developer`` role as ``system``, which templates
         know), function calls as an assistant turn's ``tool_calls`` (consecutive ones in one turn), their outputs as
         ``tool`` turns; reasoning dropped."""
-        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
         turns: list[dict] = []
-        for item in items:
+        for item in self._items():
             if isinstance(item, InputMessage):
                 turns.append({"role": "system" if item.role == "developer" else item.role, "content": item.text()})
             elif isinstance(item, FunctionCallItem):
@@ -219,9 +221,13 @@ class ResponsesRequest(_NullMeansDefault):
         turns = [{"role": "system", "content": self.instructions}] if self.instructions else []
         return [ChatMessage(**turn) for turn in turns + history + self.input_turns()]
 
-    def response_format(self) -> Optional[dict[str, Any]]:
+    def text_format(self) -> dict[str, Any]:
+        """``text.format`` as given (plain text where none is)."""
+        return (self.text or {}).get("format") or {"type": "text"}
+
+    def response_format(self) -> dict[str, Any]:
         """``text.format`` as a chat completion's ``response_format`` (its JSON schema one level down there)."""
-        fmt = (self.text or {}).get("format") or {"type": "text"}
+        fmt = self.text_format()
         if fmt.get("type") != "json_schema":
             return fmt
         return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
@@ -274,7 +280,11 @@ def assistant_turn(message: ChatResponseMessage) -> dict:
 
 def message_item(text: str, status: str = "completed") -> dict:
     return {"id": item_id("msg"), "type": "message", "role": "assistant", "status": status,
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+            "content": [output_text_part(text)]}
+
+
+def output_text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
 def reasoning_item(text: str) -> dict:
@@ -295,7 +305,7 @@ def response_object(request_id: str, model: str, req: ResponsesRequest, output: 
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "previous_response_id": req.previous_response_id,
         "metadata": req.metadata or {}, "store": req.store,
-        "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
+        "text": {"format": req.text_format()},
         "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
         "parallel_tool_calls": req.parallel_tool_calls is not False, "truncation": "disabled",
         "output": output, "usage": usage, "user": req.user,
