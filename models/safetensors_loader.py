@@ -102,13 +102,6 @@ KV_SCALE_NAMES = (("self_attn.k_scale", "self_attn.v_scale"),
                   ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"),
                   ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),
                   ("self_attn.kv_scale", "self_attn.kv_scale"))
-
-
-def kv_scale_names(tensor_names) -> Optional[tuple[str, str]]:
-    """The names (inside a layer) of a checkpoint's K and V scales, by its tensor names; None where it has none."""
-    names = [name for name in tensor_names if ".layers.0." in name or name.startswith("layers.0.")]
-    return next((pair for pair in KV_SCALE_NAMES if any(name.endswith(f"layers.0.{pair[0]}") for name in names)),
-                None)
 # A mixture of experts' per-expert weights: our name -> (HF name inside ``model.layers.{i}.{moe}.experts.{e}.``, by
 # the model's block name ``moe``), all Linear weights; Mixtral's router is ``block_sparse_moe.gate``.
 _EXPERT_NAMES = {
@@ -277,6 +270,13 @@ _DECODER_PREFIXES = ("model.", "language_model.model.", "model.language_model.",
 def checkpoint_tensor_names(path: str) -> set[str]:
     """The tensor names of a safetensors checkpoint folder (its headers only)."""
     return {name for file in find_safetensors_files(path) for name in _read_header(file)}
+
+
+def kv_scale_names(tensor_names) -> Optional[tuple[str, str]]:
+    """The names (inside a layer) of a checkpoint's K and V scales, by its tensor names; None where it has none."""
+    names = [name for name in tensor_names if ".layers.0." in name or name.startswith("layers.0.")]
+    return next((pair for pair in KV_SCALE_NAMES if any(name.endswith(f"layers.0.{pair[0]}") for name in names)),
+                None)
 
 
 def _decoder_prefix(ckpt: "_Checkpoint") -> str:
