@@ -1893,7 +1893,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # the lifespan task's cancellation as an ERROR with a traceback.
     try:
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5, lifespan="off")
-        server = uvicorn.Server(config)
+        server = InterruptibleUntilStopped(config)
         watch_engine(async_llm, server)
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully; asyncio re-raises the interrupt
@@ -1906,6 +1906,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         async_llm.shutdown()
     if dead:  # a supervisor (systemd, Docker, Kubernetes) restarts a server that fails
         raise SystemExit(1)
+
+
+class InterruptibleUntilStopped(uvicorn.Server):
+    """uvicorn's server, deaf to Ctrl-C from the moment it has stopped serving: a Ctrl-C while asyncio closes the
+    event loop interrupted uvloop inside its close (``RuntimeError: Cannot close a running event loop``, or a
+    traceback from its executor's shutdown thread), and the engine stops after it anyway."""
+
+    async def serve(self, sockets=None) -> None:
+        try:
+            await super().serve(sockets=sockets)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def watch_engine(async_llm: AsyncLLM, server: "uvicorn.Server", interval_s: float = ENGINE_WATCH_INTERVAL_S) -> None:
