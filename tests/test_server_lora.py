@@ -247,6 +247,21 @@ def test_an_adapter_the_engine_refuses_is_a_400_when_loaded(served, adapters, tm
     assert _client(url).completions.create(model=base, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
 
 
+def test_an_adapter_whose_load_fails_otherwise_is_not_listed(served, adapters, monkeypatch):
+    """A load that fails for another reason than the adapter (here the engine's loop gone) is a 500, and the name
+    is not left listed as a model that every request would then fail on."""
+    url = served.runtime_url
+
+    async def engine_gone(request):
+        raise RuntimeError("the engine's loop has stopped")
+
+    monkeypatch.setattr(served.async_llm, "add_lora", engine_gone)
+    reply = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": adapters["second"]})
+    assert reply.status_code == 500
+    assert "late" not in [m.id for m in _client(url).models.list().data]
+    assert "late" not in served.runtime_serving.lora_adapters
+
+
 def test_an_adapter_the_engine_refuses_stops_start_up(adapters, tmp_path, capsys):
     """``--lora-modules`` adapters are read once the engine has started, as vLLM's: a bad one ends start-up with
     exit status 2 and a message naming it."""

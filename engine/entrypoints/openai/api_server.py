@@ -497,6 +497,9 @@ class OpenAIServing:
         except ValueError as e:
             del self.lora_adapters[req.lora_name]
             raise bad_request(f"cannot load LoRA adapter {req.lora_name!r}: {e}", param="lora_path") from None
+        except BaseException:  # the engine's loop stopped, the client left: not listed, and the error goes on
+            self.lora_adapters.pop(req.lora_name, None)
+            raise
         logger.info("loaded LoRA adapter %r (id %d) from %s", request.lora_name, request.lora_int_id,
                     request.lora_path)
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
