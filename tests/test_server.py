@@ -383,6 +383,27 @@ def test_responses_api_through_the_openai_client(served):
         client.responses.create(input="Hi", previous_response_id="resp-none", **greedy)
 
 
+def test_responses_truncation_auto_drops_the_oldest_turns(served):
+    """``truncation: "auto"``: a conversation longer than the context loses its oldest turns (the instructions
+    kept) until it fits with ``max_output_tokens``, as OpenAI's; the reply is the chat completion's of what is left.
+    ``"disabled"`` (the default) is the context's 400, as is an input whose newest turn alone is too long."""
+    client = served.client()
+    greedy = dict(model=served.model, temperature=0, max_output_tokens=8)
+    long_turn = "Tell me about the weather. " * 60  # ~360 tokens: two do not fit in 512
+    conversation = [{"role": "user", "content": long_turn}, {"role": "assistant", "content": "It is sunny."},
+                    {"role": "user", "content": long_turn}, {"role": "assistant", "content": "Still sunny."},
+                    {"role": "user", "content": "What is the capital of France?"}]
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.responses.create(instructions="Be brief.", input=conversation, **greedy)
+    cut = client.responses.create(instructions="Be brief.", input=conversation, truncation="auto", **greedy)
+    kept = [{"role": "system", "content": "Be brief."}, *conversation[2:]]  # the first user turn and its reply gone
+    want = client.chat.completions.create(model=served.model, messages=kept, temperature=0, max_completion_tokens=8)
+    assert cut.truncation == "auto" and cut.output_text == want.choices[0].message.content
+    assert cut.usage.input_tokens == want.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.responses.create(input=[{"role": "user", "content": long_turn * 2}], truncation="auto", **greedy)
+
+
 def test_responses_api_function_tools(served):
     """Function tools on ``/v1/responses``: a named ``tool_choice`` makes the reply a ``function_call`` item (its
     arguments the tool's JSON), streamed as its item and arguments events; the call and its

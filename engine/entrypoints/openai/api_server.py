@@ -65,7 +65,7 @@ from engine.entrypoints.openai.protocol import (
 from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
 from engine.entrypoints.openai.responses import (EventWriter, ResponsesRequest, ResponseStore, assistant_turn, item_id,
                                                  message_item, output_items, output_text_part, response_object,
-                                                 usage_object)
+                                                 usage_object, without_oldest_turn)
 from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, ToolParser, forced_tool_calls, is_forced,
                                              resolve_tool_choice, template_messages, tool_call_schema)
 from engine.generation_config import SAMPLING_FIELDS
@@ -938,24 +938,31 @@ class OpenAIServing:
         history: list[dict] = []
         if req.previous_response_id is not None:
             history = self._stored_response(req.previous_response_id, "previous_response_id")[1]
-        try:
-            chat = ChatCompletionRequest(model=req.model, messages=req.messages(history), seed=req.seed,
-                                         max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
-                                         top_p=req.top_p, response_format=req.response_format(),
-                                         priority=req.priority, add_generation_prompt=True, tools=tools,
-                                         tool_choice=tool_choice, parallel_tool_calls=req.parallel_tool_calls)
-        except ValidationError as e:
-            raise bad_request(f"invalid input: {e.errors()[0]['msg']}", param="input") from None
-        model, lora_request = self._resolve_model(chat)
-        try:
-            tool_choice, structured, params, prompt = await self._chat_inputs(
-                chat, req.max_output_tokens, req.logprobs,
-                {"max_tokens": "max_output_tokens", "structured_outputs": "text", "messages": "input",
-                 "logprobs": "top_logprobs"})
-        except APIError as e:  # the chat request's name of text.format
-            if e.info.param == "response_format":
-                e.info.param, e.info.message = "text", e.info.message.replace("response_format", "text.format")
-            raise
+        messages = req.messages(history)
+        while True:
+            try:
+                chat = ChatCompletionRequest(model=req.model, messages=messages, seed=req.seed,
+                                             max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
+                                             top_p=req.top_p, response_format=req.response_format(),
+                                             priority=req.priority, add_generation_prompt=True, tools=tools,
+                                             tool_choice=tool_choice, parallel_tool_calls=req.parallel_tool_calls)
+            except ValidationError as e:
+                raise bad_request(f"invalid input: {e.errors()[0]['msg']}", param="input") from None
+            model, lora_request = self._resolve_model(chat)
+            try:
+                tool_choice, structured, params, prompt = await self._chat_inputs(
+                    chat, req.max_output_tokens, req.logprobs,
+                    {"max_tokens": "max_output_tokens", "structured_outputs": "text", "messages": "input",
+                     "logprobs": "top_logprobs"})
+                break
+            except APIError as e:
+                shorter = without_oldest_turn(messages) if req.truncation == "auto" else None
+                if e.info.code == "context_length_exceeded" and shorter is not None:
+                    messages = shorter  # rendered and counted again: a template may join turns across a boundary
+                    continue
+                if e.info.param == "response_format":  # the chat request's name of text.format
+                    e.info.param, e.info.message = "text", e.info.message.replace("response_format", "text.format")
+                raise
         req.temperature, req.top_p = params.temperature, params.top_p  # echoed as used, as vLLM's
         request_id = item_id("resp")
         source = "tools" if structured[1] == "tool_choice" else "text"

@@ -126,6 +126,8 @@ class ResponsesRequest(_NullMeansDefault):
     background: bool = False  # answered at once (queued), generated on; retrieve or cancel it by id
     include: Optional[list[str]] = None  # "message.output_text.logprobs": each output token's logprob
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)  # with it, the most likely tokens at each
+    # "auto": a conversation longer than the context loses its oldest turns (``without_oldest_turn``), as OpenAI's
+    truncation: Literal["auto", "disabled"] = "disabled"
 
     @property
     def logprobs(self) -> Optional[int]:
@@ -233,6 +235,18 @@ class ResponsesRequest(_NullMeansDefault):
         return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
 
 
+def without_oldest_turn(messages: list[ChatMessage]) -> Optional[list[ChatMessage]]:
+    """``messages`` less their oldest turn for ``truncation: "auto"``: the first message after the system ones and
+    what follows it up to the next user message (its reply, tool calls and their answers: a chat template may refuse
+    a chat that opens with those); None where no user message would be left."""
+    kept = [m for m in messages if m.role == "system"]
+    turns = [m for m in messages if m.role != "system"]
+    drop = 1
+    while drop < len(turns) and turns[drop].role != "user":
+        drop += 1
+    return None if drop >= len(turns) else kept + turns[drop:]
+
+
 class ResponseStore:
     """The latest ``STORE_SIZE`` stored responses by id, each with the chat it continues (its turns, as
     ``ResponsesRequest.messages`` takes them) and its request's input items, oldest dropped first."""
@@ -307,7 +321,7 @@ def response_object(request_id: str, model: str, req: ResponsesRequest, output: 
         "metadata": req.metadata or {}, "store": req.store,
         "text": {"format": req.text_format()},
         "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
-        "parallel_tool_calls": req.parallel_tool_calls is not False, "truncation": "disabled",
+        "parallel_tool_calls": req.parallel_tool_calls is not False, "truncation": req.truncation,
         "output": output, "usage": usage, "user": req.user,
     }
 
