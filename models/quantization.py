@@ -12,7 +12,8 @@ Methods (``quantization=`` on ``LLM``, vLLM's names where vLLM has them):
 - ``int4``: weight-only, asymmetric 4-bit with groups of 128 (round-to-nearest), made at
   load time; the same device format as AWQ/GPTQ.
 - ``awq`` / ``gptq``: 4-bit checkpoints in those layouts (packed int32 ``qweight``/``qzeros``,
-  group ``scales``, GPTQ ``g_idx``, act-order included), kept 4-bit on the device.
+  group ``scales``, GPTQ ``g_idx``, act-order included), kept 4-bit on the device; 2- and 3-bit GPTQ run as
+  int4 (the same values), 8-bit GPTQ as int8 with channel scales.
 - ``fp8``: float8 e4m3 weights with a scale per output channel (made at load time, or read
   from an FP8 checkpoint's ``weight_scale``: per tensor, per channel, or block-wise re-quantized per channel);
   activations are quantized per token at run time and the matmul runs on fp8 tensor cores (Hopper).
@@ -438,6 +439,7 @@ class CheckpointQuantization:
     block: Optional[tuple[int, int]] = None  # block-wise fp8: rows x columns of [N, K] a scale covers
     checkpoint_format: str = ""  # "compressed-tensors", "gptq" (8-bit, run as int8), or "" where it is the method's own
     symmetric: bool = True  # compressed-tensors' packed weights: no zero points stored
+    bits: int = 4  # GPTQ's 2- and 3-bit checkpoints run as int4 (their values unchanged)
     packed: bool = True  # compressed-tensors' int8: packed in int32 (pack-quantized), or plain int8 (int-quantized)
 
     @property
@@ -454,16 +456,16 @@ class CheckpointQuantization:
             offset = 1 if q.get("checkpoint_format", "gptq") != "gptq_v2" else 0
             return cls("int8", group, offset, checkpoint_format="gptq")
         if method in ("awq", "gptq"):
-            if bits != 4:
-                raise QuantizationError(f"{method} checkpoints with bits={bits} are not supported (4-bit, and "
-                                        "8-bit GPTQ)")
+            if bits != 4 and not (method == "gptq" and bits in (2, 3)):
+                raise QuantizationError(f"{method} checkpoints with bits={bits} are not supported (4-bit AWQ; 2-, "
+                                        "3-, 4- and 8-bit GPTQ)")
             if method == "awq" and str(q.get("version", "gemm")).lower() != "gemm":
                 raise QuantizationError(f"awq version {q.get('version')!r} is not supported (only the 'gemm' layout)")
             if method == "awq" and not q.get("zero_point", True):
                 raise QuantizationError("awq checkpoints without zero points are not supported")
             group = int(q.get("group_size", q.get("q_group_size", -1)))
             offset = 1 if method == "gptq" and q.get("checkpoint_format", "gptq") != "gptq_v2" else 0
-            return cls(method, group, offset)
+            return cls(method, group, offset, bits=int(bits))
         if method == "fp8":
             block = q.get("weight_block_size")
             if block and (len(block) != 2 or min(block) < 1):
@@ -564,8 +566,11 @@ def resolve_method(requested: Optional[str], checkpoint: Optional[CheckpointQuan
 
 
 def _unpack_int32_fields(x: np.ndarray, axis: int, bits: int = 4) -> np.ndarray:
-    """int32 ``x`` -> uint8 fields of ``bits`` (4: nibbles, 8: bytes), ``axis`` 32 / bits times longer: field j of
-    element i lands at ``(32 / bits) * i + j``."""
+    """int32 ``x`` -> uint8 fields of ``bits`` (2, 4: nibbles, 8: bytes), ``axis`` 32 / bits times longer: field j
+    of element i lands at ``(32 / bits) * i + j``. 3-bit fields (GPTQ's) run across words: ``axis`` is read as one
+    little-endian stream of bits, 32 fields to 3 words."""
+    if 32 % bits:
+        return _unpack_bit_stream(x, axis, bits)
     u = np.ascontiguousarray(x).view(np.uint32)
     axis %= u.ndim
     per_word = 32 // bits
@@ -573,6 +578,18 @@ def _unpack_int32_fields(x: np.ndarray, axis: int, bits: int = 4) -> np.ndarray:
     shape = list(u.shape)
     shape[axis] *= per_word
     return fields.astype(np.uint8).reshape(shape)
+
+
+def _unpack_bit_stream(x: np.ndarray, axis: int, bits: int) -> np.ndarray:
+    """int32 ``x`` -> uint8 fields of ``bits``, reading ``axis`` as one little-endian stream of bits (word i's bit b
+    is the stream's bit 32 i + b; field j its bits ``[bits * j, bits * (j + 1))``)."""
+    words = np.moveaxis(np.ascontiguousarray(x).astype("<u4"), axis, -1)
+    stream = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=-1, bitorder="little")
+    if stream.shape[-1] % bits:
+        raise QuantizationError(f"{words.shape[-1]} words of {bits}-bit fields do not end on a field")
+    fields = stream.reshape(*stream.shape[:-1], -1, bits)
+    values = (fields << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+    return np.moveaxis(values, -1, axis)
 
 
 def _int4_from_values(values: np.ndarray, zeros: np.ndarray, scales: np.ndarray, group_size: int,
@@ -609,15 +626,17 @@ def awq_to_int4(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, gro
 
 
 def gptq_to_int4(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: Optional[np.ndarray],
-                 group_size: int, *, zero_offset: int = 1, dtype=np.float32) -> dict[str, np.ndarray]:
+                 group_size: int, *, zero_offset: int = 1, bits: int = 4, dtype=np.float32) -> dict[str, np.ndarray]:
     """GPTQ layout (``qweight`` int32 ``[K/8, N]`` packed along K, ``qzeros`` int32 ``[K/g, N/8]``
     packed along N, ``scales`` ``[K/g, N]``, ``g_idx`` ``[K]``) -> the fields of an ``Int4Weight``.
 
+    ``bits``: 2- and 3-bit checkpoints (``[K * bits / 32, N]``, their zeros likewise along N; 3-bit fields run
+    across words) hold values an int4 weight holds exactly: they run as int4, unchanged.
     ``zero_offset``: GPTQ's v1 checkpoints store ``zero - 1`` (1); ``gptq_v2`` stores the zero (0).
     A ``g_idx`` that is not ``k // g`` (act-order) sorts the rows by group and records ``perm``.
     """
-    values = _unpack_int32_fields(qweight, axis=0)  # [K, N]
-    zeros = _unpack_int32_fields(qzeros, axis=-1).astype(np.int32) + zero_offset  # [K/g, N]
+    values = _unpack_int32_fields(qweight, axis=0, bits=bits)  # [K, N]
+    zeros = _unpack_int32_fields(qzeros, axis=-1, bits=bits).astype(np.int32) + zero_offset  # [K/g, N]
     K = values.shape[0]
     g = group_size if group_size > 0 else K
     perm = _group_order(g_idx, K, g)

@@ -527,7 +527,7 @@ def _quantized_fields(quant, base: str, tensor, scale_dtype) -> dict:
     elif quant.method == "gptq":
         fields = gptq_to_int4(tensor(base, "qweight"), tensor(base, "qzeros"), tensor(base, "scales"),
                               tensor(base, "g_idx", required=False), quant.group_size,
-                              zero_offset=quant.zero_offset, dtype=scale_dtype)
+                              zero_offset=quant.zero_offset, bits=quant.bits, dtype=scale_dtype)
     else:
         # block-wise checkpoints (DeepSeek's layout) name the scale weight_scale_inv; it multiplies all the same
         scale = tensor(base, "weight_scale", required=quant.block is None)

@@ -92,6 +92,33 @@ def gptq_tensors(values, zeros, scales, g_idx, v1=True):
                 scales=scales.astype(np.float16), g_idx=g_idx.astype(np.int32))
 
 
+def pack_int32_stream(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """AutoGPTQ's packing of ``bits``-bit ``values`` along ``axis``, written as its loops write it: 32 / bits to a
+    word for 2 bits, and for 3 bits 32 values to 3 words, the 11th and 22nd split across two words."""
+    v = np.moveaxis(np.asarray(values, np.uint32), axis, -1)
+    if bits == 2:
+        v = v.reshape(*v.shape[:-1], -1, 16)
+        packed = np.zeros(v.shape[:-1], np.uint32)
+        for j in range(16):
+            packed |= v[..., j] << np.uint32(2 * j)
+    else:  # AutoGPTQ's pack for bits=3, one run of 32 values into words 3r, 3r + 1, 3r + 2
+        v = v.reshape(*v.shape[:-1], -1, 32)
+        w = np.zeros((*v.shape[:-1], 3), np.uint32)
+        u = np.uint32
+        for j in range(10):
+            w[..., 0] |= v[..., j] << u(3 * j)
+        w[..., 0] |= v[..., 10] << u(30)
+        w[..., 1] |= (v[..., 10] >> u(2)) & u(1)
+        for j in range(10):
+            w[..., 1] |= v[..., 11 + j] << u(3 * j + 1)
+        w[..., 1] |= v[..., 21] << u(31)
+        w[..., 2] |= (v[..., 21] >> u(1)) & u(3)
+        for j in range(10):
+            w[..., 2] |= v[..., 22 + j] << u(3 * j + 2)
+        packed = w.reshape(*w.shape[:-2], -1)
+    return np.ascontiguousarray(np.moveaxis(packed.view(np.int32), -1, axis))
+
+
 def pack_int32_signed(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
     """compressed-tensors' ``pack_to_int32``: signed ``values`` + 2^(bits-1), 32 / bits to an int32 along ``axis``,
     element j of each run in bits ``bits * j``."""
@@ -153,6 +180,23 @@ def test_gptq_layout_unpacks_to_exactly_the_packed_weights(act_order, v1):
     from models.quantization import linear
 
     np.testing.assert_allclose(np.asarray(linear(x, w)), np.asarray(x) @ expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bit_gptq_unpacks_to_exactly_the_packed_weights(bits):
+    """2- and 3-bit GPTQ (AutoGPTQ's packing; 3-bit values run across words) load as int4 weights holding exactly
+    the values packed, act-order included."""
+    rng = np.random.default_rng()
+    K, N = 256, 64
+    top = 1 << bits
+    values, zeros = rng.integers(0, top, (K, N)), rng.integers(1, top, (K // GROUP, N))  # v1 stores zero - 1
+    scales = rng.uniform(0.005, 0.05, (K // GROUP, N)).astype(np.float16).astype(np.float32)
+    g_idx = rng.permutation(np.arange(K) // GROUP)
+    fields = gptq_to_int4(pack_int32_stream(values, bits, 0), pack_int32_stream(zeros - 1, bits, -1), scales, g_idx,
+                          GROUP, zero_offset=1, bits=bits)
+    w = Int4Weight(**{k: jnp.asarray(v) for k, v in fields.items() if k != "pack"}, group_size=GROUP,
+                   pack=fields["pack"])
+    np.testing.assert_array_equal(np.asarray(dequantize(w)), ((values - zeros[g_idx]) * scales[g_idx]).astype(np.float32))
 
 
 def test_fp8_checkpoint_scales_per_tensor_and_per_channel():
@@ -453,6 +497,15 @@ def encode_linear(tensors: dict, prefix: str, method: str, rng, act_order=False)
                         prefix + "qzeros": pack_int32_signed(zeros - 1 - 128, 8, -1),
                         prefix + "scales": scales.astype(np.float16), prefix + "g_idx": g_idx.astype(np.int32)})
         return (values - zeros[g_idx]) * scales[g_idx]
+    if method in ("gptq2", "gptq3"):  # AutoGPTQ's 2- and 3-bit layouts (act-order too)
+        bits = int(method[-1])
+        values, zeros = rng.integers(0, 1 << bits, (K, N)), rng.integers(1, 1 << bits, (K // GROUP, N))
+        scales = rng.uniform(0.005, 0.05, (K // GROUP, N)).astype(np.float16).astype(np.float32)
+        g_idx = rng.permutation(np.arange(K) // GROUP) if act_order else np.arange(K) // GROUP
+        tensors.update({prefix + "qweight": pack_int32_stream(values, bits, 0),
+                        prefix + "qzeros": pack_int32_stream(zeros - 1, bits, -1),
+                        prefix + "scales": scales.astype(np.float16), prefix + "g_idx": g_idx.astype(np.int32)})
+        return (values - zeros[g_idx]) * scales[g_idx]
     values, zeros, scales = random_int4(rng, K, N, zero_low=1)
     g_idx = np.arange(K) // GROUP
     if method == "awq":
@@ -513,6 +566,8 @@ def mark_quantized(path: str, method: str, act_order=False) -> None:
         "awq": dict(quant_method="awq", bits=4, group_size=GROUP, zero_point=True, version="gemm"),
         "gptq": dict(quant_method="gptq", bits=4, group_size=GROUP, desc_act=act_order, sym=False),
         "gptq8": dict(quant_method="gptq", bits=8, group_size=GROUP, desc_act=act_order, sym=False),
+        "gptq2": dict(quant_method="gptq", bits=2, group_size=GROUP, desc_act=act_order, sym=False),
+        "gptq3": dict(quant_method="gptq", bits=3, group_size=GROUP, desc_act=act_order, sym=False),
         "fp8": dict(quant_method="fp8", activation_scheme="dynamic"),
         "fp8-block": dict(quant_method="fp8", activation_scheme="dynamic", weight_block_size=[32, 32]),
     }[method]
@@ -534,19 +589,21 @@ def write_quantized_checkpoint(dense_path: str, out: str, method: str, rng, act_
     return {n: jnp.asarray(np.stack(ws), jnp.float32) for n, ws in encoded.items()}
 
 
-@pytest.mark.parametrize("layout,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("fp8", False),
+@pytest.mark.parametrize("layout,act_order", [("awq", False), ("gptq", False), ("gptq", True), ("gptq2", False),
+                                              ("gptq3", True), ("fp8", False),
                                               ("fp8-block", False), ("ct-int4", False), ("ct-int4-zp", True),
                                               ("ct-int4-channel", False), ("ct-int8", False), ("ct-int8-w8a8", False),
                                               ("ct-fp8-block", False)])
 def test_quantized_checkpoint_loads_the_weights_it_encodes(tiny, tmp_path, layout, act_order):
-    """Exactly the weights it encodes; block-wise fp8 within one e4m3 rounding (re-quantized per channel).
+    """Exactly the weights it encodes (2- and 3-bit GPTQ too, as int4); block-wise fp8 within one e4m3 rounding
+    (re-quantized per channel).
     compressed-tensors' pack-quantized checkpoints (W4A16 symmetric, with zero points and act-order; W8A16) run
     as int4 / int8, their LM head as stored; its block-wise fp8 (FP8_BLOCK) as the fp8 one."""
     rng = np.random.default_rng()
     path = str(tmp_path / layout)
     method = {"ct-int4": "int4", "ct-int4-zp": "int4", "ct-int4-channel": "int4", "ct-int8": "int8",
               "ct-int8-w8a8": "int8",
-              "ct-fp8-block": "fp8"}.get(layout, layout.removesuffix("-block"))
+              "ct-fp8-block": "fp8", "gptq2": "gptq", "gptq3": "gptq"}.get(layout, layout.removesuffix("-block"))
     encoded = write_quantized_checkpoint(tiny, path, layout, rng, act_order=act_order)
     assert CheckpointQuantization.from_checkpoint(path).method == method
     quant = load_model(path, dtype="float32")  # the method comes from config.json
@@ -658,7 +715,8 @@ def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
     with pytest.raises(QuantizationError, match=r"self_attn.q_proj .*its scales are \[.*group_size does not match"):
         load_model(awq)
     for config, message in (
-        (dict(quant_method="gptq", bits=3, group_size=128), "bits=3"),
+        (dict(quant_method="gptq", bits=5, group_size=128), "bits=5"),
+        (dict(quant_method="awq", bits=3, group_size=128), "bits=3"),
         (dict(quant_method="fp8", weight_block_size=[128]), r"weight_block_size=\[128\] is not \[rows, columns\]"),
         (dict(quant_method="bitsandbytes"), "unsupported checkpoint quantization 'bitsandbytes'"),
         (dict(quant_method="awq", bits=4, version="gemv"), "only the 'gemm' layout"),
