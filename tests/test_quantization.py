@@ -196,7 +196,8 @@ def test_low_bit_gptq_unpacks_to_exactly_the_packed_weights(bits):
                           GROUP, zero_offset=1, bits=bits)
     w = Int4Weight(**{k: jnp.asarray(v) for k, v in fields.items() if k != "pack"}, group_size=GROUP,
                    pack=fields["pack"])
-    np.testing.assert_array_equal(np.asarray(dequantize(w)), ((values - zeros[g_idx]) * scales[g_idx]).astype(np.float32))
+    expected = (values - zeros[g_idx]) * scales[g_idx]
+    np.testing.assert_array_equal(np.asarray(dequantize(w)), expected.astype(np.float32))
 
 
 def test_fp8_checkpoint_scales_per_tensor_and_per_channel():
