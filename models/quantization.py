@@ -470,6 +470,9 @@ class CheckpointQuantization:
             block = q.get("weight_block_size")
             if block and (len(block) != 2 or min(block) < 1):
                 raise QuantizationError(f"fp8 weight_block_size={block} is not [rows, columns]")
+            if q.get("activation_scheme") == "static":
+                logger.info("an fp8 checkpoint with static activation scales: activations are scaled per token "
+                            "as they come (its input_scale tensors are not read)")
             return cls("fp8", block=tuple(int(b) for b in block) if block else None)
         if method == "compressed-tensors":
             return cls._compressed_tensors(q)
