@@ -276,8 +276,11 @@ class LLM:
         text."""
         from engine.tokenizer import render_chat_template
 
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError(f"messages must be a conversation (a list of message dicts) or a list of them, got "
+                             f"{type(messages).__name__} (a plain text prompt goes to generate)")
         tokenizer = self.get_tokenizer()
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        conversations = messages if messages and isinstance(messages[0], (list, tuple)) else [messages]
         texts = [render_chat_template(tokenizer, conv, add_generation_prompt=add_generation_prompt,
                                       continue_final_message=continue_final_message, tools=tools,
                                       chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)

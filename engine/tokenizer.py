@@ -12,6 +12,7 @@ path, size and modification time, and read from there afterwards.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from typing import Any, Iterable, Optional, Sequence
@@ -119,40 +120,68 @@ def render_chat_template(
     Qwen 3's ``enable_thinking``) go to the template; ``chat_template`` replaces the tokenizer's. A message's content
     may be OpenAI's list of text parts (joined, as vLLM does); other parts (images, audio) raise ValueError.
     """
-    if continue_final_message and add_generation_prompt:
+    # chat_template_kwargs over the arguments, as vLLM's LLM.chat merges them
+    template_kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+                       **({"tools": list(tools)} if tools else {}),
+                       **({"chat_template": chat_template} if chat_template else {}), **(chat_template_kwargs or {})}
+    if template_kwargs["continue_final_message"] and template_kwargs["add_generation_prompt"]:
         raise ValueError("continue_final_message continues the last message: pass add_generation_prompt=False")
-    template_kwargs = {**(chat_template_kwargs or {}), "continue_final_message": continue_final_message}
-    if tools:
-        template_kwargs["tools"] = list(tools)
-    if chat_template:
-        template_kwargs["chat_template"] = chat_template
-    if not getattr(tokenizer, "chat_template", None) and not chat_template:
+    if not getattr(tokenizer, "chat_template", None) and not template_kwargs.get("chat_template"):
         raise TokenizerError(
             f"the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
             "use a plain text prompt, give one (chat_template; the server's --chat-template), or a model whose "
             "tokenizer_config.json / GGUF carries one"
         )
-    return tokenizer.apply_chat_template([_with_text_content(m) for m in messages], tokenize=False,
-                                         add_generation_prompt=add_generation_prompt, **template_kwargs)
+    return tokenizer.apply_chat_template([template_message(i, m) for i, m in enumerate(messages)], tokenize=False,
+                                         **template_kwargs)
+
+
+TEXT_PART_TYPES = ("text", "input_text", "output_text")  # vLLM's chat reads the Responses API's text parts too
 
 
 def non_text_part_kinds(content: list) -> list[str]:
     """The types of an OpenAI content-part list's parts other than text, sorted (a part that is no dict is named by
-    its Python type): what a text-only model cannot read."""
-    kinds = {str(part.get("type")) if isinstance(part, dict) else type(part).__name__ for part in content}
-    return sorted(kinds - {"text"})
+    its Python type; one without a type but with a text is text): what a text-only model cannot read."""
+    kinds = {str(part.get("type", "text" if "text" in part else None)) if isinstance(part, dict)
+             else type(part).__name__ for part in content}
+    return sorted(kinds - set(TEXT_PART_TYPES))
 
 
-def _with_text_content(message: dict) -> dict:
-    """``message`` with a content given as OpenAI's list of parts joined into its text (text parts only), one part a
-    line as vLLM joins them (``join_text_parts``)."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, list):
-        return message
-    kinds = non_text_part_kinds(content)
-    if kinds:
-        raise ValueError(f"a message's content parts must be text (type 'text'); got {', '.join(map(repr, kinds))}")
-    return {**message, "content": join_text_parts(part.get("text") or "" for part in content)}
+def template_message(i: int, message: dict) -> dict:
+    """Message ``i`` as a chat template takes it, as vLLM hands it over: content given as OpenAI's list of parts
+    joined into its text (text parts only, one a line: ``join_text_parts``), none as "", an assistant turn's tool
+    calls with their JSON arguments as objects (Hugging Face templates write them out themselves). Raises
+    ValueError naming the message for what no template can render."""
+    if not isinstance(message, dict):
+        raise ValueError(f"message {i} must be a dict with a 'role' and a 'content', got {type(message).__name__}")
+    if not isinstance(message.get("role"), str):
+        raise ValueError(f"message {i} has no 'role' (system, user, assistant or tool)")
+    content = message.get("content")
+    if isinstance(content, list):
+        kinds = non_text_part_kinds(content)
+        if kinds:
+            raise ValueError(f"message {i}'s content parts must be text (type 'text'); got "
+                             f"{', '.join(map(repr, kinds))}")
+        content = join_text_parts(part.get("text") or "" for part in content)
+    elif content is not None and not isinstance(content, str):
+        raise ValueError(f"message {i}'s content must be a text or a list of text parts, got "
+                         f"{type(content).__name__}")
+    message = {**message, "content": content or ""}
+    if isinstance(message.get("tool_calls"), list):
+        message["tool_calls"] = [_with_argument_object(call) for call in message["tool_calls"]]
+    return message
+
+
+def _with_argument_object(call: dict) -> dict:
+    """A tool call whose ``function.arguments`` is JSON text, with them as the object (vLLM's ``json.loads``)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def join_text_parts(texts: Iterable[str]) -> str:

@@ -85,6 +85,43 @@ def test_chat_template_conversation_without_generation_prompt(gguf_tokenizer):
     assert ids.count(IM_START) == ids.count(IM_END) == 3
 
 
+# Writes each call's arguments with ``tojson``, as Qwen's and Hermes' templates do.
+TOOL_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls or [] %}"
+                 "[{{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}|{% endfor %}")
+
+
+def test_chat_history_with_tool_calls_renders_as_vllm_hands_it_over(gguf_tokenizer):
+    """An OpenAI-style tool-call turn (content None or absent, arguments as JSON text) renders as vLLM renders it
+    offline and on its server: no content is "", the arguments go to the template as an object (written once,
+    not as a JSON string inside JSON); text parts of the Responses API's types, and a part without a type, are
+    text."""
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [{"role": "user", "content": [{"type": "input_text", "text": "Weather"}, {"text": "in Paris?"}]},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "tool_calls": []}]
+    ids = apply_chat_template(gguf_tokenizer, history, add_generation_prompt=False, chat_template=TOOL_TEMPLATE)
+    assert gguf_tokenizer.decode(ids) == ('<user>Weather\nin Paris?|<assistant>[get_weather {"city": "Paris"}]|'
+                                          "<tool>sunny|<assistant>|")
+    apply_chat_template(gguf_tokenizer, history)  # the model's own template: no UndefinedError on a missing content
+    for bad, message in (("hi", "message 0 must be a dict"), ({"content": "hi"}, "message 0 has no 'role'"),
+                         ({"role": "user", "content": 5}, "message 0's content must be a text"),
+                         ({"role": "user", "content": [{"type": "image_url"}]}, "content parts must be text")):
+        with pytest.raises(ValueError, match=message):
+            apply_chat_template(gguf_tokenizer, [bad])
+
+
+def test_chat_template_kwargs_win_over_the_arguments(gguf_tokenizer):
+    """vLLM's LLM.chat merges ``chat_template_kwargs`` over its own arguments: ``add_generation_prompt`` or
+    ``continue_final_message`` given there count (transformers refused the first twice over)."""
+    started = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    open_turn = apply_chat_template(gguf_tokenizer, started, add_generation_prompt=False, continue_final_message=True)
+    assert gguf_tokenizer.decode(open_turn).endswith("<|im_start|>assistant\nHello")
+    assert apply_chat_template(gguf_tokenizer, started, chat_template_kwargs={
+        "add_generation_prompt": False, "continue_final_message": True}) == open_turn
+    closed = apply_chat_template(gguf_tokenizer, started, add_generation_prompt=False)
+    assert apply_chat_template(gguf_tokenizer, started, chat_template_kwargs={"add_generation_prompt": False}) == closed
+
+
 def test_folder_tokenizer_matches_gguf_tokenizer(gguf_tokenizer, folder_tokenizer):
     folder, tokenizer = folder_tokenizer
     text = random_text(random.Random())

@@ -162,7 +162,7 @@ def _is_token_id(value: Any) -> bool:
 
 
 class TextContentPart(BaseModel):
-    type: Literal["text"]
+    type: Literal["text", "input_text", "output_text"]
     text: str
 
 
@@ -186,6 +186,7 @@ class ChatMessage(BaseModel):
             if kinds:
                 raise ValueError(f"content parts must be text (type 'text'): this server reads text only, "
                                  f"got {', '.join(repr(k) for k in kinds)}")
+            return [{"type": "text", **part} for part in content]  # a part without its type is text
         return content
 
     def text(self) -> str:

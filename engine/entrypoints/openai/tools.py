@@ -171,28 +171,17 @@ def partial_marker_length(text: str, marker: str) -> int:
 
 
 def template_messages(req: ChatCompletionRequest) -> list[dict]:
-    """The messages as the chat template takes them: an assistant turn's tool calls with their arguments as
-    objects (Hugging Face templates write them out themselves; vLLM converts them the same way)."""
+    """The messages as plain dicts for the chat template (``engine.tokenizer.template_message`` turns an assistant
+    turn's tool-call arguments into objects, as vLLM's)."""
     messages = []
     for m in req.messages:
         message = {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
         if m.tool_call_id is not None:
             message["tool_call_id"] = m.tool_call_id
         if m.tool_calls:
-            message["tool_calls"] = [_with_argument_object(call) for call in m.tool_calls]
+            message["tool_calls"] = m.tool_calls
         messages.append(message)
     return messages
-
-
-def _with_argument_object(call: dict) -> dict:
-    function = call.get("function")
-    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
-        return call
-    try:
-        arguments = json.loads(function["arguments"])
-    except json.JSONDecodeError:
-        return call
-    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _label(choice) -> str:
