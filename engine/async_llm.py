@@ -52,7 +52,8 @@ class FinishedSequence:
     prompt_tokens: int
     generation_tokens: int
     first_token_s: Optional[float] = None  # arrival to its first token (None: it made none)
-    n: int = 1  # the request's SamplingParams.n and max_tokens (None: unset)
+    n: Optional[int] = 1  # the request's SamplingParams.n (None: another of its sequences reported it) and
+    # max_tokens (None: unset)
     max_tokens: Optional[int] = None
     # vLLM's phases: waiting before its first scheduling; that to its first token (prefill); its first token to
     # its last (decode); its first scheduling to its last token (inference). None where a phase never began.
@@ -420,6 +421,7 @@ class _RequestTimer:
         self.params = params
         self.stat_loggers = stat_loggers
         self.sequences: dict[int, _SequenceClock] = {}  # by completion index
+        self.n_reported = False  # the request's n goes with its first finished sequence only
 
     def record(self, output: RequestOutput) -> None:
         if not self.stat_loggers:
@@ -457,9 +459,10 @@ class _RequestTimer:
         def since(start: Optional[float], end: Optional[float]) -> Optional[float]:
             return None if start is None or end is None else end - start
 
+        self.n_reported, n_reported = True, self.n_reported
         return FinishedSequence(
             now - self.arrival, reason, len(output.prompt_token_ids or ()), clock.tokens,
-            since(self.arrival, clock.first_token), params.n if params is not None else 1,
+            since(self.arrival, clock.first_token), None if n_reported else params.n if params is not None else 1,
             params.max_tokens if params is not None else None,
             queue_s=metrics.time_in_queue if metrics is not None else None,
             prefill_s=since(scheduled, clock.first_token), decode_s=since(clock.first_token, clock.last_token),

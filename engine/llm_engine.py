@@ -372,7 +372,6 @@ class LLMEngine:
             self.lora_slots.acquire(lora_request.lora_int_id)
         self._groups[request_id] = group
         self._samples[request_id] = (sample, group)
-        self.stats["prompt_tokens"] += len(prompt_ids)
 
     def _pooling_params(self, params) -> Optional[PoolingParams]:
         """A pooling engine's request's ``PoolingParams`` (its default for None), checked; None on a generating
@@ -851,6 +850,7 @@ class LLMEngine:
             if not s.samples:  # more of the prompt to come
                 continue
             self.scheduler.finish_request(s.request.request_id, RequestStatus.FINISHED_STOPPED)
+            self.stats["prompt_tokens"] += len(group.prompt_token_ids)  # prompts counted once computed
             del self._groups[group.request_id]
             self._forget_samples(group)
             if self.pooling.classifier is not None:  # a sequence classifier: its head on the last row
@@ -922,6 +922,8 @@ class LLMEngine:
         """Token ``num_output_tokens`` of ``sample`` (already in its request's outputs): logprobs, text,
         stop checks. Outputs after it are tokens of a step still in flight."""
         self.stats["generation_tokens"] += 1
+        if num_output_tokens == 1:  # its prompt computed: counted then, once a sequence (vLLM's, a request of n
+            self.stats["prompt_tokens"] += len(group.prompt_token_ids)  # being n requests there)
         if sample.logprobs is not None:
             sample.logprobs.append(self._logprobs_entry(token, result, row, group.params.logprobs,
                                                         group.params.detokenize))

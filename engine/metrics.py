@@ -120,12 +120,13 @@ class ServingMetrics:
 
     def on_finished(self, finished: "FinishedSequence") -> None:
         """A sequence finished: one observation each of its latency, tokens and parameters, one success (vLLM's
-        counts, a request of ``n`` sequences being ``n`` requests there)."""
+        counts, a request of ``n`` sequences being ``n`` requests there; ``n`` itself once a request)."""
         self._e2e.observe(finished.e2e_s)
         self._success.labels(model_name=self._model_name, finished_reason=finished.finish_reason).inc()
         self._prompt_tokens.observe(finished.prompt_tokens)
         self._generation_tokens.observe(finished.generation_tokens)
-        self._params_n.observe(finished.n)
+        if finished.n is not None:
+            self._params_n.observe(finished.n)
         if finished.max_tokens is not None:
             self._params_max_tokens.observe(finished.max_tokens)
         if finished.time_per_output_token_s is not None:
@@ -204,7 +205,8 @@ class _EngineStateCollector(Collector):
             family.add_metric(labels, value)
             yield family
         counters = [
-            ("prompt_tokens", "Prompt tokens admitted.", stats["prompt_tokens"]),
+            ("prompt_tokens", "Prompt tokens computed (a sequence's once its first token came).",
+             stats["prompt_tokens"]),
             ("generation_tokens", "Tokens generated.", stats["generation_tokens"]),
             ("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).", stats["num_preemptions"]),
             ("prefix_cache_queries", "Tokens of admitted requests looked up in the prefix cache.",

@@ -1049,7 +1049,8 @@ def test_many_clients_leaving_at_once_are_dropped_within_a_step_or_two(served):
 
 def test_a_request_of_n_sequences_counts_as_n_in_the_latency_metrics(served):
     """vLLM splits a request of ``n`` sequences into ``n`` requests: each has its time to first token, its
-    intervals between tokens and its end-to-end latency; every success series exists from the start."""
+    intervals between tokens, its end-to-end latency and its prompt's tokens; ``n`` itself is observed once; every
+    success series exists from the start."""
     before = served.metrics()
     for reason in ("stop", "length", "abort"):
         assert f'vllm:request_success_total{{finished_reason="{reason}"}}' in before
@@ -1067,7 +1068,10 @@ def test_a_request_of_n_sequences_counts_as_n_in_the_latency_metrics(served):
     # vLLM's per-request histograms: tokens, parameters, time per output token
     prompt_tokens = len(served.async_llm.tokenizer.encode(PROMPTS[0]))
     assert grew("vllm:request_prompt_tokens_count") == 3 and grew("vllm:request_prompt_tokens_sum") == 3 * prompt_tokens
-    assert grew("vllm:request_generation_tokens_sum") == 3 * 5 and grew("vllm:request_params_n_sum") == 3 * 3
+    assert grew("vllm:request_generation_tokens_sum") == 3 * 5
+    assert grew("vllm:prompt_tokens_total") == 3 * prompt_tokens  # each sequence's prompt, as vLLM's n requests
+    # n once a request (vLLM's parent request observes it when its last child ends)
+    assert grew("vllm:request_params_n_count") == 1 and grew("vllm:request_params_n_sum") == 3
     assert grew("vllm:request_params_max_tokens_sum") == 3 * 5
     assert grew("vllm:request_time_per_output_token_seconds_count") == 3
     for phase in ("queue", "prefill", "decode", "inference"):  # vLLM's phases, from the engine's scheduling time
