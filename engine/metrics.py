@@ -3,7 +3,9 @@
 The prefix is vLLM's own, so dashboards, alerts and autoscalers written for vLLM
 read this server unchanged; the few metrics vLLM lacks (KV blocks used and
 total, largest batch) use the same prefix. Every metric carries a ``model_name``
-label, as vLLM's do.
+label, as vLLM's do. vLLM's names from before 0.11 (``gpu_cache_usage_perc``,
+``gpu_prefix_cache_queries`` / ``_hits``, ``time_per_output_token_seconds``) are served beside
+their successors, so dashboards of those versions read this server too.
 
 Owns one ``CollectorRegistry`` per ``ServingMetrics`` (never the global default,
 so several servers or tests in one process do not collide): latency histograms
@@ -99,7 +101,8 @@ class ServingMetrics:
         self._ttft = histogram("time_to_first_token_seconds", "Time to first token in seconds.", TTFT_BUCKETS)
         self._inter_token = _TokenHistogram(f"{METRIC_PREFIX}inter_token_latency_seconds",
                                             "Time between consecutive output tokens of a request, in seconds.",
-                                            INTER_TOKEN_BUCKETS, label)
+                                            INTER_TOKEN_BUCKETS, label,
+                                            also_named=[f"{METRIC_PREFIX}time_per_output_token_seconds"])
         self.registry.register(self._inter_token)
         self._e2e = histogram("e2e_request_latency_seconds",
                               "End-to-end request latency (arrival to last output) in seconds.", E2E_BUCKETS)
@@ -150,8 +153,9 @@ class _TokenHistogram(Collector):
     histogram was ~15% of the server process's samples (``py-spy``, benchmarks/NOTES.md), on the thread that hands
     the engine's outputs to the streams. ``count``: that many tokens of the same interval in one call."""
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float], labels: dict):
-        self._name, self._documentation, self._labels = name, documentation, dict(labels)
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], labels: dict,
+                 also_named: Sequence[str] = ()):
+        self._names, self._documentation, self._labels = (name, *also_named), documentation, dict(labels)
         self._bounds = list(buckets)  # upper bounds; +Inf after them
         self._counts = [0] * (len(self._bounds) + 1)
         self._sum = 0.0
@@ -173,9 +177,10 @@ class _TokenHistogram(Collector):
         for bound, n in zip([*map(floatToGoString, self._bounds), "+Inf"], counts):
             cumulative += n
             buckets.append((bound, cumulative))
-        family = HistogramMetricFamily(self._name, self._documentation, labels=list(self._labels))
-        family.add_metric(list(self._labels.values()), buckets, total)
-        yield family
+        for name in self._names:
+            family = HistogramMetricFamily(name, self._documentation, labels=list(self._labels))
+            family.add_metric(list(self._labels.values()), buckets, total)
+            yield family
 
 
 class _EngineStateCollector(Collector):
@@ -196,6 +201,8 @@ class _EngineStateCollector(Collector):
             ("num_requests_running", "Sequences in the running batch.", stats["num_running"]),
             ("num_requests_waiting", "Sequences waiting to be scheduled.", stats["num_waiting"]),
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", used / usable if usable else 0.0),
+            ("gpu_cache_usage_perc", "kv_cache_usage_perc under vLLM's name before 0.11.", used / usable if usable
+             else 0.0),
             ("kv_cache_used_blocks", "KV-cache blocks in use.", used),
             ("kv_cache_total_blocks", "KV-cache blocks that can be handed out.", usable),
             ("max_batch_seqs", "Largest number of sequences run in one engine step so far.", stats["max_batch_seqs"]),
@@ -212,6 +219,9 @@ class _EngineStateCollector(Collector):
             ("prefix_cache_queries", "Tokens of admitted requests looked up in the prefix cache.",
              stats["prefix_cache_queries"]),
             ("prefix_cache_hits", "Tokens of admitted requests found in the prefix cache.", stats["prefix_cache_hits"]),
+            ("gpu_prefix_cache_queries", "prefix_cache_queries under vLLM's name before 0.11.",
+             stats["prefix_cache_queries"]),
+            ("gpu_prefix_cache_hits", "prefix_cache_hits under vLLM's name before 0.11.", stats["prefix_cache_hits"]),
             ("spec_decode_num_drafts", "Decodes that ran speculative drafts.", stats.get("spec_decode_num_drafts", 0)),
             ("spec_decode_num_draft_tokens", "Speculative draft tokens run.",
              stats.get("spec_decode_num_draft_tokens", 0)),

@@ -15,6 +15,7 @@ server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -258,6 +259,49 @@ def test_server_options_chat_template_and_cors(served, tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_request_ids_from_the_client_and_the_server_load(served):
+    """vLLM's request ids: an ``X-Request-Id`` header names the response (``cmpl-<id>``), else the body's
+    ``request_id``; two requests with the same id both run; with ``request_id_headers`` (--enable-request-id-headers)
+    every response carries the header back (a new one where none came). ``/load`` counts the API requests in flight
+    (vLLM's server load)."""
+    app = build_app(served.async_llm, [served.model], metrics=ServingMetrics(served.model, served.async_llm.stats),
+                    request_id_headers=True)
+    server, thread, url = _serve_in_thread(app)
+    try:
+        body = {"prompt": "Hi", "max_tokens": 2}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # at once: the engine's ids stay apart
+            same = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=60,
+                                                      headers={"X-Request-Id": "trace-7"}), range(2)))
+        assert [r.json()["id"] for r in same] == ["cmpl-trace-7"] * 2
+        assert [r.headers["x-request-id"] for r in same] == ["trace-7"] * 2
+        chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "request_id": "b1"},
+                          timeout=60)
+        assert chat.json()["id"] == "chatcmpl-b1" and len(chat.headers["x-request-id"]) == 32
+        assert httpx.get(f"{url}/load").json() == {"server_load": 0}
+        release = threading.Event()
+
+        @app.get("/v1/held")  # an API route answered only once the test says so
+        async def held() -> dict:
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+            return {}
+
+        waiting = threading.Thread(target=httpx.get, args=(f"{url}/v1/held",), kwargs={"timeout": 60})
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/load").json() != {"server_load": 1}:
+            assert time.monotonic() < deadline, "the held request never counted"
+            time.sleep(0.01)
+        release.set()
+        waiting.join()
+        assert httpx.get(f"{url}/load").json() == {"server_load": 0}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    plain = httpx.post(f"{served.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert "x-request-id" not in plain.headers and plain.json()["id"].startswith("cmpl-")
 
 
 def test_chat_answers_paris(served):
@@ -1090,6 +1134,10 @@ def test_metrics(served):
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:num_preemptions_total"):
         assert name in metrics
+    # vLLM's names before 0.11, beside their successors (dashboards of those versions)
+    assert metrics["vllm:gpu_cache_usage_perc"] == metrics["vllm:kv_cache_usage_perc"]
+    assert metrics["vllm:gpu_prefix_cache_queries_total"] >= metrics["vllm:gpu_prefix_cache_hits_total"]
+    assert metrics["vllm:time_per_output_token_seconds_count"] == metrics["vllm:inter_token_latency_seconds_count"]
     assert metrics["vllm:kv_cache_total_blocks"] == served.async_llm.stats()["num_usable_blocks"]
     assert metrics['vllm:request_success_total{finished_reason="length"}'] > 0
     assert metrics['vllm:time_to_first_token_seconds_bucket{le="+Inf"}'] == metrics[
@@ -1393,6 +1441,12 @@ def test_vllm_command_lines_start_as_they_are(monkeypatch, caplog):
     for bad in (["--port", "99999"], ["--max-model-len", "1.5K"], ["/a", "--model", "/b"]):
         with pytest.raises(SystemExit):
             parse_cli(make_arg_parser(), bad)
+    # vLLM's server flags: taken, with an effect where one exists here
+    args = parse_cli(make_arg_parser(), ["--max-log-len", "100", "--enable-request-id-headers",
+                                         "--disable-uvicorn-access-log", "--show-hidden-metrics-for-version", "0.10",
+                                         "--enable-prompt-tokens-details", "--enable-server-load-tracking",
+                                         "--disable-frontend-multiprocessing"])
+    assert args.enable_request_id_headers and args.disable_uvicorn_access_log and not args.engine_process
 
 
 def test_multi_step_decoding_streams_the_same_text_and_counts_each_tokens_interval(served, reference):

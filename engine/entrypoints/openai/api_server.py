@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextvars
 import dataclasses
 import functools
 import gc
@@ -36,6 +37,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from typing import Any, AsyncIterator, Callable, Iterable, Literal, Optional, Sequence, Union
 
 import numpy as np
@@ -60,7 +62,7 @@ from engine.entrypoints.openai.protocol import (
     UpdateWeightsFromDiskRequest,
     NamedToolChoice, PromptLogprob, PromptLogprobs, PromptTokenUsageInfo, RerankDocument, RerankRequest,
     RerankResponse, RerankResult, ScoreData, ScoreRequest, ScoreResponse,
-    TokenizeRequest, TokenizeResponse, UsageInfo, random_id,
+    TokenizeRequest, TokenizeResponse, UsageInfo,
 )
 from engine.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
 from engine.entrypoints.openai.responses import (EventWriter, ResponsesRequest, ResponseStore, assistant_turn, item_id,
@@ -169,6 +171,51 @@ class _InternalErrorMiddleware:
             await _error_response(500, info)(scope, receive, send)
 
 
+_CLIENT_REQUEST_ID: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("client_request_id", default=None)
+
+
+def response_id(prefix: str, req=None) -> str:
+    """A response's id, as vLLM's: ``<prefix>-`` and the request's ``X-Request-Id`` header, else its body's
+    ``request_id``, else a random one."""
+    return f"{prefix}-{_CLIENT_REQUEST_ID.get() or getattr(req, 'request_id', None) or uuid.uuid4().hex}"
+
+
+def engine_id(request_id: str, index: int) -> str:
+    """The engine's id of a response's prompt ``index``: unique whatever id a client gave (two requests may bring
+    the same ``X-Request-Id``)."""
+    return f"{request_id}-{index}-{uuid.uuid4().hex[:8]}"
+
+
+class _RequestIdMiddleware:
+    """Plain ASGI middleware: a request's ``X-Request-Id`` header names its response (``response_id``); with
+    ``echo`` (vLLM's ``--enable-request-id-headers``) the response carries it back (a new one where none came)."""
+
+    def __init__(self, app, echo: bool):
+        self.app, self.echo = app, echo
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((value.decode("latin-1") for key, value in scope["headers"] if key == b"x-request-id"), None)
+        reply = (given or uuid.uuid4().hex).encode("latin-1")
+
+        async def sending(message):
+            if self.echo and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", reply)]}
+            await send(message)
+
+        token = _CLIENT_REQUEST_ID.set(given)
+        counted = scope["path"].startswith("/v1/")  # the load /load reports
+        state = scope["app"].state
+        state.requests_in_flight += counted
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            state.requests_in_flight -= counted
+            _CLIENT_REQUEST_ID.reset(token)
+
+
 class _APIKeyMiddleware:
     """Plain ASGI middleware: /v1/* needs ``Authorization: Bearer <api key>`` (checked before the body)."""
 
@@ -199,7 +246,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
               reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
               allowed_origins: Sequence[str] = (), lora_modules: Sequence[LoRAModulePath] = (),
               allow_runtime_lora_updating: Optional[bool] = None, dev_mode: Optional[bool] = None,
-              trust_request_chat_template: bool = False) -> FastAPI:
+              trust_request_chat_template: bool = False, request_id_headers: bool = False) -> FastAPI:
     """The FastAPI app over ``async_llm``. Several apps may share one ``AsyncLLM`` (pass the
     same ``metrics`` to share it too; by default a new one is made and registered). ``tool_parser``: a name in
     ``TOOL_PARSERS``, which allows ``tool_choice="auto"``; ``reasoning_parser``: one in ``REASONING_PARSERS``;
@@ -210,7 +257,8 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     ``dev_mode``: serve vLLM's development routes, /sleep, /wake_up and /is_sleeping (None: as VLLM_SERVER_DEV_MODE=1
     says, as vLLM); ``trust_request_chat_template``: render a Jinja template a request brings (``chat_template``,
     or one in ``chat_template_kwargs``); refused by default, as vLLM does, since a template is code that runs on the
-    server (a loop of a billion steps, say).
+    server (a loop of a billion steps, say); ``request_id_headers``: each response carries an ``X-Request-Id``
+    header (the request's own, else a new one; vLLM's ``--enable-request-id-headers``).
     Raises ValueError for adapters the server cannot serve (LoRA off, a name taken twice)."""
     serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser, chat_template,
                             lora_modules, trust_request_chat_template)
@@ -218,9 +266,10 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
         metrics = ServingMetrics(served_model_names[0], async_llm.stats, async_llm.max_model_len)
         async_llm.add_stat_logger(metrics)
     app = FastAPI(title="pagedjax OpenAI-compatible server", version=server_version())
-    app.state.serving, app.state.metrics = serving, metrics
+    app.state.serving, app.state.metrics, app.state.requests_in_flight = serving, metrics, 0
     _install_error_handlers(app)
     app.add_middleware(_InternalErrorMiddleware)  # the innermost of the middlewares added here
+    app.add_middleware(_RequestIdMiddleware, echo=request_id_headers)  # its header on a 500 too
     if api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
     if allowed_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before the key check
@@ -228,6 +277,11 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
 
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
+
+    @app.get("/load")
+    async def load() -> dict:
+        """vLLM's server load: the API requests (/v1/...) being answered now, streams included."""
+        return {"server_load": app.state.requests_in_flight}
 
     @app.get("/health")
     @app.get("/ping")  # vLLM's (SageMaker's) alias
@@ -532,7 +586,7 @@ class OpenAIServing:
         for prompt in prompts:
             self._check_length(len(prompt.token_ids), params.max_tokens if "max_tokens" in req.model_fields_set
                                else None, "prompt", "max_tokens")
-        request_id = random_id("cmpl")
+        request_id = response_id("cmpl", req)
         if req.use_beam_search:
             streams = self._beam_searches(request_id, prompts, params, req, lora_request)
         else:
@@ -574,7 +628,7 @@ class OpenAIServing:
             params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
         except ValueError as e:
             raise bad_request(str(e), param="dimensions") from None
-        request_id = random_id("embd")
+        request_id = response_id("embd", req)
         vectors, tokens = await self._embedded(request_id, req.input, "input", params, req.priority, lora,
                                                add_special_tokens=req.add_special_tokens,
                                                truncate_prompt_tokens=req.truncate_prompt_tokens)
@@ -590,7 +644,7 @@ class OpenAIServing:
         if not self._is_classifier:
             raise bad_request("classify needs a sequence classifier (a ...ForSequenceClassification checkpoint)",
                               param="model", code="model_not_supported")
-        request_id = random_id("classify")
+        request_id = response_id("classify", req)
         finals, tokens = await self._pooled(request_id, req.input, "input", PoolingParams(
             use_activation=req.use_activation), req.priority, lora)
         labels = self._class_labels
@@ -629,7 +683,7 @@ class OpenAIServing:
                                    use_activation=req.use_activation)
         except ValueError as e:
             raise bad_request(str(e), param="dimensions") from None
-        request_id = random_id("pool")
+        request_id = response_id("pool", req)
         finals, tokens = await self._pooled(request_id, texts, "messages" if req.messages else "input", params,
                                             req.priority, lora, add_special_tokens=req.add_special_tokens,
                                             truncate_prompt_tokens=req.truncate_prompt_tokens)
@@ -646,7 +700,7 @@ class OpenAIServing:
             pairs = score_pairs(first, second)
         except ValueError as e:
             raise bad_request(str(e), param="text_2") from None
-        request_id = random_id("score")
+        request_id = response_id("score", req)
         vectors, tokens = await self._embedded(request_id, first + second, "text_1", PoolingParams(), req.priority,
                                                lora)
         data = [ScoreData(index=k, score=cosine(vectors[i], vectors[len(first) + j])) for k, (i, j) in enumerate(pairs)]
@@ -659,7 +713,7 @@ class OpenAIServing:
         model, lora = self._resolve_model(req)
         if not req.documents:
             raise bad_request("documents is empty", param="documents")
-        request_id = random_id("rerank")
+        request_id = response_id("rerank", req)
         vectors, tokens = await self._embedded(request_id, [req.query] + req.documents, "documents", PoolingParams(),
                                                req.priority, lora)
         results = sorted((RerankResult(index=i, document=RerankDocument(text=text),
@@ -794,7 +848,7 @@ class OpenAIServing:
         tool_choice, structured, params, prompt = await self._chat_inputs(
             req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
             {"max_tokens": max_tokens_field, "logprobs": "top_logprobs"})
-        request_id = random_id("chatcmpl")
+        request_id = response_id("chatcmpl", req)
         if req.use_beam_search:
             streams = self._beam_searches(request_id, [prompt], params, req, lora_request)
         else:
@@ -1260,7 +1314,7 @@ class OpenAIServing:
                 for prompt in prompts]
         except ValueError as e:  # the width: max_tokens leaves at least one token (_check_length)
             raise bad_request(f"n (the beam width) with use_beam_search: {e}", param="n") from None
-        return [self.async_llm.beam_search(f"{request_id}-{i}", prompt.token_ids, search, prompt=prompt.text,
+        return [self.async_llm.beam_search(engine_id(request_id, i), prompt.token_ids, search, prompt=prompt.text,
                                            lora_request=lora_request)
                 for i, (prompt, search) in enumerate(zip(prompts, searches))]
 
@@ -1272,7 +1326,7 @@ class OpenAIServing:
         it set another way; the engine's refusal of the adapter, read when a request first names it: ``model``)."""
         try:
             return await self.async_llm.add_requests(
-                [(f"{request_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)],
+                [(engine_id(request_id, i), prompt.token_ids, params) for i, prompt in enumerate(prompts)],
                 priority=priority, lora_request=lora_request)
         except ValueError as e:  # the engine's refusals name the field first when it is not the prompt
             if lora_request is not None and _about_adapter(str(e), lora_request):
@@ -1732,8 +1786,14 @@ def make_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="run the engine loop in a child process of its own, so streaming many responses "
                              "never holds up the engine's steps (one GIL each; engine.engine_process)")
+    parser.add_argument("--disable-frontend-multiprocessing", dest="engine_process", action="store_false",
+                        help="vLLM's name of --no-engine-process: the engine loop in the server's process")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
+    parser.add_argument("--disable-uvicorn-access-log", action="store_true",
+                        help="no line a request in uvicorn's access log")
+    parser.add_argument("--enable-request-id-headers", action="store_true",
+                        help="each response carries an X-Request-Id header (the request's own, else a new one)")
     ignored = parser.add_argument_group("vLLM flags taken for its command lines, with no effect here")
     for flag, kwargs in IGNORED_VLLM_FLAGS.items():
         ignored.add_argument(flag, dest=_ignored_dest(flag), default=None, help=kwargs["why"],
@@ -1747,6 +1807,12 @@ _IGNORED_FLAG_KINDS = {"swap_space": dict(type=float), "max_seq_len_to_capture":
 IGNORED_VLLM_FLAGS = {
     "--disable-log-requests": dict(action="store_true", why="requests are not logged anyway"),
     "--enable-log-requests": dict(action="store_true", why="requests are not logged"),
+    "--max-log-len": dict(type=int, why="requests are not logged"),
+    "--enable-server-load-tracking": dict(action="store_true", why="/load counts the API requests in flight always"),
+    "--enable-prompt-tokens-details": dict(action="store_true",
+                                           why="usage always has prompt_tokens_details (cached_tokens)"),
+    "--show-hidden-metrics-for-version": dict(type=str, why="vLLM's older metric names are always served "
+                                                            "beside the new ones"),
     **{"--" + name.replace("_", "-"): dict(why=why, **_IGNORED_FLAG_KINDS.get(name, dict(action="store_true")))
        for name, why in IGNORED_VLLM_ARGS.items()},
 }
@@ -1881,7 +1947,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     tool_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                     reasoning_parser=args.reasoning_parser, chat_template=chat_template,
                     allowed_origins=args.allowed_origins, lora_modules=args.lora_modules or (),
-                    trust_request_chat_template=args.trust_request_chat_template)
+                    trust_request_chat_template=args.trust_request_chat_template,
+                    request_id_headers=args.enable_request_id_headers)
     for name, adapter in app.state.serving.lora_adapters.items():  # read now, as vLLM: a bad one stops start-up
         try:
             asyncio.run(async_llm.add_lora(adapter.request))
@@ -1902,7 +1969,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # No ASGI lifespan: the app has no start-up or shutdown handlers, and under uvicorn 0.55 a second Ctrl-C logged
     # the lifespan task's cancellation as an ERROR with a traceback.
     try:
-        config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5, lifespan="off")
+        config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5, lifespan="off",
+                                access_log=not args.disable_uvicorn_access_log)
         server = InterruptibleUntilStopped(config)
         watch_engine(async_llm, server)
         server.run(sockets=[sock])

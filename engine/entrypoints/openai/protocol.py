@@ -71,6 +71,7 @@ class _SamplingFields(_NullMeansDefault):
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None  # None: the first served model name (as vLLM)
+    request_id: Optional[str] = None  # vLLM's: names the response (after an X-Request-Id header)
     n: int = 1
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -260,6 +261,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None
+    request_id: Optional[str] = None  # vLLM's: names the response (after an X-Request-Id header)
     input: Union[str, list[str], list[int], list[list[int]]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = None
