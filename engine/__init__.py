@@ -82,6 +82,7 @@ _EXPORTS = {
     "LLM": "engine.llm",
     "SamplingParams": "engine.sampling_params",
     "StructuredOutputsParams": "engine.sampling_params",
+    "GuidedDecodingParams": "engine.sampling_params",
     "BeamSearchParams": "engine.beam_search",
     "LoRARequest": "engine.lora",
     "PoolingParams": "engine.pooling",

@@ -55,6 +55,11 @@ class StructuredOutputsParams:
     choice: the output is exactly one of these strings.
     grammar: a Lark grammar (llguidance's syntax), or a GBNF / EBNF one, the output must parse as.
     json_object: any JSON object (OpenAI's ``response_format={"type": "json_object"}``).
+
+    vLLM's options of the JSON forms: ``disable_any_whitespace`` (no whitespace between tokens),
+    ``whitespace_pattern`` (a regex the whitespace must match), ``disable_additional_properties`` (an object schema
+    without ``additionalProperties`` is closed, as xgrammar closes it); ``disable_fallback`` and ``backend`` are taken
+    and change nothing (llguidance is the one backend, with none to fall back to). ``structural_tag`` is refused.
     """
 
     json: str | dict | None = None
@@ -62,10 +67,20 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
+    disable_additional_properties: bool = False
+    disable_fallback: bool = False
+    backend: str | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.choice, tuple):
             self.choice = list(self.choice)
+        _require(self.structural_tag is None, "structured_outputs",
+                 "structural_tag is not supported (json, regex, choice, grammar or json_object are)", "structural_tag")
+        _require(self.whitespace_pattern is None or isinstance(self.whitespace_pattern, str), "structured_outputs",
+                 "whitespace_pattern must be a regular expression", self.whitespace_pattern)
         given = [name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False)]
         _require(len(given) == 1, "structured_outputs", f"must set exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}",
                  given)
@@ -85,6 +100,8 @@ class StructuredOutputsParams:
 
 
 STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+STRUCTURED_OUTPUT_FIELDS = tuple(field.name for field in dataclasses.fields(StructuredOutputsParams))
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's name before 0.11 (SamplingParams.guided_decoding)
 
 
 @dataclasses.dataclass
@@ -174,6 +191,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: str | list[str] | None = None
     structured_outputs: StructuredOutputsParams | dict | None = None
+    guided_decoding: StructuredOutputsParams | dict | None = None  # vLLM's name before 0.11: moved to the above
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     best_of: int | None = None
@@ -254,9 +272,13 @@ class SamplingParams:
             self.logit_bias = None
         if isinstance(self.allowed_token_ids, tuple):
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.guided_decoding is not None:
+            _require(self.structured_outputs is None, "guided_decoding",
+                     "is the older name of structured_outputs: give one", self.guided_decoding)
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         if isinstance(self.structured_outputs, dict):
-            unknown = sorted(set(self.structured_outputs) - set(STRUCTURED_OUTPUT_KINDS))
-            _require(not unknown, "structured_outputs", f"takes only {', '.join(STRUCTURED_OUTPUT_KINDS)}", unknown)
+            unknown = sorted(set(self.structured_outputs) - set(STRUCTURED_OUTPUT_FIELDS))
+            _require(not unknown, "structured_outputs", f"takes only {', '.join(STRUCTURED_OUTPUT_FIELDS)}", unknown)
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is True:  # as vLLM takes it: one most likely token

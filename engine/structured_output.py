@@ -25,6 +25,10 @@ def grammar_text(params: StructuredOutputsParams) -> str:
     from llguidance import LLMatcher
 
     kind = params.kind
+    # vLLM's guidance backend's JSON options: whitespace between tokens allowed unless disable_any_whitespace
+    options = {"whitespace_flexible": not params.disable_any_whitespace}
+    if params.whitespace_pattern is not None:
+        options["whitespace_pattern"] = params.whitespace_pattern
     if kind == "json":
         schema = params.json
         if isinstance(schema, str):
@@ -32,9 +36,11 @@ def grammar_text(params: StructuredOutputsParams) -> str:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
                 raise ValueError(f"not valid JSON: {e}") from None
-        return LLMatcher.grammar_from_json_schema(schema)
+        if params.disable_additional_properties:
+            schema = closed_objects(schema)
+        return LLMatcher.grammar_from_json_schema(schema, defaults=options)
     if kind == "json_object":
-        return LLMatcher.grammar_from_json_schema({"type": "object"})
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=options)
     if kind == "regex":
         return LLMatcher.grammar_from_regex(params.regex)
     if kind == "choice":
@@ -43,6 +49,19 @@ def grammar_text(params: StructuredOutputsParams) -> str:
 
     # Lark, or GBNF / EBNF (``root ::= ...``: xgrammar's form, vLLM's examples), which llguidance converts to Lark
     return grammar_from("grammar", params.grammar)
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every ``"type": "object"`` schema that leaves it unset,
+    as vLLM's ``disable_additional_properties`` sets it (xgrammar's default)."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: closed_objects(value) for key, value in schema.items()}
+    if schema.get("type") == "object" and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
 
 
 class Grammars:

@@ -603,6 +603,14 @@ def test_structured_outputs_through_response_format_and_vllms_fields(served):
     out = client.completions.create(model=served.model, prompt="A JSON object:", temperature=0, max_tokens=40,
                                     extra_body={"response_format": {"type": "json_object"}})
     assert out.choices[0].text.startswith("{")
+    # vLLM's JSON options: no whitespace between tokens (structured_outputs' field, or the older guided_ one)
+    for extra in ({"structured_outputs": {"json": schema, "disable_any_whitespace": True}},
+                  {"guided_json": schema, "guided_whitespace_pattern": "", "guided_decoding_backend": "xgrammar"}):
+        out = client.completions.create(model=served.model, prompt="A place as JSON:", temperature=0, max_tokens=40,
+                                        extra_body=extra)
+        text = out.choices[0].text
+        compact = json.dumps(json.loads(text), ensure_ascii=False, separators=(",", ":"))
+        assert set(json.loads(text)) == {"city", "country"} and text == compact, text
 
 
 WEATHER = {"type": "function", "function": {

@@ -1463,6 +1463,8 @@ def _structured_outputs(req, tool_schema: Optional[dict] = None) -> tuple[Option
     if len(given) > 1:
         raise bad_request(f"{given[0][0]} and {given[1][0]} both constrain the output: give one",
                           param=given[1][0])
+    if given and getattr(req, "guided_whitespace_pattern", None) is not None:
+        given[0][1]["whitespace_pattern"] = req.guided_whitespace_pattern
     return (given[0][1], given[0][0]) if given else (None, None)
 
 

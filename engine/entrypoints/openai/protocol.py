@@ -105,6 +105,8 @@ class _SamplingFields(_NullMeansDefault):
     guided_regex: Optional[str] = None
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None  # vLLM's older options of the JSON forms; the backend's name is
+    guided_decoding_backend: Optional[str] = None  # taken and changes nothing (llguidance is the one backend)
     # vLLM's beam search: ``n`` beams, ranked by cumulative logprob over length ** length_penalty.
     use_beam_search: bool = False
     length_penalty: float = 1.0
