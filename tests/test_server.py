@@ -527,6 +527,20 @@ def test_streaming_equals_non_streamed(served, reference):
     assert stream[-1].usage.model_dump() == chat.usage.model_dump()
 
 
+def test_streamed_choices_come_one_a_chunk(served):
+    """``n`` > 1 streamed: each chunk carries one choice, as vLLM's and OpenAI's (a client reading ``choices[0]``
+    sees every token), and each index's text is the non-streamed one's (seeded)."""
+    client = served.client()
+    sampled = dict(model=served.model, n=2, max_tokens=6, temperature=1.0, seed=11)
+    whole = client.completions.create(prompt=PROMPTS[0], **sampled)
+    chunks = list(client.completions.create(prompt=PROMPTS[0], stream=True, **sampled))
+    assert all(len(c.choices) == 1 for c in chunks)
+    assert ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(2)] == \
+        [choice.text for choice in whole.choices]
+    chat = list(client.chat.completions.create(messages=CHAT, stream=True, **sampled))
+    assert all(len(c.choices) == 1 for c in chat) and {c.choices[0].index for c in chat} == {0, 1}
+
+
 def test_continuous_usage_stats_count_each_chunks_tokens(served):
     """vLLM's stream_options.continuous_usage_stats: every chunk's usage counts the tokens so far, on both
     endpoints; the last, usage-only chunk has the totals."""

@@ -829,8 +829,8 @@ class OpenAIServing:
                     choices.append(CompletionChoice(index=index, text=prefix + delta, logprobs=logprobs,
                                                     finish_reason=completion.finish_reason,
                                                     stop_reason=completion.stop_reason))
-            if choices:
-                yield _sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+            for choice in choices:  # one choice a chunk, as vLLM and OpenAI send them
+                yield _sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
                                               usage=_usage([output]) if _continuous_usage(req) else None))
         if req.stream_options is not None and req.stream_options.include_usage:
             yield _sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
@@ -972,8 +972,8 @@ class OpenAIServing:
                                                                 reasoning_content=thinking or None),
                         logprobs=logprobs, finish_reason=completion.finish_reason,
                         stop_reason=completion.stop_reason))
-            if choices:
-                yield chunk(choices)
+            for choice in choices:  # one choice a chunk, as vLLM and OpenAI send them
+                yield chunk([choice])
         if req.stream_options is not None and req.stream_options.include_usage and final is not None:
             yield chunk([], usage=_usage([final]))
 
