@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
@@ -128,7 +129,7 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
-        params_list = _per_prompt(params, len(prompts), "sampling_params")
+        params_list = _per_prompt(params, len(prompts), "sampling_params", SamplingParams)
         return self._run(prompts, params_list, use_tqdm, priority, "Generating",
                          _per_prompt(lora_request, len(prompts), "lora_requests"))
 
@@ -360,13 +361,16 @@ class LLM:
             loop.shutdown()
 
 
-def _per_prompt(value, num_prompts: int, name: str) -> list:
-    """One ``value`` for every prompt, or a list of one a prompt (checked: as many as there are prompts)."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != num_prompts:
-            raise ValueError(f"got {len(value)} {name} for {num_prompts} prompts")
-        return list(value)
-    return [value] * num_prompts
+def _per_prompt(value, num_prompts: int, name: str, kind: Optional[type] = None) -> list:
+    """One ``value`` for every prompt, or a list of one a prompt (checked: as many as there are prompts; each a
+    ``kind`` where one is given)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * num_prompts
+    if len(values) != num_prompts:
+        raise ValueError(f"got {len(values)} {name} for {num_prompts} prompts")
+    wrong = next((v for v in values if kind is not None and not isinstance(v, kind)), kind)
+    if wrong is not kind:
+        raise TypeError(f"{name} must be {kind.__name__} (or a list of one a prompt), got {type(wrong).__name__}")
+    return values
 
 
 PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
@@ -375,10 +379,15 @@ PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, str) or isinstance(prompts, dict):
         prompts = [prompts]
-    elif prompts and isinstance(prompts[0], int):
+    elif not isinstance(prompts, Sequence) and not hasattr(prompts, "__array__"):
+        raise TypeError(f"prompts must be a text, token ids, a dict prompt or a list of those, got "
+                        f"{type(prompts).__name__}")
+    elif len(prompts) and isinstance(prompts[0], (int, np.integer)):
         prompts = [prompts]
     out = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (str, dict, Sequence)) and not hasattr(p, "__array__"):
+            raise TypeError(f"prompt {i} must be a text, token ids or a dict prompt, got {type(p).__name__}")
         if isinstance(p, dict):
             extra = sorted(set(p) - PROMPT_KEYS)
             if extra:  # vLLM's TextPrompt / TokensPrompt keys for images, processors, cache salts: none apply here

@@ -241,6 +241,11 @@ def test_bad_prompts_rejected_others_unaffected(llm, alone):
         llm.generate([PROMPTS[0], PROMPTS[1]], [], use_tqdm=False)
     with pytest.raises(ValueError, match="'multi_modal_data' is not supported: this engine serves text-only"):
         llm.generate({"prompt": PROMPTS[0], "multi_modal_data": {"image": None}}, GREEDY, use_tqdm=False)
+    for prompts, params, message in ((5, GREEDY, "prompts must be a text"), ([PROMPTS[0], 5], GREEDY, "prompt 1"),
+                                     (PROMPTS[0], {"temperature": 0}, "sampling_params must be SamplingParams"),
+                                     ([PROMPTS[0], PROMPTS[1]], [GREEDY, None], "got NoneType")):
+        with pytest.raises(TypeError, match=message):
+            llm.generate(prompts, params, use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == alone[0]
 
