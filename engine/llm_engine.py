@@ -110,6 +110,8 @@ class _RequestGroup:
     arrival_time: float
     max_output_tokens: int  # params.max_output_tokens for this prompt, computed once (checked every step)
     first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
     aborted: bool = False  # some sample's finish_reason is "abort"
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     first_output: bool = True  # DELTA: the prompt goes out with the first output only
@@ -802,7 +804,7 @@ class LLMEngine:
                 continue
             # The first token's place in the outputs (after the sequence's last known token; drafts follow it).
             index = s.start + s.num_tokens - len(s.draft_token_ids) - s.request.num_prompt_tokens
-            group.first_token_time = group.first_token_time or now
+            group.first_token_time, group.last_token_time = group.first_token_time or now, now
             if sample is group.samples[0] and len(group.samples) < group.params.n:
                 self._fork_samples(group, now)  # before the first token's stop checks may finish (and free) it
             for j, (token, result_index, row) in enumerate(sampled[i]):
@@ -979,11 +981,15 @@ class LLMEngine:
             ]
             prompt, prompt_token_ids, prompt_logprobs = group.prompt, group.prompt_token_ids, group.prompt_logprobs
         first = group.samples[0].request
+        if (finished or group.aborted) and group.finished_time is None:
+            group.finished_time = time.monotonic()
         output = RequestOutput(request_id=group.request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
                                outputs=completions, finished=finished or group.aborted,
                                num_cached_tokens=first.num_cached_tokens,
                                prompt_logprobs=prompt_logprobs, lora_request=group.lora_request,
-                               metrics=RequestMetrics(first.arrival_time, first.first_scheduled_time))
+                               metrics=RequestMetrics(first.arrival_time, first.first_scheduled_time,
+                                                      group.first_token_time, group.last_token_time,
+                                                      group.finished_time))
         if group.on_output is not None:
             group.on_output(output)
         return output

@@ -17,8 +17,9 @@ from engine.pooling import ClassificationRequestOutput, EmbeddingRequestOutput
 
 # One completion's delta: (index, tokens added, text added, cumulative logprob, logprobs entries added or None,
 # finish reason, stop reason). A request's: (finished, (prompt, prompt_token_ids, num_cached_tokens, prompt_logprobs,
-# lora_request, metrics) on its first output else None, completions' deltas). A request's first output comes after
-# the step that first scheduled it (or as it is aborted unscheduled), so its metrics then are final.
+# lora_request, metrics) on its first output else None, completions' deltas, its metrics again on its last output
+# else None). A request's first output comes after the step that first scheduled it (or as it is aborted
+# unscheduled); its last has the token and finish times too.
 
 
 def encode(output: Union[RequestOutput, EmbeddingRequestOutput, ClassificationRequestOutput]) -> tuple:
@@ -29,7 +30,8 @@ def encode(output: Union[RequestOutput, EmbeddingRequestOutput, ClassificationRe
     prompt = ((output.prompt, output.prompt_token_ids, output.num_cached_tokens, output.prompt_logprobs,
                output.lora_request, output.metrics) if output.prompt_token_ids is not None else None)
     return output.finished, prompt, [(c.index, c.token_ids, c.text, c.cumulative_logprob, c.logprobs,
-                                      c.finish_reason, c.stop_reason) for c in output.outputs]
+                                      c.finish_reason, c.stop_reason) for c in output.outputs], \
+        output.metrics if output.finished and prompt is None else None
 
 
 class DeltaDecoder:
@@ -41,11 +43,13 @@ class DeltaDecoder:
 
     def decode(self, request_id: str, delta: tuple) -> Union[RequestOutput, EmbeddingRequestOutput,
                                                              ClassificationRequestOutput]:
-        finished, prompt, completions = delta
+        finished, prompt, completions, *last_metrics = delta
         if isinstance(completions, (EmbeddingRequestOutput, ClassificationRequestOutput)):
             return completions
         if prompt is not None:
             self._prompt = prompt
+        if last_metrics and last_metrics[0] is not None:
+            self._prompt = (*self._prompt[:5], last_metrics[0])
         outputs = []
         for index, tokens_added, text_added, cumulative_logprob, logprobs_added, finish_reason, stop_reason \
                 in completions:

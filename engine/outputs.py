@@ -56,11 +56,15 @@ class CompletionOutput:
 
 @dataclasses.dataclass(frozen=True)
 class RequestMetrics:
-    """When the engine took a request and first scheduled it (``time.monotonic()``, one clock for every process of
-    the machine; vLLM's ``RequestMetrics`` names): its queue time, and the start of its prefill."""
+    """When the engine took a request, first scheduled it, had its first and latest tokens, and finished it
+    (``time.monotonic()``, one clock for every process of the machine; vLLM's ``RequestMetrics`` names): its queue
+    time, and the start of its prefill. None: not yet (never, for a request aborted while waiting)."""
 
     arrival_time: float
-    first_scheduled_time: Optional[float] = None  # None: never scheduled (aborted while waiting)
+    first_scheduled_time: Optional[float] = None
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
 
     @property
     def time_in_queue(self) -> Optional[float]:

@@ -106,6 +106,15 @@ def test_seeded_sampling_independent_of_batch(llm):
     assert batch[-1].outputs[0].token_ids == alone
 
 
+def test_request_metrics_times_come_in_order(llm):
+    """vLLM's ``RequestOutput.metrics``: arrival, first scheduling, first and last token, finish, in that order
+    (one monotonic clock)."""
+    (out,) = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    m = out.metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time < m.last_token_time <= m.finished_time
+    assert m.time_in_queue == m.first_scheduled_time - m.arrival_time
+
+
 def test_concurrent_threads_share_steps(llm, alone):
     results: dict[int, list[int]] = {}
     errors = []

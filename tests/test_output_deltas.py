@@ -31,7 +31,11 @@ def cumulative_and_delta_outputs(rng, steps: int, n: int, with_logprobs: bool):
             delta.append(CompletionOutput(text=new_text, token_ids=new_tokens,
                                           logprobs=new_logprobs if with_logprobs else None, **common))
         first = step == 0
-        metrics = RequestMetrics(arrival_time=10.0, first_scheduled_time=10.25)  # final from the first output on
+        # The queue and first-token times are final from the first output on; the last has the finish times (the
+        # parent's outputs between keep the first's)
+        metrics = (RequestMetrics(10.0, 10.25, 10.5, 12.0, 12.1) if last
+                   else RequestMetrics(arrival_time=10.0, first_scheduled_time=10.25, first_token_time=10.5,
+                                       last_token_time=10.5))
         yield (RequestOutput(request_id="r", prompt="a prompt", prompt_token_ids=[1, 2, 3], outputs=cumulative,
                              finished=last, num_cached_tokens=2, metrics=metrics),
                RequestOutput(request_id="r", prompt="a prompt" if first else None,
@@ -51,9 +55,11 @@ def test_decoded_outputs_equal_the_cumulative_ones_and_stay_as_delivered():
         assert delivered[-1].prompt == "a prompt" and delivered[-1].prompt_token_ids == [1, 2, 3]
 
 
-def test_only_the_first_delta_carries_the_prompt():
+def test_only_the_first_delta_carries_the_prompt_and_the_last_the_finish_times():
     deltas = [encode(d) for _, d in cumulative_and_delta_outputs(np.random.default_rng(0), steps=4, n=1,
                                                                  with_logprobs=False)]
-    metrics = RequestMetrics(arrival_time=10.0, first_scheduled_time=10.25)
+    metrics = RequestMetrics(arrival_time=10.0, first_scheduled_time=10.25, first_token_time=10.5,
+                             last_token_time=10.5)
     assert deltas[0][1] == ("a prompt", [1, 2, 3], 2, None, None, metrics) and all(d[1] is None for d in deltas[1:])
+    assert [d[3] for d in deltas] == [None] * 3 + [RequestMetrics(10.0, 10.25, 10.5, 12.0, 12.1)]
     assert metrics.time_in_queue == 0.25 and RequestMetrics(10.0).time_in_queue is None
