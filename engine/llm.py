@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import sys
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -324,6 +325,23 @@ class LLM:
         repeat prompts); returns the KV blocks that were freed."""
         return self._loop.call(lambda e: e.block_manager.reset_prefix_cache())
 
+    def start_profile(self, profile_dir: Optional[str] = None) -> None:
+        """vLLM's ``LLM.start_profile``: JAX's profiler traces what this process runs (the engine's steps, their
+        kernels) into ``profile_dir``, by default ``$VLLM_TORCH_PROFILER_DIR`` (vLLM's variable; the trace is
+        XLA's, for Perfetto or TensorBoard), until ``stop_profile``."""
+        import jax
+
+        profile_dir = profile_dir or os.environ.get(PROFILER_DIR_ENV)
+        if not profile_dir:
+            raise ValueError(f"the profiler needs a folder: start_profile(profile_dir) or ${PROFILER_DIR_ENV}")
+        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+
+    def stop_profile(self) -> None:
+        """End ``start_profile``'s trace and write it (``plugins/profile/<run>/`` under its folder)."""
+        import jax
+
+        jax.profiler.stop_trace()
+
     def sleep(self, level: int = 1) -> None:
         """vLLM's sleep mode: free the GPU memory of the weights (kept in host memory at level 1, discarded at level
         2), the KV cache and the step buffers, e.g. while an RL trainer uses the GPU; the prefix cache is emptied.
@@ -359,6 +377,9 @@ class LLM:
         loop = getattr(self, "_loop", None)
         if loop is not None and not _is_finalizing():  # at interpreter exit the (daemon) loop just stops
             loop.shutdown()
+
+
+PROFILER_DIR_ENV = "VLLM_TORCH_PROFILER_DIR"  # vLLM's: where start_profile writes its trace
 
 
 def _per_prompt(value, num_prompts: int, name: str, kind: Optional[type] = None) -> list:

@@ -115,6 +115,19 @@ def test_request_metrics_times_come_in_order(llm):
     assert m.time_in_queue == m.first_scheduled_time - m.arrival_time
 
 
+def test_start_and_stop_profile_write_a_trace(llm, tmp_path, monkeypatch):
+    """vLLM's ``start_profile`` / ``stop_profile``: JAX's trace of the steps in between, in the folder given or
+    ``$VLLM_TORCH_PROFILER_DIR``; without either a ValueError."""
+    monkeypatch.delenv("VLLM_TORCH_PROFILER_DIR", raising=False)
+    with pytest.raises(ValueError, match="VLLM_TORCH_PROFILER_DIR"):
+        llm.start_profile()
+    monkeypatch.setenv("VLLM_TORCH_PROFILER_DIR", str(tmp_path))
+    llm.start_profile()
+    llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
+    llm.stop_profile()
+    assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+
+
 def test_concurrent_threads_share_steps(llm, alone):
     results: dict[int, list[int]] = {}
     errors = []
