@@ -279,7 +279,7 @@ class LLM:
         from engine.tokenizer import render_chat_template
 
         if not isinstance(messages, (list, tuple)):
-            raise ValueError(f"messages must be a conversation (a list of message dicts) or a list of them, got "
+            raise TypeError(f"messages must be a conversation (a list of message dicts) or a list of them, got "
                              f"{type(messages).__name__} (a plain text prompt goes to generate)")
         tokenizer = self.get_tokenizer()
         conversations = messages if messages and isinstance(messages[0], (list, tuple)) else [messages]

@@ -58,7 +58,8 @@ class CompletionOutput:
 class RequestMetrics:
     """When the engine took a request, first scheduled it, had its first and latest tokens, and finished it
     (``time.monotonic()``, one clock for every process of the machine; vLLM's ``RequestMetrics`` names): its queue
-    time, and the start of its prefill. None: not yet (never, for a request aborted while waiting)."""
+    time, and the start of its prefill. None: not yet (never, for a request aborted while waiting). Through the
+    engine process (the server's), the token and finish times are current on a request's first and last outputs."""
 
     arrival_time: float
     first_scheduled_time: Optional[float] = None

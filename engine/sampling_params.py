@@ -58,8 +58,8 @@ class StructuredOutputsParams:
 
     vLLM's options of the JSON forms: ``disable_any_whitespace`` (no whitespace between tokens),
     ``whitespace_pattern`` (a regex the whitespace must match), ``disable_additional_properties`` (an object schema
-    without ``additionalProperties`` is closed, as xgrammar closes it); ``disable_fallback`` and ``backend`` are taken
-    and change nothing (llguidance is the one backend, with none to fall back to). ``structural_tag`` is refused.
+    without ``additionalProperties`` is closed, as xgrammar closes it); ``disable_fallback``, ``backend`` and
+    ``backend_was_auto`` are taken and change nothing (llguidance is the one backend, with none to fall back to). ``structural_tag`` is refused.
     """
 
     json: str | dict | None = None
@@ -72,6 +72,7 @@ class StructuredOutputsParams:
     disable_additional_properties: bool = False
     disable_fallback: bool = False
     backend: str | None = None
+    backend_was_auto: bool = False
     structural_tag: str | None = None
 
     def __post_init__(self) -> None:
@@ -191,7 +192,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: str | list[str] | None = None
     structured_outputs: StructuredOutputsParams | dict | None = None
-    guided_decoding: StructuredOutputsParams | dict | None = None  # vLLM's name before 0.11: moved to the above
+    guided_decoding: StructuredOutputsParams | dict | None = None  # vLLM's name before 0.11: the same as the above
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     best_of: int | None = None
@@ -272,14 +273,16 @@ class SamplingParams:
             self.logit_bias = None
         if isinstance(self.allowed_token_ids, tuple):
             self.allowed_token_ids = list(self.allowed_token_ids)
-        if self.guided_decoding is not None:
+        if self.guided_decoding is not None and self.guided_decoding is not self.structured_outputs:
             _require(self.structured_outputs is None, "guided_decoding",
                      "is the older name of structured_outputs: give one", self.guided_decoding)
-            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+            self.structured_outputs = self.guided_decoding
         if isinstance(self.structured_outputs, dict):
             unknown = sorted(set(self.structured_outputs) - set(STRUCTURED_OUTPUT_FIELDS))
             _require(not unknown, "structured_outputs", f"takes only {', '.join(STRUCTURED_OUTPUT_FIELDS)}", unknown)
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.guided_decoding is not None:  # the same object under both names, as code written for either reads
+            self.guided_decoding = self.structured_outputs
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is True:  # as vLLM takes it: one most likely token
                 setattr(self, name, 1)

@@ -51,15 +51,20 @@ def grammar_text(params: StructuredOutputsParams) -> str:
     return grammar_from("grammar", params.grammar)
 
 
+# Keywords whose values are data, not schemas: left as they are.
+DATA_KEYWORDS = ("const", "enum", "default", "examples")
+
+
 def closed_objects(schema: Any) -> Any:
-    """``schema`` with ``additionalProperties: false`` on every ``"type": "object"`` schema that leaves it unset,
-    as vLLM's ``disable_additional_properties`` sets it (xgrammar's default)."""
+    """``schema`` with ``additionalProperties: false`` on every object schema that names its properties
+    (``properties`` / ``patternProperties``) and leaves it unset, as vLLM's guidance backend closes them for
+    ``disable_additional_properties``; a free-form object stays open."""
     if isinstance(schema, list):
         return [closed_objects(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    closed = {key: closed_objects(value) for key, value in schema.items()}
-    if schema.get("type") == "object" and "additionalProperties" not in schema:
+    closed = {key: value if key in DATA_KEYWORDS else closed_objects(value) for key, value in schema.items()}
+    if ("properties" in schema or "patternProperties" in schema) and "additionalProperties" not in schema:
         closed["additionalProperties"] = False
     return closed
 

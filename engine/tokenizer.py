@@ -124,6 +124,7 @@ def render_chat_template(
     template_kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
                        **({"tools": list(tools)} if tools else {}),
                        **({"chat_template": chat_template} if chat_template else {}), **(chat_template_kwargs or {})}
+    template_kwargs.pop("tokenize", None)  # the text is what comes back here (vLLM drops it too)
     if template_kwargs["continue_final_message"] and template_kwargs["add_generation_prompt"]:
         raise ValueError("continue_final_message continues the last message: pass add_generation_prompt=False")
     if not getattr(tokenizer, "chat_template", None) and not template_kwargs.get("chat_template"):

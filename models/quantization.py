@@ -585,14 +585,20 @@ def _unpack_int32_fields(x: np.ndarray, axis: int, bits: int = 4) -> np.ndarray:
 
 def _unpack_bit_stream(x: np.ndarray, axis: int, bits: int) -> np.ndarray:
     """int32 ``x`` -> uint8 fields of ``bits``, reading ``axis`` as one little-endian stream of bits (word i's bit b
-    is the stream's bit 32 i + b; field j its bits ``[bits * j, bits * (j + 1))``)."""
-    words = np.moveaxis(np.ascontiguousarray(x).astype("<u4"), axis, -1)
-    stream = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=-1, bitorder="little")
-    if stream.shape[-1] % bits:
-        raise QuantizationError(f"{words.shape[-1]} words of {bits}-bit fields do not end on a field")
-    fields = stream.reshape(*stream.shape[:-1], -1, bits)
-    values = (fields << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
-    return np.moveaxis(values, -1, axis)
+    is the stream's bit 32 i + b; field j its bits ``[bits * j, bits * (j + 1))``): ``bits`` words hold 32 fields,
+    each read from the 64-bit window of the word it starts in and the next (one row of words at a time)."""
+    words = np.moveaxis(np.ascontiguousarray(x).view(np.uint32), axis, 0)
+    if words.shape[0] % bits:
+        raise QuantizationError(f"{words.shape[0]} words of {bits}-bit fields do not end on a field")
+    groups = words.reshape(-1, bits, *words.shape[1:])
+    out = np.empty((groups.shape[0], 32, *words.shape[1:]), np.uint8)
+    mask = np.uint64((1 << bits) - 1)
+    for w in range(bits):  # the fields that start in word w of each group
+        low = groups[:, w].astype(np.uint64)
+        window = low | groups[:, w + 1].astype(np.uint64) << np.uint64(32) if w + 1 < bits else low
+        for j in range(-(-32 * w // bits), -(-32 * (w + 1) // bits)):
+            out[:, j] = (window >> np.uint64(bits * j - 32 * w)) & mask
+    return np.moveaxis(out.reshape(-1, *words.shape[1:]), 0, axis)
 
 
 def _int4_from_values(values: np.ndarray, zeros: np.ndarray, scales: np.ndarray, group_size: int,

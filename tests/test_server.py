@@ -429,6 +429,21 @@ def test_responses_api_through_the_openai_client(served):
         client.responses.create(input="Hi", previous_response_id="resp-none", **greedy)
 
 
+def test_the_oldest_turn_goes_and_system_messages_stay_in_place():
+    """``without_oldest_turn``: the first turn (to the next user message) goes; a system message mid-conversation
+    keeps its place; nothing is left to drop once one user turn remains."""
+    from engine.entrypoints.openai.protocol import ChatMessage
+    from engine.entrypoints.openai.responses import without_oldest_turn
+
+    chat = [ChatMessage(role=role, content=text) for role, text in (
+        ("system", "s0"), ("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"),
+        ("system", "now French"), ("user", "u3"))]
+    shorter = without_oldest_turn(chat)
+    assert [m.content for m in shorter] == ["s0", "u2", "a2", "now French", "u3"]
+    assert [m.content for m in without_oldest_turn(shorter)] == ["s0", "now French", "u3"]
+    assert without_oldest_turn(without_oldest_turn(shorter)) is None
+
+
 def test_responses_truncation_auto_drops_the_oldest_turns(served):
     """``truncation: "auto"``: a conversation longer than the context loses its oldest turns (the instructions
     kept) until it fits with ``max_output_tokens``, as OpenAI's; the reply is the chat completion's of what is left.

@@ -10,7 +10,8 @@ from engine.structured_output import Grammars, closed_objects
 from engine.tokenizer import load_tokenizer
 from models.default_model import default_model_path
 
-SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "object", "properties": {}}},
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "object", "properties": {}},
+                                          "free": {"type": "object"}, "c": {"const": {"properties": {}}}},
           "required": ["a"]}
 
 
@@ -33,8 +34,9 @@ def accepts(grammars, tokenizer, params: StructuredOutputsParams, text: str) -> 
 
 def test_vllm_json_options_change_the_language(grammars, tokenizer):
     """vLLM's options: whitespace between JSON tokens unless ``disable_any_whitespace``; a ``whitespace_pattern``
-    bounds it; ``disable_additional_properties`` closes the object schemas that leave it open (nested ones too)."""
-    spaced, tight, extra = '{ "a" : 1 }', '{"a":1}', '{"a":1,"c":2}'
+    bounds it; ``disable_additional_properties`` closes the object schemas with properties that leave it open
+    (nested ones too), not a free-form object nor a ``const``'s value."""
+    spaced, tight, extra = '{ "a" : 1 }', '{"a":1}', '{"a":1,"x":2}'
     assert accepts(grammars, tokenizer, StructuredOutputsParams(json=SCHEMA), spaced)
     assert not accepts(grammars, tokenizer, StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True), spaced)
     assert accepts(grammars, tokenizer, StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True), tight)
@@ -47,6 +49,8 @@ def test_vllm_json_options_change_the_language(grammars, tokenizer):
                        extra)
     closed = closed_objects(SCHEMA)
     assert closed["additionalProperties"] is False and closed["properties"]["b"]["additionalProperties"] is False
+    assert closed["properties"]["free"] == {"type": "object"}  # a free-form map stays open, as vLLM's
+    assert closed["properties"]["c"] == SCHEMA["properties"]["c"]  # data, not a schema
     assert closed_objects({**SCHEMA, "additionalProperties": True})["additionalProperties"] is True
 
 
@@ -55,7 +59,9 @@ def test_vllm_older_names_and_options():
     ``disable_fallback`` and ``backend`` are taken; ``structural_tag`` and both names at once are refused."""
     params = SamplingParams(guided_decoding=GuidedDecodingParams(regex="[0-9]+", backend="xgrammar",
                                                                  disable_fallback=True))
-    assert params.structured_outputs.regex == "[0-9]+" and params.guided_decoding is None
+    assert params.structured_outputs.regex == "[0-9]+" and params.guided_decoding is params.structured_outputs
+    params.validate()  # as the engine checks a request's params again
+    assert params.clone().guided_decoding.regex == "[0-9]+"
     assert SamplingParams(guided_decoding={"choice": ["a", "b"]}).structured_outputs.choice == ["a", "b"]
     with pytest.raises(ValueError, match="structural_tag is not supported"):
         StructuredOutputsParams(structural_tag="{}")

@@ -120,6 +120,8 @@ def test_chat_template_kwargs_win_over_the_arguments(gguf_tokenizer):
         "add_generation_prompt": False, "continue_final_message": True}) == open_turn
     closed = apply_chat_template(gguf_tokenizer, started, add_generation_prompt=False)
     assert apply_chat_template(gguf_tokenizer, started, chat_template_kwargs={"add_generation_prompt": False}) == closed
+    assert apply_chat_template(gguf_tokenizer, started, add_generation_prompt=False,
+                               chat_template_kwargs={"tokenize": True}) == closed  # dropped, as vLLM drops it
 
 
 def test_folder_tokenizer_matches_gguf_tokenizer(gguf_tokenizer, folder_tokenizer):

@@ -269,14 +269,14 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     app.state.serving, app.state.metrics, app.state.requests_in_flight = serving, metrics, 0
     _install_error_handlers(app)
     app.add_middleware(_InternalErrorMiddleware)  # the innermost of the middlewares added here
-    app.add_middleware(_RequestIdMiddleware, echo=request_id_headers)  # its header on a 500 too
     if api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
-    if allowed_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before the key check
+    if allowed_origins:  # a browser's preflight (OPTIONS, no key) is answered before the key check
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(_RequestIdMiddleware, echo=request_id_headers)  # outermost: its header on every answer
 
     @app.get("/load")
     async def load() -> dict:

@@ -236,15 +236,16 @@ class ResponsesRequest(_NullMeansDefault):
 
 
 def without_oldest_turn(messages: list[ChatMessage]) -> Optional[list[ChatMessage]]:
-    """``messages`` less their oldest turn for ``truncation: "auto"``: the first message after the system ones and
+    """``messages`` less their oldest turn for ``truncation: "auto"``: the first message that is no system one and
     what follows it up to the next user message (its reply, tool calls and their answers: a chat template may refuse
-    a chat that opens with those); None where no user message would be left."""
-    kept = [m for m in messages if m.role == "system"]
-    turns = [m for m in messages if m.role != "system"]
-    drop = 1
-    while drop < len(turns) and turns[drop].role != "user":
-        drop += 1
-    return None if drop >= len(turns) else kept + turns[drop:]
+    a chat that opens with those); system messages stay where they are. None where no user message would be left."""
+    turn = [i for i, m in enumerate(messages) if m.role != "system"]
+    if not turn:
+        return None
+    end = next((i for i in turn[1:] if messages[i].role == "user"), None)
+    if end is None:
+        return None
+    return [m for i, m in enumerate(messages) if m.role == "system" or not turn[0] <= i < end]
 
 
 class ResponseStore:
