@@ -58,8 +58,9 @@ class StructuredOutputsParams:
 
     vLLM's options of the JSON forms: ``disable_any_whitespace`` (no whitespace between tokens),
     ``whitespace_pattern`` (a regex the whitespace must match), ``disable_additional_properties`` (an object schema
-    without ``additionalProperties`` is closed, as xgrammar closes it); ``disable_fallback``, ``backend`` and
-    ``backend_was_auto`` are taken and change nothing (llguidance is the one backend, with none to fall back to). ``structural_tag`` is refused.
+    naming its properties without ``additionalProperties`` is closed, as xgrammar closes it); ``disable_fallback``,
+    ``backend`` and ``backend_was_auto`` are taken and change nothing (llguidance is the one backend, with none to
+    fall back to). ``structural_tag`` is refused.
     """
 
     json: str | dict | None = None
