@@ -100,12 +100,15 @@ class FakeEngine:
         assert decode_places == list(range(len(decode_places))), f"decodes not first: {ids} {decodes_before}"
         if decodes_before - set(ids) - set(out.preempted_request_ids):
             assert len(ids) == s.max_num_seqs or out.num_batched_tokens == s.max_num_batched_tokens
-        # Work-conserving admission: a waiting head is left waiting only if it cannot get blocks.
+        # Work-conserving admission: a waiting head is left waiting only if it cannot get blocks. Drafts come after
+        # admissions, so the budget the head met is the step's without its draft tokens (with them, a smaller chunk
+        # of the head looked admissible: 3 of 600 random loads of test_drafts_run_as_decode_tokens_...).
         waiting = self.with_status(RequestStatus.WAITING)
-        budget_left = s.max_num_batched_tokens - out.num_batched_tokens
+        num_drafts = sum(len(seq.draft_token_ids) for seq in out.scheduled)
+        budget_left = s.max_num_batched_tokens - (out.num_batched_tokens - num_drafts)
         # (With prefix caching a head's need depends on its cached prefix: tests/test_prefix_cache.py.)
         if (waiting and bm.prefix_cache is None and not out.preempted_request_ids and budget_left
-                and num_rows < s.max_num_seqs
+                and len(ids) < s.max_num_seqs
                 and len(self.with_status(RequestStatus.RUNNING)) < s.max_num_seqs):
             head = min(waiting, key=self.order_key)
             need = bm.num_blocks_needed(head.request_id, min(head.num_uncomputed_tokens, budget_left))
@@ -581,8 +584,9 @@ def test_drafts_run_as_decode_tokens_and_only_the_accepted_ones_stay(rng, cachin
                   enable_prefix_caching=caching, vocab=4,
                   speculative_config={"num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2})
     run_a_random_load_with_forks(engine, rng, max_prompt_len=15)
-    drafted = [seq for out in engine.outputs for seq in out.scheduled if seq.draft_token_ids]
-    assert drafted and any(seq.num_tokens == 4 for seq in drafted)
+    # (Drafts of the full 3 need a lookup that matches far enough: 2 of 600 random loads had none; the next test
+    # runs one for certain.)
+    assert [seq for out in engine.outputs for seq in out.scheduled if seq.draft_token_ids]
 
 
 def test_drafts_take_only_what_the_decodes_leave_and_never_preempt(rng):
