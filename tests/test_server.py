@@ -861,6 +861,38 @@ def test_logprobs_both_formats(served, reference):
         assert bytes(c.bytes).decode() == c.token
 
 
+def test_return_tokens_as_token_ids(served):
+    """vLLM's ``return_tokens_as_token_ids`` (a request's field, else --return-tokens-as-token-ids): logprobs name
+    their tokens ``token_id:<id>``, the sampled ones those of the reply, on both endpoints, streamed too."""
+    client = served.client()
+    tokenizer = served.async_llm.tokenizer
+    as_ids = dict(GREEDY, extra_body={**GREEDY["extra_body"], "return_tokens_as_token_ids": True})
+    out = client.completions.create(model=served.model, prompt=PROMPTS[0], logprobs=2, **as_ids)
+    tokens = out.choices[0].logprobs.tokens
+    assert tokenizer.decode([int(t.removeprefix("token_id:")) for t in tokens]) == out.choices[0].text
+    assert all(t.startswith("token_id:") for top in out.choices[0].logprobs.top_logprobs for t in top)
+    streamed = [t for c in client.completions.create(model=served.model, prompt=PROMPTS[0], logprobs=2, stream=True,
+                                                     **as_ids) for t in c.choices[0].logprobs.tokens]
+    assert streamed == tokens
+    chat = client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=6,
+                                          logprobs=True, top_logprobs=2,
+                                          extra_body={"return_tokens_as_token_ids": True})
+    content = chat.choices[0].logprobs.content
+    reply = chat.choices[0].message.content
+    assert tokenizer.decode([int(c.token.removeprefix("token_id:")) for c in content]) == reply
+    assert all(bytes(c.bytes).decode() == c.token and c.top_logprobs[0].token == c.token for c in content)
+    # the server's default applies where a request says nothing
+    app = build_app(served.async_llm, [served.model], metrics=ServingMetrics(served.model, served.async_llm.stats),
+                    return_tokens_as_token_ids=True)
+    server, thread, url = _serve_in_thread(app)
+    try:
+        by_server = served.client(url).completions.create(model=served.model, prompt=PROMPTS[0], logprobs=1, **GREEDY)
+        assert by_server.choices[0].logprobs.tokens == tokens
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_logprobs_of_a_structured_output_are_numbers(served):
     """A grammar forbids most tokens (their logprob -inf, which JSON cannot carry): such top logprobs come as
     -9999.0, as vLLM's server clamps them, streamed or not (a 500 and nulls before)."""

@@ -246,7 +246,8 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
               reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
               allowed_origins: Sequence[str] = (), lora_modules: Sequence[LoRAModulePath] = (),
               allow_runtime_lora_updating: Optional[bool] = None, dev_mode: Optional[bool] = None,
-              trust_request_chat_template: bool = False, request_id_headers: bool = False) -> FastAPI:
+              trust_request_chat_template: bool = False, request_id_headers: bool = False,
+              return_tokens_as_token_ids: bool = False) -> FastAPI:
     """The FastAPI app over ``async_llm``. Several apps may share one ``AsyncLLM`` (pass the
     same ``metrics`` to share it too; by default a new one is made and registered). ``tool_parser``: a name in
     ``TOOL_PARSERS``, which allows ``tool_choice="auto"``; ``reasoning_parser``: one in ``REASONING_PARSERS``;
@@ -258,10 +259,11 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     says, as vLLM); ``trust_request_chat_template``: render a Jinja template a request brings (``chat_template``,
     or one in ``chat_template_kwargs``); refused by default, as vLLM does, since a template is code that runs on the
     server (a loop of a billion steps, say); ``request_id_headers``: each response carries an ``X-Request-Id``
-    header (the request's own, else a new one; vLLM's ``--enable-request-id-headers``).
+    header (the request's own, else a new one; vLLM's ``--enable-request-id-headers``);
+    ``return_tokens_as_token_ids``: logprobs name their tokens ``token_id:<id>`` (a request may say otherwise).
     Raises ValueError for adapters the server cannot serve (LoRA off, a name taken twice)."""
     serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser, chat_template,
-                            lora_modules, trust_request_chat_template)
+                            lora_modules, trust_request_chat_template, return_tokens_as_token_ids)
     if metrics is None:
         metrics = ServingMetrics(served_model_names[0], async_llm.stats, async_llm.max_model_len)
         async_llm.add_stat_logger(metrics)
@@ -476,8 +478,10 @@ class OpenAIServing:
 
     def __init__(self, async_llm: AsyncLLM, served_model_names: list[str], tool_parser: Optional[str] = None,
                  reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
-                 lora_modules: Sequence[LoRAModulePath] = (), trust_request_chat_template: bool = False):
+                 lora_modules: Sequence[LoRAModulePath] = (), trust_request_chat_template: bool = False,
+                 return_tokens_as_token_ids: bool = False):
         self.async_llm = async_llm
+        self.return_tokens_as_token_ids = return_tokens_as_token_ids
         self.served_model_names = served_model_names
         # LoRA adapters by name (vLLM's --lora-modules, /v1/load_lora_adapter), in the order they came; each has an
         # id of its own, never reused (the engine keys its adapters and prefix cache by id).
@@ -607,8 +611,8 @@ class OpenAIServing:
                 logprobs = None
                 if req.logprobs is not None:
                     logprobs = CompletionLogprobs()
-                    offset = self._echo_logprobs(logprobs, output) if req.echo else 0
-                    _extend_completion_logprobs(logprobs, completion, 0, offset)
+                    offset = self._echo_logprobs(logprobs, output, self._as_ids(req)) if req.echo else 0
+                    _extend_completion_logprobs(logprobs, completion, 0, offset, self._as_ids(req))
                 choices.append(CompletionChoice(index=p * req.n + completion.index, text=text, logprobs=logprobs,
                                                 finish_reason=completion.finish_reason,
                                                 stop_reason=completion.stop_reason,
@@ -768,12 +772,18 @@ class OpenAIServing:
                                            lora_request=lora_request)
         return await final_outputs(streams), sum(len(p.token_ids) for p in prompts)
 
-    def _echo_logprobs(self, out: CompletionLogprobs, output: RequestOutput) -> int:
+    def _echo_logprobs(self, out: CompletionLogprobs, output: RequestOutput, as_ids: bool = False) -> int:
         """Append the prompt's tokens to ``out`` in the completions format (the first with no logprob, as OpenAI's
         legacy API and vLLM give it), from ``output.prompt_logprobs``; returns the text offset after them."""
         tokenizer = self.async_llm.tokenizer
         decode = None if tokenizer is None else (lambda token_id: tokenizer.decode([token_id]))
-        return _append_completion_logprobs(out, zip(output.prompt_token_ids, output.prompt_logprobs), 0, decode)
+        return _append_completion_logprobs(out, zip(output.prompt_token_ids, output.prompt_logprobs), 0, decode,
+                                           as_ids)
+
+    def _as_ids(self, req) -> bool:
+        """vLLM's ``return_tokens_as_token_ids``: the request's own choice, else the server's."""
+        own = getattr(req, "return_tokens_as_token_ids", None)
+        return self.return_tokens_as_token_ids if own is None else own
 
     def _completion_prompts(self, prompt, param: str = "prompt", add_special_tokens: bool = True) -> list[_Prompt]:
         """Runs in a worker thread (tokenizing may be slow). ``param``: the request field, for its errors."""
@@ -818,11 +828,12 @@ class OpenAIServing:
                     state.started = True
                     if req.echo:
                         prefix = prompts[p].text or ""
-                        state.text_offset = len(prefix) if logprobs is None else self._echo_logprobs(logprobs, output)
+                        state.text_offset = len(prefix) if logprobs is None else self._echo_logprobs(
+                            logprobs, output, self._as_ids(req))
                 delta = _text_delta(completion, state)
                 if logprobs is not None:
                     state.text_offset = _extend_completion_logprobs(
-                        logprobs, completion, state.tokens_sent, state.text_offset)
+                        logprobs, completion, state.tokens_sent, state.text_offset, self._as_ids(req))
                 state.tokens_sent = len(completion.token_ids)
                 state.finished = completion.finish_reason is not None
                 if prefix or delta or state.finished or (logprobs and logprobs.tokens):
@@ -865,7 +876,7 @@ class OpenAIServing:
             message, finish_reason = self._chat_message(c, tool_choice, req.parallel_tool_calls is not False)
             if echo:
                 message.content = echo + (message.content or "")
-            logprobs = _chat_logprobs(c, 0, params.logprobs) if req.logprobs else None
+            logprobs = _chat_logprobs(c, 0, params.logprobs, self._as_ids(req)) if req.logprobs else None
             choices.append(ChatCompletionChoice(index=c.index, message=message, logprobs=logprobs,
                                                 finish_reason=finish_reason, stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=_usage([final]),
@@ -957,7 +968,8 @@ class OpenAIServing:
                     if echo:
                         yield chunk([ChatCompletionChunkChoice(index=completion.index, delta=ChatDelta(content=echo))])
                 state.finished = completion.finish_reason is not None
-                logprobs = _chat_logprobs(completion, state.tokens_sent, params.logprobs) if req.logprobs else None
+                logprobs = (_chat_logprobs(completion, state.tokens_sent, params.logprobs, self._as_ids(req))
+                            if req.logprobs else None)
                 state.tokens_sent = len(completion.token_ids)
                 if tool_choice != "none":  # text as it may be streamed, the calls whole when the choice ends
                     choices.extend(self._tool_chunk(completion, state, tool_choice, logprobs,
@@ -1527,22 +1539,30 @@ def _token_logprobs(completion: CompletionOutput, start: int):
 
 
 def _extend_completion_logprobs(out: CompletionLogprobs, completion: CompletionOutput, start: int,
-                                text_offset: int) -> int:
+                                text_offset: int, as_ids: bool = False) -> int:
     """Append the completions-format logprobs of tokens ``start..``; returns the next text offset."""
-    return _append_completion_logprobs(out, _token_logprobs(completion, start), text_offset)
+    return _append_completion_logprobs(out, _token_logprobs(completion, start), text_offset, as_ids=as_ids)
+
+
+def _token_text(token_id: int, logprob, as_ids: bool) -> str:
+    """A logprob entry's token as the response names it: its text, or vLLM's ``token_id:<id>``
+    (``--return-tokens-as-token-ids``: exact ids for tokens whose text is no valid UTF-8 alone)."""
+    return f"token_id:{token_id}" if as_ids else (logprob.decoded_token or "")
 
 
 def _append_completion_logprobs(out: CompletionLogprobs, tokens_and_entries: Iterable[tuple[int, Optional[dict]]],
-                                text_offset: int, decode: Optional[Callable[[int], str]] = None) -> int:
+                                text_offset: int, decode: Optional[Callable[[int], str]] = None,
+                                as_ids: bool = False) -> int:
     """Append ``(token id, logprobs entry)`` pairs in the completions format; returns the next text offset. An entry
     of None (a prompt's first token: nothing comes before it) has no logprobs, and its text from ``decode``."""
     for token_id, entry in tokens_and_entries:
         if entry is None:
-            token, logprob, top = (decode(token_id) if decode is not None else ""), None, None
+            token, logprob, top = (f"token_id:{token_id}" if as_ids else decode(token_id) if decode is not None
+                                   else ""), None, None
         else:
             chosen = entry[token_id]
-            token, logprob = chosen.decoded_token or "", _finite(chosen.logprob)
-            top = {(lp.decoded_token or ""): _finite(lp.logprob) for lp in entry.values()}
+            token, logprob = _token_text(token_id, chosen, as_ids), _finite(chosen.logprob)
+            top = {_token_text(t, lp, as_ids): _finite(lp.logprob) for t, lp in entry.items()}
         out.tokens.append(token)
         out.token_logprobs.append(logprob)
         out.top_logprobs.append(top)
@@ -1551,16 +1571,17 @@ def _append_completion_logprobs(out: CompletionLogprobs, tokens_and_entries: Ite
     return text_offset
 
 
-def _chat_logprobs(completion: CompletionOutput, start: int, top_k: Optional[int]) -> ChatLogprobs:
+def _chat_logprobs(completion: CompletionOutput, start: int, top_k: Optional[int],
+                   as_ids: bool = False) -> ChatLogprobs:
     content = []
     for token_id, entry in _token_logprobs(completion, start):
-        chosen = entry[token_id]
-        top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= (top_k or 0)),
-                     key=lambda lp: lp.rank)
+        chosen = _token_text(token_id, entry[token_id], as_ids)
+        top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= (top_k or 0)),
+                     key=lambda item: item[1].rank)
         content.append(ChatTokenLogprob(
-            token=chosen.decoded_token or "", logprob=_finite(chosen.logprob), bytes=_utf8(chosen.decoded_token),
-            top_logprobs=[ChatTopLogprob(token=lp.decoded_token or "", logprob=_finite(lp.logprob),
-                                         bytes=_utf8(lp.decoded_token)) for lp in top]))
+            token=chosen, logprob=_finite(entry[token_id].logprob), bytes=_utf8(chosen),
+            top_logprobs=[ChatTopLogprob(token=(text := _token_text(t, lp, as_ids)), logprob=_finite(lp.logprob),
+                                         bytes=_utf8(text)) for t, lp in top]))
     return ChatLogprobs(content=content)
 
 
@@ -1796,6 +1817,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="no line a request in uvicorn's access log")
     parser.add_argument("--enable-request-id-headers", action="store_true",
                         help="each response carries an X-Request-Id header (the request's own, else a new one)")
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="logprobs name their tokens 'token_id:<id>' (exact ids where a token's text is no valid "
+                             "UTF-8 alone)")
     ignored = parser.add_argument_group("vLLM flags taken for its command lines, with no effect here")
     for flag, kwargs in IGNORED_VLLM_FLAGS.items():
         ignored.add_argument(flag, dest=_ignored_dest(flag), default=None, help=kwargs["why"],
@@ -1950,7 +1974,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     reasoning_parser=args.reasoning_parser, chat_template=chat_template,
                     allowed_origins=args.allowed_origins, lora_modules=args.lora_modules or (),
                     trust_request_chat_template=args.trust_request_chat_template,
-                    request_id_headers=args.enable_request_id_headers)
+                    request_id_headers=args.enable_request_id_headers,
+                    return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     for name, adapter in app.state.serving.lora_adapters.items():  # read now, as vLLM: a bad one stops start-up
         try:
             asyncio.run(async_llm.add_lora(adapter.request))

@@ -72,6 +72,7 @@ class _SamplingFields(_NullMeansDefault):
 
     model: Optional[str] = None  # None: the first served model name (as vLLM)
     request_id: Optional[str] = None  # vLLM's: names the response (after an X-Request-Id header)
+    return_tokens_as_token_ids: Optional[bool] = None  # vLLM's: logprobs' tokens as "token_id:<id>" (None: server's)
     n: int = 1
     temperature: Optional[float] = None
     top_p: Optional[float] = None
