@@ -459,10 +459,11 @@ class _RequestTimer:
         def since(start: Optional[float], end: Optional[float]) -> Optional[float]:
             return None if start is None or end is None else end - start
 
-        self.n_reported, n_reported = True, self.n_reported
+        n = None if self.n_reported else params.n if params is not None else 1
+        self.n_reported = True
         return FinishedSequence(
             now - self.arrival, reason, len(output.prompt_token_ids or ()), clock.tokens,
-            since(self.arrival, clock.first_token), None if n_reported else params.n if params is not None else 1,
+            since(self.arrival, clock.first_token), n,
             params.max_tokens if params is not None else None,
             queue_s=metrics.time_in_queue if metrics is not None else None,
             prefill_s=since(scheduled, clock.first_token), decode_s=since(clock.first_token, clock.last_token),

@@ -388,9 +388,9 @@ def _per_prompt(value, num_prompts: int, name: str, kind: Optional[type] = None)
     values = list(value) if isinstance(value, (list, tuple)) else [value] * num_prompts
     if len(values) != num_prompts:
         raise ValueError(f"got {len(values)} {name} for {num_prompts} prompts")
-    wrong = next((v for v in values if kind is not None and not isinstance(v, kind)), kind)
-    if wrong is not kind:
-        raise TypeError(f"{name} must be {kind.__name__} (or a list of one a prompt), got {type(wrong).__name__}")
+    wrong = [v for v in values if not isinstance(v, kind)] if kind is not None else []
+    if wrong:
+        raise TypeError(f"{name} must be {kind.__name__} (or a list of one a prompt), got {type(wrong[0]).__name__}")
     return values
 
 

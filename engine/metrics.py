@@ -197,12 +197,12 @@ class _EngineStateCollector(Collector):
         stats = self._read_stats()
         labels = [self._model_name]
         used, usable = stats["num_used_blocks"], stats["num_usable_blocks"]
+        usage = used / usable if usable else 0.0
         gauges = [
             ("num_requests_running", "Sequences in the running batch.", stats["num_running"]),
             ("num_requests_waiting", "Sequences waiting to be scheduled.", stats["num_waiting"]),
-            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", used / usable if usable else 0.0),
-            ("gpu_cache_usage_perc", "kv_cache_usage_perc under vLLM's name before 0.11.", used / usable if usable
-             else 0.0),
+            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", usage),
+            ("gpu_cache_usage_perc", "kv_cache_usage_perc under vLLM's name before 0.11.", usage),
             ("kv_cache_used_blocks", "KV-cache blocks in use.", used),
             ("kv_cache_total_blocks", "KV-cache blocks that can be handed out.", usable),
             ("max_batch_seqs", "Largest number of sequences run in one engine step so far.", stats["max_batch_seqs"]),

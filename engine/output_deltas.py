@@ -26,7 +26,7 @@ def encode(output: Union[RequestOutput, EmbeddingRequestOutput, ClassificationRe
     """A ``RequestOutputKind.DELTA`` output as tuples for the pipe (a pooled output whole: it is final, and
     comes once)."""
     if isinstance(output, (EmbeddingRequestOutput, ClassificationRequestOutput)):
-        return True, None, output
+        return True, None, output, None
     prompt = ((output.prompt, output.prompt_token_ids, output.num_cached_tokens, output.prompt_logprobs,
                output.lora_request, output.metrics) if output.prompt_token_ids is not None else None)
     return output.finished, prompt, [(c.index, c.token_ids, c.text, c.cumulative_logprob, c.logprobs,
@@ -43,13 +43,13 @@ class DeltaDecoder:
 
     def decode(self, request_id: str, delta: tuple) -> Union[RequestOutput, EmbeddingRequestOutput,
                                                              ClassificationRequestOutput]:
-        finished, prompt, completions, *last_metrics = delta
+        finished, prompt, completions, last_metrics = delta
         if isinstance(completions, (EmbeddingRequestOutput, ClassificationRequestOutput)):
             return completions
         if prompt is not None:
             self._prompt = prompt
-        if last_metrics and last_metrics[0] is not None:
-            self._prompt = (*self._prompt[:5], last_metrics[0])
+        if last_metrics is not None:
+            self._prompt = (*self._prompt[:5], last_metrics)
         outputs = []
         for index, tokens_added, text_added, cumulative_logprob, logprobs_added, finish_reason, stop_reason \
                 in completions:

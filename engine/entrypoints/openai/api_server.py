@@ -188,7 +188,8 @@ def engine_id(request_id: str, index: int) -> str:
 
 class _RequestIdMiddleware:
     """Plain ASGI middleware: a request's ``X-Request-Id`` header names its response (``response_id``); with
-    ``echo`` (vLLM's ``--enable-request-id-headers``) the response carries it back (a new one where none came)."""
+    ``echo`` (vLLM's ``--enable-request-id-headers``) the response carries it back (a new one where none came). It
+    also counts the API requests (/v1/...) in flight, which /load reports."""
 
     def __init__(self, app, echo: bool):
         self.app, self.echo = app, echo
@@ -810,7 +811,7 @@ class OpenAIServing:
     async def _stream_completion(self, request_id: str, model: str, prompts: list[_Prompt],
                                  streams: list[RequestStream], params: SamplingParams,
                                  req: CompletionRequest) -> AsyncIterator[str]:
-        created = int(time.time())
+        created, as_ids = int(time.time()), self._as_ids(req)
         states: dict[int, _ChoiceState] = {}
         finals: dict[int, RequestOutput] = {}
         async for p, output in merge_streams(streams):
@@ -829,11 +830,11 @@ class OpenAIServing:
                     if req.echo:
                         prefix = prompts[p].text or ""
                         state.text_offset = len(prefix) if logprobs is None else self._echo_logprobs(
-                            logprobs, output, self._as_ids(req))
+                            logprobs, output, as_ids)
                 delta = _text_delta(completion, state)
                 if logprobs is not None:
                     state.text_offset = _extend_completion_logprobs(
-                        logprobs, completion, state.tokens_sent, state.text_offset, self._as_ids(req))
+                        logprobs, completion, state.tokens_sent, state.text_offset, as_ids)
                 state.tokens_sent = len(completion.token_ids)
                 state.finished = completion.finish_reason is not None
                 if prefix or delta or state.finished or (logprobs and logprobs.tokens):
@@ -941,7 +942,7 @@ class OpenAIServing:
                            req: ChatCompletionRequest, tool_choice) -> AsyncIterator[str]:
         """The chunks of a chat completion; with tools (``tool_choice`` not "none") the calls come whole in a
         choice's last chunk, the text before them as it comes where the parser can tell it is text."""
-        created = int(time.time())
+        created, as_ids = int(time.time()), self._as_ids(req)
         states: dict[int, _ChoiceState] = {}
         final: Optional[RequestOutput] = None
         echo = _echoed_message(req)
@@ -968,8 +969,8 @@ class OpenAIServing:
                     if echo:
                         yield chunk([ChatCompletionChunkChoice(index=completion.index, delta=ChatDelta(content=echo))])
                 state.finished = completion.finish_reason is not None
-                logprobs = (_chat_logprobs(completion, state.tokens_sent, params.logprobs, self._as_ids(req))
-                            if req.logprobs else None)
+                logprobs = (_chat_logprobs(completion, state.tokens_sent, params.logprobs, as_ids) if req.logprobs
+                            else None)
                 state.tokens_sent = len(completion.token_ids)
                 if tool_choice != "none":  # text as it may be streamed, the calls whole when the choice ends
                     choices.extend(self._tool_chunk(completion, state, tool_choice, logprobs,
@@ -1544,10 +1545,10 @@ def _extend_completion_logprobs(out: CompletionLogprobs, completion: CompletionO
     return _append_completion_logprobs(out, _token_logprobs(completion, start), text_offset, as_ids=as_ids)
 
 
-def _token_text(token_id: int, logprob, as_ids: bool) -> str:
+def _token_text(token_id: int, text: Optional[str], as_ids: bool) -> str:
     """A logprob entry's token as the response names it: its text, or vLLM's ``token_id:<id>``
     (``--return-tokens-as-token-ids``: exact ids for tokens whose text is no valid UTF-8 alone)."""
-    return f"token_id:{token_id}" if as_ids else (logprob.decoded_token or "")
+    return f"token_id:{token_id}" if as_ids else (text or "")
 
 
 def _append_completion_logprobs(out: CompletionLogprobs, tokens_and_entries: Iterable[tuple[int, Optional[dict]]],
@@ -1557,12 +1558,12 @@ def _append_completion_logprobs(out: CompletionLogprobs, tokens_and_entries: Ite
     of None (a prompt's first token: nothing comes before it) has no logprobs, and its text from ``decode``."""
     for token_id, entry in tokens_and_entries:
         if entry is None:
-            token, logprob, top = (f"token_id:{token_id}" if as_ids else decode(token_id) if decode is not None
-                                   else ""), None, None
+            text = decode(token_id) if decode is not None and not as_ids else None
+            token, logprob, top = _token_text(token_id, text, as_ids), None, None
         else:
             chosen = entry[token_id]
-            token, logprob = _token_text(token_id, chosen, as_ids), _finite(chosen.logprob)
-            top = {_token_text(t, lp, as_ids): _finite(lp.logprob) for t, lp in entry.items()}
+            token, logprob = _token_text(token_id, chosen.decoded_token, as_ids), _finite(chosen.logprob)
+            top = {_token_text(t, lp.decoded_token, as_ids): _finite(lp.logprob) for t, lp in entry.items()}
         out.tokens.append(token)
         out.token_logprobs.append(logprob)
         out.top_logprobs.append(top)
@@ -1575,12 +1576,13 @@ def _chat_logprobs(completion: CompletionOutput, start: int, top_k: Optional[int
                    as_ids: bool = False) -> ChatLogprobs:
     content = []
     for token_id, entry in _token_logprobs(completion, start):
-        chosen = _token_text(token_id, entry[token_id], as_ids)
+        chosen = _token_text(token_id, entry[token_id].decoded_token, as_ids)
         top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= (top_k or 0)),
                      key=lambda item: item[1].rank)
         content.append(ChatTokenLogprob(
             token=chosen, logprob=_finite(entry[token_id].logprob), bytes=_utf8(chosen),
-            top_logprobs=[ChatTopLogprob(token=(text := _token_text(t, lp, as_ids)), logprob=_finite(lp.logprob),
+            top_logprobs=[ChatTopLogprob(token=(text := _token_text(t, lp.decoded_token, as_ids)),
+                                         logprob=_finite(lp.logprob),
                                          bytes=_utf8(text)) for t, lp in top]))
     return ChatLogprobs(content=content)
 
