@@ -534,6 +534,9 @@ def test_streaming_equals_non_streamed(served, reference):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
 
+    # The prompt in the prefix cache first, so both requests find the same cached tokens whatever ran before
+    # (alone, the first computed its prompt and the second found 32 of its tokens cached)
+    client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=1)
     chat = client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=12)
     stream = list(client.chat.completions.create(model=served.model, messages=CHAT, temperature=0, max_tokens=12,
                                                  stream=True, stream_options={"include_usage": True}))
