@@ -21,7 +21,6 @@ ALLOW_LONG_MAX_MODEL_LEN_ENV = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"  # vLLM's: a max_
 # vLLM's engine arguments that change nothing here, and why: ``LLM`` and the server take them (with a warning), so
 # that vLLM scripts and command lines run as they are.
 IGNORED_VLLM_ARGS = {
-    "disable_log_stats": "the engine logs no periodic stats",
     "swap_space": "preemption recomputes; nothing is swapped to host memory",
     "enable_chunked_prefill": "prefill is always chunked",
     "max_seq_len_to_capture": "XLA's command buffers capture every step shape",

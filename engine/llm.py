@@ -24,6 +24,7 @@ from engine.outputs import RequestOutput, RequestOutputKind
 from engine.pooling import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput,
                             ScoringOutput, ScoringRequestOutput, as_pooling_output, cosine, score_pairs)
 from engine.sampling_params import SamplingParams
+from engine.stats_log import PeriodicStatsLogger
 
 PromptType = Union[str, list[int], dict]
 logger = logging.getLogger(__name__)
@@ -78,14 +79,14 @@ class LLM:
         tokenizer: Optional[str] = None,
         trust_remote_code: bool = False,
         enforce_eager: bool = False,
+        disable_log_stats: bool = True,
         **vllm_args: Any,
     ):
         unknown = sorted(set(vllm_args) - set(IGNORED_VLLM_ARGS))
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")
         for name in vllm_args:
-            if name != "disable_log_stats":  # vLLM scripts pass it everywhere: quietly taken
-                logger.warning("LLM(%s=...) has no effect here: %s", name, IGNORED_VLLM_ARGS[name])
+            logger.warning("LLM(%s=...) has no effect here: %s", name, IGNORED_VLLM_ARGS[name])
         args = EngineArgs(
             model=model, dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
@@ -105,6 +106,8 @@ class LLM:
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)
+        # vLLM's periodic stats line (engine.stats_log), off by default offline as there
+        self._stats_logger = None if disable_log_stats else PeriodicStatsLogger(self._loop.stats).start()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -371,11 +374,15 @@ class LLM:
         return tracer.snapshot(reset=reset)
 
     def shutdown(self) -> None:
+        if self._stats_logger is not None:
+            self._stats_logger.stop()
         self._loop.shutdown()
 
     def __del__(self, _is_finalizing=sys.is_finalizing):  # bound now: at interpreter exit `sys` may be None
-        loop = getattr(self, "_loop", None)
+        loop, stats_logger = getattr(self, "_loop", None), getattr(self, "_stats_logger", None)
         if loop is not None and not _is_finalizing():  # at interpreter exit the (daemon) loop just stops
+            if stats_logger is not None:
+                stats_logger.stop()
             loop.shutdown()
 
 

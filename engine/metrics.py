@@ -20,12 +20,12 @@ import bisect
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:
     from engine.async_llm import FinishedSequence
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -72,9 +72,14 @@ class ServingMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str, read_stats: Callable[[], dict], max_model_len: int = 2**20):
+    def __init__(self, model_name: str, read_stats: Callable[[], dict], max_model_len: int = 2**20,
+                 cache_config: Optional[dict] = None):
         self.registry = CollectorRegistry()
         label = {"model_name": model_name}
+        if cache_config is not None:  # vLLM's info gauge: the KV cache's settings as labels, the value 1
+            Gauge(f"{METRIC_PREFIX}cache_config_info", "Information of the LLMEngine's CacheConfig.",
+                  [*label, *cache_config], registry=self.registry).labels(
+                **label, **{k: str(v) for k, v in cache_config.items()}).set(1)
 
         def histogram(name: str, documentation: str, buckets) -> Histogram:
             return Histogram(f"{METRIC_PREFIX}{name}", documentation, list(label), buckets=buckets,

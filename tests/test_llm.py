@@ -13,6 +13,7 @@ import gc
 import os
 import pickle
 import threading
+import time
 
 import jax
 import numpy as np
@@ -1099,17 +1100,23 @@ def test_with_multi_step_decoding_a_first_token_goes_out_before_the_next_step_is
     llm.shutdown()
 
 
-def test_vllms_arguments_that_change_nothing_here_are_taken(tmp_path, caplog):
-    """vLLM scripts pass disable_log_stats, swap_space and the like: taken (a warning for each but the first, which
-    vLLM scripts pass everywhere); a name neither engine knows is Python's TypeError."""
+def test_vllms_arguments_that_change_nothing_here_are_taken(tmp_path, caplog, monkeypatch):
+    """vLLM scripts pass swap_space and the like: taken with a warning each; a name neither engine knows is Python's
+    TypeError. ``disable_log_stats=False`` turns vLLM's periodic stats line on (every $VLLM_LOG_STATS_INTERVAL
+    seconds while the engine works; ``engine.stats_log``)."""
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     write_tiny_checkpoint(tmp_path, "llama", seed=3)
-    with caplog.at_level("WARNING"):
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "0.05")
+    with caplog.at_level("INFO"):
         llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=32, max_num_seqs=2,
-                  num_gpu_blocks_override=8, disable_log_stats=True, swap_space=4, enable_chunked_prefill=True)
-    llm.shutdown()
+                  num_gpu_blocks_override=8, disable_log_stats=False, swap_space=4, enable_chunked_prefill=True)
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+        time.sleep(0.3)
+        llm.shutdown()
     assert "swap_space=...) has no effect" in caplog.text and "disable_log_stats" not in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Avg prompt throughput")]
+    assert lines and "Running: 0 reqs, Waiting: 0 reqs, GPU KV cache usage: 0.0%" in lines[-1], lines
     with pytest.raises(TypeError, match="'swap_spaces'"):
         LLM(str(tmp_path), swap_spaces=4)
 

@@ -1218,6 +1218,11 @@ def test_metrics(served):
     assert metrics["vllm:iteration_tokens_total_count"] == metrics["vllm:engine_steps_total"] > 0
     assert metrics['vllm:iteration_tokens_total_bucket{le="+Inf"}'] == metrics["vllm:iteration_tokens_total_count"]
     assert metrics["vllm:iteration_tokens_total_sum"] >= metrics["vllm:iteration_tokens_total_count"]
+    # vLLM's info gauge of the KV cache's settings
+    blocks = served.async_llm.stats()["num_usable_blocks"]
+    assert metrics[f'vllm:cache_config_info{{block_size="16",cache_dtype="auto",enable_prefix_caching="True",'
+                   f'gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="{blocks}",'
+                   f'num_gpu_blocks_override="None",swap_space="0"}}'] == 1
 
 
 def _copying_reply(served: Served) -> list[str]:
@@ -1519,6 +1524,7 @@ def test_vllm_command_lines_start_as_they_are(monkeypatch, caplog):
                                          "--enable-prompt-tokens-details", "--enable-server-load-tracking",
                                          "--disable-frontend-multiprocessing"])
     assert args.enable_request_id_headers and args.disable_uvicorn_access_log and not args.engine_process
+    assert not args.disable_log_stats and parse_cli(make_arg_parser(), ["--disable-log-stats"]).disable_log_stats
 
 
 def test_multi_step_decoding_streams_the_same_text_and_counts_each_tokens_interval(served, reference):

@@ -76,6 +76,7 @@ from engine.metrics import ServingMetrics
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import RUNNERS, PoolingParams, class_labels, cosine, is_classifier, pooled_data, score_pairs
 from engine.sampling_params import SamplingParams
+from engine.stats_log import LOG_STATS_INTERVAL_ENV, PeriodicStatsLogger
 from models.config import LOAD_FORMATS, quantization_method
 
 logger = logging.getLogger("pagedjax.server")
@@ -266,7 +267,8 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
     serving = OpenAIServing(async_llm, list(served_model_names), tool_parser, reasoning_parser, chat_template,
                             lora_modules, trust_request_chat_template, return_tokens_as_token_ids)
     if metrics is None:
-        metrics = ServingMetrics(served_model_names[0], async_llm.stats, async_llm.max_model_len)
+        metrics = ServingMetrics(served_model_names[0], async_llm.stats, async_llm.max_model_len,
+                                 cache_config=cache_config_info(async_llm))
         async_llm.add_stat_logger(metrics)
     app = FastAPI(title="pagedjax OpenAI-compatible server", version=server_version())
     app.state.serving, app.state.metrics, app.state.requests_in_flight = serving, metrics, 0
@@ -1817,6 +1819,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="no line a request in uvicorn's access log")
+    parser.add_argument("--disable-log-stats", action="store_true",
+                        help=f"no periodic stats line (throughputs, queue, KV cache) every "
+                             f"${LOG_STATS_INTERVAL_ENV} seconds (default 10) while the engine works")
     parser.add_argument("--enable-request-id-headers", action="store_true",
                         help="each response carries an X-Request-Id header (the request's own, else a new one)")
     parser.add_argument("--return-tokens-as-token-ids", action="store_true",
@@ -1920,6 +1925,16 @@ def engine_facts(async_llm: AsyncLLM) -> dict:
                 max_model_len=engine.max_model_len, enable_prefix_caching=engine.args.enable_prefix_caching)
 
 
+def cache_config_info(async_llm: AsyncLLM) -> dict:
+    """The KV cache's settings, as vLLM's ``vllm:cache_config_info`` labels them."""
+    args = async_llm.engine.args
+    return dict(block_size=args.block_size, cache_dtype=args.kv_cache_dtype,
+                enable_prefix_caching=args.enable_prefix_caching,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                num_gpu_blocks=async_llm.stats()["num_usable_blocks"],
+                num_gpu_blocks_override=args.num_gpu_blocks_override, num_cpu_blocks=None, swap_space=0)
+
+
 def startup_line(async_llm: AsyncLLM, names: Sequence[str], url: str) -> str:
     facts, stats, engine = engine_facts(async_llm), async_llm.stats(), async_llm.engine
     return (f"pagedjax serving {', '.join(names)} ({engine.model_path}) on {facts['num_devices']}x "
@@ -1992,6 +2007,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     gc.freeze()
     host, port = sock.getsockname()[:2]
     logger.info(startup_line(async_llm, names, f"http://{_url_host(host)}:{port}"))
+    stats_logger = None if args.disable_log_stats else PeriodicStatsLogger(async_llm.stats).start()
     for adapter in app.state.serving.lora_adapters.values():
         logger.info("LoRA adapter %r (id %d): %s", adapter.request.lora_name, adapter.request.lora_int_id,
                     adapter.request.lora_path)
@@ -2009,6 +2025,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         # A further Ctrl-C would leave the engine's process behind: it stops first (within its join's timeouts).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         logger.info("stopping the engine")
+        if stats_logger is not None:
+            stats_logger.stop()
         dead = not async_llm.is_alive()
         async_llm.shutdown()
     if dead:  # a supervisor (systemd, Docker, Kubernetes) restarts a server that fails
