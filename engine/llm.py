@@ -20,11 +20,14 @@ from engine.engine_args import IGNORED_VLLM_ARGS, EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.lora import LoRARequest
 from engine.llm_engine import LLMEngine, prompt_length_problem
+from engine.metrics import ServingMetrics, cache_config_info
+from engine.metrics_reader import Metric, metrics_snapshot, offline_finished_sequences
 from engine.outputs import RequestOutput, RequestOutputKind
 from engine.pooling import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput,
                             ScoringOutput, ScoringRequestOutput, as_pooling_output, cosine, score_pairs)
 from engine.sampling_params import SamplingParams
 from engine.stats_log import PeriodicStatsLogger
+from models.default_model import DEFAULT_MODEL_NAME
 
 PromptType = Union[str, list[int], dict]
 logger = logging.getLogger(__name__)
@@ -106,8 +109,15 @@ class LLM:
         )
         self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
         self._loop = EngineLoop(self.llm_engine)
-        # vLLM's periodic stats line (engine.stats_log), off by default offline as there
-        self._stats_logger = None if disable_log_stats else PeriodicStatsLogger(self._loop.stats).start()
+        # Off by default offline, as in vLLM: its periodic stats line (engine.stats_log) and the metrics that
+        # get_metrics() reads
+        self._stats_logger = self._metrics = None
+        if not disable_log_stats:
+            engine = self.llm_engine
+            self._metrics = ServingMetrics(
+                model or DEFAULT_MODEL_NAME, self._loop.stats, engine.max_model_len,
+                cache_config=cache_config_info(engine.args, engine.block_manager.num_usable_blocks))
+            self._stats_logger = PeriodicStatsLogger(self._loop.stats).start()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -220,7 +230,8 @@ class LLM:
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         self._check_prompts(prompts, params_list)
         futures = [concurrent.futures.Future() for _ in prompts]
-        requests = [NewRequest(self._loop.new_request_id(), prompt, params, _resolve_when_finished(future),
+        requests = [NewRequest(self._loop.new_request_id(), prompt, params,
+                               _resolve_when_finished(future, self._record_metrics, params),
                                _fail(future), priority[i] if priority else 0, loras[i] if loras else None)
                     for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))]
         self._loop.add_requests(requests, output_kind=RequestOutputKind.FINAL_ONLY)
@@ -322,6 +333,27 @@ class LLM:
                                           "num_preemptions": e.scheduler.num_preemptions,
                                           "prefix_cache_queries": e.scheduler.prefix_cache_queries,
                                           "prefix_cache_hits": e.scheduler.prefix_cache_hits})
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's snapshot of the engine's ``vllm:`` metrics (``engine.metrics_reader``: counters, gauges,
+        histograms, vectors), as the server's ``/metrics`` has them; needs ``LLM(disable_log_stats=False)``, as in
+        vLLM. Offline, a request's sequences are timed from its final output (``RequestOutput.metrics``): they
+        share its first and last token times, and the inter-token histogram takes each sequence's mean interval
+        once a token after its first."""
+        if self._metrics is None:
+            raise ValueError("stat logging is disabled: construct LLM(..., disable_log_stats=False) for get_metrics()")
+        return metrics_snapshot(self._metrics.registry)
+
+    def _record_metrics(self, output, params) -> None:
+        """A finished request's per-request metrics (with stats on)."""
+        if self._metrics is None:
+            return
+        for sequence in offline_finished_sequences(output, params):
+            if sequence.first_token_s is not None:
+                self._metrics.on_first_token(sequence.first_token_s)
+            if sequence.time_per_output_token_s is not None:
+                self._metrics.on_inter_token(sequence.time_per_output_token_s, sequence.generation_tokens - 1)
+            self._metrics.on_finished(sequence)
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (as vLLM's ``LLM.reset_prefix_cache``; e.g. between benchmark rounds that
@@ -433,9 +465,11 @@ def _as_prompt_list(prompts) -> list:
     return out
 
 
-def _resolve_when_finished(future: concurrent.futures.Future):
+def _resolve_when_finished(future: concurrent.futures.Future, record: Callable = lambda output, params: None,
+                           params=None):
     def on_output(output: RequestOutput) -> None:
         if output.finished and not future.done():
+            record(output, params)
             future.set_result(output)
 
     return on_output

@@ -63,6 +63,14 @@ def one_two_five_buckets(largest: int) -> list[int]:
         scale *= 10
 
 
+def cache_config_info(args, num_gpu_blocks: int) -> dict:
+    """The KV cache's settings (``EngineArgs``), as vLLM's ``vllm:cache_config_info`` labels them."""
+    return dict(block_size=args.block_size, cache_dtype=args.kv_cache_dtype,
+                enable_prefix_caching=args.enable_prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
+                num_gpu_blocks=num_gpu_blocks, num_gpu_blocks_override=args.num_gpu_blocks_override,
+                num_cpu_blocks=None, swap_space=0)
+
+
 class ServingMetrics:
     """The server's metrics; pass it to ``AsyncLLM.add_stat_logger`` and serve ``render()``.
 

@@ -1111,12 +1111,30 @@ def test_vllms_arguments_that_change_nothing_here_are_taken(tmp_path, caplog, mo
     with caplog.at_level("INFO"):
         llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=32, max_num_seqs=2,
                   num_gpu_blocks_override=8, disable_log_stats=False, swap_space=4, enable_chunked_prefill=True)
-        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+        llm.generate([[1, 2, 3], [4, 5]], [SamplingParams(max_tokens=20, ignore_eos=True),
+                                           SamplingParams(max_tokens=4, n=2, ignore_eos=True)], use_tqdm=False)
         time.sleep(0.3)
+        metrics = {(m.name, tuple(sorted(m.labels.items()))): m for m in llm.get_metrics()}
         llm.shutdown()
     assert "swap_space=...) has no effect" in caplog.text and "disable_log_stats" not in caplog.text
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Avg prompt throughput")]
     assert lines and "Running: 0 reqs, Waiting: 0 reqs, GPU KV cache usage: 0.0%" in lines[-1], lines
+    # vLLM's LLM.get_metrics(): the server's metrics as Counter / Gauge / Histogram / Vector snapshots
+    from engine.metrics_reader import Counter, Gauge, Histogram
+
+    def one(name, **labels):
+        return metrics[(name, tuple(sorted({"model_name": str(tmp_path), **labels}.items())))]
+
+    assert one("vllm:generation_tokens") == Counter("vllm:generation_tokens", {"model_name": str(tmp_path)}, 28)
+    assert one("vllm:request_success", finished_reason="length").value == 3  # a request of n counts n
+    assert isinstance(one("vllm:num_requests_running"), Gauge) and one("vllm:kv_cache_total_blocks").value == 7
+    ttft = one("vllm:time_to_first_token_seconds")
+    assert isinstance(ttft, Histogram) and ttft.count == 3 and ttft.buckets["+Inf"] == 3 and ttft.sum > 0
+    assert one("vllm:request_generation_tokens").sum == 28 and one("vllm:request_params_n").count == 2
+    assert one("vllm:inter_token_latency_seconds").count == 19 + 3 + 3
+    assert one("vllm:cache_config_info", block_size="16", cache_dtype="auto", enable_prefix_caching="True",
+               gpu_memory_utilization="0.9", num_cpu_blocks="None", num_gpu_blocks="7",
+               num_gpu_blocks_override="8", swap_space="0").value == 1
     with pytest.raises(TypeError, match="'swap_spaces'"):
         LLM(str(tmp_path), swap_spaces=4)
 

@@ -1,5 +1,6 @@
-"""vLLM's periodic stats line (``engine.stats_log``) from made-up engine stats: the rates of one interval, the queue,
-the KV cache, the prefix cache's hit rate, speculative decoding's acceptance; INFO only while the engine works."""
+"""vLLM's periodic stats line (``engine.stats_log``) and ``LLM.get_metrics``' reader, from made-up engine stats: the
+rates of one interval, the queue, the KV cache, the prefix cache's hit rate, speculative decoding's acceptance; INFO
+only while the engine works; each kind of metric as vLLM's reader gives it."""
 
 import logging
 import threading
@@ -71,3 +72,25 @@ def test_the_thread_logs_until_stopped_and_ends_quietly_when_the_engine_is_gone(
     stopped = PeriodicStatsLogger(lambda: IDLE, interval_s=60).start()
     stopped.stop()  # at once, not after the interval
     assert not stopped._thread.is_alive()
+
+
+def test_the_metrics_snapshot_reads_each_kind_as_vllms_reader_does():
+    """``LLM.get_metrics()``'s reader (``engine.metrics_reader``): counters, gauges, histograms with cumulative
+    buckets, and a counter by draft position as one vector; metrics not named ``vllm:`` are left out."""
+    from engine.metrics import ServingMetrics
+    from engine.metrics_reader import Counter, Gauge, Histogram, Vector, metrics_snapshot
+
+    stats = {**IDLE, "num_preemptions": 2, "max_batch_seqs": 3, "steps": 5, "steps_planned_ahead": 0, "host_s": 0.0,
+             "wait_s": 0.0, "spec_decode_num_accepted_tokens_per_pos": (7, 4, 1)}
+    metrics = ServingMetrics("m", lambda: stats, max_model_len=64)
+    metrics.on_first_token(0.02)
+    metrics.on_first_token(0.3)
+    snapshot = {m.name: m for m in metrics_snapshot(metrics.registry)}
+    assert snapshot["vllm:num_preemptions"] == Counter("vllm:num_preemptions", {"model_name": "m"}, 2)
+    assert snapshot["vllm:num_requests_waiting"] == Gauge("vllm:num_requests_waiting", {"model_name": "m"}, 0.0)
+    assert snapshot["vllm:spec_decode_num_accepted_tokens_per_pos"] == Vector(
+        "vllm:spec_decode_num_accepted_tokens_per_pos", {"model_name": "m"}, [7, 4, 1])
+    ttft = snapshot["vllm:time_to_first_token_seconds"]
+    assert isinstance(ttft, Histogram) and (ttft.count, round(ttft.sum, 6)) == (2, 0.32)
+    assert ttft.buckets["0.02"] == 1 and ttft.buckets["0.5"] == ttft.buckets["+Inf"] == 2
+    assert all(name.startswith("vllm:") for name in snapshot)

@@ -72,7 +72,7 @@ from engine.entrypoints.openai.tools import (TOOL_PARSERS, ToolChoiceError, Tool
                                              resolve_tool_choice, template_messages, tool_call_schema)
 from engine.generation_config import SAMPLING_FIELDS
 from engine.lora import LoRARequest, adapter_folder_problem
-from engine.metrics import ServingMetrics
+from engine.metrics import ServingMetrics, cache_config_info
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import RUNNERS, PoolingParams, class_labels, cosine, is_classifier, pooled_data, score_pairs
 from engine.sampling_params import SamplingParams
@@ -268,7 +268,8 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
                             lora_modules, trust_request_chat_template, return_tokens_as_token_ids)
     if metrics is None:
         metrics = ServingMetrics(served_model_names[0], async_llm.stats, async_llm.max_model_len,
-                                 cache_config=cache_config_info(async_llm))
+                                 cache_config=cache_config_info(async_llm.engine.args,
+                                                                async_llm.stats()["num_usable_blocks"]))
         async_llm.add_stat_logger(metrics)
     app = FastAPI(title="pagedjax OpenAI-compatible server", version=server_version())
     app.state.serving, app.state.metrics, app.state.requests_in_flight = serving, metrics, 0
@@ -1923,16 +1924,6 @@ def engine_facts(async_llm: AsyncLLM) -> dict:
     return dict(**async_llm.device_facts(), dtype=engine.dtype, quantization=engine.quantization,
                 kv_cache_dtype=engine.args.kv_cache_dtype, tensor_parallel_size=engine.args.tensor_parallel_size,
                 max_model_len=engine.max_model_len, enable_prefix_caching=engine.args.enable_prefix_caching)
-
-
-def cache_config_info(async_llm: AsyncLLM) -> dict:
-    """The KV cache's settings, as vLLM's ``vllm:cache_config_info`` labels them."""
-    args = async_llm.engine.args
-    return dict(block_size=args.block_size, cache_dtype=args.kv_cache_dtype,
-                enable_prefix_caching=args.enable_prefix_caching,
-                gpu_memory_utilization=args.gpu_memory_utilization,
-                num_gpu_blocks=async_llm.stats()["num_usable_blocks"],
-                num_gpu_blocks_override=args.num_gpu_blocks_override, num_cpu_blocks=None, swap_space=0)
 
 
 def startup_line(async_llm: AsyncLLM, names: Sequence[str], url: str) -> str:
