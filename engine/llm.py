@@ -7,9 +7,11 @@ loop, so concurrent callers are batched into the same steps.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import sys
+import threading
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -396,6 +398,36 @@ class LLM:
 
     def is_sleeping(self) -> bool:
         return self._loop.is_sleeping()
+
+    def collective_rpc(self, method: Union[str, Callable], timeout: Optional[float] = None, args: tuple = (),
+                       kwargs: Optional[dict] = None) -> list:
+        """vLLM's call on every worker, between steps: ``method`` names a method of the worker, or is a function
+        taking the worker first, then ``args`` and ``kwargs``. One worker here, the engine's ``ModelRunner`` (its
+        ``params``, ``kv_caches``, ``config``; one process drives every device, tensor-parallel too), so the list
+        holds one result. ``timeout``: seconds to wait for it (a step may be running), else ``TimeoutError``; the
+        call itself still runs."""
+        def on_worker(engine):
+            worker = engine.runner
+            call = getattr(worker, method) if isinstance(method, str) else functools.partial(method, worker)
+            return call(*args, **(kwargs or {}))
+
+        if isinstance(method, str) and not callable(getattr(self.llm_engine.runner, method, None)):
+            raise AttributeError(f"the worker (engine.runner.ModelRunner) has no method {method!r}")
+        if timeout is None:
+            return [self._loop.call(on_worker, running=True)]
+        result: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                result.set_result(self._loop.call(on_worker, running=True))
+            except BaseException as e:
+                result.set_exception(e)
+
+        threading.Thread(target=run, name="pagedjax-collective-rpc", daemon=True).start()
+        try:
+            return [result.result(timeout)]
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"collective_rpc({method!r}) took longer than {timeout} s") from None
 
     def get_trace(self, reset: bool = False):
         """The per-step trace (``engine.trace.StepTrace``) of an engine built with ``trace=True``;

@@ -129,6 +129,29 @@ def test_start_and_stop_profile_write_a_trace(llm, tmp_path, monkeypatch):
     assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
 
 
+def test_collective_rpc_calls_the_worker_between_steps(llm):
+    """vLLM's ``collective_rpc``: a function of the worker (the engine's ``ModelRunner``) or a method's name, with
+    args and kwargs; one result a worker (one here); a name the worker lacks is an AttributeError; a call that waits
+    past its ``timeout`` is a TimeoutError; ``get_metrics`` with stats off (the default offline) a ValueError."""
+    import jax
+
+    def vocab_rows(worker, times, plus=0):
+        return worker.config.vocab_size * times + plus
+
+    assert llm.collective_rpc(vocab_rows, args=(2,), kwargs={"plus": 1}) == [2 * llm.llm_engine.model_config.vocab_size
+                                                                           + 1]
+    leaves = llm.collective_rpc(lambda worker: len(jax.tree.leaves(worker.params)), timeout=60)
+    assert len(leaves) == 1 and leaves[0] > 0
+    assert llm.collective_rpc("activation_bytes") == [llm.llm_engine.runner.activation_bytes()]
+    with pytest.raises(AttributeError, match="no method 'no_such_method'"):
+        llm.collective_rpc("no_such_method")
+    with pytest.raises(TimeoutError, match="longer than 0.05 s"):
+        llm.collective_rpc(lambda worker: time.sleep(0.5), timeout=0.05)
+    time.sleep(0.5)  # the slow call ends before the next test steps
+    with pytest.raises(ValueError, match="disable_log_stats=False"):
+        llm.get_metrics()
+
+
 def test_concurrent_threads_share_steps(llm, alone):
     results: dict[int, list[int]] = {}
     errors = []
