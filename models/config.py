@@ -146,6 +146,7 @@ class ModelConfig:
         if d.get("model_type") == "gemma3":
             d = _gemma3_text_config(d)
         model_type = d.get("model_type")
+        d = {**_HF_CONFIG_DEFAULTS.get(model_type, {}), **d}  # what transformers assumes of a field left out
         if model_type not in SUPPORTED_MODEL_TYPES:
             arch = d.get("architectures") or []
             raise UnsupportedModelError(
@@ -179,11 +180,7 @@ class ModelConfig:
                 f"num_attention_heads={num_heads} is not a multiple of "
                 f"num_key_value_heads={fields['num_kv_heads']}"
             )
-        # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters (Gemma 3: one a layer type).
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if "full_attention" in rope:
-            rope = rope["full_attention"]
-        rope_theta = float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        rope, rope_theta = _rope_fields(d)
         partial_rotary = float(d.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
         if partial_rotary != 1.0:
             raise UnsupportedModelError(f"unsupported option partial_rotary_factor={partial_rotary} "
@@ -234,6 +231,23 @@ class ModelConfig:
         return cls.from_hf_dict(d)
 
 
+def _rope_fields(d: dict[str, Any]) -> tuple[dict, float]:
+    """The rotary embedding's parameters and base, read as transformers 5 reads them: a ``rope_scaling`` block (the
+    4.x name, which model cards still tell users to add) replaces ``rope_parameters`` whole, its base then its own
+    ``rope_theta`` or the top-level one; else ``rope_parameters`` (Gemma 3: one a layer type) with its base before
+    the top-level one (which ``_HF_CONFIG_DEFAULTS`` fills with the model type's default)."""
+    scaling = d.get("rope_scaling")
+    if scaling:
+        rope = scaling
+        theta = rope.get("rope_theta") or d.get("rope_theta")
+    else:
+        rope = d.get("rope_parameters") or {}
+        if "full_attention" in rope:
+            rope = rope["full_attention"]
+        theta = rope.get("rope_theta") or d.get("rope_theta")
+    return rope, float(theta or 10000.0)
+
+
 def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
     """The mixture-of-experts fields of a mixtral / qwen2_moe / qwen3_moe config (transformers 5 names the expert
     count ``num_local_experts`` for some; Qwen's own configs say ``num_experts``)."""
@@ -257,6 +271,26 @@ def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
                 if model_type == "qwen2_moe" else 0)
 
 
+# transformers' defaults (its config classes', 5.x) where they differ from the engine's generic ones (rms_norm_eps
+# 1e-6, rope base 10,000, max_position_embeddings 4096, head_dim hidden / heads, no sliding window, SiLU), for a
+# config.json that leaves the field out: Hub files write them all, a hand-made config may not.
+_HF_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(max_position_embeddings=2048),
+    "mistral": dict(sliding_window=4096, max_position_embeddings=131072),
+    "qwen2": dict(max_position_embeddings=32768),
+    "qwen3": dict(head_dim=128, max_position_embeddings=32768),
+    "phi3": dict(rms_norm_eps=1e-5),
+    "gemma2": dict(hidden_activation="gelu_pytorch_tanh", head_dim=256, query_pre_attn_scalar=256,
+                   sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   max_position_embeddings=8192),
+    "granite": dict(max_position_embeddings=2048),
+    "smollm3": dict(rope_theta=2_000_000.0, max_position_embeddings=32768),
+    "olmo2": dict(rms_norm_eps=1e-5, max_position_embeddings=2048),
+    "mixtral": dict(rope_theta=1_000_000.0, rms_norm_eps=1e-5, max_position_embeddings=131072),
+    "qwen2_moe": dict(max_position_embeddings=32768),
+    "qwen3_moe": dict(max_position_embeddings=32768),
+}
+
 # transformers' Gemma3TextConfig defaults, which Gemma 3's image-text config.json files leave out of their
 # text_config (google/gemma-3-4b-it names only the sizes, the window and the rope scaling there).
 _GEMMA3_TEXT_DEFAULTS = dict(
@@ -264,6 +298,9 @@ _GEMMA3_TEXT_DEFAULTS = dict(
     hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
     query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
     sliding_window_pattern=6, tie_word_embeddings=True)
+
+
+_HF_CONFIG_DEFAULTS["gemma3_text"] = _GEMMA3_TEXT_DEFAULTS
 
 
 def _gemma3_text_config(d: dict[str, Any]) -> dict[str, Any]:

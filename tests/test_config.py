@@ -136,6 +136,63 @@ def test_linear_rope_scaling_and_legacy_type_key():
     assert ModelConfig.from_hf_dict(legacy) == c
 
 
+def _transformers_rope(d: dict) -> tuple:
+    """The rope type, factor and base transformers' config class reads from a config.json dict."""
+    rope = transformers.AutoConfig.for_model(**json.loads(json.dumps(d))).rope_parameters
+    rope = rope.get("full_attention", rope)
+    return rope.get("rope_type", "default"), rope.get("factor"), rope["rope_theta"]
+
+
+@pytest.mark.parametrize("fields", [
+    # transformers 5's file, plus the 4.x rope_scaling block model cards tell users to add (Qwen2.5's YaRN)
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}, rope_scaling={"type": "linear", "factor": 2.0}),
+    dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
+         rope_scaling={"rope_type": "linear", "factor": 3.0, "rope_theta": 3e3}, rope_theta=7.0),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}, rope_theta=100.0),  # the parameters' base wins
+    dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=500.0),
+], ids=["added-yarn", "added-linear", "scaling-base", "parameters-base", "v4"])
+@pytest.mark.parametrize("variant", ["qwen2", "mixtral"])
+def test_rope_fields_in_both_places_read_as_transformers_reads_them(variant, fields):
+    """A config.json with both ``rope_parameters`` and ``rope_scaling``, or a base in both places: transformers 5
+    takes the ``rope_scaling`` block whole (a probe found it ignored: YaRN silently off, logits off by up to 6), and
+    the parameters' base over the top-level one where no block is added."""
+    d = {k: v for k, v in tiny_hf_config(variant).to_dict().items() if k not in ("rope_parameters", "rope_theta")}
+    d.update(json.loads(json.dumps(fields)), max_position_embeddings=64)
+    rope_type, factor, theta = _transformers_rope(d)
+    ours = ModelConfig.from_hf_dict(d)
+    assert ours.rope_theta == theta and (ours.rope_scaling or ("default", None))[:2] == (rope_type, factor)
+
+
+def test_an_unsupported_rope_type_in_an_added_block_is_refused():
+    d = tiny_hf_config("phi3").to_dict()
+    d["rope_scaling"] = {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+    with pytest.raises(UnsupportedModelError, match="longrope"):
+        ModelConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen3", "phi3", "gemma2", "gemma3_text", "smollm3", "olmo2",
+                                     "mixtral", "qwen3_moe"])
+def test_fields_left_out_take_transformers_defaults(variant):
+    """A hand-made config.json without the optional fields: the model type's transformers defaults (rope base,
+    norm epsilon, head size, window, Gemma 2's soft caps and activation, context length), not generic ones."""
+    hf = tiny_hf_config(variant)
+    keep = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts",
+            "num_experts_per_tok")
+    d = {k: v for k, v in hf.to_dict().items() if k in keep}
+    default = transformers.AutoConfig.for_model(**d)
+    ours = ModelConfig.from_hf_dict(d)
+    assert ours.rope_theta == _transformers_rope(default.to_dict())[2]
+    assert (ours.rms_norm_eps, ours.max_position_embeddings) == (default.rms_norm_eps,
+                                                                 default.max_position_embeddings)
+    assert ours.head_dim == (getattr(default, "head_dim", None) or default.hidden_size // default.num_attention_heads)
+    assert ours.sliding_window == (getattr(default, "sliding_window", None) or None)
+    if variant == "gemma2":
+        assert (ours.attn_soft_cap, ours.final_soft_cap, ours.hidden_act) == (50.0, 30.0, "gelu_pytorch_tanh")
+
+
 def test_tied_and_untied_embeddings():
     tied = ModelConfig.from_hf_dict(tiny_hf_config("llama", tie_word_embeddings=True).to_dict())
     untied = ModelConfig.from_hf_dict(tiny_hf_config("llama", tie_word_embeddings=False).to_dict())
