@@ -22,8 +22,8 @@ from engine.engine_args import IGNORED_VLLM_ARGS, EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.lora import LoRARequest
 from engine.llm_engine import LLMEngine, prompt_length_problem
-from engine.metrics import ServingMetrics, cache_config_info
-from engine.metrics_reader import Metric, metrics_snapshot, offline_finished_sequences
+from engine.metrics import ServingMetrics, cache_config_info, offline_finished_sequences
+from engine.metrics_reader import Metric, metrics_snapshot
 from engine.outputs import RequestOutput, RequestOutputKind
 from engine.pooling import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput,
                             ScoringOutput, ScoringRequestOutput, as_pooling_output, cosine, score_pairs)

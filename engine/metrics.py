@@ -9,7 +9,8 @@ their successors, so dashboards of those versions read this server too.
 
 Owns one ``CollectorRegistry`` per ``ServingMetrics`` (never the global default,
 so several servers or tests in one process do not collide): latency histograms
-fed through the ``StatLogger`` calls of ``engine.async_llm``, and engine state
+fed through the ``StatLogger`` calls of ``engine.async_llm`` (or, offline, from ``LLM``'s finished outputs:
+``offline_finished_sequences``), and engine state
 (queues, KV cache, token and preemption counters) read from a stats snapshot at
 scrape time. Knows nothing of HTTP or of how the engine works inside.
 """
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:
     from engine.async_llm import FinishedSequence
+    from engine.outputs import RequestOutput
+    from engine.sampling_params import SamplingParams
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -281,3 +284,30 @@ class _EngineStateCollector(Collector):
             family.add_metric([*labels, str(lora["max_lora"]), ",".join(lora["waiting"]), ",".join(lora["running"])],
                               time.time())
             yield family
+
+
+def offline_finished_sequences(output: RequestOutput, params: Optional[SamplingParams]) -> list[FinishedSequence]:
+    """A finished request's sequences as the server's per-request metrics observe them, from its
+    ``RequestOutput.metrics`` (the offline ``LLM`` reads only final outputs: its sequences share the request's
+    first and last token times)."""
+    from engine.async_llm import FinishedSequence
+
+    metrics = getattr(output, "metrics", None)
+    if metrics is None:
+        return []
+
+    def since(start: Optional[float], end: Optional[float]) -> Optional[float]:
+        return None if start is None or end is None else end - start
+
+    arrival, scheduled = metrics.arrival_time, metrics.first_scheduled_time
+    first, last = metrics.first_token_time, metrics.last_token_time
+    end = metrics.finished_time or last or arrival
+    completions = getattr(output, "outputs", None)
+    if not isinstance(completions, list):  # a pooled request: one output, no tokens
+        return [FinishedSequence(end - arrival, "stop", len(output.prompt_token_ids or ()), 0)]
+    return [FinishedSequence(
+        end - arrival, c.finish_reason or "abort", len(output.prompt_token_ids or ()), len(c.token_ids),
+        since(arrival, first if c.token_ids else None), (params.n if params is not None else 1) if i == 0 else None,
+        params.max_tokens if params is not None else None, queue_s=metrics.time_in_queue,
+        prefill_s=since(scheduled, first), decode_s=since(first, last), inference_s=since(scheduled, last))
+        for i, c in enumerate(completions)]

@@ -1,19 +1,11 @@
 """vLLM's ``LLM.get_metrics()`` snapshot types (``vllm.v1.metrics.reader``): each ``vllm:`` metric of a Prometheus
 registry as a ``Counter``, ``Gauge``, ``Histogram`` (cumulative bucket counts by their ``le``) or ``Vector`` (a
-counter with a ``position`` label, as its list of values), and ``offline_finished_sequences``: what the offline
-``LLM``'s finished requests give the per-request metrics. Owns no state."""
+counter with a ``position`` label, as its list of values). Owns no state."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Optional
-
 from prometheus_client import CollectorRegistry
-
-if TYPE_CHECKING:
-    from engine.async_llm import FinishedSequence
-    from engine.outputs import RequestOutput
-    from engine.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass
@@ -73,30 +65,3 @@ def metrics_snapshot(registry: CollectorRegistry) -> list[Metric]:
                     histogram.sum = float(s.value)
             out += series.values()
     return out
-
-
-def offline_finished_sequences(output: RequestOutput, params: Optional[SamplingParams]) -> list[FinishedSequence]:
-    """A finished request's sequences as the server's per-request metrics observe them, from its
-    ``RequestOutput.metrics`` (the offline ``LLM`` reads only final outputs: its sequences share the request's
-    first and last token times)."""
-    from engine.async_llm import FinishedSequence
-
-    metrics = getattr(output, "metrics", None)
-    if metrics is None:
-        return []
-
-    def since(start: Optional[float], end: Optional[float]) -> Optional[float]:
-        return None if start is None or end is None else end - start
-
-    arrival, scheduled = metrics.arrival_time, metrics.first_scheduled_time
-    first, last = metrics.first_token_time, metrics.last_token_time
-    end = metrics.finished_time or last or arrival
-    completions = getattr(output, "outputs", None)
-    if not isinstance(completions, list):  # a pooled request: one output, no tokens
-        return [FinishedSequence(end - arrival, "stop", len(output.prompt_token_ids or ()), 0)]
-    return [FinishedSequence(
-        end - arrival, c.finish_reason or "abort", len(output.prompt_token_ids or ()), len(c.token_ids),
-        since(arrival, first if c.token_ids else None), (params.n if params is not None else 1) if i == 0 else None,
-        params.max_tokens if params is not None else None, queue_s=metrics.time_in_queue,
-        prefill_s=since(scheduled, first), decode_s=since(first, last), inference_s=since(scheduled, last))
-        for i, c in enumerate(completions)]
