@@ -184,6 +184,17 @@ class AsyncLLM:
         await asyncio.get_running_loop().run_in_executor(None, self._loop.update_weights_from_disk, model_path,
                                                          load_format)
 
+    async def reset_prefix_cache(self) -> int:
+        """vLLM's: forget every cached prefix (off the event loop: it waits for a step to end); the blocks freed."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._loop.reset_prefix_cache)
+
+    async def start_profile(self, profile_dir: str) -> None:
+        """JAX's profiler traces the engine's process into ``profile_dir`` until ``stop_profile``."""
+        await asyncio.get_running_loop().run_in_executor(None, self._loop.start_profile, profile_dir)
+
+    async def stop_profile(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._loop.stop_profile)
+
     async def add_lora(self, lora_request: "LoRARequest") -> None:
         """vLLM's ``add_lora``: the engine reads the adapter now (off the event loop), a bad one a ``ValueError``."""
         await asyncio.get_running_loop().run_in_executor(None, self._loop.add_lora, lora_request)

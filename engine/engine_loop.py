@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -26,6 +27,17 @@ if TYPE_CHECKING:  # the engine process's parent uses this module's types withou
 logger = logging.getLogger("pagedjax")
 
 WAIT_SLICE_S = 0.1  # the engine loop's waits are counted in its stats in slices of this length
+
+PROFILER_DIR_ENV = "VLLM_TORCH_PROFILER_DIR"  # vLLM's: where start_profile writes its trace
+
+
+def profile_dir(given: Optional[str] = None) -> str:
+    """The profiler's folder: ``given``, else ``$VLLM_TORCH_PROFILER_DIR``; a ValueError without either."""
+    folder = given or os.environ.get(PROFILER_DIR_ENV)
+    if not folder:
+        raise ValueError(f"the profiler needs a folder: start_profile(profile_dir) or ${PROFILER_DIR_ENV}")
+    return folder
+
 
 OnOutput = Callable[[RequestOutput], None]
 OnError = Callable[[BaseException], None]
@@ -160,6 +172,25 @@ class EngineLoop:
 
         return dict(device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
                     jax_version=jax.__version__, backend=jax.default_backend())
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix, between steps; the KV blocks that were freed."""
+        return self.call(lambda engine: engine.block_manager.reset_prefix_cache())
+
+    @staticmethod
+    def start_profile(profile_dir: str) -> None:
+        """JAX's profiler traces what this process runs (the engine's steps, their kernels) into ``profile_dir``
+        until ``stop_profile`` (XLA's trace, for Perfetto or TensorBoard)."""
+        import jax
+
+        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+
+    @staticmethod
+    def stop_profile() -> None:
+        """End ``start_profile``'s trace and write it (``plugins/profile/<run>/`` under its folder)."""
+        import jax
+
+        jax.profiler.stop_trace()
 
     def sleep(self, level: int = 1) -> None:
         """The engine's sleep mode (``LLMEngine.sleep``), between steps."""

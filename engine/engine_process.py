@@ -193,6 +193,15 @@ class EngineProcess:
     def add_lora(self, lora_request) -> None:
         self._call("add_lora", lora_request)
 
+    def reset_prefix_cache(self) -> int:
+        return self._call("reset_prefix_cache", None)
+
+    def start_profile(self, profile_dir: str) -> None:  # the engine's process is where the steps run
+        self._call("start_profile", profile_dir)
+
+    def stop_profile(self) -> None:
+        self._call("stop_profile", None)
+
     def device_facts(self) -> dict:
         return dict(self.engine.facts)
 
@@ -380,6 +389,9 @@ def _child_main(args: EngineArgs, commands, outputs) -> None:
         "is_sleeping": lambda _: loop.is_sleeping(),
         "update_weights_from_disk": lambda payload: loop.update_weights_from_disk(*payload),
         "add_lora": loop.add_lora,
+        "reset_prefix_cache": lambda _: loop.reset_prefix_cache(),
+        "start_profile": loop.start_profile,
+        "stop_profile": lambda _: loop.stop_profile(),
     }
 
     def run(batch) -> bool:

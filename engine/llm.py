@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
-import os
 import sys
 import threading
 from typing import Any, Callable, Optional, Sequence, Union
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from engine.engine_args import IGNORED_VLLM_ARGS, EngineArgs
+from engine import engine_loop
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.lora import LoRARequest
 from engine.llm_engine import LLMEngine, prompt_length_problem
@@ -360,24 +360,17 @@ class LLM:
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (as vLLM's ``LLM.reset_prefix_cache``; e.g. between benchmark rounds that
         repeat prompts); returns the KV blocks that were freed."""
-        return self._loop.call(lambda e: e.block_manager.reset_prefix_cache())
+        return self._loop.reset_prefix_cache()
 
     def start_profile(self, profile_dir: Optional[str] = None) -> None:
         """vLLM's ``LLM.start_profile``: JAX's profiler traces what this process runs (the engine's steps, their
         kernels) into ``profile_dir``, by default ``$VLLM_TORCH_PROFILER_DIR`` (vLLM's variable; the trace is
         XLA's, for Perfetto or TensorBoard), until ``stop_profile``."""
-        import jax
-
-        profile_dir = profile_dir or os.environ.get(PROFILER_DIR_ENV)
-        if not profile_dir:
-            raise ValueError(f"the profiler needs a folder: start_profile(profile_dir) or ${PROFILER_DIR_ENV}")
-        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+        self._loop.start_profile(engine_loop.profile_dir(profile_dir))
 
     def stop_profile(self) -> None:
         """End ``start_profile``'s trace and write it (``plugins/profile/<run>/`` under its folder)."""
-        import jax
-
-        jax.profiler.stop_trace()
+        self._loop.stop_profile()
 
     def sleep(self, level: int = 1) -> None:
         """vLLM's sleep mode: free the GPU memory of the weights (kept in host memory at level 1, discarded at level
@@ -448,9 +441,6 @@ class LLM:
             if stats_logger is not None:
                 stats_logger.stop()
             loop.shutdown()
-
-
-PROFILER_DIR_ENV = "VLLM_TORCH_PROFILER_DIR"  # vLLM's: where start_profile writes its trace
 
 
 def _per_prompt(value, num_prompts: int, name: str, kind: Optional[type] = None) -> list:

@@ -304,6 +304,22 @@ def test_request_ids_from_the_client_and_the_server_load(served):
     assert "x-request-id" not in plain.headers and plain.json()["id"].startswith("cmpl-")
 
 
+def test_invocations_routes_a_body_to_its_endpoint(served, reference):
+    """vLLM's (Amazon SageMaker's) ``/invocations``: a chat body answers as /v1/chat/completions, a completion body
+    as /v1/completions; a body of neither, or no JSON, is a 400 that names what it takes."""
+    chat = httpx.post(f"{served.url}/invocations", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                         "max_tokens": 4}, timeout=120).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+    completion = httpx.post(f"{served.url}/invocations", json={"prompt": PROMPTS[0], "temperature": 0,
+                                                               "max_tokens": 8, "ignore_eos": True},
+                            timeout=120).json()
+    assert completion["object"] == "text_completion" and completion["choices"][0]["text"] == reference[0]
+    for bad, says in (({"json": {"foo": 1}}, "Expected one of: ChatCompletionRequest, CompletionRequest"),
+                      ({"content": b"{not json"}, "not valid JSON")):
+        refused = httpx.post(f"{served.url}/invocations", timeout=60, **bad)
+        assert refused.status_code == 400 and says in refused.json()["error"]["message"]
+
+
 def test_chat_answers_paris(served):
     tokenizer = served.async_llm.tokenizer
     out = served.client().chat.completions.create(model=served.model, messages=CHAT, temperature=0,
@@ -1729,6 +1745,16 @@ def test_embeddings_from_a_pooling_server(served):
         assert [(r["index"], r["document"]["text"]) for r in ranked["results"]] == [(1, texts[1])]
         every = httpx.post(f"{url}/rerank", json={"query": texts[1], "documents": texts, "top_n": 0}, timeout=60)
         assert [r["index"] for r in every.json()["results"]] == [1, 0]  # vLLM's: top_n 0 is every document
+        v2 = httpx.post(f"{url}/v2/rerank", json={"query": texts[1], "documents": texts, "top_n": 1}, timeout=60)
+        assert [r["index"] for r in v2.json()["results"]] == [1]
+        # vLLM's (SageMaker's) /invocations: a pooling engine's bodies go to its pooling endpoints
+        invoked = httpx.post(f"{url}/invocations", json={"input": texts[0], "encoding_format": "float"},
+                             timeout=60).json()
+        np.testing.assert_allclose(invoked["data"][0]["embedding"], vectors[0], atol=1e-6)
+        invoked = httpx.post(f"{url}/invocations", json={"query": texts[1], "documents": texts}, timeout=60).json()
+        assert [r["index"] for r in invoked["results"]] == [1, 0]
+        neither = httpx.post(f"{url}/invocations", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert neither.status_code == 400 and "input" in neither.json()["error"]["message"]  # /pooling's answer
         # vLLM's fields: normalize, truncate_prompt_tokens (the input's last k tokens)
         raw = httpx.post(f"{url}/v1/embeddings", json={"input": texts[0], "normalize": False}, timeout=60).json()
         assert abs(np.linalg.norm(raw["data"][0]["embedding"]) - 1) > 1e-3
@@ -1825,12 +1851,13 @@ def test_classify_from_a_sequence_classifier_server(tmp_path):
         async_llm.shutdown()
 
 
-def test_sleep_and_wake_up_in_dev_mode():
+def test_sleep_and_wake_up_in_dev_mode(tmp_path):
     """vLLM's development routes (``VLLM_SERVER_DEV_MODE=1``) over the engine process: /sleep frees the engine's
     device memory while idle, /is_sleeping says so, a completion meanwhile is a 400 that says to wake it, /wake_up
     brings it back to the same greedy replies; level 3 is a 400; SGLang's /update_weights_from_disk loads a checkpoint
     (a missing one is a 400 and the old weights serve on), a level-2 sleep's wake-up loads the weights again; without
-    dev mode the routes do not exist."""
+    dev mode the routes do not exist. /reset_prefix_cache empties the prefix cache; the profiler's routes exist where
+    $VLLM_TORCH_PROFILER_DIR is set."""
     args = make_arg_parser().parse_args(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "4"])
     assert args.engine_process
     async_llm = AsyncLLM.from_engine_args(engine_args_from_cli(args), engine_process=args.engine_process)
@@ -1863,6 +1890,32 @@ def test_sleep_and_wake_up_in_dev_mode():
         assert missing.status_code == 400 and missing.json()["error"]["param"] == "model_path"
         assert httpx.post(f"{plain_url}/update_weights_from_disk", json=update, timeout=60).status_code == 404
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"] == before
+        # vLLM's /reset_prefix_cache: a repeated prompt finds its blocks cached, not after the reset
+        long_body = {**body, "prompt": PROMPTS[0] * 8, "max_tokens": 2}
+
+        def cached_tokens() -> int:
+            out = httpx.post(f"{url}/v1/completions", json=long_body, timeout=120).json()
+            return out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        cached_tokens()
+        assert cached_tokens() > 0
+        assert httpx.post(f"{url}/reset_prefix_cache", timeout=60).status_code == 200
+        assert cached_tokens() == 0
+        assert httpx.post(f"{plain_url}/reset_prefix_cache", timeout=60).status_code == 404
+        # vLLM's /start_profile and /stop_profile where $VLLM_TORCH_PROFILER_DIR is set: JAX's trace of the
+        # engine's process
+        assert httpx.post(f"{url}/start_profile", timeout=60).status_code == 404
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("VLLM_TORCH_PROFILER_DIR", str(tmp_path))
+            profiled, profiled_thread, profiled_url = _serve_in_thread(build_app(async_llm, names))
+        try:
+            assert httpx.post(f"{profiled_url}/start_profile", timeout=60).status_code == 200
+            httpx.post(f"{profiled_url}/v1/completions", json=body, timeout=120)
+            assert httpx.post(f"{profiled_url}/stop_profile", timeout=120).status_code == 200
+            assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+        finally:
+            profiled.should_exit = True
+            profiled_thread.join(timeout=10)
     finally:
         for running, runner in ((server, thread), (plain, plain_thread)):
             running.should_exit = True

@@ -51,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import AsyncLLM, BeamSearchStream, RequestStream, final_outputs, merge_streams
 from engine.beam_search import BeamSearchParams
+from engine.engine_loop import PROFILER_DIR_ENV
 from engine.engine_args import IGNORED_VLLM_ARGS, KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
 from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
@@ -358,8 +359,34 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
 
     @app.post("/rerank")
     @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
     async def rerank(body: RerankRequest, raw: Request):
         return await _cancel_on_disconnect(raw, serving.create_rerank(body))
+
+    if async_llm.engine.args.runner != "pooling":
+        invocation_types = [(ChatCompletionRequest, chat_completions), (CompletionRequest, completions)]
+    elif serving._is_classifier:
+        invocation_types = [(ClassificationRequest, classify), (PoolingRequest, pooling)]
+    else:
+        invocation_types = [(EmbeddingRequest, embeddings), (ScoreRequest, score), (RerankRequest, rerank),
+                            (PoolingRequest, pooling)]
+
+    @app.post("/invocations")
+    async def invocations(raw: Request):
+        """vLLM's (Amazon SageMaker's) one route for everything: the body goes to the first of this engine's
+        endpoints whose request it is (chat, then completions; for a pooling engine its pooling endpoints)."""
+        try:
+            body = await raw.json()
+        except ValueError:
+            raise bad_request("the request body is not valid JSON") from None
+        for request_type, endpoint in invocation_types:
+            try:
+                request = request_type.model_validate(body)
+            except ValidationError:
+                continue
+            return await endpoint(request, raw)
+        raise bad_request("Cannot find suitable handler for request. Expected one of: "
+                          + ", ".join(request_type.__name__ for request_type, _ in invocation_types))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
@@ -402,6 +429,11 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
         async def is_sleeping() -> dict:
             return {"is_sleeping": await async_llm.is_sleeping()}
 
+        @app.post("/reset_prefix_cache")
+        async def reset_prefix_cache() -> Response:
+            await async_llm.reset_prefix_cache()
+            return Response(status_code=200)
+
         @app.post("/update_weights_from_disk")  # SGLang's route: an RL loop's new policy, between its rollouts
         async def update_weights_from_disk(body: UpdateWeightsFromDiskRequest) -> dict:
             try:
@@ -409,6 +441,20 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
             except (ValueError, OSError) as e:
                 raise bad_request(str(e), param="model_path") from None
             return {"success": True, "message": f"weights loaded from {body.model_path}"}
+
+    trace_dir = os.environ.get(PROFILER_DIR_ENV)
+    if trace_dir:  # as vLLM: the profiler's routes only where its folder is set
+        logger.warning("the profiler's routes are on (/start_profile, /stop_profile): traces go to %s", trace_dir)
+
+        @app.post("/start_profile")
+        async def start_profile() -> Response:
+            await async_llm.start_profile(trace_dir)
+            return Response(status_code=200)
+
+        @app.post("/stop_profile")
+        async def stop_profile() -> Response:
+            await async_llm.stop_profile()
+            return Response(status_code=200)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
