@@ -360,7 +360,10 @@ def print_table(rows: Sequence[dict], columns: Sequence[str], title: str = "") -
 # --------------------------------------------------------------------------------------
 
 
-def _median_seconds(fn, *args, repeats: int) -> float:
+def _median_seconds(fn, *args, repeats: int, calls: int = 10) -> float:
+    """The median time of one call of ``fn``, each sample ``calls`` back-to-back calls under one wait: a wait for
+    every call (as before 2026-12-07) timed its launch and the host's sync with it, and read the H100's bandwidth
+    as 2.2-2.5 TB/s where ``bench_kernels.py`` (10 calls a wait) reads 3.0."""
     import statistics
 
     import jax
@@ -369,8 +372,10 @@ def _median_seconds(fn, *args, repeats: int) -> float:
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
 
 
@@ -396,6 +401,15 @@ def measure_read_bandwidth(num_bytes: int, repeats: int = 10) -> float:
     seconds = _median_seconds(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x, repeats=repeats)
     del x
     return num_bytes / seconds
+
+
+# Dense bf16 tensor-core peaks (NVIDIA's data sheets, without sparsity), the conventional MFU denominator.
+PUBLISHED_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def published_bf16_peak_flops(device: str) -> Optional[float]:
+    """The data-sheet bf16 peak of a device kind (e.g. "NVIDIA H100 80GB HBM3"), None where not listed."""
+    return next((tflops * 1e12 for name, tflops in PUBLISHED_BF16_PEAK_TFLOPS.items() if name in device), None)
 
 
 def measure_matmul_flops(m: int, dtype: str = "bfloat16", repeats: int = 10, *, k: Optional[int] = None,

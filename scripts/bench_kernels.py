@@ -613,7 +613,10 @@ def make_config(args):
         return Config(True, jax.default_backend() != "gpu", 3, 1, shape, [(4, 64, [2]), (2, 128, [4])],
                       (2, 16, 4, 64), (4, 64), 2, 0, keep_best=1, prefill_case=(2, 64))
     cases = (parse_decode_cases(args.decode_cases) if args.decode_cases else
-             [(64, 2048, [] if args.quick else [2]), (256, 2048, []), (8, 8192, [4, 8, 16])])
+             # PROTOCOL's kernel-decode: 64 and 256 sequences at contexts of 2048 and 8192; 8 x 8192 the long-context
+             # split's case
+             [(64, 2048, [] if args.quick else [2]), (256, 2048, []), (64, 8192, []), (256, 8192, []),
+              (8, 8192, [4, 8, 16])])
     return Config(False, False, args.repeats, args.inner, parse_heads(args.heads), cases,
                   (8, 512, 128, 4096), (64, 2048), 8, args.min_cache_gib << 30,
                   keep_best=3 if args.quick else 4, quick=args.quick, prefill_case=(4, 2048))

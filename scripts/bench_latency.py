@@ -4,8 +4,8 @@ Reports time to first token (submit to the first token's arrival on the host), t
 per output token (median interval between token arrivals, through the engine's
 per-request output callback as a streaming client sees them), output tok/s (output tokens over the request's wall
 time) and the roofline TPOT: the bytes of weights a decode step must read over the
-device bandwidth measured in the same run (an elementwise pass over a large
-buffer, read + write counted). ``--peer hf`` also times Hugging Face
+device's read bandwidth measured in the same run (a sum over a large buffer; the
+copy rate, read + write counted, is recorded too). ``--peer hf`` also times Hugging Face
 ``generate()`` on the same device with random weights of the same config.
 
     python scripts/bench_latency.py --peer hf                        # GPU: llama-3.1-8b shape, bf16
@@ -108,7 +108,11 @@ def main(argv=None) -> dict:
         peer = bench_common.run_hf_peer(args.model, [WORKLOAD], dtype=args.dtype, seed=args.seed, sizes=sizes)[WORKLOAD]
     result = bench_common.engine_result_header(WORKLOAD, args)
     on_cpu = result["backend"] == "cpu"
-    bandwidth = bench_common.measure_copy_bandwidth((args.bandwidth_mib or (64 if on_cpu else 2048)) << 20)
+    # PROTOCOL's roofline: the weights a step reads at the read bandwidth measured here (the copy rate, reads and
+    # writes counted, is recorded beside it)
+    probe_bytes = (args.bandwidth_mib or (64 if on_cpu else 2048)) << 20
+    bandwidth = bench_common.measure_read_bandwidth(probe_bytes)
+    copy_bandwidth = bench_common.measure_copy_bandwidth(probe_bytes)
     started = time.perf_counter()
     llm = bench_common.make_llm(args, max_model_len=args.input_len + args.output_len,
                                 max_num_seqs=args.max_num_seqs or 1)
@@ -136,7 +140,8 @@ def main(argv=None) -> dict:
     result.update(
         input_len=args.input_len, output_len=args.output_len, num_requests=args.num_requests,
         tpot_over_roofline=ours["tpot_ms"] / roofline_ms, decode_tok_s=1e3 / ours["tpot_ms"],
-        weight_bytes=total_bytes, weight_bytes_read_per_step=read_bytes, copy_bandwidth_tb_s=bandwidth / 1e12,
+        weight_bytes=total_bytes, weight_bytes_read_per_step=read_bytes, read_bandwidth_tb_s=bandwidth / 1e12,
+        copy_bandwidth_tb_s=copy_bandwidth / 1e12,
         max_concurrent_tokens=max_concurrent_tokens, warmup_compile_s=warmup["compile_s"],
         # Start-up (issue 9): LLM(...) until ready, and until the first request's first token (its
         # steps compile then; JAX's persistent compilation cache makes a second run reuse them).

@@ -6,8 +6,9 @@ compilation it triggered (the engine compiles a step shape the first time it
 meets it; a short warm-up compiles the common ones first), and for tput-prefill
 the prefill MFU: useful FLOPs of the steps that ran prompt chunks (2 per weight
 per token, the LM head on sampling rows, causal attention) over those steps' time
-(from the engine's per-step trace), against the bf16 matmul rate measured in the
-same run (or ``--peak-tflops``). Several workloads in one run share one engine.
+(from the engine's per-step trace), against the device's published dense bf16 peak
+(989 TFLOP/s on an H100 or H200; elsewhere the bf16 matmul rate measured in the same
+run; or ``--peak-tflops``), with its fraction of the measured matmul rate beside it. Several workloads in one run share one engine.
 ``--peer hf`` also times Hugging Face ``generate()`` on the same device with
 random weights of the same config, at the batch it can hold (``PEER_BATCH``).
 
@@ -52,7 +53,8 @@ def parse_args(argv=None):
                         help="requests in the warm-up (full prompts, up to 8 output tokens each); shapes it does "
                              "not compile are compiled in the timed run and their compile time subtracted")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="peak for MFU (default: measured bf16 matmul rate in this run; DESIGN.md: ~790 on H100)")
+                        help="peak for MFU (default: the device's published dense bf16 peak, 989 on H100 / H200; "
+                             "else the bf16 matmul rate measured in this run)")
     parser.add_argument("--peer", choices=("none", "hf"), default="none")
     parser.add_argument("--peer-num-requests", type=int, default=None,
                         help="requests (one batch) the peer runs per workload (default PEER_BATCH)")
@@ -86,12 +88,16 @@ def workload_requests(args, n: int, input_len: int, output_len: int, shared: int
     return prompts, [output_len] * n
 
 
-def prefill_figures(run: bench_common.OfflineRun, engine, peak_flops: float) -> dict:
+def prefill_figures(run: bench_common.OfflineRun, engine, peak_flops: float, measured_flops: float) -> dict:
+    """The prompt steps' FLOP rate, as MFU against ``peak_flops`` and as a fraction of the matmul rate measured
+    in the run."""
     steps = [r for r in run.trace.records if r.has_prefill]
     flops = sum(bench_common.step_flops(engine.model_config, r.scheduled) for r in steps)
     seconds = sum(run.step_seconds(r) for r in steps)
     return dict(prefill_mfu=flops / seconds / peak_flops, prefill_tflop_s=flops / seconds / 1e12,
-                prefill_steps=len(steps), prefill_seconds=seconds, peak_tflop_s=peak_flops / 1e12)
+                prefill_steps=len(steps), prefill_seconds=seconds, peak_tflop_s=peak_flops / 1e12,
+                measured_matmul_tflop_s=measured_flops / 1e12,
+                prefill_of_measured_matmul=flops / seconds / measured_flops)
 
 
 def step_breakdown(run: bench_common.OfflineRun) -> dict:
@@ -120,11 +126,15 @@ def main(argv=None) -> list[dict]:
             batch = args.peer_num_requests or bench_common.PEER_BATCH[w]
             sizes[w] = (batch, i, o, batch)
         peers = bench_common.run_hf_peer(args.model, args.workloads, dtype=args.dtype, seed=args.seed, sizes=sizes)
-    peak_flops = None
+    peak_flops = measured_flops = None
     on_cpu = bench_common.device_name() == "cpu"
-    if "tput-prefill" in args.workloads:
-        peak_flops = (args.peak_tflops * 1e12 if args.peak_tflops else
-                      bench_common.measure_matmul_flops(1024 if on_cpu else 8192, "float32" if on_cpu else "bfloat16"))
+    if "tput-prefill" in args.workloads:  # MFU against the data sheet's peak where the device is listed
+        measured_flops = bench_common.measure_matmul_flops(1024 if on_cpu else 8192,
+                                                           "float32" if on_cpu else "bfloat16")
+        published = bench_common.published_bf16_peak_flops(bench_common.device_name())
+        peak_flops, peak_source = ((args.peak_tflops * 1e12, "--peak-tflops") if args.peak_tflops else
+                                   (published, "published bf16 peak") if published else
+                                   (measured_flops, "measured matmul"))
     longest = 1 + args.range_ratio  # drawn lengths reach (1 + ratio) x the mean; serving's prompts add the prefix
     max_model_len = max(int(i * longest) + int(o * longest) + (args.shared_prefix_len if args.range_ratio else 0)
                         for _, i, o in map(functools.partial(workload_sizes, args), args.workloads))
@@ -194,9 +204,9 @@ def main(argv=None) -> list[dict]:
                                               round(run.step_seconds(r) * 1e3, 3)] for r in records],
                               step_timeline_fields=["tokens", "seqs", "has_prefill", "ms"])
             if workload == "tput-prefill":
-                prefill = prefill_figures(run, engine, peak_flops)
+                prefill = prefill_figures(run, engine, peak_flops, measured_flops)
                 ours["prefill_mfu"] = prefill["prefill_mfu"]
-                result.update(prefill, peak_source=("--peak-tflops" if args.peak_tflops else "measured matmul"))
+                result.update(prefill, peak_source=peak_source)
             if workload in peers:
                 peer = peers[workload]
                 result["peer"] = peer

@@ -246,7 +246,7 @@ def main(argv=None) -> dict:
         import gc
 
         gc.unfreeze()
-    result = bench_common.result_header("profile", bench_common.model_name(args.model), str(args.dtype))
+    result = bench_common.engine_result_header("profile", args)  # the variant profiled: quantization, KV dtype, ...
     if args.step:
         result["step_profile"] = step = profile_step(llm, args)
         print(f"{args.step} step T={step['T']} S={step['S']}: wall {step['wall_ms_per_step']:.2f} ms, "
