@@ -232,7 +232,14 @@ class AsyncLLM:
                             priority, lora_request)
                  for (request_id, prompt, params), queue in zip(requests, queues)]
         if hasattr(self._loop, "add_requests_future"):  # an engine process: a worker thread only for the pipe write
-            add = asyncio.wrap_future(await loop.run_in_executor(None, self._loop.add_requests_future, items))
+            submitted = loop.run_in_executor(None, self._loop.add_requests_future, items)
+
+            async def added():
+                return await asyncio.wrap_future(await submitted)
+
+            # One task for the pipe write and the engine's answer, shielded whole: a caller that leaves during the
+            # write (waiting for the pipe's lock, say) had its requests queued with no stream to abort them.
+            add = asyncio.ensure_future(added())
         else:  # the loop in this process: the worker waits for the step in flight to end
             add = loop.run_in_executor(None, self._loop.add_requests, items)
         try:

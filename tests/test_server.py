@@ -1022,6 +1022,43 @@ def test_32_concurrent_streams_batched_and_queued(served, reference):
     assert peak["vllm:num_requests_running"] > 1 and peak["vllm:num_requests_waiting"] > 0, peak
 
 
+def test_a_caller_leaving_during_the_pipe_write_still_aborts_its_requests():
+    """A probe found requests left running to max_tokens with their clients gone: a caller cancelled while the
+    worker thread wrote its requests to the engine process's pipe (waiting for the pipe's lock, say) never got a
+    stream, so nothing aborted them. Here the write takes 0.3 s and the caller leaves after 0.1 s: the requests are
+    aborted once the engine has them."""
+    class SlowPipe:  # the part of EngineProcess that add_requests and aborts use
+        def __init__(self):
+            self.added, self.aborted = [], []
+
+        def add_requests_future(self, items):
+            time.sleep(0.3)
+            self.added += [item.request_id for item in items]
+            done = concurrent.futures.Future()
+            done.set_result(None)
+            return done
+
+        def abort_soon(self, request_id):
+            self.aborted.append(request_id)
+
+    pipe = SlowPipe()
+    async_llm = AsyncLLM(pipe)
+
+    async def leave_early() -> None:
+        adding = asyncio.ensure_future(async_llm.add_requests([("r1", [1, 2, 3], None), ("r2", [4], None)]))
+        await asyncio.sleep(0.1)
+        adding.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await adding
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if pipe.aborted:
+                break
+
+    asyncio.run(leave_early())
+    assert pipe.added == ["r1", "r2"] and sorted(pipe.aborted) == ["r1", "r2"]
+
+
 def test_disconnect_frees_blocks_others_continue(served, reference):
     before = served.metrics()
 
