@@ -1960,12 +1960,14 @@ def test_sleep_and_wake_up_in_dev_mode(tmp_path):
         async_llm.shutdown()
 
 
-@pytest.mark.parametrize("interrupts", [1, 2])
-def test_ctrl_c_stops_serve_py_cleanly(interrupts):
+@pytest.mark.parametrize("signal_name,interrupts", [("SIGINT", 1), ("SIGINT", 2), ("SIGTERM", 1)])
+def test_ctrl_c_stops_serve_py_cleanly(signal_name, interrupts):
     """``scripts/serve.py`` interrupted (Ctrl-C, once or twice) after a request: it exits with 0 and no traceback
     (uvicorn 0.55 logged the ASGI lifespan task's cancellation as an ERROR with one). One more Ctrl-C as uvicorn
     finishes lands while asyncio closes the event loop: uvloop failed there (`Cannot close a running event loop`,
-    exit 1, or the process hung on a thread pool's worker) before the server ignored Ctrl-C once stopped."""
+    exit 1, or the process hung on a thread pool's worker) before the server ignored Ctrl-C once stopped. A
+    supervisor's SIGTERM (to the server's process alone) stops it the same way: uvicorn raised it again once it had
+    stopped serving, which killed the process before it stopped the engine (exit -15)."""
     import signal
     import subprocess
     import sys
@@ -1991,14 +1993,17 @@ def test_ctrl_c_stops_serve_py_cleanly(interrupts):
         assert reply.status_code == 200  # (a server that has served a request printed the traceback; an idle one not)
         # A terminal's Ctrl-C goes to the process group (the engine's process too); twice, as an impatient user:
         # uvicorn then stops at once.
+        # A supervisor's SIGTERM goes to the server's process only.
+        send = ((lambda: os.killpg(proc.pid, signal.SIGINT)) if signal_name == "SIGINT"
+                else (lambda: os.kill(proc.pid, signal.SIGTERM)))
         for i in range(interrupts):
             if i:
                 time.sleep(0.2)
-            os.killpg(proc.pid, signal.SIGINT)
+            send()
         for line in proc.stderr:
             lines.append(line)
             if "Finished server process" in line:
-                os.killpg(proc.pid, signal.SIGINT)
+                send()
                 break
         lines += proc.stderr.read().splitlines(keepends=True)
         assert proc.wait(timeout=60) == 0, "".join(lines[-40:])
@@ -2008,5 +2013,5 @@ def test_ctrl_c_stops_serve_py_cleanly(interrupts):
         except ProcessLookupError:
             pass
     log = "".join(lines)
-    assert "OpenAI API at" in log and "Finished server process" in log
+    assert "OpenAI API at" in log and "Finished server process" in log and "stopping the engine" in log
     assert "Traceback" not in log, log[-3000:]

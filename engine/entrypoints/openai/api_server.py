@@ -2055,8 +2055,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                 access_log=not args.disable_uvicorn_access_log)
         server = InterruptibleUntilStopped(config)
         watch_engine(async_llm, server)
+        signal.signal(signal.SIGTERM, _terminated)  # what uvicorn puts back, and raises again, once it has stopped
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully; asyncio re-raises the interrupt
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: uvicorn has shut down gracefully and raised the signal again
         pass
     finally:
         # A further Ctrl-C would leave the engine's process behind: it stops first (within its join's timeouts).
@@ -2070,10 +2071,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(1)
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM as Ctrl-C (vLLM's server does the same): ``main`` then stops the engine and exits 0."""
+    raise KeyboardInterrupt("terminated")
+
+
 class InterruptibleUntilStopped(uvicorn.Server):
-    """uvicorn's server, deaf to Ctrl-C from the moment it has stopped serving: a Ctrl-C while asyncio closes the
-    event loop interrupted uvloop inside its close (``RuntimeError: Cannot close a running event loop``, or a
-    traceback from its executor's shutdown thread), and the engine stops after it anyway."""
+    """uvicorn's server, deaf to Ctrl-C and SIGTERM from the moment it has stopped serving: a Ctrl-C while asyncio
+    closes the event loop interrupted uvloop inside its close (``RuntimeError: Cannot close a running event loop``,
+    or a traceback from its executor's shutdown thread). (uvicorn raises the signal that stopped it again as it
+    returns: ``main`` makes SIGTERM's handler ``_terminated`` first, whose default action had killed the process
+    before it stopped the engine, exit -15.)"""
 
     async def serve(self, sockets=None) -> None:
         try:
@@ -2081,6 +2089,7 @@ class InterruptibleUntilStopped(uvicorn.Server):
         finally:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def watch_engine(async_llm: AsyncLLM, server: "uvicorn.Server", interval_s: float = ENGINE_WATCH_INTERVAL_S) -> None:
