@@ -10,7 +10,10 @@ then that sampled token (``accepted_tokens``). So the outputs are those of decod
 same tokens, sampling the same distribution (and the same tokens for a seed); only a step yields more of them when
 drafts are right. No draft model, so no rejection sampling: a draft is kept exactly when the target's own sample
 equals it. Under a structured output each position is sampled under the grammar's mask after the drafts before it
-(``engine.structured_output.Grammars.bitmask``), so the rule holds there too.
+(``engine.structured_output.Grammars.bitmask``), so the rule holds there too. "The same" is exact in float32; in
+bfloat16 (the GPU's default) a step with drafts computes its logits in other matmul and attention shapes, so a
+near-tie can round the other way, as batching a request with others can without drafts (vLLM: lossless "up to
+hardware numerics").
 
 Hand-written: a few lines of numpy; vLLM's proposer is not a dependency.
 """
