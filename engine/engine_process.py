@@ -357,9 +357,11 @@ class _Outbox:
 
 
 def _child_main(args: EngineArgs, commands, outputs) -> None:
-    # Ctrl-C reaches the whole process group; the parent stops this process (a shutdown command, or its pipe
-    # closing), after its server's graceful shutdown.
+    # Ctrl-C reaches the whole process group, and a supervisor's SIGTERM may too (systemd's default): the parent
+    # stops this process (a shutdown command, or its pipe closing) after its server's graceful shutdown, so the
+    # requests still running meanwhile are not failed by a dead engine.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine.llm_engine import LLMEngine

@@ -1967,15 +1967,19 @@ def test_ctrl_c_stops_serve_py_cleanly(signal_name, interrupts):
     finishes lands while asyncio closes the event loop: uvloop failed there (`Cannot close a running event loop`,
     exit 1, or the process hung on a thread pool's worker) before the server ignored Ctrl-C once stopped. A
     supervisor's SIGTERM (to the server's process alone) stops it the same way: uvicorn raised it again once it had
-    stopped serving, which killed the process before it stopped the engine (exit -15)."""
+    stopped serving, which killed the process before it stopped the engine (exit -15). Requests still running when
+    its 5 s of graceful shutdown end get an OpenAI-style 503, a stream an error event and its end (each was a
+    plain-text 500, or a cut stream, and a traceback in the log); the engine's process, which a supervisor's SIGTERM
+    may reach too, serves them until then."""
     import signal
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, "scripts/serve.py", "--host", "127.0.0.1", "--port", "0",
-                             "--max-model-len", "128", "--max-num-seqs", "2"],
+                             "--max-model-len", "1024", "--max-num-seqs", "2"],
                             cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cut_short = {}
     lines = []
     try:
         for line in proc.stderr:  # the start-up line says where it serves
@@ -1993,9 +1997,23 @@ def test_ctrl_c_stops_serve_py_cleanly(signal_name, interrupts):
         assert reply.status_code == 200  # (a server that has served a request printed the traceback; an idle one not)
         # A terminal's Ctrl-C goes to the process group (the engine's process too); twice, as an impatient user:
         # uvicorn then stops at once.
-        # A supervisor's SIGTERM goes to the server's process only.
-        send = ((lambda: os.killpg(proc.pid, signal.SIGINT)) if signal_name == "SIGINT"
-                else (lambda: os.kill(proc.pid, signal.SIGTERM)))
+        # A supervisor's SIGTERM goes to the server's process group (systemd's default), with two long requests
+        # running: past the graceful shutdown's 5 s
+        send = (lambda: os.killpg(proc.pid, getattr(signal, signal_name)))
+        long_body = {"prompt": "Hi", "max_tokens": 1000, "ignore_eos": True}
+
+        def plain() -> None:
+            cut_short["plain"] = httpx.post(f"{url}/v1/completions", json=long_body, timeout=60)
+
+        def streamed() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json={**long_body, "stream": True}, timeout=60) as r:
+                cut_short["stream"] = list(r.iter_lines())
+
+        clients = [threading.Thread(target=plain), threading.Thread(target=streamed)] if signal_name == "SIGTERM" \
+            else []
+        for client in clients:
+            client.start()
+        time.sleep(1.0 if clients else 0)
         for i in range(interrupts):
             if i:
                 time.sleep(0.2)
@@ -2007,6 +2025,13 @@ def test_ctrl_c_stops_serve_py_cleanly(signal_name, interrupts):
                 break
         lines += proc.stderr.read().splitlines(keepends=True)
         assert proc.wait(timeout=60) == 0, "".join(lines[-40:])
+        for client in clients:
+            client.join(timeout=30)
+        if clients:
+            assert cut_short["plain"].status_code == 503
+            assert cut_short["plain"].json()["error"]["message"] == "the server is shutting down"
+            events = [line for line in cut_short["stream"] if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]" and "the server is shutting down" in events[-2]
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group

@@ -147,7 +147,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 class _InternalErrorMiddleware:
     """Plain ASGI middleware: an unexpected error in a route is logged once and answered with an OpenAI-style 500.
-    (Starlette's handler for ``Exception`` answers too, but then re-raises for the ASGI server to log it again.)"""
+    (Starlette's handler for ``Exception`` answers too, but then re-raises for the ASGI server to log it again.) A
+    request cancelled before its answer began (uvicorn's shutdown) is answered with a 503."""
 
     def __init__(self, app):
         self.app = app
@@ -156,15 +157,31 @@ class _InternalErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        started, streaming = False, False
 
         async def sending(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal started, streaming
+            if message["type"] == "http.response.start":
+                started = True
+                streaming = any(name == b"content-type" and value.startswith(b"text/event-stream")
+                                for name, value in message.get("headers", ()))
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when its graceful shutdown times out: each got a
+            # plain-text 500 (a stream: its end cut) and a traceback in the log; now an OpenAI-style 503, or a
+            # stream's error event and its end
+            info = ErrorInfo(message="the server is shutting down", type="server_error")
+            if not started:
+                await _error_response(503, info)(scope, receive, send)
+            elif streaming:
+                event = json.dumps(ErrorResponse(error=info).model_dump())
+                await send({"type": "http.response.body", "body": f"data: {event}\n\ndata: [DONE]\n\n".encode(),
+                            "more_body": False})
+            else:
+                raise
         except Exception as exc:
             if started:  # too late for a 500: the ASGI server ends the response
                 raise
@@ -476,6 +493,9 @@ async def _cancel_on_disconnect(request: Request, work):
     watcher = asyncio.ensure_future(wait_for_disconnect())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server shutting down: the work's engine requests are aborted too
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if not task.done():
