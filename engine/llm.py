@@ -233,7 +233,7 @@ class LLM:
         self._check_prompts(prompts, params_list)
         futures = [concurrent.futures.Future() for _ in prompts]
         requests = [NewRequest(self._loop.new_request_id(), prompt, params,
-                               _resolve_when_finished(future, self._record_metrics, params),
+                               _resolve_when_finished(future, self._metrics, params),
                                _fail(future), priority[i] if priority else 0, loras[i] if loras else None)
                     for i, (prompt, params, future) in enumerate(zip(prompts, params_list, futures))]
         self._loop.add_requests(requests, output_kind=RequestOutputKind.FINAL_ONLY)
@@ -345,17 +345,6 @@ class LLM:
         if self._metrics is None:
             raise ValueError("stat logging is disabled: construct LLM(..., disable_log_stats=False) for get_metrics()")
         return metrics_snapshot(self._metrics.registry)
-
-    def _record_metrics(self, output, params) -> None:
-        """A finished request's per-request metrics (with stats on)."""
-        if self._metrics is None:
-            return
-        for sequence in offline_finished_sequences(output, params):
-            if sequence.first_token_s is not None:
-                self._metrics.on_first_token(sequence.first_token_s)
-            if sequence.time_per_output_token_s is not None:
-                self._metrics.on_inter_token(sequence.time_per_output_token_s, sequence.generation_tokens - 1)
-            self._metrics.on_finished(sequence)
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (as vLLM's ``LLM.reset_prefix_cache``; e.g. between benchmark rounds that
@@ -487,14 +476,31 @@ def _as_prompt_list(prompts) -> list:
     return out
 
 
-def _resolve_when_finished(future: concurrent.futures.Future, record: Callable = lambda output, params: None,
+def _resolve_when_finished(future: concurrent.futures.Future, metrics: Optional[ServingMetrics] = None,
                            params=None):
+    """The output callback of an offline request: its final output resolves ``future``, after it is recorded in
+    ``metrics`` (stats on). Holds nothing of the ``LLM`` (the engine keeps a finished request's callbacks, so a
+    reference back would keep an ``LLM`` dropped without ``shutdown`` alive, its engine thread and memory too)."""
     def on_output(output: RequestOutput) -> None:
         if output.finished and not future.done():
-            record(output, params)
+            if metrics is not None:
+                try:
+                    _record_metrics(metrics, output, params)
+                except Exception:  # a metric must never fail a step or leave a caller waiting
+                    logger.exception("recording the metrics of request %s failed", output.request_id)
             future.set_result(output)
 
     return on_output
+
+
+def _record_metrics(metrics: ServingMetrics, output, params) -> None:
+    """A finished request's per-request metrics."""
+    for sequence in offline_finished_sequences(output, params):
+        if sequence.first_token_s is not None:
+            metrics.on_first_token(sequence.first_token_s)
+        if sequence.time_per_output_token_s is not None:
+            metrics.on_inter_token(sequence.time_per_output_token_s, sequence.generation_tokens - 1)
+        metrics.on_finished(sequence)
 
 
 def _fail(future: concurrent.futures.Future):

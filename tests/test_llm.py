@@ -1162,6 +1162,38 @@ def test_vllms_arguments_that_change_nothing_here_are_taken(tmp_path, caplog, mo
         LLM(str(tmp_path), swap_spaces=4)
 
 
+@pytest.mark.parametrize("stats", [False, True])
+def test_an_llm_dropped_without_shutdown_is_freed_and_its_threads_end(tmp_path, monkeypatch, stats):
+    """Nothing the engine keeps (a finished request's callbacks) points back to the ``LLM``: dropped without
+    ``shutdown()``, it is collected and its engine (and stats) threads end (a review found it kept alive by the
+    metrics recorder each request's callback held). A metric that fails is logged; ``generate`` still returns."""
+    import weakref
+
+    from engine.metrics import ServingMetrics
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=7)
+
+    def engine_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name in ("pagedjax-engine", "pagedjax-stats-log")]
+
+    before = engine_threads()
+    llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=32, max_num_seqs=2,
+              num_gpu_blocks_override=8, disable_log_stats=not stats)
+    if stats:
+        monkeypatch.setattr(ServingMetrics, "on_finished", lambda self, finished: 1 / 0)
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+    dropped = weakref.ref(llm)
+    del llm
+    gc.collect()
+    for _ in range(100):
+        if dropped() is None and engine_threads() == before:
+            break
+        time.sleep(0.05)
+    assert dropped() is None and engine_threads() == before
+
+
 def test_shutdown_ends_the_waits_of_requests_in_flight_and_refuses_to_wake(tmp_path):
     """shutdown() while another thread waits in generate: that wait ends with the loop's error (it hung forever);
     sleep / wake_up afterwards are refused (wake_up put the weights back on the device for an engine that never
