@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional, Protocol, S
 from engine.beam_search import BeamSearchParams, beam_search
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
-from engine.outputs import CompletionOutput, RequestOutput, RequestOutputKind, delta_of
+from engine.outputs import CompletionOutput, RequestOutput, RequestOutputKind, delta_of, elapsed
 from engine.pooling import EmbeddingRequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -473,19 +473,15 @@ class _RequestTimer:
     def _finished(self, output: RequestOutput, reason: str, clock: _SequenceClock, now: float) -> FinishedSequence:
         params, metrics = self.params, output.metrics
         scheduled = metrics.first_scheduled_time if metrics is not None else None
-
-        def since(start: Optional[float], end: Optional[float]) -> Optional[float]:
-            return None if start is None or end is None else end - start
-
         n = None if self.n_reported else params.n if params is not None else 1
         self.n_reported = True
         return FinishedSequence(
             now - self.arrival, reason, len(output.prompt_token_ids or ()), clock.tokens,
-            since(self.arrival, clock.first_token), n,
+            elapsed(self.arrival, clock.first_token), n,
             params.max_tokens if params is not None else None,
             queue_s=metrics.time_in_queue if metrics is not None else None,
-            prefill_s=since(scheduled, clock.first_token), decode_s=since(clock.first_token, clock.last_token),
-            inference_s=since(scheduled, clock.last_token))
+            prefill_s=elapsed(scheduled, clock.first_token), decode_s=elapsed(clock.first_token, clock.last_token),
+            inference_s=elapsed(scheduled, clock.last_token))
 
 
 class _Mailbox:

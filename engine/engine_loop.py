@@ -82,6 +82,8 @@ class EngineLoop:
         self._to_abort: list[str] = []  # abort_soon's, dropped by the loop before its next step
         self._to_abort_lock = threading.Lock()
         self._ids = itertools.count()
+        self._profile_lock = threading.Lock()
+        self._profile_dir: Optional[str] = None  # start_profile's, while its trace runs
         self._running = True
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
         self._thread.start()
@@ -177,20 +179,28 @@ class EngineLoop:
         """Forget every cached prefix, between steps; the KV blocks that were freed."""
         return self.call(lambda engine: engine.block_manager.reset_prefix_cache())
 
-    @staticmethod
-    def start_profile(profile_dir: str) -> None:
+    def start_profile(self, profile_dir: str) -> None:
         """JAX's profiler traces what this process runs (the engine's steps, their kernels) into ``profile_dir``
-        until ``stop_profile`` (XLA's trace, for Perfetto or TensorBoard)."""
+        until ``stop_profile`` or shutdown (XLA's trace, for Perfetto or TensorBoard); a ValueError while one
+        runs (the profiler is the process's)."""
         import jax
 
-        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+        with self._profile_lock:
+            if self._profile_dir is not None:
+                raise ValueError(f"a profile is running already (into {self._profile_dir}): stop_profile() first")
+            jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+            self._profile_dir = profile_dir
 
-    @staticmethod
-    def stop_profile() -> None:
-        """End ``start_profile``'s trace and write it (``plugins/profile/<run>/`` under its folder)."""
+    def stop_profile(self) -> None:
+        """End ``start_profile``'s trace and write it (``plugins/profile/<run>/`` under its folder); a ValueError
+        when none runs."""
         import jax
 
-        jax.profiler.stop_trace()
+        with self._profile_lock:
+            if self._profile_dir is None:
+                raise ValueError("no profile is running: start_profile() first")
+            self._profile_dir = None
+            jax.profiler.stop_trace()
 
     def sleep(self, level: int = 1) -> None:
         """The engine's sleep mode (``LLMEngine.sleep``), between steps."""
@@ -262,6 +272,8 @@ class EngineLoop:
         """Stop the loop after its step in flight; requests still unfinished fail (their callers' waits end with
         the error), and the device memory is freed."""
         self._stop()
+        if self._profile_dir is not None:  # a trace still running is written, not lost
+            self.stop_profile()
         if not self._thread.is_alive():  # else a step still runs on the buffers
             self._fail_all(RuntimeError("the engine loop has been shut down"))
             self.engine.release_device_memory()

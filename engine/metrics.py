@@ -291,13 +291,11 @@ def offline_finished_sequences(output: RequestOutput, params: Optional[SamplingP
     ``RequestOutput.metrics`` (the offline ``LLM`` reads only final outputs: its sequences share the request's
     first and last token times)."""
     from engine.async_llm import FinishedSequence
+    from engine.outputs import elapsed
 
     metrics = getattr(output, "metrics", None)
     if metrics is None:
         return []
-
-    def since(start: Optional[float], end: Optional[float]) -> Optional[float]:
-        return None if start is None or end is None else end - start
 
     arrival, scheduled = metrics.arrival_time, metrics.first_scheduled_time
     first, last = metrics.first_token_time, metrics.last_token_time
@@ -307,7 +305,7 @@ def offline_finished_sequences(output: RequestOutput, params: Optional[SamplingP
         return [FinishedSequence(end - arrival, "stop", len(output.prompt_token_ids or ()), 0)]
     return [FinishedSequence(
         end - arrival, c.finish_reason or "abort", len(output.prompt_token_ids or ()), len(c.token_ids),
-        since(arrival, first if c.token_ids else None), (params.n if params is not None else 1) if i == 0 else None,
+        elapsed(arrival, first if c.token_ids else None), (params.n if params is not None else 1) if i == 0 else None,
         params.max_tokens if params is not None else None, queue_s=metrics.time_in_queue,
-        prefill_s=since(scheduled, first), decode_s=since(first, last), inference_s=since(scheduled, last))
+        prefill_s=elapsed(scheduled, first), decode_s=elapsed(first, last), inference_s=elapsed(scheduled, last))
         for i, c in enumerate(completions)]

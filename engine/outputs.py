@@ -72,6 +72,11 @@ class RequestMetrics:
         return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
 
+def elapsed(start: Optional[float], end: Optional[float]) -> Optional[float]:
+    """Seconds from ``start`` to ``end`` (``RequestMetrics``' times), None where either has not happened."""
+    return None if start is None or end is None else end - start
+
+
 @dataclasses.dataclass
 class RequestOutput:
     request_id: str

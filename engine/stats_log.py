@@ -21,7 +21,8 @@ DEFAULT_LOG_STATS_INTERVAL_S = 10.0
 
 
 def log_stats_interval() -> float:
-    """Seconds between two stats lines: ``$VLLM_LOG_STATS_INTERVAL``, else 10."""
+    """Seconds between two stats lines: ``$VLLM_LOG_STATS_INTERVAL``, else 10; a value that is no positive number
+    is warned of and taken as 10 (vLLM takes one <= 0 as its default too)."""
     text = os.environ.get(LOG_STATS_INTERVAL_ENV, "")
     if not text:
         return DEFAULT_LOG_STATS_INTERVAL_S
@@ -29,8 +30,10 @@ def log_stats_interval() -> float:
         interval = float(text)
     except ValueError:
         interval = 0.0
-    if not interval > 0:
-        raise ValueError(f"${LOG_STATS_INTERVAL_ENV} must be a positive number of seconds, got {text!r}")
+    if not 0 < interval < float("inf"):
+        logger.warning("$%s=%r is no positive number of seconds: stats are logged every %g s", LOG_STATS_INTERVAL_ENV,
+                       text, DEFAULT_LOG_STATS_INTERVAL_S)
+        return DEFAULT_LOG_STATS_INTERVAL_S
     return interval
 
 

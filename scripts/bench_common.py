@@ -403,13 +403,16 @@ def measure_read_bandwidth(num_bytes: int, repeats: int = 10) -> float:
     return num_bytes / seconds
 
 
-# Dense bf16 tensor-core peaks (NVIDIA's data sheets, without sparsity), the conventional MFU denominator.
-PUBLISHED_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+# Dense bf16 tensor-core peaks (NVIDIA's data sheets, without sparsity), the conventional MFU denominator, by the
+# start of JAX's device kind: the SXM H100 (80GB HBM3) and the H200; the PCIe and NVL H100 are slower parts.
+PUBLISHED_BF16_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 SXM": 989.0, "NVIDIA H200": 989.0,
+                              "NVIDIA H100 NVL": 835.0, "NVIDIA H100 PCIe": 756.0}
 
 
 def published_bf16_peak_flops(device: str) -> Optional[float]:
     """The data-sheet bf16 peak of a device kind (e.g. "NVIDIA H100 80GB HBM3"), None where not listed."""
-    return next((tflops * 1e12 for name, tflops in PUBLISHED_BF16_PEAK_TFLOPS.items() if name in device), None)
+    return next((tflops * 1e12 for name, tflops in PUBLISHED_BF16_PEAK_TFLOPS.items() if device.startswith(name)),
+                None)
 
 
 def measure_matmul_flops(m: int, dtype: str = "bfloat16", repeats: int = 10, *, k: Optional[int] = None,

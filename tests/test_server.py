@@ -1445,6 +1445,11 @@ def test_api_key(served):
     good = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     assert good.completions.create(model=served.model, prompt="hi", max_tokens=1).usage.completion_tokens == 1
     assert httpx.get(f"{url}/health").status_code == 200  # health, metrics and version stay open
+    # /invocations and /v2/* answer the same requests: the key guards them too (generation got round it)
+    assert _error(httpx.post(f"{url}/invocations", json=body), 401)["code"] == "invalid_api_key"
+    _error(httpx.post(f"{url}/v2/rerank", json={"query": "a", "documents": ["b"]}), 401)
+    keyed = httpx.post(f"{url}/invocations", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert keyed.json()["usage"]["completion_tokens"] == 1
 
 
 def test_context_length(served):
@@ -1946,10 +1951,17 @@ def test_sleep_and_wake_up_in_dev_mode(tmp_path):
             env.setenv("VLLM_TORCH_PROFILER_DIR", str(tmp_path))
             profiled, profiled_thread, profiled_url = _serve_in_thread(build_app(async_llm, names))
         try:
+            assert "no profile is running" in _error(httpx.post(f"{profiled_url}/stop_profile", timeout=60),
+                                                     400)["message"]
             assert httpx.post(f"{profiled_url}/start_profile", timeout=60).status_code == 200
+            assert "running already" in _error(httpx.post(f"{profiled_url}/start_profile", timeout=60), 400)["message"]
             httpx.post(f"{profiled_url}/v1/completions", json=body, timeout=120)
             assert httpx.post(f"{profiled_url}/stop_profile", timeout=120).status_code == 200
             assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+            # a trace still running at shutdown is written then (a second later: a trace's folder is named by the
+            # second it started)
+            time.sleep(1.1)
+            assert httpx.post(f"{profiled_url}/start_profile", timeout=60).status_code == 200
         finally:
             profiled.should_exit = True
             profiled_thread.join(timeout=10)
@@ -1958,6 +1970,7 @@ def test_sleep_and_wake_up_in_dev_mode(tmp_path):
             running.should_exit = True
             runner.join(timeout=10)
         async_llm.shutdown()
+    assert len(list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))) == 2
 
 
 @pytest.mark.parametrize("signal_name,interrupts", [("SIGINT", 1), ("SIGINT", 2), ("SIGTERM", 1)])

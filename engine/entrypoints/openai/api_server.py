@@ -226,7 +226,7 @@ class _RequestIdMiddleware:
             await send(message)
 
         token = _CLIENT_REQUEST_ID.set(given)
-        counted = scope["path"].startswith("/v1/")  # the load /load reports
+        counted = _is_api_path(scope["path"])  # the load /load reports
         state = scope["app"].state
         state.requests_in_flight += counted
         try:
@@ -236,15 +236,22 @@ class _RequestIdMiddleware:
             _CLIENT_REQUEST_ID.reset(token)
 
 
+def _is_api_path(path: str) -> bool:
+    """Whether a route is the API proper, which ``--api-key`` guards and ``/load`` counts: /v1/* as in vLLM, and
+    /v2/* and /invocations, which answer the same requests (generation through /invocations got round the key)."""
+    return path.startswith(("/v1/", "/v2/")) or path in ("/v1", "/invocations")
+
+
 class _APIKeyMiddleware:
-    """Plain ASGI middleware: /v1/* needs ``Authorization: Bearer <api key>`` (checked before the body)."""
+    """Plain ASGI middleware: the API's routes (``_is_api_path``) need ``Authorization: Bearer <api key>`` (checked
+    before the body)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
         self._expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and _is_api_path(scope["path"]):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self._expected):
                 reason = "missing" if not given else "incorrect"
@@ -465,12 +472,18 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
 
         @app.post("/start_profile")
         async def start_profile() -> Response:
-            await async_llm.start_profile(trace_dir)
+            try:
+                await async_llm.start_profile(trace_dir)
+            except ValueError as e:  # one runs already
+                raise bad_request(str(e)) from None
             return Response(status_code=200)
 
         @app.post("/stop_profile")
         async def stop_profile() -> Response:
-            await async_llm.stop_profile()
+            try:
+                await async_llm.stop_profile()
+            except ValueError as e:  # none runs
+                raise bad_request(str(e)) from None
             return Response(status_code=200)
 
     @app.post("/detokenize")
@@ -1888,7 +1901,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="no line a request in uvicorn's access log")
     parser.add_argument("--disable-log-stats", action="store_true",
                         help=f"no periodic stats line (throughputs, queue, KV cache) every "
-                             f"${LOG_STATS_INTERVAL_ENV} seconds (default 10) while the engine works")
+                             f"${LOG_STATS_INTERVAL_ENV} seconds (default 10) while the engine works (unlike "
+                             "vLLM's, /metrics stays on)")
     parser.add_argument("--enable-request-id-headers", action="store_true",
                         help="each response carries an X-Request-Id header (the request's own, else a new one)")
     parser.add_argument("--return-tokens-as-token-ids", action="store_true",
@@ -2064,13 +2078,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     gc.freeze()
     host, port = sock.getsockname()[:2]
     logger.info(startup_line(async_llm, names, f"http://{_url_host(host)}:{port}"))
-    stats_logger = None if args.disable_log_stats else PeriodicStatsLogger(async_llm.stats).start()
     for adapter in app.state.serving.lora_adapters.values():
         logger.info("LoRA adapter %r (id %d): %s", adapter.request.lora_name, adapter.request.lora_int_id,
                     adapter.request.lora_path)
     # No ASGI lifespan: the app has no start-up or shutdown handlers, and under uvicorn 0.55 a second Ctrl-C logged
     # the lifespan task's cancellation as an ERROR with a traceback.
+    stats_logger = None
     try:
+        stats_logger = None if args.disable_log_stats else PeriodicStatsLogger(async_llm.stats).start()
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5, lifespan="off",
                                 access_log=not args.disable_uvicorn_access_log)
         server = InterruptibleUntilStopped(config)
