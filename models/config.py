@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from typing import Any, Optional
@@ -240,6 +241,13 @@ def _rope_fields(d: dict[str, Any]) -> tuple[dict, float]:
     if scaling:
         rope = scaling
         theta = rope.get("rope_theta") or d.get("rope_theta")
+        parameters = d.get("rope_parameters") or {}
+        dropped = parameters.get("full_attention", parameters).get("rope_theta")
+        if dropped and float(dropped) != float(theta or 10000.0):
+            logging.getLogger(__name__).warning(
+                "config.json has both rope_parameters (rope_theta %s) and rope_scaling: as transformers 5 does, the "
+                "rope is rope_scaling's, with rope_theta %s; add rope_theta to the rope_scaling block if the "
+                "model's is %s", dropped, theta or 10000.0, dropped)
     else:
         rope = d.get("rope_parameters") or {}
         if "full_attention" in rope:

@@ -165,6 +165,17 @@ def test_rope_fields_in_both_places_read_as_transformers_reads_them(variant, fie
     assert ours.rope_theta == theta and (ours.rope_scaling or ("default", None))[:2] == (rope_type, factor)
 
 
+def test_a_base_the_added_block_drops_is_warned_of(caplog):
+    """transformers 5 takes an added ``rope_scaling`` block whole, so ``rope_parameters``' base (1e6 here) is not
+    read: faithful to it, but a likely mistake in the file, so the load says so."""
+    d = {k: v for k, v in tiny_hf_config("qwen2").to_dict().items() if k != "rope_theta"}
+    d.update(rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+             rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    with caplog.at_level("WARNING"):
+        assert ModelConfig.from_hf_dict(d).rope_theta == _transformers_rope(d)[2] == 10000.0
+    assert "rope_theta 1000000.0) and rope_scaling" in caplog.text
+
+
 def test_an_unsupported_rope_type_in_an_added_block_is_refused():
     d = tiny_hf_config("phi3").to_dict()
     d["rope_scaling"] = {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
