@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import os
 import sys
 import threading
 from typing import Any, Callable, Optional, Sequence, Union
@@ -33,6 +34,23 @@ from models.default_model import DEFAULT_MODEL_NAME
 
 PromptType = Union[str, list[int], dict]
 logger = logging.getLogger(__name__)
+
+
+CONFIGURE_LOGGING_ENV = "VLLM_CONFIGURE_LOGGING"  # vLLM's: "0" leaves the engine's logging to the application
+
+
+def show_engine_logs() -> None:
+    """As vLLM does unless ``$VLLM_CONFIGURE_LOGGING`` is "0": the engine's INFO lines (its start-up line, the
+    periodic stats) on stderr, where the application has set up no logging of its own (no handler on the root
+    logger nor on "pagedjax"; Python would otherwise show only warnings)."""
+    engine_logger = logging.getLogger("pagedjax")
+    if (os.environ.get(CONFIGURE_LOGGING_ENV, "1") == "0" or engine_logger.handlers
+            or logging.getLogger().handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    engine_logger.addHandler(handler)
+    engine_logger.setLevel(logging.INFO)
 
 
 class LLM:
@@ -87,6 +105,7 @@ class LLM:
         disable_log_stats: bool = True,
         **vllm_args: Any,
     ):
+        show_engine_logs()
         unknown = sorted(set(vllm_args) - set(IGNORED_VLLM_ARGS))
         if unknown:
             raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")

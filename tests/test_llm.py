@@ -1162,6 +1162,31 @@ def test_vllms_arguments_that_change_nothing_here_are_taken(tmp_path, caplog, mo
         LLM(str(tmp_path), swap_spaces=4)
 
 
+@pytest.mark.parametrize("configure", ["1", "0"])
+def test_an_offline_script_shows_the_engines_info_lines_as_vllms_does(tmp_path, configure):
+    """A script that sets up no logging sees the engine's start-up line and, with ``disable_log_stats=False``, its
+    stats line on stderr, as vLLM shows its INFO lines (Python alone shows warnings only: a probe found the README's
+    promise of both unkept offline); ``VLLM_CONFIGURE_LOGGING=0`` leaves logging to the script, as in vLLM."""
+    import subprocess
+    import sys
+
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "llama", seed=9)
+    script = ("from engine import LLM, SamplingParams\n"
+              f"llm = LLM({str(tmp_path)!r}, dtype='float32', skip_tokenizer_init=True, max_model_len=32, "
+              "max_num_seqs=2, num_gpu_blocks_override=8, disable_log_stats=False)\n"
+              "llm.generate([[1, 2, 3]], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)\n"
+              "import time; time.sleep(0.5)\nllm.shutdown()\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "VLLM_CONFIGURE_LOGGING": configure, "VLLM_LOG_STATS_INTERVAL": "0.1",
+           "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    shown = ("INFO pagedjax: loaded" in run.stderr, "Avg prompt throughput" in run.stderr)
+    assert shown == ((True, True) if configure == "1" else (False, False)), run.stderr[-3000:]
+
+
 @pytest.mark.parametrize("stats", [False, True])
 def test_an_llm_dropped_without_shutdown_is_freed_and_its_threads_end(tmp_path, monkeypatch, stats):
     """Nothing the engine keeps (a finished request's callbacks) points back to the ``LLM``: dropped without
