@@ -128,11 +128,11 @@ class LLM:
             max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
             tokenizer=tokenizer, trust_remote_code=trust_remote_code, enforce_eager=enforce_eager,
         )
-        self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
-        self._loop = EngineLoop(self.llm_engine)
         # Off by default offline, as in vLLM: its periodic stats line (engine.stats_log) and the metrics that
         # get_metrics() reads
         self._stats_logger = self._metrics = None
+        self.llm_engine = LLMEngine(args, skip_tokenizer_init=skip_tokenizer_init)
+        self._loop = EngineLoop(self.llm_engine)
         if not disable_log_stats:
             engine = self.llm_engine
             self._metrics = ServingMetrics(
@@ -444,11 +444,8 @@ class LLM:
         self._loop.shutdown()
 
     def __del__(self, _is_finalizing=sys.is_finalizing):  # bound now: at interpreter exit `sys` may be None
-        loop, stats_logger = getattr(self, "_loop", None), getattr(self, "_stats_logger", None)
-        if loop is not None and not _is_finalizing():  # at interpreter exit the (daemon) loop just stops
-            if stats_logger is not None:
-                stats_logger.stop()
-            loop.shutdown()
+        if getattr(self, "_loop", None) is not None and not _is_finalizing():  # at exit the (daemon) loop just stops
+            self.shutdown()
 
 
 def _per_prompt(value, num_prompts: int, name: str, kind: Optional[type] = None) -> list:

@@ -54,6 +54,11 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+def elapsed(start: Optional[float], end: Optional[float]) -> Optional[float]:
+    """Seconds from ``start`` to ``end`` (``RequestMetrics``' times), None where either has not happened."""
+    return None if start is None or end is None else end - start
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestMetrics:
     """When the engine took a request, first scheduled it, had its first and latest tokens, and finished it
@@ -69,12 +74,7 @@ class RequestMetrics:
 
     @property
     def time_in_queue(self) -> Optional[float]:
-        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
-
-
-def elapsed(start: Optional[float], end: Optional[float]) -> Optional[float]:
-    """Seconds from ``start`` to ``end`` (``RequestMetrics``' times), None where either has not happened."""
-    return None if start is None or end is None else end - start
+        return elapsed(self.arrival_time, self.first_scheduled_time)
 
 
 @dataclasses.dataclass

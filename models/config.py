@@ -238,22 +238,17 @@ def _rope_fields(d: dict[str, Any]) -> tuple[dict, float]:
     ``rope_theta`` or the top-level one; else ``rope_parameters`` (Gemma 3: one a layer type) with its base before
     the top-level one (which ``_HF_CONFIG_DEFAULTS`` fills with the model type's default)."""
     scaling = d.get("rope_scaling")
-    if scaling:
-        rope = scaling
-        theta = rope.get("rope_theta") or d.get("rope_theta")
-        parameters = d.get("rope_parameters") or {}
-        dropped = parameters.get("full_attention", parameters).get("rope_theta")
-        if dropped and float(dropped) != float(theta or 10000.0):
-            logging.getLogger(__name__).warning(
-                "config.json has both rope_parameters (rope_theta %s) and rope_scaling: as transformers 5 does, the "
-                "rope is rope_scaling's, with rope_theta %s; add rope_theta to the rope_scaling block if the "
-                "model's is %s", dropped, theta or 10000.0, dropped)
-    else:
-        rope = d.get("rope_parameters") or {}
-        if "full_attention" in rope:
-            rope = rope["full_attention"]
-        theta = rope.get("rope_theta") or d.get("rope_theta")
-    return rope, float(theta or 10000.0)
+    parameters = d.get("rope_parameters") or {}
+    parameters = parameters.get("full_attention", parameters)
+    rope = scaling or parameters
+    theta = float(rope.get("rope_theta") or d.get("rope_theta") or 10000.0)
+    dropped = parameters.get("rope_theta") if scaling else None
+    if dropped and float(dropped) != theta:
+        logging.getLogger(__name__).warning(
+            "config.json has both rope_parameters (rope_theta %s) and rope_scaling: as transformers 5 does, the "
+            "rope is rope_scaling's, with rope_theta %s; add rope_theta to the rope_scaling block if the model's is "
+            "%s", dropped, theta, dropped)
+    return rope, theta
 
 
 def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:

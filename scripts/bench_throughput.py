@@ -8,7 +8,8 @@ the prefill MFU: useful FLOPs of the steps that ran prompt chunks (2 per weight
 per token, the LM head on sampling rows, causal attention) over those steps' time
 (from the engine's per-step trace), against the device's published dense bf16 peak
 (989 TFLOP/s on an H100 or H200; elsewhere the bf16 matmul rate measured in the same
-run; or ``--peak-tflops``), with its fraction of the measured matmul rate beside it. Several workloads in one run share one engine.
+run; or ``--peak-tflops``), with its fraction of the measured matmul rate beside it. Several
+workloads in one run share one engine.
 ``--peer hf`` also times Hugging Face ``generate()`` on the same device with
 random weights of the same config, at the batch it can hold (``PEER_BATCH``).
 

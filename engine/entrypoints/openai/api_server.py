@@ -208,7 +208,7 @@ def engine_id(request_id: str, index: int) -> str:
 class _RequestIdMiddleware:
     """Plain ASGI middleware: a request's ``X-Request-Id`` header names its response (``response_id``); with
     ``echo`` (vLLM's ``--enable-request-id-headers``) the response carries it back (a new one where none came). It
-    also counts the API requests (/v1/...) in flight, which /load reports."""
+    also counts the API requests (``_is_api_path``) in flight, which /load reports."""
 
     def __init__(self, app, echo: bool):
         self.app, self.echo = app, echo
@@ -311,7 +311,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: Sequence[str], *, api_key
 
     @app.get("/load")
     async def load() -> dict:
-        """vLLM's server load: the API requests (/v1/...) being answered now, streams included."""
+        """vLLM's server load: the API requests (``_is_api_path``) being answered now, streams included."""
         return {"server_load": app.state.requests_in_flight}
 
     @app.get("/health")
