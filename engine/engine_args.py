@@ -59,6 +59,10 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"
     num_gpu_blocks_override: Optional[int] = None
     scheduling_policy: str = "fifo"
+    # Tokens of growth every running request keeps free when a waiting one is admitted (no more than it may still
+    # generate): fewer preemptions, whose recompute costs more than the wait (engine.scheduler). 0: admit whenever
+    # the first chunk's blocks are free, as vLLM does.
+    admission_reserve_tokens: int = 256
     attention_backend: str = "auto"
     # The KV write: "reference" (XLA's scatter, in place), "pallas" (one kernel for K and V) or "auto"
     # (the kernel on GPU: 1.3-1.4% of an 8B step faster on an H200, run 13a; the scatter on CPU).
@@ -173,6 +177,8 @@ class EngineArgs:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be None or one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}")
+        if not isinstance(self.admission_reserve_tokens, int) or self.admission_reserve_tokens < 0:
+            raise ValueError(f"admission_reserve_tokens must be an integer >= 0, got {self.admission_reserve_tokens!r}")
         if self.scheduling_policy not in ("fifo", "priority"):
             raise ValueError(f"scheduling_policy must be 'fifo' or 'priority', got {self.scheduling_policy!r}")
         if self.scheduling_mode not in ("continuous", "static"):

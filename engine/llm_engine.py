@@ -237,7 +237,8 @@ class LLMEngine:
                                    policy=args.scheduling_policy, scheduling_mode=args.scheduling_mode,
                                    num_scheduler_steps=args.num_scheduler_steps,
                                    speculative_config=SpeculativeConfig.of(args.speculative_config),
-                                   max_loras=args.max_loras if args.enable_lora else 0)
+                                   max_loras=args.max_loras if args.enable_lora else 0,
+                                   admission_reserve_tokens=args.admission_reserve_tokens)
         self.model_path = loaded.path
         self.default_sampling_fields = default_sampling_fields(loaded.path, args.generation_config)
         if self.default_sampling_fields:

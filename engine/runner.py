@@ -58,20 +58,36 @@ logger = logging.getLogger(__name__)
 MIN_TOKEN_BUCKET, MIN_SEQ_BUCKET, MIN_BLOCK_BUCKET = 16, 8, 4
 
 
-def token_bucket(num_tokens: int, max_num_tokens: int) -> int:
+# Above this many token rows, up to the step's sequence cap, buckets come every quarter of an octave (``token_bucket``).
+FINE_BUCKETS_ABOVE = 256
+
+
+def token_bucket(num_tokens: int, max_num_tokens: int, max_num_seqs: int = 0) -> int:
     """Padded token rows T of a step: one token runs unpadded (a decode at batch 1, where every
     matmul is then a matrix-vector product: XLA's GEMV, the int4 kernel's GEMV form), more are
-    padded to a power of two of at least ``MIN_TOKEN_BUCKET``."""
-    return 1 if num_tokens == 1 else bucket(num_tokens, MIN_TOKEN_BUCKET, max_num_tokens)
+    padded to a power of two of at least ``MIN_TOKEN_BUCKET``. Between ``FINE_BUCKETS_ABOVE`` and
+    ``max_num_seqs`` rows, where decode steps of large batches land (a row a sequence) and a row
+    costs a row's matmuls, to the next quarter of the octave instead (320, 384, 448, 512, 640, ...):
+    powers of two alone padded tput-long's decode steps of 257-384 sequences to 512 rows, 15% of
+    all its rows (scripts/bench_padding.py)."""
+    if num_tokens == 1:
+        return 1
+    size = bucket(num_tokens, MIN_TOKEN_BUCKET, max_num_tokens)
+    if FINE_BUCKETS_ABOVE < num_tokens <= max_num_seqs:
+        quarter = (1 << (num_tokens - 1).bit_length()) // 8  # the octave (2^k / 2, 2^k] in four steps
+        size = min(size, -(-num_tokens // quarter) * quarter)
+    return size
 
 
-def token_buckets(max_num_tokens: int) -> list[int]:
+def token_buckets(max_num_tokens: int, max_num_seqs: int = 0) -> list[int]:
     """Every padded token-row count a step can have (``token_bucket``), smallest first."""
     sizes, n = {1}, MIN_TOKEN_BUCKET
     while n < max_num_tokens:
-        sizes.add(token_bucket(n, max_num_tokens))
+        sizes.add(token_bucket(n, max_num_tokens, max_num_seqs))
         n *= 2
-    sizes.add(token_bucket(max_num_tokens, max_num_tokens))
+    sizes.update(token_bucket(n, max_num_tokens, max_num_seqs)
+                 for n in range(FINE_BUCKETS_ABOVE + 1, min(max_num_seqs, max_num_tokens) + 1))
+    sizes.add(token_bucket(max_num_tokens, max_num_tokens, max_num_seqs))
     return sorted(sizes)
 
 
@@ -89,7 +105,7 @@ def seq_bucket(num_tokens: int, max_num_tokens: int, max_num_seqs: int) -> int:
     chunked prefill mixes prompt chunks with ever other numbers of decodes, and bucketing S on its
     own gave those steps a shape each (throughput workloads: 8-16 shapes -> 7-10, see
     scripts/bench_padding.py). Padded slots cost an LM-head row each (0.2% of a prompt step)."""
-    return min(max(token_bucket(num_tokens, max_num_tokens), MIN_SEQ_BUCKET), max_num_seqs)
+    return min(max(token_bucket(num_tokens, max_num_tokens, max_num_seqs), MIN_SEQ_BUCKET), max_num_seqs)
 
 
 # XLA options of the fp8 step on GPU, by step size (default_compiler_options).
@@ -233,7 +249,7 @@ def build_model_input(work: Sequence[SequenceWork], *, block_size: int, max_num_
     starts = np.fromiter((w.start for w in work), np.int32, n)
     table_lens = np.fromiter((len(w.block_table) for w in work), np.int32, n)
     num_tokens = int(query_lens.sum())
-    T = token_bucket(num_tokens, max_num_tokens)
+    T = token_bucket(num_tokens, max_num_tokens, max_num_seqs)
     S = seq_bucket(num_tokens, max_num_tokens, max_num_seqs)
     B = table_width or bucket(int(table_lens.max()), MIN_BLOCK_BUCKET, max_blocks_per_seq)
 
@@ -750,8 +766,8 @@ class ModelRunner:
         """The token rows a multi-step decode can have (one row a sequence): none when it is off."""
         if self.num_scheduler_steps == 1:
             return []
-        largest = token_bucket(min(self.max_num_seqs, self.max_num_batched_tokens), self.max_num_batched_tokens)
-        return [T for T in token_buckets(self.max_num_batched_tokens) if T <= largest]
+        largest = self.padded_num_tokens(min(self.max_num_seqs, self.max_num_batched_tokens))
+        return [T for T in self.token_buckets() if T <= largest]
 
     def precompile(self, *, progress: bool = True, workers: Optional[int] = None) -> int:
         """Compile, before the first request and under a progress bar, what steps will run: the
@@ -770,7 +786,7 @@ class ModelRunner:
         if self.table_width is None:
             raise RuntimeError("precompile needs a fixed block-table width (ModelRunner(fixed_table_width=True) "
                                "with max_num_seqs x max_model_len / block_size <= MAX_FIXED_TABLE_ENTRIES)")
-        buckets = token_buckets(self.max_num_batched_tokens)
+        buckets = self.token_buckets()
         slots = self._slot_buckets()
         samplers = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
         # With LoRA slots, each bucket's step with adapters' updates and without (steps of none: build_model_input).
@@ -839,7 +855,7 @@ class ModelRunner:
 
         if self.table_width is None:
             raise RuntimeError("precompile needs a fixed block-table width (ModelRunner(fixed_table_width=True))")
-        shapes = [(T, lora) for T in token_buckets(self.max_num_batched_tokens) for lora in self._lora_forms]
+        shapes = [(T, lora) for T in self.token_buckets() for lora in self._lora_forms]
         for T, lora in tqdm(shapes, desc="Compiling pooling steps", unit="program", disable=not progress):
             model_input = jax.device_put(self._empty_step_input(T, self.table_width, lora)[0], self._input_sharding)
             *rows, self.kv_cache = self.pool_fn(T)(self.params, self.kv_cache, model_input)
@@ -910,6 +926,14 @@ class ModelRunner:
         if self._input_sharding is not None:
             src, dst = jax.device_put((src, dst), self._input_sharding)
         self.kv_cache = self._copy(self.kv_cache, jnp.asarray(src), jnp.asarray(dst))
+
+    def padded_num_tokens(self, num_tokens: int) -> int:
+        """Token rows of a step of ``num_tokens`` tokens (``token_bucket``)."""
+        return token_bucket(num_tokens, self.max_num_batched_tokens, self.max_num_seqs)
+
+    def token_buckets(self) -> list[int]:
+        """Every step's possible token rows (``token_buckets``), smallest first."""
+        return token_buckets(self.max_num_batched_tokens, self.max_num_seqs)
 
     def padded_num_seqs(self, num_tokens: int) -> int:
         """Sequence slots of a step of ``num_tokens`` tokens (``seq_bucket``): the sampler's rows."""
@@ -1076,7 +1100,7 @@ class ModelRunner:
 
     def _slot_buckets(self) -> list[int]:
         """The sequence slots of the steps' token buckets, ascending."""
-        return sorted({self.padded_num_seqs(T) for T in token_buckets(self.max_num_batched_tokens)})
+        return sorted({self.padded_num_seqs(T) for T in self.token_buckets()})
 
     @staticmethod
     def fetch_scores(pending: PendingStep) -> SamplerOutput:

@@ -95,6 +95,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--speculative-config", type=json.loads, default=None,
                         help='speculative decoding, JSON as vLLM\'s flag: \'{"method": "ngram", '
                              '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'')
+    parser.add_argument("--admission-reserve-tokens", type=int, default=256,
+                        help="growth room admission keeps free for each running request (0: vLLM's admission)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="automatic prefix caching (the engine's default; offline runs start with nothing "
                              "cached either way)")
@@ -131,6 +133,7 @@ def make_llm(args, *, max_model_len: int, max_num_seqs: Optional[int] = None, **
         compiler_options=compiler_options(args.compiler_option) if args.compiler_option else None,
         num_scheduler_steps=args.num_scheduler_steps, enable_prefix_caching=args.enable_prefix_caching,
         speculative_config=args.speculative_config, enforce_eager=args.enforce_eager,
+        admission_reserve_tokens=args.admission_reserve_tokens,
     )
     if args.num_loras:
         options.update(enable_lora=True, max_loras=args.num_loras, max_lora_rank=args.max_lora_rank)
@@ -280,6 +283,8 @@ def engine_result_header(workload: str, args) -> dict:
         header["num_scheduler_steps"] = args.num_scheduler_steps
     if not args.enable_prefix_caching:
         header["enable_prefix_caching"] = False
+    if args.admission_reserve_tokens != 256:
+        header["admission_reserve_tokens"] = args.admission_reserve_tokens
     if args.speculative_config:
         header["speculative_config"] = args.speculative_config
     if args.num_loras:
@@ -302,6 +307,8 @@ def variant_tag(result: dict) -> str:
         tag += f"-prefix{result['shared_prefix_len']}"
     if result.get("enable_prefix_caching") is False:
         tag += "-nocache"
+    if result.get("admission_reserve_tokens", 256) != 256:
+        tag += f"-reserve{result['admission_reserve_tokens']}"
     speculative = result.get("speculative_config")
     if speculative:
         tag += f"-{speculative.get('method', 'ngram')}{speculative['num_speculative_tokens']}"

@@ -186,10 +186,11 @@ def main(argv=None) -> list[dict]:
                           wall_s=run.wall_s, compile_s_excluded=run.compile_s, traced=run.trace is not None,
                           async_scheduling_on=engine.async_scheduling,
                           # engine steps of the timed run, of them multi-step decodes, the host's wait for tokens,
-                          # and the prompt tokens looked up in the prefix cache and found there
+                          # the prompt tokens looked up in the prefix cache and found there (a preempted request
+                          # looks its prompt and outputs up again), and the preemptions
                           **{f"engine_{name}": after[name] - before[name]
                              for name in ("steps", "multi_steps", "wait_s", "prefix_cache_queries",
-                                          "prefix_cache_hits")})
+                                          "prefix_cache_hits", "num_preemptions")})
             lengths = [(len(p), m) for p, m in zip(prompts, output_lens)]
             matmul_s = sum(bench_common.workload_flops(config, 1, i, o) for i, o in lengths) / matmul_flops
             kv_s = sum(bench_common.workload_decode_kv_bytes(config, 1, i, o, kv_dtype) for i, o in lengths) / bandwidth

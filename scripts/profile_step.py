@@ -14,6 +14,7 @@ read back as JSON; no TensorBoard needed):
   their events by name, per decode step: where the host's time per step goes when it binds.
 
     python scripts/profile_step.py --step decode --batch 256 --ctx 192 --out /tmp/p.json
+    python scripts/profile_step.py --case decode:256:1500 --case prefill:16:1000   # several steps, one engine
     python scripts/profile_step.py --run --batch 256 --input-len 32 --output-len 128
     python scripts/profile_step.py --model <tiny> --load-format dummy --step decode --batch 4   # CPU smoke
 """
@@ -155,28 +156,28 @@ def profiled(fn, log_dir: str, *, host: bool = False) -> float:
     return time.perf_counter() - start
 
 
-def profile_step(llm, args) -> dict:
-    """The runner's step on ``--batch`` decodes at ``--ctx`` (or prompt chunks of ``--ctx`` tokens)."""
+def profile_step(llm, args, step: str, batch: int, ctx: int) -> dict:
+    """The runner's step on ``batch`` decodes at context ``ctx`` (or prompt chunks of ``ctx`` tokens)."""
     from engine import SamplingParams
     from engine.runner import SequenceWork
     from engine.sampler import build_sampling_metadata
 
     runner = llm.llm_engine.runner
     bs = runner.block_size
-    blocks = -(-(args.ctx + 1) // bs)
+    blocks = -(-(ctx + 1) // bs)
     pool = llm.llm_engine.block_manager.num_blocks
-    if 1 + args.batch * blocks > pool:
-        raise SystemExit(f"{args.batch} x {blocks} blocks do not fit the pool of {pool}")
+    if 1 + batch * blocks > pool:
+        raise SystemExit(f"{batch} x {blocks} blocks do not fit the pool of {pool}")
     def table(i):
         return list(range(1 + i * blocks, 1 + (i + 1) * blocks))
     def slot(i):  # --num-loras: the rows spread over the adapter slots (zeroed: the same work as filled ones)
         return 1 + i % args.num_loras if args.num_loras else 0
-    if args.step == "decode":
-        work = [SequenceWork(token_ids=[7], start=args.ctx, block_table=table(i), sample=True, lora_slot=slot(i))
-                for i in range(args.batch)]
+    if step == "decode":
+        work = [SequenceWork(token_ids=[7], start=ctx, block_table=table(i), sample=True, lora_slot=slot(i))
+                for i in range(batch)]
     else:
-        work = [SequenceWork(token_ids=[7] * args.ctx, start=0, block_table=table(i), sample=True,
-                             lora_slot=slot(i)) for i in range(args.batch)]
+        work = [SequenceWork(token_ids=[7] * ctx, start=0, block_table=table(i), sample=True,
+                             lora_slot=slot(i)) for i in range(batch)]
     n = len(work)
     sampling = build_sampling_metadata([SamplingParams(temperature=0.0)] * n, [[]] * n, [[0]] * n, [0] * n, [0] * n,
                                        runner.padded_num_seqs(sum(len(w.token_ids) for w in work)))
@@ -191,7 +192,7 @@ def profile_step(llm, args) -> dict:
         profiled(lambda: run(args.repeats), log_dir)
         kernels, lines = device_events(read_trace(log_dir))
     model_input = runner.build_model_input(work)
-    result = dict(step=args.step, batch=args.batch, ctx=args.ctx, T=int(model_input.token_ids.shape[0]),
+    result = dict(step=step, batch=batch, ctx=ctx, T=int(model_input.token_ids.shape[0]),
                   S=int(model_input.kv_lens.shape[0]), wall_ms_per_step=wall_ms, kernel_lines=lines,
                   **summarize(kernels, args.repeats))
     return result
@@ -222,10 +223,24 @@ def profile_run(llm, args) -> dict:
                 async_scheduling=llm.llm_engine.async_scheduling, host_events_per_step=host)
 
 
+def parse_case(text: str) -> tuple[str, int, int]:
+    """``--case decode:256:1500`` -> ("decode", 256, 1500)."""
+    try:
+        step, batch, ctx = text.split(":")
+        if step not in ("decode", "prefill"):
+            raise ValueError
+        return step, int(batch), int(ctx)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected decode|prefill:BATCH:CTX, got {text!r}") from None
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_common.add_engine_flags(parser)
     parser.add_argument("--step", choices=("decode", "prefill"), default=None)
+    parser.add_argument("--case", action="append", default=[], type=parse_case, metavar="STEP:BATCH:CTX",
+                        help="profile this step (as --step, --batch, --ctx) in the same engine (repeatable; "
+                             "e.g. decode:256:1500 decode:1024:192 prefill:16:1000)")
     parser.add_argument("--run", action="store_true", help="GPU idle share of a decode-heavy LLM.generate run")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--ctx", type=int, default=192, help="decode: context length; prefill: chunk length")
@@ -238,18 +253,22 @@ def main(argv=None) -> dict:
                         help="undo the engine's gc.freeze() after start-up (to measure what the freeze does)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
-    if not (args.step or args.run):
-        parser.error("give --step decode|prefill and/or --run")
-    max_len = max(args.ctx + 1, args.input_len + args.output_len)
-    llm = bench_common.make_llm(args, max_model_len=max_len, max_num_seqs=args.max_num_seqs or args.batch)
+    if not (args.step or args.case or args.run):
+        parser.error("give --step decode|prefill, --case and/or --run")
+    cases = args.case + ([(args.step, args.batch, args.ctx)] if args.step else [])
+    max_len = max([ctx + 1 for _, _, ctx in cases] + [args.input_len + args.output_len])
+    llm = bench_common.make_llm(args, max_model_len=max_len,
+                                max_num_seqs=args.max_num_seqs or max(b for _, b, _ in cases or [(0, args.batch, 0)]))
     if args.gc_unfreeze:
         import gc
 
         gc.unfreeze()
     result = bench_common.engine_result_header("profile", args)  # the variant profiled: quantization, KV dtype, ...
-    if args.step:
-        result["step_profile"] = step = profile_step(llm, args)
-        print(f"{args.step} step T={step['T']} S={step['S']}: wall {step['wall_ms_per_step']:.2f} ms, "
+    for kind, batch, ctx in cases:
+        step = profile_step(llm, args, kind, batch, ctx)
+        result.setdefault("step_profiles", []).append(step)
+        result.setdefault("step_profile", step)  # the first, where older readers look
+        print(f"{kind} step of {batch} x {ctx}: T={step['T']} S={step['S']}: wall {step['wall_ms_per_step']:.2f} ms, "
               f"kernels {step['per_step_us'] / 1e3:.2f} ms: " +
               ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in step["per_step_us_by_kind"].items()), flush=True)
         for row in step["top"]:

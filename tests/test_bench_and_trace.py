@@ -485,6 +485,13 @@ def test_profile_step_smoke(tiny_model, tmp_path):
     assert (step["T"], step["S"]) == (16, 3) and step["wall_ms_per_step"] > 0  # S capped at max_num_seqs = batch
     with open(tmp_path / "p.json") as f:
         assert json.load(f)["step_profile"]["batch"] == 3
+    # Several steps in one engine (--case), which takes the largest batch as its sequence cap
+    result = profile_step.main(["--model", tiny_model, "--load-format", "dummy", "--block-size", "8", "--case",
+                                "decode:2:30", "--case", "prefill:4:9", "--repeats", "1"])
+    assert [(p["step"], p["batch"], p["ctx"], p["T"], p["S"]) for p in result["step_profiles"]] == [
+        ("decode", 2, 30, 16, 4), ("prefill", 4, 9, 64, 4)]
+    with pytest.raises(SystemExit):
+        profile_step.main(["--case", "mixed:2:3"])
 
 
 def test_bench_sleep_smoke(tiny_model, tmp_path):

@@ -1876,6 +1876,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="with --runner pooling: the pooling, instead of the checkpoint's")
     engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
                         help="'priority': requests' priority field orders the queue (lower first)")
+    engine.add_argument("--admission-reserve-tokens", type=int, default=256,
+                        help="tokens of growth every running request keeps free when a waiting request is admitted "
+                             "(fewer preemptions); 0 admits whenever a prompt's first blocks are free, as vLLM does")
     lora = parser.add_argument_group("LoRA adapters")
     lora.add_argument("--enable-lora", action="store_true",
                       help="serve LoRA adapters (local PEFT folders): a request whose 'model' is an adapter's name "
