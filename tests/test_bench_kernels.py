@@ -120,9 +120,33 @@ def test_bucket_padding_simulation_accounts_for_every_step():
     assert r["token_rows"] == 40 * (30 + 7 - 1)  # every prompt token and every fed-back sampled token, once
     assert r["padded_token_rows"] == sum(s["T"] * s["steps"] for s in r["shapes"])
     assert 0 <= r["token_padding"] < 1 and 0 <= r["seq_padding"] < 1 and r["preemptions"] == 0
-    small = simulate(40, 30, 7, max_num_seqs=16, max_num_batched_tokens=128, num_blocks=24, block_size=16)
+    assert r["recomputed_tokens"] == 0
+    small = simulate(40, 30, 7, max_num_seqs=16, max_num_batched_tokens=128, num_blocks=24, block_size=16,
+                     admission_reserve_tokens=0)
     assert small["preemptions"] > 0  # 23 usable blocks for 16 sequences of 3 blocks each
-    assert small["token_rows"] > r["token_rows"]  # preempted requests recompute their tokens
+    assert small["token_rows"] - r["token_rows"] == small["recomputed_tokens"] > 0  # preempted requests recompute
+    # Admission that keeps room for the running requests' outputs (the engine's default) preempts less
+    reserved = simulate(40, 30, 7, max_num_seqs=16, max_num_batched_tokens=128, num_blocks=24, block_size=16)
+    assert reserved["recomputed_tokens"] < small["recomputed_tokens"] / 4
+
+
+def test_token_buckets_come_every_quarter_octave_between_256_rows_and_the_sequence_cap():
+    """``engine.runner.token_bucket``: powers of two, but between 256 rows and ``max_num_seqs`` (large decode batches)
+    the next quarter of the octave; ``token_buckets`` lists every one a step can take."""
+    from engine.runner import token_bucket, token_buckets
+
+    assert token_buckets(16384, 1024) == [1, 16, 32, 64, 128, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 2048,
+                                          4096, 8192, 16384]
+    assert token_buckets(16384, 256) == token_buckets(16384) == [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096,
+                                                                 8192, 16384]
+    assert token_buckets(1000, 4096) == [1, 16, 32, 64, 128, 256, 320, 384, 448, 512, 640, 768, 896, 1000]
+    for n in range(1, 3000):
+        size = token_bucket(n, 2048, 1024)
+        assert size in token_buckets(2048, 1024) and n <= size or n > 2048
+        if 256 < n <= 1024:
+            assert size - n < (1 << (n - 1).bit_length()) // 8  # less than a quarter octave of padding
+        elif n <= 2048:
+            assert size == token_bucket(n, 2048)  # powers of two (or the cap) elsewhere
 
 
 def test_sequence_slots_follow_token_rows():
@@ -144,7 +168,7 @@ def test_sequence_slots_follow_token_rows():
         work = [SequenceWork(token_ids=[3] * q, start=5, block_table=[1, 2], sample=True) for q in lens]
         batch = build_model_input(work, block_size=16, max_num_tokens=128, max_num_seqs=16, max_blocks_per_seq=8)
         T, S = batch.token_ids.shape[0], batch.kv_lens.shape[0]
-        assert T == token_bucket(sum(lens), 128) and S == seq_bucket(sum(lens), 128, 16) >= n
+        assert T == token_bucket(sum(lens), 128, 16) and S == seq_bucket(sum(lens), 128, 16) >= n
         assert S == min(max(T, 8), 16)
         shapes.add((T, S))
     assert len(shapes) == len({t for t, _ in shapes})  # one S per T

@@ -394,6 +394,14 @@ def test_num_scheduler_steps_must_be_a_positive_integer(steps):
         EngineArgs(num_scheduler_steps=steps).validate()
 
 
+@pytest.mark.parametrize("tokens", [-1, 1.5, "256"])
+def test_admission_reserve_tokens_must_be_a_whole_number(tokens):
+    from engine.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match="admission_reserve_tokens must be an integer >= 0"):
+        EngineArgs(admission_reserve_tokens=tokens).validate()
+
+
 @pytest.mark.parametrize("field, value", [("max_num_seqs", 1.5), ("max_num_batched_tokens", 0),
                                           ("max_model_len", "128"), ("num_gpu_blocks_override", True)])
 def test_batch_limits_must_be_positive_integers(field, value):

@@ -88,7 +88,9 @@ def test_default_model_answers_coherently(llm):
 
 def test_preemption_keeps_outputs(alone):
     # 12 blocks of 16 tokens (one is the sink): far too few for 16 sequences of ~30 tokens at once.
-    small = LLM(max_model_len=128, max_num_batched_tokens=64, max_num_seqs=16, num_gpu_blocks_override=12)
+    # (admission_reserve_tokens=0: vLLM's admission, which fills the pool; the default's reserve preempts less)
+    small = LLM(max_model_len=128, max_num_batched_tokens=64, max_num_seqs=16, num_gpu_blocks_override=12,
+                admission_reserve_tokens=0)
     try:
         outs = small.generate(PROMPTS, GREEDY, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == alone
@@ -562,7 +564,7 @@ def test_unrolled_layers_with_per_layer_kv_buffers_match_the_scan(tmp_path):
     for unroll, fuse in ((False, None), (True, None), (True, False)):
         llm = LLM(str(tmp_path), dtype="float32", unroll_layers=unroll, fuse_projections=fuse,
                   skip_tokenizer_init=True, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64,
-                  num_gpu_blocks_override=14)
+                  num_gpu_blocks_override=14, admission_reserve_tokens=0)  # vLLM's admission: fills the pool
         runner = llm.llm_engine.runner
         layer = runner.params["layers"][0] if unroll else runner.params["layers"]
         assert runner.kv_cache.per_layer == unroll and ("w_gate_up" in layer) == (fuse is None), sorted(layer)
@@ -858,7 +860,7 @@ def test_async_scheduling_and_multi_step_decoding_give_the_outputs_of_synchronou
         # 15 usable blocks, or prompts from 2 tokens up, a run of short random prompts sometimes had none).
         llm = LLM(str(tmp_path), dtype="float32", skip_tokenizer_init=True, max_model_len=72, max_num_seqs=8,
                   max_num_batched_tokens=48, num_gpu_blocks_override=11, async_scheduling=mode,
-                  num_scheduler_steps=steps)
+                  num_scheduler_steps=steps, admission_reserve_tokens=0)  # vLLM's admission: fills the pool
         assert llm.llm_engine.async_scheduling == mode
         if params is None:  # a stop token the greedy stop request surely meets mid-way: its own 4th token
             probe = llm.generate([prompts[6]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),

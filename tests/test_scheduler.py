@@ -106,8 +106,9 @@ class FakeEngine:
         waiting = self.with_status(RequestStatus.WAITING)
         num_drafts = sum(len(seq.draft_token_ids) for seq in out.scheduled)
         budget_left = s.max_num_batched_tokens - (out.num_batched_tokens - num_drafts)
-        # (With prefix caching a head's need depends on its cached prefix: tests/test_prefix_cache.py.)
-        if (waiting and bm.prefix_cache is None and not out.preempted_request_ids and budget_left
+        # (With prefix caching a head's need depends on its cached prefix: tests/test_prefix_cache.py; with an
+        # admission reserve on the running requests' room, test_admission_keeps_room_for_the_running_requests.)
+        if (waiting and bm.prefix_cache is None and not s.admission_reserve_tokens and not out.preempted_request_ids and budget_left
                 and len(ids) < s.max_num_seqs
                 and len(self.with_status(RequestStatus.RUNNING)) < s.max_num_seqs):
             head = min(waiting, key=self.order_key)
@@ -179,11 +180,12 @@ def rng():
 
 def make(num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=64,
          policy="fifo", rng=None, num_scheduler_steps=1, enable_prefix_caching=False, speculative_config=None,
-         vocab=VOCAB):
+         vocab=VOCAB, admission_reserve_tokens=0):
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
     scheduler = Scheduler(bm, max_num_batched_tokens, max_num_seqs, max_model_len, policy,
                           num_scheduler_steps=num_scheduler_steps,
-                          speculative_config=SpeculativeConfig.of(speculative_config))
+                          speculative_config=SpeculativeConfig.of(speculative_config),
+                          admission_reserve_tokens=admission_reserve_tokens)
     return FakeEngine(scheduler, rng or random.Random(0), vocab=vocab)
 
 
@@ -265,6 +267,41 @@ def test_a_tiny_pool_preempts_the_latest_request_which_later_completes(rng):
     assert b.output_token_ids[: len(kept_output)] == kept_output
     assert [len(r.output_token_ids) for r in (a, b)] == [8, 8]
     assert a.status is b.status is RequestStatus.FINISHED_STOPPED
+
+
+def test_admission_keeps_room_for_the_running_requests_to_grow(rng):
+    """A waiting request is admitted only if its whole prompt leaves every running request room for
+    ``admission_reserve_tokens`` more tokens (no more than it may still generate); alone, it is admitted on its first
+    chunk's blocks as before. 16 usable blocks of 4 tokens; "a" runs with 13 tokens (its decode's 4 blocks)."""
+    def started(reserve, a_max_tokens, b_prompt):
+        engine = make(num_blocks=17, block_size=4, max_num_batched_tokens=64, max_model_len=64, rng=rng,
+                      admission_reserve_tokens=reserve)
+        engine.add("a", 12, max_tokens=a_max_tokens)
+        engine.step()
+        engine.add("b", b_prompt)
+        out = engine.step()
+        return [seq.request_id for seq in out.scheduled]
+    # b's 40 tokens take 10 of the 12 free blocks: a keeps 2 blocks of room beyond its 4 (up to 24 tokens)
+    assert started(0, 30, 40) == started(8, 30, 40) == started(11, 30, 40) == ["a", "b"]
+    assert started(12, 30, 40) == started(16, 30, 40) == ["a"]  # 12-16 more tokens need a 7th block: b waits
+    assert started(16, 12, 40) == ["a", "b"]  # a may generate 11 more tokens: 2 blocks are room enough
+    assert started(0, 30, 48) == started(3, 30, 48) == ["a", "b"] and started(4, 30, 48) == ["a"]
+    # Alone a request starts on its first chunk's blocks whatever the reserve (here its whole prompt's 16 blocks),
+    # and a reserve delays admissions but loses nothing under a random load
+    engine = make(num_blocks=17, block_size=4, max_num_batched_tokens=64, max_model_len=64, rng=rng,
+                  admission_reserve_tokens=1000)
+    engine.add("whole", 64, max_tokens=1)
+    assert [seq.request_id for seq in engine.step().scheduled] == ["whole"]
+    engine = make(num_blocks=14, block_size=4, max_num_batched_tokens=12, max_num_seqs=3, max_model_len=48, rng=rng,
+                  admission_reserve_tokens=8)
+    for i in range(30):
+        engine.add(f"r{i}", rng.randrange(1, 40), max_tokens=rng.randrange(1, 9))
+        for _ in range(rng.randrange(3)):
+            engine.step()
+    engine.run_to_completion()
+    assert all(len(r.output_token_ids) == r.sampling_params.max_tokens for r in engine.requests.values())
+    with pytest.raises(ValueError, match="admission_reserve_tokens must be >= 0"):
+        Scheduler(BlockManager(5, 4), 16, 4, 16, admission_reserve_tokens=-1)
 
 
 def test_priority_policy_preempts_the_lowest_priority_even_if_it_arrived_first(rng):

@@ -1538,6 +1538,9 @@ def test_help_names_safe_default_host():
                  "--block-size", "--quantization", "--load-format", "--seed", "--api-key", "--num-scheduler-steps"):
         assert flag in help_text, flag
     assert engine_args_from_cli(make_arg_parser().parse_args(["--num-scheduler-steps", "8"])).num_scheduler_steps == 8
+    assert engine_args_from_cli(make_arg_parser().parse_args([])).admission_reserve_tokens == 256
+    assert engine_args_from_cli(make_arg_parser().parse_args(
+        ["--admission-reserve-tokens", "0"])).admission_reserve_tokens == 0
     # the reasoning parser reaches the engine too: structured outputs start after the thinking (engine.reasoning)
     assert engine_args_from_cli(make_arg_parser().parse_args(["--reasoning-parser", "qwen3"])).reasoning_parser == "qwen3"
     spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'  # vLLM's JSON form
