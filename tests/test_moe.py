@@ -159,7 +159,8 @@ def test_llm_gives_hugging_faces_greedy_tokens_for_a_mixture_of_experts(tmp_path
     for unroll, fuse, backend in ((False, False, "auto"), (True, None, "pallas")):
         llm = LLM(str(tmp_path), dtype="float32", unroll_layers=unroll, fuse_projections=fuse,
                   linear_backend=backend, skip_tokenizer_init=True, max_model_len=48, max_num_seqs=4,
-                  max_num_batched_tokens=16, block_size=8, num_gpu_blocks_override=8)
+                  max_num_batched_tokens=16, block_size=8, num_gpu_blocks_override=8,
+                  admission_reserve_tokens=0)  # vLLM's admission: fills the pool, so preempts
         layer = llm.llm_engine.runner.params["layers"][0] if unroll else llm.llm_engine.runner.params["layers"]
         assert ("expert_gate_up" in layer) == (fuse is None), sorted(layer)
         got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,

@@ -63,7 +63,7 @@ def test_prompt_logprobs_equal_transformers_across_chunks_preemption_cache_and_n
     # 16 tokens a step: the longer prompts are scored over several chunks; 14 blocks of 8 tokens for 4 requests of up
     # to 61 + 6 tokens: some are preempted and computed again.
     llm = LLM(path, skip_tokenizer_init=True, max_model_len=96, max_num_batched_tokens=16, max_num_seqs=4,
-              num_gpu_blocks_override=15, block_size=8, seed=0)
+              num_gpu_blocks_override=15, block_size=8, seed=0, admission_reserve_tokens=0)  # fills the pool
     try:
         params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=TOP)
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
