@@ -470,6 +470,7 @@ def test_profile_reads_compute_streams_and_unions_busy_time():
     summary = profile_step.summarize(kernels, steps=1)
     assert summary["per_step_us_by_kind"] == {"matmul": 10.0, "attention": 10.0, "other": 5.0}
     assert summary["top"][0]["per_step_us"] == 10.0
+    assert profile_step.kind_of("entry_mosaic_gpu_kernel") == "attention"  # the Hopper prefill attention (Mosaic GPU)
     # --host-events: what is off the GPU's lines, per step
     assert profile_step.host_events({"traceEvents": events}, per=3) == [
         {"name": "python", "us_per_step": 33.0, "calls_per_step": 1 / 3}]
