@@ -88,6 +88,16 @@ class BlockManager:
             self._table_arrays[seq_id] = array
         return array
 
+    def num_blocks_held(self, seq_id: str) -> int:
+        """Blocks in the sequence's table (0 for one that holds none), without copying it."""
+        return len(self._tables.get(seq_id, ()))
+
+    def num_blocks_to_start(self, prefix_blocks: list[int], num_tokens_total: int) -> int:
+        """Free blocks that starting a sequence of ``num_tokens_total`` tokens on cached ``prefix_blocks`` takes: its
+        new blocks, and the prefix's cached blocks no sequence holds (counted free until held)."""
+        return (_cdiv(num_tokens_total, self.block_size) - len(prefix_blocks)
+                + sum(self._refcount[b] == 0 for b in prefix_blocks))
+
     def num_tokens(self, seq_id: str) -> int:
         """Tokens the sequence's blocks cover (the last ``allocate_slots`` total)."""
         self._table(seq_id)
@@ -246,8 +256,7 @@ class BlockManager:
         if not num_cached < num_tokens_total:
             raise ValueError(f"sequence {seq_id!r}: {num_tokens_total} tokens, of which {num_cached} cached; "
                              "at least one must be computed")
-        num_new = _cdiv(num_tokens_total, self.block_size) - len(prefix_blocks)
-        if num_new + sum(self._refcount[b] == 0 for b in prefix_blocks) > self.num_free_blocks:
+        if self.num_blocks_to_start(prefix_blocks, num_tokens_total) > self.num_free_blocks:
             return None
         for block in prefix_blocks:
             if self._refcount[block] == 0:

@@ -20,7 +20,9 @@ Policy (DESIGN.md step 1), each ``schedule()``:
      room to grow (``admission_reserve_tokens``, capped by what it may still
      generate): a request admitted into the last free blocks would soon force a
      preemption, whose recompute costs more than the wait (tput-long: 213
-     preemptions recomputed 294k tokens, 30% of its prompts, in run 51).
+     preemptions recomputed 294k tokens, 30% of its prompts, in run 51). The
+     request admitted keeps no room of its own (in simulation that cut
+     tput-long's preemptions no further and lengthened small pools' runs).
 With prefix caching (the ``BlockManager``'s), a request is admitted on the cached
 blocks of the longest prefix of its tokens (all but its last token at most) and
 computes only the rest; its full blocks join the cache as their steps are
@@ -567,7 +569,7 @@ class Scheduler:
                 passed_over += 1
                 continue
             if reserved is None:
-                reserved = sum(map(self._reserved_blocks, self._running))
+                reserved = sum(map(self._reserved_blocks, self._running)) if self.admission_reserve_tokens else 0
             if not self._admit(request, plan, reserved):
                 return
             reserved += self._reserved_blocks(request)
@@ -581,8 +583,8 @@ class Scheduler:
         if request.max_output_tokens is not None:
             room = min(room, request.max_output_tokens - len(request.output_token_ids))
         manager = self.block_manager
-        return max(0, -(-(request.num_tokens + room) // manager.block_size)
-                   - len(manager.block_table(request.request_id)))
+        needed = -(-(request.num_tokens + room) // manager.block_size)
+        return max(0, needed - manager.num_blocks_held(request.request_id))
 
     def _waits_for_lora(self, request: Request, plan: _StepPlan) -> bool:
         """Whether the request's LoRA adapter is not among those running (or admitted in this step) and
@@ -606,9 +608,9 @@ class Scheduler:
         return next((r for r in self._waiting if r.request_id in self._static_batch), None)
 
     def _admit(self, request: Request, plan: _StepPlan, reserved: int = 0) -> bool:
-        """Start a waiting request if its first chunk's blocks are free (never preempts) and, when requests run,
-        its whole prompt's leave the ``reserved`` blocks free (``_reserved_blocks``); with prefix caching the
-        chunk starts after its cached prefix."""
+        """Start a waiting request if its first chunk's blocks are free (never preempts) and, with an admission
+        reserve while requests run, its whole prompt's leave the ``reserved`` blocks free (``_reserved_blocks``);
+        with prefix caching the chunk starts after its cached prefix."""
         manager = self.block_manager
         looks_up = self._block_keys is not None and request.use_prefix_cache
         if not looks_up:
@@ -620,7 +622,8 @@ class Scheduler:
             prefix = manager.cached_prefix(keys, request.num_tokens)
             num_cached = len(prefix) * manager.block_size
         num_tokens = min(request.num_tokens - num_cached, plan.budget)
-        if reserved and -(-request.num_tokens // manager.block_size) - len(prefix) + reserved > manager.num_free_blocks:
+        if (self.admission_reserve_tokens and self._running
+                and manager.num_blocks_to_start(prefix, request.num_tokens) + reserved > manager.num_free_blocks):
             return False
         copies = (manager.allocate_with_prefix(request.request_id, prefix, num_cached + num_tokens) if prefix
                   else manager.allocate_slots(request.request_id, num_tokens))

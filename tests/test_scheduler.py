@@ -304,6 +304,35 @@ def test_admission_keeps_room_for_the_running_requests_to_grow(rng):
         Scheduler(BlockManager(5, 4), 16, 4, 16, admission_reserve_tokens=-1)
 
 
+def test_admission_reserve_counts_cached_prefix_blocks_that_no_request_holds_and_applies_while_any_request_runs(rng):
+    """Found by a probe of the reserve: (1) a prompt starting with a finished request's cached prefix takes those
+    blocks out of the free count too (they are free until held), so it waits like the same prompt uncached; (2) the
+    whole-prompt check applies while any request runs, also one that needs no more blocks (it used to be skipped when
+    the running requests reserved none, so a prompt that could not fit started, preempted itself and ran again)."""
+    admitted = {}
+    for caching in (False, True):
+        engine = make(num_blocks=20, block_size=4, max_num_batched_tokens=64, max_model_len=64, rng=rng,
+                      enable_prefix_caching=caching, admission_reserve_tokens=32)
+        shared = [7] * 40
+        engine.add("p", prompt=shared + [9], max_tokens=1)  # runs alone; its 10 full blocks stay cached
+        engine.run_to_completion()
+        engine.add("a", prompt=[5, 6, 7], max_tokens=40)  # running: wants 8 blocks of room
+        engine.step()
+        engine.add("b", prompt=shared + [3], max_tokens=20)  # 11 blocks (10 of them cached) + 8 > 18 free
+        admitted[caching] = [seq.request_id for seq in engine.step().scheduled]
+        engine.run_to_completion()
+        assert engine.scheduler.num_preemptions == 0
+    assert admitted == {False: ["a"], True: ["a"]}
+    engine = make(num_blocks=5, block_size=16, max_num_batched_tokens=16, max_num_seqs=4, max_model_len=64, rng=rng,
+                  admission_reserve_tokens=256)
+    engine.add("r", 1, max_tokens=15)  # all its tokens fit the block it holds: it reserves none
+    engine.step()
+    b = engine.add("b", 64, max_tokens=1)  # needs the 4 usable blocks: waits for r
+    engine.run_to_completion()
+    assert engine.scheduler.num_preemptions == 0 and b.num_preemptions == 0
+    assert sum(seq.num_tokens for out in engine.outputs for seq in out.scheduled if seq.request_id == "b") == 64
+
+
 def test_priority_policy_preempts_the_lowest_priority_even_if_it_arrived_first(rng):
     engine = make(num_blocks=5, block_size=4, max_model_len=16, policy="priority", rng=rng)
     low = engine.add("low", 6, max_tokens=8, priority=1, arrival_time=0.0)
