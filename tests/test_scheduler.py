@@ -107,9 +107,9 @@ class FakeEngine:
         num_drafts = sum(len(seq.draft_token_ids) for seq in out.scheduled)
         budget_left = s.max_num_batched_tokens - (out.num_batched_tokens - num_drafts)
         # (With prefix caching a head's need depends on its cached prefix: tests/test_prefix_cache.py; with an
-        # admission reserve on the running requests' room, test_admission_keeps_room_for_the_running_requests.)
-        if (waiting and bm.prefix_cache is None and not s.admission_reserve_tokens and not out.preempted_request_ids and budget_left
-                and len(ids) < s.max_num_seqs
+        # admission reserve on the running requests' room, test_admission_keeps_room_for_the_running_requests_*.)
+        if (waiting and bm.prefix_cache is None and not s.admission_reserve_tokens and not out.preempted_request_ids
+                and budget_left and len(ids) < s.max_num_seqs
                 and len(self.with_status(RequestStatus.RUNNING)) < s.max_num_seqs):
             head = min(waiting, key=self.order_key)
             need = bm.num_blocks_needed(head.request_id, min(head.num_uncomputed_tokens, budget_left))
