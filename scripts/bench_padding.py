@@ -67,7 +67,8 @@ def simulate(num_requests: int, input_len: int, output_len: int, *, max_num_seqs
                 scheduler.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
     # Token rows computed again after preemptions: all of them beyond each request's prompt and outputs but its last.
     recomputed = computed - num_requests * (input_len + output_len - 1)
-    return dict(steps=steps, preemptions=preemptions, recomputed_tokens=recomputed, token_rows=tokens, padded_token_rows=padded_tokens,
+    return dict(steps=steps, preemptions=preemptions, recomputed_tokens=recomputed, token_rows=tokens,
+                padded_token_rows=padded_tokens,
                 token_padding=1 - tokens / padded_tokens, seq_slots=seqs, padded_seq_slots=padded_seqs,
                 seq_padding=1 - seqs / padded_seqs, distinct_step_shapes=len(shapes),
                 shapes=[dict(T=t, S=s, B=b, steps=n) for (t, s, b), n in sorted(shapes.items())])
@@ -97,13 +98,15 @@ def main(argv=None) -> list[dict]:
                       command=" ".join(["python"] + sys.argv), num_requests=n, input_len=i, output_len=o,
                       max_num_seqs=max_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                       num_blocks=args.num_blocks, block_size=args.block_size,
-                      admission_reserve_tokens=args.admission_reserve_tokens, simulated_s=time.perf_counter() - start, **figures)
+                      admission_reserve_tokens=args.admission_reserve_tokens,
+                      simulated_s=time.perf_counter() - start, **figures)
         results.append(result)
     first = results[0]
     path = args.output_json or os.path.join(args.results_dir, f"bucket-padding-{first['commit'][:7]}.json")
     bench_common.write_results(results, path)
-    bench_common.print_table(results, ["protocol_workload", "steps", "preemptions", "recomputed_tokens", "token_padding", "seq_padding",
-                                       "distinct_step_shapes"], title="bucket padding (scheduler simulation)")
+    bench_common.print_table(results, ["protocol_workload", "steps", "preemptions", "recomputed_tokens",
+                                       "token_padding", "seq_padding", "distinct_step_shapes"],
+                             title="bucket padding (scheduler simulation)")
     print(f"wrote {path}")
     return results
 
