@@ -43,6 +43,11 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype):
     return getattr(jnp, name) if name else model_dtype
 
 
+# Tokens of growth each running request keeps free when a waiting one is admitted (EngineArgs.admission_reserve_tokens):
+# tput-long's best in the scheduler's simulation (benchmarks/NOTES.md, run 52).
+DEFAULT_ADMISSION_RESERVE_TOKENS = 256
+
+
 @dataclasses.dataclass
 class EngineArgs:
     model: Optional[str] = None
@@ -62,7 +67,7 @@ class EngineArgs:
     # Tokens of growth every running request keeps free when a waiting one is admitted (no more than it may still
     # generate): fewer preemptions, whose recompute costs more than the wait (engine.scheduler). 0: admit whenever
     # the first chunk's blocks are free, as vLLM does.
-    admission_reserve_tokens: int = 256
+    admission_reserve_tokens: int = DEFAULT_ADMISSION_RESERVE_TOKENS
     attention_backend: str = "auto"
     # The KV write: "reference" (XLA's scatter, in place), "pallas" (one kernel for K and V) or "auto"
     # (the kernel on GPU: 1.3-1.4% of an 8B step faster on an H200, run 13a; the scatter on CPU).

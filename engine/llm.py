@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
-from engine.engine_args import IGNORED_VLLM_ARGS, EngineArgs
+from engine.engine_args import DEFAULT_ADMISSION_RESERVE_TOKENS, IGNORED_VLLM_ARGS, EngineArgs
 from engine import engine_loop
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.lora import LoRARequest
@@ -77,7 +77,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         num_gpu_blocks_override: Optional[int] = None,
         scheduling_policy: str = "fifo",
-        admission_reserve_tokens: int = 256,
+        admission_reserve_tokens: int = DEFAULT_ADMISSION_RESERVE_TOKENS,
         attention_backend: str = "auto",
         kv_write_backend: str = "auto",
         linear_backend: str = "auto",

@@ -32,6 +32,7 @@ if REPO_ROOT not in sys.path:
 
 import engine  # noqa: E402,F401  (sets JAX's GPU allocator pool before a benchmark touches the device)
 from engine.compile_timer import CompileTimer  # noqa: E402,F401 (timed runs subtract compiles)
+from engine.engine_args import DEFAULT_ADMISSION_RESERVE_TOKENS  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "benchmarks", "models", "llama-3.1-8b")
 RESULTS_DIR = os.path.join("benchmarks", "results")
@@ -95,7 +96,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--speculative-config", type=json.loads, default=None,
                         help='speculative decoding, JSON as vLLM\'s flag: \'{"method": "ngram", '
                              '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'')
-    parser.add_argument("--admission-reserve-tokens", type=int, default=256,
+    parser.add_argument("--admission-reserve-tokens", type=int, default=DEFAULT_ADMISSION_RESERVE_TOKENS,
                         help="growth room admission keeps free for each running request (0: vLLM's admission)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="automatic prefix caching (the engine's default; offline runs start with nothing "
@@ -283,7 +284,7 @@ def engine_result_header(workload: str, args) -> dict:
         header["num_scheduler_steps"] = args.num_scheduler_steps
     if not args.enable_prefix_caching:
         header["enable_prefix_caching"] = False
-    if args.admission_reserve_tokens != 256:
+    if args.admission_reserve_tokens != DEFAULT_ADMISSION_RESERVE_TOKENS:
         header["admission_reserve_tokens"] = args.admission_reserve_tokens
     if args.speculative_config:
         header["speculative_config"] = args.speculative_config
@@ -307,7 +308,7 @@ def variant_tag(result: dict) -> str:
         tag += f"-prefix{result['shared_prefix_len']}"
     if result.get("enable_prefix_caching") is False:
         tag += "-nocache"
-    if result.get("admission_reserve_tokens", 256) != 256:
+    if result.get("admission_reserve_tokens", DEFAULT_ADMISSION_RESERVE_TOKENS) != DEFAULT_ADMISSION_RESERVE_TOKENS:
         tag += f"-reserve{result['admission_reserve_tokens']}"
     speculative = result.get("speculative_config")
     if speculative:

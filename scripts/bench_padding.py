@@ -28,7 +28,8 @@ H200_8B_BLOCKS = 40656  # KV blocks of llama-3.1-8b bf16 at gpu_memory_utilizati
 
 
 def simulate(num_requests: int, input_len: int, output_len: int, *, max_num_seqs: int, max_num_batched_tokens: int,
-             num_blocks: int, block_size: int, admission_reserve_tokens: int = 256) -> dict:
+             num_blocks: int, block_size: int,
+             admission_reserve_tokens: int = bench_common.DEFAULT_ADMISSION_RESERVE_TOKENS) -> dict:
     from engine.block_manager import BlockManager
     from engine.request import Request, RequestStatus
     from engine.runner import MIN_BLOCK_BUCKET, bucket, seq_bucket, token_bucket
@@ -42,7 +43,7 @@ def simulate(num_requests: int, input_len: int, output_len: int, *, max_num_seqs
     for i in range(num_requests):
         scheduler.add_request(Request(request_id=str(i), prompt_token_ids=[1] * input_len,
                                       max_output_tokens=output_len))
-    tokens = padded_tokens = seqs = padded_seqs = steps = preemptions = computed = 0
+    tokens = padded_tokens = seqs = padded_seqs = steps = preemptions = 0
     shapes: dict[tuple, int] = {}
     while scheduler.has_unfinished_requests():
         out = scheduler.schedule()
@@ -58,7 +59,6 @@ def simulate(num_requests: int, input_len: int, output_len: int, *, max_num_seqs
         seqs, padded_seqs = seqs + S, padded_seqs + shape[1]
         steps += 1
         preemptions += len(out.preempted_request_ids)
-        computed += T
         sampled = {s.request_id: 1 for s in out.scheduled if s.samples}
         scheduler.update_after_step(out, sampled)
         for s in out.scheduled:
@@ -66,7 +66,7 @@ def simulate(num_requests: int, input_len: int, output_len: int, *, max_num_seqs
             if s.samples and not request.is_finished and len(request.output_token_ids) >= output_len:
                 scheduler.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
     # Token rows computed again after preemptions: all of them beyond each request's prompt and outputs but its last.
-    recomputed = computed - num_requests * (input_len + output_len - 1)
+    recomputed = tokens - num_requests * (input_len + output_len - 1)
     return dict(steps=steps, preemptions=preemptions, recomputed_tokens=recomputed, token_rows=tokens,
                 padded_token_rows=padded_tokens,
                 token_padding=1 - tokens / padded_tokens, seq_slots=seqs, padded_seq_slots=padded_seqs,
@@ -81,7 +81,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--num-blocks", type=int, default=H200_8B_BLOCKS)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--admission-reserve-tokens", type=int, default=256,
+    parser.add_argument("--admission-reserve-tokens", type=int, default=bench_common.DEFAULT_ADMISSION_RESERVE_TOKENS,
                         help="growth room admission keeps free for each running request (the engine's default)")
     parser.add_argument("--results-dir", default=bench_common.RESULTS_DIR)
     parser.add_argument("--output-json", default=None)

@@ -52,7 +52,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_llm import AsyncLLM, BeamSearchStream, RequestStream, final_outputs, merge_streams
 from engine.beam_search import BeamSearchParams
 from engine.engine_loop import PROFILER_DIR_ENV
-from engine.engine_args import IGNORED_VLLM_ARGS, KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineArgs
+from engine.engine_args import (DEFAULT_ADMISSION_RESERVE_TOKENS, IGNORED_VLLM_ARGS, KV_CACHE_DTYPES,
+                                QUANTIZATION_METHODS, EngineArgs)
 from engine.entrypoints.openai.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
@@ -1876,7 +1877,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="with --runner pooling: the pooling, instead of the checkpoint's")
     engine.add_argument("--scheduling-policy", default="fifo", choices=["fifo", "priority"],
                         help="'priority': requests' priority field orders the queue (lower first)")
-    engine.add_argument("--admission-reserve-tokens", type=int, default=256,
+    engine.add_argument("--admission-reserve-tokens", type=int, default=DEFAULT_ADMISSION_RESERVE_TOKENS,
                         help="tokens of growth every running request keeps free when a waiting request is admitted "
                              "(fewer preemptions); 0 admits whenever a prompt's first blocks are free, as vLLM does")
     lora = parser.add_argument_group("LoRA adapters")
