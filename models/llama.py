@@ -56,7 +56,7 @@ from models.batch import KVCache, ModelInput
 from models.config import ModelConfig
 from models.lora import lora_mask, lora_update
 from models.moe import ExpertFn, expert_mlp, moe_mlp
-from models.norm import add_rms_norm, rms_norm
+from models.norm import add_deferred_norm, add_rms_norm, defer_norm, normed, rms_norm
 from models.quantization import Fp8Weight, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized, linear
 from pallas_kernels.fp8_activation import apply_activation
 from pallas_kernels.quantized_matmul import add_splits
@@ -350,6 +350,7 @@ def forward(
     def lora_updates(h, w, fused: str, mask, joined: bool):
         """Each row's LoRA updates (``models.lora``) of ``fused``'s parts: one array of their columns side by side
         (``joined``), else one a part; from one joined update where the layer's slots have it."""
+        h = normed(h)
         if fused in w["lora"]:
             update = lora_update(h, w["lora"], fused, mask)
             return update if joined else split_columns(update, widths[fused])
@@ -387,6 +388,7 @@ def forward(
         """The MLP's output as partial sums for ``add_rms_norm``: the experts' (``models.moe``) in a mixture of
         experts; else the gate/up matmul, the SwiGLU product and the down matmul (with LoRA updates: ``mask``)."""
         if config.is_moe:
+            h = normed(h)
             out = moe_mlp(h, w, config=config, expert_fn=expert_fn or functools.partial(
                 expert_mlp, use_kernel=linear_backend.use_grouped_kernel(), interpret=linear_backend.interpret))
             if config.shared_expert_size:  # qwen2_moe: every token through the shared expert too, gated
@@ -394,7 +396,7 @@ def forward(
                 out = out + jax.nn.sigmoid(mm(h, w["shared_expert_gate"])) * shared
             return out[None]
         if mask is None and isinstance(w.get("w_gate_up"), Fp8Weight) and isinstance(w["w_down"], Fp8Weight):
-            return fp8_gated_mlp(h, w["w_gate_up"], w["w_down"], activation_name, linear_backend)[None]
+            return fp8_gated_mlp(normed(h), w["w_gate_up"], w["w_down"], activation_name, linear_backend)[None]
         hidden = mlp_hidden(h, w, mask)
         return with_lora(mm_parts(hidden, w["w_down"]), hidden, w, "w_down", mask)
 
@@ -483,14 +485,19 @@ def forward(
         if config.o_bias:  # one more partial sum: o_proj's bias on every row
             attn_parts = jnp.concatenate([attn_parts, jnp.broadcast_to(w["bo"], (T, w["bo"].shape[-1]))[None]
                                           .astype(attn_parts.dtype)])
-        x, h = pre_norm(*add_rms_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), w.get("post_norm", next_norm),
-                                      eps))
-        x, h = pre_norm(*add_rms_norm(x, block_output(x, mlp_parts(h, w, mask), w, "mlp_out_norm"), next_norm, eps))
+        x, h = pre_norm(*add_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), w.get("post_norm", next_norm)))
+        x, h = pre_norm(*add_norm(x, block_output(x, mlp_parts(h, w, mask), w, "mlp_out_norm"), next_norm))
         return x, h, k_cache, v_cache
 
-    def pre_norm(x, normed):
+    def pre_norm(x, h):
         """A block's input: the residual stream normed, or as it is (OLMo 2: no norm before the blocks)."""
-        return (x, normed) if config.pre_norms else (x, x)
+        return (x, h) if config.pre_norms else (x, x)
+
+    def add_norm(x, parts, weight):
+        """``add_rms_norm``, or where ``defer_norms`` its one-launch form leaving the norm to the GEMVs."""
+        if defer_norms:
+            return add_deferred_norm(x, parts, weight, eps, interpret=bool(linear_backend.interpret))
+        return add_rms_norm(x, parts, weight, eps)
 
     def layer_step(carry, layer_weights_and_next_norm):
         layer, w, next_norm, sliding, rotary = layer_weights_and_next_norm
@@ -502,13 +509,18 @@ def forward(
     # of whose rows has an adapter, runs no updates).
     mask = (None if batch.lora_slots is None or "lora_columns" not in params
             else lora_mask(batch.lora_slots, params["lora_columns"], x.dtype))
+    # At one row, where every matmul reading a normed row is a Pallas GEMV, each residual add and its RMSNorm are one
+    # launch and the GEMVs apply the norm (models.norm.DeferredNorm; XLA's way is three launches). Unrolled layers
+    # only: a scan's carry keeps one form.
+    defer_norms = (T == 1 and mask is None and config.pre_norms and isinstance(params["layers"], (list, tuple))
+                   and linear_backend.defers_norms(params["layers"][0]))
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
         # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes (and
         # kind: sliding or not) (XLA inlines the calls, so the compiled step is the same as one written out layer
         # by layer).
         unrolled_layer = jax.jit(layer_call, static_argnames=("sliding", "rotary"))
         norms = [w.get("input_norm", params["final_norm"]) for w in params["layers"]] + [params["final_norm"]]
-        h = pre_norm(x, rms_norm(x, norms[0], eps))[1]
+        h = defer_norm(x, norms[0], eps) if defer_norms else pre_norm(x, rms_norm(x, norms[0], eps))[1]
         k_cache, v_cache = kv_cache.k, kv_cache.v
         new_k, new_v = [], []
         for i, w in enumerate(params["layers"]):
@@ -524,7 +536,7 @@ def forward(
             k_cache, v_cache = tuple(new_k), tuple(new_v)
         # The last layer's residual stream is read no further; left unused, JAX would drop it from that call and
         # lower the layer a second time for it (the sum is computed for the norm anyway).
-        h, _ = jax.lax.optimization_barrier((h, x))
+        h, _ = jax.lax.optimization_barrier((normed(h), x))
     else:
         if kv_cache.per_layer:
             raise ValueError("a per-layer KV cache needs per-layer (unstacked) weights; see unstack_layers")

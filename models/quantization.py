@@ -50,6 +50,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from models.config import QUANTIZATION_METHODS, quantization_method
+from models.norm import DeferredNorm
 from pallas_kernels import fp8_activation
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.fp8_activation import FP8_MAX, quantize_rows_fp8
@@ -770,6 +771,9 @@ class LinearBackend:
     kernel: str = "auto"
     max_kernel_rows: int = dataclasses.field(default_factory=lambda: _max_kernel_rows_from_env())
     interpret: Optional[bool] = None
+    # One-row steps: the residual add and RMSNorm as one launch, the norm applied by the GEMVs (``defers_norms``);
+    # ``$PAGEDJAX_DEFER_NORMS=0`` turns it off (for timing against XLA's three launches).
+    defer_norms: bool = dataclasses.field(default_factory=lambda: os.environ.get("PAGEDJAX_DEFER_NORMS", "1") != "0")
 
     def use_kernel(self, w, rows: int) -> bool:
         if (self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight)
@@ -780,6 +784,19 @@ class LinearBackend:
             return on_gpu and (isinstance(w, Int4Weight)
                                or (isinstance(w, (Int8Weight, Int8KMajorWeight)) and rows == 1))
         return self.kernel == "pallas"
+
+    def defers_norms(self, layer: dict) -> bool:
+        """Whether a one-row step leaves each RMSNorm to the GEMVs (``models.norm.DeferredNorm``): where
+        ``defer_norms`` and every matmul of ``layer`` (one layer's weights) that reads a normed row, the attention's
+        q/k/v and the MLP's gate/up, runs a Pallas GEMV at one row (a mixture of experts' MLP does not)."""
+        readers = [w for name, w in layer.items() if name in NORMED_ROW_READERS]
+        return (self.defer_norms and any(name in layer for name in ("wqkv", "wq"))
+                and any(name in layer for name in ("w_gate_up", "w_gate"))
+                and all(self.applies_norm(w, 1) for w in readers))
+
+    def applies_norm(self, w, rows: int) -> bool:
+        """Whether ``linear`` of ``w`` at ``rows`` rows runs a Pallas GEMV, which can apply a deferred norm."""
+        return rows == 1 and self.use_kernel(w, rows) and (isinstance(w, Int8KMajorWeight) or qmm.default_config().gemv)
 
     def use_fp8_activation_kernel(self, width: int) -> bool:
         """Whether an fp8 MLP's middle (``fp8_gated_mlp``) on rows of ``width`` activations runs the Pallas kernel:
@@ -793,6 +810,9 @@ class LinearBackend:
         under "auto" (XLA's ``ragged_dot`` there multiplies every row by every expert), and under "pallas"."""
         return self.kernel == "pallas" or (self.kernel == "auto" and jax.default_backend() == "gpu")
 
+
+# The matmuls of a layer that read a normed row (the block inputs): the attention's q/k/v and the MLP's gate/up.
+NORMED_ROW_READERS = ("wqkv", "wq", "wk", "wv", "w_gate_up", "w_gate", "w_up")
 
 # The kernels tile a weight's output columns by a power of two of at least 16 (``quantized_matmul._tile_sizes``); a
 # weight they cannot tile, e.g. an int8 LM head over a vocabulary of 32001, goes to XLA's dot.
@@ -876,15 +896,25 @@ def stored_array(w) -> jax.Array:
     return w.q if isinstance(w, (Int8Weight, Int8KMajorWeight, Fp8Weight)) else w
 
 
-def linear(x: jax.Array, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:
+def linear(x, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:
     """``x[M, K] @ W`` for a dense or quantized ``W`` (one layer's, no leading axis). ``keep_splits``: the result as
     ``[P, M, N]`` partial sums (a kernel's K splits, float32 when ``P > 1``; else ``P = 1``), for
-    ``models.norm.add_rms_norm``, where XLA fuses their sum into the residual add (no launch of its own)."""
+    ``models.norm.add_rms_norm``, where XLA fuses their sum into the residual add (no launch of its own).
+    ``x`` may be a ``models.norm.DeferredNorm`` (one row): the Pallas GEMVs read its rows and apply its norm to their
+    output; every other path reads its normed row (``value()``)."""
     whole = (lambda y: y[None]) if keep_splits else (lambda y: y)
+    if isinstance(x, DeferredNorm):
+        if backend.applies_norm(w, x.rows.shape[0]):
+            norm = dict(sum_sq=x.sum_sq, norm_eps=x.eps)
+            x = x.rows
+        else:
+            x, norm = x.value(), {}
+    else:
+        norm = {}
     if isinstance(w, Fp8Weight):
         return whole(_fp8_linear(x, w))
     kernel = backend.use_kernel(w, x.shape[0])
-    options = dict(interpret=backend.interpret, keep_splits=keep_splits)
+    options = dict(interpret=backend.interpret, keep_splits=keep_splits, **norm)
     if isinstance(w, Int8Weight):
         if kernel:
             return qmm.int8_matmul(x, w.q, w.scale, **options)

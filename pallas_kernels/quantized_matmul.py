@@ -372,7 +372,7 @@ def interpreted_conversion(convert: str) -> str:
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
                  defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1,
-                 factor_scales: bool = False):
+                 factor_scales: bool = False, norm: tuple = ()):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -387,6 +387,8 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``subtiles`` (int4, deferred sum): each step's packed tile loaded as that many blocks of rows, each multiplied
     into one accumulator of a block's shape (``MatmulConfig.gemv_subtiles``).
     ``factor_scales`` (int4, deferred sum): the group's scale and zero leave the products (``gemv_factor_scales``).
+    ``norm``: ``(groups, eps)`` where x is a row's ``x * weight`` whose RMSNorm is applied to the output (the ref
+    before the output: the row's ``groups`` sums of squares; ``pallas_kernels.deferred_norm``).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -462,15 +464,19 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
         acc = jnp.sum(acc, axis=0)
     if fmt == "int8":
         acc = acc * refs[0][cols].astype(jnp.float32)
+    if norm:
+        acc = acc * _inverse_rms(refs[-2], *norm, width=x_ref.shape[1])
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k: int, steps: int, convert: str,
-                        prefetch: int, defer_reduction: bool = False, fma: bool = False):
+def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, *refs, block_n: int, block_k: int, steps: int, convert: str,
+                        prefetch: int, defer_reduction: bool = False, fma: bool = False, norm: tuple = ()):
     """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over ``steps * block_k``
     of K; each step's products summed over K at once (inside each thread for the most part: a tile row is
     contiguous K), so the accumulator is one float32 a column. ``defer_reduction``: the products accumulate in a
-    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape."""
+    ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape.
+    ``norm``: as ``_gemv_kernel``'s."""
+    o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     first_k = split * (steps * block_k)
@@ -497,7 +503,19 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, o_ref, *, block_n: int, block_k
                     prefetch)
     if defer_reduction:
         acc = jnp.sum(acc, axis=1)
-    o_ref[...] = (acc * scale_ref[cols].astype(jnp.float32)).astype(o_ref.dtype)
+    acc = acc * scale_ref[cols].astype(jnp.float32)
+    if norm:
+        acc = acc * _inverse_rms(refs[0], *norm, width=x_ref.shape[1])
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _inverse_rms(sum_sq_ref, groups: int, eps: float, *, width: int) -> jax.Array:
+    """``rsqrt(mean(x^2) + eps)`` of a row from its ``groups`` blocks' sums of squares (``deferred_norm``): a few
+    scalar loads a program."""
+    total = sum_sq_ref[0]
+    for i in range(1, groups):
+        total += sum_sq_ref[i]
+    return lax.rsqrt(total / width + eps)
 
 
 def step_loop(steps: int, load, body, acc, prefetch: int):
@@ -607,12 +625,15 @@ def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optiona
     return config or default_config(), jax.default_backend() != "gpu" if interpret is None else interpret
 
 
-def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False):
+def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False,
+                             sum_sq=None, norm_eps=0.0):
     config, interpret = _call_settings(x, K, config, interpret)
     M = x.shape[0]
     if M == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
-                     interpret=interpret, keep_splits=keep_splits)
+                     interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
+    if sum_sq is not None:
+        raise ValueError("a deferred RMSNorm (sum_sq) is applied by the one-row GEMV only")
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
     x, block_m = pad_rows(x, config.block_m)
     rows = x.shape[0]
@@ -652,9 +673,16 @@ def gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_
     return prefetch, interpreted_conversion(convert) if interpret else convert
 
 
-def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, keep_splits=False):
+def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, keep_splits=False,
+                  sum_sq=None, norm_eps=0.0):
     """``kernel`` over the grid ``(N / block_n, splits)`` of one-row programs, each writing ``block_n`` columns of
-    its split's partial sums; the splits added (``add_splits``): ``[1, N]``."""
+    its split's partial sums; the splits added (``add_splits``): ``[1, N]``. ``sum_sq``: x is a row's ``x * weight``
+    and the output gets its RMSNorm's scale (``pallas_kernels.deferred_norm``), an input after ``extras``."""
+    if sum_sq is not None:
+        if sum_sq.ndim != 1 or sum_sq.dtype != jnp.float32:
+            raise ValueError(f"sum_sq must be float32 [groups], got {sum_sq.dtype}{sum_sq.shape}")
+        kernel = functools.partial(kernel, norm=(sum_sq.shape[0], float(norm_eps)))
+        extras = (*extras, sum_sq)
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),
@@ -668,7 +696,8 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
     return add_splits(out[:, None, :], x.dtype, keep_splits)
 
 
-def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False):
+def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False, sum_sq=None,
+          norm_eps=0.0):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
     prefetch, convert = gemv_loop_settings(fmt, config, interpret, default_prefetch=int(
         fmt == "int8" or (fmt == "int4" and config.gemv_factor_scales and config.gemv_defer_reduction)))
@@ -683,36 +712,39 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
                                subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
-                         interpret=interpret, name=f"{fmt}_weight_streaming_gemv", keep_splits=keep_splits)
+                         interpret=interpret, name=f"{fmt}_weight_streaming_gemv", keep_splits=keep_splits,
+                         sum_sq=sum_sq, norm_eps=norm_eps)
 
 
 # keep_splits: the result as ``[k_splits, M, N]`` partial sums (float32 when split), not added (``add_splits``).
-_STATIC = ("config", "interpret", "keep_splits")
+# sum_sq / norm_eps (one row): x is a row's ``x * weight`` whose RMSNorm the GEMV applies to its output, from the row's
+# blocks' sums of squares (``pallas_kernels.deferred_norm``).
+_STATIC = ("config", "interpret", "keep_splits", "norm_eps")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def dense_matmul(x, w, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                 keep_splits: bool = False):
+                 keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
     """``x[M, K] @ w[K, N]`` streaming a dense weight (bf16/f16/f32); float32 accumulation."""
     K, N = w.shape
     return _weight_streaming_matmul(x, w, (), fmt="dense", K=K, N=N, group_size=0, pack=0, config=config,
-                                    interpret=interpret, keep_splits=keep_splits)
+                                    interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                keep_splits: bool = False):
+                keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
     """``x[M, K] @ (q[K, N] * scale[N])`` with ``q`` int8, dequantized in registers."""
     K, N = q.shape
     if q.dtype != jnp.int8 or scale.shape != (N,):
         raise ValueError(f"int8 weights need q int8 [K, N] and scale [N]; got {q.dtype}{q.shape}, {scale.shape}")
     return _weight_streaming_matmul(x, q, (scale,), fmt="int8", K=K, N=N, group_size=0, pack=0, config=config,
-                                    interpret=interpret, keep_splits=keep_splits)
+                                    interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                       keep_splits: bool = False):
+                       keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
     """``x[M, K] @ (qt[N, K] * scale[N, None]).T`` with ``qt`` int8 stored K-major: one row by the K-major GEMV
     (``_kmajor_gemv_kernel``), more rows by XLA's dot (which fuses the int8 convert into it)."""
     N, K = qt.shape
@@ -721,6 +753,8 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
                          f"{scale.shape}")
     config, interpret = _call_settings(x, K, config, interpret)
     if x.shape[0] != 1:
+        if sum_sq is not None:
+            raise ValueError("a deferred RMSNorm (sum_sq) is applied by the one-row GEMV only")
         out = int8_kmajor_matmul_reference(x, qt, scale)
         return out[None] if keep_splits else out
     prefetch, convert = gemv_loop_settings("int8", config, interpret,
@@ -732,7 +766,8 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
                                convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
                                fma=config.gemv_fma and not interpret)
     return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
-                         interpret=interpret, name="int8_kmajor_gemv", keep_splits=keep_splits)
+                         interpret=interpret, name="int8_kmajor_gemv", keep_splits=keep_splits, sum_sq=sum_sq,
+                         norm_eps=norm_eps)
 
 
 def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int, int]:
@@ -750,8 +785,9 @@ def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int,
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
 def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
-                interpret: Optional[bool] = None, keep_splits: bool = False):
+                interpret: Optional[bool] = None, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
     """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
     K, N = _int4_shape(packed, scales, zeros, group_size, pack)
     return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
-                                    pack=pack, config=config, interpret=interpret, keep_splits=keep_splits)
+                                    pack=pack, config=config, interpret=interpret, keep_splits=keep_splits,
+                                    sum_sq=sum_sq, norm_eps=norm_eps)

@@ -453,6 +453,57 @@ def test_int8_stored_k_major_is_the_same_weight_and_model(tiny, monkeypatch):
         load_model(tiny, dtype="float32", quantization="int8")
 
 
+def add_norm_launches(loaded, batch, num_pages, backend) -> int:
+    """How many ``add_norm_rows`` kernels a forward step traces (a residual add with its norm deferred)."""
+    cache = make_kv_cache(loaded.config, num_pages, 8, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p, c: forward(p, c, batch, config=loaded.config, linear_backend=backend))(
+        loaded.params, cache)
+
+    def count(jaxpr) -> int:  # each call of a sub-jaxpr (a layer's jit) counted again
+        found = 0
+        for eqn in jaxpr.eqns:
+            name = str(eqn.params.get("name_and_src_info", eqn.params.get("name")))
+            found += eqn.primitive.name == "pallas_call" and "add_norm_rows" in name
+            found += sum(count(sub.jaxpr if hasattr(sub, "jaxpr") else sub) for sub in jax.extend.core.jaxprs_in_params(
+                eqn.params))
+        return found
+
+    return count(jaxpr.jaxpr)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", None])
+def test_one_row_steps_leave_each_norm_to_the_gemvs_with_the_same_logits(tiny, method, monkeypatch):
+    """Unrolled layers at one decode row with every q/k/v and gate/up matmul a Pallas GEMV (interpreted): each
+    residual add and its RMSNorm are one ``add_norm_rows`` launch and the GEMVs apply the norm; the logits equal
+    XLA's norms' within float32 rounding. Prompt steps, XLA's matmuls, ``$PAGEDJAX_DEFER_NORMS=0`` and scanned
+    layers keep XLA's norms."""
+    import dataclasses
+
+    from models.llama import layout_layers
+
+    rng = np.random.default_rng()
+    loaded = load_model(tiny, dtype="float32", quantization=method)
+    unrolled = dataclasses.replace(loaded, params=layout_layers(loaded.params, unroll=True, fuse=True))
+    pallas = LinearBackend(kernel="pallas", interpret=True)
+    assert pallas.defers_norms(unrolled.params["layers"][0])
+    assert not LinearBackend(kernel="xla").defers_norms(unrolled.params["layers"][0])
+    one_row, pages = ragged_batch(loaded.config, rng, lengths=(1,))
+    layers = loaded.config.num_layers
+    assert add_norm_launches(unrolled, one_row, pages + 1, pallas) == 2 * layers
+    deferred = logits_of(unrolled, one_row, pages + 1, linear_backend=pallas)
+    xla_norms = logits_of(unrolled, one_row, pages + 1, linear_backend=dataclasses.replace(pallas, defer_norms=False))
+    # (int4: the GEMV's factored sum s (sum x q - z sum x) cancels, and its x is the unnormed row here)
+    tolerance = 1e-4 if method == "int4" else 1e-5
+    assert relative_error(deferred, xla_norms) < tolerance
+    assert relative_error(deferred, logits_of(loaded, one_row, pages + 1, linear_backend=pallas)) < tolerance
+    prompt, pages = ragged_batch(loaded.config, rng, lengths=(5, 3))
+    for backend, params in ((pallas, unrolled), (LinearBackend(kernel="xla"), unrolled), (pallas, loaded)):
+        assert add_norm_launches(params, prompt if params is unrolled and backend is pallas else one_row,
+                                 pages + 1, backend) == 0
+    monkeypatch.setenv("PAGEDJAX_DEFER_NORMS", "0")
+    assert not LinearBackend(kernel="pallas").defers_norms(unrolled.params["layers"][0])
+
+
 def test_fp8_dot_in_the_activation_type_keeps_logits_close(tiny, monkeypatch):
     """The fp8 dot returns bf16 before the scales by default (one more rounding) or float32
     (``$PAGEDJAX_FP8_DOT_OUTPUT``): the logits stay close."""

@@ -1,0 +1,90 @@
+"""The residual add of one decode row, with its RMSNorm left to the GEMVs that read it.
+
+At one row (decode at batch 1) XLA runs each residual add and the RMSNorm after it as three launches: the add (which
+also sums the last matmul's K-split partials), the sum of squares, and the scaling (benchmarks/NOTES.md: ~1.2-1.4 us
+each, ~250 us of a quantized 8B step over its 63 norms). The scaling need not be a pass of its own: the norm's
+``rsqrt(mean(x^2) + eps)`` is one number a row, so ``norm(x) @ W = rsqrt(...) * ((x * weight) @ W)`` and the GEMV
+can apply it to its output (``quantized_matmul``'s ``sum_sq``). This kernel does the rest in one launch: each
+program takes a block of the row's columns, adds the partials to the residual (rounded as XLA's add rounds), and
+writes the new residual, ``x * weight`` (the rows the GEMV reads) and its block's sum of squares.
+
+The reference is ``add_norm_rows_reference``; ``models.norm.DeferredNorm`` carries the result to the matmuls.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+MAX_BLOCK = 256  # columns a program; the row of 4096 in 16 programs
+
+
+def column_blocks(width: int) -> tuple[int, int]:
+    """``(block, groups)``: the row of ``width`` in ``groups`` programs of ``block`` columns, ``block`` the largest
+    power of two up to ``MAX_BLOCK`` dividing it (Triton's tiles are powers of two)."""
+    block = MAX_BLOCK
+    while width % block:
+        block //= 2
+    return block, width // block
+
+
+def _add_norm_rows_kernel(x_ref, parts_ref, weight_ref, x_out_ref, rows_ref, sum_sq_ref, *, block: int,
+                          num_parts: int):
+    g = pl.program_id(0)
+    cols = pl.ds(pl.multiple_of(g * block, block), block)
+    total = parts_ref[0, 0, cols].astype(jnp.float32)
+    for p in range(1, num_parts):
+        total += parts_ref[p, 0, cols].astype(jnp.float32)
+    dtype = x_out_ref.dtype
+    # As XLA's path rounds (``add_splits`` then the add): the partials' sum to the row's dtype, then the sum.
+    x = (x_ref[0, cols].astype(jnp.float32) + total.astype(dtype).astype(jnp.float32)).astype(dtype)
+    x_out_ref[0, cols] = x
+    x32 = x.astype(jnp.float32)
+    rows_ref[0, cols] = (x32 * weight_ref[cols].astype(jnp.float32)).astype(rows_ref.dtype)
+    sum_sq_ref[pl.ds(g, 1)] = jnp.sum(x32 * x32, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def add_norm_rows(x: jax.Array, parts: jax.Array, weight: jax.Array, *,
+                  interpret: Optional[bool] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``x[1, H]`` plus the sum of ``parts[P, 1, H]`` (a matmul's K-split partials), and its RMSNorm deferred:
+    ``(x_new, x_new * weight, sum_sq)``, the first two in x's dtype, ``sum_sq[G]`` float32 partial sums of
+    ``x_new^2`` over ``column_blocks(H)``'s G blocks."""
+    if x.ndim != 2 or x.shape[0] != 1 or parts.ndim != 3 or parts.shape[1:] != x.shape or weight.shape != x.shape[1:]:
+        raise ValueError(f"add_norm_rows wants x [1, H], parts [P, 1, H] and weight [H]; got {x.shape}, "
+                         f"{parts.shape}, {weight.shape}")
+    H = x.shape[1]
+    block, groups = column_blocks(H)
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    kernel = functools.partial(_add_norm_rows_kernel, block=block, num_parts=parts.shape[0])
+    return pl.pallas_call(
+        kernel,
+        grid=(groups,),
+        in_specs=[pl.no_block_spec] * 3,
+        out_specs=[pl.no_block_spec] * 3,
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct((groups,), jnp.float32)),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="add_norm_rows",
+    )(x, parts, weight)
+
+
+def add_norm_rows_reference(x: jax.Array, parts: jax.Array, weight: jax.Array):
+    """``add_norm_rows`` in jnp (XLA's add, then the products and the blocks' sums of squares)."""
+    total = parts[0] if parts.shape[0] == 1 else parts.astype(jnp.float32).sum(axis=0).astype(x.dtype)
+    x = x + total.astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    _, groups = column_blocks(x.shape[1])
+    sum_sq = (x32 * x32).reshape(groups, -1).sum(axis=-1)
+    return x, (x32 * weight.astype(jnp.float32)).astype(x.dtype), sum_sq
+
+
+def inverse_rms(sum_sq: jax.Array, width: int, eps: float) -> jax.Array:
+    """The norm's ``rsqrt(mean(x^2) + eps)`` of a row from its blocks' sums of squares."""
+    return jax.lax.rsqrt(jnp.sum(sum_sq) / width + eps)
