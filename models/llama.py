@@ -512,8 +512,8 @@ def forward(
     # At one row, where every matmul reading a normed row is a Pallas GEMV, each residual add and its RMSNorm are one
     # launch and the GEMVs apply the norm (models.norm.DeferredNorm; XLA's way is three launches). Unrolled layers
     # only: a scan's carry keeps one form.
-    defer_norms = (T == 1 and mask is None and config.pre_norms and isinstance(params["layers"], (list, tuple))
-                   and linear_backend.defers_norms(params["layers"][0]))
+    defer_norms = (T == 1 and mask is None and config.pre_norms and not config.is_moe
+                   and isinstance(params["layers"], (list, tuple)) and linear_backend.defers_norms(params["layers"][0]))
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
         # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes (and
         # kind: sliding or not) (XLA inlines the calls, so the compiled step is the same as one written out layer
