@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.env_config import dataclass_from_env
+from pallas_kernels.fp8_activation import apply_activation
 from pallas_kernels.gpu_info import core_count
 
 FORMATS = ("dense", "int8", "int4")
@@ -372,7 +373,7 @@ def interpreted_conversion(convert: str) -> str:
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
                  defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1,
-                 factor_scales: bool = False, norm: tuple = ()):
+                 factor_scales: bool = False, norm: tuple = (), gated: str = ""):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -389,6 +390,8 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``factor_scales`` (int4, deferred sum): the group's scale and zero leave the products (``gemv_factor_scales``).
     ``norm``: ``(groups, eps)`` where x is a row's ``x * weight`` whose RMSNorm is applied to the output (the ref
     before the output: the row's ``groups`` sums of squares; ``pallas_kernels.deferred_norm``).
+    ``gated``: x is a gated MLP's ``[gate | up]`` row (2K wide) and the matmul's input is ``act(gate) * up`` (``act``
+    by its name in ``fp8_activation.ACTIVATIONS``), taken a slice at a time as the loop reads x (no launch of its own).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -400,6 +403,14 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
 
     parts = subtiles if fmt == "int4" and defer_reduction else 1
     part_rows = block_k // 2 // parts  # int4: packed rows a part of a step's tile
+
+    def x_slice(k, n):
+        """x's ``n`` values from ``k`` as float32 (a gated row's ``act(gate) * up``, rounded to x's dtype as XLA's
+        product is)."""
+        if not gated:
+            return x_ref[0, pl.ds(k, n)].astype(jnp.float32)
+        gate, up = (x_ref[0, pl.ds(k + offset, n)].astype(jnp.float32) for offset in (0, x_ref.shape[1] // 2))
+        return (apply_activation(gated, gate) * up).astype(x_ref.dtype).astype(jnp.float32)
 
     def load(i):
         """Step ``i``'s weight loads (int4: the packed tile's ``parts`` blocks of rows, then its group's scale and
@@ -422,11 +433,11 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
             s, z = s.astype(jnp.float32), z.astype(jnp.float32)
             q_lo, q_hi, s, z = _nibbles_as_f32(packed[part], s, z, convert)
             lo = k0 + part * part_rows  # the block's low nibbles are K rows lo.., its high ones lo + block_k / 2..
-            x_lo, x_hi = (x_ref[0, pl.ds(k, part_rows)].astype(jnp.float32) for k in (lo, lo + block_k // 2))
+            x_lo, x_hi = (x_slice(k, part_rows) for k in (lo, lo + block_k // 2))
             return s, z, x_lo, q_lo, x_hi, q_hi
         (w,) = loaded
         w = integers_as_f32(w, "int8", convert) if fmt == "int8" else w.astype(jnp.float32)
-        return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w
+        return x_slice(k0, block_k), w
 
     def step(i, acc, loaded):  # acc: [block_n]; each tile summed over K at once
         if fmt == "int4":
@@ -617,23 +628,28 @@ def pad_rows(x: jax.Array, max_block_m: int) -> tuple[jax.Array, int]:
     return (x if rows == M else jnp.pad(x, ((0, rows - M), (0, 0)))), block_m
 
 
-def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optional[bool]) -> tuple[MatmulConfig, bool]:
+def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optional[bool],
+                   gated: str = "") -> tuple[MatmulConfig, bool]:
     """A wrapper's ``(config, interpret)``: the defaults filled in (``default_config()``; compiled on GPU,
-    interpreted elsewhere), after checking that ``x`` is ``[M, K]``."""
-    if x.ndim != 2 or x.shape[1] != K:
+    interpreted elsewhere), after checking that ``x`` is ``[M, K]`` (``gated``: ``[1, 2K]``, gate and up)."""
+    if gated and (x.ndim != 2 or x.shape != (1, 2 * K)):
+        raise ValueError(f"a gated x must be one row [1, 2K={2 * K}] (gate and up), got shape {x.shape}")
+    if not gated and (x.ndim != 2 or x.shape[1] != K):
         raise ValueError(f"x must be [M, K={K}], got shape {x.shape}")
     return config or default_config(), jax.default_backend() != "gpu" if interpret is None else interpret
 
 
 def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False,
-                             sum_sq=None, norm_eps=0.0):
-    config, interpret = _call_settings(x, K, config, interpret)
+                             sum_sq=None, norm_eps=0.0, gated=""):
+    config, interpret = _call_settings(x, K, config, interpret, gated)
     M = x.shape[0]
+    if gated and sum_sq is not None:
+        raise ValueError("a gated row has no deferred RMSNorm")
     if M == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
-                     interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
-    if sum_sq is not None:
-        raise ValueError("a deferred RMSNorm (sum_sq) is applied by the one-row GEMV only")
+                     interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps, gated=gated)
+    if sum_sq is not None or gated:
+        raise ValueError("a deferred RMSNorm (sum_sq) or a gated row is applied by the one-row GEMV only")
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
     x, block_m = pad_rows(x, config.block_m)
     rows = x.shape[0]
@@ -697,7 +713,7 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
 
 
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False, sum_sq=None,
-          norm_eps=0.0):
+          norm_eps=0.0, gated=""):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
     prefetch, convert = gemv_loop_settings(fmt, config, interpret, default_prefetch=int(
         fmt == "int8" or (fmt == "int4" and config.gemv_factor_scales and config.gemv_defer_reduction)))
@@ -710,7 +726,7 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
-                               subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales)
+                               subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales, gated=gated)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv", keep_splits=keep_splits,
                          sum_sq=sum_sq, norm_eps=norm_eps)
@@ -718,31 +734,34 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_
 
 # keep_splits: the result as ``[k_splits, M, N]`` partial sums (float32 when split), not added (``add_splits``).
 # sum_sq / norm_eps (one row): x is a row's ``x * weight`` whose RMSNorm the GEMV applies to its output, from the row's
-# blocks' sums of squares (``pallas_kernels.deferred_norm``).
-_STATIC = ("config", "interpret", "keep_splits", "norm_eps")
+# blocks' sums of squares (``pallas_kernels.deferred_norm``). gated (one row, not the K-major GEMV): x is a gated MLP's
+# [gate | up] and the matmul's input ``act(gate) * up`` (``_gemv_kernel``).
+_STATIC = ("config", "interpret", "keep_splits", "norm_eps", "gated")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def dense_matmul(x, w, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                 keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
+                 keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0, gated: str = ""):
     """``x[M, K] @ w[K, N]`` streaming a dense weight (bf16/f16/f32); float32 accumulation."""
     K, N = w.shape
     return _weight_streaming_matmul(x, w, (), fmt="dense", K=K, N=N, group_size=0, pack=0, config=config,
-                                    interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
+                                    interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps,
+                                    gated=gated)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
+                keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0, gated: str = ""):
     """``x[M, K] @ (q[K, N] * scale[N])`` with ``q`` int8, dequantized in registers."""
     K, N = q.shape
     if q.dtype != jnp.int8 or scale.shape != (N,):
         raise ValueError(f"int8 weights need q int8 [K, N] and scale [N]; got {q.dtype}{q.shape}, {scale.shape}")
     return _weight_streaming_matmul(x, q, (scale,), fmt="int8", K=K, N=N, group_size=0, pack=0, config=config,
-                                    interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
+                                    interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps,
+                                    gated=gated)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=tuple(a for a in _STATIC if a != "gated"))
 def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
                        keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
     """``x[M, K] @ (qt[N, K] * scale[N, None]).T`` with ``qt`` int8 stored K-major: one row by the K-major GEMV
@@ -785,9 +804,10 @@ def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int,
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
 def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
-                interpret: Optional[bool] = None, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
+                interpret: Optional[bool] = None, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0,
+                gated: str = ""):
     """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
     K, N = _int4_shape(packed, scales, zeros, group_size, pack)
     return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
                                     pack=pack, config=config, interpret=interpret, keep_splits=keep_splits,
-                                    sum_sq=sum_sq, norm_eps=norm_eps)
+                                    sum_sq=sum_sq, norm_eps=norm_eps, gated=gated)

@@ -363,3 +363,44 @@ def test_matmul_config_from_the_environment(monkeypatch):
             qmm.default_config()
     finally:
         qmm.default_config.cache_clear()
+
+
+def run_gated_case(fmt, activation, interpret, dtype=jnp.bfloat16):
+    """A gated row ``[gate | up]`` into the one-row GEMV (``gated``): the matmul of ``act(gate) * up``."""
+    from pallas_kernels.fp8_activation import apply_activation
+
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    K, N = 512, 256
+    args, static, _ = random_weight(rng, fmt, K, N, 128, dtype)
+    kernel, reference = KERNELS[fmt]
+    gate_up = jnp.asarray(rng.standard_normal((1, 2 * K)), dtype)
+    hidden = apply_activation(activation, gate_up[:, :K]) * gate_up[:, K:]
+    want = np.asarray(reference(hidden, *args, **static), np.float64)
+    got = np.asarray(kernel(gate_up, *args, **static, gated=activation, interpret=interpret,
+                            config=MatmulConfig(k_splits=2)), np.float64)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < RTOL[dtype], f"seed {seed}: {fmt} {activation}: max error {err:.2e}"
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
+def test_one_row_gemv_applies_a_gated_row_interpret(fmt, activation):
+    run_gated_case(fmt, activation, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
+def test_one_row_gemv_applies_a_gated_row_on_gpu(fmt):
+    run_gated_case(fmt, "silu", interpret=False)
+
+
+def test_a_gated_row_lowers_to_triton_and_is_one_row_of_twice_k():
+    args, static, _ = random_weight(np.random.default_rng(), "int4", 512, 256, 128, jnp.bfloat16)
+    fn = jax.jit(functools.partial(int4_matmul, **static, gated="silu", interpret=False))
+    gate_up = jnp.ones((1, 1024), jnp.bfloat16)
+    assert fn.trace(gate_up, *args).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
+    with pytest.raises(ValueError, match="gated x must be one row"):
+        int4_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, **static, gated="silu", interpret=True)
+    with pytest.raises(ValueError, match="gated x must be one row"):
+        int4_matmul(jnp.ones((2, 1024), jnp.bfloat16), *args, **static, gated="silu", interpret=True)
