@@ -400,7 +400,8 @@ def forward(
             return fp8_gated_mlp(normed(h), w["w_gate_up"], w["w_down"], activation_name, linear_backend)[None]
         if mask is None and T == 1 and "w_gate_up" in w and linear_backend.gates_in_gemv(w["w_down"]):
             # one row: the down GEMV applies act(gate) * up as it reads gate|up (no launch of its own)
-            return mm_parts(GatedRows(joined_output(h, w, "w_gate_up", None), activation_name), w["w_down"])
+            gate_up = mm_parts(h, w["w_gate_up"])
+            return mm_parts(GatedRows(gate_up, activation_name, jnp.dtype(x.dtype).name), w["w_down"])
         hidden = mlp_hidden(h, w, mask)
         return with_lora(mm_parts(hidden, w["w_down"]), hidden, w, "w_down", mask)
 

@@ -803,8 +803,10 @@ class LinearBackend:
 
     def gates_in_gemv(self, w) -> bool:
         """Whether a one-row ``linear`` of ``w`` (a gated MLP's down projection) takes ``GatedRows``: its GEMV reads
-        x a slice at a time (not the K-major int8 GEMV, which reads x as tiles of its weight's shape)."""
-        return self.gated_gemv and self.one_row_gemv(w, 1) and not isinstance(w, Int8KMajorWeight)
+        x a slice at a time (not the K-major int8 GEMV, which reads x as tiles of its weight's shape, nor act-order int4,
+        whose x is permuted first)."""
+        return (self.gated_gemv and self.one_row_gemv(w, 1) and not isinstance(w, Int8KMajorWeight)
+                and getattr(w, "perm", None) is None)
 
     def use_fp8_activation_kernel(self, width: int) -> bool:
         """Whether an fp8 MLP's middle (``fp8_gated_mlp``) on rows of ``width`` activations runs the Pallas kernel:
@@ -908,14 +910,16 @@ def stored_array(w) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class GatedRows:
     """One row's gated MLP input left to the down projection's GEMV (``LinearBackend.gates_in_gemv``): the gate/up
-    matmul's ``[gate | up]`` and the activation's name; the GEMV reads ``act(gate) * up`` a slice at a time instead
-    of a launch writing it first. ``value()`` is that product as the model's MLP computes it, for other readers."""
+    matmul's K-split partials of ``[gate | up]`` (``linear(..., keep_splits=True)``), the activation's name and the
+    row's dtype; the GEMV sums them and takes ``act(gate) * up`` a slice at a time as it reads x, instead of a launch
+    writing the product first. ``value()`` is that product as the model's MLP computes it, for other readers."""
 
-    gate_up: jax.Array
+    gate_up_parts: jax.Array
     activation: str = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(metadata=dict(static=True))
 
     def value(self) -> jax.Array:
-        gate, up = jnp.split(self.gate_up, 2, axis=-1)
+        gate, up = jnp.split(qmm.add_splits(self.gate_up_parts, jnp.dtype(self.dtype)), 2, axis=-1)
         return fp8_activation.apply_activation(self.activation, gate) * up
 
 
@@ -930,7 +934,7 @@ def linear(x, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool 
     if isinstance(x, DeferredNorm) and backend.one_row_gemv(w, x.rows.shape[0]):
         x, applied = x.rows, dict(sum_sq=x.sum_sq, norm_eps=x.eps)
     elif isinstance(x, GatedRows) and backend.gates_in_gemv(w):
-        x, applied = x.gate_up, dict(gated=x.activation)
+        x, applied = x.gate_up_parts, dict(gated=qmm.Gate(x.activation, x.dtype))
     else:
         x, applied = (x.value() if isinstance(x, (DeferredNorm, GatedRows)) else x), {}
     if isinstance(w, Fp8Weight):

@@ -61,6 +61,15 @@ MIN_ROWS = 16  # tensor-core tile height
 
 
 @dataclasses.dataclass(frozen=True)
+class Gate:
+    """A one-row GEMV's gated input (``gated=``): x holds the K-split partials of a gated MLP's ``[gate | up]`` row,
+    and the matmul's input is ``activation(gate) * up`` (``fp8_activation.ACTIVATIONS``) in the row's ``dtype``."""
+
+    activation: str
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
 class MatmulConfig:
     """Tile sizes and Triton launch parameters. ``block_n``/``block_k`` are upper bounds: the
     largest power of two up to them that divides N / K is used; ``block_m`` rows per program
@@ -373,7 +382,7 @@ def interpreted_conversion(convert: str) -> str:
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
                  defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1,
-                 factor_scales: bool = False, norm: tuple = (), gated: str = ""):
+                 factor_scales: bool = False, norm: tuple = (), gated: Optional[Gate] = None):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -390,8 +399,8 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``factor_scales`` (int4, deferred sum): the group's scale and zero leave the products (``gemv_factor_scales``).
     ``norm``: ``(groups, eps)`` where x is a row's ``x * weight`` whose RMSNorm is applied to the output (the ref
     before the output: the row's ``groups`` sums of squares; ``pallas_kernels.deferred_norm``).
-    ``gated``: x is a gated MLP's ``[gate | up]`` row (2K wide) and the matmul's input is ``act(gate) * up`` (``act``
-    by its name in ``fp8_activation.ACTIVATIONS``), taken a slice at a time as the loop reads x (no launch of its own).
+    ``gated``: x is the K-split partials ``[P, 1, 2K]`` of a gated MLP's ``[gate | up]`` row, and the matmul's input
+    is ``act(gate) * up`` (``Gate``), taken a slice at a time as the loop reads x (no launch of its own).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -405,12 +414,20 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     part_rows = block_k // 2 // parts  # int4: packed rows a part of a step's tile
 
     def x_slice(k, n):
-        """x's ``n`` values from ``k`` as float32 (a gated row's ``act(gate) * up``, rounded to x's dtype as XLA's
-        product is)."""
-        if not gated:
+        """x's ``n`` values from ``k`` as float32; a gated row's ``act(gate) * up``, its partials summed and each
+        value rounded to the row's dtype as XLA's sum and product are."""
+        if gated is None:
             return x_ref[0, pl.ds(k, n)].astype(jnp.float32)
-        gate, up = (x_ref[0, pl.ds(k + offset, n)].astype(jnp.float32) for offset in (0, x_ref.shape[1] // 2))
-        return (apply_activation(gated, gate) * up).astype(x_ref.dtype).astype(jnp.float32)
+        dtype = jnp.dtype(gated.dtype)
+
+        def row(offset):
+            total = x_ref[0, 0, pl.ds(k + offset, n)].astype(jnp.float32)
+            for p in range(1, x_ref.shape[0]):
+                total += x_ref[p, 0, pl.ds(k + offset, n)].astype(jnp.float32)
+            return total.astype(dtype).astype(jnp.float32)
+
+        gate, up = row(0), row(x_ref.shape[2] // 2)
+        return (apply_activation(gated.activation, gate) * up).astype(dtype).astype(jnp.float32)
 
     def load(i):
         """Step ``i``'s weight loads (int4: the packed tile's ``parts`` blocks of rows, then its group's scale and
@@ -629,26 +646,27 @@ def pad_rows(x: jax.Array, max_block_m: int) -> tuple[jax.Array, int]:
 
 
 def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optional[bool],
-                   gated: str = "") -> tuple[MatmulConfig, bool]:
+                   gated: Optional[Gate] = None) -> tuple[MatmulConfig, bool]:
     """A wrapper's ``(config, interpret)``: the defaults filled in (``default_config()``; compiled on GPU,
-    interpreted elsewhere), after checking that ``x`` is ``[M, K]`` (``gated``: ``[1, 2K]``, gate and up)."""
-    if gated and (x.ndim != 2 or x.shape != (1, 2 * K)):
-        raise ValueError(f"a gated x must be one row [1, 2K={2 * K}] (gate and up), got shape {x.shape}")
-    if not gated and (x.ndim != 2 or x.shape[1] != K):
+    interpreted elsewhere), after checking that ``x`` is ``[M, K]`` (``gated``: partials ``[P, 1, 2K]`` of gate and
+    up)."""
+    if gated is not None and (x.ndim != 3 or x.shape[1:] != (1, 2 * K)):
+        raise ValueError(f"a gated x must be one row's partials [P, 1, 2K={2 * K}] (gate and up), got shape {x.shape}")
+    if gated is None and (x.ndim != 2 or x.shape[1] != K):
         raise ValueError(f"x must be [M, K={K}], got shape {x.shape}")
     return config or default_config(), jax.default_backend() != "gpu" if interpret is None else interpret
 
 
 def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False,
-                             sum_sq=None, norm_eps=0.0, gated=""):
+                             sum_sq=None, norm_eps=0.0, gated=None):
     config, interpret = _call_settings(x, K, config, interpret, gated)
-    M = x.shape[0]
-    if gated and sum_sq is not None:
+    M = x.shape[-2]
+    if gated is not None and sum_sq is not None:
         raise ValueError("a gated row has no deferred RMSNorm")
     if M == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
                      interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps, gated=gated)
-    if sum_sq is not None or gated:
+    if sum_sq is not None or gated is not None:
         raise ValueError("a deferred RMSNorm (sum_sq) or a gated row is applied by the one-row GEMV only")
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
     x, block_m = pad_rows(x, config.block_m)
@@ -690,10 +708,12 @@ def gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_
 
 
 def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, keep_splits=False,
-                  sum_sq=None, norm_eps=0.0):
+                  sum_sq=None, norm_eps=0.0, dtype=None):
     """``kernel`` over the grid ``(N / block_n, splits)`` of one-row programs, each writing ``block_n`` columns of
     its split's partial sums; the splits added (``add_splits``): ``[1, N]``. ``sum_sq``: x is a row's ``x * weight``
-    and the output gets its RMSNorm's scale (``pallas_kernels.deferred_norm``), an input after ``extras``."""
+    and the output gets its RMSNorm's scale (``pallas_kernels.deferred_norm``), an input after ``extras``. ``dtype``:
+    the output's (x's unless given)."""
+    dtype = dtype or x.dtype
     if sum_sq is not None:
         if sum_sq.ndim != 1 or sum_sq.dtype != jnp.float32:
             raise ValueError(f"sum_sq must be float32 [groups], got {sum_sq.dtype}{sum_sq.shape}")
@@ -704,16 +724,16 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
         grid=(N // block_n, splits),
         in_specs=[pl.no_block_spec] * (2 + len(extras)),
         out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
-        out_shape=jax.ShapeDtypeStruct((splits, N), x.dtype if splits == 1 else jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((splits, N), dtype if splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=config.gemv_num_warps, num_stages=config.gemv_num_stages),
         interpret=interpret,
         name=name,
     )(x, w, *extras)
-    return add_splits(out[:, None, :], x.dtype, keep_splits)
+    return add_splits(out[:, None, :], dtype, keep_splits)
 
 
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False, sum_sq=None,
-          norm_eps=0.0, gated=""):
+          norm_eps=0.0, gated=None):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
     prefetch, convert = gemv_loop_settings(fmt, config, interpret, default_prefetch=int(
         fmt == "int8" or (fmt == "int4" and config.gemv_factor_scales and config.gemv_defer_reduction)))
@@ -729,19 +749,19 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_
                                subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales, gated=gated)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv", keep_splits=keep_splits,
-                         sum_sq=sum_sq, norm_eps=norm_eps)
+                         sum_sq=sum_sq, norm_eps=norm_eps, dtype=None if gated is None else jnp.dtype(gated.dtype))
 
 
 # keep_splits: the result as ``[k_splits, M, N]`` partial sums (float32 when split), not added (``add_splits``).
 # sum_sq / norm_eps (one row): x is a row's ``x * weight`` whose RMSNorm the GEMV applies to its output, from the row's
-# blocks' sums of squares (``pallas_kernels.deferred_norm``). gated (one row, not the K-major GEMV): x is a gated MLP's
-# [gate | up] and the matmul's input ``act(gate) * up`` (``_gemv_kernel``).
+# blocks' sums of squares (``pallas_kernels.deferred_norm``). gated (``Gate``; one row, not the K-major GEMV): x is the
+# partials of a gated MLP's [gate | up] and the matmul's input ``act(gate) * up`` (``_gemv_kernel``).
 _STATIC = ("config", "interpret", "keep_splits", "norm_eps", "gated")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def dense_matmul(x, w, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                 keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0, gated: str = ""):
+                 keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0, gated: Optional[Gate] = None):
     """``x[M, K] @ w[K, N]`` streaming a dense weight (bf16/f16/f32); float32 accumulation."""
     K, N = w.shape
     return _weight_streaming_matmul(x, w, (), fmt="dense", K=K, N=N, group_size=0, pack=0, config=config,
@@ -751,7 +771,7 @@ def dense_matmul(x, w, *, config: Optional[MatmulConfig] = None, interpret: Opti
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0, gated: str = ""):
+                keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0, gated: Optional[Gate] = None):
     """``x[M, K] @ (q[K, N] * scale[N])`` with ``q`` int8, dequantized in registers."""
     K, N = q.shape
     if q.dtype != jnp.int8 or scale.shape != (N,):
@@ -805,7 +825,7 @@ def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int,
 @functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
 def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
                 interpret: Optional[bool] = None, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0,
-                gated: str = ""):
+                gated: Optional[Gate] = None):
     """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
     K, N = _int4_shape(packed, scales, zeros, group_size, pack)
     return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,

@@ -365,42 +365,48 @@ def test_matmul_config_from_the_environment(monkeypatch):
         qmm.default_config.cache_clear()
 
 
-def run_gated_case(fmt, activation, interpret, dtype=jnp.bfloat16):
-    """A gated row ``[gate | up]`` into the one-row GEMV (``gated``): the matmul of ``act(gate) * up``."""
+def run_gated_case(fmt, activation, num_parts, interpret, dtype=jnp.bfloat16):
+    """A gated row's K-split partials ``[P, 1, 2K]`` of ``[gate | up]`` into the one-row GEMV (``gated``): the matmul of
+    ``act(gate) * up``, the partials summed in the row's dtype first."""
     from pallas_kernels.fp8_activation import apply_activation
+    from pallas_kernels.quantized_matmul import Gate, add_splits
 
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
     K, N = 512, 256
     args, static, _ = random_weight(rng, fmt, K, N, 128, dtype)
     kernel, reference = KERNELS[fmt]
-    gate_up = jnp.asarray(rng.standard_normal((1, 2 * K)), dtype)
+    parts = jnp.asarray(rng.standard_normal((num_parts, 1, 2 * K)), jnp.float32 if num_parts > 1 else dtype)
+    gate_up = add_splits(parts, dtype)
     hidden = apply_activation(activation, gate_up[:, :K]) * gate_up[:, K:]
     want = np.asarray(reference(hidden, *args, **static), np.float64)
-    got = np.asarray(kernel(gate_up, *args, **static, gated=activation, interpret=interpret,
-                            config=MatmulConfig(k_splits=2)), np.float64)
-    err = np.abs(got - want).max() / np.abs(want).max()
+    got = kernel(parts, *args, **static, gated=Gate(activation, jnp.dtype(dtype).name), interpret=interpret,
+                 config=MatmulConfig(k_splits=2))
+    assert got.shape == (1, N) and got.dtype == dtype
+    err = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
     assert err < RTOL[dtype], f"seed {seed}: {fmt} {activation}: max error {err:.2e}"
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("activation,num_parts", [("silu", 1), ("silu", 3), ("gelu_tanh", 2)])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
-def test_one_row_gemv_applies_a_gated_row_interpret(fmt, activation):
-    run_gated_case(fmt, activation, interpret=True)
+def test_one_row_gemv_applies_a_gated_row_interpret(fmt, activation, num_parts):
+    run_gated_case(fmt, activation, num_parts, interpret=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
 def test_one_row_gemv_applies_a_gated_row_on_gpu(fmt):
-    run_gated_case(fmt, "silu", interpret=False)
+    run_gated_case(fmt, "silu", 8, interpret=False)
 
 
-def test_a_gated_row_lowers_to_triton_and_is_one_row_of_twice_k():
+def test_a_gated_row_lowers_to_triton_and_is_one_rows_partials_of_twice_k():
+    from pallas_kernels.quantized_matmul import Gate
+
     args, static, _ = random_weight(np.random.default_rng(), "int4", 512, 256, 128, jnp.bfloat16)
-    fn = jax.jit(functools.partial(int4_matmul, **static, gated="silu", interpret=False))
-    gate_up = jnp.ones((1, 1024), jnp.bfloat16)
-    assert fn.trace(gate_up, *args).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
-    with pytest.raises(ValueError, match="gated x must be one row"):
-        int4_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, **static, gated="silu", interpret=True)
-    with pytest.raises(ValueError, match="gated x must be one row"):
-        int4_matmul(jnp.ones((2, 1024), jnp.bfloat16), *args, **static, gated="silu", interpret=True)
+    gate = Gate("silu", "bfloat16")
+    fn = jax.jit(functools.partial(int4_matmul, **static, gated=gate, interpret=False))
+    parts = jnp.ones((4, 1, 1024), jnp.float32)
+    assert fn.trace(parts, *args).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
+    for shape in ((1, 1024), (4, 1, 512), (4, 2, 1024)):
+        with pytest.raises(ValueError, match="gated x must be one row's partials"):
+            int4_matmul(jnp.ones(shape, jnp.float32), *args, **static, gated=gate, interpret=True)
