@@ -803,8 +803,8 @@ class LinearBackend:
 
     def gates_in_gemv(self, w) -> bool:
         """Whether a one-row ``linear`` of ``w`` (a gated MLP's down projection) takes ``GatedRows``: its GEMV reads
-        x a slice at a time (not the K-major int8 GEMV, which reads x as tiles of its weight's shape, nor act-order int4,
-        whose x is permuted first)."""
+        x a slice at a time (not the K-major int8 GEMV, which reads x as tiles of its weight's shape, nor act-order
+        int4, whose x is permuted first)."""
         return (self.gated_gemv and self.one_row_gemv(w, 1) and not isinstance(w, Int8KMajorWeight)
                 and getattr(w, "perm", None) is None)
 
