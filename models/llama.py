@@ -57,8 +57,7 @@ from models.config import ModelConfig
 from models.lora import lora_mask, lora_update
 from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_deferred_norm, add_rms_norm, defer_norm, normed, rms_norm
-from models.quantization import (Fp8Weight, GatedRows, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized,
-                                 linear)
+from models.quantization import Fp8Weight, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized, linear
 from pallas_kernels.fp8_activation import apply_activation
 from pallas_kernels.quantized_matmul import add_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
@@ -398,10 +397,6 @@ def forward(
             return out[None]
         if mask is None and isinstance(w.get("w_gate_up"), Fp8Weight) and isinstance(w["w_down"], Fp8Weight):
             return fp8_gated_mlp(normed(h), w["w_gate_up"], w["w_down"], activation_name, linear_backend)[None]
-        if mask is None and T == 1 and "w_gate_up" in w and linear_backend.gates_in_gemv(w["w_down"]):
-            # one row: the down GEMV applies act(gate) * up as it reads gate|up (no launch of its own)
-            gate_up = mm_parts(h, w["w_gate_up"])
-            return mm_parts(GatedRows(gate_up, activation_name, jnp.dtype(x.dtype).name), w["w_down"])
         hidden = mlp_hidden(h, w, mask)
         return with_lora(mm_parts(hidden, w["w_down"]), hidden, w, "w_down", mask)
 

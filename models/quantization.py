@@ -774,9 +774,6 @@ class LinearBackend:
     # One-row steps: the residual add and RMSNorm as one launch, the norm applied by the GEMVs (``defers_norms``);
     # ``$PAGEDJAX_DEFER_NORMS=0`` turns it off (for timing against XLA's three launches).
     defer_norms: bool = dataclasses.field(default_factory=lambda: os.environ.get("PAGEDJAX_DEFER_NORMS", "1") != "0")
-    # One-row steps: the down projection's GEMV applies the gated MLP's ``act(gate) * up`` as it reads its input
-    # (``gates_in_gemv``, ``GatedRows``); ``$PAGEDJAX_GATED_GEMV=0`` turns it off.
-    gated_gemv: bool = dataclasses.field(default_factory=lambda: os.environ.get("PAGEDJAX_GATED_GEMV", "1") != "0")
 
     def use_kernel(self, w, rows: int) -> bool:
         if (self.kernel == "xla" or rows > self.max_kernel_rows or isinstance(w, Fp8Weight)
@@ -795,18 +792,11 @@ class LinearBackend:
         readers = [w for name, w in layer.items() if name in NORMED_ROW_READERS]
         return (self.defer_norms and any(name in layer for name in ("wqkv", "wq"))
                 and any(name in layer for name in ("w_gate_up", "w_gate"))
-                and all(self.one_row_gemv(w, 1) for w in readers))
+                and all(self.applies_norm(w, 1) for w in readers))
 
-    def one_row_gemv(self, w, rows: int) -> bool:
-        """Whether ``linear`` of ``w`` at ``rows`` rows runs a Pallas GEMV (which can apply a deferred norm)."""
+    def applies_norm(self, w, rows: int) -> bool:
+        """Whether ``linear`` of ``w`` at ``rows`` rows runs a Pallas GEMV, which can apply a deferred norm."""
         return rows == 1 and self.use_kernel(w, rows) and (isinstance(w, Int8KMajorWeight) or qmm.default_config().gemv)
-
-    def gates_in_gemv(self, w) -> bool:
-        """Whether a one-row ``linear`` of ``w`` (a gated MLP's down projection) takes ``GatedRows``: its GEMV reads
-        x a slice at a time (not the K-major int8 GEMV, which reads x as tiles of its weight's shape, nor act-order
-        int4, whose x is permuted first)."""
-        return (self.gated_gemv and self.one_row_gemv(w, 1) and not isinstance(w, Int8KMajorWeight)
-                and getattr(w, "perm", None) is None)
 
     def use_fp8_activation_kernel(self, width: int) -> bool:
         """Whether an fp8 MLP's middle (``fp8_gated_mlp``) on rows of ``width`` activations runs the Pallas kernel:
@@ -906,41 +896,25 @@ def stored_array(w) -> jax.Array:
     return w.q if isinstance(w, (Int8Weight, Int8KMajorWeight, Fp8Weight)) else w
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class GatedRows:
-    """One row's gated MLP input left to the down projection's GEMV (``LinearBackend.gates_in_gemv``): the gate/up
-    matmul's K-split partials of ``[gate | up]`` (``linear(..., keep_splits=True)``), the activation's name and the
-    row's dtype; the GEMV sums them and takes ``act(gate) * up`` a slice at a time as it reads x, instead of a launch
-    writing the product first. ``value()`` is that product as the model's MLP computes it, for other readers."""
-
-    gate_up_parts: jax.Array
-    activation: str = dataclasses.field(metadata=dict(static=True))
-    dtype: str = dataclasses.field(metadata=dict(static=True))
-
-    def value(self) -> jax.Array:
-        gate, up = jnp.split(qmm.add_splits(self.gate_up_parts, jnp.dtype(self.dtype)), 2, axis=-1)
-        return fp8_activation.apply_activation(self.activation, gate) * up
-
-
 def linear(x, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:
     """``x[M, K] @ W`` for a dense or quantized ``W`` (one layer's, no leading axis). ``keep_splits``: the result as
     ``[P, M, N]`` partial sums (a kernel's K splits, float32 when ``P > 1``; else ``P = 1``), for
     ``models.norm.add_rms_norm``, where XLA fuses their sum into the residual add (no launch of its own).
     ``x`` may be a ``models.norm.DeferredNorm`` (one row): the Pallas GEMVs read its rows and apply its norm to their
-    output; or ``GatedRows``, which the GEMVs that read x a slice at a time apply as they read it. Every other path
-    reads their ``value()``."""
+    output; every other path reads its normed row (``value()``)."""
     whole = (lambda y: y[None]) if keep_splits else (lambda y: y)
-    if isinstance(x, DeferredNorm) and backend.one_row_gemv(w, x.rows.shape[0]):
-        x, applied = x.rows, dict(sum_sq=x.sum_sq, norm_eps=x.eps)
-    elif isinstance(x, GatedRows) and backend.gates_in_gemv(w):
-        x, applied = x.gate_up_parts, dict(gated=qmm.Gate(x.activation, x.dtype))
+    if isinstance(x, DeferredNorm):
+        if backend.applies_norm(w, x.rows.shape[0]):
+            norm = dict(sum_sq=x.sum_sq, norm_eps=x.eps)
+            x = x.rows
+        else:
+            x, norm = x.value(), {}
     else:
-        x, applied = (x.value() if isinstance(x, (DeferredNorm, GatedRows)) else x), {}
+        norm = {}
     if isinstance(w, Fp8Weight):
         return whole(_fp8_linear(x, w))
     kernel = backend.use_kernel(w, x.shape[0])
-    options = dict(interpret=backend.interpret, keep_splits=keep_splits, **applied)
+    options = dict(interpret=backend.interpret, keep_splits=keep_splits, **norm)
     if isinstance(w, Int8Weight):
         if kernel:
             return qmm.int8_matmul(x, w.q, w.scale, **options)

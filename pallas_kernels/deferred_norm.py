@@ -14,6 +14,7 @@ The reference is ``add_norm_rows_reference``; ``models.norm.DeferredNorm`` carri
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import jax
@@ -26,8 +27,11 @@ MAX_BLOCK = 256  # columns a program; the row of 4096 in 16 programs
 
 def column_blocks(width: int) -> tuple[int, int]:
     """``(block, groups)``: the row of ``width`` in ``groups`` programs of ``block`` columns, ``block`` the largest
-    power of two up to ``MAX_BLOCK`` dividing it (Triton's tiles are powers of two)."""
-    block = MAX_BLOCK
+    power of two up to ``MAX_BLOCK`` (``$PAGEDJAX_ADD_NORM_BLOCK``, for timing) dividing it (Triton's tiles are powers
+    of two)."""
+    block = int(os.environ.get("PAGEDJAX_ADD_NORM_BLOCK", MAX_BLOCK))
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"PAGEDJAX_ADD_NORM_BLOCK must be a power of two, got {block}")
     while width % block:
         block //= 2
     return block, width // block

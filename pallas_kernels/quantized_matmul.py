@@ -52,21 +52,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.env_config import dataclass_from_env
-from pallas_kernels.fp8_activation import apply_activation
 from pallas_kernels.gpu_info import core_count
 
 FORMATS = ("dense", "int8", "int4")
 GEMV_CONVERSIONS = ("cvt", "exponent", "permute", "affine")
 MIN_ROWS = 16  # tensor-core tile height
-
-
-@dataclasses.dataclass(frozen=True)
-class Gate:
-    """A one-row GEMV's gated input (``gated=``): x holds the K-split partials of a gated MLP's ``[gate | up]`` row,
-    and the matmul's input is ``activation(gate) * up`` (``fp8_activation.ACTIVATIONS``) in the row's ``dtype``."""
-
-    activation: str
-    dtype: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,7 +372,7 @@ def interpreted_conversion(convert: str) -> str:
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
                  defer_reduction: bool, convert: str, prefetch: int, fma: bool = False, subtiles: int = 1,
-                 factor_scales: bool = False, norm: tuple = (), gated: Optional[Gate] = None):
+                 factor_scales: bool = False, norm: tuple = ()):
     """One program of the one-row form: ``block_n`` output columns over ``steps * block_k`` rows of K.
 
     No tensor cores: each weight tile is dequantized to float32, scaled by its slice of ``x``
@@ -399,8 +389,6 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
     ``factor_scales`` (int4, deferred sum): the group's scale and zero leave the products (``gemv_factor_scales``).
     ``norm``: ``(groups, eps)`` where x is a row's ``x * weight`` whose RMSNorm is applied to the output (the ref
     before the output: the row's ``groups`` sums of squares; ``pallas_kernels.deferred_norm``).
-    ``gated``: x is the K-split partials ``[P, 1, 2K]`` of a gated MLP's ``[gate | up]`` row, and the matmul's input
-    is ``act(gate) * up`` (``Gate``), taken a slice at a time as the loop reads x (no launch of its own).
     """
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
@@ -412,22 +400,6 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
 
     parts = subtiles if fmt == "int4" and defer_reduction else 1
     part_rows = block_k // 2 // parts  # int4: packed rows a part of a step's tile
-
-    def x_slice(k, n):
-        """x's ``n`` values from ``k`` as float32; a gated row's ``act(gate) * up``, its partials summed and each
-        value rounded to the row's dtype as XLA's sum and product are."""
-        if gated is None:
-            return x_ref[0, pl.ds(k, n)].astype(jnp.float32)
-        dtype = jnp.dtype(gated.dtype)
-
-        def row(offset):
-            total = x_ref[0, 0, pl.ds(k + offset, n)].astype(jnp.float32)
-            for p in range(1, x_ref.shape[0]):
-                total += x_ref[p, 0, pl.ds(k + offset, n)].astype(jnp.float32)
-            return total.astype(dtype).astype(jnp.float32)
-
-        gate, up = row(0), row(x_ref.shape[2] // 2)
-        return (apply_activation(gated.activation, gate) * up).astype(dtype).astype(jnp.float32)
 
     def load(i):
         """Step ``i``'s weight loads (int4: the packed tile's ``parts`` blocks of rows, then its group's scale and
@@ -450,11 +422,11 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
             s, z = s.astype(jnp.float32), z.astype(jnp.float32)
             q_lo, q_hi, s, z = _nibbles_as_f32(packed[part], s, z, convert)
             lo = k0 + part * part_rows  # the block's low nibbles are K rows lo.., its high ones lo + block_k / 2..
-            x_lo, x_hi = (x_slice(k, part_rows) for k in (lo, lo + block_k // 2))
+            x_lo, x_hi = (x_ref[0, pl.ds(k, part_rows)].astype(jnp.float32) for k in (lo, lo + block_k // 2))
             return s, z, x_lo, q_lo, x_hi, q_hi
         (w,) = loaded
         w = integers_as_f32(w, "int8", convert) if fmt == "int8" else w.astype(jnp.float32)
-        return x_slice(k0, block_k), w
+        return x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32), w
 
     def step(i, acc, loaded):  # acc: [block_n]; each tile summed over K at once
         if fmt == "int4":
@@ -539,10 +511,13 @@ def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, *refs, block_n: int, block_k: i
 
 def _inverse_rms(sum_sq_ref, groups: int, eps: float, *, width: int) -> jax.Array:
     """``rsqrt(mean(x^2) + eps)`` of a row from its ``groups`` blocks' sums of squares (``deferred_norm``): a few
-    scalar loads a program."""
-    total = sum_sq_ref[0]
-    for i in range(1, groups):
-        total += sum_sq_ref[i]
+    scalar loads a program (one vector load where more than 16, a power of two)."""
+    if groups > 16 and not groups & (groups - 1):
+        total = jnp.sum(sum_sq_ref[...])
+    else:
+        total = sum_sq_ref[0]
+        for i in range(1, groups):
+            total += sum_sq_ref[i]
     return lax.rsqrt(total / width + eps)
 
 
@@ -645,29 +620,23 @@ def pad_rows(x: jax.Array, max_block_m: int) -> tuple[jax.Array, int]:
     return (x if rows == M else jnp.pad(x, ((0, rows - M), (0, 0)))), block_m
 
 
-def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optional[bool],
-                   gated: Optional[Gate] = None) -> tuple[MatmulConfig, bool]:
+def _call_settings(x, K: int, config: Optional[MatmulConfig], interpret: Optional[bool]) -> tuple[MatmulConfig, bool]:
     """A wrapper's ``(config, interpret)``: the defaults filled in (``default_config()``; compiled on GPU,
-    interpreted elsewhere), after checking that ``x`` is ``[M, K]`` (``gated``: partials ``[P, 1, 2K]`` of gate and
-    up)."""
-    if gated is not None and (x.ndim != 3 or x.shape[1:] != (1, 2 * K)):
-        raise ValueError(f"a gated x must be one row's partials [P, 1, 2K={2 * K}] (gate and up), got shape {x.shape}")
-    if gated is None and (x.ndim != 2 or x.shape[1] != K):
+    interpreted elsewhere), after checking that ``x`` is ``[M, K]``."""
+    if x.ndim != 2 or x.shape[1] != K:
         raise ValueError(f"x must be [M, K={K}], got shape {x.shape}")
     return config or default_config(), jax.default_backend() != "gpu" if interpret is None else interpret
 
 
 def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False,
-                             sum_sq=None, norm_eps=0.0, gated=None):
-    config, interpret = _call_settings(x, K, config, interpret, gated)
-    M = x.shape[-2]
-    if gated is not None and sum_sq is not None:
-        raise ValueError("a gated row has no deferred RMSNorm")
+                             sum_sq=None, norm_eps=0.0):
+    config, interpret = _call_settings(x, K, config, interpret)
+    M = x.shape[0]
     if M == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
-                     interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps, gated=gated)
-    if sum_sq is not None or gated is not None:
-        raise ValueError("a deferred RMSNorm (sum_sq) or a gated row is applied by the one-row GEMV only")
+                     interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
+    if sum_sq is not None:
+        raise ValueError("a deferred RMSNorm (sum_sq) is applied by the one-row GEMV only")
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
     x, block_m = pad_rows(x, config.block_m)
     rows = x.shape[0]
@@ -708,12 +677,10 @@ def gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_
 
 
 def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, keep_splits=False,
-                  sum_sq=None, norm_eps=0.0, dtype=None):
+                  sum_sq=None, norm_eps=0.0):
     """``kernel`` over the grid ``(N / block_n, splits)`` of one-row programs, each writing ``block_n`` columns of
     its split's partial sums; the splits added (``add_splits``): ``[1, N]``. ``sum_sq``: x is a row's ``x * weight``
-    and the output gets its RMSNorm's scale (``pallas_kernels.deferred_norm``), an input after ``extras``. ``dtype``:
-    the output's (x's unless given)."""
-    dtype = dtype or x.dtype
+    and the output gets its RMSNorm's scale (``pallas_kernels.deferred_norm``), an input after ``extras``."""
     if sum_sq is not None:
         if sum_sq.ndim != 1 or sum_sq.dtype != jnp.float32:
             raise ValueError(f"sum_sq must be float32 [groups], got {sum_sq.dtype}{sum_sq.shape}")
@@ -724,16 +691,16 @@ def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret
         grid=(N // block_n, splits),
         in_specs=[pl.no_block_spec] * (2 + len(extras)),
         out_specs=pl.BlockSpec((None, block_n), lambda n, s: (s, n)),
-        out_shape=jax.ShapeDtypeStruct((splits, N), dtype if splits == 1 else jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((splits, N), x.dtype if splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=config.gemv_num_warps, num_stages=config.gemv_num_stages),
         interpret=interpret,
         name=name,
     )(x, w, *extras)
-    return add_splits(out[:, None, :], dtype, keep_splits)
+    return add_splits(out[:, None, :], x.dtype, keep_splits)
 
 
 def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_splits=False, sum_sq=None,
-          norm_eps=0.0, gated=None):
+          norm_eps=0.0):
     """The one-row form (``_gemv_kernel``): grid ``(N / block_n, k_splits)``."""
     prefetch, convert = gemv_loop_settings(fmt, config, interpret, default_prefetch=int(
         fmt == "int8" or (fmt == "int4" and config.gemv_factor_scales and config.gemv_defer_reduction)))
@@ -746,42 +713,39 @@ def _gemv(x, w, extras, *, fmt, K, N, group_size, pack, config, interpret, keep_
     kernel = functools.partial(_gemv_kernel, fmt=fmt, block_n=block_n, block_k=block_k, steps=num_steps // splits,
                                group_size=group_size, defer_reduction=config.gemv_defer_reduction,
                                convert=convert, prefetch=prefetch, fma=config.gemv_fma and not interpret,
-                               subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales, gated=gated)
+                               subtiles=config.gemv_subtiles, factor_scales=config.gemv_factor_scales)
     return _one_row_call(kernel, x, w, extras, N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name=f"{fmt}_weight_streaming_gemv", keep_splits=keep_splits,
-                         sum_sq=sum_sq, norm_eps=norm_eps, dtype=None if gated is None else jnp.dtype(gated.dtype))
+                         sum_sq=sum_sq, norm_eps=norm_eps)
 
 
 # keep_splits: the result as ``[k_splits, M, N]`` partial sums (float32 when split), not added (``add_splits``).
 # sum_sq / norm_eps (one row): x is a row's ``x * weight`` whose RMSNorm the GEMV applies to its output, from the row's
-# blocks' sums of squares (``pallas_kernels.deferred_norm``). gated (``Gate``; one row, not the K-major GEMV): x is the
-# partials of a gated MLP's [gate | up] and the matmul's input ``act(gate) * up`` (``_gemv_kernel``).
-_STATIC = ("config", "interpret", "keep_splits", "norm_eps", "gated")
+# blocks' sums of squares (``pallas_kernels.deferred_norm``).
+_STATIC = ("config", "interpret", "keep_splits", "norm_eps")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def dense_matmul(x, w, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                 keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0, gated: Optional[Gate] = None):
+                 keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
     """``x[M, K] @ w[K, N]`` streaming a dense weight (bf16/f16/f32); float32 accumulation."""
     K, N = w.shape
     return _weight_streaming_matmul(x, w, (), fmt="dense", K=K, N=N, group_size=0, pack=0, config=config,
-                                    interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps,
-                                    gated=gated)
+                                    interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
-                keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0, gated: Optional[Gate] = None):
+                keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
     """``x[M, K] @ (q[K, N] * scale[N])`` with ``q`` int8, dequantized in registers."""
     K, N = q.shape
     if q.dtype != jnp.int8 or scale.shape != (N,):
         raise ValueError(f"int8 weights need q int8 [K, N] and scale [N]; got {q.dtype}{q.shape}, {scale.shape}")
     return _weight_streaming_matmul(x, q, (scale,), fmt="int8", K=K, N=N, group_size=0, pack=0, config=config,
-                                    interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps,
-                                    gated=gated)
+                                    interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
 
 
-@functools.partial(jax.jit, static_argnames=tuple(a for a in _STATIC if a != "gated"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
                        keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
     """``x[M, K] @ (qt[N, K] * scale[N, None]).T`` with ``qt`` int8 stored K-major: one row by the K-major GEMV
@@ -824,10 +788,9 @@ def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int,
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack") + _STATIC)
 def int4_matmul(x, packed, scales, zeros, *, group_size: int, pack: int, config: Optional[MatmulConfig] = None,
-                interpret: Optional[bool] = None, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0,
-                gated: Optional[Gate] = None):
+                interpret: Optional[bool] = None, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
     """``x[M, K] @ W`` for an int4 ``W`` (layout in the module docstring)."""
     K, N = _int4_shape(packed, scales, zeros, group_size, pack)
     return _weight_streaming_matmul(x, packed, (scales, zeros), fmt="int4", K=K, N=N, group_size=group_size,
                                     pack=pack, config=config, interpret=interpret, keep_splits=keep_splits,
-                                    sum_sq=sum_sq, norm_eps=norm_eps, gated=gated)
+                                    sum_sq=sum_sq, norm_eps=norm_eps)

@@ -474,10 +474,9 @@ def add_norm_launches(loaded, batch, num_pages, backend) -> int:
 @pytest.mark.parametrize("method", ["int8", "int4", None])
 def test_one_row_steps_leave_each_norm_to_the_gemvs_with_the_same_logits(tiny, method, monkeypatch):
     """Unrolled layers at one decode row with every q/k/v and gate/up matmul a Pallas GEMV (interpreted): each
-    residual add and its RMSNorm are one ``add_norm_rows`` launch and the GEMVs apply the norm, and the down GEMV
-    applies the SwiGLU product as it reads gate|up (not the K-major int8 GEMV); the logits equal XLA's norms' and
-    product's within float32 rounding. Prompt steps, XLA's matmuls, ``$PAGEDJAX_DEFER_NORMS=0`` and scanned layers
-    keep XLA's norms."""
+    residual add and its RMSNorm are one ``add_norm_rows`` launch and the GEMVs apply the norm; the logits equal
+    XLA's norms' within float32 rounding. Prompt steps, XLA's matmuls, ``$PAGEDJAX_DEFER_NORMS=0`` and scanned
+    layers keep XLA's norms."""
     import dataclasses
 
     from models.llama import layout_layers
@@ -491,10 +490,8 @@ def test_one_row_steps_leave_each_norm_to_the_gemvs_with_the_same_logits(tiny, m
     one_row, pages = ragged_batch(loaded.config, rng, lengths=(1,))
     layers = loaded.config.num_layers
     assert add_norm_launches(unrolled, one_row, pages + 1, pallas) == 2 * layers
-    assert pallas.gates_in_gemv(unrolled.params["layers"][0]["w_down"]) == (method != "int8")  # int8: K-major
     deferred = logits_of(unrolled, one_row, pages + 1, linear_backend=pallas)
-    xla_norms = logits_of(unrolled, one_row, pages + 1,
-                          linear_backend=dataclasses.replace(pallas, defer_norms=False, gated_gemv=False))
+    xla_norms = logits_of(unrolled, one_row, pages + 1, linear_backend=dataclasses.replace(pallas, defer_norms=False))
     # (int4: the GEMV's factored sum s (sum x q - z sum x) cancels, and its x is the unnormed row here)
     tolerance = 1e-4 if method == "int4" else 1e-5
     assert relative_error(deferred, xla_norms) < tolerance
