@@ -58,6 +58,7 @@ from models.lora import lora_mask, lora_update
 from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_deferred_norm, add_rms_norm, defer_norm, normed, rms_norm
 from models.quantization import Fp8Weight, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized, linear
+from pallas_kernels.deferred_norm import MAX_DEFERRED_NORM_BLOCKS, column_blocks
 from pallas_kernels.fp8_activation import apply_activation
 from pallas_kernels.quantized_matmul import add_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
@@ -511,8 +512,9 @@ def forward(
             else lora_mask(batch.lora_slots, params["lora_columns"], x.dtype))
     # At one row, where every matmul reading a normed row is a Pallas GEMV, each residual add and its RMSNorm are one
     # launch and the GEMVs apply the norm (models.norm.DeferredNorm; XLA's way is three launches). Unrolled layers
-    # only: a scan's carry keeps one form.
+    # only: a scan's carry keeps one form. Not for a hidden size of few factors of two (more than 64 column blocks).
     defer_norms = (T == 1 and mask is None and config.pre_norms and not config.is_moe
+                   and column_blocks(config.hidden_size)[1] <= MAX_DEFERRED_NORM_BLOCKS
                    and isinstance(params["layers"], (list, tuple)) and linear_backend.defers_norms(params["layers"][0]))
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled
         # Each layer a call of one jitted function: traced and lowered once for all layers of equal shapes (and

@@ -23,6 +23,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 MAX_BLOCK = 256  # columns a program; the row of 4096 in 16 programs
+# A row of more blocks keeps XLA's norms: each GEMV program sums the blocks' sums of squares (a hidden size of few
+# factors of two, e.g. 4544 = 64 x 71, would give it 71 scalar loads).
+MAX_DEFERRED_NORM_BLOCKS = 64
 
 
 def column_blocks(width: int) -> tuple[int, int]:

@@ -25,6 +25,14 @@ def test_column_blocks_are_powers_of_two_covering_the_row(width, blocks):
     assert column_blocks(width) == blocks
 
 
+def test_column_block_for_timing_must_be_a_power_of_two(monkeypatch):
+    monkeypatch.setenv("PAGEDJAX_ADD_NORM_BLOCK", "64")
+    assert column_blocks(4096) == (64, 64)
+    monkeypatch.setenv("PAGEDJAX_ADD_NORM_BLOCK", "96")
+    with pytest.raises(ValueError, match="PAGEDJAX_ADD_NORM_BLOCK must be a power of two"):
+        column_blocks(4096)
+
+
 def random_row(rng, width: int, num_parts: int, dtype):
     x = jnp.asarray(rng.standard_normal((1, width)) * 3, dtype)
     parts = jnp.asarray(rng.standard_normal((num_parts, 1, width)), jnp.float32 if num_parts > 1 else dtype)
