@@ -90,8 +90,3 @@ def add_norm_rows_reference(x: jax.Array, parts: jax.Array, weight: jax.Array):
     _, groups = column_blocks(x.shape[1])
     sum_sq = (x32 * x32).reshape(groups, -1).sum(axis=-1)
     return x, (x32 * weight.astype(jnp.float32)).astype(x.dtype), sum_sq
-
-
-def inverse_rms(sum_sq: jax.Array, width: int, eps: float) -> jax.Array:
-    """The norm's ``rsqrt(mean(x^2) + eps)`` of a row from its blocks' sums of squares."""
-    return jax.lax.rsqrt(jnp.sum(sum_sq) / width + eps)
