@@ -497,7 +497,7 @@ def forward(
     def add_norm(x, parts, weight):
         """``add_rms_norm``, or where ``defer_norms`` its one-launch form leaving the norm to the GEMVs."""
         if defer_norms:
-            return add_deferred_norm(x, parts, weight, eps, interpret=bool(linear_backend.interpret))
+            return add_deferred_norm(x, parts, weight, eps, interpret=linear_backend.interpret)
         return add_rms_norm(x, parts, weight, eps)
 
     def layer_step(carry, layer_weights_and_next_norm):
@@ -512,8 +512,9 @@ def forward(
             else lora_mask(batch.lora_slots, params["lora_columns"], x.dtype))
     # At one row, where every matmul reading a normed row is a Pallas GEMV, each residual add and its RMSNorm are one
     # launch and the GEMVs apply the norm (models.norm.DeferredNorm; XLA's way is three launches). Unrolled layers
-    # only: a scan's carry keeps one form. Not for a hidden size of few factors of two (more than 64 column blocks).
-    defer_norms = (T == 1 and mask is None and config.pre_norms and not config.is_moe
+    # only: a scan's carry keeps one form. Not for a hidden size of few factors of two (more than 64 column blocks),
+    # nor float16 (the rows x * weight are read unnormed, and may leave its range where the normed row would not).
+    defer_norms = (T == 1 and mask is None and config.pre_norms and not config.is_moe and x.dtype != jnp.float16
                    and column_blocks(config.hidden_size)[1] <= MAX_DEFERRED_NORM_BLOCKS
                    and isinstance(params["layers"], (list, tuple)) and linear_backend.defers_norms(params["layers"][0]))
     if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight set per layer, unrolled

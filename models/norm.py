@@ -4,6 +4,7 @@ row (``DeferredNorm``: the scaling left to the GEMVs that read the normed row)."
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +49,9 @@ def normed(h) -> jax.Array:
 
 
 def add_deferred_norm(x: jax.Array, parts: jax.Array, weight: jax.Array, eps: float,
-                      interpret: bool = False) -> tuple[jax.Array, DeferredNorm]:
-    """``add_rms_norm`` at one row with the norm deferred: one launch (``add_norm_rows``) for the add, the rows
-    ``x * weight`` and their sums of squares."""
+                      interpret: Optional[bool] = None) -> tuple[jax.Array, DeferredNorm]:
+    """``add_rms_norm`` at one row with the norm deferred: one launch (``add_norm_rows``; ``interpret``: None runs it
+    compiled on a GPU, interpreted elsewhere) for the add, the rows ``x * weight`` and their sums of squares."""
     x, rows, sum_sq = add_norm_rows(x, parts.astype(jnp.float32) if parts.shape[0] > 1 else parts.astype(x.dtype),
                                     weight, interpret=interpret)
     return x, DeferredNorm(x=x, weight=weight, rows=rows, sum_sq=sum_sq, eps=eps)

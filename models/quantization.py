@@ -786,9 +786,10 @@ class LinearBackend:
         return self.kernel == "pallas"
 
     def defers_norms(self, layer: dict) -> bool:
-        """Whether a one-row step leaves each RMSNorm to the GEMVs (``models.norm.DeferredNorm``): where
+        """Whether a one-row step may leave each RMSNorm to the GEMVs (``models.norm.DeferredNorm``): where
         ``defer_norms`` and every matmul of ``layer`` (one layer's weights) that reads a normed row, the attention's
-        q/k/v and the MLP's gate/up, runs a Pallas GEMV at one row (a mixture of experts' MLP does not)."""
+        q/k/v and the MLP's gate/up, runs a Pallas GEMV at one row. The model decides the rest (``models.llama``'s
+        ``defer_norms``: pre-norms, no mixture of experts, no adapters, not float16)."""
         readers = [w for name, w in layer.items() if name in NORMED_ROW_READERS]
         return (self.defer_norms and any(name in layer for name in ("wqkv", "wq"))
                 and any(name in layer for name in ("w_gate_up", "w_gate"))

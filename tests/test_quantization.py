@@ -504,6 +504,34 @@ def test_one_row_steps_leave_each_norm_to_the_gemvs_with_the_same_logits(tiny, m
     assert not LinearBackend(kernel="pallas").defers_norms(unrolled.params["layers"][0])
 
 
+def test_engine_with_pallas_matmuls_on_cpu_defers_norms_and_keeps_greedy_tokens(tiny, monkeypatch):
+    """``linear_backend="pallas"`` with unrolled layers on the CPU, one sequence (one-row decode steps): the deferred
+    norms' kernel runs interpreted like the GEMVs (it was compiled, and failed, when the backend left ``interpret``
+    unset), and the greedy int8 tokens are those of XLA's norms."""
+    tokens = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("PAGEDJAX_DEFER_NORMS", switch)
+        llm = LLM(tiny, dtype="float32", quantization="int8", linear_backend="pallas", unroll_layers=True,
+                  max_num_seqs=1, max_model_len=64, skip_tokenizer_init=True, precompile_steps=False)
+        out = llm.generate([{"prompt_token_ids": [5, 17, 33, 9, 81, 2, 44]}],
+                           SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+        tokens[switch] = out[0].outputs[0].token_ids
+        llm.shutdown()
+    assert tokens["1"] == tokens["0"] and len(tokens["1"]) == 4
+
+
+def test_float16_keeps_xlas_norms_at_one_row(tiny):
+    """float16 rows ``x * weight`` are read before the norm scales them, and may leave its range: no deferral."""
+    import dataclasses
+
+    from models.llama import layout_layers
+
+    loaded = load_model(tiny, dtype="float16")
+    unrolled = dataclasses.replace(loaded, params=layout_layers(loaded.params, unroll=True, fuse=True))
+    one_row, pages = ragged_batch(loaded.config, np.random.default_rng(), lengths=(1,))
+    assert add_norm_launches(unrolled, one_row, pages + 1, LinearBackend(kernel="pallas", interpret=True)) == 0
+
+
 def test_fp8_dot_in_the_activation_type_keeps_logits_close(tiny, monkeypatch):
     """The fp8 dot returns bf16 before the scales by default (one more rounding) or float32
     (``$PAGEDJAX_FP8_DOT_OUTPUT``): the logits stay close."""
