@@ -9,7 +9,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.deferred_norm import add_norm_rows, column_blocks
+from pallas_kernels.deferred_norm import add_norm_rows, norm_rows_reference
 from pallas_kernels.quantized_matmul import add_splits
 
 
@@ -52,15 +52,11 @@ def add_deferred_norm(x: jax.Array, parts: jax.Array, weight: jax.Array, eps: fl
                       interpret: Optional[bool] = None) -> tuple[jax.Array, DeferredNorm]:
     """``add_rms_norm`` at one row with the norm deferred: one launch (``add_norm_rows``; ``interpret``: None runs it
     compiled on a GPU, interpreted elsewhere) for the add, the rows ``x * weight`` and their sums of squares."""
-    x, rows, sum_sq = add_norm_rows(x, parts.astype(jnp.float32) if parts.shape[0] > 1 else parts.astype(x.dtype),
-                                    weight, interpret=interpret)
+    x, rows, sum_sq = add_norm_rows(x, parts, weight, interpret=interpret)
     return x, DeferredNorm(x=x, weight=weight, rows=rows, sum_sq=sum_sq, eps=eps)
 
 
 def defer_norm(x: jax.Array, weight: jax.Array, eps: float) -> DeferredNorm:
     """A row's RMSNorm deferred, in jnp (the first layer's input, which no residual add precedes)."""
-    x32 = x.astype(jnp.float32)
-    _, groups = column_blocks(x.shape[-1])
-    sum_sq = (x32 * x32).reshape(groups, -1).sum(axis=-1)
-    return DeferredNorm(x=x, weight=weight, rows=(x32 * weight.astype(jnp.float32)).astype(x.dtype), sum_sq=sum_sq,
-                        eps=eps)
+    rows, sum_sq = norm_rows_reference(x, weight)
+    return DeferredNorm(x=x, weight=weight, rows=rows, sum_sq=sum_sq, eps=eps)

@@ -83,10 +83,15 @@ def add_norm_rows(x: jax.Array, parts: jax.Array, weight: jax.Array, *,
 
 
 def add_norm_rows_reference(x: jax.Array, parts: jax.Array, weight: jax.Array):
-    """``add_norm_rows`` in jnp (XLA's add, then the products and the blocks' sums of squares)."""
+    """``add_norm_rows`` in jnp (XLA's add, then ``norm_rows_reference``)."""
     total = parts[0] if parts.shape[0] == 1 else parts.astype(jnp.float32).sum(axis=0).astype(x.dtype)
     x = x + total.astype(x.dtype)
+    return (x, *norm_rows_reference(x, weight))
+
+
+def norm_rows_reference(x: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A row's deferred norm in jnp: ``(x * weight`` in x's dtype, its blocks' sums of squares ``[G]`` float32)."""
     x32 = x.astype(jnp.float32)
-    _, groups = column_blocks(x.shape[1])
+    _, groups = column_blocks(x.shape[-1])
     sum_sq = (x32 * x32).reshape(groups, -1).sum(axis=-1)
-    return x, (x32 * weight.astype(jnp.float32)).astype(x.dtype), sum_sq
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype), sum_sq

@@ -455,6 +455,8 @@ def test_int8_stored_k_major_is_the_same_weight_and_model(tiny, monkeypatch):
 
 def add_norm_launches(loaded, batch, num_pages, backend) -> int:
     """How many ``add_norm_rows`` kernels a forward step traces (a residual add with its norm deferred)."""
+    import jax.extend.core
+
     cache = make_kv_cache(loaded.config, num_pages, 8, jnp.float32)
     jaxpr = jax.make_jaxpr(lambda p, c: forward(p, c, batch, config=loaded.config, linear_backend=backend))(
         loaded.params, cache)
