@@ -46,7 +46,7 @@ from models.llama import forward, layout_layers, lm_head_logits
 from models.lora import empty_lora_params, set_slot, zero_adapter
 from models.moe import expert_mlp
 from models.quantization import Fp8Weight, LinearBackend
-from pallas_kernels import get_attention_fns
+from pallas_kernels import get_attention_fns, get_rope_write_kv_fn
 from pallas_kernels.ragged_paged_attention import token_sequence_ids
 from sharding import TensorParallelPlan, check_expert_weights, replicated, shard_attention_fns, shard_expert_fn
 from sharding.distributed import broadcast_from_leader, is_leader
@@ -446,7 +446,7 @@ class ModelRunner:
                 expert_mlp, use_kernel=LinearBackend(kernel=linear_backend).use_grouped_kernel()), mesh)
         self._forward = functools.partial(forward, config=step_config, attention_fn=attention_fn,
                                           write_kv_fn=write_kv_fn, linear_backend=linear, qkv_shards=qkv_shards,
-                                          expert_fn=expert_fn)
+                                          rope_write_kv_fn=get_rope_write_kv_fn(write_kv_fn), expert_fn=expert_fn)
         self._lm_head = functools.partial(lm_head_logits, config=step_config, linear_backend=linear)
         self._multi_process = jax.process_count() > 1
         # The user's options hold for every step; the defaults depend on the step's size.

@@ -62,6 +62,7 @@ from pallas_kernels.deferred_norm import MAX_DEFERRED_NORM_BLOCKS, column_blocks
 from pallas_kernels.fp8_activation import apply_activation
 from pallas_kernels.quantized_matmul import add_splits
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
+from pallas_kernels.rope_kv_write import apply_rope
 
 
 def param_shapes(config: ModelConfig) -> dict:
@@ -247,22 +248,14 @@ def rope_cos_sin(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, 
     return cos, sin
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotate: np.ndarray | None = None) -> jax.Array:
-    """Rotate ``x[T, heads, D]`` (half-split convention of Hugging Face checkpoints). ``rotate`` (bool
-    ``[heads]``): only those heads, the others come back unchanged (the value heads of a ``qkv`` buffer)."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-    return rotated if rotate is None else jnp.where(np.asarray(rotate)[None, :, None], rotated, x)
-
-
 # The attention and KV-write functions take one ``qkv[T, Hq + 2*Hkv, D]`` buffer (query, key, value heads in
 # that order; pallas_kernels.ragged_paged_attention) rather than q, k and v apart. Given three arrays XLA makes
 # each in a launch of its own: at batch-1 decode three ~1.3 us kernels a layer between the qkv projection and
 # the KV write (rope on q, rope on k, the v slice), each summing the projection GEMV's K-split partials again.
 # The one buffer is one elementwise fusion of the projection's output (bias, qk-norm, rope on the q and k heads);
 # the kernels read q, k and v out of it by head offset (an 8B-shaped decode step compiled on an H200: one
-# kernel a layer there instead of three, logits bit for bit the same).
+# kernel a layer there instead of three, logits bit for bit the same). At small steps of plain rotary heads that
+# fusion and the KV write are one launch (``rope_write_kv_fn``: pallas_kernels.rope_kv_write).
 QUERY, KEY, VALUE = 0, 1, 2
 
 
@@ -299,6 +292,10 @@ def fused_widths(config: ModelConfig) -> dict[str, tuple]:
 
 AttentionFn = Callable[..., jax.Array]
 WriteKVFn = Callable[..., tuple]
+RopeWriteKVFn = Callable[..., tuple]
+# Steps of at most this many rows (decodes of small batches) rotate and write their new K/V in one launch where the
+# model allows (``rope_write_kv_fn``); larger ones keep XLA's rope fusion and ``write_kv_fn`` (untimed there).
+MAX_FUSED_ROPE_ROWS = 16
 
 
 def forward(
@@ -309,6 +306,7 @@ def forward(
     config: ModelConfig,
     attention_fn: AttentionFn = ragged_paged_attention_reference,
     write_kv_fn: WriteKVFn = write_kv_reference,
+    rope_write_kv_fn: Optional[RopeWriteKVFn] = None,
     linear_backend: LinearBackend = LinearBackend(),
     qkv_shards: int = 1,
     expert_fn: Optional[ExpertFn] = None,
@@ -324,7 +322,10 @@ def forward(
     how those are multiplied. ``attention_fn`` and ``write_kv_fn`` take each layer's
     ``qkv`` buffer (``QUERY`` above says why); ``qkv_shards``: its heads in that many blocks
     of ``[q | k | v]`` (``qkv_head_kinds``), the tensor-parallel size under
-    ``sharding.shard_attention_fns`` (a fused ``wqkv`` is one block). ``expert_fn``: how a mixture of experts'
+    ``sharding.shard_attention_fns`` (a fused ``wqkv`` is one block). ``rope_write_kv_fn``
+    (``pallas_kernels.rope_kv_write``'s contract), where given: the rope and the KV write of small steps in one
+    launch, for layers of a fused ``wqkv`` and plain rotary heads (no biases, q/k norms, KV scales or adapters in
+    the step; one device). ``expert_fn``: how a mixture of experts'
     experts run on their routed rows (``models.moe.expert_mlp`` by ``linear_backend``'s choice where None; per
     device under ``sharding.shard_expert_fn``).
     """
@@ -439,25 +440,12 @@ def forward(
         this layer slides (``config.sliding_layers``): a bool (unrolled layers: static) or a traced one (scan).
         ``rotary``: likewise whether the layer applies rotary embeddings (``config.rope_layers``; None: it does).
         ``mask``: which LoRA slot columns each row takes (``models.lora.lora_mask``), or None without adapters."""
-        qkv = qkv_heads(h, w, mask)
-        if config.qk_norm_full:  # OLMo 2: over all of q's heads at once, and of k's
-            if qkv_shards != 1:
-                raise ValueError(f"{config.model_type}'s q/k norms span every head: not split over a mesh")
-            Hq, Hkv = config.num_heads, config.num_kv_heads
-            q = rms_norm(qkv[:, :Hq].reshape(T, -1), w["q_norm"], eps).reshape(T, Hq, D)
-            k = rms_norm(qkv[:, Hq:Hq + Hkv].reshape(T, -1), w["k_norm"], eps).reshape(T, Hkv, D)
-            qkv = jnp.concatenate([q, k, qkv[:, Hq + Hkv:]], axis=1)
-        elif config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
-            norm_weight = jnp.where((head_kinds == QUERY)[:, None], w["q_norm"], w["k_norm"])
-            qkv = jnp.where((head_kinds != VALUE)[None, :, None], rms_norm(qkv, norm_weight, eps), qkv)
+        fused = fuses_rope(w, sliding, rotary)
         # fp8 pages with the checkpoint's K / V scales: pages hold K / k_scale and V / v_scale, q is multiplied by
         # k_scale (q . K unchanged) and the attention's output by v_scale; the kernels are unchanged (rope is
         # linear, so before it is as good as after).
         kv_scaled = "k_scale" in w and jnp.dtype(k_cache.dtype).itemsize == 1
-        if kv_scaled:
-            head_scale = jnp.where(head_kinds == QUERY, w["k_scale"],
-                                   1.0 / jnp.where(head_kinds == KEY, w["k_scale"], w["v_scale"]))
-            qkv = (qkv * head_scale[None, :, None]).astype(qkv.dtype)
+        qkv = None if fused else unrotated_qkv(h, w, mask, kv_scaled)
         args = (k_cache, v_cache, layer, batch.kv_lens, batch.block_tables, batch.cu_q_lens, batch.num_seqs)
         def rotated(qkv, cos, sin):  # SmolLM3's NoPE layers: none (a traced choice: cos 1, sin 0, exactly x)
             if rotary is False:
@@ -468,8 +456,14 @@ def forward(
 
         if sliding is None or isinstance(sliding, bool):
             cos, sin = rope[1] if sliding else rope[0]
-            qkv = rotated(qkv, cos, sin)
-            k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
+            if fused:  # the projection's partials summed, rotated and written in one launch
+                parts = mm_parts(h, w["wqkv"])
+                parts = parts.reshape(*parts.shape[:2], -1, D)
+                qkv, k_cache, v_cache = rope_write_kv_fn(k_cache, v_cache, layer, parts, cos, sin, batch.slot_mapping,
+                                                         dtype=x.dtype)
+            else:
+                qkv = rotated(qkv, cos, sin)
+                k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
             window = config.sliding_window if sliding is not False else None
             attn = attend(qkv, k_cache, v_cache, *args[2:], sliding_window=window)
         else:  # a traced choice between the sliding and the full layer's rope and attention
@@ -489,6 +483,34 @@ def forward(
         x, h = pre_norm(*add_norm(x, block_output(x, attn_parts, w, "attn_out_norm"), w.get("post_norm", next_norm)))
         x, h = pre_norm(*add_norm(x, block_output(x, mlp_parts(h, w, mask), w, "mlp_out_norm"), next_norm))
         return x, h, k_cache, v_cache
+
+    def unrotated_qkv(h, w, mask, kv_scaled: bool):
+        """The layer's ``qkv`` buffer before the rope: ``qkv_heads``, its q/k norms, and its heads scaled for pages
+        of the checkpoint's K / V scales (``kv_scaled``)."""
+        qkv = qkv_heads(h, w, mask)
+        if config.qk_norm_full:  # OLMo 2: over all of q's heads at once, and of k's
+            if qkv_shards != 1:
+                raise ValueError(f"{config.model_type}'s q/k norms span every head: not split over a mesh")
+            Hq, Hkv = config.num_heads, config.num_kv_heads
+            q = rms_norm(qkv[:, :Hq].reshape(T, -1), w["q_norm"], eps).reshape(T, Hq, D)
+            k = rms_norm(qkv[:, Hq:Hq + Hkv].reshape(T, -1), w["k_norm"], eps).reshape(T, Hkv, D)
+            qkv = jnp.concatenate([q, k, qkv[:, Hq + Hkv:]], axis=1)
+        elif config.qk_norm:  # per head: q_norm's weight on the query heads, k_norm's on the key heads
+            norm_weight = jnp.where((head_kinds == QUERY)[:, None], w["q_norm"], w["k_norm"])
+            qkv = jnp.where((head_kinds != VALUE)[None, :, None], rms_norm(qkv, norm_weight, eps), qkv)
+        if kv_scaled:
+            head_scale = jnp.where(head_kinds == QUERY, w["k_scale"],
+                                   1.0 / jnp.where(head_kinds == KEY, w["k_scale"], w["v_scale"]))
+            qkv = (qkv * head_scale[None, :, None]).astype(qkv.dtype)
+        return qkv
+
+    def fuses_rope(w, sliding, rotary) -> bool:
+        """Whether the layer's rope and KV write are ``rope_write_kv_fn``'s one launch (the docstring's conditions;
+        a traced ``sliding`` or ``rotary`` choice, under a scan, keeps the two)."""
+        plain = not (config.qkv_bias or config.qk_norm or config.qk_norm_full or "k_scale" in w)
+        return (rope_write_kv_fn is not None and T <= MAX_FUSED_ROPE_ROWS and mask is None and qkv_shards == 1
+                and "wqkv" in w and plain and (rotary is None or rotary is True)
+                and (sliding is None or isinstance(sliding, bool)))
 
     def pre_norm(x, h):
         """A block's input: the residual stream normed, or as it is (OLMo 2: no norm before the blocks)."""

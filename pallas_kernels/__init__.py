@@ -7,7 +7,8 @@ functions themselves live in ``ragged_paged_attention``. Knows nothing of models
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal
+import os
+from typing import Callable, Literal, Optional
 
 import jax
 
@@ -19,6 +20,7 @@ from pallas_kernels.ragged_paged_attention import (
     write_kv,
     write_kv_reference,
 )
+from pallas_kernels.rope_kv_write import rope_write_kv
 
 Backend = Literal["reference", "pallas", "auto"]
 KV_WRITE_BACKENDS = ("auto", "reference", "pallas")
@@ -50,3 +52,12 @@ def get_attention_fns(backend: Backend = "auto", kv_write: str = "auto") -> tupl
     if backend == "reference":
         return ragged_paged_attention_reference, write_kv_fn
     raise ValueError(f"unknown attention backend {backend!r}; expected 'reference', 'pallas' or 'auto'")
+
+
+def get_rope_write_kv_fn(write_kv_fn: Callable) -> Optional[Callable]:
+    """``rope_kv_write.rope_write_kv`` (the rope and the KV write of a small step in one launch: ``models.llama``'s
+    ``rope_write_kv_fn``) where the KV write is the Pallas kernel itself (not a mesh's per-device wrapper: one device
+    only), unless ``$PAGEDJAX_FUSE_ROPE_KV=0``; else None."""
+    if write_kv_fn is not write_kv or os.environ.get("PAGEDJAX_FUSE_ROPE_KV", "1") == "0":
+        return None
+    return rope_write_kv

@@ -49,6 +49,7 @@ from models.quantization import (
 from models.safetensors_loader import KV_SCALE_NAMES, CheckpointError
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.ragged_paged_attention import to_cache_dtype
+from tests.launches import pallas_launches
 from tests.tiny_checkpoints import write_tiny_checkpoint
 
 HF_LINEAR = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
@@ -455,22 +456,10 @@ def test_int8_stored_k_major_is_the_same_weight_and_model(tiny, monkeypatch):
 
 def add_norm_launches(loaded, batch, num_pages, backend) -> int:
     """How many ``add_norm_rows`` kernels a forward step traces (a residual add with its norm deferred)."""
-    import jax.extend.core
-
     cache = make_kv_cache(loaded.config, num_pages, 8, jnp.float32)
     jaxpr = jax.make_jaxpr(lambda p, c: forward(p, c, batch, config=loaded.config, linear_backend=backend))(
         loaded.params, cache)
-
-    def count(jaxpr) -> int:  # each call of a sub-jaxpr (a layer's jit) counted again
-        found = 0
-        for eqn in jaxpr.eqns:
-            name = str(eqn.params.get("name_and_src_info", eqn.params.get("name")))
-            found += eqn.primitive.name == "pallas_call" and "add_norm_rows" in name
-            found += sum(count(sub.jaxpr if hasattr(sub, "jaxpr") else sub) for sub in jax.extend.core.jaxprs_in_params(
-                eqn.params))
-        return found
-
-    return count(jaxpr.jaxpr)
+    return pallas_launches(jaxpr, "add_norm_rows")
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", None])
