@@ -57,7 +57,16 @@ from models.config import ModelConfig
 from models.lora import lora_mask, lora_update
 from models.moe import ExpertFn, expert_mlp, moe_mlp
 from models.norm import add_deferred_norm, add_rms_norm, defer_norm, normed, rms_norm
-from models.quantization import Fp8Weight, LinearBackend, concat_outputs, fp8_gated_mlp, is_quantized, linear
+from models.quantization import (
+    Fp8Weight,
+    LinearBackend,
+    concat_outputs,
+    fp8_gated_mlp,
+    interleave_gate_up,
+    is_quantized,
+    linear,
+    silu_gated_linear,
+)
 from pallas_kernels.deferred_norm import MAX_DEFERRED_NORM_BLOCKS, column_blocks
 from pallas_kernels.fp8_activation import apply_activation
 from pallas_kernels.quantized_matmul import add_splits
@@ -169,6 +178,8 @@ def _fuse_in_place(params: dict) -> dict:
             if not all(p in layer for p in parts):
                 continue
             joined = concat_outputs([layer[p] for p in parts])
+            if fused == "w_gate_up":  # int8 K-major: gate and up rows in turn, for the one-row gated GEMV
+                joined = interleave_gate_up(joined)
             if joined is not None:
                 for p in parts:
                     del layer[p]
@@ -382,7 +393,10 @@ def forward(
         return jnp.concatenate([parts, lora_update(x, w["lora"], name, mask)[None].astype(parts.dtype)])
 
     def mlp_hidden(h, w, mask=None):
-        """``act(h @ w_gate) * (h @ w_up)`` (SiLU; Gemma's tanh GELU)."""
+        """``act(h @ w_gate) * (h @ w_up)`` (SiLU; Gemma's tanh GELU); at one row of an interleaved int8 gate/up
+        weight, SiLU's in one launch (``silu_gated_linear``)."""
+        if mask is None and activation_name == "silu" and linear_backend.runs_gated_gemv(w.get("w_gate_up"), T):
+            return silu_gated_linear(h, w["w_gate_up"], linear_backend)
         gate, up = project(h, w, "w_gate_up", mask)
         return activation(gate) * up
 

@@ -92,10 +92,13 @@ class Int8KMajorWeight:
     The layout the K-major one-row GEMV reads (``pallas_kernels.quantized_matmul.int8_kmajor_matmul``); made by
     ``quantization="int8"`` by default (``$PAGEDJAX_INT8_LAYOUT``). Run 23b (H200, 8B at batch 1, same lease): TPOT
     3.54 ms with ``Int8Weight`` and its GEMV -> 3.11 with this layout's GEMV (``kmajor_block_k`` 256 x
-    ``kmajor_block_n`` 16; 3.14 at 128 x 32, 4.52 at 64 x 64)."""
+    ``kmajor_block_n`` 16; 3.14 at 128 x 32, 4.52 at 64 x 64). ``gate_up_group``: 0, or a gated MLP's joined
+    ``[gate | up]`` weight stored with its gate and up rows in turn, that many of each (``interleave_gate_up``), for
+    the one-row GEMV that writes ``silu(gate) * up``; ``linear``'s output is ``[gate | up]`` all the same."""
 
     q: jax.Array
     scale: jax.Array
+    gate_up_group: int = struct.field(pytree_node=False, default=0)
 
     in_axes = {"q": -1, "scale": None}
     out_axes = {"q": -2, "scale": -1}
@@ -171,6 +174,17 @@ def concat_outputs(weights: list) -> Optional[Any]:
         return None
     return first.replace(**{name: jnp.concatenate([getattr(w, name) for w in weights], axis=first.out_axes[name])
                             for name in weight_fields(first)})
+
+
+def interleave_gate_up(w):
+    """A gated MLP's joined ``[gate | up]`` weight as the one-row gated GEMV reads it (``Int8KMajorWeight``'s
+    ``gate_up_group``: ``qmm.GATE_UP_GROUP`` rows of each in turn); any other weight, or with
+    ``$PAGEDJAX_GATED_GEMV=0``, as it is."""
+    if (not isinstance(w, Int8KMajorWeight) or w.gate_up_group or os.environ.get("PAGEDJAX_GATED_GEMV", "1") == "0"
+            or _output_size(w) % (2 * qmm.GATE_UP_GROUP)):
+        return w
+    group = qmm.GATE_UP_GROUP
+    return map_output_axis(w, lambda a, axis: qmm.interleave_halves(a, group, axis)).replace(gate_up_group=group)
 
 
 # --------------------------------------------------------------------------------------
@@ -261,7 +275,9 @@ def dequantize(w, dtype=jnp.float32) -> jax.Array:
     if isinstance(w, Int8Weight):
         return (w.q.astype(jnp.float32) * w.scale[..., None, :]).astype(dtype)
     if isinstance(w, (Fp8Weight, Int8KMajorWeight)):
-        return jnp.swapaxes(w.q.astype(jnp.float32) * w.scale[..., :, None], -1, -2).astype(dtype)
+        dense = jnp.swapaxes(w.q.astype(jnp.float32) * w.scale[..., :, None], -1, -2).astype(dtype)
+        group = getattr(w, "gate_up_group", 0)
+        return qmm.deinterleave_halves(dense, group) if group else dense
     if isinstance(w, Int4Weight):
         stored = qmm.dequantize_int4(w.packed, w.scales, w.zeros, group_size=w.group_size, pack=w.pack)
         if w.perm is not None:  # stored rows are W[perm]: put them back
@@ -785,6 +801,11 @@ class LinearBackend:
                                or (isinstance(w, (Int8Weight, Int8KMajorWeight)) and rows == 1))
         return self.kernel == "pallas"
 
+    def runs_gated_gemv(self, w, rows: int) -> bool:
+        """Whether ``silu_gated_linear`` may take ``w`` (a gated MLP's joined gate/up weight) at ``rows`` rows: an
+        interleaved K-major int8 weight (``interleave_gate_up``) at one row, where ``linear`` runs its GEMV."""
+        return isinstance(w, Int8KMajorWeight) and w.gate_up_group > 0 and rows == 1 and self.use_kernel(w, rows)
+
     def defers_norms(self, layer: dict) -> bool:
         """Whether a one-row step may leave each RMSNorm to the GEMVs (``models.norm.DeferredNorm``): where
         ``defer_norms`` and every matmul of ``layer`` (one layer's weights) that reads a normed row, the attention's
@@ -897,6 +918,15 @@ def stored_array(w) -> jax.Array:
     return w.q if isinstance(w, (Int8Weight, Int8KMajorWeight, Fp8Weight)) else w
 
 
+def silu_gated_linear(x, w: Int8KMajorWeight, backend: LinearBackend = LinearBackend()) -> jax.Array:
+    """``silu(x @ W_gate) * (x @ W_up)`` of one row by the gated GEMV (``backend.runs_gated_gemv``), the SwiGLU
+    product in its epilogue; ``x`` may be a ``models.norm.DeferredNorm``."""
+    norm = dict(sum_sq=x.sum_sq, norm_eps=x.eps) if isinstance(x, DeferredNorm) else {}
+    rows = x.rows if isinstance(x, DeferredNorm) else x
+    return qmm.int8_kmajor_gated_matmul(rows, w.q, w.scale, group=w.gate_up_group, interpret=backend.interpret,
+                                        **norm)
+
+
 def linear(x, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:
     """``x[M, K] @ W`` for a dense or quantized ``W`` (one layer's, no leading axis). ``keep_splits``: the result as
     ``[P, M, N]`` partial sums (a kernel's K splits, float32 when ``P > 1``; else ``P = 1``), for
@@ -922,8 +952,10 @@ def linear(x, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool 
         return whole(qmm.int8_matmul_reference(x, w.q, w.scale))
     if isinstance(w, Int8KMajorWeight):  # the kernel's one-row GEMV; more rows are XLA's dot inside it too
         if kernel:
-            return qmm.int8_kmajor_matmul(x, w.q, w.scale, **options)
-        return whole(qmm.int8_kmajor_matmul_reference(x, w.q, w.scale))
+            out = qmm.int8_kmajor_matmul(x, w.q, w.scale, **options)
+        else:
+            out = whole(qmm.int8_kmajor_matmul_reference(x, w.q, w.scale))
+        return qmm.deinterleave_halves(out, w.gate_up_group) if w.gate_up_group else out
     if isinstance(w, Int4Weight):
         if w.perm is not None:
             x = jnp.take(x, w.perm, axis=-1)

@@ -220,6 +220,36 @@ def int8_kmajor_matmul_reference(x, qt, scale):
     return (acc * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+# A gated MLP's joined K-major int8 weight may be stored with its gate and up rows in turn, GATE_UP_GROUP of each
+# (``interleave_halves``), so that one program of the one-row GEMV reads a block of gate rows and the up rows they
+# pair with, contiguous, and writes ``silu(gate) * up`` (``int8_kmajor_gated_matmul``): the SwiGLU product is then no
+# launch of its own. 8 pairs: the 16 rows a program of the plain GEMV reads (``kmajor_block_n``).
+GATE_UP_GROUP = 8
+
+
+def interleave_halves(a: jax.Array, group: int, axis: int) -> jax.Array:
+    """``a``'s two halves along ``axis`` (``[gate | up]``) as blocks of ``group`` from each in turn."""
+    axis = axis % a.ndim
+    shape = a.shape
+    a = a.reshape(*shape[:axis], 2, shape[axis] // (2 * group), group, *shape[axis + 1:])
+    return jnp.swapaxes(a, axis, axis + 1).reshape(shape)
+
+
+def deinterleave_halves(a: jax.Array, group: int, axis: int = -1) -> jax.Array:
+    """The inverse of ``interleave_halves``: ``[gate | up]`` again."""
+    axis = axis % a.ndim
+    shape = a.shape
+    a = a.reshape(*shape[:axis], shape[axis] // (2 * group), 2, group, *shape[axis + 1:])
+    return jnp.swapaxes(a, axis, axis + 1).reshape(shape)
+
+
+def int8_kmajor_gated_reference(x, qt, scale, *, group: int):
+    """``silu(x @ W_gate) * (x @ W_up)`` for a K-major int8 ``qt[2I, K]`` of gate and up rows in turn, ``group``
+    each: the unfused model's matmul, split and product."""
+    gate, up = jnp.split(deinterleave_halves(int8_kmajor_matmul_reference(x, qt, scale), group), 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
 def int4_matmul_reference(x, packed, scales, zeros, *, group_size: int, pack: int):
     w = dequantize_int4(packed, scales, zeros, group_size=group_size, pack=pack, dtype=x.dtype)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -470,43 +500,58 @@ def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, step
 
 
 def _kmajor_gemv_kernel(x_ref, w_ref, scale_ref, *refs, block_n: int, block_k: int, steps: int, convert: str,
-                        prefetch: int, defer_reduction: bool = False, fma: bool = False, norm: tuple = ()):
+                        prefetch: int, defer_reduction: bool = False, fma: bool = False, norm: tuple = (),
+                        gated: bool = False):
     """One program of the K-major int8 GEMV: ``block_n`` output columns (rows of ``qt``) over ``steps * block_k``
     of K; each step's products summed over K at once (inside each thread for the most part: a tile row is
     contiguous K), so the accumulator is one float32 a column. ``defer_reduction``: the products accumulate in a
     ``[block_n, block_k]`` tile summed over K once, after the loop, and x's slice is read as a tile of w's shape.
-    ``norm``: as ``_gemv_kernel``'s."""
+    ``norm``: as ``_gemv_kernel``'s. ``gated``: ``qt``'s rows are a gated MLP's gate and up rows in turn,
+    ``block_n`` each (``interleave_halves``); the program reads the next ``2 * block_n`` rows (a block of each) and
+    writes ``silu(gate) * up`` for its ``block_n`` columns."""
     o_ref = refs[-1]
     n, split = pl.program_id(0), pl.program_id(1)
-    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    row_blocks = [pl.ds(pl.multiple_of((2 * n + i if gated else n) * block_n, block_n), block_n)
+                  for i in range(2 if gated else 1)]
     first_k = split * (steps * block_k)
 
     def k_start(i):
         return pl.multiple_of(first_k + i * block_k, block_k)
 
     def load(i):  # past the last step, the last (the pair loop's look-ahead)
-        return pltriton.load(w_ref.at[cols, pl.ds(k_start(jnp.minimum(i, steps - 1)), block_k)],
-                             eviction_policy="evict_first")
+        k = pl.ds(k_start(jnp.minimum(i, steps - 1)), block_k)
+        return tuple(pltriton.load(w_ref.at[rows, k], eviction_policy="evict_first") for rows in row_blocks)
 
-    def body(i, acc, w):
+    def body(i, acc, tiles):
         if defer_reduction:  # x's slice repeated down a tile of w's shape (w's register layout: no conversion)
             ks = (k_start(i) + jnp.arange(block_k, dtype=jnp.int32))[None, :]
             x = pltriton.load(x_ref.at[jnp.zeros((block_n, 1), jnp.int32), ks]).astype(jnp.float32)
         else:
             x = x_ref[0, pl.ds(k_start(i), block_k)].astype(jnp.float32)[None, :]
-        w = integers_as_f32(w, "int8", convert)
-        if defer_reduction:
-            return multiply_add(x, w, acc, fma)
-        return acc + jnp.sum(x * w, axis=1)
+        sums = []
+        for a, w in zip(acc, tiles):
+            w = integers_as_f32(w, "int8", convert)
+            sums.append(multiply_add(x, w, a, fma) if defer_reduction else a + jnp.sum(x * w, axis=1))
+        return tuple(sums)
 
-    acc = step_loop(steps, load, body, jnp.zeros((block_n, block_k) if defer_reduction else (block_n,), jnp.float32),
-                    prefetch)
-    if defer_reduction:
-        acc = jnp.sum(acc, axis=1)
-    acc = acc * scale_ref[cols].astype(jnp.float32)
+    zeros = jnp.zeros((block_n, block_k) if defer_reduction else (block_n,), jnp.float32)
+    acc = step_loop(steps, load, body, (zeros,) * len(row_blocks), prefetch)
+    out = [(jnp.sum(a, axis=1) if defer_reduction else a) * scale_ref[rows].astype(jnp.float32)
+           for a, rows in zip(acc, row_blocks)]
     if norm:
-        acc = acc * _inverse_rms(refs[0], *norm, width=x_ref.shape[1])
-    o_ref[...] = acc.astype(o_ref.dtype)
+        inverse_rms = _inverse_rms(refs[0], *norm, width=x_ref.shape[1])
+        out = [o * inverse_rms for o in out]
+    o_ref[...] = silu_product(*out, o_ref.dtype) if gated else out[0].astype(o_ref.dtype)
+
+
+def silu_product(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+    """``silu(gate) * up`` from float32 matmul outputs, rounded to ``dtype`` where the unfused model rounds (each
+    matmul's output, the sigmoid, the SiLU, the product: XLA rounds each op of a 16-bit type)."""
+    def rounded(v):
+        return v.astype(dtype).astype(jnp.float32)
+
+    gate, up = rounded(gate), rounded(up)
+    return (rounded(gate * rounded(1.0 / (1.0 + jnp.exp(-gate)))) * up).astype(dtype)
 
 
 def _inverse_rms(sum_sq_ref, groups: int, eps: float, *, width: int) -> jax.Array:
@@ -771,6 +816,27 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
     return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name="int8_kmajor_gemv", keep_splits=keep_splits, sum_sq=sum_sq,
                          norm_eps=norm_eps)
+
+
+@functools.partial(jax.jit, static_argnames=("group", "config", "interpret", "norm_eps"))
+def int8_kmajor_gated_matmul(x, qt, scale, *, group: int, config: Optional[MatmulConfig] = None,
+                             interpret: Optional[bool] = None, sum_sq=None, norm_eps: float = 0.0):
+    """``int8_kmajor_gated_reference`` at one row by the K-major GEMV with the SiLU product in its epilogue: a
+    program reads ``group`` gate rows and their ``group`` up rows (adjacent in ``qt``) over the whole of K and
+    writes ``group`` columns of ``[1, I]``. ``sum_sq`` / ``norm_eps``: as ``int8_kmajor_matmul``'s."""
+    two_i, K = qt.shape
+    if qt.dtype != jnp.int8 or scale.shape != (two_i,) or two_i % (2 * group) or x.shape[0] != 1:
+        raise ValueError(f"the gated GEMV takes one row and K-major int8 qt [2I, K] (2I a multiple of {2 * group}) "
+                         f"with scale [2I]; got x {x.shape}, {qt.dtype}{qt.shape}, {scale.shape}")
+    config, interpret = _call_settings(x, K, config, interpret)
+    prefetch, convert = gemv_loop_settings("int8", config, interpret,
+                                            default_prefetch=int(not config.kmajor_defer_reduction))
+    _, block_k = _tile_sizes("int8", K, 2 * group, 0, 2 * group, config.kmajor_block_k)
+    kernel = functools.partial(_kmajor_gemv_kernel, block_n=group, block_k=block_k, steps=K // block_k,
+                               convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
+                               fma=config.gemv_fma and not interpret, gated=True)
+    return _one_row_call(kernel, x, qt, (scale,), N=two_i // 2, block_n=group, splits=1, config=config,
+                         interpret=interpret, name="int8_kmajor_gated_gemv", sum_sq=sum_sq, norm_eps=norm_eps)
 
 
 def _int4_shape(packed, scales, zeros, group_size: int, pack: int) -> tuple[int, int]:

@@ -495,6 +495,41 @@ def test_one_row_steps_leave_each_norm_to_the_gemvs_with_the_same_logits(tiny, m
     assert not LinearBackend(kernel="pallas").defers_norms(unrolled.params["layers"][0])
 
 
+def test_int8_gate_up_rows_in_turn_give_one_gated_launch_and_the_same_logits(tiny, monkeypatch):
+    """int8 K-major gate/up joined with its gate and up rows in turn (``interleave_gate_up``): a one-row step's MLP
+    middle is one gated GEMV a layer (``silu(gate) * up`` in its epilogue, the norm deferred into it too), and every
+    other reader gets ``[gate | up]`` as before: the logits at one row (Pallas, interpreted) and of a prompt step
+    (XLA's dot) equal those of the plain join (``$PAGEDJAX_GATED_GEMV=0``), and ``dequantize`` gives its weight."""
+    import dataclasses
+
+    from models.llama import layout_layers
+    from models.quantization import dequantize
+
+    loaded = load_model(tiny, dtype="float32", quantization="int8")
+    interleaved = dataclasses.replace(loaded, params=layout_layers(loaded.params, unroll=True, fuse=True))
+    monkeypatch.setenv("PAGEDJAX_GATED_GEMV", "0")
+    plain = dataclasses.replace(loaded, params=layout_layers(loaded.params, unroll=True, fuse=True))
+    joined, plain_joined = (m.params["layers"][0]["w_gate_up"] for m in (interleaved, plain))
+    assert joined.gate_up_group == qmm.GATE_UP_GROUP and plain_joined.gate_up_group == 0
+    np.testing.assert_array_equal(np.asarray(dequantize(joined)), np.asarray(dequantize(plain_joined)))
+    rng = np.random.default_rng()
+    pallas = LinearBackend(kernel="pallas", interpret=True)
+    assert pallas.runs_gated_gemv(joined, 1) and not pallas.runs_gated_gemv(joined, 2)
+    assert not LinearBackend(kernel="xla").runs_gated_gemv(joined, 1) and not pallas.runs_gated_gemv(plain_joined, 1)
+    one_row, pages = ragged_batch(loaded.config, rng, lengths=(1,))
+    cache = make_kv_cache(loaded.config, pages + 1, 8, jnp.float32)
+    for model, launches in ((interleaved, loaded.config.num_layers), (plain, 0)):
+        jaxpr = jax.make_jaxpr(lambda p, c: forward(p, c, one_row, config=loaded.config, linear_backend=pallas))(
+            model.params, cache)
+        assert pallas_launches(jaxpr, "int8_kmajor_gated_gemv") == launches
+    one_row_logits = [logits_of(m, one_row, pages + 1, linear_backend=pallas) for m in (interleaved, plain)]
+    assert relative_error(*one_row_logits) < 1e-5
+    prompt, pages = ragged_batch(loaded.config, rng, lengths=(5, 3))
+    prompt_logits = [logits_of(m, prompt, pages + 1, linear_backend=LinearBackend(kernel="xla"))
+                     for m in (interleaved, plain)]
+    np.testing.assert_allclose(*prompt_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_engine_with_pallas_matmuls_on_cpu_defers_norms_and_keeps_greedy_tokens(tiny, monkeypatch):
     """``linear_backend="pallas"`` with unrolled layers on the CPU, one sequence (one-row decode steps): the deferred
     norms' kernel runs interpreted like the GEMVs (it was compiled, and failed, when the backend left ``interpret``

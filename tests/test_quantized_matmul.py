@@ -252,6 +252,77 @@ def test_kmajor_int8_matches_reference_on_gpu(K, N, defer, fma):
     run_kmajor_case(1, K, N, jnp.bfloat16, MatmulConfig(kmajor_defer_reduction=defer, gemv_fma=fma), interpret=False)
 
 
+def run_gated_case(K, I, dtype, config, *, interpret, norm=False):
+    """The one-row gated GEMV (``silu(gate) * up`` in its epilogue) on an interleaved ``[gate | up]`` weight against
+    float64, and against the unfused model's path (the plain GEMV's reference, split, ``jax.nn.silu``, product)."""
+    from models.norm import rms_norm
+    from pallas_kernels.deferred_norm import norm_rows_reference
+    from pallas_kernels.quantized_matmul import (
+        GATE_UP_GROUP,
+        deinterleave_halves,
+        int8_kmajor_gated_matmul,
+        int8_kmajor_gated_reference,
+        int8_kmajor_matmul_reference,
+        interleave_halves,
+    )
+
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((1, K)), dtype)
+    qt = jnp.asarray(rng.integers(-127, 128, (2 * I, K)), jnp.int8)
+    scale = jnp.asarray(rng.uniform(0.005, 0.02, 2 * I), jnp.float32)
+    g = GATE_UP_GROUP
+    stored_q, stored_scale = interleave_halves(qt, g, -2), interleave_halves(scale, g, -1)
+    np.testing.assert_array_equal(np.asarray(deinterleave_halves(stored_q, g, -2)), np.asarray(qt))
+    np.testing.assert_array_equal(np.asarray(stored_q[g:2 * g]), np.asarray(qt[I:I + g]))  # up rows after g gate rows
+    options = {}
+    if norm:  # x is a row's x * weight, its RMSNorm applied by the GEMV
+        weight = jnp.asarray(rng.uniform(0.5, 1.5, K), dtype)
+        rows, sum_sq = norm_rows_reference(x, weight)
+        options, x_in, x = dict(sum_sq=sum_sq, norm_eps=1e-5), rows, rms_norm(x, weight, 1e-5)
+    else:
+        x_in = x
+    out = int8_kmajor_gated_matmul(x_in, stored_q, stored_scale, group=g, config=config, interpret=interpret,
+                                   **options)
+    assert out.shape == (1, I) and out.dtype == dtype
+    y = np.asarray(x, np.float64) @ (np.asarray(qt, np.float64) * np.asarray(scale, np.float64)[:, None]).T
+    exact = y[:, :I] / (1 + np.exp(-y[:, :I])) * y[:, I:]
+    for name, got in (("kernel", out), ("reference", int8_kmajor_gated_reference(x, stored_q, stored_scale, group=g))):
+        err = np.abs(np.asarray(got, np.float64) - exact).max() / np.abs(exact).max()
+        assert err < 4 * RTOL[dtype], f"seed {seed}: {name} max error {err:.2e} (of the largest output)"
+    gate, up = jnp.split(int8_kmajor_matmul_reference(x, qt, scale), 2, axis=-1)
+    np.testing.assert_array_equal(np.asarray(int8_kmajor_gated_reference(x, stored_q, stored_scale, group=g)),
+                                  np.asarray(jax.nn.silu(gate) * up))
+
+
+GATED_CASES = [(512, 64, jnp.float32, MatmulConfig(kmajor_block_k=128)),
+               (768, 96, jnp.bfloat16, MatmulConfig(kmajor_block_k=256)),
+               (256, 32, jnp.float32, MatmulConfig(kmajor_block_k=64, kmajor_defer_reduction=False))]
+
+
+@pytest.mark.parametrize("K,I,dtype,config", GATED_CASES)
+@pytest.mark.parametrize("norm", [False, True])
+def test_gated_kmajor_gemv_interpret(K, I, dtype, config, norm):
+    run_gated_case(K, I, dtype, config, interpret=True, norm=norm)
+
+
+def test_gated_kmajor_gemv_lowers_to_one_triton_call_and_checks_its_inputs():
+    from pallas_kernels.quantized_matmul import int8_kmajor_gated_matmul
+
+    x, qt, scale = jnp.ones((1, 1024), jnp.bfloat16), jnp.ones((512, 1024), jnp.int8), jnp.ones((512,), jnp.float32)
+    fn = jax.jit(functools.partial(int8_kmajor_gated_matmul, group=8, interpret=False))
+    assert fn.trace(x, qt, scale).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
+    with pytest.raises(ValueError, match="the gated GEMV takes one row"):
+        int8_kmajor_gated_matmul(jnp.ones((2, 1024)), qt, scale, group=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,I", [(4096, 14336), (2048, 8192)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_gated_kmajor_gemv_on_gpu(K, I, norm):
+    run_gated_case(K, I, jnp.bfloat16, MatmulConfig(), interpret=False, norm=norm)
+
+
 def test_int4_packing_round_trips_and_keeps_blocks_contiguous():
     rng = np.random.default_rng()
     values = rng.integers(0, 16, (256, 48))
