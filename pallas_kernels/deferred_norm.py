@@ -22,19 +22,28 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-MAX_BLOCK = 256  # columns a program; the row of 4096 in 16 programs
+MAX_BLOCK = 256  # columns a program at most
+# The row in 64-column blocks where that makes a power of two of them (the 8B's 4096: 64 programs): the add after a
+# GEMV of many K-split partials (AWQ's w_down: 56) is then spread wider. Run 58 (H200, one lease): AWQ's two adds 165
+# -> 136 us a batch-1 step, int8's level (104 -> 105). The GEMVs read a power of two of sums at once (``_inverse_rms``).
+PREFERRED_BLOCK = 64
 # A row of more blocks keeps XLA's norms: each GEMV program sums the blocks' sums of squares (a hidden size of few
 # factors of two, e.g. 4544 = 64 x 71, would give it 71 scalar loads).
 MAX_DEFERRED_NORM_BLOCKS = 64
 
 
 def column_blocks(width: int) -> tuple[int, int]:
-    """``(block, groups)``: the row of ``width`` in ``groups`` programs of ``block`` columns, ``block`` the largest
-    power of two up to ``MAX_BLOCK`` (``$PAGEDJAX_ADD_NORM_BLOCK``, for timing) dividing it (Triton's tiles are powers
-    of two)."""
-    block = int(os.environ.get("PAGEDJAX_ADD_NORM_BLOCK", MAX_BLOCK))
-    if block < 1 or block & (block - 1):
+    """``(block, groups)``: the row of ``width`` in ``groups`` programs of ``block`` columns: ``PREFERRED_BLOCK``
+    where ``groups`` is then a power of two, else the largest power of two up to ``MAX_BLOCK`` dividing ``width``
+    (``$PAGEDJAX_ADD_NORM_BLOCK`` in its place, for timing; Triton's tiles are powers of two)."""
+    block = int(os.environ.get("PAGEDJAX_ADD_NORM_BLOCK", 0))
+    if block < 0 or block & (block - 1):
         raise ValueError(f"PAGEDJAX_ADD_NORM_BLOCK must be a power of two, got {block}")
+    if not block:
+        groups = width // PREFERRED_BLOCK
+        if width % PREFERRED_BLOCK == 0 and groups & (groups - 1) == 0:
+            return PREFERRED_BLOCK, groups
+        block = MAX_BLOCK
     while width % block:
         block //= 2
     return block, width // block

@@ -20,14 +20,15 @@ from pallas_kernels.deferred_norm import add_norm_rows, add_norm_rows_reference,
 EPS = 1e-5
 
 
-@pytest.mark.parametrize("width,blocks", [(4096, (256, 16)), (576, (64, 9)), (3584, (256, 14)), (96, (32, 3))])
+@pytest.mark.parametrize("width,blocks", [(4096, (64, 64)), (2048, (64, 32)), (576, (64, 9)), (3584, (256, 14)),
+                                         (96, (32, 3))])
 def test_column_blocks_are_powers_of_two_covering_the_row(width, blocks):
     assert column_blocks(width) == blocks
 
 
 def test_column_block_for_timing_must_be_a_power_of_two(monkeypatch):
-    monkeypatch.setenv("PAGEDJAX_ADD_NORM_BLOCK", "64")
-    assert column_blocks(4096) == (64, 64)
+    monkeypatch.setenv("PAGEDJAX_ADD_NORM_BLOCK", "256")
+    assert column_blocks(4096) == (256, 16)
     monkeypatch.setenv("PAGEDJAX_ADD_NORM_BLOCK", "96")
     with pytest.raises(ValueError, match="PAGEDJAX_ADD_NORM_BLOCK must be a power of two"):
         column_blocks(4096)
