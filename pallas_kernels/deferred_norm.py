@@ -23,7 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 MAX_BLOCK = 256  # columns a program at most
-# The row in 64-column blocks where that makes a power of two of them (the 8B's 4096: 64 programs): the add after a
+# The row in 64-column blocks where that makes a power of two of them, up to MAX_DEFERRED_NORM_BLOCKS (the 8B's 4096:
+# 64 programs; a 70B's 8192 keeps 32 of 256 columns, as its GEMVs take at most 64 sums): the add after a
 # GEMV of many K-split partials (AWQ's w_down: 56) is then spread wider. Run 58 (H200, one lease): AWQ's two adds 165
 # -> 136 us a batch-1 step, int8's level (104 -> 105). The GEMVs read a power of two of sums at once (``_inverse_rms``).
 PREFERRED_BLOCK = 64
@@ -34,14 +35,15 @@ MAX_DEFERRED_NORM_BLOCKS = 64
 
 def column_blocks(width: int) -> tuple[int, int]:
     """``(block, groups)``: the row of ``width`` in ``groups`` programs of ``block`` columns: ``PREFERRED_BLOCK``
-    where ``groups`` is then a power of two, else the largest power of two up to ``MAX_BLOCK`` dividing ``width``
-    (``$PAGEDJAX_ADD_NORM_BLOCK`` in its place, for timing; Triton's tiles are powers of two)."""
+    where ``groups`` is then a power of two of at most ``MAX_DEFERRED_NORM_BLOCKS``, else the largest power of two up
+    to ``MAX_BLOCK`` dividing ``width`` (``$PAGEDJAX_ADD_NORM_BLOCK``, unless unset or 0, in its place, for timing;
+    Triton's tiles are powers of two)."""
     block = int(os.environ.get("PAGEDJAX_ADD_NORM_BLOCK", 0))
     if block < 0 or block & (block - 1):
         raise ValueError(f"PAGEDJAX_ADD_NORM_BLOCK must be a power of two, got {block}")
     if not block:
         groups = width // PREFERRED_BLOCK
-        if width % PREFERRED_BLOCK == 0 and groups & (groups - 1) == 0:
+        if width % PREFERRED_BLOCK == 0 and groups & (groups - 1) == 0 and groups <= MAX_DEFERRED_NORM_BLOCKS:
             return PREFERRED_BLOCK, groups
         block = MAX_BLOCK
     while width % block:

@@ -20,8 +20,8 @@ from pallas_kernels.deferred_norm import add_norm_rows, add_norm_rows_reference,
 EPS = 1e-5
 
 
-@pytest.mark.parametrize("width,blocks", [(4096, (64, 64)), (2048, (64, 32)), (576, (64, 9)), (3584, (256, 14)),
-                                         (96, (32, 3))])
+@pytest.mark.parametrize("width,blocks", [(4096, (64, 64)), (2048, (64, 32)), (8192, (256, 32)), (576, (64, 9)),
+                                         (3584, (256, 14)), (96, (32, 3))])
 def test_column_blocks_are_powers_of_two_covering_the_row(width, blocks):
     assert column_blocks(width) == blocks
 
