@@ -918,13 +918,22 @@ def stored_array(w) -> jax.Array:
     return w.q if isinstance(w, (Int8Weight, Int8KMajorWeight, Fp8Weight)) else w
 
 
+def _matmul_input(x, w, backend: LinearBackend) -> tuple[jax.Array, dict]:
+    """``(rows, norm options)`` a matmul of ``w`` reads from ``x``: a ``models.norm.DeferredNorm``'s rows and its
+    ``sum_sq`` / ``norm_eps`` where its Pallas GEMV applies the norm (``backend.applies_norm``), else the normed row;
+    any other ``x`` as it is."""
+    if not isinstance(x, DeferredNorm):
+        return x, {}
+    if backend.applies_norm(w, x.rows.shape[0]):
+        return x.rows, dict(sum_sq=x.sum_sq, norm_eps=x.eps)
+    return x.value(), {}
+
+
 def silu_gated_linear(x, w: Int8KMajorWeight, backend: LinearBackend = LinearBackend()) -> jax.Array:
     """``silu(x @ W_gate) * (x @ W_up)`` of one row by the gated GEMV (``backend.runs_gated_gemv``), the SwiGLU
     product in its epilogue; ``x`` may be a ``models.norm.DeferredNorm``."""
-    norm = dict(sum_sq=x.sum_sq, norm_eps=x.eps) if isinstance(x, DeferredNorm) else {}
-    rows = x.rows if isinstance(x, DeferredNorm) else x
-    return qmm.int8_kmajor_gated_matmul(rows, w.q, w.scale, group=w.gate_up_group, interpret=backend.interpret,
-                                        **norm)
+    x, norm = _matmul_input(x, w, backend)
+    return qmm.int8_kmajor_gated_matmul(x, w.q, w.scale, group=w.gate_up_group, interpret=backend.interpret, **norm)
 
 
 def linear(x, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool = False) -> jax.Array:
@@ -934,14 +943,7 @@ def linear(x, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool 
     ``x`` may be a ``models.norm.DeferredNorm`` (one row): the Pallas GEMVs read its rows and apply its norm to their
     output; every other path reads its normed row (``value()``)."""
     whole = (lambda y: y[None]) if keep_splits else (lambda y: y)
-    if isinstance(x, DeferredNorm):
-        if backend.applies_norm(w, x.rows.shape[0]):
-            norm = dict(sum_sq=x.sum_sq, norm_eps=x.eps)
-            x = x.rows
-        else:
-            x, norm = x.value(), {}
-    else:
-        norm = {}
+    x, norm = _matmul_input(x, w, backend)
     if isinstance(w, Fp8Weight):
         return whole(_fp8_linear(x, w))
     kernel = backend.use_kernel(w, x.shape[0])

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.quantized_matmul import add_splits
+
 MAX_BLOCK = 256  # columns a program at most
 # The row in 64-column blocks where that makes a power of two of them, up to MAX_DEFERRED_NORM_BLOCKS (the 8B's 4096:
 # 64 programs; a 70B's 8192 keeps 32 of 256 columns, as its GEMVs take at most 64 sums): the add after a
@@ -94,9 +96,8 @@ def add_norm_rows(x: jax.Array, parts: jax.Array, weight: jax.Array, *,
 
 
 def add_norm_rows_reference(x: jax.Array, parts: jax.Array, weight: jax.Array):
-    """``add_norm_rows`` in jnp (XLA's add, then ``norm_rows_reference``)."""
-    total = parts[0] if parts.shape[0] == 1 else parts.astype(jnp.float32).sum(axis=0).astype(x.dtype)
-    x = x + total.astype(x.dtype)
+    """``add_norm_rows`` in jnp (XLA's add of ``add_splits``, then ``norm_rows_reference``)."""
+    x = x + add_splits(parts, x.dtype).astype(x.dtype)
     return (x, *norm_rows_reference(x, weight))
 
 
