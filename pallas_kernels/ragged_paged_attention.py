@@ -237,14 +237,6 @@ class Tiling:
     # ms, at 448 x 1,536 18.54 -> 18.01; tput-short fp8 with fp8 pages 25,224 -> 25,814 tok/s, tput-long 10,169 ->
     # 10,301.
     masked_8bit_loads: bool = False
-    # A decode launch of at most ``few_programs`` programs (KV heads x sequences: the 8B at batch 1 is 8) is a chain
-    # of dependent loads, not a stream (sequence bounds, q, then each KV step's block-table read and K/V gather), so
-    # it takes ``few_programs_kv_tokens`` tokens a step (one step where the context fits), ``few_programs_warps``
-    # warps (4 spill at 256 tokens: 255 registers, 208 bytes of stack in the offline sm_90 compile) and one stage.
-    # 0: off (run 60 measures it).
-    few_programs: int = 0
-    few_programs_kv_tokens: int = 256
-    few_programs_warps: int = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -579,7 +571,7 @@ def _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_s
 
 
 def _check_tiling(tiling: Tiling):
-    for name in ("decode_kv_tokens", "prefill_q_rows", "prefill_kv_tokens", "few_programs_kv_tokens"):
+    for name in ("decode_kv_tokens", "prefill_q_rows", "prefill_kv_tokens"):
         value = getattr(tiling, name)
         if not _is_power_of_2(value) or value < 16:
             raise ValueError(f"Tiling.{name} must be a power of two >= 16, got {value}")
@@ -717,14 +709,12 @@ def ragged_paged_attention(
         )(*metadata, qkv, k_cache, v_cache)
 
     # Decode launch: one program per (kv head, sequence[, context split]).
-    kv_tokens, warps, stages = tiling.decode_kv_tokens, tiling.decode_warps, tiling.decode_stages
-    if Hkv * S <= tiling.few_programs:
-        kv_tokens, warps, stages = tiling.few_programs_kv_tokens, tiling.few_programs_warps, 1
-    max_kv_blocks = pl.cdiv(B * bs, kv_tokens)
+    max_kv_blocks = pl.cdiv(B * bs, tiling.decode_kv_tokens)
     k_splits = tiling.k_splits or auto_k_splits(Hkv * S, max_kv_blocks)
-    decode_kernel = functools.partial(kernel, rows=decode_rows, kv_tokens=kv_tokens, k_splits=k_splits,
-                                      decode_launch=True, prefetch_pages=False, longest_first=False)
-    params = pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+    decode_kernel = functools.partial(kernel, rows=decode_rows, kv_tokens=tiling.decode_kv_tokens,
+                                      k_splits=k_splits, decode_launch=True, prefetch_pages=False,
+                                      longest_first=False)
+    params = pltriton.CompilerParams(num_warps=tiling.decode_warps, num_stages=tiling.decode_stages)
     if k_splits == 1:
         return pl.pallas_call(
             decode_kernel,

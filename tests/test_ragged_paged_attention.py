@@ -165,10 +165,6 @@ CPU_CASES = [
                  dict(tiling=dataclasses.replace(SMALL_TILES, masked_8bit_loads=True), sliding_window=20),
                  id="d24-fp8-pages-bf16-masked-window"),
     pytest.param(Shapes(4, 4, 8, 16, jnp.float16), dict(tiling=SMALL_TILES), id="d8-f16"),
-    # A decode launch of few programs takes its own KV step (here 64 tokens: one step for most contexts).
-    pytest.param(Shapes(4, 2, 64, 16, jnp.float32),
-                 dict(tiling=dataclasses.replace(SMALL_TILES, few_programs=64, few_programs_kv_tokens=64)),
-                 id="few-programs-kv64"),
 ]
 
 
