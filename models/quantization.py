@@ -817,8 +817,9 @@ class LinearBackend:
                 and all(self.applies_norm(w, 1) for w in readers))
 
     def applies_norm(self, w, rows: int) -> bool:
-        """Whether ``linear`` of ``w`` at ``rows`` rows runs a Pallas GEMV, which can apply a deferred norm."""
-        return rows == 1 and self.use_kernel(w, rows) and (isinstance(w, Int8KMajorWeight) or qmm.default_config().gemv)
+        """Whether ``linear`` of ``w`` at ``rows`` rows runs a Pallas kernel at one row (its GEMV, or its dot form
+        where ``MatmulConfig.gemv`` is off), which can apply a deferred norm."""
+        return rows == 1 and self.use_kernel(w, rows)
 
     def use_fp8_activation_kernel(self, width: int) -> bool:
         """Whether an fp8 MLP's middle (``fp8_gated_mlp``) on rows of ``width`` activations runs the Pallas kernel:

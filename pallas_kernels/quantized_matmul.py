@@ -74,7 +74,10 @@ class MatmulConfig:
     # The tensor-core form (2 rows and up): how an int4 tile's nibbles become float32 before the tile is scaled
     # (one fused multiply-add, with ``gemv_fma``) and rounded to x's dtype for the dot: "affine" (a byte permute
     # into 0.5's mantissa, as the GEMV's ``gemv_convert``) or "cvt" (an integer-to-float conversion, a quarter of
-    # the FMA rate; the form before run 30e).
+    # the FMA rate; the form before run 30e). "biased16" (int4 with 16-bit x): each nibble becomes x's dtype's
+    # ``bias + q`` (bfloat16 128 + q, float16 1024 + q) by one byte permute for two of them, the dot runs on those, and
+    # the step's result takes the group's scale and zero once a column: ``s (dot - (bias + z) sum x)`` (Marlin's
+    # route: ~1 instruction a weight against affine's ~3; other dtypes of x take "affine").
     tile_convert: str = "affine"
     k_splits: Optional[int] = None
     num_warps: int = 4
@@ -261,10 +264,10 @@ def int4_matmul_reference(x, packed, scales, zeros, *, group_size: int, pack: in
 
 
 def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, block_k: int, steps: int,
-                   group_size: int, convert: str = "cvt", fma: bool = False):
+                   group_size: int, convert: str = "cvt", fma: bool = False, norm: tuple = ()):
     """One program: ``block_m`` rows x ``block_n`` output columns over ``steps * block_k`` rows of K.
-    ``convert`` (int4): how nibbles become float32 (``MatmulConfig.tile_convert``); ``fma``: the dequantization's
-    multiply-add as one instruction (``multiply_add``)."""
+    ``convert`` (int4): how nibbles become floats (``MatmulConfig.tile_convert``); ``fma``: the dequantization's
+    multiply-add as one instruction (``multiply_add``). ``norm`` (one row): as ``_gemv_kernel``'s."""
     o_ref = refs[-1]
     m, n, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = pl.ds(pl.multiple_of(m * block_m, block_m), block_m)
@@ -282,6 +285,13 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, bl
             z = zero_ref[group, cols].astype(jnp.float32)
             packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
                                    eviction_policy="evict_first")
+            if convert in BIASED16_CONVERSIONS:  # dot over bias + q; the group's scale and zero on its result
+                bias, (w_lo, w_hi) = biased16_nibbles(packed, dtype, convert)
+                x_lo, x_hi = x_ref[rows, pl.ds(k0, half)], x_ref[rows, pl.ds(k0 + half, half)]
+                d = (jnp.dot(x_lo, w_lo, preferred_element_type=jnp.float32)
+                     + jnp.dot(x_hi, w_hi, preferred_element_type=jnp.float32))
+                x_sum = (x_lo.astype(jnp.float32).sum(axis=1) + x_hi.astype(jnp.float32).sum(axis=1))[:, None]
+                return acc + s * (d - (z + bias) * x_sum)
             w_lo, w_hi = int4_tile_weights(packed, s, z, dtype, convert=convert, fma=fma)
             acc += jnp.dot(x_ref[rows, pl.ds(k0, half)], w_lo, preferred_element_type=jnp.float32)
             acc += jnp.dot(x_ref[rows, pl.ds(k0 + half, half)], w_hi, preferred_element_type=jnp.float32)
@@ -292,6 +302,8 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, bl
     acc = lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
     if fmt == "int8":
         acc = acc * refs[0][cols].astype(jnp.float32)[None, :]
+    if norm:
+        acc = acc * _inverse_rms(refs[-2], *norm, width=x_ref.shape[1])
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -349,6 +361,35 @@ def _permute_to_f32(kind: str, w: jax.Array) -> jax.Array:
     return f - offset if offset else f
 
 
+# "biased16": nibbles as 16-bit floats ``bias + q``, two a 32-bit word: the nibbles of a word's 4 bytes (masked, or
+# shifted then masked), then one permute a result word puts two of them under the byte that makes the dtype's
+# ``bias`` (bfloat16 0x43 -> 128 + q; float16 0x64 -> 1024 + q; exact: q < 16 sits in the mantissa's lowest bits).
+BIASED16_CONVERSIONS = ("biased16", "biased16_jnp")
+_BIAS16 = {jnp.dtype(jnp.bfloat16): (0x43, 128.0), jnp.dtype(jnp.float16): (0x64, 1024.0)}
+
+
+def _biased16_ptx(high: bool, bias_byte: int) -> str:
+    """PTX of one ``elementwise_inline_asm`` instance: input ``$2`` holds 4 bytes; ``$0`` / ``$1`` get the 16-bit
+    floats of bytes 0-1 / 2-3 (low or ``high`` nibbles), element 0 in the low half."""
+    nibbles = ("shr.u32 u, $2, 4;", "and.b32 u, u, 0x0F0F0F0F;") if high else ("and.b32 u, $2, 0x0F0F0F0F;",)
+    return "\n".join(["{", ".reg .b32 u, e;", f"mov.b32 e, {bias_byte:#x};", *nibbles,
+                      "prmt.b32 $0, u, e, 0x4140;", "prmt.b32 $1, u, e, 0x4342;", "}"])
+
+
+def biased16_nibbles(packed: jax.Array, dtype, convert: str) -> tuple[float, tuple[jax.Array, jax.Array]]:
+    """``(bias, (w_lo, w_hi))``: a packed int4 tile's low and high nibbles as ``bias + q`` in the 16-bit ``dtype``,
+    by inline PTX ("biased16") or its jnp form ("biased16_jnp", the interpreter's; equal values)."""
+    bias_byte, bias = _BIAS16[jnp.dtype(dtype)]
+    if convert == "biased16_jnp":
+        return bias, tuple((q.astype(jnp.float32) + bias).astype(dtype) for q in (packed & 0xF, packed >> 4))
+    halves = []
+    for high in (False, True):
+        (w,) = pltriton.elementwise_inline_asm(_biased16_ptx(high, bias_byte), args=[packed], constraints="=r,=r,r",
+                                               pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, dtype)])
+        halves.append(w)
+    return bias, tuple(halves)
+
+
 def multiply_add(a: jax.Array, b: jax.Array, c: jax.Array, fused: bool) -> jax.Array:
     """``a * b + c`` in float32 (broadcast), with ``fused`` one ``fma.rn.f32`` an element (inline PTX, compiled
     kernels only: ``MatmulConfig.gemv_fma``), else the plain expression."""
@@ -397,7 +438,7 @@ def int4_tile_weights(packed: jax.Array, s: jax.Array, z: jax.Array, dtype, *, c
 
 def interpreted_conversion(convert: str) -> str:
     """The jnp form of a conversion that runs inline PTX compiled (equal values): the interpreter's."""
-    return {"permute": "exponent", "affine": "affine_jnp"}.get(convert, convert)
+    return {"permute": "exponent", "affine": "affine_jnp", "biased16": "biased16_jnp"}.get(convert, convert)
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
@@ -680,19 +721,23 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
     if M == 1 and config.gemv:
         return _gemv(x, w, extras, fmt=fmt, K=K, N=N, group_size=group_size, pack=pack, config=config,
                      interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
-    if sum_sq is not None:
-        raise ValueError("a deferred RMSNorm (sum_sq) is applied by the one-row GEMV only")
+    if sum_sq is not None and M != 1:
+        raise ValueError("a deferred RMSNorm (sum_sq) is applied at one row only (the one-row GEMV or dot)")
     block_n, block_k = _tile_sizes(fmt, K, N, pack, config.block_n, config.block_k)
     x, block_m = pad_rows(x, config.block_m)
     rows = x.shape[0]
     num_steps = K // block_k
     splits = _k_splits(config, (rows // block_m) * (N // block_n), num_steps, block_k, config.programs_per_core)
-    if config.tile_convert not in ("affine", "cvt"):
-        raise ValueError(f"tile_convert must be 'affine' or 'cvt', got {config.tile_convert!r}")
-    convert = interpreted_conversion(config.tile_convert) if interpret else config.tile_convert
+    if config.tile_convert not in ("affine", "cvt", "biased16"):
+        raise ValueError(f"tile_convert must be 'affine', 'cvt' or 'biased16', got {config.tile_convert!r}")
+    convert = config.tile_convert
+    if convert == "biased16" and jnp.dtype(x.dtype) not in _BIAS16:
+        convert = "affine"  # the dot runs in x's dtype: 16-bit floats only
+    convert = interpreted_conversion(convert) if interpret else convert
     kernel = functools.partial(_matmul_kernel, fmt=fmt, block_m=block_m, block_n=block_n, block_k=block_k,
                                steps=num_steps // splits, group_size=group_size, convert=convert,
                                fma=config.gemv_fma and not interpret)
+    kernel, extras = _with_deferred_norm(kernel, extras, sum_sq, norm_eps)
     out = pl.pallas_call(
         kernel,
         # Row tiles first: the programs that read the same weight tile run side by side (L2 reuse).
@@ -721,16 +766,22 @@ def gemv_loop_settings(fmt: str, config: MatmulConfig, interpret: bool, default_
     return prefetch, interpreted_conversion(convert) if interpret else convert
 
 
+def _with_deferred_norm(kernel, extras: tuple, sum_sq, norm_eps: float):
+    """``(kernel, extras)`` for a one-row matmul that applies a deferred RMSNorm (``sum_sq``, an input after
+    ``extras``: ``pallas_kernels.deferred_norm``), or as given without one."""
+    if sum_sq is None:
+        return kernel, extras
+    if sum_sq.ndim != 1 or sum_sq.dtype != jnp.float32:
+        raise ValueError(f"sum_sq must be float32 [groups], got {sum_sq.dtype}{sum_sq.shape}")
+    return functools.partial(kernel, norm=(sum_sq.shape[0], float(norm_eps))), (*extras, sum_sq)
+
+
 def _one_row_call(kernel, x, w, extras, *, N, block_n, splits, config, interpret, name, keep_splits=False,
                   sum_sq=None, norm_eps=0.0):
     """``kernel`` over the grid ``(N / block_n, splits)`` of one-row programs, each writing ``block_n`` columns of
     its split's partial sums; the splits added (``add_splits``): ``[1, N]``. ``sum_sq``: x is a row's ``x * weight``
     and the output gets its RMSNorm's scale (``pallas_kernels.deferred_norm``), an input after ``extras``."""
-    if sum_sq is not None:
-        if sum_sq.ndim != 1 or sum_sq.dtype != jnp.float32:
-            raise ValueError(f"sum_sq must be float32 [groups], got {sum_sq.dtype}{sum_sq.shape}")
-        kernel = functools.partial(kernel, norm=(sum_sq.shape[0], float(norm_eps)))
-        extras = (*extras, sum_sq)
+    kernel, extras = _with_deferred_norm(kernel, extras, sum_sq, norm_eps)
     out = pl.pallas_call(
         kernel,
         grid=(N // block_n, splits),

@@ -108,6 +108,9 @@ def gemv_cases():
          lambda h: qmm.int8_matmul_reference(h, q, scale)),
         ("int4", functools.partial(qmm.int4_matmul, packed=packed, scales=scales, zeros=zeros, **int4),
          lambda h: qmm.int4_matmul_reference(h, packed, scales, zeros, **int4)),
+        ("int4, dot form", functools.partial(qmm.int4_matmul, packed=packed, scales=scales, zeros=zeros, **int4,
+                                             config=qmm.MatmulConfig(gemv=False, tile_convert="biased16")),
+         lambda h: qmm.int4_matmul_reference(h, packed, scales, zeros, **int4)),
         ("dense, split", functools.partial(qmm.dense_matmul, w=dense, config=qmm.MatmulConfig(k_splits=4)),
          lambda h: qmm.dense_matmul_reference(h, dense)),
     ]
@@ -138,7 +141,7 @@ def test_gemvs_apply_the_deferred_norm_on_gpu(dtype):
 
 def test_a_deferred_norm_is_for_one_row_gemvs_only():
     rows, sum_sq = jnp.ones((2, 512)), jnp.ones((2,), jnp.float32)
-    with pytest.raises(ValueError, match="one-row GEMV only"):
+    with pytest.raises(ValueError, match="at one row only"):
         qmm.dense_matmul(rows, jnp.ones((512, 64)), sum_sq=sum_sq, interpret=True)
     with pytest.raises(ValueError, match="one-row GEMV only"):
         qmm.int8_kmajor_matmul(rows, jnp.ones((64, 512), jnp.int8), jnp.ones(64), sum_sq=sum_sq, interpret=True)
