@@ -880,8 +880,11 @@ def _fp8_dot_output_from_env() -> str:
 
 def _fp8_dot(xq: jax.Array, w: Fp8Weight, dtype) -> jax.Array:
     """``xq @ w.q.T``, unscaled: the fp8 x fp8 tensor-core matmul with both operands K-major, its result in
-    ``dtype`` (the activations') or float32 (``$PAGEDJAX_FP8_DOT_OUTPUT``)."""
-    dot_type = jnp.float32 if _fp8_dot_output_from_env() == "float32" else dtype
+    ``dtype`` (the activations') or float32 (``$PAGEDJAX_FP8_DOT_OUTPUT``). float16 activations always get float32:
+    the unscaled products of two full-range e4m3 operands (up to 448^2 each, summed over K) overflow float16's 65,504
+    (NaN logits), where bfloat16 has float32's range."""
+    wide = _fp8_dot_output_from_env() == "float32" or jnp.dtype(dtype) == jnp.dtype(jnp.float16)
+    dot_type = jnp.float32 if wide else dtype
     return jax.lax.dot_general(xq, w.q, (((xq.ndim - 1,), (1,)), ((), ())), preferred_element_type=dot_type)
 
 
@@ -965,6 +968,11 @@ def linear(x, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool 
         args = (x, w.packed, w.scales, w.zeros)
         if kernel:
             return qmm.int4_matmul(*args, group_size=w.group_size, pack=w.pack, **options)
+        if w.perm is not None and jax.default_backend() == "cpu":
+            # XLA:CPU has no bf16 x bf16 -> f32 dot after the permuting gather ("Unsupported element type for
+            # DotThunk::Execute", JAX 0.10.2, more than one row): the dot in float32 there, the same products.
+            out = qmm.int4_matmul_reference(x.astype(jnp.float32), *args[1:], group_size=w.group_size, pack=w.pack)
+            return whole(out.astype(x.dtype))
         return whole(qmm.int4_matmul_reference(*args, group_size=w.group_size, pack=w.pack))
     if kernel:
         return qmm.dense_matmul(x, w, **options)

@@ -1028,3 +1028,35 @@ def test_large_stacked_weights_quantize_a_slice_at_a_time_to_the_same_values(met
     assert jax.tree.structure(sliced) == jax.tree.structure(whole)
     for a, b in zip(jax.tree.leaves(sliced), jax.tree.leaves(whole)):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+
+
+def test_fp8_weights_with_float16_activations_stay_finite():
+    """Full-range e4m3 weights and activations: their unscaled products overflow float16, so the fp8 dot of float16
+    activations returns float32 before the scales (it gave NaN logits); close to the float32 matmul."""
+    from models.quantization import linear
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((256, 256)) * 0.15, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((4, 256)) * 3.0, jnp.float32)
+    want = np.asarray(x @ w)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        got = np.asarray(jax.jit(linear)(x.astype(dtype), quantize_weight(w.astype(dtype), "fp8")), np.float32)
+        assert np.isfinite(got).all(), dtype
+        assert np.abs(got - want).max() / np.abs(want).max() < 0.1, dtype
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_act_order_int4_matmul_runs_jitted_at_several_rows(dtype):
+    """GPTQ act-order weights permute x before the dot; XLA:CPU has no bf16 dot after that gather, so the CPU's XLA
+    path runs it in float32 (bf16 act-order checkpoints failed at their first prompt)."""
+    from models.quantization import linear
+
+    rng = np.random.default_rng(1)
+    w = quantize_weight(jnp.asarray(rng.standard_normal((128, 64)), jnp.float32), "int4")
+    perm = jnp.asarray(rng.permutation(128), jnp.int32)
+    w = w.replace(perm=perm)
+    x = jnp.asarray(rng.standard_normal((5, 128)), dtype)
+    got = jax.jit(linear)(x, w)
+    want = np.asarray(x.astype(jnp.float32)[:, perm] @ dequantize(w.replace(perm=None)).astype(jnp.float32))
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.02, atol=0.02 * np.abs(want).max())
