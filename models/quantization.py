@@ -621,9 +621,12 @@ def _unpack_bit_stream(x: np.ndarray, axis: int, bits: int) -> np.ndarray:
 def _int4_from_values(values: np.ndarray, zeros: np.ndarray, scales: np.ndarray, group_size: int,
                       perm: Optional[np.ndarray], dtype) -> dict[str, np.ndarray]:
     K, N = values.shape
-    groups = K // group_size if group_size and K % group_size == 0 else None
+    if not group_size or K % group_size:
+        raise QuantizationError(f"its weight has {K} input rows, not a multiple of the group_size {group_size}: "
+                                "int4 weights need whole groups (vLLM refuses these too)")
+    groups = K // group_size
     for name, x in (("scales", scales), ("zeros", zeros)):
-        if groups is None or x.shape != (groups, N):
+        if x.shape != (groups, N):
             raise QuantizationError(
                 f"its {name} are {list(x.shape)}, but groups of {group_size} rows of its [{K}, {N}] weight make "
                 f"[{K}/{group_size}, {N}]: the checkpoint's group_size does not match its tensors")

@@ -820,6 +820,10 @@ def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
     json.dump(config, open(os.path.join(awq, "config.json"), "w"))
     with pytest.raises(QuantizationError, match=r"self_attn.q_proj .*its scales are \[.*group_size does not match"):
         load_model(awq)
+    config["quantization_config"]["group_size"] = 3 * GROUP  # no whole number of groups in a matrix's input rows
+    json.dump(config, open(os.path.join(awq, "config.json"), "w"))
+    with pytest.raises(QuantizationError, match="input rows, not a multiple of the group_size 96"):
+        load_model(awq)
     for config, message in (
         (dict(quant_method="gptq", bits=5, group_size=128), "bits=5"),
         (dict(quant_method="awq", bits=3, group_size=128), "bits=3"),
