@@ -76,8 +76,10 @@ class MatmulConfig:
     # into 0.5's mantissa, as the GEMV's ``gemv_convert``) or "cvt" (an integer-to-float conversion, a quarter of
     # the FMA rate; the form before run 30e). "biased16" (int4 with 16-bit x): each nibble becomes x's dtype's
     # ``bias + q`` (bfloat16 128 + q, float16 1024 + q) by one byte permute for two of them, the dot runs on those, and
-    # the step's result takes the group's scale and zero once a column: ``s (dot - (bias + z) sum x)`` (Marlin's
-    # route: ~1 instruction a weight against affine's ~3; other dtypes of x take "affine").
+    # the step's result takes the group's scale and zero once a column: ``s (dot - (bias + z) sum x)`` (other dtypes
+    # of x take "affine"). Offline sm_90 compile (NOTES.md, this option's entry): 5.4 loop instructions a weight
+    # against affine's 6.2 at 16-row tiles, 8.8 against 7.5 at 64 rows (its fix-ups grow with the rows). Opt-in
+    # and untimed: run 63 did not run.
     tile_convert: str = "affine"
     k_splits: Optional[int] = None
     num_warps: int = 4
