@@ -474,8 +474,9 @@ class CheckpointQuantization:
             return cls("int8", group, offset, checkpoint_format="gptq")
         if method in ("awq", "gptq"):
             if bits != 4 and not (method == "gptq" and bits in (2, 3)):
-                raise QuantizationError(f"{method} checkpoints with bits={bits} are not supported (4-bit AWQ; 2-, "
-                                        "3-, 4- and 8-bit GPTQ)")
+                hint = "" if isinstance(bits, int) else "; bits must be an integer"
+                raise QuantizationError(f"{method} checkpoints with bits={bits!r} are not supported (4-bit AWQ; 2-, "
+                                        f"3-, 4- and 8-bit GPTQ{hint})")
             if method == "awq" and str(q.get("version", "gemm")).lower() != "gemm":
                 raise QuantizationError(f"awq version {q.get('version')!r} is not supported (only the 'gemm' layout)")
             if method == "awq" and not q.get("zero_point", True):

@@ -827,6 +827,7 @@ def test_checkpoint_and_option_errors_are_clear(tiny, tmp_path):
     for config, message in (
         (dict(quant_method="gptq", bits=5, group_size=128), "bits=5"),
         (dict(quant_method="awq", bits=3, group_size=128), "bits=3"),
+        (dict(quant_method="gptq", bits="4", group_size=128), "bits='4' .*bits must be an integer"),
         (dict(quant_method="fp8", weight_block_size=[128]), r"weight_block_size=\[128\] is not \[rows, columns\]"),
         (dict(quant_method="bitsandbytes"), "unsupported checkpoint quantization 'bitsandbytes'"),
         (dict(quant_method="awq", bits=4, version="gemv"), "only the 'gemm' layout"),
