@@ -57,13 +57,24 @@ def load_tokenizer(model_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     return _load(model_path, source, **extra, **kwargs)
 
 
+def check_unicode(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode, else a ValueError naming ``what`` and where: a lone surrogate (JSON's
+    ``"\\ud800"``, say) reaches the tokenizer as a TypeError about its input types otherwise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start}") from None
+    return text
+
+
 def encode_prompt(tokenizer: Optional[PreTrainedTokenizerBase], prompt: str, add_special_tokens: bool = True
                   ) -> list[int]:
     """A text prompt's token ids (with the tokenizer's BOS and such unless ``add_special_tokens`` is False); a clear
-    error for an engine started without a tokenizer."""
+    error for an engine started without a tokenizer, or for text that is not valid Unicode."""
     if tokenizer is None:
         raise ValueError("this engine was started without a tokenizer: pass prompt token ids")
-    return list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+    return list(tokenizer.encode(check_unicode(prompt, "the prompt"), add_special_tokens=add_special_tokens))
 
 
 def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[list[int]]:
@@ -72,7 +83,7 @@ def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]
     mid-text)."""
     token_ids: list[list[int]] = []
     for word in words:
-        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        alone = tokenizer.encode(check_unicode(word, "bad_words").lstrip(), add_special_tokens=False)
         token_ids.append(alone)
         spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
         if spaced[0] != alone[0] and len(spaced) == len(alone):
@@ -99,8 +110,8 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[d
     """Token ids of ``messages`` rendered with the model's chat template (``render_chat_template``; its options).
     The text is encoded without adding special tokens, since the template already writes the ones the model
     expects."""
-    return tokenizer.encode(render_chat_template(tokenizer, messages, add_generation_prompt, **options),
-                            add_special_tokens=False)
+    text = render_chat_template(tokenizer, messages, add_generation_prompt, **options)
+    return tokenizer.encode(check_unicode(text, "a chat message"), add_special_tokens=False)
 
 
 def render_chat_template(

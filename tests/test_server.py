@@ -1369,6 +1369,22 @@ def test_wrong_types(served, endpoint, body, param):
     assert error["param"] == param, error
 
 
+def test_text_that_is_not_valid_unicode_is_a_400(served):
+    """A lone surrogate in a text field (a 500 before: the tokenizer's TypeError), then the server serves on."""
+    for path, body, param in (("/v1/completions", {"prompt": "hi \ud800"}, "prompt"),
+                              ("/v1/completions", {"prompt": ["fine", "\udfff"]}, "prompt"),
+                              ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+                              ("/v1/completions", {"prompt": "hi", "bad_words": ["\ud800"]}, "bad_words"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]},
+                               "messages")):
+        text = json.dumps({"model": served.model, "max_tokens": 2, **body})  # ASCII: the surrogate as \ud800
+        error = _error(httpx.post(f"{served.url}{path}", content=text, headers={"content-type": "application/json"}),
+                       400)
+        assert error["param"] == param and "not valid Unicode" in error["message"], (path, error)
+    reply = served.client().completions.create(model=served.model, prompt="hi", max_tokens=2)
+    assert reply.choices[0].finish_reason == "length"
+
+
 def test_a_content_part_other_than_text_is_refused_by_name(served):
     parts = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
     error = _error(httpx.post(f"{served.url}/v1/chat/completions",

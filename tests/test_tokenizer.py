@@ -212,3 +212,17 @@ def test_llm_takes_a_separate_tokenizer_as_vllm_does(folder_tokenizer, tmp_path)
     own = LLM(str(tmp_path / "with-tokenizer"), max_model_len=64, num_gpu_blocks_override=16)
     expected = own.generate(prompt, params, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 6 and (out.text, out.token_ids) == (expected.text, expected.token_ids)
+
+
+def test_text_that_is_not_valid_unicode_is_a_clear_error(folder_tokenizer):
+    """A lone surrogate (JSON's "\\ud800") reached the tokenizer, whose TypeError the server answered with a 500."""
+    from engine.tokenizer import bad_words_token_ids, encode_prompt
+
+    _, folder_tokenizer = folder_tokenizer
+    with pytest.raises(ValueError, match=r"the prompt is not valid Unicode: a lone surrogate '\\ud800' at character 3"):
+        encode_prompt(folder_tokenizer, "abc\ud800")
+    with pytest.raises(ValueError, match="bad_words is not valid Unicode"):
+        bad_words_token_ids(folder_tokenizer, ["ok", "\udfff"])
+    with pytest.raises(ValueError, match="a chat message is not valid Unicode"):
+        apply_chat_template(folder_tokenizer, [{"role": "user", "content": "hi \ud83d"}])
+    assert encode_prompt(folder_tokenizer, "caf\u00e9 \U0001F600") == folder_tokenizer.encode("caf\u00e9 \U0001F600")

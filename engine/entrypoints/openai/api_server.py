@@ -869,6 +869,13 @@ class OpenAIServing:
         own = getattr(req, "return_tokens_as_token_ids", None)
         return self.return_tokens_as_token_ids if own is None else own
 
+    def _tokenize(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """The engine's token ids of a text field; its refusal (text that is not valid Unicode) a 400 naming it."""
+        try:
+            return self.async_llm.engine.tokenize(text, add_special_tokens)
+        except ValueError as e:
+            raise bad_request(f"{param}: {e}", param=param) from e
+
     def _completion_prompts(self, prompt, param: str = "prompt", add_special_tokens: bool = True) -> list[_Prompt]:
         """Runs in a worker thread (tokenizing may be slow). ``param``: the request field, for its errors."""
         engine, tokenizer = self.async_llm.engine, self.async_llm.tokenizer
@@ -877,7 +884,7 @@ class OpenAIServing:
         out = []
         for p in prompt:
             if isinstance(p, str):
-                out.append(_Prompt(p, engine.tokenize(p, add_special_tokens)))
+                out.append(_Prompt(p, self._tokenize(p, add_special_tokens, param)))
             else:
                 ids = list(p)
                 vocab = engine.model_config.vocab_size
@@ -975,7 +982,7 @@ class OpenAIServing:
             raise bad_request("give either prompt or messages", param="prompt")
         self._require_tokenizer("prompt" if req.prompt is not None else "messages")
         if req.prompt is not None:
-            ids = await run_in_threadpool(self.async_llm.engine.tokenize, req.prompt, req.add_special_tokens)
+            ids = await run_in_threadpool(self._tokenize, req.prompt, req.add_special_tokens, "prompt")
         else:
             ids = (await run_in_threadpool(self._chat_prompt, req)).token_ids
         token_strs = self.async_llm.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
