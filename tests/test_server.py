@@ -1369,6 +1369,17 @@ def test_wrong_types(served, endpoint, body, param):
     assert error["param"] == param, error
 
 
+def test_a_body_sent_as_another_media_type_is_a_415_naming_it(served):
+    """vLLM's rule: a JSON body under ``text/plain`` is refused as such (it read as "not a JSON object")."""
+    body = json.dumps({"model": served.model, "prompt": "hi", "max_tokens": 2})
+    error = _error(httpx.post(f"{served.url}/v1/completions", content=body, headers={"content-type": "text/plain"}),
+                   415)
+    assert "application/json" in error["message"] and "'text/plain'" in error["message"]
+    ok = httpx.post(f"{served.url}/v1/completions", content=body,
+                    headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
 def test_text_that_is_not_valid_unicode_is_a_400(served):
     """A lone surrogate in a text field (a 500 before: the tokenizer's TypeError), then the server serves on."""
     for path, body, param in (("/v1/completions", {"prompt": "hi \ud800"}, "prompt"),

@@ -136,7 +136,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(exc.status_code, exc.info)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError):
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        # FastAPI parses a body as JSON only under a JSON media type (or none): another one reads as "not a JSON
+        # object" whatever the body holds, so say what is wrong, with vLLM's status
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+            return _error_response(415, ErrorInfo(
+                message=f"Unsupported Media Type: the request body must be sent as application/json, got "
+                        f"{media_type!r}", type="invalid_request_error"))
         return _error_response(400, _validation_error_info(exc))
 
     @app.exception_handler(StarletteHTTPException)
