@@ -904,15 +904,18 @@ class LLMEngine:
             self.lora_slots.release(group.lora_request.lora_int_id)
 
     def _fork_samples(self, group: _RequestGroup, now: float) -> None:
-        """``n > 1``: the other samples share the prompt's blocks and re-run its last token. Where the first sample
-        has already finished (its first token reached ``max_model_len``), or the prompt is one token (nothing before
-        its last to share), they compute the prompt again instead (from the prefix cache where it is on)."""
+        """``n > 1``: the other samples share the prompt's blocks and re-run its last token, as many as
+        ``max_num_seqs`` leaves room for among the running sequences. The rest, and all of them where the first sample
+        has already finished (its first token reached ``max_model_len``) or the prompt is one token (nothing before
+        its last to share), wait to compute the prompt again (from the prefix cache where it is on), as vLLM's
+        samples of one request each do."""
         parent = group.samples[0].request
         for index in range(1, group.params.n):
             seq_id = f"{group.request_id}#{index}"
             child = self._new_sample(group, seq_id, (group.samples[0].seed + index * 7919) % (2**31 - 1),
                                      now, parent.priority)
-            if parent.status is RequestStatus.RUNNING and len(group.prompt_token_ids) > 1:
+            if (parent.status is RequestStatus.RUNNING and len(group.prompt_token_ids) > 1
+                    and self.scheduler.num_running < self.scheduler.max_num_seqs):
                 child.request.num_computed_tokens = len(group.prompt_token_ids) - 1
                 self.scheduler.fork_request(parent, child.request)
             else:

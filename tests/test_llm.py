@@ -204,6 +204,26 @@ def test_n_samples_of_one_token_and_at_the_context_limit(llm):
     assert llm.llm_engine.block_manager.num_used_blocks == 0
 
 
+def test_n_samples_past_max_num_seqs_wait_their_turn(llm, monkeypatch):
+    """``n`` above ``max_num_seqs`` (16 here): the samples forked beside the first fill the running set, the rest
+    wait and compute the prompt again, so no more than ``max_num_seqs`` sequences run (hold blocks, count as
+    running) at once, as in vLLM; all 40 ran before."""
+    engine, running = llm.llm_engine, []
+    step = engine.step
+
+    def counted_step():
+        outputs = step()
+        running.append(engine.scheduler.num_running)
+        return outputs
+
+    monkeypatch.setattr(engine, "step", counted_step)
+    params = SamplingParams(n=40, temperature=1.0, max_tokens=3, seed=11, ignore_eos=True)
+    out = llm.generate(PROMPTS[1], params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == list(range(40)) and all(len(c.token_ids) == 3 for c in out.outputs)
+    assert max(running) == 16
+    assert engine.block_manager.num_used_blocks == 0
+
+
 def test_n_samples_of_a_one_token_prompt(llm):
     """``n > 1`` on a one-token prompt (nothing before its last token to share): the other samples compute the
     prompt themselves, beside a request of another caller, which is unaffected."""
