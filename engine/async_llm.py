@@ -31,6 +31,7 @@ from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.outputs import CompletionOutput, RequestOutput, RequestOutputKind, delta_of, elapsed
 from engine.pooling import EmbeddingRequestOutput
+from engine.prompts import as_prompt
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pagedjax")
 
-PromptType = Union[str, list[int]]
+PromptType = Union[str, list[int], dict]  # a dict: vLLM's {"prompt": text} or {"prompt_token_ids": ids}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,10 +228,10 @@ class AsyncLLM:
         queues = [asyncio.Queue() for _ in requests]
         request_ids = [request_id for request_id, _, _ in requests]
 
-        items = [NewRequest(request_id, prompt, params,
+        items = [NewRequest(request_id, as_prompt(prompt, i), params,
                             *self._callbacks(loop, queue, _RequestTimer(arrival, params, self._stat_loggers)),
                             priority, lora_request)
-                 for (request_id, prompt, params), queue in zip(requests, queues)]
+                 for i, ((request_id, prompt, params), queue) in enumerate(zip(requests, queues))]
         if hasattr(self._loop, "add_requests_future"):  # an engine process: a worker thread only for the pipe write
             submitted = loop.run_in_executor(None, self._loop.add_requests_future, items)
 

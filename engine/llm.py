@@ -28,6 +28,7 @@ from engine.metrics_reader import Metric, metrics_snapshot
 from engine.outputs import RequestOutput, RequestOutputKind
 from engine.pooling import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput,
                             ScoringOutput, ScoringRequestOutput, as_pooling_output, cosine, score_pairs)
+from engine.prompts import as_prompt
 from engine.sampling_params import SamplingParams
 from engine.stats_log import PeriodicStatsLogger
 from models.default_model import DEFAULT_MODEL_NAME
@@ -462,9 +463,6 @@ def _per_prompt(value, num_prompts: int, name: str, kind: Optional[type] = None)
     return values
 
 
-PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
-
-
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, str) or isinstance(prompts, dict):
         prompts = [prompts]
@@ -473,25 +471,8 @@ def _as_prompt_list(prompts) -> list:
                         f"{type(prompts).__name__}")
     elif len(prompts) and isinstance(prompts[0], (int, np.integer)):
         prompts = [prompts]
-    out = []
-    for i, p in enumerate(prompts):
-        if not isinstance(p, (str, dict, Sequence)) and not hasattr(p, "__array__"):
-            raise TypeError(f"prompt {i} must be a text, token ids or a dict prompt, got {type(p).__name__}")
-        if isinstance(p, dict):
-            extra = sorted(set(p) - PROMPT_KEYS)
-            if extra:  # vLLM's TextPrompt / TokensPrompt keys for images, processors, cache salts: none apply here
-                raise ValueError(f"a dict prompt's {', '.join(map(repr, extra))} is not supported: this engine serves "
-                                 "text-only models (a dict prompt takes 'prompt' or 'prompt_token_ids')")
-            if "prompt_token_ids" in p:
-                p = list(p["prompt_token_ids"])
-            elif "prompt" in p:
-                p = p["prompt"]
-            else:
-                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        elif not isinstance(p, str):
-            p = [int(t) for t in p]
-        out.append(p)
-    return out
+    return [as_prompt(p, i) for i, p in enumerate(prompts)]
+
 
 
 def _resolve_when_finished(future: concurrent.futures.Future, metrics: Optional[ServingMetrics] = None,

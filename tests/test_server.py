@@ -2083,3 +2083,21 @@ def test_ctrl_c_stops_serve_py_cleanly(signal_name, interrupts):
     log = "".join(lines)
     assert "OpenAI API at" in log and "Finished server process" in log and "stopping the engine" in log
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_async_llm_takes_vllm_dict_prompts(served):
+    """``AsyncLLM.generate`` takes vLLM's ``{"prompt_token_ids": ids}`` and ``{"prompt": text}`` as ``LLM.generate``
+    does (a dict read as token ids before: "invalid literal for int()")."""
+    from engine import SamplingParams
+
+    text = "The capital of France is"
+    ids = served.async_llm.tokenizer.encode(text)
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+
+    async def tokens(prompt):
+        return [o async for o in served.async_llm.generate(prompt, params)][-1].outputs[0].token_ids
+
+    assert asyncio.run(tokens({"prompt_token_ids": ids})) == asyncio.run(tokens(ids))
+    assert asyncio.run(tokens({"prompt": text})) == asyncio.run(tokens(text))
+    with pytest.raises(ValueError, match="'multi_modal_data' is not supported"):
+        asyncio.run(tokens({"prompt": text, "multi_modal_data": {}}))
