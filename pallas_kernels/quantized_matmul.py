@@ -232,20 +232,22 @@ def int8_kmajor_matmul_reference(x, qt, scale):
 GATE_UP_GROUP = 8
 
 
-def interleave_halves(a: jax.Array, group: int, axis: int) -> jax.Array:
-    """``a``'s two halves along ``axis`` (``[gate | up]``) as blocks of ``group`` from each in turn."""
+def _transpose_blocks(a: jax.Array, rows: int, group: int, axis: int) -> jax.Array:
+    """``a``'s blocks of ``group`` along ``axis``, read as a grid of ``rows`` rows, in the grid's column order."""
     axis = axis % a.ndim
     shape = a.shape
-    a = a.reshape(*shape[:axis], 2, shape[axis] // (2 * group), group, *shape[axis + 1:])
+    a = a.reshape(*shape[:axis], rows, shape[axis] // (rows * group), group, *shape[axis + 1:])
     return jnp.swapaxes(a, axis, axis + 1).reshape(shape)
+
+
+def interleave_halves(a: jax.Array, group: int, axis: int) -> jax.Array:
+    """``a``'s two halves along ``axis`` (``[gate | up]``) as blocks of ``group`` from each in turn."""
+    return _transpose_blocks(a, 2, group, axis)
 
 
 def deinterleave_halves(a: jax.Array, group: int, axis: int = -1) -> jax.Array:
     """The inverse of ``interleave_halves``: ``[gate | up]`` again."""
-    axis = axis % a.ndim
-    shape = a.shape
-    a = a.reshape(*shape[:axis], shape[axis] // (2 * group), 2, group, *shape[axis + 1:])
-    return jnp.swapaxes(a, axis, axis + 1).reshape(shape)
+    return _transpose_blocks(a, a.shape[axis] // (2 * group), group, axis)
 
 
 def int8_kmajor_gated_reference(x, qt, scale, *, group: int):
@@ -843,6 +845,16 @@ def int8_matmul(x, q, scale, *, config: Optional[MatmulConfig] = None, interpret
                                     interpret=interpret, keep_splits=keep_splits, sum_sq=sum_sq, norm_eps=norm_eps)
 
 
+def _kmajor_kernel(config: MatmulConfig, interpret: bool, **tiling):
+    """``_kmajor_gemv_kernel`` with ``config``'s loop settings (conversion, loads ahead, deferred sum, fused
+    multiply-adds) and ``tiling`` (its tile and step counts; ``gated``)."""
+    prefetch, convert = gemv_loop_settings("int8", config, interpret,
+                                            default_prefetch=int(not config.kmajor_defer_reduction))
+    return functools.partial(_kmajor_gemv_kernel, convert=convert, prefetch=prefetch,
+                             defer_reduction=config.kmajor_defer_reduction, fma=config.gemv_fma and not interpret,
+                             **tiling)
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, interpret: Optional[bool] = None,
                        keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
@@ -858,14 +870,10 @@ def int8_kmajor_matmul(x, qt, scale, *, config: Optional[MatmulConfig] = None, i
             raise ValueError("a deferred RMSNorm (sum_sq) is applied by the one-row GEMV only")
         out = int8_kmajor_matmul_reference(x, qt, scale)
         return out[None] if keep_splits else out
-    prefetch, convert = gemv_loop_settings("int8", config, interpret,
-                                            default_prefetch=int(not config.kmajor_defer_reduction))
     block_n, block_k = _tile_sizes("int8", K, N, 0, config.kmajor_block_n, config.kmajor_block_k)
     num_steps = K // block_k
     splits = _k_splits(config, N // block_n, num_steps, block_k, config.gemv_programs_per_core, config.kmajor_min_steps)
-    kernel = functools.partial(_kmajor_gemv_kernel, block_n=block_n, block_k=block_k, steps=num_steps // splits,
-                               convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
-                               fma=config.gemv_fma and not interpret)
+    kernel = _kmajor_kernel(config, interpret, block_n=block_n, block_k=block_k, steps=num_steps // splits)
     return _one_row_call(kernel, x, qt, (scale,), N=N, block_n=block_n, splits=splits, config=config,
                          interpret=interpret, name="int8_kmajor_gemv", keep_splits=keep_splits, sum_sq=sum_sq,
                          norm_eps=norm_eps)
@@ -882,12 +890,8 @@ def int8_kmajor_gated_matmul(x, qt, scale, *, group: int, config: Optional[Matmu
         raise ValueError(f"the gated GEMV takes one row and K-major int8 qt [2I, K] (2I a multiple of {2 * group}) "
                          f"with scale [2I]; got x {x.shape}, {qt.dtype}{qt.shape}, {scale.shape}")
     config, interpret = _call_settings(x, K, config, interpret)
-    prefetch, convert = gemv_loop_settings("int8", config, interpret,
-                                            default_prefetch=int(not config.kmajor_defer_reduction))
     _, block_k = _tile_sizes("int8", K, 2 * group, 0, 2 * group, config.kmajor_block_k)
-    kernel = functools.partial(_kmajor_gemv_kernel, block_n=group, block_k=block_k, steps=K // block_k,
-                               convert=convert, prefetch=prefetch, defer_reduction=config.kmajor_defer_reduction,
-                               fma=config.gemv_fma and not interpret, gated=True)
+    kernel = _kmajor_kernel(config, interpret, block_n=group, block_k=block_k, steps=K // block_k, gated=True)
     return _one_row_call(kernel, x, qt, (scale,), N=two_i // 2, block_n=group, splits=1, config=config,
                          interpret=interpret, name="int8_kmajor_gated_gemv", sum_sq=sum_sq, norm_eps=norm_eps)
 
