@@ -1,0 +1,149 @@
+"""A few-row int4 matmul on Hopper's tensor cores (Pallas Mosaic GPU): the weights are the wgmma's left operand.
+
+``y[M, N] = x[M, K] @ W`` for ``M <= 8`` with ``W = (q - z) s`` in groups of ``group_size`` rows of K (AWQ / GPTQ
+without act-order), computed transposed: ``y^T = W^T x^T``. A warpgroup takes 64 output columns (64 rows of
+``W^T``) over a range of K; each pipeline step TMA-copies a ``[64, group_size]`` int4 tile, the matching
+``[8, group_size]`` slice of x and the group's scales into shared memory, upcasts the tile in registers
+(Mosaic GPU's int4 -> bf16 conversion: a permute, a LOP3 and a packed subtract for two weights) and multiplies it
+by x^T on the tensor cores (wgmma, N = 8: x's rows padded to 8). The Triton GEMV instead spends a float32
+multiply-add a weight on the CUDA cores (~4.2 instructions a weight, NOTES.md "Why AWQ stays at 2.21x").
+
+Zero points leave the products: a step's ``sum_k q'_k x_k`` (``q' = q - 8``, the signed nibble the tile holds)
+and ``sum_k x_k`` (a second wgmma with a left operand of ones) are both taken on the tensor cores, and the
+step's contribution is ``s * sum q' x - (z - 8) s * sum x``, exact integer dots in float32.
+
+Layouts (``pack_weights``): ``W^T`` as signed int4 ``[N, K]``; scales ``s`` and ``(z - 8) s`` as float32
+``[K / group_size, N]``. The result is ``[k_splits, N, 8]`` float32 partial sums; ``int4_wgmma_matmul`` adds
+them and returns ``[M, N]``. A prototype: timed against the Triton GEMV by ``scripts/bench_int4_wgmma.py``."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+ROWS = 8  # wgmma's smallest N: x's rows padded to this many
+BLOCK_N = 64  # wgmma's M: output columns a warpgroup
+JAX_0_11 = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
+def pack_weights(q, scales, zeros):
+    """``q [K, N]`` nibbles (0..15), ``scales`` / ``zeros`` ``[G, N]`` -> ``(wt int4 [N, K], s, zs)``, float32
+    ``[G, N]`` each, with ``(q - z) s = (q - 8) s - zs``."""
+    wt = (q.astype(jnp.int32) - 8).astype(jnp.int4).T
+    s = scales.astype(jnp.float32)
+    return wt, s, (zeros.astype(jnp.float32) - 8.0) * s
+
+
+def reference(x, wt, s, zs, *, group_size: int):
+    """float32 ``x @ W`` from ``pack_weights``' arrays."""
+    G = s.shape[0]
+    w = wt.T.astype(jnp.float32).reshape(G, group_size, -1) * s[:, None, :] - zs[:, None, :]
+    return x.astype(jnp.float32) @ w.reshape(G * group_size, -1)
+
+
+def _transposed(ref):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return ref.transpose((1, 0)) if JAX_0_11 else plgpu.transpose_ref(ref, (1, 0))
+
+
+# How a tile's int4 values reach wgmma's register layout as bfloat16 (layouts of Mosaic GPU's ``fragmented_array``):
+# "4x-2x": loaded 8 a 32-bit shared-memory read (WGMMA_UPCAST_4X), moved to WGMMA_UPCAST_2X as int4 (a shuffle),
+# upcast there, then moved to WGMMA as bfloat16 (Mosaic's intended route for 4-bit left operands); "4x": loaded as
+# "4x-2x", moved to WGMMA as int4, upcast there; "auto": Mosaic's layout inference picks (WGMMA for the load: a byte
+# a read).
+CONVERSIONS = ("4x-2x", "4x", "auto")
+
+
+def _upcast(plgpu, tile, convert: str):
+    L = plgpu.Layout
+    if convert == "auto":
+        return tile.astype(jnp.bfloat16)
+    tile = plgpu.layout_cast(tile, L.WGMMA_UPCAST_4X)
+    if convert == "4x":
+        return plgpu.layout_cast(tile, L.WGMMA).astype(jnp.bfloat16)
+    return plgpu.layout_cast(plgpu.layout_cast(tile, L.WGMMA_UPCAST_2X).astype(jnp.bfloat16), L.WGMMA)
+
+
+def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stages: int = 4,
+                        convert: str = "4x-2x"):
+    """``[k_splits, N, 8]`` float32 partial sums of ``x @ W`` transposed (``x [8, K]`` bfloat16)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rows, K = x.shape
+    N = wt.shape[0]
+    G = K // group_size
+    if rows != ROWS or x.dtype != jnp.bfloat16 or N % BLOCK_N or K % group_size or G % k_splits:
+        raise ValueError(f"x must be [{ROWS}, K] bfloat16 and N a multiple of {BLOCK_N}, K of the group size, "
+                         f"the groups of k_splits: got x {x.shape} {x.dtype}, N {N}, group {group_size}, "
+                         f"splits {k_splits}")
+    steps = G // k_splits
+    w_swizzle = group_size // 2  # bytes of a tile row: 128 int4 = 64
+    w_tiled = (plgpu.TilingTransform((8, group_size)), plgpu.SwizzleTransform(w_swizzle))
+    x_tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def kernel(x_gmem, w_gmem, s_gmem, zs_gmem, o_gmem, o_smem):
+        n, split = lax.axis_index("n"), lax.axis_index("split")
+        cols = pl.ds(n * BLOCK_N, BLOCK_N)
+        first = split * steps
+
+        def body(_, w_smem, x_smem, s_smem, zs_smem, total):
+            a = _upcast(plgpu, w_smem[...], convert)
+            ones = plgpu.layout_cast(jnp.full((BLOCK_N, group_size), 1, jnp.bfloat16), plgpu.Layout.WGMMA)
+
+            def products(acc_q, acc_x):
+                plgpu.wgmma(acc_q, a, _transposed(x_smem))
+                plgpu.wgmma(acc_x, ones, _transposed(x_smem))
+                return acc_q[...], acc_x[...]
+
+            qx, xs = pl.run_scoped(products, plgpu.ACC((BLOCK_N, ROWS), jnp.float32),
+                                   plgpu.ACC((BLOCK_N, ROWS), jnp.float32))
+            row = plgpu.Layout.WGMMA.reduce(1)
+            sv = plgpu.layout_cast(s_smem[0], row)
+            zv = plgpu.layout_cast(zs_smem[0], row)
+            return (total + lax.broadcast_in_dim(sv, qx.shape, [0]) * qx
+                    - lax.broadcast_in_dim(zv, xs.shape, [0]) * xs)
+
+        zero = plgpu.layout_cast(jnp.zeros((BLOCK_N, ROWS), jnp.float32), plgpu.Layout.WGMMA)
+        pipeline = plgpu.emit_pipeline(
+            body,
+            grid=(steps,),
+            in_specs=[
+                plgpu.BlockSpec((BLOCK_N, group_size), lambda k: (0, k), transforms=w_tiled),
+                plgpu.BlockSpec((ROWS, group_size), lambda k: (0, k), transforms=x_tiled),
+                plgpu.BlockSpec((1, BLOCK_N), lambda k: (k, 0)),
+                plgpu.BlockSpec((1, BLOCK_N), lambda k: (k, 0)),
+            ],
+            max_concurrent_steps=stages,
+            init_carry=zero,
+        )
+        ks = pl.ds(first * group_size, steps * group_size)
+        gs = pl.ds(first, steps)
+        total = pipeline(w_gmem.at[cols, ks], x_gmem.at[:, ks], s_gmem.at[gs, cols], zs_gmem.at[gs, cols])
+        o_smem[...] = total
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((k_splits, N, ROWS), jnp.float32),
+        grid=(N // BLOCK_N, k_splits),
+        grid_names=("n", "split"),
+        scratch_types=[plgpu.SMEM((BLOCK_N, ROWS), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )(x, wt, s, zs)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert"))
+def int4_wgmma_matmul(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stages: int = 4, convert: str = "4x-2x"):
+    """``x [M <= 8, K] @ W`` -> ``[M, N]`` in x's dtype (the partial sums added in float32)."""
+    M = x.shape[0]
+    xp = jnp.zeros((ROWS, x.shape[1]), jnp.bfloat16).at[:M].set(x.astype(jnp.bfloat16))
+    partials = int4_wgmma_partials(xp, wt, s, zs, group_size=group_size, k_splits=k_splits, stages=stages,
+                                    convert=convert)
+    return partials.sum(axis=0).T[:M].astype(x.dtype)

@@ -1,0 +1,109 @@
+"""Probe: the int4 matmul on Hopper's tensor cores (``pallas_kernels/int4_wgmma_gemv.py``) against the engine's
+Triton GEMV at one row, at the 8B's shapes (issue 8: AWQ's 2.5x needs the int4 GEMVs at ~2.6 TB/s; the Triton GEMV
+reads ~2.1 at ~4.2 instructions a weight).
+
+For each shape: the wgmma kernel checked against its float32 reference (and the Triton GEMV against its own), then
+both timed in ``bench_matmul.time_chain``'s dependent chain, the wgmma kernel over its conversions
+(``CONVERSIONS``), pipeline depths and K splits. Rows as ``bench_matmul``'s (us, weight TB/s).
+
+    python scripts/probe_gemv_wgmma.py --out probe.json     # GPU (sm_90, JAX >= 0.11)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import bench_matmul  # noqa: E402
+from pallas_kernels import int4_wgmma_gemv as wg  # noqa: E402
+
+GROUP = 128
+SHAPES = ("w_gate_up", "w_down", "wqkv", "wo")
+
+
+def auto_splits(N: int, groups: int, target: int) -> int:
+    """The fewest K splits (dividing the groups) giving ``target`` programs."""
+    for splits in range(1, groups + 1):
+        if groups % splits == 0 and (N // wg.BLOCK_N) * splits >= target:
+            return splits
+    return groups
+
+
+def make_weights(K: int, N: int):
+    def make(key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        q = jax.random.randint(k1, (K, N), 0, 16, jnp.int32)
+        scales = jax.random.uniform(k2, (K // GROUP, N), jnp.float32, 0.001, 0.01)
+        zeros = jax.random.randint(k3, (K // GROUP, N), 0, 16, jnp.int32).astype(jnp.float32)
+        return wg.pack_weights(q, scales, zeros)
+    return make
+
+
+def check(K: int, N: int, splits: int, convert: str) -> float:
+    """Max |error| of the kernel over max |reference| at one row."""
+    wt, s, zs = jax.jit(make_weights(K, N))(jax.random.key(K + N))
+    x = jax.random.normal(jax.random.key(7), (1, K), jnp.float32).astype(jnp.bfloat16)
+    out = wg.int4_wgmma_matmul(x, wt, s, zs, group_size=GROUP, k_splits=splits, convert=convert)
+    ref = wg.reference(x, wt, s, zs, group_size=GROUP)
+    return float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+
+
+def main():
+    parser = bench_matmul.probe_parser(__doc__)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--stages", default="4,8")
+    parser.add_argument("--conversions", default=",".join(wg.CONVERSIONS))
+    parser.add_argument("--deadline-s", type=float, default=1e9)
+    args = parser.parse_args()
+    start = time.time()
+    rows = []
+    cores = jax.devices()[0].core_count
+    for shape in args.shapes.split(","):
+        K, N, _ = bench_matmul.SHAPES_8B[shape]
+        groups = K // GROUP
+        try:
+            rows.append(dict(name=shape, M=1, **bench_matmul.time_variant("pallas-int4", K, N, 1, interpret=False,
+                                                                             repeats=5)))
+            print(rows[-1], flush=True)
+        except Exception:
+            traceback.print_exc()
+        settings = sorted({auto_splits(N, groups, 2 * cores), auto_splits(N, groups, 4 * cores)})
+        for convert in args.conversions.split(","):
+            for splits in settings:
+                try:
+                    err = check(K, N, splits, convert)
+                except Exception as e:
+                    traceback.print_exc()
+                    rows.append(dict(name=shape, variant=f"wgmma-{convert}", k_splits=splits, error=repr(e)[:500]))
+                    continue
+                for stages in (int(s) for s in args.stages.split(",")):
+                    if time.time() - start > args.deadline_s:
+                        break
+                    fn = (lambda x, w, splits=splits, stages=stages, convert=convert:  # noqa: E731
+                          wg.int4_wgmma_matmul(x, *w, group_size=GROUP, k_splits=splits, stages=stages,
+                                               convert=convert))
+                    make = make_weights(K, N)
+                    sample = jax.eval_shape(make, jax.random.key(0))
+                    nbytes = N * K // 2 + 2 * sample[1].size * 2  # int4 weights + 16-bit scale / zero, as AWQ's
+                    try:
+                        timing = bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=jax.random.key(K * 7 + N),
+                                                         repeats=5)
+                        rows.append(dict(name=shape, variant=f"wgmma-{convert}", k_splits=splits, stages=stages,
+                                         rel_err=err, **timing))
+                    except Exception as e:
+                        traceback.print_exc()
+                        rows.append(dict(name=shape, variant=f"wgmma-{convert}", k_splits=splits, stages=stages,
+                                         rel_err=err, error=repr(e)[:500]))
+                    print(rows[-1], flush=True)
+        bench_matmul.write_probe(args.out, args.shapes, rows)
+
+
+if __name__ == "__main__":
+    main()
