@@ -70,8 +70,10 @@ def _upcast(plgpu, tile, convert: str):
 
 
 def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stages: int = 4,
-                        convert: str = "4x-2x"):
-    """``[k_splits, N, 8]`` float32 partial sums of ``x @ W`` transposed (``x [8, K]`` bfloat16)."""
+                        convert: str = "4x-2x", interpret=None):
+    """``[k_splits, N, 8]`` float32 partial sums of ``x @ W`` transposed (``x [8, K]`` bfloat16). ``interpret``:
+    JAX's Mosaic GPU interpreter (``InterpretGPUParams``, JAX >= 0.11), for tests: it has no register layouts and
+    takes wgmma's left operand from memory only, so there the upcast tile (and the ones) go through shared memory."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     rows, K = x.shape
@@ -86,14 +88,22 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
     w_tiled = (plgpu.TilingTransform((8, group_size)), plgpu.SwizzleTransform(w_swizzle))
     x_tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
-    def kernel(x_gmem, w_gmem, s_gmem, zs_gmem, o_gmem, o_smem):
+    def cast(v, layout):  # the interpreter keeps values in their logical layout
+        return v if interpret else plgpu.layout_cast(v, layout)
+
+    def kernel(x_gmem, w_gmem, s_gmem, zs_gmem, o_gmem, o_smem, *a_smem):
         n, split = lax.axis_index("n"), lax.axis_index("split")
         cols = pl.ds(n * BLOCK_N, BLOCK_N)
         first = split * steps
 
         def body(_, w_smem, x_smem, s_smem, zs_smem, total):
-            a = _upcast(plgpu, w_smem[...], convert)
-            ones = plgpu.layout_cast(jnp.full((BLOCK_N, group_size), 1, jnp.bfloat16), plgpu.Layout.WGMMA)
+            ones = jnp.full((BLOCK_N, group_size), 1, jnp.bfloat16)
+            if interpret:
+                a_smem[0][...] = w_smem[...].astype(jnp.bfloat16)
+                a_smem[1][...] = ones
+                a, ones = a_smem
+            else:
+                a, ones = _upcast(plgpu, w_smem[...], convert), plgpu.layout_cast(ones, plgpu.Layout.WGMMA)
 
             def products(acc_q, acc_x):
                 plgpu.wgmma(acc_q, a, _transposed(x_smem))
@@ -103,12 +113,11 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
             qx, xs = pl.run_scoped(products, plgpu.ACC((BLOCK_N, ROWS), jnp.float32),
                                    plgpu.ACC((BLOCK_N, ROWS), jnp.float32))
             row = plgpu.Layout.WGMMA.reduce(1)
-            sv = plgpu.layout_cast(s_smem[0], row)
-            zv = plgpu.layout_cast(zs_smem[0], row)
+            sv, zv = cast(s_smem[0], row), cast(zs_smem[0], row)
             return (total + lax.broadcast_in_dim(sv, qx.shape, [0]) * qx
                     - lax.broadcast_in_dim(zv, xs.shape, [0]) * xs)
 
-        zero = plgpu.layout_cast(jnp.zeros((BLOCK_N, ROWS), jnp.float32), plgpu.Layout.WGMMA)
+        zero = cast(jnp.zeros((BLOCK_N, ROWS), jnp.float32), plgpu.Layout.WGMMA)
         pipeline = plgpu.emit_pipeline(
             body,
             grid=(steps,),
@@ -134,16 +143,19 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
         out_type=jax.ShapeDtypeStruct((k_splits, N, ROWS), jnp.float32),
         grid=(N // BLOCK_N, k_splits),
         grid_names=("n", "split"),
-        scratch_types=[plgpu.SMEM((BLOCK_N, ROWS), jnp.float32)],
+        scratch_types=[plgpu.SMEM((BLOCK_N, ROWS), jnp.float32)]
+        + [plgpu.SMEM((BLOCK_N, group_size), jnp.bfloat16, transforms=x_tiled)] * (2 if interpret else 0),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **({"interpret": interpret} if interpret else {}),
     )(x, wt, s, zs)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert"))
-def int4_wgmma_matmul(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stages: int = 4, convert: str = "4x-2x"):
+@functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert", "interpret"))
+def int4_wgmma_matmul(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stages: int = 4, convert: str = "4x-2x",
+                      interpret=None):
     """``x [M <= 8, K] @ W`` -> ``[M, N]`` in x's dtype (the partial sums added in float32)."""
     M = x.shape[0]
     xp = jnp.zeros((ROWS, x.shape[1]), jnp.bfloat16).at[:M].set(x.astype(jnp.bfloat16))
     partials = int4_wgmma_partials(xp, wt, s, zs, group_size=group_size, k_splits=k_splits, stages=stages,
-                                    convert=convert)
+                                    convert=convert, interpret=interpret)
     return partials.sum(axis=0).T[:M].astype(x.dtype)

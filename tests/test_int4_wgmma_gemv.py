@@ -47,6 +47,20 @@ def test_bad_shapes_are_refused():
                                jnp.zeros((2, 96)), jnp.zeros((2, 96)), group_size=GROUP)
 
 
+@pytest.mark.skipif(not wg.JAX_0_11, reason="JAX's Mosaic GPU interpreter runs this kernel from 0.11 on")
+def test_kernel_matches_reference_in_the_interpreter():
+    """Pipeline, K splits, scales and zero points in JAX's Mosaic GPU interpreter (the upcast tile through shared
+    memory: the interpreter has no register layouts); a few rows of x."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    K, N, rows = 512, 128, 3
+    wt, s, zs = wg.pack_weights(*random_weights(jax.random.key(3), K, N))
+    x = jax.random.normal(jax.random.key(4), (rows, K)).astype(jnp.bfloat16)
+    out = wg.int4_wgmma_matmul(x, wt, s, zs, group_size=GROUP, k_splits=2, stages=2, interpret=InterpretGPUParams())
+    ref = wg.reference(x, wt, s, zs, group_size=GROUP)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))) < 1e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("convert", wg.CONVERSIONS)
 @pytest.mark.parametrize("K, N, splits, rows", [(4096, 6144, 4, 1), (14336, 4096, 7, 1), (4096, 28672, 1, 5)])
