@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 ROWS = 8  # wgmma's smallest N: x's rows padded to this many
-BLOCK_N = 64  # wgmma's M: output columns a warpgroup
+BLOCK_N = 64  # wgmma's M: output columns a warpgroup (the default; a multiple of 64)
 JAX_0_11 = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
@@ -70,7 +70,7 @@ def _upcast(plgpu, tile, convert: str):
 
 
 def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stages: int = 4,
-                        convert: str = "4x-2x", interpret=None):
+                        convert: str = "4x-2x", block_n: int = BLOCK_N, interpret=None):
     """``[k_splits, N, 8]`` float32 partial sums of ``x @ W`` transposed (``x [8, K]`` bfloat16). ``interpret``:
     JAX's Mosaic GPU interpreter (``InterpretGPUParams``, JAX >= 0.11), for tests: it has no register layouts and
     takes wgmma's left operand from memory only, so there the upcast tile (and the ones) go through shared memory."""
@@ -79,10 +79,10 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
     rows, K = x.shape
     N = wt.shape[0]
     G = K // group_size
-    if rows != ROWS or x.dtype != jnp.bfloat16 or N % BLOCK_N or K % group_size or G % k_splits:
-        raise ValueError(f"x must be [{ROWS}, K] bfloat16 and N a multiple of {BLOCK_N}, K of the group size, "
-                         f"the groups of k_splits: got x {x.shape} {x.dtype}, N {N}, group {group_size}, "
-                         f"splits {k_splits}")
+    if rows != ROWS or x.dtype != jnp.bfloat16 or block_n % 64 or N % block_n or K % group_size or G % k_splits:
+        raise ValueError(f"x must be [{ROWS}, K] bfloat16, block_n a multiple of 64 and N of block_n ({block_n}), "
+                         f"K of the group size, the groups of k_splits: got x {x.shape} {x.dtype}, N {N}, "
+                         f"group {group_size}, splits {k_splits}")
     steps = G // k_splits
     w_swizzle = group_size // 2  # bytes of a tile row: 128 int4 = 64
     w_tiled = (plgpu.TilingTransform((8, group_size)), plgpu.SwizzleTransform(w_swizzle))
@@ -93,11 +93,11 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
 
     def kernel(x_gmem, w_gmem, s_gmem, zs_gmem, o_gmem, o_smem, *a_smem):
         n, split = lax.axis_index("n"), lax.axis_index("split")
-        cols = pl.ds(n * BLOCK_N, BLOCK_N)
+        cols = pl.ds(n * block_n, block_n)
         first = split * steps
 
         def body(_, w_smem, x_smem, s_smem, zs_smem, total):
-            ones = jnp.full((BLOCK_N, group_size), 1, jnp.bfloat16)
+            ones = jnp.full((block_n, group_size), 1, jnp.bfloat16)
             if interpret:
                 a_smem[0][...] = w_smem[...].astype(jnp.bfloat16)
                 a_smem[1][...] = ones
@@ -110,22 +110,22 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
                 plgpu.wgmma(acc_x, ones, _transposed(x_smem))
                 return acc_q[...], acc_x[...]
 
-            qx, xs = pl.run_scoped(products, plgpu.ACC((BLOCK_N, ROWS), jnp.float32),
-                                   plgpu.ACC((BLOCK_N, ROWS), jnp.float32))
+            qx, xs = pl.run_scoped(products, plgpu.ACC((block_n, ROWS), jnp.float32),
+                                   plgpu.ACC((block_n, ROWS), jnp.float32))
             row = plgpu.Layout.WGMMA.reduce(1)
             sv, zv = cast(s_smem[0], row), cast(zs_smem[0], row)
             return (total + lax.broadcast_in_dim(sv, qx.shape, [0]) * qx
                     - lax.broadcast_in_dim(zv, xs.shape, [0]) * xs)
 
-        zero = cast(jnp.zeros((BLOCK_N, ROWS), jnp.float32), plgpu.Layout.WGMMA)
+        zero = cast(jnp.zeros((block_n, ROWS), jnp.float32), plgpu.Layout.WGMMA)
         pipeline = plgpu.emit_pipeline(
             body,
             grid=(steps,),
             in_specs=[
-                plgpu.BlockSpec((BLOCK_N, group_size), lambda k: (0, k), transforms=w_tiled),
+                plgpu.BlockSpec((block_n, group_size), lambda k: (0, k), transforms=w_tiled),
                 plgpu.BlockSpec((ROWS, group_size), lambda k: (0, k), transforms=x_tiled),
-                plgpu.BlockSpec((1, BLOCK_N), lambda k: (k, 0)),
-                plgpu.BlockSpec((1, BLOCK_N), lambda k: (k, 0)),
+                plgpu.BlockSpec((1, block_n), lambda k: (k, 0)),
+                plgpu.BlockSpec((1, block_n), lambda k: (k, 0)),
             ],
             max_concurrent_steps=stages,
             init_carry=zero,
@@ -141,21 +141,21 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((k_splits, N, ROWS), jnp.float32),
-        grid=(N // BLOCK_N, k_splits),
+        grid=(N // block_n, k_splits),
         grid_names=("n", "split"),
-        scratch_types=[plgpu.SMEM((BLOCK_N, ROWS), jnp.float32)]
-        + [plgpu.SMEM((BLOCK_N, group_size), jnp.bfloat16, transforms=x_tiled)] * (2 if interpret else 0),
+        scratch_types=[plgpu.SMEM((block_n, ROWS), jnp.float32)]
+        + [plgpu.SMEM((block_n, group_size), jnp.bfloat16, transforms=x_tiled)] * (2 if interpret else 0),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **({"interpret": interpret} if interpret else {}),
     )(x, wt, s, zs)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert", "interpret"))
+@functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert", "block_n", "interpret"))
 def int4_wgmma_matmul(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stages: int = 4, convert: str = "4x-2x",
-                      interpret=None):
+                      block_n: int = BLOCK_N, interpret=None):
     """``x [M <= 8, K] @ W`` -> ``[M, N]`` in x's dtype (the partial sums added in float32)."""
     M = x.shape[0]
     xp = jnp.zeros((ROWS, x.shape[1]), jnp.bfloat16).at[:M].set(x.astype(jnp.bfloat16))
     partials = int4_wgmma_partials(xp, wt, s, zs, group_size=group_size, k_splits=k_splits, stages=stages,
-                                    convert=convert, interpret=interpret)
+                                    convert=convert, block_n=block_n, interpret=interpret)
     return partials.sum(axis=0).T[:M].astype(x.dtype)

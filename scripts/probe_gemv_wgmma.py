@@ -26,12 +26,14 @@ from pallas_kernels import int4_wgmma_gemv as wg  # noqa: E402
 
 GROUP = 128
 SHAPES = ("w_gate_up", "w_down", "wqkv", "wo")
+# (conversion, output columns a warpgroup, pipeline stages), in the order timed
+SETTINGS = (("4x", 64, 4), ("4x-2x", 64, 4), ("4x", 128, 4), ("4x", 64, 8), ("auto", 64, 4))
 
 
-def auto_splits(N: int, groups: int, target: int) -> int:
+def auto_splits(N: int, groups: int, target: int, block_n: int) -> int:
     """The fewest K splits (dividing the groups) giving ``target`` programs."""
     for splits in range(1, groups + 1):
-        if groups % splits == 0 and (N // wg.BLOCK_N) * splits >= target:
+        if groups % splits == 0 and (N // block_n) * splits >= target:
             return splits
     return groups
 
@@ -46,11 +48,11 @@ def make_weights(K: int, N: int):
     return make
 
 
-def check(K: int, N: int, splits: int, convert: str) -> float:
+def check(K: int, N: int, splits: int, convert: str, block_n: int) -> float:
     """Max |error| of the kernel over max |reference| at one row."""
     wt, s, zs = jax.jit(make_weights(K, N))(jax.random.key(K + N))
     x = jax.random.normal(jax.random.key(7), (1, K), jnp.float32).astype(jnp.bfloat16)
-    out = wg.int4_wgmma_matmul(x, wt, s, zs, group_size=GROUP, k_splits=splits, convert=convert)
+    out = wg.int4_wgmma_matmul(x, wt, s, zs, group_size=GROUP, k_splits=splits, convert=convert, block_n=block_n)
     ref = wg.reference(x, wt, s, zs, group_size=GROUP)
     return float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
 
@@ -58,14 +60,14 @@ def check(K: int, N: int, splits: int, convert: str) -> float:
 def main():
     parser = bench_matmul.probe_parser(__doc__)
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--stages", default="4,8")
-    parser.add_argument("--conversions", default=",".join(wg.CONVERSIONS))
     parser.add_argument("--deadline-s", type=float, default=1e9)
     args = parser.parse_args()
     start = time.time()
     rows = []
     cores = jax.devices()[0].core_count
     for shape in args.shapes.split(","):
+        if time.time() - start > args.deadline_s:
+            break
         K, N, _ = bench_matmul.SHAPES_8B[shape]
         groups = K // GROUP
         try:
@@ -74,34 +76,25 @@ def main():
             print(rows[-1], flush=True)
         except Exception:
             traceback.print_exc()
-        settings = sorted({auto_splits(N, groups, 2 * cores), auto_splits(N, groups, 4 * cores)})
-        for convert in args.conversions.split(","):
-            for splits in settings:
+        make = make_weights(K, N)
+        nbytes = N * K // 2 + 2 * (K // GROUP) * N * 2  # int4 weights + 16-bit scales and zeros, as AWQ's
+        for convert, block_n, stages in SETTINGS:
+            for splits in sorted({auto_splits(N, groups, m * cores, block_n) for m in (2, 4)}):
+                if time.time() - start > args.deadline_s:
+                    break
+                row = dict(name=shape, variant=f"wgmma-{convert}", block_n=block_n, k_splits=splits, stages=stages)
                 try:
-                    err = check(K, N, splits, convert)
+                    row["rel_err"] = check(K, N, splits, convert, block_n)
+                    fn = (lambda x, w, splits=splits, stages=stages, convert=convert, block_n=block_n:  # noqa: E731
+                          wg.int4_wgmma_matmul(x, *w, group_size=GROUP, k_splits=splits, stages=stages,
+                                               convert=convert, block_n=block_n))
+                    row.update(bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=jax.random.key(K * 7 + N),
+                                                       repeats=5))
                 except Exception as e:
                     traceback.print_exc()
-                    rows.append(dict(name=shape, variant=f"wgmma-{convert}", k_splits=splits, error=repr(e)[:500]))
-                    continue
-                for stages in (int(s) for s in args.stages.split(",")):
-                    if time.time() - start > args.deadline_s:
-                        break
-                    fn = (lambda x, w, splits=splits, stages=stages, convert=convert:  # noqa: E731
-                          wg.int4_wgmma_matmul(x, *w, group_size=GROUP, k_splits=splits, stages=stages,
-                                               convert=convert))
-                    make = make_weights(K, N)
-                    sample = jax.eval_shape(make, jax.random.key(0))
-                    nbytes = N * K // 2 + 2 * sample[1].size * 2  # int4 weights + 16-bit scale / zero, as AWQ's
-                    try:
-                        timing = bench_matmul.time_chain(fn, make, nbytes, K, N, 1, key=jax.random.key(K * 7 + N),
-                                                         repeats=5)
-                        rows.append(dict(name=shape, variant=f"wgmma-{convert}", k_splits=splits, stages=stages,
-                                         rel_err=err, **timing))
-                    except Exception as e:
-                        traceback.print_exc()
-                        rows.append(dict(name=shape, variant=f"wgmma-{convert}", k_splits=splits, stages=stages,
-                                         rel_err=err, error=repr(e)[:500]))
-                    print(rows[-1], flush=True)
+                    row["error"] = repr(e)[:500]
+                rows.append(row)
+                print(row, flush=True)
         bench_matmul.write_probe(args.out, args.shapes, rows)
 
 

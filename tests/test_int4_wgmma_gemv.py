@@ -42,7 +42,7 @@ def test_kernel_lowers_for_cuda(convert):
 
 
 def test_bad_shapes_are_refused():
-    with pytest.raises(ValueError, match="multiple of 64"):
+    with pytest.raises(ValueError, match="multiple of"):
         wg.int4_wgmma_partials(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((96, 256), jnp.int4),
                                jnp.zeros((2, 96)), jnp.zeros((2, 96)), group_size=GROUP)
 
