@@ -1,11 +1,11 @@
 """A few-row int4 matmul on Hopper's tensor cores (Pallas Mosaic GPU): the weights are the wgmma's left operand.
 
 ``y[M, N] = x[M, K] @ W`` for ``M <= 8`` with ``W = (q - z) s`` in groups of ``group_size`` rows of K (AWQ / GPTQ
-without act-order), computed transposed: ``y^T = W^T x^T``. A warpgroup takes 64 output columns (64 rows of
-``W^T``) over a range of K; each pipeline step TMA-copies a ``[64, group_size]`` int4 tile, the matching
-``[8, group_size]`` slice of x and the group's scales into shared memory, upcasts the tile in registers
-(Mosaic GPU's int4 -> bf16 conversion: a permute, a LOP3 and a packed subtract for two weights) and multiplies it
-by x^T on the tensor cores (wgmma, N = 8: x's rows padded to 8). The Triton GEMV instead spends a float32
+without act-order, groups of 128), computed transposed: ``y^T = W^T x^T``. A warpgroup takes ``block_n`` output
+columns (rows of ``W^T``, 64 or a multiple) over a range of K; each pipeline step TMA-copies a ``[block_n, 128]``
+int4 tile, the matching ``[8, 128]`` slice of x and the group's scales into shared memory, upcasts the tile in
+registers (Mosaic GPU's int4 -> bf16 conversion: a permute, a LOP3 and a packed subtract for two weights) and
+multiplies it by x^T on the tensor cores (wgmma, N = 8: x's rows padded to 8). The Triton GEMV instead spends a float32
 multiply-add a weight on the CUDA cores (~4.2 instructions a weight, NOTES.md "Why AWQ stays at 2.21x").
 
 Zero points leave the products: a step's ``sum_k q'_k x_k`` (``q' = q - 8``, the signed nibble the tile holds)
@@ -14,7 +14,8 @@ step's contribution is ``s * sum q' x - (z - 8) s * sum x``, exact integer dots 
 
 Layouts (``pack_weights``): ``W^T`` as signed int4 ``[N, K]``; scales ``s`` and ``(z - 8) s`` as float32
 ``[K / group_size, N]``. The result is ``[k_splits, N, 8]`` float32 partial sums; ``int4_wgmma_matmul`` adds
-them and returns ``[M, N]``. A prototype: timed against the Triton GEMV by ``scripts/bench_int4_wgmma.py``."""
+them and returns ``[M, N]``. A prototype, not wired into the engine: timed against the Triton GEMV by
+``scripts/probe_gemv_wgmma.py``."""
 
 from __future__ import annotations
 
@@ -79,10 +80,11 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
     rows, K = x.shape
     N = wt.shape[0]
     G = K // group_size
-    if rows != ROWS or x.dtype != jnp.bfloat16 or block_n % 64 or N % block_n or K % group_size or G % k_splits:
-        raise ValueError(f"x must be [{ROWS}, K] bfloat16, block_n a multiple of 64 and N of block_n ({block_n}), "
-                         f"K of the group size, the groups of k_splits: got x {x.shape} {x.dtype}, N {N}, "
-                         f"group {group_size}, splits {k_splits}")
+    if (rows != ROWS or x.dtype != jnp.bfloat16 or group_size != 128 or block_n % 64 or N % block_n
+            or K % group_size or G % k_splits):
+        raise ValueError(f"x must be [{ROWS}, K] bfloat16, the groups of 128 rows, block_n a multiple of 64 and N of "
+                         f"block_n ({block_n}), K of the group size, the groups of k_splits: got x {x.shape} "
+                         f"{x.dtype}, N {N}, group {group_size}, splits {k_splits}")
     steps = G // k_splits
     w_swizzle = group_size // 2  # bytes of a tile row: 128 int4 = 64
     w_tiled = (plgpu.TilingTransform((8, group_size)), plgpu.SwizzleTransform(w_swizzle))
@@ -155,6 +157,8 @@ def int4_wgmma_matmul(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stage
                       block_n: int = BLOCK_N, interpret=None):
     """``x [M <= 8, K] @ W`` -> ``[M, N]`` in x's dtype (the partial sums added in float32)."""
     M = x.shape[0]
+    if M > ROWS:
+        raise ValueError(f"int4_wgmma_matmul takes at most {ROWS} rows of x, got {M}")
     xp = jnp.zeros((ROWS, x.shape[1]), jnp.bfloat16).at[:M].set(x.astype(jnp.bfloat16))
     partials = int4_wgmma_partials(xp, wt, s, zs, group_size=group_size, k_splits=k_splits, stages=stages,
                                     convert=convert, block_n=block_n, interpret=interpret)

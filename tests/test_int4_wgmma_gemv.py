@@ -45,6 +45,12 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="multiple of"):
         wg.int4_wgmma_partials(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((96, 256), jnp.int4),
                                jnp.zeros((2, 96)), jnp.zeros((2, 96)), group_size=GROUP)
+    with pytest.raises(ValueError, match="groups of 128"):
+        wg.int4_wgmma_partials(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((64, 256), jnp.int4),
+                               jnp.zeros((4, 64)), jnp.zeros((4, 64)), group_size=64)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        wg.int4_wgmma_matmul(jnp.zeros((9, 256), jnp.bfloat16), jnp.zeros((64, 256), jnp.int4),
+                             jnp.zeros((2, 64)), jnp.zeros((2, 64)), group_size=GROUP)
 
 
 @pytest.mark.skipif(not wg.JAX_0_11, reason="JAX's Mosaic GPU interpreter runs this kernel from 0.11 on")
