@@ -474,7 +474,6 @@ def _as_prompt_list(prompts) -> list:
     return [as_prompt(p, i) for i, p in enumerate(prompts)]
 
 
-
 def _resolve_when_finished(future: concurrent.futures.Future, metrics: Optional[ServingMetrics] = None,
                            params=None):
     """The output callback of an offline request: its final output resolves ``future``, after it is recorded in

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.ragged_prefill_mgpu import transposed_ref
+
 ROWS = 8  # wgmma's smallest N: x's rows padded to this many
 BLOCK_N = 64  # wgmma's M: output columns a warpgroup (the default; a multiple of 64)
-JAX_0_11 = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
 def pack_weights(q, scales, zeros):
@@ -44,12 +45,6 @@ def reference(x, wt, s, zs, *, group_size: int):
     G = s.shape[0]
     w = wt.T.astype(jnp.float32).reshape(G, group_size, -1) * s[:, None, :] - zs[:, None, :]
     return x.astype(jnp.float32) @ w.reshape(G * group_size, -1)
-
-
-def _transposed(ref):
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    return ref.transpose((1, 0)) if JAX_0_11 else plgpu.transpose_ref(ref, (1, 0))
 
 
 # How a tile's int4 values reach wgmma's register layout as bfloat16 (layouts of Mosaic GPU's ``fragmented_array``):
@@ -98,18 +93,23 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
         cols = pl.ds(n * block_n, block_n)
         first = split * steps
 
+        ones = jnp.full((block_n, group_size), 1, jnp.bfloat16)  # x's group sums' left operand, set once
+        if interpret:
+            a_smem[1][...] = ones
+            ones = a_smem[1]
+        else:
+            ones = plgpu.layout_cast(ones, plgpu.Layout.WGMMA)
+
         def body(_, w_smem, x_smem, s_smem, zs_smem, total):
-            ones = jnp.full((block_n, group_size), 1, jnp.bfloat16)
             if interpret:
                 a_smem[0][...] = w_smem[...].astype(jnp.bfloat16)
-                a_smem[1][...] = ones
-                a, ones = a_smem
+                a = a_smem[0]
             else:
-                a, ones = _upcast(plgpu, w_smem[...], convert), plgpu.layout_cast(ones, plgpu.Layout.WGMMA)
+                a = _upcast(plgpu, w_smem[...], convert)
 
             def products(acc_q, acc_x):
-                plgpu.wgmma(acc_q, a, _transposed(x_smem))
-                plgpu.wgmma(acc_x, ones, _transposed(x_smem))
+                plgpu.wgmma(acc_q, a, transposed_ref(x_smem))
+                plgpu.wgmma(acc_x, ones, transposed_ref(x_smem))
                 return acc_q[...], acc_x[...]
 
             qx, xs = pl.run_scoped(products, plgpu.ACC((block_n, ROWS), jnp.float32),

@@ -2,9 +2,10 @@
 Triton GEMV at one row, at the 8B's shapes (issue 8: AWQ's 2.5x needs the int4 GEMVs at ~2.6 TB/s; the Triton GEMV
 reads ~2.1 at ~4.2 instructions a weight).
 
-For each shape: the wgmma kernel checked against its float32 reference (and the Triton GEMV against its own), then
-both timed in ``bench_matmul.time_chain``'s dependent chain, the wgmma kernel over its conversions
-(``CONVERSIONS``), pipeline depths and K splits. Rows as ``bench_matmul``'s (us, weight TB/s).
+For each shape: the Triton GEMV timed in ``bench_matmul.time_chain``'s dependent chain, then the wgmma kernel over
+``SETTINGS`` (conversion route, output columns a warpgroup, pipeline depth) and two K splits, each setting checked
+against the float32 reference on one weight and x (made once a shape) before it is timed. Rows as
+``bench_matmul``'s (us, weight TB/s).
 
     python scripts/probe_gemv_wgmma.py --out probe.json     # GPU (sm_90, JAX >= 0.11)
 """
@@ -48,12 +49,17 @@ def make_weights(K: int, N: int):
     return make
 
 
-def check(K: int, N: int, splits: int, convert: str, block_n: int) -> float:
-    """Max |error| of the kernel over max |reference| at one row."""
-    wt, s, zs = jax.jit(make_weights(K, N))(jax.random.key(K + N))
+def check_case(K: int, N: int) -> tuple:
+    """``(x, weights, reference)`` at one row, for ``relative_error``."""
+    weights = jax.jit(make_weights(K, N))(jax.random.key(K + N))
     x = jax.random.normal(jax.random.key(7), (1, K), jnp.float32).astype(jnp.bfloat16)
-    out = wg.int4_wgmma_matmul(x, wt, s, zs, group_size=GROUP, k_splits=splits, convert=convert, block_n=block_n)
-    ref = wg.reference(x, wt, s, zs, group_size=GROUP)
+    return x, weights, wg.reference(x, *weights, group_size=GROUP)
+
+
+def relative_error(case: tuple, splits: int, convert: str, block_n: int) -> float:
+    """Max |error| of the kernel over max |reference| on ``check_case``'s inputs."""
+    x, weights, ref = case
+    out = wg.int4_wgmma_matmul(x, *weights, group_size=GROUP, k_splits=splits, convert=convert, block_n=block_n)
     return float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
 
 
@@ -76,7 +82,7 @@ def main():
             print(rows[-1], flush=True)
         except Exception:
             traceback.print_exc()
-        make = make_weights(K, N)
+        make, case = make_weights(K, N), check_case(K, N)
         nbytes = N * K // 2 + 2 * (K // GROUP) * N * 2  # int4 weights + 16-bit scales and zeros, as AWQ's
         for convert, block_n, stages in SETTINGS:
             for splits in sorted({auto_splits(N, groups, m * cores, block_n) for m in (2, 4)}):
@@ -84,7 +90,7 @@ def main():
                     break
                 row = dict(name=shape, variant=f"wgmma-{convert}", block_n=block_n, k_splits=splits, stages=stages)
                 try:
-                    row["rel_err"] = check(K, N, splits, convert, block_n)
+                    row["rel_err"] = relative_error(case, splits, convert, block_n)
                     fn = (lambda x, w, splits=splits, stages=stages, convert=convert, block_n=block_n:  # noqa: E731
                           wg.int4_wgmma_matmul(x, *w, group_size=GROUP, k_splits=splits, stages=stages,
                                                convert=convert, block_n=block_n))

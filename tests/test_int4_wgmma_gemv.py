@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import int4_wgmma_gemv as wg
+from pallas_kernels.ragged_prefill_mgpu import JAX_0_11
 
 GROUP = 128
 
@@ -53,7 +54,7 @@ def test_bad_shapes_are_refused():
                              jnp.zeros((2, 64)), jnp.zeros((2, 64)), group_size=GROUP)
 
 
-@pytest.mark.skipif(not wg.JAX_0_11, reason="JAX's Mosaic GPU interpreter runs this kernel from 0.11 on")
+@pytest.mark.skipif(not JAX_0_11, reason="JAX's Mosaic GPU interpreter runs this kernel from 0.11 on")
 def test_kernel_matches_reference_in_the_interpreter():
     """Pipeline, K splits, scales and zero points in JAX's Mosaic GPU interpreter (the upcast tile through shared
     memory: the interpreter has no register layouts); a few rows of x."""
