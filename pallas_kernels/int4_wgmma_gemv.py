@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.quantized_matmul import add_splits
 from pallas_kernels.ragged_prefill_mgpu import transposed_ref
 
 ROWS = 8  # wgmma's smallest N: x's rows padded to this many
@@ -65,30 +66,54 @@ def _upcast(plgpu, tile, convert: str):
     return plgpu.layout_cast(plgpu.layout_cast(tile, L.WGMMA_UPCAST_2X).astype(jnp.bfloat16), L.WGMMA)
 
 
-def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stages: int = 4,
-                        convert: str = "4x-2x", block_n: int = BLOCK_N, interpret=None):
-    """``[k_splits, N, 8]`` float32 partial sums of ``x @ W`` transposed (``x [8, K]`` bfloat16). ``interpret``:
-    JAX's Mosaic GPU interpreter (``InterpretGPUParams``, JAX >= 0.11), for tests: it has no register layouts and
-    takes wgmma's left operand from memory only, so there the upcast tile (and the ones) go through shared memory."""
+def _check_shapes(x, wt, s, zs, sum_sq, group_size: int, k_splits: int, block_n: int):
+    M, K = x.shape
+    N = wt.shape[0]
+    if M > ROWS:
+        raise ValueError(f"the int4 wgmma matmul takes at most {ROWS} rows of x, got {M}")
+    G = K // group_size if group_size else 0
+    if (x.dtype != jnp.bfloat16 or group_size != 128 or block_n % 64 or N % block_n or K % group_size
+            or G % k_splits or wt.shape != (N, K) or s.shape != (G, N) or zs.shape != (G, N)):
+        raise ValueError(f"x must be [M, K] bfloat16, the groups of 128 rows, block_n a multiple of 64 and N of "
+                         f"block_n ({block_n}), K of the group size, the groups of k_splits, W^T [N, K] and the "
+                         f"scales [K / 128, N]: got x {x.shape} {x.dtype}, W^T {wt.shape}, scales {s.shape}, "
+                         f"group {group_size}, splits {k_splits}")
+    if sum_sq is not None and (M != 1 or sum_sq.ndim != 1 or sum_sq.dtype != jnp.float32):
+        raise ValueError(f"a deferred RMSNorm (sum_sq float32 [groups]) is applied at one row only: got x {x.shape}, "
+                         f"sum_sq {sum_sq.dtype}{sum_sq.shape}")
+
+
+def int4_wgmma_partials(x, wt, s, zs, sum_sq=None, *, group_size: int, k_splits: int = 1, stages: int = 4,
+                        convert: str = "4x-2x", block_n: int = BLOCK_N, norm_eps: float = 0.0, interpret=None):
+    """``[k_splits, M, N]`` partial sums of ``x @ W`` (``x [M <= 8, K]`` bfloat16): bfloat16 unsplit, else float32,
+    as the engine's Triton kernels write them (``quantized_matmul.add_splits``). x's rows are read straight from
+    ``x`` (TMA fills the rows past M with zeros) and the result is stored transposed back to ``[M, N]`` (TMA skips
+    the rows past M). ``sum_sq`` (one row): x is a row's ``x * weight`` and each output gets its RMSNorm's scale
+    ``rsqrt(sum(sum_sq) / K + norm_eps)`` (``pallas_kernels.deferred_norm``). ``interpret``: JAX's Mosaic GPU
+    interpreter (``InterpretGPUParams``, JAX >= 0.11), for tests: it has no register layouts and takes wgmma's left
+    operand from memory only, so there the upcast tile (and the ones) go through shared memory."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    rows, K = x.shape
+    _check_shapes(x, wt, s, zs, sum_sq, group_size, k_splits, block_n)
+    M, K = x.shape
     N = wt.shape[0]
-    G = K // group_size
-    if (rows != ROWS or x.dtype != jnp.bfloat16 or group_size != 128 or block_n % 64 or N % block_n
-            or K % group_size or G % k_splits):
-        raise ValueError(f"x must be [{ROWS}, K] bfloat16, the groups of 128 rows, block_n a multiple of 64 and N of "
-                         f"block_n ({block_n}), K of the group size, the groups of k_splits: got x {x.shape} "
-                         f"{x.dtype}, N {N}, group {group_size}, splits {k_splits}")
-    steps = G // k_splits
+    steps = K // group_size // k_splits
+    out_dtype = x.dtype if k_splits == 1 else jnp.float32
     w_swizzle = group_size // 2  # bytes of a tile row: 128 int4 = 64
     w_tiled = (plgpu.TilingTransform((8, group_size)), plgpu.SwizzleTransform(w_swizzle))
     x_tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    o_tiled = (plgpu.TilingTransform((8, 128 // jnp.dtype(out_dtype).itemsize)), plgpu.SwizzleTransform(128))
+    norm = sum_sq is not None
 
     def cast(v, layout):  # the interpreter keeps values in their logical layout
         return v if interpret else plgpu.layout_cast(v, layout)
 
-    def kernel(x_gmem, w_gmem, s_gmem, zs_gmem, o_gmem, o_smem, *a_smem):
+    def kernel(x_gmem, w_gmem, s_gmem, zs_gmem, *refs):
+        if norm:
+            sq_gmem, o_gmem, o_smem, sq_smem, sq_barrier, *a_smem = refs
+            plgpu.copy_gmem_to_smem(sq_gmem, sq_smem, sq_barrier)  # waited for after the K loop
+        else:
+            o_gmem, o_smem, *a_smem = refs
         n, split = lax.axis_index("n"), lax.axis_index("split")
         cols = pl.ds(n * block_n, block_n)
         first = split * steps
@@ -125,6 +150,7 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
             grid=(steps,),
             in_specs=[
                 plgpu.BlockSpec((block_n, group_size), lambda k: (0, k), transforms=w_tiled),
+                # ROWS rows from x's M: TMA reads the rows past M as zeros
                 plgpu.BlockSpec((ROWS, group_size), lambda k: (0, k), transforms=x_tiled),
                 plgpu.BlockSpec((1, block_n), lambda k: (k, 0)),
                 plgpu.BlockSpec((1, block_n), lambda k: (k, 0)),
@@ -135,31 +161,45 @@ def int4_wgmma_partials(x, wt, s, zs, *, group_size: int, k_splits: int = 1, sta
         ks = pl.ds(first * group_size, steps * group_size)
         gs = pl.ds(first, steps)
         total = pipeline(w_gmem.at[cols, ks], x_gmem.at[:, ks], s_gmem.at[gs, cols], zs_gmem.at[gs, cols])
-        o_smem[...] = total
+        if norm:
+            plgpu.barrier_wait(sq_barrier)
+            sum_of_squares = functools.reduce(lambda a, b: a + b, [sq_smem[i] for i in range(sum_sq.shape[0])])
+            total = total * lax.rsqrt(sum_of_squares / K + norm_eps)
+        # [block_n, ROWS] -> the [ROWS, block_n] tile of the output (a shuffle a register pair to the transposed
+        # layout, then a swizzled store), and by TMA to rows :M of the output (the rows past M are skipped)
+        transposed_ref(o_smem)[...] = cast(total.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, cols])
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, pl.ds(0, ROWS), cols])
         plgpu.wait_smem_to_gmem(0)
 
+    scratch = [plgpu.SMEM((ROWS, block_n), out_dtype, transforms=o_tiled)]
+    if norm:
+        scratch += [plgpu.SMEM(sum_sq.shape, jnp.float32), plgpu.Barrier(num_arrivals=1)]
+    if interpret:
+        scratch += [plgpu.SMEM((block_n, group_size), jnp.bfloat16, transforms=x_tiled)] * 2
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((k_splits, N, ROWS), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((k_splits, M, N), out_dtype),
         grid=(N // block_n, k_splits),
         grid_names=("n", "split"),
-        scratch_types=[plgpu.SMEM((block_n, ROWS), jnp.float32)]
-        + [plgpu.SMEM((block_n, group_size), jnp.bfloat16, transforms=x_tiled)] * (2 if interpret else 0),
+        scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **({"interpret": interpret} if interpret else {}),
-    )(x, wt, s, zs)
+    )(x, wt, s, zs, *([sum_sq] if norm else []))
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert", "block_n", "interpret"))
+@functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert", "block_n", "keep_splits",
+                                             "norm_eps", "pad_rows", "interpret"))
 def int4_wgmma_matmul(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stages: int = 4, convert: str = "4x-2x",
-                      block_n: int = BLOCK_N, interpret=None):
-    """``x [M <= 8, K] @ W`` -> ``[M, N]`` in x's dtype (the partial sums added in float32)."""
+                      block_n: int = BLOCK_N, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0,
+                      pad_rows: bool = False, interpret=None):
+    """``x [M <= 8, K] @ W`` -> ``[M, N]`` in x's dtype (the splits added in float32), or with ``keep_splits`` the
+    ``[k_splits, M, N]`` partial sums for a consumer that adds them (``quantized_matmul.add_splits``). ``sum_sq`` /
+    ``norm_eps``: a deferred RMSNorm, as ``int4_wgmma_partials``. ``pad_rows``: x padded to 8 rows by an XLA op and the
+    result sliced back (every TMA copy then in bounds; for timing against the kernel's own reads of M rows)."""
     M = x.shape[0]
-    if M > ROWS:
-        raise ValueError(f"int4_wgmma_matmul takes at most {ROWS} rows of x, got {M}")
-    xp = jnp.zeros((ROWS, x.shape[1]), jnp.bfloat16).at[:M].set(x.astype(jnp.bfloat16))
-    partials = int4_wgmma_partials(xp, wt, s, zs, group_size=group_size, k_splits=k_splits, stages=stages,
-                                    convert=convert, block_n=block_n, interpret=interpret)
-    return partials.sum(axis=0).T[:M].astype(x.dtype)
+    if pad_rows and M < ROWS:
+        x = jnp.pad(x, ((0, ROWS - M), (0, 0)))
+    partials = int4_wgmma_partials(x, wt, s, zs, sum_sq, group_size=group_size, k_splits=k_splits, stages=stages,
+                                    convert=convert, block_n=block_n, norm_eps=norm_eps, interpret=interpret)
+    return add_splits(partials[:, :M], x.dtype, keep_splits)

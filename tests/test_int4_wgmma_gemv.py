@@ -32,14 +32,20 @@ def test_packed_layout_reproduces_the_dequantized_weights():
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("convert", wg.CONVERSIONS)
-def test_kernel_lowers_for_cuda(convert):
-    K, N, splits = 512, 128, 2
+@pytest.mark.parametrize("convert, splits, norm", [(c, 2, False) for c in wg.CONVERSIONS] + [("4x", 1, True)])
+def test_kernel_lowers_for_cuda(convert, splits, norm):
+    """One row of x (its 8-row tiles past x's end), split or not, with a deferred norm."""
+    K, N = 512, 128
     sd = jax.ShapeDtypeStruct
     args = (sd((1, K), jnp.bfloat16), sd((N, K), jnp.int4), sd((K // GROUP, N), jnp.float32),
             sd((K // GROUP, N), jnp.float32))
-    fn = jax.jit(lambda *a: wg.int4_wgmma_matmul(*a, group_size=GROUP, k_splits=splits, convert=convert))
-    assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    norm_args = (sd((8,), jnp.float32),) if norm else ()
+
+    def matmul(*a):
+        extra = dict(sum_sq=a[4], norm_eps=1e-5) if norm else {}
+        return wg.int4_wgmma_matmul(*a[:4], group_size=GROUP, k_splits=splits, convert=convert, **extra)
+
+    assert "mosaic_gpu" in jax.jit(matmul).trace(*args, *norm_args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_bad_shapes_are_refused():
@@ -52,30 +58,61 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="at most 8 rows"):
         wg.int4_wgmma_matmul(jnp.zeros((9, 256), jnp.bfloat16), jnp.zeros((64, 256), jnp.int4),
                              jnp.zeros((2, 64)), jnp.zeros((2, 64)), group_size=GROUP)
+    with pytest.raises(ValueError, match="one row only"):
+        wg.int4_wgmma_matmul(jnp.zeros((2, 256), jnp.bfloat16), jnp.zeros((64, 256), jnp.int4),
+                             jnp.zeros((2, 64)), jnp.zeros((2, 64)), group_size=GROUP, sum_sq=jnp.zeros((4,)))
+
+
+def rms_normed(x, eps):
+    """``(rows, sum_sq, the normed row's reference input)``: a deferred norm's inputs (unit weight) for one row."""
+    from pallas_kernels.deferred_norm import norm_rows_reference
+
+    rows, sum_sq = norm_rows_reference(x, jnp.ones((x.shape[1],), x.dtype))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return rows, sum_sq, normed
+
+
+def check_against_reference(K, N, rows, splits, *, norm=False, keep_splits=False, tolerance=1e-2, **options):
+    """The kernel's ``[M, N]`` (or its partials' sum) against the float32 reference, relative to its largest value."""
+    wt, s, zs = wg.pack_weights(*random_weights(jax.random.key(K + N + rows), K, N))
+    x = jax.random.normal(jax.random.key(rows), (rows, K)).astype(jnp.bfloat16)
+    extra, x_ref = {}, x
+    if norm:
+        x, sum_sq, x_ref = rms_normed(x, 1e-5)
+        extra = dict(sum_sq=sum_sq, norm_eps=1e-5)
+    out = wg.int4_wgmma_matmul(x, wt, s, zs, group_size=GROUP, k_splits=splits, keep_splits=keep_splits, **extra,
+                               **options)
+    if keep_splits:
+        assert out.shape == (splits, rows, N) and out.dtype == (jnp.bfloat16 if splits == 1 else jnp.float32)
+        out = out.astype(jnp.float32).sum(axis=0)
+    assert out.shape == (rows, N)
+    ref = wg.reference(x_ref, wt, s, zs, group_size=GROUP)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))) < tolerance
 
 
 @pytest.mark.skipif(not JAX_0_11, reason="JAX's Mosaic GPU interpreter runs this kernel from 0.11 on")
-def test_kernel_matches_reference_in_the_interpreter():
-    """Pipeline, K splits, scales and zero points in JAX's Mosaic GPU interpreter (the upcast tile through shared
-    memory: the interpreter has no register layouts); a few rows of x."""
+@pytest.mark.parametrize("rows, splits, norm, keep_splits", [(3, 2, False, False), (1, 1, True, False),
+                                                             (1, 2, True, True), (8, 1, False, True)])
+def test_kernel_matches_reference_in_the_interpreter(rows, splits, norm, keep_splits):
+    """Pipeline, K splits, scales and zero points, x's rows read as they are (fewer than 8 too), the result stored
+    transposed, the deferred norm, in JAX's Mosaic GPU interpreter (the upcast tile through shared memory: the
+    interpreter has no register layouts)."""
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-    K, N, rows = 512, 128, 3
-    wt, s, zs = wg.pack_weights(*random_weights(jax.random.key(3), K, N))
-    x = jax.random.normal(jax.random.key(4), (rows, K)).astype(jnp.bfloat16)
-    out = wg.int4_wgmma_matmul(x, wt, s, zs, group_size=GROUP, k_splits=2, stages=2, interpret=InterpretGPUParams())
-    ref = wg.reference(x, wt, s, zs, group_size=GROUP)
-    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))) < 1e-2
+    check_against_reference(512, 128, rows, splits, norm=norm, keep_splits=keep_splits, stages=2,
+                            interpret=InterpretGPUParams())
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("convert", wg.CONVERSIONS)
-@pytest.mark.parametrize("K, N, splits, rows", [(4096, 6144, 4, 1), (14336, 4096, 7, 1), (4096, 28672, 1, 5)])
-def test_kernel_matches_reference_on_gpu(convert, K, N, splits, rows):
-    q, scales, zeros = random_weights(jax.random.key(K + N), K, N)
-    wt, s, zs = wg.pack_weights(q, scales, zeros)
-    x = jax.random.normal(jax.random.key(2), (rows, K), jnp.float32).astype(jnp.bfloat16)
-    out = wg.int4_wgmma_matmul(x, wt, s, zs, group_size=GROUP, k_splits=splits, convert=convert)
-    ref = wg.reference(x, wt, s, zs, group_size=GROUP)
-    assert out.shape == (rows, N)
-    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))) < 1e-2
+@pytest.mark.parametrize("K, N, splits, rows, norm", [(4096, 6144, 4, 1, True), (14336, 4096, 7, 1, False),
+                                                      (4096, 28672, 1, 5, False), (4096, 28672, 1, 1, True)])
+def test_kernel_matches_reference_on_gpu(convert, K, N, splits, rows, norm):
+    check_against_reference(K, N, rows, splits, norm=norm, convert=convert)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad_rows, keep_splits", [(True, False), (False, True)])
+def test_padded_rows_and_kept_splits_on_gpu(pad_rows, keep_splits):
+    check_against_reference(4096, 6144, 3, 4, keep_splits=keep_splits, pad_rows=pad_rows, convert="4x")
