@@ -12,8 +12,8 @@ Zero points leave the products: a step's ``sum_k q'_k x_k`` (``q' = q - 8``, the
 and ``sum_k x_k`` (a second wgmma with a left operand of ones) are both taken on the tensor cores, and the
 step's contribution is ``s * sum q' x - (z - 8) s * sum x``, exact integer dots in float32.
 
-Layouts (``pack_weights``): ``W^T`` as signed int4 ``[N, K]``; scales ``s`` and ``(z - 8) s`` as float32
-``[K / group_size, N]``. The result is ``[k_splits, N, 8]`` float32 partial sums; ``int4_wgmma_matmul`` adds
+Layouts: ``W^T`` as signed int4 ``[N, K]`` (``pack_weights``); the scales ``s`` and zero points ``z`` as the engine's
+``models.quantization.Int4Weight`` keeps them, ``[K / group_size, N]`` in any float dtype. The result is ``[k_splits, N, 8]`` float32 partial sums; ``int4_wgmma_matmul`` adds
 them and returns ``[M, N]``. A prototype, not wired into the engine: timed against the Triton GEMV by
 ``scripts/probe_gemv_wgmma.py``."""
 
@@ -33,18 +33,16 @@ ROWS = 8  # wgmma's smallest N: x's rows padded to this many
 BLOCK_N = 64  # wgmma's M: output columns a warpgroup (the default; a multiple of 64)
 
 
-def pack_weights(q, scales, zeros):
-    """``q [K, N]`` nibbles (0..15), ``scales`` / ``zeros`` ``[G, N]`` -> ``(wt int4 [N, K], s, zs)``, float32
-    ``[G, N]`` each, with ``(q - z) s = (q - 8) s - zs``."""
-    wt = (q.astype(jnp.int32) - 8).astype(jnp.int4).T
-    s = scales.astype(jnp.float32)
-    return wt, s, (zeros.astype(jnp.float32) - 8.0) * s
+def pack_weights(q):
+    """``q [..., K, N]`` nibbles (0..15) -> ``W^T`` as signed int4 ``[..., N, K]`` (``q - 8``)."""
+    return jnp.swapaxes((q.astype(jnp.int8) - 8).astype(jnp.int4), -1, -2)
 
 
-def reference(x, wt, s, zs, *, group_size: int):
-    """float32 ``x @ W`` from ``pack_weights``' arrays."""
-    G = s.shape[0]
-    w = wt.T.astype(jnp.float32).reshape(G, group_size, -1) * s[:, None, :] - zs[:, None, :]
+def reference(x, wt, scales, zeros, *, group_size: int):
+    """float32 ``x @ W`` with ``W = (q - z) s`` from ``pack_weights``' ``W^T`` and ``[G, N]`` scales and zeros."""
+    G = scales.shape[0]
+    q = wt.T.astype(jnp.float32).reshape(G, group_size, -1) + 8.0
+    w = (q - zeros.astype(jnp.float32)[:, None, :]) * scales.astype(jnp.float32)[:, None, :]
     return x.astype(jnp.float32) @ w.reshape(G * group_size, -1)
 
 
@@ -66,24 +64,24 @@ def _upcast(plgpu, tile, convert: str):
     return plgpu.layout_cast(plgpu.layout_cast(tile, L.WGMMA_UPCAST_2X).astype(jnp.bfloat16), L.WGMMA)
 
 
-def _check_shapes(x, wt, s, zs, sum_sq, group_size: int, k_splits: int, block_n: int):
+def _check_shapes(x, wt, scales, zeros, sum_sq, group_size: int, k_splits: int, block_n: int):
     M, K = x.shape
     N = wt.shape[0]
     if M > ROWS:
         raise ValueError(f"the int4 wgmma matmul takes at most {ROWS} rows of x, got {M}")
     G = K // group_size if group_size else 0
     if (x.dtype != jnp.bfloat16 or group_size != 128 or block_n % 64 or N % block_n or K % group_size
-            or G % k_splits or wt.shape != (N, K) or s.shape != (G, N) or zs.shape != (G, N)):
+            or G % k_splits or wt.shape != (N, K) or scales.shape != (G, N) or zeros.shape != (G, N)):
         raise ValueError(f"x must be [M, K] bfloat16, the groups of 128 rows, block_n a multiple of 64 and N of "
                          f"block_n ({block_n}), K of the group size, the groups of k_splits, W^T [N, K] and the "
-                         f"scales [K / 128, N]: got x {x.shape} {x.dtype}, W^T {wt.shape}, scales {s.shape}, "
+                         f"scales and zeros [K / 128, N]: got x {x.shape} {x.dtype}, W^T {wt.shape}, scales {scales.shape}, "
                          f"group {group_size}, splits {k_splits}")
     if sum_sq is not None and (M != 1 or sum_sq.ndim != 1 or sum_sq.dtype != jnp.float32):
         raise ValueError(f"a deferred RMSNorm (sum_sq float32 [groups]) is applied at one row only: got x {x.shape}, "
                          f"sum_sq {sum_sq.dtype}{sum_sq.shape}")
 
 
-def int4_wgmma_partials(x, wt, s, zs, sum_sq=None, *, group_size: int, k_splits: int = 1, stages: int = 4,
+def int4_wgmma_partials(x, wt, scales, zeros, sum_sq=None, *, group_size: int, k_splits: int = 1, stages: int = 4,
                         convert: str = "4x-2x", block_n: int = BLOCK_N, norm_eps: float = 0.0, interpret=None):
     """``[k_splits, M, N]`` partial sums of ``x @ W`` (``x [M <= 8, K]`` bfloat16): bfloat16 unsplit, else float32,
     as the engine's Triton kernels write them (``quantized_matmul.add_splits``). x's rows are read straight from
@@ -94,7 +92,7 @@ def int4_wgmma_partials(x, wt, s, zs, sum_sq=None, *, group_size: int, k_splits:
     operand from memory only, so there the upcast tile (and the ones) go through shared memory."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    _check_shapes(x, wt, s, zs, sum_sq, group_size, k_splits, block_n)
+    _check_shapes(x, wt, scales, zeros, sum_sq, group_size, k_splits, block_n)
     M, K = x.shape
     N = wt.shape[0]
     steps = K // group_size // k_splits
@@ -108,7 +106,7 @@ def int4_wgmma_partials(x, wt, s, zs, sum_sq=None, *, group_size: int, k_splits:
     def cast(v, layout):  # the interpreter keeps values in their logical layout
         return v if interpret else plgpu.layout_cast(v, layout)
 
-    def kernel(x_gmem, w_gmem, s_gmem, zs_gmem, *refs):
+    def kernel(x_gmem, w_gmem, s_gmem, z_gmem, *refs):
         if norm:
             sq_gmem, o_gmem, o_smem, sq_smem, sq_barrier, *a_smem = refs
             plgpu.copy_gmem_to_smem(sq_gmem, sq_smem, sq_barrier)  # waited for after the K loop
@@ -125,7 +123,7 @@ def int4_wgmma_partials(x, wt, s, zs, sum_sq=None, *, group_size: int, k_splits:
         else:
             ones = plgpu.layout_cast(ones, plgpu.Layout.WGMMA)
 
-        def body(_, w_smem, x_smem, s_smem, zs_smem, total):
+        def body(_, w_smem, x_smem, s_smem, z_smem, total):
             if interpret:
                 a_smem[0][...] = w_smem[...].astype(jnp.bfloat16)
                 a = a_smem[0]
@@ -140,7 +138,8 @@ def int4_wgmma_partials(x, wt, s, zs, sum_sq=None, *, group_size: int, k_splits:
             qx, xs = pl.run_scoped(products, plgpu.ACC((block_n, ROWS), jnp.float32),
                                    plgpu.ACC((block_n, ROWS), jnp.float32))
             row = plgpu.Layout.WGMMA.reduce(1)
-            sv, zv = cast(s_smem[0], row), cast(zs_smem[0], row)
+            sv = cast(s_smem[0], row).astype(jnp.float32)
+            zv = (cast(z_smem[0], row).astype(jnp.float32) - 8.0) * sv  # (z - 8) s
             return (total + lax.broadcast_in_dim(sv, qx.shape, [0]) * qx
                     - lax.broadcast_in_dim(zv, xs.shape, [0]) * xs)
 
@@ -160,7 +159,7 @@ def int4_wgmma_partials(x, wt, s, zs, sum_sq=None, *, group_size: int, k_splits:
         )
         ks = pl.ds(first * group_size, steps * group_size)
         gs = pl.ds(first, steps)
-        total = pipeline(w_gmem.at[cols, ks], x_gmem.at[:, ks], s_gmem.at[gs, cols], zs_gmem.at[gs, cols])
+        total = pipeline(w_gmem.at[cols, ks], x_gmem.at[:, ks], s_gmem.at[gs, cols], z_gmem.at[gs, cols])
         if norm:
             plgpu.barrier_wait(sq_barrier)
             sum_of_squares = functools.reduce(lambda a, b: a + b, [sq_smem[i] for i in range(sum_sq.shape[0])])
@@ -185,12 +184,12 @@ def int4_wgmma_partials(x, wt, s, zs, sum_sq=None, *, group_size: int, k_splits:
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **({"interpret": interpret} if interpret else {}),
-    )(x, wt, s, zs, *([sum_sq] if norm else []))
+    )(x, wt, scales, zeros, *([sum_sq] if norm else []))
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert", "block_n", "keep_splits",
                                              "norm_eps", "pad_rows", "interpret"))
-def int4_wgmma_matmul(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stages: int = 4, convert: str = "4x-2x",
+def int4_wgmma_matmul(x, wt, scales, zeros, *, group_size: int, k_splits: int = 1, stages: int = 4, convert: str = "4x-2x",
                       block_n: int = BLOCK_N, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0,
                       pad_rows: bool = False, interpret=None):
     """``x [M <= 8, K] @ W`` -> ``[M, N]`` in x's dtype (the splits added in float32), or with ``keep_splits`` the
@@ -200,6 +199,6 @@ def int4_wgmma_matmul(x, wt, s, zs, *, group_size: int, k_splits: int = 1, stage
     M = x.shape[0]
     if pad_rows and M < ROWS:
         x = jnp.pad(x, ((0, ROWS - M), (0, 0)))
-    partials = int4_wgmma_partials(x, wt, s, zs, sum_sq, group_size=group_size, k_splits=k_splits, stages=stages,
+    partials = int4_wgmma_partials(x, wt, scales, zeros, sum_sq, group_size=group_size, k_splits=k_splits, stages=stages,
                                     convert=convert, block_n=block_n, norm_eps=norm_eps, interpret=interpret)
     return add_splits(partials[:, :M], x.dtype, keep_splits)

@@ -42,12 +42,13 @@ def auto_splits(N: int, groups: int, target: int, block_n: int) -> int:
 
 
 def make_weights(K: int, N: int):
+    """``key -> (W^T, scales, zeros)``: random nibbles, bfloat16 scales and zeros (the engine's AWQ layout's)."""
     def make(key):
         k1, k2, k3 = jax.random.split(key, 3)
         q = jax.random.randint(k1, (K, N), 0, 16, jnp.int32)
-        scales = jax.random.uniform(k2, (K // GROUP, N), jnp.float32, 0.001, 0.01)
-        zeros = jax.random.randint(k3, (K // GROUP, N), 0, 16, jnp.int32).astype(jnp.float32)
-        return wg.pack_weights(q, scales, zeros)
+        scales = jax.random.uniform(k2, (K // GROUP, N), jnp.float32, 0.001, 0.01).astype(jnp.bfloat16)
+        zeros = jax.random.randint(k3, (K // GROUP, N), 0, 16, jnp.int32).astype(jnp.bfloat16)
+        return wg.pack_weights(q), scales, zeros
     return make
 
 

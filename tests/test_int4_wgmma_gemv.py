@@ -13,22 +13,23 @@ from pallas_kernels.ragged_prefill_mgpu import JAX_0_11
 GROUP = 128
 
 
-def random_weights(key, K, N):
+def random_weights(key, K, N, dtype=jnp.bfloat16):
+    """``(q [K, N] nibbles, scales, zeros [K / 128, N])``, the scales and zeros in ``dtype`` (the engine's: x's)."""
     k1, k2, k3 = jax.random.split(key, 3)
     q = jax.random.randint(k1, (K, N), 0, 16, jnp.int32)
-    scales = jax.random.uniform(k2, (K // GROUP, N), jnp.float32, 0.001, 0.01)
-    zeros = jax.random.randint(k3, (K // GROUP, N), 0, 16, jnp.int32).astype(jnp.float32)
+    scales = jax.random.uniform(k2, (K // GROUP, N), jnp.float32, 0.001, 0.01).astype(dtype)
+    zeros = jax.random.randint(k3, (K // GROUP, N), 0, 16, jnp.int32).astype(dtype)
     return q, scales, zeros
 
 
 def test_packed_layout_reproduces_the_dequantized_weights():
     K, N = 256, 64
-    q, scales, zeros = random_weights(jax.random.key(0), K, N)
-    wt, s, zs = wg.pack_weights(q, scales, zeros)
+    q, scales, zeros = random_weights(jax.random.key(0), K, N, jnp.float32)
+    wt = wg.pack_weights(q)
     assert wt.dtype == jnp.int4 and wt.shape == (N, K)
     w = (q.astype(jnp.float32).reshape(2, GROUP, N) - zeros[:, None]) * scales[:, None]
     x = jax.random.normal(jax.random.key(1), (3, K))
-    np.testing.assert_allclose(wg.reference(x, wt, s, zs, group_size=GROUP), x @ w.reshape(K, N), rtol=1e-5,
+    np.testing.assert_allclose(wg.reference(x, wt, scales, zeros, group_size=GROUP), x @ w.reshape(K, N), rtol=1e-5,
                                atol=1e-5)
 
 
@@ -37,8 +38,8 @@ def test_kernel_lowers_for_cuda(convert, splits, norm):
     """One row of x (its 8-row tiles past x's end), split or not, with a deferred norm."""
     K, N = 512, 128
     sd = jax.ShapeDtypeStruct
-    args = (sd((1, K), jnp.bfloat16), sd((N, K), jnp.int4), sd((K // GROUP, N), jnp.float32),
-            sd((K // GROUP, N), jnp.float32))
+    args = (sd((1, K), jnp.bfloat16), sd((N, K), jnp.int4), sd((K // GROUP, N), jnp.bfloat16),
+            sd((K // GROUP, N), jnp.bfloat16))
     norm_args = (sd((8,), jnp.float32),) if norm else ()
 
     def matmul(*a):
@@ -73,34 +74,38 @@ def rms_normed(x, eps):
     return rows, sum_sq, normed
 
 
-def check_against_reference(K, N, rows, splits, *, norm=False, keep_splits=False, tolerance=1e-2, **options):
-    """The kernel's ``[M, N]`` (or its partials' sum) against the float32 reference, relative to its largest value."""
-    wt, s, zs = wg.pack_weights(*random_weights(jax.random.key(K + N + rows), K, N))
+def check_against_reference(K, N, rows, splits, *, norm=False, keep_splits=False, tolerance=1e-2,
+                            dtype=jnp.bfloat16, **options):
+    """The kernel's ``[M, N]`` (or its partials' sum) against the float32 reference, relative to its largest value;
+    scales and zeros in ``dtype``."""
+    q, scales, zeros = random_weights(jax.random.key(K + N + rows), K, N, dtype)
+    wt = wg.pack_weights(q)
     x = jax.random.normal(jax.random.key(rows), (rows, K)).astype(jnp.bfloat16)
     extra, x_ref = {}, x
     if norm:
         x, sum_sq, x_ref = rms_normed(x, 1e-5)
         extra = dict(sum_sq=sum_sq, norm_eps=1e-5)
-    out = wg.int4_wgmma_matmul(x, wt, s, zs, group_size=GROUP, k_splits=splits, keep_splits=keep_splits, **extra,
+    out = wg.int4_wgmma_matmul(x, wt, scales, zeros, group_size=GROUP, k_splits=splits, keep_splits=keep_splits, **extra,
                                **options)
     if keep_splits:
         assert out.shape == (splits, rows, N) and out.dtype == (jnp.bfloat16 if splits == 1 else jnp.float32)
         out = out.astype(jnp.float32).sum(axis=0)
     assert out.shape == (rows, N)
-    ref = wg.reference(x_ref, wt, s, zs, group_size=GROUP)
+    ref = wg.reference(x_ref, wt, scales, zeros, group_size=GROUP)
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))) < tolerance
 
 
 @pytest.mark.skipif(not JAX_0_11, reason="JAX's Mosaic GPU interpreter runs this kernel from 0.11 on")
-@pytest.mark.parametrize("rows, splits, norm, keep_splits", [(3, 2, False, False), (1, 1, True, False),
-                                                             (1, 2, True, True), (8, 1, False, True)])
-def test_kernel_matches_reference_in_the_interpreter(rows, splits, norm, keep_splits):
+@pytest.mark.parametrize("rows, splits, norm, keep_splits, dtype", [
+    (3, 2, False, False, jnp.bfloat16), (1, 1, True, False, jnp.bfloat16), (1, 2, True, True, jnp.float32),
+    (8, 1, False, True, jnp.float16)])
+def test_kernel_matches_reference_in_the_interpreter(rows, splits, norm, keep_splits, dtype):
     """Pipeline, K splits, scales and zero points, x's rows read as they are (fewer than 8 too), the result stored
     transposed, the deferred norm, in JAX's Mosaic GPU interpreter (the upcast tile through shared memory: the
     interpreter has no register layouts)."""
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-    check_against_reference(512, 128, rows, splits, norm=norm, keep_splits=keep_splits, stages=2,
+    check_against_reference(512, 128, rows, splits, norm=norm, keep_splits=keep_splits, dtype=dtype, stages=2,
                             interpret=InterpretGPUParams())
 
 
