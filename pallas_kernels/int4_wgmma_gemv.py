@@ -3,30 +3,34 @@
 ``y[M, N] = x[M, K] @ W`` for ``M <= 8`` with ``W = (q - z) s`` in groups of ``group_size`` rows of K (AWQ / GPTQ
 without act-order, groups of 128), computed transposed: ``y^T = W^T x^T``. A warpgroup takes ``block_n`` output
 columns (rows of ``W^T``, 64 or a multiple) over a range of K; each pipeline step TMA-copies a ``[block_n, 128]``
-int4 tile, the matching ``[8, 128]`` slice of x and the group's scales into shared memory, upcasts the tile in
-registers (Mosaic GPU's int4 -> bf16 conversion: a permute, a LOP3 and a packed subtract for two weights) and
-multiplies it by x^T on the tensor cores (wgmma, N = 8: x's rows padded to 8). The Triton GEMV instead spends a float32
-multiply-add a weight on the CUDA cores (~4.2 instructions a weight, NOTES.md "Why AWQ stays at 2.21x").
+int4 tile, an ``[8, 128]`` slice of x (TMA reads x's rows past M as zeros) and the group's scales and zeros into
+shared memory, upcasts the tile in registers (Mosaic GPU's int4 -> bf16 conversion: a permute, a LOP3 and a packed
+subtract for two weights) and multiplies it by x^T on the tensor cores (wgmma, N = 8, its smallest). The Triton GEMV
+instead spends a float32 multiply-add a weight on the CUDA cores (~4.2 instructions a weight, NOTES.md "Why AWQ stays
+at 2.21x").
 
 Zero points leave the products: a step's ``sum_k q'_k x_k`` (``q' = q - 8``, the signed nibble the tile holds)
 and ``sum_k x_k`` (a second wgmma with a left operand of ones) are both taken on the tensor cores, and the
 step's contribution is ``s * sum q' x - (z - 8) s * sum x``, exact integer dots in float32.
 
 Layouts: ``W^T`` as signed int4 ``[N, K]`` (``pack_weights``); the scales ``s`` and zero points ``z`` as the engine's
-``models.quantization.Int4Weight`` keeps them, ``[K / group_size, N]`` in any float dtype. The result is ``[k_splits, N, 8]`` float32 partial sums; ``int4_wgmma_matmul`` adds
-them and returns ``[M, N]``. A prototype, not wired into the engine: timed against the Triton GEMV by
-``scripts/probe_gemv_wgmma.py``."""
+``models.quantization.Int4Weight`` keeps them, ``[K / group_size, N]`` in any float dtype. The kernel writes
+``[k_splits, M, N]`` partial sums itself (the accumulator stored transposed), as the Triton kernels do, and can apply
+a deferred RMSNorm at one row. The engine runs it at up to 8 rows where the weights carry ``W^T``
+(``models.quantization.add_int4_wgmma_layout``: opt-in, ``$PAGEDJAX_INT4_WGMMA=1``; ``engine_matmul``);
+``scripts/probe_gemv_wgmma.py`` times it against the Triton GEMV."""
 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.quantized_matmul import add_splits
+from pallas_kernels.quantized_matmul import MatmulConfig, add_splits, auto_k_splits, default_config
 from pallas_kernels.ragged_prefill_mgpu import transposed_ref
 
 ROWS = 8  # wgmma's smallest N: x's rows padded to this many
@@ -202,3 +206,16 @@ def int4_wgmma_matmul(x, wt, scales, zeros, *, group_size: int, k_splits: int = 
     partials = int4_wgmma_partials(x, wt, scales, zeros, sum_sq, group_size=group_size, k_splits=k_splits, stages=stages,
                                     convert=convert, block_n=block_n, norm_eps=norm_eps, interpret=interpret)
     return add_splits(partials[:, :M], x.dtype, keep_splits)
+
+
+def engine_matmul(x, wt, scales, zeros, *, group_size: int, config: Optional[MatmulConfig] = None,
+                  keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0):
+    """``int4_wgmma_matmul`` with the engine's settings (``MatmulConfig``'s ``wgmma_*``; ``default_config()``, i.e.
+    ``$PAGEDJAX_MATMUL_CONFIG``, unless given): K splits for ``wgmma_programs_per_core`` programs a multiprocessor."""
+    config = config or default_config()
+    N, K = wt.shape
+    splits = auto_k_splits(N // config.wgmma_block_n, K // group_size, config.wgmma_programs_per_core,
+                           config.wgmma_min_steps)
+    return int4_wgmma_matmul(x, wt, scales, zeros, group_size=group_size, k_splits=splits, stages=config.wgmma_stages,
+                             convert=config.wgmma_convert, block_n=config.wgmma_block_n, keep_splits=keep_splits,
+                             sum_sq=sum_sq, norm_eps=norm_eps)

@@ -169,6 +169,16 @@ class MatmulConfig:
     # Run 26a (H200, 8B int8 at batch 1, same lease): TPOT 3.16 ms summed each step (loads ahead) -> 3.06 deferred
     # without loads ahead (3.23 deferred with them).
     kmajor_defer_reduction: bool = True
+    # The int4 matmul on the tensor cores at up to 8 rows (``pallas_kernels.int4_wgmma_gemv``, Mosaic GPU, sm_90), for
+    # weights that carry its W^T copy (``models.quantization.add_int4_wgmma_layout``, opt-in: ``$PAGEDJAX_INT4_WGMMA``):
+    # the tile's route to wgmma's register layout (``int4_wgmma_gemv.CONVERSIONS``), output columns a warpgroup,
+    # pipeline stages, and programs a multiprocessor its K splits aim at (each split at least wgmma_min_steps groups).
+    # Untimed so far (NOTES.md, "Run 64").
+    wgmma_convert: str = "4x"
+    wgmma_block_n: int = 64
+    wgmma_stages: int = 4
+    wgmma_programs_per_core: int = 2
+    wgmma_min_steps: int = 4
 
 
 # --------------------------------------------------------------------------------------

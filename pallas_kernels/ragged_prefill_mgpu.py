@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.gpu_info import is_hopper
+
 _LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (64, 128)
 BLOCK_Q = 64  # query rows per compute warpgroup; a work item is 2 x BLOCK_Q rows
@@ -97,10 +99,7 @@ def supported(q_dtype, cache_dtype, head_dim: int, block_size: int, *, soft_cap,
         return False
     if jnp.dtype(cache_dtype) != jnp.dtype(q_dtype) or block_kv % block_size or block_size % 8:
         return False
-    if jax.default_backend() != "gpu" or not JAX_0_11:
-        return False
-    capability = getattr(jax.devices()[0], "compute_capability", "0")
-    return str(capability).split(".")[0] == "9"
+    return JAX_0_11 and is_hopper()
 
 
 def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items, num_items, *, sm_scale: float,

@@ -121,3 +121,89 @@ def test_kernel_matches_reference_on_gpu(convert, K, N, splits, rows, norm):
 @pytest.mark.parametrize("pad_rows, keep_splits", [(True, False), (False, True)])
 def test_padded_rows_and_kept_splits_on_gpu(pad_rows, keep_splits):
     check_against_reference(4096, 6144, 3, 4, keep_splits=keep_splits, pad_rows=pad_rows, convert="4x")
+
+
+# ------------------------------------------------------------------ the engine's use of it (opt-in)
+
+
+@pytest.fixture(scope="module")
+def tiny128(tmp_path_factory):
+    """A tiny llama whose every matmul has K a multiple of 128 and N of 64 (the kernel's tiles), int4 at load time."""
+    from models.loader import load_model
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("wgmma")
+    write_tiny_checkpoint(path, "llama", seed=5, hidden_size=128, intermediate_size=256)
+    return load_model(str(path), dtype="float32", quantization="int4")
+
+
+def test_wgmma_layout_holds_the_same_weights(tiny128):
+    """``add_int4_wgmma_layout``: every layer matmul of the stacked int4 model gets ``W^T`` with the same products as
+    its block-packed weights; act-order and other group sizes get none."""
+    from models.quantization import QUANTIZED_LAYER_WEIGHTS, add_int4_wgmma_layout, dequantize, takes_wgmma_layout
+
+    layers = dict(tiny128.params["layers"])
+    with_t = add_int4_wgmma_layout({"layers": dict(layers)})["layers"]
+    x = jax.random.normal(jax.random.key(0), (2, 256))
+    for name in QUANTIZED_LAYER_WEIGHTS:
+        w = with_t[name]
+        assert layers[name].wgmma_q is None and w.wgmma_q.dtype == jnp.int4
+        for i in range(w.packed.shape[0]):
+            K = w.wgmma_q.shape[-1]
+            got = wg.reference(x[:, :K], w.wgmma_q[i], w.scales[i], w.zeros[i], group_size=w.group_size)
+            np.testing.assert_allclose(got, x[:, :K] @ dequantize(w)[i], rtol=1e-5, atol=1e-5)
+    w = layers["wq"]
+    assert not takes_wgmma_layout(w.replace(perm=jnp.zeros(w.packed.shape[:-2] + (128,), jnp.int32)))
+    assert not takes_wgmma_layout(w.replace(group_size=64)) and not takes_wgmma_layout(with_t["wq"])
+
+
+def test_loader_keeps_one_layout_off_hopper(tiny128, caplog):
+    from models.loader import _with_int4_wgmma_layout
+
+    params = {"layers": dict(tiny128.params["layers"])}
+    assert _with_int4_wgmma_layout(params, None)["layers"]["wq"].wgmma_q is None
+    assert "runs on one Hopper GPU" in caplog.text
+
+
+def test_one_row_steps_take_the_wgmma_matmul_with_the_same_logits(tiny128, monkeypatch):
+    """Unrolled, joined layers with ``W^T``: a one-row step sends each of a layer's four matmuls to the wgmma kernel
+    (here its float32 reference: the CPU cannot run it), the deferred norms and kept splits included, with the logits
+    of the Triton GEMVs (interpreted); a prompt step of more than 8 rows keeps the Triton kernels."""
+    import dataclasses
+
+    from jax import lax
+
+    from models.llama import layout_layers
+    from models.quantization import LinearBackend, add_int4_wgmma_layout
+    from tests.test_quantization import logits_of, ragged_batch, relative_error
+
+    calls = []
+
+    def reference_kernel(x, wt, scales, zeros, *, group_size, keep_splits=False, sum_sq=None, norm_eps=0.0):
+        calls.append((x.shape[0], sum_sq is not None, keep_splits))
+        y = wg.reference(x, wt, scales, zeros, group_size=group_size)
+        if sum_sq is not None:
+            y = y * lax.rsqrt(jnp.sum(sum_sq) / x.shape[1] + norm_eps)
+        y = y.astype(x.dtype)
+        return y[None] if keep_splits else y
+
+    monkeypatch.setattr(wg, "engine_matmul", reference_kernel)
+    monkeypatch.setattr(LinearBackend, "runs_int4_wgmma", lambda self, w, x: w.wgmma_q is not None
+                        and x.shape[0] <= wg.ROWS)
+    plain = dataclasses.replace(tiny128, params=layout_layers(tiny128.params, unroll=True, fuse=True))
+    with_t = add_int4_wgmma_layout(layout_layers(tiny128.params, unroll=True, fuse=True))
+    assert with_t["layers"][0]["wqkv"].wgmma_q.shape == (256, 128)
+    with_t = dataclasses.replace(tiny128, params=with_t)
+    pallas = LinearBackend(kernel="pallas", interpret=True)
+    rng = np.random.default_rng(0)
+    one_row, pages = ragged_batch(tiny128.config, rng, lengths=(1,))
+    got = logits_of(with_t, one_row, pages + 1, linear_backend=pallas)
+    # four matmuls a traced layer (one jitted layer serves every layer of a shape): q/k/v and gate/up apply the
+    # deferred norm, wo and w_down hand their partial sums to the residual add
+    assert calls and len(calls) % 4 == 0 and {c[1:] for c in calls} == {(True, False), (False, True)}
+    assert relative_error(got, logits_of(plain, one_row, pages + 1, linear_backend=pallas)) < 1e-4
+    calls.clear()
+    prompt, pages = ragged_batch(tiny128.config, rng, lengths=(5, 9))
+    got = logits_of(with_t, prompt, pages + 1, linear_backend=pallas)
+    assert not calls
+    assert relative_error(got, logits_of(plain, prompt, pages + 1, linear_backend=pallas)) < 1e-5
