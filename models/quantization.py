@@ -220,8 +220,8 @@ def int8_layout_from_env() -> str:
 
 
 def int4_wgmma_from_env() -> bool:
-    """``$PAGEDJAX_INT4_WGMMA`` "1": the layers' int4 weights get a second copy, ``W^T`` for the tensor-core matmul at up
-    to 8 rows (``add_int4_wgmma_layout``; on a Hopper GPU, one device), twice their int4 bytes. "0" (the default)
+    """``$PAGEDJAX_INT4_WGMMA`` "1": the layers' int4 weights get a second copy, ``W^T`` for the tensor-core matmul at
+    up to 8 rows (``add_int4_wgmma_layout``; on a Hopper GPU, one device), twice their int4 bytes. "0" (the default)
     until it is timed in the model (benchmarks/NOTES.md, "Run 64")."""
     return _choice_from_env("PAGEDJAX_INT4_WGMMA", ("0", "1")) == "1"
 
@@ -243,8 +243,9 @@ def _wgmma_q(packed: jax.Array, pack: int) -> jax.Array:
 
 def add_int4_wgmma_layout(params: dict) -> dict:
     """``params`` with ``wgmma_q`` on each layer weight that ``takes_wgmma_layout`` (stacked or per-layer layers,
-    joined or not; the experts' grouped matmul does not read it, so they get none): ``linear`` then runs the tensor-core matmul
-    (``pallas_kernels.int4_wgmma_gemv``) at up to 8 rows on a GPU. ``params``' own dicts are updated."""
+    joined or not; the experts' grouped matmul does not read it, so they get none): ``linear`` then runs the
+    tensor-core matmul (``pallas_kernels.int4_wgmma_gemv``) at up to 8 rows on a GPU. ``params``' own dicts are
+    updated."""
     layers = params["layers"]
     for layer in layers if isinstance(layers, (list, tuple)) else [layers]:
         for name, w in layer.items():

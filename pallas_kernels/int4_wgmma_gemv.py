@@ -78,7 +78,8 @@ def _check_shapes(x, wt, scales, zeros, sum_sq, group_size: int, k_splits: int, 
             or G % k_splits or wt.shape != (N, K) or scales.shape != (G, N) or zeros.shape != (G, N)):
         raise ValueError(f"x must be [M, K] bfloat16, the groups of 128 rows, block_n a multiple of 64 and N of "
                          f"block_n ({block_n}), K of the group size, the groups of k_splits, W^T [N, K] and the "
-                         f"scales and zeros [K / 128, N]: got x {x.shape} {x.dtype}, W^T {wt.shape}, scales {scales.shape}, "
+                         f"scales and zeros [K / 128, N]: got x {x.shape} {x.dtype}, W^T {wt.shape}, "
+                         f"scales {scales.shape}, "
                          f"group {group_size}, splits {k_splits}")
     if sum_sq is not None and (M != 1 or sum_sq.ndim != 1 or sum_sq.dtype != jnp.float32):
         raise ValueError(f"a deferred RMSNorm (sum_sq float32 [groups]) is applied at one row only: got x {x.shape}, "
@@ -193,8 +194,8 @@ def int4_wgmma_partials(x, wt, scales, zeros, sum_sq=None, *, group_size: int, k
 
 @functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert", "block_n", "keep_splits",
                                              "norm_eps", "pad_rows", "interpret"))
-def int4_wgmma_matmul(x, wt, scales, zeros, *, group_size: int, k_splits: int = 1, stages: int = 4, convert: str = "4x-2x",
-                      block_n: int = BLOCK_N, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0,
+def int4_wgmma_matmul(x, wt, scales, zeros, *, group_size: int, k_splits: int = 1, stages: int = 4,
+                      convert: str = "4x-2x", block_n: int = BLOCK_N, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0,
                       pad_rows: bool = False, interpret=None):
     """``x [M <= 8, K] @ W`` -> ``[M, N]`` in x's dtype (the splits added in float32), or with ``keep_splits`` the
     ``[k_splits, M, N]`` partial sums for a consumer that adds them (``quantized_matmul.add_splits``). ``sum_sq`` /
@@ -203,8 +204,8 @@ def int4_wgmma_matmul(x, wt, scales, zeros, *, group_size: int, k_splits: int = 
     M = x.shape[0]
     if pad_rows and M < ROWS:
         x = jnp.pad(x, ((0, ROWS - M), (0, 0)))
-    partials = int4_wgmma_partials(x, wt, scales, zeros, sum_sq, group_size=group_size, k_splits=k_splits, stages=stages,
-                                    convert=convert, block_n=block_n, norm_eps=norm_eps, interpret=interpret)
+    partials = int4_wgmma_partials(x, wt, scales, zeros, sum_sq, group_size=group_size, k_splits=k_splits,
+                                    stages=stages, convert=convert, block_n=block_n, norm_eps=norm_eps, interpret=interpret)
     return add_splits(partials[:, :M], x.dtype, keep_splits)
 
 

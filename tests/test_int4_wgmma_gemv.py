@@ -85,8 +85,8 @@ def check_against_reference(K, N, rows, splits, *, norm=False, keep_splits=False
     if norm:
         x, sum_sq, x_ref = rms_normed(x, 1e-5)
         extra = dict(sum_sq=sum_sq, norm_eps=1e-5)
-    out = wg.int4_wgmma_matmul(x, wt, scales, zeros, group_size=GROUP, k_splits=splits, keep_splits=keep_splits, **extra,
-                               **options)
+    out = wg.int4_wgmma_matmul(x, wt, scales, zeros, group_size=GROUP, k_splits=splits, keep_splits=keep_splits,
+                               **extra, **options)
     if keep_splits:
         assert out.shape == (splits, rows, N) and out.dtype == (jnp.bfloat16 if splits == 1 else jnp.float32)
         out = out.astype(jnp.float32).sum(axis=0)
@@ -207,3 +207,20 @@ def test_one_row_steps_take_the_wgmma_matmul_with_the_same_logits(tiny128, monke
     got = logits_of(with_t, prompt, pages + 1, linear_backend=pallas)
     assert not calls
     assert relative_error(got, logits_of(plain, prompt, pages + 1, linear_backend=pallas)) < 1e-5
+
+
+def test_decode_bytes_count_the_wgmma_copy_instead_of_the_packed_weights(tiny128):
+    """``bench_common.weight_bytes``: the copy's int4 at half a byte, read in place of ``packed``."""
+    import os
+    import sys
+
+    from models.quantization import QUANTIZED_LAYER_WEIGHTS, add_int4_wgmma_layout
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import bench_common
+
+    params = dict(tiny128.params, layers=dict(tiny128.params["layers"]))
+    total, read = bench_common.weight_bytes(params, tiny128.config)
+    copies = sum(params["layers"][n].packed.size for n in QUANTIZED_LAYER_WEIGHTS)  # W^T: the packed weights' bytes
+    total_t, read_t = bench_common.weight_bytes(add_int4_wgmma_layout(params), tiny128.config)
+    assert (total_t, read_t) == (total + copies, read)
