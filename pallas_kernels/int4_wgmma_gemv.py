@@ -79,8 +79,7 @@ def _check_shapes(x, wt, scales, zeros, sum_sq, group_size: int, k_splits: int, 
         raise ValueError(f"x must be [M, K] bfloat16, the groups of 128 rows, block_n a multiple of 64 and N of "
                          f"block_n ({block_n}), K of the group size, the groups of k_splits, W^T [N, K] and the "
                          f"scales and zeros [K / 128, N]: got x {x.shape} {x.dtype}, W^T {wt.shape}, "
-                         f"scales {scales.shape}, "
-                         f"group {group_size}, splits {k_splits}")
+                         f"scales {scales.shape}, group {group_size}, splits {k_splits}")
     if sum_sq is not None and (M != 1 or sum_sq.ndim != 1 or sum_sq.dtype != jnp.float32):
         raise ValueError(f"a deferred RMSNorm (sum_sq float32 [groups]) is applied at one row only: got x {x.shape}, "
                          f"sum_sq {sum_sq.dtype}{sum_sq.shape}")
