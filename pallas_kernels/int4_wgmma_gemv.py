@@ -86,7 +86,7 @@ def _check_shapes(x, wt, scales, zeros, sum_sq, group_size: int, k_splits: int, 
 
 
 def int4_wgmma_partials(x, wt, scales, zeros, sum_sq=None, *, group_size: int, k_splits: int = 1, stages: int = 4,
-                        convert: str = "4x-2x", block_n: int = BLOCK_N, norm_eps: float = 0.0, interpret=None):
+                        convert: str = "4x", block_n: int = BLOCK_N, norm_eps: float = 0.0, interpret=None):
     """``[k_splits, M, N]`` partial sums of ``x @ W`` (``x [M <= 8, K]`` bfloat16): bfloat16 unsplit, else float32,
     as the engine's Triton kernels write them (``quantized_matmul.add_splits``). x's rows are read straight from
     ``x`` (TMA fills the rows past M with zeros) and the result is stored transposed back to ``[M, N]`` (TMA skips
@@ -194,7 +194,7 @@ def int4_wgmma_partials(x, wt, scales, zeros, sum_sq=None, *, group_size: int, k
 @functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert", "block_n", "keep_splits",
                                              "norm_eps", "pad_rows", "interpret"))
 def int4_wgmma_matmul(x, wt, scales, zeros, *, group_size: int, k_splits: int = 1, stages: int = 4,
-                      convert: str = "4x-2x", block_n: int = BLOCK_N, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0,
+                      convert: str = "4x", block_n: int = BLOCK_N, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0,
                       pad_rows: bool = False, interpret=None):
     """``x [M <= 8, K] @ W`` -> ``[M, N]`` in x's dtype (the splits added in float32), or with ``keep_splits`` the
     ``[k_splits, M, N]`` partial sums for a consumer that adds them (``quantized_matmul.add_splits``). ``sum_sq`` /
