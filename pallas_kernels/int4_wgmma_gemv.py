@@ -194,8 +194,8 @@ def int4_wgmma_partials(x, wt, scales, zeros, sum_sq=None, *, group_size: int, k
 @functools.partial(jax.jit, static_argnames=("group_size", "k_splits", "stages", "convert", "block_n", "keep_splits",
                                              "norm_eps", "pad_rows", "interpret"))
 def int4_wgmma_matmul(x, wt, scales, zeros, *, group_size: int, k_splits: int = 1, stages: int = 4,
-                      convert: str = "4x", block_n: int = BLOCK_N, keep_splits: bool = False, sum_sq=None, norm_eps: float = 0.0,
-                      pad_rows: bool = False, interpret=None):
+                      convert: str = "4x", block_n: int = BLOCK_N, keep_splits: bool = False, sum_sq=None,
+                      norm_eps: float = 0.0, pad_rows: bool = False, interpret=None):
     """``x [M <= 8, K] @ W`` -> ``[M, N]`` in x's dtype (the splits added in float32), or with ``keep_splits`` the
     ``[k_splits, M, N]`` partial sums for a consumer that adds them (``quantized_matmul.add_splits``). ``sum_sq`` /
     ``norm_eps``: a deferred RMSNorm, as ``int4_wgmma_partials``. ``pad_rows``: x padded to 8 rows by an XLA op and the
@@ -204,7 +204,8 @@ def int4_wgmma_matmul(x, wt, scales, zeros, *, group_size: int, k_splits: int = 
     if pad_rows and M < ROWS:
         x = jnp.pad(x, ((0, ROWS - M), (0, 0)))
     partials = int4_wgmma_partials(x, wt, scales, zeros, sum_sq, group_size=group_size, k_splits=k_splits,
-                                    stages=stages, convert=convert, block_n=block_n, norm_eps=norm_eps, interpret=interpret)
+                                    stages=stages, convert=convert, block_n=block_n, norm_eps=norm_eps,
+                                    interpret=interpret)
     return add_splits(partials[:, :M], x.dtype, keep_splits)
 
 
