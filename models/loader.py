@@ -72,19 +72,6 @@ def detect_format(path: str, load_format: str) -> str:
     return "gguf" if path.endswith(".gguf") else "safetensors"
 
 
-def _with_int4_wgmma_layout(params, shardings):
-    """``params`` with the int4 layers' ``W^T`` copies (``$PAGEDJAX_INT4_WGMMA=1``) where the tensor-core matmul can
-    run: one Hopper GPU; elsewhere as they are, with a warning."""
-    from models.quantization import add_int4_wgmma_layout
-    from pallas_kernels.gpu_info import is_hopper
-
-    if shardings is not None or not is_hopper():
-        logger.warning("PAGEDJAX_INT4_WGMMA=1 is ignored: the int4 tensor-core matmul runs on one Hopper GPU (sm_90) "
-                       "only; this engine has %s", "a device mesh" if shardings is not None else jax.devices()[0])
-        return params
-    return add_int4_wgmma_layout(params)
-
-
 def load_model(
     model: Optional[str] = None,
     *,
@@ -99,8 +86,8 @@ def load_model(
     (dense) params; quantized weights are placed to match. ``head_optional`` (a pooling engine, which never
     applies the LM head): a safetensors checkpoint without ``lm_head.weight`` (an embedding model saved as its
     decoder alone) loads as if tied, its embedding standing in for the head's shape."""
-    from models.quantization import (CheckpointQuantization, int4_wgmma_from_env, int8_lm_head, quantize_lm_head,
-                                     quantize_params, resolve_method)
+    from models.quantization import (CheckpointQuantization, int8_lm_head, quantize_lm_head, quantize_params,
+                                     resolve_method)
 
     path = resolve_model_path(model)
     fmt = detect_format(path, load_format)
@@ -143,6 +130,4 @@ def load_model(
         params = quantize_params(params, method, sh)  # the layers, and the LM head where int8_lm_head says so
     elif int8_lm_head(method, made_at_load=False):  # a quantized checkpoint's layers are read as stored
         params = quantize_lm_head(params, sh)
-    if int4_wgmma_from_env():
-        params = _with_int4_wgmma_layout(params, sh)
     return LoadedModel(config=config, params=params, path=path, load_format=fmt, dtype=jdtype, quantization=method)

@@ -51,7 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from models.config import QUANTIZATION_METHODS, quantization_method
 from models.norm import DeferredNorm
-from pallas_kernels import fp8_activation, int4_wgmma_gemv
+from pallas_kernels import fp8_activation
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.fp8_activation import FP8_MAX, quantize_rows_fp8
 
@@ -110,20 +110,18 @@ class Int4Weight:
 
     ``packed`` uint8 ``[..., K/2, N]``; ``scales``, ``zeros`` ``[..., K/g, N]`` (zeros may be
     fractional); ``perm`` int32 ``[..., K]`` or None: GPTQ act-order, the rows are stored
-    sorted by group and ``x @ W == x[:, perm] @ W_stored``. ``wgmma_q``: None, or the same weights as signed int4
-    ``W^T [..., N, K]`` (``q - 8``) for the tensor-core matmul at up to 8 rows (``add_int4_wgmma_layout``).
+    sorted by group and ``x @ W == x[:, perm] @ W_stored``.
     """
 
     packed: jax.Array
     scales: jax.Array
     zeros: jax.Array
     perm: Optional[jax.Array] = None
-    wgmma_q: Optional[jax.Array] = None
     group_size: int = struct.field(pytree_node=False, default=INT4_GROUP_SIZE)
     pack: int = struct.field(pytree_node=False, default=128)
 
-    in_axes = {"packed": -2, "scales": -2, "zeros": -2, "perm": -1, "wgmma_q": -1}
-    out_axes = {"packed": -1, "scales": -1, "zeros": -1, "perm": None, "wgmma_q": -2}
+    in_axes = {"packed": -2, "scales": -2, "zeros": -2, "perm": -1}
+    out_axes = {"packed": -1, "scales": -1, "zeros": -1, "perm": None}
 
 
 @struct.dataclass
@@ -217,41 +215,6 @@ INT8_LAYOUTS = ("nk", "kn")  # q stored [N, K] (Int8KMajorWeight; the default si
 def int8_layout_from_env() -> str:
     """``$PAGEDJAX_INT8_LAYOUT`` (``INT8_LAYOUTS``; default "nk"): how load-time int8 weights are stored."""
     return _choice_from_env("PAGEDJAX_INT8_LAYOUT", INT8_LAYOUTS)
-
-
-def int4_wgmma_from_env() -> bool:
-    """``$PAGEDJAX_INT4_WGMMA`` "1": the layers' int4 weights get a second copy, ``W^T`` for the tensor-core matmul at
-    up to 8 rows (``add_int4_wgmma_layout``; on a Hopper GPU, one device), twice their int4 bytes. "0" (the default)
-    until it is timed in the model (benchmarks/NOTES.md, "Run 64")."""
-    return _choice_from_env("PAGEDJAX_INT4_WGMMA", ("0", "1")) == "1"
-
-
-def takes_wgmma_layout(w) -> bool:
-    """Whether int4 weight ``w`` can get ``wgmma_q``: groups of 128, no act-order, N a multiple of 64."""
-    return (isinstance(w, Int4Weight) and w.perm is None and w.wgmma_q is None and w.group_size == 128
-            and w.packed.shape[-1] % int4_wgmma_gemv.BLOCK_N == 0)
-
-
-@functools.partial(jax.jit, static_argnames="pack")
-def _wgmma_q(packed: jax.Array, pack: int) -> jax.Array:
-    """``W^T`` (signed int4 ``[..., N, K]``) of block-packed nibbles ``[..., K/2, N]``, one ``[K/2, N]`` slice at a
-    time (the int8 temporaries of a whole stacked tensor would be ~4x the int4 model)."""
-    *lead, half_k, N = packed.shape
-    one = lambda p: int4_wgmma_gemv.pack_weights(qmm.unpack_int4(p, pack))  # noqa: E731
-    return jax.lax.map(one, packed.reshape(-1, half_k, N)).reshape(*lead, N, 2 * half_k)
-
-
-def add_int4_wgmma_layout(params: dict) -> dict:
-    """``params`` with ``wgmma_q`` on each layer weight that ``takes_wgmma_layout`` (stacked or per-layer layers,
-    joined or not; the experts' grouped matmul does not read it, so they get none): ``linear`` then runs the
-    tensor-core matmul (``pallas_kernels.int4_wgmma_gemv``) at up to 8 rows on a GPU. ``params``' own dicts are
-    updated."""
-    layers = params["layers"]
-    for layer in layers if isinstance(layers, (list, tuple)) else [layers]:
-        for name, w in layer.items():
-            if not name.startswith("expert_") and takes_wgmma_layout(w):
-                layer[name] = w.replace(wgmma_q=_wgmma_q(w.packed, pack=w.pack))
-    return params
 
 
 def int8_layout_of(name: str) -> str:
@@ -842,12 +805,6 @@ class LinearBackend:
                                or (isinstance(w, (Int8Weight, Int8KMajorWeight)) and rows == 1))
         return self.kernel == "pallas"
 
-    def runs_int4_wgmma(self, w, x) -> bool:
-        """Whether ``linear`` of int4 ``w`` (where ``use_kernel``) takes the tensor-core matmul at x's rows: ``w`` has
-        ``wgmma_q`` (``add_int4_wgmma_layout``), x is at most 8 rows of bfloat16, compiled on a GPU."""
-        return (w.wgmma_q is not None and x.shape[0] <= int4_wgmma_gemv.ROWS and x.dtype == jnp.bfloat16
-                and not self.interpret and jax.default_backend() == "gpu")
-
     def runs_gated_gemv(self, w, rows: int) -> bool:
         """Whether ``silu_gated_linear`` may take ``w`` (a gated MLP's joined gate/up weight) at ``rows`` rows: an
         interleaved K-major int8 weight (``interleave_gate_up``) at one row, where ``linear`` runs its GEMV."""
@@ -1010,9 +967,6 @@ def linear(x, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool 
             out = whole(qmm.int8_kmajor_matmul_reference(x, w.q, w.scale))
         return qmm.deinterleave_halves(out, w.gate_up_group) if w.gate_up_group else out
     if isinstance(w, Int4Weight):
-        if kernel and backend.runs_int4_wgmma(w, x):
-            return int4_wgmma_gemv.engine_matmul(x, w.wgmma_q, w.scales, w.zeros, group_size=w.group_size,
-                                                 keep_splits=keep_splits, **norm)
         if w.perm is not None:
             x = jnp.take(x, w.perm, axis=-1)
         args = (x, w.packed, w.scales, w.zeros)

@@ -74,12 +74,9 @@ class MatmulConfig:
     # The tensor-core form (2 rows and up): how an int4 tile's nibbles become float32 before the tile is scaled
     # (one fused multiply-add, with ``gemv_fma``) and rounded to x's dtype for the dot: "affine" (a byte permute
     # into 0.5's mantissa, as the GEMV's ``gemv_convert``) or "cvt" (an integer-to-float conversion, a quarter of
-    # the FMA rate; the form before run 30e). "biased16" (int4 with 16-bit x): each nibble becomes x's dtype's
-    # ``bias + q`` (bfloat16 128 + q, float16 1024 + q) by one byte permute for two of them, the dot runs on those, and
-    # the step's result takes the group's scale and zero once a column: ``s (dot - (bias + z) sum x)`` (other dtypes
-    # of x take "affine"). Offline sm_90 compile (NOTES.md, this option's entry): 5.4 loop instructions a weight
-    # against affine's 6.2 at 16-row tiles, 8.8 against 7.5 at 64 rows (its fix-ups grow with the rows). Opt-in
-    # and untimed: run 63 did not run.
+    # the FMA rate; the form before run 30e). A third form, the dot over nibbles as bfloat16 ``128 + q`` with the
+    # group's scale and zero on each step's dot (fewer loop instructions offline), lost 36% of AWQ's batch-8
+    # throughput (run 65, H100: 1,200 against 1,870 output tok/s) and was removed (kept in ad81270).
     tile_convert: str = "affine"
     k_splits: Optional[int] = None
     num_warps: int = 4
@@ -169,16 +166,6 @@ class MatmulConfig:
     # Run 26a (H200, 8B int8 at batch 1, same lease): TPOT 3.16 ms summed each step (loads ahead) -> 3.06 deferred
     # without loads ahead (3.23 deferred with them).
     kmajor_defer_reduction: bool = True
-    # The int4 matmul on the tensor cores at up to 8 rows (``pallas_kernels.int4_wgmma_gemv``, Mosaic GPU, sm_90), for
-    # weights that carry its W^T copy (``models.quantization.add_int4_wgmma_layout``, opt-in: ``$PAGEDJAX_INT4_WGMMA``):
-    # the tile's route to wgmma's register layout (``int4_wgmma_gemv.CONVERSIONS``), output columns a warpgroup,
-    # pipeline stages, and programs a multiprocessor its K splits aim at (each split at least wgmma_min_steps groups).
-    # Untimed so far (NOTES.md, "Run 64").
-    wgmma_convert: str = "4x"
-    wgmma_block_n: int = 64
-    wgmma_stages: int = 4
-    wgmma_programs_per_core: int = 2
-    wgmma_min_steps: int = 4
 
 
 # --------------------------------------------------------------------------------------
@@ -299,13 +286,6 @@ def _matmul_kernel(x_ref, w_ref, *refs, fmt: str, block_m: int, block_n: int, bl
             z = zero_ref[group, cols].astype(jnp.float32)
             packed = pltriton.load(w_ref.at[pl.ds(pl.multiple_of(k0 // 2, half), half), cols],
                                    eviction_policy="evict_first")
-            if convert in BIASED16_CONVERSIONS:  # dot over bias + q; the group's scale and zero on its result
-                bias, (w_lo, w_hi) = biased16_nibbles(packed, dtype, convert)
-                x_lo, x_hi = x_ref[rows, pl.ds(k0, half)], x_ref[rows, pl.ds(k0 + half, half)]
-                d = (jnp.dot(x_lo, w_lo, preferred_element_type=jnp.float32)
-                     + jnp.dot(x_hi, w_hi, preferred_element_type=jnp.float32))
-                x_sum = (x_lo.astype(jnp.float32).sum(axis=1) + x_hi.astype(jnp.float32).sum(axis=1))[:, None]
-                return acc + s * (d - (z + bias) * x_sum)
             w_lo, w_hi = int4_tile_weights(packed, s, z, dtype, convert=convert, fma=fma)
             acc += jnp.dot(x_ref[rows, pl.ds(k0, half)], w_lo, preferred_element_type=jnp.float32)
             acc += jnp.dot(x_ref[rows, pl.ds(k0 + half, half)], w_hi, preferred_element_type=jnp.float32)
@@ -375,35 +355,6 @@ def _permute_to_f32(kind: str, w: jax.Array) -> jax.Array:
     return f - offset if offset else f
 
 
-# "biased16": nibbles as 16-bit floats ``bias + q``, two a 32-bit word: the nibbles of a word's 4 bytes (masked, or
-# shifted then masked), then one permute a result word puts two of them under the byte that makes the dtype's
-# ``bias`` (bfloat16 0x43 -> 128 + q; float16 0x64 -> 1024 + q; exact: q < 16 sits in the mantissa's lowest bits).
-BIASED16_CONVERSIONS = ("biased16", "biased16_jnp")
-_BIAS16 = {jnp.dtype(jnp.bfloat16): (0x43, 128.0), jnp.dtype(jnp.float16): (0x64, 1024.0)}
-
-
-def _biased16_ptx(high: bool, bias_byte: int) -> str:
-    """PTX of one ``elementwise_inline_asm`` instance: input ``$2`` holds 4 bytes; ``$0`` / ``$1`` get the 16-bit
-    floats of bytes 0-1 / 2-3 (low or ``high`` nibbles), element 0 in the low half."""
-    nibbles = ("shr.u32 u, $2, 4;", "and.b32 u, u, 0x0F0F0F0F;") if high else ("and.b32 u, $2, 0x0F0F0F0F;",)
-    return "\n".join(["{", ".reg .b32 u, e;", f"mov.b32 e, {bias_byte:#x};", *nibbles,
-                      "prmt.b32 $0, u, e, 0x4140;", "prmt.b32 $1, u, e, 0x4342;", "}"])
-
-
-def biased16_nibbles(packed: jax.Array, dtype, convert: str) -> tuple[float, tuple[jax.Array, jax.Array]]:
-    """``(bias, (w_lo, w_hi))``: a packed int4 tile's low and high nibbles as ``bias + q`` in the 16-bit ``dtype``,
-    by inline PTX ("biased16") or its jnp form ("biased16_jnp", the interpreter's; equal values)."""
-    bias_byte, bias = _BIAS16[jnp.dtype(dtype)]
-    if convert == "biased16_jnp":
-        return bias, tuple((q.astype(jnp.float32) + bias).astype(dtype) for q in (packed & 0xF, packed >> 4))
-    halves = []
-    for high in (False, True):
-        (w,) = pltriton.elementwise_inline_asm(_biased16_ptx(high, bias_byte), args=[packed], constraints="=r,=r,r",
-                                               pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, dtype)])
-        halves.append(w)
-    return bias, tuple(halves)
-
-
 def multiply_add(a: jax.Array, b: jax.Array, c: jax.Array, fused: bool) -> jax.Array:
     """``a * b + c`` in float32 (broadcast), with ``fused`` one ``fma.rn.f32`` an element (inline PTX, compiled
     kernels only: ``MatmulConfig.gemv_fma``), else the plain expression."""
@@ -452,7 +403,7 @@ def int4_tile_weights(packed: jax.Array, s: jax.Array, z: jax.Array, dtype, *, c
 
 def interpreted_conversion(convert: str) -> str:
     """The jnp form of a conversion that runs inline PTX compiled (equal values): the interpreter's."""
-    return {"permute": "exponent", "affine": "affine_jnp", "biased16": "biased16_jnp"}.get(convert, convert)
+    return {"permute": "exponent", "affine": "affine_jnp"}.get(convert, convert)
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, fmt: str, block_n: int, block_k: int, steps: int, group_size: int,
@@ -742,12 +693,9 @@ def _weight_streaming_matmul(x, w, extras, *, fmt, K, N, group_size, pack, confi
     rows = x.shape[0]
     num_steps = K // block_k
     splits = _k_splits(config, (rows // block_m) * (N // block_n), num_steps, block_k, config.programs_per_core)
-    if config.tile_convert not in ("affine", "cvt", "biased16"):
-        raise ValueError(f"tile_convert must be 'affine', 'cvt' or 'biased16', got {config.tile_convert!r}")
-    convert = config.tile_convert
-    if convert == "biased16" and jnp.dtype(x.dtype) not in _BIAS16:
-        convert = "affine"  # the dot runs in x's dtype: 16-bit floats only
-    convert = interpreted_conversion(convert) if interpret else convert
+    if config.tile_convert not in ("affine", "cvt"):
+        raise ValueError(f"tile_convert must be 'affine' or 'cvt', got {config.tile_convert!r}")
+    convert = interpreted_conversion(config.tile_convert) if interpret else config.tile_convert
     kernel = functools.partial(_matmul_kernel, fmt=fmt, block_m=block_m, block_n=block_n, block_k=block_k,
                                steps=num_steps // splits, group_size=group_size, convert=convert,
                                fma=config.gemv_fma and not interpret)

@@ -492,22 +492,13 @@ def weight_bytes(params, config) -> tuple[int, int]:
     """``(all weight bytes, bytes a decode step reads)``: a step gathers one row of the embedding
     table rather than reading it, so that table is left out of the second unless it is the LM head
     (tied, with no head of its own: an int8 head is one, ``models.quantization.quantize_lm_head``).
-    A mixture of experts' one-token step reads only its ``k`` of the ``E`` experts, and an int4 weight with a ``W^T``
-    copy (``models.quantization.add_int4_wgmma_layout``) only that copy of its two."""
+    A mixture of experts' one-token step reads only its ``k`` of the ``E`` experts."""
     import jax
-    import jax.numpy as jnp
 
-    from models.quantization import Int4Weight
-
-    def nbytes(x) -> int:  # JAX counts a byte an int4 element; the device packs two
-        return x.size // 2 if x.dtype == jnp.int4 else x.nbytes
-
-    total = sum(nbytes(x) for x in jax.tree.leaves(params))
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
     read = total - params["embed"].nbytes if "lm_head" in params else total
     layers = params["layers"] if isinstance(params["layers"], (list, tuple)) else [params["layers"]]
-    read -= sum(w.packed.nbytes for layer in layers for w in layer.values()
-                if isinstance(w, Int4Weight) and w.wgmma_q is not None)
-    experts = sum(nbytes(x) for layer in layers for name, w in layer.items() if name.startswith("expert_")
+    experts = sum(x.nbytes for layer in layers for name, w in layer.items() if name.startswith("expert_")
                   for x in jax.tree.leaves(w))
     return int(total), int(read - experts * (1 - active_expert_share(config)))
 

@@ -109,7 +109,7 @@ def gemv_cases():
         ("int4", functools.partial(qmm.int4_matmul, packed=packed, scales=scales, zeros=zeros, **int4),
          lambda h: qmm.int4_matmul_reference(h, packed, scales, zeros, **int4)),
         ("int4, dot form", functools.partial(qmm.int4_matmul, packed=packed, scales=scales, zeros=zeros, **int4,
-                                             config=qmm.MatmulConfig(gemv=False, tile_convert="biased16")),
+                                             config=qmm.MatmulConfig(gemv=False)),
          lambda h: qmm.int4_matmul_reference(h, packed, scales, zeros, **int4)),
         ("dense, split", functools.partial(qmm.dense_matmul, w=dense, config=qmm.MatmulConfig(k_splits=4)),
          lambda h: qmm.dense_matmul_reference(h, dense)),

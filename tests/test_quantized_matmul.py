@@ -69,9 +69,6 @@ CPU_CASES = [
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=4, gemv_block_n=64)),
     ("int8", 1, 384, 96, 0, jnp.float32, MatmulConfig(k_splits=3, gemv_block_k=32)),
     ("int4", 1, 256, 128, 128, jnp.bfloat16, MatmulConfig(gemv=False)),
-    # The dot over biased 16-bit nibbles (tile_convert="biased16"), at one row and more, both 16-bit dtypes.
-    ("int4", 1, 256, 128, 128, jnp.bfloat16, MatmulConfig(gemv=False, tile_convert="biased16")),
-    ("int4", 9, 192, 64, 64, jnp.float16, MatmulConfig(tile_convert="biased16", k_splits=3)),
     ("dense", 1, 128, 64, 0, jnp.float32, MatmulConfig(gemv=False)),
     # The GEMV form with a cross-thread sum over K each step (gemv_defer_reduction off), each format, split too.
     ("int4", 1, 512, 192, 64, jnp.float32, MatmulConfig(k_splits=2, gemv_block_n=64, gemv_defer_reduction=False)),
@@ -399,9 +396,6 @@ GPU_CASES = [
      for fmt in ("int8", "int4")
 ] + [("int4", M, K, N, 128, jnp.bfloat16, MatmulConfig(tile_convert="cvt"))  # the tensor-core form before 30e
      for M, K, N in ((16, 14336, 4096), (64, 4096, 28672))
-] + [("int4", M, K, N, 128, dtype, MatmulConfig(gemv=False, tile_convert="biased16"))  # dot over bias + q
-     for M, K, N, dtype in ((1, 4096, 28672, jnp.bfloat16), (1, 14336, 4096, jnp.bfloat16),
-                            (1, 4096, 6144, jnp.float16), (64, 4096, 4096, jnp.bfloat16))
 ] + [("int4", 3, 4096, 14336, 128, jnp.float16, MatmulConfig(num_stages=2)),
       ("int8", 256, 4096, 4096, 128, jnp.bfloat16, MatmulConfig()), ("int4", 200, 14336, 4096, 128, jnp.bfloat16,
                                                                      MatmulConfig())]
