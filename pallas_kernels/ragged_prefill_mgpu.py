@@ -47,7 +47,7 @@ BLOCK_KV = 128  # K/V tokens per pipeline step
 JAX_0_11 = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
-def transposed_ref(ref):
+def _transposed(ref):
     """``ref`` with its two minor axes swapped, as wgmma's B operand (K^T). JAX 0.11 spells it
     ``ref.transpose``; 0.10's Mosaic GPU lowering wants ``plgpu.transpose_ref``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -205,7 +205,7 @@ def ragged_prefill_mgpu(q, k_cache, v_cache, layer, kv_lens, block_tables, items
                         slot = ring(j)
 
                         def qk_scope(acc_ref):
-                            plgpu.wgmma(acc_ref, q_smem, transposed_ref(k_smem.at[slot]))
+                            plgpu.wgmma(acc_ref, q_smem, _transposed(k_smem.at[slot]))
                             take_turn()
                             return acc_ref[...]
 
