@@ -30,7 +30,7 @@ from engine.beam_search import BeamSearchParams, beam_search
 from engine.engine_args import EngineArgs
 from engine.engine_loop import EngineLoop, NewRequest
 from engine.outputs import CompletionOutput, RequestOutput, RequestOutputKind, delta_of, elapsed
-from engine.pooling import EmbeddingRequestOutput
+from engine.pooling import POOLED_OUTPUTS
 from engine.prompts import as_prompt
 from engine.sampling_params import SamplingParams
 
@@ -446,7 +446,7 @@ class _RequestTimer:
         if not self.stat_loggers:
             return
         now = time.monotonic()
-        if isinstance(output, EmbeddingRequestOutput):  # a pooling engine's: one output, no tokens
+        if isinstance(output, POOLED_OUTPUTS):  # a pooling engine's: one output, no tokens
             finished = FinishedSequence(now - self.arrival, "stop", len(output.prompt_token_ids), 0)
             for stat_logger in self.stat_loggers:
                 stat_logger.on_finished(finished)

@@ -7,6 +7,7 @@ loop, so concurrent callers are batched into the same steps.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import os
@@ -27,7 +28,7 @@ from engine.metrics import ServingMetrics, cache_config_info, offline_finished_s
 from engine.metrics_reader import Metric, metrics_snapshot
 from engine.outputs import RequestOutput, RequestOutputKind
 from engine.pooling import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput,
-                            ScoringOutput, ScoringRequestOutput, as_pooling_output, cosine, score_pairs)
+                            ScoringOutput, ScoringRequestOutput, as_pooling_output, check_task, cosine, score_pairs)
 from engine.prompts import as_prompt
 from engine.sampling_params import SamplingParams
 from engine.stats_log import PeriodicStatsLogger
@@ -180,7 +181,7 @@ class LLM:
         ``EmbeddingRequestOutput`` per prompt, in input order, its vector in ``.outputs.embedding``
         (``engine.pooling``: the checkpoint's pooling, normalised unless ``pooling_params`` says otherwise);
         ``lora_request`` as ``generate``'s."""
-        return self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, classify=False)
+        return self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, "embed")
 
     def classify(self, prompts: Union[PromptType, Sequence[PromptType]],
                  pooling_params: Optional[PoolingParams] = None, use_tqdm: bool = True,
@@ -191,7 +192,7 @@ class LLM:
         ``runner="auto"`` serves as a pooling engine): one ``ClassificationRequestOutput`` per prompt, in input
         order, its class probabilities in ``.outputs.probs`` (``PoolingParams(use_activation=False)``: the logits);
         ``lora_request`` as ``generate``'s."""
-        return self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, classify=True)
+        return self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, "classify")
 
     def encode(self, prompts: Union[PromptType, Sequence[PromptType]],
                pooling_params: Optional[PoolingParams] = None, use_tqdm: bool = True,
@@ -199,22 +200,32 @@ class LLM:
                lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
                pooling_task: Optional[str] = None) -> list[PoolingRequestOutput]:
         """vLLM's ``LLM.encode`` on a pooling engine: one ``PoolingRequestOutput`` per prompt, in input order, its
-        pooled numbers in ``.outputs.data`` (float32 numpy): an embedding model's vector (``pooling_task="embed"``)
-        or a classifier's class probabilities (``"classify"``); None: the model's own task."""
-        task = "classify" if self._is_classifier() else "embed"
-        if pooling_task not in (None, task):
-            raise ValueError(f"pooling_task {pooling_task!r} is not this model's: it can only {task}"
-                             + ("" if pooling_task in ("embed", "classify") else " (tasks here: embed, classify)"))
-        outputs = self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, classify=task == "classify")
+        numbers in ``.outputs.data`` (float32 numpy). ``pooling_task``: "embed" (an embedding model's vector) or
+        "classify" (a classifier's class probabilities), None for the model's; per token (``[tokens, ...]``, every
+        prompt token's row, none skipped by the prefix cache): "token_embed" (an embedding model's vector a token)
+        or "token_classify" (a classifier's head on each token: ``reward``)."""
+        task = check_task(pooling_task, self._is_classifier())
+        outputs = self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, task)
         return [as_pooling_output(output) for output in outputs]
 
+    def reward(self, prompts: Union[PromptType, Sequence[PromptType]],
+               pooling_params: Optional[PoolingParams] = None, use_tqdm: bool = True,
+               priority: Optional[Sequence[int]] = None,
+               lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None
+               ) -> list[PoolingRequestOutput]:
+        """vLLM's ``LLM.reward``: ``encode`` with ``pooling_task="token_classify"``, a sequence classifier's
+        (a reward model's) head on every prompt token, ``.outputs.data`` float32 ``[tokens, labels]``."""
+        return self.encode(prompts, pooling_params, use_tqdm, priority, lora_request, pooling_task="token_classify")
+
     def _pool(self, prompts, pooling_params: Optional[PoolingParams], use_tqdm: bool,
-              priority: Optional[Sequence[int]], lora_request, classify: bool) -> list:
-        """``embed`` / ``classify``: the call checked against the model's pooling task, then every prompt run."""
-        self._check_pooling_task(classify=classify)
+              priority: Optional[Sequence[int]], lora_request, task: str) -> list:
+        """``embed`` / ``classify`` / ``encode``: the call checked against the model's pooling task, then every prompt
+        run with ``task`` in its ``PoolingParams``."""
+        self._check_pooling_task(classify=task in ("classify", "token_classify"))
         prompts = _as_prompt_list(prompts)
-        return self._run(prompts, [pooling_params or PoolingParams()] * len(prompts), use_tqdm, priority,
-                         "Classifying" if classify else "Embedding",
+        params = dataclasses.replace(pooling_params or PoolingParams(), task=task)
+        return self._run(prompts, [params] * len(prompts), use_tqdm, priority,
+                         "Classifying" if "classify" in task else "Embedding",
                          _per_prompt(lora_request, len(prompts), "lora_requests"))
 
     def _is_classifier(self) -> bool:

@@ -27,7 +27,7 @@ from engine.lora import LoRARequest, LoRASlots
 from engine.metrics import ITERATION_TOKENS_BUCKETS, count_into_buckets
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RequestOutputKind
 from engine.pooling import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput, EmbeddingRequestOutput,
-                            PooledRows, PoolingParams)
+                            PooledRows, PoolingOutput, PoolingParams, PoolingRequestOutput, check_task)
 from engine.request import Request, RequestStatus
 from engine.runner import (PENDING_TOKEN, ModelRunner, PendingStep, SequenceWork, delete_arrays,
                            enable_compilation_cache)
@@ -388,6 +388,7 @@ class LLMEngine:
                              "it embeds prompts and generates nothing")
         params = params or PoolingParams()
         classifier = self.pooling.classifier is not None
+        check_task(params.task, classifier)
         for field, value, needs_classifier in (("dimensions", params.dimensions, False),
                                                ("use_activation", params.use_activation, True)):
             if value is not None and classifier != needs_classifier:
@@ -407,7 +408,9 @@ class LLMEngine:
         request = Request(request_id=seq_id, prompt_token_ids=list(group.prompt_token_ids), sampling_params=params,
                           priority=priority, arrival_time=now, max_output_tokens=group.max_output_tokens,
                           multi_step=not group.samples_need_host_tokens and params.min_tokens == 0,
-                          use_prefix_cache=params.prompt_logprobs is None,
+                          # Rows a request needs (prompt logprobs, a per-token pooling task's) are not skipped.
+                          use_prefix_cache=params.prompt_logprobs is None and not (
+                              group.pooling_params is not None and group.pooling_params.per_token),
                           lora_id=group.lora_request.lora_int_id if group.lora_request is not None else 0)
         detok = None
         if self.tokenizer is not None and params.detokenize:
@@ -840,35 +843,47 @@ class LLMEngine:
         last chunk ran is finished (its blocks freed) with its pooled vector."""
         out, entries = launched.plan, launched.entries
         fetched = time.perf_counter()
-        last, first, sums = self.runner.fetch_pool(launched.pending)
+        per_token = [entry[1].pooling_params.per_token for entry in entries]
+        last, first, sums, every_row = self.runner.fetch_pool(launched.pending, every_row=any(per_token))
         self.stats["wait_s"] += time.perf_counter() - fetched
         self.stats["steps"] += 1
         self.stats["max_batch_seqs"] = max(self.stats["max_batch_seqs"], len(out.scheduled))
         outputs = []
+        chunk_start = 0  # the chunk's first row in the step's tokens (works in order, each one's rows in a run)
         for i, s in enumerate(out.scheduled):
             group = entries[i][1]
+            chunk = slice(chunk_start, chunk_start + s.num_tokens)
+            chunk_start = chunk.stop
             if group.aborted or self._groups.get(group.request_id) is not group:
                 continue
-            group.pooled.add_chunk(s.start, first[i], sums[i])
+            group.pooled.add_chunk(s.start, first[i], sums[i], every_row[chunk] if per_token[i] else None)
             if not s.samples:  # more of the prompt to come
                 continue
             self.scheduler.finish_request(s.request.request_id, RequestStatus.FINISHED_STOPPED)
             self.stats["prompt_tokens"] += len(group.prompt_token_ids)  # prompts counted once computed
             del self._groups[group.request_id]
             self._forget_samples(group)
-            if self.pooling.classifier is not None:  # a sequence classifier: its head on the last row
-                output = ClassificationRequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
-                                                     ClassificationOutput(self.pooling.classify(group.pooling_params,
-                                                                                                last[i])))
-            else:
-                vector = group.pooled.vector(self.pooling, group.pooling_params, last[i], len(group.prompt_token_ids))
-                output = EmbeddingRequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
-                                                EmbeddingOutput(vector))
+            output = self._pooled_output(group, last[i])
             if group.on_output is not None:
                 group.on_output(output)
             outputs.append(output)
         self.scheduler.update_after_step(out, {})  # the requests still computing their prompts
         return outputs
+
+    def _pooled_output(self, group: _RequestGroup, last_row: np.ndarray):
+        """A finished pooling request's output: a classifier's head on its last row (or, ``token_classify``, on every
+        row), else its pooled vector (or, ``token_embed``, a vector a token)."""
+        params, classifier = group.pooling_params, self.pooling.classifier is not None
+        ids = (group.request_id, group.prompt, group.prompt_token_ids)
+        if params.per_token:
+            rows = group.pooled.every_row()
+            data = self.pooling.classify(params, rows) if classifier else self.pooling.embedding(params, rows)
+            return PoolingRequestOutput(*ids, PoolingOutput(data))
+        if classifier:
+            return ClassificationRequestOutput(*ids, ClassificationOutput(self.pooling.classify(params,
+                                                                                                last_row).tolist()))
+        vector = group.pooled.vector(self.pooling, params, last_row, len(group.prompt_token_ids))
+        return EmbeddingRequestOutput(*ids, EmbeddingOutput(vector))
 
     def _record_prompt_logprobs(self, launched: _LaunchedStep) -> None:
         """Prompt logprobs of a step's scored chunks (``SamplingParams.prompt_logprobs``): the entry of each prompt

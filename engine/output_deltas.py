@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.pooling import ClassificationRequestOutput, EmbeddingRequestOutput
+from engine.pooling import POOLED_OUTPUTS, ClassificationRequestOutput, EmbeddingRequestOutput, PoolingRequestOutput
 
 # One completion's delta: (index, tokens added, text added, cumulative logprob, logprobs entries added or None,
 # finish reason, stop reason). A request's: (finished, (prompt, prompt_token_ids, num_cached_tokens, prompt_logprobs,
@@ -22,10 +22,11 @@ from engine.pooling import ClassificationRequestOutput, EmbeddingRequestOutput
 # unscheduled); its last has the token and finish times too.
 
 
-def encode(output: Union[RequestOutput, EmbeddingRequestOutput, ClassificationRequestOutput]) -> tuple:
+def encode(output: Union[RequestOutput, EmbeddingRequestOutput, ClassificationRequestOutput,
+                          PoolingRequestOutput]) -> tuple:
     """A ``RequestOutputKind.DELTA`` output as tuples for the pipe (a pooled output whole: it is final, and
     comes once)."""
-    if isinstance(output, (EmbeddingRequestOutput, ClassificationRequestOutput)):
+    if isinstance(output, POOLED_OUTPUTS):
         return True, None, output, None
     prompt = ((output.prompt, output.prompt_token_ids, output.num_cached_tokens, output.prompt_logprobs,
                output.lora_request, output.metrics) if output.prompt_token_ids is not None else None)
@@ -42,9 +43,9 @@ class DeltaDecoder:
         self._completions: dict[int, tuple[list, str, Optional[list]]] = {}  # index -> (tokens, text, logprobs)
 
     def decode(self, request_id: str, delta: tuple) -> Union[RequestOutput, EmbeddingRequestOutput,
-                                                             ClassificationRequestOutput]:
+                                                             ClassificationRequestOutput, PoolingRequestOutput]:
         finished, prompt, completions, last_metrics = delta
-        if isinstance(completions, (EmbeddingRequestOutput, ClassificationRequestOutput)):
+        if isinstance(completions, POOLED_OUTPUTS):
             return completions
         if prompt is not None:
             self._prompt = prompt

@@ -7,6 +7,9 @@ Owns ``PoolingParams``, the pooled outputs (``EmbeddingRequestOutput``, vLLM's s
 pooling a checkpoint's sentence-transformers files name (``pooling_config``: ``1_Pooling/config.json``'s mode,
 ``modules.json``'s Normalize), and a request's pooled vector from the rows its prompt chunks returned
 (``PooledRows``: the last token's, the mean of all, or the first token's; normalised, cut to ``dimensions``).
+vLLM's per-token tasks keep every prompt row: ``token_embed`` (each token's vector, normalised as an embedding) and
+``token_classify`` (a classifier's head on each token: ``LLM.reward``), as a ``PoolingRequestOutput`` of
+``[tokens, ...]``.
 The rows come from ``engine.runner.ModelRunner.dispatch_pool``; the engine (``engine.llm_engine``) finishes a
 request when its prompt's last chunk has run. Plain host code: no JAX here.
 """
@@ -22,6 +25,27 @@ import numpy as np
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 RUNNERS = ("auto", "generate", "pooling")
+# vLLM's pooling tasks: a model embeds (and ``token_embed``: a vector a token) or, a sequence classifier, classifies
+# (and ``token_classify``: its head on every token, a reward model's per-token rewards).
+POOLING_TASKS = ("embed", "classify", "token_embed", "token_classify")
+PER_TOKEN_TASKS = ("token_embed", "token_classify")
+
+
+def model_tasks(classifier: bool) -> tuple[str, str]:
+    """The pooling tasks a model can run: a classifier's or an embedding model's, pooled and per token."""
+    return ("classify", "token_classify") if classifier else ("embed", "token_embed")
+
+
+def check_task(task: Optional[str], classifier: bool) -> str:
+    """``task`` (None: the model's pooled one) if the model can run it, else a ``ValueError`` naming what it can."""
+    tasks = model_tasks(classifier)
+    if task is None:
+        return tasks[0]
+    if task not in tasks:
+        kind = "a sequence classifier" if classifier else "an embedding model"
+        raise ValueError(f"pooling task {task!r} is not this model's: it can only {' or '.join(tasks)} ({kind})"
+                         + ("" if task in POOLING_TASKS else f"; vLLM's tasks: {', '.join(POOLING_TASKS)}"))
+    return task
 
 
 def _config_field(model_path: str, name: str):
@@ -73,16 +97,25 @@ def resolve_runner(runner: str, model_path: str) -> str:
 @dataclasses.dataclass
 class PoolingParams:
     """vLLM's ``PoolingParams`` for embeddings: ``normalize`` (None: the model's, else True as vLLM's default),
-    ``dimensions`` (a Matryoshka model's first dimensions, normalised after the cut)."""
+    ``dimensions`` (a Matryoshka model's first dimensions, normalised after the cut); ``task`` (vLLM's, set by
+    ``LLM.encode``'s ``pooling_task``; None: the model's pooled task)."""
 
     normalize: Optional[bool] = None
     dimensions: Optional[int] = None
     use_activation: Optional[bool] = None  # a classifier's: probabilities (softmax; sigmoid of one label) or logits
+    task: Optional[str] = None
 
     def __post_init__(self):
         if self.dimensions is not None and (isinstance(self.dimensions, bool) or not isinstance(self.dimensions, int)
                                             or self.dimensions < 1):
             raise ValueError(f"dimensions must be a positive integer, got {self.dimensions!r}")
+        if self.task is not None and self.task not in POOLING_TASKS:
+            raise ValueError(f"task must be one of {', '.join(POOLING_TASKS)}, got {self.task!r}")
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the request keeps every prompt row (``token_embed``, ``token_classify``)."""
+        return self.task in PER_TOKEN_TASKS
 
 
 @dataclasses.dataclass
@@ -119,7 +152,7 @@ class ClassificationRequestOutput:
 
 @dataclasses.dataclass
 class PoolingOutput:
-    data: np.ndarray  # float32: an embedding, or a classifier's class probabilities (or logits)
+    data: np.ndarray  # float32: an embedding, a classifier's class probabilities (or logits); per token: [tokens, ...]
 
 
 @dataclasses.dataclass
@@ -134,12 +167,22 @@ class PoolingRequestOutput:
     finished: bool = True
 
 
-def pooled_data(output: EmbeddingRequestOutput | ClassificationRequestOutput) -> list[float]:
-    """A pooled request's numbers: a classifier's class probabilities (or logits), else its embedding."""
+# What a pooling engine's request finishes with (one output, whole).
+POOLED_OUTPUTS = (EmbeddingRequestOutput, ClassificationRequestOutput, PoolingRequestOutput)
+
+
+def pooled_data(output: EmbeddingRequestOutput | ClassificationRequestOutput | PoolingRequestOutput) -> list:
+    """A pooled request's numbers: a classifier's class probabilities (or logits), else its embedding; a per-token
+    task's rows as nested lists."""
+    if isinstance(output, PoolingRequestOutput):
+        return output.outputs.data.tolist()
     return output.outputs.probs if isinstance(output.outputs, ClassificationOutput) else output.outputs.embedding
 
 
-def as_pooling_output(output: EmbeddingRequestOutput | ClassificationRequestOutput) -> PoolingRequestOutput:
+def as_pooling_output(output: EmbeddingRequestOutput | ClassificationRequestOutput | PoolingRequestOutput
+                      ) -> PoolingRequestOutput:
+    if isinstance(output, PoolingRequestOutput):
+        return output
     return PoolingRequestOutput(output.request_id, output.prompt, output.prompt_token_ids,
                                 PoolingOutput(np.asarray(pooled_data(output), np.float32)), output.finished)
 
@@ -186,17 +229,28 @@ class PoolingConfig:
     # normed hidden state; None for an embedding model.
     classifier: Optional[np.ndarray] = dataclasses.field(default=None, compare=False)
 
-    def classify(self, params: PoolingParams, last_row: np.ndarray) -> list[float]:
-        """The class probabilities (softmax; a sigmoid for one label, as vLLM's classify) of a prompt's last row,
-        or its logits with ``params.use_activation=False``."""
-        logits = self.classifier.astype(np.float64) @ np.asarray(last_row, np.float64)
+    def classify(self, params: PoolingParams, rows: np.ndarray) -> np.ndarray:
+        """The class probabilities (softmax; a sigmoid for one label, as vLLM's classify) of hidden rows
+        (``[..., hidden]``: a prompt's last row, or every row for ``token_classify``), or their logits with
+        ``params.use_activation=False``: float32 ``[..., labels]``."""
+        logits = np.asarray(rows, np.float64) @ self.classifier.astype(np.float64).T
         if params.use_activation is not False:
-            if logits.shape[0] == 1:
+            if logits.shape[-1] == 1:
                 logits = 1.0 / (1.0 + np.exp(-logits))
             else:
-                logits = np.exp(logits - logits.max())
-                logits = logits / logits.sum()
-        return logits.astype(np.float32).tolist()
+                logits = np.exp(logits - logits.max(axis=-1, keepdims=True))
+                logits = logits / logits.sum(axis=-1, keepdims=True)
+        return logits.astype(np.float32)
+
+    def embedding(self, params: PoolingParams, rows: np.ndarray) -> np.ndarray:
+        """Pooled or per-token vectors (``[..., hidden]``, float32) cut to ``params.dimensions`` (checked against
+        the hidden size when the request came in) and normalised as the model or ``params.normalize`` says."""
+        vectors = np.asarray(rows, np.float64)
+        if params.dimensions is not None:
+            vectors = vectors[..., :params.dimensions]
+        if self.normalize if params.normalize is None else params.normalize:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+        return vectors.astype(np.float32)
 
 
 def pooling_config(model_path: str, pooling_type: Optional[str] = None) -> PoolingConfig:
@@ -239,28 +293,33 @@ def _score_head(model_path: str) -> np.ndarray:
 
 @dataclasses.dataclass
 class PooledRows:
-    """What a request's prompt chunks returned so far, for its pooled vector."""
+    """What a request's prompt chunks returned so far, for its pooled vector (or, per token, every row)."""
 
     total: Optional[np.ndarray] = None  # sum of every prompt row (MEAN)
     first: Optional[np.ndarray] = None  # the prompt's first row (CLS)
+    rows: list[np.ndarray] = dataclasses.field(default_factory=list)  # each chunk's rows (a per-token task)
 
-    def add_chunk(self, start: int, first_row: np.ndarray, row_sum: np.ndarray) -> None:
-        """A chunk starting at prompt position ``start``: its first row and the sum of its rows. A chunk at 0 starts
-        over (a preempted request computes its prompt again)."""
+    def add_chunk(self, start: int, first_row: np.ndarray, row_sum: np.ndarray,
+                  rows: Optional[np.ndarray] = None) -> None:
+        """A chunk starting at prompt position ``start``: its first row and the sum of its rows (and, for a per-token
+        task, all of them). A chunk at 0 starts over (a preempted request computes its prompt again)."""
         if start == 0:
-            self.total, self.first = None, first_row
+            self.total, self.first, self.rows = None, first_row, []
         self.total = row_sum if self.total is None else self.total + row_sum
+        if rows is not None:
+            self.rows.append(rows)
+
+    def pooled(self, config: PoolingConfig, last_row: np.ndarray, num_tokens: int) -> np.ndarray:
+        """The prompt's pooled row once its last chunk (ending with ``last_row``) has run."""
+        if config.pooling_type == "MEAN":
+            return self.total / num_tokens
+        return self.first if config.pooling_type == "CLS" else last_row
 
     def vector(self, config: PoolingConfig, params: PoolingParams, last_row: np.ndarray,
                num_tokens: int) -> list[float]:
         """The pooled vector once the prompt's last chunk (ending with ``last_row``) has run."""
-        if config.pooling_type == "MEAN":
-            vector = self.total / num_tokens
-        else:
-            vector = self.first if config.pooling_type == "CLS" else last_row
-        vector = np.asarray(vector, np.float64)
-        if params.dimensions is not None:  # checked against the hidden size when the request came in
-            vector = vector[:params.dimensions]
-        if (config.normalize if params.normalize is None else params.normalize):
-            vector = vector / max(np.linalg.norm(vector), 1e-12)
-        return vector.astype(np.float32).tolist()
+        return config.embedding(params, self.pooled(config, last_row, num_tokens)).tolist()
+
+    def every_row(self) -> np.ndarray:
+        """Every prompt row, in order (a per-token task's, once its last chunk has run)."""
+        return np.concatenate(self.rows)

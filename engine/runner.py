@@ -227,9 +227,11 @@ class PendingStep:
 
 @dataclasses.dataclass
 class PendingPool:
-    """A dispatched pooling step (``ModelRunner.dispatch_pool``): its ``(last, first, sums)`` rows on the device."""
+    """A dispatched pooling step (``ModelRunner.dispatch_pool``): its ``(last, first, sums)`` rows on the device, and
+    every token's row (``every_row``, fetched only for a per-token task's chunks)."""
 
     rows: tuple
+    every_row: jax.Array
     num_seqs: int
 
 
@@ -506,7 +508,7 @@ class ModelRunner:
         # Pooling (embedding) steps: each sequence's last, first and summed hidden rows instead of logits.
         self._pool_fns = {}  # XLA options -> the jitted pooling step (pool_fn)
         pool_placement = {} if self.mesh is None else {
-            "out_shardings": (self._input_sharding,) * 3 + (kv_placement,)}
+            "out_shardings": (self._input_sharding,) * 4 + (kv_placement,)}
         self._make_pool = functools.partial(jax.jit, self._pool_step, donate_argnums=(1,), **pool_placement)
 
     def _zero_sampled(self) -> jax.Array:
@@ -687,14 +689,14 @@ class ModelRunner:
     def _pool_step(self, params, kv_cache, model_input):
         """A pooling step (``engine.pooling``): for each sequence slot its chunk's last row (at
         ``logits_indices``), first row and the sum of its rows of the last layer's normed hidden states, float32
-        ``[S, H]`` each, and the cache."""
-        hidden, kv_cache = self._forward(params, kv_cache, model_input, return_hidden=True)
-        hidden = hidden.astype(jnp.float32)
+        ``[S, H]`` each; every token's row (``[T, H]`` in the model's dtype: the per-token tasks'); and the cache."""
+        every_row, kv_cache = self._forward(params, kv_cache, model_input, return_hidden=True)
+        hidden = every_row.astype(jnp.float32)
         cu = jnp.minimum(model_input.cu_q_lens, model_input.cu_q_lens[model_input.num_seqs[0]])
         seq, valid = token_sequence_ids(cu, hidden.shape[0])
         sums = jax.ops.segment_sum(jnp.where(valid[:, None], hidden, 0.0), seq, num_segments=cu.shape[0] - 1)
         first = hidden[jnp.minimum(cu[:-1], hidden.shape[0] - 1)]
-        return hidden[model_input.logits_indices], first, sums, kv_cache
+        return hidden[model_input.logits_indices], first, sums, every_row, kv_cache
 
     def pool_fn(self, num_tokens: int):
         """The jitted pooling step (``_pool_step``) for ``num_tokens`` (padded) token rows."""
@@ -704,13 +706,18 @@ class ModelRunner:
         """Start a pooling step of prompt chunks (no sampling); ``fetch_pool`` waits for its rows."""
         self._lead("dispatch_pool", list(work))
         model_input = jax.device_put(self.build_model_input(work), self._input_sharding)
-        *rows, self.kv_cache = self.pool_fn(model_input.token_ids.shape[0])(self.params, self.kv_cache, model_input)
-        return PendingPool(tuple(rows), len(work))
+        *rows, every_row, self.kv_cache = self.pool_fn(model_input.token_ids.shape[0])(self.params, self.kv_cache,
+                                                                                     model_input)
+        return PendingPool(tuple(rows), every_row, len(work))
 
     @staticmethod
-    def fetch_pool(pending: PendingPool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(last, first, sums)`` rows of a pooling step's real sequences, on the host."""
-        return tuple(np.asarray(a)[:pending.num_seqs] for a in jax.device_get(pending.rows))
+    def fetch_pool(pending: PendingPool, every_row: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """``(last, first, sums)`` rows of a pooling step's real sequences, on the host, and with ``every_row``
+        each token's row (float32 ``[T, H]``, in the step's token order; else None)."""
+        fetched = jax.device_get(pending.rows + ((pending.every_row,) if every_row else ()))
+        rows = tuple(np.asarray(a)[:pending.num_seqs] for a in fetched[:3])
+        return *rows, np.asarray(fetched[3], np.float32) if every_row else None
 
     def _burst_step(self, params, kv_cache, staged, last_sampled, outputs, *, layout, num_logprobs):
         """A multi-step decode (``engine.multi_step.decode_burst``) of ``num_scheduler_steps`` steps: the last

@@ -164,6 +164,28 @@ def test_encode_gives_the_embeddings_as_arrays(checkpoint):
     assert_close_to_hf(same[0].outputs.data, hidden[0][-1])
 
 
+def test_token_embed_gives_every_prompt_tokens_vector(checkpoint):
+    """vLLM's ``pooling_task="token_embed"``: each prompt token's normed hidden state (normalised, cut to
+    ``dimensions``), chunked, in a pool too small for all at once, beside last-token embeddings of the same prompts
+    (which cache their blocks: a per-token request still computes every row, none skipped as cached)."""
+    path, prompts, hidden = checkpoint
+    llm = LLM(str(path), runner="pooling", dtype="float32", skip_tokenizer_init=True, max_model_len=40,
+              max_num_batched_tokens=16, max_num_seqs=4, num_gpu_blocks_override=7, block_size=8)
+    try:
+        llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)  # their full blocks now cached
+        outs = llm.encode([{"prompt_token_ids": p} for p in prompts], pooling_task="token_embed", use_tqdm=False)
+        cut = llm.encode([prompts[1]], PoolingParams(dimensions=16, normalize=False), pooling_task="token_embed",
+                         use_tqdm=False)[0].outputs.data
+        with pytest.raises(ValueError, match="it can only embed or token_embed"):
+            llm.reward([prompts[0]], use_tqdm=False)
+    finally:
+        llm.shutdown()
+    for out, h, p in zip(outs, hidden, prompts):
+        assert out.outputs.data.shape == (len(p), h.shape[1]) and out.outputs.data.dtype == np.float32
+        np.testing.assert_allclose(out.outputs.data, h / np.linalg.norm(h, axis=1, keepdims=True), atol=2e-6)
+    assert_close_to_hf(cut, hidden[1][:, :16])
+
+
 def test_a_prompt_may_fill_max_model_len(checkpoint):
     """Nothing is generated, so a pooled prompt may be max_model_len tokens long (as in vLLM), chunked and in a small
     pool too; one more is refused."""
@@ -261,4 +283,16 @@ def test_sequence_classifier_gives_transformers_probabilities(tmp_path, variant,
         llm.encode([[1, 2, 3]], pooling_task="embed", use_tqdm=False)
     with pytest.raises(ValueError, match="PoolingParams.dimensions is for embeddings"):
         llm.classify([[1, 2, 3]], PoolingParams(dimensions=4), use_tqdm=False)
+    # vLLM's reward (pooling_task="token_classify"): the head on every token, as transformers' per-token logits
+    rewards = llm.reward([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+    raw_rewards = llm.encode([prompts[1]], PoolingParams(use_activation=False), pooling_task="token_classify",
+                             use_tqdm=False)
     llm.shutdown()
+    with torch.no_grad():
+        every = [model.score(model.model(torch.tensor([p])).last_hidden_state)[0].numpy().astype(np.float64)
+                 for p in prompts]
+    for out, want, p in zip(rewards, every, prompts):
+        assert out.outputs.data.shape == (len(p), num_labels) and out.prompt_token_ids == p
+        probs = 1 / (1 + np.exp(-want)) if num_labels == 1 else np.exp(want) / np.exp(want).sum(1, keepdims=True)
+        np.testing.assert_allclose(out.outputs.data, probs, atol=2e-5)
+    np.testing.assert_allclose(raw_rewards[0].outputs.data, every[1], atol=1e-4, rtol=1e-4)

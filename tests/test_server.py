@@ -1858,9 +1858,21 @@ def test_embeddings_from_a_pooling_server(served):
         want = np.asarray(client.embeddings.create(model=served.model, input=[chat_ids]).data[0].embedding)[:16]
         np.testing.assert_allclose(chat["data"][0]["data"], want / np.linalg.norm(want), atol=1e-5)
         assert chat["usage"]["prompt_tokens"] == len(chat_ids)
+        # vLLM's per-token task: a unit vector a token, the last the text's embedding (last-token pooling)
+        rows = httpx.post(f"{url}/pooling", json={"input": texts[:1], "task": "token_embed"}, timeout=60).json()
+        rows = np.asarray(rows["data"][0]["data"])
+        assert rows.shape == (len(tokenizer.encode(texts[0])), 576)
+        np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-5)
+        np.testing.assert_allclose(rows[-1], vectors[0], atol=1e-6)
+        packed = httpx.post(f"{url}/pooling", json={"input": texts[:1], "task": "token_embed",
+                                                    "encoding_format": "base64"}, timeout=60).json()["data"][0]["data"]
+        np.testing.assert_array_equal(np.frombuffer(base64.b64decode(packed), "<f4").reshape(rows.shape),
+                                      rows.astype(np.float32))
         for body, param in (({}, "input"), ({"input": texts, "messages": messages}, "input"),
                             ({"input": texts, "use_activation": False}, "use_activation"),
-                            ({"input": texts, "task": "classify"}, "task")):
+                            ({"input": texts, "task": "classify"}, "task"),
+                            ({"input": texts, "task": "token_classify"}, "task"),
+                            ({"input": texts, "task": "reward"}, "task")):
             bad = httpx.post(f"{url}/pooling", json=body, timeout=60)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == param
     finally:
@@ -1917,6 +1929,16 @@ def test_classify_from_a_sequence_classifier_server(tmp_path):
         np.testing.assert_allclose([d["data"] for d in pooled["data"]], [d["probs"] for d in out["data"]], atol=1e-6)
         refused = httpx.post(f"{url}/pooling", json={"input": prompts, "dimensions": 1}, timeout=60)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "dimensions"
+        # vLLM's token_classify (a reward model's per-token rewards): the head's probabilities at every token
+        rewards = httpx.post(f"{url}/pooling", json={"input": prompts, "task": "token_classify"}, timeout=60).json()
+        with torch.no_grad():
+            every = [model.score(model.model(torch.tensor([p])).last_hidden_state)[0].numpy().astype(np.float64)
+                     for p in prompts]
+        for data, want in zip(rewards["data"], every):
+            np.testing.assert_allclose(data["data"], np.exp(want) / np.exp(want).sum(1, keepdims=True), atol=2e-5)
+        # pooled requests count in the metrics (a classifier's output failed the stat logger before)
+        metrics = httpx.get(f"{url}/metrics", timeout=60).text
+        assert re.search(r'vllm:request_success_total\{[^}]*finished_reason="stop"[^}]*\} 8\.0', metrics), metrics
     finally:
         server.should_exit = True
         thread.join(timeout=10)

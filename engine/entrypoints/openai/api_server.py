@@ -76,7 +76,8 @@ from engine.generation_config import SAMPLING_FIELDS
 from engine.lora import LoRARequest, adapter_folder_problem
 from engine.metrics import ServingMetrics, cache_config_info
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.pooling import RUNNERS, PoolingParams, class_labels, cosine, is_classifier, pooled_data, score_pairs
+from engine.pooling import (RUNNERS, PoolingParams, check_task, class_labels, cosine, is_classifier, pooled_data,
+                            score_pairs)
 from engine.sampling_params import SamplingParams
 from engine.stats_log import LOG_STATS_INTERVAL_ENV, PeriodicStatsLogger
 from models.config import LOAD_FORMATS, quantization_method
@@ -754,7 +755,8 @@ class OpenAIServing:
 
     async def create_pooling(self, req: PoolingRequest) -> PoolingResponse:
         """vLLM's ``/pooling``: each input's (or the rendered chat's) pooled output as the model pools it, an
-        embedding model's vector or a classifier's class probabilities, as floats or base64."""
+        embedding model's vector or a classifier's class probabilities, as floats or base64; with ``task``
+        "token_embed" or "token_classify", a row of them for each prompt token (base64: the rows' floats in turn)."""
         model, lora = self._resolve_model(req)
         if (req.input is None) == (req.messages is None):
             raise bad_request("give either input (texts or token ids) or chat messages", param="input")
@@ -765,9 +767,10 @@ class OpenAIServing:
             texts = (await run_in_threadpool(self._chat_prompt, req)).token_ids
         else:
             texts = _nonempty_input(req)
-        task = "classify" if self._is_classifier else "embed"
-        if req.task not in (None, task):
-            raise bad_request(f"task {req.task!r} is not this model's: it can only {task}", param="task")
+        try:
+            task = check_task(req.task, self._is_classifier)
+        except ValueError as e:
+            raise bad_request(str(e), param="task") from None
         wrong = ("dimensions", "normalize") if self._is_classifier else ("use_activation",)
         given = [name for name in wrong if getattr(req, name) is not None]
         if given:
@@ -775,7 +778,7 @@ class OpenAIServing:
             raise bad_request(f"{given[0]} does not apply to {kind}", param=given[0])
         try:
             params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize,
-                                   use_activation=req.use_activation)
+                                   use_activation=req.use_activation, task=task)
         except ValueError as e:
             raise bad_request(str(e), param="dimensions") from None
         request_id = response_id("pool", req)
@@ -1755,8 +1758,9 @@ def _nonempty_input(req):
     return req.input
 
 
-def _encode_embedding(vector: list[float], encoding_format: str) -> Union[list[float], str]:
-    """A vector as OpenAI returns it: floats, or base64 of its little-endian float32 bytes."""
+def _encode_embedding(vector: list, encoding_format: str) -> Union[list, str]:
+    """A vector (or a per-token task's rows) as OpenAI returns it: floats, or base64 of its little-endian float32
+    bytes."""
     if encoding_format == "float":
         return vector
     return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")

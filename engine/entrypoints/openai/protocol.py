@@ -280,7 +280,7 @@ class PoolingRequest(_ChatTemplateFields):
     """vLLM's ``/pooling``: ``input`` (as ``/v1/embeddings`` takes it) or chat ``messages`` (rendered as
     ``/v1/chat/completions`` renders them, without a generation prompt unless asked), pooled as the model pools:
     an embedding model's vector (``dimensions``, ``normalize``), a classifier's class probabilities
-    (``use_activation`` False: its logits)."""
+    (``use_activation`` False: its logits); per token with ``task``."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -294,7 +294,9 @@ class PoolingRequest(_ChatTemplateFields):
     use_activation: Optional[bool] = None
     add_special_tokens: bool = True
     truncate_prompt_tokens: Optional[int] = None
-    task: Optional[str] = None  # vLLM's: the pooling task, which must be the model's ("embed" or "classify")
+    # vLLM's pooling task, one the model runs: "embed" or "classify" (None: the model's), per token "token_embed" or
+    # "token_classify"
+    task: Optional[str] = None
     user: Optional[str] = None
     priority: int = 0
 
@@ -420,7 +422,7 @@ class EmbeddingResponse(_Response):
 class PoolingData(BaseModel):
     object: Literal["pooling"] = "pooling"
     index: int
-    data: Union[list[float], str]
+    data: Union[list[float], list[list[float]], str]  # a per-token task's: a row a token
 
 
 class PoolingResponse(_Response):
