@@ -18,10 +18,10 @@ import os
 from typing import Any, Optional
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "granite", "smollm3",
-                         "olmo2", "mixtral", "qwen2_moe", "qwen3_moe")
+                         "olmo2", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 # Model types whose transformers config class ties the LM head to the embedding by default: their config.json may
 # leave ``tie_word_embeddings`` out (transformers writes only the keys that differ from the defaults).
 TIED_BY_DEFAULT_MODEL_TYPES = ("gemma2", "gemma3_text", "smollm3")
@@ -104,6 +104,14 @@ class ModelConfig:
     logits_divisor: Optional[float] = None
     # SmolLM3: which layers apply rotary embeddings (a bool a layer; its NoPE layers do not); None: every layer.
     rope_layers: Optional[tuple] = None
+    # gpt-oss: a learned sink logit a query head in each layer's softmax (``sinks [L, Hq]``); the router's and the
+    # experts' biases (``router_bias [L, E]``, ``expert_gate_bias`` / ``expert_up_bias [L, E, I]``,
+    # ``expert_down_bias [L, E, H]``); and its experts' clamped gate: ``(clip(up, -l, l) + 1) * g * sigmoid(alpha g)``,
+    # ``g = min(gate, l)``, ``l = swiglu_limit`` (None: SwiGLU, ``silu(gate) * up``).
+    attention_sinks: bool = False
+    moe_biases: bool = False
+    swiglu_limit: Optional[float] = None
+    swiglu_alpha: float = 1.702
     # The checkpoint's per-layer scales of its fp8 K and V (``self_attn.k_scale`` / ``v_scale``, as llm-compressor
     # writes them): params ``k_scale`` / ``v_scale [L]``, used where the KV pages are fp8 (set by the loader).
     kv_cache_scales: bool = False
@@ -187,7 +195,7 @@ class ModelConfig:
             raise UnsupportedModelError(f"unsupported option partial_rotary_factor={partial_rotary} "
                                         "(rotary embedding on part of each head)")
         sliding = None
-        if model_type in ("mistral", "mixtral", "phi3", *GEMMA_MODEL_TYPES) or d.get("use_sliding_window"):
+        if model_type in ("mistral", "mixtral", "phi3", "gpt_oss", *GEMMA_MODEL_TYPES) or d.get("use_sliding_window"):
             sliding = d.get("sliding_window")
         if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "smollm3") and d.get("use_sliding_window"):
             raise UnsupportedModelError(f"unsupported option use_sliding_window=True for {model_type}")
@@ -214,6 +222,7 @@ class ModelConfig:
             # OLMo 2: each block's output normed before its residual add, no norm before the blocks; q and k normed
             # over all their heads at once.
             **(dict(sandwich_norms=True, pre_norms=False, qk_norm_full=True) if model_type == "olmo2" else {}),
+            **(_gpt_oss_fields(d, fields["num_layers"]) if model_type == "gpt_oss" else {}),
         )
 
     @classmethod
@@ -261,7 +270,7 @@ def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
         raise ModelConfigError(f"config.json lacks required field {e.args[0]!r}") from None
     if not 0 < per_token <= experts:
         raise ModelConfigError(f"num_experts_per_tok={per_token} must be between 1 and the {experts} experts")
-    if model_type != "mixtral":
+    if model_type not in ("mixtral", "gpt_oss"):
         # Layers with a dense MLP instead of experts would break the one stacked layer scan.
         if d.get("mlp_only_layers") or int(d.get("decoder_sparse_step") or 1) != 1:
             raise UnsupportedModelError(f"unsupported {model_type} layout: mlp_only_layers / decoder_sparse_step != 1 "
@@ -269,7 +278,8 @@ def _moe_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
         if model_type == "qwen3_moe" and d.get("shared_expert_intermediate_size"):
             raise UnsupportedModelError("unsupported option shared_expert_intermediate_size for qwen3_moe")
     return dict(num_experts=experts, num_experts_per_tok=per_token,
-                norm_topk_prob=True if model_type == "mixtral" else bool(d.get("norm_topk_prob", False)),
+                # gpt-oss: the softmax of the top k logits, the same as the top k of the softmax renormalised
+                norm_topk_prob=True if model_type in ("mixtral", "gpt_oss") else bool(d.get("norm_topk_prob", False)),
                 shared_expert_size=int(d.get("shared_expert_intermediate_size") or 0)
                 if model_type == "qwen2_moe" else 0)
 
@@ -292,6 +302,8 @@ _HF_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "mixtral": dict(rope_theta=1_000_000.0, rms_norm_eps=1e-5, max_position_embeddings=131072),
     "qwen2_moe": dict(max_position_embeddings=32768),
     "qwen3_moe": dict(max_position_embeddings=32768),
+    "gpt_oss": dict(head_dim=64, sliding_window=128, rope_theta=150000.0, rms_norm_eps=1e-5, attention_bias=True,
+                    max_position_embeddings=131072),
 }
 
 # transformers' Gemma3TextConfig defaults, which Gemma 3's image-text config.json files leave out of their
@@ -317,14 +329,9 @@ def _gemma3_text_config(d: dict[str, Any]) -> dict[str, Any]:
 
 def _gemma_fields(d: dict[str, Any], model_type: str, fields: dict[str, Any], act: str) -> dict[str, Any]:
     """Gemma 2 / 3's departures from Llama (transformers' Gemma2 / Gemma3Text models)."""
-    num_layers = fields["num_layers"]
-    types = d.get("layer_types")
-    if not types:  # older config.json files: Gemma 2 alternates from a sliding layer, Gemma 3 has a full one in 6
-        pattern = int(d.get("sliding_window_pattern") or 6) if model_type == "gemma3_text" else 2
-        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
-    if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
-        raise ModelConfigError(f"layer_types must name sliding_attention or full_attention for each of the "
-                               f"{num_layers} layers, got {types}")
+    # older config.json files without layer_types: Gemma 2 alternates from a sliding layer, Gemma 3 has a full one in 6
+    types = _layer_types(d, fields["num_layers"],
+                         int(d.get("sliding_window_pattern") or 6) if model_type == "gemma3_text" else 2)
     if d.get("use_bidirectional_attention"):
         raise UnsupportedModelError("unsupported option use_bidirectional_attention=True")
     local = (d.get("rope_parameters") or {}).get("sliding_attention", {})
@@ -337,8 +344,32 @@ def _gemma_fields(d: dict[str, Any], model_type: str, fields: dict[str, Any], ac
         # Gemma 3's attention takes no soft cap (transformers' Gemma3Attention keeps the field and never applies it)
         attn_soft_cap=_positive_or_none(d.get("attn_logit_softcapping")) if model_type == "gemma2" else None,
         final_soft_cap=_positive_or_none(d.get("final_logit_softcapping")),
-        sliding_layers=tuple(t == "sliding_attention" for t in types) if d.get("sliding_window") else None,
+        sliding_layers=_sliding_layers(d, types),
         local_rope_theta=float(local_theta) if local_theta else None, norm_weight_offset=1.0)
+
+
+def _layer_types(d: dict[str, Any], num_layers: int, pattern: int) -> list[str]:
+    """``layer_types`` (a sliding or full attention layer each), else a full layer every ``pattern``-th."""
+    types = d.get("layer_types")
+    if not types:
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise ModelConfigError(f"layer_types must name sliding_attention or full_attention for each of the "
+                               f"{num_layers} layers, got {types}")
+    return types
+
+
+def _sliding_layers(d: dict[str, Any], types: list[str]) -> Optional[tuple]:
+    return tuple(t == "sliding_attention" for t in types) if d.get("sliding_window") else None
+
+
+def _gpt_oss_fields(d: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """gpt-oss's departures from a Llama mixture of experts (transformers' GptOss model): sliding and full layers in
+    turn (from a sliding one), attention sinks, biases in the router and the experts, and the clamped gate."""
+    limit = d.get("swiglu_limit", 7.0)
+    return dict(sliding_layers=_sliding_layers(d, _layer_types(d, num_layers, 2)), attention_sinks=True,
+                moe_biases=True, swiglu_limit=float(limit) if limit is not None else None,
+                swiglu_alpha=float(d.get("swiglu_alpha", 1.702)))
 
 
 def _granite_fields(d: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Forward pass of Llama-family models (Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma 2/3, Granite, SmolLM2/3, OLMo 2;
-their MoE forms).
+their MoE forms; gpt-oss).
 
 Pure functions over a params pytree; no classes, no state, so the whole step is one
 ``jax.jit`` and tensor parallelism is applied from outside (shardings on the
@@ -26,6 +26,9 @@ Params pytree (weights stored ``[in, out]`` so a matmul is ``x @ w``)::
                  expert_gate, expert_up [L, E, H, I]        the dense MLP: ``models.moe``;
                  expert_down [L, E, I, H]                   a shared expert keeps the dense
                  shared_expert_gate [L, H, 1]               MLP, its width S, and gates it)
+                 router_bias [L, E], expert_gate_bias,      (moe_biases only: gpt-oss)
+                 expert_up_bias [L, E, I], expert_down_bias [L, E, H]
+                 sinks [L, Hq]                             (attention_sinks only: gpt-oss)
     final_norm   [H]
     lm_head      [H, V]                                    (absent when tied, unless quantized)
 
@@ -91,6 +94,9 @@ def param_shapes(config: ModelConfig) -> dict:
         layers.update(router=(L, H, E), expert_gate=(L, E, H, I), expert_up=(L, E, H, I), expert_down=(L, E, I, H))
         if S:  # the shared expert: a dense MLP of width S, gated
             layers.update(w_gate=(L, H, S), w_up=(L, H, S), w_down=(L, S, H), shared_expert_gate=(L, H, 1))
+        if config.moe_biases:  # gpt-oss
+            layers.update(router_bias=(L, E), expert_gate_bias=(L, E, I), expert_up_bias=(L, E, I),
+                          expert_down_bias=(L, E, H))
     else:
         layers.update(w_gate=(L, H, I), w_up=(L, H, I), w_down=(L, I, H))
     if config.qkv_bias:
@@ -106,6 +112,8 @@ def param_shapes(config: ModelConfig) -> dict:
         del layers["input_norm"], layers["post_norm"]
     if config.kv_cache_scales:
         layers.update(k_scale=(L,), v_scale=(L,))
+    if config.attention_sinks:
+        layers.update(sinks=(L, config.num_heads))
     shapes = {"embed": (V, H), "layers": layers, "final_norm": (H,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (H, V)
@@ -461,6 +469,7 @@ def forward(
         kv_scaled = "k_scale" in w and jnp.dtype(k_cache.dtype).itemsize == 1
         qkv = None if fused else unrotated_qkv(h, w, mask, kv_scaled)
         args = (k_cache, v_cache, layer, batch.kv_lens, batch.block_tables, batch.cu_q_lens, batch.num_seqs)
+        sinks = {"sinks": w["sinks"]} if "sinks" in w else {}  # gpt-oss: a sink logit a query head
         def rotated(qkv, cos, sin):  # SmolLM3's NoPE layers: none (a traced choice: cos 1, sin 0, exactly x)
             if rotary is False:
                 return qkv
@@ -479,14 +488,14 @@ def forward(
                 qkv = rotated(qkv, cos, sin)
                 k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
             window = config.sliding_window if sliding is not False else None
-            attn = attend(qkv, k_cache, v_cache, *args[2:], sliding_window=window)
+            attn = attend(qkv, k_cache, v_cache, *args[2:], sliding_window=window, **sinks)
         else:  # a traced choice between the sliding and the full layer's rope and attention
             cos, sin = (jnp.where(sliding, local, full) for local, full in zip(rope[1], rope[0]))
             qkv = rotated(qkv, cos, sin)
             k_cache, v_cache = write_kv_fn(k_cache, v_cache, layer, qkv, batch.slot_mapping)
             attn = jax.lax.cond(sliding, lambda: attend(qkv, k_cache, v_cache, *args[2:],
-                                                        sliding_window=config.sliding_window),
-                                lambda: attend(qkv, k_cache, v_cache, *args[2:], sliding_window=None))
+                                                        sliding_window=config.sliding_window, **sinks),
+                                lambda: attend(qkv, k_cache, v_cache, *args[2:], sliding_window=None, **sinks))
         if kv_scaled:
             attn = (attn * w["v_scale"]).astype(attn.dtype)
         attn = attn.reshape(T, config.q_size)

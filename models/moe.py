@@ -1,4 +1,5 @@
-"""The mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): each token through the ``k`` experts its router picks.
+"""The mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss): each token through the ``k`` experts its router
+picks.
 
 Owns the router (softmax over the experts' logits, the top ``k``, renormalised where the config says), the layout
 of the routed rows (``sort_by_expert``: every (token, expert) pair a row, sorted by expert, each expert's rows padded
@@ -17,7 +18,8 @@ mesh the experts run per device (``sharding.experts``).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import functools
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +42,15 @@ class ExpertRows(NamedTuple):
     pair_row: jax.Array  # [T * k] int32: the row of each (token, j-th expert) pair, to gather the outputs back
 
 
-def route(h: jax.Array, router: jax.Array, *, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+def route(h: jax.Array, router: jax.Array, *, top_k: int, normalize: bool,
+          bias: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """``(weights [T, k] float32, experts [T, k] int32)``: the softmax of the router's logits (computed in h's
-    dtype, as Hugging Face's linear is) over the experts, its ``k`` largest, renormalised to sum to 1 if asked."""
-    probs = jax.nn.softmax(jnp.dot(h, router.astype(h.dtype)).astype(jnp.float32), axis=-1)
+    dtype, as Hugging Face's linear is; plus ``bias [E]``, gpt-oss's) over the experts, its ``k`` largest,
+    renormalised to sum to 1 if asked."""
+    logits = jnp.dot(h, router.astype(h.dtype))
+    if bias is not None:
+        logits = logits + bias.astype(h.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -107,13 +114,36 @@ def expert_rows(experts: jax.Array, num_experts: int, block_m: int) -> ExpertRow
     return layout(experts, num_experts, block_m)
 
 
+def gate_fn(config: ModelConfig) -> Optional[Callable[[jax.Array, jax.Array], jax.Array]]:
+    """The experts' gate ``(gate, up) -> hidden`` where it is not SwiGLU's (None): gpt-oss's clamped one
+    (``ModelConfig.swiglu_limit``), computed in float32 as transformers' is in the weights' dtype."""
+    if config.swiglu_limit is None:
+        return None
+    return functools.partial(clamped_swiglu, limit=config.swiglu_limit, alpha=config.swiglu_alpha)
+
+
+def clamped_swiglu(gate: jax.Array, up: jax.Array, *, limit: float, alpha: float) -> jax.Array:
+    """gpt-oss's gate: ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``."""
+    g = jnp.minimum(gate.astype(jnp.float32), limit)
+    u = jnp.clip(up.astype(jnp.float32), -limit, limit)
+    return ((u + 1) * g * jax.nn.sigmoid(alpha * g)).astype(gate.dtype)
+
+
+def _rows_bias(bias: jax.Array, block_expert: jax.Array, num_rows: int) -> jax.Array:
+    """Each routed row's expert's ``bias [E, N]``: ``[R, N]`` (padding blocks, expert E, take the last's)."""
+    expert = jnp.minimum(block_expert, bias.shape[0] - 1)
+    return jnp.repeat(bias[expert], num_rows // block_expert.shape[0], axis=0)
+
+
 def expert_mlp(h: jax.Array, row_token: jax.Array, block_expert: jax.Array, w: dict, *, use_kernel: bool,
-               interpret=None) -> jax.Array:
+               interpret=None, gate: Optional[Callable] = None) -> jax.Array:
     """The experts' SwiGLU MLPs on the routed rows ``h[row_token]`` of the tokens ``h [T, H]`` (``expert_rows``'
     layout; a token ``T`` is a padding row of zeros): ``[R, H]`` in h's dtype. The kernel reads each row from ``h``
     itself (no routed copy of the rows, ~600 MB at Qwen3-30B-A3B's 16,384-token prompt step).
     ``w``: ``expert_gate_up`` or ``expert_gate`` / ``expert_up``, and ``expert_down`` (dense, ``Int8Weight``,
-    ``Fp8Weight`` or ``Int4Weight``).
+    ``Fp8Weight`` or ``Int4Weight``); gpt-oss's ``expert_gate_bias`` / ``expert_up_bias [E, I]`` where given (the
+    down projection's bias is ``moe_mlp``'s, added once after a mesh's devices sum their parts). ``gate``: the
+    gate's function where it is not SwiGLU (``gate_fn``).
     ``use_kernel``: the grouped matmuls by the Pallas kernel (``interpret``: interpreted), else by jnp. Under a
     mesh this runs per device on its slice of the experts' width (``sharding.experts``)."""
 
@@ -136,29 +166,43 @@ def expert_mlp(h: jax.Array, row_token: jax.Array, block_expert: jax.Array, w: d
         fn = grouped_matmul if use_kernel else grouped_matmul_reference
         return fn(x, q, block_expert, scale, k_major=k_major, row_token=row_token, **kernel_options)
 
-    if "expert_gate_up" in w:
-        if use_kernel and grouped_matmul_config().swiglu_epilogue:
-            activations = matmul(h, w["expert_gate_up"], row_token, swiglu=True)
+    if gate is None and "expert_gate_bias" not in w:
+        if "expert_gate_up" in w:
+            if use_kernel and grouped_matmul_config().swiglu_epilogue:
+                activations = matmul(h, w["expert_gate_up"], row_token, swiglu=True)
+            else:
+                activations = swiglu_halves(matmul(h, w["expert_gate_up"], row_token))
         else:
-            activations = swiglu_halves(matmul(h, w["expert_gate_up"], row_token))
-    else:
-        activations = jax.nn.silu(matmul(h, w["expert_gate"], row_token)) * matmul(h, w["expert_up"], row_token)
+            activations = jax.nn.silu(matmul(h, w["expert_gate"], row_token)) * matmul(h, w["expert_up"], row_token)
+    else:  # gpt-oss: biases before its own gate
+        if "expert_gate_up" in w:
+            halves = jnp.split(matmul(h, w["expert_gate_up"], row_token), 2, axis=-1)
+        else:
+            halves = [matmul(h, w[name], row_token) for name in ("expert_gate", "expert_up")]
+        if "expert_gate_bias" in w:
+            halves = [part + _rows_bias(w[name], block_expert, part.shape[0]).astype(part.dtype)
+                      for part, name in zip(halves, ("expert_gate_bias", "expert_up_bias"))]
+        activations = gate(*halves) if gate is not None else jax.nn.silu(halves[0]) * halves[1]
     return matmul(activations.astype(h.dtype), w["expert_down"])
 
 
-ExpertFn = Callable[[jax.Array, jax.Array, jax.Array, dict], jax.Array]
-EXPERT_WEIGHTS = ("expert_gate_up", "expert_gate", "expert_up", "expert_down")
+ExpertFn = Callable[..., jax.Array]
+EXPERT_WEIGHTS = ("expert_gate_up", "expert_gate", "expert_up", "expert_down", "expert_gate_bias", "expert_up_bias")
 
 
 def moe_mlp(h: jax.Array, w: dict, *, config: ModelConfig, expert_fn: ExpertFn) -> jax.Array:
     """The layer's expert MLPs on ``h [T, H]``, weighted and summed per token: ``[T, H]`` in h's dtype.
-    ``expert_fn(h, row_token, block_expert, weights)``: ``expert_mlp`` with its options bound (or its per-device
-    form)."""
+    ``expert_fn(h, row_token, block_expert, weights, gate=...)``: ``expert_mlp`` with its options bound (or its
+    per-device form)."""
     num_tokens = h.shape[0]
-    weights, experts = route(h, w["router"], top_k=config.num_experts_per_tok, normalize=config.norm_topk_prob)
+    weights, experts = route(h, w["router"], top_k=config.num_experts_per_tok, normalize=config.norm_topk_prob,
+                             bias=w.get("router_bias"))
     rows = expert_rows(experts, config.num_experts,
                        block_rows(num_tokens, config.num_experts_per_tok, config.num_experts))
-    y = expert_fn(h, rows.token, rows.block_expert, {name: w[name] for name in EXPERT_WEIGHTS if name in w})
+    y = expert_fn(h, rows.token, rows.block_expert, {name: w[name] for name in EXPERT_WEIGHTS if name in w},
+                  gate=gate_fn(config))
+    if "expert_down_bias" in w:
+        y = y + _rows_bias(w["expert_down_bias"], rows.block_expert, y.shape[0]).astype(y.dtype)
     # Each token's k outputs gathered back and summed in a fixed order (a scatter-add would sum them in whatever
     # order a GPU's atomics land, and a token's output could differ from run to run).
     per_pair = y[rows.pair_row].reshape(num_tokens, config.num_experts_per_tok, -1).astype(jnp.float32)

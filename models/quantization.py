@@ -559,6 +559,8 @@ class CheckpointQuantization:
                     q = json.load(f)
                 awq = bool({"w_bit", "q_group_size", "zero_point", "version"} & set(q))
                 q = {"quant_method": "awq" if awq else "gptq", **q}
+        if q is not None and str(q.get("quant_method", "")).lower() == "mxfp4":
+            return None  # gpt-oss's MXFP4 experts load dequantized (models.safetensors_loader), as dense weights
         return None if q is None else cls.from_hf_dict(q)
 
 

@@ -122,6 +122,17 @@ _RENAMED_IN_CHECKPOINT = {
 }
 _RENAMED_IN_CHECKPOINT["olmo2"] = {"attn_out_norm": "post_attention_layernorm.weight",
                                    "mlp_out_norm": "post_feedforward_layernorm.weight"}
+# gpt-oss: a layer's experts stacked in one tensor each, ``[E, in, out]`` (gate and up columns in turn), the biases
+# ``[E, out]``; our name -> (HF name inside ``model.layers.{i}.``, our columns' (part, parts) of its last axis).
+_STACKED_EXPERTS = {
+    "gpt_oss": {"expert_gate": ("mlp.experts.gate_up_proj", (0, 2)), "expert_up": ("mlp.experts.gate_up_proj", (1, 2)),
+                "expert_down": ("mlp.experts.down_proj", None),
+                "expert_gate_bias": ("mlp.experts.gate_up_proj_bias", (0, 2)),
+                "expert_up_bias": ("mlp.experts.gate_up_proj_bias", (1, 2)),
+                "expert_down_bias": ("mlp.experts.down_proj_bias", None)},
+}
+_RENAMED_IN_CHECKPOINT["gpt_oss"] = {"router": "mlp.router.weight", "router_bias": "mlp.router.bias",
+                                     "sinks": "self_attn.sinks"}
 # Checkpoints that store projections joined (Phi-3's ``qkv_proj`` and ``gate_up_proj``, rows ``[q | k | v]`` and
 # ``[gate | up]``): model type -> our joined name (``models.llama.FUSED_PROJECTIONS``, whose parts and widths give
 # each part's rows) -> the HF name inside ``model.layers.{i}.``.
@@ -148,6 +159,7 @@ class _TensorSource:
     transpose: bool  # HF Linear [out, in] -> ours [in, out]
     stack: tuple[int, ...] = ()  # ours stacks the HF tensors on these leading axes: (layers,) or (layers, experts)
     rows: Optional[tuple[int, int, int]] = None  # (start, stop, total): ours is those rows of a joined HF tensor
+    columns: Optional[tuple[int, int]] = None  # (part, parts): ours is the HF tensor's last axis [part::parts]
     offset: float = 0.0  # added to the values (Gemma's norms store w - 1), which are then kept in float32
 
 
@@ -224,7 +236,8 @@ def _read_header(file: str) -> dict[str, dict]:
 
 
 class _Checkpoint:
-    """All tensors of a checkpoint folder, as lazily mapped numpy views in the HF layout."""
+    """All tensors of a checkpoint folder, as lazily mapped numpy views in the HF layout. An MXFP4 pair (gpt-oss's
+    experts: ``X_blocks`` and ``X_scales``) reads as the dense ``X`` transformers dequantizes it to, in bfloat16."""
 
     def __init__(self, files: list[str]):
         self._entries: dict[str, tuple[str, dict]] = {}
@@ -232,23 +245,31 @@ class _Checkpoint:
             for name, entry in _read_header(file).items():
                 self._entries[name] = (file, entry)
         self._maps: dict[str, np.memmap] = {}
+        self._mxfp4 = {name.removesuffix("_blocks") for name in self._entries
+                       if name.endswith("_blocks") and name.removesuffix("_blocks") + "_scales" in self._entries}
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._mxfp4
 
     @property
     def names(self):
-        return self._entries.keys()
+        return self._entries.keys() | self._mxfp4
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._mxfp4:  # blocks [E, N, K / 32, 16] -> [E, K, N]
+            *lead, n, groups, half = self.shape(name + "_blocks")
+            return (*lead, groups * 2 * half, n)
         return tuple(self._entries[name][1]["shape"])
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype name (``BF16``, ``F8_E4M3``, ``I32``, ...)."""
-        return self._entries[name][1]["dtype"]
+        return "BF16" if name in self._mxfp4 else self._entries[name][1]["dtype"]
 
     def array(self, name: str) -> np.ndarray:
-        """A read-only zero-copy view of one tensor (nothing is read until it is touched)."""
+        """A read-only zero-copy view of one tensor (nothing is read until it is touched); an MXFP4 pair dequantized
+        (read whole)."""
+        if name in self._mxfp4:
+            return dequantize_mxfp4(self.array(name + "_blocks"), self.array(name + "_scales"))
         file, entry = self._entries[name]
         if file not in self._maps:
             self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
@@ -259,6 +280,22 @@ class _Checkpoint:
         start = entry["data_start"]
         nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
         return self._maps[file][start:start + nbytes].view(dtype).reshape(entry["shape"])
+
+
+# MXFP4's 4-bit values (OCP microscaling, e2m1): code -> value, the sign in bit 3.
+MXFP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                        np.float32)
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """gpt-oss's MXFP4 expert weights as the dense ``[..., K, N]`` bfloat16 matrix transformers makes of them:
+    ``blocks [..., N, K / 32, 16]`` uint8 hold two e2m1 codes a byte (the low nibble first along K), ``scales
+    [..., N, K / 32]`` uint8 each 32 values' power of two, biased by 127."""
+    blocks = np.asarray(blocks)
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)  # [..., N, K/32, 32]
+    values = np.ldexp(MXFP4_VALUES[codes], np.asarray(scales).astype(np.int32)[..., None] - 127)
+    dense = values.reshape(*values.shape[:-2], -1).astype(ml_dtypes.bfloat16)  # [..., N, K]
+    return np.swapaxes(dense, -1, -2)
 
 
 # Where a checkpoint keeps its decoder: ``model.`` (a causal LM), under an image-text model's
@@ -293,6 +330,7 @@ def _sources(config: ModelConfig, prefix: str = "model.", kv_scales: tuple[str, 
     joined = {part: (hf_name, fused) for fused, hf_name in _JOINED_IN_CHECKPOINT.get(config.model_type, {}).items()
               for part in FUSED_PROJECTIONS[fused]}
     renamed = _RENAMED_IN_CHECKPOINT.get(config.model_type, {})
+    stacked = _STACKED_EXPERTS.get(config.model_type, {})
     if config.shared_expert_size:
         renamed = {**renamed, **_SHARED_EXPERT}
 
@@ -307,13 +345,16 @@ def _sources(config: ModelConfig, prefix: str = "model.", kv_scales: tuple[str, 
             widths, part = fused_widths(config)[fused], FUSED_PROJECTIONS[fused].index(name)
             start = sum(widths[:part])
             layers[name] = per_layer(hf_name, True, rows=(start, start + widths[part], sum(widths)))
+        elif name in stacked:
+            hf_name, columns = stacked[name]
+            layers[name] = per_layer(hf_name, False, columns=columns)
         elif name in _EXPERT_NAMES:
             layers[name] = _TensorSource(
                 tuple(f"{prefix}layers.{i}.{moe}.experts.{e}.{_EXPERT_NAMES[name][moe]}"
                       for i in range(L) for e in range(config.num_experts)),
                 transpose=True, stack=(L, config.num_experts))
         elif name in renamed:
-            layers[name] = per_layer(renamed[name], not name.endswith("norm"))
+            layers[name] = per_layer(renamed[name], not name.endswith(("norm", "_bias", "sinks")))
         elif name in KV_SCALE_PARAMS:
             layers[name] = per_layer(kv_scales[KV_SCALE_PARAMS.index(name)], False)
         else:
@@ -345,6 +386,8 @@ def _check_tensors(ckpt: _Checkpoint, sources: dict, shapes: dict, path: str) ->
         expected = _hf_shape(_get(shapes, key), source)
         if source.rows is not None:  # the joined tensor this param is a part of
             expected = (source.rows[2],) + expected[1:]
+        if source.columns is not None:  # the interleaved tensor whose columns this param takes a part of
+            expected = expected[:-1] + (expected[-1] * source.columns[1],)
         for name in source.hf_names:
             if name not in ckpt:
                 base = name.removesuffix("weight")
@@ -410,10 +453,15 @@ def _read_hf_layout(ckpt: _Checkpoint, source: _TensorSource, index: tuple = ())
     depth = len(source.stack)
     names = np.array(source.hf_names, dtype=object).reshape(source.stack)[index[:depth]]
     rows = slice(*source.rows[:2]) if source.rows is not None else slice(None)  # a contiguous run of HF rows
-    first = ckpt.array(names.flat[0])[rows][index[depth:]]
+    columns = slice(source.columns[0], None, source.columns[1]) if source.columns is not None else slice(None)
+
+    def part(name: str) -> np.ndarray:
+        return ckpt.array(name)[rows][..., columns][index[depth:]]
+
+    first = part(names.flat[0])
     out = np.empty(names.shape + first.shape, first.dtype)
     for at, name in np.ndenumerate(names):
-        out[at] = ckpt.array(name)[rows][index[depth:]]
+        out[at] = part(name)
     return out
 
 

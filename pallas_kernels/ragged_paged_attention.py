@@ -83,11 +83,13 @@ def ragged_paged_attention_reference(
     sm_scale: Optional[float] = None,
     soft_cap: Optional[float] = None,
     sliding_window: Optional[int] = None,
+    sinks: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Reference ragged paged attention (see module docstring for the layout): ``[T, Hq, D]``.
 
     Walks the block tables one page column at a time with an online softmax, so
-    memory stays ``O(T * block_size)`` whatever the context length.
+    memory stays ``O(T * block_size)`` whatever the context length. ``sinks [Hq]`` (gpt-oss): a logit a query
+    head that joins each softmax's denominator as a key whose value is zero (the online softmax starts from it).
     """
     _, Hkv, _, bs, _ = k_cache.shape
     Hq = query_heads(qkv.shape, Hkv)
@@ -125,11 +127,12 @@ def ragged_paged_attention_reference(
         acc = acc * alpha[..., None] + jnp.einsum("thgs,thsd->thgd", p, v)
         return (m_new, l, acc), None
 
-    init = (
-        jnp.full((T, Hkv, group), -jnp.inf, jnp.float32),
-        jnp.zeros((T, Hkv, group), jnp.float32),
-        jnp.zeros((T, Hkv, group, D), jnp.float32),
-    )
+    if sinks is None:
+        m0, l0 = jnp.full((T, Hkv, group), -jnp.inf, jnp.float32), jnp.zeros((T, Hkv, group), jnp.float32)
+    else:
+        m0 = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(Hkv, group), (T, Hkv, group))
+        l0 = jnp.ones((T, Hkv, group), jnp.float32)
+    init = (m0, l0, jnp.zeros((T, Hkv, group, D), jnp.float32))
     (m, l, acc), _ = jax.lax.scan(page_column, init, jnp.arange(block_tables.shape[1]))
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]
     return out.reshape(T, Hq, D).astype(q.dtype)
@@ -346,8 +349,8 @@ def _store_rows(o_ref, idx, valid, value):
 
 
 def _attention_kernel(
-    layer_ref, num_seqs_ref, kv_lens_ref, cu_ref, block_tables_ref, items_ref, q_ref, k_ref, v_ref,
-    *out_refs,
+    layer_ref, num_seqs_ref, kv_lens_ref, cu_ref, block_tables_ref, items_ref, *refs,
+    has_sinks: bool,
     group: int,
     group_pad: int,
     rows: int,
@@ -362,10 +365,13 @@ def _attention_kernel(
     sliding_window: Optional[int],
     masked_loads: bool = True,
 ):
-    """One program: one KV head x one query tile (x one context split). ``q_ref`` is the ``qkv`` buffer: query
-    head ``i`` is its head ``i`` (the key and value heads after them are not read). ``masked_loads``: a partly
-    visible KV step zeroes the tiles' positions past the context as it loads them (else it loads them whole:
-    ``Tiling.masked_8bit_loads``)."""
+    """One program: one KV head x one query tile (x one context split). ``refs``: the sinks ``[Hq]`` where
+    ``has_sinks``, then ``q_ref``, the ``qkv`` buffer (query head ``i`` is its head ``i``; the key and value heads
+    after them are not read), ``k_ref``, ``v_ref`` and the outputs. ``masked_loads``: a partly visible KV step zeroes
+    the tiles' positions past the context as it loads them (else it loads them whole: ``Tiling.masked_8bit_loads``).
+    A row's sink starts its online softmax (in the first context split only: the merge then counts it once)."""
+    sinks_ref = refs[0] if has_sinks else None
+    q_ref, k_ref, v_ref, *out_refs = refs[1:] if has_sinks else refs
     T, _, D = q_ref.shape
     S, B = block_tables_ref.shape
     bs = k_ref.shape[3]
@@ -481,11 +487,12 @@ def _attention_kernel(
                 return m_new, l, acc * alpha[:, None] + pv, next_page
             return m_new, l, acc * alpha[:, None] + pv
 
-        carry = (
-            jnp.full((rows,), _MASK_VALUE, jnp.float32),
-            jnp.zeros((rows,), jnp.float32),
-            jnp.zeros((rows, Dp), jnp.float32),
-        )
+        m0, l0 = jnp.full((rows,), _MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32)
+        if sinks_ref is not None:  # base 2, as the scores
+            first_split = split == 0
+            m0 = jnp.where(first_split, pltriton.load(sinks_ref.at[head]).astype(jnp.float32) * _LOG2E, m0)
+            l0 = jnp.where(first_split, 1.0, l0)
+        carry = (m0, l0, jnp.zeros((rows, Dp), jnp.float32))
         if prefetch_pages:
             carry += (pages_of(blk_lo),)
         masked_block = functools.partial(block, masked=True)
@@ -628,13 +635,15 @@ def ragged_paged_attention(
     sm_scale: Optional[float] = None,
     soft_cap: Optional[float] = None,
     sliding_window: Optional[int] = None,
+    sinks: Optional[jax.Array] = None,
     tiling: Tiling = Tiling(),
     interpret: Optional[bool] = None,
 ) -> jax.Array:
     """Pallas (Triton) ragged paged attention; same contract as the reference: ``[T, Hq, D]``.
 
     The Triton launches read the query heads straight out of ``qkv`` (query head ``i`` is head ``i``
-    of the buffer: no slice is made); the Mosaic GPU prefill launch gets them sliced out.
+    of the buffer: no slice is made); the Mosaic GPU prefill launch gets them sliced out (not with ``sinks``,
+    whose prompts take the Triton prefill launch).
     ``interpret=None`` compiles on GPU and interprets elsewhere. Raises ``ValueError``
     for inconsistent shapes or unsupported head dims / dtypes.
     """
@@ -662,7 +671,8 @@ def ragged_paged_attention(
         block_tables.astype(jnp.int32),
     )
     kernel = functools.partial(
-        _attention_kernel, group=group, group_pad=group_pad, max_decode_tokens=max_decode_tokens,
+        _attention_kernel, has_sinks=sinks is not None, group=group, group_pad=group_pad,
+        max_decode_tokens=max_decode_tokens,
         sm_scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
         masked_loads=tiling.masked_8bit_loads or jnp.dtype(k_cache.dtype).itemsize != 1)
     out_shape = jax.ShapeDtypeStruct((T, Hq, D), qkv.dtype)
@@ -671,7 +681,9 @@ def ragged_paged_attention(
     # tokens, then the tiles that zero padding rows. Upper bound on the item count:
     # sum over (long sequences + padding) of ceil(len / tile) < T / tile + n_long + 1.
     max_long_seqs = min(S, T // (max_decode_tokens + 1))
+    sink_refs = () if sinks is None else (sinks.astype(jnp.float32),)  # after the work list
     use_mosaic = (tiling.prefill_kernel == "mosaic" and T >= tiling.prefill_mosaic_min_tokens and not interpret
+                  and sinks is None
                   and ragged_prefill_mgpu.supported(qkv.dtype, k_cache.dtype, D, bs, soft_cap=soft_cap,
                                                     sliding_window=sliding_window))
     if use_mosaic:
@@ -706,7 +718,7 @@ def ragged_paged_attention(
                                                     num_stages=tiling.prefill_stages),
             interpret=interpret,
             name="ragged_paged_attention_prefill",
-        )(*metadata, qkv, k_cache, v_cache)
+        )(*metadata, *sink_refs, qkv, k_cache, v_cache)
 
     # Decode launch: one program per (kv head, sequence[, context split]).
     max_kv_blocks = pl.cdiv(B * bs, tiling.decode_kv_tokens)
@@ -720,11 +732,11 @@ def ragged_paged_attention(
             decode_kernel,
             grid=(Hkv, S),
             out_shape=out_shape,
-            input_output_aliases={len(metadata) + 3: 0},
+            input_output_aliases={len(metadata) + len(sink_refs) + 3: 0},
             compiler_params=params,
             interpret=interpret,
             name="ragged_paged_attention_decode",
-        )(*metadata, qkv, k_cache, v_cache, out)
+        )(*metadata, *sink_refs, qkv, k_cache, v_cache, out)
     partial_shape = (k_splits, S, Hkv, decode_rows)
     acc, m, l = pl.pallas_call(
         decode_kernel,
@@ -737,7 +749,7 @@ def ragged_paged_attention(
         compiler_params=params,
         interpret=interpret,
         name="ragged_paged_attention_decode_split",
-    )(*metadata, qkv, k_cache, v_cache)
+    )(*metadata, *sink_refs, qkv, k_cache, v_cache)
     return pl.pallas_call(
         functools.partial(_merge_splits_kernel, group=group, group_pad=group_pad,
                           max_decode_tokens=max_decode_tokens),

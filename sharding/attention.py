@@ -30,6 +30,7 @@ from sharding.mesh import TP_AXIS
 HEADS = PartitionSpec(None, TP_AXIS, None)  # qkv (in tp blocks), attention output: [T, H, D]
 CACHE = PartitionSpec(None, TP_AXIS)  # [L, Hkv, P, bs, D]
 REPLICATED = PartitionSpec()
+QUERY_HEADS = PartitionSpec(TP_AXIS)  # one number a query head: [Hq]
 
 
 def shard_map_compat(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
@@ -49,12 +50,16 @@ def shard_attention_fns(attention_fn: Callable, write_kv_fn: Callable, mesh: Mes
     """``(attention_fn, write_kv_fn)`` with the same signatures, run per device on local heads; their
     ``qkv`` must come in ``tp`` blocks of ``[q | k | v]`` heads (module docstring)."""
 
-    def attention(qkv, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_seqs, **static):
-        local = functools.partial(attention_fn, **static)
+    def attention(qkv, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_seqs, sinks=None, **static):
+        args = (qkv, k_cache, v_cache, jnp.asarray(layer, jnp.int32), kv_lens, block_tables, cu_q_lens, num_seqs)
         specs = (HEADS, CACHE, CACHE) + (REPLICATED,) * 5
-        return shard_map_compat(local, mesh, specs, HEADS)(
-            qkv, k_cache, v_cache, jnp.asarray(layer, jnp.int32), kv_lens, block_tables,
-            cu_q_lens, num_seqs)
+        if sinks is None:
+            return shard_map_compat(functools.partial(attention_fn, **static), mesh, specs, HEADS)(*args)
+
+        def with_sinks(*args):  # gpt-oss's sink logits [Hq], split as the query heads are
+            return attention_fn(*args[:-1], sinks=args[-1], **static)
+
+        return shard_map_compat(with_sinks, mesh, specs + (QUERY_HEADS,), HEADS)(*args, sinks)
 
     def write_kv(k_cache, v_cache, layer, qkv, slot_mapping):
         specs = (CACHE, CACHE, REPLICATED, HEADS, REPLICATED)

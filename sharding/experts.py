@@ -23,11 +23,15 @@ from sharding.mesh import TP_AXIS
 
 COLUMNS = PartitionSpec(None, None, TP_AXIS)  # [E, H, I]: each device its I / tp columns
 ROWS = PartitionSpec(None, TP_AXIS, None)  # [E, I, H]: each device its I / tp rows
+BIAS_COLUMNS = PartitionSpec(None, TP_AXIS)  # [E, I]
 
 
 def _spec(name: str, weight, mesh: Mesh):
     """The per-device split of one expert weight: ``[E, K, N]`` dense, or a quantized weight's fields each split
-    the way its K and N axes are (``models.quantization.field_shardings``, as the loader places them)."""
+    the way its K and N axes are (``models.quantization.field_shardings``, as the loader places them); gpt-oss's
+    gate and up biases ``[E, I]`` as their weights' columns."""
+    if name.endswith("_bias"):
+        return BIAS_COLUMNS
     split = ROWS if name == "expert_down" else COLUMNS
     if not is_quantized(weight):
         return split
@@ -51,15 +55,17 @@ def check_expert_weights(layers: dict, mesh: Mesh) -> None:
 
 
 def shard_expert_fn(expert_fn: Callable, mesh: Mesh) -> Callable:
-    """``expert_fn(h, row_token, block_expert, weights)`` with the same signature, run per device on its slice of
-    every expert (module docstring); the result replicated."""
+    """``expert_fn(h, row_token, block_expert, weights, **options)`` with the same signature, run per device on its
+    slice of every expert (module docstring); the result replicated. ``options`` (``expert_mlp``'s ``gate``) are
+    static."""
 
-    def local(h, row_token, block_expert, weights):
-        return jax.lax.psum(expert_fn(h, row_token, block_expert, weights), TP_AXIS)
-
-    def experts(h, row_token, block_expert, weights: dict):
+    def experts(h, row_token, block_expert, weights: dict, **options):
         if "expert_gate_up" in weights:
             raise ValueError("joined expert gate/up weights run on one device; a mesh keeps them apart")
+
+        def local(h, row_token, block_expert, weights):
+            return jax.lax.psum(expert_fn(h, row_token, block_expert, weights, **options), TP_AXIS)
+
         specs = (REPLICATED, REPLICATED, REPLICATED, {name: _spec(name, w, mesh) for name, w in weights.items()})
         return shard_map_compat(local, mesh, specs, REPLICATED)(h, row_token, block_expert, weights)
 

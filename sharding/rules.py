@@ -89,6 +89,11 @@ PARAM_LOGICAL_AXES: dict[str, Any] = {
         "expert_gate": ("layers", "experts", "embed", "mlp"),
         "expert_up": ("layers", "experts", "embed", "mlp"),
         "expert_down": ("layers", "experts", "mlp", "embed"),
+        "router_bias": ("layers", "experts"),  # gpt-oss's biases and sinks (one a query head)
+        "expert_gate_bias": ("layers", "experts", "mlp"),
+        "expert_up_bias": ("layers", "experts", "mlp"),
+        "expert_down_bias": ("layers", "experts", "embed"),
+        "sinks": ("layers", "q_heads"),
     },
 }
 KV_CACHE_LOGICAL_AXES = ("layers", "kv_heads", "pages", "page_offset", "head_dim")

@@ -62,15 +62,16 @@ def test_parses_transformers_config_object_and_saved_json_alike(variant, tmp_pat
     assert c.o_bias == getattr(hf, "attention_bias", False)
     assert c.qk_norm == (c.model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"))
     assert c.sliding_window == (hf.sliding_window if c.model_type in ("mistral", "mixtral", "phi3", "gemma2",
-                                                                      "gemma3_text") else None)
+                                                                      "gemma3_text", "gpt_oss") else None)
     assert c.sandwich_norms == (c.model_type.startswith("gemma") or c.model_type == "olmo2")
     assert c.pre_norms == (c.model_type != "olmo2") and c.qk_norm_full == (c.model_type == "olmo2")
-    assert c.is_moe == (c.model_type in ("mixtral", "qwen2_moe", "qwen3_moe"))
+    assert c.is_moe == (c.model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"))
+    assert c.attention_sinks == c.moe_biases == (c.model_type == "gpt_oss")
     if c.is_moe:
         experts = getattr(hf, "num_local_experts", None) or hf.num_experts  # qwen2_moe's transformers names it so
         assert (c.num_experts, c.num_experts_per_tok) == (experts, hf.num_experts_per_tok)
         assert c.shared_expert_size == (hf.shared_expert_intermediate_size if c.model_type == "qwen2_moe" else 0)
-        assert c.norm_topk_prob == (c.model_type == "mixtral" or hf.norm_topk_prob)
+        assert c.norm_topk_prob == (c.model_type in ("mixtral", "gpt_oss") or hf.norm_topk_prob)
 
 
 def test_explicit_head_dim_differs_from_hidden_over_heads():

@@ -4,8 +4,8 @@ For every architecture variant in ``tiny_checkpoints.VARIANTS`` (llama untied wi
 explicit head_dim and default rope; llama tied with llama3 rope scaling; mistral with a
 sliding window shorter than the prompts, from a sharded checkpoint; qwen2 with qkv bias;
 qwen3 with qk norm; qwen2 with YaRN; phi3 with joined projections and a sliding window; gemma2 and
-gemma3_text with sliding and full layers, soft caps, sandwich norms; the mixtures of experts mixtral and
-qwen3_moe): a random tiny checkpoint
+gemma3_text with sliding and full layers, soft caps, sandwich norms; the mixtures of experts mixtral,
+qwen3_moe and gpt_oss, whose attention has sinks and whose router and experts have biases): a random tiny checkpoint
 is written with ``save_pretrained``, loaded with ``load_safetensors_params`` and
 (a) a ragged batch of three prompts gives, in one step of ``forward``, the logits HF
 gives each prompt alone, at every position; (b) 16 greedy tokens equal HF's.
@@ -142,7 +142,18 @@ def test_loaded_params_follow_param_shapes_and_hf_values(checkpoint):
     assert jax.tree_util.tree_map(lambda x: x.shape, params) == param_shapes(config)
     sd = model.state_dict()
     last = config.num_layers - 1
-    if config.is_moe:  # transformers holds the experts joined: gate_up_proj [E, 2I, H], down_proj [E, H, I]
+    if variant == "gpt_oss":  # stacked [E, in, out], gate and up columns in turn; biases; the sinks
+        gate_up = sd[f"model.layers.{last}.mlp.experts.gate_up_proj"].numpy()
+        np.testing.assert_array_equal(params["layers"]["expert_up"][last], gate_up[..., 1::2])
+        np.testing.assert_array_equal(params["layers"]["expert_gate_bias"][last],
+                                      sd[f"model.layers.{last}.mlp.experts.gate_up_proj_bias"].numpy()[..., ::2])
+        np.testing.assert_array_equal(params["layers"]["expert_down"][last],
+                                      sd[f"model.layers.{last}.mlp.experts.down_proj"].numpy())
+        np.testing.assert_array_equal(params["layers"]["router"][last],
+                                      sd[f"model.layers.{last}.mlp.router.weight"].numpy().T)
+        np.testing.assert_array_equal(params["layers"]["sinks"][last],
+                                      sd[f"model.layers.{last}.self_attn.sinks"].numpy())
+    elif config.is_moe:  # transformers holds the experts joined: gate_up_proj [E, 2I, H], down_proj [E, H, I]
         gate_up = sd[f"model.layers.{last}.mlp.experts.gate_up_proj"].numpy()
         np.testing.assert_array_equal(params["layers"]["expert_down"][last],
                                       np.swapaxes(sd[f"model.layers.{last}.mlp.experts.down_proj"].numpy(), 1, 2))
@@ -279,12 +290,12 @@ def test_dummy_params_llama_3_1_8b_fit_on_one_gpu():
     assert all(np.isfinite(x).all() and 0.3 < x.std() < 5.0 for x in logits)
 
 
-@pytest.mark.parametrize("variant", ["gemma2", "gemma3_text", "smollm3", "olmo2"])
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3_text", "smollm3", "olmo2", "gpt_oss"])
 def test_engine_gives_hf_greedy_tokens_for_sliding_and_full_layers(tmp_path, variant):
-    """Gemma (SmolLM3: rotary and NoPE layers; OLMo 2: no pre-norms) through the engine: layers scanned (each layer's sliding window and
-    rope picked on the device) with the jnp attention, and unrolled (picked per layer when tracing) with the Pallas
-    kernel interpreted (its query scale and soft cap), batched with chunked prefill: Hugging Face's greedy tokens,
-    prompts longer than the window."""
+    """Gemma (SmolLM3: rotary and NoPE layers; OLMo 2: no pre-norms; gpt-oss: sinks) through the engine: layers
+    scanned (each layer's sliding window and rope picked on the device) with the jnp attention, and unrolled (picked
+    per layer when tracing) with the Pallas kernel interpreted (its query scale and soft cap), batched with chunked
+    prefill: Hugging Face's greedy tokens, prompts longer than the window."""
     from engine import LLM, SamplingParams
 
     model = write_tiny_checkpoint(tmp_path, variant, seed=int(np.random.default_rng().integers(1 << 20)))
@@ -335,5 +346,47 @@ def test_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path):
     batch, num_pages = scattered_ragged_batch(prompts, BLOCK_SIZE, np.random.default_rng(2))
     cache = make_kv_cache(config, num_pages, BLOCK_SIZE, jnp.float32)
     logits, _ = jax.jit(forward, static_argnames=("config",))(params, cache, batch, config=config)
+    for prompt, got in zip(prompts, np.split(np.asarray(logits), np.cumsum(PROMPT_LENGTHS)[:-1])):
+        np.testing.assert_allclose(got, hf_logits(model, prompt), atol=1e-4, rtol=1e-4)
+
+
+def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
+    """gpt-oss's published checkpoints store the experts in MXFP4 (``*_blocks`` of two e2m1 codes a byte, ``*_scales``
+    a power of two each 32 values): they load dequantized, equal to transformers' ``convert_moe_packed_tensors``,
+    and the model with those experts gives transformers' logits."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    model = write_tiny_checkpoint(tmp_path, "gpt_oss", seed=9)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    for i in range(model.config.num_hidden_layers):
+        experts = model.model.layers[i].mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            e, k, n = getattr(experts, name).shape  # transformers' dense layout [E, in, out]
+            blocks = torch.randint(0, 256, (e, n, k // 32, 16), generator=gen, dtype=torch.uint8)
+            scales = torch.randint(123, 128, (e, n, k // 32), generator=gen, dtype=torch.uint8)
+            del tensors[f"model.layers.{i}.mlp.experts.{name}"]
+            tensors[f"model.layers.{i}.mlp.experts.{name}_blocks"] = blocks
+            tensors[f"model.layers.{i}.mlp.experts.{name}_scales"] = scales
+            with torch.no_grad():
+                getattr(experts, name).copy_(convert_moe_packed_tensors(blocks, scales).float())
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with open(tmp_path / "config.json") as f:
+        config_json = json.load(f)
+    config_json["quantization_config"] = {"quant_method": "mxfp4",
+                                          "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config_json, f)
+    config = ModelConfig.from_pretrained(str(tmp_path))
+    params = load_safetensors_params(str(tmp_path), config, jnp.float32, progress=False)
+    gate_up = model.model.layers[1].mlp.experts.gate_up_proj.detach().numpy()
+    np.testing.assert_array_equal(params["layers"]["expert_up"][1], gate_up[..., 1::2])
+    prompts = random_prompts(config.vocab_size, seed=3)
+    batch, num_pages = scattered_ragged_batch(prompts, BLOCK_SIZE, np.random.default_rng(2))
+    logits, _ = jax.jit(forward, static_argnames=("config",))(params, make_kv_cache(config, num_pages, BLOCK_SIZE,
+                                                                                   jnp.float32), batch, config=config)
     for prompt, got in zip(prompts, np.split(np.asarray(logits), np.cumsum(PROMPT_LENGTHS)[:-1])):
         np.testing.assert_allclose(got, hf_logits(model, prompt), atol=1e-4, rtol=1e-4)

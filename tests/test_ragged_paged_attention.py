@@ -165,6 +165,12 @@ CPU_CASES = [
                  dict(tiling=dataclasses.replace(SMALL_TILES, masked_8bit_loads=True), sliding_window=20),
                  id="d24-fp8-pages-bf16-masked-window"),
     pytest.param(Shapes(4, 4, 8, 16, jnp.float16), dict(tiling=SMALL_TILES), id="d8-f16"),
+    # gpt-oss's sinks (a logit a query head, large enough to matter), counted once over context splits.
+    pytest.param(Shapes(8, 2, 64, 16, jnp.float32),
+                 dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=3), sliding_window=20,
+                      sinks=np.linspace(-5.0, 5.0, 8, dtype=np.float32)), id="sinks-window-split3-f32"),
+    pytest.param(Shapes(4, 4, 64, 16, jnp.bfloat16),
+                 dict(tiling=SMALL_TILES, sinks=np.array([3.0, -3.0, 0.5, 6.0], np.float32)), id="sinks-bf16"),
 ]
 
 
@@ -181,6 +187,44 @@ def test_kernel_matches_reference_interpret(shapes, kwargs):
         kernel = kernel or compile_for_cpu(kernel_fn, kernel_args)
         reference = reference or compile_for_cpu(ref_fn, ref_args)
         assert_scenario_matches(kernel(*kernel_args), reference(*ref_args), used, shapes.dtype, seed, scenario)
+
+
+def dense_attention_with_sinks(ref_args, sinks, sliding_window=None):
+    """Each token's attention as transformers' gpt-oss computes it: its visible keys gathered from the pages, the
+    sink's logit as one more column of the softmax, that column dropped: ``[T, Hq, D]`` float64."""
+    qkv, k_cache, v_cache, layer, kv_lens, block_tables, cu, num_seqs = (np.asarray(a) for a in ref_args)
+    _, Hkv, _, bs, D = k_cache.shape
+    Hq = qkv.shape[1] - 2 * Hkv
+    out = np.zeros((qkv.shape[0], Hq, D))
+    for i in range(int(num_seqs[0])):
+        q_len = cu[i + 1] - cu[i]
+        for t in range(cu[i], cu[i + 1]):
+            pos = kv_lens[i] - q_len + (t - cu[i])
+            keys = np.arange(max(0, pos - sliding_window + 1) if sliding_window else 0, pos + 1)
+            pages, slots = block_tables[i, keys // bs], keys % bs
+            for h in range(Hq):
+                kv_head = h // (Hq // Hkv)
+                k = k_cache[layer, kv_head, pages, slots].astype(np.float64)
+                v = v_cache[layer, kv_head, pages, slots].astype(np.float64)
+                logits = np.append(k @ qkv[t, h].astype(np.float64) / np.sqrt(D), sinks[h])
+                probs = np.exp(logits - logits.max())
+                out[t, h] = (probs / probs.sum())[:-1] @ v
+    return out
+
+
+@pytest.mark.parametrize("sliding_window", [None, 7])
+def test_reference_sinks_are_a_softmax_column_dropped(sliding_window):
+    """The reference with gpt-oss's sinks equals attention over the visible keys plus one sink column, softmaxed,
+    the column dropped (transformers' eager form), on fresh random inputs of decode and prefill rows."""
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    shapes = Shapes(8, 2, 16, 8, jnp.float32, num_tokens=24)
+    sinks = rng.normal(0.0, 3.0, 8).astype(np.float32)
+    _, ref_args, used = make_batch(rng, shapes, [1, 9, 1, 6], [13, 9, 30, 20])
+    got = ragged_paged_attention_reference(*ref_args, sinks=sinks, sliding_window=sliding_window)
+    want = dense_attention_with_sinks(ref_args, sinks, sliding_window)
+    np.testing.assert_allclose(np.asarray(got)[:used], want[:used], atol=2e-5)
+    plain = ragged_paged_attention_reference(*ref_args, sliding_window=sliding_window)
+    assert np.abs(np.asarray(plain)[:used] - want[:used]).max() > 1e-2  # the sinks matter at these sizes
 
 
 @pytest.mark.parametrize("cache_dtype,tiling", [
@@ -386,6 +430,7 @@ def test_changing_the_batch_mix_does_not_recompile():
     (dict(tiling=Tiling(k_splits=2)), 3, jnp.float8_e4m3fn, 128),  # float8 pages
     (dict(tiling=Tiling(k_splits=1, prefill_prefetch_pages=False, prefill_longest_first=False)), 2, None, 128),
     (dict(tiling=Tiling(k_splits=2)), 3, None, 96),  # a head padded to 128 columns
+    (dict(tiling=Tiling(k_splits=2), sinks=np.zeros(32, np.float32)), 3, None, 128),  # gpt-oss's sinks
 ])
 def test_kernel_lowers_to_triton_for_cuda(kwargs, launches, cache_dtype, head_dim):
     """The Triton lowering (not only the interpreter) accepts the kernel: cross-platform lowering on CPU."""
@@ -569,6 +614,11 @@ GPU_CASES = [
     pytest.param(Shapes(32, 8, 96, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
                         num_pages=700, num_layers=3, cache_dtype=jnp.float8_e4m3fn),
                  dict(tiling=Tiling(k_splits=4, masked_8bit_loads=True)), id="d96-fp8-pages-split4-masked"),
+    pytest.param(Shapes(64, 8, 64, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
+                        num_pages=700, num_layers=3),
+                 dict(tiling=Tiling(k_splits=2), sliding_window=128,
+                      sinks=np.random.default_rng(0).normal(0.0, 2.0, 64).astype(np.float32)),
+                 id="gpt-oss-heads-sinks-window-split2"),
 ]
 
 

@@ -1,5 +1,5 @@
 """Tiny random Hugging Face checkpoints (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, granite, smollm3,
-olmo2, mixtral, qwen2_moe, qwen3_moe) for tests.
+olmo2, mixtral, qwen2_moe, qwen3_moe, gpt_oss) for tests.
 
 Owns building a small ``transformers`` model of a named variant with every weight
 randomized (norm weights near 1 but not 1, biases non-zero, so a mixed-up mapping
@@ -88,6 +88,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                     shared_expert_intermediate_size=48)),
     "qwen3_moe": ("qwen3_moe", dict(head_dim=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48,
                                     norm_topk_prob=False)),
+    # gpt-oss: attention sinks, q/k/v/o biases, sliding and full layers in turn, YaRN without truncation, a router
+    # with a bias picking 2 of 4 experts, experts with biases and a clamped gate whose limit bites at these scales.
+    "gpt_oss": ("gpt_oss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                                sliding_window=12, swiglu_limit=0.5, max_position_embeddings=64,
+                                rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                                     beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                                     rope_theta=150000.0))),
 }
 
 
