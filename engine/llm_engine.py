@@ -180,7 +180,7 @@ class LLMEngine:
             if args.reasoning_parser is not None and self.tokenizer is not None:
                 from engine.reasoning import ReasoningEnd
 
-                self._reasoning_end = ReasoningEnd(self.tokenizer)
+                self._reasoning_end = ReasoningEnd(self.tokenizer, args.reasoning_parser)
             self.max_model_len, max_tokens, max_seqs = args.resolved_limits(config)
             self.model_config = dataclasses.replace(config, max_model_len=self.max_model_len)
             precompile = args.precompile_steps if args.precompile_steps is not None else jax.default_backend() == "gpu"

@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from engine.entrypoints.openai.reasoning import DeepSeekR1ReasoningParser, Qwen3ReasoningParser  # noqa: E402
+from engine.entrypoints.openai.reasoning import (DeepSeekR1ReasoningParser, HarmonyReasoningParser,  # noqa: E402
+                                                 Qwen3ReasoningParser)
 from engine.entrypoints.openai.protocol import NamedToolChoice  # noqa: E402
 from engine.entrypoints.openai.tools import HermesToolParser, Llama3JsonToolParser, forced_tool_calls  # noqa: E402
 
@@ -50,6 +51,10 @@ def test_llama3_json_calls_and_plain_text():
     assert parser.content_end(' {"na') == 0 and parser.content_end("<|python") == 0 and parser.content_end("") == 0
 
 
+HARMONY_REPLY = ("<|channel|>analysis<|message|>The user asks the capital. Paris.<|end|><|start|>assistant"
+                 "<|channel|>final<|message|>Paris.")
+
+
 @pytest.mark.parametrize("parser, text, want", [
     (DeepSeekR1ReasoningParser(), "Paris is the capital.</think>\n\nParis.", ("Paris is the capital.", "\n\nParis.")),
     (DeepSeekR1ReasoningParser(), "<think>Hmm.</think>Paris.", ("Hmm.", "Paris.")),
@@ -59,6 +64,15 @@ def test_llama3_json_calls_and_plain_text():
     (Qwen3ReasoningParser(), "<think>Hmm.</think>Paris.", ("Hmm.", "Paris.")),
     (Qwen3ReasoningParser(), "Paris.", (None, "Paris.")),  # no block opened: no thinking
     (Qwen3ReasoningParser(), "<think>Cut by max_tokens", ("Cut by max_tokens", "")),
+    # gpt-oss's harmony: the analysis channel is the reasoning, the final channel the answer
+    (HarmonyReasoningParser(), HARMONY_REPLY, ("The user asks the capital. Paris.", "Paris.")),
+    (HarmonyReasoningParser(), HARMONY_REPLY + "<|return|>", ("The user asks the capital. Paris.", "Paris.")),
+    (HarmonyReasoningParser(), "<|channel|>analysis<|message|>Cut by max_to", ("Cut by max_to", "")),
+    (HarmonyReasoningParser(), "Paris.", (None, "Paris.")),  # no channel: not harmony, all content
+    (HarmonyReasoningParser(), "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>"
+                               "commentary to=functions.get_weather <|constrain|>json<|message|>"
+                               '{"city": "Paris"}<|call|>',
+     ("Need the weather.", '{"city": "Paris"}')),  # a tool call's arguments: content (no harmony tool parser)
 ])
 def test_reasoning_split_and_its_growing_stream_agree(parser, text, want):
     """Whole, the reply splits as vLLM's parsers split it; streamed a character at a time, what is split so far
@@ -91,6 +105,22 @@ def test_reasoning_end_in_prompt_and_output(prompt, ended):
     end = ReasoningEnd(_CharTokenizer())
     assert end.ended_in_prompt(_CharTokenizer().encode(prompt)) == ended
     assert end.ends(_CharTokenizer().encode("thinking...</think>")) and not end.ends(_CharTokenizer().encode("</think>."))
+
+
+@pytest.mark.parametrize("prompt, ended", [
+    ("<|start|>user<|message|>Q?<|end|><|start|>assistant", False),  # the reply thinks first
+    ("<|start|>assistant<|channel|>final<|message|>A.<|end|><|start|>user<|message|>Q?<|end|><|start|>assistant",
+     False),  # an earlier turn's answer, this turn open
+    ("<|start|>user<|message|>Q?<|end|><|start|>assistant<|channel|>final<|message|>", True),  # the answer prefilled
+])
+def test_harmony_reasoning_ends_where_the_final_channel_starts(prompt, ended):
+    """gpt-oss (``openai_gptoss``): the thinking ends with the final channel's header, a turn's start opens it."""
+    from engine.reasoning import ReasoningEnd
+
+    end = ReasoningEnd(_CharTokenizer(), "openai_gptoss")
+    assert end.ended_in_prompt(_CharTokenizer().encode(prompt)) == ended
+    assert end.ends(_CharTokenizer().encode(HARMONY_REPLY[:-len("Paris.")]))
+    assert not end.ends(_CharTokenizer().encode(HARMONY_REPLY))
 
 
 def test_a_named_functions_call_is_the_whole_output_cut_or_not():

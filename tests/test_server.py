@@ -785,6 +785,29 @@ def test_reasoning_content_apart_from_the_answer_and_its_tool_calls(served):
     assert plain.content.startswith("<think>") and getattr(plain, "reasoning_content", None) is None
 
 
+def test_harmony_reasoning_of_gpt_oss_apart_from_its_answer(served):
+    """``--reasoning-parser openai_gptoss``: a harmony reply's analysis channel comes back as reasoning_content, its
+    final channel as content, whole and streamed (this model is steered into the syntax by a regex; gpt-oss's
+    markers are special tokens, which the parser has the text keep)."""
+    app = build_app(served.async_llm, [served.model], metrics=ServingMetrics(served.model, served.async_llm.stats),
+                    reasoning_parser="openai_gptoss")
+    server, thread, url = _serve_in_thread(app)
+    try:
+        reply = ("<|channel|>analysis<|message|>The capital of France is Paris.<|end|><|start|>assistant"
+                 "<|channel|>final<|message|>Paris.")
+        kwargs = dict(model=served.model, messages=CHAT, temperature=0, max_tokens=60,
+                      extra_body={"guided_regex": re.escape(reply)})
+        message = served.client(url).chat.completions.create(**kwargs).choices[0].message
+        assert (message.reasoning_content, message.content) == ("The capital of France is Paris.", "Paris.")
+        deltas = [c.choices[0].delta for c in served.client(url).chat.completions.create(**kwargs, stream=True)
+                  if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
+        assert "".join(d.content or "" for d in deltas) == "Paris."
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"tools": [WEATHER]}, '"auto" needs a parser'),  # OpenAI's default with tools
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),

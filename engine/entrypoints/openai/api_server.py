@@ -1308,7 +1308,9 @@ class OpenAIServing:
         structured = _structured_outputs(req, tool_call_schema(req, tool_choice) if is_forced(tool_choice) else None)
         params = _sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, structured=structured, renames=fields,
                                   defaults=self.async_llm.engine.default_sampling_fields)
-        if tool_choice == "auto":  # the model's call markers may be special tokens: keep them for the parser (vLLM)
+        # The model's call markers (or a reasoning parser's: gpt-oss's harmony) may be special tokens: keep them for the
+        # parser (vLLM).
+        if tool_choice == "auto" or (self.reasoning_parser is not None and self.reasoning_parser.keeps_special_tokens):
             params.skip_special_tokens = False
         prompt = await run_in_threadpool(self._chat_prompt, req)
         prompt.token_ids = self._truncated(params, prompt.token_ids)

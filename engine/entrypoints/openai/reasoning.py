@@ -9,6 +9,11 @@ field; in stream deltas too), the rest as ``content`` (where tool calls are then
 - ``qwen3`` (Qwen 3): the output thinks only if it opens ``<think>`` itself (``enable_thinking=False`` renders an
   empty block in the prompt instead); otherwise it is all content. A block the output leaves open (cut by
   ``max_tokens``) is reasoning, streamed or not (vLLM's non-streamed parser returns it as content).
+- ``openai_gptoss`` (gpt-oss): the reply is harmony messages, ``<|channel|>NAME[ to=RECIPIENT]...<|message|>BODY``
+  ended by ``<|end|>`` (then ``<|start|>assistant`` and the next), ``<|return|>`` or ``<|call|>``: the analysis
+  channel's bodies are the reasoning, every other channel's (final; commentary, a tool call's arguments too, as no
+  harmony tool parser reads them here) the content. Its markers are special tokens, kept in the text for it
+  (``keeps_special_tokens``); a reply with no channel at all is content.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class ReasoningParser:
     """``split`` a reply (whole, or as far as it has come) into its reasoning and its content."""
 
     opens_in_prompt = True  # the output starts inside the thinking block (deepseek_r1) or must open it (qwen3)
+    keeps_special_tokens = False  # its markers are special tokens: the reply's text must keep them
 
     def split(self, text: str, final: bool) -> tuple[Optional[str], str]:
         """``(reasoning, content)`` of ``text``; reasoning None where the reply does not think. Before the end
@@ -50,5 +56,35 @@ class Qwen3ReasoningParser(ReasoningParser):
     opens_in_prompt = False
 
 
-REASONING_PARSERS = {"deepseek_r1": DeepSeekR1ReasoningParser, "qwen3": Qwen3ReasoningParser}  # engine.reasoning's
+class HarmonyReasoningParser(ReasoningParser):
+    """gpt-oss's harmony messages (module docstring)."""
+
+    keeps_special_tokens = True
+    CHANNEL, MESSAGE, ENDS = "<|channel|>", "<|message|>", ("<|end|>", "<|return|>", "<|call|>")
+
+    def split(self, text: str, final: bool) -> tuple[Optional[str], str]:
+        first = text.find(self.CHANNEL)
+        if first < 0:  # not harmony, or its first marker still arriving (held back)
+            return None, text if final else text[:len(text) - partial_marker_length(text, self.CHANNEL)]
+        reasoning, content, at = [], [text[:first]], first
+        while (channel := text.find(self.CHANNEL, at)) >= 0:
+            header_end = text.find(self.MESSAGE, channel)
+            if header_end < 0:  # a header still arriving
+                break
+            header = text[channel + len(self.CHANNEL):header_end].split()
+            body_start = header_end + len(self.MESSAGE)
+            ends = [(i, end) for end in self.ENDS if (i := text.find(end, body_start)) >= 0]
+            stop, end = min(ends) if ends else (len(text), "")
+            body = text[body_start:stop]
+            if not ends and not final:  # an end marker may be arriving
+                body = body[:len(body) - max(partial_marker_length(body, end) for end in self.ENDS)]
+            (reasoning if header[:1] == ["analysis"] else content).append(body)
+            if not ends:
+                break
+            at = stop + len(end)  # what lies between a message's end and the next channel (its turn's start) goes
+        return "".join(reasoning), "".join(content)
+
+
+REASONING_PARSERS = {"deepseek_r1": DeepSeekR1ReasoningParser, "qwen3": Qwen3ReasoningParser,
+                     "openai_gptoss": HarmonyReasoningParser}  # engine.reasoning's
 
