@@ -12,7 +12,8 @@ pytest.importorskip("fastapi")
 from engine.entrypoints.openai.reasoning import (DeepSeekR1ReasoningParser, HarmonyReasoningParser,  # noqa: E402
                                                  Qwen3ReasoningParser)
 from engine.entrypoints.openai.protocol import NamedToolChoice  # noqa: E402
-from engine.entrypoints.openai.tools import HermesToolParser, Llama3JsonToolParser, forced_tool_calls  # noqa: E402
+from engine.entrypoints.openai.tools import (HarmonyToolParser, HermesToolParser, Llama3JsonToolParser,  # noqa: E402
+                                             forced_tool_calls)
 
 
 def _calls(calls):
@@ -51,6 +52,8 @@ def test_llama3_json_calls_and_plain_text():
     assert parser.content_end(' {"na') == 0 and parser.content_end("<|python") == 0 and parser.content_end("") == 0
 
 
+HARMONY_CALL = ('<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
+                '{"city": "Paris"}<|call|>')
 HARMONY_REPLY = ("<|channel|>analysis<|message|>The user asks the capital. Paris.<|end|><|start|>assistant"
                  "<|channel|>final<|message|>Paris.")
 
@@ -69,10 +72,8 @@ HARMONY_REPLY = ("<|channel|>analysis<|message|>The user asks the capital. Paris
     (HarmonyReasoningParser(), HARMONY_REPLY + "<|return|>", ("The user asks the capital. Paris.", "Paris.")),
     (HarmonyReasoningParser(), "<|channel|>analysis<|message|>Cut by max_to", ("Cut by max_to", "")),
     (HarmonyReasoningParser(), "Paris.", (None, "Paris.")),  # no channel: not harmony, all content
-    (HarmonyReasoningParser(), "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>"
-                               "commentary to=functions.get_weather <|constrain|>json<|message|>"
-                               '{"city": "Paris"}<|call|>',
-     ("Need the weather.", '{"city": "Paris"}')),  # a tool call's arguments: content (no harmony tool parser)
+    (HarmonyReasoningParser(), "<|channel|>analysis<|message|>Need the weather.<|end|>" + HARMONY_CALL,
+     ("Need the weather.", HARMONY_CALL)),  # a tool call: whole, for the tool parser
 ])
 def test_reasoning_split_and_its_growing_stream_agree(parser, text, want):
     """Whole, the reply splits as vLLM's parsers split it; streamed a character at a time, what is split so far
@@ -131,3 +132,20 @@ def test_a_named_functions_call_is_the_whole_output_cut_or_not():
         (call,) = forced_tool_calls(named, text)
         assert (call.function.name, call.function.arguments) == ("get_weather", text)
     assert forced_tool_calls("required", '[{"name": "get_weather", "parameters": {"ci') is None
+
+
+@pytest.mark.parametrize("content, want", [
+    (HARMONY_CALL, (None, [("get_weather", {"city": "Paris"})])),
+    # the recipient in the turn's start, a preamble on the final channel before it
+    ('Let me look.<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"zone": "UTC"}'
+     "<|call|>", ("Let me look.", [("get_time", {"zone": "UTC"})])),
+    ("Paris.", ("Paris.", [])),
+])
+def test_harmony_tool_calls_as_the_reasoning_parser_leaves_them(content, want):
+    """vLLM's ``openai`` tool parser: gpt-oss's messages to a function (left whole in the content by the
+    ``openai_gptoss`` reasoning parser) are the calls; the text before them is content, streamed up to them."""
+    parser = HarmonyToolParser()
+    text, calls = parser.extract(content)
+    assert (text, _calls(calls)) == want
+    assert parser.content_end(content) == len(want[0] or "")
+    assert parser.content_end("Let me look.<|sta") == len("Let me look.")

@@ -787,10 +787,11 @@ def test_reasoning_content_apart_from_the_answer_and_its_tool_calls(served):
 
 def test_harmony_reasoning_of_gpt_oss_apart_from_its_answer(served):
     """``--reasoning-parser openai_gptoss``: a harmony reply's analysis channel comes back as reasoning_content, its
-    final channel as content, whole and streamed (this model is steered into the syntax by a regex; gpt-oss's
-    markers are special tokens, which the parser has the text keep)."""
+    final channel as content, whole and streamed, and with ``--tool-call-parser openai`` its messages to a function
+    as tool calls (this model is steered into the syntax by a regex; gpt-oss's markers are special tokens, which the
+    parser has the text keep)."""
     app = build_app(served.async_llm, [served.model], metrics=ServingMetrics(served.model, served.async_llm.stats),
-                    reasoning_parser="openai_gptoss")
+                    reasoning_parser="openai_gptoss", tool_parser="openai")
     server, thread, url = _serve_in_thread(app)
     try:
         reply = ("<|channel|>analysis<|message|>The capital of France is Paris.<|end|><|start|>assistant"
@@ -803,6 +804,15 @@ def test_harmony_reasoning_of_gpt_oss_apart_from_its_answer(served):
                   if c.choices]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
         assert "".join(d.content or "" for d in deltas) == "Paris."
+        # vLLM's openai tool parser: a message to a function is a tool call
+        call = ("<|channel|>analysis<|message|>I need the weather.<|end|><|start|>assistant<|channel|>commentary "
+                'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>')
+        out = served.client(url).chat.completions.create(
+            model=served.model, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+            temperature=0, max_tokens=80, extra_body={"guided_regex": re.escape(call)})
+        assert out.choices[0].message.reasoning_content == "I need the weather."
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in out.choices[0].message.tool_calls] == [
+            ("get_weather", {"city": "Paris"})]
     finally:
         server.should_exit = True
         thread.join(timeout=10)

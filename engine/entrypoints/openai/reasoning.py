@@ -11,9 +11,10 @@ field; in stream deltas too), the rest as ``content`` (where tool calls are then
   ``max_tokens``) is reasoning, streamed or not (vLLM's non-streamed parser returns it as content).
 - ``openai_gptoss`` (gpt-oss): the reply is harmony messages, ``<|channel|>NAME[ to=RECIPIENT]...<|message|>BODY``
   ended by ``<|end|>`` (then ``<|start|>assistant`` and the next), ``<|return|>`` or ``<|call|>``: the analysis
-  channel's bodies are the reasoning, every other channel's (final; commentary, a tool call's arguments too, as no
-  harmony tool parser reads them here) the content. Its markers are special tokens, kept in the text for it
-  (``keeps_special_tokens``); a reply with no channel at all is content.
+  channel's bodies are the reasoning, every other channel's (final, commentary) the content, and a message to a
+  recipient (a tool call) stays whole in the content for the ``openai`` tool parser (``tools.HarmonyToolParser``).
+  Its markers are special tokens, kept in the text for it (``keeps_special_tokens``); a reply with no channel at all
+  is content.
 """
 
 from __future__ import annotations
@@ -71,14 +72,18 @@ class HarmonyReasoningParser(ReasoningParser):
             header_end = text.find(self.MESSAGE, channel)
             if header_end < 0:  # a header still arriving
                 break
-            header = text[channel + len(self.CHANNEL):header_end].split()
+            # the recipient may come in the turn's start, before the channel (<|start|>assistant to=functions.f)
+            header = (text[at:channel] + " " + text[channel + len(self.CHANNEL):header_end]).split()
             body_start = header_end + len(self.MESSAGE)
             ends = [(i, end) for end in self.ENDS if (i := text.find(end, body_start)) >= 0]
             stop, end = min(ends) if ends else (len(text), "")
             body = text[body_start:stop]
             if not ends and not final:  # an end marker may be arriving
                 body = body[:len(body) - max(partial_marker_length(body, end) for end in self.ENDS)]
-            (reasoning if header[:1] == ["analysis"] else content).append(body)
+            if any(word.startswith("to=") for word in header):  # a tool call: whole, for the tool parser
+                content.append(text[at if at > first else channel:stop + len(end)] if ends or final else "")
+            else:
+                (reasoning if header[:1] == ["analysis"] else content).append(body)
             if not ends:
                 break
             at = stop + len(end)  # what lies between a message's end and the next channel (its turn's start) goes

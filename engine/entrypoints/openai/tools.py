@@ -144,7 +144,30 @@ class Llama3JsonToolParser(ToolParser):
         return len(text)
 
 
-TOOL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
+class HarmonyToolParser(ToolParser):
+    """gpt-oss's harmony calls (vLLM's ``openai`` parser): messages to a function,
+    ``<|channel|>commentary to=functions.NAME [<|constrain|>json]<|message|>ARGUMENTS<|call|>``, as the
+    ``openai_gptoss`` reasoning parser leaves them in the content; the text before the first is content."""
+
+    MARKERS = ("<|channel|>", "<|start|>")  # a call's message starts with one
+    # The recipient after the channel's name, or before the channel (in the turn's start).
+    CALLS = re.compile(r"\bto=functions\.([^\s<]+)[^<]*(?:<\|channel\|>[^<]*)?(?:<\|constrain\|>[^<]*)?"
+                       r"<\|message\|>(.*?)(?:<\|call\|>|<\|end\|>|$)", re.DOTALL)
+
+    def extract(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
+        calls = self.CALLS.findall(text)
+        if not calls:
+            return text, []
+        return text[:self.content_end(text)] or None, [_tool_call(name, arguments.strip()) for name, arguments in calls]
+
+    def content_end(self, text: str) -> int:
+        starts = [i for marker in self.MARKERS if (i := text.find(marker)) >= 0]
+        if starts:
+            return min(starts)
+        return len(text) - max(partial_marker_length(text, marker) for marker in self.MARKERS)
+
+
+TOOL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "openai": HarmonyToolParser}
 
 
 def _json_object(text: str) -> Optional[dict]:
