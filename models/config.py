@@ -29,7 +29,7 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # Named here, where no JAX is imported, for the options (the server's process parses them without it): the
 # checkpoint formats ``models.loader`` reads and the weight formats ``models.quantization`` makes or reads.
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-QUANTIZATION_METHODS = ("int8", "int4", "awq", "gptq", "fp8", "compressed-tensors")
+QUANTIZATION_METHODS = ("int8", "int4", "awq", "gptq", "fp8", "compressed-tensors", "mxfp4")
 # vLLM's names of its Marlin kernels for the same checkpoints, taken as the method that reads them.
 QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 

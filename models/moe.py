@@ -160,7 +160,7 @@ def expert_mlp(h: jax.Array, row_token: jax.Array, block_expert: jax.Array, w: d
                 x = jnp.take_along_axis(x, weight.perm[expert], axis=1)
             fn = grouped_matmul_int4 if use_kernel else grouped_matmul_int4_reference
             return fn(x, weight.packed, weight.scales, weight.zeros, block_expert, group_size=weight.group_size,
-                      pack=weight.pack, row_token=row_token, **kernel_options)
+                      pack=weight.pack, row_token=row_token, codes=weight.codes, **kernel_options)
         q, scale = (weight.q, weight.scale) if isinstance(weight, (Int8Weight, Fp8Weight)) else (weight, None)
         k_major = isinstance(weight, Fp8Weight)  # its q is [E, N, K]
         fn = grouped_matmul if use_kernel else grouped_matmul_reference

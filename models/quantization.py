@@ -110,7 +110,9 @@ class Int4Weight:
 
     ``packed`` uint8 ``[..., K/2, N]``; ``scales``, ``zeros`` ``[..., K/g, N]`` (zeros may be
     fractional); ``perm`` int32 ``[..., K]`` or None: GPTQ act-order, the rows are stored
-    sorted by group and ``x @ W == x[:, perm] @ W_stored``.
+    sorted by group and ``x @ W == x[:, perm] @ W_stored``. ``codes``: the nibbles are unsigned
+    integers ("uint4"), or FP4 e2m1 values ("e2m1": gpt-oss's MXFP4 experts, their zeros 0 and scales
+    the groups' powers of two; only as experts, ``models.moe``).
     """
 
     packed: jax.Array
@@ -119,6 +121,7 @@ class Int4Weight:
     perm: Optional[jax.Array] = None
     group_size: int = struct.field(pytree_node=False, default=INT4_GROUP_SIZE)
     pack: int = struct.field(pytree_node=False, default=128)
+    codes: str = struct.field(pytree_node=False, default="uint4")
 
     in_axes = {"packed": -2, "scales": -2, "zeros": -2, "perm": -1}
     out_axes = {"packed": -1, "scales": -1, "zeros": -1, "perm": None}
@@ -258,6 +261,28 @@ def quantize_int4(w: jax.Array, group_size: int = INT4_GROUP_SIZE, dtype=None) -
                       group_size=g, pack=pack)
 
 
+MXFP4_GROUP = 32  # values a power-of-two scale covers (OCP microscaling)
+_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 e2m1 codes 0-7 (8-15: their negatives)
+
+
+def quantize_mxfp4(w: jax.Array, dtype=None) -> Int4Weight:
+    """MXFP4 (gpt-oss's experts' format) made of a dense ``[..., K, N]`` weight: each 32 rows of a column scaled by
+    the power of two that brings their largest magnitude to at most 6, each value rounded to the nearest FP4 e2m1
+    code (``Int4Weight(codes="e2m1")``, zeros 0)."""
+    *lead, K, N = w.shape
+    if K % MXFP4_GROUP:
+        raise QuantizationError(f"mxfp4 needs a matrix's input size to be a multiple of {MXFP4_GROUP}, got {K}")
+    w32 = w.astype(jnp.float32).reshape(*lead, K // MXFP4_GROUP, MXFP4_GROUP, N)
+    amax = jnp.abs(w32).max(axis=-2)
+    scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(amax > 0, amax / 6.0, 1.0))))
+    v = w32 / scale[..., None, :]
+    magnitude = jnp.argmin(jnp.abs(jnp.abs(v)[..., None] - jnp.asarray(_E2M1_MAGNITUDES)), axis=-1)
+    codes = (magnitude + 8 * (v < 0)).astype(jnp.uint8).reshape(*lead, K, N)
+    scale = scale.astype(dtype or w.dtype)
+    return Int4Weight(packed=qmm.pack_int4(codes, MXFP4_GROUP), scales=scale, zeros=jnp.zeros_like(scale),
+                      group_size=MXFP4_GROUP, pack=MXFP4_GROUP, codes="e2m1")
+
+
 def quantize_weight(w: jax.Array, method: str, int8_layout: str = "kn"):
     """The load-time quantization of one dense ``[..., K, N]`` weight by ``method`` (int8 stored by ``int8_layout``,
     ``INT8_LAYOUTS``)."""
@@ -267,6 +292,8 @@ def quantize_weight(w: jax.Array, method: str, int8_layout: str = "kn"):
         return quantize_fp8(w)
     if method in ("int4", "awq", "gptq"):  # awq/gptq here only for random (dummy) weights
         return quantize_int4(w)
+    if method == "mxfp4":
+        return quantize_mxfp4(w)
     raise QuantizationError(f"unknown quantization method {method!r}; choose one of {', '.join(QUANTIZATION_METHODS)}")
 
 
@@ -279,7 +306,8 @@ def dequantize(w, dtype=jnp.float32) -> jax.Array:
         group = getattr(w, "gate_up_group", 0)
         return qmm.deinterleave_halves(dense, group) if group else dense
     if isinstance(w, Int4Weight):
-        stored = qmm.dequantize_int4(w.packed, w.scales, w.zeros, group_size=w.group_size, pack=w.pack)
+        stored = qmm.dequantize_int4(w.packed, w.scales, w.zeros, group_size=w.group_size, pack=w.pack,
+                                     codes=w.codes)
         if w.perm is not None:  # stored rows are W[perm]: put them back
             inverse = jnp.argsort(w.perm, axis=-1)
             stored = jnp.take_along_axis(stored, inverse[..., :, None], axis=-2)
@@ -325,8 +353,13 @@ def quantize_params(params: dict, method: str, shardings: Optional[dict] = None)
     LM head where ``int8_lm_head(method)`` says so (``quantize_lm_head``).
     ``shardings``: the dense params' shardings (a pytree like ``params``) or None."""
     layers = params["layers"]
-    for name in QUANTIZED_LAYER_WEIGHTS + QUANTIZED_EXPERT_WEIGHTS:
-        if name not in layers:  # a mixture of experts has no dense MLP, a dense model no experts
+    # mxfp4 quantizes a mixture's experts only (gpt-oss's published form), and leaves any read 4-bit as they are
+    names = QUANTIZED_EXPERT_WEIGHTS if method == "mxfp4" else QUANTIZED_LAYER_WEIGHTS + QUANTIZED_EXPERT_WEIGHTS
+    if method == "mxfp4" and not any(name in layers for name in names):
+        raise QuantizationError("quantization='mxfp4' makes a mixture of experts' experts 4-bit; this model has none "
+                                "(for its layers use 'int8', 'int4' or 'fp8')")
+    for name in names:
+        if name not in layers or is_quantized(layers[name]):  # a mixture has no dense MLP, a dense model no experts
             continue
         dense = layers.pop(name)
         layers[name] = _quantize_placed(dense, method, None if shardings is None else shardings["layers"][name],
@@ -560,7 +593,7 @@ class CheckpointQuantization:
                 awq = bool({"w_bit", "q_group_size", "zero_point", "version"} & set(q))
                 q = {"quant_method": "awq" if awq else "gptq", **q}
         if q is not None and str(q.get("quant_method", "")).lower() == "mxfp4":
-            return None  # gpt-oss's MXFP4 experts load dequantized (models.safetensors_loader), as dense weights
+            return None  # gpt-oss's MXFP4 experts: read 4-bit by models.safetensors_loader, the rest dense
         return None if q is None else cls.from_hf_dict(q)
 
 
@@ -969,6 +1002,8 @@ def linear(x, w, backend: LinearBackend = LinearBackend(), *, keep_splits: bool 
             out = whole(qmm.int8_kmajor_matmul_reference(x, w.q, w.scale))
         return qmm.deinterleave_halves(out, w.gate_up_group) if w.gate_up_group else out
     if isinstance(w, Int4Weight):
+        if w.codes != "uint4":
+            raise ValueError(f"{w.codes} int4 weights run only as a mixture's experts (models.moe)")
         if w.perm is not None:
             x = jnp.take(x, w.perm, axis=-1)
         args = (x, w.packed, w.scales, w.zeros)

@@ -44,6 +44,7 @@ from models.llama import FUSED_PROJECTIONS, fused_widths, param_shapes
 from models.quantization import (
     QUANTIZED_EXPERT_WEIGHTS,
     QUANTIZED_LAYER_WEIGHTS,
+    MXFP4_GROUP,
     CheckpointQuantization,
     Fp8Weight,
     Int4Weight,
@@ -60,6 +61,7 @@ from models.quantization import (
     packed_to_int4,
     packed_to_int8,
 )
+from pallas_kernels import quantized_matmul as qmm
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -237,7 +239,7 @@ def _read_header(file: str) -> dict[str, dict]:
 
 class _Checkpoint:
     """All tensors of a checkpoint folder, as lazily mapped numpy views in the HF layout. An MXFP4 pair (gpt-oss's
-    experts: ``X_blocks`` and ``X_scales``) reads as the dense ``X`` transformers dequantizes it to, in bfloat16."""
+    experts: ``X_blocks`` and ``X_scales``) is named ``X`` too (``mxfp4_experts`` reads it)."""
 
     def __init__(self, files: list[str]):
         self._entries: dict[str, tuple[str, dict]] = {}
@@ -251,25 +253,23 @@ class _Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._entries or name in self._mxfp4
 
+    def is_mxfp4(self, name: str) -> bool:
+        """Whether ``name`` is an MXFP4 pair's."""
+        return name in self._mxfp4
+
     @property
     def names(self):
         return self._entries.keys() | self._mxfp4
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name in self._mxfp4:  # blocks [E, N, K / 32, 16] -> [E, K, N]
-            *lead, n, groups, half = self.shape(name + "_blocks")
-            return (*lead, groups * 2 * half, n)
         return tuple(self._entries[name][1]["shape"])
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype name (``BF16``, ``F8_E4M3``, ``I32``, ...)."""
-        return "BF16" if name in self._mxfp4 else self._entries[name][1]["dtype"]
+        return self._entries[name][1]["dtype"]
 
     def array(self, name: str) -> np.ndarray:
-        """A read-only zero-copy view of one tensor (nothing is read until it is touched); an MXFP4 pair dequantized
-        (read whole)."""
-        if name in self._mxfp4:
-            return dequantize_mxfp4(self.array(name + "_blocks"), self.array(name + "_scales"))
+        """A read-only zero-copy view of one tensor (nothing is read until it is touched)."""
         file, entry = self._entries[name]
         if file not in self._maps:
             self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
@@ -282,20 +282,30 @@ class _Checkpoint:
         return self._maps[file][start:start + nbytes].view(dtype).reshape(entry["shape"])
 
 
-# MXFP4's 4-bit values (OCP microscaling, e2m1): code -> value, the sign in bit 3.
-MXFP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-                        np.float32)
+def _mxfp4_codes(blocks: np.ndarray) -> np.ndarray:
+    """``blocks [..., N, K / 32, 16]`` -> the e2m1 codes ``[..., N, K]`` (the low nibble first along K)."""
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)
+    return codes.reshape(*blocks.shape[:-2], -1)
 
 
-def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """gpt-oss's MXFP4 expert weights as the dense ``[..., K, N]`` bfloat16 matrix transformers makes of them:
-    ``blocks [..., N, K / 32, 16]`` uint8 hold two e2m1 codes a byte (the low nibble first along K), ``scales
-    [..., N, K / 32]`` uint8 each 32 values' power of two, biased by 127."""
-    blocks = np.asarray(blocks)
-    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)  # [..., N, K/32, 32]
-    values = np.ldexp(MXFP4_VALUES[codes], np.asarray(scales).astype(np.int32)[..., None] - 127)
-    dense = values.reshape(*values.shape[:-2], -1).astype(ml_dtypes.bfloat16)  # [..., N, K]
-    return np.swapaxes(dense, -1, -2)
+def mxfp4_experts(ckpt: "_Checkpoint", source: "_TensorSource", shape: tuple[int, ...], dtype) -> Int4Weight:
+    """A stack of gpt-oss's MXFP4 expert matrices (one ``*_blocks`` / ``*_scales`` pair a layer) kept 4-bit on the
+    device: their e2m1 codes in the int4 layout (``pack_int4``, blocks of 32 rows), each 32 values' power of two as
+    a scale in ``dtype``, zeros 0 (``Int4Weight(codes="e2m1")``); ``shape`` is ours, ``[L, E, K, N]``."""
+    L, E, K, N = shape
+    columns = slice(source.columns[0], None, source.columns[1]) if source.columns is not None else slice(None)
+    packed = np.empty((L, E, K // 2, N), np.uint8)
+    scales = np.empty((L, E, K // MXFP4_GROUP, N), ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else dtype)
+    for layer, name in enumerate(source.hf_names):
+        blocks, exponents = ckpt.array(name + "_blocks")[:, columns], ckpt.array(name + "_scales")[:, columns]
+        if blocks.shape != (E, N, K // MXFP4_GROUP, MXFP4_GROUP // 2):
+            raise CheckpointError(f"MXFP4 tensor {name}_blocks has shape {list(blocks.shape)} (part {columns}), but "
+                                  f"the config implies {[E, N, K // MXFP4_GROUP, MXFP4_GROUP // 2]}")
+        codes = np.swapaxes(_mxfp4_codes(blocks), -1, -2)  # [E, K, N]
+        packed[layer] = np.asarray(qmm.pack_int4(jnp.asarray(codes), MXFP4_GROUP))
+        scales[layer] = np.swapaxes(np.ldexp(np.float32(1), exponents.astype(np.int32) - 127), -1, -2)
+    return Int4Weight(packed=packed, scales=scales, zeros=np.zeros_like(scales), group_size=MXFP4_GROUP,
+                      pack=MXFP4_GROUP, codes="e2m1")
 
 
 # Where a checkpoint keeps its decoder: ``model.`` (a causal LM), under an image-text model's
@@ -616,19 +626,23 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
         if name in sources["layers"] and not all(_stored_unquantized(ckpt, hf_name.removesuffix(".weight"))
                                                  for hf_name in sources["layers"][name].hf_names)}
     kv_scales = {name: sources["layers"].pop(name) for name in KV_SCALE_PARAMS if name in sources["layers"]}
+    # gpt-oss's MXFP4 experts stay 4-bit (whatever quantization= makes of the other matrices)
+    mxfp4 = {name: sources["layers"].pop(name) for name in QUANTIZED_EXPERT_WEIGHTS
+             if name in sources["layers"] and ckpt.is_mxfp4(sources["layers"][name].hf_names[0])}
     _check_tensors(ckpt, sources, shapes, path)
     params: dict = {}
     leaves = _leaves(sources)
-    total = sum(len(s.hf_names) for _, s in leaves + list(quantized.items()))
+    total = sum(len(s.hf_names) for _, s in leaves + list(quantized.items()) + list(mxfp4.items()))
     for name, source in kv_scales.items():
         _set(params, ("layers", name), jax.device_put(_scales(ckpt, source, path), _get(shardings, ("layers", name))))
     with tqdm(total=total, unit="tensor", desc="Loading safetensors", disable=not progress) as bar:
         for key, source in leaves:
             _set(params, key, _load_param(ckpt, source, _get(shapes, key), dtype, _get(shardings, key)))
             bar.update(len(source.hf_names))
-        for name, source in quantized.items():
-            weight = _quantized_weight(ckpt, source, shapes["layers"][name], quantization, dtype, path,
-                                       int8_layout_of(name))
+        for name, source in list(quantized.items()) + list(mxfp4.items()):
+            weight = (mxfp4_experts(ckpt, source, shapes["layers"][name], dtype) if name in mxfp4 else
+                      _quantized_weight(ckpt, source, shapes["layers"][name], quantization, dtype, path,
+                                        int8_layout_of(name)))
             sharding = _get(shardings, ("layers", name))
             params["layers"][name] = (jax.device_put(weight) if sharding is None
                                       else jax.device_put(weight, field_shardings(weight, sharding)))

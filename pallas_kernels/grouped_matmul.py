@@ -41,7 +41,7 @@ from pallas_kernels.env_config import dataclass_from_env
 from pallas_kernels.quantized_matmul import (block_size, dequantize_int4, int4_tile_weights, integers_as_f32,
                                              interpreted_conversion)
 
-CONVERSIONS = ("cvt", "affine")
+CONVERSIONS = ("cvt", "affine", "e2m1")  # "e2m1": MXFP4's codes (not integers), whatever the config says
 
 
 def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: int, block_n: int, block_k: int,
@@ -338,21 +338,21 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "num_stages", "k_splits",
-                                             "columns_first", "convert", "swiglu", "interpret"))
+                                             "columns_first", "convert", "swiglu", "interpret", "codes"))
 def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
                         block_expert: jax.Array, *, group_size: int, pack: int, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                         k_splits: Optional[int] = None, columns_first: Optional[bool] = None,
                         convert: Optional[str] = None, swiglu: bool = False, row_token: Optional[jax.Array] = None,
-                        interpret: Optional[bool] = None) -> jax.Array:
+                        interpret: Optional[bool] = None, codes: str = "uint4") -> jax.Array:
     """The grouped matmul with 4-bit experts (``models.quantization.Int4Weight``'s fields: ``packed [E, K/2, N]``
     in ``pack``-row blocks, ``scales`` / ``zeros [E, K/g, N]``): each tile is dequantized, ``(q - zero) * scale``
     in float32 then x's dtype, and multiplied as a dense one; a K step is one packing block. ``row_token`` and
-    ``swiglu`` as ``grouped_matmul``'s."""
+    ``swiglu`` as ``grouped_matmul``'s. ``codes`` "e2m1": the nibbles are MXFP4's FP4 codes (gpt-oss's experts)."""
     block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack, row_token, swiglu)
     n = packed.shape[2]
     tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits,
-                                 columns_first=columns_first, convert=convert))
+                                 columns_first=columns_first, convert="e2m1" if codes == "e2m1" else convert))
     return _call(x, block_expert, (packed, scales, zeros), row_token=row_token, n=n, k=2 * packed.shape[1],
                  block_m=block_m, block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"),
                  block_k=pack, group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4",
@@ -389,9 +389,9 @@ def grouped_matmul_reference(x: jax.Array, w: jax.Array, block_expert: jax.Array
 
 def grouped_matmul_int4_reference(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
                                   block_expert: jax.Array, *, group_size: int, pack: int,
-                                  row_token: Optional[jax.Array] = None) -> jax.Array:
+                                  row_token: Optional[jax.Array] = None, codes: str = "uint4") -> jax.Array:
     """``grouped_matmul_int4`` in jnp: each block's expert dequantized as the kernel's tiles are, then multiplied."""
     x = gather_rows(x, row_token)
     block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack)
     return _blocks_times(x, block_expert, packed.shape[0], block_m, lambda e: dequantize_int4(
-        packed[e], scales[e], zeros[e], group_size=group_size, pack=pack).astype(x.dtype))
+        packed[e], scales[e], zeros[e], group_size=group_size, pack=pack, codes=codes).astype(x.dtype))

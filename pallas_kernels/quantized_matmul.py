@@ -200,9 +200,22 @@ def unpack_int4(packed: jax.Array, pack: int) -> jax.Array:
     return both.reshape(*lead, 2 * half_k, N)
 
 
-def dequantize_int4(packed, scales, zeros, *, group_size: int, pack: int, dtype=jnp.float32) -> jax.Array:
-    """The ``[K, N]`` weight an int4 tensor stands for."""
-    q = unpack_int4(packed, pack).astype(jnp.float32)
+def e2m1_as_f32(nibbles: jax.Array) -> jax.Array:
+    """FP4 e2m1 codes (0-15, the sign in bit 3: MXFP4's values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) as
+    float32: the exponent and mantissa bits moved into a float32's, its exponent biased by 126 (code 2 is 1.0); the
+    two codes of no exponent (0 and 0.5) apart, as float32 has no such subnormals here."""
+    q = nibbles.astype(jnp.int32)
+    magnitude = q & 7
+    normal = lax.bitcast_convert_type((magnitude << 22) + (126 << 23), jnp.float32)
+    value = jnp.where(magnitude < 2, magnitude.astype(jnp.float32) * 0.5, normal)
+    return jnp.where(q >= 8, -value, value)
+
+
+def dequantize_int4(packed, scales, zeros, *, group_size: int, pack: int, dtype=jnp.float32,
+                    codes: str = "uint4") -> jax.Array:
+    """The ``[K, N]`` weight an int4 tensor stands for (``codes``: its nibbles unsigned integers, or "e2m1")."""
+    q = unpack_int4(packed, pack)
+    q = e2m1_as_f32(q) if codes == "e2m1" else q.astype(jnp.float32)
     s = jnp.repeat(scales.astype(jnp.float32), group_size, axis=-2)
     z = jnp.repeat(zeros.astype(jnp.float32), group_size, axis=-2)
     return ((q - z) * s).astype(dtype)
@@ -381,7 +394,10 @@ def integers_as_f32(v: jax.Array, kind: str, convert: str) -> jax.Array:
 def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str):
     """A packed int4 tile's low and high nibbles as float32 with the float32 scale and zero that make ``(q - z) * s``
     its weights: ``(q_lo, q_hi, s, z)``, the integers themselves with ``s`` and ``z`` as given, or for "affine"
-    (inline PTX; "affine_jnp" the interpreter's equal form) ``0.5 + q / 256`` with ``256 s`` and ``(z + 128) / 256``."""
+    (inline PTX; "affine_jnp" the interpreter's equal form) ``0.5 + q / 256`` with ``256 s`` and ``(z + 128) / 256``;
+    for "e2m1" (MXFP4 codes, not integers) their FP4 values (``e2m1_as_f32``)."""
+    if convert == "e2m1":
+        return e2m1_as_f32(packed & 0xF), e2m1_as_f32(packed >> 4), s, z
     if convert == "affine":
         q_lo, q_hi = (_permute_to_f32(f"{kind}_affine", packed) for kind in ("low_nibbles", "high_nibbles"))
     elif convert == "affine_jnp":

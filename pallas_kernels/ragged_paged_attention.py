@@ -25,6 +25,8 @@ Layout and conventions (shared by the reference and every kernel):
 - ``block_tables[S, B]``: page ids of each sequence, in order.
 - ``cu_q_lens[S+1]``: cumulative query lengths; padded sequences repeat the last value.
 - ``num_seqs``: int32 ``[1]``; sequences from ``num_seqs`` on are padding.
+- ``sinks``: optional ``[Hq]`` float (gpt-oss): a logit a query head that joins each row's softmax
+  denominator as one more key, whose value is zero; used raw (no ``sm_scale``, no soft cap).
 
 Query token ``i`` of sequence ``s`` sits at absolute position
 ``kv_lens[s] - q_len[s] + i`` and attends causally to cache slots ``0..pos``
@@ -130,7 +132,7 @@ def ragged_paged_attention_reference(
     if sinks is None:
         m0, l0 = jnp.full((T, Hkv, group), -jnp.inf, jnp.float32), jnp.zeros((T, Hkv, group), jnp.float32)
     else:
-        m0 = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(Hkv, group), (T, Hkv, group))
+        m0 = jnp.broadcast_to(jnp.asarray(sinks, jnp.float32).reshape(Hkv, group), (T, Hkv, group))
         l0 = jnp.ones((T, Hkv, group), jnp.float32)
     init = (m0, l0, jnp.zeros((T, Hkv, group, D), jnp.float32))
     (m, l, acc), _ = jax.lax.scan(page_column, init, jnp.arange(block_tables.shape[1]))
@@ -223,7 +225,7 @@ class Tiling:
     prefill_longest_first: bool = True
     # "mosaic": the prefill launch by the Mosaic GPU kernel (``ragged_prefill_mgpu``: TMA page copies,
     # wgmma, warp-specialised) where it applies (sm_90, 16-bit q and pages alike, head_dim 64/128, no
-    # soft cap or window, steps of at least ``prefill_mosaic_min_tokens`` token rows); the Triton launch
+    # soft cap, window or sinks, steps of at least ``prefill_mosaic_min_tokens`` token rows); the Triton launch
     # elsewhere. "triton": always the Triton launch. Run 18a (H200): tput-prefill's prompt steps 574 ->
     # 589 TFLOP/s (the 8 x 2048 step's attention 38.3 -> 23.6 ms), but each step program it enters costs
     # ~3.6 s more to make (0.7 s of it Python lowering, paid again on a warm start): so only the largest
@@ -544,13 +546,13 @@ def _merge_splits_kernel(num_seqs_ref, cu_ref, acc_ref, m_ref, l_ref, _, o_ref, 
         _store_rows(o_ref, out_idx, row_valid, acc / jnp.where(l > 0, l, 1.0)[:, None])
 
 
-def _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, sliding_window):
+def _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, sliding_window, sinks):
     if k_cache.ndim != 5:
         raise ValueError(f"k_cache must be [L, Hkv, P, block_size, D], got shape {k_cache.shape}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must have the same shape")
     _, Hkv, _, _, Dk = k_cache.shape
-    query_heads(qkv.shape, Hkv)
+    Hq = query_heads(qkv.shape, Hkv)
     D = qkv.shape[2]
     if Dk != D:
         raise ValueError(f"head_dim of qkv ({D}) and of the cache ({Dk}) differ")
@@ -575,6 +577,10 @@ def _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_s
             raise ValueError(f"{name} must be an integer array, got {jnp.result_type(x)}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    # The kernel gathers a row's sink by its query head, unchecked on the GPU: another length would read past it.
+    if sinks is not None and (jnp.shape(sinks) != (Hq,) or not jnp.issubdtype(jnp.result_type(sinks), jnp.floating)):
+        raise ValueError(f"sinks must be a float array [Hq={Hq}] (a logit a query head), got "
+                         f"{jnp.result_type(sinks)} of shape {jnp.shape(sinks)}")
 
 
 def _check_tiling(tiling: Tiling):
@@ -647,7 +653,7 @@ def ragged_paged_attention(
     ``interpret=None`` compiles on GPU and interprets elsewhere. Raises ``ValueError``
     for inconsistent shapes or unsupported head dims / dtypes.
     """
-    _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, sliding_window)
+    _check_inputs(qkv, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, sliding_window, sinks)
     _check_tiling(tiling)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -681,7 +687,7 @@ def ragged_paged_attention(
     # tokens, then the tiles that zero padding rows. Upper bound on the item count:
     # sum over (long sequences + padding) of ceil(len / tile) < T / tile + n_long + 1.
     max_long_seqs = min(S, T // (max_decode_tokens + 1))
-    sink_refs = () if sinks is None else (sinks.astype(jnp.float32),)  # after the work list
+    sink_refs = () if sinks is None else (jnp.asarray(sinks, jnp.float32),)  # after the work list
     use_mosaic = (tiling.prefill_kernel == "mosaic" and T >= tiling.prefill_mosaic_min_tokens and not interpret
                   and sinks is None
                   and ragged_prefill_mgpu.supported(qkv.dtype, k_cache.dtype, D, bs, soft_cap=soft_cap,

@@ -172,23 +172,32 @@ INT4_GPU_CASES = [(64, 16, 128, 2048, 1536, 128, 128, 64), (64, 64, 128, 768, 20
                   (8, 128, 8, 4096, 1024, 128, 128, 64)]
 
 
-def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interpret, **tiles):
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])  # MXFP4's values by code
+
+
+def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interpret, codes="uint4", **tiles):
+    """``codes`` "e2m1": MXFP4's experts (gpt-oss): FP4 codes, a power of two a group, zeros 0."""
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), jnp.bfloat16)
     q = rng.integers(0, 16, (E, K, N), dtype=np.uint8)
-    scales = rng.uniform(0.5, 1.5, (E, K // group_size, N)) / (8 * np.sqrt(K))
-    zeros = rng.integers(0, 16, (E, K // group_size, N)).astype(np.float64)
+    if codes == "e2m1":
+        scales = np.exp2(rng.integers(-9, -4, (E, K // group_size, N)).astype(np.float64))
+        zeros = np.zeros_like(scales)
+    else:
+        scales = rng.uniform(0.5, 1.5, (E, K // group_size, N)) / (8 * np.sqrt(K))
+        zeros = rng.integers(0, 16, (E, K // group_size, N)).astype(np.float64)
     block_expert = random_block_experts(rng, blocks, E)
     operands = (x, pack_int4(jnp.asarray(q), pack), jnp.asarray(scales, jnp.bfloat16),
                 jnp.asarray(zeros, jnp.bfloat16), jnp.asarray(block_expert, jnp.int32))
     got = grouped_matmul_int4(*operands, group_size=group_size, pack=pack, block_n=block_n, interpret=interpret,
-                              **tiles)
+                              codes=codes, **tiles)
     experts = np.minimum(block_expert, E - 1)
     stored_scales = np.asarray(operands[2], np.float64)[experts]  # the bf16 scales the kernel reads
-    dense = (q[experts] - np.repeat(zeros[experts], group_size, axis=1)) * np.repeat(stored_scales, group_size, axis=1)
+    values = E2M1[q[experts]] if codes == "e2m1" else q[experts]
+    dense = (values - np.repeat(zeros[experts], group_size, axis=1)) * np.repeat(stored_scales, group_size, axis=1)
     check_against_numpy(seed, x, dense, block_expert, E, got,
-                        grouped_matmul_int4_reference(*operands, group_size=group_size, pack=pack))
+                        grouped_matmul_int4_reference(*operands, group_size=group_size, pack=pack, codes=codes))
 
 
 @pytest.mark.parametrize("case", INT4_CPU_CASES)
@@ -204,6 +213,16 @@ def test_int4_grouped_matmul_matches_numpy_on_gpu(case):
 
 def test_int4_k_splits_sum_their_partial_products():
     run_int4_case(*INT4_CPU_CASES[0], interpret=True, k_splits=2, columns_first=True)
+
+
+def test_mxfp4_codes_interpret():
+    """gpt-oss's MXFP4 experts: FP4 e2m1 codes in 32-row groups (a power-of-two scale each), split over K."""
+    run_int4_case(4, 16, 3, 128, 64, 32, 32, 32, interpret=True, codes="e2m1", k_splits=2)
+
+
+@pytest.mark.gpu
+def test_mxfp4_codes_on_gpu():
+    run_int4_case(64, 16, 32, 2880, 1024, 32, 32, 64, interpret=False, codes="e2m1")  # gpt-oss-20b's K
 
 
 def check_row_gather(seed, call, reference, x, num_rows: int) -> None:
@@ -352,6 +371,9 @@ def test_int4_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
     assert cuda_lowering(cvt, x, packed, scales, scales, block_expert).count("__gpu$xla.gpu.triton") == 1
     swiglu = functools.partial(call, swiglu=True, k_splits=1)
     assert cuda_lowering(swiglu, x, packed, scales, scales, block_expert).count("__gpu$xla.gpu.triton") == 1
+    e2m1 = functools.partial(grouped_matmul_int4, group_size=32, pack=32, interpret=False, codes="e2m1")
+    mx_scales = jnp.ones((128, 64, 1536), jnp.bfloat16)
+    assert cuda_lowering(e2m1, x, packed, mx_scales, mx_scales, block_expert).count("__gpu$xla.gpu.triton") == 1
     with pytest.raises(ValueError, match="convert must be one of"):
         grouped_matmul_int4(x, packed, scales, scales, block_expert, group_size=128, pack=128, convert="exponent")
     with pytest.raises(ValueError, match=r"scales and zeros \[E, K/g, N\]"):

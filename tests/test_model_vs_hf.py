@@ -350,43 +350,31 @@ def test_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path):
         np.testing.assert_allclose(got, hf_logits(model, prompt), atol=1e-4, rtol=1e-4)
 
 
-def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
+def test_gpt_oss_mxfp4_experts_stay_4_bit_and_give_transformers_logits(tmp_path):
     """gpt-oss's published checkpoints store the experts in MXFP4 (``*_blocks`` of two e2m1 codes a byte, ``*_scales``
-    a power of two each 32 values): they load dequantized, equal to transformers' ``convert_moe_packed_tensors``,
-    and the model with those experts gives transformers' logits."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    a power of two each 32 values): they load 4-bit (``Int4Weight(codes="e2m1")``) standing for what transformers'
+    ``convert_moe_packed_tensors`` makes of them, and the model gives transformers' logits (the jnp experts) and
+    greedy tokens through the engine (the grouped matmul kernel interpreted)."""
+    from engine import LLM, SamplingParams
+    from models.quantization import Int4Weight, dequantize
+    from tests.tiny_checkpoints import write_mxfp4_experts
 
     model = write_tiny_checkpoint(tmp_path, "gpt_oss", seed=9)
-    tensors = load_file(str(tmp_path / "model.safetensors"))
-    gen = torch.Generator().manual_seed(0)
-    for i in range(model.config.num_hidden_layers):
-        experts = model.model.layers[i].mlp.experts
-        for name in ("gate_up_proj", "down_proj"):
-            e, k, n = getattr(experts, name).shape  # transformers' dense layout [E, in, out]
-            blocks = torch.randint(0, 256, (e, n, k // 32, 16), generator=gen, dtype=torch.uint8)
-            scales = torch.randint(123, 128, (e, n, k // 32), generator=gen, dtype=torch.uint8)
-            del tensors[f"model.layers.{i}.mlp.experts.{name}"]
-            tensors[f"model.layers.{i}.mlp.experts.{name}_blocks"] = blocks
-            tensors[f"model.layers.{i}.mlp.experts.{name}_scales"] = scales
-            with torch.no_grad():
-                getattr(experts, name).copy_(convert_moe_packed_tensors(blocks, scales).float())
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    with open(tmp_path / "config.json") as f:
-        config_json = json.load(f)
-    config_json["quantization_config"] = {"quant_method": "mxfp4",
-                                          "modules_to_not_convert": ["model.layers.*.self_attn"]}
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(config_json, f)
+    write_mxfp4_experts(tmp_path, model, seed=0)
     config = ModelConfig.from_pretrained(str(tmp_path))
     params = load_safetensors_params(str(tmp_path), config, jnp.float32, progress=False)
     gate_up = model.model.layers[1].mlp.experts.gate_up_proj.detach().numpy()
-    np.testing.assert_array_equal(params["layers"]["expert_up"][1], gate_up[..., 1::2])
+    up = params["layers"]["expert_up"]
+    assert isinstance(up, Int4Weight) and up.codes == "e2m1" and up.packed.dtype == np.uint8
+    np.testing.assert_array_equal(dequantize(up)[1], gate_up[..., 1::2])
     prompts = random_prompts(config.vocab_size, seed=3)
     batch, num_pages = scattered_ragged_batch(prompts, BLOCK_SIZE, np.random.default_rng(2))
     logits, _ = jax.jit(forward, static_argnames=("config",))(params, make_kv_cache(config, num_pages, BLOCK_SIZE,
                                                                                    jnp.float32), batch, config=config)
     for prompt, got in zip(prompts, np.split(np.asarray(logits), np.cumsum(PROMPT_LENGTHS)[:-1])):
         np.testing.assert_allclose(got, hf_logits(model, prompt), atol=1e-4, rtol=1e-4)
+    llm = LLM(str(tmp_path), dtype="float32", linear_backend="pallas", skip_tokenizer_init=True, max_model_len=64)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=6,
+                                                                                  ignore_eos=True), use_tqdm=False)
+    llm.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(model, p, 6) for p in prompts]

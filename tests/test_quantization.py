@@ -243,7 +243,7 @@ def test_block_wise_fp8_is_requantized_per_channel_within_one_rounding():
         fp8_from_checkpoint(q, scale[:2], block)
 
 
-@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8", "mxfp4"])
 def test_load_time_quantization_error_is_bounded(method):
     rng = np.random.default_rng()
     w = jnp.asarray(rng.standard_normal((2, 256, 96)) * 0.02, jnp.float32)  # stacked: 2 layers
@@ -253,10 +253,16 @@ def test_load_time_quantization_error_is_bounded(method):
         bound = np.asarray(qw.scale)[:, None, :] / 2
     elif method == "int4":
         bound = np.repeat(np.asarray(qw.scales, np.float32), qw.group_size, axis=-2) / 2
+    elif method == "mxfp4":  # e2m1 of w / scale: steps of 0.5 up to 2, 1 up to 4, 2 up to 6; half a step
+        scale = np.repeat(np.asarray(qw.scales, np.float32), qw.group_size, axis=-2)
+        v = np.abs(np.asarray(w)) / scale
+        assert v.max() <= 6 and (v.reshape(2, 8, 32, 96).max(axis=2) > 3).all()  # the smallest power of two
+        bound = scale * np.where(v <= 2, 0.25, np.where(v <= 4, 0.5, 1.0))
     else:  # e4m3: 3 mantissa bits, relative half-step 2^-4 (subnormals: the smallest step, 2^-9 * scale)
         bound = np.maximum(np.abs(np.asarray(w)) * 2.0**-4, 2.0**-10 * np.asarray(qw.scale)[:, None, :])
     assert (err <= bound * (1 + 1e-5) + 1e-9).all(), f"largest error over bound {np.max(err / bound):.3f}"
-    assert {Int8Weight: "int8", Int4Weight: "int4", Fp8Weight: "fp8"}[type(qw)] == method
+    assert {Int8Weight: "int8", Int4Weight: "int4", Fp8Weight: "fp8"}[type(qw)] == method.replace("mxfp4", "int4")
+    assert (getattr(qw, "codes", None) == "e2m1") == (method == "mxfp4")
 
 
 def test_int4_groups_divide_an_input_size_that_128_does_not():
@@ -269,6 +275,22 @@ def test_int4_groups_divide_an_input_size_that_128_does_not():
     assert (np.abs(np.asarray(dequantize(qw)) - np.asarray(w)) <= bound * (1 + 1e-5) + 1e-9).all()
     with pytest.raises(QuantizationError, match="multiple of 32 rows, got 200"):
         quantize_weight(jnp.zeros((200, 64)), "int4")
+
+
+def test_mxfp4_quantizes_only_a_mixtures_experts():
+    """``quantization="mxfp4"`` (gpt-oss's form): a mixture's experts 4-bit, its other matrices dense; a model
+    without experts is refused by name, as is an input size off 32."""
+    from models.quantization import quantize_params
+
+    rng = np.random.default_rng()
+    dense = {"wq": jnp.asarray(rng.standard_normal((2, 64, 64)), jnp.float32)}
+    experts = {"expert_down": jnp.asarray(rng.standard_normal((2, 4, 64, 64)), jnp.float32), **dense}
+    out = quantize_params({"layers": dict(experts)}, "mxfp4")["layers"]
+    assert out["expert_down"].codes == "e2m1" and out["wq"] is experts["wq"]
+    with pytest.raises(QuantizationError, match="this model has none"):
+        quantize_params({"layers": dict(dense)}, "mxfp4")
+    with pytest.raises(QuantizationError, match="multiple of 32, got 48"):
+        quantize_weight(jnp.zeros((48, 64)), "mxfp4")
 
 
 # ------------------------------------------------------------------ whole models

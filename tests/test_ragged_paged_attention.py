@@ -171,6 +171,11 @@ CPU_CASES = [
                       sinks=np.linspace(-5.0, 5.0, 8, dtype=np.float32)), id="sinks-window-split3-f32"),
     pytest.param(Shapes(4, 4, 64, 16, jnp.bfloat16),
                  dict(tiling=SMALL_TILES, sinks=np.array([3.0, -3.0, 0.5, 6.0], np.float32)), id="sinks-bf16"),
+    # The sink is not soft-capped (transformers concatenates it after the cap); sinks of another float dtype.
+    pytest.param(Shapes(8, 2, 64, 16, jnp.float16),
+                 dict(tiling=dataclasses.replace(SMALL_TILES, k_splits=2), sliding_window=20, soft_cap=2.0,
+                      sm_scale=0.3, sinks=np.array([5, -5, 1, -1, 2.5, 0, -2.5, 4], jnp.bfloat16)),
+                 id="sinks-softcap-scale-window-split2-f16-bf16-sinks"),
 ]
 
 
@@ -189,9 +194,10 @@ def test_kernel_matches_reference_interpret(shapes, kwargs):
         assert_scenario_matches(kernel(*kernel_args), reference(*ref_args), used, shapes.dtype, seed, scenario)
 
 
-def dense_attention_with_sinks(ref_args, sinks, sliding_window=None):
+def dense_attention_with_sinks(ref_args, sinks, sliding_window=None, soft_cap=None, sm_scale=None):
     """Each token's attention as transformers' gpt-oss computes it: its visible keys gathered from the pages, the
-    sink's logit as one more column of the softmax, that column dropped: ``[T, Hq, D]`` float64."""
+    sink's logit (raw: after the scale and the soft cap) as one more column of the softmax, that column dropped:
+    ``[T, Hq, D]`` float64."""
     qkv, k_cache, v_cache, layer, kv_lens, block_tables, cu, num_seqs = (np.asarray(a) for a in ref_args)
     _, Hkv, _, bs, D = k_cache.shape
     Hq = qkv.shape[1] - 2 * Hkv
@@ -206,25 +212,52 @@ def dense_attention_with_sinks(ref_args, sinks, sliding_window=None):
                 kv_head = h // (Hq // Hkv)
                 k = k_cache[layer, kv_head, pages, slots].astype(np.float64)
                 v = v_cache[layer, kv_head, pages, slots].astype(np.float64)
-                logits = np.append(k @ qkv[t, h].astype(np.float64) / np.sqrt(D), sinks[h])
+                logits = k @ qkv[t, h].astype(np.float64) * (sm_scale or D**-0.5)
+                if soft_cap is not None:
+                    logits = soft_cap * np.tanh(logits / soft_cap)
+                logits = np.append(logits, sinks[h])
                 probs = np.exp(logits - logits.max())
                 out[t, h] = (probs / probs.sum())[:-1] @ v
     return out
 
 
-@pytest.mark.parametrize("sliding_window", [None, 7])
-def test_reference_sinks_are_a_softmax_column_dropped(sliding_window):
+@pytest.mark.parametrize("kwargs", [dict(), dict(sliding_window=7), dict(sliding_window=7, soft_cap=1.5, sm_scale=0.4)])
+def test_reference_sinks_are_a_softmax_column_dropped(kwargs):
     """The reference with gpt-oss's sinks equals attention over the visible keys plus one sink column, softmaxed,
     the column dropped (transformers' eager form), on fresh random inputs of decode and prefill rows."""
-    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
     shapes = Shapes(8, 2, 16, 8, jnp.float32, num_tokens=24)
     sinks = rng.normal(0.0, 3.0, 8).astype(np.float32)
     _, ref_args, used = make_batch(rng, shapes, [1, 9, 1, 6], [13, 9, 30, 20])
-    got = ragged_paged_attention_reference(*ref_args, sinks=sinks, sliding_window=sliding_window)
-    want = dense_attention_with_sinks(ref_args, sinks, sliding_window)
-    np.testing.assert_allclose(np.asarray(got)[:used], want[:used], atol=2e-5)
-    plain = ragged_paged_attention_reference(*ref_args, sliding_window=sliding_window)
+    got = ragged_paged_attention_reference(*ref_args, sinks=sinks, **kwargs)
+    want = dense_attention_with_sinks(ref_args, sinks, **kwargs)
+    np.testing.assert_allclose(np.asarray(got)[:used], want[:used], atol=2e-5, err_msg=f"seed {seed}")
+    assert (np.asarray(got)[used:] == 0).all()  # padding rows
+    plain = ragged_paged_attention_reference(*ref_args, **kwargs)
     assert np.abs(np.asarray(plain)[:used] - want[:used]).max() > 1e-2  # the sinks matter at these sizes
+
+
+def test_sinks_are_traced_and_minus_infinity_is_no_sink():
+    """``sinks`` is an array argument, not a static one: one compiled kernel serves any sink values (here ±5 with a
+    context split, then -inf), and sinks of -inf give attention without sinks, in the kernel and the reference."""
+    seed = np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    shapes = Shapes(8, 2, 64, 16, jnp.float32)
+    tiling = dataclasses.replace(SMALL_TILES, k_splits=2)
+    scenario = ("mixed", [1, 3, 20, 1, 5], [40, 49, 35, 1, 5])
+    kernel_args, ref_args, used = make_batch(rng, shapes, *scenario[1:])
+
+    def with_sinks(*args):
+        return ragged_paged_attention(*args[:-1], sinks=args[-1], tiling=tiling, interpret=True)
+
+    kernel = compile_for_cpu(with_sinks, kernel_args + (jnp.zeros(8, jnp.float32),))
+    reference = jax.jit(ragged_paged_attention_reference)
+    plain = reference(*ref_args)
+    for sinks in (np.tile(np.float32([5.0, -5.0]), 4), np.full(8, -np.inf, np.float32)):
+        want = reference(*ref_args, sinks=sinks)
+        assert_scenario_matches(kernel(*kernel_args, jnp.asarray(sinks)), want, used, shapes.dtype, seed, scenario)
+    assert_scenario_matches(want, plain, used, shapes.dtype, seed, scenario)  # -inf: no sink
 
 
 @pytest.mark.parametrize("cache_dtype,tiling", [
@@ -365,6 +398,11 @@ def test_mosaic_prefill_lowers_for_cuda(monkeypatch):
     fn = functools.partial(ragged_paged_attention, tiling=Tiling(prefill_mosaic_min_tokens=T + 1), interpret=False)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" not in text and "ragged_paged_attention_prefill" in text
+    # The Mosaic kernel has no sinks: with them, prompts take the Triton prefill launch.
+    fn = functools.partial(ragged_paged_attention, tiling=MOSAIC_EVERY_STEP, interpret=False)
+    text = jax.jit(fn).trace(*args, sinks=jax.ShapeDtypeStruct((Hq,), jnp.float32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" not in text and "ragged_paged_attention_prefill" in text
 
 
 def test_mosaic_kernel_module_is_the_same_in_every_lowering():
@@ -499,6 +537,14 @@ def test_wrapper_rejects_bad_tiling_and_window():
         ragged_paged_attention(*args, sliding_window=0, interpret=True)
 
 
+@pytest.mark.parametrize("sinks", [np.zeros(2, np.float32), np.zeros(5, np.float32), np.zeros((1, 4), np.float32),
+                                   np.zeros(4, np.int32)])
+def test_wrapper_rejects_sinks_not_one_float_a_query_head(sinks):
+    """The kernel gathers each row's sink by query head (Hq = 4 here) unchecked: any other shape is an error."""
+    with pytest.raises(ValueError, match=r"sinks must be a float array \[Hq=4\]"):
+        ragged_paged_attention(*_good_args(), sinks=sinks, interpret=True)
+
+
 def new_qkv(rng, T, Hq, Hkv, D, dtype, scale=1.0):
     """A random ``qkv`` buffer ``[T, Hq + 2*Hkv, D]`` and its key and value heads."""
     qkv = jnp.asarray(rng.standard_normal((T, Hq + 2 * Hkv, D)) * scale, dtype)
@@ -619,6 +665,15 @@ GPU_CASES = [
                  dict(tiling=Tiling(k_splits=2), sliding_window=128,
                       sinks=np.random.default_rng(0).normal(0.0, 2.0, 64).astype(np.float32)),
                  id="gpt-oss-heads-sinks-window-split2"),
+    pytest.param(Shapes(64, 8, 64, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
+                        num_pages=700, num_layers=3),
+                 dict(sinks=np.random.default_rng(1).normal(0.0, 2.0, 64).astype(np.float32)),
+                 id="gpt-oss-heads-sinks-default"),
+    pytest.param(Shapes(64, 8, 64, 16, jnp.bfloat16, num_tokens=256, max_seqs=16, pages_per_seq=40,
+                        num_pages=700, num_layers=3),
+                 dict(tiling=MOSAIC_EVERY_STEP, soft_cap=30.0,
+                      sinks=np.random.default_rng(2).normal(0.0, 2.0, 64).astype(jnp.bfloat16)),
+                 id="gpt-oss-heads-bf16-sinks-softcap-mosaic-tiling"),
 ]
 
 

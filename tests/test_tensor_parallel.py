@@ -281,6 +281,12 @@ def checkpoints(tmp_path_factory) -> dict:
     for i, variant in enumerate(("llama", "qwen2", "mixtral", "phi3", "gemma3_text", "qwen2_moe", "gpt_oss")):
         paths[variant] = str(root / variant)
         write_tiny_checkpoint(paths[variant], variant, seed=seed + i)
+    # gpt-oss's MXFP4 experts (4-bit e2m1 on the devices): experts 64 wide, each device's down rows whole groups of 32
+    from tests.tiny_checkpoints import write_mxfp4_experts
+
+    paths["gpt_oss_mxfp4"] = str(root / "gpt-oss-mxfp4")
+    write_mxfp4_experts(paths["gpt_oss_mxfp4"], write_tiny_checkpoint(paths["gpt_oss_mxfp4"], "gpt_oss", seed=seed + 7,
+                                                                      intermediate_size=64))
     # int4 experts split over 2 devices need each device's share of the down projection's inputs in whole groups
     # (128 rows at load time): experts 256 wide.
     paths["mixtral-wide"] = str(root / "mixtral-wide")
@@ -349,6 +355,7 @@ def workers(checkpoints, prompts) -> dict:
         ("qwen2-moe", checkpoints["qwen2_moe"], "auto", [1, 4]),  # its shared expert split as a dense MLP
         # gpt-oss: the sinks split with the query heads, the experts' gate / up biases with their columns.
         ("gpt-oss", checkpoints["gpt_oss"], "auto", [1, 4]),
+        ("gpt-oss-mxfp4", checkpoints["gpt_oss_mxfp4"], "auto", [1, 2]),
         # The grouped matmul kernel (interpreted) on each device's slice of the experts, inside shard_map.
         ("moe-kernel", checkpoints["mixtral"], "auto", [1, 2], {"linear_backend": "pallas"}),
         # Phi-3's joined q/k/v and gate/up rows: each device reads its own rows of each part.
@@ -386,7 +393,8 @@ def single_host(workers) -> dict:
 @pytest.mark.parametrize("run", ["llama/tp2", "llama/tp4", "qwen2/tp4", "gguf/tp4", "int8/tp4", "int8-tied/tp4",
                                  "int4/tp2", "fp8/tp4", "unrolled/tp4", "moe/tp4",
                                  "moe-int8/tp4", "moe-int4/tp2", "moe-fp8/tp2", "kv-fp8-scales/tp2", "phi3/tp4", "gemma3/tp4",
-                                 "qwen2-moe/tp4", "moe-kernel/tp2", "gptq-act-order/tp2", "lora/tp4", "gpt-oss/tp4"])
+                                 "qwen2-moe/tp4", "moe-kernel/tp2", "gptq-act-order/tp2", "lora/tp4", "gpt-oss/tp4",
+                                 "gpt-oss-mxfp4/tp2"])
 def test_outputs_equal_single_device(single_host, run):
     """Greedy and seeded sampling (top-k/top-p, n=2) give the tokens of tensor_parallel_size=1 (a greedy output may
     part from them only at a near tie)."""

@@ -136,3 +136,34 @@ def write_tiny_checkpoint(path: str | os.PathLike, variant: str, *, seed: int = 
     model.save_pretrained(str(path), safe_serialization=True, **kwargs)
     return model.float().eval()
 
+
+
+def write_mxfp4_experts(path: str | os.PathLike, model: torch.nn.Module, *, seed: int = 0) -> None:
+    """Rewrite a tiny gpt-oss checkpoint (``write_tiny_checkpoint(path, "gpt_oss")``, its ``model``) as the published
+    ones are stored: the experts in MXFP4 (``*_blocks``: two random e2m1 codes a byte, ``*_scales``: a random power
+    of two each 32 values), ``quantization_config`` mxfp4. ``model``'s experts become what transformers'
+    ``convert_moe_packed_tensors`` makes of them, so it stays the reference."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(model.config.num_hidden_layers):
+        experts = model.model.layers[i].mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            e, k, n = getattr(experts, name).shape  # transformers' dense layout [E, in, out]
+            blocks = torch.randint(0, 256, (e, n, k // 32, 16), generator=gen, dtype=torch.uint8)
+            scales = torch.randint(123, 128, (e, n, k // 32), generator=gen, dtype=torch.uint8)
+            del tensors[f"model.layers.{i}.mlp.experts.{name}"]
+            tensors[f"model.layers.{i}.mlp.experts.{name}_blocks"] = blocks
+            tensors[f"model.layers.{i}.mlp.experts.{name}_scales"] = scales
+            with torch.no_grad():
+                getattr(experts, name).copy_(convert_moe_packed_tensors(blocks, scales).float())
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
