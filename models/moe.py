@@ -11,7 +11,9 @@ Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``
 ``expert_gate_up [E, H, 2I]``), ``expert_down [E, I, H]``; the experts dense, weight-only int8 (``Int8Weight``,
 ``quantization="int8"``), weight-only fp8 (``Fp8Weight``: ``"fp8"``, or an FP8 checkpoint's; each tile converted to
 the activations' dtype, so no fp8 tensor cores here) or 4-bit (``Int4Weight``: ``"int4"``, or an AWQ / GPTQ
-checkpoint's). Every token's routing is computed: nothing is dropped (no expert capacity), so the result does not
+checkpoint's; MXFP4's FP4 codes: ``"mxfp4"``, or gpt-oss's checkpoints). gpt-oss adds ``router_bias [E]``, the
+experts' biases (``expert_gate_bias`` / ``expert_up_bias [E, I]``, ``expert_down_bias [E, H]``) and its clamped gate
+(``gate_fn``) in place of SwiGLU. Every token's routing is computed: nothing is dropped (no expert capacity), so the result does not
 depend on what else is in the batch. Qwen2-MoE's shared expert is the layer's dense MLP (``models.llama``); over a
 mesh the experts run per device (``sharding.experts``).
 """
@@ -116,7 +118,7 @@ def expert_rows(experts: jax.Array, num_experts: int, block_m: int) -> ExpertRow
 
 def gate_fn(config: ModelConfig) -> Optional[Callable[[jax.Array, jax.Array], jax.Array]]:
     """The experts' gate ``(gate, up) -> hidden`` where it is not SwiGLU's (None): gpt-oss's clamped one
-    (``ModelConfig.swiglu_limit``), computed in float32 as transformers' is in the weights' dtype."""
+    (``ModelConfig.swiglu_limit``), computed in float32 (transformers computes it in the weights' dtype)."""
     if config.swiglu_limit is None:
         return None
     return functools.partial(clamped_swiglu, limit=config.swiglu_limit, alpha=config.swiglu_alpha)

@@ -238,8 +238,8 @@ def _read_header(file: str) -> dict[str, dict]:
 
 
 class _Checkpoint:
-    """All tensors of a checkpoint folder, as lazily mapped numpy views in the HF layout. An MXFP4 pair (gpt-oss's
-    experts: ``X_blocks`` and ``X_scales``) is named ``X`` too (``mxfp4_experts`` reads it)."""
+    """All tensors of a checkpoint folder, as lazily mapped numpy views in the HF layout (and which names are MXFP4
+    pairs, gpt-oss's experts: ``X_blocks`` and ``X_scales``, which ``mxfp4_experts`` reads)."""
 
     def __init__(self, files: list[str]):
         self._entries: dict[str, tuple[str, dict]] = {}
@@ -251,15 +251,15 @@ class _Checkpoint:
                        if name.endswith("_blocks") and name.removesuffix("_blocks") + "_scales" in self._entries}
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries or name in self._mxfp4
+        return name in self._entries
 
     def is_mxfp4(self, name: str) -> bool:
-        """Whether ``name`` is an MXFP4 pair's."""
+        """Whether ``name`` is stored as an MXFP4 pair (``name_blocks``, ``name_scales``)."""
         return name in self._mxfp4
 
     @property
     def names(self):
-        return self._entries.keys() | self._mxfp4
+        return self._entries.keys()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name][1]["shape"])

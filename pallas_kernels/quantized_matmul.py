@@ -203,7 +203,7 @@ def unpack_int4(packed: jax.Array, pack: int) -> jax.Array:
 def e2m1_as_f32(nibbles: jax.Array) -> jax.Array:
     """FP4 e2m1 codes (0-15, the sign in bit 3: MXFP4's values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) as
     float32: the exponent and mantissa bits moved into a float32's, its exponent biased by 126 (code 2 is 1.0); the
-    two codes of no exponent (0 and 0.5) apart, as float32 has no such subnormals here."""
+    two codes without an exponent (0 and 0.5, FP4's subnormals) set apart: moved so they would read 0.5 and 0.75."""
     q = nibbles.astype(jnp.int32)
     magnitude = q & 7
     normal = lax.bitcast_convert_type((magnitude << 22) + (126 << 23), jnp.float32)
