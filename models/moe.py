@@ -13,9 +13,9 @@ Weights (``models.llama.param_shapes``): ``router [H, E]``, ``expert_gate`` / ``
 the activations' dtype, so no fp8 tensor cores here) or 4-bit (``Int4Weight``: ``"int4"``, or an AWQ / GPTQ
 checkpoint's; MXFP4's FP4 codes: ``"mxfp4"``, or gpt-oss's checkpoints). gpt-oss adds ``router_bias [E]``, the
 experts' biases (``expert_gate_bias`` / ``expert_up_bias [E, I]``, ``expert_down_bias [E, H]``) and its clamped gate
-(``gate_fn``) in place of SwiGLU. Every token's routing is computed: nothing is dropped (no expert capacity), so the result does not
-depend on what else is in the batch. Qwen2-MoE's shared expert is the layer's dense MLP (``models.llama``); over a
-mesh the experts run per device (``sharding.experts``).
+(``gate_fn``) in place of SwiGLU. Every token's routing is computed: nothing is dropped (no expert capacity), so
+the result does not depend on what else is in the batch. Qwen2-MoE's shared expert is the layer's dense MLP
+(``models.llama``); over a mesh the experts run per device (``sharding.experts``).
 """
 
 from __future__ import annotations
