@@ -76,8 +76,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, default_model: Optional
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--quantization", default=None, help="int8, int4, awq, gptq, fp8 (dummy weights: random "
-                        "weights of that method's layout)")
+    parser.add_argument("--quantization", default=None, help="int8, int4, awq, gptq, fp8, mxfp4 (dummy weights: "
+                        "random weights of that method's layout; mxfp4: a mixture's experts)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     from pallas_kernels import KV_WRITE_BACKENDS
 
