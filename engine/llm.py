@@ -201,10 +201,11 @@ class LLM:
                pooling_task: Optional[str] = None) -> list[PoolingRequestOutput]:
         """vLLM's ``LLM.encode`` on a pooling engine: one ``PoolingRequestOutput`` per prompt, in input order, its
         numbers in ``.outputs.data`` (float32 numpy). ``pooling_task``: "embed" (an embedding model's vector) or
-        "classify" (a classifier's class probabilities), None for the model's; per token (``[tokens, ...]``, every
-        prompt token's row, none skipped by the prefix cache): "token_embed" (an embedding model's vector a token)
-        or "token_classify" (a classifier's head on each token: ``reward``)."""
-        task = check_task(pooling_task, self._is_classifier())
+        "classify" (a classifier's class probabilities), None for ``pooling_params.task`` or else the model's; per
+        token (``[tokens, ...]``, every prompt token's row, none skipped by the prefix cache): "token_embed" (an
+        embedding model's vector a token) or "token_classify" (a classifier's head on each token: ``reward``)."""
+        given = pooling_params.task if pooling_params is not None else None
+        task = check_task(pooling_task or given, self._is_classifier())
         outputs = self._pool(prompts, pooling_params, use_tqdm, priority, lora_request, task)
         return [as_pooling_output(output) for output in outputs]
 
@@ -222,6 +223,8 @@ class LLM:
         """``embed`` / ``classify`` / ``encode``: the call checked against the model's pooling task, then every prompt
         run with ``task`` in its ``PoolingParams``."""
         self._check_pooling_task(classify=task in ("classify", "token_classify"))
+        if pooling_params is not None and pooling_params.task not in (None, task):  # as vLLM: no silent override
+            raise ValueError(f"PoolingParams.task={pooling_params.task!r} conflicts with this call's task {task!r}")
         prompts = _as_prompt_list(prompts)
         params = dataclasses.replace(pooling_params or PoolingParams(), task=task)
         return self._run(prompts, [params] * len(prompts), use_tqdm, priority,

@@ -390,6 +390,7 @@ class LLMEngine:
         classifier = self.pooling.classifier is not None
         check_task(params.task, classifier)
         for field, value, needs_classifier in (("dimensions", params.dimensions, False),
+                                               ("normalize", params.normalize, False),
                                                ("use_activation", params.use_activation, True)):
             if value is not None and classifier != needs_classifier:
                 raise ValueError(f"PoolingParams.{field} is for {'a classifier' if needs_classifier else 'embeddings'}"

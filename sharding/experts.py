@@ -41,8 +41,9 @@ def _spec(name: str, weight, mesh: Mesh):
                              "projection's rows are stored sorted by group; use tensor_parallel_size=1")
         k, tp = 2 * weight.packed.shape[-2], mesh.shape[TP_AXIS]
         if (k // tp) % weight.group_size:  # else its scales would stay whole beside its split values
-            raise ValueError(f"int4 experts' down projection ({k} inputs, groups of {weight.group_size}) cannot be "
-                             f"split over {tp} devices: each device's inputs must be whole groups")
+            raise ValueError(f"{'mxfp4' if weight.codes == 'e2m1' else 'int4'} experts' down projection ({k} inputs, "
+                             f"groups of {weight.group_size}) cannot be split over {tp} devices: each device's "
+                             "inputs must be whole groups")
     return jax.tree.map(lambda sharding: sharding.spec, field_shardings(weight, NamedSharding(mesh, split)))
 
 

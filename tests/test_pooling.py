@@ -178,12 +178,16 @@ def test_token_embed_gives_every_prompt_tokens_vector(checkpoint):
                          use_tqdm=False)[0].outputs.data
         with pytest.raises(ValueError, match="it can only embed or token_embed"):
             llm.reward([prompts[0]], use_tqdm=False)
+        by_params = llm.encode([prompts[0]], PoolingParams(task="token_embed"), use_tqdm=False)  # the task there
+        with pytest.raises(ValueError, match="PoolingParams.task='token_embed' conflicts with this call's task"):
+            llm.embed([prompts[0]], PoolingParams(task="token_embed"), use_tqdm=False)
     finally:
         llm.shutdown()
     for out, h, p in zip(outs, hidden, prompts):
         assert out.outputs.data.shape == (len(p), h.shape[1]) and out.outputs.data.dtype == np.float32
         np.testing.assert_allclose(out.outputs.data, h / np.linalg.norm(h, axis=1, keepdims=True), atol=2e-6)
     assert_close_to_hf(cut, hidden[1][:, :16])
+    np.testing.assert_array_equal(by_params[0].outputs.data, outs[0].outputs.data)
 
 
 def test_a_prompt_may_fill_max_model_len(checkpoint):
@@ -281,8 +285,9 @@ def test_sequence_classifier_gives_transformers_probabilities(tmp_path, variant,
     np.testing.assert_array_equal([o.outputs.data for o in encoded], [o.outputs.probs for o in outs])
     with pytest.raises(ValueError, match="it can only classify"):
         llm.encode([[1, 2, 3]], pooling_task="embed", use_tqdm=False)
-    with pytest.raises(ValueError, match="PoolingParams.dimensions is for embeddings"):
-        llm.classify([[1, 2, 3]], PoolingParams(dimensions=4), use_tqdm=False)
+    for wrong in (dict(dimensions=4), dict(normalize=True)):
+        with pytest.raises(ValueError, match=f"PoolingParams.{next(iter(wrong))} is for embeddings"):
+            llm.classify([[1, 2, 3]], PoolingParams(**wrong), use_tqdm=False)
     # vLLM's reward (pooling_task="token_classify"): the head on every token, as transformers' per-token logits
     rewards = llm.reward([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
     raw_rewards = llm.encode([prompts[1]], PoolingParams(use_activation=False), pooling_task="token_classify",

@@ -11,8 +11,10 @@ field; in stream deltas too), the rest as ``content`` (where tool calls are then
   ``max_tokens``) is reasoning, streamed or not (vLLM's non-streamed parser returns it as content).
 - ``openai_gptoss`` (gpt-oss): the reply is harmony messages, ``<|channel|>NAME[ to=RECIPIENT]...<|message|>BODY``
   ended by ``<|end|>`` (then ``<|start|>assistant`` and the next), ``<|return|>`` or ``<|call|>``: the analysis
-  channel's bodies are the reasoning, every other channel's (final, commentary) the content, and a message to a
-  recipient (a tool call) stays whole in the content for the ``openai`` tool parser (``tools.HarmonyToolParser``).
+  channel's bodies are the reasoning, every other channel's (final, commentary) the content (messages a newline
+  apart), and a message to a recipient (a tool call; the recipient after the channel's name or in the turn's start,
+  `` to=functions.f`` right after the prompt for the first) stays whole in the content for the ``openai`` tool
+  parser (``tools.HarmonyToolParser``).
   Its markers are special tokens, kept in the text for it (``keeps_special_tokens``); a reply with no channel at all
   is content.
 """
@@ -63,31 +65,45 @@ class HarmonyReasoningParser(ReasoningParser):
     keeps_special_tokens = True
     CHANNEL, MESSAGE, ENDS = "<|channel|>", "<|message|>", ("<|end|>", "<|return|>", "<|call|>")
 
+    RECIPIENT = "to="
+
     def split(self, text: str, final: bool) -> tuple[Optional[str], str]:
         first = text.find(self.CHANNEL)
-        if first < 0:  # not harmony, or its first marker still arriving (held back)
+        if first < 0:  # not harmony, or its first marker (or a recipient before it) still arriving: held back
+            if not final and (self.RECIPIENT.startswith(text.lstrip()[:3]) if text.strip() else True):
+                return None, ""
             return None, text if final else text[:len(text) - partial_marker_length(text, self.CHANNEL)]
-        reasoning, content, at = [], [text[:first]], first
+        # The reply starts inside its turn (the prompt ends with <|start|>assistant): text before the first channel
+        # is content, unless it names a recipient (" to=functions.f<|channel|>...": a tool call's header).
+        leading = "" if self.RECIPIENT in text[:first] else text[:first]
+        # content in order: text messages a newline apart (as the analysis ones), each tool call's message whole
+        reasoning, content, text_last, at = [], [leading], bool(leading), 0 if not leading else first
         while (channel := text.find(self.CHANNEL, at)) >= 0:
             header_end = text.find(self.MESSAGE, channel)
             if header_end < 0:  # a header still arriving
                 break
-            # the recipient may come in the turn's start, before the channel (<|start|>assistant to=functions.f)
-            header = (text[at:channel] + " " + text[channel + len(self.CHANNEL):header_end]).split()
+            # the channel's name first; the recipient after it or in the turn's start (<|start|>assistant to=f)
+            header = text[channel + len(self.CHANNEL):header_end].split()
+            to_recipient = any(word.startswith(self.RECIPIENT) for word in header + text[at:channel].split())
             body_start = header_end + len(self.MESSAGE)
             ends = [(i, end) for end in self.ENDS if (i := text.find(end, body_start)) >= 0]
             stop, end = min(ends) if ends else (len(text), "")
             body = text[body_start:stop]
             if not ends and not final:  # an end marker may be arriving
                 body = body[:len(body) - max(partial_marker_length(body, end) for end in self.ENDS)]
-            if any(word.startswith("to=") for word in header):  # a tool call: whole, for the tool parser
-                content.append(text[at if at > first else channel:stop + len(end)] if ends or final else "")
+            if to_recipient:  # a tool call: whole, for the tool parser (once it has ended)
+                if ends or final:
+                    content.append(text[at:stop + len(end)])
+                    text_last = False
+            elif header[:1] == ["analysis"]:
+                reasoning.append(body)
             else:
-                (reasoning if header[:1] == ["analysis"] else content).append(body)
+                content.append("\n" + body if text_last else body)
+                text_last = True
             if not ends:
                 break
-            at = stop + len(end)  # what lies between a message's end and the next channel (its turn's start) goes
-        return "".join(reasoning), "".join(content)
+            at = stop + len(end)  # the next message's turn start (and recipient) lies between here and its channel
+        return "\n".join(reasoning), "".join(content)
 
 
 REASONING_PARSERS = {"deepseek_r1": DeepSeekR1ReasoningParser, "qwen3": Qwen3ReasoningParser,

@@ -158,10 +158,14 @@ class HarmonyToolParser(ToolParser):
         calls = self.CALLS.findall(text)
         if not calls:
             return text, []
-        return text[:self.content_end(text)] or None, [_tool_call(name, arguments.strip()) for name, arguments in calls]
+        head = text[:self.content_end(text)]
+        return head if head.strip() else None, [_tool_call(name, arguments.strip()) for name, arguments in calls]
 
     def content_end(self, text: str) -> int:
+        """Up to the first marker, or a recipient (`` to=functions.f<|channel|>...``: a first message's call)."""
         starts = [i for marker in self.MARKERS if (i := text.find(marker)) >= 0]
+        if (call := self.CALLS.search(text)) is not None:
+            starts.append(call.start())
         if starts:
             return min(starts)
         return len(text) - max(partial_marker_length(text, marker) for marker in self.MARKERS)
