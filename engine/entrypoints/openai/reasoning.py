@@ -64,7 +64,6 @@ class HarmonyReasoningParser(ReasoningParser):
 
     keeps_special_tokens = True
     CHANNEL, MESSAGE, ENDS = "<|channel|>", "<|message|>", ("<|end|>", "<|return|>", "<|call|>")
-
     RECIPIENT = "to="
 
     def split(self, text: str, final: bool) -> tuple[Optional[str], str]:
