@@ -483,7 +483,9 @@ class CheckpointQuantization:
     """How a checkpoint's layer matrices are stored (from ``config.json``'s ``quantization_config``,
     or AutoGPTQ's ``quantize_config.json``)."""
 
-    method: str  # what runs: "awq" | "gptq" | "fp8", or for compressed-tensors' packed weights "int4" | "int8"
+    # what runs: "awq" | "gptq" | "fp8" | "mxfp4" (gpt-oss's experts), or for compressed-tensors' packed weights
+    # "int4" | "int8"
+    method: str
     group_size: int = -1  # 4-bit methods; -1: one group over all of K
     zero_offset: int = 0  # gptq v1 checkpoints store zero - 1
     block: Optional[tuple[int, int]] = None  # block-wise fp8: rows x columns of [N, K] a scale covers
@@ -593,7 +595,7 @@ class CheckpointQuantization:
                 awq = bool({"w_bit", "q_group_size", "zero_point", "version"} & set(q))
                 q = {"quant_method": "awq" if awq else "gptq", **q}
         if q is not None and str(q.get("quant_method", "")).lower() == "mxfp4":
-            return None  # gpt-oss's MXFP4 experts: read 4-bit by models.safetensors_loader, the rest dense
+            return cls("mxfp4")  # gpt-oss's: its experts read 4-bit (models.safetensors_loader), the rest dense
         return None if q is None else cls.from_hf_dict(q)
 
 

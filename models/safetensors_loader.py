@@ -621,7 +621,7 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
     sources = _sources(config, _decoder_prefix(ckpt), kv_scale_names(ckpt.names) or KV_SCALE_NAMES[0])
     # A matrix the checkpoint leaves unquantized in every layer (its modules_to_not_convert, ignore or dynamic) loads
     # as a plain weight beside the quantized ones; left out in some layers only, it is refused (``_quantized_weight``).
-    quantized = {} if quantization is None else {
+    quantized = {} if quantization is None or quantization.method == "mxfp4" else {
         name: sources["layers"].pop(name) for name in QUANTIZED_LAYER_WEIGHTS + QUANTIZED_EXPERT_WEIGHTS
         if name in sources["layers"] and not all(_stored_unquantized(ckpt, hf_name.removesuffix(".weight"))
                                                  for hf_name in sources["layers"][name].hf_names)}

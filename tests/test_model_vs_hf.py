@@ -356,7 +356,7 @@ def test_gpt_oss_mxfp4_experts_stay_4_bit_and_give_transformers_logits(tmp_path)
     ``convert_moe_packed_tensors`` makes of them, and the model gives transformers' logits (the jnp experts) and
     greedy tokens through the engine (the grouped matmul kernel interpreted)."""
     from engine import LLM, SamplingParams
-    from models.quantization import Int4Weight, dequantize
+    from models.quantization import Int4Weight, QuantizationError, dequantize
     from tests.tiny_checkpoints import write_mxfp4_experts
 
     model = write_tiny_checkpoint(tmp_path, "gpt_oss", seed=9)
@@ -378,3 +378,5 @@ def test_gpt_oss_mxfp4_experts_stay_4_bit_and_give_transformers_logits(tmp_path)
                                                                                   ignore_eos=True), use_tqdm=False)
     llm.shutdown()
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(model, p, 6) for p in prompts]
+    with pytest.raises(QuantizationError, match="quantized with mxfp4, but quantization='int8'"):
+        LLM(str(tmp_path), quantization="int8", skip_tokenizer_init=True)
