@@ -253,7 +253,8 @@ def test_sequence_classifier_gives_transformers_probabilities(tmp_path, variant,
     """A ``...ForSequenceClassification`` checkpoint (a classifier; one label: a reward model): ``runner="auto"``
     serves it as a pooling engine, and ``classify`` gives the softmax of transformers' logits (a sigmoid for one
     label), or the logits themselves with ``use_activation=False``; chunked prompts in a small pool. ``embed`` is
-    refused on it, ``classify`` on an embedding model, each naming the other."""
+    refused on it, ``classify`` on an embedding model, each naming the other. vLLM's ``reward``
+    (``token_classify``): the head's probabilities (or logits) at every prompt token."""
     import transformers
 
     from engine import ClassificationRequestOutput
