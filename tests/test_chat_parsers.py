@@ -81,6 +81,8 @@ HARMONY_REPLY = ("<|channel|>analysis<|message|>The user asks the capital. Paris
      ("A1.\nA2.", "The user asks the capital. Paris.\nParis.")),
     # the first message's recipient in the turn's start, right after the prompt's <|start|>assistant
     (HarmonyReasoningParser(), HARMONY_CALL_FIRST, ("", HARMONY_CALL_FIRST)),
+    (HarmonyReasoningParser(), " to=functions.get_weather", (None, "")),  # a call's header cut before its channel
+    (HarmonyReasoningParser(), "I set x to=5<|channel|>final<|message|>Hi", ("", "I set x to=5\nHi")),  # no recipient
 ])
 def test_reasoning_split_and_its_growing_stream_agree(parser, text, want):
     """Whole, the reply splits as vLLM's parsers split it; streamed a character at a time, what is split so far

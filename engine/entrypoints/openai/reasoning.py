@@ -68,13 +68,15 @@ class HarmonyReasoningParser(ReasoningParser):
 
     def split(self, text: str, final: bool) -> tuple[Optional[str], str]:
         first = text.find(self.CHANNEL)
+        head = (text if first < 0 else text[:first]).lstrip()
+        names_recipient = head.startswith(self.RECIPIENT)  # " to=functions.f<|channel|>...": a first call's header
         if first < 0:  # not harmony, or its first marker (or a recipient before it) still arriving: held back
-            if not final and (self.RECIPIENT.startswith(text.lstrip()[:3]) if text.strip() else True):
-                return None, ""
+            if names_recipient or not final and (self.RECIPIENT.startswith(head[:3]) if head else True):
+                return None, ""  # (a call's header cut before its channel: nothing)
             return None, text if final else text[:len(text) - partial_marker_length(text, self.CHANNEL)]
         # The reply starts inside its turn (the prompt ends with <|start|>assistant): text before the first channel
-        # is content, unless it names a recipient (" to=functions.f<|channel|>...": a tool call's header).
-        leading = "" if self.RECIPIENT in text[:first] else text[:first]
+        # is content, unless it names a recipient.
+        leading = text[:first] if head and not names_recipient else ""
         # content in order: text messages a newline apart (as the analysis ones), each tool call's message whole
         reasoning, content, text_last, at = [], [leading], bool(leading), 0 if not leading else first
         while (channel := text.find(self.CHANNEL, at)) >= 0:
