@@ -41,7 +41,7 @@ from pallas_kernels.env_config import dataclass_from_env
 from pallas_kernels.quantized_matmul import (block_size, dequantize_int4, int4_tile_weights, integers_as_f32,
                                              interpreted_conversion)
 
-CONVERSIONS = ("cvt", "affine", "e2m1")  # "e2m1": MXFP4's codes (not integers), whatever the config says
+CONVERSIONS = ("cvt", "affine")
 
 
 def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: int, block_n: int, block_k: int,
@@ -262,10 +262,12 @@ def swiglu_halves(y: jax.Array) -> jax.Array:
 
 
 def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_m: int, block_n: int, block_k: int,
-          group_size: int, tiles: dict, interpret, name: str, k_major: bool = False, swiglu: bool = False):
+          group_size: int, tiles: dict, interpret, name: str, k_major: bool = False, swiglu: bool = False,
+          codes: str = "uint4"):
     """The launch; ``block_n`` / ``block_k`` as they divide N / K, the rest of the settings from ``tiles``; the rows
     ``x[row_token]`` where ``row_token`` is given (loaded by the kernel), else ``x``'s. ``swiglu``: ``swiglu_halves``
-    of the product, by the kernel, or after adding the K splits' partial sums."""
+    of the product, by the kernel, or after adding the K splits' partial sums. ``codes`` "e2m1": int4 nibbles are
+    MXFP4's FP4 codes, decoded as such whatever ``tiles`` says of integer nibbles."""
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     columns_first, convert = tiles["columns_first"], tiles["convert"]
     if convert not in CONVERSIONS:
@@ -280,8 +282,9 @@ def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_
     out_n = n // 2 if fused else n
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
                                block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major,
-                               steps_per_split=steps // splits, columns_first=columns_first, convert=form(convert),
-                               int8_convert=form(int8_convert), fma=convert == "affine" and not interpret,
+                               steps_per_split=steps // splits, columns_first=columns_first,
+                               convert="e2m1" if codes == "e2m1" else form(convert), int8_convert=form(int8_convert),
+                               fma=convert == "affine" and codes != "e2m1" and not interpret,
                                gather=row_token is not None, swiglu=fused, up_start=n // 2)
     blocks, col_tiles = block_expert.shape[0], out_n // block_n
     num_rows = x.shape[0] if row_token is None else row_token.shape[0]
@@ -352,11 +355,11 @@ def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zero
     block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack, row_token, swiglu)
     n = packed.shape[2]
     tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits,
-                                 columns_first=columns_first, convert="e2m1" if codes == "e2m1" else convert))
+                                 columns_first=columns_first, convert=convert))
     return _call(x, block_expert, (packed, scales, zeros), row_token=row_token, n=n, k=2 * packed.shape[1],
                  block_m=block_m, block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"),
                  block_k=pack, group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4",
-                 swiglu=swiglu)
+                 swiglu=swiglu, codes=codes)
 
 
 def _blocks_times(x, block_expert, num_experts: int, block_m: int, weight_of, scale=None) -> jax.Array:
