@@ -278,9 +278,15 @@ def quantize_mxfp4(w: jax.Array, dtype=None) -> Int4Weight:
     v = w32 / scale[..., None, :]
     magnitude = jnp.argmin(jnp.abs(jnp.abs(v)[..., None] - jnp.asarray(_E2M1_MAGNITUDES)), axis=-1)
     codes = (magnitude + 8 * (v < 0)).astype(jnp.uint8).reshape(*lead, K, N)
-    scale = scale.astype(dtype or w.dtype)
-    return Int4Weight(packed=qmm.pack_int4(codes, MXFP4_GROUP), scales=scale, zeros=jnp.zeros_like(scale),
-                      group_size=MXFP4_GROUP, pack=MXFP4_GROUP, codes="e2m1")
+    return mxfp4_weight(qmm.pack_int4(codes, MXFP4_GROUP), scale.astype(dtype or w.dtype))
+
+
+def mxfp4_weight(packed, scales) -> Int4Weight:
+    """MXFP4 as the int4 kernels take it: ``packed`` e2m1 codes (``pack_int4`` in blocks of ``MXFP4_GROUP`` rows),
+    ``scales`` each group's power of two, zeros 0 (numpy or JAX arrays, as given)."""
+    zeros = np.zeros_like(scales) if isinstance(scales, np.ndarray) else jnp.zeros_like(scales)
+    return Int4Weight(packed=packed, scales=scales, zeros=zeros, group_size=MXFP4_GROUP, pack=MXFP4_GROUP,
+                      codes="e2m1")
 
 
 def quantize_weight(w: jax.Array, method: str, int8_layout: str = "kn"):

@@ -58,6 +58,7 @@ from models.quantization import (
     gptq_to_int4,
     int8_from_checkpoint,
     int8_layout_of,
+    mxfp4_weight,
     packed_to_int4,
     packed_to_int8,
 )
@@ -163,6 +164,11 @@ class _TensorSource:
     rows: Optional[tuple[int, int, int]] = None  # (start, stop, total): ours is those rows of a joined HF tensor
     columns: Optional[tuple[int, int]] = None  # (part, parts): ours is the HF tensor's last axis [part::parts]
     offset: float = 0.0  # added to the values (Gemma's norms store w - 1), which are then kept in float32
+
+    @property
+    def column_slice(self) -> slice:
+        """Our part of the HF tensor's last axis (``columns``; all of it where None)."""
+        return slice(self.columns[0], None, self.columns[1]) if self.columns is not None else slice(None)
 
 
 def find_safetensors_files(path: str) -> list[str]:
@@ -293,7 +299,7 @@ def mxfp4_experts(ckpt: "_Checkpoint", source: "_TensorSource", shape: tuple[int
     device: their e2m1 codes in the int4 layout (``pack_int4``, blocks of 32 rows), each 32 values' power of two as
     a scale in ``dtype``, zeros 0 (``Int4Weight(codes="e2m1")``); ``shape`` is ours, ``[L, E, K, N]``."""
     L, E, K, N = shape
-    columns = slice(source.columns[0], None, source.columns[1]) if source.columns is not None else slice(None)
+    columns = source.column_slice
     packed = np.empty((L, E, K // 2, N), np.uint8)
     scales = np.empty((L, E, K // MXFP4_GROUP, N), ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else dtype)
     for layer, name in enumerate(source.hf_names):
@@ -304,8 +310,7 @@ def mxfp4_experts(ckpt: "_Checkpoint", source: "_TensorSource", shape: tuple[int
         codes = np.swapaxes(_mxfp4_codes(blocks), -1, -2)  # [E, K, N]
         packed[layer] = np.asarray(qmm.pack_int4(jnp.asarray(codes), MXFP4_GROUP))
         scales[layer] = np.swapaxes(np.ldexp(np.float32(1), exponents.astype(np.int32) - 127), -1, -2)
-    return Int4Weight(packed=packed, scales=scales, zeros=np.zeros_like(scales), group_size=MXFP4_GROUP,
-                      pack=MXFP4_GROUP, codes="e2m1")
+    return mxfp4_weight(packed, scales)
 
 
 # Where a checkpoint keeps its decoder: ``model.`` (a causal LM), under an image-text model's
@@ -463,10 +468,9 @@ def _read_hf_layout(ckpt: _Checkpoint, source: _TensorSource, index: tuple = ())
     depth = len(source.stack)
     names = np.array(source.hf_names, dtype=object).reshape(source.stack)[index[:depth]]
     rows = slice(*source.rows[:2]) if source.rows is not None else slice(None)  # a contiguous run of HF rows
-    columns = slice(source.columns[0], None, source.columns[1]) if source.columns is not None else slice(None)
 
     def part(name: str) -> np.ndarray:
-        return ckpt.array(name)[rows][..., columns][index[depth:]]
+        return ckpt.array(name)[rows][..., source.column_slice][index[depth:]]
 
     first = part(names.flat[0])
     out = np.empty(names.shape + first.shape, first.dtype)
