@@ -111,13 +111,14 @@ class Int4Weight:
     ``packed`` uint8 ``[..., K/2, N]``; ``scales``, ``zeros`` ``[..., K/g, N]`` (zeros may be
     fractional); ``perm`` int32 ``[..., K]`` or None: GPTQ act-order, the rows are stored
     sorted by group and ``x @ W == x[:, perm] @ W_stored``. ``codes``: the nibbles are unsigned
-    integers ("uint4"), or FP4 e2m1 values ("e2m1": gpt-oss's MXFP4 experts, their zeros 0 and scales
-    the groups' powers of two; only as experts, ``models.moe``).
+    integers ("uint4"), or FP4 e2m1 values ("e2m1": gpt-oss's MXFP4 experts; ``scales`` the groups'
+    powers of two as uint8 E8M0 exponents, as the checkpoints store them, and ``zeros`` None; only
+    as experts, ``models.moe``).
     """
 
     packed: jax.Array
     scales: jax.Array
-    zeros: jax.Array
+    zeros: Optional[jax.Array]
     perm: Optional[jax.Array] = None
     group_size: int = struct.field(pytree_node=False, default=INT4_GROUP_SIZE)
     pack: int = struct.field(pytree_node=False, default=128)
@@ -172,8 +173,8 @@ def concat_outputs(weights: list) -> Optional[Any]:
     if not is_quantized(first):
         return jnp.concatenate(weights, axis=-1)
     if isinstance(first, Int4Weight) and (any(w.perm is not None for w in weights)
-                                          or any((w.group_size, w.pack) != (first.group_size, first.pack)
-                                                 for w in weights)):
+                                          or any((w.group_size, w.pack, w.codes) != (first.group_size, first.pack,
+                                                                                     first.codes) for w in weights)):
         return None
     return first.replace(**{name: jnp.concatenate([getattr(w, name) for w in weights], axis=first.out_axes[name])
                             for name in weight_fields(first)})
@@ -265,27 +266,26 @@ MXFP4_GROUP = 32  # values a power-of-two scale covers (OCP microscaling)
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 e2m1 codes 0-7 (8-15: their negatives)
 
 
-def quantize_mxfp4(w: jax.Array, dtype=None) -> Int4Weight:
+def quantize_mxfp4(w: jax.Array) -> Int4Weight:
     """MXFP4 (gpt-oss's experts' format) made of a dense ``[..., K, N]`` weight: each 32 rows of a column scaled by
     the power of two that brings their largest magnitude to at most 6, each value rounded to the nearest FP4 e2m1
-    code (``Int4Weight(codes="e2m1")``, zeros 0)."""
+    code (``mxfp4_weight``)."""
     *lead, K, N = w.shape
     if K % MXFP4_GROUP:
         raise QuantizationError(f"mxfp4 needs a matrix's input size to be a multiple of {MXFP4_GROUP}, got {K}")
     w32 = w.astype(jnp.float32).reshape(*lead, K // MXFP4_GROUP, MXFP4_GROUP, N)
     amax = jnp.abs(w32).max(axis=-2)
-    scale = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(amax > 0, amax / 6.0, 1.0))))
-    v = w32 / scale[..., None, :]
+    exponent = jnp.clip(jnp.ceil(jnp.log2(jnp.where(amax > 0, amax / 6.0, 1.0))), -127, 127)
+    v = w32 / jnp.exp2(exponent)[..., None, :]
     magnitude = jnp.argmin(jnp.abs(jnp.abs(v)[..., None] - jnp.asarray(_E2M1_MAGNITUDES)), axis=-1)
     codes = (magnitude + 8 * (v < 0)).astype(jnp.uint8).reshape(*lead, K, N)
-    return mxfp4_weight(qmm.pack_int4(codes, MXFP4_GROUP), scale.astype(dtype or w.dtype))
+    return mxfp4_weight(qmm.pack_int4(codes, MXFP4_GROUP), (exponent + 127).astype(jnp.uint8))
 
 
-def mxfp4_weight(packed, scales) -> Int4Weight:
+def mxfp4_weight(packed, exponents) -> Int4Weight:
     """MXFP4 as the int4 kernels take it: ``packed`` e2m1 codes (``pack_int4`` in blocks of ``MXFP4_GROUP`` rows),
-    ``scales`` each group's power of two, zeros 0 (numpy or JAX arrays, as given)."""
-    zeros = np.zeros_like(scales) if isinstance(scales, np.ndarray) else jnp.zeros_like(scales)
-    return Int4Weight(packed=packed, scales=scales, zeros=zeros, group_size=MXFP4_GROUP, pack=MXFP4_GROUP,
+    ``exponents`` each group's power of two as uint8 E8M0 (``2 ** (e - 127)``), no zeros (numpy or JAX arrays)."""
+    return Int4Weight(packed=packed, scales=exponents, zeros=None, group_size=MXFP4_GROUP, pack=MXFP4_GROUP,
                       codes="e2m1")
 
 

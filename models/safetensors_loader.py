@@ -294,14 +294,14 @@ def _mxfp4_codes(blocks: np.ndarray) -> np.ndarray:
     return codes.reshape(*blocks.shape[:-2], -1)
 
 
-def mxfp4_experts(ckpt: "_Checkpoint", source: "_TensorSource", shape: tuple[int, ...], dtype) -> Int4Weight:
+def mxfp4_experts(ckpt: "_Checkpoint", source: "_TensorSource", shape: tuple[int, ...]) -> Int4Weight:
     """A stack of gpt-oss's MXFP4 expert matrices (one ``*_blocks`` / ``*_scales`` pair a layer) kept 4-bit on the
-    device: their e2m1 codes in the int4 layout (``pack_int4``, blocks of 32 rows), each 32 values' power of two as
-    a scale in ``dtype``, zeros 0 (``Int4Weight(codes="e2m1")``); ``shape`` is ours, ``[L, E, K, N]``."""
+    device: their e2m1 codes in the int4 layout (``pack_int4``, blocks of 32 rows), each 32 values' power of two its
+    E8M0 exponent as stored (``quantization.mxfp4_weight``); ``shape`` is ours, ``[L, E, K, N]``."""
     L, E, K, N = shape
     columns = source.column_slice
     packed = np.empty((L, E, K // 2, N), np.uint8)
-    scales = np.empty((L, E, K // MXFP4_GROUP, N), ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else dtype)
+    scales = np.empty((L, E, K // MXFP4_GROUP, N), np.uint8)
     for layer, name in enumerate(source.hf_names):
         blocks, exponents = ckpt.array(name + "_blocks")[:, columns], ckpt.array(name + "_scales")[:, columns]
         if blocks.shape != (E, N, K // MXFP4_GROUP, MXFP4_GROUP // 2):
@@ -309,7 +309,7 @@ def mxfp4_experts(ckpt: "_Checkpoint", source: "_TensorSource", shape: tuple[int
                                   f"the config implies {[E, N, K // MXFP4_GROUP, MXFP4_GROUP // 2]}")
         codes = np.swapaxes(_mxfp4_codes(blocks), -1, -2)  # [E, K, N]
         packed[layer] = np.asarray(qmm.pack_int4(jnp.asarray(codes), MXFP4_GROUP))
-        scales[layer] = np.swapaxes(np.ldexp(np.float32(1), exponents.astype(np.int32) - 127), -1, -2)
+        scales[layer] = np.swapaxes(exponents, -1, -2)
     return mxfp4_weight(packed, scales)
 
 
@@ -644,7 +644,7 @@ def load_safetensors_params(path: str, config: ModelConfig, dtype, shardings: Op
             _set(params, key, _load_param(ckpt, source, _get(shapes, key), dtype, _get(shardings, key)))
             bar.update(len(source.hf_names))
         for name, source in list(quantized.items()) + list(mxfp4.items()):
-            weight = (mxfp4_experts(ckpt, source, shapes["layers"][name], dtype) if name in mxfp4 else
+            weight = (mxfp4_experts(ckpt, source, shapes["layers"][name]) if name in mxfp4 else
                       _quantized_weight(ckpt, source, shapes["layers"][name], quantization, dtype, path,
                                         int8_layout_of(name)))
             sharding = _get(shardings, ("layers", name))

@@ -38,8 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.env_config import dataclass_from_env
-from pallas_kernels.quantized_matmul import (block_size, dequantize_int4, int4_tile_weights, integers_as_f32,
-                                             interpreted_conversion)
+from pallas_kernels.quantized_matmul import (block_size, dequantize_int4, e2m1_tile_weights, int4_tile_weights,
+                                             integers_as_f32, interpreted_conversion)
 
 CONVERSIONS = ("cvt", "affine")
 
@@ -47,8 +47,8 @@ CONVERSIONS = ("cvt", "affine")
 def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: int, block_n: int, block_k: int,
                            group_size: int, k_major: bool, steps_per_split: int, columns_first: bool, convert: str,
                            int8_convert: str, fma: bool, gather: bool, swiglu: bool, up_start: int):
-    """``refs``: where ``gather``, the rows' tokens (``row_token``); then x, the weight, the int8 / fp8 scale or the
-    int4 scales and zeros, and the output. ``gather``: row ``r`` of a block is ``x[row_token[r]]``, zeros where that
+    """``refs``: where ``gather``, the rows' tokens (``row_token``); then x, the weight, the int8 / fp8 scale, the
+    int4 scales and zeros or MXFP4's exponents (``convert`` "e2m1"), and the output. ``gather``: row ``r`` of a block is ``x[row_token[r]]``, zeros where that
     is past x's last row (the padding), loaded by the kernel. An int4 step's ``block_k`` rows
     are one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second.
     ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed.
@@ -60,7 +60,7 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
     a program's output tile is ``silu(gate) * up`` of its columns in each half (a step's x tiles loaded once for
     both)."""
     row_token_ref, (x_ref, w_ref, *quant_refs, o_ref) = (refs[0], refs[1:]) if gather else (None, refs)
-    int4 = len(quant_refs) == 2
+    int4 = len(quant_refs) == 2 or convert == "e2m1"
     b, n, split = pl.program_id(1 if columns_first else 0), pl.program_id(0 if columns_first else 1), pl.program_id(2)
     expert = block_expert_ref[b]
     rows = pl.ds(pl.multiple_of(b * block_m, block_m), block_m)
@@ -112,9 +112,12 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
 
         def product(acc, cols):
             packed = w_ref[expert, pl.ds(pl.multiple_of(i * half, half), half), cols]
-            scale = quant_refs[0][expert, group, cols].astype(jnp.float32)[None, :]
-            zero = quant_refs[1][expert, group, cols].astype(jnp.float32)[None, :]
-            tiles = int4_tile_weights(packed, scale, zero, x_ref.dtype, convert=convert, fma=fma)
+            if convert == "e2m1":
+                tiles = e2m1_tile_weights(packed, quant_refs[0][expert, group, cols][None, :], x_ref.dtype)
+            else:
+                scale = quant_refs[0][expert, group, cols].astype(jnp.float32)[None, :]
+                zero = quant_refs[1][expert, group, cols].astype(jnp.float32)[None, :]
+                tiles = int4_tile_weights(packed, scale, zero, x_ref.dtype, convert=convert, fma=fma)
             for w, x in zip(tiles, xs):
                 acc = acc + jnp.dot(x(), w, preferred_element_type=jnp.float32)
             return acc
@@ -126,7 +129,7 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
         first = split * steps_per_split
         accs = jax.lax.fori_loop(first, first + steps_per_split, int4_step if int4 else dense_step,
                                  tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in column_sets))
-        if len(quant_refs) == 1:
+        if not int4 and quant_refs:
             accs = tuple(acc * quant_refs[0][expert, cols][None, :] for acc, cols in zip(accs, column_sets))
         out = jax.nn.silu(accs[0]) * accs[1] if swiglu else accs[0]
         o_ref[...] = out.astype(o_ref.dtype).reshape(o_ref.shape)
@@ -157,16 +160,20 @@ def _check_shapes(x, w, block_expert, scale, k: int, n: int, row_token=None, swi
 
 
 def _check_int4(x, packed, scales, zeros, block_expert, group_size: int, pack: int, row_token=None,
-                swiglu: bool = False) -> int:
+                swiglu: bool = False, codes: str = "uint4") -> int:
     """``block_m`` for int4 operands (``quantized_matmul.pack_int4``'s layout), after checking them."""
     E, half_k, n = packed.shape
     k = 2 * half_k
     if packed.dtype != jnp.uint8 or group_size % pack or k % group_size:
         raise ValueError(f"int4 experts need uint8 packed [E, K/2, N] and packing blocks ({pack}) dividing the "
                          f"group size ({group_size}) dividing K ({k}); got {packed.dtype} {packed.shape}")
-    if scales.shape != (E, k // group_size, n) or zeros.shape != scales.shape:
+    if codes == "e2m1":
+        if scales.shape != (E, k // group_size, n) or scales.dtype != jnp.uint8 or zeros is not None:
+            raise ValueError(f"MXFP4 experts need uint8 exponents [E, K/g, N] = {[E, k // group_size, n]} and no "
+                             f"zeros; got {scales.dtype} {scales.shape} and zeros {getattr(zeros, 'shape', None)}")
+    elif zeros is None or scales.shape != (E, k // group_size, n) or zeros.shape != scales.shape:
         raise ValueError(f"int4 experts need scales and zeros [E, K/g, N] = {[E, k // group_size, n]}; got "
-                         f"{scales.shape} and {zeros.shape}")
+                         f"{scales.shape} and {getattr(zeros, 'shape', None)}")
     return _check_shapes(x, packed, block_expert, None, k, n, row_token, swiglu)
 
 
@@ -342,7 +349,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "num_stages", "k_splits",
                                              "columns_first", "convert", "swiglu", "interpret", "codes"))
-def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
+def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: Optional[jax.Array],
                         block_expert: jax.Array, *, group_size: int, pack: int, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                         k_splits: Optional[int] = None, columns_first: Optional[bool] = None,
@@ -351,12 +358,14 @@ def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zero
     """The grouped matmul with 4-bit experts (``models.quantization.Int4Weight``'s fields: ``packed [E, K/2, N]``
     in ``pack``-row blocks, ``scales`` / ``zeros [E, K/g, N]``): each tile is dequantized, ``(q - zero) * scale``
     in float32 then x's dtype, and multiplied as a dense one; a K step is one packing block. ``row_token`` and
-    ``swiglu`` as ``grouped_matmul``'s. ``codes`` "e2m1": the nibbles are MXFP4's FP4 codes (gpt-oss's experts)."""
-    block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack, row_token, swiglu)
+    ``swiglu`` as ``grouped_matmul``'s. ``codes`` "e2m1": the nibbles are MXFP4's FP4 codes (gpt-oss's experts),
+    ``scales`` their groups' E8M0 exponents (uint8) and ``zeros`` None."""
+    block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack, row_token, swiglu, codes)
     n = packed.shape[2]
     tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits,
                                  columns_first=columns_first, convert=convert))
-    return _call(x, block_expert, (packed, scales, zeros), row_token=row_token, n=n, k=2 * packed.shape[1],
+    quant = (scales,) if codes == "e2m1" else (scales, zeros)
+    return _call(x, block_expert, (packed, *quant), row_token=row_token, n=n, k=2 * packed.shape[1],
                  block_m=block_m, block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"),
                  block_k=pack, group_size=group_size, tiles=tiles, interpret=interpret, name="moe_grouped_matmul_int4",
                  swiglu=swiglu, codes=codes)
@@ -390,11 +399,12 @@ def grouped_matmul_reference(x: jax.Array, w: jax.Array, block_expert: jax.Array
     return _blocks_times(x, block_expert, w.shape[0], block_m, weight_of, scale)
 
 
-def grouped_matmul_int4_reference(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array,
+def grouped_matmul_int4_reference(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: Optional[jax.Array],
                                   block_expert: jax.Array, *, group_size: int, pack: int,
                                   row_token: Optional[jax.Array] = None, codes: str = "uint4") -> jax.Array:
     """``grouped_matmul_int4`` in jnp: each block's expert dequantized as the kernel's tiles are, then multiplied."""
     x = gather_rows(x, row_token)
-    block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack)
+    block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack, codes=codes)
+    expert_zeros = (lambda e: None) if zeros is None else (lambda e: zeros[e])
     return _blocks_times(x, block_expert, packed.shape[0], block_m, lambda e: dequantize_int4(
-        packed[e], scales[e], zeros[e], group_size=group_size, pack=pack, codes=codes).astype(x.dtype))
+        packed[e], scales[e], expert_zeros(e), group_size=group_size, pack=pack, codes=codes).astype(x.dtype))

@@ -211,14 +211,30 @@ def e2m1_as_f32(nibbles: jax.Array) -> jax.Array:
     return jnp.where(q >= 8, -value, value)
 
 
+def e8m0_as_f32(exponents: jax.Array) -> jax.Array:
+    """MXFP4's scales, uint8 E8M0 exponents (``2 ** (e - 127)``), as float32: ``e`` moved into a float32's exponent
+    bits; 0 (2^-127, a float32 subnormal) set apart. 255 (E8M0's NaN) reads infinity."""
+    e = exponents.astype(jnp.int32)
+    return jnp.where(e == 0, jnp.float32(2.0 ** -127), lax.bitcast_convert_type(e << 23, jnp.float32))
+
+
+def e2m1_tile_weights(packed: jax.Array, exponents: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """A packed MXFP4 tile's low- and high-nibble halves in ``dtype``: FP4 values times their group's power of two
+    (``exponents``, E8M0, one a column); the float32 product is exact."""
+    scale = e8m0_as_f32(exponents)
+    return (e2m1_as_f32(packed & 0xF) * scale).astype(dtype), (e2m1_as_f32(packed >> 4) * scale).astype(dtype)
+
+
 def dequantize_int4(packed, scales, zeros, *, group_size: int, pack: int, dtype=jnp.float32,
                     codes: str = "uint4") -> jax.Array:
-    """The ``[K, N]`` weight an int4 tensor stands for (``codes``: its nibbles unsigned integers, or "e2m1")."""
+    """The ``[K, N]`` weight an int4 tensor stands for: ``(q - zero) * scale`` of unsigned integer nibbles, or for
+    ``codes`` "e2m1" FP4 values times their group's power of two (``scales`` uint8 E8M0 exponents, ``zeros`` None)."""
     q = unpack_int4(packed, pack)
-    q = e2m1_as_f32(q) if codes == "e2m1" else q.astype(jnp.float32)
+    if codes == "e2m1":
+        return (e2m1_as_f32(q) * jnp.repeat(e8m0_as_f32(scales), group_size, axis=-2)).astype(dtype)
     s = jnp.repeat(scales.astype(jnp.float32), group_size, axis=-2)
     z = jnp.repeat(zeros.astype(jnp.float32), group_size, axis=-2)
-    return ((q - z) * s).astype(dtype)
+    return ((q.astype(jnp.float32) - z) * s).astype(dtype)
 
 
 def dense_matmul_reference(x, w):
@@ -394,10 +410,8 @@ def integers_as_f32(v: jax.Array, kind: str, convert: str) -> jax.Array:
 def _nibbles_as_f32(packed: jax.Array, s: jax.Array, z: jax.Array, convert: str):
     """A packed int4 tile's low and high nibbles as float32 with the float32 scale and zero that make ``(q - z) * s``
     its weights: ``(q_lo, q_hi, s, z)``, the integers themselves with ``s`` and ``z`` as given, or for "affine"
-    (inline PTX; "affine_jnp" the interpreter's equal form) ``0.5 + q / 256`` with ``256 s`` and ``(z + 128) / 256``;
-    for "e2m1" (MXFP4 codes, not integers) their FP4 values (``e2m1_as_f32``)."""
-    if convert == "e2m1":
-        return e2m1_as_f32(packed & 0xF), e2m1_as_f32(packed >> 4), s, z
+    (inline PTX; "affine_jnp" the interpreter's equal form) ``0.5 + q / 256`` with ``256 s`` and ``(z + 128) / 256``.
+    (MXFP4's FP4 codes: ``e2m1_tile_weights``.)"""
     if convert == "affine":
         q_lo, q_hi = (_permute_to_f32(f"{kind}_affine", packed) for kind in ("low_nibbles", "high_nibbles"))
     elif convert == "affine_jnp":

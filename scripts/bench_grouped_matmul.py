@@ -25,8 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-FORMATS = ("bf16", "int8", "fp8", "int4")
+FORMATS = ("bf16", "int8", "fp8", "int4", "mxfp4")
 GROUP = 128  # int4 groups and packing blocks (AWQ's and the engine's int4 default)
+MXFP4_GROUP = 32  # mxfp4: FP4 codes, a power of two (a uint8 exponent) each 32 rows, no zeros (gpt-oss's experts)
 
 
 def expert_shapes(model: str) -> tuple[dict, int, int]:
@@ -47,18 +48,22 @@ def make_weight(fmt: str, E: int, K: int, N: int, key):
     from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_int4
     from pallas_kernels.quantized_matmul import pack_int4
 
-    if fmt == "int4":
+    if fmt in ("int4", "mxfp4"):
+        group = GROUP if fmt == "int4" else MXFP4_GROUP
         q = jax.random.randint(key, (E, K, N), 0, 16, jnp.uint8)
-        packed = jax.jit(pack_int4, static_argnums=1)(q, GROUP)
-        scales = jnp.full((E, K // GROUP, N), 1 / (8 * K ** 0.5), jnp.bfloat16)
-        zeros = jnp.full((E, K // GROUP, N), 8, jnp.bfloat16)
+        packed = jax.jit(pack_int4, static_argnums=1)(q, group)
+        if fmt == "int4":
+            scales = jnp.full((E, K // group, N), 1 / (8 * K ** 0.5), jnp.bfloat16)
+            zeros = jnp.full((E, K // group, N), 8, jnp.bfloat16)
+        else:
+            scales, zeros = jnp.full((E, K // group, N), 127 - 6, jnp.uint8), None  # 2^-6
         del q
 
-        def call(x, block_expert, row_token=None, block_k=None, **tiles):  # a K step is a packing block (GROUP)
-            return grouped_matmul_int4(x, packed, scales, zeros, block_expert, group_size=GROUP, pack=GROUP,
-                                       row_token=row_token, **tiles)
+        def call(x, block_expert, row_token=None, block_k=None, **tiles):  # a K step is a packing block (group)
+            return grouped_matmul_int4(x, packed, scales, zeros, block_expert, group_size=group, pack=group,
+                                       row_token=row_token, codes="e2m1" if fmt == "mxfp4" else "uint4", **tiles)
 
-        return call, K * N // 2 + 2 * 2 * (K // GROUP) * N
+        return call, K * N // 2 + (0 if zeros is None else zeros.nbytes // E) + scales.nbytes // E
     if fmt == "bf16":
         w, scale, k_major = jax.random.normal(key, (E, K, N), jnp.bfloat16) / K ** 0.5, None, False
     elif fmt == "int8":
@@ -209,8 +214,8 @@ def main(argv=None) -> None:
                 seen, rows = set(), []
                 for overrides in configs:
                     tiles = dataclasses.replace(base, **overrides).tiles(block_m, int8=fmt == "int8")
-                    if fmt == "int4":
-                        tiles["block_k"] = GROUP
+                    if fmt in ("int4", "mxfp4"):
+                        tiles["block_k"] = GROUP if fmt == "int4" else MXFP4_GROUP
                     if tuple(sorted(tiles.items())) in seen:
                         continue  # the same effective setting at this block size
                     if args.deadline_s is not None and time.monotonic() - start > args.deadline_s:

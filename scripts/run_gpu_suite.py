@@ -103,6 +103,7 @@ XLA_TRITON_FUSIONS = {
     "alltriton": ("--compiler-option", "xla_gpu_experimental_all_fusions_with_triton=true"),
 }
 QWEN3_MOE = "benchmarks/models/qwen3-30b-a3b"  # its config.json only: run with dummy weights
+GPT_OSS = "benchmarks/models/gpt-oss-20b"  # likewise
 SWIGLU_EPILOGUE = json.dumps({"swiglu_epilogue": True})  # $PAGEDJAX_MOE_CONFIG of the MoE "-swiglu" steps
 KEPT = ".suite-kept"  # git-ignored: what a later call on the same warm machine may read
 # The MoE engine steps that also run as "-best" (the sweep's pick) and "-swiglu" (the activation epilogue) variants.
@@ -312,6 +313,20 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
         # fp8 experts weight-only (each tile converted to bf16 in the grouped matmul), attention on fp8 tensor cores.
         ("latency-qwen3-moe-fp8", latency("fp8", "--model", QWEN3_MOE, "--output-json",
                                           f"{results}/latency-qwen3-moe-fp8.json"), 300),
+        # gpt-oss-20b (dummy weights; untimed so far): the attention sinks' and the MXFP4 (e2m1) experts' kernel cases,
+        # then batch 1 and a 256-request tput-short, in bf16 (~42 GB) and with the experts MXFP4 (~16 GB).
+        ("gpu-tests-gpt-oss", [PY, "-m", "pytest", "-q", "-m", "gpu", "-x", "-k", "sinks or mxfp4 or e2m1",
+                               "tests/test_ragged_paged_attention.py", "tests/test_grouped_matmul.py"], 120),
+        *((f"{kind}-gpt-oss{suffix}", argv(*(["--quantization", "mxfp4"] if suffix else []), "--model", GPT_OSS,
+                                           "--output-json", f"{results}/{kind}-gpt-oss{suffix}.json"), 200)
+          for suffix in ("", "-mxfp4")
+          for kind, argv in (("latency", lambda *a: latency(None, *a)),
+                             ("tput-short", lambda *a: tput("tput-short", "--num-requests", "256", *a)))),
+        # Its experts' grouped matmul alone: bf16 against MXFP4 (FP4 codes, a uint8 exponent each 32 rows) at a decode
+        # step's, a decode batch's and a prompt step's tokens.
+        ("grouped-matmul-gpt-oss", bench("bench_grouped_matmul.py", "--model", GPT_OSS, "--tokens", "1,256,4096",
+                                         "--formats", "bf16,mxfp4", "--output-json",
+                                         f"{results}/grouped-matmul-gpt-oss.json"), 200),
         # A pooling engine (engine/pooling.py, untimed so far): the 8B's shapes embedding 1024 x 512-token prompts.
         ("embed", bench("bench_embed.py", "--output-json", f"{results}/embed.json"), 200),
         # Speculative decoding by n-gram lookup (engine/speculative.py, untimed on a GPU): the embedded default model's
@@ -937,6 +952,8 @@ REQUIRES = {"latency-int8-nk": "gpu-tests-kmajor", "latency-int8-ksum": "gpu-tes
             **{name: "gpu-tests-moe" for name in ("latency-qwen3-moe", "tput-short-qwen3-moe", "latency-qwen3-moe-int8",
                                                   "latency-qwen3-moe-fp8")},
             "latency-qwen3-moe-awq": "gpu-tests-moe-int4",
+            **{f"{kind}-gpt-oss{suffix}": "gpu-tests-gpt-oss" for kind in ("latency", "tput-short")
+               for suffix in ("", "-mxfp4")}, "grouped-matmul-gpt-oss": "gpu-tests-gpt-oss",
             "grouped-matmul-sweep": "gpu-tests-moe-tiles",
             **{f"{name}{suffix}": needed for name in MOE_ENGINE_STEPS
                for suffix, needed in (("-best", "grouped-matmul-sweep"), ("-swiglu", "gpu-tests-moe-swiglu"))}}

@@ -176,26 +176,30 @@ E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -
 
 
 def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interpret, codes="uint4", **tiles):
-    """``codes`` "e2m1": MXFP4's experts (gpt-oss): FP4 codes, a power of two a group, zeros 0."""
+    """``codes`` "e2m1": MXFP4's experts (gpt-oss): FP4 codes, a power of two a group (its uint8 E8M0 exponent, the
+    subnormal 2^-127 included), no zeros."""
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((blocks * block_m, K)), jnp.bfloat16)
     q = rng.integers(0, 16, (E, K, N), dtype=np.uint8)
-    if codes == "e2m1":
-        scales = np.exp2(rng.integers(-9, -4, (E, K // group_size, N)).astype(np.float64))
-        zeros = np.zeros_like(scales)
-    else:
-        scales = rng.uniform(0.5, 1.5, (E, K // group_size, N)) / (8 * np.sqrt(K))
-        zeros = rng.integers(0, 16, (E, K // group_size, N)).astype(np.float64)
     block_expert = random_block_experts(rng, blocks, E)
-    operands = (x, pack_int4(jnp.asarray(q), pack), jnp.asarray(scales, jnp.bfloat16),
-                jnp.asarray(zeros, jnp.bfloat16), jnp.asarray(block_expert, jnp.int32))
+    experts = np.minimum(block_expert, E - 1)
+    if codes == "e2m1":
+        exponents = rng.integers(127 - 9, 127 - 4, (E, K // group_size, N), dtype=np.uint8)
+        exponents[0, 0, 0] = 0  # 2^-127, a float32 subnormal
+        scales, zeros = jnp.asarray(exponents), None
+        stored_scales, stored_zeros = np.exp2(exponents.astype(np.float64) - 127)[experts], 0
+    else:
+        scales = jnp.asarray(rng.uniform(0.5, 1.5, (E, K // group_size, N)) / (8 * np.sqrt(K)), jnp.bfloat16)
+        zeros = jnp.asarray(rng.integers(0, 16, (E, K // group_size, N)), jnp.bfloat16)
+        # the bf16 scales and zeros the kernel reads
+        stored_scales, stored_zeros = (np.asarray(a, np.float64)[experts] for a in (scales, zeros))
+    operands = (x, pack_int4(jnp.asarray(q), pack), scales, zeros, jnp.asarray(block_expert, jnp.int32))
     got = grouped_matmul_int4(*operands, group_size=group_size, pack=pack, block_n=block_n, interpret=interpret,
                               codes=codes, **tiles)
-    experts = np.minimum(block_expert, E - 1)
-    stored_scales = np.asarray(operands[2], np.float64)[experts]  # the bf16 scales the kernel reads
     values = E2M1[q[experts]] if codes == "e2m1" else q[experts]
-    dense = (values - np.repeat(zeros[experts], group_size, axis=1)) * np.repeat(stored_scales, group_size, axis=1)
+    dense = (values - np.repeat(stored_zeros, group_size, axis=1) if codes != "e2m1" else values) * np.repeat(
+        stored_scales, group_size, axis=1)
     check_against_numpy(seed, x, dense, block_expert, E, got,
                         grouped_matmul_int4_reference(*operands, group_size=group_size, pack=pack, codes=codes))
 
@@ -372,8 +376,10 @@ def test_int4_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
     swiglu = functools.partial(call, swiglu=True, k_splits=1)
     assert cuda_lowering(swiglu, x, packed, scales, scales, block_expert).count("__gpu$xla.gpu.triton") == 1
     e2m1 = functools.partial(grouped_matmul_int4, group_size=32, pack=32, interpret=False, codes="e2m1")
-    mx_scales = jnp.ones((128, 64, 1536), jnp.bfloat16)
-    assert cuda_lowering(e2m1, x, packed, mx_scales, mx_scales, block_expert).count("__gpu$xla.gpu.triton") == 1
+    exponents = jnp.full((128, 64, 1536), 127, jnp.uint8)
+    assert cuda_lowering(e2m1, x, packed, exponents, None, block_expert).count("__gpu$xla.gpu.triton") == 1
+    with pytest.raises(ValueError, match="MXFP4 experts need uint8 exponents"):
+        e2m1(x, packed, exponents.astype(jnp.bfloat16), None, block_expert)
     with pytest.raises(ValueError, match="convert must be one of"):
         grouped_matmul_int4(x, packed, scales, scales, block_expert, group_size=128, pack=128, convert="exponent")
     with pytest.raises(ValueError, match=r"scales and zeros \[E, K/g, N\]"):

@@ -366,6 +366,7 @@ def test_gpt_oss_mxfp4_experts_stay_4_bit_and_give_transformers_logits(tmp_path)
     gate_up = model.model.layers[1].mlp.experts.gate_up_proj.detach().numpy()
     up = params["layers"]["expert_up"]
     assert isinstance(up, Int4Weight) and up.codes == "e2m1" and up.packed.dtype == np.uint8
+    assert up.scales.dtype == np.uint8 and up.zeros is None  # the checkpoint's E8M0 exponents as they are
     np.testing.assert_array_equal(dequantize(up)[1], gate_up[..., 1::2])
     prompts = random_prompts(config.vocab_size, seed=3)
     batch, num_pages = scattered_ragged_batch(prompts, BLOCK_SIZE, np.random.default_rng(2))

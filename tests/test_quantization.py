@@ -254,7 +254,8 @@ def test_load_time_quantization_error_is_bounded(method):
     elif method == "int4":
         bound = np.repeat(np.asarray(qw.scales, np.float32), qw.group_size, axis=-2) / 2
     elif method == "mxfp4":  # e2m1 of w / scale: steps of 0.5 up to 2, 1 up to 4, 2 up to 6; half a step
-        scale = np.repeat(np.asarray(qw.scales, np.float32), qw.group_size, axis=-2)
+        assert qw.scales.dtype == jnp.uint8 and qw.zeros is None  # E8M0 exponents, as the checkpoints store them
+        scale = np.repeat(np.exp2(np.asarray(qw.scales, np.float64) - 127), qw.group_size, axis=-2)
         v = np.abs(np.asarray(w)) / scale
         assert v.max() <= 6 and (v.reshape(2, 8, 32, 96).max(axis=2) > 3).all()  # the smallest power of two
         bound = scale * np.where(v <= 2, 0.25, np.where(v <= 4, 0.5, 1.0))
@@ -275,6 +276,16 @@ def test_int4_groups_divide_an_input_size_that_128_does_not():
     assert (np.abs(np.asarray(dequantize(qw)) - np.asarray(w)) <= bound * (1 + 1e-5) + 1e-9).all()
     with pytest.raises(QuantizationError, match="multiple of 32 rows, got 200"):
         quantize_weight(jnp.zeros((200, 64)), "int4")
+
+
+def test_e8m0_exponents_read_as_their_powers_of_two():
+    """MXFP4's scales: every uint8 E8M0 exponent ``e`` is ``2 ** (e - 127)`` exactly (0: the float32 subnormal
+    2^-127), 255 (E8M0's NaN) infinity; a weight of all zeros gets the exponent of 1."""
+    e = np.arange(256, dtype=np.uint8)
+    got = np.asarray(jax.jit(qmm.e8m0_as_f32)(jnp.asarray(e)), np.float64)
+    np.testing.assert_array_equal(got[:255], np.exp2(e[:255].astype(np.float64) - 127))
+    assert np.isinf(got[255])
+    assert (np.asarray(quantize_weight(jnp.zeros((2, 64, 8)), "mxfp4").scales) == 127).all()
 
 
 def test_mxfp4_quantizes_only_a_mixtures_experts():
