@@ -275,7 +275,7 @@ def quantize_mxfp4(w: jax.Array) -> Int4Weight:
         raise QuantizationError(f"mxfp4 needs a matrix's input size to be a multiple of {MXFP4_GROUP}, got {K}")
     w32 = w.astype(jnp.float32).reshape(*lead, K // MXFP4_GROUP, MXFP4_GROUP, N)
     amax = jnp.abs(w32).max(axis=-2)
-    exponent = jnp.clip(jnp.ceil(jnp.log2(jnp.where(amax > 0, amax / 6.0, 1.0))), -127, 127)
+    exponent = jnp.clip(jnp.ceil(jnp.log2(jnp.where(amax > 0, amax / 6.0, 1.0))), -127, qmm.MXFP4_MAX_EXPONENT - 127)
     v = w32 / jnp.exp2(exponent)[..., None, :]
     magnitude = jnp.argmin(jnp.abs(jnp.abs(v)[..., None] - jnp.asarray(_E2M1_MAGNITUDES)), axis=-1)
     codes = (magnitude + 8 * (v < 0)).astype(jnp.uint8).reshape(*lead, K, N)

@@ -45,8 +45,8 @@ CONVERSIONS = ("cvt", "affine")
 
 
 def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: int, block_n: int, block_k: int,
-                           group_size: int, k_major: bool, steps_per_split: int, columns_first: bool, convert: str,
-                           int8_convert: str, fma: bool, gather: bool, swiglu: bool, up_start: int):
+                           group_size: int, k_major: bool, steps_per_split: int, k_unroll: int, columns_first: bool,
+                           convert: str, int8_convert: str, fma: bool, gather: bool, swiglu: bool, up_start: int):
     """``refs``: where ``gather``, the rows' tokens (``row_token``); then x, the weight, the int8 / fp8 scale, the
     int4 scales and zeros or MXFP4's exponents (``convert`` "e2m1"), and the output. ``gather``: row ``r`` of a
     block is ``x[row_token[r]]``, zeros where that is past x's last row (the padding), loaded by the kernel. An int4
@@ -54,9 +54,9 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
     are one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second.
     ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed.
     Program ``(b, n, s)`` (``(n, b, s)`` where ``columns_first``) sums K steps ``[s * steps_per_split, (s + 1) *
-    steps_per_split)``. ``convert`` / ``int8_convert``: how int4 nibbles / int8 values become floats
-    (``quantized_matmul``'s forms, from ``GroupedMatmulConfig.convert`` / ``int8_convert``; the interpreter's jnp
-    form where it runs inline PTX compiled); ``fma``: the int4 dequantization's multiply-add as one instruction.
+    steps_per_split)``, ``k_unroll`` of them a loop iteration. ``convert`` / ``int8_convert``: how int4 nibbles /
+    int8 values become floats (``quantized_matmul``'s forms, from ``GroupedMatmulConfig.convert`` / ``int8_convert``;
+    the interpreter's jnp form where it runs inline PTX compiled); ``fma``: the int4 dequantization's multiply-add as one instruction.
     ``swiglu``: the weight's N columns are a gate's and an up projection's halves (the up's from ``up_start``), and
     a program's output tile is ``silu(gate) * up`` of its columns in each half (a step's x tiles loaded once for
     both)."""
@@ -125,10 +125,15 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
 
         return tuple(map(product, accs, column_sets))
 
+    def unrolled_steps(i, accs):
+        for j in range(k_unroll):
+            accs = (int4_step if int4 else dense_step)(i * k_unroll + j, accs)
+        return accs
+
     @pl.when(expert < num_experts)
     def _():
-        first = split * steps_per_split
-        accs = jax.lax.fori_loop(first, first + steps_per_split, int4_step if int4 else dense_step,
+        first = split * steps_per_split // k_unroll
+        accs = jax.lax.fori_loop(first, first + steps_per_split // k_unroll, unrolled_steps,
                                  tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in column_sets))
         if not int4 and quant_refs:
             accs = tuple(acc * quant_refs[0][expert, cols][None, :] for acc, cols in zip(accs, column_sets))
@@ -209,6 +214,10 @@ class GroupedMatmulConfig:
     # product is then neither written nor read back by a separate fusion (Qwen3-30B-A3B's 16k-token prompt step:
     # ~450 MB written and read again a layer). Off until the engine measures it (two accumulators a program).
     swiglu_epilogue: bool = False
+    # K steps a loop iteration of every program (capped at what divides its steps): MXFP4's steps are 32 rows (a
+    # scale's group, 16 bytes a column), so a step's loads are small; 2 or 4 give the pipeline more bytes an
+    # iteration. Untimed: 1 (a step an iteration) until measured.
+    k_unroll: int = 1
     # Decode-sized blocks: 4 programs share a block's K steps, 3 stages (run 37, H100: int4 gate/up at one token
     # 44.7 -> 35.4 us; AWQ Qwen3-30B-A3B batch-1 TPOT 3.83 -> 3.46 ms). 128 columns in every regime (run 39 sweep,
     # H100, Qwen3-30B-A3B shapes: at one token int8 gate/up 28.9 -> 25.3 us, int4 30.6 -> 29.1; at 1,024 tokens int8
@@ -249,12 +258,13 @@ class GroupedMatmulConfig:
 
     def tiles(self, block_m: int, int8: bool = False) -> dict:
         """``block_n``, ``block_k``, ``num_warps``, ``num_stages``, ``k_splits`` for blocks of ``block_m`` rows, and
-        the launch order and conversion (``columns_first``, ``convert``: the same for both; ``int8_convert`` as
-        ``convert`` for int8 weights)."""
+        the launch order, unrolling and conversion (``columns_first``, ``k_unroll``, ``convert``: the same for all;
+        ``int8_convert`` as ``convert`` for int8 weights)."""
         prefix = self.regime(block_m)
         return {**{name: getattr(self, prefix + name) for name in ("block_n", "block_k", "num_warps", "num_stages",
                                                                     "k_splits")},
-                "columns_first": self.columns_first, "convert": self.int8_convert if int8 else self.convert}
+                "columns_first": self.columns_first, "k_unroll": self.k_unroll,
+                "convert": self.int8_convert if int8 else self.convert}
 
 
 @functools.cache
@@ -282,6 +292,7 @@ def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_
         raise ValueError(f"the grouped matmul's convert must be one of {CONVERSIONS}, got {convert!r}")
     steps = k // block_k
     splits = max(d for d in range(1, min(tiles["k_splits"], steps) + 1) if steps % d == 0)
+    unroll = max(d for d in range(1, min(tiles["k_unroll"], steps // splits) + 1) if steps // splits % d == 0)
     form = interpreted_conversion if interpret else str  # inline PTX runs compiled only: the interpreter's jnp form
     int8_convert = "permute" if convert == "affine" else "cvt"  # int8's form of the byte-permute conversion
     fused = swiglu and splits == 1  # split partial sums are added first, so then the activation follows outside
@@ -290,7 +301,7 @@ def _call(x, block_expert, operands: tuple, *, row_token, n: int, k: int, block_
     out_n = n // 2 if fused else n
     kernel = functools.partial(_grouped_matmul_kernel, num_experts=operands[0].shape[0], block_m=block_m,
                                block_n=block_n, block_k=block_k, group_size=group_size, k_major=k_major,
-                               steps_per_split=steps // splits, columns_first=columns_first,
+                               steps_per_split=steps // splits, k_unroll=unroll, columns_first=columns_first,
                                convert="e2m1" if codes == "e2m1" else form(convert), int8_convert=form(int8_convert),
                                fma=convert == "affine" and codes != "e2m1" and not interpret,
                                gather=row_token is not None, swiglu=fused, up_start=n // 2)
@@ -323,11 +334,12 @@ def _tiles(block_m: int, overrides: dict, int8: bool = False) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("k_major", "block_n", "block_k", "num_warps", "num_stages", "k_splits",
-                                             "columns_first", "convert", "swiglu", "interpret"))
+                                             "k_unroll", "columns_first", "convert", "swiglu", "interpret"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: Optional[jax.Array] = None, *,
                    k_major: bool = False, block_n: Optional[int] = None, block_k: Optional[int] = None,
                    num_warps: Optional[int] = None, num_stages: Optional[int] = None, k_splits: Optional[int] = None,
-                   columns_first: Optional[bool] = None, convert: Optional[str] = None, swiglu: bool = False,
+                   k_unroll: Optional[int] = None, columns_first: Optional[bool] = None,
+                   convert: Optional[str] = None, swiglu: bool = False,
                    row_token: Optional[jax.Array] = None, interpret: Optional[bool] = None) -> jax.Array:
     """``y[R, N]`` (x's dtype): each block of rows of ``x[R, K]`` times its expert's ``w[E, K, N]`` (module doc),
     or ``w[E, N, K]`` where ``k_major``; int8 / fp8 ``w`` with its per-column ``scale[E, N]``
@@ -339,7 +351,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
     k, n = _weight_dims(w, k_major)
     block_m = _check_shapes(x, w, block_expert, scale, k, n, row_token, swiglu)
     tiles = _tiles(block_m, dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-                                 k_splits=k_splits, columns_first=columns_first, convert=convert),
+                                 k_splits=k_splits, k_unroll=k_unroll, columns_first=columns_first, convert=convert),
                    int8=w.dtype == jnp.int8)
     block = functools.partial(block_size, kernel="the grouped matmul")
     name = "moe_grouped_matmul" + ("" if scale is None else "_" + jnp.dtype(w.dtype).name)
@@ -349,12 +361,13 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, scale: O
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "pack", "block_n", "num_warps", "num_stages", "k_splits",
-                                             "columns_first", "convert", "swiglu", "interpret", "codes"))
+                                             "k_unroll", "columns_first", "convert", "swiglu", "interpret", "codes"))
 def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: Optional[jax.Array],
                         block_expert: jax.Array, *, group_size: int, pack: int, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                        k_splits: Optional[int] = None, columns_first: Optional[bool] = None,
-                        convert: Optional[str] = None, swiglu: bool = False, row_token: Optional[jax.Array] = None,
+                        k_splits: Optional[int] = None, k_unroll: Optional[int] = None,
+                        columns_first: Optional[bool] = None, convert: Optional[str] = None, swiglu: bool = False,
+                        row_token: Optional[jax.Array] = None,
                         interpret: Optional[bool] = None, codes: str = "uint4") -> jax.Array:
     """The grouped matmul with 4-bit experts (``models.quantization.Int4Weight``'s fields: ``packed [E, K/2, N]``
     in ``pack``-row blocks, ``scales`` / ``zeros [E, K/g, N]``): each tile is dequantized, ``(q - zero) * scale``
@@ -364,7 +377,7 @@ def grouped_matmul_int4(x: jax.Array, packed: jax.Array, scales: jax.Array, zero
     block_m = _check_int4(x, packed, scales, zeros, block_expert, group_size, pack, row_token, swiglu, codes)
     n = packed.shape[2]
     tiles = _tiles(block_m, dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, k_splits=k_splits,
-                                 columns_first=columns_first, convert=convert))
+                                 k_unroll=k_unroll, columns_first=columns_first, convert=convert))
     quant = (scales,) if codes == "e2m1" else (scales, zeros)
     return _call(x, block_expert, (packed, *quant), row_token=row_token, n=n, k=2 * packed.shape[1],
                  block_m=block_m, block_n=block_size(n, tiles["block_n"], "N", kernel="the grouped matmul"),

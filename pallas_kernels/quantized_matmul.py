@@ -218,11 +218,22 @@ def e8m0_as_f32(exponents: jax.Array) -> jax.Array:
     return jnp.where(e == 0, jnp.float32(2.0 ** -127), lax.bitcast_convert_type(e << 23, jnp.float32))
 
 
+MXFP4_MAX_EXPONENT = 240  # E8M0 exponents the kernels take: 2^(e - 127) * 2^14 must be a float32 (e + 14 <= 254)
+
+
 def e2m1_tile_weights(packed: jax.Array, exponents: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """A packed MXFP4 tile's low- and high-nibble halves in ``dtype``: FP4 values times their group's power of two
-    (``exponents``, E8M0, one a column); the float32 product is exact."""
-    scale = e8m0_as_f32(exponents)
-    return (e2m1_as_f32(packed & 0xF) * scale).astype(dtype), (e2m1_as_f32(packed >> 4) * scale).astype(dtype)
+    (``exponents``, E8M0, one a column, at most ``MXFP4_MAX_EXPONENT``); exact. An FP4 code's sign, exponent and
+    mantissa bits moved into a float16's (``s00eem000000000``) read as the code's value times 2^-14, the two codes
+    without an exponent (0 and 0.5) included, as float16 subnormals; so a weight costs two shifts, a bitwise
+    merge, a float16 -> float32 conversion and a multiply by ``2^(e - 127) * 2^14`` (the scale's exponent bits
+    moved up by 14), not ``e2m1_as_f32``'s selects and conversions."""
+    scale = lax.bitcast_convert_type((exponents.astype(jnp.int32) + 14) << 23, jnp.float32)
+    bytes_ = packed.astype(jnp.int32)
+    low = ((bytes_ & 0x8) << 12) | ((bytes_ & 0x7) << 9)
+    high = ((bytes_ & 0x80) << 8) | ((bytes_ & 0x70) << 5)
+    as_f32 = lambda bits: lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(jnp.float32)  # noqa: E731
+    return (as_f32(low) * scale).astype(dtype), (as_f32(high) * scale).astype(dtype)
 
 
 def dequantize_int4(packed, scales, zeros, *, group_size: int, pack: int, dtype=jnp.float32,

@@ -84,14 +84,15 @@ def triton_module_text(debug_output: str) -> str:
     return text + "\n"
 
 
-KERNELS = ("int4", "int8-kmajor", "moe", "attention-decode", "attention-prefill")
+KERNELS = ("int4", "int8-kmajor", "moe", "moe-mxfp4", "attention-decode", "attention-prefill")
 
 
 def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, rows: int = 1,
                    kv_dtype: str = "bfloat16") -> tuple[str, int, int]:
     """The Triton module of the engine's one-row GEMV for ``x[1, K] @ W[K, N]`` (int4: packed in blocks of ``pack``
     rows of K, the K step of its GEMV; ``rows`` > 1: the tensor-core form for ``x[rows, K]``; "moe": the grouped
-    matmul of ``pallas_kernels.grouped_matmul``, ``rows`` a block), or of an attention launch (``config``: ``Tiling``
+    matmul of ``pallas_kernels.grouped_matmul``, ``rows`` a block; "moe-mxfp4": its MXFP4 experts, compiled with their
+    tiles' stages), or of an attention launch (``config``: ``Tiling``
     fields; shapes fixed; KV pages of ``kv_dtype``), its warp count and the stage count to compile it with (the GEMVs
     and the grouped matmul 1, as before; the attention launches their tiling's, the pipeliner's buffers)."""
     import jax.numpy as jnp
@@ -100,7 +101,7 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, r
 
     if kernel.startswith("attention-"):
         return _attention_module(kernel.removeprefix("attention-"), config, kv_dtype)
-    cfg = qmm.MatmulConfig(**config) if kernel != "moe" else None
+    cfg = qmm.MatmulConfig(**config) if not kernel.startswith("moe") else None
     x = jnp.ones((rows, K), jnp.bfloat16)
     if kernel == "int4":
         args = (x, jnp.zeros((K // 2, N), jnp.uint8), jnp.ones((K // 128, N), jnp.bfloat16),
@@ -118,6 +119,15 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, r
         fn = functools.partial(grouped_matmul, interpret=False, **config)
         num_warps = config.get("num_warps") or grouped_matmul_config().tiles(block_m)["num_warps"]
         return triton_module_text(_printed_modules(fn, args)), num_warps, 1
+    elif kernel == "moe-mxfp4":  # the same blocks over FP4 codes with a uint8 exponent each 32 rows
+        from pallas_kernels.grouped_matmul import grouped_matmul_config, grouped_matmul_int4
+
+        block_m = max(rows, 16)
+        args = (jnp.ones((8 * block_m, K), jnp.bfloat16), jnp.zeros((128, K // 2, N), jnp.uint8),
+                jnp.full((128, K // 32, N), 127, jnp.uint8), None, jnp.arange(8, dtype=jnp.int32))
+        fn = functools.partial(grouped_matmul_int4, group_size=32, pack=32, codes="e2m1", interpret=False, **config)
+        tiles = {**grouped_matmul_config().tiles(block_m), **config}
+        return triton_module_text(_printed_modules(fn, args)), tiles["num_warps"], tiles["num_stages"]
     else:
         raise ValueError(f"--kernel must be one of {KERNELS}, got {kernel!r}")
     return triton_module_text(_printed_modules(fn, args)), cfg.gemv_num_warps if rows == 1 else cfg.num_warps, 1

@@ -323,10 +323,12 @@ def steps(results: str) -> list[tuple[str, list[str], int]]:
           for kind, argv in (("latency", lambda *a: latency(None, *a)),
                              ("tput-short", lambda *a: tput("tput-short", "--num-requests", "256", *a)))),
         # Its experts' grouped matmul alone: bf16 against MXFP4 (FP4 codes, a uint8 exponent each 32 rows) at a decode
-        # step's, a decode batch's and a prompt step's tokens.
+        # step's, a decode batch's and a prompt step's tokens, with 1, 2 and 4 K steps a loop iteration (MXFP4's
+        # steps are 32 rows: small loads).
         ("grouped-matmul-gpt-oss", bench("bench_grouped_matmul.py", "--model", GPT_OSS, "--tokens", "1,256,4096",
-                                         "--formats", "bf16,mxfp4", "--output-json",
-                                         f"{results}/grouped-matmul-gpt-oss.json"), 200),
+                                         "--formats", "mxfp4,bf16", "--configs",
+                                         '[{}, {"k_unroll": 2}, {"k_unroll": 4}]', "--output-json",
+                                         f"{results}/grouped-matmul-gpt-oss.json"), 240),
         # A pooling engine (engine/pooling.py, untimed so far): the 8B's shapes embedding 1024 x 512-token prompts.
         ("embed", bench("bench_embed.py", "--output-json", f"{results}/embed.json"), 200),
         # Speculative decoding by n-gram lookup (engine/speculative.py, untimed on a GPU): the embedded default model's

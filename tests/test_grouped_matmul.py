@@ -219,14 +219,18 @@ def test_int4_k_splits_sum_their_partial_products():
     run_int4_case(*INT4_CPU_CASES[0], interpret=True, k_splits=2, columns_first=True)
 
 
-def test_mxfp4_codes_interpret():
-    """gpt-oss's MXFP4 experts: FP4 e2m1 codes in 32-row groups (a power-of-two scale each), split over K."""
-    run_int4_case(4, 16, 3, 128, 64, 32, 32, 32, interpret=True, codes="e2m1", k_splits=2)
+@pytest.mark.parametrize("k_unroll", [1, 2])
+def test_mxfp4_codes_interpret(k_unroll):
+    """gpt-oss's MXFP4 experts: FP4 e2m1 codes in 32-row groups (a power-of-two scale each), split over K, and
+    with two K steps a loop iteration."""
+    run_int4_case(4, 16, 3, 128, 64, 32, 32, 32, interpret=True, codes="e2m1", k_splits=2, k_unroll=k_unroll)
 
 
 @pytest.mark.gpu
-def test_mxfp4_codes_on_gpu():
-    run_int4_case(64, 16, 32, 2880, 1024, 32, 32, 64, interpret=False, codes="e2m1")  # gpt-oss-20b's K
+@pytest.mark.parametrize("k_unroll", [1, 2, 4])
+def test_mxfp4_codes_on_gpu(k_unroll):
+    run_int4_case(64, 16, 32, 2880, 1024, 32, 32, 64, interpret=False, codes="e2m1",  # gpt-oss-20b's K
+                  k_unroll=k_unroll)
 
 
 def check_row_gather(seed, call, reference, x, num_rows: int) -> None:
@@ -339,7 +343,7 @@ def test_each_conversion_gives_the_same_products(run, case, convert):
 @pytest.mark.parametrize("run, case", [(run_case, GPU_CASES[0]), (run_case, GPU_CASES[3]),
                                        (run_case, GPU_CASES[0][:6] + (128, 64)), (run_int4_case, INT4_GPU_CASES[0]),
                                        (run_int4_case, INT4_GPU_CASES[0][:7] + (128,))])
-@pytest.mark.parametrize("tiles", [dict(k_splits=4, num_stages=3), dict(num_warps=8, num_stages=4, columns_first=True),
+@pytest.mark.parametrize("tiles", [dict(k_splits=4, num_stages=3), dict(num_warps=8, num_stages=4, columns_first=True, k_unroll=2),
                                    dict(num_warps=2, k_splits=4, columns_first=False, convert="cvt")])
 def test_tile_settings_on_gpu(run, case, tiles):
     """The settings ``scripts/bench_grouped_matmul.py`` sweeps compile and give numpy's products (the cases' last
@@ -378,6 +382,8 @@ def test_int4_grouped_matmul_lowers_to_one_triton_call_and_checks_its_inputs():
     e2m1 = functools.partial(grouped_matmul_int4, group_size=32, pack=32, interpret=False, codes="e2m1")
     exponents = jnp.full((128, 64, 1536), 127, jnp.uint8)
     assert cuda_lowering(e2m1, x, packed, exponents, None, block_expert).count("__gpu$xla.gpu.triton") == 1
+    assert cuda_lowering(functools.partial(e2m1, k_unroll=4), x, packed, exponents, None,
+                         block_expert).count("__gpu$xla.gpu.triton") == 1
     with pytest.raises(ValueError, match="MXFP4 experts need uint8 exponents"):
         e2m1(x, packed, exponents.astype(jnp.bfloat16), None, block_expert)
     with pytest.raises(ValueError, match="convert must be one of"):

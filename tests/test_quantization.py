@@ -288,6 +288,20 @@ def test_e8m0_exponents_read_as_their_powers_of_two():
     assert (np.asarray(quantize_weight(jnp.zeros((2, 64, 8)), "mxfp4").scales) == 127).all()
 
 
+def test_the_kernels_mxfp4_tile_decoding_is_exact():
+    """``e2m1_tile_weights`` (FP4 codes read through float16's bits, the scale's exponent moved up by 14): every byte's
+    two codes times every power of two the kernels take, exactly, signs of zero included; float32 subnormal products
+    (exponents 0 and 1) left out, which XLA's CPU flushes whatever the decoding."""
+    values = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+    b = np.arange(256, dtype=np.uint8)[:, None]
+    e = np.arange(2, qmm.MXFP4_MAX_EXPONENT + 1, dtype=np.uint8)[None, :]
+    low, high = jax.jit(qmm.e2m1_tile_weights, static_argnums=2)(jnp.asarray(b), jnp.asarray(e), jnp.float32)
+    for got, codes in ((low, b & 15), (high, b >> 4)):
+        want = values[codes] * np.exp2(e.astype(np.float64) - 127)
+        np.testing.assert_array_equal(np.asarray(got, np.float64), want)
+        assert (np.signbit(np.asarray(got)) == np.signbit(want)).all()
+
+
 def test_mxfp4_quantizes_only_a_mixtures_experts():
     """``quantization="mxfp4"`` (gpt-oss's form): a mixture's experts 4-bit, its other matrices dense; a model
     without experts is refused by name, as is an input size off 32."""
