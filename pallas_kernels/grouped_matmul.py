@@ -56,7 +56,8 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
     Program ``(b, n, s)`` (``(n, b, s)`` where ``columns_first``) sums K steps ``[s * steps_per_split, (s + 1) *
     steps_per_split)``, ``k_unroll`` of them a loop iteration. ``convert`` / ``int8_convert``: how int4 nibbles /
     int8 values become floats (``quantized_matmul``'s forms, from ``GroupedMatmulConfig.convert`` / ``int8_convert``;
-    the interpreter's jnp form where it runs inline PTX compiled); ``fma``: the int4 dequantization's multiply-add as one instruction.
+    the interpreter's jnp form where it runs inline PTX compiled); ``fma``: the int4 dequantization's multiply-add
+    as one instruction.
     ``swiglu``: the weight's N columns are a gate's and an up projection's halves (the up's from ``up_start``), and
     a program's output tile is ``silu(gate) * up`` of its columns in each half (a step's x tiles loaded once for
     both)."""

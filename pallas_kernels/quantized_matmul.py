@@ -232,8 +232,8 @@ def e2m1_tile_weights(packed: jax.Array, exponents: jax.Array, dtype) -> tuple[j
     bytes_ = packed.astype(jnp.int32)
     low = ((bytes_ & 0x8) << 12) | ((bytes_ & 0x7) << 9)
     high = ((bytes_ & 0x80) << 8) | ((bytes_ & 0x70) << 5)
-    as_f32 = lambda bits: lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(jnp.float32)  # noqa: E731
-    return (as_f32(low) * scale).astype(dtype), (as_f32(high) * scale).astype(dtype)
+    return tuple((lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(jnp.float32) * scale)
+                 .astype(dtype) for bits in (low, high))
 
 
 def dequantize_int4(packed, scales, zeros, *, group_size: int, pack: int, dtype=jnp.float32,

@@ -343,7 +343,8 @@ def test_each_conversion_gives_the_same_products(run, case, convert):
 @pytest.mark.parametrize("run, case", [(run_case, GPU_CASES[0]), (run_case, GPU_CASES[3]),
                                        (run_case, GPU_CASES[0][:6] + (128, 64)), (run_int4_case, INT4_GPU_CASES[0]),
                                        (run_int4_case, INT4_GPU_CASES[0][:7] + (128,))])
-@pytest.mark.parametrize("tiles", [dict(k_splits=4, num_stages=3), dict(num_warps=8, num_stages=4, columns_first=True, k_unroll=2),
+@pytest.mark.parametrize("tiles", [dict(k_splits=4, num_stages=3),
+                                   dict(num_warps=8, num_stages=4, columns_first=True, k_unroll=2),
                                    dict(num_warps=2, k_splits=4, columns_first=False, convert="cvt")])
 def test_tile_settings_on_gpu(run, case, tiles):
     """The settings ``scripts/bench_grouped_matmul.py`` sweeps compile and give numpy's products (the cases' last
