@@ -50,8 +50,8 @@ def _grouped_matmul_kernel(block_expert_ref, *refs, num_experts: int, block_m: i
     """``refs``: where ``gather``, the rows' tokens (``row_token``); then x, the weight, the int8 / fp8 scale, the
     int4 scales and zeros or MXFP4's exponents (``convert`` "e2m1"), and the output. ``gather``: row ``r`` of a
     block is ``x[row_token[r]]``, zeros where that is past x's last row (the padding), loaded by the kernel. An int4
-    step's ``block_k`` rows
-    are one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high nibbles its second.
+    step's ``block_k`` rows are one packing block (``quantized_matmul.pack_int4``): low nibbles its first half, high
+    nibbles its second.
     ``k_major``: ``w`` is ``[E, N, K]`` (fp8 experts, as ``Fp8Weight`` stores them), each tile transposed.
     Program ``(b, n, s)`` (``(n, b, s)`` where ``columns_first``) sums K steps ``[s * steps_per_split, (s + 1) *
     steps_per_split)``, ``k_unroll`` of them a loop iteration. ``convert`` / ``int8_convert``: how int4 nibbles /
