@@ -205,7 +205,7 @@ class ModelConfig:
             **fields,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
-            rope_scaling=_parse_rope_scaling(rope, int(d.get("max_position_embeddings", 4096))),
+            rope_scaling=parse_rope_scaling(rope, int(d.get("max_position_embeddings", 4096))),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT_MODEL_TYPES)),
             qkv_bias=(model_type == "qwen2" or bool(d.get("attention_bias", False))
                       or (model_type == "qwen2_moe" and bool(d.get("qkv_bias", True)))),
@@ -222,7 +222,7 @@ class ModelConfig:
             # OLMo 2: each block's output normed before its residual add, no norm before the blocks; q and k normed
             # over all their heads at once.
             **(dict(sandwich_norms=True, pre_norms=False, qk_norm_full=True) if model_type == "olmo2" else {}),
-            **(_gpt_oss_fields(d, fields["num_layers"]) if model_type == "gpt_oss" else {}),
+            **(gpt_oss_fields(d, fields["num_layers"]) if model_type == "gpt_oss" else {}),
         )
 
     @classmethod
@@ -363,7 +363,7 @@ def _sliding_layers(d: dict[str, Any], types: list[str]) -> Optional[tuple]:
     return tuple(t == "sliding_attention" for t in types) if d.get("sliding_window") else None
 
 
-def _gpt_oss_fields(d: dict[str, Any], num_layers: int) -> dict[str, Any]:
+def gpt_oss_fields(d: dict[str, Any], num_layers: int) -> dict[str, Any]:
     """gpt-oss's departures from a Llama mixture of experts (transformers' GptOss model): sliding and full layers in
     turn (from a sliding one), attention sinks, biases in the router and the experts, and the clamped gate."""
     limit = d.get("swiglu_limit", 7.0)
@@ -398,7 +398,7 @@ def _positive_or_none(value: Any) -> Optional[float]:
     return float(value) if value else None
 
 
-def _parse_rope_scaling(rope: dict, max_position_embeddings: int) -> Optional[tuple]:
+def parse_rope_scaling(rope: dict, max_position_embeddings: int) -> Optional[tuple]:
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(

@@ -1,7 +1,10 @@
 """GGUF checkpoints: read the model config from GGUF metadata and load the weights.
 
-Architectures: llama (Mixtral too, where it has experts), qwen2, qwen3, qwen2moe, qwen3moe; the experts come as
-llama.cpp merges them, one ``[E, out, in]`` tensor a layer and projection.
+Architectures: llama (Mixtral too, where it has experts), qwen2, qwen3, qwen2moe, qwen3moe, gpt-oss; the experts
+come as llama.cpp merges them, one ``[E, out, in]`` tensor a layer and projection. gpt-oss's MXFP4 experts stay
+4-bit: llama.cpp's MXFP4 blocks (an E8M0 exponent, then 16 bytes holding value ``j`` in the low nibble of byte ``j``
+and value ``j + 16`` in its high one) are the engine's MXFP4 layout as they are (``pack_int4``'s 32-row blocks), so
+their bytes are only transposed.
 
 Owns the mapping from llama.cpp's GGUF layout (metadata keys, tensor names, row
 permutation of q/k, quantized blocks) to ``ModelConfig`` and the params pytree of
@@ -25,22 +28,25 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
-from models.config import ModelConfig, UnsupportedModelError
+from models.config import ModelConfig, UnsupportedModelError, gpt_oss_fields, parse_rope_scaling
 from models.llama import param_shapes, rope_inv_freq
+from models.quantization import MXFP4_GROUP, Int4Weight, field_shardings, mxfp4_weight
+from pallas_kernels.quantized_matmul import MXFP4_MAX_EXPONENT
 
 # Every type is dequantized to float32 by ``gguf.quants`` (llama.cpp's reference code) as its tensor is read, then
 # cast to the model dtype (``quantization=`` then makes the weights small again on the device): the legacy types and
 # llama.cpp's k-quants (Q4_K_M files are Q4_K and Q6_K tensors) and 4-bit non-linear ones.
 SUPPORTED_TENSOR_TYPES = tuple(GGMLQuantizationType[name] for name in (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
-))
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4",
+))  # MXFP4 experts are kept 4-bit (``_mxfp4_experts``); any other MXFP4 tensor is decoded as the rest
 # GGUF ``general.architecture`` -> our ``ModelConfig.model_type``.
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe",
-                           "qwen3moe": "qwen3_moe"}
+                           "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss"}
 # Mixtures of experts (``{arch}.expert_count > 0``; llama.cpp keeps Mixtral under "llama"): our model type, whether
 # the top k routing weights are renormalised (llama.cpp's ``norm_w``, as each model's Hugging Face config).
-_MOE_ARCHITECTURES = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True)}
+_MOE_ARCHITECTURES = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True),
+                      "gpt-oss": ("gpt_oss", True)}
 # llama.cpp's converter interleaves the rotary halves of q/k rows only for its
 # "llama" architecture (it runs llama with GPT-J style RoPE); qwen2/qwen3 are stored
 # in Hugging Face's half-split order (NEOX RoPE) and need no un-permutation.
@@ -70,7 +76,16 @@ _LAYER_TENSORS = {
     "expert_up": "ffn_up_exps.weight",
     "expert_down": "ffn_down_exps.weight",
     "shared_expert_gate": "ffn_gate_inp_shexp.weight",
+    # gpt-oss: the router's and the experts' biases ([E, out]), a sink logit a query head
+    "router_bias": "ffn_gate_inp.bias",
+    "expert_gate_bias": "ffn_gate_exps.bias",
+    "expert_up_bias": "ffn_up_exps.bias",
+    "expert_down_bias": "ffn_down_exps.bias",
+    "sinks": "attn_sinks.weight",
 }
+_ARCH_LAYER_TENSORS = {"gpt-oss": {"post_norm": "post_attention_norm.weight"}}  # where an architecture differs
+_EXPERT_WEIGHTS = ("expert_gate", "expert_up", "expert_down")
+_GPT_OSS_SWIGLU_LIMIT = 7.0  # llama.cpp's gpt-oss gate clamp, where the file names none (swiglu_clamp_exp)
 _SHARED_EXPERT_TENSORS = {"w_gate": "ffn_gate_shexp.weight", "w_up": "ffn_up_shexp.weight",
                           "w_down": "ffn_down_shexp.weight"}
 _GLOBAL_TENSORS = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
@@ -189,10 +204,42 @@ def read_gguf_config(source: GGUFSource) -> ModelConfig:
     )
     if config.num_heads % config.num_kv_heads:
         raise GGUFError(f"head_count={num_heads} is not a multiple of head_count_kv={num_kv_heads}")
+    if arch == "gpt-oss":
+        return _gpt_oss_config(config, arch_key)
     rope_scaling = _rope_scaling(reader, arch, config, tensors.get("rope_freqs.weight"))
     if rope_scaling is not None:
         config = dataclasses.replace(config, rope_scaling=rope_scaling)
     return config
+
+
+def _gpt_oss_config(config: ModelConfig, arch_key) -> ModelConfig:
+    """gpt-oss's fields (``models.config.gpt_oss_fields``) from llama.cpp's keys: the sliding window (sliding and full
+    layers in turn from a sliding one, as llama.cpp runs them), YaRN (gpt-oss's, without truncation, as its
+    ``config.json`` says), the gate's clamp (``swiglu_clamp_exp``, one a layer, else llama.cpp's 7)."""
+    limits = arch_key("swiglu_clamp_exp", None)
+    limits = [float(v) for v in limits] if isinstance(limits, (list, tuple)) else [limits]
+    limit = _GPT_OSS_SWIGLU_LIMIT if limits[0] is None else float(limits[0])
+    if any(v != limit for v in limits[1:]):
+        raise UnsupportedModelError(f"gpt-oss with a gate clamp that differs between layers ({limits})")
+    kind = arch_key("rope.scaling.type", "none")
+    if kind not in ("none", "", "yarn"):
+        raise UnsupportedModelError(f"unsupported GGUF rope scaling type {kind!r} for gpt-oss; supported: none, yarn")
+    rope = None if kind != "yarn" else dict(
+        rope_type="yarn", factor=float(arch_key("rope.scaling.factor")),
+        original_max_position_embeddings=int(arch_key("rope.scaling.original_context_length")),
+        beta_fast=float(arch_key("rope.scaling.yarn_beta_fast", 32.0)),
+        beta_slow=float(arch_key("rope.scaling.yarn_beta_slow", 1.0)), truncate=False)
+    window = int(arch_key("attention.sliding_window"))
+    fields = gpt_oss_fields(dict(sliding_window=window, swiglu_limit=limit), config.num_layers)
+    return dataclasses.replace(config, sliding_window=window, **fields,
+                               rope_scaling=None if rope is None else parse_rope_scaling(
+                                   rope, config.max_position_embeddings))
+
+
+def has_mxfp4_experts(source: GGUFSource) -> bool:
+    """Whether the file's experts are MXFP4 (gpt-oss's published form): loaded 4-bit, its quantization "mxfp4"."""
+    return any(t.tensor_type == GGMLQuantizationType.MXFP4 and t.name.endswith("_exps.weight")
+               for t in _open(source).tensors)
 
 
 def _rope_scaling(reader: GGUFReader, arch: str, config: ModelConfig, rope_freqs) -> Optional[tuple]:
@@ -253,13 +300,27 @@ class _TensorSource:
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # numpy shape [out, in]
         if permute_heads is not None and self.unpermute:
             w = unpermute_qk_rows(w, permute_heads)
-        if w.ndim >= 2 and name != _GLOBAL_TENSORS["embed"]:
+        if w.ndim >= 2 and name != _GLOBAL_TENSORS["embed"] and not name.endswith(".bias"):
             w = np.swapaxes(w, -1, -2)  # token_embd is already [V, H]; linear weights become [in, out] (per expert)
         if w.ndim == 1 and len(expected_shape) == 2 and w.size == np.prod(expected_shape):
             w = w.reshape(expected_shape)  # a Linear with one output (qwen2moe's shared expert gate) stored as [H]
         if w.shape != tuple(expected_shape):
             raise GGUFError(f"tensor {name!r} has shape {w.shape} after loading, expected {tuple(expected_shape)}")
         return w
+
+    def is_mxfp4(self, name: str) -> bool:
+        return self._tensors[name].tensor_type == GGMLQuantizationType.MXFP4
+
+    def mxfp4(self, name: str, expected_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """An MXFP4 tensor ``[E, N, K]`` as the engine keeps it: ``(packed [E, K/2, N], exponents [E, K/32, N])``,
+        its bytes only moved (module docstring)."""
+        E, K, N = expected_shape
+        blocks = np.asarray(self._tensors[name].data).reshape(E, N, K // MXFP4_GROUP, 1 + MXFP4_GROUP // 2)
+        exponents = blocks[..., 0]
+        if exponents.max(initial=0) > MXFP4_MAX_EXPONENT:
+            raise GGUFError(f"MXFP4 tensor {name!r} in {self._path!r} holds exponent {exponents.max()}; the kernels "
+                            f"take at most {MXFP4_MAX_EXPONENT} (a scale of 2^{MXFP4_MAX_EXPONENT - 127})")
+        return (np.swapaxes(blocks[..., 1:].reshape(E, N, K // 2), -1, -2), np.swapaxes(exponents, -1, -2))
 
 
 def load_gguf_params(source: GGUFSource, config: ModelConfig, dtype: Any, shardings: Optional[dict] = None,
@@ -273,14 +334,16 @@ def load_gguf_params(source: GGUFSource, config: ModelConfig, dtype: Any, shardi
     each parameter is placed with ``jax.device_put`` as soon as it is built.
     ``progress`` shows a tqdm bar over tensors.
     """
-    tensors = _TensorSource(_open(source))
     shapes = param_shapes(config)
     layer_shapes = shapes.pop("layers")
     np_dtype = jnp.dtype(dtype)
     permute_heads = {"wq": config.num_heads, "bq": config.num_heads,
                      "wk": config.num_kv_heads, "bk": config.num_kv_heads}
-    tensor_of = {**_LAYER_TENSORS, **(_SHARED_EXPERT_TENSORS if config.shared_expert_size else {})}
+    reader = _open(source)
+    tensor_of = {**_LAYER_TENSORS, **(_SHARED_EXPERT_TENSORS if config.shared_expert_size else {}),
+                 **_ARCH_LAYER_TENSORS.get(_architecture(reader), {})}
     layer_names = {p: [f"blk.{i}.{tensor_of[p]}" for i in range(config.num_layers)] for p in layer_shapes}
+    tensors = _TensorSource(reader)
     tensors.check([_GLOBAL_TENSORS[p] for p in shapes] + [n for names in layer_names.values() for n in names])
 
     def place(value: np.ndarray, *keys: str) -> jax.Array:
@@ -296,9 +359,30 @@ def load_gguf_params(source: GGUFSource, config: ModelConfig, dtype: Any, shardi
             params[p] = place(tensors.get(_GLOBAL_TENSORS[p], shape).astype(np_dtype), p)
             bar.update()
         for p, shape in layer_shapes.items():
+            if p in _EXPERT_WEIGHTS and any(map(tensors.is_mxfp4, layer_names[p])):
+                weight = _mxfp4_experts(tensors, layer_names[p], shape)
+                sharding = shardings["layers"][p] if shardings is not None else None
+                params["layers"][p] = jax.device_put(weight, None if sharding is None
+                                                     else field_shardings(weight, sharding))
+                bar.update(len(layer_names[p]))
+                continue
             stacked = np.empty(shape, np_dtype)  # fill layer by layer: one float32 layer at a time
             for i, name in enumerate(layer_names[p]):
                 stacked[i] = tensors.get(name, shape[1:], permute_heads.get(p))
                 bar.update()
             params["layers"][p] = place(stacked, "layers", p)
     return params
+
+
+def _mxfp4_experts(tensors: _TensorSource, names: list[str], shape: tuple) -> Int4Weight:
+    """A stack of MXFP4 expert matrices (``names``: one a layer, each ``[E, N, K]`` in the file) kept 4-bit:
+    ``Int4Weight(codes="e2m1")`` of ``shape`` ``[L, E, K, N]``."""
+    L, E, K, N = shape
+    if not all(map(tensors.is_mxfp4, names)):
+        raise GGUFError(f"{names[0].split('.', 2)[-1]!r} is MXFP4 in some layers only; the engine keeps a stack of "
+                        "experts in one format")
+    packed = np.empty((L, E, K // 2, N), np.uint8)
+    exponents = np.empty((L, E, K // MXFP4_GROUP, N), np.uint8)
+    for layer, name in enumerate(names):
+        packed[layer], exponents[layer] = tensors.mxfp4(name, (E, K, N))
+    return mxfp4_weight(packed, exponents)

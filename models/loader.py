@@ -93,7 +93,7 @@ def load_model(
     fmt = detect_format(path, load_format)
     jdtype = resolve_dtype(dtype)
     if fmt == "gguf":
-        from models.gguf_loader import load_gguf_params, open_gguf, read_gguf_config
+        from models.gguf_loader import has_mxfp4_experts, load_gguf_params, open_gguf, read_gguf_config
 
         source = open_gguf(path)  # parse the metadata once for config and weights
         config = read_gguf_config(source)
@@ -112,6 +112,8 @@ def load_model(
                                    "it scales both", path)
                 config = dataclasses.replace(config, kv_cache_scales=True)
     stored = CheckpointQuantization.from_checkpoint(path) if fmt == "safetensors" else None
+    if fmt == "gguf" and has_mxfp4_experts(source):  # gpt-oss's experts, kept 4-bit
+        stored = CheckpointQuantization("mxfp4")
     method = resolve_method(quantization, stored, fmt)
     sh = shardings(config) if shardings is not None else None
     if fmt == "gguf":

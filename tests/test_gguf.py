@@ -516,6 +516,121 @@ def test_mixture_of_experts_gguf_loads_the_safetensors_weights(tmp_path, variant
     assert np.median(per_position) < 0.05 and relative_error(got, want) < 0.3
 
 
+GPT_OSS_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+                   "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                   "self_attn.o_proj": "attn_output", "mlp.router": "ffn_gate_inp"}
+
+
+def ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Hugging Face's MXFP4 (``*_blocks [..., N, K/32, 16]``: values 2j and 2j + 1 in byte j's low and high nibbles;
+    ``*_scales [..., N, K/32]``) as llama.cpp's converter writes it: a block is its exponent, then 16 bytes holding
+    values j and j + 16 (``[..., N, K/32 * 17]``)."""
+    codes = np.stack([blocks & 0xF, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate([scales[..., None], packed], axis=-1).reshape(*scales.shape[:-1], -1)
+
+
+def write_gpt_oss_gguf(path, hf_dir: str) -> None:
+    """A tiny gpt-oss checkpoint (dense experts, or MXFP4 ones: ``write_mxfp4_experts``) as llama.cpp's converter
+    writes it: gate and up split out of the interleaved ``gate_up_proj`` (and its bias), MXFP4 experts repacked
+    (``ggml_mxfp4``), sinks as ``attn_sinks.weight``, the gate's clamp as ``swiglu_clamp_exp``."""
+    import json
+    import re
+
+    from gguf import RopeScalingType
+    from safetensors.numpy import load_file
+
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    L, rope = cfg["num_hidden_layers"], cfg["rope_parameters"]
+    writer = GGUFWriter(str(path), "gpt-oss")
+    for method, value in (("add_block_count", L), ("add_context_length", cfg["max_position_embeddings"]),
+                          ("add_embedding_length", cfg["hidden_size"]),
+                          ("add_feed_forward_length", cfg["intermediate_size"]),
+                          ("add_expert_feed_forward_length", cfg["intermediate_size"]),
+                          ("add_head_count", cfg["num_attention_heads"]),
+                          ("add_head_count_kv", cfg["num_key_value_heads"]), ("add_key_length", cfg["head_dim"]),
+                          ("add_value_length", cfg["head_dim"]), ("add_rope_dimension_count", cfg["head_dim"]),
+                          ("add_layer_norm_rms_eps", cfg["rms_norm_eps"]), ("add_rope_freq_base", rope["rope_theta"]),
+                          ("add_expert_count", cfg["num_local_experts"]),
+                          ("add_expert_used_count", cfg["num_experts_per_tok"]),
+                          ("add_sliding_window", cfg["sliding_window"]),
+                          ("add_rope_scaling_type", RopeScalingType.YARN), ("add_rope_scaling_factor", rope["factor"]),
+                          ("add_rope_scaling_orig_ctx_len", rope["original_max_position_embeddings"]),
+                          ("add_rope_scaling_yarn_beta_fast", rope["beta_fast"]),
+                          ("add_rope_scaling_yarn_beta_slow", rope["beta_slow"]),
+                          ("add_swiglu_clamp_exp", [cfg["swiglu_limit"]] * L)):
+        getattr(writer, method)(value)
+    out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),
+           "output_norm.weight": tensors.pop("model.norm.weight"), "output.weight": tensors.pop("lm_head.weight")}
+    mxfp4 = {}
+    for name, w in tensors.items():
+        i, rest = re.match(r"model\.layers\.(\d+)\.(.*)", name).groups()
+        if rest == "self_attn.sinks":
+            out[f"blk.{i}.attn_sinks.weight"] = w
+        elif m := re.match(r"mlp\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?$", rest):
+            kind = m.group(2) or ""
+            halves = ({"gate": np.s_[..., ::2], "up": np.s_[..., 1::2]} if m.group(1) == "gate_up_proj"
+                      else {"down": np.s_[...]})
+            for half, columns in halves.items():
+                gguf_name = f"blk.{i}.ffn_{half}_exps"
+                if kind == "_bias":
+                    out[gguf_name + ".bias"] = w[columns]
+                elif kind:  # MXFP4: the rows (outputs) of blocks and scales interleaved
+                    rows = np.s_[:, ::2] if half == "gate" else np.s_[:, 1::2] if half == "up" else np.s_[:]
+                    mxfp4.setdefault(gguf_name + ".weight", {})[kind] = w[rows]
+                else:  # dense [E, in, out] -> [E, out, in]
+                    out[gguf_name + ".weight"] = np.swapaxes(w[columns], -1, -2)
+        else:
+            base, kind = rest.rsplit(".", 1)
+            out[f"blk.{i}.{GPT_OSS_TO_GGUF[base]}.{kind}"] = w
+    for name, parts in mxfp4.items():
+        writer.add_tensor(name, ggml_mxfp4(parts["_blocks"], parts["_scales"]), raw_dtype=Q.MXFP4)
+    for name, w in out.items():
+        writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("experts", ["dense", "mxfp4"])
+def test_gpt_oss_gguf_loads_the_safetensors_weights(tmp_path, experts):
+    """gpt-oss as llama.cpp converts it (sinks, biases, the clamp, YaRN; MXFP4 experts as its blocks): the config,
+    params and logits of the safetensors checkpoint (itself checked against transformers in test_model_vs_hf);
+    MXFP4 experts stay 4-bit, their bytes llama.cpp's decoding of the file, and the file's method is "mxfp4"."""
+    from gguf.quants import dequantize as ggml_dequantize
+
+    from models.loader import load_model
+    from models.quantization import Int4Weight, QuantizationError, dequantize as our_dequantize
+    from tests.test_quantization import logits_of, ragged_batch
+    from tests.tiny_checkpoints import write_mxfp4_experts, write_tiny_checkpoint
+
+    rng = np.random.default_rng()
+    model = write_tiny_checkpoint(tmp_path / "hf", "gpt_oss", seed=int(rng.integers(1 << 20)))
+    if experts == "mxfp4":
+        write_mxfp4_experts(tmp_path / "hf", model, seed=int(rng.integers(1 << 20)))
+    write_gpt_oss_gguf(tmp_path / "oss.gguf", str(tmp_path / "hf"))
+    reference, gguf = (load_model(str(p), dtype="float32") for p in (tmp_path / "hf", tmp_path / "oss.gguf"))
+    ignored = ("bos_token_id", "eos_token_ids", "rms_norm_eps")
+    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
+    assert gguf.quantization == reference.quantization == (None if experts == "dense" else "mxfp4")
+    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
+    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
+    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    batch, pages = ragged_batch(reference.config, rng)
+    np.testing.assert_array_equal(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1))
+    if experts == "mxfp4":
+        up = gguf.params["layers"]["expert_up"]
+        assert isinstance(up, Int4Weight) and up.codes == "e2m1" and up.zeros is None
+        tensor = next(t for t in open_gguf(str(tmp_path / "oss.gguf")).tensors if t.name == "blk.1.ffn_up_exps.weight")
+        np.testing.assert_array_equal(np.swapaxes(ggml_dequantize(tensor.data, tensor.tensor_type), -1, -2),
+                                      np.asarray(our_dequantize(up)[1]))
+        with pytest.raises(QuantizationError, match="quantized with mxfp4, but quantization='int8'"):
+            load_model(str(tmp_path / "oss.gguf"), quantization="int8")
+
+
 def test_missing_tensor_is_named(tmp_path):
     weights = random_hf_weights(np.random.default_rng(), qkv_bias=False)
     del weights["blk.1.ffn_up.weight"]
