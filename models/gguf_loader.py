@@ -1,6 +1,7 @@
 """GGUF checkpoints: read the model config from GGUF metadata and load the weights.
 
-Architectures: llama (Mixtral too, where it has experts), qwen2, qwen3, qwen2moe, qwen3moe, gpt-oss; the experts
+Architectures: llama (Mixtral too, where it has experts), qwen2, qwen3, gemma2, gemma3 (its text model), qwen2moe,
+qwen3moe, gpt-oss; the experts
 come as llama.cpp merges them, one ``[E, out, in]`` tensor a layer and projection. gpt-oss's MXFP4 experts stay
 4-bit: llama.cpp's MXFP4 blocks (an E8M0 exponent, then 16 bytes holding value ``j`` in the low nibble of byte ``j``
 and value ``j + 16`` in its high one) are the engine's MXFP4 layout as they are (``pack_int4``'s 32-row blocks), so
@@ -42,7 +43,7 @@ SUPPORTED_TENSOR_TYPES = tuple(GGMLQuantizationType[name] for name in (
 ))  # MXFP4 experts are kept 4-bit (``_mxfp4_experts``); any other MXFP4 tensor is decoded as the rest
 # GGUF ``general.architecture`` -> our ``ModelConfig.model_type``.
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe",
-                           "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss"}
+                           "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 # Mixtures of experts (``{arch}.expert_count > 0``; llama.cpp keeps Mixtral under "llama"): our model type, whether
 # the top k routing weights are renormalised (llama.cpp's ``norm_w``, as each model's Hugging Face config).
 _MOE_ARCHITECTURES = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True),
@@ -83,7 +84,15 @@ _LAYER_TENSORS = {
     "expert_down_bias": "ffn_down_exps.bias",
     "sinks": "attn_sinks.weight",
 }
-_ARCH_LAYER_TENSORS = {"gpt-oss": {"post_norm": "post_attention_norm.weight"}}  # where an architecture differs
+# Where an architecture differs. Gemma's four norms: ffn_norm is its pre_feedforward_layernorm (our post_norm), and
+# the attention's and the MLP's outputs are normed (post_attention_norm, post_ffw_norm) before their residual adds.
+_GEMMA_NORMS = {"attn_out_norm": "post_attention_norm.weight", "mlp_out_norm": "post_ffw_norm.weight"}
+_ARCH_LAYER_TENSORS = {"gpt-oss": {"post_norm": "post_attention_norm.weight"}, "gemma2": _GEMMA_NORMS,
+                       "gemma3": _GEMMA_NORMS}
+# llama.cpp's Gemma: the query scale of the 27B models (by their layer counts) is 1 / sqrt(hidden / heads), of the
+# others 1 / sqrt(head_dim), where the file says none (attention.scale); Gemma 3's sliding layers' rope base.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
 _EXPERT_WEIGHTS = ("expert_gate", "expert_up", "expert_down")
 _GPT_OSS_SWIGLU_LIMIT = 7.0  # llama.cpp's gpt-oss gate clamp, where the file names none (swiglu_clamp_exp)
 _SHARED_EXPERT_TENSORS = {"w_gate": "ffn_gate_shexp.weight", "w_up": "ffn_up_shexp.weight",
@@ -206,6 +215,8 @@ def read_gguf_config(source: GGUFSource) -> ModelConfig:
         raise GGUFError(f"head_count={num_heads} is not a multiple of head_count_kv={num_kv_heads}")
     if arch == "gpt-oss":
         return _gpt_oss_config(config, arch_key)
+    if arch in ("gemma2", "gemma3"):
+        return _gemma_config(config, arch, arch_key)
     rope_scaling = _rope_scaling(reader, arch, config, tensors.get("rope_freqs.weight"))
     if rope_scaling is not None:
         config = dataclasses.replace(config, rope_scaling=rope_scaling)
@@ -234,6 +245,45 @@ def _gpt_oss_config(config: ModelConfig, arch_key) -> ModelConfig:
     return dataclasses.replace(config, sliding_window=window, **fields,
                                rope_scaling=None if rope is None else parse_rope_scaling(
                                    rope, config.max_position_embeddings))
+
+
+def _gemma_config(config: ModelConfig, arch: str, arch_key) -> ModelConfig:
+    """Gemma 2 / 3 as ``ModelConfig.from_hf_dict`` reads their ``config.json`` (tanh GELU, the scaled embedding,
+    sandwich norms, soft caps, sliding layers), from llama.cpp's keys and its fixed choices: sliding layers by
+    ``attention.sliding_window_pattern`` (a period, or a flag a layer; else a full layer in 2 for Gemma 2, in 6 for
+    Gemma 3), the query scale (``attention.scale``, else ``_GEMMA_27B_LAYERS``' rule), Gemma 3's rope (the file's
+    base and linear scaling on the full layers, ``rope.freq_base_swa`` or 10,000 on the sliding ones). Norm weights
+    are stored as llama.cpp's converter writes them, ``1 + w``: what the engine keeps (``norm_weight_offset``)."""
+    L = config.num_layers
+    pattern = arch_key("attention.sliding_window_pattern", 6 if arch == "gemma3" else 2)
+    sliding = ([bool(v) for v in pattern] if isinstance(pattern, (list, tuple))
+               else [(i + 1) % int(pattern) != 0 for i in range(L)])
+    scale = arch_key("attention.scale", None)
+    scalar = (float(scale) ** -2 if scale else config.hidden_size / config.num_heads
+              if L == _GEMMA_27B_LAYERS[arch] else config.head_dim)
+    kind = arch_key("rope.scaling.type", "none")
+    if kind not in ("none", "", "linear"):
+        raise UnsupportedModelError(f"unsupported GGUF rope scaling type {kind!r} for {arch}; supported: none, linear")
+    full_rope = dict(rope_type="linear", factor=float(arch_key("rope.scaling.factor"))) if kind == "linear" else {}
+    full_rope["rope_theta"] = config.rope_theta
+    d = dict(model_type=SUPPORTED_ARCHITECTURES[arch], vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+             intermediate_size=config.intermediate_size, num_hidden_layers=L, num_attention_heads=config.num_heads,
+             num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps,
+             max_position_embeddings=config.max_position_embeddings, hidden_activation="gelu_pytorch_tanh",
+             sliding_window=int(arch_key("attention.sliding_window")), query_pre_attn_scalar=scalar,
+             layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+             attn_logit_softcapping=arch_key("attn_logit_softcapping", None),
+             final_logit_softcapping=arch_key("final_logit_softcapping", None),
+             tie_word_embeddings=config.tie_word_embeddings)
+    if arch == "gemma3":
+        d["rope_parameters"] = {"full_attention": full_rope, "sliding_attention": dict(
+            rope_type="default", rope_theta=float(arch_key("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE)))}
+    elif full_rope.get("rope_type"):
+        d["rope_scaling"] = full_rope
+    else:
+        d["rope_theta"] = config.rope_theta
+    return dataclasses.replace(ModelConfig.from_hf_dict(d), bos_token_id=config.bos_token_id,
+                               eos_token_ids=config.eos_token_ids)
 
 
 def has_mxfp4_experts(source: GGUFSource) -> bool:

@@ -631,6 +631,99 @@ def test_gpt_oss_gguf_loads_the_safetensors_weights(tmp_path, experts):
             load_model(str(tmp_path / "oss.gguf"), quantization="int8")
 
 
+GEMMA_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+                 "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gemma_gguf(path, hf_dir: str, arch: str) -> None:
+    """A tiny Gemma 2 / 3 checkpoint as llama.cpp's converter writes it: every norm weight stored as ``1 + w``, the
+    LM head left out (tied), soft caps and the sliding window as keys; what llama.cpp would otherwise assume is
+    written too (the tiny configs' query scale as ``attention.scale``, Gemma 3's sliding layers as a flag a layer
+    and its sliding layers' rope base)."""
+    import json
+    import re
+
+    from gguf import RopeScalingType
+    from safetensors.numpy import load_file
+
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    rope = cfg.get("rope_parameters") or {}
+    full, local = rope.get("full_attention", rope), rope.get("sliding_attention", {})
+    writer = GGUFWriter(str(path), arch)
+    for method, value in (("add_block_count", cfg["num_hidden_layers"]),
+                          ("add_context_length", cfg["max_position_embeddings"]),
+                          ("add_embedding_length", cfg["hidden_size"]),
+                          ("add_feed_forward_length", cfg["intermediate_size"]),
+                          ("add_head_count", cfg["num_attention_heads"]),
+                          ("add_head_count_kv", cfg["num_key_value_heads"]), ("add_key_length", cfg["head_dim"]),
+                          ("add_value_length", cfg["head_dim"]), ("add_layer_norm_rms_eps", cfg["rms_norm_eps"]),
+                          ("add_rope_freq_base", full.get("rope_theta") or cfg.get("rope_theta", 10000.0)),
+                          ("add_sliding_window", cfg["sliding_window"]),
+                          ("add_attention_scale", cfg["query_pre_attn_scalar"] ** -0.5)):
+        getattr(writer, method)(value)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    else:
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+        writer.add_rope_freq_base_swa(local["rope_theta"])
+        if full.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(full["factor"])
+    out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),
+           "output_norm.weight": tensors.pop("model.norm.weight") + 1}
+    tensors.pop("lm_head.weight", None)
+    for name, w in tensors.items():
+        i, base, kind = re.match(r"model\.layers\.(\d+)\.(.*)\.(\w+)$", name).groups()
+        out[f"blk.{i}.{GEMMA_TO_GGUF[base]}.{kind}"] = w + 1 if base.endswith("norm") else w
+    for name, w in out.items():
+        writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("variant, arch", [("gemma2", "gemma2"), ("gemma3_text", "gemma3")])
+def test_gemma_gguf_loads_the_safetensors_weights(tmp_path, variant, arch):
+    """Gemma 2 and Gemma 3 (its text model) as llama.cpp converts them: the config, params and logits of the
+    safetensors checkpoint (itself checked against transformers in test_model_vs_hf); and llama.cpp's own choices
+    where a file names none (the query scale by model size, a full layer in 2 or 6, Gemma 3's local rope base)."""
+    from models.loader import load_model
+    from tests.test_quantization import logits_of, ragged_batch
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    rng = np.random.default_rng()
+    write_tiny_checkpoint(tmp_path / "hf", variant, seed=int(rng.integers(1 << 20)))
+    write_gemma_gguf(tmp_path / "g.gguf", str(tmp_path / "hf"), arch)
+    reference, gguf = (load_model(str(p), dtype="float32") for p in (tmp_path / "hf", tmp_path / "g.gguf"))
+    ignored = ("bos_token_id", "eos_token_ids", "rms_norm_eps", "attn_scale")
+    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
+    assert gguf.config.attn_scale == pytest.approx(reference.config.attn_scale)  # stored as float32
+    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
+    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
+    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    batch, pages = ragged_batch(reference.config, rng)
+    np.testing.assert_allclose(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1),
+                               rtol=1e-5, atol=1e-5)
+    # A file of llama.cpp's converter names neither the scale nor the pattern: head_dim's scale (the 27B models:
+    # hidden / heads) and a full layer every 2nd (Gemma 2) or 6th (Gemma 3) from the second or sixth.
+    writer_keys = {f"{arch}.attention.scale", f"{arch}.attention.sliding_window_pattern", f"{arch}.rope.freq_base_swa"}
+    plain = open_gguf(str(tmp_path / "g.gguf"))
+    reader_fields = {k: v for k, v in plain.fields.items() if k not in writer_keys}
+    plain.fields.clear()
+    plain.fields.update(reader_fields)
+    config = read_gguf_config(plain)
+    assert config.attn_scale == pytest.approx(reference.config.head_dim ** -0.5)
+    assert config.sliding_layers == tuple((i + 1) % (6 if arch == "gemma3" else 2) != 0 for i in range(3))
+    assert config.local_rope_theta == (10000.0 if arch == "gemma3" else None)
+
+
 def test_missing_tensor_is_named(tmp_path):
     weights = random_hf_weights(np.random.default_rng(), qkv_bias=False)
     del weights["blk.1.ffn_up.weight"]
