@@ -1,7 +1,7 @@
 """GGUF checkpoints: read the model config from GGUF metadata and load the weights.
 
-Architectures: llama (Mixtral too, where it has experts), qwen2, qwen3, gemma2, gemma3 (its text model), qwen2moe,
-qwen3moe, gpt-oss; the experts
+Architectures: llama (Mixtral too, where it has experts), qwen2, qwen3, phi3 (its joined projections split),
+gemma2, gemma3 (its text model), qwen2moe, qwen3moe, gpt-oss; the experts
 come as llama.cpp merges them, one ``[E, out, in]`` tensor a layer and projection. gpt-oss's MXFP4 experts stay
 4-bit: llama.cpp's MXFP4 blocks (an E8M0 exponent, then 16 bytes holding value ``j`` in the low nibble of byte ``j``
 and value ``j + 16`` in its high one) are the engine's MXFP4 layout as they are (``pack_int4``'s 32-row blocks), so
@@ -43,7 +43,8 @@ SUPPORTED_TENSOR_TYPES = tuple(GGMLQuantizationType[name] for name in (
 ))  # MXFP4 experts are kept 4-bit (``_mxfp4_experts``); any other MXFP4 tensor is decoded as the rest
 # GGUF ``general.architecture`` -> our ``ModelConfig.model_type``.
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe",
-                           "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+                           "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "gemma2": "gemma2", "gemma3": "gemma3_text",
+                           "phi3": "phi3"}
 # Mixtures of experts (``{arch}.expert_count > 0``; llama.cpp keeps Mixtral under "llama"): our model type, whether
 # the top k routing weights are renormalised (llama.cpp's ``norm_w``, as each model's Hugging Face config).
 _MOE_ARCHITECTURES = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True),
@@ -87,8 +88,12 @@ _LAYER_TENSORS = {
 # Where an architecture differs. Gemma's four norms: ffn_norm is its pre_feedforward_layernorm (our post_norm), and
 # the attention's and the MLP's outputs are normed (post_attention_norm, post_ffw_norm) before their residual adds.
 _GEMMA_NORMS = {"attn_out_norm": "post_attention_norm.weight", "mlp_out_norm": "post_ffw_norm.weight"}
+# llama.cpp's phi3 keeps Phi-3's joined projections: attn_qkv (q's rows, then k's and v's) and ffn_up (the gate's
+# rows, then the up projection's); ``_joined_rows`` says which rows are whose.
+_PHI3_JOINED = {"wq": "attn_qkv.weight", "wk": "attn_qkv.weight", "wv": "attn_qkv.weight", "w_gate": "ffn_up.weight",
+                "w_up": "ffn_up.weight"}
 _ARCH_LAYER_TENSORS = {"gpt-oss": {"post_norm": "post_attention_norm.weight"}, "gemma2": _GEMMA_NORMS,
-                       "gemma3": _GEMMA_NORMS}
+                       "gemma3": _GEMMA_NORMS, "phi3": _PHI3_JOINED}
 # llama.cpp's Gemma: the query scale of the 27B models (by their layer counts) is 1 / sqrt(hidden / heads), of the
 # others 1 / sqrt(head_dim), where the file says none (attention.scale); Gemma 3's sliding layers' rope base.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -217,6 +222,11 @@ def read_gguf_config(source: GGUFSource) -> ModelConfig:
         return _gpt_oss_config(config, arch_key)
     if arch in ("gemma2", "gemma3"):
         return _gemma_config(config, arch, arch_key)
+    if arch == "phi3":
+        if "rope_factors_long.weight" in tensors:
+            raise UnsupportedModelError(f"{path!r}: Phi-3's longrope scaling (the 128k models) is not supported")
+        window = int(arch_key("attention.sliding_window", 0) or 0)  # 0: none (Phi-4)
+        config = dataclasses.replace(config, sliding_window=window or None)
     rope_scaling = _rope_scaling(reader, arch, config, tensors.get("rope_freqs.weight"))
     if rope_scaling is not None:
         config = dataclasses.replace(config, rope_scaling=rope_scaling)
@@ -345,9 +355,13 @@ class _TensorSource:
                     f"supported; supported types: {', '.join(q.name for q in SUPPORTED_TENSOR_TYPES)}"
                 )
 
-    def get(self, name: str, expected_shape: tuple, permute_heads: Optional[int] = None) -> np.ndarray:
+    def get(self, name: str, expected_shape: tuple, permute_heads: Optional[int] = None,
+            rows: Optional[slice] = None) -> np.ndarray:
+        """The tensor in our layout (``rows``: only those of its outputs, a joined projection's part)."""
         t = self._tensors[name]
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # numpy shape [out, in]
+        if rows is not None:
+            w = w[..., rows, :]
         if permute_heads is not None and self.unpermute:
             w = unpermute_qk_rows(w, permute_heads)
         if w.ndim >= 2 and name != _GLOBAL_TENSORS["embed"] and not name.endswith(".bias"):
@@ -390,8 +404,9 @@ def load_gguf_params(source: GGUFSource, config: ModelConfig, dtype: Any, shardi
     permute_heads = {"wq": config.num_heads, "bq": config.num_heads,
                      "wk": config.num_kv_heads, "bk": config.num_kv_heads}
     reader = _open(source)
+    arch = _architecture(reader)
     tensor_of = {**_LAYER_TENSORS, **(_SHARED_EXPERT_TENSORS if config.shared_expert_size else {}),
-                 **_ARCH_LAYER_TENSORS.get(_architecture(reader), {})}
+                 **_ARCH_LAYER_TENSORS.get(arch, {})}
     layer_names = {p: [f"blk.{i}.{tensor_of[p]}" for i in range(config.num_layers)] for p in layer_shapes}
     tensors = _TensorSource(reader)
     tensors.check([_GLOBAL_TENSORS[p] for p in shapes] + [n for names in layer_names.values() for n in names])
@@ -417,11 +432,19 @@ def load_gguf_params(source: GGUFSource, config: ModelConfig, dtype: Any, shardi
                 bar.update(len(layer_names[p]))
                 continue
             stacked = np.empty(shape, np_dtype)  # fill layer by layer: one float32 layer at a time
+            rows = _joined_rows(config, p) if arch == "phi3" and p in _PHI3_JOINED else None
             for i, name in enumerate(layer_names[p]):
-                stacked[i] = tensors.get(name, shape[1:], permute_heads.get(p))
+                stacked[i] = tensors.get(name, shape[1:], permute_heads.get(p), rows)
                 bar.update()
             params["layers"][p] = place(stacked, "layers", p)
     return params
+
+
+def _joined_rows(config: ModelConfig, param: str) -> slice:
+    """The rows of a joined projection (``_PHI3_JOINED``) that are ``param``'s."""
+    q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
+    return {"wq": slice(0, q), "wk": slice(q, q + kv), "wv": slice(q + kv, q + 2 * kv), "w_gate": slice(0, inter),
+            "w_up": slice(inter, 2 * inter)}[param]
 
 
 def _mxfp4_experts(tensors: _TensorSource, names: list[str], shape: tuple) -> Int4Weight:

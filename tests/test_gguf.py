@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -516,6 +517,46 @@ def test_mixture_of_experts_gguf_loads_the_safetensors_weights(tmp_path, variant
     assert np.median(per_position) < 0.05 and relative_error(got, want) < 0.3
 
 
+def converted_gguf(path, hf_dir: str, arch: str, keys) -> tuple:
+    """``(writer, config.json, tensors)`` of a tiny Hugging Face checkpoint to write as llama.cpp's converter does
+    for ``arch``: the keys every converter writes, then ``keys(config)`` (``(GGUFWriter method, value)`` pairs)."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    writer = GGUFWriter(str(path), arch)
+    for method, value in (("add_block_count", cfg["num_hidden_layers"]),
+                          ("add_context_length", cfg["max_position_embeddings"]),
+                          ("add_embedding_length", cfg["hidden_size"]),
+                          ("add_feed_forward_length", cfg["intermediate_size"]),
+                          ("add_head_count", cfg["num_attention_heads"]),
+                          ("add_head_count_kv", cfg["num_key_value_heads"]), ("add_key_length", head_dim),
+                          ("add_value_length", head_dim), ("add_rope_dimension_count", head_dim),
+                          ("add_layer_norm_rms_eps", cfg["rms_norm_eps"]), *keys(cfg)):
+        getattr(writer, method)(value)
+    return writer, cfg, load_file(os.path.join(hf_dir, "model.safetensors"))
+
+
+def finish_gguf(writer, tensors: dict, raw: Optional[dict] = None) -> None:
+    """Write ``tensors`` (float32) and ``raw`` (name: (bytes, GGML type)), then close the file."""
+    for name, (data, qtype) in (raw or {}).items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    for name, w in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def hf_rope(cfg: dict, layer_type: str = "full_attention") -> dict:
+    """A config's rope parameters (transformers 5: one a layer type for Gemma 3)."""
+    rope = cfg.get("rope_parameters") or {}
+    return rope.get(layer_type, rope)
+
+
 GPT_OSS_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
                    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                    "self_attn.o_proj": "attn_output", "mlp.router": "ffn_gate_inp"}
@@ -534,33 +575,19 @@ def write_gpt_oss_gguf(path, hf_dir: str) -> None:
     """A tiny gpt-oss checkpoint (dense experts, or MXFP4 ones: ``write_mxfp4_experts``) as llama.cpp's converter
     writes it: gate and up split out of the interleaved ``gate_up_proj`` (and its bias), MXFP4 experts repacked
     (``ggml_mxfp4``), sinks as ``attn_sinks.weight``, the gate's clamp as ``swiglu_clamp_exp``."""
-    import json
     import re
 
     from gguf import RopeScalingType
-    from safetensors.numpy import load_file
 
-    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
-    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
-    L, rope = cfg["num_hidden_layers"], cfg["rope_parameters"]
-    writer = GGUFWriter(str(path), "gpt-oss")
-    for method, value in (("add_block_count", L), ("add_context_length", cfg["max_position_embeddings"]),
-                          ("add_embedding_length", cfg["hidden_size"]),
-                          ("add_feed_forward_length", cfg["intermediate_size"]),
-                          ("add_expert_feed_forward_length", cfg["intermediate_size"]),
-                          ("add_head_count", cfg["num_attention_heads"]),
-                          ("add_head_count_kv", cfg["num_key_value_heads"]), ("add_key_length", cfg["head_dim"]),
-                          ("add_value_length", cfg["head_dim"]), ("add_rope_dimension_count", cfg["head_dim"]),
-                          ("add_layer_norm_rms_eps", cfg["rms_norm_eps"]), ("add_rope_freq_base", rope["rope_theta"]),
-                          ("add_expert_count", cfg["num_local_experts"]),
-                          ("add_expert_used_count", cfg["num_experts_per_tok"]),
-                          ("add_sliding_window", cfg["sliding_window"]),
-                          ("add_rope_scaling_type", RopeScalingType.YARN), ("add_rope_scaling_factor", rope["factor"]),
-                          ("add_rope_scaling_orig_ctx_len", rope["original_max_position_embeddings"]),
-                          ("add_rope_scaling_yarn_beta_fast", rope["beta_fast"]),
-                          ("add_rope_scaling_yarn_beta_slow", rope["beta_slow"]),
-                          ("add_swiglu_clamp_exp", [cfg["swiglu_limit"]] * L)):
-        getattr(writer, method)(value)
+    writer, cfg, tensors = converted_gguf(path, hf_dir, "gpt-oss", lambda cfg: (
+        ("add_rope_freq_base", hf_rope(cfg)["rope_theta"]),
+        ("add_expert_feed_forward_length", cfg["intermediate_size"]), ("add_expert_count", cfg["num_local_experts"]),
+        ("add_expert_used_count", cfg["num_experts_per_tok"]), ("add_sliding_window", cfg["sliding_window"]),
+        ("add_rope_scaling_type", RopeScalingType.YARN), ("add_rope_scaling_factor", hf_rope(cfg)["factor"]),
+        ("add_rope_scaling_orig_ctx_len", hf_rope(cfg)["original_max_position_embeddings"]),
+        ("add_rope_scaling_yarn_beta_fast", hf_rope(cfg)["beta_fast"]),
+        ("add_rope_scaling_yarn_beta_slow", hf_rope(cfg)["beta_slow"]),
+        ("add_swiglu_clamp_exp", [cfg["swiglu_limit"]] * cfg["num_hidden_layers"])))
     out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),
            "output_norm.weight": tensors.pop("model.norm.weight"), "output.weight": tensors.pop("lm_head.weight")}
     mxfp4 = {}
@@ -584,14 +611,8 @@ def write_gpt_oss_gguf(path, hf_dir: str) -> None:
         else:
             base, kind = rest.rsplit(".", 1)
             out[f"blk.{i}.{GPT_OSS_TO_GGUF[base]}.{kind}"] = w
-    for name, parts in mxfp4.items():
-        writer.add_tensor(name, ggml_mxfp4(parts["_blocks"], parts["_scales"]), raw_dtype=Q.MXFP4)
-    for name, w in out.items():
-        writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer, out, {name: (ggml_mxfp4(parts["_blocks"], parts["_scales"]), Q.MXFP4)
+                              for name, parts in mxfp4.items()})
 
 
 @pytest.mark.parametrize("experts", ["dense", "mxfp4"])
@@ -643,28 +664,14 @@ def write_gemma_gguf(path, hf_dir: str, arch: str) -> None:
     LM head left out (tied), soft caps and the sliding window as keys; what llama.cpp would otherwise assume is
     written too (the tiny configs' query scale as ``attention.scale``, Gemma 3's sliding layers as a flag a layer
     and its sliding layers' rope base)."""
-    import json
     import re
 
     from gguf import RopeScalingType
-    from safetensors.numpy import load_file
 
-    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
-    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
-    rope = cfg.get("rope_parameters") or {}
-    full, local = rope.get("full_attention", rope), rope.get("sliding_attention", {})
-    writer = GGUFWriter(str(path), arch)
-    for method, value in (("add_block_count", cfg["num_hidden_layers"]),
-                          ("add_context_length", cfg["max_position_embeddings"]),
-                          ("add_embedding_length", cfg["hidden_size"]),
-                          ("add_feed_forward_length", cfg["intermediate_size"]),
-                          ("add_head_count", cfg["num_attention_heads"]),
-                          ("add_head_count_kv", cfg["num_key_value_heads"]), ("add_key_length", cfg["head_dim"]),
-                          ("add_value_length", cfg["head_dim"]), ("add_layer_norm_rms_eps", cfg["rms_norm_eps"]),
-                          ("add_rope_freq_base", full.get("rope_theta") or cfg.get("rope_theta", 10000.0)),
-                          ("add_sliding_window", cfg["sliding_window"]),
-                          ("add_attention_scale", cfg["query_pre_attn_scalar"] ** -0.5)):
-        getattr(writer, method)(value)
+    writer, cfg, tensors = converted_gguf(path, hf_dir, arch, lambda cfg: (
+        ("add_rope_freq_base", hf_rope(cfg).get("rope_theta") or cfg.get("rope_theta", 10000.0)),
+        ("add_sliding_window", cfg["sliding_window"]), ("add_attention_scale", cfg["query_pre_attn_scalar"] ** -0.5)))
+    full, local = hf_rope(cfg), hf_rope(cfg, "sliding_attention")
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
@@ -680,12 +687,7 @@ def write_gemma_gguf(path, hf_dir: str, arch: str) -> None:
     for name, w in tensors.items():
         i, base, kind = re.match(r"model\.layers\.(\d+)\.(.*)\.(\w+)$", name).groups()
         out[f"blk.{i}.{GEMMA_TO_GGUF[base]}.{kind}"] = w + 1 if base.endswith("norm") else w
-    for name, w in out.items():
-        writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer, out)
 
 
 @pytest.mark.parametrize("variant, arch", [("gemma2", "gemma2"), ("gemma3_text", "gemma3")])
@@ -722,6 +724,49 @@ def test_gemma_gguf_loads_the_safetensors_weights(tmp_path, variant, arch):
     assert config.attn_scale == pytest.approx(reference.config.head_dim ** -0.5)
     assert config.sliding_layers == tuple((i + 1) % (6 if arch == "gemma3" else 2) != 0 for i in range(3))
     assert config.local_rope_theta == (10000.0 if arch == "gemma3" else None)
+
+
+PHI3_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down"}
+
+
+def test_phi3_gguf_splits_its_joined_projections(tmp_path):
+    """Phi-3 as llama.cpp converts it (attn_qkv and ffn_up joined, as in the checkpoint; the sliding window, 0 for
+    none as Phi-4's files say): the config, params and logits of the safetensors checkpoint; longrope refused."""
+    import re
+
+    from models.loader import load_model
+    from tests.test_quantization import logits_of, ragged_batch
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    rng = np.random.default_rng()
+    write_tiny_checkpoint(tmp_path / "hf", "phi3", seed=int(rng.integers(1 << 20)))
+    for name, window in (("phi3.gguf", None), ("phi4.gguf", 0), ("long.gguf", None)):
+        writer, cfg, tensors = converted_gguf(tmp_path / name, str(tmp_path / "hf"), "phi3", lambda cfg: (
+            ("add_rope_freq_base", hf_rope(cfg).get("rope_theta", 10000.0)),
+            ("add_sliding_window", cfg["sliding_window"] if window is None else window)))
+        out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),
+               "output_norm.weight": tensors.pop("model.norm.weight"), "output.weight": tensors.pop("lm_head.weight")}
+        for hf_name, w in tensors.items():
+            i, base, kind = re.match(r"model\.layers\.(\d+)\.(.*)\.(\w+)$", hf_name).groups()
+            out[f"blk.{i}.{PHI3_TO_GGUF[base]}.{kind}"] = w
+        if name == "long.gguf":
+            out["rope_factors_long.weight"] = np.ones(cfg["hidden_size"] // cfg["num_attention_heads"] // 2)
+        finish_gguf(writer, out)
+    reference, gguf = (load_model(str(p), dtype="float32") for p in (tmp_path / "hf", tmp_path / "phi3.gguf"))
+    assert reference.config.sliding_window == 12
+    ignored = ("bos_token_id", "eos_token_ids", "rms_norm_eps")
+    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
+    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
+    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
+    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    batch, pages = ragged_batch(reference.config, rng)
+    np.testing.assert_array_equal(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1))
+    assert read_gguf_config(str(tmp_path / "phi4.gguf")).sliding_window is None
+    with pytest.raises(UnsupportedModelError, match="longrope"):
+        read_gguf_config(str(tmp_path / "long.gguf"))
 
 
 def test_missing_tensor_is_named(tmp_path):
