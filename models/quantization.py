@@ -269,7 +269,7 @@ _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 e2m1 codes 0-
 def quantize_mxfp4(w: jax.Array) -> Int4Weight:
     """MXFP4 (gpt-oss's experts' format) made of a dense ``[..., K, N]`` weight: each 32 rows of a column scaled by
     the power of two that brings their largest magnitude to at most 6, each value rounded to the nearest FP4 e2m1
-    code (``mxfp4_weight``)."""
+    code, a tie to the even one (``mxfp4_weight``)."""
     *lead, K, N = w.shape
     if K % MXFP4_GROUP:
         raise QuantizationError(f"mxfp4 needs a matrix's input size to be a multiple of {MXFP4_GROUP}, got {K}")
@@ -277,7 +277,9 @@ def quantize_mxfp4(w: jax.Array) -> Int4Weight:
     amax = jnp.abs(w32).max(axis=-2)
     exponent = jnp.clip(jnp.ceil(jnp.log2(jnp.where(amax > 0, amax / 6.0, 1.0))), -127, qmm.MXFP4_MAX_EXPONENT - 127)
     v = w32 / jnp.exp2(exponent)[..., None, :]
-    magnitude = jnp.argmin(jnp.abs(jnp.abs(v)[..., None] - jnp.asarray(_E2M1_MAGNITUDES)), axis=-1)
+    error = jnp.abs(jnp.abs(v)[..., None] - jnp.asarray(_E2M1_MAGNITUDES))
+    nearest = error == error.min(axis=-1, keepdims=True)  # two where a value lies halfway: one of them even
+    magnitude = jnp.argmax(jnp.where(nearest & (jnp.arange(8) % 2 == 0), 2, nearest), axis=-1)
     codes = (magnitude + 8 * (v < 0)).astype(jnp.uint8).reshape(*lead, K, N)
     return mxfp4_weight(qmm.pack_int4(codes, MXFP4_GROUP), (exponent + 127).astype(jnp.uint8))
 

@@ -246,6 +246,11 @@ class GroupedMatmulConfig:
 
     REGIMES = ("decode_", "", "large_")  # the prefixes of each regime's fields
 
+    def __post_init__(self):
+        counts = {name: getattr(self, name) for name in ("k_unroll", *(p + "k_splits" for p in self.REGIMES))}
+        if any(not isinstance(v, int) or v < 1 for v in counts.values()):
+            raise ValueError(f"the grouped matmul's K step counts must be positive integers, got {counts}")
+
     def regime(self, block_m: int) -> str:
         """The prefix of the fields that set blocks of ``block_m`` rows: "decode_", "large_" or ""."""
         if block_m <= self.decode_max_block_m:

@@ -223,9 +223,10 @@ MXFP4_MAX_EXPONENT = 240  # E8M0 exponents the kernels take: 2^(e - 127) * 2^14 
 
 def e2m1_tile_weights(packed: jax.Array, exponents: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """A packed MXFP4 tile's low- and high-nibble halves in ``dtype``: FP4 values times their group's power of two
-    (``exponents``, E8M0, one a column, at most ``MXFP4_MAX_EXPONENT``); exact. An FP4 code's sign, exponent and
-    mantissa bits moved into a float16's (``s00eem000000000``) read as the code's value times 2^-14, the two codes
-    without an exponent (0 and 0.5) included, as float16 subnormals; so a weight costs two shifts, a bitwise
+    (``exponents``, E8M0, one a column, at most ``MXFP4_MAX_EXPONENT``); exact where the product is a normal float32
+    (exponents from 2: below, XLA's CPU flushes it to 0, as it does ``dequantize_int4``'s). An FP4 code's sign,
+    exponent and mantissa bits moved into a float16's (``s00eem000000000``) read as the code's value times 2^-14, the
+    two codes without an exponent (0 and 0.5) included, as float16 subnormals; so a weight costs two shifts, a bitwise
     merge, a float16 -> float32 conversion and a multiply by ``2^(e - 127) * 2^14`` (the scale's exponent bits
     moved up by 14), not ``e2m1_as_f32``'s selects and conversions."""
     scale = lax.bitcast_convert_type((exponents.astype(jnp.int32) + 14) << 23, jnp.float32)

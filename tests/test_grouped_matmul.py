@@ -366,6 +366,10 @@ def test_config_from_the_environment_picks_tiles_by_block_rows(monkeypatch):
         grouped_matmul_config.cache_clear()
         with pytest.raises(ValueError, match="GroupedMatmulConfig"):
             grouped_matmul_config()
+        monkeypatch.setenv("PAGEDJAX_MOE_CONFIG", '{"k_unroll": 0}')
+        grouped_matmul_config.cache_clear()
+        with pytest.raises(ValueError, match="K step counts must be positive integers"):
+            grouped_matmul_config()
     finally:
         monkeypatch.delenv("PAGEDJAX_MOE_CONFIG")
         grouped_matmul_config.cache_clear()

@@ -286,6 +286,11 @@ def test_e8m0_exponents_read_as_their_powers_of_two():
     np.testing.assert_array_equal(got[:255], np.exp2(e[:255].astype(np.float64) - 127))
     assert np.isinf(got[255])
     assert (np.asarray(quantize_weight(jnp.zeros((2, 64, 8)), "mxfp4").scales) == 127).all()
+    # Values halfway between two FP4 values round to the even one (OCP's round-half-to-even), either sign.
+    halfway = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    w = np.concatenate([halfway, -halfway, np.zeros(16)])[:, None]  # one group, its largest magnitude 6: scale 1
+    got = np.asarray(dequantize(quantize_weight(jnp.asarray(w, jnp.float32), "mxfp4")))[:16, 0]
+    np.testing.assert_array_equal(got, np.array([0, 1, 1, 2, 2, 4, 4, 6, 0, -1, -1, -2, -2, -4, -4, -6]))
 
 
 def test_the_kernels_mxfp4_tile_decoding_is_exact():
