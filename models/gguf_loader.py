@@ -1,7 +1,7 @@
 """GGUF checkpoints: read the model config from GGUF metadata and load the weights.
 
 Architectures: llama (Mixtral too, where it has experts), qwen2, qwen3, phi3 (its joined projections split),
-gemma2, gemma3 (its text model), qwen2moe, qwen3moe, gpt-oss; the experts
+gemma2, gemma3 (its text model), granite, olmo2, qwen2moe, qwen3moe, gpt-oss; the experts
 come as llama.cpp merges them, one ``[E, out, in]`` tensor a layer and projection. gpt-oss's MXFP4 experts stay
 4-bit: llama.cpp's MXFP4 blocks (an E8M0 exponent, then 16 bytes holding value ``j`` in the low nibble of byte ``j``
 and value ``j + 16`` in its high one) are the engine's MXFP4 layout as they are (``pack_int4``'s 32-row blocks), so
@@ -44,15 +44,15 @@ SUPPORTED_TENSOR_TYPES = tuple(GGMLQuantizationType[name] for name in (
 # GGUF ``general.architecture`` -> our ``ModelConfig.model_type``.
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe",
                            "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "gemma2": "gemma2", "gemma3": "gemma3_text",
-                           "phi3": "phi3"}
+                           "phi3": "phi3", "granite": "granite", "olmo2": "olmo2"}
 # Mixtures of experts (``{arch}.expert_count > 0``; llama.cpp keeps Mixtral under "llama"): our model type, whether
 # the top k routing weights are renormalised (llama.cpp's ``norm_w``, as each model's Hugging Face config).
 _MOE_ARCHITECTURES = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True),
                       "gpt-oss": ("gpt_oss", True)}
 # llama.cpp's converter interleaves the rotary halves of q/k rows only for its
-# "llama" architecture (it runs llama with GPT-J style RoPE); qwen2/qwen3 are stored
-# in Hugging Face's half-split order (NEOX RoPE) and need no un-permutation.
-_QK_PERMUTED_ARCHITECTURES = ("llama",)
+# "llama" architecture and those converted as llama (granite; it runs them with GPT-J style RoPE); the others are
+# stored in Hugging Face's half-split order (NEOX RoPE) and need no un-permutation.
+_QK_PERMUTED_ARCHITECTURES = ("llama", "granite")
 
 # Our per-layer parameter name -> GGUF tensor name inside ``blk.{i}.``.
 _LAYER_TENSORS = {
@@ -93,7 +93,7 @@ _GEMMA_NORMS = {"attn_out_norm": "post_attention_norm.weight", "mlp_out_norm": "
 _PHI3_JOINED = {"wq": "attn_qkv.weight", "wk": "attn_qkv.weight", "wv": "attn_qkv.weight", "w_gate": "ffn_up.weight",
                 "w_up": "ffn_up.weight"}
 _ARCH_LAYER_TENSORS = {"gpt-oss": {"post_norm": "post_attention_norm.weight"}, "gemma2": _GEMMA_NORMS,
-                       "gemma3": _GEMMA_NORMS, "phi3": _PHI3_JOINED}
+                       "gemma3": _GEMMA_NORMS, "olmo2": _GEMMA_NORMS, "phi3": _PHI3_JOINED}
 # llama.cpp's Gemma: the query scale of the 27B models (by their layer counts) is 1 / sqrt(hidden / heads), of the
 # others 1 / sqrt(head_dim), where the file says none (attention.scale); Gemma 3's sliding layers' rope base.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -230,6 +230,13 @@ def read_gguf_config(source: GGUFSource) -> ModelConfig:
     rope_scaling = _rope_scaling(reader, arch, config, tensors.get("rope_freqs.weight"))
     if rope_scaling is not None:
         config = dataclasses.replace(config, rope_scaling=rope_scaling)
+    if arch == "granite":  # its multipliers, which llama.cpp's keys call scales
+        config = dataclasses.replace(_as_hf_config(config, arch, dict(
+            embedding_multiplier=arch_key("embedding_scale", 1.0), attention_multiplier=arch_key("attention.scale"),
+            residual_multiplier=arch_key("residual_scale", 1.0), logits_scaling=arch_key("logit_scale", 1.0))),
+            rope_scaling=config.rope_scaling)
+    elif arch == "olmo2":  # norms after the blocks, q and k normed over all their heads
+        config = dataclasses.replace(_as_hf_config(config, arch, {}), rope_scaling=config.rope_scaling)
     return config
 
 
@@ -276,22 +283,27 @@ def _gemma_config(config: ModelConfig, arch: str, arch_key) -> ModelConfig:
         raise UnsupportedModelError(f"unsupported GGUF rope scaling type {kind!r} for {arch}; supported: none, linear")
     full_rope = dict(rope_type="linear", factor=float(arch_key("rope.scaling.factor"))) if kind == "linear" else {}
     full_rope["rope_theta"] = config.rope_theta
-    d = dict(model_type=SUPPORTED_ARCHITECTURES[arch], vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-             intermediate_size=config.intermediate_size, num_hidden_layers=L, num_attention_heads=config.num_heads,
-             num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps,
-             max_position_embeddings=config.max_position_embeddings, hidden_activation="gelu_pytorch_tanh",
-             sliding_window=int(arch_key("attention.sliding_window")), query_pre_attn_scalar=scalar,
-             layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+    d = dict(hidden_activation="gelu_pytorch_tanh", sliding_window=int(arch_key("attention.sliding_window")),
+             query_pre_attn_scalar=scalar, layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
              attn_logit_softcapping=arch_key("attn_logit_softcapping", None),
-             final_logit_softcapping=arch_key("final_logit_softcapping", None),
-             tie_word_embeddings=config.tie_word_embeddings)
+             final_logit_softcapping=arch_key("final_logit_softcapping", None))
     if arch == "gemma3":
         d["rope_parameters"] = {"full_attention": full_rope, "sliding_attention": dict(
             rope_type="default", rope_theta=float(arch_key("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE)))}
     elif full_rope.get("rope_type"):
         d["rope_scaling"] = full_rope
-    else:
-        d["rope_theta"] = config.rope_theta
+    return _as_hf_config(config, arch, d)
+
+
+def _as_hf_config(config: ModelConfig, arch: str, fields: dict) -> ModelConfig:
+    """``ModelConfig.from_hf_dict`` of the ``config.json`` the GGUF file's model has: ``config``'s sizes (read as for
+    every architecture) and ``fields``, so that an architecture's own departures are made in one place, whichever
+    format a checkpoint comes in."""
+    d = dict(model_type=SUPPORTED_ARCHITECTURES[arch], vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+             intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+             num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+             rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings,
+             rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings, **fields)
     return dataclasses.replace(ModelConfig.from_hf_dict(d), bos_token_id=config.bos_token_id,
                                eos_token_ids=config.eos_token_ids)
 

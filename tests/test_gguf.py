@@ -769,6 +769,58 @@ def test_phi3_gguf_splits_its_joined_projections(tmp_path):
         read_gguf_config(str(tmp_path / "long.gguf"))
 
 
+LLAMA_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+OLMO2_TO_GGUF = {**LLAMA_TO_GGUF, "post_attention_layernorm": "post_attention_norm",
+                 "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm",
+                 "self_attn.k_norm": "attn_k_norm"}
+
+
+@pytest.mark.parametrize("variant", ["granite", "olmo2"])
+def test_granite_and_olmo2_gguf_load_the_safetensors_weights(tmp_path, variant):
+    """Granite (converted as llama: q/k rows permuted; its multipliers as llama.cpp's scales) and OLMo 2 (norms after
+    the blocks, q/k norms over all heads) as llama.cpp converts them: the config, params and logits of the
+    safetensors checkpoint."""
+    import re
+
+    from models.loader import load_model
+    from tests.test_quantization import logits_of, ragged_batch
+    from tests.tiny_checkpoints import write_tiny_checkpoint
+
+    rng = np.random.default_rng()
+    write_tiny_checkpoint(tmp_path / "hf", variant, seed=int(rng.integers(1 << 20)))
+    keys = {"granite": lambda cfg: (("add_rope_freq_base", hf_rope(cfg).get("rope_theta", 10000.0)),
+                                    ("add_attention_scale", cfg["attention_multiplier"]),
+                                    ("add_embedding_scale", cfg["embedding_multiplier"]),
+                                    ("add_residual_scale", cfg["residual_multiplier"]),
+                                    ("add_logit_scale", cfg["logits_scaling"])),
+            "olmo2": lambda cfg: (("add_rope_freq_base", hf_rope(cfg).get("rope_theta", 10000.0)),)}[variant]
+    writer, cfg, tensors = converted_gguf(tmp_path / "m.gguf", str(tmp_path / "hf"), variant, keys)
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),
+           "output_norm.weight": tensors.pop("model.norm.weight"), "output.weight": tensors.pop("lm_head.weight")}
+    for name, w in tensors.items():
+        i, base, kind = re.match(r"model\.layers\.(\d+)\.(.*)\.(\w+)$", name).groups()
+        if variant == "granite" and base.split(".")[-1] in heads:
+            w = llamacpp_permute(w, heads[base.split(".")[-1]])
+        out[f"blk.{i}.{(LLAMA_TO_GGUF if variant == 'granite' else OLMO2_TO_GGUF)[base]}.{kind}"] = w
+    finish_gguf(writer, out)
+    reference, gguf = (load_model(str(p), dtype="float32") for p in (tmp_path / "hf", tmp_path / "m.gguf"))
+    ignored = ("bos_token_id", "eos_token_ids", "rms_norm_eps", "embed_scale", "attn_scale", "residual_scale",
+               "logits_divisor")
+    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
+    for field in ignored[2:]:  # stored as float32
+        assert getattr(gguf.config, field) == pytest.approx(getattr(reference.config, field)), field
+    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
+    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
+    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    batch, pages = ragged_batch(reference.config, rng)
+    np.testing.assert_allclose(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_missing_tensor_is_named(tmp_path):
     weights = random_hf_weights(np.random.default_rng(), qkv_bias=False)
     del weights["blk.1.ffn_up.weight"]

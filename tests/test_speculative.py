@@ -90,16 +90,16 @@ PROMPTS = [
 # What a request can ask that the drafts' rows must honour as decoding a token a step would: greedy, seeded
 # sampling, penalties (which count the drafts before a row), logprobs, stop strings, n > 1, min_tokens.
 PARAMS = {
-    "greedy": SamplingParams(temperature=0, max_tokens=40),
-    "seeded": SamplingParams(temperature=0.8, top_p=0.95, max_tokens=40, seed=7),
-    "penalties": SamplingParams(temperature=0, max_tokens=40, repetition_penalty=1.2, frequency_penalty=0.3),
-    "logprobs": SamplingParams(temperature=0, max_tokens=24, logprobs=2),
-    "stop": SamplingParams(temperature=0, max_tokens=40, stop=["7", "grape"], min_tokens=2),
-    "n2": SamplingParams(temperature=1.0, max_tokens=24, n=2, seed=3),
+    "greedy": SamplingParams(temperature=0, max_tokens=24),
+    "seeded": SamplingParams(temperature=0.8, top_p=0.95, max_tokens=24, seed=7),
+    "penalties": SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.2, frequency_penalty=0.3),
+    "logprobs": SamplingParams(temperature=0, max_tokens=16, logprobs=2),
+    "stop": SamplingParams(temperature=0, max_tokens=24, stop=["7", "grape"], min_tokens=2),
+    "n2": SamplingParams(temperature=1.0, max_tokens=16, n=2, seed=3),
     # Structured outputs: each draft's row sampled under the grammar's mask after the drafts before it; the regex
     # refuses the code prompt's newlines and brackets, so some drafts are the grammar's to refuse.
-    "grammar": SamplingParams(temperature=0, max_tokens=40, structured_outputs={"regex": r"[a-z0-9 ,]{1,100}"}),
-    "grammar-seeded": SamplingParams(temperature=0.7, max_tokens=40, seed=11,
+    "grammar": SamplingParams(temperature=0, max_tokens=24, structured_outputs={"regex": r"[a-z0-9 ,]{1,100}"}),
+    "grammar-seeded": SamplingParams(temperature=0.7, max_tokens=24, seed=11,
                                      structured_outputs={"regex": r"[a-z0-9 ,.]{1,100}"}),
 }
 COUNTERS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
