@@ -284,7 +284,8 @@ def _gemma_config(config: ModelConfig, arch: str, arch_key) -> ModelConfig:
     full_rope = dict(rope_type="linear", factor=float(arch_key("rope.scaling.factor"))) if kind == "linear" else {}
     full_rope["rope_theta"] = config.rope_theta
     d = dict(hidden_activation="gelu_pytorch_tanh", sliding_window=int(arch_key("attention.sliding_window")),
-             query_pre_attn_scalar=scalar, layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+             query_pre_attn_scalar=scalar,
+             layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
              attn_logit_softcapping=arch_key("attn_logit_softcapping", None),
              final_logit_softcapping=arch_key("final_logit_softcapping", None))
     if arch == "gemma3":
