@@ -230,12 +230,16 @@ def read_gguf_config(source: GGUFSource) -> ModelConfig:
     rope_scaling = _rope_scaling(reader, arch, config, tensors.get("rope_freqs.weight"))
     if rope_scaling is not None:
         config = dataclasses.replace(config, rope_scaling=rope_scaling)
-    if arch == "granite":  # its multipliers, which llama.cpp's keys call scales
+    if arch == "granite":  # its multipliers, which llama.cpp's keys call scales (each written where not 0)
         config = dataclasses.replace(_as_hf_config(config, arch, dict(
-            embedding_multiplier=arch_key("embedding_scale", 1.0), attention_multiplier=arch_key("attention.scale"),
+            embedding_multiplier=arch_key("embedding_scale", 1.0),
+            attention_multiplier=arch_key("attention.scale", None) or config.head_dim ** -0.5,
             residual_multiplier=arch_key("residual_scale", 1.0), logits_scaling=arch_key("logit_scale", 1.0))),
             rope_scaling=config.rope_scaling)
     elif arch == "olmo2":  # norms after the blocks, q and k normed over all their heads
+        if arch_key("attention.sliding_window", 0):  # llama.cpp converts OLMo 3 as olmo2, with sliding layers
+            raise UnsupportedModelError(f"{path!r}: an olmo2 file with sliding-window layers (OLMo 3) is not "
+                                        "supported")
         config = dataclasses.replace(_as_hf_config(config, arch, {}), rope_scaling=config.rope_scaling)
     return config
 
@@ -274,7 +278,8 @@ def _gemma_config(config: ModelConfig, arch: str, arch_key) -> ModelConfig:
     L = config.num_layers
     pattern = arch_key("attention.sliding_window_pattern", 6 if arch == "gemma3" else 2)
     sliding = ([bool(v) for v in pattern] if isinstance(pattern, (list, tuple))
-               else [(i + 1) % int(pattern) != 0 for i in range(L)])
+               else [not pattern or (i + 1) % int(pattern) != 0 for i in range(L)])  # 0: every layer slides
+    window = int(arch_key("attention.sliding_window", 0) or 0)  # none (as llama.cpp): no layer slides
     scale = arch_key("attention.scale", None)
     scalar = (float(scale) ** -2 if scale else config.hidden_size / config.num_heads
               if L == _GEMMA_27B_LAYERS[arch] else config.head_dim)
@@ -283,7 +288,7 @@ def _gemma_config(config: ModelConfig, arch: str, arch_key) -> ModelConfig:
         raise UnsupportedModelError(f"unsupported GGUF rope scaling type {kind!r} for {arch}; supported: none, linear")
     full_rope = dict(rope_type="linear", factor=float(arch_key("rope.scaling.factor"))) if kind == "linear" else {}
     full_rope["rope_theta"] = config.rope_theta
-    d = dict(hidden_activation="gelu_pytorch_tanh", sliding_window=int(arch_key("attention.sliding_window")),
+    d = dict(hidden_activation="gelu_pytorch_tanh", sliding_window=window or None,
              query_pre_attn_scalar=scalar,
              layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
              attn_logit_softcapping=arch_key("attn_logit_softcapping", None),

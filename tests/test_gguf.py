@@ -587,6 +587,8 @@ def write_gpt_oss_gguf(path, hf_dir: str) -> None:
         ("add_rope_scaling_orig_ctx_len", hf_rope(cfg)["original_max_position_embeddings"]),
         ("add_rope_scaling_yarn_beta_fast", hf_rope(cfg)["beta_fast"]),
         ("add_rope_scaling_yarn_beta_slow", hf_rope(cfg)["beta_slow"]),
+        # llama.cpp's converter writes no clamp (llama.cpp's is 7): the tiny model's own is written as other
+        # architectures' converters write theirs
         ("add_swiglu_clamp_exp", [cfg["swiglu_limit"]] * cfg["num_hidden_layers"])))
     out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),
            "output_norm.weight": tensors.pop("model.norm.weight"), "output.weight": tensors.pop("lm_head.weight")}
@@ -642,6 +644,7 @@ def test_gpt_oss_gguf_loads_the_safetensors_weights(tmp_path, experts):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
     batch, pages = ragged_batch(reference.config, rng)
     np.testing.assert_array_equal(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1))
+    assert config_without(tmp_path / "oss.gguf", "swiglu_clamp_exp").swiglu_limit == 7.0  # as llama.cpp's files
     if experts == "mxfp4":
         up = gguf.params["layers"]["expert_up"]
         assert isinstance(up, Int4Weight) and up.codes == "e2m1" and up.zeros is None
@@ -715,15 +718,24 @@ def test_gemma_gguf_loads_the_safetensors_weights(tmp_path, variant, arch):
                                rtol=1e-5, atol=1e-5)
     # A file of llama.cpp's converter names neither the scale nor the pattern: head_dim's scale (the 27B models:
     # hidden / heads) and a full layer every 2nd (Gemma 2) or 6th (Gemma 3) from the second or sixth.
-    writer_keys = {f"{arch}.attention.scale", f"{arch}.attention.sliding_window_pattern", f"{arch}.rope.freq_base_swa"}
-    plain = open_gguf(str(tmp_path / "g.gguf"))
-    reader_fields = {k: v for k, v in plain.fields.items() if k not in writer_keys}
-    plain.fields.clear()
-    plain.fields.update(reader_fields)
-    config = read_gguf_config(plain)
+    config = config_without(tmp_path / "g.gguf", "attention.scale", "attention.sliding_window_pattern",
+                            "rope.freq_base_swa")
     assert config.attn_scale == pytest.approx(reference.config.head_dim ** -0.5)
     assert config.sliding_layers == tuple((i + 1) % (6 if arch == "gemma3" else 2) != 0 for i in range(3))
     assert config.local_rope_theta == (10000.0 if arch == "gemma3" else None)
+    # No window, as llama.cpp runs such a file: no layer slides.
+    config = config_without(tmp_path / "g.gguf", "attention.sliding_window")
+    assert (config.sliding_window, config.sliding_layers) == (None, None)
+
+
+def config_without(path, *keys: str) -> ModelConfig:
+    """``read_gguf_config`` of the file at ``path`` as if it lacked the architecture's ``keys``."""
+    reader = open_gguf(str(path))
+    arch = reader.get_field("general.architecture").contents()
+    kept = {k: v for k, v in reader.fields.items() if k not in {f"{arch}.{key}" for key in keys}}
+    reader.fields.clear()
+    reader.fields.update(kept)
+    return read_gguf_config(reader)
 
 
 PHI3_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -812,6 +824,15 @@ def test_granite_and_olmo2_gguf_load_the_safetensors_weights(tmp_path, variant):
     assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
     for field in ignored[2:]:  # stored as float32
         assert getattr(gguf.config, field) == pytest.approx(getattr(reference.config, field)), field
+    if variant == "granite":  # a scale of 0 is left out by llama.cpp's converter: 1 / sqrt(head_dim), as llama.cpp
+        assert config_without(tmp_path / "m.gguf", "attention.scale").attn_scale == pytest.approx(
+            reference.config.head_dim ** -0.5)
+    else:  # OLMo 3, which llama.cpp converts as olmo2 with sliding layers: refused, not run without them
+        writer, _, _ = converted_gguf(tmp_path / "olmo3.gguf", str(tmp_path / "hf"), variant,
+                                      lambda cfg: (*keys(cfg), ("add_sliding_window", 4)))
+        finish_gguf(writer, out)
+        with pytest.raises(UnsupportedModelError, match="sliding-window layers .OLMo 3."):
+            read_gguf_config(str(tmp_path / "olmo3.gguf"))
     flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
     assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
     for (path, want), (_, got) in zip(flat_ref, flat_gguf):
