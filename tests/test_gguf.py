@@ -471,18 +471,36 @@ def write_moe_gguf(path, hf_dir: str, arch: str, expert_type=Q.F32) -> None:
         if arch == "llama" and base in ("self_attn.q_proj", "self_attn.k_proj"):
             w = llamacpp_permute(w, heads if base.endswith("q_proj") else kv_heads)
         out[f"blk.{i}.{HF_TO_GGUF[base]}.{kind}"] = w.reshape(-1) if base == "mlp.shared_expert_gate" else w
+    raw = {}
     for name, by_expert in experts.items():
         merged = np.stack([by_expert[e] for e in sorted(by_expert)])
         if merged.shape[-1] % GGML_QUANT_SIZES[expert_type][0]:  # rows not whole blocks: F32, as llama.cpp falls back
-            writer.add_tensor(name, merged)
+            out[name] = merged
         else:
-            writer.add_tensor(name, quantize(merged, expert_type), raw_dtype=expert_type)
-    for name, w in out.items():
-        writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            raw[name] = (quantize(merged, expert_type), expert_type)
+    finish_gguf(writer, out, raw)
+
+
+def assert_loads_as_safetensors(hf_dir, gguf_path, rng, approx=(), ignore=(), logits_rtol=0.0) -> tuple:
+    """The GGUF file and the safetensors folder load to one config (``approx``: fields the file stores as float32,
+    equal to its rounding; ``ignore``: fields it may not say), the same params bit for bit and the same logits
+    (within ``logits_rtol`` where an ``approx`` field changes them). Returns ``(reference, gguf, batch, pages)``."""
+    from models.loader import load_model
+    from tests.test_quantization import logits_of, ragged_batch
+
+    reference, gguf = (load_model(str(p), dtype="float32") for p in (hf_dir, gguf_path))
+    ignored = ("bos_token_id", "eos_token_ids", "rms_norm_eps", *approx, *ignore)
+    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
+    for field in ("rms_norm_eps", *approx):
+        assert getattr(gguf.config, field) == pytest.approx(getattr(reference.config, field)), field
+    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
+    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
+    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    batch, pages = ragged_batch(reference.config, rng)
+    np.testing.assert_allclose(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1),
+                               rtol=logits_rtol, atol=logits_rtol)
+    return reference, gguf, batch, pages
 
 
 @pytest.mark.parametrize("variant, arch", [("qwen3_moe", "qwen3moe"), ("qwen2_moe", "qwen2moe"), ("mixtral", "llama")])
@@ -491,23 +509,14 @@ def test_mixture_of_experts_gguf_loads_the_safetensors_weights(tmp_path, variant
     does: the same config and, in float32, exactly the params and logits of the safetensors checkpoint (itself
     checked against Hugging Face in test_model_vs_hf); Q8_0 experts: the median position within 0.05."""
     from models.loader import load_model
-    from tests.test_quantization import logits_of, ragged_batch, relative_error
+    from tests.test_quantization import logits_of, relative_error
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     rng = np.random.default_rng()
     write_tiny_checkpoint(tmp_path / "hf", variant, seed=int(rng.integers(1 << 20)))
     write_moe_gguf(tmp_path / "moe.gguf", str(tmp_path / "hf"), arch)
-    reference, gguf = load_model(str(tmp_path / "hf"), dtype="float32"), load_model(str(tmp_path / "moe.gguf"),
-                                                                                     dtype="float32")
-    ignored = ("bos_token_id", "eos_token_ids", "max_position_embeddings", "rms_norm_eps")
-    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
-    assert gguf.config.rms_norm_eps == pytest.approx(reference.config.rms_norm_eps)  # stored as float32
-    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
-    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
-    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
-    batch, pages = ragged_batch(reference.config, rng)
-    np.testing.assert_array_equal(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1))
+    reference, _, batch, pages = assert_loads_as_safetensors(tmp_path / "hf", tmp_path / "moe.gguf", rng,
+                                                             ignore=("max_position_embeddings",))
     write_moe_gguf(tmp_path / "q8.gguf", str(tmp_path / "hf"), arch, expert_type=Q.Q8_0)
     q8, want = load_model(str(tmp_path / "q8.gguf"), dtype="float32"), logits_of(reference, batch, pages + 1)
     got = logits_of(q8, batch, pages + 1)
@@ -626,7 +635,6 @@ def test_gpt_oss_gguf_loads_the_safetensors_weights(tmp_path, experts):
 
     from models.loader import load_model
     from models.quantization import Int4Weight, QuantizationError, dequantize as our_dequantize
-    from tests.test_quantization import logits_of, ragged_batch
     from tests.tiny_checkpoints import write_mxfp4_experts, write_tiny_checkpoint
 
     rng = np.random.default_rng()
@@ -634,16 +642,8 @@ def test_gpt_oss_gguf_loads_the_safetensors_weights(tmp_path, experts):
     if experts == "mxfp4":
         write_mxfp4_experts(tmp_path / "hf", model, seed=int(rng.integers(1 << 20)))
     write_gpt_oss_gguf(tmp_path / "oss.gguf", str(tmp_path / "hf"))
-    reference, gguf = (load_model(str(p), dtype="float32") for p in (tmp_path / "hf", tmp_path / "oss.gguf"))
-    ignored = ("bos_token_id", "eos_token_ids", "rms_norm_eps")
-    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
+    reference, gguf, _, _ = assert_loads_as_safetensors(tmp_path / "hf", tmp_path / "oss.gguf", rng)
     assert gguf.quantization == reference.quantization == (None if experts == "dense" else "mxfp4")
-    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
-    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
-    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
-    batch, pages = ragged_batch(reference.config, rng)
-    np.testing.assert_array_equal(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1))
     assert config_without(tmp_path / "oss.gguf", "swiglu_clamp_exp").swiglu_limit == 7.0  # as llama.cpp's files
     if experts == "mxfp4":
         up = gguf.params["layers"]["expert_up"]
@@ -698,24 +698,13 @@ def test_gemma_gguf_loads_the_safetensors_weights(tmp_path, variant, arch):
     """Gemma 2 and Gemma 3 (its text model) as llama.cpp converts them: the config, params and logits of the
     safetensors checkpoint (itself checked against transformers in test_model_vs_hf); and llama.cpp's own choices
     where a file names none (the query scale by model size, a full layer in 2 or 6, Gemma 3's local rope base)."""
-    from models.loader import load_model
-    from tests.test_quantization import logits_of, ragged_batch
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     rng = np.random.default_rng()
     write_tiny_checkpoint(tmp_path / "hf", variant, seed=int(rng.integers(1 << 20)))
     write_gemma_gguf(tmp_path / "g.gguf", str(tmp_path / "hf"), arch)
-    reference, gguf = (load_model(str(p), dtype="float32") for p in (tmp_path / "hf", tmp_path / "g.gguf"))
-    ignored = ("bos_token_id", "eos_token_ids", "rms_norm_eps", "attn_scale")
-    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
-    assert gguf.config.attn_scale == pytest.approx(reference.config.attn_scale)  # stored as float32
-    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
-    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
-    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
-    batch, pages = ragged_batch(reference.config, rng)
-    np.testing.assert_allclose(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1),
-                               rtol=1e-5, atol=1e-5)
+    reference, *_ = assert_loads_as_safetensors(tmp_path / "hf", tmp_path / "g.gguf", rng, approx=("attn_scale",),
+                                                logits_rtol=1e-5)
     # A file of llama.cpp's converter names neither the scale nor the pattern: head_dim's scale (the 27B models:
     # hidden / heads) and a full layer every 2nd (Gemma 2) or 6th (Gemma 3) from the second or sixth.
     config = config_without(tmp_path / "g.gguf", "attention.scale", "attention.sliding_window_pattern",
@@ -748,8 +737,6 @@ def test_phi3_gguf_splits_its_joined_projections(tmp_path):
     none as Phi-4's files say): the config, params and logits of the safetensors checkpoint; longrope refused."""
     import re
 
-    from models.loader import load_model
-    from tests.test_quantization import logits_of, ragged_batch
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     rng = np.random.default_rng()
@@ -766,16 +753,8 @@ def test_phi3_gguf_splits_its_joined_projections(tmp_path):
         if name == "long.gguf":
             out["rope_factors_long.weight"] = np.ones(cfg["hidden_size"] // cfg["num_attention_heads"] // 2)
         finish_gguf(writer, out)
-    reference, gguf = (load_model(str(p), dtype="float32") for p in (tmp_path / "hf", tmp_path / "phi3.gguf"))
+    reference, *_ = assert_loads_as_safetensors(tmp_path / "hf", tmp_path / "phi3.gguf", rng)
     assert reference.config.sliding_window == 12
-    ignored = ("bos_token_id", "eos_token_ids", "rms_norm_eps")
-    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
-    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
-    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
-    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
-    batch, pages = ragged_batch(reference.config, rng)
-    np.testing.assert_array_equal(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1))
     assert read_gguf_config(str(tmp_path / "phi4.gguf")).sliding_window is None
     with pytest.raises(UnsupportedModelError, match="longrope"):
         read_gguf_config(str(tmp_path / "long.gguf"))
@@ -796,8 +775,6 @@ def test_granite_and_olmo2_gguf_load_the_safetensors_weights(tmp_path, variant):
     safetensors checkpoint."""
     import re
 
-    from models.loader import load_model
-    from tests.test_quantization import logits_of, ragged_batch
     from tests.tiny_checkpoints import write_tiny_checkpoint
 
     rng = np.random.default_rng()
@@ -818,12 +795,9 @@ def test_granite_and_olmo2_gguf_load_the_safetensors_weights(tmp_path, variant):
             w = llamacpp_permute(w, heads[base.split(".")[-1]])
         out[f"blk.{i}.{(LLAMA_TO_GGUF if variant == 'granite' else OLMO2_TO_GGUF)[base]}.{kind}"] = w
     finish_gguf(writer, out)
-    reference, gguf = (load_model(str(p), dtype="float32") for p in (tmp_path / "hf", tmp_path / "m.gguf"))
-    ignored = ("bos_token_id", "eos_token_ids", "rms_norm_eps", "embed_scale", "attn_scale", "residual_scale",
-               "logits_divisor")
-    assert dataclasses.replace(gguf.config, **{f: getattr(reference.config, f) for f in ignored}) == reference.config
-    for field in ignored[2:]:  # stored as float32
-        assert getattr(gguf.config, field) == pytest.approx(getattr(reference.config, field)), field
+    reference, *_ = assert_loads_as_safetensors(
+        tmp_path / "hf", tmp_path / "m.gguf", rng, approx=("embed_scale", "attn_scale", "residual_scale",
+                                                           "logits_divisor"), logits_rtol=1e-5)
     if variant == "granite":  # a scale of 0 is left out by llama.cpp's converter: 1 / sqrt(head_dim), as llama.cpp
         assert config_without(tmp_path / "m.gguf", "attention.scale").attn_scale == pytest.approx(
             reference.config.head_dim ** -0.5)
@@ -833,13 +807,6 @@ def test_granite_and_olmo2_gguf_load_the_safetensors_weights(tmp_path, variant):
         finish_gguf(writer, out)
         with pytest.raises(UnsupportedModelError, match="sliding-window layers .OLMo 3."):
             read_gguf_config(str(tmp_path / "olmo3.gguf"))
-    flat_ref, flat_gguf = (jax.tree_util.tree_flatten_with_path(m.params)[0] for m in (reference, gguf))
-    assert [p for p, _ in flat_ref] == [p for p, _ in flat_gguf]
-    for (path, want), (_, got) in zip(flat_ref, flat_gguf):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
-    batch, pages = ragged_batch(reference.config, rng)
-    np.testing.assert_allclose(logits_of(gguf, batch, pages + 1), logits_of(reference, batch, pages + 1),
-                               rtol=1e-5, atol=1e-5)
 
 
 def test_missing_tensor_is_named(tmp_path):
