@@ -92,6 +92,10 @@ _GEMMA_NORMS = {"attn_out_norm": "post_attention_norm.weight", "mlp_out_norm": "
 # rows, then the up projection's); ``_joined_rows`` says which rows are whose.
 _PHI3_JOINED = {"wq": "attn_qkv.weight", "wk": "attn_qkv.weight", "wv": "attn_qkv.weight", "w_gate": "ffn_up.weight",
                 "w_up": "ffn_up.weight"}
+# llama.cpp's converter may join each layer's experts' gate and up projections (``--fuse-gate-up-exps``): one
+# ``[E, 2I, H]`` tensor, the gates' rows first, and one ``[E, 2I]`` bias (gpt-oss).
+_JOINED_EXPERTS = {"expert_gate": "ffn_gate_up_exps.weight", "expert_up": "ffn_gate_up_exps.weight",
+                   "expert_gate_bias": "ffn_gate_up_exps.bias", "expert_up_bias": "ffn_gate_up_exps.bias"}
 _ARCH_LAYER_TENSORS = {"gpt-oss": {"post_norm": "post_attention_norm.weight"}, "gemma2": _GEMMA_NORMS,
                        "gemma3": _GEMMA_NORMS, "olmo2": _GEMMA_NORMS, "phi3": _PHI3_JOINED}
 # llama.cpp's Gemma: the query scale of the 27B models (by their layer counts) is 1 / sqrt(hidden / heads), of the
@@ -378,8 +382,8 @@ class _TensorSource:
         """The tensor in our layout (``rows``: only those of its outputs, a joined projection's part)."""
         t = self._tensors[name]
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)  # numpy shape [out, in]
-        if rows is not None:
-            w = w[..., rows, :]
+        if rows is not None:  # a weight's output rows, a bias's entries
+            w = w[..., rows] if name.endswith(".bias") else w[..., rows, :]
         if permute_heads is not None and self.unpermute:
             w = unpermute_qk_rows(w, permute_heads)
         if w.ndim >= 2 and name != _GLOBAL_TENSORS["embed"] and not name.endswith(".bias"):
@@ -393,11 +397,14 @@ class _TensorSource:
     def is_mxfp4(self, name: str) -> bool:
         return self._tensors[name].tensor_type == GGMLQuantizationType.MXFP4
 
-    def mxfp4(self, name: str, expected_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-        """An MXFP4 tensor ``[E, N, K]`` as the engine keeps it: ``(packed [E, K/2, N], exponents [E, K/32, N])``,
-        its bytes only moved (module docstring)."""
+    def mxfp4(self, name: str, expected_shape: tuple, rows: Optional[slice] = None) -> tuple[np.ndarray, np.ndarray]:
+        """An MXFP4 tensor ``[E, N, K]`` (``rows``: those outputs of a joined one) as the engine keeps it: ``(packed
+        [E, K/2, N], exponents [E, K/32, N])``, its bytes only moved (module docstring)."""
         E, K, N = expected_shape
-        blocks = np.asarray(self._tensors[name].data).reshape(E, N, K // MXFP4_GROUP, 1 + MXFP4_GROUP // 2)
+        blocks = np.asarray(self._tensors[name].data).reshape(E, -1, K // MXFP4_GROUP, 1 + MXFP4_GROUP // 2)
+        blocks = blocks if rows is None else blocks[:, rows]
+        if blocks.shape[1] != N:
+            raise GGUFError(f"MXFP4 tensor {name!r} has {blocks.shape[1]} outputs, expected {N}")
         exponents = blocks[..., 0]
         if exponents.max(initial=0) > MXFP4_MAX_EXPONENT:
             raise GGUFError(f"MXFP4 tensor {name!r} in {self._path!r} holds exponent {exponents.max()}; the kernels "
@@ -423,8 +430,10 @@ def load_gguf_params(source: GGUFSource, config: ModelConfig, dtype: Any, shardi
                      "wk": config.num_kv_heads, "bk": config.num_kv_heads}
     reader = _open(source)
     arch = _architecture(reader)
+    joined_experts = config.is_moe and any(t.name == "blk.0.ffn_gate_up_exps.weight" for t in reader.tensors)
     tensor_of = {**_LAYER_TENSORS, **(_SHARED_EXPERT_TENSORS if config.shared_expert_size else {}),
-                 **_ARCH_LAYER_TENSORS.get(arch, {})}
+                 **_ARCH_LAYER_TENSORS.get(arch, {}), **(_JOINED_EXPERTS if joined_experts else {})}
+    joined = {**(_PHI3_JOINED if arch == "phi3" else {}), **(_JOINED_EXPERTS if joined_experts else {})}
     layer_names = {p: [f"blk.{i}.{tensor_of[p]}" for i in range(config.num_layers)] for p in layer_shapes}
     tensors = _TensorSource(reader)
     tensors.check([_GLOBAL_TENSORS[p] for p in shapes] + [n for names in layer_names.values() for n in names])
@@ -442,15 +451,15 @@ def load_gguf_params(source: GGUFSource, config: ModelConfig, dtype: Any, shardi
             params[p] = place(tensors.get(_GLOBAL_TENSORS[p], shape).astype(np_dtype), p)
             bar.update()
         for p, shape in layer_shapes.items():
+            rows = _joined_rows(config, p) if p in joined else None
             if p in _EXPERT_WEIGHTS and any(map(tensors.is_mxfp4, layer_names[p])):
-                weight = _mxfp4_experts(tensors, layer_names[p], shape)
+                weight = _mxfp4_experts(tensors, layer_names[p], shape, rows)
                 sharding = shardings["layers"][p] if shardings is not None else None
                 params["layers"][p] = jax.device_put(weight, None if sharding is None
                                                      else field_shardings(weight, sharding))
                 bar.update(len(layer_names[p]))
                 continue
             stacked = np.empty(shape, np_dtype)  # fill layer by layer: one float32 layer at a time
-            rows = _joined_rows(config, p) if arch == "phi3" and p in _PHI3_JOINED else None
             for i, name in enumerate(layer_names[p]):
                 stacked[i] = tensors.get(name, shape[1:], permute_heads.get(p), rows)
                 bar.update()
@@ -459,15 +468,17 @@ def load_gguf_params(source: GGUFSource, config: ModelConfig, dtype: Any, shardi
 
 
 def _joined_rows(config: ModelConfig, param: str) -> slice:
-    """The rows of a joined projection (``_PHI3_JOINED``) that are ``param``'s."""
+    """The rows of a joined projection (``_PHI3_JOINED``, ``_JOINED_EXPERTS``) that are ``param``'s."""
     q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
-    return {"wq": slice(0, q), "wk": slice(q, q + kv), "wv": slice(q + kv, q + 2 * kv), "w_gate": slice(0, inter),
-            "w_up": slice(inter, 2 * inter)}[param]
+    gate, up = slice(0, inter), slice(inter, 2 * inter)
+    return {"wq": slice(0, q), "wk": slice(q, q + kv), "wv": slice(q + kv, q + 2 * kv), "w_gate": gate, "w_up": up,
+            "expert_gate": gate, "expert_up": up, "expert_gate_bias": gate, "expert_up_bias": up}[param]
 
 
-def _mxfp4_experts(tensors: _TensorSource, names: list[str], shape: tuple) -> Int4Weight:
-    """A stack of MXFP4 expert matrices (``names``: one a layer, each ``[E, N, K]`` in the file) kept 4-bit:
-    ``Int4Weight(codes="e2m1")`` of ``shape`` ``[L, E, K, N]``."""
+def _mxfp4_experts(tensors: _TensorSource, names: list[str], shape: tuple, rows: Optional[slice] = None
+                   ) -> Int4Weight:
+    """A stack of MXFP4 expert matrices (``names``: one a layer, each ``[E, N, K]`` in the file, or ``rows`` of a
+    joined one) kept 4-bit: ``Int4Weight(codes="e2m1")`` of ``shape`` ``[L, E, K, N]``."""
     L, E, K, N = shape
     if not all(map(tensors.is_mxfp4, names)):
         raise GGUFError(f"{names[0].split('.', 2)[-1]!r} is MXFP4 in some layers only; the engine keeps a stack of "
@@ -475,5 +486,5 @@ def _mxfp4_experts(tensors: _TensorSource, names: list[str], shape: tuple) -> In
     packed = np.empty((L, E, K // 2, N), np.uint8)
     exponents = np.empty((L, E, K // MXFP4_GROUP, N), np.uint8)
     for layer, name in enumerate(names):
-        packed[layer], exponents[layer] = tensors.mxfp4(name, (E, K, N))
+        packed[layer], exponents[layer] = tensors.mxfp4(name, (E, K, N), rows)
     return mxfp4_weight(packed, exponents)

@@ -580,9 +580,10 @@ def ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.concatenate([scales[..., None], packed], axis=-1).reshape(*scales.shape[:-1], -1)
 
 
-def write_gpt_oss_gguf(path, hf_dir: str) -> None:
+def write_gpt_oss_gguf(path, hf_dir: str, joined: bool = False) -> None:
     """A tiny gpt-oss checkpoint (dense experts, or MXFP4 ones: ``write_mxfp4_experts``) as llama.cpp's converter
-    writes it: gate and up split out of the interleaved ``gate_up_proj`` (and its bias), MXFP4 experts repacked
+    writes it: gate and up split out of the interleaved ``gate_up_proj`` (and its bias), or with ``joined`` (its
+    ``--fuse-gate-up-exps``) the gates' rows then the ups' in ``ffn_gate_up_exps``; MXFP4 experts repacked
     (``ggml_mxfp4``), sinks as ``attn_sinks.weight``, the gate's clamp as ``swiglu_clamp_exp``."""
     import re
 
@@ -622,11 +623,23 @@ def write_gpt_oss_gguf(path, hf_dir: str) -> None:
         else:
             base, kind = rest.rsplit(".", 1)
             out[f"blk.{i}.{GPT_OSS_TO_GGUF[base]}.{kind}"] = w
+    if joined:  # rows (outputs): [E, I, in] weights and MXFP4 parts, [E, I] biases' entries
+        for i in range(cfg["num_hidden_layers"]):
+            gate, up = f"blk.{i}.ffn_gate_exps", f"blk.{i}.ffn_up_exps"
+            out[f"blk.{i}.ffn_gate_up_exps.bias"] = np.concatenate([out.pop(gate + ".bias"), out.pop(up + ".bias")],
+                                                                   axis=-1)
+            if mxfp4:
+                parts = [mxfp4.pop(gate + ".weight"), mxfp4.pop(up + ".weight")]
+                mxfp4[f"blk.{i}.ffn_gate_up_exps.weight"] = {
+                    kind: np.concatenate([part[kind] for part in parts], axis=1) for kind in parts[0]}
+            else:
+                out[f"blk.{i}.ffn_gate_up_exps.weight"] = np.concatenate(
+                    [out.pop(gate + ".weight"), out.pop(up + ".weight")], axis=1)
     finish_gguf(writer, out, {name: (ggml_mxfp4(parts["_blocks"], parts["_scales"]), Q.MXFP4)
                               for name, parts in mxfp4.items()})
 
 
-@pytest.mark.parametrize("experts", ["dense", "mxfp4"])
+@pytest.mark.parametrize("experts", ["dense", "mxfp4", "dense-joined", "mxfp4-joined"])
 def test_gpt_oss_gguf_loads_the_safetensors_weights(tmp_path, experts):
     """gpt-oss as llama.cpp converts it (sinks, biases, the clamp, YaRN; MXFP4 experts as its blocks): the config,
     params and logits of the safetensors checkpoint (itself checked against transformers in test_model_vs_hf);
@@ -639,11 +652,12 @@ def test_gpt_oss_gguf_loads_the_safetensors_weights(tmp_path, experts):
 
     rng = np.random.default_rng()
     model = write_tiny_checkpoint(tmp_path / "hf", "gpt_oss", seed=int(rng.integers(1 << 20)))
-    if experts == "mxfp4":
+    mxfp4 = experts.startswith("mxfp4")
+    if mxfp4:
         write_mxfp4_experts(tmp_path / "hf", model, seed=int(rng.integers(1 << 20)))
-    write_gpt_oss_gguf(tmp_path / "oss.gguf", str(tmp_path / "hf"))
+    write_gpt_oss_gguf(tmp_path / "oss.gguf", str(tmp_path / "hf"), joined=experts.endswith("joined"))
     reference, gguf, _, _ = assert_loads_as_safetensors(tmp_path / "hf", tmp_path / "oss.gguf", rng)
-    assert gguf.quantization == reference.quantization == (None if experts == "dense" else "mxfp4")
+    assert gguf.quantization == reference.quantization == ("mxfp4" if mxfp4 else None)
     assert config_without(tmp_path / "oss.gguf", "swiglu_clamp_exp").swiglu_limit == 7.0  # as llama.cpp's files
     if experts == "mxfp4":
         up = gguf.params["layers"]["expert_up"]
