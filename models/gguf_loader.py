@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 
 from models.config import ModelConfig, UnsupportedModelError, gpt_oss_fields, parse_rope_scaling
 from models.llama import param_shapes, rope_inv_freq
-from models.quantization import MXFP4_GROUP, Int4Weight, field_shardings, mxfp4_weight
-from pallas_kernels.quantized_matmul import MXFP4_MAX_EXPONENT
+from models.quantization import MXFP4_GROUP, Int4Weight, check_mxfp4_exponents, field_shardings, mxfp4_weight
 
 # Every type is dequantized to float32 by ``gguf.quants`` (llama.cpp's reference code) as its tensor is read, then
 # cast to the model dtype (``quantization=`` then makes the weights small again on the device): the legacy types and
@@ -87,7 +86,7 @@ _LAYER_TENSORS = {
 }
 # Where an architecture differs. Gemma's four norms: ffn_norm is its pre_feedforward_layernorm (our post_norm), and
 # the attention's and the MLP's outputs are normed (post_attention_norm, post_ffw_norm) before their residual adds.
-_GEMMA_NORMS = {"attn_out_norm": "post_attention_norm.weight", "mlp_out_norm": "post_ffw_norm.weight"}
+_SANDWICH_NORMS = {"attn_out_norm": "post_attention_norm.weight", "mlp_out_norm": "post_ffw_norm.weight"}
 # llama.cpp's phi3 keeps Phi-3's joined projections: attn_qkv (q's rows, then k's and v's) and ffn_up (the gate's
 # rows, then the up projection's); ``_joined_rows`` says which rows are whose.
 _PHI3_JOINED = {"wq": "attn_qkv.weight", "wk": "attn_qkv.weight", "wv": "attn_qkv.weight", "w_gate": "ffn_up.weight",
@@ -96,8 +95,8 @@ _PHI3_JOINED = {"wq": "attn_qkv.weight", "wk": "attn_qkv.weight", "wv": "attn_qk
 # ``[E, 2I, H]`` tensor, the gates' rows first, and one ``[E, 2I]`` bias (gpt-oss).
 _JOINED_EXPERTS = {"expert_gate": "ffn_gate_up_exps.weight", "expert_up": "ffn_gate_up_exps.weight",
                    "expert_gate_bias": "ffn_gate_up_exps.bias", "expert_up_bias": "ffn_gate_up_exps.bias"}
-_ARCH_LAYER_TENSORS = {"gpt-oss": {"post_norm": "post_attention_norm.weight"}, "gemma2": _GEMMA_NORMS,
-                       "gemma3": _GEMMA_NORMS, "olmo2": _GEMMA_NORMS, "phi3": _PHI3_JOINED}
+_ARCH_LAYER_TENSORS = {"gpt-oss": {"post_norm": "post_attention_norm.weight"}, "gemma2": _SANDWICH_NORMS,
+                       "gemma3": _SANDWICH_NORMS, "olmo2": _SANDWICH_NORMS, "phi3": _PHI3_JOINED}
 # llama.cpp's Gemma: the query scale of the 27B models (by their layer counts) is 1 / sqrt(hidden / heads), of the
 # others 1 / sqrt(head_dim), where the file says none (attention.scale); Gemma 3's sliding layers' rope base.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -406,9 +405,7 @@ class _TensorSource:
         if blocks.shape[1] != N:
             raise GGUFError(f"MXFP4 tensor {name!r} has {blocks.shape[1]} outputs, expected {N}")
         exponents = blocks[..., 0]
-        if exponents.max(initial=0) > MXFP4_MAX_EXPONENT:
-            raise GGUFError(f"MXFP4 tensor {name!r} in {self._path!r} holds exponent {exponents.max()}; the kernels "
-                            f"take at most {MXFP4_MAX_EXPONENT} (a scale of 2^{MXFP4_MAX_EXPONENT - 127})")
+        check_mxfp4_exponents(exponents, f"{name!r} in {self._path!r}")
         return (np.swapaxes(blocks[..., 1:].reshape(E, N, K // 2), -1, -2), np.swapaxes(exponents, -1, -2))
 
 

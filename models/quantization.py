@@ -284,6 +284,14 @@ def quantize_mxfp4(w: jax.Array) -> Int4Weight:
     return mxfp4_weight(qmm.pack_int4(codes, MXFP4_GROUP), (exponent + 127).astype(jnp.uint8))
 
 
+def check_mxfp4_exponents(exponents: np.ndarray, name: str) -> None:
+    """Refuse a checkpoint's E8M0 exponents (``name``'s) above what the kernels take (``MXFP4_MAX_EXPONENT``)."""
+    if exponents.max(initial=0) > qmm.MXFP4_MAX_EXPONENT:
+        raise QuantizationError(f"MXFP4 tensor {name} holds exponent {exponents.max()} (a scale of 2^"
+                                f"{int(exponents.max()) - 127}); the kernels take at most {qmm.MXFP4_MAX_EXPONENT} "
+                                f"(2^{qmm.MXFP4_MAX_EXPONENT - 127})")
+
+
 def mxfp4_weight(packed, exponents) -> Int4Weight:
     """MXFP4 as the int4 kernels take it: ``packed`` e2m1 codes (``pack_int4`` in blocks of ``MXFP4_GROUP`` rows),
     ``exponents`` each group's power of two as uint8 E8M0 (``2 ** (e - 127)``), no zeros (numpy or JAX arrays)."""

@@ -57,6 +57,7 @@ from models.quantization import (
     gptq8_to_int8,
     gptq_to_int4,
     int8_from_checkpoint,
+    check_mxfp4_exponents,
     int8_layout_of,
     mxfp4_weight,
     packed_to_int4,
@@ -307,10 +308,7 @@ def mxfp4_experts(ckpt: "_Checkpoint", source: "_TensorSource", shape: tuple[int
         if blocks.shape != (E, N, K // MXFP4_GROUP, MXFP4_GROUP // 2):
             raise CheckpointError(f"MXFP4 tensor {name}_blocks has shape {list(blocks.shape)} (part {columns}), but "
                                   f"the config implies {[E, N, K // MXFP4_GROUP, MXFP4_GROUP // 2]}")
-        if exponents.max(initial=0) > qmm.MXFP4_MAX_EXPONENT:
-            raise CheckpointError(f"MXFP4 tensor {name}_scales holds exponent {exponents.max()} (a scale of 2^"
-                                  f"{int(exponents.max()) - 127}); the kernels take at most "
-                                  f"{qmm.MXFP4_MAX_EXPONENT} (2^{qmm.MXFP4_MAX_EXPONENT - 127})")
+        check_mxfp4_exponents(exponents, name + "_scales")
         codes = np.swapaxes(_mxfp4_codes(blocks), -1, -2)  # [E, K, N]
         packed[layer] = np.asarray(qmm.pack_int4(jnp.asarray(codes), MXFP4_GROUP))
         scales[layer] = np.swapaxes(exponents, -1, -2)

@@ -110,24 +110,21 @@ def lowered_module(kernel: str, K: int, N: int, config: dict, pack: int = 128, r
     elif kernel == "int8-kmajor":
         args = (x, jnp.zeros((N, K), jnp.int8), jnp.ones((N,), jnp.float32))
         fn = functools.partial(qmm.int8_kmajor_matmul, config=cfg, interpret=False)
-    elif kernel == "moe":  # a mixture's grouped matmul: 8 blocks of max(rows, 16) rows, each expert [K, N] of 128
-        from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_config
+    elif kernel.startswith("moe"):  # a mixture's grouped matmul: 8 blocks of max(rows, 16) rows, 128 experts [K, N]
+        from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_config, grouped_matmul_int4
 
-        block_m = max(rows, 16)  # ``config``: grouped_matmul's keyword arguments (tiles, swiglu)
-        args = (jnp.ones((8 * block_m, K), jnp.bfloat16), jnp.zeros((128, K, N), jnp.bfloat16),
-                jnp.arange(8, dtype=jnp.int32))
-        fn = functools.partial(grouped_matmul, interpret=False, **config)
-        num_warps = config.get("num_warps") or grouped_matmul_config().tiles(block_m)["num_warps"]
-        return triton_module_text(_printed_modules(fn, args)), num_warps, 1
-    elif kernel == "moe-mxfp4":  # the same blocks over FP4 codes with a uint8 exponent each 32 rows
-        from pallas_kernels.grouped_matmul import grouped_matmul_config, grouped_matmul_int4
-
-        block_m = max(rows, 16)
-        args = (jnp.ones((8 * block_m, K), jnp.bfloat16), jnp.zeros((128, K // 2, N), jnp.uint8),
-                jnp.full((128, K // 32, N), 127, jnp.uint8), None, jnp.arange(8, dtype=jnp.int32))
-        fn = functools.partial(grouped_matmul_int4, group_size=32, pack=32, codes="e2m1", interpret=False, **config)
+        block_m = max(rows, 16)  # ``config``: the call's keyword arguments (tiles, swiglu)
+        x, block_expert = jnp.ones((8 * block_m, K), jnp.bfloat16), jnp.arange(8, dtype=jnp.int32)
         tiles = {**grouped_matmul_config().tiles(block_m), **config}
-        return triton_module_text(_printed_modules(fn, args)), tiles["num_warps"], tiles["num_stages"]
+        if kernel == "moe":  # bf16 experts, compiled with 1 stage as before
+            fn, stages = functools.partial(grouped_matmul, interpret=False, **config), 1
+            args = (x, jnp.zeros((128, K, N), jnp.bfloat16), block_expert)
+        else:  # "moe-mxfp4": FP4 codes with a uint8 exponent each 32 rows, compiled with its tiles' stages
+            fn = functools.partial(grouped_matmul_int4, group_size=32, pack=32, codes="e2m1", interpret=False,
+                                   **config)
+            args, stages = (x, jnp.zeros((128, K // 2, N), jnp.uint8), jnp.full((128, K // 32, N), 127, jnp.uint8),
+                            None, block_expert), tiles["num_stages"]
+        return triton_module_text(_printed_modules(fn, args)), tiles["num_warps"], stages
     else:
         raise ValueError(f"--kernel must be one of {KERNELS}, got {kernel!r}")
     return triton_module_text(_printed_modules(fn, args)), cfg.gemv_num_warps if rows == 1 else cfg.num_warps, 1

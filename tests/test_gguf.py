@@ -430,35 +430,18 @@ EXPERTS_TO_GGUF = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down
 def write_moe_gguf(path, hf_dir: str, arch: str, expert_type=Q.F32) -> None:
     """A tiny Hugging Face mixture-of-experts checkpoint as llama.cpp's converter writes it: each layer's experts
     merged into ``[E, out, in]`` tensors (``expert_type``), q/k rows permuted for arch "llama" (Mixtral)."""
-    import json
     import re
 
-    from safetensors.numpy import load_file
-
-    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
-    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    writer, cfg, tensors = converted_gguf(path, hf_dir, arch, lambda cfg: (
+        ("add_expert_count", cfg.get("num_experts") or cfg["num_local_experts"]),
+        ("add_expert_used_count", cfg["num_experts_per_tok"]),
+        # llama.cpp renormalises qwen3moe's top k unless the file says otherwise
+        *((("add_expert_weights_norm", cfg["norm_topk_prob"]),) if arch == "qwen3moe" else ()),
+        *((("add_expert_feed_forward_length", cfg["moe_intermediate_size"]),) if "moe_intermediate_size" in cfg
+          else ()),
+        *((("add_expert_shared_feed_forward_length", cfg["shared_expert_intermediate_size"]),)
+          if cfg.get("shared_expert_intermediate_size") else ())))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    writer = GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_rope_freq_base(ModelConfig.from_pretrained(hf_dir).rope_theta)  # (transformers 5 nests it)
-    writer.add_expert_count(cfg.get("num_experts") or cfg["num_local_experts"])
-    writer.add_expert_used_count(cfg["num_experts_per_tok"])
-    if arch == "qwen3moe":  # llama.cpp renormalises qwen3moe's top k unless the file says otherwise
-        writer.add_expert_weights_norm(cfg["norm_topk_prob"])
-    if "moe_intermediate_size" in cfg:
-        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
-    if cfg.get("shared_expert_intermediate_size"):
-        writer.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),
            "output_norm.weight": tensors.pop("model.norm.weight"), "output.weight": tensors.pop("lm_head.weight")}
     experts: dict = {}
@@ -528,7 +511,8 @@ def test_mixture_of_experts_gguf_loads_the_safetensors_weights(tmp_path, variant
 
 def converted_gguf(path, hf_dir: str, arch: str, keys) -> tuple:
     """``(writer, config.json, tensors)`` of a tiny Hugging Face checkpoint to write as llama.cpp's converter does
-    for ``arch``: the keys every converter writes, then ``keys(config)`` (``(GGUFWriter method, value)`` pairs)."""
+    for ``arch``: the keys every converter writes (the rope base as transformers 5 reads it, which may nest it),
+    then ``keys(config)`` (``(GGUFWriter method, value)`` pairs)."""
     import json
 
     from safetensors.numpy import load_file
@@ -543,7 +527,9 @@ def converted_gguf(path, hf_dir: str, arch: str, keys) -> tuple:
                           ("add_head_count", cfg["num_attention_heads"]),
                           ("add_head_count_kv", cfg["num_key_value_heads"]), ("add_key_length", head_dim),
                           ("add_value_length", head_dim), ("add_rope_dimension_count", head_dim),
-                          ("add_layer_norm_rms_eps", cfg["rms_norm_eps"]), *keys(cfg)):
+                          ("add_layer_norm_rms_eps", cfg["rms_norm_eps"]),
+                          ("add_rope_freq_base", ModelConfig.from_pretrained(hf_dir).rope_theta),  # (full layers')
+                          *keys(cfg)):
         getattr(writer, method)(value)
     return writer, cfg, load_file(os.path.join(hf_dir, "model.safetensors"))
 
@@ -590,7 +576,6 @@ def write_gpt_oss_gguf(path, hf_dir: str, joined: bool = False) -> None:
     from gguf import RopeScalingType
 
     writer, cfg, tensors = converted_gguf(path, hf_dir, "gpt-oss", lambda cfg: (
-        ("add_rope_freq_base", hf_rope(cfg)["rope_theta"]),
         ("add_expert_feed_forward_length", cfg["intermediate_size"]), ("add_expert_count", cfg["num_local_experts"]),
         ("add_expert_used_count", cfg["num_experts_per_tok"]), ("add_sliding_window", cfg["sliding_window"]),
         ("add_rope_scaling_type", RopeScalingType.YARN), ("add_rope_scaling_factor", hf_rope(cfg)["factor"]),
@@ -686,7 +671,6 @@ def write_gemma_gguf(path, hf_dir: str, arch: str) -> None:
     from gguf import RopeScalingType
 
     writer, cfg, tensors = converted_gguf(path, hf_dir, arch, lambda cfg: (
-        ("add_rope_freq_base", hf_rope(cfg).get("rope_theta") or cfg.get("rope_theta", 10000.0)),
         ("add_sliding_window", cfg["sliding_window"]), ("add_attention_scale", cfg["query_pre_attn_scalar"] ** -0.5)))
     full, local = hf_rope(cfg), hf_rope(cfg, "sliding_attention")
     if arch == "gemma2":
@@ -757,8 +741,7 @@ def test_phi3_gguf_splits_its_joined_projections(tmp_path):
     write_tiny_checkpoint(tmp_path / "hf", "phi3", seed=int(rng.integers(1 << 20)))
     for name, window in (("phi3.gguf", None), ("phi4.gguf", 0), ("long.gguf", None)):
         writer, cfg, tensors = converted_gguf(tmp_path / name, str(tmp_path / "hf"), "phi3", lambda cfg: (
-            ("add_rope_freq_base", hf_rope(cfg).get("rope_theta", 10000.0)),
-            ("add_sliding_window", cfg["sliding_window"] if window is None else window)))
+            ("add_sliding_window", cfg["sliding_window"] if window is None else window),))
         out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),
                "output_norm.weight": tensors.pop("model.norm.weight"), "output.weight": tensors.pop("lm_head.weight")}
         for hf_name, w in tensors.items():
@@ -793,12 +776,11 @@ def test_granite_and_olmo2_gguf_load_the_safetensors_weights(tmp_path, variant):
 
     rng = np.random.default_rng()
     write_tiny_checkpoint(tmp_path / "hf", variant, seed=int(rng.integers(1 << 20)))
-    keys = {"granite": lambda cfg: (("add_rope_freq_base", hf_rope(cfg).get("rope_theta", 10000.0)),
-                                    ("add_attention_scale", cfg["attention_multiplier"]),
+    keys = {"granite": lambda cfg: (("add_attention_scale", cfg["attention_multiplier"]),
                                     ("add_embedding_scale", cfg["embedding_multiplier"]),
                                     ("add_residual_scale", cfg["residual_multiplier"]),
                                     ("add_logit_scale", cfg["logits_scaling"])),
-            "olmo2": lambda cfg: (("add_rope_freq_base", hf_rope(cfg).get("rope_theta", 10000.0)),)}[variant]
+            "olmo2": lambda cfg: ()}[variant]
     writer, cfg, tensors = converted_gguf(tmp_path / "m.gguf", str(tmp_path / "hf"), variant, keys)
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
     out = {"token_embd.weight": tensors.pop("model.embed_tokens.weight"),

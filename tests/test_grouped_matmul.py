@@ -188,7 +188,8 @@ def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interp
         exponents = rng.integers(127 - 9, 127 - 4, (E, K // group_size, N), dtype=np.uint8)
         exponents[0, 0, 0] = 0  # 2^-127, a float32 subnormal
         scales, zeros = jnp.asarray(exponents), None
-        stored_scales, stored_zeros = np.exp2(exponents.astype(np.float64) - 127)[experts], 0
+        stored_scales = np.exp2(exponents.astype(np.float64) - 127)[experts]
+        stored_zeros = np.zeros_like(stored_scales)
     else:
         scales = jnp.asarray(rng.uniform(0.5, 1.5, (E, K // group_size, N)) / (8 * np.sqrt(K)), jnp.bfloat16)
         zeros = jnp.asarray(rng.integers(0, 16, (E, K // group_size, N)), jnp.bfloat16)
@@ -198,8 +199,7 @@ def run_int4_case(blocks, block_m, E, K, N, group_size, pack, block_n, *, interp
     got = grouped_matmul_int4(*operands, group_size=group_size, pack=pack, block_n=block_n, interpret=interpret,
                               codes=codes, **tiles)
     values = E2M1[q[experts]] if codes == "e2m1" else q[experts]
-    dense = (values - np.repeat(stored_zeros, group_size, axis=1) if codes != "e2m1" else values) * np.repeat(
-        stored_scales, group_size, axis=1)
+    dense = (values - np.repeat(stored_zeros, group_size, axis=1)) * np.repeat(stored_scales, group_size, axis=1)
     check_against_numpy(seed, x, dense, block_expert, E, got,
                         grouped_matmul_int4_reference(*operands, group_size=group_size, pack=pack, codes=codes))
 

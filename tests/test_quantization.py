@@ -286,6 +286,12 @@ def test_e8m0_exponents_read_as_their_powers_of_two():
     np.testing.assert_array_equal(got[:255], np.exp2(e[:255].astype(np.float64) - 127))
     assert np.isinf(got[255])
     assert (np.asarray(quantize_weight(jnp.zeros((2, 64, 8)), "mxfp4").scales) == 127).all()
+    # A checkpoint's exponents above what the kernels take are refused (both loaders ask this check).
+    from models.quantization import check_mxfp4_exponents
+
+    check_mxfp4_exponents(np.array([0, 127, qmm.MXFP4_MAX_EXPONENT], np.uint8), "w_scales")
+    with pytest.raises(QuantizationError, match="w_scales holds exponent 241 .* the kernels take at most 240"):
+        check_mxfp4_exponents(np.array([3, 241], np.uint8), "w_scales")
     # Values halfway between two FP4 values round to the even one (OCP's round-half-to-even), either sign.
     halfway = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
     w = np.concatenate([halfway, -halfway, np.zeros(16)])[:, None]  # one group, its largest magnitude 6: scale 1
